@@ -1,0 +1,1579 @@
+/*
+ * ak-agent: the first process inside every agentkernel sandbox.
+ *
+ * It serves protocol v1 (see docs/protocol.md) on one channel with a single-threaded poll
+ * loop: it runs commands, streams their output, moves files and, when it is init, reaps
+ * orphans and forwards signals. Everything read from the channel is treated as hostile.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "proto.h"
+
+/* musl ships no kernel headers, so the few kernel ABI bits we need are spelled out here. */
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#endif
+#ifndef PR_CAP_AMBIENT_CLEAR_ALL
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
+#endif
+#define AK_CAP_VERSION_3 0x20080522
+#define AK_SECCOMP_SET_MODE_FILTER 1
+#define AK_SECCOMP_MODE_FILTER 2
+#define AK_MAX_BPF 4096
+
+struct ak_sock_filter {
+	uint16_t code;
+	uint8_t jt, jf;
+	uint32_t k;
+};
+struct ak_sock_fprog {
+	unsigned short len;
+	struct ak_sock_filter *filter;
+};
+struct ak_cap_header {
+	uint32_t version;
+	int pid;
+};
+struct ak_cap_data {
+	uint32_t effective, permitted, inheritable;
+};
+
+#define AGENT_NAME "ak-agent 0.1.0"
+#define MAX_PROCS 256
+#define MAX_XFERS 64
+#define OUT_CHUNK (64 * 1024)
+#define FILE_CHUNK (256 * 1024)
+#define EXIT_GRACE_MS 100
+#define STDIN_HIGH_WATER (8u * 1024 * 1024)
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+struct chunk {
+	struct chunk *next;
+	size_t len, off;
+	uint8_t data[];
+};
+
+struct proc {
+	int used;
+	uint32_t id;
+	pid_t pid;
+	int out_fd, err_fd, in_fd, pty_fd; /* pty_fd: master, used for resize only */
+	int pty, in_close_pending, exited, status, timed_out;
+	struct chunk *in_head, *in_tail;
+	size_t in_queued;
+	int64_t deadline, exit_at;
+	int pi_out, pi_err, pi_in; /* index into this loop iteration's pollfd array, or -1 */
+};
+
+struct xfer {
+	int used, writing, err, append, has_limit;
+	uint32_t id, mode;
+	int fd;
+	uint64_t remaining, done;
+	char *tmp, *final;
+};
+
+static struct proc procs[MAX_PROCS];
+static struct xfer xfers[MAX_XFERS];
+static int nprocs, nxfers, nreading;
+
+static int rfd = -1, wfd = -1, listen_fd = -1, sig_fd = -1;
+static int conn_dead, is_init;
+static uint8_t ibuf[AK_HDR + AK_MAX_PAYLOAD + 65536];
+static size_t ilen;
+static uint8_t obuf[AK_HDR + AK_MAX_PAYLOAD];
+static size_t olen; /* payload bytes in obuf after the header slot */
+static uint8_t rbuf[FILE_CHUNK];
+
+static const int fwd_signals[] = { SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2 };
+
+static void die(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fputs("ak-agent: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+	exit(125);
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void set_nonblock(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+	if (fl >= 0)
+		fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void xclose(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+/* ---------- channel output ---------- */
+
+static void chan_write(const struct iovec *iov_in, int n)
+{
+	struct iovec iov[2];
+	memcpy(iov, iov_in, sizeof(struct iovec) * (size_t)n);
+	int i = 0;
+	while (!conn_dead && i < n) {
+		ssize_t w = writev(wfd, iov + i, n - i);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN) { /* the fd we were handed may be non-blocking */
+				struct pollfd p = { .fd = wfd, .events = POLLOUT };
+				poll(&p, 1, -1);
+				continue;
+			}
+			conn_dead = 1;
+			return;
+		}
+		size_t left = (size_t)w;
+		while (i < n && left >= iov[i].iov_len)
+			left -= iov[i++].iov_len;
+		if (i < n) {
+			iov[i].iov_base = (uint8_t *)iov[i].iov_base + left;
+			iov[i].iov_len -= left;
+		}
+	}
+}
+
+static void send_frame(uint16_t type, uint32_t chan, const void *payload, size_t len)
+{
+	uint8_t h[AK_HDR];
+	wr32(h, (uint32_t)len);
+	wr16(h + 4, type);
+	wr16(h + 6, 0);
+	wr32(h + 8, chan);
+	struct iovec iov[2] = { { h, AK_HDR }, { (void *)payload, len } };
+	chan_write(iov, len ? 2 : 1);
+}
+
+/* obuf is a TLV builder for the one structured reply being assembled at a time. */
+static void ob_reset(void) { olen = 0; }
+static void ob_tlv(uint16_t tag, const void *v, size_t len)
+{
+	if (olen + 6 + len > AK_MAX_PAYLOAD)
+		return; /* cannot happen with our bounded inputs; never overflow */
+	uint8_t *p = obuf + AK_HDR + olen;
+	wr16(p, tag);
+	wr32(p + 2, (uint32_t)len);
+	memcpy(p + 6, v, len);
+	olen += 6 + len;
+}
+static void ob_u8(uint16_t tag, uint8_t v) { ob_tlv(tag, &v, 1); }
+static void ob_u32(uint16_t tag, uint32_t v)
+{
+	uint8_t b[4];
+	wr32(b, v);
+	ob_tlv(tag, b, 4);
+}
+static void ob_u64(uint16_t tag, uint64_t v)
+{
+	uint8_t b[8];
+	wr64(b, v);
+	ob_tlv(tag, b, 8);
+}
+static void ob_str(uint16_t tag, const char *s) { ob_tlv(tag, s, strlen(s)); }
+static void ob_send(uint16_t type, uint32_t chan) { send_frame(type, chan, obuf + AK_HDR, olen); }
+
+/* Errors use their own small buffer so they can be sent while obuf is half built. */
+static void send_error_stage(uint32_t chan, int err, const char *stage, const char *fmt, ...)
+{
+	uint8_t b[6 + 4 + 6 + 512 + 6 + 32];
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	int m = vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	size_t ml = m < 0 ? 0 : (size_t)m >= sizeof(msg) ? sizeof(msg) - 1 : (size_t)m;
+	size_t n = 0;
+	wr16(b, G_ERRNO);
+	wr32(b + 2, 4);
+	wr32(b + 6, (uint32_t)err);
+	n = 10;
+	wr16(b + n, G_MESSAGE);
+	wr32(b + n + 2, (uint32_t)ml);
+	memcpy(b + n + 6, msg, ml);
+	n += 6 + ml;
+	if (stage) {
+		size_t sl = strlen(stage);
+		wr16(b + n, 62);
+		wr32(b + n + 2, (uint32_t)sl);
+		memcpy(b + n + 6, stage, sl);
+		n += 6 + sl;
+	}
+	send_frame(T_ERROR, chan, b, n);
+}
+#define send_error(chan, err, ...) send_error_stage(chan, err, NULL, __VA_ARGS__)
+
+static void send_ok(uint32_t chan) { send_frame(T_OK, chan, NULL, 0); }
+
+static void send_hello(void)
+{
+	ob_reset();
+	ob_u32(G_VERSION, AK_VERSION);
+	ob_u32(G_PID, (uint32_t)getpid());
+	ob_str(G_AGENT_NAME, AGENT_NAME);
+	ob_u32(G_AGENT_UID, (uint32_t)getuid());
+	ob_send(T_HELLO, 0);
+}
+
+/* ---------- processes ---------- */
+
+static struct proc *find_proc(uint32_t id)
+{
+	for (int i = 0; i < MAX_PROCS; i++)
+		if (procs[i].used && procs[i].id == id)
+			return &procs[i];
+	return NULL;
+}
+
+static struct xfer *find_xfer(uint32_t id)
+{
+	for (int i = 0; i < MAX_XFERS; i++)
+		if (xfers[i].used && xfers[i].id == id)
+			return &xfers[i];
+	return NULL;
+}
+
+static void stdin_drop(struct proc *p)
+{
+	while (p->in_head) {
+		struct chunk *c = p->in_head;
+		p->in_head = c->next;
+		free(c);
+	}
+	p->in_tail = NULL;
+	p->in_queued = 0;
+	xclose(&p->in_fd);
+}
+
+static void kill_all(int sig)
+{
+	for (int i = 0; i < MAX_PROCS; i++)
+		if (procs[i].used && procs[i].pid > 0 && (!procs[i].exited || sig == SIGKILL))
+			kill(-procs[i].pid, sig); /* after exit this still reaches leftover grandchildren */
+}
+
+static void terminate(int code)
+{
+	kill_all(SIGKILL);
+	if (getpid() == 1)
+		kill(-1, SIGKILL);
+	exit(code);
+}
+
+static void child_fail(int pipefd, uint32_t stage)
+{
+	uint8_t b[8];
+	wr32(b, stage);
+	wr32(b + 4, (uint32_t)errno);
+	ssize_t r = write(pipefd, b, sizeof(b));
+	(void)r;
+	_exit(127);
+}
+
+/* execvpe-like search that uses PATH from the command's own environment. */
+static void exec_search(char **argv, char **envp)
+{
+	const char *file = argv[0];
+	if (!*file) {
+		errno = ENOENT;
+		return;
+	}
+	if (strchr(file, '/')) {
+		execve(file, argv, envp);
+		return;
+	}
+	const char *path = DEFAULT_PATH;
+	for (char **e = envp; *e; e++)
+		if (!strncmp(*e, "PATH=", 5))
+			path = *e + 5;
+	size_t fl = strlen(file);
+	if (fl > NAME_MAX) {
+		errno = ENAMETOOLONG;
+		return;
+	}
+	int seen_eacces = 0;
+	char buf[PATH_MAX];
+	for (const char *p = path;; p++) {
+		const char *end = strchrnul(p, ':');
+		size_t dl = (size_t)(end - p);
+		if (dl + 1 + fl < sizeof(buf)) {
+			if (dl) {
+				memcpy(buf, p, dl);
+				buf[dl] = '/';
+				memcpy(buf + dl + 1, file, fl + 1);
+			} else {
+				memcpy(buf, file, fl + 1); /* empty element = current directory */
+			}
+			execve(buf, argv, envp);
+			switch (errno) {
+			case EACCES:
+				seen_eacces = 1;
+				break;
+			case ENOENT: case ENOTDIR: case ESTALE: case ENODEV: case ETIMEDOUT: case ELOOP:
+			case ENAMETOOLONG:
+				break;
+			default:
+				return;
+			}
+		}
+		if (!*end)
+			break;
+		p = end;
+	}
+	errno = seen_eacces ? EACCES : ENOENT;
+}
+
+enum { ST_SETUP = 1, ST_RLIMIT, ST_CRED, ST_CHDIR, ST_EXEC };
+static const char *stage_names[] = { "setup", "setup", "rlimit", "credentials", "chdir", "exec" };
+
+static void child_main(struct exec_req *r, int errp, int in_r, int out_w, int err_w, int slave)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	for (int s = 1; s < NSIG; s++)
+		signal(s, SIG_DFL);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	if (slave >= 0) {
+		if (setsid() < 0 || ioctl(slave, TIOCSCTTY, 0) < 0)
+			child_fail(errp, ST_SETUP);
+		if (dup2(slave, 0) < 0 || dup2(slave, 1) < 0 || dup2(slave, 2) < 0)
+			child_fail(errp, ST_SETUP);
+	} else {
+		if (setpgid(0, 0) < 0)
+			child_fail(errp, ST_SETUP);
+		if (dup2(in_r, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0)
+			child_fail(errp, ST_SETUP);
+	}
+	for (uint32_t i = 0; i < r->nrlimits; i++) {
+		struct rlimit rl = { (rlim_t)r->rlimits[i].soft, (rlim_t)r->rlimits[i].hard };
+		if (setrlimit((int)r->rlimits[i].resource, &rl) < 0)
+			child_fail(errp, ST_RLIMIT);
+	}
+	umask(r->has_umask ? (mode_t)r->umask : 022);
+	if (r->has_uid || r->has_gid) {
+		if (setgroups(0, NULL) < 0) {
+			/* Without CAP_SETGID (e.g. rootless) this fails; fine if nothing changes. */
+			int same = (!r->has_uid || r->uid == getuid()) && (!r->has_gid || r->gid == getgid());
+			if (errno != EPERM || !same)
+				child_fail(errp, ST_CRED);
+		}
+		if (r->has_gid && setgid(r->gid) < 0)
+			child_fail(errp, ST_CRED);
+		if (r->has_uid && setuid(r->uid) < 0)
+			child_fail(errp, ST_CRED);
+	}
+	if (r->cwd && chdir(r->cwd) < 0)
+		child_fail(errp, ST_CHDIR);
+	exec_search(r->argv, r->envp);
+	child_fail(errp, ST_EXEC);
+}
+
+static int open_devnull(int flags)
+{
+	int fd = open("/dev/null", flags | O_CLOEXEC);
+	if (fd >= 0)
+		return fd;
+	/* No /dev yet (early init): an empty pipe with its write end closed reads as EOF. */
+	int p[2];
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return -1;
+	if (flags == O_RDONLY) {
+		close(p[1]);
+		return p[0];
+	}
+	close(p[0]);
+	return p[1];
+}
+
+static void do_exec(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct exec_req r;
+	char err[256];
+	int e;
+
+	if (chan == 0 || find_proc(chan) || find_xfer(chan)) {
+		send_error(chan, EBUSY, "exec: channel %u is in use", chan);
+		return;
+	}
+	struct proc *slot = NULL;
+	for (int i = 0; i < MAX_PROCS && !slot; i++)
+		if (!procs[i].used)
+			slot = &procs[i];
+	if (!slot) {
+		send_error(chan, EAGAIN, "exec: too many concurrent processes (max %d)", MAX_PROCS);
+		return;
+	}
+	if ((e = parse_exec(pl, n, &r, err, sizeof(err))) != 0) {
+		send_error(chan, e, "%s", err);
+		return;
+	}
+	int errp[2] = { -1, -1 }, inp[2] = { -1, -1 }, outp[2] = { -1, -1 }, errpp[2] = { -1, -1 };
+	int master = -1, slave = -1, in_w = -1;
+	if (pipe2(errp, O_CLOEXEC) < 0)
+		goto sysfail;
+	if (r.has_pty) {
+		char name[64];
+		struct winsize ws = { .ws_row = r.rows, .ws_col = r.cols };
+		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0 ||
+		    ptsname_r(master, name, sizeof(name)) != 0)
+			goto sysfail;
+		slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (slave < 0 || ioctl(master, TIOCSWINSZ, &ws) < 0)
+			goto sysfail;
+		outp[0] = fcntl(master, F_DUPFD_CLOEXEC, 3);
+		in_w = fcntl(master, F_DUPFD_CLOEXEC, 3);
+		if (outp[0] < 0 || in_w < 0)
+			goto sysfail;
+	} else {
+		if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errpp, O_CLOEXEC) < 0)
+			goto sysfail;
+		if (r.want_stdin) {
+			if (pipe2(inp, O_CLOEXEC) < 0)
+				goto sysfail;
+			in_w = inp[1];
+			inp[1] = -1;
+		} else if ((inp[0] = open_devnull(O_RDONLY)) < 0) {
+			goto sysfail;
+		}
+	}
+	pid_t pid = fork();
+	if (pid < 0)
+		goto sysfail;
+	if (pid == 0)
+		child_main(&r, errp[1], inp[0], outp[1], errpp[1], slave);
+	exec_req_free(&r);
+	xclose(&errp[1]);
+	xclose(&inp[0]);
+	xclose(&outp[1]);
+	xclose(&errpp[1]);
+	xclose(&slave);
+	/* Block until the child has exec'd (pipe closes) or reported why it could not. */
+	uint8_t rep[8];
+	size_t got = 0;
+	while (got < sizeof(rep)) {
+		ssize_t k = read(errp[0], rep + got, sizeof(rep) - got);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			break;
+		got += (size_t)k;
+	}
+	xclose(&errp[0]);
+	if (got == sizeof(rep)) {
+		uint32_t stage = rd32(rep), cerr = rd32(rep + 4);
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		xclose(&outp[0]);
+		xclose(&errpp[0]);
+		xclose(&in_w);
+		xclose(&master);
+		const char *sn = stage < 6 ? stage_names[stage] : "setup";
+		send_error_stage(chan, (int)cerr, sn, "%s: %s", sn, strerror((int)cerr));
+		return;
+	}
+	struct proc *p = slot;
+	memset(p, 0, sizeof(*p));
+	p->used = 1;
+	p->id = chan;
+	p->pid = pid;
+	p->out_fd = outp[0];
+	p->err_fd = errpp[0];
+	p->in_fd = in_w;
+	p->pty_fd = master;
+	p->pty = master >= 0;
+	p->deadline = r.timeout_ms ? now_ms() + r.timeout_ms : 0;
+	p->pi_out = p->pi_err = p->pi_in = -1;
+	set_nonblock(p->out_fd);
+	if (p->err_fd >= 0)
+		set_nonblock(p->err_fd);
+	if (p->in_fd >= 0)
+		set_nonblock(p->in_fd);
+	nprocs++;
+	uint8_t b[4];
+	wr32(b, (uint32_t)pid);
+	send_frame(T_STARTED, chan, b, 4);
+	return;
+sysfail:
+	e = errno;
+	exec_req_free(&r);
+	xclose(&errp[0]);
+	xclose(&errp[1]);
+	xclose(&inp[0]);
+	xclose(&inp[1]);
+	xclose(&outp[0]);
+	xclose(&outp[1]);
+	xclose(&errpp[0]);
+	xclose(&errpp[1]);
+	xclose(&master);
+	xclose(&slave);
+	xclose(&in_w);
+	send_error_stage(chan, e, "setup", "exec setup: %s", strerror(e));
+}
+
+static void free_proc(struct proc *p)
+{
+	stdin_drop(p);
+	xclose(&p->out_fd);
+	xclose(&p->err_fd);
+	xclose(&p->pty_fd);
+	p->used = 0;
+	nprocs--;
+}
+
+/* Pump queued stdin into the child's pipe without ever blocking the loop. */
+static void stdin_flush(struct proc *p)
+{
+	while (p->in_fd >= 0 && p->in_head) {
+		struct chunk *c = p->in_head;
+		ssize_t w = write(p->in_fd, c->data + c->off, c->len - c->off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN)
+				return;
+			stdin_drop(p); /* EPIPE: the child closed its stdin */
+			return;
+		}
+		c->off += (size_t)w;
+		p->in_queued -= (size_t)w;
+		if (c->off == c->len) {
+			p->in_head = c->next;
+			if (!p->in_head)
+				p->in_tail = NULL;
+			free(c);
+		}
+	}
+	if (p->in_fd >= 0 && !p->in_head && p->in_close_pending) {
+		if (p->pty) {
+			const char eof = 4; /* ^D: the terminal's end-of-file in canonical mode */
+			ssize_t w = write(p->in_fd, &eof, 1);
+			(void)w;
+		}
+		xclose(&p->in_fd);
+	}
+}
+
+static void do_stdin(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct proc *p = find_proc(chan);
+	if (!p || p->exited || p->in_fd < 0)
+		return; /* late or pointless input is dropped: the process cannot read it */
+	if (n == 0) {
+		p->in_close_pending = 1;
+	} else {
+		struct chunk *c = malloc(sizeof(*c) + n);
+		if (!c) {
+			send_error(chan, ENOMEM, "stdin: out of memory");
+			return;
+		}
+		c->next = NULL;
+		c->len = n;
+		c->off = 0;
+		memcpy(c->data, pl, n);
+		if (p->in_tail)
+			p->in_tail->next = c;
+		else
+			p->in_head = c;
+		p->in_tail = c;
+		p->in_queued += n;
+	}
+	stdin_flush(p);
+}
+
+static void do_signal(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	if (n != 4) {
+		send_error(chan, EINVAL, "signal: payload must be u32");
+		return;
+	}
+	uint32_t sig = rd32(pl);
+	if (sig == 0 || sig >= NSIG) {
+		send_error(chan, EINVAL, "signal: bad signal number %u", sig);
+		return;
+	}
+	struct proc *p = find_proc(chan);
+	if (p && !p->exited)
+		kill(-p->pid, (int)sig);
+}
+
+static void do_resize(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	if (n != 4) {
+		send_error(chan, EINVAL, "resize: payload must be u16 rows + u16 cols");
+		return;
+	}
+	struct proc *p = find_proc(chan);
+	if (!p || !p->pty || p->pty_fd < 0)
+		return;
+	struct winsize ws = { .ws_row = rd16(pl), .ws_col = rd16(pl + 2) };
+	ioctl(p->pty_fd, TIOCSWINSZ, &ws);
+}
+
+/* Read what is available from a child's output; returns 0 on EOF/error (fd closed). */
+static int pump_output(struct proc *p, int *fd, uint16_t type, int until_empty)
+{
+	do {
+		ssize_t k = read(*fd, rbuf, OUT_CHUNK);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0 && errno == EAGAIN)
+			return 1;
+		if (k <= 0) { /* EOF, or EIO from a pty master whose slave is gone */
+			xclose(fd);
+			return 0;
+		}
+		send_frame(type, p->id, rbuf, (size_t)k);
+	} while (until_empty && !conn_dead);
+	return 1;
+}
+
+static void send_exit(struct proc *p)
+{
+	ob_reset();
+	if (WIFEXITED(p->status))
+		ob_u32(G_CODE, (uint32_t)WEXITSTATUS(p->status));
+	if (WIFSIGNALED(p->status)) {
+		ob_u32(G_SIGNAL, (uint32_t)WTERMSIG(p->status));
+		ob_u8(G_CORE, WCOREDUMP(p->status) ? 1 : 0);
+	}
+	ob_u8(G_TIMED_OUT, (uint8_t)p->timed_out);
+	ob_send(T_EXIT, p->id);
+	free_proc(p);
+}
+
+static void reap(void)
+{
+	int st;
+	pid_t pid;
+	while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+		for (int i = 0; i < MAX_PROCS; i++) {
+			struct proc *p = &procs[i];
+			if (p->used && !p->exited && p->pid == pid) {
+				p->exited = 1;
+				p->status = st;
+				p->exit_at = now_ms();
+				stdin_drop(p);
+				break;
+			}
+		}
+		/* Anything else is an orphan we inherited as init/subreaper: reaped, forgotten. */
+	}
+}
+
+/* ---------- file transfers and file-system requests ---------- */
+
+static struct xfer *new_xfer(uint32_t chan)
+{
+	if (chan == 0 || find_xfer(chan) || find_proc(chan)) {
+		send_error(chan, EBUSY, "transfer: channel %u is in use", chan);
+		return NULL;
+	}
+	if (nxfers >= MAX_XFERS) {
+		send_error(chan, EAGAIN, "transfer: too many concurrent transfers (max %d)", MAX_XFERS);
+		return NULL;
+	}
+	for (int i = 0; i < MAX_XFERS; i++)
+		if (!xfers[i].used) {
+			memset(&xfers[i], 0, sizeof(xfers[i]));
+			xfers[i].used = 1;
+			xfers[i].id = chan;
+			xfers[i].fd = -1;
+			nxfers++;
+			return &xfers[i];
+		}
+	return NULL;
+}
+
+static void free_xfer(struct xfer *x, int unlink_tmp)
+{
+	xclose(&x->fd);
+	if (x->tmp && unlink_tmp)
+		unlink(x->tmp);
+	free(x->tmp);
+	free(x->final);
+	if (!x->writing)
+		nreading--;
+	x->used = 0;
+	nxfers--;
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+	char buf[AK_MAX_PATH + 1];
+	size_t n = strlen(path);
+	if (n > AK_MAX_PATH)
+		return ENAMETOOLONG;
+	memcpy(buf, path, n + 1);
+	for (size_t i = 1; i <= n; i++) {
+		if (buf[i] != '/' && buf[i] != 0)
+			continue;
+		char c = buf[i];
+		buf[i] = 0;
+		if (mkdir(buf, mode) < 0) {
+			struct stat st;
+			int e = errno;
+			if (e != EEXIST || stat(buf, &st) < 0 || !S_ISDIR(st.st_mode))
+				return e == EEXIST ? ENOTDIR : e;
+		}
+		buf[i] = c;
+	}
+	return 0;
+}
+
+static void do_file_read(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct path_req q;
+	char err[256];
+	int e;
+	if ((e = parse_path_req(pl, n, &q, err, sizeof(err))) != 0) {
+		send_error(chan, e, "file_read: %s", err);
+		return;
+	}
+	struct xfer *x = new_xfer(chan);
+	if (!x)
+		return;
+	nreading++; /* x->writing == 0 */
+	struct stat st;
+	x->fd = open(q.path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+	if (x->fd < 0 || fstat(x->fd, &st) < 0) {
+		e = errno;
+		goto fail;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		e = EISDIR;
+		goto fail;
+	}
+	/* Regular files never block; for FIFOs/devices a blocking read is what the caller asked for. */
+	fcntl(x->fd, F_SETFL, 0);
+	if (q.has_offset && lseek(x->fd, (off_t)q.offset, SEEK_SET) < 0) {
+		e = errno;
+		goto fail;
+	}
+	x->has_limit = q.has_length;
+	x->remaining = q.length;
+	return;
+fail:
+	send_error(chan, e, "read %s: %s", q.path, strerror(e));
+	free_xfer(x, 0);
+}
+
+/* Send one chunk for every active read transfer (round-robin keeps everything moving). */
+static void pump_reads(void)
+{
+	for (int i = 0; i < MAX_XFERS && !conn_dead; i++) {
+		struct xfer *x = &xfers[i];
+		if (!x->used || x->writing)
+			continue;
+		size_t want = FILE_CHUNK;
+		if (x->has_limit && x->remaining < want)
+			want = (size_t)x->remaining;
+		ssize_t k = want ? read(x->fd, rbuf, want) : 0;
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0) {
+			int e = errno;
+			send_error(x->id, e, "read: %s", strerror(e));
+			free_xfer(x, 0);
+		} else if (k == 0) {
+			ob_reset();
+			ob_u64(G_SIZE, x->done);
+			ob_send(T_FILE_END, x->id);
+			free_xfer(x, 0);
+		} else {
+			send_frame(T_FILE_DATA, x->id, rbuf, (size_t)k);
+			x->done += (uint64_t)k;
+			x->remaining -= x->has_limit ? (uint64_t)k : 0;
+		}
+	}
+}
+
+static void do_file_write(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct path_req q;
+	char err[256];
+	int e;
+	if ((e = parse_path_req(pl, n, &q, err, sizeof(err))) != 0) {
+		send_error(chan, e, "file_write: %s", err);
+		return;
+	}
+	struct xfer *x = new_xfer(chan);
+	if (!x)
+		return;
+	x->writing = 1;
+	x->append = q.append;
+	x->mode = q.has_mode ? q.mode : 0644;
+	char dir[AK_MAX_PATH + 1];
+	strcpy(dir, q.path);
+	char *slash = strrchr(dir, '/');
+	const char *base = slash + 1;
+	if (!*base) {
+		e = EISDIR;
+		goto fail;
+	}
+	*slash = 0;
+	if (q.mkdirs && dir[0] && (e = mkdir_p(dir, 0755)) != 0)
+		goto fail;
+	struct stat st;
+	if (lstat(q.path, &st) == 0 && S_ISDIR(st.st_mode)) {
+		e = EISDIR;
+		goto fail;
+	}
+	if (q.append) {
+		x->fd = open(q.path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+		if (x->fd >= 0)
+			fchmod(x->fd, x->mode); /* new file: exact mode, independent of our umask */
+		else if (errno == EEXIST)
+			x->fd = open(q.path, O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
+		if (x->fd < 0) {
+			e = errno;
+			goto fail;
+		}
+	} else {
+		/* Write beside the target and rename at close: readers never see a torn file. */
+		size_t need = strlen(dir) + strlen(base) + 32;
+		x->final = strdup(q.path);
+		x->tmp = malloc(need);
+		if (!x->final || !x->tmp) {
+			e = ENOMEM;
+			goto fail;
+		}
+		snprintf(x->tmp, need, "%s/.%.200s.ak-XXXXXX", dir, base);
+		x->fd = mkostemp(x->tmp, O_CLOEXEC);
+		if (x->fd < 0) {
+			e = errno;
+			free(x->tmp);
+			x->tmp = NULL;
+			goto fail;
+		}
+	}
+	send_ok(chan);
+	return;
+fail:
+	send_error(chan, e, "write %s: %s", q.path, strerror(e));
+	free_xfer(x, 1);
+}
+
+static void do_file_chunk(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct xfer *x = find_xfer(chan);
+	if (!x || !x->writing) {
+		send_error(chan, EBADF, "file_chunk: no open write transfer on channel %u", chan);
+		return;
+	}
+	while (!x->err && n) {
+		ssize_t w = write(x->fd, pl, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0) {
+			x->err = w < 0 ? errno : EIO; /* reported at FILE_CLOSE; later chunks are dropped */
+			break;
+		}
+		pl += w;
+		n -= (size_t)w;
+		x->done += (uint64_t)w;
+	}
+}
+
+static void do_file_close(uint32_t chan)
+{
+	struct xfer *x = find_xfer(chan);
+	if (!x || !x->writing) {
+		send_error(chan, EBADF, "file_close: no open write transfer on channel %u", chan);
+		return;
+	}
+	int e = x->err;
+	if (!e && x->tmp && fchmod(x->fd, x->mode) < 0)
+		e = errno;
+	if (close(x->fd) < 0 && !e)
+		e = errno;
+	x->fd = -1;
+	if (!e && x->tmp && rename(x->tmp, x->final) < 0)
+		e = errno;
+	if (e) {
+		send_error(chan, e, "write: %s", strerror(e));
+		free_xfer(x, 1);
+		return;
+	}
+	ob_reset();
+	ob_u64(G_SIZE, x->done);
+	ob_send(T_OK, chan);
+	free_xfer(x, 0);
+}
+
+static uint8_t file_type(mode_t m)
+{
+	return S_ISREG(m) ? 1 : S_ISDIR(m) ? 2 : S_ISLNK(m) ? 3 : 4;
+}
+
+static void do_stat(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct path_req q;
+	char err[256];
+	int e;
+	if ((e = parse_path_req(pl, n, &q, err, sizeof(err))) != 0) {
+		send_error(chan, e, "stat: %s", err);
+		return;
+	}
+	struct stat st;
+	if ((q.follow ? stat(q.path, &st) : lstat(q.path, &st)) < 0) {
+		e = errno;
+		send_error(chan, e, "stat %s: %s", q.path, strerror(e));
+		return;
+	}
+	ob_reset();
+	ob_u8(G_TYPE, file_type(st.st_mode));
+	ob_u32(G_ST_MODE, st.st_mode & 07777);
+	ob_u64(G_ST_SIZE, (uint64_t)st.st_size);
+	ob_u64(G_MTIME_NS, (uint64_t)st.st_mtim.tv_sec * 1000000000ull + (uint64_t)st.st_mtim.tv_nsec);
+	ob_u32(G_UID_ST, st.st_uid);
+	ob_u32(G_GID_ST, st.st_gid);
+	if (S_ISLNK(st.st_mode)) {
+		char target[AK_MAX_PATH];
+		ssize_t k = readlink(q.path, target, sizeof(target));
+		if (k >= 0)
+			ob_tlv(G_LINK_TARGET, target, (size_t)k);
+	}
+	ob_send(T_STAT_RESULT, chan);
+}
+
+static void do_list(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct path_req q;
+	char err[256];
+	int e;
+	if ((e = parse_path_req(pl, n, &q, err, sizeof(err))) != 0) {
+		send_error(chan, e, "list: %s", err);
+		return;
+	}
+	int fd = open(q.path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+	if (!d) {
+		e = errno;
+		if (fd >= 0)
+			close(fd);
+		send_error(chan, e, "list %s: %s", q.path, strerror(e));
+		return;
+	}
+	struct dirent *de;
+	ob_reset();
+	while ((de = readdir(d)) != NULL) {
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+			continue;
+		struct stat st;
+		if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+			continue; /* vanished while listing */
+		if (olen > 60 * 1024) { /* keep frames modest; the host concatenates them */
+			ob_send(T_LIST_RESULT, chan);
+			ob_reset();
+		}
+		ob_str(G_NAME, de->d_name);
+		ob_u8(G_TYPE, file_type(st.st_mode));
+		ob_u64(G_ST_SIZE, (uint64_t)st.st_size);
+		ob_u32(G_ST_MODE, st.st_mode & 07777);
+	}
+	closedir(d);
+	if (olen)
+		ob_send(T_LIST_RESULT, chan);
+	send_ok(chan);
+}
+
+static void do_mkdir(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct path_req q;
+	char err[256];
+	int e;
+	if ((e = parse_path_req(pl, n, &q, err, sizeof(err))) != 0) {
+		send_error(chan, e, "mkdir: %s", err);
+		return;
+	}
+	mode_t mode = q.has_mode ? q.mode : 0755;
+	e = q.parents ? mkdir_p(q.path, mode) : (mkdir(q.path, mode) < 0 ? errno : 0);
+	if (e)
+		send_error(chan, e, "mkdir %s: %s", q.path, strerror(e));
+	else
+		send_ok(chan);
+}
+
+/* Empty the directory open at fd; never follows symlinks (they are unlinked as entries). */
+static int rm_tree(int fd, int depth)
+{
+	if (depth > 256)
+		return ELOOP;
+	DIR *d = fdopendir(fd);
+	if (!d) {
+		close(fd);
+		return errno;
+	}
+	int e = 0;
+	struct dirent *de;
+	while ((de = readdir(d)) != NULL) {
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+			continue;
+		struct stat st;
+		if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+			continue;
+		if (S_ISDIR(st.st_mode)) {
+			int sub = openat(dirfd(d), de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			int se = sub < 0 ? errno : rm_tree(sub, depth + 1);
+			if (!se && unlinkat(dirfd(d), de->d_name, AT_REMOVEDIR) < 0)
+				se = errno;
+			if (se && !e)
+				e = se;
+		} else if (unlinkat(dirfd(d), de->d_name, 0) < 0 && !e) {
+			e = errno;
+		}
+	}
+	closedir(d);
+	return e;
+}
+
+static void do_remove(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	struct path_req q;
+	char err[256];
+	int e = 0;
+	if ((e = parse_path_req(pl, n, &q, err, sizeof(err))) != 0) {
+		send_error(chan, e, "remove: %s", err);
+		return;
+	}
+	struct stat st;
+	if (lstat(q.path, &st) < 0) {
+		e = errno;
+	} else if (S_ISDIR(st.st_mode)) {
+		if (q.recursive) {
+			int fd = open(q.path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			e = fd < 0 ? errno : rm_tree(fd, 0);
+		}
+		if (!e && rmdir(q.path) < 0)
+			e = errno;
+	} else if (unlink(q.path) < 0) {
+		e = errno;
+	}
+	if (e)
+		send_error(chan, e, "remove %s: %s", q.path, strerror(e));
+	else
+		send_ok(chan);
+}
+
+/* ---------- frame dispatch ---------- */
+
+static void dispatch(const struct frame_hdr *h, const uint8_t *pl)
+{
+	size_t n = h->len;
+	switch (h->type) {
+	case T_PING:
+		if (n > AK_MAX_PING)
+			send_error(h->chan, EMSGSIZE, "ping: payload over %u bytes", AK_MAX_PING);
+		else
+			send_frame(T_PONG, h->chan, pl, n);
+		break;
+	case T_EXEC: do_exec(h->chan, pl, n); break;
+	case T_STDIN: do_stdin(h->chan, pl, n); break;
+	case T_SIGNAL: do_signal(h->chan, pl, n); break;
+	case T_RESIZE: do_resize(h->chan, pl, n); break;
+	case T_FILE_READ: do_file_read(h->chan, pl, n); break;
+	case T_FILE_WRITE: do_file_write(h->chan, pl, n); break;
+	case T_FILE_CHUNK: do_file_chunk(h->chan, pl, n); break;
+	case T_FILE_CLOSE: do_file_close(h->chan); break;
+	case T_STAT: do_stat(h->chan, pl, n); break;
+	case T_LIST: do_list(h->chan, pl, n); break;
+	case T_MKDIR: do_mkdir(h->chan, pl, n); break;
+	case T_REMOVE: do_remove(h->chan, pl, n); break;
+	case T_SHUTDOWN:
+		kill_all(SIGKILL);
+		send_ok(h->chan);
+		terminate(0);
+		break;
+	default:
+		send_error(0, EOPNOTSUPP, "unknown frame type 0x%x on channel %u", h->type, h->chan);
+		break;
+	}
+}
+
+/* Parse and handle every complete frame in ibuf. */
+static void process_input(void)
+{
+	size_t off = 0;
+	while (!conn_dead && ilen - off >= AK_HDR) {
+		struct frame_hdr h;
+		hdr_decode(ibuf + off, &h);
+		if (h.len > AK_MAX_PAYLOAD) {
+			/* The stream cannot be resynchronised after a bogus length: drop the link. */
+			send_error(0, EMSGSIZE, "frame length %u exceeds %u", h.len, AK_MAX_PAYLOAD);
+			conn_dead = 1;
+			return;
+		}
+		if (ilen - off < AK_HDR + (size_t)h.len)
+			break;
+		dispatch(&h, ibuf + off + AK_HDR);
+		off += AK_HDR + h.len;
+	}
+	memmove(ibuf, ibuf + off, ilen - off);
+	ilen -= off;
+}
+
+static void drop_connection(void)
+{
+	/* Anything but --listen: the host is gone, so nothing we run may outlive it. */
+	if (listen_fd < 0)
+		terminate(0);
+	if (rfd != wfd)
+		xclose(&wfd);
+	xclose(&rfd);
+	wfd = -1;
+	ilen = 0;
+	for (int i = 0; i < MAX_XFERS; i++)
+		if (xfers[i].used)
+			free_xfer(&xfers[i], 1);
+	conn_dead = 0;
+}
+
+static void handle_signals(void)
+{
+	struct signalfd_siginfo si;
+	while (read(sig_fd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+		int s = (int)si.ssi_signo;
+		if (s == SIGCHLD)
+			reap();
+		else if (is_init || s == SIGUSR1 || s == SIGUSR2)
+			kill_all(s);
+		else
+			terminate(0); /* a plain agent asked to stop takes its processes with it */
+	}
+	reap(); /* SIGCHLDs coalesce; a sweep costs nothing */
+}
+
+static void serve(void)
+{
+	static struct pollfd pfd[3 + 3 * MAX_PROCS];
+	for (;;) {
+		int64_t now = now_ms();
+		int timeout = -1, np = 0;
+		int connected = rfd >= 0;
+		pfd[np++] = (struct pollfd){ .fd = sig_fd, .events = POLLIN };
+		int pi_listen = -1, pi_chan = -1;
+		if (!connected && listen_fd >= 0) {
+			pi_listen = np;
+			pfd[np++] = (struct pollfd){ .fd = listen_fd, .events = POLLIN };
+		}
+		size_t queued = 0;
+		for (int i = 0; i < MAX_PROCS; i++) {
+			struct proc *p = &procs[i];
+			p->pi_out = p->pi_err = p->pi_in = -1;
+			if (!p->used)
+				continue;
+			queued += p->in_queued;
+			if (connected && p->out_fd >= 0) {
+				p->pi_out = np;
+				pfd[np++] = (struct pollfd){ .fd = p->out_fd, .events = POLLIN };
+			}
+			if (connected && p->err_fd >= 0) {
+				p->pi_err = np;
+				pfd[np++] = (struct pollfd){ .fd = p->err_fd, .events = POLLIN };
+			}
+			if (p->in_fd >= 0 && p->in_head) {
+				p->pi_in = np;
+				pfd[np++] = (struct pollfd){ .fd = p->in_fd, .events = POLLOUT };
+			}
+			int64_t due = p->exited ? p->exit_at + EXIT_GRACE_MS : p->deadline;
+			if (p->exited && p->out_fd < 0 && p->err_fd < 0)
+				due = now;
+			if (due && (!p->exited || connected)) {
+				int64_t d = due - now;
+				d = d < 0 ? 0 : d;
+				if (timeout < 0 || d < timeout)
+					timeout = (int)d;
+			}
+		}
+		/* Stop reading requests while a child is not draining a large stdin backlog. */
+		if (connected && queued < STDIN_HIGH_WATER) {
+			pi_chan = np;
+			pfd[np++] = (struct pollfd){ .fd = rfd, .events = POLLIN };
+		}
+		if (connected && nreading)
+			timeout = 0;
+		if (poll(pfd, (nfds_t)np, timeout) < 0 && errno != EINTR)
+			die("poll: %s", strerror(errno));
+
+		if (pfd[0].revents)
+			handle_signals();
+		if (pi_listen >= 0 && pfd[pi_listen].revents) {
+			int c = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+			if (c >= 0) {
+				rfd = wfd = c;
+				send_hello();
+			}
+		}
+		if (pi_chan >= 0 && pfd[pi_chan].revents) {
+			ssize_t k = read(rfd, ibuf + ilen, sizeof(ibuf) - ilen);
+			if (k > 0) {
+				ilen += (size_t)k;
+				process_input();
+			} else if (k == 0 || (errno != EINTR && errno != EAGAIN)) {
+				conn_dead = 1;
+			}
+		}
+		/* Slots may have been reused while dispatching; stale indices were reset to -1. */
+		for (int i = 0; i < MAX_PROCS && !conn_dead; i++) {
+			struct proc *p = &procs[i];
+			if (!p->used)
+				continue;
+			if (p->pi_out >= 0 && pfd[p->pi_out].revents && p->out_fd == pfd[p->pi_out].fd)
+				pump_output(p, &p->out_fd, T_STDOUT, 0);
+			if (p->pi_err >= 0 && pfd[p->pi_err].revents && p->err_fd == pfd[p->pi_err].fd)
+				pump_output(p, &p->err_fd, T_STDERR, 0);
+			if (p->pi_in >= 0 && pfd[p->pi_in].revents)
+				stdin_flush(p);
+		}
+		now = now_ms();
+		for (int i = 0; i < MAX_PROCS; i++) {
+			struct proc *p = &procs[i];
+			if (p->used && !p->exited && p->deadline && now >= p->deadline && !p->timed_out) {
+				p->timed_out = 1;
+				kill(-p->pid, SIGKILL);
+			}
+		}
+		for (int i = 0; i < MAX_PROCS && rfd >= 0 && !conn_dead; i++) {
+			struct proc *p = &procs[i];
+			if (!p->used || !p->exited)
+				continue;
+			if ((p->out_fd >= 0 || p->err_fd >= 0) && now >= p->exit_at + EXIT_GRACE_MS) {
+				/* A background grandchild still holds the pipes: take what is there, stop. */
+				if (p->out_fd >= 0 && pump_output(p, &p->out_fd, T_STDOUT, 1))
+					xclose(&p->out_fd);
+				if (p->err_fd >= 0 && pump_output(p, &p->err_fd, T_STDERR, 1))
+					xclose(&p->err_fd);
+			}
+			if (p->out_fd < 0 && p->err_fd < 0)
+				send_exit(p);
+		}
+		if (rfd >= 0 && !conn_dead && nreading)
+			pump_reads();
+		if (conn_dead)
+			drop_connection();
+	}
+}
+
+/* ---------- setup ---------- */
+
+static void mkdir_or_die(const char *path)
+{
+	int e = mkdir_p(path, 0755);
+	if (e)
+		die("mkdir %s: %s", path, strerror(e));
+}
+
+static void do_mount(const char *src, const char *target, const char *fs, unsigned long fl,
+		     const char *data)
+{
+	mkdir_or_die(target);
+	if (mount(src, target, fs, fl, data) < 0)
+		die("mount %s on %s: %s", fs, target, strerror(errno));
+}
+
+static void mount_dev(void)
+{
+	mkdir_or_die("/dev");
+	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, NULL) < 0 &&
+	    mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=0755") < 0)
+		die("mount /dev: %s", strerror(errno));
+	/* ptys for PTY execs; best effort because an inherited /dev may already provide them. */
+	mkdir("/dev/pts", 0755);
+	if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620") == 0) {
+		unlink("/dev/ptmx");
+		if (symlink("pts/ptmx", "/dev/ptmx") < 0) { /* keep the existing node */
+		}
+	}
+}
+
+static void do_overlay(char *spec)
+{
+	char *parts[4];
+	char *s = spec;
+	for (int i = 0; i < 4; i++) {
+		parts[i] = s;
+		s = i < 3 ? strchr(s, ':') : NULL;
+		if (i < 3 && !s)
+			die("--overlay wants TARGET:LOWERS:UPPER:WORK, got %s", spec);
+		if (s)
+			*s++ = 0;
+	}
+	if (strchr(parts[3], ':'))
+		die("--overlay: too many ':' fields");
+	for (int i = 0; i < 4; i++)
+		if (!*parts[i] || strchr(parts[i], ','))
+			die("--overlay: empty field or ',' in a path");
+	for (char *p = parts[1]; *p; p++)
+		if (*p == '+')
+			*p = ':';
+	char opts[3 * AK_MAX_PATH + 64];
+	int m = snprintf(opts, sizeof(opts), "lowerdir=%s,upperdir=%s,workdir=%s", parts[1], parts[2], parts[3]);
+	if (m < 0 || (size_t)m >= sizeof(opts))
+		die("--overlay: option string too long");
+	mkdir_or_die(parts[2]);
+	mkdir_or_die(parts[3]);
+	mkdir_or_die(parts[0]);
+	if (mount("overlay", parts[0], "overlay", 0, opts) < 0)
+		die("overlay on %s (%s): %s", parts[0], opts, strerror(errno));
+}
+
+static void drop_caps(void)
+{
+	int last = 63;
+	FILE *f = fopen("/proc/sys/kernel/cap_last_cap", "re");
+	if (f) {
+		if (fscanf(f, "%d", &last) != 1)
+			last = 63;
+		fclose(f);
+	}
+	for (int c = 0; c <= last; c++)
+		if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+			die("drop bounding capability %d: %s", c, strerror(errno));
+	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
+		die("clear ambient capabilities: %s", strerror(errno));
+	struct ak_cap_header hdr = { AK_CAP_VERSION_3, 0 };
+	struct ak_cap_data data[2];
+	memset(data, 0, sizeof(data));
+	if (syscall(SYS_capset, &hdr, data) < 0)
+		die("capset: %s", strerror(errno));
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		die("no_new_privs: %s", strerror(errno));
+}
+
+static void install_seccomp(const char *file)
+{
+	static struct ak_sock_filter prog[AK_MAX_BPF + 1];
+	int fd = open(file, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("seccomp %s: %s", file, strerror(errno));
+	size_t got = 0;
+	for (;;) {
+		ssize_t k = read(fd, (uint8_t *)prog + got, sizeof(prog) - got);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0)
+			die("seccomp %s: %s", file, strerror(errno));
+		if (k == 0)
+			break;
+		got += (size_t)k;
+		if (got == sizeof(prog))
+			break;
+	}
+	close(fd);
+	if (got == 0 || got % sizeof(struct ak_sock_filter) || got > AK_MAX_BPF * sizeof(struct ak_sock_filter))
+		die("seccomp %s: want 1..%d 8-byte BPF instructions, got %zu bytes", file, AK_MAX_BPF, got);
+	struct ak_sock_fprog fp = { (unsigned short)(got / sizeof(struct ak_sock_filter)), prog };
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		die("no_new_privs: %s", strerror(errno));
+	if (syscall(SYS_seccomp, AK_SECCOMP_SET_MODE_FILTER, 0, &fp) < 0 &&
+	    prctl(PR_SET_SECCOMP, AK_SECCOMP_MODE_FILTER, &fp, 0, 0) < 0)
+		die("seccomp: %s", strerror(errno));
+}
+
+static int unix_socket(const char *path, struct sockaddr_un *sa)
+{
+	if (strlen(path) >= sizeof(sa->sun_path))
+		die("socket path too long: %s", path);
+	memset(sa, 0, sizeof(*sa));
+	sa->sun_family = AF_UNIX;
+	strcpy(sa->sun_path, path);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		die("socket: %s", strerror(errno));
+	return fd;
+}
+
+static int open_vport(const char *name)
+{
+	int64_t until = now_ms() + 10000;
+	for (;;) {
+		DIR *d = opendir("/sys/class/virtio-ports");
+		struct dirent *de;
+		while (d && (de = readdir(d)) != NULL) {
+			if (de->d_name[0] == '.')
+				continue;
+			char p[512], buf[256];
+			snprintf(p, sizeof(p), "/sys/class/virtio-ports/%s/name", de->d_name);
+			int fd = open(p, O_RDONLY | O_CLOEXEC);
+			if (fd < 0)
+				continue;
+			ssize_t k = read(fd, buf, sizeof(buf) - 1);
+			close(fd);
+			if (k <= 0)
+				continue;
+			buf[k] = 0;
+			buf[strcspn(buf, "\n")] = 0;
+			if (strcmp(buf, name))
+				continue;
+			snprintf(p, sizeof(p), "/dev/%s", de->d_name);
+			fd = open(p, O_RDWR | O_CLOEXEC | O_NOCTTY);
+			if (fd >= 0) {
+				closedir(d);
+				return fd;
+			}
+		}
+		if (d)
+			closedir(d);
+		if (now_ms() > until)
+			die("virtio port %s did not appear within 10 s", name);
+		usleep(50000);
+	}
+}
+
+static void usage(void)
+{
+	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
+	    "  [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--drop-caps] [--seccomp FILE]\n"
+	    "  [--fd N | --listen PATH | --connect PATH | --vport NAME]");
+}
+
+int main(int argc, char **argv)
+{
+	int m_proc = 0, m_sys = 0, m_dev = 0, m_tmp = 0, caps = 0, nov = 0, chfd = -1;
+	const char *seccomp = NULL, *listen_path = NULL, *connect_path = NULL, *vport = NULL;
+	char **overlays = calloc((size_t)argc, sizeof(char *));
+
+	if (!overlays)
+		die("out of memory");
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+		const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+		int takes = 1;
+		if (!strcmp(a, "--mount-proc")) m_proc = 1, takes = 0;
+		else if (!strcmp(a, "--mount-sys")) m_sys = 1, takes = 0;
+		else if (!strcmp(a, "--mount-dev")) m_dev = 1, takes = 0;
+		else if (!strcmp(a, "--mount-tmp")) m_tmp = 1, takes = 0;
+		else if (!strcmp(a, "--mount-basics")) m_proc = m_sys = m_dev = m_tmp = 1, takes = 0;
+		else if (!strcmp(a, "--drop-caps")) caps = 1, takes = 0;
+		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
+		else if (!val) usage();
+		else if (!strcmp(a, "--overlay")) overlays[nov++] = argv[i + 1];
+		else if (!strcmp(a, "--seccomp")) seccomp = val;
+		else if (!strcmp(a, "--listen")) listen_path = val;
+		else if (!strcmp(a, "--connect")) connect_path = val;
+		else if (!strcmp(a, "--vport")) vport = val;
+		else if (!strcmp(a, "--fd")) {
+			char *end;
+			long v = strtol(val, &end, 10);
+			if (*end || v < 0 || v > INT_MAX)
+				die("--fd wants a file descriptor number");
+			chfd = (int)v;
+		} else usage();
+		i += takes;
+	}
+	if ((chfd >= 0) + !!listen_path + !!connect_path + !!vport > 1)
+		die("choose at most one of --fd, --listen, --connect, --vport");
+
+	if (getpid() == 1)
+		is_init = 1;
+	else if (is_init && prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+		die("PR_SET_CHILD_SUBREAPER: %s", strerror(errno));
+
+	if (m_proc) do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	if (m_sys) do_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	if (m_dev) mount_dev();
+	if (m_tmp) do_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	for (int i = 0; i < nov; i++)
+		do_overlay(overlays[i]);
+	free(overlays);
+
+	/* The channel: every fd the agent keeps is close-on-exec and lives above 2. */
+	struct sockaddr_un sa;
+	if (listen_path) {
+		listen_fd = unix_socket(listen_path, &sa);
+		unlink(listen_path);
+		if (bind(listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(listen_fd, 4) < 0)
+			die("listen on %s: %s", listen_path, strerror(errno));
+		if (listen_fd <= 2)
+			listen_fd = fcntl(listen_fd, F_DUPFD_CLOEXEC, 3);
+	} else if (connect_path) {
+		int fd = unix_socket(connect_path, &sa);
+		if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+			die("connect to %s: %s", connect_path, strerror(errno));
+		rfd = wfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+		if (fd != rfd)
+			close(fd);
+	} else if (vport) {
+		int fd = open_vport(vport);
+		rfd = wfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+		if (fd != rfd)
+			close(fd);
+	} else if (chfd >= 0) {
+		rfd = wfd = fcntl(chfd, F_DUPFD_CLOEXEC, 3);
+		if (rfd < 0)
+			die("--fd %d: %s", chfd, strerror(errno));
+		if (chfd > 2)
+			close(chfd);
+	} else {
+		rfd = fcntl(0, F_DUPFD_CLOEXEC, 3);
+		wfd = fcntl(1, F_DUPFD_CLOEXEC, 3);
+		if (rfd < 0 || wfd < 0)
+			die("stdin/stdout: %s", strerror(errno));
+	}
+	if (listen_fd < 0 && rfd < 0)
+		die("channel setup failed: %s", strerror(errno));
+	/* 0 and 1 stop being the host's pipes; fd 2 stays for fatal diagnostics only. */
+	int nul = open_devnull(O_RDWR);
+	if (nul >= 0) {
+		dup2(nul, 0);
+		dup2(nul, 1);
+		if (nul > 2)
+			close(nul);
+	}
+
+	sigset_t mask;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	for (size_t i = 0; i < sizeof(fwd_signals) / sizeof(fwd_signals[0]); i++)
+		sigaddset(&mask, fwd_signals[i]);
+	if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0 ||
+	    (sig_fd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK)) < 0)
+		die("signalfd: %s", strerror(errno));
+	signal(SIGPIPE, SIG_IGN); /* a vanished host shows up as EPIPE, handled as EOF */
+
+	if (caps)
+		drop_caps();
+	if (seccomp)
+		install_seccomp(seccomp);
+	if (rfd >= 0)
+		send_hello();
+	serve();
+	return 0;
+}

@@ -1,0 +1,175 @@
+/* ak-seccomp: compile agentkernel's deny-list seccomp policy into a raw classic BPF program.
+ *
+ * The BPF is what `bwrap --seccomp FD` loads. Only the native architecture is allowed: any
+ * other ABI (i386 via int 0x80, x32 on x86_64) hits the bad-arch action and kills the
+ * process, so a second syscall table can't be used to get around the rules.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <seccomp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#ifndef CLONE_NEWCGROUP
+#define CLONE_NEWCGROUP 0x02000000
+#endif
+#ifndef CLONE_NEWTIME
+#define CLONE_NEWTIME 0x00000080
+#endif
+#ifndef TIOCLINUX
+#define TIOCLINUX 0x541C
+#endif
+
+/* clone() takes its flags in the second argument on s390 only. */
+#if defined(__s390__) || defined(__s390x__)
+#define CLONE_FLAGS_ARG 1
+#else
+#define CLONE_FLAGS_ARG 0
+#endif
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: ak-seccomp --default allow [--errno NAME...] [--kill NAME...]\n"
+            "                  [--block-tiocsti] [--block-newns] -o OUT\n");
+    exit(2);
+}
+
+static void die(const char *what, int rc) {
+    fprintf(stderr, "ak-seccomp: %s: %s\n", what, strerror(rc < 0 ? -rc : rc));
+    exit(1);
+}
+
+/* Add an unconditional rule; names this arch doesn't have are noted and skipped. */
+static void add_named(scmp_filter_ctx ctx, uint32_t action, const char *name) {
+    int nr = seccomp_syscall_resolve_name(name);
+    if (nr == __NR_SCMP_ERROR || nr < 0) {
+        fprintf(stderr, "ak-seccomp: note: syscall %s does not exist on this arch, skipped\n",
+                name);
+        return;
+    }
+    int rc = seccomp_rule_add_exact(ctx, action, nr, 0);
+    if (rc < 0) {
+        fprintf(stderr, "ak-seccomp: rule for %s: %s\n", name, strerror(-rc));
+        exit(1);
+    }
+}
+
+/* EPERM when (arg & bit) == bit; one rule per bit because rules on one syscall are ORed. */
+static void deny_flag_bits(scmp_filter_ctx ctx, int nr, unsigned arg, const uint64_t *bits,
+                           size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        int rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EPERM), nr, 1,
+                                        SCMP_CMP(arg, SCMP_CMP_MASKED_EQ, bits[i], bits[i]));
+        if (rc < 0)
+            die("namespace flag rule", rc);
+    }
+}
+
+int main(int argc, char **argv) {
+    const char *out = NULL;
+    int block_tiocsti = 0, block_newns = 0, have_default = 0;
+    uint32_t mode = 0; /* 1 = --errno, 2 = --kill: which list bare names belong to */
+
+    /* First pass validates flags; names are added once the context exists. */
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--default") == 0) {
+            if (++i >= argc || strcmp(argv[i], "allow") != 0) {
+                fprintf(stderr, "ak-seccomp: only --default allow is supported\n");
+                return 2;
+            }
+            have_default = 1;
+            mode = 0;
+        } else if (strcmp(a, "-o") == 0) {
+            if (++i >= argc)
+                usage();
+            out = argv[i];
+            mode = 0;
+        } else if (strcmp(a, "--errno") == 0) {
+            mode = 1;
+        } else if (strcmp(a, "--kill") == 0) {
+            mode = 2;
+        } else if (strcmp(a, "--block-tiocsti") == 0) {
+            block_tiocsti = 1;
+            mode = 0;
+        } else if (strcmp(a, "--block-newns") == 0) {
+            block_newns = 1;
+            mode = 0;
+        } else if (a[0] == '-' || mode == 0) {
+            usage();
+        }
+    }
+    if (!out || !have_default)
+        usage();
+
+    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
+    if (!ctx) {
+        fprintf(stderr, "ak-seccomp: seccomp_init failed\n");
+        return 1;
+    }
+    int rc = seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS);
+    if (rc < 0)
+        die("set bad-arch action", rc);
+
+    mode = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--default") == 0 || strcmp(a, "-o") == 0) {
+            i++;
+            mode = 0;
+        } else if (strcmp(a, "--errno") == 0) {
+            mode = 1;
+        } else if (strcmp(a, "--kill") == 0) {
+            mode = 2;
+        } else if (a[0] == '-') {
+            mode = 0;
+        } else {
+            add_named(ctx, mode == 1 ? SCMP_ACT_ERRNO(EPERM) : SCMP_ACT_KILL_PROCESS, a);
+        }
+    }
+
+    if (block_tiocsti) {
+        /* The kernel reads cmd as a 32-bit int: compare only the low half so junk in the
+         * upper bits can't slip past the rule (the CVE-2019-10063 bypass). */
+        static const uint64_t cmds[] = {TIOCSTI, TIOCLINUX};
+        for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
+            rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(ioctl), 1,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffULL, cmds[i]));
+            if (rc < 0)
+                die("ioctl rule", rc);
+        }
+    }
+
+    if (block_newns) {
+        static const uint64_t ns[] = {CLONE_NEWUSER, CLONE_NEWNS,  CLONE_NEWNET,
+                                      CLONE_NEWPID,  CLONE_NEWIPC, CLONE_NEWUTS,
+                                      CLONE_NEWCGROUP, CLONE_NEWTIME};
+        size_t n = sizeof(ns) / sizeof(ns[0]);
+        /* clone() can't carry CLONE_NEWTIME: that bit is part of the exit-signal byte. */
+        deny_flag_bits(ctx, SCMP_SYS(clone), CLONE_FLAGS_ARG, ns, n - 1);
+        deny_flag_bits(ctx, SCMP_SYS(unshare), 0, ns, n);
+        /* clone3 passes flags in memory seccomp can't read; ENOSYS makes libc use clone. */
+        int nr = seccomp_syscall_resolve_name("clone3");
+        if (nr >= 0) {
+            rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(ENOSYS), nr, 0);
+            if (rc < 0)
+                die("clone3 rule", rc);
+        }
+    }
+
+    int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        die(out, errno);
+    rc = seccomp_export_bpf(ctx, fd);
+    if (rc < 0)
+        die("export", rc);
+    if (fsync(fd) < 0 || close(fd) < 0)
+        die(out, errno);
+    seccomp_release(ctx);
+    return 0;
+}

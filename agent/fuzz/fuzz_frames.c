@@ -1,0 +1,68 @@
+/* libFuzzer target: the agent's frame splitter and every TLV request parser, on hostile bytes. */
+#include "proto.h"
+
+#include <assert.h>
+
+static void check_exec(const uint8_t *pl, size_t n)
+{
+	struct exec_req r;
+	char err[256];
+	if (parse_exec(pl, n, &r, err, sizeof(err)) != 0)
+		return;
+	/* A parsed request must be directly usable by execve. */
+	assert(r.argc >= 1 && r.argc <= AK_MAX_ARGV && r.argv[r.argc] == NULL);
+	assert(r.envc <= AK_MAX_ENV && r.envp[r.envc] == NULL);
+	for (uint32_t i = 0; i < r.argc; i++)
+		(void)strlen(r.argv[i]);
+	for (uint32_t i = 0; i < r.envc; i++)
+		assert(strchr(r.envp[i], '='));
+	if (r.cwd)
+		assert(strlen(r.cwd) <= AK_MAX_PATH && r.cwd[0]);
+	assert(r.nrlimits <= AK_MAX_RLIMITS);
+	for (uint32_t i = 0; i < r.nrlimits; i++)
+		assert(r.rlimits[i].resource < 16);
+	exec_req_free(&r);
+}
+
+static void check_path(const uint8_t *pl, size_t n)
+{
+	struct path_req q;
+	char err[256];
+	if (parse_path_req(pl, n, &q, err, sizeof(err)) != 0)
+		return;
+	size_t len = strlen(q.path);
+	assert(q.has_path && len >= 1 && len <= AK_MAX_PATH && q.path[0] == '/');
+	assert(q.mode <= 07777);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	size_t off = 0;
+	while (size - off >= AK_HDR) {
+		struct frame_hdr h;
+		hdr_decode(data + off, &h);
+		if (h.len > AK_MAX_PAYLOAD || size - off - AK_HDR < h.len)
+			break; /* the agent drops the link (oversize) or waits for more bytes */
+		const uint8_t *pl = data + off + AK_HDR;
+		switch (h.type) {
+		case T_EXEC:
+			check_exec(pl, h.len);
+			break;
+		case T_FILE_READ: case T_FILE_WRITE: case T_STAT: case T_LIST: case T_MKDIR: case T_REMOVE:
+			check_path(pl, h.len);
+			break;
+		default: {
+			/* Any other payload still goes through the generic TLV walker. */
+			struct tlv_iter it = { pl, h.len };
+			uint16_t tag;
+			const uint8_t *v;
+			uint32_t len;
+			while (tlv_next(&it, &tag, &v, &len) == 1)
+				assert(v >= pl && v + len <= pl + h.len);
+			break;
+		}
+		}
+		off += AK_HDR + h.len;
+	}
+	return 0;
+}

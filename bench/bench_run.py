@@ -1,0 +1,129 @@
+"""Benchmark `agentkernel run -- true` against its building blocks, measured in the same run.
+
+Prints p50/p95 per case and ratios to the baselines; writes bench/results/run-<time>.{json,md}.
+Usage: .venv/bin/python bench/bench_run.py [-n 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+AK = ROOT / ".venv" / "bin" / "agentkernel"
+
+
+def timed(argv: list[str], n: int, cwd: Path) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, check=False)
+        samples.append((time.perf_counter() - t) * 1000)
+        if r.returncode != 0:
+            raise SystemExit(f"{argv[:3]} failed: {r.stderr.decode(errors='replace')[-300:]}")
+    return samples
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def runsc_bundle(tmp: Path) -> Path:
+    bundle = tmp / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    for d in ("usr", "proc", "dev", "tmp", "etc"):
+        (bundle / "rootfs" / d).mkdir()
+    for link in ("bin", "lib", "lib64"):
+        os.symlink(f"usr/{link}", bundle / "rootfs" / link)
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                    "env": ["PATH=/usr/bin:/bin"]},
+        "root": {"path": "rootfs", "readonly": True},
+        "mounts": [{"destination": "/usr", "type": "bind", "source": "/usr",
+                    "options": ["rbind", "ro"]},
+                   {"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")]},
+    }
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=20)
+    args = ap.parse_args()
+    n = args.n
+    tmp = Path(tempfile.mkdtemp(prefix="ak-bench-"))
+    proj = tmp / "proj"
+    proj.mkdir()
+    cases: dict[str, list[float]] = {}
+    cases["fork/exec true"] = timed(["/bin/true"], n, proj)
+    cases["venv python -c pass"] = timed([str(VENV_PY), "-c", "pass"], n, proj)
+    cases["agentkernel --version"] = timed([str(AK), "--version"], n, proj)
+    if shutil.which("bwrap"):
+        cases["bwrap direct"] = timed(
+            ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
+             "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+             "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev",
+             "/bin/true"], n, proj)
+        for profile in ("restrictive", "moderate"):
+            cases[f"agentkernel run namespaces {profile}"] = timed(
+                [str(AK), "run", "-q", "-B", "namespaces", "-p", profile, "--", "true"], n, proj)
+    if shutil.which("runsc"):
+        bundle = runsc_bundle(tmp)
+        state = tmp / "runsc-state"
+        i = iter(range(10**6))
+        cases["runsc direct"] = [timed(
+            ["runsc", f"--root={state}", "--network=none", "--ignore-cgroups", "run",
+             f"--bundle={bundle}", f"bench-{next(i)}"], 1, proj)[0] for _ in range(n)]
+        for profile in ("restrictive", "moderate"):
+            cases[f"agentkernel run gvisor {profile}"] = timed(
+                [str(AK), "run", "-q", "-B", "gvisor", "-p", profile, "--", "true"], n, proj)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = {k: {"p50": statistics.median(v), "p95": pct(v, 0.95), "n": len(v)}
+            for k, v in cases.items()}
+    lines = [f"# `agentkernel run -- true` (n={n}, {time.strftime('%Y-%m-%d %H:%M')})", "",
+             "| case | p50 ms | p95 ms |", "|---|---|---|"]
+    lines += [f"| {k} | {r['p50']:.1f} | {r['p95']:.1f} |" for k, r in rows.items()]
+    lines.append("")
+
+    def ratio(a: str, b: str) -> str:
+        if a in rows and b in rows:
+            return f"{rows[a]['p50'] / rows[b]['p50']:.2f}x"
+        return "n/a"
+
+    py = rows["venv python -c pass"]["p50"]
+    version_ratio = ratio("agentkernel --version", "venv python -c pass")
+    lines.append(f"- `--version` vs venv python: {version_ratio} (goal <= 1.5x)")
+    if "bwrap direct" in rows:
+        budget = rows["bwrap direct"]["p50"] + py + 15
+        got = rows["agentkernel run namespaces restrictive"]["p50"]
+        lines.append(f"- namespaces run (restrictive) {got:.1f} ms vs budget"
+                     f" bwrap+python+15 = {budget:.1f} ms")
+    if "runsc direct" in rows:
+        lines.append(f"- gvisor run vs runsc direct: "
+                     f"{ratio('agentkernel run gvisor restrictive', 'runsc direct')} (goal <= 1.2x)")
+    report = "\n".join(lines)
+    print(report)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"run-{stamp}.json").write_text(json.dumps(rows, indent=2))
+    (out / f"run-{stamp}.md").write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

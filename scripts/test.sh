@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install everything the suite needs, then run lint, types and the tests (real sandboxes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install.sh clang libclang-rt-14-dev
+.venv/bin/ruff check src tests bench
+.venv/bin/mypy
+set +e
+.venv/bin/python -m pytest -q -ra "$@"
+rc=$?
+set -e
+# pytest's 5 means "no tests collected": that is a failure for us, not a pass.
+[ "$rc" -eq 5 ] && { echo "no tests ran" >&2; exit 1; }
+exit "$rc"

@@ -1,0 +1,656 @@
+"""AgentClient: talk protocol v1 to an ak-agent over any pair of byte streams."""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import math
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, cast
+
+from ..errors import AgentRequestError, CommandNotExecutable, CommandNotFound, ProtocolError
+from .protocol import (
+    FILE_CHUNK,
+    FILE_TYPES,
+    HEADER_SIZE,
+    MAX_PING,
+    STDIN_CHUNK,
+    Frame,
+    T,
+    Tag,
+    as_i32,
+    as_str,
+    as_uint,
+    decode_header,
+    decode_tlvs,
+    encode_exec,
+    encode_tlvs,
+    path_bytes,
+    tlv_dict,
+    u8,
+    u32,
+    u64,
+    winsize,
+)
+
+_NOT_EXECUTABLE = {
+    errno_mod.EACCES,
+    errno_mod.ENOEXEC,
+    errno_mod.EISDIR,
+    errno_mod.ENOTDIR,
+    errno_mod.ELOOP,
+    errno_mod.ETXTBSY,
+    errno_mod.EPERM,
+    errno_mod.ENAMETOOLONG,
+}
+_MAX_U32 = 0xFFFFFFFF
+
+_Q = queue.Queue[Frame | None]
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a command ended."""
+
+    code: int | None
+    signal: int | None
+    timed_out: bool = False
+    core: bool = False
+
+    @property
+    def shell_code(self) -> int:
+        """The exit status a shell would report: code, or 128 + signal."""
+        if self.code is not None:
+            return self.code
+        return 128 + (self.signal or 0)
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What the agent announced in HELLO."""
+
+    version: int
+    pid: int
+    name: str
+    uid: int
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """STAT_RESULT."""
+
+    type: str  # "file", "dir", "symlink" or "other"
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    link_target: str | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+    @property
+    def is_file(self) -> bool:
+        return self.type == "file"
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """One LIST_RESULT entry (symlinks are not followed)."""
+
+    name: str
+    type: str
+    size: int
+    mode: int
+
+
+def _error_fields(frame: Frame) -> tuple[int, str, str | None]:
+    try:
+        tags = tlv_dict(frame.payload)
+        err = as_uint(tags.get(Tag.ERRNO, b"\0\0\0\0"), "errno")
+        msg = as_str(tags.get(Tag.MESSAGE, b"")) or os.strerror(err)
+        stage = as_str(tags[Tag.STAGE]) if Tag.STAGE in tags else None
+    except ProtocolError:
+        return 0, "malformed ERROR frame", None
+    return err, msg, stage
+
+
+def _request_error(frame: Frame, context: str) -> AgentRequestError:
+    err, msg, _ = _error_fields(frame)
+    return AgentRequestError(f"{context}: {msg}", err)
+
+
+def _unexpected(frame: Frame, context: str) -> ProtocolError:
+    return ProtocolError(f"{context}: unexpected frame type 0x{frame.type:02x}")
+
+
+class Execution:
+    """One running command. Consume its output with events() or wait()."""
+
+    def __init__(self, client: AgentClient, chan: int, q: _Q, pid: int) -> None:
+        self._client = client
+        self._q = q
+        self.id = chan
+        self.pid = pid
+        self.status: ExitStatus | None = None
+
+    def write_stdin(self, data: bytes) -> None:
+        view = memoryview(data)
+        for i in range(0, len(view), STDIN_CHUNK):
+            self._client._send(T.STDIN, self.id, view[i : i + STDIN_CHUNK])
+
+    def close_stdin(self) -> None:
+        self._client._send(T.STDIN, self.id, b"")
+
+    def signal(self, signo: int) -> None:
+        self._client._send(T.SIGNAL, self.id, u32(signo))
+
+    def kill(self) -> None:
+        self.signal(9)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._client._send(T.RESIZE, self.id, winsize(rows, cols))
+
+    def _next(self, timeout: float | None) -> tuple[str, bytes | ExitStatus]:
+        while True:
+            frame = self._client._get(self._q, timeout, "command output")
+            if frame.type == T.STDOUT:
+                return "stdout", frame.payload
+            if frame.type == T.STDERR:
+                return "stderr", frame.payload
+            if frame.type == T.EXIT:
+                self._client._close_chan(self.id)
+                self.status = _parse_exit(frame.payload)
+                return "exit", self.status
+            if frame.type == T.ERROR:
+                raise _request_error(frame, f"command {self.id}")
+            raise _unexpected(frame, f"command {self.id}")
+
+    def events(self) -> Iterator[tuple[str, bytes | ExitStatus]]:
+        """("stdout", bytes) / ("stderr", bytes) as produced, then ("exit", ExitStatus)."""
+        while self.status is None:
+            yield self._next(None)
+
+    def wait(self, timeout: float | None = None) -> tuple[bytes, bytes, ExitStatus]:
+        """Collect output until exit; TimeoutError if it takes longer than timeout seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[bytes] = []
+        err: list[bytes] = []
+        while self.status is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            kind, value = self._next(left)
+            if kind == "stdout":
+                out.append(cast(bytes, value))
+            elif kind == "stderr":
+                err.append(cast(bytes, value))
+        return b"".join(out), b"".join(err), self.status
+
+
+def _parse_exit(payload: bytes) -> ExitStatus:
+    tags = tlv_dict(payload)
+    code = as_i32(tags[Tag.CODE]) if Tag.CODE in tags else None
+    sig = as_uint(tags[Tag.SIGNAL], "signal") if Tag.SIGNAL in tags else None
+    if code is None and sig is None:
+        raise ProtocolError("EXIT carries neither CODE nor SIGNAL")
+    return ExitStatus(
+        code=code,
+        signal=sig,
+        timed_out=bool(as_uint(tags.get(Tag.TIMED_OUT, b"\0"))),
+        core=bool(as_uint(tags.get(Tag.CORE, b"\0"))),
+    )
+
+
+class AgentClient:
+    """Host end of one agent channel; thread-safe, one reader thread demultiplexes replies."""
+
+    def __init__(
+        self, rfile: BinaryIO, wfile: BinaryIO, *, on_close: Callable[[], None] | None = None
+    ) -> None:
+        self._r = rfile
+        self._w = wfile
+        self._on_close = on_close
+        self._wlock = threading.Lock()
+        self._lock = threading.Lock()
+        self._chans: dict[int, _Q] = {}
+        self._hello_q: _Q = queue.Queue()
+        self._next_chan = 1
+        self._alive = True
+        self._closed = False
+        self._dead_reason = "agent channel closed"
+        self._info: AgentInfo | None = None
+        # Errors the agent reported on channel 0 (unknown frame types and the like).
+        self.channel_errors: list[tuple[int, str]] = []
+        self._reader = threading.Thread(target=self._read_loop, name="ak-agent-reader", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def from_fds(cls, rfd: int, wfd: int) -> AgentClient:
+        """Take ownership of two fds (or one bidirectional fd passed twice)."""
+        if rfd == wfd:
+            wfd = os.dup(wfd)
+        rfile = open(rfd, "rb", buffering=0)  # noqa: SIM115 - owned by the client
+        wfile = open(wfd, "wb", buffering=0)  # noqa: SIM115
+        return cls(cast(BinaryIO, rfile), cast(BinaryIO, wfile))
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> AgentClient:
+        """Take ownership of a connected stream socket."""
+
+        def shut() -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+        rfile = sock.makefile("rb", buffering=0)
+        wfile = sock.makefile("wb", buffering=0)
+        return cls(cast(BinaryIO, rfile), cast(BinaryIO, wfile), on_close=shut)
+
+    # ---- plumbing ----
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def _read_exact(self, n: int) -> bytes | None:
+        chunks: list[bytes] = []
+        while n:
+            data = self._r.read(n)
+            if not data:
+                return None
+            chunks.append(data)
+            n -= len(data)
+        return b"".join(chunks)
+
+    def _read_loop(self) -> None:
+        reason = "agent closed the channel"
+        try:
+            while True:
+                head = self._read_exact(HEADER_SIZE)
+                if head is None:
+                    break
+                length, ftype, flags, chan = decode_header(head)
+                payload = self._read_exact(length) if length else b""
+                if payload is None:
+                    reason = "agent channel ended mid-frame"
+                    break
+                self._deliver(Frame(ftype, chan, payload, flags))
+        except ProtocolError as e:
+            reason = f"agent sent garbage: {e.message}"
+        except (OSError, ValueError) as e:
+            reason = f"agent channel failed: {e}"
+        with self._lock:
+            self._alive = False
+            self._dead_reason = reason
+            waiters = [*self._chans.values(), self._hello_q]
+        for q in waiters:
+            q.put(None)
+
+    def _deliver(self, frame: Frame) -> None:
+        with self._lock:
+            q = self._chans.get(frame.chan)
+        if q is not None:
+            q.put(frame)
+        elif frame.chan == 0 and frame.type == T.HELLO:
+            self._hello_q.put(frame)
+        elif frame.chan == 0 and frame.type == T.ERROR:
+            err, msg, _ = _error_fields(frame)
+            self.channel_errors.append((err, msg))
+            del self.channel_errors[:-100]
+        # Anything else belongs to a channel nobody waits for any more (late output): drop it.
+
+    def _open_chan(self, chan: int | None = None) -> tuple[int, _Q]:
+        q: _Q = queue.Queue()
+        with self._lock:
+            if not self._alive:
+                raise ProtocolError(self._dead_reason)
+            if chan is None:
+                while True:
+                    chan = self._next_chan
+                    self._next_chan = self._next_chan % _MAX_U32 + 1
+                    if chan not in self._chans:
+                        break
+            self._chans[chan] = q
+        return chan, q
+
+    def _close_chan(self, chan: int) -> None:
+        with self._lock:
+            self._chans.pop(chan, None)
+
+    def _get(self, q: _Q, timeout: float | None, what: str) -> Frame:
+        try:
+            frame = q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"timed out waiting for {what}") from None
+        if frame is None:
+            q.put(None)  # later waiters on this queue must see the EOF too
+            raise ProtocolError(f"{self._dead_reason} (while waiting for {what})")
+        return frame
+
+    def _send(self, ftype: int, chan: int, payload: bytes | memoryview = b"") -> None:
+        header = len(payload).to_bytes(4, "little") + ftype.to_bytes(2, "little")
+        header += b"\0\0" + chan.to_bytes(4, "little")
+        with self._wlock:
+            if not self._alive or self._closed:
+                raise ProtocolError(self._dead_reason)
+            try:
+                for part in (header, payload):
+                    view = memoryview(part)
+                    while view:
+                        n = self._w.write(view)
+                        if n is None:
+                            raise ProtocolError("agent channel is non-blocking")
+                        view = view[n:]
+                self._w.flush()  # a no-op for raw files; saves buffered ones from stalling
+            except OSError as e:
+                raise ProtocolError(f"cannot write to agent: {e}") from e
+
+    def _request(self, ftype: int, payload: bytes, what: str) -> tuple[int, _Q]:
+        chan, q = self._open_chan()
+        try:
+            self._send(ftype, chan, payload)
+        except BaseException:
+            self._close_chan(chan)
+            raise
+        return chan, q
+
+    def _simple(self, ftype: int, payload: bytes, what: str) -> Frame:
+        """One request, one reply (OK/STAT_RESULT/...); raises on ERROR."""
+        chan, q = self._request(ftype, payload, what)
+        try:
+            frame = self._get(q, None, what)
+        finally:
+            self._close_chan(chan)
+        if frame.type == T.ERROR:
+            raise _request_error(frame, what)
+        return frame
+
+    # ---- API ----
+
+    def hello(self, timeout: float = 10.0) -> AgentInfo:
+        """Wait for the agent's HELLO."""
+        if self._info is not None:
+            return self._info
+        try:
+            frame = self._get(self._hello_q, timeout, "agent HELLO")
+        except TimeoutError:
+            raise ProtocolError(f"agent sent no HELLO within {timeout} s") from None
+        try:
+            tags = tlv_dict(frame.payload)
+            info = AgentInfo(
+                version=as_uint(tags[Tag.VERSION]),
+                pid=as_uint(tags[Tag.PID]),
+                name=as_str(tags.get(Tag.AGENT_NAME, b"")),
+                uid=as_uint(tags[Tag.AGENT_UID]),
+            )
+        except KeyError as e:
+            raise ProtocolError(f"HELLO lacks tag {e}") from None
+        if info.version != 1:
+            raise ProtocolError(f"agent speaks protocol v{info.version}, this host speaks v1")
+        self._info = info
+        return info
+
+    def ping(self, timeout: float = 5.0) -> float:
+        """Round trip time in seconds."""
+        token = os.urandom(8)
+        start = time.monotonic()
+        chan, q = self._request(T.PING, token, "ping")
+        try:
+            frame = self._get(q, timeout, "PONG")
+        except TimeoutError:
+            raise ProtocolError(f"agent did not answer a ping within {timeout} s") from None
+        finally:
+            self._close_chan(chan)
+        if frame.type != T.PONG or frame.payload != token:
+            raise ProtocolError("agent answered a ping with something else")
+        assert len(token) <= MAX_PING
+        return time.monotonic() - start
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        rlimits: Sequence[tuple[int, int, int]] = (),
+        umask: int | None = None,
+    ) -> Execution:
+        """Start a command. env is the complete environment (None = empty)."""
+        timeout_ms = 0
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError("timeout must be positive")
+            timeout_ms = min(_MAX_U32, max(1, math.ceil(timeout * 1000)))
+        payload = encode_exec(
+            argv,
+            env=list(env.items()) if env is not None else None,
+            cwd=cwd,
+            uid=uid,
+            gid=gid,
+            timeout_ms=timeout_ms,
+            stdin=stdin,
+            pty=pty,
+            rlimits=rlimits,
+            umask=umask,
+        )
+        for _ in range(16):
+            chan, q = self._request(T.EXEC, payload, "exec")
+            frame = self._get(q, None, "exec reply")
+            if frame.type == T.STARTED and len(frame.payload) == 4:
+                return Execution(self, chan, q, as_uint(frame.payload))
+            self._close_chan(chan)
+            if frame.type != T.ERROR:
+                raise _unexpected(frame, "exec")
+            err, msg, stage = _error_fields(frame)
+            if err == errno_mod.EBUSY and stage is None:
+                continue  # id still held by a command of an earlier connection: take another
+            cmd = argv[0]
+            if stage == "exec" and err == errno_mod.ENOENT:
+                raise CommandNotFound(f"{cmd}: command not found", err)
+            if stage == "exec" and err in _NOT_EXECUTABLE:
+                raise CommandNotExecutable(f"{cmd}: cannot execute: {os.strerror(err)}", err)
+            raise AgentRequestError(f"{cmd}: {msg}", err)
+        raise AgentRequestError("exec: no free channel id", errno_mod.EBUSY)
+
+    def read_file_to(
+        self, path: str, out: BinaryIO, *, offset: int | None = None, length: int | None = None
+    ) -> int:
+        """Stream a file from the sandbox into out; returns the byte count."""
+        items = [(Tag.PATH.value, path_bytes(path))]
+        if offset is not None:
+            items.append((Tag.OFFSET.value, u64(offset)))
+        if length is not None:
+            items.append((Tag.LENGTH.value, u64(length)))
+        what = f"read {path}"
+        chan, q = self._request(T.FILE_READ, encode_tlvs(items), what)
+        total = 0
+        try:
+            while True:
+                frame = self._get(q, None, what)
+                if frame.type == T.FILE_DATA:
+                    out.write(frame.payload)
+                    total += len(frame.payload)
+                elif frame.type == T.FILE_END:
+                    size = as_uint(tlv_dict(frame.payload).get(Tag.SIZE, u64(total)))
+                    if size != total:
+                        raise ProtocolError(f"{what}: agent sent {total} bytes, announced {size}")
+                    return total
+                elif frame.type == T.ERROR:
+                    raise _request_error(frame, what)
+                else:
+                    raise _unexpected(frame, what)
+        finally:
+            self._close_chan(chan)
+
+    def read_file(self, path: str) -> bytes:
+        chunks: list[bytes] = []
+
+        class _Sink:
+            def write(self, b: bytes) -> int:
+                chunks.append(b)
+                return len(b)
+
+        self.read_file_to(path, cast(BinaryIO, _Sink()))
+        return b"".join(chunks)
+
+    def write_file(
+        self,
+        path: str,
+        data: bytes | BinaryIO,
+        *,
+        mode: int = 0o644,
+        append: bool = False,
+        mkdirs: bool = False,
+    ) -> int:
+        """Write (atomically unless append) a file in the sandbox; returns the byte count."""
+        payload = encode_tlvs(
+            [
+                (Tag.PATH, path_bytes(path)),
+                (Tag.MODE, u32(mode)),
+                (Tag.APPEND, u8(int(append))),
+                (Tag.MKDIRS, u8(int(mkdirs))),
+            ]
+        )
+        what = f"write {path}"
+        chan, q = self._request(T.FILE_WRITE, payload, what)
+        try:
+            frame = self._get(q, None, what)
+            if frame.type == T.ERROR:
+                raise _request_error(frame, what)
+            if frame.type != T.OK:
+                raise _unexpected(frame, what)
+            if isinstance(data, bytes | bytearray | memoryview):
+                view = memoryview(data)
+                for i in range(0, len(view), FILE_CHUNK):
+                    self._send(T.FILE_CHUNK, chan, view[i : i + FILE_CHUNK])
+            else:
+                while chunk := data.read(FILE_CHUNK):
+                    self._send(T.FILE_CHUNK, chan, chunk)
+            self._send(T.FILE_CLOSE, chan)
+            frame = self._get(q, None, what)
+            if frame.type == T.ERROR:
+                raise _request_error(frame, what)
+            if frame.type != T.OK:
+                raise _unexpected(frame, what)
+            return as_uint(tlv_dict(frame.payload).get(Tag.SIZE, u64(0)))
+        finally:
+            self._close_chan(chan)
+
+    def stat(self, path: str, follow: bool = True) -> FileStat:
+        payload = encode_tlvs([(Tag.PATH, path_bytes(path)), (Tag.FOLLOW, u8(int(follow)))])
+        frame = self._simple(T.STAT, payload, f"stat {path}")
+        if frame.type != T.STAT_RESULT:
+            raise _unexpected(frame, "stat")
+        tags = tlv_dict(frame.payload)
+        try:
+            return FileStat(
+                type=FILE_TYPES.get(as_uint(tags[Tag.TYPE]), "other"),
+                mode=as_uint(tags[Tag.ST_MODE]),
+                size=as_uint(tags[Tag.ST_SIZE]),
+                mtime_ns=as_uint(tags[Tag.MTIME_NS]),
+                uid=as_uint(tags[Tag.ST_UID]),
+                gid=as_uint(tags[Tag.ST_GID]),
+                link_target=as_str(tags[Tag.LINK_TARGET]) if Tag.LINK_TARGET in tags else None,
+            )
+        except KeyError as e:
+            raise ProtocolError(f"STAT_RESULT lacks tag {e}") from None
+
+    def list_dir(self, path: str) -> list[DirEntry]:
+        what = f"list {path}"
+        chan, q = self._request(T.LIST, encode_tlvs([(Tag.PATH, path_bytes(path))]), what)
+        entries: list[DirEntry] = []
+        try:
+            while True:
+                frame = self._get(q, None, what)
+                if frame.type == T.OK:
+                    return entries
+                if frame.type == T.ERROR:
+                    raise _request_error(frame, what)
+                if frame.type != T.LIST_RESULT:
+                    raise _unexpected(frame, what)
+                entries.extend(_parse_entries(frame.payload))
+        finally:
+            self._close_chan(chan)
+
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = False) -> None:
+        payload = encode_tlvs(
+            [(Tag.PATH, path_bytes(path)), (Tag.MODE, u32(mode)), (Tag.PARENTS, u8(int(parents)))]
+        )
+        self._simple(T.MKDIR, payload, f"mkdir {path}")
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        payload = encode_tlvs([(Tag.PATH, path_bytes(path)), (Tag.RECURSIVE, u8(int(recursive)))])
+        self._simple(T.REMOVE, payload, f"remove {path}")
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask the agent to kill everything and exit; returns once it answered or hung up."""
+        try:
+            _, q = self._open_chan(0)
+        except ProtocolError:
+            return
+        try:
+            self._send(T.SHUTDOWN, 0)
+            self._get(q, timeout, "shutdown")
+        except (ProtocolError, TimeoutError):
+            pass
+        finally:
+            self._close_chan(0)
+
+    def close(self) -> None:
+        """Hang up: a non-listening agent then kills its processes and exits."""
+        with self._wlock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._on_close is not None:
+            self._on_close()
+        for f in (self._w, self._r):
+            if f is self._r:
+                # The reader sees EOF once the agent is gone; do not yank its fd from under it.
+                self._reader.join(timeout=5.0)
+                if self._reader.is_alive():
+                    continue
+            with contextlib.suppress(OSError):
+                f.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_entries(payload: bytes) -> list[DirEntry]:
+    entries: list[DirEntry] = []
+    cur: dict[int, bytes] = {}
+
+    def flush() -> None:
+        if Tag.NAME in cur:
+            entries.append(
+                DirEntry(
+                    name=as_str(cur[Tag.NAME]),
+                    type=FILE_TYPES.get(as_uint(cur.get(Tag.TYPE, b"\4")), "other"),
+                    size=as_uint(cur.get(Tag.ST_SIZE, u64(0))),
+                    mode=as_uint(cur.get(Tag.ST_MODE, u32(0))),
+                )
+            )
+
+    for tag, value in decode_tlvs(payload):
+        if tag == Tag.NAME:
+            flush()
+            cur = {}
+        cur[tag] = value
+    flush()
+    return entries

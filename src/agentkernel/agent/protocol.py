@@ -1,0 +1,283 @@
+"""Protocol v1 between the host and ak-agent: constants, frame and TLV encoding."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from ..errors import ProtocolError
+
+VERSION = 1
+HEADER = struct.Struct("<IHHI")  # payload length, type, flags, channel
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 1024 * 1024
+MAX_PATH = 4096
+MAX_ARGV = 4096
+MAX_ENV = 4096
+MAX_PING = 1024
+FILE_CHUNK = 256 * 1024
+STDIN_CHUNK = 256 * 1024
+
+_TLV = struct.Struct("<HI")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+_RLIMIT = struct.Struct("<IQQ")
+_WINSIZE = struct.Struct("<HH")
+
+
+class T(IntEnum):
+    """Frame types."""
+
+    PING = 0x01
+    EXEC = 0x02
+    STDIN = 0x03
+    SIGNAL = 0x04
+    RESIZE = 0x05
+    FILE_READ = 0x06
+    FILE_WRITE = 0x07
+    FILE_CHUNK = 0x08
+    FILE_CLOSE = 0x09
+    STAT = 0x0A
+    LIST = 0x0B
+    MKDIR = 0x0C
+    REMOVE = 0x0D
+    SHUTDOWN = 0x0E
+    HELLO = 0x41
+    PONG = 0x42
+    STARTED = 0x43
+    STDOUT = 0x44
+    STDERR = 0x45
+    EXIT = 0x46
+    OK = 0x47
+    ERROR = 0x48
+    FILE_DATA = 0x49
+    FILE_END = 0x4A
+    STAT_RESULT = 0x4B
+    LIST_RESULT = 0x4C
+
+
+class Tag(IntEnum):
+    """TLV tags."""
+
+    ARGV = 1
+    ENV = 2
+    CWD = 3
+    UID = 4
+    GID = 5
+    TIMEOUT_MS = 6
+    STDIN = 7
+    PTY = 8
+    RLIMIT = 9
+    UMASK = 10
+    PATH = 20
+    OFFSET = 21
+    LENGTH = 22
+    MODE = 23
+    APPEND = 24
+    MKDIRS = 25
+    SIZE = 26
+    FOLLOW = 27
+    PARENTS = 28
+    RECURSIVE = 29
+    VERSION = 40
+    PID = 41
+    AGENT_NAME = 42
+    AGENT_UID = 43
+    CODE = 50
+    SIGNAL = 51
+    TIMED_OUT = 52
+    CORE = 53
+    ERRNO = 60
+    MESSAGE = 61
+    STAGE = 62  # extension: which step of EXEC failed ("exec", "chdir", ...)
+    TYPE = 70
+    ST_MODE = 71
+    ST_SIZE = 72
+    MTIME_NS = 73
+    ST_UID = 74
+    ST_GID = 75
+    LINK_TARGET = 76
+    NAME = 80
+
+
+FILE_TYPES = {1: "file", 2: "dir", 3: "symlink", 4: "other"}
+
+TLV = tuple[int, bytes]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame."""
+
+    type: int
+    chan: int
+    payload: bytes
+    flags: int = 0
+
+
+def encode_frame(ftype: int, chan: int, payload: bytes = b"") -> bytes:
+    """Header + payload; refuses payloads the agent would reject as oversize."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(len(payload), ftype, 0, chan) + payload
+
+
+def decode_header(data: bytes) -> tuple[int, int, int, int]:
+    """(length, type, flags, chan); raises ProtocolError on an oversize length."""
+    length, ftype, flags, chan = HEADER.unpack(data)
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"frame length {length} exceeds {MAX_PAYLOAD}")
+    return length, ftype, flags, chan
+
+
+def decode_frames(data: bytes) -> tuple[list[Frame], bytes]:
+    """Split a byte buffer into complete frames; returns them and the unconsumed rest."""
+    frames: list[Frame] = []
+    pos = 0
+    while len(data) - pos >= HEADER_SIZE:
+        length, ftype, flags, chan = decode_header(data[pos : pos + HEADER_SIZE])
+        end = pos + HEADER_SIZE + length
+        if end > len(data):
+            break
+        frames.append(Frame(ftype, chan, bytes(data[pos + HEADER_SIZE : end]), flags))
+        pos = end
+    return frames, bytes(data[pos:])
+
+
+def tlv(tag: int, value: bytes) -> bytes:
+    """One TLV."""
+    return _TLV.pack(tag, len(value)) + value
+
+
+def encode_tlvs(items: Iterable[TLV]) -> bytes:
+    """A TLV sequence."""
+    return b"".join(tlv(tag, value) for tag, value in items)
+
+
+def decode_tlvs(payload: bytes) -> list[TLV]:
+    """Parse a TLV sequence; ProtocolError if it is truncated."""
+    out: list[TLV] = []
+    pos = 0
+    n = len(payload)
+    while pos < n:
+        if n - pos < _TLV.size:
+            raise ProtocolError("truncated TLV header")
+        tag, length = _TLV.unpack_from(payload, pos)
+        pos += _TLV.size
+        if length > n - pos:
+            raise ProtocolError(f"TLV {tag} claims {length} bytes, only {n - pos} left")
+        out.append((tag, bytes(payload[pos : pos + length])))
+        pos += length
+    return out
+
+
+def u8(v: int) -> bytes:
+    return bytes((v & 0xFF,))
+
+
+def u16(v: int) -> bytes:
+    return _U16.pack(v)
+
+
+def u32(v: int) -> bytes:
+    return _U32.pack(v)
+
+
+def u64(v: int) -> bytes:
+    return _U64.pack(v)
+
+
+def text(s: str | bytes, what: str = "string", limit: int | None = None) -> bytes:
+    """Encode a protocol string: UTF-8 (surrogateescape), NUL-free, bounded."""
+    b = s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape")
+    if b"\0" in b:
+        raise ValueError(f"{what} must not contain NUL: {s!r}")
+    if limit is not None and len(b) > limit:
+        raise ValueError(f"{what} is longer than {limit} bytes")
+    return b
+
+
+def path_bytes(path: str) -> bytes:
+    """An absolute, NUL-free path of at most MAX_PATH bytes."""
+    b = text(path, "path", MAX_PATH)
+    if not b.startswith(b"/"):
+        raise ValueError(f"path must be absolute: {path!r}")
+    return b
+
+
+def as_uint(value: bytes, what: str = "integer") -> int:
+    """Decode an unsigned LE integer of 1, 2, 4 or 8 bytes."""
+    if len(value) not in (1, 2, 4, 8):
+        raise ProtocolError(f"{what}: bad integer width {len(value)}")
+    return int.from_bytes(value, "little")
+
+
+def as_i32(value: bytes) -> int:
+    if len(value) != 4:
+        raise ProtocolError("i32 value must be 4 bytes")
+    return int(_I32.unpack(value)[0])
+
+
+def as_str(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
+def tlv_dict(payload: bytes) -> dict[int, bytes]:
+    """Last value per tag (for messages without repeated tags)."""
+    return dict(decode_tlvs(payload))
+
+
+def encode_exec(
+    argv: Sequence[str | bytes],
+    *,
+    env: Iterable[tuple[str, str]] | None = None,
+    cwd: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    timeout_ms: int = 0,
+    stdin: bool = False,
+    pty: tuple[int, int] | None = None,
+    rlimits: Sequence[tuple[int, int, int]] = (),
+    umask: int | None = None,
+) -> bytes:
+    """Payload of an EXEC request."""
+    if not argv:
+        raise ValueError("argv must not be empty")
+    if len(argv) > MAX_ARGV:
+        raise ValueError(f"argv has more than {MAX_ARGV} entries")
+    items: list[TLV] = [(Tag.ARGV, text(a, "argv entry")) for a in argv]
+    env_items = list(env or ())
+    if len(env_items) > MAX_ENV:
+        raise ValueError(f"env has more than {MAX_ENV} entries")
+    for key, val in env_items:
+        if not key or "=" in key:
+            raise ValueError(f"bad environment variable name: {key!r}")
+        items.append((Tag.ENV, text(f"{key}={val}", "environment entry")))
+    if cwd is not None:
+        items.append((Tag.CWD, text(cwd, "cwd", MAX_PATH)))
+    if uid is not None:
+        items.append((Tag.UID, u32(uid)))
+    if gid is not None:
+        items.append((Tag.GID, u32(gid)))
+    if timeout_ms:
+        items.append((Tag.TIMEOUT_MS, u32(timeout_ms)))
+    if stdin:
+        items.append((Tag.STDIN, u8(1)))
+    if pty is not None:
+        items.append((Tag.PTY, _WINSIZE.pack(*pty)))
+    for resource, soft, hard in rlimits:
+        items.append((Tag.RLIMIT, _RLIMIT.pack(resource, soft, hard)))
+    if umask is not None:
+        items.append((Tag.UMASK, u32(umask)))
+    payload = encode_tlvs(items)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("command line and environment exceed the 1 MiB request limit")
+    return payload
+
+
+def winsize(rows: int, cols: int) -> bytes:
+    return _WINSIZE.pack(rows, cols)

@@ -1,0 +1,103 @@
+"""The backend interface: start the agent inside an isolated environment, hand back its channel."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SandboxError
+from ..paths import runtime_dir
+from ..sandbox import Sandbox, SandboxSpec, close_fds
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a backend can run here, and why (shown by `doctor` and in errors)."""
+
+    ok: bool
+    detail: str
+
+
+class Backend(ABC):
+    """Starts sandboxes of one isolation kind. Exec, files and streaming are the agent's job."""
+
+    name: str
+    isolation: str  # e.g. "Linux namespaces (shared host kernel)"
+    strength: int  # higher is stronger isolation; `auto` picks the strongest available
+
+    @abstractmethod
+    def probe(self, deep: bool = False) -> Probe:
+        """Check that this backend can run here.
+
+        The quick probe (every run) only looks at files; `deep` (doctor) runs the tools.
+        """
+
+    @abstractmethod
+    def start(self, spec: SandboxSpec) -> Sandbox:
+        """Start the agent in a new sandbox built from `spec`; raise SandboxError on failure."""
+
+
+def make_scratch(name: str) -> Path:
+    """A private per-sandbox directory for generated files (bundle, resolv.conf, logs)."""
+    path = runtime_dir() / "sandboxes" / name
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        raise SandboxError(f"sandbox {name!r} is already running (scratch dir exists)") from None
+    return path
+
+
+@dataclass
+class Spawned:
+    """A backend process running the agent, with the host ends of its channel."""
+
+    process: subprocess.Popen[bytes]
+    read_fd: int
+    write_fd: int
+
+
+def spawn_agent(
+    argv: Sequence[str],
+    *,
+    log: Path,
+    pass_fds: Sequence[int] = (),
+    preexec_fn: Callable[[], None] | None = None,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> Spawned:
+    """Run `argv` (which ends by exec'ing the agent) with the protocol on its stdin/stdout."""
+    to_agent_r, to_agent_w = os.pipe()
+    from_agent_r, from_agent_w = os.pipe()
+    try:
+        with open(log, "wb") as logf:
+            process = subprocess.Popen(
+                list(argv), stdin=to_agent_r, stdout=from_agent_w, stderr=logf,
+                pass_fds=tuple(pass_fds), close_fds=True, preexec_fn=preexec_fn,
+                env=env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                start_new_session=new_session,
+            )
+    except OSError as exc:
+        close_fds(to_agent_r, to_agent_w, from_agent_r, from_agent_w)
+        raise SandboxError(f"cannot start {argv[0]}: {exc.strerror}") from None
+    close_fds(to_agent_r, from_agent_w)
+    os.set_inheritable(from_agent_r, False)
+    os.set_inheritable(to_agent_w, False)
+    return Spawned(process, from_agent_r, to_agent_w)
+
+
+def startup_failure(what: str, log: Path, process: subprocess.Popen[bytes]) -> SandboxError:
+    """Explain why a sandbox did not come up, from the backend's own stderr."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=2)
+    text = ""
+    with contextlib.suppress(OSError):
+        text = log.read_text(errors="replace").strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    reason = lines[-1] if lines else f"exit status {process.returncode}"
+    return SandboxError(f"{what} failed to start the sandbox: {reason}")

@@ -1,0 +1,266 @@
+"""The `gvisor` backend: runsc with an OCI bundle we generate; a user-space kernel per sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendUnavailable, SandboxError
+from ..sandbox import Sandbox, SandboxSpec
+from .base import Backend, Probe, make_scratch, spawn_agent, startup_failure
+
+AGENT_PATH = "/.ak/agent"
+
+
+@lru_cache(maxsize=1)
+def _runsc() -> str | None:
+    return shutil.which("runsc")
+
+
+@lru_cache(maxsize=1)
+def platform() -> str:
+    """systrap where this runsc has it (faster), else ptrace; kvm hangs on PVM hosts."""
+    runsc = _runsc()
+    if runsc is None:
+        return "ptrace"
+    from ..paths import data_dir
+
+    st = os.stat(runsc)
+    cache = data_dir() / "cache" / f"runsc-platform-{st.st_size}-{st.st_mtime_ns}"
+    try:
+        return cache.read_text().strip() or "ptrace"
+    except OSError:
+        pass
+    try:
+        out = subprocess.run([runsc, "flags"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "ptrace"
+    found = "systrap" if b"systrap" in out.stdout + out.stderr else "ptrace"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(found)
+    return found
+
+
+class GVisorBackend(Backend):
+    name = "gvisor"
+    strength = 20
+
+    @property
+    def isolation(self) -> str:  # type: ignore[override]
+        return f"gVisor user-space kernel ({platform()} platform)"
+
+    def probe(self, deep: bool = False) -> Probe:
+        runsc = _runsc()
+        if runsc is None:
+            return Probe(False, "runsc is not installed: apt install runsc")
+        if not deep:
+            return Probe(True, runsc)
+        try:
+            out = subprocess.run([runsc, "--version"], capture_output=True, timeout=10,
+                                 check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return Probe(False, f"runsc cannot run: {exc}")
+        version = out.stdout.decode(errors="replace").splitlines()[:1]
+        return Probe(True, f"{runsc} ({version[0] if version else 'unknown version'}), "
+                           f"{platform()} platform; the kvm platform is not used "
+                           "(it hangs on nested/PVM hosts)")
+
+    def start(self, spec: SandboxSpec) -> Sandbox:
+        from ..agent.client import AgentClient
+        from ..cgroups import Cgroup, Limits
+        from ..network import start_slirp, write_resolv_conf
+        from ..paths import native_binary
+        from ..seccomp import oci_seccomp
+
+        runsc = _runsc()
+        if runsc is None:
+            raise BackendUnavailable("the gvisor backend needs runsc: apt install runsc")
+        agent = native_binary("ak-agent")
+        scratch = make_scratch(spec.name)
+        sandbox: Sandbox | None = None
+        try:
+            p = spec.profile
+            bundle = scratch / "bundle"
+            resolv = write_resolv_conf(scratch) if p.network == "egress" else None
+            config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
+                                      seccomp=oci_seccomp(p.seccomp))
+            _write_bundle(bundle, config)
+            cgroup = Cgroup.create(spec.name, Limits(
+                memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
+                pids=p.pids, cpus=p.cpus))
+            helpers: list[subprocess.Popen[bytes]] = []
+            prefix: list[str] = []
+            if p.network == "egress":
+                holder, prefix = _network_holder()
+                helpers.append(holder)
+                helpers.append(start_slirp(holder.pid, scratch / "slirp.log"))
+            argv = prefix + build_runsc_argv(runsc, spec, scratch, bundle)
+            log = scratch / "backend.log"
+            spawned = spawn_agent(argv, log=log, preexec_fn=cgroup.join_fn() if cgroup else None,
+                                  new_session=spec.persistent)
+            client = AgentClient.from_fds(spawned.read_fd, spawned.write_fd)
+            sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
+                              client=client, process=spawned.process, scratch=scratch,
+                              cgroup=cgroup, helpers=helpers)
+            sandbox.cleanups.append(lambda: _force_delete(runsc, scratch, spec.name))
+            if cgroup is None and (p.memory_mb or p.pids or p.cpus):
+                sandbox.notes.append("cgroups are not writable here: limits are rlimits only")
+            try:
+                client.hello(timeout=30)
+            except SandboxError:
+                raise startup_failure("runsc", log, spawned.process) from None
+            return sandbox
+        except BaseException:
+            if sandbox is not None:
+                sandbox.destroy()
+            else:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+
+def _network_holder() -> tuple[subprocess.Popen[bytes], list[str]]:
+    """A process that owns a fresh network namespace for slirp4netns and runsc to share.
+
+    runsc reads the interfaces of the namespace it starts in, so slirp must have set up
+    tap0 there before runsc starts.
+    """
+    unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
+    if unshare is None or nsenter is None:
+        raise BackendUnavailable("gvisor egress networking needs unshare and nsenter (util-linux)")
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    holder = subprocess.Popen(
+        [unshare, *user, "--net", "--", "sleep", "infinity"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    enter = [nsenter, f"--target={holder.pid}", "--net"]
+    if user:
+        enter += ["--user", "--preserve-credentials"]
+    # Wait until the holder is inside its namespace before anyone joins it.
+    own = os.readlink("/proc/self/ns/net")
+    for _ in range(1000):
+        try:
+            if os.readlink(f"/proc/{holder.pid}/ns/net") != own:
+                break
+        except OSError:
+            pass
+        if holder.poll() is not None:
+            raise SandboxError("could not create a network namespace for the gvisor sandbox")
+        os.sched_yield()
+    return holder, [*enter, "--"]
+
+
+def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
+    rootfs = bundle / "rootfs"
+    rootfs.mkdir(parents=True)
+    # Mount points must exist in the (read-only) root the gofer serves.
+    for mount in config["mounts"]:
+        target = rootfs / mount["destination"].lstrip("/")
+        if mount.get("_file"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+        mount.pop("_file", None)
+    for link, dest in config.pop("_symlinks"):
+        os.symlink(dest, rootfs / link.lstrip("/"))
+    (bundle / "config.json").write_text(json.dumps(config))
+
+
+def build_oci_config(
+    spec: SandboxSpec, agent: str, *, resolv: str | None, seccomp: dict[str, Any]
+) -> dict[str, Any]:
+    """The OCI runtime spec for `spec`: the agent is the container's only process."""
+    p = spec.profile
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
+        {"destination": "/root", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=700"] + ([] if p.root_writable else ["ro"])},
+        {"destination": AGENT_PATH, "type": "bind", "source": agent,
+         "options": ["rbind", "ro"], "_file": True},
+    ]
+    symlinks: list[tuple[str, str]] = []
+    for entry in spec.rootfs.entries:
+        if entry.kind == "symlink":
+            symlinks.append((entry.path, entry.target))
+        else:
+            mounts.append({"destination": entry.path, "type": "bind", "source": entry.path,
+                           "options": ["rbind", "ro"]})
+    for mask in spec.rootfs.masks:
+        if mask.is_dir:
+            mounts.append({"destination": mask.path, "type": "tmpfs", "source": "tmpfs",
+                           "options": ["ro", "size=4k", "mode=555"]})
+        else:
+            mounts.append({"destination": mask.path, "type": "bind", "source": "/dev/null",
+                           "options": ["rbind", "ro"], "_file": True})
+    if resolv:
+        mounts.append({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
+                       "options": ["rbind", "ro"], "_file": True})
+    if spec.workspace is not None and p.workspace != "none":
+        # cow is the sandbox-wide memory overlay (--overlay2=all:memory), so the bind is rw
+        # inside while the host copy stays untouched.
+        mode = "ro" if p.workspace == "ro" else "rw"
+        mounts.append({"destination": "/workspace", "type": "bind",
+                       "source": str(spec.workspace), "options": ["rbind", mode]})
+    if p.mount_home and spec.home is not None:
+        mounts.append({"destination": "/home/user", "type": "bind", "source": str(spec.home),
+                       "options": ["rbind", "ro"]})
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if p.network != "host":
+        namespaces.append({"type": "network"})
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": [AGENT_PATH],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "capabilities": {k: [] for k in
+                             ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": not p.root_writable},
+        "hostname": spec.hostname,
+        "mounts": mounts,
+        "linux": {"namespaces": namespaces, "seccomp": seccomp},
+        "_symlinks": symlinks,
+    }
+
+
+def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path) -> list[str]:
+    p = spec.profile
+    network = {"host": "host", "egress": "sandbox", "none": "none"}[p.network]
+    if p.workspace == "cow":
+        overlay = "all:memory"
+    elif p.root_writable:
+        overlay = "root:memory"
+    else:
+        overlay = "none"
+    argv = [runsc, f"--root={scratch / 'state'}", f"--platform={platform()}",
+            f"--network={network}", f"--overlay2={overlay}", "--ignore-cgroups",
+            "--oci-seccomp"]
+    if os.geteuid() != 0:
+        argv.append("--rootless")
+    return [*argv, "run", f"--bundle={bundle}", _container_id(spec.name)]
+
+
+def _container_id(name: str) -> str:
+    return f"ak-{name}"
+
+
+def _force_delete(runsc: str, scratch: Path, name: str) -> None:
+    state = scratch / "state"
+    if state.exists() and any(state.iterdir()):
+        subprocess.run([runsc, f"--root={state}", "delete", "--force", _container_id(name)],
+                       capture_output=True, timeout=30, check=False)

@@ -1,0 +1,188 @@
+"""The `namespaces` backend: bubblewrap user/pid/mount/ipc/uts/net/cgroup namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+
+from ..errors import BackendUnavailable, SandboxError
+from ..sandbox import Sandbox, SandboxSpec, close_fds
+from .base import Backend, Probe, make_scratch, spawn_agent, startup_failure
+
+AGENT_DIR = "/run/ak"  # where the agent and its seccomp program appear inside
+OVERLAY_DIR = "/run/ak/ov"  # tmpfs-backed upper/work dirs of the copy-on-write layers
+WS_LOWER = "/run/ak/lower/workspace"
+
+
+@lru_cache(maxsize=1)
+def _bwrap() -> str | None:
+    return shutil.which("bwrap")
+
+
+class NamespacesBackend(Backend):
+    name = "namespaces"
+    isolation = "Linux namespaces + seccomp (shares the host kernel)"
+    strength = 10
+
+    def probe(self, deep: bool = False) -> Probe:
+        bwrap = _bwrap()
+        if bwrap is None:
+            return Probe(False, "bubblewrap (bwrap) is not installed: apt install bubblewrap")
+        try:
+            with open("/proc/sys/user/max_user_namespaces") as f:
+                if int(f.read().strip() or 0) == 0:
+                    return Probe(False, "user namespaces are disabled "
+                                        "(/proc/sys/user/max_user_namespaces is 0)")
+        except (OSError, ValueError):
+            pass
+        if not deep:
+            return Probe(True, bwrap)
+        try:
+            result = subprocess.run(
+                [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"],
+                capture_output=True, timeout=10, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return Probe(False, f"bwrap cannot run: {exc}")
+        if result.returncode != 0:
+            err = result.stderr.decode(errors="replace").strip()
+            return Probe(False, f"unprivileged user namespaces do not work here: {err}")
+        return Probe(True, f"{bwrap} works (user, pid, mount, ipc, uts, net, cgroup namespaces)")
+
+    def start(self, spec: SandboxSpec) -> Sandbox:
+        from ..agent.client import AgentClient
+        from ..cgroups import Cgroup, Limits
+        from ..network import start_slirp, write_resolv_conf
+        from ..paths import native_binary
+        from ..seccomp import compile_bpf
+
+        bwrap = _bwrap()
+        if bwrap is None:
+            raise BackendUnavailable(
+                "the namespaces backend needs bubblewrap: apt install bubblewrap")
+        agent = native_binary("ak-agent")
+        bpf = compile_bpf(spec.profile.seccomp)
+        scratch = make_scratch(spec.name)
+        sandbox: Sandbox | None = None
+        try:
+            p = spec.profile
+            cgroup = Cgroup.create(spec.name, Limits(
+                memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
+                pids=p.pids, cpus=p.cpus))
+            resolv = write_resolv_conf(scratch) if p.network == "egress" else None
+            info_r, info_w = os.pipe() if p.network == "egress" else (-1, -1)
+            argv = build_bwrap_argv(bwrap, spec, str(agent), str(bpf),
+                                    resolv=str(resolv) if resolv else None, info_fd=info_w)
+            log = scratch / "backend.log"
+            try:
+                spawned = spawn_agent(
+                    argv, log=log, pass_fds=(info_w,) if info_w >= 0 else (),
+                    preexec_fn=cgroup.join_fn() if cgroup else None,
+                    new_session=spec.persistent,
+                )
+            finally:
+                close_fds(info_w)
+            client = AgentClient.from_fds(spawned.read_fd, spawned.write_fd)
+            sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
+                              client=client, process=spawned.process, scratch=scratch,
+                              cgroup=cgroup)
+            if cgroup is None and (p.memory_mb or p.pids or p.cpus):
+                sandbox.notes.append("cgroups are not writable here: limits are rlimits only")
+            if info_r >= 0:
+                try:
+                    child_pid = _read_child_pid(info_r)
+                finally:
+                    close_fds(info_r)
+                if child_pid is None:
+                    raise startup_failure("bwrap", log, spawned.process)
+                sandbox.helpers.append(start_slirp(child_pid, scratch / "slirp.log"))
+            try:
+                client.hello(timeout=15)
+            except SandboxError:
+                raise startup_failure("bwrap", log, spawned.process) from None
+            return sandbox
+        except BaseException:
+            if sandbox is not None:
+                sandbox.destroy()
+            else:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+
+def _read_child_pid(fd: int) -> int | None:
+    """bwrap writes {"child-pid": N} to --info-fd once the namespaces exist."""
+    data = b""
+    with contextlib.suppress(OSError):
+        while b"}" not in data:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        pid = json.loads(data.decode())["child-pid"]
+    except (ValueError, KeyError, UnicodeDecodeError):
+        return None
+    return int(pid)
+
+
+def build_bwrap_argv(
+    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int
+) -> list[str]:
+    """The full bwrap command line for `spec`. Pure: no I/O, easy to inspect in tests."""
+    p = spec.profile
+    cow_root = p.root_writable
+    argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--new-session", "--as-pid-1",
+            "--uid", "0", "--gid", "0", "--hostname", spec.hostname]
+    if p.network != "host":
+        argv.append("--unshare-net")
+    if not spec.persistent:
+        argv.append("--die-with-parent")
+    if info_fd >= 0:
+        argv += ["--info-fd", str(info_fd)]
+    for entry in spec.rootfs.entries:
+        if entry.kind == "symlink":
+            argv += ["--symlink", entry.target, entry.path]
+        else:
+            argv += ["--ro-bind", entry.path, entry.path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
+             "--dir", "/root", "--dir", "/home", "--dir", "/var/tmp",
+             "--ro-bind", agent, f"{AGENT_DIR}/agent", "--ro-bind", bpf, f"{AGENT_DIR}/seccomp.bpf"]
+    if resolv:
+        argv += ["--ro-bind", resolv, "/etc/resolv.conf"]
+    if spec.workspace is not None and p.workspace != "none":
+        ws = str(spec.workspace)
+        if p.workspace == "rw":
+            argv += ["--bind", ws, "/workspace"]
+        elif p.workspace == "ro":
+            argv += ["--ro-bind", ws, "/workspace"]
+        else:
+            argv += ["--ro-bind", ws, WS_LOWER, "--dir", "/workspace"]
+    if p.mount_home and spec.home is not None:
+        argv += ["--ro-bind", str(spec.home), "/home/user"]
+    agent_argv = [f"{AGENT_DIR}/agent"]
+    # Overlays and masks need CAP_SYS_ADMIN in the sandbox's user namespace; the agent
+    # does them, then drops every capability before it serves anything.
+    if cow_root:
+        for top in ("/usr", "/etc"):
+            if any(e.path == top and e.kind == "ro-bind" for e in spec.rootfs.entries):
+                agent_argv += ["--overlay", _overlay(top, top)]
+    if spec.workspace is not None and p.workspace == "cow":
+        agent_argv += ["--overlay", _overlay("/workspace", WS_LOWER)]
+    for mask in spec.rootfs.masks:
+        agent_argv += ["--mask", mask.path]
+    argv += ["--cap-add", "CAP_SYS_ADMIN"]
+    if not cow_root:
+        argv += ["--remount-ro", "/"]
+    agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
+    argv += ["--chdir", "/", "--", *agent_argv]
+    return argv
+
+
+def _overlay(target: str, lower: str) -> str:
+    slug = target.strip("/").replace("/", "_") or "root"
+    return f"{target}:{lower}:{OVERLAY_DIR}/{slug}/upper:{OVERLAY_DIR}/{slug}/work"

@@ -1,0 +1,461 @@
+"""Per-sandbox resource limits through cgroups (v2, v1 or hybrid), with an rlimit floor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from .errors import UsageError
+
+CONTROLLERS: Final = ("memory", "pids", "cpu")
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_CPU_PERIOD_US: Final = 100_000
+_PARENT: Final = "agentkernel"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a sandbox may use; None means unlimited."""
+
+    memory_bytes: int | None = None
+    pids: int | None = None
+    cpus: float | None = None
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """One mounted cgroup hierarchy and the directory under which we may create groups."""
+
+    version: int  # 1 or 2
+    mount: Path
+    base: Path | None  # where agentkernel/<name> goes; None if nothing here is writable
+    controllers: frozenset[str]  # of CONTROLLERS, usable under `base`
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class CgroupSupport:
+    """What `detect()` found: the cgroup mode and which controllers this process can use."""
+
+    mode: str  # "v2", "v1", "hybrid" or "none"
+    usable: dict[str, Hierarchy] = field(default_factory=dict)  # controller -> hierarchy
+    problems: tuple[str, ...] = ()
+
+    @property
+    def memory(self) -> bool:
+        return "memory" in self.usable
+
+    @property
+    def pids(self) -> bool:
+        return "pids" in self.usable
+
+    @property
+    def cpu(self) -> bool:
+        return "cpu" in self.usable
+
+    def explain(self) -> str:
+        """A short human summary for `agentkernel doctor`."""
+        if self.mode == "none":
+            return "cgroups: not mounted; limits fall back to rlimits (no memory or CPU cap)"
+        lines = [f"cgroups: {self.mode} mode"]
+        for ctrl in CONTROLLERS:
+            h = self.usable.get(ctrl)
+            if h is not None:
+                lines.append(f"  {ctrl}: usable (v{h.version}, under {h.base})")
+            else:
+                lines.append(f"  {ctrl}: not usable by this process")
+        lines.extend(f"  note: {p}" for p in self.problems)
+        if len(self.usable) < len(CONTROLLERS):
+            lines.append("  missing limits fall back to rlimits where possible")
+        return "\n".join(lines)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _writable(path: Path) -> bool:
+    # access(2) also answers EROFS for a read-only cgroupfs, which is what we want.
+    return os.access(path, os.W_OK) and os.access(path / "cgroup.procs", os.W_OK)
+
+
+def _own_paths() -> tuple[str | None, dict[str, str]]:
+    """This process's cgroup: the v2 path and the v1 path per controller."""
+    v2: str | None = None
+    v1: dict[str, str] = {}
+    for line in _read(Path("/proc/self/cgroup")).splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        else:
+            for ctrl in parts[1].split(","):
+                v1[ctrl] = parts[2]
+    return v2, v1
+
+
+def _mounts() -> list[tuple[str, Path, str, set[str]]]:
+    """(fstype, mount point, root inside the hierarchy, super options) of cgroup mounts."""
+    found = []
+    for line in _read(Path("/proc/self/mountinfo")).splitlines():
+        pre, sep, post = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = pre.split(), post.split()
+        if len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        # mountinfo escapes spaces etc. as octal; cgroup mount points rarely have any.
+        mnt = Path(fields[4].replace("\\040", " "))
+        found.append((tail[0], mnt, fields[3], set(tail[2].split(","))))
+    return found
+
+
+def _under(mount: Path, mount_root: str, cg_path: str) -> Path:
+    # Inside a cgroup namespace both are "/"-relative to the same view; outside one, the
+    # mount root is usually "/" too. Strip the mount root so the result lies under `mount`.
+    rel = cg_path
+    if mount_root != "/" and (rel == mount_root or rel.startswith(mount_root + "/")):
+        rel = rel[len(mount_root) :]
+    return mount / rel.lstrip("/")
+
+
+def _v2_base(mount: Path, own: Path) -> tuple[Path | None, str]:
+    """Nearest writable ancestor of our cgroup that may have controllers enabled for children.
+
+    v2 forbids enabling controllers in a group that has member processes (except the real
+    root), and moving a process needs write access to the common ancestor, so the base
+    must be our own group's ancestor inside the part of the tree delegated to us.
+    """
+    cur = own
+    while True:
+        if not _writable(cur) or not os.access(cur / "cgroup.subtree_control", os.W_OK):
+            return None, f"{cur} is not writable by uid {os.getuid()} (no delegation)"
+        is_real_root = not (cur / "cgroup.type").exists()
+        if is_real_root or not _read(cur / "cgroup.procs").strip():
+            return cur, ""
+        if cur == mount:
+            return None, f"{cur} has member processes, so it can't delegate controllers"
+        cur = cur.parent
+
+
+def _hierarchies() -> tuple[str, list[Hierarchy]]:
+    mounts = _mounts()
+    v2_own, v1_own = _own_paths()
+    result: list[Hierarchy] = []
+    has_v1 = has_v2 = False
+    for fstype, mnt, root, opts in mounts:
+        if fstype == "cgroup2":
+            has_v2 = True
+            avail = set(_read(mnt / "cgroup.controllers").split()) & set(CONTROLLERS)
+            if not avail or v2_own is None:
+                continue  # e.g. the empty v2 hierarchy of hybrid mode
+            base, problem = _v2_base(mnt, _under(mnt, root, v2_own))
+            if base is not None:
+                avail &= set(_read(base / "cgroup.controllers").split())
+            usable = frozenset(avail) if base else frozenset()
+            result.append(Hierarchy(2, mnt, base, usable, problem))
+        else:
+            has_v1 = True
+            ctrls = opts & set(CONTROLLERS)
+            if not ctrls:
+                continue
+            own = next((v1_own[c] for c in ctrls if c in v1_own), "/")
+            # v1 has no "no internal processes" rule: nest right under our own group, so
+            # whatever limits our launcher lives under still apply to the sandbox.
+            base = _under(mnt, root, own)
+            if _writable(base):
+                result.append(Hierarchy(1, mnt, base, frozenset(ctrls)))
+            else:
+                problem = f"{base} is not writable by uid {os.getuid()}"
+                result.append(Hierarchy(1, mnt, None, frozenset(), problem))
+    mode = "hybrid" if has_v1 and has_v2 else "v1" if has_v1 else "v2" if has_v2 else "none"
+    return mode, result
+
+
+def detect() -> CgroupSupport:
+    """Find the cgroup mode and which of memory/pids/cpu this process can set limits with."""
+    mode, hierarchies = _hierarchies()
+    usable: dict[str, Hierarchy] = {}
+    problems: list[str] = []
+    for h in hierarchies:
+        if h.base is None:
+            if h.problem:
+                problems.append(h.problem)
+            continue
+        for ctrl in sorted(h.controllers):
+            usable.setdefault(ctrl, h)
+    return CgroupSupport(mode, usable, tuple(dict.fromkeys(problems)))
+
+
+def validate_name(name: str) -> str:
+    """Reject names that could escape agentkernel/ or are unreasonable as a directory name."""
+    if not _NAME_RE.fullmatch(name) or ".." in name or name in (".",):
+        raise UsageError(f"invalid cgroup name {name!r}: use [A-Za-z0-9_.-]{{1,128}}, no '..'")
+    return name
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _pids_in(directory: Path) -> list[int]:
+    pids: list[int] = []
+    for procs in directory.rglob("cgroup.procs"):
+        pids.extend(int(p) for p in _read(procs).split())
+    return pids
+
+
+def _kill_pid(pid: int, cg_rel: str) -> None:
+    """SIGKILL `pid` only if it is still in our group (guards against pid reuse)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:  # kernel without pidfd (< 5.3): plain kill, small reuse window
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return
+    try:
+        # The pidfd pins the process: if it is still alive after this read, the read was
+        # about that process and not a newcomer with a recycled pid.
+        if cg_rel in _read(Path(f"/proc/{pid}/cgroup")):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+
+
+class Cgroup:
+    """The cgroup(s) of one sandbox: one directory on v2, one per controller on v1."""
+
+    def __init__(self, name: str, dirs: dict[Path, Hierarchy], missing: tuple[str, ...]) -> None:
+        self.name = name
+        self.dirs = dirs  # group directory -> its hierarchy
+        # Controllers a limit was asked for but which can't be enforced here.
+        self.missing = missing
+
+    @classmethod
+    def create(
+        cls, name: str, limits: Limits, support: CgroupSupport | None = None
+    ) -> Cgroup | None:
+        """Create agentkernel/<name> with `limits`; None if no controller is usable.
+
+        Limits whose controller is unusable are listed in `missing` so the caller can say so.
+        """
+        validate_name(name)
+        if limits.cpus is not None and limits.cpus <= 0:
+            raise UsageError(f"cpus must be positive, got {limits.cpus}")
+        support = support or detect()
+        if not support.usable:
+            return None
+        wanted = {
+            "memory": limits.memory_bytes is not None,
+            "pids": limits.pids is not None,
+            "cpu": limits.cpus is not None,
+        }
+        missing = tuple(c for c, want in wanted.items() if want and c not in support.usable)
+        by_base: dict[Path, tuple[Hierarchy, set[str]]] = {}
+        for ctrl, h in support.usable.items():
+            assert h.base is not None
+            by_base.setdefault(h.base, (h, set()))[1].add(ctrl)
+        dirs: dict[Path, Hierarchy] = {}
+        group = cls(name, dirs, missing)
+        try:
+            for base, (h, ctrls) in by_base.items():
+                parent = base / _PARENT
+                if h.version == 2:
+                    enable = " ".join(f"+{c}" for c in sorted(ctrls))
+                    _write(base / "cgroup.subtree_control", enable)
+                    parent.mkdir(exist_ok=True)
+                    _write(parent / "cgroup.subtree_control", enable)
+                else:
+                    parent.mkdir(exist_ok=True)
+                path = parent / name
+                if path.exists():  # left over from a crash: start from a clean slate
+                    cls(name, {path: h}, ()).destroy()
+                path.mkdir()
+                dirs[path] = h
+                group._apply(path, h.version, ctrls, limits)
+        except OSError:
+            group.destroy()
+            raise
+        return group
+
+    @classmethod
+    def open(cls, name: str, support: CgroupSupport | None = None) -> Cgroup:
+        """The existing group(s) of sandbox `name` (possibly none), e.g. to destroy them."""
+        validate_name(name)
+        support = support or detect()
+        dirs: dict[Path, Hierarchy] = {}
+        for h in support.usable.values():
+            assert h.base is not None
+            path = h.base / _PARENT / name
+            if path.is_dir():
+                dirs[path] = h
+        return cls(name, dirs, ())
+
+    @staticmethod
+    def _apply(path: Path, version: int, ctrls: set[str], limits: Limits) -> None:
+        mem, pids, cpus = limits.memory_bytes, limits.pids, limits.cpus
+        if version == 2:
+            if "memory" in ctrls and mem is not None:
+                _write(path / "memory.max", str(mem))
+                if (path / "memory.swap.max").exists():  # absent without swap accounting
+                    _write(path / "memory.swap.max", "0")
+            if "pids" in ctrls and pids is not None:
+                _write(path / "pids.max", str(pids))
+            if "cpu" in ctrls and cpus is not None:
+                quota = max(1000, int(cpus * _CPU_PERIOD_US))
+                _write(path / "cpu.max", f"{quota} {_CPU_PERIOD_US}")
+            return
+        if "memory" in ctrls and mem is not None:
+            _write(path / "memory.limit_in_bytes", str(mem))
+            if (path / "memory.memsw.limit_in_bytes").exists():
+                # memsw counts memory + swap; it must be set after (and >=) the plain limit.
+                _write(path / "memory.memsw.limit_in_bytes", str(mem))
+            else:
+                _write(path / "memory.swappiness", "0")
+        if "pids" in ctrls and pids is not None:
+            _write(path / "pids.max", str(pids))
+        if "cpu" in ctrls and cpus is not None:
+            _write(path / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
+            _write(path / "cpu.cfs_quota_us", str(max(1000, int(cpus * _CPU_PERIOD_US))))
+
+    def join_fn(self) -> Callable[[], None]:
+        """A `Popen(preexec_fn=...)` hook moving the child into every group before exec.
+
+        It runs between fork and exec, so it only calls os.open/os.write/os.close on
+        paths prepared here. Failing to join raises, so nothing runs without its limits.
+        """
+        targets = [os.fsencode(d / "cgroup.procs") for d in self.dirs]
+
+        def join() -> None:
+            for target in targets:
+                fd = os.open(target, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")  # "0" means the writing process itself
+                finally:
+                    os.close(fd)
+
+        return join
+
+    def add_pid(self, pid: int) -> None:
+        """Move an already running process (and, on v1, only that process) into the groups."""
+        for d in self.dirs:
+            _write(d / "cgroup.procs", str(pid))
+
+    def _file(self, ctrl: str, name: str) -> Path | None:
+        for d, h in self.dirs.items():
+            if ctrl in h.controllers and (d / name).exists():
+                return d / name
+        return None
+
+    def _stat(self, ctrl: str, filename: str, key: str) -> int | None:
+        path = self._file(ctrl, filename)
+        if path is None:
+            return None
+        for line in _read(path).splitlines():
+            k, _, v = line.partition(" ")
+            if k == key:
+                return int(v)
+        return None
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer killed anything in this group."""
+        for filename in ("memory.events", "memory.oom_control"):  # v2, then v1 (>= 4.13)
+            count = self._stat("memory", filename, "oom_kill")
+            if count is not None:
+                return count > 0
+        # Old v1 kernels: the limit was hit; a kill is likely but not certain.
+        failcnt = self._file("memory", "memory.failcnt")
+        return failcnt is not None and int(_read(failcnt) or "0") > 0
+
+    def memory_peak(self) -> int | None:
+        """Highest memory use in bytes, if the kernel tracks it (v2 needs >= 5.19)."""
+        for filename in ("memory.peak", "memory.max_usage_in_bytes"):
+            path = self._file("memory", filename)
+            if path is not None:
+                with contextlib.suppress(ValueError):
+                    return int(_read(path).strip())
+        return None
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the groups and wait until they are gone."""
+        for d, h in self.dirs.items():
+            if h.version == 2 and (d / "cgroup.kill").exists():
+                with contextlib.suppress(OSError):
+                    _write(d / "cgroup.kill", "1")  # kernel >= 5.14: atomic, also catches forks
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = False
+            for d, h in self.dirs.items():
+                if not d.exists():
+                    continue
+                rel = "/" + str(d.relative_to(h.mount))
+                for pid in _pids_in(d):
+                    alive = True
+                    _kill_pid(pid, rel)
+            if not alive or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)  # dying processes stay listed until they are reaped
+
+    def destroy(self, timeout: float = 5.0) -> None:
+        """Kill everything inside, then remove the group directories."""
+        self.kill_all(timeout)
+        deadline = time.monotonic() + timeout
+        for d in self.dirs:
+            # Children first: a v2 sandbox could have made sub-groups if delegated to.
+            for sub in sorted((p for p in d.rglob("*") if p.is_dir()), reverse=True):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # EBUSY until the last member is reaped
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+
+
+def rlimit_floor(limits: Limits) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) rlimits to set in the child, with or without cgroups.
+
+    RLIMIT_AS is deliberately absent: JIT runtimes (V8, the JVM, Go, LuaJIT) reserve far
+    more address space than they use, so a memory-sized RLIMIT_AS breaks them long before
+    real memory runs out. Memory is only capped by the cgroup.
+    """
+    out: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
+
+    def clamp(res: int, soft: int, hard: int) -> None:
+        # Raising a hard limit needs CAP_SYS_RESOURCE; never ask for more than we have.
+        _, cur_hard = resource.getrlimit(res)
+        if cur_hard != resource.RLIM_INFINITY:
+            hard = min(hard, cur_hard)
+        out.append((res, min(soft, hard), hard))
+
+    if limits.pids is not None:
+        # RLIMIT_NPROC counts every process of the real uid system-wide (per user namespace
+        # on newer kernels), not just the sandbox's, and the kernel ignores it for root
+        # (CAP_SYS_ADMIN/CAP_SYS_RESOURCE): only a rough floor, pids.max is the real limit.
+        clamp(resource.RLIMIT_NPROC, limits.pids, limits.pids)
+    clamp(resource.RLIMIT_NOFILE, 4096, 65536)
+    return out

@@ -1,0 +1,105 @@
+"""`agentkernel doctor`: which isolation this host really offers, and why not the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+
+from .backends import BACKEND_NAMES, get_backend
+from .errors import AgentKernelError
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def kvm_verdict() -> Check:
+    """Can KVM boot a standard (non-PVM) Linux guest here? Decided from what the host shows."""
+    if not os.path.exists("/dev/kvm"):
+        return Check("kvm", False, "/dev/kvm does not exist: no hardware virtualization")
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        os.close(fd)
+    except OSError as exc:
+        return Check("kvm", False, f"/dev/kvm cannot be opened: {exc.strerror}")
+    modules = ""
+    try:
+        with open("/proc/modules") as f:
+            modules = f.read()
+    except OSError:
+        pass
+    if "kvm_pvm" in modules:
+        return Check("kvm", False,
+                     "/dev/kvm is PVM (module kvm_pvm): it runs only guests built for PVM, so a "
+                     "standard guest kernel cannot boot; microVMs would need software emulation")
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        pass
+    if " vmx" not in flags and " svm" not in flags:
+        return Check("kvm", False, "/dev/kvm opens but the CPU shows no vmx/svm flag "
+                                   "(nested or paravirtual KVM): a standard guest may not boot")
+    return Check("kvm", True, "/dev/kvm opens and the CPU has hardware virtualization")
+
+
+def gather() -> tuple[list[Check], list[Check], str]:
+    from .cgroups import detect
+
+    backends: list[Check] = []
+    for name in BACKEND_NAMES:
+        try:
+            backend = get_backend(name)
+        except AgentKernelError as exc:
+            backends.append(Check(name, False, exc.message))
+            continue
+        probe = backend.probe(deep=True)
+        detail = f"{backend.isolation}; {probe.detail}"
+        backends.append(Check(name, probe.ok, detail))
+    host: list[Check] = [kvm_verdict()]
+    support = detect()
+    host.append(Check("cgroups", support.memory or support.pids or support.cpu, support.explain()))
+    slirp = shutil.which("slirp4netns")
+    host.append(Check("egress network", slirp is not None,
+                      f"slirp4netns at {slirp}" if slirp else
+                      "slirp4netns missing: the moderate profile's egress network needs it"))
+    for binary in ("ak-agent", "ak-seccomp"):
+        from .paths import native_binary
+
+        try:
+            host.append(Check(binary, True, str(native_binary(binary))))
+        except AgentKernelError as exc:
+            host.append(Check(binary, False, exc.message))
+    ranked = sorted((c for c in backends if c.ok),
+                    key=lambda c: -get_backend(c.name).strength)
+    auto = ranked[0].name if ranked else "none"
+    return backends, host, auto
+
+
+def doctor(as_json: bool = False) -> int:
+    backends, host, auto = gather()
+    if as_json:
+        print(json.dumps({
+            "host": {"kernel": platform.release(), "arch": platform.machine(),
+                     "uid": os.getuid()},
+            "backends": [asdict(c) for c in backends],
+            "checks": [asdict(c) for c in host],
+            "auto": auto,
+        }, indent=2))
+        return 0 if auto != "none" else 1
+    print(f"Host: Linux {platform.release()} {platform.machine()}, uid {os.getuid()}")
+    print("\nBackends:")
+    for c in backends:
+        print(f"  {'ok ' if c.ok else 'no '} {c.name:<11} {c.detail}")
+    print("\nHost facilities:")
+    for c in host:
+        print(f"  {'ok ' if c.ok else 'no '} {c.name:<15} {c.detail}")
+    print(f"\n`--backend auto` picks: {auto}")
+    return 0 if auto != "none" else 1

@@ -1,0 +1,260 @@
+"""The engine: turn a run request into a sandbox, one command, live output and an exit status."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from .errors import ConfigError, UsageError
+from .profiles import PASS_ENV_KEYS, Profile, get_profile
+
+if TYPE_CHECKING:
+    from .agent.client import ExitStatus
+    from .backends import Backend
+    from .config import Config
+    from .sandbox import Sandbox, SandboxSpec
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EXIT_TIMEOUT = 124  # as timeout(1)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+@dataclass
+class RunRequest:
+    """Everything `agentkernel run` (or an API call) asks for."""
+
+    argv: list[str]
+    cwd: Path
+    image: str | None = None
+    profile: str | None = None
+    backend: str | None = None
+    no_network: bool = False
+    env: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    timeout: float | None = None
+    keep: bool = False
+    memory_mb: int | None = None
+    cpus: float | None = None
+    config_path: Path | None = None
+    forward_stdin: bool = False
+
+
+@dataclass
+class Plan:
+    """A resolved request: what will run where, decided before anything starts."""
+
+    spec: SandboxSpec
+    backend: Backend
+    image_reason: str
+    env: dict[str, str]
+    cwd: str
+    warnings: list[str]
+
+
+@dataclass
+class RunOutcome:
+    status: ExitStatus
+    exit_code: int
+    message: str | None  # one line for stderr when the sandbox, not the command, decided
+
+
+def load_configs(req: RunRequest) -> tuple[Config | None, str | None, list[str]]:
+    """The explicit --config, else ./agentkernel.toml; pydantic is only imported if one exists."""
+    path = req.config_path
+    from_flag = path is not None
+    if path is None:
+        candidate = req.cwd / "agentkernel.toml"
+        path = candidate if candidate.is_file() else None
+    if path is None:
+        return None, None, []
+    if from_flag and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    from .config import load_config
+
+    config, warnings = load_config(path)
+    return config, ("flag" if from_flag else "project"), warnings
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            # `-e KEY` alone forwards the host's value, as docker does.
+            if key not in os.environ:
+                raise UsageError(f"-e {key}: not set on the host (use KEY=VALUE)")
+            value = os.environ[key]
+        if not key or not (key[0].isalpha() or key[0] == "_") or not all(
+            c.isalnum() or c == "_" for c in key
+        ):
+            raise UsageError(f"invalid environment variable name {key!r}")
+        if "\0" in value:
+            raise UsageError(f"environment variable {key} contains a NUL byte")
+        env[key] = value
+    return env
+
+
+def resolve_profile(req: RunRequest, config: Config | None) -> Profile:
+    sec = config.security if config is not None else None
+    name = req.profile or (sec.profile if sec is not None else None) or "moderate"
+    profile = get_profile(name)
+    if sec is not None:
+        profile = profile.with_overrides(
+            network=sec.network, mount_home=sec.mount_home, pass_env=sec.pass_env,
+            read_only=sec.read_only, memory_mb=sec.memory_mb, pids=sec.pids, cpus=sec.cpus,
+            workspace=(None if sec.mount_cwd is None else ("rw" if sec.mount_cwd else None)),
+        )
+    return profile.with_overrides(
+        network=False if req.no_network else None, memory_mb=req.memory_mb, cpus=req.cpus
+    )
+
+
+def plan(req: RunRequest) -> Plan:
+    """Decide image, profile, backend and environment; nothing is started yet."""
+    from .backends import choose_backend
+    from .detect import resolve_run_image, validate_image_ref
+    from .rootfs import host_rootfs
+    from .sandbox import SandboxSpec
+
+    if not req.argv:
+        raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
+    config, config_source, warnings = load_configs(req)
+    if req.image:
+        validate_image_ref(req.image)
+    cfg_image = config.image if config is not None else None
+    image, reason = resolve_run_image(
+        req.argv, req.cwd, cli_image=req.image,
+        config_image_from_flag=cfg_image if config_source == "flag" else None,
+        project_config_image=cfg_image if config_source == "project" else None,
+    )
+    profile = resolve_profile(req, config)
+    backend_name = req.backend or (config.sandbox.backend if config is not None else None) or "auto"
+    backend = choose_backend(backend_name)
+    name = f"run-{secrets.token_hex(4)}"
+    home = Path(os.path.expanduser("~"))
+    spec = SandboxSpec(
+        name=name, profile=profile, rootfs=host_rootfs(), image=image,
+        workspace=req.cwd if profile.workspace != "none" else None,
+        home=home if home.is_dir() else None, persistent=req.keep,
+    )
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
+           "AGENTKERNEL_SANDBOX": name}
+    if profile.pass_env:
+        for key in PASS_ENV_KEYS:
+            if key in os.environ:
+                env[key] = os.environ[key]
+        if profile.mount_home and spec.home is not None:
+            env["HOME"] = "/home/user"  # where the host home is mounted
+    env.update(parse_env(req.env))
+    cwd = req.workdir or ("/workspace" if spec.workspace is not None else "/root")
+    if not cwd.startswith("/"):
+        raise UsageError(f"--workdir must be an absolute path inside the sandbox, got {cwd!r}")
+    return Plan(spec=spec, backend=backend, image_reason=reason, env=env, cwd=cwd,
+                warnings=warnings)
+
+
+def execute(
+    plan_: Plan,
+    argv: list[str],
+    *,
+    timeout: float | None,
+    stdout: BinaryIO,
+    stderr: BinaryIO,
+    stdin: BinaryIO | None = None,
+    on_started: Callable[[Sandbox], None] | None = None,
+) -> tuple[Sandbox, RunOutcome]:
+    """Start the sandbox, run `argv`, stream its output live; the caller destroys the sandbox."""
+    sandbox = plan_.backend.start(plan_.spec)
+    try:
+        if on_started is not None:
+            on_started(sandbox)
+        outcome = _run_in(sandbox, plan_, argv, timeout=timeout, stdout=stdout, stderr=stderr,
+                          stdin=stdin)
+    except BaseException:
+        sandbox.destroy()
+        raise
+    return sandbox, outcome
+
+
+def _run_in(
+    sandbox: Sandbox, plan_: Plan, argv: list[str], *, timeout: float | None,
+    stdout: BinaryIO, stderr: BinaryIO, stdin: BinaryIO | None,
+) -> RunOutcome:
+    execution = sandbox.client.exec(
+        argv, env=plan_.env, cwd=plan_.cwd, timeout=timeout, stdin=stdin is not None,
+    )
+    if stdin is not None:
+        threading.Thread(target=_pump_stdin, args=(stdin, execution), daemon=True).start()
+    with _forward_signals(execution.signal):
+        status = None
+        for kind, payload in execution.events():
+            if kind == "stdout":
+                assert isinstance(payload, bytes)
+                stdout.write(payload)
+                stdout.flush()
+            elif kind == "stderr":
+                assert isinstance(payload, bytes)
+                stderr.write(payload)
+                stderr.flush()
+            else:
+                status = payload
+    assert status is not None and not isinstance(status, bytes)
+    return describe_exit(sandbox, status, timeout)
+
+
+def describe_exit(sandbox: Sandbox, status: ExitStatus, timeout: float | None) -> RunOutcome:
+    """Map an exit status to our exit code, naming causes the command could not report."""
+    if status.timed_out:
+        return RunOutcome(status, EXIT_TIMEOUT,
+                          f"command timed out after {timeout:g}s and was killed")
+    if status.signal == signal.SIGKILL and sandbox.oom_killed():
+        mem = sandbox.spec.profile.memory_mb
+        return RunOutcome(status, 137, f"command killed: out of memory (limit {mem} MiB)")
+    return RunOutcome(status, status.shell_code, None)
+
+
+def _pump_stdin(src: BinaryIO, execution: object) -> None:
+    from .agent.client import Execution
+
+    assert isinstance(execution, Execution)
+    with contextlib.suppress(Exception):
+        while True:
+            chunk = src.read1(65536) if hasattr(src, "read1") else src.read(65536)
+            if not chunk:
+                break
+            execution.write_stdin(chunk)
+    with contextlib.suppress(Exception):
+        execution.close_stdin()
+
+
+@contextlib.contextmanager
+def _forward_signals(send: Callable[[int], None]):  # type: ignore[no-untyped-def]
+    """While a command runs, Ctrl-C and friends go to it, not to us."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in FORWARDED_SIGNALS:
+        previous[sig] = signal.signal(sig, lambda signo, _frame: _safe(send, signo))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _safe(send: Callable[[int], None], signo: int) -> None:
+    with contextlib.suppress(Exception):
+        send(signo)
+
+
+def default_stdio() -> tuple[BinaryIO, BinaryIO]:
+    return sys.stdout.buffer, sys.stderr.buffer

@@ -1,0 +1,86 @@
+"""The one error hierarchy of agentkernel, mapped once to CLI exit codes and HTTP statuses."""
+
+from __future__ import annotations
+
+
+class AgentKernelError(Exception):
+    """Base of every error agentkernel raises on purpose.
+
+    ``exit_code`` is what the CLI exits with; ``http_status`` what the API answers.
+    """
+
+    exit_code = 125
+    http_status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(AgentKernelError):
+    """The user asked for something malformed (bad flag value, bad name, bad path)."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class ConfigError(AgentKernelError):
+    """agentkernel.toml or a config value is invalid."""
+
+    exit_code = 125
+    http_status = 400
+
+
+class NotFound(AgentKernelError):
+    """A named sandbox, image or file does not exist."""
+
+    exit_code = 125
+    http_status = 404
+
+
+class Conflict(AgentKernelError):
+    """The object exists already or is in the wrong state."""
+
+    exit_code = 125
+    http_status = 409
+
+
+class BackendUnavailable(AgentKernelError):
+    """The requested isolation backend cannot run on this host."""
+
+    exit_code = 125
+    http_status = 503
+
+
+class SandboxError(AgentKernelError):
+    """The sandbox could not be started or died unexpectedly."""
+
+    exit_code = 125
+    http_status = 500
+
+
+class ProtocolError(SandboxError):
+    """The in-sandbox agent sent something that breaks the protocol, or went away."""
+
+
+class AgentRequestError(AgentKernelError):
+    """The agent refused or failed one request (errno-style); the sandbox itself is fine."""
+
+    exit_code = 125
+    http_status = 400
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class CommandNotFound(AgentRequestError):
+    """The command to run does not exist inside the sandbox."""
+
+    exit_code = 127
+
+
+class CommandNotExecutable(AgentRequestError):
+    """The command exists inside the sandbox but cannot be executed."""
+
+    exit_code = 126

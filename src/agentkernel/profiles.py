@@ -1,0 +1,118 @@
+"""Security profiles: what a sandbox may see and use, and how overrides combine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from .errors import UsageError
+
+NetworkMode = Literal["host", "egress", "none"]
+WorkspaceMode = Literal["rw", "cow", "ro", "none"]
+
+PROFILE_NAMES = ("permissive", "moderate", "restrictive")
+
+# Host variables forwarded under pass_env (upstream's list; only those that are set).
+PASS_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TERM")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The resolved security settings of one sandbox."""
+
+    name: str
+    network: NetworkMode
+    workspace: WorkspaceMode
+    mount_home: bool
+    pass_env: bool
+    root_writable: bool
+    memory_mb: int | None
+    pids: int | None
+    cpus: float | None
+    seccomp: str  # policy name in agentkernel.seccomp
+
+    def with_overrides(
+        self,
+        *,
+        network: bool | None = None,
+        workspace: WorkspaceMode | None = None,
+        mount_home: bool | None = None,
+        pass_env: bool | None = None,
+        read_only: bool | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        cpus: float | None = None,
+    ) -> Profile:
+        """Apply explicit overrides (config keys, then CLI flags); None keeps the profile's."""
+        p = self
+        if network is not None:
+            # Turning network *on* in a profile without it gives the safe kind: egress only.
+            p = replace(p, network=("none" if not network else
+                                    (p.network if p.network != "none" else "egress")))
+        if workspace is not None:
+            p = replace(p, workspace=workspace)
+        if mount_home is not None:
+            p = replace(p, mount_home=mount_home)
+        if pass_env is not None:
+            p = replace(p, pass_env=pass_env)
+        if read_only is not None:
+            p = replace(p, root_writable=not read_only)
+        if memory_mb is not None:
+            if memory_mb < 16:
+                raise UsageError(f"memory limit {memory_mb} MiB is below the 16 MiB minimum")
+            p = replace(p, memory_mb=memory_mb)
+        if pids is not None:
+            if pids < 8:
+                raise UsageError(f"pids limit {pids} is below the minimum of 8")
+            p = replace(p, pids=pids)
+        if cpus is not None:
+            if not 0.01 <= cpus <= 1024:
+                raise UsageError(f"cpus {cpus} must be between 0.01 and 1024")
+            p = replace(p, cpus=cpus)
+        return p
+
+
+PROFILES: dict[str, Profile] = {
+    "permissive": Profile(
+        name="permissive", network="host", workspace="rw", mount_home=True, pass_env=True,
+        root_writable=True, memory_mb=None, pids=None, cpus=None, seccomp="permissive",
+    ),
+    "moderate": Profile(
+        name="moderate", network="egress", workspace="cow", mount_home=False, pass_env=False,
+        root_writable=True, memory_mb=512, pids=512, cpus=1.0, seccomp="moderate",
+    ),
+    "restrictive": Profile(
+        name="restrictive", network="none", workspace="ro", mount_home=False, pass_env=False,
+        root_writable=False, memory_mb=256, pids=128, cpus=0.5, seccomp="restrictive",
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """Look a profile up by name; `custom` is moderate plus the config's overrides."""
+    key = name.strip().lower()
+    if key == "custom":
+        key = "moderate"
+    try:
+        return PROFILES[key]
+    except KeyError:
+        raise UsageError(
+            f"unknown profile {name!r}: choose one of {', '.join(PROFILE_NAMES)}"
+        ) from None
+
+
+def parse_memory(text: str) -> int:
+    """Parse a memory size like 512, 512m, 2g, 1.5G into MiB."""
+    s = text.strip().lower().removesuffix("b").removesuffix("i")
+    units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+    factor = 1.0
+    if s and s[-1] in units:
+        factor = units[s[-1]]
+        s = s[:-1]
+    try:
+        value = float(s) * factor
+    except ValueError:
+        raise UsageError(f"invalid memory size {text!r} (examples: 512m, 2g)") from None
+    if value <= 0 or value != value:
+        raise UsageError(f"invalid memory size {text!r}")
+    return int(value)

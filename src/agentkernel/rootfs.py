@@ -1,0 +1,111 @@
+"""The `host` root filesystem: the host's userland, read-only, with its secrets masked."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+# Top-level host paths that make up a userland. /home, /root, /opt, /srv, /var and
+# the user's dotfiles are never part of it.
+USERLAND = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+
+# Masked even when world-readable: credential stores and key material by convention.
+ALWAYS_MASKED = (
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+    "/etc/sudoers.d", "/etc/ssh", "/etc/ssl/private", "/etc/security/opasswd",
+    "/etc/credstore", "/etc/credstore.encrypted", "/etc/docker", "/etc/containers/auth.json",
+    "/etc/NetworkManager/system-connections", "/etc/wpa_supplicant", "/etc/krb5.keytab",
+    "/etc/machine-id",
+)
+
+MountKind = Literal["ro-bind", "symlink"]
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One top-level piece of the host userland: a read-only bind or a symlink."""
+
+    kind: MountKind
+    path: str
+    target: str = ""  # symlink target
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A host path hidden inside the sandbox: an empty dir or an empty file."""
+
+    path: str
+    is_dir: bool
+
+
+@dataclass(frozen=True)
+class HostRootfs:
+    """Everything a backend needs to assemble the `host` rootfs."""
+
+    entries: tuple[HostEntry, ...]
+    masks: tuple[Mask, ...]
+
+    @property
+    def name(self) -> str:
+        return "host"
+
+
+def _secret_entries(root: str) -> list[Mask]:
+    """Every entry under `root` that the host does not let everyone read.
+
+    Inside the sandbox the command may run with the host uid of the caller (root in CI),
+    so file modes alone do not protect root-only files: hide them.
+    """
+    found: list[Mask] = []
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            it = os.scandir(directory)
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                need = 0o005 if is_dir else 0o004
+                if st.st_mode & need != need:
+                    found.append(Mask(entry.path, is_dir))
+                elif is_dir:
+                    stack.append(entry.path)
+    return found
+
+
+@lru_cache(maxsize=1)
+def host_rootfs() -> HostRootfs:
+    """Describe the host's userland as binds, symlinks and masks (computed once per process)."""
+    entries: list[HostEntry] = []
+    for path in USERLAND:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            entries.append(HostEntry("symlink", path, os.readlink(path)))
+        elif stat.S_ISDIR(st.st_mode):
+            entries.append(HostEntry("ro-bind", path))
+    masks = {m.path: m for m in _secret_entries("/etc")}
+    for path in ALWAYS_MASKED:
+        if path not in masks and os.path.lexists(path):
+            masks[path] = Mask(path, os.path.isdir(path) and not os.path.islink(path))
+    # Masks nested inside a masked directory are redundant (and would fail to mount).
+    ordered = sorted(masks.values(), key=lambda m: m.path)
+    kept: list[Mask] = []
+    for mask in ordered:
+        if any(mask.path.startswith(k.path + "/") for k in kept if k.is_dir):
+            continue
+        kept.append(mask)
+    return HostRootfs(tuple(entries), tuple(kept))

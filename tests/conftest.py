@@ -1,0 +1,147 @@
+"""Shared fixtures: run the real CLI, plant secrets, start host services and netns test hosts."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ["namespaces", "gvisor"]
+
+
+def backend_available(name: str) -> bool:
+    return shutil.which({"namespaces": "bwrap", "gvisor": "runsc"}[name]) is not None
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def ak(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+       input: bytes | None = None, timeout: float = 120) -> Result:
+    """Run the real `agentkernel` CLI in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentkernel", *args], cwd=cwd, env=full_env,
+        input=input, capture_output=True, timeout=timeout, check=False,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    return Result(proc.returncode, proc.stdout.decode(errors="replace"),
+                  proc.stderr.decode(errors="replace"))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if not backend_available(name):
+        pytest.skip(f"{name} backend not installed")
+    return name
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    proj = tmp_path / "project"
+    proj.mkdir()
+    (proj / "hello.txt").write_text("hello from the host\n")
+    return proj
+
+
+@pytest.fixture(scope="session")
+def loopback_server() -> Iterator[int]:
+    """A TCP server on the host's 127.0.0.1 that answers 'host-loopback-secret'."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"host-loopback-secret\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    srv.close()
+
+
+@dataclass
+class TestHost:
+    ns: str
+    addr: str
+    port: int
+
+
+@pytest.fixture(scope="session")
+def netns_host() -> Iterator[TestHost]:
+    """A test host in a network namespace we create (veth 10.213.77.0/30), serving TCP."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to create a test network namespace")
+    ns = f"aktest-{secrets.token_hex(3)}"
+    host_if, peer_if = f"akh{ns[-6:]}", f"akp{ns[-6:]}"
+    run = lambda *a: subprocess.run(list(a), check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        run("ip", "link", "set", peer_if, "netns", ns)
+        run("ip", "addr", "add", "10.213.77.1/30", "dev", host_if)
+        run("ip", "link", "set", host_if, "up")
+        run("ip", "netns", "exec", ns, "ip", "addr", "add", "10.213.77.2/30", "dev", peer_if)
+        run("ip", "netns", "exec", ns, "ip", "link", "set", peer_if, "up")
+        run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c",
+             "import socket\n"
+             "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+             "s.bind(('10.213.77.2', 18080)); s.listen(16)\n"
+             "while True:\n"
+             "    c,_=s.accept(); c.sendall(b'test-host-hello\\n'); c.close()\n"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(100):
+                try:
+                    with socket.create_connection(("10.213.77.2", 18080), timeout=0.2):
+                        break
+                except OSError:
+                    threading.Event().wait(0.05)
+            yield TestHost(ns, "10.213.77.2", 18080)
+        finally:
+            server.kill()
+            server.wait()
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+# A probe run inside the sandbox: connect to host:port, print what came back or 'blocked'.
+CONNECT_PROBE = (
+    "import socket,sys\n"
+    "try:\n"
+    "    s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)\n"
+    "    print('reached', s.recv(100).decode().strip())\n"
+    "except OSError as e:\n"
+    "    print('blocked', type(e).__name__)\n"
+)
