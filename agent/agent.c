@@ -20,6 +20,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -780,7 +781,11 @@ static void do_file_read(uint32_t chan, const uint8_t *pl, size_t n)
 		e = EISDIR;
 		goto fail;
 	}
-	/* Regular files never block; for FIFOs/devices a blocking read is what the caller asked for. */
+	/* A FIFO or socket could block the whole single-threaded agent forever: refuse them. */
+	if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		e = EINVAL;
+		goto fail;
+	}
 	fcntl(x->fd, F_SETFL, 0);
 	if (q.has_offset && lseek(x->fd, (off_t)q.offset, SEEK_SET) < 0) {
 		e = errno;
@@ -859,12 +864,17 @@ static void do_file_write(uint32_t chan, const uint8_t *pl, size_t n)
 		x->fd = open(q.path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 		if (x->fd >= 0)
 			fchmod(x->fd, x->mode); /* new file: exact mode, independent of our umask */
-		else if (errno == EEXIST)
-			x->fd = open(q.path, O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
-		if (x->fd < 0) {
+		else if (errno == EEXIST) /* O_NONBLOCK: opening a FIFO must not block the agent */
+			x->fd = open(q.path, O_WRONLY | O_APPEND | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+		if (x->fd < 0 || fstat(x->fd, &st) < 0) {
 			e = errno;
 			goto fail;
 		}
+		if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode)) {
+			e = EINVAL;
+			goto fail;
+		}
+		fcntl(x->fd, F_SETFL, O_APPEND);
 	} else {
 		/* Write beside the target and rename at close: readers never see a torn file. */
 		size_t need = strlen(dir) + strlen(base) + 32;
@@ -1311,14 +1321,26 @@ static void do_mount(const char *src, const char *target, const char *fs, unsign
 static void mount_dev(void)
 {
 	mkdir_or_die("/dev");
-	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, NULL) < 0 &&
-	    mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=0755") < 0)
-		die("mount /dev: %s", strerror(errno));
-	/* ptys for PTY execs; best effort because an inherited /dev may already provide them. */
+	/* EBUSY: the kernel (CONFIG_DEVTMPFS_MOUNT) or our parent already put devtmpfs there. */
+	if (mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755") < 0 && errno != EBUSY) {
+		if (mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=0755") < 0)
+			die("mount /dev: %s", strerror(errno));
+		/* Without devtmpfs, make the few nodes every program expects (best effort). */
+		static const struct { const char *name; unsigned maj, min; } nodes[] = {
+			{ "/dev/null", 1, 3 }, { "/dev/zero", 1, 5 }, { "/dev/full", 1, 7 },
+			{ "/dev/random", 1, 8 }, { "/dev/urandom", 1, 9 }, { "/dev/tty", 5, 0 },
+		};
+		for (size_t i = 0; i < sizeof(nodes) / sizeof(nodes[0]); i++)
+			if (mknod(nodes[i].name, S_IFCHR | 0666, makedev(nodes[i].maj, nodes[i].min)) == 0)
+				chmod(nodes[i].name, 0666);
+		if (symlink("/proc/self/fd", "/dev/fd") < 0) { /* best effort */
+		}
+	}
+	/* A private devpts for PTY execs; /dev/ptmx resolves to the sibling pts instance. */
 	mkdir("/dev/pts", 0755);
-	if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620") == 0) {
-		unlink("/dev/ptmx");
-		if (symlink("pts/ptmx", "/dev/ptmx") < 0) { /* keep the existing node */
+	if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+		  "newinstance,ptmxmode=0666,mode=620") == 0 && access("/dev/ptmx", F_OK) < 0) {
+		if (symlink("pts/ptmx", "/dev/ptmx") < 0) { /* best effort */
 		}
 	}
 }
@@ -1354,6 +1376,63 @@ static void do_overlay(char *spec)
 		die("overlay on %s (%s): %s", parts[0], opts, strerror(errno));
 }
 
+/* Hide a host path: an empty read-only tmpfs over a directory, /dev/null over anything
+ * else. Runs after the overlays, so a path re-exposed through an overlay is masked too. */
+static void do_mask(const char *path)
+{
+	struct stat st;
+	if (lstat(path, &st) < 0) {
+		if (errno == ENOENT)
+			return;
+		die("--mask %s: %s", path, strerror(errno));
+	}
+	if (S_ISLNK(st.st_mode))
+		die("--mask %s: refusing to mask through a symlink", path);
+	if (S_ISDIR(st.st_mode)) {
+		if (mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+			  "size=4k,mode=555") < 0)
+			die("--mask %s: %s", path, strerror(errno));
+		return;
+	}
+	if (mount("/dev/null", path, NULL, MS_BIND, NULL) < 0 ||
+	    mount(NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, NULL) < 0)
+		die("--mask %s: %s", path, strerror(errno));
+}
+
+/* Cap the number of tasks from inside the sandbox: a pids cgroup of our own that the
+ * agent joins (children inherit it), then the hierarchy is covered by an empty read-only
+ * tmpfs so nothing inside can raise the limit (unmounting it would drop the limit in
+ * gVisor). Used where the host's cgroup cannot count tasks one-to-one (gVisor's
+ * sentry runs its own threads in the host cgroup). */
+static void do_pids_max(const char *value)
+{
+	char *end;
+	long n = strtol(value, &end, 10);
+	if (*end || n < 1 || n > 4194304)
+		die("--pids-max wants a positive number, got %s", value);
+	const char *dir = "/run/.ak-pids";
+	char path[128], buf[32];
+	mkdir_or_die(dir);
+	if (mount("none", dir, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, "pids") < 0)
+		die("--pids-max: mount pids cgroup: %s", strerror(errno));
+	snprintf(path, sizeof(path), "%s/agentkernel", dir);
+	if (mkdir(path, 0755) < 0 && errno != EEXIST)
+		die("--pids-max: mkdir %s: %s", path, strerror(errno));
+	const char *files[2] = {"pids.max", "cgroup.procs"};
+	long values[2] = {n, (long)getpid()};
+	for (int i = 0; i < 2; i++) {
+		snprintf(path, sizeof(path), "%s/agentkernel/%s", dir, files[i]);
+		int fd = open(path, O_WRONLY | O_CLOEXEC);
+		int len = snprintf(buf, sizeof(buf), "%ld", values[i]);
+		if (fd < 0 || write(fd, buf, (size_t)len) != len)
+			die("--pids-max: write %s: %s", path, strerror(errno));
+		close(fd);
+	}
+	if (mount("tmpfs", dir, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+		  "size=4k,mode=555") < 0)
+		die("--pids-max: hide the pids cgroup: %s", strerror(errno));
+}
+
 static void drop_caps(void)
 {
 	int last = 63;
@@ -1364,7 +1443,8 @@ static void drop_caps(void)
 		fclose(f);
 	}
 	for (int c = 0; c <= last; c++)
-		if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+		if (prctl(PR_CAPBSET_READ, c, 0, 0, 0) == 1 && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 &&
+		    errno != EINVAL)
 			die("drop bounding capability %d: %s", c, strerror(errno));
 	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
 		die("clear ambient capabilities: %s", strerror(errno));
@@ -1460,17 +1540,19 @@ static int open_vport(const char *name)
 static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
-	    "  [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--drop-caps] [--seccomp FILE]\n"
+	    "  [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--mask PATH].. [--drop-caps]\n"
+	    "  [--pids-max N] [--seccomp FILE]\n"
 	    "  [--fd N | --listen PATH | --connect PATH | --vport NAME]");
 }
 
 int main(int argc, char **argv)
 {
-	int m_proc = 0, m_sys = 0, m_dev = 0, m_tmp = 0, caps = 0, nov = 0, chfd = -1;
-	const char *seccomp = NULL, *listen_path = NULL, *connect_path = NULL, *vport = NULL;
+	int m_proc = 0, m_sys = 0, m_dev = 0, m_tmp = 0, caps = 0, nov = 0, nmask = 0, chfd = -1;
+	const char *seccomp = NULL, *pids_max = NULL, *listen_path = NULL, *connect_path = NULL, *vport = NULL;
 	char **overlays = calloc((size_t)argc, sizeof(char *));
+	char **masks = calloc((size_t)argc, sizeof(char *));
 
-	if (!overlays)
+	if (!overlays || !masks)
 		die("out of memory");
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
@@ -1485,7 +1567,9 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
 		else if (!val) usage();
 		else if (!strcmp(a, "--overlay")) overlays[nov++] = argv[i + 1];
+		else if (!strcmp(a, "--mask")) masks[nmask++] = argv[i + 1];
 		else if (!strcmp(a, "--seccomp")) seccomp = val;
+		else if (!strcmp(a, "--pids-max")) pids_max = val;
 		else if (!strcmp(a, "--listen")) listen_path = val;
 		else if (!strcmp(a, "--connect")) connect_path = val;
 		else if (!strcmp(a, "--vport")) vport = val;
@@ -1513,6 +1597,11 @@ int main(int argc, char **argv)
 	for (int i = 0; i < nov; i++)
 		do_overlay(overlays[i]);
 	free(overlays);
+	for (int i = 0; i < nmask; i++)
+		do_mask(masks[i]);
+	free(masks);
+	if (pids_max)
+		do_pids_max(pids_max);
 
 	/* The channel: every fd the agent keeps is close-on-exec and lives above 2. */
 	struct sockaddr_un sa;

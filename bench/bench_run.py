@@ -114,8 +114,8 @@ def main() -> None:
         lines.append(f"- namespaces run (restrictive) {got:.1f} ms vs budget"
                      f" bwrap+python+15 = {budget:.1f} ms")
     if "runsc direct" in rows:
-        lines.append(f"- gvisor run vs runsc direct: "
-                     f"{ratio('agentkernel run gvisor restrictive', 'runsc direct')} (goal <= 1.2x)")
+        gv = ratio("agentkernel run gvisor restrictive", "runsc direct")
+        lines.append(f"- gvisor run vs runsc direct: {gv} (goal <= 1.2x)")
     report = "\n".join(lines)
     print(report)
     out = ROOT / "bench" / "results"

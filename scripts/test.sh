@@ -2,7 +2,7 @@
 # Install everything the suite needs, then run lint, types and the tests (real sandboxes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/install.sh clang libclang-rt-14-dev
+./scripts/install.sh clang libclang-rt-14-dev docker-registry apache2-utils openssl busybox-static skopeo umoci zstd
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
 set +e

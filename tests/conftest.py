@@ -10,38 +10,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ["namespaces", "gvisor"]
-
-
-def backend_available(name: str) -> bool:
-    return shutil.which({"namespaces": "bwrap", "gvisor": "runsc"}[name]) is not None
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def ak(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-       input: bytes | None = None, timeout: float = 120) -> Result:
-    """Run the real `agentkernel` CLI in a subprocess."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, "-m", "agentkernel", *args], cwd=cwd, env=full_env,
-        input=input, capture_output=True, timeout=timeout, check=False,
-        stdin=None if input is not None else subprocess.DEVNULL,
-    )
-    return Result(proc.returncode, proc.stdout.decode(errors="replace"),
-                  proc.stderr.decode(errors="replace"))
+from sandbox_helpers import BACKENDS, NetnsHost, backend_available
 
 
 @pytest.fixture(params=BACKENDS)
@@ -87,15 +60,8 @@ def loopback_server() -> Iterator[int]:
     srv.close()
 
 
-@dataclass
-class TestHost:
-    ns: str
-    addr: str
-    port: int
-
-
 @pytest.fixture(scope="session")
-def netns_host() -> Iterator[TestHost]:
+def netns_host() -> Iterator[NetnsHost]:
     """A test host in a network namespace we create (veth 10.213.77.0/30), serving TCP."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create a test network namespace")
@@ -127,21 +93,10 @@ def netns_host() -> Iterator[TestHost]:
                         break
                 except OSError:
                     threading.Event().wait(0.05)
-            yield TestHost(ns, "10.213.77.2", 18080)
+            yield NetnsHost(ns, "10.213.77.2", 18080)
         finally:
             server.kill()
             server.wait()
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-
-
-# A probe run inside the sandbox: connect to host:port, print what came back or 'blocked'.
-CONNECT_PROBE = (
-    "import socket,sys\n"
-    "try:\n"
-    "    s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)\n"
-    "    print('reached', s.recv(100).decode().strip())\n"
-    "except OSError as e:\n"
-    "    print('blocked', type(e).__name__)\n"
-)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ak
+from sandbox_helpers import ak
 
 
 def test_hello(backend: str, project: Path) -> None:

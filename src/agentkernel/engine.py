@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, ProtocolError, UsageError
 from .profiles import PASS_ENV_KEYS, Profile, get_profile
 
 if TYPE_CHECKING:
-    from .agent.client import ExitStatus
+    from .agent.client import Execution, ExitStatus
     from .backends import Backend
     from .config import Config
     from .sandbox import Sandbox, SandboxSpec
@@ -194,20 +194,31 @@ def _run_in(
     if stdin is not None:
         threading.Thread(target=_pump_stdin, args=(stdin, execution), daemon=True).start()
     with _forward_signals(execution.signal):
-        status = None
-        for kind, payload in execution.events():
-            if kind == "stdout":
-                assert isinstance(payload, bytes)
-                stdout.write(payload)
-                stdout.flush()
-            elif kind == "stderr":
-                assert isinstance(payload, bytes)
-                stderr.write(payload)
-                stderr.flush()
-            else:
-                status = payload
-    assert status is not None and not isinstance(status, bytes)
+        try:
+            status = _stream(execution, stdout, stderr)
+        except ProtocolError:
+            # The whole sandbox died under the command (gVisor's sentry is OOM-killed with
+            # the app inside it): say why rather than blaming the protocol.
+            if sandbox.oom_killed():
+                from .agent.client import ExitStatus
+
+                mem = sandbox.spec.profile.memory_mb
+                return RunOutcome(ExitStatus(code=None, signal=signal.SIGKILL), 137,
+                                  f"sandbox killed: out of memory (limit {mem} MiB)")
+            raise
     return describe_exit(sandbox, status, timeout)
+
+
+def _stream(execution: Execution, stdout: BinaryIO, stderr: BinaryIO) -> ExitStatus:
+    """Copy the command's output to ours as it comes; return how it ended."""
+    for kind, payload in execution.events():
+        if isinstance(payload, bytes):
+            target = stdout if kind == "stdout" else stderr
+            target.write(payload)
+            target.flush()
+        else:
+            return payload
+    raise ProtocolError("the agent ended the command's events without an exit status")
 
 
 def describe_exit(sandbox: Sandbox, status: ExitStatus, timeout: float | None) -> RunOutcome:
@@ -221,10 +232,7 @@ def describe_exit(sandbox: Sandbox, status: ExitStatus, timeout: float | None) -
     return RunOutcome(status, status.shell_code, None)
 
 
-def _pump_stdin(src: BinaryIO, execution: object) -> None:
-    from .agent.client import Execution
-
-    assert isinstance(execution, Execution)
+def _pump_stdin(src: BinaryIO, execution: Execution) -> None:
     with contextlib.suppress(Exception):
         while True:
             chunk = src.read1(65536) if hasattr(src, "read1") else src.read(65536)

@@ -46,6 +46,7 @@ def start_slirp(target_pid: int, log: Path, *, timeout: float = 10.0) -> subproc
              "--enable-seccomp", f"--ready-fd={ready_w}", str(target_pid), "tap0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
             pass_fds=(ready_w,), close_fds=True,
+            start_new_session=True,  # the terminal's Ctrl-C is for the command, not for us
         )
         os.close(ready_w)
         ready_w = -1

@@ -66,7 +66,8 @@ class Sandbox:
             # Anything that slipped out of the sandbox's own process tree dies here.
             self.cgroup.destroy()
         for helper in self.helpers:
-            _stop(helper)
+            # Helpers (slirp4netns, netns holders) never exit by themselves.
+            _stop(helper, grace=0)
         for cleanup in reversed(self.cleanups):
             with contextlib.suppress(Exception):
                 cleanup()

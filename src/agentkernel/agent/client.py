@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import IO, BinaryIO, cast
 
 from ..errors import AgentRequestError, CommandNotExecutable, CommandNotFound, ProtocolError
 from .protocol import (
@@ -212,7 +212,7 @@ class AgentClient:
     """Host end of one agent channel; thread-safe, one reader thread demultiplexes replies."""
 
     def __init__(
-        self, rfile: BinaryIO, wfile: BinaryIO, *, on_close: Callable[[], None] | None = None
+        self, rfile: IO[bytes], wfile: IO[bytes], *, on_close: Callable[[], None] | None = None
     ) -> None:
         self._r = rfile
         self._w = wfile
@@ -465,7 +465,7 @@ class AgentClient:
         raise AgentRequestError("exec: no free channel id", errno_mod.EBUSY)
 
     def read_file_to(
-        self, path: str, out: BinaryIO, *, offset: int | None = None, length: int | None = None
+        self, path: str, out: IO[bytes], *, offset: int | None = None, length: int | None = None
     ) -> int:
         """Stream a file from the sandbox into out; returns the byte count."""
         items = [(Tag.PATH.value, path_bytes(path))]
@@ -508,7 +508,7 @@ class AgentClient:
     def write_file(
         self,
         path: str,
-        data: bytes | BinaryIO,
+        data: bytes | IO[bytes],
         *,
         mode: int = 0o644,
         append: bool = False,

@@ -9,10 +9,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SandboxError
 from ..paths import runtime_dir
 from ..sandbox import Sandbox, SandboxSpec, close_fds
+
+if TYPE_CHECKING:
+    from ..agent.client import AgentClient
+
+CONTROL_DIR = "ctl"  # host side: <scratch>/ctl/agent.sock for sandboxes that outlive us
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,6 @@ def spawn_agent(
     pass_fds: Sequence[int] = (),
     preexec_fn: Callable[[], None] | None = None,
     env: dict[str, str] | None = None,
-    new_session: bool = False,
 ) -> Spawned:
     """Run `argv` (which ends by exec'ing the agent) with the protocol on its stdin/stdout."""
     to_agent_r, to_agent_w = os.pipe()
@@ -80,7 +85,9 @@ def spawn_agent(
                 list(argv), stdin=to_agent_r, stdout=from_agent_w, stderr=logf,
                 pass_fds=tuple(pass_fds), close_fds=True, preexec_fn=preexec_fn,
                 env=env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                start_new_session=new_session,
+                # Own session: a terminal's Ctrl-C reaches only the CLI, which forwards it
+                # to the command through the agent instead of killing the sandbox.
+                start_new_session=True,
             )
     except OSError as exc:
         close_fds(to_agent_r, to_agent_w, from_agent_r, from_agent_w)
@@ -101,3 +108,40 @@ def startup_failure(what: str, log: Path, process: subprocess.Popen[bytes]) -> S
     lines = [ln for ln in text.splitlines() if ln.strip()]
     reason = lines[-1] if lines else f"exit status {process.returncode}"
     return SandboxError(f"{what} failed to start the sandbox: {reason}")
+
+
+def control_dir(scratch: Path) -> Path:
+    path = scratch / CONTROL_DIR
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def open_channel(spawned: Spawned, control: Path | None, timeout: float = 30.0) -> AgentClient:
+    """The agent's channel: our pipes, or for a persistent sandbox its control socket.
+
+    A persistent sandbox must not depend on this process, so its agent listens on a unix
+    socket in the scratch dir instead of talking over pipes that die with us.
+    """
+    import socket
+    import time
+
+    from ..agent.client import AgentClient
+
+    if control is None:
+        return AgentClient.from_fds(spawned.read_fd, spawned.write_fd)
+    close_fds(spawned.read_fd, spawned.write_fd)
+    path = control / "agent.sock"
+    deadline = time.monotonic() + timeout
+    while True:
+        if spawned.process.poll() is not None:
+            raise SandboxError("the sandbox exited before its agent was ready")
+        if path.exists():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                return AgentClient.from_socket(sock)
+            except OSError:
+                sock.close()
+        if time.monotonic() > deadline:
+            raise SandboxError("timed out waiting for the sandbox's agent socket")
+        time.sleep(0.005)

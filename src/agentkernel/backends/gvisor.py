@@ -12,9 +12,22 @@ from typing import Any
 
 from ..errors import BackendUnavailable, SandboxError
 from ..sandbox import Sandbox, SandboxSpec
-from .base import Backend, Probe, make_scratch, spawn_agent, startup_failure
+from .base import (
+    Backend,
+    Probe,
+    control_dir,
+    make_scratch,
+    open_channel,
+    spawn_agent,
+    startup_failure,
+)
 
 AGENT_PATH = "/.ak/agent"
+SECCOMP_PATH = "/.ak/seccomp.bpf"
+# Held by the agent only while it sets up the in-sandbox pids cgroup, then dropped.
+SETUP_CAPS = ("CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_SETPCAP")
+CONTROL_PATH = "/.ak/ctl"  # persistent sandboxes: the agent listens on a socket here
+GVISOR_TASK_OVERHEAD = 256  # host threads of runsc itself, on top of the sandbox's own
 
 
 @lru_cache(maxsize=1)
@@ -71,11 +84,10 @@ class GVisorBackend(Backend):
                            "(it hangs on nested/PVM hosts)")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
-        from ..agent.client import AgentClient
         from ..cgroups import Cgroup, Limits
         from ..network import start_slirp, write_resolv_conf
         from ..paths import native_binary
-        from ..seccomp import oci_seccomp
+        from ..seccomp import compile_bpf
 
         runsc = _runsc()
         if runsc is None:
@@ -87,23 +99,29 @@ class GVisorBackend(Backend):
             p = spec.profile
             bundle = scratch / "bundle"
             resolv = write_resolv_conf(scratch) if p.network == "egress" else None
-            config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
-                                      seccomp=oci_seccomp(p.seccomp))
-            _write_bundle(bundle, config)
-            cgroup = Cgroup.create(spec.name, Limits(
-                memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
-                pids=p.pids, cpus=p.cpus))
+            control = control_dir(scratch) if spec.persistent else None
             helpers: list[subprocess.Popen[bytes]] = []
             prefix: list[str] = []
             if p.network == "egress":
-                holder, prefix = _network_holder()
+                holder = _network_holder()
                 helpers.append(holder)
                 helpers.append(start_slirp(holder.pid, scratch / "slirp.log"))
+                prefix = _enter_netns(holder.pid)
+            config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
+                                      bpf=str(compile_bpf(p.seccomp)),
+                                      control=str(control) if control else None)
+            _write_bundle(bundle, config)
+            # The cgroup holds the sentry and gofer too: under the ptrace platform a sandboxed
+            # task costs several host tasks (stub process, tracer and goroutine threads), plus
+            # ~110 of gVisor's own threads at idle. The exact limit is enforced inside gVisor
+            # (`--pids-max`); this one only keeps the host safe.
+            cgroup = Cgroup.create(spec.name, Limits(
+                memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
+                pids=10 * p.pids + GVISOR_TASK_OVERHEAD if p.pids else None, cpus=p.cpus))
             argv = prefix + build_runsc_argv(runsc, spec, scratch, bundle)
             log = scratch / "backend.log"
-            spawned = spawn_agent(argv, log=log, preexec_fn=cgroup.join_fn() if cgroup else None,
-                                  new_session=spec.persistent)
-            client = AgentClient.from_fds(spawned.read_fd, spawned.write_fd)
+            spawned = spawn_agent(argv, log=log, preexec_fn=cgroup.join_fn() if cgroup else None)
+            client = open_channel(spawned, control)
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
                               cgroup=cgroup, helpers=helpers)
@@ -123,23 +141,21 @@ class GVisorBackend(Backend):
             raise
 
 
-def _network_holder() -> tuple[subprocess.Popen[bytes], list[str]]:
+def _network_holder() -> subprocess.Popen[bytes]:
     """A process that owns a fresh network namespace for slirp4netns and runsc to share.
 
-    runsc reads the interfaces of the namespace it starts in, so slirp must have set up
-    tap0 there before runsc starts.
+    runsc copies the interfaces of the namespace named in the OCI spec when it starts, so
+    slirp must have set up tap0 there first.
     """
-    unshare, nsenter = shutil.which("unshare"), shutil.which("nsenter")
-    if unshare is None or nsenter is None:
-        raise BackendUnavailable("gvisor egress networking needs unshare and nsenter (util-linux)")
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise BackendUnavailable("gvisor egress networking needs unshare (util-linux)")
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     holder = subprocess.Popen(
         [unshare, *user, "--net", "--", "sleep", "infinity"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    enter = [nsenter, f"--target={holder.pid}", "--net"]
-    if user:
-        enter += ["--user", "--preserve-credentials"]
     # Wait until the holder is inside its namespace before anyone joins it.
     own = os.readlink("/proc/self/ns/net")
     for _ in range(1000):
@@ -151,7 +167,18 @@ def _network_holder() -> tuple[subprocess.Popen[bytes], list[str]]:
         if holder.poll() is not None:
             raise SandboxError("could not create a network namespace for the gvisor sandbox")
         os.sched_yield()
-    return holder, [*enter, "--"]
+    return holder
+
+
+def _enter_netns(pid: int) -> list[str]:
+    """argv prefix that runs runsc inside the holder's network namespace."""
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise BackendUnavailable("gvisor egress networking needs nsenter (util-linux)")
+    argv = [nsenter, f"--target={pid}", "--net"]
+    if os.geteuid() != 0:
+        argv += ["--user", "--preserve-credentials"]
+    return [*argv, "--"]
 
 
 def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
@@ -172,7 +199,8 @@ def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
 
 
 def build_oci_config(
-    spec: SandboxSpec, agent: str, *, resolv: str | None, seccomp: dict[str, Any]
+    spec: SandboxSpec, agent: str, *, resolv: str | None, bpf: str,
+    control: str | None = None,
 ) -> dict[str, Any]:
     """The OCI runtime spec for `spec`: the agent is the container's only process."""
     p = spec.profile
@@ -215,32 +243,50 @@ def build_oci_config(
     if p.mount_home and spec.home is not None:
         mounts.append({"destination": "/home/user", "type": "bind", "source": str(spec.home),
                        "options": ["rbind", "ro"]})
+    args = [AGENT_PATH]
+    if p.pids:
+        # The agent sets up a pids cgroup inside gVisor with CAP_SYS_ADMIN, then drops
+        # every capability before serving.
+        args += ["--pids-max", str(p.pids)]
+    # The same seccomp program as on the namespaces backend, installed by the agent itself
+    # (gVisor implements seccomp for its tasks) after its set-up mounts are done.
+    mounts.append({"destination": SECCOMP_PATH, "type": "bind", "source": bpf,
+                   "options": ["rbind", "ro"], "_file": True})
+    args += ["--drop-caps", "--seccomp", SECCOMP_PATH]
+    if control is not None:
+        mounts.append({"destination": CONTROL_PATH, "type": "bind", "source": control,
+                       "options": ["rbind", "rw"]})
+        args += ["--listen", f"{CONTROL_PATH}/agent.sock"]
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
-    if p.network != "host":
+    if p.network == "none":
         namespaces.append({"type": "network"})
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
-            "args": [AGENT_PATH],
+            "args": args,
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
-            "capabilities": {k: [] for k in
-                             ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "capabilities": {k: (list(SETUP_CAPS) if p.pids and k != "ambient" else [])
+                             for k in ("bounding", "effective", "inheritable", "permitted",
+                                       "ambient")},
             "noNewPrivileges": True,
         },
         "root": {"path": "rootfs", "readonly": not p.root_writable},
         "hostname": spec.hostname,
         "mounts": mounts,
-        "linux": {"namespaces": namespaces, "seccomp": seccomp},
+        "linux": {"namespaces": namespaces},
         "_symlinks": symlinks,
     }
 
 
 def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path) -> list[str]:
     p = spec.profile
-    network = {"host": "host", "egress": "sandbox", "none": "none"}[p.network]
+    # Egress uses runsc's host mode *inside a private netns served by slirp4netns*: this
+    # runsc's own netstack (`sandbox`) refuses to start on kernels where every netns has
+    # /proc/sys/net/core/rmem_default (it mistakes them for the root netns).
+    network = {"host": "host", "egress": "host", "none": "none"}[p.network]
     if p.workspace == "cow":
         overlay = "all:memory"
     elif p.root_writable:
@@ -249,9 +295,11 @@ def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path)
         overlay = "none"
     argv = [runsc, f"--root={scratch / 'state'}", f"--platform={platform()}",
             f"--network={network}", f"--overlay2={overlay}", "--ignore-cgroups",
-            "--oci-seccomp"]
+]
     if os.geteuid() != 0:
         argv.append("--rootless")
+    if spec.persistent:
+        argv.append("--host-uds=create")  # the agent's control socket lives on the host
     return [*argv, "run", f"--bundle={bundle}", _container_id(spec.name)]
 
 

@@ -11,7 +11,15 @@ from functools import lru_cache
 
 from ..errors import BackendUnavailable, SandboxError
 from ..sandbox import Sandbox, SandboxSpec, close_fds
-from .base import Backend, Probe, make_scratch, spawn_agent, startup_failure
+from .base import (
+    Backend,
+    Probe,
+    control_dir,
+    make_scratch,
+    open_channel,
+    spawn_agent,
+    startup_failure,
+)
 
 AGENT_DIR = "/run/ak"  # where the agent and its seccomp program appear inside
 OVERLAY_DIR = "/run/ak/ov"  # tmpfs-backed upper/work dirs of the copy-on-write layers
@@ -54,7 +62,6 @@ class NamespacesBackend(Backend):
         return Probe(True, f"{bwrap} works (user, pid, mount, ipc, uts, net, cgroup namespaces)")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
-        from ..agent.client import AgentClient
         from ..cgroups import Cgroup, Limits
         from ..network import start_slirp, write_resolv_conf
         from ..paths import native_binary
@@ -75,18 +82,19 @@ class NamespacesBackend(Backend):
                 pids=p.pids, cpus=p.cpus))
             resolv = write_resolv_conf(scratch) if p.network == "egress" else None
             info_r, info_w = os.pipe() if p.network == "egress" else (-1, -1)
+            control = control_dir(scratch) if spec.persistent else None
             argv = build_bwrap_argv(bwrap, spec, str(agent), str(bpf),
-                                    resolv=str(resolv) if resolv else None, info_fd=info_w)
+                                    resolv=str(resolv) if resolv else None, info_fd=info_w,
+                                    control=str(control) if control else None)
             log = scratch / "backend.log"
             try:
                 spawned = spawn_agent(
                     argv, log=log, pass_fds=(info_w,) if info_w >= 0 else (),
                     preexec_fn=cgroup.join_fn() if cgroup else None,
-                    new_session=spec.persistent,
                 )
             finally:
                 close_fds(info_w)
-            client = AgentClient.from_fds(spawned.read_fd, spawned.write_fd)
+            client = open_channel(spawned, control)
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
                               cgroup=cgroup)
@@ -130,7 +138,8 @@ def _read_child_pid(fd: int) -> int | None:
 
 
 def build_bwrap_argv(
-    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int
+    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
+    control: str | None = None,
 ) -> list[str]:
     """The full bwrap command line for `spec`. Pure: no I/O, easy to inspect in tests."""
     p = spec.profile
@@ -179,6 +188,9 @@ def build_bwrap_argv(
     if not cow_root:
         argv += ["--remount-ro", "/"]
     agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
+    if control is not None:
+        argv += ["--bind", control, f"{AGENT_DIR}/ctl"]
+        agent_argv += ["--listen", f"{AGENT_DIR}/ctl/agent.sock"]
     argv += ["--chdir", "/", "--", *agent_argv]
     return argv
 

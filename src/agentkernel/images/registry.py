@@ -1,0 +1,556 @@
+"""A client for the OCI distribution API: auth, manifests, platform selection and blob download."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import platform as _platform
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
+
+from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference
+
+if TYPE_CHECKING:
+    import urllib3
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+_ACCEPT = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_CHUNK = 1 << 20
+MIRROR_ENV = "AGENTKERNEL_REGISTRY_MIRROR"
+CA_ENV = "AGENTKERNEL_REGISTRY_CA"
+
+# A progress callback: (digest, bytes done, bytes total).
+Progress = Callable[[str, int, int], None]
+
+
+class RegistryError(Exception):
+    """Talking to a registry failed; ``registry`` is the host that failed."""
+
+    def __init__(self, registry: str, reason: str, *, not_found: bool = False) -> None:
+        super().__init__(f"{registry}: {reason}")
+        self.registry = registry
+        self.reason = reason
+        self.not_found = not_found
+
+
+@dataclass(frozen=True)
+class Platform:
+    """An OCI platform (os/architecture[/variant])."""
+
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    _ARCH = {
+        "x86_64": ("amd64", None), "amd64": ("amd64", None), "aarch64": ("arm64", "v8"),
+        "arm64": ("arm64", "v8"), "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"),
+        "i386": ("386", None), "i686": ("386", None), "ppc64le": ("ppc64le", None),
+        "s390x": ("s390x", None), "riscv64": ("riscv64", None),
+    }
+
+    @classmethod
+    def host(cls) -> Platform:
+        arch, variant = cls._ARCH.get(_platform.machine().lower(), (_platform.machine(), None))
+        return cls("linux", arch, variant)
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        """``linux/arm64``, ``linux/arm/v7`` or just ``arm64`` (os defaults to linux)."""
+        parts = text.strip().split("/")
+        if len(parts) == 1:
+            parts = ["linux", *parts]
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(f"bad platform {text!r} (want OS/ARCH[/VARIANT])")
+        arch, variant = cls._ARCH.get(parts[1], (parts[1], None))
+        return cls(parts[0], arch, parts[2] if len(parts) == 3 else variant)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+    def score(self, entry: dict[str, Any]) -> int:
+        """0 = no match; higher = better match for an index entry's ``platform``."""
+        if entry.get("os") != self.os or entry.get("architecture") != self.architecture:
+            return 0
+        variant = entry.get("variant")
+        if self.architecture == "arm64" and variant is None:
+            variant = "v8"  # arm64 without a variant means v8
+        if self.variant is None or variant == self.variant:
+            return 2
+        return 0 if self.architecture != "arm64" else 1
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A content descriptor from a manifest or index."""
+
+    media_type: str
+    digest: str
+    size: int
+    platform: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, what: str) -> Descriptor:
+        if not isinstance(data, dict):
+            raise ValueError(f"{what} is not an object")
+        digest, size = data.get("digest"), data.get("size")
+        if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
+            raise ValueError(f"{what} has an unsupported digest {digest!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"{what} has a bad size {size!r}")
+        plat = data.get("platform")
+        return cls(str(data.get("mediaType", "")), digest, size,
+                   plat if isinstance(plat, dict) else None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to send API calls for one registry: scheme + host[:port] (+ path prefix)."""
+
+    host: str
+    scheme: str = "https"
+    prefix: str = ""
+
+    @property
+    def base(self) -> str:
+        return f"{self.scheme}://{self.host}{self.prefix}"
+
+
+@dataclass
+class RegistryOptions:
+    """How to reach registries: default registry, mirrors, insecure hosts, credentials, TLS."""
+
+    default_registry: str = DOCKER_HUB
+    # "HOST[:PORT][/PREFIX]" mirrors Docker Hub; "REGISTRY=HOST…" mirrors that registry,
+    # "*=HOST…" every registry. Tried in order before the registry itself.
+    mirrors: list[str] = field(default_factory=list)
+    insecure: frozenset[str] = frozenset()
+    credentials: dict[str, tuple[str, str]] = field(default_factory=dict)
+    docker_config: Path | None = None
+    ca_file: str | None = None
+    platform: Platform | None = None
+    timeout: float = 60.0
+    retries: int = 4
+    parallel: int = 4
+    max_manifest_bytes: int = 4 << 20
+    max_config_bytes: int = 16 << 20
+    max_blob_bytes: int = 64 << 30
+
+    @classmethod
+    def from_config(cls, config: Any = None) -> RegistryOptions:
+        """Options from an agentkernel Config (``[images]``) plus the environment."""
+        images = getattr(config, "images", None)
+        opts = cls()
+        if images is not None:
+            opts.default_registry = images.registry or DOCKER_HUB
+            opts.mirrors = list(images.mirrors)
+            opts.insecure = frozenset(images.insecure_registries)
+            # Not (yet) in the schema; extra keys are kept by the config model.
+            auths = getattr(images, "auths", None) or {}
+            for host, entry in dict(auths).items():
+                if isinstance(entry, dict) and "username" in entry:
+                    opts.credentials[str(host)] = (str(entry["username"]),
+                                                   str(entry.get("password", "")))
+            ca = getattr(images, "ca_file", None)
+            if isinstance(ca, str):
+                opts.ca_file = ca
+        env = os.environ.get(MIRROR_ENV, "")
+        opts.mirrors = [m.strip() for m in env.split(",") if m.strip()] + opts.mirrors
+        opts.ca_file = os.environ.get(CA_ENV) or opts.ca_file
+        return opts
+
+
+def _host_of(url_or_host: str) -> str:
+    text = url_or_host.strip()
+    if "://" in text:
+        text = urlsplit(text).netloc
+    return text.split("/", 1)[0].lower()
+
+
+def _hub_alias(host: str) -> str:
+    return DOCKER_HUB if host in ("index.docker.io", DOCKER_HUB_API, DOCKER_HUB) else host
+
+
+def load_docker_credentials(path: Path | None = None) -> dict[str, tuple[str, str]]:
+    """``auths`` of ``~/.docker/config.json`` (or $DOCKER_CONFIG) as host → (user, password)."""
+    if path is None:
+        base = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
+        path = Path(base) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    auths = data.get("auths") if isinstance(data, dict) else None
+    for key, entry in (auths or {}).items():
+        if not isinstance(entry, dict):
+            continue
+        user, pw = entry.get("username"), entry.get("password")
+        if isinstance(entry.get("auth"), str) and entry["auth"]:
+            try:
+                user, _, pw = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                continue
+        if isinstance(user, str) and isinstance(pw, str):
+            out[_hub_alias(_host_of(key))] = (user, pw)
+    return out
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {k.lower(): v for k, v in re.findall(r'(\w+)="?([^",]*)"?', rest)}
+    return scheme.lower(), params
+
+
+@dataclass
+class Resolved:
+    """A reference resolved to one platform's manifest."""
+
+    endpoint: Endpoint
+    digest: str  # what the reference points at (an index or a manifest)
+    manifest_digest: str
+    manifest: dict[str, Any]
+    config: Descriptor
+    layers: list[Descriptor]
+    platform: str | None
+    bodies: dict[str, bytes]  # digest → raw index/manifest bytes, to keep in the store
+
+
+class RegistryClient:
+    """Thread-safe: one connection pool, shared token cache."""
+
+    def __init__(self, options: RegistryOptions | None = None) -> None:
+        import urllib3
+
+        self.options = options or RegistryOptions()
+        ctx = ssl.create_default_context()
+        if self.options.ca_file:
+            ctx.load_verify_locations(cafile=self.options.ca_file)
+        self._pool = urllib3.PoolManager(
+            num_pools=16, maxsize=max(4, self.options.parallel), ssl_context=ctx,
+            timeout=urllib3.Timeout(connect=10.0, read=self.options.timeout),
+        )
+        self._creds = load_docker_credentials(self.options.docker_config)
+        self._creds.update({_hub_alias(_host_of(h)): c
+                            for h, c in self.options.credentials.items()})
+        self._auth: dict[tuple[str, str], str] = {}  # (host, repo) → Authorization value
+        self._lock = threading.Lock()
+
+    # -- endpoints ---------------------------------------------------------------------
+
+    def _endpoint(self, spec: str) -> Endpoint:
+        text = spec.strip().rstrip("/")
+        scheme = None
+        if "://" in text:
+            scheme, text = text.split("://", 1)
+        host, _, prefix = text.partition("/")
+        host = host.lower()
+        insecure = host in self.options.insecure or _hub_alias(host) in self.options.insecure
+        if scheme == "http" and not insecure:
+            raise RegistryError(host, "plain HTTP is only used for registries named insecure")
+        return Endpoint(DOCKER_HUB_API if host == DOCKER_HUB else host,
+                        "http" if insecure else "https", f"/{prefix}" if prefix else "")
+
+    def endpoints(self, ref: Reference) -> list[Endpoint]:
+        """Mirrors that apply to ``ref``'s registry, in order, then the registry itself."""
+        out: list[Endpoint] = []
+        for spec in self.options.mirrors:
+            target, sep, where = spec.partition("=")
+            if not sep:
+                target, where = DOCKER_HUB, spec
+            if target.strip() in ("*", ref.registry) or _hub_alias(target.strip()) == ref.registry:
+                out.append(self._endpoint(where))
+        out.append(self._endpoint(ref.registry))
+        return out
+
+    # -- HTTP + auth -------------------------------------------------------------------
+
+    def _request(
+        self, ep: Endpoint, method: str, path: str, repo: str,
+        headers: dict[str, str] | None = None,
+    ) -> urllib3.BaseHTTPResponse:
+        import urllib3
+
+        hdrs = dict(headers or {})
+        key = (ep.host, repo)
+        for attempt in range(2):
+            with self._lock:
+                auth = self._auth.get(key)
+            if auth:
+                hdrs["Authorization"] = auth
+            try:
+                resp = self._pool.request(
+                    method, ep.base + path, headers=hdrs, preload_content=False,
+                    decode_content=False,
+                    retries=urllib3.Retry(total=8, connect=0, read=0, status=0, other=0,
+                                          redirect=5),
+                )
+            except urllib3.exceptions.SSLError as exc:
+                raise RegistryError(ep.host, f"TLS error: {_short(exc)}") from None
+            except urllib3.exceptions.HTTPError as exc:
+                raise RegistryError(ep.host, f"cannot connect: {_short(exc)}") from None
+            if resp.status != 401 or attempt:
+                return resp
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            resp.drain_conn()
+            resp.release_conn()
+            new = self._authenticate(ep, repo, challenge)
+            with self._lock:
+                self._auth[key] = new
+        raise AssertionError("unreachable")
+
+    def _authenticate(self, ep: Endpoint, repo: str, challenge: str) -> str:
+        import urllib3
+
+        scheme, params = _parse_challenge(challenge)
+        creds = self._creds.get(_hub_alias(ep.host))
+        basic = ("Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+                 if creds else None)
+        if scheme == "basic":
+            if basic is None:
+                raise RegistryError(ep.host, "authentication required and no credentials "
+                                    "configured (docker login or [images] auths)")
+            return basic
+        if scheme != "bearer" or "realm" not in params:
+            raise RegistryError(ep.host, f"unsupported authentication challenge {challenge!r}")
+        realm = params["realm"]
+        rhost = _host_of(realm)
+        if not realm.startswith("https://") and not (
+            ep.scheme == "http" or rhost in self.options.insecure
+        ):
+            raise RegistryError(ep.host, f"token realm {realm} is not HTTPS")
+        query = {"scope": params.get("scope") or f"repository:{repo}:pull"}
+        if params.get("service"):
+            query["service"] = params["service"]
+        hdrs = {"Authorization": basic} if basic else {}
+        try:
+            resp = self._pool.request("GET", realm + ("&" if "?" in realm else "?")
+                                      + urlencode(query), headers=hdrs,
+                                      retries=urllib3.Retry(total=3, redirect=3))
+        except urllib3.exceptions.HTTPError as exc:
+            raise RegistryError(rhost, f"token request failed: {_short(exc)}") from None
+        if resp.status in (401, 403):
+            raise RegistryError(ep.host, "token request denied (bad or missing credentials)")
+        if resp.status != 200:
+            raise RegistryError(rhost, f"token request answered HTTP {resp.status}")
+        try:
+            data = json.loads(resp.data[: 1 << 20])
+            token = data.get("token") or data.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(rhost, "token response has no token")
+        return f"Bearer {token}"
+
+    # -- manifests ---------------------------------------------------------------------
+
+    def _get_manifest(self, ep: Endpoint, ref: Reference, which: str) -> tuple[bytes, str, str]:
+        resp = self._request(ep, "GET", f"/v2/{ref.repository}/manifests/{which}",
+                             ref.repository, {"Accept": _ACCEPT})
+        try:
+            if resp.status == 404:
+                raise RegistryError(ep.host, f"manifest {which} not found", not_found=True)
+            if resp.status in (401, 403):
+                raise RegistryError(ep.host, f"access denied (HTTP {resp.status})")
+            if resp.status != 200:
+                raise RegistryError(ep.host, f"manifest {which}: HTTP {resp.status}")
+            body = _read_limited(resp, self.options.max_manifest_bytes, ep.host, "manifest")
+        finally:
+            resp.release_conn()
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if which.startswith("sha256:") and digest != which:
+            raise RegistryError(ep.host, f"manifest digest mismatch: asked {which}, got {digest}")
+        mtype = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        return body, mtype, digest
+
+    def resolve(self, ref: Reference, platform: Platform | None = None) -> Resolved:
+        """Find ``ref``'s manifest for ``platform`` on the first endpoint that has it."""
+        want = platform or self.options.platform or Platform.host()
+        errors: list[RegistryError] = []
+        for ep in self.endpoints(ref):
+            try:
+                return self._resolve_at(ep, ref, want)
+            except RegistryError as exc:
+                errors.append(exc)
+        # The registry's own answer is the most telling; mirrors come first in the list.
+        raise errors[-1] if len(errors) == 1 else RegistryError(
+            errors[-1].registry,
+            "; ".join(f"{e.registry}: {e.reason}" for e in errors[:-1])
+            + f"; {errors[-1].reason}",
+            not_found=all(e.not_found for e in errors),
+        )
+
+    def _resolve_at(self, ep: Endpoint, ref: Reference, want: Platform) -> Resolved:
+        bodies: dict[str, bytes] = {}
+        body, mtype, top = self._get_manifest(ep, ref, ref.reference)
+        digest = top
+        chosen: str | None = None
+        for _depth in range(3):  # an index may (rarely) point at another index
+            bodies[digest] = body
+            doc = _json(body, ep.host, "manifest")
+            mtype = str(doc.get("mediaType") or mtype)
+            if mtype in INDEX_TYPES or (not mtype and "manifests" in doc):
+                entry = self._pick(ep, doc, want)
+                chosen = str(want)
+                body, mtype, digest = self._get_manifest(ep, ref, entry.digest)
+                if digest != entry.digest:
+                    raise RegistryError(ep.host, f"manifest digest mismatch for {entry.digest}")
+                continue
+            if mtype not in MANIFEST_TYPES and not (not mtype and "layers" in doc):
+                raise RegistryError(ep.host, f"unsupported manifest type {mtype or '?'!r}")
+            try:
+                config = Descriptor.from_json(doc.get("config"), "config")
+                layers = [Descriptor.from_json(d, f"layer {i}")
+                          for i, d in enumerate(doc.get("layers") or [])]
+            except ValueError as exc:
+                raise RegistryError(ep.host, f"bad manifest: {exc}") from None
+            if config.size > self.options.max_config_bytes:
+                raise RegistryError(ep.host, f"config declares {config.size} bytes")
+            for layer in layers:
+                if layer.size > self.options.max_blob_bytes:
+                    raise RegistryError(ep.host, f"layer {layer.digest} declares {layer.size} "
+                                        f"bytes (limit {self.options.max_blob_bytes})")
+                if "encrypted" in layer.media_type:
+                    raise RegistryError(ep.host, f"encrypted layer {layer.digest}")
+            return Resolved(ep, top, digest, doc, config, layers, chosen, bodies)
+        raise RegistryError(ep.host, "index nesting too deep")
+
+    @staticmethod
+    def _pick(ep: Endpoint, index: dict[str, Any], want: Platform) -> Descriptor:
+        best: tuple[int, Descriptor] | None = None
+        seen: list[str] = []
+        for i, raw in enumerate(index.get("manifests") or []):
+            try:
+                desc = Descriptor.from_json(raw, f"index entry {i}")
+            except ValueError:
+                continue
+            plat = desc.platform or {}
+            if plat.get("os") and plat.get("os") != "unknown":
+                seen.append("/".join(str(plat.get(k)) for k in ("os", "architecture", "variant")
+                                     if plat.get(k)))
+            score = want.score(plat)
+            if score and (best is None or score > best[0]):
+                best = (score, desc)
+        if best is None:
+            raise RegistryError(ep.host, f"no manifest for platform {want} "
+                                f"(index has: {', '.join(seen) or 'none'})", not_found=True)
+        return best[1]
+
+    # -- blobs -------------------------------------------------------------------------
+
+    def fetch_blob(
+        self, ep: Endpoint, repo: str, desc: Descriptor, dest: Path,
+        progress: Progress | None = None,
+    ) -> None:
+        """Download ``desc`` into ``dest``, resuming after a broken connection; verify it.
+
+        Raises RegistryError on a digest or size mismatch (``dest`` is then removed).
+        """
+        import urllib3
+
+        sha = hashlib.sha256()
+        got = 0
+        failures = 0
+        path = f"/v2/{repo}/blobs/{desc.digest}"
+        with dest.open("wb") as out:
+            while True:
+                hdrs = {"Range": f"bytes={got}-"} if got else {}
+                try:
+                    resp = self._request(ep, "GET", path, repo, hdrs)
+                    try:
+                        if resp.status == 404:
+                            raise RegistryError(ep.host, f"blob {desc.digest} not found",
+                                                not_found=True)
+                        if got and resp.status == 200:  # no Range support: start over
+                            out.seek(0)
+                            out.truncate()
+                            sha, got = hashlib.sha256(), 0
+                        elif resp.status not in (200, 206) or (resp.status == 206 and not got):
+                            raise RegistryError(ep.host, f"blob {desc.digest}: HTTP {resp.status}")
+                        for chunk in resp.stream(_CHUNK):
+                            got += len(chunk)
+                            if got > desc.size:
+                                raise RegistryError(ep.host, f"blob {desc.digest} is larger than "
+                                                    f"its declared {desc.size} bytes")
+                            sha.update(chunk)
+                            out.write(chunk)
+                            if progress:
+                                progress(desc.digest, got, desc.size)
+                    finally:
+                        resp.release_conn()
+                    if got < desc.size:
+                        raise urllib3.exceptions.ProtocolError("connection closed early")
+                    break
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    failures += 1
+                    if failures > self.options.retries:
+                        raise RegistryError(ep.host, f"download of {desc.digest} failed after "
+                                            f"{failures} attempts: {_short(exc)}") from None
+                    time.sleep(min(0.2 * 2**failures, 5.0))
+                except RegistryError as exc:
+                    # A connection error surfacing from _request is worth a retry too.
+                    retryable = exc.reason.startswith("cannot connect")
+                    if not retryable or failures >= self.options.retries:
+                        raise
+                    failures += 1
+                    time.sleep(min(0.2 * 2**failures, 5.0))
+        digest = "sha256:" + sha.hexdigest()
+        if got != desc.size or digest != desc.digest:
+            raise RegistryError(ep.host, f"blob {desc.digest} failed verification "
+                                f"(got {digest}, {got} of {desc.size} bytes)")
+
+    def fetch_small_blob(self, ep: Endpoint, repo: str, desc: Descriptor, limit: int) -> bytes:
+        """A verified small blob (the image config) in memory."""
+        resp = self._request(ep, "GET", f"/v2/{repo}/blobs/{desc.digest}", repo)
+        try:
+            if resp.status != 200:
+                raise RegistryError(ep.host, f"blob {desc.digest}: HTTP {resp.status}",
+                                    not_found=resp.status == 404)
+            body = _read_limited(resp, min(limit, desc.size), ep.host, "config")
+        finally:
+            resp.release_conn()
+        if "sha256:" + hashlib.sha256(body).hexdigest() != desc.digest or len(body) != desc.size:
+            raise RegistryError(ep.host, f"blob {desc.digest} failed verification")
+        return body
+
+
+def _read_limited(resp: urllib3.BaseHTTPResponse, limit: int, host: str, what: str) -> bytes:
+    data = bytearray()
+    for chunk in resp.stream(64 << 10):
+        data += chunk
+        if len(data) > limit:
+            raise RegistryError(host, f"{what} larger than {limit} bytes")
+    return bytes(data)
+
+
+def _json(body: bytes, host: str, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise RegistryError(host, f"{what} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RegistryError(host, f"{what} is not a JSON object")
+    return doc
+
+
+def _short(exc: BaseException) -> str:
+    """One line: urllib3 nests the real cause deep inside a long message."""
+    text = str(getattr(exc, "reason", None) or exc)
+    return text.splitlines()[0][:200] if text else type(exc).__name__
