@@ -28,6 +28,11 @@
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <sys/reboot.h>
 
 #include "proto.h"
 
@@ -289,11 +294,14 @@ static void kill_all(int sig)
 			kill(-procs[i].pid, sig); /* after exit this still reaches leftover grandchildren */
 }
 
+static void vm_exit(void);
+
 static void terminate(int code)
 {
 	kill_all(SIGKILL);
 	if (getpid() == 1)
 		kill(-1, SIGKILL);
+	vm_exit();
 	exit(code);
 }
 
@@ -1376,6 +1384,28 @@ static void do_overlay(char *spec)
 		die("overlay on %s (%s): %s", parts[0], opts, strerror(errno));
 }
 
+/* Bind SRC read-only onto DST (created as an empty file or dir if missing). Runs after
+ * the overlays so that it lands on top of them (e.g. the sandbox's resolv.conf). */
+static void do_bind(char *spec)
+{
+	char *dst = strchr(spec, ':');
+	if (!dst || dst == spec || !dst[1] || strchr(dst + 1, ':'))
+		die("--bind wants SRC:DST, got %s", spec);
+	*dst++ = 0;
+	struct stat st;
+	if (stat(spec, &st) < 0)
+		die("--bind %s: %s", spec, strerror(errno));
+	if (access(dst, F_OK) < 0) {
+		int rc = S_ISDIR(st.st_mode) ? mkdir(dst, 0755)
+					     : close(open(dst, O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+		if (rc < 0)
+			die("--bind: create %s: %s", dst, strerror(errno));
+	}
+	if (mount(spec, dst, NULL, MS_BIND, NULL) < 0 ||
+	    mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
+		die("--bind %s:%s: %s", spec, dst, strerror(errno));
+}
+
 /* Hide a host path: an empty read-only tmpfs over a directory, /dev/null over anything
  * else. Runs after the overlays, so a path re-exposed through an overlay is masked too. */
 static void do_mask(const char *path)
@@ -1537,22 +1567,238 @@ static int open_vport(const char *name)
 	}
 }
 
+/* ---------- microVM guest setup (agent as /init in our initramfs) ---------- */
+
+static int vm_poweroff; /* --poweroff: as PID 1, end the VM instead of panicking the kernel */
+
+static void vm_exit(void)
+{
+	if (!vm_poweroff || getpid() != 1)
+		return;
+	sync();
+	/* A reset is what every VMM we use turns into its own exit (QEMU -no-reboot,
+	 * Firecracker's i8042 reset); a power-off needs ACPI that a microVM may lack. */
+	reboot(RB_AUTOBOOT);
+}
+
+static void vm_insmod(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("--insmod %s: %s", path, strerror(errno));
+	if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
+		die("--insmod %s: %s", path, strerror(errno));
+	close(fd);
+}
+
+/* The block device whose virtio serial is SERIAL (or a /dev path as given), waiting for
+ * the driver to publish it. */
+static void vm_find_disk(const char *serial, char *dev, size_t size)
+{
+	if (!strncmp(serial, "/dev/", 5)) {
+		snprintf(dev, size, "%s", serial);
+		return;
+	}
+	int64_t until = now_ms() + 10000;
+	for (;;) {
+		DIR *d = opendir("/sys/block");
+		struct dirent *de;
+		while (d && (de = readdir(d)) != NULL) {
+			if (de->d_name[0] == '.')
+				continue;
+			char p[512], buf[64];
+			snprintf(p, sizeof(p), "/sys/block/%s/serial", de->d_name);
+			int fd = open(p, O_RDONLY | O_CLOEXEC);
+			if (fd < 0)
+				continue;
+			ssize_t k = read(fd, buf, sizeof(buf) - 1);
+			close(fd);
+			if (k <= 0)
+				continue;
+			buf[k] = 0;
+			buf[strcspn(buf, "\n")] = 0;
+			if (!strcmp(buf, serial)) {
+				snprintf(dev, size, "/dev/%s", de->d_name);
+				closedir(d);
+				if (access(dev, F_OK) == 0)
+					return;
+				d = NULL;
+				break;
+			}
+		}
+		if (d)
+			closedir(d);
+		if (now_ms() > until)
+			die("disk with serial %s did not appear within 10 s", serial);
+		usleep(20000);
+	}
+}
+
+static void vm_move(const char *from, const char *to)
+{
+	if (mount(from, to, NULL, MS_MOVE, NULL) < 0)
+		die("move %s to %s: %s", from, to, strerror(errno));
+}
+
+/* Mount the root disk (read-only ext4), put a writable overlay on it when RW names a
+ * layer ("tmpfs" or a disk serial), move /dev /proc /sys in and make it the root. */
+static void vm_switch_root(const char *root, const char *rw)
+{
+	char dev[280];
+	const char *top = "/newroot";
+	vm_find_disk(root, dev, sizeof(dev));
+	if (rw) {
+		char rwdev[280];
+		mkdir_or_die("/ak/lower");
+		mkdir_or_die("/ak/rw");
+		if (mount(dev, "/ak/lower", "ext4", MS_RDONLY, "") < 0)
+			die("mount root %s: %s", dev, strerror(errno));
+		if (!strcmp(rw, "tmpfs")) {
+			if (mount("tmpfs", "/ak/rw", "tmpfs", 0, "mode=0755") < 0)
+				die("mount tmpfs layer: %s", strerror(errno));
+		} else {
+			vm_find_disk(rw, rwdev, sizeof(rwdev));
+			if (mount(rwdev, "/ak/rw", "ext4", MS_NOATIME, "") < 0)
+				die("mount writable layer %s: %s", rwdev, strerror(errno));
+		}
+		mkdir_or_die("/ak/rw/upper");
+		mkdir_or_die("/ak/rw/work");
+		mkdir_or_die(top);
+		if (mount("overlay", top, "overlay", 0,
+			  "lowerdir=/ak/lower,upperdir=/ak/rw/upper,workdir=/ak/rw/work") < 0)
+			die("overlay root: %s", strerror(errno));
+	} else {
+		mkdir_or_die(top);
+		if (mount(dev, top, "ext4", MS_RDONLY, "") < 0)
+			die("mount root %s: %s", dev, strerror(errno));
+	}
+	static const char *const moved[] = { "/dev", "/proc", "/sys" };
+	for (size_t i = 0; i < sizeof(moved) / sizeof(moved[0]); i++) {
+		char to[64];
+		snprintf(to, sizeof(to), "%s%s", top, moved[i]);
+		if (rw)
+			mkdir(to, 0755);
+		vm_move(moved[i], to);
+	}
+	if (chdir(top) < 0)
+		die("chdir %s: %s", top, strerror(errno));
+	vm_move(".", "/");
+	if (chroot(".") < 0 || chdir("/") < 0)
+		die("chroot: %s", strerror(errno));
+	if (access("/run", F_OK) == 0 &&
+	    mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0)
+		die("mount /run: %s", strerror(errno));
+}
+
+/* --disk SERIAL:TARGET:ro|rw: mount one more ext4 disk (the project copy) in the new root. */
+static void vm_disk(char *spec)
+{
+	char *target = strchr(spec, ':');
+	char *mode = target ? strchr(target + 1, ':') : NULL;
+	if (!target || !mode || (strcmp(mode + 1, "ro") && strcmp(mode + 1, "rw")))
+		die("--disk wants SERIAL:TARGET:ro|rw");
+	*target++ = 0;
+	*mode++ = 0;
+	char dev[280];
+	vm_find_disk(spec, dev, sizeof(dev));
+	mkdir_p(target, 0755);
+	if (mount(dev, target, "ext4", (!strcmp(mode, "ro") ? MS_RDONLY : 0) | MS_NOSUID | MS_NODEV, "") < 0)
+		die("mount %s on %s: %s", dev, target, strerror(errno));
+}
+
+static void vm_ifup(int s, const char *name)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", name);
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+		die("interface %s: %s", name, strerror(errno));
+	ifr.ifr_flags |= IFF_UP;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+		die("bring %s up: %s", name, strerror(errno));
+}
+
+static void vm_set_addr(int s, unsigned long req, const char *name, in_addr_t addr)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", name);
+	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	sin->sin_family = AF_INET;
+	sin->sin_addr.s_addr = addr;
+	if (ioctl(s, req, &ifr) < 0)
+		die("configure %s: %s", name, strerror(errno));
+}
+
+/* --net lo | ADDR/PREFIX,GATEWAY: bring up lo, and eth0 with a static address and route. */
+static void vm_net(const char *spec)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		die("socket: %s", strerror(errno));
+	vm_ifup(s, "lo");
+	if (strcmp(spec, "lo")) {
+		char buf[64], *slash, *comma;
+		snprintf(buf, sizeof(buf), "%s", spec);
+		slash = strchr(buf, '/');
+		comma = strchr(buf, ',');
+		if (!slash || !comma || comma < slash)
+			die("--net wants lo or ADDR/PREFIX,GATEWAY");
+		*slash++ = 0;
+		*comma++ = 0;
+		int prefix = atoi(slash);
+		struct in_addr addr, gw;
+		if (prefix < 1 || prefix > 32 || inet_pton(AF_INET, buf, &addr) != 1 ||
+		    inet_pton(AF_INET, comma, &gw) != 1)
+			die("--net: bad address %s", spec);
+		int64_t until = now_ms() + 5000;
+		while (if_nametoindex("eth0") == 0) {
+			if (now_ms() > until)
+				die("eth0 did not appear");
+			usleep(20000);
+		}
+		vm_set_addr(s, SIOCSIFADDR, "eth0", addr.s_addr);
+		vm_set_addr(s, SIOCSIFNETMASK, "eth0", htonl(prefix == 32 ? 0xffffffffu : ~(0xffffffffu >> prefix)));
+		vm_ifup(s, "eth0");
+		struct rtentry rt;
+		memset(&rt, 0, sizeof(rt));
+		struct sockaddr_in *dst = (struct sockaddr_in *)&rt.rt_dst;
+		struct sockaddr_in *mask = (struct sockaddr_in *)&rt.rt_genmask;
+		struct sockaddr_in *via = (struct sockaddr_in *)&rt.rt_gateway;
+		dst->sin_family = mask->sin_family = via->sin_family = AF_INET;
+		via->sin_addr = gw;
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+			die("default route: %s", strerror(errno));
+	}
+	close(s);
+}
+
 static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
-	    "  [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--mask PATH].. [--drop-caps]\n"
+	    "  [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST].. [--mask PATH]..\n"
+	    "  [--drop-caps]\n"
 	    "  [--pids-max N] [--seccomp FILE]\n"
+	    "  [--insmod FILE].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
+	    "  [--net lo|ADDR/PREFIX,GW] [--hostname NAME] [--poweroff]\n"
 	    "  [--fd N | --listen PATH | --connect PATH | --vport NAME]");
 }
 
 int main(int argc, char **argv)
 {
-	int m_proc = 0, m_sys = 0, m_dev = 0, m_tmp = 0, caps = 0, nov = 0, nmask = 0, chfd = -1;
+	int m_proc = 0, m_sys = 0, m_dev = 0, m_tmp = 0, caps = 0, nov = 0, nmask = 0, nbind = 0;
+	int chfd = -1;
 	const char *seccomp = NULL, *pids_max = NULL, *listen_path = NULL, *connect_path = NULL, *vport = NULL;
 	char **overlays = calloc((size_t)argc, sizeof(char *));
 	char **masks = calloc((size_t)argc, sizeof(char *));
+	char **binds = calloc((size_t)argc, sizeof(char *));
+	char **insmods = calloc((size_t)argc, sizeof(char *));
+	char **disks = calloc((size_t)argc, sizeof(char *));
+	int ninsmod = 0, ndisk = 0;
+	const char *vm_root = NULL, *vm_rw = NULL, *vm_netspec = NULL, *hostname = NULL;
 
-	if (!overlays || !masks)
+	if (!overlays || !masks || !binds || !insmods || !disks)
 		die("out of memory");
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
@@ -1565,9 +1811,17 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--mount-basics")) m_proc = m_sys = m_dev = m_tmp = 1, takes = 0;
 		else if (!strcmp(a, "--drop-caps")) caps = 1, takes = 0;
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
+		else if (!strcmp(a, "--poweroff")) vm_poweroff = 1, takes = 0;
 		else if (!val) usage();
 		else if (!strcmp(a, "--overlay")) overlays[nov++] = argv[i + 1];
 		else if (!strcmp(a, "--mask")) masks[nmask++] = argv[i + 1];
+		else if (!strcmp(a, "--bind")) binds[nbind++] = argv[i + 1];
+		else if (!strcmp(a, "--insmod")) insmods[ninsmod++] = argv[i + 1];
+		else if (!strcmp(a, "--disk")) disks[ndisk++] = argv[i + 1];
+		else if (!strcmp(a, "--root")) vm_root = val;
+		else if (!strcmp(a, "--rw")) vm_rw = val;
+		else if (!strcmp(a, "--net")) vm_netspec = val;
+		else if (!strcmp(a, "--hostname")) hostname = val;
 		else if (!strcmp(a, "--seccomp")) seccomp = val;
 		else if (!strcmp(a, "--pids-max")) pids_max = val;
 		else if (!strcmp(a, "--listen")) listen_path = val;
@@ -1593,10 +1847,26 @@ int main(int argc, char **argv)
 	if (m_proc) do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 	if (m_sys) do_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 	if (m_dev) mount_dev();
+	/* microVM guest: modules, then the root disk becomes / (with /dev, /proc, /sys). */
+	for (int i = 0; i < ninsmod; i++)
+		vm_insmod(insmods[i]);
+	free(insmods);
+	if (vm_root)
+		vm_switch_root(vm_root, vm_rw);
+	for (int i = 0; i < ndisk; i++)
+		vm_disk(disks[i]);
+	free(disks);
+	if (vm_netspec)
+		vm_net(vm_netspec);
+	if (hostname && sethostname(hostname, strlen(hostname)) < 0)
+		die("sethostname: %s", strerror(errno));
 	if (m_tmp) do_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
 	for (int i = 0; i < nov; i++)
 		do_overlay(overlays[i]);
 	free(overlays);
+	for (int i = 0; i < nbind; i++)
+		do_bind(binds[i]);
+	free(binds);
 	for (int i = 0; i < nmask; i++)
 		do_mask(masks[i]);
 	free(masks);

@@ -78,13 +78,21 @@ def netns_host() -> Iterator[NetnsHost]:
         run("ip", "netns", "exec", ns, "ip", "link", "set", peer_if, "up")
         run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
         server = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c",
-             "import socket\n"
-             "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-             "s.bind(('10.213.77.2', 18080)); s.listen(16)\n"
-             "while True:\n"
-             "    c,_=s.accept(); c.sendall(b'test-host-hello\\n'); c.close()\n"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-c",
+                "import socket\n"
+                "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                "s.bind(('10.213.77.2', 18080)); s.listen(16)\n"
+                "while True:\n"
+                "    c,_=s.accept(); c.sendall(b'test-host-hello\\n'); c.close()\n",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             for _ in range(100):

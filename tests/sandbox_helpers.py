@@ -23,18 +23,29 @@ class Result:
     stderr: str
 
 
-def ak(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-       input: bytes | None = None, timeout: float = 120) -> Result:
+def ak(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    input: bytes | None = None,
+    timeout: float = 120,
+) -> Result:
     """Run the real `agentkernel` CLI in a subprocess."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "agentkernel", *args], cwd=cwd, env=full_env,
-        input=input, capture_output=True, timeout=timeout, check=False,
+        [sys.executable, "-m", "agentkernel", *args],
+        cwd=cwd,
+        env=full_env,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
         stdin=None if input is not None else subprocess.DEVNULL,
     )
-    return Result(proc.returncode, proc.stdout.decode(errors="replace"),
-                  proc.stderr.decode(errors="replace"))
+    return Result(
+        proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    )
 
 
 @dataclass

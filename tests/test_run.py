@@ -16,47 +16,77 @@ from sandbox_helpers import ak
 
 
 def test_hello(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "--", "python3", "-c", "print('Hello from sandbox!')",
-           cwd=project)
+    r = ak(
+        "run",
+        "-B",
+        backend,
+        "-i",
+        "host",
+        "--",
+        "python3",
+        "-c",
+        "print('Hello from sandbox!')",
+        cwd=project,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "Hello from sandbox!\n"
 
 
 def test_exit_code_passes_through(backend: str, project: Path) -> None:
-    assert ak("run", "-B", backend, "--", "sh", "-c", "exit 42", cwd=project).returncode == 42
-    assert ak("run", "-B", backend, "--", "false", cwd=project).returncode == 1
+    assert (
+        ak("run", "-B", backend, "-i", "host", "--", "sh", "-c", "exit 42", cwd=project).returncode
+        == 42
+    )
+    assert ak("run", "-B", backend, "-i", "host", "--", "false", cwd=project).returncode == 1
 
 
 def test_signal_exit_is_128_plus_n(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "--", "sh", "-c", "kill -TERM $$", cwd=project)
+    r = ak("run", "-B", backend, "-i", "host", "--", "sh", "-c", "kill -TERM $$", cwd=project)
     assert r.returncode == 128 + signal.SIGTERM
 
 
 def test_stdout_and_stderr_are_separate(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "--", "sh", "-c", "echo out; echo err >&2", cwd=project)
+    r = ak(
+        "run", "-B", backend, "-i", "host", "--", "sh", "-c", "echo out; echo err >&2", cwd=project
+    )
     assert r.stdout == "out\n"
     assert r.stderr == "err\n"
 
 
 def test_not_found_is_127_and_not_executable_126(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "--", "no-such-command-xyz", cwd=project)
+    r = ak("run", "-B", backend, "-i", "host", "--", "no-such-command-xyz", cwd=project)
     assert r.returncode == 127
     assert "no-such-command-xyz" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = ak("run", "-B", backend, "--", "/etc/hostname", cwd=project)
+    r = ak("run", "-B", backend, "-i", "host", "--", "/etc/hostname", cwd=project)
     assert r.returncode == 126
 
 
 def test_project_visible_at_workspace(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "--", "sh", "-c", "pwd; cat hello.txt", cwd=project)
+    r = ak("run", "-B", backend, "-i", "host", "--", "sh", "-c", "pwd; cat hello.txt", cwd=project)
     assert r.stdout == "/workspace\nhello from the host\n", r.stderr
 
 
 def test_output_is_streamed_live(backend: str, project: Path) -> None:
     """The first line arrives while the command is still running, not at exit."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "-B", backend, "--", "sh", "-c",
-         "echo first; sleep 3; echo second"],
-        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "agentkernel",
+            "run",
+            "-B",
+            backend,
+            "-i",
+            "host",
+            "--",
+            "sh",
+            "-c",
+            "echo first; sleep 3; echo second",
+        ],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()
@@ -68,14 +98,40 @@ def test_output_is_streamed_live(backend: str, project: Path) -> None:
 
 
 def test_stdin_is_forwarded(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "--", "sh", "-c", "tr a-z A-Z", cwd=project,
-           input=b"piped input\n")
+    r = ak(
+        "run",
+        "-B",
+        backend,
+        "-i",
+        "host",
+        "--",
+        "sh",
+        "-c",
+        "tr a-z A-Z",
+        cwd=project,
+        input=b"piped input\n",
+    )
     assert r.stdout == "PIPED INPUT\n"
 
 
 def test_env_workdir_and_json(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "-e", "GREETING=hi there", "--workdir", "/tmp", "--json", "--",
-           "sh", "-c", 'echo "$GREETING"; pwd; exit 3', cwd=project)
+    r = ak(
+        "run",
+        "-B",
+        backend,
+        "-i",
+        "host",
+        "-e",
+        "GREETING=hi there",
+        "--workdir",
+        "/tmp",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        'echo "$GREETING"; pwd; exit 3',
+        cwd=project,
+    )
     assert r.returncode == 3
     result = json.loads(r.stdout)
     assert result["stdout"] == "hi there\n/tmp\n"
@@ -86,14 +142,14 @@ def test_env_workdir_and_json(backend: str, project: Path) -> None:
 
 def test_timeout_kills_and_says_so(backend: str, project: Path) -> None:
     started = time.monotonic()
-    r = ak("run", "-B", backend, "--timeout", "1", "--", "sleep", "30", cwd=project)
+    r = ak("run", "-B", backend, "-i", "host", "--timeout", "1", "--", "sleep", "30", cwd=project)
     assert r.returncode == 124
     assert "timed out" in r.stderr
     assert time.monotonic() - started < 25
 
 
 def test_verbose_names_backend_and_isolation(backend: str, project: Path) -> None:
-    r = ak("run", "-v", "-B", backend, "--", "true", cwd=project)
+    r = ak("run", "-v", "-B", backend, "-i", "host", "--", "true", cwd=project)
     assert r.returncode == 0
     assert f"backend {backend}" in r.stderr
     assert "image python" not in r.stderr  # `true` is a shell-ish command: default image
@@ -110,9 +166,24 @@ def test_image_is_detected_and_reported(project: Path) -> None:
 
 def test_ctrl_c_reaches_the_command_and_cleans_up(backend: str, project: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "-B", backend, "--", "sh", "-c",
-         "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.1; done"],
-        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "agentkernel",
+            "run",
+            "-B",
+            backend,
+            "-i",
+            "host",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.1; done",
+        ],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
@@ -138,15 +209,20 @@ def test_bad_input_is_a_clear_error(project: Path) -> None:
 def test_no_sandbox_left_behind(backend: str, project: Path) -> None:
     from agentkernel.paths import runtime_dir
 
-    before = set(os.listdir(runtime_dir() / "sandboxes")) if (
-        runtime_dir() / "sandboxes").exists() else set()
-    ak("run", "-B", backend, "--", "true", cwd=project)
+    before = (
+        set(os.listdir(runtime_dir() / "sandboxes"))
+        if (runtime_dir() / "sandboxes").exists()
+        else set()
+    )
+    ak("run", "-B", backend, "-i", "host", "--", "true", cwd=project)
     after = set(os.listdir(runtime_dir() / "sandboxes"))
     assert after <= before
 
 
 @pytest.mark.parametrize("profile", ["permissive", "moderate", "restrictive"])
 def test_profiles_run(backend: str, project: Path, profile: str) -> None:
-    r = ak("run", "-B", backend, "-p", profile, "--", "sh", "-c", "echo ok", cwd=project)
+    r = ak(
+        "run", "-B", backend, "-i", "host", "-p", profile, "--", "sh", "-c", "echo ok", cwd=project
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "ok\n"

@@ -37,6 +37,23 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
 
 
+def _add_images_parser(sub: Any) -> None:
+    # Defined here, not in images/, so that building the parser imports nothing heavy.
+    p = sub.add_parser("images", help="pull, list, inspect and remove OCI images")
+    isub = p.add_subparsers(dest="images_cmd", metavar="SUBCOMMAND", required=True)
+    pl = isub.add_parser("pull", help="pull an image into the local store")
+    pl.add_argument("image")
+    pl.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this host)")
+    pl.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    ls = isub.add_parser("list", aliases=["ls"], help="list pulled images")
+    ls.add_argument("--json", action="store_true")
+    ins = isub.add_parser("inspect", help="show an image's digests, layers and config")
+    ins.add_argument("image")
+    rm = isub.add_parser("remove", aliases=["rm"], help="forget images (then prune frees space)")
+    rm.add_argument("images", nargs="+")
+    isub.add_parser("prune", help="free blobs and layers no image uses")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentkernel",
@@ -51,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-n", "--name", help="sandbox name (default: this directory's name)")
     i.add_argument("-a", "--agent", default="claude", help="preferred agent (default: claude)")
     i.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
+    _add_images_parser(sub)
     r = sub.add_parser("remove", aliases=["rm"], help="remove a kept sandbox")
     r.add_argument("names", nargs="+")
     sub.add_parser("list", aliases=["ls"], help="list kept sandboxes")
@@ -68,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             return doctor(as_json=args.json)
         if args.cmd == "init":
             return cmd_init(args)
+        if args.cmd == "images":
+            from .engine import RunRequest, load_configs
+            from .images.cli import main as images_main
+
+            config, _, warnings = load_configs(RunRequest(argv=[], cwd=Path.cwd()))
+            for warning in warnings:
+                print(f"agentkernel: warning: {warning}", file=sys.stderr)
+            return images_main(args, config)
         if args.cmd in ("remove", "rm"):
             from .persist import remove_kept
 
@@ -112,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_path=args.config, forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
     )
     started = time.monotonic()
-    plan_ = plan(req)
+    plan_ = plan(req, quiet=args.quiet)
 
     def say(msg: str) -> None:
         if not args.quiet:
@@ -123,8 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = plan_.spec
     if args.verbose:
         say(f"backend {plan_.backend.name}: {plan_.backend.isolation}")
-        say(f"image {spec.image} ({plan_.image_reason}); rootfs: host userland, read-only "
-            "(OCI images are not supported yet)")
+        say(f"image {spec.image} ({plan_.image_reason}); rootfs: {plan_.rootfs_note}")
         p = spec.profile
         say(f"profile {p.name}: network={p.network} workspace={p.workspace} "
             f"memory={p.memory_mb or 'unlimited'}MiB pids={p.pids or 'unlimited'} "
@@ -135,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out: BinaryIO = captured_out if args.json else sys.stdout.buffer
     err: BinaryIO = captured_err if args.json else sys.stderr.buffer
     stdin = sys.stdin.buffer if req.forward_stdin and not args.json else None
-    sandbox, outcome = execute(plan_, command, timeout=req.timeout, stdout=out, stderr=err,
+    sandbox, outcome = execute(plan_, plan_.argv, timeout=req.timeout, stdout=out, stderr=err,
                                stdin=stdin)
     try:
         for note in sandbox.notes:
@@ -158,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "signal": outcome.status.signal, "timed_out": outcome.status.timed_out,
             "message": outcome.message, "backend": plan_.backend.name,
             "isolation": plan_.backend.isolation, "image": spec.image,
+            "rootfs": plan_.rootfs_note,
             "profile": spec.profile.name, "sandbox": spec.name, "kept": args.keep,
             "duration_ms": round((time.monotonic() - started) * 1000, 1),
         }

@@ -275,11 +275,18 @@ class EnterpriseSection(_Section):
     org_id: str | None = None
 
 
+class RegistryAuth(_Section):
+    username: str
+    password: str = Field(default="", repr=False)
+
+
 class ImagesSection(_Section):
     registry: str | None = None
     mirrors: list[str] = Field(default_factory=list)
     insecure_registries: list[str] = Field(default_factory=list)
     offline_fallback: Literal["host", "none"] = "host"
+    auths: dict[str, RegistryAuth] = Field(default_factory=dict)
+    ca_file: str | None = None
 
 
 class MicrovmSection(_Section):

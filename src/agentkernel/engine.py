@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import ConfigError, ProtocolError, UsageError
+from .errors import ConfigError, NotFound, ProtocolError, UsageError
 from .profiles import PASS_ENV_KEYS, Profile, get_profile
 
 if TYPE_CHECKING:
     from .agent.client import Execution, ExitStatus
     from .backends import Backend
     from .config import Config
+    from .images import ImageConfig
+    from .rootfs import HostRootfs
     from .sandbox import Sandbox, SandboxSpec
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -57,6 +59,8 @@ class Plan:
     env: dict[str, str]
     cwd: str
     warnings: list[str]
+    argv: list[str]  # what runs: the image's entrypoint, if any, then the command
+    rootfs_note: str  # e.g. "image docker.io/library/alpine:3.20 (sha256:…)"
 
 
 @dataclass
@@ -117,17 +121,45 @@ def resolve_profile(req: RunRequest, config: Config | None) -> Profile:
     )
 
 
-def plan(req: RunRequest) -> Plan:
+HOST_IMAGE = "host"  # the pseudo image: the host's userland, read-only, no registry involved
+
+
+def resolve_rootfs(image: str, config: Config | None, quiet: bool) -> tuple[HostRootfs,
+                                                                          ImageConfig | None, str]:
+    """The root filesystem for `image`: cached, pulled, or (when allowed) the host's.
+
+    Returns the rootfs, the image's config (None for the host rootfs) and a one-line
+    description for `-v`. A fallback to the host is announced on stderr, never silent.
+    """
+    from .rootfs import host_rootfs, tree_rootfs
+
+    if image == HOST_IMAGE:
+        return host_rootfs(), None, "host userland, read-only (--image host)"
+    from .images import ImageError, ensure
+
+    try:
+        img = ensure(image, config=config, progress=not quiet)
+    except (ImageError, NotFound) as exc:
+        fallback = config.images.offline_fallback if config is not None else "host"
+        if fallback != "host":
+            raise ImageError(f"{exc.message} (offline_fallback = \"none\")") from None
+        print(f"agentkernel: {exc.message}; running on the host's userland instead "
+              '(offline_fallback = "host")', file=sys.stderr)
+        return host_rootfs(), None, "host userland, read-only (image unavailable)"
+    root = img.rootfs_dir()
+    return tree_rootfs(root, img.ref), img.config, f"image {img.ref} ({img.manifest_digest[:19]})"
+
+
+def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     """Decide image, profile, backend and environment; nothing is started yet."""
     from .backends import choose_backend
     from .detect import resolve_run_image, validate_image_ref
-    from .rootfs import host_rootfs
     from .sandbox import SandboxSpec
 
     if not req.argv:
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     config, config_source, warnings = load_configs(req)
-    if req.image:
+    if req.image and req.image != HOST_IMAGE:
         validate_image_ref(req.image)
     cfg_image = config.image if config is not None else None
     image, reason = resolve_run_image(
@@ -138,15 +170,18 @@ def plan(req: RunRequest) -> Plan:
     profile = resolve_profile(req, config)
     backend_name = req.backend or (config.sandbox.backend if config is not None else None) or "auto"
     backend = choose_backend(backend_name)
+    rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
     name = f"run-{secrets.token_hex(4)}"
     home = Path(os.path.expanduser("~"))
     spec = SandboxSpec(
-        name=name, profile=profile, rootfs=host_rootfs(), image=image,
+        name=name, profile=profile, rootfs=rootfs, image=image,
         workspace=req.cwd if profile.workspace != "none" else None,
         home=home if home.is_dir() else None, persistent=req.keep,
     )
-    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8",
-           "AGENTKERNEL_SANDBOX": name}
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+    if image_config is not None:
+        env.update(image_config.env_dict())  # the image's PATH and friends win over ours
+    env["AGENTKERNEL_SANDBOX"] = name
     if profile.pass_env:
         for key in PASS_ENV_KEYS:
             if key in os.environ:
@@ -154,11 +189,14 @@ def plan(req: RunRequest) -> Plan:
         if profile.mount_home and spec.home is not None:
             env["HOME"] = "/home/user"  # where the host home is mounted
     env.update(parse_env(req.env))
-    cwd = req.workdir or ("/workspace" if spec.workspace is not None else "/root")
+    image_cwd = image_config.working_dir if image_config is not None else ""
+    cwd = req.workdir or ("/workspace" if spec.workspace is not None else image_cwd or "/root")
     if not cwd.startswith("/"):
         raise UsageError(f"--workdir must be an absolute path inside the sandbox, got {cwd!r}")
+    # As `docker run IMAGE CMD`: the image's entrypoint, if any, runs the command.
+    argv = [*(image_config.entrypoint or []), *req.argv] if image_config else list(req.argv)
     return Plan(spec=spec, backend=backend, image_reason=reason, env=env, cwd=cwd,
-                warnings=warnings)
+                warnings=warnings, argv=argv, rootfs_note=rootfs_note)
 
 
 def execute(

@@ -1,4 +1,4 @@
-"""The `host` root filesystem: the host's userland, read-only, with its secrets masked."""
+"""Root filesystems: the host's userland (secrets masked) or an image's tree, as read-only binds."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import stat
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 # Top-level host paths that make up a userland. /home, /root, /opt, /srv, /var and
@@ -23,14 +24,26 @@ ALWAYS_MASKED = (
 
 MountKind = Literal["ro-bind", "symlink"]
 
+# Top-level names the backends mount themselves; an image's own copies are not bound.
+BACKEND_MOUNTS = frozenset({"proc", "sys", "dev", "tmp", "run"})
+
 
 @dataclass(frozen=True)
 class HostEntry:
-    """One top-level piece of the host userland: a read-only bind or a symlink."""
+    """One top-level piece of the root: a read-only bind of `source` at `path`, or a symlink."""
 
     kind: MountKind
     path: str
     target: str = ""  # symlink target
+    source: str = ""  # what is bound at `path` (defaults to `path` itself: the host's)
+
+    @property
+    def src(self) -> str:
+        return self.source or self.path
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "ro-bind" and os.path.isdir(self.src)
 
 
 @dataclass(frozen=True)
@@ -43,14 +56,11 @@ class Mask:
 
 @dataclass(frozen=True)
 class HostRootfs:
-    """Everything a backend needs to assemble the `host` rootfs."""
+    """Everything a backend needs to assemble a root filesystem from read-only pieces."""
 
     entries: tuple[HostEntry, ...]
     masks: tuple[Mask, ...]
-
-    @property
-    def name(self) -> str:
-        return "host"
+    name: str = "host"  # "host", or the image reference it was made from
 
 
 def _secret_entries(root: str) -> list[Mask]:
@@ -109,3 +119,17 @@ def host_rootfs() -> HostRootfs:
             continue
         kept.append(mask)
     return HostRootfs(tuple(entries), tuple(kept))
+
+
+def tree_rootfs(root: Path, name: str) -> HostRootfs:
+    """Describe a private tree (an image's composed rootfs) by its top-level entries."""
+    entries: list[HostEntry] = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name in BACKEND_MOUNTS:
+            continue
+        path = "/" + entry.name
+        if entry.is_symlink():
+            entries.append(HostEntry("symlink", path, os.readlink(entry.path)))
+        elif entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+            entries.append(HostEntry("ro-bind", path, source=entry.path))
+    return HostRootfs(tuple(entries), (), name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -447,6 +446,7 @@ def test_remove_and_prune(plain_registry: Registry, pusher: Pusher, store: Store
 
 def test_cli_functions(tls_registry: TlsRegistry, tmp_path: Path,
                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from agentkernel.cli import build_parser
     from agentkernel.images import cli
 
     reg = tls_registry.registry
@@ -458,8 +458,7 @@ def test_cli_functions(tls_registry: TlsRegistry, tmp_path: Path,
     monkeypatch.setenv("AGENTKERNEL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     monkeypatch.setenv("AGENTKERNEL_REGISTRY_CA", str(tls_registry.ca))
-    parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers(dest="cmd"))
+    parser = build_parser()
     ref = f"{reg.host}/test/cli:1"
 
     def run(*argv: str) -> str:

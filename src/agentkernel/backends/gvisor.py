@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, SandboxError
+from ..profiles import Profile
 from ..sandbox import Sandbox, SandboxSpec
 from .base import (
     Backend,
@@ -222,8 +223,11 @@ def build_oci_config(
         if entry.kind == "symlink":
             symlinks.append((entry.path, entry.target))
         else:
-            mounts.append({"destination": entry.path, "type": "bind", "source": entry.path,
-                           "options": ["rbind", "ro"]})
+            # Under the sandbox-wide memory overlay (moderate) writes never reach the host, so
+            # the userland is writable like the namespaces backend's overlays; else ro.
+            mounts.append({"destination": entry.path, "type": "bind", "source": entry.src,
+                           "options": ["rbind", "rw" if _overlay_mode(p) == "all:memory" else "ro"],
+                           **({} if entry.is_dir else {"_file": True})})
     for mask in spec.rootfs.masks:
         if mask.is_dir:
             mounts.append({"destination": mask.path, "type": "tmpfs", "source": "tmpfs",
@@ -287,12 +291,7 @@ def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path)
     # runsc's own netstack (`sandbox`) refuses to start on kernels where every netns has
     # /proc/sys/net/core/rmem_default (it mistakes them for the root netns).
     network = {"host": "host", "egress": "host", "none": "none"}[p.network]
-    if p.workspace == "cow":
-        overlay = "all:memory"
-    elif p.root_writable:
-        overlay = "root:memory"
-    else:
-        overlay = "none"
+    overlay = _overlay_mode(p)
     argv = [runsc, f"--root={scratch / 'state'}", f"--platform={platform()}",
             f"--network={network}", f"--overlay2={overlay}", "--ignore-cgroups",
 ]
@@ -301,6 +300,13 @@ def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path)
     if spec.persistent:
         argv.append("--host-uds=create")  # the agent's control socket lives on the host
     return [*argv, "run", f"--bundle={bundle}", _container_id(spec.name)]
+
+
+def _overlay_mode(p: Profile) -> str:
+    """gVisor's memory overlay: everything (moderate), the root only (permissive), or none."""
+    if p.workspace == "cow" or (p.root_writable and p.workspace != "rw"):
+        return "all:memory"
+    return "root:memory" if p.root_writable else "none"
 
 
 def _container_id(name: str) -> str:

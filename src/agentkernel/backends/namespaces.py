@@ -153,16 +153,17 @@ def build_bwrap_argv(
         argv.append("--die-with-parent")
     if info_fd >= 0:
         argv += ["--info-fd", str(info_fd)]
+    tops = {e.path for e in spec.rootfs.entries}
     for entry in spec.rootfs.entries:
         if entry.kind == "symlink":
             argv += ["--symlink", entry.target, entry.path]
         else:
-            argv += ["--ro-bind", entry.path, entry.path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run",
-             "--dir", "/root", "--dir", "/home", "--dir", "/var/tmp",
-             "--ro-bind", agent, f"{AGENT_DIR}/agent", "--ro-bind", bpf, f"{AGENT_DIR}/seccomp.bpf"]
-    if resolv:
-        argv += ["--ro-bind", resolv, "/etc/resolv.conf"]
+            argv += ["--ro-bind", entry.src, entry.path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+    for path in ("/root", "/home", "/var/tmp"):
+        if "/" + path.split("/")[1] not in tops:  # the image brings its own
+            argv += ["--dir", path]
+    argv += ["--ro-bind", agent, f"{AGENT_DIR}/agent", "--ro-bind", bpf, f"{AGENT_DIR}/seccomp.bpf"]
     if spec.workspace is not None and p.workspace != "none":
         ws = str(spec.workspace)
         if p.workspace == "rw":
@@ -177,11 +178,15 @@ def build_bwrap_argv(
     # Overlays and masks need CAP_SYS_ADMIN in the sandbox's user namespace; the agent
     # does them, then drops every capability before it serves anything.
     if cow_root:
-        for top in ("/usr", "/etc"):
-            if any(e.path == top and e.kind == "ro-bind" for e in spec.rootfs.entries):
-                agent_argv += ["--overlay", _overlay(top, top)]
+        for entry in spec.rootfs.entries:
+            if entry.is_dir:
+                agent_argv += ["--overlay", _overlay(entry.path, entry.path)]
     if spec.workspace is not None and p.workspace == "cow":
         agent_argv += ["--overlay", _overlay("/workspace", WS_LOWER)]
+    if resolv:
+        # After the overlays, or the one over /etc would hide it.
+        argv += ["--ro-bind", resolv, f"{AGENT_DIR}/resolv.conf"]
+        agent_argv += ["--bind", f"{AGENT_DIR}/resolv.conf:/etc/resolv.conf"]
     for mask in spec.rootfs.masks:
         agent_argv += ["--mask", mask.path]
     argv += ["--cap-add", "CAP_SYS_ADMIN"]

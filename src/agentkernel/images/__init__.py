@@ -96,6 +96,10 @@ class Image:
         """True if ``layers`` can be overlay lowerdirs as they are (whiteouts materialised)."""
         return all(info.overlay_ready for info in self.layer_info())
 
+    def rootfs_dir(self, store: Store | None = None) -> Path:
+        """The image as one shared, read-only tree (composed once, cached in the store)."""
+        return (store or Store()).ensure_rootfs(self.manifest_digest, self.layers)
+
     def compose(self, dest: Path) -> None:
         """Copy the image into ``dest`` as one flat rootfs (the no-overlay fallback)."""
         compose(self.layers, dest)

@@ -91,32 +91,11 @@ class ProgressPrinter:
             self._draw(force=True)
 
 
-def add_parser(sub: Any) -> None:
-    """Add the `images` command and its subcommands to an argparse subparsers object."""
-    p = sub.add_parser("images", help="pull, list, inspect and remove OCI images")
-    isub = p.add_subparsers(dest="images_cmd", metavar="SUBCOMMAND", required=True)
-    pl = isub.add_parser("pull", help="pull an image into the local store")
-    pl.add_argument("image")
-    pl.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this host)")
-    pl.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    pl.set_defaults(images_func=cmd_pull)
-    ls = isub.add_parser("list", aliases=["ls"], help="list pulled images")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(images_func=cmd_list)
-    ins = isub.add_parser("inspect", help="show an image's digests, layers and config")
-    ins.add_argument("image")
-    ins.set_defaults(images_func=cmd_inspect)
-    rm = isub.add_parser("remove", aliases=["rm"], help="forget images (then prune frees space)")
-    rm.add_argument("images", nargs="+")
-    rm.set_defaults(images_func=cmd_remove)
-    pr = isub.add_parser("prune", help="free blobs and layers no image uses")
-    pr.set_defaults(images_func=cmd_prune)
-
-
 def main(args: argparse.Namespace, config: Any = None) -> int:
-    """Run the subcommand chosen by ``add_parser``; AgentKernelError propagates."""
-    code: int = args.images_func(args, config)
-    return code
+    """Run the subcommand the CLI parser chose (``args.images_cmd``); errors propagate."""
+    handlers = {"pull": cmd_pull, "list": cmd_list, "ls": cmd_list, "inspect": cmd_inspect,
+                "remove": cmd_remove, "rm": cmd_remove, "prune": cmd_prune}
+    return handlers[args.images_cmd](args, config)
 
 
 def cmd_pull(args: argparse.Namespace, config: Any = None) -> int:

@@ -162,12 +162,13 @@ class RegistryOptions:
             opts.default_registry = images.registry or DOCKER_HUB
             opts.mirrors = list(images.mirrors)
             opts.insecure = frozenset(images.insecure_registries)
-            # Not (yet) in the schema; extra keys are kept by the config model.
-            auths = getattr(images, "auths", None) or {}
-            for host, entry in dict(auths).items():
-                if isinstance(entry, dict) and "username" in entry:
-                    opts.credentials[str(host)] = (str(entry["username"]),
-                                                   str(entry.get("password", "")))
+            for host, entry in dict(getattr(images, "auths", None) or {}).items():
+                if isinstance(entry, dict):  # a plain mapping (tests, programmatic use)
+                    if "username" in entry:
+                        opts.credentials[str(host)] = (str(entry["username"]),
+                                                       str(entry.get("password", "")))
+                else:
+                    opts.credentials[str(host)] = (entry.username, entry.password)
             ca = getattr(images, "ca_file", None)
             if isinstance(ca, str):
                 opts.ca_file = ca

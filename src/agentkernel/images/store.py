@@ -214,6 +214,31 @@ class Store:
         except FileNotFoundError:
             return False
 
+    # -- flat root filesystems ---------------------------------------------------------
+
+    def ensure_rootfs(self, manifest_digest: str, layers: list[Path]) -> Path:
+        """The image's layers composed into one read-only tree, built once per manifest.
+
+        Sandboxes bind its top-level dirs read-only and put their own writable overlay on
+        top, so the tree is shared by every sandbox of the image and never written to.
+        """
+        final = self.root / "rootfs" / _hex(manifest_digest)
+        if final.is_dir():
+            return final
+        final.parent.mkdir(mode=0o700, exist_ok=True)
+        with self.lock("store", shared=True), self.lock(f"rootfs-{_hex(manifest_digest)}"):
+            if final.is_dir():
+                return final
+            tmp = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.root / "tmp"))
+            try:
+                from .unpack import compose
+
+                compose(layers, tmp / "root")
+                (tmp / "root").rename(final)
+            finally:
+                _rmtree(tmp)
+        return final
+
     # -- prune -------------------------------------------------------------------------
 
     def prune(self) -> int:
@@ -234,6 +259,11 @@ class Store:
                     _rmtree(path)
             for path in (self.root / "layers").iterdir():
                 if path.name not in layers:
+                    freed += _size_of(path)
+                    _rmtree(path)
+            rootfs = self.root / "rootfs"
+            for path in rootfs.iterdir() if rootfs.is_dir() else ():
+                if path.name not in blobs:  # named after the manifest digest
                     freed += _size_of(path)
                     _rmtree(path)
             # With the store lock held exclusively no pull is running: all of these are stale.

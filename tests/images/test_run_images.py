@@ -1,0 +1,164 @@
+"""`agentkernel run` on images pulled from a real local registry, on both backends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import LayerBuilder, Pusher, Registry, busybox_layer
+
+from agentkernel.images.store import Store
+
+BACKENDS = [b for b in ("namespaces", "gvisor")
+            if subprocess.run(["which", {"namespaces": "bwrap", "gvisor": "runsc"}[b]],
+                              capture_output=True, check=False).returncode == 0]
+PY_EXCLUDE = {"test", "__pycache__", "idlelib", "tkinter", "ensurepip", "lib2to3",
+              "pydoc_data", "dist-packages", "config-3.11-x86_64-linux-gnu", "turtledemo"}
+
+
+def python_layer() -> bytes:
+    """Debian's python3 from this host, with the libraries it links, as one layer."""
+    real = Path(os.path.realpath("/usr/bin/python3"))
+    b = LayerBuilder().dir("usr").dir("usr/bin").dir("usr/lib").dir("lib64")
+    b.file(f"usr/bin/{real.name}", real.read_bytes(), mode=0o755)
+    b.symlink("usr/bin/python3", real.name)
+    ldd = subprocess.run(["ldd", str(real)], capture_output=True, text=True, check=True).stdout
+    libdirs: set[str] = set()
+    for line in ldd.splitlines():
+        path = line.split("=>")[-1].split("(")[0].strip()
+        if not path.startswith("/"):
+            continue
+        target = Path(os.path.realpath(path))
+        dest = path.lstrip("/")
+        for parent in reversed(Path(dest).parents[:-1]):
+            if str(parent) not in libdirs and str(parent) not in ("usr", "usr/lib", "lib64"):
+                libdirs.add(str(parent))
+                b.dir(str(parent))
+        b.file(dest, target.read_bytes(), mode=0o755)
+    stdlib = Path("/usr/lib") / real.name
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in PY_EXCLUDE)
+        rel = Path(root).relative_to("/")
+        b.dir(str(rel))
+        for name in sorted(files):
+            path = Path(root, name)
+            if path.is_file() and not path.is_symlink():
+                b.file(str(rel / name), path.read_bytes())
+    return b.bytes()
+
+
+def marker(text: str) -> bytes:
+    return LayerBuilder().dir("etc").file("etc/ak-image", text.encode() + b"\n").bytes()
+
+
+@pytest.fixture(scope="module")
+def mirror(pusher: Pusher, plain_registry: Registry) -> Registry:
+    """The local registry as a Docker Hub mirror holding python, alpine (busybox) images."""
+    sh = busybox_layer()
+    pusher.image("library/alpine", "3.20", [sh, marker("alpine-image")],
+                 config={"Env": ["PATH=/bin:/usr/bin", "IMAGE_VAR=from-image"]})
+    pusher.image("library/python", "3.12-alpine", [sh, python_layer(), marker("python-image")],
+                 config={"Env": ["PATH=/usr/bin:/bin"]})
+    return plain_registry
+
+
+@pytest.fixture
+def env(tmp_path: Path, mirror: Registry) -> dict[str, str]:
+    """A private image store and the mirror, as a user would configure them."""
+    return {"AGENTKERNEL_HOME": str(tmp_path / "akhome"),
+            "AGENTKERNEL_REGISTRY_MIRROR": mirror.host}
+
+
+@pytest.fixture
+def project(tmp_path: Path, mirror: Registry) -> Path:
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "agentkernel.toml").write_text(
+        f'[images]\ninsecure_registries = ["{mirror.host}"]\n')
+    return proj
+
+
+def ak(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agentkernel", *args], cwd=cwd,
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=180, stdin=subprocess.DEVNULL, check=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_python_command_pulls_and_runs_python_image(backend: str, project: Path,
+                                                    env: dict[str, str]) -> None:
+    r = ak("run", "-v", "-B", backend, "--", "python3", "-c",
+           "print(open('/etc/ak-image').read().strip())", cwd=project, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "python-image\n"
+    assert "image python:3.12-alpine (detected from command 'python3')" in r.stderr
+    assert "rootfs: image docker.io/library/python:3.12-alpine" in r.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sh_runs_default_image_with_its_env(backend: str, project: Path,
+                                            env: dict[str, str]) -> None:
+    r = ak("run", "-B", backend, "--", "sh", "-c", 'cat /etc/ak-image; echo "$IMAGE_VAR"; pwd',
+           cwd=project, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "alpine-image\nfrom-image\n/workspace\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writes_stay_in_the_sandbox(backend: str, project: Path, env: dict[str, str]) -> None:
+    script = "echo changed > /etc/ak-image && cat /etc/ak-image && echo new > /bin/new"
+    r = ak("run", "-B", backend, "--", "sh", "-c", script, cwd=project, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "changed\n"
+    r = ak("run", "-B", backend, "--", "sh", "-c", "cat /etc/ak-image; ls /bin/new 2>&1; true",
+           cwd=project, env=env)
+    assert r.stdout.startswith("alpine-image\n")  # a fresh sandbox sees the pristine image
+    store = Store(Path(env["AGENTKERNEL_HOME"]) / "images")
+    for tree in (store.root / "rootfs").iterdir():
+        assert (tree / "etc/ak-image").read_text() == "alpine-image\n"
+        assert not (tree / "bin/new").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restrictive_keeps_image_read_only(backend: str, project: Path,
+                                           env: dict[str, str]) -> None:
+    r = ak("run", "-B", backend, "-p", "restrictive", "--", "sh", "-c",
+           "echo x > /etc/ak-image 2>/dev/null && echo wrote; echo x > /tmp/ok && echo tmp-ok",
+           cwd=project, env=env)
+    assert r.stdout == "tmp-ok\n", r.stderr
+
+
+def test_second_run_transfers_no_blob(project: Path, env: dict[str, str],
+                                      mirror: Registry) -> None:
+    assert ak("run", "-B", "namespaces", "--", "sh", "-c", ":", cwd=project,
+              env=env).returncode == 0
+    before = mirror.blob_gets()
+    r = ak("run", "-B", "namespaces", "--", "sh", "-c", "cat /etc/ak-image", cwd=project, env=env)
+    assert r.stdout == "alpine-image\n"
+    assert mirror.blob_gets() == before
+
+
+def test_unavailable_image_falls_back_to_host_and_says_so(project: Path,
+                                                          env: dict[str, str]) -> None:
+    r = ak("run", "-B", "namespaces", "-i", "nosuch/image:1", "--", "sh", "-c",
+           "test -e /etc/ak-image || echo host-rootfs", cwd=project, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "host-rootfs\n"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nosuch/image:1" in lines[0]
+    assert 'offline_fallback = "host"' in lines[0]
+
+
+def test_unavailable_image_without_fallback_is_exit_125(project: Path, env: dict[str, str],
+                                                        mirror: Registry) -> None:
+    (project / "agentkernel.toml").write_text(
+        f'[images]\ninsecure_registries = ["{mirror.host}"]\noffline_fallback = "none"\n')
+    r = ak("run", "-B", "namespaces", "-i", "nosuch/image:1", "--", "sh", "-c", ":",
+           cwd=project, env=env)
+    assert r.returncode == 125
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "nosuch/image:1" in lines[0] and mirror.host in lines[0]
