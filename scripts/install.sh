@@ -21,4 +21,7 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[dev]"
 make -s -C agent
+# Bytecode up front: an editable install never writes it when PYTHONDONTWRITEBYTECODE is set,
+# and recompiling on every CLI call costs more than a sandbox start.
+.venv/bin/python -m compileall -q src >/dev/null
 echo "agentkernel installed: $(.venv/bin/agentkernel --version)"

@@ -17,6 +17,24 @@ import pytest
 from sandbox_helpers import BACKENDS, NetnsHost, backend_available
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_agentkernel_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The suite's own data and runtime dirs: never the user's, and a daemon a test starts
+    is stopped at the end (its sandboxes with it)."""
+    root = tmp_path_factory.mktemp("agentkernel")
+    saved = {k: os.environ.get(k) for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR")}
+    os.environ["AGENTKERNEL_HOME"] = str(root / "home")
+    os.environ["AGENTKERNEL_RUNTIME_DIR"] = str(root / "run")
+    yield root
+    subprocess.run([sys.executable, "-m", "agentkernel", "daemon", "stop"],
+                   capture_output=True, timeout=60, check=False)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import sys
-import time
-from pathlib import Path
-from typing import Any, BinaryIO
 
 from . import __version__
+from .daemon.client import DaemonError
 from .errors import AgentKernelError, UsageError
+
+# The hot path (`run`/`exec` through the daemon) must not pay for argparse, typing or json.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any, BinaryIO
 
 
 def _add_run_parser(sub: Any) -> None:
+    import argparse
+
     p = sub.add_parser("run", help="run a command in a fresh sandbox",
                        description="Run COMMAND in a fresh isolated sandbox and remove it after.")
     p.add_argument("-i", "--image", help="image for the sandbox (default: auto-detected)")
@@ -28,7 +33,7 @@ def _add_run_parser(sub: Any) -> None:
                    help="keep the sandbox after the command (remove with `agentkernel remove`)")
     p.add_argument("-m", "--memory", help="memory limit, e.g. 512m or 2g")
     p.add_argument("--cpus", type=float, help="CPU limit in cores, e.g. 0.5")
-    p.add_argument("-c", "--config", type=Path, help="agentkernel.toml to use")
+    p.add_argument("-c", "--config", help="agentkernel.toml to use")
     p.add_argument("-q", "--quiet", action="store_true", help="no agentkernel messages")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="say which backend, isolation, image and profile the run got")
@@ -55,6 +60,8 @@ def _add_images_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="agentkernel",
         description="Run AI coding agents and untrusted code in isolated sandboxes.",
@@ -69,13 +76,86 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-a", "--agent", default="claude", help="preferred agent (default: claude)")
     i.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
     _add_images_parser(sub)
-    r = sub.add_parser("remove", aliases=["rm"], help="remove a kept sandbox")
-    r.add_argument("names", nargs="+")
-    sub.add_parser("list", aliases=["ls"], help="list kept sandboxes")
+    _add_sandbox_parsers(sub)
+    from .vm.setup import add_arguments as add_setup_arguments
+
+    sv = sub.add_parser("serve", help="serve the HTTP API of the agentkernel SDKs (runs the "
+                                      "daemon in the foreground)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (non-loopback needs AGENTKERNEL_API_KEY)")
+    sv.add_argument("--port", type=int, default=18888)
+    sv.add_argument("-c", "--config", help="daemon config (agentkernel.toml with [daemon])")
+    st = sub.add_parser("setup", help="prepare optional backends (the microVM guest kernel)")
+    st.add_argument("--microvm", action="store_true", required=True,
+                    help="fetch and prepare the guest kernel and initramfs for `microvm`")
+    add_setup_arguments(st)
     return parser
 
 
+def _add_sandbox_parsers(sub: Any) -> None:
+    """Persistent sandboxes and the daemon that owns them (see docs/daemon.md)."""
+    import argparse
+
+    c = sub.add_parser("create", help="create and start a persistent sandbox",
+                       description="Create a named sandbox that lives until removed.")
+    c.add_argument("name")
+    c.add_argument("-i", "--image", help="image (default: detected from --dir, else alpine)")
+    c.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
+    c.add_argument("-B", "--backend", help="isolation backend: auto, namespaces, gvisor")
+    c.add_argument("-d", "--dir", help="host project dir shown at /workspace")
+    c.add_argument("-m", "--memory", help="memory limit, e.g. 512m or 2g")
+    c.add_argument("--cpus", type=float, help="CPU limit in cores, e.g. 0.5")
+    c.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
+                   help="environment variable for every command in it (repeatable)")
+    c.add_argument("--ttl", help="remove it automatically after this long (30m, 1h, 2d)")
+    e = sub.add_parser("exec", help="run a command in a persistent sandbox",
+                       description="Run COMMAND in sandbox NAME; its exit code is ours.")
+    e.add_argument("name")
+    e.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL")
+    e.add_argument("-w", "--workdir", help="working directory inside the sandbox")
+    e.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    e.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
+    e.add_argument("--timeout", type=float, help="kill the command after SECONDS")
+    e.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    a = sub.add_parser("attach", help="interactive shell in a persistent sandbox")
+    a.add_argument("name")
+    a.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL")
+    cp = sub.add_parser("cp", help="copy a file into or out of a sandbox (NAME:/path)")
+    cp.add_argument("src")
+    cp.add_argument("dst")
+    ls = sub.add_parser("list", aliases=["ls"], help="list persistent sandboxes")
+    ls.add_argument("--json", action="store_true")
+    for cmd, what in (("start", "start stopped sandboxes (their files are kept)"),
+                      ("stop", "stop sandboxes, keeping their files"),
+                      ("remove", "remove sandboxes and everything they stored")):
+        p = sub.add_parser(cmd, aliases=["rm"] if cmd == "remove" else [], help=what)
+        p.add_argument("names", nargs="+", metavar="NAME")
+    d = sub.add_parser("daemon", help="the per-user daemon: start, stop, status")
+    dsub = d.add_subparsers(dest="daemon_cmd", metavar="SUBCOMMAND", required=True)
+    ds = dsub.add_parser("start", help="start the daemon (in the background)")
+    ds.add_argument("--foreground", action="store_true", help="run in this process")
+    ds.add_argument("-c", "--config", help="daemon config (default: "
+                    "~/.config/agentkernel/agentkernel.toml)")
+    dsub.add_parser("stop", help="stop the daemon (persistent sandboxes keep running)")
+    dst = dsub.add_parser("status", help="is it running, and its warm pools")
+    dst.add_argument("--json", action="store_true")
+
+
+_DAEMON_COMMANDS = {"create": "cmd_create", "exec": "cmd_exec", "attach": "cmd_attach",
+                    "cp": "cmd_cp", "list": "cmd_list", "ls": "cmd_list", "start": "cmd_start",
+                    "stop": "cmd_stop", "remove": "cmd_remove", "rm": "cmd_remove",
+                    "daemon": "cmd_daemon"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["run"] or raw[:1] == ["exec"]:
+        # Plain `run`/`exec` through a running daemon: parsed without argparse.
+        from .daemon.fastpath import fast_main
+
+        code = fast_main(raw)
+        if code is not None:
+            return code
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "run":
@@ -87,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "init":
             return cmd_init(args)
         if args.cmd == "images":
+            from pathlib import Path
+
             from .engine import RunRequest, load_configs
             from .images.cli import main as images_main
 
@@ -94,25 +176,24 @@ def main(argv: list[str] | None = None) -> int:
             for warning in warnings:
                 print(f"agentkernel: warning: {warning}", file=sys.stderr)
             return images_main(args, config)
-        if args.cmd in ("remove", "rm"):
-            from .persist import remove_kept
+        if args.cmd == "serve":
+            from .daemon.server import run_daemon
 
-            for name in args.names:
-                remove_kept(name)
-                print(f"Sandbox '{name}' removed.")
-            return 0
-        if args.cmd in ("list", "ls"):
-            from .persist import list_kept
+            return run_daemon(args.config, http=(args.host, args.port))
+        if args.cmd == "setup":
+            from .vm.setup import main as setup_main
 
-            rows = list_kept()
-            if not rows:
-                print("No sandboxes found.")
-            for row in rows:
-                print(f"{row['name']:<20} {row['status']:<10} {row['backend']:<12} {row['image']}")
-            return 0
+            return setup_main(args)
+        if args.cmd in _DAEMON_COMMANDS:
+            from .daemon import commands
+
+            return int(getattr(commands, _DAEMON_COMMANDS[args.cmd])(args))
         build_parser().print_help()
         return 2
     except AgentKernelError as exc:
+        print(f"agentkernel: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except DaemonError as exc:
         print(f"agentkernel: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -120,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .engine import RunRequest, execute, plan
-    from .profiles import parse_memory
-
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -130,12 +208,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
+    if args.keep or os.environ.get("AGENTKERNEL_NO_DAEMON", "") not in ("1", "true", "yes"):
+        # Through the daemon when one is up (warm pool); --keep starts one if needed.
+        from .daemon.commands import run_via_daemon
+
+        code = run_via_daemon(args, command, keep=args.keep)
+        if code is not None:
+            return code
+    return _run_in_process(args, command)
+
+
+def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from .engine import RunRequest, execute, plan
+    from .profiles import parse_memory
+
     req = RunRequest(
         argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
         backend=args.backend, no_network=args.no_network, env=args.env, workdir=args.workdir,
-        timeout=args.timeout, keep=args.keep,
+        timeout=args.timeout, keep=False,
         memory_mb=parse_memory(args.memory) if args.memory else None, cpus=args.cpus,
-        config_path=args.config, forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
+        config_path=Path(args.config) if args.config else None,
+        forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
     )
     started = time.monotonic()
     plan_ = plan(req, quiet=args.quiet)
@@ -165,14 +262,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         for note in sandbox.notes:
             say(f"note: {note}")
-        if args.keep:
-            from .persist import record_kept
-
-            record_kept(sandbox)
-            say(f"sandbox '{spec.name}' kept. Remove with: agentkernel remove {spec.name}")
     finally:
-        if not args.keep:
-            sandbox.destroy()
+        sandbox.destroy()
     if outcome.message:
         say(outcome.message)
     if args.json:
@@ -184,7 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "message": outcome.message, "backend": plan_.backend.name,
             "isolation": plan_.backend.isolation, "image": spec.image,
             "rootfs": plan_.rootfs_note,
-            "profile": spec.profile.name, "sandbox": spec.name, "kept": args.keep,
+            "profile": spec.profile.name, "sandbox": spec.name, "kept": False,
             "duration_ms": round((time.monotonic() - started) * 1000, 1),
         }
         print(json.dumps(result))
@@ -192,6 +283,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .config import render_init
     from .names import sanitize_sandbox_name, validate_sandbox_name
 

@@ -292,6 +292,38 @@ class ImagesSection(_Section):
 class MicrovmSection(_Section):
     allow_emulation: bool = False
     kernel: str | None = None
+    vmm: Literal["auto", "qemu", "firecracker"] = "auto"
+    boot_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+
+
+class PoolEntry(_Section):
+    """One warm-pool key; None means what a plain `run` would pick."""
+
+    image: str | None = None
+    profile: Literal["permissive", "moderate", "restrictive"] | None = None
+    backend: Literal["auto", "namespaces", "gvisor", "microvm"] | None = None
+    min: Annotated[int, Field(ge=0, le=64)] | None = None  # default: [daemon] pool_min
+    max: Annotated[int, Field(ge=0, le=256)] | None = None  # default: [daemon] pool_max
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, v: str | None) -> str | None:
+        if v is None or v == "host":  # "host": the host's userland, as `run --image host`
+            return v
+        return str(_usage_to_value(validate_image_ref, v))
+
+
+class DaemonSection(_Section):
+    """The per-user daemon (read from its own config file, see docs/daemon.md)."""
+
+    pool_min: Annotated[int, Field(ge=0, le=64)] = 2
+    pool_max: Annotated[int, Field(ge=0, le=256)] = 8
+    pools: list[PoolEntry] = Field(default_factory=lambda: [PoolEntry()])
+    # Keys nobody configured (e.g. a project dir) get this many warm sandboxes once used...
+    adhoc_min: Annotated[int, Field(ge=0, le=64)] = 1
+    # ...until they have been idle this long.
+    adhoc_idle_seconds: Annotated[float, Field(gt=0)] = 600.0
+    reaper_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
 
 
 class Config(_Section):
@@ -311,6 +343,7 @@ class Config(_Section):
     enterprise: EnterpriseSection = Field(default_factory=EnterpriseSection)
     images: ImagesSection = Field(default_factory=ImagesSection)
     microvm: MicrovmSection = Field(default_factory=MicrovmSection)
+    daemon: DaemonSection = Field(default_factory=DaemonSection)
 
     @property
     def image(self) -> str | None:

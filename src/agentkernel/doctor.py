@@ -34,7 +34,8 @@ def kvm_verdict() -> Check:
             modules = f.read()
     except OSError:
         pass
-    if "kvm_pvm" in modules:
+    # /proc/modules may be hidden in containers; /sys/module lists loaded modules too.
+    if "kvm_pvm" in modules or os.path.isdir("/sys/module/kvm_pvm"):
         return Check("kvm", False,
                      "/dev/kvm is PVM (module kvm_pvm): it runs only guests built for PVM, so a "
                      "standard guest kernel cannot boot; microVMs would need software emulation")
@@ -77,6 +78,9 @@ def gather() -> tuple[list[Check], list[Check], str]:
             host.append(Check(binary, True, str(native_binary(binary))))
         except AgentKernelError as exc:
             host.append(Check(binary, False, exc.message))
+    from .vm.settings import doctor_lines
+
+    host.extend(Check(name, ok, detail) for name, ok, detail in doctor_lines())
     ranked = sorted((c for c in backends if c.ok),
                     key=lambda c: -get_backend(c.name).strength)
     auto = ranked[0].name if ranked else "none"

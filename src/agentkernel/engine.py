@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -159,6 +158,10 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     if not req.argv:
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     config, config_source, warnings = load_configs(req)
+    if config is not None:
+        from .vm.settings import configure
+
+        configure(config.microvm)  # before `auto` decides whether a microVM may be chosen
     if req.image and req.image != HOST_IMAGE:
         validate_image_ref(req.image)
     cfg_image = config.image if config is not None else None
@@ -171,7 +174,7 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     backend_name = req.backend or (config.sandbox.backend if config is not None else None) or "auto"
     backend = choose_backend(backend_name)
     rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
-    name = f"run-{secrets.token_hex(4)}"
+    name = f"run-{os.urandom(4).hex()}"
     home = Path(os.path.expanduser("~"))
     spec = SandboxSpec(
         name=name, profile=profile, rootfs=rootfs, image=image,

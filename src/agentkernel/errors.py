@@ -74,6 +74,12 @@ class AgentRequestError(AgentKernelError):
         self.errno = errno
 
 
+class PathNotFound(AgentRequestError):
+    """A file or directory a request names does not exist inside the sandbox."""
+
+    http_status = 404
+
+
 class CommandNotFound(AgentRequestError):
     """The command to run does not exist inside the sandbox."""
 

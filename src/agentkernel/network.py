@@ -26,7 +26,9 @@ def write_resolv_conf(scratch: Path) -> Path:
     return path
 
 
-def start_slirp(target_pid: int, log: Path, *, timeout: float = 10.0) -> subprocess.Popen[bytes]:
+def start_slirp(
+    target_pid: int, log: Path, *, exit_fd: int, timeout: float = 10.0
+) -> subprocess.Popen[bytes]:
     """Attach slirp4netns to the network namespace of `target_pid` and wait until it is up.
 
     `--disable-host-loopback` is what keeps the host's 127.0.0.1 out of reach; the
@@ -43,9 +45,10 @@ def start_slirp(target_pid: int, log: Path, *, timeout: float = 10.0) -> subproc
     try:
         proc = subprocess.Popen(
             [binary, "--configure", "--mtu=65520", "--disable-host-loopback",
-             "--enable-seccomp", f"--ready-fd={ready_w}", str(target_pid), "tap0"],
+             "--enable-seccomp", f"--ready-fd={ready_w}", f"--exit-fd={exit_fd}",
+             str(target_pid), "tap0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
-            pass_fds=(ready_w,), close_fds=True,
+            pass_fds=(ready_w, exit_fd), close_fds=True,
             start_new_session=True,  # the terminal's Ctrl-C is for the command, not for us
         )
         os.close(ready_w)
@@ -63,3 +66,58 @@ def start_slirp(target_pid: int, log: Path, *, timeout: float = 10.0) -> subproc
         if ready_w >= 0:
             with contextlib.suppress(OSError):
                 os.close(ready_w)
+
+
+def lifeline() -> tuple[int, int]:
+    """A pipe whose write end the sandbox's main process holds: when that process ends, the
+    read end sees EOF and every helper tied to it (slirp4netns, a netns holder) exits too,
+    even if agentkernel itself was killed."""
+    return os.pipe()
+
+
+def netns_holder(lifeline_r: int) -> subprocess.Popen[bytes]:
+    """A process owning a fresh network namespace for slirp4netns and a VMM or runsc to
+    share; it lives exactly as long as the lifeline's write end stays open somewhere."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise BackendUnavailable("egress networking needs unshare (util-linux)")
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    holder = subprocess.Popen(
+        [unshare, *user, "--net", "--", "cat"],  # cat: reads the lifeline until EOF
+        stdin=lifeline_r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    # Wait until the holder is inside its namespace before anyone joins it.
+    own = os.readlink("/proc/self/ns/net")
+    for _ in range(10000):
+        try:
+            if os.readlink(f"/proc/{holder.pid}/ns/net") != own:
+                return holder
+        except OSError:
+            pass
+        if holder.poll() is not None:
+            break
+        os.sched_yield()
+    holder.kill()
+    holder.wait()
+    raise SandboxError("could not create a network namespace for the sandbox")
+
+
+def enter_netns(pid: int) -> list[str]:
+    """argv prefix that runs a command inside the network namespace of `pid`."""
+    nsenter = shutil.which("nsenter")
+    if nsenter is None:
+        raise BackendUnavailable("egress networking needs nsenter (util-linux)")
+    argv = [nsenter, f"--target={pid}", "--net"]
+    if os.geteuid() != 0:
+        argv += ["--user", "--preserve-credentials"]
+    return [*argv, "--"]
+
+
+def empty_netns_prefix() -> list[str]:
+    """argv prefix that runs a command in a new, empty network namespace (if possible)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return []
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return [unshare, *user, "--net", "--"]

@@ -59,8 +59,22 @@ class HostRootfs:
     """Everything a backend needs to assemble a root filesystem from read-only pieces."""
 
     entries: tuple[HostEntry, ...]
-    masks: tuple[Mask, ...]
+    masks: tuple[Mask, ...]  # fixed credential paths, always hidden
     name: str = "host"  # "host", or the image reference it was made from
+    # Dirs whose not-world-readable entries must be hidden too (found when the sandbox
+    # starts: the agent walks them in C; `private_masks()` is the Python equivalent).
+    private_dirs: tuple[str, ...] = ()
+
+    def private_masks(self) -> tuple[Mask, ...]:
+        """Every mask, the private dirs' walked ones included, nested ones dropped."""
+        found = {m.path: m for d in self.private_dirs for m in _secret_entries(d)}
+        for mask in self.masks:
+            found.setdefault(mask.path, mask)
+        kept: list[Mask] = []
+        for mask in sorted(found.values(), key=lambda m: m.path):
+            if not any(mask.path.startswith(k.path + "/") for k in kept if k.is_dir):
+                kept.append(mask)
+        return tuple(kept)
 
 
 def _secret_entries(root: str) -> list[Mask]:
@@ -96,7 +110,7 @@ def _secret_entries(root: str) -> list[Mask]:
 
 @lru_cache(maxsize=1)
 def host_rootfs() -> HostRootfs:
-    """Describe the host's userland as binds, symlinks and masks (computed once per process)."""
+    """Describe the host's userland as binds, symlinks and masks (cheap: no tree walk)."""
     entries: list[HostEntry] = []
     for path in USERLAND:
         try:
@@ -107,18 +121,9 @@ def host_rootfs() -> HostRootfs:
             entries.append(HostEntry("symlink", path, os.readlink(path)))
         elif stat.S_ISDIR(st.st_mode):
             entries.append(HostEntry("ro-bind", path))
-    masks = {m.path: m for m in _secret_entries("/etc")}
-    for path in ALWAYS_MASKED:
-        if path not in masks and os.path.lexists(path):
-            masks[path] = Mask(path, os.path.isdir(path) and not os.path.islink(path))
-    # Masks nested inside a masked directory are redundant (and would fail to mount).
-    ordered = sorted(masks.values(), key=lambda m: m.path)
-    kept: list[Mask] = []
-    for mask in ordered:
-        if any(mask.path.startswith(k.path + "/") for k in kept if k.is_dir):
-            continue
-        kept.append(mask)
-    return HostRootfs(tuple(entries), tuple(kept))
+    masks = tuple(Mask(path, os.path.isdir(path) and not os.path.islink(path))
+                  for path in ALWAYS_MASKED if os.path.lexists(path))
+    return HostRootfs(tuple(entries), masks, private_dirs=("/etc",))
 
 
 def tree_rootfs(root: Path, name: str) -> HostRootfs:

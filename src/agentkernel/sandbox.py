@@ -32,6 +32,9 @@ class SandboxSpec:
     home: Path | None = None  # host $HOME, shown read-only at /home/user when allowed
     hostname: str = "agentkernel"
     persistent: bool = False  # survive the process that started it
+    # Persistent sandboxes only: host dir that holds their writable layers, so that they
+    # survive a stop/start (namespaces backend; see daemon/manager.py).
+    state_dir: Path | None = None
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,39 +16,45 @@ from agentkernel.images.store import Store
 BACKENDS = [b for b in ("namespaces", "gvisor")
             if subprocess.run(["which", {"namespaces": "bwrap", "gvisor": "runsc"}[b]],
                               capture_output=True, check=False).returncode == 0]
+NODE = shutil.which("node")
 PY_EXCLUDE = {"test", "__pycache__", "idlelib", "tkinter", "ensurepip", "lib2to3",
               "pydoc_data", "dist-packages", "config-3.11-x86_64-linux-gnu", "turtledemo"}
 
 
-def python_layer() -> bytes:
-    """Debian's python3 from this host, with the libraries it links, as one layer."""
-    real = Path(os.path.realpath("/usr/bin/python3"))
+def program_layer(program: str, trees: tuple[Path, ...] = ()) -> bytes:
+    """A host program (e.g. Debian's python3) with the libraries it links, as one layer."""
+    real = Path(os.path.realpath(program))
     b = LayerBuilder().dir("usr").dir("usr/bin").dir("usr/lib").dir("lib64")
     b.file(f"usr/bin/{real.name}", real.read_bytes(), mode=0o755)
-    b.symlink("usr/bin/python3", real.name)
+    if Path(program).name != real.name:
+        b.symlink(f"usr/bin/{Path(program).name}", real.name)
     ldd = subprocess.run(["ldd", str(real)], capture_output=True, text=True, check=True).stdout
-    libdirs: set[str] = set()
+    made = {"usr", "usr/bin", "usr/lib", "lib64"}
     for line in ldd.splitlines():
         path = line.split("=>")[-1].split("(")[0].strip()
         if not path.startswith("/"):
             continue
-        target = Path(os.path.realpath(path))
         dest = path.lstrip("/")
         for parent in reversed(Path(dest).parents[:-1]):
-            if str(parent) not in libdirs and str(parent) not in ("usr", "usr/lib", "lib64"):
-                libdirs.add(str(parent))
+            if str(parent) not in made:
+                made.add(str(parent))
                 b.dir(str(parent))
-        b.file(dest, target.read_bytes(), mode=0o755)
-    stdlib = Path("/usr/lib") / real.name
-    for root, dirs, files in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d not in PY_EXCLUDE)
-        rel = Path(root).relative_to("/")
-        b.dir(str(rel))
-        for name in sorted(files):
-            path = Path(root, name)
-            if path.is_file() and not path.is_symlink():
-                b.file(str(rel / name), path.read_bytes())
+        b.file(dest, Path(os.path.realpath(path)).read_bytes(), mode=0o755)
+    for tree in trees:
+        for root, dirs, files in os.walk(tree):
+            dirs[:] = sorted(d for d in dirs if d not in PY_EXCLUDE)
+            rel = Path(root).relative_to("/")
+            b.dir(str(rel))
+            for name in sorted(files):
+                path = Path(root, name)
+                if path.is_file() and not path.is_symlink():
+                    b.file(str(rel / name), path.read_bytes())
     return b.bytes()
+
+
+def python_layer() -> bytes:
+    real = Path(os.path.realpath("/usr/bin/python3"))
+    return program_layer("/usr/bin/python3", (Path("/usr/lib") / real.name,))
 
 
 def marker(text: str) -> bytes:
@@ -62,6 +69,9 @@ def mirror(pusher: Pusher, plain_registry: Registry) -> Registry:
                  config={"Env": ["PATH=/bin:/usr/bin", "IMAGE_VAR=from-image"]})
     pusher.image("library/python", "3.12-alpine", [sh, python_layer(), marker("python-image")],
                  config={"Env": ["PATH=/usr/bin:/bin"]})
+    if NODE:  # node:22-alpine from this host's node binary (a 100 MB layer: uncompressed)
+        pusher.image("library/node", "22-alpine", [sh, program_layer(NODE), marker("node-image")],
+                     compression="none", config={"Env": ["PATH=/usr/bin:/bin"]})
     return plain_registry
 
 
@@ -96,6 +106,16 @@ def test_python_command_pulls_and_runs_python_image(backend: str, project: Path,
     assert r.stdout == "python-image\n"
     assert "image python:3.12-alpine (detected from command 'python3')" in r.stderr
     assert "rootfs: image docker.io/library/python:3.12-alpine" in r.stderr
+
+
+@pytest.mark.skipif(NODE is None, reason="no node binary on this host to build a node image")
+def test_node_command_pulls_and_runs_node_image(project: Path, env: dict[str, str]) -> None:
+    r = ak("run", "-v", "-B", "namespaces", "--", "node", "-e",
+           "console.log(require('fs').readFileSync('/etc/ak-image', 'utf8').trim())",
+           cwd=project, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "node-image\n"
+    assert "image node:22-alpine (detected from command 'node')" in r.stderr
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, BinaryIO, cast
 
-from ..errors import AgentRequestError, CommandNotExecutable, CommandNotFound, ProtocolError
+from ..errors import (
+    AgentRequestError,
+    CommandNotExecutable,
+    CommandNotFound,
+    PathNotFound,
+    ProtocolError,
+)
 from .protocol import (
     FILE_CHUNK,
     FILE_TYPES,
@@ -125,7 +131,8 @@ def _error_fields(frame: Frame) -> tuple[int, str, str | None]:
 
 def _request_error(frame: Frame, context: str) -> AgentRequestError:
     err, msg, _ = _error_fields(frame)
-    return AgentRequestError(f"{context}: {msg}", err)
+    cls = PathNotFound if err == errno_mod.ENOENT else AgentRequestError
+    return cls(f"{context}: {msg}", err)
 
 
 def _unexpected(frame: Frame, context: str) -> ProtocolError:

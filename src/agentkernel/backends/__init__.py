@@ -19,10 +19,9 @@ def get_backend(name: str) -> Backend:
 
         return GVisorBackend()
     if key == "microvm":
-        raise BackendUnavailable(
-            "the microvm backend is not available yet: this build has no microVM support "
-            "(see `agentkernel doctor`)"
-        )
+        from .microvm import MicrovmBackend
+
+        return MicrovmBackend()
     raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}")
 
 
@@ -35,6 +34,9 @@ def choose_backend(name: str) -> Backend:
             raise BackendUnavailable(f"backend {backend.name!r} is not available: {probe.detail}")
         return backend
     reasons = []
+    microvm = _auto_microvm()
+    if microvm is not None:
+        return microvm
     for candidate in ("gvisor", "namespaces"):
         backend = get_backend(candidate)
         probe = backend.probe()
@@ -42,6 +44,26 @@ def choose_backend(name: str) -> Backend:
             return backend
         reasons.append(f"{candidate}: {probe.detail}")
     raise BackendUnavailable("no isolation backend works on this host: " + "; ".join(reasons))
+
+
+def _auto_microvm() -> Backend | None:
+    """`auto` takes a microVM only when KVM really boots guests here, or when the config
+    allows emulation; the latter is announced on stderr, as it costs seconds per sandbox."""
+    from ..vm.settings import current
+
+    if current().vmm == "none":
+        return None
+    backend = get_backend("microvm")
+    probe = backend.probe()
+    if not probe.ok:
+        return None
+    if "TCG" in backend.isolation:
+        import sys
+
+        print("agentkernel: auto picked the microvm backend under software emulation (TCG), "
+              "because [microvm] allow_emulation is on: expect seconds per boot",
+              file=sys.stderr)
+    return backend
 
 
 __all__ = ["BACKEND_NAMES", "Backend", "Probe", "choose_backend", "get_backend"]

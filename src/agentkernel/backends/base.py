@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from ..sandbox import Sandbox, SandboxSpec, close_fds
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
+    from ..cgroups import Cgroup
 
 CONTROL_DIR = "ctl"  # host side: <scratch>/ctl/agent.sock for sandboxes that outlive us
 
@@ -145,3 +147,25 @@ def open_channel(spawned: Spawned, control: Path | None, timeout: float = 30.0) 
         if time.monotonic() > deadline:
             raise SandboxError("timed out waiting for the sandbox's agent socket")
         time.sleep(0.005)
+
+
+def abandon(
+    scratch: Path,
+    process: subprocess.Popen[bytes] | None,
+    cgroup: Cgroup | None,
+    helpers: Sequence[subprocess.Popen[bytes]] = (),
+) -> None:
+    """Undo a start that failed before a Sandbox object owned its pieces: nothing leaks."""
+    import signal
+
+    if process is not None and process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the whole tree
+        process.wait()
+    if cgroup is not None:
+        cgroup.destroy()
+    for helper in helpers:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+    shutil.rmtree(scratch, ignore_errors=True)

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, SandboxError
-from ..profiles import Profile
-from ..sandbox import Sandbox, SandboxSpec
+from ..sandbox import Sandbox, SandboxSpec, close_fds
 from .base import (
     Backend,
     Probe,
+    Spawned,
+    abandon,
     control_dir,
     make_scratch,
     open_channel,
@@ -86,7 +87,7 @@ class GVisorBackend(Backend):
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         from ..cgroups import Cgroup, Limits
-        from ..network import start_slirp, write_resolv_conf
+        from ..network import enter_netns, lifeline, netns_holder, start_slirp, write_resolv_conf
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -96,21 +97,30 @@ class GVisorBackend(Backend):
         agent = native_binary("ak-agent")
         scratch = make_scratch(spec.name)
         sandbox: Sandbox | None = None
+        spawned: Spawned | None = None
+        cgroup: Cgroup | None = None
+        helpers: list[subprocess.Popen[bytes]] = []
         try:
             p = spec.profile
             bundle = scratch / "bundle"
             resolv = write_resolv_conf(scratch) if p.network == "egress" else None
             control = control_dir(scratch) if spec.persistent else None
-            helpers: list[subprocess.Popen[bytes]] = []
             prefix: list[str] = []
+            life_r, life_w = -1, -1
             if p.network == "egress":
-                holder = _network_holder()
+                # `runsc run` holds the lifeline's write end while the sandbox lives; the
+                # netns holder and slirp4netns exit when it does, whatever happens to us.
+                life_r, life_w = lifeline()
+                holder = netns_holder(life_r)
                 helpers.append(holder)
-                helpers.append(start_slirp(holder.pid, scratch / "slirp.log"))
-                prefix = _enter_netns(holder.pid)
+                helpers.append(start_slirp(holder.pid, scratch / "slirp.log", exit_fd=life_r))
+                close_fds(life_r)
+                prefix = enter_netns(holder.pid)
+            copy = _workspace_copy(spec, scratch)
             config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
                                       bpf=str(compile_bpf(p.seccomp)),
-                                      control=str(control) if control else None)
+                                      control=str(control) if control else None,
+                                      workspace_copy=str(copy) if copy else None)
             _write_bundle(bundle, config)
             # The cgroup holds the sentry and gofer too: under the ptrace platform a sandboxed
             # task costs several host tasks (stub process, tracer and goroutine threads), plus
@@ -121,7 +131,11 @@ class GVisorBackend(Backend):
                 pids=10 * p.pids + GVISOR_TASK_OVERHEAD if p.pids else None, cpus=p.cpus))
             argv = prefix + build_runsc_argv(runsc, spec, scratch, bundle)
             log = scratch / "backend.log"
-            spawned = spawn_agent(argv, log=log, preexec_fn=cgroup.join_fn() if cgroup else None)
+            try:
+                spawned = spawn_agent(argv, log=log, pass_fds=(life_w,) if life_w >= 0 else (),
+                                      preexec_fn=cgroup.join_fn() if cgroup else None)
+            finally:
+                close_fds(life_w)
             client = open_channel(spawned, control)
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
@@ -138,48 +152,8 @@ class GVisorBackend(Backend):
             if sandbox is not None:
                 sandbox.destroy()
             else:
-                shutil.rmtree(scratch, ignore_errors=True)
+                abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
-
-
-def _network_holder() -> subprocess.Popen[bytes]:
-    """A process that owns a fresh network namespace for slirp4netns and runsc to share.
-
-    runsc copies the interfaces of the namespace named in the OCI spec when it starts, so
-    slirp must have set up tap0 there first.
-    """
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        raise BackendUnavailable("gvisor egress networking needs unshare (util-linux)")
-    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-    holder = subprocess.Popen(
-        [unshare, *user, "--net", "--", "sleep", "infinity"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    # Wait until the holder is inside its namespace before anyone joins it.
-    own = os.readlink("/proc/self/ns/net")
-    for _ in range(1000):
-        try:
-            if os.readlink(f"/proc/{holder.pid}/ns/net") != own:
-                break
-        except OSError:
-            pass
-        if holder.poll() is not None:
-            raise SandboxError("could not create a network namespace for the gvisor sandbox")
-        os.sched_yield()
-    return holder
-
-
-def _enter_netns(pid: int) -> list[str]:
-    """argv prefix that runs runsc inside the holder's network namespace."""
-    nsenter = shutil.which("nsenter")
-    if nsenter is None:
-        raise BackendUnavailable("gvisor egress networking needs nsenter (util-linux)")
-    argv = [nsenter, f"--target={pid}", "--net"]
-    if os.geteuid() != 0:
-        argv += ["--user", "--preserve-credentials"]
-    return [*argv, "--"]
 
 
 def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
@@ -201,7 +175,7 @@ def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
 
 def build_oci_config(
     spec: SandboxSpec, agent: str, *, resolv: str | None, bpf: str,
-    control: str | None = None,
+    control: str | None = None, workspace_copy: str | None = None,
 ) -> dict[str, Any]:
     """The OCI runtime spec for `spec`: the agent is the container's only process."""
     p = spec.profile
@@ -226,9 +200,11 @@ def build_oci_config(
             # Under the sandbox-wide memory overlay (moderate) writes never reach the host, so
             # the userland is writable like the namespaces backend's overlays; else ro.
             mounts.append({"destination": entry.path, "type": "bind", "source": entry.src,
-                           "options": ["rbind", "rw" if _overlay_mode(p) == "all:memory" else "ro"],
+                           "options": ["rbind",
+                                       "rw" if _overlay_mode(spec) == "all:memory" else "ro"],
                            **({} if entry.is_dir else {"_file": True})})
-    for mask in spec.rootfs.masks:
+    # Masks are OCI mounts here: gVisor refuses the agent's bind of /dev/null onto a file.
+    for mask in spec.rootfs.private_masks():
         if mask.is_dir:
             mounts.append({"destination": mask.path, "type": "tmpfs", "source": "tmpfs",
                            "options": ["ro", "size=4k", "mode=555"]})
@@ -239,18 +215,19 @@ def build_oci_config(
         mounts.append({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
                        "options": ["rbind", "ro"], "_file": True})
     if spec.workspace is not None and p.workspace != "none":
-        # cow is the sandbox-wide memory overlay (--overlay2=all:memory), so the bind is rw
-        # inside while the host copy stays untouched.
+        # cow: under the sandbox-wide memory overlay (--overlay2=all:memory) the bind is rw
+        # inside while the host copy stays untouched; a persistent sandbox gets a copy.
         mode = "ro" if p.workspace == "ro" else "rw"
         mounts.append({"destination": "/workspace", "type": "bind",
-                       "source": str(spec.workspace), "options": ["rbind", mode]})
+                       "source": workspace_copy or str(spec.workspace),
+                       "options": ["rbind", mode]})
     if p.mount_home and spec.home is not None:
         mounts.append({"destination": "/home/user", "type": "bind", "source": str(spec.home),
                        "options": ["rbind", "ro"]})
+    # The agent sets up a pids cgroup inside gVisor, holding SETUP_CAPS only for that,
+    # then drops every capability before serving.
     args = [AGENT_PATH]
     if p.pids:
-        # The agent sets up a pids cgroup inside gVisor with CAP_SYS_ADMIN, then drops
-        # every capability before serving.
         args += ["--pids-max", str(p.pids)]
     # The same seccomp program as on the namespaces backend, installed by the agent itself
     # (gVisor implements seccomp for its tasks) after its set-up mounts are done.
@@ -291,7 +268,7 @@ def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path)
     # runsc's own netstack (`sandbox`) refuses to start on kernels where every netns has
     # /proc/sys/net/core/rmem_default (it mistakes them for the root netns).
     network = {"host": "host", "egress": "host", "none": "none"}[p.network]
-    overlay = _overlay_mode(p)
+    overlay = _overlay_mode(spec)
     argv = [runsc, f"--root={scratch / 'state'}", f"--platform={platform()}",
             f"--network={network}", f"--overlay2={overlay}", "--ignore-cgroups",
 ]
@@ -302,9 +279,28 @@ def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path)
     return [*argv, "run", f"--bundle={bundle}", _container_id(spec.name)]
 
 
-def _overlay_mode(p: Profile) -> str:
-    """gVisor's memory overlay: everything (moderate), the root only (permissive), or none."""
-    if p.workspace == "cow" or (p.root_writable and p.workspace != "rw"):
+def _workspace_copy(spec: SandboxSpec, scratch: Path) -> Path | None:
+    """A persistent copy-on-write project dir: copied once, kept with the sandbox."""
+    if not (spec.persistent and spec.workspace is not None and spec.profile.workspace == "cow"):
+        return None
+    base = spec.state_dir or scratch
+    copy = base / "workspace"
+    if not copy.exists():
+        tmp = base / "workspace.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(spec.workspace, tmp, symlinks=True)
+        tmp.rename(copy)
+    return copy
+
+
+def _overlay_mode(spec: SandboxSpec) -> str:
+    """gVisor's memory overlay: everything (moderate), the root only (permissive), or none.
+
+    A persistent sandbox never gets `all`: it would also cover the bind holding the agent's
+    control socket, which must be created on the host; its project dir is a private copy.
+    """
+    p = spec.profile
+    if not spec.persistent and (p.workspace == "cow" or (p.root_writable and p.workspace != "rw")):
         return "all:memory"
     return "root:memory" if p.root_writable else "none"
 

@@ -8,12 +8,15 @@ import os
 import shutil
 import subprocess
 from functools import lru_cache
+from pathlib import Path
 
 from ..errors import BackendUnavailable, SandboxError
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from .base import (
     Backend,
     Probe,
+    Spawned,
+    abandon,
     control_dir,
     make_scratch,
     open_channel,
@@ -62,8 +65,18 @@ class NamespacesBackend(Backend):
         return Probe(True, f"{bwrap} works (user, pid, mount, ipc, uts, net, cgroup namespaces)")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
+        try:
+            return self._start(spec)
+        except SandboxError as exc:
+            # Under heavy namespace churn the kernel sometimes fails bwrap's netlink call
+            # that brings up the new netns's loopback (seen as ECHILD); one retry clears it.
+            if "loopback:" not in exc.message:
+                raise
+            return self._start(spec)
+
+    def _start(self, spec: SandboxSpec) -> Sandbox:
         from ..cgroups import Cgroup, Limits
-        from ..network import start_slirp, write_resolv_conf
+        from ..network import lifeline, start_slirp, write_resolv_conf
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -73,8 +86,16 @@ class NamespacesBackend(Backend):
                 "the namespaces backend needs bubblewrap: apt install bubblewrap")
         agent = native_binary("ak-agent")
         bpf = compile_bpf(spec.profile.seccomp)
+        keep = persistent_dirs(spec)
+        if keep is not None:
+            for sub in PERSISTENT_SUBDIRS:
+                (keep / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            (keep / "dirs" / "tmp").chmod(0o1777)  # a /tmp (the parents stay private)
         scratch = make_scratch(spec.name)
         sandbox: Sandbox | None = None
+        spawned: Spawned | None = None
+        cgroup: Cgroup | None = None
+        helpers: list[subprocess.Popen[bytes]] = []
         try:
             p = spec.profile
             cgroup = Cgroup.create(spec.name, Limits(
@@ -82,18 +103,22 @@ class NamespacesBackend(Backend):
                 pids=p.pids, cpus=p.cpus))
             resolv = write_resolv_conf(scratch) if p.network == "egress" else None
             info_r, info_w = os.pipe() if p.network == "egress" else (-1, -1)
+            # bwrap holds the lifeline's write end (--sync-fd) for as long as the sandbox
+            # runs, so slirp4netns exits with it whatever happens to us.
+            life_r, life_w = lifeline() if p.network == "egress" else (-1, -1)
             control = control_dir(scratch) if spec.persistent else None
             argv = build_bwrap_argv(bwrap, spec, str(agent), str(bpf),
                                     resolv=str(resolv) if resolv else None, info_fd=info_w,
-                                    control=str(control) if control else None)
+                                    control=str(control) if control else None,
+                                    sync_fd=life_w)
             log = scratch / "backend.log"
             try:
                 spawned = spawn_agent(
-                    argv, log=log, pass_fds=(info_w,) if info_w >= 0 else (),
+                    argv, log=log, pass_fds=(info_w, life_w) if info_w >= 0 else (),
                     preexec_fn=cgroup.join_fn() if cgroup else None,
                 )
             finally:
-                close_fds(info_w)
+                close_fds(info_w, life_w)
             client = open_channel(spawned, control)
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
@@ -107,7 +132,11 @@ class NamespacesBackend(Backend):
                     close_fds(info_r)
                 if child_pid is None:
                     raise startup_failure("bwrap", log, spawned.process)
-                sandbox.helpers.append(start_slirp(child_pid, scratch / "slirp.log"))
+                try:
+                    sandbox.helpers.append(
+                        start_slirp(child_pid, scratch / "slirp.log", exit_fd=life_r))
+                finally:
+                    close_fds(life_r)
             try:
                 client.hello(timeout=15)
             except SandboxError:
@@ -117,7 +146,7 @@ class NamespacesBackend(Backend):
             if sandbox is not None:
                 sandbox.destroy()
             else:
-                shutil.rmtree(scratch, ignore_errors=True)
+                abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
 
 
@@ -139,7 +168,7 @@ def _read_child_pid(fd: int) -> int | None:
 
 def build_bwrap_argv(
     bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
-    control: str | None = None,
+    control: str | None = None, sync_fd: int = -1,
 ) -> list[str]:
     """The full bwrap command line for `spec`. Pure: no I/O, easy to inspect in tests."""
     p = spec.profile
@@ -153,16 +182,27 @@ def build_bwrap_argv(
         argv.append("--die-with-parent")
     if info_fd >= 0:
         argv += ["--info-fd", str(info_fd)]
+    if sync_fd >= 0:
+        argv += ["--sync-fd", str(sync_fd)]
     tops = {e.path for e in spec.rootfs.entries}
     for entry in spec.rootfs.entries:
         if entry.kind == "symlink":
             argv += ["--symlink", entry.target, entry.path]
         else:
             argv += ["--ro-bind", entry.src, entry.path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+    keep = persistent_dirs(spec)
+    # A persistent sandbox keeps /tmp on disk too: it survives stop/start and snapshots.
+    tmp = ["--bind", str(keep / "dirs" / "tmp"), "/tmp"] if keep else ["--tmpfs", "/tmp"]
+    argv += ["--proc", "/proc", "--dev", "/dev", *tmp, "--tmpfs", "/run"]
     for path in ("/root", "/home", "/var/tmp"):
         if "/" + path.split("/")[1] not in tops:  # the image brings its own
-            argv += ["--dir", path]
+            if keep is not None and cow_root:
+                argv += ["--bind", str(keep / "dirs" / path.strip("/").replace("/", "_")), path]
+            else:
+                argv += ["--dir", path]
+    if keep is not None:
+        # The overlays' upper/work dirs live on the host's disk, not on /run's tmpfs.
+        argv += ["--bind", str(keep / "layers"), OVERLAY_DIR]
     argv += ["--ro-bind", agent, f"{AGENT_DIR}/agent", "--ro-bind", bpf, f"{AGENT_DIR}/seccomp.bpf"]
     if spec.workspace is not None and p.workspace != "none":
         ws = str(spec.workspace)
@@ -189,6 +229,8 @@ def build_bwrap_argv(
         agent_argv += ["--bind", f"{AGENT_DIR}/resolv.conf:/etc/resolv.conf"]
     for mask in spec.rootfs.masks:
         agent_argv += ["--mask", mask.path]
+    for private in spec.rootfs.private_dirs:
+        agent_argv += ["--mask-private", private]
     argv += ["--cap-add", "CAP_SYS_ADMIN"]
     if not cow_root:
         argv += ["--remount-ro", "/"]
@@ -198,6 +240,16 @@ def build_bwrap_argv(
         agent_argv += ["--listen", f"{AGENT_DIR}/ctl/agent.sock"]
     argv += ["--chdir", "/", "--", *agent_argv]
     return argv
+
+
+PERSISTENT_SUBDIRS = ("layers", "dirs/root", "dirs/home", "dirs/var_tmp", "dirs/tmp")
+
+
+def persistent_dirs(spec: SandboxSpec) -> Path | None:
+    """The host dir keeping a persistent sandbox's writable layers, if it has one."""
+    if not spec.persistent or spec.state_dir is None:
+        return None
+    return spec.state_dir
 
 
 def _overlay(target: str, lower: str) -> str:

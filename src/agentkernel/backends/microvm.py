@@ -1,0 +1,276 @@
+"""The `microvm` backend: every sandbox is a QEMU microvm with its own guest kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import BackendUnavailable, SandboxError
+from ..network import empty_netns_prefix, enter_netns, lifeline, netns_holder, start_slirp
+from ..sandbox import Sandbox, SandboxSpec, close_fds
+from ..vm import qemu as q
+from ..vm.settings import ENV_ALLOW_EMULATION, MicrovmSettings, current
+from .base import Backend, Probe, make_scratch
+
+VMM_MEMORY_OVERHEAD_MB = 160  # QEMU's own memory on top of the guest's, for the host cgroup
+DEFAULT_MEMORY_MB = 512
+GUEST_MIN_MEMORY_MB = 128  # the cloud kernel with its modules wants this much to boot
+ROOT_SERIAL = "akroot"
+LAYER_SERIAL = "akrw"  # a per-VM ext4 writable layer (agent --rw akrw), for stop/start
+WORKSPACE_SERIAL = "akwork"
+NET_MODULES = frozenset({"failover", "net_failover", "virtio_net"})
+VSOCK_MODULES = frozenset({"vsock", "vmw_vsock_virtio_transport_common",
+                           "vmw_vsock_virtio_transport"})
+
+
+@lru_cache(maxsize=1)
+def _verdict() -> tuple[bool, str]:
+    from ..doctor import kvm_verdict
+
+    check = kvm_verdict()
+    return check.ok, check.detail
+
+
+def module_args(modules: list[str], *, net: bool, vsock: bool = False) -> list[str]:
+    """One --insmod with every module the guest needs (network/vsock drivers only if used)."""
+    from ..vm.initramfs import MODULE_DIR
+
+    skip: set[str] = set()
+    if not net:
+        skip |= NET_MODULES
+    if not vsock:
+        skip |= VSOCK_MODULES
+    paths = [f"{MODULE_DIR}/{name}.ko" for name in modules if name not in skip]
+    return ["--insmod", ",".join(paths)] if paths else []
+
+
+def choose_accel(settings: MicrovmSettings, *, deep: bool = False,
+                 kernel: Path | None = None, initrd: Path | None = None,
+                 modules: list[str] | None = None) -> tuple[q.Accel | None, str]:
+    """KVM if a standard guest really boots under it, else TCG only if allowed.
+
+    The quick path trusts the host's signs (no /dev/kvm, PVM, no vmx/svm) and a cached boot
+    probe; `deep` (doctor, setup) boots a guest under KVM once and caches the answer.
+    """
+    kvm_ok, kvm_detail = _verdict()
+    if kvm_ok and kernel is not None:
+        cached = q.cached_kvm_probe(kernel)
+        if cached is None and initrd is not None:
+            cached = q.probe_kvm_boot(kernel, initrd, module_args(modules or [], net=False))
+        if cached is not None:
+            kvm_ok, kvm_detail = cached
+    elif deep and kernel is not None and initrd is not None and os.path.exists("/dev/kvm"):
+        # The signs say no; a deep probe boots once anyway, so doctor reports what happened.
+        ok, detail = q.cached_kvm_probe(kernel) or q.probe_kvm_boot(
+            kernel, initrd, module_args(modules or [], net=False))
+        kvm_ok, kvm_detail = ok, f"{kvm_detail}; boot probe: {detail}"
+    if kvm_ok:
+        return "kvm", kvm_detail
+    if settings.allow_emulation:
+        return "tcg", (f"software emulation (TCG), allowed by {settings.source}: {kvm_detail}. "
+                       "Expect seconds per boot, not milliseconds")
+    return None, (f"{kvm_detail}; software emulation is off (set [microvm] allow_emulation = "
+                  f"true or {ENV_ALLOW_EMULATION}=1 to use TCG)")
+
+
+class MicrovmBackend(Backend):
+    name = "microvm"
+    strength = 30
+
+    def __init__(self) -> None:
+        self._accel_note = ""
+
+    @property
+    def isolation(self) -> str:  # type: ignore[override]
+        accel = self._accel_note or "KVM or TCG"
+        return f"microVM with its own guest kernel (QEMU microvm, {accel})"
+
+    def probe(self, deep: bool = False) -> Probe:
+        from ..vm.kernel import current_kernel
+
+        settings = current()
+        qemu = q.qemu_binary()
+        if qemu is None:
+            return Probe(False, "QEMU is not installed: apt install qemu-system-x86")
+        if shutil.which("mkfs.ext4") is None:
+            return Probe(False, "mkfs.ext4 is missing: apt install e2fsprogs")
+        kernel = current_kernel(settings.kernel)
+        if kernel is None:
+            return Probe(False, "no guest kernel prepared: run `agentkernel setup --microvm`")
+        initrd = None
+        if deep:
+            from ..vm.initramfs import ensure_initramfs
+
+            with contextlib.suppress(Exception):
+                initrd = ensure_initramfs(kernel)
+        accel, why = choose_accel(settings, deep=deep, kernel=Path(kernel.vmlinux),
+                                  initrd=initrd, modules=kernel.modules)
+        if accel is None:
+            return Probe(False, why)
+        self._accel_note = "KVM" if accel == "kvm" else "TCG emulation"
+        return Probe(True, f"{qemu}; guest kernel {kernel.release} ({kernel.source}); "
+                           f"accelerator {accel}: {why}")
+
+    def start(self, spec: SandboxSpec) -> Sandbox:
+        from ..agent.client import AgentClient
+        from ..cgroups import Cgroup, Limits
+        from ..vm import disk
+        from ..vm.initramfs import ensure_initramfs
+        from ..vm.kernel import current_kernel
+
+        settings = current()
+        if settings.vmm == "firecracker":
+            from ..vm.firecracker import firecracker_binary
+
+            raise BackendUnavailable(
+                "[microvm] vmm = firecracker: " + ("firecracker is not on PATH"
+                if firecracker_binary() is None else "starting guests through Firecracker "
+                "is not wired into the backend yet (configs and API calls are generated "
+                "and schema-checked); use vmm = qemu"))
+        qemu = q.qemu_binary()
+        kernel = current_kernel(settings.kernel)
+        if qemu is None or kernel is None:
+            raise BackendUnavailable(self.probe().detail)
+        initrd = ensure_initramfs(kernel)
+        accel, why = choose_accel(settings, kernel=Path(kernel.vmlinux), initrd=initrd,
+                                  modules=kernel.modules)
+        if accel is None:
+            raise BackendUnavailable(f"the microvm backend cannot run here: {why}")
+        self._accel_note = "KVM" if accel == "kvm" else "TCG emulation"
+        if spec.persistent:
+            # The guest agent ends the VM when its virtio-serial channel closes, so a VM
+            # cannot outlive the process that started it yet (the daemon's pool can hold it).
+            raise BackendUnavailable("kept (--keep) sandboxes are not supported on the "
+                                     "microvm backend yet")
+        p = spec.profile
+        net = p.network  # none | egress | host
+        scratch = make_scratch(spec.name)
+        sandbox: Sandbox | None = None
+        helpers: list[subprocess.Popen[bytes]] = []
+        notes: list[str] = []
+        cleanups: list[Callable[[], None]] = []
+        try:
+            if accel == "tcg":
+                notes.append(f"microvm: {why}")
+            root_image, root_desc = disk.ensure_root_image(spec.rootfs)
+            if spec.rootfs.name == "host":
+                notes.append("microvm: the host's userland is not copied into guests; this VM "
+                             f"runs a {root_desc} (pull an image for a full userland)")
+            drives = [q.Drive(root_image, ROOT_SERIAL, readonly=True)]
+            agent_args = ["--mount-basics", *module_args(kernel.modules, net=net != "none"),
+                          "--root", ROOT_SERIAL]
+            if p.root_writable:
+                agent_args += ["--rw", "tmpfs"]  # per VM, in guest memory
+            if spec.workspace is not None and p.workspace != "none":
+                writable = p.workspace in ("rw", "cow")
+                ws_image = scratch / "workspace.ext4"
+                disk.make_workspace_image(spec.workspace, ws_image, writable=writable)
+                drives.append(q.Drive(ws_image, WORKSPACE_SERIAL, readonly=not writable))
+                agent_args += ["--disk", f"{WORKSPACE_SERIAL}:/workspace:"
+                                         f"{'rw' if writable else 'ro'}"]
+                if p.workspace == "rw":
+                    notes.append("microvm: /workspace is a copy of the project (this guest "
+                                 "kernel has no virtio-9p); changes stay in the VM")
+            agent_args += ["--net", "lo" if net == "none"
+                           else f"{q.GUEST_ADDR}/{q.GUEST_PREFIX},{q.GATEWAY}"]
+            agent_args += ["--hostname", spec.hostname, "--vport", q.AGENT_PORT, "--poweroff"]
+            memory_mb = max(GUEST_MIN_MEMORY_MB, p.memory_mb or DEFAULT_MEMORY_MB)
+            vcpus = max(1, math.ceil(p.cpus)) if p.cpus else 1
+            cfg = q.VmConfig(
+                kernel=Path(kernel.vmlinux), initrd=initrd, agent_args=agent_args,
+                accel=accel, vcpus=vcpus, memory_mb=memory_mb,
+                serial_log=scratch / "console.log", agent_socket=scratch / "agent.sock",
+                drives=drives, net="none" if net == "none" else "user",
+            )
+            argv = q.build_argv(qemu, cfg)
+            life_w = -1
+            if net == "none":
+                # The VMM itself needs no network: give it an empty network namespace.
+                argv = empty_netns_prefix() + argv
+            elif net == "egress":
+                # QEMU's user-mode stack forwards the guest's gateway (10.0.2.2) to the
+                # loopback of *its* network namespace. Run it in a namespace whose only way
+                # out is slirp4netns with --disable-host-loopback: that loopback is empty
+                # and the host's 127.0.0.1 is out of reach. QEMU holds the lifeline, so the
+                # holder and slirp4netns exit with it.
+                life_r, life_w = lifeline()
+                holder = netns_holder(life_r)
+                helpers.append(holder)
+                helpers.append(start_slirp(holder.pid, scratch / "slirp.log", exit_fd=life_r))
+                close_fds(life_r)
+                argv = enter_netns(holder.pid) + argv
+            cgroup = Cgroup.create(spec.name, Limits(
+                memory_bytes=(memory_mb + VMM_MEMORY_OVERHEAD_MB) * 1024 * 1024,
+                pids=None, cpus=p.cpus))
+            log = scratch / "qemu.log"
+            with open(log, "wb") as logf:
+                process = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                    close_fds=True, start_new_session=True,
+                    pass_fds=(life_w,) if life_w >= 0 else (),
+                    preexec_fn=cgroup.join_fn() if cgroup else None,
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                )
+            close_fds(life_w)
+            try:
+                sock = q.connect_agent_socket(cfg.agent_socket, process, settings.boot_timeout)
+            except (ConnectionError, TimeoutError) as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait()
+                if cgroup is not None:
+                    cgroup.destroy()
+                raise SandboxError(f"the microVM did not start: {exc}; "
+                                   f"{_boot_failure(scratch)}") from None
+            client = AgentClient.from_socket(sock)
+            sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
+                              client=client, process=process, scratch=scratch,
+                              cgroup=cgroup, helpers=helpers, notes=notes,
+                              cleanups=cleanups)
+            try:
+                client.hello(timeout=15)
+            except Exception:
+                raise SandboxError(f"the microVM's agent did not say hello: "
+                                   f"{_boot_failure(scratch)}") from None
+            if net != "none" and p.root_writable:
+                with contextlib.suppress(Exception):
+                    client.write_file("/etc/resolv.conf", f"nameserver {q.DNS}\n".encode())
+            return sandbox
+        except BaseException:
+            if sandbox is not None:
+                sandbox.destroy()
+            else:
+                for helper in helpers:
+                    with contextlib.suppress(ProcessLookupError):
+                        helper.kill()
+                    helper.wait()
+                for cleanup in cleanups:
+                    cleanup()
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _boot_failure(scratch: Path) -> str:
+    """The most telling line of the VMM's stderr or the guest console."""
+    for name in ("qemu.log", "console.log"):
+        text = _read(scratch / name).decode(errors="replace")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if lines:
+            return f"{name}: {lines[-1][:300]}"
+    return "no output from the VMM or the guest"
+
+
+__all__ = ["MicrovmBackend", "choose_accel", "module_args"]

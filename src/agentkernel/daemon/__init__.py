@@ -1,0 +1,1 @@
+"""The daemon: one per user, owns every sandbox, keeps warm pools, serves the CLI and API."""

@@ -1,0 +1,201 @@
+"""The service interface the daemon's SandboxManager offers to the CLI, the HTTP API and MCP.
+
+This file is the contract between `daemon/manager.py` (which implements it) and its
+callers (`daemon/server.py` on the unix socket, `http/` for the REST API). Plain data
+in and out; every error is an `agentkernel.errors.AgentKernelError` subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+SandboxStatus = Literal["running", "paused", "stopped", "dormant", "archived"]
+OutputKind = Literal["stdout", "stderr"]
+# Called with each chunk as the command produces it (real streaming).
+OnOutput = Callable[[OutputKind, bytes], None]
+
+
+@dataclass
+class CreateRequest:
+    name: str
+    image: str | None = None  # None: auto (config / `alpine:3.20`)
+    profile: str | None = None  # permissive | moderate | restrictive; None: config/moderate
+    backend: str | None = None  # auto | namespaces | gvisor | microvm; None: auto
+    vcpus: int | None = None
+    memory_mb: int | None = None
+    workdir_source: str | None = None  # host project dir shown at /workspace (`--dir`)
+    env: dict[str, str] = field(default_factory=dict)
+    ttl_seconds: float | None = None  # removed automatically when it expires
+    cpus: float | None = None  # fractional CPU limit (the CLI's --cpus); wins over vcpus
+
+
+@dataclass
+class SandboxInfo:
+    name: str
+    uuid: str
+    status: SandboxStatus
+    backend: str
+    isolation: str
+    image: str
+    profile: str
+    vcpus: int | None
+    memory_mb: int | None
+    created_at: str  # RFC 3339, UTC
+    expires_at: str | None = None
+
+
+@dataclass
+class ExecRequest:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    timeout: float | None = None
+    sudo: bool = False  # run as root inside (the default user already is root today)
+    stdin: bytes | None = None
+
+
+@dataclass
+class ExecResult:
+    exit_code: int  # shell-style: 128+N for a signal, 124 timeout, 137 OOM
+    stdout: bytes
+    stderr: bytes
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    message: str | None = None  # why the sandbox, not the command, ended it
+
+
+@dataclass
+class RunRequest:
+    """A one-shot run: a fresh sandbox (from the warm pool when one is ready), then gone."""
+
+    argv: list[str]
+    image: str | None = None
+    profile: str | None = None
+    backend: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    timeout: float | None = None
+    cwd: str | None = None  # host project dir for /workspace; None: no project dir
+    # Additions for the CLI's `run` through the daemon (same meaning as its flags):
+    no_network: bool = False
+    memory_mb: int | None = None
+    cpus: float | None = None
+    config_path: str | None = None  # an explicit --config (absolute)
+    host_env: dict[str, str] = field(default_factory=dict)  # the caller's PASS_ENV_KEYS
+    data_dir: str | None = None  # the caller's data dir: a daemon with another one refuses
+
+
+@dataclass
+class DetachedInfo:
+    id: str
+    sandbox: str
+    command: list[str]
+    pid: int
+    status: Literal["running", "completed", "failed"]
+    started_at: str
+    exit_code: int | None = None
+
+
+@dataclass
+class SnapshotInfo:
+    name: str
+    sandbox: str
+    image_tag: str
+    backend: str
+    created_at: str
+    base_image: str | None = None
+    vcpus: int | None = None
+    memory_mb: int | None = None
+
+
+@dataclass
+class BackendInfo:
+    backend: str
+    configured: bool
+    usable: bool
+    readiness_reason: str
+    isolation: str
+    capabilities: dict[str, bool]
+
+
+@dataclass
+class PoolKeyStatus:
+    image: str
+    profile: str
+    backend: str
+    warm: int
+    in_use: int
+    min: int
+    max: int
+    workspace: str | None = None  # ad-hoc keys: the project dir they mount
+    starting: int = 0
+    last_error: str | None = None
+
+
+class SandboxService(Protocol):
+    """What the daemon can do. Thread-safe: HTTP and socket requests call it concurrently."""
+
+    # persistent sandboxes
+    def create(self, req: CreateRequest) -> SandboxInfo: ...
+    def get(self, name: str) -> SandboxInfo: ...  # NotFound
+    def get_by_uuid(self, uuid: str) -> SandboxInfo: ...
+    def list_sandboxes(self) -> list[SandboxInfo]: ...
+    def start(self, name: str) -> SandboxInfo: ...
+    def stop(self, name: str) -> SandboxInfo: ...  # keeps the filesystem
+    def remove(self, name: str) -> None: ...  # deletes everything
+    def extend(self, name: str, seconds: float) -> str | None: ...  # new expires_at
+
+    # commands
+    def exec(self, name: str, req: ExecRequest, on_output: OnOutput | None = None
+             ) -> ExecResult: ...
+    def run(self, req: RunRequest, on_output: OnOutput | None = None) -> ExecResult: ...
+    def exec_detached(self, name: str, req: ExecRequest) -> DetachedInfo: ...
+    def detached_list(self, name: str) -> list[DetachedInfo]: ...
+    def detached_status(self, name: str, cmd_id: str) -> DetachedInfo: ...
+    def detached_logs(self, name: str, cmd_id: str) -> tuple[bytes, bytes]: ...
+    def detached_kill(self, name: str, cmd_id: str) -> None: ...
+    def logs(self, name: str) -> list[dict[str, object]]: ...  # audit entries
+
+    # files (paths inside the sandbox, validated with names.validate_sandbox_path)
+    def read_file(self, name: str, path: str) -> bytes: ...
+    def write_file(self, name: str, path: str, data: bytes, mode: int = 0o644) -> int: ...
+    def delete_file(self, name: str, path: str) -> None: ...
+
+    # snapshots (where the backend can keep a sandbox's filesystem)
+    def snapshot(self, name: str, snapshot_name: str | None = None) -> SnapshotInfo: ...
+    def snapshots(self) -> list[SnapshotInfo]: ...
+    def get_snapshot(self, snapshot_name: str) -> SnapshotInfo: ...
+    def delete_snapshot(self, snapshot_name: str) -> None: ...
+    def restore_snapshot(self, snapshot_name: str) -> SandboxInfo: ...
+
+    # the host
+    def backends(self) -> list[BackendInfo]: ...
+    def pool_status(self) -> list[PoolKeyStatus]: ...
+
+
+def iter_output(
+    call: Callable[[OnOutput], ExecResult],
+) -> Iterator[tuple[OutputKind, bytes] | ExecResult]:
+    """Turn a callback-style exec/run into an iterator (for SSE), on a worker thread."""
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[OutputKind, bytes] | ExecResult | BaseException] = queue.Queue()
+
+    def work() -> None:
+        try:
+            q.put(call(lambda kind, data: q.put((kind, data))))
+        except BaseException as exc:
+            q.put(exc)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if isinstance(item, ExecResult):
+            return

@@ -1,0 +1,302 @@
+"""The CLI's side of the daemon socket: standard library only (socket, json), nothing heavy."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+TYPE_CHECKING = False  # typing costs milliseconds on the hot path; mypy still sees it
+if TYPE_CHECKING:
+    from typing import Any
+
+SOCKET_NAME = "daemon.sock"
+START_TIMEOUT = 30.0
+
+
+class DaemonError(Exception):
+    """An error the daemon reported (or failure to reach it), with the CLI exit code."""
+
+    def __init__(self, message: str, exit_code: int = 125, kind: str = "DaemonError") -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.kind = kind
+
+
+def runtime_dir() -> str:
+    """Same rules as agentkernel.paths.runtime_dir, without importing pathlib."""
+    env = os.environ.get("AGENTKERNEL_RUNTIME_DIR")
+    if env:
+        return env
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "agentkernel")
+    return f"/tmp/agentkernel-{os.getuid()}"
+
+
+def data_dir() -> str:
+    """Same rules as agentkernel.paths.data_dir."""
+    env = os.environ.get("AGENTKERNEL_HOME")
+    if env:
+        return env
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
+                                                            ".local/share")
+    return os.path.join(base, "agentkernel")
+
+
+def socket_path() -> str:
+    return os.path.join(runtime_dir(), SOCKET_NAME)
+
+
+def connect(*, auto_start: bool = False) -> socket.socket | None:
+    """A connection to the daemon, or None if none runs (and auto_start is off)."""
+    path = socket_path()
+    sock = _try_connect(path)
+    if sock is not None or not auto_start:
+        return sock
+    start_daemon()
+    sock = _try_connect(path)
+    if sock is None:
+        raise DaemonError(f"the daemon did not come up (socket {path})")
+    return sock
+
+
+def _try_connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def start_daemon(config: str | None = None, timeout: float = START_TIMEOUT) -> int:
+    """Spawn `python -m agentkernel daemon start --foreground` detached; wait for its socket.
+
+    Returns the daemon's pid. A daemon that is already up (or wins a start race) is fine.
+    """
+    import subprocess
+
+    rt = runtime_dir()
+    os.makedirs(rt, mode=0o700, exist_ok=True)
+    log_dir = data_dir()
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
+    argv = [sys.executable, "-m", "agentkernel", "daemon", "start", "--foreground"]
+    if config:
+        argv += ["--config", os.path.abspath(config)]
+    with open(os.path.join(log_dir, "daemon.log"), "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, close_fds=True, cwd="/")
+    path = socket_path()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock = _try_connect(path)
+        if sock is not None:
+            try:
+                data = _request(sock, "ping", {})
+                return int(data.get("pid", proc.pid)) if isinstance(data, dict) else proc.pid
+            except DaemonError:
+                pass
+        if proc.poll() is not None and proc.returncode != 0:
+            # Lost a start race (the lock is held): the winner's socket appears shortly.
+            sock = _wait_socket(path, min(deadline, time.monotonic() + 3))
+            if sock is not None:
+                sock.close()
+                return 0
+            raise DaemonError(f"the daemon exited with status {proc.returncode}; "
+                              f"see {os.path.join(log_dir, 'daemon.log')}")
+        time.sleep(0.01)
+    raise DaemonError(f"the daemon did not come up within {timeout:g}s; "
+                      f"see {os.path.join(log_dir, 'daemon.log')}")
+
+
+def _wait_socket(path: str, deadline: float) -> socket.socket | None:
+    while time.monotonic() < deadline:
+        sock = _try_connect(path)
+        if sock is not None:
+            return sock
+        time.sleep(0.02)
+    return None
+
+
+class Lines:
+    """JSON lines over a connected socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = b""
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sock.sendall((json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+                           + "\n").encode())
+
+    def recv(self) -> dict[str, Any] | None:
+        while True:
+            i = self._buf.find(b"\n")
+            if i >= 0:
+                line, self._buf = self._buf[:i], self._buf[i + 1 :]
+                obj = json.loads(line)
+                return obj if isinstance(obj, dict) else None
+            chunk = self.sock.recv(262144)
+            if not chunk:
+                return None
+            self._buf += chunk
+
+    def pending(self) -> bool:
+        return b"\n" in self._buf
+
+
+def _raise(reply: dict[str, Any] | None) -> None:
+    if reply is None:
+        raise DaemonError("the daemon closed the connection")
+    err = reply.get("error") or {}
+    raise DaemonError(str(err.get("message", "daemon error")), int(err.get("exit_code", 125)),
+                      str(err.get("type", "DaemonError")))
+
+
+def _request(sock: socket.socket, op: str, args: dict[str, Any]) -> Any:
+    lines = Lines(sock)
+    try:
+        lines.send({"op": op, "args": args})
+        reply = lines.recv()
+    finally:
+        sock.close()
+    if reply is None or not reply.get("ok"):
+        _raise(reply)
+    assert reply is not None
+    return reply.get("data")
+
+
+def call(op: str, args: dict[str, Any] | None = None, *, auto_start: bool = True) -> Any:
+    """One request, one answer; raises DaemonError with the daemon's message."""
+    sock = connect(auto_start=auto_start)
+    if sock is None:
+        raise DaemonError("the daemon is not running (agentkernel daemon start)")
+    return _request(sock, op, args or {})
+
+
+def open_stream(op: str, args: dict[str, Any], *, auto_start: bool) -> Lines | None:
+    """Send a streaming request (exec, run, cp); None when no daemon runs."""
+    sock = connect(auto_start=auto_start)
+    if sock is None:
+        return None
+    lines = Lines(sock)
+    lines.send({"op": op, "args": args})
+    return lines
+
+
+PASS_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TERM")  # as profiles.PASS_ENV_KEYS
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+
+
+def host_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in PASS_ENV_KEYS if k in os.environ}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def pump(
+    lines: Lines,
+    *,
+    stdin_fd: int | None = None,
+    tty: bool = False,
+    sink: Any = None,
+    on_started: Any = None,
+) -> dict[str, Any]:
+    """Drive a streaming exec/run to its end and return its result.
+
+    Output goes to fds 1/2 as it arrives (or to `sink(stream, bytes)`); stdin_fd, if given,
+    is forwarded; Ctrl-C and friends are forwarded as signals (with a tty, as keystrokes);
+    with a tty, window size changes are forwarded too.
+    """
+    import select
+    import signal
+
+    first = lines.recv()
+    if first is None:
+        raise DaemonError("the daemon closed the connection")
+    if first.get("ok") is False:
+        _raise(first)
+    if first.get("ev") == "exit":
+        return dict(first.get("result") or {})
+    if on_started is not None:
+        on_started(first.get("info") or {})
+    previous: dict[int, Any] = {}
+
+    def forward(signo: int, _frame: object) -> None:
+        try:  # noqa: SIM105 - contextlib is one import more on the hot path
+            lines.send({"op": "signal", "sig": int(signo)})
+        except OSError:
+            pass
+
+    def winch(_signo: int, _frame: object) -> None:
+        rows, cols = terminal_size()
+        try:  # noqa: SIM105
+            lines.send({"op": "resize", "rows": rows, "cols": cols})
+        except OSError:
+            pass
+
+    try:
+        if not tty:
+            for name in FORWARDED_SIGNALS:
+                sig = getattr(signal, name)
+                previous[sig] = signal.signal(sig, forward)
+        else:
+            previous[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, winch)
+    except ValueError:  # not the main thread
+        pass
+    sock = lines.sock
+    watch: list[Any] = [sock] if stdin_fd is None else [sock, stdin_fd]
+    try:
+        while True:
+            if not lines.pending():
+                ready, _, _ = select.select(watch, [], [])
+            else:
+                ready = [sock]
+            if stdin_fd is not None and stdin_fd in ready:
+                data = os.read(stdin_fd, 65536)
+                if data:
+                    lines.send({"op": "stdin", "d": data.decode("latin-1")})
+                else:
+                    lines.send({"op": "eof"})
+                    watch = [sock]
+                    stdin_fd = None
+            if sock in ready:
+                msg = lines.recv()
+                if msg is None:
+                    raise DaemonError("the daemon closed the connection mid-command")
+                ev = msg.get("ev")
+                if ev == "out":
+                    data = str(msg.get("d", "")).encode("latin-1")
+                    stream = 1 if msg.get("s") == 1 else 2
+                    if sink is not None:
+                        sink(stream, data)
+                    else:
+                        _write_all(stream, data)
+                elif ev == "exit":
+                    return dict(msg.get("result") or {})
+                elif msg.get("ok") is False:
+                    _raise(msg)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+
+
+def terminal_size() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(0)
+    except OSError:
+        try:
+            size = os.get_terminal_size(1)
+        except OSError:
+            return 24, 80
+    return size.lines, size.columns

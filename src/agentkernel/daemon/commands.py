@@ -1,0 +1,454 @@
+"""CLI commands the daemon serves: create, exec, attach, cp, list, start, stop, remove, daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from ..names import validate_sandbox_name, validate_sandbox_path
+from . import client
+from .client import DaemonError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+
+def _say(msg: str) -> None:
+    print(f"agentkernel: {msg}", file=sys.stderr)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `30m`, `1h` or `2d`."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    factor = 1
+    if t and t[-1] in units:
+        factor = units[t[-1]]
+        t = t[:-1]
+    try:
+        value = float(t) * factor
+    except ValueError:
+        raise DaemonError(f"invalid duration {text!r} (examples: 90s, 30m, 1h, 2d)", 2) from None
+    if not value > 0:
+        raise DaemonError(f"duration must be positive, got {text!r}", 2)
+    return value
+
+
+def env_pairs(pairs: list[str]) -> dict[str, str]:
+    """`-e KEY=VALUE`, or `-e KEY` to pass the host's value (the daemon validates names)."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise DaemonError(f"-e {key}: not set on the host (use KEY=VALUE)", 2)
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def _command(args_command: list[str]) -> list[str]:
+    command = list(args_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    return command
+
+
+# ---------------------------------------------------------------- create / lifecycle
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    validate_sandbox_name(args.name)
+    memory = None
+    if args.memory:
+        from ..profiles import parse_memory
+
+        memory = parse_memory(args.memory)
+    req: dict[str, Any] = {
+        "name": args.name, "image": args.image, "profile": args.profile,
+        "backend": args.backend, "memory_mb": memory, "cpus": args.cpus,
+        "workdir_source": os.path.abspath(args.dir) if args.dir else None,
+        "env": env_pairs(args.env),
+        "ttl_seconds": parse_duration(args.ttl) if args.ttl else None,
+    }
+    print(f"Creating sandbox '{args.name}'" + (f" with image '{args.image}'" if args.image
+                                               else "") + "...")
+    info = client.call("create", req)
+    print(f"  Image:   {info['image']}")
+    print(f"  Backend: {info['backend']} ({info['isolation']})")
+    print(f"  Profile: {info['profile']}")
+    print(f"  vCPUs:   {info['vcpus'] or 'unlimited'}")
+    print(f"  Memory:  {info['memory_mb'] or 'unlimited'} MB")
+    if info.get("expires_at"):
+        print(f"  Expires: {info['expires_at']}")
+    print(f"\nSandbox '{args.name}' created.\n\nNext steps:\n"
+          f"  agentkernel exec {args.name} -- COMMAND\n  agentkernel attach {args.name}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    for name in args.names:
+        validate_sandbox_name(name)
+    for name in args.names:
+        print(f"Starting sandbox '{name}'...")
+        client.call("start", {"name": name})
+        print(f"Sandbox '{name}' started.\nTo attach: agentkernel attach {name}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    for name in args.names:
+        validate_sandbox_name(name)
+    for name in args.names:
+        print(f"Stopping sandbox '{name}'...")
+        client.call("stop", {"name": name})
+        print(f"Sandbox '{name}' stopped.")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    for name in args.names:
+        validate_sandbox_name(name)
+    for name in args.names:
+        print(f"Removing sandbox '{name}'...")
+        client.call("remove", {"name": name})
+        print(f"Sandbox '{name}' removed.")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = client.call("list_sandboxes")
+    if getattr(args, "json", False):
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("No sandboxes found.\n\nCreate one with: agentkernel create <name>")
+        return 0
+    print(f"{'NAME':<20} {'STATUS':<10} {'BACKEND':<12} {'IMAGE':<24} EXPIRES")
+    for r in rows:
+        print(f"{r['name']:<20} {r['status']:<10} {r['backend']:<12} {r['image']:<24} "
+              f"{r.get('expires_at') or '-'}")
+    return 0
+
+
+# ---------------------------------------------------------------- exec / attach
+
+
+def _late_options(args: argparse.Namespace) -> list[str]:
+    """`exec NAME -e K=V -w DIR -- CMD`: options after NAME land in the command; take them."""
+    command = list(args.command)
+    if "--" not in command or command[0] == "--":
+        return _command(command)
+    cut = command.index("--")
+    import argparse
+
+    p = argparse.ArgumentParser(prog="agentkernel exec", add_help=False)
+    p.add_argument("-e", "--env", action="append", default=[])
+    p.add_argument("-w", "--workdir")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("-i", "--interactive", action="store_true")
+    p.add_argument("--timeout", type=float)
+    try:
+        late, rest = p.parse_known_args(command[:cut])
+    except SystemExit:
+        raise DaemonError("invalid options before --", 2) from None
+    if rest:
+        raise DaemonError(f"unexpected argument(s) before --: {' '.join(rest)}", 2)
+    args.env = [*args.env, *late.env]
+    args.workdir = late.workdir or args.workdir
+    args.tty = args.tty or late.tty
+    args.interactive = args.interactive or late.interactive
+    args.timeout = late.timeout if late.timeout is not None else args.timeout
+    return command[cut + 1 :]
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    validate_sandbox_name(args.name)
+    command = _late_options(args)
+    if not command:
+        raise DaemonError("no command given: agentkernel exec NAME -- COMMAND [ARGS...]", 2)
+    if args.timeout is not None and args.timeout <= 0:
+        raise DaemonError("--timeout must be a positive number of seconds", 2)
+    tty = bool(args.tty)
+    env = env_pairs(args.env)
+    if tty and "TERM" in os.environ:
+        env.setdefault("TERM", os.environ["TERM"])
+    req: dict[str, Any] = {"name": args.name, "argv": command, "env": env,
+                           "workdir": args.workdir, "timeout": args.timeout,
+                           "stdin_open": bool(args.interactive),
+                           "tty": list(client.terminal_size()) if tty else None}
+    return _interactive("exec", req, stdin=bool(args.interactive), tty=tty)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    validate_sandbox_name(args.name)
+    env = env_pairs(args.env)
+    env.setdefault("TERM", os.environ.get("TERM", "xterm"))
+    shell = "command -v bash >/dev/null 2>&1 && exec bash -i || exec sh -i"
+    req: dict[str, Any] = {"name": args.name, "argv": ["/bin/sh", "-c", shell], "env": env,
+                           "stdin_open": True, "tty": list(client.terminal_size())}
+    return _interactive("exec", req, stdin=True, tty=True)
+
+
+def _interactive(op: str, req: dict[str, Any], *, stdin: bool, tty: bool) -> int:
+    lines = client.open_stream(op, req, auto_start=True)
+    assert lines is not None
+    restore = None
+    if tty and os.isatty(0):
+        import termios
+        import tty as tty_mod
+
+        saved = termios.tcgetattr(0)
+        tty_mod.setraw(0)
+
+        def restore_fn() -> None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+        restore = restore_fn
+    try:
+        result = client.pump(lines, stdin_fd=0 if stdin else None, tty=tty)
+    finally:
+        if restore is not None:
+            restore()
+    if result.get("message"):
+        _say(str(result["message"]))
+    return int(result.get("exit_code", 125))
+
+
+# ---------------------------------------------------------------- cp
+
+
+def _split(spec: str) -> tuple[str | None, str]:
+    """`name:/path` -> (name, path); anything else is a host path (upstream's rule)."""
+    head, sep, tail = spec.partition(":")
+    if sep and head and not head.startswith(("/", ".")):
+        return validate_sandbox_name(head), validate_sandbox_path(tail)
+    return None, spec
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    src_name, src = _split(args.src)
+    dst_name, dst = _split(args.dst)
+    if (src_name is None) == (dst_name is None):
+        raise DaemonError("cp needs exactly one side of the form SANDBOX:/path", 2)
+    chunk = 256 * 1024
+    if dst_name is not None:
+        if os.path.isdir(src):
+            raise DaemonError(f"{src} is a directory (cp copies single files)", 2)
+        try:
+            f = open(src, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise DaemonError(f"cannot read {src}: {exc.strerror}") from None
+        with f:
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+            lines = client.open_stream("cp_in", {"name": dst_name, "path": dst, "mode": mode},
+                                       auto_start=True)
+            assert lines is not None
+            while data := f.read(chunk):
+                lines.send({"d": data.decode("latin-1")})
+            lines.send({"end": True})
+        reply = lines.recv()
+        lines.sock.close()
+        if reply is None or not reply.get("ok"):
+            client._raise(reply)
+        assert reply is not None
+        print(f"Copied {reply['data']} bytes from {args.src} to {args.dst}")
+        return 0
+    assert src_name is not None
+    target = dst
+    if os.path.isdir(target):
+        target = os.path.join(target, os.path.basename(src) or "file")
+    tmp = f"{target}.ak-{os.getpid()}.tmp"
+    lines = client.open_stream("cp_out", {"name": src_name, "path": src}, auto_start=True)
+    assert lines is not None
+    try:
+        with open(tmp, "wb") as out:
+            while True:
+                msg = lines.recv()
+                if msg is None:
+                    raise DaemonError("the daemon closed the connection during the copy")
+                if "d" in msg:
+                    out.write(str(msg["d"]).encode("latin-1"))
+                    continue
+                if not msg.get("ok"):
+                    client._raise(msg)
+                size = int(msg["data"])
+                break
+        os.replace(tmp, target)
+    finally:
+        lines.sock.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"Copied {size} bytes from {args.src} to {args.dst}")
+    return 0
+
+
+# ---------------------------------------------------------------- run through the daemon
+
+
+def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) -> int | None:
+    """`agentkernel run` through the daemon's warm pool; None if no daemon is up.
+
+    With --keep the daemon is started if needed, and the sandbox stays as a persistent one.
+    """
+    if keep:
+        return _run_keep(args, command)
+    memory = None
+    if args.memory:
+        from ..profiles import parse_memory
+
+        memory = parse_memory(args.memory)
+    forward_stdin = not sys.stdin.isatty() if sys.stdin else False
+    req: dict[str, Any] = {
+        "argv": command, "image": args.image, "profile": args.profile,
+        "backend": args.backend, "env": env_pairs(args.env), "workdir": args.workdir,
+        "timeout": args.timeout, "cwd": os.getcwd(), "no_network": bool(args.no_network),
+        "memory_mb": memory, "cpus": args.cpus,
+        "config_path": os.path.abspath(args.config) if args.config else None,
+        "host_env": client.host_env(), "stdin_open": forward_stdin and not args.json,
+        "data_dir": client.data_dir(),
+    }
+    lines = client.open_stream("run", req, auto_start=False)
+    if lines is None:
+        return None
+    started = time.monotonic()
+    captured: dict[int, list[bytes]] = {1: [], 2: []}
+    info: dict[str, Any] = {}
+
+    def on_started(data: dict[str, Any]) -> None:
+        info.update(data)
+        if args.quiet:
+            return
+        for warning in data.get("warnings") or []:
+            _say(f"warning: {warning}")
+        if args.verbose:
+            how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
+            _say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
+            _say(f"backend {data.get('backend')}: {data.get('isolation')}")
+            _say(f"image {data.get('image')} ({data.get('image_reason')}); "
+                 f"rootfs: {data.get('rootfs')}")
+            _say(f"profile {data.get('profile')}: network={data.get('network')} "
+                 f"workspace={data.get('workspace')} "
+                 f"memory={data.get('memory_mb') or 'unlimited'}MiB "
+                 f"pids={data.get('pids') or 'unlimited'} cpus={data.get('cpus') or 'unlimited'}")
+        for note in data.get("notes") or []:
+            _say(f"note: {note}")
+
+    sink = (lambda stream, data: captured[stream].append(data)) if args.json else None
+    try:
+        result = client.pump(lines, stdin_fd=0 if req["stdin_open"] else None, sink=sink,
+                             on_started=on_started)
+    except DaemonError as exc:
+        if exc.kind == "WrongDaemon":
+            return None  # a daemon of another data dir (AGENTKERNEL_HOME): run in-process
+        raise
+    if result.get("message") and not args.quiet:
+        _say(str(result["message"]))
+    code = int(result.get("exit_code", 125))
+    if args.json:
+        print(json.dumps({
+            "exit_code": code,
+            "stdout": b"".join(captured[1]).decode(errors="replace"),
+            "stderr": b"".join(captured[2]).decode(errors="replace"),
+            "signal": result.get("signal"), "timed_out": bool(result.get("timed_out")),
+            "message": result.get("message"), "backend": info.get("backend"),
+            "isolation": info.get("isolation"), "image": info.get("image"),
+            "rootfs": info.get("rootfs"), "profile": info.get("profile"),
+            "sandbox": info.get("sandbox"), "kept": False, "pooled": info.get("pooled"),
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }))
+    return code
+
+
+def _run_keep(args: argparse.Namespace, command: list[str]) -> int:
+    """`run --keep`: a persistent sandbox `run-<hex>` owned by the daemon, command run in it."""
+    import secrets
+
+    if args.json:
+        raise DaemonError("--json cannot be combined with --keep", 2)
+    name = f"run-{secrets.token_hex(4)}"
+    memory = None
+    if args.memory:
+        from ..profiles import parse_memory
+
+        memory = parse_memory(args.memory)
+    profile = args.profile
+    client.call("create", {
+        "name": name, "image": args.image, "profile": profile, "backend": args.backend,
+        "memory_mb": memory, "cpus": args.cpus, "workdir_source": os.getcwd(),
+        "env": env_pairs(args.env)})
+    forward_stdin = not sys.stdin.isatty() if sys.stdin else False
+    req: dict[str, Any] = {"name": name, "argv": command, "env": {}, "workdir": args.workdir,
+                           "timeout": args.timeout, "stdin_open": forward_stdin}
+    code = _interactive("exec", req, stdin=forward_stdin, tty=False)
+    if not args.quiet:
+        _say(f"sandbox '{name}' kept. Remove with: agentkernel remove {name}")
+    return code
+
+
+# ---------------------------------------------------------------- daemon
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    if args.daemon_cmd == "start":
+        if args.foreground:
+            from .server import run_daemon
+
+            return run_daemon(args.config)
+        sock = client.connect()
+        if sock is not None:
+            sock.close()
+            print(f"Daemon is already running at {client.socket_path()}")
+            return 0
+        pid = client.start_daemon(args.config)
+        print(f"Daemon started (pid {pid}), socket {client.socket_path()}")
+        return 0
+    if args.daemon_cmd == "stop":
+        sock = client.connect()
+        if sock is None:
+            raise DaemonError("Daemon is not running")
+        status = client._request(sock, "status", {})
+        pid = int(status.get("pid", 0))
+        client.call("shutdown", auto_start=False)
+        deadline = time.monotonic() + 60
+        while pid and time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.02)
+        print("Daemon stopped.")
+        return 0
+    # status
+    sock = client.connect()
+    if sock is None:
+        print(f"Daemon: not running\nSocket: {client.socket_path()}")
+        return 0
+    data = client._request(sock, "status", {})
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    print(f"Daemon: running (pid {data['pid']}, up {data['uptime_s']}s)")
+    print(f"Socket: {data['socket']}")
+    print(f"Sandboxes: {data['sandboxes']} ({data['running']} running)")
+    pools = data.get("pools") or []
+    print("Pool:" if pools else "Pool: no keys yet")
+    for p in pools:
+        where = f" workspace={p['workspace']}" if p.get("workspace") else ""
+        print(f"  {p['image']}/{p['profile']}/{p['backend']}{where}")
+        print(f"    Warm:    {p['warm']}" + (f" (+{p['starting']} starting)"
+                                               if p.get("starting") else ""))
+        print(f"    In use:  {p['in_use']}")
+        print(f"    Min/Max: {p['min']}/{p['max']}")
+        if p.get("last_error"):
+            print(f"    Error:   {p['last_error']}")
+    return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2 :][:1] not in (b"Z", b"X")

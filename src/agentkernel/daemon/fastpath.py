@@ -1,0 +1,105 @@
+"""`run` and `exec` through a running daemon, parsed without argparse (the CLI's hot path).
+
+Anything this parser does not recognise (help, --keep, bundled short flags, bad values)
+returns None, and the regular argparse CLI handles the command exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+_RUN_VALUES = {"-i": "image", "--image": "image", "-p": "profile", "--profile": "profile",
+               "-B": "backend", "--backend": "backend", "-e": "env", "--env": "env",
+               "-w": "workdir", "--workdir": "workdir", "-t": "timeout", "--timeout": "timeout",
+               "-m": "memory", "--memory": "memory", "--cpus": "cpus", "-c": "config",
+               "--config": "config"}
+_RUN_FLAGS = {"--no-network": "no_network", "-q": "quiet", "--quiet": "quiet",
+              "-v": "verbose", "--verbose": "verbose", "--json": "json"}
+_EXEC_VALUES = {"-e": "env", "--env": "env", "-w": "workdir", "--workdir": "workdir",
+                "--timeout": "timeout"}
+_EXEC_FLAGS = {"-t": "tty", "--tty": "tty", "-i": "interactive", "--interactive": "interactive"}
+_FLOATS = {"timeout", "cpus"}
+
+
+def _parse(tokens: list[str], values: dict[str, str], flags: dict[str, str],
+           ns: SimpleNamespace) -> int | None:
+    """Options up to the first positional; returns its index, None if unsure."""
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "--" or not tok.startswith("-") or tok == "-":
+            return i
+        key, eq, inline = tok.partition("=") if tok.startswith("--") else (tok, "", "")
+        if key in flags and not eq:
+            setattr(ns, flags[key], True)
+            i += 1
+            continue
+        if key not in values:
+            return None  # -h, --keep, -qv, a typo: argparse knows best
+        if eq:
+            value = inline
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                return None
+            value = tokens[i + 1]
+            i += 2
+        dest = values[key]
+        if dest == "env":
+            ns.env.append(value)
+        elif dest in _FLOATS:
+            try:
+                setattr(ns, dest, float(value))
+            except ValueError:
+                return None
+        else:
+            setattr(ns, dest, value)
+    return i
+
+
+def fast_main(argv: list[str]) -> int | None:
+    """The exit code, or None to let the full CLI handle this command line."""
+    if os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("1", "true", "yes"):
+        return None
+    from . import client
+
+    if not os.path.exists(client.socket_path()):
+        return None
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "run":
+            ns = SimpleNamespace(image=None, profile=None, backend=None, env=[], workdir=None,
+                                 timeout=None, memory=None, cpus=None, config=None,
+                                 no_network=False, quiet=False, verbose=False, json=False,
+                                 keep=False)
+            at = _parse(rest, _RUN_VALUES, _RUN_FLAGS, ns)
+            if at is None:
+                return None
+            command = rest[at:]
+            if command[:1] == ["--"]:
+                command = command[1:]
+            if not command or (ns.timeout is not None and ns.timeout <= 0):
+                return None
+            from .commands import run_via_daemon
+
+            return run_via_daemon(ns, command, keep=False)  # type: ignore[arg-type]
+        ns = SimpleNamespace(env=[], workdir=None, timeout=None, tty=False, interactive=False)
+        at = _parse(rest, _EXEC_VALUES, _EXEC_FLAGS, ns)
+        if at is None or at >= len(rest) or rest[at] == "--":
+            return None
+        ns.name, ns.command = rest[at], rest[at + 1 :]
+        from .commands import cmd_exec
+
+        return cmd_exec(ns)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from ..errors import AgentKernelError
+        from .client import DaemonError
+
+        if isinstance(exc, AgentKernelError | DaemonError):
+            print(f"agentkernel: {exc.message}", file=sys.stderr)
+            return exc.exit_code
+        raise

@@ -1,0 +1,1238 @@
+"""SandboxManager: persistent sandboxes, pooled one-shot runs, detached commands, snapshots."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import getpass
+import json
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuid_mod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..agent.client import AgentClient, Execution, ExitStatus
+from ..agent.protocol import Frame
+from ..errors import (
+    AgentKernelError,
+    AgentRequestError,
+    Conflict,
+    NotFound,
+    ProtocolError,
+    SandboxError,
+    UsageError,
+)
+from ..names import validate_sandbox_name, validate_sandbox_path
+from ..paths import data_dir
+from . import procs
+from .api import (
+    BackendInfo,
+    CreateRequest,
+    DetachedInfo,
+    ExecRequest,
+    ExecResult,
+    OnOutput,
+    PoolKeyStatus,
+    RunRequest,
+    SandboxInfo,
+    SnapshotInfo,
+)
+from .pool import PoolKey, WarmPool
+from .state import StateDB, dumps, loads
+
+if TYPE_CHECKING:
+    from ..backends import Backend
+    from ..config import Config, DaemonSection
+    from ..images import ImageConfig
+    from ..profiles import Profile
+    from ..rootfs import HostRootfs
+    from ..sandbox import Sandbox, SandboxSpec
+
+EXIT_TIMEOUT = 124
+ROOTFS_CACHE_SECONDS = 60.0
+HEALTH_INTERVAL = 5.0
+SNAPSHOT_BACKENDS = ("namespaces",)  # those whose writable layers live on the host's disk
+STOPPABLE_BACKENDS = ("namespaces",)
+
+
+class WrongDaemon(Conflict):
+    """The caller's data dir is not this daemon's: it must run without the daemon."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+class AdoptingClient(AgentClient):
+    """An AgentClient that keeps frames for channels it does not know yet.
+
+    After a daemon restart the agent replays output of commands started over the previous
+    connection under their old ids; the manager re-attaches its detached commands to them.
+    """
+
+    def __init__(self, *args: Any, expect: set[int] | None = None, **kwargs: Any) -> None:
+        self._expect = set(expect or ())
+        self._orphans: dict[int, list[Frame]] = {}
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def connect(cls, path: Path, expect: set[int], timeout: float = 5.0) -> AdoptingClient:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(None)
+
+        def shut() -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+        from typing import BinaryIO, cast
+
+        return cls(cast(BinaryIO, sock.makefile("rb", buffering=0)),
+                   cast(BinaryIO, sock.makefile("wb", buffering=0)), on_close=shut,
+                   expect=expect)
+
+    def _deliver(self, frame: Frame) -> None:
+        with self._lock:
+            if frame.chan in self._expect and frame.chan not in self._chans:
+                self._orphans.setdefault(frame.chan, []).append(frame)
+                return
+        super()._deliver(frame)
+
+    def adopt(self, chan: int, pid: int) -> Execution:
+        """An Execution for a command started over an earlier connection."""
+        q: queue.Queue[Frame | None] = queue.Queue()
+        with self._lock:
+            self._expect.discard(chan)
+            for frame in self._orphans.pop(chan, []):
+                q.put(frame)
+            if not self._alive:
+                q.put(None)
+            self._chans[chan] = q
+            self._next_chan = max(self._next_chan, chan + 1)
+        return Execution(self, chan, q, pid)
+
+
+@dataclass
+class Live:
+    """A running persistent sandbox: its agent channel and what must be torn down."""
+
+    name: str
+    backend: str
+    client: AgentClient
+    scratch: Path
+    pid: int | None
+    pid_start: int | None
+    helpers: list[tuple[int, int | None]]
+    sandbox: Sandbox | None = None  # None when adopted from an earlier daemon
+    execs: set[ExecHandle] = field(default_factory=set)
+
+
+class ExecHandle:
+    """A started command: feed stdin, signal, resize, then `pump` its output to the end."""
+
+    def __init__(self, execution: Execution, *, timeout: float | None,
+                 oom: Callable[[], bool], memory_mb: int | None,
+                 finish: Callable[[ExecHandle, ExecResult | None], None] | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+        self.execution = execution
+        self.timeout = timeout
+        self._oom = oom
+        self._memory_mb = memory_mb
+        self._finish = finish
+        self._finished = False
+        self._lock = threading.Lock()
+        self.info: dict[str, Any] = info or {}
+
+    def write_stdin(self, data: bytes) -> None:
+        with contextlib.suppress(ProtocolError):
+            self.execution.write_stdin(data)
+
+    def close_stdin(self) -> None:
+        with contextlib.suppress(ProtocolError):
+            self.execution.close_stdin()
+
+    def signal(self, signo: int) -> None:
+        with contextlib.suppress(ProtocolError, ValueError):
+            self.execution.signal(signo)
+
+    def resize(self, rows: int, cols: int) -> None:
+        with contextlib.suppress(ProtocolError, ValueError):
+            self.execution.resize(rows, cols)
+
+    def pump(self, on_output: OnOutput | None = None, *, collect: bool = True) -> ExecResult:
+        """Deliver output as it comes until the command exits; then finish the handle."""
+        out: list[bytes] = []
+        err: list[bytes] = []
+        result: ExecResult | None = None
+        try:
+            try:
+                for kind, payload in self.execution.events():
+                    if isinstance(payload, bytes):
+                        if collect:
+                            (out if kind == "stdout" else err).append(payload)
+                        if on_output is not None:
+                            on_output("stdout" if kind == "stdout" else "stderr", payload)
+                    elif isinstance(payload, ExitStatus):
+                        result = self._result(payload, b"".join(out), b"".join(err))
+            except ProtocolError:
+                if self._oom():
+                    result = ExecResult(
+                        exit_code=137, stdout=b"".join(out), stderr=b"".join(err),
+                        signal=signal.SIGKILL, oom_killed=True,
+                        message=f"sandbox killed: out of memory (limit {self._memory_mb} MiB)")
+                else:
+                    raise SandboxError("the sandbox died while the command ran") from None
+            if result is None:
+                raise ProtocolError("the agent ended the command without an exit status")
+            return result
+        finally:
+            self.finish(result)
+
+    def abort(self) -> None:
+        """The caller went away: kill the command and release everything."""
+        self.signal(signal.SIGKILL)
+        self.finish(None)
+
+    def finish(self, result: ExecResult | None) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        if self._finish is not None:
+            self._finish(self, result)
+
+    def _result(self, status: ExitStatus, out: bytes, err: bytes) -> ExecResult:
+        if status.timed_out:
+            return ExecResult(EXIT_TIMEOUT, out, err, status.signal, timed_out=True,
+                              message=f"command timed out after {self.timeout:g}s and was killed")
+        if status.signal == signal.SIGKILL and self._oom():
+            return ExecResult(137, out, err, status.signal, oom_killed=True,
+                              message=f"command killed: out of memory "
+                                      f"(limit {self._memory_mb} MiB)")
+        return ExecResult(status.shell_code, out, err, status.signal)
+
+
+def failed_start(exc: AgentRequestError) -> ExecResult:
+    """A command that could not start (not found, not executable) as a result, not an error."""
+    code = exc.exit_code if exc.exit_code in (126, 127) else 126
+    return ExecResult(code, b"", b"", message=exc.message)
+
+
+@dataclass
+class _Resolved:
+    """A sandbox spec resolved from its stored description."""
+
+    spec: SandboxSpec
+    backend: Backend
+    env: dict[str, str]
+    cwd: str
+    entrypoint: list[str]
+    rootfs_note: str
+    image_reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+class SandboxManager:
+    """Implements `SandboxService` (daemon/api.py). Thread-safe."""
+
+    def __init__(self, config: Config | None = None, *, start_threads: bool = True) -> None:
+        from ..config import DaemonSection
+
+        self.config = config
+        self.settings: DaemonSection = config.daemon if config is not None else DaemonSection()
+        self.root = data_dir()
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.db = StateDB(self.root / "state.db")
+        self._lock = threading.RLock()
+        self._name_locks: dict[str, threading.RLock] = {}
+        self._live: dict[str, Live] = {}
+        self._detached_threads: dict[str, threading.Thread] = {}
+        self._detached_execs: dict[str, Execution] = {}
+        self._rootfs_cache: dict[tuple[str, str], tuple[float, tuple[Any, ...]]] = {}
+        self._backend_cache: dict[str, Backend] = {}
+        self._closed = threading.Event()
+        self._empty = self.root / "empty"
+        self._empty.mkdir(mode=0o755, exist_ok=True)
+        self.recovered: list[str] = []  # what recover() did, for the daemon's log
+        self.recover()
+        _precompile_seccomp()
+        self.pool = WarmPool(self._pool_start, self._destroy_ephemeral,
+                             adhoc_min=self.settings.adhoc_min,
+                             adhoc_max=self.settings.pool_max,
+                             idle_seconds=self.settings.adhoc_idle_seconds)
+        self._threads: list[threading.Thread] = []
+        if start_threads:
+            self._configure_pools()
+            t = threading.Thread(target=self._reaper, name="ak-reaper", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Stop the daemon's side: pool destroyed, persistent sandboxes left running."""
+        self._closed.set()
+        self.pool.close()
+        for t in self._threads:
+            t.join(timeout=10)
+        with self._lock:
+            lives = list(self._live.values())
+            self._live.clear()
+        for live in lives:
+            # Hang up only: an agent started with --listen keeps its commands running and
+            # waits for the next daemon.
+            with contextlib.suppress(Exception):
+                live.client.close()
+        self.db.close()
+
+    def recover(self) -> None:
+        """Re-adopt persistent sandboxes that survived the previous daemon; clean up the rest."""
+        for row in self.db.all("SELECT * FROM ephemeral"):
+            self._cleanup_dead(row["name"], row["backend"], row["scratch"], row["pid"],
+                               row["pid_start"], loads(row["helpers"], []))
+            self.db.execute("DELETE FROM ephemeral WHERE name=?", (row["name"],))
+            self.recovered.append(f"cleaned up pool sandbox {row['name']}")
+        for row in self.db.all("SELECT * FROM sandboxes WHERE status='running'"):
+            name = row["name"]
+            if self._adopt(row):
+                self.recovered.append(f"re-adopted {name}")
+                continue
+            self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"],
+                               row["pid_start"], loads(row["helpers"], []))
+            self.db.execute("UPDATE sandboxes SET status='stopped', pid=NULL, pid_start=NULL, "
+                            "helpers='[]', scratch=NULL WHERE name=?", (name,))
+            self._fail_detached(name)
+            self._audit(name, "sandbox_stopped", reason="found dead by a restarted daemon")
+            self.recovered.append(f"marked {name} stopped (it died while no daemon ran)")
+
+    def _adopt(self, row: dict[str, Any]) -> bool:
+        if not procs.alive(row["pid"], row["pid_start"]) or not row["scratch"]:
+            return False
+        sock = Path(row["scratch"]) / "ctl" / "agent.sock"
+        running = self.db.all("SELECT * FROM detached WHERE sandbox=? AND status='running'",
+                              (row["name"],))
+        try:
+            client = AdoptingClient.connect(sock, {int(r["chan"]) for r in running})
+            client.hello(timeout=5)
+        except (OSError, AgentKernelError):
+            return False
+        live = Live(row["name"], row["backend"], client, Path(row["scratch"]), row["pid"],
+                    row["pid_start"], [tuple(h) for h in loads(row["helpers"], [])])
+        self._live[row["name"]] = live
+        for r in running:
+            execution = client.adopt(int(r["chan"]), int(r["pid"]))
+            self._drain_detached(row["name"], r["id"], execution)
+        self._audit(row["name"], "sandbox_adopted")
+        return True
+
+    def _cleanup_dead(self, name: str, backend: str, scratch: str | None, pid: int | None,
+                      pid_start: int | None, helpers: list[Any]) -> None:
+        """Remove whatever a sandbox whose owner died left on the host."""
+        procs.kill(pid, pid_start)
+        with contextlib.suppress(Exception):
+            from ..cgroups import Cgroup
+
+            Cgroup.open(name).destroy()
+        for h in helpers:
+            procs.kill(h[0], h[1] if len(h) > 1 else None)
+        if scratch:
+            path = Path(scratch)
+            if backend == "gvisor":
+                with contextlib.suppress(Exception):
+                    from ..backends.gvisor import _force_delete, _runsc
+
+                    runsc = _runsc()
+                    if runsc:
+                        _force_delete(runsc, path, name)
+            procs.rmtree(path)
+
+    def _name_lock(self, name: str) -> threading.RLock:
+        with self._lock:
+            lock = self._name_locks.get(name)
+            if lock is None:
+                lock = self._name_locks[name] = threading.RLock()
+            return lock
+
+    # ------------------------------------------------------------------ resolution
+
+    def _backend(self, name: str) -> Backend:
+        from ..backends import choose_backend
+
+        with self._lock:
+            cached = self._backend_cache.get(name)
+        if cached is not None:
+            return cached
+        backend = choose_backend(name)
+        with self._lock:
+            self._backend_cache[name] = backend
+        return backend
+
+    def _rootfs(self, image: str, config: Config | None
+                ) -> tuple[HostRootfs, ImageConfig | None, str]:
+        """resolve_rootfs, cached briefly (an unreachable registry must not cost every run)."""
+        from ..engine import resolve_rootfs
+
+        ck = (image, config.images.model_dump_json() if config is not None else "")
+        with self._lock:
+            hit = self._rootfs_cache.get(ck)
+        if hit is not None and time.monotonic() - hit[0] < ROOTFS_CACHE_SECONDS:
+            return hit[1]
+        value = resolve_rootfs(image, config, True)
+        with self._lock:
+            self._rootfs_cache[ck] = (time.monotonic(), value)
+        return value
+
+    def _base_env(self, name: str, image_config: ImageConfig | None, profile: Profile,
+                  home: Path | None, host_env: dict[str, str]) -> dict[str, str]:
+        from ..engine import DEFAULT_PATH
+        from ..profiles import PASS_ENV_KEYS
+
+        env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+        if image_config is not None:
+            env.update(image_config.env_dict())
+        env["AGENTKERNEL_SANDBOX"] = name
+        if profile.pass_env:
+            for key in PASS_ENV_KEYS:
+                if key in host_env:
+                    env[key] = host_env[key]
+            if profile.mount_home and home is not None:
+                env["HOME"] = "/home/user"
+        return env
+
+    @staticmethod
+    def _default_cwd(workspace: Path | None, image_config: ImageConfig | None) -> str:
+        if workspace is not None:
+            return "/workspace"
+        return (image_config.working_dir if image_config is not None else "") or "/root"
+
+    def _resolve(self, name: str, doc: dict[str, Any]) -> _Resolved:
+        """The SandboxSpec of a persistent sandbox from its stored description."""
+        from ..profiles import Profile, get_profile
+        from ..sandbox import SandboxSpec
+
+        if isinstance(doc.get("profile_fields"), dict):
+            profile = Profile(**doc["profile_fields"])
+        else:
+            profile = get_profile(doc["profile"]).with_overrides(
+                network=False if doc.get("no_network") else None,
+                memory_mb=doc.get("memory_mb"), cpus=doc.get("cpus"))
+        backend = self._backend(doc["backend"])
+        rootfs, image_config, note = self._rootfs(doc.get("rootfs") or doc["image"], None)
+        ws = doc.get("workspace")
+        workspace = Path(ws) if ws and profile.workspace != "none" else None
+        if workspace is not None and not workspace.is_dir():
+            raise NotFound(f"the sandbox's project dir {ws} no longer exists")
+        home = Path(os.path.expanduser("~"))
+        home_opt = home if profile.mount_home and home.is_dir() else None
+        spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
+                           workspace=workspace, home=home_opt, persistent=True,
+                           state_dir=self._state_dir(name))
+        env = self._base_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
+        env.update(doc.get("env", {}))
+        return _Resolved(spec, backend, env, self._default_cwd(workspace, image_config),
+                         list(image_config.entrypoint or []) if image_config else [], note)
+
+    def _state_dir(self, name: str) -> Path:
+        validate_sandbox_name(name)
+        return self.root / "sandboxes" / name
+
+    # ------------------------------------------------------------------ persistent sandboxes
+
+    def create(self, req: CreateRequest) -> SandboxInfo:
+        from ..detect import resolve_run_image, validate_image_ref
+        from ..engine import RunRequest as EngineRequest
+        from ..engine import load_configs, resolve_profile
+
+        validate_sandbox_name(req.name)
+        if req.ttl_seconds is not None and req.ttl_seconds <= 0:
+            raise UsageError("ttl must be a positive number of seconds")
+        for key in req.env:
+            if not key or "=" in key or "\0" in key or "\0" in req.env[key]:
+                raise UsageError(f"invalid environment variable {key!r}")
+        workspace: Path | None = None
+        if req.workdir_source:
+            workspace = Path(req.workdir_source)
+            if not workspace.is_absolute():
+                raise UsageError("the project dir must be an absolute path")
+            if not workspace.is_dir():
+                raise NotFound(f"project dir {req.workdir_source} does not exist")
+        cpus = req.cpus if req.cpus is not None else (float(req.vcpus) if req.vcpus else None)
+        with self._name_lock(req.name):
+            if self.db.one("SELECT name FROM sandboxes WHERE name=?", (req.name,)):
+                raise Conflict(f"sandbox {req.name!r} already exists")
+            ereq = EngineRequest(argv=[], cwd=workspace or self._empty, image=req.image,
+                                 profile=req.profile, backend=req.backend,
+                                 memory_mb=req.memory_mb, cpus=cpus)
+            config, _source, _warnings = load_configs(ereq)
+            if req.image and req.image != "host":
+                validate_image_ref(req.image)
+            cfg_image = config.image if config is not None else None
+            image, _reason = resolve_run_image([], ereq.cwd, cli_image=req.image,
+                                               config_image_from_flag=None,
+                                               project_config_image=cfg_image)
+            profile = resolve_profile(ereq, config)
+            # The request, the project's config, then the daemon's own config decide.
+            backend_name = (req.backend or (config.sandbox.backend if config else None)
+                            or (self.config.sandbox.backend if self.config else None)
+                            or "auto")
+            backend = self._backend(backend_name)
+            _rootfs, _image_config, note = self._rootfs(image, config)
+            doc = {
+                "image": image, "rootfs": "host" if note.startswith("host") else image,
+                "profile": profile.name, "backend": backend.name,
+                "memory_mb": profile.memory_mb, "cpus": profile.cpus,
+                "no_network": profile.network == "none",
+                "workspace": str(workspace) if workspace else None,
+                "env": dict(req.env), "host_env": {},
+                "profile_fields": dataclasses.asdict(profile),
+            }
+            uid = str(uuid_mod.uuid4())
+            state_dir = self._state_dir(req.name)
+            if state_dir.exists():
+                procs.rmtree(state_dir)  # left by a crash between insert and cleanup
+            state_dir.mkdir(mode=0o700, parents=True)
+            created = _now()
+            expires = created + req.ttl_seconds if req.ttl_seconds else None
+            self.db.execute(
+                "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile,"
+                " spec, created, expires, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (req.name, uid, "stopped", backend.name, backend.isolation, image,
+                 profile.name, dumps(doc), created, expires, str(state_dir)))
+            self._audit(req.name, "sandbox_created", image=image, backend=backend.name,
+                        profile=profile.name)
+            try:
+                self._start_live(req.name)
+            except BaseException:
+                self.db.execute("DELETE FROM sandboxes WHERE name=?", (req.name,))
+                procs.rmtree(state_dir)
+                raise
+            return self.get(req.name)
+
+    def _row(self, name: str) -> dict[str, Any]:
+        validate_sandbox_name(name)
+        row = self.db.one("SELECT * FROM sandboxes WHERE name=?", (name,))
+        if row is None:
+            raise NotFound(f"sandbox {name!r} not found")
+        return row
+
+    def _info(self, row: dict[str, Any]) -> SandboxInfo:
+        doc = loads(row["spec"], {})
+        cpus = doc.get("cpus")
+        return SandboxInfo(
+            name=row["name"], uuid=row["uuid"], status=row["status"], backend=row["backend"],
+            isolation=row["isolation"], image=row["image"], profile=row["profile"],
+            vcpus=max(1, round(cpus)) if cpus else None, memory_mb=doc.get("memory_mb"),
+            created_at=rfc3339(row["created"]) or "", expires_at=rfc3339(row["expires"]))
+
+    def get(self, name: str) -> SandboxInfo:
+        return self._info(self._row(name))
+
+    def get_by_uuid(self, uuid: str) -> SandboxInfo:
+        row = self.db.one("SELECT * FROM sandboxes WHERE uuid=?", (str(uuid),))
+        if row is None:
+            raise NotFound(f"no sandbox with uuid {str(uuid)[:64]!r}")
+        return self._info(row)
+
+    def list_sandboxes(self) -> list[SandboxInfo]:
+        return [self._info(r) for r in self.db.all("SELECT * FROM sandboxes ORDER BY name")]
+
+    def _start_live(self, name: str) -> Live:
+        row = self._row(name)
+        doc = loads(row["spec"], {})
+        res = self._resolve(name, doc)
+        self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"], row["pid_start"],
+                           loads(row["helpers"], []))
+        sandbox = res.backend.start(res.spec)
+        pid = sandbox.process.pid
+        live = Live(name, sandbox.backend, sandbox.client, sandbox.scratch, pid,
+                    procs.start_time(pid),
+                    [(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers], sandbox)
+        self.db.execute(
+            "UPDATE sandboxes SET status='running', pid=?, pid_start=?, helpers=?, scratch=?,"
+            " isolation=? WHERE name=?",
+            (pid, live.pid_start, dumps(live.helpers), str(sandbox.scratch), sandbox.isolation,
+             name))
+        with self._lock:
+            self._live[name] = live
+        self._audit(name, "sandbox_started", profile=res.spec.profile.name,
+                    backend=sandbox.backend)
+        return live
+
+    def start(self, name: str) -> SandboxInfo:
+        with self._name_lock(name):
+            row = self._row(name)
+            with self._lock:
+                live = self._live.get(name)
+            if row["status"] == "running" and live is not None and live.client.alive:
+                return self._info(row)
+            if live is not None:
+                self._teardown(live)
+            self._start_live(name)
+            return self.get(name)
+
+    def stop(self, name: str) -> SandboxInfo:
+        with self._name_lock(name):
+            row = self._row(name)
+            if row["backend"] not in STOPPABLE_BACKENDS:
+                raise Conflict(
+                    f"sandbox {name!r} runs on the {row['backend']} backend, which keeps its "
+                    "filesystem in memory: stopping it would lose it (remove it instead)")
+            self._stop_locked(name, row)
+            self._audit(name, "sandbox_stopped")
+            return self.get(name)
+
+    def _stop_locked(self, name: str, row: dict[str, Any]) -> None:
+        with self._lock:
+            live = self._live.pop(name, None)
+        if live is not None:
+            self._teardown(live)
+        else:
+            self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"],
+                               row["pid_start"], loads(row["helpers"], []))
+        self.db.execute("UPDATE sandboxes SET status='stopped', pid=NULL, pid_start=NULL, "
+                        "helpers='[]', scratch=NULL WHERE name=?", (name,))
+        self._fail_detached(name)
+
+    def _teardown(self, live: Live) -> None:
+        """Everything of a running sandbox goes: commands, processes, cgroups, scratch."""
+        for handle in list(live.execs):
+            handle.abort()
+        if live.sandbox is not None:
+            live.sandbox.destroy()
+            return
+        with contextlib.suppress(Exception):
+            if live.client.alive:
+                live.client.shutdown()
+        live.client.close()
+        self._cleanup_dead(live.name, live.backend, str(live.scratch), live.pid,
+                           live.pid_start, list(live.helpers))
+
+    def remove(self, name: str) -> None:
+        with self._name_lock(name):
+            row = self._row(name)
+            self._stop_locked(name, row)
+            self.db.execute("DELETE FROM detached WHERE sandbox=?", (name,))
+            self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
+            procs.rmtree(Path(row["state_dir"]))
+        with self._lock:
+            self._name_locks.pop(name, None)
+
+    def extend(self, name: str, seconds: float) -> str | None:
+        if not seconds or seconds <= 0:
+            raise UsageError("extend needs a positive number of seconds")
+        with self._name_lock(name):
+            row = self._row(name)
+            base = max(_now(), row["expires"] or _now())
+            expires = base + seconds
+            self.db.execute("UPDATE sandboxes SET expires=? WHERE name=?", (expires, name))
+            self._audit(name, "ttl_extended", expires_at=rfc3339(expires))
+            return rfc3339(expires)
+
+    # ------------------------------------------------------------------ commands
+
+    def _running(self, name: str) -> tuple[Live, dict[str, Any]]:
+        row = self._row(name)
+        with self._lock:
+            live = self._live.get(name)
+        if row["status"] != "running" or live is None:
+            raise Conflict(f"sandbox {name!r} is not running (start it: agentkernel start {name})")
+        if not live.client.alive:
+            with self._name_lock(name):
+                self._stop_locked(name, row)
+            self._audit(name, "sandbox_stopped", reason="its agent went away")
+            raise SandboxError(f"sandbox {name!r} died; it is stopped now (start it again)")
+        return live, row
+
+    def _oom_check(self, name: str, live: Live) -> Callable[[], bool]:
+        def check() -> bool:
+            if live.sandbox is not None:
+                return live.sandbox.oom_killed()
+            with contextlib.suppress(Exception):
+                from ..cgroups import Cgroup
+
+                return Cgroup.open(name).oom_killed()
+            return False
+
+        return check
+
+    def open_exec(self, name: str, req: ExecRequest, *, stdin: bool = False,
+                  pty: tuple[int, int] | None = None) -> ExecHandle:
+        """Start a command in a running sandbox; the caller pumps it."""
+        if not req.argv:
+            raise UsageError("no command given")
+        live, row = self._running(name)
+        doc = loads(row["spec"], {})
+        res = self._resolve(name, doc)
+        env = dict(res.env)
+        env.update(req.env)
+        cwd = req.workdir or res.cwd
+        if not cwd.startswith("/"):
+            raise UsageError(f"workdir must be an absolute path inside the sandbox, got {cwd!r}")
+        execution = live.client.exec(req.argv, env=env, cwd=cwd, timeout=req.timeout,
+                                     stdin=stdin or req.stdin is not None, pty=pty)
+
+        def finish(handle: ExecHandle, result: ExecResult | None) -> None:
+            live.execs.discard(handle)
+            self._audit(name, "command_executed", command=list(req.argv),
+                        exit_code=result.exit_code if result else None)
+
+        handle = ExecHandle(execution, timeout=req.timeout, oom=self._oom_check(name, live),
+                            memory_mb=doc.get("memory_mb"), finish=finish)
+        live.execs.add(handle)
+        if req.stdin is not None:
+            handle.write_stdin(req.stdin)
+            handle.close_stdin()
+        return handle
+
+    def exec(self, name: str, req: ExecRequest, on_output: OnOutput | None = None
+             ) -> ExecResult:
+        try:
+            handle = self.open_exec(name, req)
+        except AgentRequestError as exc:
+            if exc.exit_code in (126, 127):
+                return failed_start(exc)
+            raise
+        return handle.pump(on_output)
+
+    # ---- one-shot runs (warm pool) ----
+
+    def _plan_run(self, req: RunRequest) -> tuple[PoolKey, Backend, HostRootfs, dict[str, Any]]:
+        """What engine.plan decides, but with cached backends and rootfs, for the pool key."""
+        from ..detect import resolve_run_image, validate_image_ref
+        from ..engine import HOST_IMAGE, load_configs, parse_env, resolve_profile
+        from ..engine import RunRequest as EngineRequest
+
+        if not req.argv:
+            raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
+        cwd = Path(req.cwd) if req.cwd else None
+        if cwd is not None and (not cwd.is_absolute() or not cwd.is_dir()):
+            raise UsageError(f"run: project dir {req.cwd!r} is not an existing absolute path")
+        ereq = EngineRequest(
+            argv=list(req.argv), cwd=cwd or self._empty, image=req.image, profile=req.profile,
+            backend=req.backend, no_network=req.no_network,
+            env=[f"{k}={v}" for k, v in req.env.items()], workdir=req.workdir,
+            timeout=req.timeout, memory_mb=req.memory_mb, cpus=req.cpus,
+            config_path=Path(req.config_path) if req.config_path else None)
+        config, source, warnings = load_configs(ereq)
+        if req.image and req.image != HOST_IMAGE:
+            validate_image_ref(req.image)
+        cfg_image = config.image if config is not None else None
+        image, reason = resolve_run_image(
+            ereq.argv, ereq.cwd, cli_image=req.image,
+            config_image_from_flag=cfg_image if source == "flag" else None,
+            project_config_image=cfg_image if source == "project" else None)
+        profile = resolve_profile(ereq, config)
+        backend = self._backend(req.backend or (config.sandbox.backend if config else None)
+                                or "auto")
+        rootfs, image_config, note = self._rootfs(image, config)
+        workspace = cwd if cwd is not None and profile.workspace != "none" else None
+        home = Path(req.host_env.get("HOME") or os.path.expanduser("~"))  # the caller's
+        home_opt = home if profile.mount_home and home.is_absolute() and home.is_dir() else None
+        key = PoolKey(image=image, rootfs="host" if note.startswith("host") else image,
+                      backend=backend.name, profile=profile,
+                      workspace=str(workspace) if workspace else None,
+                      home=str(home_opt) if home_opt else None)
+        env_extra = parse_env(ereq.env)
+        cwd_in = req.workdir or self._default_cwd(workspace, image_config)
+        if not cwd_in.startswith("/"):
+            raise UsageError(f"--workdir must be an absolute path inside the sandbox, "
+                             f"got {cwd_in!r}")
+        argv = [*(image_config.entrypoint or []), *req.argv] if image_config else list(req.argv)
+        if note.endswith("(image unavailable)"):
+            warnings = [*warnings, f"image {image} is not available; running on the host's "
+                                   'userland instead (offline_fallback = "host")']
+        plan = {"image_config": image_config, "env_extra": env_extra, "cwd": cwd_in,
+                "argv": argv, "reason": reason, "note": note, "warnings": warnings,
+                "home": home_opt}
+        return key, backend, rootfs, plan
+
+    def _pool_spec(self, key: PoolKey, rootfs: HostRootfs) -> SandboxSpec:
+        from ..sandbox import SandboxSpec
+
+        return SandboxSpec(name=f"pool-{secrets.token_hex(5)}", profile=key.profile,
+                           rootfs=rootfs, image=key.image,
+                           workspace=Path(key.workspace) if key.workspace else None,
+                           home=Path(key.home) if key.home else None)
+
+    def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
+        """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
+        spec = self._pool_spec(key, rootfs)
+        scratch = self._runtime_scratch(spec.name)
+        self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
+                        (spec.name, backend.name, str(scratch)))
+        try:
+            sandbox = backend.start(spec)
+        except BaseException:
+            self.db.execute("DELETE FROM ephemeral WHERE name=?", (spec.name,))
+            raise
+        pid = sandbox.process.pid
+        self.db.execute("UPDATE ephemeral SET pid=?, pid_start=?, helpers=? WHERE name=?",
+                        (pid, procs.start_time(pid),
+                         dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]),
+                         spec.name))
+        return sandbox
+
+    @staticmethod
+    def _runtime_scratch(name: str) -> Path:
+        from ..paths import runtime_dir
+
+        return runtime_dir() / "sandboxes" / name
+
+    def _destroy_ephemeral(self, sandbox: Sandbox) -> None:
+        try:
+            sandbox.destroy()
+        finally:
+            self.db.execute("DELETE FROM ephemeral WHERE name=?", (sandbox.spec.name,))
+
+    def open_run(self, req: RunRequest, *, stdin: bool = False) -> ExecHandle:
+        """A one-shot run: a warm sandbox if one is ready, else a fresh one; gone after."""
+        if req.data_dir and Path(req.data_dir).resolve() != self.root.resolve():
+            raise WrongDaemon(f"this daemon serves {self.root}, not {req.data_dir}")
+        key, backend, rootfs, plan = self._plan_run(req)
+        started = time.monotonic()
+        sandbox = self.pool.take(key, backend, rootfs)
+        pooled = sandbox is not None
+        try:
+            if sandbox is None:
+                for attempt in range(3):
+                    try:
+                        sandbox = self._pool_start(key, backend, rootfs)
+                        break
+                    except SandboxError:
+                        # Under heavy concurrency bwrap now and then fails its netlink
+                        # set-up (loopback, ECHILD); another try beats a failed run.
+                        if attempt == 2:
+                            raise
+                assert sandbox is not None
+            env = self._base_env(sandbox.spec.name, plan["image_config"], key.profile,
+                                 plan["home"], req.host_env)
+            env.update(plan["env_extra"])
+            execution = sandbox.client.exec(plan["argv"], env=env, cwd=plan["cwd"],
+                                            timeout=req.timeout, stdin=stdin)
+        except BaseException:
+            self.pool.release(key)
+            if sandbox is not None:
+                self._destroy_later(sandbox)
+            raise
+        sb = sandbox
+
+        def finish(_handle: ExecHandle, _result: ExecResult | None) -> None:
+            self.pool.release(key)
+            self._destroy_later(sb)
+
+        info = {"backend": sb.backend, "isolation": sb.isolation, "image": key.image,
+                "image_reason": plan["reason"], "rootfs": plan["note"],
+                "profile": key.profile.name, "network": key.profile.network,
+                "workspace": key.profile.workspace, "memory_mb": key.profile.memory_mb,
+                "pids": key.profile.pids, "cpus": key.profile.cpus, "pooled": pooled,
+                "sandbox": sb.spec.name, "notes": list(sb.notes),
+                "warnings": plan["warnings"],
+                "acquire_ms": round((time.monotonic() - started) * 1000, 2)}
+        return ExecHandle(execution, timeout=req.timeout, oom=sb.oom_killed,
+                          memory_mb=key.profile.memory_mb, finish=finish, info=info)
+
+    def run(self, req: RunRequest, on_output: OnOutput | None = None) -> ExecResult:
+        try:
+            handle = self.open_run(req)
+        except AgentRequestError as exc:
+            if exc.exit_code in (126, 127):
+                return failed_start(exc)
+            raise
+        handle.close_stdin()
+        return handle.pump(on_output)
+
+    def _destroy_later(self, sandbox: Sandbox) -> None:
+        # Tearing a sandbox down takes a few ms: the caller already has its answer.
+        threading.Thread(target=self._destroy_ephemeral, args=(sandbox,), name="ak-destroy",
+                         daemon=False).start()
+
+    # ---- detached commands ----
+
+    def _exec_dir(self, name: str) -> Path:
+        path = self._state_dir(name) / "exec"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
+    def exec_detached(self, name: str, req: ExecRequest) -> DetachedInfo:
+        handle = self.open_exec(name, req)
+        cmd_id = f"cmd-{secrets.token_hex(6)}"
+        started = _now()
+        self.db.execute("INSERT INTO detached (id, sandbox, command, pid, chan, status, started)"
+                        " VALUES (?,?,?,?,?,?,?)",
+                        (cmd_id, name, dumps(list(req.argv)), handle.execution.pid,
+                         handle.execution.id, "running", started))
+        self._drain_detached(name, cmd_id, handle.execution, handle)
+        return self.detached_status(name, cmd_id)
+
+    def _drain_detached(self, name: str, cmd_id: str, execution: Execution,
+                        handle: ExecHandle | None = None) -> None:
+        out_dir = self._exec_dir(name)
+
+        def drain() -> None:
+            status, code = "failed", None
+            try:
+                with open(out_dir / f"{cmd_id}.stdout", "ab") as out, \
+                        open(out_dir / f"{cmd_id}.stderr", "ab") as err:
+                    for kind, payload in execution.events():
+                        if isinstance(payload, bytes):
+                            target = out if kind == "stdout" else err
+                            target.write(payload)
+                            target.flush()
+                        elif isinstance(payload, ExitStatus):
+                            status, code = "completed", payload.shell_code
+            except Exception:  # noqa: S110 - the sandbox went away: the command failed
+                pass
+            finally:
+                self._detached_execs.pop(cmd_id, None)
+                if handle is not None:
+                    handle.finish(None)
+            if not self._closed.is_set():
+                with contextlib.suppress(Exception):
+                    self.db.execute("UPDATE detached SET status=?, exit_code=? WHERE id=? AND "
+                                    "status='running'", (status, code, cmd_id))
+
+        t = threading.Thread(target=drain, name=f"ak-detached-{cmd_id}", daemon=True)
+        self._detached_threads[cmd_id] = t
+        self._detached_execs[cmd_id] = execution
+        t.start()
+
+    def _detached_row(self, name: str, cmd_id: str) -> dict[str, Any]:
+        self._row(name)
+        row = self.db.one("SELECT * FROM detached WHERE id=? AND sandbox=?", (str(cmd_id), name))
+        if row is None:
+            raise NotFound(f"no detached command {str(cmd_id)[:64]!r} in sandbox {name!r}")
+        return row
+
+    @staticmethod
+    def _detached_info(row: dict[str, Any]) -> DetachedInfo:
+        return DetachedInfo(id=row["id"], sandbox=row["sandbox"],
+                            command=loads(row["command"], []), pid=row["pid"],
+                            status=row["status"], started_at=rfc3339(row["started"]) or "",
+                            exit_code=row["exit_code"])
+
+    def detached_list(self, name: str) -> list[DetachedInfo]:
+        self._row(name)
+        return [self._detached_info(r) for r in
+                self.db.all("SELECT * FROM detached WHERE sandbox=? ORDER BY started", (name,))]
+
+    def detached_status(self, name: str, cmd_id: str) -> DetachedInfo:
+        return self._detached_info(self._detached_row(name, cmd_id))
+
+    def detached_logs(self, name: str, cmd_id: str) -> tuple[bytes, bytes]:
+        row = self._detached_row(name, cmd_id)
+        base = self._exec_dir(name)
+        parts = []
+        for stream in ("stdout", "stderr"):
+            try:
+                parts.append((base / f"{row['id']}.{stream}").read_bytes())
+            except FileNotFoundError:
+                parts.append(b"")
+        return parts[0], parts[1]
+
+    def detached_kill(self, name: str, cmd_id: str) -> None:
+        row = self._detached_row(name, cmd_id)
+        if row["status"] != "running":
+            return
+        self._running(name)
+        execution = self._detached_execs.get(row["id"])
+        if execution is None:
+            raise Conflict(f"detached command {cmd_id!r} is not attached to this daemon")
+        # The command leads its own process group (the agent's EXEC contract): kill it all.
+        with contextlib.suppress(ProtocolError):
+            execution.kill()
+        t = self._detached_threads.get(row["id"])
+        if t is not None:
+            t.join(timeout=5)
+
+    def _fail_detached(self, name: str) -> None:
+        self.db.execute("UPDATE detached SET status='failed' WHERE sandbox=? AND "
+                        "status='running'", (name,))
+
+    # ---- audit log ----
+
+    def _audit(self, name: str, event: str, **fields: Any) -> None:
+        entry = {"timestamp": rfc3339(_now()), "pid": os.getpid(), "user": _user(),
+                 "type": event, "sandbox": name, **fields}
+        with contextlib.suppress(OSError):
+            path = self._state_dir(name)
+            if path.is_dir():
+                with open(path / "audit.jsonl", "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+
+    def logs(self, name: str) -> list[dict[str, object]]:
+        self._row(name)
+        entries: list[dict[str, object]] = []
+        with contextlib.suppress(OSError), open(self._state_dir(name) / "audit.jsonl") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    item = json.loads(line)
+                    if isinstance(item, dict):
+                        entries.append(item)
+        return entries
+
+    # ------------------------------------------------------------------ files
+
+    def read_file(self, name: str, path: str) -> bytes:
+        path = validate_sandbox_path(path)
+        live, _ = self._running(name)
+        data = live.client.read_file(path)
+        self._audit(name, "file_read", path=path)
+        return data
+
+    def read_file_to(self, name: str, path: str, out: Any) -> int:
+        """Stream a file out of a sandbox (for `cp`)."""
+        path = validate_sandbox_path(path)
+        live, _ = self._running(name)
+        size = live.client.read_file_to(path, out)
+        self._audit(name, "file_read", path=path)
+        return size
+
+    def write_file(self, name: str, path: str, data: Any, mode: int = 0o644) -> int:
+        """Write bytes (or a readable stream) to a file in the sandbox, parents created."""
+        path = validate_sandbox_path(path)
+        if path == "/":
+            raise UsageError("cannot write to /")
+        if not 0 <= int(mode) <= 0o7777:
+            raise UsageError(f"invalid file mode {mode!r}")
+        live, _ = self._running(name)
+        size = live.client.write_file(path, data, mode=int(mode), mkdirs=True)
+        self._audit(name, "file_written", path=path)
+        return size
+
+    def delete_file(self, name: str, path: str) -> None:
+        path = validate_sandbox_path(path)
+        if path == "/":
+            raise UsageError("cannot delete /")
+        live, _ = self._running(name)
+        live.client.remove(path, recursive=False)
+        self._audit(name, "file_deleted", path=path)
+
+    def stat_file(self, name: str, path: str) -> dict[str, Any]:
+        path = validate_sandbox_path(path)
+        live, _ = self._running(name)
+        st = live.client.stat(path)
+        return {"type": st.type, "mode": st.mode, "size": st.size}
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _snap_dir(self) -> Path:
+        path = self.root / "snapshots"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    @staticmethod
+    def _snap_info(row: dict[str, Any]) -> SnapshotInfo:
+        doc = loads(row["spec"], {})
+        cpus = doc.get("cpus")
+        return SnapshotInfo(name=row["name"], sandbox=row["sandbox"],
+                            image_tag=f"agentkernel-snapshot:{row['name']}",
+                            backend=row["backend"], created_at=rfc3339(row["created"]) or "",
+                            base_image=row["image"],
+                            vcpus=max(1, round(cpus)) if cpus else None,
+                            memory_mb=doc.get("memory_mb"))
+
+    def snapshot(self, name: str, snapshot_name: str | None = None) -> SnapshotInfo:
+        snap = snapshot_name or f"{name}-{time.strftime('%Y%m%d%H%M%S')}"
+        validate_sandbox_name(snap)
+        with self._name_lock(name):
+            row = self._row(name)
+            if row["backend"] not in SNAPSHOT_BACKENDS:
+                raise Conflict(f"the {row['backend']} backend cannot snapshot a sandbox's "
+                               "filesystem (it lives in the sandbox's memory)")
+            if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
+                raise Conflict(f"snapshot {snap!r} already exists")
+            target = self._snap_dir() / f"{snap}.tar"
+            tmp = target.with_suffix(".tmp")
+            state = Path(row["state_dir"])
+            members = [m for m in ("layers", "dirs") if (state / m).exists()]
+            # GNU tar keeps overlayfs whiteouts (0/0 devices) and opaque-dir xattrs.
+            argv = ["tar", "--xattrs", "--xattrs-include=user.*", "--xattrs-include=trusted.*",
+                    "--exclude=./layers/*/work", "-C", str(state), "-cf", str(tmp),
+                    *[f"./{m}" for m in members]]
+            proc = subprocess.run(argv, capture_output=True, check=False, timeout=600)
+            if proc.returncode not in (0, 1):  # 1: a file changed while read (running)
+                tmp.unlink(missing_ok=True)
+                raise SandboxError("snapshot failed: " +
+                                   proc.stderr.decode(errors="replace").strip()[-300:])
+            tmp.rename(target)
+            self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
+                            "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
+                            (snap, name, row["image"], row["backend"], row["profile"],
+                             row["spec"], _now(), str(target)))
+            self._audit(name, "snapshot_taken", snapshot=snap)
+        return self.get_snapshot(snap)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return [self._snap_info(r) for r in self.db.all("SELECT * FROM snapshots ORDER BY name")]
+
+    def _snap_row(self, snapshot_name: str) -> dict[str, Any]:
+        validate_sandbox_name(snapshot_name)
+        row = self.db.one("SELECT * FROM snapshots WHERE name=?", (snapshot_name,))
+        if row is None:
+            raise NotFound(f"snapshot {snapshot_name!r} not found")
+        return row
+
+    def get_snapshot(self, snapshot_name: str) -> SnapshotInfo:
+        return self._snap_info(self._snap_row(snapshot_name))
+
+    def delete_snapshot(self, snapshot_name: str) -> None:
+        row = self._snap_row(snapshot_name)
+        self.db.execute("DELETE FROM snapshots WHERE name=?", (snapshot_name,))
+        Path(row["path"]).unlink(missing_ok=True)
+
+    def restore_snapshot(self, snapshot_name: str, new_name: str | None = None) -> SandboxInfo:
+        """A new sandbox from a snapshot: named after its original sandbox if that name is
+        free, else after the snapshot, else `<snapshot>-<hex>`."""
+        row = self._snap_row(snapshot_name)
+        candidates = [new_name] if new_name else [row["sandbox"], snapshot_name,
+                                                 f"{snapshot_name[:50]}-{secrets.token_hex(3)}"]
+        for name in candidates:
+            validate_sandbox_name(name)
+            with self._name_lock(name):
+                if self.db.one("SELECT name FROM sandboxes WHERE name=?", (name,)):
+                    if new_name:
+                        raise Conflict(f"sandbox {name!r} already exists")
+                    continue
+                return self._restore_into(name, row)
+        raise Conflict("no free name to restore the snapshot into")
+
+    def _restore_into(self, name: str, snap: dict[str, Any]) -> SandboxInfo:
+        state_dir = self._state_dir(name)
+        if state_dir.exists():
+            procs.rmtree(state_dir)
+        state_dir.mkdir(mode=0o700, parents=True)
+        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C", str(state_dir),
+                               "-xf", snap["path"]], capture_output=True, check=False,
+                              timeout=600)
+        if proc.returncode != 0:
+            procs.rmtree(state_dir)
+            raise SandboxError("restore failed: " +
+                               proc.stderr.decode(errors="replace").strip()[-300:])
+        backend = self._backend(snap["backend"])
+        self.db.execute(
+            "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile, spec,"
+            " created, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (name, str(uuid_mod.uuid4()), "stopped", backend.name, backend.isolation,
+             snap["image"], snap["profile"], snap["spec"], _now(), str(state_dir)))
+        self._audit(name, "sandbox_restored", snapshot=snap["name"])
+        try:
+            self._start_live(name)
+        except BaseException:
+            self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
+            procs.rmtree(state_dir)
+            raise
+        return self.get(name)
+
+    # ------------------------------------------------------------------ the host
+
+    def backends(self) -> list[BackendInfo]:
+        from ..backends import BACKEND_NAMES, get_backend
+
+        infos = []
+        for name in BACKEND_NAMES:
+            backend = get_backend(name)
+            probe = backend.probe()
+            try:
+                isolation = backend.isolation
+            except Exception:
+                isolation = name
+            disk = name in SNAPSHOT_BACKENDS
+            caps = {"mount_cwd": name != "microvm", "mount_home": name != "microvm",
+                    "attach": True, "host_volumes": False, "ssh": False,
+                    "proxy_secret_bindings": False, "secret_files": False, "snapshots": disk,
+                    "resume": disk, "full_state_pause_resume": False,
+                    "full_state_fork": False, "endpoints": False}
+            infos.append(BackendInfo(backend=name, configured=probe.ok, usable=probe.ok,
+                                     readiness_reason=probe.detail, isolation=isolation,
+                                     capabilities=caps))
+        return infos
+
+    def pool_status(self) -> list[PoolKeyStatus]:
+        return self.pool.status()
+
+    def _configure_pools(self) -> None:
+        """Declare the configured pool keys (resolved as a plain `run` would)."""
+        for entry in self.settings.pools:
+            try:
+                req = RunRequest(argv=["true"], image=entry.image, profile=entry.profile,
+                                 backend=entry.backend)
+                key, backend, rootfs, _plan = self._plan_run(req)
+            except AgentKernelError as exc:
+                print(f"agentkernel daemon: pool {entry}: {exc.message}", flush=True,
+                      file=sys.stderr)
+                continue
+            lo = entry.min if entry.min is not None else self.settings.pool_min
+            hi = entry.max if entry.max is not None else self.settings.pool_max
+            self.pool.configure(key, backend, rootfs, lo, hi)
+
+    # ------------------------------------------------------------------ background
+
+    def _reaper(self) -> None:
+        last_health = time.monotonic()
+        while not self._closed.wait(self.settings.reaper_interval):
+            now = _now()
+            for row in self.db.all("SELECT name FROM sandboxes WHERE expires IS NOT NULL AND "
+                                   "expires <= ?", (now,)):
+                with contextlib.suppress(Exception):
+                    self.remove(row["name"])
+                    print(f"agentkernel daemon: sandbox {row['name']} expired and was removed",
+                          file=sys.stderr, flush=True)
+            if time.monotonic() - last_health >= HEALTH_INTERVAL:
+                last_health = time.monotonic()
+                self._health()
+
+    def _health(self) -> None:
+        with self._lock:
+            lives = list(self._live.values())
+        for live in lives:
+            dead = not live.client.alive or (
+                live.sandbox.process.poll() is not None if live.sandbox is not None
+                else not procs.alive(live.pid, live.pid_start))
+            if not dead:
+                continue
+            with contextlib.suppress(Exception), self._name_lock(live.name):
+                row = self._row(live.name)
+                self._stop_locked(live.name, row)
+                self._audit(live.name, "sandbox_stopped", reason="it died")
+
+
+def _precompile_seccomp() -> None:
+    """Compile every profile's seccomp program once, before concurrent starts race on it."""
+    from ..profiles import PROFILES
+    from ..seccomp import compile_bpf
+
+    for profile in PROFILES.values():
+        with contextlib.suppress(Exception):
+            compile_bpf(profile.seccomp)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.getuid())

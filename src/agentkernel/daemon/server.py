@@ -1,0 +1,413 @@
+"""The daemon process: a unix socket (0600, same-uid peers only) speaking JSON lines."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import AgentKernelError, AgentRequestError, UsageError
+from ..paths import runtime_dir
+from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
+from .manager import ExecHandle, SandboxManager, failed_start
+
+SOCKET_NAME = "daemon.sock"
+LOCK_NAME = "daemon.lock"
+MAX_LINE = 8 * 1024 * 1024  # one request line (cp chunks are far smaller)
+
+# Plain request/response operations: op -> (manager method, how to build its arguments).
+_SIMPLE = {
+    "get", "get_by_uuid", "list_sandboxes", "start", "stop", "remove", "extend",
+    "detached_list", "detached_status", "detached_logs", "detached_kill", "logs",
+    "read_file", "write_file", "delete_file", "stat_file", "snapshot", "snapshots",
+    "get_snapshot", "delete_snapshot", "restore_snapshot", "backends", "pool_status",
+}
+
+
+def to_json(value: Any) -> Any:
+    """Dataclasses, bytes (as latin-1 text) and tuples into plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    return value
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, AgentKernelError):
+        return {"type": type(exc).__name__, "message": exc.message,
+                "exit_code": exc.exit_code, "http_status": exc.http_status}
+    return {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}",
+            "exit_code": 125, "http_status": 500}
+
+
+class _Conn:
+    """One client connection: line reader and a locked line writer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.rfile: IO[bytes] = sock.makefile("rb")
+        self._wlock = threading.Lock()
+
+    def send(self, obj: dict[str, Any]) -> None:
+        data = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        with self._wlock:
+            self.sock.sendall(data)
+
+    def recv(self) -> dict[str, Any] | None:
+        line = self.rfile.readline(MAX_LINE + 1)
+        if not line:
+            return None
+        if len(line) > MAX_LINE or not line.endswith(b"\n"):
+            raise UsageError("request line too long")
+        obj = json.loads(line)
+        if not isinstance(obj, dict):
+            raise UsageError("a request must be a JSON object")
+        return obj
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _fields(cls: type, args: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(args) - names
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    return args
+
+
+class DaemonServer:
+    """Accepts connections and serves each on its own thread."""
+
+    def __init__(self, manager: SandboxManager, sock_path: Path) -> None:
+        self.manager = manager
+        self.sock_path = sock_path
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._listener = _listen(sock_path)
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                except OSError:
+                    if self._stop.is_set():
+                        break
+                    continue
+                threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                 name="ak-conn").start()
+        finally:
+            self._close_listener()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._close_listener()
+
+    def _close_listener(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.sock_path.is_socket():
+                self.sock_path.unlink()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+    # ---- one connection ----
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = _Conn(sock)
+        try:
+            if _peer_uid(sock) != os.getuid():
+                conn.send({"ok": False, "error": {"type": "PermissionDenied",
+                                                  "message": "not your daemon",
+                                                  "exit_code": 125, "http_status": 403}})
+                return
+            req = conn.recv()
+            if req is None:
+                return
+            self._dispatch(conn, req)
+        except (OSError, ValueError):
+            pass  # the client went away or sent garbage: nothing to answer to
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                conn.send({"ok": False, "error": error_json(exc)})
+        finally:
+            conn.close()
+
+    def _dispatch(self, conn: _Conn, req: dict[str, Any]) -> None:
+        op = req.get("op")
+        args = req.get("args") or {}
+        if not isinstance(args, dict):
+            raise UsageError("args must be an object")
+        m = self.manager
+        try:
+            if op == "ping":
+                conn.send({"ok": True, "data": {"pid": os.getpid(), "uid": os.getuid()}})
+            elif op == "status":
+                conn.send({"ok": True, "data": self._status()})
+            elif op == "shutdown":
+                conn.send({"ok": True, "data": None})
+                threading.Thread(target=self.shutdown, daemon=True).start()
+            elif op == "create":
+                info = m.create(CreateRequest(**_fields(CreateRequest, args)))
+                conn.send({"ok": True, "data": to_json(info)})
+            elif op == "exec_detached":
+                name = args.pop("name", "")
+                det = m.exec_detached(str(name), ExecRequest(**_fields(ExecRequest, args)))
+                conn.send({"ok": True, "data": to_json(det)})
+            elif op == "write_file":
+                data = str(args.get("data", "")).encode("latin-1")
+                size = m.write_file(str(args.get("name")), str(args.get("path")), data,
+                                    int(args.get("mode", 0o644)))
+                conn.send({"ok": True, "data": size})
+            elif op in _SIMPLE:
+                result = getattr(m, str(op))(**args)
+                conn.send({"ok": True, "data": to_json(result)})
+            elif op == "exec":
+                self._exec(conn, args)
+            elif op == "run":
+                self._run(conn, args)
+            elif op == "cp_in":
+                self._cp_in(conn, args)
+            elif op == "cp_out":
+                self._cp_out(conn, args)
+            else:
+                raise UsageError(f"unknown operation {str(op)[:40]!r}")
+        except TypeError as exc:
+            raise UsageError(f"bad arguments for {op}: {exc}") from None
+
+    def _status(self) -> dict[str, Any]:
+        rows = self.manager.list_sandboxes()
+        return {"pid": os.getpid(), "socket": str(self.sock_path),
+                "uptime_s": round(time.time() - self.started, 1),
+                "sandboxes": len(rows),
+                "running": sum(1 for r in rows if r.status == "running"),
+                "pools": to_json(self.manager.pool_status()),
+                "recovered": list(self.manager.recovered)}
+
+    # ---- streaming commands ----
+
+    def _exec(self, conn: _Conn, args: dict[str, Any]) -> None:
+        name = str(args.pop("name", ""))
+        stdin = bool(args.pop("stdin_open", False))
+        tty = args.pop("tty", None)
+        pty = (int(tty[0]), int(tty[1])) if isinstance(tty, list) and len(tty) == 2 else None
+        req = ExecRequest(**_fields(ExecRequest, args))
+        try:
+            handle = self.manager.open_exec(name, req, stdin=stdin, pty=pty)
+        except AgentRequestError as exc:
+            if exc.exit_code not in (126, 127):
+                raise
+            conn.send({"ev": "exit", "result": _result_json(failed_start(exc))})
+            return
+        self._stream(conn, handle)
+
+    def _run(self, conn: _Conn, args: dict[str, Any]) -> None:
+        stdin = bool(args.pop("stdin_open", False))
+        req = RunRequest(**_fields(RunRequest, args))
+        try:
+            handle = self.manager.open_run(req, stdin=stdin)
+        except AgentRequestError as exc:
+            if exc.exit_code not in (126, 127):
+                raise
+            conn.send({"ev": "exit", "result": _result_json(failed_start(exc))})
+            return
+        if not stdin:
+            handle.close_stdin()
+        self._stream(conn, handle)
+
+    def _stream(self, conn: _Conn, handle: ExecHandle) -> None:
+        """Output to the client as it comes; stdin, signals and resizes from it meanwhile."""
+        done = threading.Event()
+
+        def control() -> None:
+            while not done.is_set():
+                try:
+                    msg = conn.recv()
+                except (OSError, ValueError, AgentKernelError):
+                    msg = None
+                if msg is None:
+                    if not done.is_set():
+                        handle.abort()  # the client went away: so does its command
+                    return
+                op = msg.get("op")
+                if op == "stdin":
+                    handle.write_stdin(str(msg.get("d", "")).encode("latin-1"))
+                elif op == "eof":
+                    handle.close_stdin()
+                elif op == "signal":
+                    handle.signal(int(msg.get("sig", signal.SIGTERM)))
+                elif op == "resize":
+                    handle.resize(int(msg.get("rows", 24)), int(msg.get("cols", 80)))
+
+        conn.send({"ev": "started", "pid": handle.execution.pid, "info": handle.info})
+        threading.Thread(target=control, daemon=True, name="ak-conn-ctl").start()
+
+        def out(kind: str, data: bytes) -> None:
+            conn.send({"ev": "out", "s": 1 if kind == "stdout" else 2,
+                       "d": data.decode("latin-1")})
+
+        try:
+            result = handle.pump(out, collect=False)
+        except OSError:
+            handle.abort()
+            return
+        finally:
+            done.set()
+        conn.send({"ev": "exit", "result": _result_json(result)})
+
+    # ---- cp ----
+
+    def _cp_in(self, conn: _Conn, args: dict[str, Any]) -> None:
+        class Reader:
+            """Feeds write_file from the client's chunk lines."""
+
+            def read(self, _n: int = -1) -> bytes:
+                msg = conn.recv()
+                if msg is None:
+                    raise UsageError("the client went away during the copy")
+                if msg.get("end"):
+                    return b""
+                return str(msg.get("d", "")).encode("latin-1")
+
+        size = self.manager.write_file(str(args.get("name")), str(args.get("path")), Reader(),
+                                       int(args.get("mode", 0o644)))
+        conn.send({"ok": True, "data": size})
+
+    def _cp_out(self, conn: _Conn, args: dict[str, Any]) -> None:
+        class Writer:
+            def write(self, data: bytes) -> int:
+                conn.send({"d": data.decode("latin-1")})
+                return len(data)
+
+        size = self.manager.read_file_to(str(args.get("name")), str(args.get("path")), Writer())
+        conn.send({"ok": True, "data": size})
+
+
+def _result_json(result: ExecResult) -> dict[str, Any]:
+    return {"exit_code": result.exit_code, "signal": result.signal,
+            "timed_out": result.timed_out, "oom_killed": result.oom_killed,
+            "message": result.message}
+
+
+def _listen(path: Path) -> socket.socket:
+    """Bind with mode 0600 before the socket becomes visible under its real name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(tmp))
+    finally:
+        os.umask(old)
+    os.chmod(tmp, 0o600)
+    sock.listen(256)
+    os.replace(tmp, path)
+    return sock
+
+
+def load_daemon_config(path: str | None) -> Any:
+    """The daemon's config: --config, $AGENTKERNEL_DAEMON_CONFIG, or the user config file."""
+    from ..config import load_config
+
+    candidates = [path, os.environ.get("AGENTKERNEL_DAEMON_CONFIG")]
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    candidates.append(os.path.join(xdg, "agentkernel", "agentkernel.toml"))
+    for i, candidate in enumerate(candidates):
+        if not candidate:
+            continue
+        if i < 2 or os.path.isfile(candidate):
+            config, warnings = load_config(Path(candidate))
+            for warning in warnings:
+                print(f"agentkernel daemon: warning: {warning}", file=sys.stderr, flush=True)
+            return config
+    return None
+
+
+def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = None) -> int:
+    """The daemon's main: lock, recover, listen, serve until told to stop.
+
+    With `http` (host, port) it also serves the REST API of the official SDKs, on a thread
+    of this process, so that one manager owns every sandbox (`agentkernel serve`).
+    """
+    from ..paths import data_dir
+
+    if http is not None:
+        from ..http.serve import resolve_api_key
+
+        resolve_api_key(http[0])  # refuse a non-loopback bind without a key before anything
+
+    rt = runtime_dir()
+    data = data_dir()
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # One daemon per socket and one per state database: either lock taken means another
+    # daemon owns them (a second one would tear down the first one's pool as "leftovers").
+    locks = []
+    for where in (rt, data):
+        lock_file = open(where / LOCK_NAME, "a+")  # noqa: SIM115 - held while we run
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"agentkernel daemon: another daemon holds {where / LOCK_NAME}",
+                  file=sys.stderr)
+            return 1
+        locks.append(lock_file)
+    config = load_daemon_config(config_path)
+    manager = SandboxManager(config)
+    for line in manager.recovered:
+        print(f"agentkernel daemon: {line}", file=sys.stderr, flush=True)
+    server = DaemonServer(manager, rt / SOCKET_NAME)
+    api = None
+    if http is not None:
+        from ..http.serve import start_in_thread
+
+        api = start_in_thread(manager, *http)
+        shown = f"[{api.host}]" if ":" in api.host else api.host
+        print(f"agentkernel: HTTP API on http://{shown}:{api.port}", file=sys.stderr, flush=True)
+    (rt / "daemon.pid").write_text(f"{os.getpid()}\n")
+
+    def on_signal(_signo: int, _frame: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    print(f"agentkernel daemon: listening on {server.sock_path} (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        if api is not None:
+            api.stop()
+        manager.close()
+        with contextlib.suppress(OSError):
+            (rt / "daemon.pid").unlink()
+        for lock_file in locks:
+            lock_file.close()
+    print("agentkernel daemon: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,1 @@
+"""MicroVM support: guest kernel, initramfs, disk images and the VMMs (QEMU, Firecracker)."""

@@ -1,0 +1,109 @@
+"""The [microvm] settings the backend runs with: config section, environment, defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_ALLOW_EMULATION = "AGENTKERNEL_MICROVM_ALLOW_EMULATION"
+ENV_KERNEL = "AGENTKERNEL_MICROVM_KERNEL"
+ENV_VMM = "AGENTKERNEL_MICROVM_VMM"
+
+
+@dataclass(frozen=True)
+class MicrovmSettings:
+    allow_emulation: bool = False
+    kernel: str | None = None  # a prepared kernel dir or an ELF vmlinux; None: what setup chose
+    vmm: str = "auto"  # auto | qemu | firecracker
+    boot_timeout: float = 60.0
+    source: str = "defaults"
+
+
+_configured: MicrovmSettings | None = None
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def configure(section: Any | None) -> None:
+    """Use a config's [microvm] section (a MicrovmSection); None forgets it."""
+    global _configured
+    if section is None:
+        _configured = None
+        return
+    _configured = MicrovmSettings(
+        allow_emulation=bool(getattr(section, "allow_emulation", False)),
+        kernel=getattr(section, "kernel", None),
+        vmm=str(getattr(section, "vmm", "auto") or "auto"),
+        boot_timeout=float(getattr(section, "boot_timeout", 60.0) or 60.0),
+        source="config",
+    )
+
+
+def _from_project_config() -> MicrovmSettings | None:
+    """./agentkernel.toml's [microvm], when nobody configured us (best effort, quiet)."""
+    path = Path.cwd() / "agentkernel.toml"
+    if not path.is_file():
+        return None
+    try:
+        from ..config import load_config
+
+        config, _ = load_config(path)
+    except Exception:  # the engine reports config errors itself
+        return None
+    section = config.microvm
+    return MicrovmSettings(
+        allow_emulation=section.allow_emulation, kernel=section.kernel,
+        vmm=str(getattr(section, "vmm", "auto")),
+        boot_timeout=float(getattr(section, "boot_timeout", 60.0)), source=str(path),
+    )
+
+
+def current() -> MicrovmSettings:
+    """Configured settings (or ./agentkernel.toml's), with environment overrides on top."""
+    base = _configured or _from_project_config() or MicrovmSettings()
+    allow = base.allow_emulation
+    source = base.source
+    env = os.environ.get(ENV_ALLOW_EMULATION)
+    if env is not None:
+        allow = _truthy(env)
+        source = f"${ENV_ALLOW_EMULATION}"
+    return MicrovmSettings(
+        allow_emulation=allow,
+        kernel=os.environ.get(ENV_KERNEL) or base.kernel,
+        vmm=os.environ.get(ENV_VMM) or base.vmm,
+        boot_timeout=base.boot_timeout,
+        source=source,
+    )
+
+
+def doctor_lines() -> list[tuple[str, bool, str]]:
+    """What `doctor` says about microVMs: the VMMs found and the accelerator they would use."""
+    import shutil
+
+    from .kernel import current_kernel
+    from .qemu import cached_kvm_probe, qemu_binary
+
+    settings = current()
+    lines: list[tuple[str, bool, str]] = []
+    qemu = qemu_binary()
+    lines.append(("qemu", qemu is not None,
+                  qemu or "qemu-system-x86_64 missing: apt install qemu-system-x86"))
+    fc = shutil.which("firecracker")
+    lines.append(("firecracker", fc is not None, fc or
+                  "not on PATH (Debian has no package; microVMs use QEMU microvm)"))
+    kernel = current_kernel(settings.kernel)
+    lines.append(("guest kernel", kernel is not None,
+                  f"{kernel.release} ({kernel.source}) at {kernel.vmlinux}" if kernel else
+                  "not prepared: run `agentkernel setup --microvm`"))
+    probe = cached_kvm_probe(Path(kernel.vmlinux)) if kernel else None
+    if probe is not None:
+        lines.append(("kvm boot probe", probe[0], probe[1]))
+    lines.append(("microvm accel", settings.allow_emulation,
+                  "TCG allowed (" + settings.source + ") when KVM cannot boot guests"
+                  if settings.allow_emulation else
+                  "TCG off ([microvm] allow_emulation = false): microVMs need a working KVM"))
+    return lines
