@@ -6,7 +6,6 @@ import os
 import sys
 
 from . import __version__
-from .daemon.client import DaemonError
 from .errors import AgentKernelError, UsageError
 
 # The hot path (`run`/`exec` through the daemon) must not pay for argparse, typing or json.
@@ -77,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
     _add_images_parser(sub)
     _add_sandbox_parsers(sub)
-    from .vm.setup import add_arguments as add_setup_arguments
 
     sv = sub.add_parser("serve", help="serve the HTTP API of the agentkernel SDKs (runs the "
                                       "daemon in the foreground)")
@@ -88,7 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("setup", help="prepare optional backends (the microVM guest kernel)")
     st.add_argument("--microvm", action="store_true", required=True,
                     help="fetch and prepare the guest kernel and initramfs for `microvm`")
-    add_setup_arguments(st)
+    st.add_argument("--kernel-deb", metavar="DEB",
+                    help="use this linux-image-*.deb instead of downloading Debian's "
+                         "cloud kernel with apt-get download")
+    st.add_argument("--vmlinux", metavar="FILE",
+                    help="use this ELF vmlinux with everything built in (e.g. the "
+                         "minimal kernel) instead of Debian's cloud kernel")
+    st.add_argument("--force", action="store_true",
+                    help="fetch and unpack the kernel again even if it is cached")
+    st.add_argument("--no-kvm-probe", action="store_true",
+                    help="skip the test boot under KVM (the accelerator is probed later)")
     return parser
 
 
@@ -149,6 +156,9 @@ _DAEMON_COMMANDS = {"create": "cmd_create", "exec": "cmd_exec", "attach": "cmd_a
 
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
+    if raw in (["--version"], ["-V"]):  # no parser needed
+        print(f"agentkernel {__version__}")
+        return 0
     if raw[:1] == ["run"] or raw[:1] == ["exec"]:
         # Plain `run`/`exec` through a running daemon: parsed without argparse.
         from .daemon.fastpath import fast_main
@@ -191,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     except AgentKernelError as exc:
-        print(f"agentkernel: {exc.message}", file=sys.stderr)
-        return exc.exit_code
-    except DaemonError as exc:
         print(f"agentkernel: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

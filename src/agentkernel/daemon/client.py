@@ -8,6 +8,8 @@ import socket
 import sys
 import time
 
+from ..errors import AgentKernelError
+
 TYPE_CHECKING = False  # typing costs milliseconds on the hot path; mypy still sees it
 if TYPE_CHECKING:
     from typing import Any
@@ -16,12 +18,15 @@ SOCKET_NAME = "daemon.sock"
 START_TIMEOUT = 30.0
 
 
-class DaemonError(Exception):
-    """An error the daemon reported (or failure to reach it), with the CLI exit code."""
+class DaemonError(AgentKernelError):
+    """An error the daemon reported (or failure to reach it), with the CLI exit code.
+
+    The daemon sends its error's kind and exit code; this one class carries them (mapping
+    back to the exact subclass would cost the hot path importing more).
+    """
 
     def __init__(self, message: str, exit_code: int = 125, kind: str = "DaemonError") -> None:
         super().__init__(message)
-        self.message = message
         self.exit_code = exit_code
         self.kind = kind
 

@@ -15,20 +15,6 @@ if TYPE_CHECKING:
     from . import kernel as k
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `agentkernel setup --microvm` (the CLI adds --microvm itself)."""
-    parser.add_argument("--kernel-deb", type=Path, metavar="DEB",
-                        help="use this linux-image-*.deb instead of downloading Debian's "
-                             "cloud kernel with apt-get download")
-    parser.add_argument("--vmlinux", type=Path, metavar="FILE",
-                        help="use this ELF vmlinux with everything built in (e.g. the "
-                             "minimal kernel) instead of Debian's cloud kernel")
-    parser.add_argument("--force", action="store_true",
-                        help="fetch and unpack the kernel again even if it is cached")
-    parser.add_argument("--no-kvm-probe", action="store_true",
-                        help="skip the test boot under KVM (the accelerator is probed later)")
-
-
 def main(args: argparse.Namespace) -> int:
     """Prepare everything a microVM needs; prints what it did. Returns an exit status."""
     from . import kernel as k  # heavy: only when setup really runs
@@ -37,10 +23,11 @@ def main(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         if getattr(args, "vmlinux", None):
-            info = _custom_vmlinux(args.vmlinux)
+            info = _custom_vmlinux(Path(args.vmlinux))
         else:
+            deb = getattr(args, "kernel_deb", None)
             info = k.prepare_debian_cloud(force=bool(getattr(args, "force", False)),
-                                          deb=getattr(args, "kernel_deb", None))
+                                          deb=Path(deb) if deb else None)
         k.select(info)
         print(f"guest kernel: {info.release} ({info.source} {info.package_version}) "
               f"-> {info.vmlinux}", file=out)
@@ -93,8 +80,3 @@ def _custom_vmlinux(path: Path) -> k.KernelInfo:
     info.save()
     return info
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="agentkernel setup --microvm")
-    add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))
