@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,14 +66,17 @@ class NamespacesBackend(Backend):
         return Probe(True, f"{bwrap} works (user, pid, mount, ipc, uts, net, cgroup namespaces)")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
-        try:
-            return self._start(spec)
-        except SandboxError as exc:
-            # Under heavy namespace churn the kernel sometimes fails bwrap's netlink call
-            # that brings up the new netns's loopback (seen as ECHILD); one retry clears it.
-            if "loopback:" not in exc.message:
-                raise
-            return self._start(spec)
+        # Under heavy namespace churn (dozens of sandboxes starting at once) the kernel
+        # sometimes fails bwrap's netlink call that brings up the new netns's loopback
+        # (seen as ECHILD); nothing has run yet, so starting again is safe.
+        for attempt in range(4):
+            try:
+                return self._start(spec)
+            except SandboxError as exc:
+                if "loopback:" not in exc.message or attempt == 3:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _start(self, spec: SandboxSpec) -> Sandbox:
         from ..cgroups import Cgroup, Limits
