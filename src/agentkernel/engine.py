@@ -192,6 +192,11 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
         if profile.mount_home and spec.home is not None:
             env["HOME"] = "/home/user"  # where the host home is mounted
     env.update(parse_env(req.env))
+    user = image_config.user if image_config is not None else ""
+    if user and user.split(":")[0] not in ("0", "root"):
+        # Only uid 0 is mapped into the sandbox's user namespace: say so, don't pretend.
+        warnings.append(f"image {image} asks for user {user!r}; commands run as root of the "
+                        "sandbox (uid 0 of its own user namespace, without capabilities)")
     image_cwd = image_config.working_dir if image_config is not None else ""
     cwd = req.workdir or ("/workspace" if spec.workspace is not None else image_cwd or "/root")
     if not cwd.startswith("/"):

@@ -75,6 +75,45 @@ def mirror(pusher: Pusher, plain_registry: Registry) -> Registry:
     return plain_registry
 
 
+def debian_python_tar() -> Path:
+    """A Debian 12 userland with python3, built by mmdebstrap (cached: ~10 s to build)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agentkernel-tests"
+    tar = cache / "debian-bookworm-python3.tar"
+    if not tar.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = tar.with_suffix(".tmp")
+        subprocess.run(["mmdebstrap", "--variant=essential", "--include=python3-minimal",
+                        "--mode=root", "--format=tar", "bookworm", str(tmp)],
+                       check=True, capture_output=True, timeout=600)
+        tmp.rename(tar)
+    return tar
+
+
+@pytest.fixture(scope="module")
+def debian_image(pusher: Pusher, plain_registry: Registry) -> str:
+    if shutil.which("mmdebstrap") is None or os.geteuid() != 0:
+        pytest.skip("needs mmdebstrap and root (scripts/test.sh installs it)")
+    layer = debian_python_tar().read_bytes()
+    pusher.image("test/debian-python3", "bookworm", [layer], compression="zstd",
+                 config={"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"],
+                         "WorkingDir": "/srv"})
+    return f"{plain_registry.host}/test/debian-python3:bookworm"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_debian_userland_image_runs_python(backend: str, debian_image: str, tmp_path: Path,
+                                           mirror: Registry) -> None:
+    """A real distribution built by mmdebstrap (device nodes in its tar are skipped)."""
+    env = {"AGENTKERNEL_HOME": str(tmp_path / "akhome")}
+    cfg = tmp_path / "ak.toml"
+    cfg.write_text(f'[images]\ninsecure_registries = ["{mirror.host}"]\n')
+    r = ak("run", "-B", backend, "-c", str(cfg), "-i", debian_image, "--", "python3", "-c",
+           "import platform, os; print(open('/etc/debian_version').read().strip()[:2],"
+           " platform.python_version()[:2], os.getcwd())", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["12", "3.", "/workspace"]
+
+
 @pytest.fixture
 def env(tmp_path: Path, mirror: Registry) -> dict[str, str]:
     """A private image store and the mirror, as a user would configure them."""

@@ -4,7 +4,12 @@ Takes about half an hour on 2 cores, so nothing runs it automatically. The resul
 in the data dir keyed by the source package version and the config's digest, then selected
 with the same code as `agentkernel setup --microvm --vmlinux FILE`.
 
-Usage: python -m agentkernel.vm.build_minimal_kernel [--jobs N] [--install-deps]
+Usage: python -m agentkernel.vm.build_minimal_kernel --base-config FILE [--jobs N]
+       [--install-deps]
+
+FILE is a guest kernel config for 6.1 with everything needed built in; Firecracker's
+published `microvm-kernel-ci-x86_64-6.1.config` is the one this was written against (it is
+not shipped here: fetch it from the Firecracker repository).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from pathlib import Path
 
 from ..paths import data_dir
 
-CONFIG = Path(__file__).with_name("minimal-6.1-x86_64.config")  # Firecracker's 6.1 guest config
 SOURCE_PACKAGE = "linux-source-6.1"
 BUILD_DEPS = ("linux-source-6.1", "build-essential", "flex", "bison", "bc", "libelf-dev",
               "libssl-dev", "dwarves", "xz-utils")
@@ -42,6 +46,8 @@ def source_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-config", type=Path, required=True, metavar="FILE",
+                        help="the kernel config to build (see the module docstring)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--install-deps", action="store_true",
                         help=f"apt-get install {' '.join(BUILD_DEPS)}")
@@ -49,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.install_deps:
         _run(["apt-get", "install", "-y", "--no-install-recommends", *BUILD_DEPS])
     version = source_version()
-    digest = hashlib.sha256(CONFIG.read_bytes()).hexdigest()[:12]
+    config = args.base_config
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:12]
     out_dir = data_dir() / "microvm" / "minimal" / f"{version}-{digest}"
     vmlinux = out_dir / "vmlinux"
     if not vmlinux.is_file():
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             with tarfile.open(tarballs[-1]) as tar:
                 tar.extractall(work, filter="data")
             src = next(p for p in work.iterdir() if p.is_dir())
-            shutil.copyfile(CONFIG, src / ".config")
+            shutil.copyfile(config, src / ".config")
             _run(["make", "olddefconfig"], cwd=src)
             _run(["make", f"-j{args.jobs}", "vmlinux"], cwd=src)
             out_dir.mkdir(parents=True, exist_ok=True)
