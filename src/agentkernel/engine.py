@@ -123,6 +123,19 @@ def resolve_profile(req: RunRequest, config: Config | None) -> Profile:
 HOST_IMAGE = "host"  # the pseudo image: the host's userland, read-only, no registry involved
 
 
+def command_argv(image_config: ImageConfig | None, argv: list[str]) -> list[str]:
+    """What runs, as `docker run IMAGE [CMD]` would: the image's entrypoint, if any, then the
+    command given, or the image's own Cmd when none is."""
+    if image_config is None:
+        cmd = list(argv)
+    else:
+        cmd = [*(image_config.entrypoint or []), *(argv or image_config.cmd or [])]
+    if not cmd:
+        raise UsageError("no command given (and the image has none): "
+                         "agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
+    return cmd
+
+
 def resolve_rootfs(image: str, config: Config | None, quiet: bool) -> tuple[HostRootfs,
                                                                           ImageConfig | None, str]:
     """The root filesystem for `image`: cached, pulled, or (when allowed) the host's.
@@ -155,8 +168,6 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     from .detect import resolve_run_image, validate_image_ref
     from .sandbox import SandboxSpec
 
-    if not req.argv:
-        raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     config, config_source, warnings = load_configs(req)
     if config is not None:
         from .vm.settings import configure
@@ -201,8 +212,7 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     cwd = req.workdir or ("/workspace" if spec.workspace is not None else image_cwd or "/root")
     if not cwd.startswith("/"):
         raise UsageError(f"--workdir must be an absolute path inside the sandbox, got {cwd!r}")
-    # As `docker run IMAGE CMD`: the image's entrypoint, if any, runs the command.
-    argv = [*(image_config.entrypoint or []), *req.argv] if image_config else list(req.argv)
+    argv = command_argv(image_config, req.argv)
     return Plan(spec=spec, backend=backend, image_reason=reason, env=env, cwd=cwd,
                 warnings=warnings, argv=argv, rootfs_note=rootfs_note)
 

@@ -221,3 +221,17 @@ def test_unavailable_image_without_fallback_is_exit_125(project: Path, env: dict
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "nosuch/image:1" in lines[0] and mirror.host in lines[0]
+
+
+def test_no_command_runs_the_images_cmd(project: Path, env: dict[str, str]) -> None:
+    """`run --image X` alone runs the image's Cmd (here /bin/sh, fed from stdin)."""
+    r = subprocess.run([sys.executable, "-m", "agentkernel", "run", "-B", "namespaces",
+                        "-i", "alpine:3.20"], cwd=project, env={**os.environ, **env},
+                       input="cat /etc/ak-image\n", capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "alpine-image\n"
+    r = subprocess.run([sys.executable, "-m", "agentkernel", "run", "-i", "host"],
+                       cwd=project, env={**os.environ, **env}, capture_output=True, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert r.returncode == 2 and "no command given" in r.stderr

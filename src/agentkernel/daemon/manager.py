@@ -724,11 +724,9 @@ class SandboxManager:
     def _plan_run(self, req: RunRequest) -> tuple[PoolKey, Backend, HostRootfs, dict[str, Any]]:
         """What engine.plan decides, but with cached backends and rootfs, for the pool key."""
         from ..detect import resolve_run_image, validate_image_ref
-        from ..engine import HOST_IMAGE, load_configs, parse_env, resolve_profile
+        from ..engine import HOST_IMAGE, command_argv, load_configs, parse_env, resolve_profile
         from ..engine import RunRequest as EngineRequest
 
-        if not req.argv:
-            raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
         cwd = Path(req.cwd) if req.cwd else None
         if cwd is not None and (not cwd.is_absolute() or not cwd.is_dir()):
             raise UsageError(f"run: project dir {req.cwd!r} is not an existing absolute path")
@@ -762,7 +760,7 @@ class SandboxManager:
         if not cwd_in.startswith("/"):
             raise UsageError(f"--workdir must be an absolute path inside the sandbox, "
                              f"got {cwd_in!r}")
-        argv = [*(image_config.entrypoint or []), *req.argv] if image_config else list(req.argv)
+        argv = command_argv(image_config, list(req.argv))
         if note.endswith("(image unavailable)"):
             warnings = [*warnings, f"image {image} is not available; running on the host's "
                                    'userland instead (offline_fallback = "host")']
