@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
@@ -11,31 +10,21 @@ from collections.abc import Iterator
 import pytest
 from akhttp import API_KEY, NODE_SDK, ROOT, SDK_VENV, Sdks
 
+from agentkernel.config import parse_config
+from agentkernel.daemon.manager import SandboxManager
 from agentkernel.http.serve import RunningServer, start_in_thread
 
 
-def make_service() -> object:
-    """The daemon's real SandboxManager; the stand-in only when the manager is missing or
-    AK_HTTP_TEST_SERVICE=standin asks for it."""
-    try:
-        manager = importlib.import_module("agentkernel.daemon.manager")
-    except ImportError:
-        manager = None
-    wanted = os.environ.get("AK_HTTP_TEST_SERVICE", "manager")
-    if wanted == "manager" and manager is not None and hasattr(manager, "SandboxManager"):
-        # Sandboxes the SDKs create land on the namespaces backend: it can snapshot a
-        # sandbox's filesystem (gVisor keeps it in memory) and it starts in milliseconds.
-        from agentkernel.config import parse_config
-
-        config, _ = parse_config({"sandbox": {"backend": "namespaces"}}, "tests/http")
-        return manager.SandboxManager(config)
-    from standin import StandInService
-
-    return StandInService()
+def make_service() -> SandboxManager:
+    """The daemon's real SandboxManager. Sandboxes the SDKs create land on the namespaces
+    backend: it can snapshot a sandbox's filesystem (gVisor keeps it in memory) and it
+    starts in milliseconds."""
+    config, _ = parse_config({"sandbox": {"backend": "namespaces"}}, "tests/http")
+    return SandboxManager(config)
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxManager]:
     if shutil.which("bwrap") is None:
         pytest.skip("needs bubblewrap for real sandboxes")
     # The manager keeps its state under AGENTKERNEL_HOME: a private one, not the user's.
@@ -45,12 +34,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     svc = make_service()
     yield svc
     try:
-        for info in svc.list_sandboxes():  # type: ignore[attr-defined]
-            svc.remove(info.name)  # type: ignore[attr-defined]
+        for info in svc.list_sandboxes():
+            svc.remove(info.name)
     finally:
-        close = getattr(svc, "close", None)
-        if callable(close):
-            close()
+        svc.close()
         if old is None:
             os.environ.pop("AGENTKERNEL_HOME", None)
         else:
@@ -58,8 +45,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def server(service: object) -> Iterator[RunningServer]:
-    srv = start_in_thread(service, "127.0.0.1", 0, api_key=API_KEY)  # type: ignore[arg-type]
+def server(service: SandboxManager) -> Iterator[RunningServer]:
+    srv = start_in_thread(service, "127.0.0.1", 0, api_key=API_KEY)
     yield srv
     srv.stop()
 
