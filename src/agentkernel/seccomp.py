@@ -1,14 +1,11 @@
-"""Seccomp policy as data: a deny list per profile, compiled to BPF (bwrap) or OCI JSON (runsc)."""
+"""Seccomp policy as data: a deny list per profile, compiled to BPF that the agent installs."""
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from . import paths
 from .errors import SandboxError, UsageError
@@ -66,21 +63,6 @@ _DENY: Final[dict[str, tuple[str, ...]]] = {
     "restrictive": _BASE + _MODERATE_EXTRA + _RESTRICTIVE_EXTRA,
 }
 
-# Argument rules, the same in every profile (a new namespace is where most unprivileged
-# kernel exploits start, and TIOCSTI lets a sandbox type into the host's terminal).
-CLONE_NS_FLAGS: Final[dict[str, int]] = {
-    "CLONE_NEWUSER": 0x10000000,
-    "CLONE_NEWNS": 0x00020000,
-    "CLONE_NEWNET": 0x40000000,
-    "CLONE_NEWPID": 0x20000000,
-    "CLONE_NEWIPC": 0x08000000,
-    "CLONE_NEWUTS": 0x04000000,
-    "CLONE_NEWCGROUP": 0x02000000,
-    "CLONE_NEWTIME": 0x00000080,  # unshare/clone3 only: in clone() this bit is the exit signal
-}
-TTY_IOCTLS: Final[dict[str, int]] = {"TIOCSTI": 0x5412, "TIOCLINUX": 0x541C}
-
-_OCI_ARCH: Final = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}
 
 
 def _check(profile: str) -> None:
@@ -100,19 +82,25 @@ def _tool_args(profile: str) -> list[str]:
 
 
 def compile_bpf(profile: str) -> Path:
-    """Path of the raw BPF program for `profile`, compiled once and cached by content."""
+    """Path of the raw BPF program for `profile`, compiled once and cached.
+
+    The cache entry is checked against a key file holding everything that changes the
+    output (the policy, the tool build, the arch), compared byte for byte: a run costs one
+    small read, and no hash library on the hot path.
+    """
     args = _tool_args(profile)
     tool = paths.native_binary("ak-seccomp")
     st = tool.stat()
-    # The key covers everything that changes the output: the policy, the tool build, the arch.
-    key = "\0".join([*args, str(tool), str(st.st_mtime_ns), str(st.st_size), platform.machine()])
-    digest = hashlib.sha256(key.encode()).hexdigest()
+    key = "\0".join([*args, str(tool), str(st.st_mtime_ns), str(st.st_size), os.uname().machine])
     cache = paths.data_dir() / "cache" / "seccomp"
-    out = cache / f"{digest}.bpf"
-    if out.is_file():
-        return out
+    out, key_file = cache / f"{profile}.bpf", cache / f"{profile}.key"
+    try:
+        if key_file.read_text() == key and out.is_file():
+            return out
+    except OSError:
+        pass
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{digest}.{os.getpid()}.tmp"
+    tmp = cache / f".{profile}.{os.getpid()}.tmp"
     try:
         res = subprocess.run([str(tool), *args, "-o", str(tmp)], capture_output=True, text=True,
                              check=False)  # fmt: skip
@@ -121,30 +109,10 @@ def compile_bpf(profile: str) -> Path:
         size = tmp.stat().st_size
         if size == 0 or size % 8:  # struct sock_filter is 8 bytes
             raise SandboxError(f"ak-seccomp wrote a malformed BPF program ({size} bytes)")
-        os.replace(tmp, out)  # atomic: concurrent runs see the old state or the whole file
+        # The program first, then its key: a reader that sees the new key sees the new program.
+        os.replace(tmp, out)
+        tmp.write_text(key)
+        os.replace(tmp, key_file)
     finally:
         tmp.unlink(missing_ok=True)
     return out
-
-
-def _masked_eq(index: int, mask: int, value: int) -> dict[str, Any]:
-    # OCI (like libseccomp) takes the mask in `value` and the expected result in `valueTwo`.
-    return {"index": index, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
-
-
-def oci_seccomp(profile: str) -> dict[str, Any]:
-    """The same policy as an OCI runtime-spec `linux.seccomp` object (for runsc)."""
-    machine = platform.machine()
-    arch = _OCI_ARCH.get(machine)
-    if arch is None:
-        raise SandboxError(f"no OCI seccomp architecture known for {machine}")
-    eperm = {"action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}
-    rules: list[dict[str, Any]] = [{"names": list(deny_list(profile)), **eperm}]
-    for flag in CLONE_NS_FLAGS.values():
-        rules.append({"names": ["unshare"], **eperm, "args": [_masked_eq(0, flag, flag)]})
-        if flag != CLONE_NS_FLAGS["CLONE_NEWTIME"]:
-            rules.append({"names": ["clone"], **eperm, "args": [_masked_eq(0, flag, flag)]})
-    rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
-    for cmd in TTY_IOCTLS.values():
-        rules.append({"names": ["ioctl"], **eperm, "args": [_masked_eq(1, 0xFFFFFFFF, cmd)]})
-    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": [arch], "syscalls": rules}

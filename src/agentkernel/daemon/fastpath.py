@@ -60,13 +60,12 @@ def _parse(tokens: list[str], values: dict[str, str], flags: dict[str, str],
 
 
 def fast_main(argv: list[str]) -> int | None:
-    """The exit code, or None to let the full CLI handle this command line."""
-    if os.environ.get("AGENTKERNEL_NO_DAEMON", "") in ("1", "true", "yes"):
-        return None
-    from . import client
+    """The exit code, or None to let the full CLI handle this command line.
 
-    if not os.path.exists(client.socket_path()):
-        return None
+    `run` goes through the daemon when one is up, else runs in-process — either way without
+    building the argparse parser (~10 ms). `exec` needs the daemon.
+    """
+    use_daemon = os.environ.get("AGENTKERNEL_NO_DAEMON", "") not in ("1", "true", "yes")
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd == "run":
@@ -82,9 +81,17 @@ def fast_main(argv: list[str]) -> int | None:
                 command = command[1:]
             if not command or (ns.timeout is not None and ns.timeout <= 0):
                 return None
-            from .commands import run_via_daemon
+            if use_daemon and _daemon_socket_exists():
+                from .commands import run_via_daemon
 
-            return run_via_daemon(ns, command, keep=False)  # type: ignore[arg-type]
+                code = run_via_daemon(ns, command, keep=False)  # type: ignore[arg-type]
+                if code is not None:
+                    return code
+            from ..cli import _run_in_process
+
+            return _run_in_process(ns, command)  # type: ignore[arg-type]
+        if not use_daemon or not _daemon_socket_exists():
+            return None
         ns = SimpleNamespace(env=[], workdir=None, timeout=None, tty=False, interactive=False)
         at = _parse(rest, _EXEC_VALUES, _EXEC_FLAGS, ns)
         if at is None or at >= len(rest) or rest[at] == "--":
@@ -97,9 +104,14 @@ def fast_main(argv: list[str]) -> int | None:
         return 130
     except Exception as exc:
         from ..errors import AgentKernelError
-        from .client import DaemonError
 
-        if isinstance(exc, AgentKernelError | DaemonError):
+        if isinstance(exc, AgentKernelError):
             print(f"agentkernel: {exc.message}", file=sys.stderr)
             return exc.exit_code
         raise
+
+
+def _daemon_socket_exists() -> bool:
+    from . import client
+
+    return os.path.exists(client.socket_path())
