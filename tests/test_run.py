@@ -66,28 +66,18 @@ def test_project_visible_at_workspace(backend: str, project: Path) -> None:
     assert r.stdout == "/workspace\nhello from the host\n", r.stderr
 
 
+def spawn_run(backend: str, project: Path, script: str) -> subprocess.Popen[bytes]:
+    """`agentkernel run -- sh -c SCRIPT` as a live process, to watch it while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "run", "-B", backend, "-i", "host", "--",
+         "sh", "-c", script],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+
+
 def test_output_is_streamed_live(backend: str, project: Path) -> None:
     """The first line arrives while the command is still running, not at exit."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentkernel",
-            "run",
-            "-B",
-            backend,
-            "-i",
-            "host",
-            "--",
-            "sh",
-            "-c",
-            "echo first; sleep 3; echo second",
-        ],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = spawn_run(backend, project, "echo first; sleep 3; echo second")
     assert proc.stdout is not None
     first = proc.stdout.readline()
     assert first == b"first\n"
@@ -165,25 +155,8 @@ def test_image_is_detected_and_reported(project: Path) -> None:
 
 
 def test_ctrl_c_reaches_the_command_and_cleans_up(backend: str, project: Path) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agentkernel",
-            "run",
-            "-B",
-            backend,
-            "-i",
-            "host",
-            "--",
-            "sh",
-            "-c",
-            "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.1; done",
-        ],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
+    proc = spawn_run(
+        backend, project, "trap 'echo got-int; exit 7' INT; echo ready; while :; do sleep 0.1; done"
     )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
