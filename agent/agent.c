@@ -1830,7 +1830,7 @@ static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
 	    "  [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST].. [--mask PATH]..\n"
-	    "  [--mask-private DIR].. [--drop-caps]\n"
+	    "  [--mask-private DIR].. [--drop-caps] [--lock-listen-dir]\n"
 	    "  [--pids-max N] [--seccomp FILE]\n"
 	    "  [--insmod FILE[,FILE..]].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
 	    "  [--net lo|ADDR/PREFIX,GW] [--hostname NAME] [--poweroff] [--vsock-listen PORT]\n"
@@ -1848,7 +1848,7 @@ int main(int argc, char **argv)
 	char **insmods = calloc((size_t)argc, sizeof(char *));
 	char **disks = calloc((size_t)argc, sizeof(char *));
 	char **privs = calloc((size_t)argc, sizeof(char *));
-	int ninsmod = 0, ndisk = 0, npriv = 0;
+	int ninsmod = 0, ndisk = 0, npriv = 0, lock_listen_dir = 0;
 	const char *vm_root = NULL, *vm_rw = NULL, *vm_netspec = NULL, *hostname = NULL;
 	const char *vsock_port = NULL;
 
@@ -1864,6 +1864,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--mount-tmp")) m_tmp = 1, takes = 0;
 		else if (!strcmp(a, "--mount-basics")) m_proc = m_sys = m_dev = m_tmp = 1, takes = 0;
 		else if (!strcmp(a, "--drop-caps")) caps = 1, takes = 0;
+		else if (!strcmp(a, "--lock-listen-dir")) lock_listen_dir = 1, takes = 0;
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
 		else if (!strcmp(a, "--poweroff")) vm_poweroff = 1, takes = 0;
 		else if (!val) usage();
@@ -1941,6 +1942,18 @@ int main(int argc, char **argv)
 			die("listen on %s: %s", listen_path, strerror(errno));
 		if (listen_fd <= 2)
 			listen_fd = fcntl(listen_fd, F_DUPFD_CLOEXEC, 3);
+		if (lock_listen_dir) {
+			/* The socket's dir is a bind from the host: once we listen, make it read-only
+			 * so nothing in the sandbox can replace the socket with one of its own. */
+			char dir[AK_MAX_PATH];
+			snprintf(dir, sizeof(dir), "%s", listen_path);
+			char *slash = strrchr(dir, '/');
+			if (slash && slash != dir)
+				*slash = 0;
+			if (mount(NULL, dir, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV |
+					  MS_NOEXEC, NULL) < 0)
+				die("--lock-listen-dir %s: %s", dir, strerror(errno));
+		}
 	} else if (vsock_port) {
 		listen_fd = vm_vsock_listen(vsock_port);
 		if (listen_fd <= 2)

@@ -276,3 +276,16 @@ def test_dead_sandbox_is_marked_stopped_by_a_new_daemon(daemon: Daemon) -> None:
     assert daemon.ak("start", name).returncode == 0
     assert daemon.ak("exec", name, "--", "cat", "/root/f").stdout == "keep\n"
     assert daemon.ak("remove", name).returncode == 0
+
+
+def test_sandbox_cannot_hijack_its_control_socket(daemon: Daemon) -> None:
+    """The agent's socket dir is read-only inside: nothing there can replace the socket."""
+    name = _name("hj")
+    assert daemon.ak("create", name, *HOST).returncode == 0
+    r = daemon.ak("exec", name, "--", "sh", "-c",
+                  "rm -f /run/ak/ctl/agent.sock || echo rm-refused;"
+                  " touch /run/ak/ctl/other.sock 2>/dev/null || echo create-refused")
+    assert r.stdout.split() == ["rm-refused", "create-refused"], r.stderr
+    r = daemon.ak("exec", name, "--", "echo", "still-ours")
+    assert r.returncode == 0 and r.stdout == "still-ours\n"
+    assert daemon.ak("remove", name).returncode == 0

@@ -241,7 +241,7 @@ def build_bwrap_argv(
     agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
     if control is not None:
         argv += ["--bind", control, f"{AGENT_DIR}/ctl"]
-        agent_argv += ["--listen", f"{AGENT_DIR}/ctl/agent.sock"]
+        agent_argv += ["--listen", f"{AGENT_DIR}/ctl/agent.sock", "--lock-listen-dir"]
     argv += ["--chdir", "/", "--", *agent_argv]
     return argv
 
