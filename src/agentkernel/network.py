@@ -7,6 +7,7 @@ import os
 import select
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from .errors import BackendUnavailable, SandboxError
@@ -87,9 +88,11 @@ def netns_holder(lifeline_r: int) -> subprocess.Popen[bytes]:
         stdin=lifeline_r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    # Wait until the holder is inside its namespace before anyone joins it.
+    # Wait until the holder is inside its namespace before anyone joins it (by the clock:
+    # on a loaded host unshare can take a while to get there).
     own = os.readlink("/proc/self/ns/net")
-    for _ in range(10000):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         try:
             if os.readlink(f"/proc/{holder.pid}/ns/net") != own:
                 return holder
@@ -97,7 +100,7 @@ def netns_holder(lifeline_r: int) -> subprocess.Popen[bytes]:
             pass
         if holder.poll() is not None:
             break
-        os.sched_yield()
+        time.sleep(0.001)
     holder.kill()
     holder.wait()
     raise SandboxError("could not create a network namespace for the sandbox")

@@ -9,6 +9,7 @@ import pty
 import secrets
 import select
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -259,3 +260,21 @@ def test_gvisor_persistent_sandbox(daemon: Daemon) -> None:
         assert r.returncode != 0 and "remove it instead" in r.stderr
     finally:
         assert daemon.ak("remove", name).returncode == 0
+
+
+def test_our_client_talks_to_the_daemon_socket_by_default(daemon: Daemon) -> None:
+    """`AgentKernel()` with no base URL reaches the local daemon's unix socket (starting the
+    daemon if needed), not TCP: the same API the official SDKs speak."""
+    with daemon.use():
+        os.environ.pop("AGENTKERNEL_BASE_URL", None)
+        from agentkernel import AgentKernel
+
+        with AgentKernel() as c:
+            assert c.health() == "ok"
+            out = c.run(["sh", "-c", "echo hi; exit 3"])
+            assert (out.output, out.exit_code) == ("hi\n", 3)
+            name = f"uds-{os.getpid()}"
+            with c.sandbox(name, image="host") as sb:
+                assert sb.run(["echo", "in-sandbox"]).output == "in-sandbox\n"
+        api = Path(daemon.env["AGENTKERNEL_RUNTIME_DIR"]) / "api.sock"
+        assert stat.S_IMODE(api.stat().st_mode) == 0o600

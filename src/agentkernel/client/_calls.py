@@ -49,6 +49,15 @@ class Settings:
         return headers
 
 
+def daemon_api_socket(base_url: str | None) -> str | None:
+    """The daemon's API socket when no base URL is given anywhere, else None (use TCP)."""
+    if base_url or os.environ.get("AGENTKERNEL_BASE_URL"):
+        return None
+    from ..daemon.client import api_socket
+
+    return api_socket()
+
+
 def settings(base_url: str | None, api_key: str | None, timeout: float | None) -> Settings:
     """Argument, else environment (AGENTKERNEL_BASE_URL, AGENTKERNEL_API_KEY), else default."""
     url = base_url or os.environ.get("AGENTKERNEL_BASE_URL") or DEFAULT_BASE_URL

@@ -27,9 +27,10 @@ from .models import (
 T = TypeVar("T")
 
 
-def default_transport() -> httpx.AsyncBaseTransport | None:
-    """As `sync.default_transport`, for asyncio (`httpx.AsyncHTTPTransport(uds=...)`)."""
-    return None
+def default_transport(base_url: str | None) -> httpx.AsyncBaseTransport | None:
+    """As `sync.default_transport`, for asyncio."""
+    path = c.daemon_api_socket(base_url)
+    return httpx.AsyncHTTPTransport(uds=path) if path else None
 
 
 class AsyncSandboxSession:
@@ -75,7 +76,8 @@ class AsyncAgentKernel:
         self._settings = c.settings(base_url, api_key, timeout)
         self._http = httpx.AsyncClient(
             base_url=self._settings.base_url, headers=self._settings.headers(),
-            timeout=self._settings.timeout, transport=transport or default_transport(),
+            timeout=self._settings.timeout,
+            transport=transport or default_transport(base_url),
         )
 
     @property

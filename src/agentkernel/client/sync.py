@@ -27,13 +27,12 @@ from .models import (
 T = TypeVar("T")
 
 
-def default_transport() -> httpx.BaseTransport | None:
-    """The transport used when none is passed: None means TCP to the base URL.
-
-    This is the seam for the daemon: once it serves this API on its unix socket, return
-    `httpx.HTTPTransport(uds=path)` here when AGENTKERNEL_BASE_URL is not set.
-    """
-    return None
+def default_transport(base_url: str | None) -> httpx.BaseTransport | None:
+    """The transport used when none is passed: with no base URL given (argument or
+    AGENTKERNEL_BASE_URL), the local daemon's unix socket — started on demand; else None,
+    which means TCP to the base URL."""
+    path = c.daemon_api_socket(base_url)
+    return httpx.HTTPTransport(uds=path) if path else None
 
 
 class SandboxSession:
@@ -73,7 +72,8 @@ class SandboxSession:
 class AgentKernel:
     """Talks to an agentkernel HTTP API (ours, or any server of the same contract).
 
-    `base_url`, else AGENTKERNEL_BASE_URL, else http://localhost:18888; `api_key`, else
+    `base_url`, else AGENTKERNEL_BASE_URL, else the local daemon's unix socket (the daemon
+    is started if none runs); `api_key`, else
     AGENTKERNEL_API_KEY; `timeout` in seconds per I/O phase (default 30). `transport`
     replaces the network (e.g. `httpx.HTTPTransport(uds=...)`).
     """
@@ -84,7 +84,8 @@ class AgentKernel:
         self._settings = c.settings(base_url, api_key, timeout)
         self._http = httpx.Client(
             base_url=self._settings.base_url, headers=self._settings.headers(),
-            timeout=self._settings.timeout, transport=transport or default_transport(),
+            timeout=self._settings.timeout,
+            transport=transport or default_transport(base_url),
         )
 
     @property

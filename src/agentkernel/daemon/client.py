@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 SOCKET_NAME = "daemon.sock"
+API_SOCKET_NAME = "api.sock"  # the daemon's REST API (the SDKs'), used by our own client
 START_TIMEOUT = 30.0
 
 
@@ -53,6 +54,21 @@ def data_dir() -> str:
 
 def socket_path() -> str:
     return os.path.join(runtime_dir(), SOCKET_NAME)
+
+
+def api_socket(timeout: float = 30.0) -> str:
+    """The daemon's API socket, starting the daemon if none runs (our client's default)."""
+    path = os.path.join(runtime_dir(), API_SOCKET_NAME)
+    if not os.path.exists(path):
+        sock = connect(auto_start=True)
+        if sock is not None:
+            sock.close()
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise DaemonError(f"the daemon's API socket {path} did not appear")
+            time.sleep(0.02)
+    return path
 
 
 def connect(*, auto_start: bool = False) -> socket.socket | None:

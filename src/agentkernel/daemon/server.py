@@ -22,6 +22,7 @@ from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
 from .manager import ExecHandle, SandboxManager, failed_start
 
 SOCKET_NAME = "daemon.sock"
+API_SOCKET_NAME = "api.sock"  # the REST API of the SDKs, for our own client
 LOCK_NAME = "daemon.lock"
 MAX_LINE = 8 * 1024 * 1024  # one request line (cp chunks are far smaller)
 
@@ -390,6 +391,19 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
         api = start_in_thread(manager, *http)
         shown = f"[{api.host}]" if ":" in api.host else api.host
         print(f"agentkernel: HTTP API on http://{shown}:{api.port}", file=sys.stderr, flush=True)
+    uds_api: list[Any] = []
+
+    def start_uds_api() -> None:
+        # Our client's default way in (the official SDKs' API on a unix socket). Loading
+        # the web stack takes most of a second: a thread, so the CLI socket is not delayed.
+        from ..http.serve import start_uds_in_thread
+
+        try:
+            uds_api.append(start_uds_in_thread(manager, str(rt / API_SOCKET_NAME)))
+        except Exception as exc:
+            print(f"agentkernel daemon: no API socket: {exc}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=start_uds_api, name="ak-api-start", daemon=True).start()
     (rt / "daemon.pid").write_text(f"{os.getpid()}\n")
 
     def on_signal(_signo: int, _frame: object) -> None:
@@ -404,6 +418,10 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
     finally:
         if api is not None:
             api.stop()
+        for running in uds_api:
+            running.stop()
+        with contextlib.suppress(OSError):
+            (rt / API_SOCKET_NAME).unlink()
         manager.close()
         with contextlib.suppress(OSError):
             (rt / "daemon.pid").unlink()

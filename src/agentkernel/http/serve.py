@@ -115,6 +115,36 @@ def start_in_thread(service: SandboxService, host: str = DEFAULT_HOST, port: int
     return RunningServer(host, sock.getsockname()[1], server, thread)
 
 
+def start_uds_in_thread(service: SandboxService, path: str) -> RunningServer:
+    """Serve the API on a unix socket at `path` (the daemon's, for our client by default).
+
+    No key: the socket is mode 0600 in the user's private runtime dir, so only its owner
+    can connect.
+    """
+    import contextlib
+    import os
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    sock.bind(tmp)
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, path)  # appears only once it is private
+    sock.listen(1024)
+    sock.set_inheritable(False)
+    server = _server(service, None)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="ak-http-uds", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        threading.Event().wait(0.01)
+    if not server.started:
+        sock.close()
+        raise UsageError(f"the HTTP API failed to start on {path}")
+    return RunningServer(path, 0, server, thread)
+
+
 def main(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
          service_factory: Callable[[], SandboxService] | None = None,
          api_key: str | None = None) -> int:
