@@ -380,6 +380,10 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
             return 1
         locks.append(lock_file)
     config = load_daemon_config(config_path)
+    if config is not None:
+        from ..vm.settings import configure
+
+        configure(config.microvm)  # e.g. allow_emulation, for microVMs the daemon starts
     manager = SandboxManager(config)
     for line in manager.recovered:
         print(f"agentkernel daemon: {line}", file=sys.stderr, flush=True)
