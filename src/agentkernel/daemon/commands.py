@@ -90,34 +90,28 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    for name in args.names:
+def _each(names: list[str], op: str, doing: str, done: str, after: str = "") -> int:
+    """Validate every name first (nothing happens on a bad one), then `op` each in turn."""
+    for name in names:
         validate_sandbox_name(name)
-    for name in args.names:
-        print(f"Starting sandbox '{name}'...")
-        client.call("start", {"name": name})
-        print(f"Sandbox '{name}' started.\nTo attach: agentkernel attach {name}")
+    for name in names:
+        print(f"{doing} sandbox '{name}'...")
+        client.call(op, {"name": name})
+        print(f"Sandbox '{name}' {done}." + (after.format(name=name) if after else ""))
     return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    return _each(args.names, "start", "Starting", "started",
+                 "\nTo attach: agentkernel attach {name}")
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    for name in args.names:
-        validate_sandbox_name(name)
-    for name in args.names:
-        print(f"Stopping sandbox '{name}'...")
-        client.call("stop", {"name": name})
-        print(f"Sandbox '{name}' stopped.")
-    return 0
+    return _each(args.names, "stop", "Stopping", "stopped")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    for name in args.names:
-        validate_sandbox_name(name)
-    for name in args.names:
-        print(f"Removing sandbox '{name}'...")
-        client.call("remove", {"name": name})
-        print(f"Sandbox '{name}' removed.")
-    return 0
+    return _each(args.names, "remove", "Removing", "removed")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
