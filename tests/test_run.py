@@ -9,19 +9,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sandbox_helpers import ak
+from sandbox_helpers import Result, ak
+
+
+def on_host(backend: str, *args: str, **kw: Any) -> Result:
+    """`agentkernel run -B BACKEND -i host ARGS...` (the host rootfs: no registry involved)."""
+    return ak("run", "-B", backend, "-i", "host", *args, **kw)
 
 
 def test_hello(backend: str, project: Path) -> None:
-    r = ak(
-        "run",
-        "-B",
+    r = on_host(
         backend,
-        "-i",
-        "host",
         "--",
         "python3",
         "-c",
@@ -33,15 +35,12 @@ def test_hello(backend: str, project: Path) -> None:
 
 
 def test_exit_code_passes_through(backend: str, project: Path) -> None:
-    assert (
-        ak("run", "-B", backend, "-i", "host", "--", "sh", "-c", "exit 42", cwd=project).returncode
-        == 42
-    )
-    assert ak("run", "-B", backend, "-i", "host", "--", "false", cwd=project).returncode == 1
+    assert on_host(backend, "--", "sh", "-c", "exit 42", cwd=project).returncode == 42
+    assert on_host(backend, "--", "false", cwd=project).returncode == 1
 
 
 def test_signal_exit_is_128_plus_n(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "-i", "host", "--", "sh", "-c", "kill -TERM $$", cwd=project)
+    r = on_host(backend, "--", "sh", "-c", "kill -TERM $$", cwd=project)
     assert r.returncode == 128 + signal.SIGTERM
 
 
@@ -54,24 +53,39 @@ def test_stdout_and_stderr_are_separate(backend: str, project: Path) -> None:
 
 
 def test_not_found_is_127_and_not_executable_126(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "-i", "host", "--", "no-such-command-xyz", cwd=project)
+    r = on_host(backend, "--", "no-such-command-xyz", cwd=project)
     assert r.returncode == 127
     assert "no-such-command-xyz" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = ak("run", "-B", backend, "-i", "host", "--", "/etc/hostname", cwd=project)
+    r = on_host(backend, "--", "/etc/hostname", cwd=project)
     assert r.returncode == 126
 
 
 def test_project_visible_at_workspace(backend: str, project: Path) -> None:
-    r = ak("run", "-B", backend, "-i", "host", "--", "sh", "-c", "pwd; cat hello.txt", cwd=project)
+    r = on_host(backend, "--", "sh", "-c", "pwd; cat hello.txt", cwd=project)
     assert r.stdout == "/workspace\nhello from the host\n", r.stderr
 
 
 def spawn_run(backend: str, project: Path, script: str) -> subprocess.Popen[bytes]:
     """`agentkernel run -- sh -c SCRIPT` as a live process, to watch it while it runs."""
     return subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "-B", backend, "-i", "host", "--",
-         "sh", "-c", script],
-        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "agentkernel",
+            "run",
+            "-B",
+            backend,
+            "-i",
+            "host",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -88,12 +102,8 @@ def test_output_is_streamed_live(backend: str, project: Path) -> None:
 
 
 def test_stdin_is_forwarded(backend: str, project: Path) -> None:
-    r = ak(
-        "run",
-        "-B",
+    r = on_host(
         backend,
-        "-i",
-        "host",
         "--",
         "sh",
         "-c",
@@ -105,12 +115,8 @@ def test_stdin_is_forwarded(backend: str, project: Path) -> None:
 
 
 def test_env_workdir_and_json(backend: str, project: Path) -> None:
-    r = ak(
-        "run",
-        "-B",
+    r = on_host(
         backend,
-        "-i",
-        "host",
         "-e",
         "GREETING=hi there",
         "--workdir",
@@ -132,7 +138,7 @@ def test_env_workdir_and_json(backend: str, project: Path) -> None:
 
 def test_timeout_kills_and_says_so(backend: str, project: Path) -> None:
     started = time.monotonic()
-    r = ak("run", "-B", backend, "-i", "host", "--timeout", "1", "--", "sleep", "30", cwd=project)
+    r = on_host(backend, "--timeout", "1", "--", "sleep", "30", cwd=project)
     assert r.returncode == 124
     assert "timed out" in r.stderr
     assert time.monotonic() - started < 25
@@ -187,7 +193,7 @@ def test_no_sandbox_left_behind(backend: str, project: Path) -> None:
         if (runtime_dir() / "sandboxes").exists()
         else set()
     )
-    ak("run", "-B", backend, "-i", "host", "--", "true", cwd=project)
+    on_host(backend, "--", "true", cwd=project)
     after = set(os.listdir(runtime_dir() / "sandboxes"))
     assert after <= before
 
