@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -77,18 +78,16 @@ class HostRootfs:
         return tuple(kept)
 
 
-def _secret_entries(root: str) -> list[Mask]:
-    """Every entry under `root` that the host does not let everyone read.
-
-    Inside the sandbox the command may run with the host uid of the caller (root in CI),
-    so file modes alone do not protect root-only files: hide them.
-    """
-    found: list[Mask] = []
+def walk_tree(
+    root: str, descend: Callable[[os.DirEntry[str], os.stat_result], bool]
+) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
+    """Every entry under `root` with its lstat, never following symlinks; a directory is
+    entered when `descend(entry, st)` says so (called after the entry is yielded).
+    Unreadable entries are skipped."""
     stack = [root]
     while stack:
-        directory = stack.pop()
         try:
-            it = os.scandir(directory)
+            it = os.scandir(stack.pop())
         except OSError:
             continue
         with it:
@@ -97,15 +96,25 @@ def _secret_entries(root: str) -> list[Mask]:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                if stat.S_ISLNK(st.st_mode):
-                    continue
-                is_dir = stat.S_ISDIR(st.st_mode)
-                need = 0o005 if is_dir else 0o004
-                if st.st_mode & need != need:
-                    found.append(Mask(entry.path, is_dir))
-                elif is_dir:
+                yield entry, st
+                if stat.S_ISDIR(st.st_mode) and descend(entry, st):
                     stack.append(entry.path)
-    return found
+
+
+def _world_readable(st: os.stat_result) -> bool:
+    need = 0o005 if stat.S_ISDIR(st.st_mode) else 0o004
+    return st.st_mode & need == need
+
+
+def _secret_entries(root: str) -> list[Mask]:
+    """Every entry under `root` that the host does not let everyone read.
+
+    Inside the sandbox the command may run with the host uid of the caller (root in CI),
+    so file modes alone do not protect root-only files: hide them.
+    """
+    return [Mask(entry.path, stat.S_ISDIR(st.st_mode))
+            for entry, st in walk_tree(root, lambda _e, st: _world_readable(st))
+            if not stat.S_ISLNK(st.st_mode) and not _world_readable(st)]
 
 
 @lru_cache(maxsize=1)

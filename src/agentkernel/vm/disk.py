@@ -29,24 +29,12 @@ def _mkfs() -> str:
 
 def tree_usage(root: Path) -> tuple[int, int]:
     """(bytes, inodes) a tree needs, counting allocated blocks, not apparent sizes."""
+    from ..rootfs import walk_tree
+
     total, inodes = 0, 0
-    stack = [str(root)]
-    while stack:
-        directory = stack.pop()
-        try:
-            it = os.scandir(directory)
-        except OSError:
-            continue
-        with it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                inodes += 1
-                total += max(st.st_blocks * 512, 4096) if stat.S_ISREG(st.st_mode) else 4096
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
+    for _entry, st in walk_tree(str(root), lambda _e, _st: True):
+        inodes += 1
+        total += max(st.st_blocks * 512, 4096) if stat.S_ISREG(st.st_mode) else 4096
     return total, inodes
 
 
