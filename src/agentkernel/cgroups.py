@@ -9,20 +9,18 @@ import resource
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from .errors import UsageError
 
 CONTROLLERS: Final = ("memory", "pids", "cpu")
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_NAME: Final = r"[A-Za-z0-9_.-]{1,128}"  # compiled on first use
 _CPU_PERIOD_US: Final = 100_000
 _PARENT: Final = "agentkernel"
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """What a sandbox may use; None means unlimited."""
 
     memory_bytes: int | None = None
@@ -30,8 +28,7 @@ class Limits:
     cpus: float | None = None
 
 
-@dataclass(frozen=True)
-class Hierarchy:
+class Hierarchy(NamedTuple):
     """One mounted cgroup hierarchy and the directory under which we may create groups."""
 
     version: int  # 1 or 2
@@ -41,12 +38,11 @@ class Hierarchy:
     problem: str = ""
 
 
-@dataclass(frozen=True)
-class CgroupSupport:
+class CgroupSupport(NamedTuple):
     """What `detect()` found: the cgroup mode and which controllers this process can use."""
 
     mode: str  # "v2", "v1", "hybrid" or "none"
-    usable: dict[str, Hierarchy] = field(default_factory=dict)  # controller -> hierarchy
+    usable: dict[str, Hierarchy] = {}  # controller -> hierarchy (never mutated)
     problems: tuple[str, ...] = ()
 
     @property
@@ -199,9 +195,44 @@ def detect() -> CgroupSupport:
     return CgroupSupport(mode, usable, tuple(dict.fromkeys(problems)))
 
 
+def prime_migration() -> None:
+    """Start a no-op cgroup migration in the background, to overlap a kernel wait.
+
+    Every migration takes the kernel's global threadgroup rwsem for writing; the first one
+    after a quiet spell waits a whole RCU grace period (~15 ms on these hosts) to switch
+    that lock to its slow mode, which then lasts one more grace period. Moving this
+    process into the group it is already in, while the CLI still imports and plans, pays
+    that wait off the critical path: the sandbox's real join finds the lock switched.
+    Best effort: any failure just leaves the wait where it was.
+    """
+    import threading
+
+    threading.Thread(target=_rejoin_own_group, name="cgroup-prime", daemon=True).start()
+
+
+def _rejoin_own_group() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        v2_own, v1_own = _own_paths()
+        for fstype, mnt, root, opts in _mounts():
+            if fstype == "cgroup2":
+                own = v2_own
+                if own is None or not _read(mnt / "cgroup.controllers").strip():
+                    continue  # the empty v2 tree of hybrid mode: nobody migrates there
+            else:
+                own = next((v1_own[c] for c in opts & set(CONTROLLERS) if c in v1_own), None)
+            if own is None:
+                continue
+            fd = os.open(_under(mnt, root, own) / "cgroup.procs", os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
+            return
+
+
 def validate_name(name: str) -> str:
     """Reject names that could escape agentkernel/ or are unreasonable as a directory name."""
-    if not _NAME_RE.fullmatch(name) or ".." in name or name in (".",):
+    if not re.fullmatch(_NAME, name) or ".." in name or name in (".",):
         raise UsageError(f"invalid cgroup name {name!r}: use [A-Za-z0-9_.-]{{1,128}}, no '..'")
     return name
 

@@ -257,13 +257,15 @@ def dockerfile_image_name(project_dir: Path, dockerfile_text: str) -> str:
 
 # OCI / distribution reference grammar, ASCII only.
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN_RE = re.compile(
-    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]{{1,5}})?",
-    re.ASCII,
-)
-_PATH_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*", re.ASCII)
-_TAG_RE = re.compile(r"\w[\w.-]{0,127}", re.ASCII)
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
+# Plain strings, compiled on first use by re's own cache: most runs never parse a reference.
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]{{1,5}})?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_TAG = r"\w[\w.-]{0,127}"
+_DIGEST = r"sha256:[0-9a-f]{64}"
+
+
+def _full(pattern: str, text: str) -> bool:
+    return re.fullmatch(pattern, text, re.ASCII) is not None
 _MAX_NAME_LEN = 255
 
 
@@ -285,14 +287,14 @@ def validate_image_ref(ref: str) -> str:
     rest = ref
     if "@" in rest:
         rest, digest = rest.split("@", 1)
-        if not _DIGEST_RE.fullmatch(digest):
+        if not _full(_DIGEST, digest):
             raise bad("digest must be sha256: followed by 64 lowercase hex digits")
     # A ':' after the last '/' starts the tag; one before it belongs to a registry port.
     slash = rest.rfind("/")
     colon = rest.rfind(":")
     if colon > slash:
         rest, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG_RE.fullmatch(tag):
+        if not _full(_TAG, tag):
             raise bad("tag must be 1-128 of [A-Za-z0-9_.-] and not start with '.' or '-'")
     if not rest:
         raise bad("missing repository name")
@@ -304,12 +306,12 @@ def validate_image_ref(ref: str) -> str:
     if len(parts) > 1 and (
         "." in first or ":" in first or first == "localhost" or first.lower() != first
     ):
-        if not _DOMAIN_RE.fullmatch(first):
+        if not _full(_DOMAIN, first):
             raise bad(f"invalid registry host {_quote(first)}")
         parts = parts[1:]
     for part in parts:
-        if not _PATH_COMPONENT_RE.fullmatch(part):
-            if part.lower() != part and _PATH_COMPONENT_RE.fullmatch(part.lower()):
+        if not _full(_PATH_COMPONENT, part):
+            if part.lower() != part and _full(_PATH_COMPONENT, part.lower()):
                 raise bad("repository names must be lowercase")
             raise bad(
                 f"invalid path component {_quote(part)} "

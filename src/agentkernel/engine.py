@@ -7,10 +7,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from .errors import ConfigError, NotFound, ProtocolError, UsageError
 from .profiles import PASS_ENV_KEYS, Profile, get_profile
@@ -28,8 +27,7 @@ EXIT_TIMEOUT = 124  # as timeout(1)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-@dataclass
-class RunRequest:
+class RunRequest(NamedTuple):
     """Everything `agentkernel run` (or an API call) asks for."""
 
     argv: list[str]
@@ -38,7 +36,7 @@ class RunRequest:
     profile: str | None = None
     backend: str | None = None
     no_network: bool = False
-    env: list[str] = field(default_factory=list)
+    env: Sequence[str] = ()
     workdir: str | None = None
     timeout: float | None = None
     keep: bool = False
@@ -48,8 +46,7 @@ class RunRequest:
     forward_stdin: bool = False
 
 
-@dataclass
-class Plan:
+class Plan(NamedTuple):
     """A resolved request: what will run where, decided before anything starts."""
 
     spec: SandboxSpec
@@ -62,8 +59,7 @@ class Plan:
     rootfs_note: str  # e.g. "image docker.io/library/alpine:3.20 (sha256:…)"
 
 
-@dataclass
-class RunOutcome:
+class RunOutcome(NamedTuple):
     status: ExitStatus
     exit_code: int
     message: str | None  # one line for stderr when the sandbox, not the command, decided
@@ -86,7 +82,7 @@ def load_configs(req: RunRequest) -> tuple[Config | None, str | None, list[str]]
     return config, ("flag" if from_flag else "project"), warnings
 
 
-def parse_env(pairs: list[str]) -> dict[str, str]:
+def parse_env(pairs: Sequence[str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -11,7 +11,7 @@ MAX_PATH_BYTES = 4096
 
 # Alphanumeric runs joined by single '-' or '_': this one pattern encodes every §2.1 rule
 # (charset, alphanumeric first/last char, no "--", "__", "-_" or "_-").
-_NAME_RE = re.compile(r"[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*", re.ASCII)
+_NAME = r"[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*"  # compiled on first use
 
 
 def _show(value: str) -> str:
@@ -29,7 +29,7 @@ def validate_sandbox_name(name: str) -> str:
         raise UsageError(
             f"sandbox name {_show(name)} is {len(name)} characters long (max {MAX_NAME_LEN})"
         )
-    if _NAME_RE.fullmatch(name):
+    if re.fullmatch(_NAME, name, re.ASCII):
         return name
     bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "-_"))})
     if bad:

@@ -5,19 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from .errors import BackendUnavailable, SandboxError
+from .paths import which
 
 SLIRP_DNS = "10.0.2.3"
 RESOLV_CONF = f"nameserver {SLIRP_DNS}\noptions edns0 trust-ad\n"
 
 
 def slirp_available() -> str | None:
-    return shutil.which("slirp4netns")
+    return which("slirp4netns")
 
 
 def write_resolv_conf(scratch: Path) -> Path:
@@ -79,7 +79,7 @@ def lifeline() -> tuple[int, int]:
 def netns_holder(lifeline_r: int) -> subprocess.Popen[bytes]:
     """A process owning a fresh network namespace for slirp4netns and a VMM or runsc to
     share; it lives exactly as long as the lifeline's write end stays open somewhere."""
-    unshare = shutil.which("unshare")
+    unshare = which("unshare")
     if unshare is None:
         raise BackendUnavailable("egress networking needs unshare (util-linux)")
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
@@ -108,7 +108,7 @@ def netns_holder(lifeline_r: int) -> subprocess.Popen[bytes]:
 
 def enter_netns(pid: int) -> list[str]:
     """argv prefix that runs a command inside the network namespace of `pid`."""
-    nsenter = shutil.which("nsenter")
+    nsenter = which("nsenter")
     if nsenter is None:
         raise BackendUnavailable("egress networking needs nsenter (util-linux)")
     argv = [nsenter, f"--target={pid}", "--net"]
@@ -119,7 +119,7 @@ def enter_netns(pid: int) -> list[str]:
 
 def empty_netns_prefix() -> list[str]:
     """argv prefix that runs a command in a new, empty network namespace (if possible)."""
-    unshare = shutil.which("unshare")
+    unshare = which("unshare")
     if unshare is None:
         return []
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .errors import UsageError
 
@@ -16,8 +15,7 @@ PROFILE_NAMES = ("permissive", "moderate", "restrictive")
 PASS_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TERM")
 
 
-@dataclass(frozen=True)
-class Profile:
+class Profile(NamedTuple):
     """The resolved security settings of one sandbox."""
 
     name: str
@@ -47,28 +45,28 @@ class Profile:
         p = self
         if network is not None:
             # Turning network *on* in a profile without it gives the safe kind: egress only.
-            p = replace(p, network=("none" if not network else
+            p = p._replace(network=("none" if not network else
                                     (p.network if p.network != "none" else "egress")))
         if workspace is not None:
-            p = replace(p, workspace=workspace)
+            p = p._replace(workspace=workspace)
         if mount_home is not None:
-            p = replace(p, mount_home=mount_home)
+            p = p._replace(mount_home=mount_home)
         if pass_env is not None:
-            p = replace(p, pass_env=pass_env)
+            p = p._replace(pass_env=pass_env)
         if read_only is not None:
-            p = replace(p, root_writable=not read_only)
+            p = p._replace(root_writable=not read_only)
         if memory_mb is not None:
             if memory_mb < 16:
                 raise UsageError(f"memory limit {memory_mb} MiB is below the 16 MiB minimum")
-            p = replace(p, memory_mb=memory_mb)
+            p = p._replace(memory_mb=memory_mb)
         if pids is not None:
             if pids < 8:
                 raise UsageError(f"pids limit {pids} is below the minimum of 8")
-            p = replace(p, pids=pids)
+            p = p._replace(pids=pids)
         if cpus is not None:
             if not 0.01 <= cpus <= 1024:
                 raise UsageError(f"cpus {cpus} must be between 0.01 and 1024")
-            p = replace(p, cpus=cpus)
+            p = p._replace(cpus=cpus)
         return p
 
 

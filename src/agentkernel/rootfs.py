@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 # Top-level host paths that make up a userland. /home, /root, /opt, /srv, /var and
 # the user's dotfiles are never part of it.
@@ -29,8 +28,7 @@ MountKind = Literal["ro-bind", "symlink"]
 BACKEND_MOUNTS = frozenset({"proc", "sys", "dev", "tmp", "run"})
 
 
-@dataclass(frozen=True)
-class HostEntry:
+class HostEntry(NamedTuple):
     """One top-level piece of the root: a read-only bind of `source` at `path`, or a symlink."""
 
     kind: MountKind
@@ -47,16 +45,14 @@ class HostEntry:
         return self.kind == "ro-bind" and os.path.isdir(self.src)
 
 
-@dataclass(frozen=True)
-class Mask:
+class Mask(NamedTuple):
     """A host path hidden inside the sandbox: an empty dir or an empty file."""
 
     path: str
     is_dir: bool
 
 
-@dataclass(frozen=True)
-class HostRootfs:
+class HostRootfs(NamedTuple):
     """Everything a backend needs to assemble a root filesystem from read-only pieces."""
 
     entries: tuple[HostEntry, ...]

@@ -7,12 +7,10 @@ import errno as errno_mod
 import math
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import IO, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, BinaryIO, NamedTuple, cast
 
 from ..errors import (
     AgentRequestError,
@@ -45,6 +43,9 @@ from .protocol import (
     winsize,
 )
 
+if TYPE_CHECKING:
+    import socket
+
 _NOT_EXECUTABLE = {
     errno_mod.EACCES,
     errno_mod.ENOEXEC,
@@ -60,8 +61,7 @@ _MAX_U32 = 0xFFFFFFFF
 _Q = queue.Queue[Frame | None]
 
 
-@dataclass(frozen=True)
-class ExitStatus:
+class ExitStatus(NamedTuple):
     """How a command ended."""
 
     code: int | None
@@ -77,8 +77,7 @@ class ExitStatus:
         return 128 + (self.signal or 0)
 
 
-@dataclass(frozen=True)
-class AgentInfo:
+class AgentInfo(NamedTuple):
     """What the agent announced in HELLO."""
 
     version: int
@@ -87,8 +86,7 @@ class AgentInfo:
     uid: int
 
 
-@dataclass(frozen=True)
-class FileStat:
+class FileStat(NamedTuple):
     """STAT_RESULT."""
 
     type: str  # "file", "dir", "symlink" or "other"
@@ -108,8 +106,7 @@ class FileStat:
         return self.type == "file"
 
 
-@dataclass(frozen=True)
-class DirEntry:
+class DirEntry(NamedTuple):
     """One LIST_RESULT entry (symlinks are not followed)."""
 
     name: str
@@ -253,7 +250,7 @@ class AgentClient:
 
         def shut() -> None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(2)  # SHUT_RDWR, without importing socket (~3 ms) for it
             sock.close()
 
         rfile = sock.makefile("rb", buffering=0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from ..errors import ProtocolError
 
@@ -109,8 +109,7 @@ FILE_TYPES = {1: "file", 2: "dir", 3: "symlink", 4: "other"}
 TLV = tuple[int, bytes]
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     """One decoded frame."""
 
     type: int

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import SandboxError
 from ..paths import runtime_dir
@@ -23,8 +21,7 @@ if TYPE_CHECKING:
 CONTROL_DIR = "ctl"  # host side: <scratch>/ctl/agent.sock for sandboxes that outlive us
 
 
-@dataclass(frozen=True)
-class Probe:
+class Probe(NamedTuple):
     """Whether a backend can run here, and why (shown by `doctor` and in errors)."""
 
     ok: bool
@@ -61,8 +58,7 @@ def make_scratch(name: str) -> Path:
     return path
 
 
-@dataclass
-class Spawned:
+class Spawned(NamedTuple):
     """A backend process running the agent, with the host ends of its channel."""
 
     process: subprocess.Popen[bytes]
@@ -124,13 +120,13 @@ def open_channel(spawned: Spawned, control: Path | None, timeout: float = 30.0) 
     A persistent sandbox must not depend on this process, so its agent listens on a unix
     socket in the scratch dir instead of talking over pipes that die with us.
     """
-    import socket
-    import time
-
     from ..agent.client import AgentClient
 
     if control is None:
         return AgentClient.from_fds(spawned.read_fd, spawned.write_fd)
+    import socket
+    import time
+
     close_fds(spawned.read_fd, spawned.write_fd)
     path = control / "agent.sock"
     deadline = time.monotonic() + timeout
@@ -168,4 +164,6 @@ def abandon(
         if helper.poll() is None:
             helper.kill()
             helper.wait()
+    import shutil
+
     shutil.rmtree(scratch, ignore_errors=True)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, SandboxError
+from ..paths import which
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from .base import (
     Backend,
@@ -34,7 +33,7 @@ GVISOR_TASK_OVERHEAD = 256  # host threads of runsc itself, on top of the sandbo
 
 @lru_cache(maxsize=1)
 def _runsc() -> str | None:
-    return shutil.which("runsc")
+    return which("runsc")
 
 
 @lru_cache(maxsize=1)
@@ -170,6 +169,8 @@ def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
         mount.pop("_file", None)
     for link, dest in config.pop("_symlinks"):
         os.symlink(dest, rootfs / link.lstrip("/"))
+    import json
+
     (bundle / "config.json").write_text(json.dumps(config))
 
 
@@ -286,6 +287,8 @@ def _workspace_copy(spec: SandboxSpec, scratch: Path) -> Path | None:
     base = spec.state_dir or scratch
     copy = base / "workspace"
     if not copy.exists():
+        import shutil
+
         tmp = base / "workspace.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(spec.workspace, tmp, symlinks=True)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import subprocess
 import time
 from functools import lru_cache
 from pathlib import Path
 
 from ..errors import BackendUnavailable, SandboxError
+from ..paths import which
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from .base import (
     Backend,
@@ -32,7 +31,7 @@ WS_LOWER = "/run/ak/lower/workspace"
 
 @lru_cache(maxsize=1)
 def _bwrap() -> str | None:
-    return shutil.which("bwrap")
+    return which("bwrap")
 
 
 class NamespacesBackend(Backend):
@@ -156,6 +155,8 @@ class NamespacesBackend(Backend):
 
 def _read_child_pid(fd: int) -> int | None:
     """bwrap writes {"child-pid": N} to --info-fd once the namespaces exist."""
+    import json
+
     data = b""
     with contextlib.suppress(OSError):
         while b"}" not in data:

@@ -9,13 +9,12 @@ import sys
 import time
 
 from ..errors import AgentKernelError
+from ..paths import API_SOCKET, daemon_socket, data_dir_str, runtime_dir_str
 
 TYPE_CHECKING = False  # typing costs milliseconds on the hot path; mypy still sees it
 if TYPE_CHECKING:
     from typing import Any
 
-SOCKET_NAME = "daemon.sock"
-API_SOCKET_NAME = "api.sock"  # the daemon's REST API (the SDKs'), used by our own client
 START_TIMEOUT = 30.0
 
 
@@ -32,33 +31,13 @@ class DaemonError(AgentKernelError):
         self.kind = kind
 
 
-def runtime_dir() -> str:
-    """Same rules as agentkernel.paths.runtime_dir, without importing pathlib."""
-    env = os.environ.get("AGENTKERNEL_RUNTIME_DIR")
-    if env:
-        return env
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "agentkernel")
-    return f"/tmp/agentkernel-{os.getuid()}"
-
-
-def data_dir() -> str:
-    """Same rules as agentkernel.paths.data_dir."""
-    env = os.environ.get("AGENTKERNEL_HOME")
-    if env:
-        return env
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
-                                                            ".local/share")
-    return os.path.join(base, "agentkernel")
-
-
 def socket_path() -> str:
-    return os.path.join(runtime_dir(), SOCKET_NAME)
+    return daemon_socket()
 
 
 def api_socket(timeout: float = 30.0) -> str:
     """The daemon's API socket, starting the daemon if none runs (our client's default)."""
-    path = os.path.join(runtime_dir(), API_SOCKET_NAME)
+    path = os.path.join(runtime_dir_str(), API_SOCKET)
     if not os.path.exists(path):
         sock = connect(auto_start=True)
         if sock is not None:
@@ -101,9 +80,9 @@ def start_daemon(config: str | None = None, timeout: float = START_TIMEOUT) -> i
     """
     import subprocess
 
-    rt = runtime_dir()
+    rt = runtime_dir_str()
     os.makedirs(rt, mode=0o700, exist_ok=True)
-    log_dir = data_dir()
+    log_dir = data_dir_str()
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
     argv = [sys.executable, "-m", "agentkernel", "daemon", "start", "--foreground"]
     if config:

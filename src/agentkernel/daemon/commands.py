@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..names import validate_sandbox_name, validate_sandbox_path
+from ..paths import data_dir_str
 from . import client
 from .client import DaemonError
 
@@ -304,7 +305,7 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
         "memory_mb": memory, "cpus": args.cpus,
         "config_path": os.path.abspath(args.config) if args.config else None,
         "host_env": client.host_env(), "stdin_open": forward_stdin and not args.json,
-        "data_dir": client.data_dir(),
+        "data_dir": data_dir_str(),
     }
     lines = client.open_stream("run", req, auto_start=False)
     if lines is None:

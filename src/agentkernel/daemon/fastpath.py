@@ -112,6 +112,6 @@ def fast_main(argv: list[str]) -> int | None:
 
 
 def _daemon_socket_exists() -> bool:
-    from . import client
+    from ..paths import daemon_socket  # not .client: json and socket cost ~3 ms
 
-    return os.path.exists(client.socket_path())
+    return os.path.exists(daemon_socket())

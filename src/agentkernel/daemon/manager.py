@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -509,7 +508,7 @@ class SandboxManager:
                 "no_network": profile.network == "none",
                 "workspace": str(workspace) if workspace else None,
                 "env": dict(req.env), "host_env": {},
-                "profile_fields": dataclasses.asdict(profile),
+                "profile_fields": profile._asdict(),
             }
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)

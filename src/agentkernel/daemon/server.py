@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import AgentKernelError, AgentRequestError, UsageError
-from ..paths import runtime_dir
+from ..paths import API_SOCKET, DAEMON_SOCKET, runtime_dir
 from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
 from .manager import ExecHandle, SandboxManager, failed_start
 
-SOCKET_NAME = "daemon.sock"
-API_SOCKET_NAME = "api.sock"  # the REST API of the SDKs, for our own client
 LOCK_NAME = "daemon.lock"
 MAX_LINE = 8 * 1024 * 1024  # one request line (cp chunks are far smaller)
 
@@ -36,9 +34,11 @@ _SIMPLE = {
 
 
 def to_json(value: Any) -> Any:
-    """Dataclasses, bytes (as latin-1 text) and tuples into plain JSON values."""
+    """Records (dataclasses, named tuples), bytes (as latin-1 text), tuples into JSON values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return {k: to_json(v) for k, v in value._asdict().items()}
     if isinstance(value, bytes):
         return value.decode("latin-1")
     if isinstance(value, list | tuple):
@@ -94,7 +94,8 @@ def _peer_uid(sock: socket.socket) -> int:
 
 
 def _fields(cls: type, args: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = getattr(cls, "_fields", None)  # a named tuple's, else a dataclass's
+    names = set(fields) if fields is not None else {f.name for f in dataclasses.fields(cls)}
     unknown = set(args) - names
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -387,7 +388,7 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
     manager = SandboxManager(config)
     for line in manager.recovered:
         print(f"agentkernel daemon: {line}", file=sys.stderr, flush=True)
-    server = DaemonServer(manager, rt / SOCKET_NAME)
+    server = DaemonServer(manager, rt / DAEMON_SOCKET)
     api = None
     if http is not None:
         from ..http.serve import start_in_thread
@@ -403,7 +404,7 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
         from ..http.serve import start_uds_in_thread
 
         try:
-            uds_api.append(start_uds_in_thread(manager, str(rt / API_SOCKET_NAME)))
+            uds_api.append(start_uds_in_thread(manager, str(rt / API_SOCKET)))
         except Exception as exc:
             print(f"agentkernel daemon: no API socket: {exc}", file=sys.stderr, flush=True)
 
@@ -425,7 +426,7 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
         for running in uds_api:
             running.stop()
         with contextlib.suppress(OSError):
-            (rt / API_SOCKET_NAME).unlink()
+            (rt / API_SOCKET).unlink()
         manager.close()
         with contextlib.suppress(OSError):
             (rt / "daemon.pid").unlink()
