@@ -74,9 +74,8 @@ class Sandbox:
         if self.cgroup is not None:
             # Anything that slipped out of the sandbox's own process tree dies here.
             self.cgroup.destroy()
-        for helper in self.helpers:
-            # Helpers (slirp4netns, netns holders) never exit by themselves.
-            _stop(helper, grace=0)
+        # Helpers (slirp4netns, netns holders) never exit by themselves.
+        _kill_and_reap_later(self.helpers)
         for cleanup in reversed(self.cleanups):
             with contextlib.suppress(Exception):
                 cleanup()
@@ -99,6 +98,34 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 1.0) -> None:
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
+
+
+def _kill_and_reap_later(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL each process now; reap the slow-dying ones on a background thread.
+
+    slirp4netns takes ~20 ms to die: closing its tap device waits for RCU grace periods
+    in the kernel. Once killed it can run no code of its own, so neither the CLI nor the
+    daemon needs to wait; a CLI that exits first leaves the zombie to init.
+    """
+    slow = []
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            if proc.poll() is None:
+                slow.append(proc)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+    if slow:
+        import threading
+
+        def reap() -> None:
+            for proc in slow:
+                proc.wait()
+
+        threading.Thread(target=reap, name="reap-helpers", daemon=True).start()
 
 
 def close_fds(*fds: int) -> None:
