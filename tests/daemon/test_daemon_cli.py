@@ -289,3 +289,29 @@ def test_sandbox_cannot_hijack_its_control_socket(daemon: Daemon) -> None:
     r = daemon.ak("exec", name, "--", "echo", "still-ours")
     assert r.returncode == 0 and r.stdout == "still-ours\n"
     assert daemon.ak("remove", name).returncode == 0
+
+
+@pytest.mark.parametrize("args", [
+    {"argv": "true"},                                   # a string, not a list
+    {"argv": ["true"], "env": ["A=1"]},                 # a list, not a dict
+    {"argv": ["true"], "timeout": "soon"},
+    {"argv": ["true"], "no_network": 1},
+    {"argv": [1, 2]},
+    {"argv": ["true"], "what": 1},                      # unknown field
+])
+def test_malformed_socket_requests_get_a_clear_error(daemon: Daemon,
+                                                     args: dict[str, object]) -> None:
+    """The daemon's own socket validates every field: a usage error, nothing started."""
+    import json
+    import socket
+
+    daemon.ensure_up()
+    before = daemon.ak("list").stdout
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(daemon.run_dir / "daemon.sock"))
+        sock.sendall(json.dumps({"op": "run", "args": args}).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline())
+    assert reply["ok"] is False, reply
+    assert reply["error"]["exit_code"] == 2 and reply["error"]["http_status"] == 400, reply
+    assert "field" in reply["error"]["message"], reply
+    assert daemon.ak("list").stdout == before

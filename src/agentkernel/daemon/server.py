@@ -13,6 +13,8 @@ import struct
 import sys
 import threading
 import time
+import types
+import typing
 from pathlib import Path
 from typing import IO, Any
 
@@ -94,12 +96,45 @@ def _peer_uid(sock: socket.socket) -> int:
 
 
 def _fields(cls: type, args: dict[str, Any]) -> dict[str, Any]:
+    """`args` checked against the request class: known fields only, each of its type."""
+    hints = typing.get_type_hints(cls)
     fields = getattr(cls, "_fields", None)  # a named tuple's, else a dataclass's
     names = set(fields) if fields is not None else {f.name for f in dataclasses.fields(cls)}
     unknown = set(args) - names
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    for name, value in args.items():
+        if not _conforms(value, hints[name]):
+            raise UsageError(f"field {name!r}: expected {_type_name(hints[name])}, "
+                             f"got {type(value).__name__}")
     return args
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a decoded JSON value fits a request field's annotation."""
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, p) for p in params)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is bytes:  # sent as latin-1 text
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, params[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _conforms(k, params[0]) and _conforms(v, params[1]) for k, v in value.items())
+    if origin is typing.Literal:
+        return value in params
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
 
 
 class DaemonServer:
