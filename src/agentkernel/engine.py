@@ -158,17 +158,23 @@ def resolve_rootfs(image: str, config: Config | None, quiet: bool) -> tuple[Host
     return tree_rootfs(root, img.ref), img.config, f"image {img.ref} ({img.manifest_digest[:19]})"
 
 
-def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
-    """Decide image, profile, backend and environment; nothing is started yet."""
-    from .backends import choose_backend
+class Decision(NamedTuple):
+    """What a run request resolves to before any rootfs or backend is prepared: the one set
+    of rules both the in-process `run` and the daemon's pooled runs follow."""
+
+    config: Config | None
+    warnings: list[str]
+    image: str
+    image_reason: str
+    profile: Profile
+    backend_name: str  # "auto" or a backend's name
+
+
+def decide(req: RunRequest) -> Decision:
+    """Config file, image (validated, then auto-detected), profile and backend choice."""
     from .detect import resolve_run_image, validate_image_ref
-    from .sandbox import SandboxSpec
 
     config, config_source, warnings = load_configs(req)
-    if config is not None:
-        from .vm.settings import configure
-
-        configure(config.microvm)  # before `auto` decides whether a microVM may be chosen
     if req.image and req.image != HOST_IMAGE:
         validate_image_ref(req.image)
     cfg_image = config.image if config is not None else None
@@ -177,8 +183,39 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
         config_image_from_flag=cfg_image if config_source == "flag" else None,
         project_config_image=cfg_image if config_source == "project" else None,
     )
-    profile = resolve_profile(req, config)
     backend_name = req.backend or (config.sandbox.backend if config is not None else None) or "auto"
+    return Decision(config, warnings, image, reason, resolve_profile(req, config), backend_name)
+
+
+def sandbox_cwd(workdir: str | None, has_workspace: bool,
+                image_config: ImageConfig | None) -> str:
+    """Where the command starts: --workdir, else /workspace, the image's WorkingDir, /root."""
+    image_cwd = image_config.working_dir if image_config is not None else ""
+    cwd = workdir or ("/workspace" if has_workspace else image_cwd or "/root")
+    if not cwd.startswith("/"):
+        raise UsageError(f"--workdir must be an absolute path inside the sandbox, got {cwd!r}")
+    return cwd
+
+
+def user_warning(image: str, image_config: ImageConfig | None) -> str | None:
+    """Only uid 0 is mapped into a sandbox's user namespace: say so, don't pretend."""
+    user = image_config.user if image_config is not None else ""
+    if user and user.split(":")[0] not in ("0", "root"):
+        return (f"image {image} asks for user {user!r}; commands run as root of the sandbox "
+                "(uid 0 of its own user namespace, without capabilities)")
+    return None
+
+
+def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
+    """Decide image, profile, backend and environment; nothing is started yet."""
+    from .backends import choose_backend
+    from .sandbox import SandboxSpec
+
+    config, warnings, image, reason, profile, backend_name = decide(req)
+    if config is not None:
+        from .vm.settings import configure
+
+        configure(config.microvm)  # before `auto` decides whether a microVM may be chosen
     backend = choose_backend(backend_name)
     rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
     name = f"run-{os.urandom(4).hex()}"
@@ -199,15 +236,10 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
         if profile.mount_home and spec.home is not None:
             env["HOME"] = "/home/user"  # where the host home is mounted
     env.update(parse_env(req.env))
-    user = image_config.user if image_config is not None else ""
-    if user and user.split(":")[0] not in ("0", "root"):
-        # Only uid 0 is mapped into the sandbox's user namespace: say so, don't pretend.
-        warnings.append(f"image {image} asks for user {user!r}; commands run as root of the "
-                        "sandbox (uid 0 of its own user namespace, without capabilities)")
-    image_cwd = image_config.working_dir if image_config is not None else ""
-    cwd = req.workdir or ("/workspace" if spec.workspace is not None else image_cwd or "/root")
-    if not cwd.startswith("/"):
-        raise UsageError(f"--workdir must be an absolute path inside the sandbox, got {cwd!r}")
+    warning = user_warning(image, image_config)
+    if warning:
+        warnings.append(warning)
+    cwd = sandbox_cwd(req.workdir, spec.workspace is not None, image_config)
     argv = command_argv(image_config, req.argv)
     return Plan(spec=spec, backend=backend, image_reason=reason, env=env, cwd=cwd,
                 warnings=warnings, argv=argv, rootfs_note=rootfs_note)

@@ -423,14 +423,9 @@ class SandboxManager:
                 env["HOME"] = "/home/user"
         return env
 
-    @staticmethod
-    def _default_cwd(workspace: Path | None, image_config: ImageConfig | None) -> str:
-        if workspace is not None:
-            return "/workspace"
-        return (image_config.working_dir if image_config is not None else "") or "/root"
-
     def _resolve(self, name: str, doc: dict[str, Any]) -> _Resolved:
         """The SandboxSpec of a persistent sandbox from its stored description."""
+        from ..engine import sandbox_cwd
         from ..profiles import Profile, get_profile
         from ..sandbox import SandboxSpec
 
@@ -453,7 +448,8 @@ class SandboxManager:
                            state_dir=self._state_dir(name))
         env = self._base_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
-        return _Resolved(spec, backend, env, self._default_cwd(workspace, image_config),
+        cwd = sandbox_cwd(None, workspace is not None, image_config)
+        return _Resolved(spec, backend, env, cwd,
                          list(image_config.entrypoint or []) if image_config else [], note)
 
     def _state_dir(self, name: str) -> Path:
@@ -721,10 +717,9 @@ class SandboxManager:
     # ---- one-shot runs (warm pool) ----
 
     def _plan_run(self, req: RunRequest) -> tuple[PoolKey, Backend, HostRootfs, dict[str, Any]]:
-        """What engine.plan decides, but with cached backends and rootfs, for the pool key."""
-        from ..detect import resolve_run_image, validate_image_ref
-        from ..engine import HOST_IMAGE, command_argv, load_configs, parse_env, resolve_profile
+        """engine.decide's answer, with the daemon's cached backends and rootfs, as a pool key."""
         from ..engine import RunRequest as EngineRequest
+        from ..engine import command_argv, decide, parse_env, sandbox_cwd, user_warning
 
         cwd = Path(req.cwd) if req.cwd else None
         if cwd is not None and (not cwd.is_absolute() or not cwd.is_dir()):
@@ -735,17 +730,8 @@ class SandboxManager:
             env=[f"{k}={v}" for k, v in req.env.items()], workdir=req.workdir,
             timeout=req.timeout, memory_mb=req.memory_mb, cpus=req.cpus,
             config_path=Path(req.config_path) if req.config_path else None)
-        config, source, warnings = load_configs(ereq)
-        if req.image and req.image != HOST_IMAGE:
-            validate_image_ref(req.image)
-        cfg_image = config.image if config is not None else None
-        image, reason = resolve_run_image(
-            ereq.argv, ereq.cwd, cli_image=req.image,
-            config_image_from_flag=cfg_image if source == "flag" else None,
-            project_config_image=cfg_image if source == "project" else None)
-        profile = resolve_profile(ereq, config)
-        backend = self._backend(req.backend or (config.sandbox.backend if config else None)
-                                or "auto")
+        config, warnings, image, reason, profile, backend_name = decide(ereq)
+        backend = self._backend(backend_name)
         rootfs, image_config, note = self._rootfs(image, config)
         workspace = cwd if cwd is not None and profile.workspace != "none" else None
         home = Path(req.host_env.get("HOME") or os.path.expanduser("~"))  # the caller's
@@ -755,14 +741,13 @@ class SandboxManager:
                       workspace=str(workspace) if workspace else None,
                       home=str(home_opt) if home_opt else None)
         env_extra = parse_env(ereq.env)
-        cwd_in = req.workdir or self._default_cwd(workspace, image_config)
-        if not cwd_in.startswith("/"):
-            raise UsageError(f"--workdir must be an absolute path inside the sandbox, "
-                             f"got {cwd_in!r}")
+        cwd_in = sandbox_cwd(req.workdir, workspace is not None, image_config)
         argv = command_argv(image_config, list(req.argv))
+        extra = [user_warning(image, image_config)]
         if note.endswith("(image unavailable)"):
-            warnings = [*warnings, f"image {image} is not available; running on the host's "
-                                   'userland instead (offline_fallback = "host")']
+            extra.append(f"image {image} is not available; running on the host's "
+                         'userland instead (offline_fallback = "host")')
+        warnings = [*warnings, *(w for w in extra if w)]
         plan = {"image_config": image_config, "env_extra": env_extra, "cwd": cwd_in,
                 "argv": argv, "reason": reason, "note": note, "warnings": warnings,
                 "home": home_opt}
