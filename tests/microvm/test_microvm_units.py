@@ -170,3 +170,45 @@ def test_image_tree_becomes_a_cached_ext4(tmp_path: Path, monkeypatch: pytest.Mo
         assert f.read(2) == b"\x53\xef"  # the ext4 superblock magic
     again, _ = ensure_root_image(rootfs)
     assert again == image
+
+
+def test_clone_payload_is_validated_on_the_host() -> None:
+    from agentkernel.agent.protocol import Tag, decode_tlvs, encode_clone
+
+    payload = encode_clone(b"r" * 32, hostname="clone-1.example", wallclock_ns=5,
+                           disks=[("akwork", "/workspace", False)])
+    tags = dict(decode_tlvs(payload))
+    assert tags[Tag.HOSTNAME] == b"clone-1.example"
+    assert tags[Tag.DISK] == b"akwork:/workspace:rw"
+    for kwargs in ({"hostname": "bad name"}, {"hostname": "-x"}, {"hostname": "a" * 65},
+                   {"disks": [("akwork", "rel", True)]}, {"disks": [("a:b", "/x", True)]},
+                   {"disks": [("akwork", "/a/../b", True)]}):
+        with pytest.raises(ValueError):
+            encode_clone(b"r" * 32, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        encode_clone(b"short")
+
+
+def test_snapshot_key_covers_shape_not_paths(tmp_path: Path) -> None:
+    import dataclasses
+
+    from agentkernel.vm.snapshot import template_key
+
+    def cfg(scratch: Path, **kw: object) -> VmConfig:
+        base = VmConfig(kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd", accel="tcg",
+                        agent_args=["--root", "akroot"], vcpus=1, memory_mb=512,
+                        serial_log=scratch / "console.log", agent_socket=scratch / "a.sock",
+                        drives=[Drive(tmp_path / "root.ext4", "akroot", True),
+                                Drive(scratch / "ws.ext4", "akwork", False)])
+        return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+    slots = frozenset({"akwork"})
+    key = template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a"), slots)
+    assert key == template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "b"), slots)
+    assert key != template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a",
+                                                                   memory_mb=1024), slots)
+    assert key != template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a", net="user"),
+                               slots)
+    # A project disk that is not a slot (attached by path) is part of the shape.
+    assert key != template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a"),
+                               frozenset())
