@@ -156,3 +156,21 @@ def test_api_call_speaks_http_on_a_unix_socket(tmp_path: Path) -> None:
     assert status == 204 and body == b""
     assert got[0].startswith(b"PUT /actions HTTP/1.1\r\n")
     assert got[0].endswith(b'{"action_type": "InstanceStart"}')
+
+
+@pytest.mark.parametrize("tap", ["tap-ak0", None])
+def test_snapshot_requests_validate(api: dict[str, Any], tmp_path: Path,
+                                    tap: str | None) -> None:
+    vm = _vm(tmp_path, tap=tap)
+    create = vm.snapshot_create_requests(tmp_path / "vm.state", tmp_path / "vm.mem")
+    assert [c[:2] for c in create] == [("PATCH", "/vm"), ("PUT", "/snapshot/create")]
+    load = vm.snapshot_load_requests(tmp_path / "vm.state", tmp_path / "vm.mem",
+                                     slots=frozenset({"akwork"}))
+    assert load[0][:2] == ("PUT", "/snapshot/load") and load[0][2]["resume_vm"] is False
+    assert load[0][2]["vsock_override"] == {"uds_path": str(tmp_path / "vsock.sock")}
+    assert ("network_overrides" in load[0][2]) == bool(tap)
+    assert ("PATCH", "/drives/akwork", {"drive_id": "akwork",
+                                        "path_on_host": str(tmp_path / "work.ext4")}) in load
+    assert load[-1] == ("PATCH", "/vm", {"state": "Resumed"})
+    for method, path, body in create + load:
+        _validate(api, _body_definition(api, method, path), body)
