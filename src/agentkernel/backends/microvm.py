@@ -129,12 +129,13 @@ class MicrovmBackend(Backend):
         settings = current()
         if settings.vmm == "firecracker":
             from ..vm.firecracker import firecracker_binary
+            from .microvm_fc import start_firecracker
 
-            raise BackendUnavailable(
-                "[microvm] vmm = firecracker: " + ("firecracker is not on PATH"
-                if firecracker_binary() is None else "starting guests through Firecracker "
-                "is not wired into the backend yet (configs and API calls are generated "
-                "and schema-checked); use vmm = qemu"))
+            binary = firecracker_binary()
+            if binary is None:
+                raise BackendUnavailable("[microvm] vmm = firecracker: firecracker is not on "
+                                         "PATH (Debian has no package); use vmm = qemu")
+            return start_firecracker(self.name, spec, settings, binary)
         qemu = q.qemu_binary()
         kernel = current_kernel(settings.kernel)
         if qemu is None or kernel is None:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,8 @@ def api_call(api_sock: Path, method: str, path: str, body: dict[str, Any],
     return status, rest
 
 
-def connect_vsock(uds: Path, port: int, timeout: float) -> socket.socket:
+def connect_vsock(uds: Path, port: int, timeout: float,
+                  proc: subprocess.Popen[bytes] | None = None) -> socket.socket:
     """Open a stream to the guest's vsock `port` through Firecracker's unix socket.
 
     The handshake is one line each way: we send ``CONNECT <port>\\n``, Firecracker answers
@@ -187,6 +189,8 @@ def connect_vsock(uds: Path, port: int, timeout: float) -> socket.socket:
     deadline = time.monotonic() + timeout
     last = "no attempt"
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ConnectionError(f"Firecracker exited with status {proc.returncode}")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
