@@ -212,3 +212,38 @@ def test_snapshot_key_covers_shape_not_paths(tmp_path: Path) -> None:
     # A project disk that is not a slot (attached by path) is part of the shape.
     assert key != template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a"),
                                frozenset())
+
+
+@pytest.mark.parametrize("accel", ["tcg", "kvm"])
+def test_qemu_argv_for_aarch64(tmp_path: Path, accel: str) -> None:
+    import dataclasses
+
+    cfg = dataclasses.replace(_cfg(tmp_path, accel), arch="aarch64", net="user",
+                              kernel=tmp_path / "Image")
+    argv = build_argv("/usr/bin/qemu-system-aarch64", cfg)
+    assert argv[0].endswith("qemu-system-aarch64")
+    machine = argv[argv.index("-M") + 1]
+    assert machine == ("virt,gic-version=3" if accel == "tcg" else "virt,gic-version=host")
+    assert argv[argv.index("-cpu") + 1] == ("max" if accel == "tcg" else "host")
+    assert argv[argv.index("-kernel") + 1].endswith("/Image")
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert {"virtio-rng-pci", "virtio-serial-pci", "virtserialport,chardev=agent,name=agent",
+            "virtio-net-pci,netdev=n0"} <= set(devices)
+    assert any(d.startswith("virtio-blk-pci,") and "serial=akroot" in d for d in devices)
+    assert not any(d.endswith("-device") or "-device," in d for d in devices)  # no mmio names
+    cmdline = argv[argv.index("-append") + 1]
+    assert cmdline.startswith("console=ttyAMA0 ") and "ttyS0" not in cmdline
+    for x86 in ("reboot=t", "vsyscall", "i8042", "8250.", "tsc"):
+        assert x86 not in cmdline
+    assert "panic=-1" in cmdline and cmdline.endswith("-- --vport agent")
+
+
+def test_qemu_argv_arch_follows_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentkernel.vm import qemu
+
+    monkeypatch.setattr(qemu.platform, "machine", lambda: "aarch64")
+    assert qemu.host_arch() == "aarch64" and _cfg(tmp_path, "tcg").arch == "aarch64"
+    monkeypatch.setattr(qemu.platform, "machine", lambda: "x86_64")
+    cfg = _cfg(tmp_path, "tcg")
+    assert cfg.arch == "x86_64"
+    assert build_argv("/usr/bin/qemu-system-x86_64", cfg)[1:3] == ["-M", "microvm"]
