@@ -107,3 +107,14 @@ def test_clone_request_rejects_hostile_input(clones: tuple[Sandbox, Sandbox]) ->
     with pytest.raises(AgentRequestError):
         a.client.clone_init(disks=[("nosuchdisk", "/mnt/x", True)])
     assert sh(a, "hostname").strip() == "clone-0"
+
+
+def test_restored_moderate_clone_keeps_its_network_policy(clones: tuple[Sandbox, Sandbox],
+                                                          loopback_server: int) -> None:
+    # The template was saved from an empty network namespace; the clone runs where a
+    # cold-booted moderate VM runs (behind slirp4netns, host loopback out of reach).
+    a, _ = clones
+    out = sh(a, f"nc -w 3 10.0.2.2 {loopback_server} </dev/null; echo rc=$?")
+    assert "host-loopback-secret" not in out
+    assert "default via 10.0.2.2" in sh(a, "ip route")
+    assert sh(a, "cat /etc/resolv.conf") == "nameserver 10.0.2.3\n"
