@@ -247,3 +247,18 @@ def test_qemu_argv_arch_follows_the_host(tmp_path: Path, monkeypatch: pytest.Mon
     cfg = _cfg(tmp_path, "tcg")
     assert cfg.arch == "x86_64"
     assert build_argv("/usr/bin/qemu-system-x86_64", cfg)[1:3] == ["-M", "microvm"]
+
+
+def test_snapshot_setting_from_config_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentkernel.config import MicrovmSection
+    from agentkernel.vm import settings
+
+    assert MicrovmSection().snapshot is False
+    monkeypatch.delenv(settings.ENV_SNAPSHOT, raising=False)
+    try:
+        settings.configure(MicrovmSection(snapshot=True))
+        assert settings.current().snapshot is True
+        monkeypatch.setenv(settings.ENV_SNAPSHOT, "0")
+        assert settings.current().snapshot is False
+    finally:
+        settings.configure(None)
