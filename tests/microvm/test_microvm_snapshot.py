@@ -118,3 +118,31 @@ def test_restored_moderate_clone_keeps_its_network_policy(clones: tuple[Sandbox,
     assert "host-loopback-secret" not in out
     assert "default via 10.0.2.2" in sh(a, "ip route")
     assert sh(a, "cat /etc/resolv.conf") == "nameserver 10.0.2.3\n"
+
+
+def test_a_state_qemu_cannot_load_is_discarded_and_rebuilt(
+        clones: tuple[Sandbox, Sandbox], vm_project: Path) -> None:
+    from agentkernel.errors import SandboxError
+
+    (state,) = snapshot.snapshots_dir().glob(f"*{snapshot.STATE_SUFFIX}")
+    state.write_bytes(b"not a QEMU migration stream")
+    old = os.environ.get(SNAP)
+    os.environ[SNAP] = "1"
+    try:
+        spec = SandboxSpec(name=f"vmsnap-bad-{os.getpid()}", profile=get_profile("moderate"),
+                           rootfs=host_rootfs(), image="busybox", workspace=vm_project,
+                           hostname="clone-x")
+        with pytest.raises(SandboxError) as info:
+            MicrovmBackend().start(spec)
+        assert not state.exists(), str(info.value)
+        sandbox = MicrovmBackend().start(spec)  # builds the template again
+        try:
+            assert sh(sandbox, "hostname").strip() == "clone-x"
+            assert state.stat().st_size > 1 << 20
+        finally:
+            sandbox.destroy()
+    finally:
+        if old is None:
+            os.environ.pop(SNAP, None)
+        else:
+            os.environ[SNAP] = old

@@ -230,15 +230,17 @@ class MicrovmBackend(Backend):
             if state is not None:
                 state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
                 argv += vmsnap.clone_args(state_fd, scratch / "qmp.sock")
-            with open(log, "wb") as logf:
-                process = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    close_fds=True, start_new_session=True,
-                    pass_fds=tuple(fd for fd in (life_w, state_fd) if fd >= 0),
-                    preexec_fn=cgroup.join_fn() if cgroup else None,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                )
-            close_fds(life_w, state_fd)
+            try:
+                with open(log, "wb") as logf:
+                    process = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                        close_fds=True, start_new_session=True,
+                        pass_fds=tuple(fd for fd in (life_w, state_fd) if fd >= 0),
+                        preexec_fn=cgroup.join_fn() if cgroup else None,
+                        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                    )
+            finally:
+                close_fds(life_w, state_fd)
             try:
                 if snap:
                     sock = vmsnap.resume_clone(process, cfg.agent_socket,
@@ -250,6 +252,8 @@ class MicrovmBackend(Backend):
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 process.wait()
+                if state is not None and isinstance(exc, vmsnap.SnapshotError):
+                    vmsnap.discard(state)  # e.g. a state this QEMU cannot load: rebuild
                 if cgroup is not None:
                     cgroup.destroy()
                 raise SandboxError(f"the microVM did not start: {exc}; "

@@ -153,6 +153,13 @@ def _prune(keep: int) -> None:
     for old in states[keep:]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
+        old.with_suffix(".lock").unlink(missing_ok=True)
+
+
+def discard(state: Path) -> None:
+    """Forget a saved template that failed to restore; the next start builds it again."""
+    state.unlink(missing_ok=True)
+    state.with_suffix(".json").unlink(missing_ok=True)
 
 
 def ensure_template(qemu: str, cfg: q.VmConfig, slots: frozenset[str], *,
@@ -176,9 +183,9 @@ def ensure_template(qemu: str, cfg: q.VmConfig, slots: frozenset[str], *,
             _build_template(qemu, cfg, slots, state, prefix(), timeout)
             _prune(KEEP_TEMPLATES)
         finally:
+            # The lock file stays (removing it would let a third caller lock a new inode
+            # while a second one still waits on the old); _prune removes it with its state.
             fcntl.flock(lock, fcntl.LOCK_UN)
-            with contextlib.suppress(OSError):
-                os.unlink(lock.name)
     return state
 
 
@@ -310,7 +317,10 @@ def resume_clone(proc: subprocess.Popen[bytes], agent_socket: Path, qmp_path: Pa
                 if time.monotonic() > deadline:
                     raise SnapshotError("the clone's agent socket did not appear") from None
                 time.sleep(0.005)
-        qmp = Qmp(qmp_path, proc, max(1.0, deadline - time.monotonic()))
+        try:
+            qmp = Qmp(qmp_path, proc, max(1.0, deadline - time.monotonic()))
+        except OSError as exc:  # QEMU hung up: it could not load the state
+            raise SnapshotError(f"restoring the snapshot failed: {exc}") from None
         try:
             while True:
                 status = (qmp.command("query-status") or {}).get("status")
@@ -322,6 +332,8 @@ def resume_clone(proc: subprocess.Popen[bytes], agent_socket: Path, qmp_path: Pa
                     raise SnapshotError("restoring the snapshot timed out")
                 time.sleep(0.005)
             qmp.command("cont")
+        except OSError as exc:
+            raise SnapshotError(f"restoring the snapshot failed: {exc}") from None
         finally:
             qmp.close()
     except BaseException:
