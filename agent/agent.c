@@ -1110,6 +1110,114 @@ static void do_remove(uint32_t chan, const uint8_t *pl, size_t n)
 		send_ok(chan);
 }
 
+/* ---------- CLONE: a VM restored from a snapshot becomes its own machine ---------- */
+
+/* The block device whose virtio serial is SERIAL, now (a restored VM probed its disks
+ * before the snapshot was taken): 0 and the /dev path, or an errno. */
+static int clone_find_disk(const char *serial, char *dev, size_t size)
+{
+	DIR *d = opendir("/sys/block");
+	struct dirent *de;
+	int e = ENODEV;
+	while (d && (de = readdir(d)) != NULL) {
+		if (de->d_name[0] == '.')
+			continue;
+		char p[512], buf[64];
+		snprintf(p, sizeof(p), "/sys/block/%s/serial", de->d_name);
+		int fd = open(p, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		ssize_t k = read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		if (k <= 0)
+			continue;
+		buf[k] = 0;
+		buf[strcspn(buf, "\n")] = 0;
+		if (!strcmp(buf, serial)) {
+			snprintf(dev, size, "/dev/%s", de->d_name);
+			e = 0;
+			break;
+		}
+	}
+	if (d)
+		closedir(d);
+	return e;
+}
+
+/* <linux/random.h>, which musl's headers lack. */
+#define AK_RNDADDENTROPY _IOW('R', 0x03, int[2])
+#define AK_RNDRESEEDCRNG _IO('R', 0x07)
+
+static void do_clone(uint32_t chan, const uint8_t *pl, size_t n)
+{
+	static struct clone_req q; /* 4+ KiB: not on the stack */
+	char err[256];
+	int e;
+	if ((e = parse_clone(pl, n, &q, err, sizeof(err))) != 0) {
+		send_error(chan, e, "%s", err);
+		return;
+	}
+	/* Fresh entropy first: every clone starts with the template's pool and CRNG state. */
+	int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		send_error(chan, errno, "clone: open /dev/urandom: %s", strerror(errno));
+		return;
+	}
+	struct {
+		int entropy_count, buf_size; /* struct rand_pool_info */
+		uint8_t buf[AK_MAX_ENTROPY];
+	} add;
+	add.entropy_count = (int)(q.nentropy * 8);
+	add.buf_size = (int)q.nentropy;
+	memcpy(add.buf, q.entropy, q.nentropy);
+	if (ioctl(fd, AK_RNDADDENTROPY, &add) < 0) {
+		/* Without CAP_SYS_ADMIN the bytes are still mixed in, just not credited. */
+		if (write(fd, q.entropy, q.nentropy) != (ssize_t)q.nentropy) {
+			e = errno;
+			close(fd);
+			send_error(chan, e, "clone: add entropy: %s", strerror(e));
+			return;
+		}
+	}
+	e = ioctl(fd, AK_RNDRESEEDCRNG) < 0 ? errno : 0;
+	close(fd);
+	explicit_bzero(&add, sizeof(add));
+	explicit_bzero(q.entropy, sizeof(q.entropy));
+	if (e) {
+		send_error(chan, e, "clone: reseed the CRNG: %s", strerror(e));
+		return;
+	}
+	if (q.has_wallclock) {
+		struct timespec ts = { .tv_sec = (time_t)(q.wallclock_ns / 1000000000u),
+				       .tv_nsec = (long)(q.wallclock_ns % 1000000000u) };
+		if (clock_settime(CLOCK_REALTIME, &ts) < 0) {
+			send_error(chan, errno, "clone: set the clock: %s", strerror(errno));
+			return;
+		}
+	}
+	if (q.has_hostname && sethostname(q.hostname, strlen(q.hostname)) < 0) {
+		send_error(chan, errno, "clone: sethostname: %s", strerror(errno));
+		return;
+	}
+	for (uint32_t i = 0; i < q.ndisks; i++) {
+		char dev[280];
+		struct clone_disk *dk = &q.disks[i];
+		if ((e = clone_find_disk(dk->serial, dev, sizeof(dev))) != 0) {
+			send_error(chan, e, "clone: no disk with serial %s", dk->serial);
+			return;
+		}
+		mkdir_p(dk->target, 0755);
+		if (mount(dev, dk->target, "ext4", (dk->readonly ? MS_RDONLY : 0) | MS_NOSUID | MS_NODEV,
+			  "") < 0) {
+			send_error(chan, errno, "clone: mount %s on %s: %s", dev, dk->target, strerror(errno));
+			return;
+		}
+	}
+	/* The host is talking to a new machine: greet it as on a new connection, then answer. */
+	send_hello();
+	send_ok(chan);
+}
+
 /* ---------- frame dispatch ---------- */
 
 static void dispatch(const struct frame_hdr *h, const uint8_t *pl)
@@ -1134,6 +1242,7 @@ static void dispatch(const struct frame_hdr *h, const uint8_t *pl)
 	case T_LIST: do_list(h->chan, pl, n); break;
 	case T_MKDIR: do_mkdir(h->chan, pl, n); break;
 	case T_REMOVE: do_remove(h->chan, pl, n); break;
+	case T_CLONE: do_clone(h->chan, pl, n); break;
 	case T_SHUTDOWN:
 		kill_all(SIGKILL);
 		send_ok(h->chan);

@@ -17,11 +17,18 @@
 #define AK_MAX_PATH 4096u
 #define AK_MAX_RLIMITS 64u
 #define AK_MAX_PING 1024u
+#define AK_MAX_ENTROPY 4096u   /* CLONE: random bytes per request */
+#define AK_MIN_ENTROPY 16u
+#define AK_MAX_HOSTNAME 64u    /* HOST_NAME_MAX */
+#define AK_MAX_CLONE_DISKS 8u
+#define AK_MAX_DISK_SERIAL 20u /* virtio-blk serials are at most 20 bytes */
+#define AK_MAX_DISK_TARGET 255u
 
 enum {
 	T_PING = 0x01, T_EXEC = 0x02, T_STDIN = 0x03, T_SIGNAL = 0x04, T_RESIZE = 0x05,
 	T_FILE_READ = 0x06, T_FILE_WRITE = 0x07, T_FILE_CHUNK = 0x08, T_FILE_CLOSE = 0x09,
 	T_STAT = 0x0A, T_LIST = 0x0B, T_MKDIR = 0x0C, T_REMOVE = 0x0D, T_SHUTDOWN = 0x0E,
+	T_CLONE = 0x0F,
 	T_HELLO = 0x41, T_PONG = 0x42, T_STARTED = 0x43, T_STDOUT = 0x44, T_STDERR = 0x45,
 	T_EXIT = 0x46, T_OK = 0x47, T_ERROR = 0x48, T_FILE_DATA = 0x49, T_FILE_END = 0x4A,
 	T_STAT_RESULT = 0x4B, T_LIST_RESULT = 0x4C,
@@ -37,6 +44,7 @@ enum {
 	G_ERRNO = 60, G_MESSAGE = 61,
 	G_TYPE = 70, G_ST_MODE = 71, G_ST_SIZE = 72, G_MTIME_NS = 73, G_UID_ST = 74, G_GID_ST = 75,
 	G_LINK_TARGET = 76, G_NAME = 80,
+	G_ENTROPY = 90, G_HOSTNAME = 91, G_WALLCLOCK_NS = 92, G_DISK = 93,
 };
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
@@ -299,6 +307,131 @@ static inline int parse_path_req(const uint8_t *pl, size_t n, struct path_req *r
 		return PERR("malformed TLV");
 	if (!r->has_path)
 		return PERR("PATH is required");
+	return 0;
+}
+
+/* CLONE (protocol 1.1): what makes a VM restored from a snapshot its own machine. */
+struct clone_disk {
+	char serial[AK_MAX_DISK_SERIAL + 1];
+	char target[AK_MAX_DISK_TARGET + 1];
+	int readonly;
+};
+
+struct clone_req {
+	uint8_t entropy[AK_MAX_ENTROPY];
+	uint32_t nentropy;
+	char hostname[AK_MAX_HOSTNAME + 1];
+	int has_hostname, has_wallclock;
+	uint64_t wallclock_ns;
+	uint32_t ndisks;
+	struct clone_disk disks[AK_MAX_CLONE_DISKS];
+};
+
+/* RFC 1123 labels joined by dots: letters, digits, '-' inside a label, '.' between labels. */
+static inline int hostname_ok(const uint8_t *v, uint32_t len)
+{
+	if (len == 0 || len > AK_MAX_HOSTNAME || v[0] == '.' || v[0] == '-' || v[len - 1] == '.' ||
+	    v[len - 1] == '-')
+		return 0;
+	for (uint32_t i = 0; i < len; i++) {
+		uint8_t c = v[i];
+		int alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+		if (!alnum && c != '-' && c != '.')
+			return 0;
+		if (c == '.' && (v[i + 1] == '.' || v[i + 1] == '-' || v[i - 1] == '-'))
+			return 0;
+	}
+	return 1;
+}
+
+/* DISK value: SERIAL:TARGET:ro|rw, SERIAL [A-Za-z0-9_-]{1,20}, TARGET absolute, no ':' or
+ * ',' or "..", no NUL. */
+static inline int parse_clone_disk(const uint8_t *v, uint32_t len, struct clone_disk *d)
+{
+	uint32_t i = 0, s0, t0, tl;
+	if (len < 6 || len > AK_MAX_DISK_SERIAL + AK_MAX_DISK_TARGET + 4)
+		return 0;
+	for (s0 = 0; i < len && v[i] != ':'; i++) {
+		uint8_t c = v[i];
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+		      c == '_' || c == '-'))
+			return 0;
+	}
+	if (i == s0 || i > AK_MAX_DISK_SERIAL || i >= len)
+		return 0;
+	memcpy(d->serial, v, i);
+	d->serial[i] = 0;
+	t0 = ++i;
+	while (i < len && v[i] != ':') {
+		if (v[i] == 0 || v[i] == ',')
+			return 0;
+		i++;
+	}
+	tl = i - t0;
+	if (tl == 0 || tl > AK_MAX_DISK_TARGET || i >= len || v[t0] != '/')
+		return 0;
+	memcpy(d->target, v + t0, tl);
+	d->target[tl] = 0;
+	if (strstr(d->target, "/../") || (tl >= 3 && !strcmp(d->target + tl - 3, "/..")))
+		return 0;
+	i++;
+	if (len - i != 2)
+		return 0;
+	if (!memcmp(v + i, "ro", 2))
+		d->readonly = 1;
+	else if (!memcmp(v + i, "rw", 2))
+		d->readonly = 0;
+	else
+		return 0;
+	return 1;
+}
+
+/* Parse a CLONE payload. Returns 0, or an errno with a message in err. */
+static inline int parse_clone(const uint8_t *pl, size_t n, struct clone_req *r, char *err, size_t errlen)
+{
+	struct tlv_iter it = { pl, n };
+	uint16_t tag;
+	const uint8_t *v;
+	uint32_t len;
+	int rc;
+
+	memset(r, 0, sizeof(*r));
+	while ((rc = tlv_next(&it, &tag, &v, &len)) == 1) {
+		switch (tag) {
+		case G_ENTROPY:
+			if (len < AK_MIN_ENTROPY || len > AK_MAX_ENTROPY)
+				return PERR("clone: ENTROPY must be %u..%u bytes", AK_MIN_ENTROPY, AK_MAX_ENTROPY);
+			memcpy(r->entropy, v, len);
+			r->nentropy = len;
+			break;
+		case G_HOSTNAME:
+			if (!hostname_ok(v, len))
+				return PERR("clone: HOSTNAME is not a valid host name");
+			memcpy(r->hostname, v, len);
+			r->hostname[len] = 0;
+			r->has_hostname = 1;
+			break;
+		case G_WALLCLOCK_NS:
+			if (len != 8)
+				return PERR("clone: WALLCLOCK_NS must be u64");
+			r->wallclock_ns = rd64(v);
+			r->has_wallclock = 1;
+			break;
+		case G_DISK:
+			if (r->ndisks >= AK_MAX_CLONE_DISKS)
+				return PERR("clone: more than %u disks", AK_MAX_CLONE_DISKS);
+			if (!parse_clone_disk(v, len, &r->disks[r->ndisks]))
+				return PERR("clone: DISK must be SERIAL:/TARGET:ro|rw");
+			r->ndisks++;
+			break;
+		default:
+			break;
+		}
+	}
+	if (rc < 0)
+		return PERR("clone: malformed TLV");
+	if (r->nentropy == 0)
+		return PERR("clone: ENTROPY is required");
 	return 0;
 }
 

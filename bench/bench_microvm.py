@@ -2,7 +2,10 @@
 
 Each sandbox is started through its backend's own `start()` (no CLI), so the numbers are the
 backend's. Under TCG (this machine) the microVM numbers are software-emulation numbers.
+With --snapshot it also starts microVMs from a saved template VM ([microvm] snapshot): the
+template is built (or found) by one untimed warm-up start, then each start is a restore.
 Usage: .venv/bin/python bench/bench_microvm.py [--boots 5] [--execs 20] [--vmlinux FILE]
+       [--snapshot]
 Writes bench/results/microvm-<stamp>.md.
 """
 
@@ -63,11 +66,15 @@ def tree_memory_kib(pid: int) -> tuple[int, int]:
     return total[0], total[1]
 
 
-def run_case(backend_name: str, profile: str, boots: int, execs: int) -> dict[str, float]:
+def run_case(backend_name: str, profile: str, boots: int, execs: int,
+             warmup: bool = False) -> dict[str, float]:
     backend = get_backend(backend_name)
     probe = backend.probe()
     if not probe.ok:
         raise SystemExit(f"{backend_name}: {probe.detail}")
+    if warmup:  # e.g. builds the snapshot template once, outside the timed starts
+        backend.start(SandboxSpec(name=f"bench-warm-{os.getpid()}", profile=get_profile(profile),
+                                  rootfs=host_rootfs(), image="bench")).destroy()
     ready: list[float] = []
     exec_ms: list[float] = []
     rss = pss = 0
@@ -100,6 +107,8 @@ def main() -> int:
     parser.add_argument("--profile", default="restrictive",
                         help="profile for both backends (restrictive: no network helpers)")
     parser.add_argument("--vmlinux", help="also measure this kernel (e.g. the minimal one)")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="also measure starts restored from a saved template VM")
     args = parser.parse_args()
     os.environ.setdefault("AGENTKERNEL_MICROVM_ALLOW_EMULATION", "1")
     from agentkernel.vm.kernel import current_kernel
@@ -110,8 +119,14 @@ def main() -> int:
     cases: list[tuple[str, str, dict[str, float]]] = []
     cases.append(("namespaces", "host kernel",
                   run_case("namespaces", args.profile, args.boots, args.execs)))
+    os.environ["AGENTKERNEL_MICROVM_SNAPSHOT"] = "0"
     cases.append(("microvm", kernel.release, run_case("microvm", args.profile, args.boots,
                                                       args.execs)))
+    if args.snapshot:
+        os.environ["AGENTKERNEL_MICROVM_SNAPSHOT"] = "1"
+        cases.append(("microvm (snapshot restore)", kernel.release,
+                      run_case("microvm", args.profile, args.boots, args.execs, warmup=True)))
+        os.environ["AGENTKERNEL_MICROVM_SNAPSHOT"] = "0"
     if args.vmlinux:
         os.environ["AGENTKERNEL_MICROVM_KERNEL"] = args.vmlinux
         cases.append(("microvm", Path(args.vmlinux).name,

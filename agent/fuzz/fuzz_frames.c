@@ -35,6 +35,27 @@ static void check_path(const uint8_t *pl, size_t n)
 	assert(q.mode <= 07777);
 }
 
+static void check_clone(const uint8_t *pl, size_t n)
+{
+	static struct clone_req q;
+	char err[256];
+	if (parse_clone(pl, n, &q, err, sizeof(err)) != 0)
+		return;
+	assert(q.nentropy >= AK_MIN_ENTROPY && q.nentropy <= AK_MAX_ENTROPY);
+	if (q.has_hostname) {
+		size_t len = strlen(q.hostname);
+		assert(len >= 1 && len <= AK_MAX_HOSTNAME);
+		assert(hostname_ok((const uint8_t *)q.hostname, (uint32_t)len));
+	}
+	assert(q.ndisks <= AK_MAX_CLONE_DISKS);
+	for (uint32_t i = 0; i < q.ndisks; i++) {
+		size_t sl = strlen(q.disks[i].serial), tl = strlen(q.disks[i].target);
+		assert(sl >= 1 && sl <= AK_MAX_DISK_SERIAL && !strchr(q.disks[i].serial, ':'));
+		assert(tl >= 1 && tl <= AK_MAX_DISK_TARGET && q.disks[i].target[0] == '/');
+		assert(!strchr(q.disks[i].target, ':') && !strchr(q.disks[i].target, ','));
+	}
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	size_t off = 0;
@@ -50,6 +71,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			break;
 		case T_FILE_READ: case T_FILE_WRITE: case T_STAT: case T_LIST: case T_MKDIR: case T_REMOVE:
 			check_path(pl, h.len);
+			break;
+		case T_CLONE:
+			check_clone(pl, h.len);
 			break;
 		default: {
 			/* Any other payload still goes through the generic TLV walker. */

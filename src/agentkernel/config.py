@@ -294,6 +294,8 @@ class MicrovmSection(_Section):
     kernel: str | None = None
     vmm: Literal["auto", "qemu", "firecracker"] = "auto"
     boot_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    # Boot one template VM per shape, save it, start later VMs from that file (QEMU).
+    snapshot: bool = False
 
 
 class PoolEntry(_Section):

@@ -156,3 +156,94 @@ def test_api_call_speaks_http_on_a_unix_socket(tmp_path: Path) -> None:
     assert status == 204 and body == b""
     assert got[0].startswith(b"PUT /actions HTTP/1.1\r\n")
     assert got[0].endswith(b'{"action_type": "InstanceStart"}')
+
+
+@pytest.mark.parametrize("tap", ["tap-ak0", None])
+def test_snapshot_requests_validate(api: dict[str, Any], tmp_path: Path,
+                                    tap: str | None) -> None:
+    vm = _vm(tmp_path, tap=tap)
+    create = vm.snapshot_create_requests(tmp_path / "vm.state", tmp_path / "vm.mem")
+    assert [c[:2] for c in create] == [("PATCH", "/vm"), ("PUT", "/snapshot/create")]
+    load = vm.snapshot_load_requests(tmp_path / "vm.state", tmp_path / "vm.mem",
+                                     slots=frozenset({"akwork"}))
+    assert load[0][:2] == ("PUT", "/snapshot/load") and load[0][2]["resume_vm"] is False
+    assert load[0][2]["vsock_override"] == {"uds_path": str(tmp_path / "vsock.sock")}
+    assert ("network_overrides" in load[0][2]) == bool(tap)
+    assert ("PATCH", "/drives/akwork", {"drive_id": "akwork",
+                                        "path_on_host": str(tmp_path / "work.ext4")}) in load
+    assert load[-1] == ("PATCH", "/vm", {"state": "Resumed"})
+    for method, path, body in create + load:
+        _validate(api, _body_definition(api, method, path), body)
+
+
+def test_vsock_handshake_gives_up_when_firecracker_exits(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    with pytest.raises(ConnectionError):
+        fc.connect_vsock(tmp_path / "v.sock", 1024, timeout=10, proc=proc)
+
+
+def test_tap_names_and_addresses() -> None:
+    from agentkernel.backends.microvm_fc import tap_addresses, tap_name
+
+    name = tap_name("a-very-long-sandbox-name-indeed")
+    assert len(name) <= 15 and name.startswith("akfc")
+    host, guest = tap_addresses(name)
+    assert host.startswith("172.31.") and guest.startswith("172.31.")
+    assert int(host.rsplit(".", 1)[1]) % 4 == 1 and int(guest.rsplit(".", 1)[1]) % 4 == 2
+
+
+@pytest.mark.skipif(not fc.can_make_tap(), reason="needs CAP_NET_ADMIN and /dev/net/tun")
+def test_tap_device_is_made_and_removed() -> None:
+    from agentkernel.backends.microvm_fc import make_tap, tap_addresses, tap_name
+
+    name = tap_name(f"fc-tap-test-{os.getpid()}")
+    undo = make_tap(name)
+    try:
+        assert Path(f"/sys/class/net/{name}").exists()
+        import subprocess
+
+        out = subprocess.run(["ip", "-4", "addr", "show", "dev", name], capture_output=True,
+                             text=True, check=True).stdout
+        assert f"{tap_addresses(name)[0]}/30" in out
+    finally:
+        undo()
+    assert not Path(f"/sys/class/net/{name}").exists()
+
+
+def test_vmm_firecracker_without_binary_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentkernel.backends.microvm import MicrovmBackend
+    from agentkernel.errors import BackendUnavailable
+    from agentkernel.profiles import get_profile
+    from agentkernel.rootfs import host_rootfs
+    from agentkernel.sandbox import SandboxSpec
+    from agentkernel.vm.settings import doctor_lines
+
+    if fc.firecracker_binary() is not None:
+        pytest.skip("a firecracker binary is installed here")
+    monkeypatch.setenv("AGENTKERNEL_MICROVM_VMM", "firecracker")
+    spec = SandboxSpec(name=f"fc-missing-{os.getpid()}", profile=get_profile("restrictive"),
+                       rootfs=host_rootfs(), image="busybox")
+    with pytest.raises(BackendUnavailable, match="firecracker is not on PATH"):
+        MicrovmBackend().start(spec)
+    line = next(entry for entry in doctor_lines() if entry[0] == "firecracker")
+    assert line[1] is False and "not on PATH" in line[2]
+
+
+def test_firecracker_refuses_a_modular_kernel(microvm_ready: None, tmp_path: Path) -> None:
+    # The Debian cloud kernel loads virtio-mmio as a module without command-line devices,
+    # so Firecracker's devices would be invisible: refused before anything starts.
+    from agentkernel.backends.microvm_fc import start_firecracker
+    from agentkernel.errors import BackendUnavailable
+    from agentkernel.profiles import get_profile
+    from agentkernel.rootfs import host_rootfs
+    from agentkernel.sandbox import SandboxSpec
+    from agentkernel.vm.settings import current
+
+    spec = SandboxSpec(name=f"fc-kernel-{os.getpid()}", profile=get_profile("restrictive"),
+                       rootfs=host_rootfs(), image="busybox")
+    with pytest.raises(BackendUnavailable, match="virtio-mmio built in"):
+        start_firecracker("microvm", spec, current(), str(tmp_path / "firecracker"))

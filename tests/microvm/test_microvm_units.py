@@ -170,3 +170,95 @@ def test_image_tree_becomes_a_cached_ext4(tmp_path: Path, monkeypatch: pytest.Mo
         assert f.read(2) == b"\x53\xef"  # the ext4 superblock magic
     again, _ = ensure_root_image(rootfs)
     assert again == image
+
+
+def test_clone_payload_is_validated_on_the_host() -> None:
+    from agentkernel.agent.protocol import Tag, decode_tlvs, encode_clone
+
+    payload = encode_clone(b"r" * 32, hostname="clone-1.example", wallclock_ns=5,
+                           disks=[("akwork", "/workspace", False)])
+    tags = dict(decode_tlvs(payload))
+    assert tags[Tag.HOSTNAME] == b"clone-1.example"
+    assert tags[Tag.DISK] == b"akwork:/workspace:rw"
+    for kwargs in ({"hostname": "bad name"}, {"hostname": "-x"}, {"hostname": "a" * 65},
+                   {"disks": [("akwork", "rel", True)]}, {"disks": [("a:b", "/x", True)]},
+                   {"disks": [("akwork", "/a/../b", True)]}):
+        with pytest.raises(ValueError):
+            encode_clone(b"r" * 32, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        encode_clone(b"short")
+
+
+def test_snapshot_key_covers_shape_not_paths(tmp_path: Path) -> None:
+    import dataclasses
+
+    from agentkernel.vm.snapshot import template_key
+
+    def cfg(scratch: Path, **kw: object) -> VmConfig:
+        base = VmConfig(kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd", accel="tcg",
+                        agent_args=["--root", "akroot"], vcpus=1, memory_mb=512,
+                        serial_log=scratch / "console.log", agent_socket=scratch / "a.sock",
+                        drives=[Drive(tmp_path / "root.ext4", "akroot", True),
+                                Drive(scratch / "ws.ext4", "akwork", False)])
+        return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+    slots = frozenset({"akwork"})
+    key = template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a"), slots)
+    assert key == template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "b"), slots)
+    assert key != template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a",
+                                                                   memory_mb=1024), slots)
+    assert key != template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a", net="user"),
+                               slots)
+    # A project disk that is not a slot (attached by path) is part of the shape.
+    assert key != template_key("/usr/bin/qemu-system-x86_64", cfg(tmp_path / "a"),
+                               frozenset())
+
+
+@pytest.mark.parametrize("accel", ["tcg", "kvm"])
+def test_qemu_argv_for_aarch64(tmp_path: Path, accel: str) -> None:
+    import dataclasses
+
+    cfg = dataclasses.replace(_cfg(tmp_path, accel), arch="aarch64", net="user",
+                              kernel=tmp_path / "Image")
+    argv = build_argv("/usr/bin/qemu-system-aarch64", cfg)
+    assert argv[0].endswith("qemu-system-aarch64")
+    machine = argv[argv.index("-M") + 1]
+    assert machine == ("virt,gic-version=3" if accel == "tcg" else "virt,gic-version=host")
+    assert argv[argv.index("-cpu") + 1] == ("max" if accel == "tcg" else "host")
+    assert argv[argv.index("-kernel") + 1].endswith("/Image")
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert {"virtio-rng-pci", "virtio-serial-pci", "virtserialport,chardev=agent,name=agent",
+            "virtio-net-pci,netdev=n0"} <= set(devices)
+    assert any(d.startswith("virtio-blk-pci,") and "serial=akroot" in d for d in devices)
+    assert not any(d.endswith("-device") or "-device," in d for d in devices)  # no mmio names
+    cmdline = argv[argv.index("-append") + 1]
+    assert cmdline.startswith("console=ttyAMA0 ") and "ttyS0" not in cmdline
+    for x86 in ("reboot=t", "vsyscall", "i8042", "8250.", "tsc"):
+        assert x86 not in cmdline
+    assert "panic=-1" in cmdline and cmdline.endswith("-- --vport agent")
+
+
+def test_qemu_argv_arch_follows_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentkernel.vm import qemu
+
+    monkeypatch.setattr(qemu.platform, "machine", lambda: "aarch64")
+    assert qemu.host_arch() == "aarch64" and _cfg(tmp_path, "tcg").arch == "aarch64"
+    monkeypatch.setattr(qemu.platform, "machine", lambda: "x86_64")
+    cfg = _cfg(tmp_path, "tcg")
+    assert cfg.arch == "x86_64"
+    assert build_argv("/usr/bin/qemu-system-x86_64", cfg)[1:3] == ["-M", "microvm"]
+
+
+def test_snapshot_setting_from_config_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentkernel.config import MicrovmSection
+    from agentkernel.vm import settings
+
+    assert MicrovmSection().snapshot is False
+    monkeypatch.delenv(settings.ENV_SNAPSHOT, raising=False)
+    try:
+        settings.configure(MicrovmSection(snapshot=True))
+        assert settings.current().snapshot is True
+        monkeypatch.setenv(settings.ENV_SNAPSHOT, "0")
+        assert settings.current().snapshot is False
+    finally:
+        settings.configure(None)

@@ -33,6 +33,7 @@ from .protocol import (
     as_uint,
     decode_header,
     decode_tlvs,
+    encode_clone,
     encode_exec,
     encode_tlvs,
     path_bytes,
@@ -597,6 +598,26 @@ class AgentClient:
     def remove(self, path: str, recursive: bool = False) -> None:
         payload = encode_tlvs([(Tag.PATH, path_bytes(path)), (Tag.RECURSIVE, u8(int(recursive)))])
         self._simple(T.REMOVE, payload, f"remove {path}")
+
+    def clone_init(self, *, hostname: str | None = None, wallclock_ns: int | None = None,
+                   disks: Sequence[tuple[str, str, bool]] = (), entropy_bytes: int = 64,
+                   timeout: float = 30.0) -> AgentInfo:
+        """CLONE: make a VM restored from a snapshot its own machine (fresh entropy from the
+        host's CSPRNG, host name, wall clock, its own disks). The agent greets with a new
+        HELLO before it answers; returns what that HELLO says."""
+        payload = encode_clone(os.urandom(entropy_bytes), hostname=hostname,
+                               wallclock_ns=wallclock_ns, disks=disks)
+        self._info = None
+        chan, q = self._request(T.CLONE, payload, "clone")
+        try:
+            frame = self._get(q, timeout, "clone")
+        finally:
+            self._close_chan(chan)
+        if frame.type == T.ERROR:
+            raise _request_error(frame, "clone")
+        if frame.type != T.OK:
+            raise _unexpected(frame, "clone")
+        return self.hello(timeout=0.1)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Ask the agent to kill everything and exit; returns once it answered or hung up."""

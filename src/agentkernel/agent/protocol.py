@@ -1,7 +1,8 @@
-"""Protocol v1 between the host and ak-agent: constants, frame and TLV encoding."""
+"""Protocol v1 (revision 1.1) between the host and ak-agent: constants, frame and TLV encoding."""
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from enum import IntEnum
@@ -17,6 +18,10 @@ MAX_PATH = 4096
 MAX_ARGV = 4096
 MAX_ENV = 4096
 MAX_PING = 1024
+MIN_ENTROPY = 16  # CLONE: random bytes per request
+MAX_ENTROPY = 4096
+MAX_HOSTNAME = 64
+MAX_CLONE_DISKS = 8
 FILE_CHUNK = 256 * 1024
 STDIN_CHUNK = 256 * 1024
 
@@ -46,6 +51,7 @@ class T(IntEnum):
     MKDIR = 0x0C
     REMOVE = 0x0D
     SHUTDOWN = 0x0E
+    CLONE = 0x0F  # revision 1.1: a VM restored from a snapshot becomes its own machine
     HELLO = 0x41
     PONG = 0x42
     STARTED = 0x43
@@ -102,6 +108,10 @@ class Tag(IntEnum):
     ST_GID = 75
     LINK_TARGET = 76
     NAME = 80
+    ENTROPY = 90
+    HOSTNAME = 91
+    WALLCLOCK_NS = 92
+    DISK = 93
 
 
 FILE_TYPES = {1: "file", 2: "dir", 3: "symlink", 4: "other"}
@@ -280,3 +290,42 @@ def encode_exec(
 
 def winsize(rows: int, cols: int) -> bytes:
     return _WINSIZE.pack(rows, cols)
+
+
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+_DISK_SERIAL = re.compile(r"[A-Za-z0-9_-]{1,20}")
+
+
+def hostname_bytes(name: str) -> bytes:
+    """A host name the agent accepts: dot-joined RFC 1123 labels, at most 64 bytes."""
+    if not name or len(name) > MAX_HOSTNAME or not all(
+            _HOSTNAME_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"not a valid host name: {name!r}")
+    return name.encode("ascii")
+
+
+def encode_clone(entropy: bytes, *, hostname: str | None = None, wallclock_ns: int | None = None,
+                 disks: Sequence[tuple[str, str, bool]] = ()) -> bytes:
+    """The CLONE payload: fresh random bytes, host name, wall clock, disks to mount.
+
+    `disks` are (serial, absolute target, read-only) triples.
+    """
+    if not MIN_ENTROPY <= len(entropy) <= MAX_ENTROPY:
+        raise ValueError(f"CLONE wants {MIN_ENTROPY}..{MAX_ENTROPY} random bytes")
+    items: list[TLV] = [(Tag.ENTROPY, entropy)]
+    if hostname is not None:
+        items.append((Tag.HOSTNAME, hostname_bytes(hostname)))
+    if wallclock_ns is not None:
+        if not 0 <= wallclock_ns < 2**64:
+            raise ValueError("wall clock out of range")
+        items.append((Tag.WALLCLOCK_NS, u64(wallclock_ns)))
+    if len(disks) > MAX_CLONE_DISKS:
+        raise ValueError(f"CLONE mounts at most {MAX_CLONE_DISKS} disks")
+    for serial, target, readonly in disks:
+        if not _DISK_SERIAL.fullmatch(serial):
+            raise ValueError(f"bad disk serial {serial!r}")
+        if (not target.startswith("/") or len(target) > 255 or any(c in target for c in ":,\0")
+                or "/../" in target + "/"):
+            raise ValueError(f"bad mount target {target!r}")
+        items.append((Tag.DISK, f"{serial}:{target}:{'ro' if readonly else 'rw'}".encode()))
+    return encode_tlvs(items)

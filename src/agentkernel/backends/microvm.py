@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -121,18 +122,20 @@ class MicrovmBackend(Backend):
         from ..agent.client import AgentClient
         from ..cgroups import Cgroup, Limits
         from ..vm import disk
+        from ..vm import snapshot as vmsnap
         from ..vm.initramfs import ensure_initramfs
         from ..vm.kernel import current_kernel
 
         settings = current()
         if settings.vmm == "firecracker":
             from ..vm.firecracker import firecracker_binary
+            from .microvm_fc import start_firecracker
 
-            raise BackendUnavailable(
-                "[microvm] vmm = firecracker: " + ("firecracker is not on PATH"
-                if firecracker_binary() is None else "starting guests through Firecracker "
-                "is not wired into the backend yet (configs and API calls are generated "
-                "and schema-checked); use vmm = qemu"))
+            binary = firecracker_binary()
+            if binary is None:
+                raise BackendUnavailable("[microvm] vmm = firecracker: firecracker is not on "
+                                         "PATH (Debian has no package); use vmm = qemu")
+            return start_firecracker(self.name, spec, settings, binary)
         qemu = q.qemu_binary()
         kernel = current_kernel(settings.kernel)
         if qemu is None or kernel is None:
@@ -150,6 +153,8 @@ class MicrovmBackend(Backend):
                                      "microvm backend yet")
         p = spec.profile
         net = p.network  # none | egress | host
+        snap = settings.snapshot  # start from a saved template VM (vm/snapshot.py)
+        clone_disks: list[tuple[str, str, bool]] = []  # mounted by CLONE after a restore
         scratch = make_scratch(spec.name)
         sandbox: Sandbox | None = None
         helpers: list[subprocess.Popen[bytes]] = []
@@ -172,14 +177,19 @@ class MicrovmBackend(Backend):
                 ws_image = scratch / "workspace.ext4"
                 disk.make_workspace_image(spec.workspace, ws_image, writable=writable)
                 drives.append(q.Drive(ws_image, WORKSPACE_SERIAL, readonly=not writable))
-                agent_args += ["--disk", f"{WORKSPACE_SERIAL}:/workspace:"
-                                         f"{'rw' if writable else 'ro'}"]
+                if snap and vmsnap.fit_slot(ws_image):
+                    clone_disks.append((WORKSPACE_SERIAL, "/workspace", not writable))
+                else:
+                    snap = False  # a project larger than the template's disk slot boots cold
+                    agent_args += ["--disk", f"{WORKSPACE_SERIAL}:/workspace:"
+                                             f"{'rw' if writable else 'ro'}"]
                 if p.workspace == "rw":
                     notes.append("microvm: /workspace is a copy of the project (this guest "
                                  "kernel has no virtio-9p); changes stay in the VM")
             agent_args += ["--net", "lo" if net == "none"
                            else f"{q.GUEST_ADDR}/{q.GUEST_PREFIX},{q.GATEWAY}"]
-            agent_args += ["--hostname", spec.hostname, "--vport", q.AGENT_PORT, "--poweroff"]
+            hostname = vmsnap.TEMPLATE_HOSTNAME if snap else spec.hostname
+            agent_args += ["--hostname", hostname, "--vport", q.AGENT_PORT, "--poweroff"]
             memory_mb = max(GUEST_MIN_MEMORY_MB, p.memory_mb or DEFAULT_MEMORY_MB)
             vcpus = max(1, math.ceil(p.cpus)) if p.cpus else 1
             cfg = q.VmConfig(
@@ -189,6 +199,13 @@ class MicrovmBackend(Backend):
                 drives=drives, net="none" if net == "none" else "user",
             )
             argv = q.build_argv(qemu, cfg)
+            state: Path | None = None
+            if snap:
+                state = vmsnap.ensure_template(
+                    qemu, cfg, frozenset(d for d, _, _ in clone_disks),
+                    prefix=empty_netns_prefix, timeout=settings.boot_timeout)
+                notes.append("microvm: restored from a saved template VM (snapshot); fresh "
+                             "entropy, host name and clock were sent to its agent")
             life_w = -1
             if net == "none":
                 # The VMM itself needs no network: give it an empty network namespace.
@@ -209,21 +226,34 @@ class MicrovmBackend(Backend):
                 memory_bytes=(memory_mb + VMM_MEMORY_OVERHEAD_MB) * 1024 * 1024,
                 pids=None, cpus=p.cpus))
             log = scratch / "qemu.log"
-            with open(log, "wb") as logf:
-                process = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                    close_fds=True, start_new_session=True,
-                    pass_fds=(life_w,) if life_w >= 0 else (),
-                    preexec_fn=cgroup.join_fn() if cgroup else None,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                )
-            close_fds(life_w)
+            state_fd = -1
+            if state is not None:
+                state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+                argv += vmsnap.clone_args(state_fd, scratch / "qmp.sock")
             try:
-                sock = q.connect_agent_socket(cfg.agent_socket, process, settings.boot_timeout)
-            except (ConnectionError, TimeoutError) as exc:
+                with open(log, "wb") as logf:
+                    process = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                        close_fds=True, start_new_session=True,
+                        pass_fds=tuple(fd for fd in (life_w, state_fd) if fd >= 0),
+                        preexec_fn=cgroup.join_fn() if cgroup else None,
+                        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                    )
+            finally:
+                close_fds(life_w, state_fd)
+            try:
+                if snap:
+                    sock = vmsnap.resume_clone(process, cfg.agent_socket,
+                                               scratch / "qmp.sock", settings.boot_timeout)
+                else:
+                    sock = q.connect_agent_socket(cfg.agent_socket, process,
+                                                  settings.boot_timeout)
+            except (ConnectionError, TimeoutError, SandboxError) as exc:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 process.wait()
+                if state is not None and isinstance(exc, vmsnap.SnapshotError):
+                    vmsnap.discard(state)  # e.g. a state this QEMU cannot load: rebuild
                 if cgroup is not None:
                     cgroup.destroy()
                 raise SandboxError(f"the microVM did not start: {exc}; "
@@ -234,9 +264,16 @@ class MicrovmBackend(Backend):
                               cgroup=cgroup, helpers=helpers, notes=notes,
                               cleanups=cleanups)
             try:
-                client.hello(timeout=15)
-            except Exception:
-                raise SandboxError(f"the microVM's agent did not say hello: "
+                if snap:
+                    # A clone is a copy of the template: give it its own entropy, name
+                    # and clock before anything runs in it.
+                    client.clone_init(hostname=spec.hostname, wallclock_ns=time.time_ns(),
+                                      disks=clone_disks)
+                else:
+                    client.hello(timeout=15)
+            except Exception as exc:
+                what = "take its identity" if snap else "say hello"
+                raise SandboxError(f"the microVM's agent did not {what}: {exc}; "
                                    f"{_boot_failure(scratch)}") from None
             if net != "none" and p.root_writable:
                 with contextlib.suppress(Exception):

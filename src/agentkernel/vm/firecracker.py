@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,40 @@ class FirecrackerVm:
         calls.append(("PUT", "/actions", {"action_type": "InstanceStart"}))
         return calls
 
+    # ---- snapshots (the counterpart of vm/snapshot.py for QEMU) ----
+
+    def snapshot_create_requests(self, snapshot_path: Path, mem_path: Path,
+                                 ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Pause the running template and write its state and memory (a full snapshot)."""
+        return [("PATCH", "/vm", {"state": "Paused"}),
+                ("PUT", "/snapshot/create", {"snapshot_path": str(snapshot_path),
+                                             "mem_file_path": str(mem_path),
+                                             "snapshot_type": "Full"})]
+
+    def snapshot_load_requests(self, snapshot_path: Path, mem_path: Path,
+                               slots: frozenset[str] = frozenset(),
+                               ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Start this VM (a fresh Firecracker process, nothing configured) from a snapshot.
+
+        Host-side paths that differ per clone are overridden: the vsock unix socket, the TAP
+        device, and the drives named in `slots` (per-sandbox disks, re-pointed before the
+        guest runs). The guest then gets its identity through the agent's CLONE request.
+        """
+        load: dict[str, Any] = {
+            "snapshot_path": str(snapshot_path),
+            "mem_backend": {"backend_type": "File", "backend_path": str(mem_path)},
+            "resume_vm": False,
+            "vsock_override": {"uds_path": str(self.vsock_uds)},
+        }
+        if self.tap is not None:
+            load["network_overrides"] = [{"iface_id": "eth0", "host_dev_name": self.tap}]
+        calls: list[tuple[str, str, dict[str, Any]]] = [("PUT", "/snapshot/load", load)]
+        calls += [("PATCH", f"/drives/{d.serial}", {"drive_id": d.serial,
+                                                    "path_on_host": str(d.path)})
+                  for d in self.drives if d.serial in slots]
+        calls.append(("PATCH", "/vm", {"state": "Resumed"}))
+        return calls
+
     def argv(self, firecracker: str, config: Path, api_sock: Path) -> list[str]:
         # Firecracker's own seccomp filters stay on (its default).
         return [firecracker, "--api-sock", str(api_sock), "--config-file", str(config),
@@ -143,7 +178,8 @@ def api_call(api_sock: Path, method: str, path: str, body: dict[str, Any],
     return status, rest
 
 
-def connect_vsock(uds: Path, port: int, timeout: float) -> socket.socket:
+def connect_vsock(uds: Path, port: int, timeout: float,
+                  proc: subprocess.Popen[bytes] | None = None) -> socket.socket:
     """Open a stream to the guest's vsock `port` through Firecracker's unix socket.
 
     The handshake is one line each way: we send ``CONNECT <port>\\n``, Firecracker answers
@@ -153,6 +189,8 @@ def connect_vsock(uds: Path, port: int, timeout: float) -> socket.socket:
     deadline = time.monotonic() + timeout
     last = "no attempt"
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ConnectionError(f"Firecracker exited with status {proc.returncode}")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))

@@ -18,6 +18,7 @@ from ..paths import data_dir
 
 Accel = Literal["kvm", "tcg"]
 NetMode = Literal["none", "user"]
+Arch = Literal["x86_64", "aarch64"]
 
 GUEST_ADDR = "10.0.2.15"
 GUEST_PREFIX = 24
@@ -33,6 +34,12 @@ QUIET = ("quiet", "loglevel=1")
 # Boot-time savers: crypto self-tests and loop devices cost a second under emulation.
 FAST = ("cryptomgr.notests", "max_loop=0", "8250.nr_uarts=1", "i8042.noaux", "i8042.nomux",
         "i8042.nopnp", "i8042.dumbkbd")
+X86_ONLY = ("vsyscall=", "8250.", "i8042.")
+
+
+def host_arch() -> Arch:
+    """The guest architecture: the host's (QEMU runs same-architecture guests only)."""
+    return "aarch64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
 
 
 def qemu_binary() -> str | None:
@@ -76,8 +83,16 @@ class VmConfig:
     net: NetMode = "none"
     sandbox: bool = True
     extra_cmdline: list[str] = field(default_factory=list)
+    # x86_64: -M microvm, an ELF vmlinux booted through PVH, virtio-mmio, ttyS0.
+    # aarch64: -M virt, the kernel's `Image`, virtio-pci, the PL011 console ttyAMA0.
+    arch: Arch = field(default_factory=host_arch)
 
     def cmdline(self) -> str:
+        if self.arch == "aarch64":
+            # Resets go through PSCI (-no-reboot still makes QEMU exit); no PC legacy bits.
+            parts = ["console=ttyAMA0", *QUIET,
+                     *(p for p in (*HARDENED, *FAST) if not p.startswith(X86_ONLY))]
+            return " ".join([*parts, *self.extra_cmdline, "--", *self.agent_args])
         parts = ["console=ttyS0", "reboot=t", *QUIET, *HARDENED, *FAST]
         if self.accel == "tcg":
             khz = host_tsc_khz()
@@ -89,8 +104,14 @@ class VmConfig:
 
 
 def build_argv(qemu: str, cfg: VmConfig) -> list[str]:
-    """The QEMU command line for `cfg`: -M microvm, no default devices, serial to a file."""
-    machine = "microvm" if "x86_64" in qemu or platform.machine() == "x86_64" else "virt"
+    """The QEMU command line for `cfg`: -M microvm (x86_64) or -M virt (aarch64), no default
+    devices, serial to a file."""
+    if cfg.arch == "aarch64":
+        # GICv3 under TCG; under KVM the host's own GIC version.
+        machine = f"virt,gic-version={'host' if cfg.accel == 'kvm' else '3'}"
+        bus = "pci"  # virt's PCI host bridge: no virtio-mmio command-line devices needed
+    else:
+        machine, bus = "microvm", "device"
     argv = [qemu, "-M", machine, "-accel", cfg.accel,
             "-cpu", "max" if cfg.accel == "tcg" else "host",
             "-smp", str(max(1, cfg.vcpus)), "-m", f"{max(64, cfg.memory_mb)}M",
@@ -101,8 +122,8 @@ def build_argv(qemu: str, cfg: VmConfig) -> list[str]:
     if cfg.sandbox:
         argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,"
                              "resourcecontrol=deny"]
-    argv += ["-device", "virtio-rng-device",
-             "-device", "virtio-serial-device",
+    argv += ["-device", f"virtio-rng-{bus}",
+             "-device", f"virtio-serial-{bus}",
              "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off",
              "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}"]
     for i, drive in enumerate(cfg.drives):
@@ -112,9 +133,9 @@ def build_argv(qemu: str, cfg: VmConfig) -> list[str]:
         if drive.readonly:
             opts.append("readonly=on")
         argv += ["-drive", ",".join(opts),
-                 "-device", f"virtio-blk-device,drive=d{i},serial={drive.serial}"]
+                 "-device", f"virtio-blk-{bus},drive=d{i},serial={drive.serial}"]
     if cfg.net == "user":
-        argv += ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"]
+        argv += ["-netdev", "user,id=n0", "-device", f"virtio-net-{bus},netdev=n0"]
     return argv
 
 

@@ -10,6 +10,7 @@ from typing import Any
 ENV_ALLOW_EMULATION = "AGENTKERNEL_MICROVM_ALLOW_EMULATION"
 ENV_KERNEL = "AGENTKERNEL_MICROVM_KERNEL"
 ENV_VMM = "AGENTKERNEL_MICROVM_VMM"
+ENV_SNAPSHOT = "AGENTKERNEL_MICROVM_SNAPSHOT"
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class MicrovmSettings:
     vmm: str = "auto"  # auto | qemu | firecracker
     boot_timeout: float = 60.0
     source: str = "defaults"
+    snapshot: bool = False  # start VMs from a saved template VM instead of booting them
 
 
 _configured: MicrovmSettings | None = None
@@ -40,6 +42,7 @@ def configure(section: Any | None) -> None:
         vmm=str(getattr(section, "vmm", "auto") or "auto"),
         boot_timeout=float(getattr(section, "boot_timeout", 60.0) or 60.0),
         source="config",
+        snapshot=bool(getattr(section, "snapshot", False)),
     )
 
 
@@ -59,6 +62,7 @@ def _from_project_config() -> MicrovmSettings | None:
         allow_emulation=section.allow_emulation, kernel=section.kernel,
         vmm=str(getattr(section, "vmm", "auto")),
         boot_timeout=float(getattr(section, "boot_timeout", 60.0)), source=str(path),
+        snapshot=bool(getattr(section, "snapshot", False)),
     )
 
 
@@ -67,6 +71,9 @@ def current() -> MicrovmSettings:
     base = _configured or _from_project_config() or MicrovmSettings()
     allow = base.allow_emulation
     source = base.source
+    snapshot = base.snapshot
+    if os.environ.get(ENV_SNAPSHOT) is not None:
+        snapshot = _truthy(os.environ[ENV_SNAPSHOT])
     env = os.environ.get(ENV_ALLOW_EMULATION)
     if env is not None:
         allow = _truthy(env)
@@ -77,6 +84,7 @@ def current() -> MicrovmSettings:
         vmm=os.environ.get(ENV_VMM) or base.vmm,
         boot_timeout=base.boot_timeout,
         source=source,
+        snapshot=snapshot,
     )
 
 
