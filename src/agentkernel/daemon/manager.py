@@ -62,7 +62,10 @@ EXIT_TIMEOUT = 124
 ROOTFS_CACHE_SECONDS = 60.0
 HEALTH_INTERVAL = 5.0
 SNAPSHOT_BACKENDS = ("namespaces",)  # those whose writable layers live on the host's disk
-STOPPABLE_BACKENDS = ("namespaces",)
+# Those whose writable layers survive stop/start (a microVM keeps them on disks of its own).
+STOPPABLE_BACKENDS = ("namespaces", "microvm")
+# HELLO timeouts of the attempts to re-adopt a sandbox, per backend (see _adopt).
+ADOPT_HELLO_TIMEOUTS = {"microvm": (2.0, 2.0, 5.0)}
 
 
 class WrongDaemon(Conflict):
@@ -336,11 +339,23 @@ class SandboxManager:
         sock = Path(row["scratch"]) / "ctl" / "agent.sock"
         running = self.db.all("SELECT * FROM detached WHERE sandbox=? AND status='running'",
                               (row["name"],))
-        try:
-            client = AdoptingClient.connect(sock, {int(r["chan"]) for r in running})
-            client.hello(timeout=5)
-        except (OSError, AgentKernelError):
-            return False
+        # A microVM's agent notices a hang-up by polling its port: a connection made before
+        # it did is no new session to it (no HELLO). Hanging up and trying again fixes that.
+        timeouts = ADOPT_HELLO_TIMEOUTS.get(row["backend"], (5.0,))
+        for attempt, timeout in enumerate(timeouts):
+            client: AdoptingClient | None = None
+            try:
+                client = AdoptingClient.connect(sock, {int(r["chan"]) for r in running})
+                client.hello(timeout=timeout)
+                break
+            except (OSError, AgentKernelError):
+                if client is not None:
+                    client.close()
+                if attempt + 1 == len(timeouts) or not procs.alive(row["pid"],
+                                                                   row["pid_start"]):
+                    return False
+                time.sleep(0.2)
+        assert client is not None
         live = Live(row["name"], row["backend"], client, Path(row["scratch"]), row["pid"],
                     row["pid_start"], [tuple(h) for h in loads(row["helpers"], [])])
         self._live[row["name"]] = live
@@ -629,6 +644,10 @@ class SandboxManager:
             if live.client.alive:
                 live.client.shutdown()
         live.client.close()
+        # Let it end by itself first (a VM's guest has synced its disks once it answered).
+        deadline = time.monotonic() + 2.0
+        while procs.alive(live.pid, live.pid_start) and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._cleanup_dead(live.name, live.backend, str(live.scratch), live.pid,
                            live.pid_start, list(live.helpers))
 
@@ -660,7 +679,8 @@ class SandboxManager:
         with self._lock:
             live = self._live.get(name)
         if row["status"] != "running" or live is None:
-            raise Conflict(f"sandbox {name!r} is not running (start it: agentkernel start {name})")
+            state = "stopped" if row["status"] == "stopped" else "not running"
+            raise Conflict(f"sandbox {name!r} is {state} (start it: agentkernel start {name})")
         if not live.client.alive:
             with self._name_lock(name):
                 self._stop_locked(name, row)
@@ -1163,7 +1183,7 @@ class SandboxManager:
             caps = {"mount_cwd": name != "microvm", "mount_home": name != "microvm",
                     "attach": True, "host_volumes": False, "ssh": False,
                     "proxy_secret_bindings": False, "secret_files": False, "snapshots": disk,
-                    "resume": disk, "full_state_pause_resume": False,
+                    "resume": name in STOPPABLE_BACKENDS, "full_state_pause_resume": False,
                     "full_state_fork": False, "endpoints": False}
             infos.append(BackendInfo(backend=name, configured=probe.ok, usable=probe.ok,
                                      readiness_reason=probe.detail, isolation=isolation,
