@@ -94,6 +94,9 @@ class AdoptingClient(AgentClient):
         self._expect = set(expect or ())
         self._orphans: dict[int, list[Frame]] = {}
         super().__init__(*args, **kwargs)
+        # Commands of the lost connection that nobody adopts (a dead daemon's plain execs)
+        # may still run under low ids: number this connection's channels far from them.
+        self._next_chan = secrets.randbelow(1 << 30) + (1 << 20)
 
     @classmethod
     def connect(cls, path: Path, expect: set[int], timeout: float = 5.0) -> AdoptingClient:
@@ -923,8 +926,10 @@ class SandboxManager:
                             target.flush()
                         elif isinstance(payload, ExitStatus):
                             status, code = "completed", payload.shell_code
-            except Exception:  # noqa: S110 - the sandbox went away: the command failed
-                pass
+            except Exception as exc:  # the sandbox went away: the command failed
+                if not self._closed.is_set():
+                    print(f"agentkernel daemon: detached command {cmd_id} of {name}: {exc}",
+                          file=sys.stderr, flush=True)
             finally:
                 self._detached_execs.pop(cmd_id, None)
                 if handle is not None:
