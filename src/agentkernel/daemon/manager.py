@@ -682,8 +682,9 @@ class SandboxManager:
         with self._lock:
             live = self._live.get(name)
         if row["status"] != "running" or live is None:
-            state = "stopped" if row["status"] == "stopped" else "not running"
-            raise Conflict(f"sandbox {name!r} is {state} (start it: agentkernel start {name})")
+            state = ": it is stopped" if row["status"] == "stopped" else ""
+            raise Conflict(f"sandbox {name!r} is not running{state} "
+                           f"(start it: agentkernel start {name})")
         if not live.client.alive:
             with self._name_lock(name):
                 self._stop_locked(name, row)
@@ -1085,8 +1086,10 @@ class SandboxManager:
         with self._name_lock(name):
             row = self._row(name)
             if row["backend"] not in SNAPSHOT_BACKENDS:
+                why = ("not supported for microVMs yet" if row["backend"] == "microvm"
+                       else "it lives in the sandbox's memory")
                 raise Conflict(f"the {row['backend']} backend cannot snapshot a sandbox's "
-                               "filesystem (it lives in the sandbox's memory)")
+                               f"filesystem ({why})")
             if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
                 raise Conflict(f"snapshot {snap!r} already exists")
             target = self._snap_dir() / f"{snap}.tar"
