@@ -198,7 +198,8 @@ def test_kept_vm_lifecycle(vm_daemon: None, tmp_path: Path) -> None:
     assert not wait_gone(set(procs_before)), vm_processes(name)
     assert not scratch.exists()
     r = ak("exec", name, "--", "true")
-    assert r.returncode != 0 and f"sandbox '{name}' is not running: it is stopped" in r.stderr, r.stderr
+    assert r.returncode != 0, r.stderr
+    assert f"sandbox '{name}' is not running: it is stopped" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
     t0 = time.monotonic()
