@@ -133,11 +133,16 @@ def test_kept_vm_lifecycle(vm_daemon: None, tmp_path: Path) -> None:
     assert kernel and kernel != platform.release()  # the guest's own kernel
     ok(ak("exec", name, "--", "sh", "-c",
           "echo hi > /root/f && echo guest >> /workspace/hello.txt && "
-          "(sleep 1; echo bg > /root/bg) >/dev/null 2>&1 &"))
+          "(while [ ! -e /tmp/go ]; do sleep 0.1; done; echo bg > /root/bg) >/dev/null 2>&1 &"))
     from agentkernel.daemon import client
 
+    # A detached command that outlives the daemon: it finishes once /tmp/go exists.
     det = client.call("exec_detached", {"name": name, "argv": [
-        "sh", "-c", "echo early; sleep 2; echo late; exit 3"]})
+        "sh", "-c", "echo early; while [ ! -e /tmp/go ]; do sleep 0.1; done; echo late; exit 3"]})
+    deadline = time.monotonic() + 30
+    while client.call("detached_logs", {"name": name, "cmd_id": det["id"]})[0] != "early\n":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     procs_before = vm_processes(name)
     qemu = [p for p, what in procs_before.items() if what == "qemu"]
     assert len(qemu) == 1, procs_before
@@ -176,6 +181,7 @@ def test_kept_vm_lifecycle(vm_daemon: None, tmp_path: Path) -> None:
     r = ok(ak("exec", name, "--", "cat", "/root/f", "/workspace/hello.txt"))
     readopt_s = time.monotonic() - t0
     assert r.stdout == "hi\nfrom the host\nguest\n"
+    ok(ak("exec", name, "--", "touch", "/tmp/go"))
     status = daemon_status()
     assert status["pid"] != old_pid
     assert f"re-adopted {name}" in status["recovered"]  # type: ignore[operator]
@@ -189,7 +195,9 @@ def test_kept_vm_lifecycle(vm_daemon: None, tmp_path: Path) -> None:
     out, _err = client.call("detached_logs", {"name": name, "cmd_id": det["id"]})
     assert out == "early\nlate\n"
     # The background job of an earlier exec ran on too.
-    assert ok(ak("exec", name, "--", "cat", "/root/bg")).stdout == "bg\n"
+    r = ok(ak("exec", name, "--", "sh", "-c",
+              "for i in $(seq 100); do [ -s /root/bg ] && break; sleep 0.1; done; cat /root/bg"))
+    assert r.stdout == "bg\n"
 
     # stop: a clean guest shutdown; the VM's disks stay, its processes and scratch go.
     t0 = time.monotonic()

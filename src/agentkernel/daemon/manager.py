@@ -90,16 +90,18 @@ class AdoptingClient(AgentClient):
     connection under their old ids; the manager re-attaches its detached commands to them.
     """
 
-    def __init__(self, *args: Any, expect: set[int] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, expect: set[int] | None = None,
+                 orphans: dict[int, list[Frame]] | None = None, **kwargs: Any) -> None:
         self._expect = set(expect or ())
-        self._orphans: dict[int, list[Frame]] = {}
+        self._orphans: dict[int, list[Frame]] = dict(orphans or {})
         super().__init__(*args, **kwargs)
         # Commands of the lost connection that nobody adopts (a dead daemon's plain execs)
         # may still run under low ids: number this connection's channels far from them.
         self._next_chan = secrets.randbelow(1 << 30) + (1 << 20)
 
     @classmethod
-    def connect(cls, path: Path, expect: set[int], timeout: float = 5.0) -> AdoptingClient:
+    def connect(cls, path: Path, expect: set[int], timeout: float = 5.0,
+                orphans: dict[int, list[Frame]] | None = None) -> AdoptingClient:
         import socket
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,7 +122,7 @@ class AdoptingClient(AgentClient):
 
         return cls(cast(BinaryIO, sock.makefile("rb", buffering=0)),
                    cast(BinaryIO, sock.makefile("wb", buffering=0)), on_close=shut,
-                   expect=expect)
+                   expect=expect, orphans=orphans)
 
     def _deliver(self, frame: Frame) -> None:
         with self._lock:
@@ -128,6 +130,12 @@ class AdoptingClient(AgentClient):
                 self._orphans.setdefault(frame.chan, []).append(frame)
                 return
         super()._deliver(frame)
+
+    def take_orphans(self) -> dict[int, list[Frame]]:
+        """The frames kept so far for channels nobody adopted yet (for the next attempt)."""
+        with self._lock:
+            orphans, self._orphans = self._orphans, {}
+        return orphans
 
     def adopt(self, chan: int, pid: int) -> Execution:
         """An Execution for a command started over an earlier connection."""
@@ -343,17 +351,21 @@ class SandboxManager:
         running = self.db.all("SELECT * FROM detached WHERE sandbox=? AND status='running'",
                               (row["name"],))
         # A microVM's agent notices a hang-up by polling its port: a connection made before
-        # it did is no new session to it (no HELLO). Hanging up and trying again fixes that.
+        # it did is no new session to it (no HELLO), but gets that session's frames. Keep
+        # those of the detached commands, hang up and try again.
         timeouts = ADOPT_HELLO_TIMEOUTS.get(row["backend"], (5.0,))
+        carried: dict[int, list[Frame]] = {}
         for attempt, timeout in enumerate(timeouts):
             client: AdoptingClient | None = None
             try:
-                client = AdoptingClient.connect(sock, {int(r["chan"]) for r in running})
+                client = AdoptingClient.connect(sock, {int(r["chan"]) for r in running},
+                                                orphans=carried)
                 client.hello(timeout=timeout)
                 break
             except (OSError, AgentKernelError):
                 if client is not None:
                     client.close()
+                    carried = client.take_orphans()
                 if attempt + 1 == len(timeouts) or not procs.alive(row["pid"],
                                                                    row["pid_start"]):
                     return False
