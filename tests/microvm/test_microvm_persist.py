@@ -121,9 +121,14 @@ def test_kept_vm_lifecycle(vm_daemon: None, tmp_path: Path) -> None:
     scratch = runtime_dir() / "sandboxes" / name
 
     # A bad name is refused before anything is made for it.
+    def entries() -> list[str]:
+        dirs = (data_dir(), data_dir() / "sandboxes", runtime_dir(), runtime_dir() / "sandboxes")
+        return sorted(str(p) for d in dirs if d.is_dir() for p in d.iterdir())
+
+    before = entries()
     bad = ak("create", "../evil", "-B", "microvm")
     assert bad.returncode != 0 and "invalid sandbox name" in bad.stderr
-    assert not (data_dir() / "evil").exists() and not (data_dir() / "sandboxes" / "..").is_dir()
+    assert entries() == before and not (data_dir() / "evil").exists()
 
     t0 = time.monotonic()
     ok(ak("create", name, "-B", "microvm", "-p", "moderate", "-i", "host", "--dir", str(proj),
