@@ -72,6 +72,7 @@ struct ak_cap_data {
 #define FILE_CHUNK (256 * 1024)
 #define EXIT_GRACE_MS 100
 #define STDIN_HIGH_WATER (8u * 1024 * 1024)
+#define RECONNECT_POLL_MS 25 /* --reconnect: how often a host-less port is checked */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 struct chunk {
@@ -106,6 +107,11 @@ static int nprocs, nxfers, nreading;
 
 static int rfd = -1, wfd = -1, listen_fd = -1, sig_fd = -1;
 static int conn_dead, is_init;
+/* --reconnect (with --vport): the host may hang up and come back; host_away while it is
+ * gone. virtio_console reports a host-less port as POLLHUP (and read() as 0) continuously,
+ * so its return is noticed by polling every RECONNECT_POLL_MS, not by waiting on the fd. */
+static int vport_reconnect, host_away;
+static int vm_poweroff; /* --poweroff: as PID 1, end the VM instead of panicking the kernel */
 static uint8_t ibuf[AK_HDR + AK_MAX_PAYLOAD + 65536];
 static size_t ilen;
 static uint8_t obuf[AK_HDR + AK_MAX_PAYLOAD];
@@ -151,6 +157,8 @@ static void xclose(int *fd)
 static void chan_write(const struct iovec *iov_in, int n)
 {
 	struct iovec iov[2];
+	if (host_away)
+		return; /* nobody to tell: the next session starts afresh */
 	memcpy(iov, iov_in, sizeof(struct iovec) * (size_t)n);
 	int i = 0;
 	while (!conn_dead && i < n) {
@@ -160,7 +168,11 @@ static void chan_write(const struct iovec *iov_in, int n)
 				continue;
 			if (errno == EAGAIN) { /* the fd we were handed may be non-blocking */
 				struct pollfd p = { .fd = wfd, .events = POLLOUT };
-				poll(&p, 1, -1);
+				if (poll(&p, 1, -1) > 0 && (p.revents & (POLLHUP | POLLERR)) &&
+				    !(p.revents & POLLOUT)) {
+					conn_dead = 1; /* the host hung up (a virtio port never says EPIPE) */
+					return;
+				}
 				continue;
 			}
 			conn_dead = 1;
@@ -1245,6 +1257,8 @@ static void dispatch(const struct frame_hdr *h, const uint8_t *pl)
 	case T_CLONE: do_clone(h->chan, pl, n); break;
 	case T_SHUTDOWN:
 		kill_all(SIGKILL);
+		if (vm_poweroff)
+			sync(); /* the host may end the VMM once it has the OK: disks first */
 		send_ok(h->chan);
 		terminate(0);
 		break;
@@ -1278,13 +1292,18 @@ static void process_input(void)
 
 static void drop_connection(void)
 {
-	/* Anything but --listen: the host is gone, so nothing we run may outlive it. */
-	if (listen_fd < 0)
+	/* Anything but --listen or --reconnect: the host is gone, so nothing we run may
+	 * outlive it. */
+	if (listen_fd < 0 && !vport_reconnect)
 		terminate(0);
-	if (rfd != wfd)
-		xclose(&wfd);
-	xclose(&rfd);
-	wfd = -1;
+	if (vport_reconnect) {
+		host_away = 1; /* the port stays open: wait for the host to come back */
+	} else {
+		if (rfd != wfd)
+			xclose(&wfd);
+		xclose(&rfd);
+		wfd = -1;
+	}
 	ilen = 0;
 	for (int i = 0; i < MAX_XFERS; i++)
 		if (xfers[i].used)
@@ -1307,13 +1326,20 @@ static void handle_signals(void)
 	reap(); /* SIGCHLDs coalesce; a sweep costs nothing */
 }
 
+/* --reconnect: has a host connected to the port again? (POLLHUP ends with it.) */
+static int host_back(void)
+{
+	struct pollfd p = { .fd = rfd, .events = POLLIN };
+	return poll(&p, 1, 0) >= 0 && !(p.revents & (POLLHUP | POLLERR | POLLNVAL));
+}
+
 static void serve(void)
 {
 	static struct pollfd pfd[3 + 3 * MAX_PROCS];
 	for (;;) {
 		int64_t now = now_ms();
 		int timeout = -1, np = 0;
-		int connected = rfd >= 0;
+		int connected = rfd >= 0 && !host_away;
 		pfd[np++] = (struct pollfd){ .fd = sig_fd, .events = POLLIN };
 		int pi_listen = -1, pi_chan = -1;
 		if (!connected && listen_fd >= 0) {
@@ -1356,6 +1382,8 @@ static void serve(void)
 		}
 		if (connected && nreading)
 			timeout = 0;
+		if (host_away && (timeout < 0 || timeout > RECONNECT_POLL_MS))
+			timeout = RECONNECT_POLL_MS;
 		if (poll(pfd, (nfds_t)np, timeout) < 0 && errno != EINTR)
 			die("poll: %s", strerror(errno));
 
@@ -1397,7 +1425,7 @@ static void serve(void)
 				kill(-p->pid, SIGKILL);
 			}
 		}
-		for (int i = 0; i < MAX_PROCS && rfd >= 0 && !conn_dead; i++) {
+		for (int i = 0; i < MAX_PROCS && rfd >= 0 && !host_away && !conn_dead; i++) {
 			struct proc *p = &procs[i];
 			if (!p->used || !p->exited)
 				continue;
@@ -1411,10 +1439,15 @@ static void serve(void)
 			if (p->out_fd < 0 && p->err_fd < 0)
 				send_exit(p);
 		}
-		if (rfd >= 0 && !conn_dead && nreading)
+		if (rfd >= 0 && !host_away && !conn_dead && nreading)
 			pump_reads();
 		if (conn_dead)
 			drop_connection();
+		if (host_away && host_back()) {
+			/* A new session: like a fresh connection, it starts with HELLO. */
+			host_away = 0;
+			send_hello();
+		}
 	}
 }
 
@@ -1739,8 +1772,6 @@ static int open_vport(const char *name)
 
 /* ---------- microVM guest setup (agent as /init in our initramfs) ---------- */
 
-static int vm_poweroff; /* --poweroff: as PID 1, end the VM instead of panicking the kernel */
-
 static void vm_exit(void)
 {
 	if (!vm_poweroff || getpid() != 1)
@@ -1947,7 +1978,7 @@ static void usage(void)
 	    "  [--pids-max N] [--seccomp FILE]\n"
 	    "  [--insmod FILE[,FILE..]].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
 	    "  [--net lo|ADDR/PREFIX,GW] [--hostname NAME] [--poweroff] [--vsock-listen PORT]\n"
-	    "  [--fd N | --listen PATH | --connect PATH | --vport NAME]");
+	    "  [--fd N | --listen PATH | --connect PATH | --vport NAME [--reconnect]]");
 }
 
 int main(int argc, char **argv)
@@ -1980,6 +2011,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--lock-listen-dir")) lock_listen_dir = 1, takes = 0;
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
 		else if (!strcmp(a, "--poweroff")) vm_poweroff = 1, takes = 0;
+		else if (!strcmp(a, "--reconnect")) vport_reconnect = 1, takes = 0;
 		else if (!val) usage();
 		else if (!strcmp(a, "--overlay")) overlays[nov++] = argv[i + 1];
 		else if (!strcmp(a, "--mask")) masks[nmask++] = argv[i + 1];
@@ -2008,6 +2040,8 @@ int main(int argc, char **argv)
 	}
 	if ((chfd >= 0) + !!listen_path + !!connect_path + !!vport + !!vsock_port > 1)
 		die("choose at most one of --fd, --listen, --connect, --vport, --vsock-listen");
+	if (vport_reconnect && !vport)
+		die("--reconnect needs --vport");
 
 	if (getpid() == 1)
 		is_init = 1;
@@ -2083,6 +2117,12 @@ int main(int argc, char **argv)
 		rfd = wfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
 		if (fd != rfd)
 			close(fd);
+		if (vport_reconnect) {
+			/* A write to a host-less port blocks until a host connects: never block,
+			 * and speak (HELLO) only once a host is there. */
+			set_nonblock(rfd);
+			host_away = 1;
+		}
 	} else if (chfd >= 0) {
 		rfd = wfd = fcntl(chfd, F_DUPFD_CLOEXEC, 3);
 		if (rfd < 0)
@@ -2120,7 +2160,7 @@ int main(int argc, char **argv)
 		drop_caps();
 	if (seccomp)
 		install_seccomp(seccomp);
-	if (rfd >= 0)
+	if (rfd >= 0 && !host_away)
 		send_hello();
 	serve();
 	return 0;

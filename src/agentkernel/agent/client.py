@@ -58,6 +58,7 @@ _NOT_EXECUTABLE = {
     errno_mod.ENAMETOOLONG,
 }
 _MAX_U32 = 0xFFFFFFFF
+_STRAY_OUTPUT = (T.STDOUT, T.STDERR, T.EXIT)
 
 _Q = queue.Queue[Frame | None]
 
@@ -453,6 +454,10 @@ class AgentClient:
         for _ in range(16):
             chan, q = self._request(T.EXEC, payload, "exec")
             frame = self._get(q, None, "exec reply")
+            while frame.type in _STRAY_OUTPUT:
+                # Output of a command an earlier connection started under this id (replayed
+                # by a reconnecting agent): ours is refused with EBUSY after it.
+                frame = self._get(q, None, "exec reply")
             if frame.type == T.STARTED and len(frame.payload) == 4:
                 return Execution(self, chan, q, as_uint(frame.payload))
             self._close_chan(chan)

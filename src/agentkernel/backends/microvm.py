@@ -17,7 +17,7 @@ from ..network import empty_netns_prefix, enter_netns, lifeline, netns_holder, s
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from ..vm import qemu as q
 from ..vm.settings import ENV_ALLOW_EMULATION, MicrovmSettings, current
-from .base import Backend, Probe, make_scratch
+from .base import Backend, Probe, control_dir, make_scratch
 
 VMM_MEMORY_OVERHEAD_MB = 160  # QEMU's own memory on top of the guest's, for the host cgroup
 DEFAULT_MEMORY_MB = 512
@@ -146,14 +146,12 @@ class MicrovmBackend(Backend):
         if accel is None:
             raise BackendUnavailable(f"the microvm backend cannot run here: {why}")
         self._accel_note = "KVM" if accel == "kvm" else "TCG emulation"
-        if spec.persistent:
-            # The guest agent ends the VM when its virtio-serial channel closes, so a VM
-            # cannot outlive the process that started it yet (the daemon's pool can hold it).
-            raise BackendUnavailable("kept (--keep) sandboxes are not supported on the "
-                                     "microvm backend yet")
+        keep = persistent_disks(spec)
         p = spec.profile
         net = p.network  # none | egress | host
-        snap = settings.snapshot  # start from a saved template VM (vm/snapshot.py)
+        # Start from a saved template VM (vm/snapshot.py); a kept VM boots cold: its
+        # writable layer is a disk of its own that a template's memory knows nothing of.
+        snap = settings.snapshot and not spec.persistent
         clone_disks: list[tuple[str, str, bool]] = []  # mounted by CLONE after a restore
         scratch = make_scratch(spec.name)
         sandbox: Sandbox | None = None
@@ -170,12 +168,25 @@ class MicrovmBackend(Backend):
             drives = [q.Drive(root_image, ROOT_SERIAL, readonly=True)]
             agent_args = ["--mount-basics", *module_args(kernel.modules, net=net != "none"),
                           "--root", ROOT_SERIAL]
-            if p.root_writable:
+            if p.root_writable and keep is not None:
+                # A kept VM's writable layer is a disk of its own that stop/start keeps.
+                layer = keep / "layer.ext4"
+                if not layer.is_file():
+                    _make_atomically(layer, disk.make_layer_image)
+                drives.append(q.Drive(layer, LAYER_SERIAL, readonly=False))
+                agent_args += ["--rw", LAYER_SERIAL]
+            elif p.root_writable:
                 agent_args += ["--rw", "tmpfs"]  # per VM, in guest memory
             if spec.workspace is not None and p.workspace != "none":
                 writable = p.workspace in ("rw", "cow")
-                ws_image = scratch / "workspace.ext4"
-                disk.make_workspace_image(spec.workspace, ws_image, writable=writable)
+                # A kept VM's writable project copy is made once and kept with the VM; a
+                # read-only one is copied afresh at every boot.
+                ws_image = (keep if keep is not None and writable else scratch) / \
+                    "workspace.ext4"
+                if not ws_image.is_file():
+                    source = spec.workspace
+                    _make_atomically(ws_image, lambda out: disk.make_workspace_image(
+                        source, out, writable=writable))
                 drives.append(q.Drive(ws_image, WORKSPACE_SERIAL, readonly=not writable))
                 if snap and vmsnap.fit_slot(ws_image):
                     clone_disks.append((WORKSPACE_SERIAL, "/workspace", not writable))
@@ -190,12 +201,17 @@ class MicrovmBackend(Backend):
                            else f"{q.GUEST_ADDR}/{q.GUEST_PREFIX},{q.GATEWAY}"]
             hostname = vmsnap.TEMPLATE_HOSTNAME if snap else spec.hostname
             agent_args += ["--hostname", hostname, "--vport", q.AGENT_PORT, "--poweroff"]
+            if spec.persistent:
+                # The VM outlives this process: its agent waits for the next host (a
+                # restarted daemon) instead of ending the VM when the channel closes.
+                agent_args.append("--reconnect")
             memory_mb = max(GUEST_MIN_MEMORY_MB, p.memory_mb or DEFAULT_MEMORY_MB)
             vcpus = max(1, math.ceil(p.cpus)) if p.cpus else 1
             cfg = q.VmConfig(
                 kernel=Path(kernel.vmlinux), initrd=initrd, agent_args=agent_args,
                 accel=accel, vcpus=vcpus, memory_mb=memory_mb,
-                serial_log=scratch / "console.log", agent_socket=scratch / "agent.sock",
+                serial_log=scratch / "console.log",
+                agent_socket=agent_socket_path(scratch, persistent=spec.persistent),
                 drives=drives, net="none" if net == "none" else "user",
             )
             argv = q.build_argv(qemu, cfg)
@@ -293,6 +309,33 @@ class MicrovmBackend(Backend):
             raise
 
 
+def persistent_disks(spec: SandboxSpec) -> Path | None:
+    """Where a kept VM's own disks (writable layer, project copy) live across stop/start."""
+    if not spec.persistent:
+        return None
+    if spec.state_dir is None:
+        raise SandboxError("a kept microVM needs a state dir for its disks")
+    path = spec.state_dir / "vm"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _make_atomically(image: Path, build: Callable[[Path], None]) -> None:
+    """Build a disk under a temporary name: a crash never leaves a half-made one behind."""
+    tmp = image.with_name(f".{image.name}.tmp")
+    try:
+        build(tmp)
+        tmp.replace(image)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def agent_socket_path(scratch: Path, *, persistent: bool) -> Path:
+    """QEMU's chardev socket for the agent's port; a kept VM's is where a restarted daemon
+    looks for it (`<scratch>/ctl/agent.sock`, like the other backends' control socket)."""
+    return control_dir(scratch) / "agent.sock" if persistent else scratch / "agent.sock"
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -310,4 +353,5 @@ def _boot_failure(scratch: Path) -> str:
     return "no output from the VMM or the guest"
 
 
-__all__ = ["MicrovmBackend", "choose_accel", "module_args"]
+__all__ = ["MicrovmBackend", "agent_socket_path", "choose_accel", "module_args",
+           "persistent_disks"]

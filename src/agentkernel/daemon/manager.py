@@ -61,7 +61,10 @@ EXIT_TIMEOUT = 124
 ROOTFS_CACHE_SECONDS = 60.0
 HEALTH_INTERVAL = 5.0
 SNAPSHOT_BACKENDS = ("namespaces",)  # those whose writable layers live on the host's disk
-STOPPABLE_BACKENDS = ("namespaces",)
+# Those whose writable layers survive stop/start (a microVM keeps them on disks of its own).
+STOPPABLE_BACKENDS = ("namespaces", "microvm")
+# HELLO timeouts of the attempts to re-adopt a sandbox, per backend (see _adopt).
+ADOPT_HELLO_TIMEOUTS = {"microvm": (2.0, 2.0, 5.0)}
 
 
 class WrongDaemon(Conflict):
@@ -86,13 +89,18 @@ class AdoptingClient(AgentClient):
     connection under their old ids; the manager re-attaches its detached commands to them.
     """
 
-    def __init__(self, *args: Any, expect: set[int] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, expect: set[int] | None = None,
+                 orphans: dict[int, list[Frame]] | None = None, **kwargs: Any) -> None:
         self._expect = set(expect or ())
-        self._orphans: dict[int, list[Frame]] = {}
+        self._orphans: dict[int, list[Frame]] = dict(orphans or {})
         super().__init__(*args, **kwargs)
+        # Commands of the lost connection that nobody adopts (a dead daemon's plain execs)
+        # may still run under low ids: number this connection's channels far from them.
+        self._next_chan = secrets.randbelow(1 << 30) + (1 << 20)
 
     @classmethod
-    def connect(cls, path: Path, expect: set[int], timeout: float = 5.0) -> AdoptingClient:
+    def connect(cls, path: Path, expect: set[int], timeout: float = 5.0,
+                orphans: dict[int, list[Frame]] | None = None) -> AdoptingClient:
         import socket
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,7 +121,7 @@ class AdoptingClient(AgentClient):
 
         return cls(cast(BinaryIO, sock.makefile("rb", buffering=0)),
                    cast(BinaryIO, sock.makefile("wb", buffering=0)), on_close=shut,
-                   expect=expect)
+                   expect=expect, orphans=orphans)
 
     def _deliver(self, frame: Frame) -> None:
         with self._lock:
@@ -121,6 +129,12 @@ class AdoptingClient(AgentClient):
                 self._orphans.setdefault(frame.chan, []).append(frame)
                 return
         super()._deliver(frame)
+
+    def take_orphans(self) -> dict[int, list[Frame]]:
+        """The frames kept so far for channels nobody adopted yet (for the next attempt)."""
+        with self._lock:
+            orphans, self._orphans = self._orphans, {}
+        return orphans
 
     def adopt(self, chan: int, pid: int) -> Execution:
         """An Execution for a command started over an earlier connection."""
@@ -335,11 +349,27 @@ class SandboxManager:
         sock = Path(row["scratch"]) / "ctl" / "agent.sock"
         running = self.db.all("SELECT * FROM detached WHERE sandbox=? AND status='running'",
                               (row["name"],))
-        try:
-            client = AdoptingClient.connect(sock, {int(r["chan"]) for r in running})
-            client.hello(timeout=5)
-        except (OSError, AgentKernelError):
-            return False
+        # A microVM's agent notices a hang-up by polling its port: a connection made before
+        # it did is no new session to it (no HELLO), but gets that session's frames. Keep
+        # those of the detached commands, hang up and try again.
+        timeouts = ADOPT_HELLO_TIMEOUTS.get(row["backend"], (5.0,))
+        carried: dict[int, list[Frame]] = {}
+        for attempt, timeout in enumerate(timeouts):
+            client: AdoptingClient | None = None
+            try:
+                client = AdoptingClient.connect(sock, {int(r["chan"]) for r in running},
+                                                orphans=carried)
+                client.hello(timeout=timeout)
+                break
+            except (OSError, AgentKernelError):
+                if client is not None:
+                    client.close()
+                    carried = client.take_orphans()
+                if attempt + 1 == len(timeouts) or not procs.alive(row["pid"],
+                                                                   row["pid_start"]):
+                    return False
+                time.sleep(0.2)
+        assert client is not None
         live = Live(row["name"], row["backend"], client, Path(row["scratch"]), row["pid"],
                     row["pid_start"], [tuple(h) for h in loads(row["helpers"], [])])
         self._live[row["name"]] = live
@@ -624,6 +654,10 @@ class SandboxManager:
             if live.client.alive:
                 live.client.shutdown()
         live.client.close()
+        # Let it end by itself first (a VM's guest has synced its disks once it answered).
+        deadline = time.monotonic() + 2.0
+        while procs.alive(live.pid, live.pid_start) and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._cleanup_dead(live.name, live.backend, str(live.scratch), live.pid,
                            live.pid_start, list(live.helpers))
 
@@ -655,7 +689,9 @@ class SandboxManager:
         with self._lock:
             live = self._live.get(name)
         if row["status"] != "running" or live is None:
-            raise Conflict(f"sandbox {name!r} is not running (start it: agentkernel start {name})")
+            state = ": it is stopped" if row["status"] == "stopped" else ""
+            raise Conflict(f"sandbox {name!r} is not running{state} "
+                           f"(start it: agentkernel start {name})")
         if not live.client.alive:
             with self._name_lock(name):
                 self._stop_locked(name, row)
@@ -887,8 +923,10 @@ class SandboxManager:
                             target.flush()
                         elif isinstance(payload, ExitStatus):
                             status, code = "completed", payload.shell_code
-            except Exception:  # noqa: S110 - the sandbox went away: the command failed
-                pass
+            except Exception as exc:  # the sandbox went away: the command failed
+                if not self._closed.is_set():
+                    print(f"agentkernel daemon: detached command {cmd_id} of {name}: {exc}",
+                          file=sys.stderr, flush=True)
             finally:
                 self._detached_execs.pop(cmd_id, None)
                 if handle is not None:
@@ -1044,8 +1082,10 @@ class SandboxManager:
         with self._name_lock(name):
             row = self._row(name)
             if row["backend"] not in SNAPSHOT_BACKENDS:
+                why = ("not supported for microVMs yet" if row["backend"] == "microvm"
+                       else "it lives in the sandbox's memory")
                 raise Conflict(f"the {row['backend']} backend cannot snapshot a sandbox's "
-                               "filesystem (it lives in the sandbox's memory)")
+                               f"filesystem ({why})")
             if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
                 raise Conflict(f"snapshot {snap!r} already exists")
             target = self._snap_dir() / f"{snap}.tar"
@@ -1147,7 +1187,7 @@ class SandboxManager:
             caps = {"mount_cwd": name != "microvm", "mount_home": name != "microvm",
                     "attach": True, "host_volumes": False, "ssh": False,
                     "proxy_secret_bindings": False, "secret_files": False, "snapshots": disk,
-                    "resume": disk, "full_state_pause_resume": False,
+                    "resume": name in STOPPABLE_BACKENDS, "full_state_pause_resume": False,
                     "full_state_fork": False, "endpoints": False}
             infos.append(BackendInfo(backend=name, configured=probe.ok, usable=probe.ok,
                                      readiness_reason=probe.detail, isolation=isolation,
