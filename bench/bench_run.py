@@ -1,5 +1,7 @@
 """Benchmark `agentkernel run -- true` against its building blocks, measured in the same run.
 
+Cases: in-process runs (no daemon: what a first run costs) and runs through a private
+daemon's warm pool (what later runs cost), next to bare fork/exec, python, bwrap and runsc.
 Prints p50/p95 per case and ratios to the baselines; writes bench/results/run-<time>.{json,md}.
 Usage: .venv/bin/python bench/bench_run.py [-n 20]
 """
@@ -22,16 +24,38 @@ VENV_PY = ROOT / ".venv" / "bin" / "python"
 AK = ROOT / ".venv" / "bin" / "agentkernel"
 
 
-def timed(argv: list[str], n: int, cwd: Path) -> list[float]:
+def timed(argv: list[str], n: int, cwd: Path, env: dict[str, str] | None = None,
+          pause: float = 0.0) -> list[float]:
     samples = []
     for _ in range(n):
         t = time.perf_counter()
-        r = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, check=False)
+        r = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
         samples.append((time.perf_counter() - t) * 1000)
         if r.returncode != 0:
             raise SystemExit(f"{argv[:3]} failed: {r.stderr.decode(errors='replace')[-300:]}")
+        if pause:
+            time.sleep(pause)  # let the daemon's pool refill: each run measures a warm start
     return samples
+
+
+def daemon_cases(tmp: Path, proj: Path, n: int, backends: list[str]) -> dict[str, list[float]]:
+    """`run -- true` through a private daemon's warm pool, per backend (restrictive)."""
+    env = {**os.environ, "AGENTKERNEL_HOME": str(tmp / "daemon-home"),
+           "AGENTKERNEL_RUNTIME_DIR": str(tmp / "daemon-run")}
+    env.pop("AGENTKERNEL_NO_DAEMON", None)
+    subprocess.run([str(AK), "daemon", "start"], env=env, check=True, capture_output=True)
+    cases: dict[str, list[float]] = {}
+    try:
+        for backend in backends:
+            argv = [str(AK), "run", "-q", "-i", "host", "-B", backend, "-p", "restrictive",
+                    "--", "true"]
+            timed(argv, 3, proj, env, pause=1.0)  # the first runs create the key's pool
+            cases[f"agentkernel run {backend} restrictive, via daemon"] = timed(
+                argv, n, proj, env, pause=0.3 if backend == "namespaces" else 0.8)
+    finally:
+        subprocess.run([str(AK), "daemon", "stop"], env=env, capture_output=True, check=False)
+    return cases
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -91,6 +115,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20)
     args = ap.parse_args()
     n = args.n
+    # In-process cases: never through a daemon the user may have running.
+    os.environ["AGENTKERNEL_NO_DAEMON"] = "1"
     tmp = Path(tempfile.mkdtemp(prefix="ak-bench-"))
     proj = tmp / "proj"
     proj.mkdir()
@@ -125,6 +151,10 @@ def main() -> None:
             cases[f"agentkernel run gvisor {profile}"] = timed(
                 [str(AK), "run", "-q", "-i", "host", "-B", "gvisor", "-p", profile, "--", "true"],
                 n, proj)
+    os.environ.pop("AGENTKERNEL_HOME", None)  # set by cached_image for the in-process runs
+    cases.update(daemon_cases(tmp, proj, n, [b for b in ("namespaces", "gvisor")
+                                             if shutil.which("bwrap" if b == "namespaces"
+                                                             else "runsc")]))
     shutil.rmtree(tmp, ignore_errors=True)
 
     rows = {k: {"p50": statistics.median(v), "p95": pct(v, 0.95), "n": len(v)}
@@ -152,9 +182,15 @@ def main() -> None:
         extra = rows[cached]["p50"] - rows["agentkernel run namespaces restrictive"]["p50"]
         lines.append(f"- cached image vs host rootfs (namespaces, restrictive): {extra:+.1f} ms"
                      " (goal <= +10 ms)")
+    via = "agentkernel run namespaces restrictive, via daemon"
+    if "bwrap direct" in rows and via in rows:
+        lines.append(f"- namespaces run (restrictive) via the daemon: {rows[via]['p50']:.1f} ms"
+                     f" = {rows[via]['p50'] / py:.2f}x python")
     if "runsc direct" in rows:
         gv = ratio("agentkernel run gvisor restrictive", "runsc direct")
         lines.append(f"- gvisor run vs runsc direct: {gv} (goal <= 1.2x)")
+        gv_daemon = ratio("agentkernel run gvisor restrictive, via daemon", "runsc direct")
+        lines.append(f"- gvisor run via the daemon vs runsc direct: {gv_daemon}")
     report = "\n".join(lines)
     print(report)
     out = ROOT / "bench" / "results"
