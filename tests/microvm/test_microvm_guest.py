@@ -158,3 +158,18 @@ def test_unix_socket_is_the_only_channel(moderate_vm: Sandbox) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(1)
         s.connect(str(sock))  # QEMU accepts, but the guest is already talking to us
+
+
+def test_vmm_is_pid_1_of_its_own_namespaces(moderate_vm: Sandbox) -> None:
+    """QEMU cannot see (so cannot signal or trace) a host process: it is pid 1 of its own
+    pid namespace, with its own IPC and UTS namespaces; its network namespace is not ours."""
+    children = Path(f"/proc/{moderate_vm.process.pid}/task/{moderate_vm.process.pid}/children")
+    qemu = [int(p) for p in children.read_text().split()]
+    assert len(qemu) == 1
+    status = Path(f"/proc/{qemu[0]}/status").read_text()
+    assert Path(f"/proc/{qemu[0]}/exe").resolve().name.startswith("qemu-system")
+    nspid = next(line.split()[1:] for line in status.splitlines()
+                 if line.startswith("NSpid:"))
+    assert nspid[-1] == "1" and len(nspid) >= 2, nspid
+    for ns in ("pid", "ipc", "uts", "net"):
+        assert os.readlink(f"/proc/{qemu[0]}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns

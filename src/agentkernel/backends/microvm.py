@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import BackendUnavailable, SandboxError
 from ..network import empty_netns_prefix, enter_netns, lifeline, netns_holder, start_slirp
+from ..paths import which
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from ..vm import qemu as q
 from ..vm.settings import ENV_ALLOW_EMULATION, MicrovmSettings, current
@@ -219,10 +220,12 @@ class MicrovmBackend(Backend):
             if snap:
                 state = vmsnap.ensure_template(
                     qemu, cfg, frozenset(d for d, _, _ in clone_disks),
-                    prefix=empty_netns_prefix, timeout=settings.boot_timeout)
+                    prefix=lambda: empty_netns_prefix() + vmm_confinement(),
+                    timeout=settings.boot_timeout)
                 notes.append("microvm: restored from a saved template VM (snapshot); fresh "
                              "entropy, host name and clock were sent to its agent")
             life_w = -1
+            argv = vmm_confinement() + argv
             if net == "none":
                 # The VMM itself needs no network: give it an empty network namespace.
                 argv = empty_netns_prefix() + argv
@@ -334,6 +337,21 @@ def agent_socket_path(scratch: Path, *, persistent: bool) -> Path:
     """QEMU's chardev socket for the agent's port; a kept VM's is where a restarted daemon
     looks for it (`<scratch>/ctl/agent.sock`, like the other backends' control socket)."""
     return control_dir(scratch) / "agent.sock" if persistent else scratch / "agent.sock"
+
+
+def vmm_confinement() -> list[str]:
+    """argv prefix: the VMM in its own pid, IPC and UTS namespaces, as pid 1 of its own.
+
+    A compromised QEMU then sees no host process to signal or trace, no host SysV IPC, and
+    dies with the `unshare` that forked it (--kill-child), which is what we wait on and kill.
+    Comes after any network-namespace prefix, so it also applies inside the egress holder's
+    namespace (where an unprivileged caller is root of the holder's user namespace).
+    """
+    unshare = which("unshare")
+    if unshare is None:
+        return []
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return [unshare, *user, "--pid", "--fork", "--kill-child", "--ipc", "--uts", "--"]
 
 
 def _read(path: Path) -> bytes:
