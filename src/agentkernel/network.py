@@ -124,3 +124,40 @@ def empty_netns_prefix() -> list[str]:
         return []
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     return [unshare, *user, "--net", "--"]
+
+
+# A TAP device for VMMs that only speak TAP (Firecracker), inside an egress namespace.
+TAP_EGRESS_DEV = "akeg0"
+TAP_EGRESS_HOST = "172.30.0.1"  # the namespace's end of the /30
+TAP_EGRESS_GUEST = "172.30.0.2"
+TAP_EGRESS_PREFIX = 30
+
+
+def tap_egress(holder_pid: int) -> str:
+    """In the network namespace of `holder_pid`, which slirp4netns serves through tap0: a
+    TAP device (returned) whose /30 is NATed out through tap0. The guest behind it then
+    reaches what slirp4netns reaches — never the host's loopback (`--disable-host-loopback`)
+    — and the namespace itself listens on nothing. Gone with the namespace."""
+    tools = {name: which(name) for name in ("ip", "sysctl", "iptables")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        raise BackendUnavailable(f"egress through a TAP device needs {', '.join(missing)} "
+                                 "(apt install iproute2 procps iptables)")
+    inside = enter_netns(holder_pid)
+    ip, sysctl, iptables = (str(tools[n]) for n in ("ip", "sysctl", "iptables"))
+    subnet = f"{TAP_EGRESS_HOST.rsplit('.', 1)[0]}.0/{TAP_EGRESS_PREFIX}"
+    steps = [
+        [ip, "tuntap", "add", "dev", TAP_EGRESS_DEV, "mode", "tap"],
+        [ip, "addr", "add", f"{TAP_EGRESS_HOST}/{TAP_EGRESS_PREFIX}", "dev", TAP_EGRESS_DEV],
+        [ip, "link", "set", TAP_EGRESS_DEV, "up"],
+        [sysctl, "-qw", "net.ipv4.ip_forward=1"],  # this namespace's own switch
+        [iptables, "-t", "nat", "-A", "POSTROUTING", "-s", subnet, "-o", "tap0",
+         "-j", "MASQUERADE"],
+    ]
+    for step in steps:
+        out = subprocess.run([*inside, *step], capture_output=True, text=True, timeout=10,
+                             check=False)
+        if out.returncode != 0:
+            raise SandboxError(f"egress TAP set-up failed at `{' '.join(step[1:4])}`: "
+                               f"{out.stderr.strip() or out.returncode}")
+    return TAP_EGRESS_DEV

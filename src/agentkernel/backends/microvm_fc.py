@@ -3,8 +3,9 @@
 Firecracker is not installable on the development machines (no package, no downloads), so
 this path is exercised up to the point where a binary is needed: configs and requests are
 schema-checked, the vsock handshake and TAP creation are tested against real sockets and
-devices, and `start_firecracker` refuses clearly when the binary, KVM, a suitable kernel
-or network privileges are missing.
+devices, the moderate profile's TAP egress path is tested with a QEMU guest on the same TAP,
+and `start_firecracker` refuses clearly when the binary, KVM, a suitable kernel or network
+privileges are missing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BackendUnavailable, SandboxError
-from ..sandbox import Sandbox, SandboxSpec
+from ..network import (
+    TAP_EGRESS_GUEST,
+    TAP_EGRESS_HOST,
+    TAP_EGRESS_PREFIX,
+    empty_netns_prefix,
+    enter_netns,
+    lifeline,
+    netns_holder,
+    start_slirp,
+    tap_egress,
+)
+from ..sandbox import Sandbox, SandboxSpec, close_fds
 from ..vm import firecracker as fc
 from ..vm.settings import MicrovmSettings
 
@@ -114,21 +126,31 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
         raise BackendUnavailable("kept (--keep) sandboxes are not supported on the microvm "
                                  "backend yet")
     p = spec.profile
-    if p.network == "egress":
-        raise BackendUnavailable(
-            "the moderate profile (egress only) under Firecracker needs a TAP device plus NAT "
-            "and a filter that keeps the host out, which is not wired: use [microvm] vmm = "
-            "qemu, or the restrictive profile")
     scratch = make_scratch(spec.name)
     cleanups: list[Callable[[], None]] = []
+    helpers: list[subprocess.Popen[bytes]] = []
     notes: list[str] = []
     process: subprocess.Popen[bytes] | None = None
+    prefix: list[str] = []
+    life_w = -1
     try:
         root_image, root_desc = disk.ensure_root_image(spec.rootfs)
         drives = [Drive(root_image, ROOT_SERIAL, readonly=True)]
         tap: str | None = None
         net_arg = "lo"
-        if p.network == "host":
+        if p.network == "egress":
+            # Firecracker speaks only TAP: a TAP in a private namespace whose only way out
+            # is slirp4netns (--disable-host-loopback), NATed there. Firecracker holds the
+            # lifeline, so the holder and slirp4netns exit with it.
+            life_r, life_w = lifeline()
+            holder = netns_holder(life_r)
+            helpers.append(holder)
+            helpers.append(start_slirp(holder.pid, scratch / "slirp.log", exit_fd=life_r))
+            close_fds(life_r)
+            tap = tap_egress(holder.pid)
+            net_arg = f"{TAP_EGRESS_GUEST}/{TAP_EGRESS_PREFIX},{TAP_EGRESS_HOST}"
+            prefix = enter_netns(holder.pid)
+        elif p.network == "host":
             tap = tap_name(spec.name)
             cleanups.append(make_tap(tap))
             host, guest = tap_addresses(tap)
@@ -154,10 +176,9 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
                               drives=drives, tap=tap, serial_log=scratch / "console.log")
         config = fc.write_config(vm, scratch / "vm.json")
         argv = vm.argv(firecracker, config, scratch / "api.sock")
-        if tap is None:
-            from ..network import empty_netns_prefix
-
+        if p.network == "none":
             argv = empty_netns_prefix() + argv
+        argv = prefix + argv
         cgroup = Cgroup.create(spec.name, Limits(
             memory_bytes=(memory_mb + VMM_MEMORY_OVERHEAD_MB) * 1024 * 1024, pids=None,
             cpus=p.cpus))
@@ -168,8 +189,11 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT, close_fds=True,
                                        start_new_session=True,
+                                       pass_fds=(life_w,) if life_w >= 0 else (),
                                        preexec_fn=cgroup.join_fn() if cgroup else None,
                                        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        close_fds(life_w)
+        life_w = -1
         try:
             sock = fc.connect_vsock(vm.vsock_uds, fc.AGENT_VSOCK_PORT, settings.boot_timeout,
                                     proc=process)
@@ -179,12 +203,15 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
         sandbox = Sandbox(spec=spec, backend=backend_name,
                           isolation="microVM with its own guest kernel (Firecracker, KVM)",
                           client=client, process=process, scratch=scratch, notes=notes,
-                          cleanups=cleanups)
+                          cleanups=cleanups, helpers=helpers)
         try:
             client.hello(timeout=15)
         except Exception:
             sandbox.destroy()
             raise
+        if p.network == "egress" and p.root_writable:
+            with contextlib.suppress(Exception):  # slirp4netns's DNS forwarder
+                client.write_file("/etc/resolv.conf", b"nameserver 10.0.2.3\n")
         if spec.rootfs.name == "host":
             notes.append(f"microvm: this VM runs a {root_desc}")
         return sandbox
@@ -192,6 +219,9 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
+        for helper in helpers:
+            helper.kill()
+            helper.wait()
         for cleanup in reversed(cleanups):
             with contextlib.suppress(Exception):
                 cleanup()
