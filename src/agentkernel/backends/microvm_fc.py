@@ -123,8 +123,9 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
         raise BackendUnavailable(f"Firecracker needs a working KVM (it has no software "
                                  f"emulation): {why}")
     if spec.persistent:
-        raise BackendUnavailable("kept (--keep) sandboxes are not supported on the microvm "
-                                 "backend yet")
+        raise BackendUnavailable("kept (--keep) microVMs run under QEMU only so far (their "
+                                 "agent reconnects over virtio-serial): set [microvm] vmm = "
+                                 "qemu")
     p = spec.profile
     scratch = make_scratch(spec.name)
     cleanups: list[Callable[[], None]] = []
