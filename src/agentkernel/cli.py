@@ -12,6 +12,7 @@ from .errors import AgentKernelError, UsageError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
     from typing import Any, BinaryIO
 
 
@@ -143,6 +144,9 @@ def _add_sandbox_parsers(sub: Any) -> None:
     ds.add_argument("--foreground", action="store_true", help="run in this process")
     ds.add_argument("-c", "--config", help="daemon config (default: "
                     "~/.config/agentkernel/agentkernel.toml)")
+    ds.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
+                    help="stop after SECONDS unused while holding no kept sandbox "
+                         "(what `run` gives the daemon it starts; default: never)")
     dsub.add_parser("stop", help="stop the daemon (persistent sandboxes keep running)")
     dst = dsub.add_parser("status", help="is it running, and its warm pools")
     dst.add_argument("--json", action="store_true")
@@ -290,7 +294,33 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         import json
 
         print(json.dumps(result))
+    if outcome.exit_code != 125:  # 125: the sandbox could not run; no daemon would help
+        _autostart_daemon(say)
     return outcome.exit_code
+
+
+def _autostart_daemon(say: Callable[[str], None]) -> None:
+    """After a run without a daemon, start one in the background for the next runs.
+
+    It keeps a warm sandbox for each (image, profile, backend, project) in use, so later
+    runs cost milliseconds; it stops by itself after AGENTKERNEL_DAEMON_IDLE_EXIT seconds
+    unused (default 900). AGENTKERNEL_DAEMON_AUTOSTART=0 (or AGENTKERNEL_NO_DAEMON=1) opts
+    out.
+    """
+    off = ("0", "false", "no")
+    if os.environ.get("AGENTKERNEL_DAEMON_AUTOSTART", "1").lower() in off or \
+            os.environ.get("AGENTKERNEL_NO_DAEMON", "").lower() in ("1", "true", "yes"):
+        return
+    from .daemon.client import spawn_daemon
+
+    try:
+        idle = float(os.environ.get("AGENTKERNEL_DAEMON_IDLE_EXIT", "900"))
+    except ValueError:
+        idle = 900.0
+    if spawn_daemon(idle_exit=max(1.0, idle)):
+        say(f"started the daemon in the background: it keeps sandboxes warm so the next runs "
+            f"start in milliseconds, and stops after {idle:g} s unused "
+            "(AGENTKERNEL_DAEMON_AUTOSTART=0 turns this off)")
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -73,6 +73,26 @@ def _try_connect(path: str) -> socket.socket | None:
     return sock
 
 
+def spawn_daemon(idle_exit: float) -> bool:
+    """Start a daemon that stops after `idle_exit` s unused, without waiting for it.
+
+    False if one already runs or its socket exists. Two racing CLIs are fine: the daemon's
+    lock lets one win; the other exits at once.
+    """
+    import subprocess
+
+    if os.path.exists(socket_path()):
+        return False
+    data = data_dir_str()
+    os.makedirs(data, mode=0o700, exist_ok=True)
+    argv = [sys.executable, "-m", "agentkernel", "daemon", "start", "--foreground",
+            "--idle-exit", f"{idle_exit:g}"]
+    with open(os.path.join(data, "daemon.log"), "ab") as log:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         start_new_session=True, close_fds=True, cwd="/")
+    return True
+
+
 def start_daemon(config: str | None = None, timeout: float = START_TIMEOUT) -> int:
     """Spawn `python -m agentkernel daemon start --foreground` detached; wait for its socket.
 

@@ -393,7 +393,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         if args.foreground:
             from .server import run_daemon
 
-            return run_daemon(args.config)
+            return run_daemon(args.config, idle_exit=args.idle_exit)
         sock = client.connect()
         if sock is not None:
             sock.close()

@@ -273,7 +273,8 @@ class _Resolved:
 class SandboxManager:
     """Implements `SandboxService` (daemon/api.py). Thread-safe."""
 
-    def __init__(self, config: Config | None = None, *, start_threads: bool = True) -> None:
+    def __init__(self, config: Config | None = None, *, start_threads: bool = True,
+                 configured_pools: bool = True) -> None:
         from ..config import DaemonSection
 
         self.config = config
@@ -300,12 +301,23 @@ class SandboxManager:
                              idle_seconds=self.settings.adhoc_idle_seconds)
         self._threads: list[threading.Thread] = []
         if start_threads:
-            self._configure_pools()
+            if configured_pools:
+                self._configure_pools()
             t = threading.Thread(target=self._reaper, name="ak-reaper", daemon=True)
             t.start()
             self._threads.append(t)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def holds_user_state(self) -> bool:
+        """Whether stopping now would touch something a user owns: a kept sandbox that
+        runs, a detached command, a pooled run in progress. (Warm pools are ours to drop.)"""
+        with self._lock:
+            if self._live or any(t.is_alive() for t in self._detached_threads.values()):
+                return True
+        if any(key.in_use for key in self.pool.status()):
+            return True
+        return bool(self.db.all("SELECT name FROM sandboxes WHERE status = 'running'", ()))
 
     def close(self) -> None:
         """Stop the daemon's side: pool destroyed, persistent sandboxes left running."""

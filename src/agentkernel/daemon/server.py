@@ -146,6 +146,14 @@ class DaemonServer:
         self.started = time.time()
         self._stop = threading.Event()
         self._listener = _listen(sock_path)
+        self._active = 0  # connections being served right now
+        self._last_active = time.monotonic()
+        self._active_lock = threading.Lock()
+
+    def idle_seconds(self) -> float:
+        """How long no connection has been open (0 while one is)."""
+        with self._active_lock:
+            return 0.0 if self._active else time.monotonic() - self._last_active
 
     def serve_forever(self) -> None:
         try:
@@ -178,6 +186,8 @@ class DaemonServer:
 
     def _serve(self, sock: socket.socket) -> None:
         conn = _Conn(sock)
+        with self._active_lock:
+            self._active += 1
         try:
             if _peer_uid(sock) != os.getuid():
                 conn.send({"ok": False, "error": {"type": "PermissionDenied",
@@ -195,6 +205,9 @@ class DaemonServer:
                 conn.send({"ok": False, "error": error_json(exc)})
         finally:
             conn.close()
+            with self._active_lock:
+                self._active -= 1
+                self._last_active = time.monotonic()
 
     def _dispatch(self, conn: _Conn, req: dict[str, Any]) -> None:
         op = req.get("op")
@@ -387,11 +400,15 @@ def load_daemon_config(path: str | None) -> Any:
     return None
 
 
-def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = None) -> int:
+def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = None,
+               idle_exit: float = 0.0) -> int:
     """The daemon's main: lock, recover, listen, serve until told to stop.
 
     With `http` (host, port) it also serves the REST API of the official SDKs, on a thread
     of this process, so that one manager owns every sandbox (`agentkernel serve`).
+    With `idle_exit` (a daemon `run` started by itself) it keeps no configured pools unless
+    a daemon config exists, and stops once nothing has used it for that many seconds while
+    it holds nothing a user owns (kept sandboxes, detached commands).
     """
     from ..paths import data_dir
 
@@ -420,7 +437,7 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
         from ..vm.settings import configure
 
         configure(config.microvm)  # e.g. allow_emulation, for microVMs the daemon starts
-    manager = SandboxManager(config)
+    manager = SandboxManager(config, configured_pools=config is not None or idle_exit <= 0)
     for line in manager.recovered:
         print(f"agentkernel daemon: {line}", file=sys.stderr, flush=True)
     server = DaemonServer(manager, rt / DAEMON_SOCKET)
@@ -451,6 +468,9 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    if idle_exit > 0:
+        threading.Thread(target=_stop_when_idle, args=(server, manager, idle_exit),
+                         name="ak-idle", daemon=True).start()
     print(f"agentkernel daemon: listening on {server.sock_path} (pid {os.getpid()})",
           file=sys.stderr, flush=True)
     try:
@@ -469,3 +489,13 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
             lock_file.close()
     print("agentkernel daemon: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _stop_when_idle(server: DaemonServer, manager: SandboxManager, idle_exit: float) -> None:
+    while True:
+        time.sleep(min(5.0, max(0.2, idle_exit / 4)))
+        if server.idle_seconds() >= idle_exit and not manager.holds_user_state():
+            print(f"agentkernel daemon: unused for {idle_exit:g} s: stopping",
+                  file=sys.stderr, flush=True)
+            server.shutdown()
+            return
