@@ -171,5 +171,15 @@ def test_vmm_is_pid_1_of_its_own_namespaces(moderate_vm: Sandbox) -> None:
     nspid = next(line.split()[1:] for line in status.splitlines()
                  if line.startswith("NSpid:"))
     assert nspid[-1] == "1" and len(nspid) >= 2, nspid
-    for ns in ("pid", "ipc", "uts", "net"):
+    for ns in ("pid", "ipc", "uts", "net", "user"):
         assert os.readlink(f"/proc/{qemu[0]}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if os.geteuid() == 0:
+        # Started by root, it runs as nobody, without a capability or a supplementary group.
+        assert fields["Uid"].split() == ["65534"] * 4 and fields["Gid"].split() == ["65534"] * 4
+        assert fields["Groups"].strip() == ""
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0, status
+    assert fields["NoNewPrivs"].strip() == "1"
+    # No path of ours is on its command line: it got every file as a descriptor.
+    cmdline = Path(f"/proc/{qemu[0]}/cmdline").read_bytes()
+    assert str(moderate_vm.scratch).encode() not in cmdline

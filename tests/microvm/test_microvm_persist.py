@@ -34,8 +34,10 @@ def _state(pid: int) -> bytes:
 
 
 def vm_processes(name: str) -> dict[int, str]:
-    """Live (not zombie) QEMU and slirp4netns processes of sandbox `name`."""
-    scratch = str(runtime_dir() / "sandboxes" / name) + "/"
+    """Live (not zombie) QEMU and slirp4netns processes of sandbox `name`.
+
+    QEMU is found by its cgroup: its command line names no path of ours (it gets every
+    file as a descriptor)."""
     found: dict[int, str] = {}
     qemus = set()
     for entry in os.listdir("/proc"):
@@ -45,8 +47,7 @@ def vm_processes(name: str) -> dict[int, str]:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmd and cmd[0].endswith(b"qemu-system-x86_64") and any(
-                scratch.encode() in arg for arg in cmd):
+        if cmd and cmd[0].endswith(b"qemu-system-x86_64") and _in_cgroup(int(entry), name):
             found[int(entry)] = "qemu"
             qemus.add(int(entry))
     for entry in os.listdir("/proc"):
@@ -60,6 +61,13 @@ def vm_processes(name: str) -> dict[int, str]:
         if cmd and cmd[0].endswith(b"slirp4netns") and _holder_of(cmd, qemus):
             found[int(entry)] = "slirp4netns"
     return found
+
+
+def _in_cgroup(pid: int, name: str) -> bool:
+    try:
+        return f"/agentkernel/{name}\n" in Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
 
 
 def _holder_of(slirp_cmd: list[bytes], qemus: set[int]) -> bool:

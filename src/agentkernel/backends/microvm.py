@@ -215,17 +215,22 @@ class MicrovmBackend(Backend):
                 agent_socket=agent_socket_path(scratch, persistent=spec.persistent),
                 drives=drives, net="none" if net == "none" else "user",
             )
-            argv = q.build_argv(qemu, cfg)
+            # As root, QEMU runs as nobody and gets every file and socket as a descriptor.
+            uid = q.vmm_uid()
+            handles = (q.Handles.open(cfg, uid, {"qmp": scratch / "qmp.sock"} if snap else None)
+                       if uid is not None else None)
+            cleanups.append(handles.close if handles is not None else lambda: None)
+            argv = q.build_argv(qemu, cfg, handles)
             state: Path | None = None
             if snap:
                 state = vmsnap.ensure_template(
                     qemu, cfg, frozenset(d for d, _, _ in clone_disks),
-                    prefix=lambda: empty_netns_prefix() + vmm_confinement(),
+                    prefix=lambda: [*empty_netns_prefix(), *vmm_confinement(accel)],
                     timeout=settings.boot_timeout)
                 notes.append("microvm: restored from a saved template VM (snapshot); fresh "
                              "entropy, host name and clock were sent to its agent")
             life_w = -1
-            argv = vmm_confinement() + argv
+            argv = vmm_confinement(accel) + argv
             if net == "none":
                 # The VMM itself needs no network: give it an empty network namespace.
                 argv = empty_netns_prefix() + argv
@@ -248,18 +253,21 @@ class MicrovmBackend(Backend):
             state_fd = -1
             if state is not None:
                 state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
-                argv += vmsnap.clone_args(state_fd, scratch / "qmp.sock")
+                argv += vmsnap.clone_args(state_fd, scratch / "qmp.sock", handles)
             try:
                 with open(log, "wb") as logf:
                     process = subprocess.Popen(
                         argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                         close_fds=True, start_new_session=True,
-                        pass_fds=tuple(fd for fd in (life_w, state_fd) if fd >= 0),
+                        pass_fds=tuple(fd for fd in (life_w, state_fd) if fd >= 0)
+                        + (handles.pass_fds if handles is not None else ()),
                         preexec_fn=cgroup.join_fn() if cgroup else None,
                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                     )
             finally:
                 close_fds(life_w, state_fd)
+                if handles is not None:
+                    handles.close()  # QEMU has its own copies now
             try:
                 if snap:
                     sock = vmsnap.resume_clone(process, cfg.agent_socket,
@@ -339,19 +347,26 @@ def agent_socket_path(scratch: Path, *, persistent: bool) -> Path:
     return control_dir(scratch) / "agent.sock" if persistent else scratch / "agent.sock"
 
 
-def vmm_confinement() -> list[str]:
-    """argv prefix: the VMM in its own pid, IPC and UTS namespaces, as pid 1 of its own.
+def vmm_confinement(accel: q.Accel) -> list[str]:
+    """argv prefix: the VMM unprivileged, as pid 1 of its own pid, IPC and UTS namespaces.
 
-    A compromised QEMU then sees no host process to signal or trace, no host SysV IPC, and
-    dies with the `unshare` that forked it (--kill-child), which is what we wait on and kill.
-    Comes after any network-namespace prefix, so it also applies inside the egress holder's
-    namespace (where an unprivileged caller is root of the holder's user namespace).
+    As root, QEMU first drops to nobody (`setpriv`, no capabilities), then enters a user
+    namespace of its own with the others, under the same uid: a compromised QEMU owns no
+    host file, holds no capability anywhere, sees no host process to signal or trace, and
+    dies with the `unshare`
+    that forked it (--kill-child; the drop comes first because a uid change would cancel
+    that parent-death signal). Comes after any network-namespace prefix (entering one
+    needs our privileges).
     """
     unshare = which("unshare")
     if unshare is None:
         return []
-    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-    return [unshare, *user, "--pid", "--fork", "--kill-child", "--ipc", "--uts", "--"]
+    drop = q.privilege_drop(accel)
+    uid, gid = (q.VMM_UID, q.VMM_UID) if drop else (os.geteuid(), os.getegid())
+    # The same ids inside the user namespace, not root: exec'ing QEMU there leaves it
+    # without capabilities, even in its own namespaces.
+    return [*drop, unshare, f"--map-user={uid}", f"--map-group={gid}", "--pid", "--fork",
+            "--kill-child", "--ipc", "--uts", "--"]
 
 
 def _read(path: Path) -> bytes:

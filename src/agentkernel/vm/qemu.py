@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -103,9 +104,107 @@ class VmConfig:
         return " ".join([*parts, "--", *self.agent_args])
 
 
-def build_argv(qemu: str, cfg: VmConfig) -> list[str]:
+VMM_UID = 65534  # nobody: what a QEMU started by root runs as
+
+
+def vmm_uid() -> int | None:
+    """The uid QEMU drops to: nobody when we are root, None (keep ours) otherwise."""
+    return VMM_UID if os.geteuid() == 0 else None
+
+
+def privilege_drop(accel: Accel) -> list[str]:
+    """argv prefix that runs QEMU as `vmm_uid()`, with no capabilities and no groups but
+    /dev/kvm's (under KVM). Empty when we are not root: QEMU then runs as us."""
+    uid = vmm_uid()
+    setpriv = shutil.which("setpriv")
+    if uid is None or setpriv is None:
+        return []
+    groups = ["--clear-groups"]
+    if accel == "kvm":
+        with contextlib.suppress(OSError):
+            groups = [f"--groups={os.stat('/dev/kvm').st_gid}"]
+    return [setpriv, f"--reuid={uid}", f"--regid={uid}", *groups, "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+class Handles:
+    """Everything QEMU would open by path, opened by us and handed over as descriptors.
+
+    An unprivileged QEMU (`privilege_drop`) can reach none of our private dirs; with these
+    it gets its own kernel, initramfs, disks, console log and listening sockets, and no
+    other file of ours. Disks go through QEMU's fd sets (no permission check on reopen);
+    the kernel and initramfs are world-readable files reopened via /proc/self/fd.
+    """
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+
+    @classmethod
+    def open(cls, cfg: VmConfig, uid: int, sockets: dict[str, Path] | None = None) -> Handles:
+        h = cls()
+        try:
+            h.fds["kernel"] = os.open(cfg.kernel, os.O_RDONLY)
+            h.fds["initrd"] = os.open(cfg.initrd, os.O_RDONLY)
+            for i, d in enumerate(cfg.drives):
+                # QEMU also opens a writable image read-only (probing, locking): its fd set
+                # holds one descriptor of each access mode.
+                h.fds[f"drive{i}"] = os.open(d.path, os.O_RDONLY)
+                if not d.readonly:
+                    h.fds[f"drive{i}rw"] = os.open(d.path, os.O_RDWR)
+            serial = os.open(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            h.fds["serial"] = serial
+            os.fchown(serial, uid, uid)
+            for name, path in {"agent": cfg.agent_socket, **(sockets or {})}.items():
+                h.fds[name] = _listen_unix(path)
+        except BaseException:
+            h.close()
+            raise
+        for fd in h.fds.values():
+            os.set_inheritable(fd, True)
+        return h
+
+    def proc_path(self, name: str) -> str:
+        return f"/proc/self/fd/{self.fds[name]}"
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return tuple(self.fds.values())
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
+def _listen_unix(path: Path) -> int:
+    """A listening unix socket at `path` (ours: mode 0600), as a bare descriptor."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(4)
+        return sock.detach()
+    except BaseException:
+        sock.close()
+        raise
+
+
+def socket_chardev(name: str, path: Path, handles: Handles | None) -> str:
+    """A listening socket chardev: QEMU binds `path` itself, or is handed our socket."""
+    if handles is not None:
+        return f"socket,id={name},fd={handles.fds[name]},server=on,wait=off"
+    return f"socket,id={name},path={path},server=on,wait=off"
+
+
+def build_argv(qemu: str, cfg: VmConfig, handles: Handles | None = None) -> list[str]:
     """The QEMU command line for `cfg`: -M microvm (x86_64) or -M virt (aarch64), no default
-    devices, serial to a file."""
+    devices, serial to a file. With `handles`, every file and socket is a descriptor."""
     if cfg.arch == "aarch64":
         # GICv3 under TCG; under KVM the host's own GIC version.
         machine = f"virt,gic-version={'host' if cfg.accel == 'kvm' else '3'}"
@@ -116,18 +215,25 @@ def build_argv(qemu: str, cfg: VmConfig) -> list[str]:
             "-cpu", "max" if cfg.accel == "tcg" else "host",
             "-smp", str(max(1, cfg.vcpus)), "-m", f"{max(64, cfg.memory_mb)}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-serial", f"file:{cfg.serial_log}",
-            "-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd),
+            "-serial", f"file:{handles.proc_path('serial') if handles else cfg.serial_log}",
+            "-kernel", handles.proc_path("kernel") if handles else str(cfg.kernel),
+            "-initrd", handles.proc_path("initrd") if handles else str(cfg.initrd),
             "-append", cfg.cmdline()]
     if cfg.sandbox:
         argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,"
                              "resourcecontrol=deny"]
     argv += ["-device", f"virtio-rng-{bus}",
              "-device", f"virtio-serial-{bus}",
-             "-chardev", f"socket,id=agent,path={cfg.agent_socket},server=on,wait=off",
+             "-chardev", socket_chardev("agent", cfg.agent_socket, handles),
              "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}"]
     for i, drive in enumerate(cfg.drives):
-        opts = [f"file={drive.path}", "format=raw", "if=none", f"id=d{i}",
+        path = str(drive.path)
+        if handles is not None:
+            for key in (f"drive{i}", f"drive{i}rw"):
+                if key in handles.fds:
+                    argv += ["-add-fd", f"fd={handles.fds[key]},set={i + 1}"]
+            path = f"/dev/fdset/{i + 1}"
+        opts = [f"file={path}", "format=raw", "if=none", f"id=d{i}",
                 "cache=unsafe" if not drive.readonly else "cache=none",
                 "aio=threads"]
         if drive.readonly:

@@ -210,13 +210,19 @@ def _build_template(qemu: str, cfg: q.VmConfig, slots: frozenset[str], state: Pa
         tcfg = dataclasses.replace(cfg, serial_log=tmp / "console.log",
                                    agent_socket=tmp / "agent.sock", drives=drives)
         qmp_path = tmp / "qmp.sock"
-        argv = [*prefix, *q.build_argv(qemu, tcfg),
-                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        uid = q.vmm_uid()
+        handles = (q.Handles.open(tcfg, uid, {"qmp": qmp_path}) if uid is not None else None)
+        argv = [*prefix, *q.build_argv(qemu, tcfg, handles), *qmp_args(qmp_path, handles)]
         started = time.monotonic()
-        with open(tmp / "qemu.log", "wb") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    close_fds=True, start_new_session=True,
-                                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        try:
+            with open(tmp / "qemu.log", "wb") as log:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                    start_new_session=True, pass_fds=handles.pass_fds if handles else (),
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        finally:
+            if handles is not None:
+                handles.close()
         try:
             sock = q.connect_agent_socket(tcfg.agent_socket, proc, timeout)
         except (ConnectionError, TimeoutError) as exc:
@@ -280,9 +286,14 @@ def _last_line(scratch: Path) -> str:
 # ---- clones ----
 
 
-def clone_args(state_fd: int, qmp_path: Path) -> list[str]:
+def clone_args(state_fd: int, qmp_path: Path, handles: q.Handles | None = None) -> list[str]:
     """What a clone adds to the template's argv: the saved state and a QMP socket."""
-    return ["-incoming", f"fd:{state_fd}", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    return ["-incoming", f"fd:{state_fd}", *qmp_args(qmp_path, handles)]
+
+
+def qmp_args(qmp_path: Path, handles: q.Handles | None) -> list[str]:
+    return ["-chardev", q.socket_chardev("qmp", qmp_path, handles),
+            "-mon", "chardev=qmp,mode=control"]
 
 
 def fit_slot(image: Path) -> bool:
