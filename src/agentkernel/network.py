@@ -106,6 +106,27 @@ def netns_holder(lifeline_r: int) -> subprocess.Popen[bytes]:
     raise SandboxError("could not create a network namespace for the sandbox")
 
 
+def egress_netns(slirp_log: Path, helpers: list[subprocess.Popen[bytes]]) -> tuple[int, int]:
+    """A network namespace whose only way out is slirp4netns (`--disable-host-loopback`),
+    for runsc or a VMM to join with `enter_netns(pid)`.
+
+    Returns (holder pid, lifeline write end). The process that runs the sandbox must hold
+    the write end: when it ends, the holder and slirp4netns exit too, whatever happens to
+    us. Both helpers are appended to `helpers` as they start, for the caller's clean-up.
+    """
+    life_r, life_w = lifeline()
+    try:
+        holder = netns_holder(life_r)
+        helpers.append(holder)
+        helpers.append(start_slirp(holder.pid, slirp_log, exit_fd=life_r))
+    except BaseException:
+        os.close(life_w)
+        raise
+    finally:
+        os.close(life_r)
+    return holder.pid, life_w
+
+
 def enter_netns(pid: int) -> list[str]:
     """argv prefix that runs a command inside the network namespace of `pid`."""
     nsenter = which("nsenter")

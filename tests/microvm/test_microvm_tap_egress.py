@@ -22,10 +22,8 @@ from agentkernel.network import (
     TAP_EGRESS_GUEST,
     TAP_EGRESS_HOST,
     TAP_EGRESS_PREFIX,
+    egress_netns,
     enter_netns,
-    lifeline,
-    netns_holder,
-    start_slirp,
     tap_egress,
 )
 from agentkernel.rootfs import host_rootfs
@@ -44,13 +42,10 @@ def tap_guest(microvm_ready: None, tmp_path_factory: pytest.TempPathFactory,
     kernel = current_kernel(None)
     assert qemu is not None and kernel is not None
     scratch = tmp_path_factory.mktemp("tapvm")
-    life_r, life_w = lifeline()
-    holder = netns_holder(life_r)
-    slirp = start_slirp(holder.pid, scratch / "slirp.log", exit_fd=life_r)
-    close_fds(life_r)
-    procs = [holder, slirp]
+    procs: list[subprocess.Popen[bytes]] = []
+    holder, life_w = egress_netns(scratch / "slirp.log", procs)
     try:
-        tap = tap_egress(holder.pid)
+        tap = tap_egress(holder)
         root, _ = disk.ensure_root_image(host_rootfs())
         cfg = q.VmConfig(
             kernel=Path(kernel.vmlinux), initrd=ensure_initramfs(kernel),
@@ -61,7 +56,7 @@ def tap_guest(microvm_ready: None, tmp_path_factory: pytest.TempPathFactory,
             accel="tcg", vcpus=1, memory_mb=256, serial_log=scratch / "console.log",
             agent_socket=scratch / "agent.sock", drives=[q.Drive(root, ROOT_SERIAL, True)])
         bus = "pci" if cfg.arch == "aarch64" else "device"
-        argv = [*enter_netns(holder.pid), *q.build_argv(qemu, cfg),
+        argv = [*enter_netns(holder), *q.build_argv(qemu, cfg),
                 "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                 "-device", f"virtio-net-{bus},netdev=n0"]
         with open(scratch / "qemu.log", "wb") as log:

@@ -86,7 +86,7 @@ class GVisorBackend(Backend):
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         from ..cgroups import Cgroup, Limits
-        from ..network import enter_netns, lifeline, netns_holder, start_slirp, write_resolv_conf
+        from ..network import egress_netns, enter_netns, write_resolv_conf
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -105,16 +105,11 @@ class GVisorBackend(Backend):
             resolv = write_resolv_conf(scratch) if p.network == "egress" else None
             control = control_dir(scratch) if spec.persistent else None
             prefix: list[str] = []
-            life_r, life_w = -1, -1
+            life_w = -1
             if p.network == "egress":
-                # `runsc run` holds the lifeline's write end while the sandbox lives; the
-                # netns holder and slirp4netns exit when it does, whatever happens to us.
-                life_r, life_w = lifeline()
-                holder = netns_holder(life_r)
-                helpers.append(holder)
-                helpers.append(start_slirp(holder.pid, scratch / "slirp.log", exit_fd=life_r))
-                close_fds(life_r)
-                prefix = enter_netns(holder.pid)
+                # `runsc run` holds the lifeline's write end while the sandbox lives.
+                holder, life_w = egress_netns(scratch / "slirp.log", helpers)
+                prefix = enter_netns(holder)
             copy = _workspace_copy(spec, scratch)
             config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
                                       bpf=str(compile_bpf(p.seccomp)),

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import BackendUnavailable, SandboxError
-from ..network import empty_netns_prefix, enter_netns, lifeline, netns_holder, start_slirp
+from ..network import egress_netns, empty_netns_prefix, enter_netns
 from ..paths import which
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from ..vm import qemu as q
@@ -240,12 +240,8 @@ class MicrovmBackend(Backend):
                 # out is slirp4netns with --disable-host-loopback: that loopback is empty
                 # and the host's 127.0.0.1 is out of reach. QEMU holds the lifeline, so the
                 # holder and slirp4netns exit with it.
-                life_r, life_w = lifeline()
-                holder = netns_holder(life_r)
-                helpers.append(holder)
-                helpers.append(start_slirp(holder.pid, scratch / "slirp.log", exit_fd=life_r))
-                close_fds(life_r)
-                argv = enter_netns(holder.pid) + argv
+                holder, life_w = egress_netns(scratch / "slirp.log", helpers)
+                argv = enter_netns(holder) + argv
             cgroup = Cgroup.create(spec.name, Limits(
                 memory_bytes=(memory_mb + VMM_MEMORY_OVERHEAD_MB) * 1024 * 1024,
                 pids=None, cpus=p.cpus))

@@ -24,11 +24,9 @@ from ..network import (
     TAP_EGRESS_GUEST,
     TAP_EGRESS_HOST,
     TAP_EGRESS_PREFIX,
+    egress_netns,
     empty_netns_prefix,
     enter_netns,
-    lifeline,
-    netns_holder,
-    start_slirp,
     tap_egress,
 )
 from ..sandbox import Sandbox, SandboxSpec, close_fds
@@ -143,14 +141,10 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
             # Firecracker speaks only TAP: a TAP in a private namespace whose only way out
             # is slirp4netns (--disable-host-loopback), NATed there. Firecracker holds the
             # lifeline, so the holder and slirp4netns exit with it.
-            life_r, life_w = lifeline()
-            holder = netns_holder(life_r)
-            helpers.append(holder)
-            helpers.append(start_slirp(holder.pid, scratch / "slirp.log", exit_fd=life_r))
-            close_fds(life_r)
-            tap = tap_egress(holder.pid)
+            holder, life_w = egress_netns(scratch / "slirp.log", helpers)
+            tap = tap_egress(holder)
             net_arg = f"{TAP_EGRESS_GUEST}/{TAP_EGRESS_PREFIX},{TAP_EGRESS_HOST}"
-            prefix = enter_netns(holder.pid)
+            prefix = enter_netns(holder)
         elif p.network == "host":
             tap = tap_name(spec.name)
             cleanups.append(make_tap(tap))
