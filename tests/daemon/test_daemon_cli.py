@@ -315,3 +315,16 @@ def test_malformed_socket_requests_get_a_clear_error(daemon: Daemon,
     assert reply["error"]["exit_code"] == 2 and reply["error"]["http_status"] == 400, reply
     assert "field" in reply["error"]["message"], reply
     assert daemon.ak("list").stdout == before
+
+
+def test_create_says_when_the_image_was_not_available(daemon: Daemon) -> None:
+    """No pretending: an image that cannot be pulled makes a host-userland sandbox, and
+    `create` says so instead of listing the image as if it were there."""
+    name = _name("box")
+    r = daemon.ak("create", name, "-i", "127.0.0.1:9/nowhere/image:1", "-B", "namespaces")
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "Rootfs:  host userland, read-only (image unavailable)" in r.stdout
+        assert "is not available" in r.stderr and "host's userland instead" in r.stderr
+    finally:
+        daemon.ak("remove", name)

@@ -44,6 +44,9 @@ class SandboxInfo:
     memory_mb: int | None
     created_at: str  # RFC 3339, UTC
     expires_at: str | None = None
+    # What backs the root: "image REF (digest)", or the host's userland when the image
+    # could not be had (offline_fallback = "host"). Ours, not in the SDKs' JSON.
+    rootfs: str = ""
 
 
 @dataclass

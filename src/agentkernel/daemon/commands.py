@@ -80,6 +80,11 @@ def cmd_create(args: argparse.Namespace) -> int:
                                                else "") + "...")
     info = client.call("create", req)
     print(f"  Image:   {info['image']}")
+    if info.get("rootfs"):
+        print(f"  Rootfs:  {info['rootfs']}")
+    if str(info.get("rootfs", "")).endswith("(image unavailable)"):
+        _say(f"warning: image {info['image']} is not available; sandbox '{args.name}' runs "
+             "the host's userland instead (offline_fallback = \"host\"; \"none\" refuses)")
     print(f"  Backend: {info['backend']} ({info['isolation']})")
     print(f"  Profile: {info['profile']}")
     print(f"  vCPUs:   {info['vcpus'] or 'unlimited'}")

@@ -438,6 +438,8 @@ class SandboxManager:
         """resolve_rootfs, cached briefly (an unreachable registry must not cost every run)."""
         from ..engine import resolve_rootfs
 
+        # The project's [images] settings, else the daemon's own (mirrors, registries).
+        config = config if config is not None else self.config
         ck = (image, config.images.model_dump_json() if config is not None else "")
         with self._lock:
             hit = self._rootfs_cache.get(ck)
@@ -546,7 +548,7 @@ class SandboxManager:
                 "no_network": profile.network == "none",
                 "workspace": str(workspace) if workspace else None,
                 "env": dict(req.env), "host_env": {},
-                "profile_fields": profile._asdict(),
+                "profile_fields": profile._asdict(), "rootfs_note": note,
             }
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)
@@ -584,7 +586,8 @@ class SandboxManager:
             name=row["name"], uuid=row["uuid"], status=row["status"], backend=row["backend"],
             isolation=row["isolation"], image=row["image"], profile=row["profile"],
             vcpus=max(1, round(cpus)) if cpus else None, memory_mb=doc.get("memory_mb"),
-            created_at=rfc3339(row["created"]) or "", expires_at=rfc3339(row["expires"]))
+            created_at=rfc3339(row["created"]) or "", expires_at=rfc3339(row["expires"]),
+            rootfs=str(doc.get("rootfs_note") or ""))
 
     def get(self, name: str) -> SandboxInfo:
         return self._info(self._row(name))

@@ -107,7 +107,9 @@ def result_json(res: ExecResult) -> dict[str, Any]:
 
 
 def sandbox_json(info: SandboxInfo) -> dict[str, Any]:
-    return asdict(info)
+    data = asdict(info)
+    data.pop("rootfs")  # the SDKs' contract has no such field
+    return data
 
 
 def detached_json(info: DetachedInfo) -> dict[str, Any]:
