@@ -1124,18 +1124,19 @@ static void do_remove(uint32_t chan, const uint8_t *pl, size_t n)
 
 /* ---------- CLONE: a VM restored from a snapshot becomes its own machine ---------- */
 
-/* The block device whose virtio serial is SERIAL, now (a restored VM probed its disks
- * before the snapshot was taken): 0 and the /dev path, or an errno. */
-static int clone_find_disk(const char *serial, char *dev, size_t size)
+/* One scan of sysfs class dir CLASS for an entry whose ATTR file reads WANT: 0 and its
+ * /dev path in DEV, or ENODEV. */
+static int find_sysfs_device(const char *class, const char *attr, const char *want,
+			     char *dev, size_t dev_size)
 {
-	DIR *d = opendir("/sys/block");
+	DIR *d = opendir(class);
 	struct dirent *de;
 	int e = ENODEV;
 	while (d && (de = readdir(d)) != NULL) {
 		if (de->d_name[0] == '.')
 			continue;
-		char p[512], buf[64];
-		snprintf(p, sizeof(p), "/sys/block/%s/serial", de->d_name);
+		char p[512], buf[256];
+		snprintf(p, sizeof(p), "%s/%s/%s", class, de->d_name, attr);
 		int fd = open(p, O_RDONLY | O_CLOEXEC);
 		if (fd < 0)
 			continue;
@@ -1145,8 +1146,8 @@ static int clone_find_disk(const char *serial, char *dev, size_t size)
 			continue;
 		buf[k] = 0;
 		buf[strcspn(buf, "\n")] = 0;
-		if (!strcmp(buf, serial)) {
-			snprintf(dev, size, "/dev/%s", de->d_name);
+		if (!strcmp(buf, want)) {
+			snprintf(dev, dev_size, "/dev/%s", de->d_name);
 			e = 0;
 			break;
 		}
@@ -1154,6 +1155,13 @@ static int clone_find_disk(const char *serial, char *dev, size_t size)
 	if (d)
 		closedir(d);
 	return e;
+}
+
+/* The block device whose virtio serial is SERIAL, now (a restored VM probed its disks
+ * before the snapshot was taken): 0 and the /dev path, or an errno. */
+static int clone_find_disk(const char *serial, char *dev, size_t size)
+{
+	return find_sysfs_device("/sys/block", "serial", serial, dev, size);
 }
 
 /* <linux/random.h>, which musl's headers lack. */
@@ -1731,33 +1739,11 @@ static int open_sysfs_device(const char *class, const char *attr, const char *wa
 {
 	int64_t until = now_ms() + 10000;
 	for (;;) {
-		DIR *d = opendir(class);
-		struct dirent *de;
-		while (d && (de = readdir(d)) != NULL) {
-			if (de->d_name[0] == '.')
-				continue;
-			char p[512], buf[256];
-			snprintf(p, sizeof(p), "%s/%s/%s", class, de->d_name, attr);
-			int fd = open(p, O_RDONLY | O_CLOEXEC);
-			if (fd < 0)
-				continue;
-			ssize_t k = read(fd, buf, sizeof(buf) - 1);
-			close(fd);
-			if (k <= 0)
-				continue;
-			buf[k] = 0;
-			buf[strcspn(buf, "\n")] = 0;
-			if (strcmp(buf, want))
-				continue;
-			snprintf(dev, dev_size, "/dev/%s", de->d_name);
-			fd = open(dev, flags | O_CLOEXEC | O_NOCTTY);
-			if (fd >= 0) {
-				closedir(d);
+		if (find_sysfs_device(class, attr, want, dev, dev_size) == 0) {
+			int fd = open(dev, flags | O_CLOEXEC | O_NOCTTY);
+			if (fd >= 0)
 				return fd;
-			}
 		}
-		if (d)
-			closedir(d);
 		if (now_ms() > until)
 			die("%s with %s %s did not appear within 10 s", class, attr, want);
 		usleep(20000);
