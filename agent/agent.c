@@ -1530,8 +1530,17 @@ static void do_overlay(char *spec)
 	mkdir_or_die(parts[2]);
 	mkdir_or_die(parts[3]);
 	mkdir_or_die(parts[0]);
-	if (mount("overlay", parts[0], "overlay", 0, opts) < 0)
-		die("overlay on %s (%s): %s", parts[0], opts, strerror(errno));
+	if (mount("overlay", parts[0], "overlay", 0, opts) < 0) {
+		/* In a user namespace not owned by the host's root, overlayfs wants its
+		 * whiteouts and metadata in user.* xattrs (Linux >= 5.11). */
+		int first = errno;
+		size_t len = strlen(opts);
+		if (len + sizeof(",userxattr") > sizeof(opts))
+			die("--overlay: option string too long");
+		memcpy(opts + len, ",userxattr", sizeof(",userxattr"));
+		if (mount("overlay", parts[0], "overlay", 0, opts) < 0)
+			die("overlay on %s (%s): %s", parts[0], opts, strerror(first));
+	}
 }
 
 /* Bind SRC read-only onto DST (created as an empty file or dir if missing). Runs after

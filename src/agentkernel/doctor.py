@@ -67,10 +67,13 @@ def gather() -> tuple[list[Check], list[Check], str]:
     host: list[Check] = [kvm_verdict()]
     support = detect()
     host.append(Check("cgroups", support.memory or support.pids or support.cpu, support.explain()))
+    from .network import tun_problem
+
     slirp = shutil.which("slirp4netns")
-    host.append(Check("egress network", slirp is not None,
-                      f"slirp4netns at {slirp}" if slirp else
-                      "slirp4netns missing: the moderate profile's egress network needs it"))
+    tun = tun_problem()
+    host.append(Check("egress network", slirp is not None and tun is None,
+                      "slirp4netns missing: the moderate profile's egress network needs it"
+                      if slirp is None else tun or f"slirp4netns at {slirp}"))
     for binary in ("ak-agent", "ak-seccomp"):
         from .paths import native_binary
 

@@ -20,6 +20,23 @@ def slirp_available() -> str | None:
     return which("slirp4netns")
 
 
+def tun_problem() -> str | None:
+    """Why slirp4netns could not open /dev/net/tun for us, or None.
+
+    It opens the device inside the sandbox's user namespace, where our capabilities do not
+    cover a device node the host's root owns: the file mode alone must let us in (it is
+    0666 on most distributions).
+    """
+    tun = "/dev/net/tun"
+    if not os.path.exists(tun):
+        return f"{tun} does not exist (modprobe tun)"
+    if os.geteuid() != 0 and not os.access(tun, os.R_OK | os.W_OK):
+        mode = oct(os.stat(tun).st_mode & 0o777)[2:]
+        return (f"{tun} is mode {mode}, so uid {os.getuid()} cannot open it (as root: "
+                f"chmod 0666 {tun}, the usual mode)")
+    return None
+
+
 def write_resolv_conf(scratch: Path) -> Path:
     """The sandbox's resolv.conf: slirp's DNS forwarder, never the host's loopback resolver."""
     path = scratch / "resolv.conf"
@@ -41,6 +58,9 @@ def start_slirp(
             "egress networking needs slirp4netns (apt install slirp4netns), "
             "or use --no-network"
         )
+    problem = tun_problem()
+    if problem:
+        raise BackendUnavailable(f"egress networking: {problem}; or use --no-network")
     ready_r, ready_w = os.pipe()
     logf = open(log, "wb")  # noqa: SIM115 - handed to the child, closed below
     try:

@@ -236,7 +236,12 @@ def build_bwrap_argv(
         agent_argv += ["--mask", mask.path]
     for private in spec.rootfs.private_dirs:
         agent_argv += ["--mask-private", private]
-    argv += ["--cap-add", "CAP_SYS_ADMIN"]
+    # Run unprivileged, bwrap leaves only what is asked for: CAP_DAC_OVERRIDE lets
+    # overlayfs set up over host dirs whose owner is unmapped here, CAP_SETPCAP lets the
+    # agent empty the bounding set. All are the sandbox user namespace's, and all go
+    # before the agent serves anything.
+    for cap in ("CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_SETPCAP"):
+        argv += ["--cap-add", cap]
     if not cow_root:
         argv += ["--remount-ro", "/"]
     agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
