@@ -62,6 +62,11 @@ def test_first_run_starts_a_daemon_that_serves_the_next_and_then_stops(tmp_path:
     sandboxes = run_dir / "sandboxes"
     assert not sandboxes.exists() or not any(sandboxes.iterdir())
     assert "unused for 3 s: stopping" in (tmp_path / "home" / "daemon.log").read_text()
+    # A minute has not passed since the last start: no new attempt (a daemon that cannot
+    # start must not cost every run one).
+    again = ak(*RUN, "true", cwd=project, env=env)
+    assert again.returncode == 0 and "started the daemon" not in again.stderr
+    assert not (run_dir / "daemon.sock").exists()
 
 
 def test_a_kept_sandbox_keeps_an_idle_daemon_alive(tmp_path: Path) -> None:

@@ -76,13 +76,24 @@ def _try_connect(path: str) -> socket.socket | None:
 def spawn_daemon(idle_exit: float) -> bool:
     """Start a daemon that stops after `idle_exit` s unused, without waiting for it.
 
-    False if one already runs or its socket exists. Two racing CLIs are fine: the daemon's
-    lock lets one win; the other exits at once.
+    False if one already runs or its socket exists, or if the last attempt was under a
+    minute ago (a daemon that cannot start here must not cost every run a failed start).
+    Two racing CLIs are fine: the daemon's lock lets one win; the other exits at once.
     """
     import subprocess
 
     if os.path.exists(socket_path()):
         return False
+    rt = runtime_dir_str()
+    os.makedirs(rt, mode=0o700, exist_ok=True)
+    stamp = os.path.join(rt, "daemon.autostart")
+    try:
+        if time.time() - os.stat(stamp).st_mtime < 60:
+            return False
+    except OSError:
+        pass
+    with open(stamp, "w"):
+        pass  # its mtime is the attempt's time
     data = data_dir_str()
     os.makedirs(data, mode=0o700, exist_ok=True)
     argv = [sys.executable, "-m", "agentkernel", "daemon", "start", "--foreground",
