@@ -118,3 +118,18 @@ def test_bad_paths(path: str, why: str) -> None:
         validate_sandbox_path(path)
     assert why in info.value.message
     assert "\x00" not in info.value.message
+
+
+def test_hand_check_matches_the_name_grammar() -> None:
+    """The hot path's hand-written check accepts exactly `[A-Za-z0-9]+([-_][A-Za-z0-9]+)*`."""
+    import random
+    import re
+
+    from agentkernel.names import _is_name
+
+    rng = random.Random(7)
+    alphabet = "aZ09-_.é /"
+    for _ in range(20000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        expected = re.fullmatch(r"[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*", s, re.ASCII) is not None
+        assert _is_name(s) == expected, s

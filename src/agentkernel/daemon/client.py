@@ -1,15 +1,14 @@
-"""The CLI's side of the daemon socket: standard library only (socket, json), nothing heavy."""
+"""The CLI's side of the daemon socket: JSON lines through `wire` (C parts only), nothing heavy."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sys
 import time
 
 from ..errors import AgentKernelError
 from ..paths import API_SOCKET, daemon_socket, data_dir_str, runtime_dir_str
+from . import wire
 
 TYPE_CHECKING = False  # typing costs milliseconds on the hot path; mypy still sees it
 if TYPE_CHECKING:
@@ -50,7 +49,7 @@ def api_socket(timeout: float = 30.0) -> str:
     return path
 
 
-def connect(*, auto_start: bool = False) -> socket.socket | None:
+def connect(*, auto_start: bool = False) -> Any:
     """A connection to the daemon, or None if none runs (and auto_start is off)."""
     path = socket_path()
     sock = _try_connect(path)
@@ -63,8 +62,8 @@ def connect(*, auto_start: bool = False) -> socket.socket | None:
     return sock
 
 
-def _try_connect(path: str) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _try_connect(path: str) -> Any:
+    sock = wire.unix_socket()
     try:
         sock.connect(path)
     except OSError:
@@ -144,7 +143,7 @@ def start_daemon(config: str | None = None, timeout: float = START_TIMEOUT) -> i
                       f"see {os.path.join(log_dir, 'daemon.log')}")
 
 
-def _wait_socket(path: str, deadline: float) -> socket.socket | None:
+def _wait_socket(path: str, deadline: float) -> Any:
     while time.monotonic() < deadline:
         sock = _try_connect(path)
         if sock is not None:
@@ -156,20 +155,19 @@ def _wait_socket(path: str, deadline: float) -> socket.socket | None:
 class Lines:
     """JSON lines over a connected socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: Any) -> None:
         self.sock = sock
         self._buf = b""
 
     def send(self, obj: dict[str, Any]) -> None:
-        self.sock.sendall((json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-                           + "\n").encode())
+        self.sock.sendall((wire.dumps(obj) + "\n").encode())
 
     def recv(self) -> dict[str, Any] | None:
         while True:
             i = self._buf.find(b"\n")
             if i >= 0:
                 line, self._buf = self._buf[:i], self._buf[i + 1 :]
-                obj = json.loads(line)
+                obj = wire.loads(line)
                 return obj if isinstance(obj, dict) else None
             chunk = self.sock.recv(262144)
             if not chunk:
@@ -188,7 +186,7 @@ def _raise(reply: dict[str, Any] | None) -> None:
                       str(err.get("type", "DaemonError")))
 
 
-def _request(sock: socket.socket, op: str, args: dict[str, Any]) -> Any:
+def _request(sock: Any, op: str, args: dict[str, Any]) -> Any:
     lines = Lines(sock)
     try:
         lines.send({"op": op, "args": args})
@@ -249,7 +247,6 @@ def pump(
     with a tty, window size changes are forwarded too.
     """
     import select
-    import signal
 
     first = lines.recv()
     if first is None:
@@ -278,10 +275,11 @@ def pump(
     try:
         if not tty:
             for name in FORWARDED_SIGNALS:
-                sig = getattr(signal, name)
-                previous[sig] = signal.signal(sig, forward)
+                sig = wire.signal_number(name)
+                previous[sig] = wire.set_handler(sig, forward)
         else:
-            previous[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, winch)
+            sig = wire.signal_number("SIGWINCH")
+            previous[sig] = wire.set_handler(sig, winch)
     except ValueError:  # not the main thread
         pass
     sock = lines.sock
@@ -318,7 +316,7 @@ def pump(
                     _raise(msg)
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            wire.set_handler(sig, handler)
         sock.close()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -123,6 +122,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     rows = client.call("list_sandboxes")
     if getattr(args, "json", False):
+        import json  # only for --json output
+
         print(json.dumps(rows))
         return 0
     if not rows:
@@ -350,6 +351,8 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
         _say(str(result["message"]))
     code = int(result.get("exit_code", 125))
     if args.json:
+        import json  # only for --json output
+
         print(json.dumps({
             "exit_code": code,
             "stdout": b"".join(captured[1]).decode(errors="replace"),
@@ -426,6 +429,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return 0
     data = client._request(sock, "status", {})
     if args.json:
+        import json  # only for --json output
+
         print(json.dumps(data))
         return 0
     print(f"Daemon: running (pid {data['pid']}, up {data['uptime_s']}s)")
