@@ -219,7 +219,8 @@ class MicrovmBackend(Backend):
             uid = q.vmm_uid()
             handles = (q.Handles.open(cfg, uid, {"qmp": scratch / "qmp.sock"} if snap else None)
                        if uid is not None else None)
-            cleanups.append(handles.close if handles is not None else lambda: None)
+            if handles is not None:
+                cleanups.append(handles.close)  # if the start fails before QEMU has them
             argv = q.build_argv(qemu, cfg, handles)
             state: Path | None = None
             if snap:
