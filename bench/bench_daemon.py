@@ -24,30 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import pct, timed
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 AK = ROOT / ".venv" / "bin" / "agentkernel"
 sys.path.insert(0, str(ROOT / "src"))
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
-
-
-def timed(argv: list[str], n: int, *, env: dict[str, str], cwd: Path,
-          pause: float = 0.0) -> list[float]:
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        r = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-        samples.append((time.perf_counter() - t) * 1000)
-        if r.returncode != 0:
-            raise SystemExit(f"{argv[:4]} failed: {r.stderr.decode(errors='replace')[-300:]}")
-        if pause:
-            time.sleep(pause)
-    return samples
 
 
 def warm_run_samples(n: int, *, env: dict[str, str], cwd: Path, flags: list[str],

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import pct
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -25,11 +27,6 @@ from agentkernel.backends import get_backend  # noqa: E402
 from agentkernel.profiles import get_profile  # noqa: E402
 from agentkernel.rootfs import host_rootfs  # noqa: E402
 from agentkernel.sandbox import Sandbox, SandboxSpec  # noqa: E402
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def memory_kib(pid: int) -> tuple[int, int]:

@@ -19,24 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import pct, timed
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 AK = ROOT / ".venv" / "bin" / "agentkernel"
-
-
-def timed(argv: list[str], n: int, cwd: Path, env: dict[str, str] | None = None,
-          pause: float = 0.0) -> list[float]:
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        r = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-        samples.append((time.perf_counter() - t) * 1000)
-        if r.returncode != 0:
-            raise SystemExit(f"{argv[:3]} failed: {r.stderr.decode(errors='replace')[-300:]}")
-        if pause:
-            time.sleep(pause)  # let the daemon's pool refill: each run measures a warm start
-    return samples
 
 
 def daemon_cases(tmp: Path, proj: Path, n: int, backends: list[str]) -> dict[str, list[float]]:
@@ -50,17 +37,12 @@ def daemon_cases(tmp: Path, proj: Path, n: int, backends: list[str]) -> dict[str
         for backend in backends:
             argv = [str(AK), "run", "-q", "-i", "host", "-B", backend, "-p", "restrictive",
                     "--", "true"]
-            timed(argv, 3, proj, env, pause=1.0)  # the first runs create the key's pool
+            timed(argv, 3, cwd=proj, env=env, pause=1.0)  # the first runs create the key's pool
             cases[f"agentkernel run {backend} restrictive, via daemon"] = timed(
-                argv, n, proj, env, pause=0.3 if backend == "namespaces" else 0.8)
+                argv, n, cwd=proj, env=env, pause=0.3 if backend == "namespaces" else 0.8)
     finally:
         subprocess.run([str(AK), "daemon", "stop"], env=env, capture_output=True, check=False)
     return cases
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def runsc_bundle(tmp: Path) -> Path:
@@ -121,36 +103,36 @@ def main() -> None:
     proj = tmp / "proj"
     proj.mkdir()
     cases: dict[str, list[float]] = {}
-    cases["fork/exec true"] = timed(["/bin/true"], n, proj)
-    cases["venv python -c pass"] = timed([str(VENV_PY), "-c", "pass"], n, proj)
-    cases["agentkernel --version"] = timed([str(AK), "--version"], n, proj)
+    cases["fork/exec true"] = timed(["/bin/true"], n, cwd=proj)
+    cases["venv python -c pass"] = timed([str(VENV_PY), "-c", "pass"], n, cwd=proj)
+    cases["agentkernel --version"] = timed([str(AK), "--version"], n, cwd=proj)
     if shutil.which("bwrap"):
         cases["bwrap direct"] = timed(
             ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
              "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
              "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev",
-             "/bin/true"], n, proj)
+             "/bin/true"], n, cwd=proj)
         for profile in ("restrictive", "moderate"):
             cases[f"agentkernel run namespaces {profile}"] = timed(
                 [str(AK), "run", "-q", "-i", "host", "-B", "namespaces", "-p", profile, "--",
-                 "true"], n, proj)
+                 "true"], n, cwd=proj)
         image = cached_image(tmp)
         if image:
             for profile in ("restrictive", "moderate"):
                 cases[f"agentkernel run namespaces {profile}, cached image"] = timed(
                     [str(AK), "run", "-q", "-i", image, "-B", "namespaces", "-p", profile,
-                     "--", "sh", "-c", ":"], n, proj)
+                     "--", "sh", "-c", ":"], n, cwd=proj)
     if shutil.which("runsc"):
         bundle = runsc_bundle(tmp)
         state = tmp / "runsc-state"
         i = iter(range(10**6))
         cases["runsc direct"] = [timed(
             ["runsc", f"--root={state}", "--network=none", "--ignore-cgroups", "run",
-             f"--bundle={bundle}", f"bench-{next(i)}"], 1, proj)[0] for _ in range(n)]
+             f"--bundle={bundle}", f"bench-{next(i)}"], 1, cwd=proj)[0] for _ in range(n)]
         for profile in ("restrictive", "moderate"):
             cases[f"agentkernel run gvisor {profile}"] = timed(
                 [str(AK), "run", "-q", "-i", "host", "-B", "gvisor", "-p", profile, "--", "true"],
-                n, proj)
+                n, cwd=proj)
     os.environ.pop("AGENTKERNEL_HOME", None)  # set by cached_image for the in-process runs
     cases.update(daemon_cases(tmp, proj, n, [b for b in ("namespaces", "gvisor")
                                              if shutil.which("bwrap" if b == "namespaces"
