@@ -219,7 +219,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
-    if args.keep or os.environ.get("AGENTKERNEL_NO_DAEMON", "") not in ("1", "true", "yes"):
+    from .daemon.fastpath import daemon_wanted
+
+    if args.keep or daemon_wanted():
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
         from .daemon.commands import run_via_daemon
 
@@ -307,9 +309,9 @@ def _autostart_daemon(say: Callable[[str], None]) -> None:
     unused (default 900). AGENTKERNEL_DAEMON_AUTOSTART=0 (or AGENTKERNEL_NO_DAEMON=1) opts
     out.
     """
-    off = ("0", "false", "no")
-    if os.environ.get("AGENTKERNEL_DAEMON_AUTOSTART", "1").lower() in off or \
-            os.environ.get("AGENTKERNEL_NO_DAEMON", "").lower() in ("1", "true", "yes"):
+    from .daemon.fastpath import autostart_wanted
+
+    if not autostart_wanted():
         return
     from .daemon.client import spawn_daemon
 

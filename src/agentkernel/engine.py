@@ -117,6 +117,13 @@ def resolve_profile(req: RunRequest, config: Config | None) -> Profile:
 
 
 HOST_IMAGE = "host"  # the pseudo image: the host's userland, read-only, no registry involved
+# The rootfs note of a run whose image could not be had (offline_fallback = "host").
+UNAVAILABLE_ROOTFS = "host userland, read-only (image unavailable)"
+
+
+def fallback_warning(image: str) -> str:
+    return (f"image {image} is not available; running on the host's userland instead "
+            '(offline_fallback = "host")')
 
 
 def command_argv(image_config: ImageConfig | None, argv: list[str]) -> list[str]:
@@ -153,7 +160,7 @@ def resolve_rootfs(image: str, config: Config | None, quiet: bool) -> tuple[Host
             raise ImageError(f"{exc.message} (offline_fallback = \"none\")") from None
         print(f"agentkernel: {exc.message}; running on the host's userland instead "
               '(offline_fallback = "host")', file=sys.stderr)
-        return host_rootfs(), None, "host userland, read-only (image unavailable)"
+        return host_rootfs(), None, UNAVAILABLE_ROOTFS
     root = img.rootfs_dir()
     return tree_rootfs(root, img.ref), img.config, f"image {img.ref} ({img.manifest_digest[:19]})"
 

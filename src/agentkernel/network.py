@@ -196,9 +196,12 @@ def tap_egress(holder_pid: int) -> str:
          "-j", "MASQUERADE"],
     ]
     for step in steps:
-        out = subprocess.run([*inside, *step], capture_output=True, text=True, timeout=10,
-                             check=False)
-        if out.returncode != 0:
-            raise SandboxError(f"egress TAP set-up failed at `{' '.join(step[1:4])}`: "
-                               f"{out.stderr.strip() or out.returncode}")
+        run_setup([*inside, *step], f"egress TAP set-up failed at `{' '.join(step[1:4])}`")
     return TAP_EGRESS_DEV
+
+
+def run_setup(argv: list[str], what: str) -> None:
+    """Run one network set-up command; SandboxError naming `what` and its stderr if it fails."""
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    if out.returncode != 0:
+        raise SandboxError(f"{what}: {out.stderr.strip() or out.returncode}")

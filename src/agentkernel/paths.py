@@ -1,4 +1,5 @@
-"""Where agentkernel keeps things: data dir, runtime dir, the daemon's sockets, native binaries.
+"""Where agentkernel keeps things: data dir, runtime dir, the daemon's sockets (and how a
+private socket is made), native binaries.
 
 pathlib is imported only by the functions that return a Path: the daemon's hot path (the
 string functions) must not pay for it.
@@ -6,12 +7,14 @@ string functions) must not pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .errors import SandboxError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from pathlib import Path
 
 DAEMON_SOCKET = "daemon.sock"  # in the runtime dir: the daemon's JSON-lines socket
@@ -63,6 +66,33 @@ def daemon_socket() -> str:
 
 def api_socket_path() -> str:
     return os.path.join(runtime_dir_str(), API_SOCKET)
+
+
+def listen_unix(path: str | os.PathLike[str], backlog: int) -> socket.socket:
+    """A listening unix socket at `path` that is mode 0600 before anyone can see it there.
+
+    Bound under a hidden temporary name, made private, then renamed over `path` (replacing
+    a stale socket). No umask games: those would race with the daemon's other threads.
+    """
+    import socket
+
+    path = os.fspath(path)
+    head, tail = os.path.split(path)
+    tmp = os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(backlog)
+        os.replace(tmp, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return sock
 
 
 def which(name: str) -> str | None:

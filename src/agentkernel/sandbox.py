@@ -94,6 +94,10 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 1.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+    _close_streams(proc)
+
+
+def _close_streams(proc: subprocess.Popen[bytes]) -> None:
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             with contextlib.suppress(OSError):
@@ -114,10 +118,7 @@ def _kill_and_reap_later(procs: list[subprocess.Popen[bytes]]) -> None:
                 proc.kill()
             if proc.poll() is None:
                 slow.append(proc)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        _close_streams(proc)
     if slow:
         import threading
 

@@ -350,10 +350,9 @@ def vmm_confinement(accel: q.Accel) -> list[str]:
     As root, QEMU first drops to nobody (`setpriv`, no capabilities), then enters a user
     namespace of its own with the others, under the same uid: a compromised QEMU owns no
     host file, holds no capability anywhere, sees no host process to signal or trace, and
-    dies with the `unshare`
-    that forked it (--kill-child; the drop comes first because a uid change would cancel
-    that parent-death signal). Comes after any network-namespace prefix (entering one
-    needs our privileges).
+    dies with the `unshare` that forked it (--kill-child; the drop comes first because a
+    uid change would cancel that parent-death signal). Comes after any network-namespace
+    prefix (entering one needs our privileges).
     """
     unshare = which("unshare")
     if unshare is None:

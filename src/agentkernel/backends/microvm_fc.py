@@ -27,8 +27,10 @@ from ..network import (
     egress_netns,
     empty_netns_prefix,
     enter_netns,
+    run_setup,
     tap_egress,
 )
+from ..paths import which
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from ..vm import firecracker as fc
 from ..vm.settings import MicrovmSettings
@@ -51,12 +53,10 @@ def tap_addresses(name: str) -> tuple[str, str]:
 
 
 def _ip(*args: str) -> None:
-    ip = shutil.which("ip")
+    ip = which("ip")
     if ip is None:
         raise BackendUnavailable("Firecracker networking needs the ip tool (iproute2)")
-    out = subprocess.run([ip, *args], capture_output=True, text=True, timeout=10, check=False)
-    if out.returncode != 0:
-        raise SandboxError(f"ip {' '.join(args)}: {out.stderr.strip() or out.returncode}")
+    run_setup([ip, *args], f"ip {' '.join(args)}")
 
 
 def make_tap(name: str) -> Callable[[], None]:

@@ -7,11 +7,12 @@ import sys
 import time
 
 from ..errors import AgentKernelError
-from ..paths import API_SOCKET, daemon_socket, data_dir_str, runtime_dir_str
+from ..paths import api_socket_path, daemon_socket, data_dir_str, runtime_dir_str
 from . import wire
 
 TYPE_CHECKING = False  # typing costs milliseconds on the hot path; mypy still sees it
 if TYPE_CHECKING:
+    import subprocess
     from typing import Any
 
 START_TIMEOUT = 30.0
@@ -36,7 +37,7 @@ def socket_path() -> str:
 
 def api_socket(timeout: float = 30.0) -> str:
     """The daemon's API socket, starting the daemon if none runs (our client's default)."""
-    path = os.path.join(runtime_dir_str(), API_SOCKET)
+    path = api_socket_path()
     if not os.path.exists(path):
         sock = connect(auto_start=True)
         if sock is not None:
@@ -79,8 +80,6 @@ def spawn_daemon(idle_exit: float) -> bool:
     minute ago (a daemon that cannot start here must not cost every run a failed start).
     Two racing CLIs are fine: the daemon's lock lets one win; the other exits at once.
     """
-    import subprocess
-
     if os.path.exists(socket_path()):
         return False
     rt = runtime_dir_str()
@@ -93,14 +92,25 @@ def spawn_daemon(idle_exit: float) -> bool:
         pass
     with open(stamp, "w"):
         pass  # its mtime is the attempt's time
-    data = data_dir_str()
-    os.makedirs(data, mode=0o700, exist_ok=True)
-    argv = [sys.executable, "-m", "agentkernel", "daemon", "start", "--foreground",
-            "--idle-exit", f"{idle_exit:g}"]
-    with open(os.path.join(data, "daemon.log"), "ab") as log:
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                         start_new_session=True, close_fds=True, cwd="/")
+    _launch_daemon(["--idle-exit", f"{idle_exit:g}"])
     return True
+
+
+def _daemon_log() -> str:
+    return os.path.join(data_dir_str(), "daemon.log")
+
+
+def _launch_daemon(extra: list[str]) -> subprocess.Popen[bytes]:
+    """`python -m agentkernel daemon start --foreground EXTRA` in a session of its own,
+    its output appended to the data dir's daemon.log."""
+    import subprocess
+
+    os.makedirs(runtime_dir_str(), mode=0o700, exist_ok=True)
+    os.makedirs(data_dir_str(), mode=0o700, exist_ok=True)
+    argv = [sys.executable, "-m", "agentkernel", "daemon", "start", "--foreground", *extra]
+    with open(_daemon_log(), "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, close_fds=True, cwd="/")
 
 
 def start_daemon(config: str | None = None, timeout: float = START_TIMEOUT) -> int:
@@ -108,18 +118,7 @@ def start_daemon(config: str | None = None, timeout: float = START_TIMEOUT) -> i
 
     Returns the daemon's pid. A daemon that is already up (or wins a start race) is fine.
     """
-    import subprocess
-
-    rt = runtime_dir_str()
-    os.makedirs(rt, mode=0o700, exist_ok=True)
-    log_dir = data_dir_str()
-    os.makedirs(log_dir, mode=0o700, exist_ok=True)
-    argv = [sys.executable, "-m", "agentkernel", "daemon", "start", "--foreground"]
-    if config:
-        argv += ["--config", os.path.abspath(config)]
-    with open(os.path.join(log_dir, "daemon.log"), "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True, cwd="/")
+    proc = _launch_daemon(["--config", os.path.abspath(config)] if config else [])
     path = socket_path()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -137,10 +136,10 @@ def start_daemon(config: str | None = None, timeout: float = START_TIMEOUT) -> i
                 sock.close()
                 return 0
             raise DaemonError(f"the daemon exited with status {proc.returncode}; "
-                              f"see {os.path.join(log_dir, 'daemon.log')}")
+                              f"see {_daemon_log()}")
         time.sleep(0.01)
     raise DaemonError(f"the daemon did not come up within {timeout:g}s; "
-                      f"see {os.path.join(log_dir, 'daemon.log')}")
+                      f"see {_daemon_log()}")
 
 
 def _wait_socket(path: str, deadline: float) -> Any:

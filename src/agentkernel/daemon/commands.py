@@ -81,9 +81,10 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"  Image:   {info['image']}")
     if info.get("rootfs"):
         print(f"  Rootfs:  {info['rootfs']}")
-    if str(info.get("rootfs", "")).endswith("(image unavailable)"):
-        _say(f"warning: image {info['image']} is not available; sandbox '{args.name}' runs "
-             "the host's userland instead (offline_fallback = \"host\"; \"none\" refuses)")
+    from ..engine import UNAVAILABLE_ROOTFS, fallback_warning
+
+    if info.get("rootfs") == UNAVAILABLE_ROOTFS:
+        _say(f"warning: {fallback_warning(info['image'])}")
     print(f"  Backend: {info['backend']} ({info['isolation']})")
     print(f"  Profile: {info['profile']}")
     print(f"  vCPUs:   {info['vcpus'] or 'unlimited'}")

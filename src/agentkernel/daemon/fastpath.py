@@ -59,13 +59,28 @@ def _parse(tokens: list[str], values: dict[str, str], flags: dict[str, str],
     return i
 
 
+_YES = ("1", "true", "yes")
+_NO = ("0", "false", "no")
+
+
+def daemon_wanted() -> bool:
+    """False when AGENTKERNEL_NO_DAEMON says every run stays in-process."""
+    return os.environ.get("AGENTKERNEL_NO_DAEMON", "").lower() not in _YES
+
+
+def autostart_wanted() -> bool:
+    """Whether a run without a daemon may start one (AGENTKERNEL_DAEMON_AUTOSTART)."""
+    return daemon_wanted() and \
+        os.environ.get("AGENTKERNEL_DAEMON_AUTOSTART", "1").lower() not in _NO
+
+
 def fast_main(argv: list[str]) -> int | None:
     """The exit code, or None to let the full CLI handle this command line.
 
     `run` goes through the daemon when one is up, else runs in-process — either way without
     building the argparse parser (~10 ms). `exec` needs the daemon.
     """
-    use_daemon = os.environ.get("AGENTKERNEL_NO_DAEMON", "") not in ("1", "true", "yes")
+    use_daemon = daemon_wanted()
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd == "run":

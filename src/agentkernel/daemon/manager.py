@@ -769,8 +769,16 @@ class SandboxManager:
 
     def _plan_run(self, req: RunRequest) -> tuple[PoolKey, Backend, HostRootfs, dict[str, Any]]:
         """engine.decide's answer, with the daemon's cached backends and rootfs, as a pool key."""
+        from ..engine import (
+            UNAVAILABLE_ROOTFS,
+            command_argv,
+            decide,
+            fallback_warning,
+            parse_env,
+            sandbox_cwd,
+            user_warning,
+        )
         from ..engine import RunRequest as EngineRequest
-        from ..engine import command_argv, decide, parse_env, sandbox_cwd, user_warning
 
         cwd = Path(req.cwd) if req.cwd else None
         if cwd is not None and (not cwd.is_absolute() or not cwd.is_dir()):
@@ -795,9 +803,8 @@ class SandboxManager:
         cwd_in = sandbox_cwd(req.workdir, workspace is not None, image_config)
         argv = command_argv(image_config, list(req.argv))
         extra = [user_warning(image, image_config)]
-        if note.endswith("(image unavailable)"):
-            extra.append(f"image {image} is not available; running on the host's "
-                         'userland instead (offline_fallback = "host")')
+        if note == UNAVAILABLE_ROOTFS:
+            extra.append(fallback_warning(image))
         warnings = [*warnings, *(w for w in extra if w)]
         plan = {"image_config": image_config, "env_extra": env_extra, "cwd": cwd_in,
                 "argv": argv, "reason": reason, "note": note, "warnings": warnings,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import AgentKernelError, AgentRequestError, UsageError
-from ..paths import API_SOCKET, DAEMON_SOCKET, runtime_dir
+from ..paths import API_SOCKET, DAEMON_SOCKET, listen_unix, runtime_dir
 from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
 from .manager import ExecHandle, SandboxManager, failed_start
 
@@ -95,12 +96,16 @@ def _peer_uid(sock: socket.socket) -> int:
     return int(uid)
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A request dataclass's fields and their resolved annotations."""
+    return typing.get_type_hints(cls)
+
+
 def _fields(cls: type, args: dict[str, Any]) -> dict[str, Any]:
     """`args` checked against the request class: known fields only, each of its type."""
-    hints = typing.get_type_hints(cls)
-    fields = getattr(cls, "_fields", None)  # a named tuple's, else a dataclass's
-    names = set(fields) if fields is not None else {f.name for f in dataclasses.fields(cls)}
-    unknown = set(args) - names
+    hints = _field_types(cls)
+    unknown = set(args) - set(hints)
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
     for name, value in args.items():
@@ -145,7 +150,7 @@ class DaemonServer:
         self.sock_path = sock_path
         self.started = time.time()
         self._stop = threading.Event()
-        self._listener = _listen(sock_path)
+        self._listener = listen_unix(sock_path, 256)
         self._active = 0  # connections being served right now
         self._last_active = time.monotonic()
         self._active_lock = threading.Lock()
@@ -363,23 +368,6 @@ def _result_json(result: ExecResult) -> dict[str, Any]:
     return {"exit_code": result.exit_code, "signal": result.signal,
             "timed_out": result.timed_out, "oom_killed": result.oom_killed,
             "message": result.message}
-
-
-def _listen(path: Path) -> socket.socket:
-    """Bind with mode 0600 before the socket becomes visible under its real name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(tmp))
-    finally:
-        os.umask(old)
-    os.chmod(tmp, 0o600)
-    sock.listen(256)
-    os.replace(tmp, path)
-    return sock
 
 
 def load_daemon_config(path: str | None) -> Any:

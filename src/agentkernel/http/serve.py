@@ -121,18 +121,9 @@ def start_uds_in_thread(service: SandboxService, path: str) -> RunningServer:
     No key: the socket is mode 0600 in the user's private runtime dir, so only its owner
     can connect.
     """
-    import contextlib
-    import os
+    from ..paths import listen_unix
 
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    sock.bind(tmp)
-    os.chmod(tmp, 0o600)
-    os.rename(tmp, path)  # appears only once it is private
-    sock.listen(1024)
-    sock.set_inheritable(False)
+    sock = listen_unix(path, 1024)  # appears only once it is private
     server = _server(service, None)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="ak-http-uds", daemon=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..paths import data_dir
+from ..paths import data_dir, listen_unix
 
 Accel = Literal["kvm", "tcg"]
 NetMode = Literal["none", "user"]
@@ -155,7 +155,7 @@ class Handles:
             h.fds["serial"] = serial
             os.fchown(serial, uid, uid)
             for name, path in {"agent": cfg.agent_socket, **(sockets or {})}.items():
-                h.fds[name] = _listen_unix(path)
+                h.fds[name] = listen_unix(path, 4).detach()
         except BaseException:
             h.close()
             raise
@@ -175,24 +175,6 @@ class Handles:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
-
-
-def _listen_unix(path: Path) -> int:
-    """A listening unix socket at `path` (ours: mode 0600), as a bare descriptor."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old)
-        sock.listen(4)
-        return sock.detach()
-    except BaseException:
-        sock.close()
-        raise
 
 
 def socket_chardev(name: str, path: Path, handles: Handles | None) -> str:
