@@ -1565,6 +1565,73 @@ static void do_bind(char *spec)
 		die("--bind %s:%s: %s", spec, dst, strerror(errno));
 }
 
+/* Attach a detached mount the host prepared (open_tree + an id-mapping) at TARGET:
+ * "FD:TARGET". Started by root, the sandbox's ids are an unprivileged host range; the
+ * host's files reach it through id-mapped mounts, so its root owns what host root owns
+ * there without being host root anywhere else. A missing TARGET is created. */
+#ifndef SYS_move_mount
+#define SYS_move_mount 429 /* the same number on every architecture */
+#endif
+#define AK_MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+static void do_attach(const char *spec)
+{
+	char *end;
+	long fd = strtol(spec, &end, 10);
+	if (end == spec || *end != ':' || fd < 3 || fd > INT_MAX || end[1] != '/')
+		die("--attach wants FD:/TARGET, got %s", spec);
+	const char *target = end + 1;
+	struct stat st;
+	if (access(target, F_OK) < 0) { /* a file the backend could not pre-create */
+		if (fstat((int)fd, &st) < 0)
+			die("--attach %s: %s", spec, strerror(errno));
+		int rc = S_ISDIR(st.st_mode) ? mkdir(target, 0755)
+					     : close(open(target, O_CREAT | O_WRONLY | O_CLOEXEC, 0644));
+		if (rc < 0)
+			die("--attach: create %s: %s", target, strerror(errno));
+	}
+	if (syscall(SYS_move_mount, (int)fd, "", AT_FDCWD, target, AK_MOVE_MOUNT_F_EMPTY_PATH) < 0)
+		die("--attach %s: %s", spec, strerror(errno));
+	close((int)fd);
+}
+
+/* What runc hides of /proc by default, and what it makes read-only: kernel memory and
+ * keys, timers and scheduler internals, and every global knob (sysctls, sysrq, irqs).
+ * The sandbox's root is not host root, so the kernel already refuses most writes; this
+ * is the second wall, the same on every backend. */
+static const char *const proc_masked[] = {
+	"/proc/kcore", "/proc/keys", "/proc/key-users", "/proc/timer_list", "/proc/sched_debug",
+	"/proc/latency_stats", "/proc/kallsyms", "/proc/kmsg", "/proc/acpi", "/proc/scsi",
+	"/proc/asound", "/proc/sysrq-trigger", "/proc/config.gz", "/proc/kpagecount",
+	"/proc/kpageflags", "/proc/kpagecgroup", "/proc/pagetypeinfo", "/proc/slabinfo",
+	"/proc/vmallocinfo", "/sys/firmware", "/sys/kernel/debug", "/sys/kernel/security",
+};
+static const char *const proc_readonly[] = {
+	"/proc/sys", "/proc/irq", "/proc/bus", "/proc/fs", "/proc/fb", "/proc/driver",
+	"/proc/tty/driver", "/proc/pressure", "/sys",
+};
+
+static void do_mask(const char *path);
+
+static void cover_proc(void)
+{
+	for (size_t i = 0; i < sizeof(proc_masked) / sizeof(proc_masked[0]); i++)
+		do_mask(proc_masked[i]);
+	for (size_t i = 0; i < sizeof(proc_readonly) / sizeof(proc_readonly[0]); i++) {
+		const char *path = proc_readonly[i];
+		struct stat st;
+		if (lstat(path, &st) < 0 || !S_ISDIR(st.st_mode))
+			continue;
+		if (mount(path, path, NULL, MS_BIND | MS_REC, NULL) < 0)
+			die("--cover-proc %s: %s", path, strerror(errno));
+		/* proc and sysfs mounted in a user namespace carry locked nosuid/nodev/noexec:
+		 * a remount must keep them. gVisor (2022) refuses read-only remounts of binds
+		 * (EINVAL); its /proc/sys is its own emulation, not the host's. */
+		if (mount(NULL, path, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV |
+			  MS_NOEXEC, NULL) < 0 && errno != EINVAL)
+			die("--cover-proc %s: %s", path, strerror(errno));
+	}
+}
+
 /* Hide a host path: an empty read-only tmpfs over a directory, /dev/null over anything
  * else. Runs after the overlays, so a path re-exposed through an overlay is masked too. */
 static void do_mask(const char *path)
@@ -1968,8 +2035,8 @@ static void vm_net(const char *spec)
 static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
-	    "  [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST].. [--mask PATH]..\n"
-	    "  [--mask-private DIR].. [--drop-caps] [--lock-listen-dir]\n"
+	    "  [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
+	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps] [--lock-listen-dir]\n"
 	    "  [--pids-max N] [--seccomp FILE]\n"
 	    "  [--insmod FILE[,FILE..]].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
 	    "  [--net lo|ADDR/PREFIX,GW] [--hostname NAME] [--poweroff] [--vsock-listen PORT]\n"
@@ -1987,11 +2054,12 @@ int main(int argc, char **argv)
 	char **insmods = calloc((size_t)argc, sizeof(char *));
 	char **disks = calloc((size_t)argc, sizeof(char *));
 	char **privs = calloc((size_t)argc, sizeof(char *));
-	int ninsmod = 0, ndisk = 0, npriv = 0, lock_listen_dir = 0;
+	char **attaches = calloc((size_t)argc, sizeof(char *));
+	int ninsmod = 0, ndisk = 0, npriv = 0, lock_listen_dir = 0, nattach = 0, proc_cover = 0;
 	const char *vm_root = NULL, *vm_rw = NULL, *vm_netspec = NULL, *hostname = NULL;
 	const char *vsock_port = NULL;
 
-	if (!overlays || !masks || !binds || !insmods || !disks || !privs)
+	if (!overlays || !masks || !binds || !insmods || !disks || !privs || !attaches)
 		die("out of memory");
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
@@ -2004,10 +2072,12 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--mount-basics")) m_proc = m_sys = m_dev = m_tmp = 1, takes = 0;
 		else if (!strcmp(a, "--drop-caps")) caps = 1, takes = 0;
 		else if (!strcmp(a, "--lock-listen-dir")) lock_listen_dir = 1, takes = 0;
+		else if (!strcmp(a, "--cover-proc")) proc_cover = 1, takes = 0;
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
 		else if (!strcmp(a, "--poweroff")) vm_poweroff = 1, takes = 0;
 		else if (!strcmp(a, "--reconnect")) vport_reconnect = 1, takes = 0;
 		else if (!val) usage();
+		else if (!strcmp(a, "--attach")) attaches[nattach++] = argv[i + 1];
 		else if (!strcmp(a, "--overlay")) overlays[nov++] = argv[i + 1];
 		else if (!strcmp(a, "--mask")) masks[nmask++] = argv[i + 1];
 		else if (!strcmp(a, "--bind")) binds[nbind++] = argv[i + 1];
@@ -2060,6 +2130,9 @@ int main(int argc, char **argv)
 	if (hostname && sethostname(hostname, strlen(hostname)) < 0)
 		die("sethostname: %s", strerror(errno));
 	if (m_tmp) do_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	for (int i = 0; i < nattach; i++)
+		do_attach(attaches[i]);
+	free(attaches);
 	for (int i = 0; i < nov; i++)
 		do_overlay(overlays[i]);
 	free(overlays);
@@ -2074,6 +2147,8 @@ int main(int argc, char **argv)
 	free(privs);
 	if (pids_max)
 		do_pids_max(pids_max);
+	if (proc_cover)
+		cover_proc();
 
 	/* The channel: every fd the agent keeps is close-on-exec and lives above 2. */
 	struct sockaddr_un sa;

@@ -97,3 +97,18 @@ def test_sandbox_works_for_an_unprivileged_user(public_dir: Path, profile: str) 
         else:
             assert out == "x\n", out  # the overlay (a user namespace's overlayfs) takes it
     assert not Path("/usr/ak-rootless").exists()  # the host's /usr is untouched
+
+
+@pytest.mark.parametrize("profile", ["restrictive", "moderate", "permissive"])
+def test_unprivileged_sandbox_changes_nothing_of_the_kernel(public_dir: Path, profile: str) -> None:
+    """The /proc and /sys attacks of tests/test_escape_identity.py, as nobody builds it."""
+    from test_escape_identity import ALLOWED, WRITABLE_SCAN
+
+    with sandbox_as_nobody(public_dir, profile) as client:
+        out, _code = sh(client, "cat /proc/sys/kernel/core_pattern > "
+                               "/proc/sys/kernel/core_pattern && echo WRITABLE; echo done")
+        assert "done" in out and "WRITABLE" not in out
+        stdout, stderr, status = client.exec(["python3", "-c", WRITABLE_SCAN]).wait(60)
+        assert status.shell_code == 0, stderr
+        bad = [p for p in stdout.decode().split() if not ALLOWED.match(p)]
+        assert not bad, f"writable from inside the sandbox: {bad[:20]}"

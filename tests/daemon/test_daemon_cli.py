@@ -264,9 +264,13 @@ def test_dead_sandbox_is_marked_stopped_by_a_new_daemon(daemon: Daemon) -> None:
         if entry.isdigit():
             try:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+                group = Path(f"/proc/{entry}/cgroup").read_text()
             except OSError:
                 continue
-            if cmd.startswith(b"/usr/bin/bwrap") and str(scratch).encode() in cmd:
+            # bwrap's command line names no host path when root starts it (fds instead):
+            # the sandbox's cgroup, named after it, tells which bwrap is this sandbox's.
+            if cmd.startswith(b"/usr/bin/bwrap") and (
+                    str(scratch).encode() in cmd or f"/{name}" in group):
                 os.kill(int(entry), signal.SIGKILL)
     time.sleep(0.3)
     rows = json.loads(daemon.ak("list", "--json").stdout)

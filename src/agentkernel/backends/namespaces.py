@@ -6,8 +6,10 @@ import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import BackendUnavailable, SandboxError
 from ..paths import which
@@ -27,6 +29,7 @@ from .base import (
 AGENT_DIR = "/run/ak"  # where the agent and its seccomp program appear inside
 OVERLAY_DIR = "/run/ak/ov"  # tmpfs-backed upper/work dirs of the copy-on-write layers
 WS_LOWER = "/run/ak/lower/workspace"
+RESOLV = "/run/ak/resolv.conf"  # bound over /etc/resolv.conf by the agent, after overlays
 
 
 @lru_cache(maxsize=1)
@@ -110,19 +113,22 @@ class NamespacesBackend(Backend):
             # runs, so slirp4netns exits with it whatever happens to us.
             life_r, life_w = lifeline() if p.network == "egress" else (-1, -1)
             control = control_dir(scratch) if spec.persistent else None
-            argv = build_bwrap_argv(bwrap, spec, str(agent), str(bpf),
-                                    resolv=str(resolv) if resolv else None, info_fd=info_w,
-                                    control=str(control) if control else None,
-                                    sync_fd=life_w)
             log = scratch / "backend.log"
+            opened: list[int] = []  # ours to close once bwrap has them
             try:
-                spawned = spawn_agent(
-                    argv, log=log, pass_fds=(info_w, life_w) if info_w >= 0 else (),
-                    preexec_fn=cgroup.join_fn() if cgroup else None,
-                )
+                argv, preexec = _command(
+                    bwrap, spec, str(agent), str(bpf), resolv=str(resolv) if resolv else None,
+                    info_fd=info_w, control=str(control) if control else None, sync_fd=life_w,
+                    join=cgroup.join_fn() if cgroup else None, opened=opened)
+                fds = [fd for fd in (info_w, life_w) if fd >= 0]
+                spawned = spawn_agent(argv, log=log, pass_fds=[*fds, *opened[1:]],
+                                      preexec_fn=preexec)
             finally:
-                close_fds(info_w, life_w)
-            client = open_channel(spawned, control)
+                close_fds(info_w, life_w, *opened)
+            try:
+                client = open_channel(spawned, control)
+            except SandboxError:
+                raise startup_failure("bwrap", log, spawned.process) from None
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
                               cgroup=cgroup)
@@ -138,6 +144,14 @@ class NamespacesBackend(Backend):
                 try:
                     sandbox.helpers.append(
                         start_slirp(child_pid, scratch / "slirp.log", exit_fd=life_r))
+                except SandboxError:
+                    # The sandbox's namespace vanished under slirp4netns when bwrap failed
+                    # first: its reason is the one to tell.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        spawned.process.wait(timeout=1)
+                    if spawned.process.returncode is not None:
+                        raise startup_failure("bwrap", log, spawned.process) from None
+                    raise
                 finally:
                     close_fds(life_r)
             try:
@@ -151,6 +165,62 @@ class NamespacesBackend(Backend):
             else:
                 abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
+
+
+def _command(
+    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
+    control: str | None, sync_fd: int, join: Callable[[], None] | None, opened: list[int],
+) -> tuple[list[str], Callable[[], None] | None]:
+    """bwrap's argv and the function to run before it, as root or as an ordinary user.
+
+    Started by root, bwrap runs as root of the sandbox's own user namespace, which maps
+    to an unprivileged host range: never host root. `opened` gets the fds to pass (the
+    first, the namespace itself, is only for the preexec function).
+    """
+    if os.geteuid() != 0:
+        return build_bwrap_argv(bwrap, spec, agent, bpf, resolv=resolv, info_fd=info_fd,
+                                control=control, sync_fd=sync_fd), join
+    from ..idmap import enter_fn, host_range, new_userns
+
+    userns = new_userns(host_range())
+    opened.append(userns)
+    attached = _attach_fds(host_binds(spec, control, resolv), userns, opened)
+    argv = build_bwrap_argv(bwrap, spec, _file_fd(agent, opened), _file_fd(bpf, opened),
+                            resolv=resolv, info_fd=info_fd, control=control, sync_fd=sync_fd,
+                            attached=attached)
+    return argv, enter_fn(userns, join)
+
+
+def _attach_fds(binds: list[HostBind], userns: int, opened: list[int]) -> dict[str, Attach]:
+    """Each host dir as an id-mapped mount for the agent to attach; a file, or a dir on a
+    filesystem that cannot be id-mapped, as a plain fd bwrap binds (its files then show as
+    owned by nobody: readable where the host lets everyone read them, no more)."""
+    from ..idmap import idmapped_tree
+
+    out: dict[str, Attach] = {}
+    for b in binds:
+        if os.path.exists(b.src):
+            try:
+                fd = idmapped_tree(b.src, userns, read_only=b.read_only)
+            except OSError:
+                pass
+            else:
+                opened.append(fd)
+                out[b.target] = Attach(fd, True)
+                continue
+        out[b.target] = Attach(_file_fd(b.src, opened, os.O_PATH), False)
+    return out
+
+
+def _file_fd(path: str, opened: list[int], flags: int = os.O_RDONLY) -> int:
+    """An fd of a host path, opened as host root: bwrap, inside the sandbox's user
+    namespace, could not walk to root-only places by name."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxError(f"cannot open {path} for the sandbox: {exc.strerror}") from None
+    opened.append(fd)
+    return fd
 
 
 def _read_child_pid(fd: int) -> int | None:
@@ -171,16 +241,73 @@ def _read_child_pid(fd: int) -> int | None:
     return int(pid)
 
 
+class HostBind(NamedTuple):
+    """A host dir (or file) the sandbox gets at `target`."""
+
+    src: str
+    target: str
+    read_only: bool
+
+
+def host_binds(
+    spec: SandboxSpec, control: str | None = None, resolv: str | None = None
+) -> list[HostBind]:
+    """Every host path bound into the sandbox, in mount order (the rootfs's binds, the
+    persistent layers, the project, $HOME, the control dir, resolv.conf). Pure."""
+    p = spec.profile
+    binds = [HostBind(e.src, e.path, True) for e in spec.rootfs.entries if e.kind != "symlink"]
+    keep = persistent_dirs(spec)
+    tops = {e.path for e in spec.rootfs.entries}
+    if keep is not None:
+        binds.append(HostBind(str(keep / "dirs" / "tmp"), "/tmp", False))
+        if p.root_writable:
+            binds += [HostBind(str(keep / "dirs" / path.strip("/").replace("/", "_")), path,
+                               False)
+                      for path in HOME_DIRS if "/" + path.split("/")[1] not in tops]
+        # The overlays' upper/work dirs live on the host's disk, not on /run's tmpfs.
+        binds.append(HostBind(str(keep / "layers"), OVERLAY_DIR, False))
+    if spec.workspace is not None and p.workspace != "none":
+        target = WS_LOWER if p.workspace == "cow" else "/workspace"
+        binds.append(HostBind(str(spec.workspace), target, p.workspace != "rw"))
+    if p.mount_home and spec.home is not None:
+        binds.append(HostBind(str(spec.home), "/home/user", True))
+    if control is not None:
+        binds.append(HostBind(control, f"{AGENT_DIR}/ctl", False))
+    if resolv is not None:
+        binds.append(HostBind(resolv, RESOLV, True))
+    return binds
+
+
+class Attach(NamedTuple):
+    """How a root-started sandbox gets one host path: an fd, id-mapped or plain."""
+
+    fd: int
+    idmapped: bool
+
+
+HOME_DIRS = ("/root", "/home", "/var/tmp")  # empty dirs, or a persistent sandbox's own
+
+
 def build_bwrap_argv(
-    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
-    control: str | None = None, sync_fd: int = -1,
+    bwrap: str, spec: SandboxSpec, agent: str | int, bpf: str | int, *,
+    resolv: str | None, info_fd: int, control: str | None = None, sync_fd: int = -1,
+    attached: Mapping[str, Attach] | None = None,
 ) -> list[str]:
-    """The full bwrap command line for `spec`. Pure: no I/O, easy to inspect in tests."""
+    """The full bwrap command line for `spec`. Pure: no I/O, easy to inspect in tests.
+
+    `attached` is for a sandbox started by root: bwrap then runs inside the sandbox's own
+    user namespace (see idmap), every host path comes as an id-mapped mount the agent
+    attaches (target -> fd), and the agent and its seccomp program as copies of fds we
+    opened (`agent`, `bpf` are then fd numbers). Otherwise bwrap maps the caller to uid 0
+    of a new user namespace and binds host paths itself.
+    """
     p = spec.profile
     cow_root = p.root_writable
-    argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--new-session", "--as-pid-1",
-            "--uid", "0", "--gid", "0", "--hostname", spec.hostname]
+    argv = [bwrap]
+    if attached is None:
+        argv += ["--unshare-user", "--uid", "0", "--gid", "0"]
+    argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+             "--new-session", "--as-pid-1", "--hostname", spec.hostname]
     if p.network != "host":
         argv.append("--unshare-net")
     if not spec.persistent:
@@ -189,37 +316,50 @@ def build_bwrap_argv(
         argv += ["--info-fd", str(info_fd)]
     if sync_fd >= 0:
         argv += ["--sync-fd", str(sync_fd)]
-    tops = {e.path for e in spec.rootfs.entries}
+    agent_argv = [f"{AGENT_DIR}/agent"]
+    binds = {b.target: b for b in host_binds(spec, control, resolv)}
+
+    def bind(target: str) -> None:
+        b = binds[target]
+        if attached is not None and attached[target].idmapped:
+            if os.path.isdir(b.src):
+                argv.extend(("--dir", target))
+            agent_argv.extend(("--attach", f"{attached[target].fd}:{target}"))
+        elif attached is not None:
+            flag = "--ro-bind-fd" if b.read_only else "--bind-fd"
+            argv.extend((flag, str(attached[target].fd), target))
+        else:
+            argv.extend(("--ro-bind" if b.read_only else "--bind", b.src, target))
+
     for entry in spec.rootfs.entries:
         if entry.kind == "symlink":
             argv += ["--symlink", entry.target, entry.path]
         else:
-            argv += ["--ro-bind", entry.src, entry.path]
-    keep = persistent_dirs(spec)
-    # A persistent sandbox keeps /tmp on disk too: it survives stop/start and snapshots.
-    tmp = ["--bind", str(keep / "dirs" / "tmp"), "/tmp"] if keep else ["--tmpfs", "/tmp"]
-    argv += ["--proc", "/proc", "--dev", "/dev", *tmp, "--tmpfs", "/run"]
-    for path in ("/root", "/home", "/var/tmp"):
-        if "/" + path.split("/")[1] not in tops:  # the image brings its own
-            if keep is not None and cow_root:
-                argv += ["--bind", str(keep / "dirs" / path.strip("/").replace("/", "_")), path]
-            else:
-                argv += ["--dir", path]
-    if keep is not None:
-        # The overlays' upper/work dirs live on the host's disk, not on /run's tmpfs.
-        argv += ["--bind", str(keep / "layers"), OVERLAY_DIR]
-    argv += ["--ro-bind", agent, f"{AGENT_DIR}/agent", "--ro-bind", bpf, f"{AGENT_DIR}/seccomp.bpf"]
-    if spec.workspace is not None and p.workspace != "none":
-        ws = str(spec.workspace)
-        if p.workspace == "rw":
-            argv += ["--bind", ws, "/workspace"]
-        elif p.workspace == "ro":
-            argv += ["--ro-bind", ws, "/workspace"]
+            bind(entry.path)
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--tmpfs", "/tmp"] if "/tmp" not in binds else []
+    if "/tmp" in binds:
+        bind("/tmp")  # a persistent sandbox keeps /tmp on disk: stop/start, snapshots
+    argv += ["--tmpfs", "/run"]
+    tops = {e.path for e in spec.rootfs.entries}
+    for path in HOME_DIRS:
+        if "/" + path.split("/")[1] in tops:  # the image brings its own
+            continue
+        if path in binds:
+            bind(path)
         else:
-            argv += ["--ro-bind", ws, WS_LOWER, "--dir", "/workspace"]
-    if p.mount_home and spec.home is not None:
-        argv += ["--ro-bind", str(spec.home), "/home/user"]
-    agent_argv = [f"{AGENT_DIR}/agent"]
+            argv += ["--dir", path]
+    if OVERLAY_DIR in binds:
+        bind(OVERLAY_DIR)
+    argv += _file_bind(agent, f"{AGENT_DIR}/agent") + _file_bind(bpf, f"{AGENT_DIR}/seccomp.bpf")
+    if spec.workspace is not None and p.workspace != "none":
+        if p.workspace == "cow":
+            bind(WS_LOWER)
+            argv += ["--dir", "/workspace"]
+        else:
+            bind("/workspace")
+    if "/home/user" in binds:
+        bind("/home/user")
     # Overlays and masks need CAP_SYS_ADMIN in the sandbox's user namespace; the agent
     # does them, then drops every capability before it serves anything.
     if cow_root:
@@ -228,14 +368,15 @@ def build_bwrap_argv(
                 agent_argv += ["--overlay", _overlay(entry.path, entry.path)]
     if spec.workspace is not None and p.workspace == "cow":
         agent_argv += ["--overlay", _overlay("/workspace", WS_LOWER)]
-    if resolv:
+    if resolv is not None:
         # After the overlays, or the one over /etc would hide it.
-        argv += ["--ro-bind", resolv, f"{AGENT_DIR}/resolv.conf"]
-        agent_argv += ["--bind", f"{AGENT_DIR}/resolv.conf:/etc/resolv.conf"]
+        bind(RESOLV)
+        agent_argv += ["--bind", f"{RESOLV}:/etc/resolv.conf"]
     for mask in spec.rootfs.masks:
         agent_argv += ["--mask", mask.path]
     for private in spec.rootfs.private_dirs:
         agent_argv += ["--mask-private", private]
+    agent_argv.append("--cover-proc")
     # Run unprivileged, bwrap leaves only what is asked for: CAP_DAC_OVERRIDE lets
     # overlayfs set up over host dirs whose owner is unmapped here, CAP_SETPCAP lets the
     # agent empty the bounding set. All are the sandbox user namespace's, and all go
@@ -246,10 +387,19 @@ def build_bwrap_argv(
         argv += ["--remount-ro", "/"]
     agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
     if control is not None:
-        argv += ["--bind", control, f"{AGENT_DIR}/ctl"]
+        bind(f"{AGENT_DIR}/ctl")
         agent_argv += ["--listen", f"{AGENT_DIR}/ctl/agent.sock", "--lock-listen-dir"]
     argv += ["--chdir", "/", "--", *agent_argv]
     return argv
+
+
+def _file_bind(src: str | int, target: str) -> list[str]:
+    """A read-only host file at `target`: a bind of its path, or a copy of what an fd we
+    opened holds (bwrap turns a path fd back into a path it could not walk to as the
+    sandbox's root; these files are small)."""
+    if isinstance(src, int):
+        return ["--perms", "0555", "--ro-bind-data", str(src), target]
+    return ["--ro-bind", src, target]
 
 
 PERSISTENT_SUBDIRS = ("layers", "dirs/root", "dirs/home", "dirs/var_tmp", "dirs/tmp")

@@ -1,0 +1,181 @@
+"""Never host root: the unprivileged host id range root-started sandboxes run in, and the
+id-mapped mounts that let them use host files as if they were root.
+
+Started by root, a sandbox's user namespace maps its ids 0..65535 to a range of host ids
+nobody owns (`host_range`). Every kernel check that looks at the host uid alone (global
+sysctls, SO_PEERCRED, files outside the sandbox) then sees an ordinary user. The host
+dirs a sandbox is given (its root filesystem, the project, its persistent layers) reach
+it as id-mapped mounts (`idmapped_tree`): on those mounts, and only there, files owned
+by host uid 0 show up as owned by the sandbox's uid 0, and what the sandbox creates lands
+as uid 0 on disk, exactly as before.
+
+The syscalls (open_tree, mount_setattr, setns) have no wrapper in Python's os module:
+they are called through ctypes, loaded only by the backends that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from typing import NamedTuple
+
+from .errors import SandboxError
+from .paths import which
+
+# Linux's generic syscall numbers (the same on x86_64 and aarch64 since 5.2).
+_SYS_OPEN_TREE = 428
+_SYS_MOUNT_SETATTR = 442
+_OPEN_TREE_CLONE = 1
+_OPEN_TREE_CLOEXEC = 0o2000000
+_AT_RECURSIVE = 0x8000
+_AT_EMPTY_PATH = 0x1000
+_MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
+_MOUNT_ATTR_IDMAP = 0x100000
+_CLONE_NEWUSER = 0x10000000
+
+SUBID_NAME = "agentkernel"  # the /etc/subuid and /etc/subgid entry that sets the range
+# Without such an entry: 65536 ids at 0x6f000000, inside the block systemd leaves to
+# container ranges (0x80000..0x6fffffff), far above any account a system creates.
+DEFAULT_BASE = 0x6F000000
+RANGE_SIZE = 65536
+
+
+class HostRange(NamedTuple):
+    """Host ids that sandbox ids 0..size-1 map to, for users and for groups."""
+
+    uid: int
+    gid: int
+    size: int
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _subid_start(path: str) -> tuple[int, int] | None:
+    """The `agentkernel:START:COUNT` line of /etc/subuid or /etc/subgid, if there is one."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, rest = line.strip().partition(":")
+                start, _, count = rest.partition(":")
+                if name == SUBID_NAME and start.isdigit() and count.isdigit():
+                    return int(start), int(count)
+    except OSError:
+        pass
+    return None
+
+
+@lru_cache(maxsize=1)
+def host_range() -> HostRange:
+    """The host ids root-started sandboxes use: /etc/subuid's and /etc/subgid's
+    `agentkernel` entries, or 65536 ids at DEFAULT_BASE. Never an id below 65536."""
+    uids = _subid_start("/etc/subuid") or (DEFAULT_BASE, RANGE_SIZE)
+    gids = _subid_start("/etc/subgid") or (DEFAULT_BASE, RANGE_SIZE)
+    count = min(uids[1], gids[1], RANGE_SIZE)
+    if min(uids[0], gids[0]) < RANGE_SIZE or count < 1:
+        raise SandboxError(f"the {SUBID_NAME!r} entries of /etc/subuid and /etc/subgid must "
+                           f"start at or above {RANGE_SIZE}")
+    return HostRange(uids[0], gids[0], count)
+
+
+def new_userns(rng: HostRange) -> int:
+    """A user namespace mapping ids 0..size-1 to `rng`, as an fd (O_CLOEXEC).
+
+    A short-lived `unshare --user` child creates it; we write its maps as host root and
+    keep the namespace by its fd. The sandbox enters it (`enter_fn`) and its id-mapped
+    mounts use it, so both agree on who owns what.
+    """
+    unshare = which("unshare")
+    if unshare is None:
+        raise SandboxError("starting sandboxes as root needs unshare (util-linux)")
+    child = subprocess.Popen([unshare, "--user", "--", "cat"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        own = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{child.pid}/ns/user") == own:
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise SandboxError("could not create a user namespace for the sandbox")
+            time.sleep(0.0005)
+        for kind, start in (("uid", rng.uid), ("gid", rng.gid)):
+            with open(f"/proc/{child.pid}/{kind}_map", "w") as f:
+                f.write(f"0 {start} {rng.size}\n")
+        return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxError(f"could not map the sandbox's ids: {exc}") from None
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        child.kill()
+        child.wait()
+
+
+def idmapped_tree(path: str, userns_fd: int, *, read_only: bool) -> int:
+    """A detached, id-mapped copy of the mount tree at `path` (an fd for the agent's
+    `--attach`): host id N shows as sandbox id N, for the namespace `userns_fd`.
+
+    The whole tree below `path` is included when every filesystem in it can be id-mapped;
+    otherwise only `path`'s own mount (what lies on other filesystems is left out, never
+    shown with host ids). Raises OSError when `path`'s filesystem cannot be id-mapped.
+    """
+    libc = _libc()
+    flags = _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+    if read_only:
+        flags |= _MOUNT_ATTR_RDONLY
+    attr = _MountAttr(flags, 0, 0, userns_fd)
+    last = 0
+    for recursive in (_AT_RECURSIVE, 0):
+        fd = libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(path),
+                          _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | recursive)
+        if fd < 0:
+            last = ctypes.get_errno()
+            break
+        if libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH | recursive,
+                        ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
+            return int(fd)
+        last = ctypes.get_errno()
+        os.close(fd)
+    raise OSError(last, f"cannot id-map {path}: {os.strerror(last)}")
+
+
+def enter_fn(
+    userns_fd: int, before: Callable[[], None] | None = None
+) -> Callable[[], None]:
+    """A preexec function: run `before` (e.g. joining a cgroup, as host root), then enter
+    the sandbox's user namespace as its uid and gid 0 with no supplementary groups. The
+    program exec'd next (bwrap) is root only there."""
+    libc = _libc()
+
+    def enter() -> None:
+        if before is not None:
+            before()
+        if libc.setns(userns_fd, _CLONE_NEWUSER) != 0:
+            raise OSError(ctypes.get_errno(), "setns(user)")
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+
+    return enter
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()

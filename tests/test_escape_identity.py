@@ -1,0 +1,184 @@
+"""Who a sandbox is on the host, and what of the host's kernel it can change: attacks on
+the "never host root" promise and on /proc and /sys, every profile, run as root (as the
+README's quick start does) and as an ordinary user."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox_helpers import ak
+
+ALL = ["permissive", "moderate", "restrictive"]
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the promise is about root's sandboxes")
+
+
+def inside(backend: str, profile: str, cwd: Path, *cmd: str) -> tuple[int, str, str]:
+    r = ak("run", "-q", "-B", backend, "-p", profile, "-i", "host", "--", *cmd, cwd=cwd)
+    return r.returncode, r.stdout, r.stderr
+
+
+# --- identity ------------------------------------------------------------------------
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("profile", ALL)
+def test_uid_0_inside_is_not_uid_0_outside(profile: str, project: Path) -> None:
+    """The review's S1: bwrap mapped the sandbox's root to host root (`0 0 1`)."""
+    code, out, err = inside("namespaces", profile, project, "cat", "/proc/self/uid_map",
+                            "/proc/self/gid_map")
+    assert code == 0, err
+    for line in out.splitlines():
+        inner, outer, count = (int(x) for x in line.split())
+        # No sandbox id lands on a host id below 65536 (root, system and user accounts).
+        assert outer >= 65536, line
+        assert inner == 0 and count >= 1
+
+
+def _host_processes(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+    return pids
+
+
+@contextlib.contextmanager
+def running(
+    backend: str, profile: str, cwd: Path, seconds: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "run", "-q", "-B", backend, "-p", profile, "-i",
+         "host", "--", "sleep", seconds], cwd=cwd, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("profile", ALL)
+def test_sandboxed_process_is_an_unprivileged_host_user(profile: str, project: Path) -> None:
+    """Seen from the host, the command's real, effective, saved and file-system uids and
+    gids are all outside the host's own accounts."""
+    seconds = f"77.{secrets.randbelow(10**6):06d}"
+    with running("namespaces", profile, project, seconds):
+        deadline = time.monotonic() + 60
+        pids: list[int] = []
+        while not pids and time.monotonic() < deadline:
+            pids = [p for p in _host_processes(seconds)
+                    if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep")]
+            time.sleep(0.05)
+        assert pids, "the sandboxed command never showed up"
+        status = Path(f"/proc/{pids[0]}/status").read_text()
+        for key in ("Uid", "Gid"):
+            ids = [int(x) for x in re.search(rf"^{key}:\s+(.*)$", status, re.M)[1].split()]
+            assert min(ids) >= 65536, (key, ids)
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_global_sysctl_is_not_writable(backend: str, profile: str, project: Path) -> None:
+    """The review's S1 probe: core_pattern is run by the host kernel as host root."""
+    _code, out, err = inside(backend, profile, project, "sh", "-c",
+                            "cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern "
+                            "&& echo WRITABLE; echo done")
+    assert "done" in out, err
+    assert "WRITABLE" not in out
+
+
+@ROOT_ONLY
+def test_permissive_project_files_keep_their_owners(project: Path) -> None:
+    """Id-mapped mounts: the sandbox's root owns what host root owns in the project, and
+    what it writes there belongs to host root, as it did before the remapping."""
+    secret = project / "private.txt"
+    secret.write_text("mine\n")
+    secret.chmod(0o600)
+    code, out, err = inside(
+        "namespaces", "permissive", project, "sh", "-c",
+        "cat /workspace/private.txt && echo new > /workspace/new.txt && "
+        "stat -c '%u %g' /workspace/new.txt")
+    assert code == 0, err
+    assert out.split("\n")[:2] == ["mine", "0 0"]
+    new = project / "new.txt"
+    assert (new.stat().st_uid, new.stat().st_gid) == (0, 0)
+
+
+# --- /proc and /sys ------------------------------------------------------------------
+
+# Opened for writing (and closed unwritten) by the sandbox's root: everything that opens
+# must be a file about the sandbox's own processes. /proc/sys, sysrq-trigger and the
+# rest of the kernel's global knobs never are.
+WRITABLE_SCAN = r"""
+import os, stat, sys
+found = []
+null = os.stat("/dev/null").st_rdev
+def probe(path):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return
+    st = os.fstat(fd)
+    os.close(fd)
+    if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == null):  # masked: /dev/null over it
+        found.append(path)
+for top in ("/proc", "/sys"):
+    for root, dirs, files in os.walk(top):
+        parts = root.split("/")
+        # Other processes' entries repeat /proc/self's: the first pid's are enough.
+        if len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != "1":
+            dirs[:] = []
+            continue
+        if "/task/" in root + "/" and not root.endswith("/task"):
+            dirs[:] = []
+            continue
+        for name in files:
+            probe(os.path.join(root, name))
+        if len(found) > 2000:
+            break
+print("\n".join(found))
+"""
+
+# gVisor's sysctls are its own emulation (per-sandbox netstack, its own ptrace rules), not
+# the host kernel's; this runsc refuses read-only remounts of binds.
+GVISOR_OWN = re.compile(r"^/proc/sys/(net/ipv4/(tcp_[rw]mem|tcp_sack|tcp_recovery|"
+                        r"ip_local_port_range)|kernel/yama/ptrace_scope)$")
+# Writable paths a sandbox may have: its own processes' files (pid 1 stands for all).
+ALLOWED = re.compile(
+    r"^/proc/(1|self|thread-self)/"
+    r"(attr/.*|autogroup|clear_refs|comm|coredump_filter|fail-nth|gid_map|loginuid|"
+    r"make-it-fail|mem|oom_adj|oom_score_adj|projid_map|sched|seccomp_cache|sessionid|"
+    r"setgroups|timens_offsets|timerslack_ns|uid_map|fd/\d+|task|timers|ksm_.*)$"
+    r"|^/proc/self$|^/proc/thread-self$"
+)
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_only_own_process_files_are_writable(backend: str, profile: str, project: Path) -> None:
+    code, out, err = inside(backend, profile, project, "python3", "-c", WRITABLE_SCAN)
+    assert code == 0, err
+    bad = [p for p in out.split() if not ALLOWED.match(p)
+           and not (backend == "gvisor" and GVISOR_OWN.match(p))]
+    assert not bad, f"writable from inside the sandbox: {bad[:20]}"
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_kernel_secrets_in_proc_are_hidden(backend: str, profile: str, project: Path) -> None:
+    _code, out, err = inside(backend, profile, project, "sh", "-c",
+                            "for f in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug "
+                            "/proc/kallsyms; do n=$(head -c 64 $f 2>/dev/null | wc -c); "
+                            "[ \"$n\" -gt 0 ] && echo READ $f; done; echo done")
+    assert "done" in out, err
+    assert "READ" not in out, out
