@@ -11,7 +11,6 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,49 +43,73 @@ def test_uid_0_inside_is_not_uid_0_outside(profile: str, project: Path) -> None:
         assert inner == 0 and count >= 1
 
 
-def _host_processes(marker: str) -> list[int]:
-    pids = []
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError):
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    pids.append(int(entry))
-    return pids
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                tree.setdefault(ppid, []).append(int(entry))
+    return tree
 
 
-@contextlib.contextmanager
-def running(
-    backend: str, profile: str, cwd: Path, seconds: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "-q", "-B", backend, "-p", profile, "-i",
-         "host", "--", "sleep", seconds], cwd=cwd, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
+def _descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _ids(pid: int) -> dict[str, list[int]]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {key: [int(x) for x in m[1].split()]
+            for key in ("Uid", "Gid") if (m := re.search(rf"^{key}:\s+(.*)$", status, re.M))}
+
+
+# Host-side helpers of the network that run as the caller, outside the sandbox: the
+# namespace holder and slirp4netns (which drops its capabilities and filters syscalls).
+NETWORK_HELPERS = {"slirp4netns", "unshare", "cat"}
 
 
 @ROOT_ONLY
 @pytest.mark.parametrize("profile", ALL)
-def test_sandboxed_process_is_an_unprivileged_host_user(profile: str, project: Path) -> None:
-    """Seen from the host, the command's real, effective, saved and file-system uids and
-    gids are all outside the host's own accounts."""
+def test_sandbox_processes_are_unprivileged_host_users(
+    backend: str, profile: str, project: Path
+) -> None:
+    """Seen from the host, every process of the sandbox (bwrap, the agent and the command;
+    runsc, its gofer and its sentry) has real, effective, saved and file-system uids and
+    gids outside the host's own accounts."""
     seconds = f"77.{secrets.randbelow(10**6):06d}"
-    with running("namespaces", profile, project, seconds):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "run", "-q", "-B", backend, "-p", profile, "-i",
+         "host", "--", "sleep", seconds], cwd=project, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
         deadline = time.monotonic() + 60
-        pids: list[int] = []
-        while not pids and time.monotonic() < deadline:
-            pids = [p for p in _host_processes(seconds)
-                    if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"sleep")]
+        found: dict[int, str] = {}
+        # The command shows up on the host on namespaces; under gVisor the sentry runs it.
+        last = b"runsc-sandbox" if backend == "gvisor" else b"sleep"
+        while time.monotonic() < deadline:
+            found, argv0s = {}, []
+            for pid in _descendants(proc.pid):
+                with contextlib.suppress(OSError):
+                    found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+                    argv0s.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0])
+            if last in argv0s:
+                break
             time.sleep(0.05)
-        assert pids, "the sandboxed command never showed up"
-        status = Path(f"/proc/{pids[0]}/status").read_text()
-        for key in ("Uid", "Gid"):
-            ids = [int(x) for x in re.search(rf"^{key}:\s+(.*)$", status, re.M)[1].split()]
-            assert min(ids) >= 65536, (key, ids)
+        sandbox = {pid: comm for pid, comm in found.items() if comm not in NETWORK_HELPERS}
+        assert sandbox, "the sandbox never showed up"
+        for pid, comm in sandbox.items():
+            with contextlib.suppress(OSError):
+                for key, ids in _ids(pid).items():
+                    assert min(ids) >= 65536, (comm, key, ids)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("profile", ALL)

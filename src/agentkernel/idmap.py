@@ -127,16 +127,18 @@ def new_userns(rng: HostRange) -> int:
         child.wait()
 
 
-def idmapped_tree(path: str, userns_fd: int, *, read_only: bool) -> int:
+def idmapped_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool = False) -> int:
     """A detached, id-mapped copy of the mount tree at `path` (an fd for the agent's
     `--attach`): host id N shows as sandbox id N, for the namespace `userns_fd`.
 
     The whole tree below `path` is included when every filesystem in it can be id-mapped;
     otherwise only `path`'s own mount (what lies on other filesystems is left out, never
     shown with host ids). Raises OSError when `path`'s filesystem cannot be id-mapped.
+    Also nosuid and nodev, unless `plain`: a runtime that remounts what it is given
+    (runsc) cannot clear flags set here (they are locked for its user namespace).
     """
     libc = _libc()
-    flags = _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+    flags = _MOUNT_ATTR_IDMAP | (0 if plain else _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV)
     if read_only:
         flags |= _MOUNT_ATTR_RDONLY
     attr = _MountAttr(flags, 0, 0, userns_fd)
@@ -180,3 +182,92 @@ def close_all(fds: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     fds.clear()
+
+
+# Where a root-started runsc finds the host paths it is given: in a mount namespace of
+# its own, a tmpfs here holds id-mapped copies of them (root-owned, world-traversable, so
+# the sandbox's root can walk to it; nothing is ever mounted here in the host's view).
+STAGE_DIR = "/run/agentkernel-stage"
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWNET = 0x40000000
+_MS_REC = 0x4000
+_MS_SLAVE = 0x80000
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_SYS_MOVE_MOUNT = 429
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+class Staged(NamedTuple):
+    """Host paths as a runtime inside the sandbox's user namespace will see them."""
+
+    paths: dict[str, str]  # host path -> staged path
+    fds: list[tuple[int, str, bool]]  # (id-mapped mount fd, staged path, is a dir)
+
+    def translate(self, path: str) -> str:
+        """Where the runtime finds host `path` (which lies in one of the staged trees)."""
+        for src, dst in self.paths.items():
+            if path == src or path.startswith(src.rstrip("/") + "/"):
+                return dst + path[len(src):]
+        raise SandboxError(f"{path} was not given to the sandbox's runtime")
+
+
+def stage(sources: list[tuple[str, bool]], userns_fd: int, opened: list[int]) -> Staged:
+    """Id-mapped mounts of `sources` ((host path, read-only) pairs; dirs or files) for
+    `stage_fn` to attach under STAGE_DIR. The fds are appended to `opened` (the caller
+    closes them once the runtime is started)."""
+    st = os.lstat(STAGE_DIR) if os.path.lexists(STAGE_DIR) else None
+    if st is None:
+        os.mkdir(STAGE_DIR, 0o711)
+        st = os.lstat(STAGE_DIR)
+    import stat as stat_mod
+
+    if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise SandboxError(f"{STAGE_DIR} is not a directory only root can change")
+    paths: dict[str, str] = {}
+    fds: list[tuple[int, str, bool]] = []
+    for i, (src, read_only) in enumerate(sources):
+        if src in paths:
+            continue
+        try:
+            fd = idmapped_tree(src, userns_fd, read_only=read_only, plain=True)
+        except OSError as exc:
+            raise SandboxError(f"cannot give {src} to the sandbox: {exc.strerror}") from None
+        opened.append(fd)
+        paths[src] = f"{STAGE_DIR}/{i}"
+        fds.append((fd, paths[src], os.path.isdir(src)))
+    return Staged(paths, fds)
+
+
+def stage_fn(staged: Staged, userns_fd: int, before: Callable[[], None] | None = None,
+             netns_fd: int = -1) -> Callable[[], None]:
+    """A preexec function: `before` (as host root), the network namespace `netns_fd` if
+    given, then a mount namespace of our own with the staged mounts attached, then the
+    sandbox's user namespace as its root (enter_fn)."""
+    libc = _libc()
+    enter = enter_fn(userns_fd)
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), what)
+
+    def setup() -> None:
+        if before is not None:
+            before()
+        if netns_fd >= 0:
+            check(libc.setns(netns_fd, _CLONE_NEWNET), "setns(net)")
+        check(libc.unshare(_CLONE_NEWNS), "unshare(mount)")
+        # Slave: the host's later unmounts still reach us, nothing of ours reaches it.
+        check(libc.mount(b"none", b"/", None, _MS_REC | _MS_SLAVE, None), "mount --make-rslave")
+        check(libc.mount(b"tmpfs", STAGE_DIR.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                         b"mode=0711"), "stage tmpfs")
+        for fd, path, is_dir in staged.fds:
+            if is_dir:
+                os.mkdir(path, 0o755)
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+            check(libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, os.fsencode(path),
+                               _MOVE_MOUNT_F_EMPTY_PATH), f"attach {path}")
+        enter()
+
+    return setup

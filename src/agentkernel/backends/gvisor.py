@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import BackendUnavailable, SandboxError
 from ..paths import which
@@ -22,6 +23,9 @@ from .base import (
     spawn_agent,
     startup_failure,
 )
+
+if TYPE_CHECKING:
+    from ..idmap import Staged
 
 AGENT_PATH = "/.ak/agent"
 SECCOMP_PATH = "/.ak/seccomp.bpf"
@@ -86,7 +90,8 @@ class GVisorBackend(Backend):
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         from ..cgroups import Cgroup, Limits
-        from ..network import egress_netns, enter_netns, write_resolv_conf
+        from ..idmap import stage_fn
+        from ..network import egress_netns, empty_netns_prefix, enter_netns, write_resolv_conf
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -106,6 +111,7 @@ class GVisorBackend(Backend):
             control = control_dir(scratch) if spec.persistent else None
             prefix: list[str] = []
             life_w = -1
+            holder = None
             if p.network == "egress":
                 # `runsc run` holds the lifeline's write end while the sandbox lives.
                 holder, life_w = egress_netns(scratch / "slirp.log", helpers)
@@ -115,6 +121,8 @@ class GVisorBackend(Backend):
                                       bpf=str(compile_bpf(p.seccomp)),
                                       control=str(control) if control else None,
                                       workspace_copy=str(copy) if copy else None)
+            opened: list[int] = []
+            remap = _remap(config, scratch, opened, holder) if os.geteuid() == 0 else None
             _write_bundle(bundle, config)
             # The cgroup holds the sentry and gofer too: under the ptrace platform a sandboxed
             # task costs several host tasks (stub process, tracer and goroutine threads), plus
@@ -123,13 +131,25 @@ class GVisorBackend(Backend):
             cgroup = Cgroup.create(spec.name, Limits(
                 memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
                 pids=10 * p.pids + GVISOR_TASK_OVERHEAD if p.pids else None, cpus=p.cpus))
-            argv = prefix + build_runsc_argv(runsc, spec, scratch, bundle)
+            join = cgroup.join_fn() if cgroup else None
+            preexec: Callable[[], None] | None = join
             log = scratch / "backend.log"
             try:
+                if remap is not None:
+                    # Started by root: runsc runs as root of the sandbox's own user namespace
+                    # (an unprivileged host range), the host paths it needs id-mapped into a
+                    # mount namespace of its own; its network namespace entered beforehand.
+                    argv = build_runsc_argv(runsc, spec, Path(remap.translate(str(scratch))),
+                                            Path(remap.translate(str(bundle))))
+                    if p.network == "none":
+                        argv = [*empty_netns_prefix(), *argv]
+                    preexec = stage_fn(remap.staged, remap.userns, join, remap.netns)
+                else:
+                    argv = prefix + build_runsc_argv(runsc, spec, scratch, bundle)
                 spawned = spawn_agent(argv, log=log, pass_fds=(life_w,) if life_w >= 0 else (),
-                                      preexec_fn=cgroup.join_fn() if cgroup else None)
+                                      preexec_fn=preexec)
             finally:
-                close_fds(life_w)
+                close_fds(life_w, *opened)
             client = open_channel(spawned, control)
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
@@ -148,6 +168,39 @@ class GVisorBackend(Backend):
             else:
                 abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
+
+
+class _Remap(NamedTuple):
+    """How a root-started runsc is confined: its user namespace, its view of our paths."""
+
+    userns: int
+    staged: Staged
+    netns: int  # the egress namespace to join, or -1
+
+    def translate(self, path: str) -> str:
+        return self.staged.translate(path)
+
+
+def _remap(
+    config: dict[str, Any], scratch: Path, opened: list[int], holder: int | None
+) -> _Remap:
+    """Give runsc, about to run inside the sandbox's user namespace, the host paths it
+    needs as id-mapped mounts (the scratch dir and every bind source), and point the
+    config's binds at where it will find them. Their fds are appended to `opened`."""
+    from ..idmap import host_range, new_userns, stage
+
+    userns = new_userns(host_range())
+    opened.append(userns)
+    binds = [m for m in config["mounts"] if m["type"] == "bind"]
+    sources = [(str(scratch), False)] + [(m["source"], "ro" in m["options"]) for m in binds]
+    staged = stage(sources, userns, opened)
+    for m in binds:
+        m["source"] = staged.translate(m["source"])
+    netns = -1
+    if holder is not None:
+        netns = os.open(f"/proc/{holder}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        opened.append(netns)
+    return _Remap(userns, staged, netns)
 
 
 def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
