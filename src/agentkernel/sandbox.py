@@ -31,6 +31,9 @@ class SandboxSpec(NamedTuple):
     # Persistent sandboxes only: host dir that holds their writable layers, so that they
     # survive a stop/start (namespaces backend; see daemon/manager.py).
     state_dir: Path | None = None
+    # In-sandbox paths hidden by an empty mount: where the host's control plane (runtime and
+    # data dirs) shows through a mounted host dir (controlplane.control_masks).
+    masks: tuple[str, ...] = ()
 
 
 class Sandbox:

@@ -234,6 +234,10 @@ def build_bwrap_argv(
         agent_argv += ["--bind", f"{AGENT_DIR}/resolv.conf:/etc/resolv.conf"]
     for mask in spec.rootfs.masks:
         agent_argv += ["--mask", mask.path]
+    for hidden in spec.masks:  # the host's control plane; the cow lower dir shows it too
+        agent_argv += ["--mask", hidden]
+        if p.workspace == "cow" and hidden.startswith("/workspace/"):
+            agent_argv += ["--mask", WS_LOWER + hidden.removeprefix("/workspace")]
     for private in spec.rootfs.private_dirs:
         agent_argv += ["--mask-private", private]
     # Run unprivileged, bwrap leaves only what is asked for: CAP_DAC_OVERRIDE lets

@@ -469,6 +469,7 @@ class SandboxManager:
 
     def _resolve(self, name: str, doc: dict[str, Any]) -> _Resolved:
         """The SandboxSpec of a persistent sandbox from its stored description."""
+        from ..controlplane import control_masks
         from ..engine import sandbox_cwd
         from ..profiles import Profile, get_profile
         from ..sandbox import SandboxSpec
@@ -489,7 +490,8 @@ class SandboxManager:
         home_opt = home if profile.mount_home and home.is_dir() else None
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
-                           state_dir=self._state_dir(name))
+                           state_dir=self._state_dir(name),
+                           masks=control_masks(profile, workspace, home_opt))
         env = self._base_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
         cwd = sandbox_cwd(None, workspace is not None, image_config)
@@ -769,6 +771,7 @@ class SandboxManager:
 
     def _plan_run(self, req: RunRequest) -> tuple[PoolKey, Backend, HostRootfs, dict[str, Any]]:
         """engine.decide's answer, with the daemon's cached backends and rootfs, as a pool key."""
+        from ..controlplane import control_masks
         from ..engine import (
             UNAVAILABLE_ROOTFS,
             command_argv,
@@ -795,6 +798,7 @@ class SandboxManager:
         workspace = cwd if cwd is not None and profile.workspace != "none" else None
         home = Path(req.host_env.get("HOME") or os.path.expanduser("~"))  # the caller's
         home_opt = home if profile.mount_home and home.is_absolute() and home.is_dir() else None
+        control_masks(profile, workspace, home_opt)  # refused here, not by a pool refill
         key = PoolKey(image=image, rootfs="host" if note.startswith("host") else image,
                       backend=backend.name, profile=profile,
                       workspace=str(workspace) if workspace else None,
@@ -812,12 +816,14 @@ class SandboxManager:
         return key, backend, rootfs, plan
 
     def _pool_spec(self, key: PoolKey, rootfs: HostRootfs) -> SandboxSpec:
+        from ..controlplane import control_masks
         from ..sandbox import SandboxSpec
 
+        workspace = Path(key.workspace) if key.workspace else None
+        home = Path(key.home) if key.home else None
         return SandboxSpec(name=f"pool-{secrets.token_hex(5)}", profile=key.profile,
-                           rootfs=rootfs, image=key.image,
-                           workspace=Path(key.workspace) if key.workspace else None,
-                           home=Path(key.home) if key.home else None)
+                           rootfs=rootfs, image=key.image, workspace=workspace, home=home,
+                           masks=control_masks(key.profile, workspace, home))
 
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
