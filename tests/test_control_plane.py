@@ -133,8 +133,11 @@ def _attack(ctl: Env, backend: str, profile: str, cwd: Path, *, home: Path | Non
     env = {"AGENTKERNEL_NO_DAEMON": "1"} if in_process else {}
     if home is not None:
         env["HOME"] = str(home)
-    code, out, err = ctl.ak("run", "-q", "-i", "host", "-B", backend, "-p", profile, "--",
-                            "python3", "-c", PROBE, json.dumps(views), *walk, cwd=cwd, env=env)
+    # --no-network: unix sockets are reached through the filesystem, whatever the network
+    # (and slirp4netns sometimes fails to start on this busy host).
+    code, out, err = ctl.ak("run", "-q", "-i", "host", "-B", backend, "-p", profile,
+                            "--no-network", "--", "python3", "-c", PROBE, json.dumps(views),
+                            *walk, cwd=cwd, env=env)
     if code == 125 and "overlay on /workspace" in err and cwd == Path("/"):
         # Not ours: a copy-on-write overlay of the host's whole / fails here (main too).
         pytest.skip("moderate cannot overlay / on this host")
@@ -308,3 +311,31 @@ def test_as_an_ordinary_user(profile: str) -> None:
         assert "CONNECTED" not in r.stdout, r.stdout
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_masks_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """control_masks: the dirs in use and the user's default ones are masked where they show;
+    a planted default (a symlink to the project) neither refuses the project nor masks it."""
+    from agentkernel.controlplane import control_masks
+    from agentkernel.errors import UsageError
+    from agentkernel.profiles import get_profile
+
+    project = tmp_path / "project"
+    (project / "sub").mkdir(parents=True)
+    monkeypatch.setenv("AGENTKERNEL_HOME", str(project / "sub" / "data"))
+    monkeypatch.setenv("AGENTKERNEL_RUNTIME_DIR", str(tmp_path / "elsewhere" / "run"))
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    (xdg / "agentkernel").symlink_to(project)  # "planted": must count for nothing
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    moderate, permissive = get_profile("moderate"), get_profile("permissive")
+    assert control_masks(moderate, project, None) == ("/workspace/sub/data",)
+    assert control_masks(get_profile("moderate")._replace(workspace="none"), project,
+                         None) == ()
+    home_masks = control_masks(permissive, tmp_path / "elsewhere", tmp_path)
+    assert set(home_masks) == {"/workspace/run", "/home/user/elsewhere/run",
+                               "/home/user/project/sub/data"}
+    for inside in (project / "sub" / "data", tmp_path / "elsewhere" / "run" / "x"):
+        inside.mkdir(parents=True, exist_ok=True)
+        with pytest.raises(UsageError, match="control plane"):
+            control_masks(moderate, inside, None)

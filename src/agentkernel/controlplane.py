@@ -33,15 +33,18 @@ def control_dirs() -> dict[str, str]:
     uid = os.getuid()
     found: dict[str, str] = {}
 
-    def add(path: str | None, what: str) -> None:
-        if path:
+    def add(path: str | None, what: str, in_use: bool = False) -> None:
+        # A default one counts only if it is a real dir of ours: anyone may plant
+        # /tmp/agentkernel-UID as a symlink to, say, our home, and refusing every project
+        # dir there would be theirs to decide.
+        if path and (in_use or _own_dir(path)):
             found.setdefault(os.path.realpath(path), what)
 
     # The ones in use exist before any sandbox starts, so the masks always land.
-    add(str(paths.runtime_dir()), "runtime dir")
+    add(str(paths.runtime_dir()), "runtime dir", in_use=True)
     data = paths.data_dir_str()
     os.makedirs(data, mode=0o700, exist_ok=True)
-    add(data, "data dir")
+    add(data, "data dir", in_use=True)
     if os.geteuid() == 0:
         add(paths.ROOT_RUNTIME_DIR, "runtime dir")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -51,6 +54,17 @@ def control_dirs() -> dict[str, str]:
                                                                ".local/share")
     add(os.path.join(xdg_data, "agentkernel"), "data dir")
     return found
+
+
+def _own_dir(path: str) -> bool:
+    """A directory of this user's, not a symlink (nobody else can make one)."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
 
 
 def control_masks(profile: Profile, workspace: Path | None, home: Path | None
