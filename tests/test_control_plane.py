@@ -339,3 +339,18 @@ def test_masks_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         inside.mkdir(parents=True, exist_ok=True)
         with pytest.raises(UsageError, match="control plane"):
             control_masks(moderate, inside, None)
+
+
+def test_microvm_refuses_a_project_holding_the_control_plane(tmp_path: Path) -> None:
+    """The microvm backend copies the project onto a disk: no mask could apply, so it
+    refuses before anything is built (checked first thing in start)."""
+    from agentkernel.backends.microvm import MicrovmBackend
+    from agentkernel.errors import UsageError
+    from agentkernel.profiles import get_profile
+    from agentkernel.rootfs import host_rootfs
+    from agentkernel.sandbox import SandboxSpec
+
+    spec = SandboxSpec(name="vm-ctl", profile=get_profile("moderate"), rootfs=host_rootfs(),
+                       image="host", workspace=tmp_path, masks=("/workspace/home",))
+    with pytest.raises(UsageError, match="copies the project dir"):
+        MicrovmBackend().start(spec)
