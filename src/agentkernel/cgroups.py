@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, NamedTuple
 
-from .errors import UsageError
+from .errors import SandboxError, UsageError
 
 CONTROLLERS: Final = ("memory", "pids", "cpu")
 _NAME: Final = r"[A-Za-z0-9_.-]{1,128}"  # compiled on first use
@@ -237,6 +237,37 @@ def validate_name(name: str) -> str:
     return name
 
 
+def scope() -> str:
+    """This data dir's id, 10 hex digits: part of every group's name, so that daemons (and
+    runs) of different data dirs never share one (`web` of one is not `web` of another)."""
+    from .paths import data_dir_str
+
+    real = os.path.realpath(data_dir_str()).encode()
+    try:
+        from _blake2 import blake2b  # hashlib's own import costs ~3 ms of the CLI's run
+    except ImportError:  # pragma: no cover - every CPython build has it
+        from hashlib import blake2b
+    return blake2b(real, digest_size=5).hexdigest()
+
+
+def group_dirname(name: str) -> str:
+    """The directory of sandbox `name`'s group under agentkernel/: `<name>.<scope>`."""
+    return f"{validate_name(name)}.{scope()}"
+
+
+def scoped_names(prefix: str, support: CgroupSupport | None = None) -> list[str]:
+    """Sandbox names of this data dir's groups (in any hierarchy) starting with `prefix`."""
+    suffix = "." + scope()
+    names: set[str] = set()
+    for h in (support or detect()).usable.values():
+        assert h.base is not None
+        with contextlib.suppress(OSError):
+            for child in (h.base / _PARENT).iterdir():
+                if child.name.startswith(prefix) and child.name.endswith(suffix):
+                    names.add(child.name.removesuffix(suffix))
+    return sorted(names)
+
+
 def _write(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -289,7 +320,7 @@ class Cgroup:
 
         Limits whose controller is unusable are listed in `missing` so the caller can say so.
         """
-        validate_name(name)
+        dirname = group_dirname(name)
         if limits.cpus is not None and limits.cpus <= 0:
             raise UsageError(f"cpus must be positive, got {limits.cpus}")
         support = support or detect()
@@ -317,26 +348,31 @@ class Cgroup:
                     _write(parent / "cgroup.subtree_control", enable)
                 else:
                     parent.mkdir(exist_ok=True)
-                path = parent / name
-                if path.exists():  # left over from a crash: start from a clean slate
+                path = parent / dirname
+                if path.exists():
+                    # Left over from a crash. Only an empty one goes: one with processes is
+                    # not ours to kill on a guess (the daemon removes those it recorded).
+                    if _pids_in(path):
+                        raise SandboxError(f"cgroup {path} exists and has running processes "
+                                           f"(another sandbox named {name!r}?)")
                     cls(name, {path: h}, ()).destroy()
                 path.mkdir()
                 dirs[path] = h
                 group._apply(path, h.version, ctrls, limits)
-        except OSError:
-            group.destroy()
+        except BaseException:
+            group.destroy()  # only the dirs made here (a v1 hierarchy each)
             raise
         return group
 
     @classmethod
     def open(cls, name: str, support: CgroupSupport | None = None) -> Cgroup:
         """The existing group(s) of sandbox `name` (possibly none), e.g. to destroy them."""
-        validate_name(name)
+        dirname = group_dirname(name)
         support = support or detect()
         dirs: dict[Path, Hierarchy] = {}
         for h in support.usable.values():
             assert h.base is not None
-            path = h.base / _PARENT / name
+            path = h.base / _PARENT / dirname
             if path.is_dir():
                 dirs[path] = h
         return cls(name, dirs, ())

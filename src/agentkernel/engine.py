@@ -216,6 +216,7 @@ def user_warning(image: str, image_config: ImageConfig | None) -> str | None:
 def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     """Decide image, profile, backend and environment; nothing is started yet."""
     from .backends import choose_backend
+    from .controlplane import control_masks
     from .sandbox import SandboxSpec
 
     config, warnings, image, reason, profile, backend_name = decide(req)
@@ -227,10 +228,12 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
     name = f"run-{os.urandom(4).hex()}"
     home = Path(os.path.expanduser("~"))
+    workspace = req.cwd if profile.workspace != "none" else None
+    home_opt = home if home.is_dir() else None
     spec = SandboxSpec(
-        name=name, profile=profile, rootfs=rootfs, image=image,
-        workspace=req.cwd if profile.workspace != "none" else None,
-        home=home if home.is_dir() else None, persistent=req.keep,
+        name=name, profile=profile, rootfs=rootfs, image=image, workspace=workspace,
+        home=home_opt, persistent=req.keep,
+        masks=control_masks(profile, workspace, home_opt),
     )
     env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
     if image_config is not None:

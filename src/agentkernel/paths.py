@@ -31,14 +31,84 @@ def data_dir_str() -> str:
     return os.path.join(base, "agentkernel")
 
 
+ROOT_RUNTIME_DIR = "/run/agentkernel"  # root's: /run is root's own, never world-writable
+TMP_RUNTIME_DIR = "/tmp/agentkernel-{uid}"  # users without $XDG_RUNTIME_DIR
+FALLBACK_RECORD = "runtime-dir"  # in the data dir: the private dir used instead of the above
+
+
 def runtime_dir_str() -> str:
-    """Per-user volatile state (sockets, per-sandbox scratch): $XDG_RUNTIME_DIR or /tmp."""
+    """Per-user volatile state (sockets, per-sandbox scratch).
+
+    $AGENTKERNEL_RUNTIME_DIR, else /run/agentkernel for root, else
+    $XDG_RUNTIME_DIR/agentkernel, else /tmp/agentkernel-UID — unless someone else got there
+    first (any local user may create that name in /tmp): then a private dir of our own,
+    recorded in the data dir.
+    """
     env = os.environ.get("AGENTKERNEL_RUNTIME_DIR")
     if env:
         return env
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return ROOT_RUNTIME_DIR
     if os.environ.get("XDG_RUNTIME_DIR"):
         return os.path.join(os.environ["XDG_RUNTIME_DIR"], "agentkernel")
-    return f"/tmp/agentkernel-{os.getuid()}"
+    path = TMP_RUNTIME_DIR.format(uid=os.getuid())
+    return path if _private_or_absent(path) else fallback_runtime_dir()
+
+
+def is_private_dir(path: str) -> bool:
+    """A real directory (not a symlink to one) of ours that nobody else may enter."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _private_or_absent(path: str) -> bool:
+    return not os.path.lexists(path) or is_private_dir(path)
+
+
+def fallback_runtime_dir() -> str:
+    """The private runtime dir used when the /tmp one was planted: the recorded one, else a
+    new `mkdtemp` dir (recorded, with a one-line warning). Never follows a planted name."""
+    import sys
+    import tempfile
+
+    record = os.path.join(data_dir_str(), FALLBACK_RECORD)
+    recorded = _read_record(record)
+    if recorded and is_private_dir(recorded):
+        return recorded
+    os.makedirs(data_dir_str(), mode=0o700, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f"agentkernel-{os.getuid()}-")  # 0700, made with O_EXCL
+    tmp = f"{record}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(path + "\n")
+    try:
+        if recorded:  # a stale record (its dir is gone or not ours any more)
+            os.replace(tmp, record)
+        else:
+            os.link(tmp, record)  # fails if a racing process recorded one first
+    except FileExistsError:
+        os.rmdir(path)
+        path = _read_record(record) or path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    planted = TMP_RUNTIME_DIR.format(uid=os.getuid())
+    print(f"agentkernel: warning: {planted} is not a private dir of uid {os.getuid()} "
+          f"(made by another user?); using {path} instead", file=sys.stderr)
+    return path
+
+
+def _read_record(record: str) -> str:
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    with os.fdopen(fd) as f:
+        return f.read(4096).strip()
 
 
 def data_dir() -> Path:
@@ -48,16 +118,22 @@ def data_dir() -> Path:
 
 
 def runtime_dir() -> Path:
-    """The runtime dir, created private to this user (refused if someone else owns it)."""
+    """The runtime dir, created private to this user (refused if it is not: a symlink,
+    someone else's, open to others); a planted /tmp default falls back instead."""
     from pathlib import Path
 
-    path = Path(runtime_dir_str())
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        # A world-writable parent (/tmp) must not let another user pre-create our dir.
-        raise SandboxError(f"runtime dir {path} is not private to uid {os.getuid()}")
-    return path
+    path = runtime_dir_str()
+    if not os.path.lexists(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)  # mkdir never follows a symlink planted meanwhile
+    if not is_private_dir(path):
+        if path == TMP_RUNTIME_DIR.format(uid=os.getuid()) and \
+                not os.environ.get("AGENTKERNEL_RUNTIME_DIR"):
+            return Path(fallback_runtime_dir())  # planted between the check and the mkdir
+        raise SandboxError(f"runtime dir {path} is not a private directory of uid "
+                           f"{os.getuid()} (a symlink, someone else's, or open to others)")
+    return Path(path)
 
 
 def daemon_socket() -> str:

@@ -31,6 +31,9 @@ class SandboxSpec(NamedTuple):
     # Persistent sandboxes only: host dir that holds their writable layers, so that they
     # survive a stop/start (namespaces backend; see daemon/manager.py).
     state_dir: Path | None = None
+    # In-sandbox paths hidden by an empty mount: where the host's control plane (runtime and
+    # data dirs) shows through a mounted host dir (controlplane.control_masks).
+    masks: tuple[str, ...] = ()
 
 
 class Sandbox:
@@ -70,18 +73,20 @@ class Sandbox:
             if self.client.alive:
                 self.client.shutdown()
         self.client.close()
-        _stop(self.process)
-        if self.cgroup is not None:
-            # Anything that slipped out of the sandbox's own process tree dies here.
-            self.cgroup.destroy()
-        # Helpers (slirp4netns, netns holders) never exit by themselves.
-        _kill_and_reap_later(self.helpers)
-        for cleanup in reversed(self.cleanups):
-            with contextlib.suppress(Exception):
-                cleanup()
-        import shutil  # lazily: its compression imports cost ~1.5 ms
+        try:
+            _stop(self.process)
+            if self.cgroup is not None:
+                # Anything that slipped out of the sandbox's own process tree dies here.
+                self.cgroup.destroy()
+        finally:  # whatever failed above, the rest still goes
+            # Helpers (slirp4netns, netns holders) never exit by themselves.
+            _kill_and_reap_later(self.helpers)
+            for cleanup in reversed(self.cleanups):
+                with contextlib.suppress(Exception):
+                    cleanup()
+            import shutil  # lazily: its compression imports cost ~1.5 ms
 
-        shutil.rmtree(self.scratch, ignore_errors=True)
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 1.0) -> None:

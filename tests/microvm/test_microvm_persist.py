@@ -65,7 +65,9 @@ def vm_processes(name: str) -> dict[int, str]:
 
 def _in_cgroup(pid: int, name: str) -> bool:
     try:
-        return f"/agentkernel/{name}\n" in Path(f"/proc/{pid}/cgroup").read_text()
+        from agentkernel.cgroups import group_dirname
+
+        return f"/agentkernel/{group_dirname(name)}\n" in Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
         return False
 

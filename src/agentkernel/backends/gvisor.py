@@ -274,6 +274,8 @@ def build_oci_config(
     args = [AGENT_PATH]
     for mask in spec.rootfs.private_masks():
         args += ["--mask", mask.path]
+    for path in spec.masks:  # the host's control plane (controlplane.py)
+        args += ["--mask", path]
     if p.pids:
         args += ["--pids-max", str(p.pids)]
     # The same seccomp program as on the namespaces backend, installed by the agent itself
@@ -337,9 +339,18 @@ def _workspace_copy(spec: SandboxSpec, scratch: Path) -> Path | None:
 
         tmp = base / "workspace.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(spec.workspace, tmp, symlinks=True)
+        shutil.copytree(spec.workspace, tmp, symlinks=True, ignore=_masked_in(spec))
         tmp.rename(copy)
     return copy
+
+
+def _masked_in(spec: SandboxSpec) -> Callable[[str, list[str]], set[str]]:
+    """copytree's `ignore`: leave the host's control dirs (the spec's masks) out of a copy."""
+    root = str(spec.workspace)
+    skip = {m.removeprefix("/workspace/") for m in spec.masks if m.startswith("/workspace/")}
+    return lambda d, names: {n for n in names
+                             if os.path.normpath(os.path.join(os.path.relpath(d, root), n))
+                             in skip}
 
 
 def _overlay_mode(spec: SandboxSpec) -> str:

@@ -122,11 +122,13 @@ class MicrovmBackend(Backend):
     def start(self, spec: SandboxSpec) -> Sandbox:
         from ..agent.client import AgentClient
         from ..cgroups import Cgroup, Limits
+        from ..controlplane import refuse_copied
         from ..vm import disk
         from ..vm import snapshot as vmsnap
         from ..vm.initramfs import ensure_initramfs
         from ..vm.kernel import current_kernel
 
+        refuse_copied(spec, self.name)  # its project dir is a copy: nothing can be masked
         settings = current()
         if settings.vmm == "firecracker":
             from ..vm.firecracker import firecracker_binary

@@ -374,6 +374,10 @@ def build_bwrap_argv(
         agent_argv += ["--bind", f"{RESOLV}:/etc/resolv.conf"]
     for mask in spec.rootfs.masks:
         agent_argv += ["--mask", mask.path]
+    for hidden in spec.masks:  # the host's control plane; the cow lower dir shows it too
+        agent_argv += ["--mask", hidden]
+        if p.workspace == "cow" and hidden.startswith("/workspace/"):
+            agent_argv += ["--mask", WS_LOWER + hidden.removeprefix("/workspace")]
     for private in spec.rootfs.private_dirs:
         agent_argv += ["--mask-private", private]
     agent_argv.append("--cover-proc")

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..names import validate_sandbox_name, validate_sandbox_path
 from ..paths import data_dir
-from . import procs
+from . import procs, records
 from .api import (
     BackendInfo,
     CreateRequest,
@@ -282,6 +282,7 @@ class SandboxManager:
         self.root = data_dir()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.db = StateDB(self.root / "state.db")
+        self.recovered: list[str] = list(self.db.problems)  # what opening and recover() did
         self._lock = threading.RLock()
         self._name_locks: dict[str, threading.RLock] = {}
         self._live: dict[str, Live] = {}
@@ -292,7 +293,6 @@ class SandboxManager:
         self._closed = threading.Event()
         self._empty = self.root / "empty"
         self._empty.mkdir(mode=0o755, exist_ok=True)
-        self.recovered: list[str] = []  # what recover() did, for the daemon's log
         self.recover()
         _precompile_seccomp()
         self.pool = WarmPool(self._pool_start, self._destroy_ephemeral,
@@ -336,12 +336,18 @@ class SandboxManager:
         self.db.close()
 
     def recover(self) -> None:
-        """Re-adopt persistent sandboxes that survived the previous daemon; clean up the rest."""
+        """Re-adopt persistent sandboxes that survived the previous daemon; clean up the rest.
+
+        The database is first brought in line with the sandboxes' own records on disk (a
+        damaged one was replaced by its backup or an empty one: see records.py).
+        """
+        self.recovered.extend(records.reconcile(self.db, self.root))
         for row in self.db.all("SELECT * FROM ephemeral"):
             self._cleanup_dead(row["name"], row["backend"], row["scratch"], row["pid"],
                                row["pid_start"], loads(row["helpers"], []))
             self.db.execute("DELETE FROM ephemeral WHERE name=?", (row["name"],))
             self.recovered.append(f"cleaned up pool sandbox {row['name']}")
+        self._cleanup_unrecorded_pool()
         for row in self.db.all("SELECT * FROM sandboxes WHERE status='running'"):
             name = row["name"]
             if self._adopt(row):
@@ -351,9 +357,50 @@ class SandboxManager:
                                row["pid_start"], loads(row["helpers"], []))
             self.db.execute("UPDATE sandboxes SET status='stopped', pid=NULL, pid_start=NULL, "
                             "helpers='[]', scratch=NULL WHERE name=?", (name,))
+            self._saved(name)
             self._fail_detached(name)
             self._audit(name, "sandbox_stopped", reason="found dead by a restarted daemon")
             self.recovered.append(f"marked {name} stopped (it died while no daemon ran)")
+        for row in self.db.all("SELECT * FROM sandboxes WHERE status='stopped'"):
+            self._cleanup_stopped(row)
+
+    def _cleanup_unrecorded_pool(self) -> None:
+        """Pool sandboxes the database lost (damaged): their scratch dirs and cgroups.
+
+        Only a daemon starts `pool-*` sandboxes, and only one daemon runs per runtime and
+        data dir (the locks): any found now belong to a dead one.
+        """
+        from ..cgroups import scoped_names
+        from ..paths import runtime_dir
+
+        found = set(scoped_names("pool-"))
+        with contextlib.suppress(OSError):
+            found.update(p.name for p in (runtime_dir() / "sandboxes").glob("pool-*"))
+        for name in sorted(found):
+            with contextlib.suppress(AgentKernelError):
+                validate_sandbox_name(name)
+                backend = "gvisor" if (self._runtime_scratch(name) / "state").exists() \
+                    else "namespaces"
+                self._cleanup_dead(name, backend, str(self._runtime_scratch(name)), None, None,
+                                   [])
+                self.recovered.append(f"cleaned up unrecorded pool sandbox {name}")
+
+    def _cleanup_stopped(self, row: dict[str, Any]) -> None:
+        """A sandbox recorded as stopped must have nothing running: a stale record (its
+        start was not written down) leaves processes, a cgroup, a scratch dir. They go."""
+        from ..cgroups import Cgroup
+
+        name = row["name"]
+        scratch = self._runtime_scratch(name)
+        with contextlib.suppress(Exception):
+            if scratch.exists() or any(_has_procs(d) for d in Cgroup.open(name).dirs):
+                _shut_agent(scratch / "ctl" / "agent.sock")  # where no cgroup can kill it
+                self._cleanup_dead(name, row["backend"], str(scratch), None, None, [])
+                self.recovered.append(f"stopped what was left running of {name}")
+
+    def _saved(self, name: str) -> None:
+        """Mirror a sandbox's row to its record on disk (after every change of the row)."""
+        records.save_sandbox(self.db, name)
 
     def _adopt(self, row: dict[str, Any]) -> bool:
         if not procs.alive(row["pid"], row["pid_start"]) or not row["scratch"]:
@@ -469,6 +516,7 @@ class SandboxManager:
 
     def _resolve(self, name: str, doc: dict[str, Any]) -> _Resolved:
         """The SandboxSpec of a persistent sandbox from its stored description."""
+        from ..controlplane import control_masks
         from ..engine import sandbox_cwd
         from ..profiles import Profile, get_profile
         from ..sandbox import SandboxSpec
@@ -489,7 +537,8 @@ class SandboxManager:
         home_opt = home if profile.mount_home and home.is_dir() else None
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
-                           state_dir=self._state_dir(name))
+                           state_dir=self._state_dir(name),
+                           masks=control_masks(profile, workspace, home_opt))
         env = self._base_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
         cwd = sandbox_cwd(None, workspace is not None, image_config)
@@ -562,6 +611,7 @@ class SandboxManager:
                 " spec, created, expires, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (req.name, uid, "stopped", backend.name, backend.isolation, image,
                  profile.name, dumps(doc), created, expires, str(state_dir)))
+            self._saved(req.name)
             self._audit(req.name, "sandbox_created", image=image, backend=backend.name,
                         profile=profile.name)
             try:
@@ -612,11 +662,16 @@ class SandboxManager:
         live = Live(name, sandbox.backend, sandbox.client, sandbox.scratch, pid,
                     procs.start_time(pid),
                     [(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers], sandbox)
-        self.db.execute(
-            "UPDATE sandboxes SET status='running', pid=?, pid_start=?, helpers=?, scratch=?,"
-            " isolation=? WHERE name=?",
-            (pid, live.pid_start, dumps(live.helpers), str(sandbox.scratch), sandbox.isolation,
-             name))
+        try:
+            self.db.execute(
+                "UPDATE sandboxes SET status='running', pid=?, pid_start=?, helpers=?, "
+                "scratch=?, isolation=? WHERE name=?",
+                (pid, live.pid_start, dumps(live.helpers), str(sandbox.scratch),
+                 sandbox.isolation, name))
+        except BaseException:
+            sandbox.destroy()  # not written down, it would run on unmanaged
+            raise
+        self._saved(name)
         with self._lock:
             self._live[name] = live
         self._audit(name, "sandbox_started", profile=res.spec.profile.name,
@@ -656,6 +711,7 @@ class SandboxManager:
                                row["pid_start"], loads(row["helpers"], []))
         self.db.execute("UPDATE sandboxes SET status='stopped', pid=NULL, pid_start=NULL, "
                         "helpers='[]', scratch=NULL WHERE name=?", (name,))
+        self._saved(name)
         self._fail_detached(name)
 
     def _teardown(self, live: Live) -> None:
@@ -694,6 +750,7 @@ class SandboxManager:
             base = max(_now(), row["expires"] or _now())
             expires = base + seconds
             self.db.execute("UPDATE sandboxes SET expires=? WHERE name=?", (expires, name))
+            self._saved(name)
             self._audit(name, "ttl_extended", expires_at=rfc3339(expires))
             return rfc3339(expires)
 
@@ -769,6 +826,7 @@ class SandboxManager:
 
     def _plan_run(self, req: RunRequest) -> tuple[PoolKey, Backend, HostRootfs, dict[str, Any]]:
         """engine.decide's answer, with the daemon's cached backends and rootfs, as a pool key."""
+        from ..controlplane import control_masks
         from ..engine import (
             UNAVAILABLE_ROOTFS,
             command_argv,
@@ -795,6 +853,7 @@ class SandboxManager:
         workspace = cwd if cwd is not None and profile.workspace != "none" else None
         home = Path(req.host_env.get("HOME") or os.path.expanduser("~"))  # the caller's
         home_opt = home if profile.mount_home and home.is_absolute() and home.is_dir() else None
+        control_masks(profile, workspace, home_opt)  # refused here, not by a pool refill
         key = PoolKey(image=image, rootfs="host" if note.startswith("host") else image,
                       backend=backend.name, profile=profile,
                       workspace=str(workspace) if workspace else None,
@@ -812,12 +871,14 @@ class SandboxManager:
         return key, backend, rootfs, plan
 
     def _pool_spec(self, key: PoolKey, rootfs: HostRootfs) -> SandboxSpec:
+        from ..controlplane import control_masks
         from ..sandbox import SandboxSpec
 
+        workspace = Path(key.workspace) if key.workspace else None
+        home = Path(key.home) if key.home else None
         return SandboxSpec(name=f"pool-{secrets.token_hex(5)}", profile=key.profile,
-                           rootfs=rootfs, image=key.image,
-                           workspace=Path(key.workspace) if key.workspace else None,
-                           home=Path(key.home) if key.home else None)
+                           rootfs=rootfs, image=key.image, workspace=workspace, home=home,
+                           masks=control_masks(key.profile, workspace, home))
 
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
@@ -831,10 +892,14 @@ class SandboxManager:
             self.db.execute("DELETE FROM ephemeral WHERE name=?", (spec.name,))
             raise
         pid = sandbox.process.pid
-        self.db.execute("UPDATE ephemeral SET pid=?, pid_start=?, helpers=? WHERE name=?",
-                        (pid, procs.start_time(pid),
-                         dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]),
-                         spec.name))
+        try:
+            self.db.execute("UPDATE ephemeral SET pid=?, pid_start=?, helpers=? WHERE name=?",
+                            (pid, procs.start_time(pid),
+                             dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]),
+                             spec.name))
+        except BaseException:
+            self._destroy_ephemeral(sandbox)  # unrecorded, it would outlive us
+            raise
         return sandbox
 
     @staticmethod
@@ -847,7 +912,11 @@ class SandboxManager:
         try:
             sandbox.destroy()
         finally:
-            self.db.execute("DELETE FROM ephemeral WHERE name=?", (sandbox.spec.name,))
+            try:
+                self.db.execute("DELETE FROM ephemeral WHERE name=?", (sandbox.spec.name,))
+            except Exception as exc:  # e.g. a full disk: the sandbox itself is gone already
+                print(f"agentkernel daemon: could not forget {sandbox.spec.name}: {exc}",
+                      file=sys.stderr, flush=True)
 
     def open_run(self, req: RunRequest, *, stdin: bool = False) -> ExecHandle:
         """A one-shot run: a warm sandbox if one is ready, else a fresh one; gone after."""
@@ -926,6 +995,7 @@ class SandboxManager:
                         " VALUES (?,?,?,?,?,?,?)",
                         (cmd_id, name, dumps(list(req.argv)), handle.execution.pid,
                          handle.execution.id, "running", started))
+        records.save_detached(self.db, cmd_id, self._exec_dir(name))
         self._drain_detached(name, cmd_id, handle.execution, handle)
         return self.detached_status(name, cmd_id)
 
@@ -957,6 +1027,7 @@ class SandboxManager:
                 with contextlib.suppress(Exception):
                     self.db.execute("UPDATE detached SET status=?, exit_code=? WHERE id=? AND "
                                     "status='running'", (status, code, cmd_id))
+                    records.save_detached(self.db, cmd_id, out_dir)
 
         t = threading.Thread(target=drain, name=f"ak-detached-{cmd_id}", daemon=True)
         self._detached_threads[cmd_id] = t
@@ -1012,8 +1083,13 @@ class SandboxManager:
             t.join(timeout=5)
 
     def _fail_detached(self, name: str) -> None:
+        running = self.db.all("SELECT id FROM detached WHERE sandbox=? AND status='running'",
+                              (name,))
         self.db.execute("UPDATE detached SET status='failed' WHERE sandbox=? AND "
                         "status='running'", (name,))
+        exec_dir = self._state_dir(name) / "exec"
+        for row in running:
+            records.save_detached(self.db, row["id"], exec_dir)
 
     # ---- audit log ----
 
@@ -1128,6 +1204,7 @@ class SandboxManager:
                             "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
                             (snap, name, row["image"], row["backend"], row["profile"],
                              row["spec"], _now(), str(target)))
+            records.save_snapshot(self.db, snap, self._snap_dir())
             self._audit(name, "snapshot_taken", snapshot=snap)
         return self.get_snapshot(snap)
 
@@ -1148,6 +1225,7 @@ class SandboxManager:
         row = self._snap_row(snapshot_name)
         self.db.execute("DELETE FROM snapshots WHERE name=?", (snapshot_name,))
         Path(row["path"]).unlink(missing_ok=True)
+        (self._snap_dir() / f"{snapshot_name}.json").unlink(missing_ok=True)
 
     def restore_snapshot(self, snapshot_name: str, new_name: str | None = None) -> SandboxInfo:
         """A new sandbox from a snapshot: named after its original sandbox if that name is
@@ -1183,6 +1261,7 @@ class SandboxManager:
             " created, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (name, str(uuid_mod.uuid4()), "stopped", backend.name, backend.isolation,
              snap["image"], snap["profile"], snap["spec"], _now(), str(state_dir)))
+        self._saved(name)
         self._audit(name, "sandbox_restored", snapshot=snap["name"])
         try:
             self._start_live(name)
@@ -1263,6 +1342,25 @@ class SandboxManager:
                 row = self._row(live.name)
                 self._stop_locked(live.name, row)
                 self._audit(live.name, "sandbox_stopped", reason="it died")
+
+
+def _shut_agent(sock: Path) -> None:
+    """Ask a persistent sandbox's agent to end it (best effort)."""
+    if not sock.exists():
+        return
+    with contextlib.suppress(Exception):
+        client = AdoptingClient.connect(sock, set(), timeout=2.0)
+        try:
+            client.hello(timeout=2.0)
+            client.shutdown()
+        finally:
+            client.close()
+
+
+def _has_procs(group_dir: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return any(p.read_text().strip() for p in group_dir.rglob("cgroup.procs"))
+    return False
 
 
 def _precompile_seccomp() -> None:

@@ -1,4 +1,4 @@
-"""The daemon process: a unix socket (0600, same-uid peers only) speaking JSON lines."""
+"""The daemon process: a unix socket (0600, unsandboxed same-uid peers) speaking JSON lines."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import IO, Any
 
 from ..errors import AgentKernelError, AgentRequestError, UsageError
 from ..paths import API_SOCKET, DAEMON_SOCKET, listen_unix, runtime_dir
+from ..peer import refusal
 from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
 from .manager import ExecHandle, SandboxManager, failed_start
 
@@ -88,12 +88,6 @@ class _Conn:
             self.rfile.close()
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
 
 
 @functools.cache
@@ -194,9 +188,13 @@ class DaemonServer:
         with self._active_lock:
             self._active += 1
         try:
-            if _peer_uid(sock) != os.getuid():
+            why = refusal(sock)  # same uid *and* not in a sandbox (peer.py)
+            if why is not None:
+                sock.settimeout(2.0)
+                with contextlib.suppress(OSError, ValueError, AgentKernelError):
+                    conn.recv()  # its request first: hanging up before it sent hides our answer
                 conn.send({"ok": False, "error": {"type": "PermissionDenied",
-                                                  "message": "not your daemon",
+                                                  "message": why,
                                                   "exit_code": 125, "http_status": 403}})
                 return
             req = conn.recv()

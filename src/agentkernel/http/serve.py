@@ -122,9 +122,11 @@ def start_uds_in_thread(service: SandboxService, path: str) -> RunningServer:
     can connect.
     """
     from ..paths import listen_unix
+    from ..peer import guarded
 
-    sock = listen_unix(path, 1024)  # appears only once it is private
+    sock = guarded(listen_unix(path, 1024))  # private from the start; sandboxes refused
     server = _server(service, None)
+    server.config.loop = "asyncio"  # the peer check is in asyncio's accept (not uvloop's)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="ak-http-uds", daemon=True)
     thread.start()
