@@ -206,10 +206,13 @@ class Staged(NamedTuple):
 
     def translate(self, path: str) -> str:
         """Where the runtime finds host `path` (which lies in one of the staged trees)."""
-        for src, dst in self.paths.items():
-            if path == src or path.startswith(src.rstrip("/") + "/"):
-                return dst + path[len(src):]
-        raise SandboxError(f"{path} was not given to the sandbox's runtime")
+        best = max((src for src in self.paths
+                    if path == src or path.startswith(src.rstrip("/") + "/")),
+                   key=len, default=None)
+        if best is None:
+            raise SandboxError(f"{path} was not given to the sandbox's runtime")
+        rest = path[len(best):].lstrip("/")
+        return f"{self.paths[best]}/{rest}" if rest else self.paths[best]
 
 
 def stage(sources: list[tuple[str, bool]], userns_fd: int, opened: list[int]) -> Staged:
