@@ -186,6 +186,11 @@ def test_endless_output_is_cut_off(small: RunningServer, sandbox: str) -> None:
     first, second = batch.json()["data"]["results"]
     assert first["truncated"] is True and len(first["output"]) == SMALL
     assert second["output"] == "small\n" and "truncated" not in second
+    from agentkernel import AgentKernel
+
+    with AgentKernel(base_url=small.url, api_key=API_KEY) as ours:
+        out = ours.run(["yes"])
+        assert out.truncated is True and out.success is False and len(out.output) == SMALL
     # The sandbox is still usable after its command was killed.
     ok = h.post(f"/sandboxes/{sandbox}/exec", json={"command": ["echo", "alive"]})
     assert ok.json()["data"]["output"] == "alive\n"

@@ -113,8 +113,8 @@ class HostGuard:
             return
         if not self.allows(host_name(host.decode("latin-1"))):
             await send_json(send, *envelope_error(
-                421, "this server does not answer for that Host (loopback names and the "
-                     "configured allowed_hosts only)"))
+                421, "this server does not answer for that Host: it serves loopback names "
+                     "and those given with --allowed-host or [api] allowed_hosts"))
             return
         origin = _header(scope, b"origin")
         if origin is not None and not self._origin_ok(origin.decode("latin-1")):
