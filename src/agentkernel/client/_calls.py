@@ -64,9 +64,11 @@ def settings(base_url: str | None, api_key: str | None, timeout: float | None) -
     With no key given and a loopback base URL, the key `serve` stored in this user's data
     dir (api.key) is used, if there is one: a local server needs no configuration.
     """
-    url = base_url or os.environ.get("AGENTKERNEL_BASE_URL") or DEFAULT_BASE_URL
+    given = base_url or os.environ.get("AGENTKERNEL_BASE_URL")
+    url = given or DEFAULT_BASE_URL
     key = api_key or os.environ.get("AGENTKERNEL_API_KEY") or None
-    if key is None and _loopback_url(url):
+    # (No base URL at all means the daemon's 0600 unix socket, which needs no key.)
+    if key is None and given and _loopback_url(url):
         from ..http.keys import read_key_quietly
 
         key = read_key_quietly()
