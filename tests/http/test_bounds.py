@@ -184,7 +184,7 @@ def test_endless_output_is_cut_off(small: RunningServer, sandbox: str) -> None:
     batch = h.post("/batch/run", json={"commands": [{"command": ["yes"]},
                                                     {"command": ["echo", "small"]}]})
     first, second = batch.json()["data"]["results"]
-    assert first["truncated"] is True and len(first["output"]) == SMALL
+    assert first["truncated"] is True and len(first["output"]) == SMALL // 2  # shared
     assert second["output"] == "small\n" and "truncated" not in second
     from agentkernel import AgentKernel
 

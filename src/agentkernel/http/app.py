@@ -337,7 +337,8 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
     @app.post("/batch/run", tags=["run"], **_doc(m.BatchOut, "BatchRunResponse"))
     async def batch_run(body: m.BatchBody, request: Request) -> Response:
         reqs = [RunRequest(argv=check_argv(list(c.command))) for c in body.commands]
-        jobs = [capped_job(partial(svc.open_run, req), limits.max_output, close_stdin=True)
+        share = max(4096, limits.max_output // max(1, len(reqs)))  # the batch's total cap
+        jobs = [capped_job(partial(svc.open_run, req), share, close_stdin=True)
                 for req in reqs]
 
         def one(job_cap: tuple[Job, Any]) -> dict[str, Any]:
