@@ -806,6 +806,12 @@ static void do_file_read(uint32_t chan, const uint8_t *pl, size_t n)
 		e = EINVAL;
 		goto fail;
 	}
+	/* REGULAR (the HTTP API): no device either, whatever a symlink pointed the open at. */
+	if (q.regular && !S_ISREG(st.st_mode)) {
+		send_error(chan, EINVAL, "read %s: not a regular file", q.path);
+		free_xfer(x, 0);
+		return;
+	}
 	fcntl(x->fd, F_SETFL, 0);
 	if (q.has_offset && lseek(x->fd, (off_t)q.offset, SEEK_SET) < 0) {
 		e = errno;

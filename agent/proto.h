@@ -38,7 +38,7 @@ enum {
 	G_ARGV = 1, G_ENV = 2, G_CWD = 3, G_UID = 4, G_GID = 5, G_TIMEOUT_MS = 6, G_STDIN = 7,
 	G_PTY = 8, G_RLIMIT = 9, G_UMASK = 10,
 	G_PATH = 20, G_OFFSET = 21, G_LENGTH = 22, G_MODE = 23, G_APPEND = 24, G_MKDIRS = 25,
-	G_SIZE = 26, G_FOLLOW = 27, G_PARENTS = 28, G_RECURSIVE = 29,
+	G_SIZE = 26, G_FOLLOW = 27, G_PARENTS = 28, G_RECURSIVE = 29, G_REGULAR = 30,
 	G_VERSION = 40, G_PID = 41, G_AGENT_NAME = 42, G_AGENT_UID = 43,
 	G_CODE = 50, G_SIGNAL = 51, G_TIMED_OUT = 52, G_CORE = 53,
 	G_ERRNO = 60, G_MESSAGE = 61,
@@ -249,7 +249,7 @@ struct path_req {
 	int has_path, has_offset, has_length, has_mode;
 	uint64_t offset, length;
 	uint32_t mode;
-	int append, mkdirs, follow, parents, recursive;
+	int append, mkdirs, follow, parents, recursive, regular;
 };
 
 static inline int parse_path_req(const uint8_t *pl, size_t n, struct path_req *r, char *err, size_t errlen)
@@ -291,6 +291,7 @@ static inline int parse_path_req(const uint8_t *pl, size_t n, struct path_req *r
 			r->mode = rd32(v) & 07777;
 			break;
 		case G_APPEND: case G_MKDIRS: case G_FOLLOW: case G_PARENTS: case G_RECURSIVE:
+		case G_REGULAR:
 			if (len != 1)
 				return PERR("tag %u must be u8", tag);
 			if (tag == G_APPEND) r->append = v[0] != 0;
@@ -298,6 +299,7 @@ static inline int parse_path_req(const uint8_t *pl, size_t n, struct path_req *r
 			if (tag == G_FOLLOW) r->follow = v[0] != 0;
 			if (tag == G_PARENTS) r->parents = v[0] != 0;
 			if (tag == G_RECURSIVE) r->recursive = v[0] != 0;
+			if (tag == G_REGULAR) r->regular = v[0] != 0;
 			break;
 		default:
 			break;

@@ -81,9 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the HTTP API of the agentkernel SDKs (runs the "
                                       "daemon in the foreground)")
     sv.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (non-loopback needs AGENTKERNEL_API_KEY)")
+                    help="address to bind (default 127.0.0.1). A bearer key is always "
+                         "required: AGENTKERNEL_API_KEY, [api] api_key, or the one generated "
+                         "on the first serve and stored 0600 in the data dir")
     sv.add_argument("--port", type=int, default=18888)
-    sv.add_argument("-c", "--config", help="daemon config (agentkernel.toml with [daemon])")
+    sv.add_argument("-c", "--config", help="daemon config (agentkernel.toml with [daemon], "
+                                          "[api])")
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="also answer requests whose Host is NAME (repeatable; loopback "
+                         "names always are; see [api] allowed_hosts)")
+    sv.add_argument("--insecure-no-key", action="store_true",
+                    help="DANGEROUS: no API key on a loopback address; every local user "
+                         "and program can then use the API as you")
     st = sub.add_parser("setup", help="prepare optional backends (the microVM guest kernel)")
     st.add_argument("--microvm", action="store_true", required=True,
                     help="fetch and prepare the guest kernel and initramfs for `microvm`")
@@ -192,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             return images_main(args, config)
         if args.cmd == "serve":
             from .daemon.server import run_daemon
+            from .http.serve import ServeOptions
 
-            return run_daemon(args.config, http=(args.host, args.port))
+            return run_daemon(args.config, http=ServeOptions(
+                args.host, args.port, insecure_no_key=args.insecure_no_key,
+                allowed_hosts=tuple(args.allowed_host)))
         if args.cmd == "setup":
             from .vm.setup import main as setup_main
 

@@ -207,9 +207,17 @@ class FileEntry(_Section):
 
 
 class ApiSection(_Section):
+    """`serve`'s HTTP API (see docs/http-api.md)."""
+
     api_key: str | None = Field(default=None, repr=False)
     api_key_env: str | None = None
     allow_sudo_exec: bool = False
+    # Host names served besides loopback ones (DNS-rebinding guard); "*" turns the check off.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Output kept per /run, exec or batch item (stdout + stderr); more kills the command.
+    max_output_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 16 * 1024 * 1024
+    # Largest file GET /sandboxes/{name}/files/... returns; larger ones get 413.
+    max_file_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = 64 * 1024 * 1024
 
 
 class SshSection(_Section):

@@ -58,6 +58,11 @@ _NOT_EXECUTABLE = {
     errno_mod.ENAMETOOLONG,
 }
 _MAX_U32 = 0xFFFFFFFF
+# Output (and file data) a channel may have unread before the reader stops reading the agent:
+# then the agent stops reading the command's pipes and the command waits. A consumer that
+# stalls (a client that stops reading) stalls its sandbox's output, not the host's memory.
+OUTPUT_WINDOW = 4 * 1024 * 1024
+_FLOW = (T.STDOUT, T.STDERR, T.FILE_DATA)
 _STRAY_OUTPUT = (T.STDOUT, T.STDERR, T.EXIT)
 
 _Q = queue.Queue[Frame | None]
@@ -169,8 +174,10 @@ class Execution:
         while True:
             frame = self._client._get(self._q, timeout, "command output")
             if frame.type == T.STDOUT:
+                self._client._consumed(self.id, len(frame.payload))
                 return "stdout", frame.payload
             if frame.type == T.STDERR:
+                self._client._consumed(self.id, len(frame.payload))
                 return "stderr", frame.payload
             if frame.type == T.EXIT:
                 self._client._close_chan(self.id)
@@ -225,6 +232,8 @@ class AgentClient:
         self._on_close = on_close
         self._wlock = threading.Lock()
         self._lock = threading.Lock()
+        self._flow = threading.Condition(self._lock)
+        self._unread: dict[int, int] = {}  # per channel: bytes delivered, not yet taken
         self._chans: dict[int, _Q] = {}
         self._hello_q: _Q = queue.Queue()
         self._next_chan = 1
@@ -302,6 +311,8 @@ class AgentClient:
     def _deliver(self, frame: Frame) -> None:
         with self._lock:
             q = self._chans.get(frame.chan)
+            if q is not None and frame.type in _FLOW:
+                q = self._wait_window(frame.chan, q, len(frame.payload))
         if q is not None:
             q.put(frame)
         elif frame.chan == 0 and frame.type == T.HELLO:
@@ -311,6 +322,25 @@ class AgentClient:
             self.channel_errors.append((err, msg))
             del self.channel_errors[:-100]
         # Anything else belongs to a channel nobody waits for any more (late output): drop it.
+
+    def _wait_window(self, chan: int, q: _Q, size: int) -> _Q | None:
+        """(Lock held.) Wait until `chan` has room for more unread output; None if the
+        channel was closed meanwhile (the frame is then dropped)."""
+        while (self._unread.get(chan, 0) >= OUTPUT_WINDOW and not self._closed
+               and self._chans.get(chan) is q):
+            self._flow.wait(1.0)
+        if self._chans.get(chan) is not q:
+            return None
+        self._unread[chan] = self._unread.get(chan, 0) + size
+        return q
+
+    def _consumed(self, chan: int, size: int) -> None:
+        with self._lock:
+            left = self._unread.get(chan, 0) - size
+            if chan in self._unread:
+                self._unread[chan] = max(0, left)
+            if left < OUTPUT_WINDOW:
+                self._flow.notify_all()
 
     def _open_chan(self, chan: int | None = None) -> tuple[int, _Q]:
         q: _Q = queue.Queue()
@@ -329,6 +359,8 @@ class AgentClient:
     def _close_chan(self, chan: int) -> None:
         with self._lock:
             self._chans.pop(chan, None)
+            self._unread.pop(chan, None)
+            self._flow.notify_all()
 
     def _get(self, q: _Q, timeout: float | None, what: str) -> Frame:
         try:
@@ -475,10 +507,14 @@ class AgentClient:
         raise AgentRequestError("exec: no free channel id", errno_mod.EBUSY)
 
     def read_file_to(
-        self, path: str, out: IO[bytes], *, offset: int | None = None, length: int | None = None
+        self, path: str, out: IO[bytes], *, offset: int | None = None, length: int | None = None,
+        regular: bool = False,
     ) -> int:
-        """Stream a file from the sandbox into out; returns the byte count."""
+        """Stream a file from the sandbox into out; returns the byte count. `regular`: the
+        agent refuses anything but a regular file (checked on the descriptor it reads)."""
         items = [(Tag.PATH.value, path_bytes(path))]
+        if regular:
+            items.append((Tag.REGULAR.value, u8(1)))
         if offset is not None:
             items.append((Tag.OFFSET.value, u64(offset)))
         if length is not None:
@@ -491,6 +527,7 @@ class AgentClient:
                 frame = self._get(q, None, what)
                 if frame.type == T.FILE_DATA:
                     out.write(frame.payload)
+                    self._consumed(chan, len(frame.payload))
                     total += len(frame.payload)
                 elif frame.type == T.FILE_END:
                     size = as_uint(tlv_dict(frame.payload).get(Tag.SIZE, u64(total)))
@@ -644,6 +681,8 @@ class AgentClient:
             if self._closed:
                 return
             self._closed = True
+        with self._lock:
+            self._flow.notify_all()  # a reader waiting for a consumer: stop waiting
         if self._on_close is not None:
             self._on_close()
         for f in (self._w, self._r):

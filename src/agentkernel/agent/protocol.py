@@ -89,6 +89,7 @@ class Tag(IntEnum):
     FOLLOW = 27
     PARENTS = 28
     RECURSIVE = 29
+    REGULAR = 30  # FILE_READ: regular files only (protocol 1.x agents ignore it)
     VERSION = 40
     PID = 41
     AGENT_NAME = 42

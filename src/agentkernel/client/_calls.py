@@ -39,7 +39,7 @@ STREAM_EVENTS = frozenset({"started", "progress", "output", "done", "error"})
 @dataclass(frozen=True)
 class Settings:
     base_url: str
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     timeout: float
 
     def headers(self) -> dict[str, str]:
@@ -59,10 +59,32 @@ def daemon_api_socket(base_url: str | None) -> str | None:
 
 
 def settings(base_url: str | None, api_key: str | None, timeout: float | None) -> Settings:
-    """Argument, else environment (AGENTKERNEL_BASE_URL, AGENTKERNEL_API_KEY), else default."""
-    url = base_url or os.environ.get("AGENTKERNEL_BASE_URL") or DEFAULT_BASE_URL
+    """Argument, else environment (AGENTKERNEL_BASE_URL, AGENTKERNEL_API_KEY), else default.
+
+    With no key given and a loopback base URL, the key `serve` stored in this user's data
+    dir (api.key) is used, if there is one: a local server needs no configuration.
+    """
+    given = base_url or os.environ.get("AGENTKERNEL_BASE_URL")
+    url = given or DEFAULT_BASE_URL
     key = api_key or os.environ.get("AGENTKERNEL_API_KEY") or None
+    # (No base URL at all means the daemon's 0600 unix socket, which needs no key.)
+    if key is None and given and _loopback_url(url):
+        from ..http.keys import read_key_quietly
+
+        key = read_key_quietly()
     return Settings(url.rstrip("/"), key, DEFAULT_TIMEOUT if timeout is None else timeout)
+
+
+def _loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    from ..http.guards import is_loopback_name
+
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host is not None and is_loopback_name(host.lower())
 
 
 def _same(data: Any) -> Any:

@@ -29,6 +29,7 @@ class RunOutput(BaseModel):
     exit_code: int | None = None
     stderr: str | None = None
     success: bool | None = None
+    truncated: bool | None = None  # the server kept only max_output_bytes and killed it
 
 
 class SandboxInfo(BaseModel):

@@ -1122,11 +1122,13 @@ class SandboxManager:
         self._audit(name, "file_read", path=path)
         return data
 
-    def read_file_to(self, name: str, path: str, out: Any) -> int:
-        """Stream a file out of a sandbox (for `cp`)."""
+    def read_file_to(self, name: str, path: str, out: Any, *, limit: int | None = None,
+                     regular: bool = False) -> int:
+        """Stream a file out of a sandbox (for `cp`, and the HTTP API: which reads at most
+        `limit` bytes, of a regular file only)."""
         path = validate_sandbox_path(path)
         live, _ = self._running(name)
-        size = live.client.read_file_to(path, out)
+        size = live.client.read_file_to(path, out, length=limit, regular=regular)
         self._audit(name, "file_read", path=path)
         return size
 

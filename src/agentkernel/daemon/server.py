@@ -24,6 +24,9 @@ from ..peer import refusal
 from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
 from .manager import ExecHandle, SandboxManager, failed_start
 
+if typing.TYPE_CHECKING:
+    from ..http.serve import ServeOptions
+
 LOCK_NAME = "daemon.lock"
 MAX_LINE = 8 * 1024 * 1024  # one request line (cp chunks are far smaller)
 
@@ -386,11 +389,11 @@ def load_daemon_config(path: str | None) -> Any:
     return None
 
 
-def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = None,
+def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
                idle_exit: float = 0.0) -> int:
     """The daemon's main: lock, recover, listen, serve until told to stop.
 
-    With `http` (host, port) it also serves the REST API of the official SDKs, on a thread
+    With `http` (address, key, ...) it also serves the REST API of the official SDKs, on a thread
     of this process, so that one manager owns every sandbox (`agentkernel serve`).
     With `idle_exit` (a daemon `run` started by itself) it keeps no configured pools unless
     a daemon config exists, and stops once nothing has used it for that many seconds while
@@ -398,10 +401,10 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
     """
     from ..paths import data_dir
 
+    config = load_daemon_config(config_path)
     if http is not None:
-        from ..http.serve import resolve_api_key
-
-        resolve_api_key(http[0])  # refuse a non-loopback bind without a key before anything
+        # The key is settled (or a public bind without one refused) before anything starts.
+        http = http.with_config(config.api if config is not None else None)
 
     rt = runtime_dir()
     data = data_dir()
@@ -418,7 +421,6 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
                   file=sys.stderr)
             return 1
         locks.append(lock_file)
-    config = load_daemon_config(config_path)
     if config is not None:
         from ..vm.settings import configure
 
@@ -429,11 +431,10 @@ def run_daemon(config_path: str | None = None, http: tuple[str, int] | None = No
     server = DaemonServer(manager, rt / DAEMON_SOCKET)
     api = None
     if http is not None:
-        from ..http.serve import start_in_thread
+        from ..http.serve import describe, start_in_thread
 
-        api = start_in_thread(manager, *http)
-        shown = f"[{api.host}]" if ":" in api.host else api.host
-        print(f"agentkernel: HTTP API on http://{shown}:{api.port}", file=sys.stderr, flush=True)
+        api = start_in_thread(manager, options=http)
+        print(f"agentkernel: {describe(api.url, http)}", file=sys.stderr, flush=True)
     uds_api: list[Any] = []
 
     def start_uds_api() -> None:

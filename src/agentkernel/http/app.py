@@ -5,20 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import codecs
 import contextlib
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -28,16 +28,30 @@ from ..daemon.api import (
     DetachedInfo,
     ExecRequest,
     ExecResult,
-    OutputKind,
+    OnOutput,
     RunRequest,
     SandboxInfo,
-    SandboxService,
     SnapshotInfo,
 )
 from ..errors import AgentKernelError, UsageError
 from ..names import validate_sandbox_name, validate_sandbox_path
 from . import models as m
-from .guards import DEFAULT_MAX_BODY, AuthMiddleware, BodyLimitMiddleware
+from .commands import (
+    ClientGone,
+    CommandService,
+    Job,
+    Pipe,
+    capped_job,
+    file_pieces,
+    read_file_capped,
+    result_dict,
+    result_pieces,
+    run_cancellable,
+    sse,
+    stream_events,
+)
+from .guards import DEFAULT_MAX_BODY, AuthMiddleware, BodyLimitMiddleware, HostGuard
+from .limits import Limits
 from .parsing import (
     check_argv,
     check_backend,
@@ -62,16 +76,18 @@ _ERR: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (400, "invalid input (name, path, body)"),
         (401, "missing or wrong API key"),
+        (403, "a cross-origin request (an Origin that is not an allowed host)"),
         (404, "unknown sandbox, file, command, snapshot or route"),
         (409, "the sandbox or snapshot exists already, or is in the wrong state"),
-        (413, "request body too large"),
+        (413, "request body too large, or a file over max_file_bytes"),
+        (421, "a Host header that is neither a loopback name nor an allowed host"),
     )
 }
 
 
 def _doc(model: Any, name: str, *codes: int) -> dict[str, Any]:
     """Route options for the OpenAPI document: the success envelope and the error ones."""
-    responses = {c: _ERR[c] for c in (400, 401, 404, 413, *codes)}
+    responses = {c: _ERR[c] for c in (400, 401, 403, 404, 413, 421, *codes)}
     return {"response_model": m.envelope_of(model, name), "responses": responses}
 
 
@@ -87,23 +103,9 @@ def fail(status: int, message: str, headers: dict[str, str] | None = None) -> Re
                     headers=headers)
 
 
-def result_json(res: ExecResult) -> dict[str, Any]:
-    """A finished command as `data`: stdout in `output` (what the SDK models read)."""
-    out: dict[str, Any] = {
-        "output": res.stdout.decode("utf-8", "replace"),
-        "stderr": res.stderr.decode("utf-8", "replace"),
-        "exit_code": res.exit_code,
-        "success": res.exit_code == 0,
-    }
-    if res.signal is not None:
-        out["signal"] = res.signal
-    if res.timed_out:
-        out["timed_out"] = True
-    if res.oom_killed:
-        out["oom_killed"] = True
-    if res.message:
-        out["message"] = res.message
-    return out
+def pieces_response(pieces: Iterator[bytes]) -> Response:
+    """A JSON envelope sent as it is encoded (a big output is never held escaped)."""
+    return StreamingResponse(pieces, media_type="application/json")
 
 
 def sandbox_json(info: SandboxInfo) -> dict[str, Any]:
@@ -167,68 +169,11 @@ def _run_request(body: m.RunBody) -> RunRequest:
                       timeout=body.timeout)
 
 
-def _sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
-async def stream_run(service: SandboxService, req: RunRequest, fast: bool,
-                     keepalive: float) -> AsyncIterator[bytes]:
-    """Server-sent events for one run, each `output` sent as the command produces it.
-
-    The service call runs on its own thread and posts each chunk onto this event loop; the
-    loop waits for the next one with a timeout so that silence becomes `: keepalive` lines.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    def post(item: tuple[str, Any]) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: the client left
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def on_output(kind: OutputKind, data: bytes) -> None:
-        post(("output", (kind, data)))
-
-    def work() -> None:
-        try:
-            post(("done", service.run(req, on_output)))
-        except BaseException as exc:  # delivered as an `error` event
-            post(("error", exc))
-
-    yield _sse("started", {"command": req.argv, "fast": fast,
-                           "timestamp": datetime.now(UTC).isoformat()})
-    threading.Thread(target=work, name="ak-http-stream", daemon=True).start()
-    decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in ("stdout", "stderr")}
-    while True:
-        try:
-            kind, payload = await asyncio.wait_for(queue.get(), keepalive)
-        except TimeoutError:
-            yield b": keepalive\n\n"
-            continue
-        if kind == "output":
-            stream, chunk = payload
-            text = decoders[stream].decode(chunk)
-            if text:
-                yield _sse("output", {"data": text, "stream": stream})
-            continue
-        for stream, decoder in decoders.items():
-            rest = decoder.decode(b"", final=True)
-            if rest:
-                yield _sse("output", {"data": rest, "stream": stream})
-        if kind == "done":
-            res: ExecResult = payload
-            done: dict[str, Any] = {"exit_code": res.exit_code, "success": res.exit_code == 0}
-            if res.message:
-                done["message"] = res.message
-            yield _sse("done", done)
-        else:
-            exc: BaseException = payload
-            if isinstance(exc, AgentKernelError):
-                yield _sse("error", {"message": exc.message, "status": exc.http_status})
-            else:
-                log.error("run stream failed", exc_info=exc)
-                yield _sse("error", {"message": f"internal error: {type(exc).__name__}",
-                                     "status": 500})
-        return
+def _stream_error(exc: BaseException) -> bytes:
+    if isinstance(exc, AgentKernelError):
+        return sse("error", {"message": exc.message, "status": exc.http_status})
+    log.error("run stream failed", exc_info=exc)
+    return sse("error", {"message": f"internal error: {type(exc).__name__}", "status": 500})
 
 
 def _strip_422(schema: dict[str, Any]) -> dict[str, Any]:
@@ -244,14 +189,18 @@ def _strip_422(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_app(
-    service: SandboxService,
+    service: CommandService,
     *,
     api_key: str | None = None,
+    allowed_hosts: frozenset[str] | None = None,
+    limits: Limits | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     keepalive: float = KEEPALIVE_SECONDS,
 ) -> FastAPI:
     """The API over `service`. With `api_key`, every route but /health and /openapi.json
-    needs `Authorization: Bearer <api_key>`."""
+    needs `Authorization: Bearer <api_key>`. With `allowed_hosts` (TCP: always), only
+    requests whose Host is a loopback name or one of them are served, and none with a
+    foreign Origin."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -267,7 +216,7 @@ def create_app(
                     '`{"success", "data", "error"}`; see docs/http-api.md.',
     )
     register_errors(app)
-    add_routes(app, service, keepalive)
+    add_routes(app, service, keepalive, limits or Limits())
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -277,7 +226,8 @@ def create_app(
                                  description=app.description, routes=app.routes)
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer",
-                           "description": "AGENTKERNEL_API_KEY, when the server has one"}}
+                           "description": "AGENTKERNEL_API_KEY, or the key `serve` "
+                                          "stored in the data dir (api.key)"}}
             schema["security"] = [{"bearer": []}]
             schema["paths"]["/health"]["get"]["security"] = []
             app.openapi_schema = _strip_422(schema)
@@ -287,6 +237,8 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, limit=max_body)
     if api_key:
         app.add_middleware(AuthMiddleware, api_key=api_key)
+    if allowed_hosts is not None:
+        app.add_middleware(HostGuard, allowed=allowed_hosts)  # the outermost: first to run
     return app
 
 
@@ -295,6 +247,8 @@ def register_errors(app: FastAPI) -> None:
 
     @app.exception_handler(AgentKernelError)
     async def agentkernel_error(_req: Request, exc: AgentKernelError) -> Response:
+        if isinstance(exc, ClientGone):  # nobody reads this answer
+            return fail(499, exc.message)
         if exc.http_status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
         return fail(exc.http_status, exc.message)
@@ -335,9 +289,15 @@ def register_errors(app: FastAPI) -> None:
         return fail(500, f"internal error: {type(exc).__name__}")
 
 
-def add_routes(app: FastAPI, svc: SandboxService, keepalive: float) -> None:
-    """Every route of docs/http-api.md. Handlers are plain functions: FastAPI runs them on
-    its thread pool, as the service blocks while a command runs."""
+def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limits) -> None:
+    """Every route of docs/http-api.md. Plain handlers run on FastAPI's thread pool, as the
+    service blocks; those that run commands are async, to cancel them when the client
+    leaves, and keep at most `limits.max_output` bytes of output."""
+
+    async def command(request: Request, opener: Any, close_stdin: bool) -> Response:
+        job, cap = capped_job(opener, limits.max_output, close_stdin=close_stdin)
+        res = await run_cancellable(request.receive, job.run, job.cancel)
+        return pieces_response(result_pieces(res, cap))
 
     # -- health, one-shot runs --
 
@@ -346,8 +306,9 @@ def add_routes(app: FastAPI, svc: SandboxService, keepalive: float) -> None:
         return ok("ok")
 
     @app.post("/run", tags=["run"], **_doc(m.RunOut, "RunResponse"))
-    def run(body: m.RunBody) -> Response:
-        return ok(result_json(svc.run(_run_request(body))))
+    async def run(body: m.RunBody, request: Request) -> Response:
+        req = _run_request(body)
+        return await command(request, lambda: svc.open_run(req), True)
 
     @app.post(
         "/run/stream", tags=["run"], response_class=StreamingResponse,
@@ -357,28 +318,46 @@ def add_routes(app: FastAPI, svc: SandboxService, keepalive: float) -> None:
                                         "done, or error; `: keepalive` during silence"},
                    **{c: _ERR[c] for c in (400, 401, 413)}},
     )
-    def run_stream(body: m.RunBody) -> Response:
+    async def run_stream(body: m.RunBody) -> Response:
         req = _run_request(body)  # input errors are a 400, before the stream starts
         fast = True if body.fast is None else body.fast
+        started = sse("started", {"command": req.argv, "fast": fast,
+                                  "timestamp": datetime.now(UTC).isoformat()})
+        pipe = Pipe(asyncio.get_running_loop(), limits.stream_buffer)
+
+        def job_for(on_output: OnOutput) -> Job:
+            return Job(lambda: svc.open_run(req), on_output, close_stdin=True)
+
         return StreamingResponse(
-            stream_run(svc, req, fast, keepalive), media_type="text/event-stream",
+            stream_events(job_for, pipe, started, keepalive, _stream_error),
+            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     @app.post("/batch/run", tags=["run"], **_doc(m.BatchOut, "BatchRunResponse"))
-    def batch_run(body: m.BatchBody) -> Response:
+    async def batch_run(body: m.BatchBody, request: Request) -> Response:
         reqs = [RunRequest(argv=check_argv(list(c.command))) for c in body.commands]
+        share = max(4096, limits.max_output // max(1, len(reqs)))  # the batch's total cap
+        jobs = [capped_job(partial(svc.open_run, req), share, close_stdin=True)
+                for req in reqs]
 
-        def one(req: RunRequest) -> dict[str, Any]:
+        def one(job_cap: tuple[Job, Any]) -> dict[str, Any]:
+            job, cap = job_cap
             try:
-                res = svc.run(req)
+                res: ExecResult = job.run()
             except AgentKernelError as exc:
                 return {"output": None, "error": exc.message, "success": False}
-            return result_json(res) | {"error": None}
+            return result_dict(res, cap) | {"error": None}
 
-        with ThreadPoolExecutor(min(BATCH_WORKERS, len(reqs))) as pool:
-            results = list(pool.map(one, reqs))
-        return ok({"results": results})
+        def work() -> list[dict[str, Any]]:
+            with ThreadPoolExecutor(min(BATCH_WORKERS, len(jobs))) as pool:
+                return list(pool.map(one, jobs))
+
+        def cancel() -> None:
+            for job, _ in jobs:
+                job.cancel()
+
+        return ok({"results": await run_cancellable(request.receive, work, cancel)})
 
     # -- the host --
 
@@ -450,9 +429,9 @@ def add_routes(app: FastAPI, svc: SandboxService, keepalive: float) -> None:
     # -- commands in a sandbox --
 
     @app.post("/sandboxes/{name}/exec", tags=["exec"], **_doc(m.RunOut, "RunResponse", 409))
-    def exec_in(name: str, body: m.ExecBody) -> Response:
-        req = _exec_request(body)
-        return ok(result_json(svc.exec(_name(name), req)))
+    async def exec_in(name: str, body: m.ExecBody, request: Request) -> Response:
+        req, sandbox = _exec_request(body), _name(name)
+        return await command(request, lambda: svc.open_exec(sandbox, req), False)
 
     @app.post("/sandboxes/{name}/exec/detach", tags=["exec"],
               **_doc(m.DetachedOut, "DetachedResponse", 409))
@@ -499,14 +478,10 @@ def add_routes(app: FastAPI, svc: SandboxService, keepalive: float) -> None:
 
     @app.get("/sandboxes/{name}/files/{path:path}", tags=["files"],
              **_doc(m.FileOut, "FileResponse"))
-    def read_file(name: str, path: str) -> Response:
+    async def read_file(name: str, path: str) -> Response:
         sandbox, where = _name(name), _file_path(path)
-        data = svc.read_file(sandbox, where)
-        try:
-            return ok({"content": data.decode("utf-8"), "encoding": "utf8", "size": len(data)})
-        except UnicodeDecodeError:
-            return ok({"content": base64.b64encode(data).decode(), "encoding": "base64",
-                       "size": len(data)})
+        data = await run_in_threadpool(read_file_capped, svc, sandbox, where, limits.max_file)
+        return pieces_response(file_pieces(data))
 
     @app.put("/sandboxes/{name}/files/{path:path}", tags=["files"],
              **_doc(str, "MessageResponse", 409))

@@ -1,8 +1,10 @@
-"""ASGI guards in front of every route: bearer-token auth and the request body size limit."""
+"""ASGI guards in front of every route: Host and Origin checks, bearer-token auth, body size."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -44,6 +46,89 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def _same_key(given: bytes, key: bytes) -> bool:
+    """Constant time, length included: both sides are hashed before they are compared."""
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(key).digest())
+
+
+LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def host_name(value: str) -> str | None:
+    """The name part of a Host header or an Origin's authority, lower-cased; None if malformed.
+
+    `[::1]:18888` -> `::1`, `LocalHost:80` -> `localhost`, `127.0.0.1` -> `127.0.0.1`.
+    """
+    value = value.strip().lower()
+    if not value or any(c in value for c in "/\\@ \t"):
+        return None
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    else:
+        name, _, port = value.partition(":")
+    if port and not port.isdigit():
+        return None
+    return name or None
+
+
+def is_loopback_name(name: str) -> bool:
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class HostGuard:
+    """Serve only requests addressed to an allowed host, and no foreign web page.
+
+    The Host header must name a loopback address or `localhost`, or one of `allowed`: a web
+    page that rebinds its own name to 127.0.0.1 still sends its own name, and gets 421. A
+    request with an `Origin` (browsers send one on cross-origin and on unsafe requests) is
+    refused with 403 unless that origin's host is allowed too; no CORS header is ever sent,
+    so a browser lets no other page read an answer either.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.allowed = frozenset(h.lower() for h in allowed)
+        self.any = "*" in self.allowed
+
+    def allows(self, name: str | None) -> bool:
+        if name is None:
+            return False
+        return self.any or name in self.allowed or is_loopback_name(name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = _header(scope, b"host")
+        if host is None:
+            await send_json(send, *envelope_error(400, "missing Host header"))
+            return
+        if not self.allows(host_name(host.decode("latin-1"))):
+            await send_json(send, *envelope_error(
+                421, "this server does not answer for that Host: it serves loopback names "
+                     "and those given with --allowed-host or [api] allowed_hosts"))
+            return
+        origin = _header(scope, b"origin")
+        if origin is not None and not self._origin_ok(origin.decode("latin-1")):
+            await send_json(send, *envelope_error(403, "cross-origin requests are refused"))
+            return
+        await self.app(scope, receive, send)
+
+    def _origin_ok(self, origin: str) -> bool:
+        scheme, sep, authority = origin.strip().partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            return False  # includes the opaque origin "null"
+        return self.allows(host_name(authority))
+
+
 class AuthMiddleware:
     """Require `Authorization: Bearer <key>` on every path but /health and /openapi.json."""
 
@@ -62,7 +147,7 @@ class AuthMiddleware:
             scheme, _, token = header.strip().partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():
                 why = "Invalid authorization format"
-            elif hmac.compare_digest(token.strip(), self.key):
+            elif _same_key(token.strip(), self.key):
                 await self.app(scope, receive, send)
                 return
             else:

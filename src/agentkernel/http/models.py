@@ -104,7 +104,14 @@ class RunOut(BaseModel):
     output: str = Field(description="the command's stdout, decoded as UTF-8")
     stderr: str
     exit_code: int
-    success: bool = Field(description="exit_code == 0")
+    success: bool = Field(description="exit_code == 0, and the output was not truncated")
+    signal: int | None = Field(None, description="the signal that ended the command")
+    timed_out: bool | None = None
+    oom_killed: bool | None = None
+    truncated: bool | None = Field(
+        None, description="stdout + stderr went over the server's max_output_bytes: what "
+                          "came before is kept, the command was killed")
+    message: str | None = Field(None, description="why the command ended, when not by itself")
 
 
 class SandboxOut(BaseModel):

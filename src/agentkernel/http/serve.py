@@ -9,19 +9,22 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from .limits import Limits
 
 if TYPE_CHECKING:
     import uvicorn
 
-    from ..daemon.api import SandboxService
+    from ..config import ApiSection
+    from .commands import CommandService as SandboxService
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18888
 API_KEY_ENV = "AGENTKERNEL_API_KEY"
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - compared with, never bound
 
 
 def is_loopback(host: str) -> bool:
@@ -34,16 +37,72 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def resolve_api_key(host: str, api_key: str | None = None) -> str | None:
-    """The key from the argument or AGENTKERNEL_API_KEY; required off loopback."""
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    key = key or None
-    if key is None and not is_loopback(host):
-        raise UsageError(
-            f"refusing to serve on {host}, which is not a loopback address, without an API "
-            f"key: set {API_KEY_ENV} (clients send it as 'Authorization: Bearer <key>')"
-        )
+def _say(line: str) -> None:
+    print(f"agentkernel: {line}", file=sys.stderr, flush=True)
+
+
+def _configured_key(api: ApiSection | None) -> str | None:
+    if api is None:
+        return None
+    if api.api_key:
+        return api.api_key
+    if api.api_key_env:
+        return os.environ.get(api.api_key_env) or None
+    return None
+
+
+def resolve_api_key(host: str, api_key: str | None = None, *, insecure_no_key: bool = False,
+                    api: ApiSection | None = None) -> str | None:
+    """The key the server requires: the argument, AGENTKERNEL_API_KEY, the config's [api]
+    api_key / api_key_env, else the one stored in the data dir (made on the first serve and
+    shown once). None only with `insecure_no_key`, which is refused off loopback."""
+    key = api_key or os.environ.get(API_KEY_ENV) or _configured_key(api)
+    if key:
+        return key
+    if insecure_no_key:
+        if not is_loopback(host):
+            raise UsageError(f"refusing --insecure-no-key on {host}, which is not a loopback "
+                             "address")
+        _say("WARNING: --insecure-no-key: every local user and every program on this host "
+             "can drive this API, as this user (run commands, read your sandboxes' files)")
+        return None
+    from .keys import ensure_key, key_path
+
+    key, made = ensure_key()
+    if made:
+        _say(f"generated an API key for the HTTP API (shown only now): {key}")
+        _say(f"it is stored in {key_path()} (mode 0600); our Python client reads it from "
+             f"there, the SDKs take it from {API_KEY_ENV}")
     return key
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `serve` listens: address, key (None: resolved as `resolve_api_key` says), names
+    it answers for besides loopback, and the output/file limits."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    insecure_no_key: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+    def with_config(self, api: ApiSection | None) -> ServeOptions:
+        """These options with the config's [api] section merged in and the key resolved."""
+        key = resolve_api_key(self.host, self.api_key, insecure_no_key=self.insecure_no_key,
+                              api=api)
+        hosts = (*self.allowed_hosts, *(api.allowed_hosts if api else ()))
+        limits = Limits.from_config(api) if api is not None else self.limits
+        return replace(self, api_key=key, allowed_hosts=hosts, limits=limits,
+                       insecure_no_key=key is None)
+
+    def allowed(self) -> frozenset[str]:
+        """Host names served: the configured ones and the bound address (not a wildcard)."""
+        names = {h.strip().lower().strip("[]") for h in self.allowed_hosts if h.strip()}
+        if self.host.lower() not in WILDCARDS:
+            names.add(self.host.lower().strip("[]"))
+        return frozenset(names)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -67,13 +126,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(service: SandboxService, api_key: str | None) -> uvicorn.Server:
+def _server(service: SandboxService, options: ServeOptions | None) -> uvicorn.Server:
+    """A uvicorn server; `options` None: the private unix socket (no key, no Host check)."""
     import uvicorn
 
     from .app import create_app
 
+    if options is None:
+        app = create_app(service)
+    else:
+        app = create_app(service, api_key=options.api_key, allowed_hosts=options.allowed(),
+                         limits=options.limits)
     config = uvicorn.Config(
-        create_app(service, api_key=api_key), log_level="warning", access_log=False,
+        app, log_level="warning", access_log=False,
         server_header=False, lifespan="on", timeout_graceful_shutdown=5,
     )
     return uvicorn.Server(config)
@@ -99,11 +164,17 @@ class RunningServer:
 
 
 def start_in_thread(service: SandboxService, host: str = DEFAULT_HOST, port: int = 0,
-                    api_key: str | None = None) -> RunningServer:
-    """Serve the API for `service` on a thread of this process; returns once it listens."""
-    key = resolve_api_key(host, api_key)
-    sock = bind(host, port)
-    server = _server(service, key)
+                    api_key: str | None = None, *,
+                    options: ServeOptions | None = None) -> RunningServer:
+    """Serve the API for `service` on a thread of this process; returns once it listens.
+
+    `options` (already merged with a config, see `ServeOptions.with_config`) win over
+    `host`, `port` and `api_key`.
+    """
+    if options is None:
+        options = ServeOptions(host, port, api_key).with_config(None)
+    sock = bind(options.host, options.port)
+    server = _server(service, options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="ak-http", daemon=True)
     thread.start()
@@ -111,8 +182,27 @@ def start_in_thread(service: SandboxService, host: str = DEFAULT_HOST, port: int
         threading.Event().wait(0.01)
     if not server.started:
         sock.close()
-        raise UsageError(f"the HTTP API failed to start on {host}:{port}")
-    return RunningServer(host, sock.getsockname()[1], server, thread)
+        raise UsageError(f"the HTTP API failed to start on {options.host}:{options.port}")
+    return RunningServer(options.host, sock.getsockname()[1], server, thread)
+
+
+def describe(url: str, options: ServeOptions) -> str:
+    """The line `serve` prints: where it listens and how a client gets in."""
+    from .keys import key_path
+
+    if options.api_key is None:
+        auth = "NO API KEY (--insecure-no-key)"
+    elif options.api_key == _stored_key():
+        auth = f"bearer key required, stored in {key_path()}"
+    else:
+        auth = "bearer key required"
+    return f"HTTP API on {url} ({auth})"
+
+
+def _stored_key() -> str | None:
+    from .keys import read_key_quietly
+
+    return read_key_quietly()
 
 
 def start_uds_in_thread(service: SandboxService, path: str) -> RunningServer:
@@ -140,25 +230,25 @@ def start_uds_in_thread(service: SandboxService, path: str) -> RunningServer:
 
 def main(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
          service_factory: Callable[[], SandboxService] | None = None,
-         api_key: str | None = None) -> int:
-    """Serve in the foreground until SIGINT/SIGTERM; the CLI's `serve` calls this.
+         api_key: str | None = None, *, options: ServeOptions | None = None) -> int:
+    """Serve in the foreground until SIGINT/SIGTERM (the CLI's `serve` runs the daemon,
+    which calls `start_in_thread`; this is the same without the daemon).
 
-    The key is checked and the port bound before `service_factory` runs, so a refused
+    The key is resolved and the port bound before `service_factory` runs, so a refused
     start creates nothing. A service with a `close()` method is closed on the way out.
     """
-    key = resolve_api_key(host, api_key)
-    sock = bind(host, port)
+    if options is None:
+        options = ServeOptions(host, port, api_key).with_config(None)
+    sock = bind(options.host, options.port)
     if service_factory is None:
         import importlib
 
         service_factory = importlib.import_module("agentkernel.daemon.manager").SandboxManager
     service = service_factory()
     try:
-        server = _server(service, key)
-        shown = f"[{host}]" if ":" in host else host
-        auth = "bearer key required" if key else "no API key (loopback only)"
-        print(f"agentkernel: HTTP API on http://{shown}:{sock.getsockname()[1]} ({auth})",
-              file=sys.stderr, flush=True)
+        server = _server(service, options)
+        shown = f"[{options.host}]" if ":" in options.host else options.host
+        _say(describe(f"http://{shown}:{sock.getsockname()[1]}", options))
         server.run(sockets=[sock])
     finally:
         sock.close()
