@@ -196,9 +196,12 @@ def build_bwrap_argv(
         else:
             argv += ["--ro-bind", entry.src, entry.path]
     keep = persistent_dirs(spec)
+    # tmpfs pages count in the memory cgroup of whoever wrote them; the size bounds them
+    # also where no memory controller is usable. /run holds the overlays' upper dirs.
+    size = ["--size", str(p.memory_mb * 1024 * 1024)] if p.memory_mb else []
     # A persistent sandbox keeps /tmp on disk too: it survives stop/start and snapshots.
-    tmp = ["--bind", str(keep / "dirs" / "tmp"), "/tmp"] if keep else ["--tmpfs", "/tmp"]
-    argv += ["--proc", "/proc", "--dev", "/dev", *tmp, "--tmpfs", "/run"]
+    tmp = ["--bind", str(keep / "dirs" / "tmp"), "/tmp"] if keep else [*size, "--tmpfs", "/tmp"]
+    argv += ["--proc", "/proc", "--dev", "/dev", *tmp, *size, "--tmpfs", "/run"]
     for path in ("/root", "/home", "/var/tmp"):
         if "/" + path.split("/")[1] not in tops:  # the image brings its own
             if keep is not None and cow_root:
