@@ -60,7 +60,8 @@ class CgroupSupport(NamedTuple):
     def explain(self) -> str:
         """A short human summary for `agentkernel doctor`."""
         if self.mode == "none":
-            return "cgroups: not mounted; limits fall back to rlimits (no memory or CPU cap)"
+            return ("cgroups: not mounted; limits fall back to rlimits (pids per sandbox, "
+                    "memory per process, no CPU cap)")
         lines = [f"cgroups: {self.mode} mode"]
         for ctrl in CONTROLLERS:
             h = self.usable.get(ctrl)

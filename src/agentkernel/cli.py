@@ -267,7 +267,8 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         say(f"image {spec.image} ({plan_.image_reason}); rootfs: {plan_.rootfs_note}")
         p = spec.profile
         say(f"profile {p.name}: network={p.network} workspace={p.workspace} "
-            f"memory={p.memory_mb or 'unlimited'}MiB pids={p.pids or 'unlimited'} "
+            f"memory={f'{p.memory_mb}MiB' if p.memory_mb else 'unlimited'} "
+            f"pids={p.pids or 'unlimited'} "
             f"cpus={p.cpus or 'unlimited'}")
     import io
 
