@@ -66,13 +66,15 @@ def qd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 def _assert_nothing_left(sandboxes: Path) -> None:
-    """No mount, no loop device, no image of ours anywhere."""
+    """No mount, no loop device, no image, no mount point of ours anywhere."""
+    ours = quota.mount_point(sandboxes / "x").parent
     mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(sandboxes) not in mounts
+    assert str(sandboxes) not in mounts and str(ours) not in mounts
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True,
                            check=False).stdout
     assert str(sandboxes) not in loops, loops
     assert not sandboxes.exists() or not any(sandboxes.iterdir()), list(sandboxes.iterdir())
+    assert not ours.exists()
 
 
 def _name(prefix: str) -> str:
@@ -93,7 +95,7 @@ def test_persistent_sandbox_hits_its_quota_everywhere_it_writes(qd: Daemon) -> N
               str(qd.root / "project"))
     assert r.returncode == 0, r.stderr
     state = qd.home / "sandboxes" / name
-    assert quota.is_mounted(state)
+    assert quota.is_mounted(quota.mount_point(state))
     # /tmp, the root overlay's upper, the project's copy-on-write upper, /root, /var/tmp.
     for target in ("/tmp/x", "/usr/x", "/workspace/x", "/root/x", "/var/tmp/x"):
         code, out = _sh(qd, name, FILL.format(target))
@@ -105,7 +107,20 @@ def test_persistent_sandbox_hits_its_quota_everywhere_it_writes(qd: Daemon) -> N
     code, out = _sh(qd, name, "head -c 8M /dev/zero > /tmp/y && echo fits")
     assert "fits" in out, out
     assert qd.ak("remove", name).returncode == 0
-    assert not quota.is_mounted(state) and not state.exists() and not image.exists()
+    assert not quota.is_mounted(quota.mount_point(state)) and not state.exists()
+    assert not quota.mount_point(state).exists()
+
+
+def test_project_dir_holding_the_data_dir_still_runs(qd: Daemon) -> None:
+    """A disk mounted inside the data dir would reach a run from $HOME as a locked
+    submount of its project, which overlayfs refuses: the disks are mounted elsewhere."""
+    name = _name("home")
+    assert qd.ak("create", name, "-i", "host", "-B", "namespaces").returncode == 0
+    for extra in ((), ("--no-network",)):
+        r = qd.ak("run", "-i", "host", "-B", "namespaces", "-p", "moderate", *extra, "--",
+                  "sh", "-c", "echo ok", cwd=qd.root, env={"AGENTKERNEL_NO_DAEMON": "1"})
+        assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    assert qd.ak("remove", name).returncode == 0
 
 
 def test_detached_command_printing_forever_keeps_a_capped_log(qd: Daemon) -> None:
@@ -142,7 +157,8 @@ def test_gvisor_persistent_project_copy_is_within_the_quota(qd: Daemon) -> None:
     r = qd.ak("create", name, "-i", "host", "-B", "gvisor", "-p", "moderate", "-d",
               str(qd.root / "project"))
     assert r.returncode == 0, r.stderr
-    assert (qd.home / "sandboxes" / name / "workspace" / "keep.txt").exists()
+    state = qd.home / "sandboxes" / name
+    assert (quota.mount_point(state) / "workspace" / "keep.txt").exists()
     _code, out = _sh(qd, name, FILL.format("/workspace/x"))
     assert "rc=1" in out and "No space left on device" in out, out
     assert sorted(p.name for p in (qd.root / "project").iterdir()) == ["keep.txt"]
@@ -153,6 +169,7 @@ def test_quota_survives_daemon_restarts_and_reboots(qd: Daemon) -> None:
     name = _name("reboot")
     assert qd.ak("create", name, "-i", "host", "-B", "namespaces").returncode == 0
     state = qd.home / "sandboxes" / name
+    disk = quota.mount_point(state)
     assert _sh(qd, name, "echo kept > /root/f")[0] == 0
     # A daemon killed outright: the sandbox and its mounted disk live on, and are adopted.
     pid = qd.pid()
@@ -161,22 +178,22 @@ def test_quota_survives_daemon_restarts_and_reboots(qd: Daemon) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
     qd.ensure_up()
-    assert quota.is_mounted(state)
+    assert quota.is_mounted(disk)
     _code, out = _sh(qd, name, "cat /root/f; " + FILL.format("/tmp/x"))
     assert out.startswith("kept") and "rc=1" in out, out
     # A reboot: the sandbox is stopped and the mount is gone; the next daemon mounts the
     # same image again, files intact.
     assert qd.ak("stop", name).returncode == 0
     qd.ak("daemon", "stop")
-    subprocess.run(["umount", str(state)], check=True)
-    assert not quota.is_mounted(state)
+    subprocess.run(["umount", str(disk)], check=True)
+    assert not quota.is_mounted(disk)
     qd.ensure_up()
-    assert quota.is_mounted(state)
+    assert quota.is_mounted(disk)
     assert qd.ak("start", name).returncode == 0
     _code, out = _sh(qd, name, "cat /root/f; " + FILL.format("/tmp/x"))
     assert out.startswith("kept") and "rc=1" in out, out
     assert qd.ak("remove", name).returncode == 0
-    assert not quota.is_mounted(state) and not quota.image_path(state).exists()
+    assert not quota.is_mounted(disk) and not state.exists()
 
 
 def test_rootless_daemon_stops_a_sandbox_over_its_quota(
@@ -197,7 +214,7 @@ def test_rootless_daemon_stops_a_sandbox_over_its_quota(
     try:
         m.create(CreateRequest(name=name, image="host", backend="namespaces"))
         state = tmp_path / "home" / "sandboxes" / name
-        assert not quota.is_mounted(state)
+        assert not quota.image_path(state).exists()
         from agentkernel.daemon.api import ExecRequest
 
         m.exec(name, ExecRequest(argv=["sh", "-c", "head -c 4M /dev/zero > /tmp/small"]))

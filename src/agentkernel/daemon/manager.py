@@ -496,7 +496,7 @@ class SandboxManager:
         home_opt = home if profile.mount_home and home.is_dir() else None
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
-                           state_dir=self._state_dir(name))
+                           state_dir=self._layers_dir(name))
         env = self._base_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
         cwd = sandbox_cwd(None, workspace is not None, image_config)
@@ -518,10 +518,16 @@ class SandboxManager:
         return DEFAULT_DISK_MB
 
     def _attach_disk(self, name: str, doc: dict[str, Any]) -> bool:
-        """Mount the sandbox's quota-sized disk at its state dir (see daemon/quota.py)."""
+        """Mount the sandbox's quota-sized disk for its layers (see daemon/quota.py)."""
         from . import quota
 
         return quota.attach(self._state_dir(name), doc.get("disk_mb"))
+
+    def _layers_dir(self, name: str) -> Path:
+        """Where the sandbox's writable layers are: its mounted disk, or its state dir."""
+        from . import quota
+
+        return quota.layers_dir(self._state_dir(name))
 
     @staticmethod
     def _wipe_state(state_dir: Path) -> None:
@@ -1171,7 +1177,7 @@ class SandboxManager:
                 raise Conflict(f"snapshot {snap!r} already exists")
             target = self._snap_dir() / f"{snap}.tar"
             tmp = target.with_suffix(".tmp")
-            state = Path(row["state_dir"])
+            state = self._layers_dir(name)
             members = [m for m in ("layers", "dirs") if (state / m).exists()]
             # GNU tar keeps overlayfs whiteouts (0/0 devices) and opaque-dir xattrs.
             argv = ["tar", "--xattrs", "--xattrs-include=user.*", "--xattrs-include=trusted.*",
@@ -1234,9 +1240,9 @@ class SandboxManager:
         except BaseException:
             self._wipe_state(state_dir)
             raise
-        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C", str(state_dir),
-                               "-xf", snap["path"]], capture_output=True, check=False,
-                              timeout=600)
+        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
+                               str(self._layers_dir(name)), "-xf", snap["path"]],
+                              capture_output=True, check=False, timeout=600)
         if proc.returncode != 0:
             self._wipe_state(state_dir)
             raise SandboxError("restore failed: " +
@@ -1327,7 +1333,8 @@ class SandboxManager:
                                "WHERE status='running'"):
             limit = loads(row["spec"], {}).get("disk_mb")
             state = Path(row["state_dir"])
-            if not limit or quota.is_mounted(state) or quota.usage(state) <= limit * quota.MIB:
+            if not limit or quota.image_path(state).exists() or \
+                    quota.usage(state) <= limit * quota.MIB:
                 continue
             with contextlib.suppress(Exception), self._name_lock(row["name"]):
                 self._stop_locked(row["name"], self._row(row["name"]))

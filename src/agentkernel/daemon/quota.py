@@ -1,12 +1,18 @@
 """Host disk bounds of persistent sandboxes: a quota-sized image per state dir, capped logs.
 
 A persistent sandbox keeps its writable layers (root overlay upper, /tmp, /root, /home,
-/var/tmp, a copy-on-write project's upper or gVisor's project copy) and its detached
-commands' logs in its state dir. Started by root, the daemon makes that dir the mount
-point of a sparse ext4 image of the quota's size, so a sandbox that fills it gets ENOSPC
-and the host's disk is untouched. The image is mounted before the backend runs, so no
-backend knows about it; the mount outlives daemon restarts (it is the host's) and is
-mounted again after a reboot; `remove` unmounts it and deletes the image.
+/var/tmp, a copy-on-write project's upper or gVisor's project copy) on the host's disk.
+Started by root, the daemon keeps them on a sparse ext4 image of the quota's size
+(`<state dir>/disk.ext4`), loop-mounted under /run/agentkernel/disks, so a sandbox that
+fills it gets ENOSPC and the host's disk is untouched. The backend is handed the mount
+point as the sandbox's state dir and knows nothing more. The mount outlives daemon
+restarts (it is the host's) and is mounted again after a reboot; `remove` unmounts it and
+deletes the image.
+
+The mount point is outside the data dir on purpose: a sandbox whose project dir contains
+the data dir (a run from $HOME) gets the project by a recursive bind in its user
+namespace, which would carry an image mount along as a locked submount, and overlayfs
+refuses a lower layer with one (EINVAL), so its copy-on-write project could not be made.
 
 An ordinary user cannot mount an image (no loop devices; FUSE's fuse2fs is not in the
 project's dependencies): there the daemon measures the state dir instead and stops a
@@ -28,12 +34,27 @@ from ..errors import SandboxError
 MIB: Final = 1024 * 1024
 DEFAULT_DISK_MB: Final = 10 * 1024  # a large project's dependencies and build output fit
 DEFAULT_LOG_BYTES: Final = 64 * MIB  # per stream of one detached command
-_IMAGE_SUFFIX: Final = ".ext4"
+MOUNT_ROOT: Final = "/run/agentkernel/disks"
+_IMAGE: Final = "disk.ext4"
 
 
 def image_path(state_dir: Path) -> Path:
-    """The image backing `state_dir` (its sibling, so the mount never hides it)."""
-    return state_dir.with_name(state_dir.name + _IMAGE_SUFFIX)
+    """The image holding a persistent sandbox's writable layers."""
+    return state_dir / _IMAGE
+
+
+def mount_point(state_dir: Path) -> Path:
+    """Where the image of `state_dir` is mounted: one dir per data dir, so that daemons
+    with different data dirs never share a mount point."""
+    import hashlib
+
+    key = hashlib.sha256(os.path.realpath(state_dir.parent).encode()).hexdigest()[:16]
+    return Path(MOUNT_ROOT) / key / state_dir.name
+
+
+def layers_dir(state_dir: Path) -> Path:
+    """Where a sandbox's writable layers live: its disk's mount point, else the state dir."""
+    return mount_point(state_dir) if image_path(state_dir).exists() else state_dir
 
 
 def can_mount() -> bool:
@@ -74,21 +95,22 @@ def _run(argv: list[str], what: str) -> None:
 
 
 def attach(state_dir: Path, size_mb: int | None) -> bool:
-    """Mount the state dir's image at `state_dir`, making the image the first time.
+    """Mount the state dir's image (made the first time) at its mount point.
 
-    Returns whether a quota now bounds the dir: False when none is asked for, when this
-    process cannot mount, or for a sandbox made before quotas existed (a non-empty dir
-    without an image: mounting over it would hide its files).
+    Returns whether a quota now bounds the sandbox's layers: False when none is asked
+    for, when this process cannot mount, or for a sandbox made before quotas existed (its
+    layers are in the state dir itself).
     """
     image = image_path(state_dir)
     if not size_mb or not can_mount():
         return False
-    if is_mounted(state_dir):
+    target = mount_point(state_dir)
+    if is_mounted(target):
         return True
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not image.exists():
-        if any(state_dir.iterdir()):
+        if any((state_dir / d).exists() for d in ("layers", "dirs", "workspace")):
             return False
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _make_image(image, size_mb)
     else:
         # Preen after a crash or power cut; exit 1 means "errors fixed".
@@ -96,13 +118,15 @@ def attach(state_dir: Path, size_mb: int | None) -> bool:
         if fsck:
             subprocess.run([fsck, "-p", str(image)], capture_output=True, timeout=300,
                            check=False)
+    for d in (target.parent.parent, target.parent, target):
+        d.mkdir(mode=0o700, exist_ok=True, parents=True)
     # nosuid/nodev: nothing a sandbox wrote can become a device or set-id program on the
-    # host; the image's root is root's 0700 like the dir it covers.
-    _run(["mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", str(image),
-          str(state_dir)], f"cannot mount the disk of {state_dir.name}")
-    state_dir.chmod(0o700)
+    # host; the image's root is root's 0700 like the dir it stands for.
+    _run(["mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", str(image), str(target)],
+         f"cannot mount the disk of {state_dir.name}")
+    target.chmod(0o700)
     with contextlib.suppress(OSError):
-        (state_dir / "lost+found").rmdir()
+        (target / "lost+found").rmdir()
     return True
 
 
@@ -123,24 +147,28 @@ def _make_image(image: Path, size_mb: int) -> None:
 
 
 def detach(state_dir: Path, timeout: float = 5.0) -> None:
-    """Unmount the state dir's image (if mounted) and delete the image: nothing is left.
+    """Unmount the state dir's image (if mounted) and delete it: nothing is left.
 
     The loop device goes with the last reference to the mount (mount -o loop sets
     autoclear); a mount still busy after `timeout` is detached lazily.
     """
+    target = mount_point(state_dir)
     deadline = time.monotonic() + timeout
-    while is_mounted(state_dir):
-        out = subprocess.run(["umount", str(state_dir)], capture_output=True, timeout=60,
+    while is_mounted(target):
+        out = subprocess.run(["umount", str(target)], capture_output=True, timeout=60,
                              check=False)
         if out.returncode == 0:
             continue
         if time.monotonic() > deadline:
-            subprocess.run(["umount", "-l", str(state_dir)], capture_output=True, timeout=60,
+            subprocess.run(["umount", "-l", str(target)], capture_output=True, timeout=60,
                            check=False)
             break
         time.sleep(0.05)
+    for d in (target, target.parent):  # the per-data-dir dir goes with its last sandbox
+        with contextlib.suppress(OSError):
+            d.rmdir()
     image_path(state_dir).unlink(missing_ok=True)
-    image_path(state_dir).with_name(image_path(state_dir).name + ".tmp").unlink(missing_ok=True)
+    image_path(state_dir).with_name(_IMAGE + ".tmp").unlink(missing_ok=True)
 
 
 def usage(path: Path) -> int:

@@ -48,6 +48,8 @@ def make_ext4(image: Path, *, source: Path | None, size_bytes: int, inodes: int 
     size_mib = max(16, -(-size_bytes // MIB))
     argv = [_mkfs(), "-q", "-F", "-t", "ext4", "-O", "has_journal" if journal else "^has_journal",
             "-L", label, "-m", "0", "-E", "root_owner=0:0"]
+    if journal:  # mkfs's default is 64 MiB of host disk from 2 GiB up; a state dir needs less
+        argv += ["-J", f"size={max(4, min(16, size_mib // 64))}"]
     if inodes:
         argv += ["-N", str(inodes)]
     if source is not None:
