@@ -586,7 +586,8 @@ class SandboxManager:
                 "workspace": str(workspace) if workspace else None,
                 "env": dict(req.env), "host_env": {},
                 "profile_fields": profile._asdict(), "rootfs_note": note,
-                "disk_mb": self._disk_mb(config),
+                # A microVM's writable disks are images of a fixed size already.
+                "disk_mb": None if backend.name == "microvm" else self._disk_mb(config),
             }
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)
