@@ -166,10 +166,6 @@ class GVisorBackend(Backend):
             sandbox.cleanups.append(lambda: _force_delete(runsc, scratch, spec.name))
             if cgroup is None and (p.memory_mb or p.pids or p.cpus):
                 sandbox.notes.append("cgroups are not writable here: limits are rlimits only")
-            if sandbox_pids(p.pids) != p.pids:
-                sandbox.notes.append(f"pids capped at {sandbox_pids(p.pids)}: each gVisor task "
-                                     "costs up to ~30 host tasks, and the host's pid_max is "
-                                     f"{_pid_max()}")
             try:
                 client.hello(timeout=30)
             except SandboxError:
