@@ -8,7 +8,7 @@ import re
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -60,7 +60,8 @@ class CgroupSupport(NamedTuple):
     def explain(self) -> str:
         """A short human summary for `agentkernel doctor`."""
         if self.mode == "none":
-            return "cgroups: not mounted; limits fall back to rlimits (no memory or CPU cap)"
+            return ("cgroups: not mounted; limits fall back to rlimits (pids per sandbox, "
+                    "memory per process, no CPU cap)")
         lines = [f"cgroups: {self.mode} mode"]
         for ctrl in CONTROLLERS:
             h = self.usable.get(ctrl)
@@ -404,6 +405,10 @@ class Cgroup:
             _write(path / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
             _write(path / "cpu.cfs_quota_us", str(max(1000, int(cpus * _CPU_PERIOD_US))))
 
+    def enforced(self) -> frozenset[str]:
+        """The controllers this group's limits are enforced with."""
+        return frozenset().union(*(h.controllers for h in self.dirs.values()))
+
     def join_fn(self) -> Callable[[], None]:
         """A `Popen(preexec_fn=...)` hook moving the child into every group before exec.
 
@@ -503,12 +508,28 @@ class Cgroup:
                     time.sleep(0.01)
 
 
-def rlimit_floor(limits: Limits) -> list[tuple[int, int, int]]:
-    """(resource, soft, hard) rlimits to set in the child, with or without cgroups.
+def rlimit_floor(limits: Limits, enforced: Collection[str] = ()) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) rlimits for every command, with or without cgroups.
+
+    `enforced` names the controllers a cgroup enforces for the sandbox; the rlimits stand
+    in for the missing ones where an rlimit can:
+
+    - pids: RLIMIT_NPROC, always. The kernel counts it per (user namespace, uid), and every
+      sandbox of the namespaces and gVisor backends has a user namespace of its own, so
+      inside one it counts that sandbox's processes of the command's uid and nothing of the
+      host (kernel >= 5.14; older kernels count all processes of the host uid). The kernel
+      ignores it for host uid 0, which only a sandbox mapped to host root has: then the
+      cgroup is the limit. Set on the command, not on bwrap: set before the user namespace
+      exists it would become the namespace's limit on all processes of the host uid.
+      Nobody inside can raise it (raising a hard limit needs CAP_SYS_RESOURCE in the
+      host's namespace).
+    - memory, without a memory controller: RLIMIT_DATA (heap and private writable
+      mappings) per process. A floor only: it bounds one process, not the sandbox's sum,
+      and tmpfs pages are bounded by the tmpfs sizes instead.
 
     RLIMIT_AS is deliberately absent: JIT runtimes (V8, the JVM, Go, LuaJIT) reserve far
     more address space than they use, so a memory-sized RLIMIT_AS breaks them long before
-    real memory runs out. Memory is only capped by the cgroup.
+    real memory runs out. Their reservations are PROT_NONE, which RLIMIT_DATA ignores.
     """
     out: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
 
@@ -520,9 +541,8 @@ def rlimit_floor(limits: Limits) -> list[tuple[int, int, int]]:
         out.append((res, min(soft, hard), hard))
 
     if limits.pids is not None:
-        # RLIMIT_NPROC counts every process of the real uid system-wide (per user namespace
-        # on newer kernels), not just the sandbox's, and the kernel ignores it for root
-        # (CAP_SYS_ADMIN/CAP_SYS_RESOURCE): only a rough floor, pids.max is the real limit.
         clamp(resource.RLIMIT_NPROC, limits.pids, limits.pids)
+    if limits.memory_bytes is not None and "memory" not in enforced:
+        clamp(resource.RLIMIT_DATA, limits.memory_bytes, limits.memory_bytes)
     clamp(resource.RLIMIT_NOFILE, 4096, 65536)
     return out

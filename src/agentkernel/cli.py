@@ -31,7 +31,8 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument("-t", "--timeout", type=float, help="kill the command after SECONDS")
     p.add_argument("-k", "--keep", action="store_true",
                    help="keep the sandbox after the command (remove with `agentkernel remove`)")
-    p.add_argument("-m", "--memory", help="memory limit, e.g. 512m or 2g")
+    p.add_argument("-m", "--memory", help="memory limit, e.g. 512m, 2g or unlimited")
+    p.add_argument("--pids", help="process limit, e.g. 256 or unlimited")
     p.add_argument("--cpus", type=float, help="CPU limit in cores, e.g. 0.5")
     p.add_argument("-c", "--config", help="agentkernel.toml to use")
     p.add_argument("-q", "--quiet", action="store_true", help="no agentkernel messages")
@@ -120,7 +121,8 @@ def _add_sandbox_parsers(sub: Any) -> None:
     c.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
     c.add_argument("-B", "--backend", help="isolation backend: auto, namespaces, gvisor")
     c.add_argument("-d", "--dir", help="host project dir shown at /workspace")
-    c.add_argument("-m", "--memory", help="memory limit, e.g. 512m or 2g")
+    c.add_argument("-m", "--memory", help="memory limit, e.g. 512m, 2g or unlimited")
+    c.add_argument("--pids", help="process limit, e.g. 256 or unlimited")
     c.add_argument("--cpus", type=float, help="CPU limit in cores, e.g. 0.5")
     c.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
                    help="environment variable for every command in it (repeatable)")
@@ -251,13 +253,14 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     from pathlib import Path
 
     from .engine import RunRequest, execute, plan
-    from .profiles import parse_memory
+    from .profiles import parse_memory_limit, parse_pids
 
     req = RunRequest(
         argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
         backend=args.backend, no_network=args.no_network, env=args.env, workdir=args.workdir,
         timeout=args.timeout, keep=False,
-        memory_mb=parse_memory(args.memory) if args.memory else None, cpus=args.cpus,
+        memory_mb=parse_memory_limit(args.memory) if args.memory else None,
+        pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
         config_path=Path(args.config) if args.config else None,
         forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
     )
@@ -276,7 +279,8 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         say(f"image {spec.image} ({plan_.image_reason}); rootfs: {plan_.rootfs_note}")
         p = spec.profile
         say(f"profile {p.name}: network={p.network} workspace={p.workspace} "
-            f"memory={p.memory_mb or 'unlimited'}MiB pids={p.pids or 'unlimited'} "
+            f"memory={f'{p.memory_mb}MiB' if p.memory_mb else 'unlimited'} "
+            f"pids={p.pids or 'unlimited'} "
             f"cpus={p.cpus or 'unlimited'}")
     import io
 

@@ -97,9 +97,51 @@ class AgentSection(_Section):
     compatibility_mode: CompatibilityMode | None = None
 
 
+def _limit(parse: Any, v: Any) -> int | None:
+    # TOML gives an int (MiB, or a count) or a string ("4g", "unlimited"); both end up as an
+    # int where profiles.UNLIMITED (0) is the explicit "unlimited".
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise ValueError(f"want a number or a string like \"4g\" or \"unlimited\", got {v!r}")
+    return int(_usage_to_value(parse, str(v)))
+
+
 class ResourcesSection(_Section):
     vcpus: PositiveInt = 1
-    memory_mb: MemoryMb = 512
+    memory_mb: MemoryMb = 512  # upstream's key: the microVM size it asks for (informational)
+    # Caps that override the profile's; "unlimited" lifts one (never lifted by default).
+    memory: int | None = None  # MiB; TOML "4g" / 4096 / "unlimited"
+    pids: int | None = None  # TOML 2048 / "unlimited"
+    # Persistent sandboxes: the host disk their writable layers, /tmp, project copy and
+    # detached-command logs may fill (a size; "unlimited" for none).
+    disk: int | None = None  # MiB
+    # Each output stream of a detached command keeps at most this much (the newest).
+    detached_log: int | None = None  # MiB; default 64
+
+    @field_validator("memory", "disk", mode="before")
+    @classmethod
+    def _check_size(cls, v: Any) -> int | None:
+        from .profiles import parse_memory_limit
+
+        return _limit(parse_memory_limit, v)
+
+    @field_validator("detached_log", mode="before")
+    @classmethod
+    def _check_log(cls, v: Any) -> int | None:
+        from .profiles import parse_memory
+
+        value = _limit(parse_memory, v)
+        if value is not None and value < 1:
+            raise ValueError("detached_log must be at least 1m")
+        return value
+
+    @field_validator("pids", mode="before")
+    @classmethod
+    def _check_pids(cls, v: Any) -> int | None:
+        from .profiles import parse_pids
+
+        return _limit(parse_pids, v)
 
 
 class NetworkSection(_Section):
@@ -528,6 +570,10 @@ preferred = "{agent}"
 [resources]
 vcpus = 1
 memory_mb = 512
+# Caps over the profile's (permissive: 4g, 4096 pids). "unlimited" lifts one.
+# memory = "2g"
+# pids = 1024
+# disk = "10g"                # persistent sandboxes' host disk quota
 
 [security]
 profile = "moderate"          # permissive | moderate | restrictive | custom

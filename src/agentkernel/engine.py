@@ -40,7 +40,8 @@ class RunRequest(NamedTuple):
     workdir: str | None = None
     timeout: float | None = None
     keep: bool = False
-    memory_mb: int | None = None
+    memory_mb: int | None = None  # profiles.UNLIMITED (0): no cap
+    pids: int | None = None  # likewise
     cpus: float | None = None
     config_path: Path | None = None
     forward_stdin: bool = False
@@ -111,8 +112,12 @@ def resolve_profile(req: RunRequest, config: Config | None) -> Profile:
             read_only=sec.read_only, memory_mb=sec.memory_mb, pids=sec.pids, cpus=sec.cpus,
             workspace=(None if sec.mount_cwd is None else ("rw" if sec.mount_cwd else None)),
         )
+    if config is not None:  # [resources] caps, where `unlimited` may lift the profile's
+        res = config.resources
+        profile = profile.with_overrides(memory_mb=res.memory, pids=res.pids)
     return profile.with_overrides(
-        network=False if req.no_network else None, memory_mb=req.memory_mb, cpus=req.cpus
+        network=False if req.no_network else None, memory_mb=req.memory_mb, pids=req.pids,
+        cpus=req.cpus,
     )
 
 
@@ -284,6 +289,7 @@ def _run_in(
 ) -> RunOutcome:
     execution = sandbox.client.exec(
         argv, env=plan_.env, cwd=plan_.cwd, timeout=timeout, stdin=stdin is not None,
+        rlimits=sandbox.command_rlimits(),
     )
     if stdin is not None:
         threading.Thread(target=_pump_stdin, args=(stdin, execution), daemon=True).start()

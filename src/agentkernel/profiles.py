@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 from .errors import UsageError
 
@@ -13,6 +13,18 @@ PROFILE_NAMES = ("permissive", "moderate", "restrictive")
 
 # Host variables forwarded under pass_env (upstream's list; only those that are set).
 PASS_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TERM")
+
+# An explicit "unlimited" memory or pids limit, as an override value and on the wire (a
+# real limit is never 0). Without it a profile's cap always applies: only a config key or
+# flag that says `unlimited` lifts one.
+UNLIMITED: Final = 0
+# permissive's caps: far above what a build or a test suite needs, yet a fork bomb stops at
+# an eighth of the 32768 pids a default kernel has (pid_max), and a runaway allocation at a
+# size that fits on any machine this runs on, before the host's OOM killer picks a victim.
+PERMISSIVE_MEMORY_MB: Final = 4096
+PERMISSIVE_PIDS: Final = 4096
+MIN_MEMORY_MB: Final = 16
+MIN_PIDS: Final = 8
 
 
 class Profile(NamedTuple):
@@ -41,7 +53,10 @@ class Profile(NamedTuple):
         pids: int | None = None,
         cpus: float | None = None,
     ) -> Profile:
-        """Apply explicit overrides (config keys, then CLI flags); None keeps the profile's."""
+        """Apply explicit overrides (config keys, then CLI flags); None keeps the profile's.
+
+        `memory_mb` or `pids` equal to UNLIMITED lifts that cap.
+        """
         p = self
         if network is not None:
             # Turning network *on* in a profile without it gives the safe kind: egress only.
@@ -56,13 +71,14 @@ class Profile(NamedTuple):
         if read_only is not None:
             p = p._replace(root_writable=not read_only)
         if memory_mb is not None:
-            if memory_mb < 16:
-                raise UsageError(f"memory limit {memory_mb} MiB is below the 16 MiB minimum")
-            p = p._replace(memory_mb=memory_mb)
+            if memory_mb != UNLIMITED and memory_mb < MIN_MEMORY_MB:
+                raise UsageError(f"memory limit {memory_mb} MiB is below the "
+                                 f"{MIN_MEMORY_MB} MiB minimum")
+            p = p._replace(memory_mb=memory_mb or None)
         if pids is not None:
-            if pids < 8:
-                raise UsageError(f"pids limit {pids} is below the minimum of 8")
-            p = p._replace(pids=pids)
+            if pids != UNLIMITED and pids < MIN_PIDS:
+                raise UsageError(f"pids limit {pids} is below the minimum of {MIN_PIDS}")
+            p = p._replace(pids=pids or None)
         if cpus is not None:
             if not 0.01 <= cpus <= 1024:
                 raise UsageError(f"cpus {cpus} must be between 0.01 and 1024")
@@ -73,7 +89,8 @@ class Profile(NamedTuple):
 PROFILES: dict[str, Profile] = {
     "permissive": Profile(
         name="permissive", network="host", workspace="rw", mount_home=True, pass_env=True,
-        root_writable=True, memory_mb=None, pids=None, cpus=None, seccomp="permissive",
+        root_writable=True, memory_mb=PERMISSIVE_MEMORY_MB, pids=PERMISSIVE_PIDS, cpus=None,
+        seccomp="permissive",
     ),
     "moderate": Profile(
         name="moderate", network="egress", workspace="cow", mount_home=False, pass_env=False,
@@ -114,3 +131,25 @@ def parse_memory(text: str) -> int:
     if value <= 0 or value != value:
         raise UsageError(f"invalid memory size {text!r}")
     return int(value)
+
+
+def _unlimited(text: str) -> bool:
+    return text.strip().lower() in ("unlimited", "max")
+
+
+def parse_memory_limit(text: str) -> int:
+    """A memory limit in MiB for an override: a size, or UNLIMITED for `unlimited`."""
+    return UNLIMITED if _unlimited(text) else parse_memory(text)
+
+
+def parse_pids(text: str) -> int:
+    """A pids limit for an override: a count, or UNLIMITED for `unlimited`."""
+    if _unlimited(text):
+        return UNLIMITED
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise UsageError(f"invalid pids limit {text!r} (a number, or unlimited)") from None
+    if value < MIN_PIDS:
+        raise UsageError(f"pids limit {value} is below the minimum of {MIN_PIDS}")
+    return value

@@ -65,6 +65,10 @@ class Sandbox:
     def oom_killed(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_killed()
 
+    def command_rlimits(self) -> list[tuple[int, int, int]]:
+        """The rlimits every command in this sandbox starts with."""
+        return command_rlimits(self.spec.profile, self.backend, self.cgroup)
+
     def destroy(self) -> None:
         if self._destroyed:
             return
@@ -87,6 +91,19 @@ class Sandbox:
             import shutil  # lazily: its compression imports cost ~1.5 ms
 
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def command_rlimits(profile: Profile, backend: str, cgroup: Cgroup | None
+                    ) -> list[tuple[int, int, int]]:
+    """The rlimits for commands of a sandbox with `profile` (see cgroups.rlimit_floor)."""
+    from .cgroups import Limits, rlimit_floor
+
+    # A microVM's own size bounds its memory: the guest needs no per-process floor.
+    enforced = cgroup.enforced() if cgroup is not None else frozenset()
+    mem = profile.memory_mb * 1024 * 1024 if profile.memory_mb else None
+    if backend == "microvm":
+        mem = None
+    return rlimit_floor(Limits(memory_bytes=mem, pids=profile.pids), enforced)
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 1.0) -> None:

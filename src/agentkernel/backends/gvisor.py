@@ -33,6 +33,35 @@ SECCOMP_PATH = "/.ak/seccomp.bpf"
 SETUP_CAPS = ("CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_SETPCAP")
 CONTROL_PATH = "/.ak/ctl"  # persistent sandboxes: the agent listens on a socket here
 GVISOR_TASK_OVERHEAD = 256  # host threads of runsc itself, on top of the sandbox's own
+# Host tasks one sandboxed task may cost under the ptrace platform (its stub, tracer and
+# goroutine threads), with room to spare: measured 12 per task with 100 sleeping
+# processes, 20 with 300, 28 with 400 (runsc 2022-12). The host cgroup's cap is this many
+# times the sandbox's, so gVisor's own cap (the exact one) is hit first: hitting the
+# host's first kills the sentry, and the sandbox with it.
+GVISOR_HOST_TASKS_PER_TASK = 32
+HOST_PID_SHARE = 4
+
+
+@lru_cache(maxsize=1)
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 32768  # the kernel's default
+
+
+def sandbox_pids(pids: int | None) -> int | None:
+    """The pids cap enforced inside gVisor: the profile's, lowered so that the host tasks
+    it costs stay within a share of the host's pid space (None: explicitly unlimited)."""
+    if pids is None:
+        return None
+    budget = _pid_max() // HOST_PID_SHARE - GVISOR_TASK_OVERHEAD
+    return max(8, min(pids, budget // GVISOR_HOST_TASKS_PER_TASK))
+
+
+def host_pids(pids: int | None) -> int | None:
+    """The host cgroup's cap for a sandbox whose gVisor cap is `pids`."""
+    return None if pids is None else GVISOR_HOST_TASKS_PER_TASK * pids + GVISOR_TASK_OVERHEAD
 
 
 @lru_cache(maxsize=1)
@@ -130,7 +159,7 @@ class GVisorBackend(Backend):
             # (`--pids-max`); this one only keeps the host safe.
             cgroup = Cgroup.create(spec.name, Limits(
                 memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
-                pids=10 * p.pids + GVISOR_TASK_OVERHEAD if p.pids else None, cpus=p.cpus))
+                pids=host_pids(sandbox_pids(p.pids)), cpus=p.cpus))
             join = cgroup.join_fn() if cgroup else None
             preexec: Callable[[], None] | None = join
             log = scratch / "backend.log"
@@ -276,8 +305,9 @@ def build_oci_config(
         args += ["--mask", mask.path]
     for path in spec.masks:  # the host's control plane (controlplane.py)
         args += ["--mask", path]
-    if p.pids:
-        args += ["--pids-max", str(p.pids)]
+    pids = sandbox_pids(p.pids)
+    if pids:
+        args += ["--pids-max", str(pids)]
     # The same seccomp program as on the namespaces backend, installed by the agent itself
     # (gVisor implements seccomp for its tasks) after its set-up mounts are done.
     args += ["--drop-caps", "--seccomp", SECCOMP_PATH]

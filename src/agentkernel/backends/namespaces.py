@@ -336,11 +336,15 @@ def build_bwrap_argv(
             argv += ["--symlink", entry.target, entry.path]
         else:
             bind(entry.path)
+    # tmpfs pages count in the memory cgroup of whoever wrote them; the size bounds them
+    # also where no memory controller is usable. /run holds the overlays' upper dirs.
+    size = ["--size", str(p.memory_mb * 1024 * 1024)] if p.memory_mb else []
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    argv += ["--tmpfs", "/tmp"] if "/tmp" not in binds else []
     if "/tmp" in binds:
         bind("/tmp")  # a persistent sandbox keeps /tmp on disk: stop/start, snapshots
-    argv += ["--tmpfs", "/run"]
+    else:
+        argv += [*size, "--tmpfs", "/tmp"]
+    argv += [*size, "--tmpfs", "/run"]
     tops = {e.path for e in spec.rootfs.entries}
     for path in HOME_DIRS:
         if "/" + path.split("/")[1] in tops:  # the image brings its own

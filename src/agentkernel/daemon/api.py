@@ -24,7 +24,8 @@ class CreateRequest:
     profile: str | None = None  # permissive | moderate | restrictive; None: config/moderate
     backend: str | None = None  # auto | namespaces | gvisor | microvm; None: auto
     vcpus: int | None = None
-    memory_mb: int | None = None
+    memory_mb: int | None = None  # profiles.UNLIMITED (0): no cap
+    pids: int | None = None  # likewise
     workdir_source: str | None = None  # host project dir shown at /workspace (`--dir`)
     env: dict[str, str] = field(default_factory=dict)
     ttl_seconds: float | None = None  # removed automatically when it expires
@@ -84,7 +85,8 @@ class RunRequest:
     cwd: str | None = None  # host project dir for /workspace; None: no project dir
     # Additions for the CLI's `run` through the daemon (same meaning as its flags):
     no_network: bool = False
-    memory_mb: int | None = None
+    memory_mb: int | None = None  # profiles.UNLIMITED (0): no cap
+    pids: int | None = None  # likewise
     cpus: float | None = None
     config_path: str | None = None  # an explicit --config (absolute)
     host_env: dict[str, str] = field(default_factory=dict)  # the caller's PASS_ENV_KEYS

@@ -61,16 +61,21 @@ def _command(args_command: list[str]) -> list[str]:
 # ---------------------------------------------------------------- create / lifecycle
 
 
+def _limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """--memory and --pids as request fields (profiles.UNLIMITED for `unlimited`)."""
+    from ..profiles import parse_memory_limit, parse_pids
+
+    memory = parse_memory_limit(args.memory) if args.memory else None
+    pids_arg = getattr(args, "pids", None)
+    return memory, parse_pids(pids_arg) if pids_arg else None
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     validate_sandbox_name(args.name)
-    memory = None
-    if args.memory:
-        from ..profiles import parse_memory
-
-        memory = parse_memory(args.memory)
+    memory, pids = _limits(args)
     req: dict[str, Any] = {
         "name": args.name, "image": args.image, "profile": args.profile,
-        "backend": args.backend, "memory_mb": memory, "cpus": args.cpus,
+        "backend": args.backend, "memory_mb": memory, "pids": pids, "cpus": args.cpus,
         "workdir_source": os.path.abspath(args.dir) if args.dir else None,
         "env": env_pairs(args.env),
         "ttl_seconds": parse_duration(args.ttl) if args.ttl else None,
@@ -299,17 +304,13 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
     """
     if keep:
         return _run_keep(args, command)
-    memory = None
-    if args.memory:
-        from ..profiles import parse_memory
-
-        memory = parse_memory(args.memory)
+    memory, pids = _limits(args)
     forward_stdin = not sys.stdin.isatty() if sys.stdin else False
     req: dict[str, Any] = {
         "argv": command, "image": args.image, "profile": args.profile,
         "backend": args.backend, "env": env_pairs(args.env), "workdir": args.workdir,
         "timeout": args.timeout, "cwd": os.getcwd(), "no_network": bool(args.no_network),
-        "memory_mb": memory, "cpus": args.cpus,
+        "memory_mb": memory, "pids": pids, "cpus": args.cpus,
         "config_path": os.path.abspath(args.config) if args.config else None,
         "host_env": client.host_env(), "stdin_open": forward_stdin and not args.json,
         "data_dir": data_dir_str(),
@@ -375,15 +376,11 @@ def _run_keep(args: argparse.Namespace, command: list[str]) -> int:
     if args.json:
         raise DaemonError("--json cannot be combined with --keep", 2)
     name = f"run-{secrets.token_hex(4)}"
-    memory = None
-    if args.memory:
-        from ..profiles import parse_memory
-
-        memory = parse_memory(args.memory)
+    memory, pids = _limits(args)
     profile = args.profile
     client.call("create", {
         "name": name, "image": args.image, "profile": profile, "backend": args.backend,
-        "memory_mb": memory, "cpus": args.cpus, "workdir_source": os.getcwd(),
+        "memory_mb": memory, "pids": pids, "cpus": args.cpus, "workdir_source": os.getcwd(),
         "env": env_pairs(args.env)})
     forward_stdin = not sys.stdin.isatty() if sys.stdin else False
     req: dict[str, Any] = {"name": name, "argv": command, "env": {}, "workdir": args.workdir,

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 _RUN_VALUES = {"-i": "image", "--image": "image", "-p": "profile", "--profile": "profile",
                "-B": "backend", "--backend": "backend", "-e": "env", "--env": "env",
                "-w": "workdir", "--workdir": "workdir", "-t": "timeout", "--timeout": "timeout",
-               "-m": "memory", "--memory": "memory", "--cpus": "cpus", "-c": "config",
-               "--config": "config"}
+               "-m": "memory", "--memory": "memory", "--pids": "pids", "--cpus": "cpus",
+               "-c": "config", "--config": "config"}
 _RUN_FLAGS = {"--no-network": "no_network", "-q": "quiet", "--quiet": "quiet",
               "-v": "verbose", "--verbose": "verbose", "--json": "json"}
 _EXEC_VALUES = {"-e": "env", "--env": "env", "-w": "workdir", "--workdir": "workdir",
@@ -85,9 +85,9 @@ def fast_main(argv: list[str]) -> int | None:
     try:
         if cmd == "run":
             ns = SimpleNamespace(image=None, profile=None, backend=None, env=[], workdir=None,
-                                 timeout=None, memory=None, cpus=None, config=None,
-                                 no_network=False, quiet=False, verbose=False, json=False,
-                                 keep=False)
+                                 timeout=None, memory=None, pids=None, cpus=None,
+                                 config=None, no_network=False, quiet=False, verbose=False,
+                                 json=False, keep=False)
             at = _parse(rest, _RUN_VALUES, _RUN_FLAGS, ns)
             if at is None:
                 return None

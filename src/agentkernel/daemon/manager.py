@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 EXIT_TIMEOUT = 124
 ROOTFS_CACHE_SECONDS = 60.0
 HEALTH_INTERVAL = 5.0
+# How often the disk use of sandboxes whose quota is not a mounted image is measured.
+DISK_CHECK_INTERVAL = 30.0
 SNAPSHOT_BACKENDS = ("namespaces",)  # those whose writable layers live on the host's disk
 # Those whose writable layers survive stop/start (a microVM keeps them on disks of its own).
 STOPPABLE_BACKENDS = ("namespaces", "microvm")
@@ -348,6 +350,11 @@ class SandboxManager:
             self.db.execute("DELETE FROM ephemeral WHERE name=?", (row["name"],))
             self.recovered.append(f"cleaned up pool sandbox {row['name']}")
         self._cleanup_unrecorded_pool()
+        for row in self.db.all("SELECT name, spec FROM sandboxes"):
+            try:  # a reboot unmounted them; a daemon restart did not
+                self._attach_disk(row["name"], loads(row["spec"], {}))
+            except AgentKernelError as exc:
+                self.recovered.append(f"{row['name']}: {exc.message}")
         for row in self.db.all("SELECT * FROM sandboxes WHERE status='running'"):
             name = row["name"]
             if self._adopt(row):
@@ -537,7 +544,7 @@ class SandboxManager:
         home_opt = home if profile.mount_home and home.is_dir() else None
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
-                           state_dir=self._state_dir(name),
+                           state_dir=self._layers_dir(name),
                            masks=control_masks(profile, workspace, home_opt))
         env = self._base_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
@@ -548,6 +555,36 @@ class SandboxManager:
     def _state_dir(self, name: str) -> Path:
         validate_sandbox_name(name)
         return self.root / "sandboxes" / name
+
+    def _disk_mb(self, config: Config | None) -> int | None:
+        """The disk quota of a new persistent sandbox: its project's, the daemon's, or the
+        default; None when one of them says `unlimited`."""
+        from .quota import DEFAULT_DISK_MB
+
+        for cfg in (config, self.config):
+            if cfg is not None and cfg.resources.disk is not None:
+                return cfg.resources.disk or None
+        return DEFAULT_DISK_MB
+
+    def _attach_disk(self, name: str, doc: dict[str, Any]) -> bool:
+        """Mount the sandbox's quota-sized disk for its layers (see daemon/quota.py)."""
+        from . import quota
+
+        return quota.attach(self._state_dir(name), doc.get("disk_mb"))
+
+    def _layers_dir(self, name: str) -> Path:
+        """Where the sandbox's writable layers are: its mounted disk, or its state dir."""
+        from . import quota
+
+        return quota.layers_dir(self._state_dir(name))
+
+    @staticmethod
+    def _wipe_state(state_dir: Path) -> None:
+        """A state dir and its disk are gone: unmounted, image deleted, files removed."""
+        from . import quota
+
+        quota.detach(state_dir)
+        procs.rmtree(state_dir)
 
     # ------------------------------------------------------------------ persistent sandboxes
 
@@ -575,7 +612,7 @@ class SandboxManager:
                 raise Conflict(f"sandbox {req.name!r} already exists")
             ereq = EngineRequest(argv=[], cwd=workspace or self._empty, image=req.image,
                                  profile=req.profile, backend=req.backend,
-                                 memory_mb=req.memory_mb, cpus=cpus)
+                                 memory_mb=req.memory_mb, pids=req.pids, cpus=cpus)
             config, _source, _warnings = load_configs(ereq)
             if req.image and req.image != "host":
                 validate_image_ref(req.image)
@@ -598,12 +635,19 @@ class SandboxManager:
                 "workspace": str(workspace) if workspace else None,
                 "env": dict(req.env), "host_env": {},
                 "profile_fields": profile._asdict(), "rootfs_note": note,
+                # A microVM's writable disks are images of a fixed size already.
+                "disk_mb": None if backend.name == "microvm" else self._disk_mb(config),
             }
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)
             if state_dir.exists():
-                procs.rmtree(state_dir)  # left by a crash between insert and cleanup
+                self._wipe_state(state_dir)  # left by a crash between insert and cleanup
             state_dir.mkdir(mode=0o700, parents=True)
+            try:
+                self._attach_disk(req.name, doc)
+            except BaseException:
+                self._wipe_state(state_dir)
+                raise
             created = _now()
             expires = created + req.ttl_seconds if req.ttl_seconds else None
             self.db.execute(
@@ -618,7 +662,7 @@ class SandboxManager:
                 self._start_live(req.name)
             except BaseException:
                 self.db.execute("DELETE FROM sandboxes WHERE name=?", (req.name,))
-                procs.rmtree(state_dir)
+                self._wipe_state(state_dir)
                 raise
             return self.get(req.name)
 
@@ -657,6 +701,7 @@ class SandboxManager:
         res = self._resolve(name, doc)
         self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"], row["pid_start"],
                            loads(row["helpers"], []))
+        self._attach_disk(name, doc)  # mounted again after a reboot
         sandbox = res.backend.start(res.spec)
         pid = sandbox.process.pid
         live = Live(name, sandbox.backend, sandbox.client, sandbox.scratch, pid,
@@ -738,7 +783,7 @@ class SandboxManager:
             self._stop_locked(name, row)
             self.db.execute("DELETE FROM detached WHERE sandbox=?", (name,))
             self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
-            procs.rmtree(Path(row["state_dir"]))
+            self._wipe_state(Path(row["state_dir"]))
         with self._lock:
             self._name_locks.pop(name, None)
 
@@ -783,6 +828,19 @@ class SandboxManager:
 
         return check
 
+    @staticmethod
+    def _rlimits(name: str, live: Live, profile: Profile) -> list[tuple[int, int, int]]:
+        """The rlimit floor of a persistent sandbox's commands (also once re-adopted)."""
+        if live.sandbox is not None:
+            return live.sandbox.command_rlimits()
+        from ..cgroups import Cgroup
+        from ..sandbox import command_rlimits
+
+        cgroup = None
+        with contextlib.suppress(Exception):
+            cgroup = Cgroup.open(name)
+        return command_rlimits(profile, live.backend, cgroup)
+
     def open_exec(self, name: str, req: ExecRequest, *, stdin: bool = False,
                   pty: tuple[int, int] | None = None) -> ExecHandle:
         """Start a command in a running sandbox; the caller pumps it."""
@@ -797,7 +855,8 @@ class SandboxManager:
         if not cwd.startswith("/"):
             raise UsageError(f"workdir must be an absolute path inside the sandbox, got {cwd!r}")
         execution = live.client.exec(req.argv, env=env, cwd=cwd, timeout=req.timeout,
-                                     stdin=stdin or req.stdin is not None, pty=pty)
+                                     stdin=stdin or req.stdin is not None, pty=pty,
+                                     rlimits=self._rlimits(name, live, res.spec.profile))
 
         def finish(handle: ExecHandle, result: ExecResult | None) -> None:
             live.execs.discard(handle)
@@ -845,7 +904,7 @@ class SandboxManager:
             argv=list(req.argv), cwd=cwd or self._empty, image=req.image, profile=req.profile,
             backend=req.backend, no_network=req.no_network,
             env=[f"{k}={v}" for k, v in req.env.items()], workdir=req.workdir,
-            timeout=req.timeout, memory_mb=req.memory_mb, cpus=req.cpus,
+            timeout=req.timeout, memory_mb=req.memory_mb, pids=req.pids, cpus=req.cpus,
             config_path=Path(req.config_path) if req.config_path else None)
         config, warnings, image, reason, profile, backend_name = decide(ereq)
         backend = self._backend(backend_name)
@@ -942,7 +1001,8 @@ class SandboxManager:
                                  plan["home"], req.host_env)
             env.update(plan["env_extra"])
             execution = sandbox.client.exec(plan["argv"], env=env, cwd=plan["cwd"],
-                                            timeout=req.timeout, stdin=stdin)
+                                            timeout=req.timeout, stdin=stdin,
+                                            rlimits=sandbox.command_rlimits())
         except BaseException:
             self.pool.release(key)
             if sandbox is not None:
@@ -1001,18 +1061,19 @@ class SandboxManager:
 
     def _drain_detached(self, name: str, cmd_id: str, execution: Execution,
                         handle: ExecHandle | None = None) -> None:
+        from .quota import CappedLog
+
         out_dir = self._exec_dir(name)
+        cap = self._log_cap()
 
         def drain() -> None:
             status, code = "failed", None
             try:
-                with open(out_dir / f"{cmd_id}.stdout", "ab") as out, \
-                        open(out_dir / f"{cmd_id}.stderr", "ab") as err:
+                with CappedLog(out_dir / f"{cmd_id}.stdout", cap) as out, \
+                        CappedLog(out_dir / f"{cmd_id}.stderr", cap) as err:
                     for kind, payload in execution.events():
                         if isinstance(payload, bytes):
-                            target = out if kind == "stdout" else err
-                            target.write(payload)
-                            target.flush()
+                            (out if kind == "stdout" else err).write(payload)
                         elif isinstance(payload, ExitStatus):
                             status, code = "completed", payload.shell_code
             except Exception as exc:  # the sandbox went away: the command failed
@@ -1056,15 +1117,20 @@ class SandboxManager:
     def detached_status(self, name: str, cmd_id: str) -> DetachedInfo:
         return self._detached_info(self._detached_row(name, cmd_id))
 
+    def _log_cap(self) -> int:
+        from .quota import DEFAULT_LOG_BYTES
+
+        cap = self.config.resources.detached_log if self.config is not None else None
+        return DEFAULT_LOG_BYTES if cap is None else cap * 1024 * 1024
+
     def detached_logs(self, name: str, cmd_id: str) -> tuple[bytes, bytes]:
+        from .quota import read_log
+
         row = self._detached_row(name, cmd_id)
         base = self._exec_dir(name)
         parts = []
         for stream in ("stdout", "stderr"):
-            try:
-                parts.append((base / f"{row['id']}.{stream}").read_bytes())
-            except FileNotFoundError:
-                parts.append(b"")
+            parts.append(read_log(base / f"{row['id']}.{stream}"))
         return parts[0], parts[1]
 
     def detached_kill(self, name: str, cmd_id: str) -> None:
@@ -1190,7 +1256,7 @@ class SandboxManager:
                 raise Conflict(f"snapshot {snap!r} already exists")
             target = self._snap_dir() / f"{snap}.tar"
             tmp = target.with_suffix(".tmp")
-            state = Path(row["state_dir"])
+            state = self._layers_dir(name)
             members = [m for m in ("layers", "dirs") if (state / m).exists()]
             # GNU tar keeps overlayfs whiteouts (0/0 devices) and opaque-dir xattrs.
             argv = ["tar", "--xattrs", "--xattrs-include=user.*", "--xattrs-include=trusted.*",
@@ -1248,13 +1314,18 @@ class SandboxManager:
     def _restore_into(self, name: str, snap: dict[str, Any]) -> SandboxInfo:
         state_dir = self._state_dir(name)
         if state_dir.exists():
-            procs.rmtree(state_dir)
+            self._wipe_state(state_dir)
         state_dir.mkdir(mode=0o700, parents=True)
-        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C", str(state_dir),
-                               "-xf", snap["path"]], capture_output=True, check=False,
-                              timeout=600)
+        try:
+            self._attach_disk(name, loads(snap["spec"], {}))
+        except BaseException:
+            self._wipe_state(state_dir)
+            raise
+        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
+                               str(self._layers_dir(name)), "-xf", snap["path"]],
+                              capture_output=True, check=False, timeout=600)
         if proc.returncode != 0:
-            procs.rmtree(state_dir)
+            self._wipe_state(state_dir)
             raise SandboxError("restore failed: " +
                                proc.stderr.decode(errors="replace").strip()[-300:])
         backend = self._backend(snap["backend"])
@@ -1269,7 +1340,7 @@ class SandboxManager:
             self._start_live(name)
         except BaseException:
             self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
-            procs.rmtree(state_dir)
+            self._wipe_state(state_dir)
             raise
         return self.get(name)
 
@@ -1318,7 +1389,7 @@ class SandboxManager:
     # ------------------------------------------------------------------ background
 
     def _reaper(self) -> None:
-        last_health = time.monotonic()
+        last_health = last_disk = time.monotonic()
         while not self._closed.wait(self.settings.reaper_interval):
             now = _now()
             for row in self.db.all("SELECT name FROM sandboxes WHERE expires IS NOT NULL AND "
@@ -1330,6 +1401,29 @@ class SandboxManager:
             if time.monotonic() - last_health >= HEALTH_INTERVAL:
                 last_health = time.monotonic()
                 self._health()
+            if time.monotonic() - last_disk >= DISK_CHECK_INTERVAL:
+                last_disk = time.monotonic()
+                self.check_disks()
+
+    def check_disks(self) -> list[str]:
+        """Stop running sandboxes that grew past a quota no mounted image enforces (a
+        daemon run by an ordinary user); returns their names."""
+        from . import quota
+
+        stopped = []
+        for row in self.db.all("SELECT name, spec, state_dir FROM sandboxes "
+                               "WHERE status='running'"):
+            limit = loads(row["spec"], {}).get("disk_mb")
+            state = Path(row["state_dir"])
+            if not limit or quota.image_path(state).exists() or \
+                    quota.usage(state) <= limit * quota.MIB:
+                continue
+            with contextlib.suppress(Exception), self._name_lock(row["name"]):
+                self._stop_locked(row["name"], self._row(row["name"]))
+                self._audit(row["name"], "sandbox_stopped",
+                            reason=f"its files outgrew the disk quota ({limit} MiB)")
+                stopped.append(row["name"])
+        return stopped
 
     def _health(self) -> None:
         with self._lock:

@@ -39,11 +39,17 @@ def tree_usage(root: Path) -> tuple[int, int]:
 
 
 def make_ext4(image: Path, *, source: Path | None, size_bytes: int, inodes: int | None = None,
-              label: str = "ak") -> None:
-    """Build an ext4 image (sparse, no journal) from `source` with mkfs.ext4 -d; no root needed."""
+              label: str = "ak", journal: bool = False) -> None:
+    """Build a sparse ext4 image from `source` with mkfs.ext4 -d; no root needed.
+
+    No journal unless asked: a guest's disks are thrown away with it, a host-mounted one
+    (a persistent sandbox's state) must survive a crash.
+    """
     size_mib = max(16, -(-size_bytes // MIB))
-    argv = [_mkfs(), "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", label,
-            "-m", "0", "-E", "root_owner=0:0"]
+    argv = [_mkfs(), "-q", "-F", "-t", "ext4", "-O", "has_journal" if journal else "^has_journal",
+            "-L", label, "-m", "0", "-E", "root_owner=0:0"]
+    if journal:  # mkfs's default is 64 MiB of host disk from 2 GiB up; a state dir needs less
+        argv += ["-J", f"size={max(4, min(16, size_mib // 64))}"]
     if inodes:
         argv += ["-N", str(inodes)]
     if source is not None:
