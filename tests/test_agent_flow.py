@@ -193,3 +193,47 @@ def test_read_size_cap(client: AgentClient, tmp_path: Path) -> None:
     with pytest.raises(TooLarge):
         client.read_file(str(f), max_bytes=9)
     client.ping()
+
+
+# ---------------------------------------------------------------- the daemon's exec handle
+
+
+def _handle(client: AgentClient, argv: list[str]) -> Any:
+    from agentkernel.daemon.manager import ExecHandle
+
+    return ExecHandle(client.exec(argv), timeout=None, oom=lambda: False, memory_mb=None)
+
+
+def test_collected_output_stops_at_the_cap_and_says_so(client: AgentClient) -> None:
+    script = "head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2; echo end"
+    result = _handle(client, ["sh", "-c", script]).pump(max_output=1000)
+    assert result.exit_code == 0  # the command ran to its end
+    assert result.truncated and len(result.stdout) + len(result.stderr) == 1000
+    result = _handle(client, ["echo", "small"]).pump(max_output=1000)
+    assert (result.stdout, result.truncated) == (b"small\n", False)
+
+
+def test_abort_ends_a_pump_blocked_on_its_reader(client: AgentClient) -> None:
+    handle = _handle(client, ["yes"])
+    release = threading.Event()
+    errors: list[BaseException] = []
+
+    def slow(_kind: str, _data: bytes) -> None:
+        release.wait(10)  # a client that does not read: the pump blocks here
+
+    def pump() -> None:
+        try:
+            handle.pump(slow, collect=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    assert client.queued_bytes() <= HARD_LIMIT
+    handle.abort()
+    release.set()
+    t.join(10)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], Cancelled)
+    assert _gone(handle.execution.pid)
+    client.ping()

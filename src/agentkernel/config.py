@@ -329,12 +329,12 @@ class DaemonSection(_Section):
     # Bounds on what one client or command can take from the daemon (docs/daemon.md):
     # requests served at once on the socket (more are refused with an error, not queued),
     max_connections: Annotated[int, Field(ge=1, le=4096)] = 64
-    # output kept of a command whose result is collected (exec/run results; HTTP, MCP);
-    # beyond it the command runs on and its result says `truncated`,
-    max_output_bytes: Annotated[int, Field(ge=1024)] = 16 * 1024 * 1024
+    # output kept of a command whose result is collected (exec/run results, detached logs
+    # read back; HTTP, MCP); beyond it the command runs on and its result says `truncated`,
+    max_output_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     # bytes one files-API read returns (a larger file is refused),
     max_file_read_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
-    # and bytes kept per stream of a detached command's log.
+    # and bytes kept on disk per stream of a detached command's log.
     max_detached_log_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
 
 

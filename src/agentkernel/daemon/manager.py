@@ -1095,9 +1095,10 @@ class SandboxManager:
 
     def detached_logs(self, name: str, cmd_id: str, *, max_bytes: int | None = None
                       ) -> tuple[bytes, bytes]:
-        """The logs' first max_bytes each (default: the configured log cap)."""
+        """The logs' first max_bytes each (default: max_output_bytes, what any collected
+        result may hold; the files themselves stop at max_detached_log_bytes)."""
         row = self._detached_row(name, cmd_id)
-        cap = self.settings.max_detached_log_bytes if max_bytes is None else max(0, max_bytes)
+        cap = self._output_cap(max_bytes)
         base = self._exec_dir(name)
         parts = []
         for stream in ("stdout", "stderr"):
