@@ -192,6 +192,17 @@ def test_an_exec_whose_client_leaves_is_killed(daemon: Daemon, box: str) -> None
     assert _wait_gone(marker)
 
 
+def test_a_command_whose_sandbox_is_stopped_is_answered(daemon: Daemon, box: str) -> None:
+    s, lines = _open(daemon, "exec", {"name": box, "argv": ["sleep", "1000"]})
+    try:
+        assert json.loads(lines.readline())["ev"] == "started"
+        assert daemon.ak("stop", box).returncode == 0
+        last = json.loads(lines.readline())  # not a bare hang-up
+    finally:
+        _hang_up(s, lines)
+    assert last.get("ev") == "exit" or last.get("ok") is False, last
+
+
 def test_abandoned_runs_free_their_sandboxes(daemon: Daemon, tmp_path: Path) -> None:
     daemon.ensure_up()
     marker = f"ak-many-{secrets.token_hex(4)}"
@@ -215,6 +226,24 @@ def test_abandoned_runs_free_their_sandboxes(daemon: Daemon, tmp_path: Path) -> 
     assert st["connections"] <= 1  # just the status request itself
     assert daemon.ak("run", *HOST, "--", "echo", "still-serving",
                      cwd=tmp_path).stdout == "still-serving\n"
+
+
+def test_a_sandbox_created_for_a_client_that_left_is_removed(daemon: Daemon) -> None:
+    daemon.ensure_up()
+    name = f"box-{secrets.token_hex(3)}"
+    s, lines = _open(daemon, "create", {"name": name, "image": "host",
+                                        "backend": "namespaces"})
+    _hang_up(s, lines)  # before the answer
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the daemon is done with the request
+        st = json.loads(daemon.ak("daemon", "status", "--json").stdout)
+        if st["connections"] <= 1:
+            break
+        time.sleep(0.1)
+    assert st["connections"] <= 1
+    names = [row["name"] for row in json.loads(daemon.ak("list", "--json").stdout)]
+    assert name not in names
+    assert not (daemon.home / "sandboxes" / name).exists()
 
 
 def test_an_upload_whose_client_leaves_leaves_nothing(daemon: Daemon, box: str) -> None:

@@ -6,6 +6,7 @@ fail the way a host does (ENOSPC, a FIFO, a bug); no sandbox needed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import socket
@@ -68,7 +69,9 @@ def _connect(path: Path) -> socket.socket:
 
 def _ask(path: Path, line: bytes) -> dict[str, Any]:
     with _connect(path) as s:
-        s.sendall(line)
+        # Refused (busy): the daemon may have answered and hung up before we asked.
+        with contextlib.suppress(BrokenPipeError):
+            s.sendall(line)
         reply = s.makefile("rb").readline()
     assert reply, "the daemon hung up without an answer"
     return dict(json.loads(reply))

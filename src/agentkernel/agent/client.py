@@ -645,6 +645,7 @@ class AgentClient:
         what = f"read {path}"
         chan, q = self._request(T.FILE_READ, encode_tlvs(items), what)
         total = 0
+        ended = False  # the agent finished the transfer (FILE_END or ERROR)
         try:
             while True:
                 frame = self._get(q, None, what)
@@ -654,16 +655,19 @@ class AgentClient:
                         raise TooLarge(f"{path} is larger than the {max_bytes}-byte limit")
                     out.write(frame.payload)
                 elif frame.type == T.FILE_END:
+                    ended = True
                     size = as_uint(tlv_dict(frame.payload).get(Tag.SIZE, u64(total)))
                     if size != total:
                         raise ProtocolError(f"{what}: agent sent {total} bytes, announced {size}")
                     return total
                 elif frame.type == T.ERROR:
+                    ended = True
                     raise _request_error(frame, what)
                 else:
                     raise _unexpected(frame, what)
         except BaseException:
-            self.cancel(chan)  # the agent stops reading the file for nobody
+            if not ended:
+                self.cancel(chan)  # the agent stops reading the file for nobody
             raise
         finally:
             self._close_chan(chan)

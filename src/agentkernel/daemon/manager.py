@@ -255,6 +255,11 @@ class ExecHandle:
         self.execution.cancel()
         self.finish(None)
 
+    def kill(self) -> None:
+        """End the command (its sandbox is going away); its pump still gets the end."""
+        self.signal(signal.SIGKILL)
+        self.finish(None)
+
     def finish(self, result: ExecResult | None) -> None:
         with self._lock:
             if self._finished:
@@ -741,7 +746,7 @@ class SandboxManager:
     def _teardown(self, live: Live) -> None:
         """Everything of a running sandbox goes: commands, processes, cgroups, scratch."""
         for handle in list(live.execs):
-            handle.abort()
+            handle.kill()  # its client is told how the command ended, not cut off
         if live.sandbox is not None:
             live.sandbox.destroy()
             return

@@ -23,7 +23,6 @@ from ..errors import (
     AgentKernelError,
     AgentRequestError,
     Busy,
-    Cancelled,
     UsageError,
     as_agentkernel_error,
 )
@@ -277,10 +276,10 @@ class DaemonServer:
             if req is None:
                 return
             self._dispatch(conn, req)
-        except (ClientGone, Cancelled):
+        except ClientGone:
             pass  # nobody is left to answer; whatever the request started was cancelled
         except BaseException as exc:
-            if not isinstance(exc, AgentKernelError):
+            if not isinstance(exc, AgentKernelError | KeyboardInterrupt | SystemExit):
                 print(f"agentkernel daemon: request failed: {type(exc).__name__}: {exc}",
                       file=sys.stderr, flush=True)
             with contextlib.suppress(ClientGone, OSError):
