@@ -310,10 +310,14 @@ def pump(
                 ready = [sock]
             if stdin_fd is not None and stdin_fd in ready:
                 data = os.read(stdin_fd, 65536)
-                if data:
-                    lines.send({"op": "stdin", "d": data.decode("latin-1")})
-                else:
-                    lines.send({"op": "eof"})
+                try:
+                    if data:
+                        lines.send({"op": "stdin", "d": data.decode("latin-1")})
+                    else:
+                        lines.send({"op": "eof"})
+                except OSError:
+                    data = b""  # the command ended and the daemon hung up: read its end
+                if not data:
                     watch = [sock]
                     stdin_fd = None
             if sock in ready:

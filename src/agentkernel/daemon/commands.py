@@ -273,9 +273,12 @@ def cmd_cp(args: argparse.Namespace) -> int:
             lines = client.open_stream("cp_in", {"name": dst_name, "path": dst, "mode": mode},
                                        auto_start=True)
             assert lines is not None
-            while data := f.read(chunk):
-                lines.send({"d": data.decode("latin-1")})
-            lines.send({"end": True})
+            try:
+                while data := f.read(chunk):
+                    lines.send({"d": data.decode("latin-1")})
+                lines.send({"end": True})
+            except OSError:
+                pass  # the daemon answered early (an error) and hung up: read it below
         reply = lines.recv()
         lines.sock.close()
         if reply is None or not reply.get("ok"):
