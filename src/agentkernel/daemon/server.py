@@ -261,7 +261,7 @@ class DaemonServer:
             why = refusal(sock)  # same uid *and* not in a sandbox (peer.py)
             if why is not None:
                 sock.settimeout(2.0)
-                with contextlib.suppress(OSError, ValueError, AgentKernelError):
+                with contextlib.suppress(OSError, ValueError, AgentKernelError, ClientGone):
                     conn.recv()  # its request first: hanging up before it sent hides our answer
                 conn.send({"ok": False, "error": {"type": "PermissionDenied",
                                                   "message": why,
