@@ -87,6 +87,7 @@ struct proc {
 	pid_t pid;
 	int out_fd, err_fd, in_fd, pty_fd; /* pty_fd: master, used for resize only */
 	int pty, in_close_pending, exited, status, timed_out;
+	int paused; /* PAUSE: its output pipes are not read until RESUME (the host's back-pressure) */
 	struct chunk *in_head, *in_tail;
 	size_t in_queued;
 	int64_t deadline, exit_at;
@@ -94,7 +95,7 @@ struct proc {
 };
 
 struct xfer {
-	int used, writing, err, append, has_limit;
+	int used, writing, err, append, has_limit, paused;
 	uint32_t id, mode;
 	int fd;
 	uint64_t remaining, done;
@@ -801,14 +802,11 @@ static void do_file_read(uint32_t chan, const uint8_t *pl, size_t n)
 		e = EISDIR;
 		goto fail;
 	}
-	/* A FIFO or socket could block the whole single-threaded agent forever: refuse them. */
-	if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode) && !S_ISBLK(st.st_mode)) {
-		e = EINVAL;
-		goto fail;
-	}
-	/* REGULAR (the HTTP API): no device either, whatever a symlink pointed the open at. */
-	if (q.regular && !S_ISREG(st.st_mode)) {
-		send_error(chan, EINVAL, "read %s: not a regular file", q.path);
+	/* Regular files only: a FIFO or socket could block the single-threaded agent forever,
+	 * and a device (a symlink to /dev/zero, a disk) has no end. fstat of the opened fd: what
+	 * was checked is what is read. */
+	if (!S_ISREG(st.st_mode)) {
+		send_error(chan, EINVAL, "read %s: not a regular file (%s)", q.path, strerror(EINVAL));
 		free_xfer(x, 0);
 		return;
 	}
@@ -825,12 +823,21 @@ fail:
 	free_xfer(x, 0);
 }
 
+/* Read transfers that may send now (not paused by the host). */
+static int reads_due(void)
+{
+	int n = 0;
+	for (int i = 0; i < MAX_XFERS && nreading; i++)
+		n += xfers[i].used && !xfers[i].writing && !xfers[i].paused;
+	return n;
+}
+
 /* Send one chunk for every active read transfer (round-robin keeps everything moving). */
 static void pump_reads(void)
 {
 	for (int i = 0; i < MAX_XFERS && !conn_dead; i++) {
 		struct xfer *x = &xfers[i];
-		if (!x->used || x->writing)
+		if (!x->used || x->writing || x->paused)
 			continue;
 		size_t want = FILE_CHUNK;
 		if (x->has_limit && x->remaining < want)
@@ -1244,6 +1251,36 @@ static void do_clone(uint32_t chan, const uint8_t *pl, size_t n)
 	send_ok(chan);
 }
 
+/* ---------- flow control (revision 1.2) ---------- */
+
+/* PAUSE/RESUME: the host's queue for this channel is full (or drained again). A paused
+ * command's pipes are left unread, so it blocks on write once they fill; a paused read
+ * transfer sends nothing. Unknown or finished channels are ignored (they race with EXIT). */
+static void do_flow(uint32_t chan, int paused)
+{
+	struct proc *p = find_proc(chan);
+	struct xfer *x = find_xfer(chan);
+	if (p)
+		p->paused = paused;
+	if (x && !x->writing)
+		x->paused = paused;
+}
+
+/* CANCEL: the host gave up on the channel: a command's process group is killed (EXIT still
+ * follows), a transfer is dropped (a write's temporary file removed). No reply. */
+static void do_cancel(uint32_t chan)
+{
+	struct proc *p = find_proc(chan);
+	struct xfer *x = find_xfer(chan);
+	if (p) {
+		p->paused = 0; /* let what is left drain so that EXIT comes */
+		if (!p->exited)
+			kill(-p->pid, SIGKILL);
+	}
+	if (x)
+		free_xfer(x, 1);
+}
+
 /* ---------- frame dispatch ---------- */
 
 static void dispatch(const struct frame_hdr *h, const uint8_t *pl)
@@ -1269,6 +1306,9 @@ static void dispatch(const struct frame_hdr *h, const uint8_t *pl)
 	case T_MKDIR: do_mkdir(h->chan, pl, n); break;
 	case T_REMOVE: do_remove(h->chan, pl, n); break;
 	case T_CLONE: do_clone(h->chan, pl, n); break;
+	case T_PAUSE: do_flow(h->chan, 1); break;
+	case T_RESUME: do_flow(h->chan, 0); break;
+	case T_CANCEL: do_cancel(h->chan); break;
 	case T_SHUTDOWN:
 		kill_all(SIGKILL);
 		if (vm_poweroff)
@@ -1322,6 +1362,8 @@ static void drop_connection(void)
 	for (int i = 0; i < MAX_XFERS; i++)
 		if (xfers[i].used)
 			free_xfer(&xfers[i], 1);
+	for (int i = 0; i < MAX_PROCS; i++)
+		procs[i].paused = 0; /* the next host knows nothing of this one's pauses */
 	conn_dead = 0;
 }
 
@@ -1367,11 +1409,11 @@ static void serve(void)
 			if (!p->used)
 				continue;
 			queued += p->in_queued;
-			if (connected && p->out_fd >= 0) {
+			if (connected && p->out_fd >= 0 && !p->paused) {
 				p->pi_out = np;
 				pfd[np++] = (struct pollfd){ .fd = p->out_fd, .events = POLLIN };
 			}
-			if (connected && p->err_fd >= 0) {
+			if (connected && p->err_fd >= 0 && !p->paused) {
 				p->pi_err = np;
 				pfd[np++] = (struct pollfd){ .fd = p->err_fd, .events = POLLIN };
 			}
@@ -1394,7 +1436,7 @@ static void serve(void)
 			pi_chan = np;
 			pfd[np++] = (struct pollfd){ .fd = rfd, .events = POLLIN };
 		}
-		if (connected && nreading)
+		if (connected && reads_due())
 			timeout = 0;
 		if (host_away && (timeout < 0 || timeout > RECONNECT_POLL_MS))
 			timeout = RECONNECT_POLL_MS;
@@ -1453,7 +1495,7 @@ static void serve(void)
 			if (p->out_fd < 0 && p->err_fd < 0)
 				send_exit(p);
 		}
-		if (rfd >= 0 && !host_away && !conn_dead && nreading)
+		if (rfd >= 0 && !host_away && !conn_dead && reads_due())
 			pump_reads();
 		if (conn_dead)
 			drop_connection();

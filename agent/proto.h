@@ -28,7 +28,7 @@ enum {
 	T_PING = 0x01, T_EXEC = 0x02, T_STDIN = 0x03, T_SIGNAL = 0x04, T_RESIZE = 0x05,
 	T_FILE_READ = 0x06, T_FILE_WRITE = 0x07, T_FILE_CHUNK = 0x08, T_FILE_CLOSE = 0x09,
 	T_STAT = 0x0A, T_LIST = 0x0B, T_MKDIR = 0x0C, T_REMOVE = 0x0D, T_SHUTDOWN = 0x0E,
-	T_CLONE = 0x0F,
+	T_CLONE = 0x0F, T_PAUSE = 0x10, T_RESUME = 0x11, T_CANCEL = 0x12, /* 1.1, 1.2 */
 	T_HELLO = 0x41, T_PONG = 0x42, T_STARTED = 0x43, T_STDOUT = 0x44, T_STDERR = 0x45,
 	T_EXIT = 0x46, T_OK = 0x47, T_ERROR = 0x48, T_FILE_DATA = 0x49, T_FILE_END = 0x4A,
 	T_STAT_RESULT = 0x4B, T_LIST_RESULT = 0x4C,
@@ -38,7 +38,7 @@ enum {
 	G_ARGV = 1, G_ENV = 2, G_CWD = 3, G_UID = 4, G_GID = 5, G_TIMEOUT_MS = 6, G_STDIN = 7,
 	G_PTY = 8, G_RLIMIT = 9, G_UMASK = 10,
 	G_PATH = 20, G_OFFSET = 21, G_LENGTH = 22, G_MODE = 23, G_APPEND = 24, G_MKDIRS = 25,
-	G_SIZE = 26, G_FOLLOW = 27, G_PARENTS = 28, G_RECURSIVE = 29, G_REGULAR = 30,
+	G_SIZE = 26, G_FOLLOW = 27, G_PARENTS = 28, G_RECURSIVE = 29,
 	G_VERSION = 40, G_PID = 41, G_AGENT_NAME = 42, G_AGENT_UID = 43,
 	G_CODE = 50, G_SIGNAL = 51, G_TIMED_OUT = 52, G_CORE = 53,
 	G_ERRNO = 60, G_MESSAGE = 61,
@@ -249,7 +249,7 @@ struct path_req {
 	int has_path, has_offset, has_length, has_mode;
 	uint64_t offset, length;
 	uint32_t mode;
-	int append, mkdirs, follow, parents, recursive, regular;
+	int append, mkdirs, follow, parents, recursive;
 };
 
 static inline int parse_path_req(const uint8_t *pl, size_t n, struct path_req *r, char *err, size_t errlen)
@@ -291,7 +291,6 @@ static inline int parse_path_req(const uint8_t *pl, size_t n, struct path_req *r
 			r->mode = rd32(v) & 07777;
 			break;
 		case G_APPEND: case G_MKDIRS: case G_FOLLOW: case G_PARENTS: case G_RECURSIVE:
-		case G_REGULAR:
 			if (len != 1)
 				return PERR("tag %u must be u8", tag);
 			if (tag == G_APPEND) r->append = v[0] != 0;
@@ -299,7 +298,6 @@ static inline int parse_path_req(const uint8_t *pl, size_t n, struct path_req *r
 			if (tag == G_FOLLOW) r->follow = v[0] != 0;
 			if (tag == G_PARENTS) r->parents = v[0] != 0;
 			if (tag == G_RECURSIVE) r->recursive = v[0] != 0;
-			if (tag == G_REGULAR) r->regular = v[0] != 0;
 			break;
 		default:
 			break;

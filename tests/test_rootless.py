@@ -112,3 +112,42 @@ def test_unprivileged_sandbox_changes_nothing_of_the_kernel(public_dir: Path, pr
         assert status.shell_code == 0, stderr
         bad = [p for p in stdout.decode().split() if not ALLOWED.match(p)]
         assert not bad, f"writable from inside the sandbox: {bad[:20]}"
+
+
+def test_a_stalled_reader_pauses_its_command_for_an_unprivileged_user(public_dir: Path) -> None:
+    """Back-pressure and regular-only reads hold in a sandbox that nobody started."""
+    import threading
+    import time
+
+    from agentkernel.agent.client import HARD_LIMIT
+    from agentkernel.errors import AgentRequestError, Cancelled
+
+    with sandbox_as_nobody(public_dir, "moderate") as client:
+        stalled = client.exec(["yes", "flood"])
+        peak = 0
+        for _ in range(20):
+            peak = max(peak, client.queued_bytes())
+            time.sleep(0.1)
+        assert peak <= HARD_LIMIT
+        got: list[int] = []
+
+        def other() -> None:
+            out, _err, _status = client.exec(["head", "-c", str(2 * HARD_LIMIT),
+                                              "/dev/zero"]).wait()
+            got.append(len(out))
+
+        t = threading.Thread(target=other, daemon=True)
+        t.start()
+        t.join(60)
+        assert got == [2 * HARD_LIMIT], "a stalled command held up the others"
+        stalled.cancel()
+        with pytest.raises(Cancelled):
+            stalled.wait(timeout=5)
+        sh(client, "ln -s /dev/zero /tmp/zero")
+        with pytest.raises(AgentRequestError):
+            client.read_file("/tmp/zero")
+        for _ in range(50):  # the kill is sent by the client's own thread
+            if sh(client, "pgrep -x yes; echo rc=$?")[0].strip().endswith("rc=1"):
+                break
+            time.sleep(0.1)
+        assert sh(client, "pgrep -x yes; echo rc=$?")[0].strip().endswith("rc=1")

@@ -376,6 +376,15 @@ class DaemonSection(_Section):
     # ...until they have been idle this long.
     adhoc_idle_seconds: Annotated[float, Field(gt=0)] = 600.0
     reaper_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    # Bounds on what one client or command can take from the daemon (docs/daemon.md):
+    # requests served at once on the socket (more are refused with an error, not queued),
+    max_connections: Annotated[int, Field(ge=1, le=4096)] = 64
+    # output kept of a command whose result is collected (exec/run results, detached logs
+    # read back; HTTP, MCP); beyond it the command runs on and its result says `truncated`,
+    max_output_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    # and bytes one files-API read returns (a larger file is refused); a detached
+    # command's log on disk is capped by [resources] detached_log.
+    max_file_read_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
 
 
 class Config(_Section):

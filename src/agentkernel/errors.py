@@ -90,3 +90,55 @@ class CommandNotExecutable(AgentRequestError):
     """The command exists inside the sandbox but cannot be executed."""
 
     exit_code = 126
+
+
+class TooLarge(AgentKernelError):
+    """What was asked for exceeds a configured size limit (a file to read, a request)."""
+
+    exit_code = 125
+    http_status = 413
+
+
+class Busy(AgentKernelError):
+    """Too many requests at once: refused now rather than queued without bound."""
+
+    exit_code = 125
+    http_status = 503
+
+
+class Cancelled(AgentKernelError):
+    """The request was given up (its client went away, or the host cancelled it)."""
+
+    exit_code = 130
+    http_status = 499
+
+
+class HostError(AgentKernelError):
+    """The host failed an operation (disk full, an unreadable or special file, I/O error)."""
+
+    exit_code = 125
+    http_status = 500
+
+
+def as_agentkernel_error(exc: BaseException) -> AgentKernelError:
+    """Any exception as one of ours, with a message a user can act on.
+
+    OSErrors (ENOSPC, a FIFO where a file was expected, EIO...) become HostError naming
+    the errno and the file; anything else unexpected an internal error with its type.
+    """
+    if isinstance(exc, AgentKernelError):
+        return exc
+    if isinstance(exc, OSError):
+        import errno as errno_mod
+
+        name = errno_mod.errorcode.get(exc.errno or 0, "")
+        where = f": {exc.filename}" if exc.filename else ""
+        text = exc.strerror or str(exc) or type(exc).__name__
+        if exc.errno is None and exc.args and isinstance(exc.args[0], list):
+            # shutil.Error: [(src, dst, why), ...]; the whys say it
+            text = "; ".join(str(e[-1]) for e in exc.args[0][:3] if isinstance(e, tuple))
+        err = HostError(f"{text}{where}" + (f" ({name})" if name else ""))
+        if exc.errno == errno_mod.ENOSPC:
+            err.http_status = 507  # Insufficient Storage
+        return err
+    return AgentKernelError(f"internal error: {type(exc).__name__}: {exc}")

@@ -111,7 +111,7 @@ def test_client_gone_kills_its_command(daemon: Daemon, tmp_path: Path) -> None:
     marker = f"ak-orphan-{secrets.token_hex(4)}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "agentkernel", "run", *HOST, "--", "sh", "-c",
-         f"echo ready; exec -a {marker} sleep 30"],
+         f"echo ready; sleep 30 && echo {marker}"],  # (dash has no `exec -a`)
         cwd=tmp_path, env={**os.environ, **daemon.env}, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"

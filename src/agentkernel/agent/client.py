@@ -9,15 +9,18 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, BinaryIO, NamedTuple, cast
 
 from ..errors import (
     AgentRequestError,
+    Cancelled,
     CommandNotExecutable,
     CommandNotFound,
     PathNotFound,
     ProtocolError,
+    TooLarge,
 )
 from .protocol import (
     FILE_CHUNK,
@@ -58,14 +61,82 @@ _NOT_EXECUTABLE = {
     errno_mod.ENAMETOOLONG,
 }
 _MAX_U32 = 0xFFFFFFFF
-# Output (and file data) a channel may have unread before the reader stops reading the agent:
-# then the agent stops reading the command's pipes and the command waits. A consumer that
-# stalls (a client that stops reading) stalls its sandbox's output, not the host's memory.
-OUTPUT_WINDOW = 4 * 1024 * 1024
-_FLOW = (T.STDOUT, T.STDERR, T.FILE_DATA)
 _STRAY_OUTPUT = (T.STDOUT, T.STDERR, T.EXIT)
 
-_Q = queue.Queue[Frame | None]
+# Flow control, per channel: once this many bytes of output wait for their reader the agent
+# is told to PAUSE the channel (it stops reading the command's pipes, so the command blocks
+# on write), and to RESUME once the reader got below LOW_WATER. The reader thread itself
+# waits only beyond HARD_LIMIT (an agent without PAUSE, or one not reading the channel):
+# memory stays bounded whatever the agent does, and one stalled reader stalls only its own
+# channel as long as PAUSE works.
+LOW_WATER = 128 * 1024
+HIGH_WATER = 512 * 1024
+HARD_LIMIT = 4 * 1024 * 1024
+_DATA = frozenset({T.STDOUT, T.STDERR, T.FILE_DATA})
+_FLOW_FRAMES = (b"frame type 0x10 ", b"frame type 0x11 ", b"frame type 0x12 ")
+
+
+class _ChanQueue:
+    """One channel's frames, bounded in bytes; asks for PAUSE/RESUME as it fills and drains."""
+
+    def __init__(self, flow: Callable[[int, str], None], chan: int) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._items: deque[Frame] = deque()
+        self._flow = flow
+        self.chan = chan
+        self.bytes = 0
+        self.paused = False
+        self.ended = False  # the agent connection is gone
+        self.closed = False  # the host forgot the channel: frames are dropped
+
+    def put(self, frame: Frame, wait: bool = True) -> None:
+        """From the reader thread: queue a frame, waiting while the channel is over its limit."""
+        size = len(frame.payload) if frame.type in _DATA else 0
+        with self._cond:
+            while wait and self.bytes and self.bytes + size > HARD_LIMIT and not self.closed:
+                self._cond.wait()
+            if self.closed:
+                return
+            self._items.append(frame)
+            self.bytes += size
+            self._cond.notify_all()
+            pause = not self.paused and self.bytes >= HIGH_WATER
+            self.paused = self.paused or pause
+        if pause:
+            self._flow(self.chan, "pause")
+
+    def get(self, timeout: float | None) -> Frame | None:
+        """The next frame; None once the connection ended or the channel was closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._items and not self.ended and not self.closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise queue.Empty
+                self._cond.wait(left)
+            if not self._items:
+                return None
+            frame = self._items.popleft()
+            if frame.type in _DATA:
+                self.bytes -= len(frame.payload)
+                self._cond.notify_all()
+            resume = self.paused and self.bytes <= LOW_WATER
+            self.paused = self.paused and not resume
+        if resume:
+            self._flow(self.chan, "resume")
+        return frame
+
+    def end(self) -> None:
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._items.clear()
+            self.bytes = 0
+            self._cond.notify_all()
 
 
 class ExitStatus(NamedTuple):
@@ -146,7 +217,7 @@ def _unexpected(frame: Frame, context: str) -> ProtocolError:
 class Execution:
     """One running command. Consume its output with events() or wait()."""
 
-    def __init__(self, client: AgentClient, chan: int, q: _Q, pid: int) -> None:
+    def __init__(self, client: AgentClient, chan: int, q: _ChanQueue, pid: int) -> None:
         self._client = client
         self._q = q
         self.id = chan
@@ -170,14 +241,17 @@ class Execution:
     def resize(self, rows: int, cols: int) -> None:
         self._client._send(T.RESIZE, self.id, winsize(rows, cols))
 
+    def cancel(self) -> None:
+        """Give up on the command: it is killed, its output dropped, its waiters woken
+        (they raise Cancelled). Never blocks on the agent."""
+        self._client.cancel(self.id)
+
     def _next(self, timeout: float | None) -> tuple[str, bytes | ExitStatus]:
         while True:
             frame = self._client._get(self._q, timeout, "command output")
             if frame.type == T.STDOUT:
-                self._client._consumed(self.id, len(frame.payload))
                 return "stdout", frame.payload
             if frame.type == T.STDERR:
-                self._client._consumed(self.id, len(frame.payload))
                 return "stderr", frame.payload
             if frame.type == T.EXIT:
                 self._client._close_chan(self.id)
@@ -232,10 +306,8 @@ class AgentClient:
         self._on_close = on_close
         self._wlock = threading.Lock()
         self._lock = threading.Lock()
-        self._flow = threading.Condition(self._lock)
-        self._unread: dict[int, int] = {}  # per channel: bytes delivered, not yet taken
-        self._chans: dict[int, _Q] = {}
-        self._hello_q: _Q = queue.Queue()
+        self._chans: dict[int, _ChanQueue] = {}
+        self._hello_q = self._new_queue(0)
         self._next_chan = 1
         self._alive = True
         self._closed = False
@@ -243,6 +315,11 @@ class AgentClient:
         self._info: AgentInfo | None = None
         # Errors the agent reported on channel 0 (unknown frame types and the like).
         self.channel_errors: list[tuple[int, str]] = []
+        # False once the agent said it does not know PAUSE/RESUME/CANCEL (before 1.2).
+        self.flow_control = True
+        self._flow_cond = threading.Condition(threading.Lock())
+        self._flow_want: dict[int, str] = {}
+        self._flow_thread: threading.Thread | None = None
         self._reader = threading.Thread(target=self._read_loop, name="ak-agent-reader", daemon=True)
         self._reader.start()
 
@@ -306,44 +383,29 @@ class AgentClient:
             self._dead_reason = reason
             waiters = [*self._chans.values(), self._hello_q]
         for q in waiters:
-            q.put(None)
+            q.end()
+        with self._flow_cond:
+            self._flow_cond.notify_all()
 
     def _deliver(self, frame: Frame) -> None:
         with self._lock:
             q = self._chans.get(frame.chan)
-            if q is not None and frame.type in _FLOW:
-                q = self._wait_window(frame.chan, q, len(frame.payload))
         if q is not None:
             q.put(frame)
         elif frame.chan == 0 and frame.type == T.HELLO:
             self._hello_q.put(frame)
         elif frame.chan == 0 and frame.type == T.ERROR:
             err, msg, _ = _error_fields(frame)
+            if err == errno_mod.EOPNOTSUPP and any(f in msg.encode() for f in _FLOW_FRAMES):
+                self.flow_control = False  # an agent before 1.2: HARD_LIMIT still holds
             self.channel_errors.append((err, msg))
             del self.channel_errors[:-100]
         # Anything else belongs to a channel nobody waits for any more (late output): drop it.
 
-    def _wait_window(self, chan: int, q: _Q, size: int) -> _Q | None:
-        """(Lock held.) Wait until `chan` has room for more unread output; None if the
-        channel was closed meanwhile (the frame is then dropped)."""
-        while (self._unread.get(chan, 0) >= OUTPUT_WINDOW and not self._closed
-               and self._chans.get(chan) is q):
-            self._flow.wait(1.0)
-        if self._chans.get(chan) is not q:
-            return None
-        self._unread[chan] = self._unread.get(chan, 0) + size
-        return q
+    def _new_queue(self, chan: int) -> _ChanQueue:
+        return _ChanQueue(self._flow, chan)
 
-    def _consumed(self, chan: int, size: int) -> None:
-        with self._lock:
-            left = self._unread.get(chan, 0) - size
-            if chan in self._unread:
-                self._unread[chan] = max(0, left)
-            if left < OUTPUT_WINDOW:
-                self._flow.notify_all()
-
-    def _open_chan(self, chan: int | None = None) -> tuple[int, _Q]:
-        q: _Q = queue.Queue()
+    def _open_chan(self, chan: int | None = None) -> tuple[int, _ChanQueue]:
         with self._lock:
             if not self._alive:
                 raise ProtocolError(self._dead_reason)
@@ -353,24 +415,81 @@ class AgentClient:
                     self._next_chan = self._next_chan % _MAX_U32 + 1
                     if chan not in self._chans:
                         break
-            self._chans[chan] = q
+            q = self._chans[chan] = self._new_queue(chan)
         return chan, q
 
     def _close_chan(self, chan: int) -> None:
         with self._lock:
-            self._chans.pop(chan, None)
-            self._unread.pop(chan, None)
-            self._flow.notify_all()
+            q = self._chans.pop(chan, None)
+        if q is not None:
+            q.close()  # a reader thread waiting for room in it goes on
 
-    def _get(self, q: _Q, timeout: float | None, what: str) -> Frame:
+    def _get(self, q: _ChanQueue, timeout: float | None, what: str) -> Frame:
         try:
             frame = q.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"timed out waiting for {what}") from None
         if frame is None:
-            q.put(None)  # later waiters on this queue must see the EOF too
+            if q.closed:
+                raise Cancelled(f"{what}: cancelled")
             raise ProtocolError(f"{self._dead_reason} (while waiting for {what})")
         return frame
+
+    # ---- flow control: sent by a thread of its own, never by the reader or a consumer ----
+
+    def _flow(self, chan: int, action: str) -> None:
+        """Ask for PAUSE, RESUME or CANCEL of a channel (coalesced, sent asynchronously).
+
+        The reader thread must never wait for the agent to read (the agent may be waiting
+        for us), and a consumer that cancels must not either: a thread of our own sends.
+        """
+        with self._flow_cond:
+            if self._flow_want.get(chan) == "cancel":
+                return
+            self._flow_want[chan] = action
+            if self._flow_thread is None:
+                self._flow_thread = threading.Thread(target=self._flow_loop, daemon=True,
+                                                     name="ak-agent-flow")
+                self._flow_thread.start()
+            self._flow_cond.notify_all()
+
+    def _flow_loop(self) -> None:
+        while True:
+            with self._flow_cond:
+                while not self._flow_want and self._alive and not self._closed:
+                    self._flow_cond.wait()
+                if not self._alive or self._closed:
+                    return
+                want, self._flow_want = self._flow_want, {}
+            for chan, action in want.items():
+                try:
+                    self._send_flow(chan, action)
+                except ProtocolError:
+                    return
+
+    def _send_flow(self, chan: int, action: str) -> None:
+        if action == "cancel":
+            if self.flow_control:
+                self._send(T.CANCEL, chan)
+            self._send(T.SIGNAL, chan, u32(9))  # an agent before 1.2 (harmless after CANCEL)
+        elif self.flow_control:
+            with self._lock:
+                open_ = chan in self._chans
+            if open_ or action == "resume":
+                self._send(T.PAUSE if action == "pause" else T.RESUME, chan)
+
+    def cancel(self, chan: int) -> None:
+        """Forget a channel: its waiters raise Cancelled, its frames are dropped, and the agent
+        is told to kill its command or drop its transfer."""
+        self._close_chan(chan)
+        if self._alive and not self._closed:
+            self._flow(chan, "cancel")
+
+    def queued_bytes(self) -> int:
+        """Output bytes waiting in every channel's queue (for tests and status)."""
+        with self._lock:
+            queues = list(self._chans.values())
+        return sum(q.bytes for q in queues)
 
     def _send(self, ftype: int, chan: int, payload: bytes | memoryview = b"") -> None:
         header = len(payload).to_bytes(4, "little") + ftype.to_bytes(2, "little")
@@ -390,7 +509,7 @@ class AgentClient:
             except OSError as e:
                 raise ProtocolError(f"cannot write to agent: {e}") from e
 
-    def _request(self, ftype: int, payload: bytes, what: str) -> tuple[int, _Q]:
+    def _request(self, ftype: int, payload: bytes, what: str) -> tuple[int, _ChanQueue]:
         chan, q = self._open_chan()
         try:
             self._send(ftype, chan, payload)
@@ -508,40 +627,52 @@ class AgentClient:
 
     def read_file_to(
         self, path: str, out: IO[bytes], *, offset: int | None = None, length: int | None = None,
-        regular: bool = False,
+        max_bytes: int | None = None,
     ) -> int:
-        """Stream a file from the sandbox into out; returns the byte count. `regular`: the
-        agent refuses anything but a regular file (checked on the descriptor it reads)."""
+        """Stream a regular file from the sandbox into out; returns the byte count.
+
+        `max_bytes`: a file with more (from `offset`) is refused with TooLarge; what was
+        written to `out` by then is the caller's to discard.
+        """
         items = [(Tag.PATH.value, path_bytes(path))]
-        if regular:
-            items.append((Tag.REGULAR.value, u8(1)))
         if offset is not None:
             items.append((Tag.OFFSET.value, u64(offset)))
+        if max_bytes is not None:
+            # One byte more than allowed tells "too large" from "exactly the cap".
+            length = max_bytes + 1 if length is None else min(length, max_bytes + 1)
         if length is not None:
             items.append((Tag.LENGTH.value, u64(length)))
         what = f"read {path}"
         chan, q = self._request(T.FILE_READ, encode_tlvs(items), what)
         total = 0
+        ended = False  # the agent finished the transfer (FILE_END or ERROR)
         try:
             while True:
                 frame = self._get(q, None, what)
                 if frame.type == T.FILE_DATA:
-                    out.write(frame.payload)
-                    self._consumed(chan, len(frame.payload))
                     total += len(frame.payload)
+                    if max_bytes is not None and total > max_bytes:
+                        raise TooLarge(f"{path} is larger than the {max_bytes}-byte limit")
+                    out.write(frame.payload)
                 elif frame.type == T.FILE_END:
+                    ended = True
                     size = as_uint(tlv_dict(frame.payload).get(Tag.SIZE, u64(total)))
                     if size != total:
                         raise ProtocolError(f"{what}: agent sent {total} bytes, announced {size}")
                     return total
                 elif frame.type == T.ERROR:
+                    ended = True
                     raise _request_error(frame, what)
                 else:
                     raise _unexpected(frame, what)
+        except BaseException:
+            if not ended:
+                self.cancel(chan)  # the agent stops reading the file for nobody
+            raise
         finally:
             self._close_chan(chan)
 
-    def read_file(self, path: str) -> bytes:
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
         chunks: list[bytes] = []
 
         class _Sink:
@@ -549,7 +680,7 @@ class AgentClient:
                 chunks.append(b)
                 return len(b)
 
-        self.read_file_to(path, cast(BinaryIO, _Sink()))
+        self.read_file_to(path, cast(BinaryIO, _Sink()), max_bytes=max_bytes)
         return b"".join(chunks)
 
     def write_file(
@@ -578,13 +709,11 @@ class AgentClient:
                 raise _request_error(frame, what)
             if frame.type != T.OK:
                 raise _unexpected(frame, what)
-            if isinstance(data, bytes | bytearray | memoryview):
-                view = memoryview(data)
-                for i in range(0, len(view), FILE_CHUNK):
-                    self._send(T.FILE_CHUNK, chan, view[i : i + FILE_CHUNK])
-            else:
-                while chunk := data.read(FILE_CHUNK):
-                    self._send(T.FILE_CHUNK, chan, chunk)
+            try:
+                self._send_chunks(chan, data)
+            except BaseException:
+                self.cancel(chan)  # the agent drops the temporary file, frees the transfer
+                raise
             self._send(T.FILE_CLOSE, chan)
             frame = self._get(q, None, what)
             if frame.type == T.ERROR:
@@ -594,6 +723,15 @@ class AgentClient:
             return as_uint(tlv_dict(frame.payload).get(Tag.SIZE, u64(0)))
         finally:
             self._close_chan(chan)
+
+    def _send_chunks(self, chan: int, data: bytes | IO[bytes]) -> None:
+        if isinstance(data, bytes | bytearray | memoryview):
+            view = memoryview(data)
+            for i in range(0, len(view), FILE_CHUNK):
+                self._send(T.FILE_CHUNK, chan, view[i : i + FILE_CHUNK])
+        else:
+            while chunk := data.read(FILE_CHUNK):
+                self._send(T.FILE_CHUNK, chan, chunk)
 
     def stat(self, path: str, follow: bool = True) -> FileStat:
         payload = encode_tlvs([(Tag.PATH, path_bytes(path)), (Tag.FOLLOW, u8(int(follow)))])
@@ -681,8 +819,12 @@ class AgentClient:
             if self._closed:
                 return
             self._closed = True
+        with self._flow_cond:
+            self._flow_cond.notify_all()
         with self._lock:
-            self._flow.notify_all()  # a reader waiting for a consumer: stop waiting
+            queues = list(self._chans.values())
+        for q in queues:
+            q.close()  # a reader thread waiting for room goes on, and sees the hang-up
         if self._on_close is not None:
             self._on_close()
         for f in (self._w, self._r):

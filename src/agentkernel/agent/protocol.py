@@ -1,4 +1,4 @@
-"""Protocol v1 (revision 1.1) between the host and ak-agent: constants, frame and TLV encoding."""
+"""Protocol v1 (revision 1.2) between the host and ak-agent: constants, frame and TLV encoding."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ class T(IntEnum):
     REMOVE = 0x0D
     SHUTDOWN = 0x0E
     CLONE = 0x0F  # revision 1.1: a VM restored from a snapshot becomes its own machine
+    PAUSE = 0x10  # revision 1.2: stop sending this channel's output (back-pressure)...
+    RESUME = 0x11  # ...until this
+    CANCEL = 0x12  # revision 1.2: the host gave up on a command or transfer
     HELLO = 0x41
     PONG = 0x42
     STARTED = 0x43
@@ -89,7 +92,6 @@ class Tag(IntEnum):
     FOLLOW = 27
     PARENTS = 28
     RECURSIVE = 29
-    REGULAR = 30  # FILE_READ: regular files only (protocol 1.x agents ignore it)
     VERSION = 40
     PID = 41
     AGENT_NAME = 42

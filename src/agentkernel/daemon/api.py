@@ -69,6 +69,8 @@ class ExecResult:
     timed_out: bool = False
     oom_killed: bool = False
     message: str | None = None  # why the sandbox, not the command, ended it
+    # The collected stdout/stderr stopped at the output cap (the command ran to its end).
+    truncated: bool = False
 
 
 @dataclass
@@ -102,6 +104,7 @@ class DetachedInfo:
     status: Literal["running", "completed", "failed"]
     started_at: str
     exit_code: int | None = None
+    truncated: bool = False  # its log reached the cap; later output was dropped
 
 
 @dataclass
@@ -154,18 +157,25 @@ class SandboxService(Protocol):
     def extend(self, name: str, seconds: float) -> str | None: ...  # new expires_at
 
     # commands
-    def exec(self, name: str, req: ExecRequest, on_output: OnOutput | None = None
-             ) -> ExecResult: ...
-    def run(self, req: RunRequest, on_output: OnOutput | None = None) -> ExecResult: ...
+    # Collected output stops at max_output bytes (default: the daemon's max_output_bytes)
+    # and the result says `truncated`. on_output is called from the thread that reads the
+    # command: while it blocks, the command is paused (back-pressure), nothing piles up.
+    def exec(self, name: str, req: ExecRequest, on_output: OnOutput | None = None, *,
+             max_output: int | None = None) -> ExecResult: ...
+    def run(self, req: RunRequest, on_output: OnOutput | None = None, *,
+            max_output: int | None = None) -> ExecResult: ...
     def exec_detached(self, name: str, req: ExecRequest) -> DetachedInfo: ...
     def detached_list(self, name: str) -> list[DetachedInfo]: ...
     def detached_status(self, name: str, cmd_id: str) -> DetachedInfo: ...
-    def detached_logs(self, name: str, cmd_id: str) -> tuple[bytes, bytes]: ...
+    def detached_logs(self, name: str, cmd_id: str, *, max_bytes: int | None = None
+                      ) -> tuple[bytes, bytes]: ...
     def detached_kill(self, name: str, cmd_id: str) -> None: ...
     def logs(self, name: str) -> list[dict[str, object]]: ...  # audit entries
 
     # files (paths inside the sandbox, validated with names.validate_sandbox_path)
-    def read_file(self, name: str, path: str) -> bytes: ...
+    # Regular files only (devices, FIFOs, sockets are refused by the agent); a file over
+    # max_bytes (default: the daemon's max_file_read_bytes) is refused with TooLarge.
+    def read_file(self, name: str, path: str, *, max_bytes: int | None = None) -> bytes: ...
     def write_file(self, name: str, path: str, data: bytes, mode: int = 0o644) -> int: ...
     def delete_file(self, name: str, path: str) -> None: ...
 
@@ -184,11 +194,14 @@ class SandboxService(Protocol):
 def iter_output(
     call: Callable[[OnOutput], ExecResult],
 ) -> Iterator[tuple[OutputKind, bytes] | ExecResult]:
-    """Turn a callback-style exec/run into an iterator (for SSE), on a worker thread."""
+    """Turn a callback-style exec/run into an iterator (for SSE), on a worker thread.
+
+    The queue between them is bounded: a consumer that stops iterating pauses the command.
+    """
     import queue
     import threading
 
-    q: queue.Queue[tuple[OutputKind, bytes] | ExecResult | BaseException] = queue.Queue()
+    q: queue.Queue[tuple[OutputKind, bytes] | ExecResult | BaseException] = queue.Queue(16)
 
     def work() -> None:
         try:

@@ -185,10 +185,25 @@ def _raise(reply: dict[str, Any] | None) -> None:
                       str(err.get("type", "DaemonError")))
 
 
+def _send_request(lines: Lines, op: str, args: dict[str, Any]) -> None:
+    """Send the request line; a daemon that refused us (busy) may have answered and hung
+    up before it was sent: its answer is the error then."""
+    try:
+        lines.send({"op": op, "args": args})
+    except OSError as exc:
+        try:
+            reply = lines.recv()
+        except (OSError, ValueError):
+            reply = None
+        if reply is not None and reply.get("ok") is False:
+            _raise(reply)
+        raise DaemonError(f"the daemon closed the connection ({exc.strerror})") from None
+
+
 def _request(sock: Any, op: str, args: dict[str, Any]) -> Any:
     lines = Lines(sock)
     try:
-        lines.send({"op": op, "args": args})
+        _send_request(lines, op, args)
         reply = lines.recv()
     finally:
         sock.close()
@@ -212,7 +227,11 @@ def open_stream(op: str, args: dict[str, Any], *, auto_start: bool) -> Lines | N
     if sock is None:
         return None
     lines = Lines(sock)
-    lines.send({"op": op, "args": args})
+    try:
+        _send_request(lines, op, args)
+    except BaseException:
+        sock.close()
+        raise
     return lines
 
 
@@ -291,10 +310,14 @@ def pump(
                 ready = [sock]
             if stdin_fd is not None and stdin_fd in ready:
                 data = os.read(stdin_fd, 65536)
-                if data:
-                    lines.send({"op": "stdin", "d": data.decode("latin-1")})
-                else:
-                    lines.send({"op": "eof"})
+                try:
+                    if data:
+                        lines.send({"op": "stdin", "d": data.decode("latin-1")})
+                    else:
+                        lines.send({"op": "eof"})
+                except OSError:
+                    data = b""  # the command ended and the daemon hung up: read its end
+                if not data:
                     watch = [sock]
                     stdin_fd = None
             if sock in ready:

@@ -237,6 +237,29 @@ def _split(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+def _exclusive_temp(target: str) -> tuple[int, str]:
+    """A new file beside `target` under an unguessable name, never through a planted link.
+
+    O_CREAT|O_EXCL fails on anything already there (a symlink included, even a dangling
+    one), O_NOFOLLOW on a link, so the copy is written only into a file made here.
+    """
+    head, tail = os.path.split(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = os.path.join(head, f".{tail}.ak-{_random_token()}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue  # taken (or planted): another name
+        except OSError as exc:
+            raise DaemonError(f"cannot write {target}: {exc.strerror}") from None
+    raise DaemonError(f"cannot create a temporary file beside {target}")
+
+
+def _random_token() -> str:
+    return os.urandom(8).hex()
+
+
 def cmd_cp(args: argparse.Namespace) -> int:
     src_name, src = _split(args.src)
     dst_name, dst = _split(args.dst)
@@ -255,9 +278,12 @@ def cmd_cp(args: argparse.Namespace) -> int:
             lines = client.open_stream("cp_in", {"name": dst_name, "path": dst, "mode": mode},
                                        auto_start=True)
             assert lines is not None
-            while data := f.read(chunk):
-                lines.send({"d": data.decode("latin-1")})
-            lines.send({"end": True})
+            try:
+                while data := f.read(chunk):
+                    lines.send({"d": data.decode("latin-1")})
+                lines.send({"end": True})
+            except OSError:
+                pass  # the daemon answered early (an error) and hung up: read it below
         reply = lines.recv()
         lines.sock.close()
         if reply is None or not reply.get("ok"):
@@ -269,11 +295,16 @@ def cmd_cp(args: argparse.Namespace) -> int:
     target = dst
     if os.path.isdir(target):
         target = os.path.join(target, os.path.basename(src) or "file")
-    tmp = f"{target}.ak-{os.getpid()}.tmp"
-    lines = client.open_stream("cp_out", {"name": src_name, "path": src}, auto_start=True)
-    assert lines is not None
+    fd, tmp = _exclusive_temp(target)
     try:
-        with open(tmp, "wb") as out:
+        lines = client.open_stream("cp_out", {"name": src_name, "path": src}, auto_start=True)
+        assert lines is not None
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    try:
+        with open(fd, "wb") as out:
             while True:
                 msg = lines.recv()
                 if msg is None:
@@ -288,7 +319,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
         os.replace(tmp, target)
     finally:
         lines.sock.close()
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
     print(f"Copied {size} bytes from {args.src} to {args.dst}")
     return 0

@@ -7,7 +7,6 @@ import datetime as dt
 import getpass
 import json
 import os
-import queue
 import secrets
 import signal
 import subprocess
@@ -20,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..agent.client import AgentClient, Execution, ExitStatus
+from ..agent.client import AgentClient, Execution, ExitStatus, _ChanQueue
 from ..agent.protocol import Frame
 from ..errors import (
     AgentKernelError,
     AgentRequestError,
+    Cancelled,
     Conflict,
     NotFound,
     ProtocolError,
@@ -140,13 +140,13 @@ class AdoptingClient(AgentClient):
 
     def adopt(self, chan: int, pid: int) -> Execution:
         """An Execution for a command started over an earlier connection."""
-        q: queue.Queue[Frame | None] = queue.Queue()
+        q: _ChanQueue = self._new_queue(chan)
         with self._lock:
             self._expect.discard(chan)
             for frame in self._orphans.pop(chan, []):
-                q.put(frame)
+                q.put(frame, wait=False)  # already in memory; a full queue asks for PAUSE
             if not self._alive:
-                q.put(None)
+                q.end()
             self._chans[chan] = q
             self._next_chan = max(self._next_chan, chan + 1)
         return Execution(self, chan, q, pid)
@@ -180,6 +180,7 @@ class ExecHandle:
         self._memory_mb = memory_mb
         self._finish = finish
         self._finished = False
+        self.aborted = False
         self._lock = threading.Lock()
         self.info: dict[str, Any] = info or {}
 
@@ -199,26 +200,44 @@ class ExecHandle:
         with contextlib.suppress(ProtocolError, ValueError):
             self.execution.resize(rows, cols)
 
-    def pump(self, on_output: OnOutput | None = None, *, collect: bool = True) -> ExecResult:
-        """Deliver output as it comes until the command exits; then finish the handle."""
+    def pump(self, on_output: OnOutput | None = None, *, collect: bool = True,
+             max_output: int | None = None) -> ExecResult:
+        """Deliver output as it comes until the command exits; then finish the handle.
+
+        on_output runs on this thread: while it blocks, the agent is told to pause the
+        command (back-pressure). With `collect`, at most `max_output` bytes (stdout and
+        stderr together) are kept; the command runs on, its result says `truncated`.
+        Raises Cancelled once `abort` was called.
+        """
         out: list[bytes] = []
         err: list[bytes] = []
+        room = max_output if max_output is not None else -1
+        truncated = False
         result: ExecResult | None = None
         try:
             try:
                 for kind, payload in self.execution.events():
                     if isinstance(payload, bytes):
                         if collect:
-                            (out if kind == "stdout" else err).append(payload)
+                            keep = payload if room < 0 else payload[:room]
+                            truncated = truncated or len(keep) < len(payload)
+                            room = room if room < 0 else room - len(keep)
+                            if keep:
+                                (out if kind == "stdout" else err).append(keep)
                         if on_output is not None:
                             on_output("stdout" if kind == "stdout" else "stderr", payload)
                     elif isinstance(payload, ExitStatus):
                         result = self._result(payload, b"".join(out), b"".join(err))
+                        result.truncated = truncated
+            except Cancelled:
+                raise
             except ProtocolError:
+                if self.aborted:
+                    raise Cancelled("the command was cancelled") from None
                 if self._oom():
                     result = ExecResult(
                         exit_code=137, stdout=b"".join(out), stderr=b"".join(err),
-                        signal=signal.SIGKILL, oom_killed=True,
+                        signal=signal.SIGKILL, oom_killed=True, truncated=truncated,
                         message=f"sandbox killed: out of memory (limit {self._memory_mb} MiB)")
                 else:
                     raise SandboxError("the sandbox died while the command ran") from None
@@ -229,7 +248,17 @@ class ExecHandle:
             self.finish(result)
 
     def abort(self) -> None:
-        """The caller went away: kill the command and release everything."""
+        """The caller went away: kill the command and release everything.
+
+        Never waits for the agent: the channel is dropped at once (a thread pumping it
+        raises Cancelled) and the kill is sent by the agent client's own thread.
+        """
+        self.aborted = True
+        self.execution.cancel()
+        self.finish(None)
+
+    def kill(self) -> None:
+        """End the command (its sandbox is going away); its pump still gets the end."""
         self.signal(signal.SIGKILL)
         self.finish(None)
 
@@ -762,7 +791,7 @@ class SandboxManager:
     def _teardown(self, live: Live) -> None:
         """Everything of a running sandbox goes: commands, processes, cgroups, scratch."""
         for handle in list(live.execs):
-            handle.abort()
+            handle.kill()  # its client is told how the command ended, not cut off
         if live.sandbox is not None:
             live.sandbox.destroy()
             return
@@ -871,15 +900,19 @@ class SandboxManager:
             handle.close_stdin()
         return handle
 
-    def exec(self, name: str, req: ExecRequest, on_output: OnOutput | None = None
-             ) -> ExecResult:
+    def _output_cap(self, max_output: int | None) -> int:
+        return self.settings.max_output_bytes if max_output is None else max(0, max_output)
+
+    def exec(self, name: str, req: ExecRequest, on_output: OnOutput | None = None, *,
+             max_output: int | None = None) -> ExecResult:
+        """Run a command to its end; its collected output is capped (`truncated` says so)."""
         try:
             handle = self.open_exec(name, req)
         except AgentRequestError as exc:
             if exc.exit_code in (126, 127):
                 return failed_start(exc)
             raise
-        return handle.pump(on_output)
+        return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     # ---- one-shot runs (warm pool) ----
 
@@ -1025,7 +1058,9 @@ class SandboxManager:
         return ExecHandle(execution, timeout=req.timeout, oom=sb.oom_killed,
                           memory_mb=key.profile.memory_mb, finish=finish, info=info)
 
-    def run(self, req: RunRequest, on_output: OnOutput | None = None) -> ExecResult:
+    def run(self, req: RunRequest, on_output: OnOutput | None = None, *,
+            max_output: int | None = None) -> ExecResult:
+        """A one-shot run; its collected output is capped (`truncated` says so)."""
         try:
             handle = self.open_run(req)
         except AgentRequestError as exc:
@@ -1033,7 +1068,7 @@ class SandboxManager:
                 return failed_start(exc)
             raise
         handle.close_stdin()
-        return handle.pump(on_output)
+        return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
         # Tearing a sandbox down takes a few ms: the caller already has its answer.
@@ -1102,12 +1137,15 @@ class SandboxManager:
             raise NotFound(f"no detached command {str(cmd_id)[:64]!r} in sandbox {name!r}")
         return row
 
-    @staticmethod
-    def _detached_info(row: dict[str, Any]) -> DetachedInfo:
+    def _detached_info(self, row: dict[str, Any]) -> DetachedInfo:
+        from .quota import dropped
+
+        base = self._state_dir(row["sandbox"]) / "exec"
+        cut = any(dropped(base / f"{row['id']}.{stream}") for stream in ("stdout", "stderr"))
         return DetachedInfo(id=row["id"], sandbox=row["sandbox"],
                             command=loads(row["command"], []), pid=row["pid"],
                             status=row["status"], started_at=rfc3339(row["started"]) or "",
-                            exit_code=row["exit_code"])
+                            exit_code=row["exit_code"], truncated=cut)
 
     def detached_list(self, name: str) -> list[DetachedInfo]:
         self._row(name)
@@ -1123,14 +1161,19 @@ class SandboxManager:
         cap = self.config.resources.detached_log if self.config is not None else None
         return DEFAULT_LOG_BYTES if cap is None else cap * 1024 * 1024
 
-    def detached_logs(self, name: str, cmd_id: str) -> tuple[bytes, bytes]:
+    def detached_logs(self, name: str, cmd_id: str, *, max_bytes: int | None = None
+                      ) -> tuple[bytes, bytes]:
+        """The logs' first max_bytes each (default: max_output_bytes, what any collected
+        result may hold; the files themselves keep at most [resources] detached_log, the
+        newest output, behind a marker where older output was dropped)."""
         from .quota import read_log
 
         row = self._detached_row(name, cmd_id)
+        cap = self._output_cap(max_bytes)
         base = self._exec_dir(name)
         parts = []
         for stream in ("stdout", "stderr"):
-            parts.append(read_log(base / f"{row['id']}.{stream}"))
+            parts.append(read_log(base / f"{row['id']}.{stream}")[:cap])
         return parts[0], parts[1]
 
     def detached_kill(self, name: str, cmd_id: str) -> None:
@@ -1181,20 +1224,23 @@ class SandboxManager:
 
     # ------------------------------------------------------------------ files
 
-    def read_file(self, name: str, path: str) -> bytes:
+    def read_file(self, name: str, path: str, *, max_bytes: int | None = None) -> bytes:
+        """A regular file's content; larger than max_bytes (default: the configured
+        max_file_read_bytes) is refused with TooLarge, a device or FIFO by the agent."""
         path = validate_sandbox_path(path)
+        cap = self.settings.max_file_read_bytes if max_bytes is None else max(0, max_bytes)
         live, _ = self._running(name)
-        data = live.client.read_file(path)
+        data = live.client.read_file(path, max_bytes=cap)
         self._audit(name, "file_read", path=path)
         return data
 
-    def read_file_to(self, name: str, path: str, out: Any, *, limit: int | None = None,
-                     regular: bool = False) -> int:
-        """Stream a file out of a sandbox (for `cp`, and the HTTP API: which reads at most
-        `limit` bytes, of a regular file only)."""
+    def read_file_to(self, name: str, path: str, out: Any, *,
+                     max_bytes: int | None = None) -> int:
+        """Stream a regular file out of a sandbox (for `cp`): `out.write` blocking pauses
+        the transfer at the agent; no size cap unless `max_bytes`."""
         path = validate_sandbox_path(path)
         live, _ = self._running(name)
-        size = live.client.read_file_to(path, out, length=limit, regular=regular)
+        size = live.client.read_file_to(path, out, max_bytes=max_bytes)
         self._audit(name, "file_read", path=path)
         return size
 

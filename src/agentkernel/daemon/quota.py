@@ -262,6 +262,11 @@ class CappedLog:
         self.close()
 
 
+def dropped(path: Path) -> bool:
+    """Whether a capped log at `path` lost older output."""
+    return _dropped_flag(path).exists()
+
+
 LOG_MARKER: Final = b"[agentkernel: earlier output dropped: this log keeps the newest output]\n"
 
 

@@ -8,6 +8,7 @@ import fcntl
 import functools
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -18,7 +19,13 @@ import typing
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import AgentKernelError, AgentRequestError, UsageError
+from ..errors import (
+    AgentKernelError,
+    AgentRequestError,
+    Busy,
+    UsageError,
+    as_agentkernel_error,
+)
 from ..paths import API_SOCKET, DAEMON_SOCKET, listen_unix, runtime_dir
 from ..peer import refusal
 from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
@@ -28,7 +35,10 @@ if typing.TYPE_CHECKING:
     from ..http.serve import ServeOptions
 
 LOCK_NAME = "daemon.lock"
-MAX_LINE = 8 * 1024 * 1024  # one request line (cp chunks are far smaller)
+# One request line: a cp chunk (256 KiB, up to 6 JSON bytes per byte) fits; every connection
+# may hold one, so this times max_connections bounds what requests can make us buffer.
+MAX_LINE = 2 * 1024 * 1024
+REQUEST_TIMEOUT = 30.0  # a connection that sends no request in this long is answered and closed
 
 # Plain request/response operations: op -> (manager method, how to build its arguments).
 _SIMPLE = {
@@ -55,15 +65,24 @@ def to_json(value: Any) -> Any:
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, AgentKernelError):
-        return {"type": type(exc).__name__, "message": exc.message,
-                "exit_code": exc.exit_code, "http_status": exc.http_status}
-    return {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}",
-            "exit_code": 125, "http_status": 500}
+    """Any failure as the error reply a client gets (mapped through errors.py)."""
+    err = as_agentkernel_error(exc)
+    kind = type(err).__name__ if err is exc or type(err) is not AgentKernelError \
+        else "InternalError"
+    return {"type": kind, "message": err.message, "exit_code": err.exit_code,
+            "http_status": err.http_status}
+
+
+class ClientGone(Exception):
+    """The client's end of the socket failed or closed: nobody is left to answer."""
 
 
 class _Conn:
-    """One client connection: line reader and a locked line writer."""
+    """One client connection: line reader and a locked line writer.
+
+    Failures of this socket raise ClientGone, so that they are never mistaken for the
+    daemon's own errors (those are answered).
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -72,21 +91,45 @@ class _Conn:
 
     def send(self, obj: dict[str, Any]) -> None:
         data = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        with self._wlock:
-            self.sock.sendall(data)
+        try:
+            with self._wlock:
+                self.sock.sendall(data)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
 
     def recv(self) -> dict[str, Any] | None:
-        line = self.rfile.readline(MAX_LINE + 1)
+        try:
+            line = self.rfile.readline(MAX_LINE + 1)
+        except TimeoutError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise ClientGone(str(exc)) from None
         if not line:
             return None
         if len(line) > MAX_LINE or not line.endswith(b"\n"):
-            raise UsageError("request line too long")
-        obj = json.loads(line)
+            raise UsageError(f"request line too long (at most {MAX_LINE} bytes)")
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise UsageError(f"a request must be one line of JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise UsageError("a request must be a JSON object")
         return obj
 
+    def gone(self) -> bool:
+        """Whether the client closed its end entirely (after a half-close it still waits)."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)  # POLLHUP/POLLERR come regardless
+            return any(ev & (select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def close(self) -> None:
+        # Shut down first: a control thread blocked reading this socket wakes up (EOF), and
+        # the client sees the end of the conversation even while that thread holds it.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.rfile.close()
         with contextlib.suppress(OSError):
@@ -148,6 +191,7 @@ class DaemonServer:
         self.started = time.time()
         self._stop = threading.Event()
         self._listener = listen_unix(sock_path, 256)
+        self.max_connections = manager.settings.max_connections
         self._active = 0  # connections being served right now
         self._last_active = time.monotonic()
         self._active_lock = threading.Lock()
@@ -166,14 +210,41 @@ class DaemonServer:
                     if self._stop.is_set():
                         break
                     continue
-                threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                                 name="ak-conn").start()
+                with self._active_lock:
+                    full = self._active >= self.max_connections
+                    self._active += 0 if full else 1
+                if full:
+                    self._refuse(conn)
+                    continue
+                try:
+                    threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                     name="ak-conn").start()
+                except RuntimeError:  # no thread to be had: refuse, do not stall
+                    self._release()
+                    self._refuse(conn)
         finally:
             self._close_listener()
 
     def shutdown(self) -> None:
         self._stop.set()
         self._close_listener()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Answer a connection beyond the limit with an error at once (never queue it)."""
+        busy = Busy(f"the daemon is busy: {self.max_connections} requests in progress "
+                    "(daemon.max_connections); try again")
+        try:
+            sock.settimeout(1.0)
+            sock.sendall((json.dumps({"ok": False, "error": error_json(busy)}) + "\n").encode())
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+            self._last_active = time.monotonic()
 
     def _close_listener(self) -> None:
         with contextlib.suppress(OSError):
@@ -187,33 +258,40 @@ class DaemonServer:
     # ---- one connection ----
 
     def _serve(self, sock: socket.socket) -> None:
+        """One connection (counted by the accept loop): every failure is answered."""
         conn = _Conn(sock)
-        with self._active_lock:
-            self._active += 1
         try:
             why = refusal(sock)  # same uid *and* not in a sandbox (peer.py)
             if why is not None:
                 sock.settimeout(2.0)
-                with contextlib.suppress(OSError, ValueError, AgentKernelError):
+                with contextlib.suppress(OSError, ValueError, AgentKernelError, ClientGone):
                     conn.recv()  # its request first: hanging up before it sent hides our answer
                 conn.send({"ok": False, "error": {"type": "PermissionDenied",
                                                   "message": why,
                                                   "exit_code": 125, "http_status": 403}})
                 return
-            req = conn.recv()
+            sock.settimeout(REQUEST_TIMEOUT)  # a connection must not sit on a slot unused
+            try:
+                req = conn.recv()
+            except TimeoutError:
+                raise UsageError(f"no request within {REQUEST_TIMEOUT:g} s") from None
+            sock.settimeout(None)
             if req is None:
                 return
             self._dispatch(conn, req)
-        except (OSError, ValueError):
-            pass  # the client went away or sent garbage: nothing to answer to
-        except Exception as exc:
-            with contextlib.suppress(OSError):
+        except ClientGone:
+            pass  # nobody is left to answer; whatever the request started was cancelled
+        except BaseException as exc:
+            if not isinstance(exc, AgentKernelError | KeyboardInterrupt | SystemExit):
+                print(f"agentkernel daemon: request failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+            with contextlib.suppress(ClientGone, OSError):
                 conn.send({"ok": False, "error": error_json(exc)})
+            if not isinstance(exc, Exception):
+                raise
         finally:
             conn.close()
-            with self._active_lock:
-                self._active -= 1
-                self._last_active = time.monotonic()
+            self._release()
 
     def _dispatch(self, conn: _Conn, req: dict[str, Any]) -> None:
         op = req.get("op")
@@ -231,7 +309,7 @@ class DaemonServer:
                 threading.Thread(target=self.shutdown, daemon=True).start()
             elif op == "create":
                 info = m.create(CreateRequest(**_fields(CreateRequest, args)))
-                conn.send({"ok": True, "data": to_json(info)})
+                self._reply_or_undo(conn, info)
             elif op == "exec_detached":
                 name = args.pop("name", "")
                 det = m.exec_detached(str(name), ExecRequest(**_fields(ExecRequest, args)))
@@ -241,6 +319,8 @@ class DaemonServer:
                 size = m.write_file(str(args.get("name")), str(args.get("path")), data,
                                     int(args.get("mode", 0o644)))
                 conn.send({"ok": True, "data": size})
+            elif op == "restore_snapshot":
+                self._reply_or_undo(conn, m.restore_snapshot(**args))
             elif op in _SIMPLE:
                 result = getattr(m, str(op))(**args)
                 conn.send({"ok": True, "data": to_json(result)})
@@ -257,10 +337,25 @@ class DaemonServer:
         except TypeError as exc:
             raise UsageError(f"bad arguments for {op}: {exc}") from None
 
+    def _reply_or_undo(self, conn: _Conn, info: Any) -> None:
+        """Answer a request that made a sandbox; if its client left meanwhile, nobody knows
+        of the sandbox: it is removed rather than left running."""
+        try:
+            if conn.gone():
+                raise ClientGone("the client left before the answer")
+            conn.send({"ok": True, "data": to_json(info)})
+        except ClientGone:
+            with contextlib.suppress(Exception):
+                self.manager.remove(info.name)
+            raise
+
     def _status(self) -> dict[str, Any]:
         rows = self.manager.list_sandboxes()
+        with self._active_lock:
+            active = self._active
         return {"pid": os.getpid(), "socket": str(self.sock_path),
                 "uptime_s": round(time.time() - self.started, 1),
+                "connections": active, "max_connections": self.max_connections,
                 "sandboxes": len(rows),
                 "running": sum(1 for r in rows if r.status == "running"),
                 "pools": to_json(self.manager.pool_status()),
@@ -298,41 +393,38 @@ class DaemonServer:
         self._stream(conn, handle)
 
     def _stream(self, conn: _Conn, handle: ExecHandle) -> None:
-        """Output to the client as it comes; stdin, signals and resizes from it meanwhile."""
+        """Output to the client as it comes; stdin, signals and resizes from it meanwhile.
+
+        Sending blocks while the client does not read, and so does the pump: the agent is
+        told to pause the command (back-pressure), nothing piles up here. A client that
+        goes away (or stops sending control lines: EOF) takes its command with it.
+        """
         done = threading.Event()
 
         def control() -> None:
             while not done.is_set():
                 try:
                     msg = conn.recv()
-                except (OSError, ValueError, AgentKernelError):
+                    if msg is not None:
+                        _control(handle, msg)
+                except (ClientGone, AgentKernelError, ValueError, TypeError):
                     msg = None
                 if msg is None:
                     if not done.is_set():
                         handle.abort()  # the client went away: so does its command
                     return
-                op = msg.get("op")
-                if op == "stdin":
-                    handle.write_stdin(str(msg.get("d", "")).encode("latin-1"))
-                elif op == "eof":
-                    handle.close_stdin()
-                elif op == "signal":
-                    handle.signal(int(msg.get("sig", signal.SIGTERM)))
-                elif op == "resize":
-                    handle.resize(int(msg.get("rows", 24)), int(msg.get("cols", 80)))
-
-        conn.send({"ev": "started", "pid": handle.execution.pid, "info": handle.info})
-        threading.Thread(target=control, daemon=True, name="ak-conn-ctl").start()
 
         def out(kind: str, data: bytes) -> None:
             conn.send({"ev": "out", "s": 1 if kind == "stdout" else 2,
                        "d": data.decode("latin-1")})
 
         try:
+            conn.send({"ev": "started", "pid": handle.execution.pid, "info": handle.info})
+            threading.Thread(target=control, daemon=True, name="ak-conn-ctl").start()
             result = handle.pump(out, collect=False)
-        except OSError:
-            handle.abort()
-            return
+        except BaseException:
+            handle.abort()  # whatever failed, the command must not run on unattended
+            raise
         finally:
             done.set()
         conn.send({"ev": "exit", "result": _result_json(result)})
@@ -345,8 +437,8 @@ class DaemonServer:
 
             def read(self, _n: int = -1) -> bytes:
                 msg = conn.recv()
-                if msg is None:
-                    raise UsageError("the client went away during the copy")
+                if msg is None:  # the agent then drops the temporary file
+                    raise ClientGone("the client went away during the copy")
                 if msg.get("end"):
                     return b""
                 return str(msg.get("d", "")).encode("latin-1")
@@ -363,6 +455,19 @@ class DaemonServer:
 
         size = self.manager.read_file_to(str(args.get("name")), str(args.get("path")), Writer())
         conn.send({"ok": True, "data": size})
+
+
+def _control(handle: ExecHandle, msg: dict[str, Any]) -> None:
+    """One control line of a streaming client: stdin, eof, signal or resize."""
+    op = msg.get("op")
+    if op == "stdin":
+        handle.write_stdin(str(msg.get("d", "")).encode("latin-1"))
+    elif op == "eof":
+        handle.close_stdin()
+    elif op == "signal":
+        handle.signal(int(msg.get("sig", signal.SIGTERM)))
+    elif op == "resize":
+        handle.resize(int(msg.get("rows", 24)), int(msg.get("cols", 80)))
 
 
 def _result_json(result: ExecResult) -> dict[str, Any]:

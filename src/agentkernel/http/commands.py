@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from starlette.concurrency import run_in_threadpool
 
 from ..daemon.api import ExecRequest, ExecResult, OnOutput, OutputKind, RunRequest, SandboxService
-from ..errors import AgentKernelError, AgentRequestError, UsageError
+from ..errors import AgentKernelError, AgentRequestError, TooLarge, UsageError
 
 CHUNK = 256 * 1024  # raw bytes per piece of a streamed JSON answer
 
@@ -37,18 +37,14 @@ class CommandService(SandboxService, Protocol):
     def open_exec(self, name: str, req: ExecRequest, *, stdin: bool = False,
                   pty: tuple[int, int] | None = None) -> Handle: ...
     def stat_file(self, name: str, path: str) -> dict[str, Any]: ...
-    def read_file_to(self, name: str, path: str, out: Any, *, limit: int | None = None,
-                     regular: bool = False) -> int: ...
+    def read_file_to(self, name: str, path: str, out: Any, *,
+                     max_bytes: int | None = None) -> int: ...
 
 
 class ClientGone(AgentKernelError):
     """The client closed its connection before the answer: its command was cancelled."""
 
     http_status = 499
-
-
-class TooLarge(AgentKernelError):
-    http_status = 413
 
 
 def _failed_start(exc: AgentRequestError) -> ExecResult:
@@ -284,7 +280,7 @@ def read_file_capped(svc: CommandService, name: str, path: str, limit: int) -> b
     if int(st.get("size", 0)) > limit:
         raise TooLarge(f"{path} is larger than {limit} bytes (max_file_bytes)")
     sink = _Sink(limit, path)
-    svc.read_file_to(name, path, sink, limit=limit + 1, regular=True)
+    svc.read_file_to(name, path, sink, max_bytes=limit)
     return sink.buf
 
 
