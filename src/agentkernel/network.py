@@ -45,12 +45,19 @@ def write_resolv_conf(scratch: Path) -> Path:
 
 
 def start_slirp(
-    target_pid: int, log: Path, *, exit_fd: int, timeout: float = 10.0
+    target_pid: int, log: Path, *, exit_fd: int, timeout: float = 10.0,
+    reach_host: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Attach slirp4netns to the network namespace of `target_pid` and wait until it is up.
 
-    `--disable-host-loopback` is what keeps the host's 127.0.0.1 out of reach; the
-    sandbox gets 10.0.2.100/24 with 10.0.2.2 as gateway.
+    First the namespace is fenced (egress.fence): the host's addresses, loopback, private,
+    link-local and metadata ranges are rejected there before any route out exists, and a
+    sandbox whose fence fails does not start. `--disable-host-loopback` also keeps slirp's
+    10.0.2.2 from leading to the host's 127.0.0.1. The sandbox gets 10.0.2.100/24 with
+    10.0.2.2 as gateway and DNS at 10.0.2.3.
+
+    `reach_host`: the "host network" of a permissive gVisor sandbox (runsc must not sit in
+    the host's namespace): no fence, and 10.0.2.2 is the host's loopback.
     """
     binary = slirp_available()
     if binary is None:
@@ -61,12 +68,17 @@ def start_slirp(
     problem = tun_problem()
     if problem:
         raise BackendUnavailable(f"egress networking: {problem}; or use --no-network")
+    if not reach_host:
+        from .egress import fence
+
+        fence(enter_netns(target_pid))
     ready_r, ready_w = os.pipe()
     logf = open(log, "wb")  # noqa: SIM115 - handed to the child, closed below
     try:
         proc = subprocess.Popen(
-            [binary, "--configure", "--mtu=65520", "--disable-host-loopback",
-             "--enable-seccomp", f"--ready-fd={ready_w}", f"--exit-fd={exit_fd}",
+            [binary, "--configure", "--mtu=65520",
+             *([] if reach_host else ["--disable-host-loopback"]), "--enable-seccomp",
+             f"--ready-fd={ready_w}", f"--exit-fd={exit_fd}",
              str(target_pid), "tap0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
             pass_fds=(ready_w, exit_fd), close_fds=True,
@@ -126,9 +138,11 @@ def netns_holder(lifeline_r: int) -> subprocess.Popen[bytes]:
     raise SandboxError("could not create a network namespace for the sandbox")
 
 
-def egress_netns(slirp_log: Path, helpers: list[subprocess.Popen[bytes]]) -> tuple[int, int]:
-    """A network namespace whose only way out is slirp4netns (`--disable-host-loopback`),
-    for runsc or a VMM to join with `enter_netns(pid)`.
+def egress_netns(
+    slirp_log: Path, helpers: list[subprocess.Popen[bytes]], *, reach_host: bool = False,
+) -> tuple[int, int]:
+    """A network namespace whose only way out is slirp4netns, fenced as start_slirp says
+    (unless `reach_host`), for runsc or a VMM to join with `enter_netns(pid)`.
 
     Returns (holder pid, lifeline write end). The process that runs the sandbox must hold
     the write end: when it ends, the holder and slirp4netns exit too, whatever happens to
@@ -138,7 +152,8 @@ def egress_netns(slirp_log: Path, helpers: list[subprocess.Popen[bytes]]) -> tup
     try:
         holder = netns_holder(life_r)
         helpers.append(holder)
-        helpers.append(start_slirp(holder.pid, slirp_log, exit_fd=life_r))
+        helpers.append(start_slirp(holder.pid, slirp_log, exit_fd=life_r,
+                                   reach_host=reach_host))
     except BaseException:
         os.close(life_w)
         raise
@@ -158,10 +173,13 @@ def enter_netns(pid: int) -> list[str]:
     return [*argv, "--"]
 
 
-def empty_netns_prefix() -> list[str]:
-    """argv prefix that runs a command in a new, empty network namespace (if possible)."""
+def empty_netns_prefix(*, required: bool = False) -> list[str]:
+    """argv prefix that runs a command in a new, empty network namespace (if possible;
+    `required`: BackendUnavailable if not)."""
     unshare = which("unshare")
     if unshare is None:
+        if required:
+            raise BackendUnavailable("a private network namespace needs unshare (util-linux)")
         return []
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     return [unshare, *user, "--net", "--"]
