@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import BackendUnavailable, SandboxError
-from .network import SLIRP_DNS  # the one denied address a sandbox may use (port 53)
+from .network import SLIRP_DEV, SLIRP_DNS  # SLIRP_DNS: the one denied address allowed (53)
 from .paths import which
 
 if TYPE_CHECKING:
@@ -117,13 +117,18 @@ def is_denied(address: str, networks: tuple[list[IPv4Network], list[IPv6Network]
 
 def restore_file(networks: list[IPv4Network] | list[IPv6Network], v6: bool) -> str:
     """An iptables-restore / ip6tables-restore input that rejects `networks` for everything
-    leaving the namespace (OUTPUT, and FORWARD for a VMM's TAP guest behind it), except the
-    namespace's own loopback and, for IPv4, DNS to slirp's forwarder."""
+    sent from the namespace (OUTPUT) or through it (FORWARD: a VMM's TAP guest), except to
+    the namespace's own loopback, replies coming back in from slirp4netns, and, for IPv4,
+    DNS to slirp's forwarder."""
     reject = "icmp6-adm-prohibited" if v6 else "icmp-admin-prohibited"
     lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
              f":{CHAIN} - [0:0]",
              "-A OUTPUT -o lo -j ACCEPT",  # the namespace's own addresses: its business
-             f"-A OUTPUT -j {CHAIN}", f"-A FORWARD -j {CHAIN}"]
+             f"-A OUTPUT -j {CHAIN}",
+             # slirp4netns only ever sends in what answers the namespace's own connections
+             # (it forwards no ports): those go on to a TAP guest in a private range.
+             f"-A FORWARD -i {SLIRP_DEV} -j ACCEPT",
+             f"-A FORWARD -j {CHAIN}"]
     if not v6:
         lines += [f"-A {CHAIN} -d {SLIRP_DNS}/32 -p {proto} --dport 53 -j RETURN"
                   for proto in ("udp", "tcp")]

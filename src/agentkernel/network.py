@@ -13,6 +13,7 @@ from .errors import BackendUnavailable, SandboxError
 from .paths import which
 
 SLIRP_DNS = "10.0.2.3"
+SLIRP_DEV = "tap0"  # the sandbox namespace's one way out, which slirp4netns serves
 RESOLV_CONF = f"nameserver {SLIRP_DNS}\noptions edns0 trust-ad\n"
 
 
@@ -79,7 +80,7 @@ def start_slirp(
             [binary, "--configure", "--mtu=65520",
              *([] if reach_host else ["--disable-host-loopback"]), "--enable-seccomp",
              f"--ready-fd={ready_w}", f"--exit-fd={exit_fd}",
-             str(target_pid), "tap0"],
+             str(target_pid), SLIRP_DEV],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
             pass_fds=(ready_w, exit_fd), close_fds=True,
             start_new_session=True,  # the terminal's Ctrl-C is for the command, not for us
@@ -210,7 +211,7 @@ def tap_egress(holder_pid: int) -> str:
         [ip, "addr", "add", f"{TAP_EGRESS_HOST}/{TAP_EGRESS_PREFIX}", "dev", TAP_EGRESS_DEV],
         [ip, "link", "set", TAP_EGRESS_DEV, "up"],
         [sysctl, "-qw", "net.ipv4.ip_forward=1"],  # this namespace's own switch
-        [iptables, "-t", "nat", "-A", "POSTROUTING", "-s", subnet, "-o", "tap0",
+        [iptables, "-t", "nat", "-A", "POSTROUTING", "-s", subnet, "-o", SLIRP_DEV,
          "-j", "MASQUERADE"],
     ]
     for step in steps:
