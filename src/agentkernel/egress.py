@@ -121,8 +121,9 @@ def restore_file(networks: list[IPv4Network] | list[IPv6Network], v6: bool) -> s
     the namespace's own loopback, replies coming back in from slirp4netns, and, for IPv4,
     DNS to slirp's forwarder."""
     reject = "icmp6-adm-prohibited" if v6 else "icmp-admin-prohibited"
-    lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
-             f":{CHAIN} - [0:0]",
+    # The built-in chains are not declared: with the nf_tables backend that alone creates
+    # every base chain (INPUT too) and costs ~10 ms; a fresh namespace has nothing to flush.
+    lines = ["*filter", f":{CHAIN} - [0:0]",
              "-A OUTPUT -o lo -j ACCEPT",  # the namespace's own addresses: its business
              f"-A OUTPUT -j {CHAIN}",
              # slirp4netns only ever sends in what answers the namespace's own connections
@@ -155,8 +156,7 @@ def _dns_redirect() -> list[str]:
             servers.append(parts[1])
     if not servers:
         return []
-    rules = ["*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]",
-             ":OUTPUT ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]"]
+    rules = ["*nat"]
     rules += [f"-A {chain} -d {server}/32 -p {proto} --dport 53 -j DNAT "
               f"--to-destination {SLIRP_DNS}:53"
               for chain in ("OUTPUT", "PREROUTING") for server in servers
