@@ -159,6 +159,13 @@ def test_runsc_control_socket_is_out_of_reach(profile: str, persistent: bool,
         out = sh(sandbox, "python3", "-c", CONNECT_ABSTRACT, *(f"runsc-sandbox.{c}" for c in ids))
         assert "CONNECTED" not in out and "refused" in out, out
         assert sh(sandbox, "echo", "alive").strip() == "alive"  # the attacks changed nothing
+        if not persistent and shutil.which("bwrap"):
+            # A namespaces sandbox of the same profile (permissive shares the host's
+            # network namespace, abstract sockets included) cannot reach it either.
+            r = ak("run", "-B", "namespaces", "-p", profile, "-i", "host", "--", "python3",
+                   "-c", CONNECT_ABSTRACT, *(f"runsc-sandbox.{c}" for c in ids), cwd=tmp_path)
+            assert r.returncode == 0 and "refused" in r.stdout, r
+            assert "CONNECTED" not in r.stdout, r.stdout
 
 
 POOL_TOML = """

@@ -121,6 +121,8 @@ def restore_file(networks: list[IPv4Network] | list[IPv6Network], v6: bool) -> s
     the namespace's own loopback, replies coming back in from slirp4netns, and, for IPv4,
     DNS to slirp's forwarder."""
     reject = "icmp6-adm-prohibited" if v6 else "icmp-admin-prohibited"
+    # IPv6: the kernel's own neighbour discovery on tap0 (fe80::/10, ff00::/8) is rejected
+    # too. Harmless while slirp4netns runs without IPv6; allow it when IPv6 egress comes.
     # The built-in chains are not declared: with the nf_tables backend that alone creates
     # every base chain (INPUT too) and costs ~10 ms; a fresh namespace has nothing to flush.
     lines = ["*filter", f":{CHAIN} - [0:0]",
@@ -184,20 +186,22 @@ def fence(enter: list[str]) -> None:
     The sandboxed code holds no capability, so it can neither change nor remove them.
     """
     v4, v6 = denied_networks(host_addresses())
-    jobs = [("iptables-restore", restore_file(v4, v6=False))]
+    names = ["iptables-restore"]
     if os.path.exists("/proc/net/if_inet6"):  # else the kernel has no IPv6 to fence
-        jobs.append(("ip6tables-restore", restore_file(v6, v6=True)))
+        names.append("ip6tables-restore")
+    binaries = {name: tool(name) for name in names}
+    missing = [name for name, path in binaries.items() if path is None]
+    if missing:
+        raise BackendUnavailable(
+            f"egress networking needs {' and '.join(missing)} to fence the sandbox off the "
+            "host and private networks (apt install iptables), or use --no-network")
     procs: list[tuple[str, subprocess.Popen[bytes], str]] = []
-    for name, rules in jobs:
-        binary = tool(name)
-        if binary is None:
-            raise BackendUnavailable(
-                f"egress networking needs {name} to fence the sandbox off the host and "
-                "private networks (apt install iptables), or use --no-network")
+    for name, binary in binaries.items():
         # Both at once: each is a few ms, and start-up waits for the slower only.
         procs.append((name, subprocess.Popen(
-            [*enter, binary], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, close_fds=True), rules))
+            [*enter, str(binary)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, close_fds=True),
+            restore_file(v6, v6=True) if name.startswith("ip6") else restore_file(v4, v6=False)))
     failures = []
     for name, proc, rules in procs:
         try:
@@ -209,4 +213,5 @@ def fence(enter: list[str]) -> None:
             failures.append(f"{name}: {err.decode(errors='replace').strip() or proc.returncode}")
     if failures:
         raise SandboxError("could not fence the sandbox's network off the host and private "
-                           f"networks, so it does not start: {'; '.join(failures)}")
+                           f"networks, so it does not start: {'; '.join(failures)} (or use "
+                           "--no-network)")
