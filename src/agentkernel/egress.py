@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterable
@@ -178,40 +179,71 @@ def tool(name: str) -> str | None:
     return found
 
 
-def fence(enter: list[str]) -> None:
-    """Install the always-denied set in a sandbox's network namespace (`enter`: the argv
-    prefix that runs a command in it), before anything there runs. Fails closed: if the
-    rules cannot be installed, SandboxError, and the caller does not start the sandbox.
+class Fence:
+    """The always-denied set being loaded into a sandbox's network namespace (`enter`: the
+    argv prefix that runs a command in it). `wait()` before anything untrusted runs there:
+    it fails closed, with SandboxError, and the caller does not start the sandbox.
 
-    The sandboxed code holds no capability, so it can neither change nor remove them.
+    Loading takes ~10 ms; starting it first lets slirp4netns come up meanwhile (nothing
+    but our own agent or VMM is in the namespace until the caller's start returns). The
+    sandboxed code holds no capability, so it can neither change nor remove the rules.
     """
-    v4, v6 = denied_networks(host_addresses())
-    names = ["iptables-restore"]
-    if os.path.exists("/proc/net/if_inet6"):  # else the kernel has no IPv6 to fence
-        names.append("ip6tables-restore")
-    binaries = {name: tool(name) for name in names}
-    missing = [name for name, path in binaries.items() if path is None]
-    if missing:
-        raise BackendUnavailable(
-            f"egress networking needs {' and '.join(missing)} to fence the sandbox off the "
-            "host and private networks (apt install iptables), or use --no-network")
-    procs: list[tuple[str, subprocess.Popen[bytes], str]] = []
-    for name, binary in binaries.items():
-        # Both at once: each is a few ms, and start-up waits for the slower only.
-        procs.append((name, subprocess.Popen(
-            [*enter, str(binary)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, close_fds=True),
-            restore_file(v6, v6=True) if name.startswith("ip6") else restore_file(v4, v6=False)))
-    failures = []
-    for name, proc, rules in procs:
-        try:
-            _, err = proc.communicate(rules.encode(), timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        if proc.returncode != 0:
-            failures.append(f"{name}: {err.decode(errors='replace').strip() or proc.returncode}")
-    if failures:
-        raise SandboxError("could not fence the sandbox's network off the host and private "
-                           f"networks, so it does not start: {'; '.join(failures)} (or use "
-                           "--no-network)")
+
+    def __init__(self, enter: list[str]) -> None:
+        v4, v6 = denied_networks(host_addresses())
+        names = ["iptables-restore"]
+        if os.path.exists("/proc/net/if_inet6"):  # else the kernel has no IPv6 to fence
+            names.append("ip6tables-restore")
+        binaries = {name: tool(name) for name in names}
+        missing = [name for name, path in binaries.items() if path is None]
+        if missing:
+            raise BackendUnavailable(
+                f"egress networking needs {' and '.join(missing)} to fence the sandbox off "
+                "the host and private networks (apt install iptables), or use --no-network")
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        for name, binary in binaries.items():
+            rules = restore_file(v6, v6=True) if name.startswith("ip6") else \
+                restore_file(v4, v6=False)
+            proc = subprocess.Popen([*enter, str(binary)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    close_fds=True, bufsize=0)
+            self.procs.append((name, proc))
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):  # it failed: wait() says why
+                proc.stdin.write(rules.encode())  # read whole before it writes a byte
+                proc.stdin.close()
+
+    def wait(self) -> None:
+        failures = []
+        for name, proc in self.procs:
+            assert proc.stderr is not None and proc.stdin is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            err = proc.stderr.read().decode(errors="replace").strip()
+            proc.stderr.close()
+            if proc.returncode != 0:
+                failures.append(f"{name}: {err or proc.returncode}")
+        if failures:
+            raise SandboxError("could not fence the sandbox's network off the host and "
+                               f"private networks, so it does not start: {'; '.join(failures)}"
+                               " (or use --no-network)")
+
+    def abandon(self) -> None:
+        for _, proc in self.procs:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdin, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+
+
+def fence(enter: list[str]) -> None:
+    """Load the always-denied set into a namespace and wait for it (see Fence)."""
+    Fence(enter).wait()

@@ -51,9 +51,10 @@ def start_slirp(
 ) -> subprocess.Popen[bytes]:
     """Attach slirp4netns to the network namespace of `target_pid` and wait until it is up.
 
-    First the namespace is fenced (egress.fence): the host's addresses, loopback, private,
-    link-local and metadata ranges are rejected there before any route out exists, and a
-    sandbox whose fence fails does not start. `--disable-host-loopback` also keeps slirp's
+    The namespace is fenced too (egress.Fence): the host's addresses, loopback, private,
+    link-local and metadata ranges are rejected there before this returns (the rules load
+    while slirp4netns starts: nothing untrusted runs in there until our caller says so),
+    and a sandbox whose fence fails does not start. `--disable-host-loopback` also keeps slirp's
     10.0.2.2 from leading to the host's 127.0.0.1. The sandbox gets 10.0.2.100/24 with
     10.0.2.2 as gateway and DNS at 10.0.2.3.
 
@@ -69,12 +70,14 @@ def start_slirp(
     problem = tun_problem()
     if problem:
         raise BackendUnavailable(f"egress networking: {problem}; or use --no-network")
+    fence = None
     if not reach_host:
-        from .egress import fence
+        from .egress import Fence
 
-        fence(enter_netns(target_pid))
+        fence = Fence(enter_netns(target_pid))  # loads while slirp4netns starts
     ready_r, ready_w = os.pipe()
     logf = open(log, "wb")  # noqa: SIM115 - handed to the child, closed below
+    proc: subprocess.Popen[bytes] | None = None
     try:
         proc = subprocess.Popen(
             [binary, "--configure", "--mtu=65520",
@@ -89,12 +92,20 @@ def start_slirp(
         ready_w = -1
         readable, _, _ = select.select([ready_r], [], [], timeout)
         if not readable or os.read(ready_r, 1) != b"1":
-            proc.kill()
-            proc.wait()
             lines = log.read_text(errors="replace").strip().splitlines() or ["timed out"]
             raise SandboxError(f"slirp4netns failed to set up the sandbox network: {lines[-1]}")
+        if fence is not None:
+            fence.wait()  # before our caller lets anything run in there
+            fence = None
         return proc
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
     finally:
+        if fence is not None:
+            fence.abandon()
         logf.close()
         os.close(ready_r)
         if ready_w >= 0:
