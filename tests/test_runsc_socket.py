@@ -79,25 +79,37 @@ def visible(cids: set[str]) -> set[str]:
     return {n for n in host_abstract_sockets() for c in cids if f"runsc-sandbox.{c}" in n}
 
 
-def runsc_processes(marker: str) -> dict[int, list[str]]:
-    """runsc, runsc-gofer and runsc-sandbox processes whose argv mentions `marker`."""
+def _all_runsc() -> dict[int, tuple[int, list[str]]]:
+    """Every runsc, runsc-gofer and runsc-sandbox process: pid -> (ppid, argv)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+            stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        if argv and "runsc" in os.path.basename(argv[0]) and any(marker in a for a in argv):
-            found[int(entry)] = argv
+        if argv and "runsc" in os.path.basename(argv[0]):
+            found[int(entry)] = (int(stat[stat.rfind(")") + 2:].split()[1]), argv)
     return found
 
 
-def container_ids(procs: dict[int, list[str]]) -> set[str]:
-    """The container ids named by `runsc ... run ... <id>` command lines."""
-    return {argv[-2] if argv[-1] == "" else argv[-1]
-            for argv in procs.values() if "run" in argv}
+def runsc_processes(cids: set[str]) -> dict[int, list[str]]:
+    """The runsc processes of these containers: those naming one of them (`runsc run`, the
+    sentry's `boot`) and their runsc children (the gofer). Their paths may be the staged
+    ones of their own mount namespace, so the container id is what identifies them."""
+    every = _all_runsc()
+    ours = {pid for pid, (_, argv) in every.items() if cids & set(argv)}
+    ours |= {pid for pid, (ppid, _) in every.items() if ppid in ours}
+    return {pid: every[pid][1] for pid in ours}
+
+
+def started_under(root: Path) -> set[str]:
+    """Container ids of the gVisor sandboxes whose scratch dirs are under `root`'s
+    runtime dir (their names: runtime dir / sandboxes / <name>)."""
+    base = root / "run" / "sandboxes"
+    return {f"ak-{d.name}" for d in base.iterdir()} if base.is_dir() else set()
 
 
 def assert_unreachable(ids: set[str], procs: dict[int, list[str]], state: Path) -> None:
@@ -149,9 +161,9 @@ def test_runsc_control_socket_is_out_of_reach(profile: str, persistent: bool,
                                               tmp_path: Path) -> None:
     with gvisor_sandbox(profile, tmp_path, persistent) as sandbox:
         state = sandbox.scratch / "state"
-        procs = runsc_processes(str(state))
-        ids = container_ids(procs)
-        assert ids == {f"ak-{sandbox.spec.name}"}
+        ids = {f"ak-{sandbox.spec.name}"}
+        procs = runsc_processes(ids)
+        assert len(procs) >= 3, procs  # runsc, its gofer, its sentry
         assert_unreachable(ids, procs, state)
         # From inside: no runsc socket to see, none to connect to.
         seen = sh(sandbox, "python3", "-c", LIST_RUNSC)
@@ -193,22 +205,19 @@ def test_warm_pool_runsc_is_out_of_reach(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 90
         ids: set[str] = set()
+        procs: dict[int, list[str]] = {}
         while time.monotonic() < deadline:
-            procs = runsc_processes(str(tmp_path))
-            ids = container_ids(procs)
-            sandboxes = {a for argv in procs.values() for a in argv[:1]
-                         if a.endswith("runsc-sandbox")}
-            if len(ids) == 3 and len(sandboxes) >= 3:
+            ids = started_under(tmp_path)
+            procs = runsc_processes(ids)
+            sentries = [a for a in procs.values() if os.path.basename(a[0]) == "runsc-sandbox"]
+            if len(ids) == 3 and len(sentries) == 3:
                 break
             time.sleep(0.5)
         assert len(ids) == 3, f"the pool did not fill: {ids}"
         assert all(cid.startswith("ak-pool-") for cid in ids), ids
         for cid in ids:
-            states = {a.split("=", 1)[1] for argv in procs.values() for a in argv
-                      if a.startswith("--root=") and cid[3:] in a}
-            assert len(states) == 1, states
-            assert_unreachable({cid}, {p: a for p, a in procs.items() if cid[3:] in "".join(a)},
-                               Path(states.pop()))
+            assert_unreachable({cid}, runsc_processes({cid}),
+                               tmp_path / "run" / "sandboxes" / cid[3:] / "state")
     finally:
         ak("daemon", "stop", env=env, cwd=tmp_path, timeout=60)
 
@@ -227,17 +236,18 @@ def test_an_ordinary_users_runsc_is_out_of_reach(profile: str) -> None:
                       "sleep", "60", cwd=home / "project")
     try:
         deadline = time.monotonic() + 60
+        ids: set[str] = set()
         procs: dict[int, list[str]] = {}
         while time.monotonic() < deadline and proc.poll() is None:
-            procs = runsc_processes(str(home))
+            ids = started_under(home)
+            procs = runsc_processes(ids)
             if any(os.path.basename(a[0]) == "runsc-sandbox" for a in procs.values()):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
-        states = {a.split("=", 1)[1] for argv in procs.values() for a in argv
-                  if a.startswith("--root=")}
-        assert len(states) == 1, procs
-        assert_unreachable(container_ids(procs), procs, Path(states.pop()))
+        assert len(ids) == 1, ids
+        assert_unreachable(ids, procs, home / "run" / "sandboxes" / ids.copy().pop()[3:] /
+                           "state")
     finally:
         proc.terminate()
         proc.communicate(timeout=60)
