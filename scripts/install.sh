@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(bubblewrap runsc slirp4netns musl-tools libseccomp-dev gcc make python3 iproute2 util-linux)
+APT_PACKAGES=(bubblewrap runsc slirp4netns iptables musl-tools libseccomp-dev gcc make python3 iproute2 util-linux)
 if [ "${AGENTKERNEL_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for pkg in "${APT_PACKAGES[@]}" "$@"; do

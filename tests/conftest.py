@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import BACKENDS, NetnsHost, backend_available
+from sandbox_helpers import BACKENDS, HostServers, NetnsHost, backend_available
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -84,32 +84,44 @@ def loopback_server() -> Iterator[int]:
 
 @pytest.fixture(scope="session")
 def netns_host() -> Iterator[NetnsHost]:
-    """A test host in a network namespace we create (veth 10.213.77.0/30), serving TCP."""
+    """A test host in a network namespace we create, serving TCP on every address it has.
+
+    Its main address (198.18.N.2, the benchmarking range: outside every always-denied
+    range) is what sandboxes with egress reach. It also holds addresses in denied ranges,
+    routed from the host through it (RFC 1918, link-local, CGNAT: `denied`), and the host's
+    own end of the veth (198.18.N.1) is one of the host's addresses. N is random, so that
+    two sessions on one machine do not collide.
+    """
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create a test network namespace")
     ns = f"aktest-{secrets.token_hex(3)}"
     host_if, peer_if = f"akh{ns[-6:]}", f"akp{ns[-6:]}"
+    n = secrets.randbelow(256)
+    host_addr, addr = f"198.18.{n}.1", f"198.18.{n}.2"
+    denied = {"rfc1918": f"10.213.{n}.2", "link-local": f"169.254.{n}.2",
+              "cgnat": f"100.77.{n}.2"}
     run = lambda *a: subprocess.run(list(a), check=True, capture_output=True)  # noqa: E731
+    inns = ["ip", "netns", "exec", ns]
     run("ip", "netns", "add", ns)
     try:
         run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
         run("ip", "link", "set", peer_if, "netns", ns)
-        run("ip", "addr", "add", "10.213.77.1/30", "dev", host_if)
+        run("ip", "addr", "add", f"{host_addr}/30", "dev", host_if)
         run("ip", "link", "set", host_if, "up")
-        run("ip", "netns", "exec", ns, "ip", "addr", "add", "10.213.77.2/30", "dev", peer_if)
-        run("ip", "netns", "exec", ns, "ip", "link", "set", peer_if, "up")
-        run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        run(*inns, "ip", "addr", "add", f"{addr}/30", "dev", peer_if)
+        run(*inns, "ip", "link", "set", peer_if, "up")
+        run(*inns, "ip", "link", "set", "lo", "up")
+        for extra in denied.values():
+            run(*inns, "ip", "addr", "add", f"{extra}/32", "dev", "lo")
+            run("ip", "route", "add", f"{extra}/32", "via", addr, "dev", host_if)
         server = subprocess.Popen(
             [
-                "ip",
-                "netns",
-                "exec",
-                ns,
+                *inns,
                 sys.executable,
                 "-c",
                 "import socket\n"
                 "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                "s.bind(('10.213.77.2', 18080)); s.listen(16)\n"
+                "s.bind(('0.0.0.0', 18080)); s.listen(16)\n"
                 "while True:\n"
                 "    c,_=s.accept(); c.sendall(b'test-host-hello\\n'); c.close()\n",
             ],
@@ -119,14 +131,68 @@ def netns_host() -> Iterator[NetnsHost]:
         try:
             for _ in range(100):
                 try:
-                    with socket.create_connection(("10.213.77.2", 18080), timeout=0.2):
+                    with socket.create_connection((addr, 18080), timeout=0.2):
                         break
                 except OSError:
                     threading.Event().wait(0.05)
-            yield NetnsHost(ns, "10.213.77.2", 18080)
+            yield NetnsHost(ns, addr, 18080, host_addr=host_addr, denied=denied)
         finally:
             server.kill()
             server.wait()
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def host_address_servers(netns_host: NetnsHost) -> Iterator[HostServers]:
+    """TCP servers answering 'host-own-secret' on every address of this host but loopback
+    and IPv6 link-local: its real interfaces' addresses and the host's end of the test
+    veth (198.18.N.1, outside every always-denied range), all on one port."""
+    import ipaddress
+
+    out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    addrs = []
+    for line in out.splitlines():
+        addr = ipaddress.ip_address(line.split()[3].split("/")[0])
+        if not (addr.is_loopback or addr.is_link_local) and str(addr) not in addrs:
+            addrs.append(str(addr))
+    assert netns_host.host_addr in addrs
+    stop = threading.Event()
+    socks: list[socket.socket] = []
+    for _attempt in range(5):
+        for sock in socks:
+            sock.close()
+        socks, port = [], 0
+        try:
+            for addr in addrs:
+                fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+                sock = socket.socket(fam, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((addr, port))
+                sock.listen(16)
+                sock.settimeout(0.2)
+                port = sock.getsockname()[1]
+            break
+        except OSError:
+            continue
+
+    def serve(sock: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"host-own-secret\n")
+
+    threads = [threading.Thread(target=serve, args=(s,), daemon=True) for s in socks]
+    for t in threads:
+        t.start()
+    yield HostServers(addrs, port)
+    stop.set()
+    for t in threads:
+        t.join()
+    for sock in socks:
+        sock.close()

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BACKENDS = ["namespaces", "gvisor"]
@@ -55,6 +55,16 @@ class NetnsHost:
     ns: str
     addr: str
     port: int
+    host_addr: str = ""  # the host's own end of the veth: an address of the host
+    denied: dict[str, str] = field(default_factory=dict)  # kind -> address it also serves
+
+
+@dataclass
+class HostServers:
+    """TCP servers on the host's own (non-loopback) addresses, all on one port."""
+
+    addrs: list[str]
+    port: int
 
 
 # A probe run inside the sandbox: connect to host:port, print what came back or 'blocked'.
@@ -66,3 +76,35 @@ CONNECT_PROBE = (
     "except OSError as e:\n"
     "    print('blocked', type(e).__name__)\n"
 )
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # an ordinary user cannot read the suite's interpreter
+# Run as root in a private mount namespace: put a 0666 /dev/net/tun (the usual mode; this
+# build host's is 0600) over the real one, for this namespace only, then exec argv[2:].
+_TUN_SHIM = (
+    "import os,subprocess,sys\n"
+    "d=sys.argv[1]\n"
+    "subprocess.run(['mount','-t','tmpfs','-o','mode=755','tmpfs',d],check=True)\n"
+    "os.mknod(d+'/tun',0o20666,os.makedev(10,200)); os.chmod(d+'/tun',0o666)\n"
+    "subprocess.run(['mount','--bind',d+'/tun','/dev/net/tun'],check=True)\n"
+    "os.execvp(sys.argv[2],sys.argv[2:])\n"
+)
+
+
+def ak_as_user(uid: int, home: Path, *args: str, cwd: Path,
+               timeout: float = 120) -> subprocess.Popen[str]:
+    """The real CLI (this checkout's sources, the system's python3) as host user `uid`,
+    with its own data and runtime dirs under `home` (which `uid` must own), started in the
+    background. Needs root, util-linux and setpriv."""
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    tundir = home / "tun"
+    tundir.mkdir(exist_ok=True)
+    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(home),
+           "PYTHONPATH": src, "AGENTKERNEL_HOME": str(home / "data"),
+           "AGENTKERNEL_RUNTIME_DIR": str(home / "run"), "AGENTKERNEL_DAEMON_AUTOSTART": "0"}
+    argv = ["unshare", "--mount", "--propagation", "private", "--",
+            SYSTEM_PYTHON, "-c", _TUN_SHIM, str(tundir),
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
+            "timeout", str(int(timeout)), SYSTEM_PYTHON, "-m", "agentkernel", *args]
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -67,13 +67,18 @@ def gather() -> tuple[list[Check], list[Check], str]:
     host: list[Check] = [kvm_verdict()]
     support = detect()
     host.append(Check("cgroups", support.memory or support.pids or support.cpu, support.explain()))
+    from .egress import tool
     from .network import tun_problem
 
     slirp = shutil.which("slirp4netns")
     tun = tun_problem()
-    host.append(Check("egress network", slirp is not None and tun is None,
+    fence = tool("iptables-restore")
+    host.append(Check("egress network", slirp is not None and tun is None and fence is not None,
                       "slirp4netns missing: the moderate profile's egress network needs it"
-                      if slirp is None else tun or f"slirp4netns at {slirp}"))
+                      if slirp is None else tun or
+                      ("iptables missing: the moderate profile's egress network needs it to "
+                       "fence off the host and private networks" if fence is None else
+                       f"slirp4netns at {slirp}, fenced with {fence}")))
     for binary in ("ak-agent", "ak-seccomp"):
         from .paths import native_binary
 

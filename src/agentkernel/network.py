@@ -13,6 +13,7 @@ from .errors import BackendUnavailable, SandboxError
 from .paths import which
 
 SLIRP_DNS = "10.0.2.3"
+SLIRP_DEV = "tap0"  # the sandbox namespace's one way out, which slirp4netns serves
 RESOLV_CONF = f"nameserver {SLIRP_DNS}\noptions edns0 trust-ad\n"
 
 
@@ -45,12 +46,20 @@ def write_resolv_conf(scratch: Path) -> Path:
 
 
 def start_slirp(
-    target_pid: int, log: Path, *, exit_fd: int, timeout: float = 10.0
+    target_pid: int, log: Path, *, exit_fd: int, timeout: float = 10.0,
+    reach_host: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Attach slirp4netns to the network namespace of `target_pid` and wait until it is up.
 
-    `--disable-host-loopback` is what keeps the host's 127.0.0.1 out of reach; the
-    sandbox gets 10.0.2.100/24 with 10.0.2.2 as gateway.
+    The namespace is fenced too (egress.Fence): the host's addresses, loopback, private,
+    link-local and metadata ranges are rejected there before this returns (the rules load
+    while slirp4netns starts: nothing untrusted runs in there until our caller says so),
+    and a sandbox whose fence fails does not start. `--disable-host-loopback` also keeps slirp's
+    10.0.2.2 from leading to the host's 127.0.0.1. The sandbox gets 10.0.2.100/24 with
+    10.0.2.2 as gateway and DNS at 10.0.2.3.
+
+    `reach_host`: the "host network" of a permissive gVisor sandbox (runsc must not sit in
+    the host's namespace): no fence, and 10.0.2.2 is the host's loopback.
     """
     binary = slirp_available()
     if binary is None:
@@ -61,13 +70,20 @@ def start_slirp(
     problem = tun_problem()
     if problem:
         raise BackendUnavailable(f"egress networking: {problem}; or use --no-network")
+    fence = None
+    if not reach_host:
+        from .egress import Fence
+
+        fence = Fence(enter_netns(target_pid))  # loads while slirp4netns starts
     ready_r, ready_w = os.pipe()
     logf = open(log, "wb")  # noqa: SIM115 - handed to the child, closed below
+    proc: subprocess.Popen[bytes] | None = None
     try:
         proc = subprocess.Popen(
-            [binary, "--configure", "--mtu=65520", "--disable-host-loopback",
-             "--enable-seccomp", f"--ready-fd={ready_w}", f"--exit-fd={exit_fd}",
-             str(target_pid), "tap0"],
+            [binary, "--configure", "--mtu=65520",
+             *([] if reach_host else ["--disable-host-loopback"]), "--enable-seccomp",
+             f"--ready-fd={ready_w}", f"--exit-fd={exit_fd}",
+             str(target_pid), SLIRP_DEV],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
             pass_fds=(ready_w, exit_fd), close_fds=True,
             start_new_session=True,  # the terminal's Ctrl-C is for the command, not for us
@@ -76,12 +92,20 @@ def start_slirp(
         ready_w = -1
         readable, _, _ = select.select([ready_r], [], [], timeout)
         if not readable or os.read(ready_r, 1) != b"1":
-            proc.kill()
-            proc.wait()
             lines = log.read_text(errors="replace").strip().splitlines() or ["timed out"]
             raise SandboxError(f"slirp4netns failed to set up the sandbox network: {lines[-1]}")
+        if fence is not None:
+            fence.wait()  # before our caller lets anything run in there
+            fence = None
         return proc
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
     finally:
+        if fence is not None:
+            fence.abandon()
         logf.close()
         os.close(ready_r)
         if ready_w >= 0:
@@ -126,9 +150,11 @@ def netns_holder(lifeline_r: int) -> subprocess.Popen[bytes]:
     raise SandboxError("could not create a network namespace for the sandbox")
 
 
-def egress_netns(slirp_log: Path, helpers: list[subprocess.Popen[bytes]]) -> tuple[int, int]:
-    """A network namespace whose only way out is slirp4netns (`--disable-host-loopback`),
-    for runsc or a VMM to join with `enter_netns(pid)`.
+def egress_netns(
+    slirp_log: Path, helpers: list[subprocess.Popen[bytes]], *, reach_host: bool = False,
+) -> tuple[int, int]:
+    """A network namespace whose only way out is slirp4netns, fenced as start_slirp says
+    (unless `reach_host`), for runsc or a VMM to join with `enter_netns(pid)`.
 
     Returns (holder pid, lifeline write end). The process that runs the sandbox must hold
     the write end: when it ends, the holder and slirp4netns exit too, whatever happens to
@@ -138,7 +164,8 @@ def egress_netns(slirp_log: Path, helpers: list[subprocess.Popen[bytes]]) -> tup
     try:
         holder = netns_holder(life_r)
         helpers.append(holder)
-        helpers.append(start_slirp(holder.pid, slirp_log, exit_fd=life_r))
+        helpers.append(start_slirp(holder.pid, slirp_log, exit_fd=life_r,
+                                   reach_host=reach_host))
     except BaseException:
         os.close(life_w)
         raise
@@ -158,10 +185,13 @@ def enter_netns(pid: int) -> list[str]:
     return [*argv, "--"]
 
 
-def empty_netns_prefix() -> list[str]:
-    """argv prefix that runs a command in a new, empty network namespace (if possible)."""
+def empty_netns_prefix(*, required: bool = False) -> list[str]:
+    """argv prefix that runs a command in a new, empty network namespace (if possible;
+    `required`: BackendUnavailable if not)."""
     unshare = which("unshare")
     if unshare is None:
+        if required:
+            raise BackendUnavailable("a private network namespace needs unshare (util-linux)")
         return []
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     return [unshare, *user, "--net", "--"]
@@ -192,7 +222,7 @@ def tap_egress(holder_pid: int) -> str:
         [ip, "addr", "add", f"{TAP_EGRESS_HOST}/{TAP_EGRESS_PREFIX}", "dev", TAP_EGRESS_DEV],
         [ip, "link", "set", TAP_EGRESS_DEV, "up"],
         [sysctl, "-qw", "net.ipv4.ip_forward=1"],  # this namespace's own switch
-        [iptables, "-t", "nat", "-A", "POSTROUTING", "-s", subnet, "-o", "tap0",
+        [iptables, "-t", "nat", "-A", "POSTROUTING", "-s", subnet, "-o", SLIRP_DEV,
          "-j", "MASQUERADE"],
     ]
     for step in steps:

@@ -32,7 +32,7 @@ from agentkernel.vm import disk
 from agentkernel.vm import qemu as q
 from agentkernel.vm.initramfs import ensure_initramfs
 from agentkernel.vm.kernel import current_kernel
-from sandbox_helpers import NetnsHost
+from sandbox_helpers import HostServers, NetnsHost
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,17 @@ def test_guest_on_the_egress_tap_cannot_reach_the_host(tap_guest: AgentClient,
     for target in ("10.0.2.2", TAP_EGRESS_HOST, "127.0.0.1"):
         out = sh(tap_guest, f"nc -w 3 {target} {loopback_server} </dev/null; echo rc=$?")
         assert "host-loopback-secret" not in out, target
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the test hosts need root")
+def test_guest_on_the_egress_tap_is_fenced(tap_guest: AgentClient, netns_host: NetnsHost,
+                                           host_address_servers: HostServers) -> None:
+    """The fence covers what the namespace forwards for its TAP guest, not only what it
+    sends itself: the host's own addresses and private ranges stay out of reach."""
+    for addr in host_address_servers.addrs:
+        if ":" not in addr:
+            out = sh(tap_guest, f"nc -w 3 {addr} {host_address_servers.port} </dev/null")
+            assert "host-own-secret" not in out, addr
+    for kind, addr in netns_host.denied.items():
+        out = sh(tap_guest, f"nc -w 3 {addr} {netns_host.port} </dev/null")
+        assert "test-host-hello" not in out, kind

@@ -136,14 +136,21 @@ class GVisorBackend(Backend):
         try:
             p = spec.profile
             bundle = scratch / "bundle"
-            resolv = write_resolv_conf(scratch) if p.network == "egress" else None
+            # Every runsc runs in a network namespace of its own, whatever the profile: its
+            # control socket (`@runsc-sandbox.<id>`, abstract) admits uid 0 and the sentry's
+            # uid, so in the host's namespace any local user of that uid could drive it.
+            # "host" network (permissive) is a slirp4netns-served namespace that reaches
+            # what the host reaches, host loopback at 10.0.2.2 included.
+            resolv = write_resolv_conf(scratch) if p.network != "none" else None
             control = control_dir(scratch) if spec.persistent else None
-            prefix: list[str] = []
             life_w = -1
-            holder = None
-            if p.network == "egress":
+            holder: int | None = None
+            if p.network == "none":
+                prefix = empty_netns_prefix(required=True)
+            else:
                 # `runsc run` holds the lifeline's write end while the sandbox lives.
-                holder, life_w = egress_netns(scratch / "slirp.log", helpers)
+                holder, life_w = egress_netns(scratch / "slirp.log", helpers,
+                                              reach_host=p.network == "host")
                 prefix = enter_netns(holder)
             copy = _workspace_copy(spec, scratch)
             config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
@@ -171,7 +178,7 @@ class GVisorBackend(Backend):
                     argv = build_runsc_argv(runsc, spec, Path(remap.translate(str(scratch))),
                                             Path(remap.translate(str(bundle))))
                     if p.network == "none":
-                        argv = [*empty_netns_prefix(), *argv]
+                        argv = [*prefix, *argv]  # unshare --net, inside the user namespace
                     preexec = stage_fn(remap.staged, remap.userns, join, remap.netns)
                 else:
                     argv = prefix + build_runsc_argv(runsc, spec, scratch, bundle)
@@ -343,9 +350,10 @@ def build_oci_config(
 
 def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path) -> list[str]:
     p = spec.profile
-    # Egress uses runsc's host mode *inside a private netns served by slirp4netns*: this
-    # runsc's own netstack (`sandbox`) refuses to start on kernels where every netns has
-    # /proc/sys/net/core/rmem_default (it mistakes them for the root netns).
+    # Egress and "host" use runsc's host mode *inside a private netns served by
+    # slirp4netns* (see start): this runsc's own netstack (`sandbox`) refuses to start on
+    # kernels where every netns has /proc/sys/net/core/rmem_default (it mistakes them for
+    # the root netns).
     network = {"host": "host", "egress": "host", "none": "none"}[p.network]
     overlay = _overlay_mode(spec)
     argv = [runsc, f"--root={scratch / 'state'}", f"--platform={platform()}",
