@@ -2083,7 +2083,7 @@ static void vm_net(const char *spec)
 static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
-	    "  [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
+	    "  [--hold FD] [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
 	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps] [--lock-listen-dir]\n"
 	    "  [--pids-max N] [--seccomp FILE]\n"
 	    "  [--insmod FILE[,FILE..]].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
@@ -2126,6 +2126,14 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--reconnect")) vport_reconnect = 1, takes = 0;
 		else if (!val) usage();
 		else if (!strcmp(a, "--attach")) attaches[nattach++] = argv[i + 1];
+		else if (!strcmp(a, "--hold")) {
+			/* The lock of the sandbox's host id range: held for as long as the agent (the
+			 * sandbox) lives, never handed to a command (which could unlock it). */
+			char *end;
+			long v = strtol(val, &end, 10);
+			if (!val || *end || v < 3 || v > INT_MAX || fcntl((int)v, F_SETFD, FD_CLOEXEC) < 0)
+				die("--hold wants an open file descriptor above 2");
+		}
 		else if (!strcmp(a, "--overlay")) overlays[nov++] = argv[i + 1];
 		else if (!strcmp(a, "--mask")) masks[nmask++] = argv[i + 1];
 		else if (!strcmp(a, "--bind")) binds[nbind++] = argv[i + 1];

@@ -74,6 +74,39 @@ def _ids(pid: int) -> dict[str, list[int]]:
 NETWORK_HELPERS = {"slirp4netns", "unshare", "cat"}
 
 
+def _start_sleeper(backend: str, profile: str, cwd: Path) -> subprocess.Popen[bytes]:
+    seconds = f"77.{secrets.randbelow(10**6):06d}"
+    return subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "run", "-q", "-B", backend, "-p", profile, "-i",
+         "host", "--", "sleep", seconds], cwd=cwd, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+
+
+def _sandbox_ids(proc: subprocess.Popen[bytes], backend: str) -> dict[str, dict[str, list[int]]]:
+    """The host ids of every process of the sandbox `proc` (an in-process run) started,
+    by "comm pid", once its command runs (on namespaces it shows up on the host; under
+    gVisor the sentry runs it)."""
+    deadline = time.monotonic() + 60
+    found: dict[int, str] = {}
+    last = b"runsc-sandbox" if backend == "gvisor" else b"sleep"
+    while time.monotonic() < deadline:
+        found, argv0s = {}, []
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+                argv0s.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0])
+        if last in argv0s:
+            break
+        time.sleep(0.05)
+    out = {}
+    for pid, comm in found.items():
+        if comm not in NETWORK_HELPERS:
+            with contextlib.suppress(OSError):
+                out[f"{comm} {pid}"] = _ids(pid)
+    assert out, "the sandbox never showed up"
+    return out
+
+
 @ROOT_ONLY
 @pytest.mark.parametrize("profile", ALL)
 def test_sandbox_processes_are_unprivileged_host_users(
@@ -82,34 +115,31 @@ def test_sandbox_processes_are_unprivileged_host_users(
     """Seen from the host, every process of the sandbox (bwrap, the agent and the command;
     runsc, its gofer and its sentry) has real, effective, saved and file-system uids and
     gids outside the host's own accounts."""
-    seconds = f"77.{secrets.randbelow(10**6):06d}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentkernel", "run", "-q", "-B", backend, "-p", profile, "-i",
-         "host", "--", "sleep", seconds], cwd=project, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    proc = _start_sleeper(backend, profile, project)
     try:
-        deadline = time.monotonic() + 60
-        found: dict[int, str] = {}
-        # The command shows up on the host on namespaces; under gVisor the sentry runs it.
-        last = b"runsc-sandbox" if backend == "gvisor" else b"sleep"
-        while time.monotonic() < deadline:
-            found, argv0s = {}, []
-            for pid in _descendants(proc.pid):
-                with contextlib.suppress(OSError):
-                    found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
-                    argv0s.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0])
-            if last in argv0s:
-                break
-            time.sleep(0.05)
-        sandbox = {pid: comm for pid, comm in found.items() if comm not in NETWORK_HELPERS}
-        assert sandbox, "the sandbox never showed up"
-        for pid, comm in sandbox.items():
-            with contextlib.suppress(OSError):
-                for key, ids in _ids(pid).items():
-                    assert min(ids) >= 65536, (comm, key, ids)
+        for who, ids in _sandbox_ids(proc, backend).items():
+            for key, values in ids.items():
+                assert min(values) >= 65536, (who, key, values)
     finally:
         proc.kill()
         proc.wait()
+
+
+@ROOT_ONLY
+def test_sandboxes_share_no_host_id(backend: str, project: Path) -> None:
+    """Two sandboxes running at once (and so a gVisor sentry and anything else) never have
+    a host uid or gid in common: each gets a range of its own."""
+    procs = [_start_sleeper(backend, "moderate", project) for _ in range(2)]
+    try:
+        seen = []
+        for proc in procs:
+            ids = _sandbox_ids(proc, backend)
+            seen.append({i // 65536 for v in ids.values() for x in v.values() for i in x})
+        assert not seen[0] & seen[1], seen
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("profile", ALL)

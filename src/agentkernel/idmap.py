@@ -40,11 +40,13 @@ _MOUNT_ATTR_NODEV = 0x4
 _MOUNT_ATTR_IDMAP = 0x100000
 _CLONE_NEWUSER = 0x10000000
 
-SUBID_NAME = "agentkernel"  # the /etc/subuid and /etc/subgid entry that sets the range
-# Without such an entry: 65536 ids at 0x6f000000, inside the block systemd leaves to
-# container ranges (0x80000..0x6fffffff), far above any account a system creates.
+SUBID_NAME = "agentkernel"  # the /etc/subuid and /etc/subgid entry that sets the block
+# Without such an entry: 4096 ranges of 65536 ids from 0x6f000000, far above any account a
+# system creates (systemd leaves 0x80000..0x6fffffff to container ranges).
 DEFAULT_BASE = 0x6F000000
-RANGE_SIZE = 65536
+RANGE_SIZE = 65536  # ids per sandbox: 0..65535 inside
+DEFAULT_SLOTS = 4096
+SLOTS_DIR = "/run/agentkernel-ids"  # root's: one lock file per range in use
 
 
 class HostRange(NamedTuple):
@@ -83,15 +85,52 @@ def _subid_start(path: str) -> tuple[int, int] | None:
 
 @lru_cache(maxsize=1)
 def host_range() -> HostRange:
-    """The host ids root-started sandboxes use: /etc/subuid's and /etc/subgid's
-    `agentkernel` entries, or 65536 ids at DEFAULT_BASE. Never an id below 65536."""
-    uids = _subid_start("/etc/subuid") or (DEFAULT_BASE, RANGE_SIZE)
-    gids = _subid_start("/etc/subgid") or (DEFAULT_BASE, RANGE_SIZE)
-    count = min(uids[1], gids[1], RANGE_SIZE)
+    """The block of host ids root-started sandboxes share out: /etc/subuid's and
+    /etc/subgid's `agentkernel` entries, or DEFAULT_SLOTS ranges at DEFAULT_BASE. Never an
+    id below 65536."""
+    default = (DEFAULT_BASE, DEFAULT_SLOTS * RANGE_SIZE)
+    uids = _subid_start("/etc/subuid") or default
+    gids = _subid_start("/etc/subgid") or default
+    count = min(uids[1], gids[1])
     if min(uids[0], gids[0]) < RANGE_SIZE or count < 1:
         raise SandboxError(f"the {SUBID_NAME!r} entries of /etc/subuid and /etc/subgid must "
                            f"start at or above {RANGE_SIZE}")
     return HostRange(uids[0], gids[0], count)
+
+
+def allocate() -> tuple[HostRange, int]:
+    """A range of the block no running sandbox uses, and the fd of its lock: the sandbox's
+    longest-lived host process must hold the fd (the agent's `--hold`, `runsc run`), so the
+    range is free again exactly when the sandbox is gone, whoever started it. Sandboxes
+    then share no host id: not with each other, nor with anything else on the host.
+
+    A block smaller than two ranges gives every sandbox the same one (its own, smaller)."""
+    import fcntl
+    import secrets
+    import stat
+
+    block = host_range()
+    slots = block.size // RANGE_SIZE
+    if slots < 2:
+        return block, -1
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(SLOTS_DIR, 0o700)
+    st = os.lstat(SLOTS_DIR)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise SandboxError(f"{SLOTS_DIR} is not a directory private to root")
+    first = secrets.randbelow(slots)  # spread starts: fewer lock files tried under load
+    for i in range(slots):
+        slot = (first + i) % slots
+        fd = os.open(f"{SLOTS_DIR}/{slot}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                     os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        off = slot * RANGE_SIZE
+        return HostRange(block.uid + off, block.gid + off, RANGE_SIZE), fd
+    raise SandboxError(f"all {slots} id ranges for sandboxes are in use")
 
 
 def new_userns(rng: HostRange) -> int:

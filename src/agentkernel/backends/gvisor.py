@@ -182,7 +182,9 @@ class GVisorBackend(Backend):
                     preexec = stage_fn(remap.staged, remap.userns, join, remap.netns)
                 else:
                     argv = prefix + build_runsc_argv(runsc, spec, scratch, bundle)
-                spawned = spawn_agent(argv, log=log, pass_fds=(life_w,) if life_w >= 0 else (),
+                held = (remap.lock,) if remap is not None and remap.lock >= 0 else ()
+                spawned = spawn_agent(argv, log=log, pass_fds=tuple(
+                                          fd for fd in (life_w, *held) if fd >= 0),
                                       preexec_fn=preexec)
             finally:
                 close_fds(life_w, *opened)
@@ -212,6 +214,7 @@ class _Remap(NamedTuple):
     userns: int
     staged: Staged
     netns: int  # the egress namespace to join, or -1
+    lock: int  # the lock of its id range, for `runsc run` to hold while it lives; or -1
 
     def translate(self, path: str) -> str:
         return self.staged.translate(path)
@@ -223,9 +226,12 @@ def _remap(
     """Give runsc, about to run inside the sandbox's user namespace, the host paths it
     needs as id-mapped mounts (the scratch dir and every bind source), and point the
     config's binds at where it will find them. Their fds are appended to `opened`."""
-    from ..idmap import host_range, new_userns, stage
+    from ..idmap import allocate, new_userns, stage
 
-    userns = new_userns(host_range())
+    rng, lock = allocate()
+    if lock >= 0:
+        opened.append(lock)
+    userns = new_userns(rng)
     opened.append(userns)
     binds = [m for m in config["mounts"] if m["type"] == "bind"]
     sources = [(str(scratch), False)] + [(m["source"], "ro" in m["options"]) for m in binds]
@@ -236,7 +242,7 @@ def _remap(
     if holder is not None:
         netns = os.open(f"/proc/{holder}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         opened.append(netns)
-    return _Remap(userns, staged, netns)
+    return _Remap(userns, staged, netns, lock)
 
 
 def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:

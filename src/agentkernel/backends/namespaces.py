@@ -180,14 +180,17 @@ def _command(
     if os.geteuid() != 0:
         return build_bwrap_argv(bwrap, spec, agent, bpf, resolv=resolv, info_fd=info_fd,
                                 control=control, sync_fd=sync_fd), join
-    from ..idmap import enter_fn, host_range, new_userns
+    from ..idmap import allocate, enter_fn, new_userns
 
-    userns = new_userns(host_range())
+    rng, lock = allocate()
+    userns = new_userns(rng)
     opened.append(userns)
+    if lock >= 0:
+        opened.append(lock)
     attached = _attach_fds(host_binds(spec, control, resolv), userns, opened)
     argv = build_bwrap_argv(bwrap, spec, _file_fd(agent, opened), _file_fd(bpf, opened),
                             resolv=resolv, info_fd=info_fd, control=control, sync_fd=sync_fd,
-                            attached=attached)
+                            attached=attached, hold=lock)
     return argv, enter_fn(userns, join)
 
 
@@ -291,7 +294,7 @@ HOME_DIRS = ("/root", "/home", "/var/tmp")  # empty dirs, or a persistent sandbo
 def build_bwrap_argv(
     bwrap: str, spec: SandboxSpec, agent: str | int, bpf: str | int, *,
     resolv: str | None, info_fd: int, control: str | None = None, sync_fd: int = -1,
-    attached: Mapping[str, Attach] | None = None,
+    attached: Mapping[str, Attach] | None = None, hold: int = -1,
 ) -> list[str]:
     """The full bwrap command line for `spec`. Pure: no I/O, easy to inspect in tests.
 
@@ -317,6 +320,8 @@ def build_bwrap_argv(
     if sync_fd >= 0:
         argv += ["--sync-fd", str(sync_fd)]
     agent_argv = [f"{AGENT_DIR}/agent"]
+    if hold >= 0:  # the lock of the sandbox's id range: the agent keeps it while it lives
+        agent_argv += ["--hold", str(hold)]
     binds = {b.target: b for b in host_binds(spec, control, resolv)}
 
     def bind(target: str) -> None:
