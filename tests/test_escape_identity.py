@@ -235,3 +235,31 @@ def test_kernel_secrets_in_proc_are_hidden(backend: str, profile: str, project: 
                             "[ \"$n\" -gt 0 ] && echo READ $f; done; echo done")
     assert "done" in out, err
     assert "READ" not in out, out
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("tun_mode", [0o600, 0o666])
+def test_slirp4netns_holds_no_power(project: Path, tun_mode: int) -> None:
+    """slirp4netns parses every packet a moderate sandbox sends: once up it keeps no
+    capability but binding low ports, and where /dev/net/tun is open to all (0666, most
+    distributions) it is not host root at all but root of the sandbox's id range."""
+    tun = Path("/dev/net/tun")
+    if not tun.exists():
+        pytest.skip("no /dev/net/tun")
+    before = tun.stat().st_mode & 0o777
+    tun.chmod(tun_mode)
+    proc = _start_sleeper("namespaces", "moderate", project)
+    try:
+        _sandbox_ids(proc, "namespaces")
+        slirp = [p for p in _descendants(proc.pid)
+                 if Path(f"/proc/{p}/comm").read_text().strip() == "slirp4netns"]
+        assert slirp
+        status = Path(f"/proc/{slirp[0]}/status").read_text()
+        assert int(re.search(r"^CapEff:\s+(\w+)", status, re.M)[1], 16) == 1 << 10
+        uid = _ids(slirp[0])["Uid"]
+        if tun_mode == 0o666:
+            assert min(uid) >= 65536, uid
+    finally:
+        tun.chmod(before)
+        proc.kill()
+        proc.wait()

@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BackendUnavailable, SandboxError
@@ -47,7 +48,7 @@ def write_resolv_conf(scratch: Path) -> Path:
 
 def start_slirp(
     target_pid: int, log: Path, *, exit_fd: int, timeout: float = 10.0,
-    reach_host: bool = False,
+    reach_host: bool = False, unprivileged: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Attach slirp4netns to the network namespace of `target_pid` and wait until it is up.
 
@@ -60,6 +61,13 @@ def start_slirp(
 
     `reach_host`: the "host network" of a permissive gVisor sandbox (runsc must not sit in
     the host's namespace): no fence, and 10.0.2.2 is the host's loopback.
+
+    `unprivileged` (started by root, for a namespace its sandbox's own user namespace owns):
+    slirp4netns, which parses every packet the sandbox sends, runs as root of that user
+    namespace (the sandbox's unprivileged host range), not as host root -- where
+    /dev/net/tun lets everyone open it (mode 0666, most distributions). Elsewhere it runs as
+    host root; either way `--enable-sandbox` leaves it no capability (but binding low
+    ports) in an empty root of its own once its tap device exists.
     """
     binary = slirp_available()
     if binary is None:
@@ -82,11 +90,14 @@ def start_slirp(
         proc = subprocess.Popen(
             [binary, "--configure", "--mtu=65520",
              *([] if reach_host else ["--disable-host-loopback"]), "--enable-seccomp",
+             # After set-up: an empty root of its own, no capability but binding low ports.
+             "--enable-sandbox",
              f"--ready-fd={ready_w}", f"--exit-fd={exit_fd}",
              str(target_pid), SLIRP_DEV],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
             pass_fds=(ready_w, exit_fd), close_fds=True,
             start_new_session=True,  # the terminal's Ctrl-C is for the command, not for us
+            preexec_fn=_userns_of(target_pid) if unprivileged and _tun_open_to_all() else None,
         )
         os.close(ready_w)
         ready_w = -1
@@ -111,6 +122,29 @@ def start_slirp(
         if ready_w >= 0:
             with contextlib.suppress(OSError):
                 os.close(ready_w)
+
+
+def _tun_open_to_all() -> bool:
+    try:
+        return os.stat("/dev/net/tun").st_mode & 0o006 == 0o006
+    except OSError:
+        return False
+
+
+def _userns_of(pid: int) -> Callable[[], None]:
+    """A preexec function entering the user namespace of `pid` as its root."""
+    from .idmap import enter_fn
+
+    fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    enter = enter_fn(fd)
+
+    def run() -> None:
+        try:
+            enter()
+        finally:
+            os.close(fd)
+
+    return run
 
 
 def lifeline() -> tuple[int, int]:

@@ -143,7 +143,8 @@ class NamespacesBackend(Backend):
                     raise startup_failure("bwrap", log, spawned.process)
                 try:
                     sandbox.helpers.append(
-                        start_slirp(child_pid, scratch / "slirp.log", exit_fd=life_r))
+                        start_slirp(child_pid, scratch / "slirp.log", exit_fd=life_r,
+                                    unprivileged=os.geteuid() == 0))
                 except SandboxError:
                     # The sandbox's namespace vanished under slirp4netns when bwrap failed
                     # first: its reason is the one to tell.
