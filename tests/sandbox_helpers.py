@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -79,6 +80,37 @@ CONNECT_PROBE = (
 
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # an ordinary user cannot read the suite's interpreter
+
+
+@functools.lru_cache(maxsize=1)
+def public_pythonpath() -> str:
+    """A PYTHONPATH any user can read: this checkout's package and the venv's
+    site-packages, hard-linked (copied across filesystems) into a world-readable dir,
+    because the checkout and the suite's interpreter may sit in root's private dirs (CI
+    clones into one). Use it with SYSTEM_PYTHON; removed when the suite ends."""
+    import atexit
+    import site
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="ak-public-py-", dir="/tmp"))
+    atexit.register(shutil.rmtree, top, True)
+    top.chmod(0o755)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    package = Path(__file__).resolve().parent.parent / "src" / "agentkernel"
+    shutil.copytree(package, top / "src" / "agentkernel", copy_function=link,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    packages = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+    shutil.copytree(packages, top / "site", copy_function=link, symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "__editable__*", "*.pth"))
+    for d in (top, top / "src", top / "site"):
+        d.chmod(0o755)
+    return f"{top / 'src'}:{top / 'site'}"
 # Run as root in a private mount namespace: put a 0666 /dev/net/tun (the usual mode; this
 # build host's is 0600) over the real one, for this namespace only, then exec argv[2:].
 _TUN_SHIM = (
@@ -96,7 +128,7 @@ def ak_as_user(uid: int, home: Path, *args: str, cwd: Path,
     """The real CLI (this checkout's sources, the system's python3) as host user `uid`,
     with its own data and runtime dirs under `home` (which `uid` must own), started in the
     background. Needs root, util-linux and setpriv."""
-    src = str(Path(__file__).resolve().parent.parent / "src")
+    src = public_pythonpath()
     tundir = home / "tun"
     tundir.mkdir(exist_ok=True)
     env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(home),

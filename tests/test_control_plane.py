@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import ak, backend_available
+from sandbox_helpers import SYSTEM_PYTHON, ak, backend_available, public_pythonpath
 
 PROFILES = ("restrictive", "moderate", "permissive")
 DAEMON_TOML = """
@@ -301,9 +301,10 @@ def test_as_an_ordinary_user(profile: str) -> None:
         views = _views([root / "run" / "daemon.sock", root / "data" / "state.db"], root, None)
         env = {k: os.environ[k] for k in ("PATH", "LANG") if k in os.environ}
         env.update(HOME=str(root), AGENTKERNEL_HOME=str(root / "data"),
-                   AGENTKERNEL_RUNTIME_DIR=str(root / "run"), AGENTKERNEL_NO_DAEMON="1")
+                   AGENTKERNEL_RUNTIME_DIR=str(root / "run"), AGENTKERNEL_NO_DAEMON="1",
+                   PYTHONPATH=public_pythonpath())  # nobody cannot read the suite's own
         setpriv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", "--"]
-        r = subprocess.run([*setpriv, sys.executable, "-m", "agentkernel", "run", "-q", "-i",
+        r = subprocess.run([*setpriv, SYSTEM_PYTHON, "-m", "agentkernel", "run", "-q", "-i",
                             "host", "-B", "namespaces", "-p", profile, "--no-network", "--",
                             "python3", "-c", PROBE, json.dumps(views), "/workspace"],
                            cwd=root, env=env, capture_output=True, text=True, timeout=120,

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from sandbox_helpers import SYSTEM_PYTHON, public_pythonpath
+
 NOBODY = 65534
 PLANTED = Path(f"/tmp/agentkernel-{NOBODY}")
-AK = [sys.executable, "-m", "agentkernel"]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -89,7 +90,9 @@ def as_nobody() -> Iterator[tuple[Path, Path]]:
 def _nobody(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
     env = _clean_env(HOME=str(home), AGENTKERNEL_DAEMON_AUTOSTART="0")
-    argv = [sys.executable, *args] if args[0] == "-c" else [*AK, *args]
+    env["PYTHONPATH"] = public_pythonpath()  # nobody cannot read the suite's own
+    python = SYSTEM_PYTHON
+    argv = [python, *args] if args[0] == "-c" else [python, "-m", "agentkernel", *args]
     return subprocess.run([*setpriv, *argv], env=env, cwd=home, capture_output=True,
                           text=True, timeout=120, check=False)
 

@@ -7,7 +7,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from agentkernel.http import keys
 from agentkernel.http.guards import host_name
 from agentkernel.http.serve import RunningServer, ServeOptions, main, resolve_api_key
 from agentkernel.http.serve import start_in_thread as serve_thread
+from sandbox_helpers import SYSTEM_PYTHON, public_pythonpath
 
 NOBODY = 65534
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -30,7 +30,12 @@ as_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
 
 def as_nobody(argv: list[str], env: dict[str, str] | None = None
               ) -> subprocess.CompletedProcess[str]:
+    """`argv` as host user nobody; a `python` first argument is a Python nobody can run,
+    with our package."""
     base = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
+    if argv[0] == "python":
+        argv = [SYSTEM_PYTHON, *argv[1:]]
+        base["PYTHONPATH"] = public_pythonpath()
     return subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY),
                            "--clear-groups", *argv], capture_output=True, text=True,
                           env=base | (env or {}), timeout=60, check=False)
@@ -125,7 +130,7 @@ def test_an_ordinary_user_gets_a_private_key_too() -> None:
         path = where / "data" / keys.KEY_FILE
         code = ("import sys; from agentkernel.http.keys import ensure_key; "
                 f"print(ensure_key({str(path)!r})[1])")
-        got = as_nobody([sys.executable, "-c", code])
+        got = as_nobody(["python", "-c", code])
         assert got.stdout.strip() == "True", got.stderr
         st = path.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o600)
@@ -176,7 +181,7 @@ def test_another_user_is_refused(keyed: RunningServer) -> None:
     code = ("from agentkernel import AgentKernel, AuthError\n"
             "try:\n    AgentKernel().run(['id'])\nexcept AuthError:\n    print('refused')\n"
             "else:\n    print('ACCEPTED')\n")
-    got = as_nobody([sys.executable, "-c", code], {"AGENTKERNEL_BASE_URL": keyed.url})
+    got = as_nobody(["python", "-c", code], {"AGENTKERNEL_BASE_URL": keyed.url})
     assert got.stdout.strip() == "refused", (got.stdout, got.stderr)
     got = as_nobody(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
                      "-H", "content-type: application/json", "-d", '{"command":["id"]}',
