@@ -173,26 +173,15 @@ def detach(state_dir: Path, timeout: float = 5.0) -> None:
 
 def usage(path: Path) -> int:
     """Bytes allocated under `path` (counted by blocks, hard links once; no symlinks)."""
+    from ..rootfs import walk_tree
+
     total, seen = 0, set()
-    stack = [str(path)]
-    while stack:
-        try:
-            entries = os.scandir(stack.pop())
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if st.st_nlink > 1:
-                    if (st.st_dev, st.st_ino) in seen:
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
+    for _entry, st in walk_tree(str(path), lambda _e, _st: True):
+        if st.st_nlink > 1:
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+        total += st.st_blocks * 512
     return total
 
 
