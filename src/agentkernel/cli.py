@@ -276,6 +276,8 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     spec = plan_.spec
     if args.verbose:
         say(f"backend {plan_.backend.name}: {plan_.backend.isolation}")
+        for line in plan_.skipped:
+            say(line)
         say(f"image {spec.image} ({plan_.image_reason}); rootfs: {plan_.rootfs_note}")
         p = spec.profile
         say(f"profile {p.name}: network={p.network} workspace={p.workspace} "

@@ -58,6 +58,7 @@ class Plan(NamedTuple):
     warnings: list[str]
     argv: list[str]  # what runs: the image's entrypoint, if any, then the command
     rootfs_note: str  # e.g. "image docker.io/library/alpine:3.20 (sha256:…)"
+    skipped: tuple[str, ...] = ()  # stronger backends `auto` passed over, and why (`-v`)
 
 
 class RunOutcome(NamedTuple):
@@ -220,7 +221,7 @@ def user_warning(image: str, image_config: ImageConfig | None) -> str | None:
 
 def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     """Decide image, profile, backend and environment; nothing is started yet."""
-    from .backends import choose_backend
+    from .backends import choose
     from .controlplane import control_masks
     from .sandbox import SandboxSpec
 
@@ -229,7 +230,10 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
         from .vm.settings import configure
 
         configure(config.microvm)  # before `auto` decides whether a microVM may be chosen
-    backend = choose_backend(backend_name)
+    choice = choose(backend_name)
+    backend = choice.backend
+    if choice.warning:
+        warnings.append(choice.warning)
     rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
     name = f"run-{os.urandom(4).hex()}"
     home = Path(os.path.expanduser("~"))
@@ -257,7 +261,8 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     cwd = sandbox_cwd(req.workdir, spec.workspace is not None, image_config)
     argv = command_argv(image_config, req.argv)
     return Plan(spec=spec, backend=backend, image_reason=reason, env=env, cwd=cwd,
-                warnings=warnings, argv=argv, rootfs_note=rootfs_note)
+                warnings=warnings, argv=argv, rootfs_note=rootfs_note,
+                skipped=choice.skipped)
 
 
 def execute(

@@ -363,6 +363,8 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
             how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
             _say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
             _say(f"backend {data.get('backend')}: {data.get('isolation')}")
+            for line in data.get("skipped") or []:
+                _say(str(line))
             _say(f"image {data.get('image')} ({data.get('image_reason')}); "
                  f"rootfs: {data.get('rootfs')}")
             _say(f"profile {data.get('profile')}: network={data.get('network')} "
