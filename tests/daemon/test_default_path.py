@@ -62,3 +62,17 @@ def test_run_ls_root_prints_the_listing(newcomer: Newcomer) -> None:
     doctor = newcomer.ak("doctor")
     picked = doctor.stdout.split("`--backend auto` picks: ")[1].split()[0]
     assert f"backend {picked}:" in second.stderr, (doctor.stdout, second.stderr)
+
+
+def test_offline_default_image_is_one_line_and_q_is_quiet(newcomer: Newcomer) -> None:
+    """No registry here: the default image falls back to the host's userland with one short
+    line, in-process and through the daemon alike, and `-q` prints nothing."""
+    first = newcomer.ak("run", "--", "true")
+    assert first.returncode == 0, first.stderr
+    notes = [ln for ln in first.stderr.splitlines() if "unavailable" in ln]
+    assert len(notes) == 1 and len(notes[0]) <= 160, first.stderr
+    newcomer.wait_daemon()
+    via = newcomer.ak("run", "--", "true")
+    assert via.returncode == 0 and via.stderr.splitlines() == notes, via.stderr
+    quiet = newcomer.ak("run", "-q", "--", "true")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr

@@ -963,7 +963,9 @@ class SandboxManager:
         argv = command_argv(image_config, list(req.argv))
         extra = [choice.warning, user_warning(image, image_config)]
         if note == UNAVAILABLE_ROOTFS:
-            extra.append(fallback_warning(image))
+            from ..images.offline import recent_failure
+
+            extra.append(fallback_warning(image, recent_failure(image, config or self.config)))
         warnings = [*warnings, *(w for w in extra if w)]
         plan = {"image_config": image_config, "env_extra": env_extra, "cwd": cwd_in,
                 "argv": argv, "reason": reason, "note": note, "warnings": warnings,
