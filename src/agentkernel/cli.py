@@ -202,12 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"agentkernel: warning: {warning}", file=sys.stderr)
             return images_main(args, config)
         if args.cmd == "serve":
-            from .daemon.server import run_daemon
-            from .http.serve import ServeOptions
+            from .daemon.commands import cmd_serve
 
-            return run_daemon(args.config, http=ServeOptions(
-                args.host, args.port, insecure_no_key=args.insecure_no_key,
-                allowed_hosts=tuple(args.allowed_host)))
+            return cmd_serve(args)
         if args.cmd == "setup":
             from .vm.setup import main as setup_main
 
