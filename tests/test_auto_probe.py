@@ -114,3 +114,36 @@ def test_verdict_is_cached_and_a_changed_binary_is_probed_again(
     assert run().st_ino != first.st_ino, "a changed runsc was not probed again"
     key = cache.read_text().split("\n")[0]
     assert f"{fake}:{st.st_size}:{st.st_mtime_ns + 1_000_000_000}" in key
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root (to become nobody) and setpriv")
+def test_auto_as_an_ordinary_user_picks_a_backend_that_works() -> None:
+    """The probe runs as the user who runs: as nobody, with a data dir of its own, `auto`
+    still ends on a backend where coreutils' `ls /` works."""
+    import subprocess
+    import sys
+    import tempfile
+
+    nobody = 65534
+    root = Path(tempfile.mkdtemp(prefix="ak-auto-user-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        for sub in ("run", "data"):
+            (root / sub).mkdir(mode=0o700)
+            os.chown(root / sub, nobody, nobody)
+        os.chown(root, nobody, nobody)
+        env = {k: os.environ[k] for k in ("PATH", "LANG") if k in os.environ}
+        env.update(HOME=str(root), AGENTKERNEL_HOME=str(root / "data"),
+                   AGENTKERNEL_RUNTIME_DIR=str(root / "run"), AGENTKERNEL_NO_DAEMON="1")
+        setpriv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", "--"]
+        for _ in range(2):  # the first run probes, the second reads the verdicts
+            r = subprocess.run([*setpriv, sys.executable, "-m", "agentkernel", "run", "-v",
+                                "--no-network", "-i", "host", "--", "ls", "/"], cwd=root, env=env,
+                               capture_output=True, text=True, timeout=120, check=False)
+            assert r.returncode == 0 and "usr" in r.stdout.split(), r.stderr
+        verdicts = sorted((root / "data" / "cache").glob("probe-*"))
+        assert verdicts and all(v.stat().st_uid == nobody for v in verdicts)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

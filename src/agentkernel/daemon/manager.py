@@ -1404,11 +1404,18 @@ class SandboxManager:
 
     def backends(self) -> list[BackendInfo]:
         from ..backends import BACKEND_NAMES, get_backend
+        from ..backends.functional import cached
 
         infos = []
         for name in BACKEND_NAMES:
             backend = get_backend(name)
             probe = backend.probe()
+            usable, reason = probe.ok, probe.detail
+            seen = cached(backend) if probe.ok else None
+            if seen is not None and not seen.ok:
+                # It starts, yet a real command fails in it: `auto` skips it; asked for by
+                # name it still runs (configured), but it is not one to rely on (usable).
+                usable, reason = False, f"its functional probe failed: {seen.detail}"
             try:
                 isolation = backend.isolation
             except Exception:
@@ -1419,8 +1426,8 @@ class SandboxManager:
                     "proxy_secret_bindings": False, "secret_files": False, "snapshots": disk,
                     "resume": name in STOPPABLE_BACKENDS, "full_state_pause_resume": False,
                     "full_state_fork": False, "endpoints": False}
-            infos.append(BackendInfo(backend=name, configured=probe.ok, usable=probe.ok,
-                                     readiness_reason=probe.detail, isolation=isolation,
+            infos.append(BackendInfo(backend=name, configured=probe.ok, usable=usable,
+                                     readiness_reason=reason, isolation=isolation,
                                      capabilities=caps))
         return infos
 
