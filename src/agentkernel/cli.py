@@ -202,12 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"agentkernel: warning: {warning}", file=sys.stderr)
             return images_main(args, config)
         if args.cmd == "serve":
-            from .daemon.server import run_daemon
-            from .http.serve import ServeOptions
+            from .daemon.commands import cmd_serve
 
-            return run_daemon(args.config, http=ServeOptions(
-                args.host, args.port, insecure_no_key=args.insecure_no_key,
-                allowed_hosts=tuple(args.allowed_host)))
+            return cmd_serve(args)
         if args.cmd == "setup":
             from .vm.setup import main as setup_main
 
@@ -276,6 +273,8 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     spec = plan_.spec
     if args.verbose:
         say(f"backend {plan_.backend.name}: {plan_.backend.isolation}")
+        for line in plan_.skipped:
+            say(line)
         say(f"image {spec.image} ({plan_.image_reason}); rootfs: {plan_.rootfs_note}")
         p = spec.profile
         say(f"profile {p.name}: network={p.network} workspace={p.workspace} "

@@ -51,8 +51,11 @@ def kvm_verdict() -> Check:
     return Check("kvm", True, "/dev/kvm opens and the CPU has hardware virtualization")
 
 
-def gather() -> tuple[list[Check], list[Check], str]:
-    from .cgroups import detect
+def backend_checks() -> list[Check]:
+    """Each backend's deep probe and, for those `auto` may pick, a fresh functional probe
+    (a real sandbox; its verdict replaces the cached one the runs read)."""
+    from .backends import AUTO_ORDER
+    from .backends.functional import verdict
 
     backends: list[Check] = []
     for name in BACKEND_NAMES:
@@ -63,7 +66,32 @@ def gather() -> tuple[list[Check], list[Check], str]:
             continue
         probe = backend.probe(deep=True)
         detail = f"{backend.isolation}; {probe.detail}"
-        backends.append(Check(name, probe.ok, detail))
+        ok = probe.ok
+        if ok and name in AUTO_ORDER:
+            seen = verdict(backend, fresh=True)
+            ok = seen.ok
+            detail += (f"; functional probe passed ({seen.detail})" if seen.ok else
+                       f"; starts, but its functional probe failed: {seen.detail} "
+                       f"(auto skips it; --backend {name} forces it)")
+        backends.append(Check(name, ok, detail))
+    return backends
+
+
+def auto_choice() -> tuple[str, list[str]]:
+    """What `--backend auto` picks now (from the verdicts just stored), and what it skips."""
+    from .backends import choose
+
+    try:
+        choice = choose("auto")
+    except AgentKernelError as exc:
+        return "none", [exc.message]
+    return choice.backend.name, list(choice.skipped)
+
+
+def gather() -> tuple[list[Check], list[Check], tuple[str, list[str]]]:
+    from .cgroups import detect
+
+    backends = backend_checks()
     host: list[Check] = [kvm_verdict()]
     support = detect()
     host.append(Check("cgroups", support.memory or support.pids or support.cpu, support.explain()))
@@ -89,14 +117,11 @@ def gather() -> tuple[list[Check], list[Check], str]:
     from .vm.settings import doctor_lines
 
     host.extend(Check(name, ok, detail) for name, ok, detail in doctor_lines())
-    ranked = sorted((c for c in backends if c.ok),
-                    key=lambda c: -get_backend(c.name).strength)
-    auto = ranked[0].name if ranked else "none"
-    return backends, host, auto
+    return backends, host, auto_choice()
 
 
 def doctor(as_json: bool = False) -> int:
-    backends, host, auto = gather()
+    backends, host, (auto, skipped) = gather()
     if as_json:
         print(json.dumps({
             "host": {"kernel": platform.release(), "arch": platform.machine(),
@@ -104,6 +129,7 @@ def doctor(as_json: bool = False) -> int:
             "backends": [asdict(c) for c in backends],
             "checks": [asdict(c) for c in host],
             "auto": auto,
+            "auto_skipped": skipped,
         }, indent=2))
         return 0 if auto != "none" else 1
     print(f"Host: Linux {platform.release()} {platform.machine()}, uid {os.getuid()}")
@@ -114,4 +140,6 @@ def doctor(as_json: bool = False) -> int:
     for c in host:
         print(f"  {'ok ' if c.ok else 'no '} {c.name:<15} {c.detail}")
     print(f"\n`--backend auto` picks: {auto}")
+    for line in skipped:
+        print(f"  {line}")
     return 0 if auto != "none" else 1

@@ -58,6 +58,7 @@ class Plan(NamedTuple):
     warnings: list[str]
     argv: list[str]  # what runs: the image's entrypoint, if any, then the command
     rootfs_note: str  # e.g. "image docker.io/library/alpine:3.20 (sha256:…)"
+    skipped: tuple[str, ...] = ()  # stronger backends `auto` passed over, and why (`-v`)
 
 
 class RunOutcome(NamedTuple):
@@ -126,9 +127,10 @@ HOST_IMAGE = "host"  # the pseudo image: the host's userland, read-only, no regi
 UNAVAILABLE_ROOTFS = "host userland, read-only (image unavailable)"
 
 
-def fallback_warning(image: str) -> str:
-    return (f"image {image} is not available; running on the host's userland instead "
-            '(offline_fallback = "host")')
+def fallback_warning(image: str, reason: str | None = None) -> str:
+    """The one line a run on the host's userland instead of `image` prints (not with -q)."""
+    why = f" ({reason})" if reason else ""
+    return f'image {image} unavailable{why}: using the host\'s userland (offline_fallback = "host")'
 
 
 def command_argv(image_config: ImageConfig | None, argv: list[str]) -> list[str]:
@@ -149,22 +151,33 @@ def resolve_rootfs(image: str, config: Config | None, quiet: bool) -> tuple[Host
     """The root filesystem for `image`: cached, pulled, or (when allowed) the host's.
 
     Returns the rootfs, the image's config (None for the host rootfs) and a one-line
-    description for `-v`. A fallback to the host is announced on stderr, never silent.
+    description for `-v`. A fallback to the host is one line on stderr (none with `quiet`);
+    a failed pull is remembered for a minute (images/offline.py), so offline runs do not
+    each try again.
     """
     from .rootfs import host_rootfs, tree_rootfs
 
     if image == HOST_IMAGE:
         return host_rootfs(), None, "host userland, read-only (--image host)"
-    from .images import ImageError, ensure
+    from .images import ImageError, get, pull
+    from .images.offline import forget_failure, recent_failure, remember_failure, short_reason
 
-    try:
-        img = ensure(image, config=config, progress=not quiet)
-    except (ImageError, NotFound) as exc:
-        fallback = config.images.offline_fallback if config is not None else "host"
-        if fallback != "host":
-            raise ImageError(f"{exc.message} (offline_fallback = \"none\")") from None
-        print(f"agentkernel: {exc.message}; running on the host's userland instead "
-              '(offline_fallback = "host")', file=sys.stderr)
+    fallback = config.images.offline_fallback if config is not None else "host"
+    img = get(image, config=config)
+    reason = recent_failure(image, config) if img is None and fallback == "host" else None
+    if img is None and reason is None:
+        try:
+            img = pull(image, config=config, progress=not quiet)
+        except (ImageError, NotFound) as exc:
+            if fallback != "host":
+                raise ImageError(f"{exc.message} (offline_fallback = \"none\")") from None
+            reason = short_reason(exc)
+            remember_failure(image, config, reason)
+        else:
+            forget_failure(image, config)
+    if img is None:
+        if not quiet:
+            print(f"agentkernel: warning: {fallback_warning(image, reason)}", file=sys.stderr)
         return host_rootfs(), None, UNAVAILABLE_ROOTFS
     root = img.rootfs_dir()
     return tree_rootfs(root, img.ref), img.config, f"image {img.ref} ({img.manifest_digest[:19]})"
@@ -220,7 +233,7 @@ def user_warning(image: str, image_config: ImageConfig | None) -> str | None:
 
 def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     """Decide image, profile, backend and environment; nothing is started yet."""
-    from .backends import choose_backend
+    from .backends import choose
     from .controlplane import control_masks
     from .sandbox import SandboxSpec
 
@@ -229,7 +242,10 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
         from .vm.settings import configure
 
         configure(config.microvm)  # before `auto` decides whether a microVM may be chosen
-    backend = choose_backend(backend_name)
+    choice = choose(backend_name)
+    backend = choice.backend
+    if choice.warning:
+        warnings.append(choice.warning)
     rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
     name = f"run-{os.urandom(4).hex()}"
     home = Path(os.path.expanduser("~"))
@@ -257,7 +273,8 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     cwd = sandbox_cwd(req.workdir, spec.workspace is not None, image_config)
     argv = command_argv(image_config, req.argv)
     return Plan(spec=spec, backend=backend, image_reason=reason, env=env, cwd=cwd,
-                warnings=warnings, argv=argv, rootfs_note=rootfs_note)
+                warnings=warnings, argv=argv, rootfs_note=rootfs_note,
+                skipped=choice.skipped)
 
 
 def execute(

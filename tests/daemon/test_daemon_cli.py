@@ -329,6 +329,6 @@ def test_create_says_when_the_image_was_not_available(daemon: Daemon) -> None:
     try:
         assert r.returncode == 0, r.stderr
         assert "Rootfs:  host userland, read-only (image unavailable)" in r.stdout
-        assert "is not available" in r.stderr and "host's userland instead" in r.stderr
+        assert "unavailable" in r.stderr and "using the host's userland" in r.stderr
     finally:
         daemon.ak("remove", name)

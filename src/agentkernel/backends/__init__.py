@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..errors import BackendUnavailable, UsageError
 from .base import Backend, Probe
 
 BACKEND_NAMES = ("namespaces", "gvisor", "microvm")
+# `auto` after the microVM (decided by KVM and [microvm] settings): strongest first, each
+# taken only once its functional probe passed.
+AUTO_ORDER = ("gvisor", "namespaces")
 
 
 def get_backend(name: str) -> Backend:
@@ -25,45 +30,74 @@ def get_backend(name: str) -> Backend:
     raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}")
 
 
+class Choice(NamedTuple):
+    """The backend a run gets, the stronger ones `auto` passed over (and why), and a
+    warning when a backend asked for by name failed its functional probe."""
+
+    backend: Backend
+    skipped: tuple[str, ...] = ()
+    warning: str | None = None
+
+
 def choose_backend(name: str) -> Backend:
-    """Resolve `auto` to the strongest backend whose probe passes; never silently downgrade."""
+    return choose(name).backend
+
+
+def choose(name: str) -> Choice:
+    """Resolve `auto` to the strongest backend that works (functional probe, cached per
+    backend version); a backend named explicitly is used whatever its probe said."""
+    from .functional import cached, verdict
+
     if name.strip().lower() != "auto":
         backend = get_backend(name)
         probe = backend.probe()
         if not probe.ok:
             raise BackendUnavailable(f"backend {backend.name!r} is not available: {probe.detail}")
-        return backend
-    reasons = []
-    microvm = _auto_microvm()
+        seen = cached(backend)  # only what is known: an explicit choice never probes
+        warning = None if seen is None or seen.ok else (
+            f"backend {backend.name} failed its functional probe ({seen.detail}); "
+            "using it because it was asked for")
+        return Choice(backend, (), warning)
+    skipped: list[str] = []
+    microvm, why = _auto_microvm()
     if microvm is not None:
-        return microvm
-    for candidate in ("gvisor", "namespaces"):
+        return Choice(microvm)
+    if why:
+        skipped.append(f"microvm skipped: {why}")
+    for candidate in AUTO_ORDER:
         backend = get_backend(candidate)
         probe = backend.probe()
-        if probe.ok:
-            return backend
-        reasons.append(f"{candidate}: {probe.detail}")
-    raise BackendUnavailable("no isolation backend works on this host: " + "; ".join(reasons))
+        if not probe.ok:
+            skipped.append(f"{candidate} skipped: {probe.detail}")
+            continue
+        seen = verdict(backend)
+        if seen.ok:
+            return Choice(backend, tuple(skipped))
+        skipped.append(f"{candidate} skipped: its functional probe failed: {seen.detail}; "
+                       f"--backend {candidate} forces it")
+    raise BackendUnavailable("no isolation backend works on this host: " + "; ".join(skipped))
 
 
-def _auto_microvm() -> Backend | None:
+def _auto_microvm() -> tuple[Backend | None, str | None]:
     """`auto` takes a microVM only when KVM really boots guests here, or when the config
-    allows emulation; the latter is announced on stderr, as it costs seconds per sandbox."""
+    allows emulation; the latter is announced on stderr, as it costs seconds per sandbox.
+    Otherwise returns why not (None: microVMs are turned off)."""
     from ..vm.settings import current
 
     if current().vmm == "none":
-        return None
+        return None, None
     backend = get_backend("microvm")
     probe = backend.probe()
     if not probe.ok:
-        return None
+        return None, probe.detail
     if "TCG" in backend.isolation:
         import sys
 
         print("agentkernel: auto picked the microvm backend under software emulation (TCG), "
               "because [microvm] allow_emulation is on: expect seconds per boot",
               file=sys.stderr)
-    return backend
+    return backend, None
 
 
-__all__ = ["BACKEND_NAMES", "Backend", "Probe", "choose_backend", "get_backend"]
+__all__ = ["AUTO_ORDER", "BACKEND_NAMES", "Backend", "Choice", "Probe", "choose", "choose_backend",
+           "get_backend"]

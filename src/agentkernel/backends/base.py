@@ -46,6 +46,26 @@ class Backend(ABC):
     def start(self, spec: SandboxSpec) -> Sandbox:
         """Start the agent in a new sandbox built from `spec`; raise SandboxError on failure."""
 
+    def version_files(self) -> tuple[str, ...]:
+        """The binaries whose build decides whether this backend works: a cached functional
+        probe verdict (backends/functional.py) holds until one of them changes."""
+        return ()
+
+    def probe_failure_hint(self, error: str) -> str | None:
+        """The known cause of a functional probe's error line, if this backend knows one."""
+        return None
+
+
+def agent_file() -> str:
+    """The agent binary every backend runs (part of each backend's version key)."""
+    from ..errors import AgentKernelError
+    from ..paths import native_binary
+
+    try:
+        return str(native_binary("ak-agent"))
+    except AgentKernelError:
+        return "ak-agent"
+
 
 def make_scratch(name: str) -> Path:
     """A private per-sandbox directory for generated files (bundle, resolv.conf, logs)."""

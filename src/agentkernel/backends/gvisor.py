@@ -17,6 +17,7 @@ from .base import (
     Probe,
     Spawned,
     abandon,
+    agent_file,
     control_dir,
     make_scratch,
     open_channel,
@@ -93,6 +94,25 @@ def platform() -> str:
     return found
 
 
+def runsc_version() -> str:
+    """`runsc 2022-12-19` from Debian's `runsc version 0.0~20221219.0`, else its first line."""
+    import re
+
+    runsc = _runsc()
+    if runsc is None:
+        return "runsc"
+    try:
+        out = subprocess.run([runsc, "--version"], capture_output=True, timeout=10,
+                             check=False).stdout.decode(errors="replace")
+    except (OSError, subprocess.TimeoutExpired):
+        return "runsc"
+    date = re.search(r"(20\d\d)(\d\d)(\d\d)", out)
+    if date:
+        return f"runsc {date[1]}-{date[2]}-{date[3]}"
+    first = out.splitlines()[:1]
+    return first[0].strip() if first else "runsc"
+
+
 class GVisorBackend(Backend):
     name = "gvisor"
     strength = 20
@@ -116,6 +136,15 @@ class GVisorBackend(Backend):
         return Probe(True, f"{runsc} ({version[0] if version else 'unknown version'}), "
                            f"{platform()} platform; the kvm platform is not used "
                            "(it hangs on nested/PVM hosts)")
+
+    def version_files(self) -> tuple[str, ...]:
+        return (_runsc() or "runsc", agent_file())
+
+    def probe_failure_hint(self, error: str) -> str | None:
+        if "Invalid argument" in error:
+            return (f"{runsc_version()} rejects statx/newfstatat with AT_NO_AUTOMOUNT, which "
+                    "coreutils use; a newer runsc does not")
+        return None
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         from ..cgroups import Cgroup, Limits

@@ -19,6 +19,7 @@ from .base import (
     Probe,
     Spawned,
     abandon,
+    agent_file,
     control_dir,
     make_scratch,
     open_channel,
@@ -66,6 +67,9 @@ class NamespacesBackend(Backend):
             err = result.stderr.decode(errors="replace").strip()
             return Probe(False, f"unprivileged user namespaces do not work here: {err}")
         return Probe(True, f"{bwrap} works (user, pid, mount, ipc, uts, net, cgroup namespaces)")
+
+    def version_files(self) -> tuple[str, ...]:
+        return (_bwrap() or "bwrap", agent_file())
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         # Under heavy namespace churn (dozens of sandboxes starting at once) the kernel

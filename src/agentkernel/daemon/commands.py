@@ -363,6 +363,8 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
             how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
             _say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
             _say(f"backend {data.get('backend')}: {data.get('isolation')}")
+            for line in data.get("skipped") or []:
+                _say(str(line))
             _say(f"image {data.get('image')} ({data.get('image_reason')}); "
                  f"rootfs: {data.get('rootfs')}")
             _say(f"profile {data.get('profile')}: network={data.get('network')} "
@@ -464,6 +466,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return 0
     print(f"Daemon: running (pid {data['pid']}, up {data['uptime_s']}s)")
     print(f"Socket: {data['socket']}")
+    for url in data.get("http") or []:
+        print(f"HTTP API: {url}")
     print(f"Sandboxes: {data['sandboxes']} ({data['running']} running)")
     pools = data.get("pools") or []
     print("Pool:" if pools else "Pool: no keys yet")
@@ -486,3 +490,78 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return data[data.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
+# ---------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`agentkernel serve`: the HTTP API of the SDKs, served by the one daemon.
+
+    No daemon running: this process becomes the daemon, with the HTTP listener. One running
+    (e.g. started by an earlier `run`): it is asked to serve the HTTP API too, for as long
+    as this command runs, so the CLI and the SDKs see the same sandboxes and pools.
+    """
+    from ..http.serve import ServeOptions
+    from .server import DaemonRunning, run_daemon
+
+    options = ServeOptions(args.host, args.port, insecure_no_key=args.insecure_no_key,
+                           allowed_hosts=tuple(args.allowed_host))
+    deadline = time.monotonic() + 30.0
+    while True:
+        sock = client.connect()
+        if sock is not None:
+            return _serve_attached(sock, args, options)
+        try:
+            return run_daemon(args.config, http=options)
+        except DaemonRunning:
+            # Another daemon is just starting (an autostart racing us): attach once it
+            # listens.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _serve_attached(sock: Any, args: argparse.Namespace, options: Any) -> int:
+    import signal
+
+    from ..http.serve import describe
+    from .server import attach_args, daemon_config_path, load_daemon_config
+
+    status = client._request(sock, "status", {})
+    mine = daemon_config_path(args.config)
+    if status.get("config") != mine:
+        theirs = status.get("config") or "no config file"
+        raise DaemonError(
+            f"a daemon (pid {status.get('pid')}) already runs with {theirs}; `serve` would "
+            f"use {mine or 'no config file'}. Stop it first (agentkernel daemon stop) to "
+            "serve with these settings", 1)
+    config = load_daemon_config(args.config)
+    options = options.with_config(config.api if config is not None else None)
+    sock = client.connect()
+    if sock is None:
+        raise DaemonError("the daemon stopped while `serve` was attaching to it", 1)
+    lines = client.Lines(sock)
+
+    def stop(_signo: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        client._send_request(lines, "http_attach", attach_args(options))
+        reply = lines.recv()
+        if reply is None or not reply.get("ok"):
+            client._raise(reply)
+        assert reply is not None
+        data = reply["data"]
+        _say(describe(str(data["url"]), options))
+        _say(f"served by the running daemon (pid {data['pid']}): the CLI and the SDKs share "
+             "its sandboxes; Ctrl-C stops serving HTTP, not the daemon")
+        while lines.recv() is not None:
+            pass
+        _say("the daemon stopped, and the HTTP API with it")
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sock.close()

@@ -50,7 +50,7 @@ from .pool import PoolKey, WarmPool
 from .state import StateDB, dumps, loads
 
 if TYPE_CHECKING:
-    from ..backends import Backend
+    from ..backends import Backend, Choice
     from ..config import Config, DaemonSection
     from ..images import ImageConfig
     from ..profiles import Profile
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 EXIT_TIMEOUT = 124
 ROOTFS_CACHE_SECONDS = 60.0
+BACKEND_CACHE_SECONDS = 10.0
 HEALTH_INTERVAL = 5.0
 # How often the disk use of sandboxes whose quota is not a mounted image is measured.
 DISK_CHECK_INTERVAL = 30.0
@@ -320,7 +321,7 @@ class SandboxManager:
         self._detached_threads: dict[str, threading.Thread] = {}
         self._detached_execs: dict[str, Execution] = {}
         self._rootfs_cache: dict[tuple[str, str], tuple[float, tuple[Any, ...]]] = {}
-        self._backend_cache: dict[str, Backend] = {}
+        self._backend_cache: dict[str, tuple[float, Choice]] = {}
         self._closed = threading.Event()
         self._empty = self.root / "empty"
         self._empty.mkdir(mode=0o755, exist_ok=True)
@@ -505,16 +506,22 @@ class SandboxManager:
     # ------------------------------------------------------------------ resolution
 
     def _backend(self, name: str) -> Backend:
-        from ..backends import choose_backend
+        return self._choice(name).backend
+
+    def _choice(self, name: str) -> Choice:
+        """backends.choose, remembered briefly: `auto` reads the same cached functional probe
+        verdicts as the CLI does, so both pick the same backend, and a backend upgraded
+        while the daemon runs is probed again within BACKEND_CACHE_SECONDS."""
+        from ..backends import choose
 
         with self._lock:
-            cached = self._backend_cache.get(name)
-        if cached is not None:
-            return cached
-        backend = choose_backend(name)
+            hit = self._backend_cache.get(name)
+        if hit is not None and time.monotonic() - hit[0] < BACKEND_CACHE_SECONDS:
+            return hit[1]
+        choice = choose(name)
         with self._lock:
-            self._backend_cache[name] = backend
-        return backend
+            self._backend_cache[name] = (time.monotonic(), choice)
+        return choice
 
     def _rootfs(self, image: str, config: Config | None
                 ) -> tuple[HostRootfs, ImageConfig | None, str]:
@@ -940,7 +947,8 @@ class SandboxManager:
             timeout=req.timeout, memory_mb=req.memory_mb, pids=req.pids, cpus=req.cpus,
             config_path=Path(req.config_path) if req.config_path else None)
         config, warnings, image, reason, profile, backend_name = decide(ereq)
-        backend = self._backend(backend_name)
+        choice = self._choice(backend_name)
+        backend = choice.backend
         rootfs, image_config, note = self._rootfs(image, config)
         workspace = cwd if cwd is not None and profile.workspace != "none" else None
         home = Path(req.host_env.get("HOME") or os.path.expanduser("~"))  # the caller's
@@ -953,13 +961,15 @@ class SandboxManager:
         env_extra = parse_env(ereq.env)
         cwd_in = sandbox_cwd(req.workdir, workspace is not None, image_config)
         argv = command_argv(image_config, list(req.argv))
-        extra = [user_warning(image, image_config)]
+        extra = [choice.warning, user_warning(image, image_config)]
         if note == UNAVAILABLE_ROOTFS:
-            extra.append(fallback_warning(image))
+            from ..images.offline import recent_failure
+
+            extra.append(fallback_warning(image, recent_failure(image, config or self.config)))
         warnings = [*warnings, *(w for w in extra if w)]
         plan = {"image_config": image_config, "env_extra": env_extra, "cwd": cwd_in,
                 "argv": argv, "reason": reason, "note": note, "warnings": warnings,
-                "home": home_opt}
+                "home": home_opt, "skipped": list(choice.skipped)}
         return key, backend, rootfs, plan
 
     def _pool_spec(self, key: PoolKey, rootfs: HostRootfs) -> SandboxSpec:
@@ -1053,7 +1063,7 @@ class SandboxManager:
                 "workspace": key.profile.workspace, "memory_mb": key.profile.memory_mb,
                 "pids": key.profile.pids, "cpus": key.profile.cpus, "pooled": pooled,
                 "sandbox": sb.spec.name, "notes": list(sb.notes),
-                "warnings": plan["warnings"],
+                "warnings": plan["warnings"], "skipped": plan["skipped"],
                 "acquire_ms": round((time.monotonic() - started) * 1000, 2)}
         return ExecHandle(execution, timeout=req.timeout, oom=sb.oom_killed,
                           memory_mb=key.profile.memory_mb, finish=finish, info=info)
@@ -1394,11 +1404,18 @@ class SandboxManager:
 
     def backends(self) -> list[BackendInfo]:
         from ..backends import BACKEND_NAMES, get_backend
+        from ..backends.functional import cached
 
         infos = []
         for name in BACKEND_NAMES:
             backend = get_backend(name)
             probe = backend.probe()
+            usable, reason = probe.ok, probe.detail
+            seen = cached(backend) if probe.ok else None
+            if seen is not None and not seen.ok:
+                # It starts, yet a real command fails in it: `auto` skips it; asked for by
+                # name it still runs (configured), but it is not one to rely on (usable).
+                usable, reason = False, f"its functional probe failed: {seen.detail}"
             try:
                 isolation = backend.isolation
             except Exception:
@@ -1409,8 +1426,8 @@ class SandboxManager:
                     "proxy_secret_bindings": False, "secret_files": False, "snapshots": disk,
                     "resume": name in STOPPABLE_BACKENDS, "full_state_pause_resume": False,
                     "full_state_fork": False, "endpoints": False}
-            infos.append(BackendInfo(backend=name, configured=probe.ok, usable=probe.ok,
-                                     readiness_reason=probe.detail, isolation=isolation,
+            infos.append(BackendInfo(backend=name, configured=probe.ok, usable=usable,
+                                     readiness_reason=reason, isolation=isolation,
                                      capabilities=caps))
         return infos
 

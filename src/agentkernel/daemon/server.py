@@ -32,7 +32,7 @@ from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
 from .manager import ExecHandle, SandboxManager, failed_start
 
 if typing.TYPE_CHECKING:
-    from ..http.serve import ServeOptions
+    from ..http.serve import RunningServer, ServeOptions
 
 LOCK_NAME = "daemon.lock"
 # One request line: a cp chunk (256 KiB, up to 6 JSON bytes per byte) fits; every connection
@@ -195,6 +195,10 @@ class DaemonServer:
         self._active = 0  # connections being served right now
         self._last_active = time.monotonic()
         self._active_lock = threading.Lock()
+        self.config_path: str | None = None  # the config file this daemon loaded
+        # HTTP listeners on TCP: the one `serve` started this daemon with, and those a later
+        # `serve` attached (each lives as long as that `serve` holds its connection).
+        self.http: list[RunningServer] = []
 
     def idle_seconds(self) -> float:
         """How long no connection has been open (0 while one is)."""
@@ -332,6 +336,8 @@ class DaemonServer:
                 self._cp_in(conn, args)
             elif op == "cp_out":
                 self._cp_out(conn, args)
+            elif op == "http_attach":
+                self._http_attach(conn, args)
             else:
                 raise UsageError(f"unknown operation {str(op)[:40]!r}")
         except TypeError as exc:
@@ -353,13 +359,44 @@ class DaemonServer:
         rows = self.manager.list_sandboxes()
         with self._active_lock:
             active = self._active
-        return {"pid": os.getpid(), "socket": str(self.sock_path),
+        with self._active_lock:
+            http = [api.url for api in self.http]
+        return {"pid": os.getpid(), "socket": str(self.sock_path), "http": http,
+                "config": self.config_path,
                 "uptime_s": round(time.time() - self.started, 1),
                 "connections": active, "max_connections": self.max_connections,
                 "sandboxes": len(rows),
                 "running": sum(1 for r in rows if r.status == "running"),
                 "pools": to_json(self.manager.pool_status()),
                 "recovered": list(self.manager.recovered)}
+
+    # ---- `serve` attached to this daemon ----
+
+    def _http_attach(self, conn: _Conn, args: dict[str, Any]) -> None:
+        """`agentkernel serve` while this daemon runs: the HTTP API on a TCP address, served
+        by this daemon's manager (CLI and SDK users share sandboxes and pools), for as long
+        as that `serve` keeps this connection open. The options come resolved: the key was
+        settled, and a public bind without one refused, by `serve` itself."""
+        from ..http.serve import start_in_thread
+
+        options = serve_options(args)
+        api = start_in_thread(self.manager, options=options)
+        with self._active_lock:
+            self.http.append(api)
+        print(f"agentkernel daemon: HTTP API on {api.url} for a `serve` (until it ends)",
+              file=sys.stderr, flush=True)
+        try:
+            conn.send({"ok": True, "data": {"url": api.url, "pid": os.getpid()}})
+            while conn.recv() is not None:  # nothing is expected; EOF when `serve` ends
+                pass
+        except (ClientGone, AgentKernelError):
+            pass
+        finally:
+            with self._active_lock:
+                self.http.remove(api)
+            api.stop()
+            print(f"agentkernel daemon: HTTP API on {api.url} closed", file=sys.stderr,
+                  flush=True)
 
     # ---- streaming commands ----
 
@@ -476,22 +513,59 @@ def _result_json(result: ExecResult) -> dict[str, Any]:
             "message": result.message}
 
 
+def serve_options(args: dict[str, Any]) -> ServeOptions:
+    """`serve`'s resolved options as sent over the daemon socket (see `attach_args`)."""
+    from ..http.limits import Limits
+    from ..http.serve import ServeOptions
+
+    try:
+        limits = Limits(**{k: int(v) for k, v in dict(args.get("limits") or {}).items()})
+        return ServeOptions(
+            host=str(args["host"]), port=int(args["port"]),
+            api_key=str(args["api_key"]) if args.get("api_key") else None,
+            insecure_no_key=not args.get("api_key"),
+            allowed_hosts=tuple(str(h) for h in args.get("allowed_hosts") or ()),
+            limits=limits, resolved=True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"bad arguments for http_attach: {exc}") from None
+
+
+def attach_args(options: ServeOptions) -> dict[str, Any]:
+    return {"host": options.host, "port": options.port, "api_key": options.api_key,
+            "allowed_hosts": list(options.allowed_hosts),
+            "limits": dataclasses.asdict(options.limits)}
+
+
+def daemon_config_path(path: str | None) -> str | None:
+    """The config file a daemon loads: --config, $AGENTKERNEL_DAEMON_CONFIG, or the user
+    config file if it exists; None for none."""
+    if path:
+        return os.path.abspath(path)
+    env = os.environ.get("AGENTKERNEL_DAEMON_CONFIG")
+    if env:
+        return os.path.abspath(env)
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    user = os.path.join(xdg, "agentkernel", "agentkernel.toml")
+    return user if os.path.isfile(user) else None
+
+
 def load_daemon_config(path: str | None) -> Any:
     """The daemon's config: --config, $AGENTKERNEL_DAEMON_CONFIG, or the user config file."""
     from ..config import load_config
 
-    candidates = [path, os.environ.get("AGENTKERNEL_DAEMON_CONFIG")]
-    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    candidates.append(os.path.join(xdg, "agentkernel", "agentkernel.toml"))
-    for i, candidate in enumerate(candidates):
-        if not candidate:
-            continue
-        if i < 2 or os.path.isfile(candidate):
-            config, warnings = load_config(Path(candidate))
-            for warning in warnings:
-                print(f"agentkernel daemon: warning: {warning}", file=sys.stderr, flush=True)
-            return config
-    return None
+    chosen = daemon_config_path(path)
+    if chosen is None:
+        return None
+    config, warnings = load_config(Path(chosen))
+    for warning in warnings:
+        print(f"agentkernel daemon: warning: {warning}", file=sys.stderr, flush=True)
+    return config
+
+
+class DaemonRunning(AgentKernelError):
+    """Another daemon holds this runtime or data dir (`serve` attaches to it instead)."""
+
+    exit_code = 1
 
 
 def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
@@ -516,15 +590,16 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     # One daemon per socket and one per state database: either lock taken means another
     # daemon owns them (a second one would tear down the first one's pool as "leftovers").
-    locks = []
+    locks: list[IO[str]] = []
     for where in (rt, data):
         lock_file = open(where / LOCK_NAME, "a+")  # noqa: SIM115 - held while we run
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            print(f"agentkernel daemon: another daemon holds {where / LOCK_NAME}",
-                  file=sys.stderr)
-            return 1
+            lock_file.close()
+            for held in locks:
+                held.close()
+            raise DaemonRunning(f"another daemon holds {where / LOCK_NAME}") from None
         locks.append(lock_file)
     if config is not None:
         from ..vm.settings import configure
@@ -534,11 +609,12 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
     for line in manager.recovered:
         print(f"agentkernel daemon: {line}", file=sys.stderr, flush=True)
     server = DaemonServer(manager, rt / DAEMON_SOCKET)
-    api = None
+    server.config_path = daemon_config_path(config_path)
     if http is not None:
         from ..http.serve import describe, start_in_thread
 
         api = start_in_thread(manager, options=http)
+        server.http.append(api)
         print(f"agentkernel: {describe(api.url, http)}", file=sys.stderr, flush=True)
     uds_api: list[Any] = []
 
@@ -568,8 +644,8 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
     try:
         server.serve_forever()
     finally:
-        if api is not None:
-            api.stop()
+        for running_api in list(server.http):  # ours and those attached by a `serve`
+            running_api.stop()
         for running in uds_api:
             running.stop()
         with contextlib.suppress(OSError):
@@ -577,8 +653,8 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
         manager.close()
         with contextlib.suppress(OSError):
             (rt / "daemon.pid").unlink()
-        for lock_file in locks:
-            lock_file.close()
+        for held in locks:
+            held.close()
     print("agentkernel daemon: stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -87,15 +87,19 @@ class ServeOptions:
     insecure_no_key: bool = False
     allowed_hosts: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    resolved: bool = False  # with_config ran: the key is settled (None means no key)
 
     def with_config(self, api: ApiSection | None) -> ServeOptions:
-        """These options with the config's [api] section merged in and the key resolved."""
+        """These options with the config's [api] section merged in and the key resolved
+        (once: resolved options are returned as they are)."""
+        if self.resolved:
+            return self
         key = resolve_api_key(self.host, self.api_key, insecure_no_key=self.insecure_no_key,
                               api=api)
         hosts = (*self.allowed_hosts, *(api.allowed_hosts if api else ()))
         limits = Limits.from_config(api) if api is not None else self.limits
         return replace(self, api_key=key, allowed_hosts=hosts, limits=limits,
-                       insecure_no_key=key is None)
+                       insecure_no_key=key is None, resolved=True)
 
     def allowed(self) -> frozenset[str]:
         """Host names served: the configured ones and the bound address (not a wildcard)."""

@@ -38,6 +38,7 @@ class ImageError(AgentKernelError):
 
     exit_code = 125
     http_status = 502
+    short: str | None = None  # the reason in a few words, e.g. "registry-1.docker.io unreachable"
 
 
 @dataclass(frozen=True)
@@ -217,8 +218,14 @@ def pull(
             rec = _fetch(store, client, parsed, resolved, limits or Limits(), reporter)
     except RegistryError as exc:
         # One line: which image, which registry, why.
-        cls = NotFound if exc.not_found else ImageError
-        raise cls(f"cannot pull {parsed} from {exc.registry}: {exc.reason}") from None
+        message = f"cannot pull {parsed} from {exc.registry}: {exc.reason}"
+        if exc.not_found:
+            raise NotFound(message) from None
+        err = ImageError(message)
+        # The few words an offline run's fallback note shows (images/offline.py).
+        err.short = (f"{exc.registry} unreachable" if exc.reason.startswith("cannot connect")
+                     else f"{exc.registry}: {exc.reason}")
+        raise err from None
     except LayerError as exc:
         raise ImageError(f"cannot pull {parsed} from {parsed.registry}: bad layer: {exc}") from None
     finally:
