@@ -147,3 +147,25 @@ def test_auto_as_an_ordinary_user_picks_a_backend_that_works() -> None:
         assert verdicts and all(v.stat().st_uid == nobody for v in verdicts)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@needs_bwrap
+def test_a_sandbox_that_did_not_start_is_retried_soon(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start failure may be passing (a bad runtime dir, a full disk): its verdict is kept
+    a minute, not until the binaries change; what the probe command showed is kept."""
+    import time
+
+    from agentkernel.backends import functional as f
+    from agentkernel.backends import get_backend
+
+    monkeypatch.setenv("AGENTKERNEL_HOME", str(tmp_path))
+    backend = get_backend("namespaces")
+    key = f.version_key(backend)
+    f.store(backend, f.Verdict(False, "a sandbox did not start: x", conclusive=False), key)
+    assert f.cached(backend) == f.Verdict(False, "a sandbox did not start: x", False)
+    later = time.time() + f.RETRY_AFTER + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert f.cached(backend) is None
+    f.store(backend, f.Verdict(False, "ls: failed"), key)
+    assert f.cached(backend) == f.Verdict(False, "ls: failed")

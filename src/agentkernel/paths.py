@@ -66,6 +66,13 @@ def is_private_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
+def _root_owned_dir(path: str) -> bool:
+    import stat
+
+    st = os.lstat(path)
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 == os.getuid()
+
+
 def _private_or_absent(path: str) -> bool:
     return not os.path.lexists(path) or is_private_dir(path)
 
@@ -127,6 +134,8 @@ def runtime_dir() -> Path:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)  # mkdir never follows a symlink planted meanwhile
+    if not is_private_dir(path) and path == ROOT_RUNTIME_DIR and _root_owned_dir(path):
+        os.chmod(path, 0o700)  # only root makes dirs in /run: a loose mode is ours to fix
     if not is_private_dir(path):
         if path == TMP_RUNTIME_DIR.format(uid=os.getuid()) and \
                 not os.environ.get("AGENTKERNEL_RUNTIME_DIR"):

@@ -35,6 +35,13 @@ class Verdict(NamedTuple):
 
     ok: bool
     detail: str
+    # The probe command ran and showed it: kept until the binaries change. A sandbox that
+    # did not start at all may have met something passing (a full disk, a bad runtime dir,
+    # a busy host): that verdict is kept only RETRY_AFTER seconds.
+    conclusive: bool = True
+
+
+RETRY_AFTER = 60.0
 
 
 def version_key(backend: Backend) -> str:
@@ -59,22 +66,30 @@ def _cache_file(backend: Backend) -> Path:
 def cached(backend: Backend) -> Verdict | None:
     """The stored verdict for this very build of the backend, or None (never probed, or
     its binaries changed since)."""
+    import time
+
     try:
-        key, state, detail = _cache_file(backend).read_text().split("\n", 2)
+        key, state, detail, until = (_cache_file(backend).read_text() + "\n").split("\n")[:4]
     except (OSError, ValueError):
         return None
     if key != version_key(backend) or state not in ("ok", "fail"):
         return None
-    return Verdict(state == "ok", detail.strip())
+    if until and not (until.replace(".", "", 1).isdigit() and time.time() < float(until)):
+        return None
+    return Verdict(state == "ok", detail.strip(), not until)
 
 
 def store(backend: Backend, verdict: Verdict, key: str) -> None:
     """Write the verdict atomically (concurrent first runs may both probe; either wins)."""
+    import time
+
     path = _cache_file(backend)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp.write_text(f"{key}\n{'ok' if verdict.ok else 'fail'}\n{verdict.detail}\n")
+        until = "" if verdict.conclusive else f"{time.time() + RETRY_AFTER:.0f}"
+        tmp.write_text(f"{key}\n{'ok' if verdict.ok else 'fail'}\n{verdict.detail}\n"
+                       f"{until}\n")
         os.replace(tmp, path)
     with contextlib.suppress(OSError):
         tmp.unlink()
@@ -106,9 +121,9 @@ def run_probe(backend: Backend) -> Verdict:
     try:
         sandbox = backend.start(spec)
     except AgentKernelError as exc:
-        return Verdict(False, f"a sandbox did not start: {exc.message}")
+        return Verdict(False, f"a sandbox did not start: {exc.message}", conclusive=False)
     except OSError as exc:
-        return Verdict(False, f"a sandbox did not start: {exc}")
+        return Verdict(False, f"a sandbox did not start: {exc}", conclusive=False)
     try:
         execution = sandbox.client.exec(
             ["/bin/sh", "-c", PROBE_SCRIPT], cwd="/",
@@ -116,7 +131,7 @@ def run_probe(backend: Backend) -> Verdict:
             timeout=PROBE_TIMEOUT, rlimits=sandbox.command_rlimits())
         out, err, status = execution.wait(PROBE_TIMEOUT + 10)
     except (AgentKernelError, TimeoutError, OSError) as exc:
-        return Verdict(False, f"the probe command could not run: {exc}")
+        return Verdict(False, f"the probe command could not run: {exc}", conclusive=False)
     finally:
         sandbox.destroy()
     if status.shell_code == 0 and out == PROBE_OUTPUT:

@@ -3,7 +3,7 @@
 A persistent sandbox keeps its writable layers (root overlay upper, /tmp, /root, /home,
 /var/tmp, a copy-on-write project's upper or gVisor's project copy) on the host's disk.
 Started by root, the daemon keeps them on a sparse ext4 image of the quota's size
-(`<state dir>/disk.ext4`), loop-mounted under /run/agentkernel/disks, so a sandbox that
+(`<state dir>/disk.ext4`), loop-mounted under /run/agentkernel-disks, so a sandbox that
 fills it gets ENOSPC and the host's disk is untouched. The backend is handed the mount
 point as the sandbox's state dir and knows nothing more. The mount outlives daemon
 restarts (it is the host's) and is mounted again after a reboot; `remove` unmounts it and
@@ -34,7 +34,7 @@ from ..errors import SandboxError
 MIB: Final = 1024 * 1024
 DEFAULT_DISK_MB: Final = 10 * 1024  # a large project's dependencies and build output fit
 DEFAULT_LOG_BYTES: Final = 64 * MIB  # per stream of one detached command
-MOUNT_ROOT: Final = "/run/agentkernel/disks"
+MOUNT_ROOT: Final = "/run/agentkernel-disks"  # beside root's runtime dir, never inside it
 _IMAGE: Final = "disk.ext4"
 
 
