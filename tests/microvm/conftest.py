@@ -14,6 +14,7 @@ from agentkernel.backends.microvm import MicrovmBackend
 from agentkernel.profiles import get_profile
 from agentkernel.rootfs import host_rootfs
 from agentkernel.sandbox import Sandbox, SandboxSpec
+from sandbox_helpers import HostServers
 
 ALLOW = "AGENTKERNEL_MICROVM_ALLOW_EMULATION"
 
@@ -56,7 +57,10 @@ def vm_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def moderate_vm(microvm_ready: None, vm_project: Path) -> Iterator[Sandbox]:
+def moderate_vm(microvm_ready: None, vm_project: Path,
+                host_address_servers: HostServers) -> Iterator[Sandbox]:
+    # After the suite's test host and its veth: the fence lists the host's addresses when a
+    # sandbox starts (an address added later is fenced only if it is in a private range).
     sandbox = start_vm(f"vmtest-mod-{os.getpid()}", "moderate", vm_project)
     yield sandbox
     sandbox.destroy()
