@@ -180,6 +180,18 @@ def listen_unix(path: str | os.PathLike[str], backlog: int) -> socket.socket:
     return sock
 
 
+def write_cache(path: Path, text: str) -> None:
+    """Best effort: replace the small cache file `path` (in our private data dir) whole,
+    so a concurrent reader sees the old text or the new, never half of it."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+
+
 def which(name: str) -> str | None:
     """`shutil.which` for a bare command name, without shutil's compression imports (~1.5 ms
     of every CLI call)."""

@@ -11,7 +11,6 @@ backend's binaries (path, size, mtime), so a run reads one small file, and a cha
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -83,16 +82,11 @@ def store(backend: Backend, verdict: Verdict, key: str) -> None:
     """Write the verdict atomically (concurrent first runs may both probe; either wins)."""
     import time
 
-    path = _cache_file(backend)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        until = "" if verdict.conclusive else f"{time.time() + RETRY_AFTER:.0f}"
-        tmp.write_text(f"{key}\n{'ok' if verdict.ok else 'fail'}\n{verdict.detail}\n"
-                       f"{until}\n")
-        os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        tmp.unlink()
+    from ..paths import write_cache
+
+    until = "" if verdict.conclusive else f"{time.time() + RETRY_AFTER:.0f}"
+    write_cache(_cache_file(backend),
+                f"{key}\n{'ok' if verdict.ok else 'fail'}\n{verdict.detail}\n{until}\n")
 
 
 def verdict(backend: Backend, *, fresh: bool = False) -> Verdict:

@@ -11,7 +11,6 @@ registries, CA file): the same run with another mirror tries again at once, and
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -57,14 +56,9 @@ def recent_failure(image: str, config: Any) -> str | None:
 
 
 def remember_failure(image: str, config: Any, reason: str) -> None:
-    path = _memo_file(image, config)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp.write_text(f"{time.time()}\n{reason}\n")
-        os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        tmp.unlink()
+    from ..paths import write_cache
+
+    write_cache(_memo_file(image, config), f"{time.time()}\n{reason}\n")
 
 
 def forget_failure(image: str, config: Any) -> None:
