@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import ak
+from sandbox_helpers import SYSTEM_PYTHON, ak, public_pythonpath
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
 needs_runsc = pytest.mark.skipif(shutil.which("runsc") is None, reason="needs runsc")
@@ -123,7 +123,6 @@ def test_auto_as_an_ordinary_user_picks_a_backend_that_works() -> None:
     """The probe runs as the user who runs: as nobody, with a data dir of its own, `auto`
     still ends on a backend where coreutils' `ls /` works."""
     import subprocess
-    import sys
     import tempfile
 
     nobody = 65534
@@ -136,10 +135,11 @@ def test_auto_as_an_ordinary_user_picks_a_backend_that_works() -> None:
         os.chown(root, nobody, nobody)
         env = {k: os.environ[k] for k in ("PATH", "LANG") if k in os.environ}
         env.update(HOME=str(root), AGENTKERNEL_HOME=str(root / "data"),
-                   AGENTKERNEL_RUNTIME_DIR=str(root / "run"), AGENTKERNEL_NO_DAEMON="1")
+                   AGENTKERNEL_RUNTIME_DIR=str(root / "run"), AGENTKERNEL_NO_DAEMON="1",
+                   PYTHONPATH=public_pythonpath())  # nobody cannot read the suite's own
         setpriv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", "--"]
         for _ in range(2):  # the first run probes, the second reads the verdicts
-            r = subprocess.run([*setpriv, sys.executable, "-m", "agentkernel", "run", "-v",
+            r = subprocess.run([*setpriv, SYSTEM_PYTHON, "-m", "agentkernel", "run", "-v",
                                 "--no-network", "-i", "host", "--", "ls", "/"], cwd=root, env=env,
                                capture_output=True, text=True, timeout=120, check=False)
             assert r.returncode == 0 and "usr" in r.stdout.split(), r.stderr

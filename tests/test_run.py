@@ -45,15 +45,17 @@ def test_signal_exit_is_128_plus_n(backend: str, project: Path) -> None:
 
 
 def test_stdout_and_stderr_are_separate(backend: str, project: Path) -> None:
+    # -q: no agentkernel note (an explicit gVisor here is warned about) among the command's
     r = ak(
-        "run", "-B", backend, "-i", "host", "--", "sh", "-c", "echo out; echo err >&2", cwd=project
+        "run", "-q", "-B", backend, "-i", "host", "--", "sh", "-c", "echo out; echo err >&2",
+        cwd=project,
     )
     assert r.stdout == "out\n"
     assert r.stderr == "err\n"
 
 
 def test_not_found_is_127_and_not_executable_126(backend: str, project: Path) -> None:
-    r = on_host(backend, "--", "no-such-command-xyz", cwd=project)
+    r = on_host(backend, "-q", "--", "no-such-command-xyz", cwd=project)
     assert r.returncode == 127
     assert "no-such-command-xyz" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = on_host(backend, "--", "/etc/hostname", cwd=project)
