@@ -278,3 +278,20 @@ def test_our_client_talks_to_the_daemon_socket_by_default(daemon: Daemon) -> Non
                 assert sb.run(["echo", "in-sandbox"]).output == "in-sandbox\n"
         api = Path(daemon.env["AGENTKERNEL_RUNTIME_DIR"]) / "api.sock"
         assert stat.S_IMODE(api.stat().st_mode) == 0o600
+
+
+def test_run_through_the_daemon_stays_import_light(daemon: Daemon, tmp_path: Path) -> None:
+    """A whole `run` through the daemon (flags included) loads none of the modules that
+    cost the CLI's hot path milliseconds: not the planner, not typing, re, enum or json."""
+    args = ["run", "-q", "-i", "host", "-B", "namespaces", "-p", "restrictive", "-e", "A=1",
+            "--", "true"]
+    assert daemon.ak(*args, cwd=tmp_path).returncode == 0  # the key's pool exists now
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "agentkernel", *args],
+                         cwd=tmp_path, env={**os.environ, **daemon.env}, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    loaded = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+              if line.startswith("import time:")}
+    heavy = {"typing", "re", "enum", "json", "socket", "agentkernel.engine",
+             "agentkernel.profiles", "agentkernel.config", "agentkernel.backends"}
+    assert not loaded & heavy, sorted(loaded & heavy)

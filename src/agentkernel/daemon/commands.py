@@ -63,10 +63,12 @@ def _command(args_command: list[str]) -> list[str]:
 
 def _limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
     """--memory and --pids as request fields (profiles.UNLIMITED for `unlimited`)."""
+    pids_arg = getattr(args, "pids", None)
+    if not args.memory and not pids_arg:
+        return None, None  # the run hot path: profiles (typing, re, enum) costs ~10 ms
     from ..profiles import parse_memory_limit, parse_pids
 
     memory = parse_memory_limit(args.memory) if args.memory else None
-    pids_arg = getattr(args, "pids", None)
     return memory, parse_pids(pids_arg) if pids_arg else None
 
 
