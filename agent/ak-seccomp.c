@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sched.h>
 #include <seccomp.h>
 #include <stdio.h>
@@ -35,7 +36,7 @@
 static void usage(void) {
     fprintf(stderr,
             "usage: ak-seccomp --default allow [--errno NAME...] [--kill NAME...]\n"
-            "                  [--block-tiocsti] [--block-newns] -o OUT\n");
+            "                  [--block-tiocsti] [--block-newns] [--block-setid-modes] -o OUT\n");
     exit(2);
 }
 
@@ -72,7 +73,7 @@ static void deny_flag_bits(scmp_filter_ctx ctx, int nr, unsigned arg, const uint
 
 int main(int argc, char **argv) {
     const char *out = NULL;
-    int block_tiocsti = 0, block_newns = 0, have_default = 0;
+    int block_tiocsti = 0, block_newns = 0, block_setid = 0, have_default = 0;
     uint32_t mode = 0; /* 1 = --errno, 2 = --kill: which list bare names belong to */
 
     /* First pass validates flags; names are added once the context exists. */
@@ -99,6 +100,9 @@ int main(int argc, char **argv) {
             mode = 0;
         } else if (strcmp(a, "--block-newns") == 0) {
             block_newns = 1;
+            mode = 0;
+        } else if (strcmp(a, "--block-setid-modes") == 0) {
+            block_setid = 1;
             mode = 0;
         } else if (a[0] == '-' || mode == 0) {
             usage();
@@ -159,6 +163,36 @@ int main(int argc, char **argv) {
             rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(ENOSYS), nr, 0);
             if (rc < 0)
                 die("clone3 rule", rc);
+        }
+    }
+
+    if (block_setid) {
+        /* A sandbox whose project dir is the host's, read-write and id-mapped: a set-uid or
+         * set-gid file it made there would be host root's. Refuse those mode bits wherever
+         * a mode is given: chmod family, file creation (open/openat/creat with O_CREAT,
+         * mknod of a regular file). openat2 and fchmodat2 carry them where seccomp cannot
+         * look: ENOSYS, and libc falls back to the calls checked here. */
+        static const uint64_t setid[] = {S_ISUID, S_ISGID};
+        static const struct { const char *name; unsigned arg; } calls[] = {
+            {"chmod", 1}, {"fchmod", 1}, {"fchmodat", 2}, {"open", 2}, {"openat", 3},
+            {"creat", 1}, {"mknod", 1}, {"mknodat", 2},
+        };
+        for (size_t i = 0; i < sizeof(calls) / sizeof(calls[0]); i++) {
+            int nr = seccomp_syscall_resolve_name(calls[i].name);
+            if (nr >= 0)
+                deny_flag_bits(ctx, nr, calls[i].arg, setid, 2);
+        }
+        static const char *const hidden[] = {"openat2", "fchmodat2"};
+        for (size_t i = 0; i < sizeof(hidden) / sizeof(hidden[0]); i++) {
+            int nr = seccomp_syscall_resolve_name(hidden[i]);
+            if (nr < 0 && strcmp(hidden[i], "fchmodat2") == 0)
+                nr = 452; /* Linux 6.6+, the same number on x86_64 and aarch64; newer than
+                           * this libseccomp's tables */
+            if (nr >= 0) {
+                rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(ENOSYS), nr, 0);
+                if (rc < 0)
+                    die(hidden[i], rc);
+            }
         }
     }
 

@@ -263,3 +263,24 @@ def test_slirp4netns_holds_no_power(project: Path, tun_mode: int) -> None:
         tun.chmod(before)
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("profile", ["permissive", "moderate"])
+def test_no_set_id_file_lands_in_the_host_project(backend: str, profile: str,
+                                                  project: Path) -> None:
+    """The sandbox's root owns, through the id-mapped project dir, what host root owns:
+    a set-uid file it made there would be a host-root set-uid program for any local user
+    who can reach the project. Where the project is the host's (read-write), set-uid and
+    set-gid bits are refused (chmod, creation); elsewhere (copy-on-write) nothing of it
+    reaches the host anyway."""
+    _code, out, err = inside(
+        backend, profile, project, "sh", "-c",
+        "cp /bin/true /workspace/su; chmod 4755 /workspace/su; chmod 2755 /workspace/su; "
+        "python3 -c \"import os; os.close(os.open('/workspace/su2', "
+        "os.O_CREAT | os.O_WRONLY, 0o6755))\"; "
+        "cp /bin/true /workspace/plain && chmod 700 /workspace/plain && echo plain-ok")
+    assert "plain-ok" in out, err
+    for name in ("su", "su2"):
+        path = project / name
+        if path.exists():
+            assert not path.stat().st_mode & 0o6000, (name, oct(path.stat().st_mode))

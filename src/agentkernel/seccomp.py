@@ -76,31 +76,35 @@ def deny_list(profile: str) -> tuple[str, ...]:
     return _DENY[profile]
 
 
-def _tool_args(profile: str) -> list[str]:
+def _tool_args(profile: str, no_setid: bool = False) -> list[str]:
     return ["--default", "allow", "--errno", *deny_list(profile), "--block-tiocsti",
-            "--block-newns"]  # fmt: skip
+            "--block-newns", *(["--block-setid-modes"] if no_setid else [])]  # fmt: skip
 
 
-def compile_bpf(profile: str) -> Path:
+def compile_bpf(profile: str, *, no_setid: bool = False) -> Path:
     """Path of the raw BPF program for `profile`, compiled once and cached.
+
+    `no_setid`: also refuse set-uid/set-gid mode bits (a sandbox that writes the host's
+    project dir through an id-mapped mount, where its root's files are host root's).
 
     The cache entry is checked against a key file holding everything that changes the
     output (the policy, the tool build, the arch), compared byte for byte: a run costs one
     small read, and no hash library on the hot path.
     """
-    args = _tool_args(profile)
+    args = _tool_args(profile, no_setid)
     tool = paths.native_binary("ak-seccomp")
     st = tool.stat()
     key = "\0".join([*args, str(tool), str(st.st_mtime_ns), str(st.st_size), os.uname().machine])
     cache = paths.data_dir() / "cache" / "seccomp"
-    out, key_file = cache / f"{profile}.bpf", cache / f"{profile}.key"
+    name = f"{profile}-nosetid" if no_setid else profile
+    out, key_file = cache / f"{name}.bpf", cache / f"{name}.key"
     try:
         if key_file.read_text() == key and out.is_file():
             return out
     except OSError:
         pass
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{profile}.{os.getpid()}.tmp"
+    tmp = cache / f".{name}.{os.getpid()}.tmp"
     try:
         res = subprocess.run([str(tool), *args, "-o", str(tmp)], capture_output=True, text=True,
                              check=False)  # fmt: skip

@@ -183,7 +183,8 @@ class GVisorBackend(Backend):
                 prefix = enter_netns(holder)
             copy = _workspace_copy(spec, scratch)
             config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
-                                      bpf=str(compile_bpf(p.seccomp)),
+                                      bpf=str(compile_bpf(p.seccomp,
+                                                          no_setid=p.workspace == "rw")),
                                       control=str(control) if control else None,
                                       workspace_copy=str(copy) if copy else None)
             opened: list[int] = []

@@ -95,7 +95,8 @@ class NamespacesBackend(Backend):
             raise BackendUnavailable(
                 "the namespaces backend needs bubblewrap: apt install bubblewrap")
         agent = native_binary("ak-agent")
-        bpf = compile_bpf(spec.profile.seccomp)
+        # A read-write project dir is the host's: no set-id files made there (seccomp.py).
+        bpf = compile_bpf(spec.profile.seccomp, no_setid=spec.profile.workspace == "rw")
         keep = persistent_dirs(spec)
         if keep is not None:
             for sub in PERSISTENT_SUBDIRS:

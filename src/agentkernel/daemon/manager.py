@@ -1529,7 +1529,7 @@ def _precompile_seccomp() -> None:
 
     for profile in PROFILES.values():
         with contextlib.suppress(Exception):
-            compile_bpf(profile.seccomp)
+            compile_bpf(profile.seccomp, no_setid=profile.workspace == "rw")
 
 
 def _user() -> str:
