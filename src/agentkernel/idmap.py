@@ -134,6 +134,23 @@ def allocate() -> tuple[HostRange, int]:
     raise SandboxError(f"all {slots} id ranges for sandboxes are in use")
 
 
+def sandbox_userns(opened: list[int]) -> tuple[int, int]:
+    """A root-started sandbox's user namespace over a range of its own (`allocate`), and
+    the range's lock (-1 when the block has one range only). Both fds are appended to
+    `opened`, the namespace first, for the caller to close once the sandbox is started."""
+    rng, lock = allocate()
+    try:
+        userns = new_userns(rng)
+    except BaseException:
+        if lock >= 0:
+            os.close(lock)
+        raise
+    opened.append(userns)
+    if lock >= 0:
+        opened.append(lock)
+    return userns, lock
+
+
 def new_userns(rng: HostRange) -> int:
     """A user namespace mapping ids 0..size-1 to `rng`, as an fd (O_CLOEXEC).
 

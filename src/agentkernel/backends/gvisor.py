@@ -256,13 +256,9 @@ def _remap(
     """Give runsc, about to run inside the sandbox's user namespace, the host paths it
     needs as id-mapped mounts (the scratch dir and every bind source), and point the
     config's binds at where it will find them. Their fds are appended to `opened`."""
-    from ..idmap import allocate, new_userns, stage
+    from ..idmap import sandbox_userns, stage
 
-    rng, lock = allocate()
-    if lock >= 0:
-        opened.append(lock)
-    userns = new_userns(rng)
-    opened.append(userns)
+    userns, lock = sandbox_userns(opened)
     binds = [m for m in config["mounts"] if m["type"] == "bind"]
     sources = [(str(scratch), False)] + [(m["source"], "ro" in m["options"]) for m in binds]
     staged = stage(sources, userns, opened)

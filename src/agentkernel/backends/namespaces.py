@@ -186,13 +186,9 @@ def _command(
     if os.geteuid() != 0:
         return build_bwrap_argv(bwrap, spec, agent, bpf, resolv=resolv, info_fd=info_fd,
                                 control=control, sync_fd=sync_fd), join
-    from ..idmap import allocate, enter_fn, new_userns
+    from ..idmap import enter_fn, sandbox_userns
 
-    rng, lock = allocate()
-    userns = new_userns(rng)
-    opened.append(userns)
-    if lock >= 0:
-        opened.append(lock)
+    userns, lock = sandbox_userns(opened)
     attached = _attach_fds(host_binds(spec, control, resolv), userns, opened)
     argv = build_bwrap_argv(bwrap, spec, _file_fd(agent, opened), _file_fd(bpf, opened),
                             resolv=resolv, info_fd=info_fd, control=control, sync_fd=sync_fd,
