@@ -141,6 +141,8 @@ class PoolKeyStatus:
     workspace: str | None = None  # ad-hoc keys: the project dir they mount
     starting: int = 0
     last_error: str | None = None
+    hits: int = 0  # runs served warm since the key was made
+    misses: int = 0  # runs that found no warm sandbox and started one themselves
 
 
 class SandboxService(Protocol):

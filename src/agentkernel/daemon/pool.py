@@ -59,6 +59,8 @@ class _KeyState:
     failures: int = 0
     retry_at: float = 0.0
     last_error: str | None = None
+    hits: int = 0
+    misses: int = 0
 
     def target(self) -> int:
         # Keep `min` spare sandboxes beyond the ones in use right now, up to `max`.
@@ -120,6 +122,10 @@ class WarmPool:
                     break
                 dead.append(candidate)
             st.in_use += 1
+            if got is None:
+                st.misses += 1
+            else:
+                st.hits += 1
             st.last_used = time.monotonic()
             self._cond.notify_all()
         for sandbox in dead:
@@ -141,7 +147,8 @@ class WarmPool:
                 PoolKeyStatus(image=st.key.image, profile=st.key.profile.name,
                               backend=st.key.backend, warm=len(st.warm), in_use=st.in_use,
                               min=st.min, max=st.max, workspace=st.key.workspace,
-                              starting=st.starting, last_error=st.last_error)
+                              starting=st.starting, last_error=st.last_error,
+                              hits=st.hits, misses=st.misses)
                 for st in states
             ]
 
