@@ -63,15 +63,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def pool_counts(env: dict[str, str]) -> dict[str, int]:
-    """Sum of the pool's hit/miss counters over every key (`daemon status --json`)."""
-    r = subprocess.run([str(AK), "daemon", "status", "--json"], env=env, capture_output=True,
+def pool_counts(ak: Path, env: dict[str, str]) -> dict[str, int]:
+    """Sum of the pool's hit/miss counters over every key (`daemon status --json`); a
+    tree without them counts -1."""
+    r = subprocess.run([str(ak), "daemon", "status", "--json"], env=env, capture_output=True,
                        text=True, check=False)
     try:
         pools = json.loads(r.stdout).get("pools") or []
     except json.JSONDecodeError:
         return {}
-    return {k: sum(int(p.get(k) or 0) for p in pools) for k in ("hits", "misses")}
+    return {k: sum(int(p.get(k, -1)) for p in pools) for k in ("hits", "misses")}
 
 
 def back_to_back(port: int, n: int, body: dict[str, Any], pause: float) -> list[float]:
@@ -155,18 +156,8 @@ def wait_health(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0)
     raise SystemExit("serve did not answer /health")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-n", type=int, default=100, help="back-to-back requests")
-    ap.add_argument("--pause-n", type=int, default=30, help="requests with a pause")
-    ap.add_argument("--pause", type=float, default=0.2)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--duration", type=float, default=10.0)
-    ap.add_argument("--cli-n", type=int, default=20)
-    ap.add_argument("--profile", default="moderate")
-    ap.add_argument("--daemon-toml", default="", help="extra lines for [daemon]")
-    args = ap.parse_args()
-    st = stamp()
+def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """Every server case against `agentkernel serve` from `ak` (one tree's install)."""
     tmp = Path(tempfile.mkdtemp(prefix="ak-bench-pool-"))
     (tmp / "run").mkdir(mode=0o700)
     proj = tmp / "proj"
@@ -181,37 +172,31 @@ def main() -> int:
     body = {"command": ["true"], "image": "host", "backend": "namespaces",
             "profile": args.profile}
     cases: dict[str, list[float]] = {}
-    cases["fork/exec /bin/true"] = timed(["/bin/true"], 20, cwd=proj)
-    cases["venv python -c pass"] = timed([str(VENV_PY), "-c", "pass"], 20, cwd=proj)
-    if shutil.which("bwrap"):
-        cases["bare bwrap start (floor of a fresh sandbox)"] = timed(bare_bwrap(), 20, cwd=proj)
     port = free_port()
-    serve = subprocess.Popen([str(AK), "serve", "--port", str(port)], env=env, cwd=proj,
+    serve = subprocess.Popen([str(ak), "serve", "--port", str(port)], env=env, cwd=proj,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=open(tmp / "serve.log", "wb"))  # noqa: SIM115
-    results: dict[str, Any] = {"stamp": st, "args": vars(args)}
     try:
         wait_health(port, serve)
         back_to_back(port, 3, body, 0.5)  # a first request, then let the pool fill
         time.sleep(1.0)
-        before = pool_counts(env)
-        cases[f"{args.n} back-to-back POST /run"] = back_to_back(port, args.n, body, 0.0)
-        after = pool_counts(env)
-        misses = after.get("misses", 0) - before.get("misses", 0)
+        before = pool_counts(ak, env)
+        cases[f"{tag}: {args.n} back-to-back POST /run"] = back_to_back(port, args.n, body, 0.0)
+        after = pool_counts(ak, env)
         time.sleep(1.0)
-        cases[f"POST /run, {args.pause:g}s pause between"] = back_to_back(
+        cases[f"{tag}: POST /run, {args.pause:g}s pause between"] = back_to_back(
             port, args.pause_n, body, args.pause)
         time.sleep(1.0)
-        before_c = pool_counts(env)
+        before_c = pool_counts(ak, env)
         conc = concurrent(port, args.clients, args.duration, body)
-        after_c = pool_counts(env)
-        cases[f"{args.clients} concurrent clients, per run"] = conc.pop("samples")
+        after_c = pool_counts(ak, env)
+        cases[f"{tag}: {args.clients} concurrent clients, per run"] = conc.pop("samples")
         time.sleep(1.0)
-        argv = [str(AK), "run", "-q", "-i", "host", "-B", "namespaces", "-p", args.profile,
+        argv = [str(ak), "run", "-q", "-i", "host", "-B", "namespaces", "-p", args.profile,
                 "--", "true"]
         timed(argv, 3, cwd=proj, env=env, pause=0.5)  # the project dir's key, filled
-        cases["warm `agentkernel run -- true` (CLI)"] = timed(argv, args.cli_n, cwd=proj,
-                                                               env=env, pause=0.2)
+        cases[f"{tag}: warm `agentkernel run -- true` (CLI)"] = timed(
+            argv, args.cli_n, cwd=proj, env=env, pause=0.2)
     finally:
         serve.terminate()
         try:
@@ -220,34 +205,80 @@ def main() -> int:
             serve.kill()
         log = (tmp / "serve.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(tmp, ignore_errors=True)
+    return {"cases": cases, "conc": conc, "log": log,
+            "misses": after.get("misses", -1) - before.get("misses", 0),
+            "conc_misses": after_c.get("misses", -1) - before_c.get("misses", 0)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=100, help="back-to-back requests")
+    ap.add_argument("--pause-n", type=int, default=30, help="requests with a pause")
+    ap.add_argument("--pause", type=float, default=0.2)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--cli-n", type=int, default=20)
+    ap.add_argument("--profile", default="moderate")
+    ap.add_argument("--daemon-toml", default="", help="extra lines for [daemon]")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="another checkout with its own .venv (e.g. /work/main): its server "
+                         "is measured first, in the same run")
+    args = ap.parse_args()
+    st = stamp()
+    proj = Path(tempfile.mkdtemp(prefix="ak-bench-pool-proj-"))
+    cases: dict[str, list[float]] = {}
+    cases["fork/exec /bin/true"] = timed(["/bin/true"], 20, cwd=proj)
+    cases["venv python -c pass"] = timed([str(VENV_PY), "-c", "pass"], 20, cwd=proj)
+    if shutil.which("bwrap"):
+        cases["bare bwrap start (floor of a fresh sandbox)"] = timed(bare_bwrap(), 20, cwd=proj)
+    shutil.rmtree(proj, ignore_errors=True)
+    trees: list[tuple[str, Path]] = []
+    if args.baseline_tree is not None:
+        trees.append((f"baseline {tree_commit(args.baseline_tree)}",
+                      args.baseline_tree / ".venv" / "bin" / "agentkernel"))
+    trees.append(("this tree", AK))
+    runs = {tag: serve_cases(ak, args, tag) for tag, ak in trees}
     base = pct(cases["venv python -c pass"], 0.5)
     bw = pct(cases.get("bare bwrap start (floor of a fresh sandbox)", []), 0.5)
     md = [f"# Warm pool benchmark {st['time']}", "", *stamp_lines(st), "",
           f"Namespaces backend, `--image host`, profile `{args.profile}`; ratios are to "
           f"venv `python -c pass` ({base:.1f} ms) measured in this run.", "", *TABLE_HEAD]
     md += [summary(label, samples, base) for label, samples in cases.items()]
-    md += ["", f"- back-to-back requests that found the pool empty: {misses}/{args.n}",
-           f"- {args.clients} concurrent clients, {args.duration:g}s: "
-           f"{conc['per_s']:.1f} fresh sandboxes/s, {conc['ok']} ok, {conc['failed']} failed"
-           f", pool misses {after_c.get('misses', 0) - before_c.get('misses', 0)}",
-           f"- bare bwrap start p50 {bw:.1f} ms: 2 cores allow at most ~"
-           f"{2000 / bw if bw else 0:.0f} bwrap starts/s before any agent, network or "
-           "cgroup work"]
-    if conc["errors"]:
-        md.append(f"- errors: {'; '.join(conc['errors'])}")
-    cli = pct(cases["warm `agentkernel run -- true` (CLI)"], 0.5)
-    md.append(f"- warm CLI run / venv python: {cli / base:.2f}x (goal <= 2x)")
-    if "Traceback" in log:
-        md += ["", "serve log tail:", "```", log, "```"]
+    for run in runs.values():
+        md += [summary(label, samples, base) for label, samples in run["cases"].items()]
+    md.append("")
+    for tag, run in runs.items():
+        conc = run["conc"]
+        cli = pct(run["cases"][f"{tag}: warm `agentkernel run -- true` (CLI)"], 0.5)
+        md += [f"- {tag}: back-to-back requests that found the pool empty: "
+               f"{run['misses']}/{args.n}",
+               f"- {tag}: {args.clients} concurrent clients, {args.duration:g}s: "
+               f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "
+               f"{conc['failed']} failed, {run['conc_misses']} started cold",
+               f"- {tag}: warm CLI run / venv python: {cli / base:.2f}x (goal <= 2x)"]
+        if conc["errors"]:
+            md.append(f"- {tag}: errors: {'; '.join(conc['errors'])}")
+        if "Traceback" in run["log"]:
+            md += ["", f"{tag}: serve log tail:", "```", run["log"], "```"]
+    md.append(f"- bare bwrap start p50 {bw:.1f} ms: 2 cores allow at most ~"
+              f"{2000 / bw if bw else 0:.0f} bwrap starts/s before any agent, network or "
+              "cgroup work")
     text = "\n".join(md) + "\n"
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = time.strftime("pool-%Y%m%d-%H%M%S")
     (out / f"{name}.md").write_text(text)
-    results.update({"cases": cases, "concurrent": conc, "back_to_back_misses": misses})
+    results = {"stamp": st, "args": {k: str(v) for k, v in vars(args).items()},
+               "cases": cases, "runs": runs}
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(text)
     return 0
+
+
+def tree_commit(tree: Path) -> str:
+    r = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty",
+                        "--abbrev=12"], capture_output=True, text=True, check=False)
+    return r.stdout.strip() or str(tree)
 
 
 if __name__ == "__main__":
