@@ -205,9 +205,12 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
             serve.kill()
         log = (tmp / "serve.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"cases": cases, "conc": conc, "log": log,
-            "misses": after.get("misses", -1) - before.get("misses", 0),
-            "conc_misses": after_c.get("misses", -1) - before_c.get("misses", 0)}
+    def delta(a: dict[str, int], b: dict[str, int]) -> str:
+        got = a.get("misses", -1), b.get("misses", -1)
+        return "n/a" if min(got) < 0 else str(got[0] - got[1])
+
+    return {"cases": cases, "conc": conc, "log": log, "misses": delta(after, before),
+            "conc_misses": delta(after_c, before_c)}
 
 
 def main() -> int:

@@ -55,8 +55,9 @@ DEFAULT_MEMORY = 8 * 1024 * 1024  # bytes assumed per warm sandbox until one is 
 
 
 def default_refills() -> int:
-    """Concurrent starts: one per core, at least 2, at most 4 (a start is mostly CPU)."""
-    return max(2, min(4, os.cpu_count() or 1))
+    """Concurrent starts: two per core (a start also waits: for exec, for the agent's
+    HELLO), 2 to 8."""
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
 
 
 @dataclass(frozen=True)
@@ -437,11 +438,10 @@ class WarmPool:
         return out
 
     def _next_job(self, now: float) -> _KeyState | None:
-        """Under the lock: the key most in need of a start. Queued takes come first and
-        may use every slot. Starts ahead of demand yield to runs in flight: then at most
-        `busy_refills` at once, and only for a key whose spares are down to half its
-        target or that saw no take for REFILL_DELAY (a start costs the CPU the run that
-        was just served needs)."""
+        """Under the lock: the key most in need of a start. Queued takes come first, and
+        a key down to half its target may use every slot. Other starts ahead of demand
+        yield to runs in flight: at most `busy_refills` at once, and only REFILL_DELAY
+        after the key's last take (a start costs CPU the run just served needs)."""
         running = self._running()
         if running >= self.refills:
             return None
@@ -454,12 +454,11 @@ class WarmPool:
             queued = len(st.claims) - st.starting  # takes waiting with no start of theirs
             if queued > 0:
                 need = queued + 1000
-            elif not ahead_ok:
-                continue
             else:
                 need = self._need(st, now)
+                # Down to half its target or less, a key is behind demand: every slot.
                 urgent = 2 * st.spare() <= st.target(now)
-                if busy and not urgent and now - st.last_used < REFILL_DELAY:
+                if not urgent and (not ahead_ok or now - st.last_used < REFILL_DELAY):
                     continue
             if need > best_need:
                 best, best_need = st, need
