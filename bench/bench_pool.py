@@ -156,6 +156,52 @@ def wait_health(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0)
     raise SystemExit("serve did not answer /health")
 
 
+def start_cpu(profile: str, n: int = 20) -> dict[str, float]:
+    """CPU milliseconds per sandbox, started and destroyed in this process (a private data
+    dir): the daemon's own share (start, teardown) and its helpers' (bwrap, the agent,
+    slirp4netns, iptables-restore, ...: every reaped child). Unlike wall time, this hardly
+    depends on what else the machine runs."""
+    import resource
+
+    tmp = Path(tempfile.mkdtemp(prefix="ak-bench-cpu-"))
+    (tmp / "run").mkdir(mode=0o700)
+    saved = {k: os.environ.get(k) for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR")}
+    os.environ.update(AGENTKERNEL_HOME=str(tmp / "home"), AGENTKERNEL_RUNTIME_DIR=str(tmp / "run"))
+    sys.path.insert(0, str(ROOT / "src"))
+    from agentkernel.config import Config, DaemonSection
+    from agentkernel.daemon.api import RunRequest
+    from agentkernel.daemon.manager import SandboxManager
+
+    def usage() -> tuple[float, float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+            resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime, time.perf_counter()
+
+    m = SandboxManager(Config(daemon=DaemonSection(pools=[], adhoc_min=0)))
+    try:
+        req = RunRequest(argv=["true"], image="host", profile=profile, backend="namespaces")
+        key, backend, rootfs, _plan = m._plan_run(req)
+        for _ in range(3):
+            m._destroy_ephemeral(m._pool_start(key, backend, rootfs))
+        a = usage()
+        sandboxes = [m._pool_start(key, backend, rootfs) for _ in range(n)]
+        b = usage()
+        for sandbox in sandboxes:
+            m._destroy_ephemeral(sandbox)
+        time.sleep(0.5)  # the helpers' reaper threads
+        c = usage()
+    finally:
+        m.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"start_wall": (b[2] - a[2]) / n * 1000, "daemon_start": (b[0] - a[0]) / n * 1000,
+            "daemon_destroy": (c[0] - b[0]) / n * 1000, "helpers": (c[1] - a[1]) / n * 1000}
+
+
 def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     """Every server case against `agentkernel serve` from `ak` (one tree's install)."""
     tmp = Path(tempfile.mkdtemp(prefix="ak-bench-pool-"))
@@ -235,6 +281,7 @@ def main() -> int:
     if shutil.which("bwrap"):
         cases["bare bwrap start (floor of a fresh sandbox)"] = timed(bare_bwrap(), 20, cwd=proj)
     shutil.rmtree(proj, ignore_errors=True)
+    cpu = start_cpu(args.profile)
     trees: list[tuple[str, Path]] = []
     if args.baseline_tree is not None:
         trees.append((f"baseline {tree_commit(args.baseline_tree)}",
@@ -263,6 +310,13 @@ def main() -> int:
             md.append(f"- {tag}: errors: {'; '.join(conc['errors'])}")
         if "Traceback" in run["log"]:
             md += ["", f"{tag}: serve log tail:", "```", run["log"], "```"]
+    total = cpu["daemon_start"] + cpu["daemon_destroy"] + cpu["helpers"]
+    cores = os.cpu_count() or 1
+    md.append(f"- CPU per `{args.profile}` sandbox (this tree, in-process, sequential; wall "
+              f"{cpu['start_wall']:.1f} ms per start): daemon start {cpu['daemon_start']:.1f}"
+              f" ms + daemon teardown {cpu['daemon_destroy']:.1f} ms + helper processes "
+              f"{cpu['helpers']:.1f} ms = {total:.1f} ms: {cores} cores make at most "
+              f"~{cores * 1000 / total:.0f} fresh sandboxes/s before any request is served")
     md.append(f"- bare bwrap start p50 {bw:.1f} ms: 2 cores allow at most ~"
               f"{2000 / bw if bw else 0:.0f} bwrap starts/s before any agent, network or "
               "cgroup work")
@@ -272,7 +326,7 @@ def main() -> int:
     name = time.strftime("pool-%Y%m%d-%H%M%S")
     (out / f"{name}.md").write_text(text)
     results = {"stamp": st, "args": {k: str(v) for k, v in vars(args).items()},
-               "cases": cases, "runs": runs}
+               "cases": cases, "runs": runs, "cpu": cpu}
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(text)
     return 0

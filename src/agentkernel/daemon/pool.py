@@ -466,8 +466,10 @@ class WarmPool:
 
     def _idle_wait(self, now: float) -> float:
         retry = [st.retry_at - now for st in self._keys.values() if st.retry_at > now]
-        if any(self._need(st, now) > 0 for st in self._keys.values()):
-            retry.append(REFILL_DELAY)  # a delayed refill
+        # A refill delayed by REFILL_DELAY; with every slot busy, a start's end notifies.
+        if self._running() < self.refills and any(self._need(st, now) > 0
+                                                  for st in self._keys.values()):
+            retry.append(REFILL_DELAY)
         return max(0.005, min([1.0, *retry]))
 
     def _work(self) -> None:
