@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--insecure-no-key", action="store_true",
                     help="DANGEROUS: no API key on a loopback address; every local user "
                          "and program can then use the API as you")
+    _add_agent_parsers(sub)
     st = sub.add_parser("setup", help="prepare optional backends (the microVM guest kernel)")
     st.add_argument("--microvm", action="store_true", required=True,
                     help="fetch and prepare the guest kernel and initramfs for `microvm`")
@@ -108,6 +109,38 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-kvm-probe", action="store_true",
                     help="skip the test boot under KVM (the accelerator is probed later)")
     return parser
+
+
+def _add_agent_parsers(sub: Any) -> None:
+    """AI coding agents: the registry, the MCP server, plugins (see docs/agents.md)."""
+    ag = sub.add_parser("agents", help="AI coding agents: installed, signed in, wired to "
+                                       "agentkernel")
+    ag.add_argument("--json", action="store_true")
+    agsub = ag.add_subparsers(dest="agents_cmd", metavar="SUBCOMMAND")
+    agl = agsub.add_parser("list", help="the table (the default)")
+    agl.add_argument("--json", action="store_true")
+    agi = agsub.add_parser("install", help="install an agent's pinned npm package into "
+                                           "agentkernel's data dir")
+    agi.add_argument("names", nargs="+", metavar="AGENT", help="an agent id, or all")
+    ms = sub.add_parser("mcp-server", help="serve agentkernel's MCP tools on stdin/stdout")
+    ms.add_argument("--project", metavar="DIR",
+                    help="the project dir sandboxes see at /workspace (default: here)")
+    pl = sub.add_parser("plugin", help="wire agentkernel into Claude Code, Codex, Gemini "
+                                       "CLI, OpenCode")
+    psub = pl.add_subparsers(dest="plugin_cmd", metavar="SUBCOMMAND", required=True)
+    for name, what in (("install", "add agentkernel's MCP server (and Claude Code plugin)"),
+                       ("uninstall", "take it out again")):
+        p = psub.add_parser(name, help=what)
+        p.add_argument("target", metavar="TARGET", help="claude, codex, gemini, opencode "
+                                                        "or all")
+        p.add_argument("--scope", choices=("user", "project"), default="user",
+                       help="user (default): your home's config; project: this dir's")
+        p.add_argument("--dry-run", action="store_true", help="show the change, make none")
+        if name == "install":
+            p.add_argument("--force", action="store_true",
+                           help="replace an existing, different agentkernel entry")
+    pls = psub.add_parser("list", help="where agentkernel is wired in")
+    pls.add_argument("--json", action="store_true")
 
 
 def _add_sandbox_parsers(sub: Any) -> None:
@@ -209,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
             from .vm.setup import main as setup_main
 
             return setup_main(args)
+        if args.cmd in ("agents", "plugin"):
+            from .plugins.cli import main as agents_main
+
+            return agents_main(args)
+        if args.cmd == "mcp-server":
+            from .mcpserver.stdio import main as mcp_main
+
+            return mcp_main(args.project)
         if args.cmd in _DAEMON_COMMANDS:
             from .daemon import commands
 

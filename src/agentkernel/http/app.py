@@ -202,12 +202,22 @@ def create_app(
     requests whose Host is a loopback name or one of them are served, and none with a
     foreign Origin."""
 
+    from starlette.routing import Route
+
+    from ..mcpserver.http import LazyMCP
+
+    mcp_app = LazyMCP(service)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        import anyio
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
-        yield
+        async with anyio.create_task_group() as tg:  # /mcp's session manager runs in it
+            mcp_app.task_group = tg
+            yield
+            tg.cancel_scope.cancel()
 
     app = FastAPI(
         title="agentkernel", version=__version__, lifespan=lifespan,
@@ -217,6 +227,9 @@ def create_app(
     )
     register_errors(app)
     add_routes(app, service, keepalive, limits or Limits())
+    # MCP over streamable HTTP, behind the same guards as every route (mcpserver/http.py).
+    app.router.routes.append(Route("/mcp", endpoint=mcp_app, methods=["GET", "POST",
+                                                                      "DELETE"]))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
