@@ -14,9 +14,10 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import ROOT, Daemon
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+
+from conftest import ROOT, Daemon
 
 EXE = str(ROOT / ".venv" / "bin" / "agentkernel")
 TOOLS = {"sandbox_run", "sandbox_exec", "sandbox_create", "sandbox_list", "sandbox_remove",

@@ -236,7 +236,8 @@ def _check_toml_kept(path: Path, before: dict[str, Any], after: dict[str, Any],
         data = dict(data)
         servers = dict(data.get("mcp_servers") or {})
         servers.pop(SERVER, None)
-        if servers or "mcp_servers" in data:
+        data.pop("mcp_servers", None)
+        if servers:  # an empty [mcp_servers] table and none at all are the same config
             data["mcp_servers"] = servers
         return data
 
