@@ -209,7 +209,23 @@ def decide(req: RunRequest) -> Decision:
         project_config_image=cfg_image if config_source == "project" else None,
     )
     backend_name = req.backend or (config.sandbox.backend if config is not None else None) or "auto"
+    backend_name, image, reason = _wasm_decision(req, backend_name, image, reason, warnings)
     return Decision(config, warnings, image, reason, resolve_profile(req, config), backend_name)
+
+
+def _wasm_decision(req: RunRequest, backend_name: str, image: str, reason: str,
+                   warnings: list[str]) -> tuple[str, str, str]:
+    """A WebAssembly module as the command picks the wasm backend unless --backend names
+    another (it wins over the config's backend); a wasm run needs no image."""
+    from .detect import WASM_BACKENDS, WASM_REASON, is_wasm_module
+
+    if req.backend is None and is_wasm_module(req.argv):
+        backend_name = "wasm"
+    if backend_name.strip().lower() not in WASM_BACKENDS:
+        return backend_name, image, reason
+    if req.image and req.image != HOST_IMAGE:
+        warnings.append(f"--image {req.image} ignored: a WebAssembly module needs no image")
+    return backend_name, HOST_IMAGE, WASM_REASON
 
 
 def sandbox_cwd(workdir: str | None, has_workspace: bool,
@@ -247,6 +263,10 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     if choice.warning:
         warnings.append(choice.warning)
     rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
+    if backend.in_process:  # wasm: the host rootfs above is a placeholder it never shows
+        from .detect import WASM_ROOTFS
+
+        rootfs_note = WASM_ROOTFS
     name = f"run-{os.urandom(4).hex()}"
     home = Path(os.path.expanduser("~"))
     workspace = req.cwd if profile.workspace != "none" else None

@@ -7,7 +7,7 @@ from typing import NamedTuple
 from ..errors import BackendUnavailable, UsageError
 from .base import Backend, Probe
 
-BACKEND_NAMES = ("namespaces", "gvisor", "microvm")
+BACKEND_NAMES = ("namespaces", "gvisor", "microvm", "wasm")
 # `auto` after the microVM (decided by KVM and [microvm] settings): strongest first, each
 # taken only once its functional probe passed.
 AUTO_ORDER = ("gvisor", "namespaces")
@@ -27,7 +27,12 @@ def get_backend(name: str) -> Backend:
         from .microvm import MicrovmBackend
 
         return MicrovmBackend()
-    raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}")
+    if key in ("wasm", "hyperlight"):  # hyperlight: the original's name, wasm when it can't
+        from .wasm import WasmBackend
+
+        return WasmBackend(requested=key)
+    raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}, "
+                     "hyperlight")
 
 
 class Choice(NamedTuple):
@@ -57,7 +62,7 @@ def choose(name: str) -> Choice:
         warning = None if seen is None or seen.ok else (
             f"backend {backend.name} failed its functional probe ({seen.detail}); "
             "using it because it was asked for")
-        return Choice(backend, (), warning)
+        return Choice(backend, (), warning or backend.substitute)
     skipped: list[str] = []
     microvm, why = _auto_microvm()
     if microvm is not None:

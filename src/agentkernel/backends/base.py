@@ -34,6 +34,11 @@ class Backend(ABC):
     name: str
     isolation: str  # e.g. "Linux namespaces (shared host kernel)"
     strength: int  # higher is stronger isolation; `auto` picks the strongest available
+    # Runs in the calling process (wasm): no host process to record, adopt or reap.
+    in_process: bool = False
+    persistent: bool = True  # can keep a sandbox between runs (create/exec/stop)
+    # Set when this backend runs in place of the one asked for (hyperlight -> wasm): why.
+    substitute: str | None = None
 
     @abstractmethod
     def probe(self, deep: bool = False) -> Probe:

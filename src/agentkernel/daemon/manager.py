@@ -662,6 +662,9 @@ class SandboxManager:
                             or (self.config.sandbox.backend if self.config else None)
                             or "auto")
             backend = self._backend(backend_name)
+            if not backend.persistent:
+                raise Conflict(f"the {backend.name} backend keeps no sandbox between runs: "
+                               f"run a module with `agentkernel run MODULE.wasm` instead")
             _rootfs, _image_config, note = self._rootfs(image, config)
             doc = {
                 "image": image, "rootfs": "host" if note.startswith("host") else image,
@@ -950,6 +953,10 @@ class SandboxManager:
         choice = self._choice(backend_name)
         backend = choice.backend
         rootfs, image_config, note = self._rootfs(image, config)
+        if backend.in_process:  # wasm: the host rootfs is a placeholder it never shows
+            from ..detect import WASM_ROOTFS
+
+            note = WASM_ROOTFS
         workspace = cwd if cwd is not None and profile.workspace != "none" else None
         home = Path(req.host_env.get("HOME") or os.path.expanduser("~"))  # the caller's
         home_opt = home if profile.mount_home and home.is_absolute() and home.is_dir() else None
@@ -985,6 +992,8 @@ class SandboxManager:
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
         spec = self._pool_spec(key, rootfs)
+        if backend.in_process:  # wasm: runs in this process, nothing to record or reap
+            return backend.start(spec)
         scratch = self._runtime_scratch(spec.name)
         self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
                         (spec.name, backend.name, str(scratch)))
