@@ -66,14 +66,31 @@ _HARMLESS = frozenset({signal.SIGWINCH, signal.SIGCHLD, signal.SIGURG, signal.SI
 WORKSPACE = "/workspace"
 
 
-def wasmtime_version() -> str | None:
-    """The installed wasmtime's version, without importing it (None: not installed)."""
-    from importlib import metadata
+_VERSION: list[str | None] = []
 
-    try:
-        return metadata.version("wasmtime")
-    except metadata.PackageNotFoundError:
+
+def wasmtime_version() -> str | None:
+    """The installed wasmtime's version, without importing it (None: not installed).
+
+    Read from its dist-info dir's name: importlib.metadata would scan every distribution
+    on the path (tens of ms on a busy host), on every run's backend choice."""
+    if not _VERSION:
+        _VERSION.append(_find_version())
+    return _VERSION[0]
+
+
+def _find_version() -> str | None:
+    from importlib.util import find_spec
+
+    spec = find_spec("wasmtime")
+    if spec is None or not spec.origin:
         return None
+    site = Path(spec.origin).parent.parent
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(site):
+            if entry.name.startswith("wasmtime-") and entry.name.endswith(".dist-info"):
+                return entry.name[len("wasmtime-"):-len(".dist-info")]
+    return "unknown"
 
 
 def hyperlight_unavailable() -> str:
@@ -639,6 +656,8 @@ class _NoProcess(subprocess.Popen[bytes]):
 
 class WasmSandbox(Sandbox):
     """A wasm run's sandbox: a profile and a project dir; each exec runs a module."""
+
+    in_process = True
 
     def __init__(self, spec: SandboxSpec, isolation: str) -> None:
         from ..paths import runtime_dir

@@ -1090,6 +1090,9 @@ class SandboxManager:
         return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
+        if sandbox.in_process:  # wasm: nothing to tear down, no record to drop
+            sandbox.destroy()
+            return
         # Tearing a sandbox down takes a few ms: the caller already has its answer.
         threading.Thread(target=self._destroy_ephemeral, args=(sandbox,), name="ak-destroy",
                          daemon=False).start()
