@@ -246,7 +246,9 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     backend = choice.backend
     if choice.warning:
         warnings.append(choice.warning)
-    rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
+    # A container engine's own store first, when the backend has one (docker, podman).
+    rootfs, image_config, rootfs_note = (backend.engine_image(image)
+                                         or resolve_rootfs(image, config, quiet))
     name = f"run-{os.urandom(4).hex()}"
     home = Path(os.path.expanduser("~"))
     workspace = req.cwd if profile.workspace != "none" else None
