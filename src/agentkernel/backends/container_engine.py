@@ -126,6 +126,7 @@ class Mounts:
     def __init__(self, tmpfs_extra: str = "") -> None:
         self.mounts: list[dict[str, Any]] = []
         self.tmpfs: dict[str, str] = {}
+        self.notes: list[str] = []  # said to the user (Sandbox.notes)
         self.extra = tmpfs_extra
 
     def add_tmpfs(self, target: str, options: str) -> None:
@@ -292,6 +293,7 @@ class ContainerBackend(Backend):
             # Normally the engine removes it once the agent exits (AutoRemove); this is for
             # an agent that had to be killed, or never got going.
             sandbox.cleanups.append(lambda: self._remove_if_left(cid, process))
+        sandbox.notes.extend(getattr(self, "_notes", []))
         if spec.profile.network == "egress":
             sandbox.notes.append(f"the egress policy is not available on the {self.name} "
                                  "backend yet: network is off")
@@ -356,6 +358,7 @@ class ContainerBackend(Backend):
                 raise SandboxError(f"a {self.engine} container named {name} exists and is "
                                    "not this sandbox's")
         body = self.create_body(spec, scratch, self._image_for(api, spec, scratch))
+        self._notes = list(body.pop("_notes"))
         try:
             doc = api.call("POST", "/containers/create", query={"name": name}, body=body,
                            expect=(201,), timeout=START_TIMEOUT)
@@ -421,14 +424,13 @@ class ContainerBackend(Backend):
         }
         labels = {LABEL_SANDBOX: spec.name, LABEL_OWNER: str(os.getuid()),
                   LABEL_KIND: "persistent" if spec.persistent else "run"}
-        for note in notes:
-            labels[f"agentkernel.note.{len(labels)}"] = note
         return {
             "Image": image.ref, "Entrypoint": agent, "Cmd": [], "Env": [], "WorkingDir": "/",
             "User": "0:0", "Hostname": spec.hostname, "Labels": labels,
             "AttachStdin": False, "AttachStdout": False, "AttachStderr": False,
             "OpenStdin": False, "Tty": False, "StopSignal": "SIGKILL",
             "NetworkDisabled": p.network != "host", "HostConfig": host,
+            "_notes": [*notes, *m.notes],  # ours, not the engine's: taken out before sending
         }
 
     def _workspace(self, spec: SandboxSpec, scratch: Path, m: Mounts) -> list[str]:
@@ -452,12 +454,18 @@ class ContainerBackend(Backend):
         if root is not None:
             for d in (base, upper, work):
                 os.chown(d, root, root)
+        self.overlay_mount(m, spec, src, upper, work)
+        return []
+
+    def overlay_mount(self, m: Mounts, spec: SandboxSpec, src: str, upper: Path,
+                      work: Path) -> None:
+        """A copy-on-write view of host dir `src` at /workspace: an overlay the engine mounts
+        through its local volume driver (Docker), its upper dir ours."""
         m.mounts.append({"Type": "volume", "Target": "/workspace", "VolumeOptions": {
             "DriverConfig": {"Name": "local", "Options": {
                 "type": "overlay", "device": "overlay",
                 "o": f"lowerdir={src},upperdir={upper},workdir={work}"}},
             "Labels": {LABEL_SANDBOX: spec.name, LABEL_OWNER: str(os.getuid())}}})
-        return []
 
     # --- images --------------------------------------------------------------------------
     def _image_for(self, api: EngineAPI, spec: SandboxSpec, scratch: Path) -> Image:
