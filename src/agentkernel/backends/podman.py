@@ -100,9 +100,10 @@ class PodmanBackend(ContainerBackend):
         own.unlink(missing_ok=True)
         # Not per exec: one service, which exits by itself after SERVICE_IDLE unused.
         with open(own.with_suffix(".log"), "ab") as log:
-            subprocess.Popen([podman, "system", "service", f"--time={SERVICE_IDLE}",
-                              f"unix://{own}"], stdin=subprocess.DEVNULL, stdout=log,
-                             stderr=log, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen([podman, "system", "service", f"--time={SERVICE_IDLE}",
+                                     f"unix://{own}"], stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, start_new_session=True, close_fds=True)
+        own.with_suffix(".pid").write_text(str(proc.pid))  # for whoever must stop it
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if own.exists() and _answers(str(own)):
