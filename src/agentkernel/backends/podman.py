@@ -116,8 +116,9 @@ class PodmanBackend(ContainerBackend):
 
         if not deep and which("podman") is None and self.socket_path() is None:
             return Probe(False, self.missing_hint())
-        if not deep:
-            return Probe(True, self.socket_path() or "podman (its API service starts on use)")
+        if not deep or self.socket_path() is None:  # doctor starts no service
+            return Probe(True, (self.socket_path() or "podman (its API service starts on "
+                                "first use)") + f"; {self.root_note()}")
         return super().probe(deep)
 
     def missing_hint(self) -> str:
