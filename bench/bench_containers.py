@@ -10,9 +10,11 @@ Usage: .venv/bin/python bench/bench_containers.py [-n 15] [--image IMAGE]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import tempfile
 import time
@@ -61,6 +63,10 @@ def main() -> None:
             if case.startswith(("agentkernel -B " + engine, engine)):
                 print(f"{case:32} p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f} ms  "
                       f"{r['p50'] / base:5.2f}x {engine} run --rm")
+    pidfile = tmp / "run" / "podman.pid"  # the API service our backend started, if any
+    if pidfile.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=False).stdout.strip()
     out = ROOT / "bench" / "results" / f"containers-{time.strftime('%Y%m%d-%H%M%S')}.json"
