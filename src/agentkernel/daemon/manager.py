@@ -65,7 +65,7 @@ HEALTH_INTERVAL = 5.0
 DISK_CHECK_INTERVAL = 30.0
 SNAPSHOT_BACKENDS = ("namespaces",)  # those whose writable layers live on the host's disk
 # Those whose writable layers survive stop/start (a microVM keeps them on disks of its own).
-STOPPABLE_BACKENDS = ("namespaces", "microvm")
+STOPPABLE_BACKENDS = ("namespaces", "microvm", "docker", "podman")  # engines keep the container
 # HELLO timeouts of the attempts to re-adopt a sandbox, per backend (see _adopt).
 ADOPT_HELLO_TIMEOUTS = {"microvm": (2.0, 2.0, 5.0)}
 
@@ -400,6 +400,8 @@ class SandboxManager:
             self.recovered.append(f"marked {name} stopped (it died while no daemon ran)")
         for row in self.db.all("SELECT * FROM sandboxes WHERE status='stopped'"):
             self._cleanup_stopped(row)
+        self.recovered.extend(_sweep_containers(
+            {r["name"] for r in self.db.all("SELECT name FROM sandboxes")}))
 
     def _cleanup_unrecorded_pool(self) -> None:
         """Pool sandboxes the database lost (damaged): their scratch dirs and cgroups.
@@ -571,7 +573,8 @@ class SandboxManager:
                 network=False if doc.get("no_network") else None,
                 memory_mb=doc.get("memory_mb"), cpus=doc.get("cpus"))
         backend = self._backend(doc["backend"])
-        rootfs, image_config, note = self._rootfs(doc.get("rootfs") or doc["image"], None)
+        rootfs, image_config, note = (backend.engine_image(doc["image"])  # an engine's store
+                                      or self._rootfs(doc.get("rootfs") or doc["image"], None))
         ws = doc.get("workspace")
         workspace = Path(ws) if ws and profile.workspace != "none" else None
         if workspace is not None and not workspace.is_dir():
@@ -823,6 +826,7 @@ class SandboxManager:
             self.db.execute("DELETE FROM detached WHERE sandbox=?", (name,))
             self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
             self._wipe_state(Path(row["state_dir"]))
+            _remove_container(row["backend"], name)
         with self._lock:
             self._name_locks.pop(name, None)
 
@@ -952,7 +956,8 @@ class SandboxManager:
         config, warnings, image, reason, profile, backend_name = decide(ereq)
         choice = self._choice(backend_name)
         backend = choice.backend
-        rootfs, image_config, note = self._rootfs(image, config)
+        rootfs, image_config, note = (backend.engine_image(image)  # an engine's own store
+                                      or self._rootfs(image, config))
         if backend.in_process:  # wasm: the host rootfs is a placeholder it never shows
             from ..detect import WASM_ROOTFS
 
@@ -1549,3 +1554,28 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return str(os.getuid())
+
+
+# --- container engines (docker, podman): their containers outlive us in the engine ---------
+def _remove_container(backend: str, name: str) -> None:
+    """A removed sandbox's container (and its layer) goes from the engine too."""
+    from ..backends.container_engine import engine_backend
+
+    engine = engine_backend(backend)
+    if engine is not None:
+        engine.remove_container(name)
+
+
+def _sweep_containers(known: set[str]) -> list[str]:
+    """What a dead daemon left in the engines: its pool's containers, and the containers of
+    persistent sandboxes no longer recorded. Engines that are not running are skipped."""
+    from ..backends.container_engine import CONTAINER_BACKENDS, engine_backend
+
+    out = []
+    for name in CONTAINER_BACKENDS:
+        engine = engine_backend(name)
+        if engine is None or engine.socket_path() is None:
+            continue
+        with contextlib.suppress(AgentKernelError):
+            out += [f"removed {name} container of {gone}" for gone in engine.sweep(known)]
+    return out
