@@ -24,7 +24,7 @@ from agentkernel.backends.base import spawn_agent
 from agentkernel.backends.namespaces import build_bwrap_argv
 from agentkernel.cgroups import Limits, rlimit_floor
 from agentkernel.config import parse_config
-from agentkernel.engine import RunRequest, resolve_profile
+from agentkernel.planner import RunRequest, resolve_profile
 from agentkernel.errors import ConfigError, UsageError
 from agentkernel.paths import native_binary
 from agentkernel.profiles import (

@@ -194,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "images":
             from pathlib import Path
 
-            from .engine import RunRequest, load_configs
             from .images.cli import main as images_main
+            from .planner import CallerContext, RunRequest, load_configs
 
-            config, _, warnings = load_configs(RunRequest(argv=[], cwd=Path.cwd()))
+            config, _, warnings = load_configs(RunRequest(argv=[], cwd=Path.cwd()),
+                                               CallerContext.here())
             for warning in warnings:
                 print(f"agentkernel: warning: {warning}", file=sys.stderr)
             return images_main(args, config)
@@ -249,20 +250,21 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     import time
     from pathlib import Path
 
-    from .engine import RunRequest, execute, plan
+    from .engine import execute
+    from .planner import CallerContext, RunRequest, parse_env, plan
     from .profiles import parse_memory_limit, parse_pids
 
     req = RunRequest(
         argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
-        backend=args.backend, no_network=args.no_network, env=args.env, workdir=args.workdir,
-        timeout=args.timeout, keep=False,
+        backend=args.backend, no_network=args.no_network, env=parse_env(args.env),
+        workdir=args.workdir, timeout=args.timeout, keep=False,
         memory_mb=parse_memory_limit(args.memory) if args.memory else None,
         pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
         config_path=Path(args.config) if args.config else None,
         forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
     )
     started = time.monotonic()
-    plan_ = plan(req, quiet=args.quiet)
+    plan_ = plan(req, CallerContext.here(), quiet=args.quiet)
 
     def say(msg: str) -> None:
         if not args.quiet:
@@ -270,13 +272,12 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
 
     for warning in plan_.warnings:
         say(f"warning: {warning}")
-    spec = plan_.spec
     if args.verbose:
         say(f"backend {plan_.backend.name}: {plan_.backend.isolation}")
         for line in plan_.skipped:
             say(line)
-        say(f"image {spec.image} ({plan_.image_reason}); rootfs: {plan_.rootfs_note}")
-        p = spec.profile
+        say(f"image {plan_.image} ({plan_.image_reason}); rootfs: {plan_.rootfs_note}")
+        p = plan_.profile
         say(f"profile {p.name}: network={p.network} workspace={p.workspace} "
             f"memory={f'{p.memory_mb}MiB' if p.memory_mb else 'unlimited'} "
             f"pids={p.pids or 'unlimited'} "
@@ -287,7 +288,7 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     out: BinaryIO = captured_out if args.json else sys.stdout.buffer
     err: BinaryIO = captured_err if args.json else sys.stderr.buffer
     stdin = sys.stdin.buffer if req.forward_stdin and not args.json else None
-    sandbox, outcome = execute(plan_, plan_.argv, timeout=req.timeout, stdout=out, stderr=err,
+    sandbox, outcome = execute(plan_, timeout=req.timeout, stdout=out, stderr=err,
                                stdin=stdin)
     try:
         for note in sandbox.notes:
@@ -301,11 +302,11 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
             "exit_code": outcome.exit_code,
             "stdout": captured_out.getvalue().decode(errors="replace"),
             "stderr": captured_err.getvalue().decode(errors="replace"),
-            "signal": outcome.status.signal, "timed_out": outcome.status.timed_out,
+            "signal": outcome.signal, "timed_out": outcome.timed_out,
             "message": outcome.message, "backend": plan_.backend.name,
-            "isolation": plan_.backend.isolation, "image": spec.image,
+            "isolation": plan_.backend.isolation, "image": plan_.image,
             "rootfs": plan_.rootfs_note,
-            "profile": spec.profile.name, "sandbox": spec.name, "kept": False,
+            "profile": plan_.profile.name, "sandbox": sandbox.spec.name, "kept": False,
             "duration_ms": round((time.monotonic() - started) * 1000, 1),
         }
         import json

@@ -18,7 +18,7 @@ from ..paths import which
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from ..vm import qemu as q
 from ..vm.settings import ENV_ALLOW_EMULATION, MicrovmSettings, current
-from .base import Backend, Probe, control_dir, make_scratch
+from .base import Backend, CallerOptions, Probe, control_dir, make_scratch
 
 VMM_MEMORY_OVERHEAD_MB = 160  # QEMU's own memory on top of the guest's, for the host cgroup
 DEFAULT_MEMORY_MB = 512
@@ -84,9 +84,23 @@ def choose_accel(settings: MicrovmSettings, *, deep: bool = False,
 class MicrovmBackend(Backend):
     name = "microvm"
     strength = 30
+    stoppable = True  # its writable layers are on disk images of its own
+    snapshot_refusal = "not supported for microVMs yet"
+    shares_host_dirs = False  # the project dir is copied into the guest
+    sized_disks = True
+    memory_floor = False  # the VM's own size bounds its memory
+    # A microVM's agent notices a hang-up by polling its port: a reconnect may need retries.
+    adopt_hello_timeouts = (2.0, 2.0, 5.0)
 
-    def __init__(self) -> None:
+    def __init__(self, settings: MicrovmSettings | None = None) -> None:
         self._accel_note = ""
+        self._settings = settings  # a caller's (planner.py); None: this process's
+
+    def settings(self) -> MicrovmSettings:
+        return self._settings if self._settings is not None else current()
+
+    def for_caller(self, options: CallerOptions) -> Backend:
+        return MicrovmBackend(options.microvm) if options.microvm is not None else self
 
     @property
     def isolation(self) -> str:  # type: ignore[override]
@@ -96,7 +110,7 @@ class MicrovmBackend(Backend):
     def probe(self, deep: bool = False) -> Probe:
         from ..vm.kernel import current_kernel
 
-        settings = current()
+        settings = self.settings()
         qemu = q.qemu_binary()
         if qemu is None:
             return Probe(False, "QEMU is not installed: apt install qemu-system-x86")
@@ -129,7 +143,7 @@ class MicrovmBackend(Backend):
         from ..vm.kernel import current_kernel
 
         refuse_copied(spec, self.name)  # its project dir is a copy: nothing can be masked
-        settings = current()
+        settings = self.settings()
         if settings.vmm == "firecracker":
             from ..vm.firecracker import firecracker_binary
             from .microvm_fc import start_firecracker
@@ -288,7 +302,7 @@ class MicrovmBackend(Backend):
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=process, scratch=scratch,
                               cgroup=cgroup, helpers=helpers, notes=notes,
-                              cleanups=cleanups)
+                              cleanups=cleanups, memory_floor=self.memory_floor)
             try:
                 if snap:
                     # A clone is a copy of the template: give it its own entropy, name

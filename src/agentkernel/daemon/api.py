@@ -30,6 +30,11 @@ class CreateRequest:
     env: dict[str, str] = field(default_factory=dict)
     ttl_seconds: float | None = None  # removed automatically when it expires
     cpus: float | None = None  # fractional CPU limit (the CLI's --cpus); wins over vcpus
+    # The caller's context (planner.CallerContext; the CLI sends it): its variables that
+    # change a plan (context.CONTEXT_ENV_KEYS) and its user config file. None: the
+    # daemon's own context (HTTP callers).
+    caller_env: dict[str, str] | None = None
+    user_config: str | None = None
 
 
 @dataclass
@@ -91,7 +96,9 @@ class RunRequest:
     pids: int | None = None  # likewise
     cpus: float | None = None
     config_path: str | None = None  # an explicit --config (absolute)
-    host_env: dict[str, str] = field(default_factory=dict)  # the caller's PASS_ENV_KEYS
+    # The caller's context, as in CreateRequest; None: the daemon's own (HTTP callers).
+    caller_env: dict[str, str] | None = None
+    user_config: str | None = None
     data_dir: str | None = None  # the caller's data dir: a daemon with another one refuses
 
 
