@@ -13,24 +13,23 @@ BACKEND_NAMES = ("namespaces", "gvisor", "microvm")
 AUTO_ORDER = ("gvisor", "namespaces")
 
 
-# name -> (module, class): imported only when asked for. A new backend adds a line here.
-_CLASSES = {
-    "namespaces": ("namespaces", "NamespacesBackend"),
-    "gvisor": ("gvisor", "GVisorBackend"),
-    "microvm": ("microvm", "MicrovmBackend"),
-}
-
-
 def backend_class(name: str) -> type[Backend]:
-    """The class of backend `name`: its facts (capabilities, clean-up) without an instance."""
-    import importlib
-
+    """The class of backend `name`: its facts (capabilities, clean-up) without an instance.
+    Each is imported only when asked for; a new backend adds its branch here."""
     key = name.strip().lower()
-    if key not in _CLASSES:
-        raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}")
-    module, cls = _CLASSES[key]
-    found: type[Backend] = getattr(importlib.import_module(f".{module}", __name__), cls)
-    return found
+    if key == "namespaces":
+        from .namespaces import NamespacesBackend
+
+        return NamespacesBackend
+    if key == "gvisor":
+        from .gvisor import GVisorBackend
+
+        return GVisorBackend
+    if key == "microvm":
+        from .microvm import MicrovmBackend
+
+        return MicrovmBackend
+    raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}")
 
 
 def get_backend(name: str, options: CallerOptions | None = None) -> Backend:
