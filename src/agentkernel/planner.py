@@ -224,7 +224,10 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
     microvm = microvm_settings(config.microvm if config is not None else None, ctx.env)
     choice = res.choose(backend_name, CallerOptions(microvm=microvm))
     registry = RegistryOptions.from_config(config, env=ctx.env)
-    rootfs, image_config, note, fallback = res.rootfs(image, config, registry, quiet)
+    # A container engine's own copy of the image first, when the backend has one.
+    engine = choice.backend.engine_image(image)
+    rootfs, image_config, note, fallback = (*engine, None) if engine is not None else \
+        res.rootfs(image, config, registry, quiet)
     workspace = req.cwd if req.cwd is not None and profile.workspace != "none" else None
     home = ctx.home
     home = home if profile.mount_home and home is not None and home.is_dir() else None

@@ -7,9 +7,11 @@ from typing import NamedTuple
 from ..errors import BackendUnavailable, UsageError
 from .base import Backend, CallerOptions, Probe
 
-BACKEND_NAMES = ("namespaces", "gvisor", "microvm")
+BACKEND_NAMES = ("namespaces", "gvisor", "microvm", "docker", "podman")
 # `auto` after the microVM (decided by KVM and [microvm] settings): strongest first, each
-# taken only once its functional probe passed.
+# taken only once its functional probe passed. The container engines are never picked by
+# `auto`: they share the host kernel like namespaces, and without a user namespace (Docker's
+# default) the sandbox's root is host root; they are chosen by name (docs/backends.md).
 AUTO_ORDER = ("gvisor", "namespaces")
 
 
@@ -29,6 +31,14 @@ def backend_class(name: str) -> type[Backend]:
         from .microvm import MicrovmBackend
 
         return MicrovmBackend
+    if key == "docker":
+        from .docker import DockerBackend
+
+        return DockerBackend
+    if key == "podman":
+        from .podman import PodmanBackend
+
+        return PodmanBackend
     raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}")
 
 

@@ -17,6 +17,8 @@ from ..sandbox import Sandbox, SandboxSpec, close_fds
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
     from ..cgroups import Cgroup
+    from ..images import ImageConfig
+    from ..rootfs import HostRootfs
     from ..vm.settings import MicrovmSettings
 
 CONTROL_DIR = "ctl"  # host side: <scratch>/ctl/agent.sock for sandboxes that outlive us
@@ -109,6 +111,11 @@ class Backend(ABC):
 
     def probe_failure_hint(self, error: str) -> str | None:
         """The known cause of a functional probe's error line, if this backend knows one."""
+        return None
+
+    def engine_image(self, image: str) -> tuple[HostRootfs, ImageConfig | None, str] | None:
+        """A container engine's own copy of `image` (rootfs, config, note), which then wins
+        over our image store; None for backends without an image store of their own."""
         return None
 
 

@@ -393,6 +393,8 @@ class SandboxManager:
             self.recovered.append(f"marked {name} stopped (it died while no daemon ran)")
         for row in self.db.all("SELECT * FROM sandboxes WHERE status='stopped'"):
             self._cleanup_stopped(row)
+        self.recovered.extend(_sweep_containers(
+            {r["name"] for r in self.db.all("SELECT name FROM sandboxes")}))
 
     def _cleanup_unrecorded_pool(self) -> None:
         """Pool sandboxes the database lost (damaged): their scratch dirs and cgroups.
@@ -567,8 +569,9 @@ class SandboxManager:
         backend = self._backend(doc["backend"])
         registry = RegistryOptions.from_doc(doc["registry"]) if isinstance(
             doc.get("registry"), dict) else RegistryOptions.from_config(self.config)
-        rootfs, image_config, _note, _warning = self._rootfs(
-            doc.get("rootfs") or doc["image"], None, registry)
+        engine = backend.engine_image(doc["image"])  # a container engine's own store
+        rootfs, image_config, _note, _warning = (*engine, None) if engine is not None else \
+            self._rootfs(doc.get("rootfs") or doc["image"], None, registry)
         ws = doc.get("workspace")
         workspace = Path(ws) if ws and profile.workspace != "none" else None
         if workspace is not None and not workspace.is_dir():
@@ -806,6 +809,7 @@ class SandboxManager:
             self.db.execute("DELETE FROM detached WHERE sandbox=?", (name,))
             self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
             self._wipe_state(Path(row["state_dir"]))
+            _remove_container(row["backend"], name)
         with self._lock:
             self._name_locks.pop(name, None)
 
@@ -1505,3 +1509,28 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return str(os.getuid())
+
+
+# --- container engines (docker, podman): their containers outlive us in the engine ---------
+def _remove_container(backend: str, name: str) -> None:
+    """A removed sandbox's container (and its layer) goes from the engine too."""
+    from ..backends.container_engine import engine_backend
+
+    engine = engine_backend(backend)
+    if engine is not None:
+        engine.remove_container(name)
+
+
+def _sweep_containers(known: set[str]) -> list[str]:
+    """What a dead daemon left in the engines: its pool's containers, and the containers of
+    persistent sandboxes no longer recorded. Engines that are not running are skipped."""
+    from ..backends.container_engine import CONTAINER_BACKENDS, engine_backend
+
+    out = []
+    for name in CONTAINER_BACKENDS:
+        engine = engine_backend(name)
+        if engine is None or engine.socket_path() is None:
+            continue
+        with contextlib.suppress(AgentKernelError):
+            out += [f"removed {name} container of {gone}" for gone in engine.sweep(known)]
+    return out
