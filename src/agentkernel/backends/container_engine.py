@@ -711,21 +711,6 @@ def connect_agent(path: Path, init_pid: int) -> AgentClient:
     return AgentClient.from_socket(sock)
 
 
-def engine_backend(name: str) -> ContainerBackend | None:
-    """The container backend called `name`, or None for other backends."""
-    backend: ContainerBackend | None = None
-    if name == "docker":
-        from .docker import DockerBackend
-
-        backend = DockerBackend()
-    elif name == "podman":
-        from .podman import PodmanBackend
-
-        backend = PodmanBackend()
-    return backend
-
-
-CONTAINER_BACKENDS = ("docker", "podman")
 
 
 def not_found(name: str) -> NotFound:

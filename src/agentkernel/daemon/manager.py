@@ -1514,22 +1514,24 @@ def _user() -> str:
 # --- container engines (docker, podman): their containers outlive us in the engine ---------
 def _remove_container(backend: str, name: str) -> None:
     """A removed sandbox's container (and its layer) goes from the engine too."""
-    from ..backends.container_engine import engine_backend
+    from ..backends import get_backend
+    from ..backends.container_engine import ContainerBackend
 
-    engine = engine_backend(backend)
-    if engine is not None:
+    engine = get_backend(backend)
+    if isinstance(engine, ContainerBackend):
         engine.remove_container(name)
 
 
 def _sweep_containers(known: set[str]) -> list[str]:
     """What a dead daemon left in the engines: its pool's containers, and the containers of
     persistent sandboxes no longer recorded. Engines that are not running are skipped."""
-    from ..backends.container_engine import CONTAINER_BACKENDS, engine_backend
+    from ..backends import BACKEND_NAMES, get_backend
+    from ..backends.container_engine import ContainerBackend
 
     out = []
-    for name in CONTAINER_BACKENDS:
-        engine = engine_backend(name)
-        if engine is None or engine.socket_path() is None:
+    for name in BACKEND_NAMES:
+        engine = get_backend(name)
+        if not isinstance(engine, ContainerBackend) or engine.socket_path() is None:
             continue
         with contextlib.suppress(AgentKernelError):
             out += [f"removed {name} container of {gone}" for gone in engine.sweep(known)]
