@@ -293,5 +293,6 @@ def test_run_through_the_daemon_stays_import_light(daemon: Daemon, tmp_path: Pat
     loaded = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
               if line.startswith("import time:")}
     heavy = {"typing", "re", "enum", "json", "socket", "agentkernel.engine",
-             "agentkernel.profiles", "agentkernel.config", "agentkernel.backends"}
+             "agentkernel.profiles", "agentkernel.config", "agentkernel.backends",
+             "agentkernel.planner", "agentkernel.images"}
     assert not loaded & heavy, sorted(loaded & heavy)

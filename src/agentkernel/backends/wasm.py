@@ -96,10 +96,10 @@ def _find_version() -> str | None:
 def hyperlight_unavailable() -> str:
     """Why Hyperlight cannot run here. It never can yet: we have no Hyperlight driver. The
     host's reason comes first, as it is the one a user can act on."""
-    from ..doctor import kvm_verdict
+    from ..vm.kvm import kvm_verdict
 
-    kvm = kvm_verdict()
-    host = "" if kvm.ok else kvm.detail.split(":")[0] + "; "
+    ok, detail = kvm_verdict()
+    host = "" if ok else detail.split(":")[0] + "; "
     return host + "no Hyperlight driver in agentkernel"
 
 
@@ -208,9 +208,9 @@ class _Runtime:
             source = _read_all(fd, st.st_size)
         finally:
             os.close(fd)
-        from . import wasm_cache
+        from .wasm_cache import cache_key
 
-        key = wasm_cache.cache_key(source, self.fingerprint)
+        key = cache_key(source, self.fingerprint)
         with self._lock:
             pre = self._by_hash.get(key)
         if pre is None:
@@ -227,15 +227,15 @@ class _Runtime:
     def _load_or_compile(self, key: str, source: bytes, shown: str) -> wasmtime.InstancePre:
         import wasmtime
 
-        from . import wasm_cache
+        from .wasm_cache import forget, load, store
 
         module = None
-        compiled = wasm_cache.load(key)
+        compiled = load(key)
         if compiled is not None:
             try:
                 module = wasmtime.Module.deserialize(self.engine, compiled)
             except wasmtime.WasmtimeError:
-                wasm_cache.forget(key)  # from another build, or damaged: compile afresh
+                forget(key)  # from another build, or damaged: compile afresh
         if module is None:
             try:
                 module = self.compile(source)
@@ -243,7 +243,7 @@ class _Runtime:
                 raise CommandNotExecutable(
                     f"{shown}: not a valid WebAssembly module: {_first_line(exc)}",
                     errno.ENOEXEC) from None
-            wasm_cache.store(key, bytes(module.serialize()))
+            store(key, bytes(module.serialize()))
         if not any(e.name == "_start" for e in module.exports):
             raise CommandNotExecutable(
                 f"{shown}: not a WASI command (it exports no _start function)", errno.ENOEXEC)
@@ -677,3 +677,11 @@ class WasmSandbox(Sandbox):
         self._destroyed = True
         self.client.close()
         self.process.kill()
+
+
+class HyperlightBackend(WasmBackend):
+    """`--backend hyperlight`, the original's name: Hyperlight where the host can run it
+    (no driver here yet), else the wasm backend, saying so in its isolation and a warning."""
+
+    def __init__(self) -> None:
+        super().__init__(requested="hyperlight")

@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..paths import API_SOCKET, DAEMON_SOCKET, listen_unix, runtime_dir
 from ..peer import refusal
-from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
+from .api import CreateRequest, ExecRequest, ExecResult, RunRequest, to_json
 from .manager import ExecHandle, SandboxManager, failed_start
 
 if typing.TYPE_CHECKING:
@@ -49,19 +49,6 @@ _SIMPLE = {
 }
 
 
-def to_json(value: Any) -> Any:
-    """Records (dataclasses, named tuples), bytes (as latin-1 text), tuples into JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple) and hasattr(value, "_asdict"):
-        return {k: to_json(v) for k, v in value._asdict().items()}
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    if isinstance(value, list | tuple):
-        return [to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    return value
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:

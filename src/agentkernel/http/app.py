@@ -68,7 +68,6 @@ KEEPALIVE_SECONDS = 10.0
 BATCH_WORKERS = 8
 THREADS = 256  # blocking service calls (a long exec holds one) run on this many threads
 CAPABILITY_KEYS = tuple(m.CapabilitiesOut.model_fields)
-BACKEND_PREFERENCE = ("microvm", "gvisor", "namespaces")  # as `auto`: strongest first
 UNIMPLEMENTED = ("/orchestrations", "/objects", "/schedules", "/stores")
 
 _ERR: dict[int | str, dict[str, Any]] = {
@@ -130,8 +129,10 @@ def backend_json(info: BackendInfo) -> dict[str, Any]:
 
 
 def default_backend(backends: list[BackendInfo]) -> str | None:
+    from ..backends import by_strength
+
     usable = {b.backend for b in backends if b.usable and b.configured}
-    for name in BACKEND_PREFERENCE:
+    for name in by_strength():  # as `auto`: strongest first
         if name in usable:
             return name
     return next(iter(sorted(usable)), None)

@@ -11,7 +11,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,8 +154,11 @@ class RegistryOptions:
     max_blob_bytes: int = 64 << 30
 
     @classmethod
-    def from_config(cls, config: Any = None) -> RegistryOptions:
-        """Options from an agentkernel Config (``[images]``) plus the environment."""
+    def from_config(cls, config: Any = None,
+                    env: Mapping[str, str] | None = None) -> RegistryOptions:
+        """Options from an agentkernel Config (``[images]``) plus the environment: the
+        caller's (`env`, see context.py) when planning for one, else this process's."""
+        environ: Mapping[str, str] = os.environ if env is None else env
         images = getattr(config, "images", None)
         opts = cls()
         if images is not None:
@@ -172,10 +175,38 @@ class RegistryOptions:
             ca = getattr(images, "ca_file", None)
             if isinstance(ca, str):
                 opts.ca_file = ca
-        env = os.environ.get(MIRROR_ENV, "")
-        opts.mirrors = [m.strip() for m in env.split(",") if m.strip()] + opts.mirrors
-        opts.ca_file = os.environ.get(CA_ENV) or opts.ca_file
+        mirrors = environ.get(MIRROR_ENV, "")
+        opts.mirrors = [m.strip() for m in mirrors.split(",") if m.strip()] + opts.mirrors
+        opts.ca_file = environ.get(CA_ENV) or opts.ca_file
+        if env is not None:  # the caller's credentials file, not this process's
+            base = env.get("DOCKER_CONFIG") or os.path.join(
+                env.get("HOME") or os.path.expanduser("~"), ".docker")
+            opts.docker_config = Path(base) / "config.json"
         return opts
+
+    def to_doc(self) -> dict[str, Any]:
+        """Where images come from, without credentials (kept with a persistent sandbox, so
+        that its restart resolves its image as its creator did)."""
+        return {"default_registry": self.default_registry, "mirrors": list(self.mirrors),
+                "insecure": sorted(self.insecure), "ca_file": self.ca_file,
+                "docker_config": str(self.docker_config) if self.docker_config else None}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> RegistryOptions:
+        opts = cls()
+        opts.default_registry = str(doc.get("default_registry") or DOCKER_HUB)
+        opts.mirrors = [str(m) for m in doc.get("mirrors") or []]
+        opts.insecure = frozenset(str(h) for h in doc.get("insecure") or [])
+        opts.ca_file = str(doc["ca_file"]) if doc.get("ca_file") else None
+        opts.docker_config = Path(doc["docker_config"]) if doc.get("docker_config") else None
+        return opts
+
+    def fingerprint(self) -> str:
+        """What decides where an image comes from (the failed-pull memo's and the daemon's
+        rootfs cache's key): two callers with other settings never share a verdict."""
+        return json.dumps([self.default_registry, self.mirrors, sorted(self.insecure),
+                           self.ca_file, str(self.docker_config or ""),
+                           sorted(self.credentials)])
 
 
 def _host_of(url_or_host: str) -> str:

@@ -213,18 +213,17 @@ class ServiceOps:
                 "message": result.message, "info": dict(getattr(handle, "info", {}) or {})}
 
     def create(self, req: dict[str, Any]) -> dict[str, Any]:
-        from ..daemon.api import CreateRequest
-        from ..daemon.server import to_json
+        from ..daemon.api import CreateRequest, to_json
 
         return dict(to_json(self.service.create(CreateRequest(**req))))
 
     def list(self) -> list[dict[str, Any]]:
-        from ..daemon.server import to_json
+        from ..daemon.api import to_json
 
         return list(to_json(self.service.list_sandboxes()))
 
     def lifecycle(self, op: str, name: str) -> dict[str, Any] | None:
-        from ..daemon.server import to_json
+        from ..daemon.api import to_json
 
         data = to_json(getattr(self.service, op)(name))
         return dict(data) if isinstance(data, dict) else None

@@ -7,12 +7,14 @@ from typing import Any
 
 
 def _run_fields() -> dict[str, Any]:
-    """What the CLI's `run` also sends: the host env a permissive profile passes on, and
-    our data dir (a daemon of another one refuses)."""
-    from ..daemon.client import host_env
+    """What the CLI's `run` also sends: the caller's context the daemon plans from (our
+    environment's plan-changing variables and user config, context.py), and our data dir
+    (a daemon of another one refuses)."""
+    from ..context import caller_env, user_config_path
     from ..paths import data_dir_str
 
-    return {"host_env": host_env(), "data_dir": data_dir_str()}
+    return {"caller_env": caller_env(), "user_config": user_config_path(),
+            "data_dir": data_dir_str()}
 
 
 def main(project: str | None = None) -> int:
