@@ -68,20 +68,24 @@ class RunOutcome(NamedTuple):
 
 
 def load_configs(req: RunRequest) -> tuple[Config | None, str | None, list[str]]:
-    """The explicit --config, else ./agentkernel.toml; pydantic is only imported if one exists."""
-    path = req.config_path
-    from_flag = path is not None
-    if path is None:
-        candidate = req.cwd / "agentkernel.toml"
-        path = candidate if candidate.is_file() else None
-    if path is None:
-        return None, None, []
-    if from_flag and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    from .config import load_config
+    """The user's config.toml under the explicit --config, else under ./agentkernel.toml
+    (config.effective_config has the layers and what a project file may not loosen).
 
-    config, warnings = load_config(path)
-    return config, ("flag" if from_flag else "project"), warnings
+    Returns (config, "flag" | "project" | None, warnings); (None, None, []) when no file
+    exists, so that pydantic is only imported when there is something to read.
+    """
+    from .paths import user_config_path_str
+
+    path = req.config_path
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path is None and not (req.cwd / "agentkernel.toml").is_file() \
+            and not os.path.isfile(user_config_path_str()):
+        return None, None, []
+    from .config import effective_config
+
+    eff = effective_config(req.cwd, os.environ, config_path=path)
+    return eff.config, eff.project_source, eff.warnings
 
 
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:
