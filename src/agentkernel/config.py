@@ -511,7 +511,8 @@ def _describe_error(exc: ValidationError, source: str) -> str:
     # Our own value errors quote the value already; never echo what may be a secret.
     secret = any(word in key for word in ("key", "token"))
     got = "" if first["type"] == "value_error" or secret else f" (got {first.get('input')!r})"
-    return _one_line(f"{source}: invalid value for '{key}': {msg}{_one_line(got, 90)}{more}", 400)
+    got = f" {_one_line(got, 90)}" if got else ""
+    return _one_line(f"{source}: invalid value for '{key}': {msg}{got}{more}", 400)
 
 
 def parse_config(data: dict[str, Any], source: str = CONFIG_FILENAME) -> tuple[Config, list[str]]:
@@ -687,7 +688,9 @@ class EffectiveConfig:
                     "informational" if _under(key, INFORMATIONAL_KEYS) else "")
             if note and origin == DEFAULT_ORIGIN:
                 continue  # an unread default says nothing
-            out.append(Setting(key, _mask(_get(data, key)), origin, note))
+            value = _get(data, key)
+            hide = key.rpartition(".")[2] in _SECRET_LEAVES and value
+            out.append(Setting(key, "<hidden>" if hide else _mask(value), origin, note))
         return out
 
 
@@ -808,16 +811,19 @@ def _file_is_ours(path: Path) -> str | None:
     return None
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Paths in the user's file are relative to its directory, ~ is the home dir."""
+def _resolve_paths(data: dict[str, Any], base: Path, home: str) -> None:
+    """Paths in the user's file are relative to its directory; ~ is the (caller's) home."""
     for key in ("images.ca_file", "microvm.kernel"):
         value = _get(data, key)
         if isinstance(value, str) and value:
-            path = Path(value).expanduser()
+            if value == "~" or value.startswith("~/"):
+                value = home + value[1:]
+            path = Path(value)
             _put(data, key, str(path if path.is_absolute() else base / path))
 
 
-def _read_layer(path: Path, kind: OriginKind, warnings: list[str]) -> dict[str, Any]:
+def _read_layer(path: Path, kind: OriginKind, warnings: list[str],
+                home: str = "") -> dict[str, Any]:
     """A config file's data, validated on its own (errors and unknown keys name the file)."""
     data = _read_toml(path)
     source = str(path)
@@ -831,7 +837,7 @@ def _read_layer(path: Path, kind: OriginKind, warnings: list[str]) -> dict[str, 
             _pop(data, key)
             warnings.append(f"{source}: {_shown(key)} belongs in a project's agentkernel.toml "
                             "(ignored in the user config)")
-        _resolve_paths(data, path.parent)
+        _resolve_paths(data, path.parent, home or os.path.expanduser("~"))
     return data
 
 
@@ -931,7 +937,8 @@ def effective_config(
         if why:
             warnings.append(f"{user_file}: ignored: {why} (chmod go-w, or chown it)")
         else:
-            layer(_read_layer(user_file, "user", warnings), Origin("user", str(user_file)))
+            layer(_read_layer(user_file, "user", warnings, env.get("HOME", "")),
+                  Origin("user", str(user_file)))
             files.append(("user", user_file))
     if config_path is not None:
         if not Path(config_path).is_file():
@@ -993,7 +1000,8 @@ def user_config_path(env: Mapping[str, str] | None = None) -> Path:
 
 INIT_TEMPLATE = """\
 # agentkernel.toml: settings for sandboxes run from this directory.
-# Every section is optional; unknown keys are reported as warnings.
+# Every section is optional; unknown keys are reported as warnings. Your own defaults go
+# in ~/.config/agentkernel/config.toml; `agentkernel config` shows what applies here.
 
 [sandbox]
 name = "{name}"
@@ -1008,9 +1016,9 @@ preferred = "{agent}"
 # compatibility_mode = "claude"  # native | claude | codex | gemini
 
 [resources]
-vcpus = 1
-memory_mb = 512
-# Caps over the profile's (permissive: 4g, 4096 pids). "unlimited" lifts one.
+# Upstream's vcpus and memory_mb keys are not implemented yet.
+# Caps over the profile's (permissive: 4g, 4096 pids). "unlimited" lifts one (only
+# from your own config or a flag: a project file may tighten your settings, not loosen them).
 # memory = "2g"
 # pids = 1024
 # disk = "10g"                # persistent sandboxes' host disk quota
@@ -1026,16 +1034,16 @@ profile = "moderate"          # permissive | moderate | restrictive | custom
 # memory_mb = 512
 # pids = 256
 # cpus = 1.0
-# seccomp = "moderate"
+# seccomp = "moderate"        # not implemented yet
 
-# [security.commands]
+# [security.commands]           # not implemented yet
 # block = ["curl", "wget"]
 
 # [security.domains]
 # allow = ["*.pypi.org"]
 # block = ["169.254.169.254"]
 
-# [[files]]
+# [[files]]                     # not implemented yet
 # source = "setup.sh"         # relative to this file
 # dest = "/workspace/setup.sh"
 # mode = "0755"

@@ -47,21 +47,26 @@ def configure(section: Any | None) -> None:
 
 
 def _from_project_config() -> MicrovmSettings | None:
-    """./agentkernel.toml's [microvm], when nobody configured us (best effort, quiet)."""
+    """The user config's and ./agentkernel.toml's [microvm] (as config.effective_config
+    layers them: a project may not name the kernel), when nobody configured us (best
+    effort, quiet)."""
+    from ..paths import user_config_path_str
+
     path = Path.cwd() / "agentkernel.toml"
-    if not path.is_file():
+    if not path.is_file() and not os.path.isfile(user_config_path_str()):
         return None
     try:
-        from ..config import load_config
+        from ..config import effective_config
 
-        config, _ = load_config(path)
+        eff = effective_config(Path.cwd(), os.environ)
     except Exception:  # the engine reports config errors itself
         return None
-    section = config.microvm
+    section = eff.config.microvm
     return MicrovmSettings(
         allow_emulation=section.allow_emulation, kernel=section.kernel,
         vmm=str(getattr(section, "vmm", "auto")),
-        boot_timeout=float(getattr(section, "boot_timeout", 60.0)), source=str(path),
+        boot_timeout=float(getattr(section, "boot_timeout", 60.0)),
+        source=str(eff.origin("microvm.allow_emulation")),
         snapshot=bool(getattr(section, "snapshot", False)),
     )
 
