@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
 import re
@@ -920,8 +921,45 @@ def effective_config(
     `user_path` is None, and its AGENTKERNEL_* settings apply). `config_path` (--config)
     replaces ./agentkernel.toml and is trusted like the user's file. `flags` maps dotted keys
     to (value, flag name). Raises ConfigError naming the file, variable or flag at fault.
+
+    The answer is remembered while the files are unchanged (the daemon asks on every run):
+    treat its `config` as read-only.
     """
     user_file = Path(user_path) if user_path is not None else Path(user_config_path_str(env))
+    key = _cache_key(cwd, env, user_file, config_path, flags)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return dataclasses.replace(cached, warnings=list(cached.warnings))
+    eff = _layered(cwd, env, user_file, config_path, flags)
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = eff
+    return dataclasses.replace(eff, warnings=list(eff.warnings))
+
+
+_CACHE: dict[str, EffectiveConfig] = {}
+_CACHE_MAX = 32
+
+
+def _cache_key(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Path | None,
+               flags: Mapping[str, tuple[Any, str]] | None) -> str:
+    """Everything the answer depends on: the files' identities and the variables read."""
+    def ident(path: Path) -> tuple[int, ...] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode,
+                st.st_uid)
+
+    project = Path(config_path) if config_path is not None else Path(cwd) / CONFIG_FILENAME
+    variables = [env.get(var) for var, _key, _parse in ENV_SETTINGS] + [env.get("HOME")]
+    return repr((str(cwd), str(user_file), ident(user_file), str(config_path), str(project),
+                 ident(project), variables, sorted((flags or {}).items())))
+
+
+def _layered(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Path | None,
+             flags: Mapping[str, tuple[Any, str]] | None) -> EffectiveConfig:
     warnings: list[str] = []
     files: list[tuple[OriginKind, Path]] = []
     merged: dict[str, Any] = {}
