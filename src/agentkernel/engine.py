@@ -207,13 +207,33 @@ def decide(req: RunRequest) -> Decision:
     if req.image and req.image != HOST_IMAGE:
         validate_image_ref(req.image)
     cfg_image = config.image if config is not None else None
-    image, reason = resolve_run_image(
-        req.argv, req.cwd, cli_image=req.image,
-        config_image_from_flag=cfg_image if config_source == "flag" else None,
-        project_config_image=cfg_image if config_source == "project" else None,
-    )
     backend_name = req.backend or (config.sandbox.backend if config is not None else None) or "auto"
+    wasm = _wasm_decision(req, backend_name, warnings)
+    if wasm is not None:  # no image to resolve (nor a project dir to scan for one)
+        backend_name, image, reason = wasm
+    else:
+        image, reason = resolve_run_image(
+            req.argv, req.cwd, cli_image=req.image,
+            config_image_from_flag=cfg_image if config_source == "flag" else None,
+            project_config_image=cfg_image if config_source == "project" else None,
+        )
     return Decision(config, warnings, image, reason, resolve_profile(req, config), backend_name)
+
+
+def _wasm_decision(req: RunRequest, backend_name: str,
+                   warnings: list[str]) -> tuple[str, str, str] | None:
+    """A WebAssembly module as the command picks the wasm backend unless --backend names
+    another (it wins over the config's backend); a wasm run needs no image. None: not a
+    wasm run."""
+    from .detect import WASM_BACKENDS, WASM_REASON, is_wasm_module
+
+    if req.backend is None and is_wasm_module(req.argv):
+        backend_name = "wasm"
+    if backend_name.strip().lower() not in WASM_BACKENDS:
+        return None
+    if req.image and req.image != HOST_IMAGE:
+        warnings.append(f"--image {req.image} ignored: a WebAssembly module needs no image")
+    return backend_name, HOST_IMAGE, WASM_REASON
 
 
 def sandbox_cwd(workdir: str | None, has_workspace: bool,
@@ -250,7 +270,13 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     backend = choice.backend
     if choice.warning:
         warnings.append(choice.warning)
-    rootfs, image_config, rootfs_note = resolve_rootfs(image, config, quiet)
+    # A container engine's own store first, when the backend has one (docker, podman).
+    rootfs, image_config, rootfs_note = (backend.engine_image(image)
+                                         or resolve_rootfs(image, config, quiet))
+    if backend.in_process:  # wasm: the host rootfs above is a placeholder it never shows
+        from .detect import WASM_ROOTFS
+
+        rootfs_note = WASM_ROOTFS
     name = f"run-{os.urandom(4).hex()}"
     home = Path(os.path.expanduser("~"))
     workspace = req.cwd if profile.workspace != "none" else None

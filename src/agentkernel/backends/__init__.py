@@ -7,9 +7,11 @@ from typing import NamedTuple
 from ..errors import BackendUnavailable, UsageError
 from .base import Backend, Probe
 
-BACKEND_NAMES = ("namespaces", "gvisor", "microvm")
+BACKEND_NAMES = ("namespaces", "gvisor", "microvm", "docker", "podman", "wasm")
 # `auto` after the microVM (decided by KVM and [microvm] settings): strongest first, each
-# taken only once its functional probe passed.
+# taken only once its functional probe passed. The container engines are never picked by
+# `auto`: they share the host kernel like namespaces, and without a user namespace (Docker's
+# default) the sandbox's root is host root; they are chosen by name (docs/backends.md).
 AUTO_ORDER = ("gvisor", "namespaces")
 
 
@@ -27,7 +29,17 @@ def get_backend(name: str) -> Backend:
         from .microvm import MicrovmBackend
 
         return MicrovmBackend()
-    raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}")
+    if key in ("wasm", "hyperlight"):  # hyperlight: the original's name, wasm when it can't
+        from .wasm import WasmBackend
+
+        return WasmBackend(requested=key)
+    from .container_engine import engine_backend
+
+    engine = engine_backend(key)
+    if engine is not None:
+        return engine
+    raise UsageError(f"unknown backend {name!r}: choose auto, {', '.join(BACKEND_NAMES)}, "
+                     "hyperlight")
 
 
 class Choice(NamedTuple):
@@ -57,7 +69,7 @@ def choose(name: str) -> Choice:
         warning = None if seen is None or seen.ok else (
             f"backend {backend.name} failed its functional probe ({seen.detail}); "
             "using it because it was asked for")
-        return Choice(backend, (), warning)
+        return Choice(backend, (), warning or backend.substitute)
     skipped: list[str] = []
     microvm, why = _auto_microvm()
     if microvm is not None:

@@ -17,6 +17,8 @@ from ..sandbox import Sandbox, SandboxSpec, close_fds
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
     from ..cgroups import Cgroup
+    from ..images import ImageConfig
+    from ..rootfs import HostRootfs
 
 CONTROL_DIR = "ctl"  # host side: <scratch>/ctl/agent.sock for sandboxes that outlive us
 
@@ -34,6 +36,11 @@ class Backend(ABC):
     name: str
     isolation: str  # e.g. "Linux namespaces (shared host kernel)"
     strength: int  # higher is stronger isolation; `auto` picks the strongest available
+    # Runs in the calling process (wasm): no host process to record, adopt or reap.
+    in_process: bool = False
+    persistent: bool = True  # can keep a sandbox between runs (create/exec/stop)
+    # Set when this backend runs in place of the one asked for (hyperlight -> wasm): why.
+    substitute: str | None = None
 
     @abstractmethod
     def probe(self, deep: bool = False) -> Probe:
@@ -53,6 +60,11 @@ class Backend(ABC):
 
     def probe_failure_hint(self, error: str) -> str | None:
         """The known cause of a functional probe's error line, if this backend knows one."""
+        return None
+
+    def engine_image(self, image: str) -> tuple[HostRootfs, ImageConfig | None, str] | None:
+        """A container engine's own copy of `image` (rootfs, config, note), which then wins
+        over our image store; None for backends without an image store of their own."""
         return None
 
 

@@ -65,7 +65,7 @@ HEALTH_INTERVAL = 5.0
 DISK_CHECK_INTERVAL = 30.0
 SNAPSHOT_BACKENDS = ("namespaces",)  # those whose writable layers live on the host's disk
 # Those whose writable layers survive stop/start (a microVM keeps them on disks of its own).
-STOPPABLE_BACKENDS = ("namespaces", "microvm")
+STOPPABLE_BACKENDS = ("namespaces", "microvm", "docker", "podman")  # engines keep the container
 # HELLO timeouts of the attempts to re-adopt a sandbox, per backend (see _adopt).
 ADOPT_HELLO_TIMEOUTS = {"microvm": (2.0, 2.0, 5.0)}
 
@@ -400,6 +400,8 @@ class SandboxManager:
             self.recovered.append(f"marked {name} stopped (it died while no daemon ran)")
         for row in self.db.all("SELECT * FROM sandboxes WHERE status='stopped'"):
             self._cleanup_stopped(row)
+        self.recovered.extend(_sweep_containers(
+            {r["name"] for r in self.db.all("SELECT name FROM sandboxes")}))
 
     def _cleanup_unrecorded_pool(self) -> None:
         """Pool sandboxes the database lost (damaged): their scratch dirs and cgroups.
@@ -571,7 +573,8 @@ class SandboxManager:
                 network=False if doc.get("no_network") else None,
                 memory_mb=doc.get("memory_mb"), cpus=doc.get("cpus"))
         backend = self._backend(doc["backend"])
-        rootfs, image_config, note = self._rootfs(doc.get("rootfs") or doc["image"], None)
+        rootfs, image_config, note = (backend.engine_image(doc["image"])  # an engine's store
+                                      or self._rootfs(doc.get("rootfs") or doc["image"], None))
         ws = doc.get("workspace")
         workspace = Path(ws) if ws and profile.workspace != "none" else None
         if workspace is not None and not workspace.is_dir():
@@ -662,6 +665,9 @@ class SandboxManager:
                             or (self.config.sandbox.backend if self.config else None)
                             or "auto")
             backend = self._backend(backend_name)
+            if not backend.persistent:
+                raise Conflict(f"the {backend.name} backend keeps no sandbox between runs: "
+                               f"run a module with `agentkernel run MODULE.wasm` instead")
             _rootfs, _image_config, note = self._rootfs(image, config)
             doc = {
                 "image": image, "rootfs": "host" if note.startswith("host") else image,
@@ -820,6 +826,7 @@ class SandboxManager:
             self.db.execute("DELETE FROM detached WHERE sandbox=?", (name,))
             self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
             self._wipe_state(Path(row["state_dir"]))
+            _remove_container(row["backend"], name)
         with self._lock:
             self._name_locks.pop(name, None)
 
@@ -949,7 +956,12 @@ class SandboxManager:
         config, warnings, image, reason, profile, backend_name = decide(ereq)
         choice = self._choice(backend_name)
         backend = choice.backend
-        rootfs, image_config, note = self._rootfs(image, config)
+        rootfs, image_config, note = (backend.engine_image(image)  # an engine's own store
+                                      or self._rootfs(image, config))
+        if backend.in_process:  # wasm: the host rootfs is a placeholder it never shows
+            from ..detect import WASM_ROOTFS
+
+            note = WASM_ROOTFS
         workspace = cwd if cwd is not None and profile.workspace != "none" else None
         home = Path(req.host_env.get("HOME") or os.path.expanduser("~"))  # the caller's
         home_opt = home if profile.mount_home and home.is_absolute() and home.is_dir() else None
@@ -985,6 +997,8 @@ class SandboxManager:
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
         spec = self._pool_spec(key, rootfs)
+        if backend.in_process:  # wasm: runs in this process, nothing to record or reap
+            return backend.start(spec)
         scratch = self._runtime_scratch(spec.name)
         self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
                         (spec.name, backend.name, str(scratch)))
@@ -1081,6 +1095,9 @@ class SandboxManager:
         return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
+        if sandbox.in_process:  # wasm: nothing to tear down, no record to drop
+            sandbox.destroy()
+            return
         # Tearing a sandbox down takes a few ms: the caller already has its answer.
         threading.Thread(target=self._destroy_ephemeral, args=(sandbox,), name="ak-destroy",
                          daemon=False).start()
@@ -1537,3 +1554,28 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return str(os.getuid())
+
+
+# --- container engines (docker, podman): their containers outlive us in the engine ---------
+def _remove_container(backend: str, name: str) -> None:
+    """A removed sandbox's container (and its layer) goes from the engine too."""
+    from ..backends.container_engine import engine_backend
+
+    engine = engine_backend(backend)
+    if engine is not None:
+        engine.remove_container(name)
+
+
+def _sweep_containers(known: set[str]) -> list[str]:
+    """What a dead daemon left in the engines: its pool's containers, and the containers of
+    persistent sandboxes no longer recorded. Engines that are not running are skipped."""
+    from ..backends.container_engine import CONTAINER_BACKENDS, engine_backend
+
+    out = []
+    for name in CONTAINER_BACKENDS:
+        engine = engine_backend(name)
+        if engine is None or engine.socket_path() is None:
+            continue
+        with contextlib.suppress(AgentKernelError):
+            out += [f"removed {name} container of {gone}" for gone in engine.sweep(known)]
+    return out
