@@ -601,7 +601,6 @@ _SECRET_LEAVES = frozenset({"api_key", "password", "nomad_token"})
 
 # Stronger first is larger. `custom` is moderate plus overrides (profiles.get_profile).
 _PROFILE_RANK = {"permissive": 0, "moderate": 1, "custom": 1, "restrictive": 2}
-_BACKEND_RANK = {"namespaces": 1, "gvisor": 2, "microvm": 3}
 
 OriginKind = Literal["default", "user", "project", "config", "env", "flag"]
 
@@ -883,12 +882,21 @@ def _loosens(key: str, value: Any, base: dict[str, Any], user_set: set[str]) -> 
         return f"{why} by your settings" if key.startswith("security.") else why
     if key == "sandbox.backend" and "sandbox.backend" in user_set:
         mine = str(_get(base, "sandbox.backend"))
-        if mine in _BACKEND_RANK and _BACKEND_RANK.get(str(value), 0) < _BACKEND_RANK[mine]:
+        if _backend_strength(str(value)) < _backend_strength(mine):
             return f'"{value}" is weaker than your backend "{mine}"'
     if key == "images.offline_fallback" and value == "host" and \
             _get(base, "images.offline_fallback") == "none":
         return 'your offline_fallback is "none"'
     return None
+
+
+def _backend_strength(name: str) -> int:
+    """The backend's own `strength`; `auto` (whatever works here) ranks below any named one."""
+    if name == "auto":
+        return 0
+    from .backends import get_backend
+
+    return int(get_backend(name).strength)
 
 
 def _guard_project(data: dict[str, Any], base: dict[str, Any], user_set: set[str],
