@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -448,3 +450,40 @@ def test_hostile_project_file_does_not_get_the_home_dir(dirs: Dirs) -> None:
     doc = json.loads(r.stdout)
     assert doc["profile"] == "permissive" and "host-home-secret" in doc["stdout"]
     assert (dirs.project / "planted").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run the CLI as another user")
+def test_ordinary_users_config_and_a_planted_one() -> None:
+    """As uid 65534: its own config.toml is read; one owned by another (non-root) user, or
+    writable by others, is ignored with a warning (whoever can write it picks registries)."""
+    from sandbox_helpers import ak_as_user
+
+    home = Path(tempfile.mkdtemp(prefix="ak-uc-", dir="/tmp"))
+    try:
+        home.chmod(0o755)
+        user = home / ".config" / "agentkernel" / "config.toml"
+        user.parent.mkdir(parents=True)
+        user.write_text('[images]\nmirrors = ["127.0.0.1:5000"]\n')
+        for path in (home, home / ".config", user.parent, user):
+            os.chown(path, 65534, 65534)
+
+        def show() -> tuple[dict[str, Any], str]:
+            proc = ak_as_user(65534, home, "config", "--json", cwd=home, timeout=60)
+            out, err = proc.communicate(timeout=90)
+            assert proc.returncode == 0, err
+            return json.loads(out), err
+
+        doc, err = show()
+        assert doc["user_config"] == {"path": str(user), "read": True} and err == ""
+        assert doc["settings"]["images.mirrors"]["origin"] == "user"
+        os.chown(user, 12345, 12345)
+        doc, err = show()
+        assert not doc["user_config"]["read"] and "owned by uid 12345" in err
+        assert doc["settings"]["images.mirrors"]["value"] == []
+        os.chown(user, 65534, 65534)
+        user.chmod(0o666)
+        doc, err = show()
+        assert not doc["user_config"]["read"] and "writable by other users" in err
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
