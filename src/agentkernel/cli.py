@@ -59,6 +59,20 @@ def _add_images_parser(sub: Any) -> None:
     isub.add_parser("prune", help="free blobs and layers no image uses")
 
 
+def _add_config_parser(sub: Any) -> None:
+    p = sub.add_parser("config", help="show the effective settings and where each came from",
+                       description="Print the settings a run here gets: built-in defaults, "
+                       "the user config ($XDG_CONFIG_HOME/agentkernel/config.toml), "
+                       "./agentkernel.toml (or --config), the environment and flags, each "
+                       "with its origin. See docs/config.md.")
+    p.add_argument("action", nargs="?", choices=["show"], default="show",
+                   help="show (the default; the only action)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("-c", "--config", help="agentkernel.toml to use instead of ./agentkernel.toml")
+    p.add_argument("-p", "--profile", help="as `run --profile`")
+    p.add_argument("-B", "--backend", help="as `run --backend`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -76,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-a", "--agent", default="claude", help="preferred agent (default: claude)")
     i.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
     _add_images_parser(sub)
+    _add_config_parser(sub)
     _add_sandbox_parsers(sub)
 
     sv = sub.add_parser("serve", help="serve the HTTP API of the agentkernel SDKs (runs the "
@@ -186,7 +201,7 @@ def _add_sandbox_parsers(sub: Any) -> None:
     ds = dsub.add_parser("start", help="start the daemon (in the background)")
     ds.add_argument("--foreground", action="store_true", help="run in this process")
     ds.add_argument("-c", "--config", help="daemon config (default: "
-                    "~/.config/agentkernel/agentkernel.toml)")
+                    "~/.config/agentkernel/config.toml)")
     ds.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
                     help="stop after SECONDS unused while holding no kept sandbox "
                          "(what `run` gives the daemon it starts; default: never)")
@@ -234,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             for warning in warnings:
                 print(f"agentkernel: warning: {warning}", file=sys.stderr)
             return images_main(args, config)
+        if args.cmd == "config":
+            from .config_cli import main as config_main
+
+            return config_main(args)
         if args.cmd == "serve":
             from .daemon.commands import cmd_serve
 

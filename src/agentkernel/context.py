@@ -33,10 +33,15 @@ def caller_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def user_config_path(env: dict[str, str] | None = None) -> str | None:
-    """The user's own config file, if it exists: $XDG_CONFIG_HOME/agentkernel/agentkernel.toml
-    (the file a daemon loads by default). Read from the caller's environment."""
+    """The user's own config file, if it exists: $XDG_CONFIG_HOME/agentkernel/config.toml
+    (else agentkernel.toml there, its older name), read from the caller's environment; a
+    relative $XDG_CONFIG_HOME is ignored, as the XDG spec says (paths.user_config_dir_str)."""
     source = os.environ if env is None else env
-    xdg = source.get("XDG_CONFIG_HOME") or os.path.join(
-        source.get("HOME") or os.path.expanduser("~"), ".config")
-    path = os.path.join(xdg, "agentkernel", "agentkernel.toml")
-    return path if os.path.isfile(path) else None
+    xdg = source.get("XDG_CONFIG_HOME") or ""
+    if not os.path.isabs(xdg):
+        xdg = os.path.join(source.get("HOME") or os.path.expanduser("~"), ".config")
+    for name in ("config.toml", "agentkernel.toml"):
+        path = os.path.join(xdg, "agentkernel", name)
+        if os.path.isfile(path):
+            return path
+    return None

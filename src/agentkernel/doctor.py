@@ -97,6 +97,9 @@ def gather() -> tuple[list[Check], list[Check], tuple[str, list[str]]]:
 
 
 def doctor(as_json: bool = False) -> int:
+    from .config import configure_microvm_here
+
+    configure_microvm_here()  # the user's and the project's [microvm], as a run would see
     backends, host, (auto, skipped) = gather()
     if as_json:
         print(json.dumps({

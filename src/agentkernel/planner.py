@@ -283,32 +283,30 @@ def _wasm_decision(req: RunRequest, backend_name: str,
 
 def load_configs(req: RunRequest, ctx: CallerContext) -> tuple[Config | None, str | None,
                                                                list[str]]:
-    """The config a plan follows: the request's --config, else the project's
-    agentkernel.toml, else the caller's user config (the nearest file decides; pydantic
-    is only imported when one exists). Returns it, where it came from, its warnings."""
+    """The config a plan follows, in layers (config.effective_config): the caller's user
+    config, under the request's --config or else the project's agentkernel.toml (which may
+    tighten the user's settings, not loosen them), under the caller's environment.
+    pydantic is only imported when a file exists. Returns the config, where its nearest
+    file came from ("flag", "project", "user" or None) and its warnings."""
     path = req.config_path
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        config, warnings = _load(path)
-        return config, "flag", warnings
-    if req.cwd is not None:
-        candidate = req.cwd / "agentkernel.toml"
-        if candidate.is_file():
-            config, warnings = _load(candidate)
-            return config, "project", warnings
-    if ctx.loaded_user_config is not None:
-        return ctx.loaded_user_config, "user", []
-    if ctx.user_config is not None and os.path.isfile(ctx.user_config):
-        config, warnings = _load(Path(ctx.user_config))
-        return config, "user", warnings
-    return None, None, []
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    has_project = path is not None or (
+        req.cwd is not None and (req.cwd / "agentkernel.toml").is_file())
+    if ctx.loaded_user_config is not None and not has_project:
+        return ctx.loaded_user_config, "user", []  # the daemon's own, already checked
+    user = Path(ctx.user_config) if ctx.user_config is not None else None
+    has_user = user is not None and user.is_file()
+    if not has_project and not has_user:
+        return None, None, []
+    from .config import effective_config
+
+    eff = effective_config(req.cwd if req.cwd is not None else _NOWHERE, ctx.env,
+                           user if has_user else _NO_USER_CONFIG, config_path=path)
+    return eff.config, eff.project_source or "user", eff.warnings
 
 
-def _load(path: Path) -> tuple[Config, list[str]]:
-    from .config import load_config
-
-    return load_config(path)
+_NO_USER_CONFIG = Path("/nonexistent/agentkernel-no-user-config")
 
 
 def check_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -108,19 +108,25 @@ def test_backend_order_request_then_config_then_auto(rec: Recorder, tmp_path: Pa
 
 
 def test_config_order_flag_then_project_then_user(rec: Recorder, tmp_path: Path) -> None:
+    """Layers: the user's file, then the project's (which may tighten it, not loosen it),
+    or --config instead of the project's (trusted as the user's), then the request."""
     user = tmp_path / "user.toml"
-    user.write_text('[security]\nprofile = "restrictive"\n')
+    user.write_text('[security]\nprofile = "moderate"\n')
     proj = tmp_path / "proj"
     proj.mkdir()
     ctx = CallerContext(user_config=str(user))
     req = RunRequest(argv=["true"], cwd=proj, image="host")
-    assert _plan(rec, req, ctx).profile.name == "restrictive"  # the user's
+    assert _plan(rec, req, ctx).profile.name == "moderate"  # the user's
+    (proj / "agentkernel.toml").write_text('[security]\nprofile = "restrictive"\n')
+    assert _plan(rec, req, ctx).profile.name == "restrictive"  # the project tightens
     (proj / "agentkernel.toml").write_text('[security]\nprofile = "permissive"\n')
-    assert _plan(rec, req, ctx).profile.name == "permissive"  # the project's wins
+    loosened = _plan(rec, req, ctx)
+    assert loosened.profile.name == "moderate"  # ... and may not loosen
+    assert any("may not loosen" in w for w in loosened.warnings)
     flag = tmp_path / "flag.toml"
-    flag.write_text('[security]\nprofile = "moderate"\n')
+    flag.write_text('[security]\nprofile = "permissive"\n')
     got = _plan(rec, req._replace(config_path=flag), ctx)
-    assert got.profile.name == "moderate"  # --config wins
+    assert got.profile.name == "permissive"  # --config is the user's word
     assert _plan(rec, req._replace(profile="restrictive"), ctx).profile.name == "restrictive"
     with pytest.raises(ConfigError):
         _plan(rec, req._replace(config_path=tmp_path / "missing.toml"), ctx)

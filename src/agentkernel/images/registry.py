@@ -175,9 +175,10 @@ class RegistryOptions:
             ca = getattr(images, "ca_file", None)
             if isinstance(ca, str):
                 opts.ca_file = ca
-        mirrors = environ.get(MIRROR_ENV, "")
-        opts.mirrors = [m.strip() for m in mirrors.split(",") if m.strip()] + opts.mirrors
-        opts.ca_file = environ.get(CA_ENV) or opts.ca_file
+        if not getattr(config, "_env_applied", False):  # else effective_config did it
+            mirrors = environ.get(MIRROR_ENV, "")
+            opts.mirrors = [m.strip() for m in mirrors.split(",") if m.strip()] + opts.mirrors
+            opts.ca_file = environ.get(CA_ENV) or opts.ca_file
         if env is not None:  # the caller's credentials file, not this process's
             base = env.get("DOCKER_CONFIG") or os.path.join(
                 env.get("HOME") or os.path.expanduser("~"), ".docker")
@@ -214,6 +215,32 @@ def _host_of(url_or_host: str) -> str:
     if "://" in text:
         text = urlsplit(text).netloc
     return text.split("/", 1)[0].lower()
+
+
+def _split_host_port(host: str) -> tuple[str, int | None]:
+    """``127.0.0.1:5000`` -> (``127.0.0.1``, 5000); ``[::1]:5000`` and bare ``::1`` too."""
+    name, port = host, ""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif host.count(":") == 1:
+        name, port = host.split(":")
+    return name, int(port) if port.isdigit() else None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a registry host (with or without a port) is on this machine's loopback:
+    127.0.0.0/8, ::1 or the name ``localhost``. Such registries may be plain HTTP, as in
+    Docker: no one off this host can tamper with the connection."""
+    import ipaddress
+
+    name = _split_host_port(host.lower())[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _hub_alias(host: str) -> str:
@@ -284,6 +311,8 @@ class RegistryClient:
                             for h, c in self.options.credentials.items()})
         self._auth: dict[tuple[str, str], str] = {}  # (host, repo) → Authorization value
         self._lock = threading.Lock()
+        self._ssl = ctx
+        self._loopback_tls: dict[str, bool] = {}  # loopback host → speaks TLS
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -295,10 +324,44 @@ class RegistryClient:
         host, _, prefix = text.partition("/")
         host = host.lower()
         insecure = host in self.options.insecure or _hub_alias(host) in self.options.insecure
-        if scheme == "http" and not insecure:
-            raise RegistryError(host, "plain HTTP is only used for registries named insecure")
+        loopback = not insecure and is_loopback_host(host)
+        if scheme == "http" and not (insecure or loopback):
+            raise RegistryError(host, "plain HTTP is only used for loopback registries and "
+                                "those named insecure")
+        if insecure:
+            scheme = "http"
+        elif loopback and scheme is None:
+            # Plain HTTP by default on loopback (as Docker); TLS where the server speaks it,
+            # verified as anywhere else.
+            scheme = "https" if self._speaks_tls(host) else "http"
         return Endpoint(DOCKER_HUB_API if host == DOCKER_HUB else host,
-                        "http" if insecure else "https", f"/{prefix}" if prefix else "")
+                        scheme if scheme == "http" else "https", f"/{prefix}" if prefix else "")
+
+    def _speaks_tls(self, host: str) -> bool:
+        """Whether a loopback registry answers a TLS handshake (once per client and host).
+
+        A certificate it cannot verify still counts as TLS: the pull then fails on it
+        rather than falling back to plain HTTP.
+        """
+        import socket
+
+        with self._lock:
+            known = self._loopback_tls.get(host)
+        if known is not None:
+            return known
+        name, port = _split_host_port(host)
+        answer = False
+        try:
+            with socket.create_connection((name, port or 443), timeout=3.0) as sock, \
+                    self._ssl.wrap_socket(sock, server_hostname=name):
+                answer = True
+        except ssl.SSLCertVerificationError:
+            answer = True
+        except OSError:  # ssl.SSLError too: "wrong version number" from a plain server
+            answer = False
+        with self._lock:
+            self._loopback_tls[host] = answer
+        return answer
 
     def endpoints(self, ref: Reference) -> list[Endpoint]:
         """Mirrors that apply to ``ref``'s registry, in order, then the registry itself."""

@@ -42,29 +42,11 @@ def configure(section: Any | None) -> None:
     _configured = _section_settings(section)
 
 
-def _from_project_config() -> MicrovmSettings | None:
-    """./agentkernel.toml's [microvm], when nobody configured us (best effort, quiet)."""
-    path = Path.cwd() / "agentkernel.toml"
-    if not path.is_file():
-        return None
-    try:
-        from ..config import load_config
-
-        config, _ = load_config(path)
-    except Exception:  # the engine reports config errors itself
-        return None
-    section = config.microvm
-    return MicrovmSettings(
-        allow_emulation=section.allow_emulation, kernel=section.kernel,
-        vmm=str(getattr(section, "vmm", "auto")),
-        boot_timeout=float(getattr(section, "boot_timeout", 60.0)), source=str(path),
-        snapshot=bool(getattr(section, "snapshot", False)),
-    )
-
-
 def current() -> MicrovmSettings:
-    """Configured settings (or ./agentkernel.toml's), with environment overrides on top."""
-    return with_env(_configured or _from_project_config() or MicrovmSettings(), os.environ)
+    """Configured settings (configure(): the daemon's config, or config.configure_microvm_here
+    for doctor and setup), with environment overrides on top. A run's own come from its
+    plan (resolve()), never from here."""
+    return with_env(_configured or MicrovmSettings(), os.environ)
 
 
 def resolve(section: Any | None, env: Mapping[str, str]) -> MicrovmSettings:
