@@ -84,7 +84,12 @@ class SandboxSection(_Section):
     name: str | None = None  # defaults to the project directory name in load_config
     runtime: str | None = None  # None (unset) lets auto-detection pick the image
     base_image: str | None = None
-    backend: Literal["auto", "namespaces", "gvisor", "microvm"] = "auto"
+    backend: str = "auto"  # auto or a backend's name (backends.BACKEND_NAMES)
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str) -> str:
+        return _backend_name(v) or "auto"
 
     @field_validator("name")
     @classmethod
@@ -353,14 +358,29 @@ class MicrovmSection(_Section):
     snapshot: bool = False
 
 
+def _backend_name(value: str | None) -> str | None:
+    """`auto`, a backend's name, or `hyperlight` (the original's name for wasm): the names
+    are the backends' own, not spelled again here."""
+    from .backends import BACKEND_NAMES
+
+    if value is None or value in ("auto", "hyperlight", *BACKEND_NAMES):
+        return value
+    raise ValueError(f"unknown backend {value!r}: choose auto, {', '.join(BACKEND_NAMES)}")
+
+
 class PoolEntry(_Section):
     """One warm-pool key; None means what a plain `run` would pick."""
 
     image: str | None = None
     profile: Literal["permissive", "moderate", "restrictive"] | None = None
-    backend: Literal["auto", "namespaces", "gvisor", "microvm"] | None = None
+    backend: str | None = None  # as [sandbox] backend
     min: Annotated[int, Field(ge=0, le=64)] | None = None  # default: [daemon] pool_min
     max: Annotated[int, Field(ge=0, le=256)] | None = None  # default: [daemon] pool_max
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str | None) -> str | None:
+        return _backend_name(v)
 
     @field_validator("image")
     @classmethod
