@@ -180,7 +180,8 @@ def start_cpu(profile: str, n: int = 20) -> dict[str, float]:
     m = SandboxManager(Config(daemon=DaemonSection(pools=[], adhoc_min=0)))
     try:
         req = RunRequest(argv=["true"], image="host", profile=profile, backend="namespaces")
-        key, backend, rootfs, _plan = m._plan_run(req)
+        key, plan = m._plan_run(req)
+        backend, rootfs = plan.backend, plan.rootfs
         for _ in range(3):
             m._destroy_ephemeral(m._pool_start(key, backend, rootfs))
         a = usage()
