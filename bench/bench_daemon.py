@@ -50,7 +50,7 @@ def warm_run_samples(n: int, *, env: dict[str, str], cwd: Path, flags: list[str]
 
 def socket_run(req: dict[str, Any]) -> int:
     """One `run` over the daemon socket (no CLI process): the exit code."""
-    from agentkernel.daemon import client
+    from agentkernel.ipc import client
 
     lines = client.open_stream("run", req, auto_start=False)
     if lines is None:
@@ -181,7 +181,7 @@ def main() -> int:
                        capture_output=True)
         exec_cli = timed([str(AK), "exec", "bench", "--", "true"], n, env=env, cwd=cwd)
         # The same without a CLI process: what the daemon itself costs per request.
-        from agentkernel.daemon import client
+        from agentkernel.ipc import client
 
         req = {"argv": ["true"], "image": "host", "profile": args.profile,
                "backend": "namespaces"}

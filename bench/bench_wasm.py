@@ -66,7 +66,7 @@ def inside(n: int, module: Path, env: dict[str, str],
 
 
 def socket_samples(n: int, req: dict[str, Any]) -> list[float]:
-    from agentkernel.daemon import client
+    from agentkernel.ipc import client
 
     samples = []
     for _ in range(n):

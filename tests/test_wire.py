@@ -1,4 +1,4 @@
-"""daemon/wire.py speaks exactly the JSON the daemon's `json` does, on CPython's C parts."""
+"""ipc/wire.py speaks exactly the JSON the daemon's `json` does, on CPython's C parts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from agentkernel.daemon import wire
+from agentkernel.ipc import wire
 
 VALUES = [
     {"op": "run", "args": {"argv": ["sh", "-c", "echo 'é' \"q\" \\\\ \t\n"], "env": {},
@@ -39,7 +39,8 @@ def test_constants_and_errors() -> None:
 
 def test_no_json_socket_or_signal_module_on_the_hot_path() -> None:
     """What the CLI imports for `run`/`exec` through the daemon (the point of wire.py)."""
-    code = ("import sys; from agentkernel.daemon import client, commands, fastpath; "
+    code = ("import sys; from agentkernel.cli import fast, sandboxes; "
+            "from agentkernel.ipc import client; "
             "print(sorted(m for m in ('json', 'socket', 'signal', 're', 'enum', 'typing') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -228,7 +228,7 @@ async def main():
         await c.list_tools()
 anyio.run(main)
 heavy = [m for m in ("agentkernel.daemon.manager", "agentkernel.engine", "fastapi",
-                     "agentkernel.daemon.client", "agentkernel.backends") if m in sys.modules]
+                     "agentkernel.ipc.client", "agentkernel.backends") if m in sys.modules]
 print(heavy)
 """
     env = {**os.environ, "AGENTKERNEL_HOME": str(tmp_path / "h"),

@@ -304,7 +304,7 @@ def test_a_fifo_in_the_project_is_an_error_not_a_hang_up(daemon: Daemon,
 
 def test_reading_a_device_or_fifo_from_a_sandbox_is_refused(daemon: Daemon, box: str,
                                                            tmp_path: Path) -> None:
-    from agentkernel.daemon import client
+    from agentkernel.ipc import client
 
     setup = "ln -s /dev/zero /tmp/zero; mkfifo /tmp/fifo; head -c 5000 /dev/zero > /tmp/big"
     assert daemon.ak("exec", box, "--", "sh", "-c", setup).returncode == 0
@@ -329,8 +329,8 @@ def test_reading_a_device_or_fifo_from_a_sandbox_is_refused(daemon: Daemon, box:
 def test_detached_logs_stop_at_the_cap(daemon: Daemon, box: str) -> None:
     """A detached command's log keeps at most the cap (the newest output, behind a marker),
     and a read of it at most max_bytes per stream."""
-    from agentkernel.daemon import client
     from agentkernel.daemon.quota import DEFAULT_LOG_BYTES, LOG_MARKER
+    from agentkernel.ipc import client
 
     cap = DEFAULT_LOG_BYTES
     with daemon.use():
@@ -360,7 +360,7 @@ def test_cp_out_never_writes_through_a_planted_symlink(daemon: Daemon, box: str,
                                                        tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from agentkernel.cli import main
-    from agentkernel.daemon import commands
+    from agentkernel.cli import sandboxes as commands
 
     assert daemon.ak("exec", box, "--", "sh", "-c", "echo payload > /tmp/p").returncode == 0
     victim = tmp_path / "victim"

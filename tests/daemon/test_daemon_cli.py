@@ -197,7 +197,7 @@ def test_kill_9_daemon_sandbox_survives_and_is_readopted(daemon: Daemon) -> None
     assert daemon.ak("create", name, *HOST).returncode == 0
     assert daemon.ak("exec", name, "--", "sh", "-c", "echo before > /root/f").returncode == 0
     with daemon.use():
-        from agentkernel.daemon import client
+        from agentkernel.ipc import client
 
         det = client.call("exec_detached", {"name": name, "argv": [
             "sh", "-c", "echo early; sleep 1.5; echo late; exit 3"]})

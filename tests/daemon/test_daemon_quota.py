@@ -127,7 +127,7 @@ def test_detached_command_printing_forever_keeps_a_capped_log(qd: Daemon) -> Non
     name = _name("logs")
     assert qd.ak("create", name, "-i", "host", "-B", "namespaces").returncode == 0
     with qd.use():
-        from agentkernel.daemon import client
+        from agentkernel.ipc import client
 
         det = client.call("exec_detached", {"name": name, "argv": [
             "sh", "-c", "i=0; while :; do echo line $i; i=$((i+1)); done"]})

@@ -211,7 +211,7 @@ def test_socket_api_detached_logs_files_snapshots(daemon: Daemon) -> None:
     daemon.ensure_up()
     name = f"api-{secrets.token_hex(3)}"
     with daemon.use():
-        from agentkernel.daemon import client
+        from agentkernel.ipc import client
 
         info = client.call("create", {"name": name, "image": "host", "backend": "namespaces",
                                       "env": {"A": "1"}})

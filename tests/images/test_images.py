@@ -488,7 +488,7 @@ def test_remove_and_prune(plain_registry: Registry, pusher: Pusher, store: Store
 def test_cli_functions(tls_registry: TlsRegistry, tmp_path: Path,
                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from agentkernel.cli import build_parser
-    from agentkernel.images import cli
+    from agentkernel.cli import images as cli
 
     reg = tls_registry.registry
     Pusher(reg.url, auth=(USER, PASSWORD), ca=tls_registry.ca).image(

@@ -149,7 +149,7 @@ def test_kept_vm_lifecycle(vm_daemon: None, tmp_path: Path) -> None:
     ok(ak("exec", name, "--", "sh", "-c",
           "echo hi > /root/f && echo guest >> /workspace/hello.txt && "
           "(while [ ! -e /tmp/go ]; do sleep 0.1; done; echo bg > /root/bg) >/dev/null 2>&1 &"))
-    from agentkernel.daemon import client
+    from agentkernel.ipc import client
 
     # A detached command that outlives the daemon: it finishes once /tmp/go exists.
     det = client.call("exec_detached", {"name": name, "argv": [

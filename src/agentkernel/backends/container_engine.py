@@ -109,13 +109,13 @@ class ContainerProcess(subprocess.Popen[bytes]):
 
 
 def _start_time(pid: int) -> int | None:
-    from ..daemon.procs import start_time
+    from ..procs import start_time
 
     return start_time(pid)
 
 
 def _alive(pid: int, start: int | None) -> bool:
-    from ..daemon.procs import alive
+    from ..procs import alive
 
     return alive(pid, start)
 

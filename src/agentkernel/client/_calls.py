@@ -53,7 +53,7 @@ def daemon_api_socket(base_url: str | None) -> str | None:
     """The daemon's API socket when no base URL is given anywhere, else None (use TCP)."""
     if base_url or os.environ.get("AGENTKERNEL_BASE_URL"):
         return None
-    from ..daemon.client import api_socket
+    from ..ipc.client import api_socket
 
     return api_socket()
 

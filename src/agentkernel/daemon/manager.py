@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import procs
 from ..agent.client import AgentClient, Execution, ExitStatus, _ChanQueue
 from ..agent.protocol import Frame
 from ..errors import (
@@ -33,7 +34,7 @@ from ..errors import (
 )
 from ..names import validate_sandbox_name, validate_sandbox_path
 from ..paths import data_dir
-from . import procs, records
+from . import records
 from .api import (
     BackendInfo,
     CreateRequest,

@@ -1,7 +1,7 @@
 """What the MCP tools ask of the sandbox service, over the daemon socket or in-process.
 
 `DaemonOps` is the stdio server's way (`agentkernel mcp-server`): the daemon's unix socket
-through `daemon.client`, like every other front door, the daemon started on the first call.
+through `ipc.client`, like every other front door, the daemon started on the first call.
 `ServiceOps` is for `/mcp` on `serve`, which lives in the daemon: the same service the HTTP
 API calls. Both are blocking; the tools call them on worker threads. Output is collected
 into a bounded `Output`; a `Call` lets the caller abort a command from another thread (a
@@ -93,7 +93,7 @@ class DaemonOps:
                 call: Call) -> dict[str, Any]:
         import socket
 
-        from ..daemon import client
+        from ..ipc import client
 
         lines = client.open_stream(op, {**req, "stdin_open": stdin is not None},
                                    auto_start=True)
@@ -130,29 +130,29 @@ class DaemonOps:
             lines.sock.close()
 
     def create(self, req: dict[str, Any]) -> dict[str, Any]:
-        from ..daemon import client
+        from ..ipc import client
 
         return dict(client.call("create", req))
 
     def list(self) -> list[dict[str, Any]]:
-        from ..daemon import client
+        from ..ipc import client
 
         return list(client.call("list_sandboxes"))
 
     def lifecycle(self, op: str, name: str) -> dict[str, Any] | None:
-        from ..daemon import client
+        from ..ipc import client
 
         data = client.call(op, {"name": name})
         return dict(data) if isinstance(data, dict) else None
 
     def read_file(self, name: str, path: str, max_bytes: int) -> bytes:
-        from ..daemon import client
+        from ..ipc import client
 
         data = client.call("read_file", {"name": name, "path": path, "max_bytes": max_bytes})
         return str(data).encode("latin-1")
 
     def write_file(self, name: str, path: str, data: bytes, mode: int) -> int:
-        from ..daemon import client
+        from ..ipc import client
 
         return int(client.call("write_file", {"name": name, "path": path,
                                               "data": data.decode("latin-1"), "mode": mode}))

@@ -6,10 +6,10 @@ import os
 import sys
 import time
 
+from ..ipc import client
+from ..ipc.client import DaemonError
 from ..names import validate_sandbox_name, validate_sandbox_path
 from ..paths import data_dir_str
-from . import client
-from .client import DaemonError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -440,7 +440,7 @@ def _run_keep(args: argparse.Namespace, command: list[str]) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     if args.daemon_cmd == "start":
         if args.foreground:
-            from .server import run_daemon
+            from ..daemon.server import run_daemon
 
             return run_daemon(args.config, idle_exit=args.idle_exit)
         sock = client.connect()
@@ -517,8 +517,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     (e.g. started by an earlier `run`): it is asked to serve the HTTP API too, for as long
     as this command runs, so the CLI and the SDKs see the same sandboxes and pools.
     """
+    from ..daemon.server import DaemonRunning, run_daemon
     from ..http.serve import ServeOptions
-    from .server import DaemonRunning, run_daemon
 
     options = ServeOptions(args.host, args.port, insecure_no_key=args.insecure_no_key,
                            allowed_hosts=tuple(args.allowed_host))
@@ -540,8 +540,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _serve_attached(sock: Any, args: argparse.Namespace, options: Any) -> int:
     import signal
 
+    from ..daemon.server import attach_args, daemon_config_path, load_daemon_config
     from ..http.serve import describe
-    from .server import attach_args, daemon_config_path, load_daemon_config
 
     status = client._request(sock, "status", {})
     mine = daemon_config_path(args.config)

@@ -1,6 +1,6 @@
 """`agentkernel run` in this process (no daemon, or none wanted): plan, say what was decided,
 execute, and start a daemon for the next runs. Shared by the argparse CLI and the
-import-light fast path (daemon/fastpath.py); imports only `os` and `sys` until it runs."""
+import-light fast path (cli/fast.py); imports only `os` and `sys` until it runs."""
 
 from __future__ import annotations
 
@@ -30,15 +30,15 @@ def autostart_wanted() -> bool:
 
 def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     """Run `command` as `args` (the run flags) ask, in a sandbox this process starts."""
-    from .cgroups import prime_migration
+    from ..cgroups import prime_migration
 
     prime_migration()  # first, so the kernel's wait overlaps our imports (see its docstring)
     import time
     from pathlib import Path
 
-    from .engine import execute
-    from .planner import CallerContext, RunRequest, parse_env, plan
-    from .profiles import parse_memory_limit, parse_pids
+    from ..engine import execute
+    from ..planner import CallerContext, RunRequest, parse_env, plan
+    from ..profiles import parse_memory_limit, parse_pids
 
     req = RunRequest(
         argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
@@ -119,7 +119,7 @@ def autostart_daemon(say: Callable[[str], None]) -> None:
     """
     if not autostart_wanted():
         return
-    from .daemon.client import spawn_daemon
+    from ..ipc.client import spawn_daemon
 
     try:
         idle = float(os.environ.get("AGENTKERNEL_DAEMON_IDLE_EXIT", "900"))

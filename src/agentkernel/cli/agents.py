@@ -61,7 +61,7 @@ def cmd_agents_install(names: list[str]) -> int:
 
 
 def cmd_plugin(op: str, target: str, scope: str, *, dry_run: bool, force: bool) -> int:
-    from .install import install, uninstall
+    from ..plugins.install import install, uninstall
 
     project = Path.cwd()
     specs = _targets(target)
@@ -93,7 +93,7 @@ def cmd_plugin(op: str, target: str, scope: str, *, dry_run: bool, force: bool) 
 
 
 def cmd_plugin_list(*, as_json: bool) -> int:
-    from .formats import config_path, configured_scopes, plugin_scopes
+    from ..plugins.formats import config_path, configured_scopes, plugin_scopes
 
     project = Path.cwd()
     rows: list[dict[str, Any]] = []

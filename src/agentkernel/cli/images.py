@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .progress import ProgressPrinter, _human  # noqa: F401 - ProgressPrinter: re-export
+from ..images.progress import ProgressPrinter, _human  # noqa: F401 - ProgressPrinter: re-export
 
 
 def main(args: argparse.Namespace, config: Any = None) -> int:
@@ -19,7 +19,7 @@ def main(args: argparse.Namespace, config: Any = None) -> int:
 
 
 def cmd_pull(args: argparse.Namespace, config: Any = None) -> int:
-    from . import pull
+    from ..images import pull
 
     start = time.monotonic()
     image = pull(args.image, config=config, platform=args.platform, progress=not args.quiet)
@@ -30,7 +30,7 @@ def cmd_pull(args: argparse.Namespace, config: Any = None) -> int:
 
 
 def cmd_list(args: argparse.Namespace, config: Any = None) -> int:
-    from . import list_images
+    from ..images import list_images
 
     images = list_images()
     if getattr(args, "json", False):
@@ -47,7 +47,7 @@ def cmd_list(args: argparse.Namespace, config: Any = None) -> int:
 
 def cmd_inspect(args: argparse.Namespace, config: Any = None) -> int:
     from ..errors import NotFound
-    from . import get
+    from ..images import get
 
     image = get(args.image, config=config)
     if image is None:
@@ -65,7 +65,7 @@ def cmd_inspect(args: argparse.Namespace, config: Any = None) -> int:
 
 
 def cmd_remove(args: argparse.Namespace, config: Any = None) -> int:
-    from . import remove
+    from ..images import remove
 
     for ref in args.images:
         print(f"removed {remove(ref, config=config)}")
@@ -73,7 +73,7 @@ def cmd_remove(args: argparse.Namespace, config: Any = None) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, config: Any = None) -> int:
-    from . import prune
+    from ..images import prune
 
     print(f"freed {_human(prune())}")
     return 0

@@ -10,7 +10,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-from ..runcmd import autostart_wanted, daemon_wanted  # noqa: F401 - re-exported
+from .run import autostart_wanted, daemon_wanted  # noqa: F401 - re-exported
 
 _RUN_VALUES = {"-i": "image", "--image": "image", "-p": "profile", "--profile": "profile",
                "-B": "backend", "--backend": "backend", "-e": "env", "--env": "env",
@@ -84,12 +84,12 @@ def fast_main(argv: list[str]) -> int | None:
             if not command or (ns.timeout is not None and ns.timeout <= 0):
                 return None
             if use_daemon and _daemon_socket_exists():
-                from .commands import run_via_daemon
+                from .sandboxes import run_via_daemon
 
                 code = run_via_daemon(ns, command, keep=False)  # type: ignore[arg-type]
                 if code is not None:
                     return code
-            from ..runcmd import run_in_process
+            from .run import run_in_process
 
             return run_in_process(ns, command)  # type: ignore[arg-type]
         if not use_daemon or not _daemon_socket_exists():
@@ -99,7 +99,7 @@ def fast_main(argv: list[str]) -> int | None:
         if at is None or at >= len(rest) or rest[at] == "--":
             return None
         ns.name, ns.command = rest[at], rest[at + 1 :]
-        from .commands import cmd_exec
+        from .sandboxes import cmd_exec
 
         return cmd_exec(ns)  # type: ignore[arg-type]
     except KeyboardInterrupt:

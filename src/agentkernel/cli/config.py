@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import argparse
 
-    from .config import EffectiveConfig
+    from ..config import EffectiveConfig
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
@@ -54,7 +54,7 @@ def render_json(eff: EffectiveConfig) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .config import effective_config
+    from ..config import effective_config
 
     eff = effective_config(Path.cwd(), os.environ,
                            config_path=Path(args.config) if args.config else None,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from . import __version__
-from .errors import AgentKernelError, UsageError
+from .. import __version__
+from ..errors import AgentKernelError, UsageError
 
 # The hot path (`run`/`exec` through the daemon) must not pay for argparse, typing or json.
 TYPE_CHECKING = False
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if raw[:1] == ["run"] or raw[:1] == ["exec"]:
         # Plain `run`/`exec` through a running daemon: parsed without argparse.
-        from .daemon.fastpath import fast_main
+        from .fast import fast_main
 
         code = fast_main(raw)
         if code is not None:
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             return cmd_run(args)
         if args.cmd == "doctor":
-            from .doctor import doctor
+            from ..doctor import doctor
 
             return doctor(as_json=args.json)
         if args.cmd == "init":
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "images":
             from pathlib import Path
 
-            from .images.cli import main as images_main
-            from .planner import CallerContext, RunRequest, load_configs
+            from ..planner import CallerContext, RunRequest, load_configs
+            from .images import main as images_main
 
             config, _, warnings = load_configs(RunRequest(argv=[], cwd=Path.cwd()),
                                                CallerContext.here())
@@ -250,27 +250,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"agentkernel: warning: {warning}", file=sys.stderr)
             return images_main(args, config)
         if args.cmd == "config":
-            from .config_cli import main as config_main
+            from .config import main as config_main
 
             return config_main(args)
         if args.cmd == "serve":
-            from .daemon.commands import cmd_serve
+            from .sandboxes import cmd_serve
 
             return cmd_serve(args)
         if args.cmd == "setup":
-            from .vm.setup import main as setup_main
+            from ..vm.setup import main as setup_main
 
             return setup_main(args)
         if args.cmd in ("agents", "plugin"):
-            from .plugins.cli import main as agents_main
+            from .agents import main as agents_main
 
             return agents_main(args)
         if args.cmd == "mcp-server":
-            from .mcpserver.stdio import main as mcp_main
+            from ..mcpserver.stdio import main as mcp_main
 
             return mcp_main(args.project)
         if args.cmd in _DAEMON_COMMANDS:
-            from .daemon import commands
+            from . import sandboxes as commands
 
             return int(getattr(commands, _DAEMON_COMMANDS[args.cmd])(args))
         build_parser().print_help()
@@ -290,11 +290,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
-    from .runcmd import daemon_wanted, run_in_process
+    from .run import daemon_wanted, run_in_process
 
     if args.keep or daemon_wanted():
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
-        from .daemon.commands import run_via_daemon
+        from .sandboxes import run_via_daemon
 
         code = run_via_daemon(args, command, keep=args.keep)
         if code is not None:
@@ -305,8 +305,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import render_init
-    from .names import sanitize_sandbox_name, validate_sandbox_name
+    from ..config import render_init
+    from ..names import sanitize_sandbox_name, validate_sandbox_name
 
     target = Path.cwd() / "agentkernel.toml"
     if target.exists() and not args.force:
