@@ -1,14 +1,60 @@
-"""The `agents` and `plugin` commands: tables, installs, and what they print."""
+"""The `agents`, `plugin` and `mcp-server` commands: tables, installs, and what they print."""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Any
 
-from ..agents import registry
 from ..errors import UsageError
+
+# Building the parser imports every command module: the registry (dataclasses, tomllib)
+# only when an agents/plugin command runs.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ..agents.registry import AgentSpec
+
+
+def add_parsers(sub: Any) -> None:
+    """AI coding agents: the registry, the MCP server, plugins (see docs/agents.md)."""
+    ag = sub.add_parser("agents", help="AI coding agents: installed, signed in, wired to "
+                                       "agentkernel")
+    ag.add_argument("--json", action="store_true")
+    ag.set_defaults(handler=main)
+    agsub = ag.add_subparsers(dest="agents_cmd", metavar="SUBCOMMAND")
+    agl = agsub.add_parser("list", help="the table (the default)")
+    agl.add_argument("--json", action="store_true")
+    agi = agsub.add_parser("install", help="install an agent's pinned npm package into "
+                                           "agentkernel's data dir")
+    agi.add_argument("names", nargs="+", metavar="AGENT", help="an agent id, or all")
+    ms = sub.add_parser("mcp-server", help="serve agentkernel's MCP tools on stdin/stdout")
+    ms.add_argument("--project", metavar="DIR",
+                    help="the project dir sandboxes see at /workspace (default: here)")
+    ms.set_defaults(handler=cmd_mcp_server)
+    pl = sub.add_parser("plugin", help="wire agentkernel into Claude Code, Codex, Gemini "
+                                       "CLI, OpenCode")
+    pl.set_defaults(handler=main)
+    psub = pl.add_subparsers(dest="plugin_cmd", metavar="SUBCOMMAND", required=True)
+    for name, what in (("install", "add agentkernel's MCP server (and Claude Code plugin)"),
+                       ("uninstall", "take it out again")):
+        p = psub.add_parser(name, help=what)
+        p.add_argument("target", metavar="TARGET", help="claude, codex, gemini, opencode "
+                                                        "or all")
+        p.add_argument("--scope", choices=("user", "project"), default="user",
+                       help="user (default): your home's config; project: this dir's")
+        p.add_argument("--dry-run", action="store_true", help="show the change, make none")
+        if name == "install":
+            p.add_argument("--force", action="store_true",
+                           help="replace an existing, different agentkernel entry")
+    pls = psub.add_parser("list", help="where agentkernel is wired in")
+    pls.add_argument("--json", action="store_true")
+
+
+def cmd_mcp_server(args: Any) -> int:
+    from ..mcpserver.stdio import main as mcp_main
+
+    return mcp_main(args.project)
 
 
 def main(args: Any) -> int:
@@ -22,13 +68,17 @@ def main(args: Any) -> int:
                       force=bool(getattr(args, "force", False)))
 
 
-def _targets(target: str) -> list[registry.AgentSpec]:
+def _targets(target: str) -> list[AgentSpec]:
+    from ..agents import registry
+
     if target == "all":
         return list(registry.agents())
     return [registry.get(target)]
 
 
 def cmd_agents(*, as_json: bool) -> int:
+    from pathlib import Path
+
     from ..agents.status import all_status
 
     rows = all_status(Path.cwd())
@@ -50,6 +100,7 @@ def cmd_agents(*, as_json: bool) -> int:
 
 
 def cmd_agents_install(names: list[str]) -> int:
+    from ..agents import registry
     from ..agents.install import install
 
     specs = list(registry.agents()) if names == ["all"] else [registry.get(n) for n in names]
@@ -61,6 +112,8 @@ def cmd_agents_install(names: list[str]) -> int:
 
 
 def cmd_plugin(op: str, target: str, scope: str, *, dry_run: bool, force: bool) -> int:
+    from pathlib import Path
+
     from ..plugins.install import install, uninstall
 
     project = Path.cwd()
@@ -93,6 +146,9 @@ def cmd_plugin(op: str, target: str, scope: str, *, dry_run: bool, force: bool) 
 
 
 def cmd_plugin_list(*, as_json: bool) -> int:
+    from pathlib import Path
+
+    from ..agents import registry
     from ..plugins.formats import config_path, configured_scopes, plugin_scopes
 
     project = Path.cwd()

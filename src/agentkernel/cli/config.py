@@ -1,17 +1,42 @@
-"""`agentkernel config [show]`: the effective settings here, and where each one came from."""
+"""`agentkernel config [show]`: the effective settings here, and where each one came from;
+`agentkernel init`: a commented agentkernel.toml."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+# Building the parser imports every command module: no typing or pathlib at the top.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from typing import Any
 
     from ..config import EffectiveConfig
+
+
+def add_config_parser(sub: Any) -> None:
+    p = sub.add_parser("config", help="show the effective settings and where each came from",
+                       description="Print the settings a run here gets: built-in defaults, "
+                       "the user config ($XDG_CONFIG_HOME/agentkernel/config.toml), "
+                       "./agentkernel.toml (or --config), the environment and flags, each "
+                       "with its origin. See docs/config.md.")
+    p.add_argument("action", nargs="?", choices=["show"], default="show",
+                   help="show (the default; the only action)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("-c", "--config", help="agentkernel.toml to use instead of ./agentkernel.toml")
+    p.add_argument("-p", "--profile", help="as `run --profile`")
+    p.add_argument("-B", "--backend", help="as `run --backend`")
+    p.set_defaults(handler=main)
+
+
+def add_init_parser(sub: Any) -> None:
+    i = sub.add_parser("init", help="write a commented agentkernel.toml here")
+    i.add_argument("-n", "--name", help="sandbox name (default: this directory's name)")
+    i.add_argument("-a", "--agent", default="claude", help="preferred agent (default: claude)")
+    i.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
+    i.set_defaults(handler=cmd_init)
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
@@ -54,6 +79,8 @@ def render_json(eff: EffectiveConfig) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..config import effective_config
 
     eff = effective_config(Path.cwd(), os.environ,
@@ -65,4 +92,21 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(render_json(eff), indent=2))
     else:
         sys.stdout.write(render_text(eff))
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..config import render_init
+    from ..errors import UsageError
+    from ..names import sanitize_sandbox_name, validate_sandbox_name
+
+    target = Path.cwd() / "agentkernel.toml"
+    if target.exists() and not args.force:
+        raise UsageError("agentkernel.toml already exists in this directory (use --force)")
+    name = args.name or sanitize_sandbox_name(Path.cwd().name)
+    validate_sandbox_name(name)
+    target.write_text(render_init(name, args.agent))
+    print(f"Wrote {target}")
     return 0

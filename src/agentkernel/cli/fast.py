@@ -84,7 +84,7 @@ def fast_main(argv: list[str]) -> int | None:
             if not command or (ns.timeout is not None and ns.timeout <= 0):
                 return None
             if use_daemon and _daemon_socket_exists():
-                from .sandboxes import run_via_daemon
+                from .run import run_via_daemon
 
                 code = run_via_daemon(ns, command, keep=False)  # type: ignore[arg-type]
                 if code is not None:

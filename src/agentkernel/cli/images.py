@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from typing import Any
 
-from ..images.progress import ProgressPrinter, _human  # noqa: F401 - ProgressPrinter: re-export
+# Building the parser imports every command module: keep this one's top light.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("images", help="pull, list, inspect and remove OCI images")
+    isub = p.add_subparsers(dest="images_cmd", metavar="SUBCOMMAND", required=True)
+    pl = isub.add_parser("pull", help="pull an image into the local store")
+    pl.add_argument("image")
+    pl.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this host)")
+    pl.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    ls = isub.add_parser("list", aliases=["ls"], help="list pulled images")
+    ls.add_argument("--json", action="store_true")
+    ins = isub.add_parser("inspect", help="show an image's digests, layers and config")
+    ins.add_argument("image")
+    rm = isub.add_parser("remove", aliases=["rm"], help="forget images (then prune frees space)")
+    rm.add_argument("images", nargs="+")
+    isub.add_parser("prune", help="free blobs and layers no image uses")
+    p.set_defaults(handler=cmd_images)
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    """`images …` with the settings a run here would get (mirrors, CA, insecure registries)."""
+    from pathlib import Path
+
+    from ..planner import CallerContext, RunRequest, load_configs
+
+    config, _, warnings = load_configs(RunRequest(argv=[], cwd=Path.cwd()),
+                                       CallerContext.here())
+    for warning in warnings:
+        print(f"agentkernel: warning: {warning}", file=sys.stderr)
+    return main(args, config)
 
 
 def main(args: argparse.Namespace, config: Any = None) -> int:
@@ -31,6 +63,7 @@ def cmd_pull(args: argparse.Namespace, config: Any = None) -> int:
 
 def cmd_list(args: argparse.Namespace, config: Any = None) -> int:
     from ..images import list_images
+    from ..images.progress import _human
 
     images = list_images()
     if getattr(args, "json", False):
@@ -74,6 +107,7 @@ def cmd_remove(args: argparse.Namespace, config: Any = None) -> int:
 
 def cmd_prune(args: argparse.Namespace, config: Any = None) -> int:
     from ..images import prune
+    from ..images.progress import _human
 
     print(f"freed {_human(prune())}")
     return 0

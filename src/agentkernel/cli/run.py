@@ -1,6 +1,7 @@
-"""`agentkernel run` in this process (no daemon, or none wanted): plan, say what was decided,
-execute, and start a daemon for the next runs. Shared by the argparse CLI and the
-import-light fast path (cli/fast.py); imports only `os` and `sys` until it runs."""
+"""`agentkernel run`: through the daemon's warm pool when one is up, else in this process
+(plan, say what was decided, execute, start a daemon for the next runs). Shared by the
+argparse CLI and the import-light fast path (cli/fast.py); imports only `os` and `sys`
+until it runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,54 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
     from typing import Any, BinaryIO
+
+
+def add_parser(sub: Any) -> None:
+    import argparse
+
+    p = sub.add_parser("run", help="run a command in a fresh sandbox",
+                       description="Run COMMAND in a fresh isolated sandbox and remove it after.")
+    p.add_argument("-i", "--image", help="image for the sandbox (default: auto-detected)")
+    p.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
+    p.add_argument("-B", "--backend",
+                   help="isolation backend: auto, namespaces, gvisor, microvm, wasm, hyperlight")
+    p.add_argument("--no-network", action="store_true", help="no network at all")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
+                   help="set an environment variable in the sandbox (repeatable)")
+    p.add_argument("-w", "--workdir", help="working directory inside the sandbox")
+    p.add_argument("-t", "--timeout", type=float, help="kill the command after SECONDS")
+    p.add_argument("-k", "--keep", action="store_true",
+                   help="keep the sandbox after the command (remove with `agentkernel remove`)")
+    p.add_argument("-m", "--memory", help="memory limit, e.g. 512m, 2g or unlimited")
+    p.add_argument("--pids", help="process limit, e.g. 256 or unlimited")
+    p.add_argument("--cpus", type=float, help="CPU limit in cores, e.g. 0.5")
+    p.add_argument("-c", "--config", help="agentkernel.toml to use")
+    p.add_argument("-q", "--quiet", action="store_true", help="no agentkernel messages")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="say which backend, isolation, image and profile the run got")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the result instead of streaming")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    p.set_defaults(handler=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command and not args.image:  # only an image can supply a command (its Cmd)
+        raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError("--timeout must be a positive number of seconds")
+    if args.keep or daemon_wanted():
+        # Through the daemon when one is up (warm pool); --keep starts one if needed.
+        code = run_via_daemon(args, command, keep=args.keep)
+        if code is not None:
+            return code
+    return run_in_process(args, command)
+
 
 _YES = ("1", "true", "yes")
 _NO = ("0", "false", "no")
@@ -131,3 +180,112 @@ def autostart_daemon(say: Callable[[str], None]) -> None:
             "(AGENTKERNEL_DAEMON_AUTOSTART=0 turns this off)")
 
 
+# ---------------------------------------------------------------- through the daemon
+
+
+def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) -> int | None:
+    """`agentkernel run` through the daemon's warm pool; None if no daemon is up.
+
+    With --keep the daemon is started if needed, and the sandbox stays as a persistent one.
+    """
+    import time
+
+    from ..ipc import client
+    from ..ipc.client import DaemonError
+    from ..paths import data_dir_str
+    from .common import caller, env_pairs, limits, say
+
+    if keep:
+        return _run_keep(args, command)
+    memory, pids = limits(args)
+    forward_stdin = not sys.stdin.isatty() if sys.stdin else False
+    req: dict[str, Any] = {
+        "argv": command, "image": args.image, "profile": args.profile,
+        "backend": args.backend, "env": env_pairs(args.env), "workdir": args.workdir,
+        "timeout": args.timeout, "cwd": os.getcwd(), "no_network": bool(args.no_network),
+        "memory_mb": memory, "pids": pids, "cpus": args.cpus,
+        "config_path": os.path.abspath(args.config) if args.config else None,
+        **caller(), "stdin_open": forward_stdin and not args.json,
+        "data_dir": data_dir_str(),
+    }
+    lines = client.open_stream("run", req, auto_start=False)
+    if lines is None:
+        return None
+    started = time.monotonic()
+    captured: dict[int, list[bytes]] = {1: [], 2: []}
+    info: dict[str, Any] = {}
+
+    def on_started(data: dict[str, Any]) -> None:
+        info.update(data)
+        if args.quiet:
+            return
+        for warning in data.get("warnings") or []:
+            say(f"warning: {warning}")
+        if args.verbose:
+            how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
+            say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
+            say(f"backend {data.get('backend')}: {data.get('isolation')}")
+            for line in data.get("skipped") or []:
+                say(str(line))
+            say(f"image {data.get('image')} ({data.get('image_reason')}); "
+                 f"rootfs: {data.get('rootfs')}")
+            say(f"profile {data.get('profile')}: network={data.get('network')} "
+                 f"workspace={data.get('workspace')} "
+                 f"memory={data.get('memory_mb') or 'unlimited'}MiB "
+                 f"pids={data.get('pids') or 'unlimited'} cpus={data.get('cpus') or 'unlimited'}")
+        for note in data.get("notes") or []:
+            say(f"note: {note}")
+
+    sink = (lambda stream, data: captured[stream].append(data)) if args.json else None
+    try:
+        result = client.pump(lines, stdin_fd=0 if req["stdin_open"] else None, sink=sink,
+                             on_started=on_started)
+    except DaemonError as exc:
+        if exc.kind == "WrongDaemon":
+            return None  # a daemon of another data dir (AGENTKERNEL_HOME): run in-process
+        raise
+    if result.get("message") and not args.quiet:
+        say(str(result["message"]))
+    code = int(result.get("exit_code", 125))
+    if args.json:
+        import json  # only for --json output
+
+        print(json.dumps({
+            "exit_code": code,
+            "stdout": b"".join(captured[1]).decode(errors="replace"),
+            "stderr": b"".join(captured[2]).decode(errors="replace"),
+            "signal": result.get("signal"), "timed_out": bool(result.get("timed_out")),
+            "message": result.get("message"), "backend": info.get("backend"),
+            "isolation": info.get("isolation"), "image": info.get("image"),
+            "rootfs": info.get("rootfs"), "profile": info.get("profile"),
+            "sandbox": info.get("sandbox"), "kept": False, "pooled": info.get("pooled"),
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }))
+    return code
+
+
+def _run_keep(args: argparse.Namespace, command: list[str]) -> int:
+    """`run --keep`: a persistent sandbox `run-<hex>` owned by the daemon, command run in it."""
+    import secrets
+
+    from ..ipc import client
+    from ..ipc.client import DaemonError
+    from .common import caller, env_pairs, limits, say
+    from .sandboxes import interactive
+
+    if args.json:
+        raise DaemonError("--json cannot be combined with --keep", 2)
+    name = f"run-{secrets.token_hex(4)}"
+    memory, pids = limits(args)
+    profile = args.profile
+    client.call("create", {
+        "name": name, "image": args.image, "profile": profile, "backend": args.backend,
+        "memory_mb": memory, "pids": pids, "cpus": args.cpus, "workdir_source": os.getcwd(),
+        "env": env_pairs(args.env), **caller()})
+    forward_stdin = not sys.stdin.isatty() if sys.stdin else False
+    req: dict[str, Any] = {"name": name, "argv": command, "env": {}, "workdir": args.workdir,
+                           "timeout": args.timeout, "stdin_open": forward_stdin}
+    code = interactive("exec", req, stdin=forward_stdin, tty=False)
+    if not args.quiet:
+        say(f"sandbox '{name}' kept. Remove with: agentkernel remove {name}")
+    return code

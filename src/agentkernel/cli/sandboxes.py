@@ -1,15 +1,14 @@
-"""CLI commands the daemon serves: create, exec, attach, cp, list, start, stop, remove, daemon."""
+"""`create`, `exec`, `attach`, `cp`, `list`, `start`, `stop`, `remove`: persistent sandboxes,
+through the daemon's socket (`ipc.client`)."""
 
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 from ..ipc import client
 from ..ipc.client import DaemonError
 from ..names import validate_sandbox_name, validate_sandbox_path
-from ..paths import data_dir_str
+from .common import caller, env_pairs, limits, say, strip_dashes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -17,8 +16,55 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-def _say(msg: str) -> None:
-    print(f"agentkernel: {msg}", file=sys.stderr)
+def add_parsers(sub: Any) -> None:
+    """Persistent sandboxes (see docs/daemon.md)."""
+    import argparse
+
+    c = sub.add_parser("create", help="create and start a persistent sandbox",
+                       description="Create a named sandbox that lives until removed.")
+    c.add_argument("name")
+    c.add_argument("-i", "--image", help="image (default: detected from --dir, else alpine)")
+    c.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
+    c.add_argument("-B", "--backend", help="isolation backend: auto, namespaces, gvisor")
+    c.add_argument("-d", "--dir", help="host project dir shown at /workspace")
+    c.add_argument("-m", "--memory", help="memory limit, e.g. 512m, 2g or unlimited")
+    c.add_argument("--pids", help="process limit, e.g. 256 or unlimited")
+    c.add_argument("--cpus", type=float, help="CPU limit in cores, e.g. 0.5")
+    c.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
+                   help="environment variable for every command in it (repeatable)")
+    c.add_argument("--ttl", help="remove it automatically after this long (30m, 1h, 2d)")
+    c.set_defaults(handler=cmd_create)
+    e = sub.add_parser("exec", help="run a command in a persistent sandbox",
+                       description="Run COMMAND in sandbox NAME; its exit code is ours.")
+    e.add_argument("name")
+    e.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL")
+    e.add_argument("-w", "--workdir", help="working directory inside the sandbox")
+    e.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    e.add_argument("-i", "--interactive", action="store_true", help="forward stdin")
+    e.add_argument("--timeout", type=float, help="kill the command after SECONDS")
+    e.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    e.set_defaults(handler=cmd_exec)
+    a = sub.add_parser("attach", help="interactive shell in a persistent sandbox")
+    a.add_argument("name")
+    a.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL")
+    a.set_defaults(handler=cmd_attach)
+    cp = sub.add_parser("cp", help="copy a file into or out of a sandbox (NAME:/path)")
+    cp.add_argument("src")
+    cp.add_argument("dst")
+    cp.set_defaults(handler=cmd_cp)
+    ls = sub.add_parser("list", aliases=["ls"], help="list persistent sandboxes")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(handler=cmd_list)
+    for cmd, what, handler in (
+            ("start", "start stopped sandboxes (their files are kept)", cmd_start),
+            ("stop", "stop sandboxes, keeping their files", cmd_stop),
+            ("remove", "remove sandboxes and everything they stored", cmd_remove)):
+        p = sub.add_parser(cmd, aliases=["rm"] if cmd == "remove" else [], help=what)
+        p.add_argument("names", nargs="+", metavar="NAME")
+        p.set_defaults(handler=handler)
+
+
+# ---------------------------------------------------------------- create / lifecycle
 
 
 def parse_duration(text: str) -> float:
@@ -38,49 +84,15 @@ def parse_duration(text: str) -> float:
     return value
 
 
-def env_pairs(pairs: list[str]) -> dict[str, str]:
-    """`-e KEY=VALUE`, or `-e KEY` to pass the host's value (the daemon validates names)."""
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            if key not in os.environ:
-                raise DaemonError(f"-e {key}: not set on the host (use KEY=VALUE)", 2)
-            value = os.environ[key]
-        env[key] = value
-    return env
-
-
-def _command(args_command: list[str]) -> list[str]:
-    command = list(args_command)
-    if command and command[0] == "--":
-        command = command[1:]
-    return command
-
-
-# ---------------------------------------------------------------- create / lifecycle
-
-
-def _limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
-    """--memory and --pids as request fields (profiles.UNLIMITED for `unlimited`)."""
-    pids_arg = getattr(args, "pids", None)
-    if not args.memory and not pids_arg:
-        return None, None  # the run hot path: profiles (typing, re, enum) costs ~10 ms
-    from ..profiles import parse_memory_limit, parse_pids
-
-    memory = parse_memory_limit(args.memory) if args.memory else None
-    return memory, parse_pids(pids_arg) if pids_arg else None
-
-
 def cmd_create(args: argparse.Namespace) -> int:
     validate_sandbox_name(args.name)
-    memory, pids = _limits(args)
+    memory, pids = limits(args)
     req: dict[str, Any] = {
         "name": args.name, "image": args.image, "profile": args.profile,
         "backend": args.backend, "memory_mb": memory, "pids": pids, "cpus": args.cpus,
         "workdir_source": os.path.abspath(args.dir) if args.dir else None,
         "env": env_pairs(args.env),
-        "ttl_seconds": parse_duration(args.ttl) if args.ttl else None, **_caller(),
+        "ttl_seconds": parse_duration(args.ttl) if args.ttl else None, **caller(),
     }
     print(f"Creating sandbox '{args.name}'" + (f" with image '{args.image}'" if args.image
                                                else "") + "...")
@@ -91,7 +103,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     from ..planner import UNAVAILABLE_ROOTFS, fallback_warning
 
     if info.get("rootfs") == UNAVAILABLE_ROOTFS:
-        _say(f"warning: {fallback_warning(info['image'])}")
+        say(f"warning: {fallback_warning(info['image'])}")
     print(f"  Backend: {info['backend']} ({info['isolation']})")
     print(f"  Profile: {info['profile']}")
     print(f"  vCPUs:   {info['vcpus'] or 'unlimited'}")
@@ -151,7 +163,7 @@ def _late_options(args: argparse.Namespace) -> list[str]:
     """`exec NAME -e K=V -w DIR -- CMD`: options after NAME land in the command; take them."""
     command = list(args.command)
     if "--" not in command or command[0] == "--":
-        return _command(command)
+        return strip_dashes(command)
     cut = command.index("--")
     import argparse
 
@@ -190,7 +202,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
                            "workdir": args.workdir, "timeout": args.timeout,
                            "stdin_open": bool(args.interactive),
                            "tty": list(client.terminal_size()) if tty else None}
-    return _interactive("exec", req, stdin=bool(args.interactive), tty=tty)
+    return interactive("exec", req, stdin=bool(args.interactive), tty=tty)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -200,10 +212,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
     shell = "command -v bash >/dev/null 2>&1 && exec bash -i || exec sh -i"
     req: dict[str, Any] = {"name": args.name, "argv": ["/bin/sh", "-c", shell], "env": env,
                            "stdin_open": True, "tty": list(client.terminal_size())}
-    return _interactive("exec", req, stdin=True, tty=True)
+    return interactive("exec", req, stdin=True, tty=True)
 
 
-def _interactive(op: str, req: dict[str, Any], *, stdin: bool, tty: bool) -> int:
+def interactive(op: str, req: dict[str, Any], *, stdin: bool, tty: bool) -> int:
     lines = client.open_stream(op, req, auto_start=True)
     assert lines is not None
     restore = None
@@ -224,7 +236,7 @@ def _interactive(op: str, req: dict[str, Any], *, stdin: bool, tty: bool) -> int
         if restore is not None:
             restore()
     if result.get("message"):
-        _say(str(result["message"]))
+        say(str(result["message"]))
     return int(result.get("exit_code", 125))
 
 
@@ -325,258 +337,3 @@ def cmd_cp(args: argparse.Namespace) -> int:
             os.unlink(tmp)
     print(f"Copied {size} bytes from {args.src} to {args.dst}")
     return 0
-
-
-# ---------------------------------------------------------------- run through the daemon
-
-
-def _caller() -> dict[str, Any]:
-    """This CLI's context for the daemon's planner (context.py): the daemon plans our run
-    from our environment and user config, never from its own."""
-    from ..context import caller_env, user_config_path
-
-    return {"caller_env": caller_env(), "user_config": user_config_path()}
-
-
-def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) -> int | None:
-    """`agentkernel run` through the daemon's warm pool; None if no daemon is up.
-
-    With --keep the daemon is started if needed, and the sandbox stays as a persistent one.
-    """
-    if keep:
-        return _run_keep(args, command)
-    memory, pids = _limits(args)
-    forward_stdin = not sys.stdin.isatty() if sys.stdin else False
-    req: dict[str, Any] = {
-        "argv": command, "image": args.image, "profile": args.profile,
-        "backend": args.backend, "env": env_pairs(args.env), "workdir": args.workdir,
-        "timeout": args.timeout, "cwd": os.getcwd(), "no_network": bool(args.no_network),
-        "memory_mb": memory, "pids": pids, "cpus": args.cpus,
-        "config_path": os.path.abspath(args.config) if args.config else None,
-        **_caller(), "stdin_open": forward_stdin and not args.json,
-        "data_dir": data_dir_str(),
-    }
-    lines = client.open_stream("run", req, auto_start=False)
-    if lines is None:
-        return None
-    started = time.monotonic()
-    captured: dict[int, list[bytes]] = {1: [], 2: []}
-    info: dict[str, Any] = {}
-
-    def on_started(data: dict[str, Any]) -> None:
-        info.update(data)
-        if args.quiet:
-            return
-        for warning in data.get("warnings") or []:
-            _say(f"warning: {warning}")
-        if args.verbose:
-            how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
-            _say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
-            _say(f"backend {data.get('backend')}: {data.get('isolation')}")
-            for line in data.get("skipped") or []:
-                _say(str(line))
-            _say(f"image {data.get('image')} ({data.get('image_reason')}); "
-                 f"rootfs: {data.get('rootfs')}")
-            _say(f"profile {data.get('profile')}: network={data.get('network')} "
-                 f"workspace={data.get('workspace')} "
-                 f"memory={data.get('memory_mb') or 'unlimited'}MiB "
-                 f"pids={data.get('pids') or 'unlimited'} cpus={data.get('cpus') or 'unlimited'}")
-        for note in data.get("notes") or []:
-            _say(f"note: {note}")
-
-    sink = (lambda stream, data: captured[stream].append(data)) if args.json else None
-    try:
-        result = client.pump(lines, stdin_fd=0 if req["stdin_open"] else None, sink=sink,
-                             on_started=on_started)
-    except DaemonError as exc:
-        if exc.kind == "WrongDaemon":
-            return None  # a daemon of another data dir (AGENTKERNEL_HOME): run in-process
-        raise
-    if result.get("message") and not args.quiet:
-        _say(str(result["message"]))
-    code = int(result.get("exit_code", 125))
-    if args.json:
-        import json  # only for --json output
-
-        print(json.dumps({
-            "exit_code": code,
-            "stdout": b"".join(captured[1]).decode(errors="replace"),
-            "stderr": b"".join(captured[2]).decode(errors="replace"),
-            "signal": result.get("signal"), "timed_out": bool(result.get("timed_out")),
-            "message": result.get("message"), "backend": info.get("backend"),
-            "isolation": info.get("isolation"), "image": info.get("image"),
-            "rootfs": info.get("rootfs"), "profile": info.get("profile"),
-            "sandbox": info.get("sandbox"), "kept": False, "pooled": info.get("pooled"),
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
-        }))
-    return code
-
-
-def _run_keep(args: argparse.Namespace, command: list[str]) -> int:
-    """`run --keep`: a persistent sandbox `run-<hex>` owned by the daemon, command run in it."""
-    import secrets
-
-    if args.json:
-        raise DaemonError("--json cannot be combined with --keep", 2)
-    name = f"run-{secrets.token_hex(4)}"
-    memory, pids = _limits(args)
-    profile = args.profile
-    client.call("create", {
-        "name": name, "image": args.image, "profile": profile, "backend": args.backend,
-        "memory_mb": memory, "pids": pids, "cpus": args.cpus, "workdir_source": os.getcwd(),
-        "env": env_pairs(args.env), **_caller()})
-    forward_stdin = not sys.stdin.isatty() if sys.stdin else False
-    req: dict[str, Any] = {"name": name, "argv": command, "env": {}, "workdir": args.workdir,
-                           "timeout": args.timeout, "stdin_open": forward_stdin}
-    code = _interactive("exec", req, stdin=forward_stdin, tty=False)
-    if not args.quiet:
-        _say(f"sandbox '{name}' kept. Remove with: agentkernel remove {name}")
-    return code
-
-
-# ---------------------------------------------------------------- daemon
-
-
-def cmd_daemon(args: argparse.Namespace) -> int:
-    if args.daemon_cmd == "start":
-        if args.foreground:
-            from ..daemon.server import run_daemon
-
-            return run_daemon(args.config, idle_exit=args.idle_exit)
-        sock = client.connect()
-        if sock is not None:
-            sock.close()
-            print(f"Daemon is already running at {client.socket_path()}")
-            return 0
-        pid = client.start_daemon(args.config)
-        print(f"Daemon started (pid {pid}), socket {client.socket_path()}")
-        return 0
-    if args.daemon_cmd == "stop":
-        sock = client.connect()
-        if sock is None:
-            raise DaemonError("Daemon is not running")
-        status = client._request(sock, "status", {})
-        pid = int(status.get("pid", 0))
-        client.call("shutdown", auto_start=False)
-        deadline = time.monotonic() + 60
-        while pid and time.monotonic() < deadline and _pid_alive(pid):
-            time.sleep(0.02)
-        print("Daemon stopped.")
-        return 0
-    # status
-    sock = client.connect()
-    if sock is None:
-        print(f"Daemon: not running\nSocket: {client.socket_path()}")
-        return 0
-    data = client._request(sock, "status", {})
-    if args.json:
-        import json  # only for --json output
-
-        print(json.dumps(data))
-        return 0
-    print(f"Daemon: running (pid {data['pid']}, up {data['uptime_s']}s)")
-    print(f"Socket: {data['socket']}")
-    for url in data.get("http") or []:
-        print(f"HTTP API: {url}")
-    print(f"Sandboxes: {data['sandboxes']} ({data['running']} running)")
-    pools = data.get("pools") or []
-    print("Pool:" if pools else "Pool: no keys yet")
-    for p in pools:
-        where = f" workspace={p['workspace']}" if p.get("workspace") else ""
-        print(f"  {p['image']}/{p['profile']}/{p['backend']}{where}")
-        print(f"    Warm:    {p['warm']}" + (f" (+{p['starting']} starting)"
-                                               if p.get("starting") else ""))
-        print(f"    In use:  {p['in_use']}")
-        print(f"    Min/Max: {p['min']}/{p['max']}" + (
-            f" (aiming for {p['target']}: {p.get('rate', 0)} runs/s, a start takes "
-            f"{p.get('start_ms', 0)} ms)" if "target" in p else ""))
-        if "hits" in p:
-            print(f"    Served:  {p['hits']} warm ({p.get('waited', 0)} waited for a start), "
-                  f"{p['misses']} cold")
-        if p.get("last_error"):
-            print(f"    Error:   {p['last_error']}")
-    return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
-
-
-# ---------------------------------------------------------------- serve
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """`agentkernel serve`: the HTTP API of the SDKs, served by the one daemon.
-
-    No daemon running: this process becomes the daemon, with the HTTP listener. One running
-    (e.g. started by an earlier `run`): it is asked to serve the HTTP API too, for as long
-    as this command runs, so the CLI and the SDKs see the same sandboxes and pools.
-    """
-    from ..daemon.server import DaemonRunning, run_daemon
-    from ..http.serve import ServeOptions
-
-    options = ServeOptions(args.host, args.port, insecure_no_key=args.insecure_no_key,
-                           allowed_hosts=tuple(args.allowed_host))
-    deadline = time.monotonic() + 30.0
-    while True:
-        sock = client.connect()
-        if sock is not None:
-            return _serve_attached(sock, args, options)
-        try:
-            return run_daemon(args.config, http=options)
-        except DaemonRunning:
-            # Another daemon is just starting (an autostart racing us): attach once it
-            # listens.
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def _serve_attached(sock: Any, args: argparse.Namespace, options: Any) -> int:
-    import signal
-
-    from ..daemon.server import attach_args, daemon_config_path, load_daemon_config
-    from ..http.serve import describe
-
-    status = client._request(sock, "status", {})
-    mine = daemon_config_path(args.config)
-    if status.get("config") != mine:
-        theirs = status.get("config") or "no config file"
-        raise DaemonError(
-            f"a daemon (pid {status.get('pid')}) already runs with {theirs}; `serve` would "
-            f"use {mine or 'no config file'}. Stop it first (agentkernel daemon stop) to "
-            "serve with these settings", 1)
-    config = load_daemon_config(args.config)
-    options = options.with_config(config.api if config is not None else None)
-    sock = client.connect()
-    if sock is None:
-        raise DaemonError("the daemon stopped while `serve` was attaching to it", 1)
-    lines = client.Lines(sock)
-
-    def stop(_signo: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        client._send_request(lines, "http_attach", attach_args(options))
-        reply = lines.recv()
-        if reply is None or not reply.get("ok"):
-            client._raise(reply)
-        assert reply is not None
-        data = reply["data"]
-        _say(describe(str(data["url"]), options))
-        _say(f"served by the running daemon (pid {data['pid']}): the CLI and the SDKs share "
-             "its sandboxes; Ctrl-C stops serving HTTP, not the daemon")
-        while lines.recv() is not None:
-            pass
-        _say("the daemon stopped, and the HTTP API with it")
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        sock.close()
