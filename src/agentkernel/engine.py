@@ -269,7 +269,7 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     # A container engine's own store first, when the backend has one (docker, podman).
     rootfs, image_config, rootfs_note = (backend.engine_image(image)
                                          or resolve_rootfs(image, config, quiet))
-    if backend.in_process:  # wasm: the host rootfs above is a placeholder it never shows
+    if backend.image_free:  # wasm: the host rootfs above is a placeholder it never shows
         from .detect import WASM_ROOTFS
 
         rootfs_note = WASM_ROOTFS

@@ -958,7 +958,7 @@ class SandboxManager:
         backend = choice.backend
         rootfs, image_config, note = (backend.engine_image(image)  # an engine's own store
                                       or self._rootfs(image, config))
-        if backend.in_process:  # wasm: the host rootfs is a placeholder it never shows
+        if backend.image_free:  # wasm: the host rootfs is a placeholder it never shows
             from ..detect import WASM_ROOTFS
 
             note = WASM_ROOTFS
@@ -997,8 +997,6 @@ class SandboxManager:
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
         spec = self._pool_spec(key, rootfs)
-        if backend.in_process:  # wasm: runs in this process, nothing to record or reap
-            return backend.start(spec)
         scratch = self._runtime_scratch(spec.name)
         self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
                         (spec.name, backend.name, str(scratch)))
@@ -1095,9 +1093,6 @@ class SandboxManager:
         return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
-        if sandbox.in_process:  # wasm: nothing to tear down, no record to drop
-            sandbox.destroy()
-            return
         # Tearing a sandbox down takes a few ms: the caller already has its answer.
         threading.Thread(target=self._destroy_ephemeral, args=(sandbox,), name="ak-destroy",
                          daemon=False).start()
