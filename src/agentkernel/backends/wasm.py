@@ -179,13 +179,14 @@ class WasmBackend(Backend):
 def worker_profile(profile: Profile, has_workspace: bool) -> Profile:
     """The namespaces profile a worker runs under: never a network, the project read-only
     unless `rw` (WASI has no overlay for `cow`), nothing of $HOME, room for the
-    interpreter above the module's own memory limit."""
+    interpreter above the module's own memory limit, the strictest seccomp policy
+    whatever the profile (an interpreter running wasmtime needs none of what it denies)."""
     workspace: WorkspaceMode = (("rw" if profile.workspace == "rw" else "ro") if has_workspace
                                 else "none")
     memory = profile.memory_mb + WORKER_OVERHEAD_MB if profile.memory_mb else None
     return profile._replace(network="none", workspace=workspace, mount_home=False,
                             pass_env=False, root_writable=False, memory_mb=memory,
-                            pids=WORKER_PIDS)
+                            pids=WORKER_PIDS, seccomp="restrictive")
 
 
 def worker_rootfs() -> HostRootfs:
