@@ -260,7 +260,7 @@ def _inside(sandbox: object, code: str, arg: str) -> dict[str, object]:
 
     agent = sandbox.client._agent  # type: ignore[attr-defined]
     worker_spec = sandbox.worker_spec  # type: ignore[attr-defined]
-    rlimits = command_rlimits(worker_spec.profile, "namespaces", sandbox.cgroup)  # type: ignore[attr-defined]
+    rlimits = command_rlimits(worker_spec.profile, sandbox.cgroup)  # type: ignore[attr-defined]
     execution = agent.exec([os.path.realpath(sys.executable), "-I", "-S", "-c", code, arg],
                            env={}, cwd="/", rlimits=rlimits)
     out, err, status = execution.wait(timeout=60)

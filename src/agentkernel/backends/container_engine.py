@@ -148,6 +148,7 @@ class ContainerBackend(Backend):
     """A backend driving one container engine through its API socket."""
 
     strength = 5  # shares the host kernel, like namespaces, and its root may be host root
+    stoppable = True  # the engine keeps the stopped container and its layer
     engine: ClassVar[str]  # "docker" / "podman": names, labels, messages
     # Engine-specific create fields merged into HostConfig (podman's ulimits, userns).
     host_config_extra: ClassVar[dict[str, Any]] = {}
@@ -710,21 +711,6 @@ def connect_agent(path: Path, init_pid: int) -> AgentClient:
     return AgentClient.from_socket(sock)
 
 
-def engine_backend(name: str) -> ContainerBackend | None:
-    """The container backend called `name`, or None for other backends."""
-    backend: ContainerBackend | None = None
-    if name == "docker":
-        from .docker import DockerBackend
-
-        backend = DockerBackend()
-    elif name == "podman":
-        from .podman import PodmanBackend
-
-        backend = PodmanBackend()
-    return backend
-
-
-CONTAINER_BACKENDS = ("docker", "podman")
 
 
 def not_found(name: str) -> NotFound:

@@ -109,10 +109,10 @@ def _wasmtime_spec() -> Any:
 def hyperlight_unavailable() -> str:
     """Why Hyperlight cannot run here. It never can yet: we have no Hyperlight driver. The
     host's reason comes first, as it is the one a user can act on."""
-    from ..doctor import kvm_verdict
+    from ..vm.kvm import kvm_verdict
 
-    kvm = kvm_verdict()
-    host = "" if kvm.ok else kvm.detail.split(":")[0] + "; "
+    ok, detail = kvm_verdict()
+    host = "" if ok else detail.split(":")[0] + "; "
     return host + "no Hyperlight driver in agentkernel"
 
 
@@ -306,9 +306,9 @@ class _Compiler:
             source = _read_all(fd, st.st_size)
         finally:
             os.close(fd)
-        from . import wasm_cache
+        from .wasm_cache import cache_key
 
-        key = wasm_cache.cache_key(source, self.fingerprint)
+        key = cache_key(source, self.fingerprint)
         with self._lock:
             compiled = self._by_key.get(key)
         if compiled is None:
@@ -322,15 +322,15 @@ class _Compiler:
         refuses (damaged, another build) goes."""
         import wasmtime
 
-        from . import wasm_cache
+        from .wasm_cache import forget, load
 
-        compiled = wasm_cache.load(key)
+        compiled = load(key)
         if compiled is None:
             return None
         try:
             wasmtime.Module.deserialize(self.engine, compiled)
         except wasmtime.WasmtimeError:
-            wasm_cache.forget(key)
+            forget(key)
             return None
         return compiled
 
@@ -339,7 +339,7 @@ class _Compiler:
         module that passes is cached, so a cache hit needs no check."""
         import wasmtime
 
-        from . import wasm_cache
+        from .wasm_cache import store
 
         module = self.compile(source, shown)
         if not any(e.name == "_start" for e in module.exports):
@@ -352,7 +352,7 @@ class _Compiler:
                 f"{shown}: needs imports WASI preview1 does not offer: {_first_line(exc)}",
                 errno.ENOEXEC) from None
         compiled = bytes(module.serialize())
-        wasm_cache.store(key, compiled)
+        store(key, compiled)
         return compiled
 
     def _remember(self, ident: tuple[int, ...], key: str, compiled: bytes) -> None:
@@ -583,3 +583,11 @@ class WasmSandbox(Sandbox):
 
     def command_rlimits(self) -> list[tuple[int, int, int]]:
         return []  # the worker started with its own (its sandbox's profile)
+
+
+class HyperlightBackend(WasmBackend):
+    """`--backend hyperlight`, the original's name: Hyperlight where the host can run it
+    (no driver here yet), else the wasm backend, saying so in its isolation and a warning."""
+
+    def __init__(self) -> None:
+        super().__init__(requested="hyperlight")
