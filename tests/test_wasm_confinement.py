@@ -269,6 +269,22 @@ def _inside(sandbox: object, code: str, arg: str) -> dict[str, object]:
     return result
 
 
+def _check_limits(sandbox: object, module_mb: int | None) -> None:
+    """The worker's cgroup: the module's memory plus the interpreter's room, 64 pids."""
+    from agentkernel.backends.wasm import WORKER_OVERHEAD_MB, WORKER_PIDS
+
+    cgroup = sandbox.cgroup  # type: ignore[attr-defined]
+    if cgroup is None:  # no writable cgroup here: the worker has rlimits only
+        return
+    enforced = cgroup.enforced()
+    if "memory" in enforced and module_mb:
+        path = cgroup._file("memory", "memory.max") or cgroup._file(
+            "memory", "memory.limit_in_bytes")
+        assert int(path.read_text()) == (module_mb + WORKER_OVERHEAD_MB) << 20, path
+    if "pids" in enforced:
+        assert int(cgroup._file("pids", "pids.max").read_text()) == WORKER_PIDS
+
+
 @pytest.mark.parametrize("profile", ["moderate", "permissive"])
 def test_code_in_the_worker_reaches_nothing(root: Path, profile: str,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -301,6 +317,7 @@ def test_code_in_the_worker_reaches_nothing(root: Path, profile: str,
                   f"/ak-wasm/wasmtime/x-{profile}", f"{cache}/{victim}",
                   f"{cache}/{'0' * 64}.cwasm", f"/workspace/x-{profile}"]
         out = _inside(sandbox, PROBE, json.dumps({"hidden": hidden, "write": writes}))
+        _check_limits(sandbox, prof.memory_mb)
     finally:
         sandbox.destroy()
     assert out["visible"] == [], out
