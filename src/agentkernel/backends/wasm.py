@@ -218,8 +218,9 @@ def worker_spec(spec: SandboxSpec) -> SandboxSpec:
 
 
 def start_worker(spec: SandboxSpec, isolation: str) -> WasmSandbox:
-    """A namespaces sandbox with a worker in it that has imported wasmtime and waits for
-    its one job."""
+    """A namespaces sandbox with a worker started in it: it imports wasmtime meanwhile (a
+    cold run compiles or reads the cache at the same time) and says when it is ready;
+    `exec` waits for that before it hands over the job."""
     from .namespaces import NamespacesBackend
 
     inner = NamespacesBackend().start(worker_spec(spec))
@@ -228,7 +229,6 @@ def start_worker(spec: SandboxSpec, isolation: str) -> WasmSandbox:
         worker = inner.client.exec(
             [python, "-I", "-S", WORKER_SCRIPT], env={"PATH": "/usr/bin:/bin"}, cwd="/",
             stdin=True, rlimits=inner.command_rlimits())
-        _await_ready(worker)
     except BaseException:
         inner.destroy()
         raise
@@ -259,33 +259,40 @@ def _await_ready(worker: Execution) -> None:
 
 
 class _Compiler:
-    """One wasmtime engine (for compiling only), its WASI linker to check imports, and the
-    compiled modules kept in memory."""
+    """The compiled modules kept in memory, and for a module met for the first time a
+    wasmtime engine (made, and wasmtime imported, only then: a cache hit needs neither)
+    with its WASI linker to check imports."""
 
     def __init__(self) -> None:
-        import platform
-
-        import wasmtime
-
         # The worker's engine has the same (default) settings: compiled code is only
         # loaded by an engine configured as the one that compiled it.
-        self.engine = wasmtime.Engine()
-        self.linker = wasmtime.Linker(self.engine)
-        self.linker.define_wasi()
         self.fingerprint = (f"wasmtime {wasmtime_version()}; default config; "
-                            f"{platform.machine()}; worker")
+                            f"{os.uname().machine}; worker")
+        self._engine: tuple[wasmtime.Engine, wasmtime.Linker] | None = None
         self._lock = threading.Lock()
         self._by_file: OrderedDict[tuple[int, ...], str] = OrderedDict()
         self._by_key: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
 
+    def engine(self) -> tuple[wasmtime.Engine, wasmtime.Linker]:
+        with self._lock:
+            if self._engine is None:
+                import wasmtime
+
+                engine = wasmtime.Engine()
+                linker = wasmtime.Linker(engine)
+                linker.define_wasi()
+                self._engine = engine, linker
+            return self._engine
+
     def compile(self, source: bytes, shown: str) -> wasmtime.Module:
         import wasmtime
 
+        engine, _linker = self.engine()
         try:
             binary = (source if source[:4] == b"\0asm"
                       else bytes(wasmtime.wat2wasm(source.decode())))
-            return wasmtime.Module(self.engine, binary)
+            return wasmtime.Module(engine, binary)
         except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
             raise CommandNotExecutable(
                 f"{shown}: not a valid WebAssembly module: {_first_line(exc)}",
@@ -312,26 +319,12 @@ class _Compiler:
         with self._lock:
             compiled = self._by_key.get(key)
         if compiled is None:
-            compiled = self._load(key) or self._compile(key, source, shown)
+            from .wasm_cache import load
+
+            # An entry is only ever written by _compile, after its checks, and carries its
+            # own digest: one that loads is the checked module, byte for byte.
+            compiled = load(key) or self._compile(key, source, shown)
         self._remember(ident, key, compiled)
-        return compiled
-
-    def _load(self, key: str) -> bytes | None:
-        """A disk-cache entry, if this engine takes it. Loading it here maps code from our
-        own private file (never the worker's) and runs none of it; an entry the engine
-        refuses (damaged, another build) goes."""
-        import wasmtime
-
-        from .wasm_cache import forget, load
-
-        compiled = load(key)
-        if compiled is None:
-            return None
-        try:
-            wasmtime.Module.deserialize(self.engine, compiled)
-        except wasmtime.WasmtimeError:
-            forget(key)
-            return None
         return compiled
 
     def _compile(self, key: str, source: bytes, shown: str) -> bytes:
@@ -346,7 +339,7 @@ class _Compiler:
             raise CommandNotExecutable(
                 f"{shown}: not a WASI command (it exports no _start function)", errno.ENOEXEC)
         try:
-            self.linker.instantiate_pre(module)
+            self.engine()[1].instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise CommandNotExecutable(
                 f"{shown}: needs imports WASI preview1 does not offer: {_first_line(exc)}",
@@ -519,6 +512,7 @@ class WasmClient(AgentClient):
         job = self._job([path.name, *argv[1:]], env or {}, stdin, shown)
         from .wasm_worker import encode_job
 
+        _await_ready(self._worker)
         execution = WasmExecution(self._worker, timeout)
         self._worker.write_stdin(encode_job(job, compiled))
         if not stdin:
