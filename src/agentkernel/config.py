@@ -400,6 +400,12 @@ class DaemonSection(_Section):
     adhoc_min: Annotated[int, Field(ge=0, le=64)] = 1
     # ...until they have been idle this long.
     adhoc_idle_seconds: Annotated[float, Field(gt=0)] = 600.0
+    # Every key's warm (and starting) sandboxes together: at most this many, and within
+    # this much memory (measured on the first sandbox of each key).
+    pool_max_total: Annotated[int, Field(ge=0, le=1024)] = 64
+    pool_memory_mb: Annotated[int, Field(ge=0)] = 1024
+    # Sandboxes the pool starts at once (default: one per core, 2 to 4).
+    pool_refills: Annotated[int, Field(ge=1, le=64)] | None = None
     reaper_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
     # Bounds on what one client or command can take from the daemon (docs/daemon.md):
     # requests served at once on the socket (more are refused with an error, not queued),

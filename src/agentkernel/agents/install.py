@@ -56,6 +56,7 @@ def install(spec: AgentSpec, *, quiet: bool = False) -> Path:
             tail = proc.stderr.decode(errors="replace").strip()[-2000:]
             raise AgentInstallError(f"npm install {spec.npm_spec} failed "
                                     f"(exit {proc.returncode}): {tail}")
+        _run_setup(spec, staging)
         binary = staging / "node_modules" / ".bin" / spec.binary
         version = probe_version(spec, str(binary))
         if version != spec.version:
@@ -69,6 +70,24 @@ def install(spec: AgentSpec, *, quiet: bool = False) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return final / "node_modules" / ".bin" / spec.binary
+
+
+def _run_setup(spec: AgentSpec, staging: Path) -> None:
+    """The package's own install scripts the registry names (npm's postinstall, which
+    --ignore-scripts skipped for the whole tree), run with node from the package's dir."""
+    if not spec.setup:
+        return
+    node = shutil.which("node")
+    if node is None:
+        raise AgentInstallError("node is not installed (Debian: apt-get install nodejs)")
+    package = staging / "node_modules" / spec.npm
+    for script in spec.setup:
+        proc = subprocess.run([node, script], cwd=package, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=NPM_TIMEOUT, check=False)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-2000:]
+            raise AgentInstallError(f"{spec.npm_spec}: {script} failed "
+                                    f"(exit {proc.returncode}): {tail}")
 
 
 def _swap(staging: Path, final: Path) -> None:

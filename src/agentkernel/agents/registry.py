@@ -43,6 +43,9 @@ class AgentSpec:
     cli_remove: tuple[str, ...]
     cli_scopes: tuple[str, ...]
     cli_env: tuple[tuple[str, str], ...] = ()
+    # Scripts of the package's own that its npm postinstall would run (we install with
+    # --ignore-scripts, so nothing in its dependency tree runs): run with node, in order.
+    setup: tuple[str, ...] = ()
 
     @property
     def npm_spec(self) -> str:
@@ -96,6 +99,7 @@ def parse_row(agent_id: str, row: dict[str, object]) -> AgentSpec:
         config_project=_relative(_string(row, "config_project", where), where),
         cli_add=_strings(row, "cli_add", where), cli_remove=_strings(row, "cli_remove", where),
         cli_scopes=scopes, cli_env=_env_table(row, where),
+        setup=tuple(_relative(v, where) for v in _strings(row, "setup", where)),
     )
 
 

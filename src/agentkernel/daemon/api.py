@@ -149,6 +149,14 @@ class PoolKeyStatus:
     workspace: str | None = None  # ad-hoc keys: the project dir they mount
     starting: int = 0
     last_error: str | None = None
+    hits: int = 0  # runs served warm since the key was made
+    misses: int = 0  # runs that found no warm sandbox and started one themselves
+    waited: int = 0  # of the hits: runs that waited for a start under way
+    late: int = 0  # of the misses: runs that waited for a start, then started their own
+    target: int = 0  # warm sandboxes the key aims for now (from its recent takes/s)
+    rate: float = 0.0  # takes/s, recent average
+    start_ms: float = 0.0  # how long a start takes, recent average
+    memory_kib: int = 0  # one warm sandbox, measured (0: not yet)
 
 
 class SandboxService(Protocol):

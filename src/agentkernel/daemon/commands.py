@@ -487,7 +487,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"    Warm:    {p['warm']}" + (f" (+{p['starting']} starting)"
                                                if p.get("starting") else ""))
         print(f"    In use:  {p['in_use']}")
-        print(f"    Min/Max: {p['min']}/{p['max']}")
+        print(f"    Min/Max: {p['min']}/{p['max']}" + (
+            f" (aiming for {p['target']}: {p.get('rate', 0)} runs/s, a start takes "
+            f"{p.get('start_ms', 0)} ms)" if "target" in p else ""))
+        if "hits" in p:
+            print(f"    Served:  {p['hits']} warm ({p.get('waited', 0)} waited for a start), "
+                  f"{p['misses']} cold")
         if p.get("last_error"):
             print(f"    Error:   {p['last_error']}")
     return 0

@@ -323,7 +323,10 @@ class SandboxManager:
         self.pool = WarmPool(self._pool_start, self._destroy_ephemeral,
                              adhoc_min=self.settings.adhoc_min,
                              adhoc_max=self.settings.pool_max,
-                             idle_seconds=self.settings.adhoc_idle_seconds)
+                             idle_seconds=self.settings.adhoc_idle_seconds,
+                             max_total=self.settings.pool_max_total,
+                             memory_bytes=self.settings.pool_memory_mb * 1024 * 1024,
+                             refills=self.settings.pool_refills)
         self._threads: list[threading.Thread] = []
         if start_threads:
             if configured_pools:
@@ -987,20 +990,9 @@ class SandboxManager:
         key, plan = self._plan_run(req)
         backend, rootfs = plan.backend, plan.rootfs
         started = time.monotonic()
-        sandbox = self.pool.take(key, backend, rootfs)
-        pooled = sandbox is not None
+        sandbox: Sandbox | None = None
         try:
-            if sandbox is None:
-                for attempt in range(3):
-                    try:
-                        sandbox = self._pool_start(key, backend, rootfs)
-                        break
-                    except SandboxError:
-                        # Under heavy concurrency bwrap now and then fails its netlink
-                        # set-up (loopback, ECHILD); another try beats a failed run.
-                        if attempt == 2:
-                            raise
-                assert sandbox is not None
+            sandbox, pooled = self.pool.acquire(key, backend, rootfs)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
                                             cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
                                             rlimits=sandbox.command_rlimits())
@@ -1034,9 +1026,9 @@ class SandboxManager:
         return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
-        # Tearing a sandbox down takes a few ms: the caller already has its answer.
-        threading.Thread(target=self._destroy_ephemeral, args=(sandbox,), name="ak-destroy",
-                         daemon=False).start()
+        # Tearing a sandbox down takes a few ms: the caller already has its answer. The
+        # pool's teardown queue is bounded (a full one makes this caller wait).
+        self.pool.discard(sandbox)
 
     # ---- detached commands ----
 

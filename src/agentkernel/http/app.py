@@ -102,9 +102,37 @@ def fail(status: int, message: str, headers: dict[str, str] | None = None) -> Re
                     headers=headers)
 
 
+SEND_CHUNK = 64 * 1024  # bytes of encoded answer gathered before each send
+
+
 def pieces_response(pieces: Iterator[bytes]) -> Response:
-    """A JSON envelope sent as it is encoded (a big output is never held escaped)."""
-    return StreamingResponse(pieces, media_type="application/json")
+    """A JSON envelope sent as it is encoded (a big output is never held escaped).
+
+    Small pieces are gathered up to SEND_CHUNK: an answer that fits goes out as one
+    plain response, a bigger one as a stream of chunks (Starlette hands each item of a
+    plain iterator to a worker thread: one hop per piece would cost more than the run).
+    """
+    first = _gather(pieces)
+    if len(first) < SEND_CHUNK:
+        return Response(bytes(first), media_type="application/json")
+
+    def chunks() -> Iterator[bytes]:
+        yield bytes(first)
+        while chunk := _gather(pieces):
+            yield bytes(chunk)
+
+    return StreamingResponse(chunks(), media_type="application/json")
+
+
+def _gather(pieces: Iterator[bytes]) -> bytearray:
+    """The next pieces, joined, until SEND_CHUNK bytes or the end (bounded: one piece
+    is at most a few times commands.CHUNK)."""
+    buf = bytearray()
+    for piece in pieces:
+        buf += piece
+        if len(buf) >= SEND_CHUNK:
+            break
+    return buf
 
 
 def sandbox_json(info: SandboxInfo) -> dict[str, Any]:
