@@ -949,8 +949,6 @@ class SandboxManager:
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
         spec = self._pool_spec(key, rootfs)
-        if backend.in_process:  # wasm: runs in this process, nothing to record or reap
-            return backend.start(spec)
         scratch = self._runtime_scratch(spec.name)
         self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
                         (spec.name, backend.name, str(scratch)))
@@ -1029,9 +1027,6 @@ class SandboxManager:
         return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
-        if sandbox.in_process:  # wasm: nothing to tear down, no record to drop
-            sandbox.destroy()
-            return
         # Tearing a sandbox down takes a few ms: the caller already has its answer. The
         # pool's teardown queue is bounded (a full one makes this caller wait).
         self.pool.discard(sandbox)
