@@ -199,7 +199,7 @@ def test_read_size_cap(client: AgentClient, tmp_path: Path) -> None:
 
 
 def _handle(client: AgentClient, argv: list[str]) -> Any:
-    from agentkernel.daemon.manager import ExecHandle
+    from agentkernel.daemon.handles import ExecHandle
 
     return ExecHandle(client.exec(argv), timeout=None, oom=lambda: False, memory_mb=None)
 

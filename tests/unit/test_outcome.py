@@ -60,7 +60,7 @@ def test_a_command_that_could_not_start(code: int, want: int) -> None:
 
 def test_the_daemon_and_the_engine_use_this_mapping() -> None:
     """Both paths turn an ExitStatus into a result through planner.outcome."""
-    from agentkernel.daemon.manager import ExecHandle
+    from agentkernel.daemon.handles import ExecHandle
 
     handle = ExecHandle.__new__(ExecHandle)
     handle.timeout = 3.0

@@ -29,7 +29,8 @@ from ..errors import (
 from ..paths import API_SOCKET, DAEMON_SOCKET, listen_unix, runtime_dir
 from ..peer import refusal
 from .api import CreateRequest, ExecRequest, ExecResult, RunRequest, to_json
-from .manager import ExecHandle, SandboxManager, failed_start
+from .handles import ExecHandle, failed_start
+from .manager import SandboxManager
 
 if typing.TYPE_CHECKING:
     from ..http.serve import RunningServer, ServeOptions

@@ -1,0 +1,145 @@
+"""Snapshots of persistent sandboxes: take, list, delete, restore."""
+
+# mypy: disable-error-code="misc"
+# (the mixin's `self` is the SandboxManager that composes it, a subclass, not a supertype)
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+import uuid as uuid_mod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import Conflict, NotFound, SandboxError
+from ..names import validate_sandbox_name
+from . import records
+from .api import SandboxInfo, SnapshotInfo
+from .common import _facts, _now, rfc3339
+from .state import loads
+
+if TYPE_CHECKING:
+    from .manager import SandboxManager
+
+
+class SnapshotsMixin:
+    """SandboxManager's snapshots (a mixin: the manager is `self`; manager.py composes them)."""
+
+    def _snap_dir(self: SandboxManager) -> Path:
+        path = self.root / "snapshots"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    @staticmethod
+    def _snap_info(row: dict[str, Any]) -> SnapshotInfo:
+        doc = loads(row["spec"], {})
+        cpus = doc.get("cpus")
+        return SnapshotInfo(name=row["name"], sandbox=row["sandbox"],
+                            image_tag=f"agentkernel-snapshot:{row['name']}",
+                            backend=row["backend"], created_at=rfc3339(row["created"]) or "",
+                            base_image=row["image"],
+                            vcpus=max(1, round(cpus)) if cpus else None,
+                            memory_mb=doc.get("memory_mb"))
+
+    def snapshot(self: SandboxManager, name: str, snapshot_name: str | None = None) -> SnapshotInfo:
+        snap = snapshot_name or f"{name}-{time.strftime('%Y%m%d%H%M%S')}"
+        validate_sandbox_name(snap)
+        with self._name_lock(name):
+            row = self._row(name)
+            facts = _facts(row["backend"])
+            if not facts.snapshots:
+                raise Conflict(f"the {row['backend']} backend cannot snapshot a sandbox's "
+                               f"filesystem ({facts.snapshot_refusal})")
+            if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
+                raise Conflict(f"snapshot {snap!r} already exists")
+            target = self._snap_dir() / f"{snap}.tar"
+            tmp = target.with_suffix(".tmp")
+            state = self._layers_dir(name)
+            members = [m for m in ("layers", "dirs") if (state / m).exists()]
+            # GNU tar keeps overlayfs whiteouts (0/0 devices) and opaque-dir xattrs.
+            argv = ["tar", "--xattrs", "--xattrs-include=user.*", "--xattrs-include=trusted.*",
+                    "--exclude=./layers/*/work", "-C", str(state), "-cf", str(tmp),
+                    *[f"./{m}" for m in members]]
+            proc = subprocess.run(argv, capture_output=True, check=False, timeout=600)
+            if proc.returncode not in (0, 1):  # 1: a file changed while read (running)
+                tmp.unlink(missing_ok=True)
+                raise SandboxError("snapshot failed: " +
+                                   proc.stderr.decode(errors="replace").strip()[-300:])
+            tmp.rename(target)
+            self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
+                            "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
+                            (snap, name, row["image"], row["backend"], row["profile"],
+                             row["spec"], _now(), str(target)))
+            records.save_snapshot(self.db, snap, self._snap_dir())
+            self._audit(name, "snapshot_taken", snapshot=snap)
+        return self.get_snapshot(snap)
+
+    def snapshots(self: SandboxManager) -> list[SnapshotInfo]:
+        return [self._snap_info(r) for r in self.db.all("SELECT * FROM snapshots ORDER BY name")]
+
+    def _snap_row(self: SandboxManager, snapshot_name: str) -> dict[str, Any]:
+        validate_sandbox_name(snapshot_name)
+        row = self.db.one("SELECT * FROM snapshots WHERE name=?", (snapshot_name,))
+        if row is None:
+            raise NotFound(f"snapshot {snapshot_name!r} not found")
+        return row
+
+    def get_snapshot(self: SandboxManager, snapshot_name: str) -> SnapshotInfo:
+        return self._snap_info(self._snap_row(snapshot_name))
+
+    def delete_snapshot(self: SandboxManager, snapshot_name: str) -> None:
+        row = self._snap_row(snapshot_name)
+        self.db.execute("DELETE FROM snapshots WHERE name=?", (snapshot_name,))
+        Path(row["path"]).unlink(missing_ok=True)
+        (self._snap_dir() / f"{snapshot_name}.json").unlink(missing_ok=True)
+
+    def restore_snapshot(self: SandboxManager, snapshot_name: str,
+                         new_name: str | None = None) -> SandboxInfo:
+        """A new sandbox from a snapshot: named after its original sandbox if that name is
+        free, else after the snapshot, else `<snapshot>-<hex>`."""
+        row = self._snap_row(snapshot_name)
+        candidates = [new_name] if new_name else [row["sandbox"], snapshot_name,
+                                                 f"{snapshot_name[:50]}-{secrets.token_hex(3)}"]
+        for name in candidates:
+            validate_sandbox_name(name)
+            with self._name_lock(name):
+                if self.db.one("SELECT name FROM sandboxes WHERE name=?", (name,)):
+                    if new_name:
+                        raise Conflict(f"sandbox {name!r} already exists")
+                    continue
+                return self._restore_into(name, row)
+        raise Conflict("no free name to restore the snapshot into")
+
+    def _restore_into(self: SandboxManager, name: str, snap: dict[str, Any]) -> SandboxInfo:
+        state_dir = self._state_dir(name)
+        if state_dir.exists():
+            self._wipe_state(state_dir)
+        state_dir.mkdir(mode=0o700, parents=True)
+        try:
+            self._attach_disk(name, loads(snap["spec"], {}))
+        except BaseException:
+            self._wipe_state(state_dir)
+            raise
+        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
+                               str(self._layers_dir(name)), "-xf", snap["path"]],
+                              capture_output=True, check=False, timeout=600)
+        if proc.returncode != 0:
+            self._wipe_state(state_dir)
+            raise SandboxError("restore failed: " +
+                               proc.stderr.decode(errors="replace").strip()[-300:])
+        backend = self._backend(snap["backend"])
+        self.db.execute(
+            "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile, spec,"
+            " created, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (name, str(uuid_mod.uuid4()), "stopped", backend.name, backend.isolation,
+             snap["image"], snap["profile"], snap["spec"], _now(), str(state_dir)))
+        self._saved(name)
+        self._audit(name, "sandbox_restored", snapshot=snap["name"])
+        try:
+            self._start_live(name)
+        except BaseException:
+            self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
+            self._wipe_state(state_dir)
+            raise
+        return self.get(name)
