@@ -11,9 +11,11 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -490,3 +492,127 @@ def test_docker_refused_without_userns(plain_dockerd: str, tmp_path: Path,
     probe = get_backend("docker").probe(deep=True)
     assert not probe.ok and "would be host root" in probe.detail
     assert "userns-remap" in probe.detail
+
+
+# --- rootless podman, as an ordinary user -------------------------------------------------------
+PODMAN_USER = "akpodman"
+
+
+def _free_subid_start(path: str) -> int:
+    """A start for 65536 subordinate ids above every entry already in `path`."""
+    top = 100000
+    for line in Path(path).read_text().splitlines() if os.path.exists(path) else []:
+        parts = line.split(":")
+        # (entries above our own block for root's sandboxes are not in the way)
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() \
+                and int(parts[1]) < 0x6F000000:
+            top = max(top, int(parts[1]) + int(parts[2]))
+    return top
+
+
+@pytest.fixture(scope="session")
+def podman_user(tmp_path_factory: pytest.TempPathFactory,
+                busybox_tar: tuple[Path, str]) -> Iterator[tuple[int, dict[str, str], Path]]:
+    """A real unprivileged user with a home and /etc/subuid and /etc/subgid entries
+    (created once, idempotently), the environment the CLI runs with as that user, and a
+    dir of theirs; the test image imported into their own (rootless) store."""
+    import pwd
+
+    from sandbox_helpers import public_pythonpath
+
+    if os.geteuid() != 0 or shutil.which("podman") is None or shutil.which("useradd") is None:
+        pytest.skip("needs root, podman and useradd")
+    try:
+        pw = pwd.getpwnam(PODMAN_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", PODMAN_USER],
+                       check=True, capture_output=True, timeout=60)
+        pw = pwd.getpwnam(PODMAN_USER)
+    for f in ("/etc/subuid", "/etc/subgid"):
+        text = Path(f).read_text() if os.path.exists(f) else ""
+        if not any(line.startswith(f"{PODMAN_USER}:") for line in text.splitlines()):
+            with open(f, "a") as out:
+                out.write(f"{PODMAN_USER}:{_free_subid_start(f)}:65536\n")
+    base = Path(tempfile.mkdtemp(prefix="ak-rootless-podman-", dir="/tmp"))
+    base.chmod(0o755)
+    for d in ("xdg", "data", "run", "proj"):
+        (base / d).mkdir(mode=0o700)
+        os.chown(base / d, pw.pw_uid, pw.pw_gid)
+    tar, ref = busybox_tar
+    shutil.copy(tar, base / "image.tar")
+    (base / "image.tar").chmod(0o644)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": pw.pw_dir,
+           "XDG_RUNTIME_DIR": str(base / "xdg"), "PYTHONPATH": public_pythonpath(),
+           "AGENTKERNEL_HOME": str(base / "data"), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_AUTOSTART": "0", "IMAGE": ref}
+    as_user = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+               "env", "-i", *[f"{k}={v}" for k, v in env.items()]]
+    ensure_image([*as_user, CLI["podman"]], base / "image.tar", ref)
+    try:
+        yield pw.pw_uid, env, base
+    finally:
+        for pidfile in (base / "run" / "podman.pid",):
+            if pidfile.exists():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        subprocess.run([*as_user, CLI["podman"], "rm", "-af"], capture_output=True,
+                       timeout=120, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def ak_user(user: tuple[int, dict[str, str], Path], *args: str,
+            background: bool = False) -> Any:
+    """The real CLI (the system's python3, this checkout's sources) as the podman user."""
+    from sandbox_helpers import SYSTEM_PYTHON
+
+    uid, env, base = user
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups", "--",
+            SYSTEM_PYTHON, "-m", "agentkernel", *args]
+    if background:
+        return subprocess.Popen(argv, env=env, cwd=base / "proj", stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(argv, env=env, cwd=base / "proj", capture_output=True, text=True,
+                          timeout=120, check=False, stdin=subprocess.DEVNULL)
+
+
+def test_rootless_podman_run(podman_user: tuple[int, dict[str, str], Path]) -> None:
+    """As an ordinary user: exit codes, output, stdin-less runs, the project theirs; every
+    process of the sandbox is that user (or their subordinate ids) on the host."""
+    uid, env, base = podman_user
+    image = env["IMAGE"]
+    (base / "proj" / "f.txt").write_text("mine\n")
+    os.chown(base / "proj" / "f.txt", uid, uid)
+    r = ak_user(podman_user, "run", "-B", "podman", "-i", image, "-p", "permissive",
+                "--no-network", "--",  # (slirp4netns needs /dev/net/tun: 0600 here)
+                "sh", "-c", "cat /workspace/f.txt; echo w > /workspace/w.txt; id -u; exit 7")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "mine\n0\n"
+    assert "rootless" not in r.stderr or "error" not in r.stderr.lower()
+    assert (base / "proj" / "w.txt").stat().st_uid == uid  # the user's, on the host
+    marker = f"ak-rootless-{os.urandom(3).hex()}"
+    proc = ak_user(podman_user, "run", "-q", "-B", "podman", "-i", image, "-w", "/tmp", "--",
+                   "sh", "-c", f"sleep 60 & echo up; wait; : {marker}", background=True)
+    try:
+        assert proc.stdout.readline() == b"up\n", proc.stderr.read()[-500:]
+        procs = _container_procs(_pid_of(marker))
+        ids = set().union(*(_host_ids(p) for p in procs))
+        assert 0 not in ids and uid in ids, ids
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_rootless_podman_lifecycle(podman_user: tuple[int, dict[str, str], Path]) -> None:
+    """As an ordinary user: create / exec (exit code, output) / rm, nothing left."""
+    image = podman_user[1]["IMAGE"]
+    name = f"rl-{os.urandom(3).hex()}"
+    r = ak_user(podman_user, "create", name, "-B", "podman", "-i", image)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = ak_user(podman_user, "exec", "-w", "/tmp", name, "--", "sh", "-c",
+                    "echo hi > /root/f; cat /root/f; exit 4")
+        assert (r.returncode, r.stdout) == (4, "hi\n"), r.stderr
+    finally:
+        r = ak_user(podman_user, "rm", name)
+        ak_user(podman_user, "daemon", "stop")
+    assert r.returncode == 0, r.stderr
