@@ -616,3 +616,42 @@ def test_rootless_podman_lifecycle(podman_user: tuple[int, dict[str, str], Path]
         r = ak_user(podman_user, "rm", name)
         ak_user(podman_user, "daemon", "stop")
     assert r.returncode == 0, r.stderr
+
+
+def test_snapshot_commit_restore(engine: str, tmp_path: Path) -> None:
+    """A snapshot is the engine's `commit`: a file written in the sandbox is there in the
+    sandbox restored from it (on the host's userland, bound on the committed image again;
+    on an image, the committed image alone); deleting the snapshot removes its image."""
+    from agentkernel.daemon import client
+
+    image = "host" if engine == "docker" else IMAGE  # one engine each way
+    name = f"snap-{os.urandom(3).hex()}"
+    assert ak("daemon", "start", cwd=tmp_path).returncode == 0
+    client.call("create", {"name": name, "image": image, "backend": engine,
+                           "profile": "moderate"})
+    try:
+        client.call("write_file", {"name": name, "path": "/root/w.txt", "data": "written"})
+        snap = client.call("snapshot", {"name": name, "snapshot_name": f"{name}-s"})
+        assert snap["backend"] == engine
+        client.call("remove", {"name": name})
+        restored = client.call("restore_snapshot", {"snapshot_name": f"{name}-s"})
+        assert restored["name"] == name
+        assert client.call("read_file", {"name": name, "path": "/root/w.txt"}) == "written"
+        r = ak("exec", "-w", "/tmp", name, "--", "sh", "-c", "cat /root/w.txt; id -u",
+               cwd=tmp_path)
+        assert (r.returncode, r.stdout) == (0, "written0\n"), r.stderr
+        backends = {b["backend"]: b for b in client.call("backends")}
+        assert backends[engine]["capabilities"]["snapshots"]
+    finally:
+        with contextlib.suppress(Exception):
+            client.call("remove", {"name": name})
+    ref = f"localhost/agentkernel-snapshot:{os.getuid()}-{name}-s"
+
+    def images() -> str:
+        return subprocess.run([CLI[engine], "images", "-q", "--filter", f"reference={ref}"],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+
+    assert images().strip()
+    client.call("delete_snapshot", {"snapshot_name": f"{name}-s"})
+    assert f"{name}-s" not in [s["name"] for s in client.call("snapshots")]
+    assert images().strip() == ""

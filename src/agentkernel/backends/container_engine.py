@@ -49,6 +49,11 @@ LABEL_OWNER = "agentkernel.owner"
 LABEL_KIND = "agentkernel.kind"  # "run" (one-off: removed when it ends) or "persistent"
 LABEL_IDS = "agentkernel.ids"  # "UID:GID": the host ids the container's 0 maps to (ours)
 ENGINE_IMAGE = "engine:"  # HostRootfs.name prefix of an image the engine already has
+# HostRootfs.name prefix of a snapshot of a sandbox on the host's userland: the committed
+# image takes the place of our empty base image, the userland is bound on it again.
+ENGINE_BASE = "engine-base:"
+SNAPSHOT_REPO = "localhost/agentkernel-snapshot"
+SNAPSHOT_PATH = "engine-image:"  # a snapshot's recorded path: the image is the engine's
 BASE_REPO = "localhost/agentkernel-base"  # our empty base image: the host's userland is bound on it
 IMPORT_REPO = "localhost/agentkernel-image"  # images of our own store, imported into the engine
 START_TIMEOUT = 30.0
@@ -520,6 +525,9 @@ class ContainerBackend(Backend):
         rootfs = spec.rootfs
         if rootfs.name.startswith(ENGINE_IMAGE):
             return Image(rootfs.name.removeprefix(ENGINE_IMAGE), (), ())
+        if rootfs.name.startswith(ENGINE_BASE):
+            binds = tuple((e.src, e.path) for e in rootfs.entries if e.kind != "symlink")
+            return Image(rootfs.name.removeprefix(ENGINE_BASE), binds, _host_masks(rootfs))
         if rootfs.name == "host":
             return self._host_image(api, rootfs, scratch)
         return self._imported(api, rootfs, scratch)
@@ -617,11 +625,21 @@ class ContainerBackend(Backend):
         return gone
 
     # --- snapshots -----------------------------------------------------------------------
-    def commit(self, name: str, repo: str, tag: str) -> str:
-        """A persistent sandbox's container as an image in the engine (`commit`)."""
-        doc = self.api().call("POST", "/commit", timeout=600, query={
-            "container": container_name(name), "repo": repo, "tag": tag, "pause": "1"})
-        return str((doc or {}).get("Id", ""))
+    def commit(self, name: str, snap: str) -> str:
+        """A persistent sandbox's container as an image in the engine (`commit`): its
+        root filesystem as it is now (its tmpfs mounts and the host dirs bound in are not
+        part of it). Returns the image's id."""
+        try:
+            doc = self.api().call("POST", "/commit", timeout=600, query={
+                "container": container_name(name), "repo": SNAPSHOT_REPO,
+                "tag": f"{os.getuid()}-{snap}", "pause": "1"}, body={})  # (podman wants one)
+        except EngineError as exc:
+            raise SandboxError(f"{self.engine} could not commit the sandbox: "
+                               f"{exc.message}") from None
+        ident = str((doc or {}).get("Id", "") or (doc or {}).get("id", ""))
+        if not ident:
+            raise SandboxError(f"{self.engine} committed the sandbox but named no image")
+        return ident
 
 
 class Ids(NamedTuple):
@@ -837,6 +855,34 @@ def engine_backend(name: str) -> ContainerBackend | None:
 
 
 CONTAINER_BACKENDS = ("docker", "podman")
+
+
+def snapshot_ref(ident: str) -> str:
+    """The recorded path of a snapshot the engine keeps as image `ident`."""
+    return f"{SNAPSHOT_PATH}{ident}"
+
+
+def snapshot_rootfs(rootfs: HostRootfs, path: str) -> HostRootfs:
+    """The root filesystem of a sandbox restored from the snapshot at `path`: the committed
+    image; on the host's userland, that image in place of our base, the userland bound
+    on it again (it was never in the container's layer)."""
+    ident = path.removeprefix(SNAPSHOT_PATH)
+    if rootfs.name == "host":
+        return rootfs._replace(name=f"{ENGINE_BASE}{ident}")
+    return rootfs._replace(entries=(), masks=(), name=f"{ENGINE_IMAGE}{ident}")
+
+
+def remove_snapshot(backend: ContainerBackend, path: str) -> bool:
+    """Remove a snapshot's image from the engine (kept while a container still uses it);
+    False when `path` is not an engine's snapshot."""
+    from urllib.parse import quote
+
+    if not path.startswith(SNAPSHOT_PATH):
+        return False
+    with contextlib.suppress(EngineError, BackendUnavailable):
+        backend.api().call("DELETE", f"/images/{quote(path.removeprefix(SNAPSHOT_PATH))}",
+                           expect=(200, 404, 409), timeout=60)
+    return True
 
 
 def not_found(name: str) -> NotFound:

@@ -575,6 +575,7 @@ class SandboxManager:
         backend = self._backend(doc["backend"])
         rootfs, image_config, note = (backend.engine_image(doc["image"])  # an engine's store
                                       or self._rootfs(doc.get("rootfs") or doc["image"], None))
+        rootfs = _engine_snapshot_rootfs(doc, rootfs)
         ws = doc.get("workspace")
         workspace = Path(ws) if ws and profile.workspace != "none" else None
         if workspace is not None and not workspace.is_dir():
@@ -1308,6 +1309,11 @@ class SandboxManager:
         validate_sandbox_name(snap)
         with self._name_lock(name):
             row = self._row(name)
+            if row["backend"] in _engine_names():  # the engine's `commit`: an image of it
+                if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
+                    raise Conflict(f"snapshot {snap!r} already exists")
+                self._save_snapshot(name, row, snap, _engine_commit(row["backend"], name, snap))
+                return self.get_snapshot(snap)
             if row["backend"] not in SNAPSHOT_BACKENDS:
                 why = ("not supported for microVMs yet" if row["backend"] == "microvm"
                        else "it lives in the sandbox's memory")
@@ -1329,13 +1335,16 @@ class SandboxManager:
                 raise SandboxError("snapshot failed: " +
                                    proc.stderr.decode(errors="replace").strip()[-300:])
             tmp.rename(target)
-            self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
-                            "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
-                            (snap, name, row["image"], row["backend"], row["profile"],
-                             row["spec"], _now(), str(target)))
-            records.save_snapshot(self.db, snap, self._snap_dir())
-            self._audit(name, "snapshot_taken", snapshot=snap)
+            self._save_snapshot(name, row, snap, str(target))
         return self.get_snapshot(snap)
+
+    def _save_snapshot(self, name: str, row: dict[str, Any], snap: str, path: str) -> None:
+        self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
+                        "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
+                        (snap, name, row["image"], row["backend"], row["profile"],
+                         row["spec"], _now(), path))
+        records.save_snapshot(self.db, snap, self._snap_dir())
+        self._audit(name, "snapshot_taken", snapshot=snap)
 
     def snapshots(self) -> list[SnapshotInfo]:
         return [self._snap_info(r) for r in self.db.all("SELECT * FROM snapshots ORDER BY name")]
@@ -1353,7 +1362,8 @@ class SandboxManager:
     def delete_snapshot(self, snapshot_name: str) -> None:
         row = self._snap_row(snapshot_name)
         self.db.execute("DELETE FROM snapshots WHERE name=?", (snapshot_name,))
-        Path(row["path"]).unlink(missing_ok=True)
+        if not _engine_snapshot_remove(row["backend"], row["path"]):
+            Path(row["path"]).unlink(missing_ok=True)
         (self._snap_dir() / f"{snapshot_name}.json").unlink(missing_ok=True)
 
     def restore_snapshot(self, snapshot_name: str, new_name: str | None = None) -> SandboxInfo:
@@ -1377,14 +1387,19 @@ class SandboxManager:
         if state_dir.exists():
             self._wipe_state(state_dir)
         state_dir.mkdir(mode=0o700, parents=True)
-        try:
-            self._attach_disk(name, loads(snap["spec"], {}))
-        except BaseException:
-            self._wipe_state(state_dir)
-            raise
-        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
-                               str(self._layers_dir(name)), "-xf", snap["path"]],
-                              capture_output=True, check=False, timeout=600)
+        spec_doc = snap["spec"]
+        if snap["backend"] in _engine_names():  # an engine's image: no layers of ours
+            spec_doc = dumps({**loads(spec_doc, {}), ENGINE_SNAPSHOT_KEY: snap["path"]})
+            proc: subprocess.CompletedProcess[bytes] = subprocess.CompletedProcess([], 0)
+        else:
+            try:
+                self._attach_disk(name, loads(snap["spec"], {}))
+            except BaseException:
+                self._wipe_state(state_dir)
+                raise
+            proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
+                                   str(self._layers_dir(name)), "-xf", snap["path"]],
+                                  capture_output=True, check=False, timeout=600)
         if proc.returncode != 0:
             self._wipe_state(state_dir)
             raise SandboxError("restore failed: " +
@@ -1394,7 +1409,7 @@ class SandboxManager:
             "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile, spec,"
             " created, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (name, str(uuid_mod.uuid4()), "stopped", backend.name, backend.isolation,
-             snap["image"], snap["profile"], snap["spec"], _now(), str(state_dir)))
+             snap["image"], snap["profile"], spec_doc, _now(), str(state_dir)))
         self._saved(name)
         self._audit(name, "sandbox_restored", snapshot=snap["name"])
         try:
@@ -1425,7 +1440,7 @@ class SandboxManager:
                 isolation = backend.isolation
             except Exception:
                 isolation = name
-            disk = name in SNAPSHOT_BACKENDS
+            disk = name in SNAPSHOT_BACKENDS or name in _engine_names()  # (engines: commit)
             caps = {"mount_cwd": name != "microvm", "mount_home": name != "microvm",
                     "attach": True, "host_volumes": False, "ssh": False,
                     "proxy_secret_bindings": False, "secret_files": False, "snapshots": disk,
@@ -1567,3 +1582,37 @@ def _sweep_containers(known: set[str]) -> list[str]:
         with contextlib.suppress(AgentKernelError):
             out += [f"removed {name} container of {gone}" for gone in engine.sweep(known)]
     return out
+
+
+# Snapshots of container sandboxes: the engine's `commit` (an image in the engine's store,
+# recorded as the snapshot's path); a restored sandbox's container is made from it.
+ENGINE_SNAPSHOT_KEY = "engine_snapshot"
+
+
+def _engine_names() -> tuple[str, ...]:
+    from ..backends.container_engine import CONTAINER_BACKENDS
+
+    return CONTAINER_BACKENDS
+
+
+def _engine_commit(backend: str, name: str, snap: str) -> str:
+    from ..backends.container_engine import engine_backend, snapshot_ref
+
+    engine = engine_backend(backend)
+    assert engine is not None
+    return snapshot_ref(engine.commit(name, snap))
+
+
+def _engine_snapshot_rootfs(doc: dict[str, Any], rootfs: Any) -> Any:
+    from ..backends.container_engine import snapshot_rootfs
+
+    ref = doc.get(ENGINE_SNAPSHOT_KEY)
+    return snapshot_rootfs(rootfs, ref) if ref else rootfs
+
+
+def _engine_snapshot_remove(backend: str, path: str) -> bool:
+    """Remove a snapshot's image from its engine; False when `path` is not one."""
+    from ..backends.container_engine import engine_backend, remove_snapshot
+
+    engine = engine_backend(backend)
+    return engine is not None and remove_snapshot(engine, path)
