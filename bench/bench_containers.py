@@ -4,7 +4,7 @@ Cases per engine: `ENGINE run --rm IMAGE true` (Debian's CLI), `agentkernel run 
 ENGINE -- true` cold (no daemon), and warm (through a private daemon's pool). Goals: cold
 <= 1.1x the engine's own, warm <= 10% of it. Prints p50/p95 and writes
 bench/results/containers-<time>.json, stamped with the commit and the machine.
-Usage: .venv/bin/python bench/bench_containers.py [-n 15] [--image IMAGE]
+Usage: .venv/bin/python bench/bench_containers.py [-n 15] --image IMAGE
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ CLI = {"docker": "/usr/bin/docker", "podman": "/usr/bin/podman"}
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=15)
-    ap.add_argument("--image", default="agentkernel-test/busybox:containers")
+    ap.add_argument("--image", required=True,
+                    help="an image both engines have (tests/test_containers.py imports one: "
+                         "agentkernel-test/busybox:<content hash>)")
     ap.add_argument("--engines", default="docker,podman")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ak-bench-ct-"))
-    env = {**os.environ, "AGENTKERNEL_HOME": str(tmp / "home"),
+    # Without PYTHONDONTWRITEBYTECODE (set in some shells here): an install has its .pyc
+    # files, and recompiling every module on every run is not what users pay.
+    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env = {**base_env, "AGENTKERNEL_HOME": str(tmp / "home"),
            "AGENTKERNEL_RUNTIME_DIR": str(tmp / "run"), "AGENTKERNEL_DAEMON_AUTOSTART": "0"}
     proj = tmp / "proj"  # a project dir apart from our data and runtime dirs
     proj.mkdir()

@@ -20,7 +20,6 @@ restart of the engine or of us leaves the protocol intact), and the agent alread
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import struct
@@ -535,6 +534,8 @@ class ContainerBackend(Backend):
     def _host_image(self, api: EngineAPI, rootfs: HostRootfs, scratch: Path) -> Image:
         """The host's userland, read-only binds on an empty base image of our own (which
         holds only its symlinks), its secrets masked."""
+        import hashlib  # (here: the other paths do without it)
+
         links = tuple((e.path, e.target) for e in rootfs.entries if e.kind == "symlink")
         tag = hashlib.sha256(repr(links).encode()).hexdigest()[:12]
         ref = f"{BASE_REPO}:{tag}"
@@ -552,6 +553,8 @@ class ContainerBackend(Backend):
         if not sources:
             raise SandboxError(f"image {rootfs.name} has an empty root filesystem")
         root = Path(sources[0]).parent
+        import hashlib
+
         tag = hashlib.sha256(f"{rootfs.name}\0{root}".encode()).hexdigest()[:16]
         ref = f"{IMPORT_REPO}:{tag}"
         if not self._has_image(api, ref):

@@ -139,9 +139,11 @@ class PodmanBackend(ContainerBackend):
 
         if not deep and which("podman") is None and self.socket_path() is None:
             return Probe(False, self.missing_hint())
-        if not deep or self.socket_path() is None:  # doctor starts no service
-            return Probe(True, (self.socket_path() or "podman (its API service starts on "
-                                "first use)") + f"; {self.root_note()}")
+        if not deep:  # (on every run: nothing more than needed to pick the backend)
+            return Probe(True, self.socket_path() or "podman")
+        if self.socket_path() is None:  # doctor starts no service
+            return Probe(True, f"podman (its API service starts on first use); "
+                               f"{self.root_note()}")
         return super().probe(deep)
 
     def missing_hint(self) -> str:
