@@ -10,6 +10,7 @@ home dirs are shown through id-mapped mounts of that range, so root's files stay
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, ClassVar, NamedTuple
 
 from ..errors import BackendUnavailable
@@ -78,6 +79,11 @@ class DockerBackend(ContainerBackend):
             return None
         return Ids(HostRange(mode.uid, mode.gid, mode.size), -1)
 
+    def create_container(self, api: EngineAPI, name: str, body: dict[str, Any],
+                         ids: Ids | None) -> str:
+        _settle(api)
+        return super().create_container(api, name, body, ids)
+
     def probe(self, deep: bool = False) -> Any:
         from .base import Probe
 
@@ -96,6 +102,30 @@ class DockerBackend(ContainerBackend):
                     f"{mode.size} ids every container of this engine shares)")
         return (f"the sandbox's root would be host root (no userns-remap): refused; "
                 f"{REMAP_HINT}")
+
+
+SETTLE_SECONDS = 3.0
+
+
+def _settle(api: EngineAPI) -> None:
+    """Wait (a little) for our one-off containers that have ended to be gone.
+
+    Seen with Debian's Docker 20.10 on kernel 6.18, rootful, with or without userns-remap:
+    a container created while another of the same image is being taken down can start with
+    files of its image missing ("executable file not found", "stat /bin/busybox"), about 1
+    run in 10 when they overlap; plain `docker run -d --rm` loops show it too. One-off
+    sandboxes end with their container's removal (AutoRemove) still under way, so the next
+    run would overlap it: it waits for that first (one API call when nothing is pending)."""
+    import json
+
+    from .container_engine import LABEL_KIND, LABEL_OWNER
+
+    filters = json.dumps({"label": [f"{LABEL_OWNER}={os.getuid()}", f"{LABEL_KIND}=run"],
+                          "status": ["exited", "dead", "removing"]})
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while api.call("GET", "/containers/json", query={"all": "1", "filters": filters},
+                   timeout=10) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 _MODES: dict[tuple[str, int], Mode] = {}
