@@ -154,12 +154,19 @@ class ContainerBackend(Backend):
     """A backend driving one container engine through its API socket."""
 
     strength = 5  # shares the host kernel, like namespaces, and its root may be host root
+    stoppable = True  # the engine keeps the stopped container and its layer
+    # (`snapshots` stays False: no layers of ours on the host to archive; the manager takes
+    # a container's snapshot through the engine's `commit` instead: see `capabilities`.)
+    snapshot_refusal = "its engine could not commit it"
     engine: ClassVar[str]  # "docker" / "podman": names, labels, messages
     # Engine-specific create fields merged into HostConfig (podman's ulimits, userns).
     host_config_extra: ClassVar[dict[str, Any]] = {}
     # Appended to every tmpfs's options: Podman copies what a tmpfs covers into it unless
     # told not to, which would turn a mask into a copy of the secret it hides.
     tmpfs_extra: ClassVar[str] = ""
+
+    def capabilities(self) -> dict[str, bool]:
+        return {**super().capabilities(), "snapshots": True}  # through `commit`
 
     # --- what each engine says for itself ------------------------------------------------
     def socket_path(self) -> str | None:
@@ -843,21 +850,6 @@ def connect_agent(path: Path, init_pid: int) -> AgentClient:
     return AgentClient.from_socket(sock)
 
 
-def engine_backend(name: str) -> ContainerBackend | None:
-    """The container backend called `name`, or None for other backends."""
-    backend: ContainerBackend | None = None
-    if name == "docker":
-        from .docker import DockerBackend
-
-        backend = DockerBackend()
-    elif name == "podman":
-        from .podman import PodmanBackend
-
-        backend = PodmanBackend()
-    return backend
-
-
-CONTAINER_BACKENDS = ("docker", "podman")
 
 
 def snapshot_ref(ident: str) -> str:
