@@ -45,39 +45,41 @@ def main() -> None:
     proj.mkdir()
     tmp.chmod(0o755)
     results: dict[str, dict[str, float]] = {}
-    for engine in args.engines.split(","):
-        extra = (["--ulimit", "nofile=1024:20000", "--ulimit", "nproc=1024:1024"]
-                 if engine == "podman" else [])
-        own = [CLI[engine], "run", "--rm", "--network", "none", *extra, args.image, "true"]
-        ours = [AK, "run", "-q", "-p", "restrictive", "-B", engine, "-i", args.image, "-w",
-                "/tmp", "--", "true"]
-        timed(ours, 2, cwd=proj, env=env)  # images imported, caches warm
-        # Interleaved, one of each in turn: on a machine shared with other work, load
-        # that comes and goes then weighs on both alike.
-        own_s: list[float] = []
-        ours_s: list[float] = []
-        for _ in range(args.n):
-            own_s += timed(own, 1, cwd=proj, env=base_env, pause=0.2)
-            ours_s += timed(ours, 1, cwd=proj, env=env, pause=0.2)
-        cases = {f"{engine} run --rm": own_s, f"agentkernel -B {engine} cold": ours_s}
-        subprocess.run([AK, "daemon", "start"], env=env, check=True, capture_output=True)
-        try:
-            timed(ours, 3, cwd=proj, env=env, pause=0.5)
-            cases[f"agentkernel -B {engine} warm"] = timed(ours, args.n, cwd=proj, env=env,
-                                                            pause=0.5)
-        finally:
-            subprocess.run([AK, "daemon", "stop"], env=env, check=False, capture_output=True)
-        for case, samples in cases.items():
-            results[case] = {"p50": pct(samples, 0.5), "p95": pct(samples, 0.95)}
-        base = results[f"{engine} run --rm"]["p50"]
-        for case, r in results.items():
-            if case.startswith(("agentkernel -B " + engine, engine)):
-                print(f"{case:32} p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f} ms  "
-                      f"{r['p50'] / base:5.2f}x {engine} run --rm")
-    pidfile = tmp / "run" / "podman.pid"  # the API service our backend started, if any
-    if pidfile.exists():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    try:
+        for engine in args.engines.split(","):
+            extra = (["--ulimit", "nofile=1024:20000", "--ulimit", "nproc=1024:1024"]
+                     if engine == "podman" else [])
+            own = [CLI[engine], "run", "--rm", "--network", "none", *extra, args.image, "true"]
+            ours = [AK, "run", "-q", "-p", "restrictive", "-B", engine, "-i", args.image, "-w",
+                    "/tmp", "--", "true"]
+            timed(ours, 2, cwd=proj, env=env)  # images imported, caches warm
+            # Interleaved, one of each in turn: on a machine shared with other work, load
+            # that comes and goes then weighs on both alike.
+            own_s: list[float] = []
+            ours_s: list[float] = []
+            for _ in range(args.n):
+                own_s += timed(own, 1, cwd=proj, env=base_env, pause=0.2)
+                ours_s += timed(ours, 1, cwd=proj, env=env, pause=0.2)
+            cases = {f"{engine} run --rm": own_s, f"agentkernel -B {engine} cold": ours_s}
+            subprocess.run([AK, "daemon", "start"], env=env, check=True, capture_output=True)
+            try:
+                timed(ours, 3, cwd=proj, env=env, pause=0.5)
+                cases[f"agentkernel -B {engine} warm"] = timed(ours, args.n, cwd=proj, env=env,
+                                                                pause=0.5)
+            finally:
+                subprocess.run([AK, "daemon", "stop"], env=env, check=False, capture_output=True)
+            for case, samples in cases.items():
+                results[case] = {"p50": pct(samples, 0.5), "p95": pct(samples, 0.95)}
+            base = results[f"{engine} run --rm"]["p50"]
+            for case, r in results.items():
+                if case.startswith(("agentkernel -B " + engine, engine)):
+                    print(f"{case:32} p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f} ms  "
+                          f"{r['p50'] / base:5.2f}x {engine} run --rm")
+    finally:
+        pidfile = tmp / "run" / "podman.pid"  # the API service our backend started, if any
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, check=False).stdout.strip()
     out = ROOT / "bench" / "results" / f"containers-{time.strftime('%Y%m%d-%H%M%S')}.json"
