@@ -276,8 +276,13 @@ def test_lifecycle(engine: str, tmp_path: Path) -> None:
     r = ak("create", name, "-B", engine, "-i", IMAGE, "-p", "moderate", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     try:
-        r = ak("exec", "-w", "/tmp", name, "--", "sh", "-c", "echo kept > /root/f; exit 3",
-               cwd=tmp_path)
+        cmd = ("exec", "-w", "/tmp", name, "--", "sh", "-c", "echo kept > /root/f; exit 3")
+        r = ak(*cmd, cwd=tmp_path)
+        if engine == "docker" and "command not found" in r.stderr:
+            # Docker 20.10's own race on this kernel (docs/backends.md): a container made
+            # right after another of the same image was removed may briefly miss files of
+            # its image. Reproduced without agentkernel; one retry, never more.
+            r = ak(*cmd, cwd=tmp_path)
         assert r.returncode == 3, r.stderr
         assert ak("stop", name, cwd=tmp_path).returncode == 0
         assert ak("start", name, cwd=tmp_path).returncode == 0
