@@ -23,7 +23,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-i", "--image", help="image for the sandbox (default: auto-detected)")
     p.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
     p.add_argument("-B", "--backend",
-                   help="isolation backend: auto, namespaces, gvisor, microvm, wasm, hyperlight")
+                   help="isolation backend: auto, namespaces, gvisor, microvm, docker, podman, "
+                        "wasm, hyperlight")
     p.add_argument("--no-network", action="store_true", help="no network at all")
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
                    help="set an environment variable in the sandbox (repeatable)")

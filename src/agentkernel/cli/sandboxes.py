@@ -25,7 +25,7 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("name")
     c.add_argument("-i", "--image", help="image (default: detected from --dir, else alpine)")
     c.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
-    c.add_argument("-B", "--backend", help="isolation backend: auto, namespaces, gvisor")
+    c.add_argument("-B", "--backend", help="as `run --backend` (not wasm: it keeps nothing)")
     c.add_argument("-d", "--dir", help="host project dir shown at /workspace")
     c.add_argument("-m", "--memory", help="memory limit, e.g. 512m, 2g or unlimited")
     c.add_argument("--pids", help="process limit, e.g. 256 or unlimited")

@@ -20,6 +20,7 @@ from ..names import validate_sandbox_name
 from ..paths import data_dir
 from .api import BackendInfo, PoolKeyStatus, RunRequest
 from .common import _now
+from .containers import _engine_snapshot_rootfs
 from .detached import DetachedMixin
 from .execs import ExecMixin
 from .files import FilesMixin
@@ -217,6 +218,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         engine = backend.engine_image(doc["image"])  # a container engine's own store
         rootfs, image_config, _note, _warning = (*engine, None) if engine is not None else \
             self._rootfs(doc.get("rootfs") or doc["image"], None, registry)
+        rootfs = _engine_snapshot_rootfs(doc, rootfs)
         ws = doc.get("workspace")
         workspace = Path(ws) if ws and profile.workspace != "none" else None
         if workspace is not None and not workspace.is_dir():

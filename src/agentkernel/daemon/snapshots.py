@@ -17,7 +17,13 @@ from ..names import validate_sandbox_name
 from . import records
 from .api import SandboxInfo, SnapshotInfo
 from .common import _facts, _now, rfc3339
-from .state import loads
+from .containers import (
+    ENGINE_SNAPSHOT_KEY,
+    _engine,
+    _engine_commit,
+    _engine_snapshot_remove,
+)
+from .state import dumps, loads
 
 if TYPE_CHECKING:
     from .manager import SandboxManager
@@ -47,6 +53,11 @@ class SnapshotsMixin:
         validate_sandbox_name(snap)
         with self._name_lock(name):
             row = self._row(name)
+            if _engine(row["backend"]) is not None:  # the engine's `commit`: an image
+                if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
+                    raise Conflict(f"snapshot {snap!r} already exists")
+                self._save_snapshot(name, row, snap, _engine_commit(row["backend"], name, snap))
+                return self.get_snapshot(snap)
             facts = _facts(row["backend"])
             if not facts.snapshots:
                 raise Conflict(f"the {row['backend']} backend cannot snapshot a sandbox's "
@@ -67,13 +78,17 @@ class SnapshotsMixin:
                 raise SandboxError("snapshot failed: " +
                                    proc.stderr.decode(errors="replace").strip()[-300:])
             tmp.rename(target)
-            self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
-                            "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
-                            (snap, name, row["image"], row["backend"], row["profile"],
-                             row["spec"], _now(), str(target)))
-            records.save_snapshot(self.db, snap, self._snap_dir())
-            self._audit(name, "snapshot_taken", snapshot=snap)
+            self._save_snapshot(name, row, snap, str(target))
         return self.get_snapshot(snap)
+
+    def _save_snapshot(self: SandboxManager, name: str, row: dict[str, Any], snap: str,
+                       path: str) -> None:
+        self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
+                        "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
+                        (snap, name, row["image"], row["backend"], row["profile"],
+                         row["spec"], _now(), path))
+        records.save_snapshot(self.db, snap, self._snap_dir())
+        self._audit(name, "snapshot_taken", snapshot=snap)
 
     def snapshots(self: SandboxManager) -> list[SnapshotInfo]:
         return [self._snap_info(r) for r in self.db.all("SELECT * FROM snapshots ORDER BY name")]
@@ -91,7 +106,8 @@ class SnapshotsMixin:
     def delete_snapshot(self: SandboxManager, snapshot_name: str) -> None:
         row = self._snap_row(snapshot_name)
         self.db.execute("DELETE FROM snapshots WHERE name=?", (snapshot_name,))
-        Path(row["path"]).unlink(missing_ok=True)
+        if not _engine_snapshot_remove(row["backend"], row["path"]):
+            Path(row["path"]).unlink(missing_ok=True)
         (self._snap_dir() / f"{snapshot_name}.json").unlink(missing_ok=True)
 
     def restore_snapshot(self: SandboxManager, snapshot_name: str,
@@ -116,14 +132,19 @@ class SnapshotsMixin:
         if state_dir.exists():
             self._wipe_state(state_dir)
         state_dir.mkdir(mode=0o700, parents=True)
-        try:
-            self._attach_disk(name, loads(snap["spec"], {}))
-        except BaseException:
-            self._wipe_state(state_dir)
-            raise
-        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
-                               str(self._layers_dir(name)), "-xf", snap["path"]],
-                              capture_output=True, check=False, timeout=600)
+        spec_doc = snap["spec"]
+        if _engine(snap["backend"]) is not None:  # an engine's image: no layers of ours
+            spec_doc = dumps({**loads(spec_doc, {}), ENGINE_SNAPSHOT_KEY: snap["path"]})
+            proc: subprocess.CompletedProcess[bytes] = subprocess.CompletedProcess([], 0)
+        else:
+            try:
+                self._attach_disk(name, loads(snap["spec"], {}))
+            except BaseException:
+                self._wipe_state(state_dir)
+                raise
+            proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
+                                   str(self._layers_dir(name)), "-xf", snap["path"]],
+                                  capture_output=True, check=False, timeout=600)
         if proc.returncode != 0:
             self._wipe_state(state_dir)
             raise SandboxError("restore failed: " +
@@ -133,7 +154,7 @@ class SnapshotsMixin:
             "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile, spec,"
             " created, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (name, str(uuid_mod.uuid4()), "stopped", backend.name, backend.isolation,
-             snap["image"], snap["profile"], snap["spec"], _now(), str(state_dir)))
+             snap["image"], snap["profile"], spec_doc, _now(), str(state_dir)))
         self._saved(name)
         self._audit(name, "sandbox_restored", snapshot=snap["name"])
         try:
