@@ -393,15 +393,9 @@ def _open_module(path: Path, shown: str) -> tuple[int, os.stat_result]:
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    chunks = []
-    left = min(size, MAX_MODULE_BYTES)
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    from .wasm_cache import read_fd
+
+    return read_fd(fd, min(size, MAX_MODULE_BYTES))
 
 
 def _first_line(exc: BaseException) -> str:

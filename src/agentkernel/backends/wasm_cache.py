@@ -68,17 +68,9 @@ def load(key: str) -> bytes | None:
         if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077
                 or st.st_size > MAX_ENTRY_BYTES):
             return None
-        chunks = []
-        left = st.st_size
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
+        data = read_fd(fd, st.st_size)
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     body = data[_HEAD:]
     if data[:len(ENTRY_MAGIC)] != ENTRY_MAGIC or hashlib.sha256(body).digest() != \
             data[len(ENTRY_MAGIC):_HEAD]:
@@ -137,3 +129,16 @@ def trim(directory: Path, cap: int = MAX_CACHE_BYTES) -> None:
         with contextlib.suppress(OSError):
             os.unlink(directory / name)
             total -= size
+
+
+def read_fd(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from `fd` (less if it ends first), read in 1 MiB pieces."""
+    chunks = []
+    left = size
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

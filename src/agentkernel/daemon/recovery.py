@@ -50,12 +50,7 @@ class RecoveryMixin:
             if self._adopt(row):
                 self.recovered.append(f"re-adopted {name}")
                 continue
-            self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"],
-                               row["pid_start"], loads(row["helpers"], []))
-            self.db.execute("UPDATE sandboxes SET status='stopped', pid=NULL, pid_start=NULL, "
-                            "helpers='[]', scratch=NULL WHERE name=?", (name,))
-            self._saved(name)
-            self._fail_detached(name)
+            self._mark_dead_stopped(name, row)
             self._audit(name, "sandbox_stopped", reason="found dead by a restarted daemon")
             self.recovered.append(f"marked {name} stopped (it died while no daemon ran)")
         for row in self.db.all("SELECT * FROM sandboxes WHERE status='stopped'"):

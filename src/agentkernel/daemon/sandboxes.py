@@ -181,9 +181,18 @@ class SandboxesMixin:
             live = self._live.pop(name, None)
         if live is not None:
             self._teardown(live)
+            self._record_stopped(name)
         else:
-            self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"],
-                               row["pid_start"], loads(row["helpers"], []))
+            self._mark_dead_stopped(name, row)
+
+    def _mark_dead_stopped(self: SandboxManager, name: str, row: dict[str, Any]) -> None:
+        """A sandbox whose processes are gone: clean up after it and record it stopped."""
+        self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"],
+                           row["pid_start"], loads(row["helpers"], []))
+        self._record_stopped(name)
+
+    def _record_stopped(self: SandboxManager, name: str) -> None:
+        """Stopped in the database (no processes, no scratch); its detached commands fail."""
         self.db.execute("UPDATE sandboxes SET status='stopped', pid=NULL, pid_start=NULL, "
                         "helpers='[]', scratch=NULL WHERE name=?", (name,))
         self._saved(name)
