@@ -25,6 +25,7 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
     p.add_argument("-B", "--backend", help="isolation backend: auto, namespaces, gvisor")
     p.add_argument("--no-network", action="store_true", help="no network at all")
+    _add_egress_flags(p)
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
                    help="set an environment variable in the sandbox (repeatable)")
     p.add_argument("-w", "--workdir", help="working directory inside the sandbox")
@@ -41,6 +42,25 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the result instead of streaming")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+
+
+def _add_egress_flags(p: Any) -> None:
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="egress allow-list entry (host, *.domain, host:port, CIDR); "
+                        "any makes the policy default-deny")
+    p.add_argument("--deny-host", action="append", default=[], metavar="HOST",
+                   help="egress deny entry (wins over allow)")
+    p.add_argument("--add-host", action="append", default=[], metavar="NAME:ADDRESS",
+                   help="what the sandbox's resolver answers for NAME (still policed)")
+
+
+def _add_egress_parser(sub: Any) -> None:
+    eg = sub.add_parser("egress", help="a running sandbox's egress policy and log")
+    eg.add_argument("name")
+    eg.add_argument("action", choices=["allow", "deny", "log", "show"])
+    eg.add_argument("entry", nargs="?", help="host, *.domain, host:port or CIDR")
+    eg.add_argument("-f", "--follow", action="store_true", help="log: keep printing")
+    eg.add_argument("--json", action="store_true", help="log: raw JSON lines")
 
 
 def _add_images_parser(sub: Any) -> None:
@@ -78,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
     _add_images_parser(sub)
     _add_sandbox_parsers(sub)
+    _add_egress_parser(sub)
 
     sv = sub.add_parser("serve", help="serve the HTTP API of the agentkernel SDKs (runs the "
                                       "daemon in the foreground)")
@@ -127,6 +148,7 @@ def _add_sandbox_parsers(sub: Any) -> None:
     c.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
                    help="environment variable for every command in it (repeatable)")
     c.add_argument("--ttl", help="remove it automatically after this long (30m, 1h, 2d)")
+    _add_egress_flags(c)
     e = sub.add_parser("exec", help="run a command in a persistent sandbox",
                        description="Run COMMAND in sandbox NAME; its exit code is ours.")
     e.add_argument("name")
@@ -205,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             from .daemon.commands import cmd_serve
 
             return cmd_serve(args)
+        if args.cmd == "egress":
+            from .egress_cli import cmd_egress
+
+            return cmd_egress(args)
         if args.cmd == "setup":
             from .vm.setup import main as setup_main
 
@@ -232,7 +258,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be a positive number of seconds")
     from .daemon.fastpath import daemon_wanted
 
-    if args.keep or daemon_wanted():
+    egress_flags = bool(args.allow_host or args.deny_host or args.add_host)
+    if args.keep or (daemon_wanted() and not egress_flags):  # pools keep the default policy
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
         from .daemon.commands import run_via_daemon
 
@@ -260,6 +287,8 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
         config_path=Path(args.config) if args.config else None,
         forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
+        allow_hosts=tuple(args.allow_host), deny_hosts=tuple(args.deny_host),
+        add_hosts=tuple(args.add_host),
     )
     started = time.monotonic()
     plan_ = plan(req, quiet=args.quiet)
@@ -292,6 +321,11 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     try:
         for note in sandbox.notes:
             say(f"note: {note}")
+        if spec.egress is not None and not args.quiet:
+            from .egress_gate import refusals
+
+            for line in refusals(sandbox.scratch):
+                say(f"egress: {line}")
     finally:
         sandbox.destroy()
     if outcome.message:

@@ -45,6 +45,9 @@ class RunRequest(NamedTuple):
     cpus: float | None = None
     config_path: Path | None = None
     forward_stdin: bool = False
+    allow_hosts: tuple[str, ...] = ()  # egress policy (egress_policy.policy_for)
+    deny_hosts: tuple[str, ...] = ()
+    add_hosts: tuple[str, ...] = ()
 
 
 class Plan(NamedTuple):
@@ -251,10 +254,14 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     home = Path(os.path.expanduser("~"))
     workspace = req.cwd if profile.workspace != "none" else None
     home_opt = home if home.is_dir() else None
+    from .egress_policy import policy_for
+
     spec = SandboxSpec(
         name=name, profile=profile, rootfs=rootfs, image=image, workspace=workspace,
         home=home_opt, persistent=req.keep,
         masks=control_masks(profile, workspace, home_opt),
+        egress=policy_for(profile.network, config, req.allow_hosts, req.deny_hosts,
+                          req.add_hosts),
     )
     env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
     if image_config is not None:

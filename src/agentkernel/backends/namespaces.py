@@ -86,7 +86,7 @@ class NamespacesBackend(Backend):
 
     def _start(self, spec: SandboxSpec) -> Sandbox:
         from ..cgroups import Cgroup, Limits
-        from ..network import lifeline, start_slirp, write_resolv_conf
+        from ..network import lifeline, write_resolv_conf
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -115,7 +115,7 @@ class NamespacesBackend(Backend):
             resolv = write_resolv_conf(scratch) if p.network == "egress" else None
             info_r, info_w = os.pipe() if p.network == "egress" else (-1, -1)
             # bwrap holds the lifeline's write end (--sync-fd) for as long as the sandbox
-            # runs, so slirp4netns exits with it whatever happens to us.
+            # runs, so its egress gate exits with it whatever happens to us.
             life_r, life_w = lifeline() if p.network == "egress" else (-1, -1)
             control = control_dir(scratch) if spec.persistent else None
             log = scratch / "backend.log"
@@ -147,11 +147,9 @@ class NamespacesBackend(Backend):
                 if child_pid is None:
                     raise startup_failure("bwrap", log, spawned.process)
                 try:
-                    sandbox.helpers.append(
-                        start_slirp(child_pid, scratch / "slirp.log", exit_fd=life_r,
-                                    unprivileged=os.geteuid() == 0))
+                    sandbox.helpers.append(_egress(child_pid, spec, scratch, life_r))
                 except SandboxError:
-                    # The sandbox's namespace vanished under slirp4netns when bwrap failed
+                    # The sandbox's namespace vanished under the gate's set-up when bwrap failed
                     # first: its reason is the one to tell.
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         spawned.process.wait(timeout=1)
@@ -171,6 +169,15 @@ class NamespacesBackend(Backend):
             else:
                 abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
+
+
+def _egress(pid: int, spec: SandboxSpec, scratch: Path,
+            exit_fd: int) -> subprocess.Popen[bytes]:
+    """The sandbox's only way out: its egress gate (egress_gate), up before it runs."""
+    from ..egress_gate import GateStart
+    from ..egress_policy import Policy
+
+    return GateStart(pid, scratch, spec.egress or Policy(), exit_fd=exit_fd).wait()
 
 
 def _command(

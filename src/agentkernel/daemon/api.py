@@ -30,6 +30,10 @@ class CreateRequest:
     env: dict[str, str] = field(default_factory=dict)
     ttl_seconds: float | None = None  # removed automatically when it expires
     cpus: float | None = None  # fractional CPU limit (the CLI's --cpus); wins over vcpus
+    # Egress policy entries on top of the project's [network] lists (egress_policy).
+    allow_hosts: list[str] = field(default_factory=list)
+    deny_hosts: list[str] = field(default_factory=list)
+    add_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -81,6 +81,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         "workdir_source": os.path.abspath(args.dir) if args.dir else None,
         "env": env_pairs(args.env),
         "ttl_seconds": parse_duration(args.ttl) if args.ttl else None,
+        "allow_hosts": list(args.allow_host), "deny_hosts": list(args.deny_host),
+        "add_hosts": list(args.add_host),
     }
     print(f"Creating sandbox '{args.name}'" + (f" with image '{args.image}'" if args.image
                                                else "") + "...")

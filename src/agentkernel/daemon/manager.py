@@ -581,7 +581,8 @@ class SandboxManager:
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
                            state_dir=self._layers_dir(name),
-                           masks=control_masks(profile, workspace, home_opt))
+                           masks=control_masks(profile, workspace, home_opt),
+                           egress=_egress_of(doc))
         env = self._base_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
         cwd = sandbox_cwd(None, workspace is not None, image_config)
@@ -674,6 +675,7 @@ class SandboxManager:
                 # A microVM's writable disks are images of a fixed size already.
                 "disk_mb": None if backend.name == "microvm" else self._disk_mb(config),
             }
+            doc["egress"] = _egress_doc(profile.network, config, req)
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)
             if state_dir.exists():
@@ -957,7 +959,8 @@ class SandboxManager:
         key = PoolKey(image=image, rootfs="host" if note.startswith("host") else image,
                       backend=backend.name, profile=profile,
                       workspace=str(workspace) if workspace else None,
-                      home=str(home_opt) if home_opt else None)
+                      home=str(home_opt) if home_opt else None,
+                      egress=_egress_key(profile.network, config))
         env_extra = parse_env(ereq.env)
         cwd_in = sandbox_cwd(req.workdir, workspace is not None, image_config)
         argv = command_argv(image_config, list(req.argv))
@@ -980,7 +983,8 @@ class SandboxManager:
         home = Path(key.home) if key.home else None
         return SandboxSpec(name=f"pool-{secrets.token_hex(5)}", profile=key.profile,
                            rootfs=rootfs, image=key.image, workspace=workspace, home=home,
-                           masks=control_masks(key.profile, workspace, home))
+                           masks=control_masks(key.profile, workspace, home),
+                           egress=key.egress)
 
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
@@ -1537,3 +1541,26 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return str(os.getuid())
+
+
+# ---- egress policy (egress_policy): kept in a persistent sandbox's record
+
+def _egress_doc(network: str, config: Any, req: CreateRequest) -> dict[str, Any] | None:
+    from ..egress_policy import policy_for
+
+    policy = policy_for(network, config, tuple(req.allow_hosts), tuple(req.deny_hosts),
+                        tuple(req.add_hosts))
+    return policy.to_json() if policy is not None else None
+
+
+def _egress_of(doc: dict[str, Any]) -> Any:
+    from ..egress_policy import Policy
+
+    return Policy.from_json(doc["egress"]) if doc.get("egress") else None
+
+
+def _egress_key(network: str, config: Any) -> Any:
+    """A pooled run's policy (its project's [network] lists): part of its pool key."""
+    from ..egress_policy import policy_for
+
+    return policy_for(network, config)
