@@ -220,6 +220,8 @@ async def handle_tcp(gate: Gate, reader: asyncio.StreamReader,
 
 async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  addr: str, port: int) -> None:
+    """Allowed by address: connect out at once (a server may speak first), but pass none of
+    the client's bytes until its first ones are known to name an allowed host, or none."""
     verdict, pinned = gate.addr_verdict(addr, port)
     host = sorted(pinned)[0] if pinned else None
     if not verdict.allowed:
@@ -228,48 +230,58 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         _reset(writer)
         return
     try:
-        first, name, proto = await asyncio.wait_for(first_name(reader), FIRST_BYTES_TIMEOUT)
-    except (TimeoutError, ConnectionError, OSError) as exc:
-        # Nothing sent in time (a server-speaks-first protocol) is allowed through on
-        # the address's verdict; a malformed ClientHello or head is not.
-        if not isinstance(exc, asyncio.TimeoutError):
-            gate.log.write(kind="tcp", host=host, addr=addr, port=port, allowed=False,
-                           rule=str(exc)[:200])
-            _reset(writer)
-            return
-        first, name, proto = b"", None, "raw"
-    if name is not None and not _is_ip(name):
-        verdict = gate.name_verdict(name, port, pinned)
-        host = name
-        if not verdict.allowed:
-            gate.log.write(kind=proto, host=name, addr=addr, port=port, allowed=False,
-                           rule=verdict.rule)
-            _reset(writer)
-            return
-    try:
         up_reader, up_writer = await asyncio.wait_for(
             asyncio.open_connection(addr, port, limit=CHUNK), CONNECT_TIMEOUT)
     except (TimeoutError, OSError) as exc:
-        gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=True,
+        gate.log.write(kind="tcp", host=host, addr=addr, port=port, allowed=True,
                        rule=verdict.rule, error=f"connect: {type(exc).__name__}")
         _reset(writer)
         return
-    gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=True,
-                   rule=verdict.rule)
-    count = [len(first), 0]
+    count = [0, 0]
+    down = asyncio.get_running_loop().create_task(pump(up_reader, writer, count, 1))
     try:
+        refusal, first, proto, host, verdict = await _inspect(gate, reader, addr, port,
+                                                              pinned, host, verdict)
+        if refusal:
+            gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=False,
+                           rule=refusal)
+            down.cancel()
+            _reset(writer)
+            return
+        gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=True,
+                       rule=verdict.rule)
+        count[0] = len(first)
         if first:
             up_writer.write(first)
             await up_writer.drain()
-        await asyncio.gather(pump(reader, up_writer, count, 0),
-                             pump(up_reader, writer, count, 1))
-    except (OSError, ConnectionError):
-        pass
+        await asyncio.gather(pump(reader, up_writer, count, 0), down)
+        gate.log.write(kind="close", host=host, addr=addr, port=port, sent=count[0],
+                       received=count[1])
+    except (OSError, ConnectionError, asyncio.CancelledError):
+        down.cancel()
     finally:
         up_writer.close()
         writer.close()
-        gate.log.write(kind="close", host=host, addr=addr, port=port, sent=count[0],
-                       received=count[1])
+
+
+async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: int,
+                   pinned: set[str] | None, host: str | None, verdict: Verdict
+                   ) -> tuple[str | None, bytes, str, str | None, Verdict]:
+    """The client's first bytes and what they name: (refusal or None, bytes, protocol,
+    host, verdict). Nothing sent in time (a server-speaks-first protocol) stands on the
+    address's verdict; a malformed ClientHello or HTTP head is refused."""
+    try:
+        first, name, proto = await asyncio.wait_for(first_name(reader), FIRST_BYTES_TIMEOUT)
+    except TimeoutError:
+        return None, b"", "tcp", host, verdict
+    except (ConnectionError, OSError) as exc:
+        return str(exc)[:200], b"", "tcp", host, verdict
+    if name is not None and not _is_ip(name):
+        verdict = gate.name_verdict(name, port, pinned)
+        if not verdict.allowed:
+            return verdict.rule, first, proto, name, verdict
+        host = name
+    return None, first, proto, host, verdict
 
 
 # --- DNS ---------------------------------------------------------------------------------
