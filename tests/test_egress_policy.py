@@ -61,7 +61,8 @@ def check(kind, *a):
                             server_hostname=sni)
         return "reached " + http(s, sni)
     if kind == "raw":
-        return "reached " + socket.create_connection((a[0], a[1]), timeout=5).recv(100).decode().strip()
+        s = socket.create_connection((a[0], a[1]), timeout=5)
+        return "reached " + s.recv(100).decode().strip()
     if kind == "resolve":
         return "resolved " + ",".join(sorted({i[4][0] for i in socket.getaddrinfo(a[0], 80)}))
     if kind == "udp":
@@ -159,7 +160,7 @@ def upstream() -> Iterator[Upstream]:
 def hosts(up: Upstream) -> list[str]:
     return ["--add-host", f"allowed.test:{up.addr}", "--add-host", f"other.test:{up.addr}",
             "--add-host", f"denied.test:{up.addr}", "--add-host", f"rebind.test:{up.private}",
-            "--add-host", f"meta.test:169.254.169.254"]
+            "--add-host", "meta.test:169.254.169.254"]
 
 
 def attacks(up: Upstream, ca: str) -> list[list[object]]:
