@@ -219,3 +219,14 @@ def policy_for(network: str, config: object | None, allow: tuple[str, ...] = (),
         network=network, allow=[*getattr(section, "allow", []), *allow],
         deny=[*getattr(section, "deny", []), *deny],
         hosts=[*getattr(section, "hosts", []), *hosts])
+
+
+def require_default(policy: Policy | None, backend: str) -> None:
+    """Fail closed where the gate does not run yet (gVisor, microVMs keep slirp4netns and
+    the always-denied fence): a policy beyond the default would be silently ignored."""
+    if policy is not None and policy != Policy():
+        from .errors import BackendUnavailable
+
+        raise BackendUnavailable(
+            f"egress allow/deny lists, --add-host and secrets are enforced on the namespaces "
+            f"backend only for now, not on {backend}: use -B namespaces")

@@ -147,6 +147,9 @@ class GVisorBackend(Backend):
         return None
 
     def start(self, spec: SandboxSpec) -> Sandbox:
+        from ..egress_policy import require_default
+
+        require_default(spec.egress, self.name)  # no egress gate here yet: fail closed
         from ..cgroups import Cgroup, Limits
         from ..idmap import stage_fn
         from ..network import egress_netns, empty_netns_prefix, enter_netns, write_resolv_conf
