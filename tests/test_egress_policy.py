@@ -107,7 +107,7 @@ def _certs(d: Path) -> None:
     _run(*ossl, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-subj", "/CN=ak-test-ca")
     _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "srv.key"),
          "-out", str(d / "srv.csr"), "-subj", "/CN=allowed.test")
-    (d / "ext").write_text("subjectAltName=DNS:allowed.test,DNS:other.test,DNS:denied.test\n")
+    (d / "ext").write_text("subjectAltName=DNS:allowed.test,DNS:other.test,DNS:denied.test,DNS:secret.test\n")
     _run("openssl", "x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"),
          "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "srv.pem"),
          "-days", "2", "-extfile", str(d / "ext"))
@@ -346,3 +346,59 @@ def test_the_gate_runs_unprivileged(project: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+SECRET_VALUE = "sk-test-" + secrets.token_hex(12)
+
+SECRET_SCRIPT = r"""
+set -u
+echo "env=$SECRET_KEY"
+curl -sS https://secret.test:18443/ -H "x-api-key: $SECRET_KEY"
+python3 -c '
+import os, urllib.request
+r = urllib.request.Request("https://secret.test:18443/", headers={"x-api-key": os.environ["SECRET_KEY"]})
+print("urllib", urllib.request.urlopen(r, timeout=10).read().decode().strip())'
+node -e 'fetch("https://secret.test:18443/", {headers: {"x-api-key": process.env.SECRET_KEY}}).then(r => r.text()).then(t => console.log("node", t.trim()), e => console.log("node failed", e.cause || e))'
+curl -sS -m 5 https://secret.test:18443/ -H "authorization: $SECRET_KEY" || echo wrong-header-refused
+curl -sS -m 5 http://secret.test:18080/ -H "x-api-key: $SECRET_KEY" || echo cleartext-refused
+curl -sS -m 5 http://other.test:18080/ -H "x-api-key: $SECRET_KEY" || echo other-host-refused
+curl -sS -m 5 --cacert /workspace/ca.pem https://other.test:18443/ -H "x-api-key: $SECRET_KEY"
+printf '%s%s\n' "$REAL_A" "$REAL_B" | grep -rlF -f - /proc/[0-9]*/environ /proc/[0-9]*/cmdline \
+    /etc /run /tmp /workspace /root 2>/dev/null | head -3
+echo done
+"""
+
+
+def test_secret_never_enters_the_sandbox(project: Path, upstream: Upstream,
+                                         tmp_path: Path) -> None:
+    """The sandbox sees a placeholder; secret.test gets the value, in its header only,
+    whichever client sends it; a placeholder elsewhere is refused (clear text, another
+    header) or reaches a host without secrets as the placeholder it is."""
+    shutil.copy(upstream.ca, project / "ca.pem")
+    r = ak("secret", "set", "skey", "--host", "secret.test", "--header", "x-api-key",
+           "--env", "SECRET_KEY", input=SECRET_VALUE.encode() + b"\n")
+    assert r.returncode == 0, r.stderr
+    store = Path(os.environ["AGENTKERNEL_HOME"]) / "secrets" / "skey.json"
+    assert store.stat().st_mode & 0o777 == 0o600
+    assert SECRET_VALUE not in ak("secret", "list").stdout
+    # The value in two halves, so that the grep for it does not find itself.
+    r = ak("run", "-B", "namespaces", "-i", "host", "--secret", "skey", "-e",
+           f"REAL_A={SECRET_VALUE[:10]}", "-e", f"REAL_B={SECRET_VALUE[10:]}", "--add-host", f"secret.test:{upstream.addr}",
+           *hosts(upstream), "--", "sh", "-c", SECRET_SCRIPT, cwd=project,
+           env={"AGENTKERNEL_EGRESS_UPSTREAM_CA": str(upstream.ca)})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    placeholder = lines[0].removeprefix("env=")
+    assert placeholder.startswith("ak-secret-") and SECRET_VALUE not in placeholder
+    assert lines[1:] == [
+        f"hello host=secret.test:18443 key={SECRET_VALUE}",
+        f"urllib hello host=secret.test:18443 key={SECRET_VALUE}",
+        f"node hello host=secret.test:18443 key={SECRET_VALUE}",
+        "wrong-header-refused", "cleartext-refused", "other-host-refused",
+        f"hello host=other.test:18443 key={placeholder}",
+        "done"], (r.stdout, r.stderr)
+    assert "outside its header 'x-api-key'" in r.stderr
+    assert "placeholder of secret skey sent in clear text" in r.stderr
+    assert SECRET_VALUE not in r.stderr

@@ -52,6 +52,23 @@ def _add_egress_flags(p: Any) -> None:
                    help="egress deny entry (wins over allow)")
     p.add_argument("--add-host", action="append", default=[], metavar="NAME:ADDRESS",
                    help="what the sandbox's resolver answers for NAME (still policed)")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="a stored secret: the sandbox sees a placeholder, its hosts the value")
+
+
+def _add_secret_parser(sub: Any) -> None:
+    sc = sub.add_parser("secret", help="secrets kept on the host, used by sandboxes' egress")
+    ss = sc.add_subparsers(dest="action", required=True)
+    st = ss.add_parser("set", help="store a secret (the value from stdin or --from-env)")
+    st.add_argument("name")
+    st.add_argument("--host", action="append", required=True, help="a host that gets it")
+    st.add_argument("--header", required=True, help="the header it goes in (* for any)")
+    st.add_argument("--env", help="the sandbox's variable for its placeholder "
+                                  "(default: NAME upper-cased)")
+    st.add_argument("--from-env", metavar="VAR", help="read the value from this variable")
+    ss.add_parser("list", help="names, hosts and headers (never values)")
+    rm = ss.add_parser("rm", help="forget a secret")
+    rm.add_argument("name")
 
 
 def _add_egress_parser(sub: Any) -> None:
@@ -99,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_images_parser(sub)
     _add_sandbox_parsers(sub)
     _add_egress_parser(sub)
+    _add_secret_parser(sub)
 
     sv = sub.add_parser("serve", help="serve the HTTP API of the agentkernel SDKs (runs the "
                                       "daemon in the foreground)")
@@ -231,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             from .egress_cli import cmd_egress
 
             return cmd_egress(args)
+        if args.cmd == "secret":
+            from .egress_cli import cmd_secret
+
+            return cmd_secret(args)
         if args.cmd == "setup":
             from .vm.setup import main as setup_main
 
@@ -258,7 +280,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be a positive number of seconds")
     from .daemon.fastpath import daemon_wanted
 
-    egress_flags = bool(args.allow_host or args.deny_host or args.add_host)
+    egress_flags = bool(args.allow_host or args.deny_host or args.add_host or args.secret)
     if args.keep or (daemon_wanted() and not egress_flags):  # pools keep the default policy
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
         from .daemon.commands import run_via_daemon
@@ -288,7 +310,7 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         config_path=Path(args.config) if args.config else None,
         forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
         allow_hosts=tuple(args.allow_host), deny_hosts=tuple(args.deny_host),
-        add_hosts=tuple(args.add_host),
+        add_hosts=tuple(args.add_host), secrets=tuple(args.secret),
     )
     started = time.monotonic()
     plan_ = plan(req, quiet=args.quiet)

@@ -37,3 +37,31 @@ def cmd_egress(args: argparse.Namespace) -> int:
         if not (scratch / "egress.sock").exists():
             return 0  # the sandbox is gone
         time.sleep(0.5)
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    import os
+
+    from . import secrets_store
+
+    if args.action == "set":
+        if args.from_env:
+            if args.from_env not in os.environ:
+                raise UsageError(f"--from-env {args.from_env}: not set")
+            value = os.environ[args.from_env]
+        else:
+            if sys.stdin.isatty():
+                print("value (one line): ", end="", file=sys.stderr, flush=True)
+            value = sys.stdin.read(secrets_store.MAX_VALUE + 2)
+        env = args.env or args.name.upper().replace("-", "_")
+        secret = secrets_store.save(args.name, list(args.host), args.header, env, value)
+        print(f"secret {secret.name}: {secret.env} in sandboxes, sent only to "
+              f"{', '.join(secret.hosts)} in {secret.header}")
+        return 0
+    if args.action == "list":
+        for name in secrets_store.names():
+            s = secrets_store.load(name)
+            print(f"{s.name}\t{s.env}\t{','.join(s.hosts)}\t{s.header}")
+        return 0
+    secrets_store.remove(args.name)
+    return 0

@@ -30,6 +30,8 @@ SANDBOX_DEV = "eth0"
 PEER_DEV = "akgw0"  # the veth's other end: in the same namespace, leads nowhere
 SANDBOX_ADDR = "10.0.2.100"
 GATEWAY = "10.0.2.2"
+TRUST_NAME = "egress-trust.pem"  # system bundle + the sandbox's CA: bound in (namespaces)
+LEAF_NAME = "egress-leaf.pem"  # the gate's certificate and key for the secrets' hosts
 LOG_NAME = "egress.log"
 CONTROL_NAME = "egress.sock"
 READY_TIMEOUT = 15.0
@@ -69,6 +71,70 @@ def rules_v6() -> str:
         "-A OUTPUT -j REJECT --reject-with icmp6-adm-prohibited",
         "COMMIT",
     ]) + "\n"
+
+
+def write_tls(scratch: Path, policy: Policy) -> None:
+    """For a sandbox with secrets: a CA of its own, the trust bundle it gets (the system's
+    bundle plus that CA) and the gate's certificate for the secrets' hosts, signed by it.
+    The CA's key signs that one certificate and is never written anywhere: neither the
+    sandbox nor anything else can sign another. The leaf and its key (0600, in the private
+    scratch dir) are read by the gate before it drops privileges, then deleted."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    hosts = sorted({h for g in policy.secrets for h in g.hosts})
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                            f"agentkernel egress {scratch.name}")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .add_extension(x509.NameConstraints([x509.DNSName(h) for h in hosts], None),
+                         critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    ca_pem = ca.public_bytes(pem)
+    system = b""
+    with contextlib.suppress(OSError):
+        system = Path("/etc/ssl/certs/ca-certificates.crt").read_bytes()[:4 * 1024 * 1024]
+    (scratch / TRUST_NAME).write_bytes(system.rstrip(b"\n") + b"\n" + ca_pem)
+    fd = os.open(scratch / LEAF_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(leaf.public_bytes(pem) + key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def _secrets_for(policy: Policy) -> list[dict[str, object]]:
+    """What the gate needs of each secret, values read from the host's store now."""
+    from .secrets_store import load
+
+    out: list[dict[str, object]] = []
+    for grant in policy.secrets:
+        secret = load(grant.name)
+        out.append({"name": grant.name, "hosts": list(grant.hosts), "header": grant.header,
+                    "placeholder": grant.placeholder, "value": secret.value})
+    return out
 
 
 def _drop_ids(pid: int) -> tuple[int, int]:
@@ -134,7 +200,11 @@ class GateStart:
             cfg = {"netns_fd": netns, "userns_fd": userns, "ready_fd": ready_w,
                    "exit_fd": exit_fd, "uid": uid, "gid": gid, "owner": os.geteuid(),
                    "log": str(scratch / LOG_NAME), "control": str(scratch / CONTROL_NAME),
-                   "policy": policy.to_json()}
+                   "policy": policy.to_json(), "secrets": _secrets_for(policy),
+                   "leaf": str(scratch / LEAF_NAME) if policy.secrets else None,
+                   # Trust for the gate's own TLS to the secrets' hosts: the system's,
+                   # or a CA file the host's user names (a corporate or test CA).
+                   "upstream_ca": os.environ.get("AGENTKERNEL_EGRESS_UPSTREAM_CA")}
             with open(scratch / "egress-gate.err", "wb") as err:
                 self.gate = subprocess.Popen(
                     _proxy_argv(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -186,6 +256,8 @@ class GateStart:
                         errors="replace").strip().splitlines()
                     why = lines[-1] if lines else ""
                 raise SandboxError(f"the egress gate did not start: {why or 'timed out'}")
+            with contextlib.suppress(FileNotFoundError):
+                (self.scratch / LEAF_NAME).unlink()  # the gate holds it now
             return self.gate
         except BaseException:
             self.abandon()

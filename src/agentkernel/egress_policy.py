@@ -120,6 +120,17 @@ class Verdict(NamedTuple):
     rule: str  # "allow api.example.com", "deny *", "default", "always-denied: loopback", …
 
 
+class Grant(NamedTuple):
+    """A secret a sandbox may use: its placeholder (what the sandbox sees) is replaced by
+    the value only in `header` of requests to `hosts`. The value is not part of the plan:
+    the gate reads it from the host's store when it starts."""
+
+    name: str
+    hosts: tuple[str, ...]
+    header: str
+    placeholder: str
+
+
 class Policy(NamedTuple):
     """What one sandbox may reach. `default_allow`: public addresses not matched by any
     rule are allowed (moderate without an allow-list); False: only what `allow` names.
@@ -133,11 +144,14 @@ class Policy(NamedTuple):
     allow: tuple[Entry, ...] = ()
     deny: tuple[Entry, ...] = ()
     hosts: tuple[tuple[str, str], ...] = ()  # static (name, address) answers
+    secrets: tuple[Grant, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return {"default_allow": self.default_allow,
                 "allow": [e.text for e in self.allow], "deny": [e.text for e in self.deny],
-                "hosts": [list(h) for h in self.hosts]}
+                "hosts": [list(h) for h in self.hosts],
+                "secrets": [[g.name, list(g.hosts), g.header, g.placeholder]
+                            for g in self.secrets]}
 
     @classmethod
     def from_json(cls, doc: dict[str, object]) -> Policy:
@@ -148,9 +162,13 @@ class Policy(NamedTuple):
 
         hosts = doc.get("hosts") or []
         assert isinstance(hosts, list)
+        grants = doc.get("secrets") or []
+        assert isinstance(grants, list)
         return cls(default_allow=bool(doc.get("default_allow", True)), allow=entries("allow"),
                    deny=entries("deny"),
-                   hosts=tuple((str(n), str(a)) for n, a in hosts[:MAX_ENTRIES]))
+                   hosts=tuple((str(n), str(a)) for n, a in hosts[:MAX_ENTRIES]),
+                   secrets=tuple(Grant(str(n), tuple(map(str, h)), str(hd), str(ph))
+                                 for n, h, hd, ph in grants[:64]))
 
     def with_rule(self, action: str, text: str) -> Policy:
         """Live update: `allow` or `deny` one more entry. An allow entry turns a default-

@@ -71,6 +71,13 @@ class Gate:
         self.pins: OrderedDict[str, set[str]] = OrderedDict()  # address -> names
         self.conns = 0
         self.dns_inflight = 0
+        # Secrets (egress_mitm): what the gate holds, and its TLS contexts for them.
+        self.held: list[Any] = []
+        self.server_ctx: Any = None
+        self.client_ctx: Any = None
+
+    def intercepts(self, host: str | None) -> bool:
+        return host is not None and any(host in h.hosts for h in self.held)
 
     def denied_why(self, addr: str) -> str | None:
         from .egress import is_denied
@@ -248,6 +255,12 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
             down.cancel()
             _reset(writer)
             return
+        if proto == "tls" and gate.intercepts(host):
+            down.cancel()
+            assert host is not None
+            await _intercept(gate, reader, writer, up_reader, up_writer, first, host, addr,
+                             port, verdict)
+            return
         gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=True,
                        rule=verdict.rule)
         count[0] = len(first)
@@ -264,6 +277,33 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         writer.close()
 
 
+async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+                     first: bytes, host: str, addr: str, port: int, verdict: Verdict) -> None:
+    """TLS to a secret's host: terminated here, its secret put in, verified TLS onwards."""
+    from .egress_mitm import SecretLeak, TlsEnd, intercept
+
+    heads = 0
+    try:
+        client = TlsEnd(reader, writer, gate.server_ctx, server_side=True, first=first)
+        await asyncio.wait_for(client.handshake(), FIRST_BYTES_TIMEOUT)
+        upstream = TlsEnd(up_reader, up_writer, gate.client_ctx, server_hostname=host)
+        await asyncio.wait_for(upstream.handshake(), CONNECT_TIMEOUT)
+        gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=True,
+                       rule=verdict.rule)
+        heads = await intercept(client, upstream, host, gate.held)
+    except SecretLeak as exc:
+        gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=False,
+                       rule=str(exc)[:200])
+        _reset(writer)
+    except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
+        gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=False,
+                       rule="interception failed", error=f"{type(exc).__name__}: {exc}"[:200])
+        _reset(writer)
+    finally:
+        gate.log.write(kind="close", host=host, addr=addr, port=port, secret_requests=heads)
+
+
 async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: int,
                    pinned: set[str] | None, host: str | None, verdict: Verdict
                    ) -> tuple[str | None, bytes, str, str | None, Verdict]:
@@ -276,6 +316,10 @@ async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: in
         return None, b"", "tcp", host, verdict
     except (ConnectionError, OSError) as exc:
         return str(exc)[:200], b"", "tcp", host, verdict
+    for held in gate.held:  # in clear text, to anyone: never forwarded
+        if held.placeholder in first:
+            return (f"placeholder of secret {held.name} sent in clear text", first, proto,
+                    name or host, verdict)
     if name is not None and not _is_ip(name):
         verdict = gate.name_verdict(name, port, pinned)
         if not verdict.allowed:
@@ -453,12 +497,25 @@ def _listen_in(netns_fd: int, userns_fd: int) -> tuple[socket.socket, socket.soc
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))
 
 
+def _hold_secrets(gate: Gate, cfg: dict[str, Any]) -> None:
+    """The secrets and the TLS contexts for their hosts, loaded while files are readable."""
+    from .egress_mitm import Held, client_context, server_context
+
+    gate.held = [Held(str(s["name"]), frozenset(s["hosts"]), str(s["header"]),
+                      str(s["placeholder"]).encode(), str(s["value"]).encode())
+                 for s in cfg["secrets"]]
+    gate.server_ctx = server_context(str(cfg["leaf"]))
+    gate.client_ctx = client_context(cfg.get("upstream_ca"))
+
+
 def _preload() -> None:
     """Import now what would be imported lazily later: once privileges are dropped, the
     interpreter's own files may be out of reach (root's pyenv, a 0700 venv)."""
     import concurrent.futures.thread  # noqa: F401 - loop.getaddrinfo's executor
     import encodings.idna  # noqa: F401 - normalize_name
     import ipaddress  # noqa: F401
+
+    from . import egress_mitm  # noqa: F401 - TLS interception, for secrets
 
     "x".encode("idna")
 
@@ -511,9 +568,11 @@ def main() -> None:
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.bind(cfg["control"])
     control.listen(8)
+    gate = Gate(Policy.from_json(cfg["policy"]), denied, Log(log_fd))
+    if cfg.get("secrets"):
+        _hold_secrets(gate, cfg)
     _preload()
     _drop(int(cfg.get("uid", -1)), int(cfg.get("gid", -1)))
-    gate = Gate(Policy.from_json(cfg["policy"]), denied, Log(log_fd))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(cfg, tcp, udp, control, gate))
 

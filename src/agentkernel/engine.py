@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .agent.client import Execution, ExitStatus
     from .backends import Backend
     from .config import Config
+    from .egress_policy import Policy
     from .images import ImageConfig
     from .rootfs import HostRootfs
     from .sandbox import Sandbox, SandboxSpec
@@ -48,6 +49,7 @@ class RunRequest(NamedTuple):
     allow_hosts: tuple[str, ...] = ()  # egress policy (egress_policy.policy_for)
     deny_hosts: tuple[str, ...] = ()
     add_hosts: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()  # names in the host's store (secrets_store)
 
 
 class Plan(NamedTuple):
@@ -234,6 +236,27 @@ def user_warning(image: str, image_config: ImageConfig | None) -> str | None:
     return None
 
 
+def grant_secrets(policy: Policy | None, names: Sequence[str],
+                  env: dict[str, str]) -> Policy:
+    """Each named secret as a placeholder in its env var, and a grant in the policy for
+    the gate to put the value in (egress_mitm); the trust settings for the sandbox's CA."""
+    from .egress_policy import Grant
+    from .secrets_store import load, placeholder
+
+    if policy is None:
+        raise UsageError("--secret needs a profile with egress (moderate), not --no-network")
+    grants = []
+    for name in dict.fromkeys(names):
+        secret = load(name)
+        grants.append(Grant(name, secret.hosts, secret.header, placeholder()))
+        env[secret.env] = grants[-1].placeholder
+    bundle = "/etc/ssl/certs/ca-certificates.crt"  # the system bundle, with the CA added
+    for key in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
+                "NODE_EXTRA_CA_CERTS"):
+        env[key] = bundle
+    return policy._replace(secrets=tuple(grants))
+
+
 def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
     """Decide image, profile, backend and environment; nothing is started yet."""
     from .backends import choose
@@ -274,6 +297,8 @@ def plan(req: RunRequest, *, quiet: bool = False) -> Plan:
         if profile.mount_home and spec.home is not None:
             env["HOME"] = "/home/user"  # where the host home is mounted
     env.update(parse_env(req.env))
+    if req.secrets:
+        spec = spec._replace(egress=grant_secrets(spec.egress, req.secrets, env))
     warning = user_warning(image, image_config)
     if warning:
         warnings.append(warning)

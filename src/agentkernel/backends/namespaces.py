@@ -31,6 +31,10 @@ AGENT_DIR = "/run/ak"  # where the agent and its seccomp program appear inside
 OVERLAY_DIR = "/run/ak/ov"  # tmpfs-backed upper/work dirs of the copy-on-write layers
 WS_LOWER = "/run/ak/lower/workspace"
 RESOLV = "/run/ak/resolv.conf"  # bound over /etc/resolv.conf by the agent, after overlays
+# With secrets: the system's CA bundle plus the sandbox's egress CA (egress_gate), beside
+# resolv.conf on the host and over the system bundle inside.
+TRUST = "/run/ak/egress-trust.pem"
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 @lru_cache(maxsize=1)
@@ -113,6 +117,10 @@ class NamespacesBackend(Backend):
                 memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
                 pids=p.pids, cpus=p.cpus))
             resolv = write_resolv_conf(scratch) if p.network == "egress" else None
+            if resolv is not None and spec.egress is not None and spec.egress.secrets:
+                from ..egress_gate import write_tls
+
+                write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
             info_r, info_w = os.pipe() if p.network == "egress" else (-1, -1)
             # bwrap holds the lifeline's write end (--sync-fd) for as long as the sandbox
             # runs, so its egress gate exits with it whatever happens to us.
@@ -287,6 +295,10 @@ def host_binds(
         binds.append(HostBind(control, f"{AGENT_DIR}/ctl", False))
     if resolv is not None:
         binds.append(HostBind(resolv, RESOLV, True))
+        if spec.egress is not None and spec.egress.secrets:
+            from ..egress_gate import TRUST_NAME
+
+            binds.append(HostBind(str(Path(resolv).with_name(TRUST_NAME)), TRUST, True))
     return binds
 
 
@@ -390,6 +402,9 @@ def build_bwrap_argv(
         # After the overlays, or the one over /etc would hide it.
         bind(RESOLV)
         agent_argv += ["--bind", f"{RESOLV}:/etc/resolv.conf"]
+    if TRUST in binds:
+        bind(TRUST)
+        agent_argv += ["--bind", f"{TRUST}:{SYSTEM_BUNDLE}"]
     for mask in spec.rootfs.masks:
         agent_argv += ["--mask", mask.path]
     for hidden in spec.masks:  # the host's control plane; the cow lower dir shows it too
