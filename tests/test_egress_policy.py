@@ -107,7 +107,8 @@ def _certs(d: Path) -> None:
     _run(*ossl, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-subj", "/CN=ak-test-ca")
     _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "srv.key"),
          "-out", str(d / "srv.csr"), "-subj", "/CN=allowed.test")
-    (d / "ext").write_text("subjectAltName=DNS:allowed.test,DNS:other.test,DNS:denied.test,DNS:secret.test\n")
+    names = ",".join(f"DNS:{n}.test" for n in ("allowed", "other", "denied", "secret"))
+    (d / "ext").write_text(f"subjectAltName={names}\n")
     _run("openssl", "x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"),
          "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "srv.pem"),
          "-days", "2", "-extfile", str(d / "ext"))
@@ -358,10 +359,14 @@ echo "env=$SECRET_KEY"
 curl -sS https://secret.test:18443/ -H "x-api-key: $SECRET_KEY"
 python3 -c '
 import os, urllib.request
-r = urllib.request.Request("https://secret.test:18443/", headers={"x-api-key": os.environ["SECRET_KEY"]})
+r = urllib.request.Request("https://secret.test:18443/",
+                           headers={"x-api-key": os.environ["SECRET_KEY"]})
 print("urllib", urllib.request.urlopen(r, timeout=10).read().decode().strip())'
-node -e 'fetch("https://secret.test:18443/", {headers: {"x-api-key": process.env.SECRET_KEY}}).then(r => r.text()).then(t => console.log("node", t.trim()), e => console.log("node failed", e.cause || e))'
-curl -sS -m 5 https://secret.test:18443/ -H "authorization: $SECRET_KEY" || echo wrong-header-refused
+node -e 'fetch("https://secret.test:18443/", {headers: {"x-api-key": process.env.SECRET_KEY}})
+  .then(r => r.text())
+  .then(t => console.log("node", t.trim()), e => console.log("node failed", e.cause || e))'
+curl -sS -m 5 https://secret.test:18443/ -H "authorization: $SECRET_KEY" \
+  || echo wrong-header-refused
 curl -sS -m 5 http://secret.test:18080/ -H "x-api-key: $SECRET_KEY" || echo cleartext-refused
 curl -sS -m 5 http://other.test:18080/ -H "x-api-key: $SECRET_KEY" || echo other-host-refused
 curl -sS -m 5 --cacert /workspace/ca.pem https://other.test:18443/ -H "x-api-key: $SECRET_KEY"
@@ -385,7 +390,8 @@ def test_secret_never_enters_the_sandbox(project: Path, upstream: Upstream,
     assert SECRET_VALUE not in ak("secret", "list").stdout
     # The value in two halves, so that the grep for it does not find itself.
     r = ak("run", "-B", "namespaces", "-i", "host", "--secret", "skey", "-e",
-           f"REAL_A={SECRET_VALUE[:10]}", "-e", f"REAL_B={SECRET_VALUE[10:]}", "--add-host", f"secret.test:{upstream.addr}",
+           f"REAL_A={SECRET_VALUE[:10]}", "-e", f"REAL_B={SECRET_VALUE[10:]}",
+           "--add-host", f"secret.test:{upstream.addr}",
            *hosts(upstream), "--", "sh", "-c", SECRET_SCRIPT, cwd=project,
            env={"AGENTKERNEL_EGRESS_UPSTREAM_CA": str(upstream.ca)})
     assert r.returncode == 0, r.stderr
