@@ -309,8 +309,10 @@ def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
         config_path=Path(args.config) if args.config else None,
         forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
-        allow_hosts=tuple(args.allow_host), deny_hosts=tuple(args.deny_host),
-        add_hosts=tuple(args.add_host), secrets=tuple(args.secret),
+        # (the daemon's fast path parses no egress flags: it sends those runs to argparse)
+        allow_hosts=tuple(getattr(args, "allow_host", ())),
+        deny_hosts=tuple(getattr(args, "deny_host", ())),
+        add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
     )
     started = time.monotonic()
     plan_ = plan(req, quiet=args.quiet)
