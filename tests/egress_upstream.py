@@ -21,6 +21,14 @@ def head(conn):
 def http(conn):
     try:
         lines = head(conn).split(b"\r\n")
+        if lines[0].startswith(b"GET /big "):  # 100 MiB, for bench/bench_egress.py
+            size = 100 * 1024 * 1024
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                         % size)
+            block = b"x" * (1 << 20)
+            for _ in range(100):
+                conn.sendall(block)
+            return
         fields = {}
         for line in lines[1:]:
             k, _, v = line.partition(b":")

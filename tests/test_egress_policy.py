@@ -11,6 +11,7 @@ QUIC, DNS to another server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -116,9 +117,15 @@ def _certs(d: Path) -> None:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    """The upstream, in a network namespace held by a process (not `ip netns`)."""
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
         pytest.skip("needs root, iproute2 and openssl")
+    with make_upstream() as up:
+        yield up
+
+
+@contextlib.contextmanager
+def make_upstream() -> Iterator[Upstream]:
+    """The upstream, in a network namespace held by a process (not `ip netns`)."""
     d = Path(tempfile.mkdtemp(prefix="ak-upstream-"))
     d.chmod(0o755)
     _certs(d)

@@ -146,29 +146,35 @@ def _drop_ids(pid: int) -> tuple[int, int]:
     for kind in ("uid", "gid"):
         first = Path(f"/proc/{pid}/{kind}_map").read_text().split()
         inside, outside, count = (int(x) for x in first[:3])
-        if inside != 0 or count < 65535 or outside == 0:
+        if inside == 0 and outside == 0:
+            ids.append(65534)  # a namespace without a private id range: plain nobody
+            continue
+        if inside != 0 or count < 65535:
             raise SandboxError("the sandbox's user namespace has no private id range for "
                                "its egress gate to run as")
         ids.append(outside + 65534)
     return ids[0], ids[1]
 
 
-def _proxy_argv() -> list[str]:
+def _proxy_argv(fds_sock: int) -> list[str]:
     """Our own interpreter without site start-up (~15 ms less), on our own sys.path."""
     paths = [p for p in sys.path if p]
     code = (f"import sys; sys.path[:0] = {paths!r}; "
-            "from agentkernel.egress_proxy import main; main()")
+            f"from agentkernel.egress_proxy import main; main({fds_sock})")
     return [sys.executable, "-S", "-c", code]
 
 
 class GateStart:
-    """The gate coming up for the sandbox whose namespace `pid` holds: rules loading and
-    the gate process starting at once; `wait()` before anything untrusted runs there. It
-    fails closed: SandboxError, and the caller does not start the sandbox."""
+    """The gate coming up for a sandbox. Spawned first (`GateStart(scratch, exit_fd=…)`):
+    its interpreter starts and imports while the sandbox's namespaces are made; `attach(pid,
+    policy)` once they exist loads the rules and hands it the namespace and its config;
+    `wait()` before anything untrusted runs there. It fails closed: SandboxError, and the
+    caller does not start the sandbox."""
 
-    def __init__(self, pid: int, scratch: Path, policy: Policy, *, exit_fd: int) -> None:
+    def __init__(self, scratch: Path, *, exit_fd: int) -> None:
+        import socket
+
         from .egress import tool
-        from .network import enter_netns
         from .paths import which
 
         tools = {"ip": which("ip") or tool("ip"), "iptables-restore": tool("iptables-restore")}
@@ -179,48 +185,66 @@ class GateStart:
             raise BackendUnavailable(
                 f"the egress gate needs {' and '.join(missing)} (apt install iproute2 "
                 "iptables), or use --no-network")
+        self.tools = tools
         self.scratch = scratch
+        self.exit_fd = exit_fd
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        enter = enter_netns(pid)
-        inputs = {"ip": ip_batch(), "iptables-restore": rules_v4(),
-                  "ip6tables-restore": rules_v6()}
-        for name, path in tools.items():
-            argv = [*enter, str(path), *(["-batch", "-"] if name == "ip" else [])]
-            self._spawn(name, argv, inputs[name].encode())
-        self.ready_r, ready_w = os.pipe()
-        fds: list[int] = [ready_w]
+        self.ready_r, self.ready_w = os.pipe()
+        self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            fds.append(netns)
-            userns = -1
-            if os.geteuid() != 0:
-                userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY)
-                fds.append(userns)
+            with open(scratch / "egress-gate.err", "wb") as err:
+                self.gate = subprocess.Popen(
+                    _proxy_argv(theirs.fileno()), stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL, stderr=err,
+                    pass_fds=(self.ready_w, exit_fd, theirs.fileno()), close_fds=True,
+                    start_new_session=True,
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+        except BaseException:
+            self.fds.close()
+            os.close(self.ready_r)
+            raise
+        finally:
+            theirs.close()
+            os.close(self.ready_w)
+
+    def attach(self, pid: int, policy: Policy) -> None:
+        """The rules into the namespace of `pid`, and that namespace to the gate."""
+        import socket
+
+        from .network import enter_netns
+
+        try:
+            enter = enter_netns(pid)
+            inputs = {"ip": ip_batch(), "iptables-restore": rules_v4(),
+                      "ip6tables-restore": rules_v6()}
+            for name, path in self.tools.items():
+                argv = [*enter, str(path), *(["-batch", "-"] if name == "ip" else [])]
+                self._spawn(name, argv, inputs[name].encode())
+            fds = [os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)]
+            try:
+                if os.geteuid() != 0:
+                    fds.append(os.open(f"/proc/{pid}/ns/user", os.O_RDONLY))
+                socket.send_fds(self.fds, [b"n"], fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
             uid, gid = _drop_ids(pid)
-            cfg = {"netns_fd": netns, "userns_fd": userns, "ready_fd": ready_w,
-                   "exit_fd": exit_fd, "uid": uid, "gid": gid, "owner": os.geteuid(),
-                   "log": str(scratch / LOG_NAME), "control": str(scratch / CONTROL_NAME),
+            cfg = {"ready_fd": self.ready_w, "exit_fd": self.exit_fd, "uid": uid, "gid": gid,
+                   "owner": os.geteuid(), "log": str(self.scratch / LOG_NAME),
+                   "control": str(self.scratch / CONTROL_NAME),
                    "policy": policy.to_json(), "secrets": _secrets_for(policy),
-                   "leaf": str(scratch / LEAF_NAME) if policy.secrets else None,
+                   "leaf": str(self.scratch / LEAF_NAME) if policy.secrets else None,
                    # Trust for the gate's own TLS to the secrets' hosts: the system's,
                    # or a CA file the host's user names (a corporate or test CA).
                    "upstream_ca": os.environ.get("AGENTKERNEL_EGRESS_UPSTREAM_CA")}
-            with open(scratch / "egress-gate.err", "wb") as err:
-                self.gate = subprocess.Popen(
-                    _proxy_argv(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                    stderr=err, pass_fds=(*fds, exit_fd), close_fds=True,
-                    start_new_session=True,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
             assert self.gate.stdin is not None
             with contextlib.suppress(BrokenPipeError):
                 self.gate.stdin.write(json.dumps(cfg).encode())
+            with contextlib.suppress(OSError):
                 self.gate.stdin.close()
         except BaseException:
             self.abandon()
             raise
-        finally:
-            for fd in fds:
-                os.close(fd)
 
     def _spawn(self, name: str, argv: list[str], data: bytes) -> None:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -265,6 +289,7 @@ class GateStart:
         finally:
             os.close(self.ready_r)
             self.ready_r = -1
+            self.fds.close()
 
     def abandon(self) -> None:
         for _, proc in self.procs:

@@ -554,16 +554,23 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
     await done  # the sandbox's lifeline closed: it is gone
 
 
-def main() -> None:
-    cfg = json.loads(sys.stdin.buffer.read(1 << 20))
-    sys.stdin.close()
+def main(fds_sock: int) -> None:
+    """Started before the sandbox's namespaces exist (imports done meanwhile); then its
+    config on stdin and the namespace fds (net, and user for an ordinary user) on
+    `fds_sock`."""
     from .egress import denied_networks, host_addresses
 
+    cfg = json.loads(sys.stdin.buffer.read(4 << 20))
+    sys.stdin.close()
+    carrier = socket.socket(fileno=fds_sock)
+    _msg, fds, _flags, _addr = socket.recv_fds(carrier, 16, 2)
+    carrier.close()
+    if not fds:
+        raise SystemExit("no namespace to listen in")
     denied = denied_networks(host_addresses())
-    tcp, udp = _listen_in(int(cfg["netns_fd"]), int(cfg.get("userns_fd", -1)))
-    for key in ("netns_fd", "userns_fd"):
-        if int(cfg.get(key, -1)) >= 0:
-            os.close(int(cfg[key]))
+    tcp, udp = _listen_in(fds[0], fds[1] if len(fds) > 1 else -1)
+    for fd in fds:
+        os.close(fd)
     log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.bind(cfg["control"])
@@ -577,5 +584,3 @@ def main() -> None:
         asyncio.run(serve(cfg, tcp, udp, control, gate))
 
 
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import BackendUnavailable, SandboxError
 from ..paths import which
@@ -125,6 +125,7 @@ class NamespacesBackend(Backend):
             # bwrap holds the lifeline's write end (--sync-fd) for as long as the sandbox
             # runs, so its egress gate exits with it whatever happens to us.
             life_r, life_w = lifeline() if p.network == "egress" else (-1, -1)
+            gate = _gate_spawn(scratch, life_r, helpers) if p.network == "egress" else None
             control = control_dir(scratch) if spec.persistent else None
             log = scratch / "backend.log"
             opened: list[int] = []  # ours to close once bwrap has them
@@ -145,6 +146,7 @@ class NamespacesBackend(Backend):
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
                               cgroup=cgroup)
+            sandbox.helpers.extend(helpers)  # the egress gate, if any
             if cgroup is None and (p.memory_mb or p.pids or p.cpus):
                 sandbox.notes.append("cgroups are not writable here: limits are rlimits only")
             if info_r >= 0:
@@ -155,7 +157,8 @@ class NamespacesBackend(Backend):
                 if child_pid is None:
                     raise startup_failure("bwrap", log, spawned.process)
                 try:
-                    sandbox.helpers.append(_egress(child_pid, spec, scratch, life_r))
+                    assert gate is not None
+                    _egress(gate, child_pid, spec)
                 except SandboxError:
                     # The sandbox's namespace vanished under the gate's set-up when bwrap failed
                     # first: its reason is the one to tell.
@@ -179,13 +182,22 @@ class NamespacesBackend(Backend):
             raise
 
 
-def _egress(pid: int, spec: SandboxSpec, scratch: Path,
-            exit_fd: int) -> subprocess.Popen[bytes]:
-    """The sandbox's only way out: its egress gate (egress_gate), up before it runs."""
+def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[bytes]]) -> Any:
+    """The sandbox's egress gate (egress_gate), started before bwrap: its interpreter's
+    start-up overlaps the sandbox's."""
     from ..egress_gate import GateStart
+
+    gate = GateStart(scratch, exit_fd=exit_fd)
+    helpers.append(gate.gate)
+    return gate
+
+
+def _egress(gate: Any, pid: int, spec: SandboxSpec) -> None:
+    """The sandbox's only way out: its gate, up (rules loaded, listening) before it runs."""
     from ..egress_policy import Policy
 
-    return GateStart(pid, scratch, spec.egress or Policy(), exit_fd=exit_fd).wait()
+    gate.attach(pid, spec.egress or Policy())
+    gate.wait()
 
 
 def _command(
