@@ -34,7 +34,7 @@ def cmd_egress(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if not args.follow:
             return 0
-        if not (scratch / "egress.sock").exists():
+        if not scratch.exists():
             return 0  # the sandbox is gone
         time.sleep(0.5)
 

@@ -125,6 +125,50 @@ def write_tls(scratch: Path, policy: Policy) -> None:
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
+def listen_in(netns_fd: int, userns_fd: int) -> tuple[int, int]:
+    """The gate's TCP and UDP listeners (fds), made by a forked child that joins the
+    sandbox's network namespace (first its user namespace, for an ordinary user) and
+    hands them back: the sandbox's connections queue in their backlog from the moment
+    the rules are in, whether the gate process is up yet or not."""
+    import ctypes
+    import socket
+
+    from .egress_proxy import DNS_PORT, TCP_PORT
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    pid = os.fork()
+    if pid == 0:  # the child: only syscalls, then _exit
+        code = 1
+        try:
+            if userns_fd >= 0 and libc.setns(userns_fd, 0x10000000) != 0:
+                raise OSError(ctypes.get_errno(), "setns(user)")
+            if libc.setns(netns_fd, 0x40000000) != 0:
+                raise OSError(ctypes.get_errno(), "setns(net)")
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.bind(("127.0.0.1", TCP_PORT))
+            tcp.listen(128)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", DNS_PORT))
+            socket.send_fds(right, [b"k"], [tcp.fileno(), udp.fileno()])
+            code = 0
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                right.send(f"E{exc}".encode()[:500])
+        finally:
+            os._exit(code)
+    right.close()
+    msg, fds, _flags, _addr = socket.recv_fds(left, 512, 2)
+    os.waitpid(pid, 0)
+    left.close()
+    if msg != b"k" or len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"cannot listen in the sandbox's network namespace: "
+                      f"{msg[1:].decode(errors='replace')}")
+    return fds[0], fds[1]
+
+
 def _secrets_for(policy: Policy) -> list[dict[str, object]]:
     """What the gate needs of each secret, values read from the host's store now."""
     from .secrets_store import load
@@ -220,13 +264,18 @@ class GateStart:
             for name, path in self.tools.items():
                 argv = [*enter, str(path), *(["-batch", "-"] if name == "ip" else [])]
                 self._spawn(name, argv, inputs[name].encode())
-            fds = [os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)]
+            ns = [os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)]
             try:
                 if os.geteuid() != 0:
-                    fds.append(os.open(f"/proc/{pid}/ns/user", os.O_RDONLY))
-                socket.send_fds(self.fds, [b"n"], fds)
+                    ns.append(os.open(f"/proc/{pid}/ns/user", os.O_RDONLY))
+                listeners = listen_in(ns[0], ns[1] if len(ns) > 1 else -1)
             finally:
-                for fd in fds:
+                for fd in ns:
+                    os.close(fd)
+            try:
+                socket.send_fds(self.fds, [b"n"], list(listeners))
+            finally:
+                for fd in listeners:
                     os.close(fd)
             uid, gid = _drop_ids(pid)
             cfg = {"ready_fd": self.ready_w, "exit_fd": self.exit_fd, "uid": uid, "gid": gid,
@@ -257,8 +306,9 @@ class GateStart:
             proc.stdin.close()
         proc.stdin = None  # communicate() in wait() then only reads stderr
 
-    def wait(self) -> subprocess.Popen[bytes]:
-        """The running gate process, once the rules hold and it listens."""
+    def wait(self, ready: bool = False) -> subprocess.Popen[bytes]:
+        """The gate process, once the rules hold (its listeners exist already: what the
+        sandbox sends waits in them); with `ready`, also once it serves."""
         try:
             failures = []
             for name, proc in self.procs:
@@ -272,16 +322,13 @@ class GateStart:
             if failures:
                 raise SandboxError("could not set up the sandbox's egress gate, so it does "
                                    f"not start: {'; '.join(failures)} (or use --no-network)")
+            if not ready:
+                if self.gate.poll() is not None:
+                    raise SandboxError(f"the egress gate did not start: {self._why()}")
+                return self.gate
             readable, _, _ = select.select([self.ready_r], [], [], READY_TIMEOUT)
             if not readable or os.read(self.ready_r, 1) != b"1":
-                why = ""
-                with contextlib.suppress(OSError):
-                    lines = (self.scratch / "egress-gate.err").read_text(
-                        errors="replace").strip().splitlines()
-                    why = lines[-1] if lines else ""
-                raise SandboxError(f"the egress gate did not start: {why or 'timed out'}")
-            with contextlib.suppress(FileNotFoundError):
-                (self.scratch / LEAF_NAME).unlink()  # the gate holds it now
+                raise SandboxError(f"the egress gate did not start: {self._why()}")
             return self.gate
         except BaseException:
             self.abandon()
@@ -290,6 +337,14 @@ class GateStart:
             os.close(self.ready_r)
             self.ready_r = -1
             self.fds.close()
+
+    def _why(self) -> str:
+        with contextlib.suppress(OSError):
+            lines = (self.scratch / "egress-gate.err").read_text(
+                errors="replace").strip().splitlines()
+            if lines:
+                return lines[-1]
+        return "timed out"
 
     def abandon(self) -> None:
         for _, proc in self.procs:
@@ -311,7 +366,7 @@ def scratch_of(name: str) -> Path:
 
     validate_sandbox_name(name)
     path = runtime_dir() / "sandboxes" / name
-    if not (path / CONTROL_NAME).exists():
+    if not (path / "egress-gate.err").exists():
         raise NotFound(f"no running sandbox {name!r} with an egress gate")
     return path
 
@@ -319,11 +374,21 @@ def scratch_of(name: str) -> Path:
 def control(name: str, request: dict[str, str]) -> dict[str, object]:
     """Send one request to a running sandbox's gate; its reply."""
     import socket
+    import time
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
+    path = str(scratch_of(name) / CONTROL_NAME)
+    deadline = time.monotonic() + 10
     try:
-        sock.connect(str(scratch_of(name) / CONTROL_NAME))
+        while True:  # a gate may still be starting (the sandbox does not wait for it)
+            try:
+                sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         sock.sendall((json.dumps(request) + "\n").encode())
         data = b""
         while not data.endswith(b"\n") and len(data) < 65536:

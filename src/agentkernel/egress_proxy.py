@@ -457,46 +457,6 @@ async def handle_control(gate: Gate, owner: int, reader: asyncio.StreamReader,
 # --- start-up ----------------------------------------------------------------------------
 
 
-def _listen_in(netns_fd: int, userns_fd: int) -> tuple[socket.socket, socket.socket]:
-    """The TCP and UDP listeners, made by a child that joins the sandbox's network
-    namespace (first its user namespace, for an ordinary user) and hands them back."""
-    import ctypes
-
-    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    pid = os.fork()
-    if pid == 0:  # the child: only syscalls, then _exit
-        code = 1
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if userns_fd >= 0 and libc.setns(userns_fd, 0x10000000) != 0:
-                raise OSError(ctypes.get_errno(), "setns(user)")
-            if libc.setns(netns_fd, 0x40000000) != 0:
-                raise OSError(ctypes.get_errno(), "setns(net)")
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            tcp.bind(("127.0.0.1", TCP_PORT))
-            tcp.listen(128)
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.bind(("127.0.0.1", DNS_PORT))
-            socket.send_fds(right, [b"k"], [tcp.fileno(), udp.fileno()])
-            code = 0
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                right.send(f"E{exc}".encode()[:500])
-        finally:
-            os._exit(code)
-    right.close()
-    msg, fds, _flags, _addr = socket.recv_fds(left, 512, 2)
-    os.waitpid(pid, 0)
-    left.close()
-    if msg != b"k" or len(fds) != 2:
-        for fd in fds:
-            os.close(fd)
-        raise OSError(f"cannot listen in the sandbox's network namespace: "
-                      f"{msg[1:].decode(errors='replace')}")
-    return (socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0]),
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))
-
-
 def _hold_secrets(gate: Gate, cfg: dict[str, Any]) -> None:
     """The secrets and the TLS contexts for their hosts, loaded while files are readable."""
     from .egress_mitm import Held, client_context, server_context
@@ -505,6 +465,7 @@ def _hold_secrets(gate: Gate, cfg: dict[str, Any]) -> None:
                       str(s["placeholder"]).encode(), str(s["value"]).encode())
                  for s in cfg["secrets"]]
     gate.server_ctx = server_context(str(cfg["leaf"]))
+    os.unlink(str(cfg["leaf"]))  # held in memory now: no copy of its key stays on disk
     gate.client_ctx = client_context(cfg.get("upstream_ca"))
 
 
@@ -541,7 +502,8 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
     await asyncio.start_unix_server(
         lambda r, w: handle_control(gate, int(cfg["owner"]), r, w), sock=control)
     ready = int(cfg["ready_fd"])
-    os.write(ready, b"1")
+    with contextlib.suppress(OSError):  # nobody may be waiting (see GateStart.wait)
+        os.write(ready, b"1")
     os.close(ready)
     exit_fd = int(cfg["exit_fd"])
     done: asyncio.Future[None] = loop.create_future()
@@ -556,8 +518,8 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
 
 def main(fds_sock: int) -> None:
     """Started before the sandbox's namespaces exist (imports done meanwhile); then its
-    config on stdin and the namespace fds (net, and user for an ordinary user) on
-    `fds_sock`."""
+    config on stdin and its two listening sockets, made inside the sandbox's network
+    namespace (egress_gate.listen_in), on `fds_sock`."""
     from .egress import denied_networks, host_addresses
 
     cfg = json.loads(sys.stdin.buffer.read(4 << 20))
@@ -565,12 +527,11 @@ def main(fds_sock: int) -> None:
     carrier = socket.socket(fileno=fds_sock)
     _msg, fds, _flags, _addr = socket.recv_fds(carrier, 16, 2)
     carrier.close()
-    if not fds:
-        raise SystemExit("no namespace to listen in")
+    if len(fds) != 2:
+        raise SystemExit("no sockets to serve")
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0])
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1])
     denied = denied_networks(host_addresses())
-    tcp, udp = _listen_in(fds[0], fds[1] if len(fds) > 1 else -1)
-    for fd in fds:
-        os.close(fd)
     log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.bind(cfg["control"])
