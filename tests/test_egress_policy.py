@@ -420,3 +420,23 @@ def test_secret_never_enters_the_sandbox(project: Path, upstream: Upstream,
     assert "outside its header 'x-api-key'" in r.stderr
     assert "placeholder of secret skey sent in clear text" in r.stderr
     assert SECRET_VALUE not in r.stderr
+
+
+def test_persistent_sandbox_keeps_its_policy(project: Path, upstream: Upstream) -> None:
+    """`create --allow-host` through the daemon; `egress NAME allow` opens it at once."""
+    name = f"eg-{secrets.token_hex(3)}"
+    probe = ["python3", "-c", PROBE, json.dumps(
+        [["allowed", "http", "allowed.test", 18080, "allowed.test"],
+         ["other", "http", "other.test", 18080, "other.test"]])]
+    r = ak("create", name, "-B", "namespaces", "-i", "host", "--allow-host", "allowed.test",
+           *hosts(upstream), cwd=project)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = ak("exec", name, "--", *probe)
+        assert json.loads(r.stdout) == {"allowed": "reached hello host=allowed.test key=-",
+                                        "other": "blocked gaierror"}, (r.stdout, r.stderr)
+        assert ak("egress", name, "allow", "other.test").returncode == 0
+        r = ak("exec", name, "--", *probe)
+        assert json.loads(r.stdout)["other"] == "reached hello host=other.test key=-"
+    finally:
+        ak("rm", name)
