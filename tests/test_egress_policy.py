@@ -216,10 +216,10 @@ def judge(seen: dict[str, str]) -> None:
     assert not reached, reached
 
 
-def test_allow_list_holds_as_root(project: Path, upstream: Upstream) -> None:
+def test_allow_list_holds_as_root(backend: str, project: Path, upstream: Upstream) -> None:
     shutil.copy(upstream.ca, project / "ca.pem")
     todo = attacks(upstream, "/workspace/ca.pem")
-    r = ak("run", "-B", "namespaces", "-i", "host", "--allow-host", "allowed.test",
+    r = ak("run", "-B", backend, "-i", "host", "--allow-host", "allowed.test",
            "--allow-host", "rebind.test", *hosts(upstream), "--", "python3", "-c", PROBE,
            json.dumps(todo), cwd=project)
     assert r.returncode == 0, r.stderr
@@ -228,7 +228,7 @@ def test_allow_list_holds_as_root(project: Path, upstream: Upstream) -> None:
     assert "denied.test REFUSED by default deny" in r.stderr, r.stderr
 
 
-def test_allow_list_holds_as_an_ordinary_user(upstream: Upstream) -> None:
+def test_allow_list_holds_as_an_ordinary_user(backend: str, upstream: Upstream) -> None:
     if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip("needs setpriv and the system's python3")
     home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
@@ -239,7 +239,7 @@ def test_allow_list_holds_as_an_ordinary_user(upstream: Upstream) -> None:
             os.chown(path, NOBODY, NOBODY)
         home.chmod(0o755)
         todo = attacks(upstream, "/workspace/ca.pem")
-        proc = ak_as_user(NOBODY, home, "run", "-B", "namespaces", "-i", "host",
+        proc = ak_as_user(NOBODY, home, "run", "-B", backend, "-i", "host",
                           "--allow-host", "allowed.test", "--allow-host", "rebind.test",
                           *hosts(upstream), "--", "python3", "-c", PROBE, json.dumps(todo),
                           cwd=home / "project")
@@ -250,7 +250,7 @@ def test_allow_list_holds_as_an_ordinary_user(upstream: Upstream) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def test_default_reaches_public_only(project: Path, upstream: Upstream) -> None:
+def test_default_reaches_public_only(backend: str, project: Path, upstream: Upstream) -> None:
     """moderate without lists: every public address and name, never the private set; a
     deny entry still refuses its name whatever address it is sent to."""
     todo = [["public by ip", "raw", upstream.addr2, 18022],
@@ -260,7 +260,7 @@ def test_default_reaches_public_only(project: Path, upstream: Upstream) -> None:
             ["private", "raw", upstream.private, 18022],
             ["metadata", "raw", "169.254.169.254", 80],
             ["udp", "udp", upstream.addr, 18053]]
-    r = ak("run", "-B", "namespaces", "-i", "host", "--deny-host", "denied.test",
+    r = ak("run", "-B", backend, "-i", "host", "--deny-host", "denied.test",
            *hosts(upstream), "--", "python3", "-c", PROBE, json.dumps(todo), cwd=project)
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)

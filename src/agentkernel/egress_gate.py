@@ -30,6 +30,7 @@ SANDBOX_DEV = "eth0"
 PEER_DEV = "akgw0"  # the veth's other end: in the same namespace, leads nowhere
 SANDBOX_ADDR = "10.0.2.100"
 GATEWAY = "10.0.2.2"
+RESOLVER = "10.0.2.3"  # resolv.conf's nameserver (network.SLIRP_DNS)
 TRUST_NAME = "egress-trust.pem"  # system bundle + the sandbox's CA: bound in (namespaces)
 LEAF_NAME = "egress-leaf.pem"  # the gate's certificate and key for the secrets' hosts
 LOG_NAME = "egress.log"
@@ -62,6 +63,82 @@ def rules_v4() -> str:
         "-A OUTPUT -j REJECT --reject-with icmp-admin-prohibited",
         "COMMIT",
     ]) + "\n"
+
+
+def router_batches(router_pid: int) -> tuple[str, str]:
+    """`ip -batch` inputs for a gVisor or VMM sandbox, whose network stack writes frames
+    itself (its packets never meet its own namespace's rules): its namespace gets `eth0`,
+    whose peer `akgw0` (the gateway, 10.0.2.2) sits in a router namespace of ours where
+    the rules and the gate are."""
+    sandbox_side = "\n".join([
+        "link set lo up",
+        f"link add {SANDBOX_DEV} type veth peer name {PEER_DEV} netns {router_pid}",
+        f"addr add {SANDBOX_ADDR}/24 dev {SANDBOX_DEV}",
+        f"link set {SANDBOX_DEV} up",
+        f"route add default via {GATEWAY} dev {SANDBOX_DEV}",
+    ]) + "\n"
+    router_side = "\n".join([
+        "link set lo up",
+        f"addr add {GATEWAY}/24 dev {PEER_DEV}",
+        # the sandbox's resolver address is on its link: answered here (ARP), redirected
+        f"addr add {RESOLVER}/32 dev {PEER_DEV}",
+        f"link set {PEER_DEV} up",
+    ]) + "\n"
+    return sandbox_side, router_side
+
+
+def router_rules_v4() -> str:
+    from .egress_proxy import DNS_PORT, TCP_PORT
+
+    return "\n".join([
+        "*nat",
+        f"-A PREROUTING -i {PEER_DEV} -p tcp -j REDIRECT --to-ports {TCP_PORT}",
+        f"-A PREROUTING -i {PEER_DEV} -p udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}",
+        "COMMIT",
+        "*filter",
+        f"-A INPUT -i {PEER_DEV} -m conntrack --ctstate DNAT -j ACCEPT",
+        f"-A INPUT -i {PEER_DEV} -j DROP",
+        "-A FORWARD -j DROP",  # the router routes nothing: forwarding is off, and this too
+        "COMMIT",
+    ]) + "\n"
+
+
+def router_rules_v6() -> str:
+    return "\n".join(["*filter", f"-A INPUT -i {PEER_DEV} -j DROP", "-A FORWARD -j DROP",
+                      "COMMIT"]) + "\n"
+
+
+def router_holder(sandbox_holder: int, lifeline_r: int) -> subprocess.Popen[bytes]:
+    """The router namespace for a gVisor/VMM sandbox whose namespace `sandbox_holder`
+    holds: owned by the same user namespace (an ordinary user has no other way to join a
+    veth across them), alive as long as the lifeline."""
+    from .network import netns_holder
+    from .paths import which
+
+    if os.geteuid() == 0:
+        return netns_holder(lifeline_r)
+    nsenter, unshare = which("nsenter"), which("unshare")
+    if nsenter is None or unshare is None:
+        raise BackendUnavailable("the egress gate needs nsenter and unshare (util-linux)")
+    own = os.readlink(f"/proc/{sandbox_holder}/ns/net")
+    holder = subprocess.Popen(
+        [nsenter, f"--target={sandbox_holder}", "--user", "--preserve-credentials", "--",
+         unshare, "--net", "--", "cat"], stdin=lifeline_r, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until it is in a namespace of its own
+        with contextlib.suppress(OSError):
+            ns = os.readlink(f"/proc/{holder.pid}/ns/net")
+            if ns != own and ns != os.readlink("/proc/self/ns/net"):
+                return holder
+        if holder.poll() is not None:
+            break
+        time.sleep(0.001)
+    holder.kill()
+    holder.wait()
+    raise SandboxError("could not create the egress router's network namespace")
 
 
 def rules_v6() -> str:
@@ -125,7 +202,7 @@ def write_tls(scratch: Path, policy: Policy) -> None:
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
-def listen_in(netns_fd: int, userns_fd: int) -> tuple[int, int]:
+def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tuple[int, int]:
     """The gate's TCP and UDP listeners (fds), made by a forked child that joins the
     sandbox's network namespace (first its user namespace, for an ordinary user) and
     hands them back: the sandbox's connections queue in their backlog from the moment
@@ -146,10 +223,12 @@ def listen_in(netns_fd: int, userns_fd: int) -> tuple[int, int]:
             if libc.setns(netns_fd, 0x40000000) != 0:
                 raise OSError(ctypes.get_errno(), "setns(net)")
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            tcp.bind(("127.0.0.1", TCP_PORT))
-            tcp.listen(128)
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            udp.bind(("127.0.0.1", DNS_PORT))
+            for sock in (tcp, udp):  # the router's address may not be set up yet
+                sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+            tcp.bind((address, TCP_PORT))
+            tcp.listen(128)
+            udp.bind((address, DNS_PORT))
             socket.send_fds(right, [b"k"], [tcp.fileno(), udp.fileno()])
             code = 0
         except BaseException as exc:
@@ -251,24 +330,37 @@ class GateStart:
             theirs.close()
             os.close(self.ready_w)
 
-    def attach(self, pid: int, policy: Policy) -> None:
-        """The rules into the namespace of `pid`, and that namespace to the gate."""
+    def attach(self, pid: int, policy: Policy, *, router: int | None = None) -> None:
+        """The rules into the namespace of `pid`, and that namespace to the gate. With
+        `router` (gVisor, VMMs): `pid`'s namespace only gets its way to the router's, and
+        the rules and the gate's listeners are in the router's."""
         import socket
 
         from .network import enter_netns
 
         try:
-            enter = enter_netns(pid)
-            inputs = {"ip": ip_batch(), "iptables-restore": rules_v4(),
-                      "ip6tables-restore": rules_v6()}
+            if router is None:
+                enter = enter_netns(pid)
+                inputs = {"ip": ip_batch(), "iptables-restore": rules_v4(),
+                          "ip6tables-restore": rules_v6()}
+            else:
+                sandbox_side, router_side = router_batches(router)
+                self._spawn("ip", [*enter_netns(pid), str(self.tools["ip"]), "-batch", "-"],
+                            sandbox_side.encode())
+                self._finish()  # the veth must exist before the router's side is set up
+                enter = enter_netns(router)
+                inputs = {"ip": router_side, "iptables-restore": router_rules_v4(),
+                          "ip6tables-restore": router_rules_v6()}
             for name, path in self.tools.items():
                 argv = [*enter, str(path), *(["-batch", "-"] if name == "ip" else [])]
                 self._spawn(name, argv, inputs[name].encode())
-            ns = [os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)]
+            where = router if router is not None else pid
+            ns = [os.open(f"/proc/{where}/ns/net", os.O_RDONLY)]
             try:
                 if os.geteuid() != 0:
-                    ns.append(os.open(f"/proc/{pid}/ns/user", os.O_RDONLY))
-                listeners = listen_in(ns[0], ns[1] if len(ns) > 1 else -1)
+                    ns.append(os.open(f"/proc/{where}/ns/user", os.O_RDONLY))
+                listeners = listen_in(ns[0], ns[1] if len(ns) > 1 else -1,
+                                      GATEWAY if router is not None else "127.0.0.1")
             finally:
                 for fd in ns:
                     os.close(fd)
@@ -306,22 +398,27 @@ class GateStart:
             proc.stdin.close()
         proc.stdin = None  # communicate() in wait() then only reads stderr
 
+    def _finish(self) -> None:
+        """Wait for the set-up commands started so far; SandboxError if any failed."""
+        failures = []
+        for name, proc in self.procs:
+            try:
+                _out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _out, err = proc.communicate()
+            if proc.returncode != 0:
+                failures.append(f"{name}: {err.decode(errors='replace').strip()[:300]}")
+        self.procs = []
+        if failures:
+            raise SandboxError("could not set up the sandbox's egress gate, so it does "
+                               f"not start: {'; '.join(failures)} (or use --no-network)")
+
     def wait(self, ready: bool = False) -> subprocess.Popen[bytes]:
         """The gate process, once the rules hold (its listeners exist already: what the
         sandbox sends waits in them); with `ready`, also once it serves."""
         try:
-            failures = []
-            for name, proc in self.procs:
-                try:
-                    _out, err = proc.communicate(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    _out, err = proc.communicate()
-                if proc.returncode != 0:
-                    failures.append(f"{name}: {err.decode(errors='replace').strip()[:300]}")
-            if failures:
-                raise SandboxError("could not set up the sandbox's egress gate, so it does "
-                                   f"not start: {'; '.join(failures)} (or use --no-network)")
+            self._finish()
             if not ready:
                 if self.gate.poll() is not None:
                     raise SandboxError(f"the egress gate did not start: {self._why()}")

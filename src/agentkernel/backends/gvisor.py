@@ -147,9 +147,6 @@ class GVisorBackend(Backend):
         return None
 
     def start(self, spec: SandboxSpec) -> Sandbox:
-        from ..egress_policy import require_default
-
-        require_default(spec.egress, self.name)  # no egress gate here yet: fail closed
         from ..cgroups import Cgroup, Limits
         from ..idmap import stage_fn
         from ..network import egress_netns, empty_netns_prefix, enter_netns, write_resolv_conf
@@ -179,10 +176,14 @@ class GVisorBackend(Backend):
             holder: int | None = None
             if p.network == "none":
                 prefix = empty_netns_prefix(required=True)
+            elif p.network == "egress":
+                # The egress gate's router is the only way out; `runsc run` holds the
+                # lifeline's write end while the sandbox lives.
+                holder, life_w = _gated_netns(scratch, helpers, spec)
+                prefix = enter_netns(holder)
             else:
-                # `runsc run` holds the lifeline's write end while the sandbox lives.
                 holder, life_w = egress_netns(scratch / "slirp.log", helpers,
-                                              reach_host=p.network == "host")
+                                              reach_host=True)
                 prefix = enter_netns(holder)
             copy = _workspace_copy(spec, scratch)
             config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
@@ -239,6 +240,36 @@ class GVisorBackend(Backend):
             else:
                 abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
+
+
+def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
+                 spec: SandboxSpec) -> tuple[int, int]:
+    """runsc's network namespace, whose one device leads to a router namespace where the
+    egress gate decides (egress_gate): (its holder's pid, the lifeline's write end)."""
+    from ..egress_gate import GateStart, router_holder
+    from ..egress_policy import Policy
+    from ..network import lifeline, netns_holder
+
+    if spec.egress is not None and spec.egress.secrets:
+        raise BackendUnavailable("secrets (TLS interception and the sandbox's CA) are on the "
+                                 "namespaces backend only for now: use -B namespaces")
+
+    life_r, life_w = lifeline()
+    try:
+        gate = GateStart(scratch, exit_fd=life_r)
+        helpers.append(gate.gate)
+        holder = netns_holder(life_r)
+        helpers.append(holder)
+        router = router_holder(holder.pid, life_r)
+        helpers.append(router)
+        gate.attach(holder.pid, spec.egress or Policy(), router=router.pid)
+        gate.wait()
+    except BaseException:
+        os.close(life_w)
+        raise
+    finally:
+        os.close(life_r)
+    return holder.pid, life_w
 
 
 class _Remap(NamedTuple):
