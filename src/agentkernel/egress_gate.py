@@ -120,13 +120,20 @@ def router_holder(sandbox_holder: int, lifeline_r: int) -> subprocess.Popen[byte
     nsenter, unshare = which("nsenter"), which("unshare")
     if nsenter is None or unshare is None:
         raise BackendUnavailable("the egress gate needs nsenter and unshare (util-linux)")
+    import time
+
     own = os.readlink(f"/proc/{sandbox_holder}/ns/net")
+    # `unshare --map-root-user` writes its uid map just after the namespace exists: joined
+    # before that, we would be unmapped there, and exec would drop every capability.
+    deadline = time.monotonic() + 10
+    while not Path(f"/proc/{sandbox_holder}/uid_map").read_text().strip():
+        if time.monotonic() > deadline:
+            raise SandboxError("the sandbox's user namespace got no id map")
+        time.sleep(0.001)
     holder = subprocess.Popen(
         [nsenter, f"--target={sandbox_holder}", "--user", "--preserve-credentials", "--",
          unshare, "--net", "--", "cat"], stdin=lifeline_r, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
-    import time
-
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # until it is in a namespace of its own
         with contextlib.suppress(OSError):
