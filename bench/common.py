@@ -1,10 +1,23 @@
-"""What the benchmarks share: timing a command n times, and percentiles of the samples."""
+"""What the benchmarks share: timing a command n times, percentiles, and the run's stamp."""
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The tools whose versions change what a benchmark measures: argv for a version line.
+TOOLS: dict[str, list[str]] = {
+    "bwrap": ["bwrap", "--version"],
+    "runsc": ["runsc", "--version"],
+    "slirp4netns": ["slirp4netns", "--version"],
+    "qemu": ["qemu-system-x86_64", "--version"],
+}
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -31,3 +44,60 @@ def timed(argv: list[str], n: int, *, cwd: Path, env: dict[str, str] | None = No
         if pause:
             time.sleep(pause)
     return samples
+
+
+def _first_line(argv: list[str]) -> str:
+    if shutil.which(argv[0]) is None:
+        return "absent"
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    lines = (r.stdout or r.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty",
+                            "--abbrev=12"], capture_output=True, text=True, timeout=10,
+                           check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return r.stdout.strip() or "unknown"
+
+
+def stamp() -> dict[str, str]:
+    """Where and with what a benchmark ran: commit, kernel, CPU, load, tool versions."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    out = {"commit": _commit(), "kernel": platform.release(),
+           "cpu": f"{_cpu_model()} x{os.cpu_count()}", "load": load,
+           "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for name, argv in TOOLS.items():
+        out[name] = _first_line(argv)
+    return out
+
+
+def stamp_lines(st: dict[str, str]) -> list[str]:
+    """The stamp as markdown lines for a report's head."""
+    return [f"- {k}: {v}" for k, v in st.items()]
+
+
+def summary(label: str, samples: list[float], base: float | None = None) -> str:
+    """One markdown table row: label, n, p50, p95 and the p50 ratio to `base`."""
+    ratio = f"{pct(samples, 0.5) / base:.2f}x" if base else "-"
+    return (f"| {label} | {len(samples)} | {pct(samples, 0.5):.1f} | {pct(samples, 0.95):.1f}"
+            f" | {ratio} |")
+
+
+TABLE_HEAD = ["| case | n | p50 ms | p95 ms | p50 / baseline |", "|---|---:|---:|---:|---:|"]

@@ -22,10 +22,13 @@ def private_agentkernel_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """The suite's own data and runtime dirs: never the user's, and a daemon a test starts
     is stopped at the end (its sandboxes with it)."""
     root = tmp_path_factory.mktemp("agentkernel")
-    keys = ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR", "AGENTKERNEL_DAEMON_AUTOSTART")
+    keys = ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR", "AGENTKERNEL_DAEMON_AUTOSTART",
+            "XDG_CONFIG_HOME")
     saved = {k: os.environ.get(k) for k in keys}
     os.environ["AGENTKERNEL_HOME"] = str(root / "home")
     os.environ["AGENTKERNEL_RUNTIME_DIR"] = str(root / "run")
+    # No user config (~/.config/agentkernel/config.toml) but what a test writes itself.
+    os.environ["XDG_CONFIG_HOME"] = str(root / "config")
     # In-process runs stay in-process: the daemon tests start theirs on purpose, and
     # tests/daemon/test_daemon_autostart.py turns the autostart back on.
     os.environ["AGENTKERNEL_DAEMON_AUTOSTART"] = "0"

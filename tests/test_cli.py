@@ -18,7 +18,7 @@ def test_doctor_is_truthful_about_this_host() -> None:
     r = ak("doctor", "--json")
     report = json.loads(r.stdout)
     by_name = {b["name"]: b for b in report["backends"]}
-    assert set(by_name) == {"namespaces", "gvisor", "microvm"}
+    assert set(by_name) == {"namespaces", "gvisor", "microvm", "docker", "podman", "wasm"}
     assert report["auto"] in ("gvisor", "namespaces", "microvm")
     kvm = next(c for c in report["checks"] if c["name"] == "kvm")
     if Path("/sys/module/kvm_pvm").is_dir():  # these build machines: no standard guest boots

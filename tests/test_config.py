@@ -226,7 +226,7 @@ def test_unknown_key_suggestion(tmp_path: Path) -> None:
         ("[resources]\nmemory_mb = 1.5\n", "resources.memory_mb"),
         ('[sandbox]\nname = "../../etc"\n', "sandbox.name"),
         ('[sandbox]\nname = "a--b"\n', "sandbox.name"),
-        ('[sandbox]\nbackend = "docker"\n', "sandbox.backend"),
+        ('[sandbox]\nbackend = "bogus"\n', "sandbox.backend"),
         ('[sandbox]\nbase_image = "alpine; rm -rf /"\n', "sandbox.base_image"),
         ('[agent]\ncompatibility_mode = "cursor"\n', "agent.compatibility_mode"),
         ('[network]\nports = ["70000"]\n', "network.ports"),

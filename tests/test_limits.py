@@ -24,9 +24,9 @@ from agentkernel.backends.base import spawn_agent
 from agentkernel.backends.namespaces import build_bwrap_argv
 from agentkernel.cgroups import Limits, rlimit_floor
 from agentkernel.config import parse_config
-from agentkernel.engine import RunRequest, resolve_profile
 from agentkernel.errors import ConfigError, UsageError
 from agentkernel.paths import native_binary
+from agentkernel.planner import RunRequest, resolve_profile
 from agentkernel.profiles import (
     PERMISSIVE_MEMORY_MB,
     PERMISSIVE_PIDS,
@@ -284,7 +284,7 @@ def _nobody_profile(*, pids: int | None = None, memory_mb: int | None = None) ->
 def _start_bomb(client: AgentClient, profile: Profile, n: int) -> tuple[Execution, list[str]]:
     ex = client.exec(["python3", "/workspace/forker.py", str(n)], cwd="/", stdin=True,
                      env={"PATH": "/usr/bin:/bin"},
-                     rlimits=command_rlimits(profile, "namespaces", None))
+                     rlimits=command_rlimits(profile, None))
     for kind, payload in ex.events():
         if kind == "stdout" and isinstance(payload, bytes):
             return ex, payload.decode().split()
@@ -317,7 +317,7 @@ def test_rootless_fork_bomb_stops_at_the_cap_per_sandbox(public_dir: Path) -> No
 def test_rootless_memory_hog_is_bounded_per_process(public_dir: Path) -> None:
     profile = _nobody_profile(memory_mb=256)
     with as_nobody(public_dir, profile, "lim-mem") as client:
-        rl = command_rlimits(profile, "namespaces", None)
+        rl = command_rlimits(profile, None)
         ex = client.exec(["python3", "-c", "b = bytearray(512 << 20); print('survived')"],
                          cwd="/", env={"PATH": "/usr/bin:/bin"}, rlimits=rl)
         out, err, status = ex.wait(60)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from . import __version__
@@ -12,8 +11,7 @@ from .errors import AgentKernelError, UsageError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable
-    from typing import Any, BinaryIO
+    from typing import Any
 
 
 def _add_run_parser(sub: Any) -> None:
@@ -23,7 +21,8 @@ def _add_run_parser(sub: Any) -> None:
                        description="Run COMMAND in a fresh isolated sandbox and remove it after.")
     p.add_argument("-i", "--image", help="image for the sandbox (default: auto-detected)")
     p.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
-    p.add_argument("-B", "--backend", help="isolation backend: auto, namespaces, gvisor")
+    p.add_argument("-B", "--backend",
+                   help="isolation backend: auto, namespaces, gvisor, microvm, wasm, hyperlight")
     p.add_argument("--no-network", action="store_true", help="no network at all")
     _add_egress_flags(p)
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
@@ -97,6 +96,20 @@ def _add_images_parser(sub: Any) -> None:
     isub.add_parser("prune", help="free blobs and layers no image uses")
 
 
+def _add_config_parser(sub: Any) -> None:
+    p = sub.add_parser("config", help="show the effective settings and where each came from",
+                       description="Print the settings a run here gets: built-in defaults, "
+                       "the user config ($XDG_CONFIG_HOME/agentkernel/config.toml), "
+                       "./agentkernel.toml (or --config), the environment and flags, each "
+                       "with its origin. See docs/config.md.")
+    p.add_argument("action", nargs="?", choices=["show"], default="show",
+                   help="show (the default; the only action)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("-c", "--config", help="agentkernel.toml to use instead of ./agentkernel.toml")
+    p.add_argument("-p", "--profile", help="as `run --profile`")
+    p.add_argument("-B", "--backend", help="as `run --backend`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -114,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-a", "--agent", default="claude", help="preferred agent (default: claude)")
     i.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
     _add_images_parser(sub)
+    _add_config_parser(sub)
     _add_sandbox_parsers(sub)
     _add_egress_parser(sub)
     _add_secret_parser(sub)
@@ -133,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--insecure-no-key", action="store_true",
                     help="DANGEROUS: no API key on a loopback address; every local user "
                          "and program can then use the API as you")
+    _add_agent_parsers(sub)
     st = sub.add_parser("setup", help="prepare optional backends (the microVM guest kernel)")
     st.add_argument("--microvm", action="store_true", required=True,
                     help="fetch and prepare the guest kernel and initramfs for `microvm`")
@@ -147,6 +162,38 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-kvm-probe", action="store_true",
                     help="skip the test boot under KVM (the accelerator is probed later)")
     return parser
+
+
+def _add_agent_parsers(sub: Any) -> None:
+    """AI coding agents: the registry, the MCP server, plugins (see docs/agents.md)."""
+    ag = sub.add_parser("agents", help="AI coding agents: installed, signed in, wired to "
+                                       "agentkernel")
+    ag.add_argument("--json", action="store_true")
+    agsub = ag.add_subparsers(dest="agents_cmd", metavar="SUBCOMMAND")
+    agl = agsub.add_parser("list", help="the table (the default)")
+    agl.add_argument("--json", action="store_true")
+    agi = agsub.add_parser("install", help="install an agent's pinned npm package into "
+                                           "agentkernel's data dir")
+    agi.add_argument("names", nargs="+", metavar="AGENT", help="an agent id, or all")
+    ms = sub.add_parser("mcp-server", help="serve agentkernel's MCP tools on stdin/stdout")
+    ms.add_argument("--project", metavar="DIR",
+                    help="the project dir sandboxes see at /workspace (default: here)")
+    pl = sub.add_parser("plugin", help="wire agentkernel into Claude Code, Codex, Gemini "
+                                       "CLI, OpenCode")
+    psub = pl.add_subparsers(dest="plugin_cmd", metavar="SUBCOMMAND", required=True)
+    for name, what in (("install", "add agentkernel's MCP server (and Claude Code plugin)"),
+                       ("uninstall", "take it out again")):
+        p = psub.add_parser(name, help=what)
+        p.add_argument("target", metavar="TARGET", help="claude, codex, gemini, opencode "
+                                                        "or all")
+        p.add_argument("--scope", choices=("user", "project"), default="user",
+                       help="user (default): your home's config; project: this dir's")
+        p.add_argument("--dry-run", action="store_true", help="show the change, make none")
+        if name == "install":
+            p.add_argument("--force", action="store_true",
+                           help="replace an existing, different agentkernel entry")
+    pls = psub.add_parser("list", help="where agentkernel is wired in")
+    pls.add_argument("--json", action="store_true")
 
 
 def _add_sandbox_parsers(sub: Any) -> None:
@@ -194,7 +241,7 @@ def _add_sandbox_parsers(sub: Any) -> None:
     ds = dsub.add_parser("start", help="start the daemon (in the background)")
     ds.add_argument("--foreground", action="store_true", help="run in this process")
     ds.add_argument("-c", "--config", help="daemon config (default: "
-                    "~/.config/agentkernel/agentkernel.toml)")
+                    "~/.config/agentkernel/config.toml)")
     ds.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
                     help="stop after SECONDS unused while holding no kept sandbox "
                          "(what `run` gives the daemon it starts; default: never)")
@@ -234,13 +281,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "images":
             from pathlib import Path
 
-            from .engine import RunRequest, load_configs
             from .images.cli import main as images_main
+            from .planner import CallerContext, RunRequest, load_configs
 
-            config, _, warnings = load_configs(RunRequest(argv=[], cwd=Path.cwd()))
+            config, _, warnings = load_configs(RunRequest(argv=[], cwd=Path.cwd()),
+                                               CallerContext.here())
             for warning in warnings:
                 print(f"agentkernel: warning: {warning}", file=sys.stderr)
             return images_main(args, config)
+        if args.cmd == "config":
+            from .config_cli import main as config_main
+
+            return config_main(args)
         if args.cmd == "serve":
             from .daemon.commands import cmd_serve
 
@@ -257,6 +309,14 @@ def main(argv: list[str] | None = None) -> int:
             from .vm.setup import main as setup_main
 
             return setup_main(args)
+        if args.cmd in ("agents", "plugin"):
+            from .plugins.cli import main as agents_main
+
+            return agents_main(args)
+        if args.cmd == "mcp-server":
+            from .mcpserver.stdio import main as mcp_main
+
+            return mcp_main(args.project)
         if args.cmd in _DAEMON_COMMANDS:
             from .daemon import commands
 
@@ -278,7 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
-    from .daemon.fastpath import daemon_wanted
+    from .runcmd import daemon_wanted, run_in_process
 
     egress_flags = bool(args.allow_host or args.deny_host or args.add_host or args.secret)
     if args.keep or (daemon_wanted() and not egress_flags):  # pools keep the default policy
@@ -288,114 +348,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = run_via_daemon(args, command, keep=args.keep)
         if code is not None:
             return code
-    return _run_in_process(args, command)
-
-
-def _run_in_process(args: argparse.Namespace, command: list[str]) -> int:
-    from .cgroups import prime_migration
-
-    prime_migration()  # first, so the kernel's wait overlaps our imports (see its docstring)
-    import time
-    from pathlib import Path
-
-    from .engine import RunRequest, execute, plan
-    from .profiles import parse_memory_limit, parse_pids
-
-    req = RunRequest(
-        argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
-        backend=args.backend, no_network=args.no_network, env=args.env, workdir=args.workdir,
-        timeout=args.timeout, keep=False,
-        memory_mb=parse_memory_limit(args.memory) if args.memory else None,
-        pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
-        config_path=Path(args.config) if args.config else None,
-        forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
-        # (the daemon's fast path parses no egress flags: it sends those runs to argparse)
-        allow_hosts=tuple(getattr(args, "allow_host", ())),
-        deny_hosts=tuple(getattr(args, "deny_host", ())),
-        add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
-    )
-    started = time.monotonic()
-    plan_ = plan(req, quiet=args.quiet)
-
-    def say(msg: str) -> None:
-        if not args.quiet:
-            print(f"agentkernel: {msg}", file=sys.stderr)
-
-    for warning in plan_.warnings:
-        say(f"warning: {warning}")
-    spec = plan_.spec
-    if args.verbose:
-        say(f"backend {plan_.backend.name}: {plan_.backend.isolation}")
-        for line in plan_.skipped:
-            say(line)
-        say(f"image {spec.image} ({plan_.image_reason}); rootfs: {plan_.rootfs_note}")
-        p = spec.profile
-        say(f"profile {p.name}: network={p.network} workspace={p.workspace} "
-            f"memory={f'{p.memory_mb}MiB' if p.memory_mb else 'unlimited'} "
-            f"pids={p.pids or 'unlimited'} "
-            f"cpus={p.cpus or 'unlimited'}")
-    import io
-
-    captured_out, captured_err = io.BytesIO(), io.BytesIO()
-    out: BinaryIO = captured_out if args.json else sys.stdout.buffer
-    err: BinaryIO = captured_err if args.json else sys.stderr.buffer
-    stdin = sys.stdin.buffer if req.forward_stdin and not args.json else None
-    sandbox, outcome = execute(plan_, plan_.argv, timeout=req.timeout, stdout=out, stderr=err,
-                               stdin=stdin)
-    try:
-        for note in sandbox.notes:
-            say(f"note: {note}")
-        if spec.egress is not None and not args.quiet:
-            from .egress_gate import refusals
-
-            for line in refusals(sandbox.scratch):
-                say(f"egress: {line}")
-    finally:
-        sandbox.destroy()
-    if outcome.message:
-        say(outcome.message)
-    if args.json:
-        result: dict[str, Any] = {
-            "exit_code": outcome.exit_code,
-            "stdout": captured_out.getvalue().decode(errors="replace"),
-            "stderr": captured_err.getvalue().decode(errors="replace"),
-            "signal": outcome.status.signal, "timed_out": outcome.status.timed_out,
-            "message": outcome.message, "backend": plan_.backend.name,
-            "isolation": plan_.backend.isolation, "image": spec.image,
-            "rootfs": plan_.rootfs_note,
-            "profile": spec.profile.name, "sandbox": spec.name, "kept": False,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
-        }
-        import json
-
-        print(json.dumps(result))
-    if outcome.exit_code != 125:  # 125: the sandbox could not run; no daemon would help
-        _autostart_daemon(say)
-    return outcome.exit_code
-
-
-def _autostart_daemon(say: Callable[[str], None]) -> None:
-    """After a run without a daemon, start one in the background for the next runs.
-
-    It keeps a warm sandbox for each (image, profile, backend, project) in use, so later
-    runs cost milliseconds; it stops by itself after AGENTKERNEL_DAEMON_IDLE_EXIT seconds
-    unused (default 900). AGENTKERNEL_DAEMON_AUTOSTART=0 (or AGENTKERNEL_NO_DAEMON=1) opts
-    out.
-    """
-    from .daemon.fastpath import autostart_wanted
-
-    if not autostart_wanted():
-        return
-    from .daemon.client import spawn_daemon
-
-    try:
-        idle = float(os.environ.get("AGENTKERNEL_DAEMON_IDLE_EXIT", "900"))
-    except ValueError:
-        idle = 900.0
-    if spawn_daemon(idle_exit=max(1.0, idle)):
-        say(f"started the daemon in the background: it keeps sandboxes warm so the next runs "
-            f"start in milliseconds, and stops after {idle:g} s unused "
-            "(AGENTKERNEL_DAEMON_AUTOSTART=0 turns this off)")
+    return run_in_process(args, command)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
+import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .detect import DEFAULT_IMAGE, validate_image_ref
 from .errors import ConfigError, UsageError
 from .names import sanitize_sandbox_name, validate_sandbox_name, validate_sandbox_path
+from .paths import user_config_path_str
 
 CONFIG_FILENAME = "agentkernel.toml"
 _MAX_CONFIG_BYTES = 1024 * 1024
@@ -79,7 +84,12 @@ class SandboxSection(_Section):
     name: str | None = None  # defaults to the project directory name in load_config
     runtime: str | None = None  # None (unset) lets auto-detection pick the image
     base_image: str | None = None
-    backend: Literal["auto", "namespaces", "gvisor", "microvm"] = "auto"
+    backend: str = "auto"  # auto or a backend's name (backends.BACKEND_NAMES)
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str) -> str:
+        return _backend_name(v) or "auto"
 
     @field_validator("name")
     @classmethod
@@ -380,14 +390,29 @@ class MicrovmSection(_Section):
     snapshot: bool = False
 
 
+def _backend_name(value: str | None) -> str | None:
+    """`auto`, a backend's name, or `hyperlight` (the original's name for wasm): the names
+    are the backends' own, not spelled again here."""
+    from .backends import BACKEND_NAMES
+
+    if value is None or value in ("auto", "hyperlight", *BACKEND_NAMES):
+        return value
+    raise ValueError(f"unknown backend {value!r}: choose auto, {', '.join(BACKEND_NAMES)}")
+
+
 class PoolEntry(_Section):
     """One warm-pool key; None means what a plain `run` would pick."""
 
     image: str | None = None
     profile: Literal["permissive", "moderate", "restrictive"] | None = None
-    backend: Literal["auto", "namespaces", "gvisor", "microvm"] | None = None
+    backend: str | None = None  # as [sandbox] backend
     min: Annotated[int, Field(ge=0, le=64)] | None = None  # default: [daemon] pool_min
     max: Annotated[int, Field(ge=0, le=256)] | None = None  # default: [daemon] pool_max
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, v: str | None) -> str | None:
+        return _backend_name(v)
 
     @field_validator("image")
     @classmethod
@@ -407,6 +432,12 @@ class DaemonSection(_Section):
     adhoc_min: Annotated[int, Field(ge=0, le=64)] = 1
     # ...until they have been idle this long.
     adhoc_idle_seconds: Annotated[float, Field(gt=0)] = 600.0
+    # Every key's warm (and starting) sandboxes together: at most this many, and within
+    # this much memory (measured on the first sandbox of each key).
+    pool_max_total: Annotated[int, Field(ge=0, le=1024)] = 64
+    pool_memory_mb: Annotated[int, Field(ge=0)] = 1024
+    # Sandboxes the pool starts at once (default: one per core, 2 to 4).
+    pool_refills: Annotated[int, Field(ge=1, le=64)] | None = None
     reaper_interval: Annotated[float, Field(gt=0, le=3600)] = 1.0
     # Bounds on what one client or command can take from the daemon (docs/daemon.md):
     # requests served at once on the socket (more are refused with an error, not queued),
@@ -421,6 +452,10 @@ class DaemonSection(_Section):
 
 class Config(_Section):
     """A whole agentkernel.toml. Every section is optional."""
+
+    # True when effective_config() built it: the environment's settings (registry mirror, CA,
+    # [microvm]) are in it already, so readers must not add os.environ's on top.
+    _env_applied: bool = PrivateAttr(default=False)
 
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     agent: AgentSection = Field(default_factory=AgentSection)
@@ -535,7 +570,8 @@ def _describe_error(exc: ValidationError, source: str) -> str:
     # Our own value errors quote the value already; never echo what may be a secret.
     secret = any(word in key for word in ("key", "token"))
     got = "" if first["type"] == "value_error" or secret else f" (got {first.get('input')!r})"
-    return _one_line(f"{source}: invalid value for '{key}': {msg}{_one_line(got, 90)}{more}", 400)
+    got = f" {_one_line(got, 90)}" if got else ""
+    return _one_line(f"{source}: invalid value for '{key}': {msg}{got}{more}", 400)
 
 
 def parse_config(data: dict[str, Any], source: str = CONFIG_FILENAME) -> tuple[Config, list[str]]:
@@ -562,6 +598,14 @@ def load_config(path: Path) -> tuple[Config, list[str]]:
     ``[sandbox] name`` defaults to a sanitised form of the config's directory name.
     """
     path = Path(path)
+    config, warnings = parse_config(_read_toml(path), str(path))
+    if config.sandbox.name is None:
+        config.sandbox.name = sanitize_sandbox_name(path.resolve().parent.name)
+    return config, warnings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A config file's TOML, bounded in size; ConfigError names the file (and line)."""
     source = str(path)
     try:
         with open(path, "rb") as fh:
@@ -580,10 +624,7 @@ def load_config(path: Path) -> tuple[Config, list[str]]:
         if "line" not in str(exc):
             where = f" (line {raw.count(_NL) + 1})"
         raise ConfigError(f"{source}: invalid TOML: {_one_line(str(exc))}{where}") from None
-    config, warnings = parse_config(data, source)
-    if config.sandbox.name is None:
-        config.sandbox.name = sanitize_sandbox_name(path.resolve().parent.name)
-    return config, warnings
+    return data
 
 
 def find_project_config(cwd: Path) -> Path | None:
@@ -592,9 +633,479 @@ def find_project_config(cwd: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+# -- the user's config and the layers -------------------------------------------------------
+#
+# Precedence, lowest first: built-in defaults, the user's file
+# ($XDG_CONFIG_HOME/agentkernel/config.toml), the project's ./agentkernel.toml (or the file
+# given with --config, which replaces it), the environment, flags. A project file is written
+# by whoever wrote the project, so it is read with less trust than the rest (docs/config.md):
+
+# Keys only the user's own settings give (user file, --config, environment, flags): which
+# registries and certificates the shared image store trusts (a mirror answers for every
+# project's `python:3.12`), the guest kernel, and how the user's daemon runs.
+USER_ONLY_KEYS = ("images.registry", "images.mirrors", "images.insecure_registries",
+                  "images.ca_file", "images.auths", "microvm.kernel", "daemon", "api")
+# Keys that describe one project; a user file giving them is ignored (with a warning).
+PROJECT_ONLY_KEYS = ("sandbox.name", "sandbox.runtime", "sandbox.base_image")
+# Keys nothing reads yet: one "not implemented yet" warning per file instead of silence.
+# ([security.domains] has its own warning in Config.validate.)
+NOT_IMPLEMENTED_KEYS = ("resources.vcpus", "resources.memory_mb", "network",
+                        "security.seccomp", "security.commands", "build", "files", "ssh",
+                        "orchestrator", "remote", "enterprise")
+# Upstream documents these as informational: accepted quietly, shown as such.
+INFORMATIONAL_KEYS = ("sandbox.name", "agent.preferred")
+# Secrets: `agentkernel config` never prints their values.
+_SECRET_LEAVES = frozenset({"api_key", "password", "nomad_token"})
+
+# Stronger first is larger. `custom` is moderate plus overrides (profiles.get_profile).
+_PROFILE_RANK = {"permissive": 0, "moderate": 1, "custom": 1, "restrictive": 2}
+
+OriginKind = Literal["default", "user", "project", "config", "env", "flag"]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a setting's value came from: a layer and its file, variable or flag."""
+
+    kind: OriginKind
+    source: str = ""  # the file's path, the variable's name or the flag; "" for default
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.source}" if self.source else self.kind
+
+
+DEFAULT_ORIGIN = Origin("default")
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+# Environment variables that are settings: (variable, key, parse). Empty means unset, except
+# for the booleans, where any value is an answer (as vm/settings.py reads them).
+ENV_SETTINGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
+    ("AGENTKERNEL_REGISTRY_MIRROR", "images.mirrors", _env_list),  # tried before the file's
+    ("AGENTKERNEL_REGISTRY_CA", "images.ca_file", str),
+    ("AGENTKERNEL_MICROVM_ALLOW_EMULATION", "microvm.allow_emulation", _truthy),
+    ("AGENTKERNEL_MICROVM_KERNEL", "microvm.kernel", str),
+    ("AGENTKERNEL_MICROVM_VMM", "microvm.vmm", str),
+    ("AGENTKERNEL_MICROVM_SNAPSHOT", "microvm.snapshot", _truthy),
+)
+_ENV_BOOLEANS = frozenset({"microvm.allow_emulation", "microvm.snapshot"})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One line of `agentkernel config`: a key, its effective value and where it came from."""
+
+    key: str
+    value: Any  # JSON-able; secrets replaced by "<hidden>"
+    origin: Origin
+    note: str = ""  # "not implemented yet", "informational"
+
+
+@dataclass
+class EffectiveConfig:
+    """The settings a run gets in one context (directory, environment, user file, flags)."""
+
+    config: Config  # the environment's settings are in it already (env_applied)
+    origins: dict[str, Origin]  # dotted key -> its layer; keys absent here are defaults
+    warnings: list[str]
+    files: list[tuple[OriginKind, Path]]  # config files read, lowest precedence first
+    user_path: Path  # the user's file, read or not (it may not exist)
+
+    @property
+    def project_source(self) -> Literal["flag", "project"] | None:
+        """"flag" for --config, "project" for ./agentkernel.toml, None for neither."""
+        for kind, _path in self.files:
+            if kind == "config":
+                return "flag"
+            if kind == "project":
+                return "project"
+        return None
+
+    def origin(self, key: str) -> Origin:
+        """The origin of a leaf key (its own, or the nearest enclosing one that was set)."""
+        while key:
+            if key in self.origins:
+                return self.origins[key]
+            key = key.rpartition(".")[0]
+        return DEFAULT_ORIGIN
+
+    def settings(self) -> list[Setting]:
+        """Every key something reads, plus every key set anywhere, in schema order."""
+        out = []
+        data = self.config.model_dump(mode="json", exclude={"__pydantic_extra__"})
+        for key in _schema_leaves(Config):
+            origin = self.origin(key)
+            note = ("not implemented yet" if _under(key, NOT_IMPLEMENTED_KEYS) else
+                    "informational" if _under(key, INFORMATIONAL_KEYS) else "")
+            if note and origin == DEFAULT_ORIGIN:
+                continue  # an unread default says nothing
+            value = _get(data, key)
+            hide = key.rpartition(".")[2] in _SECRET_LEAVES and value
+            out.append(Setting(key, "<hidden>" if hide else _mask(value), origin, note))
+        return out
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _schema_leaves(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted keys of the values in a model: nested sections are walked, the rest are leaves
+    (lists of tables and mappings such as [images.auths] included)."""
+    out = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_schema_leaves(ann, f"{prefix}{name}."))
+        else:
+            out.append(prefix + name)
+    return out
+
+
+_LEAVES: frozenset[str] = frozenset()
+
+
+def _is_leaf(key: str) -> bool:
+    global _LEAVES
+    if not _LEAVES:
+        _LEAVES = frozenset(_schema_leaves(Config))
+    return key in _LEAVES
+
+
+def _get(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _has(data: dict[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _pop(data: dict[str, Any], key: str) -> Any:
+    head, _, leaf = key.rpartition(".")
+    node = _get(data, head) if head else data
+    return node.pop(leaf, None) if isinstance(node, dict) else None
+
+
+def _put(data: dict[str, Any], key: str, value: Any) -> None:
+    *heads, leaf = key.split(".")
+    node = data
+    for part in heads:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: ("<hidden>" if k in _SECRET_LEAVES and v else _mask(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    return value
+
+
+def _leaf_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """The schema's leaf keys present in a file's data (unknown keys are not settings)."""
+    for name, value in data.items():
+        key = prefix + name
+        if _is_leaf(key):
+            yield key
+        elif isinstance(value, dict):
+            yield from _leaf_keys(value, key + ".")
+
+
+def _merge(base: dict[str, Any], upper: dict[str, Any], prefix: str = "") -> None:
+    """Deep-merge a layer into `base`: tables key by key, a leaf (lists too) replaced."""
+    for name, value in upper.items():
+        key = prefix + name
+        if not _is_leaf(key) and isinstance(value, dict) and isinstance(base.get(name), dict):
+            _merge(base[name], value, key + ".")
+        else:
+            base[name] = value
+
+
+def _shown(key: str) -> str:
+    """``security.profile`` -> ``[security] profile`` (how the files spell it)."""
+    head, _, leaf = key.rpartition(".")
+    return f"[{head}] {leaf}" if head else f"[{leaf}]"
+
+
+def _present(data: dict[str, Any], prefixes: tuple[str, ...]) -> list[str]:
+    """Keys (or whole tables) among `prefixes` that a file sets."""
+    found: list[str] = []
+    for key in prefixes:
+        value = _get(data, key)
+        if isinstance(value, dict) and not _is_leaf(key):
+            found.extend(f"{key}.{k}" for k in value)
+        elif _has(data, key):
+            found.append(key)
+    return found
+
+
+def _file_is_ours(path: Path) -> str | None:
+    """Why the user's file cannot be trusted (someone else's, writable by others), or None."""
+    import stat
+
+    st = path.stat()
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"owned by uid {st.st_uid}, not by you"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return "writable by other users"
+    return None
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, home: str) -> None:
+    """Paths in the user's file are relative to its directory; ~ is the (caller's) home."""
+    for key in ("images.ca_file", "microvm.kernel"):
+        value = _get(data, key)
+        if isinstance(value, str) and value:
+            if value == "~" or value.startswith("~/"):
+                value = home + value[1:]
+            path = Path(value)
+            _put(data, key, str(path if path.is_absolute() else base / path))
+
+
+def _read_layer(path: Path, kind: OriginKind, warnings: list[str],
+                home: str = "") -> dict[str, Any]:
+    """A config file's data, validated on its own (errors and unknown keys name the file)."""
+    data = _read_toml(path)
+    source = str(path)
+    _config, file_warnings = parse_config(data, source)
+    warnings.extend(file_warnings)
+    unread = _present(data, NOT_IMPLEMENTED_KEYS)
+    if unread:
+        warnings.append(f"{source}: not implemented yet, ignored: {', '.join(unread)}")
+    if kind == "user":
+        for key in _present(data, PROJECT_ONLY_KEYS):
+            _pop(data, key)
+            warnings.append(f"{source}: {_shown(key)} belongs in a project's agentkernel.toml "
+                            "(ignored in the user config)")
+        _resolve_paths(data, path.parent, home or os.path.expanduser("~"))
+    return data
+
+
+def _baseline(data: dict[str, Any]) -> tuple[str, Any]:
+    """The profile name and resolved Profile the user's own settings give."""
+    from .profiles import get_profile
+
+    sec = data.get("security") if isinstance(data.get("security"), dict) else {}
+    assert isinstance(sec, dict)
+    name = str(sec.get("profile") or "moderate")
+    mount_cwd = sec.get("mount_cwd") is True
+    profile = get_profile(name).with_overrides(
+        network=sec.get("network"), mount_home=sec.get("mount_home"),
+        pass_env=sec.get("pass_env"), read_only=sec.get("read_only"),
+        workspace="rw" if mount_cwd else None,  # as engine.resolve_profile reads it
+    )
+    return name, profile
+
+
+def _loosens(key: str, value: Any, base: dict[str, Any], user_set: set[str]) -> str | None:
+    """Why a project file's key would loosen the user's settings (then it is ignored)."""
+    name, p = _baseline(base)
+    if key == "security.profile" and _PROFILE_RANK.get(str(value), 0) < _PROFILE_RANK[name]:
+        return f'"{value}" is weaker than your profile "{name}"'
+    checks = {
+        "security.network": (value is True and p.network == "none", "network is off"),
+        "security.mount_home": (value is True and not p.mount_home,
+                                "your home directory is not shared"),
+        "security.pass_env": (value is True and not p.pass_env,
+                              "your environment is not passed on"),
+        "security.read_only": (value is False and not p.root_writable,
+                               "the root filesystem is read-only"),
+        "security.mount_cwd": (value is True and p.workspace != "rw",
+                               f"the project directory is {p.workspace!r}, not read-write "
+                               "(a writable .git can run code on the host)"),
+        "resources.memory": (value in (0, "unlimited", "max"), "it lifts a limit"),
+        "resources.pids": (value in (0, "unlimited", "max"), "it lifts a limit"),
+        "resources.disk": (value in (0, "unlimited", "max"), "it lifts a limit"),
+    }
+    hit, why = checks.get(key, (False, ""))
+    if hit:
+        return f"{why} by your settings" if key.startswith("security.") else why
+    if key == "sandbox.backend" and "sandbox.backend" in user_set:
+        mine = str(_get(base, "sandbox.backend"))
+        if _backend_strength(str(value)) < _backend_strength(mine):
+            return f'"{value}" is weaker than your backend "{mine}"'
+    if key == "images.offline_fallback" and value == "host" and \
+            _get(base, "images.offline_fallback") == "none":
+        return 'your offline_fallback is "none"'
+    return None
+
+
+def _backend_strength(name: str) -> int:
+    """The backend's own `strength`; `auto` (whatever works here) ranks below any named one."""
+    if name == "auto":
+        return 0
+    from .backends import get_backend
+
+    return int(get_backend(name).strength)
+
+
+def _guard_project(data: dict[str, Any], base: dict[str, Any], user_set: set[str],
+                   source: str, warnings: list[str]) -> None:
+    """Drop what a project file may not set or loosen, one warning per key dropped."""
+    hint = f"`-c {source}` trusts the file"
+    for key in _present(data, USER_ONLY_KEYS):
+        _pop(data, key)
+        warnings.append(f"{source}: {_shown(key)} ignored: only your own config sets it "
+                        f"(user config, environment, -c); {hint}")
+    for key in list(_leaf_keys(data)):
+        why = _loosens(key, _get(data, key), base, user_set)
+        if why:
+            _pop(data, key)
+            warnings.append(f"{source}: {_shown(key)} ignored: a project file may not loosen "
+                            f"your settings ({why}); {hint}")
+
+
+def effective_config(
+    cwd: Path,
+    env: Mapping[str, str],
+    user_path: Path | None = None,
+    *,
+    config_path: Path | None = None,
+    flags: Mapping[str, tuple[Any, str]] | None = None,
+) -> EffectiveConfig:
+    """The settings a run in `cwd` gets, with where each came from.
+
+    `env` is the caller's environment (its XDG_CONFIG_HOME/HOME find the user's file when
+    `user_path` is None, and its AGENTKERNEL_* settings apply). `config_path` (--config)
+    replaces ./agentkernel.toml and is trusted like the user's file. `flags` maps dotted keys
+    to (value, flag name). Raises ConfigError naming the file, variable or flag at fault.
+
+    The answer is remembered while the files are unchanged (the daemon asks on every run):
+    treat its `config` as read-only.
+    """
+    user_file = Path(user_path) if user_path is not None else Path(user_config_path_str(env))
+    key = _cache_key(cwd, env, user_file, config_path, flags)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return dataclasses.replace(cached, warnings=list(cached.warnings))
+    eff = _layered(cwd, env, user_file, config_path, flags)
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = eff
+    return dataclasses.replace(eff, warnings=list(eff.warnings))
+
+
+_CACHE: dict[str, EffectiveConfig] = {}
+_CACHE_MAX = 32
+
+
+def _cache_key(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Path | None,
+               flags: Mapping[str, tuple[Any, str]] | None) -> str:
+    """Everything the answer depends on: the files' identities and the variables read."""
+    def ident(path: Path) -> tuple[int, ...] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode,
+                st.st_uid)
+
+    project = Path(config_path) if config_path is not None else Path(cwd) / CONFIG_FILENAME
+    variables = [env.get(var) for var, _key, _parse in ENV_SETTINGS] + [env.get("HOME")]
+    return repr((str(cwd), str(user_file), ident(user_file), str(config_path), str(project),
+                 ident(project), variables, sorted((flags or {}).items())))
+
+
+def _layered(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Path | None,
+             flags: Mapping[str, tuple[Any, str]] | None) -> EffectiveConfig:
+    warnings: list[str] = []
+    files: list[tuple[OriginKind, Path]] = []
+    merged: dict[str, Any] = {}
+    origins: dict[str, Origin] = {}
+
+    def layer(data: dict[str, Any], origin: Origin) -> None:
+        for key in _leaf_keys(data):
+            origins[key] = origin
+        _merge(merged, data)
+
+    if user_file.is_file():
+        why = _file_is_ours(user_file)
+        if why:
+            warnings.append(f"{user_file}: ignored: {why} (chmod go-w, or chown it)")
+        else:
+            layer(_read_layer(user_file, "user", warnings, env.get("HOME", "")),
+                  Origin("user", str(user_file)))
+            files.append(("user", user_file))
+    if config_path is not None:
+        if not Path(config_path).is_file():
+            raise ConfigError(f"config file {config_path} does not exist")
+        layer(_read_layer(Path(config_path), "config", warnings),
+              Origin("config", str(config_path)))
+        files.append(("config", Path(config_path)))
+    else:
+        project = find_project_config(cwd)
+        if project is not None:
+            data = _read_layer(project, "project", warnings)
+            user_set = {k for k, o in origins.items() if o.kind == "user"}
+            _guard_project(data, copy.deepcopy(merged), user_set, str(project), warnings)
+            layer(data, Origin("project", str(project)))
+            files.append(("project", project))
+    for var, key, parse in ENV_SETTINGS:
+        raw = env.get(var)
+        if raw is None or (not raw and key not in _ENV_BOOLEANS):
+            continue
+        value = parse(raw)
+        if key == "images.mirrors":
+            before = origins.get(key)
+            value = value + list(_get(merged, key) or [])
+            source = var if before is None else f"{var}, then {before}"
+            layer(_nest(key, value), Origin("env", source))
+        else:
+            layer(_nest(key, value), Origin("env", var))
+    for key, (value, flag) in (flags or {}).items():
+        if value is not None:
+            layer(_nest(key, value), Origin("flag", flag))
+    config = _validate_merged(merged, origins)
+    if config.sandbox.name is None and files and files[-1][0] != "user":
+        config.sandbox.name = sanitize_sandbox_name(files[-1][1].resolve().parent.name)
+    config._env_applied = True
+    return EffectiveConfig(config, origins, list(dict.fromkeys(warnings)), files, user_file)
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    _put(data, key, value)
+    return data
+
+
+def _validate_merged(merged: dict[str, Any], origins: dict[str, Origin]) -> Config:
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        # Each file passed on its own: the culprit is a variable or a flag (or their mix).
+        key = _loc_to_key(exc.errors(include_url=False)[0]["loc"])
+        origin = next((origins[k] for k in sorted(origins, key=len, reverse=True)
+                       if key == k or key.startswith(k + ".")), DEFAULT_ORIGIN)
+        raise ConfigError(_describe_error(exc, str(origin))) from None
+
+
+def user_config_path(env: Mapping[str, str] | None = None) -> Path:
+    """The user's config file: $XDG_CONFIG_HOME/agentkernel/config.toml (may not exist)."""
+    return Path(user_config_path_str(env))
+
+
 INIT_TEMPLATE = """\
 # agentkernel.toml: settings for sandboxes run from this directory.
-# Every section is optional; unknown keys are reported as warnings.
+# Every section is optional; unknown keys are reported as warnings. Your own defaults go
+# in ~/.config/agentkernel/config.toml; `agentkernel config` shows what applies here.
 
 [sandbox]
 name = "{name}"
@@ -609,9 +1120,9 @@ preferred = "{agent}"
 # compatibility_mode = "claude"  # native | claude | codex | gemini
 
 [resources]
-vcpus = 1
-memory_mb = 512
-# Caps over the profile's (permissive: 4g, 4096 pids). "unlimited" lifts one.
+# Upstream's vcpus and memory_mb keys are not implemented yet.
+# Caps over the profile's (permissive: 4g, 4096 pids). "unlimited" lifts one (only
+# from your own config or a flag: a project file may tighten your settings, not loosen them).
 # memory = "2g"
 # pids = 1024
 # disk = "10g"                # persistent sandboxes' host disk quota
@@ -627,16 +1138,16 @@ profile = "moderate"          # permissive | moderate | restrictive | custom
 # memory_mb = 512
 # pids = 256
 # cpus = 1.0
-# seccomp = "moderate"
+# seccomp = "moderate"        # not implemented yet
 
-# [security.commands]
+# [security.commands]           # not implemented yet
 # block = ["curl", "wget"]
 
 # [security.domains]
 # allow = ["*.pypi.org"]
 # block = ["169.254.169.254"]
 
-# [[files]]
+# [[files]]                     # not implemented yet
 # source = "setup.sh"         # relative to this file
 # dest = "/workspace/setup.sh"
 # mode = "0755"
@@ -652,3 +1163,20 @@ def render_init(name: str, agent: str) -> str:
         raise UsageError(f"invalid agent name {agent!r}")
     # Both values are now plain ASCII words, so they cannot break out of the TOML string.
     return INIT_TEMPLATE.format(name=name, agent=agent)
+
+
+def configure_microvm_here() -> None:
+    """Give vm.settings.current() the [microvm] settings of the user config and
+    ./agentkernel.toml as effective_config layers them, for commands that plan no run
+    (doctor, setup --microvm). Best effort and quiet: a run reports config errors itself."""
+    from .paths import user_config_path_str
+    from .vm.settings import configure
+
+    if not (Path.cwd() / "agentkernel.toml").is_file() \
+            and not os.path.isfile(user_config_path_str()):
+        return
+    try:
+        eff = effective_config(Path.cwd(), os.environ)
+    except Exception:
+        return
+    configure(eff.config.microvm)

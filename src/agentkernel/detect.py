@@ -174,6 +174,18 @@ def detect_from_procfile(directory: Path) -> str | None:
     return match[0] if match else None
 
 
+# WebAssembly (issue 13): a module as the command picks the wasm backend; it needs no image.
+WASM_SUFFIXES = (".wasm", ".wat")
+WASM_BACKENDS = ("wasm", "hyperlight")
+WASM_REASON = "none: a WebAssembly module needs no image"
+WASM_ROOTFS = "none (WASI: the module sees only /workspace)"
+
+
+def is_wasm_module(argv: Sequence[str]) -> bool:
+    """True if the command is a WebAssembly module (`.wasm` binary or `.wat` text)."""
+    return bool(argv) and argv[0].lower().endswith(WASM_SUFFIXES)
+
+
 def _detect_with_reason(argv: Sequence[str], directory: Path) -> tuple[str, str]:
     project = _project_match(directory)
     if project:

@@ -21,34 +21,10 @@ class Check:
 
 def kvm_verdict() -> Check:
     """Can KVM boot a standard (non-PVM) Linux guest here? Decided from what the host shows."""
-    if not os.path.exists("/dev/kvm"):
-        return Check("kvm", False, "/dev/kvm does not exist: no hardware virtualization")
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-        os.close(fd)
-    except OSError as exc:
-        return Check("kvm", False, f"/dev/kvm cannot be opened: {exc.strerror}")
-    modules = ""
-    try:
-        with open("/proc/modules") as f:
-            modules = f.read()
-    except OSError:
-        pass
-    # /proc/modules may be hidden in containers; /sys/module lists loaded modules too.
-    if "kvm_pvm" in modules or os.path.isdir("/sys/module/kvm_pvm"):
-        return Check("kvm", False,
-                     "/dev/kvm is PVM (module kvm_pvm): it runs only guests built for PVM, so a "
-                     "standard guest kernel cannot boot; microVMs would need software emulation")
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        pass
-    if " vmx" not in flags and " svm" not in flags:
-        return Check("kvm", False, "/dev/kvm opens but the CPU shows no vmx/svm flag "
-                                   "(nested or paravirtual KVM): a standard guest may not boot")
-    return Check("kvm", True, "/dev/kvm opens and the CPU has hardware virtualization")
+    from .vm.kvm import kvm_verdict as verdict
+
+    ok, detail = verdict()
+    return Check("kvm", ok, detail)
 
 
 def backend_checks() -> list[Check]:
@@ -144,6 +120,9 @@ def _egress_gate_check(fence: str | None) -> Check:
 
 
 def doctor(as_json: bool = False) -> int:
+    from .config import configure_microvm_here
+
+    configure_microvm_here()  # the user's and the project's [microvm], as a run would see
     backends, host, (auto, skipped) = gather()
     if as_json:
         print(json.dumps({

@@ -10,8 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import BackendUnavailable, SandboxError
-from .network import SLIRP_DEV, SLIRP_DNS  # SLIRP_DNS: the one denied address allowed (53)
 from .paths import which
+
+# slirp4netns's fixed addresses (network.py starts it): the sandbox namespace's one way
+# out, and its DNS forwarder — the one denied address a sandbox may reach (port 53).
+SLIRP_DNS = "10.0.2.3"
+SLIRP_DEV = "tap0"
 
 if TYPE_CHECKING:
     from ipaddress import IPv4Network, IPv6Network

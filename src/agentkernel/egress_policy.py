@@ -248,3 +248,24 @@ def require_default(policy: Policy | None, backend: str) -> None:
         raise BackendUnavailable(
             f"egress allow/deny lists, --add-host and secrets are enforced on the namespaces "
             f"backend only for now, not on {backend}: use -B namespaces")
+
+
+def grant_secrets(policy: Policy | None, names: tuple[str, ...],
+                  env: dict[str, str]) -> Policy:
+    """Each named secret as a random placeholder in its env var, and a grant in the policy
+    for the gate to put the value in (egress_mitm); the trust settings for the sandbox's
+    CA, whose bundle is bound over the system's."""
+    from .secrets_store import load, placeholder
+
+    if policy is None:
+        raise UsageError("--secret needs a profile with egress (moderate), not --no-network")
+    grants = []
+    for name in dict.fromkeys(names):
+        secret = load(name)
+        grants.append(Grant(name, secret.hosts, secret.header, placeholder()))
+        env[secret.env] = grants[-1].placeholder
+    bundle = "/etc/ssl/certs/ca-certificates.crt"  # the system bundle, with the CA added
+    for key in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
+                "NODE_EXTRA_CA_CERTS"):
+        env[key] = bundle
+    return policy._replace(secrets=tuple(grants))

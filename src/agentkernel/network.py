@@ -10,11 +10,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .egress import SLIRP_DEV, SLIRP_DNS  # the fence is built around slirp's addresses
 from .errors import BackendUnavailable, SandboxError
 from .paths import which
 
-SLIRP_DNS = "10.0.2.3"
-SLIRP_DEV = "tap0"  # the sandbox namespace's one way out, which slirp4netns serves
 RESOLV_CONF = f"nameserver {SLIRP_DNS}\noptions edns0 trust-ad\n"
 
 

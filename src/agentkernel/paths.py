@@ -15,6 +15,7 @@ from .errors import SandboxError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Mapping
     from pathlib import Path
 
 DAEMON_SOCKET = "daemon.sock"  # in the runtime dir: the daemon's JSON-lines socket
@@ -29,6 +30,28 @@ def data_dir_str() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
                                                             ".local/share")
     return os.path.join(base, "agentkernel")
+
+
+USER_CONFIG_NAME = "config.toml"  # in $XDG_CONFIG_HOME/agentkernel: the user's defaults
+LEGACY_DAEMON_CONFIG_NAME = "agentkernel.toml"  # the daemon's file there before config.toml
+
+
+def user_config_dir_str(env: Mapping[str, str] | None = None) -> str:
+    """$XDG_CONFIG_HOME/agentkernel (~/.config/agentkernel), from `env` (default: ours).
+
+    A relative $XDG_CONFIG_HOME is ignored, as the XDG spec says.
+    """
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or ""
+    if not os.path.isabs(base):
+        home = env.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(home, ".config")
+    return os.path.join(base, "agentkernel")
+
+
+def user_config_path_str(env: Mapping[str, str] | None = None) -> str:
+    """The user's config file (it may not exist): $XDG_CONFIG_HOME/agentkernel/config.toml."""
+    return os.path.join(user_config_dir_str(env), USER_CONFIG_NAME)
 
 
 ROOT_RUNTIME_DIR = "/run/agentkernel"  # root's: /run is root's own, never world-writable

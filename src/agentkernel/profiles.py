@@ -11,9 +11,6 @@ WorkspaceMode = Literal["rw", "cow", "ro", "none"]
 
 PROFILE_NAMES = ("permissive", "moderate", "restrictive")
 
-# Host variables forwarded under pass_env (upstream's list; only those that are set).
-PASS_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TERM")
-
 # An explicit "unlimited" memory or pids limit, as an override value and on the wire (a
 # real limit is never 0). Without it a profile's cap always applies: only a config key or
 # flag that says `unlimited` lifts one.

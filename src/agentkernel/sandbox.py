@@ -45,11 +45,13 @@ class Sandbox:
 
     # A plain class, not a dataclass: the dataclasses module alone costs the CLI's hot
     # path ~5 ms to import.
+    in_process = False  # wasm: runs in this process, nothing on the host to tear down
     def __init__(
         self, *, spec: SandboxSpec, backend: str, isolation: str, client: AgentClient,
         process: subprocess.Popen[bytes], scratch: Path, cgroup: Cgroup | None = None,
         helpers: list[subprocess.Popen[bytes]] | None = None,
         cleanups: list[Callable[[], None]] | None = None, notes: list[str] | None = None,
+        memory_floor: bool = True,
     ) -> None:
         self.spec = spec
         self.backend = backend
@@ -61,6 +63,7 @@ class Sandbox:
         self.helpers: list[subprocess.Popen[bytes]] = helpers if helpers is not None else []
         self.cleanups: list[Callable[[], None]] = cleanups if cleanups is not None else []
         self.notes: list[str] = notes if notes is not None else []  # e.g. "rlimits only"
+        self.memory_floor = memory_floor  # the backend's fact (Backend.memory_floor)
         self._destroyed = False
 
     def __repr__(self) -> str:
@@ -71,7 +74,7 @@ class Sandbox:
 
     def command_rlimits(self) -> list[tuple[int, int, int]]:
         """The rlimits every command in this sandbox starts with."""
-        return command_rlimits(self.spec.profile, self.backend, self.cgroup)
+        return command_rlimits(self.spec.profile, self.cgroup, memory_floor=self.memory_floor)
 
     def destroy(self) -> None:
         if self._destroyed:
@@ -97,7 +100,7 @@ class Sandbox:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def command_rlimits(profile: Profile, backend: str, cgroup: Cgroup | None
+def command_rlimits(profile: Profile, cgroup: Cgroup | None, *, memory_floor: bool = True
                     ) -> list[tuple[int, int, int]]:
     """The rlimits for commands of a sandbox with `profile` (see cgroups.rlimit_floor)."""
     from .cgroups import Limits, rlimit_floor
@@ -105,7 +108,7 @@ def command_rlimits(profile: Profile, backend: str, cgroup: Cgroup | None
     # A microVM's own size bounds its memory: the guest needs no per-process floor.
     enforced = cgroup.enforced() if cgroup is not None else frozenset()
     mem = profile.memory_mb * 1024 * 1024 if profile.memory_mb else None
-    if backend == "microvm":
+    if not memory_floor:
         mem = None
     return rlimit_floor(Limits(memory_bytes=mem, pids=profile.pids), enforced)
 

@@ -91,6 +91,30 @@ def test_run_via_daemon_behaves_like_in_process(daemon: Daemon, tmp_path: Path) 
     assert r.stdout == "STDIN WORKS\n"
 
 
+def test_hostile_project_file_is_limited_through_the_daemon_too(daemon: Daemon,
+                                                               tmp_path: Path) -> None:
+    """A project's agentkernel.toml asking for permissive, the home dir and a writable
+    project dir gets none of it, in-process or through the daemon (docs/config.md)."""
+    daemon.ensure_up()
+    (tmp_path / "agentkernel.toml").write_text(
+        '[security]\nprofile = "permissive"\nmount_home = true\nmount_cwd = true\n')
+    script = ["sh", "-c", "test -d /home/user && echo home; echo x > /workspace/planted; true"]
+    for via in ("daemon", "in-process"):
+        env = {"AGENTKERNEL_NO_DAEMON": "1"} if via == "in-process" else {}
+        r = daemon.ak("run", *HOST, "--json", "--", *script, cwd=tmp_path, env=env)
+        doc = json.loads(r.stdout)
+        assert (doc["profile"], doc["stdout"]) == ("moderate", ""), (via, r.stderr)
+        assert ("pooled" in doc) == (via == "daemon"), (via, r.stderr, doc)
+        assert not (tmp_path / "planted").exists(), via
+    r = daemon.ak("create", "box-hostile", "-i", "host", "-B", "namespaces", "-d", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    try:
+        r = daemon.ak("exec", "box-hostile", "--", *script)
+        assert r.stdout == "" and not (tmp_path / "planted").exists()
+    finally:
+        daemon.ak("remove", "box-hostile")
+
+
 def test_ctrl_c_is_forwarded_through_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
     daemon.ensure_up()
     script = "trap 'echo got-INT; exit 5' INT; echo ready; while :; do sleep 0.05; done"
@@ -293,5 +317,6 @@ def test_run_through_the_daemon_stays_import_light(daemon: Daemon, tmp_path: Pat
     loaded = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
               if line.startswith("import time:")}
     heavy = {"typing", "re", "enum", "json", "socket", "agentkernel.engine",
-             "agentkernel.profiles", "agentkernel.config", "agentkernel.backends"}
+             "agentkernel.profiles", "agentkernel.config", "agentkernel.backends",
+             "agentkernel.planner", "agentkernel.images"}
     assert not loaded & heavy, sorted(loaded & heavy)

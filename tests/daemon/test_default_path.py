@@ -188,3 +188,83 @@ def test_serve_with_other_settings_than_the_running_daemon_says_so(newcomer: New
     r = newcomer.ak("serve", "--port", "0", "-c", str(other))
     assert r.returncode == 1, r.stderr
     assert "already runs with no config file" in r.stderr and "daemon stop" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def local_mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real docker-registry on 127.0.0.1 holding library/alpine:3.20 (a busybox image
+    that says which image it is), as tests/images starts them."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "images"))
+    from harness import LayerBuilder, Pusher, Registry, busybox_layer, have_tools
+
+    missing = have_tools()
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (scripts/test.sh installs)")
+    reg = Registry(tmp_path_factory.mktemp("reg-default-path")).start()
+    try:
+        marker = LayerBuilder().dir("etc").file("etc/ak-image", b"mirror-image\n").bytes()
+        Pusher(reg.url).image("library/alpine", "3.20", [busybox_layer(), marker],
+                              config={"Env": ["PATH=/bin:/usr/bin"]})
+        yield reg.host
+    finally:
+        reg.stop()
+
+
+def test_mirror_by_environment_with_a_daemon_up(newcomer: Newcomer, local_mirror: str) -> None:
+    """`AGENTKERNEL_REGISTRY_MIRROR=… agentkernel run --image alpine:3.20 …` through a daemon
+    that was started without it: the run is planned with the caller's mirror, and a failed
+    resolve of another caller (no mirror) does not answer for it."""
+    cmd = ("run", "-i", "alpine:3.20", "--", "cat", "/etc/ak-image")
+    assert newcomer.ak("run", "-q", "--", "true").returncode == 0  # autostarts the daemon
+    newcomer.wait_daemon()
+    # A caller without the mirror: Docker Hub is unreachable here, the host's userland
+    # stands in, and the daemon remembers that failure for a minute.
+    without = newcomer.ak(*cmd)
+    assert "unavailable" in without.stderr, without.stderr
+    # The same command with the mirror in the caller's environment.
+    newcomer.env["AGENTKERNEL_REGISTRY_MIRROR"] = local_mirror
+    with_mirror = newcomer.ak("run", "-v", *cmd[1:])
+    assert with_mirror.returncode == 0, with_mirror.stderr
+    assert "via daemon" in with_mirror.stderr
+    assert with_mirror.stdout == "mirror-image\n", with_mirror.stderr
+    assert "unavailable" not in with_mirror.stderr
+    # In-process the same command gives the same answer, and `images pull` agrees.
+    newcomer.env["AGENTKERNEL_NO_DAEMON"] = "1"
+    here = newcomer.ak(*cmd)
+    assert (here.returncode, here.stdout) == (0, "mirror-image\n"), here.stderr
+    pulled = newcomer.ak("images", "pull", "-q", "alpine:3.20")
+    assert pulled.returncode == 0, pulled.stderr
+
+
+def test_user_config_mirror_on_loopback_with_the_daemon(newcomer: Newcomer,
+                                                        tmp_path: Path) -> None:
+    """Newcomer failure 5: a registry mirror is a user's setting. Given once in
+    ~/.config/agentkernel/config.toml (a plain-HTTP registry on 127.0.0.1, no insecure
+    setting), it serves the first run (in-process) and the next (through the daemon that
+    run started) alike, in any directory."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "images"))
+    from harness import REGISTRY_BIN, LayerBuilder, Pusher, Registry, busybox_layer
+
+    if not Path(REGISTRY_BIN).exists():
+        pytest.skip("needs docker-registry (scripts/test.sh installs it)")
+    registry = Registry(tmp_path / "registry").start()
+    try:
+        mark = LayerBuilder().dir("etc").file("etc/ak-image", b"from-user-mirror\n").bytes()
+        Pusher(registry.url).image("library/alpine", "3.20", [busybox_layer(), mark])
+        user_config = Path(newcomer.env["XDG_CONFIG_HOME"]) / "agentkernel" / "config.toml"
+        user_config.parent.mkdir(parents=True)
+        user_config.write_text(f'[images]\nmirrors = ["{registry.host}"]\n')
+        first = newcomer.ak("run", "--", "cat", "/etc/ak-image")
+        assert (first.returncode, first.stdout) == (0, "from-user-mirror\n"), first.stderr
+        newcomer.wait_daemon()
+        second = newcomer.ak("run", "-v", "--", "cat", "/etc/ak-image")
+        assert (second.returncode, second.stdout) == (0, "from-user-mirror\n"), second.stderr
+        assert "via daemon" in second.stderr
+        shown = newcomer.ak("config")
+        assert f"user:{user_config}" in shown.stdout and registry.host in shown.stdout
+    finally:
+        registry.stop()

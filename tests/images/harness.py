@@ -292,7 +292,7 @@ class Proxy:
     """HTTP proxy in front of a plain registry: counts requests, can demand Bearer tokens,
     cut or corrupt blob downloads."""
 
-    def __init__(self, upstream: str, *, bearer: bool = False) -> None:
+    def __init__(self, upstream: str, *, bearer: bool = False, bind: str = "127.0.0.1") -> None:
         self.upstream = upstream
         self.bearer = bearer
         self.token = "tok-" + os.urandom(6).hex()
@@ -315,14 +315,14 @@ class Proxy:
             def do_HEAD(self) -> None:
                 proxy.handle(self, "HEAD")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((bind, 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.server.server_address[0]}:{self.server.server_address[1]}"
 
     def blob_gets(self) -> int:
         with self.lock:

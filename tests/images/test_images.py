@@ -116,17 +116,58 @@ def test_second_pull_transfers_no_blob(plain_registry: Registry, busybox: str,
     assert any("/manifests/" in p for _, p, _ in proxy.requests)  # the tag was re-resolved
 
 
-def test_plain_http_needs_insecure(plain_registry: Registry, busybox: str, store: Store) -> None:
+def _non_loopback_address() -> str | None:
+    """An address of this host that is not loopback (a registry there is "remote")."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if "inet" in fields:
+            return fields[fields.index("inet") + 1].split("/")[0]
+    return None
+
+
+def test_loopback_registry_is_plain_http_by_default(plain_registry: Registry, busybox: str,
+                                                   store: Store) -> None:
+    """As Docker: no insecure setting needed for 127.0.0.0/8, ::1 or localhost."""
     ref = f"{plain_registry.host}/{busybox}"
-    with pytest.raises(ImageError) as exc:
-        pull(ref, config=RegistryOptions(docker_config=Path("/x"), retries=0), store=store,
-             progress=False)
-    msg = exc.value.message
-    assert "\n" not in msg and ref in msg and plain_registry.host in msg
-    assert exc.value.exit_code == 125
-    with pytest.raises(ImageError, match="only used for registries named insecure"):
-        pull(ref, config=RegistryOptions(mirrors=[f"*=http://{plain_registry.host}"]),
-             store=store, progress=False)
+    opts = RegistryOptions(docker_config=Path("/x"), retries=0)
+    assert pull(ref, config=opts, store=store, progress=False).layers
+    port = plain_registry.host.rsplit(":", 1)[1]
+    image = pull(f"localhost:{port}/{busybox}", config=opts, store=Store(store.root / "l"),
+                 progress=False)
+    assert image.ref == f"localhost:{port}/{busybox}"
+    # An explicit http:// mirror on loopback is fine too.
+    pull(f"docker.io/{busybox}", config=RegistryOptions(
+        mirrors=[f"*=http://{plain_registry.host}"], docker_config=Path("/x"), retries=0),
+        store=Store(store.root / "m"), progress=False)
+
+
+def test_remote_plain_registry_needs_insecure(plain_registry: Registry, busybox: str,
+                                              store: Store) -> None:
+    """The same registry behind an address that is not loopback: HTTPS, or named insecure."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address")
+    remote = Proxy(plain_registry.host, bind=address)
+    try:
+        ref = f"{remote.host}/{busybox}"
+        with pytest.raises(ImageError) as exc:
+            pull(ref, config=RegistryOptions(docker_config=Path("/x"), retries=0), store=store,
+                 progress=False)
+        msg = exc.value.message
+        assert "\n" not in msg and ref in msg and remote.host in msg and "SSL" in msg
+        assert exc.value.exit_code == 125
+        assert remote.requests == []  # not one plain HTTP request went out
+        with pytest.raises(ImageError, match="only used for loopback registries and those "
+                                             "named insecure"):
+            pull(f"docker.io/{busybox}", config=RegistryOptions(
+                mirrors=[f"*=http://{remote.host}"], docker_config=Path("/x"), retries=0),
+                store=store, progress=False)
+        assert pull(ref, config=insecure(remote.host), store=store, progress=False).layers
+        assert remote.requests
+    finally:
+        remote.stop()
 
 
 def test_missing_image_is_not_found(plain_registry: Registry, store: Store) -> None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import LayerBuilder, Pusher, Registry, busybox_layer
+from harness import LayerBuilder, Proxy, Pusher, Registry, busybox_layer
 
 from agentkernel.images.store import Store
 
@@ -116,17 +116,16 @@ def test_debian_userland_image_runs_python(backend: str, debian_image: str, tmp_
 
 @pytest.fixture
 def env(tmp_path: Path, mirror: Registry) -> dict[str, str]:
-    """A private image store and the mirror, as a user would configure them."""
+    """A private image store and the mirror, as a user would configure them. The mirror is
+    plain HTTP on 127.0.0.1: no insecure setting is needed for loopback (as in Docker)."""
     return {"AGENTKERNEL_HOME": str(tmp_path / "akhome"),
             "AGENTKERNEL_REGISTRY_MIRROR": mirror.host}
 
 
 @pytest.fixture
-def project(tmp_path: Path, mirror: Registry) -> Path:
+def project(tmp_path: Path) -> Path:
     proj = tmp_path / "proj"
     proj.mkdir()
-    (proj / "agentkernel.toml").write_text(
-        f'[images]\ninsecure_registries = ["{mirror.host}"]\n')
     return proj
 
 
@@ -213,8 +212,7 @@ def test_unavailable_image_falls_back_to_host_and_says_so(project: Path,
 
 def test_unavailable_image_without_fallback_is_exit_125(project: Path, env: dict[str, str],
                                                         mirror: Registry) -> None:
-    (project / "agentkernel.toml").write_text(
-        f'[images]\ninsecure_registries = ["{mirror.host}"]\noffline_fallback = "none"\n')
+    (project / "agentkernel.toml").write_text('[images]\noffline_fallback = "none"\n')
     r = ak("run", "-B", "namespaces", "-i", "nosuch/image:1", "--", "sh", "-c", ":",
            cwd=project, env=env)
     assert r.returncode == 125
@@ -235,3 +233,50 @@ def test_no_command_runs_the_images_cmd(project: Path, env: dict[str, str]) -> N
                        cwd=project, env={**os.environ, **env}, capture_output=True, text=True,
                        timeout=60, stdin=subprocess.DEVNULL, check=False)
     assert r.returncode == 2 and "no command given" in r.stderr
+
+
+def _user_config(root: Path, text: str) -> dict[str, str]:
+    """A user config file ($XDG_CONFIG_HOME/agentkernel/config.toml) and a private store."""
+    (root / "xdg" / "agentkernel").mkdir(parents=True)
+    (root / "xdg" / "agentkernel" / "config.toml").write_text(text)
+    return {"AGENTKERNEL_HOME": str(root / "akhome"), "XDG_CONFIG_HOME": str(root / "xdg")}
+
+
+def test_user_config_mirror_serves_runs_and_pulls(tmp_path: Path, project: Path,
+                                                   mirror: Registry) -> None:
+    """The mirror in the user's config.toml (no variable, no insecure setting) is used by
+    `run` and by `images pull`, from any directory."""
+    env = _user_config(tmp_path, f'[images]\nmirrors = ["{mirror.host}"]\n')
+    env["AGENTKERNEL_REGISTRY_MIRROR"] = ""
+    r = ak("run", "-B", "namespaces", "--", "sh", "-c", "cat /etc/ak-image", cwd=project,
+           env=env)
+    assert (r.returncode, r.stdout) == (0, "alpine-image\n"), r.stderr
+    assert "warning" not in r.stderr
+    r = ak("images", "pull", "-q", "python:3.12-alpine", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    r = ak("config", "--json", cwd=project, env=env)
+    assert '"origin": "user"' in r.stdout and mirror.host in r.stdout
+
+
+def test_project_file_cannot_redirect_pulls(tmp_path: Path, project: Path, mirror: Registry,
+                                            proxy: Proxy) -> None:
+    """A cloned project's agentkernel.toml names its own registry and mirror for the user's
+    images (they would land in the shared store under Docker Hub's names): ignored."""
+    env = _user_config(tmp_path, f'[images]\nmirrors = ["{mirror.host}"]\n')
+    env["AGENTKERNEL_REGISTRY_MIRROR"] = ""
+    (project / "agentkernel.toml").write_text(
+        f'[images]\nregistry = "{proxy.host}"\nmirrors = ["{proxy.host}"]\n'
+        f'insecure_registries = ["{proxy.host}"]\n')
+    r = ak("run", "-q", "-B", "namespaces", "-i", "alpine:3.20", "--", "cat", "/etc/ak-image",
+           cwd=project, env=env)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "alpine-image\n", "")
+    assert proxy.requests == []  # not one request reached the project's registry
+    r = ak("config", cwd=project, env=env)
+    warnings = r.stderr.strip().splitlines()
+    assert len(warnings) == 3 and all("only your own config sets it" in w for w in warnings)
+    # Vouched for with -c, the same file is the user's choice: its mirror is used.
+    r = ak("run", "-B", "namespaces", "-c", str(project / "agentkernel.toml"), "-i",
+           "alpine:3.20", "--", "true", cwd=project,
+           env={**env, "AGENTKERNEL_HOME": str(tmp_path / "other-store")})
+    assert r.returncode == 0, r.stderr
+    assert proxy.requests

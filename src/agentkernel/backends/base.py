@@ -17,8 +17,18 @@ from ..sandbox import Sandbox, SandboxSpec, close_fds
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
     from ..cgroups import Cgroup
+    from ..images import ImageConfig
+    from ..rootfs import HostRootfs
+    from ..vm.settings import MicrovmSettings
 
 CONTROL_DIR = "ctl"  # host side: <scratch>/ctl/agent.sock for sandboxes that outlive us
+
+
+class CallerOptions(NamedTuple):
+    """Settings of the caller a run is planned for that a backend may use (see
+    `Backend.for_caller`); new backends add fields here, with defaults."""
+
+    microvm: MicrovmSettings | None = None
 
 
 class Probe(NamedTuple):
@@ -29,11 +39,64 @@ class Probe(NamedTuple):
 
 
 class Backend(ABC):
-    """Starts sandboxes of one isolation kind. Exec, files and streaming are the agent's job."""
+    """Starts sandboxes of one isolation kind. Exec, files and streaming are the agent's job.
+
+    A backend carries its own facts (below): the daemon, the HTTP API and the planner read
+    them, and never ask for a backend by name. A new backend sets what differs from these
+    defaults; every fact added later gets a default here, so the interface only grows.
+    """
 
     name: str
     isolation: str  # e.g. "Linux namespaces (shared host kernel)"
     strength: int  # higher is stronger isolation; `auto` picks the strongest available
+    # Runs in the calling process (wasm): no host process to record, adopt or reap.
+    in_process: bool = False
+    persistent: bool = True  # can keep a sandbox between runs (create/exec/stop)
+    # Set when this backend runs in place of the one asked for (hyperlight -> wasm): why.
+    substitute: str | None = None
+
+    # -- facts (class attributes; read through the class or an instance) --
+    # A persistent sandbox's writable layers survive stop/start (they are on the host's
+    # disk, or on disk images of the backend's own), so `stop` may keep them.
+    stoppable: bool = False
+    # Its writable layers are host directories (`state_dir`) a snapshot can archive.
+    snapshots: bool = False
+    # Why `snapshot` is refused when `snapshots` is False (one clause, for an error).
+    snapshot_refusal: str = "it lives in the sandbox's memory"
+    # The host's project dir and home are mounted (shared), not copied in.
+    shares_host_dirs: bool = True
+    # Writable layers live on disk images of a fixed size: no quota disk is needed.
+    sized_disks: bool = False
+    # Commands get a per-process memory rlimit floor (not for a VM: its size bounds it).
+    memory_floor: bool = True
+    # Network modes of a profile (profiles.NetworkMode) it can give a sandbox.
+    network_modes: tuple[str, ...] = ("none", "egress", "host")
+    # HELLO timeouts of the attempts to re-adopt a persistent sandbox after a restart.
+    adopt_hello_timeouts: tuple[float, ...] = (5.0,)
+
+    def capabilities(self) -> dict[str, bool]:
+        """The SDKs' capability flags (GET /backends) from the facts above."""
+        return {"mount_cwd": self.shares_host_dirs, "mount_home": self.shares_host_dirs,
+                "attach": True, "host_volumes": False, "ssh": False,
+                "proxy_secret_bindings": False, "secret_files": False,
+                "snapshots": self.snapshots, "resume": self.stoppable,
+                "full_state_pause_resume": False, "full_state_fork": False,
+                "endpoints": False}
+
+    @classmethod
+    def cleanup_dead(cls, name: str, scratch: Path) -> None:
+        """Remove what a dead sandbox of this backend left beyond its processes, cgroup
+        and scratch dir (which the caller removes), e.g. a runtime's own state."""
+        return None
+
+    @classmethod
+    def owns_scratch(cls, scratch: Path) -> bool:
+        """Whether an unrecorded scratch dir was left by a sandbox of this backend."""
+        return False
+
+    def for_caller(self, options: CallerOptions) -> Backend:
+        """This backend set up with a caller's settings (planner.py); most need none."""
+        return self
 
     @abstractmethod
     def probe(self, deep: bool = False) -> Probe:
@@ -53,6 +116,11 @@ class Backend(ABC):
 
     def probe_failure_hint(self, error: str) -> str | None:
         """The known cause of a functional probe's error line, if this backend knows one."""
+        return None
+
+    def engine_image(self, image: str) -> tuple[HostRootfs, ImageConfig | None, str] | None:
+        """A container engine's own copy of `image` (rootfs, config, note), which then wins
+        over our image store; None for backends without an image store of their own."""
         return None
 
 

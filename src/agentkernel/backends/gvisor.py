@@ -116,6 +116,19 @@ def runsc_version() -> str:
 class GVisorBackend(Backend):
     name = "gvisor"
     strength = 20
+    # Its writable layers live in the sentry's memory: stop or snapshot would lose them.
+    snapshot_refusal = "it lives in the sandbox's memory"
+
+    @classmethod
+    def cleanup_dead(cls, name: str, scratch: Path) -> None:
+        """runsc keeps the container's state under <scratch>/state: delete it there."""
+        runsc = _runsc()
+        if runsc:
+            _force_delete(runsc, scratch, name)
+
+    @classmethod
+    def owns_scratch(cls, scratch: Path) -> bool:
+        return (scratch / "state").exists()
 
     @property
     def isolation(self) -> str:  # type: ignore[override]

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 from ..errors import BackendUnavailable, SandboxError
@@ -17,76 +16,42 @@ from ..network import egress_netns, empty_netns_prefix, enter_netns
 from ..paths import which
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from ..vm import qemu as q
-from ..vm.settings import ENV_ALLOW_EMULATION, MicrovmSettings, current
-from .base import Backend, Probe, control_dir, make_scratch
-
-VMM_MEMORY_OVERHEAD_MB = 160  # QEMU's own memory on top of the guest's, for the host cgroup
-DEFAULT_MEMORY_MB = 512
-GUEST_MIN_MEMORY_MB = 128  # the cloud kernel with its modules wants this much to boot
-ROOT_SERIAL = "akroot"
-LAYER_SERIAL = "akrw"  # a per-VM ext4 writable layer (agent --rw akrw), for stop/start
-WORKSPACE_SERIAL = "akwork"
-NET_MODULES = frozenset({"failover", "net_failover", "virtio_net"})
-VSOCK_MODULES = frozenset({"vsock", "vmw_vsock_virtio_transport_common",
-                           "vmw_vsock_virtio_transport"})
-
-
-@lru_cache(maxsize=1)
-def _verdict() -> tuple[bool, str]:
-    from ..doctor import kvm_verdict
-
-    check = kvm_verdict()
-    return check.ok, check.detail
-
-
-def module_args(modules: list[str], *, net: bool, vsock: bool = False) -> list[str]:
-    """One --insmod with every module the guest needs (network/vsock drivers only if used)."""
-    from ..vm.initramfs import MODULE_DIR
-
-    skip: set[str] = set()
-    if not net:
-        skip |= NET_MODULES
-    if not vsock:
-        skip |= VSOCK_MODULES
-    paths = [f"{MODULE_DIR}/{name}.ko" for name in modules if name not in skip]
-    return ["--insmod", ",".join(paths)] if paths else []
-
-
-def choose_accel(settings: MicrovmSettings, *, deep: bool = False,
-                 kernel: Path | None = None, initrd: Path | None = None,
-                 modules: list[str] | None = None) -> tuple[q.Accel | None, str]:
-    """KVM if a standard guest really boots under it, else TCG only if allowed.
-
-    The quick path trusts the host's signs (no /dev/kvm, PVM, no vmx/svm) and a cached boot
-    probe; `deep` (doctor, setup) boots a guest under KVM once and caches the answer.
-    """
-    kvm_ok, kvm_detail = _verdict()
-    if kvm_ok and kernel is not None:
-        cached = q.cached_kvm_probe(kernel)
-        if cached is None and initrd is not None:
-            cached = q.probe_kvm_boot(kernel, initrd, module_args(modules or [], net=False))
-        if cached is not None:
-            kvm_ok, kvm_detail = cached
-    elif deep and kernel is not None and initrd is not None and os.path.exists("/dev/kvm"):
-        # The signs say no; a deep probe boots once anyway, so doctor reports what happened.
-        ok, detail = q.cached_kvm_probe(kernel) or q.probe_kvm_boot(
-            kernel, initrd, module_args(modules or [], net=False))
-        kvm_ok, kvm_detail = ok, f"{kvm_detail}; boot probe: {detail}"
-    if kvm_ok:
-        return "kvm", kvm_detail
-    if settings.allow_emulation:
-        return "tcg", (f"software emulation (TCG), allowed by {settings.source}: {kvm_detail}. "
-                       "Expect seconds per boot, not milliseconds")
-    return None, (f"{kvm_detail}; software emulation is off (set [microvm] allow_emulation = "
-                  f"true or {ENV_ALLOW_EMULATION}=1 to use TCG)")
+from ..vm.settings import MicrovmSettings, current
+from .base import Backend, CallerOptions, Probe, control_dir, make_scratch
+from .microvm_guest import (  # noqa: F401 - names other modules import from here
+    DEFAULT_MEMORY_MB,
+    GUEST_MIN_MEMORY_MB,
+    LAYER_SERIAL,
+    NET_MODULES,
+    ROOT_SERIAL,
+    VMM_MEMORY_OVERHEAD_MB,
+    VSOCK_MODULES,
+    WORKSPACE_SERIAL,
+    choose_accel,
+    module_args,
+)
 
 
 class MicrovmBackend(Backend):
     name = "microvm"
     strength = 30
+    stoppable = True  # its writable layers are on disk images of its own
+    snapshot_refusal = "not supported for microVMs yet"
+    shares_host_dirs = False  # the project dir is copied into the guest
+    sized_disks = True
+    memory_floor = False  # the VM's own size bounds its memory
+    # A microVM's agent notices a hang-up by polling its port: a reconnect may need retries.
+    adopt_hello_timeouts = (2.0, 2.0, 5.0)
 
-    def __init__(self) -> None:
+    def __init__(self, settings: MicrovmSettings | None = None) -> None:
         self._accel_note = ""
+        self._settings = settings  # a caller's (planner.py); None: this process's
+
+    def settings(self) -> MicrovmSettings:
+        return self._settings if self._settings is not None else current()
+
+    def for_caller(self, options: CallerOptions) -> Backend:
+        return MicrovmBackend(options.microvm) if options.microvm is not None else self
 
     @property
     def isolation(self) -> str:  # type: ignore[override]
@@ -96,7 +61,7 @@ class MicrovmBackend(Backend):
     def probe(self, deep: bool = False) -> Probe:
         from ..vm.kernel import current_kernel
 
-        settings = current()
+        settings = self.settings()
         qemu = q.qemu_binary()
         if qemu is None:
             return Probe(False, "QEMU is not installed: apt install qemu-system-x86")
@@ -132,7 +97,7 @@ class MicrovmBackend(Backend):
         from ..vm.kernel import current_kernel
 
         refuse_copied(spec, self.name)  # its project dir is a copy: nothing can be masked
-        settings = current()
+        settings = self.settings()
         if settings.vmm == "firecracker":
             from ..vm.firecracker import firecracker_binary
             from .microvm_fc import start_firecracker
@@ -291,7 +256,7 @@ class MicrovmBackend(Backend):
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=process, scratch=scratch,
                               cgroup=cgroup, helpers=helpers, notes=notes,
-                              cleanups=cleanups)
+                              cleanups=cleanups, memory_floor=self.memory_floor)
             try:
                 if snap:
                     # A clone is a copy of the template: give it its own entropy, name

@@ -88,7 +88,7 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
     command-line devices, e.g. the minimal kernel)."""
     from ..agent.client import AgentClient
     from ..backends.base import make_scratch
-    from ..backends.microvm import (
+    from ..backends.microvm_guest import (
         DEFAULT_MEMORY_MB,
         GUEST_MIN_MEMORY_MB,
         ROOT_SERIAL,
@@ -198,7 +198,7 @@ def start_firecracker(backend_name: str, spec: SandboxSpec, settings: MicrovmSet
         sandbox = Sandbox(spec=spec, backend=backend_name,
                           isolation="microVM with its own guest kernel (Firecracker, KVM)",
                           client=client, process=process, scratch=scratch, notes=notes,
-                          cleanups=cleanups, helpers=helpers)
+                          cleanups=cleanups, helpers=helpers, memory_floor=False)
         try:
             client.hello(timeout=15)
         except Exception:

@@ -46,6 +46,8 @@ class NamespacesBackend(Backend):
     name = "namespaces"
     isolation = "Linux namespaces + seccomp (shares the host kernel)"
     strength = 10
+    stoppable = True  # its writable layers are host dirs (state_dir)
+    snapshots = True
 
     def probe(self, deep: bool = False) -> Probe:
         bwrap = _bwrap()

@@ -7,9 +7,10 @@ in and out; every error is an `agentkernel.errors.AgentKernelError` subclass.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 SandboxStatus = Literal["running", "paused", "stopped", "dormant", "archived"]
 OutputKind = Literal["stdout", "stderr"]
@@ -30,6 +31,11 @@ class CreateRequest:
     env: dict[str, str] = field(default_factory=dict)
     ttl_seconds: float | None = None  # removed automatically when it expires
     cpus: float | None = None  # fractional CPU limit (the CLI's --cpus); wins over vcpus
+    # The caller's context (planner.CallerContext; the CLI sends it): its variables that
+    # change a plan (context.CONTEXT_ENV_KEYS) and its user config file. None: the
+    # daemon's own context (HTTP callers).
+    caller_env: dict[str, str] | None = None
+    user_config: str | None = None
     # Egress policy entries on top of the project's [network] lists (egress_policy).
     allow_hosts: list[str] = field(default_factory=list)
     deny_hosts: list[str] = field(default_factory=list)
@@ -95,7 +101,9 @@ class RunRequest:
     pids: int | None = None  # likewise
     cpus: float | None = None
     config_path: str | None = None  # an explicit --config (absolute)
-    host_env: dict[str, str] = field(default_factory=dict)  # the caller's PASS_ENV_KEYS
+    # The caller's context, as in CreateRequest; None: the daemon's own (HTTP callers).
+    caller_env: dict[str, str] | None = None
+    user_config: str | None = None
     data_dir: str | None = None  # the caller's data dir: a daemon with another one refuses
 
 
@@ -145,6 +153,14 @@ class PoolKeyStatus:
     workspace: str | None = None  # ad-hoc keys: the project dir they mount
     starting: int = 0
     last_error: str | None = None
+    hits: int = 0  # runs served warm since the key was made
+    misses: int = 0  # runs that found no warm sandbox and started one themselves
+    waited: int = 0  # of the hits: runs that waited for a start under way
+    late: int = 0  # of the misses: runs that waited for a start, then started their own
+    target: int = 0  # warm sandboxes the key aims for now (from its recent takes/s)
+    rate: float = 0.0  # takes/s, recent average
+    start_ms: float = 0.0  # how long a start takes, recent average
+    memory_kib: int = 0  # one warm sandbox, measured (0: not yet)
 
 
 class SandboxService(Protocol):
@@ -221,3 +237,18 @@ def iter_output(
         yield item
         if isinstance(item, ExecResult):
             return
+
+
+def to_json(value: Any) -> Any:
+    """Records (dataclasses, named tuples), bytes (as latin-1 text), tuples into JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return {k: to_json(v) for k, v in value._asdict().items()}
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, list | tuple):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    return value

@@ -235,12 +235,7 @@ def open_stream(op: str, args: dict[str, Any], *, auto_start: bool) -> Lines | N
     return lines
 
 
-PASS_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TERM")  # as profiles.PASS_ENV_KEYS
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
-
-
-def host_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in PASS_ENV_KEYS if k in os.environ}
 
 
 def _write_all(fd: int, data: bytes) -> None:

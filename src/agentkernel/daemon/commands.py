@@ -80,7 +80,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         "backend": args.backend, "memory_mb": memory, "pids": pids, "cpus": args.cpus,
         "workdir_source": os.path.abspath(args.dir) if args.dir else None,
         "env": env_pairs(args.env),
-        "ttl_seconds": parse_duration(args.ttl) if args.ttl else None,
+        "ttl_seconds": parse_duration(args.ttl) if args.ttl else None, **_caller(),
         "allow_hosts": list(args.allow_host), "deny_hosts": list(args.deny_host),
         "add_hosts": list(args.add_host),
     }
@@ -90,7 +90,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"  Image:   {info['image']}")
     if info.get("rootfs"):
         print(f"  Rootfs:  {info['rootfs']}")
-    from ..engine import UNAVAILABLE_ROOTFS, fallback_warning
+    from ..planner import UNAVAILABLE_ROOTFS, fallback_warning
 
     if info.get("rootfs") == UNAVAILABLE_ROOTFS:
         _say(f"warning: {fallback_warning(info['image'])}")
@@ -332,6 +332,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- run through the daemon
 
 
+def _caller() -> dict[str, Any]:
+    """This CLI's context for the daemon's planner (context.py): the daemon plans our run
+    from our environment and user config, never from its own."""
+    from ..context import caller_env, user_config_path
+
+    return {"caller_env": caller_env(), "user_config": user_config_path()}
+
+
 def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) -> int | None:
     """`agentkernel run` through the daemon's warm pool; None if no daemon is up.
 
@@ -347,7 +355,7 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
         "timeout": args.timeout, "cwd": os.getcwd(), "no_network": bool(args.no_network),
         "memory_mb": memory, "pids": pids, "cpus": args.cpus,
         "config_path": os.path.abspath(args.config) if args.config else None,
-        "host_env": client.host_env(), "stdin_open": forward_stdin and not args.json,
+        **_caller(), "stdin_open": forward_stdin and not args.json,
         "data_dir": data_dir_str(),
     }
     lines = client.open_stream("run", req, auto_start=False)
@@ -418,7 +426,7 @@ def _run_keep(args: argparse.Namespace, command: list[str]) -> int:
     client.call("create", {
         "name": name, "image": args.image, "profile": profile, "backend": args.backend,
         "memory_mb": memory, "pids": pids, "cpus": args.cpus, "workdir_source": os.getcwd(),
-        "env": env_pairs(args.env)})
+        "env": env_pairs(args.env), **_caller()})
     forward_stdin = not sys.stdin.isatty() if sys.stdin else False
     req: dict[str, Any] = {"name": name, "argv": command, "env": {}, "workdir": args.workdir,
                            "timeout": args.timeout, "stdin_open": forward_stdin}
@@ -481,7 +489,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"    Warm:    {p['warm']}" + (f" (+{p['starting']} starting)"
                                                if p.get("starting") else ""))
         print(f"    In use:  {p['in_use']}")
-        print(f"    Min/Max: {p['min']}/{p['max']}")
+        print(f"    Min/Max: {p['min']}/{p['max']}" + (
+            f" (aiming for {p['target']}: {p.get('rate', 0)} runs/s, a start takes "
+            f"{p.get('start_ms', 0)} ms)" if "target" in p else ""))
+        if "hits" in p:
+            print(f"    Served:  {p['hits']} warm ({p.get('waited', 0)} waited for a start), "
+                  f"{p['misses']} cold")
         if p.get("last_error"):
             print(f"    Error:   {p['last_error']}")
     return 0

@@ -10,6 +10,8 @@ import os
 import sys
 from types import SimpleNamespace
 
+from ..runcmd import autostart_wanted, daemon_wanted  # noqa: F401 - re-exported
+
 _RUN_VALUES = {"-i": "image", "--image": "image", "-p": "profile", "--profile": "profile",
                "-B": "backend", "--backend": "backend", "-e": "env", "--env": "env",
                "-w": "workdir", "--workdir": "workdir", "-t": "timeout", "--timeout": "timeout",
@@ -59,21 +61,6 @@ def _parse(tokens: list[str], values: dict[str, str], flags: dict[str, str],
     return i
 
 
-_YES = ("1", "true", "yes")
-_NO = ("0", "false", "no")
-
-
-def daemon_wanted() -> bool:
-    """False when AGENTKERNEL_NO_DAEMON says every run stays in-process."""
-    return os.environ.get("AGENTKERNEL_NO_DAEMON", "").lower() not in _YES
-
-
-def autostart_wanted() -> bool:
-    """Whether a run without a daemon may start one (AGENTKERNEL_DAEMON_AUTOSTART)."""
-    return daemon_wanted() and \
-        os.environ.get("AGENTKERNEL_DAEMON_AUTOSTART", "1").lower() not in _NO
-
-
 def fast_main(argv: list[str]) -> int | None:
     """The exit code, or None to let the full CLI handle this command line.
 
@@ -102,9 +89,9 @@ def fast_main(argv: list[str]) -> int | None:
                 code = run_via_daemon(ns, command, keep=False)  # type: ignore[arg-type]
                 if code is not None:
                     return code
-            from ..cli import _run_in_process
+            from ..runcmd import run_in_process
 
-            return _run_in_process(ns, command)  # type: ignore[arg-type]
+            return run_in_process(ns, command)  # type: ignore[arg-type]
         if not use_daemon or not _daemon_socket_exists():
             return None
         ns = SimpleNamespace(env=[], workdir=None, timeout=None, tty=False, interactive=False)

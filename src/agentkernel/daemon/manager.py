@@ -50,24 +50,21 @@ from .pool import PoolKey, WarmPool
 from .state import StateDB, dumps, loads
 
 if TYPE_CHECKING:
-    from ..backends import Backend, Choice
+    from ..backends import Backend, CallerOptions, Choice
     from ..config import Config, DaemonSection
     from ..images import ImageConfig
+    from ..images.registry import RegistryOptions
+    from ..planner import CallerContext, Plan
+    from ..planner import RunRequest as PlanRequest
     from ..profiles import Profile
     from ..rootfs import HostRootfs
     from ..sandbox import Sandbox, SandboxSpec
 
-EXIT_TIMEOUT = 124
 ROOTFS_CACHE_SECONDS = 60.0
 BACKEND_CACHE_SECONDS = 10.0
 HEALTH_INTERVAL = 5.0
 # How often the disk use of sandboxes whose quota is not a mounted image is measured.
 DISK_CHECK_INTERVAL = 30.0
-SNAPSHOT_BACKENDS = ("namespaces",)  # those whose writable layers live on the host's disk
-# Those whose writable layers survive stop/start (a microVM keeps them on disks of its own).
-STOPPABLE_BACKENDS = ("namespaces", "microvm")
-# HELLO timeouts of the attempts to re-adopt a sandbox, per backend (see _adopt).
-ADOPT_HELLO_TIMEOUTS = {"microvm": (2.0, 2.0, 5.0)}
 
 
 class WrongDaemon(Conflict):
@@ -235,13 +232,10 @@ class ExecHandle:
             except ProtocolError:
                 if self.aborted:
                     raise Cancelled("the command was cancelled") from None
-                if self._oom():
-                    result = ExecResult(
-                        exit_code=137, stdout=b"".join(out), stderr=b"".join(err),
-                        signal=signal.SIGKILL, oom_killed=True, truncated=truncated,
-                        message=f"sandbox killed: out of memory (limit {self._memory_mb} MiB)")
-                else:
+                if not self._oom():
                     raise SandboxError("the sandbox died while the command ran") from None
+                result = self._result(None, b"".join(out), b"".join(err))
+                result.truncated = truncated
             if result is None:
                 raise ProtocolError("the agent ended the command without an exit status")
             return result
@@ -271,21 +265,21 @@ class ExecHandle:
         if self._finish is not None:
             self._finish(self, result)
 
-    def _result(self, status: ExitStatus, out: bytes, err: bytes) -> ExecResult:
-        if status.timed_out:
-            return ExecResult(EXIT_TIMEOUT, out, err, status.signal, timed_out=True,
-                              message=f"command timed out after {self.timeout:g}s and was killed")
-        if status.signal == signal.SIGKILL and self._oom():
-            return ExecResult(137, out, err, status.signal, oom_killed=True,
-                              message=f"command killed: out of memory "
-                                      f"(limit {self._memory_mb} MiB)")
-        return ExecResult(status.shell_code, out, err, status.signal)
+    def _result(self, status: ExitStatus | None, out: bytes, err: bytes) -> ExecResult:
+        """planner.outcome's answer (None: the sandbox died under the command)."""
+        from ..planner import outcome
+
+        o = outcome(status, timeout=self.timeout, oom=self._oom, memory_mb=self._memory_mb)
+        return ExecResult(o.exit_code, out, err, o.signal, timed_out=o.timed_out,
+                          oom_killed=o.oom_killed, message=o.message)
 
 
 def failed_start(exc: AgentRequestError) -> ExecResult:
     """A command that could not start (not found, not executable) as a result, not an error."""
-    code = exc.exit_code if exc.exit_code in (126, 127) else 126
-    return ExecResult(code, b"", b"", message=exc.message)
+    from ..planner import failed_start as failed
+
+    o = failed(exc.exit_code, exc.message)
+    return ExecResult(o.exit_code, b"", b"", message=o.message)
 
 
 @dataclass
@@ -296,10 +290,6 @@ class _Resolved:
     backend: Backend
     env: dict[str, str]
     cwd: str
-    entrypoint: list[str]
-    rootfs_note: str
-    image_reason: str = ""
-    warnings: list[str] = field(default_factory=list)
 
 
 class SandboxManager:
@@ -320,8 +310,11 @@ class SandboxManager:
         self._live: dict[str, Live] = {}
         self._detached_threads: dict[str, threading.Thread] = {}
         self._detached_execs: dict[str, Execution] = {}
-        self._rootfs_cache: dict[tuple[str, str], tuple[float, tuple[Any, ...]]] = {}
-        self._backend_cache: dict[str, tuple[float, Choice]] = {}
+        self._rootfs_cache: dict[tuple[str, str, str], tuple[float, Any]] = {}
+        self._backend_cache: dict[tuple[str, CallerOptions], tuple[float, Choice]] = {}
+        # Whom HTTP requests are planned for: this daemon's own environment and config
+        # (an SDK caller has no context of ours to send; the CLI sends its own).
+        self.own_context = _own_context(config)
         self._closed = threading.Event()
         self._empty = self.root / "empty"
         self._empty.mkdir(mode=0o755, exist_ok=True)
@@ -330,7 +323,10 @@ class SandboxManager:
         self.pool = WarmPool(self._pool_start, self._destroy_ephemeral,
                              adhoc_min=self.settings.adhoc_min,
                              adhoc_max=self.settings.pool_max,
-                             idle_seconds=self.settings.adhoc_idle_seconds)
+                             idle_seconds=self.settings.adhoc_idle_seconds,
+                             max_total=self.settings.pool_max_total,
+                             memory_bytes=self.settings.pool_memory_mb * 1024 * 1024,
+                             refills=self.settings.pool_refills)
         self._threads: list[threading.Thread] = []
         if start_threads:
             if configured_pools:
@@ -400,6 +396,8 @@ class SandboxManager:
             self.recovered.append(f"marked {name} stopped (it died while no daemon ran)")
         for row in self.db.all("SELECT * FROM sandboxes WHERE status='stopped'"):
             self._cleanup_stopped(row)
+        self.recovered.extend(_sweep_containers(
+            {r["name"] for r in self.db.all("SELECT name FROM sandboxes")}))
 
     def _cleanup_unrecorded_pool(self) -> None:
         """Pool sandboxes the database lost (damaged): their scratch dirs and cgroups.
@@ -416,8 +414,7 @@ class SandboxManager:
         for name in sorted(found):
             with contextlib.suppress(AgentKernelError):
                 validate_sandbox_name(name)
-                backend = "gvisor" if (self._runtime_scratch(name) / "state").exists() \
-                    else "namespaces"
+                backend = _scratch_owner(self._runtime_scratch(name))
                 self._cleanup_dead(name, backend, str(self._runtime_scratch(name)), None, None,
                                    [])
                 self.recovered.append(f"cleaned up unrecorded pool sandbox {name}")
@@ -448,7 +445,7 @@ class SandboxManager:
         # A microVM's agent notices a hang-up by polling its port: a connection made before
         # it did is no new session to it (no HELLO), but gets that session's frames. Keep
         # those of the detached commands, hang up and try again.
-        timeouts = ADOPT_HELLO_TIMEOUTS.get(row["backend"], (5.0,))
+        timeouts = _facts(row["backend"]).adopt_hello_timeouts
         carried: dict[int, list[Frame]] = {}
         for attempt, timeout in enumerate(timeouts):
             client: AdoptingClient | None = None
@@ -487,13 +484,8 @@ class SandboxManager:
             procs.kill(h[0], h[1] if len(h) > 1 else None)
         if scratch:
             path = Path(scratch)
-            if backend == "gvisor":
-                with contextlib.suppress(Exception):
-                    from ..backends.gvisor import _force_delete, _runsc
-
-                    runsc = _runsc()
-                    if runsc:
-                        _force_delete(runsc, path, name)
+            with contextlib.suppress(Exception):
+                _facts(backend).cleanup_dead(name, path)
             procs.rmtree(path)
 
     def _name_lock(self, name: str) -> threading.RLock:
@@ -506,61 +498,68 @@ class SandboxManager:
     # ------------------------------------------------------------------ resolution
 
     def _backend(self, name: str) -> Backend:
-        return self._choice(name).backend
+        from ..backends import CallerOptions
 
-    def _choice(self, name: str) -> Choice:
-        """backends.choose, remembered briefly: `auto` reads the same cached functional probe
-        verdicts as the CLI does, so both pick the same backend, and a backend upgraded
-        while the daemon runs is probed again within BACKEND_CACHE_SECONDS."""
+        return self._choice(name, CallerOptions()).backend
+
+    def _choice(self, name: str, options: CallerOptions) -> Choice:
+        """backends.choose, remembered briefly per caller's settings: `auto` reads the same
+        cached functional probe verdicts as the CLI does, so both pick the same backend, and
+        a backend upgraded while the daemon runs is probed again within
+        BACKEND_CACHE_SECONDS."""
         from ..backends import choose
 
+        key = (name, options)
         with self._lock:
-            hit = self._backend_cache.get(name)
+            hit = self._backend_cache.get(key)
         if hit is not None and time.monotonic() - hit[0] < BACKEND_CACHE_SECONDS:
             return hit[1]
-        choice = choose(name)
+        choice = choose(name, options)
         with self._lock:
-            self._backend_cache[name] = (time.monotonic(), choice)
+            self._backend_cache[key] = (time.monotonic(), choice)
         return choice
 
-    def _rootfs(self, image: str, config: Config | None
-                ) -> tuple[HostRootfs, ImageConfig | None, str]:
-        """resolve_rootfs, cached briefly (an unreachable registry must not cost every run)."""
-        from ..engine import resolve_rootfs
+    def _rootfs(self, image: str, config: Config | None, registry: RegistryOptions,
+                quiet: bool = True) -> tuple[HostRootfs, ImageConfig | None, str, str | None]:
+        """planner.resolve_rootfs, cached briefly (an unreachable registry must not cost
+        every run), under the caller's registry settings: one caller's failed resolve never
+        answers another's with other mirrors."""
+        from ..planner import resolve_rootfs
 
-        # The project's [images] settings, else the daemon's own (mirrors, registries).
-        config = config if config is not None else self.config
-        ck = (image, config.images.model_dump_json() if config is not None else "")
+        fallback = config.images.offline_fallback if config is not None else "host"
+        ck = (image, registry.fingerprint(), fallback)
         with self._lock:
             hit = self._rootfs_cache.get(ck)
         if hit is not None and time.monotonic() - hit[0] < ROOTFS_CACHE_SECONDS:
-            return hit[1]
-        value = resolve_rootfs(image, config, True)
+            return hit[1]  # type: ignore[no-any-return]
+        value = resolve_rootfs(image, config, registry, True)
         with self._lock:
             self._rootfs_cache[ck] = (time.monotonic(), value)
         return value
 
-    def _base_env(self, name: str, image_config: ImageConfig | None, profile: Profile,
-                  home: Path | None, host_env: dict[str, str]) -> dict[str, str]:
-        from ..engine import DEFAULT_PATH
-        from ..profiles import PASS_ENV_KEYS
+    def _plan(self, req: PlanRequest, ctx: CallerContext, *, persistent: bool = False) -> Plan:
+        """planner.plan with this daemon's caches (backends, root filesystems)."""
+        from ..planner import Resolvers, plan
 
-        env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
-        if image_config is not None:
-            env.update(image_config.env_dict())
-        env["AGENTKERNEL_SANDBOX"] = name
-        if profile.pass_env:
-            for key in PASS_ENV_KEYS:
-                if key in host_env:
-                    env[key] = host_env[key]
-            if profile.mount_home and home is not None:
-                env["HOME"] = "/home/user"
-        return env
+        return plan(req, ctx, quiet=True, persistent=persistent,
+                    resolvers=Resolvers(choose=self._choice, rootfs=self._rootfs))
+
+    def _context(self, caller_env: dict[str, str] | None, user_config: str | None
+                 ) -> CallerContext:
+        """The context a request is planned for: the one its client sent, else ours."""
+        if caller_env is None:
+            if user_config is not None:
+                raise UsageError("user_config comes with caller_env")
+            return self.own_context
+        from ..planner import CallerContext
+
+        return CallerContext.from_wire(caller_env, user_config)
 
     def _resolve(self, name: str, doc: dict[str, Any]) -> _Resolved:
         """The SandboxSpec of a persistent sandbox from its stored description."""
         from ..controlplane import control_masks
-        from ..engine import sandbox_cwd
+        from ..images.registry import RegistryOptions
+        from ..planner import sandbox_cwd, sandbox_env
         from ..profiles import Profile, get_profile
         from ..sandbox import SandboxSpec
 
@@ -571,23 +570,27 @@ class SandboxManager:
                 network=False if doc.get("no_network") else None,
                 memory_mb=doc.get("memory_mb"), cpus=doc.get("cpus"))
         backend = self._backend(doc["backend"])
-        rootfs, image_config, note = self._rootfs(doc.get("rootfs") or doc["image"], None)
+        registry = RegistryOptions.from_doc(doc["registry"]) if isinstance(
+            doc.get("registry"), dict) else RegistryOptions.from_config(self.config)
+        engine = backend.engine_image(doc["image"])  # a container engine's own store
+        rootfs, image_config, _note, _warning = (*engine, None) if engine is not None else \
+            self._rootfs(doc.get("rootfs") or doc["image"], None, registry)
         ws = doc.get("workspace")
         workspace = Path(ws) if ws and profile.workspace != "none" else None
         if workspace is not None and not workspace.is_dir():
             raise NotFound(f"the sandbox's project dir {ws} no longer exists")
-        home = Path(os.path.expanduser("~"))
+        # The creator's home (planner: the caller's HOME), for sandboxes of older daemons ours.
+        home = Path(doc["home"]) if doc.get("home") else Path(os.path.expanduser("~"))
         home_opt = home if profile.mount_home and home.is_dir() else None
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
                            state_dir=self._layers_dir(name),
                            masks=control_masks(profile, workspace, home_opt),
                            egress=_egress_of(doc))
-        env = self._base_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
+        env = sandbox_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
         cwd = sandbox_cwd(None, workspace is not None, image_config)
-        return _Resolved(spec, backend, env, cwd,
-                         list(image_config.entrypoint or []) if image_config else [], note)
+        return _Resolved(spec, backend, env, cwd)
 
     def _state_dir(self, name: str) -> Path:
         validate_sandbox_name(name)
@@ -626,9 +629,7 @@ class SandboxManager:
     # ------------------------------------------------------------------ persistent sandboxes
 
     def create(self, req: CreateRequest) -> SandboxInfo:
-        from ..detect import resolve_run_image, validate_image_ref
-        from ..engine import RunRequest as EngineRequest
-        from ..engine import load_configs, resolve_profile
+        from ..planner import RunRequest as PlanRequest
 
         validate_sandbox_name(req.name)
         if req.ttl_seconds is not None and req.ttl_seconds <= 0:
@@ -644,38 +645,32 @@ class SandboxManager:
             if not workspace.is_dir():
                 raise NotFound(f"project dir {req.workdir_source} does not exist")
         cpus = req.cpus if req.cpus is not None else (float(req.vcpus) if req.vcpus else None)
+        ctx = self._context(req.caller_env, req.user_config)
         with self._name_lock(req.name):
             if self.db.one("SELECT name FROM sandboxes WHERE name=?", (req.name,)):
                 raise Conflict(f"sandbox {req.name!r} already exists")
-            ereq = EngineRequest(argv=[], cwd=workspace or self._empty, image=req.image,
-                                 profile=req.profile, backend=req.backend,
-                                 memory_mb=req.memory_mb, pids=req.pids, cpus=cpus)
-            config, _source, _warnings = load_configs(ereq)
-            if req.image and req.image != "host":
-                validate_image_ref(req.image)
-            cfg_image = config.image if config is not None else None
-            image, _reason = resolve_run_image([], ereq.cwd, cli_image=req.image,
-                                               config_image_from_flag=None,
-                                               project_config_image=cfg_image)
-            profile = resolve_profile(ereq, config)
-            # The request, the project's config, then the daemon's own config decide.
-            backend_name = (req.backend or (config.sandbox.backend if config else None)
-                            or (self.config.sandbox.backend if self.config else None)
-                            or "auto")
-            backend = self._backend(backend_name)
-            _rootfs, _image_config, note = self._rootfs(image, config)
+            plan = self._plan(PlanRequest(
+                argv=[], cwd=workspace, image=req.image, profile=req.profile,
+                backend=req.backend, memory_mb=req.memory_mb, pids=req.pids, cpus=cpus,
+                allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
+                add_hosts=tuple(req.add_hosts)),
+                ctx, persistent=True)
+            backend, profile, image = plan.backend, plan.profile, plan.image
             doc = {
-                "image": image, "rootfs": "host" if note.startswith("host") else image,
+                "image": image, "rootfs": plan.rootfs_key,
                 "profile": profile.name, "backend": backend.name,
                 "memory_mb": profile.memory_mb, "cpus": profile.cpus,
                 "no_network": profile.network == "none",
                 "workspace": str(workspace) if workspace else None,
-                "env": dict(req.env), "host_env": {},
-                "profile_fields": profile._asdict(), "rootfs_note": note,
+                "env": dict(req.env), "host_env": dict(plan.pass_env),
+                "home": str(plan.home) if plan.home else None,
+                "registry": plan.registry.to_doc() if plan.registry else None,
+                "profile_fields": profile._asdict(), "rootfs_note": plan.rootfs_note,
                 # A microVM's writable disks are images of a fixed size already.
-                "disk_mb": None if backend.name == "microvm" else self._disk_mb(config),
+                "disk_mb": None if backend.sized_disks else self._disk_mb(plan.config),
+                # egress_policy: the policy it was created with (secrets are not kept)
+                "egress": plan.egress.to_json() if plan.egress is not None else None,
             }
-            doc["egress"] = _egress_doc(profile.network, config, req)
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)
             if state_dir.exists():
@@ -776,7 +771,7 @@ class SandboxManager:
     def stop(self, name: str) -> SandboxInfo:
         with self._name_lock(name):
             row = self._row(name)
-            if row["backend"] not in STOPPABLE_BACKENDS:
+            if not _facts(row["backend"]).stoppable:
                 raise Conflict(
                     f"sandbox {name!r} runs on the {row['backend']} backend, which keeps its "
                     "filesystem in memory: stopping it would lose it (remove it instead)")
@@ -822,6 +817,7 @@ class SandboxManager:
             self.db.execute("DELETE FROM detached WHERE sandbox=?", (name,))
             self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
             self._wipe_state(Path(row["state_dir"]))
+            _remove_container(row["backend"], name)
         with self._lock:
             self._name_locks.pop(name, None)
 
@@ -877,7 +873,7 @@ class SandboxManager:
         cgroup = None
         with contextlib.suppress(Exception):
             cgroup = Cgroup.open(name)
-        return command_rlimits(profile, live.backend, cgroup)
+        return command_rlimits(profile, cgroup, memory_floor=_facts(live.backend).memory_floor)
 
     def open_exec(self, name: str, req: ExecRequest, *, stdin: bool = False,
                   pty: tuple[int, int] | None = None) -> ExecHandle:
@@ -925,55 +921,25 @@ class SandboxManager:
 
     # ---- one-shot runs (warm pool) ----
 
-    def _plan_run(self, req: RunRequest) -> tuple[PoolKey, Backend, HostRootfs, dict[str, Any]]:
-        """engine.decide's answer, with the daemon's cached backends and rootfs, as a pool key."""
-        from ..controlplane import control_masks
-        from ..engine import (
-            UNAVAILABLE_ROOTFS,
-            command_argv,
-            decide,
-            fallback_warning,
-            parse_env,
-            sandbox_cwd,
-            user_warning,
-        )
-        from ..engine import RunRequest as EngineRequest
+    def _plan_run(self, req: RunRequest) -> tuple[PoolKey, Plan]:
+        """The planner's answer for a one-shot run, and the pool key it is served from."""
+        from ..planner import RunRequest as PlanRequest
 
         cwd = Path(req.cwd) if req.cwd else None
         if cwd is not None and (not cwd.is_absolute() or not cwd.is_dir()):
             raise UsageError(f"run: project dir {req.cwd!r} is not an existing absolute path")
-        ereq = EngineRequest(
-            argv=list(req.argv), cwd=cwd or self._empty, image=req.image, profile=req.profile,
-            backend=req.backend, no_network=req.no_network,
-            env=[f"{k}={v}" for k, v in req.env.items()], workdir=req.workdir,
+        ctx = self._context(req.caller_env, req.user_config)
+        plan = self._plan(PlanRequest(
+            argv=list(req.argv), cwd=cwd, image=req.image, profile=req.profile,
+            backend=req.backend, no_network=req.no_network, env=req.env, workdir=req.workdir,
             timeout=req.timeout, memory_mb=req.memory_mb, pids=req.pids, cpus=req.cpus,
-            config_path=Path(req.config_path) if req.config_path else None)
-        config, warnings, image, reason, profile, backend_name = decide(ereq)
-        choice = self._choice(backend_name)
-        backend = choice.backend
-        rootfs, image_config, note = self._rootfs(image, config)
-        workspace = cwd if cwd is not None and profile.workspace != "none" else None
-        home = Path(req.host_env.get("HOME") or os.path.expanduser("~"))  # the caller's
-        home_opt = home if profile.mount_home and home.is_absolute() and home.is_dir() else None
-        control_masks(profile, workspace, home_opt)  # refused here, not by a pool refill
-        key = PoolKey(image=image, rootfs="host" if note.startswith("host") else image,
-                      backend=backend.name, profile=profile,
-                      workspace=str(workspace) if workspace else None,
-                      home=str(home_opt) if home_opt else None,
-                      egress=_egress_key(profile.network, config))
-        env_extra = parse_env(ereq.env)
-        cwd_in = sandbox_cwd(req.workdir, workspace is not None, image_config)
-        argv = command_argv(image_config, list(req.argv))
-        extra = [choice.warning, user_warning(image, image_config)]
-        if note == UNAVAILABLE_ROOTFS:
-            from ..images.offline import recent_failure
-
-            extra.append(fallback_warning(image, recent_failure(image, config or self.config)))
-        warnings = [*warnings, *(w for w in extra if w)]
-        plan = {"image_config": image_config, "env_extra": env_extra, "cwd": cwd_in,
-                "argv": argv, "reason": reason, "note": note, "warnings": warnings,
-                "home": home_opt, "skipped": list(choice.skipped)}
-        return key, backend, rootfs, plan
+            config_path=Path(req.config_path) if req.config_path else None), ctx)
+        key = PoolKey(image=plan.image, rootfs=plan.rootfs_key, backend=plan.backend.name,
+                      profile=plan.profile,
+                      workspace=str(plan.workspace) if plan.workspace else None,
+                      home=str(plan.home) if plan.home else None,
+                      egress=plan.egress)  # the project's [network] lists
+        return key, plan
 
     def _pool_spec(self, key: PoolKey, rootfs: HostRootfs) -> SandboxSpec:
         from ..controlplane import control_masks
@@ -989,6 +955,8 @@ class SandboxManager:
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
         spec = self._pool_spec(key, rootfs)
+        if backend.in_process:  # wasm: runs in this process, nothing to record or reap
+            return backend.start(spec)
         scratch = self._runtime_scratch(spec.name)
         self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
                         (spec.name, backend.name, str(scratch)))
@@ -1028,27 +996,14 @@ class SandboxManager:
         """A one-shot run: a warm sandbox if one is ready, else a fresh one; gone after."""
         if req.data_dir and Path(req.data_dir).resolve() != self.root.resolve():
             raise WrongDaemon(f"this daemon serves {self.root}, not {req.data_dir}")
-        key, backend, rootfs, plan = self._plan_run(req)
+        key, plan = self._plan_run(req)
+        backend, rootfs = plan.backend, plan.rootfs
         started = time.monotonic()
-        sandbox = self.pool.take(key, backend, rootfs)
-        pooled = sandbox is not None
+        sandbox: Sandbox | None = None
         try:
-            if sandbox is None:
-                for attempt in range(3):
-                    try:
-                        sandbox = self._pool_start(key, backend, rootfs)
-                        break
-                    except SandboxError:
-                        # Under heavy concurrency bwrap now and then fails its netlink
-                        # set-up (loopback, ECHILD); another try beats a failed run.
-                        if attempt == 2:
-                            raise
-                assert sandbox is not None
-            env = self._base_env(sandbox.spec.name, plan["image_config"], key.profile,
-                                 plan["home"], req.host_env)
-            env.update(plan["env_extra"])
-            execution = sandbox.client.exec(plan["argv"], env=env, cwd=plan["cwd"],
-                                            timeout=req.timeout, stdin=stdin,
+            sandbox, pooled = self.pool.acquire(key, backend, rootfs)
+            execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
+                                            cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
                                             rlimits=sandbox.command_rlimits())
         except BaseException:
             self.pool.release(key)
@@ -1061,13 +1016,8 @@ class SandboxManager:
             self.pool.release(key)
             self._destroy_later(sb)
 
-        info = {"backend": sb.backend, "isolation": sb.isolation, "image": key.image,
-                "image_reason": plan["reason"], "rootfs": plan["note"],
-                "profile": key.profile.name, "network": key.profile.network,
-                "workspace": key.profile.workspace, "memory_mb": key.profile.memory_mb,
-                "pids": key.profile.pids, "cpus": key.profile.cpus, "pooled": pooled,
-                "sandbox": sb.spec.name, "notes": list(sb.notes),
-                "warnings": plan["warnings"], "skipped": plan["skipped"],
+        info = {**plan.summary(), "backend": sb.backend, "isolation": sb.isolation,
+                "pooled": pooled, "sandbox": sb.spec.name, "notes": list(sb.notes),
                 "acquire_ms": round((time.monotonic() - started) * 1000, 2)}
         return ExecHandle(execution, timeout=req.timeout, oom=sb.oom_killed,
                           memory_mb=key.profile.memory_mb, finish=finish, info=info)
@@ -1085,9 +1035,12 @@ class SandboxManager:
         return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
-        # Tearing a sandbox down takes a few ms: the caller already has its answer.
-        threading.Thread(target=self._destroy_ephemeral, args=(sandbox,), name="ak-destroy",
-                         daemon=False).start()
+        if sandbox.in_process:  # wasm: nothing to tear down, no record to drop
+            sandbox.destroy()
+            return
+        # Tearing a sandbox down takes a few ms: the caller already has its answer. The
+        # pool's teardown queue is bounded (a full one makes this caller wait).
+        self.pool.discard(sandbox)
 
     # ---- detached commands ----
 
@@ -1307,11 +1260,10 @@ class SandboxManager:
         validate_sandbox_name(snap)
         with self._name_lock(name):
             row = self._row(name)
-            if row["backend"] not in SNAPSHOT_BACKENDS:
-                why = ("not supported for microVMs yet" if row["backend"] == "microvm"
-                       else "it lives in the sandbox's memory")
+            facts = _facts(row["backend"])
+            if not facts.snapshots:
                 raise Conflict(f"the {row['backend']} backend cannot snapshot a sandbox's "
-                               f"filesystem ({why})")
+                               f"filesystem ({facts.snapshot_refusal})")
             if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
                 raise Conflict(f"snapshot {snap!r} already exists")
             target = self._snap_dir() / f"{snap}.tar"
@@ -1424,15 +1376,9 @@ class SandboxManager:
                 isolation = backend.isolation
             except Exception:
                 isolation = name
-            disk = name in SNAPSHOT_BACKENDS
-            caps = {"mount_cwd": name != "microvm", "mount_home": name != "microvm",
-                    "attach": True, "host_volumes": False, "ssh": False,
-                    "proxy_secret_bindings": False, "secret_files": False, "snapshots": disk,
-                    "resume": name in STOPPABLE_BACKENDS, "full_state_pause_resume": False,
-                    "full_state_fork": False, "endpoints": False}
             infos.append(BackendInfo(backend=name, configured=probe.ok, usable=usable,
                                      readiness_reason=reason, isolation=isolation,
-                                     capabilities=caps))
+                                     capabilities=backend.capabilities()))
         return infos
 
     def pool_status(self) -> list[PoolKeyStatus]:
@@ -1444,7 +1390,8 @@ class SandboxManager:
             try:
                 req = RunRequest(argv=["true"], image=entry.image, profile=entry.profile,
                                  backend=entry.backend)
-                key, backend, rootfs, _plan = self._plan_run(req)
+                key, plan = self._plan_run(req)
+                backend, rootfs = plan.backend, plan.rootfs
             except AgentKernelError as exc:
                 print(f"agentkernel daemon: pool {entry}: {exc.message}", flush=True,
                       file=sys.stderr)
@@ -1507,6 +1454,31 @@ class SandboxManager:
                 self._audit(live.name, "sandbox_stopped", reason="it died")
 
 
+def _facts(backend: str) -> type[Backend]:
+    """The facts of backend `backend` (its class): what it can do, how it is cleaned up."""
+    from ..backends import backend_class
+
+    return backend_class(backend)
+
+
+def _scratch_owner(scratch: Path) -> str:
+    """The backend whose sandbox left `scratch` (the plainest one when none claims it)."""
+    from ..backends import BACKEND_NAMES, backend_class, by_strength
+
+    for name in BACKEND_NAMES:
+        if backend_class(name).owns_scratch(scratch):
+            return name
+    return by_strength()[-1]
+
+
+def _own_context(config: Config | None) -> CallerContext:
+    """This daemon's own context: its environment, its config in the user config's place."""
+    from ..context import caller_env
+    from ..planner import CallerContext
+
+    return CallerContext(env=caller_env(), loaded_user_config=config)
+
+
 def _shut_agent(sock: Path) -> None:
     """Ask a persistent sandbox's agent to end it (best effort)."""
     if not sock.exists():
@@ -1543,24 +1515,35 @@ def _user() -> str:
         return str(os.getuid())
 
 
-# ---- egress policy (egress_policy): kept in a persistent sandbox's record
+# --- container engines (docker, podman): their containers outlive us in the engine ---------
+def _remove_container(backend: str, name: str) -> None:
+    """A removed sandbox's container (and its layer) goes from the engine too."""
+    from ..backends import get_backend
+    from ..backends.container_engine import ContainerBackend
 
-def _egress_doc(network: str, config: Any, req: CreateRequest) -> dict[str, Any] | None:
-    from ..egress_policy import policy_for
+    engine = get_backend(backend)
+    if isinstance(engine, ContainerBackend):
+        engine.remove_container(name)
 
-    policy = policy_for(network, config, tuple(req.allow_hosts), tuple(req.deny_hosts),
-                        tuple(req.add_hosts))
-    return policy.to_json() if policy is not None else None
+
+def _sweep_containers(known: set[str]) -> list[str]:
+    """What a dead daemon left in the engines: its pool's containers, and the containers of
+    persistent sandboxes no longer recorded. Engines that are not running are skipped."""
+    from ..backends import BACKEND_NAMES, get_backend
+    from ..backends.container_engine import ContainerBackend
+
+    out = []
+    for name in BACKEND_NAMES:
+        engine = get_backend(name)
+        if not isinstance(engine, ContainerBackend) or engine.socket_path() is None:
+            continue
+        with contextlib.suppress(AgentKernelError):
+            out += [f"removed {name} container of {gone}" for gone in engine.sweep(known)]
+    return out
 
 
 def _egress_of(doc: dict[str, Any]) -> Any:
+    """A persistent sandbox's egress policy, from its record (egress_policy)."""
     from ..egress_policy import Policy
 
     return Policy.from_json(doc["egress"]) if doc.get("egress") else None
-
-
-def _egress_key(network: str, config: Any) -> Any:
-    """A pooled run's policy (its project's [network] lists): part of its pool key."""
-    from ..egress_policy import policy_for
-
-    return policy_for(network, config)

@@ -1,8 +1,26 @@
-"""The warm pool: sandboxes started ahead of time per key, each handed out once, then destroyed."""
+"""The warm pool: sandboxes started ahead of demand per key, each handed out once, then destroyed.
+
+How it keeps up (docs/daemon.md, "The warm pool"):
+- **Sized from demand.** Per key, an EWMA of takes/s times an EWMA of how long a start
+  takes says how many sandboxes one start's time consumes; the key keeps that many (times
+  `HEADROOM`) warm, never fewer than its `min`, never more than its `max`. All keys
+  together stay within a count (`max_total`) and a memory cap (`memory_bytes`, measured
+  on the sandboxes themselves).
+- **Refilled concurrently, bounded.** `refills` worker threads start sandboxes; while runs
+  are in flight only `busy_refills` of them do, so refills cannot starve the runs they
+  are for.
+- **A request never waits longer than a cold start.** With no warm sandbox, a take may
+  claim one whose start is under way if it is expected to be ready sooner than a fresh
+  start would be, and waits at most that long; otherwise the caller starts one itself.
+- **Teardown off the request path.** `discard` queues a used sandbox for a destroyer
+  thread; a full queue makes the caller destroy it (back-pressure, never unbounded).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import sys
 import threading
 import time
@@ -12,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import SandboxError
 from .api import PoolKeyStatus
 
 if TYPE_CHECKING:
@@ -20,12 +39,25 @@ if TYPE_CHECKING:
     from ..rootfs import HostRootfs
     from ..sandbox import Sandbox
 
-REFILL_WORKERS = 2  # concurrent sandbox starts: the host has few cores, runs come first
 FAILURE_BACKOFF = (1.0, 60.0)  # seconds: first retry, cap
-TRIM_AFTER = 30.0  # seconds without a take before a key's surplus sandboxes are destroyed
-# After a take, a refill waits this long while spares remain: starting a sandbox costs the
-# daemon CPU and GIL time that would otherwise delay the run that was just served.
-REFILL_DELAY = 0.05
+REFILL_DELAY = 0.02  # seconds after a take before a start that is not urgent, runs in flight
+TRIM_AFTER = 5.0  # seconds without a take before a key's surplus sandboxes are destroyed
+RATE_WINDOW = 2.0  # seconds: time constant of the takes/s EWMA
+LATENCY_WEIGHT = 0.2  # weight of the newest start in the start-latency EWMA
+FIRST_LATENCY = 0.05  # seconds: the start latency assumed before any was measured
+HEADROOM = 1.5  # warm sandboxes per sandbox a start's time consumes at the current rate
+DESTROY_QUEUE = 64  # used sandboxes waiting for teardown; beyond, the caller tears down
+QUEUE_SLACK = 0.05  # seconds a queued take waits beyond its estimate before starting itself
+MAX_CLAIMS = 256  # takes queued per key; beyond, a take starts its own sandbox
+COLD_ATTEMPTS = 3  # tries of a start in the caller's thread
+DESTROYERS = 2  # teardown threads (a teardown mostly waits for processes to go)
+DEFAULT_MEMORY = 8 * 1024 * 1024  # bytes assumed per warm sandbox until one is measured
+
+
+def default_refills() -> int:
+    """Concurrent starts: two per core (a start also waits: for exec, for the agent's
+    HELLO), 2 to 8."""
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
 
 
 @dataclass(frozen=True)
@@ -45,6 +77,16 @@ class PoolKey:
         return f"{self.image}/{self.profile.name}/{self.backend}{where}"
 
 
+class _Claim:
+    """A take waiting for a start under way: the refill hands the sandbox over directly."""
+
+    __slots__ = ("event", "sandbox")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.sandbox: Sandbox | None = None
+
+
 @dataclass
 class _KeyState:
     key: PoolKey
@@ -54,20 +96,66 @@ class _KeyState:
     max: int
     configured: bool
     warm: deque[Sandbox] = field(default_factory=deque)
-    starting: int = 0
+    starts: list[float] = field(default_factory=list)  # monotonic start times under way
+    claims: deque[_Claim] = field(default_factory=deque)
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    rate: float = 0.0  # takes/s EWMA as of `rate_at`
+    rate_at: float = field(default_factory=time.monotonic)
+    latency: float = FIRST_LATENCY  # seconds per start, EWMA
+    memory: int = 0  # bytes of one warm sandbox, measured (0: not yet)
     failures: int = 0
     retry_at: float = 0.0
     last_error: str | None = None
+    hits: int = 0
+    waited: int = 0  # hits that waited for a start under way
+    late: int = 0  # takes that waited for a start, then (it was late) started their own
+    misses: int = 0
 
-    def target(self) -> int:
-        # Keep `min` spare sandboxes beyond the ones in use right now, up to `max`.
-        return min(self.max, self.min + self.in_use)
+    @property
+    def starting(self) -> int:
+        return len(self.starts)
+
+    def rate_now(self, now: float) -> float:
+        return self.rate * math.exp(-(now - self.rate_at) / RATE_WINDOW)
+
+    def note_take(self, now: float) -> None:
+        # An event-driven EWMA of the arrival rate: each take adds 1/window, decaying.
+        self.rate = self.rate_now(now) + 1.0 / RATE_WINDOW
+        self.rate_at = now
+        self.last_used = now
+
+    def note_latency(self, seconds: float) -> None:
+        self.latency += LATENCY_WEIGHT * (seconds - self.latency)
+
+    def target(self, now: float) -> int:
+        """Warm sandboxes to keep: what the takes of one start's time need, within min/max."""
+        demand = math.ceil(self.rate_now(now) * self.latency * HEADROOM)
+        return max(self.min, min(self.max, demand))
+
+    def spare(self) -> int:
+        """Sandboxes ready or coming that no waiting take has claimed."""
+        return len(self.warm) + self.starting - len(self.claims)
+
+
+def sandbox_memory(sandbox: Sandbox) -> int:
+    """Bytes a started sandbox holds: its cgroup's peak where one exists (an upper bound),
+    else the resident size of its host processes."""
+    if sandbox.cgroup is not None:
+        with contextlib.suppress(Exception):
+            peak = sandbox.cgroup.memory_peak()
+            if peak:
+                return peak
+    total = 0
+    for proc in (sandbox.process, *sandbox.helpers):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pages = int(Path(f"/proc/{proc.pid}/statm").read_text().split()[1])
+            total += pages * os.sysconf("SC_PAGE_SIZE")
+    return total or DEFAULT_MEMORY
 
 
 class WarmPool:
-    """Keeps `min` started sandboxes per key; a refill starts as soon as one is taken."""
+    """Warm sandboxes per key, sized from demand; see the module docstring."""
 
     def __init__(
         self,
@@ -77,19 +165,37 @@ class WarmPool:
         adhoc_min: int = 1,
         adhoc_max: int = 8,
         idle_seconds: float = 600.0,
+        max_total: int = 64,
+        memory_bytes: int = 1024 * 1024 * 1024,
+        refills: int | None = None,
+        busy_refills: int = 1,
+        measure: Callable[[Sandbox], int] = sandbox_memory,
     ) -> None:
         self._start = start
         self._destroy = destroy
+        self._measure = measure
         self.adhoc_min = adhoc_min
         self.adhoc_max = adhoc_max
         self.idle_seconds = idle_seconds
+        self.max_total = max_total
+        self.memory_bytes = memory_bytes
+        self.refills = refills if refills is not None else default_refills()
+        self.busy_refills = max(1, min(busy_refills, self.refills))
         self._keys: dict[PoolKey, _KeyState] = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # keys changed: refills, takes
+        self._doomed_cond = threading.Condition(self._lock)  # teardown queued (destroyers)
         self._closed = False
-        self._workers = [threading.Thread(target=self._work, name=f"ak-pool-{i}", daemon=True)
-                         for i in range(REFILL_WORKERS)]
-        for worker in self._workers:
-            worker.start()
+        self._doomed: deque[Sandbox] = deque()  # waiting for the destroyer
+        self._destroying = 0
+        self._threads = [threading.Thread(target=self._work, name=f"ak-pool-{i}", daemon=True)
+                         for i in range(self.refills)]
+        self._threads += [threading.Thread(target=self._destroyer, name=f"ak-pool-destroy-{i}",
+                                           daemon=True) for i in range(DESTROYERS)]
+        for thread in self._threads:
+            thread.start()
+
+    # ---- what the manager calls ----
 
     def configure(self, key: PoolKey, backend: Backend, rootfs: HostRootfs,
                   min_: int, max_: int) -> None:
@@ -102,30 +208,86 @@ class WarmPool:
                 st.min, st.max, st.configured = min_, max(min_, max_), True
             self._cond.notify_all()
 
-    def take(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox | None:
-        """A warm sandbox for `key`, or None (the caller starts one itself). Always counts
-        the caller as in use until `release`; a first use of a key makes it warm from now on.
+    def acquire(self, key: PoolKey, backend: Backend, rootfs: HostRootfs
+                ) -> tuple[Sandbox, bool]:
+        """A sandbox for one run, and whether it came warm. The caller is in use until
+        `release`, also when this raises; a first use of a key makes it warm from now on.
+
+        No warm sandbox: claim a start under way (it began earlier, so it is ready before
+        a fresh one would be; wait at most one start's time for it), else start one in
+        this thread while fewer than `refills` starts run, else queue for the next start
+        the refill workers make (the cores are busy: another start would only slow every
+        start down).
         """
         dead: list[Sandbox] = []
-        got: Sandbox | None = None
+        claim: _Claim | None = None
         with self._cond:
-            st = self._keys.get(key)
-            if st is None:
-                st = _KeyState(key, backend, rootfs, self.adhoc_min,
-                               max(self.adhoc_min, self.adhoc_max), False)
-                self._keys[key] = st
-            while st.warm:
-                candidate = st.warm.popleft()
-                if candidate.client.alive and candidate.process.poll() is None:
-                    got = candidate
-                    break
-                dead.append(candidate)
+            now = time.monotonic()
+            st = self._state(key, backend, rootfs)
             st.in_use += 1
-            st.last_used = time.monotonic()
+            st.note_take(now)
+            got = self._pop_alive(st, dead)
+            cold = got is None and (self._closed or not self._queue_or_claim(st))
+            began = now
+            if cold:
+                st.starts.append(began)  # this thread's start holds a slot
+            elif got is None:
+                claim = st.claims[-1]
+            queued = max(0, len(st.claims) - st.starting)  # 0: a start under way is ours
+            wait = QUEUE_SLACK + st.latency * (1 + 2 * queued / self.refills)
             self._cond.notify_all()
-        for sandbox in dead:
-            self._destroy(sandbox)
-        return got
+        self.discard_all(dead)
+        if got is not None:
+            self._count(st, "hits")
+            return got, True
+        if claim is not None:
+            got = self._await(st, claim, wait)
+            if got is not None:
+                self._count(st, "waited")
+                return got, True
+            with self._cond:
+                began = time.monotonic()
+                st.starts.append(began)
+                st.late += 1
+        self._count(st, "misses")
+        return self._start_here(st, began), False
+
+    def _queue_or_claim(self, st: _KeyState) -> bool:
+        """Under the lock: whether a take without a warm sandbox waits for the pool (True,
+        its claim appended) rather than start one itself."""
+        if len(st.claims) < st.starting:
+            pass  # an unclaimed start under way: ready sooner than a fresh one
+        elif self._running() >= self.refills and len(st.claims) < MAX_CLAIMS:
+            pass  # every start slot is busy: wait for the next start, in turn
+        else:
+            return False
+        st.claims.append(_Claim())
+        return True
+
+    def _start_here(self, st: _KeyState, began: float) -> Sandbox:
+        """Start a sandbox in the caller's thread (its slot, `began`, is in `st.starts`
+        already); timed, as a refill is. A start that fails before anything ran is tried
+        again."""
+        try:
+            for attempt in range(COLD_ATTEMPTS):
+                try:
+                    sandbox = self._start(st.key, st.backend, st.rootfs)
+                    break
+                except SandboxError:
+                    # Under heavy concurrency bwrap now and then fails its netlink set-up
+                    # (loopback, ECHILD); another try beats a failed run.
+                    if attempt == COLD_ATTEMPTS - 1:
+                        raise
+        finally:
+            with self._cond:
+                st.starts.remove(began)
+                self._cond.notify_all()
+        with self._cond:
+            st.note_latency(time.monotonic() - began)
+        return sandbox
+
+    def _running(self) -> int:
+        return sum(st.starting for st in self._keys.values())
 
     def release(self, key: PoolKey) -> None:
         with self._cond:
@@ -135,15 +297,32 @@ class WarmPool:
                 st.last_used = time.monotonic()
                 self._cond.notify_all()
 
+    def discard(self, sandbox: Sandbox) -> None:
+        """Destroy a used sandbox off the caller's path; inline when the queue is full."""
+        with self._cond:
+            if not self._closed and len(self._doomed) < DESTROY_QUEUE:
+                self._doomed.append(sandbox)
+                self._doomed_cond.notify()
+                return
+        self._destroy_quietly(sandbox)
+
+    def discard_all(self, sandboxes: list[Sandbox]) -> None:
+        for sandbox in sandboxes:
+            self.discard(sandbox)
+
     def status(self) -> list[PoolKeyStatus]:
         with self._cond:
-            states = list(self._keys.values())
+            now = time.monotonic()
             return [
                 PoolKeyStatus(image=st.key.image, profile=st.key.profile.name,
                               backend=st.key.backend, warm=len(st.warm), in_use=st.in_use,
                               min=st.min, max=st.max, workspace=st.key.workspace,
-                              starting=st.starting, last_error=st.last_error)
-                for st in states
+                              starting=st.starting, last_error=st.last_error,
+                              hits=st.hits, misses=st.misses, waited=st.waited, late=st.late,
+                              target=st.target(now), rate=round(st.rate_now(now), 2),
+                              start_ms=round(st.latency * 1000, 1),
+                              memory_kib=st.memory // 1024)
+                for st in self._keys.values()
             ]
 
     def wait_warm(self, timeout: float) -> bool:
@@ -151,101 +330,245 @@ class WarmPool:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                if all(len(st.warm) >= st.target() or st.last_error for st in
-                       self._keys.values()):
+                now = time.monotonic()
+                if all(len(st.warm) >= min(st.target(now), self._room(st)) or st.last_error
+                       for st in self._keys.values()):
                     return True
-                left = deadline - time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     return False
-                self._cond.wait(left)
+                self._cond.wait(min(left, 0.5))
 
     def close(self) -> None:
-        """Stop refilling and destroy every warm sandbox."""
+        """Stop refilling; destroy every warm sandbox and every queued one. Starts under
+        way finish first (a start cannot be interrupted half-way); they are destroyed too."""
         with self._cond:
             self._closed = True
+            for st in self._keys.values():
+                for claim in st.claims:
+                    claim.event.set()  # their takes start cold (or fail: the daemon stops)
+                st.claims.clear()
             self._cond.notify_all()
-        for worker in self._workers:
-            worker.join(timeout=60)
+            self._doomed_cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=60)
         with self._cond:
             leftovers = [sb for st in self._keys.values() for sb in st.warm]
             for st in self._keys.values():
                 st.warm.clear()
+            leftovers.extend(self._doomed)
+            self._doomed.clear()
         for sandbox in leftovers:
-            self._destroy(sandbox)
+            self._destroy_quietly(sandbox)
+
+    # ---- taking ----
+
+    def _state(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> _KeyState:
+        st = self._keys.get(key)
+        if st is None:
+            st = _KeyState(key, backend, rootfs, self.adhoc_min,
+                           max(self.adhoc_min, self.adhoc_max), False)
+            self._keys[key] = st
+        return st
+
+    @staticmethod
+    def _pop_alive(st: _KeyState, dead: list[Sandbox]) -> Sandbox | None:
+        while st.warm:
+            candidate = st.warm.popleft()
+            if candidate.client.alive and candidate.process.poll() is None:
+                return candidate
+            dead.append(candidate)
+        return None
+
+    def _await(self, st: _KeyState, claim: _Claim, wait: float) -> Sandbox | None:
+        # The claim's start should end within `wait`; by then a fresh start would have.
+        claim.event.wait(wait)
+        with self._cond:
+            if claim.sandbox is None:
+                with contextlib.suppress(ValueError):
+                    st.claims.remove(claim)  # a refill that ends later keeps it warm
+            self._cond.notify_all()
+            return claim.sandbox
+
+    def _count(self, st: _KeyState, what: str) -> None:
+        with self._cond:
+            if what == "misses":
+                st.misses += 1
+            else:
+                st.hits += 1
+                st.waited += what == "waited"
 
     # ---- refill ----
 
-    def _next_job(self) -> _KeyState | None:
-        """Under the lock: the key most in need of a sandbox, dropping idle ad-hoc keys."""
-        now = time.monotonic()
-        best: _KeyState | None = None
+    def _room(self, st: _KeyState) -> int:
+        """Under the lock: how many sandboxes `st` may hold warm or starting, given the
+        total count and memory caps over every key (a key not yet measured counts as
+        DEFAULT_MEMORY per sandbox)."""
+        others = [o for o in self._keys.values() if o is not st]
+        held = sum(len(o.warm) + o.starting for o in others)
+        memory_held = sum((len(o.warm) + o.starting) * (o.memory or DEFAULT_MEMORY)
+                          for o in others)
+        by_memory = (self.memory_bytes - memory_held) // (st.memory or DEFAULT_MEMORY)
+        room = max(0, min(self.max_total - held, by_memory))
+        if not st.memory and st.starting:
+            # Not measured yet: one start at a time until the first one says how big.
+            room = min(room, len(st.warm) + st.starting)
+        return room
+
+    def _need(self, st: _KeyState, now: float) -> int:
+        """Under the lock: starts `st` wants now: its target, within the caps, plus the
+        takes waiting for a start (only a failed start leaves one without)."""
+        want = min(st.target(now) + len(st.claims), self._room(st))
+        return want - len(st.warm) - st.starting
+
+    def _expire(self, now: float) -> list[Sandbox]:
+        """Under the lock: drop idle ad-hoc keys and surplus warm sandboxes."""
+        out: list[Sandbox] = []
         for key, st in list(self._keys.items()):
             if (not st.configured and st.in_use == 0 and st.starting == 0
-                    and now - st.last_used > self.idle_seconds):
+                    and not st.claims and now - st.last_used > self.idle_seconds):
                 del self._keys[key]
-                for sandbox in st.warm:
-                    threading.Thread(target=self._destroy, args=(sandbox,), daemon=True).start()
+                out.extend(st.warm)
                 st.warm.clear()
                 continue
-            if len(st.warm) > st.target() and now - st.last_used > TRIM_AFTER:
-                # A burst left more warm sandboxes than the key needs now: let them go.
-                while len(st.warm) > st.target():
-                    extra = st.warm.pop()
-                    threading.Thread(target=self._destroy, args=(extra,), daemon=True).start()
+            keep = min(st.target(now), self._room(st))
+            if len(st.warm) > keep and now - st.last_used > TRIM_AFTER:
+                # Demand fell (or a burst left more than the key needs): let them go.
+                while len(st.warm) > keep:
+                    out.append(st.warm.pop())
+        return out
+
+    def _next_job(self, now: float) -> _KeyState | None:
+        """Under the lock: the key most in need of a start. Queued takes come first, and
+        a key down to half its target may use every slot. Other starts ahead of demand
+        yield to runs in flight: at most `busy_refills` at once, and only REFILL_DELAY
+        after the key's last take (a start costs CPU the run just served needs)."""
+        running = self._running()
+        if running >= self.refills:
+            return None
+        busy = any(st.in_use for st in self._keys.values())
+        ahead_ok = running < (self.busy_refills if busy else self.refills)
+        best, best_need = None, 0
+        for st in self._keys.values():
             if st.retry_at > now:
                 continue
-            if st.warm and now - st.last_used < REFILL_DELAY:
-                continue
-            missing = st.target() - len(st.warm) - st.starting
-            if missing > 0 and (best is None or missing > best.target() - len(best.warm)
-                                - best.starting):
-                best = st
+            queued = len(st.claims) - st.starting  # takes waiting with no start of theirs
+            if queued > 0:
+                need = queued + 1000
+            else:
+                need = self._need(st, now)
+                # Down to half its target or less, a key is behind demand: every slot.
+                urgent = 2 * st.spare() <= st.target(now)
+                if not urgent and (not ahead_ok or now - st.last_used < REFILL_DELAY):
+                    continue
+            if need > best_need:
+                best, best_need = st, need
         return best
 
-    def _refill_pending(self) -> bool:
-        return any(len(st.warm) + st.starting < st.target() for st in self._keys.values())
+    def _idle_wait(self, now: float) -> float:
+        retry = [st.retry_at - now for st in self._keys.values() if st.retry_at > now]
+        # A refill delayed by REFILL_DELAY; with every slot busy, a start's end notifies.
+        if self._running() < self.refills and any(self._need(st, now) > 0
+                                                  for st in self._keys.values()):
+            retry.append(REFILL_DELAY)
+        return max(0.005, min([1.0, *retry]))
 
     def _work(self) -> None:
         while True:
             with self._cond:
                 st = None
+                expired: list[Sandbox] = []
                 while not self._closed:
-                    st = self._next_job()
-                    if st is not None:
+                    now = time.monotonic()
+                    expired = self._expire(now)
+                    st = self._next_job(now)
+                    if st is not None or expired:
                         break
-                    # Wake up for idle expiry, delayed refills and failure retries even
-                    # without a take().
-                    self._cond.wait(timeout=REFILL_DELAY if self._refill_pending() else 1.0)
-                if self._closed or st is None:
+                    # Wake up for idle expiry, trims and failure retries without a take.
+                    self._cond.wait(self._idle_wait(now))
+                if self._closed:
+                    self._doomed.extend(expired)
                     return
-                st.starting += 1
-            sandbox: Sandbox | None = None
-            try:
-                sandbox = self._start(st.key, st.backend, st.rootfs)
-            except Exception as exc:
-                message = getattr(exc, "message", None) or str(exc)
-                print(f"agentkernel daemon: warm pool {st.key.label()}: {message}",
-                      file=sys.stderr, flush=True)
-                with self._cond:
-                    st.failures += 1
-                    st.last_error = message
-                    first, cap = FAILURE_BACKOFF
-                    st.retry_at = time.monotonic() + min(cap, first * 2 ** (st.failures - 1))
+                began = time.monotonic()
+                if st is not None:
+                    st.starts.append(began)
+            self.discard_all(expired)
+            if st is not None:
+                self._refill(st, began)
+
+    def _refill(self, st: _KeyState, began: float) -> None:
+        sandbox: Sandbox | None = None
+        try:
+            sandbox = self._start(st.key, st.backend, st.rootfs)
+        except Exception as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            print(f"agentkernel daemon: warm pool {st.key.label()}: {message}",
+                  file=sys.stderr, flush=True)
             with self._cond:
-                st.starting -= 1
-                if sandbox is not None:
-                    st.failures, st.last_error = 0, None
-                    if self._closed or self._keys.get(st.key) is not st:
-                        doomed: Sandbox | None = sandbox
-                    else:
-                        st.warm.append(sandbox)
-                        doomed = None
+                st.failures += 1
+                st.last_error = message
+                first, cap = FAILURE_BACKOFF
+                st.retry_at = time.monotonic() + min(cap, first * 2 ** (st.failures - 1))
+        memory = self._measure(sandbox) if sandbox is not None and not st.memory else 0
+        with self._cond:
+            st.starts.remove(began)
+            doomed = None
+            if sandbox is not None:
+                st.note_latency(time.monotonic() - began)
+                st.failures, st.last_error = 0, None
+                st.memory = st.memory or memory
+                if self._closed or self._keys.get(st.key) is not st:
+                    doomed = sandbox
+                elif st.claims:
+                    claim = st.claims.popleft()
+                    claim.sandbox = sandbox
+                    claim.event.set()
                 else:
-                    doomed = None
-                self._cond.notify_all()
-            if doomed is not None:
-                with contextlib.suppress(Exception):
-                    self._destroy(doomed)
+                    st.warm.append(sandbox)
+            else:
+                # Failed: the takes with no start under way for them try their own now
+                # (and report the error) rather than wait out the back-off.
+                while len(st.claims) > st.starting:
+                    st.claims.pop().event.set()
+            self._cond.notify_all()
+        if doomed is not None:
+            self._destroy_quietly(doomed)
+
+    # ---- teardown ----
+
+    def _destroyer(self) -> None:
+        while True:
+            with self._cond:
+                while not self._doomed and not self._closed:
+                    self._doomed_cond.wait()
+                if not self._doomed:
+                    return
+                sandbox = self._doomed.popleft()
+                self._destroying += 1
+            try:
+                self._destroy_quietly(sandbox)
+            finally:
+                with self._cond:
+                    self._destroying -= 1
+                    self._cond.notify_all()
+
+    def _destroy_quietly(self, sandbox: Sandbox) -> None:
+        try:
+            self._destroy(sandbox)
+        except Exception as exc:
+            print(f"agentkernel daemon: could not destroy {sandbox.spec.name}: {exc}",
+                  file=sys.stderr, flush=True)
+
+    def drain(self, timeout: float) -> bool:
+        """Block until no used sandbox waits for teardown (tests)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._doomed or self._destroying:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
 
 
 def workspace_key(path: Path | None) -> str | None:

@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..paths import API_SOCKET, DAEMON_SOCKET, listen_unix, runtime_dir
 from ..peer import refusal
-from .api import CreateRequest, ExecRequest, ExecResult, RunRequest
+from .api import CreateRequest, ExecRequest, ExecResult, RunRequest, to_json
 from .manager import ExecHandle, SandboxManager, failed_start
 
 if typing.TYPE_CHECKING:
@@ -49,19 +49,6 @@ _SIMPLE = {
 }
 
 
-def to_json(value: Any) -> Any:
-    """Records (dataclasses, named tuples), bytes (as latin-1 text), tuples into JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple) and hasattr(value, "_asdict"):
-        return {k: to_json(v) for k, v in value._asdict().items()}
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    if isinstance(value, list | tuple):
-        return [to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    return value
 
 
 def error_json(exc: BaseException) -> dict[str, Any]:
@@ -538,15 +525,20 @@ def attach_args(options: ServeOptions) -> dict[str, Any]:
 
 def daemon_config_path(path: str | None) -> str | None:
     """The config file a daemon loads: --config, $AGENTKERNEL_DAEMON_CONFIG, or the user
-    config file if it exists; None for none."""
+    config file (config.toml, else the older agentkernel.toml beside it) if it exists;
+    None for none."""
+    from ..paths import LEGACY_DAEMON_CONFIG_NAME, user_config_dir_str, user_config_path_str
+
     if path:
         return os.path.abspath(path)
     env = os.environ.get("AGENTKERNEL_DAEMON_CONFIG")
     if env:
         return os.path.abspath(env)
-    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    user = os.path.join(xdg, "agentkernel", "agentkernel.toml")
-    return user if os.path.isfile(user) else None
+    for user in (user_config_path_str(),
+                 os.path.join(user_config_dir_str(), LEGACY_DAEMON_CONFIG_NAME)):
+        if os.path.isfile(user):
+            return user
+    return None
 
 
 def load_daemon_config(path: str | None) -> Any:
@@ -605,7 +597,10 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
         from ..vm.settings import configure
 
         configure(config.microvm)  # e.g. allow_emulation, for microVMs the daemon starts
-    manager = SandboxManager(config, configured_pools=config is not None or idle_exit <= 0)
+    # A daemon `run` started keeps configured pools only if a [daemon] section asks for
+    # them: a user config that only names a registry mirror should not warm sandboxes.
+    asked = config is not None and "daemon" in config.model_fields_set
+    manager = SandboxManager(config, configured_pools=asked or idle_exit <= 0)
     for line in manager.recovered:
         print(f"agentkernel daemon: {line}", file=sys.stderr, flush=True)
     server = DaemonServer(manager, rt / DAEMON_SOCKET)

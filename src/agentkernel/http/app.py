@@ -68,7 +68,6 @@ KEEPALIVE_SECONDS = 10.0
 BATCH_WORKERS = 8
 THREADS = 256  # blocking service calls (a long exec holds one) run on this many threads
 CAPABILITY_KEYS = tuple(m.CapabilitiesOut.model_fields)
-BACKEND_PREFERENCE = ("microvm", "gvisor", "namespaces")  # as `auto`: strongest first
 UNIMPLEMENTED = ("/orchestrations", "/objects", "/schedules", "/stores")
 
 _ERR: dict[int | str, dict[str, Any]] = {
@@ -103,9 +102,37 @@ def fail(status: int, message: str, headers: dict[str, str] | None = None) -> Re
                     headers=headers)
 
 
+SEND_CHUNK = 64 * 1024  # bytes of encoded answer gathered before each send
+
+
 def pieces_response(pieces: Iterator[bytes]) -> Response:
-    """A JSON envelope sent as it is encoded (a big output is never held escaped)."""
-    return StreamingResponse(pieces, media_type="application/json")
+    """A JSON envelope sent as it is encoded (a big output is never held escaped).
+
+    Small pieces are gathered up to SEND_CHUNK: an answer that fits goes out as one
+    plain response, a bigger one as a stream of chunks (Starlette hands each item of a
+    plain iterator to a worker thread: one hop per piece would cost more than the run).
+    """
+    first = _gather(pieces)
+    if len(first) < SEND_CHUNK:
+        return Response(bytes(first), media_type="application/json")
+
+    def chunks() -> Iterator[bytes]:
+        yield bytes(first)
+        while chunk := _gather(pieces):
+            yield bytes(chunk)
+
+    return StreamingResponse(chunks(), media_type="application/json")
+
+
+def _gather(pieces: Iterator[bytes]) -> bytearray:
+    """The next pieces, joined, until SEND_CHUNK bytes or the end (bounded: one piece
+    is at most a few times commands.CHUNK)."""
+    buf = bytearray()
+    for piece in pieces:
+        buf += piece
+        if len(buf) >= SEND_CHUNK:
+            break
+    return buf
 
 
 def sandbox_json(info: SandboxInfo) -> dict[str, Any]:
@@ -130,8 +157,10 @@ def backend_json(info: BackendInfo) -> dict[str, Any]:
 
 
 def default_backend(backends: list[BackendInfo]) -> str | None:
+    from ..backends import by_strength
+
     usable = {b.backend for b in backends if b.usable and b.configured}
-    for name in BACKEND_PREFERENCE:
+    for name in by_strength():  # as `auto`: strongest first
         if name in usable:
             return name
     return next(iter(sorted(usable)), None)
@@ -202,12 +231,22 @@ def create_app(
     requests whose Host is a loopback name or one of them are served, and none with a
     foreign Origin."""
 
+    from starlette.routing import Route
+
+    from ..mcpserver.http import LazyMCP
+
+    mcp_app = LazyMCP(service)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        import anyio
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
-        yield
+        async with anyio.create_task_group() as tg:  # /mcp's session manager runs in it
+            mcp_app.task_group = tg
+            yield
+            tg.cancel_scope.cancel()
 
     app = FastAPI(
         title="agentkernel", version=__version__, lifespan=lifespan,
@@ -217,6 +256,9 @@ def create_app(
     )
     register_errors(app)
     add_routes(app, service, keepalive, limits or Limits())
+    # MCP over streamable HTTP, behind the same guards as every route (mcpserver/http.py).
+    app.router.routes.append(Route("/mcp", endpoint=mcp_app, methods=["GET", "POST",
+                                                                      "DELETE"]))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 
+from ..backends import BACKEND_NAMES
 from ..errors import UsageError
 
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 _DURATION_PART = re.compile(r"(\d{1,9})([smhdw]?)", re.ASCII)
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 365 * 86400
-BACKEND_CHOICES = ("auto", "namespaces", "gvisor", "microvm")
+BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 PROFILE_CHOICES = ("permissive", "moderate", "restrictive")
 
 

@@ -209,7 +209,7 @@ def pull(
     client = RegistryClient(options)
     reporter = None
     if progress:
-        from .cli import ProgressPrinter
+        from .progress import ProgressPrinter
 
         reporter = ProgressPrinter(str(parsed))
     try:

@@ -31,15 +31,14 @@ def short_reason(exc: AgentKernelError) -> str:
 
 
 def _memo_file(image: str, config: Any) -> Path:
+    """`config`: the RegistryOptions the pull used (the caller's settings), or a Config."""
     import hashlib
-    import json
 
     from ..paths import data_dir
     from .registry import RegistryOptions
 
-    opts = RegistryOptions.from_config(config)
-    what = json.dumps([image, opts.default_registry, opts.mirrors, sorted(opts.insecure),
-                       opts.ca_file])
+    opts = config if isinstance(config, RegistryOptions) else RegistryOptions.from_config(config)
+    what = image + "\n" + opts.fingerprint()
     digest = hashlib.sha256(what.encode()).hexdigest()[:24]
     return data_dir() / "cache" / f"pull-failed-{digest}"
 

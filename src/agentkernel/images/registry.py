@@ -11,7 +11,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,8 +154,11 @@ class RegistryOptions:
     max_blob_bytes: int = 64 << 30
 
     @classmethod
-    def from_config(cls, config: Any = None) -> RegistryOptions:
-        """Options from an agentkernel Config (``[images]``) plus the environment."""
+    def from_config(cls, config: Any = None,
+                    env: Mapping[str, str] | None = None) -> RegistryOptions:
+        """Options from an agentkernel Config (``[images]``) plus the environment: the
+        caller's (`env`, see context.py) when planning for one, else this process's."""
+        environ: Mapping[str, str] = os.environ if env is None else env
         images = getattr(config, "images", None)
         opts = cls()
         if images is not None:
@@ -172,10 +175,39 @@ class RegistryOptions:
             ca = getattr(images, "ca_file", None)
             if isinstance(ca, str):
                 opts.ca_file = ca
-        env = os.environ.get(MIRROR_ENV, "")
-        opts.mirrors = [m.strip() for m in env.split(",") if m.strip()] + opts.mirrors
-        opts.ca_file = os.environ.get(CA_ENV) or opts.ca_file
+        if not getattr(config, "_env_applied", False):  # else effective_config did it
+            mirrors = environ.get(MIRROR_ENV, "")
+            opts.mirrors = [m.strip() for m in mirrors.split(",") if m.strip()] + opts.mirrors
+            opts.ca_file = environ.get(CA_ENV) or opts.ca_file
+        if env is not None:  # the caller's credentials file, not this process's
+            base = env.get("DOCKER_CONFIG") or os.path.join(
+                env.get("HOME") or os.path.expanduser("~"), ".docker")
+            opts.docker_config = Path(base) / "config.json"
         return opts
+
+    def to_doc(self) -> dict[str, Any]:
+        """Where images come from, without credentials (kept with a persistent sandbox, so
+        that its restart resolves its image as its creator did)."""
+        return {"default_registry": self.default_registry, "mirrors": list(self.mirrors),
+                "insecure": sorted(self.insecure), "ca_file": self.ca_file,
+                "docker_config": str(self.docker_config) if self.docker_config else None}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> RegistryOptions:
+        opts = cls()
+        opts.default_registry = str(doc.get("default_registry") or DOCKER_HUB)
+        opts.mirrors = [str(m) for m in doc.get("mirrors") or []]
+        opts.insecure = frozenset(str(h) for h in doc.get("insecure") or [])
+        opts.ca_file = str(doc["ca_file"]) if doc.get("ca_file") else None
+        opts.docker_config = Path(doc["docker_config"]) if doc.get("docker_config") else None
+        return opts
+
+    def fingerprint(self) -> str:
+        """What decides where an image comes from (the failed-pull memo's and the daemon's
+        rootfs cache's key): two callers with other settings never share a verdict."""
+        return json.dumps([self.default_registry, self.mirrors, sorted(self.insecure),
+                           self.ca_file, str(self.docker_config or ""),
+                           sorted(self.credentials)])
 
 
 def _host_of(url_or_host: str) -> str:
@@ -183,6 +215,32 @@ def _host_of(url_or_host: str) -> str:
     if "://" in text:
         text = urlsplit(text).netloc
     return text.split("/", 1)[0].lower()
+
+
+def _split_host_port(host: str) -> tuple[str, int | None]:
+    """``127.0.0.1:5000`` -> (``127.0.0.1``, 5000); ``[::1]:5000`` and bare ``::1`` too."""
+    name, port = host, ""
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif host.count(":") == 1:
+        name, port = host.split(":")
+    return name, int(port) if port.isdigit() else None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a registry host (with or without a port) is on this machine's loopback:
+    127.0.0.0/8, ::1 or the name ``localhost``. Such registries may be plain HTTP, as in
+    Docker: no one off this host can tamper with the connection."""
+    import ipaddress
+
+    name = _split_host_port(host.lower())[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _hub_alias(host: str) -> str:
@@ -253,6 +311,8 @@ class RegistryClient:
                             for h, c in self.options.credentials.items()})
         self._auth: dict[tuple[str, str], str] = {}  # (host, repo) → Authorization value
         self._lock = threading.Lock()
+        self._ssl = ctx
+        self._loopback_tls: dict[str, bool] = {}  # loopback host → speaks TLS
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -264,10 +324,44 @@ class RegistryClient:
         host, _, prefix = text.partition("/")
         host = host.lower()
         insecure = host in self.options.insecure or _hub_alias(host) in self.options.insecure
-        if scheme == "http" and not insecure:
-            raise RegistryError(host, "plain HTTP is only used for registries named insecure")
+        loopback = not insecure and is_loopback_host(host)
+        if scheme == "http" and not (insecure or loopback):
+            raise RegistryError(host, "plain HTTP is only used for loopback registries and "
+                                "those named insecure")
+        if insecure:
+            scheme = "http"
+        elif loopback and scheme is None:
+            # Plain HTTP by default on loopback (as Docker); TLS where the server speaks it,
+            # verified as anywhere else.
+            scheme = "https" if self._speaks_tls(host) else "http"
         return Endpoint(DOCKER_HUB_API if host == DOCKER_HUB else host,
-                        "http" if insecure else "https", f"/{prefix}" if prefix else "")
+                        scheme if scheme == "http" else "https", f"/{prefix}" if prefix else "")
+
+    def _speaks_tls(self, host: str) -> bool:
+        """Whether a loopback registry answers a TLS handshake (once per client and host).
+
+        A certificate it cannot verify still counts as TLS: the pull then fails on it
+        rather than falling back to plain HTTP.
+        """
+        import socket
+
+        with self._lock:
+            known = self._loopback_tls.get(host)
+        if known is not None:
+            return known
+        name, port = _split_host_port(host)
+        answer = False
+        try:
+            with socket.create_connection((name, port or 443), timeout=3.0) as sock, \
+                    self._ssl.wrap_socket(sock, server_hostname=name):
+                answer = True
+        except ssl.SSLCertVerificationError:
+            answer = True
+        except OSError:  # ssl.SSLError too: "wrong version number" from a plain server
+            answer = False
+        with self._lock:
+            self._loopback_tls[host] = answer
+        return answer
 
     def endpoints(self, ref: Reference) -> list[Endpoint]:
         """Mirrors that apply to ``ref``'s registry, in order, then the registry itself."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 ENV_ALLOW_EMULATION = "AGENTKERNEL_MICROVM_ALLOW_EMULATION"
 ENV_KERNEL = "AGENTKERNEL_MICROVM_KERNEL"
@@ -36,7 +39,25 @@ def configure(section: Any | None) -> None:
     if section is None:
         _configured = None
         return
-    _configured = MicrovmSettings(
+    _configured = _section_settings(section)
+
+
+def current() -> MicrovmSettings:
+    """Configured settings (configure(): the daemon's config, or config.configure_microvm_here
+    for doctor and setup), with environment overrides on top. A run's own come from its
+    plan (resolve()), never from here."""
+    return with_env(_configured or MicrovmSettings(), os.environ)
+
+
+def resolve(section: Any | None, env: Mapping[str, str]) -> MicrovmSettings:
+    """A caller's settings: its config's [microvm] section (None: defaults) under its
+    environment (see planner.py). Pure: no global state, no files read."""
+    base = _section_settings(section) if section is not None else MicrovmSettings()
+    return with_env(base, env)
+
+
+def _section_settings(section: Any) -> MicrovmSettings:
+    return MicrovmSettings(
         allow_emulation=bool(getattr(section, "allow_emulation", False)),
         kernel=getattr(section, "kernel", None),
         vmm=str(getattr(section, "vmm", "auto") or "auto"),
@@ -46,42 +67,21 @@ def configure(section: Any | None) -> None:
     )
 
 
-def _from_project_config() -> MicrovmSettings | None:
-    """./agentkernel.toml's [microvm], when nobody configured us (best effort, quiet)."""
-    path = Path.cwd() / "agentkernel.toml"
-    if not path.is_file():
-        return None
-    try:
-        from ..config import load_config
-
-        config, _ = load_config(path)
-    except Exception:  # the engine reports config errors itself
-        return None
-    section = config.microvm
-    return MicrovmSettings(
-        allow_emulation=section.allow_emulation, kernel=section.kernel,
-        vmm=str(getattr(section, "vmm", "auto")),
-        boot_timeout=float(getattr(section, "boot_timeout", 60.0)), source=str(path),
-        snapshot=bool(getattr(section, "snapshot", False)),
-    )
-
-
-def current() -> MicrovmSettings:
-    """Configured settings (or ./agentkernel.toml's), with environment overrides on top."""
-    base = _configured or _from_project_config() or MicrovmSettings()
+def with_env(base: MicrovmSettings, env: Mapping[str, str]) -> MicrovmSettings:
+    """`base` with the AGENTKERNEL_MICROVM_* variables of `env` on top."""
     allow = base.allow_emulation
     source = base.source
     snapshot = base.snapshot
-    if os.environ.get(ENV_SNAPSHOT) is not None:
-        snapshot = _truthy(os.environ[ENV_SNAPSHOT])
-    env = os.environ.get(ENV_ALLOW_EMULATION)
-    if env is not None:
-        allow = _truthy(env)
+    if env.get(ENV_SNAPSHOT) is not None:
+        snapshot = _truthy(env[ENV_SNAPSHOT])
+    flag = env.get(ENV_ALLOW_EMULATION)
+    if flag is not None:
+        allow = _truthy(flag)
         source = f"${ENV_ALLOW_EMULATION}"
     return MicrovmSettings(
         allow_emulation=allow,
-        kernel=os.environ.get(ENV_KERNEL) or base.kernel,
-        vmm=os.environ.get(ENV_VMM) or base.vmm,
+        kernel=env.get(ENV_KERNEL) or base.kernel,
+        vmm=env.get(ENV_VMM) or base.vmm,
         boot_timeout=base.boot_timeout,
         source=source,
         snapshot=snapshot,

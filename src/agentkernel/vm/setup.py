@@ -48,8 +48,11 @@ def main(args: argparse.Namespace) -> int:
         if qemu_binary() is None:
             print("warning: QEMU is missing: apt install qemu-system-x86", file=out)
         elif not getattr(args, "no_kvm_probe", False):
-            from ..backends.microvm import choose_accel
+            from ..backends.microvm_guest import choose_accel
+            from ..config import configure_microvm_here
             from .settings import current
+
+            configure_microvm_here()
 
             accel, why = choose_accel(current(), deep=True, kernel=Path(info.vmlinux),
                                       initrd=initrd, modules=info.modules)

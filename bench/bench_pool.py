@@ -1,0 +1,343 @@
+"""Benchmark the warm pool through the HTTP API: back-to-back and concurrent `POST /run -- true`.
+
+One private `agentkernel serve` (own data/runtime dirs, a configured namespaces pool) and,
+in the same run, the baselines a warm run is compared with: bare fork/exec, a bare bwrap
+start (the floor of a fresh sandbox here), venv `python -c pass`.
+
+Cases (issue 10's "Performance"):
+- 100 back-to-back warm `POST /run -- true` from one client (keep-alive): p50/p95, and how
+  many found the pool empty (the pool's own hit/miss counters);
+- the same with a pause between requests (the pool always refilled: the warm path alone);
+- N concurrent clients for D seconds: fresh sandboxes/s, failures, p50/p95;
+- warm `agentkernel run -- true` through the CLI vs `python -c pass` (goal <= 2x).
+
+Usage: .venv/bin/python bench/bench_pool.py [-n 100] [--clients 16] [--duration 10]
+                                            [--profile moderate] [--pause-n 30]
+Writes bench/results/pool-<time>.{md,json} and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, TABLE_HEAD, pct, stamp, stamp_lines, summary, timed
+
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+AK = ROOT / ".venv" / "bin" / "agentkernel"
+KEY = "bench-" + os.urandom(8).hex()
+
+
+class Api:
+    """One keep-alive HTTP connection to the server, as an SDK holds one."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        self.headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.conn.request("POST", path, json.dumps(body), self.headers)
+        r = self.conn.getresponse()
+        data = r.read()
+        return r.status, json.loads(data) if data else {}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pool_counts(ak: Path, env: dict[str, str]) -> dict[str, int]:
+    """Sum of the pool's hit/miss counters over every key (`daemon status --json`); a
+    tree without them counts -1."""
+    r = subprocess.run([str(ak), "daemon", "status", "--json"], env=env, capture_output=True,
+                       text=True, check=False)
+    try:
+        pools = json.loads(r.stdout).get("pools") or []
+    except json.JSONDecodeError:
+        return {}
+    return {k: sum(int(p.get(k, -1)) for p in pools) for k in ("hits", "misses")}
+
+
+def back_to_back(port: int, n: int, body: dict[str, Any], pause: float) -> list[float]:
+    api = Api(port)
+    samples = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            status, res = api.post("/run", body)
+            samples.append((time.perf_counter() - t) * 1000)
+            if status != 200 or (res.get("data") or {}).get("exit_code") != 0:
+                raise SystemExit(f"POST /run failed: {status} {res}")
+            if pause:
+                time.sleep(pause)
+    finally:
+        api.close()
+    return samples
+
+
+def concurrent(port: int, clients: int, duration: float, body: dict[str, Any]
+               ) -> dict[str, Any]:
+    """`clients` connections running fresh sandboxes back to back for `duration` seconds."""
+    lat: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+
+    def worker() -> None:
+        api = Api(port)
+        try:
+            while time.monotonic() < stop_at:
+                t = time.perf_counter()
+                try:
+                    status, res = api.post("/run", body)
+                    code = (res.get("data") or {}).get("exit_code")
+                    err = None if status == 200 and code == 0 else f"{status} {str(res)[:120]}"
+                except Exception as exc:
+                    err = f"{type(exc).__name__}: {exc}"
+                    api.close()
+                    api = Api(port)
+                with lock:
+                    if err is None:
+                        lat.append((time.perf_counter() - t) * 1000)
+                    else:
+                        failures.append(err)
+        finally:
+            api.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    return {"clients": clients, "ok": len(lat), "failed": len(failures),
+            "per_s": len(lat) / elapsed, "samples": lat, "errors": sorted(set(failures))[:5]}
+
+
+def bare_bwrap() -> list[str]:
+    """The cheapest sandbox bwrap makes here: the floor under any fresh sandbox."""
+    return ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev",
+            "/bin/true"]
+
+
+def wait_health(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve exited: {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health", headers={"Authorization": f"Bearer {KEY}"})
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("serve did not answer /health")
+
+
+def start_cpu(profile: str, n: int = 20) -> dict[str, float]:
+    """CPU milliseconds per sandbox, started and destroyed in this process (a private data
+    dir): the daemon's own share (start, teardown) and its helpers' (bwrap, the agent,
+    slirp4netns, iptables-restore, ...: every reaped child). Unlike wall time, this hardly
+    depends on what else the machine runs."""
+    import resource
+
+    tmp = Path(tempfile.mkdtemp(prefix="ak-bench-cpu-"))
+    (tmp / "run").mkdir(mode=0o700)
+    saved = {k: os.environ.get(k) for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR")}
+    os.environ.update(AGENTKERNEL_HOME=str(tmp / "home"), AGENTKERNEL_RUNTIME_DIR=str(tmp / "run"))
+    sys.path.insert(0, str(ROOT / "src"))
+    from agentkernel.config import Config, DaemonSection
+    from agentkernel.daemon.api import RunRequest
+    from agentkernel.daemon.manager import SandboxManager
+
+    def usage() -> tuple[float, float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+            resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime, time.perf_counter()
+
+    m = SandboxManager(Config(daemon=DaemonSection(pools=[], adhoc_min=0)))
+    try:
+        req = RunRequest(argv=["true"], image="host", profile=profile, backend="namespaces")
+        key, plan = m._plan_run(req)
+        backend, rootfs = plan.backend, plan.rootfs
+        for _ in range(3):
+            m._destroy_ephemeral(m._pool_start(key, backend, rootfs))
+        a = usage()
+        sandboxes = [m._pool_start(key, backend, rootfs) for _ in range(n)]
+        b = usage()
+        for sandbox in sandboxes:
+            m._destroy_ephemeral(sandbox)
+        time.sleep(0.5)  # the helpers' reaper threads
+        c = usage()
+    finally:
+        m.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"start_wall": (b[2] - a[2]) / n * 1000, "daemon_start": (b[0] - a[0]) / n * 1000,
+            "daemon_destroy": (c[0] - b[0]) / n * 1000, "helpers": (c[1] - a[1]) / n * 1000}
+
+
+def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """Every server case against `agentkernel serve` from `ak` (one tree's install)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ak-bench-pool-"))
+    (tmp / "run").mkdir(mode=0o700)
+    proj = tmp / "proj"
+    proj.mkdir()
+    (tmp / "daemon.toml").write_text(
+        f"[daemon]\n{args.daemon_toml}\n"
+        f'pools = [{{image = "host", profile = "{args.profile}", backend = "namespaces"}}]\n')
+    env = {**os.environ, "AGENTKERNEL_HOME": str(tmp / "home"),
+           "AGENTKERNEL_RUNTIME_DIR": str(tmp / "run"),
+           "AGENTKERNEL_DAEMON_CONFIG": str(tmp / "daemon.toml"), "AGENTKERNEL_API_KEY": KEY}
+    env.pop("AGENTKERNEL_NO_DAEMON", None)
+    body = {"command": ["true"], "image": "host", "backend": "namespaces",
+            "profile": args.profile}
+    cases: dict[str, list[float]] = {}
+    port = free_port()
+    serve = subprocess.Popen([str(ak), "serve", "--port", str(port)], env=env, cwd=proj,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=open(tmp / "serve.log", "wb"))  # noqa: SIM115
+    try:
+        wait_health(port, serve)
+        back_to_back(port, 3, body, 0.5)  # a first request, then let the pool fill
+        time.sleep(1.0)
+        before = pool_counts(ak, env)
+        cases[f"{tag}: {args.n} back-to-back POST /run"] = back_to_back(port, args.n, body, 0.0)
+        after = pool_counts(ak, env)
+        time.sleep(1.0)
+        cases[f"{tag}: POST /run, {args.pause:g}s pause between"] = back_to_back(
+            port, args.pause_n, body, args.pause)
+        time.sleep(1.0)
+        before_c = pool_counts(ak, env)
+        conc = concurrent(port, args.clients, args.duration, body)
+        after_c = pool_counts(ak, env)
+        cases[f"{tag}: {args.clients} concurrent clients, per run"] = conc.pop("samples")
+        time.sleep(1.0)
+        argv = [str(ak), "run", "-q", "-i", "host", "-B", "namespaces", "-p", args.profile,
+                "--", "true"]
+        timed(argv, 3, cwd=proj, env=env, pause=0.5)  # the project dir's key, filled
+        cases[f"{tag}: warm `agentkernel run -- true` (CLI)"] = timed(
+            argv, args.cli_n, cwd=proj, env=env, pause=0.2)
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        log = (tmp / "serve.log").read_text(errors="replace")[-2000:]
+        shutil.rmtree(tmp, ignore_errors=True)
+    def delta(a: dict[str, int], b: dict[str, int]) -> str:
+        got = a.get("misses", -1), b.get("misses", -1)
+        return "n/a" if min(got) < 0 else str(got[0] - got[1])
+
+    return {"cases": cases, "conc": conc, "log": log, "misses": delta(after, before),
+            "conc_misses": delta(after_c, before_c)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=100, help="back-to-back requests")
+    ap.add_argument("--pause-n", type=int, default=30, help="requests with a pause")
+    ap.add_argument("--pause", type=float, default=0.2)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--cli-n", type=int, default=20)
+    ap.add_argument("--profile", default="moderate")
+    ap.add_argument("--daemon-toml", default="", help="extra lines for [daemon]")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="another checkout with its own .venv (e.g. /work/main): its server "
+                         "is measured first, in the same run")
+    args = ap.parse_args()
+    st = stamp()
+    proj = Path(tempfile.mkdtemp(prefix="ak-bench-pool-proj-"))
+    cases: dict[str, list[float]] = {}
+    cases["fork/exec /bin/true"] = timed(["/bin/true"], 20, cwd=proj)
+    cases["venv python -c pass"] = timed([str(VENV_PY), "-c", "pass"], 20, cwd=proj)
+    if shutil.which("bwrap"):
+        cases["bare bwrap start (floor of a fresh sandbox)"] = timed(bare_bwrap(), 20, cwd=proj)
+    shutil.rmtree(proj, ignore_errors=True)
+    cpu = start_cpu(args.profile)
+    trees: list[tuple[str, Path]] = []
+    if args.baseline_tree is not None:
+        trees.append((f"baseline {tree_commit(args.baseline_tree)}",
+                      args.baseline_tree / ".venv" / "bin" / "agentkernel"))
+    trees.append(("this tree", AK))
+    runs = {tag: serve_cases(ak, args, tag) for tag, ak in trees}
+    base = pct(cases["venv python -c pass"], 0.5)
+    bw = pct(cases.get("bare bwrap start (floor of a fresh sandbox)", []), 0.5)
+    md = [f"# Warm pool benchmark {st['time']}", "", *stamp_lines(st), "",
+          f"Namespaces backend, `--image host`, profile `{args.profile}`; ratios are to "
+          f"venv `python -c pass` ({base:.1f} ms) measured in this run.", "", *TABLE_HEAD]
+    md += [summary(label, samples, base) for label, samples in cases.items()]
+    for run in runs.values():
+        md += [summary(label, samples, base) for label, samples in run["cases"].items()]
+    md.append("")
+    for tag, run in runs.items():
+        conc = run["conc"]
+        cli = pct(run["cases"][f"{tag}: warm `agentkernel run -- true` (CLI)"], 0.5)
+        md += [f"- {tag}: back-to-back requests that found the pool empty: "
+               f"{run['misses']}/{args.n}",
+               f"- {tag}: {args.clients} concurrent clients, {args.duration:g}s: "
+               f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "
+               f"{conc['failed']} failed, {run['conc_misses']} started cold",
+               f"- {tag}: warm CLI run / venv python: {cli / base:.2f}x (goal <= 2x)"]
+        if conc["errors"]:
+            md.append(f"- {tag}: errors: {'; '.join(conc['errors'])}")
+        if "Traceback" in run["log"]:
+            md += ["", f"{tag}: serve log tail:", "```", run["log"], "```"]
+    total = cpu["daemon_start"] + cpu["daemon_destroy"] + cpu["helpers"]
+    cores = os.cpu_count() or 1
+    md.append(f"- CPU per `{args.profile}` sandbox (this tree, in-process, sequential; wall "
+              f"{cpu['start_wall']:.1f} ms per start): daemon start {cpu['daemon_start']:.1f}"
+              f" ms + daemon teardown {cpu['daemon_destroy']:.1f} ms + helper processes "
+              f"{cpu['helpers']:.1f} ms = {total:.1f} ms: {cores} cores make at most "
+              f"~{cores * 1000 / total:.0f} fresh sandboxes/s before any request is served")
+    md.append(f"- bare bwrap start p50 {bw:.1f} ms: 2 cores allow at most ~"
+              f"{2000 / bw if bw else 0:.0f} bwrap starts/s before any agent, network or "
+              "cgroup work")
+    text = "\n".join(md) + "\n"
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = time.strftime("pool-%Y%m%d-%H%M%S")
+    (out / f"{name}.md").write_text(text)
+    results = {"stamp": st, "args": {k: str(v) for k, v in vars(args).items()},
+               "cases": cases, "runs": runs, "cpu": cpu}
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    print(text)
+    return 0
+
+
+def tree_commit(tree: Path) -> str:
+    r = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty",
+                        "--abbrev=12"], capture_output=True, text=True, check=False)
+    return r.stdout.strip() or str(tree)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

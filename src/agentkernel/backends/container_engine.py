@@ -1,0 +1,717 @@
+"""What the `docker` and `podman` backends share: a container whose init is our agent, made
+through the engine's API from a SandboxSpec, and everything we create labelled for clean-up.
+
+The agent is bind-mounted read-only and runs as the container's pid 1, so exec, streaming,
+stdin, PTYs, files, exit codes, timeouts and signals are the agent protocol's, as on every
+other backend. The channel is a unix socket in a per-sandbox host dir (0700) bind-mounted in,
+not the engine's attach stream: the bytes then never pass through the engine (faster, and a
+restart of the engine or of us leaves the protocol intact), and the agent already speaks it.
+
+- A one-off sandbox: we listen, the dir is mounted read-only, the agent connects (`--connect`).
+  The first and only connection is the agent's (nothing else runs before it); when we go away
+  the agent sees EOF and exits, and the engine removes the container (AutoRemove): a killed
+  CLI leaks nothing.
+- A persistent sandbox: the agent listens (`--listen`) so that a restarted daemon can reach
+  it again. The dir must then be writable inside, so code in the sandbox could put a socket
+  of its own there; every connection checks the listener's pid (SO_PEERCRED) against the
+  container's init pid, which only the agent is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+from ..errors import BackendUnavailable, NotFound, SandboxError
+from ..sandbox import Sandbox, SandboxSpec
+from .base import Backend, Probe, agent_file, make_scratch
+from .engine_http import EngineAPI, EngineError
+
+if TYPE_CHECKING:
+    from ..agent.client import AgentClient
+    from ..images import ImageConfig
+    from ..rootfs import HostRootfs
+
+AGENT_DIR = "/.ak"  # in the container: the agent, its seccomp program, the control dir
+CTL_DIR = f"{AGENT_DIR}/ctl"
+HOST_SOCK = "host.sock"  # one-off sandboxes: we listen, the agent connects
+AGENT_SOCK = "agent.sock"  # persistent sandboxes: the agent listens
+LABEL_SANDBOX = "agentkernel.sandbox"
+LABEL_OWNER = "agentkernel.owner"
+LABEL_KIND = "agentkernel.kind"  # "run" (one-off: removed when it ends) or "persistent"
+ENGINE_IMAGE = "engine:"  # HostRootfs.name prefix of an image the engine already has
+BASE_REPO = "localhost/agentkernel-base"  # our empty base image: the host's userland is bound on it
+IMPORT_REPO = "localhost/agentkernel-image"  # images of our own store, imported into the engine
+START_TIMEOUT = 30.0
+# Where the engines' and their runtimes' control sockets live: never shown in a sandbox,
+# even through a project or home dir that contains them.
+ENGINE_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock", "/run/podman/podman.sock",
+                  "/run/containerd/containerd.sock")
+
+
+IMAGE_CACHE_SECONDS = 5.0
+_IMAGE_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
+
+
+def container_name(name: str) -> str:
+    """The engine's name for sandbox `name` of this user (one engine serves many users)."""
+    return f"agentkernel-{os.getuid()}-{name}"
+
+
+class ContainerProcess(subprocess.Popen[bytes]):
+    """The container's init (our agent) seen as the sandbox's process: its host pid tells
+    whether it lives; killing it asks the engine. Nothing is spawned by us."""
+
+    def __init__(self, backend: ContainerBackend, cid: str, pid: int) -> None:
+        # Popen.__init__ would start a process: set only what Popen's methods read.
+        self.args = [backend.name, cid]
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdin = self.stdout = self.stderr = None
+        self._child_created = False
+        self._backend = backend
+        self._cid = cid
+        self._start = _start_time(pid)
+        self.killed = False
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not _alive(self.pid, self._start):
+            self.returncode = 0
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            time.sleep(0.002)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.killed = True
+        with contextlib.suppress(EngineError, BackendUnavailable):
+            self._backend.api().call("POST", f"/containers/{self._cid}/kill",
+                                     query={"signal": str(sig)}, expect=(204, 404, 409))
+
+    def kill(self) -> None:
+        self.send_signal(9)
+
+    def terminate(self) -> None:
+        self.send_signal(15)
+
+
+def _start_time(pid: int) -> int | None:
+    from ..daemon.procs import start_time
+
+    return start_time(pid)
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    from ..daemon.procs import alive
+
+    return alive(pid, start)
+
+
+class Mounts:
+    """The container's mounts, as the engine's `Mounts` and `Tmpfs` fields."""
+
+    def __init__(self, tmpfs_extra: str = "") -> None:
+        self.mounts: list[dict[str, Any]] = []
+        self.tmpfs: dict[str, str] = {}
+        self.notes: list[str] = []  # said to the user (Sandbox.notes)
+        self.extra = tmpfs_extra
+
+    def add_tmpfs(self, target: str, options: str) -> None:
+        self.tmpfs[target] = options + self.extra
+
+    def bind(self, src: str, target: str, read_only: bool = True) -> None:
+        self.mounts.append({"Type": "bind", "Source": src, "Target": target,
+                            "ReadOnly": read_only, "BindOptions": {"Propagation": "rprivate"}})
+
+    def mask(self, target: str, is_dir: bool) -> None:
+        """Hide a path: an empty read-only tmpfs over a dir, /dev/null over a file."""
+        if is_dir:
+            self.add_tmpfs(target, "ro,nosuid,nodev,noexec,size=4k,mode=555")
+        else:
+            self.bind("/dev/null", target)
+
+
+class ContainerBackend(Backend):
+    """A backend driving one container engine through its API socket."""
+
+    strength = 5  # shares the host kernel, like namespaces, and its root may be host root
+    stoppable = True  # the engine keeps the stopped container and its layer
+    engine: ClassVar[str]  # "docker" / "podman": names, labels, messages
+    # Engine-specific create fields merged into HostConfig (podman's ulimits, userns).
+    host_config_extra: ClassVar[dict[str, Any]] = {}
+    # Appended to every tmpfs's options: Podman copies what a tmpfs covers into it unless
+    # told not to, which would turn a mask into a copy of the secret it hides.
+    tmpfs_extra: ClassVar[str] = ""
+
+    # --- what each engine says for itself ------------------------------------------------
+    def socket_path(self) -> str | None:
+        """The engine's API socket, if one is there (without starting anything)."""
+        raise NotImplementedError
+
+    def ensure_socket(self) -> str:
+        """The engine's API socket, started if this engine can start one for us."""
+        path = self.socket_path()
+        if path is None:
+            raise BackendUnavailable(f"no {self.engine} engine socket found")
+        return path
+
+    def root_uid(self) -> int | None:
+        """The host uid of the sandbox's root, when the engine maps it to another one
+        (user namespaces); None: the container's root is the engine's own user."""
+        return None
+
+    def container_root(self, api: EngineAPI, cid: str) -> int | None:
+        """root_uid for one created container (an engine may pick a range per container)."""
+        return self.root_uid()
+
+    def root_note(self) -> str:
+        """doctor's words on who the sandbox's root is on the host."""
+        root = self.root_uid()
+        if root is None:
+            return ("the sandbox's root is host root (no user namespace; no capabilities, "
+                    "no_new_privs, seccomp)")
+        return f"the sandbox's root is host uid {root} (user namespace)"
+
+    # --- Backend -------------------------------------------------------------------------
+    @property
+    def isolation(self) -> str:  # type: ignore[override]
+        return f"{self.engine} container (runc; shares the host kernel)"
+
+    def api(self) -> EngineAPI:
+        cached: EngineAPI | None = getattr(self, "_api", None)
+        if cached is None:
+            cached = EngineAPI(self.ensure_socket(), what=self.engine)
+            self._api = cached
+        return cached
+
+    def probe(self, deep: bool = False) -> Probe:
+        path = self.socket_path()
+        if path is None and not deep:
+            return Probe(False, self.missing_hint())
+        if not deep:
+            return Probe(True, path or "")
+        try:
+            info = self.api().call("GET", "/info", timeout=10)
+        except (EngineError, BackendUnavailable) as exc:
+            return Probe(False, f"{exc.message}; {self.missing_hint()}")
+        return Probe(True, self.describe(info))
+
+    def missing_hint(self) -> str:
+        return f"the {self.engine} engine is not running"
+
+    def describe(self, info: dict[str, Any]) -> str:
+        """doctor's line: version, cgroups, and whether the sandbox's root is host root."""
+        who = self.root_note()
+        return (f"{self.engine} {info.get('ServerVersion', '?')} at {self.api().path}, cgroup "
+                f"v{info.get('CgroupVersion', '?')} ({info.get('CgroupDriver', '?')} driver); "
+                f"{who}")
+
+    def version_files(self) -> tuple[str, ...]:
+        return (agent_file(),)
+
+    def engine_image(self, image: str) -> tuple[HostRootfs, ImageConfig | None, str] | None:
+        """`image` from the engine's own store, if it has it (else None: our store decides).
+        Remembered for a few seconds: the daemon asks on every run."""
+        if image == "host":
+            return None
+        key = (self.name, image)
+        hit = _IMAGE_CACHE.get(key)
+        if hit is not None and time.monotonic() - hit[0] < IMAGE_CACHE_SECONDS:
+            cached: tuple[HostRootfs, ImageConfig | None, str] | None = hit[1]
+            return cached
+        found = self._engine_image(image)
+        _IMAGE_CACHE[key] = (time.monotonic(), found)
+        return found
+
+    def _engine_image(self, image: str) -> tuple[HostRootfs, ImageConfig | None, str] | None:
+        from urllib.parse import quote
+
+        from ..images import ImageConfig
+        from ..rootfs import HostRootfs
+        try:
+            doc = self.api().call("GET", f"/images/{quote(image, safe='')}/json", timeout=10,
+                                  expect=(200,))
+        except EngineError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        config = ImageConfig.from_json({"config": doc.get("Config") or {}})
+        ident = str(doc.get("Id", ""))
+        return (HostRootfs((), (), f"{ENGINE_IMAGE}{ident}"), config,
+                f"image {image} from the {self.engine} engine's store ({ident[:19]})")
+
+    def start(self, spec: SandboxSpec) -> Sandbox:
+        api = self.api()
+        scratch = make_scratch(spec.name)
+        try:
+            return self._start(api, spec, scratch)
+        except BaseException:
+            import shutil
+
+            if not spec.persistent:
+                self.remove_container(spec.name)
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+    def _start(self, api: EngineAPI, spec: SandboxSpec, scratch: Path) -> Sandbox:
+        ctl = scratch / "ctl"
+        ctl.mkdir(mode=0o700)
+        listener = None
+        if not spec.persistent:
+            listener = _listen(ctl / HOST_SOCK)
+        try:
+            cid = self._container(api, spec, scratch)
+            root = self.container_root(api, cid)
+            if root is not None:  # the sandbox's root must reach its socket; no one else
+                os.chown(ctl, root, root)
+                if listener is not None:
+                    os.chown(ctl / HOST_SOCK, root, root)
+            api.call("POST", f"/containers/{cid}/start", expect=(204, 304), timeout=START_TIMEOUT)
+            if listener is not None:
+                client, pid = _accept(listener, lambda: self._died(cid))
+            else:
+                client, pid = self._connect_persistent(cid, ctl / AGENT_SOCK)
+        finally:
+            if listener is not None:
+                listener.close()
+        process = ContainerProcess(self, cid, pid)
+        sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation, client=client,
+                          process=process, scratch=scratch)
+        if not spec.persistent:
+            # Normally the engine removes it once the agent exits (AutoRemove); this is for
+            # an agent that had to be killed, or never got going.
+            sandbox.cleanups.append(lambda: self._remove_if_left(cid, process))
+        sandbox.notes.extend(getattr(self, "_notes", []))
+        if spec.profile.network == "egress":
+            sandbox.notes.append(f"the egress policy is not available on the {self.name} "
+                                 "backend yet: network is off")
+        try:
+            client.hello(timeout=15)
+        except SandboxError:
+            sandbox.destroy()
+            raise
+        return sandbox
+
+    def _remove_if_left(self, cid: str, process: ContainerProcess) -> None:
+        # Gone by itself, the engine removes it (AutoRemove); killed by us, make sure.
+        if process.killed:
+            self.remove_container_id(cid)
+
+    def _died(self, cid: str) -> str | None:
+        """Why a container stopped before its agent spoke, or None while it runs."""
+        try:
+            doc = self.api().call("GET", f"/containers/{cid}/json", timeout=10)
+        except EngineError as exc:
+            return exc.message if exc.status == 404 else None
+        state = doc.get("State") or {}
+        if state.get("Running"):
+            return None
+        logs = self._logs(cid)
+        return state.get("Error") or logs or f"the container exited ({state.get('ExitCode')})"
+
+    def _logs(self, cid: str) -> str:
+        with contextlib.suppress(EngineError, BackendUnavailable):
+            raw = self.api().call("GET", f"/containers/{cid}/logs", raw=True,
+                                  query={"stderr": "1", "stdout": "1", "tail": "5"}, timeout=5)
+            lines = _demux(raw).decode(errors="replace").strip().splitlines()
+            return lines[-1] if lines else ""
+        return ""
+
+    def _connect_persistent(self, cid: str, path: Path) -> tuple[AgentClient, int]:
+        doc = self.api().call("GET", f"/containers/{cid}/json", timeout=10)
+        pid = int((doc.get("State") or {}).get("Pid") or 0)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            with contextlib.suppress(OSError, SandboxError):
+                return connect_agent(path, pid), pid
+            if time.monotonic() > deadline or not _alive(pid, None):
+                why = self._died(cid) or "its agent did not listen in time"
+                raise SandboxError(f"{self.engine} failed to start the sandbox: {why}")
+            time.sleep(0.01)
+
+    # --- the container -------------------------------------------------------------------
+    def _container(self, api: EngineAPI, spec: SandboxSpec, scratch: Path) -> str:
+        """A persistent sandbox's existing container, or a new one."""
+        name = container_name(spec.name)
+        if spec.persistent:
+            try:
+                doc = api.call("GET", f"/containers/{name}/json", timeout=10)
+            except EngineError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                labels = (doc.get("Config") or {}).get("Labels") or {}
+                if labels.get(LABEL_OWNER) == str(os.getuid()):
+                    return str(doc["Id"])
+                raise SandboxError(f"a {self.engine} container named {name} exists and is "
+                                   "not this sandbox's")
+        body = self.create_body(spec, scratch, self._image_for(api, spec, scratch))
+        self._notes = list(body.pop("_notes"))
+        try:
+            doc = api.call("POST", "/containers/create", query={"name": name}, body=body,
+                           expect=(201,), timeout=START_TIMEOUT)
+        except EngineError as exc:
+            if exc.status == 409 and not spec.persistent:  # a leftover of a crashed run
+                self.remove_container(spec.name)
+                doc = api.call("POST", "/containers/create", query={"name": name}, body=body,
+                               expect=(201,), timeout=START_TIMEOUT)
+            else:
+                raise SandboxError(f"{self.engine} refused the sandbox: {exc.message}") \
+                    from None
+        return str(doc["Id"])
+
+    def create_body(self, spec: SandboxSpec, scratch: Path, image: Image) -> dict[str, Any]:
+        """The engine's container-create request for `spec`. Pure apart from its inputs."""
+        from ..paths import native_binary
+        from ..seccomp import compile_bpf
+
+        p = spec.profile
+        m = Mounts(self.tmpfs_extra)
+        for src, target in image.binds:
+            m.bind(src, target)
+        for mask in image.masks:
+            m.mask(mask.path, mask.is_dir)
+        m.bind(str(native_binary("ak-agent")), f"{AGENT_DIR}/agent")
+        m.bind(str(compile_bpf(p.seccomp, no_setid=p.workspace == "rw")),
+               f"{AGENT_DIR}/seccomp.bpf")
+        m.bind(str(scratch / "ctl"), CTL_DIR, read_only=not spec.persistent)
+        size = f",size={p.memory_mb}m" if p.memory_mb else ""
+        for path in ("/tmp", "/run", "/var/tmp"):
+            m.add_tmpfs(path, f"rw,nosuid,nodev{size},mode=1777")
+        if not p.root_writable:
+            m.add_tmpfs("/root", f"rw,nosuid,nodev{size},mode=700")
+        notes = self._workspace(spec, scratch, m)
+        if p.mount_home and spec.home is not None:
+            m.bind(str(spec.home), "/home/user")
+        for hidden in (*spec.masks, *_engine_socket_masks(spec)):
+            m.mask(hidden, not hidden.endswith(".sock"))
+        agent = [f"{AGENT_DIR}/agent"]
+        if spec.persistent:
+            agent += ["--listen", f"{CTL_DIR}/{AGENT_SOCK}"]
+        else:
+            agent += ["--connect", f"{CTL_DIR}/{HOST_SOCK}"]
+        agent += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
+        host: dict[str, Any] = {
+            "Mounts": m.mounts, "Tmpfs": m.tmpfs,
+            "ReadonlyRootfs": not p.root_writable,
+            # Every capability goes: the agent needs none (the engine made the mounts).
+            "CapDrop": ["ALL"], "CapAdd": [],
+            # The engine's default seccomp profile stays on; the agent adds ours (exact).
+            "SecurityOpt": ["no-new-privileges"],
+            "NetworkMode": "bridge" if p.network == "host" else "none",
+            "IpcMode": "private", "PidMode": "", "Privileged": False,
+            "AutoRemove": not spec.persistent,
+            "RestartPolicy": {"Name": "no"},
+            "PidsLimit": p.pids or -1,
+            "Memory": p.memory_mb * 1024 * 1024 if p.memory_mb else 0,
+            # No swap beyond the memory limit: the limit is the limit.
+            "MemorySwap": p.memory_mb * 1024 * 1024 if p.memory_mb else 0,
+            "NanoCpus": int(p.cpus * 1e9) if p.cpus else 0,
+            "OomKillDisable": False,
+            **self.host_config_extra,
+        }
+        labels = {LABEL_SANDBOX: spec.name, LABEL_OWNER: str(os.getuid()),
+                  LABEL_KIND: "persistent" if spec.persistent else "run"}
+        return {
+            "Image": image.ref, "Entrypoint": agent, "Cmd": [], "Env": [], "WorkingDir": "/",
+            "User": "0:0", "Hostname": spec.hostname, "Labels": labels,
+            "AttachStdin": False, "AttachStdout": False, "AttachStderr": False,
+            "OpenStdin": False, "Tty": False, "StopSignal": "SIGKILL",
+            "NetworkDisabled": p.network != "host", "HostConfig": host,
+            "_notes": [*notes, *m.notes],  # ours, not the engine's: taken out before sending
+        }
+
+    def _workspace(self, spec: SandboxSpec, scratch: Path, m: Mounts) -> list[str]:
+        """The project at /workspace per profile: rw or ro binds; copy-on-write as an
+        overlay the engine mounts (the local volume driver), its upper dir ours."""
+        p = spec.profile
+        if spec.workspace is None or p.workspace == "none":
+            return []
+        src = str(spec.workspace)
+        if p.workspace in ("rw", "ro"):
+            m.bind(src, "/workspace", read_only=p.workspace == "ro")
+            return []
+        base = (spec.state_dir or scratch) / "ws"
+        upper, work = base / "upper", base / "work"
+        if any(c in src for c in ",:\\") or not spec.workspace.is_dir():
+            m.bind(src, "/workspace", read_only=True)
+            return ["copy-on-write workspace unavailable for this path: mounted read-only"]
+        for d in (upper, work):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        root = self.root_uid()
+        if root is not None:
+            for d in (base, upper, work):
+                os.chown(d, root, root)
+        self.overlay_mount(m, spec, src, upper, work)
+        return []
+
+    def overlay_mount(self, m: Mounts, spec: SandboxSpec, src: str, upper: Path,
+                      work: Path) -> None:
+        """A copy-on-write view of host dir `src` at /workspace: an overlay the engine mounts
+        through its local volume driver (Docker), its upper dir ours."""
+        m.mounts.append({"Type": "volume", "Target": "/workspace", "VolumeOptions": {
+            "DriverConfig": {"Name": "local", "Options": {
+                "type": "overlay", "device": "overlay",
+                "o": f"lowerdir={src},upperdir={upper},workdir={work}"}},
+            "Labels": {LABEL_SANDBOX: spec.name, LABEL_OWNER: str(os.getuid())}}})
+
+    # --- images --------------------------------------------------------------------------
+    def _image_for(self, api: EngineAPI, spec: SandboxSpec, scratch: Path) -> Image:
+        rootfs = spec.rootfs
+        if rootfs.name.startswith(ENGINE_IMAGE):
+            return Image(rootfs.name.removeprefix(ENGINE_IMAGE), (), ())
+        if rootfs.name == "host":
+            return self._host_image(api, rootfs, scratch)
+        return self._imported(api, rootfs, scratch)
+
+    def _host_image(self, api: EngineAPI, rootfs: HostRootfs, scratch: Path) -> Image:
+        """The host's userland, read-only binds on an empty base image of our own (which
+        holds only its symlinks), its secrets masked."""
+        links = tuple((e.path, e.target) for e in rootfs.entries if e.kind == "symlink")
+        tag = hashlib.sha256(repr(links).encode()).hexdigest()[:12]
+        ref = f"{BASE_REPO}:{tag}"
+        if not self._has_image(api, ref):
+            tar = scratch / "base.tar"
+            _write_base_tar(tar, links)
+            self._import(api, tar, BASE_REPO, tag)
+            tar.unlink()
+        binds = tuple((e.src, e.path) for e in rootfs.entries if e.kind != "symlink")
+        return Image(ref, binds, _host_masks(rootfs))
+
+    def _imported(self, api: EngineAPI, rootfs: HostRootfs, scratch: Path) -> Image:
+        """An image of our own store, imported into the engine once (tagged by content)."""
+        sources = [e.src for e in rootfs.entries if e.kind != "symlink"]
+        if not sources:
+            raise SandboxError(f"image {rootfs.name} has an empty root filesystem")
+        root = Path(sources[0]).parent
+        tag = hashlib.sha256(f"{rootfs.name}\0{root}".encode()).hexdigest()[:16]
+        ref = f"{IMPORT_REPO}:{tag}"
+        if not self._has_image(api, ref):
+            tar = scratch / "image.tar"
+            _write_tree_tar(tar, root)
+            self._import(api, tar, IMPORT_REPO, tag)
+            tar.unlink()
+        return Image(ref, (), ())
+
+    def _has_image(self, api: EngineAPI, ref: str) -> bool:
+        try:
+            api.call("GET", f"/images/{ref}/json", timeout=10, expect=(200,))
+        except EngineError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def _import(self, api: EngineAPI, tar: Path, repo: str, tag: str) -> None:
+        with _import_lock():  # sandboxes started together import an image once
+            if not self._has_image(api, f"{repo}:{tag}"):
+                self._import_now(api, tar, repo, tag)
+
+    def _import_now(self, api: EngineAPI, tar: Path, repo: str, tag: str) -> None:
+        out = api.call("POST", "/images/create", query={"fromSrc": "-", "repo": f"{repo}:{tag}"},
+                       upload=str(tar), timeout=600)
+        for line in out if isinstance(out, list) else []:
+            if isinstance(line, dict) and line.get("error"):
+                raise SandboxError(f"{self.engine} could not import {repo}:{tag}: "
+                                   f"{line['error']}")
+
+    # --- clean-up ------------------------------------------------------------------------
+    def remove_container(self, name: str) -> None:
+        """Remove sandbox `name`'s container (running or not) and its volumes, if any."""
+        self.remove_container_id(container_name(name))
+
+    def remove_container_id(self, cid: str) -> None:
+        with contextlib.suppress(EngineError, BackendUnavailable):
+            self.api().call("DELETE", f"/containers/{cid}", query={"force": "1", "v": "1"},
+                            expect=(204, 404, 409), timeout=60)
+
+    def stop_container(self, name: str) -> None:
+        """A persistent sandbox's container stops; its writable layer stays."""
+        with contextlib.suppress(EngineError, BackendUnavailable):
+            self.api().call("POST", f"/containers/{container_name(name)}/kill",
+                            expect=(204, 404, 409), timeout=30)
+
+    def ours(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """This user's containers (all states), optionally of one kind."""
+        import json
+
+        filt = [f"{LABEL_OWNER}={os.getuid()}"] + ([f"{LABEL_KIND}={kind}"] if kind else [])
+        out = self.api().call("GET", "/containers/json", timeout=30,
+                              query={"all": "1", "filters": json.dumps({"label": filt})})
+        return list(out or [])
+
+    def sweep(self, keep: set[str]) -> list[str]:
+        """Remove what a dead daemon left: its pool's containers (only a daemon starts
+        `pool-*` sandboxes, and one daemon runs per user), and persistent sandboxes' not in
+        `keep` (the recorded names). One-off runs of the CLI clean up after themselves (see
+        the module's doc) and may be running now: they are left alone."""
+        gone = []
+        for doc in self.ours():
+            labels = doc.get("Labels") or {}
+            name = labels.get(LABEL_SANDBOX, "")
+            persistent = labels.get(LABEL_KIND) == "persistent"
+            if (persistent and name in keep) or (not persistent and not name.startswith("pool-")):
+                continue
+            self.remove_container_id(str(doc["Id"]))
+            gone.append(name)
+        return gone
+
+    # --- snapshots -----------------------------------------------------------------------
+    def commit(self, name: str, repo: str, tag: str) -> str:
+        """A persistent sandbox's container as an image in the engine (`commit`)."""
+        doc = self.api().call("POST", "/commit", timeout=600, query={
+            "container": container_name(name), "repo": repo, "tag": tag, "pause": "1"})
+        return str((doc or {}).get("Id", ""))
+
+
+class Image(NamedTuple):
+    """What a container is made from: an engine image, plus host binds and masks on it."""
+
+    ref: str
+    binds: tuple[tuple[str, str], ...]  # (host source, target), read-only
+    masks: tuple[Any, ...]  # rootfs.Mask
+
+
+@contextlib.contextmanager
+def _import_lock() -> Any:
+    import fcntl
+
+    from ..paths import data_dir
+
+    path = data_dir() / "cache" / "engine-import.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _host_masks(rootfs: HostRootfs) -> tuple[Any, ...]:
+    return rootfs.private_masks()
+
+
+def _engine_socket_masks(spec: SandboxSpec) -> list[str]:
+    """In-sandbox paths where an engine socket would show through the project or $HOME."""
+    out = []
+    shown = [(spec.workspace, "/workspace"), (spec.home if spec.profile.mount_home else None,
+                                               "/home/user")]
+    for sock in ENGINE_SOCKETS:
+        real = os.path.realpath(sock)
+        for host, inside in shown:
+            if host is None or not os.path.exists(real):
+                continue
+            base = os.path.realpath(host)
+            if real.startswith(base + "/"):
+                out.append(inside + real.removeprefix(base))
+    return out
+
+
+def _demux(raw: bytes) -> bytes:
+    """The payload of the engine's multiplexed log stream (8-byte frame headers)."""
+    out = bytearray()
+    pos = 0
+    while pos + 8 <= len(raw) and raw[pos] in (0, 1, 2) and raw[pos + 1:pos + 4] == b"\0\0\0":
+        size = int.from_bytes(raw[pos + 4:pos + 8], "big")
+        out += raw[pos + 8:pos + 8 + size]
+        pos += 8 + size
+    return bytes(out) if pos else raw
+
+
+def _write_base_tar(path: Path, links: tuple[tuple[str, str], ...]) -> None:
+    """An image with only mount points and the userland's top-level symlinks."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for d in ("proc", "sys", "dev", "etc", "tmp", "run", "root", "home", "workspace"):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        for link, target in links:
+            info = tarfile.TarInfo(link.lstrip("/"))
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
+
+
+def _write_tree_tar(path: Path, root: Path) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for entry in sorted(os.listdir(root)):
+            tar.add(str(root / entry), arcname=entry, recursive=True)
+
+
+def _listen(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        raise SandboxError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
+
+
+def _accept(listener: socket.socket, died: Any) -> tuple[AgentClient, int]:
+    """The agent's connection (the first and only one); its pid is the container's init."""
+    from ..agent.client import AgentClient
+
+    deadline = time.monotonic() + START_TIMEOUT
+    listener.settimeout(0.05)
+    while True:
+        try:
+            conn, _ = listener.accept()
+            break
+        except TimeoutError:
+            pass
+        if time.monotonic() > deadline:
+            raise SandboxError("timed out waiting for the sandbox's agent")
+        why = died()
+        if why:
+            raise SandboxError(f"the container stopped before its agent started: {why}")
+    conn.settimeout(None)
+    pid = _peer_pid(conn)
+    return AgentClient.from_socket(conn), pid
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[0])
+
+
+def connect_agent(path: Path, init_pid: int) -> AgentClient:
+    """Connect to a persistent sandbox's agent, refusing a socket anything but the
+    container's init (the agent) listens on."""
+    from ..agent.client import AgentClient
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(path))
+        if init_pid and _peer_pid(sock) != init_pid:
+            raise SandboxError(f"{path} is not served by the sandbox's agent")
+    except BaseException:
+        sock.close()
+        raise
+    return AgentClient.from_socket(sock)
+
+
+
+
+def not_found(name: str) -> NotFound:
+    return NotFound(f"no container for sandbox {name!r}")

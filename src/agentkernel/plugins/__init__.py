@@ -1,0 +1,1 @@
+"""Wiring agentkernel's MCP server into AI coding agents: each agent's own format and CLI."""

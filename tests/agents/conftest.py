@@ -1,0 +1,102 @@
+"""Fixtures of the agent tests: a daemon in private dirs, the agent CLIs from npm, a HOME."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sandbox_helpers import Result, ak
+
+ROOT = Path(__file__).resolve().parents[2]
+# scripts/test.sh fills this with `agentkernel agents install all` (AGENTKERNEL_HOME=it).
+AGENTS_HOME = ROOT / ".cache" / "agents-home"
+AGENTS = ("claude", "codex", "gemini", "opencode")
+
+DAEMON_TOML = """
+[daemon]
+pool_min = 1
+pool_max = 2
+adhoc_min = 0
+pools = [{image = "host", profile = "moderate", backend = "namespaces"}]
+"""
+
+
+def agent_bin_dir(agent: str) -> Path:
+    return AGENTS_HOME / "agents" / agent / "node_modules" / ".bin"
+
+
+def agents_path() -> str:
+    """PATH with the four agent CLIs (from the cache) in front."""
+    missing = [a for a in AGENTS if not (agent_bin_dir(a) / a).exists()]
+    if missing:
+        pytest.skip(f"agent CLIs not installed in {AGENTS_HOME} ({', '.join(missing)}); "
+                    "scripts/test.sh installs them")
+    dirs = [str(agent_bin_dir(a)) for a in AGENTS]
+    return os.pathsep.join([*dirs, os.environ.get("PATH", "/usr/bin:/bin")])
+
+
+@dataclass
+class Env:
+    """An isolated HOME and project, our executable, and the agents on PATH."""
+
+    home: Path
+    project: Path
+    env: dict[str, str]
+
+    def ak(self, *args: str, timeout: float = 120) -> Result:
+        return ak(*args, cwd=self.project, env=self.env, timeout=timeout)
+
+
+@pytest.fixture
+def agent_env(tmp_path: Path) -> Env:
+    home = tmp_path / "home"
+    project = tmp_path / "project"
+    home.mkdir()
+    project.mkdir()
+    env = {"HOME": str(home), "PATH": agents_path(), "NO_COLOR": "1",
+           "AGENTKERNEL_EXE": str(ROOT / ".venv" / "bin" / "agentkernel"),
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
+    for key in ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN",
+                "CODEX_API_KEY", "OPENAI_API_KEY", "CODEX_ACCESS_TOKEN", "GEMINI_API_KEY",
+                "GOOGLE_API_KEY"):
+        env[key] = ""
+    return Env(home, project, env)
+
+
+@dataclass
+class Daemon:
+    env: dict[str, str]
+
+    def ak(self, *args: str, cwd: Path | None = None, timeout: float = 60) -> Result:
+        return ak(*args, cwd=cwd, env=self.env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    if shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap")
+    root = tmp_path_factory.mktemp("akmcp")
+    (root / "daemon.toml").write_text(DAEMON_TOML)
+    (root / "run").mkdir(mode=0o700)
+    env = {"AGENTKERNEL_HOME": str(root / "home"), "AGENTKERNEL_RUNTIME_DIR": str(root / "run"),
+           "AGENTKERNEL_DAEMON_CONFIG": str(root / "daemon.toml")}
+    d = Daemon(env)
+    r = d.ak("daemon", "start")
+    assert r.returncode == 0, r.stderr
+    yield d
+    listing = d.ak("list", "--json")
+    if listing.returncode == 0:
+        import json
+
+        for row in json.loads(listing.stdout or "[]"):
+            d.ak("remove", row["name"])
+    d.ak("daemon", "stop")
+
+
+PYTHON = sys.executable

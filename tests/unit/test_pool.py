@@ -1,0 +1,331 @@
+"""The warm pool with a fake backend: sizing from demand, caps, bounded starts and teardown,
+claims on starts under way, and nothing left behind. No root, no sandboxes, seconds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from agentkernel.daemon import pool as pool_mod
+from agentkernel.daemon.pool import PoolKey, WarmPool
+from agentkernel.errors import SandboxError
+from agentkernel.profiles import PROFILES
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.alive = True
+
+
+class _Process:
+    def __init__(self) -> None:
+        self.dead = False
+
+    def poll(self) -> int | None:
+        return 0 if self.dead else None
+
+
+class _Spec:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class FakeSandbox:
+    def __init__(self, name: str) -> None:
+        self.spec = _Spec(name)
+        self.client = _Client()
+        self.process = _Process()
+        self.cgroup = None
+        self.helpers: list[Any] = []
+
+
+class FakeBackend:
+    """Starts fake sandboxes after `delay` seconds; remembers which ones live."""
+
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.delay = delay
+        self.gate = gate  # when set, starts block until it is set
+        self.lock = threading.Lock()
+        self.live: set[str] = set()
+        self.started = 0
+        self.running = 0
+        self.max_running = 0
+        self.fail: Exception | None = None
+        self.destroy_delay = 0.0
+
+    def start(self, _key: PoolKey, _backend: Any, _rootfs: Any) -> FakeSandbox:
+        with self.lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            n = self.started = self.started + 1
+        try:
+            if self.gate is not None:
+                assert self.gate.wait(30)
+            time.sleep(self.delay)
+            if self.fail is not None:
+                raise self.fail
+            with self.lock:
+                self.live.add(f"fake-{n}")
+            return FakeSandbox(f"fake-{n}")
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def destroy(self, sandbox: FakeSandbox) -> None:
+        time.sleep(self.destroy_delay)
+        with self.lock:
+            self.live.discard(sandbox.spec.name)
+
+
+def key(name: str = "k") -> PoolKey:
+    return PoolKey(image=name, rootfs="host", backend="fake", profile=PROFILES["restrictive"],
+                   workspace=None, home=None)
+
+
+@pytest.fixture
+def fake() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def make_pool(fake: FakeBackend) -> Iterator[Callable[..., WarmPool]]:
+    pools: list[WarmPool] = []
+
+    def make(**kw: Any) -> WarmPool:
+        kw.setdefault("measure", lambda _sb: 1024 * 1024)
+        p = WarmPool(fake.start, fake.destroy, **kw)  # type: ignore[arg-type]
+        pools.append(p)
+        return p
+
+    yield make
+    for p in pools:
+        p.close()
+    assert not fake.live, f"sandboxes left behind: {fake.live}"
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def status(p: WarmPool, k: PoolKey) -> Any:
+    return next(s for s in p.status() if s.image == k.image)
+
+
+def use(p: WarmPool, k: PoolKey) -> bool:
+    """One run: acquire, hand back for teardown, release; whether it came warm."""
+    sandbox, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+    p.release(k)
+    p.discard(sandbox)
+    return warm
+
+
+def test_configured_key_is_warm_and_each_sandbox_is_used_once(fake: FakeBackend,
+                                                               make_pool: Any) -> None:
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 2, 4)
+    assert p.wait_warm(10)
+    assert status(p, k).warm == 2
+    seen = set()
+    for _ in range(5):
+        sandbox, warm = p.acquire(k, None, None)
+        assert warm
+        assert sandbox.spec.name not in seen
+        seen.add(sandbox.spec.name)
+        p.release(k)
+        p.discard(sandbox)
+        wait_for(lambda: status(p, k).warm >= 2)
+    assert p.drain(10)
+    assert fake.live == {f"fake-{i}" for i in range(1, fake.started + 1)} - seen
+
+
+def test_first_use_makes_an_adhoc_key_warm(fake: FakeBackend, make_pool: Any) -> None:
+    p = make_pool(adhoc_min=1)
+    k = key()
+    assert use(p, k) is False  # nobody asked for this key before: a cold start
+    wait_for(lambda: status(p, k).warm >= 1)
+    assert use(p, k) is True
+    st = status(p, k)
+    assert (st.hits, st.misses) == (1, 1)
+
+
+def test_the_target_follows_the_rate_of_takes_within_min_and_max(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.5)
+    fake.delay = 0.02
+    p = make_pool(adhoc_min=1, adhoc_max=6)
+    k = key()
+    use(p, k)
+    for _ in range(40):
+        use(p, k)
+    busy = status(p, k)
+    assert busy.rate > 5
+    assert busy.target > 1  # demand raised it above min
+    assert busy.target <= 6
+    wait_for(lambda: status(p, k).target == 1)  # idle: the rate decays, back to min
+    monkeypatch.setattr(pool_mod, "TRIM_AFTER", 0.0)
+    wait_for(lambda: status(p, k).warm <= 1)  # and the surplus goes
+
+
+def test_total_count_cap_holds_across_keys(fake: FakeBackend, make_pool: Any) -> None:
+    fake.delay = 0.005
+    p = make_pool(max_total=3)
+    ka, kb = key("a"), key("b")
+    p.configure(ka, None, None, 3, 3)
+    p.configure(kb, None, None, 3, 3)
+    peak = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        held = sum(s.warm + s.starting for s in p.status())
+        peak = max(peak, held)
+        time.sleep(0.002)
+    assert peak <= 3
+    assert sum(s.warm for s in p.status()) == 3
+
+
+def test_memory_cap_bounds_warm_sandboxes(fake: FakeBackend, make_pool: Any) -> None:
+    p = make_pool(memory_bytes=250 * 1024 * 1024, measure=lambda _sb: 100 * 1024 * 1024,
+                  refills=4)
+    k = key()
+    p.configure(k, None, None, 6, 6)
+    wait_for(lambda: status(p, k).memory_kib > 0 and status(p, k).starting == 0)
+    time.sleep(0.1)
+    assert status(p, k).warm == 2  # 250 MiB / 100 MiB each
+
+
+def test_starts_never_exceed_the_slots_even_under_many_takers(fake: FakeBackend,
+                                                              make_pool: Any) -> None:
+    fake.delay = 0.01
+    p = make_pool(refills=2, adhoc_min=0, adhoc_max=0)
+    k = key()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            for _ in range(10):
+                use(p, k)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    st = status(p, k)
+    # Takers queue for the pool's starts; only one whose wait ran out starts beyond them.
+    assert fake.max_running <= 2 + st.late
+    assert st.hits + st.misses == 120
+    assert st.waited > 0
+
+
+def test_a_take_claims_a_start_under_way(fake: FakeBackend, make_pool: Any) -> None:
+    gate = threading.Event()
+    fake.gate = gate
+    p = make_pool(refills=2)
+    k = key()
+    p.configure(k, None, None, 1, 1)
+    wait_for(lambda: status(p, k).starting == 1)
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(p.acquire(k, None, None)))
+    t.start()
+    wait_for(lambda: status(p, k).in_use == 1)
+    gate.set()
+    t.join(10)
+    sandbox, warm = got[0]
+    assert warm and sandbox.spec.name == "fake-1"  # the start under way, not a new one
+    p.release(k)
+    p.discard(sandbox)
+
+
+def test_a_take_whose_start_is_late_starts_its_own_and_nothing_leaks(
+        fake: FakeBackend, make_pool: Any) -> None:
+    gate = threading.Event()
+    fake.gate = gate
+    p = make_pool(refills=2)
+    k = key()
+    p.configure(k, None, None, 1, 1)
+    wait_for(lambda: status(p, k).starting == 1)
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(p.acquire(k, None, None)))
+    t.start()
+    wait_for(lambda: status(p, k).in_use == 1)  # it claimed the stuck start
+    fake.gate = None  # its own start, after the claim gives up, goes through
+    t.join(30)
+    sandbox, warm = result[0]
+    assert warm is False and status(p, k).late == 1
+    p.release(k)
+    p.discard(sandbox)
+    gate.set()
+    wait_for(lambda: status(p, k).warm == 1)  # the late start was kept warm, not lost
+
+
+def test_close_destroys_warm_queued_and_late_sandboxes(fake: FakeBackend,
+                                                       make_pool: Any) -> None:
+    fake.destroy_delay = 0.01
+    p = make_pool(refills=2)
+    k = key()
+    p.configure(k, None, None, 2, 2)
+    assert p.wait_warm(10)
+    sandbox, _warm = p.acquire(k, None, None)
+    p.release(k)
+    p.discard(sandbox)
+    fake.delay = 0.2  # refills under way when the pool closes
+    wait_for(lambda: status(p, k).starting > 0)
+    p.close()
+    assert not fake.live
+    after, _ = p.acquire(k, None, None)  # a closed pool still serves, cold, never keeps
+    p.release(k)
+    p.discard(after)
+    assert not fake.live
+
+
+def test_teardown_queue_is_bounded(fake: FakeBackend, make_pool: Any,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_mod, "DESTROY_QUEUE", 4)
+    gate = threading.Event()
+    p = make_pool(adhoc_min=0)
+    k = key()
+    sandboxes = [p.acquire(k, None, None)[0] for _ in range(10)]
+    for _ in sandboxes:
+        p.release(k)
+    real = fake.destroy
+    inline = []
+
+    def slow_destroy(sb: FakeSandbox) -> None:
+        if threading.current_thread().name.startswith("ak-pool-destroy"):
+            gate.wait(10)
+        else:
+            inline.append(sb.spec.name)
+        real(sb)
+
+    p._destroy = slow_destroy
+    for sb in sandboxes:
+        p.discard(sb)
+    assert len(inline) >= 10 - 4 - pool_mod.DESTROYERS  # a full queue: the caller waits
+    gate.set()
+    assert p.drain(10)
+
+
+def test_a_failing_start_is_reported_and_backs_off(fake: FakeBackend,
+                                                   make_pool: Any) -> None:
+    fake.fail = SandboxError("no sandbox today")
+    p = make_pool()
+    k = key()
+    with pytest.raises(SandboxError):
+        p.acquire(k, None, None)
+    p.release(k)
+    p.configure(k, None, None, 1, 1)
+    wait_for(lambda: status(p, k).last_error == "no sandbox today")
+    tries = fake.started
+    time.sleep(0.3)
+    assert fake.started - tries <= 1  # backing off, not spinning
+    fake.fail = None
