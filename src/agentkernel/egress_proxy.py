@@ -177,18 +177,31 @@ async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, s
 
 async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int],
                slot: int) -> None:
+    """Copy until EOF. (No timeout per read: a wait_for per chunk costs a task each;
+    `idle_watch` ends connections idle too long.)"""
     try:
         while True:
-            chunk = await asyncio.wait_for(src.read(CHUNK), IDLE_TIMEOUT)
+            chunk = await src.read(CHUNK)
             if not chunk:
                 break
             count[slot] += len(chunk)
+            count[2] = int(time.monotonic())
             dst.write(chunk)
             await dst.drain()
         if dst.can_write_eof():
             dst.write_eof()
-    except (TimeoutError, OSError, ConnectionError):
+    except (OSError, ConnectionError):
         dst.close()
+
+
+async def idle_watch(count: list[int], *writers: asyncio.StreamWriter) -> None:
+    """Close a relayed connection once nothing moved either way for IDLE_TIMEOUT."""
+    while True:
+        await asyncio.sleep(60)
+        if time.monotonic() - count[2] > IDLE_TIMEOUT:
+            for w in writers:
+                w.close()
+            return
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -236,14 +249,14 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         _reset(writer)
         return
     try:
-        up_reader, up_writer = await asyncio.wait_for(
-            asyncio.open_connection(addr, port, limit=CHUNK), CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):  # no extra task, unlike wait_for
+            up_reader, up_writer = await asyncio.open_connection(addr, port, limit=CHUNK)
     except (TimeoutError, OSError) as exc:
         gate.log.write(kind="tcp", host=host, addr=addr, port=port, allowed=True,
                        rule=verdict.rule, error=f"connect: {type(exc).__name__}")
         _reset(writer)
         return
-    count = [0, 0]
+    count = [0, 0, int(time.monotonic())]  # sent, received, last activity
     down = asyncio.get_running_loop().create_task(pump(up_reader, writer, count, 1))
     try:
         refusal, first, proto, host, verdict = await _inspect(gate, reader, addr, port,
@@ -266,7 +279,11 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         if first:
             up_writer.write(first)
             await up_writer.drain()
-        await asyncio.gather(pump(reader, up_writer, count, 0), down)
+        watch = asyncio.get_running_loop().create_task(idle_watch(count, writer, up_writer))
+        try:
+            await asyncio.gather(pump(reader, up_writer, count, 0), down)
+        finally:
+            watch.cancel()
         gate.log.write(kind="close", host=host, addr=addr, port=port, sent=count[0],
                        received=count[1])
     except (OSError, ConnectionError, asyncio.CancelledError):
@@ -310,7 +327,8 @@ async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: in
     host, verdict). Nothing sent in time (a server-speaks-first protocol) stands on the
     address's verdict; a malformed ClientHello or HTTP head is refused."""
     try:
-        first, name, proto = await asyncio.wait_for(first_name(reader), FIRST_BYTES_TIMEOUT)
+        async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
+            first, name, proto = await first_name(reader)
     except TimeoutError:
         return None, b"", "tcp", host, verdict
     except (ConnectionError, OSError) as exc:
