@@ -388,7 +388,7 @@ echo done
 """
 
 
-def test_secret_never_enters_the_sandbox(project: Path, upstream: Upstream,
+def test_secret_never_enters_the_sandbox(backend: str, project: Path, upstream: Upstream,
                                          tmp_path: Path) -> None:
     """The sandbox sees a placeholder; secret.test gets the value, in its header only,
     whichever client sends it; a placeholder elsewhere is refused (clear text, another
@@ -401,7 +401,7 @@ def test_secret_never_enters_the_sandbox(project: Path, upstream: Upstream,
     assert store.stat().st_mode & 0o777 == 0o600
     assert SECRET_VALUE not in ak("secret", "list").stdout
     # The value in two halves, so that the grep for it does not find itself.
-    r = ak("run", "-B", "namespaces", "-i", "host", "--secret", "skey", "-e",
+    r = ak("run", "-B", backend, "-i", "host", "--secret", "skey", "-e",
            f"REAL_A={SECRET_VALUE[:10]}", "-e", f"REAL_B={SECRET_VALUE[10:]}",
            "--add-host", f"secret.test:{upstream.addr}",
            *hosts(upstream), "--", "sh", "-c", SECRET_SCRIPT, cwd=project,

@@ -106,7 +106,7 @@ def _egress_gate_check(fence: str | None) -> Check:
                if p is None]
     try:
         import cryptography  # noqa: F401 - secrets' TLS interception
-        secrets = "secrets (TLS interception) on namespaces"
+        secrets = "secrets (TLS interception) on namespaces and gvisor"
     except ImportError:
         secrets = "no secrets: the cryptography package is missing"
     if missing:

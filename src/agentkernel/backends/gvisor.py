@@ -184,6 +184,10 @@ class GVisorBackend(Backend):
             # "host" network (permissive) is a slirp4netns-served namespace that reaches
             # what the host reaches, host loopback at 10.0.2.2 included.
             resolv = write_resolv_conf(scratch) if p.network != "none" else None
+            if p.network == "egress" and spec.egress is not None and spec.egress.secrets:
+                from ..egress_gate import write_tls
+
+                write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
             control = control_dir(scratch) if spec.persistent else None
             life_w = -1
             holder: int | None = None
@@ -262,10 +266,6 @@ def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
     from ..egress_gate import GateStart, router_holder
     from ..egress_policy import Policy
     from ..network import lifeline, netns_holder
-
-    if spec.egress is not None and spec.egress.secrets:
-        raise BackendUnavailable("secrets (TLS interception and the sandbox's CA) are on the "
-                                 "namespaces backend only for now: use -B namespaces")
 
     life_r, life_w = lifeline()
     try:
@@ -373,6 +373,13 @@ def build_oci_config(
     if resolv:
         mounts.append({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
                        "options": ["rbind", "ro"], "_file": True})
+        if spec.egress is not None and spec.egress.secrets:
+            # The system bundle plus the sandbox's egress CA (egress_gate.write_tls).
+            from ..egress_gate import TRUST_NAME
+
+            mounts.append({"destination": "/etc/ssl/certs/ca-certificates.crt",
+                           "type": "bind", "options": ["rbind", "ro"], "_file": True,
+                           "source": str(Path(resolv).with_name(TRUST_NAME))})
     if spec.workspace is not None and p.workspace != "none":
         # cow: under the sandbox-wide memory overlay (--overlay2=all:memory) the bind is rw
         # inside while the host copy stays untouched; a persistent sandbox gets a copy.
