@@ -342,6 +342,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runcmd import daemon_wanted, run_in_process
 
     egress_flags = bool(args.allow_host or args.deny_host or args.add_host or args.secret)
+    if egress_flags and args.keep:  # the daemon's run path carries no per-run policy
+        raise UsageError("--keep with --allow-host/--deny-host/--add-host/--secret: use "
+                         "`agentkernel create NAME --allow-host ...` for a kept sandbox")
     if args.keep or (daemon_wanted() and not egress_flags):  # pools keep the default policy
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
         from .daemon.commands import run_via_daemon
