@@ -74,6 +74,11 @@ def _limits(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 def cmd_create(args: argparse.Namespace) -> int:
     validate_sandbox_name(args.name)
+    if getattr(args, "secret", None):
+        from ..errors import UsageError
+
+        raise UsageError("--secret is for `agentkernel run` only for now (a kept sandbox's "
+                         "gate would need the value across daemon restarts)")
     memory, pids = _limits(args)
     req: dict[str, Any] = {
         "name": args.name, "image": args.image, "profile": args.profile,
