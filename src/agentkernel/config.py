@@ -157,6 +157,38 @@ class ResourcesSection(_Section):
 class NetworkSection(_Section):
     vsock_cid: Annotated[int, Field(ge=3, le=0xFFFFFFFE)] | None = None  # 0-2 are reserved
     ports: list[str] = Field(default_factory=list)
+    # The egress policy (egress_policy): an allow-list makes it default-deny.
+    allow: list[str] = Field(default_factory=list)
+    deny: list[str] = Field(default_factory=list)
+    hosts: list[str] = Field(default_factory=list)  # "NAME:ADDRESS" answers of our resolver
+
+    @field_validator("allow", "deny")
+    @classmethod
+    def _check_entries(cls, v: list[str]) -> list[str]:
+        from .egress_policy import MAX_ENTRIES, parse_entry
+        from .errors import UsageError
+
+        if len(v) > MAX_ENTRIES:
+            raise ValueError(f"at most {MAX_ENTRIES} entries")
+        for entry in v:
+            try:
+                parse_entry(entry)
+            except UsageError as exc:
+                raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, v: list[str]) -> list[str]:
+        from .egress_policy import parse_static_host
+        from .errors import UsageError
+
+        for entry in v:
+            try:
+                parse_static_host(entry)
+            except UsageError as exc:
+                raise ValueError(exc.message) from None
+        return v
 
     @field_validator("ports")
     @classmethod

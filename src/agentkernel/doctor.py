@@ -83,6 +83,7 @@ def gather() -> tuple[list[Check], list[Check], tuple[str, list[str]]]:
                       ("iptables missing: the moderate profile's egress network needs it to "
                        "fence off the host and private networks" if fence is None else
                        f"slirp4netns at {slirp}, fenced with {fence}")))
+    host.append(_egress_gate_check(fence))
     for binary in ("ak-agent", "ak-seccomp"):
         from .paths import native_binary
 
@@ -94,6 +95,28 @@ def gather() -> tuple[list[Check], list[Check], tuple[str, list[str]]]:
 
     host.extend(Check(name, ok, detail) for name, ok, detail in doctor_lines())
     return backends, host, auto_choice()
+
+
+def _egress_gate_check(fence: str | None) -> Check:
+    """Which egress enforcement each backend gets here (egress_gate)."""
+    from .egress import tool
+    from .paths import which
+
+    missing = [n for n, p in (("ip", which("ip") or tool("ip")), ("iptables-restore", fence))
+               if p is None]
+    try:
+        import cryptography  # noqa: F401 - secrets' TLS interception
+        secrets = "secrets (TLS interception) on namespaces and gvisor"
+    except ImportError:
+        secrets = "no secrets: the cryptography package is missing"
+    if missing:
+        return Check("egress gate", False, f"{' and '.join(missing)} missing: moderate "
+                                           "sandboxes cannot start (apt install iproute2 "
+                                           "iptables)")
+    return Check("egress gate", True,
+                 "namespaces and gvisor: every TCP connection and DNS query through the "
+                 "per-sandbox gate (allow/deny lists, SNI/Host, pinned DNS); microvm: "
+                 f"slirp4netns with the always-denied fence only (lists refused); {secrets}")
 
 
 def doctor(as_json: bool = False) -> int:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .agent.client import ExitStatus
     from .backends import Backend, CallerOptions, Choice
     from .config import Config
+    from .egress_policy import Policy
     from .images import ImageConfig
     from .images.registry import RegistryOptions
     from .profiles import Profile
@@ -66,6 +67,10 @@ class RunRequest(NamedTuple):
     cpus: float | None = None
     config_path: Path | None = None  # an explicit --config
     forward_stdin: bool = False
+    allow_hosts: tuple[str, ...] = ()  # egress policy (egress_policy.policy_for)
+    deny_hosts: tuple[str, ...] = ()
+    add_hosts: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = ()  # names in the host's store (secrets_store)
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,17 @@ class Plan:
     warnings: tuple[str, ...]
     microvm: MicrovmSettings | None = None
     registry: RegistryOptions | None = None  # where its image came from (the caller's)
+    # What the sandbox may reach (egress_policy); None: no egress. Secrets' placeholders
+    # are in `secret_env` (the values never are in a plan).
+    egress: Policy | None = None
+    secret_env: Mapping[str, str] = field(default_factory=dict)
 
     def env(self, sandbox_name: str) -> dict[str, str]:
         """The command's environment in a sandbox called `sandbox_name`."""
         env = sandbox_env(sandbox_name, self.image_config, self.profile, self.home,
                           self.pass_env)
         env.update(self.user_env)
+        env.update(self.secret_env)
         return env
 
     def spec(self, name: str, *, persistent: bool = False,
@@ -151,7 +161,8 @@ class Plan:
         return SandboxSpec(name=name, profile=self.profile, rootfs=self.rootfs,
                            image=self.image, workspace=self.workspace, home=self.home,
                            persistent=persistent, state_dir=state_dir,
-                           masks=control_masks(self.profile, self.workspace, self.home))
+                           masks=control_masks(self.profile, self.workspace, self.home),
+                           egress=self.egress)
 
     def summary(self) -> dict[str, object]:
         """What the plan decided, as plain data (`-v`, `--json`, the parity tests)."""
@@ -246,6 +257,7 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
 
     control_masks(profile, workspace, home)  # refused here, before anything starts
     extra = [choice.warning, fallback, user_warning(image, image_config)]
+    egress, secret_env = egress_of(req, profile, config)
     return Plan(
         config=config, image=image, image_reason=reason, rootfs=rootfs,
         rootfs_key="host" if note.startswith("host") else image, rootfs_note=note,
@@ -256,7 +268,23 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         user_env=check_env(req.env),
         pass_env={k: ctx.env[k] for k in PASS_ENV_KEYS if k in ctx.env},
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
+        egress=egress, secret_env=secret_env,
     )
+
+
+def egress_of(req: RunRequest, profile: Profile, config: Config | None
+              ) -> tuple[Policy | None, dict[str, str]]:
+    """The run's egress policy (config `[network]`, then the request's lists) and, for each
+    secret asked for, a placeholder in its variable (secrets_store.grant_secrets)."""
+    from .egress_policy import policy_for
+    from .secrets_store import grant_secrets
+
+    policy = policy_for(profile.network, config, req.allow_hosts, req.deny_hosts,
+                        req.add_hosts)
+    env: dict[str, str] = {}
+    if req.secrets:
+        policy = grant_secrets(policy, req.secrets, env)
+    return policy, env
 
 
 _NOWHERE = Path("/nonexistent/agentkernel-no-project-dir")  # nothing to detect from

@@ -15,6 +15,7 @@ from .rootfs import HostRootfs
 if TYPE_CHECKING:
     from .agent.client import AgentClient
     from .cgroups import Cgroup
+    from .egress_policy import Policy
 
 
 class SandboxSpec(NamedTuple):
@@ -34,6 +35,9 @@ class SandboxSpec(NamedTuple):
     # In-sandbox paths hidden by an empty mount: where the host's control plane (runtime and
     # data dirs) shows through a mounted host dir (controlplane.control_masks).
     masks: tuple[str, ...] = ()
+    # Where the profile gives egress: what the sandbox may reach (egress_policy); None
+    # there means the default (public addresses only).
+    egress: Policy | None = None
 
 
 class Sandbox:

@@ -266,6 +266,9 @@ class ContainerBackend(Backend):
                 f"image {image} from the {self.engine} engine's store ({ident[:19]})")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
+        from ..egress_policy import require_default
+
+        require_default(spec.egress, self.name)  # no egress gate here yet: fail closed
         api = self.api()
         scratch = make_scratch(spec.name)
         try:

@@ -184,15 +184,23 @@ class GVisorBackend(Backend):
             # "host" network (permissive) is a slirp4netns-served namespace that reaches
             # what the host reaches, host loopback at 10.0.2.2 included.
             resolv = write_resolv_conf(scratch) if p.network != "none" else None
+            if p.network == "egress" and spec.egress is not None and spec.egress.secrets:
+                from ..egress_gate import write_tls
+
+                write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
             control = control_dir(scratch) if spec.persistent else None
             life_w = -1
             holder: int | None = None
             if p.network == "none":
                 prefix = empty_netns_prefix(required=True)
+            elif p.network == "egress":
+                # The egress gate's router is the only way out; `runsc run` holds the
+                # lifeline's write end while the sandbox lives.
+                holder, life_w = _gated_netns(scratch, helpers, spec)
+                prefix = enter_netns(holder)
             else:
-                # `runsc run` holds the lifeline's write end while the sandbox lives.
                 holder, life_w = egress_netns(scratch / "slirp.log", helpers,
-                                              reach_host=p.network == "host")
+                                              reach_host=True)
                 prefix = enter_netns(holder)
             copy = _workspace_copy(spec, scratch)
             config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
@@ -249,6 +257,32 @@ class GVisorBackend(Backend):
             else:
                 abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
+
+
+def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
+                 spec: SandboxSpec) -> tuple[int, int]:
+    """runsc's network namespace, whose one device leads to a router namespace where the
+    egress gate decides (egress_gate): (its holder's pid, the lifeline's write end)."""
+    from ..egress_gate import GateStart, router_holder
+    from ..egress_policy import Policy
+    from ..network import lifeline, netns_holder
+
+    life_r, life_w = lifeline()
+    try:
+        gate = GateStart(scratch, exit_fd=life_r)
+        helpers.append(gate.gate)
+        holder = netns_holder(life_r)
+        helpers.append(holder)
+        router = router_holder(holder.pid, life_r)
+        helpers.append(router)
+        gate.attach(holder.pid, spec.egress or Policy(), router=router.pid)
+        gate.wait()
+    except BaseException:
+        os.close(life_w)
+        raise
+    finally:
+        os.close(life_r)
+    return holder.pid, life_w
 
 
 class _Remap(NamedTuple):
@@ -339,6 +373,13 @@ def build_oci_config(
     if resolv:
         mounts.append({"destination": "/etc/resolv.conf", "type": "bind", "source": resolv,
                        "options": ["rbind", "ro"], "_file": True})
+        if spec.egress is not None and spec.egress.secrets:
+            # The system bundle plus the sandbox's egress CA (egress_gate.write_tls).
+            from ..egress_gate import TRUST_NAME
+
+            mounts.append({"destination": "/etc/ssl/certs/ca-certificates.crt",
+                           "type": "bind", "options": ["rbind", "ro"], "_file": True,
+                           "source": str(Path(resolv).with_name(TRUST_NAME))})
     if spec.workspace is not None and p.workspace != "none":
         # cow: under the sandbox-wide memory overlay (--overlay2=all:memory) the bind is rw
         # inside while the host copy stays untouched; a persistent sandbox gets a copy.

@@ -85,6 +85,9 @@ class MicrovmBackend(Backend):
                            f"accelerator {accel}: {why}")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
+        from ..egress_policy import require_default
+
+        require_default(spec.egress, self.name)  # no egress gate here yet: fail closed
         from ..agent.client import AgentClient
         from ..cgroups import Cgroup, Limits
         from ..controlplane import refuse_copied

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..errors import BackendUnavailable, SandboxError
 from ..paths import which
@@ -31,6 +31,10 @@ AGENT_DIR = "/run/ak"  # where the agent and its seccomp program appear inside
 OVERLAY_DIR = "/run/ak/ov"  # tmpfs-backed upper/work dirs of the copy-on-write layers
 WS_LOWER = "/run/ak/lower/workspace"
 RESOLV = "/run/ak/resolv.conf"  # bound over /etc/resolv.conf by the agent, after overlays
+# With secrets: the system's CA bundle plus the sandbox's egress CA (egress_gate), beside
+# resolv.conf on the host and over the system bundle inside.
+TRUST = "/run/ak/egress-trust.pem"
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 @lru_cache(maxsize=1)
@@ -88,7 +92,7 @@ class NamespacesBackend(Backend):
 
     def _start(self, spec: SandboxSpec) -> Sandbox:
         from ..cgroups import Cgroup, Limits
-        from ..network import lifeline, start_slirp, write_resolv_conf
+        from ..network import lifeline, write_resolv_conf
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -115,10 +119,15 @@ class NamespacesBackend(Backend):
                 memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
                 pids=p.pids, cpus=p.cpus))
             resolv = write_resolv_conf(scratch) if p.network == "egress" else None
+            if resolv is not None and spec.egress is not None and spec.egress.secrets:
+                from ..egress_gate import write_tls
+
+                write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
             info_r, info_w = os.pipe() if p.network == "egress" else (-1, -1)
             # bwrap holds the lifeline's write end (--sync-fd) for as long as the sandbox
-            # runs, so slirp4netns exits with it whatever happens to us.
+            # runs, so its egress gate exits with it whatever happens to us.
             life_r, life_w = lifeline() if p.network == "egress" else (-1, -1)
+            gate = _gate_spawn(scratch, life_r, helpers) if p.network == "egress" else None
             control = control_dir(scratch) if spec.persistent else None
             log = scratch / "backend.log"
             opened: list[int] = []  # ours to close once bwrap has them
@@ -139,6 +148,7 @@ class NamespacesBackend(Backend):
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
                               cgroup=cgroup)
+            sandbox.helpers.extend(helpers)  # the egress gate, if any
             if cgroup is None and (p.memory_mb or p.pids or p.cpus):
                 sandbox.notes.append("cgroups are not writable here: limits are rlimits only")
             if info_r >= 0:
@@ -149,11 +159,10 @@ class NamespacesBackend(Backend):
                 if child_pid is None:
                     raise startup_failure("bwrap", log, spawned.process)
                 try:
-                    sandbox.helpers.append(
-                        start_slirp(child_pid, scratch / "slirp.log", exit_fd=life_r,
-                                    unprivileged=os.geteuid() == 0))
+                    assert gate is not None
+                    _egress(gate, child_pid, spec)
                 except SandboxError:
-                    # The sandbox's namespace vanished under slirp4netns when bwrap failed
+                    # The sandbox's namespace vanished under the gate's set-up when bwrap failed
                     # first: its reason is the one to tell.
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         spawned.process.wait(timeout=1)
@@ -173,6 +182,24 @@ class NamespacesBackend(Backend):
             else:
                 abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
+
+
+def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[bytes]]) -> Any:
+    """The sandbox's egress gate (egress_gate), started before bwrap: its interpreter's
+    start-up overlaps the sandbox's."""
+    from ..egress_gate import GateStart
+
+    gate = GateStart(scratch, exit_fd=exit_fd)
+    helpers.append(gate.gate)
+    return gate
+
+
+def _egress(gate: Any, pid: int, spec: SandboxSpec) -> None:
+    """The sandbox's only way out: its gate, up (rules loaded, listening) before it runs."""
+    from ..egress_policy import Policy
+
+    gate.attach(pid, spec.egress or Policy())
+    gate.wait()
 
 
 def _command(
@@ -282,6 +309,10 @@ def host_binds(
         binds.append(HostBind(control, f"{AGENT_DIR}/ctl", False))
     if resolv is not None:
         binds.append(HostBind(resolv, RESOLV, True))
+        if spec.egress is not None and spec.egress.secrets:
+            from ..egress_gate import TRUST_NAME
+
+            binds.append(HostBind(str(Path(resolv).with_name(TRUST_NAME)), TRUST, True))
     return binds
 
 
@@ -385,6 +416,9 @@ def build_bwrap_argv(
         # After the overlays, or the one over /etc would hide it.
         bind(RESOLV)
         agent_argv += ["--bind", f"{RESOLV}:/etc/resolv.conf"]
+    if TRUST in binds:
+        bind(TRUST)
+        agent_argv += ["--bind", f"{TRUST}:{SYSTEM_BUNDLE}"]
     for mask in spec.rootfs.masks:
         agent_argv += ["--mask", mask.path]
     for hidden in spec.masks:  # the host's control plane; the cow lower dir shows it too

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
-    from . import agents, config, daemon, doctor, images, run, sandboxes
+    from . import agents, config, daemon, doctor, egress, images, run, sandboxes
 
     parser = argparse.ArgumentParser(
         prog="agentkernel",
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_parser(sub)
     config.add_config_parser(sub)
     sandboxes.add_parsers(sub)
+    egress.add_parsers(sub)
     daemon.add_daemon_parser(sub)
     daemon.add_serve_parser(sub)
     agents.add_parsers(sub)

@@ -26,6 +26,9 @@ def add_parser(sub: Any) -> None:
                    help="isolation backend: auto, namespaces, gvisor, microvm, docker, podman, "
                         "wasm, hyperlight")
     p.add_argument("--no-network", action="store_true", help="no network at all")
+    from .egress import add_egress_flags
+
+    add_egress_flags(p)
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
                    help="set an environment variable in the sandbox (repeatable)")
     p.add_argument("-w", "--workdir", help="working directory inside the sandbox")
@@ -55,7 +58,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
-    if args.keep or daemon_wanted():
+    egress_flags = bool(args.allow_host or args.deny_host or args.add_host or args.secret)
+    if egress_flags and args.keep:  # the daemon's run path carries no per-run policy
+        raise UsageError("--keep with --allow-host/--deny-host/--add-host/--secret: use "
+                         "`agentkernel create NAME --allow-host ...` for a kept sandbox")
+    if args.keep or (daemon_wanted() and not egress_flags):  # pools keep the default policy
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
         code = run_via_daemon(args, command, keep=args.keep)
         if code is not None:
@@ -98,6 +105,10 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
         config_path=Path(args.config) if args.config else None,
         forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
+        # (the daemon's fast path parses no egress flags: it sends those runs to argparse)
+        allow_hosts=tuple(getattr(args, "allow_host", ())),
+        deny_hosts=tuple(getattr(args, "deny_host", ())),
+        add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
     )
     started = time.monotonic()
     plan_ = plan(req, CallerContext.here(), quiet=args.quiet)
@@ -129,6 +140,11 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     try:
         for note in sandbox.notes:
             say(f"note: {note}")
+        if plan_.egress is not None and not args.quiet:
+            from ..egress_gate import refusals
+
+            for line in refusals(sandbox.scratch):
+                say(f"egress: {line}")
     finally:
         sandbox.destroy()
     if outcome.message:

@@ -33,6 +33,9 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
                    help="environment variable for every command in it (repeatable)")
     c.add_argument("--ttl", help="remove it automatically after this long (30m, 1h, 2d)")
+    from .egress import add_egress_flags
+
+    add_egress_flags(c)
     c.set_defaults(handler=cmd_create)
     e = sub.add_parser("exec", help="run a command in a persistent sandbox",
                        description="Run COMMAND in sandbox NAME; its exit code is ours.")
@@ -86,6 +89,11 @@ def parse_duration(text: str) -> float:
 
 def cmd_create(args: argparse.Namespace) -> int:
     validate_sandbox_name(args.name)
+    if getattr(args, "secret", None):
+        from ..errors import UsageError
+
+        raise UsageError("--secret is for `agentkernel run` only for now (a kept sandbox's "
+                         "gate would need the value across daemon restarts)")
     memory, pids = limits(args)
     req: dict[str, Any] = {
         "name": args.name, "image": args.image, "profile": args.profile,
@@ -93,6 +101,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         "workdir_source": os.path.abspath(args.dir) if args.dir else None,
         "env": env_pairs(args.env),
         "ttl_seconds": parse_duration(args.ttl) if args.ttl else None, **caller(),
+        "allow_hosts": list(args.allow_host), "deny_hosts": list(args.deny_host),
+        "add_hosts": list(args.add_host),
     }
     print(f"Creating sandbox '{args.name}'" + (f" with image '{args.image}'" if args.image
                                                else "") + "...")

@@ -36,6 +36,10 @@ class CreateRequest:
     # daemon's own context (HTTP callers).
     caller_env: dict[str, str] | None = None
     user_config: str | None = None
+    # Egress policy entries on top of the project's [network] lists (egress_policy).
+    allow_hosts: list[str] = field(default_factory=list)
+    deny_hosts: list[str] = field(default_factory=list)
+    add_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass

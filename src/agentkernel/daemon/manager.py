@@ -229,7 +229,8 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
                            state_dir=self._layers_dir(name),
-                           masks=control_masks(profile, workspace, home_opt))
+                           masks=control_masks(profile, workspace, home_opt),
+                           egress=_egress_of(doc))
         env = sandbox_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
         cwd = sandbox_cwd(None, workspace is not None, image_config)
@@ -385,3 +386,8 @@ def _precompile_seccomp() -> None:
             compile_bpf(profile.seccomp, no_setid=profile.workspace == "rw")
 
 
+def _egress_of(doc: dict[str, Any]) -> Any:
+    """A persistent sandbox's egress policy, from its record (egress_policy)."""
+    from ..egress_policy import Policy
+
+    return Policy.from_json(doc["egress"]) if doc.get("egress") else None

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SandboxError
 from .api import PoolKeyStatus
@@ -70,6 +70,7 @@ class PoolKey:
     profile: Profile
     workspace: str | None  # host project dir at /workspace, None for none
     home: str | None  # host home (only when the profile mounts it)
+    egress: Any = None  # egress_policy.Policy from the project's [network] lists, or None
 
     def label(self) -> str:
         where = f" {self.workspace}" if self.workspace else ""

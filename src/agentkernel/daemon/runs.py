@@ -46,7 +46,8 @@ class RunsMixin:
         key = PoolKey(image=plan.image, rootfs=plan.rootfs_key, backend=plan.backend.name,
                       profile=plan.profile,
                       workspace=str(plan.workspace) if plan.workspace else None,
-                      home=str(plan.home) if plan.home else None)
+                      home=str(plan.home) if plan.home else None,
+                      egress=plan.egress)  # the project's [network] lists
         return key, plan
 
     def _pool_spec(self: SandboxManager, key: PoolKey, rootfs: HostRootfs) -> SandboxSpec:
@@ -57,7 +58,8 @@ class RunsMixin:
         home = Path(key.home) if key.home else None
         return SandboxSpec(name=f"pool-{secrets.token_hex(5)}", profile=key.profile,
                            rootfs=rootfs, image=key.image, workspace=workspace, home=home,
-                           masks=control_masks(key.profile, workspace, home))
+                           masks=control_masks(key.profile, workspace, home),
+                           egress=key.egress)
 
     def _pool_start(self: SandboxManager, key: PoolKey, backend: Backend,
                     rootfs: HostRootfs) -> Sandbox:

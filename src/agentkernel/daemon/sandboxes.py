@@ -52,7 +52,9 @@ class SandboxesMixin:
                 raise Conflict(f"sandbox {req.name!r} already exists")
             plan = self._plan(PlanRequest(
                 argv=[], cwd=workspace, image=req.image, profile=req.profile,
-                backend=req.backend, memory_mb=req.memory_mb, pids=req.pids, cpus=cpus),
+                backend=req.backend, memory_mb=req.memory_mb, pids=req.pids, cpus=cpus,
+                allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
+                add_hosts=tuple(req.add_hosts)),
                 ctx, persistent=True)
             backend, profile, image = plan.backend, plan.profile, plan.image
             doc = {
@@ -67,6 +69,8 @@ class SandboxesMixin:
                 "profile_fields": profile._asdict(), "rootfs_note": plan.rootfs_note,
                 # A microVM's writable disks are images of a fixed size already.
                 "disk_mb": None if backend.sized_disks else self._disk_mb(plan.config),
+                # egress_policy: the policy it was created with (secrets are not kept)
+                "egress": plan.egress.to_json() if plan.egress is not None else None,
             }
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)

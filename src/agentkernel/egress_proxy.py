@@ -1,0 +1,554 @@
+"""The egress gate's process: one per sandbox, the sandbox's only way out (TCP proxy + DNS).
+
+It listens inside the sandbox's network namespace (sockets made there by a forked child
+that joins it), where packet-filter rules redirect every TCP connection and all DNS to it,
+and connects out from the host's namespace, only where the policy says, without any
+privilege (started by root it drops to its sandbox's own unprivileged `nobody`).
+
+Bounded: concurrent connections, DNS queries in flight, bytes inspected per connection
+(one ClientHello record / one HTTP head), time to the first bytes, idle time, log size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+import time
+from collections import OrderedDict
+from typing import Any
+
+from . import egress_wire as wire
+from .egress_policy import Policy, Verdict, normalize_name
+
+TCP_PORT = 15001  # on 127.0.0.1 inside the sandbox's namespace
+DNS_PORT = 15053
+SO_ORIGINAL_DST = 80
+MAX_CONNS = 512
+MAX_DNS_INFLIGHT = 64
+MAX_PINS = 8192
+FIRST_BYTES_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+IDLE_TIMEOUT = 1800.0
+RESOLVE_TIMEOUT = 5.0
+CHUNK = 256 * 1024
+LOG_CAP = 2 * 1024 * 1024  # bytes; then the log starts over with a marker
+
+
+class Log:
+    """JSON lines, one per decision, into a file opened before privileges were dropped;
+    it starts over past LOG_CAP (never bodies, never secret values)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def write(self, **fields: Any) -> None:
+        fields["t"] = round(time.time(), 3)
+        line = (json.dumps(fields, separators=(",", ":")) + "\n").encode()
+        with contextlib.suppress(OSError):
+            if self.size + len(line) > LOG_CAP:
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                marker = b'{"note":"log restarted: older entries dropped"}\n'
+                os.write(self.fd, marker)
+                self.size = len(marker)
+            os.write(self.fd, line)
+            self.size += len(line)
+
+
+class Gate:
+    """The decisions: the policy, the pinned DNS answers, the always-denied set."""
+
+    def __init__(self, policy: Policy, denied: Any, log: Log) -> None:
+        self.policy = policy
+        self.denied = denied
+        self.log = log
+        self.pins: OrderedDict[str, set[str]] = OrderedDict()  # address -> names
+        self.conns = 0
+        self.dns_inflight = 0
+        # Secrets (egress_mitm): what the gate holds, and its TLS contexts for them.
+        self.held: list[Any] = []
+        self.server_ctx: Any = None
+        self.client_ctx: Any = None
+
+    def intercepts(self, host: str | None) -> bool:
+        return host is not None and any(host in h.hosts for h in self.held)
+
+    def denied_why(self, addr: str) -> str | None:
+        from .egress import is_denied
+
+        return "always-denied address" if is_denied(addr, self.denied) else None
+
+    def pin(self, addr: str, name: str) -> None:
+        names = self.pins.pop(addr, set())
+        names.add(name)
+        self.pins[addr] = names
+        while len(self.pins) > MAX_PINS:
+            self.pins.popitem(last=False)
+
+    def addr_verdict(self, addr: str, port: int) -> tuple[Verdict, set[str] | None]:
+        """A connection to addr:port before its first bytes: the verdict, and the names
+        it was reached through (None: not through a name's pinned answer)."""
+        explicit = self.policy.addr_rule(addr, port)
+        if explicit is not None:
+            return explicit, None
+        why = self.denied_why(addr)
+        if why:
+            return Verdict(False, why), None
+        names = {n for n in self.pins.get(addr, ()) if
+                 self.policy.name_verdict(n, port).allowed}
+        if names:
+            return Verdict(True, self.policy.name_verdict(sorted(names)[0], port).rule), names
+        if self.policy.default_allow:
+            return Verdict(True, "default allow"), None
+        return Verdict(False, "default deny (address not from an allowed name's DNS answer)"), \
+            None
+
+    def name_verdict(self, name: str, port: int, pinned: set[str] | None) -> Verdict:
+        """The name a client sent (SNI or Host) on a connection already allowed by address."""
+        try:
+            name = normalize_name(name)
+        except Exception:
+            return Verdict(False, f"malformed name {name[:80]!r}")
+        verdict = self.policy.name_verdict(name, port)
+        if not verdict.allowed:
+            return verdict
+        # A name let through by an allow entry must be the one whose answer gave this
+        # address; one the default lets through may go to any public address.
+        if pinned is not None and name not in pinned and verdict.rule != "default allow":
+            return Verdict(False, f"name {name} does not match the address's pinned "
+                                  f"name ({', '.join(sorted(pinned))})")
+        return verdict
+
+
+# --- TCP ---------------------------------------------------------------------------------
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, addr = struct.unpack("!2xH4s8x", raw)
+    return socket.inet_ntoa(addr), port
+
+
+def _is_ip(text: str) -> bool:
+    from ipaddress import ip_address
+
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, str]:
+    """Read the client's first bytes until they are known to carry a name or not: the
+    bytes read, the name (SNI or Host) or None, and what it was ("tls", "http", "raw")."""
+    data = b""
+    while True:
+        for kind in ("tls", "http"):
+            try:
+                got = wire.sni(data) if kind == "tls" else wire.http_head(data)
+            except ValueError as exc:
+                raise ConnectionError(f"malformed {kind}: {exc}") from None
+            if got == wire.NEED_MORE:
+                break
+            if got == wire.NOT_THIS:
+                continue
+            if kind == "tls":
+                return data, got if isinstance(got, str) else None, "tls"
+            assert isinstance(got, tuple)
+            try:
+                return data, wire.http_host(got[2]), "http"
+            except ValueError as exc:
+                raise ConnectionError(f"malformed http: {exc}") from None
+        else:
+            return data, None, "raw"
+        if len(data) >= max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD):
+            raise ConnectionError("first bytes too long")
+        chunk = await reader.read(max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD) - len(data))
+        if not chunk:
+            return data, None, "raw"
+        data += chunk
+
+
+async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int],
+               slot: int) -> None:
+    """Copy until EOF. (No timeout per read: a wait_for per chunk costs a task each;
+    `idle_watch` ends connections idle too long.)"""
+    try:
+        while True:
+            chunk = await src.read(CHUNK)
+            if not chunk:
+                break
+            count[slot] += len(chunk)
+            count[2] = int(time.monotonic())
+            dst.write(chunk)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except (OSError, ConnectionError):
+        dst.close()
+
+
+async def idle_watch(count: list[int], *writers: asyncio.StreamWriter) -> None:
+    """Close a relayed connection once nothing moved either way for IDLE_TIMEOUT."""
+    while True:
+        await asyncio.sleep(60)
+        if time.monotonic() - count[2] > IDLE_TIMEOUT:
+            for w in writers:
+                w.close()
+            return
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a RST: a refused connection ends at once, not after a FIN dance."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+async def handle_tcp(gate: Gate, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    try:
+        addr, port = original_dst(sock)
+    except OSError:
+        gate.log.write(kind="tcp", allowed=False, rule="not a redirected connection")
+        _reset(writer)
+        return
+    if gate.conns >= MAX_CONNS:
+        gate.log.write(kind="tcp", addr=addr, port=port, allowed=False,
+                       rule=f"too many connections ({MAX_CONNS})")
+        _reset(writer)
+        return
+    gate.conns += 1
+    try:
+        if port == 53:
+            await serve_dns_tcp(gate, reader, writer)
+            return
+        await _proxy(gate, reader, writer, addr, port)
+    finally:
+        gate.conns -= 1
+
+
+async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 addr: str, port: int) -> None:
+    """Allowed by address: connect out at once (a server may speak first), but pass none of
+    the client's bytes until its first ones are known to name an allowed host, or none."""
+    verdict, pinned = gate.addr_verdict(addr, port)
+    host = sorted(pinned)[0] if pinned else None
+    if not verdict.allowed:
+        gate.log.write(kind="tcp", host=host, addr=addr, port=port, allowed=False,
+                       rule=verdict.rule)
+        _reset(writer)
+        return
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):  # no extra task, unlike wait_for
+            up_reader, up_writer = await asyncio.open_connection(addr, port, limit=CHUNK)
+    except (TimeoutError, OSError) as exc:
+        gate.log.write(kind="tcp", host=host, addr=addr, port=port, allowed=True,
+                       rule=verdict.rule, error=f"connect: {type(exc).__name__}")
+        _reset(writer)
+        return
+    count = [0, 0, int(time.monotonic())]  # sent, received, last activity
+    down = asyncio.get_running_loop().create_task(pump(up_reader, writer, count, 1))
+    try:
+        refusal, first, proto, host, verdict = await _inspect(gate, reader, addr, port,
+                                                              pinned, host, verdict)
+        if refusal:
+            gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=False,
+                           rule=refusal)
+            down.cancel()
+            _reset(writer)
+            return
+        if proto == "tls" and gate.intercepts(host):
+            down.cancel()
+            assert host is not None
+            await _intercept(gate, reader, writer, up_reader, up_writer, first, host, addr,
+                             port, verdict)
+            return
+        gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=True,
+                       rule=verdict.rule)
+        count[0] = len(first)
+        if first:
+            up_writer.write(first)
+            await up_writer.drain()
+        watch = asyncio.get_running_loop().create_task(idle_watch(count, writer, up_writer))
+        try:
+            await asyncio.gather(pump(reader, up_writer, count, 0), down)
+        finally:
+            watch.cancel()
+        gate.log.write(kind="close", host=host, addr=addr, port=port, sent=count[0],
+                       received=count[1])
+    except (OSError, ConnectionError, asyncio.CancelledError):
+        down.cancel()
+    finally:
+        up_writer.close()
+        writer.close()
+
+
+async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+                     first: bytes, host: str, addr: str, port: int, verdict: Verdict) -> None:
+    """TLS to a secret's host: terminated here, its secret put in, verified TLS onwards."""
+    from .egress_mitm import SecretLeak, TlsEnd, intercept
+
+    heads = 0
+    try:
+        client = TlsEnd(reader, writer, gate.server_ctx, server_side=True, first=first)
+        await asyncio.wait_for(client.handshake(), FIRST_BYTES_TIMEOUT)
+        upstream = TlsEnd(up_reader, up_writer, gate.client_ctx, server_hostname=host)
+        await asyncio.wait_for(upstream.handshake(), CONNECT_TIMEOUT)
+        gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=True,
+                       rule=verdict.rule)
+        heads = await intercept(client, upstream, host, gate.held)
+    except SecretLeak as exc:
+        gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=False,
+                       rule=str(exc)[:200])
+        _reset(writer)
+    except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
+        gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=False,
+                       rule="interception failed", error=f"{type(exc).__name__}: {exc}"[:200])
+        _reset(writer)
+    finally:
+        gate.log.write(kind="close", host=host, addr=addr, port=port, secret_requests=heads)
+
+
+async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: int,
+                   pinned: set[str] | None, host: str | None, verdict: Verdict
+                   ) -> tuple[str | None, bytes, str, str | None, Verdict]:
+    """The client's first bytes and what they name: (refusal or None, bytes, protocol,
+    host, verdict). Nothing sent in time (a server-speaks-first protocol) stands on the
+    address's verdict; a malformed ClientHello or HTTP head is refused."""
+    try:
+        async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
+            first, name, proto = await first_name(reader)
+    except TimeoutError:
+        return None, b"", "tcp", host, verdict
+    except (ConnectionError, OSError) as exc:
+        return str(exc)[:200], b"", "tcp", host, verdict
+    for held in gate.held:  # in clear text, to anyone: never forwarded
+        if held.placeholder in first:
+            return (f"placeholder of secret {held.name} sent in clear text", first, proto,
+                    name or host, verdict)
+    if name is not None and not _is_ip(name):
+        verdict = gate.name_verdict(name, port, pinned)
+        if not verdict.allowed:
+            return verdict.rule, first, proto, name, verdict
+        host = name
+    return None, first, proto, host, verdict
+
+
+# --- DNS ---------------------------------------------------------------------------------
+
+
+async def resolve(gate: Gate, q: wire.Question) -> bytes:
+    """Our resolver: NXDOMAIN outside the policy; answers filtered of denied addresses
+    and pinned to the name; only A records (no IPv6 way out yet)."""
+    try:
+        name = normalize_name(q.name)
+    except Exception:
+        return wire.dns_answer(q, wire.RCODE_NXDOMAIN)
+    if q.qclass != 1:
+        return wire.dns_answer(q, wire.RCODE_REFUSED)
+    verdict = gate.policy.name_may_resolve(name)
+    if not verdict.allowed:
+        gate.log.write(kind="dns", host=name, qtype=q.qtype, allowed=False, rule=verdict.rule)
+        return wire.dns_answer(q, wire.RCODE_NXDOMAIN)
+    if q.qtype != wire.QTYPE_A:
+        return wire.dns_answer(q, wire.RCODE_OK)  # empty: AAAA, HTTPS, … (IPv4 only)
+    static = [a for n, a in gate.policy.hosts if n == name]
+    addrs = static or await _lookup(name)
+    kept, dropped = [], []
+    for addr in addrs:
+        if ":" in addr:
+            continue
+        explicit = gate.policy.addr_rule(addr, 0)
+        if (explicit is not None and not explicit.allowed) or \
+                (explicit is None and gate.denied_why(addr)):
+            dropped.append(addr)
+        else:
+            kept.append(addr)
+    for addr in kept:
+        gate.pin(addr, name)
+    gate.log.write(kind="dns", host=name, allowed=bool(kept), rule=verdict.rule,
+                   answers=kept[:8], **({"dropped": dropped[:8]} if dropped else {}))
+    if not kept:
+        return wire.dns_answer(q, wire.RCODE_NXDOMAIN if not addrs else wire.RCODE_OK)
+    return wire.dns_answer(q, wire.RCODE_OK, kept[:8])
+
+
+async def _lookup(name: str) -> list[str]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(name, None, family=socket.AF_INET, type=socket.SOCK_STREAM),
+            RESOLVE_TIMEOUT)
+    except (TimeoutError, OSError, UnicodeError):
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def answer(gate: Gate, data: bytes) -> bytes | None:
+    try:
+        q = wire.dns_query(data)
+    except ValueError:
+        return wire.dns_error(data, wire.RCODE_FORMERR)
+    if gate.dns_inflight >= MAX_DNS_INFLIGHT:
+        return wire.dns_answer(q, wire.RCODE_REFUSED)
+    gate.dns_inflight += 1
+    try:
+        return await resolve(gate, q)
+    finally:
+        gate.dns_inflight -= 1
+
+
+class DnsUdp(asyncio.DatagramProtocol):
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        asyncio.get_running_loop().create_task(self._reply(data, addr))
+
+    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = await answer(self.gate, data)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)  # <= 8 A records: within 512 bytes
+
+
+async def serve_dns_tcp(gate: Gate, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+    try:
+        for _ in range(64):  # queries per connection
+            head = await asyncio.wait_for(reader.readexactly(2), FIRST_BYTES_TIMEOUT)
+            size = struct.unpack(">H", head)[0]
+            data = await asyncio.wait_for(reader.readexactly(size), FIRST_BYTES_TIMEOUT)
+            reply = await answer(gate, data)
+            if reply is None:
+                break
+            writer.write(struct.pack(">H", len(reply)) + reply)
+            await writer.drain()
+    except (TimeoutError, OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+# --- control: live policy updates --------------------------------------------------------
+
+
+async def handle_control(gate: Gate, owner: int, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != owner:
+            return
+        line = await asyncio.wait_for(reader.readline(), 5)
+        if len(line) > 4096:
+            return
+        req = json.loads(line)
+        if req.get("op") in ("allow", "deny"):
+            gate.policy = gate.policy.with_rule(str(req["op"]), str(req["entry"]))
+            gate.log.write(kind="policy", op=req["op"], entry=str(req["entry"])[:300])
+        reply = {"ok": True, "policy": gate.policy.to_json()}
+    except Exception as exc:
+        reply = {"ok": False, "error": getattr(exc, "message", str(exc))[:300]}
+    with contextlib.suppress(OSError):
+        writer.write((json.dumps(reply) + "\n").encode())
+        await writer.drain()
+    writer.close()
+
+
+# --- start-up ----------------------------------------------------------------------------
+
+
+def _hold_secrets(gate: Gate, cfg: dict[str, Any]) -> None:
+    """The secrets and the TLS contexts for their hosts, loaded while files are readable."""
+    from .egress_mitm import Held, client_context, server_context
+
+    gate.held = [Held(str(s["name"]), frozenset(s["hosts"]), str(s["header"]),
+                      str(s["placeholder"]).encode(), str(s["value"]).encode())
+                 for s in cfg["secrets"]]
+    gate.server_ctx = server_context(str(cfg["leaf"]))
+    os.unlink(str(cfg["leaf"]))  # held in memory now: no copy of its key stays on disk
+    gate.client_ctx = client_context(cfg.get("upstream_ca"))
+
+
+def _preload() -> None:
+    """Import now what would be imported lazily later: once privileges are dropped, the
+    interpreter's own files may be out of reach (root's pyenv, a 0700 venv)."""
+    import concurrent.futures.thread  # noqa: F401 - loop.getaddrinfo's executor
+    import encodings.idna  # noqa: F401 - normalize_name
+    import ipaddress  # noqa: F401
+
+    from . import egress_mitm  # noqa: F401 - TLS interception, for secrets
+
+    "x".encode("idna")
+
+
+def _drop(uid: int, gid: int) -> None:
+    """Started by root: become the sandbox's own unprivileged id, keep no capability."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if uid >= 0 and os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace, no /proc/<pid>/mem
+
+
+async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
+                control: socket.socket, gate: Gate) -> None:
+    loop = asyncio.get_running_loop()
+    await asyncio.start_server(lambda r, w: handle_tcp(gate, r, w), sock=tcp, limit=CHUNK)
+    await loop.create_datagram_endpoint(lambda: DnsUdp(gate), sock=udp)
+    await asyncio.start_unix_server(
+        lambda r, w: handle_control(gate, int(cfg["owner"]), r, w), sock=control)
+    ready = int(cfg["ready_fd"])
+    with contextlib.suppress(OSError):  # nobody may be waiting (see GateStart.wait)
+        os.write(ready, b"1")
+    os.close(ready)
+    exit_fd = int(cfg["exit_fd"])
+    done: asyncio.Future[None] = loop.create_future()
+
+    def closed() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(exit_fd, closed)
+    await done  # the sandbox's lifeline closed: it is gone
+
+
+def main(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket) -> None:
+    """The gate, once it listens (egress_gate.gate_main got it there without importing
+    asyncio): its files, its secrets, no privileges, then serve until the lifeline ends."""
+    from .egress import denied_networks, host_addresses
+
+    denied = denied_networks(host_addresses())
+    log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.bind(cfg["control"])
+    control.listen(8)
+    gate = Gate(Policy.from_json(cfg["policy"]), denied, Log(log_fd))
+    if cfg.get("secrets"):
+        _hold_secrets(gate, cfg)
+    _preload()
+    _drop(int(cfg.get("uid", -1)), int(cfg.get("gid", -1)))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(cfg, tcp, udp, control, gate))
+
+
