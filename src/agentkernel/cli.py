@@ -40,6 +40,9 @@ def _add_run_parser(sub: Any) -> None:
                    help="say which backend, isolation, image and profile the run got")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the result instead of streaming")
+    p.add_argument("--agent", metavar="AGENT",
+                   help="run an AI coding agent (claude, codex, gemini, opencode) from "
+                        "`agents install`; arguments after -- go to it (docs/agents.md)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
 
 
@@ -334,6 +337,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if args.agent:
+        from .agents.launch import cmd_run_agent
+
+        return cmd_run_agent(args, command)
     if not command and not args.image:  # only an image can supply a command (its Cmd)
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:

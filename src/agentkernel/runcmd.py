@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, BinaryIO
 
+    from .planner import RunRequest
+
 _YES = ("1", "true", "yes")
 _NO = ("0", "false", "no")
 
@@ -34,25 +36,11 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
 
     prime_migration()  # first, so the kernel's wait overlaps our imports (see its docstring)
     import time
-    from pathlib import Path
 
     from .engine import execute
-    from .planner import CallerContext, RunRequest, parse_env, plan
-    from .profiles import parse_memory_limit, parse_pids
+    from .planner import CallerContext, plan
 
-    req = RunRequest(
-        argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
-        backend=args.backend, no_network=args.no_network, env=parse_env(args.env),
-        workdir=args.workdir, timeout=args.timeout, keep=False,
-        memory_mb=parse_memory_limit(args.memory) if args.memory else None,
-        pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
-        config_path=Path(args.config) if args.config else None,
-        forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
-        # (the daemon's fast path parses no egress flags: it sends those runs to argparse)
-        allow_hosts=tuple(getattr(args, "allow_host", ())),
-        deny_hosts=tuple(getattr(args, "deny_host", ())),
-        add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
-    )
+    req = run_request(args, command)
     started = time.monotonic()
     plan_ = plan(req, CallerContext.here(), quiet=args.quiet)
 
@@ -116,6 +104,29 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         sys.stderr.flush()
         os._exit(outcome.exit_code)
     return outcome.exit_code
+
+
+def run_request(args: argparse.Namespace, command: list[str]) -> RunRequest:
+    """The run flags in `args` as a planner request."""
+    from pathlib import Path
+
+    from .planner import RunRequest, parse_env
+    from .profiles import parse_memory_limit, parse_pids
+
+    return RunRequest(
+        argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
+        backend=args.backend, no_network=args.no_network, env=parse_env(args.env),
+        workdir=args.workdir, timeout=args.timeout, keep=False,
+        memory_mb=parse_memory_limit(args.memory) if args.memory else None,
+        pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
+        config_path=Path(args.config) if args.config else None,
+        forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
+        # (the daemon's fast path parses no egress flags: it sends those runs to argparse)
+        allow_hosts=tuple(getattr(args, "allow_host", ())),
+        deny_hosts=tuple(getattr(args, "deny_host", ())),
+        add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
+        ro_binds=tuple(getattr(args, "ro_binds", ())),  # run --agent's install
+    )
 
 
 def autostart_daemon(say: Callable[[str], None]) -> None:

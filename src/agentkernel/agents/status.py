@@ -24,7 +24,7 @@ class AgentStatus:
     path: str | None  # the binary found, None when not installed
     origin: str | None  # "PATH" or "agentkernel" (installed by `agents install`)
     version: str | None
-    auth: str  # env:VAR | oauth:~/file | missing
+    auth: str  # env:VAR | secret:NAME | oauth:~/file | missing
     mcp: str  # where our MCP server is configured for it: user, project, both, no
     plugin: str  # claude: the agentkernel plugin's scope or "no"; others "-"
 
@@ -71,14 +71,20 @@ def probe_version(spec: AgentSpec, binary: str) -> str | None:
 
 def auth_of(spec: AgentSpec, env: dict[str, str] | None = None,
             home: Path | None = None) -> str:
-    """How the agent would authenticate: a key in the environment, an OAuth login, or none.
+    """How the agent would authenticate: a key in the environment, a stored secret that
+    covers it (what `run --agent` uses), an OAuth login, or none.
 
-    Only names and paths are reported; no value is read.
+    Only names and paths are reported; no value is shown.
     """
     values = os.environ if env is None else env
     for key in spec.keys:
         if values.get(key.env):
             return f"env:{key.env}"
+    from .launch import covering_secret
+
+    stored = covering_secret(spec)
+    if stored is not None:
+        return f"secret:{stored}"
     home = home if home is not None else Path(os.path.expanduser("~"))
     for rel in spec.oauth_files:
         if (home / rel).is_file():
