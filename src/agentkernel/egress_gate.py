@@ -212,8 +212,10 @@ def write_tls(scratch: Path, policy: Policy) -> None:
 def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tuple[int, int]:
     """The gate's TCP and UDP listeners (fds), made by a forked child that joins the
     sandbox's network namespace (first its user namespace, for an ordinary user) and
-    hands them back: the sandbox's connections queue in their backlog from the moment
-    the rules are in, whether the gate process is up yet or not."""
+    hands them back: from then on the sandbox's connections and queries wait in their
+    backlog until the gate serves, so the sandbox need not wait for the gate's start.
+    The child (of a process that may have threads, as subprocess's preexec functions
+    are) only makes system calls through modules loaded before the fork."""
     import ctypes
     import socket
 
@@ -290,8 +292,27 @@ def _proxy_argv(fds_sock: int) -> list[str]:
     """Our own interpreter without site start-up (~15 ms less), on our own sys.path."""
     paths = [p for p in sys.path if p]
     code = (f"import sys; sys.path[:0] = {paths!r}; "
-            f"from agentkernel.egress_proxy import main; main({fds_sock})")
+            f"from agentkernel.egress_gate import gate_main; gate_main({fds_sock})")
     return [sys.executable, "-S", "-c", code]
+
+
+def gate_main(fds_sock: int) -> None:
+    """The gate process: started before the sandbox's namespaces exist; then its config
+    on stdin and its two listeners (made in the sandbox's or router's namespace by
+    listen_in) on `fds_sock`; then egress_proxy.main serves and says "1"."""
+    import socket
+
+    cfg = json.loads(sys.stdin.buffer.read(4 << 20))
+    sys.stdin.close()
+    carrier = socket.socket(fileno=fds_sock)
+    _msg, fds, _flags, _addr = socket.recv_fds(carrier, 16, 2)
+    carrier.close()
+    if len(fds) != 2:
+        raise SystemExit("no listeners to serve")
+    from .egress_proxy import main
+
+    main(cfg, socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0]),
+         socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))
 
 
 class GateStart:
@@ -422,16 +443,15 @@ class GateStart:
                                f"not start: {'; '.join(failures)} (or use --no-network)")
 
     def wait(self, ready: bool = False) -> subprocess.Popen[bytes]:
-        """The gate process, once the rules hold (its listeners exist already: what the
-        sandbox sends waits in them); with `ready`, also once it serves."""
+        """The gate process, once the rules hold and its listeners exist (what the
+        sandbox sends waits in them until it serves); with `ready`, once it serves."""
         try:
             self._finish()
-            if not ready:
-                if self.gate.poll() is not None:
+            if ready:
+                readable, _, _ = select.select([self.ready_r], [], [], READY_TIMEOUT)
+                if not readable or os.read(self.ready_r, 1) != b"1":
                     raise SandboxError(f"the egress gate did not start: {self._why()}")
-                return self.gate
-            readable, _, _ = select.select([self.ready_r], [], [], READY_TIMEOUT)
-            if not readable or os.read(self.ready_r, 1) != b"1":
+            elif self.gate.poll() is not None:
                 raise SandboxError(f"the egress gate did not start: {self._why()}")
             return self.gate
         except BaseException:

@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import struct
-import sys
 import time
 from collections import OrderedDict
 from typing import Any
@@ -516,21 +515,11 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
     await done  # the sandbox's lifeline closed: it is gone
 
 
-def main(fds_sock: int) -> None:
-    """Started before the sandbox's namespaces exist (imports done meanwhile); then its
-    config on stdin and its two listening sockets, made inside the sandbox's network
-    namespace (egress_gate.listen_in), on `fds_sock`."""
+def main(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket) -> None:
+    """The gate, once it listens (egress_gate.gate_main got it there without importing
+    asyncio): its files, its secrets, no privileges, then serve until the lifeline ends."""
     from .egress import denied_networks, host_addresses
 
-    cfg = json.loads(sys.stdin.buffer.read(4 << 20))
-    sys.stdin.close()
-    carrier = socket.socket(fileno=fds_sock)
-    _msg, fds, _flags, _addr = socket.recv_fds(carrier, 16, 2)
-    carrier.close()
-    if len(fds) != 2:
-        raise SystemExit("no sockets to serve")
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0])
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1])
     denied = denied_networks(host_addresses())
     log_fd = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
