@@ -4,7 +4,6 @@ applies to containers, persistent sandboxes, and that nothing we create is left 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -12,19 +11,24 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sandbox_helpers import ak
 
 ENGINES = ["docker", "podman"]
-IMAGE = "agentkernel-test/busybox:containers"
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER_SOCK = "/var/run/docker.sock"
 CLI = {"docker": "/usr/bin/docker", "podman": "/usr/bin/podman"}  # Debian's, not /usr/local
+PODMAN_ULIMITS = ["--ulimit", "nofile=1024:20000", "--ulimit", "nproc=1024:1024"]
+IMAGE_LOCK = "/run/lock/agentkernel-test-images.lock"  # machine-wide: sessions run in parallel
+RANGE = 65536
+IMAGE = ""  # set by the `engine` fixture: the test image's content-addressed reference
 
 
 def _answers(path: str) -> bool:
@@ -38,38 +42,76 @@ def _answers(path: str) -> bool:
         s.close()
 
 
-@pytest.fixture(scope="session")
-def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A running Docker engine: the one there is, or one we start (and stop afterwards)."""
-    if os.geteuid() != 0 or not os.path.exists(DOCKERD):
-        pytest.skip("needs root and Debian's docker.io")
-    proc = None
-    if not _answers(DOCKER_SOCK):
-        log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
-        with open(log, "wb") as f:
-            proc = subprocess.Popen([DOCKERD], stdout=f, stderr=f, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not _answers(DOCKER_SOCK):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"dockerd did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-    yield
+def _start_dockerd(args: list[str], sock: str, log: Path,
+                   prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([*prefix, DOCKERD, *args], stdout=f, stderr=f,
+                                start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not _answers(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"dockerd did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None:
         proc.terminate()
         proc.wait(timeout=60)
 
 
+def docker_mode(sock: str = DOCKER_SOCK) -> str:
+    """"remap", "rootless" or "root": what the engine at `sock` says of itself."""
+    from agentkernel.backends.docker import engine_mode
+    from agentkernel.backends.engine_http import EngineAPI
+
+    return engine_mode(EngineAPI(sock, what="docker")).kind
+
+
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A running Docker engine and its mode: the machine's own if one runs (whatever its
+    setting), else one we start with userns-remap (and stop afterwards)."""
+    if os.geteuid() != 0 or not os.path.exists(DOCKERD):
+        pytest.skip("needs root and Debian's docker.io")
+    proc = None
+    if not _answers(DOCKER_SOCK):
+        log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+        proc = _start_dockerd(["--userns-remap=default"], DOCKER_SOCK, log)
+    yield docker_mode()
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def plain_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The socket of a Docker engine without userns-remap: the machine's own when it runs
+    like that, else a second one of ours (own data, exec root and socket, and a network
+    namespace of its own: two engines in one fight over the host's bridges)."""
+    if os.geteuid() != 0 or not os.path.exists(DOCKERD):
+        pytest.skip("needs root and Debian's docker.io")
+    if _answers(DOCKER_SOCK) and docker_mode() == "root":
+        yield DOCKER_SOCK
+        return
+    base = tmp_path_factory.mktemp("plain-dockerd")
+    sock = str(base / "docker.sock")
+    proc = _start_dockerd([f"--data-root={base / 'data'}", f"--exec-root={base / 'exec'}",
+                           f"--host=unix://{sock}", f"--pidfile={base / 'docker.pid'}",
+                           "--bridge=none", "--iptables=false", "--ip-masq=false"],
+                          sock, base / "dockerd.log", ("unshare", "--net", "--"))
+    try:
+        yield sock
+    finally:
+        _stop(proc)
+
+
 @pytest.fixture(scope="session")
 def podman_ready() -> Iterator[None]:
-    """Podman rootful, with /etc/subuid entries for --userns=auto (as a fresh CI machine
-    needs them); the API service our backend starts is stopped at the end."""
+    """Podman rootful (no /etc/subuid entry needed: our own id ranges); the API service
+    our backend starts is stopped at the end."""
     if os.geteuid() != 0 or shutil.which("podman") is None:
         pytest.skip("needs root and podman")
-    for f in ("/etc/subuid", "/etc/subgid"):
-        text = Path(f).read_text() if os.path.exists(f) else ""
-        if not any(line.startswith("containers:") for line in text.splitlines()):
-            with open(f, "a") as out:
-                out.write("containers:2147483647:2147483648\n")
     yield
     pidfile = Path(os.environ["AGENTKERNEL_RUNTIME_DIR"]) / "podman.pid"
     if pidfile.exists():
@@ -78,7 +120,12 @@ def podman_ready() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A busybox rootfs tarball, byte-for-byte the same in every session on this machine
+    (fixed times and owners), and its reference: tagged by its content, so that sessions
+    never move one another's tag to another image (see `ensure_image`)."""
+    import hashlib
+
     root = tmp_path_factory.mktemp("bbroot")
     (root / "bin").mkdir()
     shutil.copy("/bin/busybox", root / "bin" / "busybox")
@@ -86,19 +133,64 @@ def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / "bin" / tool).symlink_to("busybox")
     for d in ("etc", "tmp", "root", "workspace"):
         (root / d).mkdir()
+
+    def fixed(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        return info
+
     tar = root.parent / "busybox.tar"
-    with tarfile.open(tar, "w") as t:
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as t:
         for entry in sorted(os.listdir(root)):
-            t.add(str(root / entry), arcname=entry)
-    return tar
+            t.add(str(root / entry), arcname=entry, filter=fixed)
+    digest = hashlib.sha256(tar.read_bytes()).hexdigest()[:12]
+    return tar, f"agentkernel-test/busybox:{digest}"
+
+
+def _image_works(cli: list[str], ref: str) -> bool:
+    extra = PODMAN_ULIMITS if cli[0] == CLI["podman"] and os.geteuid() == 0 else []
+    r = subprocess.run([*cli, "run", "--rm", "--network", "none", *extra, "--entrypoint",
+                        "/bin/busybox", ref, "test", "-x", "/bin/sh"],
+                       capture_output=True, timeout=120, check=False)
+    return r.returncode == 0
+
+
+def ensure_image(cli: list[str], tar: Path, ref: str) -> None:
+    """`ref` in the engine, imported once per machine and checked to work.
+
+    The flake this replaces: every test imported the same tag again (a new image each
+    time, the tag moved) while other sessions did the same concurrently, and a run then
+    found an image without /bin/busybox. Now: a tag per content, imported under a
+    machine-wide lock, an image that fails the check removed and imported again."""
+    import fcntl
+
+    with open(IMAGE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _image_works(cli, ref):
+            return
+        subprocess.run([*cli, "rmi", "-f", ref], capture_output=True, timeout=120,
+                       check=False)
+        subprocess.run([*cli, "import", str(tar), ref], check=True, capture_output=True,
+                       timeout=120)
+        assert _image_works(cli, ref), f"{ref} imported into {cli[0]} does not work"
+
+
+_READY: set[str] = set()
 
 
 @pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest, busybox_tar: Path) -> str:
+def engine(request: pytest.FixtureRequest, busybox_tar: tuple[Path, str]) -> str:
+    global IMAGE
     name: str = request.param
-    request.getfixturevalue("dockerd" if name == "docker" else "podman_ready")
-    subprocess.run([CLI[name], "import", str(busybox_tar), IMAGE], check=True,
-                   capture_output=True, timeout=120)
+    if name == "docker":
+        if request.getfixturevalue("dockerd") == "root":
+            pytest.skip("this machine's dockerd runs without userns-remap: the docker "
+                        "backend refuses it (test_docker_refused_without_userns)")
+    else:
+        request.getfixturevalue("podman_ready")
+    tar, IMAGE = busybox_tar
+    if name not in _READY:
+        ensure_image([CLI[name]], tar, IMAGE)
+        _READY.add(name)
     return name
 
 
@@ -184,8 +276,13 @@ def test_lifecycle(engine: str, tmp_path: Path) -> None:
     r = ak("create", name, "-B", engine, "-i", IMAGE, "-p", "moderate", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     try:
-        r = ak("exec", "-w", "/tmp", name, "--", "sh", "-c", "echo kept > /root/f; exit 3",
-               cwd=tmp_path)
+        cmd = ("exec", "-w", "/tmp", name, "--", "sh", "-c", "echo kept > /root/f; exit 3")
+        r = ak(*cmd, cwd=tmp_path)
+        if engine == "docker" and "command not found" in r.stderr:
+            # Docker 20.10's own race on this kernel (docs/backends.md): a container made
+            # right after another of the same image was removed may briefly miss files of
+            # its image. Reproduced without agentkernel; one retry, never more.
+            r = ak(*cmd, cwd=tmp_path)
         assert r.returncode == 3, r.stderr
         assert ak("stop", name, cwd=tmp_path).returncode == 0
         assert ak("start", name, cwd=tmp_path).returncode == 0
@@ -200,10 +297,366 @@ def test_lifecycle(engine: str, tmp_path: Path) -> None:
 def test_doctor_says_who_root_is(engine: str) -> None:
     from agentkernel.backends import get_backend
 
-    detail = get_backend(engine).probe(deep=True).detail
-    assert "the sandbox's root is" in detail
+    probe = get_backend(engine).probe(deep=True)
+    assert probe.ok, probe.detail
     if engine == "docker":
-        info = json.loads(subprocess.run([CLI["docker"], "info", "--format", "{{json .}}"],
-                                         capture_output=True, text=True, check=True).stdout)
-        remapped = any("userns" in o for o in info.get("SecurityOptions") or [])
-        assert ("host root" in detail) != remapped
+        assert "userns-remap: the sandbox's root is host uid" in probe.detail
+        assert "every container of this engine shares" in probe.detail
+    else:
+        assert "never host root, no two sandboxes share one" in probe.detail
+
+
+# --- never host root ------------------------------------------------------------------------
+def _pid_of(marker: str) -> int:
+    """The host pid of the sandboxed process whose command line contains `marker` (in
+    another pid namespace: not the CLI that was given it)."""
+    own = os.readlink("/proc/self/ns/pid")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            with contextlib.suppress(OSError):
+                if (entry.isdigit() and os.readlink(f"/proc/{entry}/ns/pid") != own
+                        and marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes()):
+                    return int(entry)
+        time.sleep(0.1)
+    raise AssertionError(f"no process with {marker} on the host")
+
+
+def _container_procs(pid: int) -> list[int]:
+    """Every host process in the pid namespace of `pid` (the container's processes)."""
+    ns = os.readlink(f"/proc/{pid}/ns/pid")
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/ns/pid") == ns:
+                    out.append(int(entry))
+    return out
+
+
+def _host_ids(pid: int) -> set[int]:
+    """Every uid and gid (real, effective, saved, fs; supplementary groups) of `pid`."""
+    ids: set[int] = set()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            ids.update(int(v) for v in value.split())
+    return ids
+
+
+def _uid_base(pid: int) -> int:
+    first = Path(f"/proc/{pid}/uid_map").read_text().split()
+    assert first[0] == "0", first
+    return int(first[1])
+
+
+@contextlib.contextmanager
+def _running(engine: str, cwd: Path, marker: str) -> Iterator[int]:
+    """A one-off sandbox running `sleep` (with a few more processes); the host pid of its
+    shell."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "run", "-q", "-B", engine, "-i", IMAGE, "-w",
+         "/tmp", "--", "sh", "-c", f"sleep 60 & sleep 60 & echo up; wait; : {marker}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == b"up\n", (proc.stderr.read() if proc.stderr else b"")[-500:]
+        yield _pid_of(marker)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_container_processes_never_host_root(engine: str, tmp_path: Path) -> None:
+    """Read from the host: no process of a container sandbox has host id 0; on podman every
+    id lies in the sandbox's own range of our block, locked while it runs, and two
+    sandboxes at once share no host id; on docker they are the remapped range."""
+    import fcntl
+
+    from agentkernel.idmap import SLOTS_DIR, host_range
+
+    tag = os.urandom(4).hex()
+    with _running(engine, tmp_path, f"ak-ids-a-{tag}") as a, \
+            _running(engine, tmp_path, f"ak-ids-b-{tag}") as b:
+        ranges = []
+        for shell in (a, b):
+            procs = _container_procs(shell)
+            assert len(procs) >= 4, procs  # the agent, the shell, two sleeps
+            ids = set().union(*(_host_ids(p) for p in procs))
+            assert 0 not in ids, ids
+            base = _uid_base(shell)
+            assert all(base <= i < base + RANGE for i in ids), (base, ids)
+            ranges.append((base, ids))
+        if engine == "podman":
+            block = host_range()
+            for base, _ in ranges:
+                slot, rest = divmod(base - block.uid, RANGE)
+                assert rest == 0 and 0 <= slot < block.size // RANGE
+                fd = os.open(f"{SLOTS_DIR}/{slot}", os.O_RDONLY)
+                try:  # the range is locked for as long as the container lives
+                    with pytest.raises(BlockingIOError):
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                finally:
+                    os.close(fd)
+            (base_a, ids_a), (base_b, ids_b) = ranges
+            assert abs(base_a - base_b) >= RANGE and not ids_a & ids_b
+        else:  # one remapped range for every container of the engine: said by doctor
+            assert ranges[0][0] == ranges[1][0]
+
+
+@pytest.mark.parametrize("profile", ["permissive", "moderate"])
+def test_private_root_project(engine: str, tmp_path: Path, profile: str) -> None:
+    """A 0700 project owned by host root (the caller) with a 0600 file: the sandbox's root,
+    an unprivileged host uid, reads it (id-mapped mount); what it writes (permissive: the
+    project itself) lands on the host as the caller's uid."""
+    proj = tmp_path / "proj"
+    proj.mkdir(mode=0o700)
+    (proj / "secret.txt").write_text("only root\n")
+    (proj / "secret.txt").chmod(0o600)
+    r = ak("run", "-B", engine, "-i", IMAGE, "-p", profile, "--",
+           "sh", "-c", "cat /workspace/secret.txt; echo made > /workspace/new.txt; "
+           "cat /workspace/new.txt", cwd=proj)
+    if profile == "moderate" and engine == "podman":  # read-only there (said in a note)
+        assert r.stdout == "only root\n" and "Read-only file system" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "only root\nmade\n"
+    if profile == "permissive":
+        st = (proj / "new.txt").stat()
+        assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+    else:  # copy-on-write or read-only: the project is untouched
+        assert not (proj / "new.txt").exists()
+
+
+def test_podman_range_kept_while_persistent(engine: str, tmp_path: Path) -> None:
+    """A persistent podman sandbox keeps its range locked across a daemon restart, frees it
+    when stopped and takes the same one again when started (its map is fixed)."""
+    import fcntl
+
+    from agentkernel.idmap import SLOTS_DIR, host_range
+
+    if engine != "podman":
+        pytest.skip("docker's range is the engine's own")
+    name = f"ids-{os.urandom(3).hex()}"
+
+    def base() -> int:
+        out = subprocess.run([CLI["podman"], "inspect", "-f", "{{.State.Pid}}",
+                              f"agentkernel-{os.getuid()}-{name}"], capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+        return _uid_base(int(out))
+
+    def locked(slot: int) -> bool:
+        fd = os.open(f"{SLOTS_DIR}/{slot}", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    assert ak("create", name, "-B", engine, "-i", IMAGE, cwd=tmp_path).returncode == 0
+    try:
+        first = base()
+        slot = (first - host_range().uid) // RANGE
+        assert locked(slot)
+        assert ak("daemon", "stop", cwd=tmp_path).returncode == 0
+        assert locked(slot)
+        r = ak("exec", "-w", "/tmp", name, "--", "id", "-u", cwd=tmp_path)  # a new daemon
+        assert (r.returncode, r.stdout) == (0, "0\n"), r.stderr
+        assert locked(slot) and base() == first
+        assert ak("stop", name, cwd=tmp_path).returncode == 0
+        deadline = time.monotonic() + 5
+        while locked(slot) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not locked(slot)
+        assert ak("start", name, cwd=tmp_path).returncode == 0
+        assert base() == first and locked(slot)
+    finally:
+        ak("rm", name, cwd=tmp_path)
+
+
+def test_docker_refused_without_userns(plain_dockerd: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Docker engine whose containers' root is host root is refused, said how to fix;
+    nothing is created in it; doctor says so."""
+    from agentkernel.backends import get_backend
+
+    # Dirs of its own: a daemon the other tests started would answer with its engine.
+    env = {"DOCKER_HOST": f"unix://{plain_dockerd}", "AGENTKERNEL_HOME": str(tmp_path / "h"),
+           "AGENTKERNEL_RUNTIME_DIR": str(tmp_path / "r")}
+    r = ak("run", "-q", "-B", "docker", "-i", "host", "-w", "/tmp", "--", "true",
+           cwd=tmp_path, env=env)
+    assert r.returncode == 125, r.stderr
+    assert "runs containers as host root" in r.stderr and "userns-remap" in r.stderr
+    ps = subprocess.run([CLI["docker"], "-H", f"unix://{plain_dockerd}", "ps", "-aq"],
+                        capture_output=True, text=True, check=True, timeout=60)
+    assert ps.stdout.strip() == ""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{plain_dockerd}")
+    probe = get_backend("docker").probe(deep=True)
+    assert not probe.ok and "would be host root" in probe.detail
+    assert "userns-remap" in probe.detail
+
+
+# --- rootless podman, as an ordinary user -------------------------------------------------------
+PODMAN_USER = "akpodman"
+
+
+def _free_subid_start(path: str) -> int:
+    """A start for 65536 subordinate ids above every entry already in `path`."""
+    top = 100000
+    for line in Path(path).read_text().splitlines() if os.path.exists(path) else []:
+        parts = line.split(":")
+        # (entries above our own block for root's sandboxes are not in the way)
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() \
+                and int(parts[1]) < 0x6F000000:
+            top = max(top, int(parts[1]) + int(parts[2]))
+    return top
+
+
+@pytest.fixture(scope="session")
+def podman_user(tmp_path_factory: pytest.TempPathFactory,
+                busybox_tar: tuple[Path, str]) -> Iterator[tuple[int, dict[str, str], Path]]:
+    """A real unprivileged user with a home and /etc/subuid and /etc/subgid entries
+    (created once, idempotently), the environment the CLI runs with as that user, and a
+    dir of theirs; the test image imported into their own (rootless) store."""
+    import pwd
+
+    from sandbox_helpers import public_pythonpath
+
+    if os.geteuid() != 0 or shutil.which("podman") is None or shutil.which("useradd") is None:
+        pytest.skip("needs root, podman and useradd")
+    try:
+        pw = pwd.getpwnam(PODMAN_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", PODMAN_USER],
+                       check=True, capture_output=True, timeout=60)
+        pw = pwd.getpwnam(PODMAN_USER)
+    for f in ("/etc/subuid", "/etc/subgid"):
+        text = Path(f).read_text() if os.path.exists(f) else ""
+        if not any(line.startswith(f"{PODMAN_USER}:") for line in text.splitlines()):
+            with open(f, "a") as out:
+                out.write(f"{PODMAN_USER}:{_free_subid_start(f)}:65536\n")
+    base = Path(tempfile.mkdtemp(prefix="ak-rootless-podman-", dir="/tmp"))
+    base.chmod(0o755)
+    for d in ("xdg", "data", "run", "proj"):
+        (base / d).mkdir(mode=0o700)
+        os.chown(base / d, pw.pw_uid, pw.pw_gid)
+    tar, ref = busybox_tar
+    shutil.copy(tar, base / "image.tar")
+    (base / "image.tar").chmod(0o644)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": pw.pw_dir,
+           "XDG_RUNTIME_DIR": str(base / "xdg"), "PYTHONPATH": public_pythonpath(),
+           "AGENTKERNEL_HOME": str(base / "data"), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_AUTOSTART": "0", "IMAGE": ref}
+    as_user = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+               "env", "-i", *[f"{k}={v}" for k, v in env.items()]]
+    ensure_image([*as_user, CLI["podman"]], base / "image.tar", ref)
+    try:
+        yield pw.pw_uid, env, base
+    finally:
+        for pidfile in (base / "run" / "podman.pid",):
+            if pidfile.exists():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        subprocess.run([*as_user, CLI["podman"], "rm", "-af"], capture_output=True,
+                       timeout=120, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def ak_user(user: tuple[int, dict[str, str], Path], *args: str,
+            background: bool = False) -> Any:
+    """The real CLI (the system's python3, this checkout's sources) as the podman user."""
+    from sandbox_helpers import SYSTEM_PYTHON
+
+    uid, env, base = user
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups", "--",
+            SYSTEM_PYTHON, "-m", "agentkernel", *args]
+    if background:
+        return subprocess.Popen(argv, env=env, cwd=base / "proj", stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(argv, env=env, cwd=base / "proj", capture_output=True, text=True,
+                          timeout=120, check=False, stdin=subprocess.DEVNULL)
+
+
+def test_rootless_podman_run(podman_user: tuple[int, dict[str, str], Path]) -> None:
+    """As an ordinary user: exit codes, output, stdin-less runs, the project theirs; every
+    process of the sandbox is that user (or their subordinate ids) on the host."""
+    uid, env, base = podman_user
+    image = env["IMAGE"]
+    (base / "proj" / "f.txt").write_text("mine\n")
+    os.chown(base / "proj" / "f.txt", uid, uid)
+    r = ak_user(podman_user, "run", "-B", "podman", "-i", image, "-p", "permissive",
+                "--no-network", "--",  # (slirp4netns needs /dev/net/tun: 0600 here)
+                "sh", "-c", "cat /workspace/f.txt; echo w > /workspace/w.txt; id -u; exit 7")
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == "mine\n0\n"
+    assert "rootless" not in r.stderr or "error" not in r.stderr.lower()
+    assert (base / "proj" / "w.txt").stat().st_uid == uid  # the user's, on the host
+    marker = f"ak-rootless-{os.urandom(3).hex()}"
+    proc = ak_user(podman_user, "run", "-q", "-B", "podman", "-i", image, "-w", "/tmp", "--",
+                   "sh", "-c", f"sleep 60 & echo up; wait; : {marker}", background=True)
+    try:
+        assert proc.stdout.readline() == b"up\n", proc.stderr.read()[-500:]
+        procs = _container_procs(_pid_of(marker))
+        ids = set().union(*(_host_ids(p) for p in procs))
+        assert 0 not in ids and uid in ids, ids
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_rootless_podman_lifecycle(podman_user: tuple[int, dict[str, str], Path]) -> None:
+    """As an ordinary user: create / exec (exit code, output) / rm, nothing left."""
+    image = podman_user[1]["IMAGE"]
+    name = f"rl-{os.urandom(3).hex()}"
+    r = ak_user(podman_user, "create", name, "-B", "podman", "-i", image)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = ak_user(podman_user, "exec", "-w", "/tmp", name, "--", "sh", "-c",
+                    "echo hi > /root/f; cat /root/f; exit 4")
+        assert (r.returncode, r.stdout) == (4, "hi\n"), r.stderr
+    finally:
+        r = ak_user(podman_user, "rm", name)
+        ak_user(podman_user, "daemon", "stop")
+    assert r.returncode == 0, r.stderr
+
+
+def test_snapshot_commit_restore(engine: str, tmp_path: Path) -> None:
+    """A snapshot is the engine's `commit`: a file written in the sandbox is there in the
+    sandbox restored from it (on the host's userland, bound on the committed image again;
+    on an image, the committed image alone); deleting the snapshot removes its image."""
+    from agentkernel.daemon import client
+
+    image = "host" if engine == "docker" else IMAGE  # one engine each way
+    name = f"snap-{os.urandom(3).hex()}"
+    assert ak("daemon", "start", cwd=tmp_path).returncode == 0
+    client.call("create", {"name": name, "image": image, "backend": engine,
+                           "profile": "moderate"})
+    try:
+        client.call("write_file", {"name": name, "path": "/root/w.txt", "data": "written"})
+        snap = client.call("snapshot", {"name": name, "snapshot_name": f"{name}-s"})
+        assert snap["backend"] == engine
+        client.call("remove", {"name": name})
+        restored = client.call("restore_snapshot", {"snapshot_name": f"{name}-s"})
+        assert restored["name"] == name
+        assert client.call("read_file", {"name": name, "path": "/root/w.txt"}) == "written"
+        r = ak("exec", "-w", "/tmp", name, "--", "sh", "-c", "cat /root/w.txt; id -u",
+               cwd=tmp_path)
+        assert (r.returncode, r.stdout) == (0, "written0\n"), r.stderr
+        backends = {b["backend"]: b for b in client.call("backends")}
+        assert backends[engine]["capabilities"]["snapshots"]
+    finally:
+        with contextlib.suppress(Exception):
+            client.call("remove", {"name": name})
+    ref = f"localhost/agentkernel-snapshot:{os.getuid()}-{name}-s"
+
+    def images() -> str:
+        return subprocess.run([CLI[engine], "images", "-q", "--filter", f"reference={ref}"],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+
+    assert images().strip()
+    client.call("delete_snapshot", {"snapshot_name": f"{name}-s"})
+    assert f"{name}-s" not in [s["name"] for s in client.call("snapshots")]
+    assert images().strip() == ""

@@ -22,7 +22,8 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument("-i", "--image", help="image for the sandbox (default: auto-detected)")
     p.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
     p.add_argument("-B", "--backend",
-                   help="isolation backend: auto, namespaces, gvisor, microvm, wasm, hyperlight")
+                   help="isolation backend: auto, namespaces, gvisor, microvm, docker, podman, "
+                        "wasm, hyperlight")
     p.add_argument("--no-network", action="store_true", help="no network at all")
     _add_egress_flags(p)
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
@@ -208,7 +209,7 @@ def _add_sandbox_parsers(sub: Any) -> None:
     c.add_argument("name")
     c.add_argument("-i", "--image", help="image (default: detected from --dir, else alpine)")
     c.add_argument("-p", "--profile", help="security profile: permissive, moderate, restrictive")
-    c.add_argument("-B", "--backend", help="isolation backend: auto, namespaces, gvisor")
+    c.add_argument("-B", "--backend", help="as `run --backend` (not wasm: it keeps nothing)")
     c.add_argument("-d", "--dir", help="host project dir shown at /workspace")
     c.add_argument("-m", "--memory", help="memory limit, e.g. 512m, 2g or unlimited")
     c.add_argument("--pids", help="process limit, e.g. 256 or unlimited")

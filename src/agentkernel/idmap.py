@@ -105,33 +105,69 @@ def allocate() -> tuple[HostRange, int]:
     then share no host id: not with each other, nor with anything else on the host.
 
     A block smaller than two ranges gives every sandbox the same one (its own, smaller)."""
-    import fcntl
-    import stat
-
     block = host_range()
     slots = block.size // RANGE_SIZE
     if slots < 2:
         return block, -1
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(SLOTS_DIR, 0o700)
-    st = os.lstat(SLOTS_DIR)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
-        raise SandboxError(f"{SLOTS_DIR} is not a directory private to root")
+    _slots_dir()
     # A random first slot spreads concurrent starts (os.urandom: `secrets` costs ~5 ms of
     # imports on a cold run).
     first = int.from_bytes(os.urandom(4), "little") % slots
     for i in range(slots):
         slot = (first + i) % slots
-        fd = os.open(f"{SLOTS_DIR}/{slot}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
-                     os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = _lock_slot(slot)
+        if fd < 0:
             continue
         off = slot * RANGE_SIZE
         return HostRange(block.uid + off, block.gid + off, RANGE_SIZE), fd
     raise SandboxError(f"all {slots} id ranges for sandboxes are in use")
+
+
+def take(rng: HostRange, wait: float = 5.0) -> int:
+    """The lock of `rng`, a range `allocate` gave before (a container keeps its ids across
+    a stop and start), waiting up to `wait` s for its previous holder to go; -1 when the
+    block has one range only. Raises SandboxError when another sandbox holds it."""
+    block = host_range()
+    slots = block.size // RANGE_SIZE
+    if slots < 2:
+        return -1
+    off, rest = divmod(rng.uid - block.uid, RANGE_SIZE)
+    if rest or not 0 <= off < slots or rng.gid - block.gid != off * RANGE_SIZE:
+        raise SandboxError(f"host ids {rng.uid}/{rng.gid} are not a range of this host's block")
+    _slots_dir()
+    deadline = time.monotonic() + wait
+    while True:
+        fd = _lock_slot(off)
+        if fd >= 0:
+            return fd
+        if time.monotonic() > deadline:
+            raise SandboxError(f"the sandbox's host id range ({rng.uid}..) is in use by "
+                               "another sandbox")
+        time.sleep(0.05)
+
+
+def _slots_dir() -> None:
+    import stat
+
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(SLOTS_DIR, 0o700)
+    st = os.lstat(SLOTS_DIR)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise SandboxError(f"{SLOTS_DIR} is not a directory private to root")
+
+
+def _lock_slot(slot: int) -> int:
+    """The fd of slot `slot`'s lock, taken; -1 while someone else holds it."""
+    import fcntl
+
+    fd = os.open(f"{SLOTS_DIR}/{slot}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                 os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def sandbox_userns(opened: list[int]) -> tuple[int, int]:
@@ -214,6 +250,23 @@ def idmapped_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool = F
     raise OSError(last, f"cannot id-map {path}: {os.strerror(last)}")
 
 
+def attach(tree_fd: int, path: str) -> None:
+    """Attach a detached tree (`idmapped_tree`) at host path `path` (which must exist): for
+    a runtime that only takes paths (a container engine). `detach` it once the runtime has
+    made its own mount of it."""
+    rc = _libc().syscall(_SYS_MOVE_MOUNT, tree_fd, b"", -100, os.fsencode(path),
+                         _MOVE_MOUNT_F_EMPTY_PATH)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot attach at {path}: {os.strerror(err)}")
+
+
+def detach(path: str) -> None:
+    """Lazily unmount what `attach` put at `path` (nothing there: nothing done); mounts
+    made of it stay."""
+    _libc().umount2(os.fsencode(path), _MNT_DETACH)
+
+
 def enter_fn(
     userns_fd: int, before: Callable[[], None] | None = None
 ) -> Callable[[], None]:
@@ -253,6 +306,7 @@ _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
 _SYS_MOVE_MOUNT = 429
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MNT_DETACH = 0x2
 
 
 class Staged(NamedTuple):

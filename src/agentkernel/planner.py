@@ -249,7 +249,7 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
                        "run a module with `agentkernel run MODULE.wasm` instead")
     rootfs, image_config, note, fallback = (*engine, None) if engine is not None else \
         res.rootfs(image, config, registry, quiet)
-    if choice.backend.in_process:  # wasm: the host rootfs is a placeholder it never shows
+    if choice.backend.image_free:  # wasm: the host rootfs is a placeholder it never shows
         from .detect import WASM_ROOTFS
 
         note = WASM_ROOTFS

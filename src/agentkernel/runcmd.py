@@ -97,12 +97,6 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
         print(json.dumps(result))
     if outcome.exit_code != 125:  # 125: the sandbox could not run; no daemon would help
         autostart_daemon(say)
-    if plan_.backend.in_process:
-        # wasm: wasmtime's idle I/O threads panic (noisily) when the interpreter tears
-        # down around them; all output is flushed, so leave without the teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(outcome.exit_code)
     return outcome.exit_code
 
 

@@ -48,7 +48,6 @@ class Sandbox:
 
     # A plain class, not a dataclass: the dataclasses module alone costs the CLI's hot
     # path ~5 ms to import.
-    in_process = False  # wasm: runs in this process, nothing on the host to tear down
     def __init__(
         self, *, spec: SandboxSpec, backend: str, isolation: str, client: AgentClient,
         process: subprocess.Popen[bytes], scratch: Path, cgroup: Cgroup | None = None,

@@ -104,7 +104,9 @@ def compile_bpf(profile: str, *, no_setid: bool = False) -> Path:
     except OSError:
         pass
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{name}.{os.getpid()}.tmp"
+    # Unique per call, not per process: a daemon's pool refill and a run may compile the
+    # same program at once on two threads.
+    tmp = cache / f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
         res = subprocess.run([str(tool), *args, "-o", str(tmp)], capture_output=True, text=True,
                              check=False)  # fmt: skip

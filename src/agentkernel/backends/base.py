@@ -49,8 +49,8 @@ class Backend(ABC):
     name: str
     isolation: str  # e.g. "Linux namespaces (shared host kernel)"
     strength: int  # higher is stronger isolation; `auto` picks the strongest available
-    # Runs in the calling process (wasm): no host process to record, adopt or reap.
-    in_process: bool = False
+    # Needs no image (wasm): the host rootfs a run is planned with is a placeholder.
+    image_free: bool = False
     persistent: bool = True  # can keep a sandbox between runs (create/exec/stop)
     # Set when this backend runs in place of the one asked for (hyperlight -> wasm): why.
     substitute: str | None = None

@@ -20,7 +20,6 @@ restart of the engine or of us leaves the protocol intact), and the agent alread
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import struct
@@ -36,6 +35,7 @@ from .engine_http import EngineAPI, EngineError
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
+    from ..idmap import HostRange
     from ..images import ImageConfig
     from ..rootfs import HostRootfs
 
@@ -46,7 +46,13 @@ AGENT_SOCK = "agent.sock"  # persistent sandboxes: the agent listens
 LABEL_SANDBOX = "agentkernel.sandbox"
 LABEL_OWNER = "agentkernel.owner"
 LABEL_KIND = "agentkernel.kind"  # "run" (one-off: removed when it ends) or "persistent"
+LABEL_IDS = "agentkernel.ids"  # "UID:GID": the host ids the container's 0 maps to (ours)
 ENGINE_IMAGE = "engine:"  # HostRootfs.name prefix of an image the engine already has
+# HostRootfs.name prefix of a snapshot of a sandbox on the host's userland: the committed
+# image takes the place of our empty base image, the userland is bound on it again.
+ENGINE_BASE = "engine-base:"
+SNAPSHOT_REPO = "localhost/agentkernel-snapshot"
+SNAPSHOT_PATH = "engine-image:"  # a snapshot's recorded path: the image is the engine's
 BASE_REPO = "localhost/agentkernel-base"  # our empty base image: the host's userland is bound on it
 IMPORT_REPO = "localhost/agentkernel-image"  # images of our own store, imported into the engine
 START_TIMEOUT = 30.0
@@ -149,12 +155,18 @@ class ContainerBackend(Backend):
 
     strength = 5  # shares the host kernel, like namespaces, and its root may be host root
     stoppable = True  # the engine keeps the stopped container and its layer
+    # (`snapshots` stays False: no layers of ours on the host to archive; the manager takes
+    # a container's snapshot through the engine's `commit` instead: see `capabilities`.)
+    snapshot_refusal = "its engine could not commit it"
     engine: ClassVar[str]  # "docker" / "podman": names, labels, messages
     # Engine-specific create fields merged into HostConfig (podman's ulimits, userns).
     host_config_extra: ClassVar[dict[str, Any]] = {}
     # Appended to every tmpfs's options: Podman copies what a tmpfs covers into it unless
     # told not to, which would turn a mask into a copy of the secret it hides.
     tmpfs_extra: ClassVar[str] = ""
+
+    def capabilities(self) -> dict[str, bool]:
+        return {**super().capabilities(), "snapshots": True}  # through `commit`
 
     # --- what each engine says for itself ------------------------------------------------
     def socket_path(self) -> str | None:
@@ -272,21 +284,27 @@ class ContainerBackend(Backend):
         listener = None
         if not spec.persistent:
             listener = _listen(ctl / HOST_SOCK)
+        existing = self._existing(api, spec) if spec.persistent else None
+        ids = self.claim_ids(existing)
         try:
-            cid = self._container(api, spec, scratch)
-            root = self.container_root(api, cid)
+            cid = str(existing["Id"]) if existing else self._create(api, spec, scratch, ids)
+            root = ids.range.uid if ids is not None else self.container_root(api, cid)
             if root is not None:  # the sandbox's root must reach its socket; no one else
                 os.chown(ctl, root, root)
                 if listener is not None:
                     os.chown(ctl / HOST_SOCK, root, root)
-            api.call("POST", f"/containers/{cid}/start", expect=(204, 304), timeout=START_TIMEOUT)
+            self._start_container(api, cid, spec, scratch, ids)
             if listener is not None:
                 client, pid = _accept(listener, lambda: self._died(cid))
             else:
                 client, pid = self._connect_persistent(cid, ctl / AGENT_SOCK)
+            if ids is not None:
+                hold_ids(ids, pid)
         finally:
             if listener is not None:
                 listener.close()
+            if ids is not None and ids.lock >= 0:
+                os.close(ids.lock)  # the holder has its own copy (or the start failed)
         process = ContainerProcess(self, cid, pid)
         sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation, client=client,
                           process=process, scratch=scratch)
@@ -343,38 +361,74 @@ class ContainerBackend(Backend):
             time.sleep(0.01)
 
     # --- the container -------------------------------------------------------------------
-    def _container(self, api: EngineAPI, spec: SandboxSpec, scratch: Path) -> str:
-        """A persistent sandbox's existing container, or a new one."""
+    def _existing(self, api: EngineAPI, spec: SandboxSpec) -> dict[str, Any] | None:
+        """A persistent sandbox's container, if the engine has it (None: to be created)."""
         name = container_name(spec.name)
-        if spec.persistent:
-            try:
-                doc = api.call("GET", f"/containers/{name}/json", timeout=10)
-            except EngineError as exc:
-                if exc.status != 404:
-                    raise
-            else:
-                labels = (doc.get("Config") or {}).get("Labels") or {}
-                if labels.get(LABEL_OWNER) == str(os.getuid()):
-                    return str(doc["Id"])
-                raise SandboxError(f"a {self.engine} container named {name} exists and is "
-                                   "not this sandbox's")
-        body = self.create_body(spec, scratch, self._image_for(api, spec, scratch))
-        self._notes = list(body.pop("_notes"))
         try:
-            doc = api.call("POST", "/containers/create", query={"name": name}, body=body,
-                           expect=(201,), timeout=START_TIMEOUT)
+            doc: dict[str, Any] = api.call("GET", f"/containers/{name}/json", timeout=10)
+        except EngineError as exc:
+            if exc.status != 404:
+                raise
+            return None
+        labels = (doc.get("Config") or {}).get("Labels") or {}
+        if labels.get(LABEL_OWNER) != str(os.getuid()):
+            raise SandboxError(f"a {self.engine} container named {name} exists and is not "
+                               "this sandbox's")
+        return doc
+
+    def claim_ids(self, existing: dict[str, Any] | None) -> Ids | None:
+        """The host ids the sandbox's root and users will be (and the lock that keeps them
+        its own), when the engine puts containers in a user namespace we know the map of;
+        None when the engine decides alone (rootless engines: the caller's own ids)."""
+        return None
+
+    def _create(self, api: EngineAPI, spec: SandboxSpec, scratch: Path, ids: Ids | None) -> str:
+        body = self.create_body(spec, scratch, self._image_for(api, spec, scratch), ids)
+        self._notes = list(body.pop("_notes"))
+        name = container_name(spec.name)
+        for d in mapped_dirs(spec, scratch) if ids is not None else []:
+            d.path.mkdir(mode=0o700, exist_ok=True)  # engines check that a bind's source is
+        try:
+            return self.create_container(api, name, body, ids)
         except EngineError as exc:
             if exc.status == 409 and not spec.persistent:  # a leftover of a crashed run
                 self.remove_container(spec.name)
-                doc = api.call("POST", "/containers/create", query={"name": name}, body=body,
-                               expect=(201,), timeout=START_TIMEOUT)
-            else:
-                raise SandboxError(f"{self.engine} refused the sandbox: {exc.message}") \
-                    from None
+                return self.create_container(api, name, body, ids)
+            raise SandboxError(f"{self.engine} refused the sandbox: {exc.message}") from None
+
+    def create_container(self, api: EngineAPI, name: str, body: dict[str, Any],
+                         ids: Ids | None) -> str:
+        """Create the container `body` describes (Docker's create request); its id."""
+        doc = api.call("POST", "/containers/create", query={"name": name}, body=body,
+                       expect=(201,), timeout=START_TIMEOUT)
         return str(doc["Id"])
 
-    def create_body(self, spec: SandboxSpec, scratch: Path, image: Image) -> dict[str, Any]:
-        """The engine's container-create request for `spec`. Pure apart from its inputs."""
+    def _start_container(self, api: EngineAPI, cid: str, spec: SandboxSpec, scratch: Path,
+                         ids: Ids | None) -> None:
+        """Start it, the host dirs it gets shown through id-mapped mounts for as long as the
+        engine takes to mount them (its mounts keep them; ours go right after)."""
+        from ..idmap import close_all, new_userns
+
+        dirs = mapped_dirs(spec, scratch) if ids is not None else []
+        opened: list[int] = []
+        try:
+            if dirs and ids is not None:
+                opened.append(new_userns(ids.range))
+                for d in dirs:
+                    _attach_mapped(d, opened[0], opened)
+            api.call("POST", f"/containers/{cid}/start", expect=(204, 304), timeout=START_TIMEOUT)
+        finally:
+            close_all(opened)
+            for d in dirs:
+                from ..idmap import detach
+
+                detach(str(d.path))
+
+    def create_body(self, spec: SandboxSpec, scratch: Path, image: Image,
+                    ids: Ids | None = None) -> dict[str, Any]:
+        """The engine's container-create request for `spec` (Docker's form). Pure apart
+        from its inputs. With `ids`, host dirs are bound from where `_start_container`
+        shows them id-mapped."""
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -393,9 +447,10 @@ class ContainerBackend(Backend):
             m.add_tmpfs(path, f"rw,nosuid,nodev{size},mode=1777")
         if not p.root_writable:
             m.add_tmpfs("/root", f"rw,nosuid,nodev{size},mode=700")
-        notes = self._workspace(spec, scratch, m)
+        mapped = {d.src: str(d.path) for d in mapped_dirs(spec, scratch)} if ids else {}
+        notes = self._workspace(spec, scratch, m, mapped)
         if p.mount_home and spec.home is not None:
-            m.bind(str(spec.home), "/home/user")
+            m.bind(mapped.get(str(spec.home), str(spec.home)), "/home/user")
         for hidden in (*spec.masks, *_engine_socket_masks(spec)):
             m.mask(hidden, not hidden.endswith(".sock"))
         agent = [f"{AGENT_DIR}/agent"]
@@ -425,6 +480,8 @@ class ContainerBackend(Backend):
         }
         labels = {LABEL_SANDBOX: spec.name, LABEL_OWNER: str(os.getuid()),
                   LABEL_KIND: "persistent" if spec.persistent else "run"}
+        if ids is not None:
+            labels[LABEL_IDS] = f"{ids.range.uid}:{ids.range.gid}"
         return {
             "Image": image.ref, "Entrypoint": agent, "Cmd": [], "Env": [], "WorkingDir": "/",
             "User": "0:0", "Hostname": spec.hostname, "Labels": labels,
@@ -434,13 +491,14 @@ class ContainerBackend(Backend):
             "_notes": [*notes, *m.notes],  # ours, not the engine's: taken out before sending
         }
 
-    def _workspace(self, spec: SandboxSpec, scratch: Path, m: Mounts) -> list[str]:
+    def _workspace(self, spec: SandboxSpec, scratch: Path, m: Mounts,
+                   mapped: dict[str, str]) -> list[str]:
         """The project at /workspace per profile: rw or ro binds; copy-on-write as an
         overlay the engine mounts (the local volume driver), its upper dir ours."""
         p = spec.profile
         if spec.workspace is None or p.workspace == "none":
             return []
-        src = str(spec.workspace)
+        src = mapped.get(str(spec.workspace), str(spec.workspace))
         if p.workspace in ("rw", "ro"):
             m.bind(src, "/workspace", read_only=p.workspace == "ro")
             return []
@@ -473,6 +531,9 @@ class ContainerBackend(Backend):
         rootfs = spec.rootfs
         if rootfs.name.startswith(ENGINE_IMAGE):
             return Image(rootfs.name.removeprefix(ENGINE_IMAGE), (), ())
+        if rootfs.name.startswith(ENGINE_BASE):
+            binds = tuple((e.src, e.path) for e in rootfs.entries if e.kind != "symlink")
+            return Image(rootfs.name.removeprefix(ENGINE_BASE), binds, _host_masks(rootfs))
         if rootfs.name == "host":
             return self._host_image(api, rootfs, scratch)
         return self._imported(api, rootfs, scratch)
@@ -480,6 +541,8 @@ class ContainerBackend(Backend):
     def _host_image(self, api: EngineAPI, rootfs: HostRootfs, scratch: Path) -> Image:
         """The host's userland, read-only binds on an empty base image of our own (which
         holds only its symlinks), its secrets masked."""
+        import hashlib  # (here: the other paths do without it)
+
         links = tuple((e.path, e.target) for e in rootfs.entries if e.kind == "symlink")
         tag = hashlib.sha256(repr(links).encode()).hexdigest()[:12]
         ref = f"{BASE_REPO}:{tag}"
@@ -497,6 +560,8 @@ class ContainerBackend(Backend):
         if not sources:
             raise SandboxError(f"image {rootfs.name} has an empty root filesystem")
         root = Path(sources[0]).parent
+        import hashlib
+
         tag = hashlib.sha256(f"{rootfs.name}\0{root}".encode()).hexdigest()[:16]
         ref = f"{IMPORT_REPO}:{tag}"
         if not self._has_image(api, ref):
@@ -570,11 +635,85 @@ class ContainerBackend(Backend):
         return gone
 
     # --- snapshots -----------------------------------------------------------------------
-    def commit(self, name: str, repo: str, tag: str) -> str:
-        """A persistent sandbox's container as an image in the engine (`commit`)."""
-        doc = self.api().call("POST", "/commit", timeout=600, query={
-            "container": container_name(name), "repo": repo, "tag": tag, "pause": "1"})
-        return str((doc or {}).get("Id", ""))
+    def commit(self, name: str, snap: str) -> str:
+        """A persistent sandbox's container as an image in the engine (`commit`): its
+        root filesystem as it is now (its tmpfs mounts and the host dirs bound in are not
+        part of it). Returns the image's id."""
+        try:
+            doc = self.api().call("POST", "/commit", timeout=600, query={
+                "container": container_name(name), "repo": SNAPSHOT_REPO,
+                "tag": f"{os.getuid()}-{snap}", "pause": "1"}, body={})  # (podman wants one)
+        except EngineError as exc:
+            raise SandboxError(f"{self.engine} could not commit the sandbox: "
+                               f"{exc.message}") from None
+        ident = str((doc or {}).get("Id", "") or (doc or {}).get("id", ""))
+        if not ident:
+            raise SandboxError(f"{self.engine} committed the sandbox but named no image")
+        return ident
+
+
+class Ids(NamedTuple):
+    """The host ids a container's 0..size-1 are, and the lock of that range (-1: none;
+    else an fd `allocate`/`take` gave, for `hold_ids` to keep while the container lives)."""
+
+    range: HostRange
+    lock: int
+
+
+class MappedDir(NamedTuple):
+    """A host dir shown to a container in a user namespace through an id-mapped mount
+    (so that host root's files are the container root's), attached at `path` while the
+    engine starts the container."""
+
+    src: str
+    path: Path
+    read_only: bool
+
+
+def mapped_dirs(spec: SandboxSpec, scratch: Path) -> list[MappedDir]:
+    """The host dirs a sandbox in a user namespace gets id-mapped: its project and home."""
+    p = spec.profile
+    out = []
+    if spec.workspace is not None and p.workspace != "none":
+        out.append(MappedDir(str(spec.workspace), scratch / "map-ws", p.workspace != "rw"))
+    if p.mount_home and spec.home is not None and str(spec.home) != str(spec.workspace):
+        out.append(MappedDir(str(spec.home), scratch / "map-home", True))
+    return out
+
+
+def _attach_mapped(d: MappedDir, userns: int, opened: list[int]) -> None:
+    from ..idmap import attach, idmapped_tree
+
+    d.path.mkdir(mode=0o700, exist_ok=True)
+    try:
+        # plain: the runtime remounts its bind (read-only) and could not keep flags we set
+        # (locked in its user namespace); the engine's own options add nosuid, nodev.
+        fd = idmapped_tree(d.src, userns, read_only=d.read_only, plain=True)
+        opened.append(fd)
+        attach(fd, str(d.path))
+    except OSError as exc:
+        raise SandboxError(f"cannot show {d.src} to the sandbox in its user namespace: "
+                           f"{exc.strerror}") from None
+
+
+HOLD_POLL = "0.2"  # seconds between the holder's looks at the container's init
+
+
+def hold_ids(ids: Ids, pid: int) -> None:
+    """Keep the container's id range locked for as long as its init (`pid`, on the host)
+    lives: the engine, not we, runs the container, so the lock goes to a small process of
+    its own (tail --pid), detached from us (setsid --fork: init reaps it). It outlives us
+    and a daemon restart, and lets go at most HOLD_POLL s after the container's end."""
+    from ..paths import which
+
+    if ids.lock < 0:
+        return
+    setsid, tail = which("setsid"), which("tail")
+    if setsid is None or tail is None:
+        raise SandboxError("keeping a container's id range needs setsid and tail")
+    subprocess.run([setsid, "--fork", tail, f"--pid={pid}", "-s", HOLD_POLL, "-f",
+                    "/dev/null"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, pass_fds=(ids.lock,), check=True, timeout=10)
 
 
 class Image(NamedTuple):
@@ -711,6 +850,34 @@ def connect_agent(path: Path, init_pid: int) -> AgentClient:
     return AgentClient.from_socket(sock)
 
 
+
+
+def snapshot_ref(ident: str) -> str:
+    """The recorded path of a snapshot the engine keeps as image `ident`."""
+    return f"{SNAPSHOT_PATH}{ident}"
+
+
+def snapshot_rootfs(rootfs: HostRootfs, path: str) -> HostRootfs:
+    """The root filesystem of a sandbox restored from the snapshot at `path`: the committed
+    image; on the host's userland, that image in place of our base, the userland bound
+    on it again (it was never in the container's layer)."""
+    ident = path.removeprefix(SNAPSHOT_PATH)
+    if rootfs.name == "host":
+        return rootfs._replace(name=f"{ENGINE_BASE}{ident}")
+    return rootfs._replace(entries=(), masks=(), name=f"{ENGINE_IMAGE}{ident}")
+
+
+def remove_snapshot(backend: ContainerBackend, path: str) -> bool:
+    """Remove a snapshot's image from the engine (kept while a container still uses it);
+    False when `path` is not an engine's snapshot."""
+    from urllib.parse import quote
+
+    if not path.startswith(SNAPSHOT_PATH):
+        return False
+    with contextlib.suppress(EngineError, BackendUnavailable):
+        backend.api().call("DELETE", f"/images/{quote(path.removeprefix(SNAPSHOT_PATH))}",
+                           expect=(200, 404, 409), timeout=60)
+    return True
 
 
 def not_found(name: str) -> NotFound:

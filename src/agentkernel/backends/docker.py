@@ -1,12 +1,24 @@
-"""The `docker` backend: Docker Engine through its API socket (see container_engine)."""
+"""The `docker` backend: Docker Engine through its API socket (see container_engine).
+
+Docker has no user namespace per container: without `userns-remap` (or a rootless engine)
+a container's root is host root, whoever asks the engine (root or a `docker` group
+member: the same thing). Such an engine is refused. With `userns-remap` every container's
+ids are the engine's one remapped range (shared by all its containers); the project and
+home dirs are shown through id-mapped mounts of that range, so root's files stay root's.
+"""
 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
-from typing import Any, ClassVar
+import time
+from typing import Any, ClassVar, NamedTuple
 
-from .container_engine import ContainerBackend
+from ..errors import BackendUnavailable
+from .container_engine import ContainerBackend, Ids
+from .engine_http import EngineAPI
+
+REMAP_HINT = ('enable userns-remap: put {"userns-remap": "default"} in /etc/docker/daemon.json '
+              "and restart dockerd (or use rootless Docker, or the podman backend)")
 
 
 def docker_socket() -> str | None:
@@ -23,6 +35,15 @@ def docker_socket() -> str | None:
     return None
 
 
+class Mode(NamedTuple):
+    """Who a Docker engine's containers are on the host."""
+
+    kind: str  # "remap" (userns-remap), "rootless", or "root" (refused)
+    uid: int = -1  # remap: the host ids the containers' 0..size-1 are
+    gid: int = -1
+    size: int = 0
+
+
 class DockerBackend(ContainerBackend):
     name = "docker"
     engine = "docker"
@@ -37,19 +58,114 @@ class DockerBackend(ContainerBackend):
         return ("no Docker engine socket (/var/run/docker.sock or DOCKER_HOST=unix://…): "
                 "apt install docker.io and start dockerd")
 
+    def mode(self) -> Mode:
+        return engine_mode(self.api())
+
     def root_uid(self) -> int | None:
-        return _remapped_root(self.api().path)
+        mode = self.mode()
+        return mode.uid if mode.kind == "remap" else None
+
+    def claim_ids(self, existing: dict[str, Any] | None) -> Ids | None:
+        """The engine's remapped range (no lock: it is the engine's, not ours to share
+        out); refused outright when the containers' root would be host root."""
+        from ..idmap import HostRange
+
+        mode = self.mode()
+        if mode.kind == "root":
+            raise BackendUnavailable(
+                "the docker engine runs containers as host root (no user namespace): "
+                f"refused; {REMAP_HINT}")
+        if mode.kind == "rootless":
+            return None
+        return Ids(HostRange(mode.uid, mode.gid, mode.size), -1)
+
+    def create_container(self, api: EngineAPI, name: str, body: dict[str, Any],
+                         ids: Ids | None) -> str:
+        _settle(api)
+        return super().create_container(api, name, body, ids)
+
+    def probe(self, deep: bool = False) -> Any:
+        from .base import Probe
+
+        found = super().probe(deep)
+        if not deep or not found.ok:
+            return found
+        ok = self.mode().kind != "root"
+        return Probe(ok, found.detail)
+
+    def root_note(self) -> str:
+        mode = self.mode()
+        if mode.kind == "rootless":
+            return "rootless Docker: the sandbox's root is the engine's user (user namespace)"
+        if mode.kind == "remap":
+            return (f"userns-remap: the sandbox's root is host uid {mode.uid} (a range of "
+                    f"{mode.size} ids every container of this engine shares)")
+        return (f"the sandbox's root would be host root (no userns-remap): refused; "
+                f"{REMAP_HINT}")
 
 
-@lru_cache(maxsize=4)
-def _remapped_root(path: str) -> int | None:
-    """With `userns-remap`, dockerd keeps its data in `<root>/<uid>.<gid>` and the container's
-    root is that uid; without it the container's root is host root."""
-    from .engine_http import EngineAPI
+SETTLE_SECONDS = 3.0
 
-    info = EngineAPI(path, what="docker").call("GET", "/info", timeout=10)
-    if not any("name=userns" in str(opt) for opt in info.get("SecurityOptions") or []):
-        return None
+
+def _settle(api: EngineAPI) -> None:
+    """Wait (a little) for our one-off containers that have ended to be gone.
+
+    Seen with Debian's Docker 20.10 on kernel 6.18, rootful, with or without userns-remap:
+    a container created while another of the same image is being taken down can start with
+    files of its image missing ("executable file not found", "stat /bin/busybox"), about 1
+    run in 10 when they overlap; plain `docker run -d --rm` loops show it too. One-off
+    sandboxes end with their container's removal (AutoRemove) still under way, so the next
+    run would overlap it: it waits for that first (one API call when nothing is pending)."""
+    import json
+
+    from .container_engine import LABEL_KIND, LABEL_OWNER
+
+    filters = json.dumps({"label": [f"{LABEL_OWNER}={os.getuid()}", f"{LABEL_KIND}=run"],
+                          "status": ["exited", "dead", "removing"]})
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while api.call("GET", "/containers/json", query={"all": "1", "filters": filters},
+                   timeout=10) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+_MODES: dict[tuple[str, int], Mode] = {}
+
+
+def engine_mode(api: EngineAPI) -> Mode:
+    """Rootless, remapped or root: from the engine's /info (cached per socket inode: a
+    restarted dockerd makes a new socket, and may have another setting)."""
+    try:
+        key = (api.path, os.stat(api.path).st_ino)
+    except OSError:
+        key = (api.path, 0)
+    if key not in _MODES:
+        _MODES[key] = _mode(api.call("GET", "/info", timeout=10))
+    return _MODES[key]
+
+
+def _mode(info: dict[str, Any]) -> Mode:
+    options = [str(o) for o in info.get("SecurityOptions") or []]
+    if any("name=rootless" in o for o in options):
+        return Mode("rootless")
+    if not any("name=userns" in o for o in options):
+        return Mode("root")
+    # With userns-remap, dockerd keeps its data in `<root>/<uid>.<gid>`.
     tail = str(info.get("DockerRootDir", "")).rstrip("/").rsplit("/", 1)[-1]
-    uid, _, _ = tail.partition(".")
-    return int(uid) if uid.isdigit() else None
+    uid, _, gid = tail.partition(".")
+    if not (uid.isdigit() and gid.isdigit()):
+        return Mode("root")  # not a layout we know: assume the worst
+    return Mode("remap", int(uid), int(gid), _remap_size(int(uid)))
+
+
+def _remap_size(start: int) -> int:
+    """How many ids the remapped range has: the /etc/subuid entry starting at `start`
+    (dockerd takes the first of its user's; 65536 when not found)."""
+    try:
+        with open("/etc/subuid") as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[1] == str(start) and parts[2].isdigit():
+                    return min(int(parts[2]), 65536)
+    except OSError:
+        pass
+    return 65536

@@ -1,19 +1,24 @@
-"""The `podman` backend: Podman through its Docker-compatible API service (see
-container_engine), rootful or rootless; the service is started for us when none runs."""
+"""The `podman` backend: Podman through its API service (see container_engine), rootful or
+rootless; the service is started for us when none runs.
+
+Containers are created through Podman's own API (`/libpod/containers/create`): the
+Docker-compatible one cannot say which host ids a container's user namespace maps to.
+Started by root, each container gets an id range of ours (`idmap.allocate`), locked for as
+long as it lives, so its root is never host root and no two sandboxes share a host id.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable
 from ..paths import which
 from ..sandbox import SandboxSpec
-from .container_engine import ContainerBackend, Mounts
+from .container_engine import LABEL_IDS, ContainerBackend, Ids, Mounts
 from .engine_http import EngineAPI
 
 SERVICE_IDLE = 600  # seconds our own `podman system service` lingers unused
@@ -74,14 +79,32 @@ class PodmanBackend(ContainerBackend):
     engine = "podman"
     tmpfs_extra = ",notmpcopyup"
 
-    @property
-    def host_config_extra(self) -> dict[str, Any]:  # type: ignore[override]
-        extra: dict[str, Any] = {"Ulimits": _ulimits()}
-        if os.geteuid() == 0 and _auto_userns():
-            # Rootful: a fresh unprivileged id range per container (/etc/subuid's
-            # `containers` entry), so the sandbox's root is not host root.
-            extra["UsernsMode"] = "auto"
-        return extra
+    def claim_ids(self, existing: dict[str, Any] | None) -> Ids | None:
+        """Rootful: a range of ours for a new container; an existing one's own range (its
+        map is fixed when it is created), locked again. Rootless: Podman's user namespace
+        of the caller's ids (None)."""
+        from ..idmap import RANGE_SIZE, HostRange, allocate, take
+
+        if os.geteuid() != 0:
+            return None
+        if existing is None:
+            rng, lock = allocate()
+            return Ids(rng, lock)
+        label = ((existing.get("Config") or {}).get("Labels") or {}).get(LABEL_IDS, "")
+        uid, _, gid = str(label).partition(":")
+        if not (uid.isdigit() and gid.isdigit()):
+            from ..errors import SandboxError
+
+            raise SandboxError(f"container {existing.get('Name', '?')} has no host id range "
+                               "of ours (made by an older agentkernel?): remove the sandbox")
+        rng = HostRange(int(uid), int(gid), RANGE_SIZE)
+        return Ids(rng, take(rng))
+
+    def create_container(self, api: EngineAPI, name: str, body: dict[str, Any],
+                         ids: Ids | None) -> str:
+        doc = api.call("POST", "/libpod/containers/create", body=specgen(name, body, ids),
+                       expect=(201,), timeout=60)
+        return str(doc["Id"])
 
     def socket_path(self) -> str | None:
         for path in _candidates():
@@ -116,9 +139,11 @@ class PodmanBackend(ContainerBackend):
 
         if not deep and which("podman") is None and self.socket_path() is None:
             return Probe(False, self.missing_hint())
-        if not deep or self.socket_path() is None:  # doctor starts no service
-            return Probe(True, (self.socket_path() or "podman (its API service starts on "
-                                "first use)") + f"; {self.root_note()}")
+        if not deep:  # (on every run: nothing more than needed to pick the backend)
+            return Probe(True, self.socket_path() or "podman")
+        if self.socket_path() is None:  # doctor starts no service
+            return Probe(True, f"podman (its API service starts on first use); "
+                               f"{self.root_note()}")
         return super().probe(deep)
 
     def missing_hint(self) -> str:
@@ -132,34 +157,59 @@ class PodmanBackend(ContainerBackend):
         m.bind(src, "/workspace", read_only=True)
         m.notes.append("copy-on-write workspace not available on podman yet: read-only")
 
-    def container_root(self, api: EngineAPI, cid: str) -> int | None:
-        """--userns=auto picks the range when the container is created: ask (the libpod
-        API has it; the compatible one does not). Rootless: root is the calling user."""
-        if os.geteuid() != 0 or not _auto_userns():
-            return None
-        doc = api.call("GET", f"/libpod/containers/{cid}/json", timeout=10)
-        maps = ((doc.get("HostConfig") or {}).get("IDMappings") or {}).get("UidMap") or []
-        for entry in maps:
-            inside, host, _ = [*str(entry).split(":"), "", ""][:3]
-            if inside == "0" and host.isdigit():
-                return int(host)
-        return None
-
     def root_note(self) -> str:
         if os.geteuid() != 0:
             return ("rootless: the sandbox's root is your own uid (a user namespace); "
                     "other ids come from /etc/subuid")
-        if _auto_userns():
-            return "the sandbox's root is an unprivileged host uid (--userns=auto)"
-        return ("the sandbox's root is host root (no `containers` entry in /etc/subuid for "
-                "--userns=auto; no capabilities, no_new_privs, seccomp)")
+        from ..idmap import host_range
+
+        block = host_range()
+        return (f"the sandbox's root is an unprivileged host uid: each sandbox gets its own "
+                f"range of 65536 ids from {block.uid} (user namespace; never host root, "
+                "no two sandboxes share one)")
 
 
-@lru_cache(maxsize=1)
-def _auto_userns() -> bool:
-    """Rootful `--userns=auto` needs /etc/subuid and /etc/subgid entries for `containers`."""
-    try:
-        return all(any(line.split(":")[0] == "containers" for line in
-                       Path(f).read_text().splitlines()) for f in ("/etc/subuid", "/etc/subgid"))
-    except OSError:
-        return False
+def specgen(name: str, body: dict[str, Any], ids: Ids | None) -> dict[str, Any]:
+    """Podman's create request (its SpecGenerator) for a Docker-form `body`."""
+    host = body["HostConfig"]
+    mounts: list[dict[str, Any]] = []
+    for m in host["Mounts"]:
+        if m["Type"] != "bind":
+            raise ValueError(f"podman: mount type {m['Type']} not translated")
+        options = ["rbind", "ro" if m.get("ReadOnly") else "rw", "rprivate"]
+        if m["Source"] != "/dev/null":  # (a mask: a device, of course)
+            options += ["nosuid", "nodev"]
+        mounts.append({"destination": m["Target"], "type": "bind", "source": m["Source"],
+                       "options": options})
+    for target, options in host["Tmpfs"].items():
+        mounts.append({"destination": target, "type": "tmpfs", "source": "tmpfs",
+                       "options": options.split(",")})
+    limits: dict[str, Any] = {}
+    if host["PidsLimit"] > 0:
+        limits["pids"] = {"limit": host["PidsLimit"]}
+    if host["Memory"]:
+        limits["memory"] = {"limit": host["Memory"], "swap": host["MemorySwap"]}
+    if host["NanoCpus"]:
+        limits["cpu"] = {"quota": host["NanoCpus"] // 10000, "period": 100000}
+    spec: dict[str, Any] = {
+        "name": name, "image": body["Image"], "entrypoint": body["Entrypoint"],
+        "command": [], "env": {}, "work_dir": body["WorkingDir"], "user": body["User"],
+        "hostname": body["Hostname"], "labels": body["Labels"], "stop_signal": 9,
+        "mounts": mounts, "read_only_filesystem": host["ReadonlyRootfs"],
+        # Our tmpfs mounts, none of Podman's: it would add /tmp, /run, /var/tmp of its own.
+        "read_write_tmpfs": False,
+        "cap_drop": ["ALL"], "cap_add": [], "no_new_privileges": True,
+        "netns": {"nsmode": "bridge" if host["NetworkMode"] == "bridge" else "none"},
+        "ipcns": {"nsmode": "private"}, "remove": host["AutoRemove"],
+        "restart_policy": "no", "systemd": "false", "privileged": False,
+        "r_limits": [{"type": u["Name"], "soft": u["Soft"], "hard": u["Hard"]}
+                     for u in _ulimits()],
+        "resource_limits": limits,
+    }
+    if ids is not None:  # rootful: the sandbox's ids 0..65535 are our range
+        rng = ids.range
+        spec["userns"] = {"nsmode": "private"}
+        spec["idmappings"] = {
+            "UIDMap": [{"container_id": 0, "host_id": rng.uid, "size": rng.size}],
+            "GIDMap": [{"container_id": 0, "host_id": rng.gid, "size": rng.size}]}
+    return spec

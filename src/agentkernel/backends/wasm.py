@@ -1,36 +1,39 @@
-"""The wasm backend: WASI (preview1) modules on wasmtime, run in this process.
+"""The wasm backend: WASI (preview1) modules on wasmtime, in a confined worker process.
 
-A module sees only what WASI grants it: its argv and environment, stdin/stdout/stderr
-(streamed through bounded queues, with back-pressure), and the project dir preopened at
-/workspace (read-write only where the profile says `rw`; `cow` and `ro` are read-only
-here, since WASI has no overlay). Nothing else is granted: no other preopen, no socket
-(preview1 can only use sockets handed to it, and none are), no clock or random beyond what
-WASI defines. Timeouts and kills are epoch deadlines (a ticker advances the engine's epoch
-while a module runs; a callback traps the one whose time is up), memory is capped by the
-store's limiter (memory.grow answers -1 past the profile's limit).
+A module sees only what WASI grants it: its argv and environment, stdin/stdout/stderr,
+and the project dir preopened at /workspace (read-write only where the profile says `rw`;
+`cow` and `ro` are read-only, since WASI has no overlay). No other preopen, no socket.
 
-The barrier is wasmtime alone (its compiler and WASI implementation), inside the calling
-process: there is no kernel boundary and no id mapping, so a wasmtime escape would be the
-caller's own user. docs/backends.md says so; `strength` ranks it below namespaces.
+Two barriers, not one. wasmtime runs in a worker process (wasm_worker.py) of its own,
+started through the namespaces backend: its own user namespace (an unprivileged host id
+range when root starts it, the caller's own uid otherwise), pid/ipc/uts/cgroup namespaces,
+an empty network namespace, a mount namespace that shows only the interpreter, wasmtime,
+this package and the project at /workspace (read-only unless `rw`), the agent's
+no_new_privs + seccomp filter, a cgroup (memory, pids) or rlimits where there is none.
+No data or runtime dir of ours is in it. A wasmtime escape is code in that sandbox, no
+more: not the CLI, not the daemon, never host root.
 
-Compiled modules are cached on disk (wasm_cache: ours-only, keyed by content and engine)
-and kept pre-linked in memory (`InstancePre`), so a daemon that ran a module once runs it
-again without compiling or linking.
+This process compiles (untrusted input meets Cranelift here, as with any compiler; it
+never runs the result), keeps compiled modules in the ours-only disk cache (wasm_cache)
+and in memory, and hands the worker the compiled bytes with the job over its stdin. The
+worker never writes anything this process later trusts: a compromised worker cannot plant
+a `.cwasm`, whose loading would be code execution.
+
+Timeouts are enforced from here (SIGKILL through the agent), not by the worker; memory is
+capped exactly by the worker's store limiter (memory.grow answers -1 past the profile's
+limit) and, around the whole worker, by its cgroup. A daemon keeps warm workers (sandbox
+up, wasmtime imported, waiting for a job); each runs one module and is destroyed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import itertools
 import os
-import queue
 import signal
 import stat
-import subprocess
+import sys
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,10 +42,12 @@ from typing import TYPE_CHECKING, Any
 from ..agent.client import AgentClient, AgentInfo, Execution, ExitStatus
 from ..errors import (
     AgentRequestError,
-    Cancelled,
+    BackendUnavailable,
     CommandNotExecutable,
     CommandNotFound,
     Conflict,
+    ProtocolError,
+    SandboxError,
     UsageError,
 )
 from ..sandbox import Sandbox, SandboxSpec
@@ -51,19 +56,23 @@ from .base import Backend, Probe
 if TYPE_CHECKING:
     import wasmtime
 
+    from ..profiles import Profile, WorkspaceMode
+    from ..rootfs import HostRootfs
+
 MAX_MODULE_BYTES = 64 * 1024 * 1024  # a module (or its text) larger than this is refused
-CHUNK = 64 * 1024  # output is queued in pieces of at most this size
-QUEUE_DEPTH = 64  # pieces queued per run before the module waits (back-pressure): 4 MiB
-TICK = 0.01  # epoch period: timeouts and kills take effect within about this long
-MODULES_KEPT = 64  # pre-linked modules kept in memory (least recently used go)
-# Per store: tables and instances a WASI command needs, with room, but bounded.
-MAX_TABLE_ELEMENTS = 1 << 20
-MAX_INSTANCES = 4
-MAX_TABLES = 8
-MAX_MEMORIES = 2
-# Signals that do not end a process by default: not a reason to stop a module.
-_HARMLESS = frozenset({signal.SIGWINCH, signal.SIGCHLD, signal.SIGURG, signal.SIGCONT})
+MAX_JOB_HEADER = 512 * 1024  # argv + env of one run, as JSON (the worker takes up to 1 MiB)
+COMPILED_KEPT = 64  # compiled modules kept in memory (least recently used go) ...
+COMPILED_KEPT_BYTES = 256 * 1024 * 1024  # ... and at most this many bytes of them
 WORKSPACE = "/workspace"
+# Where wasmtime and this package appear in the worker (a dir of its own: nothing else
+# of the host's paths comes with them).
+WORKER_ROOT = "/ak-wasm"
+WORKER_SCRIPT = f"{WORKER_ROOT}/agentkernel/backends/wasm_worker.py"
+# The worker's memory cap is the module's plus this, for the interpreter, wasmtime and
+# the agent: the module's own limit is the store limiter's, exact.
+WORKER_OVERHEAD_MB = 256
+WORKER_PIDS = 64  # the agent, the interpreter, wasmtime's threads
+READY_TIMEOUT = 60.0  # seconds for a worker to import wasmtime on a loaded host
 
 
 _VERSION: list[str | None] = []
@@ -80,9 +89,7 @@ def wasmtime_version() -> str | None:
 
 
 def _find_version() -> str | None:
-    from importlib.util import find_spec
-
-    spec = find_spec("wasmtime")
+    spec = _wasmtime_spec()
     if spec is None or not spec.origin:
         return None
     site = Path(spec.origin).parent.parent
@@ -91,6 +98,12 @@ def _find_version() -> str | None:
             if entry.name.startswith("wasmtime-") and entry.name.endswith(".dist-info"):
                 return entry.name[len("wasmtime-"):-len(".dist-info")]
     return "unknown"
+
+
+def _wasmtime_spec() -> Any:
+    from importlib.util import find_spec
+
+    return find_spec("wasmtime")
 
 
 def hyperlight_unavailable() -> str:
@@ -105,14 +118,16 @@ def hyperlight_unavailable() -> str:
 
 class WasmBackend(Backend):
     name = "wasm"
-    strength = 5  # one in-process software barrier: below namespaces (see the module doc)
-    in_process = True
+    # wasmtime inside a namespaces sandbox: never weaker than namespaces alone.
+    strength = 10
     persistent = False
+    image_free = True
 
     def __init__(self, requested: str = "wasm") -> None:
         version = wasmtime_version() or "missing"
-        self.isolation = (f"WebAssembly (wasmtime {version}, WASI preview1, in this process; "
-                          f"only {WORKSPACE} preopened, no network)")
+        self.isolation = (f"WebAssembly (wasmtime {version}, WASI preview1) in a worker "
+                          f"confined by Linux namespaces + seccomp; only {WORKSPACE} "
+                          "preopened, no network")
         self.substitute: str | None = None
         if requested == "hyperlight":
             why = hyperlight_unavailable()
@@ -120,25 +135,29 @@ class WasmBackend(Backend):
             self.substitute = f"hyperlight unavailable ({why}): running on the wasm backend"
 
     def probe(self, deep: bool = False) -> Probe:
+        from .namespaces import NamespacesBackend
+
         version = wasmtime_version()
         if version is None:
             return Probe(False, "the wasmtime Python package is not installed")
+        ns = NamespacesBackend().probe(deep)
+        if not ns.ok:
+            return Probe(False, f"its worker runs in a namespaces sandbox: {ns.detail}")
         if not deep:
             return Probe(True, f"wasmtime {version}")
         try:
-            rt = runtime()
-            pre = rt.link(rt.compile(b'(module (func (export "_start")))'))
-            store = rt.new_store(None)
-            pre.instantiate(store).exports(store)["_start"](store)  # type: ignore[operator]
+            compiler().compile(b'(module (func (export "_start")))', "probe")
         except Exception as exc:  # any failure is the probe's answer
-            return Probe(False, f"wasmtime {version} cannot run a module: {exc}")
-        return Probe(True, f"wasmtime {version} runs WASI modules; compiled modules cached in "
-                           f"the data dir")
+            return Probe(False, f"wasmtime {version} cannot compile a module: {exc}")
+        return Probe(True, f"wasmtime {version} compiles WASI modules (cached in the data "
+                           "dir); they run in confined worker sandboxes")
 
     def version_files(self) -> tuple[str, ...]:
-        import wasmtime
+        from .namespaces import NamespacesBackend
 
-        return (str(Path(wasmtime.__file__).parent),)
+        spec = _wasmtime_spec()
+        where = str(Path(spec.origin).parent) if spec is not None and spec.origin else ""
+        return (where, *NamespacesBackend().version_files())
 
     def start(self, spec: SandboxSpec) -> Sandbox:
         if spec.persistent:
@@ -151,60 +170,146 @@ class WasmBackend(Backend):
                 f"the project dir {spec.workspace} contains agentkernel's own state "
                 f"({', '.join(hidden)} inside), which a WASI preopen cannot hide: use a "
                 "project dir that does not")
-        return WasmSandbox(spec, self.isolation)
+        return start_worker(spec, self.isolation)
 
 
-# ---------------------------------------------------------------- the process-wide engine
+# ---------------------------------------------------------------- the worker's sandbox
 
 
-class _Runtime:
-    """One wasmtime engine per process, its WASI linker, pre-linked modules, the ticker."""
+def worker_profile(profile: Profile, has_workspace: bool) -> Profile:
+    """The namespaces profile a worker runs under: never a network, the project read-only
+    unless `rw` (WASI has no overlay for `cow`), nothing of $HOME, room for the
+    interpreter above the module's own memory limit, the strictest seccomp policy
+    whatever the profile (an interpreter running wasmtime needs none of what it denies)."""
+    workspace: WorkspaceMode = (("rw" if profile.workspace == "rw" else "ro") if has_workspace
+                                else "none")
+    memory = profile.memory_mb + WORKER_OVERHEAD_MB if profile.memory_mb else None
+    return profile._replace(network="none", workspace=workspace, mount_home=False,
+                            pass_env=False, root_writable=False, memory_mb=memory,
+                            pids=WORKER_PIDS, seccomp="restrictive")
+
+
+def worker_rootfs() -> HostRootfs:
+    """What the worker's root shows, read-only: /usr (and the /lib, /bin links into it),
+    the interpreter's own prefix if it lives elsewhere, wasmtime and this package under
+    WORKER_ROOT. No /etc, no home, no data or runtime dir."""
+    from ..rootfs import HostEntry, HostRootfs, host_rootfs
+
+    entries = [e for e in host_rootfs().entries if e.path != "/etc"]
+    prefix = os.path.realpath(sys.base_prefix)
+    if not any(prefix == e.path or prefix.startswith(e.path + "/") for e in entries
+               if e.kind == "ro-bind"):
+        entries.append(HostEntry("ro-bind", prefix))
+    spec = _wasmtime_spec()
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendUnavailable("the wasmtime Python package is not installed")
+    package = Path(__file__).resolve().parent.parent
+    entries.append(HostEntry("ro-bind", f"{WORKER_ROOT}/wasmtime",
+                             source=os.path.realpath(spec.submodule_search_locations[0])))
+    entries.append(HostEntry("ro-bind", f"{WORKER_ROOT}/agentkernel", source=str(package)))
+    return HostRootfs(tuple(entries), (), name="wasm-worker")
+
+
+def worker_spec(spec: SandboxSpec) -> SandboxSpec:
+    workspace = spec.workspace if spec.profile.workspace != "none" else None
+    return spec._replace(profile=worker_profile(spec.profile, workspace is not None),
+                         rootfs=worker_rootfs(), workspace=workspace, home=None,
+                         hostname="agentkernel-wasm", masks=())
+
+
+def start_worker(spec: SandboxSpec, isolation: str) -> WasmSandbox:
+    """A namespaces sandbox with a worker started in it: it imports wasmtime meanwhile (a
+    cold run compiles or reads the cache at the same time) and says when it is ready;
+    `exec` waits for that before it hands over the job."""
+    from .namespaces import NamespacesBackend
+
+    inner = NamespacesBackend().start(worker_spec(spec))
+    try:
+        python = os.path.realpath(sys.executable)
+        worker = inner.client.exec(
+            [python, "-I", "-S", WORKER_SCRIPT], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+            stdin=True, rlimits=inner.command_rlimits())
+    except BaseException:
+        inner.destroy()
+        raise
+    return WasmSandbox(spec, isolation, inner, worker)
+
+
+def _await_ready(worker: Execution) -> None:
+    """The worker's one ready byte; anything else is why it did not start."""
+    from .wasm_worker import READY
+
+    said = b""
+    try:
+        while True:
+            kind, payload = worker._next(READY_TIMEOUT)
+            if isinstance(payload, ExitStatus):
+                raise SandboxError(f"the wasm worker did not start: "
+                                   f"{said.decode(errors='replace').strip() or payload}")
+            if kind == "stdout" and payload == READY:
+                return
+            said = (said + payload)[-4096:]
+    except TimeoutError:
+        raise SandboxError("the wasm worker did not start in time") from None
+    except ProtocolError as exc:
+        raise SandboxError(f"the wasm worker's sandbox died: {exc}") from None
+
+
+# ---------------------------------------------------------------- compiling (this process)
+
+
+class _Compiler:
+    """The compiled modules kept in memory, and for a module met for the first time a
+    wasmtime engine (made, and wasmtime imported, only then: a cache hit needs neither)
+    with its WASI linker to check imports."""
 
     def __init__(self) -> None:
-        import platform
-
-        import wasmtime
-
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        self.engine = wasmtime.Engine(config)
-        self.linker = wasmtime.Linker(self.engine)
-        self.linker.define_wasi()
-        # What a cached compiled module must have been compiled for (wasm_cache's key).
-        self.fingerprint = (f"wasmtime {wasmtime_version()}; epoch_interruption; "
-                            f"{platform.machine()}")
+        # The worker's engine has the same (default) settings: compiled code is only
+        # loaded by an engine configured as the one that compiled it.
+        self.fingerprint = (f"wasmtime {wasmtime_version()}; default config; "
+                            f"{os.uname().machine}; worker")
+        self._engine: tuple[wasmtime.Engine, wasmtime.Linker] | None = None
         self._lock = threading.Lock()
         self._by_file: OrderedDict[tuple[int, ...], str] = OrderedDict()
-        self._by_hash: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
-        self._ticking = threading.Condition(threading.Lock())
-        self._active = 0
-        self._ticker: threading.Thread | None = None
-        # Kept here for the life of the process: wasmtime holds pointers to them.
-        self._on_deadline, self._no_finalizer = _callbacks()
+        self._by_key: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
 
-    # ---- modules
+    def engine(self) -> tuple[wasmtime.Engine, wasmtime.Linker]:
+        with self._lock:
+            if self._engine is None:
+                import wasmtime
 
-    def compile(self, source: bytes) -> wasmtime.Module:
+                engine = wasmtime.Engine()
+                linker = wasmtime.Linker(engine)
+                linker.define_wasi()
+                self._engine = engine, linker
+            return self._engine
+
+    def compile(self, source: bytes, shown: str) -> wasmtime.Module:
         import wasmtime
 
-        binary = source if source[:4] == b"\0asm" else bytes(wasmtime.wat2wasm(source.decode()))
-        return wasmtime.Module(self.engine, binary)
+        engine, _linker = self.engine()
+        try:
+            binary = (source if source[:4] == b"\0asm"
+                      else bytes(wasmtime.wat2wasm(source.decode())))
+            return wasmtime.Module(engine, binary)
+        except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
+            raise CommandNotExecutable(
+                f"{shown}: not a valid WebAssembly module: {_first_line(exc)}",
+                errno.ENOEXEC) from None
 
-    def link(self, module: wasmtime.Module) -> wasmtime.InstancePre:
-        return self.linker.instantiate_pre(module)
-
-    def module(self, path: Path, shown: str) -> wasmtime.InstancePre:
-        """The pre-linked module at `path`: from memory, the disk cache, or compiled."""
+    def module(self, path: Path, shown: str) -> bytes:
+        """The compiled module at `path`: from memory, the disk cache, or compiled now."""
         fd, st = _open_module(path, shown)
         try:
             ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             with self._lock:
                 key = self._by_file.get(ident)
-                pre = self._by_hash.get(key) if key is not None else None
-                if pre is not None and key is not None:
+                compiled = self._by_key.get(key) if key is not None else None
+                if compiled is not None and key is not None:
                     self._by_file.move_to_end(ident)
-                    self._by_hash.move_to_end(key)
-                    return pre
+                    self._by_key.move_to_end(key)
+                    return compiled
             source = _read_all(fd, st.st_size)
         finally:
             os.close(fd)
@@ -212,97 +317,62 @@ class _Runtime:
 
         key = cache_key(source, self.fingerprint)
         with self._lock:
-            pre = self._by_hash.get(key)
-        if pre is None:
-            pre = self._load_or_compile(key, source, shown)
-        with self._lock:
-            self._by_hash[key] = pre
-            self._by_file[ident] = key
-            while len(self._by_hash) > MODULES_KEPT:
-                self._by_hash.popitem(last=False)
-            while len(self._by_file) > MODULES_KEPT:
-                self._by_file.popitem(last=False)
-        return pre
+            compiled = self._by_key.get(key)
+        if compiled is None:
+            from .wasm_cache import load
 
-    def _load_or_compile(self, key: str, source: bytes, shown: str) -> wasmtime.InstancePre:
+            # An entry is only ever written by _compile, after its checks, and carries its
+            # own digest: one that loads is the checked module, byte for byte.
+            compiled = load(key) or self._compile(key, source, shown)
+        self._remember(ident, key, compiled)
+        return compiled
+
+    def _compile(self, key: str, source: bytes, shown: str) -> bytes:
+        """Compile and check (a WASI command whose imports WASI preview1 offers): only a
+        module that passes is cached, so a cache hit needs no check."""
         import wasmtime
 
-        from .wasm_cache import forget, load, store
+        from .wasm_cache import store
 
-        module = None
-        compiled = load(key)
-        if compiled is not None:
-            try:
-                module = wasmtime.Module.deserialize(self.engine, compiled)
-            except wasmtime.WasmtimeError:
-                forget(key)  # from another build, or damaged: compile afresh
-        if module is None:
-            try:
-                module = self.compile(source)
-            except (wasmtime.WasmtimeError, UnicodeDecodeError) as exc:
-                raise CommandNotExecutable(
-                    f"{shown}: not a valid WebAssembly module: {_first_line(exc)}",
-                    errno.ENOEXEC) from None
-            store(key, bytes(module.serialize()))
+        module = self.compile(source, shown)
         if not any(e.name == "_start" for e in module.exports):
             raise CommandNotExecutable(
                 f"{shown}: not a WASI command (it exports no _start function)", errno.ENOEXEC)
         try:
-            return self.link(module)
+            self.engine()[1].instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise CommandNotExecutable(
                 f"{shown}: needs imports WASI preview1 does not offer: {_first_line(exc)}",
                 errno.ENOEXEC) from None
+        compiled = bytes(module.serialize())
+        store(key, compiled)
+        return compiled
 
-    # ---- stores and the epoch ticker
-
-    def new_store(self, memory_bytes: int | None) -> wasmtime.Store:
-        import wasmtime
-
-        store = wasmtime.Store(self.engine)
-        store.set_limits(memory_size=memory_bytes if memory_bytes else -1,
-                         table_elements=MAX_TABLE_ELEMENTS, instances=MAX_INSTANCES,
-                         tables=MAX_TABLES, memories=MAX_MEMORIES)
-        store.set_epoch_deadline(1 << 62)  # a store that is not watched never traps
-        return store
-
-    def watch(self, store: wasmtime.Store, run_id: int) -> None:
-        """Check `run_id`'s deadline and kill flag at every tick while `store` runs."""
-        from wasmtime import _ffi as ffi
-
-        store.set_epoch_deadline(1)
-        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._on_deadline,
-                                                   ctypes.c_void_p(run_id), self._no_finalizer)
-
-    def active(self, delta: int) -> None:
-        """Count running modules; the ticker advances the epoch only while there are any."""
-        with self._ticking:
-            self._active += delta
-            if self._active > 0 and self._ticker is None:
-                self._ticker = threading.Thread(target=self._tick, name="ak-wasm-epoch",
-                                                daemon=True)
-                self._ticker.start()
-            self._ticking.notify_all()
-
-    def _tick(self) -> None:
-        while True:
-            with self._ticking:
-                while self._active <= 0:
-                    self._ticking.wait()
-            time.sleep(TICK)
-            self.engine.increment_epoch()
+    def _remember(self, ident: tuple[int, ...], key: str, compiled: bytes) -> None:
+        with self._lock:
+            if key not in self._by_key:
+                self._bytes += len(compiled)
+            self._by_key[key] = compiled
+            self._by_key.move_to_end(key)
+            self._by_file[ident] = key
+            while self._by_key and (len(self._by_key) > COMPILED_KEPT
+                                    or self._bytes > COMPILED_KEPT_BYTES):
+                _old, dropped = self._by_key.popitem(last=False)
+                self._bytes -= len(dropped)
+            while len(self._by_file) > COMPILED_KEPT:
+                self._by_file.popitem(last=False)
 
 
-_RUNTIME: _Runtime | None = None
-_RUNTIME_LOCK = threading.Lock()
+_COMPILER: _Compiler | None = None
+_COMPILER_LOCK = threading.Lock()
 
 
-def runtime() -> _Runtime:
-    global _RUNTIME
-    with _RUNTIME_LOCK:
-        if _RUNTIME is None:
-            _RUNTIME = _Runtime()
-        return _RUNTIME
+def compiler() -> _Compiler:
+    global _COMPILER
+    with _COMPILER_LOCK:
+        if _COMPILER is None:
+            _COMPILER = _Compiler()
+        return _COMPILER
 
 
 def _open_module(path: Path, shown: str) -> tuple[int, os.stat_result]:
@@ -339,115 +409,58 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# ---------------------------------------------------------------- deadlines (epoch callback)
-
-_RUNS: dict[int, WasmExecution] = {}
-_RUN_IDS = itertools.count(1)
-
-def _deadline(_ctx: int | None, data: int | None, delta: Any, kind: Any) -> int:
-    """Called on the module's thread at each tick: trap it, or let it run one tick more."""
-    try:
-        run = _RUNS.get(data or 0)
-        if run is None or run.should_stop():
-            from wasmtime import _ffi as ffi
-
-            err = ffi.wasmtime_error_new(b"agentkernel: the module was stopped")
-            return ctypes.cast(err, ctypes.c_void_p).value or 0
-        delta[0] = 1
-        kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
-        return 0
-    except Exception:  # an exception must not cross into wasmtime; stop the module
-        from wasmtime import _ffi as ffi
-
-        return ctypes.cast(ffi.wasmtime_error_new(b"agentkernel: deadline check failed"),
-                           ctypes.c_void_p).value or 0
-
-
-def _no_finalizer(_data: int | None) -> None:
-    return None
-
-
-def _callbacks() -> tuple[Any, Any]:
-    """The deadline callback and its no-op finalizer, as the exact C types wasmtime's
-    bindings declare (ctypes refuses an equal but separately made type)."""
-    from wasmtime import _bindings
-
-    argtypes = _bindings._wasmtime_store_epoch_deadline_callback.argtypes
-    return argtypes[1](_deadline), argtypes[3](_no_finalizer)
-
-
 # ---------------------------------------------------------------- one run
 
 
 class WasmExecution(Execution):
-    """One module running on a thread of its own; the same interface as an agent's command."""
+    """The worker's command, as the caller sees it: the module's output and exit status.
+    A timeout is ours to enforce (the worker could ignore its own): SIGKILL through the
+    agent."""
 
-    def __init__(self, pre: wasmtime.InstancePre, argv: Sequence[str], env: Mapping[str, str],
-                 workspace: Path | None, writable: bool, memory_mb: int | None,
-                 timeout: float | None, stdin: bool) -> None:
-        # Not Execution.__init__: there is no agent channel behind this one.
-        self.id = next(_RUN_IDS)
-        self.pid = 0
+    def __init__(self, worker: Execution, timeout: float | None) -> None:
+        # Not Execution.__init__: this wraps the agent's execution of the worker.
+        self._worker = worker
+        self.id = worker.id
+        self.pid = worker.pid
         self.status: ExitStatus | None = None
-        self._events: queue.Queue[tuple[str, bytes | ExitStatus]] = queue.Queue(QUEUE_DEPTH)
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._signal: int | None = None
         self._timed_out = False
-        self._cancelled = False
-        self._stdin_w: int | None = None
-        self._stdin_lock = threading.Lock()
-        stdin_r = None
-        if stdin:
-            stdin_r, self._stdin_w = os.pipe2(os.O_CLOEXEC)
-        self._thread = threading.Thread(
-            target=self._main, name=f"ak-wasm-{self.id}", daemon=True,
-            args=(pre, list(argv), dict(env), workspace, writable, memory_mb, stdin_r))
-        _RUNS[self.id] = self
-        self._thread.start()
+        self._timer: threading.Timer | None = None
+        if timeout is not None:
+            self._timer = threading.Timer(timeout, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
 
-    # ---- the caller's side
+    def _expire(self) -> None:
+        self._timed_out = True
+        with contextlib.suppress(Exception):  # the worker may be gone already
+            self._worker.signal(signal.SIGKILL)
 
     def write_stdin(self, data: bytes) -> None:
-        with self._stdin_lock:
-            fd = self._stdin_w
-        if fd is None:
-            return
-        view = memoryview(data)
-        with contextlib.suppress(OSError):  # the module is gone, or closed its stdin
-            while view:
-                view = view[os.write(fd, view):]
+        self._worker.write_stdin(data)
 
     def close_stdin(self) -> None:
-        with self._stdin_lock:
-            fd, self._stdin_w = self._stdin_w, None
-        if fd is not None:
-            os.close(fd)
+        self._worker.close_stdin()
 
     def signal(self, signo: int) -> None:
-        if signo in _HARMLESS or self.status is not None:
-            return
-        if self._signal is None:
-            self._signal = signo
-        self.close_stdin()  # a module blocked reading stdin sees EOF, then traps at a tick
+        self._worker.signal(signo)
 
     def resize(self, rows: int, cols: int) -> None:
         return None  # no terminal
 
     def cancel(self) -> None:
-        self._cancelled = True
-        self.signal(signal.SIGKILL)
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._events.get_nowait()  # unblocks the module's pending output
+        self._stop_timer()
+        self._worker.cancel()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     def _next(self, timeout: float | None) -> tuple[str, bytes | ExitStatus]:
-        if self._cancelled:
-            raise Cancelled("the command was cancelled")
-        try:
-            kind, payload = self._events.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError("timed out waiting for command output") from None
+        kind, payload = self._worker._next(timeout)
         if isinstance(payload, ExitStatus):
+            self._stop_timer()
+            if self._timed_out:
+                payload = ExitStatus(code=None, signal=signal.SIGKILL, timed_out=True)
             self.status = payload
         return kind, payload
 
@@ -455,114 +468,27 @@ class WasmExecution(Execution):
         while self.status is None:
             yield self._next(None)
 
-    # ---- the module's side
-
-    def should_stop(self) -> bool:
-        if self._signal is not None:
-            return True
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            self._timed_out = True
-            return True
-        return False
-
-    def _put(self, item: tuple[str, bytes | ExitStatus], final: bool = False) -> bool:
-        """Queue an event, waiting while the queue is full (back-pressure); False once the
-        command is being stopped (its output is no longer wanted) or was cancelled."""
-        while not self._cancelled:
-            if not final and self.should_stop():
-                return False
-            try:
-                self._events.put(item, timeout=TICK * 10)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _output(self, kind: str) -> Any:
-        def emit(data: bytes) -> int:
-            for i in range(0, len(data), CHUNK):
-                if not self._put((kind, data[i:i + CHUNK])):
-                    return -errno.EPIPE
-            return len(data)
-
-        return emit
-
-    def _main(self, pre: wasmtime.InstancePre, argv: list[str], env: dict[str, str],
-              workspace: Path | None, writable: bool, memory_mb: int | None,
-              stdin_r: int | None) -> None:
-        rt = runtime()
-        rt.active(+1)
-        try:
-            status = self._run(rt, pre, argv, env, workspace, writable, memory_mb, stdin_r)
-        except Exception as exc:  # never leave the caller without an exit status
-            self._put(("stderr", f"agentkernel: wasm: {_first_line(exc)}\n".encode()))
-            status = ExitStatus(code=125, signal=None)
-        finally:
-            rt.active(-1)
-            _RUNS.pop(self.id, None)
-            if stdin_r is not None:
-                with contextlib.suppress(OSError):
-                    os.close(stdin_r)
-            self.close_stdin()
-        self._put(("exit", status), final=True)
-
-    def _run(self, rt: _Runtime, pre: wasmtime.InstancePre, argv: list[str],
-             env: dict[str, str], workspace: Path | None, writable: bool,
-             memory_mb: int | None, stdin_r: int | None) -> ExitStatus:
-        import wasmtime
-
-        store = rt.new_store(memory_mb * 1024 * 1024 if memory_mb else None)
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = argv
-        wasi.env = list(env.items())
-        wasi.stdout_custom = self._output("stdout")
-        wasi.stderr_custom = self._output("stderr")
-        if stdin_r is not None:
-            wasi.stdin_file = f"/proc/self/fd/{stdin_r}"  # a second open of our pipe's end
-            os.close(stdin_r)
-            stdin_r = None
-        if workspace is not None:
-            wasi.preopen_dir(str(workspace), WORKSPACE, writable)
-        store.set_wasi(wasi)
-        rt.watch(store, self.id)
-        try:
-            instance = pre.instantiate(store)
-            start = instance.exports(store)["_start"]
-            start(store)  # type: ignore[operator]
-            code = 0
-        except wasmtime.ExitTrap as exc:
-            code = exc.code if 0 <= exc.code <= 255 else (exc.code & 0xFF or 1)
-        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            if self._timed_out:
-                return ExitStatus(code=None, signal=signal.SIGKILL, timed_out=True)
-            if self._signal is not None:
-                return ExitStatus(code=None, signal=self._signal)
-            self._put(("stderr", f"agentkernel: wasm trap: {_first_line(exc)}\n".encode()))
-            return ExitStatus(code=None, signal=signal.SIGABRT)  # 134, as wasmtime's own CLI
-        finally:
-            store.close()
-        return ExitStatus(code=code, signal=None)
-
 
 # ---------------------------------------------------------------- the sandbox and its "client"
 
 
 class WasmClient(AgentClient):
-    """Stands where an agent's channel stands: `exec` runs a module; there is no filesystem
-    of the sandbox's own to read or write."""
+    """Stands where an agent's channel stands: `exec` hands the worker its one module;
+    there is no filesystem of the sandbox's own to read or write."""
 
-    def __init__(self, spec: SandboxSpec) -> None:  # not AgentClient's: no channel
+    def __init__(self, spec: SandboxSpec, agent: AgentClient,
+                 worker: Execution) -> None:  # not AgentClient's: the agent has one
         self._spec = spec
-        self._alive = True
-        self._closed = False
-        self._runs: set[WasmExecution] = set()
-        self._runs_lock = threading.Lock()
+        self._agent = agent
+        self._worker = worker
+        self._used = False
+        self._used_lock = threading.Lock()
 
     def hello(self, timeout: float = 10.0) -> AgentInfo:
-        raise Conflict("the wasm backend has no agent")
+        raise Conflict("the wasm backend's agent serves only its worker")
 
     def ping(self, timeout: float = 5.0) -> float:
-        return 0.0
+        return self._agent.ping(timeout)
 
     def exec(
         self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -570,26 +496,43 @@ class WasmClient(AgentClient):
         timeout: float | None = None, stdin: bool = False, pty: tuple[int, int] | None = None,
         rlimits: Sequence[tuple[int, int, int]] = (), umask: int | None = None,
     ) -> Execution:
-        if not self._alive:
-            raise Conflict("this wasm sandbox is gone")
         if not argv:
             raise UsageError("no module given")
         if pty is not None:
             raise AgentRequestError("the wasm backend has no terminal (drop -t)", errno.ENOTTY)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        with self._used_lock:
+            if self._used or not self.alive:
+                raise Conflict("this wasm sandbox ran its module already (one per worker)")
+            self._used = True
         shown = argv[0]
         path = self._module_path(shown)
-        pre = runtime().module(path, shown)
-        profile = self._spec.profile
-        workspace = self._spec.workspace if profile.workspace != "none" else None
-        execution = WasmExecution(
-            pre, [path.name, *argv[1:]], env or {}, workspace, profile.workspace == "rw",
-            profile.memory_mb, timeout, stdin)
-        with self._runs_lock:
-            self._runs = {r for r in self._runs if r.status is None}
-            self._runs.add(execution)
+        compiled = compiler().module(path, shown)
+        job = self._job([path.name, *argv[1:]], env or {}, stdin, shown)
+        from .wasm_worker import encode_job
+
+        _await_ready(self._worker)
+        execution = WasmExecution(self._worker, timeout)
+        self._worker.write_stdin(encode_job(job, compiled))
+        if not stdin:
+            self._worker.close_stdin()
         return execution
+
+    def _job(self, argv: list[str], env: Mapping[str, str], stdin: bool,
+             shown: str) -> dict[str, object]:
+        profile = self._spec.profile
+        has_workspace = self._spec.workspace is not None and profile.workspace != "none"
+        job: dict[str, object] = {
+            "argv": argv, "env": list(env.items()), "stdin": stdin, "shown": shown,
+            "memory_bytes": profile.memory_mb * 1024 * 1024 if profile.memory_mb else None,
+            "workspace": has_workspace, "writable": profile.workspace == "rw"}
+        import json
+
+        if len(json.dumps(job)) > MAX_JOB_HEADER:
+            raise UsageError(f"the module's arguments and environment exceed "
+                             f"{MAX_JOB_HEADER >> 10} KiB")
+        return job
 
     def _module_path(self, arg: str) -> Path:
         """A module named relative to the project dir (the run's cwd on the host)."""
@@ -611,72 +554,29 @@ class WasmClient(AgentClient):
 
     @property
     def alive(self) -> bool:
-        return self._alive
+        return self._agent.alive and self._worker.status is None
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        self.close()
+        self._agent.shutdown(timeout)
 
     def close(self) -> None:
-        self._alive = False
-        with self._runs_lock:
-            runs = list(self._runs)
-        for run in runs:
-            run.signal(signal.SIGKILL)
-
-
-class _NoProcess(subprocess.Popen[bytes]):
-    """The process a Sandbox expects: a wasm sandbox has none (it runs in ours)."""
-
-    def __init__(self) -> None:  # not Popen's: nothing is started
-        self.args = ()
-        self.pid = 0
-        self.returncode: int | None = None
-        self.stdin = self.stdout = self.stderr = None
-        self._child_created = False
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        self.returncode = 0 if self.returncode is None else self.returncode
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        self.returncode = -sig
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def __del__(self) -> None:
-        return None
+        self._agent.close()
 
 
 class WasmSandbox(Sandbox):
-    """A wasm run's sandbox: a profile and a project dir; each exec runs a module."""
+    """A wasm run's sandbox: the worker's namespaces sandbox (whose pieces it owns and
+    tears down) with a worker waiting in it for one module."""
 
-    in_process = True
-
-    def __init__(self, spec: SandboxSpec, isolation: str) -> None:
-        from ..paths import runtime_dir
-
-        client = WasmClient(spec)
-        # Nothing is written there: Sandbox.destroy's removal of it finds nothing.
-        scratch = runtime_dir() / "sandboxes" / spec.name
-        super().__init__(spec=spec, backend="wasm", isolation=isolation, client=client,
-                         process=_NoProcess(), scratch=scratch)
+    def __init__(self, spec: SandboxSpec, isolation: str, inner: Sandbox,
+                 worker: Execution) -> None:
+        super().__init__(spec=spec, backend="wasm", isolation=isolation,
+                         client=WasmClient(spec, inner.client, worker), process=inner.process,
+                         scratch=inner.scratch, cgroup=inner.cgroup, helpers=inner.helpers,
+                         cleanups=inner.cleanups, notes=inner.notes)
+        self.worker_spec = inner.spec
 
     def command_rlimits(self) -> list[tuple[int, int, int]]:
-        return []  # the store's limits bound a module; no process of its own to limit
-
-    def destroy(self) -> None:
-        if self._destroyed:
-            return
-        self._destroyed = True
-        self.client.close()
-        self.process.kill()
+        return []  # the worker started with its own (its sandbox's profile)
 
 
 class HyperlightBackend(WasmBackend):

@@ -6,7 +6,9 @@ project dir), its directory must be ours and 0700, each file ours, a regular fil
 writable by anyone else; anything else is ignored (and never written to). Entries are
 keyed by the module's content hash, the wasmtime version and our engine settings, so an
 upgrade or a changed setting never loads code compiled for another engine. The directory
-is capped (oldest entries go first).
+is capped (oldest entries go first). Each entry starts with a SHA-256 of what follows, so a
+damaged one is recompiled without wasmtime being asked to load it (and without importing
+it: a cache hit needs no wasmtime in this process at all).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ CACHE_DIR = "wasm-cache"
 SUFFIX = ".cwasm"
 MAX_ENTRY_BYTES = 256 * 1024 * 1024  # a compiled module larger than this is not cached
 MAX_CACHE_BYTES = 512 * 1024 * 1024  # the whole directory; oldest entries go first
-KEY_PREFIX = b"agentkernel-wasm-cache-v1\0"
+KEY_PREFIX = b"agentkernel-wasm-cache-v2\0"
+ENTRY_MAGIC = b"AKWC2\0"  # then the SHA-256 of the compiled module, then the module
+_HEAD = len(ENTRY_MAGIC) + 32
 
 
 def cache_key(source: bytes, engine_fingerprint: str) -> str:
@@ -72,14 +76,20 @@ def load(key: str) -> bytes | None:
                 break
             chunks.append(chunk)
             left -= len(chunk)
-        return b"".join(chunks)
     finally:
         os.close(fd)
+    data = b"".join(chunks)
+    body = data[_HEAD:]
+    if data[:len(ENTRY_MAGIC)] != ENTRY_MAGIC or hashlib.sha256(body).digest() != \
+            data[len(ENTRY_MAGIC):_HEAD]:
+        forget(key)  # damaged, or of another version of this cache: compiled afresh
+        return None
+    return body
 
 
 def store(key: str, compiled: bytes) -> None:
     """Write an entry atomically (0600, in our 0700 dir); a failure only costs a compile."""
-    if len(compiled) > MAX_ENTRY_BYTES:
+    if len(compiled) + _HEAD > MAX_ENTRY_BYTES:
         return
     directory = cache_dir()
     if directory is None:
@@ -89,7 +99,7 @@ def store(key: str, compiled: bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            view = memoryview(compiled)
+            view = memoryview(ENTRY_MAGIC + hashlib.sha256(compiled).digest() + compiled)
             while view:
                 view = view[os.write(fd, view):]
         finally:

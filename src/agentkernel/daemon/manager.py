@@ -51,6 +51,7 @@ from .state import StateDB, dumps, loads
 
 if TYPE_CHECKING:
     from ..backends import Backend, CallerOptions, Choice
+    from ..backends.container_engine import ContainerBackend
     from ..config import Config, DaemonSection
     from ..images import ImageConfig
     from ..images.registry import RegistryOptions
@@ -575,6 +576,7 @@ class SandboxManager:
         engine = backend.engine_image(doc["image"])  # a container engine's own store
         rootfs, image_config, _note, _warning = (*engine, None) if engine is not None else \
             self._rootfs(doc.get("rootfs") or doc["image"], None, registry)
+        rootfs = _engine_snapshot_rootfs(doc, rootfs)
         ws = doc.get("workspace")
         workspace = Path(ws) if ws and profile.workspace != "none" else None
         if workspace is not None and not workspace.is_dir():
@@ -955,8 +957,6 @@ class SandboxManager:
     def _pool_start(self, key: PoolKey, backend: Backend, rootfs: HostRootfs) -> Sandbox:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
         spec = self._pool_spec(key, rootfs)
-        if backend.in_process:  # wasm: runs in this process, nothing to record or reap
-            return backend.start(spec)
         scratch = self._runtime_scratch(spec.name)
         self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
                         (spec.name, backend.name, str(scratch)))
@@ -1035,9 +1035,6 @@ class SandboxManager:
         return handle.pump(on_output, max_output=self._output_cap(max_output))
 
     def _destroy_later(self, sandbox: Sandbox) -> None:
-        if sandbox.in_process:  # wasm: nothing to tear down, no record to drop
-            sandbox.destroy()
-            return
         # Tearing a sandbox down takes a few ms: the caller already has its answer. The
         # pool's teardown queue is bounded (a full one makes this caller wait).
         self.pool.discard(sandbox)
@@ -1260,6 +1257,11 @@ class SandboxManager:
         validate_sandbox_name(snap)
         with self._name_lock(name):
             row = self._row(name)
+            if _engine(row["backend"]) is not None:  # the engine's `commit`: an image
+                if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
+                    raise Conflict(f"snapshot {snap!r} already exists")
+                self._save_snapshot(name, row, snap, _engine_commit(row["backend"], name, snap))
+                return self.get_snapshot(snap)
             facts = _facts(row["backend"])
             if not facts.snapshots:
                 raise Conflict(f"the {row['backend']} backend cannot snapshot a sandbox's "
@@ -1280,13 +1282,16 @@ class SandboxManager:
                 raise SandboxError("snapshot failed: " +
                                    proc.stderr.decode(errors="replace").strip()[-300:])
             tmp.rename(target)
-            self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
-                            "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
-                            (snap, name, row["image"], row["backend"], row["profile"],
-                             row["spec"], _now(), str(target)))
-            records.save_snapshot(self.db, snap, self._snap_dir())
-            self._audit(name, "snapshot_taken", snapshot=snap)
+            self._save_snapshot(name, row, snap, str(target))
         return self.get_snapshot(snap)
+
+    def _save_snapshot(self, name: str, row: dict[str, Any], snap: str, path: str) -> None:
+        self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
+                        "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
+                        (snap, name, row["image"], row["backend"], row["profile"],
+                         row["spec"], _now(), path))
+        records.save_snapshot(self.db, snap, self._snap_dir())
+        self._audit(name, "snapshot_taken", snapshot=snap)
 
     def snapshots(self) -> list[SnapshotInfo]:
         return [self._snap_info(r) for r in self.db.all("SELECT * FROM snapshots ORDER BY name")]
@@ -1304,7 +1309,8 @@ class SandboxManager:
     def delete_snapshot(self, snapshot_name: str) -> None:
         row = self._snap_row(snapshot_name)
         self.db.execute("DELETE FROM snapshots WHERE name=?", (snapshot_name,))
-        Path(row["path"]).unlink(missing_ok=True)
+        if not _engine_snapshot_remove(row["backend"], row["path"]):
+            Path(row["path"]).unlink(missing_ok=True)
         (self._snap_dir() / f"{snapshot_name}.json").unlink(missing_ok=True)
 
     def restore_snapshot(self, snapshot_name: str, new_name: str | None = None) -> SandboxInfo:
@@ -1328,14 +1334,19 @@ class SandboxManager:
         if state_dir.exists():
             self._wipe_state(state_dir)
         state_dir.mkdir(mode=0o700, parents=True)
-        try:
-            self._attach_disk(name, loads(snap["spec"], {}))
-        except BaseException:
-            self._wipe_state(state_dir)
-            raise
-        proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
-                               str(self._layers_dir(name)), "-xf", snap["path"]],
-                              capture_output=True, check=False, timeout=600)
+        spec_doc = snap["spec"]
+        if _engine(snap["backend"]) is not None:  # an engine's image: no layers of ours
+            spec_doc = dumps({**loads(spec_doc, {}), ENGINE_SNAPSHOT_KEY: snap["path"]})
+            proc: subprocess.CompletedProcess[bytes] = subprocess.CompletedProcess([], 0)
+        else:
+            try:
+                self._attach_disk(name, loads(snap["spec"], {}))
+            except BaseException:
+                self._wipe_state(state_dir)
+                raise
+            proc = subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-C",
+                                   str(self._layers_dir(name)), "-xf", snap["path"]],
+                                  capture_output=True, check=False, timeout=600)
         if proc.returncode != 0:
             self._wipe_state(state_dir)
             raise SandboxError("restore failed: " +
@@ -1345,7 +1356,7 @@ class SandboxManager:
             "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile, spec,"
             " created, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (name, str(uuid_mod.uuid4()), "stopped", backend.name, backend.isolation,
-             snap["image"], snap["profile"], snap["spec"], _now(), str(state_dir)))
+             snap["image"], snap["profile"], spec_doc, _now(), str(state_dir)))
         self._saved(name)
         self._audit(name, "sandbox_restored", snapshot=snap["name"])
         try:
@@ -1547,3 +1558,40 @@ def _egress_of(doc: dict[str, Any]) -> Any:
     from ..egress_policy import Policy
 
     return Policy.from_json(doc["egress"]) if doc.get("egress") else None
+
+
+# Snapshots of container sandboxes: the engine's `commit` (an image in the engine's store,
+# recorded as the snapshot's path); a restored sandbox's container is made from it.
+ENGINE_SNAPSHOT_KEY = "engine_snapshot"
+
+
+def _engine(backend: str) -> ContainerBackend | None:
+    """Backend `backend` when it drives a container engine (docker, podman)."""
+    from ..backends import get_backend
+    from ..backends.container_engine import ContainerBackend
+
+    engine = get_backend(backend)
+    return engine if isinstance(engine, ContainerBackend) else None
+
+
+def _engine_commit(backend: str, name: str, snap: str) -> str:
+    from ..backends.container_engine import snapshot_ref
+
+    engine = _engine(backend)
+    assert engine is not None
+    return snapshot_ref(engine.commit(name, snap))
+
+
+def _engine_snapshot_rootfs(doc: dict[str, Any], rootfs: Any) -> Any:
+    from ..backends.container_engine import snapshot_rootfs
+
+    ref = doc.get(ENGINE_SNAPSHOT_KEY)
+    return snapshot_rootfs(rootfs, ref) if ref else rootfs
+
+
+def _engine_snapshot_remove(backend: str, path: str) -> bool:
+    """Remove a snapshot's image from its engine; False when `path` is not one."""
+    from ..backends.container_engine import remove_snapshot
+
+    engine = _engine(backend)
+    return engine is not None and remove_snapshot(engine, path)
