@@ -123,8 +123,8 @@ _TUN_SHIM = (
 )
 
 
-def ak_as_user(uid: int, home: Path, *args: str, cwd: Path,
-               timeout: float = 120) -> subprocess.Popen[str]:
+def ak_as_user(uid: int, home: Path, *args: str, cwd: Path, timeout: float = 120,
+               env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """The real CLI (this checkout's sources, the system's python3) as host user `uid`,
     with its own data and runtime dirs under `home` (which `uid` must own), started in the
     background. Needs root, util-linux and setpriv."""
@@ -133,7 +133,8 @@ def ak_as_user(uid: int, home: Path, *args: str, cwd: Path,
     tundir.mkdir(exist_ok=True)
     env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(home),
            "PYTHONPATH": src, "AGENTKERNEL_HOME": str(home / "data"),
-           "AGENTKERNEL_RUNTIME_DIR": str(home / "run"), "AGENTKERNEL_DAEMON_AUTOSTART": "0"}
+           "AGENTKERNEL_RUNTIME_DIR": str(home / "run"), "AGENTKERNEL_DAEMON_AUTOSTART": "0",
+           **(env or {})}
     argv = ["unshare", "--mount", "--propagation", "private", "--",
             SYSTEM_PYTHON, "-c", _TUN_SHIM, str(tundir),
             "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",

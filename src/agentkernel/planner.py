@@ -71,6 +71,8 @@ class RunRequest(NamedTuple):
     deny_hosts: tuple[str, ...] = ()
     add_hosts: tuple[str, ...] = ()
     secrets: tuple[str, ...] = ()  # names in the host's store (secrets_store)
+    # Host dirs shown read-only (host path, in-sandbox path): `run --agent`'s install.
+    ro_binds: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class Plan:
     # are in `secret_env` (the values never are in a plan).
     egress: Policy | None = None
     secret_env: Mapping[str, str] = field(default_factory=dict)
+    ro_binds: tuple[tuple[str, str], ...] = ()  # RunRequest.ro_binds
 
     def env(self, sandbox_name: str) -> dict[str, str]:
         """The command's environment in a sandbox called `sandbox_name`."""
@@ -162,7 +165,7 @@ class Plan:
                            image=self.image, workspace=self.workspace, home=self.home,
                            persistent=persistent, state_dir=state_dir,
                            masks=control_masks(self.profile, self.workspace, self.home),
-                           egress=self.egress)
+                           egress=self.egress, ro_binds=self.ro_binds)
 
     def summary(self) -> dict[str, object]:
         """What the plan decided, as plain data (`-v`, `--json`, the parity tests)."""
@@ -268,7 +271,7 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         user_env=check_env(req.env),
         pass_env={k: ctx.env[k] for k in PASS_ENV_KEYS if k in ctx.env},
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
-        egress=egress, secret_env=secret_env,
+        egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
     )
 
 

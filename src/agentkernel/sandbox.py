@@ -38,6 +38,9 @@ class SandboxSpec(NamedTuple):
     # Where the profile gives egress: what the sandbox may reach (egress_policy); None
     # there means the default (public addresses only).
     egress: Policy | None = None
+    # Extra host dirs shown read-only: (host path, in-sandbox path), e.g. the install of
+    # `run --agent`'s agent (namespaces backend only: `run --agent` asks for no other).
+    ro_binds: tuple[tuple[str, str], ...] = ()
 
 
 class Sandbox:

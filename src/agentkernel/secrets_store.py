@@ -72,7 +72,22 @@ def save(name: str, hosts: list[str], header: str, env: str, value: str) -> Secr
     return secret
 
 
+# Secrets this process holds in memory only (`run --agent` with the key in the caller's
+# environment): never written anywhere. Their names have a ':' that no stored name can
+# have, so none shadows a stored one; only this process (its gate start) ever sees them.
+_HELD: dict[str, Secret] = {}
+
+
+def hold(secret: Secret) -> None:
+    """Keep `secret` in this process's memory for grant_secrets and the gate's start."""
+    if ":" not in secret.name:
+        raise UsageError("a secret held in memory needs a ':' in its name")
+    _HELD[secret.name] = secret
+
+
 def load(name: str) -> Secret:
+    if name in _HELD:
+        return _HELD[name]
     path = _dir() / f"{_check_name(name)}.json"
     try:
         doc = json.loads(path.read_text())

@@ -20,6 +20,12 @@ class KeyVar:
 
     env: str
     header: str
+    host: str | None = None  # the API host it is for; None: the agent's `hosts`
+
+    @property
+    def header_name(self) -> str:
+        """The header's name alone ("authorization" of "authorization: Bearer")."""
+        return self.header.partition(":")[0].strip().lower()
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,9 @@ class AgentSpec:
     # Scripts of the package's own that its npm postinstall would run (we install with
     # --ignore-scripts, so nothing in its dependency tree runs): run with node, in order.
     setup: tuple[str, ...] = ()
+    # Variables `run --agent` sets for the agent in its sandbox (no auto-update, no
+    # telemetry: the install is read-only there and only its API hosts are reachable).
+    run_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def npm_spec(self) -> str:
@@ -90,7 +99,8 @@ def parse_row(agent_id: str, row: dict[str, object]) -> AgentSpec:
         id=agent_id, name=_string(row, "name", where), binary=_string(row, "binary", where),
         npm=_string(row, "npm", where), version=_string(row, "version", where),
         version_args=_strings(row, "version_args", where),
-        keys=tuple(KeyVar(_string(k, "env", where), _string(k, "header", where))
+        keys=tuple(KeyVar(_string(k, "env", where), _string(k, "header", where),
+                          _string(k, "host", where) if "host" in k else None)
                    for k in keys),
         base_url=_string(row, "base_url", where), hosts=_strings(row, "hosts", where),
         oauth_files=tuple(_relative(p, where) for p in _strings(row, "oauth_files", where)),
@@ -98,15 +108,16 @@ def parse_row(agent_id: str, row: dict[str, object]) -> AgentSpec:
         config_user=_relative(_string(row, "config_user", where), where),
         config_project=_relative(_string(row, "config_project", where), where),
         cli_add=_strings(row, "cli_add", where), cli_remove=_strings(row, "cli_remove", where),
-        cli_scopes=scopes, cli_env=_env_table(row, where),
+        cli_scopes=scopes, cli_env=_env_table(row, where, "cli_env"),
+        run_env=_env_table(row, where, "run_env"),
         setup=tuple(_relative(v, where) for v in _strings(row, "setup", where)),
     )
 
 
-def _env_table(row: dict[str, object], where: str) -> tuple[tuple[str, str], ...]:
-    value = row.get("cli_env", {})
+def _env_table(row: dict[str, object], where: str, key: str) -> tuple[tuple[str, str], ...]:
+    value = row.get(key, {})
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ConfigError(f"{where}: cli_env must be a table of strings")
+        raise ConfigError(f"{where}: {key} must be a table of strings")
     return tuple((str(k), str(v)) for k, v in value.items())
 
 

@@ -9,9 +9,13 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..paths import data_dir
-from .registry import AgentSpec, agents
+from .registry import AgentSpec, KeyVar, agents
+
+if TYPE_CHECKING:
+    from ..secrets_store import Secret
 
 VERSION_TIMEOUT = 30.0  # a node CLI's first start on a cold, busy host can take seconds
 _VERSION = re.compile(r"\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?")
@@ -24,7 +28,7 @@ class AgentStatus:
     path: str | None  # the binary found, None when not installed
     origin: str | None  # "PATH" or "agentkernel" (installed by `agents install`)
     version: str | None
-    auth: str  # env:VAR | oauth:~/file | missing
+    auth: str  # env:VAR | secret:NAME | oauth:~/file | missing
     mcp: str  # where our MCP server is configured for it: user, project, both, no
     plugin: str  # claude: the agentkernel plugin's scope or "no"; others "-"
 
@@ -71,14 +75,18 @@ def probe_version(spec: AgentSpec, binary: str) -> str | None:
 
 def auth_of(spec: AgentSpec, env: dict[str, str] | None = None,
             home: Path | None = None) -> str:
-    """How the agent would authenticate: a key in the environment, an OAuth login, or none.
+    """How the agent would authenticate: a key in the environment, a stored secret that
+    covers it (what `run --agent` uses), an OAuth login, or none.
 
-    Only names and paths are reported; no value is read.
+    Only names and paths are reported; no value is shown.
     """
     values = os.environ if env is None else env
     for key in spec.keys:
         if values.get(key.env):
             return f"env:{key.env}"
+    stored = covering_secret(spec)
+    if stored is not None:
+        return f"secret:{stored}"
     home = home if home is not None else Path(os.path.expanduser("~"))
     for rel in spec.oauth_files:
         if (home / rel).is_file():
@@ -108,3 +116,28 @@ def all_status(project: Path | None = None) -> list[AgentStatus]:
     specs = agents()
     with ThreadPoolExecutor(max_workers=len(specs)) as pool:
         return list(pool.map(lambda s: status(s, project), specs))
+
+
+def key_hosts(spec: AgentSpec, key: KeyVar) -> tuple[str, ...]:
+    """The API hosts that may see `key`'s value."""
+    return (key.host,) if key.host else spec.hosts
+
+
+def covering_secret(spec: AgentSpec) -> str | None:
+    """A stored secret the agent can use: its variable is one of the agent's key
+    variables, its header that key's header, its hosts all of that key's hosts."""
+    from ..secrets_store import load, names
+
+    for name in names():
+        try:
+            secret = load(name)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable file: `secret list` says so, not us
+        if _covers(secret, spec):
+            return name
+    return None
+
+
+def _covers(secret: Secret, spec: AgentSpec) -> bool:
+    return any(secret.env == key.env and secret.header in (key.header_name, "*")
+               and set(key_hosts(spec, key)) <= set(secret.hosts) for key in spec.keys)

@@ -305,6 +305,7 @@ def host_binds(
         binds.append(HostBind(str(spec.workspace), target, p.workspace != "rw"))
     if p.mount_home and spec.home is not None:
         binds.append(HostBind(str(spec.home), "/home/user", True))
+    binds += [HostBind(src, target, True) for src, target in spec.ro_binds]
     if control is not None:
         binds.append(HostBind(control, f"{AGENT_DIR}/ctl", False))
     if resolv is not None:
@@ -404,6 +405,8 @@ def build_bwrap_argv(
             bind("/workspace")
     if "/home/user" in binds:
         bind("/home/user")
+    for _, target in spec.ro_binds:
+        bind(target)
     # Overlays and masks need CAP_SYS_ADMIN in the sandbox's user namespace; the agent
     # does them, then drops every capability before it serves anything.
     if cow_root:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, BinaryIO
 
+    from ..planner import RunRequest
+
 
 def add_parser(sub: Any) -> None:
     import argparse
@@ -44,6 +46,9 @@ def add_parser(sub: Any) -> None:
                    help="say which backend, isolation, image and profile the run got")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the result instead of streaming")
+    p.add_argument("--agent", metavar="AGENT",
+                   help="run an AI coding agent (claude, codex, gemini, opencode) from "
+                        "`agents install`; arguments after -- go to it (docs/agents.md)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     p.set_defaults(handler=cmd_run)
 
@@ -54,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if args.agent:
+        from ..agents.launch import RunFlow, cmd_run_agent
+
+        return cmd_run_agent(args, command, runs=RunFlow(run_request, run_in_process))
     if not command and not args.image:  # only an image can supply a command (its Cmd)
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
@@ -91,25 +100,11 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
 
     prime_migration()  # first, so the kernel's wait overlaps our imports (see its docstring)
     import time
-    from pathlib import Path
 
     from ..engine import execute
-    from ..planner import CallerContext, RunRequest, parse_env, plan
-    from ..profiles import parse_memory_limit, parse_pids
+    from ..planner import CallerContext, plan
 
-    req = RunRequest(
-        argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
-        backend=args.backend, no_network=args.no_network, env=parse_env(args.env),
-        workdir=args.workdir, timeout=args.timeout, keep=False,
-        memory_mb=parse_memory_limit(args.memory) if args.memory else None,
-        pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
-        config_path=Path(args.config) if args.config else None,
-        forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
-        # (the daemon's fast path parses no egress flags: it sends those runs to argparse)
-        allow_hosts=tuple(getattr(args, "allow_host", ())),
-        deny_hosts=tuple(getattr(args, "deny_host", ())),
-        add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
-    )
+    req = run_request(args, command)
     started = time.monotonic()
     plan_ = plan(req, CallerContext.here(), quiet=args.quiet)
 
@@ -167,6 +162,29 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     if outcome.exit_code != 125:  # 125: the sandbox could not run; no daemon would help
         autostart_daemon(say)
     return outcome.exit_code
+
+
+def run_request(args: argparse.Namespace, command: list[str]) -> RunRequest:
+    """The run flags in `args` as a planner request."""
+    from pathlib import Path
+
+    from ..planner import RunRequest, parse_env
+    from ..profiles import parse_memory_limit, parse_pids
+
+    return RunRequest(
+        argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
+        backend=args.backend, no_network=args.no_network, env=parse_env(args.env),
+        workdir=args.workdir, timeout=args.timeout, keep=False,
+        memory_mb=parse_memory_limit(args.memory) if args.memory else None,
+        pids=parse_pids(args.pids) if args.pids else None, cpus=args.cpus,
+        config_path=Path(args.config) if args.config else None,
+        forward_stdin=not sys.stdin.isatty() if sys.stdin else False,
+        # (the daemon's fast path parses no egress flags: it sends those runs to argparse)
+        allow_hosts=tuple(getattr(args, "allow_host", ())),
+        deny_hosts=tuple(getattr(args, "deny_host", ())),
+        add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
+        ro_binds=tuple(getattr(args, "ro_binds", ())),  # run --agent's install
+    )
 
 
 def autostart_daemon(say: Callable[[str], None]) -> None:

@@ -1,0 +1,144 @@
+"""`run --agent NAME`: an agent CLI from agentkernel's install, in a sandbox, its key outside.
+
+The agent's binary is the one `agents install` put in the data dir, shown read-only at
+/run/agentkernel/<id>. The project is the workspace (as the profile says: copy-on-write
+under moderate). Egress is default-deny: the registry row's hosts and the key's API host,
+plus the user's --allow-host. The key never enters the sandbox: the host's value (the
+variable the registry names, in our environment, or a stored `agentkernel secret` that
+covers the agent) becomes a secret of the egress gate bound to the API host and header;
+the sandbox's variable holds only the placeholder. Signed-in sessions (OAuth files) are
+never copied in. The agent runs as the sandbox's root: the caller's own uid (or an
+unprivileged id range) outside, with no capability; $HOME is the sandbox's own /root.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, NamedTuple
+
+from ..errors import UsageError
+from .registry import AgentSpec
+from .status import covering_secret, key_hosts
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+
+    from ..planner import RunRequest
+
+AGENT_MOUNT = "/run/agentkernel"  # /run is always the sandbox's own tmpfs: a mount point
+SANDBOX_HOME = "/root"
+TERMINAL_ENV = ("TERM", "COLORTERM", "LANG")
+# The agent CLIs are Node or Bun programs that need more than moderate's 512 MiB (Bun
+# aborts at start under a 512 MiB RLIMIT_DATA, the cap an ordinary user gets): 4 GiB
+# unless -m says otherwise.
+AGENT_MEMORY = "4g"
+
+
+class KeySource(NamedTuple):
+    """Where the agent's key comes from: the secret to grant (None: no key) and what to
+    call it (env:VAR, secret:NAME, missing)."""
+
+    secret: str | None
+    auth: str
+
+
+
+class RunFlow(NamedTuple):
+    """How the CLI runs a command: its request from the flags, and a whole in-process run."""
+
+    request: Callable[[argparse.Namespace, list[str]], RunRequest]
+    in_process: Callable[[argparse.Namespace, list[str]], int]
+
+
+def key_source(spec: AgentSpec, environ: dict[str, str]) -> KeySource:
+    """The key the agent gets, as a secret: the first of its variables set in `environ`
+    (held in this process's memory only), else a stored secret that covers it."""
+    from ..egress_policy import normalize_name
+    from ..secrets_store import MAX_VALUE, Secret, hold
+
+    for key in spec.keys:
+        value = environ.get(key.env, "").strip()
+        if not value:
+            continue
+        if len(value) > MAX_VALUE or any(c in value for c in "\r\n\0"):
+            raise UsageError(f"{key.env} must be one line of at most 64 KiB")
+        name = f"env:{key.env}"
+        hold(Secret(name, tuple(normalize_name(h) for h in key_hosts(spec, key)),
+                    key.header_name, key.env, value))
+        return KeySource(name, name)
+    stored = covering_secret(spec)
+    if stored is not None:
+        return KeySource(stored, f"secret:{stored}")
+    return KeySource(None, "missing")
+
+
+def installed_dir(spec: AgentSpec) -> str:
+    """agentkernel's install of the agent; UsageError with the command that installs it."""
+    from .status import agents_dir, installed_binary
+
+    if not os.access(installed_binary(spec), os.X_OK):
+        raise UsageError(f"{spec.name} is not installed for sandboxes: run "
+                         f"`agentkernel agents install {spec.id}` first")
+    return str(agents_dir() / spec.id)
+
+
+def prepare(args: argparse.Namespace, command: list[str]) -> KeySource:
+    """Turn `run --agent NAME [-- ARGS]` into a plain run's flags (in place): the agent's
+    binary as the command, its install bound read-only, its key as a secret, its hosts
+    allowed. Returns where the key came from."""
+    from ..planner import DEFAULT_PATH
+    from .registry import get
+
+    spec = get(args.agent)
+    if args.backend not in (None, "auto", "namespaces"):
+        raise UsageError("run --agent uses the namespaces backend: its egress gate is the one "
+                         "that keeps the agent's key outside the sandbox")
+    if args.no_network:
+        raise UsageError("run --agent needs the network to reach the agent's API")
+    source, inside = installed_dir(spec), f"{AGENT_MOUNT}/{spec.id}"
+    key = key_source(spec, dict(os.environ))
+    bin_dir = f"{inside}/node_modules/.bin"
+    env = [f"{k}={v}" for k, v in spec.run_env]
+    env += [f"PATH={bin_dir}:{DEFAULT_PATH}", f"HOME={SANDBOX_HOME}"]
+    env += [f"{k}={os.environ[k]}" for k in TERMINAL_ENV if os.environ.get(k)]
+    hosts = [*spec.hosts]
+    for k in spec.keys:
+        hosts += [h for h in key_hosts(spec, k) if h not in hosts]
+    args.backend = "namespaces"
+    args.memory = args.memory or AGENT_MEMORY
+    args.image = args.image or "host"  # the agents are built for the host's userland
+    args.env = [*env, *args.env]  # the user's -e win
+    args.allow_host = [*hosts, *args.allow_host]
+    args.secret = [*args.secret, *([key.secret] if key.secret else [])]
+    args.ro_binds = [(source, inside)]
+    args.command = [f"{bin_dir}/{spec.binary}", *command]
+    return key
+
+
+def missing_key_note(spec: AgentSpec) -> str:
+    first = spec.keys[0]
+    oauth = f" (a sign-in in ~/{spec.oauth_files[0]} is not copied in)" \
+        if spec.oauth_files else ""
+    return (f"no key for {spec.name}{oauth}: set {first.env}, or store one with "
+            f"`agentkernel secret set {spec.id} --host {key_hosts(spec, first)[0]} "
+            f"--header {first.header_name} --env {first.env} --from-env {first.env}`")
+
+
+def cmd_run_agent(args: argparse.Namespace, command: list[str], *, runs: RunFlow) -> int:
+    """`agentkernel run --agent NAME [-- ARGS]`: headless (pipes) unless both stdin and
+    stdout are terminals, then interactive on a real PTY. `runs`: the CLI's own run steps
+    (cli/run.py passes them, so that this module never imports the CLI)."""
+    from .registry import get
+
+    if args.keep or args.json:
+        raise UsageError("run --agent takes neither --keep nor --json")
+    key = prepare(args, command)
+    if key.secret is None and not args.quiet:
+        print(f"agentkernel: warning: {missing_key_note(get(args.agent))}", file=sys.stderr)
+    if sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty():
+        from .terminal import run_on_pty
+
+        return run_on_pty(args, runs.request)
+    return runs.in_process(args, list(args.command))

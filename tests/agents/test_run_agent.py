@@ -1,0 +1,224 @@
+"""`run --agent`: the real agent CLIs in a sandbox, their keys kept outside.
+
+A fake model API (tests/agents/fake_model_api.py, TLS from a test CA) serves the agents'
+API hosts from a network namespace of ours; the sandbox's resolver answers those names
+with its address (--add-host) and the egress gate trusts the test CA
+(AGENTKERNEL_EGRESS_UPSTREAM_CA). The real Claude Code, run headless inside the sandbox,
+asks the fake model, which answers with a Bash tool call; the command it runs inside
+reports its uid, hostname, the key variable it sees and whether the real key is anywhere
+in the sandbox (every /proc/*/environ and cmdline, /workspace, /root, /tmp, /etc).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import AGENTS_HOME  # tests/agents/conftest.py
+from sandbox_helpers import SYSTEM_PYTHON, ak, ak_as_user
+
+NOBODY = 65534
+API_HOSTS = ("api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com")
+REAL_KEY = "sk-ant-test-" + secrets.token_hex(16)
+
+
+@dataclass
+class FakeApi:
+    addr: str
+    ca: Path
+    log: Path
+
+    def seen(self) -> list[dict[str, object]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def add_hosts(self) -> list[str]:
+        return [a for h in API_HOSTS for a in ("--add-host", f"{h}:{self.addr}")]
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
+
+
+def _certs(d: Path) -> None:
+    _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
+         str(d / "ca.key"), "-out", str(d / "ca.pem"), "-subj", "/CN=ak-agent-test-ca")
+    _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "srv.key"),
+         "-out", str(d / "srv.csr"), "-subj", f"/CN={API_HOSTS[0]}")
+    (d / "ext").write_text("subjectAltName=" + ",".join(f"DNS:{h}" for h in API_HOSTS) + "\n")
+    _run("openssl", "x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"),
+         "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "srv.pem"),
+         "-days", "2", "-extfile", str(d / "ext"))
+
+
+# What the fake model has the Bash tool run inside the sandbox. The real key is searched
+# for in two halves joined only in grep's stdin, so the search does not find itself.
+def bash_command(key: str) -> str:
+    half = len(key) // 2
+    return ("echo uid=$(id -u) host=$(hostname) key=$ANTHROPIC_API_KEY; "
+            f"printf '%s%s\\n' '{key[:half]}' '{key[half:]}' | grep -rlF -f - "
+            "/proc/[0-9]*/environ /proc/[0-9]*/cmdline /workspace /root /tmp /etc "
+            "2>/dev/null | head -3 | sed 's/^/FOUND /'; "
+            "curl -sS -m 5 https://example.org/ >/dev/null 2>&1 && echo other-reached "
+            "|| echo other-refused")
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeApi]:
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
+        pytest.skip("needs root, iproute2 and openssl")
+    if not (AGENTS_HOME / "agents" / "claude").is_dir():
+        pytest.skip("agent CLIs not installed (scripts/install-agents.sh)")
+    d = Path(tempfile.mkdtemp(prefix="ak-fakeapi-"))
+    d.chmod(0o755)
+    _certs(d)
+    tag, n = secrets.token_hex(3), secrets.randbelow(250) + 1
+    host_if, peer_if, addr = f"akah{tag}", f"akap{tag}", f"198.19.{n}.2"
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
+    server = None
+    try:
+        own = os.readlink("/proc/self/ns/net")
+        while os.readlink(f"/proc/{holder.pid}/ns/net") == own:
+            time.sleep(0.01)
+        inns = ["nsenter", f"--target={holder.pid}", "--net", "--"]
+        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if,
+             "netns", str(holder.pid))
+        _run("ip", "addr", "add", f"198.19.{n}.1/24", "dev", host_if)
+        _run("ip", "link", "set", host_if, "up")
+        _run(*inns, "ip", "addr", "add", f"{addr}/24", "dev", peer_if)
+        _run(*inns, "ip", "link", "set", peer_if, "up")
+        _run(*inns, "ip", "link", "set", "lo", "up")
+        log = d / "seen.jsonl"
+        server = subprocess.Popen(
+            [*inns, SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
+             str(d / "srv.pem"), str(d / "srv.key"), str(log), bash_command(REAL_KEY)],
+            stdout=subprocess.PIPE)
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        yield FakeApi(addr, d / "ca.pem", log)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def data_home(tmp_path: Path) -> Path:
+    """A data dir of its own whose agents are the suite's installed CLIs."""
+    home = tmp_path / "data"
+    home.mkdir()
+    (home / "agents").symlink_to(AGENTS_HOME / "agents")
+    return home
+
+
+def _env(data_home: Path, api: FakeApi | None = None, **extra: str) -> dict[str, str]:
+    env = {"AGENTKERNEL_HOME": str(data_home), "AGENTKERNEL_NO_DAEMON": "1", **extra}
+    if api is not None:
+        env["AGENTKERNEL_EGRESS_UPSTREAM_CA"] = str(api.ca)
+    return env
+
+
+def _check_claude_run(out: str, err: str, code: int, api: FakeApi) -> None:
+    assert code == 0, (out, err)
+    assert "fake-model-done" in out, (out, err)
+    seen = api.seen()
+    keys = {str(s["headers"].get("x-api-key")) for s in seen  # type: ignore[union-attr]
+            if s["path"].startswith("/v1/messages")}  # type: ignore[union-attr]
+    assert keys == {REAL_KEY}, seen  # the real key, never the placeholder
+    results = [r for s in seen for r in s["tool_result"]]  # type: ignore[union-attr]
+    assert results, seen
+    report = results[-1]
+    first = report.splitlines()[0]
+    assert first.startswith("uid=0 host=agentkernel key=ak-secret-"), report
+    assert REAL_KEY not in report and "FOUND" not in report, report
+    assert "other-refused" in report, report
+    assert "example.org REFUSED" in err, err  # told, and in the gate's log
+
+
+def test_claude_headless_key_stays_outside(fake_api: FakeApi, data_home: Path,
+                                           project: Path) -> None:
+    """The real Claude Code calls the fake API with the real key; inside, only the
+    placeholder; an unlisted host is refused."""
+    fake_api.log.unlink(missing_ok=True)
+    r = ak("run", "--agent", "claude", *fake_api.add_hosts(), "--", "-p", "check the sandbox",
+           "--dangerously-skip-permissions", cwd=project, timeout=240,
+           env=_env(data_home, fake_api, ANTHROPIC_API_KEY=REAL_KEY))
+    _check_claude_run(r.stdout, r.stderr, r.returncode, fake_api)
+
+
+def test_claude_as_an_ordinary_user(fake_api: FakeApi) -> None:
+    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs setpriv and the system's python3")
+    home = Path(tempfile.mkdtemp(prefix="ak-agent-nobody-", dir="/tmp"))
+    try:
+        for sub in ("project", "data"):
+            (home / sub).mkdir()
+        (home / "data" / "agents").symlink_to(AGENTS_HOME / "agents")
+        for path in (home, home / "project", home / "data"):
+            os.chown(path, NOBODY, NOBODY)
+        home.chmod(0o755)
+        fake_api.log.unlink(missing_ok=True)
+        proc = ak_as_user(NOBODY, home, "run", "--agent", "claude", *fake_api.add_hosts(),
+                          "--", "-p", "check", "--dangerously-skip-permissions",
+                          cwd=home / "project", timeout=240,
+                          env={"ANTHROPIC_API_KEY": REAL_KEY,
+                               "AGENTKERNEL_EGRESS_UPSTREAM_CA": str(fake_api.ca),
+                               "AGENTKERNEL_NO_DAEMON": "1"})
+        out, err = proc.communicate(timeout=260)
+        _check_claude_run(out, err, proc.returncode, fake_api)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_stored_secret_covers_the_agent(data_home: Path, project: Path) -> None:
+    """`agents` says secret:NAME when a stored secret covers the agent."""
+    env = _env(data_home, ANTHROPIC_API_KEY="")
+    r = ak("secret", "set", "anth", "--host", "api.anthropic.com", "--header", "x-api-key",
+           "--env", "ANTHROPIC_API_KEY", input=REAL_KEY.encode() + b"\n", env=env)
+    assert r.returncode == 0, r.stderr
+    r = ak("agents", "--json", env=env, timeout=180)
+    auth = {a["id"]: a["auth"] for a in json.loads(r.stdout)}
+    assert auth["claude"] == "secret:anth" and auth["opencode"] == "secret:anth", auth
+
+
+@pytest.mark.parametrize("agent", ["codex", "gemini", "opencode"])
+def test_other_agents_start_in_the_sandbox(agent: str, data_home: Path,
+                                           project: Path) -> None:
+    r = ak("run", "--agent", agent, "--", "--version", cwd=project, timeout=180,
+           env=_env(data_home))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip(), r.stderr
+
+
+def test_exit_code_passes_through(data_home: Path, project: Path) -> None:
+    binary = AGENTS_HOME / "agents" / "claude" / "node_modules" / ".bin" / "claude"
+    host = subprocess.run([str(binary), "--no-such-flag"], capture_output=True, timeout=60,
+                          check=False)
+    assert host.returncode != 0
+    r = ak("run", "--agent", "claude", "--", "--no-such-flag", cwd=project, timeout=180,
+           env=_env(data_home))
+    assert r.returncode == host.returncode, (r.stdout, r.stderr)
+
+
+def test_missing_install_is_refused(tmp_path: Path, project: Path) -> None:
+    r = ak("run", "--agent", "codex", "--", "--version", cwd=project,
+           env={"AGENTKERNEL_HOME": str(tmp_path / "empty"), "AGENTKERNEL_NO_DAEMON": "1"})
+    assert r.returncode != 0
+    assert "agentkernel agents install codex" in r.stderr, r.stderr
+    r = ak("run", "--agent", "nosuch", cwd=project)
+    assert "unknown agent 'nosuch'" in r.stderr, r.stderr
+
