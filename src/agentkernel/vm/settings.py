@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,9 +50,16 @@ def current() -> MicrovmSettings:
 
 
 def resolve(section: Any | None, env: Mapping[str, str]) -> MicrovmSettings:
-    """A caller's settings: its config's [microvm] section (None: defaults) under its
-    environment (see planner.py). Pure: no global state, no files read."""
-    base = _section_settings(section) if section is not None else MicrovmSettings()
+    """A caller's settings: its config's [microvm] section under its environment (see
+    planner.py), over this process's configured ones (the daemon's own [microvm], via
+    configure()) where the caller has none: without a section of its own, or without a
+    guest kernel named. No files read."""
+    host = _configured or MicrovmSettings()
+    if section is None:
+        return with_env(host, env)
+    base = _section_settings(section)
+    if base.kernel is None and host.kernel is not None:
+        base = replace(base, kernel=host.kernel)
     return with_env(base, env)
 
 
