@@ -165,9 +165,11 @@ def test_claude_as_an_ordinary_user(fake_api: FakeApi) -> None:
         pytest.skip("needs setpriv and the system's python3")
     home = Path(tempfile.mkdtemp(prefix="ak-agent-nobody-", dir="/tmp"))
     try:
-        for sub in ("project", "data"):
+        for sub in ("project", "data", "data/agents"):
             (home / sub).mkdir()
-        (home / "data" / "agents").symlink_to(AGENTS_HOME / "agents")
+        # Hard links, not a symlink: CI's checkout sits in a 0700 dir nobody cannot cross.
+        subprocess.run(["cp", "-al", str(AGENTS_HOME / "agents" / "claude"),
+                        str(home / "data" / "agents" / "claude")], check=True)
         for path in (home, home / "project", home / "data"):
             os.chown(path, NOBODY, NOBODY)
         home.chmod(0o755)
