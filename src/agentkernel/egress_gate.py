@@ -358,7 +358,8 @@ class GateStart:
             theirs.close()
             os.close(self.ready_w)
 
-    def attach(self, pid: int, policy: Policy, *, router: int | None = None) -> None:
+    def attach(self, pid: int, policy: Policy, *, router: int | None = None,
+               ids: tuple[int, int] | None = None) -> None:
         """The rules into the namespace of `pid`, and that namespace to the gate. With
         `router` (gVisor, VMMs): `pid`'s namespace only gets its way to the router's, and
         the rules and the gate's listeners are in the router's."""
@@ -397,7 +398,7 @@ class GateStart:
             finally:
                 for fd in listeners:
                     os.close(fd)
-            uid, gid = _drop_ids(pid)
+            uid, gid = ids if ids is not None else _drop_ids(pid)
             cfg = {"ready_fd": self.ready_w, "exit_fd": self.exit_fd, "uid": uid, "gid": gid,
                    "owner": os.geteuid(), "log": str(self.scratch / LOG_NAME),
                    "control": str(self.scratch / CONTROL_NAME),

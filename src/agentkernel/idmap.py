@@ -174,6 +174,13 @@ def sandbox_userns(opened: list[int]) -> tuple[int, int]:
     """A root-started sandbox's user namespace over a range of its own (`allocate`), and
     the range's lock (-1 when the block has one range only). Both fds are appended to
     `opened`, the namespace first, for the caller to close once the sandbox is started."""
+    userns, lock, _rng = sandbox_range_userns(opened)
+    return userns, lock
+
+
+def sandbox_range_userns(opened: list[int]) -> tuple[int, int, HostRange]:
+    """sandbox_userns, and the host range it maps (for helpers that run as one of its
+    ids, e.g. a gVisor sandbox's egress gate as its `nobody`)."""
     rng, lock = allocate()
     try:
         userns = new_userns(rng)
@@ -184,7 +191,7 @@ def sandbox_userns(opened: list[int]) -> tuple[int, int]:
     opened.append(userns)
     if lock >= 0:
         opened.append(lock)
-    return userns, lock
+    return userns, lock, rng
 
 
 def new_userns(rng: HostRange) -> int:

@@ -26,7 +26,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ..idmap import Staged
+    from ..idmap import HostRange, Staged
 
 AGENT_PATH = "/.ak/agent"
 SECCOMP_PATH = "/.ak/seccomp.bpf"
@@ -175,9 +175,13 @@ class GVisorBackend(Backend):
         spawned: Spawned | None = None
         cgroup: Cgroup | None = None
         helpers: list[subprocess.Popen[bytes]] = []
+        opened: list[int] = []  # fds to close once runsc has them (or on failure)
         try:
             p = spec.profile
             bundle = scratch / "bundle"
+            # Started by root: the sandbox's own range first, so that its egress gate can
+            # run as the range's `nobody` rather than the host's (shared by every gate).
+            own = _own_range(opened) if os.geteuid() == 0 else None
             # Every runsc runs in a network namespace of its own, whatever the profile: its
             # control socket (`@runsc-sandbox.<id>`, abstract) admits uid 0 and the sentry's
             # uid, so in the host's namespace any local user of that uid could drive it.
@@ -196,7 +200,8 @@ class GVisorBackend(Backend):
             elif p.network == "egress":
                 # The egress gate's router is the only way out; `runsc run` holds the
                 # lifeline's write end while the sandbox lives.
-                holder, life_w = _gated_netns(scratch, helpers, spec)
+                holder, life_w = _gated_netns(scratch, helpers, spec,
+                                              own[2] if own is not None else None)
                 prefix = enter_netns(holder)
             else:
                 holder, life_w = egress_netns(scratch / "slirp.log", helpers,
@@ -208,8 +213,7 @@ class GVisorBackend(Backend):
                                                           no_setid=p.workspace == "rw")),
                                       control=str(control) if control else None,
                                       workspace_copy=str(copy) if copy else None)
-            opened: list[int] = []
-            remap = _remap(config, scratch, opened, holder) if os.geteuid() == 0 else None
+            remap = _remap(config, scratch, opened, holder, own) if own is not None else None
             _write_bundle(bundle, config)
             # The cgroup holds the sentry and gofer too: under the ptrace platform a sandboxed
             # task costs several host tasks (stub process, tracer and goroutine threads), plus
@@ -239,6 +243,7 @@ class GVisorBackend(Backend):
                                       preexec_fn=preexec)
             finally:
                 close_fds(life_w, *opened)
+                opened.clear()
             client = open_channel(spawned, control)
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
@@ -252,6 +257,7 @@ class GVisorBackend(Backend):
                 raise startup_failure("runsc", log, spawned.process) from None
             return sandbox
         except BaseException:
+            close_fds(*opened)
             if sandbox is not None:
                 sandbox.destroy()
             else:
@@ -259,8 +265,11 @@ class GVisorBackend(Backend):
             raise
 
 
+NOBODY = 65534  # the sandbox's own nobody, in its range: what its egress gate runs as
+
+
 def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
-                 spec: SandboxSpec) -> tuple[int, int]:
+                 spec: SandboxSpec, rng: HostRange | None) -> tuple[int, int]:
     """runsc's network namespace, whose one device leads to a router namespace where the
     egress gate decides (egress_gate): (its holder's pid, the lifeline's write end)."""
     from ..egress_gate import GateStart, router_holder
@@ -275,7 +284,8 @@ def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
         helpers.append(holder)
         router = router_holder(holder.pid, life_r)
         helpers.append(router)
-        gate.attach(holder.pid, spec.egress or Policy(), router=router.pid)
+        gate.attach(holder.pid, spec.egress or Policy(), router=router.pid,
+                    ids=(rng.uid + NOBODY, rng.gid + NOBODY) if rng is not None else None)
         gate.wait()
     except BaseException:
         os.close(life_w)
@@ -297,15 +307,24 @@ class _Remap(NamedTuple):
         return self.staged.translate(path)
 
 
+def _own_range(opened: list[int]) -> tuple[int, int, HostRange]:
+    """The sandbox's user namespace, its range's lock and the range (idmap); the fds are
+    appended to `opened`."""
+    from ..idmap import sandbox_range_userns
+
+    return sandbox_range_userns(opened)
+
+
 def _remap(
-    config: dict[str, Any], scratch: Path, opened: list[int], holder: int | None
+    config: dict[str, Any], scratch: Path, opened: list[int], holder: int | None,
+    own: tuple[int, int, HostRange],
 ) -> _Remap:
     """Give runsc, about to run inside the sandbox's user namespace, the host paths it
     needs as id-mapped mounts (the scratch dir and every bind source), and point the
     config's binds at where it will find them. Their fds are appended to `opened`."""
-    from ..idmap import sandbox_userns, stage
+    from ..idmap import stage
 
-    userns, lock = sandbox_userns(opened)
+    userns, lock, _rng = own
     binds = [m for m in config["mounts"] if m["type"] == "bind"]
     sources = [(str(scratch), False)] + [(m["source"], "ro" in m["options"]) for m in binds]
     staged = stage(sources, userns, opened)
