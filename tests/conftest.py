@@ -42,6 +42,17 @@ def private_agentkernel_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterat
             os.environ[key] = value
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_daemon_across_modules(private_agentkernel_dirs: Path) -> Iterator[None]:
+    """A daemon a test module started in the suite's runtime dir (`create`, `run --keep`,
+    `daemon start`) is stopped when the module ends: later modules' runs would otherwise go
+    through it (its warm pool, its sandboxes) instead of the path they mean to test."""
+    yield
+    if (private_agentkernel_dirs / "run" / "daemon.sock").exists():
+        subprocess.run([sys.executable, "-m", "agentkernel", "daemon", "stop"],
+                       capture_output=True, timeout=60, check=False)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     name: str = request.param

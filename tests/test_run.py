@@ -177,7 +177,7 @@ def test_ctrl_c_reaches_the_command_and_cleans_up(backend: str, project: Path) -
 def test_bad_input_is_a_clear_error(project: Path) -> None:
     r = ak("run", "--profile", "paranoid", "--", "true", cwd=project)
     assert r.returncode == 2 and "unknown profile" in r.stderr
-    r = ak("run", "--backend", "docker", "--", "true", cwd=project)
+    r = ak("run", "--backend", "bogus", "--", "true", cwd=project)
     assert r.returncode == 2 and "unknown backend" in r.stderr
     r = ak("run", "--image", "UPPER;rm -rf /", "--", "true", cwd=project)
     assert r.returncode == 2

@@ -219,6 +219,11 @@ def test_user_only_list_is_what_the_docs_say() -> None:
 
 LOOSENING = [
     # (user config, project file, the key the project may not set)
+    # egress: an address entry reaches the always-denied set (metadata, private networks)
+    ("", '[network]\nallow = ["169.254.169.254"]\n', "network.allow"),
+    ("", '[network]\nallow = ["pypi.org", "10.0.0.0/8"]\n', "network.allow"),
+    ('[network]\nallow = ["pypi.org"]\n', '[network]\nallow = ["evil.example"]\n',
+     "network.allow"),
     ("", '[security]\nprofile = "permissive"\n', "security.profile"),
     ('[security]\nprofile = "restrictive"\n', '[security]\nprofile = "moderate"\n',
      "security.profile"),
@@ -262,6 +267,8 @@ def test_loosened_profile_does_not_reach_the_run(dirs: Dirs) -> None:
 
 
 TIGHTENING = [
+    ("", '[network]\nallow = ["pypi.org"]\n', "network.allow"),  # names: default-deny
+    ("", '[network]\ndeny = ["*.example.com"]\n', "network.deny"),
     ("", '[security]\nprofile = "restrictive"\n', "security.profile"),
     ("", "[security]\nnetwork = false\n", "security.network"),
     ("", "[security]\nnetwork = true\n", "security.network"),  # moderate has network already

@@ -644,14 +644,17 @@ def find_project_config(cwd: Path) -> Path | None:
 # registries and certificates the shared image store trusts (a mirror answers for every
 # project's `python:3.12`), the guest kernel, and how the user's daemon runs.
 USER_ONLY_KEYS = ("images.registry", "images.mirrors", "images.insecure_registries",
-                  "images.ca_file", "images.auths", "microvm.kernel", "daemon", "api")
+                  "images.ca_file", "images.auths", "microvm.kernel", "daemon", "api",
+                  # What the sandbox's resolver answers: a project could send an allowed
+                  # name (and the secrets bound to it) to an address of its choosing.
+                  "network.hosts")
 # Keys that describe one project; a user file giving them is ignored (with a warning).
 PROJECT_ONLY_KEYS = ("sandbox.name", "sandbox.runtime", "sandbox.base_image")
 # Keys nothing reads yet: one "not implemented yet" warning per file instead of silence.
 # ([security.domains] has its own warning in Config.validate.)
-NOT_IMPLEMENTED_KEYS = ("resources.vcpus", "resources.memory_mb", "network",
-                        "security.seccomp", "security.commands", "build", "files", "ssh",
-                        "orchestrator", "remote", "enterprise")
+NOT_IMPLEMENTED_KEYS = ("resources.vcpus", "resources.memory_mb", "network.vsock_cid",
+                        "network.ports", "security.seccomp", "security.commands", "build",
+                        "files", "ssh", "orchestrator", "remote", "enterprise")
 # Upstream documents these as informational: accepted quietly, shown as such.
 INFORMATIONAL_KEYS = ("sandbox.name", "agent.preferred")
 # Secrets: `agentkernel config` never prints their values.
@@ -942,9 +945,25 @@ def _loosens(key: str, value: Any, base: dict[str, Any], user_set: set[str]) -> 
         mine = str(_get(base, "sandbox.backend"))
         if _backend_strength(str(value)) < _backend_strength(mine):
             return f'"{value}" is weaker than your backend "{mine}"'
+    if key == "network.allow":
+        return _loosens_allow(value, user_set)
     if key == "images.offline_fallback" and value == "host" and \
             _get(base, "images.offline_fallback") == "none":
         return 'your offline_fallback is "none"'
+    return None
+
+
+def _loosens_allow(value: Any, user_set: set[str]) -> str | None:
+    """A project's egress allow-list narrows a policy to the names it lists, unless it
+    replaces the user's own list, or names addresses: an address or CIDR entry is the one
+    way past the always-denied set (loopback, private networks, cloud metadata)."""
+    from .egress_policy import parse_entry
+
+    if "network.allow" in user_set:
+        return "your settings have an allow-list of their own"
+    nets = [str(e) for e in value or [] if parse_entry(str(e)).kind == "net"]
+    if nets:
+        return f"address entries ({', '.join(nets[:3])}) reach what is always denied"
     return None
 
 
