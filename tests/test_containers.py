@@ -150,7 +150,7 @@ def _image_works(cli: list[str], ref: str) -> bool:
     extra = PODMAN_ULIMITS if cli[0] == CLI["podman"] and os.geteuid() == 0 else []
     r = subprocess.run([*cli, "run", "--rm", "--network", "none", *extra, "--entrypoint",
                         "/bin/busybox", ref, "test", "-x", "/bin/sh"],
-                       capture_output=True, timeout=120, check=False)
+                       capture_output=True, timeout=120, check=False, cwd="/")
     return r.returncode == 0
 
 
@@ -167,10 +167,11 @@ def ensure_image(cli: list[str], tar: Path, ref: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _image_works(cli, ref):
             return
+        # cwd "/": as another user, the engine cannot enter CI's checkout (a 0700 dir).
         subprocess.run([*cli, "rmi", "-f", ref], capture_output=True, timeout=120,
-                       check=False)
+                       check=False, cwd="/")
         r = subprocess.run([*cli, "import", str(tar), ref], capture_output=True, timeout=120,
-                           check=False)
+                           check=False, cwd="/")
         assert r.returncode == 0, f"{' '.join(cli[-2:])} import: {r.stderr[-800:]!r}"
         assert _image_works(cli, ref), f"{ref} imported into {cli[0]} does not work"
 
@@ -569,7 +570,7 @@ def podman_user(tmp_path_factory: pytest.TempPathFactory,
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pidfile.read_text()), signal.SIGTERM)
         subprocess.run([*as_user, CLI["podman"], "rm", "-af"], capture_output=True,
-                       timeout=120, check=False)
+                       timeout=120, check=False, cwd="/")
         shutil.rmtree(base, ignore_errors=True)
 
 
