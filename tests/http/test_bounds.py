@@ -177,8 +177,11 @@ def test_endless_output_is_cut_off(small: RunningServer, sandbox: str) -> None:
     run = h.post("/run", json={"command": ["sh", "-c", "echo to-stderr >&2; exec yes"]})
     data = run.json()["data"]
     assert data["truncated"] is True and data["signal"] == 9, data
-    assert len(data["output"]) + len("to-stderr\n") == SMALL
-    assert data["stderr"].startswith("to-stderr\n")
+    # stdout and stderr share the cap; the agent reads the two pipes as data comes, so
+    # `yes` may fill it before the earlier line on stderr is read (then that is dropped).
+    kept_err = data["stderr"].split("\n[agentkernel: output truncated", 1)[0]
+    assert kept_err in ("", "to-stderr\n"), data["stderr"][:200]
+    assert len(data["output"]) + len(kept_err) == SMALL
     data = h.post(f"/sandboxes/{sandbox}/exec", json={"command": ["yes", "x"]}).json()["data"]
     assert data["truncated"] is True and set(data["output"]) == {"x", "\n"}
     batch = h.post("/batch/run", json={"commands": [{"command": ["yes"]},
