@@ -22,7 +22,7 @@ from conftest import ROOT, Daemon
 EXE = str(ROOT / ".venv" / "bin" / "agentkernel")
 TOOLS = {"sandbox_run", "sandbox_exec", "sandbox_create", "sandbox_list", "sandbox_remove",
          "sandbox_start", "sandbox_stop", "sandbox_file_write", "sandbox_file_read",
-         "agents_list"}
+         "agents_list", "sandbox_egress_log"}
 
 
 def with_client(daemon: Daemon, project: Path,
@@ -161,6 +161,37 @@ def test_named_sandbox_files_and_lifecycle(daemon: Daemon, proj: Path) -> None:
     assert r["remove"].structured_content["removed"] is True
     assert r["again"].structured_content["removed"] is False  # idempotent
     assert r["gone"].is_error and "mcp-box" in r["gone"].content[0].text
+
+
+def test_egress_log_says_what_was_refused_and_why(daemon: Daemon, proj: Path) -> None:
+    """A named sandbox (moderate: its egress gate) tries a private address; the tool shows
+    the refusal and its rule, structured and as text; a sandbox without a gate is a tool
+    error."""
+    probe = ("import socket\ns = socket.socket(); s.settimeout(5)\n"
+             "try:\n    s.connect(('10.1.2.3', 80)); s.sendall(b'x'); s.recv(1)\n"
+             "except OSError as e:\n    print('refused', type(e).__name__)\n")
+
+    async def body(c: Client) -> dict[str, Any]:
+        r: dict[str, Any] = {}
+        r["create"] = await c.call_tool("sandbox_create", {"name": "mcp-egress",
+                                                           "image": "host"})
+        r["exec"] = await c.call_tool("sandbox_exec", {
+            "name": "mcp-egress", "command": ["python3", "-c", probe]})
+        r["log"] = await c.call_tool("sandbox_egress_log", {"name": "mcp-egress"})
+        r["none"] = await c.call_tool("sandbox_egress_log", {"name": "no-such-box"})
+        r["bad"] = await c.call_tool("sandbox_egress_log", {"name": "../etc"})
+        await c.call_tool("sandbox_remove", {"name": "mcp-egress"})
+        return r
+
+    r = with_client(daemon, proj, body)
+    assert not r["create"].is_error, r["create"].content
+    assert "refused" in r["exec"].structured_content["stdout"], r["exec"].structured_content
+    log = r["log"].structured_content
+    assert not r["log"].is_error and log["name"] == "mcp-egress", r["log"].content
+    refusals = [e for e in log["entries"] if e["host"] == "10.1.2.3"]
+    assert refusals and refusals[0]["allowed"] is False and refusals[0]["rule"], log
+    assert "10.1.2.3" in r["log"].content[0].text and "REFUSED" in r["log"].content[0].text
+    assert r["none"].is_error and r["bad"].is_error
 
 
 HOSTILE_NAMES = ["../etc", "a/b", "x" * 64, "-lead", "tab\tname", "ünï", "", "a--b",

@@ -135,6 +135,22 @@ class ReadOutput(BaseModel):
     size: int
 
 
+class EgressEntry(BaseModel):
+    time: float
+    kind: str  # dns, tcp, tls, http, close, policy, note
+    host: str | None = None
+    port: int | None = None
+    allowed: bool | None = None
+    rule: str | None = None
+    line: str  # as `agentkernel egress NAME log` prints it
+
+
+class EgressLogOutput(BaseModel):
+    name: str
+    entries: list[EgressEntry]
+    dropped: int  # older entries not returned (max_entries)
+
+
 class AgentOut(BaseModel):
     id: str
     name: str
@@ -303,6 +319,7 @@ def build_server(ops_factory: Callable[[], SandboxOps], project: Path | None = N
     _add_lifecycle_tools(server, tools)
     _add_file_tools(server, tools)
     _add_agent_tools(server)
+    _add_egress_tools(server)
     return server
 
 
@@ -492,3 +509,46 @@ def _add_agent_tools(server: MCPServer) -> None:
                          for a in model.agents)
         return _result(model, text)
 
+
+def _add_egress_tools(server: MCPServer) -> None:
+    @server.tool(title="A sandbox's egress log", annotations=ToolAnnotations(
+        read_only_hint=True, destructive_hint=False, idempotent_hint=True,
+        open_world_hint=False))
+    async def sandbox_egress_log(
+        name: Name,
+        max_entries: Annotated[int, Field(ge=1, le=1000, description="the newest this many")]
+        = 200,
+    ) -> Annotated[CallToolResult, EgressLogOutput]:
+        """What a running sandbox's network tried, and whether its egress policy allowed it
+        and by which rule (names, addresses, ports; never bodies or secret values)."""
+        name = _check_name(name)
+        docs = await _blocking(lambda: _egress_docs(name))
+        kept = docs[-max_entries:]
+        model = EgressLogOutput(name=name, entries=[_egress_entry(d) for d in kept],
+                                dropped=len(docs) - len(kept))
+        text = "\n".join(e.line for e in model.entries) or "(no egress yet)"
+        return _result(model, text)
+
+
+def _egress_docs(name: str) -> list[dict[str, object]]:
+    """The gate's log of sandbox `name` (bounded by the gate: it starts over past 2 MiB)."""
+    from ..egress_gate import read_log, scratch_of
+
+    docs, _offset = read_log(scratch_of(name))
+    return docs
+
+
+def _egress_entry(doc: dict[str, object]) -> EgressEntry:
+    from ..egress_gate import format_entry
+
+    def text(key: str) -> str | None:
+        value = doc.get(key)
+        return str(value)[:300] if value is not None else None
+
+    port = doc.get("port")
+    allowed = doc.get("allowed")
+    return EgressEntry(
+        time=float(str(doc.get("t", 0))), kind=str(doc.get("kind", "note"))[:20],
+        host=text("host") or text("addr"), port=port if isinstance(port, int) else None,
+        allowed=allowed if isinstance(allowed, bool) else None, rule=text("rule"),
+        line=format_entry(doc)[:500])
