@@ -40,6 +40,7 @@ READY_TIMEOUT = 15.0
 
 def ip_batch() -> str:
     return "\n".join([
+        "link set lo up",  # the gate listens there (bwrap brings it up; a VMM's holder not)
         f"link add {SANDBOX_DEV} type veth peer name {PEER_DEV}",
         f"link set {PEER_DEV} up",
         f"link set {SANDBOX_DEV} up",
@@ -48,14 +49,19 @@ def ip_batch() -> str:
     ]) + "\n"
 
 
-def rules_v4() -> str:
+def rules_v4(*, loopback_dns: bool = False) -> str:
+    """`loopback_dns`: DNS to the namespace's own loopback goes to the gate too (a VMM's
+    user-mode network stack asks the resolvers of the host's resolv.conf for its guest,
+    often 127.0.0.53; left alone, those queries would meet an empty loopback)."""
     from .egress_proxy import DNS_PORT, TCP_PORT
 
+    dns = f"-A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}"
     return "\n".join([
         "*nat",
+        *([dns] if loopback_dns else []),
         "-A OUTPUT -o lo -j RETURN",  # the sandbox's own addresses: its business
         f"-A OUTPUT -p tcp -j REDIRECT --to-ports {TCP_PORT}",
-        f"-A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}",
+        *([] if loopback_dns else [dns]),
         "COMMIT",
         "*filter",
         "-A OUTPUT -o lo -j ACCEPT",
@@ -359,10 +365,11 @@ class GateStart:
             os.close(self.ready_w)
 
     def attach(self, pid: int, policy: Policy, *, router: int | None = None,
-               ids: tuple[int, int] | None = None) -> None:
+               ids: tuple[int, int] | None = None, loopback_dns: bool = False) -> None:
         """The rules into the namespace of `pid`, and that namespace to the gate. With
-        `router` (gVisor, VMMs): `pid`'s namespace only gets its way to the router's, and
-        the rules and the gate's listeners are in the router's."""
+        `router` (gVisor): `pid`'s namespace only gets its way to the router's, and the
+        rules and the gate's listeners are in the router's. `loopback_dns` (QEMU's user
+        networking, whose sockets are the guest's connections): see rules_v4."""
         import socket
 
         from .network import enter_netns
@@ -370,7 +377,8 @@ class GateStart:
         try:
             if router is None:
                 enter = enter_netns(pid)
-                inputs = {"ip": ip_batch(), "iptables-restore": rules_v4(),
+                inputs = {"ip": ip_batch(),
+                          "iptables-restore": rules_v4(loopback_dns=loopback_dns),
                           "ip6tables-restore": rules_v6()}
             else:
                 sandbox_side, router_side = router_batches(router)
