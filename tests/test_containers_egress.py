@@ -1,0 +1,121 @@
+"""The egress gate in front of docker and podman containers (real engines, the test
+upstream of test_egress_policy): the container's network namespace, empty by the engine
+("none"), gets the gate's rules from the host side; an allow-list holds by name with pinned
+DNS and Host, private and metadata addresses stay refused, and every refusal is told."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import test_containers
+from sandbox_helpers import ak
+from test_containers import (  # noqa: F401 - fixtures
+    ak_user,
+    busybox_tar,
+    dockerd,
+    engine,
+    podman_ready,
+    podman_user,
+)
+from test_egress_policy import Upstream, hosts, make_upstream
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test upstream needs root")
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    with make_upstream() as up:
+        yield up
+
+
+def probe(up: Upstream) -> str:
+    def nc(label: str, host: str, port: int) -> str:
+        return (f'echo "@{label} $(busybox nc -w 3 {host} {port} </dev/null 2>&1 '
+                f'| busybox head -c 200)"\n')
+
+    def get(label: str, url: str, *header: str) -> str:
+        extra = " ".join(f"--header '{h}'" for h in header)
+        return (f'echo "@{label} $(busybox wget -q -O- {extra} {url} 2>/dev/null '
+                f'|| echo refused)"\n')
+
+    return "".join([
+        get("http-allowed", "http://allowed.test:18080/"),
+        nc("raw-allowed", "allowed.test", 18022),
+        'echo "@dns-denied $(busybox nslookup denied.test 2>&1 | busybox tr "\\n" " ")"\n',
+        get("http-denied", "http://denied.test:18080/"),
+        get("host-mismatch", "http://allowed.test:18080/", "Host: denied.test"),
+        nc("direct-ip", up.addr2, 18022),
+        nc("private", up.private, 18022),
+        nc("rebind", "rebind.test", 18022),
+        get("metadata", "http://169.254.169.254/"),
+        nc("loopback", "127.0.0.1", 18022),
+    ])
+
+
+def marked(text: str) -> dict[str, str]:
+    seen: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"@(\S+) ?(.*)", line)
+        if m:
+            seen[m.group(1)] = m.group(2).strip()
+    return seen
+
+
+def test_allow_list_holds_in_a_container(engine: str, upstream: Upstream,  # noqa: F811
+                                         tmp_path: Path) -> None:
+    r = ak("run", "-B", engine, "-i", test_containers.IMAGE, "--allow-host", "allowed.test",
+           "--allow-host", "rebind.test", *hosts(upstream), "--", "sh", "-c",
+           probe(upstream), cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr
+    seen = marked(r.stdout)
+    assert seen.pop("http-allowed") == "hello host=allowed.test:18080 key=-", (seen, r.stderr)
+    assert seen.pop("raw-allowed") == "SSH-2.0-upstream", seen
+    assert "NXDOMAIN" in seen.pop("dns-denied"), seen
+    assert all("hello" not in v and "SSH" not in v for v in seen.values()), seen
+    for line in ("dns denied.test REFUSED by default deny",
+                 "http denied.test:18080 REFUSED",
+                 f"tcp {upstream.private}:18022 REFUSED by always-denied address",
+                 f"tcp {upstream.addr2}:18022 REFUSED by default deny",
+                 "tcp 169.254.169.254:80 REFUSED by always-denied address"):
+        assert line in r.stderr, (line, r.stderr)
+
+
+def test_default_reaches_public_only(engine: str, upstream: Upstream,  # noqa: F811
+                                     tmp_path: Path) -> None:
+    """moderate without lists: public addresses by name or address; the private set, the
+    metadata address and a denied name stay out."""
+    script = "".join([
+        'echo "@public-ip $(busybox nc -w 3 ' + upstream.addr2 + ' 18022 </dev/null 2>&1)"\n',
+        'echo "@by-name $(busybox wget -q -O- http://allowed.test:18080/ 2>&1)"\n',
+        'echo "@denied $(busybox wget -q -O- http://denied.test:18080/ 2>/dev/null'
+        ' || echo refused)"\n',
+        'echo "@private $(busybox nc -w 3 ' + upstream.private + ' 18022 </dev/null 2>&1)"\n',
+    ])
+    r = ak("run", "-B", engine, "-i", test_containers.IMAGE, "--deny-host", "denied.test",
+           *hosts(upstream), "--", "sh", "-c", script, cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr
+    seen = marked(r.stdout)
+    assert seen["public-ip"] == "SSH-2.0-upstream", (seen, r.stderr)
+    assert seen["by-name"] == "hello host=allowed.test:18080 key=-", seen
+    assert seen["denied"] == "refused" and "SSH" not in seen["private"], seen
+    assert f"tcp {upstream.private}:18022 REFUSED by always-denied address" in r.stderr
+
+
+def test_rootless_podman_allow_list(podman_user: tuple[int, dict[str, str], Path],  # noqa: F811
+                                    upstream: Upstream) -> None:
+    """As an ordinary user (rootless podman): the gate's rules go into the container's
+    namespace through its user namespace, and the gate runs as that user."""
+    r = ak_user(podman_user, "run", "-B", "podman", "-i", podman_user[1]["IMAGE"],
+                "--allow-host", "allowed.test", *hosts(upstream), "--", "sh", "-c",
+                probe(upstream))
+    assert r.returncode == 0, r.stderr
+    seen = marked(r.stdout)
+    assert seen.pop("http-allowed") == "hello host=allowed.test:18080 key=-", (seen, r.stderr)
+    assert seen.pop("raw-allowed") == "SSH-2.0-upstream", seen
+    assert all("hello" not in v and "SSH" not in v for v in seen.values()), seen
+    assert f"tcp {upstream.private}:18022 REFUSED by always-denied address" in r.stderr
