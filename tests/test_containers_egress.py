@@ -119,3 +119,42 @@ def test_rootless_podman_allow_list(podman_user: tuple[int, dict[str, str], Path
     assert seen.pop("raw-allowed") == "SSH-2.0-upstream", seen
     assert all("hello" not in v and "SSH" not in v for v in seen.values()), seen
     assert f"tcp {upstream.private}:18022 REFUSED by always-denied address" in r.stderr
+
+
+SECRET_VALUE = "sk-ct-" + os.urandom(12).hex()
+SECRET_SCRIPT = r"""
+echo "@env $SECRET_KEY"
+echo "@curl $(curl -sS https://secret.test:18443/ -H "x-api-key: $SECRET_KEY")"
+python3 -c '
+import os, urllib.request
+r = urllib.request.Request("https://secret.test:18443/",
+                           headers={"x-api-key": os.environ["SECRET_KEY"]})
+print("@urllib", urllib.request.urlopen(r, timeout=10).read().decode().strip())'
+echo "@cleartext $(curl -sS -m 5 http://other.test:18080/ -H "x-api-key: $SECRET_KEY" \
+    2>/dev/null || echo refused)"
+echo "@found $(printf '%s%s\n' "$REAL_A" "$REAL_B" | grep -rlF -f - /proc/[0-9]*/environ \
+    /proc/[0-9]*/cmdline /etc /run /tmp /root /workspace 2>/dev/null | head -3)"
+"""
+
+
+def test_secret_reaches_its_host_only(engine: str, upstream: Upstream,  # noqa: F811
+                                      tmp_path: Path) -> None:
+    """The host's userland as the image (curl, python3): the container sees a placeholder,
+    trusts the sandbox's CA through the system bundle bound over the image's, and
+    secret.test gets the value in its header; the placeholder in clear text is refused."""
+    r = ak("secret", "set", "ctkey", "--host", "secret.test", "--header", "x-api-key",
+           "--env", "SECRET_KEY", input=SECRET_VALUE.encode() + b"\n")
+    assert r.returncode == 0, r.stderr
+    r = ak("run", "-B", engine, "-i", "host", "--secret", "ctkey",
+           "-e", f"REAL_A={SECRET_VALUE[:8]}", "-e", f"REAL_B={SECRET_VALUE[8:]}",
+           "--add-host", f"secret.test:{upstream.addr}", *hosts(upstream), "--",
+           "sh", "-c", SECRET_SCRIPT, cwd=tmp_path, timeout=180,
+           env={"AGENTKERNEL_EGRESS_UPSTREAM_CA": str(upstream.ca)})
+    assert r.returncode == 0, r.stderr
+    seen = marked(r.stdout)
+    assert seen["env"].startswith("ak-secret-") and SECRET_VALUE not in seen["env"], seen
+    expected = f"hello host=secret.test:18443 key={SECRET_VALUE}"
+    assert seen["curl"] == expected and seen["urllib"] == expected, (seen, r.stderr)
+    assert seen["cleartext"] == "refused" and seen["found"] == "", seen
+    assert "placeholder of secret ctkey sent in clear text" in r.stderr, r.stderr
+    assert SECRET_VALUE not in r.stderr
