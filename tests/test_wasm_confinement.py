@@ -170,17 +170,45 @@ def test_the_running_worker_from_the_host(root: Path, daemon: bool) -> None:
             ak("daemon", "stop", env=env)
 
 
-def test_each_run_gets_a_fresh_worker(root: Path) -> None:
+def _run_in(root: Path, env: dict[str, str], *args: str,
+            input: bytes | None = None) -> tuple[int, str, str]:
+    """A run through the daemon: its exit code, stdout, and the sandbox (worker) it ran in."""
+    r = ak("run", "-v", *args, cwd=root / "proj", env=env, input=input)
+    said = [ln for ln in r.stderr.splitlines() if "via daemon" in ln]
+    assert said, r.stderr
+    return r.returncode, r.stdout, said[0].rsplit("sandbox ", 1)[1]
+
+
+def test_runs_share_a_worker_never_an_instance(root: Path) -> None:
+    """A daemon's worker serves the next run of its key (the warm path), and each run is a
+    new instance: no memory, global, table, environment or stdin of one run is there for
+    the next. A run that timed out takes its worker with it."""
     env = _env(root, daemon=True)
     assert ak("daemon", "start", env=env).returncode == 0
     try:
-        names = set()
-        for _ in range(3):
-            r = ak("run", "--json", "hello.wat", cwd=root / "proj", env=env)
-            out = json.loads(r.stdout)
-            assert out["exit_code"] == 0, r.stderr
-            names.add(out["sandbox"])
-        assert len(names) == 3
+        # The first run starts its worker in the request's thread: that one serves once.
+        assert _run_in(root, env, "hello.wat")[0] == 0
+        runs = [_run_in(root, env, "counter.wat") for _ in range(3)]
+        assert [(code, out) for code, out, _ in runs] == [(0, "1111\n")] * 3, runs
+        workers = {worker for _, _, worker in runs}
+        assert len(workers) == 1, runs  # one worker: the counts above were tested on it
+
+        secret = f"SECRET={os.urandom(8).hex()}"
+        _, out, worker = _run_in(root, env, "-e", secret, "env.wat")
+        assert secret in out.split("\0") and worker in workers
+        _, out, worker = _run_in(root, env, "env.wat")
+        assert secret not in out and worker in workers
+
+        # cat echoes its own run's stdin only; a run whose stdin is empty reads nothing.
+        assert _run_in(root, env, "cat.wat", input=b"first")[1] == "first"
+        assert _run_in(root, env, "cat.wat", input=b"")[1] == ""
+        _, out, worker = _run_in(root, env, "cat.wat", input=b"second")
+        assert out == "second" and worker in workers
+
+        code, _, stuck = _run_in(root, env, "--timeout", "0.5", "loop.wat")
+        assert code == 124
+        code, out, worker = _run_in(root, env, "counter.wat")
+        assert (code, out) == (0, "1111\n") and worker != stuck
     finally:
         ak("daemon", "stop", env=env)
 
