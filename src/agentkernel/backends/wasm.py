@@ -399,16 +399,19 @@ class _Compiler:
     def module(self, path: Path, shown: str) -> tuple[str, bytes]:
         """The compiled module at `path` and its cache key: from memory, the disk cache, or
         compiled now."""
+        # The warm path: a file seen before, unchanged (same inode, size, mtime and
+        # ctime), is one stat. Anything else opens it, with the checks that go with that.
+        with contextlib.suppress(OSError):
+            seen = os.stat(path)
+            known = self._known(_ident(seen)) if stat.S_ISREG(seen.st_mode) else None
+            if known is not None:
+                return known
         fd, st = _open_module(path, shown)
         try:
-            ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            with self._lock:
-                key = self._by_file.get(ident)
-                compiled = self._by_key.get(key) if key is not None else None
-                if compiled is not None and key is not None:
-                    self._by_file.move_to_end(ident)
-                    self._by_key.move_to_end(key)
-                    return key, compiled
+            ident = _ident(st)
+            known = self._known(ident)
+            if known is not None:
+                return known
             source = _read_all(fd, st.st_size)
         finally:
             os.close(fd)
@@ -425,6 +428,16 @@ class _Compiler:
             compiled = load(key) or self._compile(key, source, shown)
         self._remember(ident, key, compiled)
         return key, compiled
+
+    def _known(self, ident: tuple[int, ...]) -> tuple[str, bytes] | None:
+        with self._lock:
+            key = self._by_file.get(ident)
+            compiled = self._by_key.get(key) if key is not None else None
+            if compiled is None or key is None:
+                return None
+            self._by_file.move_to_end(ident)
+            self._by_key.move_to_end(key)
+            return key, compiled
 
     def _compile(self, key: str, source: bytes, shown: str) -> bytes:
         """Compile and check (a WASI command whose imports WASI preview1 offers): only a
@@ -489,6 +502,10 @@ def _open_module(path: Path, shown: str) -> tuple[int, os.stat_result]:
                else f"larger than {MAX_MODULE_BYTES >> 20} MiB")
         raise CommandNotExecutable(f"{shown}: {why}", errno.ENOEXEC)
     return fd, st
+
+
+def _ident(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -581,8 +598,8 @@ class WasmExecution(Execution):
                     return "stdout", data
                 if kind == b"E":
                     return "stderr", data
-                if kind == b"X":
-                    return "exit", self._end(_exit_status(data), clean=True)
+                if kind == b"X":  # the last frame of a job: anything after it is not
+                    return "exit", self._end(_exit_status(data), clean=not self._pending)
                 self._worker.kill()  # a second ready frame: not a worker we know
                 continue
             what, payload = self._worker.execution._next(timeout)
