@@ -42,6 +42,8 @@ MAX_MODULE = 256 << 20  # a compiled module (wasm_cache.MAX_ENTRY_BYTES)
 KEY_BYTES = 64  # a module's cache key: SHA-256, hex
 MAX_MODULES = 16  # compiled modules kept (the parent evicts first: this is a backstop)
 OUT_CHUNK = 64 * 1024  # output frames are at most this large
+FLUSH_DELAY = 0.002  # seconds output may wait to leave with more (or with the job's end)
+FLUSH_BYTES = 64 * 1024  # ... unless this much is pending
 READY = b"R"
 WORKSPACE = "/workspace"
 # Per store: tables and instances a WASI command needs, with room, but bounded.
@@ -84,6 +86,57 @@ def _write(data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(1, view):]
+
+
+class _Out:
+    """Frames to stdout, gathered briefly: a job's output and its end usually leave in one
+    write (one wake-up of the agent and of the parent, not one per module write). Output
+    waits at most FLUSH_DELAY (a flusher thread), less once FLUSH_BYTES are pending, so a
+    module's output still streams; a write blocks while the parent pauses us."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._buf = bytearray()
+        threading.Thread(target=self._flusher, daemon=True).start()
+
+    def put(self, data: bytes) -> None:
+        with self._cond:
+            idle = not self._buf
+            self._buf += data
+            if len(self._buf) >= FLUSH_BYTES:
+                self._flush()
+            elif idle:
+                self._cond.notify()
+
+    def end(self, data: bytes) -> None:
+        """The last frame of a job (or the ready frame): out now, with what is pending."""
+        with self._cond:
+            self._buf += data
+            self._flush()
+
+    def _flush(self) -> None:
+        _write(bytes(self._buf))
+        self._buf.clear()
+
+    def _flusher(self) -> None:
+        with self._cond:
+            while True:
+                while not self._buf:
+                    self._cond.wait()
+                self._cond.wait(FLUSH_DELAY)  # more may come, or the job's end takes it
+                if self._buf:
+                    self._flush()
+
+
+_OUTS: list[_Out] = []
+
+
+def _out() -> _Out:
+    """The worker's one _Out, made on first use (never by a process that imports this
+    module for the frame format)."""
+    if not _OUTS:
+        _OUTS.append(_Out())
+    return _OUTS[0]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -136,7 +189,7 @@ def main() -> None:
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
     _warm_up(engine, linker)
-    _write(frame(READY))
+    _out().end(frame(READY))
     try:
         _serve(engine, linker)
     except (OSError, ValueError, EOFError) as exc:
@@ -180,7 +233,7 @@ def _serve(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
 
 def _answer(engine: wasmtime.Engine, linker: wasmtime.Linker,
             modules: dict[str, wasmtime.Module], job: object, fd: int | None) -> None:
-    _write(frame(b"X", json.dumps(_job(engine, linker, modules, job, fd)).encode()))
+    _out().end(frame(b"X", json.dumps(_job(engine, linker, modules, job, fd)).encode()))
 
 
 def _load(engine: wasmtime.Engine, modules: dict[str, wasmtime.Module], payload: bytes) -> None:
@@ -214,7 +267,7 @@ def _job(engine: wasmtime.Engine, linker: wasmtime.Linker,
 
 
 def _failed(message: str) -> dict[str, int]:
-    _write(frame(b"E", f"agentkernel: wasm: {message}\n".encode(errors="replace")))
+    _out().put(frame(b"E", f"agentkernel: wasm: {message}\n".encode(errors="replace")))
     return {"code": EXIT_FAILED}
 
 
@@ -247,7 +300,7 @@ def _output(kind: bytes) -> Callable[[bytes], int]:
     """A WASI output callback: the module's writes as frames, in pieces of OUT_CHUNK."""
     def write(data: bytes) -> int:
         for i in range(0, len(data), OUT_CHUNK):
-            _write(frame(kind, data[i:i + OUT_CHUNK]))
+            _out().put(frame(kind, data[i:i + OUT_CHUNK]))
         return len(data)
     return write
 
@@ -284,7 +337,7 @@ def run(engine: wasmtime.Engine, linker: wasmtime.Linker, module: wasmtime.Modul
         except wasmtime.ExitTrap as exc:
             return {"code": exc.code if 0 <= exc.code <= 255 else (exc.code & 0xFF or 1)}
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-            _write(frame(b"E", f"agentkernel: wasm trap: {_first_line(exc)}\n".encode(
+            _out().put(frame(b"E", f"agentkernel: wasm trap: {_first_line(exc)}\n".encode(
                 errors="replace")))
             return {"signal": int(signal.SIGABRT)}
         return {"code": 0}
