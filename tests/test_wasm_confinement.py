@@ -239,6 +239,40 @@ def test_the_worker_of_an_ordinary_user() -> None:
         subprocess.run(["rm", "-rf", str(top)], check=False)
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root (to become nobody) and setpriv")
+def test_an_ordinary_users_daemon_reuses_workers_never_instances() -> None:
+    top = _make_root("ak-wasmc-nobody-d-")
+    home = top / "nobody"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        proc = ak_as_user(NOBODY, home, *args, cwd=top / "proj", timeout=60)
+        out, err = proc.communicate(timeout=90)
+        return proc.returncode, out, err
+
+    try:
+        code, _out, err = run("daemon", "start")
+        assert code == 0, err
+        assert run("run", "hello.wat")[0] == 0  # the cold one: its worker serves once
+        secret = f"SECRET={os.urandom(8).hex()}"
+        workers = set()
+        for args in (("counter.wat",), ("-e", secret, "env.wat"), ("counter.wat",),
+                     ("env.wat",)):
+            code, out, err = run("run", "-v", *args)
+            assert code == 0, err
+            workers.add(err.split("sandbox ", 1)[1].split()[0])
+            if args[-1] == "counter.wat":
+                assert out == "1111\n"
+            else:
+                assert (secret in out.split("\0")) == (secret in args)
+        assert len(workers) == 1, workers
+    finally:
+        run("daemon", "stop")
+        subprocess.run(["rm", "-rf", str(top)], check=False)
+
+
 # ---------------------------------------------------------------- code inside a worker
 
 # Run in the worker's sandbox: argv[1] a JSON object {"hidden": [...], "write": [...]}.

@@ -355,6 +355,12 @@ def test_a_reusable_sandbox_is_given_back_first_in_line(fake: FakeBackend,
     p.give_back(k, sandbox)
     again, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
     assert warm and again is sandbox  # the warmest first
+    for _ in range(50):  # runs in a row on one given-back sandbox: no demand for more
+        p.release(k)
+        p.give_back(k, again)
+        again, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+        assert warm
+    assert status(p, k).target == 1
     again.serves_again = False  # e.g. it timed out
     p.release(k)
     p.give_back(k, again)

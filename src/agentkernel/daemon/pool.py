@@ -312,13 +312,16 @@ class WarmPool:
             st = self._keys.get(key)
             if (st is not None and not self._closed and sandbox not in self._tied
                     and sandbox.reusable() and len(st.warm) < st.max):
+                # Its take consumed no sandbox: it leaves the demand the key is sized from
+                # (else runs in a row would look like a need for `max` sandboxes).
+                now = time.monotonic()
+                st.rate, st.rate_at = max(0.0, st.rate_now(now) - 1.0 / RATE_WINDOW), now
                 if st.claims:
                     claim = st.claims.popleft()
                     claim.sandbox = sandbox
                     claim.event.set()
                 else:
-                    st.warm.appendleft(sandbox)
-                self._cond.notify_all()
+                    st.warm.appendleft(sandbox)  # no refill needs to hear of it
                 return
         self.discard(sandbox)
 
