@@ -526,7 +526,8 @@ class WasmExecution(Execution):
     """One job in a worker, as the caller sees it: the module's output and exit status,
     read out of the worker's frames. A timeout is ours to enforce (the worker could ignore
     its own): SIGKILL through the agent, and that worker serves no other job; so does one
-    signalled, cancelled, or that broke the protocol."""
+    signalled, cancelled, or that broke the protocol. Once the job ended, nothing done to
+    this execution reaches the worker: it may be serving the next run already."""
 
     def __init__(self, worker: _Worker, timeout: float | None, stdin: bool) -> None:
         # Not Execution.__init__: this reads the agent's execution of the worker.
@@ -536,6 +537,7 @@ class WasmExecution(Execution):
         self.pid = worker.execution.pid
         self.status: ExitStatus | None = None
         self._pending: deque[tuple[bytes, bytes]] = deque()
+        self._lock = threading.Lock()  # the job's end against a timeout, signal or cancel
         self._timed_out = False
         self._timer: threading.Timer | None = None
         if timeout is not None:
@@ -544,8 +546,10 @@ class WasmExecution(Execution):
             self._timer.start()
 
     def _expire(self) -> None:
-        self._timed_out = True
-        self._worker.kill()
+        with self._lock:
+            if self.status is None:
+                self._timed_out = True
+                self._worker.kill()
 
     def write_stdin(self, data: bytes) -> None:
         from .wasm_worker import OUT_CHUNK, frame
@@ -564,17 +568,20 @@ class WasmExecution(Execution):
     def signal(self, signo: int) -> None:
         # The worker is the module's process: a signal ends (or may end) the worker, so it
         # never serves again.
-        if self.status is None:
-            self._worker.broken = True
-            self._worker.execution.signal(signo)
+        with self._lock:
+            if self.status is None:
+                self._worker.broken = True
+                self._worker.execution.signal(signo)
 
     def resize(self, rows: int, cols: int) -> None:
         return None  # no terminal
 
     def cancel(self) -> None:
         self._stop_timer()
-        self._worker.broken = True
-        self._worker.execution.cancel()
+        with self._lock:
+            if self.status is None:
+                self._worker.broken = True
+                self._worker.execution.cancel()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -582,12 +589,13 @@ class WasmExecution(Execution):
 
     def _end(self, status: ExitStatus, clean: bool) -> ExitStatus:
         self._stop_timer()
-        if self._timed_out:
-            status = ExitStatus(code=None, signal=signal.SIGKILL, timed_out=True)
-        self._worker.broken = self._worker.broken or not clean or self._timed_out
-        self._worker.runs += 1
-        self._worker.busy = False
-        self.status = status
+        with self._lock:
+            if self._timed_out:
+                status = ExitStatus(code=None, signal=signal.SIGKILL, timed_out=True)
+            self._worker.broken = self._worker.broken or not clean or self._timed_out
+            self._worker.runs += 1
+            self._worker.busy = False
+            self.status = status
         return status
 
     def _next(self, timeout: float | None) -> tuple[str, bytes | ExitStatus]:
@@ -598,9 +606,10 @@ class WasmExecution(Execution):
                     return "stdout", data
                 if kind == b"E":
                     return "stderr", data
-                if kind == b"X":  # the last frame of a job: anything after it is not
-                    return "exit", self._end(_exit_status(data), clean=not self._pending)
-                self._worker.kill()  # a second ready frame: not a worker we know
+                end = _exit_status(data) if kind == b"X" else None
+                if end is not None:  # the last frame of a job: anything after it is not
+                    return "exit", self._end(end, clean=not self._pending)
+                self._worker.kill()  # a bad end or a second ready frame: not our worker
                 continue
             what, payload = self._worker.execution._next(timeout)
             if isinstance(payload, ExitStatus):  # the worker itself ended mid-job
@@ -617,7 +626,8 @@ class WasmExecution(Execution):
             yield self._next(None)
 
 
-def _exit_status(data: bytes) -> ExitStatus:
+def _exit_status(data: bytes) -> ExitStatus | None:
+    """The job's end from an `X` frame; None if the frame is not one the worker sends."""
     import json
 
     try:
@@ -629,7 +639,7 @@ def _exit_status(data: bytes) -> ExitStatus:
             return ExitStatus(code=None, signal=signo)
     except (ValueError, AttributeError):
         pass
-    raise ProtocolError("the wasm worker sent a bad exit frame")
+    return None
 
 
 # ---------------------------------------------------------------- the sandbox and its "client"
