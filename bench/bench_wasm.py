@@ -161,6 +161,7 @@ def main() -> int:
     hello = [str(AK), "run", "hello.wat"]
     cases: list[tuple[str, list[float] | None]] = []
     cpu = (0.0, 0.0)
+    st = stamp()  # before the runs: the commit measured, the load it met
     try:
         cases.append(("baseline: venv `python -c pass`",
                       timed([str(VENV_PY), "-c", "pass"], n, cwd=proj, env=env)))
@@ -206,7 +207,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     from agentkernel.backends.wasm import wasmtime_version
 
-    st = stamp()
+    st["load after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     st["wasmtime"] = f"wasmtime-py {wasmtime_version()}"
     base = pct(cases[0][1] or [], 0.5)
     when = time.strftime("%Y%m%d-%H%M%S")
