@@ -282,24 +282,28 @@ class _Worker:
             del self._buf[:HEAD + size]
         return out
 
-    def await_ready(self) -> None:
-        """The worker's ready frame; anything else before it is why it did not start."""
+    def await_ready(self) -> list[tuple[bytes, bytes]]:
+        """The worker's ready frame, and the frames that came with it (of the job sent
+        ahead of it); anything else before it is why it did not start."""
         from .wasm_worker import READY
 
         said = b""
         try:
-            while not self.ready:
+            while True:
                 kind, payload = self.execution._next(READY_TIMEOUT)
                 if isinstance(payload, ExitStatus):
                     raise SandboxError(f"the wasm worker did not start: "
                                        f"{said.decode(errors='replace').strip() or payload}")
-                if kind == "stdout":
-                    frames = self.parse(payload)
-                    if frames[:1] != [(READY, b"")] or len(frames) > 1:
-                        raise ProtocolError("the wasm worker spoke before it was ready")
-                    self.ready = True
-                else:
+                if kind != "stdout":
                     said = (said + payload)[-4096:]
+                    continue
+                frames = self.parse(payload)
+                if not frames:
+                    continue  # the frame is not whole yet
+                if frames[0] != (READY, b""):
+                    raise ProtocolError("the wasm worker spoke before it was ready")
+                self.ready = True
+                return frames[1:]
         except TimeoutError:
             self.kill()
             raise SandboxError("the wasm worker did not start in time") from None
@@ -683,10 +687,12 @@ class WasmClient(AgentClient):
                 raise Conflict("this wasm sandbox's worker is busy or gone")
             self.worker.busy = True
         try:
-            if not self.worker.ready:
-                self.worker.await_ready()
-            execution = WasmExecution(self.worker, timeout, stdin)
+            # A worker still starting finds the job waiting once it is ready, and skips
+            # its warm-up: this job is its first run anyway.
             self.worker.send_job(key, compiled, job)
+            early = [] if self.worker.ready else self.worker.await_ready()
+            execution = WasmExecution(self.worker, timeout, stdin)  # the module's time only
+            execution._pending.extend(early)
         except BaseException:
             self.worker.kill()
             raise

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -188,7 +189,8 @@ def main() -> None:
     engine = wasmtime.Engine()  # the parent compiles with the same (default) settings
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
-    _warm_up(engine, linker)
+    if not select.select([0], [], [], 0)[0]:  # no job waiting: time to warm up
+        _warm_up(engine, linker)
     _out().end(frame(READY))
     try:
         _serve(engine, linker)
@@ -283,7 +285,8 @@ WARM_UP = """(module
 def _warm_up(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
     """Run a module once before the first job: the first load, store, instantiation and
     write (wasmtime's lazily made runtime pieces, page faults) then cost the pool's time,
-    not a run's. Our own constant module, so nothing of it is trusted or kept."""
+    not a run's. Our own constant module, so nothing of it is trusted or kept. Skipped
+    when a job waits already (a run without a daemon): that job is the first run anyway."""
     import wasmtime
 
     module = wasmtime.Module.deserialize(
