@@ -108,3 +108,16 @@ def test_a_bad_frame_ends_the_worker(worker: Worker) -> None:
     worker.proc.stdin.write(b"J" + (ww.MAX_HEADER + 1).to_bytes(4, "big"))
     worker.proc.stdin.flush()
     assert worker.proc.wait(timeout=30) == ww.EXIT_FAILED
+
+
+@pytest.mark.skipif(os.path.exists("/workspace"), reason="needs a host without /workspace")
+@pytest.mark.parametrize("stdin", [False, True], ids=["inline", "threaded"])
+def test_an_unforeseen_failure_ends_the_worker(worker: Worker, stdin: bool) -> None:
+    """Here the preopen fails (no /workspace outside the sandbox): whichever thread ran
+    the job, the worker ends rather than leave a job without an end."""
+    cat = worker.load(CAT)
+    job = {"key": cat, "argv": ["m"], "env": [], "stdin": stdin, "workspace": True}
+    worker.send(b"J", json.dumps(job).encode())
+    _out, err = worker.proc.communicate(timeout=30)
+    assert worker.proc.returncode == ww.EXIT_FAILED
+    assert b"preopen" in err

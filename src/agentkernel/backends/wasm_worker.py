@@ -231,11 +231,22 @@ def _serve(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
                 running.start()
             else:
                 _answer(engine, linker, modules, job, None)
+    stdin.close()  # our stdin ended, so does the job's
+    if running is not None:  # the job under way still ends, and says so
+        running.join()
 
 
 def _answer(engine: wasmtime.Engine, linker: wasmtime.Linker,
             modules: dict[str, wasmtime.Module], job: object, fd: int | None) -> None:
-    _out().end(frame(b"X", json.dumps(_job(engine, linker, modules, job, fd)).encode()))
+    """Run a job and send its end. Anything unforeseen ends the worker (on whichever
+    thread): its parent then sees the worker gone, never a job that does not end."""
+    try:
+        end = _job(engine, linker, modules, job, fd)
+    except BaseException as exc:
+        _out().end(b"")
+        os.write(2, f"agentkernel: wasm worker: {exc!r}\n".encode(errors="replace"))
+        os._exit(EXIT_FAILED)
+    _out().end(frame(b"X", json.dumps(end).encode()))
 
 
 def _load(engine: wasmtime.Engine, modules: dict[str, wasmtime.Module], payload: bytes) -> None:
