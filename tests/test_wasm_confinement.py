@@ -209,6 +209,24 @@ def test_runs_share_a_worker_never_an_instance(root: Path) -> None:
         assert code == 124
         code, out, worker = _run_in(root, env, "counter.wat")
         assert (code, out) == (0, "1111\n") and worker != stuck
+
+        # Interrupted by its caller: that worker goes too.
+        proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "-v", "loop.wat"],
+                                cwd=root / "proj", env={**os.environ, **env},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        said = proc.stderr.readline()
+        while "via daemon" not in said:
+            said = proc.stderr.readline()
+            assert said, "the run never started"
+        interrupted = said.rsplit("sandbox ", 1)[1].strip()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0
+        code, out, worker = _run_in(root, env, "counter.wat")
+        assert (code, out) == (0, "1111\n") and worker != interrupted
     finally:
         ak("daemon", "stop", env=env)
 
