@@ -58,6 +58,22 @@ def _under(pid: int, ancestor: int) -> bool:
     return False
 
 
+def _workers_under(ancestor: int) -> list[int]:
+    """The pids of the wasm worker processes (at any depth) under `ancestor`."""
+    script = _worker_script().encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:4] == [b"-I", b"-S", script] and _under(int(entry), ancestor):
+            found.append(int(entry))
+    return found
+
+
 def _find_worker(ancestor: int, timeout: float = 60) -> int:
     """The pid of the wasm worker process started (at any depth) under `ancestor`."""
     script = _worker_script()
@@ -227,6 +243,18 @@ def test_runs_share_a_worker_never_an_instance(root: Path) -> None:
         assert proc.returncode != 0
         code, out, worker = _run_in(root, env, "counter.wat")
         assert (code, out) == (0, "1111\n") and worker != interrupted
+
+        # Workers that die while they wait (here: killed from the host) serve no run.
+        daemon_pid = int((root / "run" / "daemon.pid").read_text().split()[0])
+        idle = _workers_under(daemon_pid)
+        assert idle
+        for pid in idle:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in idle):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _run_in(root, env, "counter.wat")[:2] == (0, "1111\n")
     finally:
         ak("daemon", "stop", env=env)
 

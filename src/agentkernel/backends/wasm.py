@@ -338,7 +338,33 @@ class _Worker:
 
     @property
     def alive(self) -> bool:
-        return self.execution.status is None and not self.broken
+        """Whether it may take a job. Between jobs a worker says nothing but, once, that it
+        is ready: anything else it said (its exit above all: it died while waiting)
+        retires it, rather than end the next run before it began."""
+        if self.broken or self.execution.status is not None:
+            return False
+        if self.busy:
+            return True  # what it says is the job's
+        from .wasm_worker import READY
+
+        while True:
+            try:
+                kind, payload = self.execution._next(0)
+            except TimeoutError:
+                return True  # silent, as it should be
+            except Exception:  # its channel is gone
+                break
+            if self.ready or kind != "stdout" or not isinstance(payload, bytes):
+                break
+            try:
+                frames = self.parse(payload)
+            except ProtocolError:
+                break
+            if frames and frames != [(READY, b"")]:
+                break
+            self.ready = bool(frames)
+        self.broken = True
+        return False
 
 
 # ---------------------------------------------------------------- compiling (this process)
