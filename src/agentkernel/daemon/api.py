@@ -40,6 +40,8 @@ class CreateRequest:
     allow_hosts: list[str] = field(default_factory=list)
     deny_hosts: list[str] = field(default_factory=list)
     add_hosts: list[str] = field(default_factory=list)
+    # Stored secrets' names (secrets_store): placeholders in the sandbox, values at its gate.
+    secrets: list[str] = field(default_factory=list)
 
 
 @dataclass

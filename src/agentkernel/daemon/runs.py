@@ -108,20 +108,29 @@ class RunsMixin:
         backend, rootfs = plan.backend, plan.rootfs
         started = time.monotonic()
         sandbox: Sandbox | None = None
+        # Secrets (your config's [secrets]) have a fresh placeholder per run, known to its
+        # gate only: such a run gets a sandbox of its own, never a pooled one.
+        own = plan.egress is not None and bool(plan.egress.secrets)
+
+        def release() -> None:
+            if not own:
+                self.pool.release(key)
+
         try:
-            sandbox, pooled = self.pool.acquire(key, backend, rootfs)
+            sandbox, pooled = (self._pool_start(key, backend, rootfs), False) if own else \
+                self.pool.acquire(key, backend, rootfs)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
                                             cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
                                             rlimits=sandbox.command_rlimits())
         except BaseException:
-            self.pool.release(key)
+            release()
             if sandbox is not None:
                 self._destroy_later(sandbox)
             raise
         sb = sandbox
 
         def finish(_handle: ExecHandle, _result: ExecResult | None) -> None:
-            self.pool.release(key)
+            release()
             self._destroy_later(sb)
 
         info = {**plan.summary(), "backend": sb.backend, "isolation": sb.isolation,
