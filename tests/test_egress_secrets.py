@@ -191,3 +191,31 @@ def test_kept_sandboxes_keep_their_secrets(project: Path, upstream: Upstream,
         ak("rm", name)
         if kept:
             ak("rm", kept)
+
+
+def test_audit_log_outlives_the_sandbox(project: Path, upstream: Upstream,
+                                        stored: None) -> None:
+    """Every decision also goes to the host's audit log (time, sandbox, host, port, rule,
+    bytes), read after the sandbox is gone; never a secret's value or its placeholder."""
+    shutil.copy(upstream.ca, project / "ca.pem")
+    r = ak("run", "--json", "-B", "namespaces", "-i", "host", "--secret", "skey",
+           "--allow-host", "secret.test", *hosts(upstream), "--", *script(), cwd=project,
+           env=env(upstream))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    seen, name = json.loads(result["stdout"]), result["sandbox"]
+    assert seen["secret"] == reached(VALUE) and seen["other"] == "refused", seen
+    r = ak("egress", name, "log", "--audit", "--json")
+    assert r.returncode == 0, r.stderr
+    entries = [json.loads(line) for line in r.stdout.splitlines()]
+    assert all(e["sandbox"] == name and isinstance(e["t"], float) for e in entries)
+    assert any(e["kind"] == "tls-secret" and e["host"] == "secret.test" and e["allowed"]
+               and e["port"] == 18443 and e["rule"] == "allow secret.test" for e in entries)
+    assert any(e["kind"] == "dns" and e["host"] == "other.test" and e["allowed"] is False
+               for e in entries), entries
+    closed = [e for e in entries if e["kind"] == "close" and e.get("sent")]
+    assert closed and all(e["received"] > 0 for e in closed), entries
+    audit = (Path(os.environ["AGENTKERNEL_HOME"]) / "egress-audit.jsonl").read_text()
+    assert VALUE not in audit and seen["env"] not in audit
+    r = ak("egress", name, "log", "--audit")  # for people
+    assert "tls-secret secret.test:18443 allowed by allow secret.test" in r.stdout, r.stdout

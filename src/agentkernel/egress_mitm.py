@@ -38,6 +38,7 @@ class TlsEnd:
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                 server_hostname=server_hostname)
+        self.got = len(first)  # bytes read from this end (the audit log's byte counts)
         if first:
             self.incoming.write(first)
 
@@ -52,6 +53,7 @@ class TlsEnd:
         if not chunk:
             self.incoming.write_eof()
             return False
+        self.got += len(chunk)
         self.incoming.write(chunk)
         return True
 

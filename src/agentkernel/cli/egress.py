@@ -32,6 +32,8 @@ def add_parsers(sub: Any) -> None:
     eg.add_argument("entry", nargs="?", help="host, *.domain, host:port or CIDR")
     eg.add_argument("-f", "--follow", action="store_true", help="log: keep printing")
     eg.add_argument("--json", action="store_true", help="log: raw JSON lines")
+    eg.add_argument("--audit", action="store_true",
+                    help="log: from the host's audit log (kept after the sandbox is gone)")
     eg.set_defaults(handler=cmd_egress)
     sc = sub.add_parser("secret", help="secrets kept on the host, used by sandboxes' egress")
     ss = sc.add_subparsers(dest="action", required=True)
@@ -65,6 +67,13 @@ def cmd_egress(args: argparse.Namespace) -> int:
         return 0
     if args.action == "show":
         print(json.dumps(control(args.name, {"op": "show"}).get("policy"), indent=2))
+        return 0
+    if args.audit:
+        from ..egress_audit import read_audit
+        from ..names import validate_sandbox_name
+
+        for entry in read_audit(validate_sandbox_name(args.name)):
+            print(json.dumps(entry) if args.json else format_entry(entry))
         return 0
     scratch = scratch_of(args.name)
     offset = 0

@@ -253,6 +253,14 @@ class SandboxesMixin:
                 with open(path / "audit.jsonl", "a") as f:
                     f.write(json.dumps(entry) + "\n")
 
+    def egress_log(self: SandboxManager, name: str) -> list[dict[str, object]]:
+        """The sandbox's egress decisions (time, host, port, rule, bytes) from the host's
+        audit log: what its gates saw across restarts, bounded (egress_audit)."""
+        from ..egress_audit import read_audit
+
+        self._row(name)
+        return read_audit(name)
+
     def logs(self: SandboxManager, name: str) -> list[dict[str, object]]:
         self._row(name)
         entries: list[dict[str, object]] = []
