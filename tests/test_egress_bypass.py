@@ -6,7 +6,8 @@ from inside the sandbox; the same tools aimed at an unlisted host are refused. T
 sandbox tries to get around a name-based gate: IPv6 literals (loopback, metadata, NAT64,
 link-local, global), DNS over HTTPS to an unlisted host (by name, by an address it never
 resolved, with its name as SNI or Host on an allowed host's address), UDP and QUIC to an
-allowed host, DNS to an outside server.
+allowed host, DNS to an outside server; a plain-HTTP request whose absolute-form target,
+CONNECT target or a Host after a bare LF names another host than the one checked.
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ def check(kind, *a):
             ctx.check_hostname = False
             s = ctx.wrap_socket(s, server_hostname=name)
         return "reached " + doh(s, name or addr)
+    if kind == "send":  # raw bytes of a request head; the status line back
+        s = socket.create_connection((a[0], a[1]), timeout=5)
+        s.sendall(a[2].encode())
+        data = s.recv(4096)
+        if not data:
+            raise ConnectionResetError("closed")
+        return "reached " + data.split(b"\r\n")[0].decode()
     if kind == "udp":
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         u.settimeout(2)
@@ -207,6 +215,14 @@ def attempts(up: Upstream) -> list[list[object]]:
         ["doh sni on the allowed host's address", "doh", "tools.test", 18443, "doh.test", ca],
         ["doh host on the allowed host's address", "doh", "tools.test", 18080, "doh.test", None],
         ["doh to a public resolver's address", "doh", "1.1.1.1", 443, "cloudflare-dns.com", ca],
+        ["plain request (control)", "send", "tools.test", 18080,
+         "GET / HTTP/1.1\r\nHost: tools.test\r\n\r\n"],
+        ["absolute-form target naming another host", "send", "tools.test", 18080,
+         "GET http://unlisted.test/ HTTP/1.1\r\nHost: tools.test\r\n\r\n"],
+        ["CONNECT to another host", "send", "tools.test", 18080,
+         "CONNECT unlisted.test:443 HTTP/1.1\r\nHost: tools.test:18080\r\n\r\n"],
+        ["Host after a bare LF", "send", "tools.test", 18080,
+         "GET / HTTP/1.1\r\nX: y\nHost: unlisted.test\r\n\r\n"],
         ["quic to the allowed host", "udp", "tools.test", 443, QUIC],
         ["udp to the allowed host", "udp", "tools.test", 18053, "70696e67"],
         ["dns to an outside server", "dns", up.addr2, "doh.test"],
@@ -223,5 +239,6 @@ def test_bypass_attempts_fail(backend: str, project: Path, upstream: Upstream) -
     assert seen.pop("aaaa of the allowed host") == "blocked gaierror", seen  # no AAAA
     assert seen.pop("dns to an outside server") == "rcode 3 answers 0", seen  # ours
     assert seen.pop("doh by name") == "blocked gaierror", seen
+    assert seen.pop("plain request (control)") == "reached HTTP/1.1 200 OK", seen
     assert all(v.startswith("blocked") for v in seen.values()), seen
-    assert len(seen) == len(todo) - 3
+    assert len(seen) == len(todo) - 4

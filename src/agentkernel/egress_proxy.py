@@ -165,7 +165,7 @@ async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, s
                 return data, got if isinstance(got, str) else None, "tls"
             assert isinstance(got, tuple)
             try:
-                return data, wire.http_host(got[2]), "http"
+                return data, wire.request_host(*got), "http"
             except ValueError as exc:
                 raise ConnectionError(f"malformed http: {exc}") from None
         else:
