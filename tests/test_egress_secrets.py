@@ -15,12 +15,15 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream
+
+NOBODY = 65534
 
 VALUE = "sk-cfg-" + secrets.token_hex(12)
 
@@ -219,3 +222,77 @@ def test_audit_log_outlives_the_sandbox(project: Path, upstream: Upstream,
     assert VALUE not in audit and seen["env"] not in audit
     r = ak("egress", name, "log", "--audit")  # for people
     assert "tls-secret secret.test:18443 allowed by allow secret.test" in r.stdout, r.stdout
+
+
+def test_daemon_runs_with_config_secrets(project: Path, upstream: Upstream, stored: None,
+                                         tmp_path: Path) -> None:
+    """A run through the daemon whose config gives a secret gets a sandbox of its own
+    (never a pooled one: the placeholder is the run's), with the value at its gate."""
+    xdg = tmp_path / "xdg"
+    (xdg / "agentkernel").mkdir(parents=True)
+    names = ", ".join(f'"{n}.test:{upstream.addr}"' for n in ("secret", "other"))
+    (xdg / "agentkernel" / "config.toml").write_text(
+        f'[network]\nhosts = [{names}]\n[secrets.skey]\nhosts = ["secret.test"]\n')
+    shutil.copy(upstream.ca, project / "ca.pem")
+    r = ak("daemon", "start", env=env(upstream))
+    assert r.returncode == 0, r.stderr
+    try:
+        placeholders = set()
+        for _ in range(2):
+            r = ak("run", "--json", "-B", "namespaces", "-i", "host", "--", *script(),
+                   cwd=project, env={"XDG_CONFIG_HOME": str(xdg)})
+            assert r.returncode == 0, r.stderr
+            result = json.loads(r.stdout)
+            assert result["pooled"] is False, result  # through the daemon, not pooled
+            seen = json.loads(result["stdout"])
+            assert seen["secret"] == reached(VALUE), (seen, result)
+            assert seen["other"] == reached(seen["env"], "other.test"), seen
+            placeholders.add(seen["env"])
+        assert len(placeholders) == 2
+    finally:
+        ak("daemon", "stop")
+
+
+def test_config_secret_and_audit_as_an_ordinary_user(upstream: Upstream) -> None:
+    """The same rule for an unprivileged user (its own store, config and audit log): its
+    config gives the secret, the project's wider hosts are ignored, the audit log has the
+    decisions and not the value."""
+    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs setpriv and the system's python3")
+    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
+    try:
+        proj, cfg = home / "project", home / "config" / "agentkernel"
+        proj.mkdir()
+        cfg.mkdir(parents=True)
+        shutil.copy(upstream.ca, proj / "ca.pem")
+        (proj / "agentkernel.toml").write_text(HOSTILE)
+        names = ", ".join(f'"{n}.test:{upstream.addr}"' for n in ("secret", "other"))
+        (cfg / "config.toml").write_text(f'[network]\nhosts = [{names}]\n'
+                                         '[secrets.skey]\nenv = "SECRET_KEY"\n')
+        for path in (home, *home.rglob("*")):
+            os.chown(path, NOBODY, NOBODY)
+        home.chmod(0o755)
+        extra = {"XDG_CONFIG_HOME": str(home / "config"), "SECRET_VALUE": VALUE,
+                 **env(upstream)}
+
+        def as_user(*args: str) -> tuple[str, str]:
+            proc = ak_as_user(NOBODY, home, *args, cwd=proj, env=extra)
+            out, err = proc.communicate(timeout=180)
+            assert proc.returncode == 0, err
+            return out, err
+
+        as_user("secret", "set", "skey", "--host", "secret.test", "--header", "x-api-key",
+                "--from-env", "SECRET_VALUE")
+        out, err = as_user("run", "--json", "-B", "namespaces", "-i", "host", "--",
+                           *script())
+        result = json.loads(out)
+        seen = json.loads(result["stdout"])
+        assert seen["secret"] == reached(VALUE), (seen, err)
+        assert seen["other"] == reached(seen["env"], "other.test"), seen
+        assert "hosts other.test: ignored" in err, err
+        out, _ = as_user("egress", result["sandbox"], "log", "--audit")
+        assert "tls-secret secret.test:18443 allowed" in out, out
+        audit = home / "data" / "egress-audit.jsonl"
+        assert audit.stat().st_uid == NOBODY and VALUE not in audit.read_text()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
