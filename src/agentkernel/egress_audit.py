@@ -97,10 +97,17 @@ def read_audit(sandbox: str | None = None, limit: int = MAX_READ,
         chunks.append(os.pread(fd, CAP + 4096, 0))
     finally:
         os.close(fd)  # (the lock goes with it)
+    # Newest first, and only lines that can be the sandbox's are parsed (the writer's own
+    # compact format): a read costs what it returns, not the whole file.
+    tag = b'"sandbox":' + json.dumps(sandbox).encode() if sandbox is not None else b""
     out: list[dict[str, object]] = []
-    for line in b"".join(chunks).splitlines():
+    for line in reversed(b"".join(chunks).splitlines()):
+        if len(out) >= limit:
+            break
+        if tag not in line:
+            continue
         with contextlib.suppress(ValueError):
             doc = json.loads(line)
             if isinstance(doc, dict) and (sandbox is None or doc.get("sandbox") == sandbox):
                 out.append(doc)
-    return out[-limit:] if limit > 0 else []
+    return out[::-1]
