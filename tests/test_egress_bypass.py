@@ -18,13 +18,16 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream
+
+NOBODY = 65534
 
 NAMES = ["tools.test", "doh.test", "unlisted.test"]
 
@@ -235,10 +238,36 @@ def test_bypass_attempts_fail(backend: str, project: Path, upstream: Upstream) -
            *hosts(upstream), "--", "python3", "-c", PROBE, json.dumps(todo),
            cwd=_with_ca(project, upstream))
     assert r.returncode == 0, r.stderr
-    seen = json.loads(r.stdout)
+    _judge(json.loads(r.stdout), todo)
+
+
+def _judge(seen: dict[str, str], todo: list[list[object]]) -> None:
     assert seen.pop("aaaa of the allowed host") == "blocked gaierror", seen  # no AAAA
     assert seen.pop("dns to an outside server") == "rcode 3 answers 0", seen  # ours
     assert seen.pop("doh by name") == "blocked gaierror", seen
     assert seen.pop("plain request (control)") == "reached HTTP/1.1 200 OK", seen
     assert all(v.startswith("blocked") for v in seen.values()), seen
     assert len(seen) == len(todo) - 4
+
+
+def test_bypass_attempts_fail_as_an_ordinary_user(backend: str, upstream: Upstream) -> None:
+    """The same attempts from a sandbox an unprivileged host user started (its gate and
+    rules set up without root)."""
+    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs setpriv and the system's python3")
+    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
+    try:
+        (home / "project").mkdir()
+        shutil.copy(upstream.ca, home / "project" / "ca.pem")
+        for path in (home, home / "project", home / "project" / "ca.pem"):
+            os.chown(path, NOBODY, NOBODY)
+        home.chmod(0o755)
+        todo = attempts(upstream)
+        proc = ak_as_user(NOBODY, home, "run", "-B", backend, "-i", "host",
+                          "--allow-host", "tools.test", *hosts(upstream), "--", "python3",
+                          "-c", PROBE, json.dumps(todo), cwd=home / "project")
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        _judge(json.loads(out), todo)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
