@@ -198,6 +198,21 @@ class Upstream:
         return proc
 
 
+def free_subnet(net: str) -> int:
+    """A random M (1..250) with no address or route of this host in `net`.M.0/24 or
+    10.213.M.0/24: another test host there (this suite's netns_host, or another suite on
+    the machine) would take the traffic meant for ours."""
+    used = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True,
+                          check=True).stdout
+    used += subprocess.run(["ip", "-o", "route", "show"], capture_output=True, text=True,
+                           check=True).stdout
+    for _ in range(100):
+        n = secrets.randbelow(250) + 1
+        if f"{net}.{n}." not in used and f"10.213.{n}." not in used:
+            return n
+    raise RuntimeError(f"no free {net}.M.0/24 for a test host")
+
+
 @contextlib.contextmanager
 def make_upstream(names: Sequence[str], *, net: str = "198.18",
                   private: bool = True) -> Iterator[Upstream]:
@@ -205,7 +220,7 @@ def make_upstream(names: Sequence[str], *, net: str = "198.18",
     d = Path(tempfile.mkdtemp(prefix="ak-upstream-"))
     d.chmod(0o755)
     make_test_certs(d, names)
-    tag, n = secrets.token_hex(3), secrets.randbelow(250) + 1
+    tag, n = secrets.token_hex(3), free_subnet(net)
     host_if, peer_if = f"akeh{tag}", f"akep{tag}"
     addr, addr2, priv = f"{net}.{n}.2", f"{net}.{n}.3", f"10.213.{n}.2"
     holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])

@@ -33,7 +33,7 @@ SCRIPT = r"""
 K="${%(var)s-unset}"
 B=/tmp/bundle.pem
 cat /workspace/ca.pem ${CURL_CA_BUNDLE:-} > $B
-get() { curl -sS -m 8 --cacert $B "$1" -H "$2" 2>/dev/null || echo refused; }
+get() { curl -sS -m 20 --cacert $B "$1" -H "$2" 2>/dev/null || echo refused; }
 printf '{"env": "%%s", "secret": "%%s", "secret_auth": "%%s", "other": "%%s"}\n' "$K" \
   "$(get https://secret.test:18443/ "x-api-key: $K")" \
   "$(get https://secret.test:18443/ "authorization: $K")" \
@@ -79,11 +79,16 @@ def env(up: Upstream, **extra: str) -> dict[str, str]:
 def run(project: Path, up: Upstream, *flags: str, var: str = "SECRET_KEY",
         extra_env: dict[str, str] | None = None) -> tuple[dict[str, str], str]:
     shutil.copy(up.ca, project / "ca.pem")
-    r = ak("run", "-B", "namespaces", "-i", "host", *flags, *hosts(up), "--",
+    r = ak("run", "--json", "-B", "namespaces", "-i", "host", *flags, *hosts(up), "--",
            *script(var), cwd=project, env=env(up, **(extra_env or {})))
     assert r.returncode == 0, r.stderr
-    assert VALUE not in r.stderr
-    return json.loads(r.stdout), r.stderr
+    result = json.loads(r.stdout)
+    err = r.stderr + result["stderr"]  # ours, and the command's
+    assert VALUE not in err
+    seen = json.loads(result["stdout"])
+    seen["_audit"] = ak(  # what the gate decided, for a failure's message
+        "egress", result["sandbox"], "log", "--audit").stdout[-1500:]
+    return seen, err
 
 
 def reached(key: str, host: str = "secret.test") -> str:
