@@ -344,12 +344,7 @@ class GateStart:
         self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             with open(scratch / "egress-gate.err", "wb") as err:
-                self.gate = subprocess.Popen(
-                    _proxy_argv(theirs.fileno()), stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL, stderr=err,
-                    pass_fds=(self.ready_w, exit_fd, theirs.fileno()), close_fds=True,
-                    start_new_session=True,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+                self.gate = self._start(err.fileno(), theirs.fileno())
         except BaseException:
             self.fds.close()
             os.close(self.ready_r)
@@ -357,6 +352,32 @@ class GateStart:
         finally:
             theirs.close()
             os.close(self.ready_w)
+
+    def _start(self, err: int, carrier: int) -> subprocess.Popen[bytes]:
+        """The gate process: forked by the fork server (egress_forkserver), or, where
+        that cannot be had, a new interpreter. `gate_fds` are the numbers its config
+        names for the ready pipe and the lifeline."""
+        from . import egress_forkserver
+
+        stdin_r, stdin_w = os.pipe()
+        try:
+            gate = egress_forkserver.spawn(stdin_r, err, self.ready_w, self.exit_fd, carrier)
+        except BaseException:
+            os.close(stdin_w)
+            raise
+        finally:
+            os.close(stdin_r)
+        if gate is not None:
+            self.gate_fds = egress_forkserver.GATE_FDS
+            gate.stdin = open(stdin_w, "wb")  # noqa: SIM115 - closed once the config is in
+            return gate
+        os.close(stdin_w)
+        self.gate_fds = (self.ready_w, self.exit_fd)
+        return subprocess.Popen(
+            _proxy_argv(carrier), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=err, pass_fds=(self.ready_w, self.exit_fd, carrier), close_fds=True,
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
     def attach(self, pid: int, policy: Policy, *, router: int | None = None,
                ids: tuple[int, int] | None = None) -> None:
@@ -399,7 +420,8 @@ class GateStart:
                 for fd in listeners:
                     os.close(fd)
             uid, gid = ids if ids is not None else _drop_ids(pid)
-            cfg = {"ready_fd": self.ready_w, "exit_fd": self.exit_fd, "uid": uid, "gid": gid,
+            cfg = {"ready_fd": self.gate_fds[0], "exit_fd": self.gate_fds[1], "uid": uid,
+                   "gid": gid,
                    "owner": os.geteuid(), "log": str(self.scratch / LOG_NAME),
                    "control": str(self.scratch / CONTROL_NAME),
                    "policy": policy.to_json(), "secrets": _secrets_for(policy),
