@@ -166,3 +166,57 @@ def test_gates_outlive_a_dead_server_and_a_new_one_starts(sandbox: object) -> No
     from agentkernel.procs import is_zombie
 
     assert is_zombie(other_gate.pid)  # gone, or dead until its server reaps it
+
+
+@pytest.fixture
+def netns_holder() -> Iterator[int]:
+    """A process alone in a new network namespace: its pid."""
+    holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "60"])
+    own = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + 10
+    while os.readlink(f"/proc/{holder.pid}/ns/net") == own and time.monotonic() < deadline:
+        time.sleep(0.005)
+    try:
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_wiring_fails_closed(netns_holder: int) -> None:
+    """A failed step of a namespace's wiring is an error (the caller does not start the
+    sandbox), never listeners over half-loaded rules."""
+    from agentkernel import egress_forkserver
+    from agentkernel.errors import SandboxError
+
+    fd = os.open(f"/proc/{netns_holder}/ns/net", os.O_RDONLY)
+    try:
+        with pytest.raises(SandboxError, match="false"):
+            egress_forkserver.wire(fd, -1, [(["/bin/true"], ""), (["/bin/false"], "")],
+                                   "127.0.0.1")
+    finally:
+        os.close(fd)
+
+
+def test_wiring_happens_in_the_namespace(netns_holder: int) -> None:
+    """The steps run and the listeners are made in the given namespace, not the host's."""
+    from agentkernel import egress_forkserver
+    from agentkernel.egress_proxy import TCP_PORT
+
+    fd = os.open(f"/proc/{netns_holder}/ns/net", os.O_RDONLY)
+    try:
+        got = egress_forkserver.wire(fd, -1, [(["ip", "link", "set", "lo", "up"], "")],
+                                     "127.0.0.1")
+    finally:
+        os.close(fd)
+    assert got is not None
+    try:
+        ns_links = subprocess.run(["nsenter", f"--target={netns_holder}", "--net", "--",
+                                   "ip", "-o", "link", "show", "lo"], capture_output=True,
+                                  text=True, check=True).stdout
+        assert ",UP" in ns_links, ns_links
+        listening = Path(f"/proc/{netns_holder}/net/tcp").read_text()
+        assert f"0100007F:{TCP_PORT:04X}" in listening, listening
+    finally:
+        for f in got:
+            os.close(f)

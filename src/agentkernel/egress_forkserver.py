@@ -35,9 +35,10 @@ GATE_FDS = (READY_FD, EXIT_FD)  # what the gate's config names (cfg ready_fd, ex
 # Their names in /proc/PID/comm (both keep the server's command line): the server runs as
 # its starter does (root for a root daemon), a gate as the sandbox's own `nobody`.
 SERVER_COMM, GATE_COMM = "ak-gate-forks", "ak-egress-gate"
-REQUEST = b"g"
-MAX_MSG = 64
+GATE, WIRE = b"g", b"w"  # requests: fork a gate; wire a namespace (see `wire`)
+MAX_MSG = 64 * 1024  # a request's bytes (the wiring's tool inputs are ~1 KiB)
 TIMEOUT = 10.0
+WIRE_TIMEOUT = 15.0  # seconds for the tools and listeners of one namespace
 
 _lock = threading.Lock()
 _server: _Server | None = None
@@ -110,8 +111,8 @@ class _Server:
         ours.settimeout(TIMEOUT)
         self.sock = ours
 
-    def fork(self, fds: list[int]) -> GateProcess:
-        socket.send_fds(self.sock, [REQUEST], fds)
+    def fork(self, request: bytes, fds: list[int]) -> GateProcess:
+        socket.send_fds(self.sock, [request], fds)
         msg, got, flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 1)
         if not msg.startswith(b"p") or len(got) != 1 or flags & socket.MSG_CTRUNC:
             for fd in got:
@@ -133,6 +134,10 @@ def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
     """A gate forked by this process's fork server (started on first use), with these fds
     at 0, 2 and GATE_FDS + CARRIER_FD; None if the server cannot give one (the caller then
     starts a gate itself). The fds stay the caller's to close."""
+    return _fork(GATE, [stdin, stderr, ready, exit_fd, carrier])
+
+
+def _fork(request: bytes, fds: list[int]) -> GateProcess | None:
     global _server
     if os.environ.get("AGENTKERNEL_GATE_FORKSERVER", "1") == "0":
         return None
@@ -141,12 +146,50 @@ def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
             try:
                 if _server is None or _server.proc.poll() is not None:
                     _server = _Server()
-                return _server.fork([stdin, stderr, ready, exit_fd, carrier])
+                return _server.fork(request, fds)
             except OSError:
                 if _server is not None:
                     _server.close()
                 _server = None
     return None
+
+
+def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: str
+         ) -> tuple[int, int] | None:
+    """Run `steps` (argv, stdin) inside the network namespace `netns` (joined through
+    `userns` first, for an ordinary user; -1: none), all at once, then make the gate's
+    TCP and UDP listeners on `address` there: the fds of those listeners. A child of the
+    fork server joins the namespace once for every tool (no nsenter each) and makes the
+    listeners (no fork of this, possibly large, process). None if the server cannot do
+    it (the caller does it itself); SandboxError if a step failed (then nothing runs)."""
+    import json
+
+    from .errors import SandboxError
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        payload = json.dumps({"steps": steps, "address": address}).encode()
+        fds = [theirs.fileno(), netns, *([userns] if userns >= 0 else [])]
+        child = _fork(WIRE + payload, fds)
+        theirs.close()
+        if child is None:
+            return None
+        ours.settimeout(WIRE_TIMEOUT)
+        try:
+            msg, got, _flags, _addr = socket.recv_fds(ours, MAX_MSG, 2)
+        except (OSError, TimeoutError):
+            child.kill()
+            msg, got = b"", []
+        if msg == b"k" and len(got) == 2:
+            return got[0], got[1]
+        for fd in got:
+            os.close(fd)
+        why = msg[1:].decode(errors="replace") if msg else "timed out or died"
+        raise SandboxError("could not set up the sandbox's egress gate, so it does not "
+                           f"start: {why} (or use --no-network)")
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def shutdown() -> None:
@@ -162,7 +205,8 @@ def shutdown() -> None:
 
 
 def serve(fd: int) -> None:
-    """The fork server's loop: one gate per request until the socket's other end closes."""
+    """The fork server's loop: one child per request (a gate, or a namespace's wiring)
+    until the socket's other end closes."""
     import ctypes  # noqa: F401 - the gate's privilege drop (egress_proxy._drop)
     import select
 
@@ -184,14 +228,18 @@ def serve(fd: int) -> None:
             return
         if not msg:
             return  # the starter is gone
-        if msg != REQUEST or len(fds) != 5 or flags & socket.MSG_CTRUNC:
+        gate = msg == GATE and len(fds) == 5
+        wiring = msg.startswith(WIRE) and len(fds) in (2, 3)
+        if not (gate or wiring) or flags & socket.MSG_CTRUNC:
             for f in fds:
                 os.close(f)
             sock.send(b"e bad request")
             continue
         pid = os.fork()
         if pid == 0:
-            _child(fds)
+            if gate:
+                _child(fds)
+            _wire_child(sock, msg[len(WIRE):], fds)
         for f in fds:
             os.close(f)
         # Opened before any reaping of ours: the pid cannot have been reused yet.
@@ -247,3 +295,63 @@ def _child(fds: list[int]) -> None:
 def _set_comm(name: str) -> None:
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
         f.write(name)
+
+
+def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
+    """In the forked child of a WIRE request: join the namespace, run the steps, make the
+    listeners, send them (or why not) on the reply socket. Never returns."""
+    import ctypes
+    import json
+
+    from .egress_gate import listeners_here
+    from .egress_proxy import DNS_PORT, TCP_PORT
+
+    code = 1
+    server.close()
+    reply = socket.socket(fileno=fds[0])
+    try:
+        os.setsid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        joins = [(fds[2], 0x10000000)] if len(fds) == 3 else []  # CLONE_NEWUSER first
+        for fd, kind in [*joins, (fds[1], 0x40000000)]:  # then CLONE_NEWNET
+            if libc.setns(fd, kind) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        req = json.loads(payload)
+        failures = _run_steps([(list(a), str(d)) for a, d in req["steps"]])
+        if failures:
+            reply.send(("e" + "; ".join(failures)).encode()[:MAX_MSG])
+        else:
+            tcp, udp = listeners_here(str(req["address"]), TCP_PORT, DNS_PORT)
+            socket.send_fds(reply, [b"k"], [tcp.fileno(), udp.fileno()])
+            code = 0
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            reply.send(f"e{type(exc).__name__}: {exc}".encode()[:500])
+    finally:
+        os._exit(code)
+
+
+def _run_steps(steps: list[tuple[list[str], str]]) -> list[str]:
+    """Start every step, feed each its input, wait for all: what failed, if anything."""
+    procs = []
+    for argv, data in steps:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, close_fds=True)
+        procs.append((argv, proc))
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(data.encode())  # read whole before it writes a byte
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        proc.stdin = None
+    failures = []
+    for argv, proc in procs:
+        try:
+            _out, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _out, err = proc.communicate()
+        if proc.returncode != 0:
+            name = os.path.basename(argv[0])
+            failures.append(f"{name}: {err.decode(errors='replace').strip()[:300]}")
+    return failures

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from .errors import BackendUnavailable, NotFound, SandboxError, UsageError
 
 if TYPE_CHECKING:
+    import socket
+
     from .egress_policy import Policy
 
 SANDBOX_DEV = "eth0"
@@ -231,13 +233,7 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
                 raise OSError(ctypes.get_errno(), "setns(user)")
             if libc.setns(netns_fd, 0x40000000) != 0:
                 raise OSError(ctypes.get_errno(), "setns(net)")
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            for sock in (tcp, udp):  # the router's address may not be set up yet
-                sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
-            tcp.bind((address, TCP_PORT))
-            tcp.listen(128)
-            udp.bind((address, DNS_PORT))
+            tcp, udp = listeners_here(address, TCP_PORT, DNS_PORT)
             socket.send_fds(right, [b"k"], [tcp.fileno(), udp.fileno()])
             code = 0
         except BaseException as exc:
@@ -255,6 +251,22 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
         raise OSError(f"cannot listen in the sandbox's network namespace: "
                       f"{msg[1:].decode(errors='replace')}")
     return fds[0], fds[1]
+
+
+def listeners_here(address: str, tcp_port: int, dns_port: int
+                   ) -> tuple[socket.socket, socket.socket]:
+    """The gate's TCP and UDP listeners on `address`, in this process's network
+    namespace (a child that joined the sandbox's or router's)."""
+    import socket
+
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for sock in (tcp, udp):  # the router's address may not be set up yet
+        sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+    tcp.bind((address, tcp_port))
+    tcp.listen(128)
+    udp.bind((address, dns_port))
+    return tcp, udp
 
 
 def _secrets_for(policy: Policy) -> list[dict[str, object]]:
@@ -401,16 +413,13 @@ class GateStart:
                 enter = enter_netns(router)
                 inputs = {"ip": router_side, "iptables-restore": router_rules_v4(),
                           "ip6tables-restore": router_rules_v6()}
-            for name, path in self.tools.items():
-                argv = [*enter, str(path), *(["-batch", "-"] if name == "ip" else [])]
-                self._spawn(name, argv, inputs[name].encode())
             where = router if router is not None else pid
             ns = [os.open(f"/proc/{where}/ns/net", os.O_RDONLY)]
             try:
                 if os.geteuid() != 0:
                     ns.append(os.open(f"/proc/{where}/ns/user", os.O_RDONLY))
-                listeners = listen_in(ns[0], ns[1] if len(ns) > 1 else -1,
-                                      GATEWAY if router is not None else "127.0.0.1")
+                listeners = self._wire(ns[0], ns[1] if len(ns) > 1 else -1, enter, inputs,
+                                       GATEWAY if router is not None else "127.0.0.1")
             finally:
                 for fd in ns:
                     os.close(fd)
@@ -437,6 +446,22 @@ class GateStart:
         except BaseException:
             self.abandon()
             raise
+
+    def _wire(self, netns: int, userns: int, enter: list[str], inputs: dict[str, str],
+              address: str) -> tuple[int, int]:
+        """The rules into the namespace `netns` and the gate's listeners there: by a child
+        of the fork server (which joins it once for every tool), or else through nsenter
+        and a forked child of ours (listen_in)."""
+        from . import egress_forkserver
+
+        steps = [([str(path), *(["-batch", "-"] if name == "ip" else [])], inputs[name])
+                 for name, path in self.tools.items()]
+        got = egress_forkserver.wire(netns, userns, steps, address)
+        if got is not None:
+            return got
+        for name, (argv, data) in zip(self.tools, steps, strict=True):
+            self._spawn(name, [*enter, *argv], data.encode())
+        return listen_in(netns, userns, address)
 
     def _spawn(self, name: str, argv: list[str], data: bytes) -> None:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
