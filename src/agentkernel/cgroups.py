@@ -435,7 +435,7 @@ class Cgroup:
         It runs between fork and exec, so it only calls os.open/os.write/os.close on
         paths prepared here. Failing to join raises, so nothing runs without its limits.
         """
-        targets = [os.fsencode(d / "cgroup.procs") for d in self.dirs]
+        targets = [os.fsencode(f) for f in self.procs_files()]
 
         def join() -> None:
             for target in targets:
@@ -446,6 +446,11 @@ class Cgroup:
                     os.close(fd)
 
         return join
+
+    def procs_files(self) -> list[str]:
+        """The cgroup.procs file of every group: what a process writes "0" to to join
+        (join_fn; ak-enter --cgroup)."""
+        return [str(d / "cgroup.procs") for d in self.dirs]
 
     def add_pid(self, pid: int) -> None:
         """Move an already running process (and, on v1, only that process) into the groups."""
