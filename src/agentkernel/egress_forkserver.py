@@ -8,7 +8,7 @@ a socket pair that only the process that started it holds (no path anyone could 
 to). Per request it receives the gate's five fds (stdin, stderr, ready, lifeline, the
 listeners' carrier), forks, and sends back a pidfd of the child. The child puts those fds
 at fixed numbers (GATE_FDS), closes every other one (the server's socket among them) and
-runs egress_gate.gate_main exactly as a freshly started gate does: it reads its config,
+runs egress_child.gate_main exactly as a freshly started gate does: it reads its config,
 takes its listeners, then drops to the sandbox's own ids. The server holds no secret and
 no sandbox's data; it is single-threaded, so forking it is safe, and it exits when its
 socket's other end closes. Children share its address-space layout (as any forked
@@ -210,7 +210,7 @@ def serve(fd: int) -> None:
     import ctypes  # noqa: F401 - the gate's privilege drop (egress_proxy._drop)
     import select
 
-    from . import egress_gate, egress_proxy  # noqa: F401 - what every gate imports
+    from . import egress_child, egress_proxy  # noqa: F401 - what every gate imports
     from .egress import denied_networks, host_addresses
 
     _set_comm(SERVER_COMM)
@@ -275,7 +275,7 @@ def _child(fds: list[int]) -> None:
                             (exit_fd, EXIT_FD), (carrier, CARRIER_FD)):
             os.dup2(src, target, inheritable=target <= 2)
         os.closerange(CARRIER_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the server's socket too
-        from .egress_gate import gate_main
+        from .egress_child import gate_main
 
         gate_main(CARRIER_FD)
         code = 0
@@ -303,7 +303,7 @@ def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
     import ctypes
     import json
 
-    from .egress_gate import listeners_here
+    from .egress_child import listeners_here
     from .egress_proxy import DNS_PORT, TCP_PORT
 
     code = 1

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING
 from .errors import BackendUnavailable, NotFound, SandboxError, UsageError
 
 if TYPE_CHECKING:
-    import socket
-
     from .egress_policy import Policy
 
 SANDBOX_DEV = "eth0"
@@ -221,6 +219,7 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
     import ctypes
     import socket
 
+    from .egress_child import listeners_here
     from .egress_proxy import DNS_PORT, TCP_PORT
 
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
@@ -251,22 +250,6 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
         raise OSError(f"cannot listen in the sandbox's network namespace: "
                       f"{msg[1:].decode(errors='replace')}")
     return fds[0], fds[1]
-
-
-def listeners_here(address: str, tcp_port: int, dns_port: int
-                   ) -> tuple[socket.socket, socket.socket]:
-    """The gate's TCP and UDP listeners on `address`, in this process's network
-    namespace (a child that joined the sandbox's or router's)."""
-    import socket
-
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for sock in (tcp, udp):  # the router's address may not be set up yet
-        sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
-    tcp.bind((address, tcp_port))
-    tcp.listen(128)
-    udp.bind((address, dns_port))
-    return tcp, udp
 
 
 def _secrets_for(policy: Policy) -> list[dict[str, object]]:
@@ -304,27 +287,8 @@ def _proxy_argv(fds_sock: int) -> list[str]:
     """Our own interpreter without site start-up (~15 ms less), on our own sys.path."""
     paths = [p for p in sys.path if p]
     code = (f"import sys; sys.path[:0] = {paths!r}; "
-            f"from agentkernel.egress_gate import gate_main; gate_main({fds_sock})")
+            f"from agentkernel.egress_child import gate_main; gate_main({fds_sock})")
     return [sys.executable, "-S", "-c", code]
-
-
-def gate_main(fds_sock: int) -> None:
-    """The gate process: started before the sandbox's namespaces exist; then its config
-    on stdin and its two listeners (made in the sandbox's or router's namespace by
-    listen_in) on `fds_sock`; then egress_proxy.main serves and says "1"."""
-    import socket
-
-    cfg = json.loads(sys.stdin.buffer.read(4 << 20))
-    sys.stdin.close()
-    carrier = socket.socket(fileno=fds_sock)
-    _msg, fds, _flags, _addr = socket.recv_fds(carrier, 16, 2)
-    carrier.close()
-    if len(fds) != 2:
-        raise SystemExit("no listeners to serve")
-    from .egress_proxy import main
-
-    main(cfg, socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0]),
-         socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))
 
 
 class GateStart:
