@@ -24,6 +24,14 @@ from sandbox_helpers import SYSTEM_PYTHON
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="gates drop ids only as root")
 
 
+@pytest.fixture(autouse=True)
+def _forkserver() -> None:
+    """Gates of this process come from its fork server, as a daemon's do."""
+    from agentkernel import egress_forkserver
+
+    egress_forkserver.enable()
+
+
 def _start(name: str) -> object:
     from agentkernel.backends import get_backend
     from agentkernel.profiles import get_profile

@@ -14,8 +14,12 @@ no sandbox's data; it is single-threaded, so forking it is safe, and it exits wh
 socket's other end closes. Children share its address-space layout (as any forked
 process does); docs/security.md says so.
 
-If the server cannot be started or answers wrongly, `spawn` returns None and the caller
-starts a gate the old way.
+A long-lived process (the daemon: SandboxManager) turns it on with `enable`, which also
+starts the server so that its imports are done before the first sandbox needs it. A
+one-shot process (an in-process `agentkernel run`) starts its one gate directly: the
+server's start-up would only be on its path. `AGENTKERNEL_GATE_FORKSERVER=0` turns it off,
+`=1` on everywhere. If the server cannot be started or answers wrongly, `spawn` and `wire`
+return None and the caller does it the old way.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ WIRE_TIMEOUT = 15.0  # seconds for the tools and listeners of one namespace
 
 _lock = threading.Lock()
 _server: _Server | None = None
+_enabled = False
 
 
 class GateProcess(subprocess.Popen[bytes]):
@@ -137,9 +142,26 @@ def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
     return _fork(GATE, [stdin, stderr, ready, exit_fd, carrier])
 
 
+def enable() -> None:
+    """Fork this process's gates from a fork server from now on, and start the server now
+    (its imports run while this process does other things)."""
+    global _enabled, _server
+    _enabled = True
+    if not _wanted():
+        return
+    with _lock, contextlib.suppress(OSError):
+        if _server is None:
+            _server = _Server()
+
+
+def _wanted() -> bool:
+    setting = os.environ.get("AGENTKERNEL_GATE_FORKSERVER", "")
+    return setting == "1" or (_enabled and setting != "0")
+
+
 def _fork(request: bytes, fds: list[int]) -> GateProcess | None:
     global _server
-    if os.environ.get("AGENTKERNEL_GATE_FORKSERVER", "1") == "0":
+    if not _wanted():
         return None
     with _lock:
         for _ in range(2):  # a server that died (killed, OOM) is replaced once

@@ -74,6 +74,9 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.db = StateDB(self.root / "state.db")
         self.store = Store(self.db)  # every query of the state: store.py
+        from ..egress_forkserver import enable
+
+        enable()  # egress gates forked from a pre-imported server: ~85 ms less CPU each
         self.recovered: list[str] = list(self.db.problems)  # what opening and recover() did
         self._lock = threading.RLock()
         self._name_locks: dict[str, threading.RLock] = {}
