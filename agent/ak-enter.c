@@ -5,11 +5,16 @@
  * small static binary through vfork/exec, and it does the same steps in the same order.
  *
  *   ak-enter [--cgroup PROCS_FILE]... [--userns FD] -- PROGRAM [ARG]...
+ *   ak-enter --new-userns
  *
  * Each --cgroup writes "0" (this process) to a cgroup.procs file, as the caller (host
  * root); --userns then enters that user namespace (the fd is closed before exec) as its
  * uid and gid 0 with no supplementary groups. Any failure exits 127 before PROGRAM runs:
  * nothing starts outside its limits or in the caller's own namespace.
+ *
+ * --new-userns makes a new user namespace for the caller to map and keep (idmap.new_userns):
+ * it writes "u" on stdout once it is in it, then waits until stdin closes. One exec of
+ * this binary and a read, instead of `unshare --user -- cat` and polling for the switch.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -51,8 +56,21 @@ static int parse_fd(const char *text) {
     return (int)v;
 }
 
+static int hold_new_userns(void) {
+    char buf[64];
+    if (unshare(CLONE_NEWUSER) != 0)
+        die("unshare(user)");
+    if (write(STDOUT_FILENO, "u", 1) != 1)
+        die("write");
+    while (read(STDIN_FILENO, buf, sizeof buf) > 0) {
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     int userns = -1;
+    if (argc == 2 && strcmp(argv[1], "--new-userns") == 0)
+        return hold_new_userns();
     int i = 1;
     for (; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0) {

@@ -82,3 +82,19 @@ def test_program_runs_in_the_groups_and_namespace_as_its_root() -> None:
             os.close(fd)
         if cgroup is not None:
             cgroup.destroy()
+
+
+def test_new_userns_holds_a_namespace_until_stdin_closes() -> None:
+    """--new-userns: in a new user namespace once it says so, gone once stdin closes."""
+    proc = subprocess.Popen([_enter(), "--new-userns"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.read(1) == b"u"
+        assert os.readlink(f"/proc/{proc.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
