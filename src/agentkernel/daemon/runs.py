@@ -106,6 +106,7 @@ class RunsMixin:
         backend, rootfs = plan.backend, plan.rootfs
         started = time.monotonic()
         sandbox: Sandbox | None = None
+        backend.pooled()  # e.g. wasm: make the compiling engine, once, in the background
         try:
             sandbox, pooled = self.pool.acquire(key, backend, rootfs)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
@@ -118,9 +119,12 @@ class RunsMixin:
             raise
         sb = sandbox
 
-        def finish(_handle: ExecHandle, _result: ExecResult | None) -> None:
+        def finish(_handle: ExecHandle, result: ExecResult | None) -> None:
             self.pool.release(key)
-            self._destroy_later(sb)
+            if result is not None and sb.reusable():
+                self.pool.give_back(key, sb)  # a wasm worker: the next run is a new instance
+            else:
+                self._destroy_later(sb)
 
         info = {**plan.summary(), "backend": sb.backend, "isolation": sb.isolation,
                 "pooled": pooled, "sandbox": sb.spec.name, "notes": list(sb.notes),
