@@ -605,3 +605,29 @@ def test_rootless_podman_limits_hold(podman_user: tuple[int, dict[str, str], Pat
                 "--memory", "64m", "--", "python3", "-c",
                 "b=bytearray(512*1024*1024); print('allocated', len(b))")
     assert "allocated" not in r.stdout and r.returncode != 0, (r.stdout, r.stderr)
+
+
+def test_sweep_spares_another_data_dirs_containers(engine: str, tmp_path: Path) -> None:
+    """One user, two data dirs (two daemons: CI jobs, a bench, tests side by side): a
+    daemon starting up removes what a dead daemon of its own data dir left, never the
+    other's sandboxes."""
+    if engine == "podman":
+        pytest.skip("a daemon sweeps podman only where its own API service runs already")
+    other = {"AGENTKERNEL_HOME": str(tmp_path / "b-home"),
+             "AGENTKERNEL_RUNTIME_DIR": str(tmp_path / "b-run")}
+    mine = {"AGENTKERNEL_HOME": str(tmp_path / "a-home"),
+            "AGENTKERNEL_RUNTIME_DIR": str(tmp_path / "a-run")}
+    name = f"sw-{os.urandom(3).hex()}"
+    r = ak("create", name, "-B", engine, "-i", IMAGE, cwd=tmp_path, env=other)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert ak("daemon", "start", cwd=tmp_path, env=mine).returncode == 0  # sweeps
+        assert f"agentkernel-{os.getuid()}-{name}" in ours(engine)
+        r = ak("exec", "-w", "/tmp", name, "--", "echo", "alive", cwd=tmp_path, env=other)
+        if "command not found" in r.stderr:  # Docker 20.10's race (see test_lifecycle)
+            r = ak("exec", "-w", "/tmp", name, "--", "echo", "alive", cwd=tmp_path, env=other)
+        assert (r.returncode, r.stdout) == (0, "alive\n"), r.stderr
+    finally:
+        ak("daemon", "stop", cwd=tmp_path, env=mine)
+        ak("rm", name, cwd=tmp_path, env=other)
+        ak("daemon", "stop", cwd=tmp_path, env=other)

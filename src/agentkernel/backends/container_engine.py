@@ -46,6 +46,9 @@ AGENT_SOCK = "agent.sock"  # persistent sandboxes: the agent listens
 LABEL_SANDBOX = "agentkernel.sandbox"
 LABEL_OWNER = "agentkernel.owner"
 LABEL_KIND = "agentkernel.kind"  # "run" (one-off: removed when it ends) or "persistent"
+# Which agentkernel data dir (AGENTKERNEL_HOME; a digest of its path) made it: one user may
+# run several daemons (tests, CI jobs, a bench), and a daemon's sweep is of its own only.
+LABEL_HOME = "agentkernel.home"
 LABEL_IDS = "agentkernel.ids"  # "UID:GID": the host ids the container's 0 maps to (ours)
 ENGINE_IMAGE = "engine:"  # HostRootfs.name prefix of an image the engine already has
 # HostRootfs.name prefix of a snapshot of a sandbox on the host's userland: the committed
@@ -80,6 +83,15 @@ READONLY_PATHS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", 
 
 IMAGE_CACHE_SECONDS = 5.0
 _IMAGE_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
+
+
+def home_label() -> str:
+    """LABEL_HOME's value for this process's data dir."""
+    import hashlib
+
+    from ..paths import data_dir_str
+
+    return hashlib.sha256(os.path.realpath(data_dir_str()).encode()).hexdigest()[:16]
 
 
 def container_name(name: str) -> str:
@@ -514,6 +526,7 @@ class ContainerBackend(Backend):
             **self.host_config_extra,
         }
         labels = {LABEL_SANDBOX: spec.name, LABEL_OWNER: str(os.getuid()),
+                  LABEL_HOME: home_label(),
                   LABEL_KIND: "persistent" if spec.persistent else "run"}
         if ids is not None:
             labels[LABEL_IDS] = f"{ids.range.uid}:{ids.range.gid}"
@@ -677,6 +690,8 @@ class ContainerBackend(Backend):
         gone = []
         for doc in self.ours():
             labels = doc.get("Labels") or {}
+            if labels.get(LABEL_HOME, home_label()) != home_label():
+                continue  # another daemon's (of this user, another data dir)
             name = labels.get(LABEL_SANDBOX, "")
             persistent = labels.get(LABEL_KIND) == "persistent"
             if (persistent and name in keep) or (not persistent and not name.startswith("pool-")):
