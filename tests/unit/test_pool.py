@@ -329,32 +329,3 @@ def test_a_failing_start_is_reported_and_backs_off(fake: FakeBackend,
     time.sleep(0.3)
     assert fake.started - tries <= 1  # backing off, not spinning
     fake.fail = None
-
-
-class _Heavy:
-    heavy_start = True  # a container engine's start: ~0.3 s of the host's CPU
-
-
-def test_a_heavy_start_waits_for_the_run_it_refills_after(
-        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backend whose start costs much CPU (Backend.heavy_start) refills once the run in
-    flight has ended, not during it; at most HEAVY_YIELD later if the run goes on."""
-    monkeypatch.setattr(pool_mod, "HEAVY_YIELD", 60.0)
-    p = make_pool()
-    k = key()
-    p.configure(k, _Heavy(), None, 1, 1)  # type: ignore[arg-type]
-    assert p.wait_warm(10)
-    sandbox, warm = p.acquire(k, _Heavy(), None)  # type: ignore[arg-type]
-    assert warm
-    started = fake.started
-    time.sleep(0.3)
-    assert fake.started == started  # the run is in flight: no start yet
-    p.release(k)
-    p.discard(sandbox)
-    wait_for(lambda: status(p, k).warm >= 1)
-    monkeypatch.setattr(pool_mod, "HEAVY_YIELD", 0.1)  # a run longer than that
-    sandbox, _ = p.acquire(k, _Heavy(), None)  # type: ignore[arg-type]
-    started = fake.started
-    wait_for(lambda: fake.started > started)
-    p.release(k)
-    p.discard(sandbox)

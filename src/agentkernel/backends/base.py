@@ -71,9 +71,6 @@ class Backend(ABC):
     memory_floor: bool = True
     # Network modes of a profile (profiles.NetworkMode) it can give a sandbox.
     network_modes: tuple[str, ...] = ("none", "egress", "host")
-    # A start costs the host much CPU (a container engine's create and start, ~0.3 s of a
-    # core): the warm pool's refill waits for the run it refills after (daemon/pool.py).
-    heavy_start: bool = False
     # HELLO timeouts of the attempts to re-adopt a persistent sandbox after a restart.
     adopt_hello_timeouts: tuple[float, ...] = (5.0,)
 

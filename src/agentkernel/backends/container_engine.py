@@ -186,7 +186,6 @@ class ContainerBackend(Backend):
     # The engine's memory cgroup holds the sandbox's sum: no per-process RLIMIT_DATA (it
     # would turn an allocation past the limit into a MemoryError instead of an OOM kill).
     memory_floor = False
-    heavy_start = True  # dockerd/containerd/runc or podman/conmon/runc: ~0.3 s of CPU each
     # (`snapshots` stays False: no layers of ours on the host to archive; the manager takes
     # a container's snapshot through the engine's `commit` instead: see `capabilities`.)
     snapshot_refusal = "its engine could not commit it"

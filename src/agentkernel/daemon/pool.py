@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 
 FAILURE_BACKOFF = (1.0, 60.0)  # seconds: first retry, cap
 REFILL_DELAY = 0.02  # seconds after a take before a start that is not urgent, runs in flight
-# seconds a refill of a backend with a heavy start (Backend.heavy_start: a container engine's)
-# waits at most for the key's runs in flight to end (takes queued for it never wait)
-HEAVY_YIELD = 0.5
 TRIM_AFTER = 5.0  # seconds without a take before a key's surplus sandboxes are destroyed
 RATE_WINDOW = 2.0  # seconds: time constant of the takes/s EWMA
 LATENCY_WEIGHT = 0.2  # weight of the newest start in the start-latency EWMA
@@ -464,9 +461,6 @@ class WarmPool:
                 urgent = 2 * st.spare() <= st.target(now)
                 if not urgent and (not ahead_ok or now - st.last_used < REFILL_DELAY):
                     continue
-                if (st.in_use and getattr(st.backend, "heavy_start", False)
-                        and now - st.last_used < HEAVY_YIELD):
-                    continue  # its start would take the CPU of the run it refills after
             if need > best_need:
                 best, best_need = st, need
         return best
