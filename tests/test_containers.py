@@ -622,7 +622,9 @@ def test_sweep_spares_another_data_dirs_containers(engine: str, tmp_path: Path) 
     assert r.returncode == 0, r.stderr
     try:
         assert ak("daemon", "start", cwd=tmp_path, env=mine).returncode == 0  # sweeps
-        assert f"agentkernel-{os.getuid()}-{name}" in ours(engine)
+        # (Another session's daemon on this machine, of a version without the data-dir
+        # label, would sweep it too: that is the bug this checks.)
+        assert f"agentkernel-{os.getuid()}-{name}" in ours(engine), ours(engine)
         r = ak("exec", "-w", "/tmp", name, "--", "echo", "alive", cwd=tmp_path, env=other)
         if "command not found" in r.stderr:  # Docker 20.10's race (see test_lifecycle)
             r = ak("exec", "-w", "/tmp", name, "--", "echo", "alive", cwd=tmp_path, env=other)
