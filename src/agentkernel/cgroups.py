@@ -533,6 +533,42 @@ class Cgroup:
                     time.sleep(0.01)
 
 
+def memory_dir(pid: int) -> Path | None:
+    """The dir of the memory cgroup host process `pid` is in (a group someone else made,
+    e.g. a container engine's), found through its /proc/PID/cgroup and our mounts."""
+    v2: str | None = None
+    v1: str | None = None
+    for line in _read(Path(f"/proc/{pid}/cgroup")).splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "memory" in parts[1].split(","):
+            v1 = parts[2]
+    for fstype, mnt, root, opts in _mounts():
+        if fstype == "cgroup" and "memory" in opts and v1 is not None:
+            found = _under(mnt, root, v1)
+        elif fstype == "cgroup2" and v1 is None and v2 is not None:
+            found = _under(mnt, root, v2)
+        else:
+            continue
+        if (found / "memory.events").exists() or (found / "memory.oom_control").exists():
+            return found
+    return None
+
+
+def oom_kills(directory: Path) -> int | None:
+    """How many processes the kernel's OOM killer killed in the memory cgroup at
+    `directory` (v2's memory.events, v1's memory.oom_control); None: not known."""
+    for filename in ("memory.events", "memory.oom_control"):
+        for line in _read(directory / filename).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None
+
+
 def rlimit_floor(limits: Limits, enforced: Collection[str] = ()) -> list[tuple[int, int, int]]:
     """(resource, soft, hard) rlimits for every command, with or without cgroups.
 
