@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import BACKENDS, HostServers, NetnsHost, backend_available
+from engines import busybox_tar, dockerd, plain_dockerd, podman_ready
+from sandbox_helpers import (
+    BACKENDS,
+    CONTAINER_BACKENDS,
+    HostServers,
+    NetnsHost,
+    backend_available,
+)
+
+# The container engines' session fixtures, for every test module (see tests/engines.py).
+__all__ = ["busybox_tar", "dockerd", "plain_dockerd", "podman_ready"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,11 +63,21 @@ def no_daemon_across_modules(private_agentkernel_dirs: Path) -> Iterator[None]:
                        capture_output=True, timeout=60, check=False)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKENDS + CONTAINER_BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    """Every backend a test runs on: namespaces, gVisor, and the container engines (unless
+    the test is marked `no_containers`, with why)."""
     name: str = request.param
     if not backend_available(name):
         pytest.skip(f"{name} backend not installed")
+    if name in CONTAINER_BACKENDS:
+        marker = request.node.get_closest_marker("no_containers")
+        if marker is not None:
+            pytest.skip(f"not on {name}: {marker.args[0] if marker.args else ''}")
+        if name == "docker" and request.getfixturevalue("dockerd") == "root":
+            pytest.skip("this machine's dockerd runs without userns-remap: refused")
+        if name == "podman":
+            request.getfixturevalue("podman_ready")
     return name
 
 

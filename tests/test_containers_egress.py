@@ -14,14 +14,7 @@ import pytest
 
 import test_containers
 from sandbox_helpers import ak
-from test_containers import (  # noqa: F401 - fixtures
-    ak_user,
-    busybox_tar,
-    dockerd,
-    engine,
-    podman_ready,
-    podman_user,
-)
+from test_containers import ak_user, engine, podman_user  # noqa: F401 - fixtures
 from test_egress_policy import Upstream, hosts, make_upstream
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test upstream needs root")

@@ -46,6 +46,9 @@ AGENT_SOCK = "agent.sock"  # persistent sandboxes: the agent listens
 LABEL_SANDBOX = "agentkernel.sandbox"
 LABEL_OWNER = "agentkernel.owner"
 LABEL_KIND = "agentkernel.kind"  # "run" (one-off: removed when it ends) or "persistent"
+# Which agentkernel data dir (AGENTKERNEL_HOME; a digest of its path) made it: one user may
+# run several daemons (tests, CI jobs, a bench), and a daemon's sweep is of its own only.
+LABEL_HOME = "agentkernel.home"
 LABEL_IDS = "agentkernel.ids"  # "UID:GID": the host ids the container's 0 maps to (ours)
 ENGINE_IMAGE = "engine:"  # HostRootfs.name prefix of an image the engine already has
 # HostRootfs.name prefix of a snapshot of a sandbox on the host's userland: the committed
@@ -62,11 +65,36 @@ ENGINE_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock", "/run/podman/podma
                   "/run/containerd/containerd.sock")
 
 
+# What of /proc and /sys a sandbox never sees (masked: /dev/null over a file, an empty
+# read-only tmpfs over a dir) and never writes (read-only): the agent's --cover-proc list
+# of the other backends (agent.c), given to the engine, since the agent has no capability
+# to mount here. Docker takes both lists whole (they replace its defaults); Podman adds
+# masks to its own and has no read-only list, so the read-only ones its defaults lack are
+# masked there. /proc/pressure: a write opens a PSI trigger on the host's pressure.
+MASKED_PATHS = (
+    "/proc/kcore", "/proc/keys", "/proc/key-users", "/proc/timer_list", "/proc/timer_stats",
+    "/proc/sched_debug", "/proc/latency_stats", "/proc/kallsyms", "/proc/kmsg", "/proc/acpi",
+    "/proc/scsi", "/proc/asound", "/proc/config.gz", "/proc/kpagecount", "/proc/kpageflags",
+    "/proc/kpagecgroup", "/proc/pagetypeinfo", "/proc/slabinfo", "/proc/vmallocinfo",
+    "/sys/firmware", "/sys/kernel/debug", "/sys/kernel/security", "/sys/fs/selinux",
+    "/sys/dev/block", "/sys/devices/virtual/powercap")
+READONLY_PATHS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs",
+                  "/proc/fb", "/proc/driver", "/proc/tty/driver", "/proc/pressure")
+
 IMAGE_CACHE_SECONDS = 5.0
 _IMAGE_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
 
 
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def home_label() -> str:
+    """LABEL_HOME's value for this process's data dir."""
+    import hashlib
+
+    from ..paths import data_dir_str
+
+    return hashlib.sha256(os.path.realpath(data_dir_str()).encode()).hexdigest()[:16]
 
 
 def container_name(name: str) -> str:
@@ -158,6 +186,9 @@ class ContainerBackend(Backend):
 
     strength = 5  # shares the host kernel, like namespaces, and its root may be host root
     stoppable = True  # the engine keeps the stopped container and its layer
+    # The engine's memory cgroup holds the sandbox's sum: no per-process RLIMIT_DATA (it
+    # would turn an allocation past the limit into a MemoryError instead of an OOM kill).
+    memory_floor = False
     # (`snapshots` stays False: no layers of ours on the host to archive; the manager takes
     # a container's snapshot through the engine's `commit` instead: see `capabilities`.)
     snapshot_refusal = "its engine could not commit it"
@@ -325,8 +356,15 @@ class ContainerBackend(Backend):
                 else:
                     self.stop_container(spec.name)
                 raise
-        sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation, client=client,
-                          process=process, scratch=scratch, helpers=helpers)
+        limited = self.engine_limits()
+        sandbox = ContainerSandbox(spec=spec, backend=self.name, isolation=self.isolation,
+                                   client=client, process=process, scratch=scratch,
+                                   helpers=helpers,
+                                   memory_floor=self.memory_floor or not limited)
+        if not limited and spec.profile.memory_mb:
+            sandbox.notes.append(f"{self.engine} sets no cgroup limits for you here: memory "
+                                 "is capped per process (RLIMIT_DATA), not for the sandbox")
+        sandbox.memory_dir = memory_dir_of(pid)
         if not spec.persistent:
             # Normally the engine removes it once the agent exits (AutoRemove); this is for
             # an agent that had to be killed, or never got going.
@@ -448,21 +486,26 @@ class ContainerBackend(Backend):
                          ids: Ids | None) -> None:
         """Start it, the host dirs it gets shown through id-mapped mounts for as long as the
         engine takes to mount them (its mounts keep them; ours go right after)."""
-        from ..idmap import close_all, new_userns
+        from ..idmap import close_all, detach, new_userns
 
         dirs = mapped_dirs(spec, scratch) if ids is not None else []
         opened: list[int] = []
+        merged = scratch / MERGED
         try:
             if dirs and ids is not None:
                 opened.append(new_userns(ids.range))
                 for d in dirs:
                     _attach_mapped(d, opened[0], opened)
+            if self.host_overlay() and _cow_ok(spec):
+                merged.mkdir(mode=0o700, exist_ok=True)
+                lower = next((str(d.path) for d in dirs if d.src == str(spec.workspace)),
+                             str(spec.workspace))
+                _mount_overlay(lower, (spec.state_dir or scratch) / "ws", merged)
             api.call("POST", f"/containers/{cid}/start", expect=(204, 304), timeout=START_TIMEOUT)
         finally:
             close_all(opened)
+            detach(str(merged))  # (the container's bind of it keeps the overlay)
             for d in dirs:
-                from ..idmap import detach
-
                 detach(str(d.path))
 
     def create_body(self, spec: SandboxSpec, scratch: Path, image: Image,
@@ -495,7 +538,8 @@ class ContainerBackend(Backend):
         if not p.root_writable:
             m.add_tmpfs("/root", f"rw,nosuid,nodev{size},mode=700")
         mapped = {d.src: str(d.path) for d in mapped_dirs(spec, scratch)} if ids else {}
-        notes = self._workspace(spec, scratch, m, mapped)
+        root = ids.range.uid if ids is not None else self.root_uid()
+        notes = self._workspace(spec, scratch, m, mapped, root)
         if p.mount_home and spec.home is not None:
             m.bind(mapped.get(str(spec.home), str(spec.home)), "/home/user")
         for hidden in (*spec.masks, *_engine_socket_masks(spec)):
@@ -523,9 +567,11 @@ class ContainerBackend(Backend):
             "MemorySwap": p.memory_mb * 1024 * 1024 if p.memory_mb else 0,
             "NanoCpus": int(p.cpus * 1e9) if p.cpus else 0,
             "OomKillDisable": False,
+            "MaskedPaths": list(MASKED_PATHS), "ReadonlyPaths": list(READONLY_PATHS),
             **self.host_config_extra,
         }
         labels = {LABEL_SANDBOX: spec.name, LABEL_OWNER: str(os.getuid()),
+                  LABEL_HOME: home_label(),
                   LABEL_KIND: "persistent" if spec.persistent else "run"}
         if ids is not None:
             labels[LABEL_IDS] = f"{ids.range.uid}:{ids.range.gid}"
@@ -539,9 +585,10 @@ class ContainerBackend(Backend):
         }
 
     def _workspace(self, spec: SandboxSpec, scratch: Path, m: Mounts,
-                   mapped: dict[str, str]) -> list[str]:
+                   mapped: dict[str, str], root: int | None) -> list[str]:
         """The project at /workspace per profile: rw or ro binds; copy-on-write as an
-        overlay the engine mounts (the local volume driver), its upper dir ours."""
+        overlay the engine mounts, its upper dir ours (owned by the sandbox's root, the
+        host uid `root` when the engine maps it)."""
         p = spec.profile
         if spec.workspace is None or p.workspace == "none":
             return []
@@ -551,17 +598,32 @@ class ContainerBackend(Backend):
             return []
         base = (spec.state_dir or scratch) / "ws"
         upper, work = base / "upper", base / "work"
-        if any(c in src for c in ",:\\") or not spec.workspace.is_dir():
+        if any(c in src for c in ",:\\") or not _cow_ok(spec):
             m.bind(src, "/workspace", read_only=True)
             return ["copy-on-write workspace unavailable for this path: mounted read-only"]
         for d in (upper, work):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        root = self.root_uid()
+        # The overlay's root takes its upper dir's mode: the project's own, not our 0700.
+        upper.chmod(spec.workspace.stat().st_mode & 0o777)
         if root is not None:
             for d in (base, upper, work):
                 os.chown(d, root, root)
-        self.overlay_mount(m, spec, src, upper, work)
+        if self.host_overlay():  # mounted there by _start_container, for the engine
+            (scratch / MERGED).mkdir(mode=0o700, exist_ok=True)
+            m.bind(str(scratch / MERGED), "/workspace", read_only=False)
+        else:
+            self.overlay_mount(m, spec, src, upper, work)
         return []
+
+    def engine_limits(self) -> bool:
+        """Whether the engine enforces the memory and pids limits it is given (its
+        cgroup); if not, the rlimit floor stands in (see cgroups.rlimit_floor)."""
+        return True
+
+    def host_overlay(self) -> bool:
+        """Whether we mount the copy-on-write project ourselves (on the host, for the
+        engine to bind while it starts the container) instead of `overlay_mount`."""
+        return False
 
     def overlay_mount(self, m: Mounts, spec: SandboxSpec, src: str, upper: Path,
                       work: Path) -> None:
@@ -673,6 +735,8 @@ class ContainerBackend(Backend):
         gone = []
         for doc in self.ours():
             labels = doc.get("Labels") or {}
+            if labels.get(LABEL_HOME, home_label()) != home_label():
+                continue  # another daemon's (of this user, another data dir)
             name = labels.get(LABEL_SANDBOX, "")
             persistent = labels.get(LABEL_KIND) == "persistent"
             if (persistent and name in keep) or (not persistent and not name.startswith("pool-")):
@@ -697,6 +761,25 @@ class ContainerBackend(Backend):
         if not ident:
             raise SandboxError(f"{self.engine} committed the sandbox but named no image")
         return ident
+
+
+class ContainerSandbox(Sandbox):
+    """A sandbox whose cgroup is the engine's: asked (read-only) whether the kernel's OOM
+    killer acted in it, never created or removed by us."""
+
+    memory_dir: Path | None = None  # the container's memory cgroup dir, read at start
+
+    def oom_killed(self) -> bool:
+        from ..cgroups import oom_kills
+
+        return self.memory_dir is not None and (oom_kills(self.memory_dir) or 0) > 0
+
+
+def memory_dir_of(pid: int) -> Path | None:
+    """The memory cgroup dir of host process `pid` (v1's memory controller, or v2)."""
+    from ..cgroups import memory_dir
+
+    return memory_dir(pid)
 
 
 class Ids(NamedTuple):
@@ -726,6 +809,33 @@ def mapped_dirs(spec: SandboxSpec, scratch: Path) -> list[MappedDir]:
     if p.mount_home and spec.home is not None and str(spec.home) != str(spec.workspace):
         out.append(MappedDir(str(spec.home), scratch / "map-home", True))
     return out
+
+
+MERGED = "ws-merged"  # in the scratch dir: where a host-mounted overlay waits for the engine
+
+
+def _cow_ok(spec: SandboxSpec) -> bool:
+    """Whether the project is shown copy-on-write (else read-only, said so): the profile
+    asks for it, and the project is a dir whose path an overlay's options can carry."""
+    ws = spec.workspace
+    return (ws is not None and spec.profile.workspace not in ("rw", "ro", "none")
+            and not any(c in str(ws) for c in ",:\\") and ws.is_dir())
+
+
+def _mount_overlay(lower: str, base: Path, target: Path) -> None:
+    """Mount the copy-on-write project (an overlay of `lower`, its upper and work dirs in
+    `base`) at `target` on the host, nosuid and nodev, for as long as the engine starts
+    the container. The caller made the dirs (`_workspace`)."""
+    from ..idmap import _libc
+
+    data = f"lowerdir={lower},upperdir={base / 'upper'},workdir={base / 'work'}"
+    ms_nosuid, ms_nodev = 2, 4
+    if _libc().mount(b"overlay", os.fsencode(str(target)), b"overlay", ms_nosuid | ms_nodev,
+                     data.encode()) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise SandboxError(f"cannot mount the copy-on-write project: {os.strerror(err)}")
 
 
 def _attach_mapped(d: MappedDir, userns: int, opened: list[int]) -> None:

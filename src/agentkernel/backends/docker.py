@@ -115,17 +115,27 @@ def _settle(api: EngineAPI) -> None:
     files of its image missing ("executable file not found", "stat /bin/busybox"), about 1
     run in 10 when they overlap; plain `docker run -d --rm` loops show it too. One-off
     sandboxes end with their container's removal (AutoRemove) still under way, so the next
-    run would overlap it: it waits for that first (one API call when nothing is pending)."""
+    run would overlap it: it waits for that first (one API call when nothing is pending).
+    The engine says when each is removed (`wait?condition=removed`): no polling, which
+    cost the engine CPU that the run being served needed (a warm pool refills here)."""
     import json
 
     from .container_engine import LABEL_KIND, LABEL_OWNER
+    from .engine_http import EngineError
 
     filters = json.dumps({"label": [f"{LABEL_OWNER}={os.getuid()}", f"{LABEL_KIND}=run"],
                           "status": ["exited", "dead", "removing"]})
     deadline = time.monotonic() + SETTLE_SECONDS
-    while api.call("GET", "/containers/json", query={"all": "1", "filters": filters},
-                   timeout=10) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    for doc in api.call("GET", "/containers/json", query={"all": "1", "filters": filters},
+                        timeout=10) or []:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            api.call("POST", f"/containers/{doc['Id']}/wait", query={"condition": "removed"},
+                     expect=(200, 404, 409), timeout=left)
+        except EngineError:
+            return  # (timed out: go ahead, as before)
 
 
 _MODES: dict[tuple[str, int], Mode] = {}

@@ -107,7 +107,7 @@ def _message(data: bytes) -> str:
     except ValueError:
         return data.decode(errors="replace").strip()[:500]
     if isinstance(doc, dict):
-        return str(doc.get("message") or doc.get("cause") or "")[:500]
+        return str(doc.get("message") or doc.get("cause") or "")[:1000]
     return ""
 
 

@@ -21,6 +21,9 @@ from ..sandbox import SandboxSpec
 from .container_engine import LABEL_IDS, ContainerBackend, Ids, Mounts
 from .engine_http import EngineAPI
 
+# /proc paths Podman makes read-only by itself (containers.conf's defaults).
+PODMAN_READONLY = ("/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                   "/proc/sysrq-trigger")
 SERVICE_IDLE = 600  # seconds our own `podman system service` lingers unused
 
 
@@ -149,13 +152,24 @@ class PodmanBackend(ContainerBackend):
     def missing_hint(self) -> str:
         return "podman is not installed: apt install podman"
 
+    def engine_limits(self) -> bool:
+        """Rootless Podman sets no cgroup limits on cgroup v1, nor on v2 without a
+        delegated (systemd) cgroup: the rlimit floor is kept for an ordinary user."""
+        return os.geteuid() == 0
+
+    def host_overlay(self) -> bool:
+        """Rootful: we mount the overlay (its lower the project's id-mapped view, so the
+        sandbox's root owns what host root owns), nosuid and nodev; runc would mount
+        Podman's overlay volume inside the container's user namespace, which cannot
+        reach our private (0700) dirs."""
+        return os.geteuid() == 0
+
     def overlay_mount(self, m: Mounts, spec: SandboxSpec, src: str, upper: Path,
                       work: Path) -> None:
-        """Not yet: through the compatible API Podman's local volume driver ignores overlay
-        options (the volume comes up empty), and its own `:O` bind fails under
-        --userns=auto on this build. The project is shown read-only instead (said so)."""
-        m.bind(src, "/workspace", read_only=True)
-        m.notes.append("copy-on-write workspace not available on podman yet: read-only")
+        """Rootless: Podman's own overlay volume (`-v SRC:/workspace:O,upperdir=…,
+        workdir=…`), its upper and work dirs ours, mounted in the user's namespace."""
+        m.mounts.append({"Type": "overlay", "Source": src, "Target": "/workspace",
+                         "Upper": str(upper), "Work": str(work)})
 
     def root_note(self) -> str:
         if os.geteuid() != 0:
@@ -173,7 +187,15 @@ def specgen(name: str, body: dict[str, Any], ids: Ids | None) -> dict[str, Any]:
     """Podman's create request (its SpecGenerator) for a Docker-form `body`."""
     host = body["HostConfig"]
     mounts: list[dict[str, Any]] = []
+    overlays: list[dict[str, Any]] = []
     for m in host["Mounts"]:
+        if m["Type"] == "overlay":  # ours (overlay_mount): Podman's overlay volume
+            # Podman takes no other options with `O` (so no nosuid, nodev here): set-id
+            # bits do nothing under no_new_privs, and the engine's device cgroup (a user
+            # namespace's mount, rootless) refuses device nodes a project may hold.
+            overlays.append({"destination": m["Target"], "source": m["Source"], "options": [
+                f"upperdir={m['Upper']}", f"workdir={m['Work']}"]})
+            continue
         if m["Type"] != "bind":
             raise ValueError(f"podman: mount type {m['Type']} not translated")
         options = ["rbind", "ro" if m.get("ReadOnly") else "rw", "rprivate"]
@@ -195,7 +217,8 @@ def specgen(name: str, body: dict[str, Any], ids: Ids | None) -> dict[str, Any]:
         "name": name, "image": body["Image"], "entrypoint": body["Entrypoint"],
         "command": [], "env": {}, "work_dir": body["WorkingDir"], "user": body["User"],
         "hostname": body["Hostname"], "labels": body["Labels"], "stop_signal": 9,
-        "mounts": mounts, "read_only_filesystem": host["ReadonlyRootfs"],
+        "mounts": mounts, "overlay_volumes": overlays,
+        "read_only_filesystem": host["ReadonlyRootfs"],
         # Our tmpfs mounts, none of Podman's: it would add /tmp, /run, /var/tmp of its own.
         "read_write_tmpfs": False,
         "cap_drop": ["ALL"], "cap_add": [], "no_new_privileges": True,
@@ -205,6 +228,9 @@ def specgen(name: str, body: dict[str, Any], ids: Ids | None) -> dict[str, Any]:
         "r_limits": [{"type": u["Name"], "soft": u["Soft"], "hard": u["Hard"]}
                      for u in _ulimits()],
         "resource_limits": limits,
+        # Added to Podman's own masks; it has no read-only list of ours: those are masked.
+        "mask": [*host["MaskedPaths"], *(p for p in host["ReadonlyPaths"]
+                                         if p not in PODMAN_READONLY)],
     }
     if ids is not None:  # rootful: the sandbox's ids 0..65535 are our range
         rng = ids.range

@@ -66,19 +66,17 @@ class RunsMixin:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
         spec = self._pool_spec(key, rootfs)
         scratch = self._runtime_scratch(spec.name)
-        self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
-                        (spec.name, backend.name, str(scratch)))
+        self.store.add_ephemeral(spec.name, backend.name, str(scratch))
         try:
             sandbox = backend.start(spec)
         except BaseException:
-            self.db.execute("DELETE FROM ephemeral WHERE name=?", (spec.name,))
+            self.store.delete_ephemeral(spec.name)
             raise
         pid = sandbox.process.pid
         try:
-            self.db.execute("UPDATE ephemeral SET pid=?, pid_start=?, helpers=? WHERE name=?",
-                            (pid, procs.start_time(pid),
-                             dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]),
-                             spec.name))
+            self.store.set_ephemeral_processes(
+                spec.name, pid, procs.start_time(pid),
+                dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]))
         except BaseException:
             self._destroy_ephemeral(sandbox)  # unrecorded, it would outlive us
             raise
@@ -95,7 +93,7 @@ class RunsMixin:
             sandbox.destroy()
         finally:
             try:
-                self.db.execute("DELETE FROM ephemeral WHERE name=?", (sandbox.spec.name,))
+                self.store.delete_ephemeral(sandbox.spec.name)
             except Exception as exc:  # e.g. a full disk: the sandbox itself is gone already
                 print(f"agentkernel daemon: could not forget {sandbox.spec.name}: {exc}",
                       file=sys.stderr, flush=True)
@@ -108,21 +106,34 @@ class RunsMixin:
         backend, rootfs = plan.backend, plan.rootfs
         started = time.monotonic()
         sandbox: Sandbox | None = None
+        backend.pooled()  # e.g. wasm: make the compiling engine, once, in the background
+        # Secrets (your config's [secrets]) have a fresh placeholder per run, known to its
+        # gate only: such a run gets a sandbox of its own, never a pooled one.
+        own = plan.egress is not None and bool(plan.egress.secrets)
+
+        def release() -> None:
+            if not own:
+                self.pool.release(key)
+
         try:
-            sandbox, pooled = self.pool.acquire(key, backend, rootfs)
+            sandbox, pooled = (self._pool_start(key, backend, rootfs), False) if own else \
+                self.pool.acquire(key, backend, rootfs)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
                                             cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
                                             rlimits=sandbox.command_rlimits())
         except BaseException:
-            self.pool.release(key)
+            release()
             if sandbox is not None:
                 self._destroy_later(sandbox)
             raise
         sb = sandbox
 
-        def finish(_handle: ExecHandle, _result: ExecResult | None) -> None:
-            self.pool.release(key)
-            self._destroy_later(sb)
+        def finish(_handle: ExecHandle, result: ExecResult | None) -> None:
+            release()
+            if not own and result is not None and sb.reusable():
+                self.pool.give_back(key, sb)  # a wasm worker: the next run is a new instance
+            else:
+                self._destroy_later(sb)
 
         info = {**plan.summary(), "backend": sb.backend, "isolation": sb.isolation,
                 "pooled": pooled, "sandbox": sb.spec.name, "notes": list(sb.notes),
