@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 
 import test_containers
-from sandbox_helpers import ak
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, make_upstream
 from test_containers import ak_user, engine, podman_user  # noqa: F401 - fixtures
-from test_egress_policy import Upstream, hosts, make_upstream
+from test_egress_policy import UPSTREAM_NAMES, hosts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test upstream needs root")
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    with make_upstream() as up:
+    with make_upstream(UPSTREAM_NAMES) as up:
+        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
+                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
         yield up
 
 

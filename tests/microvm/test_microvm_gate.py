@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from agentkernel.sandbox import Sandbox
-from sandbox_helpers import ak
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, make_upstream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from test_egress_policy import Upstream, hosts, make_upstream
+from test_egress_policy import UPSTREAM_NAMES, hosts
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(os.geteuid() != 0, reason="the test upstream needs root")]
@@ -30,7 +30,9 @@ TCP_PORT_PROBE = "10.0.2.2"  # QEMU's view of its namespace's loopback: the gate
 
 @pytest.fixture(scope="module")
 def upstream(microvm_ready: None) -> Iterator[Upstream]:
-    with make_upstream() as up:
+    with make_upstream(UPSTREAM_NAMES) as up:
+        server = Path(__file__).resolve().parent.parent / "egress_upstream.py"
+        up.serve(SYSTEM_PYTHON, str(server), str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
         yield up
 
 
