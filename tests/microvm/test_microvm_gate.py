@@ -196,7 +196,7 @@ def test_secret_reaches_its_host_only(upstream: Upstream, python_root: Path) -> 
     from agentkernel.profiles import get_profile
     from agentkernel.rootfs import tree_rootfs
     from agentkernel.sandbox import SandboxSpec
-    from agentkernel.secrets_store import grant_secrets
+    from agentkernel.secrets_store import Use, grant_secrets
 
     r = ak("secret", "set", "vmkey", "--host", "secret.test", "--header", "x-api-key",
            "--env", "SECRET_KEY", input=SECRET_VALUE.encode() + b"\n")
@@ -207,7 +207,7 @@ def test_secret_reaches_its_host_only(upstream: Upstream, python_root: Path) -> 
     added = [h for h in hosts(upstream) if h != "--add-host"]
     policy = grant_secrets(policy_for("egress", None, (), (),
                                       (*added, f"secret.test:{upstream.addr}")),
-                           ("vmkey",), env)
+                           [Use("vmkey", ("secret.test",), "x-api-key", "SECRET_KEY")], env)
     spec = SandboxSpec(name=f"vmsecret-{os.getpid()}", profile=get_profile("moderate"),
                        rootfs=tree_rootfs(python_root, "pytest-python"), image="python",
                        egress=policy)
