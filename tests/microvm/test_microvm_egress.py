@@ -36,7 +36,10 @@ def test_moderate_vm_dns_is_the_gates(moderate_vm: Sandbox) -> None:
     host's loopback): the gate's rules send those queries to its own resolver, which
     answers and drops what is always denied (localhost's loopback address)."""
     out, err, _ = moderate_vm.client.exec(
-        ["sh", "-c", "nslookup -retry=3 localhost 10.0.2.3"]).wait(60)
+        # Up to three tries: under load here a first answer has come after busybox's
+        # nslookup gave up (the gate logged it); a resolver that never answers fails all.
+        ["sh", "-c", "for i in 1 2 3; do nslookup localhost 10.0.2.3 > /tmp/ns 2>&1 && "
+                     "! grep -q 'timed out' /tmp/ns && break; done; cat /tmp/ns"]).wait(90)
     text = (out + err).decode(errors="replace")
     log = (moderate_vm.scratch / "egress.log").read_text()
     why = (text, log, (moderate_vm.scratch / "egress-gate.err").read_text())
