@@ -224,3 +224,43 @@ def test_missing_install_is_refused(tmp_path: Path, project: Path) -> None:
     r = ak("run", "--agent", "nosuch", cwd=project)
     assert "unknown agent 'nosuch'" in r.stderr, r.stderr
 
+
+
+OPENAI_KEY = "sk-proj-test-" + secrets.token_hex(16)
+GEMINI_KEY = "AIza-test-" + secrets.token_hex(16)
+
+
+def _api_headers(api: FakeApi, header: str, path_part: str) -> set[str]:
+    """Every value of `header` on the fake API's requests whose path holds `path_part`."""
+    return {str(s["headers"].get(header)) for s in api.seen()  # type: ignore[union-attr]
+            if path_part in str(s["path"])}
+
+
+def test_codex_bearer_key_injected(fake_api: FakeApi, data_home: Path, project: Path) -> None:
+    """The real Codex (`codex exec`, its default OpenAI provider) does a turn against the
+    fake Responses API; the request carries `Authorization: Bearer <the real key>`, never
+    the placeholder the sandbox holds. The key is in OPENAI_API_KEY, which `codex exec`
+    does not read: the registry puts the placeholder in CODEX_API_KEY."""
+    fake_api.log.unlink(missing_ok=True)
+    r = ak("run", "--agent", "codex", *fake_api.add_hosts(), "--", "exec",
+           "--skip-git-repo-check", "say hello", cwd=project, timeout=240,
+           env=_env(data_home, fake_api, OPENAI_API_KEY=OPENAI_KEY))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "fake-model-done" in r.stdout, (r.stdout, r.stderr)
+    assert _api_headers(fake_api, "authorization", "/v1/responses") == {f"Bearer {OPENAI_KEY}"}, \
+        fake_api.seen()
+
+
+def test_gemini_goog_key_injected(fake_api: FakeApi, data_home: Path, project: Path) -> None:
+    """The real Gemini CLI (`gemini -p`) does a turn against the fake Gemini API; every
+    model request carries `x-goog-api-key: <the real key>`, never the placeholder."""
+    fake_api.log.unlink(missing_ok=True)
+    # -m: a named model skips the CLI's model router, whose JSON requests the fake does
+    # not answer (it would retry them with back-off).
+    r = ak("run", "--agent", "gemini", *fake_api.add_hosts(), "--", "-m", "gemini-2.5-flash",
+           "-p", "say hello",
+           cwd=project, timeout=240, env=_env(data_home, fake_api, GEMINI_API_KEY=GEMINI_KEY))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "fake-model-done" in r.stdout, (r.stdout, r.stderr)
+    assert _api_headers(fake_api, "x-goog-api-key", ":streamGenerateContent") == {GEMINI_KEY}
+    assert _api_headers(fake_api, "x-goog-api-key", "/v1beta/") == {GEMINI_KEY}

@@ -66,7 +66,7 @@ def key_source(spec: AgentSpec, environ: dict[str, str]) -> KeySource:
             raise UsageError(f"{key.env} must be one line of at most 64 KiB")
         name = f"env:{key.env}"
         hold(Secret(name, tuple(normalize_name(h) for h in key_hosts(spec, key)),
-                    key.header_name, key.env, value))
+                    key.header_name, key.sandbox_env, value))
         return KeySource(name, name)
     stored = covering_secret(spec)
     if stored is not None:

@@ -21,6 +21,13 @@ class KeyVar:
     env: str
     header: str
     host: str | None = None  # the API host it is for; None: the agent's `hosts`
+    # The variable the agent reads it from, when not `env` (Codex's exec reads its key
+    # from CODEX_API_KEY, not OPENAI_API_KEY): where `run --agent` puts the placeholder.
+    inside: str | None = None
+
+    @property
+    def sandbox_env(self) -> str:
+        return self.inside or self.env
 
     @property
     def header_name(self) -> str:
@@ -100,7 +107,8 @@ def parse_row(agent_id: str, row: dict[str, object]) -> AgentSpec:
         npm=_string(row, "npm", where), version=_string(row, "version", where),
         version_args=_strings(row, "version_args", where),
         keys=tuple(KeyVar(_string(k, "env", where), _string(k, "header", where),
-                          _string(k, "host", where) if "host" in k else None)
+                          _string(k, "host", where) if "host" in k else None,
+                          _string(k, "inside", where) if "inside" in k else None)
                    for k in keys),
         base_url=_string(row, "base_url", where), hosts=_strings(row, "hosts", where),
         oauth_files=tuple(_relative(p, where) for p in _strings(row, "oauth_files", where)),
