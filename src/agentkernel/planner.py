@@ -73,6 +73,9 @@ class RunRequest(NamedTuple):
     secrets: tuple[str, ...] = ()  # names in the host's store (secrets_store)
     # Host dirs shown read-only (host path, in-sandbox path): `run --agent`'s install.
     ro_binds: tuple[tuple[str, str], ...] = ()
+    # An AI coding agent of the registry (`create --agent`, HTTP's `agent`): its install,
+    # variables, hosts and stored key join the request (`with_agent`).
+    agent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
     from .vm.settings import resolve as microvm_settings
 
     res = resolvers or default_resolvers()
+    if req.agent is not None:
+        req = with_agent(req)
     config, source, warnings = load_configs(req, ctx)
     if req.image and req.image != HOST_IMAGE:
         validate_image_ref(req.image)
@@ -273,6 +278,27 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
         egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
     )
+
+
+def with_agent(req: RunRequest) -> RunRequest:
+    """An agent sandbox: the agent's install (read-only), variables, API hosts and the
+    stored secret that covers its key (agents/request.py), under the request's own -e,
+    lists and limits; the namespaces backend (its gate keeps the key outside) and the
+    host's userland (the agents are built for it) unless the request names an image."""
+    from .agents.request import AGENT_MEMORY_MB, agent_run, check_backend
+
+    assert req.agent is not None
+    check_backend(req.backend)
+    if req.no_network:
+        raise UsageError("an agent sandbox needs the network to reach the agent's API")
+    agent = agent_run(req.agent, DEFAULT_PATH)
+    return req._replace(
+        backend="namespaces", image=req.image or HOST_IMAGE,
+        memory_mb=AGENT_MEMORY_MB if req.memory_mb is None else req.memory_mb,
+        env={**agent.env, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
+        secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),
+        ro_binds=(*req.ro_binds, *agent.ro_binds),
+        argv=[agent.binary, *req.argv] if req.argv else [])
 
 
 def egress_of(req: RunRequest, profile: Profile, config: Config | None

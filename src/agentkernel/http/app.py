@@ -138,6 +138,8 @@ def _gather(pieces: Iterator[bytes]) -> bytearray:
 def sandbox_json(info: SandboxInfo) -> dict[str, Any]:
     data = asdict(info)
     data.pop("rootfs")  # the SDKs' contract has no such field
+    if data.get("agent") is None:
+        data.pop("agent", None)  # ours, only on an agent's sandbox
     return data
 
 
