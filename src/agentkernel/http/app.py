@@ -411,6 +411,13 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
         return ok({"default_backend": default_backend(found),
                    "backends": [backend_json(b) for b in found]})
 
+    @app.get("/agents", tags=["host"], **_doc(m.AgentsOut, "AgentsResponse"))
+    def agents() -> Response:
+        """The AI coding agents a sandbox can be made for (POST /sandboxes `agent`)."""
+        from ..agents.status import sandbox_agents
+
+        return ok({"agents": sandbox_agents()})
+
     # -- sandboxes --
 
     @app.get("/sandboxes", tags=["sandboxes"], **_doc(list[m.SandboxOut], "SandboxListResponse"))
@@ -429,6 +436,9 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
             profile=check_profile(body.profile), backend=check_backend(body.backend),
             vcpus=body.vcpus, memory_mb=body.memory_mb, env=parse_env(body.env),
             ttl_seconds=parse_duration(body.ttl) if body.ttl else None,
+            agent=body.agent,  # checked by the planner (agents/registry: known ids only)
+            allow_hosts=list(body.egress.allow) if body.egress else [],
+            deny_hosts=list(body.egress.deny) if body.egress else [],
         )
         return ok(sandbox_json(svc.create(req)), 201)
 
