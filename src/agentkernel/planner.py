@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .egress_policy import Policy
     from .images import ImageConfig
     from .images.registry import RegistryOptions
-    from .profiles import Profile
+    from .profiles import Profile, WorkspaceMode
     from .rootfs import HostRootfs
     from .sandbox import SandboxSpec
     from .vm.settings import MicrovmSettings
@@ -76,6 +76,9 @@ class RunRequest(NamedTuple):
     # An AI coding agent of the registry (`create --agent`, HTTP's `agent`): its install,
     # variables, hosts and stored key join the request (`with_agent`).
     agent: str | None = None
+    # The project's mount (profiles.WorkspaceMode: rw, cow, ro) over the profile's; an
+    # agent's is rw (its edits are the point; `run --agent --review` edits a copy).
+    workspace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,7 @@ def with_agent(req: RunRequest) -> RunRequest:
         env={**agent.env, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
         secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),
         ro_binds=(*req.ro_binds, *agent.ro_binds),
+        workspace=req.workspace or "rw",
         argv=[agent.binary, *req.argv] if req.argv else [])
 
 
@@ -414,8 +418,16 @@ def resolve_profile(req: RunRequest, config: Config | None) -> Profile:
         profile = profile.with_overrides(memory_mb=res.memory, pids=res.pids)
     return profile.with_overrides(
         network=False if req.no_network else None, memory_mb=req.memory_mb, pids=req.pids,
-        cpus=req.cpus,
+        cpus=req.cpus, workspace=_workspace_mode(req.workspace),
     )
+
+
+def _workspace_mode(mode: str | None) -> WorkspaceMode | None:
+    if mode is None:
+        return None
+    if mode not in ("rw", "cow", "ro", "none"):
+        raise UsageError(f"unknown workspace mode {mode[:20]!r} (rw, cow, ro, none)")
+    return mode  # type: ignore[return-value]
 
 
 def fallback_warning(image: str, reason: str | None = None) -> str:

@@ -149,6 +149,7 @@ def _certs(d: Path) -> None:
 def bash_command(key: str) -> str:
     half = len(key) // 2
     return ("echo uid=$(id -u) host=$(hostname) key=$ANTHROPIC_API_KEY; "
+            "echo edited > /workspace/agent-was-here; "
             f"printf '%s%s\\n' '{key[:half]}' '{key[half:]}' | grep -rlF -f - "
             "/proc/[0-9]*/environ /proc/[0-9]*/cmdline /workspace /root /tmp /etc "
             "2>/dev/null | head -3 | sed 's/^/FOUND /'; "

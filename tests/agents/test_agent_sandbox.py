@@ -106,6 +106,7 @@ def test_kept_agent_sandbox(agent_daemon: AgentDaemon, fake_api: FakeApi) -> Non
     assert report.startswith("uid=0 host=agentkernel key=ak-secret-"), report
     assert REAL_KEY not in report and "FOUND" not in report, report
     assert "other-refused" in report, report
+    assert (d.root / "project" / "agent-was-here").read_text() == "edited\n"  # rw project
     r = d.ak("exec", "dev", "--", "sh", "-c", "echo kept > $HOME/mark; echo $HOME")
     assert r.stdout.strip() == "/root", r.stderr
     assert d.ak("stop", "dev").returncode == 0

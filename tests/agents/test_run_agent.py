@@ -69,6 +69,30 @@ def test_claude_headless_key_stays_outside(fake_api: FakeApi, data_home: Path,
            "--dangerously-skip-permissions", cwd=project, timeout=240,
            env=_env(data_home, fake_api, ANTHROPIC_API_KEY=REAL_KEY))
     _check_claude_run(r.stdout, r.stderr, r.returncode, fake_api)
+    # The project is the agent's to edit (rw), its files the caller's.
+    marker = project / "agent-was-here"
+    assert marker.read_text() == "edited\n"
+    assert marker.stat().st_uid == os.getuid()
+
+
+def test_review_shows_a_diff_and_applies_only_when_asked(fake_api: FakeApi, data_home: Path,
+                                                         project: Path) -> None:
+    """--review: the agent edits a copy; its changes are shown as a diff; without a
+    terminal to say y they stay out of the project; --apply brings them in."""
+    (project / "agent-was-here").write_text("original\n")
+    args = ("run", "--agent", "claude", *fake_api.add_hosts())
+    prompt = ("--", "-p", "edit", "--dangerously-skip-permissions")
+    env = _env(data_home, fake_api, ANTHROPIC_API_KEY=REAL_KEY)
+    r = ak(*args, "--review", *prompt, cwd=project, timeout=240, env=env)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "-original" in r.stdout and "+edited" in r.stdout, r.stdout
+    assert "not applied" in r.stderr, r.stderr
+    assert (project / "agent-was-here").read_text() == "original\n"
+    r = ak(*args, "--apply", *prompt, cwd=project, timeout=240, env=env)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "applied 1 change(s)" in r.stderr, r.stderr
+    assert (project / "agent-was-here").read_text() == "edited\n"
+    assert {p.name for p in project.iterdir()} == {"agent-was-here", "hello.txt"}
 
 
 def test_claude_as_an_ordinary_user(fake_api: FakeApi) -> None:
@@ -93,6 +117,8 @@ def test_claude_as_an_ordinary_user(fake_api: FakeApi) -> None:
                                "AGENTKERNEL_NO_DAEMON": "1"})
         out, err = proc.communicate(timeout=260)
         _check_claude_run(out, err, proc.returncode, fake_api)
+        marker = home / "project" / "agent-was-here"
+        assert marker.stat().st_uid == NOBODY, marker.stat()
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

@@ -92,6 +92,7 @@ def prepare(args: argparse.Namespace, command: list[str]) -> KeySource:
     args.allow_host = [*agent.hosts, *args.allow_host]
     args.secret = [*args.secret, *([key.secret] if key.secret else [])]
     args.ro_binds = list(agent.ro_binds)
+    args.workspace_mode = "rw"  # the agent edits the project (or, with --review, a copy)
     args.command = [agent.binary, *command]
     return key
 
@@ -116,6 +117,27 @@ def cmd_run_agent(args: argparse.Namespace, command: list[str], *, runs: RunFlow
     key = prepare(args, command)
     if key.secret is None and not args.quiet:
         print(f"agentkernel: warning: {missing_key_note(get(args.agent))}", file=sys.stderr)
+    if not (getattr(args, "review", False) or getattr(args, "apply", False)):
+        return _run(args, runs)
+    from pathlib import Path
+
+    from .review import copy_project, finish
+
+    project = Path.cwd()
+    copy = copy_project(project)
+    args.project = str(copy)  # the agent's workspace: the copy
+    try:
+        code = _run(args, runs)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        raise
+    finish(project, copy, code, apply_flag=bool(args.apply), quiet=bool(args.quiet))
+    return code
+
+
+def _run(args: argparse.Namespace, runs: RunFlow) -> int:
     if sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty():
         from .terminal import run_on_pty
 
