@@ -134,7 +134,7 @@ def test_stored_secret_covers_the_agent(data_home: Path, project: Path) -> None:
     assert auth["claude"] == "secret:anth" and auth["opencode"] == "secret:anth", auth
 
 
-@pytest.mark.parametrize("agent", ["codex", "gemini", "opencode"])
+@pytest.mark.parametrize("agent", ["opencode"])  # codex, gemini: real turns below
 def test_other_agents_start_in_the_sandbox(agent: str, data_home: Path,
                                            project: Path) -> None:
     r = ak("run", "--agent", agent, "--", "--version", cwd=project, timeout=180,
