@@ -233,3 +233,34 @@ def test_run_agent_interactive_on_a_pty(tmp_path: Path) -> None:
     t = Terminal([*CLI, "run", "-q", "--agent", "claude", "--", "--no-such-flag"], env, 30, 90,
                  cwd=tmp_path)
     assert t.wait() not in (0, 125)
+
+
+def test_create_copies_settings_and_defaults_to_this_project(agent_daemon: AgentDaemon,
+                                                             tmp_path: Path) -> None:
+    """`create --agent --settings`, run in a project dir: the project is that dir; the
+    host's instructions and skills are copies in the sandbox's HOME; its settings file and
+    sign-in are not, nor what a link in a skill points at."""
+    home = tmp_path / "home"
+    (home / ".claude" / "skills" / "s").mkdir(parents=True)
+    (home / ".claude" / "CLAUDE.md").write_text("be brief\n")
+    (home / ".claude" / "skills" / "s" / "SKILL.md").write_text("---\nname: s\n---\n")
+    (home / ".claude" / "settings.json").write_text('{"env": {"X": "sk-leak"}}')
+    (home / ".claude" / ".credentials.json").write_text("sk-leak")
+    (tmp_path / "id_rsa").write_text("PRIVATE\n")
+    (home / ".claude" / "skills" / "s" / "leak").symlink_to(tmp_path / "id_rsa")
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "README").write_text("the project\n")
+    d = agent_daemon
+    r = d.ak("create", "dev2", "--agent", "claude", "--settings", cwd=project, HOME=str(home))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    try:
+        assert "Settings: 2 file(s)" in r.stdout, r.stdout
+        r = d.ak("exec", "dev2", "--", "sh", "-c",
+                 "cat /workspace/README ~/.claude/CLAUDE.md; find ~/.claude -type f | sort; "
+                 "grep -rl -e sk-leak -e PRIVATE ~ /workspace || echo clean")
+        assert r.stdout.splitlines() == [
+            "the project", "be brief", "/root/.claude/CLAUDE.md",
+            "/root/.claude/skills/s/SKILL.md", "clean"], (r.stdout, r.stderr)
+    finally:
+        d.ak("remove", "dev2")

@@ -62,6 +62,8 @@ class AgentSpec:
     # Variables `run --agent` sets for the agent in its sandbox (no auto-update, no
     # telemetry: the install is read-only there and only its API hosts are reachable).
     run_env: tuple[tuple[str, str], ...] = ()
+    # Host files and dirs ($HOME-relative) `create --agent --settings` copies in.
+    settings: tuple[str, ...] = ()
 
     @property
     def npm_spec(self) -> str:
@@ -119,6 +121,7 @@ def parse_row(agent_id: str, row: dict[str, object]) -> AgentSpec:
         cli_scopes=scopes, cli_env=_env_table(row, where, "cli_env"),
         run_env=_env_table(row, where, "run_env"),
         setup=tuple(_relative(v, where) for v in _strings(row, "setup", where)),
+        settings=tuple(_relative(v, where) for v in _strings(row, "settings", where)),
     )
 
 

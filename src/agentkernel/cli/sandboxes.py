@@ -36,6 +36,9 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--agent", metavar="AGENT",
                    help="a sandbox for an AI coding agent (claude, codex, gemini, opencode): "
                         "its install, its API hosts, its stored key; `attach` starts it")
+    c.add_argument("--settings", action="store_true",
+                   help="with --agent: copy your agent instructions and skills (e.g. "
+                        "~/.claude/CLAUDE.md, ~/.claude/skills) into its HOME")
     from .egress import add_egress_flags
 
     add_egress_flags(c)
@@ -101,8 +104,13 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise UsageError("--secret is for `agentkernel run` only for now (a kept sandbox's "
                          "gate would need the value across daemon restarts)")
     memory, pids = limits(args)
+    if args.settings and not args.agent:
+        from ..errors import UsageError
+
+        raise UsageError("--settings is for --agent sandboxes")
     if args.agent:
         _check_agent_key(args.agent)
+        args.dir = args.dir or "."  # an agent's sandbox is for the project it is made in
     req: dict[str, Any] = {
         "name": args.name, "image": args.image, "profile": args.profile,
         "backend": args.backend, "memory_mb": memory, "pids": pids, "cpus": args.cpus,
@@ -128,6 +136,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"  Memory:  {info['memory_mb'] or 'unlimited'} MB")
     if info.get("agent"):
         print(f"  Agent:   {info['agent']} (`agentkernel attach {args.name}` starts it)")
+    if args.settings:
+        _copy_settings(args.name, str(info["agent"]))
     if info.get("expires_at"):
         print(f"  Expires: {info['expires_at']}")
     print(f"\nSandbox '{args.name}' created.\n\nNext steps:\n"
@@ -152,6 +162,23 @@ def _check_agent_key(agent_id: str) -> None:
         raise UsageError("a kept agent sandbox takes its key from agentkernel's secret store, "
                          "not from this shell: " + note.split(": ", 1)[1])
     say(f"warning: {note}")
+
+
+def _copy_settings(name: str, agent_id: str) -> None:
+    """The host's agent instructions and skills into the sandbox's HOME (agents/settings)."""
+    from pathlib import Path
+
+    from ..agents.registry import get
+    from ..agents.request import SANDBOX_HOME
+    from ..agents.settings import collect
+
+    found, skipped = collect(get(agent_id), Path.home())
+    for f in found:
+        client.call("write_file", {"name": name, "path": f"{SANDBOX_HOME}/{f.path}",
+                                   "data": f.data.decode("latin-1"), "mode": f.mode})
+    for line in skipped:
+        say(f"settings: skipped {line}")
+    print(f"  Settings: {len(found)} file(s) copied into {SANDBOX_HOME}")
 
 
 def _each(names: list[str], op: str, doing: str, done: str, after: str = "") -> int:
