@@ -3,6 +3,7 @@ planned like `create --agent` (planner.with_agent) on real sandboxes."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,22 @@ def http(server: RunningServer) -> Iterator[httpx.Client]:
     save("anth", ["api.anthropic.com"], "x-api-key", "ANTHROPIC_API_KEY", "sk-ant-http-test")
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client:
         yield client
+
+
+def _stream(http: httpx.Client, path: str, body: dict[str, object]
+            ) -> list[tuple[str, dict[str, object]]]:
+    """The named events of an SSE answer, their JSON data parsed."""
+    events: list[tuple[str, dict[str, object]]] = []
+    name = ""
+    with http.stream("POST", path, json=body) as resp:
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
 
 
 def test_get_agents(http: httpx.Client) -> None:
@@ -60,6 +77,15 @@ def test_create_an_agent_sandbox(http: httpx.Client) -> None:
         assert "sk-ant-http-test" not in out
         assert lines[1] == "/run/agentkernel/claude/node_modules/.bin/claude", out
         assert "(Claude Code)" in lines[2], out
+        events = _stream(http, "/sandboxes/http-agent/exec/stream",
+                         {"command": ["claude", "--version"]})
+        assert events[0][0] == "started" and events[-1][0] == "done", events
+        assert "(Claude Code)" in "".join(str(d.get("data", "")) for e, d in events
+                                          if e == "output"), events
+        assert events[-1][1]["exit_code"] == 0, events
+        events = _stream(http, "/sandboxes/http-agent/exec/stream",
+                         {"command": ["sh", "-c", "exit 3"]})
+        assert events[-1] == ("done", events[-1][1]) and events[-1][1]["exit_code"] == 3
         listed = {s["name"]: s for s in http.get("/sandboxes").json()["data"]}
         assert listed["http-agent"]["agent"] == "claude"
     finally:

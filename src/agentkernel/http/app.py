@@ -487,6 +487,30 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
         req, sandbox = _exec_request(body), _name(name)
         return await command(request, lambda: svc.open_exec(sandbox, req), False)
 
+    @app.post(
+        "/sandboxes/{name}/exec/stream", tags=["exec"], response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {"schema": {
+                             "type": "object", "description": "the JSON data of one event"}}},
+                         "description": "as /run/stream: started, output, done or error "
+                                        "(ours, beyond the SDKs' contract: e.g. an agent's "
+                                        "headless run in its sandbox)"},
+                   **{c: _ERR[c] for c in (400, 401, 413)}},
+    )
+    async def exec_stream(name: str, body: m.ExecBody) -> Response:
+        req, sandbox = _exec_request(body), _name(name)  # a 400 before the stream starts
+        started = sse("started", {"command": req.argv, "sandbox": sandbox,
+                                  "timestamp": datetime.now(UTC).isoformat()})
+        pipe = Pipe(asyncio.get_running_loop(), limits.stream_buffer)
+
+        def job_for(on_output: OnOutput) -> Job:
+            return Job(lambda: svc.open_exec(sandbox, req), on_output, close_stdin=True)
+
+        return StreamingResponse(
+            stream_events(job_for, pipe, started, keepalive, _stream_error),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     @app.post("/sandboxes/{name}/exec/detach", tags=["exec"],
               **_doc(m.DetachedOut, "DetachedResponse", 409))
     def exec_detached(name: str, body: m.ExecBody) -> Response:
