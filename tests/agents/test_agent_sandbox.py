@@ -4,7 +4,8 @@ The daemon (private dirs, its data dir holding the suite's installed agent CLIs)
 agent sandbox whose key is a stored secret: the real Claude Code, run in it with `exec`,
 does a tool-using turn against the fake Anthropic API (conftest.fake_api) that sees the
 real key; inside there is only the placeholder; $HOME survives a stop and start, and so
-does the key's injection (the gate reads the store again at each start). `attach` and an
+does the key's injection (the gate reads the store again at each start), also once a new
+daemon has adopted the sandbox. `attach` and an
 interactive `run --agent` are driven through a real pseudo-terminal (the pty module):
 the window size inside is ours, a resize reaches it, the exit code passes through.
 """
@@ -113,7 +114,11 @@ def test_kept_agent_sandbox(agent_daemon: AgentDaemon, fake_api: FakeApi) -> Non
     assert d.ak("start", "dev").returncode == 0
     r = d.ak("exec", "dev", "--", "cat", "/root/mark")
     assert r.stdout.strip() == "kept", r.stderr  # a persistent per-sandbox HOME
-    report = _claude_turn(d, fake_api)  # the gate injects the key again after the restart
+    # A new daemon adopts it, gate and all.
+    assert d.ak("daemon", "stop").returncode == 0
+    assert d.ak("daemon", "start").returncode == 0
+    # The gate injects the key again after the restarts.
+    report = _claude_turn(d, fake_api)
     assert "FOUND" not in report and REAL_KEY not in report, report
 
 
