@@ -1,13 +1,22 @@
 """Benchmark the wasm backend: a small WASI module, cold and warm, next to baselines.
 
-Every wasm run is a confined worker (a namespaces sandbox running wasm_worker.py), so the
-baselines are the pieces of that: a bare venv `python -c pass`, the same importing
-wasmtime, and `agentkernel run -B namespaces -- true` cold and warm. Cases: inside a fresh
-process, worker start (sandbox + interpreter + wasmtime import) and the job (module from
-the .cwasm cache or compiled, run), timed from inside; the whole CLI with no daemon; the
-same through a daemon; and warm runs over the daemon socket without a CLI process (the
-pool refilled between runs, and back to back). Writes bench/results/wasm-<time>.md (and
-.json), stamped with the commit and the machine.
+What the words mean here:
+- **warm**: through the daemon socket (no CLI process), the module compiled and loaded in
+  a worker that is ready (sandbox up, wasmtime imported, engine made): one job, a new
+  Store and instance. Back to back, and paced (a pause before each run, so every thread
+  on the path has gone to sleep).
+- **cold, new module**: through the daemon socket, a module never seen before (each
+  sample a different one): compiled by the daemon (its engine made already), cached,
+  shipped to a ready worker, run.
+- **cold, new project**: through the daemon socket, a project dir it has not served: no
+  worker for that pool key, so one starts (sandbox, interpreter, wasmtime import).
+- **cold CLI**: `agentkernel run hello.wat` with no daemon: the whole process, its worker
+  started for it; with the `.cwasm` cache warm, and with it empty.
+Baselines in the same run: `python -c pass` (the interpreter every CLI run pays), `python
+-c 'import wasmtime'` (what every worker start pays), `wasmtime run` if it is on PATH, and
+namespaces `true` the same ways.
+
+Writes bench/results/wasm-<time>.md (and .json), stamped (commit, machine, load).
 
 Usage: .venv/bin/python bench/bench_wasm.py [-n 30]
 """
@@ -17,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,79 +34,106 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import pct, timed
+from common import TABLE_HEAD, pct, stamp, stamp_lines, summary, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 AK = ROOT / ".venv" / "bin" / "agentkernel"
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
-
-# Runs in a fresh process: times worker start and the job, after the imports.
-INSIDE = """
-import json, os, sys, time
-from pathlib import Path
-from agentkernel.backends import wasm
-from agentkernel.profiles import get_profile
-from agentkernel.rootfs import host_rootfs
-from agentkernel.sandbox import SandboxSpec
-proj = Path(sys.argv[1]).parent
-spec = SandboxSpec(name="bench-" + os.urandom(4).hex(), profile=get_profile("moderate"),
-                   rootfs=host_rootfs(), image="host", workspace=proj)
-t0 = time.perf_counter()
-sb = wasm.WasmBackend().start(spec)
-t1 = time.perf_counter()
-ex = sb.client.exec(["hello.wat"], env={})
-for _kind, _payload in ex.events():
-    pass
-t2 = time.perf_counter()
-sb.destroy()
-print(json.dumps({"worker": (t1 - t0) * 1e3, "job": (t2 - t1) * 1e3,
-                  "total": (t2 - t0) * 1e3}))
-os._exit(0)
-"""
+PACE = 0.2  # seconds before each paced sample
 
 
-def inside(n: int, module: Path, env: dict[str, str],
-           clear_cache: Path | None) -> list[dict[str, float]]:
-    out = []
-    for _ in range(n):
-        if clear_cache is not None:
-            shutil.rmtree(clear_cache, ignore_errors=True)
-        r = subprocess.run([str(VENV_PY), "-c", INSIDE, str(module)], env=env,
-                           capture_output=True, check=True)
-        out.append(json.loads(r.stdout))
-    return out
+def socket_run(req: dict[str, Any]) -> float:
+    """Milliseconds of one run over the daemon socket, as our client speaks it."""
+    from agentkernel.ipc import client
+
+    t = time.perf_counter()
+    lines = client.open_stream("run", req, auto_start=False)
+    if lines is None:
+        raise SystemExit("daemon not running")
+    result = client.pump(lines, sink=lambda _s, _d: None)
+    took = (time.perf_counter() - t) * 1000
+    if result.get("exit_code") != 0:
+        raise SystemExit(f"socket run failed: {result}")
+    return took
 
 
 def socket_samples(n: int, req: dict[str, Any], pause: float = 0.0) -> list[float]:
-    from agentkernel.ipc import client
-
     samples = []
     for _ in range(n):
         if pause:
-            time.sleep(pause)  # the pool starts the next worker meanwhile
-        t = time.perf_counter()
-        lines = client.open_stream("run", req, auto_start=False)
-        if lines is None:
-            raise SystemExit("daemon not running")
-        result = client.pump(lines, sink=lambda _s, _d: None)
-        samples.append((time.perf_counter() - t) * 1000)
-        if result.get("exit_code") != 0:
-            raise SystemExit(f"socket run failed: {result}")
+            time.sleep(pause)
+        samples.append(socket_run(req))
     return samples
 
 
-def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs {model}"
+def new_modules(n: int, proj: Path, template: str) -> list[float]:
+    """Each sample a module never compiled: the hello module with a data segment of its own."""
+    samples = []
+    for i in range(n):
+        name = f"new{i}.wat"
+        marker = os.urandom(8).hex()
+        (proj / name).write_text(template.replace("(memory", f'(data (i32.const 4000) '
+                                                  f'"{marker}") (memory', 1))
+        time.sleep(PACE)
+        samples.append(socket_run({"argv": [name], "cwd": str(proj)}))
+    return samples
+
+
+def new_projects(n: int, top: Path, module: str) -> list[float]:
+    """Each sample a project dir the daemon has not served: its worker starts for it."""
+    samples = []
+    for i in range(n):
+        proj = top / f"proj{i}"
+        proj.mkdir()
+        (proj / "hello.wat").write_text(module)
+        time.sleep(PACE)
+        samples.append(socket_run({"argv": ["hello.wat"], "cwd": str(proj)}))
+    return samples
+
+
+def tree_cpu_ms(root: int) -> float:
+    """CPU time (user + system) of `root` and every process under it, in ms."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    total = 0
+    for pid, tick in ticks.items():
+        p = pid
+        while p > 1 and p != root:
+            p = parents.get(p, 0)
+        total += tick if p == root else 0
+    return total * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_run(n: int, req: dict[str, Any], daemon_pid: int) -> tuple[float, float]:
+    """CPU ms per warm run, back to back: the daemon with its sandboxes, and this client.
+    Unlike wall time, barely moved by other work on the machine."""
+    import resource
+
+    def own() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return (r.ru_utime + r.ru_stime) * 1000
+
+    server, mine = tree_cpu_ms(daemon_pid), own()
+    socket_samples(n, req)
+    return (tree_cpu_ms(daemon_pid) - server) / n, (own() - mine) / n
+
+
+def wasmtime_cli(n: int, proj: Path, env: dict[str, str]) -> list[float] | None:
+    exe = shutil.which("wasmtime")
+    if exe is None:
+        return None
+    return timed([exe, "run", str(proj / "hello.wasm")], n, cwd=proj, env=env)
 
 
 def main() -> int:
@@ -106,88 +141,96 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=30)
     args = ap.parse_args()
     n = args.n
+    import wasmtime
+
     from wasm_modules import HELLO
 
     tmp = Path(tempfile.mkdtemp(prefix="ak-bench-wasm-"))
     (tmp / "run").mkdir(mode=0o700)
     proj = tmp / "proj"
     proj.mkdir()
-    module = proj / "hello.wat"
-    module.write_text(HELLO)
+    (proj / "hello.wat").write_text(HELLO)
+    (proj / "hello.wasm").write_bytes(bytes(wasmtime.wat2wasm(HELLO)))
     env = {**os.environ, "AGENTKERNEL_HOME": str(tmp / "home"),
            "AGENTKERNEL_RUNTIME_DIR": str(tmp / "run"), "AGENTKERNEL_DAEMON_AUTOSTART": "0",
            "PYTHONPATH": str(ROOT / "src")}
     os.environ.update({k: env[k] for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR")})
     cache = tmp / "home" / "wasm-cache"
+    no_daemon = {**env, "AGENTKERNEL_NO_DAEMON": "1"}
     ns_true = [str(AK), "run", "-q", "-B", "namespaces", "-p", "moderate", "--", "true"]
+    hello = [str(AK), "run", "hello.wat"]
+    cases: list[tuple[str, list[float] | None]] = []
+    cpu = (0.0, 0.0)
+    st = stamp()  # before the runs: the commit measured, the load it met
     try:
-        bare = timed([str(VENV_PY), "-c", "pass"], n, cwd=proj, env=env)
-        imp = timed([str(VENV_PY), "-c", "import wasmtime"], n, cwd=proj, env=env)
-        miss = inside(n, module, env, clear_cache=cache)
-        hit = inside(n, module, env, clear_cache=None)
-        no_daemon = {**env, "AGENTKERNEL_NO_DAEMON": "1"}
-        ns_cold = timed(ns_true, n, cwd=proj, env=no_daemon)
-        cli_cold = timed([str(AK), "run", "hello.wat"], n, cwd=proj, env=no_daemon)
+        cases.append(("baseline: venv `python -c pass`",
+                      timed([str(VENV_PY), "-c", "pass"], n, cwd=proj, env=env)))
+        cases.append(("baseline: venv `python -c 'import wasmtime'` (each worker start)",
+                      timed([str(VENV_PY), "-c", "import wasmtime"], n, cwd=proj, env=env)))
+        cases.append(("baseline: `wasmtime run hello.wasm` (CLI on PATH)",
+                      wasmtime_cli(n, proj, env)))
+        cases.append(("baseline: `agentkernel run -B namespaces -- true`, no daemon",
+                      timed(ns_true, n, cwd=proj, env=no_daemon)))
+        timed(hello, 1, cwd=proj, env=no_daemon)  # fills the cache
+        cases.append(("cold CLI `agentkernel run hello.wat`, no daemon, .cwasm cache warm",
+                      timed(hello, n, cwd=proj, env=no_daemon)))
+        miss = []
+        for _ in range(n):
+            shutil.rmtree(cache, ignore_errors=True)
+            miss += timed(hello, 1, cwd=proj, env=no_daemon)
+        cases.append(("cold CLI `agentkernel run hello.wat`, no daemon, cache empty", miss))
+
         subprocess.run([str(AK), "daemon", "start"], env=env, check=True, capture_output=True)
-        timed(ns_true, 3, cwd=proj, env=env, pause=1.0)  # the first runs make the pool key
-        ns_warm = timed(ns_true, n, cwd=proj, env=env, pause=0.5)
-        timed([str(AK), "run", "hello.wat"], 3, cwd=proj, env=env, pause=1.0)
-        cli_warm = timed([str(AK), "run", "hello.wat"], n, cwd=proj, env=env, pause=0.5)
         req = {"argv": ["hello.wat"], "cwd": str(proj)}
-        socket_samples(3, req, pause=1.0)
-        sock = socket_samples(n, req, pause=0.5)
-        sock_b2b = socket_samples(n, req)
+        socket_samples(3, req, pause=1.0)  # the pool key, its worker, the daemon's engine
+        time.sleep(2.0)  # the pool's refills after the first runs settle
+        cases.append(("**warm** over the daemon socket, back to back", socket_samples(n, req)))
+        cases.append((f"**warm** over the daemon socket, paced ({PACE} s apart)",
+                      socket_samples(n, req, pause=PACE)))
+        daemon_pid = int((tmp / "run" / "daemon.pid").read_text().split()[0])
+        cpu = cpu_per_run(max(100, 3 * n), req, daemon_pid)
+        cases.append(("**cold, new module** over the daemon socket (compile + run, "
+                      "worker ready)", new_modules(n, proj, HELLO)))
+        cases.append(("cold, new project dir over the daemon socket (its worker starts)",
+                      new_projects(min(n, 8), tmp, HELLO)))
+        cases.append(("whole CLI `agentkernel run hello.wat` through the daemon",
+                      timed(hello, n, cwd=proj, env=env, pause=PACE)))
         ns_req = {"argv": ["true"], "cwd": str(proj), "backend": "namespaces",
                   "profile": "moderate"}
         socket_samples(3, ns_req, pause=1.0)
-        ns_sock = socket_samples(n, ns_req, pause=0.5)
+        cases.append(("baseline: namespaces `true` over the daemon socket, paced",
+                      socket_samples(n, ns_req, pause=PACE)))
+        cases.append(("baseline: `agentkernel run -B namespaces -- true` through the daemon",
+                      timed(ns_true, n, cwd=proj, env=env, pause=PACE)))
     finally:
         subprocess.run([str(AK), "daemon", "stop"], env=env, check=False, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=False).stdout.strip()
     from agentkernel.backends.wasm import wasmtime_version
 
-    def col(samples: list[dict[str, float]], key: str) -> list[float]:
-        return [s[key] for s in samples]
-
-    cases = [
-        ("bare venv `python -c pass` (baseline)", bare),
-        ("venv `python -c 'import wasmtime'` (baseline)", imp),
-        ("`agentkernel run -B namespaces -- true`, no daemon (baseline)", ns_cold),
-        ("cold in a fresh process, cache miss: worker + compile + run", col(miss, "total")),
-        ("  of which after the sandbox is up: compile (+ cache write) while the worker "
-         "imports wasmtime, then the run", col(miss, "job")),
-        ("cold in a fresh process, .cwasm cache hit: worker + load + run",
-         col(hit, "total")),
-        ("  of which the worker's sandbox (bwrap + agent)", col(hit, "worker")),
-        ("  of which the rest: the worker's interpreter + wasmtime import, the run",
-         col(hit, "job")),
-        ("whole CLI `agentkernel run hello.wat`, no daemon", cli_cold),
-        ("`agentkernel run -B namespaces -- true` through the daemon (baseline)", ns_warm),
-        ("whole CLI `agentkernel run hello.wat` through the daemon", cli_warm),
-        ("namespaces `true` over the daemon socket, warm (baseline)", ns_sock),
-        ("warm run over the daemon socket, no CLI process (pool refilled)", sock),
-        ("  the same back to back (the pool may not have refilled)", sock_b2b),
-    ]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    md = [f"# wasm benchmark {stamp}", "",
-          f"Commit {commit}, wasmtime {wasmtime_version()}, {machine()}. {n} samples per case. "
-          "The module is tests/wasm_modules.py's HELLO (writes two lines, reads argv). "
-          "The fresh-process rows are timed inside one after its own imports (not of "
-          "wasmtime: that process compiles only on a cache miss); the worker start they "
-          "include is a namespaces sandbox, an interpreter and its import of wasmtime. "
-          "Warm runs sleep 0.5 s between samples so that the pool refills.",
-          "", "| case | p50 ms | p95 ms |", "|---|---:|---:|"]
+    st["load after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    st["wasmtime"] = f"wasmtime-py {wasmtime_version()}"
+    base = pct(cases[0][1] or [], 0.5)
+    when = time.strftime("%Y%m%d-%H%M%S")
+    md = [f"# wasm benchmark {when}", "", *stamp_lines(st), "",
+          "The module is tests/wasm_modules.py's HELLO (writes a line to stdout, one to "
+          "stderr, reads argv). Definitions of cold and warm: bench/bench_wasm.py's "
+          "docstring. Ratios are to `python -c pass`.", "", *TABLE_HEAD]
     for label, samples in cases:
-        md.append(f"| {label} | {pct(samples, 0.5):.2f} | {pct(samples, 0.95):.2f} |")
+        if samples is None:
+            md.append(f"| {label} | - | absent | | |")
+        else:
+            md.append(summary(label, samples, base))
+    md += ["", f"CPU per warm run over the socket, back to back (clock ticks summed over "
+           f"{max(100, 3 * n)} runs): daemon + its sandboxes {cpu[0]:.2f} ms, client "
+           f"{cpu[1]:.2f} ms."]
     text = "\n".join(md) + "\n"
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"wasm-{stamp}.md").write_text(text)
-    (out_dir / f"wasm-{stamp}.json").write_text(json.dumps(
-        {"commit": commit, "machine": machine(), "n": n,
-         "cases": {label: s for label, s in cases}}, indent=1))
+    (out_dir / f"wasm-{when}.md").write_text(text)
+    (out_dir / f"wasm-{when}.json").write_text(json.dumps(
+        {"stamp": st, "n": n, "cases": {label: s for label, s in cases},
+         "cpu_ms_per_warm_run": {"daemon_and_sandboxes": cpu[0], "client": cpu[1]}},
+        indent=1))
     print(text)
     return 0
 

@@ -1,6 +1,6 @@
 """Test upstream for the egress-policy tests, run inside a network namespace of the suite's:
 HTTP on 18080, HTTPS (the suite's test CA) on 18443, a server-speaks-first banner on 18022,
-UDP echo on 18053, on every address. HTTP answers name the Host and any x-api-key seen."""
+UDP echo on 18053 and 443, on every address. HTTP answers name the Host and any x-api-key seen."""
 
 import socket
 import ssl
@@ -69,9 +69,9 @@ def banner(conn):
         conn.close()
 
 
-def udp():
+def udp(port=18053):
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.bind(("0.0.0.0", 18053))
+    u.bind(("0.0.0.0", port))
     while True:
         data, peer = u.recvfrom(2048)
         u.sendto(b"udp-echo " + data, peer)
@@ -82,5 +82,6 @@ ctx.load_cert_chain(sys.argv[1], sys.argv[2])
 for args in ((18080, http), (18443, http, ctx), (18022, banner)):
     threading.Thread(target=serve, args=args, daemon=True).start()
 threading.Thread(target=udp, daemon=True).start()
+threading.Thread(target=udp, args=(443,), daemon=True).start()  # QUIC's port
 print("ready", flush=True)
 threading.Event().wait()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,3 +146,108 @@ def ak_as_user(uid: int, home: Path, *args: str, cwd: Path, timeout: float = 120
             "timeout", str(int(timeout)), SYSTEM_PYTHON, "-m", "agentkernel", *args]
     return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# --- a test upstream in a network namespace of the suite's -----------------------------
+
+
+def run_checked(*argv: str) -> None:
+    subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
+
+
+def make_test_certs(d: Path, names: Sequence[str]) -> None:
+    """A test CA (d/ca.pem) and a server certificate for `names` signed by it
+    (d/srv.pem, d/srv.key)."""
+    ossl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+    run_checked(*ossl, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-subj",
+                "/CN=ak-test-ca")
+    run_checked("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                str(d / "srv.key"), "-out", str(d / "srv.csr"), "-subj", f"/CN={names[0]}")
+    (d / "ext").write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n")
+    run_checked("openssl", "x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"),
+                "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "srv.pem"),
+                "-days", "2", "-extfile", str(d / "ext"))
+
+
+@dataclass
+class Upstream:
+    """Test servers' host: a network namespace (held by a process, not `ip netns`) behind a
+    veth from the host, with certificates from a test CA for the names it was made for."""
+
+    pid: int  # the holder of its network namespace
+    addr: str  # 198.N.M.2: what the names resolve to (via --add-host)
+    addr2: str  # 198.N.M.3: in no DNS answer
+    private: str  # 10.213.M.2 on its loopback, routed from the host (always denied)
+    dir: Path  # ca.pem, srv.pem, srv.key; world-readable
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def inns(self) -> list[str]:
+        return ["nsenter", f"--target={self.pid}", "--net", "--"]
+
+    def serve(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `argv` inside the namespace; it prints "ready" once it serves. Stopped with
+        the upstream."""
+        proc = subprocess.Popen([*self.inns, *argv], stdout=subprocess.PIPE, env=env)
+        self.servers.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n", argv
+        return proc
+
+
+def free_subnet(net: str) -> int:
+    """A random M (1..250) with no address or route of this host in `net`.M.0/24 or
+    10.213.M.0/24: another test host there (this suite's netns_host, or another suite on
+    the machine) would take the traffic meant for ours."""
+    used = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True,
+                          check=True).stdout
+    used += subprocess.run(["ip", "-o", "route", "show"], capture_output=True, text=True,
+                           check=True).stdout
+    for _ in range(100):
+        n = secrets.randbelow(250) + 1
+        if f"{net}.{n}." not in used and f"10.213.{n}." not in used:
+            return n
+    raise RuntimeError(f"no free {net}.M.0/24 for a test host")
+
+
+@contextlib.contextmanager
+def make_upstream(names: Sequence[str], *, net: str = "198.18",
+                  private: bool = True) -> Iterator[Upstream]:
+    """An Upstream for `names` in `net`.M.0/24 (M random); needs root, iproute2, openssl."""
+    d = Path(tempfile.mkdtemp(prefix="ak-upstream-"))
+    d.chmod(0o755)
+    make_test_certs(d, names)
+    tag, n = secrets.token_hex(3), free_subnet(net)
+    host_if, peer_if = f"akeh{tag}", f"akep{tag}"
+    addr, addr2, priv = f"{net}.{n}.2", f"{net}.{n}.3", f"10.213.{n}.2"
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
+    up = Upstream(holder.pid, addr, addr2, priv, d)
+    try:
+        own = os.readlink("/proc/self/ns/net")
+        while os.readlink(f"/proc/{holder.pid}/ns/net") == own:
+            time.sleep(0.01)
+        inns = up.inns
+        run_checked("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if,
+                    "netns", str(holder.pid))
+        run_checked("ip", "addr", "add", f"{net}.{n}.1/24", "dev", host_if)
+        run_checked("ip", "link", "set", host_if, "up")
+        for a in (addr, addr2):
+            run_checked(*inns, "ip", "addr", "add", f"{a}/24", "dev", peer_if)
+        run_checked(*inns, "ip", "link", "set", peer_if, "up")
+        run_checked(*inns, "ip", "link", "set", "lo", "up")
+        run_checked(*inns, "ip", "route", "add", "default", "via", f"{net}.{n}.1")
+        if private:
+            run_checked(*inns, "ip", "addr", "add", f"{priv}/32", "dev", "lo")
+            run_checked("ip", "route", "add", f"{priv}/32", "via", addr, "dev", host_if)
+        yield up
+    finally:
+        for server in up.servers:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(d, ignore_errors=True)

@@ -11,7 +11,6 @@ QUIC, DNS to another server.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -21,12 +20,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, ak, ak_as_user
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream
 
 NOBODY = 65534
 
@@ -90,79 +88,17 @@ print(json.dumps(out))
 """
 
 
-@dataclass
-class Upstream:
-    pid: int
-    addr: str  # allowed.test, other.test
-    addr2: str  # never in any DNS answer
-    private: str  # 10.213.N.2: served, routed from the host, in the always-denied set
-    ca: Path
-
-
-def _run(*argv: str) -> None:
-    subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
-
-
-def _certs(d: Path) -> None:
-    ossl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-    _run(*ossl, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-subj", "/CN=ak-test-ca")
-    _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "srv.key"),
-         "-out", str(d / "srv.csr"), "-subj", "/CN=allowed.test")
-    names = ",".join(f"DNS:{n}.test" for n in ("allowed", "other", "denied", "secret"))
-    (d / "ext").write_text(f"subjectAltName={names}\n")
-    _run("openssl", "x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"),
-         "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "srv.pem"),
-         "-days", "2", "-extfile", str(d / "ext"))
+UPSTREAM_NAMES = [f"{n}.test" for n in ("allowed", "other", "denied", "secret")]
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
         pytest.skip("needs root, iproute2 and openssl")
-    with make_upstream() as up:
+    with make_upstream(UPSTREAM_NAMES) as up:
+        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
+                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
         yield up
-
-
-@contextlib.contextmanager
-def make_upstream() -> Iterator[Upstream]:
-    """The upstream, in a network namespace held by a process (not `ip netns`)."""
-    d = Path(tempfile.mkdtemp(prefix="ak-upstream-"))
-    d.chmod(0o755)
-    _certs(d)
-    tag, n = secrets.token_hex(3), secrets.randbelow(250) + 1
-    host_if, peer_if = f"akeh{tag}", f"akep{tag}"
-    addr, addr2, private = f"198.18.{n}.2", f"198.18.{n}.3", f"10.213.{n}.2"
-    holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
-    server = None
-    try:
-        own = os.readlink("/proc/self/ns/net")
-        while os.readlink(f"/proc/{holder.pid}/ns/net") == own:
-            time.sleep(0.01)
-        inns = ["nsenter", f"--target={holder.pid}", "--net", "--"]
-        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if,
-             "netns", str(holder.pid))
-        _run("ip", "addr", "add", f"198.18.{n}.1/24", "dev", host_if)
-        _run("ip", "link", "set", host_if, "up")
-        for a in (addr, addr2):
-            _run(*inns, "ip", "addr", "add", f"{a}/24", "dev", peer_if)
-        _run(*inns, "ip", "addr", "add", f"{private}/32", "dev", "lo")
-        _run(*inns, "ip", "link", "set", peer_if, "up")
-        _run(*inns, "ip", "link", "set", "lo", "up")
-        _run(*inns, "ip", "route", "add", "default", "via", f"198.18.{n}.1")
-        _run("ip", "route", "add", f"{private}/32", "via", addr, "dev", host_if)
-        server = subprocess.Popen(
-            [*inns, SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
-             str(d / "srv.pem"), str(d / "srv.key")], stdout=subprocess.PIPE)
-        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
-        yield Upstream(holder.pid, addr, addr2, private, d / "ca.pem")
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
-        holder.kill()
-        holder.wait()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def hosts(up: Upstream) -> list[str]:

@@ -58,6 +58,22 @@ def _under(pid: int, ancestor: int) -> bool:
     return False
 
 
+def _workers_under(ancestor: int) -> list[int]:
+    """The pids of the wasm worker processes (at any depth) under `ancestor`."""
+    script = _worker_script().encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:4] == [b"-I", b"-S", script] and _under(int(entry), ancestor):
+            found.append(int(entry))
+    return found
+
+
 def _find_worker(ancestor: int, timeout: float = 60) -> int:
     """The pid of the wasm worker process started (at any depth) under `ancestor`."""
     script = _worker_script()
@@ -170,17 +186,75 @@ def test_the_running_worker_from_the_host(root: Path, daemon: bool) -> None:
             ak("daemon", "stop", env=env)
 
 
-def test_each_run_gets_a_fresh_worker(root: Path) -> None:
+def _run_in(root: Path, env: dict[str, str], *args: str,
+            input: bytes | None = None) -> tuple[int, str, str]:
+    """A run through the daemon: its exit code, stdout, and the sandbox (worker) it ran in."""
+    r = ak("run", "-v", *args, cwd=root / "proj", env=env, input=input)
+    said = [ln for ln in r.stderr.splitlines() if "via daemon" in ln]
+    assert said, r.stderr
+    return r.returncode, r.stdout, said[0].rsplit("sandbox ", 1)[1]
+
+
+def test_runs_share_a_worker_never_an_instance(root: Path) -> None:
+    """A daemon's worker serves the next run of its key (the warm path), and each run is a
+    new instance: no memory, global, table, environment or stdin of one run is there for
+    the next. A run that timed out takes its worker with it."""
     env = _env(root, daemon=True)
     assert ak("daemon", "start", env=env).returncode == 0
     try:
-        names = set()
-        for _ in range(3):
-            r = ak("run", "--json", "hello.wat", cwd=root / "proj", env=env)
-            out = json.loads(r.stdout)
-            assert out["exit_code"] == 0, r.stderr
-            names.add(out["sandbox"])
-        assert len(names) == 3
+        # The first run starts its worker in the request's thread: that one serves once.
+        assert _run_in(root, env, "hello.wat")[0] == 0
+        runs = [_run_in(root, env, "counter.wat") for _ in range(3)]
+        assert [(code, out) for code, out, _ in runs] == [(0, "1111\n")] * 3, runs
+        workers = {worker for _, _, worker in runs}
+        assert len(workers) == 1, runs  # one worker: the counts above were tested on it
+
+        secret = f"SECRET={os.urandom(8).hex()}"
+        _, out, worker = _run_in(root, env, "-e", secret, "env.wat")
+        assert secret in out.split("\0") and worker in workers
+        _, out, worker = _run_in(root, env, "env.wat")
+        assert secret not in out and worker in workers
+
+        # cat echoes its own run's stdin only; a run whose stdin is empty reads nothing.
+        assert _run_in(root, env, "cat.wat", input=b"first")[1] == "first"
+        assert _run_in(root, env, "cat.wat", input=b"")[1] == ""
+        _, out, worker = _run_in(root, env, "cat.wat", input=b"second")
+        assert out == "second" and worker in workers
+
+        code, _, stuck = _run_in(root, env, "--timeout", "0.5", "loop.wat")
+        assert code == 124
+        code, out, worker = _run_in(root, env, "counter.wat")
+        assert (code, out) == (0, "1111\n") and worker != stuck
+
+        # Interrupted by its caller: that worker goes too.
+        proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "-v", "loop.wat"],
+                                cwd=root / "proj", env={**os.environ, **env},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        said = proc.stderr.readline()
+        while "via daemon" not in said:
+            said = proc.stderr.readline()
+            assert said, "the run never started"
+        interrupted = said.rsplit("sandbox ", 1)[1].strip()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0
+        code, out, worker = _run_in(root, env, "counter.wat")
+        assert (code, out) == (0, "1111\n") and worker != interrupted
+
+        # Workers that die while they wait (here: killed from the host) serve no run.
+        daemon_pid = int((root / "run" / "daemon.pid").read_text().split()[0])
+        idle = _workers_under(daemon_pid)
+        assert idle
+        for pid in idle:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in idle):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _run_in(root, env, "counter.wat")[:2] == (0, "1111\n")
     finally:
         ak("daemon", "stop", env=env)
 
@@ -208,6 +282,40 @@ def test_the_worker_of_an_ordinary_user() -> None:
             _out, err = proc.communicate(timeout=60)
         assert pid and proc.returncode != 0, err
     finally:
+        subprocess.run(["rm", "-rf", str(top)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root (to become nobody) and setpriv")
+def test_an_ordinary_users_daemon_reuses_workers_never_instances() -> None:
+    top = _make_root("ak-wasmc-nobody-d-")
+    home = top / "nobody"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        proc = ak_as_user(NOBODY, home, *args, cwd=top / "proj", timeout=60)
+        out, err = proc.communicate(timeout=90)
+        return proc.returncode, out, err
+
+    try:
+        code, _out, err = run("daemon", "start")
+        assert code == 0, err
+        assert run("run", "hello.wat")[0] == 0  # the cold one: its worker serves once
+        secret = f"SECRET={os.urandom(8).hex()}"
+        workers = set()
+        for args in (("counter.wat",), ("-e", secret, "env.wat"), ("counter.wat",),
+                     ("env.wat",)):
+            code, out, err = run("run", "-v", *args)
+            assert code == 0, err
+            workers.add(err.split("sandbox ", 1)[1].split()[0])
+            if args[-1] == "counter.wat":
+                assert out == "1111\n"
+            else:
+                assert (secret in out.split("\0")) == (secret in args)
+        assert len(workers) == 1, workers
+    finally:
+        run("daemon", "stop")
         subprocess.run(["rm", "-rf", str(top)], check=False)
 
 

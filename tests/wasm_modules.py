@@ -63,6 +63,26 @@ CAT = f"""(module {FD_READ} {FD_WRITE}
 
 LOOP = '(module (func (export "_start") (loop $l (br $l))))'
 
+# State a run leaves behind if an instance were reused: a mutable global, a memory word, a
+# grown memory and a table slot, each counted up; prints the four counts ("1111\n" fresh).
+COUNTER = f"""(module {FD_WRITE}
+ (memory (export "memory") 1) (global $g (mut i32) (i32.const 0))
+ (table 2 funcref) (func $f) (elem declare func $f) {OUT}
+ (func (export "_start")
+   (global.set $g (i32.add (global.get $g) (i32.const 1)))
+   (i32.store (i32.const 64) (i32.add (i32.load (i32.const 64)) (i32.const 1)))
+   (drop (memory.grow (i32.const 1)))
+   (if (ref.is_null (table.get (i32.const 1)))
+     (then (table.set (i32.const 1) (ref.func $f)) (i32.store (i32.const 68) (i32.const 1)))
+     (else (i32.store (i32.const 68) (i32.const 2))))
+   (i32.store8 (i32.const 32) (i32.add (i32.const 48) (global.get $g)))
+   (i32.store8 (i32.const 33) (i32.add (i32.const 48) (i32.load (i32.const 64))))
+   (i32.store8 (i32.const 34) (i32.add (i32.const 47) (memory.size)))
+   (i32.store8 (i32.const 35) (i32.add (i32.const 48) (i32.load (i32.const 68))))
+   (i32.store8 (i32.const 36) (i32.const 10))
+   (call $out (i32.const 1) (i32.const 32) (i32.const 5))))
+"""
+
 # Grows memory a page at a time until refused; exits with the MiB it got.
 GROW = f"""(module {EXIT} (memory (export "memory") 1)
  (func (export "_start") (local $n i32)
@@ -126,7 +146,7 @@ def write_modules(directory: Path) -> dict[str, Path]:
     import wasmtime
 
     modules = {"hello": HELLO, "env": ENV, "exit7": EXIT7, "cat": CAT, "loop": LOOP,
-               "grow": GROW, "fds": FDS}
+               "grow": GROW, "fds": FDS, "counter": COUNTER}
     paths = {}
     for name, text in modules.items():
         paths[name] = directory / f"{name}.wat"

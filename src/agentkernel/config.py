@@ -202,6 +202,39 @@ class NetworkSection(_Section):
         return v
 
 
+class SecretSection(_Section):
+    """`[secrets.NAME]`: a stored secret (secrets_store) a run uses, and where it goes.
+
+    In your own config (or -c) it gives NAME to every run, and its keys replace the stored
+    ones (they may widen `hosts`). In a project's agentkernel.toml it only *asks* for NAME
+    and may only narrow (secrets_store.resolve_uses; docs/security.md "Secrets")."""
+
+    hosts: list[str] | None = None  # exact names: the only hosts that get the value
+    header: str | None = None  # the header it goes in, or "*" for any
+    env: str | None = None  # the sandbox's variable holding the placeholder
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_secret_hosts(cls, v: list[str] | None) -> list[str] | None:
+        from .secrets_store import check_hosts
+
+        return None if v is None else _usage_to_value(check_hosts, v)
+
+    @field_validator("header")
+    @classmethod
+    def _check_secret_header(cls, v: str | None) -> str | None:
+        from .secrets_store import check_header
+
+        return None if v is None else _usage_to_value(check_header, v)
+
+    @field_validator("env")
+    @classmethod
+    def _check_secret_env(cls, v: str | None) -> str | None:
+        from .secrets_store import check_env
+
+        return None if v is None else _usage_to_value(check_env, v)
+
+
 def _normalise_domains(v: list[str]) -> list[str]:
     out = []
     for domain in v:
@@ -472,6 +505,26 @@ class Config(_Section):
     images: ImagesSection = Field(default_factory=ImagesSection)
     microvm: MicrovmSection = Field(default_factory=MicrovmSection)
     daemon: DaemonSection = Field(default_factory=DaemonSection)
+    # Secrets by their stored name: from your own config and -c only (the project file's
+    # are kept apart in `_project_secrets`: they ask, and may narrow, never widen).
+    secrets: dict[str, SecretSection] = Field(default_factory=dict)
+    _project_secrets: dict[str, SecretSection] = PrivateAttr(default_factory=dict)
+
+    @field_validator("secrets")
+    @classmethod
+    def _check_secret_names(cls, v: dict[str, SecretSection]) -> dict[str, SecretSection]:
+        from .secrets_store import MAX_SECRETS_PER_RUN
+
+        if len(v) > MAX_SECRETS_PER_RUN:
+            raise ValueError(f"at most {MAX_SECRETS_PER_RUN} secrets")
+        for name in v:
+            _usage_to_value(validate_sandbox_name, name)  # a stored secret's name rules
+        return v
+
+    @property
+    def project_secrets(self) -> dict[str, SecretSection]:
+        """What the project file's `[secrets.NAME]` tables ask for (may narrow only)."""
+        return self._project_secrets
 
     @property
     def image(self) -> str | None:
@@ -1048,6 +1101,7 @@ def _layered(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Pa
     warnings: list[str] = []
     files: list[tuple[OriginKind, Path]] = []
     merged: dict[str, Any] = {}
+    asked: dict[str, Any] = {}
     origins: dict[str, Origin] = {}
 
     def layer(data: dict[str, Any], origin: Origin) -> None:
@@ -1073,6 +1127,8 @@ def _layered(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Pa
         project = find_project_config(cwd)
         if project is not None:
             data = _read_layer(project, "project", warnings)
+            # A project's [secrets] ask; they never merge over your own (secrets_store).
+            asked = data.pop("secrets", None) or {}
             user_set = {k for k, o in origins.items() if o.kind == "user"}
             _guard_project(data, copy.deepcopy(merged), user_set, str(project), warnings)
             layer(data, Origin("project", str(project)))
@@ -1093,6 +1149,8 @@ def _layered(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Pa
         if value is not None:
             layer(_nest(key, value), Origin("flag", flag))
     config = _validate_merged(merged, origins)
+    if config_path is None and asked:  # validated with the project file already
+        config._project_secrets = {n: SecretSection.model_validate(v) for n, v in asked.items()}
     if config.sandbox.name is None and files and files[-1][0] != "user":
         config.sandbox.name = sanitize_sandbox_name(files[-1][1].resolve().parent.name)
     config._env_applied = True

@@ -399,7 +399,12 @@ class GateStart:
                 for fd in listeners:
                     os.close(fd)
             uid, gid = ids if ids is not None else _drop_ids(pid)
-            cfg = {"ready_fd": self.ready_w, "exit_fd": self.exit_fd, "uid": uid, "gid": gid,
+            from .egress_audit import audit_path
+
+            audit = audit_path()
+            audit.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cfg = {"audit": str(audit), "sandbox": self.scratch.name,
+                   "ready_fd": self.ready_w, "exit_fd": self.exit_fd, "uid": uid, "gid": gid,
                    "owner": os.geteuid(), "log": str(self.scratch / LOG_NAME),
                    "control": str(self.scratch / CONTROL_NAME),
                    "policy": policy.to_json(), "secrets": _secrets_for(policy),

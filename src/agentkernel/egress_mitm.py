@@ -38,6 +38,7 @@ class TlsEnd:
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                 server_hostname=server_hostname)
+        self.got = len(first)  # bytes read from this end (the audit log's byte counts)
         if first:
             self.incoming.write(first)
 
@@ -52,6 +53,7 @@ class TlsEnd:
         if not chunk:
             self.incoming.write_eof()
             return False
+        self.got += len(chunk)
         self.incoming.write(chunk)
         return True
 
@@ -82,17 +84,18 @@ class TlsEnd:
         await self._flush()
 
 
-def rewrite_head(head: bytes, host: str, held: list[Held]) -> bytes:
+def rewrite_head(head: bytes, host: str, held: list[Held], inject: bool = True) -> bytes:
     """The request head with each secret for `host` put in place of its placeholder in its
-    header; SecretLeak if a placeholder is anywhere else (another header, the request
-    line, a secret for other hosts)."""
+    header (with `inject`: the request names `host`); SecretLeak if a placeholder is
+    anywhere else (another header, the request line, a secret for other hosts)."""
     lines = head.split(b"\r\n")
     out = [lines[0]]
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         lname = name.strip().lower().decode("latin-1")
         for h in held:
-            if h.placeholder in value and host in h.hosts and h.header in ("*", lname):
+            if inject and h.placeholder in value and host in h.hosts and \
+                    h.header in ("*", lname):
                 value = value.replace(h.placeholder, h.value)
         out.append(name + b":" + value)
     rewritten = b"\r\n".join(out)
@@ -126,14 +129,16 @@ async def intercept(client: TlsEnd, upstream: TlsEnd, host: str, held: list[Held
             parsed = wire.http_head(head + b"\r\n\r\n")
             if not isinstance(parsed, tuple):
                 raise SecretLeak("not an HTTP/1 request")
-            await upstream.send(rewrite_head(head, host, held) + b"\r\n\r\n")
+            # A secret goes only into a request that names its host (no Host naming
+            # another site behind the same server), with a body length read one way only.
+            named = wire.request_host(*parsed) == host
+            await upstream.send(rewrite_head(head, host, held, named) + b"\r\n\r\n")
             heads += 1
-            fields = dict(parsed[2])
-            if "chunked" in fields.get("transfer-encoding", "").lower():
-                await upstream.send(buf)
+            if any(k == "transfer-encoding" for k, _ in parsed[2]):
+                await upstream.send(buf)  # length unknown here: relayed as it is, no secret
                 await _relay(client, upstream)
                 break
-            remaining = int(fields.get("content-length", "0") or 0)
+            remaining = _body_length(parsed[2])
             while remaining > 0:
                 if not buf:
                     buf = await client.recv()
@@ -146,6 +151,16 @@ async def intercept(client: TlsEnd, upstream: TlsEnd, host: str, held: list[Held
     finally:
         down.cancel()
     return heads
+
+
+def _body_length(headers: list[tuple[str, str]]) -> int:
+    """The one Content-Length (0 if none); SecretLeak if several or not plain digits: two
+    readings of where a body ends would let a placeholder past as a head and its value
+    reach the host as a body."""
+    lengths = [v for k, v in headers if k == "content-length"]
+    if len(lengths) > 1 or (lengths and not (lengths[0].isascii() and lengths[0].isdigit())):
+        raise SecretLeak("ambiguous Content-Length")
+    return int(lengths[0]) if lengths else 0
 
 
 async def _relay(src: TlsEnd, dst: TlsEnd) -> None:

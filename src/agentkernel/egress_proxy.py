@@ -42,11 +42,14 @@ class Log:
     """JSON lines, one per decision, into a file opened before privileges were dropped;
     it starts over past LOG_CAP (never bodies, never secret values)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, audit: Any = None) -> None:
         self.fd = fd
         self.size = os.fstat(fd).st_size
+        self.audit = audit  # egress_audit.AuditWriter: the host's log of every decision
 
     def write(self, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.write(fields)
         fields["t"] = round(time.time(), 3)
         line = (json.dumps(fields, separators=(",", ":")) + "\n").encode()
         with contextlib.suppress(OSError):
@@ -162,7 +165,7 @@ async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, s
                 return data, got if isinstance(got, str) else None, "tls"
             assert isinstance(got, tuple)
             try:
-                return data, wire.http_host(got[2]), "http"
+                return data, wire.request_host(*got), "http"
             except ValueError as exc:
                 raise ConnectionError(f"malformed http: {exc}") from None
         else:
@@ -300,10 +303,10 @@ async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.S
     from .egress_mitm import SecretLeak, TlsEnd, intercept
 
     heads = 0
+    client = TlsEnd(reader, writer, gate.server_ctx, server_side=True, first=first)
+    upstream = TlsEnd(up_reader, up_writer, gate.client_ctx, server_hostname=host)
     try:
-        client = TlsEnd(reader, writer, gate.server_ctx, server_side=True, first=first)
         await asyncio.wait_for(client.handshake(), FIRST_BYTES_TIMEOUT)
-        upstream = TlsEnd(up_reader, up_writer, gate.client_ctx, server_hostname=host)
         await asyncio.wait_for(upstream.handshake(), CONNECT_TIMEOUT)
         gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=True,
                        rule=verdict.rule)
@@ -317,7 +320,8 @@ async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.S
                        rule="interception failed", error=f"{type(exc).__name__}: {exc}"[:200])
         _reset(writer)
     finally:
-        gate.log.write(kind="close", host=host, addr=addr, port=port, secret_requests=heads)
+        gate.log.write(kind="close", host=host, addr=addr, port=port, secret_requests=heads,
+                       sent=client.got, received=upstream.got)
 
 
 async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: int,
@@ -543,7 +547,12 @@ def main(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket) -> None:
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.bind(cfg["control"])
     control.listen(8)
-    gate = Gate(Policy.from_json(cfg["policy"]), denied, Log(log_fd))
+    audit = None
+    if cfg.get("audit"):  # opened now: the data dir is out of reach once privileges drop
+        from .egress_audit import AuditWriter
+
+        audit = AuditWriter(str(cfg["audit"]), str(cfg.get("sandbox", "?")))
+    gate = Gate(Policy.from_json(cfg["policy"]), denied, Log(log_fd, audit))
     if cfg.get("secrets"):
         _hold_secrets(gate, cfg)
     _preload()

@@ -110,6 +110,10 @@ def http_head(data: bytes) -> tuple[str, str, list[tuple[str, str]]] | str:
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         raise ValueError("bad request line")
+    if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
+        # A bare CR or LF ends a line for some servers and not for others: what we read
+        # as one header could be two, or the end of the head, upstream.
+        raise ValueError("bare CR, LF or NUL in the head")
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
@@ -131,6 +135,30 @@ def http_host(headers: list[tuple[str, str]]) -> str | None:
     if host.startswith("["):
         return host[1:host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def request_host(method: str, target: str, headers: list[tuple[str, str]]) -> str | None:
+    """The host a request goes to as a server reads it: CONNECT's target, an absolute-form
+    target's authority (which servers prefer over Host: a different Host is refused), else
+    the Host header; lower case, without port or brackets. ValueError if ambiguous."""
+    host = http_host(headers)
+    if method == "CONNECT":
+        return _authority_host(target)
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+        named = _authority_host(authority.rpartition("@")[2])
+        if host is not None and host != named:
+            raise ValueError("the request's target and Host name different hosts")
+        return named
+    return host
+
+
+def _authority_host(authority: str) -> str:
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 # --- DNS ---------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
 
     control_masks(profile, workspace, home)  # refused here, before anything starts
     extra = [choice.warning, fallback, user_warning(image, image_config)]
-    egress, secret_env = egress_of(req, profile, config)
+    egress, secret_env = egress_of(req, profile, config, warnings)
     return Plan(
         config=config, image=image, image_reason=reason, rootfs=rootfs,
         rootfs_key="host" if note.startswith("host") else image, rootfs_note=note,
@@ -305,18 +305,26 @@ def with_agent(req: RunRequest) -> RunRequest:
         argv=[agent.binary, *req.argv] if req.argv else [])
 
 
-def egress_of(req: RunRequest, profile: Profile, config: Config | None
-              ) -> tuple[Policy | None, dict[str, str]]:
+def egress_of(req: RunRequest, profile: Profile, config: Config | None,
+              warnings: list[str] | None = None) -> tuple[Policy | None, dict[str, str]]:
     """The run's egress policy (config `[network]`, then the request's lists) and, for each
-    secret asked for, a placeholder in its variable (secrets_store.grant_secrets)."""
+    secret it uses (--secret, `[secrets.NAME]`: secrets_store.resolve_uses), a placeholder
+    in its variable (secrets_store.grant_secrets)."""
     from .egress_policy import policy_for
-    from .secrets_store import grant_secrets
 
     policy = policy_for(profile.network, config, req.allow_hosts, req.deny_hosts,
                         req.add_hosts)
     env: dict[str, str] = {}
-    if req.secrets:
-        policy = grant_secrets(policy, req.secrets, env)
+    # (a run without egress has no use for the config's secrets; --secret there is refused)
+    if req.secrets or (policy is not None and config is not None and
+                       (config.secrets or config.project_secrets)):
+        from .secrets_store import grant_secrets, resolve_uses
+
+        uses, notes = resolve_uses(req.secrets, config)
+        if warnings is not None:
+            warnings.extend(notes)
+        if uses:
+            policy = grant_secrets(policy, uses, env)
     return policy, env
 
 

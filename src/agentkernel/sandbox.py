@@ -74,6 +74,11 @@ class Sandbox:
     def oom_killed(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_killed()
 
+    def reusable(self) -> bool:
+        """Whether a daemon's pool may hand this one-shot sandbox to another run of its key
+        after a run ended (a wasm worker: each run is a new instance). Others never."""
+        return False
+
     def command_rlimits(self) -> list[tuple[int, int, int]]:
         """The rlimits every command in this sandbox starts with."""
         return command_rlimits(self.spec.profile, self.cgroup, memory_floor=self.memory_floor)

@@ -6,17 +6,14 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, Result, ak
+from sandbox_helpers import SYSTEM_PYTHON, Result, ak, make_upstream
 
 ROOT = Path(__file__).resolve().parents[2]
 # scripts/test.sh fills this with `agentkernel agents install all` (AGENTKERNEL_HOME=it).
@@ -129,21 +126,6 @@ class FakeApi:
         return [a for h in API_HOSTS for a in ("--add-host", f"{h}:{self.addr}")]
 
 
-def _run(*argv: str) -> None:
-    subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
-
-
-def _certs(d: Path) -> None:
-    _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
-         str(d / "ca.key"), "-out", str(d / "ca.pem"), "-subj", "/CN=ak-agent-test-ca")
-    _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "srv.key"),
-         "-out", str(d / "srv.csr"), "-subj", f"/CN={API_HOSTS[0]}")
-    (d / "ext").write_text("subjectAltName=" + ",".join(f"DNS:{h}" for h in API_HOSTS) + "\n")
-    _run("openssl", "x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"),
-         "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "srv.pem"),
-         "-days", "2", "-extfile", str(d / "ext"))
-
-
 # What the fake model has the Bash tool run inside the sandbox. The real key is searched
 # for in two halves joined only in grep's stdin, so the search does not find itself.
 def bash_command(key: str) -> str:
@@ -163,37 +145,9 @@ def fake_api() -> Iterator[FakeApi]:
         pytest.skip("needs root, iproute2 and openssl")
     if not (AGENTS_HOME / "agents" / "claude").is_dir():
         pytest.skip("agent CLIs not installed (scripts/install-agents.sh)")
-    d = Path(tempfile.mkdtemp(prefix="ak-fakeapi-"))
-    d.chmod(0o755)
-    _certs(d)
-    tag, n = secrets.token_hex(3), secrets.randbelow(250) + 1
-    host_if, peer_if, addr = f"akah{tag}", f"akap{tag}", f"198.19.{n}.2"
-    holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"])
-    server = None
-    try:
-        own = os.readlink("/proc/self/ns/net")
-        while os.readlink(f"/proc/{holder.pid}/ns/net") == own:
-            time.sleep(0.01)
-        inns = ["nsenter", f"--target={holder.pid}", "--net", "--"]
-        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if,
-             "netns", str(holder.pid))
-        _run("ip", "addr", "add", f"198.19.{n}.1/24", "dev", host_if)
-        _run("ip", "link", "set", host_if, "up")
-        _run(*inns, "ip", "addr", "add", f"{addr}/24", "dev", peer_if)
-        _run(*inns, "ip", "link", "set", peer_if, "up")
-        _run(*inns, "ip", "link", "set", "lo", "up")
-        log = d / "seen.jsonl"
-        server = subprocess.Popen(
-            [*inns, SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
-             str(d / "srv.pem"), str(d / "srv.key"), str(log), bash_command(REAL_KEY)],
-            stdout=subprocess.PIPE)
-        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
-        yield FakeApi(addr, d / "ca.pem", log)
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True, check=False)
-        holder.kill()
-        holder.wait()
-        shutil.rmtree(d, ignore_errors=True)
+    with make_upstream(API_HOSTS, net="198.19", private=False) as up:
+        log = up.dir / "seen.jsonl"
+        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
+                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"), str(log),
+                 bash_command(REAL_KEY))
+        yield FakeApi(up.addr, up.ca, log)

@@ -41,6 +41,10 @@ class FakeSandbox:
         self.process = _Process()
         self.cgroup = None
         self.helpers: list[Any] = []
+        self.serves_again = False
+
+    def reusable(self) -> bool:
+        return self.serves_again
 
 
 class FakeBackend:
@@ -329,3 +333,42 @@ def test_a_failing_start_is_reported_and_backs_off(fake: FakeBackend,
     time.sleep(0.3)
     assert fake.started - tries <= 1  # backing off, not spinning
     fake.fail = None
+
+
+def test_a_reusable_sandbox_is_given_back_first_in_line(fake: FakeBackend,
+                                                         make_pool: Any) -> None:
+    """A wasm worker that ended its run cleanly serves the key's next take; one that may
+    not serve again, one started in the caller's thread (bwrap dies with that thread), and
+    any given back to a closed pool are destroyed."""
+    p = make_pool(adhoc_min=1)
+    k = key()
+    cold, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+    assert not warm
+    cold.serves_again = True
+    p.release(k)
+    p.give_back(k, cold)  # started here: tied to this thread
+    wait_for(lambda: status(p, k).warm >= 1)
+    sandbox, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+    assert warm and sandbox is not cold
+    sandbox.serves_again = True
+    p.release(k)
+    p.give_back(k, sandbox)
+    again, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+    assert warm and again is sandbox  # the warmest first
+    for _ in range(50):  # runs in a row on one given-back sandbox: no demand for more
+        p.release(k)
+        p.give_back(k, again)
+        again, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+        assert warm
+    assert status(p, k).target == 1
+    again.serves_again = False  # e.g. it timed out
+    p.release(k)
+    p.give_back(k, again)
+    assert p.drain(10)
+    assert cold.spec.name not in fake.live and again.spec.name not in fake.live
+    last, _ = p.acquire(k, None, None)  # type: ignore[arg-type]
+    last.serves_again = True
+    p.release(k)
+    p.close()
+    p.give_back(k, last)
+    assert last.spec.name not in fake.live

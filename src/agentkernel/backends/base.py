@@ -98,6 +98,12 @@ class Backend(ABC):
         """This backend set up with a caller's settings (planner.py); most need none."""
         return self
 
+    def pooled(self) -> None:
+        """A daemon serves this backend's runs from its pool (called on each run and for
+        each configured key): a backend may prepare, once, what later runs need. Must
+        not block."""
+        return None
+
     @abstractmethod
     def probe(self, deep: bool = False) -> Probe:
         """Check that this backend can run here.

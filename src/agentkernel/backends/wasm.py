@@ -21,8 +21,14 @@ a `.cwasm`, whose loading would be code execution.
 
 Timeouts are enforced from here (SIGKILL through the agent), not by the worker; memory is
 capped exactly by the worker's store limiter (memory.grow answers -1 past the profile's
-limit) and, around the whole worker, by its cgroup. A daemon keeps warm workers (sandbox
-up, wasmtime imported, waiting for a job); each runs one module and is destroyed.
+limit) and, around the whole worker, by its cgroup. Each job gets a new Store, WASI
+context and instance in the worker; the worker keeps its engine and the modules it has
+deserialized. Without a daemon a worker serves one run. A daemon's pool keeps workers
+warm (sandbox up, wasmtime imported) and gives a worker back after a run that ended
+cleanly, for the next run of the same pool key: the same user, profile and project dir.
+So the residual risk of a wasmtime escape grows from "its own run" to "the later runs of
+that key in that worker" (their argv, env and stdin), bounded by WORKER_RUNS; a worker
+that timed out, was signalled, ran out of memory or broke the protocol is destroyed.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import signal
 import stat
 import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +79,10 @@ WORKER_SCRIPT = f"{WORKER_ROOT}/agentkernel/backends/wasm_worker.py"
 WORKER_OVERHEAD_MB = 256
 WORKER_PIDS = 64  # the agent, the interpreter, wasmtime's threads
 READY_TIMEOUT = 60.0  # seconds for a worker to import wasmtime on a loaded host
+# A daemon's worker serves this many jobs at most, then it is replaced (a bound on what
+# one worker's lifetime sees), and keeps at most this many bytes of compiled modules.
+WORKER_RUNS = 1000
+WORKER_MODULE_BYTES = 64 * 1024 * 1024
 
 
 _VERSION: list[str | None] = []
@@ -152,6 +162,11 @@ class WasmBackend(Backend):
         return Probe(True, f"wasmtime {version} compiles WASI modules (cached in the data "
                            "dir); they run in confined worker sandboxes")
 
+    def pooled(self) -> None:
+        # A daemon serves wasm runs: import wasmtime and make the compiling engine now, in
+        # the background, so that the first run of a new module pays only its compile.
+        compiler().prepare()
+
     def version_files(self) -> tuple[str, ...]:
         from .namespaces import NamespacesBackend
 
@@ -220,7 +235,7 @@ def worker_spec(spec: SandboxSpec) -> SandboxSpec:
 def start_worker(spec: SandboxSpec, isolation: str) -> WasmSandbox:
     """A namespaces sandbox with a worker started in it: it imports wasmtime meanwhile (a
     cold run compiles or reads the cache at the same time) and says when it is ready;
-    `exec` waits for that before it hands over the job."""
+    the first `exec` waits for that before it hands over a job."""
     from .namespaces import NamespacesBackend
 
     inner = NamespacesBackend().start(worker_spec(spec))
@@ -232,27 +247,124 @@ def start_worker(spec: SandboxSpec, isolation: str) -> WasmSandbox:
     except BaseException:
         inner.destroy()
         raise
-    return WasmSandbox(spec, isolation, inner, worker)
+    return WasmSandbox(spec, isolation, inner, _Worker(worker))
 
 
-def _await_ready(worker: Execution) -> None:
-    """The worker's one ready byte; anything else is why it did not start."""
-    from .wasm_worker import READY
+class _Worker:
+    """This side of one worker: its execution in the agent, the frames it sent not yet
+    read, the modules it holds (this side decides which: it evicts them), and whether it
+    may serve another job. One job at a time."""
 
-    said = b""
-    try:
+    def __init__(self, execution: Execution) -> None:
+        self.execution = execution
+        self.ready = False
+        self.busy = False
+        self.broken = False  # killed, timed out, signalled, or it broke the protocol
+        self.runs = 0
+        self.modules: OrderedDict[str, int] = OrderedDict()  # key -> compiled bytes
+        self._buf = bytearray()
+
+    def parse(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """The whole frames `data` completes. The worker is confined, not trusted: a frame
+        it has no reason to send, or a longer one than it ever sends, is a ProtocolError."""
+        from .wasm_worker import HEAD, OUT_CHUNK
+
+        self._buf += data
+        out = []
+        while len(self._buf) >= HEAD:
+            kind = bytes(self._buf[:1])
+            size = int.from_bytes(self._buf[1:HEAD], "big")
+            if kind not in (b"O", b"E", b"X", b"R") or size > OUT_CHUNK:
+                raise ProtocolError(f"the wasm worker sent a bad frame ({kind!r}, {size})")
+            if len(self._buf) < HEAD + size:
+                break
+            out.append((kind, bytes(self._buf[HEAD:HEAD + size])))
+            del self._buf[:HEAD + size]
+        return out
+
+    def await_ready(self) -> list[tuple[bytes, bytes]]:
+        """The worker's ready frame, and the frames that came with it (of the job sent
+        ahead of it); anything else before it is why it did not start."""
+        from .wasm_worker import READY
+
+        said = b""
+        try:
+            while True:
+                kind, payload = self.execution._next(READY_TIMEOUT)
+                if isinstance(payload, ExitStatus):
+                    raise SandboxError(f"the wasm worker did not start: "
+                                       f"{said.decode(errors='replace').strip() or payload}")
+                if kind != "stdout":
+                    said = (said + payload)[-4096:]
+                    continue
+                frames = self.parse(payload)
+                if not frames:
+                    continue  # the frame is not whole yet
+                if frames[0] != (READY, b""):
+                    raise ProtocolError("the wasm worker spoke before it was ready")
+                self.ready = True
+                return frames[1:]
+        except TimeoutError:
+            self.kill()
+            raise SandboxError("the wasm worker did not start in time") from None
+        except ProtocolError as exc:
+            self.kill()
+            raise SandboxError(f"the wasm worker's sandbox died: {exc}") from None
+
+    def send_job(self, key: str, compiled: bytes, job: dict[str, object]) -> None:
+        """The job, after the module if the worker does not hold it (and the drops that
+        make room for it), in one write."""
+        import json
+
+        from .wasm_worker import MAX_MODULES, frame
+
+        out = []
+        if key in self.modules:
+            self.modules.move_to_end(key)
+        else:
+            while self.modules and (len(self.modules) >= MAX_MODULES or sum(
+                    self.modules.values()) + len(compiled) > WORKER_MODULE_BYTES):
+                old, _size = self.modules.popitem(last=False)
+                out.append(frame(b"D", old.encode()))
+            out.append(frame(b"M", key.encode() + compiled))
+            self.modules[key] = len(compiled)
+        out.append(frame(b"J", json.dumps({**job, "key": key}).encode()))
+        self.execution.write_stdin(b"".join(out))
+
+    def kill(self) -> None:
+        self.broken = True
+        with contextlib.suppress(Exception):  # it may be gone already
+            self.execution.signal(signal.SIGKILL)
+
+    @property
+    def alive(self) -> bool:
+        """Whether it may take a job. Between jobs a worker says nothing but, once, that it
+        is ready: anything else it said (its exit above all: it died while waiting)
+        retires it, rather than end the next run before it began."""
+        if self.broken or self.execution.status is not None:
+            return False
+        if self.busy:
+            return True  # what it says is the job's
+        from .wasm_worker import READY
+
         while True:
-            kind, payload = worker._next(READY_TIMEOUT)
-            if isinstance(payload, ExitStatus):
-                raise SandboxError(f"the wasm worker did not start: "
-                                   f"{said.decode(errors='replace').strip() or payload}")
-            if kind == "stdout" and payload == READY:
-                return
-            said = (said + payload)[-4096:]
-    except TimeoutError:
-        raise SandboxError("the wasm worker did not start in time") from None
-    except ProtocolError as exc:
-        raise SandboxError(f"the wasm worker's sandbox died: {exc}") from None
+            try:
+                kind, payload = self.execution._next(0)
+            except TimeoutError:
+                return True  # silent, as it should be
+            except Exception:  # its channel is gone
+                break
+            if self.ready or kind != "stdout" or not isinstance(payload, bytes):
+                break
+            try:
+                frames = self.parse(payload)
+            except ProtocolError:
+                break
+            if frames and frames != [(READY, b"")]:
+                break
+            self.ready = bool(frames)
+        self.broken = True
+        return False
 
 
 # ---------------------------------------------------------------- compiling (this process)
@@ -269,13 +381,16 @@ class _Compiler:
         self.fingerprint = (f"wasmtime {wasmtime_version()}; default config; "
                             f"{os.uname().machine}; worker")
         self._engine: tuple[wasmtime.Engine, wasmtime.Linker] | None = None
+        self._preparing = False
+        self._engine_lock = threading.Lock()
         self._lock = threading.Lock()
         self._by_file: OrderedDict[tuple[int, ...], str] = OrderedDict()
         self._by_key: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
 
     def engine(self) -> tuple[wasmtime.Engine, wasmtime.Linker]:
-        with self._lock:
+        # A lock of its own: importing wasmtime takes ~0.1 s, cache hits must not wait.
+        with self._engine_lock:
             if self._engine is None:
                 import wasmtime
 
@@ -284,6 +399,19 @@ class _Compiler:
                 linker.define_wasi()
                 self._engine = engine, linker
             return self._engine
+
+    def prepare(self) -> None:
+        """Make the engine on a thread of its own, once (a failure shows at compile)."""
+        with self._lock:
+            if self._preparing:
+                return
+            self._preparing = True
+
+        def make() -> None:
+            with contextlib.suppress(Exception):
+                self.engine()
+
+        threading.Thread(target=make, name="ak-wasm-engine", daemon=True).start()
 
     def compile(self, source: bytes, shown: str) -> wasmtime.Module:
         import wasmtime
@@ -298,18 +426,22 @@ class _Compiler:
                 f"{shown}: not a valid WebAssembly module: {_first_line(exc)}",
                 errno.ENOEXEC) from None
 
-    def module(self, path: Path, shown: str) -> bytes:
-        """The compiled module at `path`: from memory, the disk cache, or compiled now."""
+    def module(self, path: Path, shown: str) -> tuple[str, bytes]:
+        """The compiled module at `path` and its cache key: from memory, the disk cache, or
+        compiled now."""
+        # The warm path: a file seen before, unchanged (same inode, size, mtime and
+        # ctime), is one stat. Anything else opens it, with the checks that go with that.
+        with contextlib.suppress(OSError):
+            seen = os.stat(path)
+            known = self._known(_ident(seen)) if stat.S_ISREG(seen.st_mode) else None
+            if known is not None:
+                return known
         fd, st = _open_module(path, shown)
         try:
-            ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            with self._lock:
-                key = self._by_file.get(ident)
-                compiled = self._by_key.get(key) if key is not None else None
-                if compiled is not None and key is not None:
-                    self._by_file.move_to_end(ident)
-                    self._by_key.move_to_end(key)
-                    return compiled
+            ident = _ident(st)
+            known = self._known(ident)
+            if known is not None:
+                return known
             source = _read_all(fd, st.st_size)
         finally:
             os.close(fd)
@@ -325,7 +457,17 @@ class _Compiler:
             # own digest: one that loads is the checked module, byte for byte.
             compiled = load(key) or self._compile(key, source, shown)
         self._remember(ident, key, compiled)
-        return compiled
+        return key, compiled
+
+    def _known(self, ident: tuple[int, ...]) -> tuple[str, bytes] | None:
+        with self._lock:
+            key = self._by_file.get(ident)
+            compiled = self._by_key.get(key) if key is not None else None
+            if compiled is None or key is None:
+                return None
+            self._by_file.move_to_end(ident)
+            self._by_key.move_to_end(key)
+            return key, compiled
 
     def _compile(self, key: str, source: bytes, shown: str) -> bytes:
         """Compile and check (a WASI command whose imports WASI preview1 offers): only a
@@ -392,6 +534,10 @@ def _open_module(path: Path, shown: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
+def _ident(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _read_all(fd: int, size: int) -> bytes:
     from .wasm_cache import read_fd
 
@@ -407,16 +553,21 @@ def _first_line(exc: BaseException) -> str:
 
 
 class WasmExecution(Execution):
-    """The worker's command, as the caller sees it: the module's output and exit status.
-    A timeout is ours to enforce (the worker could ignore its own): SIGKILL through the
-    agent."""
+    """One job in a worker, as the caller sees it: the module's output and exit status,
+    read out of the worker's frames. A timeout is ours to enforce (the worker could ignore
+    its own): SIGKILL through the agent, and that worker serves no other job; so does one
+    signalled, cancelled, or that broke the protocol. Once the job ended, nothing done to
+    this execution reaches the worker: it may be serving the next run already."""
 
-    def __init__(self, worker: Execution, timeout: float | None) -> None:
-        # Not Execution.__init__: this wraps the agent's execution of the worker.
+    def __init__(self, worker: _Worker, timeout: float | None, stdin: bool) -> None:
+        # Not Execution.__init__: this reads the agent's execution of the worker.
         self._worker = worker
-        self.id = worker.id
-        self.pid = worker.pid
+        self._stdin = stdin
+        self.id = worker.execution.id
+        self.pid = worker.execution.pid
         self.status: ExitStatus | None = None
+        self._pending: deque[tuple[bytes, bytes]] = deque()
+        self._lock = threading.Lock()  # the job's end against a timeout, signal or cancel
         self._timed_out = False
         self._timer: threading.Timer | None = None
         if timeout is not None:
@@ -425,58 +576,115 @@ class WasmExecution(Execution):
             self._timer.start()
 
     def _expire(self) -> None:
-        self._timed_out = True
-        with contextlib.suppress(Exception):  # the worker may be gone already
-            self._worker.signal(signal.SIGKILL)
+        with self._lock:
+            if self.status is None:
+                self._timed_out = True
+                self._worker.kill()
 
     def write_stdin(self, data: bytes) -> None:
-        self._worker.write_stdin(data)
+        from .wasm_worker import OUT_CHUNK, frame
+
+        if self.status is None and self._stdin:  # late input of an ended job goes nowhere
+            self._worker.execution.write_stdin(b"".join(
+                frame(b"I", data[i:i + OUT_CHUNK]) for i in range(0, len(data), OUT_CHUNK)))
 
     def close_stdin(self) -> None:
-        self._worker.close_stdin()
+        from .wasm_worker import frame
+
+        if self.status is None and self._stdin:
+            self._stdin = False
+            self._worker.execution.write_stdin(frame(b"C"))
 
     def signal(self, signo: int) -> None:
-        self._worker.signal(signo)
+        # The worker is the module's process: a signal ends (or may end) the worker, so it
+        # never serves again.
+        with self._lock:
+            if self.status is None:
+                self._worker.broken = True
+                self._worker.execution.signal(signo)
 
     def resize(self, rows: int, cols: int) -> None:
         return None  # no terminal
 
     def cancel(self) -> None:
         self._stop_timer()
-        self._worker.cancel()
+        with self._lock:
+            if self.status is None:
+                self._worker.broken = True
+                self._worker.execution.cancel()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
 
-    def _next(self, timeout: float | None) -> tuple[str, bytes | ExitStatus]:
-        kind, payload = self._worker._next(timeout)
-        if isinstance(payload, ExitStatus):
-            self._stop_timer()
+    def _end(self, status: ExitStatus, clean: bool) -> ExitStatus:
+        self._stop_timer()
+        with self._lock:
             if self._timed_out:
-                payload = ExitStatus(code=None, signal=signal.SIGKILL, timed_out=True)
-            self.status = payload
-        return kind, payload
+                status = ExitStatus(code=None, signal=signal.SIGKILL, timed_out=True)
+            self._worker.broken = self._worker.broken or not clean or self._timed_out
+            self._worker.runs += 1
+            self._worker.busy = False
+            self.status = status
+        return status
+
+    def _next(self, timeout: float | None) -> tuple[str, bytes | ExitStatus]:
+        while True:
+            if self._pending:
+                kind, data = self._pending.popleft()
+                if kind == b"O":
+                    return "stdout", data
+                if kind == b"E":
+                    return "stderr", data
+                end = _exit_status(data) if kind == b"X" else None
+                if end is not None:  # the last frame of a job: anything after it is not
+                    return "exit", self._end(end, clean=not self._pending)
+                self._worker.kill()  # a bad end or a second ready frame: not our worker
+                continue
+            what, payload = self._worker.execution._next(timeout)
+            if isinstance(payload, ExitStatus):  # the worker itself ended mid-job
+                return "exit", self._end(payload, clean=False)
+            if what == "stderr":  # the worker's own complaints: the caller sees them
+                return "stderr", payload
+            try:
+                self._pending.extend(self._worker.parse(payload))
+            except ProtocolError:
+                self._worker.kill()
 
     def events(self) -> Iterator[tuple[str, bytes | ExitStatus]]:
         while self.status is None:
             yield self._next(None)
 
 
+def _exit_status(data: bytes) -> ExitStatus | None:
+    """The job's end from an `X` frame; None if the frame is not one the worker sends."""
+    import json
+
+    try:
+        end = json.loads(data)
+        code, signo = end.get("code"), end.get("signal")
+        if isinstance(code, int) and 0 <= code <= 255:
+            return ExitStatus(code=code, signal=None)
+        if isinstance(signo, int) and 0 < signo < 65:
+            return ExitStatus(code=None, signal=signo)
+    except (ValueError, AttributeError):
+        pass
+    return None
+
+
 # ---------------------------------------------------------------- the sandbox and its "client"
 
 
 class WasmClient(AgentClient):
-    """Stands where an agent's channel stands: `exec` hands the worker its one module;
-    there is no filesystem of the sandbox's own to read or write."""
+    """Stands where an agent's channel stands: `exec` hands the worker a job; there is no
+    filesystem of the sandbox's own to read or write."""
 
     def __init__(self, spec: SandboxSpec, agent: AgentClient,
-                 worker: Execution) -> None:  # not AgentClient's: the agent has one
+                 worker: _Worker) -> None:  # not AgentClient's: the agent has one
         self._spec = spec
         self._agent = agent
-        self._worker = worker
-        self._used = False
-        self._used_lock = threading.Lock()
+        self.worker = worker
+        self._lock = threading.Lock()
 
     def hello(self, timeout: float = 10.0) -> AgentInfo:
         raise Conflict("the wasm backend's agent serves only its worker")
@@ -496,21 +704,24 @@ class WasmClient(AgentClient):
             raise AgentRequestError("the wasm backend has no terminal (drop -t)", errno.ENOTTY)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
-        with self._used_lock:
-            if self._used or not self.alive:
-                raise Conflict("this wasm sandbox ran its module already (one per worker)")
-            self._used = True
         shown = argv[0]
         path = self._module_path(shown)
-        compiled = compiler().module(path, shown)
+        key, compiled = compiler().module(path, shown)
         job = self._job([path.name, *argv[1:]], env or {}, stdin, shown)
-        from .wasm_worker import encode_job
-
-        _await_ready(self._worker)
-        execution = WasmExecution(self._worker, timeout)
-        self._worker.write_stdin(encode_job(job, compiled))
-        if not stdin:
-            self._worker.close_stdin()
+        with self._lock:
+            if self.worker.busy or not self.alive:
+                raise Conflict("this wasm sandbox's worker is busy or gone")
+            self.worker.busy = True
+        try:
+            # A worker still starting finds the job waiting once it is ready, and skips
+            # its warm-up: this job is its first run anyway.
+            self.worker.send_job(key, compiled, job)
+            early = [] if self.worker.ready else self.worker.await_ready()
+            execution = WasmExecution(self.worker, timeout, stdin)  # the module's time only
+            execution._pending.extend(early)
+        except BaseException:
+            self.worker.kill()
+            raise
         return execution
 
     def _job(self, argv: list[str], env: Mapping[str, str], stdin: bool,
@@ -548,7 +759,7 @@ class WasmClient(AgentClient):
 
     @property
     def alive(self) -> bool:
-        return self._agent.alive and self._worker.status is None
+        return self._agent.alive and self.worker.alive
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._agent.shutdown(timeout)
@@ -558,19 +769,26 @@ class WasmClient(AgentClient):
 
 
 class WasmSandbox(Sandbox):
-    """A wasm run's sandbox: the worker's namespaces sandbox (whose pieces it owns and
-    tears down) with a worker waiting in it for one module."""
+    """A wasm sandbox: the worker's namespaces sandbox (whose pieces it owns and tears
+    down) with a worker in it. A daemon gives it back to its pool after a run that ended
+    cleanly (`reusable`): the next run of the same pool key (the same user, profile and
+    project) is a job in the same worker, in a new Store."""
 
     def __init__(self, spec: SandboxSpec, isolation: str, inner: Sandbox,
-                 worker: Execution) -> None:
-        super().__init__(spec=spec, backend="wasm", isolation=isolation,
-                         client=WasmClient(spec, inner.client, worker), process=inner.process,
-                         scratch=inner.scratch, cgroup=inner.cgroup, helpers=inner.helpers,
-                         cleanups=inner.cleanups, notes=inner.notes)
+                 worker: _Worker) -> None:
+        self.wasm = WasmClient(spec, inner.client, worker)
+        super().__init__(spec=spec, backend="wasm", isolation=isolation, client=self.wasm,
+                         process=inner.process, scratch=inner.scratch, cgroup=inner.cgroup,
+                         helpers=inner.helpers, cleanups=inner.cleanups, notes=inner.notes)
         self.worker_spec = inner.spec
 
     def command_rlimits(self) -> list[tuple[int, int, int]]:
         return []  # the worker started with its own (its sandbox's profile)
+
+    def reusable(self) -> bool:
+        worker = self.wasm.worker
+        # An out-of-memory kill in its cgroup took the worker or its agent: not alive.
+        return self.wasm.alive and not worker.busy and worker.runs < WORKER_RUNS
 
 
 class HyperlightBackend(WasmBackend):

@@ -1,32 +1,50 @@
-"""The wasm backend's worker: runs one compiled WASI module inside a sandbox of its own.
+"""The wasm backend's worker: runs compiled WASI modules, one at a time, inside its sandbox.
 
 The wasm backend starts this file with `python -I -S` in a namespaces sandbox that shows
 only the interpreter, wasmtime, this package and the project at /workspace (see wasm.py).
-It imports wasmtime, makes its engine and WASI linker, says it is ready (one byte on
-stdout), then reads one job from stdin: a header (argv, env, limits, workspace) and the
-module as the parent compiled it. It runs the module with the process's own
-stdin/stdout/stderr and exits with the module's exit status. One job per process: nothing
-of one run is there for the next.
+It imports wasmtime, makes its engine and WASI linker, says it is ready, then serves
+framed requests on stdin and answers with frames on stdout (the format is below; wasm.py
+speaks the other side):
 
-It needs nothing of agentkernel but the job format below (no import of the package: it
-starts faster and shows less), and never writes anything the parent trusts: the compiled
-module only ever flows from the parent to here.
+- host → worker: `M` a compiled module (its cache key, then the bytes, as the parent
+  compiled them) to keep; `D` a key to drop; `J` a job (JSON: the module's key, argv,
+  env, limits, workspace); `I` stdin data for the job running, `C` its end.
+- worker → host: `R` ready; `O`/`E` the module's stdout/stderr; `X` how the job ended
+  (JSON: `code`, or `signal` for a trap).
+
+Every job gets a new Store, WASI context and instance: nothing a module did (its memory,
+globals, tables, argv, env, open files) is there for the next job. Deserialized modules
+are kept (the parent says which), so a job costs one instantiation. The module's stdin is
+never the worker's own: a pipe fed from `I` frames, or empty.
+
+It needs nothing of agentkernel but the frame format below (no import of the package: it
+starts faster and shows less), and never writes anything the parent trusts: compiled
+modules only ever flow from the parent to here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
+import threading
 
 TYPE_CHECKING = False  # not typing's: the worker imports as little as it can
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import wasmtime
 
-MAGIC = b"AKW1"
-MAX_HEADER = 1 << 20  # the JSON header: argv and env of one run
+HEAD = 5  # a frame: its kind (one byte), the payload's length (4 bytes, big-endian), payload
+MAX_HEADER = 1 << 20  # a job's JSON: argv and env of one run
 MAX_MODULE = 256 << 20  # a compiled module (wasm_cache.MAX_ENTRY_BYTES)
+KEY_BYTES = 64  # a module's cache key: SHA-256, hex
+MAX_MODULES = 16  # compiled modules kept (the parent evicts first: this is a backstop)
+OUT_CHUNK = 64 * 1024  # output frames are at most this large
+FLUSH_DELAY = 0.002  # seconds output may wait to leave with more (or with the job's end)
+FLUSH_BYTES = 64 * 1024  # ... unless this much is pending
 READY = b"R"
 WORKSPACE = "/workspace"
 # Per store: tables and instances a WASI command needs, with room, but bounded.
@@ -34,13 +52,12 @@ MAX_TABLE_ELEMENTS = 1 << 20
 MAX_INSTANCES = 4
 MAX_TABLES = 8
 MAX_MEMORIES = 2
-EXIT_FAILED = 125  # the job could not be run (bad job, a module that fails to link)
+EXIT_FAILED = 125  # the job could not be run (unknown module, a module that fails to link)
 
 
-def encode_job(header: dict[str, object], compiled: bytes) -> bytes:
-    """The job as the parent writes it to the worker's stdin (used by wasm.py)."""
-    head = json.dumps({**header, "module_bytes": len(compiled)}).encode()
-    return MAGIC + len(head).to_bytes(4, "big") + head + compiled
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    """One frame, either way."""
+    return kind + len(payload).to_bytes(4, "big") + payload
 
 
 def _read_exact(n: int) -> bytes:
@@ -48,37 +65,79 @@ def _read_exact(n: int) -> bytes:
     while n > 0:
         chunk = os.read(0, min(n, 1 << 20))
         if not chunk:
-            raise EOFError("the job ended early")
+            raise EOFError("stdin ended inside a frame")
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
 
 
-def read_job() -> tuple[dict[str, object], bytes]:
-    """The header and compiled module, read unbuffered: what follows on stdin is the
-    module's own input."""
-    prefix = _read_exact(8)
-    if prefix[:4] != MAGIC:
-        raise ValueError("not a job")
-    size = int.from_bytes(prefix[4:], "big")
-    if size > MAX_HEADER:
-        raise ValueError("job header too large")
-    header = json.loads(_read_exact(size))
-    if not isinstance(header, dict):
-        raise ValueError("job header is not an object")
-    length = header.get("module_bytes")
-    if not isinstance(length, int) or not 0 < length <= MAX_MODULE:
-        raise ValueError("bad module size")
-    return header, _read_exact(length)
+def read_frame() -> tuple[bytes, bytes] | None:
+    """The next request, read unbuffered; None at the end of stdin."""
+    first = os.read(0, 1)
+    if not first:
+        return None
+    size = int.from_bytes(_read_exact(HEAD - 1), "big")
+    limit = MAX_MODULE + KEY_BYTES if first == b"M" else MAX_HEADER
+    if size > limit:
+        raise ValueError(f"frame {first!r} of {size} bytes")
+    return first, _read_exact(size)
 
 
-def _list(value: object) -> list[object]:
-    return value if isinstance(value, list) else []
+def _write(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
 
 
-def _fail(message: str) -> None:
-    os.write(2, f"agentkernel: wasm: {message}\n".encode(errors="replace"))
-    os._exit(EXIT_FAILED)
+class _Out:
+    """Frames to stdout, gathered briefly: a job's output and its end usually leave in one
+    write (one wake-up of the agent and of the parent, not one per module write). Output
+    waits at most FLUSH_DELAY (a flusher thread), less once FLUSH_BYTES are pending, so a
+    module's output still streams; a write blocks while the parent pauses us."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._buf = bytearray()
+        threading.Thread(target=self._flusher, daemon=True).start()
+
+    def put(self, data: bytes) -> None:
+        with self._cond:
+            idle = not self._buf
+            self._buf += data
+            if len(self._buf) >= FLUSH_BYTES:
+                self._flush()
+            elif idle:
+                self._cond.notify()
+
+    def end(self, data: bytes) -> None:
+        """The last frame of a job (or the ready frame): out now, with what is pending."""
+        with self._cond:
+            self._buf += data
+            self._flush()
+
+    def _flush(self) -> None:
+        _write(bytes(self._buf))
+        self._buf.clear()
+
+    def _flusher(self) -> None:
+        with self._cond:
+            while True:
+                while not self._buf:
+                    self._cond.wait()
+                self._cond.wait(FLUSH_DELAY)  # more may come, or the job's end takes it
+                if self._buf:
+                    self._flush()
+
+
+_OUTS: list[_Out] = []
+
+
+def _out() -> _Out:
+    """The worker's one _Out, made on first use (never by a process that imports this
+    module for the frame format)."""
+    if not _OUTS:
+        _OUTS.append(_Out())
+    return _OUTS[0]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -86,11 +145,42 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class _Stdin:
+    """The running job's stdin pipe, fed from `I` frames while the job runs on a thread
+    of its own. Made when the job's frame is read, so no `I` frame can come before it."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def open(self) -> int:
+        """A new pipe for the next job (the last one's end goes): its read end."""
+        read, write = os.pipe()
+        self.close()
+        self._fd = write
+        return read
+
+    def feed(self, data: bytes) -> None:
+        if self._fd is None:
+            return  # input for a job that ended (or took none)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:  # the module is done with its stdin
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def main() -> None:
     # A signal the parent forwards ends us as it would any command (Python would turn
-    # SIGINT into an exception that native code never sees).
+    # SIGINT into an exception that native code never sees). SIGPIPE is ignored: a module
+    # that closes its stdin must not end the worker feeding it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # wasmtime and this package sit side by side (bound there by wasm.py).
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))))
@@ -99,18 +189,99 @@ def main() -> None:
     engine = wasmtime.Engine()  # the parent compiles with the same (default) settings
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
-    _warm_up(engine, linker)
-    os.write(1, READY)
+    if not select.select([0], [], [], 0)[0]:  # no job waiting: time to warm up
+        _warm_up(engine, linker)
+    _out().end(frame(READY))
     try:
-        header, compiled = read_job()
+        _serve(engine, linker)
     except (OSError, ValueError, EOFError) as exc:
-        _fail(f"bad job: {exc}")
+        os.write(2, f"agentkernel: wasm worker: bad request: {exc}\n".encode())
+        os._exit(EXIT_FAILED)
+    os._exit(0)
+
+
+def _serve(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
+    """Requests until stdin ends. A job without stdin runs on this thread (no hand-over
+    between threads on the hot path); one with stdin on a thread of its own, while this
+    one feeds it. Jobs never overlap: the next request waits for the last job's end."""
+    modules: dict[str, wasmtime.Module] = {}
+    stdin = _Stdin()
+    running: threading.Thread | None = None
+    while (got := read_frame()) is not None:
+        kind, payload = got
+        if kind == b"I":
+            stdin.feed(payload)
+            continue
+        if kind == b"C":
+            stdin.close()
+            continue
+        if running is not None:
+            running.join()
+            running = None
+        if kind == b"M":
+            _load(engine, modules, payload)
+        elif kind == b"D":
+            modules.pop(payload.decode(errors="replace"), None)
+        elif kind == b"J":
+            job = json.loads(payload)
+            if isinstance(job, dict) and job.get("stdin"):
+                running = threading.Thread(
+                    target=_answer, args=(engine, linker, modules, job, stdin.open()),
+                    daemon=True)
+                running.start()
+            else:
+                _answer(engine, linker, modules, job, None)
+    stdin.close()  # our stdin ended, so does the job's
+    if running is not None:  # the job under way still ends, and says so
+        running.join()
+
+
+def _answer(engine: wasmtime.Engine, linker: wasmtime.Linker,
+            modules: dict[str, wasmtime.Module], job: object, fd: int | None) -> None:
+    """Run a job and send its end. Anything unforeseen ends the worker (on whichever
+    thread): its parent then sees the worker gone, never a job that does not end."""
     try:
-        module = wasmtime.Module.deserialize(engine, compiled)
+        end = _job(engine, linker, modules, job, fd)
+    except BaseException as exc:
+        _out().end(b"")
+        os.write(2, f"agentkernel: wasm worker: {exc!r}\n".encode(errors="replace"))
+        os._exit(EXIT_FAILED)
+    _out().end(frame(b"X", json.dumps(end).encode()))
+
+
+def _load(engine: wasmtime.Engine, modules: dict[str, wasmtime.Module], payload: bytes) -> None:
+    import wasmtime
+
+    key = payload[:KEY_BYTES].decode(errors="replace")
+    try:
+        module = wasmtime.Module.deserialize(engine, payload[KEY_BYTES:])
     except wasmtime.WasmtimeError as exc:
-        _fail(f"cannot load the compiled module: {_first_line(exc)}")
-    del compiled
-    os._exit(run(engine, linker, module, header))
+        # The job that needs it says so; the parent never sends bytes wasmtime refuses.
+        os.write(2, f"agentkernel: wasm: cannot load a module: {_first_line(exc)}\n".encode())
+        return
+    if len(modules) >= MAX_MODULES:
+        modules.pop(next(iter(modules)))
+    modules[key] = module
+
+
+def _job(engine: wasmtime.Engine, linker: wasmtime.Linker,
+         modules: dict[str, wasmtime.Module], job: object, fd: int | None) -> dict[str, int]:
+    """One job's end: its exit code, or the signal its trap stands for."""
+    try:
+        if not isinstance(job, dict):
+            return _failed("bad job")
+        module = modules.get(str(job.get("key")))
+        if module is None:
+            return _failed(f"{job.get('shown')}: the compiled module was not loaded")
+        return run(engine, linker, module, job, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _failed(message: str) -> dict[str, int]:
+    _out().put(frame(b"E", f"agentkernel: wasm: {message}\n".encode(errors="replace")))
+    return {"code": EXIT_FAILED}
 
 
 # Writes one byte to its stdout (then /dev/null): compiled here, run once, thrown away.
@@ -123,56 +294,73 @@ WARM_UP = """(module
 
 
 def _warm_up(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
-    """Run a module once before the job: the first load, store, instantiation and write
-    (wasmtime's lazily made runtime pieces, page faults) then cost the pool's time, not
-    the run's. Our own constant module, so nothing of it is trusted or kept."""
+    """Run a module once before the first job: the first load, store, instantiation and
+    write (wasmtime's lazily made runtime pieces, page faults) then cost the pool's time,
+    not a run's. Our own constant module, so nothing of it is trusted or kept. Skipped
+    when a job waits already (a run without a daemon): that job is the first run anyway."""
     import wasmtime
 
     module = wasmtime.Module.deserialize(
         engine, wasmtime.Module(engine, bytes(wasmtime.wat2wasm(WARM_UP))).serialize())
     store = wasmtime.Store(engine)
     wasi = wasmtime.WasiConfig()
-    wasi.stdout_file = "/dev/null"
+    wasi.stdout_custom = len
     store.set_wasi(wasi)
     linker.instantiate(store, module).exports(store)["_start"](store)  # type: ignore[operator]
     store.close()
 
 
+def _output(kind: bytes) -> Callable[[bytes], int]:
+    """A WASI output callback: the module's writes as frames, in pieces of OUT_CHUNK."""
+    def write(data: bytes) -> int:
+        for i in range(0, len(data), OUT_CHUNK):
+            _out().put(frame(kind, data[i:i + OUT_CHUNK]))
+        return len(data)
+    return write
+
+
 def run(engine: wasmtime.Engine, linker: wasmtime.Linker, module: wasmtime.Module,
-        job: dict[str, object]) -> int:
-    """Run the module's _start; its exit code (a trap aborts the process, as wasmtime's
-    own CLI reports one)."""
+        job: dict[str, object], stdin_fd: int | None) -> dict[str, int]:
+    """Run the module's _start in a store of its own: its exit code, or SIGABRT for a
+    trap (as wasmtime's own CLI reports one)."""
     import wasmtime
 
     memory = job.get("memory_bytes")
     store = wasmtime.Store(engine)
-    store.set_limits(memory_size=memory if isinstance(memory, int) and memory > 0 else -1,
-                     table_elements=MAX_TABLE_ELEMENTS, instances=MAX_INSTANCES,
-                     tables=MAX_TABLES, memories=MAX_MEMORIES)
-    wasi = wasmtime.WasiConfig()
-    wasi.argv = [str(a) for a in _list(job.get("argv"))]
-    wasi.env = [(str(p[0]), str(p[1])) for p in _list(job.get("env"))
-                if isinstance(p, list) and len(p) == 2]
-    wasi.inherit_stdout()
-    wasi.inherit_stderr()
-    if job.get("stdin"):
-        wasi.inherit_stdin()
-    if job.get("workspace"):
-        wasi.preopen_dir(WORKSPACE, WORKSPACE, bool(job.get("writable")))
-    store.set_wasi(wasi)
     try:
-        instance = linker.instantiate(store, module)
-    except wasmtime.WasmtimeError as exc:
-        _fail(f"{job.get('shown')}: cannot link: {_first_line(exc)}")
-    try:
-        instance.exports(store)["_start"](store)  # type: ignore[operator]
-    except wasmtime.ExitTrap as exc:
-        return exc.code if 0 <= exc.code <= 255 else (exc.code & 0xFF or 1)
-    except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-        os.write(2, f"agentkernel: wasm trap: {_first_line(exc)}\n".encode(errors="replace"))
-        signal.signal(signal.SIGABRT, signal.SIG_DFL)
-        os.abort()
-    return 0
+        store.set_limits(memory_size=memory if isinstance(memory, int) and memory > 0 else -1,
+                         table_elements=MAX_TABLE_ELEMENTS, instances=MAX_INSTANCES,
+                         tables=MAX_TABLES, memories=MAX_MEMORIES)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [str(a) for a in _list(job.get("argv"))]
+        wasi.env = [(str(p[0]), str(p[1])) for p in _list(job.get("env"))
+                    if isinstance(p, list) and len(p) == 2]
+        wasi.stdout_custom = _output(b"O")
+        wasi.stderr_custom = _output(b"E")
+        if stdin_fd is not None:
+            wasi.stdin_file = f"/proc/self/fd/{stdin_fd}"  # the pipe's read end, reopened
+        if job.get("workspace"):
+            wasi.preopen_dir(WORKSPACE, WORKSPACE, bool(job.get("writable")))
+        store.set_wasi(wasi)
+        try:
+            instance = linker.instantiate(store, module)
+        except wasmtime.WasmtimeError as exc:
+            return _failed(f"{job.get('shown')}: cannot link: {_first_line(exc)}")
+        try:
+            instance.exports(store)["_start"](store)  # type: ignore[operator]
+        except wasmtime.ExitTrap as exc:
+            return {"code": exc.code if 0 <= exc.code <= 255 else (exc.code & 0xFF or 1)}
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            _out().put(frame(b"E", f"agentkernel: wasm trap: {_first_line(exc)}\n".encode(
+                errors="replace")))
+            return {"signal": int(signal.SIGABRT)}
+        return {"code": 0}
+    finally:
+        store.close()  # the instance, its memory and WASI context go now, not at GC
+
+
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def add_parsers(sub: Any) -> None:
     eg.add_argument("entry", nargs="?", help="host, *.domain, host:port or CIDR")
     eg.add_argument("-f", "--follow", action="store_true", help="log: keep printing")
     eg.add_argument("--json", action="store_true", help="log: raw JSON lines")
+    eg.add_argument("--audit", action="store_true",
+                    help="log: from the host's audit log (kept after the sandbox is gone)")
     eg.set_defaults(handler=cmd_egress)
     sc = sub.add_parser("secret", help="secrets kept on the host, used by sandboxes' egress")
     ss = sc.add_subparsers(dest="action", required=True)
@@ -42,6 +44,9 @@ def add_parsers(sub: Any) -> None:
     st.add_argument("--env", help="the sandbox's variable for its placeholder "
                                   "(default: NAME upper-cased)")
     st.add_argument("--from-env", metavar="VAR", help="read the value from this variable")
+    st.add_argument("--projects", action="store_true",
+                    help="a project's agentkernel.toml may ask for it ([secrets.NAME]); "
+                         "otherwise only --secret and your own config give it")
     ss.add_parser("list", help="names, hosts and headers (never values)")
     rm = ss.add_parser("rm", help="forget a secret")
     rm.add_argument("name")
@@ -62,6 +67,13 @@ def cmd_egress(args: argparse.Namespace) -> int:
         return 0
     if args.action == "show":
         print(json.dumps(control(args.name, {"op": "show"}).get("policy"), indent=2))
+        return 0
+    if args.audit:
+        from ..egress_audit import read_audit
+        from ..names import validate_sandbox_name
+
+        for entry in read_audit(validate_sandbox_name(args.name)):
+            print(json.dumps(entry) if args.json else format_entry(entry))
         return 0
     scratch = scratch_of(args.name)
     offset = 0
@@ -92,14 +104,17 @@ def cmd_secret(args: argparse.Namespace) -> int:
                 print("value (one line): ", end="", file=sys.stderr, flush=True)
             value = sys.stdin.read(secrets_store.MAX_VALUE + 2)
         env = args.env or args.name.upper().replace("-", "_")
-        secret = secrets_store.save(args.name, list(args.host), args.header, env, value)
+        secret = secrets_store.save(args.name, list(args.host), args.header, env, value,
+                                    projects=args.projects)
         print(f"secret {secret.name}: {secret.env} in sandboxes, sent only to "
-              f"{', '.join(secret.hosts)} in {secret.header}")
+              f"{', '.join(secret.hosts)} in {secret.header}" +
+              ("; projects may ask for it" if secret.projects else ""))
         return 0
     if args.action == "list":
         for name in secrets_store.names():
             s = secrets_store.load(name)
-            print(f"{s.name}\t{s.env}\t{','.join(s.hosts)}\t{s.header}")
+            print(f"{s.name}\t{s.env}\t{','.join(s.hosts)}\t{s.header}" +
+                  ("\tprojects" if s.projects else ""))
         return 0
     secrets_store.remove(args.name)
     return 0

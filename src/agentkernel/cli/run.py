@@ -76,9 +76,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
     egress_flags = bool(args.allow_host or args.deny_host or args.add_host or args.secret)
-    if egress_flags and args.keep:  # the daemon's run path carries no per-run policy
-        raise UsageError("--keep with --allow-host/--deny-host/--add-host/--secret: use "
-                         "`agentkernel create NAME --allow-host ...` for a kept sandbox")
     if args.keep or (daemon_wanted() and not egress_flags):  # pools keep the default policy
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
         code = run_via_daemon(args, command, keep=args.keep)
@@ -320,7 +317,10 @@ def _run_keep(args: argparse.Namespace, command: list[str]) -> int:
     client.call("create", {
         "name": name, "image": args.image, "profile": profile, "backend": args.backend,
         "memory_mb": memory, "pids": pids, "cpus": args.cpus, "workdir_source": os.getcwd(),
-        "env": env_pairs(args.env), **caller()})
+        "env": env_pairs(args.env), **caller(),
+        # the run's own egress policy and secrets, planned with the sandbox (planner)
+        "allow_hosts": list(args.allow_host), "deny_hosts": list(args.deny_host),
+        "add_hosts": list(args.add_host), "secrets": list(args.secret)})
     forward_stdin = not sys.stdin.isatty() if sys.stdin else False
     req: dict[str, Any] = {"name": name, "argv": command, "env": {}, "workdir": args.workdir,
                            "timeout": args.timeout, "stdin_open": forward_stdin}

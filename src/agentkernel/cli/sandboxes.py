@@ -98,11 +98,6 @@ def parse_duration(text: str) -> float:
 
 def cmd_create(args: argparse.Namespace) -> int:
     validate_sandbox_name(args.name)
-    if getattr(args, "secret", None):
-        from ..errors import UsageError
-
-        raise UsageError("--secret is for `agentkernel run` only for now (a kept sandbox's "
-                         "gate would need the value across daemon restarts)")
     memory, pids = limits(args)
     if args.settings and not args.agent:
         from ..errors import UsageError
@@ -118,7 +113,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         "env": env_pairs(args.env),
         "ttl_seconds": parse_duration(args.ttl) if args.ttl else None, **caller(),
         "allow_hosts": list(args.allow_host), "deny_hosts": list(args.deny_host),
-        "add_hosts": list(args.add_host), "agent": args.agent,
+        "add_hosts": list(args.add_host), "secrets": list(args.secret), "agent": args.agent,
     }
     print(f"Creating sandbox '{args.name}'" + (f" with image '{args.image}'" if args.image
                                                else "") + "...")

@@ -40,6 +40,8 @@ class CreateRequest:
     allow_hosts: list[str] = field(default_factory=list)
     deny_hosts: list[str] = field(default_factory=list)
     add_hosts: list[str] = field(default_factory=list)
+    # Stored secrets' names (secrets_store): placeholders in the sandbox, values at its gate.
+    secrets: list[str] = field(default_factory=list)
     # An AI coding agent of the registry (agents/registry.toml): its install, variables,
     # API hosts and stored key come with it (planner.with_agent).
     agent: str | None = None
@@ -195,6 +197,8 @@ class SandboxService(Protocol):
                       ) -> tuple[bytes, bytes]: ...
     def detached_kill(self, name: str, cmd_id: str) -> None: ...
     def logs(self, name: str) -> list[dict[str, object]]: ...  # audit entries
+    # Its egress decisions from the host's audit log (egress_audit), newest last.
+    def egress_log(self, name: str) -> list[dict[str, object]]: ...
 
     # files (paths inside the sandbox, validated with names.validate_sandbox_path)
     # Regular files only (devices, FIFOs, sockets are refused by the agent); a file over

@@ -313,6 +313,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
                 continue
             lo = entry.min if entry.min is not None else self.settings.pool_min
             hi = entry.max if entry.max is not None else self.settings.pool_max
+            backend.pooled()
             self.pool.configure(key, backend, rootfs, lo, hi)
 
     # ------------------------------------------------------------------ background

@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -187,6 +188,10 @@ class WarmPool:
         self._doomed_cond = threading.Condition(self._lock)  # teardown queued (destroyers)
         self._closed = False
         self._doomed: deque[Sandbox] = deque()  # waiting for the destroyer
+        # Started in a caller's thread: bwrap's --die-with-parent ties a sandbox to the
+        # thread that started it, and a request's thread ends with its request. Such a
+        # sandbox is never given back; the refill threads live as long as the pool.
+        self._tied: weakref.WeakSet[Sandbox] = weakref.WeakSet()
         self._destroying = 0
         self._threads = [threading.Thread(target=self._work, name=f"ak-pool-{i}", daemon=True)
                          for i in range(self.refills)]
@@ -272,6 +277,8 @@ class WarmPool:
             for attempt in range(COLD_ATTEMPTS):
                 try:
                     sandbox = self._start(st.key, st.backend, st.rootfs)
+                    with self._cond:
+                        self._tied.add(sandbox)
                     break
                 except SandboxError:
                     # Under heavy concurrency bwrap now and then fails its netlink set-up
@@ -296,6 +303,27 @@ class WarmPool:
                 st.in_use = max(0, st.in_use - 1)
                 st.last_used = time.monotonic()
                 self._cond.notify_all()
+
+    def give_back(self, key: PoolKey, sandbox: Sandbox) -> None:
+        """A used sandbox that may serve again (`Sandbox.reusable`): first in line for the
+        key's next take (it is the warmest), else destroyed when the key is gone, the pool
+        closed or the key holds its maximum already."""
+        with self._cond:
+            st = self._keys.get(key)
+            if (st is not None and not self._closed and sandbox not in self._tied
+                    and sandbox.reusable() and len(st.warm) < st.max):
+                # Its take consumed no sandbox: it leaves the demand the key is sized from
+                # (else runs in a row would look like a need for `max` sandboxes).
+                now = time.monotonic()
+                st.rate, st.rate_at = max(0.0, st.rate_now(now) - 1.0 / RATE_WINDOW), now
+                if st.claims:
+                    claim = st.claims.popleft()
+                    claim.sandbox = sandbox
+                    claim.event.set()
+                else:
+                    st.warm.appendleft(sandbox)  # no refill needs to hear of it
+                return
+        self.discard(sandbox)
 
     def discard(self, sandbox: Sandbox) -> None:
         """Destroy a used sandbox off the caller's path; inline when the queue is full."""

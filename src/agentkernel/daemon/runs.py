@@ -108,21 +108,34 @@ class RunsMixin:
         backend, rootfs = plan.backend, plan.rootfs
         started = time.monotonic()
         sandbox: Sandbox | None = None
+        backend.pooled()  # e.g. wasm: make the compiling engine, once, in the background
+        # Secrets (your config's [secrets]) have a fresh placeholder per run, known to its
+        # gate only: such a run gets a sandbox of its own, never a pooled one.
+        own = plan.egress is not None and bool(plan.egress.secrets)
+
+        def release() -> None:
+            if not own:
+                self.pool.release(key)
+
         try:
-            sandbox, pooled = self.pool.acquire(key, backend, rootfs)
+            sandbox, pooled = (self._pool_start(key, backend, rootfs), False) if own else \
+                self.pool.acquire(key, backend, rootfs)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
                                             cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
                                             rlimits=sandbox.command_rlimits())
         except BaseException:
-            self.pool.release(key)
+            release()
             if sandbox is not None:
                 self._destroy_later(sandbox)
             raise
         sb = sandbox
 
-        def finish(_handle: ExecHandle, _result: ExecResult | None) -> None:
-            self.pool.release(key)
-            self._destroy_later(sb)
+        def finish(_handle: ExecHandle, result: ExecResult | None) -> None:
+            release()
+            if not own and result is not None and sb.reusable():
+                self.pool.give_back(key, sb)  # a wasm worker: the next run is a new instance
+            else:
+                self._destroy_later(sb)
 
         info = {**plan.summary(), "backend": sb.backend, "isolation": sb.isolation,
                 "pooled": pooled, "sandbox": sb.spec.name, "notes": list(sb.notes),

@@ -54,7 +54,8 @@ class SandboxesMixin:
                 argv=[], cwd=workspace, image=req.image, profile=req.profile,
                 backend=req.backend, memory_mb=req.memory_mb, pids=req.pids, cpus=cpus,
                 allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
-                add_hosts=tuple(req.add_hosts), env=dict(req.env), agent=req.agent),
+                add_hosts=tuple(req.add_hosts), secrets=tuple(req.secrets),
+                env=dict(req.env), agent=req.agent),
                 ctx, persistent=True)
             backend, profile, image = plan.backend, plan.profile, plan.image
             doc = {
@@ -63,16 +64,15 @@ class SandboxesMixin:
                 "memory_mb": profile.memory_mb, "cpus": profile.cpus,
                 "no_network": profile.network == "none",
                 "workspace": str(workspace) if workspace else None,
-                # The request's -e (an agent's variables under them) and its secrets'
-                # placeholders; the values stay in the host's store.
+                # The request's -e (an agent's variables under them), with the secrets'
+                # placeholders: their values are read from the store at each start.
                 "env": {**plan.user_env, **plan.secret_env}, "host_env": dict(plan.pass_env),
                 "home": str(plan.home) if plan.home else None,
                 "registry": plan.registry.to_doc() if plan.registry else None,
                 "profile_fields": profile._asdict(), "rootfs_note": plan.rootfs_note,
                 # A microVM's writable disks are images of a fixed size already.
                 "disk_mb": None if backend.sized_disks else self._disk_mb(plan.config),
-                # egress_policy: the policy it was created with, its secrets' grants by
-                # name (the gate reads their values from the store at each start)
+                # egress_policy: the policy it was created with (its secrets by name)
                 "egress": plan.egress.to_json() if plan.egress is not None else None,
                 "agent": req.agent, "ro_binds": [list(b) for b in plan.ro_binds],
             }
@@ -255,6 +255,14 @@ class SandboxesMixin:
             if path.is_dir():
                 with open(path / "audit.jsonl", "a") as f:
                     f.write(json.dumps(entry) + "\n")
+
+    def egress_log(self: SandboxManager, name: str) -> list[dict[str, object]]:
+        """The sandbox's egress decisions (time, host, port, rule, bytes) from the host's
+        audit log: what its gates saw across restarts, bounded (egress_audit)."""
+        from ..egress_audit import read_audit
+
+        self._row(name)
+        return read_audit(name)
 
     def logs(self: SandboxManager, name: str) -> list[dict[str, object]]:
         self._row(name)

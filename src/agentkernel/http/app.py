@@ -480,6 +480,13 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
     def sandbox_logs(name: str) -> Response:
         return ok(svc.logs(_name(name)))
 
+    @app.get("/sandboxes/{name}/egress", tags=["sandboxes"],
+             **_doc(list[dict[str, Any]], "EgressLogResponse"))
+    def sandbox_egress(name: str) -> Response:
+        """Ours, beyond the SDKs: the sandbox's egress decisions from the host's audit log
+        (time, host, port, allowed, rule, bytes; never bodies or secret values)."""
+        return ok(svc.egress_log(_name(name)))
+
     # -- commands in a sandbox --
 
     @app.post("/sandboxes/{name}/exec", tags=["exec"], **_doc(m.RunOut, "RunResponse", 409))

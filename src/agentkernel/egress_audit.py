@@ -1,0 +1,113 @@
+"""The host-side egress audit log: every gate's decisions, one JSON line each, bounded and
+rotated, kept after the sandbox is gone (in the data dir; never bodies, never secret values).
+
+Every gate of one user appends to the same file through descriptors it opened before
+dropping its privileges (it can no longer open or rename anything in the data dir), so
+rotation is done through them too: under an exclusive flock, a file past CAP is copied
+over the previous one (`.1`) and emptied. Readers take the lock shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+AUDIT_NAME = "egress-audit.jsonl"
+CAP = 4 * 1024 * 1024  # bytes per file; with the rotated one at most twice that
+MAX_FIELD = 300  # characters of a string field (a rule, an error, a host)
+MAX_READ = 1000  # entries one read returns (the newest)
+# What an entry may carry: decisions and byte counts only. (The gate's log fields are
+# chosen by the gate, but this list is what keeps a future field from leaking here.)
+FIELDS = ("kind", "host", "addr", "port", "qtype", "allowed", "rule", "error", "sent",
+          "received", "secret_requests", "op", "entry", "answers", "dropped", "note")
+
+
+def audit_path() -> Path:
+    from .paths import data_dir
+
+    return data_dir() / AUDIT_NAME
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:MAX_FIELD]
+    if isinstance(value, list):
+        return [_clip(v) for v in value[:8]]
+    return value if isinstance(value, (int, float, bool)) or value is None else str(value)[:80]
+
+
+class AuditWriter:
+    """One gate's end of the audit log: the current file and the rotated one, opened
+    before the gate drops its privileges."""
+
+    def __init__(self, path: str, sandbox: str) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        self.fd = os.open(path, flags | os.O_APPEND, 0o600)
+        try:
+            self.old = os.open(path + ".1", flags, 0o600)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.sandbox = sandbox[:128]
+
+    def write(self, fields: dict[str, Any]) -> None:
+        entry = {"t": round(time.time(), 3), "sandbox": self.sandbox,
+                 **{k: _clip(fields[k]) for k in FIELDS if k in fields}}
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(self.fd).st_size + len(line) > CAP:
+                    self._rotate()
+                os.write(self.fd, line)
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _rotate(self) -> None:
+        """The current file becomes the previous one; the current starts empty."""
+        os.ftruncate(self.old, 0)
+        size, done = os.fstat(self.fd).st_size, 0
+        while done < size:
+            n = os.copy_file_range(self.fd, self.old, size - done, done, done)
+            if n <= 0:
+                break
+            done += n
+        os.ftruncate(self.fd, 0)
+
+
+def read_audit(sandbox: str | None = None, limit: int = MAX_READ,
+               path: Path | None = None) -> list[dict[str, object]]:
+    """The newest `limit` entries (of one sandbox, or all), oldest first."""
+    path = path or audit_path()
+    chunks = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with contextlib.suppress(FileNotFoundError), \
+                open(str(path) + ".1", "rb") as old:
+            chunks.append(old.read(CAP + 4096))
+        chunks.append(os.pread(fd, CAP + 4096, 0))
+    finally:
+        os.close(fd)  # (the lock goes with it)
+    # Newest first, and only lines that can be the sandbox's are parsed (the writer's own
+    # compact format): a read costs what it returns, not the whole file.
+    tag = b'"sandbox":' + json.dumps(sandbox).encode() if sandbox is not None else b""
+    out: list[dict[str, object]] = []
+    for line in reversed(b"".join(chunks).splitlines()):
+        if len(out) >= limit:
+            break
+        if tag not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            doc = json.loads(line)
+            if isinstance(doc, dict) and (sandbox is None or doc.get("sandbox") == sandbox):
+                out.append(doc)
+    return out[::-1]

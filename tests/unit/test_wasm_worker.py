@@ -1,0 +1,123 @@
+"""The wasm worker's protocol, spoken to it directly (unconfined here: tests/test_wasm*.py
+run it in its sandbox): jobs in a row get fresh instances, stdin is each job's own,
+traps, exit codes and unknown modules are answered and the worker serves on; a bad frame
+ends it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from wasm_modules import CAT, COUNTER, EXIT7, HELLO
+
+wasmtime = pytest.importorskip("wasmtime")
+from agentkernel.backends import wasm_worker as ww  # noqa: E402
+
+TRAP = '(module (func (export "_start") unreachable))'
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, ww.__file__], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert self.read() == (b"R", b"")
+        self.engine = wasmtime.Engine()
+
+    def read(self) -> tuple[bytes, bytes]:
+        assert self.proc.stdout is not None
+        head = self.proc.stdout.read(ww.HEAD)
+        assert len(head) == ww.HEAD, head
+        return head[:1], self.proc.stdout.read(int.from_bytes(head[1:], "big"))
+
+    def send(self, kind: bytes, payload: bytes = b"") -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(ww.frame(kind, payload))
+        self.proc.stdin.flush()
+
+    def load(self, wat: str) -> str:
+        key = os.urandom(32).hex()
+        compiled = wasmtime.Module(self.engine, wasmtime.wat2wasm(wat)).serialize()
+        self.send(b"M", key.encode() + bytes(compiled))
+        return key
+
+    def job(self, key: str, stdin: bytes | None = None, **extra: Any) -> tuple[bytes, bytes,
+                                                                           dict[str, int]]:
+        job = {"key": key, "argv": ["m.wasm"], "env": [], "stdin": stdin is not None,
+               "shown": "m.wasm", **extra}
+        self.send(b"J", json.dumps(job).encode())
+        if stdin is not None:
+            self.send(b"I", stdin)
+            self.send(b"C")
+        out, err = b"", b""
+        while True:
+            kind, data = self.read()
+            if kind == b"X":
+                return out, err, json.loads(data)
+            if kind == b"O":
+                out += data
+            else:
+                assert kind == b"E", kind
+                err += data
+
+
+@pytest.fixture
+def worker() -> Iterator[Worker]:
+    w = Worker()
+    yield w
+    w.proc.kill()
+    w.proc.communicate()
+
+
+def test_jobs_in_a_row_get_fresh_instances(worker: Worker) -> None:
+    key = worker.load(COUNTER)
+    for _ in range(3):
+        assert worker.job(key) == (b"1111\n", b"", {"code": 0})
+    hello = worker.load(HELLO)
+    out, err, end = worker.job(hello, env=[["A", "B"]])
+    assert (out, err, end) == (b"hello\n", b"oops\n", {"code": 0})
+
+
+def test_stdin_is_each_jobs_own(worker: Worker) -> None:
+    cat = worker.load(CAT)
+    assert worker.job(cat, stdin=b"first")[0] == b"first"
+    assert worker.job(cat)[0] == b""  # no stdin: not the worker's own, nothing
+    big = os.urandom(300_000)  # several pipe buffers
+    assert worker.job(cat, stdin=big)[0] == big
+
+
+def test_traps_exits_and_unknown_modules(worker: Worker) -> None:
+    trap = worker.load(TRAP)
+    _out, err, end = worker.job(trap)
+    assert end == {"signal": 6} and b"wasm trap" in err
+    assert worker.job(worker.load(EXIT7))[2] == {"code": 7}
+    _out, err, end = worker.job("0" * 64)
+    assert end == {"code": ww.EXIT_FAILED} and b"not loaded" in err
+    worker.send(b"D", trap.encode())
+    assert worker.job(trap)[2] == {"code": ww.EXIT_FAILED}
+    assert worker.job(worker.load(HELLO))[2] == {"code": 0}  # it serves on
+
+
+def test_a_bad_frame_ends_the_worker(worker: Worker) -> None:
+    assert worker.proc.stdin is not None
+    worker.proc.stdin.write(b"J" + (ww.MAX_HEADER + 1).to_bytes(4, "big"))
+    worker.proc.stdin.flush()
+    assert worker.proc.wait(timeout=30) == ww.EXIT_FAILED
+
+
+@pytest.mark.skipif(os.path.exists("/workspace"), reason="needs a host without /workspace")
+@pytest.mark.parametrize("stdin", [False, True], ids=["inline", "threaded"])
+def test_an_unforeseen_failure_ends_the_worker(worker: Worker, stdin: bool) -> None:
+    """Here the preopen fails (no /workspace outside the sandbox): whichever thread ran
+    the job, the worker ends rather than leave a job without an end."""
+    cat = worker.load(CAT)
+    job = {"key": cat, "argv": ["m"], "env": [], "stdin": stdin, "workspace": True}
+    worker.send(b"J", json.dumps(job).encode())
+    _out, err = worker.proc.communicate(timeout=30)
+    assert worker.proc.returncode == ww.EXIT_FAILED
+    assert b"preopen" in err
