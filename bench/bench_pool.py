@@ -9,10 +9,14 @@ Cases (issue 10's "Performance"):
   many found the pool empty (the pool's own hit/miss counters);
 - the same with a pause between requests (the pool always refilled: the warm path alone);
 - N concurrent clients for D seconds: fresh sandboxes/s, failures, p50/p95;
-- warm `agentkernel run -- true` through the CLI vs `python -c pass` (goal <= 2x).
+- warm `agentkernel run -- true` through the CLI vs `python -c pass` (goal <= 2x);
+- CPU ms per fresh sandbox (start, teardown, every helper process) of each tree, for the
+  profile and `restrictive`, in fresh processes interleaved: less noisy than wall time on
+  a shared machine.
 
 Usage: .venv/bin/python bench/bench_pool.py [-n 100] [--clients 16] [--duration 10]
                                             [--profile moderate] [--pause-n 30]
+                                            [--baseline-tree /work/main] [--cpu-rounds 3]
 Writes bench/results/pool-<time>.{md,json} and prints the markdown.
 """
 
@@ -156,7 +160,7 @@ def wait_health(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0)
     raise SystemExit("serve did not answer /health")
 
 
-def start_cpu(profile: str, n: int = 20) -> dict[str, float]:
+def start_cpu(profile: str, n: int = 20, tree: Path = ROOT) -> dict[str, float]:
     """CPU milliseconds per sandbox, started and destroyed in this process (a private data
     dir): the daemon's own share (start, teardown) and its helpers' (bwrap, the agent,
     slirp4netns, iptables-restore, ...: every reaped child). Unlike wall time, this hardly
@@ -167,7 +171,7 @@ def start_cpu(profile: str, n: int = 20) -> dict[str, float]:
     (tmp / "run").mkdir(mode=0o700)
     saved = {k: os.environ.get(k) for k in ("AGENTKERNEL_HOME", "AGENTKERNEL_RUNTIME_DIR")}
     os.environ.update(AGENTKERNEL_HOME=str(tmp / "home"), AGENTKERNEL_RUNTIME_DIR=str(tmp / "run"))
-    sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(tree / "src"))
     from agentkernel.config import Config, DaemonSection
     from agentkernel.daemon.api import RunRequest
     from agentkernel.daemon.manager import SandboxManager
@@ -175,7 +179,8 @@ def start_cpu(profile: str, n: int = 20) -> dict[str, float]:
     def usage() -> tuple[float, float, float]:
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
             resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime, time.perf_counter()
+        return (me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime + forkserver_cpu(),
+                time.perf_counter())
 
     m = SandboxManager(Config(daemon=DaemonSection(pools=[], adhoc_min=0)))
     try:
@@ -189,7 +194,7 @@ def start_cpu(profile: str, n: int = 20) -> dict[str, float]:
         b = usage()
         for sandbox in sandboxes:
             m._destroy_ephemeral(sandbox)
-        time.sleep(0.5)  # the helpers' reaper threads
+        time.sleep(1.5)  # the helpers' reaper threads; the fork server reaps each second
         c = usage()
     finally:
         m.close()
@@ -201,6 +206,44 @@ def start_cpu(profile: str, n: int = 20) -> dict[str, float]:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"start_wall": (b[2] - a[2]) / n * 1000, "daemon_start": (b[0] - a[0]) / n * 1000,
             "daemon_destroy": (c[0] - b[0]) / n * 1000, "helpers": (c[1] - a[1]) / n * 1000}
+
+
+def cpu_rounds(trees: list[tuple[str, Path]], profiles: list[str], rounds: int
+               ) -> dict[str, dict[str, list[float]]]:
+    """CPU ms per sandbox (start + teardown + helpers) of each tree and profile, measured
+    in a fresh process each, interleaved `rounds` times: {tag: {profile: [total, ...]}}."""
+    out: dict[str, dict[str, list[float]]] = {tag: {p: [] for p in profiles} for tag, _ in trees}
+    for _ in range(rounds):
+        for tag, tree in trees:
+            for profile in profiles:
+                r = subprocess.run([str(VENV_PY), __file__, "--cpu-json", str(tree),
+                                    "--profile", profile], capture_output=True, text=True,
+                                   timeout=600, check=False)
+                try:
+                    cpu = json.loads(r.stdout.strip().splitlines()[-1])
+                except (ValueError, IndexError):
+                    raise SystemExit(f"CPU run of {tag} failed: {r.stderr[-500:]}") from None
+                out[tag][profile].append(
+                    cpu["daemon_start"] + cpu["daemon_destroy"] + cpu["helpers"])
+    return out
+
+
+def forkserver_cpu() -> float:
+    """CPU seconds of this process's egress-gate fork server and the gates it forked and
+    reaped (they are not our children: getrusage does not see them); 0 without one."""
+    try:
+        from agentkernel import egress_forkserver
+    except ImportError:
+        return 0.0
+    server = getattr(egress_forkserver, "_server", None)
+    if server is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{server.proc.pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -270,10 +313,16 @@ def main() -> int:
     ap.add_argument("--cli-n", type=int, default=20)
     ap.add_argument("--profile", default="moderate")
     ap.add_argument("--daemon-toml", default="", help="extra lines for [daemon]")
+    ap.add_argument("--cpu-rounds", type=int, default=3,
+                    help="interleaved CPU-per-sandbox runs per tree and profile")
+    ap.add_argument("--cpu-json", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="another checkout with its own .venv (e.g. /work/main): its server "
                          "is measured first, in the same run")
     args = ap.parse_args()
+    if args.cpu_json is not None:  # one tree's CPU per sandbox, in this fresh process
+        print(json.dumps(start_cpu(args.profile, tree=args.cpu_json)))
+        return 0
     st = stamp()
     proj = Path(tempfile.mkdtemp(prefix="ak-bench-pool-proj-"))
     cases: dict[str, list[float]] = {}
@@ -288,6 +337,9 @@ def main() -> int:
         trees.append((f"baseline {tree_commit(args.baseline_tree)}",
                       args.baseline_tree / ".venv" / "bin" / "agentkernel"))
     trees.append(("this tree", AK))
+    cpu_trees = [(tag, ak.parent.parent.parent) for tag, ak in trees]
+    profiles = list(dict.fromkeys([args.profile, "restrictive"]))
+    rounds = cpu_rounds(cpu_trees, profiles, args.cpu_rounds) if args.cpu_rounds else {}
     runs = {tag: serve_cases(ak, args, tag) for tag, ak in trees}
     base = pct(cases["venv python -c pass"], 0.5)
     bw = pct(cases.get("bare bwrap start (floor of a fresh sandbox)", []), 0.5)
@@ -318,6 +370,11 @@ def main() -> int:
               f" ms + daemon teardown {cpu['daemon_destroy']:.1f} ms + helper processes "
               f"{cpu['helpers']:.1f} ms = {total:.1f} ms: {cores} cores make at most "
               f"~{cores * 1000 / total:.0f} fresh sandboxes/s before any request is served")
+    for tag, by_profile in rounds.items():
+        for profile, totals in by_profile.items():
+            md.append(f"- {tag}: CPU per `{profile}` sandbox, median of {len(totals)} "
+                      f"interleaved runs: **{pct(totals, 0.5):.1f} ms** "
+                      f"({', '.join(f'{t:.1f}' for t in totals)})")
     md.append(f"- bare bwrap start p50 {bw:.1f} ms: 2 cores allow at most ~"
               f"{2000 / bw if bw else 0:.0f} bwrap starts/s before any agent, network or "
               "cgroup work")
@@ -327,7 +384,7 @@ def main() -> int:
     name = time.strftime("pool-%Y%m%d-%H%M%S")
     (out / f"{name}.md").write_text(text)
     results = {"stamp": st, "args": {k: str(v) for k, v in vars(args).items()},
-               "cases": cases, "runs": runs, "cpu": cpu}
+               "cases": cases, "runs": runs, "cpu": cpu, "cpu_rounds": rounds}
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(text)
     return 0

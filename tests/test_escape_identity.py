@@ -70,8 +70,9 @@ def _ids(pid: int) -> dict[str, list[int]]:
 
 
 # Host-side helpers of the network that run as the caller, outside the sandbox: the
-# namespace holder and slirp4netns (which drops its capabilities and filters syscalls).
-NETWORK_HELPERS = {"slirp4netns", "unshare", "cat"}
+# namespace holder, slirp4netns (which drops its capabilities and filters syscalls) and
+# the egress gates' fork server (egress_forkserver; its gates are checked).
+NETWORK_HELPERS = {"slirp4netns", "unshare", "cat", "ak-gate-forks"}
 
 
 def _start_sleeper(backend: str, profile: str, cwd: Path) -> subprocess.Popen[bytes]:
@@ -110,7 +111,8 @@ def _sandbox_ids(proc: subprocess.Popen[bytes], backend: str) -> dict[str, dict[
 
 
 def _is_egress_gate(pid: int) -> bool:
-    return b"gate_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return (b"gate_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            or Path(f"/proc/{pid}/comm").read_text().strip() == "ak-egress-gate")
 
 
 def _wait_gate_dropped(pid: int) -> None:

@@ -84,7 +84,7 @@ def gather() -> tuple[list[Check], list[Check], tuple[str, list[str]]]:
                        "fence off the host and private networks" if fence is None else
                        f"slirp4netns at {slirp}, fenced with {fence}")))
     host.append(_egress_gate_check(fence))
-    for binary in ("ak-agent", "ak-seccomp"):
+    for binary in ("ak-agent", "ak-seccomp", "ak-enter"):
         from .paths import native_binary
 
         try:

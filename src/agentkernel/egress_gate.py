@@ -219,6 +219,7 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
     import ctypes
     import socket
 
+    from .egress_child import listeners_here
     from .egress_proxy import DNS_PORT, TCP_PORT
 
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
@@ -231,13 +232,7 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
                 raise OSError(ctypes.get_errno(), "setns(user)")
             if libc.setns(netns_fd, 0x40000000) != 0:
                 raise OSError(ctypes.get_errno(), "setns(net)")
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            for sock in (tcp, udp):  # the router's address may not be set up yet
-                sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
-            tcp.bind((address, TCP_PORT))
-            tcp.listen(128)
-            udp.bind((address, DNS_PORT))
+            tcp, udp = listeners_here(address, TCP_PORT, DNS_PORT)
             socket.send_fds(right, [b"k"], [tcp.fileno(), udp.fileno()])
             code = 0
         except BaseException as exc:
@@ -292,27 +287,8 @@ def _proxy_argv(fds_sock: int) -> list[str]:
     """Our own interpreter without site start-up (~15 ms less), on our own sys.path."""
     paths = [p for p in sys.path if p]
     code = (f"import sys; sys.path[:0] = {paths!r}; "
-            f"from agentkernel.egress_gate import gate_main; gate_main({fds_sock})")
+            f"from agentkernel.egress_child import gate_main; gate_main({fds_sock})")
     return [sys.executable, "-S", "-c", code]
-
-
-def gate_main(fds_sock: int) -> None:
-    """The gate process: started before the sandbox's namespaces exist; then its config
-    on stdin and its two listeners (made in the sandbox's or router's namespace by
-    listen_in) on `fds_sock`; then egress_proxy.main serves and says "1"."""
-    import socket
-
-    cfg = json.loads(sys.stdin.buffer.read(4 << 20))
-    sys.stdin.close()
-    carrier = socket.socket(fileno=fds_sock)
-    _msg, fds, _flags, _addr = socket.recv_fds(carrier, 16, 2)
-    carrier.close()
-    if len(fds) != 2:
-        raise SystemExit("no listeners to serve")
-    from .egress_proxy import main
-
-    main(cfg, socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0]),
-         socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))
 
 
 class GateStart:
@@ -344,12 +320,7 @@ class GateStart:
         self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             with open(scratch / "egress-gate.err", "wb") as err:
-                self.gate = subprocess.Popen(
-                    _proxy_argv(theirs.fileno()), stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL, stderr=err,
-                    pass_fds=(self.ready_w, exit_fd, theirs.fileno()), close_fds=True,
-                    start_new_session=True,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+                self.gate = self._start(err.fileno(), theirs.fileno())
         except BaseException:
             self.fds.close()
             os.close(self.ready_r)
@@ -357,6 +328,32 @@ class GateStart:
         finally:
             theirs.close()
             os.close(self.ready_w)
+
+    def _start(self, err: int, carrier: int) -> subprocess.Popen[bytes]:
+        """The gate process: forked by the fork server (egress_forkserver), or, where
+        that cannot be had, a new interpreter. `gate_fds` are the numbers its config
+        names for the ready pipe and the lifeline."""
+        from . import egress_forkserver
+
+        stdin_r, stdin_w = os.pipe()
+        try:
+            gate = egress_forkserver.spawn(stdin_r, err, self.ready_w, self.exit_fd, carrier)
+        except BaseException:
+            os.close(stdin_w)
+            raise
+        finally:
+            os.close(stdin_r)
+        if gate is not None:
+            self.gate_fds = egress_forkserver.GATE_FDS
+            gate.stdin = open(stdin_w, "wb")  # noqa: SIM115 - closed once the config is in
+            return gate
+        os.close(stdin_w)
+        self.gate_fds = (self.ready_w, self.exit_fd)
+        return subprocess.Popen(
+            _proxy_argv(carrier), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=err, pass_fds=(self.ready_w, self.exit_fd, carrier), close_fds=True,
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
     def attach(self, pid: int, policy: Policy, *, router: int | None = None,
                ids: tuple[int, int] | None = None) -> None:
@@ -380,16 +377,13 @@ class GateStart:
                 enter = enter_netns(router)
                 inputs = {"ip": router_side, "iptables-restore": router_rules_v4(),
                           "ip6tables-restore": router_rules_v6()}
-            for name, path in self.tools.items():
-                argv = [*enter, str(path), *(["-batch", "-"] if name == "ip" else [])]
-                self._spawn(name, argv, inputs[name].encode())
             where = router if router is not None else pid
             ns = [os.open(f"/proc/{where}/ns/net", os.O_RDONLY)]
             try:
                 if os.geteuid() != 0:
                     ns.append(os.open(f"/proc/{where}/ns/user", os.O_RDONLY))
-                listeners = listen_in(ns[0], ns[1] if len(ns) > 1 else -1,
-                                      GATEWAY if router is not None else "127.0.0.1")
+                listeners = self._wire(ns[0], ns[1] if len(ns) > 1 else -1, enter, inputs,
+                                       GATEWAY if router is not None else "127.0.0.1")
             finally:
                 for fd in ns:
                     os.close(fd)
@@ -404,7 +398,8 @@ class GateStart:
             audit = audit_path()
             audit.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             cfg = {"audit": str(audit), "sandbox": self.scratch.name,
-                   "ready_fd": self.ready_w, "exit_fd": self.exit_fd, "uid": uid, "gid": gid,
+                   "ready_fd": self.gate_fds[0], "exit_fd": self.gate_fds[1], "uid": uid,
+                   "gid": gid,
                    "owner": os.geteuid(), "log": str(self.scratch / LOG_NAME),
                    "control": str(self.scratch / CONTROL_NAME),
                    "policy": policy.to_json(), "secrets": _secrets_for(policy),
@@ -420,6 +415,22 @@ class GateStart:
         except BaseException:
             self.abandon()
             raise
+
+    def _wire(self, netns: int, userns: int, enter: list[str], inputs: dict[str, str],
+              address: str) -> tuple[int, int]:
+        """The rules into the namespace `netns` and the gate's listeners there: by a child
+        of the fork server (which joins it once for every tool), or else through nsenter
+        and a forked child of ours (listen_in)."""
+        from . import egress_forkserver
+
+        steps = [([str(path), *(["-batch", "-"] if name == "ip" else [])], inputs[name])
+                 for name, path in self.tools.items()]
+        got = egress_forkserver.wire(netns, userns, steps, address)
+        if got is not None:
+            return got
+        for name, (argv, data) in zip(self.tools, steps, strict=True):
+            self._spawn(name, [*enter, *argv], data.encode())
+        return listen_in(netns, userns, address)
 
     def _spawn(self, name: str, argv: list[str], data: bytes) -> None:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

@@ -197,23 +197,13 @@ def sandbox_range_userns(opened: list[int]) -> tuple[int, int, HostRange]:
 def new_userns(rng: HostRange) -> int:
     """A user namespace mapping ids 0..size-1 to `rng`, as an fd (O_CLOEXEC).
 
-    A short-lived `unshare --user` child creates it; we write its maps as host root and
-    keep the namespace by its fd. The sandbox enters it (`enter_fn`) and its id-mapped
-    mounts use it, so both agree on who owns what.
+    A short-lived child creates it (ak-enter --new-userns, or `unshare --user`); we write
+    its maps as host root and keep the namespace by its fd. The sandbox enters it
+    (`enter_fn`, ak-enter) and its id-mapped mounts use it, so both agree on who owns what.
     """
-    unshare = which("unshare")
-    if unshare is None:
-        raise SandboxError("starting sandboxes as root needs unshare (util-linux)")
-    child = subprocess.Popen([unshare, "--user", "--", "cat"], stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    child = _userns_holder()
     try:
-        own = os.readlink("/proc/self/ns/user")
-        deadline = time.monotonic() + 10
-        while os.readlink(f"/proc/{child.pid}/ns/user") == own:
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise SandboxError("could not create a user namespace for the sandbox")
-            time.sleep(0.0005)
+        _await_userns(child)
         for kind, start in (("uid", rng.uid), ("gid", rng.gid)):
             with open(f"/proc/{child.pid}/{kind}_map", "w") as f:
                 f.write(f"0 {start} {rng.size}\n")
@@ -221,10 +211,48 @@ def new_userns(rng: HostRange) -> int:
     except OSError as exc:
         raise SandboxError(f"could not map the sandbox's ids: {exc}") from None
     finally:
-        if child.stdin is not None:
-            child.stdin.close()
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
         child.kill()
         child.wait()
+
+
+def _userns_holder() -> subprocess.Popen[bytes]:
+    """A child that makes a new user namespace and stays in it while its stdin is open:
+    ak-enter --new-userns (says "u" on stdout once in it), else `unshare --user cat`."""
+    from .paths import native_binary
+
+    try:
+        argv = [str(native_binary("ak-enter")), "--new-userns"]
+        stdout: int = subprocess.PIPE
+    except SandboxError:
+        unshare = which("unshare")
+        if unshare is None:
+            raise SandboxError("starting sandboxes as root needs unshare (util-linux)"
+                               ) from None
+        argv, stdout = [unshare, "--user", "--", "cat"], subprocess.DEVNULL
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=stdout,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _await_userns(child: subprocess.Popen[bytes]) -> None:
+    """Until `child` is in its new user namespace: its word on stdout, or (unshare, which
+    says nothing) its namespace seen to change."""
+    deadline = time.monotonic() + 10
+    if child.stdout is not None:
+        import select
+
+        poller = select.poll()
+        poller.register(child.stdout.fileno(), select.POLLIN)
+        if not poller.poll(10_000) or os.read(child.stdout.fileno(), 1) != b"u":
+            raise SandboxError("could not create a user namespace for the sandbox")
+        return
+    own = os.readlink("/proc/self/ns/user")
+    while os.readlink(f"/proc/{child.pid}/ns/user") == own:
+        if child.poll() is not None or time.monotonic() > deadline:
+            raise SandboxError("could not create a user namespace for the sandbox")
+        time.sleep(0.0005)
 
 
 def idmapped_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool = False) -> int:

@@ -44,11 +44,10 @@ def all_pids() -> set[int]:
 
 
 def cgroup_dirs() -> set[str]:
-    """Every agentkernel/<name> cgroup directory on this host."""
+    """Every agentkernel/<name> cgroup directory on this host. Groups come and go while
+    this walks (any sandbox on the host being torn down): a vanished one is skipped."""
     found = set()
-    for base in Path("/sys/fs/cgroup").glob("**/agentkernel"):
-        if base.is_dir():
-            for child in base.iterdir():
-                if child.is_dir():
-                    found.add(str(child))
+    for top, dirs, _files in os.walk("/sys/fs/cgroup"):  # errors (vanished dirs): skipped
+        if os.path.basename(top) == "agentkernel":
+            found.update(os.path.join(top, d) for d in dirs)
     return found

@@ -147,14 +147,14 @@ def ancestors(pid: int) -> set[int]:
 def sandbox_of(service: SandboxManager, pid: int) -> str:
     """The one-shot (ephemeral) sandbox a process runs in."""
     chain = ancestors(pid)
-    for row in service.db.all("SELECT name, pid FROM ephemeral"):
+    for row in service.store.ephemerals():
         if row["pid"] in chain:
             return str(row["name"])
     raise AssertionError(f"process {pid} is in no one-shot sandbox")
 
 
 def ephemeral_names(service: SandboxManager) -> set[str]:
-    return {str(r["name"]) for r in service.db.all("SELECT name FROM ephemeral")}
+    return {r["name"] for r in service.store.ephemerals()}
 
 
 # -- R5: output floods --

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import BackendUnavailable, SandboxError
 from ..paths import which
@@ -26,6 +26,9 @@ from .base import (
     spawn_agent,
     startup_failure,
 )
+
+if TYPE_CHECKING:
+    from ..cgroups import Cgroup
 
 AGENT_DIR = "/run/ak"  # where the agent and its seccomp program appear inside
 OVERLAY_DIR = "/run/ak/ov"  # tmpfs-backed upper/work dirs of the copy-on-write layers
@@ -135,9 +138,12 @@ class NamespacesBackend(Backend):
                 argv, preexec = _command(
                     bwrap, spec, str(agent), str(bpf), resolv=str(resolv) if resolv else None,
                     info_fd=info_w, control=str(control) if control else None, sync_fd=life_w,
-                    join=cgroup.join_fn() if cgroup else None, opened=opened)
+                    cgroup=cgroup, opened=opened)
                 fds = [fd for fd in (info_w, life_w) if fd >= 0]
-                spawned = spawn_agent(argv, log=log, pass_fds=[*fds, *opened[1:]],
+                # The namespace itself (opened[0], as root) goes to ak-enter, which closes
+                # it before bwrap; a preexec function uses it in our forked child instead.
+                passed = opened if preexec is None else opened[1:]
+                spawned = spawn_agent(argv, log=log, pass_fds=[*fds, *passed],
                                       preexec_fn=preexec)
             finally:
                 close_fds(info_w, life_w, *opened)
@@ -204,25 +210,52 @@ def _egress(gate: Any, pid: int, spec: SandboxSpec) -> None:
 
 def _command(
     bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
-    control: str | None, sync_fd: int, join: Callable[[], None] | None, opened: list[int],
+    control: str | None, sync_fd: int, cgroup: Cgroup | None, opened: list[int],
 ) -> tuple[list[str], Callable[[], None] | None]:
-    """bwrap's argv and the function to run before it, as root or as an ordinary user.
+    """The argv that starts bwrap in the sandbox's cgroups (and, as root, its user
+    namespace), and the function to run before it where ak-enter is missing.
 
     Started by root, bwrap runs as root of the sandbox's own user namespace, which maps
     to an unprivileged host range: never host root. `opened` gets the fds to pass (the
-    first, the namespace itself, is only for the preexec function).
+    first is the namespace itself).
     """
     if os.geteuid() != 0:
-        return build_bwrap_argv(bwrap, spec, agent, bpf, resolv=resolv, info_fd=info_fd,
-                                control=control, sync_fd=sync_fd), join
-    from ..idmap import enter_fn, sandbox_userns
+        prefix, preexec = _entry(cgroup, -1)
+        return [*prefix, *build_bwrap_argv(bwrap, spec, agent, bpf, resolv=resolv,
+                                           info_fd=info_fd, control=control,
+                                           sync_fd=sync_fd)], preexec
+    from ..idmap import sandbox_userns
 
     userns, lock = sandbox_userns(opened)
     attached = _attach_fds(host_binds(spec, control, resolv), userns, opened)
     argv = build_bwrap_argv(bwrap, spec, _file_fd(agent, opened), _file_fd(bpf, opened),
                             resolv=resolv, info_fd=info_fd, control=control, sync_fd=sync_fd,
                             attached=attached, hold=lock)
-    return argv, enter_fn(userns, join)
+    prefix, preexec = _entry(cgroup, userns)
+    return [*prefix, *argv], preexec
+
+
+def _entry(cgroup: Cgroup | None, userns: int
+           ) -> tuple[list[str], Callable[[], None] | None]:
+    """How bwrap gets into its cgroups and user namespace (`userns` -1: none): through
+    ak-enter (exec'd by a vfork: no fork of this whole process, which in a daemon is
+    large and has threads), or, without it, a preexec function in a forked child."""
+    from ..idmap import enter_fn
+    from ..paths import native_binary
+
+    if cgroup is None and userns < 0:
+        return [], None
+    try:
+        helper = native_binary("ak-enter")
+    except SandboxError:
+        join = cgroup.join_fn() if cgroup is not None else None
+        return [], (enter_fn(userns, join) if userns >= 0 else join)
+    argv = [str(helper)]
+    for procs in cgroup.procs_files() if cgroup is not None else []:
+        argv += ["--cgroup", procs]
+    if userns >= 0:
+        argv += ["--userns", str(userns)]
+    return [*argv, "--"], None
 
 
 def _attach_fds(binds: list[HostBind], userns: int, opened: list[int]) -> dict[str, Attach]:

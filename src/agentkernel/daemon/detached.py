@@ -10,7 +10,7 @@ import secrets
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..agent.client import Execution, ExitStatus
 from ..errors import Conflict, NotFound, ProtocolError
@@ -22,6 +22,7 @@ from .state import dumps, loads
 
 if TYPE_CHECKING:
     from .manager import SandboxManager
+    from .store import DetachedRow, DetachedStatus
 
 
 class DetachedMixin:
@@ -36,11 +37,10 @@ class DetachedMixin:
         handle = self.open_exec(name, req)
         cmd_id = f"cmd-{secrets.token_hex(6)}"
         started = _now()
-        self.db.execute("INSERT INTO detached (id, sandbox, command, pid, chan, status, started)"
-                        " VALUES (?,?,?,?,?,?,?)",
-                        (cmd_id, name, dumps(list(req.argv)), handle.execution.pid,
-                         handle.execution.id, "running", started))
-        records.save_detached(self.db, cmd_id, self._exec_dir(name))
+        self.store.add_detached(cmd_id=cmd_id, sandbox=name, command=dumps(list(req.argv)),
+                                pid=handle.execution.pid, chan=handle.execution.id,
+                                started=started)
+        records.save_detached(self.store, cmd_id, self._exec_dir(name))
         self._drain_detached(name, cmd_id, handle.execution, handle)
         return self.detached_status(name, cmd_id)
 
@@ -52,7 +52,8 @@ class DetachedMixin:
         cap = self._log_cap()
 
         def drain() -> None:
-            status, code = "failed", None
+            status: DetachedStatus = "failed"
+            code: int | None = None
             try:
                 with CappedLog(out_dir / f"{cmd_id}.stdout", cap) as out, \
                         CappedLog(out_dir / f"{cmd_id}.stderr", cap) as err:
@@ -71,23 +72,22 @@ class DetachedMixin:
                     handle.finish(None)
             if not self._closed.is_set():
                 with contextlib.suppress(Exception):
-                    self.db.execute("UPDATE detached SET status=?, exit_code=? WHERE id=? AND "
-                                    "status='running'", (status, code, cmd_id))
-                    records.save_detached(self.db, cmd_id, out_dir)
+                    self.store.finish_detached(cmd_id, status, code)
+                    records.save_detached(self.store, cmd_id, out_dir)
 
         t = threading.Thread(target=drain, name=f"ak-detached-{cmd_id}", daemon=True)
         self._detached_threads[cmd_id] = t
         self._detached_execs[cmd_id] = execution
         t.start()
 
-    def _detached_row(self: SandboxManager, name: str, cmd_id: str) -> dict[str, Any]:
+    def _detached_row(self: SandboxManager, name: str, cmd_id: str) -> DetachedRow:
         self._row(name)
-        row = self.db.one("SELECT * FROM detached WHERE id=? AND sandbox=?", (str(cmd_id), name))
+        row = self.store.detached(str(cmd_id), name)
         if row is None:
             raise NotFound(f"no detached command {str(cmd_id)[:64]!r} in sandbox {name!r}")
         return row
 
-    def _detached_info(self: SandboxManager, row: dict[str, Any]) -> DetachedInfo:
+    def _detached_info(self: SandboxManager, row: DetachedRow) -> DetachedInfo:
         from .quota import dropped
 
         base = self._state_dir(row["sandbox"]) / "exec"
@@ -100,7 +100,7 @@ class DetachedMixin:
     def detached_list(self: SandboxManager, name: str) -> list[DetachedInfo]:
         self._row(name)
         return [self._detached_info(r) for r in
-                self.db.all("SELECT * FROM detached WHERE sandbox=? ORDER BY started", (name,))]
+                self.store.detached_of(name)]
 
     def detached_status(self: SandboxManager, name: str, cmd_id: str) -> DetachedInfo:
         return self._detached_info(self._detached_row(name, cmd_id))
@@ -142,10 +142,8 @@ class DetachedMixin:
             t.join(timeout=5)
 
     def _fail_detached(self: SandboxManager, name: str) -> None:
-        running = self.db.all("SELECT id FROM detached WHERE sandbox=? AND status='running'",
-                              (name,))
-        self.db.execute("UPDATE detached SET status='failed' WHERE sandbox=? AND "
-                        "status='running'", (name,))
+        running = self.store.detached_of(name, running=True)
+        self.store.fail_detached_of(name)
         exec_dir = self._state_dir(name) / "exec"
         for row in running:
-            records.save_detached(self.db, row["id"], exec_dir)
+            records.save_detached(self.store, row["id"], exec_dir)

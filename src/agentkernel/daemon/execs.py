@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import AgentRequestError, Conflict, SandboxError, UsageError
 from .api import ExecRequest, ExecResult, OnOutput
@@ -18,12 +18,13 @@ from .state import loads
 if TYPE_CHECKING:
     from ..profiles import Profile
     from .manager import SandboxManager
+    from .store import SandboxRow
 
 
 class ExecMixin:
     """SandboxManager's execs (a mixin: the manager is `self`; manager.py composes them)."""
 
-    def _running(self: SandboxManager, name: str) -> tuple[Live, dict[str, Any]]:
+    def _running(self: SandboxManager, name: str) -> tuple[Live, SandboxRow]:
         row = self._row(name)
         with self._lock:
             live = self._live.get(name)

@@ -31,6 +31,7 @@ from .runs import RunsMixin
 from .sandboxes import SandboxesMixin
 from .snapshots import SnapshotsMixin
 from .state import StateDB, loads
+from .store import Store
 
 if TYPE_CHECKING:
     from ..backends import Backend, CallerOptions, Choice
@@ -72,6 +73,10 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         self.root = data_dir()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.db = StateDB(self.root / "state.db")
+        self.store = Store(self.db)  # every query of the state: store.py
+        from ..egress_forkserver import enable
+
+        enable()  # egress gates forked from a pre-imported server: ~85 ms less CPU each
         self.recovered: list[str] = list(self.db.problems)  # what opening and recover() did
         self._lock = threading.RLock()
         self._name_locks: dict[str, threading.RLock] = {}
@@ -113,7 +118,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
                 return True
         if any(key.in_use for key in self.pool.status()):
             return True
-        return bool(self.db.all("SELECT name FROM sandboxes WHERE status = 'running'", ()))
+        return self.store.any_running()
 
     def close(self) -> None:
         """Stop the daemon's side: pool destroyed, persistent sandboxes left running."""
@@ -322,11 +327,10 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         last_health = last_disk = time.monotonic()
         while not self._closed.wait(self.settings.reaper_interval):
             now = _now()
-            for row in self.db.all("SELECT name FROM sandboxes WHERE expires IS NOT NULL AND "
-                                   "expires <= ?", (now,)):
+            for name in self.store.expired(now):
                 with contextlib.suppress(Exception):
-                    self.remove(row["name"])
-                    print(f"agentkernel daemon: sandbox {row['name']} expired and was removed",
+                    self.remove(name)
+                    print(f"agentkernel daemon: sandbox {name} expired and was removed",
                           file=sys.stderr, flush=True)
             if time.monotonic() - last_health >= HEALTH_INTERVAL:
                 last_health = time.monotonic()
@@ -341,8 +345,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         from . import quota
 
         stopped = []
-        for row in self.db.all("SELECT name, spec, state_dir FROM sandboxes "
-                               "WHERE status='running'"):
+        for row in self.store.sandboxes("running"):
             limit = loads(row["spec"], {}).get("disk_mb")
             state = Path(row["state_dir"])
             if not limit or quota.image_path(state).exists() or \

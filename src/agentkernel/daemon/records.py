@@ -13,21 +13,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 from ..names import validate_sandbox_name
-from .state import StateDB
+from .store import COLUMNS, Store
 
 RECORD = "record.json"
-SANDBOX_COLUMNS = ("name", "uuid", "status", "backend", "isolation", "image", "profile", "spec",
-                   "created", "expires", "pid", "pid_start", "helpers", "scratch", "state_dir")
-DETACHED_COLUMNS = ("id", "sandbox", "command", "pid", "chan", "status", "exit_code", "started")
-SNAPSHOT_COLUMNS = ("name", "sandbox", "image", "backend", "profile", "spec", "created", "path")
+SANDBOX_COLUMNS = COLUMNS["sandboxes"][1]
+DETACHED_COLUMNS = COLUMNS["detached"][1]
+SNAPSHOT_COLUMNS = COLUMNS["snapshots"][1]
 
 
-def _write(path: Path, row: dict[str, Any]) -> None:
+def _write(path: Path, row: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -51,40 +51,23 @@ def _read(path: Path, columns: tuple[str, ...]) -> dict[str, Any] | None:
     return {c: row[c] for c in columns}
 
 
-def save_sandbox(db: StateDB, name: str) -> None:
+def save_sandbox(store: Store, name: str) -> None:
     """Mirror the sandbox's row into its state dir (nothing if it has neither)."""
-    row = db.one("SELECT * FROM sandboxes WHERE name=?", (name,))
+    row = store.sandbox(name)
     if row is not None and Path(row["state_dir"]).is_dir():
         _write(Path(row["state_dir"]) / RECORD, row)
 
 
-def save_detached(db: StateDB, cmd_id: str, exec_dir: Path) -> None:
-    row = db.one("SELECT * FROM detached WHERE id=?", (cmd_id,))
+def save_detached(store: Store, cmd_id: str, exec_dir: Path) -> None:
+    row = store.detached(cmd_id)
     if row is not None and exec_dir.is_dir():
         _write(exec_dir / f"{cmd_id}.json", row)
 
 
-def save_snapshot(db: StateDB, name: str, snap_dir: Path) -> None:
-    row = db.one("SELECT * FROM snapshots WHERE name=?", (name,))
+def save_snapshot(store: Store, name: str, snap_dir: Path) -> None:
+    row = store.snapshot(name)
     if row is not None:
         _write(snap_dir / f"{name}.json", row)
-
-
-_KEYS = {"sandboxes": ("name", SANDBOX_COLUMNS), "detached": ("id", DETACHED_COLUMNS),
-         "snapshots": ("name", SNAPSHOT_COLUMNS)}
-
-
-def _upsert(db: StateDB, table: str, row: dict[str, Any], replace: bool) -> bool:
-    """Insert `row` (or replace the one with its key); whether anything changed."""
-    key, columns = _KEYS[table]
-    # Table and column names are the constants above, never a record's own keys.
-    if not replace and db.one(f"SELECT {key} FROM {table} WHERE {key}=?",  # noqa: S608
-                              (row[key],)):
-        return False
-    sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "  # noqa: S608
-           f"VALUES ({', '.join('?' for _ in columns)})")
-    db.execute(sql, tuple(row[c] for c in columns))
-    return True
 
 
 def _valid_name(name: str) -> bool:
@@ -95,14 +78,14 @@ def _valid_name(name: str) -> bool:
     return True
 
 
-def reconcile(db: StateDB, root: Path) -> list[str]:
+def reconcile(store: Store, root: Path) -> list[str]:
     """Bring the database in line with the records on disk; what was done, for the log.
 
     Rows missing from the database come back from the records. After a restore (a backup,
     or nothing at all) the records win over the rows, and rows whose sandbox has no state
     dir any more (removed since the backup) go.
     """
-    replace = db.restored
+    replace = store.restored
     done: list[str] = []
     sandboxes = root / "sandboxes"
     for state_dir in sorted(sandboxes.iterdir()) if sandboxes.is_dir() else []:
@@ -110,22 +93,22 @@ def reconcile(db: StateDB, root: Path) -> list[str]:
         if row is None or row["name"] != state_dir.name or not _valid_name(row["name"]):
             continue
         row["state_dir"] = str(state_dir)
-        if _upsert(db, "sandboxes", row, replace):
+        if store.upsert("sandboxes", row, replace):
             done.append(f"rebuilt the record of sandbox {row['name']} from {RECORD}")
         for rec in sorted((state_dir / "exec").glob("cmd-*.json")):
             cmd = _read(rec, DETACHED_COLUMNS)
             if cmd is not None and cmd["sandbox"] == row["name"]:
-                _upsert(db, "detached", cmd, replace)
+                store.upsert("detached", cmd, replace)
     if replace:
-        for row in db.all("SELECT name, state_dir FROM sandboxes"):
-            if not Path(row["state_dir"]).is_dir():
-                db.execute("DELETE FROM sandboxes WHERE name=?", (row["name"],))
-                db.execute("DELETE FROM detached WHERE sandbox=?", (row["name"],))
-                done.append(f"dropped sandbox {row['name']}: its files are gone")
+        for kept in store.sandboxes():
+            if not Path(kept["state_dir"]).is_dir():
+                store.delete_sandbox(kept["name"])
+                store.delete_detached_of(kept["name"])
+                done.append(f"dropped sandbox {kept['name']}: its files are gone")
     snapshots = root / "snapshots"
     for rec in sorted(snapshots.glob("*.json")) if snapshots.is_dir() else []:
         snap = _read(rec, SNAPSHOT_COLUMNS)
         if snap is not None and Path(snap["path"]).is_file() and \
-                _upsert(db, "snapshots", snap, replace):
+                store.upsert("snapshots", snap, replace):
             done.append(f"rebuilt the record of snapshot {snap['name']}")
     return done

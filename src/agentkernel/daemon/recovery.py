@@ -22,6 +22,7 @@ from .state import loads
 
 if TYPE_CHECKING:
     from .manager import SandboxManager
+    from .store import SandboxRow
 
 
 class RecoveryMixin:
@@ -33,19 +34,19 @@ class RecoveryMixin:
         The database is first brought in line with the sandboxes' own records on disk (a
         damaged one was replaced by its backup or an empty one: see records.py).
         """
-        self.recovered.extend(records.reconcile(self.db, self.root))
-        for row in self.db.all("SELECT * FROM ephemeral"):
-            self._cleanup_dead(row["name"], row["backend"], row["scratch"], row["pid"],
-                               row["pid_start"], loads(row["helpers"], []))
-            self.db.execute("DELETE FROM ephemeral WHERE name=?", (row["name"],))
-            self.recovered.append(f"cleaned up pool sandbox {row['name']}")
+        self.recovered.extend(records.reconcile(self.store, self.root))
+        for eph in self.store.ephemerals():
+            self._cleanup_dead(eph["name"], eph["backend"], eph["scratch"], eph["pid"],
+                               eph["pid_start"], loads(eph["helpers"], []))
+            self.store.delete_ephemeral(eph["name"])
+            self.recovered.append(f"cleaned up pool sandbox {eph['name']}")
         self._cleanup_unrecorded_pool()
-        for row in self.db.all("SELECT name, spec FROM sandboxes"):
+        for row in self.store.sandboxes():
             try:  # a reboot unmounted them; a daemon restart did not
                 self._attach_disk(row["name"], loads(row["spec"], {}))
             except AgentKernelError as exc:
                 self.recovered.append(f"{row['name']}: {exc.message}")
-        for row in self.db.all("SELECT * FROM sandboxes WHERE status='running'"):
+        for row in self.store.sandboxes("running"):
             name = row["name"]
             if self._adopt(row):
                 self.recovered.append(f"re-adopted {name}")
@@ -53,10 +54,10 @@ class RecoveryMixin:
             self._mark_dead_stopped(name, row)
             self._audit(name, "sandbox_stopped", reason="found dead by a restarted daemon")
             self.recovered.append(f"marked {name} stopped (it died while no daemon ran)")
-        for row in self.db.all("SELECT * FROM sandboxes WHERE status='stopped'"):
+        for row in self.store.sandboxes("stopped"):
             self._cleanup_stopped(row)
         self.recovered.extend(_sweep_containers(
-            {r["name"] for r in self.db.all("SELECT name FROM sandboxes")}))
+            {r["name"] for r in self.store.sandboxes()}))
 
     def _cleanup_unrecorded_pool(self: SandboxManager) -> None:
         """Pool sandboxes the database lost (damaged): their scratch dirs and cgroups.
@@ -78,7 +79,7 @@ class RecoveryMixin:
                                    [])
                 self.recovered.append(f"cleaned up unrecorded pool sandbox {name}")
 
-    def _cleanup_stopped(self: SandboxManager, row: dict[str, Any]) -> None:
+    def _cleanup_stopped(self: SandboxManager, row: SandboxRow) -> None:
         """A sandbox recorded as stopped must have nothing running: a stale record (its
         start was not written down) leaves processes, a cgroup, a scratch dir. They go."""
         from ..cgroups import Cgroup
@@ -93,14 +94,13 @@ class RecoveryMixin:
 
     def _saved(self: SandboxManager, name: str) -> None:
         """Mirror a sandbox's row to its record on disk (after every change of the row)."""
-        records.save_sandbox(self.db, name)
+        records.save_sandbox(self.store, name)
 
-    def _adopt(self: SandboxManager, row: dict[str, Any]) -> bool:
+    def _adopt(self: SandboxManager, row: SandboxRow) -> bool:
         if not procs.alive(row["pid"], row["pid_start"]) or not row["scratch"]:
             return False
         sock = Path(row["scratch"]) / "ctl" / "agent.sock"
-        running = self.db.all("SELECT * FROM detached WHERE sandbox=? AND status='running'",
-                              (row["name"],))
+        running = self.store.detached_of(row["name"], running=True)
         # A microVM's agent notices a hang-up by polling its port: a connection made before
         # it did is no new session to it (no HELLO), but gets that session's frames. Keep
         # those of the detached commands, hang up and try again.

@@ -66,19 +66,17 @@ class RunsMixin:
         """Start an ephemeral sandbox, recorded so that a crashed daemon's leftovers go."""
         spec = self._pool_spec(key, rootfs)
         scratch = self._runtime_scratch(spec.name)
-        self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
-                        (spec.name, backend.name, str(scratch)))
+        self.store.add_ephemeral(spec.name, backend.name, str(scratch))
         try:
             sandbox = backend.start(spec)
         except BaseException:
-            self.db.execute("DELETE FROM ephemeral WHERE name=?", (spec.name,))
+            self.store.delete_ephemeral(spec.name)
             raise
         pid = sandbox.process.pid
         try:
-            self.db.execute("UPDATE ephemeral SET pid=?, pid_start=?, helpers=? WHERE name=?",
-                            (pid, procs.start_time(pid),
-                             dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]),
-                             spec.name))
+            self.store.set_ephemeral_processes(
+                spec.name, pid, procs.start_time(pid),
+                dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]))
         except BaseException:
             self._destroy_ephemeral(sandbox)  # unrecorded, it would outlive us
             raise
@@ -95,7 +93,7 @@ class RunsMixin:
             sandbox.destroy()
         finally:
             try:
-                self.db.execute("DELETE FROM ephemeral WHERE name=?", (sandbox.spec.name,))
+                self.store.delete_ephemeral(sandbox.spec.name)
             except Exception as exc:  # e.g. a full disk: the sandbox itself is gone already
                 print(f"agentkernel daemon: could not forget {sandbox.spec.name}: {exc}",
                       file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ from .common import _facts, _now, _user, rfc3339
 from .containers import _remove_container
 from .handles import Live
 from .state import dumps, loads
+from .store import SandboxRow
 
 if TYPE_CHECKING:
     from .manager import SandboxManager
@@ -48,7 +49,7 @@ class SandboxesMixin:
         cpus = req.cpus if req.cpus is not None else (float(req.vcpus) if req.vcpus else None)
         ctx = self._context(req.caller_env, req.user_config)
         with self._name_lock(req.name):
-            if self.db.one("SELECT name FROM sandboxes WHERE name=?", (req.name,)):
+            if self.store.sandbox_exists(req.name):
                 raise Conflict(f"sandbox {req.name!r} already exists")
             plan = self._plan(PlanRequest(
                 argv=[], cwd=workspace, image=req.image, profile=req.profile,
@@ -88,30 +89,29 @@ class SandboxesMixin:
                 raise
             created = _now()
             expires = created + req.ttl_seconds if req.ttl_seconds else None
-            self.db.execute(
-                "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile,"
-                " spec, created, expires, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (req.name, uid, "stopped", backend.name, backend.isolation, image,
-                 profile.name, dumps(doc), created, expires, str(state_dir)))
+            self.store.add_sandbox(
+                name=req.name, uuid=uid, backend=backend.name, isolation=backend.isolation,
+                image=image, profile=profile.name, spec=dumps(doc), created=created,
+                expires=expires, state_dir=str(state_dir))
             self._saved(req.name)
             self._audit(req.name, "sandbox_created", image=image, backend=backend.name,
                         profile=profile.name)
             try:
                 self._start_live(req.name)
             except BaseException:
-                self.db.execute("DELETE FROM sandboxes WHERE name=?", (req.name,))
+                self.store.delete_sandbox(req.name)
                 self._wipe_state(state_dir)
                 raise
             return self.get(req.name)
 
-    def _row(self: SandboxManager, name: str) -> dict[str, Any]:
+    def _row(self: SandboxManager, name: str) -> SandboxRow:
         validate_sandbox_name(name)
-        row = self.db.one("SELECT * FROM sandboxes WHERE name=?", (name,))
+        row = self.store.sandbox(name)
         if row is None:
             raise NotFound(f"sandbox {name!r} not found")
         return row
 
-    def _info(self: SandboxManager, row: dict[str, Any]) -> SandboxInfo:
+    def _info(self: SandboxManager, row: SandboxRow) -> SandboxInfo:
         doc = loads(row["spec"], {})
         cpus = doc.get("cpus")
         return SandboxInfo(
@@ -125,13 +125,13 @@ class SandboxesMixin:
         return self._info(self._row(name))
 
     def get_by_uuid(self: SandboxManager, uuid: str) -> SandboxInfo:
-        row = self.db.one("SELECT * FROM sandboxes WHERE uuid=?", (str(uuid),))
+        row = self.store.sandbox_by_uuid(str(uuid))
         if row is None:
             raise NotFound(f"no sandbox with uuid {str(uuid)[:64]!r}")
         return self._info(row)
 
     def list_sandboxes(self: SandboxManager) -> list[SandboxInfo]:
-        return [self._info(r) for r in self.db.all("SELECT * FROM sandboxes ORDER BY name")]
+        return [self._info(r) for r in self.store.sandboxes()]
 
     def _start_live(self: SandboxManager, name: str) -> Live:
         row = self._row(name)
@@ -146,11 +146,9 @@ class SandboxesMixin:
                     procs.start_time(pid),
                     [(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers], sandbox)
         try:
-            self.db.execute(
-                "UPDATE sandboxes SET status='running', pid=?, pid_start=?, helpers=?, "
-                "scratch=?, isolation=? WHERE name=?",
-                (pid, live.pid_start, dumps(live.helpers), str(sandbox.scratch),
-                 sandbox.isolation, name))
+            self.store.set_running(name, pid=pid, pid_start=live.pid_start,
+                                   helpers=dumps(live.helpers), scratch=str(sandbox.scratch),
+                                   isolation=sandbox.isolation)
         except BaseException:
             sandbox.destroy()  # not written down, it would run on unmanaged
             raise
@@ -184,7 +182,7 @@ class SandboxesMixin:
             self._audit(name, "sandbox_stopped")
             return self.get(name)
 
-    def _stop_locked(self: SandboxManager, name: str, row: dict[str, Any]) -> None:
+    def _stop_locked(self: SandboxManager, name: str, row: SandboxRow) -> None:
         with self._lock:
             live = self._live.pop(name, None)
         if live is not None:
@@ -193,7 +191,7 @@ class SandboxesMixin:
         else:
             self._mark_dead_stopped(name, row)
 
-    def _mark_dead_stopped(self: SandboxManager, name: str, row: dict[str, Any]) -> None:
+    def _mark_dead_stopped(self: SandboxManager, name: str, row: SandboxRow) -> None:
         """A sandbox whose processes are gone: clean up after it and record it stopped."""
         self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"],
                            row["pid_start"], loads(row["helpers"], []))
@@ -201,8 +199,7 @@ class SandboxesMixin:
 
     def _record_stopped(self: SandboxManager, name: str) -> None:
         """Stopped in the database (no processes, no scratch); its detached commands fail."""
-        self.db.execute("UPDATE sandboxes SET status='stopped', pid=NULL, pid_start=NULL, "
-                        "helpers='[]', scratch=NULL WHERE name=?", (name,))
+        self.store.set_stopped(name)
         self._saved(name)
         self._fail_detached(name)
 
@@ -228,8 +225,8 @@ class SandboxesMixin:
         with self._name_lock(name):
             row = self._row(name)
             self._stop_locked(name, row)
-            self.db.execute("DELETE FROM detached WHERE sandbox=?", (name,))
-            self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
+            self.store.delete_detached_of(name)
+            self.store.delete_sandbox(name)
             self._wipe_state(Path(row["state_dir"]))
             _remove_container(row["backend"], name)
         with self._lock:
@@ -242,7 +239,7 @@ class SandboxesMixin:
             row = self._row(name)
             base = max(_now(), row["expires"] or _now())
             expires = base + seconds
-            self.db.execute("UPDATE sandboxes SET expires=? WHERE name=?", (expires, name))
+            self.store.set_expires(name, expires)
             self._saved(name)
             self._audit(name, "ttl_extended", expires_at=rfc3339(expires))
             return rfc3339(expires)

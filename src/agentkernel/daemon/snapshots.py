@@ -10,7 +10,7 @@ import subprocess
 import time
 import uuid as uuid_mod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import Conflict, NotFound, SandboxError
 from ..names import validate_sandbox_name
@@ -27,6 +27,7 @@ from .state import dumps, loads
 
 if TYPE_CHECKING:
     from .manager import SandboxManager
+    from .store import SandboxRow, SnapshotRow
 
 
 class SnapshotsMixin:
@@ -38,7 +39,7 @@ class SnapshotsMixin:
         return path
 
     @staticmethod
-    def _snap_info(row: dict[str, Any]) -> SnapshotInfo:
+    def _snap_info(row: SnapshotRow) -> SnapshotInfo:
         doc = loads(row["spec"], {})
         cpus = doc.get("cpus")
         return SnapshotInfo(name=row["name"], sandbox=row["sandbox"],
@@ -54,7 +55,7 @@ class SnapshotsMixin:
         with self._name_lock(name):
             row = self._row(name)
             if _engine(row["backend"]) is not None:  # the engine's `commit`: an image
-                if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
+                if self.store.snapshot_exists(snap):
                     raise Conflict(f"snapshot {snap!r} already exists")
                 self._save_snapshot(name, row, snap, _engine_commit(row["backend"], name, snap))
                 return self.get_snapshot(snap)
@@ -62,7 +63,7 @@ class SnapshotsMixin:
             if not facts.snapshots:
                 raise Conflict(f"the {row['backend']} backend cannot snapshot a sandbox's "
                                f"filesystem ({facts.snapshot_refusal})")
-            if self.db.one("SELECT name FROM snapshots WHERE name=?", (snap,)):
+            if self.store.snapshot_exists(snap):
                 raise Conflict(f"snapshot {snap!r} already exists")
             target = self._snap_dir() / f"{snap}.tar"
             tmp = target.with_suffix(".tmp")
@@ -81,21 +82,20 @@ class SnapshotsMixin:
             self._save_snapshot(name, row, snap, str(target))
         return self.get_snapshot(snap)
 
-    def _save_snapshot(self: SandboxManager, name: str, row: dict[str, Any], snap: str,
+    def _save_snapshot(self: SandboxManager, name: str, row: SandboxRow, snap: str,
                        path: str) -> None:
-        self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
-                        "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
-                        (snap, name, row["image"], row["backend"], row["profile"],
-                         row["spec"], _now(), path))
-        records.save_snapshot(self.db, snap, self._snap_dir())
+        self.store.add_snapshot(name=snap, sandbox=name, image=row["image"],
+                                backend=row["backend"], profile=row["profile"],
+                                spec=row["spec"], created=_now(), path=path)
+        records.save_snapshot(self.store, snap, self._snap_dir())
         self._audit(name, "snapshot_taken", snapshot=snap)
 
     def snapshots(self: SandboxManager) -> list[SnapshotInfo]:
-        return [self._snap_info(r) for r in self.db.all("SELECT * FROM snapshots ORDER BY name")]
+        return [self._snap_info(r) for r in self.store.snapshots()]
 
-    def _snap_row(self: SandboxManager, snapshot_name: str) -> dict[str, Any]:
+    def _snap_row(self: SandboxManager, snapshot_name: str) -> SnapshotRow:
         validate_sandbox_name(snapshot_name)
-        row = self.db.one("SELECT * FROM snapshots WHERE name=?", (snapshot_name,))
+        row = self.store.snapshot(snapshot_name)
         if row is None:
             raise NotFound(f"snapshot {snapshot_name!r} not found")
         return row
@@ -105,7 +105,7 @@ class SnapshotsMixin:
 
     def delete_snapshot(self: SandboxManager, snapshot_name: str) -> None:
         row = self._snap_row(snapshot_name)
-        self.db.execute("DELETE FROM snapshots WHERE name=?", (snapshot_name,))
+        self.store.delete_snapshot(snapshot_name)
         if not _engine_snapshot_remove(row["backend"], row["path"]):
             Path(row["path"]).unlink(missing_ok=True)
         (self._snap_dir() / f"{snapshot_name}.json").unlink(missing_ok=True)
@@ -120,14 +120,14 @@ class SnapshotsMixin:
         for name in candidates:
             validate_sandbox_name(name)
             with self._name_lock(name):
-                if self.db.one("SELECT name FROM sandboxes WHERE name=?", (name,)):
+                if self.store.sandbox_exists(name):
                     if new_name:
                         raise Conflict(f"sandbox {name!r} already exists")
                     continue
                 return self._restore_into(name, row)
         raise Conflict("no free name to restore the snapshot into")
 
-    def _restore_into(self: SandboxManager, name: str, snap: dict[str, Any]) -> SandboxInfo:
+    def _restore_into(self: SandboxManager, name: str, snap: SnapshotRow) -> SandboxInfo:
         state_dir = self._state_dir(name)
         if state_dir.exists():
             self._wipe_state(state_dir)
@@ -150,17 +150,16 @@ class SnapshotsMixin:
             raise SandboxError("restore failed: " +
                                proc.stderr.decode(errors="replace").strip()[-300:])
         backend = self._backend(snap["backend"])
-        self.db.execute(
-            "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile, spec,"
-            " created, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (name, str(uuid_mod.uuid4()), "stopped", backend.name, backend.isolation,
-             snap["image"], snap["profile"], spec_doc, _now(), str(state_dir)))
+        self.store.add_sandbox(
+            name=name, uuid=str(uuid_mod.uuid4()), backend=backend.name,
+            isolation=backend.isolation, image=snap["image"], profile=snap["profile"],
+            spec=spec_doc, created=_now(), expires=None, state_dir=str(state_dir))
         self._saved(name)
         self._audit(name, "sandbox_restored", snapshot=snap["name"])
         try:
             self._start_live(name)
         except BaseException:
-            self.db.execute("DELETE FROM sandboxes WHERE name=?", (name,))
+            self.store.delete_sandbox(name)
             self._wipe_state(state_dir)
             raise
         return self.get(name)

@@ -1,4 +1,5 @@
-"""The daemon's durable state: one SQLite database (WAL) in the data dir, safe across threads."""
+"""The daemon's durable state: one SQLite database (WAL) in the data dir, safe across threads
+(its tables and queries: store.py)."""
 
 from __future__ import annotations
 
@@ -13,54 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sandboxes (
-    name TEXT PRIMARY KEY,
-    uuid TEXT NOT NULL UNIQUE,
-    status TEXT NOT NULL,
-    backend TEXT NOT NULL,
-    isolation TEXT NOT NULL,
-    image TEXT NOT NULL,
-    profile TEXT NOT NULL,
-    spec TEXT NOT NULL,          -- JSON: what `start` needs to rebuild the sandbox
-    created REAL NOT NULL,
-    expires REAL,
-    pid INTEGER,                 -- the backend process (bwrap / runsc) while running
-    pid_start INTEGER,           -- its start time in clock ticks: guards against pid reuse
-    helpers TEXT NOT NULL DEFAULT '[]',  -- JSON [[pid, start], ...] (slirp4netns, netns holder)
-    scratch TEXT,
-    state_dir TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ephemeral (   -- pool and one-shot sandboxes the daemon started
-    name TEXT PRIMARY KEY,
-    backend TEXT NOT NULL,
-    scratch TEXT NOT NULL,
-    pid INTEGER,
-    pid_start INTEGER,
-    helpers TEXT NOT NULL DEFAULT '[]'
-);
-CREATE TABLE IF NOT EXISTS detached (
-    id TEXT PRIMARY KEY,
-    sandbox TEXT NOT NULL,
-    command TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    chan INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    exit_code INTEGER,
-    started REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS snapshots (
-    name TEXT PRIMARY KEY,
-    sandbox TEXT NOT NULL,
-    image TEXT NOT NULL,
-    backend TEXT NOT NULL,
-    profile TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    created REAL NOT NULL,
-    path TEXT NOT NULL
-);
-"""
-
+from .store import SCHEMA  # the tables and their queries: store.py
 
 BACKUP_INTERVAL = 2.0  # seconds: at most one backup per interval, the last change included
 KEEP_DAMAGED = 3  # damaged databases kept aside for a post-mortem (the oldest go)

@@ -1,0 +1,42 @@
+"""What runs in an egress gate's own process and in a forked wiring child: the gate's
+entry point and its listeners. Kept apart from egress_gate (the starter's side) so that
+the fork server (egress_forkserver) and the starter both use it without importing each
+other; its module level imports no asyncio (the gate's first module)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+
+def listeners_here(address: str, tcp_port: int, dns_port: int
+                   ) -> tuple[socket.socket, socket.socket]:
+    """The gate's TCP and UDP listeners on `address`, in this process's network
+    namespace (a child that joined the sandbox's or router's)."""
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for sock in (tcp, udp):  # the router's address may not be set up yet
+        sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+    tcp.bind((address, tcp_port))
+    tcp.listen(128)
+    udp.bind((address, dns_port))
+    return tcp, udp
+
+
+def gate_main(fds_sock: int) -> None:
+    """The gate process: started before the sandbox's namespaces exist; then its config
+    on stdin and its two listeners (made in the sandbox's or router's namespace by
+    egress_gate.listen_in or a wiring child of egress_forkserver) on `fds_sock`; then
+    egress_proxy.main serves and says "1"."""
+    cfg = json.loads(sys.stdin.buffer.read(4 << 20))
+    sys.stdin.close()
+    carrier = socket.socket(fileno=fds_sock)
+    _msg, fds, _flags, _addr = socket.recv_fds(carrier, 16, 2)
+    carrier.close()
+    if len(fds) != 2:
+        raise SystemExit("no listeners to serve")
+    from .egress_proxy import main
+
+    main(cfg, socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0]),
+         socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))

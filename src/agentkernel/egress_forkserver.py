@@ -1,0 +1,379 @@
+"""A pre-imported parent of egress gates: forks one per sandbox instead of starting a new
+interpreter for each (its start-up and imports cost ~85 ms of CPU, more than the rest of
+a sandbox's start).
+
+The fork server is started like a gate was (our interpreter without site, a clean
+environment, a session of its own), imports what a gate needs, then waits on its end of
+a socket pair that only the process that started it holds (no path anyone could connect
+to). Per request it receives the gate's five fds (stdin, stderr, ready, lifeline, the
+listeners' carrier), forks, and sends back a pidfd of the child. The child puts those fds
+at fixed numbers (GATE_FDS), closes every other one (the server's socket among them) and
+runs egress_child.gate_main exactly as a freshly started gate does: it reads its config,
+takes its listeners, then drops to the sandbox's own ids. The server holds no secret and
+no sandbox's data; it is single-threaded, so forking it is safe, and it exits when its
+socket's other end closes. Children share its address-space layout (as any forked
+process does); docs/security.md says so.
+
+A long-lived process (the daemon: SandboxManager) turns it on with `enable`, which also
+starts the server so that its imports are done before the first sandbox needs it. A
+one-shot process (an in-process `agentkernel run`) starts its one gate directly: the
+server's start-up would only be on its path. `AGENTKERNEL_GATE_FORKSERVER=0` turns it off,
+`=1` on everywhere. If the server cannot be started or answers wrongly, `spawn` and `wire`
+return None and the caller does it the old way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+# Where a forked gate finds its fds: stdin 0, stdout 1 (/dev/null), stderr 2, then these.
+READY_FD, EXIT_FD, CARRIER_FD = 3, 4, 5
+GATE_FDS = (READY_FD, EXIT_FD)  # what the gate's config names (cfg ready_fd, exit_fd)
+# Their names in /proc/PID/comm (both keep the server's command line): the server runs as
+# its starter does (root for a root daemon), a gate as the sandbox's own `nobody`.
+SERVER_COMM, GATE_COMM = "ak-gate-forks", "ak-egress-gate"
+GATE, WIRE = b"g", b"w"  # requests: fork a gate; wire a namespace (see `wire`)
+MAX_MSG = 64 * 1024  # a request's bytes (the wiring's tool inputs are ~1 KiB)
+TIMEOUT = 10.0
+WIRE_TIMEOUT = 15.0  # seconds for the tools and listeners of one namespace
+
+_lock = threading.Lock()
+_server: _Server | None = None
+_enabled = False
+
+
+class GateProcess(subprocess.Popen[bytes]):
+    """A forked gate, watched and signalled through its pidfd: the fork server is its
+    parent (and reaps it), so waitpid cannot see it. Its exit status is the server's to
+    know: `returncode` is -SIGKILL once we killed it, else 0 once it is gone."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:  # no Popen.__init__: nothing to start
+        self.args = ["egress-gate"]
+        self.pid = pid
+        self.returncode: Any = None
+        self.stdin = self.stdout = self.stderr = None
+        self._child_created = False  # Popen.__del__: nothing of ours to reap
+        self._pidfd = pidfd  # open for the handle's life: no close racing a poll or kill
+        self._killed = False
+
+    def _gone(self, timeout: float | None) -> bool:
+        import select
+
+        poller = select.poll()  # not select(): a daemon's fds may pass FD_SETSIZE
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(0, round(timeout * 1000))))
+
+    def _internal_poll(self, _deadstate: Any = None, *_a: Any, **_k: Any) -> int | None:
+        if self.returncode is None and self._gone(0):
+            self.returncode = -signal.SIGKILL if self._killed else 0
+        return self.returncode  # type: ignore[no-any-return]
+
+    def _wait(self, timeout: float | None) -> int:
+        if self.returncode is None:
+            if not self._gone(timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            self.returncode = -signal.SIGKILL if self._killed else 0
+        return int(self.returncode)
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, sig)
+            self._killed = self._killed or sig == signal.SIGKILL
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            os.close(self._pidfd)
+
+
+class _Server:
+    """The daemon's (or CLI's) handle on its fork server."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        paths = [p for p in sys.path if p]
+        code = (f"import sys; sys.path[:0] = {paths!r}; "
+                f"from agentkernel.egress_forkserver import serve; serve({theirs.fileno()})")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-S", "-c", code], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), close_fds=True, start_new_session=True,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.settimeout(TIMEOUT)
+        self.sock = ours
+
+    def fork(self, request: bytes, fds: list[int]) -> GateProcess:
+        socket.send_fds(self.sock, [request], fds)
+        msg, got, flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 1)
+        if not msg.startswith(b"p") or len(got) != 1 or flags & socket.MSG_CTRUNC:
+            for fd in got:
+                os.close(fd)
+            raise OSError(f"the gate fork server answered {msg[:MAX_MSG]!r}")
+        return GateProcess(int(msg[1:]), got[0])
+
+    def close(self) -> None:
+        self.sock.close()  # the server sees EOF and exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=2)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
+          ) -> GateProcess | None:
+    """A gate forked by this process's fork server (started on first use), with these fds
+    at 0, 2 and GATE_FDS + CARRIER_FD; None if the server cannot give one (the caller then
+    starts a gate itself). The fds stay the caller's to close."""
+    return _fork(GATE, [stdin, stderr, ready, exit_fd, carrier])
+
+
+def enable() -> None:
+    """Fork this process's gates from a fork server from now on, and start the server now
+    (its imports run while this process does other things)."""
+    global _enabled, _server
+    _enabled = True
+    if not _wanted():
+        return
+    with _lock, contextlib.suppress(OSError):
+        if _server is None:
+            _server = _Server()
+
+
+def _wanted() -> bool:
+    setting = os.environ.get("AGENTKERNEL_GATE_FORKSERVER", "")
+    return setting == "1" or (_enabled and setting != "0")
+
+
+def _fork(request: bytes, fds: list[int]) -> GateProcess | None:
+    global _server
+    if not _wanted():
+        return None
+    with _lock:
+        for _ in range(2):  # a server that died (killed, OOM) is replaced once
+            try:
+                if _server is None or _server.proc.poll() is not None:
+                    _server = _Server()
+                return _server.fork(request, fds)
+            except OSError:
+                if _server is not None:
+                    _server.close()
+                _server = None
+    return None
+
+
+def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: str
+         ) -> tuple[int, int] | None:
+    """Run `steps` (argv, stdin) inside the network namespace `netns` (joined through
+    `userns` first, for an ordinary user; -1: none), all at once, then make the gate's
+    TCP and UDP listeners on `address` there: the fds of those listeners. A child of the
+    fork server joins the namespace once for every tool (no nsenter each) and makes the
+    listeners (no fork of this, possibly large, process). None if the server cannot do
+    it (the caller does it itself); SandboxError if a step failed (then nothing runs)."""
+    import json
+
+    from .errors import SandboxError
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        payload = json.dumps({"steps": steps, "address": address}).encode()
+        fds = [theirs.fileno(), netns, *([userns] if userns >= 0 else [])]
+        child = _fork(WIRE + payload, fds)
+        theirs.close()
+        if child is None:
+            return None
+        ours.settimeout(WIRE_TIMEOUT)
+        try:
+            msg, got, _flags, _addr = socket.recv_fds(ours, MAX_MSG, 2)
+        except (OSError, TimeoutError):
+            child.kill()
+            msg, got = b"", []
+        if msg == b"k" and len(got) == 2:
+            return got[0], got[1]
+        for fd in got:
+            os.close(fd)
+        why = msg[1:].decode(errors="replace") if msg else "timed out or died"
+        raise SandboxError("could not set up the sandbox's egress gate, so it does not "
+                           f"start: {why} (or use --no-network)")
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def shutdown() -> None:
+    """Stop this process's fork server, if it has one (its gates live on)."""
+    global _server
+    with _lock:
+        if _server is not None:
+            _server.close()
+            _server = None
+
+
+# --- the fork server's side ----------------------------------------------------------------
+
+
+def serve(fd: int) -> None:
+    """The fork server's loop: one child per request (a gate, or a namespace's wiring)
+    until the socket's other end closes."""
+    import ctypes  # noqa: F401 - the gate's privilege drop (egress_proxy._drop)
+    import select
+
+    from . import egress_child, egress_proxy  # noqa: F401 - what every gate imports
+    from .egress import denied_networks, host_addresses
+
+    _set_comm(SERVER_COMM)
+    egress_proxy._preload()  # the gate's own list of late imports
+    denied_networks(host_addresses())  # cached: a gate on an unchanged host reuses it
+    sock = socket.socket(fileno=fd)
+    while True:
+        readable, _, _ = select.select([sock], [], [], 1.0)
+        _reap()
+        if not readable:
+            continue
+        try:
+            msg, fds, flags, _addr = socket.recv_fds(sock, MAX_MSG, 8)
+        except OSError:
+            return
+        if not msg:
+            return  # the starter is gone
+        gate = msg == GATE and len(fds) == 5
+        wiring = msg.startswith(WIRE) and len(fds) in (2, 3)
+        if not (gate or wiring) or flags & socket.MSG_CTRUNC:
+            for f in fds:
+                os.close(f)
+            sock.send(b"e bad request")
+            continue
+        pid = os.fork()
+        if pid == 0:
+            if gate:
+                _child(fds)
+            _wire_child(sock, msg[len(WIRE):], fds)
+        for f in fds:
+            os.close(f)
+        # Opened before any reaping of ours: the pid cannot have been reused yet.
+        pidfd = os.pidfd_open(pid)
+        try:
+            socket.send_fds(sock, [b"p%d" % pid], [pidfd])
+        except OSError:
+            return
+        finally:
+            os.close(pidfd)
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def _child(fds: list[int]) -> None:
+    """In the forked gate: its fds where a gate expects them, nothing else open, then the
+    gate itself. Never returns."""
+    import fcntl
+
+    code = 1
+    try:
+        os.setsid()
+        _set_comm(GATE_COMM)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        # Out of the way of the targets first: a received fd may already sit at one.
+        high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 16) for f in [*fds, devnull]]
+        stdin, stderr, ready, exit_fd, carrier, null = high
+        for src, target in ((stdin, 0), (null, 1), (stderr, 2), (ready, READY_FD),
+                            (exit_fd, EXIT_FD), (carrier, CARRIER_FD)):
+            os.dup2(src, target, inheritable=target <= 2)
+        os.closerange(CARRIER_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the server's socket too
+        from .egress_child import gate_main
+
+        gate_main(CARRIER_FD)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _set_comm(name: str) -> None:
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+        f.write(name)
+
+
+def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
+    """In the forked child of a WIRE request: join the namespace, run the steps, make the
+    listeners, send them (or why not) on the reply socket. Never returns."""
+    import ctypes
+    import json
+
+    from .egress_child import listeners_here
+    from .egress_proxy import DNS_PORT, TCP_PORT
+
+    code = 1
+    server.close()
+    reply = socket.socket(fileno=fds[0])
+    try:
+        os.setsid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        joins = [(fds[2], 0x10000000)] if len(fds) == 3 else []  # CLONE_NEWUSER first
+        for fd, kind in [*joins, (fds[1], 0x40000000)]:  # then CLONE_NEWNET
+            if libc.setns(fd, kind) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        req = json.loads(payload)
+        failures = _run_steps([(list(a), str(d)) for a, d in req["steps"]])
+        if failures:
+            reply.send(("e" + "; ".join(failures)).encode()[:MAX_MSG])
+        else:
+            tcp, udp = listeners_here(str(req["address"]), TCP_PORT, DNS_PORT)
+            socket.send_fds(reply, [b"k"], [tcp.fileno(), udp.fileno()])
+            code = 0
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            reply.send(f"e{type(exc).__name__}: {exc}".encode()[:500])
+    finally:
+        os._exit(code)
+
+
+def _run_steps(steps: list[tuple[list[str], str]]) -> list[str]:
+    """Start every step, feed each its input, wait for all: what failed, if anything."""
+    procs = []
+    for argv, data in steps:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, close_fds=True)
+        procs.append((argv, proc))
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(data.encode())  # read whole before it writes a byte
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        proc.stdin = None
+    failures = []
+    for argv, proc in procs:
+        try:
+            _out, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _out, err = proc.communicate()
+        if proc.returncode != 0:
+            name = os.path.basename(argv[0])
+            failures.append(f"{name}: {err.decode(errors='replace').strip()[:300]}")
+    return failures

@@ -1,0 +1,230 @@
+"""Egress gates forked by the fork server (egress_forkserver) are as confined as gates
+started fresh: the sandbox's own `nobody`, no capability, no way back to the server.
+
+Real sandboxes (namespaces backend, moderate: every one has a gate). The attacker is the
+gate itself, taken over by what the sandbox sends it: it must hold no fd of the server's
+socket, and as its uid it must not be able to signal the server or look into its fds.
+The server holds nothing of any sandbox's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox_helpers import SYSTEM_PYTHON
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="gates drop ids only as root")
+
+
+@pytest.fixture(autouse=True)
+def _forkserver() -> None:
+    """Gates of this process come from its fork server, as a daemon's do."""
+    from agentkernel import egress_forkserver
+
+    egress_forkserver.enable()
+
+
+def _start(name: str) -> object:
+    from agentkernel.backends import get_backend
+    from agentkernel.profiles import get_profile
+    from agentkernel.rootfs import host_rootfs
+    from agentkernel.sandbox import SandboxSpec
+
+    spec = SandboxSpec(name=f"{name}-{os.getpid()}", profile=get_profile("moderate"),
+                       rootfs=host_rootfs(), image="host")
+    return get_backend("namespaces").start(spec)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[object]:
+    from agentkernel.sandbox import Sandbox
+
+    box = _start("fork")
+    assert isinstance(box, Sandbox)
+    try:
+        yield box
+    finally:
+        box.destroy()
+
+
+def _status(pid: int, key: str) -> list[str]:
+    text = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(rf"^{key}:\s+(.*)$", text, re.M)
+    assert m, key
+    return m[1].split()
+
+
+def _dropped(pid: int) -> list[str]:
+    deadline = time.monotonic() + 30  # root only until its files and sockets are open
+    while _status(pid, "Uid") == ["0"] * 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _status(pid, "Uid")
+
+
+def _fd_targets(pid: int) -> dict[str, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return out
+
+
+def _server_pid() -> int:
+    from agentkernel import egress_forkserver
+
+    server = egress_forkserver._server
+    assert server is not None, "the gate was not forked by a fork server"
+    return server.proc.pid
+
+
+def test_forked_gate_is_confined(sandbox: object) -> None:
+    """The gate is forked (its comm says so), runs as the sandbox range's nobody with no
+    capability and no_new_privs, and holds no fd of the server's socket."""
+    from agentkernel.egress_forkserver import GATE_COMM, SERVER_COMM
+    from agentkernel.sandbox import Sandbox
+
+    assert isinstance(sandbox, Sandbox)
+    gate = sandbox.helpers[-1].pid
+    server = _server_pid()
+    assert Path(f"/proc/{gate}/comm").read_text().strip() == GATE_COMM
+    assert Path(f"/proc/{server}/comm").read_text().strip() == SERVER_COMM
+    uids = _dropped(gate)
+    assert len(set(uids)) == 1 and int(uids[0]) >= 65536, uids
+    assert _status(gate, "CapEff") == ["0000000000000000"]
+    assert _status(gate, "CapPrm") == ["0000000000000000"]
+    assert _status(gate, "NoNewPrivs") == ["1"]
+    server_sockets = {t for t in _fd_targets(server).values() if t.startswith("socket:")}
+    assert server_sockets, "the server's own socket"
+    assert not server_sockets & set(_fd_targets(gate).values())
+    # The server's socket has no path anyone could connect to: a socket pair.
+    inodes = {t[len("socket:["):-1] for t in server_sockets}
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[6] in inodes:
+            assert len(fields) == 7, f"the server's socket has a path: {line}"
+
+
+def test_server_holds_nothing_of_a_sandbox(sandbox: object) -> None:
+    """The server keeps no fd of what it forked a gate with (pipes, the lifeline, the
+    listeners' carrier, the log): only /dev/null and its socket."""
+    del sandbox
+    targets = set(_fd_targets(_server_pid()).values())
+    assert {t for t in targets if not t.startswith("socket:")} <= {"/dev/null"}, targets
+    assert len([t for t in targets if t.startswith("socket:")]) == 1, targets
+
+
+def test_gate_cannot_reach_the_server(sandbox: object) -> None:
+    """As the gate's uid: no signal to the server, no look at its fds or memory."""
+    from agentkernel.sandbox import Sandbox
+
+    assert isinstance(sandbox, Sandbox)
+    uid = int(_dropped(sandbox.helpers[-1].pid)[0])
+    server = _server_pid()
+    probe = (
+        "import os, sys\n"
+        "pid = int(sys.argv[1])\n"
+        "for what, f in (('signal', lambda: os.kill(pid, 0)),\n"
+        "                ('fds', lambda: os.listdir(f'/proc/{pid}/fd')),\n"
+        "                ('mem', lambda: open(f'/proc/{pid}/mem', 'rb').read(1))):\n"
+        "    try:\n"
+        "        f()\n"
+        "    except PermissionError:\n"
+        "        print(what, 'refused')\n"
+        "    else:\n"
+        "        print(what, 'ALLOWED')\n")
+    r = subprocess.run([SYSTEM_PYTHON, "-S", "-c", probe, str(server)], user=uid, group=uid,
+                       extra_groups=[], capture_output=True, text=True, timeout=30,
+                       check=False, cwd="/")
+    assert r.stdout.split("\n")[:3] == ["signal refused", "fds refused", "mem refused"], (
+        r.stdout, r.stderr)
+
+
+def test_gates_outlive_a_dead_server_and_a_new_one_starts(sandbox: object) -> None:
+    """A server killed under a running sandbox takes no gate with it; the next sandbox
+    gets a gate from a new server; a destroyed sandbox's gate is gone."""
+    import signal
+
+    from agentkernel.sandbox import Sandbox
+
+    assert isinstance(sandbox, Sandbox)
+    gate = sandbox.helpers[-1]
+    old = _server_pid()
+    os.kill(old, signal.SIGKILL)
+    time.sleep(0.2)
+    assert gate.poll() is None
+    _out, _err, status = sandbox.client.exec(["true"]).wait(timeout=30)
+    assert status.code == 0
+    other = _start("fork2")
+    assert isinstance(other, Sandbox)
+    try:
+        assert _server_pid() != old
+        assert other.helpers[-1].poll() is None
+    finally:
+        other.destroy()
+    other_gate = other.helpers[-1]
+    other_gate.wait(timeout=10)
+    from agentkernel.procs import is_zombie
+
+    assert is_zombie(other_gate.pid)  # gone, or dead until its server reaps it
+
+
+@pytest.fixture
+def netns_holder() -> Iterator[int]:
+    """A process alone in a new network namespace: its pid."""
+    holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "60"])
+    own = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + 10
+    while os.readlink(f"/proc/{holder.pid}/ns/net") == own and time.monotonic() < deadline:
+        time.sleep(0.005)
+    try:
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_wiring_fails_closed(netns_holder: int) -> None:
+    """A failed step of a namespace's wiring is an error (the caller does not start the
+    sandbox), never listeners over half-loaded rules."""
+    from agentkernel import egress_forkserver
+    from agentkernel.errors import SandboxError
+
+    fd = os.open(f"/proc/{netns_holder}/ns/net", os.O_RDONLY)
+    try:
+        with pytest.raises(SandboxError, match="false"):
+            egress_forkserver.wire(fd, -1, [(["/bin/true"], ""), (["/bin/false"], "")],
+                                   "127.0.0.1")
+    finally:
+        os.close(fd)
+
+
+def test_wiring_happens_in_the_namespace(netns_holder: int) -> None:
+    """The steps run and the listeners are made in the given namespace, not the host's."""
+    from agentkernel import egress_forkserver
+    from agentkernel.egress_proxy import TCP_PORT
+
+    fd = os.open(f"/proc/{netns_holder}/ns/net", os.O_RDONLY)
+    try:
+        got = egress_forkserver.wire(fd, -1, [(["ip", "link", "set", "lo", "up"], "")],
+                                     "127.0.0.1")
+    finally:
+        os.close(fd)
+    assert got is not None
+    try:
+        ns_links = subprocess.run(["nsenter", f"--target={netns_holder}", "--net", "--",
+                                   "ip", "-o", "link", "show", "lo"], capture_output=True,
+                                  text=True, check=True).stdout
+        assert ",UP" in ns_links, ns_links
+        listening = Path(f"/proc/{netns_holder}/net/tcp").read_text()
+        assert f"0100007F:{TCP_PORT:04X}" in listening, listening
+    finally:
+        for f in got:
+            os.close(f)
