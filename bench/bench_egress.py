@@ -8,11 +8,11 @@ from the same run, rounds interleaved so that load on the machine hits every kin
    gate / slirp4netns (goal <= 1.2x); the gate's client resolves the allowed name through
    the gate's resolver first and is checked by name (pinned answer, SNI), as a sandbox's
    would be; slirp4netns's goes to the address;
-3. a namespaces sandbox's start + destroy with the gate (forked by a zygote, as in the
-   daemon; and a fresh interpreter per sandbox, as a one-shot `run`) against the same
+3. a namespaces sandbox's start + destroy with the gate (forked by the gates' fork server,
+   as in the daemon; and a fresh interpreter per sandbox, as a one-shot `run`) against the same
    without network (goal: <= 5 ms added);
 4. the gate's memory per sandbox: USS (pages only this gate has: what one more sandbox
-   costs) and PSS, idle after start and after the traffic above; the zygote's own once
+   costs) and PSS, idle after start and after the traffic above; the fork server's own once
    (goal: <= 2 MiB per sandbox, or shared). slirp4netns's for comparison.
 
 Both ways out are fresh network namespaces against the same upstream (a namespace with
@@ -148,33 +148,28 @@ def measure(kind: str, upstream: Any, samples: dict[str, list[float]]) -> None:
 
 def sandbox_starts(n: int) -> dict[str, list[float]]:
     """Milliseconds of a namespaces sandbox's start + destroy, interleaved: moderate with
-    the gate from the zygote, with a fresh gate interpreter, and without network."""
-    from agentkernel import egress_gate
+    the gate from the fork server, with a fresh gate interpreter, and without network."""
     from agentkernel.backends import get_backend
     from agentkernel.profiles import get_profile
     from agentkernel.rootfs import host_rootfs
     from agentkernel.sandbox import SandboxSpec
 
     backend = get_backend("namespaces")
-    times: dict[str, list[float]] = {"gate (zygote)": [], "gate (fresh)": [],
+    times: dict[str, list[float]] = {"gate (fork server)": [], "gate (fresh)": [],
                                      "no network": []}
-    egress_gate.share_gates()
-    zygote = egress_gate._ZYGOTE[0]
     for i in range(n + 1):  # the first round warms caches: not counted
         for kind in times:
             profile = get_profile("moderate")
             if kind == "no network":
                 profile = profile.with_overrides(network=False)
-            if kind == "gate (fresh)":
-                egress_gate._ZYGOTE.clear()
+            # The fork server is asked for each gate unless this says no (read per start).
+            os.environ["AGENTKERNEL_GATE_FORKSERVER"] = "0" if kind == "gate (fresh)" else "1"
             spec = SandboxSpec(name=f"bench-{os.getpid()}-{i}-{len(kind)}", profile=profile,
                                rootfs=host_rootfs(), image="host")
             t = time.perf_counter()
             backend.start(spec).destroy()
             if i:
                 times[kind].append((time.perf_counter() - t) * 1000)
-            if not egress_gate._ZYGOTE:
-                egress_gate._ZYGOTE.append(zygote)
     return times
 
 
@@ -188,7 +183,7 @@ def _row(label: str, values: list[float], base: list[float] | None, unit: str,
 
 
 def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[float]],
-           zygote_kib: dict[str, int], st: dict[str, str]) -> list[str]:
+           server_kib: dict[str, int], st: dict[str, str]) -> list[str]:
     s, g = results["slirp"], results["gate"]
     lines = ["# egress gate vs slirp4netns", "", *stamp_lines(st), "",
              "| measure | n | p50 | p95 | gate / slirp4netns (p50) |", "|---|---:|---:|---:|---:|"]
@@ -208,7 +203,7 @@ def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[fl
                      f"{pct(values, 0.95):.1f} ms | {added} |")
     thr = pct(g["download_mibps"], 0.5) / pct(s["download_mibps"], 0.5)
     https = pct(g["https_100_ms"], 0.5) / pct(s["https_100_ms"], 0.5)
-    added = pct(starts["gate (zygote)"], 0.5) - pct(base, 0.5)
+    added = pct(starts["gate (fork server)"], 0.5) - pct(base, 0.5)
     added_fresh = pct(starts["gate (fresh)"], 0.5) - pct(base, 0.5)
     uss = pct(g["idle_uss_kib"], 0.5) / 1024
     lines += [
@@ -217,12 +212,12 @@ def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[fl
         f"{'met' if thr >= 0.8 else 'NOT met'}",
         f"- 100 HTTPS requests time gate/slirp4netns: {https:.2f}x (goal <= 1.20x): "
         f"{'met' if https <= 1.2 else 'NOT met'}",
-        f"- added sandbox start (zygote, as the daemon): {added:+.1f} ms; one-shot (fresh "
+        f"- added sandbox start (fork server, as the daemon): {added:+.1f} ms; one-shot (fresh "
         f"interpreter): {added_fresh:+.1f} ms (goal <= 5 ms): "
         f"{'met' if added <= 5 else 'NOT met'} (daemon path)",
         f"- gate memory per sandbox, USS idle: {uss:.2f} MiB (busy "
-        f"{pct(g['busy_uss_kib'], 0.5) / 1024:.2f} MiB) + the zygote once: USS "
-        f"{zygote_kib['uss'] / 1024:.1f} MiB, PSS {zygote_kib['pss'] / 1024:.1f} MiB "
+        f"{pct(g['busy_uss_kib'], 0.5) / 1024:.2f} MiB) + the fork server once: USS "
+        f"{server_kib['uss'] / 1024:.1f} MiB, PSS {server_kib['pss'] / 1024:.1f} MiB "
         f"(goal <= 2 MiB per sandbox): {'met' if uss <= 2 else 'NOT met'}; slirp4netns "
         f"USS {pct(s['idle_uss_kib'], 0.5) / 1024:.2f} MiB",
     ]
@@ -238,20 +233,23 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
-    from agentkernel import egress_gate
-    from test_egress_policy import make_upstream
+    from agentkernel import egress_forkserver
+    from test_egress_policy import SYSTEM_PYTHON, UPSTREAM_NAMES, make_upstream
 
     st = stamp()
-    egress_gate.share_gates()  # gates fork from a zygote, as in the daemon
+    egress_forkserver.enable()  # gates fork from the fork server, as in the daemon
     results: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in ("slirp", "gate")}
-    with make_upstream() as upstream:
+    with make_upstream(UPSTREAM_NAMES) as upstream:
+        upstream.serve(SYSTEM_PYTHON, str(ROOT / "tests" / "egress_upstream.py"),
+                       str(upstream.dir / "srv.pem"), str(upstream.dir / "srv.key"))
         for _round in range(args.n):  # interleaved, so that load on the machine hits both
             for kind, samples in results.items():
                 measure(kind, upstream, samples)
-    zygote_kib = memory_kib(egress_gate._ZYGOTE[0].proc.pid)
+    server = egress_forkserver._server
+    server_kib = memory_kib(server.proc.pid) if server is not None else {"uss": 0, "pss": 0}
     starts = sandbox_starts(args.starts)
-    egress_gate.stop_sharing()
-    lines = report(results, starts, zygote_kib, st)
+    egress_forkserver.shutdown()
+    lines = report(results, starts, server_kib, st)
     print("\n".join(lines))
     if args.out is not None:
         args.out.write_text("\n".join(lines) + "\n")
