@@ -1,158 +1,258 @@
 """Benchmark the egress gate against plain slirp4netns egress, measured in the same run.
 
-Both in a fresh network namespace of their own, against the same upstream (a network
-namespace with HTTP and HTTPS servers, tests/egress_upstream.py): set-up time of the
-namespace's way out, a 100 MiB download with curl, 100 sequential new HTTPS connections
-(one small request each) from Python, and the resident memory of the gate process against
-slirp4netns's. Needs root. Usage: .venv/bin/python bench/bench_egress.py [-n 5]
+Issue 11's four goals, each with p50/p95 and the ratio to slirp4netns (or to no network)
+from the same run, rounds interleaved so that load on the machine hits every kind alike:
+
+1. a 100 MiB download with curl: throughput, gate / slirp4netns (goal >= 0.8x);
+2. 100 sequential new HTTPS connections, one small request each, from Python: total time,
+   gate / slirp4netns (goal <= 1.2x); the gate's client resolves the allowed name through
+   the gate's resolver first and is checked by name (pinned answer, SNI), as a sandbox's
+   would be; slirp4netns's goes to the address;
+3. a namespaces sandbox's start + destroy with the gate (forked by the gates' fork server,
+   as in the daemon; and a fresh interpreter per sandbox, as a one-shot `run`) against the same
+   without network (goal: <= 5 ms added);
+4. the gate's memory per sandbox: USS (pages only this gate has: what one more sandbox
+   costs) and PSS, idle after start and after the traffic above; the fork server's own once
+   (goal: <= 2 MiB per sandbox, or shared). slirp4netns's for comparison.
+
+Both ways out are fresh network namespaces against the same upstream (a namespace with
+HTTP and HTTPS servers, tests/egress_upstream.py). Needs root.
+Usage: .venv/bin/python bench/bench_egress.py [-n ROUNDS] [--starts N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from common import pct, stamp, stamp_lines  # noqa: E402
+
+# argv: host (a name, resolved once through the namespace's resolver, or an address), CA.
+# Prints the per-request milliseconds as JSON.
 HTTPS_LOOP = r"""
-import socket, ssl, sys, time
+import json, socket, ssl, sys, time
 ctx = ssl.create_default_context(cafile=sys.argv[2])
 ctx.check_hostname = False
-start = time.monotonic()
+addr = socket.gethostbyname(sys.argv[1])
+times = []
 for _ in range(100):
-    s = ctx.wrap_socket(socket.create_connection((sys.argv[1], 18443), timeout=10),
+    t = time.perf_counter()
+    s = ctx.wrap_socket(socket.create_connection((addr, 18443), timeout=10),
                         server_hostname="allowed.test")
     s.sendall(b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
     while s.recv(65536):
         pass
     s.close()
-print(time.monotonic() - start)
+    times.append((time.perf_counter() - t) * 1000)
+print(json.dumps(times))
 """
 
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+RESOLVER = "10.0.2.3"  # slirp4netns's DNS; the gate's resolver answers there too
 
 
-def way_out(kind: str, scratch: Path) -> tuple[list[str], float, list[subprocess.Popen[bytes]],
-                                                 int, int]:
-    """A namespace whose way out is `kind` ("slirp" or "gate"): the argv prefix to run in it,
-    the set-up time, its helpers, the pid to measure and the lifeline's write end."""
+def memory_kib(pid: int) -> dict[str, int]:
+    """USS (private pages) and PSS (shared pages divided among their users), KiB."""
+    out = {"uss": 0, "pss": 0}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Private_Clean", "Private_Dirty"):
+            out["uss"] += int(value.split()[0])
+        elif key == "Pss":
+            out["pss"] = int(value.split()[0])
+    return out
+
+
+def _policy(upstream: Any) -> Any:
+    from agentkernel.egress_policy import policy_for
+
+    return policy_for("egress", None, ("allowed.test",), (), (f"allowed.test:{upstream.addr}",))
+
+
+def way_out(kind: str, scratch: Path, upstream: Any
+            ) -> tuple[list[str], float, list[Any], int, int]:
+    """A namespace whose way out is `kind` ("slirp", or "gate" with an allow-list for
+    allowed.test): the argv prefix to run in it (its resolv.conf names 10.0.2.3), the
+    way out's set-up time, its helpers, the pid to measure and the lifeline's write end."""
     from agentkernel.egress_gate import GateStart
-    from agentkernel.egress_policy import Policy
     from agentkernel.network import egress_netns, enter_netns, lifeline, netns_holder
 
-    helpers: list[subprocess.Popen[bytes]] = []
-    start = time.monotonic()
+    (scratch / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
+    private_resolv = ["unshare", "--mount", "--", "sh", "-c",
+                      f'mount --bind {scratch / "resolv.conf"} /etc/resolv.conf && exec "$@"',
+                      "sh"]
+    helpers: list[Any] = []
     if kind == "slirp":
+        start = time.perf_counter()
         pid, life_w = egress_netns(scratch / "slirp.log", helpers)
-        took = time.monotonic() - start
-        return enter_netns(pid), took, helpers, helpers[-1].pid, life_w
+        took = time.perf_counter() - start
+        return [*enter_netns(pid), *private_resolv], took, helpers, helpers[-1].pid, life_w
     life_r, life_w = lifeline()
     holder = netns_holder(life_r)
     helpers.append(holder)
     # bwrap brings a sandbox's loopback up; a bare holder's is down
     subprocess.run([*enter_netns(holder.pid), "ip", "link", "set", "lo", "up"], check=True)
-    t0 = time.monotonic()  # the holder is the sandbox's own namespace: not the gate's cost
+    t0 = time.perf_counter()  # the holder is the sandbox's own namespace: not the gate's cost
     start_ = GateStart(scratch, exit_fd=life_r)
-    start_.attach(holder.pid, Policy())
+    start_.attach(holder.pid, _policy(upstream), ids=(65534, 65534))
     gate = start_.wait(ready=True)
-    took = time.monotonic() - t0
+    took = time.perf_counter() - t0
     os.close(life_r)
     helpers.append(gate)
-    return enter_netns(holder.pid), took, helpers, gate.pid, life_w
+    return [*enter_netns(holder.pid), *private_resolv], took, helpers, gate.pid, life_w
 
 
-def measure(kind: str, upstream: object, n: int) -> dict[str, float]:
-    up_addr = upstream.addr  # type: ignore[attr-defined]
-    ca = upstream.ca  # type: ignore[attr-defined]
-    setups, downloads, https, rss = [], [], [], []
-    for _ in range(n):
-        scratch = Path(tempfile.mkdtemp(prefix=f"ak-bench-{kind}-"))
-        enter, took, helpers, pid, life_w = way_out(kind, scratch)
-        try:
-            setups.append(took)
-            t = time.monotonic()
-            subprocess.run([*enter, "curl", "-sS", "-o", "/dev/null",
-                            f"http://{up_addr}:18080/big"], check=True, timeout=300)
-            downloads.append(time.monotonic() - t)
-            out = subprocess.run([*enter, sys.executable, "-c", HTTPS_LOOP, up_addr, str(ca)],
-                                 check=True, capture_output=True, text=True, timeout=300)
-            https.append(float(out.stdout))
-            rss.append(rss_kib(pid))
-        finally:
-            os.close(life_w)
-            for h in helpers:
+def measure(kind: str, upstream: Any, samples: dict[str, list[float]]) -> None:
+    """One round of `kind`: set-up, download, 100 HTTPS, memory; into `samples`."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"ak-bench-{kind}-"))
+    enter, took, helpers, pid, life_w = way_out(kind, scratch, upstream)
+    host = upstream.addr if kind == "slirp" else "allowed.test"
+    try:
+        samples["setup_ms"].append(took * 1000)
+        time.sleep(0.2)
+        for key, value in memory_kib(pid).items():
+            samples[f"idle_{key}_kib"].append(value)
+        t = time.perf_counter()
+        subprocess.run([*enter, "curl", "-sS", "-o", "/dev/null", f"http://{host}:18080/big"],
+                       check=True, timeout=300)
+        samples["download_mibps"].append(100 / (time.perf_counter() - t))
+        out = subprocess.run([*enter, sys.executable, "-c", HTTPS_LOOP, host,
+                              str(upstream.ca)], check=True, capture_output=True, text=True,
+                             timeout=300)
+        per_request = json.loads(out.stdout)
+        samples["https_100_ms"].append(sum(per_request))
+        samples["https_request_ms"].extend(per_request)
+        for key, value in memory_kib(pid).items():
+            samples[f"busy_{key}_kib"].append(value)
+    finally:
+        os.close(life_w)
+        for h in helpers:
+            if h.poll() is None:
                 h.kill()
-                h.wait()
-            shutil.rmtree(scratch, ignore_errors=True)
-    return {"setup_ms": statistics.median(setups) * 1000,
-            "download_100MiB_s": statistics.median(downloads),
-            "throughput_MiBps": 100 / statistics.median(downloads),
-            "https_100_s": statistics.median(https),
-            "rss_KiB": statistics.median(rss)}
+            h.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def sandbox_starts(n: int) -> dict[str, float]:
-    """p50 of a namespaces sandbox's start + destroy: moderate (the gate) and without
-    network, interleaved."""
+def sandbox_starts(n: int) -> dict[str, list[float]]:
+    """Milliseconds of a namespaces sandbox's start + destroy, interleaved: moderate with
+    the gate from the fork server, with a fresh gate interpreter, and without network."""
     from agentkernel.backends import get_backend
     from agentkernel.profiles import get_profile
     from agentkernel.rootfs import host_rootfs
     from agentkernel.sandbox import SandboxSpec
 
     backend = get_backend("namespaces")
-    times: dict[str, list[float]] = {"gate": [], "no network": []}
-    for i in range(n):
+    times: dict[str, list[float]] = {"gate (fork server)": [], "gate (fresh)": [],
+                                     "no network": []}
+    for i in range(n + 1):  # the first round warms caches: not counted
         for kind in times:
             profile = get_profile("moderate")
-            if kind != "gate":
+            if kind == "no network":
                 profile = profile.with_overrides(network=False)
+            # The fork server is asked for each gate unless this says no (read per start).
+            os.environ["AGENTKERNEL_GATE_FORKSERVER"] = "0" if kind == "gate (fresh)" else "1"
             spec = SandboxSpec(name=f"bench-{os.getpid()}-{i}-{len(kind)}", profile=profile,
                                rootfs=host_rootfs(), image="host")
-            t = time.monotonic()
+            t = time.perf_counter()
             backend.start(spec).destroy()
-            times[kind].append(time.monotonic() - t)
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+            if i:
+                times[kind].append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def _row(label: str, values: list[float], base: list[float] | None, unit: str,
+         ratio: str = "p50 ratio") -> str:
+    cell = "-"
+    if base:
+        cell = f"{pct(values, 0.5) / pct(base, 0.5):.2f}x"
+    return (f"| {label} | {len(values)} | {pct(values, 0.5):.1f} {unit} | "
+            f"{pct(values, 0.95):.1f} {unit} | {cell} |")
+
+
+def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[float]],
+           server_kib: dict[str, int], st: dict[str, str]) -> list[str]:
+    s, g = results["slirp"], results["gate"]
+    lines = ["# egress gate vs slirp4netns", "", *stamp_lines(st), "",
+             "| measure | n | p50 | p95 | gate / slirp4netns (p50) |", "|---|---:|---:|---:|---:|"]
+    for key, unit in (("download_mibps", "MiB/s"), ("https_100_ms", "ms"),
+                      ("https_request_ms", "ms"), ("setup_ms", "ms"),
+                      ("idle_uss_kib", "KiB"), ("idle_pss_kib", "KiB"),
+                      ("busy_uss_kib", "KiB"), ("busy_pss_kib", "KiB")):
+        lines.append(_row(f"slirp4netns {key}", s[key], None, unit))
+        lines.append(_row(f"gate {key}", g[key], s[key], unit))
+    lines += ["", "| sandbox start+destroy | n | p50 | p95 | added p50 / p95 vs no network |",
+              "|---|---:|---:|---:|---:|"]
+    base = starts["no network"]
+    for kind, values in starts.items():
+        added = (f"{pct(values, 0.5) - pct(base, 0.5):+.1f} / "
+                 f"{pct(values, 0.95) - pct(base, 0.95):+.1f} ms")
+        lines.append(f"| {kind} | {len(values)} | {pct(values, 0.5):.1f} ms | "
+                     f"{pct(values, 0.95):.1f} ms | {added} |")
+    thr = pct(g["download_mibps"], 0.5) / pct(s["download_mibps"], 0.5)
+    https = pct(g["https_100_ms"], 0.5) / pct(s["https_100_ms"], 0.5)
+    added = pct(starts["gate (fork server)"], 0.5) - pct(base, 0.5)
+    added_fresh = pct(starts["gate (fresh)"], 0.5) - pct(base, 0.5)
+    uss = pct(g["idle_uss_kib"], 0.5) / 1024
+    lines += [
+        "", "## goals (p50, this run)",
+        f"- download throughput gate/slirp4netns: {thr:.2f}x (goal >= 0.80x): "
+        f"{'met' if thr >= 0.8 else 'NOT met'}",
+        f"- 100 HTTPS requests time gate/slirp4netns: {https:.2f}x (goal <= 1.20x): "
+        f"{'met' if https <= 1.2 else 'NOT met'}",
+        f"- added sandbox start (fork server, as the daemon): {added:+.1f} ms; one-shot (fresh "
+        f"interpreter): {added_fresh:+.1f} ms (goal <= 5 ms): "
+        f"{'met' if added <= 5 else 'NOT met'} (daemon path)",
+        f"- gate memory per sandbox, USS idle: {uss:.2f} MiB (busy "
+        f"{pct(g['busy_uss_kib'], 0.5) / 1024:.2f} MiB) + the fork server once: USS "
+        f"{server_kib['uss'] / 1024:.1f} MiB, PSS {server_kib['pss'] / 1024:.1f} MiB "
+        f"(goal <= 2 MiB per sandbox): {'met' if uss <= 2 else 'NOT met'}; slirp4netns "
+        f"USS {pct(s['idle_uss_kib'], 0.5) / 1024:.2f} MiB",
+    ]
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("-n", type=int, default=3)
+    parser.add_argument("-n", type=int, default=5, help="rounds of each way out")
+    parser.add_argument("--starts", type=int, default=20, help="sandbox starts of each kind")
+    parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
-    from test_egress_policy import make_upstream
+    from agentkernel import egress_forkserver
+    from test_egress_policy import SYSTEM_PYTHON, UPSTREAM_NAMES, make_upstream
 
-    results: dict[str, list[dict[str, float]]] = {}
-    with make_upstream() as upstream:
-        for _round in range(2):  # interleaved, so that load on the machine hits both
-            for kind in ("slirp", "gate"):
-                results.setdefault(kind, []).append(measure(kind, upstream, args.n))
-    starts = sandbox_starts(max(5, args.n * 3))
-    print("sandbox start+destroy p50 ms:", " ".join(f"{k}={v:.1f}" for k, v in starts.items()))
-    merged = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in
-              results.items()}
-    for kind, values in merged.items():
-        print(kind, " ".join(f"{k}={v:.3g}" for k, v in values.items()))
-    s, g = merged["slirp"], merged["gate"]
-    print(f"gate/slirp: throughput {g['throughput_MiBps'] / s['throughput_MiBps']:.2f}x, "
-          f"100 HTTPS {g['https_100_s'] / s['https_100_s']:.2f}x, "
-          f"set-up {g['setup_ms']:.1f} vs {s['setup_ms']:.1f} ms, "
-          f"RSS {g['rss_KiB'] / 1024:.1f} vs {s['rss_KiB'] / 1024:.1f} MiB")
+    st = stamp()
+    egress_forkserver.enable()  # gates fork from the fork server, as in the daemon
+    results: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in ("slirp", "gate")}
+    with make_upstream(UPSTREAM_NAMES) as upstream:
+        upstream.serve(SYSTEM_PYTHON, str(ROOT / "tests" / "egress_upstream.py"),
+                       str(upstream.dir / "srv.pem"), str(upstream.dir / "srv.key"))
+        for _round in range(args.n):  # interleaved, so that load on the machine hits both
+            for kind, samples in results.items():
+                measure(kind, upstream, samples)
+    server = egress_forkserver._server
+    server_kib = memory_kib(server.proc.pid) if server is not None else {"uss": 0, "pss": 0}
+    starts = sandbox_starts(args.starts)
+    egress_forkserver.shutdown()
+    lines = report(results, starts, server_kib, st)
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -19,7 +19,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 from . import egress_wire as wire
 from .egress_policy import Policy, Verdict, normalize_name
@@ -180,8 +180,8 @@ async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, s
 
 async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int],
                slot: int) -> None:
-    """Copy until EOF. (No timeout per read: a wait_for per chunk costs a task each;
-    `idle_watch` ends connections idle too long.)"""
+    """Copy until EOF or cancelled: what a server sends before the client's first bytes are
+    judged (then `relay` carries both ways, and ends connections idle too long)."""
     try:
         while True:
             chunk = await src.read(CHUNK)
@@ -197,14 +197,104 @@ async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list
         dst.close()
 
 
-async def idle_watch(count: list[int], *writers: asyncio.StreamWriter) -> None:
-    """Close a relayed connection once nothing moved either way for IDLE_TIMEOUT."""
-    while True:
-        await asyncio.sleep(60)
-        if time.monotonic() - count[2] > IDLE_TIMEOUT:
-            for w in writers:
-                w.close()
-            return
+class _Flow:
+    """Both directions of a relayed connection: bytes each way, last activity, half-closes,
+    the idle timer, and `done` once both ends are gone."""
+
+    def __init__(self, count: list[int], ends: tuple[asyncio.Transport, asyncio.Transport]
+                 ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.count = count
+        self.ends = ends
+        self.eofs = 0
+        self.lost = 0
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.timer = self.loop.call_later(60, self.check_idle)
+
+    def check_idle(self) -> None:
+        if time.monotonic() - self.count[2] > IDLE_TIMEOUT:
+            for end in self.ends:
+                end.abort()
+        else:
+            self.timer = self.loop.call_later(60, self.check_idle)
+
+    def eof(self) -> None:
+        self.eofs += 1
+        if self.eofs == 2:  # both sides said all: close (after what is still buffered)
+            for end in self.ends:
+                end.close()
+
+    def gone(self) -> None:
+        self.lost += 1
+        if self.lost == 2 and not self.done.done():
+            self.timer.cancel()
+            self.done.set_result(None)
+
+
+class _Relay(asyncio.Protocol):
+    """One end of a relayed connection once its first bytes were judged: what its transport
+    receives is written to the peer's in the same callback (no task, no future, no copy
+    per chunk); a full buffer on one side pauses reading from the other."""
+
+    def __init__(self, flow: _Flow, peer: asyncio.Transport, slot: int) -> None:
+        self.flow = flow
+        self.peer = peer
+        self.slot = slot
+
+    def data_received(self, data: bytes) -> None:
+        self.flow.count[self.slot] += len(data)
+        self.flow.count[2] = int(time.monotonic())
+        self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        if not self.peer.is_closing() and self.peer.can_write_eof():
+            self.peer.write_eof()
+        self.flow.eof()
+        return True  # the other direction may still have bytes to carry
+
+    def pause_writing(self) -> None:  # our transport's buffer is full: stop its source
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.peer.abort()
+        else:
+            self.peer.close()
+        self.flow.gone()
+
+
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+                count: list[int]) -> None:
+    """Carry both directions until both ends are gone: the streams' transports handed to
+    _Relay protocols, after what the streams had read and not yet passed on."""
+    client = cast(asyncio.Transport, writer.transport)
+    upstream = cast(asyncio.Transport, up_writer.transport)
+    if client.is_closing() or upstream.is_closing():
+        client.close()
+        upstream.close()
+        return
+    flow = _Flow(count, (client, upstream))
+    ends = (_Relay(flow, upstream, 0), _Relay(flow, client, 1))
+    client.set_protocol(ends[0])
+    upstream.set_protocol(ends[1])
+    for src, end, dst, slot, proto in ((reader, client, upstream, 0, ends[0]),
+                                       (up_reader, upstream, client, 1, ends[1])):
+        # StreamReader keeps what it read in `_buffer` (and EOF in `_eof`): no public way
+        # to take it without a read per chunk.
+        buffered: bytearray = getattr(src, "_buffer", bytearray())
+        if buffered:
+            count[slot] += len(buffered)
+            dst.write(bytes(buffered))
+            buffered.clear()
+        if getattr(src, "_eof", False):
+            proto.eof_received()
+        elif not end.is_reading():
+            end.resume_reading()
+    await flow.done
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -281,12 +371,10 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         count[0] = len(first)
         if first:
             up_writer.write(first)
-            await up_writer.drain()
-        watch = asyncio.get_running_loop().create_task(idle_watch(count, writer, up_writer))
-        try:
-            await asyncio.gather(pump(reader, up_writer, count, 0), down)
-        finally:
-            watch.cancel()
+        down.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await down  # it stops between chunks: what it had not read stays in the stream
+        await relay(reader, writer, up_reader, up_writer, count)
         gate.log.write(kind="close", host=host, addr=addr, port=port, sent=count[0],
                        received=count[1])
     except (OSError, ConnectionError, asyncio.CancelledError):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .egress_policy import Policy
     from .images import ImageConfig
     from .images.registry import RegistryOptions
-    from .profiles import Profile
+    from .profiles import Profile, WorkspaceMode
     from .rootfs import HostRootfs
     from .sandbox import SandboxSpec
     from .vm.settings import MicrovmSettings
@@ -73,6 +73,12 @@ class RunRequest(NamedTuple):
     secrets: tuple[str, ...] = ()  # names in the host's store (secrets_store)
     # Host dirs shown read-only (host path, in-sandbox path): `run --agent`'s install.
     ro_binds: tuple[tuple[str, str], ...] = ()
+    # An AI coding agent of the registry (`create --agent`, HTTP's `agent`): its install,
+    # variables, hosts and stored key join the request (`with_agent`).
+    agent: str | None = None
+    # The project's mount (profiles.WorkspaceMode: rw, cow, ro) over the profile's; an
+    # agent's is rw (its edits are the point; `run --agent --review` edits a copy).
+    workspace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,8 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
     from .vm.settings import resolve as microvm_settings
 
     res = resolvers or default_resolvers()
+    if req.agent is not None:
+        req = with_agent(req)
     config, source, warnings = load_configs(req, ctx)
     if req.image and req.image != HOST_IMAGE:
         validate_image_ref(req.image)
@@ -273,6 +281,28 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
         egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
     )
+
+
+def with_agent(req: RunRequest) -> RunRequest:
+    """An agent sandbox: the agent's install (read-only), variables, API hosts and the
+    stored secret that covers its key (agents/request.py), under the request's own -e,
+    lists and limits; the namespaces backend (its gate keeps the key outside) and the
+    host's userland (the agents are built for it) unless the request names an image."""
+    from .agents.request import AGENT_MEMORY_MB, agent_run, check_backend
+
+    assert req.agent is not None
+    check_backend(req.backend)
+    if req.no_network:
+        raise UsageError("an agent sandbox needs the network to reach the agent's API")
+    agent = agent_run(req.agent, DEFAULT_PATH)
+    return req._replace(
+        backend="namespaces", image=req.image or HOST_IMAGE,
+        memory_mb=AGENT_MEMORY_MB if req.memory_mb is None else req.memory_mb,
+        env={**agent.env, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
+        secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),
+        ro_binds=(*req.ro_binds, *agent.ro_binds),
+        workspace=req.workspace or "rw",
+        argv=[agent.binary, *req.argv] if req.argv else [])
 
 
 def egress_of(req: RunRequest, profile: Profile, config: Config | None,
@@ -396,8 +426,16 @@ def resolve_profile(req: RunRequest, config: Config | None) -> Profile:
         profile = profile.with_overrides(memory_mb=res.memory, pids=res.pids)
     return profile.with_overrides(
         network=False if req.no_network else None, memory_mb=req.memory_mb, pids=req.pids,
-        cpus=req.cpus,
+        cpus=req.cpus, workspace=_workspace_mode(req.workspace),
     )
+
+
+def _workspace_mode(mode: str | None) -> WorkspaceMode | None:
+    if mode is None:
+        return None
+    if mode not in ("rw", "cow", "ro", "none"):
+        raise UsageError(f"unknown workspace mode {mode[:20]!r} (rw, cow, ro, none)")
+    return mode  # type: ignore[return-value]
 
 
 def fallback_warning(image: str, reason: str | None = None) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import Result, ak
+from sandbox_helpers import SYSTEM_PYTHON, Result, ak, make_upstream
 
 ROOT = Path(__file__).resolve().parents[2]
 # scripts/test.sh fills this with `agentkernel agents install all` (AGENTKERNEL_HOME=it).
@@ -100,3 +102,52 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 
 PYTHON = sys.executable
+
+
+# ------------------------------------------------- a fake model API behind the gate
+# (tests/agents/fake_model_api.py, TLS from a test CA, in a network namespace of ours)
+
+API_HOSTS = ("api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com")
+REAL_KEY = "sk-ant-test-" + secrets.token_hex(16)
+
+
+@dataclass
+class FakeApi:
+    addr: str
+    ca: Path
+    log: Path
+
+    def seen(self) -> list[dict[str, object]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def add_hosts(self) -> list[str]:
+        return [a for h in API_HOSTS for a in ("--add-host", f"{h}:{self.addr}")]
+
+
+# What the fake model has the Bash tool run inside the sandbox. The real key is searched
+# for in two halves joined only in grep's stdin, so the search does not find itself.
+def bash_command(key: str) -> str:
+    half = len(key) // 2
+    return ("echo uid=$(id -u) host=$(hostname) key=$ANTHROPIC_API_KEY; "
+            "echo edited > /workspace/agent-was-here; "
+            f"printf '%s%s\\n' '{key[:half]}' '{key[half:]}' | grep -rlF -f - "
+            "/proc/[0-9]*/environ /proc/[0-9]*/cmdline /workspace /root /tmp /etc "
+            "2>/dev/null | head -3 | sed 's/^/FOUND /'; "
+            "curl -sS -m 5 https://example.org/ >/dev/null 2>&1 && echo other-reached "
+            "|| echo other-refused")
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeApi]:
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
+        pytest.skip("needs root, iproute2 and openssl")
+    if not (AGENTS_HOME / "agents" / "claude").is_dir():
+        pytest.skip("agent CLIs not installed (scripts/install-agents.sh)")
+    with make_upstream(API_HOSTS, net="198.19", private=False) as up:
+        log = up.dir / "seen.jsonl"
+        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
+                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"), str(log),
+                 bash_command(REAL_KEY))
+        yield FakeApi(up.addr, up.ca, log)

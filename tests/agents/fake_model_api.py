@@ -3,7 +3,10 @@
 Every request's method, path and credential headers are appended to a JSON-lines file.
 POST /v1/messages (the Anthropic Messages API, streamed or not) answers first with a call
 of the Bash tool running the command given on our command line, then, once the request
-carries its tool_result, with a short text. Anything else gets `{}`.
+carries its tool_result, with a short text. POST /v1/responses (OpenAI's Responses API, as
+Codex streams it) and Gemini's `:streamGenerateContent` / `:generateContent` answer one
+text turn, `fake-model-done`. A WebSocket upgrade (Codex tries one first) gets 404, so the
+client falls back to plain HTTPS. Anything else gets `{}`.
 argv: CERT KEY LOG BASH_COMMAND
 """
 
@@ -39,6 +42,26 @@ def events(blocks, stop):
     return "".join(f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in out).encode()
 
 
+def responses_events():
+    """One assistant message as the Responses API streams it (what Codex reads)."""
+    item = {"type": "message", "role": "assistant", "id": "msg_fake", "status": "completed",
+            "content": [{"type": "output_text", "text": "fake-model-done", "annotations": []}]}
+    usage = {"input_tokens": 1, "input_tokens_details": None, "output_tokens": 1,
+             "output_tokens_details": None, "total_tokens": 2}
+    out = [{"type": "response.created", "response": {"id": "resp_fake"}},
+           {"type": "response.output_item.done", "output_index": 0, "item": item},
+           {"type": "response.completed", "response": {"id": "resp_fake", "usage": usage}}]
+    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in out).encode()
+
+
+def gemini_answer():
+    """One text candidate as the Gemini API answers it (a JSON body, or one SSE event)."""
+    return {"candidates": [{"content": {"parts": [{"text": "fake-model-done"}], "role": "model"},
+                            "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 1,
+                              "totalTokenCount": 2}, "modelVersion": "gemini-fake"}
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -54,11 +77,26 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._record(b"")
+        if self.headers.get("upgrade"):
+            self.send_response(404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
         self._answer(b"{}")
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
         self._record(body)
+        if self.path.startswith("/v1/responses"):
+            self._answer(responses_events(), "text/event-stream")
+            return
+        if ":streamGenerateContent" in self.path:
+            self._answer(f"data: {json.dumps(gemini_answer())}\r\n\r\n".encode(),
+                         "text/event-stream")
+            return
+        if ":generateContent" in self.path:
+            self._answer(json.dumps(gemini_answer()).encode())
+            return
         if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
             self._answer(b'{"input_tokens": 1}' if "count_tokens" in self.path else b"{}")
             return

@@ -17,59 +17,14 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import AGENTS_HOME  # tests/agents/conftest.py
-from sandbox_helpers import SYSTEM_PYTHON, ak, ak_as_user, make_upstream
+from conftest import AGENTS_HOME, REAL_KEY, FakeApi  # tests/agents/conftest.py
+from sandbox_helpers import SYSTEM_PYTHON, ak, ak_as_user
 
 NOBODY = 65534
-API_HOSTS = ("api.anthropic.com", "api.openai.com", "generativelanguage.googleapis.com")
-REAL_KEY = "sk-ant-test-" + secrets.token_hex(16)
-
-
-@dataclass
-class FakeApi:
-    addr: str
-    ca: Path
-    log: Path
-
-    def seen(self) -> list[dict[str, object]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
-
-    def add_hosts(self) -> list[str]:
-        return [a for h in API_HOSTS for a in ("--add-host", f"{h}:{self.addr}")]
-
-
-# What the fake model has the Bash tool run inside the sandbox. The real key is searched
-# for in two halves joined only in grep's stdin, so the search does not find itself.
-def bash_command(key: str) -> str:
-    half = len(key) // 2
-    return ("echo uid=$(id -u) host=$(hostname) key=$ANTHROPIC_API_KEY; "
-            f"printf '%s%s\\n' '{key[:half]}' '{key[half:]}' | grep -rlF -f - "
-            "/proc/[0-9]*/environ /proc/[0-9]*/cmdline /workspace /root /tmp /etc "
-            "2>/dev/null | head -3 | sed 's/^/FOUND /'; "
-            "curl -sS -m 5 https://example.org/ >/dev/null 2>&1 && echo other-reached "
-            "|| echo other-refused")
-
-
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeApi]:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs root, iproute2 and openssl")
-    if not (AGENTS_HOME / "agents" / "claude").is_dir():
-        pytest.skip("agent CLIs not installed (scripts/install-agents.sh)")
-    with make_upstream(API_HOSTS, net="198.19", private=False) as up:
-        log = up.dir / "seen.jsonl"
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"), str(log),
-                 bash_command(REAL_KEY))
-        yield FakeApi(up.addr, up.ca, log)
 
 
 @pytest.fixture
@@ -114,6 +69,30 @@ def test_claude_headless_key_stays_outside(fake_api: FakeApi, data_home: Path,
            "--dangerously-skip-permissions", cwd=project, timeout=240,
            env=_env(data_home, fake_api, ANTHROPIC_API_KEY=REAL_KEY))
     _check_claude_run(r.stdout, r.stderr, r.returncode, fake_api)
+    # The project is the agent's to edit (rw), its files the caller's.
+    marker = project / "agent-was-here"
+    assert marker.read_text() == "edited\n"
+    assert marker.stat().st_uid == os.getuid()
+
+
+def test_review_shows_a_diff_and_applies_only_when_asked(fake_api: FakeApi, data_home: Path,
+                                                         project: Path) -> None:
+    """--review: the agent edits a copy; its changes are shown as a diff; without a
+    terminal to say y they stay out of the project; --apply brings them in."""
+    (project / "agent-was-here").write_text("original\n")
+    args = ("run", "--agent", "claude", *fake_api.add_hosts())
+    prompt = ("--", "-p", "edit", "--dangerously-skip-permissions")
+    env = _env(data_home, fake_api, ANTHROPIC_API_KEY=REAL_KEY)
+    r = ak(*args, "--review", *prompt, cwd=project, timeout=240, env=env)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "-original" in r.stdout and "+edited" in r.stdout, r.stdout
+    assert "not applied" in r.stderr, r.stderr
+    assert (project / "agent-was-here").read_text() == "original\n"
+    r = ak(*args, "--apply", *prompt, cwd=project, timeout=240, env=env)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "applied 1 change(s)" in r.stderr, r.stderr
+    assert (project / "agent-was-here").read_text() == "edited\n"
+    assert {p.name for p in project.iterdir()} == {"agent-was-here", "hello.txt"}
 
 
 def test_claude_as_an_ordinary_user(fake_api: FakeApi) -> None:
@@ -138,6 +117,8 @@ def test_claude_as_an_ordinary_user(fake_api: FakeApi) -> None:
                                "AGENTKERNEL_NO_DAEMON": "1"})
         out, err = proc.communicate(timeout=260)
         _check_claude_run(out, err, proc.returncode, fake_api)
+        marker = home / "project" / "agent-was-here"
+        assert marker.stat().st_uid == NOBODY, marker.stat()
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -153,7 +134,7 @@ def test_stored_secret_covers_the_agent(data_home: Path, project: Path) -> None:
     assert auth["claude"] == "secret:anth" and auth["opencode"] == "secret:anth", auth
 
 
-@pytest.mark.parametrize("agent", ["codex", "gemini", "opencode"])
+@pytest.mark.parametrize("agent", ["opencode"])  # codex, gemini: real turns below
 def test_other_agents_start_in_the_sandbox(agent: str, data_home: Path,
                                            project: Path) -> None:
     r = ak("run", "--agent", agent, "--", "--version", cwd=project, timeout=180,
@@ -180,3 +161,43 @@ def test_missing_install_is_refused(tmp_path: Path, project: Path) -> None:
     r = ak("run", "--agent", "nosuch", cwd=project)
     assert "unknown agent 'nosuch'" in r.stderr, r.stderr
 
+
+
+OPENAI_KEY = "sk-proj-test-" + secrets.token_hex(16)
+GEMINI_KEY = "AIza-test-" + secrets.token_hex(16)
+
+
+def _api_headers(api: FakeApi, header: str, path_part: str) -> set[str]:
+    """Every value of `header` on the fake API's requests whose path holds `path_part`."""
+    return {str(s["headers"].get(header)) for s in api.seen()  # type: ignore[union-attr]
+            if path_part in str(s["path"])}
+
+
+def test_codex_bearer_key_injected(fake_api: FakeApi, data_home: Path, project: Path) -> None:
+    """The real Codex (`codex exec`, its default OpenAI provider) does a turn against the
+    fake Responses API; the request carries `Authorization: Bearer <the real key>`, never
+    the placeholder the sandbox holds. The key is in OPENAI_API_KEY, which `codex exec`
+    does not read: the registry puts the placeholder in CODEX_API_KEY."""
+    fake_api.log.unlink(missing_ok=True)
+    r = ak("run", "--agent", "codex", *fake_api.add_hosts(), "--", "exec",
+           "--skip-git-repo-check", "say hello", cwd=project, timeout=240,
+           env=_env(data_home, fake_api, OPENAI_API_KEY=OPENAI_KEY))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "fake-model-done" in r.stdout, (r.stdout, r.stderr)
+    assert _api_headers(fake_api, "authorization", "/v1/responses") == {f"Bearer {OPENAI_KEY}"}, \
+        fake_api.seen()
+
+
+def test_gemini_goog_key_injected(fake_api: FakeApi, data_home: Path, project: Path) -> None:
+    """The real Gemini CLI (`gemini -p`) does a turn against the fake Gemini API; every
+    model request carries `x-goog-api-key: <the real key>`, never the placeholder."""
+    fake_api.log.unlink(missing_ok=True)
+    # -m: a named model skips the CLI's model router, whose JSON requests the fake does
+    # not answer (it would retry them with back-off).
+    r = ak("run", "--agent", "gemini", *fake_api.add_hosts(), "--", "-m", "gemini-2.5-flash",
+           "-p", "say hello",
+           cwd=project, timeout=240, env=_env(data_home, fake_api, GEMINI_API_KEY=GEMINI_KEY))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "fake-model-done" in r.stdout, (r.stdout, r.stderr)
+    assert _api_headers(fake_api, "x-goog-api-key", ":streamGenerateContent") == {GEMINI_KEY}
+    assert _api_headers(fake_api, "x-goog-api-key", "/v1beta/") == {GEMINI_KEY}

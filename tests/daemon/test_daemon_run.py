@@ -150,8 +150,9 @@ def test_client_gone_kills_its_command(daemon: Daemon, tmp_path: Path) -> None:
 
 
 def _pty_session(daemon: Daemon, args: list[str], keys: list[bytes], *, rows: int = 33,
-                 cols: int = 101, timeout: float = 30) -> tuple[int, bytes]:
-    """Run the CLI on a real pseudo-terminal, type `keys`, collect everything it shows."""
+                 cols: int = 101, timeout: float = 30, prompt: bytes = b"") -> tuple[int, bytes]:
+    """Run the CLI on a real pseudo-terminal, type `keys` (once `prompt` has shown: an
+    interactive bash drops what was typed before its prompt), collect what it shows."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "agentkernel", *args],
@@ -173,7 +174,7 @@ def _pty_session(daemon: Daemon, args: list[str], keys: list[bytes], *, rows: in
                 if not chunk:
                     break
                 output += chunk
-            elif pending:
+            elif pending and prompt in output:
                 os.write(master, pending.pop(0))
             elif proc.poll() is not None:
                 break
@@ -193,7 +194,7 @@ def test_attach_gives_a_real_terminal(daemon: Daemon) -> None:
         code, out = _pty_session(daemon, ["attach", name], [
             b"tty; stty size; echo $((6*7))\r",
             b"exit 3\r",
-        ])
+        ], prompt=b"@agentkernel:")
         text = out.decode(errors="replace")
         assert "/dev/pts/" in text
         assert "33 101" in text  # the window size came through

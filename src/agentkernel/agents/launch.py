@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import UsageError
 from .registry import AgentSpec
+from .request import AGENT_MEMORY_MB
 from .status import covering_secret, key_hosts
 
 if TYPE_CHECKING:
@@ -27,13 +28,7 @@ if TYPE_CHECKING:
 
     from ..planner import RunRequest
 
-AGENT_MOUNT = "/run/agentkernel"  # /run is always the sandbox's own tmpfs: a mount point
-SANDBOX_HOME = "/root"
 TERMINAL_ENV = ("TERM", "COLORTERM", "LANG")
-# The agent CLIs are Node or Bun programs that need more than moderate's 512 MiB (Bun
-# aborts at start under a 512 MiB RLIMIT_DATA, the cap an ordinary user gets): 4 GiB
-# unless -m says otherwise.
-AGENT_MEMORY = "4g"
 
 
 class KeySource(NamedTuple):
@@ -66,22 +61,12 @@ def key_source(spec: AgentSpec, environ: dict[str, str]) -> KeySource:
             raise UsageError(f"{key.env} must be one line of at most 64 KiB")
         name = f"env:{key.env}"
         hold(Secret(name, tuple(normalize_name(h) for h in key_hosts(spec, key)),
-                    key.header_name, key.env, value))
+                    key.header_name, key.sandbox_env, value))
         return KeySource(name, name)
     stored = covering_secret(spec)
     if stored is not None:
         return KeySource(stored, f"secret:{stored}")
     return KeySource(None, "missing")
-
-
-def installed_dir(spec: AgentSpec) -> str:
-    """agentkernel's install of the agent; UsageError with the command that installs it."""
-    from .status import agents_dir, installed_binary
-
-    if not os.access(installed_binary(spec), os.X_OK):
-        raise UsageError(f"{spec.name} is not installed for sandboxes: run "
-                         f"`agentkernel agents install {spec.id}` first")
-    return str(agents_dir() / spec.id)
 
 
 def prepare(args: argparse.Namespace, command: list[str]) -> KeySource:
@@ -90,30 +75,25 @@ def prepare(args: argparse.Namespace, command: list[str]) -> KeySource:
     allowed. Returns where the key came from."""
     from ..planner import DEFAULT_PATH
     from .registry import get
+    from .request import agent_run, check_backend
 
     spec = get(args.agent)
-    if args.backend not in (None, "auto", "namespaces"):
-        raise UsageError("run --agent uses the namespaces backend: its egress gate is the one "
-                         "that keeps the agent's key outside the sandbox")
+    check_backend(args.backend)
     if args.no_network:
         raise UsageError("run --agent needs the network to reach the agent's API")
-    source, inside = installed_dir(spec), f"{AGENT_MOUNT}/{spec.id}"
+    agent = agent_run(spec.id, DEFAULT_PATH, stored_key=False)
     key = key_source(spec, dict(os.environ))
-    bin_dir = f"{inside}/node_modules/.bin"
-    env = [f"{k}={v}" for k, v in spec.run_env]
-    env += [f"PATH={bin_dir}:{DEFAULT_PATH}", f"HOME={SANDBOX_HOME}"]
+    env = [f"{k}={v}" for k, v in agent.env.items()]
     env += [f"{k}={os.environ[k]}" for k in TERMINAL_ENV if os.environ.get(k)]
-    hosts = [*spec.hosts]
-    for k in spec.keys:
-        hosts += [h for h in key_hosts(spec, k) if h not in hosts]
     args.backend = "namespaces"
-    args.memory = args.memory or AGENT_MEMORY
+    args.memory = args.memory or f"{AGENT_MEMORY_MB}m"
     args.image = args.image or "host"  # the agents are built for the host's userland
     args.env = [*env, *args.env]  # the user's -e win
-    args.allow_host = [*hosts, *args.allow_host]
+    args.allow_host = [*agent.hosts, *args.allow_host]
     args.secret = [*args.secret, *([key.secret] if key.secret else [])]
-    args.ro_binds = [(source, inside)]
-    args.command = [f"{bin_dir}/{spec.binary}", *command]
+    args.ro_binds = list(agent.ro_binds)
+    args.workspace_mode = "rw"  # the agent edits the project (or, with --review, a copy)
+    args.command = [agent.binary, *command]
     return key
 
 
@@ -137,6 +117,27 @@ def cmd_run_agent(args: argparse.Namespace, command: list[str], *, runs: RunFlow
     key = prepare(args, command)
     if key.secret is None and not args.quiet:
         print(f"agentkernel: warning: {missing_key_note(get(args.agent))}", file=sys.stderr)
+    if not (getattr(args, "review", False) or getattr(args, "apply", False)):
+        return _run(args, runs)
+    from pathlib import Path
+
+    from .review import copy_project, finish
+
+    project = Path.cwd()
+    copy = copy_project(project)
+    args.project = str(copy)  # the agent's workspace: the copy
+    try:
+        code = _run(args, runs)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        raise
+    finish(project, copy, code, apply_flag=bool(args.apply), quiet=bool(args.quiet))
+    return code
+
+
+def _run(args: argparse.Namespace, runs: RunFlow) -> int:
     if sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty():
         from .terminal import run_on_pty
 

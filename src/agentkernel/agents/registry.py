@@ -21,6 +21,13 @@ class KeyVar:
     env: str
     header: str
     host: str | None = None  # the API host it is for; None: the agent's `hosts`
+    # The variable the agent reads it from, when not `env` (Codex's exec reads its key
+    # from CODEX_API_KEY, not OPENAI_API_KEY): where `run --agent` puts the placeholder.
+    inside: str | None = None
+
+    @property
+    def sandbox_env(self) -> str:
+        return self.inside or self.env
 
     @property
     def header_name(self) -> str:
@@ -55,6 +62,8 @@ class AgentSpec:
     # Variables `run --agent` sets for the agent in its sandbox (no auto-update, no
     # telemetry: the install is read-only there and only its API hosts are reachable).
     run_env: tuple[tuple[str, str], ...] = ()
+    # Host files and dirs ($HOME-relative) `create --agent --settings` copies in.
+    settings: tuple[str, ...] = ()
 
     @property
     def npm_spec(self) -> str:
@@ -100,7 +109,8 @@ def parse_row(agent_id: str, row: dict[str, object]) -> AgentSpec:
         npm=_string(row, "npm", where), version=_string(row, "version", where),
         version_args=_strings(row, "version_args", where),
         keys=tuple(KeyVar(_string(k, "env", where), _string(k, "header", where),
-                          _string(k, "host", where) if "host" in k else None)
+                          _string(k, "host", where) if "host" in k else None,
+                          _string(k, "inside", where) if "inside" in k else None)
                    for k in keys),
         base_url=_string(row, "base_url", where), hosts=_strings(row, "hosts", where),
         oauth_files=tuple(_relative(p, where) for p in _strings(row, "oauth_files", where)),
@@ -111,6 +121,7 @@ def parse_row(agent_id: str, row: dict[str, object]) -> AgentSpec:
         cli_scopes=scopes, cli_env=_env_table(row, where, "cli_env"),
         run_env=_env_table(row, where, "run_env"),
         setup=tuple(_relative(v, where) for v in _strings(row, "setup", where)),
+        settings=tuple(_relative(v, where) for v in _strings(row, "settings", where)),
     )
 
 

@@ -141,3 +141,36 @@ def covering_secret(spec: AgentSpec) -> str | None:
 def _covers(secret: Secret, spec: AgentSpec) -> bool:
     return any(secret.env == key.env and secret.header in (key.header_name, "*")
                and set(key_hosts(spec, key)) <= set(secret.hosts) for key in spec.keys)
+
+
+def installed_version(spec: AgentSpec) -> str | None:
+    """The version of agentkernel's install of the agent (its package.json, bounded read),
+    without starting it; None when it is not installed."""
+    import json
+
+    if not os.access(installed_binary(spec), os.X_OK):
+        return None
+    manifest = agents_dir() / spec.id / "node_modules" / spec.npm / "package.json"
+    try:
+        with manifest.open("rb") as f:
+            version = json.loads(f.read(1 << 20)).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) and _VERSION.fullmatch(version) else None
+
+
+def sandbox_agents() -> list[dict[str, object]]:
+    """What an agent sandbox (`create --agent`, HTTP's `agent`) would get of each agent:
+    agentkernel's install, the stored secret that covers its key, the hosts it may reach.
+    Nothing is started and no environment variable is read (HTTP's GET /agents)."""
+    out: list[dict[str, object]] = []
+    for spec in agents():
+        version = installed_version(spec)
+        secret = covering_secret(spec)
+        hosts = list(spec.hosts)
+        for key in spec.keys:
+            hosts += [h for h in key_hosts(spec, key) if h not in hosts]
+        out.append({"id": spec.id, "name": spec.name, "npm": spec.npm,
+                    "installed": version is not None, "version": version,
+                    "key": f"secret:{secret}" if secret else "missing", "hosts": hosts})
+    return out

@@ -49,6 +49,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--agent", metavar="AGENT",
                    help="run an AI coding agent (claude, codex, gemini, opencode) from "
                         "`agents install`; arguments after -- go to it (docs/agents.md)")
+    p.add_argument("--review", action="store_true",
+                   help="with --agent: the agent edits a copy of the project; show its diff "
+                        "and apply it when you answer y")
+    p.add_argument("--apply", action="store_true",
+                   help="with --agent: as --review, and apply the changes without asking "
+                        "(when the agent exits 0)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     p.set_defaults(handler=cmd_run)
 
@@ -59,6 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if (args.review or args.apply) and not args.agent:
+        raise UsageError("--review and --apply are for --agent runs")
     if args.agent:
         from ..agents.launch import RunFlow, cmd_run_agent
 
@@ -169,7 +177,8 @@ def run_request(args: argparse.Namespace, command: list[str]) -> RunRequest:
     from ..profiles import parse_memory_limit, parse_pids
 
     return RunRequest(
-        argv=command, cwd=Path.cwd(), image=args.image, profile=args.profile,
+        argv=command, cwd=Path(getattr(args, "project", None) or Path.cwd()),
+        image=args.image, profile=args.profile,
         backend=args.backend, no_network=args.no_network, env=parse_env(args.env),
         workdir=args.workdir, timeout=args.timeout, keep=False,
         memory_mb=parse_memory_limit(args.memory) if args.memory else None,
@@ -181,6 +190,7 @@ def run_request(args: argparse.Namespace, command: list[str]) -> RunRequest:
         deny_hosts=tuple(getattr(args, "deny_host", ())),
         add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
         ro_binds=tuple(getattr(args, "ro_binds", ())),  # run --agent's install
+        workspace=getattr(args, "workspace_mode", None),  # run --agent's: rw
     )
 
 

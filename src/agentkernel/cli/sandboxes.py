@@ -33,6 +33,12 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL",
                    help="environment variable for every command in it (repeatable)")
     c.add_argument("--ttl", help="remove it automatically after this long (30m, 1h, 2d)")
+    c.add_argument("--agent", metavar="AGENT",
+                   help="a sandbox for an AI coding agent (claude, codex, gemini, opencode): "
+                        "its install, its API hosts, its stored key; `attach` starts it")
+    c.add_argument("--settings", action="store_true",
+                   help="with --agent: copy your agent instructions and skills (e.g. "
+                        "~/.claude/CLAUDE.md, ~/.claude/skills) into its HOME")
     from .egress import add_egress_flags
 
     add_egress_flags(c)
@@ -50,6 +56,9 @@ def add_parsers(sub: Any) -> None:
     a = sub.add_parser("attach", help="interactive shell in a persistent sandbox")
     a.add_argument("name")
     a.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL")
+    a.add_argument("--shell", action="store_true",
+                   help="a shell, not the agent of a sandbox made with --agent")
+    a.add_argument("command", nargs="*", help="arguments for the agent (after --)")
     a.set_defaults(handler=cmd_attach)
     cp = sub.add_parser("cp", help="copy a file into or out of a sandbox (NAME:/path)")
     cp.add_argument("src")
@@ -90,6 +99,13 @@ def parse_duration(text: str) -> float:
 def cmd_create(args: argparse.Namespace) -> int:
     validate_sandbox_name(args.name)
     memory, pids = limits(args)
+    if args.settings and not args.agent:
+        from ..errors import UsageError
+
+        raise UsageError("--settings is for --agent sandboxes")
+    if args.agent:
+        _check_agent_key(args.agent)
+        args.dir = args.dir or "."  # an agent's sandbox is for the project it is made in
     req: dict[str, Any] = {
         "name": args.name, "image": args.image, "profile": args.profile,
         "backend": args.backend, "memory_mb": memory, "pids": pids, "cpus": args.cpus,
@@ -97,7 +113,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         "env": env_pairs(args.env),
         "ttl_seconds": parse_duration(args.ttl) if args.ttl else None, **caller(),
         "allow_hosts": list(args.allow_host), "deny_hosts": list(args.deny_host),
-        "add_hosts": list(args.add_host), "secrets": list(args.secret),
+        "add_hosts": list(args.add_host), "secrets": list(args.secret), "agent": args.agent,
     }
     print(f"Creating sandbox '{args.name}'" + (f" with image '{args.image}'" if args.image
                                                else "") + "...")
@@ -113,11 +129,51 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"  Profile: {info['profile']}")
     print(f"  vCPUs:   {info['vcpus'] or 'unlimited'}")
     print(f"  Memory:  {info['memory_mb'] or 'unlimited'} MB")
+    if info.get("agent"):
+        print(f"  Agent:   {info['agent']} (`agentkernel attach {args.name}` starts it)")
+    if args.settings:
+        _copy_settings(args.name, str(info["agent"]))
     if info.get("expires_at"):
         print(f"  Expires: {info['expires_at']}")
     print(f"\nSandbox '{args.name}' created.\n\nNext steps:\n"
           f"  agentkernel exec {args.name} -- COMMAND\n  agentkernel attach {args.name}")
     return 0
+
+
+def _check_agent_key(agent_id: str) -> None:
+    """A kept agent sandbox gets its key from the store (the daemon's gate reads it again
+    at each start): a key only in this shell's environment is refused, with the command
+    that stores it; no key at all is a warning (the agent may sign in another way)."""
+    from ..agents.launch import missing_key_note
+    from ..agents.registry import get
+    from ..agents.status import covering_secret
+    from ..errors import UsageError
+
+    spec = get(agent_id)
+    if covering_secret(spec) is not None:
+        return
+    note = missing_key_note(spec)
+    if any(os.environ.get(k.env, "").strip() for k in spec.keys):
+        raise UsageError("a kept agent sandbox takes its key from agentkernel's secret store, "
+                         "not from this shell: " + note.split(": ", 1)[1])
+    say(f"warning: {note}")
+
+
+def _copy_settings(name: str, agent_id: str) -> None:
+    """The host's agent instructions and skills into the sandbox's HOME (agents/settings)."""
+    from pathlib import Path
+
+    from ..agents.registry import get
+    from ..agents.request import SANDBOX_HOME
+    from ..agents.settings import collect
+
+    found, skipped = collect(get(agent_id), Path.home())
+    for f in found:
+        client.call("write_file", {"name": name, "path": f"{SANDBOX_HOME}/{f.path}",
+                                   "data": f.data.decode("latin-1"), "mode": f.mode})
+    for line in skipped:
+        say(f"settings: skipped {line}")
+    print(f"  Settings: {len(found)} file(s) copied into {SANDBOX_HOME}")
 
 
 def _each(names: list[str], op: str, doing: str, done: str, after: str = "") -> int:
@@ -211,11 +267,22 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
+    """A terminal in the sandbox: its agent (made with --agent), else a shell."""
     validate_sandbox_name(args.name)
     env = env_pairs(args.env)
     env.setdefault("TERM", os.environ.get("TERM", "xterm"))
     shell = "command -v bash >/dev/null 2>&1 && exec bash -i || exec sh -i"
-    req: dict[str, Any] = {"name": args.name, "argv": ["/bin/sh", "-c", shell], "env": env,
+    argv = ["/bin/sh", "-c", shell]
+    extra = strip_dashes(list(args.command))
+    agent = None if args.shell else client.call("get", {"name": args.name}).get("agent")
+    if agent:
+        from ..agents.registry import get
+
+        argv = [get(str(agent)).binary, *extra]  # on the PATH the sandbox was given
+    elif extra:
+        raise DaemonError("arguments after -- are for an agent's sandbox (made with --agent)",
+                          2)
+    req: dict[str, Any] = {"name": args.name, "argv": argv, "env": env,
                            "stdin_open": True, "tty": list(client.terminal_size())}
     return interactive("exec", req, stdin=True, tty=True)
 

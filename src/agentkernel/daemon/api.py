@@ -42,6 +42,9 @@ class CreateRequest:
     add_hosts: list[str] = field(default_factory=list)
     # Stored secrets' names (secrets_store): placeholders in the sandbox, values at its gate.
     secrets: list[str] = field(default_factory=list)
+    # An AI coding agent of the registry (agents/registry.toml): its install, variables,
+    # API hosts and stored key come with it (planner.with_agent).
+    agent: str | None = None
 
 
 @dataclass
@@ -60,6 +63,7 @@ class SandboxInfo:
     # What backs the root: "image REF (digest)", or the host's userland when the image
     # could not be had (offline_fallback = "host"). Ours, not in the SDKs' JSON.
     rootfs: str = ""
+    agent: str | None = None  # the agent it was created for (`create --agent`)
 
 
 @dataclass

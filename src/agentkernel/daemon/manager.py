@@ -235,7 +235,8 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
                            workspace=workspace, home=home_opt, persistent=True,
                            state_dir=self._layers_dir(name),
                            masks=control_masks(profile, workspace, home_opt),
-                           egress=_egress_of(doc))
+                           egress=_egress_of(doc),
+                           ro_binds=tuple((str(a), str(b)) for a, b in doc.get("ro_binds") or ()))
         env = sandbox_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
         cwd = sandbox_cwd(None, workspace is not None, image_config)

@@ -55,7 +55,8 @@ class SandboxesMixin:
                 argv=[], cwd=workspace, image=req.image, profile=req.profile,
                 backend=req.backend, memory_mb=req.memory_mb, pids=req.pids, cpus=cpus,
                 allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
-                add_hosts=tuple(req.add_hosts), secrets=tuple(req.secrets)),
+                add_hosts=tuple(req.add_hosts), secrets=tuple(req.secrets),
+                env=dict(req.env), agent=req.agent),
                 ctx, persistent=True)
             backend, profile, image = plan.backend, plan.profile, plan.image
             doc = {
@@ -64,8 +65,9 @@ class SandboxesMixin:
                 "memory_mb": profile.memory_mb, "cpus": profile.cpus,
                 "no_network": profile.network == "none",
                 "workspace": str(workspace) if workspace else None,
-                # (with the secrets' placeholders: their values are read at each start)
-                "env": {**dict(req.env), **plan.secret_env}, "host_env": dict(plan.pass_env),
+                # The request's -e (an agent's variables under them), with the secrets'
+                # placeholders: their values are read from the store at each start.
+                "env": {**plan.user_env, **plan.secret_env}, "host_env": dict(plan.pass_env),
                 "home": str(plan.home) if plan.home else None,
                 "registry": plan.registry.to_doc() if plan.registry else None,
                 "profile_fields": profile._asdict(), "rootfs_note": plan.rootfs_note,
@@ -73,6 +75,7 @@ class SandboxesMixin:
                 "disk_mb": None if backend.sized_disks else self._disk_mb(plan.config),
                 # egress_policy: the policy it was created with (its secrets by name)
                 "egress": plan.egress.to_json() if plan.egress is not None else None,
+                "agent": req.agent, "ro_binds": [list(b) for b in plan.ro_binds],
             }
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)
@@ -116,7 +119,7 @@ class SandboxesMixin:
             isolation=row["isolation"], image=row["image"], profile=row["profile"],
             vcpus=max(1, round(cpus)) if cpus else None, memory_mb=doc.get("memory_mb"),
             created_at=rfc3339(row["created"]) or "", expires_at=rfc3339(row["expires"]),
-            rootfs=str(doc.get("rootfs_note") or ""))
+            rootfs=str(doc.get("rootfs_note") or ""), agent=doc.get("agent"))
 
     def get(self: SandboxManager, name: str) -> SandboxInfo:
         return self._info(self._row(name))

@@ -604,7 +604,16 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
     manager = SandboxManager(config, configured_pools=asked or idle_exit <= 0)
     for line in manager.recovered:
         print(f"agentkernel daemon: {line}", file=sys.stderr, flush=True)
-    server = DaemonServer(manager, rt / DAEMON_SOCKET)
+    # The pid is there before the socket: whoever sees the socket may read it at once.
+    pid_tmp = rt / f".daemon.pid.{os.getpid()}"
+    pid_tmp.write_text(f"{os.getpid()}\n")
+    pid_tmp.replace(rt / "daemon.pid")
+    try:
+        server = DaemonServer(manager, rt / DAEMON_SOCKET)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            (rt / "daemon.pid").unlink()
+        raise
     server.config_path = daemon_config_path(config_path)
     if http is not None:
         from ..http.serve import describe, start_in_thread
@@ -625,7 +634,6 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
             print(f"agentkernel daemon: no API socket: {exc}", file=sys.stderr, flush=True)
 
     threading.Thread(target=start_uds_api, name="ak-api-start", daemon=True).start()
-    (rt / "daemon.pid").write_text(f"{os.getpid()}\n")
 
     def on_signal(_signo: int, _frame: object) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()

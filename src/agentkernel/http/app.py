@@ -138,6 +138,8 @@ def _gather(pieces: Iterator[bytes]) -> bytearray:
 def sandbox_json(info: SandboxInfo) -> dict[str, Any]:
     data = asdict(info)
     data.pop("rootfs")  # the SDKs' contract has no such field
+    if data.get("agent") is None:
+        data.pop("agent", None)  # ours, only on an agent's sandbox
     return data
 
 
@@ -409,6 +411,13 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
         return ok({"default_backend": default_backend(found),
                    "backends": [backend_json(b) for b in found]})
 
+    @app.get("/agents", tags=["host"], **_doc(m.AgentsOut, "AgentsResponse"))
+    def agents() -> Response:
+        """The AI coding agents a sandbox can be made for (POST /sandboxes `agent`)."""
+        from ..agents.status import sandbox_agents
+
+        return ok({"agents": sandbox_agents()})
+
     # -- sandboxes --
 
     @app.get("/sandboxes", tags=["sandboxes"], **_doc(list[m.SandboxOut], "SandboxListResponse"))
@@ -427,6 +436,9 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
             profile=check_profile(body.profile), backend=check_backend(body.backend),
             vcpus=body.vcpus, memory_mb=body.memory_mb, env=parse_env(body.env),
             ttl_seconds=parse_duration(body.ttl) if body.ttl else None,
+            agent=body.agent,  # checked by the planner (agents/registry: known ids only)
+            allow_hosts=list(body.egress.allow) if body.egress else [],
+            deny_hosts=list(body.egress.deny) if body.egress else [],
         )
         return ok(sandbox_json(svc.create(req)), 201)
 
@@ -481,6 +493,30 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
     async def exec_in(name: str, body: m.ExecBody, request: Request) -> Response:
         req, sandbox = _exec_request(body), _name(name)
         return await command(request, lambda: svc.open_exec(sandbox, req), False)
+
+    @app.post(
+        "/sandboxes/{name}/exec/stream", tags=["exec"], response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {"schema": {
+                             "type": "object", "description": "the JSON data of one event"}}},
+                         "description": "as /run/stream: started, output, done or error "
+                                        "(ours, beyond the SDKs' contract: e.g. an agent's "
+                                        "headless run in its sandbox)"},
+                   **{c: _ERR[c] for c in (400, 401, 413)}},
+    )
+    async def exec_stream(name: str, body: m.ExecBody) -> Response:
+        req, sandbox = _exec_request(body), _name(name)  # a 400 before the stream starts
+        started = sse("started", {"command": req.argv, "sandbox": sandbox,
+                                  "timestamp": datetime.now(UTC).isoformat()})
+        pipe = Pipe(asyncio.get_running_loop(), limits.stream_buffer)
+
+        def job_for(on_output: OnOutput) -> Job:
+            return Job(lambda: svc.open_exec(sandbox, req), on_output, close_stdin=True)
+
+        return StreamingResponse(
+            stream_events(job_for, pipe, started, keepalive, _stream_error),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.post("/sandboxes/{name}/exec/detach", tags=["exec"],
               **_doc(m.DetachedOut, "DetachedResponse", 409))

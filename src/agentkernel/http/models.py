@@ -44,6 +44,13 @@ class BatchBody(_In):
     commands: Annotated[list[BatchItem], Field(min_length=1, max_length=MAX_BATCH)]
 
 
+class EgressBody(_In):
+    """Host patterns a sandbox may (allow) or may not (deny) reach (egress_policy)."""
+
+    allow: Annotated[list[ShortStr], Field(max_length=256)] = []
+    deny: Annotated[list[ShortStr], Field(max_length=256)] = []
+
+
 class CreateBody(_In):
     name: ShortStr
     image: ShortStr | None = None
@@ -58,6 +65,10 @@ class CreateBody(_In):
     secret_files: Annotated[list[ShortStr], Field(max_length=256)] | None = None
     env: Annotated[list[ShortStr], Field(max_length=MAX_ENV)] | None = None
     ttl: ShortStr | None = None  # a duration such as "30m": removed when it expires
+    # Ours, beyond the SDKs' contract (which never sends them): an AI coding agent of the
+    # registry (GET /agents) and egress host patterns on top of its default.
+    agent: ShortStr | None = None
+    egress: EgressBody | None = None
 
 
 class ExecBody(_In):
@@ -126,6 +137,21 @@ class SandboxOut(BaseModel):
     memory_mb: int | None
     created_at: str
     expires_at: str | None = None
+    agent: str | None = None  # ours: only on a sandbox made for an agent
+
+
+class AgentOut(BaseModel):
+    id: str
+    name: str
+    npm: str
+    installed: bool  # agentkernel's install (`agentkernel agents install ID`)
+    version: str | None
+    key: str  # "secret:NAME" (a stored secret covers it) or "missing"
+    hosts: list[str]  # what its sandbox may reach by default
+
+
+class AgentsOut(BaseModel):
+    agents: list[AgentOut]
 
 
 class FileOut(BaseModel):

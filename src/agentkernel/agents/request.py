@@ -1,0 +1,65 @@
+"""What an agent adds to a run or a kept sandbox: its install, variables, hosts and key.
+
+One place for `run --agent` (the CLI, in-process) and `create --agent` / HTTP's `agent`
+(the daemon, through the planner). It imports neither the planner nor a front door: the
+planner calls `agent_run` and merges the result into the request under the caller's own
+settings (the user's -e, --allow-host, -m win).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..errors import UsageError
+from .registry import AgentSpec, get
+from .status import agents_dir, covering_secret, installed_binary, key_hosts
+
+AGENT_MOUNT = "/run/agentkernel"  # /run is always the sandbox's own tmpfs: a mount point
+SANDBOX_HOME = "/root"  # the sandbox's own (a kept sandbox keeps it across restarts)
+# The agent CLIs are Node or Bun programs that need more than moderate's 512 MiB (Bun
+# aborts at start under a 512 MiB RLIMIT_DATA, the cap an ordinary user gets): 4 GiB
+# unless -m says otherwise.
+AGENT_MEMORY_MB = 4096
+AGENT_BACKENDS = (None, "auto", "namespaces")
+
+
+class AgentRun(NamedTuple):
+    """The agent's share of a request."""
+
+    binary: str  # its executable, inside
+    env: dict[str, str]  # under the caller's -e
+    hosts: tuple[str, ...]  # its API hosts (and its keys'), under the caller's lists
+    ro_binds: tuple[tuple[str, str], ...]  # its install, read-only
+    secret: str | None  # a stored secret that covers it, for the planner to grant
+
+
+def installed_dir(spec: AgentSpec) -> str:
+    """agentkernel's install of the agent; UsageError with the command that installs it."""
+    import os
+
+    if not os.access(installed_binary(spec), os.X_OK):
+        raise UsageError(f"{spec.name} is not installed for sandboxes: run "
+                         f"`agentkernel agents install {spec.id}` first")
+    return str(agents_dir() / spec.id)
+
+
+def check_backend(backend: str | None) -> None:
+    if backend not in AGENT_BACKENDS:
+        raise UsageError("an agent sandbox uses the namespaces backend: its egress gate is "
+                         "the one that keeps the agent's key outside the sandbox")
+
+
+def agent_run(agent_id: str, default_path: str, *, stored_key: bool = True) -> AgentRun:
+    """The agent's install bound read-only, its variables, its hosts and (with
+    `stored_key`) the stored secret that covers it. UsageError for an unknown or
+    uninstalled agent."""
+    spec = get(agent_id)
+    source, inside = installed_dir(spec), f"{AGENT_MOUNT}/{spec.id}"
+    bin_dir = f"{inside}/node_modules/.bin"
+    env = dict(spec.run_env)
+    env.update(PATH=f"{bin_dir}:{default_path}", HOME=SANDBOX_HOME)
+    hosts = list(spec.hosts)
+    for key in spec.keys:
+        hosts += [h for h in key_hosts(spec, key) if h not in hosts]
+    return AgentRun(f"{bin_dir}/{spec.binary}", env, tuple(hosts), ((source, inside),),
+                    covering_secret(spec) if stored_key else None)
