@@ -118,12 +118,13 @@ def test_terminated_while_starting_leaves_nothing_running(kind: str, delay: floa
     time.sleep(delay)
     proc.terminate()
     try:
-        proc.communicate(timeout=40)
+        _out, err = proc.communicate(timeout=40)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
-        pytest.fail(f"a run terminated {delay} s after it began left its sandbox running")
-    assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), proc.returncode
+        _out, err = proc.communicate()
+        pytest.fail(f"a run terminated {delay} s after it began left its sandbox running: "
+                    f"{err[-2000:]!r}")
+    assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err[-2000:]
 
 
 def test_stdin_is_forwarded(backend: str, project: Path) -> None:
