@@ -219,8 +219,6 @@ def test_no_network_flag_blocks_test_host(
     assert out.startswith("blocked")
 
 
-@pytest.mark.no_containers("no egress gate on the container backends yet: moderate's network "
-                           "is off there (said in a note); the blocked probes above still run")
 def test_moderate_has_egress(backend: str, project: Path, netns_host: NetnsHost) -> None:
     """The positive control: moderate's own netns does reach a host that is not loopback."""
     _, out, err = inside(

@@ -106,7 +106,8 @@ def _egress_gate_check(fence: str | None) -> Check:
                if p is None]
     try:
         import cryptography  # noqa: F401 - secrets' TLS interception
-        secrets = "secrets (TLS interception) on namespaces and gvisor"
+        secrets = ("secrets (TLS interception) on namespaces, gvisor, microvm (a writable "
+                   "guest root), docker and podman")
     except ImportError:
         secrets = "no secrets: the cryptography package is missing"
     if missing:
@@ -114,9 +115,11 @@ def _egress_gate_check(fence: str | None) -> Check:
                                            "sandboxes cannot start (apt install iproute2 "
                                            "iptables)")
     return Check("egress gate", True,
-                 "namespaces and gvisor: every TCP connection and DNS query through the "
-                 "per-sandbox gate (allow/deny lists, SNI/Host, pinned DNS); microvm: "
-                 f"slirp4netns with the always-denied fence only (lists refused); {secrets}")
+                 "namespaces, gvisor, microvm (QEMU user networking), docker and podman "
+                 "(the container's namespace, wired from the host): every TCP connection "
+                 "and DNS query through the per-sandbox gate (allow/deny lists, SNI/Host, "
+                 "pinned DNS); microvm with vmm = firecracker: slirp4netns with the "
+                 f"always-denied fence only (lists refused); {secrets}")
 
 
 def doctor(as_json: bool = False) -> int:

@@ -19,7 +19,7 @@ import select
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import BackendUnavailable, NotFound, SandboxError, UsageError
 
@@ -40,6 +40,7 @@ READY_TIMEOUT = 15.0
 
 def ip_batch() -> str:
     return "\n".join([
+        "link set lo up",  # the gate listens there (bwrap brings it up; a VMM's holder not)
         f"link add {SANDBOX_DEV} type veth peer name {PEER_DEV}",
         f"link set {PEER_DEV} up",
         f"link set {SANDBOX_DEV} up",
@@ -48,14 +49,19 @@ def ip_batch() -> str:
     ]) + "\n"
 
 
-def rules_v4() -> str:
+def rules_v4(*, loopback_dns: bool = False) -> str:
+    """`loopback_dns`: DNS to the namespace's own loopback goes to the gate too (a VMM's
+    user-mode network stack asks the resolvers of the host's resolv.conf for its guest,
+    often 127.0.0.53; left alone, those queries would meet an empty loopback)."""
     from .egress_proxy import DNS_PORT, TCP_PORT
 
+    dns = f"-A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}"
     return "\n".join([
         "*nat",
+        *([dns] if loopback_dns else []),
         "-A OUTPUT -o lo -j RETURN",  # the sandbox's own addresses: its business
         f"-A OUTPUT -p tcp -j REDIRECT --to-ports {TCP_PORT}",
-        f"-A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}",
+        *([] if loopback_dns else [dns]),
         "COMMIT",
         "*filter",
         "-A OUTPUT -o lo -j ACCEPT",
@@ -214,6 +220,7 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
     sandbox's network namespace (first its user namespace, for an ordinary user) and
     hands them back: from then on the sandbox's connections and queries wait in their
     backlog until the gate serves, so the sandbox need not wait for the gate's start.
+    As root (no user namespace to join) a thread does it instead (_listen_in_thread).
     The child (of a process that may have threads, as subprocess's preexec functions
     are) only makes system calls through modules loaded before the fork."""
     import ctypes
@@ -223,6 +230,8 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
     from .egress_proxy import DNS_PORT, TCP_PORT
 
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
+    if userns_fd < 0:
+        return _listen_in_thread(libc, netns_fd, address)
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     pid = os.fork()
     if pid == 0:  # the child: only syscalls, then _exit
@@ -250,6 +259,48 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
         raise OSError(f"cannot listen in the sandbox's network namespace: "
                       f"{msg[1:].decode(errors='replace')}")
     return fds[0], fds[1]
+
+
+def _listen_in_thread(libc: Any, netns_fd: int, address: str) -> tuple[int, int]:
+    """listen_in without a fork, where no user namespace must be joined (root): a thread
+    of ours enters the namespace (setns moves the calling thread only) and makes the
+    listeners there, then ends. A fork in a process with threads (the daemon) can deadlock
+    in Python's fork hooks (the import lock against logging's lock); this cannot."""
+    import socket
+    import threading
+
+    from .egress_proxy import DNS_PORT, TCP_PORT
+
+    made: list[int] = []
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        socks: list[socket.socket] = []
+        try:
+            if libc.setns(netns_fd, 0x40000000) != 0:
+                import ctypes
+
+                raise OSError(ctypes.get_errno(), "setns(net)")
+            socks.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            socks.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            for sock in socks:  # the router's address may not be set up yet
+                sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+            socks[0].bind((address, TCP_PORT))
+            socks[0].listen(128)
+            socks[1].bind((address, DNS_PORT))
+            made.extend(sock.detach() for sock in socks)
+        except BaseException as exc:
+            failed.append(exc)
+            for sock in socks:
+                sock.close()
+
+    thread = threading.Thread(target=work, name="egress-listen", daemon=True)
+    thread.start()
+    thread.join()
+    if failed or len(made) != 2:
+        raise OSError(f"cannot listen in the sandbox's network namespace: "
+                      f"{failed[0] if failed else 'no sockets'}")
+    return made[0], made[1]
 
 
 def _secrets_for(policy: Policy) -> list[dict[str, object]]:
@@ -356,10 +407,11 @@ class GateStart:
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
     def attach(self, pid: int, policy: Policy, *, router: int | None = None,
-               ids: tuple[int, int] | None = None) -> None:
+               ids: tuple[int, int] | None = None, loopback_dns: bool = False) -> None:
         """The rules into the namespace of `pid`, and that namespace to the gate. With
-        `router` (gVisor, VMMs): `pid`'s namespace only gets its way to the router's, and
-        the rules and the gate's listeners are in the router's."""
+        `router` (gVisor): `pid`'s namespace only gets its way to the router's, and the
+        rules and the gate's listeners are in the router's. `loopback_dns` (QEMU's user
+        networking, whose sockets are the guest's connections): see rules_v4."""
         import socket
 
         from .network import enter_netns
@@ -367,7 +419,8 @@ class GateStart:
         try:
             if router is None:
                 enter = enter_netns(pid)
-                inputs = {"ip": ip_batch(), "iptables-restore": rules_v4(),
+                inputs = {"ip": ip_batch(),
+                          "iptables-restore": rules_v4(loopback_dns=loopback_dns),
                           "ip6tables-restore": rules_v6()}
             else:
                 sandbox_side, router_side = router_batches(router)

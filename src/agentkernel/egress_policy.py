@@ -240,12 +240,12 @@ def policy_for(network: str, config: object | None, allow: tuple[str, ...] = (),
 
 
 def require_default(policy: Policy | None, backend: str) -> None:
-    """Fail closed where the gate does not run yet (microVMs keep slirp4netns and the
-    always-denied fence; docker and podman the engine's network): a policy beyond the
-    default would be silently ignored."""
+    """Fail closed where the gate does not run yet (Firecracker's TAP egress keeps
+    slirp4netns and the always-denied fence): a policy beyond the default would be
+    silently ignored."""
     if policy is not None and policy != Policy():
         from .errors import BackendUnavailable
 
         raise BackendUnavailable(
-            f"egress allow/deny lists, --add-host and secrets are enforced on the namespaces "
-            f"and gvisor backends only for now, not on {backend}: use -B namespaces")
+            f"egress allow/deny lists, --add-host and secrets are not enforced on {backend} "
+            "yet: use the QEMU microVM (the default vmm) or another backend")

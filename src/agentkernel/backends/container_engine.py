@@ -85,6 +85,9 @@ IMAGE_CACHE_SECONDS = 5.0
 _IMAGE_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
 
 
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
 def home_label() -> str:
     """LABEL_HOME's value for this process's data dir."""
     import hashlib
@@ -297,12 +300,14 @@ class ContainerBackend(Backend):
                 f"image {image} from the {self.engine} engine's store ({ident[:19]})")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
-        from ..egress_policy import require_default
-
-        require_default(spec.egress, self.name)  # no egress gate here yet: fail closed
         api = self.api()
         scratch = make_scratch(spec.name)
         try:
+            if spec.profile.network == "egress" and spec.egress is not None and \
+                    spec.egress.secrets:
+                from ..egress_gate import write_tls
+
+                write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
             return self._start(api, spec, scratch)
         except BaseException:
             import shutil
@@ -340,9 +345,21 @@ class ContainerBackend(Backend):
             if ids is not None and ids.lock >= 0:
                 os.close(ids.lock)  # the holder has its own copy (or the start failed)
         process = ContainerProcess(self, cid, pid)
+        helpers: list[subprocess.Popen[bytes]] = []
+        if spec.profile.network == "egress":
+            try:
+                helpers.append(self._egress_gate(spec, scratch, pid))
+            except BaseException:
+                client.close()
+                if not spec.persistent:
+                    self.remove_container_id(cid)
+                else:
+                    self.stop_container(spec.name)
+                raise
         limited = self.engine_limits()
         sandbox = ContainerSandbox(spec=spec, backend=self.name, isolation=self.isolation,
                                    client=client, process=process, scratch=scratch,
+                                   helpers=helpers,
                                    memory_floor=self.memory_floor or not limited)
         if not limited and spec.profile.memory_mb:
             sandbox.notes.append(f"{self.engine} sets no cgroup limits for you here: memory "
@@ -353,15 +370,37 @@ class ContainerBackend(Backend):
             # an agent that had to be killed, or never got going.
             sandbox.cleanups.append(lambda: self._remove_if_left(cid, process))
         sandbox.notes.extend(getattr(self, "_notes", []))
-        if spec.profile.network == "egress":
-            sandbox.notes.append(f"the egress policy is not available on the {self.name} "
-                                 "backend yet: network is off")
         try:
             client.hello(timeout=15)
         except SandboxError:
             sandbox.destroy()
             raise
         return sandbox
+
+    def _egress_gate(self, spec: SandboxSpec, scratch: Path,
+                     pid: int) -> subprocess.Popen[bytes]:
+        """The container's only way out, up before its agent takes a command: the engine
+        gave it a network namespace of its own with nothing in it (network "none"); the
+        egress gate's veth (both ends inside) and rules go in from the host side, as for a
+        namespaces sandbox, and the gate connects out from the host's namespace. DNS to
+        any server, the container's loopback included, goes to the gate (the engine
+        writes resolv.conf). The gate watches the container's init through a pidfd and
+        ends with it, whoever started or restarts us; it runs as the container's own
+        `nobody` (its user namespace's range) or, rootless, as the caller."""
+        from ..egress_gate import GateStart
+        from ..egress_policy import Policy
+
+        try:
+            exit_fd = os.pidfd_open(pid)
+        except OSError as exc:
+            raise SandboxError(f"cannot watch the container's init for its egress gate: "
+                               f"{exc}") from None
+        try:
+            gate = GateStart(scratch, exit_fd=exit_fd)
+            gate.attach(pid, spec.egress or Policy(), loopback_dns=True)
+            return gate.wait()
+        finally:
+            os.close(exit_fd)
 
     def _remove_if_left(self, cid: str, process: ContainerProcess) -> None:
         # Gone by itself, the engine removes it (AutoRemove); killed by us, make sure.
@@ -487,6 +526,12 @@ class ContainerBackend(Backend):
         m.bind(str(compile_bpf(p.seccomp, no_setid=p.workspace == "rw")),
                f"{AGENT_DIR}/seccomp.bpf")
         m.bind(str(scratch / "ctl"), CTL_DIR, read_only=not spec.persistent)
+        if p.network == "egress" and spec.egress is not None and spec.egress.secrets:
+            from ..egress_gate import TRUST_NAME
+
+            # The system bundle plus the sandbox's CA (start wrote it), where the trust
+            # variables point (secrets_store).
+            m.bind(str(scratch / TRUST_NAME), SYSTEM_BUNDLE)
         size = f",size={p.memory_mb}m" if p.memory_mb else ""
         for path in ("/tmp", "/run", "/var/tmp"):
             m.add_tmpfs(path, f"rw,nosuid,nodev{size},mode=1777")

@@ -10,9 +10,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import BackendUnavailable, SandboxError
-from ..network import egress_netns, empty_netns_prefix, enter_netns
+from ..errors import BackendUnavailable, SandboxError, UsageError
+from ..network import empty_netns_prefix, enter_netns
 from ..paths import which
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from ..vm import qemu as q
@@ -30,6 +31,11 @@ from .microvm_guest import (  # noqa: F401 - names other modules import from her
     choose_accel,
     module_args,
 )
+
+if TYPE_CHECKING:
+    from ..agent.client import AgentClient
+
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # secrets_store's trust variables
 
 
 class MicrovmBackend(Backend):
@@ -85,9 +91,6 @@ class MicrovmBackend(Backend):
                            f"accelerator {accel}: {why}")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
-        from ..egress_policy import require_default
-
-        require_default(spec.egress, self.name)  # no egress gate here yet: fail closed
         from ..agent.client import AgentClient
         from ..cgroups import Cgroup, Limits
         from ..controlplane import refuse_copied
@@ -99,7 +102,11 @@ class MicrovmBackend(Backend):
         refuse_copied(spec, self.name)  # its project dir is a copy: nothing can be masked
         settings = self.settings()
         if settings.vmm == "firecracker":
+            from ..egress_policy import require_default
             from ..vm.firecracker import firecracker_binary
+
+            # Its TAP egress has no gate yet (slirp4netns and the fence): fail closed.
+            require_default(spec.egress, f"{self.name} (vmm = firecracker)")
             from .microvm_fc import start_firecracker
 
             binary = firecracker_binary()
@@ -120,6 +127,10 @@ class MicrovmBackend(Backend):
         keep = persistent_disks(spec)
         p = spec.profile
         net = p.network  # none | egress | host
+        secrets = net == "egress" and spec.egress is not None and bool(spec.egress.secrets)
+        if secrets and not p.root_writable:
+            raise UsageError("--secret on a microVM needs a writable root: the sandbox's CA "
+                             "goes into the guest's system trust bundle (drop --read-only)")
         # Start from a saved template VM (vm/snapshot.py); a kept VM boots cold: its
         # writable layer is a disk of its own that a template's memory knows nothing of.
         snap = settings.snapshot and not spec.persistent
@@ -200,18 +211,22 @@ class MicrovmBackend(Backend):
                     timeout=settings.boot_timeout)
                 notes.append("microvm: restored from a saved template VM (snapshot); fresh "
                              "entropy, host name and clock were sent to its agent")
-            life_w = -1
+            life_w = lock = -1
             argv = vmm_confinement(accel) + argv
             if net == "none":
                 # The VMM itself needs no network: give it an empty network namespace.
                 argv = empty_netns_prefix() + argv
             elif net == "egress":
-                # QEMU's user-mode stack forwards the guest's gateway (10.0.2.2) to the
-                # loopback of *its* network namespace. Run it in a namespace whose only way
-                # out is slirp4netns with --disable-host-loopback: that loopback is empty
-                # and the host's 127.0.0.1 is out of reach. QEMU holds the lifeline, so the
-                # holder and slirp4netns exit with it.
-                holder, life_w = egress_netns(scratch / "slirp.log", helpers)
+                # QEMU's user-mode stack makes the guest's connections and DNS queries with
+                # sockets of its own: it runs in a namespace whose only way out is the
+                # egress gate (egress_gate), as a namespaces sandbox does. QEMU holds the
+                # lifeline, so the holder and the gate exit with it.
+                if secrets:
+                    from ..egress_gate import write_tls
+
+                    assert spec.egress is not None
+                    write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
+                holder, life_w, lock = _gated_netns(scratch, helpers, spec)
                 argv = enter_netns(holder) + argv
             cgroup = Cgroup.create(spec.name, Limits(
                 memory_bytes=(memory_mb + VMM_MEMORY_OVERHEAD_MB) * 1024 * 1024,
@@ -226,13 +241,13 @@ class MicrovmBackend(Backend):
                     process = subprocess.Popen(
                         argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                         close_fds=True, start_new_session=True,
-                        pass_fds=tuple(fd for fd in (life_w, state_fd) if fd >= 0)
+                        pass_fds=tuple(fd for fd in (life_w, lock, state_fd) if fd >= 0)
                         + (handles.pass_fds if handles is not None else ()),
                         preexec_fn=cgroup.join_fn() if cgroup else None,
                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                     )
             finally:
-                close_fds(life_w, state_fd)
+                close_fds(life_w, lock, state_fd)
                 if handles is not None:
                     handles.close()  # QEMU has its own copies now
             try:
@@ -272,6 +287,8 @@ class MicrovmBackend(Backend):
             if net != "none" and p.root_writable:
                 with contextlib.suppress(Exception):
                     client.write_file("/etc/resolv.conf", f"nameserver {q.DNS}\n".encode())
+            if secrets:
+                _install_trust(client, scratch)
             return sandbox
         except BaseException:
             if sandbox is not None:
@@ -285,6 +302,59 @@ class MicrovmBackend(Backend):
                     cleanup()
                 shutil.rmtree(scratch, ignore_errors=True)
             raise
+
+
+def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
+                 spec: SandboxSpec) -> tuple[int, int, int]:
+    """The VMM's network namespace, whose one way out is the sandbox's egress gate:
+    (its holder's pid, the lifeline's write end, the gate's id range lock or -1).
+
+    QEMU's user-mode stack turns each guest connection into a connect() of its own and
+    each guest DNS query into one to the host's resolv.conf servers: the gate's rules
+    redirect both, loopback resolvers included; the guest's 10.0.2.2 (QEMU's view of its
+    namespace's loopback) reaches only the gate's listeners, which refuse what was not
+    redirected. Started by root, the gate runs as the `nobody` of an id range of its own
+    (idmap), not as the host's nobody that QEMU runs as; QEMU holds that range's lock."""
+    from ..egress_gate import GateStart
+    from ..egress_policy import Policy
+    from ..network import lifeline, netns_holder
+
+    ids: tuple[int, int] | None = None
+    lock = -1
+    if os.geteuid() == 0:
+        from ..idmap import allocate
+
+        rng, lock = allocate()
+        ids = (rng.uid + 65534, rng.gid + 65534)
+    life_r, life_w = lifeline()
+    try:
+        gate = GateStart(scratch, exit_fd=life_r)
+        helpers.append(gate.gate)
+        holder = netns_holder(life_r)
+        helpers.append(holder)
+        gate.attach(holder.pid, spec.egress or Policy(), ids=ids, loopback_dns=True)
+        gate.wait()
+    except BaseException:
+        close_fds(life_w, lock)
+        raise
+    finally:
+        os.close(life_r)
+    return holder.pid, life_w, lock
+
+
+def _install_trust(client: AgentClient, scratch: Path) -> None:
+    """The system bundle plus the sandbox's CA (egress_gate.write_tls) as the guest's
+    system bundle, where the trust variables the planner set point (secrets_store), before
+    anything runs in the guest. Its root is writable (start checked): a copy-on-write layer
+    of this VM's own."""
+    from ..egress_gate import TRUST_NAME
+
+    try:
+        client.write_file(SYSTEM_BUNDLE, (scratch / TRUST_NAME).read_bytes(), mode=0o644,
+                          mkdirs=True)
+    except Exception as exc:
+        raise SandboxError(f"could not install the sandbox's egress CA in the guest: {exc}") \
+            from None
 
 
 def persistent_disks(spec: SandboxSpec) -> Path | None:
