@@ -60,7 +60,10 @@ def _sh(sandbox: Sandbox, script: str, cwd: str) -> str:
 def test_project_at_its_own_path(backend: str, mode: str, project: Path) -> None:
     at = workspace_target(project)
     spec = SandboxSpec(name=f"samepath-{backend[:4]}-{mode}",
-                       profile=get_profile("moderate").with_overrides(workspace=mode),  # type: ignore[arg-type]
+                       # (no network: nothing here needs it, and it keeps the egress
+                       # gate's start out of this test)
+                       profile=get_profile("moderate").with_overrides(
+                           workspace=mode, network="none"),  # type: ignore[arg-type]
                        rootfs=host_rootfs(), image="host", workspace=project,
                        masks=(f"{at}/ctl",), workspace_at=at)
     sandbox = _backend(backend).start(spec)
