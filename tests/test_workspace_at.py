@@ -63,7 +63,7 @@ def test_project_at_its_own_path(backend: str, mode: str, project: Path) -> None
                        # (no network: nothing here needs it, and it keeps the egress
                        # gate's start out of this test)
                        profile=get_profile("moderate").with_overrides(
-                           workspace=mode, network="none"),  # type: ignore[arg-type]
+                           workspace=mode, network=False),  # type: ignore[arg-type]
                        rootfs=host_rootfs(), image="host", workspace=project,
                        masks=(f"{at}/ctl",), workspace_at=at)
     sandbox = _backend(backend).start(spec)
