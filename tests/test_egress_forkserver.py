@@ -121,6 +121,17 @@ def test_server_holds_nothing_of_a_sandbox(sandbox: object) -> None:
     assert len([t for t in targets if t.startswith("socket:")]) == 1, targets
 
 
+def test_warmed_up_server_is_still_safe_to_fork(sandbox: object) -> None:
+    """The server runs a gate's code before forking (egress_proxy.warm_up): it stays one
+    thread (fork copies only the caller's) and keeps nothing of that run (checked for fds
+    above): its private sockets' directory is gone."""
+    del sandbox
+    assert os.listdir(f"/proc/{_server_pid()}/task") == [str(_server_pid())]
+    import tempfile
+
+    assert not list(Path(tempfile.gettempdir()).glob("ak-gate-warm-*"))
+
+
 def test_gate_cannot_reach_the_server(sandbox: object) -> None:
     """As the gate's uid: no signal to the server, no look at its fds or memory."""
     from agentkernel.sandbox import Sandbox
