@@ -604,21 +604,25 @@ def warm_up(rounds: int = WARM_ROUNDS) -> None:
     times and fills caches on first use; done in each forked gate, that writing copies
     the server's shared pages into every gate (issue 11: memory per sandbox). Leaves no
     thread, event loop or fd behind: the server stays safe to fork."""
-    import tempfile
-
     from .egress import denied_networks, host_addresses
 
     doc = json.dumps({"policy": _WARM_POLICY, "owner": os.getuid()})
+    # Its sockets' dir: ours alone (0700, a fresh name). Not tempfile: it imports random,
+    # whose reseeding after every fork would write into each gate.
+    tmp = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"ak-gate-warm-{os.urandom(8).hex()}")
+    os.mkdir(tmp, 0o700)
     null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        with tempfile.TemporaryDirectory(prefix="ak-gate-warm-") as tmp:  # 0700: ours only
-            for i in range(rounds):
-                cfg = json.loads(doc)
-                gate = Gate(Policy.from_json(cfg["policy"]),
-                            denied_networks(host_addresses()), Log(null))
-                _warm_serve(cfg, gate, os.path.join(tmp, str(i)))
+        for i in range(rounds):
+            cfg = json.loads(doc)
+            gate = Gate(Policy.from_json(cfg["policy"]), denied_networks(host_addresses()),
+                        Log(null))
+            _warm_serve(cfg, gate, os.path.join(tmp, str(i)))
     finally:
         os.close(null)
+        for name in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, name))
+        os.rmdir(tmp)
     asyncio.set_event_loop(None)
 
 
