@@ -121,6 +121,40 @@ def test_server_holds_nothing_of_a_sandbox(sandbox: object) -> None:
     assert len([t for t in targets if t.startswith("socket:")]) == 1, targets
 
 
+def test_warmed_up_server_is_still_safe_to_fork(sandbox: object) -> None:
+    """The server runs a gate's code before forking (egress_proxy.warm_up): it stays one
+    thread (fork copies only the caller's) and keeps nothing of that run (checked for fds
+    above): its private sockets' directory is gone."""
+    del sandbox
+    assert os.listdir(f"/proc/{_server_pid()}/task") == [str(_server_pid())]
+    assert not list(Path(os.environ.get("TMPDIR") or "/tmp").glob("ak-gate-warm-*"))
+
+
+def test_warm_up_leaves_nothing_behind(tmp_path: Path) -> None:
+    """egress_proxy.warm_up, run alone: the same fds, one thread, no event loop, its
+    private directory gone."""
+    code = ("import asyncio, os, threading\n"
+            "from agentkernel import egress_proxy\n"
+            "before = sorted(os.listdir('/proc/self/fd'))\n"
+            "egress_proxy.warm_up()\n"
+            "assert sorted(os.listdir('/proc/self/fd')) == before, os.listdir('/proc/self/fd')\n"
+            "assert threading.active_count() == 1\n"
+            "try:\n"
+            "    asyncio.get_running_loop()\n"
+            "except RuntimeError:\n"
+            "    pass\n"
+            "else:\n"
+            "    raise AssertionError('a running loop')\n"
+            "assert asyncio.get_event_loop_policy()._local._loop is None\n"
+            "assert os.listdir(os.environ['TMPDIR']) == []\n"
+            "print('ok')\n")
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=60, check=False)
+    assert r.stdout.strip() == "ok", r.stderr
+
+
 def test_gate_cannot_reach_the_server(sandbox: object) -> None:
     """As the gate's uid: no signal to the server, no look at its fds or memory."""
     from agentkernel.sandbox import Sandbox

@@ -230,14 +230,20 @@ def serve(fd: int) -> None:
     """The fork server's loop: one child per request (a gate, or a namespace's wiring)
     until the socket's other end closes."""
     import ctypes  # noqa: F401 - the gate's privilege drop (egress_proxy._drop)
+    import gc
     import select
 
-    from . import egress_child, egress_proxy  # noqa: F401 - what every gate imports
+    from . import egress_audit, egress_child, egress_proxy  # noqa: F401 - a gate's imports
     from .egress import denied_networks, host_addresses
 
     _set_comm(SERVER_COMM)
     egress_proxy._preload()  # the gate's own list of late imports
     denied_networks(host_addresses())  # cached: a gate on an unchanged host reuses it
+    with contextlib.suppress(OSError):  # (no temporary dir: gates just cost more)
+        egress_proxy.warm_up()  # what each gate would otherwise write into shared pages
+    # The warmed-up heap is the gates' shared one: no collection (in the server or in a
+    # long-lived gate) walks those objects again, which would write to each one's page.
+    gc.freeze()
     sock = socket.socket(fileno=fd)
     while True:
         readable, _, _ = select.select([sock], [], [], 1.0)

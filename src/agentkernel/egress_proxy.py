@@ -590,6 +590,64 @@ def _preload() -> None:
     "x".encode("idna")
 
 
+# A gate's config as the warm-up feeds it: no sandbox's data, no secret.
+_WARM_POLICY = {"default_allow": False, "allow": ["warm.invalid", "*.warm.invalid:443"],
+                "deny": ["10.0.0.0/8"], "hosts": [["warm.invalid", "192.0.2.1"]],
+                "secrets": []}
+WARM_ROUNDS = 10  # > the calls after which CPython 3.11 specialises a function's bytecode
+
+
+def warm_up(rounds: int = WARM_ROUNDS) -> None:
+    """Run, in the fork server before it forks, what every gate runs before it idles:
+    read a config, build its Gate, serve on (private, unreachable) sockets until its
+    lifeline ends. CPython rewrites a function's bytecode in place once it has run a few
+    times and fills caches on first use; done in each forked gate, that writing copies
+    the server's shared pages into every gate (issue 11: memory per sandbox). Leaves no
+    thread, event loop or fd behind: the server stays safe to fork."""
+    from .egress import denied_networks, host_addresses
+
+    doc = json.dumps({"policy": _WARM_POLICY, "owner": os.getuid()})
+    # Its sockets' dir: ours alone (0700, a fresh name). Not tempfile: it imports random,
+    # whose reseeding after every fork would write into each gate.
+    tmp = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"ak-gate-warm-{os.urandom(8).hex()}")
+    os.mkdir(tmp, 0o700)
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for i in range(rounds):
+            cfg = json.loads(doc)
+            gate = Gate(Policy.from_json(cfg["policy"]), denied_networks(host_addresses()),
+                        Log(null))
+            _warm_serve(cfg, gate, os.path.join(tmp, str(i)))
+    finally:
+        os.close(null)
+        for name in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, name))
+        os.rmdir(tmp)
+    asyncio.set_event_loop(None)
+
+
+def _warm_serve(cfg: dict[str, Any], gate: Gate, path: str) -> None:
+    tcp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # stands in for the TCP one
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    udp, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    os.close(exit_w)  # the lifeline has ended already: serve returns once it listens
+    try:
+        tcp.bind(path + "t")
+        control.bind(path + "c")
+        control.listen(8)
+        asyncio.run(serve({**cfg, "ready_fd": ready_w, "exit_fd": exit_r}, tcp, udp,
+                          control, gate))
+    finally:
+        for s in (tcp, control, udp, peer):
+            s.close()
+        for fd in (ready_r, exit_r):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(ready_w)  # serve closes it once it has said "1"
+
+
 def _drop(uid: int, gid: int) -> None:
     """Started by root: become the sandbox's own unprivileged id, keep no capability."""
     import ctypes
