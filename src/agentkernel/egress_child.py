@@ -13,10 +13,12 @@ import sys
 def listeners_here(address: str, tcp_port: int, dns_port: int
                    ) -> tuple[socket.socket, socket.socket]:
     """The gate's TCP and UDP listeners on `address`, in this process's network
-    namespace (a child that joined the sandbox's or router's)."""
+    namespace (a child that joined the sandbox's or router's), made only after `address`
+    is up there: a UDP socket bound earlier answers from another source address, which
+    the rules' REDIRECT does not map back (the client never sees an answer)."""
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for sock in (tcp, udp):  # the router's address may not be set up yet
+    for sock in (tcp, udp):  # a namespace may bring its addresses up in any order
         sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
     tcp.bind((address, tcp_port))
     tcp.listen(128)

@@ -201,7 +201,7 @@ def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[byte
 
 
 def _egress(gate: Any, pid: int, spec: SandboxSpec) -> None:
-    """The sandbox's only way out: its gate, up (rules loaded, listening) before it runs."""
+    """The sandbox's only way out: its gate, serving (rules loaded) before it runs."""
     from ..egress_policy import Policy
 
     gate.attach(pid, spec.egress or Policy())
