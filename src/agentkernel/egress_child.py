@@ -31,6 +31,11 @@ def gate_main(fds_sock: int) -> None:
     on stdin and its two listeners (made in the sandbox's or router's namespace by
     egress_gate.listen_in or a wiring child of egress_forkserver) on `fds_sock`; then
     egress_proxy.main serves and says "1"."""
+    # Imported before the config comes (a fresh interpreter's start overlaps the
+    # sandbox's, which now waits until the gate serves); a forked gate has them already.
+    from .egress_proxy import _preload, main
+
+    _preload()
     cfg = json.loads(sys.stdin.buffer.read(4 << 20))
     sys.stdin.close()
     carrier = socket.socket(fileno=fds_sock)
@@ -38,7 +43,6 @@ def gate_main(fds_sock: int) -> None:
     carrier.close()
     if len(fds) != 2:
         raise SystemExit("no listeners to serve")
-    from .egress_proxy import main
 
     main(cfg, socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0]),
          socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))
