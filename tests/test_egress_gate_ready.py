@@ -97,3 +97,40 @@ def test_first_query_of_fresh_gates_is_answered(wiring: str, loopback_dns: bool,
             os.close(life_w)  # the holder and the gate end with the lifeline
             holder.wait()
             gate.gate.wait(timeout=10)
+
+
+PROBE = """
+import socket, struct
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\\x09localhost\\x00" + \\
+    struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(q, ("10.0.2.3", 53))
+try:
+    data, addr = s.recvfrom(4096)
+    print("answered", addr[0], addr[1], data[:2].hex())
+except TimeoutError:
+    print("no answer")
+"""
+
+
+def test_fresh_namespaces_sandboxes_first_query(wiring: str) -> None:
+    """Fresh namespaces sandboxes (moderate) whose first command is a DNS query: each
+    starts (the gate's wiring once raced bwrap's own loopback set-up, and bwrap failed),
+    and the query is answered by the gate from the resolver's address."""
+    from agentkernel.backends import get_backend
+    from agentkernel.profiles import get_profile
+    from agentkernel.rootfs import host_rootfs
+    from agentkernel.sandbox import SandboxSpec
+
+    for i in range(ROUNDS):
+        spec = SandboxSpec(name=f"gate-first-{os.getpid()}-{wiring}-{i}",
+                           profile=get_profile("moderate"), rootfs=host_rootfs(),
+                           image="host")
+        box = get_backend("namespaces").start(spec)
+        try:
+            out, err, _ = box.client.exec(["python3", "-c", PROBE]).wait(30)
+            text = (out + err).decode(errors="replace")
+            assert text.strip() == "answered 10.0.2.3 53 1234", text
+        finally:
+            box.destroy()
