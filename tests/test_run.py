@@ -103,6 +103,30 @@ def test_output_is_streamed_live(backend: str, project: Path) -> None:
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("delay", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("kind", ["namespaces", "gvisor"])
+def test_terminated_while_starting_leaves_nothing_running(kind: str, delay: float,
+                                                          project: Path) -> None:
+    """SIGTERM at any moment of a run, even while its sandbox is still starting, ends the
+    run and its sandbox: nothing is left holding the caller's pipes (a sandbox left running
+    would keep them open until its `sleep 60` ends)."""
+    from sandbox_helpers import backend_available
+
+    if not backend_available(kind):
+        pytest.skip(f"{kind} is not available here")
+    proc = spawn_run(kind, project, "sleep 60")
+    time.sleep(delay)
+    proc.terminate()
+    try:
+        _out, err = proc.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _out, err = proc.communicate()
+        pytest.fail(f"a run terminated {delay} s after it began left its sandbox running: "
+                    f"{err[-2000:]!r}")
+    assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err[-2000:]
+
+
 def test_stdin_is_forwarded(backend: str, project: Path) -> None:
     r = on_host(
         backend,

@@ -67,13 +67,14 @@ def _own_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
 
 
-def control_masks(profile: Profile, workspace: Path | None, home: Path | None
-                  ) -> tuple[str, ...]:
+def control_masks(profile: Profile, workspace: Path | None, home: Path | None,
+                  workspace_at: str = WORKSPACE) -> tuple[str, ...]:
     """The in-sandbox paths to mask so that no control dir shows through a host dir the
-    sandbox mounts; a mounted dir inside a control dir is refused (UsageError)."""
+    sandbox mounts (the project at `workspace_at`); a mounted dir inside a control dir is
+    refused (UsageError)."""
     mounts: list[tuple[Path, str]] = []
     if workspace is not None and profile.workspace != "none":
-        mounts.append((workspace, WORKSPACE))
+        mounts.append((workspace, workspace_at))
     if home is not None and profile.mount_home:
         mounts.append((home, HOME))
     if not mounts:
@@ -95,10 +96,70 @@ def control_masks(profile: Profile, workspace: Path | None, home: Path | None
 
 def refuse_copied(spec: SandboxSpec, backend: str) -> None:
     """For backends that copy the project dir into the sandbox (a microVM's disk): a copy
-    cannot leave the control dirs out, so such a project dir is refused."""
-    hidden = [m for m in spec.masks if m.startswith(WORKSPACE + "/")]
+    cannot leave the control dirs out, so such a project dir is refused. Such a copy is
+    shown at /workspace only (an agent's own-path target is the namespaces backend's)."""
+    if spec.workspace is not None and spec.workspace_at != WORKSPACE:
+        raise UsageError(f"the {backend} backend shows the project at {WORKSPACE} only")
+    hidden = [m for m in spec.masks if m.startswith(spec.workspace_at + "/")]
     if hidden:
         raise UsageError(
             f"the {backend} backend copies the project dir {spec.workspace} into the VM, and "
             f"it contains agentkernel's own state ({', '.join(hidden)} inside): use a "
             "project dir that does not")
+
+
+# ---------------------------------------------------------------------- the project's path
+
+# Top-level dirs a sandbox builds itself or takes from its root filesystem: a project shown
+# at, under or above one would hide (or be hidden by) what the sandbox needs. /lib* is
+# matched by prefix (lib, lib32, lib64, libx32, ...).
+SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/boot", "/tmp",
+               "/run", "/var/run", "/var/tmp", "/var/lock", "/root")
+# Empty dirs the sandbox makes: a project may sit under one (/home/alice/proj), not be one.
+EMPTY_DIRS = ("/home",)
+_MAX_TARGET = 1024
+# Characters the mount plumbing gives a meaning (the agent's `fd:target` and overlay
+# `a:b:c` arguments, OCI/engine option lists): a path with one keeps /workspace.
+_UNSAFE = frozenset(":,\\")
+
+
+def workspace_target(project: Path, occupied: tuple[str, ...] = ()) -> str:
+    """The in-sandbox path that shows `project` at its own host path (`run --agent`,
+    `create --agent`): that path itself, checked strictly before any mount is
+    built. UsageError when it may not be: not absolute or not normalized, a symlink on
+    the way, `/`, a system dir the sandbox needs (SYSTEM_DIRS, /lib*) or a path at, under
+    or above one of `occupied` (the sandbox's own other mounts: the root filesystem's
+    entries, the agent's install, the mounted home)."""
+    import stat
+
+    raw = str(project)
+    if raw == "/":
+        raise UsageError("the project is the root directory")
+    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        raise UsageError("the project path has control characters")
+    if not os.path.isabs(raw) or os.path.normpath(raw) != raw or raw.startswith("//"):
+        raise UsageError(f"the project path {raw[:200]!r} is not absolute and normalized")
+    if len(raw) > _MAX_TARGET or _UNSAFE.intersection(raw):
+        raise UsageError("the project path is too long or has ':', ',' or '\\' in it")
+    walked = ""
+    for part in raw.strip("/").split("/"):
+        walked += "/" + part
+        try:
+            st = os.lstat(walked)
+        except OSError as exc:
+            raise UsageError(f"the project path {walked}: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise UsageError(f"the project path goes through the symlink {walked}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"the project path {raw} is not a directory")
+    top = "/" + raw.split("/")[1]
+    if top.startswith("/lib"):
+        raise UsageError(f"{raw} is under {top}, which the sandbox needs for itself")
+    if raw in EMPTY_DIRS:
+        raise UsageError(f"the project is {raw} itself")
+    for sys_dir in (*SYSTEM_DIRS, *occupied):
+        if raw == sys_dir or raw.startswith(sys_dir.rstrip("/") + "/") \
+                or sys_dir.startswith(raw + "/"):
+            raise UsageError(f"{raw} would overlap {sys_dir}, which the sandbox needs "
+                             "for itself")
+    return raw

@@ -322,7 +322,11 @@ def _drop_ids(pid: int) -> tuple[int, int]:
         return -1, -1
     ids = []
     for kind in ("uid", "gid"):
-        first = Path(f"/proc/{pid}/{kind}_map").read_text().split()
+        try:
+            first = Path(f"/proc/{pid}/{kind}_map").read_text().split()
+        except OSError as exc:  # the sandbox ended before its gate came: say why it ended
+            raise SandboxError(f"the sandbox exited while it was starting ({exc.strerror})"
+                               ) from None
         inside, outside, count = (int(x) for x in first[:3])
         if inside == 0 and outside == 0:
             ids.append(65534)  # a namespace without a private id range: plain nobody

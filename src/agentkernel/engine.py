@@ -34,16 +34,37 @@ def execute(
     """Start the plan's sandbox, run its command, stream the output live; the caller
     destroys the sandbox."""
     name = name or f"run-{os.urandom(4).hex()}"
-    sandbox = plan_.backend.start(plan_.spec(name))
-    try:
-        if on_started is not None:
-            on_started(sandbox)
-        result = _run_in(sandbox, plan_, timeout=timeout, stdout=stdout, stderr=stderr,
-                         stdin=stdin)
-    except BaseException:
-        sandbox.destroy()
-        raise
+    with _exit_on_terminate():
+        sandbox = plan_.backend.start(plan_.spec(name))
+        try:
+            if on_started is not None:
+                on_started(sandbox)
+            result = _run_in(sandbox, plan_, timeout=timeout, stdout=stdout, stderr=stderr,
+                             stdin=stdin)
+        except BaseException:
+            sandbox.destroy()
+            raise
     return sandbox, result
+
+
+@contextlib.contextmanager
+def _exit_on_terminate():  # type: ignore[no-untyped-def]
+    """Until the command runs (its own forwarding takes over then), SIGTERM or SIGHUP ends
+    us through an exception, so the half-started sandbox is cleaned up: the default action
+    would leave it running, holding our caller's pipes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signo: int, _frame: object) -> None:
+        raise SystemExit(128 + signo)
+
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_in(

@@ -79,6 +79,9 @@ class RunRequest(NamedTuple):
     # The project's mount (profiles.WorkspaceMode: rw, cow, ro) over the profile's; an
     # agent's is rw (its edits are the point; `run --agent --review` edits a copy).
     workspace: str | None = None
+    # Show the project at this host path (its own, or the original of --review's copy)
+    # instead of /workspace: `run --agent`, `create --agent` (same_path_target checks it).
+    workspace_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class Plan:
     egress: Policy | None = None
     secret_env: Mapping[str, str] = field(default_factory=dict)
     ro_binds: tuple[tuple[str, str], ...] = ()  # RunRequest.ro_binds
+    workspace_at: str = "/workspace"  # where the project is shown (same_path_target)
 
     def env(self, sandbox_name: str) -> dict[str, str]:
         """The command's environment in a sandbox called `sandbox_name`."""
@@ -170,8 +174,10 @@ class Plan:
         return SandboxSpec(name=name, profile=self.profile, rootfs=self.rootfs,
                            image=self.image, workspace=self.workspace, home=self.home,
                            persistent=persistent, state_dir=state_dir,
-                           masks=control_masks(self.profile, self.workspace, self.home),
-                           egress=self.egress, ro_binds=self.ro_binds)
+                           masks=control_masks(self.profile, self.workspace, self.home,
+                                               self.workspace_at),
+                           egress=self.egress, ro_binds=self.ro_binds,
+                           workspace_at=self.workspace_at)
 
     def summary(self) -> dict[str, object]:
         """What the plan decided, as plain data (`-v`, `--json`, the parity tests)."""
@@ -266,7 +272,11 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
     home = home if profile.mount_home and home is not None and home.is_dir() else None
     from .controlplane import control_masks
 
-    control_masks(profile, workspace, home)  # refused here, before anything starts
+    workspace_at = "/workspace"
+    if workspace is not None and req.workspace_at is not None:
+        workspace_at = same_path_target(req.workspace_at, rootfs, home, req.ro_binds,
+                                        warnings)
+    control_masks(profile, workspace, home, workspace_at)  # refused here, before any start
     extra = [choice.warning, fallback, user_warning(image, image_config)]
     egress, secret_env = egress_of(req, profile, config, warnings)
     return Plan(
@@ -275,12 +285,32 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         image_config=image_config, profile=profile, backend=choice.backend,
         skipped=tuple(choice.skipped), workspace=workspace, home=home,
         argv=[] if persistent and not req.argv else command_argv(image_config, list(req.argv)),
-        cwd=sandbox_cwd(req.workdir, workspace is not None, image_config),
+        cwd=sandbox_cwd(req.workdir, workspace is not None, image_config, workspace_at),
         user_env=check_env(req.env),
         pass_env={k: ctx.env[k] for k in PASS_ENV_KEYS if k in ctx.env},
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
         egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
+        workspace_at=workspace_at,
     )
+
+
+def same_path_target(path: str, rootfs: HostRootfs, home: Path | None,
+                     ro_binds: tuple[tuple[str, str], ...],
+                     warnings: list[str] | None = None) -> str:
+    """Where an agent's project is shown: at `path`, its own host path, when
+    controlplane.workspace_target allows it next to the sandbox's other mounts; else at
+    /workspace, with a one-line warning (with `warnings` None: the UsageError)."""
+    from .controlplane import HOME, workspace_target
+
+    occupied = (*(e.path for e in rootfs.entries), *(t for _, t in ro_binds),
+                *((HOME,) if home is not None else ()))
+    try:
+        return workspace_target(Path(path), occupied)
+    except UsageError as exc:
+        if warnings is None:
+            raise
+        warnings.append(f"the project is shown at /workspace, not at its own path: {exc}")
+        return "/workspace"
 
 
 def with_agent(req: RunRequest) -> RunRequest:
@@ -302,6 +332,7 @@ def with_agent(req: RunRequest) -> RunRequest:
         secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),
         ro_binds=(*req.ro_binds, *agent.ro_binds),
         workspace=req.workspace or "rw",
+        workspace_at=req.workspace_at or (str(req.cwd) if req.cwd is not None else None),
         argv=[agent.binary, *req.argv] if req.argv else [])
 
 
@@ -458,10 +489,11 @@ def command_argv(image_config: ImageConfig | None, argv: list[str]) -> list[str]
 
 
 def sandbox_cwd(workdir: str | None, has_workspace: bool,
-                image_config: ImageConfig | None) -> str:
-    """Where the command starts: --workdir, else /workspace, the image's WorkingDir, /root."""
+                image_config: ImageConfig | None, workspace_at: str = "/workspace") -> str:
+    """Where the command starts: --workdir, else the project (/workspace, or an agent's
+    project at its own path), the image's WorkingDir, /root."""
     image_cwd = image_config.working_dir if image_config is not None else ""
-    cwd = workdir or ("/workspace" if has_workspace else image_cwd or "/root")
+    cwd = workdir or (workspace_at if has_workspace else image_cwd or "/root")
     if not cwd.startswith("/"):
         raise UsageError(f"--workdir must be an absolute path inside the sandbox, got {cwd!r}")
     return cwd

@@ -25,7 +25,7 @@ class SandboxSpec(NamedTuple):
     profile: Profile
     rootfs: HostRootfs
     image: str  # the image the command asked for (reported; `host` rootfs serves it for now)
-    workspace: Path | None = None  # host project dir shown at /workspace
+    workspace: Path | None = None  # host project dir shown at `workspace_at`
     home: Path | None = None  # host $HOME, shown read-only at /home/user when allowed
     hostname: str = "agentkernel"
     persistent: bool = False  # survive the process that started it
@@ -41,6 +41,9 @@ class SandboxSpec(NamedTuple):
     # Extra host dirs shown read-only: (host path, in-sandbox path), e.g. the install of
     # `run --agent`'s agent (namespaces backend only: `run --agent` asks for no other).
     ro_binds: tuple[tuple[str, str], ...] = ()
+    # Where the project is shown inside: /workspace, or (`run --agent`) its own host path,
+    # checked by controlplane.workspace_target before the spec is made.
+    workspace_at: str = "/workspace"
 
 
 class Sandbox:

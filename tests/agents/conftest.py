@@ -130,10 +130,10 @@ class FakeApi:
 # for in two halves joined only in grep's stdin, so the search does not find itself.
 def bash_command(key: str) -> str:
     half = len(key) // 2
-    return ("echo uid=$(id -u) host=$(hostname) key=$ANTHROPIC_API_KEY; "
-            "echo edited > /workspace/agent-was-here; "
+    return ("echo uid=$(id -u) host=$(hostname) key=$ANTHROPIC_API_KEY pwd=$(pwd); "
+            "echo edited > ./agent-was-here; "  # the agent's cwd: the project, wherever shown
             f"printf '%s%s\\n' '{key[:half]}' '{key[half:]}' | grep -rlF -f - "
-            "/proc/[0-9]*/environ /proc/[0-9]*/cmdline /workspace /root /tmp /etc "
+            "/proc/[0-9]*/environ /proc/[0-9]*/cmdline . /root /tmp /etc "
             "2>/dev/null | head -3 | sed 's/^/FOUND /'; "
             "curl -sS -m 5 https://example.org/ >/dev/null 2>&1 && echo other-reached "
             "|| echo other-refused")

@@ -22,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from collections.abc import Iterator
@@ -45,9 +46,10 @@ adhoc_min = 0
 class AgentDaemon:
     """A daemon of the test's whose data dir has the suite's agents and a stored key."""
 
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, env: dict[str, str], project: Path) -> None:
         self.root = root
         self.env = env
+        self.project = project  # `dev`'s, outside /tmp: shown at its own path
 
     def ak(self, *args: str, cwd: Path | None = None, timeout: float = 120,
            **extra: str) -> Result:
@@ -62,17 +64,20 @@ def agent_daemon(fake_api: FakeApi, tmp_path_factory: pytest.TempPathFactory
     (root / "run").mkdir(mode=0o700)
     (root / "home").mkdir()
     (root / "home" / "agents").symlink_to(AGENTS_HOME / "agents")
-    (root / "project").mkdir()
+    # Outside /tmp (the sandbox's own), so that the agent sees it at its own path.
+    base = Path(tempfile.mkdtemp(prefix="ak-samepath-", dir="/var/lib"))
+    project = base / "project"
+    project.mkdir()
     env = {"AGENTKERNEL_HOME": str(root / "home"), "AGENTKERNEL_RUNTIME_DIR": str(root / "run"),
            "AGENTKERNEL_DAEMON_CONFIG": str(root / "daemon.toml"),
            # the daemon starts the gates: they trust the fake API's CA
            "AGENTKERNEL_EGRESS_UPSTREAM_CA": str(fake_api.ca), "ANTHROPIC_API_KEY": ""}
-    d = AgentDaemon(root, env)
+    d = AgentDaemon(root, env, project)
     r = d.ak("secret", "set", "anth", "--host", "api.anthropic.com", "--header", "x-api-key",
              "--env", "ANTHROPIC_API_KEY", "--from-env", "AK_TEST_KEY", AK_TEST_KEY=REAL_KEY)
     assert r.returncode == 0, r.stderr
     assert d.ak("daemon", "start").returncode == 0
-    r = d.ak("create", "dev", "--agent", "claude", "--dir", str(root / "project"),
+    r = d.ak("create", "dev", "--agent", "claude", "--dir", str(project),
              *fake_api.add_hosts(), timeout=180)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert "Agent:   claude" in r.stdout, r.stdout
@@ -81,6 +86,7 @@ def agent_daemon(fake_api: FakeApi, tmp_path_factory: pytest.TempPathFactory
     finally:
         d.ak("remove", "dev")
         d.ak("daemon", "stop")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _claude_turn(d: AgentDaemon, api: FakeApi) -> str:
@@ -107,7 +113,8 @@ def test_kept_agent_sandbox(agent_daemon: AgentDaemon, fake_api: FakeApi) -> Non
     assert report.startswith("uid=0 host=agentkernel key=ak-secret-"), report
     assert REAL_KEY not in report and "FOUND" not in report, report
     assert "other-refused" in report, report
-    assert (d.root / "project" / "agent-was-here").read_text() == "edited\n"  # rw project
+    assert report.splitlines()[0].endswith(f" pwd={d.project}"), report  # its own path
+    assert (d.project / "agent-was-here").read_text() == "edited\n"  # rw project
     r = d.ak("exec", "dev", "--", "sh", "-c", "echo kept > $HOME/mark; echo $HOME")
     assert r.stdout.strip() == "/root", r.stderr
     assert d.ak("stop", "dev").returncode == 0
@@ -120,6 +127,7 @@ def test_kept_agent_sandbox(agent_daemon: AgentDaemon, fake_api: FakeApi) -> Non
     # The gate injects the key again after the restarts.
     report = _claude_turn(d, fake_api)
     assert "FOUND" not in report and REAL_KEY not in report, report
+    assert report.splitlines()[0].endswith(f" pwd={d.project}"), report  # checked again
 
 
 def test_create_agent_refuses_a_key_only_in_the_shell(tmp_path: Path) -> None:

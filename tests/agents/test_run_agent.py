@@ -5,8 +5,11 @@ API hosts from a network namespace of ours; the sandbox's resolver answers those
 with its address (--add-host) and the egress gate trusts the test CA
 (AGENTKERNEL_EGRESS_UPSTREAM_CA). The real Claude Code, run headless inside the sandbox,
 asks the fake model, which answers with a Bash tool call; the command it runs inside
-reports its uid, hostname, the key variable it sees and whether the real key is anywhere
-in the sandbox (every /proc/*/environ and cmdline, /workspace, /root, /tmp, /etc).
+reports its uid, hostname, the key variable it sees, its cwd and whether the real key is
+anywhere in the sandbox (every /proc/*/environ and cmdline, the project, /root, /tmp, /etc).
+The agent's project is shown at its own host path: the tests that check it keep theirs
+outside /tmp (the sandbox's own), under /var/lib; a project under /tmp is shown at
+/workspace, with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,17 @@ from conftest import AGENTS_HOME, REAL_KEY, FakeApi  # tests/agents/conftest.py
 from sandbox_helpers import SYSTEM_PYTHON, ak, ak_as_user
 
 NOBODY = 65534
+
+
+@pytest.fixture
+def own_path_base() -> Iterator[Path]:
+    """A dir for projects that can be shown at their own path (not under /tmp)."""
+    base = Path(tempfile.mkdtemp(prefix="ak-samepath-", dir="/var/lib"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -43,7 +58,8 @@ def _env(data_home: Path, api: FakeApi | None = None, **extra: str) -> dict[str,
     return env
 
 
-def _check_claude_run(out: str, err: str, code: int, api: FakeApi) -> None:
+def _check_claude_run(out: str, err: str, code: int, api: FakeApi,
+                      pwd: Path | None = None) -> None:
     assert code == 0, (out, err)
     assert "fake-model-done" in out, (out, err)
     seen = api.seen()
@@ -58,17 +74,22 @@ def _check_claude_run(out: str, err: str, code: int, api: FakeApi) -> None:
     assert REAL_KEY not in report and "FOUND" not in report, report
     assert "other-refused" in report, report
     assert "example.org REFUSED" in err, err  # told, and in the gate's log
+    if pwd is not None:  # the project at its own path, the agent's cwd
+        assert first.endswith(f" pwd={pwd}"), report
+        assert "shown at /workspace" not in err, err
 
 
 def test_claude_headless_key_stays_outside(fake_api: FakeApi, data_home: Path,
-                                           project: Path) -> None:
+                                           own_path_base: Path) -> None:
     """The real Claude Code calls the fake API with the real key; inside, only the
-    placeholder; an unlisted host is refused."""
+    placeholder; an unlisted host is refused; it works in the project at its own path."""
+    project = own_path_base / "project"
+    project.mkdir()
     fake_api.log.unlink(missing_ok=True)
     r = ak("run", "--agent", "claude", *fake_api.add_hosts(), "--", "-p", "check the sandbox",
            "--dangerously-skip-permissions", cwd=project, timeout=240,
            env=_env(data_home, fake_api, ANTHROPIC_API_KEY=REAL_KEY))
-    _check_claude_run(r.stdout, r.stderr, r.returncode, fake_api)
+    _check_claude_run(r.stdout, r.stderr, r.returncode, fake_api, pwd=project)
     # The project is the agent's to edit (rw), its files the caller's.
     marker = project / "agent-was-here"
     assert marker.read_text() == "edited\n"
@@ -95,10 +116,11 @@ def test_review_shows_a_diff_and_applies_only_when_asked(fake_api: FakeApi, data
     assert {p.name for p in project.iterdir()} == {"agent-was-here", "hello.txt"}
 
 
-def test_claude_as_an_ordinary_user(fake_api: FakeApi) -> None:
+def test_claude_as_an_ordinary_user(fake_api: FakeApi, own_path_base: Path) -> None:
     if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip("needs setpriv and the system's python3")
-    home = Path(tempfile.mkdtemp(prefix="ak-agent-nobody-", dir="/tmp"))
+    home = own_path_base / "nobody"
+    home.mkdir()
     try:
         for sub in ("project", "data", "data/agents"):
             (home / sub).mkdir()
@@ -116,11 +138,33 @@ def test_claude_as_an_ordinary_user(fake_api: FakeApi) -> None:
                                "AGENTKERNEL_EGRESS_UPSTREAM_CA": str(fake_api.ca),
                                "AGENTKERNEL_NO_DAEMON": "1"})
         out, err = proc.communicate(timeout=260)
-        _check_claude_run(out, err, proc.returncode, fake_api)
+        _check_claude_run(out, err, proc.returncode, fake_api, pwd=home / "project")
         marker = home / "project" / "agent-was-here"
         assert marker.stat().st_uid == NOBODY, marker.stat()
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("hostile", ["symlink-to-etc", "/usr/local"])
+def test_a_system_dir_project_is_shown_at_workspace(hostile: str, data_home: Path,
+                                                    own_path_base: Path) -> None:
+    """A project that is (a symlink to) a system dir the sandbox needs is never mounted
+    over it: the agent gets it at /workspace, with a one-line warning."""
+    if not (AGENTS_HOME / "agents" / "claude").is_dir():
+        pytest.skip("agent CLIs not installed (scripts/install-agents.sh)")
+    if hostile.startswith("/"):
+        cwd = Path(hostile)
+        if not cwd.is_dir():
+            pytest.skip(f"no {hostile} here")
+    else:
+        cwd = own_path_base / "link"
+        cwd.symlink_to("/etc")
+    r = ak("run", "--agent", "claude", "--", "--version", cwd=cwd, timeout=180,
+           env=_env(data_home))
+    assert r.returncode == 0, r.stderr
+    assert "Claude Code" in r.stdout, (r.stdout, r.stderr)
+    warned = [line for line in r.stderr.splitlines() if "shown at /workspace" in line]
+    assert len(warned) == 1, r.stderr
 
 
 def test_stored_secret_covers_the_agent(data_home: Path, project: Path) -> None:

@@ -93,6 +93,9 @@ def prepare(args: argparse.Namespace, command: list[str]) -> KeySource:
     args.secret = [*args.secret, *([key.secret] if key.secret else [])]
     args.ro_binds = list(agent.ro_binds)
     args.workspace_mode = "rw"  # the agent edits the project (or, with --review, a copy)
+    # ... shown at the project's own path (a copy under --review too), when it may be:
+    # planner.same_path_target falls back to /workspace with a warning otherwise.
+    args.workspace_at = os.getcwd()
     args.command = [agent.binary, *command]
     return key
 

@@ -586,7 +586,7 @@ class ContainerBackend(Backend):
 
     def _workspace(self, spec: SandboxSpec, scratch: Path, m: Mounts,
                    mapped: dict[str, str], root: int | None) -> list[str]:
-        """The project at /workspace per profile: rw or ro binds; copy-on-write as an
+        """The project at `spec.workspace_at` per profile: rw or ro binds; copy-on-write as an
         overlay the engine mounts, its upper dir ours (owned by the sandbox's root, the
         host uid `root` when the engine maps it)."""
         p = spec.profile
@@ -594,12 +594,12 @@ class ContainerBackend(Backend):
             return []
         src = mapped.get(str(spec.workspace), str(spec.workspace))
         if p.workspace in ("rw", "ro"):
-            m.bind(src, "/workspace", read_only=p.workspace == "ro")
+            m.bind(src, spec.workspace_at, read_only=p.workspace == "ro")
             return []
         base = (spec.state_dir or scratch) / "ws"
         upper, work = base / "upper", base / "work"
         if any(c in src for c in ",:\\") or not _cow_ok(spec):
-            m.bind(src, "/workspace", read_only=True)
+            m.bind(src, spec.workspace_at, read_only=True)
             return ["copy-on-write workspace unavailable for this path: mounted read-only"]
         for d in (upper, work):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -610,7 +610,7 @@ class ContainerBackend(Backend):
                 os.chown(d, root, root)
         if self.host_overlay():  # mounted there by _start_container, for the engine
             (scratch / MERGED).mkdir(mode=0o700, exist_ok=True)
-            m.bind(str(scratch / MERGED), "/workspace", read_only=False)
+            m.bind(str(scratch / MERGED), spec.workspace_at, read_only=False)
         else:
             self.overlay_mount(m, spec, src, upper, work)
         return []
@@ -629,7 +629,7 @@ class ContainerBackend(Backend):
                       work: Path) -> None:
         """A copy-on-write view of host dir `src` at /workspace: an overlay the engine mounts
         through its local volume driver (Docker), its upper dir ours."""
-        m.mounts.append({"Type": "volume", "Target": "/workspace", "VolumeOptions": {
+        m.mounts.append({"Type": "volume", "Target": spec.workspace_at, "VolumeOptions": {
             "DriverConfig": {"Name": "local", "Options": {
                 "type": "overlay", "device": "overlay",
                 "o": f"lowerdir={src},upperdir={upper},workdir={work}"}},
@@ -904,7 +904,7 @@ def _host_masks(rootfs: HostRootfs) -> tuple[Any, ...]:
 def _engine_socket_masks(spec: SandboxSpec) -> list[str]:
     """In-sandbox paths where an engine socket would show through the project or $HOME."""
     out = []
-    shown = [(spec.workspace, "/workspace"), (spec.home if spec.profile.mount_home else None,
+    shown = [(spec.workspace, spec.workspace_at), (spec.home if spec.profile.mount_home else None,
                                                "/home/user")]
     for sock in ENGINE_SOCKETS:
         real = os.path.realpath(sock)

@@ -403,7 +403,7 @@ def build_oci_config(
         # cow: under the sandbox-wide memory overlay (--overlay2=all:memory) the bind is rw
         # inside while the host copy stays untouched; a persistent sandbox gets a copy.
         mode = "ro" if p.workspace == "ro" else "rw"
-        mounts.append({"destination": "/workspace", "type": "bind",
+        mounts.append({"destination": spec.workspace_at, "type": "bind",
                        "source": workspace_copy or str(spec.workspace),
                        "options": ["rbind", mode]})
     if p.mount_home and spec.home is not None:
@@ -490,7 +490,8 @@ def _workspace_copy(spec: SandboxSpec, scratch: Path) -> Path | None:
 def _masked_in(spec: SandboxSpec) -> Callable[[str, list[str]], set[str]]:
     """copytree's `ignore`: leave the host's control dirs (the spec's masks) out of a copy."""
     root = str(spec.workspace)
-    skip = {m.removeprefix("/workspace/") for m in spec.masks if m.startswith("/workspace/")}
+    inside = spec.workspace_at + "/"
+    skip = {m.removeprefix(inside) for m in spec.masks if m.startswith(inside)}
     return lambda d, names: {n for n in names
                              if os.path.normpath(os.path.join(os.path.relpath(d, root), n))
                              in skip}

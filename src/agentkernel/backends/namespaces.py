@@ -351,7 +351,7 @@ def host_binds(
         # The overlays' upper/work dirs live on the host's disk, not on /run's tmpfs.
         binds.append(HostBind(str(keep / "layers"), OVERLAY_DIR, False))
     if spec.workspace is not None and p.workspace != "none":
-        target = WS_LOWER if p.workspace == "cow" else "/workspace"
+        target = WS_LOWER if p.workspace == "cow" else spec.workspace_at
         binds.append(HostBind(str(spec.workspace), target, p.workspace != "rw"))
     if p.mount_home and spec.home is not None:
         binds.append(HostBind(str(spec.home), "/home/user", True))
@@ -450,9 +450,9 @@ def build_bwrap_argv(
     if spec.workspace is not None and p.workspace != "none":
         if p.workspace == "cow":
             bind(WS_LOWER)
-            argv += ["--dir", "/workspace"]
+            argv += ["--dir", spec.workspace_at]
         else:
-            bind("/workspace")
+            bind(spec.workspace_at)
     if "/home/user" in binds:
         bind("/home/user")
     for _, target in spec.ro_binds:
@@ -464,7 +464,7 @@ def build_bwrap_argv(
             if entry.is_dir:
                 agent_argv += ["--overlay", _overlay(entry.path, entry.path)]
     if spec.workspace is not None and p.workspace == "cow":
-        agent_argv += ["--overlay", _overlay("/workspace", WS_LOWER)]
+        agent_argv += ["--overlay", _overlay(spec.workspace_at, WS_LOWER)]
     if resolv is not None:
         # After the overlays, or the one over /etc would hide it.
         bind(RESOLV)
@@ -476,8 +476,8 @@ def build_bwrap_argv(
         agent_argv += ["--mask", mask.path]
     for hidden in spec.masks:  # the host's control plane; the cow lower dir shows it too
         agent_argv += ["--mask", hidden]
-        if p.workspace == "cow" and hidden.startswith("/workspace/"):
-            agent_argv += ["--mask", WS_LOWER + hidden.removeprefix("/workspace")]
+        if p.workspace == "cow" and hidden.startswith(spec.workspace_at + "/"):
+            agent_argv += ["--mask", WS_LOWER + hidden.removeprefix(spec.workspace_at)]
     for private in spec.rootfs.private_dirs:
         agent_argv += ["--mask-private", private]
     agent_argv.append("--cover-proc")

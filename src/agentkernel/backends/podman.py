@@ -168,7 +168,7 @@ class PodmanBackend(ContainerBackend):
                       work: Path) -> None:
         """Rootless: Podman's own overlay volume (`-v SRC:/workspace:O,upperdir=…,
         workdir=…`), its upper and work dirs ours, mounted in the user's namespace."""
-        m.mounts.append({"Type": "overlay", "Source": src, "Target": "/workspace",
+        m.mounts.append({"Type": "overlay", "Source": src, "Target": spec.workspace_at,
                          "Upper": str(upper), "Work": str(work)})
 
     def root_note(self) -> str:

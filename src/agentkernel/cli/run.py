@@ -191,6 +191,7 @@ def run_request(args: argparse.Namespace, command: list[str]) -> RunRequest:
         add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
         ro_binds=tuple(getattr(args, "ro_binds", ())),  # run --agent's install
         workspace=getattr(args, "workspace_mode", None),  # run --agent's: rw
+        workspace_at=getattr(args, "workspace_at", None),  # run --agent's: its own path
     )
 
 

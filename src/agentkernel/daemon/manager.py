@@ -207,7 +207,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         """The SandboxSpec of a persistent sandbox from its stored description."""
         from ..controlplane import control_masks
         from ..images.registry import RegistryOptions
-        from ..planner import sandbox_cwd, sandbox_env
+        from ..planner import same_path_target, sandbox_cwd, sandbox_env
         from ..profiles import Profile, get_profile
         from ..sandbox import SandboxSpec
 
@@ -231,15 +231,19 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         # The creator's home (planner: the caller's HOME), for sandboxes of older daemons ours.
         home = Path(doc["home"]) if doc.get("home") else Path(os.path.expanduser("~"))
         home_opt = home if profile.mount_home and home.is_dir() else None
+        ro_binds = tuple((str(a), str(b)) for a, b in doc.get("ro_binds") or ())
+        at = doc.get("workspace_at") or "/workspace"
+        if workspace is not None and at != "/workspace":
+            # Checked again at each start: its path may have changed (a symlink now).
+            at = same_path_target(str(at), rootfs, home_opt, ro_binds)
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
                            state_dir=self._layers_dir(name),
-                           masks=control_masks(profile, workspace, home_opt),
-                           egress=_egress_of(doc),
-                           ro_binds=tuple((str(a), str(b)) for a, b in doc.get("ro_binds") or ()))
+                           masks=control_masks(profile, workspace, home_opt, at),
+                           egress=_egress_of(doc), ro_binds=ro_binds, workspace_at=at)
         env = sandbox_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
-        cwd = sandbox_cwd(None, workspace is not None, image_config)
+        cwd = sandbox_cwd(None, workspace is not None, image_config, at)
         return _Resolved(spec, backend, env, cwd)
 
     def _state_dir(self, name: str) -> Path:

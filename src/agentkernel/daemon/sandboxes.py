@@ -76,6 +76,7 @@ class SandboxesMixin:
                 # egress_policy: the policy it was created with (its secrets by name)
                 "egress": plan.egress.to_json() if plan.egress is not None else None,
                 "agent": req.agent, "ro_binds": [list(b) for b in plan.ro_binds],
+                "workspace_at": plan.workspace_at,  # an agent's project: its own path
             }
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)
