@@ -13,10 +13,12 @@ import sys
 def listeners_here(address: str, tcp_port: int, dns_port: int
                    ) -> tuple[socket.socket, socket.socket]:
     """The gate's TCP and UDP listeners on `address`, in this process's network
-    namespace (a child that joined the sandbox's or router's)."""
+    namespace (a child that joined the sandbox's or router's), made only after `address`
+    is up there: a UDP socket bound earlier answers from another source address, which
+    the rules' REDIRECT does not map back (the client never sees an answer)."""
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for sock in (tcp, udp):  # the router's address may not be set up yet
+    for sock in (tcp, udp):  # a namespace may bring its addresses up in any order
         sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
     tcp.bind((address, tcp_port))
     tcp.listen(128)
@@ -29,6 +31,11 @@ def gate_main(fds_sock: int) -> None:
     on stdin and its two listeners (made in the sandbox's or router's namespace by
     egress_gate.listen_in or a wiring child of egress_forkserver) on `fds_sock`; then
     egress_proxy.main serves and says "1"."""
+    # Imported before the config comes (a fresh interpreter's start overlaps the
+    # sandbox's, which now waits until the gate serves); a forked gate has them already.
+    from .egress_proxy import _preload, main
+
+    _preload()
     cfg = json.loads(sys.stdin.buffer.read(4 << 20))
     sys.stdin.close()
     carrier = socket.socket(fileno=fds_sock)
@@ -36,7 +43,6 @@ def gate_main(fds_sock: int) -> None:
     carrier.close()
     if len(fds) != 2:
         raise SystemExit("no listeners to serve")
-    from .egress_proxy import main
 
     main(cfg, socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0]),
          socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))

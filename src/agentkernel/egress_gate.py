@@ -218,8 +218,8 @@ def write_tls(scratch: Path, policy: Policy) -> None:
 def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tuple[int, int]:
     """The gate's TCP and UDP listeners (fds), made by a forked child that joins the
     sandbox's network namespace (first its user namespace, for an ordinary user) and
-    hands them back: from then on the sandbox's connections and queries wait in their
-    backlog until the gate serves, so the sandbox need not wait for the gate's start.
+    hands them back (after the tools brought the namespace's addresses up: see
+    listeners_here); the sandbox's first packets wait in their queues until it serves.
     As root (no user namespace to join) a thread does it instead (_listen_in_thread).
     The child (of a process that may have threads, as subprocess's preexec functions
     are) only makes system calls through modules loaded before the fork."""
@@ -283,7 +283,7 @@ def _listen_in_thread(libc: Any, netns_fd: int, address: str) -> tuple[int, int]
                 raise OSError(ctypes.get_errno(), "setns(net)")
             socks.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             socks.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-            for sock in socks:  # the router's address may not be set up yet
+            for sock in socks:  # as listeners_here (made after the tools ran)
                 sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
             socks[0].bind((address, TCP_PORT))
             socks[0].listen(128)
@@ -487,6 +487,11 @@ class GateStart:
             return got
         for name, (argv, data) in zip(self.tools, steps, strict=True):
             self._spawn(name, [*enter, *argv], data.encode())
+        # The listeners only once the tools are done (as the fork server's child does):
+        # a UDP socket bound before its address is up (lo, the router's gateway) sends
+        # its answers from another source, which conntrack does not map back to the
+        # address the query was sent to, so the client drops every answer.
+        self._finish()
         return listen_in(netns, userns, address)
 
     def _spawn(self, name: str, argv: list[str], data: bytes) -> None:
@@ -516,9 +521,11 @@ class GateStart:
             raise SandboxError("could not set up the sandbox's egress gate, so it does "
                                f"not start: {'; '.join(failures)} (or use --no-network)")
 
-    def wait(self, ready: bool = False) -> subprocess.Popen[bytes]:
-        """The gate process, once the rules hold and its listeners exist (what the
-        sandbox sends waits in them until it serves); with `ready`, once it serves."""
+    def wait(self, ready: bool = True) -> subprocess.Popen[bytes]:
+        """The gate process, once the rules hold, its listeners exist and it serves.
+        Without `ready`, not waiting for it to serve: what the sandbox sends waits in
+        its listeners' queues, but a client's own timeout (a resolver's 5 s) may pass
+        first on a loaded host, so every backend waits."""
         try:
             self._finish()
             if ready:
@@ -579,7 +586,7 @@ def control(name: str, request: dict[str, str]) -> dict[str, object]:
     path = str(scratch_of(name) / CONTROL_NAME)
     deadline = time.monotonic() + 10
     try:
-        while True:  # a gate may still be starting (the sandbox does not wait for it)
+        while True:  # a gate may still be starting (its sandbox was just started)
             try:
                 sock.connect(path)
                 break

@@ -201,11 +201,28 @@ def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[byte
 
 
 def _egress(gate: Any, pid: int, spec: SandboxSpec) -> None:
-    """The sandbox's only way out: its gate, up (rules loaded, listening) before it runs."""
+    """The sandbox's only way out: its gate, serving (rules loaded) before it runs."""
     from ..egress_policy import Policy
 
+    _wait_loopback(pid)
     gate.attach(pid, spec.egress or Policy())
     gate.wait()
+
+
+def _wait_loopback(pid: int, timeout: float = 5.0) -> None:
+    """Until bwrap has set up the sandbox's loopback (it does so after reporting the
+    pid): the gate's wiring also brings lo up, and bwrap, finding 127.0.0.1 already
+    there, fails its start ("loopback: Failed RTM_NEWADDR"). SandboxError if the
+    sandbox is gone (the caller then reports bwrap's own reason)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "127.0.0.1" in Path(f"/proc/{pid}/net/fib_trie").read_text():
+                return
+        except OSError:
+            raise SandboxError("the sandbox ended before its egress gate was set up") \
+                from None
+        time.sleep(0.001)
 
 
 def _command(
