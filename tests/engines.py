@@ -27,6 +27,13 @@ IMAGE_LOCK = "/run/lock/agentkernel-test-images.lock"  # machine-wide: sessions 
 RANGE = 65536  # the ids of one sandbox's user namespace
 
 
+def skip_for_ordinary_users(backend: str) -> None:
+    """Docker's engine is root's here (no docker group, no rootless dockerd): a test of an
+    ordinary user's run has nothing to run on docker."""
+    if backend == "docker":
+        pytest.skip("docker's engine is root's: an ordinary user here cannot reach it")
+
+
 def _answers(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX)
     try:

@@ -24,6 +24,7 @@ import pytest
 
 from agentkernel import egress
 from agentkernel.errors import SandboxError
+from engines import skip_for_ordinary_users
 from sandbox_helpers import SYSTEM_PYTHON, HostServers, NetnsHost, ak, ak_as_user
 
 NETWORKS = egress.denied_networks()
@@ -220,8 +221,7 @@ def test_moderate_as_an_ordinary_user(backend: str, nobody_home: Path, netns_hos
                                       host_address_servers: HostServers) -> None:
     """The same fence when agentkernel runs as an ordinary user: installed from the host
     through the sandbox's own user namespace (nsenter --user --net)."""
-    if backend == "docker":
-        pytest.skip("docker's engine is root's: an ordinary user here cannot reach it")
+    skip_for_ordinary_users(backend)
     todo = targets(host_address_servers, netns_host)
     todo.append(("test host", netns_host.addr, netns_host.port))
     proc = ak_as_user(NOBODY, nobody_home, "run", "-B", backend, "-p", "moderate", "-i",

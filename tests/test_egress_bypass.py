@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from engines import skip_for_ordinary_users
 from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream
 
 NOBODY = 65534
@@ -251,6 +252,7 @@ def _judge(seen: dict[str, str], todo: list[list[object]]) -> None:
 
 
 def test_bypass_attempts_fail_as_an_ordinary_user(backend: str, upstream: Upstream) -> None:
+    skip_for_ordinary_users(backend)
     """The same attempts from a sandbox an unprivileged host user started (its gate and
     rules set up without root)."""
     if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from engines import skip_for_ordinary_users
 from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream
 
 NOBODY = 65534
@@ -165,6 +166,7 @@ def test_allow_list_holds_as_root(backend: str, project: Path, upstream: Upstrea
 
 
 def test_allow_list_holds_as_an_ordinary_user(backend: str, upstream: Upstream) -> None:
+    skip_for_ordinary_users(backend)
     if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip("needs setpriv and the system's python3")
     home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
