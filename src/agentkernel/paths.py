@@ -203,6 +203,24 @@ def listen_unix(path: str | os.PathLike[str], backlog: int) -> socket.socket:
     return sock
 
 
+SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, one of them the terminating NUL
+
+
+def connect_unix(sock: socket.socket, path: str | os.PathLike[str]) -> None:
+    """`sock.connect(path)`, also where `path` is longer than a unix socket address may be
+    (a deep runtime dir): then through its directory's descriptor, /proc/self/fd/N/NAME."""
+    path = os.fspath(path)
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        sock.connect(path)
+        return
+    head, tail = os.path.split(path)
+    dfd = os.open(head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.connect(f"/proc/self/fd/{dfd}/{tail}")
+    finally:
+        os.close(dfd)
+
+
 def write_cache(path: Path, text: str) -> None:
     """Best effort: replace the small cache file `path` (in our private data dir) whole,
     so a concurrent reader sees the old text or the new, never half of it."""

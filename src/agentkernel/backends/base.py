@@ -221,6 +221,8 @@ def open_channel(spawned: Spawned, control: Path | None, timeout: float = 30.0) 
     import socket
     import time
 
+    from ..paths import connect_unix
+
     close_fds(spawned.read_fd, spawned.write_fd)
     path = control / "agent.sock"
     deadline = time.monotonic() + timeout
@@ -230,13 +232,29 @@ def open_channel(spawned: Spawned, control: Path | None, timeout: float = 30.0) 
         if path.exists():
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(str(path))
+                connect_unix(sock, path)
                 return AgentClient.from_socket(sock)
             except OSError:
                 sock.close()
         if time.monotonic() > deadline:
             raise SandboxError("timed out waiting for the sandbox's agent socket")
         time.sleep(0.005)
+
+
+def _descendants(pid: int, limit: int = 4096) -> list[int]:
+    """Every process below `pid` (children first), read from /proc; bounded."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < limit:
+        parent = todo.pop()
+        try:
+            text = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+        except OSError:
+            continue
+        kids = [int(k) for k in text.split()]
+        found.extend(kids)
+        todo.extend(kids)
+    return found
 
 
 def abandon(
@@ -249,6 +267,11 @@ def abandon(
     import signal
 
     if process is not None and process.poll() is None:
+        # The sandbox's own init is in a session (and pid namespace) of its own, and a
+        # persistent one does not die with its parent: kill it by name, then the rest.
+        for pid in _descendants(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # its own session: the whole tree
         process.wait()

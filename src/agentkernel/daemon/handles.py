@@ -42,10 +42,12 @@ class AdoptingClient(AgentClient):
                 orphans: dict[int, list[Frame]] | None = None) -> AdoptingClient:
         import socket
 
+        from ..paths import connect_unix
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(str(path))
+            connect_unix(sock, path)
         except OSError:
             sock.close()
             raise

@@ -1,0 +1,51 @@
+"""paths.connect_unix: a socket deeper than sockaddr_un allows is still reached."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from agentkernel.paths import SUN_PATH_MAX, connect_unix, listen_unix
+
+
+def test_a_socket_past_the_address_limit_is_reached(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "agent.sock"
+    assert len(str(path).encode()) > SUN_PATH_MAX
+    # Bound from inside its directory (as an agent in its sandbox binds its short path).
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"/proc/self/fd/{_dir_fd(deep)}/agent.sock")
+    server.listen(1)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connect_unix(client, path)
+        peer, _ = server.accept()
+        client.sendall(b"hi")
+        assert peer.recv(2) == b"hi"
+        peer.close()
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_short_path_connects_as_usual(tmp_path: Path) -> None:
+    server = listen_unix(tmp_path / "s.sock", 1)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connect_unix(client, tmp_path / "s.sock")
+        server.accept()[0].close()
+    finally:
+        client.close()
+        server.close()
+
+
+_FDS: list[int] = []
+
+
+def _dir_fd(path: Path) -> int:
+    import os
+
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    _FDS.append(fd)  # kept open for the test's life: the bound name goes through it
+    return fd
