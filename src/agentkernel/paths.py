@@ -15,7 +15,7 @@ from .errors import SandboxError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
 DAEMON_SOCKET = "daemon.sock"  # in the runtime dir: the daemon's JSON-lines socket
@@ -191,7 +191,7 @@ def listen_unix(path: str | os.PathLike[str], backlog: int) -> socket.socket:
         os.unlink(tmp)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(tmp)
+        _via_dir(sock.bind, tmp)
         os.chmod(tmp, 0o600)
         sock.listen(backlog)
         os.replace(tmp, path)
@@ -209,14 +209,19 @@ SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, one of them the terminating NUL
 def connect_unix(sock: socket.socket, path: str | os.PathLike[str]) -> None:
     """`sock.connect(path)`, also where `path` is longer than a unix socket address may be
     (a deep runtime dir): then through its directory's descriptor, /proc/self/fd/N/NAME."""
-    path = os.fspath(path)
+    _via_dir(sock.connect, os.fspath(path))
+
+
+def _via_dir(call: Callable[[str], None], path: str) -> None:
+    """call(path), through the path's directory's descriptor when the path is too long
+    for a unix socket address (bind and connect both resolve /proc/self/fd/N/NAME)."""
     if len(os.fsencode(path)) <= SUN_PATH_MAX:
-        sock.connect(path)
+        call(path)
         return
     head, tail = os.path.split(path)
     dfd = os.open(head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        sock.connect(f"/proc/self/fd/{dfd}/{tail}")
+        call(f"/proc/self/fd/{dfd}/{tail}")
     finally:
         os.close(dfd)
 

@@ -49,3 +49,18 @@ def _dir_fd(path: Path) -> int:
     fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
     _FDS.append(fd)  # kept open for the test's life: the bound name goes through it
     return fd
+
+
+def test_listen_past_the_address_limit(tmp_path: Path) -> None:
+    deep = tmp_path / ("f" * 60) / ("g" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "qemu.sock"
+    server = listen_unix(path, 1)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
+        connect_unix(client, path)
+        server.accept()[0].close()
+    finally:
+        client.close()
+        server.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..paths import data_dir, listen_unix
+from ..paths import connect_unix, data_dir, listen_unix
 
 Accel = Literal["kvm", "tcg"]
 NetMode = Literal["none", "user"]
@@ -242,7 +242,7 @@ def connect_agent_socket(path: Path, proc: subprocess.Popen[bytes], timeout: flo
             raise TimeoutError(f"the guest agent did not answer within {timeout:.0f} s")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(path))
+            connect_unix(sock, path)
         except OSError:
             sock.close()
             time.sleep(0.02)
