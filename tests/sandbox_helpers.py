@@ -157,6 +157,42 @@ def ak_as_user(uid: int, home: Path, *args: str, cwd: Path, timeout: float = 120
 # --- a test upstream in a network namespace of the suite's -----------------------------
 
 
+@dataclass(frozen=True)
+class ShellProbe:
+    """Egress probes as one shell script over busybox-style tools (for guests without
+    Python): each line prints `@LABEL what happened`. `tool` prefixes every tool (e.g.
+    "busybox "); `wget_timeout` bounds each fetch where wget has no timeout of its own."""
+
+    tool: str = ""
+    wget_timeout: int | None = None
+
+    def nc(self, label: str, host: str, port: int) -> str:
+        t = self.tool
+        return (f'echo "@{label} $({t}nc -w 3 {host} {port} </dev/null 2>&1 '
+                f'| {t}head -c 200)"\n')
+
+    def get(self, label: str, url: str, *header: str) -> str:
+        extra = " ".join(f"--header '{h}'" for h in header)
+        limit = f"timeout {self.wget_timeout} " if self.wget_timeout else ""
+        return (f'echo "@{label} $({limit}{self.tool}wget -q -O- {extra} {url} 2>/dev/null '
+                f'|| echo refused)"\n')
+
+    def common(self, up: Upstream) -> list[str]:
+        """What every backend's allow-list test tries: allowed.test is the only way out."""
+        t = self.tool
+        return [
+            self.get("http-allowed", "http://allowed.test:18080/"),
+            self.nc("raw-allowed", "allowed.test", 18022),
+            f'echo "@dns-denied $({t}nslookup denied.test 2>&1 | {t}tr "\\n" " ")"\n',
+            self.get("http-denied", "http://denied.test:18080/"),
+            self.get("host-mismatch", "http://allowed.test:18080/", "Host: denied.test"),
+            self.nc("direct-ip", up.addr2, 18022),
+            self.nc("private", up.private, 18022),
+            self.nc("rebind", "rebind.test", 18022),
+            self.get("metadata", "http://169.254.169.254/"),
+        ]
+
+
 def run_checked(*argv: str) -> None:
     subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
 

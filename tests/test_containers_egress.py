@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import test_containers
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, ShellProbe, Upstream, ak, make_upstream
 from test_containers import ak_user, engine, podman_user  # noqa: F401 - fixtures
 from test_egress_policy import UPSTREAM_NAMES, hosts
 
@@ -29,27 +29,8 @@ def upstream() -> Iterator[Upstream]:
 
 
 def probe(up: Upstream) -> str:
-    def nc(label: str, host: str, port: int) -> str:
-        return (f'echo "@{label} $(busybox nc -w 3 {host} {port} </dev/null 2>&1 '
-                f'| busybox head -c 200)"\n')
-
-    def get(label: str, url: str, *header: str) -> str:
-        extra = " ".join(f"--header '{h}'" for h in header)
-        return (f'echo "@{label} $(busybox wget -q -O- {extra} {url} 2>/dev/null '
-                f'|| echo refused)"\n')
-
-    return "".join([
-        get("http-allowed", "http://allowed.test:18080/"),
-        nc("raw-allowed", "allowed.test", 18022),
-        'echo "@dns-denied $(busybox nslookup denied.test 2>&1 | busybox tr "\\n" " ")"\n',
-        get("http-denied", "http://denied.test:18080/"),
-        get("host-mismatch", "http://allowed.test:18080/", "Host: denied.test"),
-        nc("direct-ip", up.addr2, 18022),
-        nc("private", up.private, 18022),
-        nc("rebind", "rebind.test", 18022),
-        get("metadata", "http://169.254.169.254/"),
-        nc("loopback", "127.0.0.1", 18022),
-    ])
+    p = ShellProbe(tool="busybox ")
+    return "".join([*p.common(up), p.nc("loopback", "127.0.0.1", 18022)])
 
 
 def marked(text: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agentkernel.sandbox import Sandbox
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, ShellProbe, Upstream, ak, make_upstream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_egress_policy import UPSTREAM_NAMES, hosts
@@ -55,27 +55,9 @@ def marked(text: str) -> dict[str, str]:
 def probe_script(up: Upstream) -> str:
     from agentkernel.egress_proxy import TCP_PORT
 
-    def nc(label: str, host: str, port: int) -> str:
-        return f'echo "@{label} $(nc -w 3 {host} {port} </dev/null 2>&1 | head -c 200)"\n'
-
-    def get(label: str, url: str, *header: str) -> str:
-        extra = " ".join(f"--header '{h}'" for h in header)
-        return (f'echo "@{label} $(timeout 10 wget -q -O- {extra} {url} 2>/dev/null'
-                f' || echo refused)"\n')
-
-    return "".join([
-        get("http-allowed", "http://allowed.test:18080/"),
-        nc("raw-allowed", "allowed.test", 18022),
-        'echo "@dns-denied $(nslookup denied.test 2>&1 | tr "\\n" " ")"\n',
-        get("http-denied", "http://denied.test:18080/"),
-        get("host-mismatch", "http://allowed.test:18080/", "Host: denied.test"),
-        nc("direct-ip", up.addr2, 18022),
-        nc("private", up.private, 18022),
-        nc("rebind", "rebind.test", 18022),
-        get("metadata", "http://169.254.169.254/"),
-        nc("gate-itself", TCP_PORT_PROBE, TCP_PORT),
-        get("other", "http://other.test:18080/"),
-    ])
+    p = ShellProbe(wget_timeout=10)  # the guest's busybox wget has no timeout of its own
+    return "".join([*p.common(up), p.nc("gate-itself", TCP_PORT_PROBE, TCP_PORT),
+                    p.get("other", "http://other.test:18080/")])
 
 
 def test_allow_list_log_and_live_update(upstream: Upstream) -> None:
