@@ -309,6 +309,8 @@ def _secrets_for(policy: Policy) -> list[dict[str, object]]:
 
     out: list[dict[str, object]] = []
     for grant in policy.secrets:
+        if not grant.placeholder:
+            continue  # a pooled sandbox's slot: its secret comes with its run (grant)
         secret = load(grant.name)
         out.append({"name": grant.name, "hosts": list(grant.hosts), "header": grant.header,
                     "placeholder": grant.placeholder, "value": secret.value})
@@ -578,12 +580,22 @@ def scratch_of(name: str) -> Path:
 
 def control(name: str, request: dict[str, str]) -> dict[str, object]:
     """Send one request to a running sandbox's gate; its reply."""
+    return _request(scratch_of(name), name, request)
+
+
+def grant(scratch: Path, secrets: list[dict[str, object]]) -> None:
+    """Give a pooled sandbox's gate the secrets of the run that took it (name, hosts,
+    header, placeholder, value each): once, for the hosts its certificate names."""
+    _request(scratch, scratch.name, {"op": "grant", "secrets": secrets})
+
+
+def _request(scratch: Path, name: str, request: dict[str, Any]) -> dict[str, object]:
     import socket
     import time
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
-    path = str(scratch_of(name) / CONTROL_NAME)
+    path = str(scratch / CONTROL_NAME)
     deadline = time.monotonic() + 10
     try:
         while True:  # a gate may still be starting (its sandbox was just started)

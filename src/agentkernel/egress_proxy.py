@@ -75,6 +75,8 @@ class Gate:
         self.dns_inflight = 0
         # Secrets (egress_mitm): what the gate holds, and its TLS contexts for them.
         self.held: list[Any] = []
+        self.granted = False  # secrets given (at the start or by one grant): no more
+        self.slots: frozenset[str] = frozenset()  # the hosts its certificate names
         self.server_ctx: Any = None
         self.client_ctx: Any = None
 
@@ -548,10 +550,12 @@ async def handle_control(gate: Gate, owner: int, reader: asyncio.StreamReader,
         if uid != owner:
             return
         line = await asyncio.wait_for(reader.readline(), 5)
-        if len(line) > 4096:
+        if len(line) > CONTROL_LINE:
             return
         req = json.loads(line)
-        if req.get("op") in ("allow", "deny"):
+        if req.get("op") == "grant":
+            _grant(gate, req.get("secrets"))
+        elif req.get("op") in ("allow", "deny"):
             gate.policy = gate.policy.with_rule(str(req["op"]), str(req["entry"]))
             gate.log.write(kind="policy", op=req["op"], entry=str(req["entry"])[:300])
         reply = {"ok": True, "policy": gate.policy.to_json()}
@@ -561,6 +565,38 @@ async def handle_control(gate: Gate, owner: int, reader: asyncio.StreamReader,
         writer.write((json.dumps(reply) + "\n").encode())
         await writer.drain()
     writer.close()
+
+
+# A control line: a grant carries secrets' values (each at most 64 KiB).
+CONTROL_LINE = 4 * 64 * 1024 + 16 * 1024
+
+
+def _grant(gate: Gate, secrets: Any) -> None:
+    """A pooled sandbox's secrets, given when a run takes it (daemon/runs): once, only
+    for hosts its certificate was made for (`gate.slots`), only by the owner (checked by
+    the caller). A sandbox started ahead of its run holds no secret until then."""
+    from .egress_mitm import Held
+
+    if gate.server_ctx is None or gate.granted:
+        raise ValueError("this gate takes no secrets" if gate.server_ctx is None
+                         else "this gate's secrets were given already")
+    if not isinstance(secrets, list) or not 0 < len(secrets) <= 64:
+        raise ValueError("grant: 1 to 64 secrets")
+    held = []
+    for s in secrets:
+        hosts = frozenset(str(h) for h in s["hosts"])
+        value, placeholder = str(s["value"]), str(s["placeholder"])
+        if not hosts or not hosts <= gate.slots:
+            raise ValueError(f"grant: {s['name']} names hosts its sandbox has no "
+                             "certificate for")
+        if not value or not placeholder.startswith("ak-secret-") or len(value) > 65536 or \
+                any(c in value for c in "\r\n\0"):
+            raise ValueError("grant: a bad value or placeholder")
+        held.append(Held(str(s["name"]), hosts, str(s["header"]).lower(),
+                         placeholder.encode(), value.encode()))
+    gate.held = held
+    gate.granted = True
+    gate.log.write(kind="policy", op="grant", entry=",".join(h.name for h in held)[:300])
 
 
 # --- start-up ----------------------------------------------------------------------------
@@ -573,6 +609,8 @@ def _hold_secrets(gate: Gate, cfg: dict[str, Any]) -> None:
     gate.held = [Held(str(s["name"]), frozenset(s["hosts"]), str(s["header"]),
                       str(s["placeholder"]).encode(), str(s["value"]).encode())
                  for s in cfg["secrets"]]
+    gate.granted = bool(gate.held)  # given at the start: no later grant
+    gate.slots = frozenset(h for g in cfg["policy"].get("secrets") or [] for h in g[1])
     gate.server_ctx = server_context(str(cfg["leaf"]))
     os.unlink(str(cfg["leaf"]))  # held in memory now: no copy of its key stays on disk
     gate.client_ctx = client_context(cfg.get("upstream_ca"))
@@ -667,7 +705,8 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
     await asyncio.start_server(lambda r, w: handle_tcp(gate, r, w), sock=tcp, limit=CHUNK)
     await loop.create_datagram_endpoint(lambda: DnsUdp(gate), sock=udp)
     await asyncio.start_unix_server(
-        lambda r, w: handle_control(gate, int(cfg["owner"]), r, w), sock=control)
+        lambda r, w: handle_control(gate, int(cfg["owner"]), r, w), sock=control,
+        limit=CONTROL_LINE + 1)
     ready = int(cfg["ready_fd"])
     with contextlib.suppress(OSError):  # nobody may be waiting (see GateStart.wait)
         os.write(ready, b"1")
@@ -699,7 +738,7 @@ def main(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket) -> None:
 
         audit = AuditWriter(str(cfg["audit"]), str(cfg.get("sandbox", "?")))
     gate = Gate(Policy.from_json(cfg["policy"]), denied, Log(log_fd, audit))
-    if cfg.get("secrets"):
+    if cfg.get("leaf"):  # secrets, now or (a pooled sandbox) granted when a run takes it
         _hold_secrets(gate, cfg)
     _preload()
     _drop(int(cfg.get("uid", -1)), int(cfg.get("gid", -1)))

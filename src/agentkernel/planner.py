@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .profiles import Profile, WorkspaceMode
     from .rootfs import HostRootfs
     from .sandbox import SandboxSpec
+    from .secrets_store import Use
     from .vm.settings import MicrovmSettings
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -82,6 +83,11 @@ class RunRequest(NamedTuple):
     # Show the project at this host path (its own, or the original of --review's copy)
     # instead of /workspace: `run --agent`, `create --agent` (same_path_target checks it).
     workspace_at: str | None = None
+    # `run --agent`: the variable of the caller's environment that holds the agent's key
+    # (with_agent makes it a held key; its value reaches the gate at the start only).
+    agent_key: str | None = None
+    # Keys the caller holds, not in the store (with_agent's): placeholders like secrets'.
+    held_keys: tuple[Use, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -235,7 +241,7 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
 
     res = resolvers or default_resolvers()
     if req.agent is not None:
-        req = with_agent(req)
+        req = with_agent(req, persistent=persistent)
     config, source, warnings = load_configs(req, ctx)
     if req.image and req.image != HOST_IMAGE:
         validate_image_ref(req.image)
@@ -313,27 +319,30 @@ def same_path_target(path: str, rootfs: HostRootfs, home: Path | None,
         return "/workspace"
 
 
-def with_agent(req: RunRequest) -> RunRequest:
-    """An agent sandbox: the agent's install (read-only), variables, API hosts and the
-    stored secret that covers its key (agents/request.py), under the request's own -e,
-    lists and limits; the namespaces backend (its gate keeps the key outside) and the
-    host's userland (the agents are built for it) unless the request names an image."""
+def with_agent(req: RunRequest, *, persistent: bool = False) -> RunRequest:
+    """An agent sandbox: the agent's install (read-only), variables, API hosts and its
+    key (agents/request.py: the caller's `agent_key` variable, else the stored secret that
+    covers it), under the request's own -e, lists and limits; the namespaces backend (its
+    gate keeps the key outside) and the host's userland (the agents are built for it)
+    unless the request names an image. The command is the agent's binary with the
+    request's argv as its arguments (a kept sandbox without argv: none yet)."""
     from .agents.request import AGENT_MEMORY_MB, agent_run, check_backend
 
     assert req.agent is not None
     check_backend(req.backend)
     if req.no_network:
         raise UsageError("an agent sandbox needs the network to reach the agent's API")
-    agent = agent_run(req.agent, DEFAULT_PATH)
+    agent = agent_run(req.agent, DEFAULT_PATH, key_env=req.agent_key)
     return req._replace(
         backend="namespaces", image=req.image or HOST_IMAGE,
         memory_mb=AGENT_MEMORY_MB if req.memory_mb is None else req.memory_mb,
         env={**agent.env, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
         secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),
+        held_keys=(*req.held_keys, *((agent.held,) if agent.held else ())),
         ro_binds=(*req.ro_binds, *agent.ro_binds),
         workspace=req.workspace or "rw",
         workspace_at=req.workspace_at or (str(req.cwd) if req.cwd is not None else None),
-        argv=[agent.binary, *req.argv] if req.argv else [])
+        argv=[agent.binary, *req.argv] if req.argv or not persistent else [])
 
 
 def egress_of(req: RunRequest, profile: Profile, config: Config | None,
@@ -347,11 +356,12 @@ def egress_of(req: RunRequest, profile: Profile, config: Config | None,
                         req.add_hosts)
     env: dict[str, str] = {}
     # (a run without egress has no use for the config's secrets; --secret there is refused)
-    if req.secrets or (policy is not None and config is not None and
-                       (config.secrets or config.project_secrets)):
+    if req.secrets or req.held_keys or (policy is not None and config is not None and
+                                        (config.secrets or config.project_secrets)):
         from .secrets_store import grant_secrets, resolve_uses
 
         uses, notes = resolve_uses(req.secrets, config)
+        uses += [u for u in req.held_keys if u.name not in {x.name for x in uses}]
         if warnings is not None:
             warnings.extend(notes)
         if uses:

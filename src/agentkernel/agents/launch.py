@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import UsageError
 from .registry import AgentSpec
-from .request import AGENT_MEMORY_MB
 from .status import covering_secret, key_hosts
 
 if TYPE_CHECKING:
@@ -32,11 +31,16 @@ TERMINAL_ENV = ("TERM", "COLORTERM", "LANG")
 
 
 class KeySource(NamedTuple):
-    """Where the agent's key comes from: the secret to grant (None: no key) and what to
-    call it (env:VAR, secret:NAME, missing)."""
+    """Where the agent's key comes from: the caller's variable (None: not from the
+    environment), what to call it (env:VAR, secret:NAME, missing) and the value held."""
 
-    secret: str | None
+    env: str | None
     auth: str
+    value: str | None
+
+    @property
+    def missing(self) -> bool:
+        return self.auth == "missing"
 
 
 
@@ -45,13 +49,15 @@ class RunFlow(NamedTuple):
 
     request: Callable[[argparse.Namespace, list[str]], RunRequest]
     in_process: Callable[[argparse.Namespace, list[str]], int]
+    # Through the daemon (its warm pool), given the key's value; None: no daemon is up.
+    via_daemon: Callable[[argparse.Namespace, str | None], int | None] | None = None
 
 
 def key_source(spec: AgentSpec, environ: dict[str, str]) -> KeySource:
-    """The key the agent gets, as a secret: the first of its variables set in `environ`
-    (held in this process's memory only), else a stored secret that covers it."""
-    from ..egress_policy import normalize_name
-    from ..secrets_store import MAX_VALUE, Secret, hold
+    """The key the agent gets: the first of its variables set in `environ` (named
+    `env:VAR`; its value stays in this process and goes to the gate at the start only),
+    else a stored secret that covers it (the planner finds that one itself)."""
+    from ..secrets_store import MAX_VALUE
 
     for key in spec.keys:
         value = environ.get(key.env, "").strip()
@@ -59,45 +65,46 @@ def key_source(spec: AgentSpec, environ: dict[str, str]) -> KeySource:
             continue
         if len(value) > MAX_VALUE or any(c in value for c in "\r\n\0"):
             raise UsageError(f"{key.env} must be one line of at most 64 KiB")
-        name = f"env:{key.env}"
-        hold(Secret(name, tuple(normalize_name(h) for h in key_hosts(spec, key)),
-                    key.header_name, key.sandbox_env, value))
-        return KeySource(name, name)
+        return KeySource(key.env, f"env:{key.env}", value)
     stored = covering_secret(spec)
     if stored is not None:
-        return KeySource(stored, f"secret:{stored}")
-    return KeySource(None, "missing")
+        return KeySource(None, f"secret:{stored}", None)
+    return KeySource(None, "missing", None)
 
 
 def prepare(args: argparse.Namespace, command: list[str]) -> KeySource:
-    """Turn `run --agent NAME [-- ARGS]` into a plain run's flags (in place): the agent's
-    binary as the command, its install bound read-only, its key as a secret, its hosts
-    allowed. Returns where the key came from."""
-    from ..planner import DEFAULT_PATH
+    """Add `run --agent NAME [-- ARGS]`'s part to the run flags (in place): the agent and
+    the variable its key is in, for the planner (planner.with_agent decides the rest:
+    install, hosts, backend, image, memory, project mode and path), the caller's terminal
+    variables, and the agent's arguments as the command. Returns where the key is."""
     from .registry import get
-    from .request import agent_run, check_backend
+    from .request import check_backend
 
     spec = get(args.agent)
     check_backend(args.backend)
     if args.no_network:
         raise UsageError("run --agent needs the network to reach the agent's API")
-    agent = agent_run(spec.id, DEFAULT_PATH, stored_key=False)
     key = key_source(spec, dict(os.environ))
-    env = [f"{k}={v}" for k, v in agent.env.items()]
-    env += [f"{k}={os.environ[k]}" for k in TERMINAL_ENV if os.environ.get(k)]
-    args.backend = "namespaces"
-    args.memory = args.memory or f"{AGENT_MEMORY_MB}m"
-    args.image = args.image or "host"  # the agents are built for the host's userland
-    args.env = [*env, *args.env]  # the user's -e win
-    args.allow_host = [*agent.hosts, *args.allow_host]
-    args.secret = [*args.secret, *([key.secret] if key.secret else [])]
-    args.ro_binds = list(agent.ro_binds)
-    args.workspace_mode = "rw"  # the agent edits the project (or, with --review, a copy)
+    args.agent_key = key.env
+    args.env = [*(f"{k}={os.environ[k]}" for k in TERMINAL_ENV if os.environ.get(k)),
+                *args.env]  # the user's -e win
     # ... shown at the project's own path (a copy under --review too), when it may be:
     # planner.same_path_target falls back to /workspace with a warning otherwise.
     args.workspace_at = os.getcwd()
-    args.command = [agent.binary, *command]
+    args.command = list(command)  # the agent's arguments (with_agent puts its binary first)
     return key
+
+
+def hold_key(spec: AgentSpec, key: KeySource) -> None:
+    """An in-process run: the caller's key held in this process's memory (never written)
+    for its gate's start."""
+    from ..secrets_store import Secret, hold
+    from .request import key_use
+
+    if key.env is None or key.value is None:
+        return
+    use = key_use(spec, key.env)
+    hold(Secret(use.name, use.hosts, use.header, use.env, key.value))
 
 
 def missing_key_note(spec: AgentSpec) -> str:
@@ -118,9 +125,18 @@ def cmd_run_agent(args: argparse.Namespace, command: list[str], *, runs: RunFlow
     if args.keep or args.json:
         raise UsageError("run --agent takes neither --keep nor --json")
     key = prepare(args, command)
-    if key.secret is None and not args.quiet:
-        print(f"agentkernel: warning: {missing_key_note(get(args.agent))}", file=sys.stderr)
-    if not (getattr(args, "review", False) or getattr(args, "apply", False)):
+    spec = get(args.agent)
+    if key.missing and not args.quiet:
+        print(f"agentkernel: warning: {missing_key_note(spec)}", file=sys.stderr)
+    review = bool(getattr(args, "review", False) or getattr(args, "apply", False))
+    if not review and runs.via_daemon is not None:
+        # A warm agent sandbox of the daemon's pool; the key travels with the request
+        # (over the user's own 0600 socket) to the gate of the sandbox the run takes.
+        code = runs.via_daemon(args, key.value)
+        if code is not None:
+            return code
+    hold_key(spec, key)
+    if not review:
         return _run(args, runs)
     from pathlib import Path
 
@@ -140,9 +156,16 @@ def cmd_run_agent(args: argparse.Namespace, command: list[str], *, runs: RunFlow
     return code
 
 
+def interactive() -> bool:
+    """Both stdin and stdout are terminals: the agent gets a PTY."""
+    return sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
+
+
 def _run(args: argparse.Namespace, runs: RunFlow) -> int:
-    if sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty():
+    if interactive():
         from .terminal import run_on_pty
 
-        return run_on_pty(args, runs.request)
-    return runs.in_process(args, list(args.command))
+        code = run_on_pty(args, runs.request)
+    else:
+        code = runs.in_process(args, list(args.command))
+    return code

@@ -8,11 +8,14 @@ settings (the user's -e, --allow-host, -m win).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import UsageError
 from .registry import AgentSpec, get
 from .status import agents_dir, covering_secret, installed_binary, key_hosts
+
+if TYPE_CHECKING:
+    from ..secrets_store import Use
 
 AGENT_MOUNT = "/run/agentkernel"  # /run is always the sandbox's own tmpfs: a mount point
 SANDBOX_HOME = "/root"  # the sandbox's own (a kept sandbox keeps it across restarts)
@@ -31,6 +34,9 @@ class AgentRun(NamedTuple):
     hosts: tuple[str, ...]  # its API hosts (and its keys'), under the caller's lists
     ro_binds: tuple[tuple[str, str], ...]  # its install, read-only
     secret: str | None  # a stored secret that covers it, for the planner to grant
+    # The key the caller holds in its environment (`run --agent`): where it may go; its
+    # value reaches the gate when the sandbox is taken, never the plan.
+    held: Use | None = None
 
 
 def installed_dir(spec: AgentSpec) -> str:
@@ -49,10 +55,26 @@ def check_backend(backend: str | None) -> None:
                          "the one that keeps the agent's key outside the sandbox")
 
 
-def agent_run(agent_id: str, default_path: str, *, stored_key: bool = True) -> AgentRun:
-    """The agent's install bound read-only, its variables, its hosts and (with
-    `stored_key`) the stored secret that covers it. UsageError for an unknown or
-    uninstalled agent."""
+def key_use(spec: AgentSpec, env: str) -> Use:
+    """Where the key in the caller's variable `env` may go (one of the row's key
+    variables): its API hosts and header, its placeholder's variable. Named `env:VAR`,
+    which no stored secret's name can be."""
+    from ..egress_policy import normalize_name
+    from ..secrets_store import Use
+
+    for key in spec.keys:
+        if key.env == env:
+            return Use(f"env:{key.env}",
+                       tuple(normalize_name(h) for h in key_hosts(spec, key)),
+                       key.header_name, key.sandbox_env)
+    raise UsageError(f"{env[:40]!r} is not a key variable of {spec.name}")
+
+
+def agent_run(agent_id: str, default_path: str, *, stored_key: bool = True,
+              key_env: str | None = None) -> AgentRun:
+    """The agent's install bound read-only, its variables, its hosts and its key: the
+    caller's (`key_env`, the variable it holds it in) or else (with `stored_key`) the
+    stored secret that covers it. UsageError for an unknown or uninstalled agent."""
     spec = get(agent_id)
     source, inside = installed_dir(spec), f"{AGENT_MOUNT}/{spec.id}"
     bin_dir = f"{inside}/node_modules/.bin"
@@ -61,5 +83,6 @@ def agent_run(agent_id: str, default_path: str, *, stored_key: bool = True) -> A
     hosts = list(spec.hosts)
     for key in spec.keys:
         hosts += [h for h in key_hosts(spec, key) if h not in hosts]
+    held = key_use(spec, key_env) if key_env else None
     return AgentRun(f"{bin_dir}/{spec.binary}", env, tuple(hosts), ((source, inside),),
-                    covering_secret(spec) if stored_key else None)
+                    covering_secret(spec) if stored_key and held is None else None, held)

@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.agent:
         from ..agents.launch import RunFlow, cmd_run_agent
 
-        return cmd_run_agent(args, command, runs=RunFlow(run_request, run_in_process))
+        via = agent_via_daemon if daemon_wanted() else None
+        return cmd_run_agent(args, command, runs=RunFlow(run_request, run_in_process, via))
     if not command and not args.image:  # only an image can supply a command (its Cmd)
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
@@ -78,9 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     egress_flags = bool(args.allow_host or args.deny_host or args.add_host or args.secret)
     if args.keep or (daemon_wanted() and not egress_flags):  # pools keep the default policy
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
-        code = run_via_daemon(args, command, keep=args.keep)
-        if code is not None:
-            return code
+        through = run_via_daemon(args, command, keep=args.keep)
+        if through is not None:
+            return through
     return run_in_process(args, command)
 
 
@@ -189,8 +190,7 @@ def run_request(args: argparse.Namespace, command: list[str]) -> RunRequest:
         allow_hosts=tuple(getattr(args, "allow_host", ())),
         deny_hosts=tuple(getattr(args, "deny_host", ())),
         add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
-        ro_binds=tuple(getattr(args, "ro_binds", ())),  # run --agent's install
-        workspace=getattr(args, "workspace_mode", None),  # run --agent's: rw
+        agent=getattr(args, "agent", None), agent_key=getattr(args, "agent_key", None),
         workspace_at=getattr(args, "workspace_at", None),  # run --agent's: its own path
     )
 
@@ -299,6 +299,72 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
             "duration_ms": round((time.monotonic() - started) * 1000, 1),
         }))
     return code
+
+
+def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | None:
+    """`run --agent` through the daemon: a warm agent sandbox of its pool (planned by the
+    daemon's planner from our context, as in-process), the key's value sent with the
+    request for the gate of that sandbox only; on a PTY of our size when stdin and stdout
+    are terminals. None when no daemon is up (the caller runs in-process and starts one)."""
+    from ..agents.launch import interactive
+    from ..ipc import client
+    from ..ipc.client import DaemonError
+    from ..paths import data_dir_str
+    from .common import caller, env_pairs, limits, say
+
+    tty = interactive()
+    memory, pids = limits(args)
+    req: dict[str, Any] = {
+        "argv": list(args.command), "agent": args.agent, "agent_key": args.agent_key,
+        "agent_key_value": key_value, "image": args.image, "profile": args.profile,
+        "backend": args.backend, "env": env_pairs(args.env), "workdir": args.workdir,
+        "timeout": args.timeout, "cwd": os.getcwd(), "workspace_at": args.workspace_at,
+        "memory_mb": memory, "pids": pids, "cpus": args.cpus,
+        "config_path": os.path.abspath(args.config) if args.config else None,
+        "allow_hosts": list(args.allow_host), "deny_hosts": list(args.deny_host),
+        "add_hosts": list(args.add_host), "secrets": list(args.secret),
+        **caller(), "data_dir": data_dir_str(), "stdin_open": tty or not sys.stdin.isatty(),
+        "tty": list(client.terminal_size()) if tty else None,
+    }
+    lines = client.open_stream("run", req, auto_start=False)
+    if lines is None:
+        return None
+
+    def on_started(data: dict[str, Any]) -> None:
+        if not args.quiet:
+            for warning in data.get("warnings") or []:
+                say(f"warning: {warning}")
+        if args.verbose:
+            how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
+            say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
+
+    restore = _raw_terminal() if tty else None
+    try:
+        result = client.pump(lines, stdin_fd=0 if req["stdin_open"] else None, tty=tty,
+                             on_started=on_started)
+    except DaemonError as exc:
+        if exc.kind == "WrongDaemon":
+            return None
+        raise
+    finally:
+        if restore is not None:
+            restore()
+    if not args.quiet:
+        for line in result.get("egress") or []:
+            say(f"egress: {line}")
+        if result.get("message"):
+            say(str(result["message"]))
+    return int(result.get("exit_code", 125))
+
+
+def _raw_terminal() -> Callable[[], None]:
+    """Our terminal raw (keystrokes go to the agent's PTY as they are); the undo."""
+    import termios
+    import tty as tty_mod
+
+    saved = termios.tcgetattr(0)
+    tty_mod.setraw(0)
+    return lambda: termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
 
 def _run_keep(args: argparse.Namespace, command: list[str]) -> int:

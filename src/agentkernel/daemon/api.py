@@ -87,6 +87,7 @@ class ExecResult:
     message: str | None = None  # why the sandbox, not the command, ended it
     # The collected stdout/stderr stopped at the output cap (the command ran to its end).
     truncated: bool = False
+    egress: list[str] = field(default_factory=list)  # an agent run's refusals, as lines
 
 
 @dataclass
@@ -111,6 +112,17 @@ class RunRequest:
     caller_env: dict[str, str] | None = None
     user_config: str | None = None
     data_dir: str | None = None  # the caller's data dir: a daemon with another one refuses
+    # `run --agent` (planner.with_agent): the agent, the variable its key is in and that
+    # key's value (for the gate of the sandbox the run takes only: never planned, stored
+    # or shown), where the project is shown, and the run's egress flags.
+    agent: str | None = None
+    agent_key: str | None = None
+    agent_key_value: str | None = field(default=None, repr=False)
+    workspace_at: str | None = None
+    allow_hosts: list[str] = field(default_factory=list)
+    deny_hosts: list[str] = field(default_factory=list)
+    add_hosts: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -72,6 +72,10 @@ class PoolKey:
     workspace: str | None  # host project dir at /workspace, None for none
     home: str | None  # host home (only when the profile mounts it)
     egress: Any = None  # egress_policy.Policy from the project's [network] lists, or None
+    # An agent's sandbox (planner.with_agent): its install, read-only, and where the
+    # project is shown (its own path).
+    ro_binds: tuple[tuple[str, str], ...] = ()
+    workspace_at: str = "/workspace"
 
     def label(self) -> str:
         where = f" {self.workspace}" if self.workspace else ""

@@ -42,13 +42,13 @@ class RunsMixin:
             argv=list(req.argv), cwd=cwd, image=req.image, profile=req.profile,
             backend=req.backend, no_network=req.no_network, env=req.env, workdir=req.workdir,
             timeout=req.timeout, memory_mb=req.memory_mb, pids=req.pids, cpus=req.cpus,
-            config_path=Path(req.config_path) if req.config_path else None), ctx)
-        key = PoolKey(image=plan.image, rootfs=plan.rootfs_key, backend=plan.backend.name,
-                      profile=plan.profile,
-                      workspace=str(plan.workspace) if plan.workspace else None,
-                      home=str(plan.home) if plan.home else None,
-                      egress=plan.egress)  # the project's [network] lists
-        return key, plan
+            config_path=Path(req.config_path) if req.config_path else None,
+            allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
+            add_hosts=tuple(req.add_hosts), secrets=tuple(req.secrets), agent=req.agent,
+            agent_key=req.agent_key, workspace_at=req.workspace_at), ctx)
+        if req.agent_key and not req.agent_key_value:
+            raise UsageError(f"run: the value of {req.agent_key} did not come with the run")
+        return pool_key(plan), plan
 
     def _pool_spec(self: SandboxManager, key: PoolKey, rootfs: HostRootfs) -> SandboxSpec:
         from ..controlplane import control_masks
@@ -58,8 +58,10 @@ class RunsMixin:
         home = Path(key.home) if key.home else None
         return SandboxSpec(name=f"pool-{secrets.token_hex(5)}", profile=key.profile,
                            rootfs=rootfs, image=key.image, workspace=workspace, home=home,
-                           masks=control_masks(key.profile, workspace, home),
-                           egress=key.egress)
+                           masks=control_masks(key.profile, workspace, home,
+                                               key.workspace_at),
+                           egress=key.egress, ro_binds=key.ro_binds,
+                           workspace_at=key.workspace_at)
 
     def _pool_start(self: SandboxManager, key: PoolKey, backend: Backend,
                     rootfs: HostRootfs) -> Sandbox:
@@ -98,8 +100,14 @@ class RunsMixin:
                 print(f"agentkernel daemon: could not forget {sandbox.spec.name}: {exc}",
                       file=sys.stderr, flush=True)
 
-    def open_run(self: SandboxManager, req: RunRequest, *, stdin: bool = False) -> ExecHandle:
-        """A one-shot run: a warm sandbox if one is ready, else a fresh one; gone after."""
+    def open_run(self: SandboxManager, req: RunRequest, *, stdin: bool = False,
+                 pty: tuple[int, int] | None = None) -> ExecHandle:
+        """A one-shot run: a warm sandbox if one is ready, else a fresh one; gone after.
+
+        A run with secrets (your config's [secrets], an agent's key) takes a sandbox
+        started without them, whose gate holds a certificate for their hosts: their
+        values and this run's fresh placeholders go to that gate now (`_grant`), so a
+        warm sandbox never holds a key, and no two runs share a placeholder."""
         if req.data_dir and Path(req.data_dir).resolve() != self.root.resolve():
             raise WrongDaemon(f"this daemon serves {self.root}, not {req.data_dir}")
         key, plan = self._plan_run(req)
@@ -107,30 +115,28 @@ class RunsMixin:
         started = time.monotonic()
         sandbox: Sandbox | None = None
         backend.pooled()  # e.g. wasm: make the compiling engine, once, in the background
-        # Secrets (your config's [secrets]) have a fresh placeholder per run, known to its
-        # gate only: such a run gets a sandbox of its own, never a pooled one.
-        own = plan.egress is not None and bool(plan.egress.secrets)
-
-        def release() -> None:
-            if not own:
-                self.pool.release(key)
-
         try:
-            sandbox, pooled = (self._pool_start(key, backend, rootfs), False) if own else \
-                self.pool.acquire(key, backend, rootfs)
+            sandbox, pooled = self.pool.acquire(key, backend, rootfs)
+            if plan.egress is not None and plan.egress.secrets:
+                _grant(sandbox, plan, req)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
                                             cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
-                                            rlimits=sandbox.command_rlimits())
+                                            pty=pty, rlimits=sandbox.command_rlimits())
         except BaseException:
-            release()
+            self.pool.release(key)
             if sandbox is not None:
                 self._destroy_later(sandbox)
             raise
         sb = sandbox
+        agent = req.agent is not None
 
         def finish(_handle: ExecHandle, result: ExecResult | None) -> None:
-            release()
-            if not own and result is not None and sb.reusable():
+            self.pool.release(key)
+            if agent and result is not None:  # what its gate refused, for its stderr
+                from ..egress_gate import refusals
+
+                result.egress = refusals(sb.scratch)
+            if result is not None and sb.reusable():
                 self.pool.give_back(key, sb)  # a wasm worker: the next run is a new instance
             else:
                 self._destroy_later(sb)
@@ -157,3 +163,36 @@ class RunsMixin:
         # Tearing a sandbox down takes a few ms: the caller already has its answer. The
         # pool's teardown queue is bounded (a full one makes this caller wait).
         self.pool.discard(sandbox)
+
+
+def pool_key(plan: Plan) -> PoolKey:
+    """What a plan's sandbox is, before a command and its secrets come: its pool key.
+    Secrets' grants stay in it as slots without a placeholder (the sandbox's gate gets a
+    certificate for their hosts, and nothing else, when it starts)."""
+    egress = plan.egress
+    if egress is not None and egress.secrets:
+        egress = egress._replace(secrets=tuple(g._replace(placeholder="")
+                                               for g in egress.secrets))
+    return PoolKey(image=plan.image, rootfs=plan.rootfs_key, backend=plan.backend.name,
+                   profile=plan.profile,
+                   workspace=str(plan.workspace) if plan.workspace else None,
+                   home=str(plan.home) if plan.home else None,
+                   egress=egress,  # the project's [network] lists, an agent's hosts
+                   ro_binds=plan.ro_binds, workspace_at=plan.workspace_at)
+
+
+def _grant(sandbox: Sandbox, plan: Plan, req: RunRequest) -> None:
+    """The run's secrets to the gate of the sandbox it took: each grant's fresh
+    placeholder (in the plan: the command's variables hold it) and value, read now (a
+    stored secret from the store; the caller's agent key from its request)."""
+    from ..egress_gate import grant
+    from ..secrets_store import load
+
+    assert plan.egress is not None
+    held = f"env:{req.agent_key}" if req.agent_key else None
+    given: list[dict[str, object]] = []
+    for g in plan.egress.secrets:
+        value = req.agent_key_value if g.name == held else load(g.name).value
+        given.append({"name": g.name, "hosts": list(g.hosts), "header": g.header,
+                      "placeholder": g.placeholder, "value": value})
+    grant(sandbox.scratch, given)

@@ -405,9 +405,11 @@ class DaemonServer:
 
     def _run(self, conn: _Conn, args: dict[str, Any]) -> None:
         stdin = bool(args.pop("stdin_open", False))
+        tty = args.pop("tty", None)
+        pty = (int(tty[0]), int(tty[1])) if isinstance(tty, list) and len(tty) == 2 else None
         req = RunRequest(**_fields(RunRequest, args))
         try:
-            handle = self.manager.open_run(req, stdin=stdin)
+            handle = self.manager.open_run(req, stdin=stdin, pty=pty)
         except AgentRequestError as exc:
             if exc.exit_code not in (126, 127):
                 raise
@@ -498,7 +500,7 @@ def _control(handle: ExecHandle, msg: dict[str, Any]) -> None:
 def _result_json(result: ExecResult) -> dict[str, Any]:
     return {"exit_code": result.exit_code, "signal": result.signal,
             "timed_out": result.timed_out, "oom_killed": result.oom_killed,
-            "message": result.message}
+            "message": result.message, **({"egress": result.egress} if result.egress else {})}
 
 
 def serve_options(args: dict[str, Any]) -> ServeOptions:
