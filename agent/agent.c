@@ -11,6 +11,7 @@
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <sys/ioctl.h>
@@ -1789,6 +1790,65 @@ static void do_mask_private(const char *dir)
 		die("--mask-private %s: too many private entries", dir);
 }
 
+/* --user UID:GID:HOME: commands run as this uid and gid (an AI agent is not uid 0 inside),
+ * HOME a dir of theirs. Switched to after every mount, between emptying the bounding set
+ * (which needs CAP_SETPCAP) and clearing the rest (a command could not switch itself). */
+static const char *run_as;
+
+static void write_proc(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	size_t len = strlen(text);
+	if (fd < 0 || write(fd, text, len) != (ssize_t)len)
+		die("--user: %s: %s", path, strerror(errno));
+	close(fd);
+}
+
+static void become_user(void)
+{
+	unsigned long uid, gid;
+	char home[256];
+	int n = 0;
+	if (sscanf(run_as, "%lu:%lu:%255[^\n]%n", &uid, &gid, home, &n) != 3 || run_as[n] ||
+	    uid == 0 || uid > 65535 || gid == 0 || gid > 65535 || home[0] != '/')
+		die("--user wants UID:GID:HOME (ids 1..65535, HOME absolute)");
+	if (mkdir(home, 0700) < 0 && errno != EEXIST)
+		die("--user: mkdir %s: %s", home, strerror(errno));
+	if (getuid() == (uid_t)uid && getgid() == (gid_t)gid)
+		return;
+	if (chown(home, (uid_t)uid, (gid_t)gid) == 0) {
+		if (setgroups(0, NULL) < 0 || setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) < 0 ||
+		    setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) < 0)
+			die("--user %lu:%lu: %s", uid, gid, strerror(errno));
+		return;
+	}
+	if (errno != EINVAL)
+		die("--user: chown %s: %s", home, strerror(errno));
+	/* The id is not mapped here (an ordinary user's sandbox maps one id: its root). A
+	 * user namespace of our own, below the sandbox's, shows that one id as UID/GID: the
+	 * mounts are made, and they stay the sandbox's (nothing can be mounted from here). */
+	char map[64];
+	unsigned int ou = (unsigned int)getuid(), og = (unsigned int)getgid();
+	if (unshare(CLONE_NEWUSER) < 0)
+		die("--user: unshare: %s", strerror(errno));
+	/* Its new capabilities made us not dumpable, and our /proc/self files root's. */
+	if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
+		die("--user: dumpable: %s", strerror(errno));
+	write_proc("/proc/self/setgroups", "deny");
+	snprintf(map, sizeof(map), "%lu %u 1", uid, ou);
+	write_proc("/proc/self/uid_map", map);
+	snprintf(map, sizeof(map), "%lu %u 1", gid, og);
+	write_proc("/proc/self/gid_map", map);
+}
+
+static void drop_bounding(int last)
+{
+	for (int c = 0; c <= last; c++)
+		if (prctl(PR_CAPBSET_READ, c, 0, 0, 0) == 1 && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 &&
+		    errno != EINVAL)
+			die("drop bounding capability %d: %s", c, strerror(errno));
+}
+
 static void drop_caps(void)
 {
 	int last = 63;
@@ -1798,12 +1858,13 @@ static void drop_caps(void)
 			last = 63;
 		fclose(f);
 	}
-	for (int c = 0; c <= last; c++)
-		if (prctl(PR_CAPBSET_READ, c, 0, 0, 0) == 1 && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 &&
-		    errno != EINVAL)
-			die("drop bounding capability %d: %s", c, strerror(errno));
+	drop_bounding(last);
 	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
 		die("clear ambient capabilities: %s", strerror(errno));
+	if (run_as) {
+		become_user();
+		drop_bounding(last); /* a user namespace of our own starts with a full set */
+	}
 	struct ak_cap_header hdr = { AK_CAP_VERSION_3, 0 };
 	struct ak_cap_data data[2];
 	memset(data, 0, sizeof(data));
@@ -2084,7 +2145,8 @@ static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
 	    "  [--hold FD] [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
-	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps] [--lock-listen-dir]\n"
+	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps [--user UID:GID:HOME]]\n"
+	    "  [--lock-listen-dir]\n"
 	    "  [--pids-max N] [--seccomp FILE]\n"
 	    "  [--insmod FILE[,FILE..]].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
 	    "  [--net lo|ADDR/PREFIX,GW] [--hostname NAME] [--poweroff] [--vsock-listen PORT]\n"
@@ -2146,6 +2208,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--hostname")) hostname = val;
 		else if (!strcmp(a, "--vsock-listen")) vsock_port = val;
 		else if (!strcmp(a, "--seccomp")) seccomp = val;
+		else if (!strcmp(a, "--user")) run_as = val;
 		else if (!strcmp(a, "--pids-max")) pids_max = val;
 		else if (!strcmp(a, "--listen")) listen_path = val;
 		else if (!strcmp(a, "--connect")) connect_path = val;
@@ -2163,6 +2226,8 @@ int main(int argc, char **argv)
 		die("choose at most one of --fd, --listen, --connect, --vport, --vsock-listen");
 	if (vport_reconnect && !vport)
 		die("--reconnect needs --vport");
+	if (run_as && !caps)
+		die("--user needs --drop-caps");
 
 	if (getpid() == 1)
 		is_init = 1;

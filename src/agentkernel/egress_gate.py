@@ -36,6 +36,7 @@ LEAF_NAME = "egress-leaf.pem"  # the gate's certificate and key for the secrets'
 LOG_NAME = "egress.log"
 CONTROL_NAME = "egress.sock"
 READY_TIMEOUT = 15.0
+NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1): the user namespace that owns a namespace
 
 
 def ip_batch() -> str:
@@ -439,8 +440,13 @@ class GateStart:
             where = router if router is not None else pid
             ns = [os.open(f"/proc/{where}/ns/net", os.O_RDONLY)]
             try:
-                if os.geteuid() != 0:
-                    ns.append(os.open(f"/proc/{where}/ns/user", os.O_RDONLY))
+                if os.geteuid() != 0:  # the namespace's owner (not /proc/PID/ns/user:
+                    # the sandbox's first process may be in one of its own below it by now)
+                    import fcntl
+
+                    ns.append(fcntl.ioctl(ns[0], NS_GET_USERNS))
+                    if router is None:
+                        enter = enter_netns(pid, ns[1])
                 listeners = self._wire(ns[0], ns[1] if len(ns) > 1 else -1, enter, inputs,
                                        GATEWAY if router is not None else "127.0.0.1")
             finally:

@@ -218,6 +218,29 @@ def new_userns(rng: HostRange) -> int:
         child.wait()
 
 
+def owner_userns(rng: HostRange, uid: int, gid: int) -> int:
+    """A user namespace for an id-mapped mount on which files of our own (the caller's
+    euid and egid, on disk) show as sandbox `uid`/`gid` of the sandbox over `rng`, and
+    what that id writes lands as ours; no other id is mapped (other owners' files show as
+    nobody's, and nothing can be made theirs). An fd (O_CLOEXEC), the caller's to close."""
+    child = _userns_holder()
+    try:
+        _await_userns(child)
+        for kind, own, start in (("uid", os.geteuid(), rng.uid + uid),
+                                 ("gid", os.getegid(), rng.gid + gid)):
+            with open(f"/proc/{child.pid}/{kind}_map", "w") as f:
+                f.write(f"{own} {start} 1\n")
+        return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SandboxError(f"could not map the project's owner: {exc}") from None
+    finally:
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
+        child.kill()
+        child.wait()
+
+
 def _userns_holder() -> subprocess.Popen[bytes]:
     """A child that makes a new user namespace and stays in it while its stdin is open:
     ak-enter --new-userns (says "u" on stdout once in it), else `unshare --user cat`."""

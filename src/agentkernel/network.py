@@ -207,14 +207,16 @@ def egress_netns(
     return holder.pid, life_w
 
 
-def enter_netns(pid: int) -> list[str]:
-    """argv prefix that runs a command inside the network namespace of `pid`."""
+def enter_netns(pid: int, userns_fd: int = -1) -> list[str]:
+    """argv prefix that runs a command inside the network namespace of `pid` (for an
+    ordinary user, through the user namespace `userns_fd` of ours, else `pid`'s own)."""
     nsenter = which("nsenter")
     if nsenter is None:
         raise BackendUnavailable("egress networking needs nsenter (util-linux)")
     argv = [nsenter, f"--target={pid}", "--net"]
     if os.geteuid() != 0:
-        argv += ["--user", "--preserve-credentials"]
+        user = f"--user=/proc/{os.getpid()}/fd/{userns_fd}" if userns_fd >= 0 else "--user"
+        argv += [user, "--preserve-credentials"]
     return [*argv, "--"]
 
 

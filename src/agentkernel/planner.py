@@ -88,6 +88,8 @@ class RunRequest(NamedTuple):
     agent_key: str | None = None
     # Keys the caller holds, not in the store (with_agent's): placeholders like secrets'.
     held_keys: tuple[Use, ...] = ()
+    # Commands run as (uid, gid, HOME) inside, not uid 0 (with_agent's, one-shot runs).
+    user: tuple[int, int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class Plan:
     secret_env: Mapping[str, str] = field(default_factory=dict)
     ro_binds: tuple[tuple[str, str], ...] = ()  # RunRequest.ro_binds
     workspace_at: str = "/workspace"  # where the project is shown (same_path_target)
+    user: tuple[int, int, str] | None = None  # RunRequest.user
 
     def env(self, sandbox_name: str) -> dict[str, str]:
         """The command's environment in a sandbox called `sandbox_name`."""
@@ -183,7 +186,7 @@ class Plan:
                            masks=control_masks(self.profile, self.workspace, self.home,
                                                self.workspace_at),
                            egress=self.egress, ro_binds=self.ro_binds,
-                           workspace_at=self.workspace_at)
+                           workspace_at=self.workspace_at, user=self.user)
 
     def summary(self) -> dict[str, object]:
         """What the plan decided, as plain data (`-v`, `--json`, the parity tests)."""
@@ -296,7 +299,7 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         pass_env={k: ctx.env[k] for k in PASS_ENV_KEYS if k in ctx.env},
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
         egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
-        workspace_at=workspace_at,
+        workspace_at=workspace_at, user=req.user,
     )
 
 
@@ -326,17 +329,21 @@ def with_agent(req: RunRequest, *, persistent: bool = False) -> RunRequest:
     gate keeps the key outside) and the host's userland (the agents are built for it)
     unless the request names an image. The command is the agent's binary with the
     request's argv as its arguments (a kept sandbox without argv: none yet)."""
-    from .agents.request import AGENT_MEMORY_MB, agent_run, check_backend
+    from .agents.request import AGENT_MEMORY_MB, AGENT_USER, agent_run, check_backend
 
     assert req.agent is not None
     check_backend(req.backend)
     if req.no_network:
         raise UsageError("an agent sandbox needs the network to reach the agent's API")
     agent = agent_run(req.agent, DEFAULT_PATH, key_env=req.agent_key)
+    # A one-shot run's agent is not uid 0 inside; a kept sandbox's still is (its HOME,
+    # /root, and its layers persist as the sandbox's root's).
+    user = None if persistent else AGENT_USER
+    home = {"HOME": user[2]} if user is not None else {}
     return req._replace(
-        backend="namespaces", image=req.image or HOST_IMAGE,
+        backend="namespaces", image=req.image or HOST_IMAGE, user=user,
         memory_mb=AGENT_MEMORY_MB if req.memory_mb is None else req.memory_mb,
-        env={**agent.env, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
+        env={**agent.env, **home, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
         secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),
         held_keys=(*req.held_keys, *((agent.held,) if agent.held else ())),
         ro_binds=(*req.ro_binds, *agent.ro_binds),

@@ -44,6 +44,10 @@ class SandboxSpec(NamedTuple):
     # Where the project is shown inside: /workspace, or (`run --agent`) its own host path,
     # checked by controlplane.workspace_target before the spec is made.
     workspace_at: str = "/workspace"
+    # Commands run as (uid, gid) inside, with a HOME dir of theirs, instead of uid 0: an
+    # AI agent's sandbox (agents/request.py). The project then shows as theirs (namespaces:
+    # the caller's own files, as root through an id-mapped mount of that owner only).
+    user: tuple[int, int, str] | None = None
 
 
 class Sandbox:

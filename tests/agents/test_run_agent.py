@@ -70,7 +70,8 @@ def _check_claude_run(out: str, err: str, code: int, api: FakeApi,
     assert results, seen
     report = results[-1]
     first = report.splitlines()[0]
-    assert first.startswith("uid=0 host=agentkernel key=ak-secret-"), report
+    # Not uid 0 inside (agents/request.AGENT_USER), as root and as an ordinary user.
+    assert first.startswith("uid=1000 host=agentkernel key=ak-secret-"), report
     assert REAL_KEY not in report and "FOUND" not in report, report
     assert "other-refused" in report, report
     assert "example.org REFUSED" in err, err  # told, and in the gate's log

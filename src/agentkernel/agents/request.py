@@ -24,6 +24,9 @@ SANDBOX_HOME = "/root"  # the sandbox's own (a kept sandbox keeps it across rest
 # unless -m says otherwise.
 AGENT_MEMORY_MB = 4096
 AGENT_BACKENDS = (None, "auto", "namespaces")
+# A one-shot agent runs as this uid and gid inside, not 0, its HOME a fresh dir of its own
+# (the project, read-write, shows as its files: see SandboxSpec.user).
+AGENT_USER = (1000, 1000, "/home/agent")
 
 
 class AgentRun(NamedTuple):

@@ -241,10 +241,19 @@ def _command(
         return [*prefix, *build_bwrap_argv(bwrap, spec, agent, bpf, resolv=resolv,
                                            info_fd=info_fd, control=control,
                                            sync_fd=sync_fd)], preexec
-    from ..idmap import sandbox_userns
+    from ..idmap import owner_userns, sandbox_range_userns
 
-    userns, lock = sandbox_userns(opened)
-    attached = _attach_fds(host_binds(spec, control, resolv), userns, opened)
+    userns, lock, rng = sandbox_range_userns(opened)
+    # The project, for a sandbox whose commands run as a user: the caller's files show
+    # as that user's, and what it writes lands as the caller's (an id-mapped mount of
+    # that one owner; other owners' files show as nobody's there).
+    target = workspace_bind(spec)
+    own = {target: owner_userns(rng, spec.user[0], spec.user[1])} \
+        if spec.user is not None and target is not None else {}
+    try:  # (the mount keeps its namespace: no fd of it goes on to the sandbox)
+        attached = _attach_fds(host_binds(spec, control, resolv), userns, opened, own)
+    finally:
+        close_fds(*own.values())
     argv = build_bwrap_argv(bwrap, spec, _file_fd(agent, opened), _file_fd(bpf, opened),
                             resolv=resolv, info_fd=info_fd, control=control, sync_fd=sync_fd,
                             attached=attached, hold=lock)
@@ -275,8 +284,17 @@ def _entry(cgroup: Cgroup | None, userns: int
     return [*argv, "--"], None
 
 
-def _attach_fds(binds: list[HostBind], userns: int, opened: list[int]) -> dict[str, Attach]:
-    """Each host dir as an id-mapped mount for the agent to attach; a file, or a dir on a
+def workspace_bind(spec: SandboxSpec) -> str | None:
+    """The in-sandbox target of the project's host bind (None: no project)."""
+    if spec.workspace is None or spec.profile.workspace == "none":
+        return None
+    return WS_LOWER if spec.profile.workspace == "cow" else spec.workspace_at
+
+
+def _attach_fds(binds: list[HostBind], userns: int, opened: list[int],
+                own: Mapping[str, int] | None = None) -> dict[str, Attach]:
+    """Each host dir as an id-mapped mount for the agent to attach (with the user
+    namespace `own` names for its target, else the sandbox's); a file, or a dir on a
     filesystem that cannot be id-mapped, as a plain fd bwrap binds (its files then show as
     owned by nobody: readable where the host lets everyone read them, no more)."""
     from ..idmap import idmapped_tree
@@ -285,7 +303,8 @@ def _attach_fds(binds: list[HostBind], userns: int, opened: list[int]) -> dict[s
     for b in binds:
         if os.path.exists(b.src):
             try:
-                fd = idmapped_tree(b.src, userns, read_only=b.read_only)
+                fd = idmapped_tree(b.src, (own or {}).get(b.target, userns),
+                                   read_only=b.read_only)
             except OSError:
                 pass
             else:
@@ -393,7 +412,7 @@ def build_bwrap_argv(
     p = spec.profile
     cow_root = p.root_writable
     argv = [bwrap]
-    if attached is None:
+    if attached is None:  # the caller's one id: the sandbox's root (see --user below)
         argv += ["--unshare-user", "--uid", "0", "--gid", "0"]
     argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
              "--new-session", "--as-pid-1", "--hostname", spec.hostname]
@@ -434,7 +453,9 @@ def build_bwrap_argv(
     if "/tmp" in binds:
         bind("/tmp")  # a persistent sandbox keeps /tmp on disk: stop/start, snapshots
     else:
-        argv += [*size, "--tmpfs", "/tmp"]
+        # (sticky and world-writable where commands are not the sandbox's root)
+        perms = ["--perms", "1777"] if spec.user is not None else []
+        argv += [*size, *perms, "--tmpfs", "/tmp"]
     argv += [*size, "--tmpfs", "/run"]
     tops = {e.path for e in spec.rootfs.entries}
     for path in HOME_DIRS:
@@ -485,11 +506,19 @@ def build_bwrap_argv(
     # overlayfs set up over host dirs whose owner is unmapped here, CAP_SETPCAP lets the
     # agent empty the bounding set. All are the sandbox user namespace's, and all go
     # before the agent serves anything.
-    for cap in ("CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_SETPCAP"):
+    # With a user for commands, the agent also switches to it and gives it its HOME (an
+    # ordinary user's sandbox maps one id: there a user namespace of the agent's own,
+    # below the sandbox's, shows the caller as that user).
+    # (CAP_SETFCAP: the kernel lets a namespace map its parent's root only then)
+    switch = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_SETFCAP") \
+        if spec.user is not None else ()
+    for cap in ("CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_SETPCAP", *switch):
         argv += ["--cap-add", cap]
     if not cow_root:
         argv += ["--remount-ro", "/"]
     agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
+    if spec.user is not None:
+        agent_argv += ["--user", "{}:{}:{}".format(*spec.user)]
     if control is not None:
         bind(f"{AGENT_DIR}/ctl")
         agent_argv += ["--listen", f"{AGENT_DIR}/ctl/agent.sock", "--lock-listen-dir"]

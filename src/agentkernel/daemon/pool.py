@@ -76,6 +76,7 @@ class PoolKey:
     # project is shown (its own path).
     ro_binds: tuple[tuple[str, str], ...] = ()
     workspace_at: str = "/workspace"
+    user: tuple[int, int, str] | None = None  # its commands' uid, gid and HOME inside
 
     def label(self) -> str:
         where = f" {self.workspace}" if self.workspace else ""

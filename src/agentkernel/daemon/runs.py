@@ -61,7 +61,7 @@ class RunsMixin:
                            masks=control_masks(key.profile, workspace, home,
                                                key.workspace_at),
                            egress=key.egress, ro_binds=key.ro_binds,
-                           workspace_at=key.workspace_at)
+                           workspace_at=key.workspace_at, user=key.user)
 
     def _pool_start(self: SandboxManager, key: PoolKey, backend: Backend,
                     rootfs: HostRootfs) -> Sandbox:
@@ -178,7 +178,7 @@ def pool_key(plan: Plan) -> PoolKey:
                    workspace=str(plan.workspace) if plan.workspace else None,
                    home=str(plan.home) if plan.home else None,
                    egress=egress,  # the project's [network] lists, an agent's hosts
-                   ro_binds=plan.ro_binds, workspace_at=plan.workspace_at)
+                   ro_binds=plan.ro_binds, workspace_at=plan.workspace_at, user=plan.user)
 
 
 def _grant(sandbox: Sandbox, plan: Plan, req: RunRequest) -> None:
