@@ -1,0 +1,283 @@
+"""`run --agent` through the daemon's warm pool: agent-shaped sandboxes made ahead, never
+shared, never holding a key before a run takes them.
+
+A daemon of the test's (its gates trust the fake API's CA) serves `run --agent claude`
+from its pool. The fake model (tests/agents/fake_model_api.py) answers every prompt with a
+Bash tool call of `sh ./probe.sh`: each project carries its own probe, run by the real
+Claude Code inside the sandbox as the agent's user. Attacked: two runs in a row share no
+sandbox, HOME or placeholder and each key reaches the API only in its own run; a warm
+sandbox (its gate's memory and files) holds no key; one project is not visible from a run
+in another; the agent is not uid 0 and its edits land as the caller's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import AGENTS_HOME, API_HOSTS, FakeApi  # tests/agents/conftest.py
+from sandbox_helpers import SYSTEM_PYTHON, Result, ak, make_upstream
+
+PROBE = """\
+echo "REPORT uid=$(id -u) sandbox=$AGENTKERNEL_SANDBOX key=$ANTHROPIC_API_KEY home=$HOME"
+echo "HOMEFILES $(ls -A "$HOME" | tr '\\n' ' ')"
+touch "$HOME/left-by-$AGENTKERNEL_SANDBOX"
+echo "$AGENTKERNEL_SANDBOX" >> ./edited-by-agent
+"""
+DAEMON_TOML = """
+[daemon]
+adhoc_min = 1
+adhoc_max = 2
+pools = []
+"""
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[FakeApi]:
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
+        pytest.skip("needs root, iproute2 and openssl")
+    if not (AGENTS_HOME / "agents" / "claude").is_dir():
+        pytest.skip("agent CLIs not installed (scripts/install-agents.sh)")
+    with make_upstream(API_HOSTS, net="198.19", private=False) as up:
+        log = up.dir / "seen.jsonl"
+        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
+                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"), str(log), "sh ./probe.sh")
+        yield FakeApi(up.addr, up.ca, log)
+
+
+@dataclass
+class Pool:
+    env: dict[str, str]
+    runtime: Path
+    api: FakeApi
+
+    def run(self, project: Path, key: str, *args: str) -> Result:
+        """`run --agent claude` headless in `project`, the key in the caller's variable."""
+        return ak("run", "-v", "--agent", "claude", *self.api.add_hosts(), "--", *args,
+                  cwd=project, timeout=240, env={**self.env, "ANTHROPIC_API_KEY": key})
+
+    def turn(self, project: Path, key: str) -> tuple[Result, str]:
+        """A Claude Code turn whose Bash call runs the project's probe: the run and the
+        probe's report (what the fake model got back as the tool's result)."""
+        self.api.log.unlink(missing_ok=True)
+        r = self.run(project, key, "-p", "probe", "--dangerously-skip-permissions")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert "fake-model-done" in r.stdout, (r.stdout, r.stderr)
+        results = [x for s in self.api.seen() for x in s["tool_result"]]  # type: ignore
+        assert results, self.api.seen()
+        return r, str(results[-1])
+
+    def keys_seen(self) -> set[str]:
+        return {str(s["headers"].get("x-api-key")) for s in self.api.seen()  # type: ignore
+                if str(s["path"]).startswith("/v1/messages")}
+
+    def wait_warm(self, project: Path, timeout: float = 60) -> None:
+        """Until the daemon keeps an agent sandbox of `project` warm."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = ak("daemon", "status", env=self.env).stdout
+            lines = out.splitlines()
+            at = [i for i, x in enumerate(lines) if x.endswith(f" workspace={project}")]
+            if at and re.search(r"Warm:\s+[1-9]", lines[at[0] + 1]):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"no warm agent sandbox for {project}: {out}")
+
+
+@pytest.fixture(scope="module")
+def pool(api: FakeApi, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    if shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap")
+    root = tmp_path_factory.mktemp("akpool")
+    (root / "home").mkdir()
+    (root / "home" / "agents").symlink_to(AGENTS_HOME / "agents")
+    (root / "run").mkdir(mode=0o700)
+    (root / "daemon.toml").write_text(DAEMON_TOML)
+    env = {"AGENTKERNEL_HOME": str(root / "home"), "AGENTKERNEL_RUNTIME_DIR": str(root / "run"),
+           "AGENTKERNEL_DAEMON_CONFIG": str(root / "daemon.toml"),
+           "AGENTKERNEL_NO_DAEMON": "", "AGENTKERNEL_DAEMON_AUTOSTART": "0",
+           # the daemon's gates (started by it) trust the fake API's CA
+           "AGENTKERNEL_EGRESS_UPSTREAM_CA": str(api.ca),
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
+    r = ak("daemon", "start", env=env)
+    assert r.returncode == 0, r.stderr
+    try:
+        yield Pool(env, root / "run", api)
+    finally:
+        ak("daemon", "stop", env=env)
+
+
+@pytest.fixture
+def projects() -> Iterator[Path]:
+    """A dir for projects shown at their own path (not under /tmp, the sandbox's own)."""
+    base = Path(tempfile.mkdtemp(prefix="ak-agentpool-", dir="/var/lib"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _project(base: Path, name: str, probe: str = PROBE) -> Path:
+    project = base / name
+    project.mkdir()
+    (project / "probe.sh").write_text(probe)
+    return project
+
+
+def _report(text: str) -> dict[str, str]:
+    line = next(x for x in text.splitlines() if x.startswith("REPORT "))
+    return dict(part.split("=", 1) for part in line.split()[1:])
+
+
+def test_runs_in_a_row_share_no_sandbox_home_placeholder_or_key(pool: Pool,
+                                                                projects: Path) -> None:
+    """Three runs in one project, the later ones from the warm pool: each has a sandbox,
+    HOME and placeholder of its own, its own caller's key reaches the API and no other,
+    the agent is uid 1000 (not 0), and its edits land in the project as the caller's."""
+    project = _project(projects, "p")
+    keys = [f"sk-ant-run{i}-{secrets.token_hex(12)}" for i in range(3)]
+    reports = []
+    for i, key in enumerate(keys):
+        if i:
+            pool.wait_warm(project)
+        r, text = pool.turn(project, key)
+        assert pool.keys_seen() == {key}, pool.api.seen()
+        if i:
+            assert "via daemon (warm pool)" in r.stderr, r.stderr
+        assert key not in text, text
+        reports.append((_report(text), text))
+    sandboxes = {rep["sandbox"] for rep, _ in reports}
+    placeholders = {rep["key"] for rep, _ in reports}
+    assert len(sandboxes) == 3 and len(placeholders) == 3, reports
+    for rep, text in reports:
+        assert rep["uid"] == "1000" and rep["home"] == "/home/agent", text
+        assert rep["key"].startswith("ak-secret-"), text
+        assert "left-by-" not in text.split("HOMEFILES", 1)[1], text  # a fresh HOME
+    edited = project / "edited-by-agent"
+    assert edited.read_text().split() == [rep["sandbox"] for rep, _ in reports]
+    assert edited.stat().st_uid == os.getuid()
+
+
+def test_a_warm_agent_sandbox_holds_no_key(pool: Pool, projects: Path) -> None:
+    """After runs with a key, the agent sandbox waiting in the pool has no trace of it:
+    not in its files, not in its gate's memory (read whole, as root); its gate takes a
+    key once, and only for the hosts its certificate names."""
+    from agentkernel.egress_gate import grant
+    from agentkernel.errors import UsageError
+
+    project = _project(projects, "q")
+    key = f"sk-ant-warm-{secrets.token_hex(12)}"
+    pool.turn(project, key)
+    pool.wait_warm(project)
+    before = _pool_scratches(pool.runtime)
+    assert before, "no warm sandbox"
+    for scratch in before:
+        for path in scratch.rglob("*"):
+            if path.is_file() and not path.is_socket():
+                assert key.encode() not in path.read_bytes(), path
+        pid = _gate_pid(scratch)
+        scanned = _scan_memory(pid, key.encode())
+        assert scanned > 1 << 20, scanned  # (the scan read the gate's heap, not nothing)
+    scratch = before[0]
+    slot = {"name": "x", "header": "x-api-key", "placeholder": "ak-secret-" + "0" * 32,
+            "value": "sk-test"}
+    with pytest.raises(UsageError, match="no certificate for"):
+        grant(scratch, [{**slot, "hosts": ["evil.example"]}])
+    grant(scratch, [{**slot, "hosts": ["api.anthropic.com"]}])
+    with pytest.raises(UsageError, match="given already"):
+        grant(scratch, [{**slot, "hosts": ["api.anthropic.com"]}])
+
+
+def test_one_project_is_not_visible_from_another(pool: Pool, projects: Path) -> None:
+    """Runs in project A, then in B: B's agent finds none of A's files (not at A's path,
+    not anywhere it can list), and the sandboxes differ."""
+    a = _project(projects, "a")
+    (a / "a-secret").write_text("only for A\n")
+    b = _project(projects, "b", PROBE + f"ls -A {a} 2>&1 | sed 's/^/A-DIR /'\n"
+                 "for d in /*; do case $d in /proc|/sys|/dev|/usr|/lib*|/bin|/sbin|/etc) ;;"
+                 " *) grep -rlF \"$(printf 'only for %s' A)\" $d 2>/dev/null"
+                 " | sed 's/^/FOUND /';; esac; done\n")
+    key = f"sk-ant-ab-{secrets.token_hex(12)}"
+    _, text_a = pool.turn(a, key)
+    _, text_b = pool.turn(b, key)
+    assert _report(text_a)["sandbox"] != _report(text_b)["sandbox"]
+    assert "FOUND" not in text_b, text_b
+    listing = [x for x in text_b.splitlines() if x.startswith("A-DIR ")]
+    assert listing and all("No such file" in x for x in listing), text_b
+    assert not (a / "edited-by-agent").read_text().count(_report(text_b)["sandbox"])
+
+
+def test_headless_exit_code_and_pty_through_the_daemon(pool: Pool, projects: Path) -> None:
+    """A failing agent's exit code is the host's; on a terminal the agent gets a PTY of
+    our window's size through the daemon too."""
+    project = _project(projects, "e")
+    binary = AGENTS_HOME / "agents" / "claude" / "node_modules" / ".bin" / "claude"
+    host = subprocess.run([str(binary), "--no-such-flag"], capture_output=True, timeout=60,
+                          check=False)
+    r = pool.run(project, "sk-ant-x", "--no-such-flag")
+    assert r.returncode == host.returncode != 0, (r.stdout, r.stderr)
+    assert "via daemon" in r.stderr, r.stderr
+    from test_agent_sandbox import CLI, Terminal  # tests/agents
+
+    env = {**os.environ, **pool.env, "TERM": "xterm"}
+    t = Terminal([*CLI, "run", "-v", "--agent", "claude", "--", "--version"], env, 30, 90,
+                 cwd=project)
+    out = t.expect("(Claude Code)", timeout=120)
+    assert t.wait() == 0
+    assert "via daemon" in out, out
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _pool_scratches(runtime: Path) -> list[Path]:
+    """The runtime dirs of the daemon's warm (and running) pool sandboxes with a gate."""
+    return [p for p in (runtime / "sandboxes").glob("pool-*") if (p / "egress.sock").exists()]
+
+
+def _gate_pid(scratch: Path) -> int:
+    """The process listening on a gate's control socket."""
+    sock = str(scratch / "egress.sock")
+    inode = next(line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()
+                 if line.endswith(" " + sock))
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no process holds {sock}")
+
+
+def _scan_memory(pid: int, needle: bytes) -> int:
+    """Every readable mapping of `pid` searched for `needle` (AssertionError if found);
+    the bytes read."""
+    scanned = 0
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split()
+            if "r" not in fields[1] or line.endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except OSError:
+                continue
+            scanned += len(data)
+            assert needle not in data, f"the key is in {line}"
+    return scanned
