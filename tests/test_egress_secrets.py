@@ -231,8 +231,9 @@ def test_audit_log_outlives_the_sandbox(project: Path, upstream: Upstream,
 
 def test_daemon_runs_with_config_secrets(project: Path, upstream: Upstream, stored: None,
                                          tmp_path: Path) -> None:
-    """A run through the daemon whose config gives a secret gets a sandbox of its own
-    (never a pooled one: the placeholder is the run's), with the value at its gate."""
+    """Runs through the daemon whose config gives a secret: each gets a sandbox of its own
+    (a pooled one holds no secret until a run takes it: daemon/runs._grant) and a
+    placeholder of its own, with the value at its gate."""
     xdg = tmp_path / "xdg"
     (xdg / "agentkernel").mkdir(parents=True)
     names = ", ".join(f'"{n}.test:{upstream.addr}"' for n in ("secret", "other"))
@@ -242,18 +243,19 @@ def test_daemon_runs_with_config_secrets(project: Path, upstream: Upstream, stor
     r = ak("daemon", "start", env=env(upstream))
     assert r.returncode == 0, r.stderr
     try:
-        placeholders = set()
+        placeholders, sandboxes = set(), set()
         for _ in range(2):
             r = ak("run", "--json", "-B", "namespaces", "-i", "host", "--", *script(),
                    cwd=project, env={"XDG_CONFIG_HOME": str(xdg)})
             assert r.returncode == 0, r.stderr
             result = json.loads(r.stdout)
-            assert result["pooled"] is False, result  # through the daemon, not pooled
+            assert result["pooled"] is not None, result  # through the daemon
+            sandboxes.add(result["sandbox"])
             seen = json.loads(result["stdout"])
             assert seen["secret"] == reached(VALUE), (seen, result)
             assert seen["other"] == reached(seen["env"], "other.test"), seen
             placeholders.add(seen["env"])
-        assert len(placeholders) == 2
+        assert len(placeholders) == 2 and len(sandboxes) == 2
     finally:
         ak("daemon", "stop")
 
