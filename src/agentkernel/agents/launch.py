@@ -18,14 +18,13 @@ import sys
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import UsageError
-from .registry import AgentSpec
-from .status import covering_secret, key_hosts
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (the registry is imported when used: `interactive` is on a hot path)
     import argparse
     from collections.abc import Callable
 
     from ..planner import RunRequest
+    from .registry import AgentSpec
 
 TERMINAL_ENV = ("TERM", "COLORTERM", "LANG")
 
@@ -58,6 +57,7 @@ def key_source(spec: AgentSpec, environ: dict[str, str]) -> KeySource:
     `env:VAR`; its value stays in this process and goes to the gate at the start only),
     else a stored secret that covers it (the planner finds that one itself)."""
     from ..secrets_store import MAX_VALUE
+    from .status import covering_secret
 
     for key in spec.keys:
         value = environ.get(key.env, "").strip()
@@ -108,6 +108,8 @@ def hold_key(spec: AgentSpec, key: KeySource) -> None:
 
 
 def missing_key_note(spec: AgentSpec) -> str:
+    from .status import key_hosts
+
     first = spec.keys[0]
     oauth = f" (a sign-in in ~/{spec.oauth_files[0]} is not copied in)" \
         if spec.oauth_files else ""

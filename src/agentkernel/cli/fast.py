@@ -16,7 +16,7 @@ _RUN_VALUES = {"-i": "image", "--image": "image", "-p": "profile", "--profile": 
                "-B": "backend", "--backend": "backend", "-e": "env", "--env": "env",
                "-w": "workdir", "--workdir": "workdir", "-t": "timeout", "--timeout": "timeout",
                "-m": "memory", "--memory": "memory", "--pids": "pids", "--cpus": "cpus",
-               "-c": "config", "--config": "config"}
+               "-c": "config", "--config": "config", "--agent": "agent"}
 _RUN_FLAGS = {"--no-network": "no_network", "-q": "quiet", "--quiet": "quiet",
               "-v": "verbose", "--verbose": "verbose", "--json": "json"}
 _EXEC_VALUES = {"-e": "env", "--env": "env", "-w": "workdir", "--workdir": "workdir",
@@ -74,13 +74,15 @@ def fast_main(argv: list[str]) -> int | None:
             ns = SimpleNamespace(image=None, profile=None, backend=None, env=[], workdir=None,
                                  timeout=None, memory=None, pids=None, cpus=None,
                                  config=None, no_network=False, quiet=False, verbose=False,
-                                 json=False, keep=False)
+                                 json=False, keep=False, agent=None)
             at = _parse(rest, _RUN_VALUES, _RUN_FLAGS, ns)
             if at is None:
                 return None
             command = rest[at:]
             if command[:1] == ["--"]:
                 command = command[1:]
+            if ns.agent is not None:
+                return _agent(ns, command, use_daemon) if not ns.json else None
             if not command or (ns.timeout is not None and ns.timeout <= 0):
                 return None
             if use_daemon and _daemon_socket_exists():
@@ -111,6 +113,28 @@ def fast_main(argv: list[str]) -> int | None:
             print(f"agentkernel: {exc.message}", file=sys.stderr)
             return exc.exit_code
         raise
+
+
+def _agent(ns: SimpleNamespace, command: list[str], use_daemon: bool) -> int | None:
+    """`run --agent NAME [-- ARGS]` without argparse (no egress flags, no --review: those
+    go to the full CLI): through the daemon's warm agent sandboxes when one is up."""
+    if not use_daemon or not _daemon_socket_exists():
+        return None  # in-process, then the daemon is started: the full CLI does that
+    from ..ipc import client
+    from .run import agent_key_of, agent_via_daemon
+
+    try:  # the daemon knows the registry: its key variables, without our reading it
+        info = client.call("agent_keys", {"agent": ns.agent}, auto_start=False)
+    except client.DaemonError:
+        return None  # not ours, gone, or an older one: the full CLI decides
+    ns.agent_key, value = agent_key_of(list(info.get("keys") or []))
+    if ns.agent_key is None and not info.get("stored") and not ns.quiet:
+        print(f"agentkernel: warning: {info.get('missing')}", file=sys.stderr)
+    for flag in ("allow_host", "deny_host", "add_host", "secret"):
+        setattr(ns, flag, [])
+    ns.workspace_at = os.getcwd()
+    ns.command = command
+    return agent_via_daemon(ns, value)  # type: ignore[arg-type]
 
 
 def _daemon_socket_exists() -> bool:

@@ -306,7 +306,7 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
     daemon's planner from our context, as in-process), the key's value sent with the
     request for the gate of that sandbox only; on a PTY of our size when stdin and stdout
     are terminals. None when no daemon is up (the caller runs in-process and starts one)."""
-    from ..agents.launch import interactive
+    from ..agents.launch import TERMINAL_ENV, interactive
     from ..ipc import client
     from ..ipc.client import DaemonError
     from ..paths import data_dir_str
@@ -317,7 +317,9 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
     req: dict[str, Any] = {
         "argv": list(args.command), "agent": args.agent, "agent_key": args.agent_key,
         "agent_key_value": key_value, "image": args.image, "profile": args.profile,
-        "backend": args.backend, "env": env_pairs(args.env), "workdir": args.workdir,
+        "backend": args.backend, "workdir": args.workdir,
+        "env": {**{k: os.environ[k] for k in TERMINAL_ENV if os.environ.get(k)},
+                **env_pairs(args.env)},  # (the argparse path has them in args.env already)
         "timeout": args.timeout, "cwd": os.getcwd(), "workspace_at": args.workspace_at,
         "memory_mb": memory, "pids": pids, "cpus": args.cpus,
         "config_path": os.path.abspath(args.config) if args.config else None,
@@ -355,6 +357,19 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
         if result.get("message"):
             say(str(result["message"]))
     return int(result.get("exit_code", 125))
+
+
+def agent_key_of(variables: list[str]) -> tuple[str | None, str | None]:
+    """The first of an agent's key variables set in our environment, and its value."""
+    from ..errors import UsageError
+
+    for name in variables:
+        value = os.environ.get(name, "").strip()
+        if value:
+            if len(value) > 64 * 1024 or any(c in value for c in "\r\n\0"):
+                raise UsageError(f"{name} must be one line of at most 64 KiB")
+            return name, value
+    return None, None
 
 
 def _raw_terminal() -> Callable[[], None]:

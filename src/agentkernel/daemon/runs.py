@@ -147,6 +147,19 @@ class RunsMixin:
         return ExecHandle(execution, timeout=req.timeout, oom=sb.oom_killed,
                           memory_mb=key.profile.memory_mb, finish=finish, info=info)
 
+    def agent_keys(self: SandboxManager, agent: str) -> dict[str, object]:
+        """What a `run --agent` client needs before its run (so that it reads no registry
+        itself): the agent's key variables, in the order it looks for them, whether a
+        stored secret covers it, and the note to print when it has no key at all."""
+        from ..agents.launch import missing_key_note
+        from ..agents.registry import get
+        from ..agents.status import covering_secret
+
+        spec = get(str(agent))
+        return {"keys": [k.env for k in spec.keys],
+                "stored": covering_secret(spec) is not None,
+                "missing": missing_key_note(spec)}
+
     def run(self: SandboxManager, req: RunRequest, on_output: OnOutput | None = None, *,
             max_output: int | None = None) -> ExecResult:
         """A one-shot run; its collected output is capped (`truncated` says so)."""
