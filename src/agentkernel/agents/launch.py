@@ -18,6 +18,7 @@ import sys
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import UsageError
+from . import TERMINAL_ENV, interactive
 
 if TYPE_CHECKING:  # (the registry is imported when used: `interactive` is on a hot path)
     import argparse
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # (the registry is imported when used: `interactive` is on a 
     from ..planner import RunRequest
     from .registry import AgentSpec
 
-TERMINAL_ENV = ("TERM", "COLORTERM", "LANG")
 
 
 class KeySource(NamedTuple):
@@ -156,11 +156,6 @@ def cmd_run_agent(args: argparse.Namespace, command: list[str], *, runs: RunFlow
         raise
     finish(project, copy, code, apply_flag=bool(args.apply), quiet=bool(args.quiet))
     return code
-
-
-def interactive() -> bool:
-    """Both stdin and stdout are terminals: the agent gets a PTY."""
-    return sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
 
 
 def _run(args: argparse.Namespace, runs: RunFlow) -> int:

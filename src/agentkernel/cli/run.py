@@ -306,7 +306,7 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
     daemon's planner from our context, as in-process), the key's value sent with the
     request for the gate of that sandbox only; on a PTY of our size when stdin and stdout
     are terminals. None when no daemon is up (the caller runs in-process and starts one)."""
-    from ..agents.launch import TERMINAL_ENV, interactive
+    from ..agents import TERMINAL_ENV, interactive
     from ..ipc import client
     from ..ipc.client import DaemonError
     from ..paths import data_dir_str
