@@ -61,16 +61,20 @@ class Pool:
     runtime: Path
     api: FakeApi
 
-    def run(self, project: Path, key: str, *args: str) -> Result:
-        """`run --agent claude` headless in `project`, the key in the caller's variable."""
-        return ak("run", "-v", "--agent", "claude", *self.api.add_hosts(), "--", *args,
+    def run(self, project: Path, key: str, *args: str, flags: bool = False) -> Result:
+        """`run --agent claude` headless in `project`, the key in the caller's variable.
+        The API's names come from the caller's config (the CLI's import-light path), or
+        with `flags` as --add-host (the full CLI's)."""
+        hosts = self.api.add_hosts() if flags else []
+        return ak("run", "-v", "--agent", "claude", *hosts, "--", *args,
                   cwd=project, timeout=240, env={**self.env, "ANTHROPIC_API_KEY": key})
 
-    def turn(self, project: Path, key: str) -> tuple[Result, str]:
+    def turn(self, project: Path, key: str, *, flags: bool = False) -> tuple[Result, str]:
         """A Claude Code turn whose Bash call runs the project's probe: the run and the
         probe's report (what the fake model got back as the tool's result)."""
         self.api.log.unlink(missing_ok=True)
-        r = self.run(project, key, "-p", "probe", "--dangerously-skip-permissions")
+        r = self.run(project, key, "-p", "probe", "--dangerously-skip-permissions",
+                     flags=flags)
         assert r.returncode == 0, (r.stdout, r.stderr)
         assert "fake-model-done" in r.stdout, (r.stdout, r.stderr)
         results = [x for s in self.api.seen() for x in s["tool_result"]]  # type: ignore
@@ -103,7 +107,11 @@ def pool(api: FakeApi, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Poo
     (root / "home" / "agents").symlink_to(AGENTS_HOME / "agents")
     (root / "run").mkdir(mode=0o700)
     (root / "daemon.toml").write_text(DAEMON_TOML)
-    env = {"AGENTKERNEL_HOME": str(root / "home"), "AGENTKERNEL_RUNTIME_DIR": str(root / "run"),
+    (root / "xdg" / "agentkernel").mkdir(parents=True)
+    names = ", ".join(f'"{h}:{api.addr}"' for h in API_HOSTS)
+    (root / "xdg" / "agentkernel" / "config.toml").write_text(f"[network]\nhosts = [{names}]\n")
+    env = {"XDG_CONFIG_HOME": str(root / "xdg"), "AGENTKERNEL_HOME": str(root / "home"),
+           "AGENTKERNEL_RUNTIME_DIR": str(root / "run"),
            "AGENTKERNEL_DAEMON_CONFIG": str(root / "daemon.toml"),
            "AGENTKERNEL_NO_DAEMON": "", "AGENTKERNEL_DAEMON_AUTOSTART": "0",
            # the daemon's gates (started by it) trust the fake API's CA
@@ -209,8 +217,8 @@ def test_one_project_is_not_visible_from_another(pool: Pool, projects: Path) -> 
                  " *) grep -rlF \"$(printf 'only for %s' A)\" $d 2>/dev/null"
                  " | sed 's/^/FOUND /';; esac; done\n")
     key = f"sk-ant-ab-{secrets.token_hex(12)}"
-    _, text_a = pool.turn(a, key)
-    _, text_b = pool.turn(b, key)
+    _, text_a = pool.turn(a, key, flags=True)  # (the full CLI's path this time)
+    _, text_b = pool.turn(b, key, flags=True)
     assert _report(text_a)["sandbox"] != _report(text_b)["sandbox"]
     assert "FOUND" not in text_b, text_b
     listing = [x for x in text_b.splitlines() if x.startswith("A-DIR ")]
