@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 
 from conftest import AGENTS_HOME, API_HOSTS, FakeApi  # tests/agents/conftest.py
-from sandbox_helpers import SYSTEM_PYTHON, Result, ak, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, Result, ak, ak_as_user, make_upstream
+
+NOBODY = 65534
 
 PROBE = """\
 echo "REPORT uid=$(id -u) sandbox=$AGENTKERNEL_SANDBOX key=$ANTHROPIC_API_KEY home=$HOME"
@@ -244,6 +246,52 @@ def test_headless_exit_code_and_pty_through_the_daemon(pool: Pool, projects: Pat
     out = t.expect("(Claude Code)", timeout=120)
     assert t.wait() == 0
     assert "via daemon" in out, out
+
+
+def test_an_ordinary_users_daemon_runs_the_agent_as_its_user(api: FakeApi,
+                                                             projects: Path) -> None:
+    """As host user `nobody`: its own daemon serves `run --agent` from its pool; the
+    agent is uid 1000 inside, the key reaches the API, and its edits are nobody's."""
+    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs setpriv and the system's python3")
+    home = projects / "nobody"
+    for sub in ("", "data", "data/agents"):
+        (home / sub).mkdir()
+    project = _project(home, "project")
+    # Hard links, not a symlink: CI's checkout sits in a 0700 dir nobody cannot cross.
+    subprocess.run(["cp", "-al", str(AGENTS_HOME / "agents" / "claude"),
+                    str(home / "data" / "agents" / "claude")], check=True)
+    for path in (home, home / "data", project, project / "probe.sh"):
+        os.chown(path, NOBODY, NOBODY)
+    daemon_env = {"AGENTKERNEL_EGRESS_UPSTREAM_CA": str(api.ca),
+                  "AGENTKERNEL_DAEMON_CONFIG": str(home / "daemon.toml")}
+    (home / "daemon.toml").write_text(DAEMON_TOML)
+
+    def as_nobody(*args: str, **env: str) -> tuple[int, str, str]:
+        proc = ak_as_user(NOBODY, home, *args, cwd=project, timeout=240,
+                          env={**daemon_env, **env})
+        out, err = proc.communicate(timeout=260)
+        return proc.returncode, out, err
+
+    code, _, err = as_nobody("daemon", "start")
+    assert code == 0, err
+    try:
+        for i in range(2):
+            key = f"sk-ant-nobody{i}-{secrets.token_hex(12)}"
+            api.log.unlink(missing_ok=True)
+            code, out, err = as_nobody("run", "-v", "--agent", "claude", *api.add_hosts(),
+                                       "--", "-p", "probe", "--dangerously-skip-permissions",
+                                       ANTHROPIC_API_KEY=key)
+            assert code == 0 and "fake-model-done" in out, (out, err)
+            assert "via daemon" in err, err
+            seen = api.seen()
+            assert {str(s["headers"].get("x-api-key")) for s in seen  # type: ignore
+                    if str(s["path"]).startswith("/v1/messages")} == {key}, seen
+            report = _report(str([x for s in seen for x in s["tool_result"]][-1]))  # type: ignore
+            assert report["uid"] == "1000" and report["key"].startswith("ak-secret-"), report
+        assert (project / "edited-by-agent").stat().st_uid == NOBODY
+    finally:
+        as_nobody("daemon", "stop")
 
 
 # ------------------------------------------------------------------- helpers
