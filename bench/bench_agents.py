@@ -115,8 +115,10 @@ def main() -> int:
     kept_first: list[float] = []
     subprocess.run([str(AK), "daemon", "start"], env=env, check=True, capture_output=True)
     try:
-        subprocess.run([str(AK), "create", "bench", "--agent", "claude"], env=env, cwd=cwd,
-                       check=True, capture_output=True)
+        # (a kept sandbox takes stored secrets only: a key only in the shell is refused)
+        keyless = {k: v for k, v in env.items() if k != "ANTHROPIC_API_KEY"}
+        subprocess.run([str(AK), "create", "bench", "--agent", "claude"], env=keyless,
+                       cwd=cwd, check=True, capture_output=True)
         host = [str(CLAUDE), "--version"]
         # -v: says on stderr whether the warm pool served it (counted below)
         box = [str(AK), "run", "-v", "--agent", "claude", "--", "--version"]
