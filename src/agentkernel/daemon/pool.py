@@ -77,6 +77,10 @@ class PoolKey:
     ro_binds: tuple[tuple[str, str], ...] = ()
     workspace_at: str = "/workspace"
     user: tuple[int, int, str] | None = None  # its commands' uid, gid and HOME inside
+    # The caller's microVM settings (vm.settings.MicrovmSettings, its `source` blanked): the
+    # backend a key's sandboxes start on is configured with them, so callers that differ in
+    # them (another kernel, snapshots on/off) must not share warm VMs.
+    microvm: Any = None
 
     def label(self) -> str:
         where = f" {self.workspace}" if self.workspace else ""

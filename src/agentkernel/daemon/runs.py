@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,7 +192,8 @@ def pool_key(plan: Plan) -> PoolKey:
                    workspace=str(plan.workspace) if plan.workspace else None,
                    home=str(plan.home) if plan.home else None,
                    egress=egress,  # the project's [network] lists, an agent's hosts
-                   ro_binds=plan.ro_binds, workspace_at=plan.workspace_at, user=plan.user)
+                   ro_binds=plan.ro_binds, workspace_at=plan.workspace_at, user=plan.user,
+                   microvm=replace(plan.microvm, source="") if plan.microvm else None)
 
 
 def _grant(sandbox: Sandbox, plan: Plan, req: RunRequest) -> None:
