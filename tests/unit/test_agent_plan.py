@@ -1,0 +1,97 @@
+"""An agent's run as the planner decides it and the daemon's pool keys it: no sandbox.
+
+`run --agent` and the daemon plan through `with_agent`; the pool key of two runs of one
+project is the same (a warm sandbox serves the next run) while their placeholders are
+not; the key holds the secrets' slots and never a placeholder; the agent's user is in the
+plan of a one-shot run only, and reaches bwrap's and the in-sandbox agent's argv."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_planner import Recorder  # tests/unit
+
+from agentkernel.agents.registry import get
+from agentkernel.agents.request import AGENT_USER, key_use
+from agentkernel.backends.namespaces import build_bwrap_argv
+from agentkernel.daemon.runs import pool_key
+from agentkernel.errors import UsageError
+from agentkernel.planner import CallerContext, Plan, Resolvers, RunRequest, plan
+
+
+@pytest.fixture
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data dir whose Claude Code install is a stand-in executable."""
+    home = tmp_path / "data"
+    binary = home / "agents" / "claude" / "node_modules" / ".bin" / "claude"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("AGENTKERNEL_HOME", str(home))
+    project = tmp_path / "project"
+    project.mkdir()
+    return project
+
+
+def _plan(project: Path, *, persistent: bool = False, **fields: object) -> Plan:
+    rec = Recorder()
+    req = RunRequest(argv=[] if persistent else ["-p", "hi"], cwd=project, agent="claude",
+                     **fields)  # type: ignore[arg-type]
+    return plan(req, CallerContext(), resolvers=Resolvers(rec.choose, rec.rootfs),
+                persistent=persistent)
+
+
+def test_two_runs_share_a_pool_key_not_a_placeholder(installed: Path) -> None:
+    one = _plan(installed, agent_key="ANTHROPIC_API_KEY")
+    two = _plan(installed, agent_key="ANTHROPIC_API_KEY")
+    assert one.secret_env["ANTHROPIC_API_KEY"] != two.secret_env["ANTHROPIC_API_KEY"]
+    assert pool_key(one) == pool_key(two)
+    key = pool_key(one)
+    assert key.egress.secrets and all(g.placeholder == "" for g in key.egress.secrets)
+    assert {h for g in key.egress.secrets for h in g.hosts} == {"api.anthropic.com"}
+    assert key.user == AGENT_USER and key.workspace_at == one.workspace_at
+    assert key.ro_binds == one.ro_binds and one.ro_binds
+
+
+def test_another_project_is_another_key(installed: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    assert pool_key(_plan(installed)) != pool_key(_plan(other))
+
+
+def test_the_agent_runs_as_its_user_with_its_home(installed: Path) -> None:
+    p = _plan(installed, agent_key="ANTHROPIC_API_KEY")
+    assert p.user == AGENT_USER
+    assert p.env("x")["HOME"] == AGENT_USER[2]
+    assert p.argv[0].endswith("/claude") and p.argv[1:] == ["-p", "hi"]
+    argv = build_bwrap_argv("bwrap", p.spec("x"), "/agent", "/bpf", resolv=None, info_fd=-1)
+    agent = argv[argv.index("--") + 1:]
+    assert agent[agent.index("--user") + 1] == "1000:1000:/home/agent"
+    assert agent.index("--user") > agent.index("--drop-caps")
+    for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETFCAP"):
+        assert cap in argv
+    assert argv[argv.index("/tmp") - 3:argv.index("/tmp")] == ["--perms", "1777", "--tmpfs"]
+    assert argv[argv.index("--uid") + 1] == "0"  # (an ordinary user's: the agent maps 1000)
+
+
+def test_a_kept_agent_sandbox_keeps_its_root(installed: Path) -> None:
+    p = _plan(installed, persistent=True)
+    assert p.user is None and p.argv == []
+    argv = build_bwrap_argv("bwrap", p.spec("x"), "/agent", "/bpf", resolv=None, info_fd=-1)
+    assert "--user" not in argv and "CAP_SETUID" not in argv
+
+
+def test_the_callers_key_variable_must_be_the_agents() -> None:
+    assert key_use(get("codex"), "OPENAI_API_KEY").env == "CODEX_API_KEY"
+    with pytest.raises(UsageError, match="not a key variable"):
+        key_use(get("claude"), "HOME")
+
+
+def test_no_key_is_read_by_the_plan(installed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan names the caller's variable; its value is nowhere in it."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-never-in-a-plan")
+    p = _plan(installed, agent_key="ANTHROPIC_API_KEY")
+    assert "sk-ant-never-in-a-plan" not in repr(p) + repr(pool_key(p))
+    assert os.environ["ANTHROPIC_API_KEY"] not in str(p.summary())
