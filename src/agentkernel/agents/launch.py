@@ -50,6 +50,8 @@ class RunFlow(NamedTuple):
     in_process: Callable[[argparse.Namespace, list[str]], int]
     # Through the daemon (its warm pool), given the key's value; None: no daemon is up.
     via_daemon: Callable[[argparse.Namespace, str | None], int | None] | None = None
+    # After an in-process run on a PTY: start the daemon for the next runs (as run does).
+    after: Callable[[], None] | None = None
 
 
 def key_source(spec: AgentSpec, environ: dict[str, str]) -> KeySource:
@@ -163,6 +165,8 @@ def _run(args: argparse.Namespace, runs: RunFlow) -> int:
         from .terminal import run_on_pty
 
         code = run_on_pty(args, runs.request)
+        if runs.after is not None:
+            runs.after()
     else:
         code = runs.in_process(args, list(args.command))
     return code

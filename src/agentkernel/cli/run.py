@@ -69,9 +69,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--review and --apply are for --agent runs")
     if args.agent:
         from ..agents.launch import RunFlow, cmd_run_agent
+        from .common import say
 
         via = agent_via_daemon if daemon_wanted() else None
-        return cmd_run_agent(args, command, runs=RunFlow(run_request, run_in_process, via))
+        flow = RunFlow(run_request, run_in_process, via,
+                       lambda: autostart_daemon(say if not args.quiet else lambda _: None))
+        return cmd_run_agent(args, command, runs=flow)
     if not command and not args.image:  # only an image can supply a command (its Cmd)
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
@@ -317,7 +320,7 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
     req: dict[str, Any] = {
         "argv": list(args.command), "agent": args.agent, "agent_key": args.agent_key,
         "agent_key_value": key_value, "image": args.image, "profile": args.profile,
-        "backend": args.backend, "workdir": args.workdir,
+        "backend": args.backend, "workdir": args.workdir, "no_network": bool(args.no_network),
         "env": {**{k: os.environ[k] for k in TERMINAL_ENV if os.environ.get(k)},
                 **env_pairs(args.env)},  # (the argparse path has them in args.env already)
         "timeout": args.timeout, "cwd": os.getcwd(), "workspace_at": args.workspace_at,
