@@ -1,14 +1,14 @@
 """`run --agent NAME`: an agent CLI from agentkernel's install, in a sandbox, its key outside.
 
-The agent's binary is the one `agents install` put in the data dir, shown read-only at
-/run/agentkernel/<id>. The project is the workspace (as the profile says: copy-on-write
-under moderate). Egress is default-deny: the registry row's hosts and the key's API host,
-plus the user's --allow-host. The key never enters the sandbox: the host's value (the
-variable the registry names, in our environment, or a stored `agentkernel secret` that
-covers the agent) becomes a secret of the egress gate bound to the API host and header;
-the sandbox's variable holds only the placeholder. Signed-in sessions (OAuth files) are
-never copied in. The agent runs as the sandbox's root: the caller's own uid (or an
-unprivileged id range) outside, with no capability; $HOME is the sandbox's own /root.
+The run is planned by the one planner (`planner.with_agent`): the agent's binary from the
+data dir, shown read-only at /run/agentkernel/<id>; the project read-write at its own
+path; default-deny egress (the registry row's hosts and the key's API host, plus the
+user's --allow-host); uid 1000 inside with its own HOME. The key never enters the
+sandbox: the caller's variable (held in this process, or sent with the run to the daemon
+for the gate of the sandbox it takes) or a stored `agentkernel secret` that covers the
+agent becomes a secret of the egress gate, bound to the API host and header; the
+sandbox's variable holds only the placeholder. Signed-in sessions (OAuth files) are never
+copied in. Through the daemon's warm agent sandboxes when one is up, else in-process.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What an agent adds to a run or a kept sandbox: its install, variables, hosts and key.
 
-One place for `run --agent` (the CLI, in-process) and `create --agent` / HTTP's `agent`
-(the daemon, through the planner). It imports neither the planner nor a front door: the
+One place for `run --agent` and `create --agent` / HTTP's `agent`, through the planner
+(`with_agent`), in-process or in the daemon. It imports neither the planner nor a front door: the
 planner calls `agent_run` and merges the result into the request under the caller's own
 settings (the user's -e, --allow-host, -m win).
 """
