@@ -188,8 +188,13 @@ def test_a_warm_agent_sandbox_holds_no_key(pool: Pool, projects: Path) -> None:
 
     project = _project(projects, "q")
     key = f"sk-ant-warm-{secrets.token_hex(12)}"
-    pool.turn(project, key)
+    _, text = pool.turn(project, key)
     pool.wait_warm(project)
+    used = pool.runtime / "sandboxes" / _report(text)["sandbox"]
+    deadline = time.monotonic() + 30
+    while used.exists():  # the run's own sandbox (which had the key) is torn down
+        assert time.monotonic() < deadline, f"{used} outlived its run"
+        time.sleep(0.1)
     before = _pool_scratches(pool.runtime)
     assert before, "no warm sandbox"
     for scratch in before:
