@@ -205,11 +205,14 @@ def test_a_warm_agent_sandbox_holds_no_key(pool: Pool, projects: Path) -> None:
         scanned = _scan_memory(pid, key.encode())
         assert scanned > 1 << 20, scanned  # (the scan read the gate's heap, not nothing)
     scratch = before[0]
+    given = f"sk-ant-given-{secrets.token_hex(12)}"
     slot = {"name": "x", "header": "x-api-key", "placeholder": "ak-secret-" + "0" * 32,
-            "value": "sk-test"}
+            "value": given}
     with pytest.raises(UsageError, match="no certificate for"):
         grant(scratch, [{**slot, "hosts": ["evil.example"]}])
     grant(scratch, [{**slot, "hosts": ["api.anthropic.com"]}])
+    with pytest.raises(AssertionError, match="the key is in"):  # the scan finds a held key
+        _scan_memory(_gate_pid(scratch), given.encode())
     with pytest.raises(UsageError, match="given already"):
         grant(scratch, [{**slot, "hosts": ["api.anthropic.com"]}])
 
