@@ -257,9 +257,22 @@ def test_gvisor_permissive_keeps_the_host_network(project: Path, netns_host: Net
 # --- failing closed ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def broken_fence(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """iptables-restore that always fails (as on a kernel without netfilter)."""
+@pytest.fixture(params=["no-nftables", "nftables-refuses"])
+def broken_fence(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+                 ) -> Iterator[None]:
+    """No way to load the rules: a kernel without nf_tables (the netlink wiring gives up
+    and the tools, here `false`, fail too, as without netfilter), or one whose nf_tables
+    refuses the batch (no fallback then)."""
+    from agentkernel import egress_netlink
+
+    def refuse(*_a: object, **_k: object) -> None:
+        import errno
+
+        if request.param == "no-nftables":
+            raise egress_netlink.Unsupported(errno.EPROTONOSUPPORT, "no nf_tables")
+        raise OSError(errno.EPERM, "nftables: refused")
+
+    monkeypatch.setattr(egress_netlink, "load_rules", refuse)
     monkeypatch.setattr(egress, "tool", lambda name: shutil.which("false"))
     yield
 

@@ -303,6 +303,24 @@ def _listen_in_thread(libc: Any, netns_fd: int, address: str) -> tuple[int, int]
     return made[0], made[1]
 
 
+def _wire_netlink(netns: int, loopback_dns: bool) -> tuple[int, int] | None:
+    """A sandbox's own namespace wired as ip_batch, rules_v4 and rules_v6 say, by a
+    thread of ours over netlink (egress_netlink: no tool processes), and the gate's
+    listeners there; None where this kernel has no nf_tables (the tools then do it).
+    Root only: an ordinary user must join the sandbox's user namespace first, which a
+    process with threads cannot."""
+    from .egress_netlink import Unsupported, wire_in
+
+    try:
+        return wire_in(netns, SANDBOX_DEV, PEER_DEV, SANDBOX_ADDR, 24, GATEWAY,
+                       loopback_dns=loopback_dns)
+    except Unsupported:
+        return None
+    except OSError as exc:
+        raise SandboxError("could not set up the sandbox's egress gate, so it does not "
+                           f"start: {exc} (or use --no-network)") from None
+
+
 def _secrets_for(policy: Policy) -> list[dict[str, object]]:
     """What the gate needs of each secret, values read from the host's store now."""
     from .secrets_store import load
@@ -439,8 +457,11 @@ class GateStart:
             try:
                 if os.geteuid() != 0:
                     ns.append(os.open(f"/proc/{where}/ns/user", os.O_RDONLY))
-                listeners = self._wire(ns[0], ns[1] if len(ns) > 1 else -1, enter, inputs,
-                                       GATEWAY if router is not None else "127.0.0.1")
+                fast = _wire_netlink(ns[0], loopback_dns) if router is None and len(ns) == 1 \
+                    else None
+                listeners = fast or self._wire(
+                    ns[0], ns[1] if len(ns) > 1 else -1, enter, inputs,
+                    GATEWAY if router is not None else "127.0.0.1")
             finally:
                 for fd in ns:
                     os.close(fd)
