@@ -374,18 +374,7 @@ class GateStart:
     def __init__(self, scratch: Path, *, exit_fd: int) -> None:
         import socket
 
-        from .egress import tool
-        from .paths import which
-
-        tools = {"ip": which("ip") or tool("ip"), "iptables-restore": tool("iptables-restore")}
-        if os.path.exists("/proc/net/if_inet6"):
-            tools["ip6tables-restore"] = tool("ip6tables-restore")
-        missing = [name for name, path in tools.items() if path is None]
-        if missing:
-            raise BackendUnavailable(
-                f"the egress gate needs {' and '.join(missing)} (apt install iproute2 "
-                "iptables), or use --no-network")
-        self.tools = tools
+        self._tools: dict[str, str] | None = None
         self.scratch = scratch
         self.exit_fd = exit_fd
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -401,6 +390,26 @@ class GateStart:
         finally:
             theirs.close()
             os.close(self.ready_w)
+
+    @property
+    def tools(self) -> dict[str, str]:
+        """The wiring tools, looked up when first needed: a root-started sandbox's own
+        namespace is wired over netlink without them (_wire_netlink)."""
+        if self._tools is None:
+            from .egress import tool
+            from .paths import which
+
+            tools = {"ip": which("ip") or tool("ip"),
+                     "iptables-restore": tool("iptables-restore")}
+            if os.path.exists("/proc/net/if_inet6"):
+                tools["ip6tables-restore"] = tool("ip6tables-restore")
+            missing = [name for name, path in tools.items() if path is None]
+            if missing:
+                raise BackendUnavailable(
+                    f"the egress gate needs {' and '.join(missing)} (apt install iproute2 "
+                    "iptables), or use --no-network")
+            self._tools = {name: str(path) for name, path in tools.items()}
+        return self._tools
 
     def _start(self, err: int, carrier: int) -> subprocess.Popen[bytes]:
         """The gate process: forked by the fork server (egress_forkserver), or, where
@@ -440,7 +449,7 @@ class GateStart:
 
         try:
             if router is None:
-                enter = enter_netns(pid)
+                enter: list[str] = []  # filled in by _tools_for when the tools do it
                 inputs = {"ip": ip_batch(),
                           "iptables-restore": rules_v4(loopback_dns=loopback_dns),
                           "ip6tables-restore": rules_v6()}
@@ -460,7 +469,7 @@ class GateStart:
                 fast = _wire_netlink(ns[0], loopback_dns) if router is None and len(ns) == 1 \
                     else None
                 listeners = fast or self._wire(
-                    ns[0], ns[1] if len(ns) > 1 else -1, enter, inputs,
+                    ns[0], ns[1] if len(ns) > 1 else -1, enter or enter_netns(pid), inputs,
                     GATEWAY if router is not None else "127.0.0.1")
             finally:
                 for fd in ns:
