@@ -470,7 +470,10 @@ class GateStart:
                     else None
                 listeners = fast or self._wire(
                     ns[0], ns[1] if len(ns) > 1 else -1, enter or enter_netns(pid), inputs,
-                    GATEWAY if router is not None else "127.0.0.1")
+                    GATEWAY if router is not None else "127.0.0.1",
+                    netlink=None if router is not None else {
+                        "dev": SANDBOX_DEV, "peer": PEER_DEV, "address": SANDBOX_ADDR,
+                        "prefix": 24, "gateway": GATEWAY, "loopback_dns": loopback_dns})
             finally:
                 for fd in ns:
                     os.close(fd)
@@ -504,15 +507,16 @@ class GateStart:
             raise
 
     def _wire(self, netns: int, userns: int, enter: list[str], inputs: dict[str, str],
-              address: str) -> tuple[int, int]:
+              address: str, netlink: dict[str, Any] | None = None) -> tuple[int, int]:
         """The rules into the namespace `netns` and the gate's listeners there: by a child
-        of the fork server (which joins it once for every tool), or else through nsenter
-        and a forked child of ours (listen_in)."""
+        of the fork server (which joins it once, then wires over netlink as `netlink`
+        says, or runs every tool), or else through nsenter and a forked child of ours
+        (listen_in)."""
         from . import egress_forkserver
 
         steps = [([str(path), *(["-batch", "-"] if name == "ip" else [])], inputs[name])
                  for name, path in self.tools.items()]
-        got = egress_forkserver.wire(netns, userns, steps, address)
+        got = egress_forkserver.wire(netns, userns, steps, address, netlink)
         if got is not None:
             return got
         for name, (argv, data) in zip(self.tools, steps, strict=True):
