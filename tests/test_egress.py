@@ -280,6 +280,8 @@ def broken_fence(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(egress_netlink, "load_rules", refuse)
     monkeypatch.setattr(egress, "tool", lambda name: shutil.which("false"))
+    # A fork server (started by an earlier test in this process) is not patched.
+    monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", "0")
     yield
 
 
