@@ -236,8 +236,8 @@ def serve(fd: int) -> None:
     import gc
     import select
 
-    from . import egress_audit, egress_child, egress_proxy  # noqa: F401 - a gate's imports
-    from . import egress_netlink  # noqa: F401 - a wiring child's
+    # A gate's imports, and a wiring child's (egress_netlink).
+    from . import egress_audit, egress_child, egress_netlink, egress_proxy  # noqa: F401
     from .egress import denied_networks, host_addresses
 
     _set_comm(SERVER_COMM)
