@@ -120,3 +120,10 @@ def test_wiring_twice_fails_instead_of_half_applying() -> None:
                        env={**os.environ, "PYTHONPATH": SRC}, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("refused 17"), r.stdout  # EEXIST
+
+
+def test_no_ipv6_family_where_the_kernel_has_no_ipv6() -> None:
+    chains = nl.ruleset(15001, 15053, ipv6=False)
+    assert {family for family, *_ in chains} == {nl.NFPROTO_IPV4}
+    _data, acks = nl.batch(chains)
+    assert acks == 1 + 2 + 3 + 3  # one table, two chains, 3 + 3 rules

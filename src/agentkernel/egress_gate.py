@@ -449,7 +449,7 @@ class GateStart:
 
         try:
             if router is None:
-                enter: list[str] = []  # filled in by _tools_for when the tools do it
+                enter: list[str] = []  # nsenter's prefix: made only if the tools wire it
                 inputs = {"ip": ip_batch(),
                           "iptables-restore": rules_v4(loopback_dns=loopback_dns),
                           "ip6tables-restore": rules_v6()}

@@ -3,7 +3,7 @@
 What `ip -batch` (egress_gate.ip_batch), `iptables-restore` (rules_v4) and
 `ip6tables-restore` (rules_v6) do to a sandbox's own network namespace, as messages this
 thread sends from inside it (a thread that joined it with setns): one nftables batch
-(atomic: all rules or none) and five rtnetlink requests. Three tool processes cost ~5 ms of
+(atomic: all rules or none) and a few rtnetlink requests. Three tool processes cost ~5 ms of
 CPU per sandbox; this costs well under one. The rules are the same rules, in nftables'
 own terms: in table `ip agentkernel`, a nat chain on the output hook (priority -100, as
 iptables' nat OUTPUT) redirects TCP and DNS to the gate's ports and returns for loopback;
@@ -63,7 +63,8 @@ class Unsupported(OSError):
 def wire_here(sandbox_dev: str, peer_dev: str, address: str, prefix: int, gateway: str,
               tcp_port: int, dns_port: int, *, loopback_dns: bool = False) -> None:
     """Load the rules, then set up the devices, in this thread's network namespace."""
-    load_rules(tcp_port, dns_port, loopback_dns=loopback_dns)
+    load_rules(tcp_port, dns_port, loopback_dns=loopback_dns,
+               ipv6=os.path.exists("/proc/net/if_inet6"))
     devices(sandbox_dev, peer_dev, address, prefix, gateway)
 
 
@@ -151,10 +152,11 @@ def _reject(code: int) -> list[bytes]:
     return [_expr("reject", _u32be(1, NFT_REJECT_ICMP_UNREACH), _attr(2, bytes([code])))]
 
 
-def ruleset(tcp_port: int, dns_port: int, *, loopback_dns: bool = False
+def ruleset(tcp_port: int, dns_port: int, *, loopback_dns: bool = False, ipv6: bool = True
             ) -> list[tuple[int, str, str, int, list[list[bytes]]]]:
     """(family, chain, type, priority, rules) for every chain: rules_v4 and rules_v6 in
-    nftables' terms. Pure."""
+    nftables' terms (rules_v6 only with `ipv6`: a kernel without IPv6 has no ip6 family,
+    and no IPv6 to reject). Pure."""
     dns = [*_udp_dport(53), *_redirect(dns_port)]
     nat = [*([dns] if loopback_dns else []),
            [*_oif_lo(), _verdict(NF_ACCEPT)],  # the sandbox's own addresses: no NAT
@@ -165,7 +167,7 @@ def ruleset(tcp_port: int, dns_port: int, *, loopback_dns: bool = False
     filter6 = [accept_lo, _reject(ICMPV6_ADM_PROHIBITED)]
     return [(NFPROTO_IPV4, "nat-out", "nat", -100, nat),
             (NFPROTO_IPV4, "filter-out", "filter", 0, filter4),
-            (NFPROTO_IPV6, "filter-out", "filter", 0, filter6)]
+            *([(NFPROTO_IPV6, "filter-out", "filter", 0, filter6)] if ipv6 else [])]
 
 
 def batch(chains: Iterable[tuple[int, str, str, int, list[list[bytes]]]], seq: int = 1
@@ -195,8 +197,11 @@ def batch(chains: Iterable[tuple[int, str, str, int, list[list[bytes]]]], seq: i
     return b"".join(out), acks
 
 
-def load_rules(tcp_port: int, dns_port: int, *, loopback_dns: bool = False) -> None:
-    data, acks = batch(ruleset(tcp_port, dns_port, loopback_dns=loopback_dns))
+def load_rules(tcp_port: int, dns_port: int, *, loopback_dns: bool = False,
+               ipv6: bool = True) -> None:
+    """The rules (`ruleset`) as one transaction; Unsupported if this kernel has no
+    nf_tables (nothing loaded), OSError if it refused them (nothing loaded either)."""
+    data, acks = batch(ruleset(tcp_port, dns_port, loopback_dns=loopback_dns, ipv6=ipv6))
     try:
         sock = _open(NETLINK_NETFILTER)
     except OSError as exc:
