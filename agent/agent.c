@@ -1880,6 +1880,10 @@ static void become_user(void)
 	write_proc("/proc/self/uid_map", map);
 	snprintf(map, sizeof(map), "%lu %u 1", gid, og);
 	write_proc("/proc/self/gid_map", map);
+	/* Not dumpable again, as a switch of ids leaves the root-started agent: its commands
+	 * share its uid, and must not read or write its memory through /proc. */
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+		die("--user: dumpable: %s", strerror(errno));
 }
 
 static void drop_bounding(int last)

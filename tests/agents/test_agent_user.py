@@ -1,0 +1,105 @@
+"""The agent's user inside a `run --agent` sandbox: not uid 0, its own HOME, the caller's
+files as its own and nobody else's, no way into the in-sandbox agent, as root and as an
+ordinary user.
+
+The agent binary is a stand-in (a shell script that runs its arguments) installed where
+`agents install claude` puts Claude Code: the real CLI is planned and started exactly
+as for the real agent (tests/agents/test_run_agent.py drives that one), and the probe
+runs as what the agent runs as.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox_helpers import SYSTEM_PYTHON, ak, ak_as_user
+
+NOBODY = 65534
+OTHER = 12345  # a host user who is neither the caller nor mapped into the sandbox
+PROBE = """
+echo "uid=$(id -u) gid=$(id -g) home=$HOME homeowner=$(stat -c %u:%g "$HOME")"
+grep CapEff /proc/self/status
+cat /proc/1/environ >/dev/null 2>&1 && echo agent-env-read || echo agent-env-denied
+head -c1 /proc/1/mem >/dev/null 2>&1 && echo agent-mem-read || echo agent-mem-denied
+echo x > ./mine && stat -c "mine=%u:%g" ./mine
+stat -c "theirs=%u" ./theirs
+echo y >> ./theirs 2>/dev/null && echo theirs-written || echo theirs-denied
+touch /etc/agent-was-here 2>/dev/null && echo etc-written || echo etc-denied
+touch /tmp/t && echo tmp-ok
+"""
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A dir every user may cross (not /tmp's pytest dirs, which are root's 0700)."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap")
+    path = Path(tempfile.mkdtemp(prefix="ak-agentuser-", dir="/var/lib"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _setup(base: Path, owner: int) -> tuple[Path, Path]:
+    """A data dir with the stand-in agent and a project with a file of another user's,
+    both owned by `owner`."""
+    data, project = base / "data", base / "project"
+    binary = data / "agents" / "claude" / "node_modules" / ".bin" / "claude"
+    binary.parent.mkdir(parents=True)
+    binary.write_text('#!/bin/sh\nexec "$@"\n')
+    binary.chmod(0o755)
+    project.mkdir()
+    (project / "theirs").write_text("another user's\n")
+    os.chown(project / "theirs", OTHER, OTHER)
+    for path in (base, data, project):
+        for p in (path, *path.rglob("*")):
+            if p.name != "theirs":
+                os.lchown(p, owner, owner)
+    return data, project
+
+
+def _check(out: str, err: str, code: int, project: Path, owner: int) -> None:
+    assert code == 0, (out, err)
+    lines = out.splitlines()
+    assert lines[0].startswith("uid=1000 gid=1000 home=/home/agent homeowner=1000:1000"), out
+    assert lines[1].split() == ["CapEff:", "0000000000000000"], out
+    for expected in ("agent-env-denied", "agent-mem-denied", "mine=1000:1000",
+                     f"theirs={NOBODY}", "theirs-denied", "tmp-ok"):
+        assert expected in lines, (expected, out, err)
+    # Root-started, the sandbox's root is another id than the agent's: its copy-on-write
+    # /etc is not the agent's to change. An ordinary user's sandbox has one id, so the
+    # agent owns what the sandbox's root does there (its private layers; never the host).
+    assert ("etc-denied" if owner == 0 else "etc-written") in lines, out
+    assert not Path("/etc/agent-was-here").exists()
+    st = (project / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (owner, owner)  # the caller's, on the host
+    assert (project / "theirs").read_text() == "another user's\n"
+
+
+def test_the_agent_is_not_root_as_root(base: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    data, project = _setup(base, 0)
+    r = ak("run", "-q", "--agent", "claude", "--", "sh", "-c", PROBE, cwd=project,
+           env={"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_NO_DAEMON": "1"}, timeout=120)
+    _check(r.stdout, r.stderr, r.returncode, project, 0)
+
+
+def test_the_agent_is_not_root_as_an_ordinary_user(base: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
+            not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs root (to become nobody), setpriv and the system's python3")
+    data, project = _setup(base, NOBODY)
+    proc = ak_as_user(NOBODY, base, "run", "-q", "--agent", "claude", "--", "sh", "-c", PROBE,
+                      cwd=project, env={"AGENTKERNEL_HOME": str(data),
+                                        "AGENTKERNEL_NO_DAEMON": "1"})
+    out, err = proc.communicate(timeout=150)
+    _check(out, err, proc.returncode, project, NOBODY)
