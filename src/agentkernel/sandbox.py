@@ -39,7 +39,7 @@ class SandboxSpec(NamedTuple):
     # there means the default (public addresses only).
     egress: Policy | None = None
     # Extra host dirs shown read-only: (host path, in-sandbox path), e.g. the install of
-    # `run --agent`'s agent (namespaces backend only: `run --agent` asks for no other).
+    # `run --agent`'s agent (namespaces and gVisor: agents/request.agent_backend).
     ro_binds: tuple[tuple[str, str], ...] = ()
     # Where the project is shown inside: /workspace, or (`run --agent`) its own host path,
     # checked by controlplane.workspace_target before the spec is made.

@@ -409,6 +409,9 @@ def build_oci_config(
     if p.mount_home and spec.home is not None:
         mounts.append({"destination": "/home/user", "type": "bind", "source": str(spec.home),
                        "options": ["rbind", "ro"]})
+    for source, target in spec.ro_binds:  # e.g. `run --agent`'s install, under /run
+        mounts.append({"destination": target, "type": "bind", "source": source,
+                       "options": ["rbind", "ro"]})
     # The agent masks secrets and sets up a pids cgroup inside gVisor, holding SETUP_CAPS
     # only for that, then drops every capability before serving. Masks are the agent's
     # mounts, not OCI ones: runsc pays ~5 ms per OCI file bind, the sentry microseconds.
