@@ -35,6 +35,7 @@ TRUST_NAME = "egress-trust.pem"  # system bundle + the sandbox's CA: bound in (n
 LEAF_NAME = "egress-leaf.pem"  # the gate's certificate and key for the secrets' hosts
 LOG_NAME = "egress.log"
 CONTROL_NAME = "egress.sock"
+INSTANCE_NAME = "egress-instance"  # SandboxSpec.instance of a running sandbox (GateStart.attach)
 READY_TIMEOUT = 15.0
 
 
@@ -411,11 +412,14 @@ class GateStart:
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
     def attach(self, pid: int, policy: Policy, *, router: int | None = None,
-               ids: tuple[int, int] | None = None, loopback_dns: bool = False) -> None:
+               ids: tuple[int, int] | None = None, loopback_dns: bool = False,
+               instance: str = "") -> None:
         """The rules into the namespace of `pid`, and that namespace to the gate. With
         `router` (gVisor): `pid`'s namespace only gets its way to the router's, and the
         rules and the gate's listeners are in the router's. `loopback_dns` (QEMU's user
-        networking, whose sockets are the guest's connections): see rules_v4."""
+        networking, whose sockets are the guest's connections): see rules_v4. `instance`:
+        SandboxSpec.instance, the audit log's key beside the name (a one-shot run's is
+        made here); kept in the scratch dir for `egress NAME log --audit`."""
         import socket
 
         from .network import enter_netns
@@ -454,7 +458,9 @@ class GateStart:
 
             audit = audit_path()
             audit.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            cfg = {"audit": str(audit), "sandbox": self.scratch.name,
+            instance = instance or os.urandom(8).hex()
+            (self.scratch / INSTANCE_NAME).write_text(instance + "\n")
+            cfg = {"audit": str(audit), "sandbox": self.scratch.name, "instance": instance,
                    "ready_fd": self.gate_fds[0], "exit_fd": self.gate_fds[1], "uid": uid,
                    "gid": gid,
                    "owner": os.geteuid(), "log": str(self.scratch / LOG_NAME),

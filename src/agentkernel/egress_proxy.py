@@ -697,7 +697,8 @@ def main(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket) -> None:
     if cfg.get("audit"):  # opened now: the data dir is out of reach once privileges drop
         from .egress_audit import AuditWriter
 
-        audit = AuditWriter(str(cfg["audit"]), str(cfg.get("sandbox", "?")))
+        audit = AuditWriter(str(cfg["audit"]), str(cfg.get("sandbox", "?")),
+                            str(cfg.get("instance", "")))
     gate = Gate(Policy.from_json(cfg["policy"]), denied, Log(log_fd, audit))
     if cfg.get("secrets"):
         _hold_secrets(gate, cfg)

@@ -44,6 +44,11 @@ class SandboxSpec(NamedTuple):
     # Where the project is shown inside: /workspace, or (`run --agent`) its own host path,
     # checked by controlplane.workspace_target before the spec is made.
     workspace_at: str = "/workspace"
+    # Which life of the sandbox called `name` this is: a kept sandbox's id from creation to
+    # removal (the daemon's uuid), "" for a one-shot run (its gate makes one). The egress
+    # audit log keys entries by name and instance: a re-created sandbox of the same name
+    # never sees its predecessor's.
+    instance: str = ""
 
 
 class Sandbox:

@@ -397,7 +397,8 @@ class ContainerBackend(Backend):
                                f"{exc}") from None
         try:
             gate = GateStart(scratch, exit_fd=exit_fd)
-            gate.attach(pid, spec.egress or Policy(), loopback_dns=True)
+            gate.attach(pid, spec.egress or Policy(), loopback_dns=True,
+                        instance=spec.instance)
             return gate.wait()
         finally:
             os.close(exit_fd)

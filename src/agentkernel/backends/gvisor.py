@@ -285,7 +285,8 @@ def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
         router = router_holder(holder.pid, life_r)
         helpers.append(router)
         gate.attach(holder.pid, spec.egress or Policy(), router=router.pid,
-                    ids=(rng.uid + NOBODY, rng.gid + NOBODY) if rng is not None else None)
+                    ids=(rng.uid + NOBODY, rng.gid + NOBODY) if rng is not None else None,
+                    instance=spec.instance)
         gate.wait()
     except BaseException:
         os.close(life_w)

@@ -332,7 +332,8 @@ def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
         helpers.append(gate.gate)
         holder = netns_holder(life_r)
         helpers.append(holder)
-        gate.attach(holder.pid, spec.egress or Policy(), ids=ids, loopback_dns=True)
+        gate.attach(holder.pid, spec.egress or Policy(), ids=ids, loopback_dns=True,
+                    instance=spec.instance)
         gate.wait()
     except BaseException:
         close_fds(life_w, lock)

@@ -205,7 +205,7 @@ def _egress(gate: Any, pid: int, spec: SandboxSpec) -> None:
     from ..egress_policy import Policy
 
     _wait_loopback(pid)
-    gate.attach(pid, spec.egress or Policy())
+    gate.attach(pid, spec.egress or Policy(), instance=spec.instance)
     gate.wait()
 
 
