@@ -26,11 +26,16 @@ RESOLVER = "192.0.2.53"  # anywhere: every DNS query is the gate's
 ROUNDS = 3
 
 
-@pytest.fixture(params=["0", "1"], ids=["own-wiring", "forkserver"])
+@pytest.fixture(params=["0", "1", "1-always"],
+                ids=["own-wiring", "forkserver", "forkserver-always-on"])
 def wiring(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A gate of its own (a one-shot run's), one forked on demand (a daemon's), one forked
+    for the sandbox's whole life (AGENTKERNEL_GATE_IDLE_SECONDS=0)."""
     from agentkernel import egress_forkserver
 
-    monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", request.param)
+    monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", request.param[0])
+    if request.param.endswith("always"):
+        monkeypatch.setenv("AGENTKERNEL_GATE_IDLE_SECONDS", "0")
     yield request.param
     egress_forkserver.shutdown()
 
@@ -96,7 +101,8 @@ def test_first_query_of_fresh_gates_is_answered(wiring: str, loopback_dns: bool,
         finally:
             os.close(life_w)  # the holder and the gate end with the lifeline
             holder.wait()
-            gate.gate.wait(timeout=10)
+            if gate.gate is not None:  # None: on demand (it ended with the lifeline too)
+                gate.gate.wait(timeout=10)
 
 
 PROBE = """
