@@ -25,7 +25,15 @@ from typing import Any
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, egress_gate_pid, make_upstream
+from sandbox_helpers import (
+    SYSTEM_PYTHON,
+    Upstream,
+    ak,
+    backend_available,
+    egress_gate_pid,
+    make_upstream,
+)
+from test_containers import engine  # noqa: F401 - fixture
 from test_egress_policy import PROBE, UPSTREAM_NAMES, hosts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="gates drop ids only as root")
@@ -53,7 +61,7 @@ def _on_demand(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def _start(name: str, up: Upstream, *allow: str) -> Any:
+def _start(name: str, up: Upstream, *allow: str, backend: str = "namespaces") -> Any:
     from agentkernel.backends import get_backend
     from agentkernel.egress_policy import policy_for
     from agentkernel.profiles import get_profile
@@ -64,7 +72,7 @@ def _start(name: str, up: Upstream, *allow: str) -> Any:
                         tuple(h for h in hosts(up) if h != "--add-host"))
     spec = SandboxSpec(name=f"{name}-{os.getpid()}", profile=get_profile("moderate"),
                        rootfs=host_rootfs(), image="host", egress=policy)
-    return get_backend("namespaces").start(spec)
+    return get_backend(backend).start(spec)
 
 
 @pytest.fixture
@@ -288,3 +296,117 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z"
     except OSError:
         return True
+
+
+def test_gvisor_gate_on_demand(upstream: Upstream) -> None:
+    """gVisor's gate listens in its router namespace: the same cycle there. Allowed by
+    name, refused otherwise, before and after its gate exited; a pinned answer holds."""
+    if not backend_available("gvisor"):
+        pytest.skip("gvisor backend not installed")
+    sandbox = _start("idle-gv", upstream, "allowed.test", backend="gvisor")
+    try:
+        assert egress_gate_pid(sandbox.scratch) is None
+        todo = [["h", "http", "allowed.test", 18080, "allowed.test"],
+                ["d", "resolve", "denied.test"]]
+        expect = {"h": "reached hello host=allowed.test key=-", "d": "blocked gaierror"}
+        assert probe(sandbox, todo) == expect
+        gone_idle(sandbox)
+        seen = probe(sandbox, [["c", "http", upstream.addr, 18080, "allowed.test"],
+                               ["n", "http", upstream.addr2, 18080, "allowed.test"]])
+        assert seen["c"] == "reached hello host=allowed.test key=-", seen
+        assert seen["n"].startswith("blocked"), seen
+        gone_idle(sandbox)
+        assert probe(sandbox, todo) == expect
+    finally:
+        sandbox.destroy()
+
+
+SECRET_VALUE = "sk-idle-" + os.urandom(12).hex()
+FETCH = r"""
+import os, sys, urllib.request
+url = sys.argv[1]
+r = urllib.request.Request(url, headers={"x-api-key": os.environ["SECRET_KEY"]})
+try:
+    print(urllib.request.urlopen(r, timeout=10).read().decode().strip())
+except OSError as e:
+    print("refused", type(e).__name__)
+"""
+
+
+def test_secret_injection_across_gate_restarts(upstream: Upstream,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a secret: each gate forked for the sandbox terminates its TLS with the
+    sandbox's CA (the leaf's key in a sealed memfd, gone from disk) and puts the value in;
+    the placeholder in clear text stays refused; the value is nowhere in the sandbox."""
+    from agentkernel.egress_gate import LEAF_NAME
+    from agentkernel.egress_policy import Grant
+    from agentkernel.secrets_store import placeholder
+
+    r = ak("secret", "set", "idlekey", "--host", "secret.test", "--header", "x-api-key",
+           "--env", "SECRET_KEY", input=SECRET_VALUE.encode() + b"\n")
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("AGENTKERNEL_EGRESS_UPSTREAM_CA", str(upstream.ca))
+    from agentkernel.backends import get_backend
+    from agentkernel.egress_policy import policy_for
+    from agentkernel.profiles import get_profile
+    from agentkernel.rootfs import host_rootfs
+    from agentkernel.sandbox import SandboxSpec
+
+    names = (*(h for h in hosts(upstream) if h != "--add-host"), f"secret.test:{upstream.addr}")
+    grant = Grant("idlekey", ("secret.test",), "x-api-key", placeholder())
+    policy = policy_for("egress", None, ("secret.test", "other.test"), (), names)
+    spec = SandboxSpec(name=f"idle-secret-{os.getpid()}", profile=get_profile("moderate"),
+                       rootfs=host_rootfs(), image="host",
+                       egress=policy._replace(secrets=(grant,)))
+    sandbox = get_backend("namespaces").start(spec)
+    env = {"PATH": "/usr/bin:/bin", "SECRET_KEY": grant.placeholder,
+           "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt"}
+
+    def fetch(url: str) -> str:
+        out, err, status = sandbox.client.exec(["python3", "-c", FETCH, url], env=env,
+                                               cwd="/").wait(60)
+        assert status.code == 0, err
+        return out.decode().strip()
+
+    try:
+        assert not (sandbox.scratch / LEAF_NAME).exists()
+        expected = f"hello host=secret.test:18443 key={SECRET_VALUE}"
+        for _ in range(2):
+            assert fetch("https://secret.test:18443/") == expected
+            assert fetch("http://other.test:18080/").startswith("refused")
+            gone_idle(sandbox)
+        out, _err, _st = sandbox.client.exec(
+            ["sh", "-c", "printf '%s%s\\n' \"$A\" \"$B\" | grep -rlF -f - /proc/[0-9]*/environ "
+             "/proc/[0-9]*/cmdline /etc /tmp 2>/dev/null; true"],
+            env={"PATH": "/usr/bin:/bin", "A": SECRET_VALUE[:8], "B": SECRET_VALUE[8:]},
+            cwd="/").wait(60)
+        assert out == b"", out
+    finally:
+        sandbox.destroy()
+
+
+CONTAINER_SCRIPT = r"""
+echo "@first $(busybox wget -q -O- http://allowed.test:18080/ 2>/dev/null || echo refused)"
+sleep 3
+echo "@again $(busybox wget -q -O- http://allowed.test:18080/ 2>/dev/null || echo refused)"
+echo "@denied $(busybox wget -q -O- http://denied.test:18080/ 2>/dev/null || echo refused)"
+echo "@direct $(busybox nc -w 3 ADDR2 18022 </dev/null 2>&1 | busybox head -c 100)"
+"""
+
+
+def test_container_gate_on_demand(engine: str, upstream: Upstream,  # noqa: F811
+                                  tmp_path: Path) -> None:
+    """A container's gate on demand (a one-shot run told to use the fork server, idle
+    after 1 s): allowed before and after its first gate went idle, refused otherwise."""
+    import test_containers
+    from test_containers_egress import marked
+
+    r = ak("run", "-B", engine, "-i", test_containers.IMAGE, "--allow-host", "allowed.test",
+           *hosts(upstream), "--", "sh", "-c", CONTAINER_SCRIPT.replace("ADDR2", upstream.addr2),
+           cwd=tmp_path, timeout=180,
+           env={"AGENTKERNEL_GATE_FORKSERVER": "1", "AGENTKERNEL_GATE_IDLE_SECONDS": "1"})
+    assert r.returncode == 0, r.stderr
+    seen = marked(r.stdout)
+    hello = "hello host=allowed.test:18080 key=-"
+    assert (seen["first"], seen["again"], seen["denied"]) == (hello, hello, "refused"), seen
+    assert "SSH" not in seen["direct"], seen

@@ -53,7 +53,8 @@ A_TARGETS = (A_TCP, A_UDP, A_CONTROL, A_EXIT, A_CFG, A_STATE, A_LOG, A_AUDIT, A_
 A_LISTENERS = 3  # the first three are polled for a sandbox's first bytes
 MIN_FDS, MAX_FDS = 10, 11  # a registration without and with secrets
 RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds before re-forking a gate that died young
-YOUNG = 2.0  # a gate that exits sooner than this (not idle: it failed) backs off
+YOUNG = 0.5  # a gate that exits sooner than this (not idle: it failed) backs off
+MIN_IDLE = 1.0  # seconds: an idle gate never exits young
 MAX_MSG = 64 * 1024  # a request's bytes (the wiring's tool inputs are ~1 KiB)
 TIMEOUT = 10.0
 WIRE_TIMEOUT = 15.0  # seconds for the tools and listeners of one namespace
@@ -175,7 +176,9 @@ def idle_seconds() -> float:
         value = float(os.environ.get("AGENTKERNEL_GATE_IDLE_SECONDS", "") or IDLE_SECONDS)
     except ValueError:
         return IDLE_SECONDS
-    return value if value >= 0 and value == value else IDLE_SECONDS
+    if not value >= 0:  # (NaN too)
+        return IDLE_SECONDS
+    return max(value, MIN_IDLE) if value else 0.0
 
 
 def register(fds: list[int]) -> int | None:

@@ -725,7 +725,10 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
 
         def check() -> None:
             # The server gone (killed), this gate is the sandbox's only way out: it stays.
-            if gate.busy or time.monotonic() - gate.last < idle or os.getppid() != parent:
+            # A task besides this one (serve) not yet counted as busy: a connection just
+            # accepted, whose handler asyncio starts in a task of its own.
+            if (gate.busy or time.monotonic() - gate.last < idle or os.getppid() != parent
+                    or len(asyncio.all_tasks(loop)) > 1):
                 loop.call_later(min(idle, 5.0), check)
                 return
             # Stop taking anything first, in this same step: nothing is accepted or read
