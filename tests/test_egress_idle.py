@@ -410,3 +410,52 @@ def test_container_gate_on_demand(engine: str, upstream: Upstream,  # noqa: F811
     hello = "hello host=allowed.test:18080 key=-"
     assert (seen["first"], seen["again"], seen["denied"]) == (hello, hello, "refused"), seen
     assert "SSH" not in seen["direct"], seen
+
+
+USER_SCRIPT = r"""
+import json, subprocess, sys, time
+probe = sys.argv[1]
+def run(todo):
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(todo)], capture_output=True,
+                         text=True, timeout=60).stdout
+    return json.loads(out)
+todo = [["h", "http", "allowed.test", 18080, "allowed.test"], ["d", "resolve", "denied.test"]]
+first = run(todo)
+time.sleep(3)
+print(json.dumps([first, run(todo)]))
+"""
+
+
+def test_on_demand_as_an_ordinary_user(upstream: Upstream) -> None:
+    """Started by an ordinary user (host `nobody`, a one-shot run told to use the fork
+    server, idle after 1 s): the wiring child joins the sandbox's user namespace holding
+    nothing else, the gate runs as that user, and it allows and refuses alike before and
+    after its first gate went idle."""
+    import subprocess
+    import tempfile
+
+    from sandbox_helpers import ak_as_user
+
+    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs setpriv and the system's python3")
+    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
+    try:
+        (home / "project").mkdir()
+        for path in (home, home / "project"):
+            os.chown(path, 65534, 65534)
+        home.chmod(0o755)
+        proc = ak_as_user(65534, home, "run", "-B", "namespaces", "-i", "host",
+                          "--allow-host", "allowed.test", *hosts(upstream), "--", "python3",
+                          "-c", USER_SCRIPT, PROBE, cwd=home / "project",
+                          env={"AGENTKERNEL_GATE_FORKSERVER": "1",
+                               "AGENTKERNEL_GATE_IDLE_SECONDS": "1"})
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert proc.returncode == 0, err
+        expect = {"h": "reached hello host=allowed.test key=-", "d": "blocked gaierror"}
+        assert json.loads(out) == [expect, expect], (out, err)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

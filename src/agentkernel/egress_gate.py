@@ -395,8 +395,15 @@ class GateStart:
         self.gate: subprocess.Popen[bytes] | None = None
         if egress_forkserver.activating():
             self.ready_r = -1
-            with open(scratch / "egress-gate.err", "wb"):
-                pass  # (also what says a sandbox has a gate: scratch_of)
+            # Ours until attach registers it: the caller may close its own now, as it may
+            # once a gate of the sandbox's own has started.
+            self.exit_fd = os.dup(exit_fd)
+            try:
+                with open(scratch / "egress-gate.err", "wb"):
+                    pass  # (also what says a sandbox has a gate: scratch_of)
+            except BaseException:
+                os.close(self.exit_fd)
+                raise
             return
         self.ready_r, self.ready_w = os.pipe()
         self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -603,6 +610,7 @@ class GateStart:
         first on a loaded host, so every backend waits. None for a gate on demand: its
         fork server polls the listeners from now on (attach registered them)."""
         if self.gate is None:
+            self._close_exit()
             self._finish()
             return None
         try:
@@ -630,7 +638,17 @@ class GateStart:
                 return lines[-1]
         return "timed out"
 
+    def _close_exit(self) -> None:
+        if getattr(self, "gate", 0) is None and self.exit_fd >= 0:  # our dup (on demand)
+            os.close(self.exit_fd)
+            self.exit_fd = -1
+
+    def __del__(self) -> None:  # a start abandoned before wait(): no fd left behind
+        with contextlib.suppress(Exception):
+            self._close_exit()
+
     def abandon(self) -> None:
+        self._close_exit()
         for _, proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
