@@ -459,3 +459,69 @@ def test_on_demand_as_an_ordinary_user(upstream: Upstream) -> None:
         assert json.loads(out) == [expect, expect], (out, err)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_killed_daemons_sandbox_keeps_its_way_out(upstream: Upstream) -> None:
+    """A daemon killed under a persistent sandbox whose gate then goes idle: its fork
+    server stays for the sandbox, whose next connection gets a gate; a new daemon adopts
+    the sandbox and its `egress allow` reaches the same gate path; the server exits once
+    the sandbox is removed."""
+    import signal
+
+    idle = {"AGENTKERNEL_GATE_IDLE_SECONDS": IDLE}
+    ak("daemon", "stop")
+    assert ak("daemon", "start", env=idle).returncode == 0
+    name = f"idle-d-{os.getpid()}"
+    r = ak("create", name, "-B", "namespaces", "-i", "host", "--allow-host", "allowed.test",
+           *hosts(upstream), env=idle)
+    assert r.returncode == 0, r.stderr
+    todo = [["h", "http", "allowed.test", 18080, "allowed.test"],
+            ["o", "http", "other.test", 18080, "other.test"]]
+
+    def seen() -> dict[str, str]:
+        r = ak("exec", name, "--", "python3", "-c", PROBE, json.dumps(todo), env=idle)
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    from agentkernel.paths import runtime_dir
+
+    hello = "reached hello host=allowed.test key=-"
+    servers: set[int] = set()
+    try:
+        assert seen() == {"h": hello, "o": "blocked gaierror"}
+        servers = _servers_holding(name)
+        assert len(servers) == 1, servers
+        status = ak("daemon", "status", "--json")
+        daemon = int(json.loads(status.stdout)["pid"])
+        os.kill(daemon, signal.SIGKILL)
+        time.sleep(3)  # its gate idles out meanwhile
+        assert egress_gate_pid(runtime_dir() / "sandboxes" / name) is None
+        assert _servers_holding(name) == servers
+        assert ak("daemon", "start", env=idle).returncode == 0
+        assert seen() == {"h": hello, "o": "blocked gaierror"}
+        assert ak("egress", name, "allow", "other.test").returncode == 0
+        assert seen() == {"h": hello, "o": "reached hello host=other.test key=-"}
+    finally:
+        ak("rm", name)
+        ak("daemon", "stop")
+    deadline = time.monotonic() + 10
+    while not all(_zombie(p) for p in servers):
+        assert time.monotonic() < deadline, "the old server outlived its last sandbox"
+        time.sleep(0.05)
+
+
+def _servers_holding(name: str) -> set[int]:
+    """Fork servers holding sandbox `name`'s log."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{entry}/comm").read_text().strip() != "ak-gate-forks":
+                continue
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}").endswith(f"/{name}/egress.log"):
+                    out.add(int(entry))
+        except OSError:
+            continue
+    return out
