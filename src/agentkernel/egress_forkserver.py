@@ -552,7 +552,9 @@ def _activated_child(fds: list[int]) -> None:
         os.closerange(A_LEAF + 1, os.sysconf("SC_OPEN_MAX"))
         from .egress_child import activated_main
 
-        activated_main()
+        activated_main({"tcp": A_TCP, "udp": A_UDP, "control": A_CONTROL, "exit": A_EXIT,
+                        "cfg": A_CFG, "state": A_STATE, "log": A_LOG, "audit": A_AUDIT,
+                        "audit_old": A_AUDIT_OLD, "leaf": A_LEAF})
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

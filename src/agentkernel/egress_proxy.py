@@ -799,38 +799,37 @@ class State:
             os.ftruncate(self.fd, len(data))
 
 
-def main_activated() -> None:
-    """A gate forked on demand (egress_forkserver, A_* fds): its config from its sealed
-    memfd, its secrets, no privileges, then the state earlier gates left, then serve
-    until idle or the sandbox is gone."""
+def main_activated(fds: dict[str, int]) -> None:
+    """A gate forked on demand (egress_forkserver: `fds` names where its fds are): its
+    config from its sealed memfd, its secrets, no privileges, then the state earlier gates
+    left, then serve until idle or the sandbox is gone."""
     import fcntl
 
-    from . import egress_forkserver as fs
     from .egress import denied_networks, host_addresses
     from .egress_audit import AuditWriter
 
     seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-    for fd in (fs.A_CFG, *([fs.A_LEAF] if _is_open(fs.A_LEAF) else [])):
+    for fd in (fds["cfg"], *([fds["leaf"]] if _is_open(fds["leaf"]) else [])):
         if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & seals != seals:
             raise SystemExit("the gate's config is not sealed")  # never trust a writable one
-    cfg = json.loads(os.pread(fs.A_CFG, 16 << 20, 0))
-    os.close(fs.A_CFG)
-    audit = AuditWriter.from_fds(fs.A_AUDIT, fs.A_AUDIT_OLD, str(cfg.get("sandbox", "?")))
+    cfg = json.loads(os.pread(fds["cfg"], 16 << 20, 0))
+    os.close(fds["cfg"])
+    audit = AuditWriter.from_fds(fds["audit"], fds["audit_old"], str(cfg.get("sandbox", "?")))
     gate = Gate(Policy.from_json(cfg["policy"]), denied_networks(host_addresses()),
-                Log(fs.A_LOG, audit))
+                Log(fds["log"], audit))
     if cfg.get("secrets"):
-        _hold_secrets(gate, cfg, f"/proc/self/fd/{fs.A_LEAF}")
-    if _is_open(fs.A_LEAF):
-        os.close(fs.A_LEAF)  # held in memory now
+        _hold_secrets(gate, cfg, f"/proc/self/fd/{fds['leaf']}")
+    if _is_open(fds["leaf"]):
+        os.close(fds["leaf"])  # held in memory now
     _preload()
     _drop(int(cfg.get("uid", -1)), int(cfg.get("gid", -1)))
-    state = State(fs.A_STATE, gate)
+    state = State(fds["state"], gate)
     state.load()
     gate.state = state
-    cfg = {**cfg, "exit_fd": fs.A_EXIT, "ready_fd": None}
+    cfg = {**cfg, "exit_fd": fds["exit"], "ready_fd": None}
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(cfg, socket.socket(fileno=fs.A_TCP),
-                          socket.socket(fileno=fs.A_UDP), socket.socket(fileno=fs.A_CONTROL),
+        asyncio.run(serve(cfg, socket.socket(fileno=fds["tcp"]),
+                          socket.socket(fileno=fds["udp"]), socket.socket(fileno=fds["control"]),
                           gate))
 
 
