@@ -1,24 +1,30 @@
 """A pre-imported parent of egress gates: forks one per sandbox instead of starting a new
 interpreter for each (its start-up and imports cost ~85 ms of CPU, more than the rest of
-a sandbox's start).
+a sandbox's start), and, for a daemon, only when the sandbox uses the network.
 
 The fork server is started like a gate was (our interpreter without site, a clean
 environment, a session of its own), imports what a gate needs, then waits on its end of
 a socket pair that only the process that started it holds (no path anyone could connect
-to). Per request it receives the gate's five fds (stdin, stderr, ready, lifeline, the
-listeners' carrier), forks, and sends back a pidfd of the child. The child puts those fds
-at fixed numbers (GATE_FDS), closes every other one (the server's socket among them) and
-runs egress_child.gate_main exactly as a freshly started gate does: it reads its config,
-takes its listeners, then drops to the sandbox's own ids. The server holds no secret and
-no sandbox's data; it is single-threaded, so forking it is safe, and it exits when its
-socket's other end closes. Children share its address-space layout (as any forked
-process does); docs/security.md says so.
+to). Requests: fork a gate for its whole life (GATE: the gate's five fds; the child puts
+them at fixed numbers, GATE_FDS + CARRIER_FD, closes every other one and runs
+egress_child.gate_main as a freshly started gate does); wire a namespace (WIRE: a child
+joins it, runs the tools, makes the listeners); or register a sandbox whose gate runs on
+demand (REGISTER, `register`): the server keeps that sandbox's fds (listeners, lifeline,
+sealed config memfd, state memfd, log and audit files) and polls its listeners for
+readability, never reading them; the first readiness forks its gate (egress_child.
+activated_main, the fds at A_TARGETS, nothing else open), which serves until idle and
+exits; the server then polls again. Its memory holds nothing of any sandbox's but fd
+numbers (every gate it forks inherits it). It is single-threaded, so forking it is safe;
+it exits once its socket's other end is closed and it holds no sandbox. Children share
+its address-space layout (as any forked process does); docs/security.md says so, and what
+gates on demand trade.
 
 A long-lived process (the daemon: SandboxManager) turns it on with `enable`, which also
 starts the server so that its imports are done before the first sandbox needs it. A
 one-shot process (an in-process `agentkernel run`) starts its one gate directly: the
 server's start-up would only be on its path. `AGENTKERNEL_GATE_FORKSERVER=0` turns it off,
-`=1` on everywhere. If the server cannot be started or answers wrongly, `spawn` and `wire`
+`=1` on everywhere; `AGENTKERNEL_GATE_IDLE_SECONDS=0` keeps a forked gate per sandbox for
+its whole life. If the server cannot be started or answers wrongly, `spawn` and `wire`
 return None and the caller does it the old way.
 """
 
@@ -40,7 +46,7 @@ GATE_FDS = (READY_FD, EXIT_FD)  # what the gate's config names (cfg ready_fd, ex
 # its starter does (root for a root daemon), a gate as the sandbox's own `nobody`.
 SERVER_COMM, GATE_COMM = "ak-gate-forks", "ak-egress-gate"
 GATE, WIRE = b"g", b"w"  # requests: fork a gate; wire a namespace (see `wire`)
-REGISTER, STATUS = b"r", b"s"  # a sandbox's gate on demand (see `register`); its gate's pid
+REGISTER = b"r"  # a sandbox's gate on demand (see `register`)
 # An activated gate's fds, in the order `register` sends them and at these numbers in the
 # gate: its listeners (TCP, DNS, control), the sandbox's lifeline, its config (a sealed
 # memfd), its state (a memfd only its own gates write), its log, the audit log's two
@@ -142,7 +148,7 @@ class _Server:
         return GateProcess(int(msg[1:]), got[0])
 
     def ask(self, request: bytes, fds: list[int]) -> bytes:
-        """A request answered without fds (a registration, a status)."""
+        """A request answered without fds (a registration)."""
         socket.send_fds(self.sock, [request], fds)
         msg, got, _flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 1)
         for fd in got:
@@ -206,20 +212,8 @@ def register(fds: list[int]) -> int | None:
     return None
 
 
-def gate_pid(registration: int) -> int | None:
-    """The pid of the gate the server runs for a registration now (None: none runs, or
-    no server). For tests and status."""
-    with _lock:
-        if _server is None or _server.proc.poll() is not None:
-            return None
-        try:
-            msg = _server.ask(STATUS + b"%d" % registration, [])
-        except OSError:
-            return None
-    return int(msg[1:]) or None if msg.startswith(b"p") and msg[1:].isdigit() else None
-
-
 def server_pid() -> int | None:
+    """This process's fork server's pid, if it has one (tests, benchmarks)."""
     with _lock:
         return _server.proc.pid if _server is not None else None
 
@@ -403,18 +397,13 @@ class _Loop:
         gate = msg == GATE and len(fds) == 5
         wiring = msg.startswith(WIRE) and len(fds) in (2, 3)
         registering = msg == REGISTER and MIN_FDS <= len(fds) <= MAX_FDS
-        status = msg.startswith(STATUS) and msg[1:].isdigit() and not fds
-        if not (gate or wiring or registering or status) or flags & socket.MSG_CTRUNC:
+        if not (gate or wiring or registering) or flags & socket.MSG_CTRUNC:
             for f in fds:
                 os.close(f)
             self._send(b"e bad request")
             return
         if registering:
             self._register(fds)
-            return
-        if status:
-            box = self.boxes.get(int(msg[1:]))
-            self._send(b"p%d" % (box.pid if box is not None else 0))
             return
         pid = os.fork()
         if pid == 0:

@@ -368,7 +368,9 @@ class GateStart:
     its interpreter starts and imports while the sandbox's namespaces are made; `attach(pid,
     policy)` once they exist loads the rules and hands it the namespace and its config;
     `wait()` before anything untrusted runs there. It fails closed: SandboxError, and the
-    caller does not start the sandbox."""
+    caller does not start the sandbox. With gates on demand (egress_forkserver.activating)
+    nothing is spawned: `attach` registers the wired namespace with the fork server, and
+    `wait()` returns None (no gate process until the sandbox first uses the network)."""
 
     def __init__(self, scratch: Path, *, exit_fd: int) -> None:
         import socket

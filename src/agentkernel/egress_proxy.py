@@ -3,7 +3,9 @@
 It listens inside the sandbox's network namespace (sockets made there by a forked child
 that joins it), where packet-filter rules redirect every TCP connection and all DNS to it,
 and connects out from the host's namespace, only where the policy says, without any
-privilege (started by root it drops to its sandbox's own unprivileged `nobody`).
+privilege (started by root it drops to its sandbox's own unprivileged `nobody`). A
+daemon's gate runs on demand (egress_forkserver): forked at the sandbox's first
+connection, query or update, it exits when idle, its live policy and pins kept (`State`).
 
 Bounded: concurrent connections, DNS queries in flight, bytes inspected per connection
 (one ClientHello record / one HTTP head), time to the first bytes, idle time, log size.
