@@ -252,21 +252,24 @@ def _fork(request: bytes, fds: list[int]) -> GateProcess | None:
     return None
 
 
-def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: str
-         ) -> tuple[int, int] | None:
+def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: str,
+         netlink: dict[str, Any] | None = None) -> tuple[int, int] | None:
     """Run `steps` (argv, stdin) inside the network namespace `netns` (joined through
     `userns` first, for an ordinary user; -1: none), all at once, then make the gate's
     TCP and UDP listeners on `address` there: the fds of those listeners. A child of the
     fork server joins the namespace once for every tool (no nsenter each) and makes the
     listeners (no fork of this, possibly large, process). None if the server cannot do
-    it (the caller does it itself); SandboxError if a step failed (then nothing runs)."""
+    it (the caller does it itself); SandboxError if a step failed (then nothing runs).
+    With `netlink` (egress_netlink.wire_here's arguments), the child wires over netlink
+    instead of running the steps, which it runs only where the kernel has no nf_tables."""
     import json
 
     from .errors import SandboxError
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        payload = json.dumps({"steps": steps, "address": address}).encode()
+        payload = json.dumps({"steps": steps, "address": address,
+                              "netlink": netlink}).encode()
         fds = [theirs.fileno(), netns, *([userns] if userns >= 0 else [])]
         child = _fork(WIRE + payload, fds)
         theirs.close()
@@ -310,7 +313,8 @@ def serve(fd: int) -> None:
     import gc
     import resource
 
-    from . import egress_audit, egress_child, egress_proxy  # noqa: F401 - a gate's imports
+    # A gate's imports, and a wiring child's (egress_netlink).
+    from . import egress_audit, egress_child, egress_netlink, egress_proxy  # noqa: F401
     from .egress import denied_networks, host_addresses
 
     _set_comm(SERVER_COMM)
@@ -632,7 +636,7 @@ def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
             if libc.setns(fd, kind) != 0:
                 raise OSError(ctypes.get_errno(), "setns")
         req = json.loads(payload)
-        failures = _run_steps([(list(a), str(d)) for a, d in req["steps"]])
+        failures = _netlink_or_steps(req)
         if failures:
             reply.send(("e" + "; ".join(failures)).encode()[:MAX_MSG])
         else:
@@ -644,6 +648,26 @@ def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
             reply.send(f"e{type(exc).__name__}: {exc}".encode()[:500])
     finally:
         os._exit(code)
+
+
+def _netlink_or_steps(req: dict[str, Any]) -> list[str]:
+    """A WIRE request's wiring: over netlink if it says how (no tool processes), the
+    tools where this kernel has no nf_tables (then nothing was changed); what failed."""
+    how = req.get("netlink")
+    if isinstance(how, dict):
+        from .egress_netlink import Unsupported, wire_here
+        from .egress_proxy import DNS_PORT, TCP_PORT
+
+        try:
+            wire_here(str(how["dev"]), str(how["peer"]), str(how["address"]),
+                      int(how["prefix"]), str(how["gateway"]), TCP_PORT, DNS_PORT,
+                      loopback_dns=bool(how["loopback_dns"]))
+            return []
+        except Unsupported:
+            pass
+        except OSError as exc:
+            return [f"netlink: {exc}"]
+    return _run_steps([(list(a), str(d)) for a, d in req["steps"]])
 
 
 def _run_steps(steps: list[tuple[list[str], str]]) -> list[str]:

@@ -320,6 +320,24 @@ def _sealed(name: str, data: bytes) -> int:
     return fd
 
 
+def _wire_netlink(netns: int, loopback_dns: bool) -> tuple[int, int] | None:
+    """A sandbox's own namespace wired as ip_batch, rules_v4 and rules_v6 say, by a
+    thread of ours over netlink (egress_netlink: no tool processes), and the gate's
+    listeners there; None where this kernel has no nf_tables (the tools then do it).
+    Root only: an ordinary user must join the sandbox's user namespace first, which a
+    process with threads cannot."""
+    from .egress_netlink import Unsupported, wire_in
+
+    try:
+        return wire_in(netns, SANDBOX_DEV, PEER_DEV, SANDBOX_ADDR, 24, GATEWAY,
+                       loopback_dns=loopback_dns)
+    except Unsupported:
+        return None
+    except OSError as exc:
+        raise SandboxError("could not set up the sandbox's egress gate, so it does not "
+                           f"start: {exc} (or use --no-network)") from None
+
+
 def _secrets_for(policy: Policy) -> list[dict[str, object]]:
     """What the gate needs of each secret, values read from the host's store now."""
     from .secrets_store import load
@@ -375,18 +393,7 @@ class GateStart:
     def __init__(self, scratch: Path, *, exit_fd: int) -> None:
         import socket
 
-        from .egress import tool
-        from .paths import which
-
-        tools = {"ip": which("ip") or tool("ip"), "iptables-restore": tool("iptables-restore")}
-        if os.path.exists("/proc/net/if_inet6"):
-            tools["ip6tables-restore"] = tool("ip6tables-restore")
-        missing = [name for name, path in tools.items() if path is None]
-        if missing:
-            raise BackendUnavailable(
-                f"the egress gate needs {' and '.join(missing)} (apt install iproute2 "
-                "iptables), or use --no-network")
-        self.tools = tools
+        self._tools: dict[str, str] | None = None
         self.scratch = scratch
         self.exit_fd = exit_fd
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -419,6 +426,26 @@ class GateStart:
         finally:
             theirs.close()
             os.close(self.ready_w)
+
+    @property
+    def tools(self) -> dict[str, str]:
+        """The wiring tools, looked up when first needed: a root-started sandbox's own
+        namespace is wired over netlink without them (_wire_netlink)."""
+        if self._tools is None:
+            from .egress import tool
+            from .paths import which
+
+            tools = {"ip": which("ip") or tool("ip"),
+                     "iptables-restore": tool("iptables-restore")}
+            if os.path.exists("/proc/net/if_inet6"):
+                tools["ip6tables-restore"] = tool("ip6tables-restore")
+            missing = [name for name, path in tools.items() if path is None]
+            if missing:
+                raise BackendUnavailable(
+                    f"the egress gate needs {' and '.join(missing)} (apt install iproute2 "
+                    "iptables), or use --no-network")
+            self._tools = {name: str(path) for name, path in tools.items()}
+        return self._tools
 
     def _start(self, err: int, carrier: int) -> subprocess.Popen[bytes]:
         """The gate process: forked by the fork server (egress_forkserver), or, where
@@ -458,7 +485,7 @@ class GateStart:
 
         try:
             if router is None:
-                enter = enter_netns(pid)
+                enter: list[str] = []  # nsenter's prefix: made only if the tools wire it
                 inputs = {"ip": ip_batch(),
                           "iptables-restore": rules_v4(loopback_dns=loopback_dns),
                           "ip6tables-restore": rules_v6()}
@@ -475,8 +502,14 @@ class GateStart:
             try:
                 if os.geteuid() != 0:
                     ns.append(os.open(f"/proc/{where}/ns/user", os.O_RDONLY))
-                listeners = self._wire(ns[0], ns[1] if len(ns) > 1 else -1, enter, inputs,
-                                       GATEWAY if router is not None else "127.0.0.1")
+                fast = _wire_netlink(ns[0], loopback_dns) if router is None and len(ns) == 1 \
+                    else None
+                listeners = fast or self._wire(
+                    ns[0], ns[1] if len(ns) > 1 else -1, enter or enter_netns(pid), inputs,
+                    GATEWAY if router is not None else "127.0.0.1",
+                    netlink=None if router is not None else {
+                        "dev": SANDBOX_DEV, "peer": PEER_DEV, "address": SANDBOX_ADDR,
+                        "prefix": 24, "gateway": GATEWAY, "loopback_dns": loopback_dns})
             finally:
                 for fd in ns:
                     os.close(fd)
@@ -558,15 +591,16 @@ class GateStart:
                                "start: its fork server did not take it (or use --no-network)")
 
     def _wire(self, netns: int, userns: int, enter: list[str], inputs: dict[str, str],
-              address: str) -> tuple[int, int]:
+              address: str, netlink: dict[str, Any] | None = None) -> tuple[int, int]:
         """The rules into the namespace `netns` and the gate's listeners there: by a child
-        of the fork server (which joins it once for every tool), or else through nsenter
-        and a forked child of ours (listen_in)."""
+        of the fork server (which joins it once, then wires over netlink as `netlink`
+        says, or runs every tool), or else through nsenter and a forked child of ours
+        (listen_in)."""
         from . import egress_forkserver
 
         steps = [([str(path), *(["-batch", "-"] if name == "ip" else [])], inputs[name])
                  for name, path in self.tools.items()]
-        got = egress_forkserver.wire(netns, userns, steps, address)
+        got = egress_forkserver.wire(netns, userns, steps, address, netlink)
         if got is not None:
             return got
         for name, (argv, data) in zip(self.tools, steps, strict=True):
