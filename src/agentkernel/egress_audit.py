@@ -56,6 +56,15 @@ class AuditWriter:
         self.sandbox = sandbox[:128]
         self.instance = instance[:64]  # which life of `sandbox` (SandboxSpec.instance)
 
+    @classmethod
+    def from_fds(cls, fd: int, old: int, sandbox: str, instance: str = "") -> AuditWriter:
+        """One over files opened by someone else (an activated gate's, opened by its
+        starter when it registered the sandbox)."""
+        writer = cls.__new__(cls)
+        writer.fd, writer.old, writer.sandbox = fd, old, sandbox[:128]
+        writer.instance = instance[:64]
+        return writer
+
     def write(self, fields: dict[str, Any]) -> None:
         entry = {"t": round(time.time(), 3), "sandbox": self.sandbox,
                  **({"instance": self.instance} if self.instance else {}),

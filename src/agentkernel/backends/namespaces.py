@@ -196,7 +196,8 @@ def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[byte
     from ..egress_gate import GateStart
 
     gate = GateStart(scratch, exit_fd=exit_fd)
-    helpers.append(gate.gate)
+    if gate.gate is not None:  # None: on demand, from the fork server
+        helpers.append(gate.gate)
     return gate
 
 
