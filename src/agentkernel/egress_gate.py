@@ -35,6 +35,7 @@ TRUST_NAME = "egress-trust.pem"  # system bundle + the sandbox's CA: bound in (n
 LEAF_NAME = "egress-leaf.pem"  # the gate's certificate and key for the secrets' hosts
 LOG_NAME = "egress.log"
 CONTROL_NAME = "egress.sock"
+INSTANCE_NAME = "egress-instance"  # SandboxSpec.instance of a running sandbox (GateStart.attach)
 READY_TIMEOUT = 15.0
 NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1): the user namespace that owns a namespace
 
@@ -304,6 +305,23 @@ def _listen_in_thread(libc: Any, netns_fd: int, address: str) -> tuple[int, int]
     return made[0], made[1]
 
 
+def _sealed(name: str, data: bytes) -> int:
+    """A memfd holding `data` that no one can change (sealed): an activated gate's config."""
+    import fcntl
+
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _wire_netlink(netns: int, loopback_dns: bool) -> tuple[int, int] | None:
     """A sandbox's own namespace wired as ip_batch, rules_v4 and rules_v6 say, by a
     thread of ours over netlink (egress_netlink: no tool processes), and the gate's
@@ -372,7 +390,9 @@ class GateStart:
     its interpreter starts and imports while the sandbox's namespaces are made; `attach(pid,
     policy)` once they exist loads the rules and hands it the namespace and its config;
     `wait()` before anything untrusted runs there. It fails closed: SandboxError, and the
-    caller does not start the sandbox."""
+    caller does not start the sandbox. With gates on demand (egress_forkserver.activating)
+    nothing is spawned: `attach` registers the wired namespace with the fork server, and
+    `wait()` returns None (no gate process until the sandbox first uses the network)."""
 
     def __init__(self, scratch: Path, *, exit_fd: int) -> None:
         import socket
@@ -381,6 +401,23 @@ class GateStart:
         self.scratch = scratch
         self.exit_fd = exit_fd
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        from . import egress_forkserver
+
+        # On demand: no gate until the sandbox first connects (egress_forkserver.register).
+        self.registration: int | None = None
+        self.gate: subprocess.Popen[bytes] | None = None
+        if egress_forkserver.activating():
+            self.ready_r = -1
+            # Ours until attach registers it: the caller may close its own now, as it may
+            # once a gate of the sandbox's own has started.
+            self.exit_fd = os.dup(exit_fd)
+            try:
+                with open(scratch / "egress-gate.err", "wb"):
+                    pass  # (also what says a sandbox has a gate: scratch_of)
+            except BaseException:
+                os.close(self.exit_fd)
+                raise
+            return
         self.ready_r, self.ready_w = os.pipe()
         self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -441,11 +478,14 @@ class GateStart:
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
     def attach(self, pid: int, policy: Policy, *, router: int | None = None,
-               ids: tuple[int, int] | None = None, loopback_dns: bool = False) -> None:
+               ids: tuple[int, int] | None = None, loopback_dns: bool = False,
+               instance: str = "") -> None:
         """The rules into the namespace of `pid`, and that namespace to the gate. With
         `router` (gVisor): `pid`'s namespace only gets its way to the router's, and the
         rules and the gate's listeners are in the router's. `loopback_dns` (QEMU's user
-        networking, whose sockets are the guest's connections): see rules_v4."""
+        networking, whose sockets are the guest's connections): see rules_v4. `instance`:
+        SandboxSpec.instance, the audit log's key beside the name (a one-shot run's is
+        made here); kept in the scratch dir for `egress NAME log --audit`."""
         import socket
 
         from .network import enter_netns
@@ -484,26 +524,35 @@ class GateStart:
             finally:
                 for fd in ns:
                     os.close(fd)
-            try:
-                socket.send_fds(self.fds, [b"n"], list(listeners))
-            finally:
-                for fd in listeners:
-                    os.close(fd)
             uid, gid = ids if ids is not None else _drop_ids(pid)
             from .egress_audit import audit_path
 
             audit = audit_path()
             audit.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            cfg = {"audit": str(audit), "sandbox": self.scratch.name,
-                   "ready_fd": self.gate_fds[0], "exit_fd": self.gate_fds[1], "uid": uid,
-                   "gid": gid,
-                   "owner": os.geteuid(), "log": str(self.scratch / LOG_NAME),
-                   "control": str(self.scratch / CONTROL_NAME),
-                   "policy": policy.to_json(), "secrets": _secrets_for(policy),
-                   "leaf": str(self.scratch / LEAF_NAME) if policy.secrets else None,
+            instance = instance or os.urandom(8).hex()
+            (self.scratch / INSTANCE_NAME).write_text(instance + "\n")
+            cfg = {"sandbox": self.scratch.name, "instance": instance, "uid": uid, "gid": gid,
+                   "owner": os.geteuid(), "policy": policy.to_json(),
+                   "secrets": _secrets_for(policy),
                    # Trust for the gate's own TLS to the secrets' hosts: the system's,
                    # or a CA file the host's user names (a corporate or test CA).
                    "upstream_ca": os.environ.get("AGENTKERNEL_EGRESS_UPSTREAM_CA")}
+            if self.gate is None:
+                try:
+                    self._register(listeners, cfg, audit, bool(policy.secrets))
+                finally:
+                    for fd in listeners:
+                        os.close(fd)
+                return
+            try:
+                socket.send_fds(self.fds, [b"n"], list(listeners))
+            finally:
+                for fd in listeners:
+                    os.close(fd)
+            cfg.update({"audit": str(audit), "ready_fd": self.gate_fds[0],
+                        "exit_fd": self.gate_fds[1], "log": str(self.scratch / LOG_NAME),
+                        "control": str(self.scratch / CONTROL_NAME),
+                        "leaf": str(self.scratch / LEAF_NAME) if policy.secrets else None})
             assert self.gate.stdin is not None
             with contextlib.suppress(BrokenPipeError):
                 self.gate.stdin.write(json.dumps(cfg).encode())
@@ -512,6 +561,47 @@ class GateStart:
         except BaseException:
             self.abandon()
             raise
+
+    def _register(self, listeners: tuple[int, int], cfg: dict[str, object], audit: Path,
+                  secrets: bool) -> None:
+        """The sandbox's gate on demand: its listeners, lifeline, config, log and audit
+        files to the fork server, which forks the gate when the sandbox first needs it.
+        The config (with the secrets' values) and the leaf's key go in sealed memfds, never
+        in the server's memory, where every gate it forks would find them."""
+        import socket
+
+        from . import egress_forkserver
+        from .egress_audit import AuditWriter
+
+        cfg = {**cfg, "idle": egress_forkserver.idle_seconds()}
+        ours: list[int] = []
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            control.bind(str(self.scratch / CONTROL_NAME))
+            control.listen(8)
+            ours.append(control.detach())
+            ours.append(_sealed("ak-gate-config", json.dumps(cfg).encode()))
+            ours.append(os.memfd_create("ak-gate-state", os.MFD_CLOEXEC))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+            ours.append(os.open(self.scratch / LOG_NAME, flags, 0o600))
+            writer = AuditWriter(str(audit), self.scratch.name)
+            ours += [writer.fd, writer.old]
+            ours.append(os.open(self.scratch / "egress-gate.err", flags, 0o600))
+            if secrets:
+                leaf = self.scratch / LEAF_NAME
+                ours.append(_sealed("ak-gate-leaf", leaf.read_bytes()))
+                leaf.unlink()  # in the memfd only now: no copy of its key on disk
+            tcp, udp = listeners
+            cfg_fd, state, log, audit_fd, audit_old, err, *leaf_fd = ours[1:]
+            fds = [tcp, udp, ours[0], self.exit_fd, cfg_fd, state, log, audit_fd, audit_old,
+                   err, *leaf_fd]
+            self.registration = egress_forkserver.register(fds)
+        finally:
+            for fd in ours:
+                os.close(fd)
+        if self.registration is None:
+            raise SandboxError("could not set up the sandbox's egress gate, so it does not "
+                               "start: its fork server did not take it (or use --no-network)")
 
     def _wire(self, netns: int, userns: int, enter: list[str], inputs: dict[str, str],
               address: str, netlink: dict[str, Any] | None = None) -> tuple[int, int]:
@@ -562,11 +652,16 @@ class GateStart:
             raise SandboxError("could not set up the sandbox's egress gate, so it does "
                                f"not start: {'; '.join(failures)} (or use --no-network)")
 
-    def wait(self, ready: bool = True) -> subprocess.Popen[bytes]:
+    def wait(self, ready: bool = True) -> subprocess.Popen[bytes] | None:
         """The gate process, once the rules hold, its listeners exist and it serves.
         Without `ready`, not waiting for it to serve: what the sandbox sends waits in
         its listeners' queues, but a client's own timeout (a resolver's 5 s) may pass
-        first on a loaded host, so every backend waits."""
+        first on a loaded host, so every backend waits. None for a gate on demand: its
+        fork server polls the listeners from now on (attach registered them)."""
+        if self.gate is None:
+            self._close_exit()
+            self._finish()
+            return None
         try:
             self._finish()
             if ready:
@@ -592,7 +687,17 @@ class GateStart:
                 return lines[-1]
         return "timed out"
 
+    def _close_exit(self) -> None:
+        if getattr(self, "gate", 0) is None and self.exit_fd >= 0:  # our dup (on demand)
+            os.close(self.exit_fd)
+            self.exit_fd = -1
+
+    def __del__(self) -> None:  # a start abandoned before wait(): no fd left behind
+        with contextlib.suppress(Exception):
+            self._close_exit()
+
     def abandon(self) -> None:
+        self._close_exit()
         for _, proc in self.procs:
             if proc.poll() is None:
                 proc.kill()

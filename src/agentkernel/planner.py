@@ -325,23 +325,30 @@ def same_path_target(path: str, rootfs: HostRootfs, home: Path | None,
 def with_agent(req: RunRequest, *, persistent: bool = False) -> RunRequest:
     """An agent sandbox: the agent's install (read-only), variables, API hosts and its
     key (agents/request.py: the caller's `agent_key` variable, else the stored secret that
-    covers it), under the request's own -e, lists and limits; the namespaces backend (its
-    gate keeps the key outside) and the host's userland (the agents are built for it)
-    unless the request names an image. The command is the agent's binary with the
-    request's argv as its arguments (a kept sandbox without argv: none yet)."""
-    from .agents.request import AGENT_MEMORY_MB, AGENT_USER, agent_run, check_backend
+    covers it), under the request's own -e, lists and limits; namespaces or gVisor
+    (agents/request.agent_backend: their gate keeps the key outside) and the host's
+    userland (the agents are built for it) unless the request names an image. The command
+    is the agent's binary with the request's argv as its arguments (a kept sandbox
+    without argv: none yet)."""
+    from .agents.request import (
+        AGENT_MEMORY_MB,
+        AGENT_USER,
+        USER_BACKENDS,
+        agent_backend,
+        agent_run,
+    )
 
     assert req.agent is not None
-    check_backend(req.backend)
+    backend = agent_backend(req.backend)
     if req.no_network:
         raise UsageError("an agent sandbox needs the network to reach the agent's API")
     agent = agent_run(req.agent, DEFAULT_PATH, key_env=req.agent_key)
-    # A one-shot run's agent is not uid 0 inside; a kept sandbox's still is (its HOME,
-    # /root, and its layers persist as the sandbox's root's).
-    user = None if persistent else AGENT_USER
+    # A one-shot run's agent is not uid 0 inside (namespaces); a kept sandbox's still is
+    # (its HOME, /root, and its layers persist as the sandbox's root's).
+    user = AGENT_USER if not persistent and backend in USER_BACKENDS else None
     home = {"HOME": user[2]} if user is not None else {}
     return req._replace(
-        backend="namespaces", image=req.image or HOST_IMAGE, user=user,
+        backend=backend, image=req.image or HOST_IMAGE, user=user,
         memory_mb=AGENT_MEMORY_MB if req.memory_mb is None else req.memory_mb,
         env={**agent.env, **home, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
         secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),

@@ -80,16 +80,17 @@ def prepare(args: argparse.Namespace, command: list[str]) -> KeySource:
     install, hosts, backend, image, memory, project mode and path), the caller's terminal
     variables, and the agent's arguments as the command. Returns where the key is."""
     from .registry import get
-    from .request import check_backend
+    from .request import agent_backend
 
     spec = get(args.agent)
-    check_backend(args.backend)
+    backend = agent_backend(args.backend)
     if args.no_network:
         raise UsageError("run --agent needs the network to reach the agent's API")
     key = key_source(spec, dict(os.environ))
     args.agent_key = key.env
     args.env = [*(f"{k}={os.environ[k]}" for k in TERMINAL_ENV if os.environ.get(k)),
                 *args.env]  # the user's -e win
+    args.backend = backend
     # ... shown at the project's own path (a copy under --review too), when it may be:
     # planner.same_path_target falls back to /workspace with a warning otherwise.
     args.workspace_at = os.getcwd()

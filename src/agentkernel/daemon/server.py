@@ -48,6 +48,7 @@ _SIMPLE = {
     "read_file", "write_file", "delete_file", "stat_file", "snapshot", "snapshots",
     "get_snapshot", "delete_snapshot", "restore_snapshot", "backends", "pool_status",
     "agent_keys",
+    "egress_log",
 }
 
 
