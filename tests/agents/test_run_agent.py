@@ -59,7 +59,7 @@ def _env(data_home: Path, api: FakeApi | None = None, **extra: str) -> dict[str,
 
 
 def _check_claude_run(out: str, err: str, code: int, api: FakeApi,
-                      pwd: Path | None = None) -> None:
+                      pwd: Path | None = None, uid: int = 1000) -> None:
     assert code == 0, (out, err)
     assert "fake-model-done" in out, (out, err)
     seen = api.seen()
@@ -70,8 +70,9 @@ def _check_claude_run(out: str, err: str, code: int, api: FakeApi,
     assert results, seen
     report = results[-1]
     first = report.splitlines()[0]
-    # Not uid 0 inside (agents/request.AGENT_USER), as root and as an ordinary user.
-    assert first.startswith("uid=1000 host=agentkernel key=ak-secret-"), report
+    # Not uid 0 inside (agents/request.AGENT_USER), as root and as an ordinary user (on
+    # namespaces; gVisor's agent is still the sandbox's root: `uid`).
+    assert first.startswith(f"uid={uid} host=agentkernel key=ak-secret-"), report
     assert REAL_KEY not in report and "FOUND" not in report, report
     assert "other-refused" in report, report
     assert "example.org REFUSED" in err, err  # told, and in the gate's log

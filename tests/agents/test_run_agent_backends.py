@@ -57,7 +57,7 @@ def test_claude_headless_on_gvisor(kernel_api: FakeApi, data_home: Path,  # noqa
 
 def _check_gvisor_run(out: str, err: str, code: int, api: FakeApi, project: Path,
                       uid: int) -> None:
-    _check_claude_run(out, err, code, api, pwd=project)
+    _check_claude_run(out, err, code, api, pwd=project, uid=0)  # (not AGENT_USER: gVisor)
     report = [r for s in api.seen() for r in s["tool_result"]][-1]  # type: ignore[union-attr]
     kernel = next(line for line in report.splitlines() if line.startswith("kernel="))
     assert kernel != f"kernel={os.uname().release}", report  # gVisor's, not the host's
