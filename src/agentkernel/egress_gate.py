@@ -733,6 +733,12 @@ def grant(scratch: Path, secrets: list[dict[str, object]]) -> None:
     _request(scratch, scratch.name, {"op": "grant", "secrets": secrets})
 
 
+def wake(scratch: Path) -> None:
+    """Have a sandbox's gate running now (a gate on demand is forked for a request): a
+    pooled sandbox's, with slots for secrets, sets its TLS up before a run takes it."""
+    _request(scratch, scratch.name, {"op": "status"})
+
+
 def _request(scratch: Path, name: str, request: dict[str, Any]) -> dict[str, object]:
     import socket
     import time

@@ -769,9 +769,10 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
             # A task besides this one (serve) not yet counted as busy: a connection just
             # accepted, whose handler asyncio starts in a task of its own.
             # A grant's secrets live in this gate only (never in the sealed config or the
-            # state): a granted gate serves until its sandbox, a run's, is gone.
+            # state): a gate with slots for them (a pooled sandbox's) serves until its
+            # sandbox is gone, ready with its TLS set up before the grant, and after it.
             if (gate.busy or time.monotonic() - gate.last < idle or os.getppid() != parent
-                    or len(asyncio.all_tasks(loop)) > 1 or (gate.granted and not gate.given)):
+                    or len(asyncio.all_tasks(loop)) > 1 or (gate.slots and not gate.given)):
                 loop.call_later(min(idle, 5.0), check)
                 return
             # Stop taking anything first, in this same step: nothing is accepted or read

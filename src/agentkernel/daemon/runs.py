@@ -77,6 +77,10 @@ class RunsMixin:
             raise
         pid = sandbox.process.pid
         try:
+            if key.egress is not None and key.egress.secrets:  # (off the request path:
+                from ..egress_gate import wake  # a refill, or a start the run waits for)
+
+                wake(sandbox.scratch)
             self.store.set_ephemeral_processes(
                 spec.name, pid, procs.start_time(pid),
                 dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]))
