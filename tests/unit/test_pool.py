@@ -455,3 +455,19 @@ def test_background_work_yields_for_a_bounded_time_only(
     wait_for(lambda: fake.started >= started + 1)
     p.release(k)
     p.discard(a)
+
+
+def test_a_key_in_use_keeps_one_more_so_its_refill_can_wait(fake: FakeBackend,
+                                                          make_pool: Any) -> None:
+    """One sandbox more than the rate asks for while a key is in use: a take then leaves
+    one warm, and the refill may wait for the run (given-back keys, wasm's: not)."""
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 1, 4)
+    assert p.wait_warm(10)
+    sandbox, warm = p.acquire(k, None, None)
+    assert warm
+    assert status(p, k).target == 2
+    p.release(k)
+    p.discard(sandbox)
+    wait_for(lambda: status(p, k).warm >= 2)

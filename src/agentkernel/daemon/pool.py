@@ -63,6 +63,7 @@ DEFAULT_MEMORY = 8 * 1024 * 1024  # bytes assumed per warm sandbox until one is 
 # is in flight and SETTLE after the last one ended, but never longer than YIELD_MAX.
 SETTLE = 0.01  # seconds: a run's answer goes out after it released its sandbox (MCP: ~3 ms)
 YIELD_MAX = 0.03  # seconds: then it runs anyway (back-to-back runs leave no gap)
+LIVELY_RATE = 0.2  # takes/s (EWMA) from which a key keeps one warm sandbox more
 
 
 def default_refills() -> int:
@@ -127,6 +128,7 @@ class _KeyState:
     late: int = 0  # takes that waited for a start, then (it was late) started their own
     misses: int = 0
     held: float | None = None  # since when its next start has yielded to runs (hotpath)
+    given_back: bool = False  # its sandboxes serve again (give_back): no spare for refills
 
     @property
     def starting(self) -> int:
@@ -145,8 +147,13 @@ class _KeyState:
         self.latency += LATENCY_WEIGHT * (seconds - self.latency)
 
     def target(self, now: float) -> int:
-        """Warm sandboxes to keep: what the takes of one start's time need, within min/max."""
-        demand = math.ceil(self.rate_now(now) * self.latency * HEADROOM)
+        """Warm sandboxes to keep: what the takes of one start's time need, within min/max;
+        one more while the key is in use (LIVELY_RATE), so that a take leaves one warm and
+        its refill can wait for the run (`WarmPool._can_wait`)."""
+        rate = self.rate_now(now)
+        # (Not for a key whose sandboxes come back, wasm's: its runs leave none to refill.)
+        lively = rate >= LIVELY_RATE and not self.given_back
+        demand = math.ceil(rate * self.latency * HEADROOM) + lively
         return max(self.min, min(self.max, demand))
 
     def spare(self) -> int:
@@ -335,6 +342,7 @@ class WarmPool:
                 # (else runs in a row would look like a need for `max` sandboxes).
                 now = time.monotonic()
                 st.rate, st.rate_at = max(0.0, st.rate_now(now) - 1.0 / RATE_WINDOW), now
+                st.given_back = True
                 if st.claims:
                     claim = st.claims.popleft()
                     claim.sandbox = sandbox
