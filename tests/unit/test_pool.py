@@ -471,3 +471,23 @@ def test_a_key_in_use_keeps_one_more_so_its_refill_can_wait(fake: FakeBackend,
     p.release(k)
     p.discard(sandbox)
     wait_for(lambda: status(p, k).warm >= 2)
+
+
+def test_a_burst_is_seen_at_its_second_take(fake: FakeBackend, make_pool: Any,
+                                            patient: None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rate's average needs several takes to rise; two takes close together already
+    mean more are coming: their refills do not wait (a third take would start cold)."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 1e6)  # the average alone sees no demand
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 3, 3)
+    assert p.wait_warm(10)
+    started = fake.started
+    a, _ = p.acquire(k, None, None)
+    b, _ = p.acquire(k, None, None)
+    wait_for(lambda: fake.started > started)  # while both runs are in flight
+    assert status(p, k).in_use == 2
+    for sandbox in (a, b):
+        p.release(k)
+        p.discard(sandbox)

@@ -3,7 +3,9 @@
 How it keeps up (docs/daemon.md, "The warm pool"):
 - **Sized from demand.** Per key, an EWMA of takes/s times an EWMA of how long a start
   takes says how many sandboxes one start's time consumes; the key keeps that many (times
-  `HEADROOM`) warm, never fewer than its `min`, never more than its `max`. All keys
+  `HEADROOM`) warm, one more while it is in use (`LIVELY_RATE`: a take then leaves one
+  warm, and its refill can yield to the run), never fewer than its `min`, never more
+  than its `max`. All keys
   together stay within a count (`max_total`) and a memory cap (`memory_bytes`, measured
   on the sandboxes themselves).
 - **Refilled concurrently, bounded.** `refills` worker threads start sandboxes; while runs
@@ -129,6 +131,8 @@ class _KeyState:
     misses: int = 0
     held: float | None = None  # since when its next start has yielded to runs (hotpath)
     given_back: bool = False  # its sandboxes serve again (give_back): no spare for refills
+    taken_at: float = -math.inf  # the last take
+    gap: float = math.inf  # seconds between the last two takes: a burst shows at once
 
     @property
     def starting(self) -> int:
@@ -142,6 +146,7 @@ class _KeyState:
         self.rate = self.rate_now(now) + 1.0 / RATE_WINDOW
         self.rate_at = now
         self.last_used = now
+        self.gap, self.taken_at = now - self.taken_at, now
 
     def note_latency(self, seconds: float) -> None:
         self.latency += LATENCY_WEIGHT * (seconds - self.latency)
@@ -537,10 +542,13 @@ class WarmPool:
     def _can_wait(st: _KeyState, now: float) -> bool:
         """Under the lock: whether a start for `st` may yield to runs (YIELD_MAX at most)
         without a take paying for it: the takes expected before a start held back now
-        would be ready (at the key's rate) are fewer than the warm sandboxes left, with
+        would be ready (at the key's rate, or its last gap) are fewer than the warm ones left, with
         half a take to spare. Runs back to back expect several: their refills never wait
         (a take that found neither a warm sandbox nor a start under way would start cold)."""
-        expected = st.rate_now(now) * (YIELD_MAX + st.latency)
+        window = YIELD_MAX + st.latency
+        # The rate, or the last gap between takes where that says more: the EWMA needs
+        # several takes to see a burst begin, the gap sees it at its second.
+        expected = max(st.rate_now(now) * window, window / st.gap if st.gap > 0 else math.inf)
         return expected + 0.5 < len(st.warm) - len(st.claims) + 1
 
     def _yield_left(self, now: float, held_since: float | None) -> float:
