@@ -382,6 +382,7 @@ def patient(monkeypatch: pytest.MonkeyPatch) -> None:
     and not at all once none is."""
     monkeypatch.setattr(pool_mod, "YIELD_MAX", 30.0)
     monkeypatch.setattr(pool_mod, "SETTLE", 0.0)
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 0.05)
 
 
 def test_a_start_ahead_of_demand_waits_for_the_run_in_flight(
@@ -427,6 +428,7 @@ def test_teardown_waits_for_the_runs_in_flight_then_happens(
     p.configure(k, None, None, 2, 2)
     assert p.wait_warm(10)
     a, _ = p.acquire(k, None, None)
+    time.sleep(0.1)  # not back to back (BURST_GAP): teardown has a gap to wait for
     b, _ = p.acquire(k, None, None)
     p.release(k)
     p.discard(a)  # b's run is still in flight
@@ -436,6 +438,21 @@ def test_teardown_waits_for_the_runs_in_flight_then_happens(
     wait_for(lambda: a.spec.name not in fake.live)
     p.discard(b)
     assert p.drain(10)
+
+
+def test_teardown_does_not_wait_while_runs_come_back_to_back(
+        fake: FakeBackend, make_pool: Any, patient: None) -> None:
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 2, 2)
+    assert p.wait_warm(10)
+    a, _ = p.acquire(k, None, None)
+    b, _ = p.acquire(k, None, None)  # right after a: back to back
+    p.release(k)
+    p.discard(a)
+    wait_for(lambda: a.spec.name not in fake.live)  # b still runs: no gap will come
+    p.release(k)
+    p.discard(b)
 
 
 def test_background_work_yields_for_a_bounded_time_only(

@@ -66,6 +66,7 @@ DEFAULT_MEMORY = 8 * 1024 * 1024  # bytes assumed per warm sandbox until one is 
 SETTLE = 0.01  # seconds: a run's answer goes out after it released its sandbox (MCP: ~3 ms)
 YIELD_MAX = 0.03  # seconds: then it runs anyway (back-to-back runs leave no gap)
 LIVELY_RATE = 0.2  # takes/s (EWMA) from which a key keeps one warm sandbox more
+BURST_GAP = 0.1  # seconds between takes under which runs come back to back (no yielding)
 
 
 def default_refills() -> int:
@@ -551,6 +552,13 @@ class WarmPool:
         expected = max(st.rate_now(now) * window, window / st.gap if st.gap > 0 else math.inf)
         return expected + 0.5 < len(st.warm) - len(st.claims) + 1
 
+    def _burst(self, now: float) -> bool:
+        """Under the lock: whether runs come back to back (a key's last two takes under
+        BURST_GAP apart, the last one just now): there is no gap to wait for then, and
+        teardown held back would only pile up and then compete with the refills."""
+        return any(st.gap < BURST_GAP and now - st.taken_at < BURST_GAP
+                   for st in self._keys.values())
+
     def _yield_left(self, now: float, held_since: float | None) -> float:
         """Under the lock: how long background work held back since `held_since` (None:
         not yet) still waits for the runs: while one is in flight or ended under SETTLE
@@ -659,7 +667,7 @@ class WarmPool:
         """Under the lock: wait (once, briefly) if teardown should yield to runs; True if
         it waited (the caller looks again). A full queue's teardown never waits."""
         now = time.monotonic()
-        if self._closed or len(self._doomed) >= DESTROY_QUEUE // 2:
+        if self._closed or len(self._doomed) >= DESTROY_QUEUE // 2 or self._burst(now):
             left = 0.0
         else:
             left = self._yield_left(now, self._teardown_held)
