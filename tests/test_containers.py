@@ -4,6 +4,7 @@ applies to containers, persistent sandboxes, and that nothing we create is left 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -100,6 +101,58 @@ def test_escape_subset(engine: str, tmp_path: Path) -> None:
     assert "shadow=0" in out
     forked = int(out.split("forked ")[1].split()[0])
     assert forked < 16, out
+
+
+def test_private_etc_entry_hidden_after_cached_walk(engine: str, tmp_path: Path) -> None:
+    """One process starting sandboxes on the host's userland one after another (as a
+    daemon's pool does) keeps the walk for /etc's private entries (rootfs_watch); a file
+    made private after that, and readable by the sandbox's root otherwise (it is theirs on
+    the host), is hidden in the next sandbox all the same."""
+    import io
+
+    from agentkernel import planner, rootfs_watch
+    from agentkernel.engine import execute
+
+    rootfs_watch.forget()
+    secret = Path("/etc") / f"ak-cache-test-{os.urandom(4).hex()}"
+    script = f"cat {secret} 2>/dev/null; echo; echo done"
+    plan = planner.plan(planner.RunRequest(
+        argv=["sh", "-c", script], cwd=tmp_path, image="host", backend=engine,
+        profile="restrictive", workdir="/tmp"), planner.CallerContext.here(), quiet=True)
+
+    def run() -> str:
+        out, err = io.BytesIO(), io.BytesIO()
+        sandbox, result = execute(plan, timeout=60, stdout=out, stderr=err)
+        sandbox.destroy()
+        assert result.exit_code == 0, err.getvalue()
+        return out.getvalue().decode()
+
+    try:
+        run()
+        run()  # (the second start keeps its walk)
+        assert rootfs_watch._cache, "the walk was not kept"
+        secret.write_text("SECRET-OF-THE-SANDBOX-ROOT\n")
+        secret.chmod(0o644)
+        assert "SECRET-OF-THE-SANDBOX-ROOT" in run()  # world-readable: shown
+        owner = _sandbox_root_uid(engine, plan)
+        os.chown(secret, owner, owner)
+        secret.chmod(0o600)
+        out = run()
+        assert "SECRET-OF-THE-SANDBOX-ROOT" not in out and "done" in out, out
+    finally:
+        secret.unlink(missing_ok=True)
+        rootfs_watch.forget()
+
+
+def _sandbox_root_uid(engine: str, plan: Any) -> int:
+    """The host uid a new sandbox's root gets: docker's remapped range; for podman each
+    sandbox has a range of its own, so the file is left to host root (0600: hidden from
+    the sandbox by the mask, as by its mode)."""
+    if engine == "docker":
+        uid = plan.backend.root_uid()
+        assert uid is not None
+        return int(uid)
+    return 0
 
 
 def test_kill_cli_leaves_nothing(engine: str, tmp_path: Path) -> None:
@@ -346,6 +399,36 @@ def test_docker_refused_without_userns(plain_dockerd: str, tmp_path: Path,
     probe = get_backend("docker").probe(deep=True)
     assert not probe.ok and "would be host root" in probe.detail
     assert "userns-remap" in probe.detail
+
+
+def test_docker_stale_mode_never_host_root(plain_dockerd: str, tmp_path: Path) -> None:
+    """What a CLI remembers of the engine's mode (runtime dir, keyed by its socket file) is
+    planted to say "userns-remap" for an engine that runs containers as host root: no
+    command runs, no container stays, and the lie is forgotten (the next run asks the
+    engine and is refused as it should be)."""
+    from agentkernel.backends.docker import MODE_FILE, _mode_key
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir(mode=0o700)
+    env = {"DOCKER_HOST": f"unix://{plain_dockerd}", "AGENTKERNEL_HOME": str(tmp_path / "h"),
+           "AGENTKERNEL_RUNTIME_DIR": str(run_dir)}
+    (run_dir / MODE_FILE).write_text(json.dumps(
+        {"key": list(_mode_key(plain_dockerd)), "mode": ["remap", 100000, 100000, 65536]}))
+    r = ak("run", "-q", "-B", "docker", "-i", "host", "-p", "restrictive", "-w", "/tmp", "--",
+           "sh", "-c", "echo RAN-AS-$(id -u)", cwd=tmp_path, env=env)
+    assert r.returncode != 0 and "RAN-AS" not in r.stdout, (r.stdout, r.stderr)
+    assert not (run_dir / MODE_FILE).exists()
+    r = ak("run", "-q", "-B", "docker", "-i", "host", "-w", "/tmp", "--", "true",
+           cwd=tmp_path, env=env)
+    assert r.returncode == 125 and "runs containers as host root" in r.stderr, r.stderr
+    deadline = time.monotonic() + 20  # (the engine removes an ended one-off container)
+    while time.monotonic() < deadline:
+        ps = subprocess.run([CLI["docker"], "-H", f"unix://{plain_dockerd}", "ps", "-aq"],
+                            capture_output=True, text=True, check=True, timeout=60)
+        if not ps.stdout.strip():
+            break
+        time.sleep(0.2)
+    assert ps.stdout.strip() == ""
 
 
 # --- rootless podman, as an ordinary user -------------------------------------------------------

@@ -312,6 +312,7 @@ class ContainerBackend(Backend):
         except BaseException:
             import shutil
 
+            self.forget_engine()  # (stale settings may be why: the next start asks again)
             if not spec.persistent:
                 self.remove_container(spec.name)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -334,9 +335,16 @@ class ContainerBackend(Backend):
                     os.chown(ctl / HOST_SOCK, root, root)
             self._start_container(api, cid, spec, scratch, ids)
             if listener is not None:
-                client, pid = _accept(listener, lambda: self._died(cid))
+                client, pid, uid = _accept(listener, lambda: self._died(cid))
             else:
-                client, pid = self._connect_persistent(cid, ctl / AGENT_SOCK)
+                client, pid, uid = self._connect_persistent(cid, ctl / AGENT_SOCK)
+            try:
+                self.check_root(uid, root)
+            except SandboxError:
+                client.close()
+                if spec.persistent:
+                    self.stop_container(spec.name)
+                raise
             if ids is not None:
                 hold_ids(ids, pid)
         finally:
@@ -402,6 +410,22 @@ class ContainerBackend(Backend):
         finally:
             os.close(exit_fd)
 
+    def check_root(self, uid: int, expected: int | None) -> None:
+        """Refuse a sandbox whose agent (the container's root) is not the host uid it
+        should be: never host root, and the engine's mapped uid when we know it. Checked on
+        the real process (its socket's SO_PEERCRED) before any command runs, so that what
+        we remember of the engine (`forget_engine`) can never be what lets one through."""
+        if uid != 0 and expected in (None, uid):
+            return
+        self.forget_engine()
+        want = f"host uid {expected}" if expected is not None else "an unprivileged host uid"
+        raise SandboxError(f"the {self.engine} container's root is host uid {uid}, not {want}: "
+                           "refused (was the engine restarted with other settings? try again)")
+
+    def forget_engine(self) -> None:
+        """Forget what this process (and our runtime dir) remembers of the engine's
+        settings, after a start found them stale."""
+
     def _remove_if_left(self, cid: str, process: ContainerProcess) -> None:
         # Gone by itself, the engine removes it (AutoRemove); killed by us, make sure.
         if process.killed:
@@ -427,13 +451,14 @@ class ContainerBackend(Backend):
             return lines[-1] if lines else ""
         return ""
 
-    def _connect_persistent(self, cid: str, path: Path) -> tuple[AgentClient, int]:
+    def _connect_persistent(self, cid: str, path: Path) -> tuple[AgentClient, int, int]:
         doc = self.api().call("GET", f"/containers/{cid}/json", timeout=10)
         pid = int((doc.get("State") or {}).get("Pid") or 0)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             with contextlib.suppress(OSError, SandboxError):
-                return connect_agent(path, pid), pid
+                client, uid = connect_agent(path, pid)
+                return client, pid, uid
             if time.monotonic() > deadline or not _alive(pid, None):
                 why = self._died(cid) or "its agent did not listen in time"
                 raise SandboxError(f"{self.engine} failed to start the sandbox: {why}")
@@ -898,7 +923,11 @@ def _import_lock() -> Any:
 
 
 def _host_masks(rootfs: HostRootfs) -> tuple[Any, ...]:
-    return rootfs.private_masks()
+    """The userland's masks, its private entries included: the walk is kept while the
+    kernel says nothing it depends on changed (a daemon's pool starts many)."""
+    from ..rootfs_watch import private_masks
+
+    return private_masks(rootfs)
 
 
 def _engine_socket_masks(spec: SandboxSpec) -> list[str]:
@@ -964,8 +993,9 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _accept(listener: socket.socket, died: Any) -> tuple[AgentClient, int]:
-    """The agent's connection (the first and only one); its pid is the container's init."""
+def _accept(listener: socket.socket, died: Any) -> tuple[AgentClient, int, int]:
+    """The agent's connection (the first and only one); its pid is the container's init,
+    its uid the host uid of the container's root."""
     from ..agent.client import AgentClient
 
     deadline = time.monotonic() + START_TIMEOUT
@@ -982,29 +1012,32 @@ def _accept(listener: socket.socket, died: Any) -> tuple[AgentClient, int]:
         if why:
             raise SandboxError(f"the container stopped before its agent started: {why}")
     conn.settimeout(None)
-    pid = _peer_pid(conn)
-    return AgentClient.from_socket(conn), pid
+    pid, uid = _peer_creds(conn)
+    return AgentClient.from_socket(conn), pid, uid
 
 
-def _peer_pid(sock: socket.socket) -> int:
+def _peer_creds(sock: socket.socket) -> tuple[int, int]:
+    """The peer's pid and uid (as the host sees them)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[0])
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
-def connect_agent(path: Path, init_pid: int) -> AgentClient:
+def connect_agent(path: Path, init_pid: int) -> tuple[AgentClient, int]:
     """Connect to a persistent sandbox's agent, refusing a socket anything but the
-    container's init (the agent) listens on."""
+    container's init (the agent) listens on; the client and the agent's host uid."""
     from ..agent.client import AgentClient
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(str(path))
-        if init_pid and _peer_pid(sock) != init_pid:
+        pid, uid = _peer_creds(sock)
+        if init_pid and pid != init_pid:
             raise SandboxError(f"{path} is not served by the sandbox's agent")
     except BaseException:
         sock.close()
         raise
-    return AgentClient.from_socket(sock)
+    return AgentClient.from_socket(sock), uid
 
 
 
