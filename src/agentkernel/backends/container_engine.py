@@ -81,6 +81,16 @@ MASKED_PATHS = (
 READONLY_PATHS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs",
                   "/proc/fb", "/proc/driver", "/proc/tty/driver", "/proc/pressure")
 
+# Storage drivers whose container root is an overlay mount, and what that mount is.
+LAYER_DRIVERS = frozenset({"overlay2", "overlay", "fuse-overlayfs"})
+LAYER_FSTYPES = frozenset({"overlay", "fuse.fuse-overlayfs"})
+LAYER_ATTEMPTS = 3  # starts of a sandbox whose container came up without its image
+
+
+class LayerNotMounted(Exception):
+    """The engine started the container on its layer's bare mount point (check_layer)."""
+
+
 IMAGE_CACHE_SECONDS = 5.0
 _IMAGE_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
 
@@ -300,6 +310,16 @@ class ContainerBackend(Backend):
                 f"image {image} from the {self.engine} engine's store ({ident[:19]})")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
+        for attempt in range(LAYER_ATTEMPTS):
+            try:
+                return self._start_once(spec)
+            except LayerNotMounted as exc:
+                if attempt + 1 == LAYER_ATTEMPTS:
+                    raise SandboxError(f"{self.engine} started the sandbox without its image "
+                                       f"{LAYER_ATTEMPTS} times: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _start_once(self, spec: SandboxSpec) -> Sandbox:
         api = self.api()
         scratch = make_scratch(spec.name)
         try:
@@ -309,10 +329,11 @@ class ContainerBackend(Backend):
 
                 write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
             return self._start(api, spec, scratch)
-        except BaseException:
+        except BaseException as exc:
             import shutil
 
-            self.forget_engine()  # (stale settings may be why: the next start asks again)
+            if not isinstance(exc, LayerNotMounted):
+                self.forget_engine()  # (stale settings may be why: the next start asks)
             if not spec.persistent:
                 self.remove_container(spec.name)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -340,10 +361,11 @@ class ContainerBackend(Backend):
                 client, pid, uid = self._connect_persistent(cid, ctl / AGENT_SOCK)
             try:
                 self.check_root(uid, root)
-            except SandboxError:
+                self.check_layer(api, cid, pid)
+            except (SandboxError, LayerNotMounted):
                 client.close()
                 if spec.persistent:
-                    self.stop_container(spec.name)
+                    self.stop_container(spec.name)  # (its layer is kept: started again)
                 raise
             if ids is not None:
                 hold_ids(ids, pid)
@@ -422,6 +444,25 @@ class ContainerBackend(Backend):
         raise SandboxError(f"the {self.engine} container's root is host uid {uid}, not {want}: "
                            "refused (was the engine restarted with other settings? try again)")
 
+    def check_layer(self, api: EngineAPI, cid: str, pid: int) -> None:
+        """Refuse a container whose root is not its image (LayerNotMounted: `start` makes
+        it again). Docker 20.10 under load sometimes has runc set the container up on its
+        layer's bare mount point, the engine's overlay not mounted there at that moment:
+        the image's files are all missing (plain `docker run` then fails with "stat
+        /bin/...: no such file", ours started, its commands "not found"). The
+        container's root mount then is not the engine's overlay: one read of its init's
+        mountinfo (the engine is asked which storage driver only when it is not)."""
+        fstype = _root_fstype(pid)
+        if fstype is None or fstype in LAYER_FSTYPES:
+            return
+        try:
+            doc = api.call("GET", f"/containers/{cid}/json", timeout=10)
+        except EngineError:
+            return
+        driver = str((doc.get("GraphDriver") or {}).get("Name", ""))
+        if driver in LAYER_DRIVERS:
+            raise LayerNotMounted(f"its root was a {fstype} dir, not the {driver} layer")
+
     def forget_engine(self) -> None:
         """Forget what this process (and our runtime dir) remembers of the engine's
         settings, after a start found them stale."""
@@ -492,13 +533,20 @@ class ContainerBackend(Backend):
         name = container_name(spec.name)
         for d in mapped_dirs(spec, scratch) if ids is not None else []:
             d.path.mkdir(mode=0o700, exist_ok=True)  # engines check that a bind's source is
-        try:
-            return self.create_container(api, name, body, ids)
-        except EngineError as exc:
-            if exc.status == 409 and not spec.persistent:  # a leftover of a crashed run
-                self.remove_container(spec.name)
+        for pause in (0.05, 0.2, 0.5, None):
+            try:
                 return self.create_container(api, name, body, ids)
-            raise SandboxError(f"{self.engine} refused the sandbox: {exc.message}") from None
+            except EngineError as exc:
+                if _layer_missing(exc.message):  # (check_layer's fault, met while creating)
+                    raise LayerNotMounted(exc.message) from None
+                if exc.status != 409 or spec.persistent or pause is None:
+                    raise SandboxError(f"{self.engine} refused the sandbox: "
+                                       f"{exc.message}") from None
+                # A leftover of a crashed run, or of a failed create the engine is still
+                # taking down (its name is free a moment later).
+                self.remove_container(spec.name)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def create_container(self, api: EngineAPI, name: str, body: dict[str, Any],
                          ids: Ids | None) -> str:
@@ -980,6 +1028,28 @@ def _write_tree_tar(path: Path, root: Path) -> None:
     with tarfile.open(path, "w") as tar:
         for entry in sorted(os.listdir(root)):
             tar.add(str(root / entry), arcname=entry, recursive=True)
+
+
+def _layer_missing(message: str) -> bool:
+    """Whether the engine's error is check_layer's fault met while creating: Docker writes
+    into the container's init layer (`<id>-init/merged`), which was not mounted."""
+    return "-init/merged/" in message and "no such file or directory" in message
+
+
+def _root_fstype(pid: int) -> str | None:
+    """The filesystem type of what process `pid` sees at "/" (its mount namespace's top
+    mount there); None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", "rb") as f:
+            data = f.read(1024 * 1024)
+    except OSError:
+        return None
+    found = None
+    for line in data.split(b"\n"):
+        fields = line.split(b" ")
+        if len(fields) > 4 and fields[4] == b"/" and b"-" in fields:
+            found = fields[fields.index(b"-") + 1].decode(errors="replace")
+    return found
 
 
 def _listen(path: Path) -> socket.socket:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -85,11 +84,6 @@ class DockerBackend(ContainerBackend):
     def forget_engine(self) -> None:
         forget_mode(self.api())
 
-    def create_container(self, api: EngineAPI, name: str, body: dict[str, Any],
-                         ids: Ids | None) -> str:
-        _settle(api)
-        return super().create_container(api, name, body, ids)
-
     def probe(self, deep: bool = False) -> Any:
         from .base import Probe
 
@@ -108,40 +102,6 @@ class DockerBackend(ContainerBackend):
                     f"{mode.size} ids every container of this engine shares)")
         return (f"the sandbox's root would be host root (no userns-remap): refused; "
                 f"{REMAP_HINT}")
-
-
-SETTLE_SECONDS = 3.0
-
-
-def _settle(api: EngineAPI) -> None:
-    """Wait (a little) for our one-off containers that have ended to be gone.
-
-    Seen with Debian's Docker 20.10 on kernel 6.18, rootful, with or without userns-remap:
-    a container created while another of the same image is being taken down can start with
-    files of its image missing ("executable file not found", "stat /bin/busybox"), about 1
-    run in 10 when they overlap; plain `docker run -d --rm` loops show it too. One-off
-    sandboxes end with their container's removal (AutoRemove) still under way, so the next
-    run would overlap it: it waits for that first (one API call when nothing is pending).
-    The engine says when each is removed (`wait?condition=removed`): no polling, which
-    cost the engine CPU that the run being served needed (a warm pool refills here)."""
-    import json
-
-    from .container_engine import LABEL_KIND, LABEL_OWNER
-    from .engine_http import EngineError
-
-    filters = json.dumps({"label": [f"{LABEL_OWNER}={os.getuid()}", f"{LABEL_KIND}=run"],
-                          "status": ["exited", "dead", "removing"]})
-    deadline = time.monotonic() + SETTLE_SECONDS
-    for doc in api.call("GET", "/containers/json", query={"all": "1", "filters": filters},
-                        timeout=10) or []:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        try:
-            api.call("POST", f"/containers/{doc['Id']}/wait", query={"condition": "removed"},
-                     expect=(200, 404, 409), timeout=left)
-        except EngineError:
-            return  # (timed out: go ahead, as before)
 
 
 _MODES: dict[tuple[str, int, int, int], Mode] = {}
