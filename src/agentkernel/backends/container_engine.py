@@ -941,9 +941,14 @@ def hold_ids(ids: Ids, pid: int) -> None:
     setsid, tail = which("setsid"), which("tail")
     if setsid is None or tail is None:
         raise SandboxError("keeping a container's id range needs setsid and tail")
-    subprocess.run([setsid, "--fork", tail, f"--pid={pid}", "-s", HOLD_POLL, "-f",
-                    "/dev/null"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, pass_fds=(ids.lock,), check=True, timeout=10)
+    # Once Popen returns, setsid runs with the lock (then its forked tail does): nothing
+    # to wait for on the start's path (~5 ms); a thread reaps setsid as it exits.
+    proc = subprocess.Popen([setsid, "--fork", tail, f"--pid={pid}", "-s", HOLD_POLL, "-f",
+                             "/dev/null"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, pass_fds=(ids.lock,))
+    import threading
+
+    threading.Thread(target=proc.wait, name="ak-hold-reap", daemon=True).start()
 
 
 class Image(NamedTuple):
