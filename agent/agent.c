@@ -1743,32 +1743,70 @@ static void do_pids_max(const char *value)
 
 /* Mask everything under DIR that the host does not let everyone read. Inside the sandbox
  * the command may hold the caller's uid (root in CI), for whom modes protect nothing, so
- * root-only files (shadow, private keys, …) must not be visible at all. Done here, in C,
- * after the overlays: walking /etc costs ~1 ms instead of a Python walk per run. */
-static int mask_private_walk(char *path, size_t len, int depth, int budget)
+ * root-only files (shadow, private keys, …) must not be visible at all.
+ *
+ * In two steps. The walk (find_private) runs before the overlays: it sees the host's tree
+ * as bound in (the id-mapped or bwrap's bind), which is every overlay's lower layer, and
+ * a stat there is a cached ext4 lookup; through an overlay each entry would first become
+ * an overlay inode (~5 us each, the largest part of a sandbox's mount work). It walks by
+ * directory fd (one path component per lookup, never following a symlink). The masks go
+ * on afterwards (mask_found), over the final view: an entry is masked where it is still
+ * there and still not readable by everyone (a persistent sandbox's own upper layer may
+ * have replaced it: its own file, or a symlink that no longer leads to the host's). */
+struct private_list {
+	char **paths;
+	int n, cap;
+};
+
+static void private_add(struct private_list *l, const char *path)
 {
-	DIR *d = opendir(path);
-	if (!d)
+	if (l->n == l->cap) {
+		int cap = l->cap ? 2 * l->cap : 64;
+		char **grown = realloc(l->paths, (size_t)cap * sizeof(char *));
+		if (!grown)
+			die("--mask-private: out of memory");
+		l->paths = grown;
+		l->cap = cap;
+	}
+	if (!(l->paths[l->n++] = strdup(path)))
+		die("--mask-private: out of memory");
+}
+
+static int world_readable(mode_t mode)
+{
+	mode_t need = S_ISDIR(mode) ? 05 : 04;
+	return (mode & need) == need;
+}
+
+/* Takes DFD (closes it). PATH[0..len) names it; budget bounds the entries found. */
+static int find_private(int dfd, char *path, size_t len, int depth, int budget,
+			struct private_list *out)
+{
+	DIR *d = fdopendir(dfd);
+	if (!d) {
+		close(dfd);
 		return budget;
+	}
 	struct dirent *e;
 	while (budget > 0 && (e = readdir(d))) {
-		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+		if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || e->d_type == DT_LNK)
 			continue;
 		size_t n = strlen(e->d_name);
 		if (len + 1 + n >= AK_MAX_PATH)
 			continue;
+		struct stat st;
+		if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || S_ISLNK(st.st_mode))
+			continue;
 		path[len] = '/';
 		memcpy(path + len + 1, e->d_name, n + 1);
-		struct stat st;
-		if (lstat(path, &st) == 0 && !S_ISLNK(st.st_mode)) {
-			int is_dir = S_ISDIR(st.st_mode);
-			mode_t need = is_dir ? 05 : 04;
-			if ((st.st_mode & need) != need) {
-				do_mask(path);
-				budget--;
-			} else if (is_dir && depth < 32) {
-				budget = mask_private_walk(path, len + 1 + n, depth + 1, budget);
-			}
+		if (!world_readable(st.st_mode)) {
+			private_add(out, path);
+			budget--;
+		} else if (S_ISDIR(st.st_mode) && depth < 32) {
+			int sub = openat(dirfd(d), e->d_name,
+					 O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			if (sub >= 0)
+				budget = find_private(sub, path, len + 1 + n, depth + 1, budget, out);
 		}
 		path[len] = 0;
 	}
@@ -1776,7 +1814,7 @@ static int mask_private_walk(char *path, size_t len, int depth, int budget)
 	return budget;
 }
 
-static void do_mask_private(const char *dir)
+static void do_find_private(const char *dir, struct private_list *out)
 {
 	char path[AK_MAX_PATH];
 	size_t len = strlen(dir);
@@ -1785,8 +1823,25 @@ static void do_mask_private(const char *dir)
 	memcpy(path, dir, len + 1);
 	while (len > 1 && path[len - 1] == '/')
 		path[--len] = 0;
-	if (mask_private_walk(path, len, 0, 4096) <= 0)
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	if (find_private(fd, path, len, 0, 4096, out) <= 0)
 		die("--mask-private %s: too many private entries", dir);
+}
+
+static void mask_found(struct private_list *l)
+{
+	for (int i = 0; i < l->n; i++) {
+		struct stat st;
+		if (lstat(l->paths[i], &st) == 0 && !S_ISLNK(st.st_mode) &&
+		    !world_readable(st.st_mode))
+			do_mask(l->paths[i]);
+		free(l->paths[i]);
+	}
+	free(l->paths);
+	l->paths = NULL;
+	l->n = l->cap = 0;
 }
 
 static void drop_caps(void)
@@ -2189,6 +2244,10 @@ int main(int argc, char **argv)
 	for (int i = 0; i < nattach; i++)
 		do_attach(attaches[i]);
 	free(attaches);
+	struct private_list private_found = { NULL, 0, 0 };
+	for (int i = 0; i < npriv; i++) /* before the overlays: see find_private */
+		do_find_private(privs[i], &private_found);
+	free(privs);
 	for (int i = 0; i < nov; i++)
 		do_overlay(overlays[i]);
 	free(overlays);
@@ -2198,9 +2257,7 @@ int main(int argc, char **argv)
 	for (int i = 0; i < nmask; i++)
 		do_mask(masks[i]);
 	free(masks);
-	for (int i = 0; i < npriv; i++)
-		do_mask_private(privs[i]);
-	free(privs);
+	mask_found(&private_found);
 	if (pids_max)
 		do_pids_max(pids_max);
 	if (proc_cover)

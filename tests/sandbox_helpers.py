@@ -293,3 +293,28 @@ def make_upstream(names: Sequence[str], *, net: str = "198.18",
         holder.kill()
         holder.wait()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def egress_gate_pid(scratch: Path) -> int | None:
+    """The live egress gate of the sandbox whose scratch dir this is (forked on demand,
+    forked for its life, or its own interpreter), found by the log it holds open there;
+    None while it has none (an idle sandbox's gate is its fork server's to start)."""
+    log = str(scratch / "egress.log")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            if comm != "ak-egress-gate" and b"gate_main" not in Path(
+                    f"/proc/{entry}/cmdline").read_bytes():
+                continue
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            if state in (b"Z", b"X"):
+                continue
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == log:
+                        return int(entry)
+        except OSError:
+            continue
+    return None

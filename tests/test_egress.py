@@ -217,16 +217,22 @@ def nobody_home() -> Iterator[Path]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def test_moderate_as_an_ordinary_user(backend: str, nobody_home: Path, netns_host: NetnsHost,
+@pytest.mark.parametrize("forkserver", ["0", "1"])
+def test_moderate_as_an_ordinary_user(backend: str, forkserver: str, nobody_home: Path,
+                                      netns_host: NetnsHost,
                                       host_address_servers: HostServers) -> None:
     """The same fence when agentkernel runs as an ordinary user: installed from the host
-    through the sandbox's own user namespace (nsenter --user --net)."""
+    through the sandbox's own user namespace (nsenter --user --net and the tools), or by
+    a child of the gates' fork server that joined it (over netlink: egress_netlink)."""
     skip_for_ordinary_users(backend)
+    if forkserver == "1" and backend != "namespaces":
+        pytest.skip("the fork server's netlink wiring is the namespaces backend's")
     todo = targets(host_address_servers, netns_host)
     todo.append(("test host", netns_host.addr, netns_host.port))
     proc = ak_as_user(NOBODY, nobody_home, "run", "-B", backend, "-p", "moderate", "-i",
                       "host", "--", "python3", "-c", PROBE, json.dumps(todo),
-                      cwd=nobody_home / "project")
+                      cwd=nobody_home / "project",
+                      env={"AGENTKERNEL_GATE_FORKSERVER": forkserver})
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     seen = json.loads(out)
@@ -257,10 +263,25 @@ def test_gvisor_permissive_keeps_the_host_network(project: Path, netns_host: Net
 # --- failing closed ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def broken_fence(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """iptables-restore that always fails (as on a kernel without netfilter)."""
+@pytest.fixture(params=["no-nftables", "nftables-refuses"])
+def broken_fence(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+                 ) -> Iterator[None]:
+    """No way to load the rules: a kernel without nf_tables (the netlink wiring gives up
+    and the tools, here `false`, fail too, as without netfilter), or one whose nf_tables
+    refuses the batch (no fallback then)."""
+    from agentkernel import egress_netlink
+
+    def refuse(*_a: object, **_k: object) -> None:
+        import errno
+
+        if request.param == "no-nftables":
+            raise egress_netlink.Unsupported(errno.EPROTONOSUPPORT, "no nf_tables")
+        raise OSError(errno.EPERM, "nftables: refused")
+
+    monkeypatch.setattr(egress_netlink, "load_rules", refuse)
     monkeypatch.setattr(egress, "tool", lambda name: shutil.which("false"))
+    # A fork server (started by an earlier test in this process) is not patched.
+    monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", "0")
     yield
 
 

@@ -1,10 +1,11 @@
 """Egress gates forked by the fork server (egress_forkserver) are as confined as gates
 started fresh: the sandbox's own `nobody`, no capability, no way back to the server.
 
-Real sandboxes (namespaces backend, moderate: every one has a gate). The attacker is the
-gate itself, taken over by what the sandbox sends it: it must hold no fd of the server's
-socket, and as its uid it must not be able to signal the server or look into its fds.
-The server holds nothing of any sandbox's.
+Real sandboxes (namespaces backend, moderate: every one has a gate, forked on demand:
+each test first makes the sandbox resolve a name). The attacker is the gate itself, taken
+over by what the sandbox sends it: it must hold no fd of the server's socket, and as its
+uid it must not be able to signal the server or look into its fds. The server holds of a
+sandbox only the fds its gates are forked with (tests/test_egress_idle.py attacks those).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON
+from sandbox_helpers import SYSTEM_PYTHON, egress_gate_pid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="gates drop ids only as root")
 
@@ -53,6 +54,19 @@ def sandbox() -> Iterator[object]:
         yield box
     finally:
         box.destroy()
+
+
+def _gate(box: object) -> int:
+    """The sandbox's gate, forked for a DNS query of its (none runs before)."""
+    from agentkernel.sandbox import Sandbox
+
+    assert isinstance(box, Sandbox)
+    query = "import socket\ntry: socket.getaddrinfo('gate.invalid', 80)\nexcept OSError: pass"
+    _out, err, status = box.client.exec(["python3", "-c", query]).wait(timeout=30)
+    assert status.code == 0, err
+    pid = egress_gate_pid(box.scratch)
+    assert pid is not None, "no gate after a query"
+    return pid
 
 
 def _status(pid: int, key: str) -> list[str]:
@@ -92,7 +106,7 @@ def test_forked_gate_is_confined(sandbox: object) -> None:
     from agentkernel.sandbox import Sandbox
 
     assert isinstance(sandbox, Sandbox)
-    gate = sandbox.helpers[-1].pid
+    gate = _gate(sandbox)
     server = _server_pid()
     assert Path(f"/proc/{gate}/comm").read_text().strip() == GATE_COMM
     assert Path(f"/proc/{server}/comm").read_text().strip() == SERVER_COMM
@@ -101,24 +115,37 @@ def test_forked_gate_is_confined(sandbox: object) -> None:
     assert _status(gate, "CapEff") == ["0000000000000000"]
     assert _status(gate, "CapPrm") == ["0000000000000000"]
     assert _status(gate, "NoNewPrivs") == ["1"]
-    server_sockets = {t for t in _fd_targets(server).values() if t.startswith("socket:")}
-    assert server_sockets, "the server's own socket"
-    assert not server_sockets & set(_fd_targets(gate).values())
-    # The server's socket has no path anyone could connect to: a socket pair.
-    inodes = {t[len("socket:["):-1] for t in server_sockets}
+    server_sockets = {t[len("socket:["):-1] for t in _fd_targets(server).values()
+                      if t.startswith("socket:")}
+    control = str(sandbox.scratch / "egress.sock")
+    own = set()  # the server's own socket: unix, in our namespace, not the gate's control
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[6] in inodes:
+        if fields[6] in server_sockets and fields[-1] != control:
+            # The server's socket has no path anyone could connect to: a socket pair.
             assert len(fields) == 7, f"the server's socket has a path: {line}"
+            own.add(f"socket:[{fields[6]}]")
+    assert len(own) == 1, "the server's own socket"
+    assert not own & set(_fd_targets(gate).values())
 
 
-def test_server_holds_nothing_of_a_sandbox(sandbox: object) -> None:
-    """The server keeps no fd of what it forked a gate with (pipes, the lifeline, the
-    listeners' carrier, the log): only /dev/null and its socket."""
-    del sandbox
-    targets = set(_fd_targets(_server_pid()).values())
-    assert {t for t in targets if not t.startswith("socket:")} <= {"/dev/null"}, targets
-    assert len([t for t in targets if t.startswith("socket:")]) == 1, targets
+def test_server_holds_only_what_gates_are_forked_with(sandbox: object) -> None:
+    """The server keeps, of a registered sandbox, only what its gates are forked with:
+    its three listeners, its lifeline, its sealed config and its state (memfds), its log,
+    stderr and audit files; besides those, /dev/null and its own socket."""
+    from agentkernel.egress_audit import audit_path
+    from agentkernel.sandbox import Sandbox
+
+    assert isinstance(sandbox, Sandbox)
+    targets = list(_fd_targets(_server_pid()).values())
+    audit = str(audit_path())
+    own = {"/dev/null", str(sandbox.scratch / "egress.log"),
+           str(sandbox.scratch / "egress-gate.err"), audit, audit + ".1",
+           "/memfd:ak-gate-config (deleted)", "/memfd:ak-gate-state (deleted)"}
+    others = [t for t in targets if t not in own and not t.startswith(("socket:", "pipe:"))]
+    assert not others, targets
+    assert len([t for t in targets if t.startswith("socket:")]) == 1 + 3, targets
+    assert len([t for t in targets if t.startswith("pipe:")]) == 1, targets  # lifeline
 
 
 def test_warmed_up_server_is_still_safe_to_fork(sandbox: object) -> None:
@@ -160,7 +187,7 @@ def test_gate_cannot_reach_the_server(sandbox: object) -> None:
     from agentkernel.sandbox import Sandbox
 
     assert isinstance(sandbox, Sandbox)
-    uid = int(_dropped(sandbox.helpers[-1].pid)[0])
+    uid = int(_dropped(_gate(sandbox))[0])
     server = _server_pid()
     probe = (
         "import os, sys\n"
@@ -181,33 +208,40 @@ def test_gate_cannot_reach_the_server(sandbox: object) -> None:
         r.stdout, r.stderr)
 
 
-def test_gates_outlive_a_dead_server_and_a_new_one_starts(sandbox: object) -> None:
-    """A server killed under a running sandbox takes no gate with it; the next sandbox
-    gets a gate from a new server; a destroyed sandbox's gate is gone."""
+def test_gates_outlive_a_dead_server_and_a_new_one_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server killed under a running sandbox takes no running gate with it: that gate,
+    its sandbox's only way out now, no longer exits when idle. The next sandbox gets its
+    gate from a new server; a destroyed sandbox's gate is gone. (A sandbox whose gate had
+    exited loses its way out with the server: docs/security.md.)"""
     import signal
 
+    from agentkernel.procs import is_zombie
     from agentkernel.sandbox import Sandbox
 
+    monkeypatch.setenv("AGENTKERNEL_GATE_IDLE_SECONDS", "1")
+    sandbox = _start("fork1")
     assert isinstance(sandbox, Sandbox)
-    gate = sandbox.helpers[-1]
-    old = _server_pid()
-    os.kill(old, signal.SIGKILL)
-    time.sleep(0.2)
-    assert gate.poll() is None
-    _out, _err, status = sandbox.client.exec(["true"]).wait(timeout=30)
-    assert status.code == 0
-    other = _start("fork2")
-    assert isinstance(other, Sandbox)
     try:
-        assert _server_pid() != old
-        assert other.helpers[-1].poll() is None
+        gate = _gate(sandbox)
+        old = _server_pid()
+        os.kill(old, signal.SIGKILL)
+        time.sleep(3)  # > its idle time
+        assert not is_zombie(gate)
+        assert _gate(sandbox) == gate  # it still answers
+        other = _start("fork2")
+        assert isinstance(other, Sandbox)
+        try:
+            assert _server_pid() != old
+            other_gate = _gate(other)
+        finally:
+            other.destroy()
     finally:
-        other.destroy()
-    other_gate = other.helpers[-1]
-    other_gate.wait(timeout=10)
-    from agentkernel.procs import is_zombie
-
-    assert is_zombie(other_gate.pid)  # gone, or dead until its server reaps it
+        sandbox.destroy()
+    deadline = time.monotonic() + 10
+    while not all(is_zombie(p) for p in (gate, other_gate)):
+        assert time.monotonic() < deadline, "a destroyed sandbox's gate lives on"
+        time.sleep(0.05)
 
 
 @pytest.fixture

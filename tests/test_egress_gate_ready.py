@@ -26,11 +26,16 @@ RESOLVER = "192.0.2.53"  # anywhere: every DNS query is the gate's
 ROUNDS = 3
 
 
-@pytest.fixture(params=["0", "1"], ids=["own-wiring", "forkserver"])
+@pytest.fixture(params=["0", "1", "1-always"],
+                ids=["own-wiring", "forkserver", "forkserver-always-on"])
 def wiring(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A gate of its own (a one-shot run's), one forked on demand (a daemon's), one forked
+    for the sandbox's whole life (AGENTKERNEL_GATE_IDLE_SECONDS=0)."""
     from agentkernel import egress_forkserver
 
-    monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", request.param)
+    monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", request.param[0])
+    if request.param.endswith("always"):
+        monkeypatch.setenv("AGENTKERNEL_GATE_IDLE_SECONDS", "0")
     yield request.param
     egress_forkserver.shutdown()
 
@@ -96,7 +101,33 @@ def test_first_query_of_fresh_gates_is_answered(wiring: str, loopback_dns: bool,
         finally:
             os.close(life_w)  # the holder and the gate end with the lifeline
             holder.wait()
-            gate.gate.wait(timeout=10)
+            if gate.gate is not None:
+                gate.gate.wait(timeout=10)
+            else:  # on demand: its fork server lets go of it with the lifeline too
+                _released(scratch)
+
+
+def _released(scratch: Path) -> None:
+    """Until the fork server holds nothing of the sandbox's (it closed our lifeline's
+    read end right after starting us: its own copy is what the server watches)."""
+    import time
+
+    from agentkernel import egress_forkserver
+
+    pid = egress_forkserver.server_pid()
+    assert pid is not None
+    deadline = time.monotonic() + 10
+    while True:
+        held = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                held.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+        if not any(str(scratch) in t for t in held):
+            return
+        assert time.monotonic() < deadline, held
+        time.sleep(0.05)
 
 
 PROBE = """

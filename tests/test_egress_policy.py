@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from engines import skip_for_ordinary_users
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, egress_gate_pid, make_upstream
 
 NOBODY = 65534
 
@@ -280,10 +280,14 @@ def test_the_gate_runs_unprivileged(project: Path) -> None:
                        rootfs=host_rootfs(), image="host")
     sandbox = get_backend("namespaces").start(spec)
     try:
-        gate = sandbox.helpers[-1]
+        # A query first: a daemon's gate is forked when its sandbox first needs it.
+        query = "import socket\ntry: socket.getaddrinfo('gate.invalid', 80)\nexcept OSError: pass"
+        sandbox.client.exec(["python3", "-c", query]).wait(timeout=30)
+        gate = egress_gate_pid(sandbox.scratch)
+        assert gate is not None
         deadline = time.monotonic() + 30  # the sandbox does not wait for the gate to serve
         while True:  # it runs as root only until its sockets and files are open
-            status = Path(f"/proc/{gate.pid}/status").read_text()
+            status = Path(f"/proc/{gate}/status").read_text()
             uids = next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1:]
             if uids != ["0"] * 4 or time.monotonic() > deadline:
                 break

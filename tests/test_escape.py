@@ -97,6 +97,53 @@ def test_cannot_read_root_secret(
     assert Path(root_secret).name not in out
 
 
+@pytest.fixture
+def etc_secrets() -> Iterator[tuple[str, str, str]]:
+    """Root-only entries planted in the host's /etc, none of them on the fixed mask list:
+    a file, a dir holding a file, and a file in a world-readable dir; (private file, dir,
+    nested file), beside a world-readable file that must stay readable."""
+    if os.geteuid() != 0:
+        pytest.skip("planting a secret in /etc needs root")
+    top = Path("/etc") / f"ak-test-{secrets.token_hex(4)}"
+    top.mkdir(mode=0o755)
+    try:
+        (top / "public").write_text("PUBLIC-OK\n")
+        (top / "public").chmod(0o644)
+        private = top / "key"
+        private.write_text("ETC-SECRET-FILE\n")
+        private.chmod(0o600)
+        hidden = top / "vault"
+        hidden.mkdir(mode=0o700)
+        (hidden / "inner").write_text("ETC-SECRET-DIR\n")
+        (hidden / "inner").chmod(0o644)
+        (top / "sub").mkdir(mode=0o755)
+        nested = top / "sub" / "deep"
+        nested.write_text("ETC-SECRET-NESTED\n")
+        nested.chmod(0o640)
+        (top / "link").symlink_to(private)  # a symlink to it: the walk never follows one
+        yield str(private), str(hidden), str(nested)
+    finally:
+        import shutil
+
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_cannot_read_private_etc_entries(
+    backend: str, profile: str, project: Path, etc_secrets: tuple[str, str, str]
+) -> None:
+    """The host's not-world-readable entries under /etc are hidden wherever they sit (the
+    agent finds them before the overlays go on and masks them in the sandbox's view)."""
+    private, hidden, nested = etc_secrets
+    top = str(Path(private).parent)
+    script = (f"cat {private} {top}/link {nested} {hidden}/inner 2>/dev/null; "
+              f"ls -a {hidden}; cat {top}/public; true")
+    _, out, _ = inside(backend, profile, project, "sh", "-c", script)
+    assert "ETC-SECRET" not in out
+    assert "inner" not in out
+    assert "PUBLIC-OK" in out  # only what is private is masked
+
+
 @pytest.mark.parametrize("profile", ALL)
 def test_cannot_read_etc_shadow(backend: str, profile: str, project: Path) -> None:
     if not Path("/etc/shadow").exists():

@@ -45,7 +45,7 @@ class AuditWriter:
     """One gate's end of the audit log: the current file and the rotated one, opened
     before the gate drops its privileges."""
 
-    def __init__(self, path: str, sandbox: str) -> None:
+    def __init__(self, path: str, sandbox: str, instance: str = "") -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         self.fd = os.open(path, flags | os.O_APPEND, 0o600)
         try:
@@ -54,9 +54,20 @@ class AuditWriter:
             os.close(self.fd)
             raise
         self.sandbox = sandbox[:128]
+        self.instance = instance[:64]  # which life of `sandbox` (SandboxSpec.instance)
+
+    @classmethod
+    def from_fds(cls, fd: int, old: int, sandbox: str, instance: str = "") -> AuditWriter:
+        """One over files opened by someone else (an activated gate's, opened by its
+        starter when it registered the sandbox)."""
+        writer = cls.__new__(cls)
+        writer.fd, writer.old, writer.sandbox = fd, old, sandbox[:128]
+        writer.instance = instance[:64]
+        return writer
 
     def write(self, fields: dict[str, Any]) -> None:
         entry = {"t": round(time.time(), 3), "sandbox": self.sandbox,
+                 **({"instance": self.instance} if self.instance else {}),
                  **{k: _clip(fields[k]) for k in FIELDS if k in fields}}
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         with contextlib.suppress(OSError):
@@ -81,8 +92,10 @@ class AuditWriter:
 
 
 def read_audit(sandbox: str | None = None, limit: int = MAX_READ,
-               path: Path | None = None) -> list[dict[str, object]]:
-    """The newest `limit` entries (of one sandbox, or all), oldest first."""
+               path: Path | None = None, instance: str | None = None
+               ) -> list[dict[str, object]]:
+    """The newest `limit` entries (of one sandbox, or all; of one life of it with
+    `instance`, or of every sandbox that had its name), oldest first."""
     path = path or audit_path()
     chunks = []
     try:
@@ -108,6 +121,18 @@ def read_audit(sandbox: str | None = None, limit: int = MAX_READ,
             continue
         with contextlib.suppress(ValueError):
             doc = json.loads(line)
-            if isinstance(doc, dict) and (sandbox is None or doc.get("sandbox") == sandbox):
+            if isinstance(doc, dict) and (sandbox is None or doc.get("sandbox") == sandbox) \
+                    and (instance is None or doc.get("instance") == instance):
                 out.append(doc)
     return out[::-1]
+
+
+def latest_audit(sandbox: str, limit: int = MAX_READ,
+                 path: Path | None = None) -> list[dict[str, object]]:
+    """The entries of the last sandbox called `sandbox` (its newest entry's instance):
+    what `egress NAME log --audit` shows of a sandbox that is gone."""
+    newest = read_audit(sandbox, 1, path)
+    if not newest:
+        return []
+    instance = newest[0].get("instance")
+    return read_audit(sandbox, limit, path, instance if isinstance(instance, str) else None)

@@ -46,3 +46,12 @@ def gate_main(fds_sock: int) -> None:
 
     main(cfg, socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fds[0]),
          socket.socket(socket.AF_INET, socket.SOCK_DGRAM, fileno=fds[1]))
+
+
+def activated_main(fds: dict[str, int]) -> None:
+    """A registered sandbox's gate, forked by the fork server when the sandbox first
+    connected, resolved or was updated (egress_forkserver.register): `fds` names where
+    its fds are; it serves until it has been idle long enough, then exits."""
+    from .egress_proxy import main_activated
+
+    main_activated(fds)

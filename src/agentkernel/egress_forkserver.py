@@ -1,24 +1,30 @@
 """A pre-imported parent of egress gates: forks one per sandbox instead of starting a new
 interpreter for each (its start-up and imports cost ~85 ms of CPU, more than the rest of
-a sandbox's start).
+a sandbox's start), and, for a daemon, only when the sandbox uses the network.
 
 The fork server is started like a gate was (our interpreter without site, a clean
 environment, a session of its own), imports what a gate needs, then waits on its end of
 a socket pair that only the process that started it holds (no path anyone could connect
-to). Per request it receives the gate's five fds (stdin, stderr, ready, lifeline, the
-listeners' carrier), forks, and sends back a pidfd of the child. The child puts those fds
-at fixed numbers (GATE_FDS), closes every other one (the server's socket among them) and
-runs egress_child.gate_main exactly as a freshly started gate does: it reads its config,
-takes its listeners, then drops to the sandbox's own ids. The server holds no secret and
-no sandbox's data; it is single-threaded, so forking it is safe, and it exits when its
-socket's other end closes. Children share its address-space layout (as any forked
-process does); docs/security.md says so.
+to). Requests: fork a gate for its whole life (GATE: the gate's five fds; the child puts
+them at fixed numbers, GATE_FDS + CARRIER_FD, closes every other one and runs
+egress_child.gate_main as a freshly started gate does); wire a namespace (WIRE: a child
+joins it, runs the tools, makes the listeners); or register a sandbox whose gate runs on
+demand (REGISTER, `register`): the server keeps that sandbox's fds (listeners, lifeline,
+sealed config memfd, state memfd, log and audit files) and polls its listeners for
+readability, never reading them; the first readiness forks its gate (egress_child.
+activated_main, the fds at A_TARGETS, nothing else open), which serves until idle and
+exits; the server then polls again. Its memory holds nothing of any sandbox's but fd
+numbers (every gate it forks inherits it). It is single-threaded, so forking it is safe;
+it exits once its socket's other end is closed and it holds no sandbox. Children share
+its address-space layout (as any forked process does); docs/security.md says so, and what
+gates on demand trade.
 
 A long-lived process (the daemon: SandboxManager) turns it on with `enable`, which also
 starts the server so that its imports are done before the first sandbox needs it. A
 one-shot process (an in-process `agentkernel run`) starts its one gate directly: the
 server's start-up would only be on its path. `AGENTKERNEL_GATE_FORKSERVER=0` turns it off,
-`=1` on everywhere. If the server cannot be started or answers wrongly, `spawn` and `wire`
+`=1` on everywhere; `AGENTKERNEL_GATE_IDLE_SECONDS=0` keeps a forked gate per sandbox for
+its whole life. If the server cannot be started or answers wrongly, `spawn` and `wire`
 return None and the caller does it the old way.
 """
 
@@ -40,9 +46,25 @@ GATE_FDS = (READY_FD, EXIT_FD)  # what the gate's config names (cfg ready_fd, ex
 # its starter does (root for a root daemon), a gate as the sandbox's own `nobody`.
 SERVER_COMM, GATE_COMM = "ak-gate-forks", "ak-egress-gate"
 GATE, WIRE = b"g", b"w"  # requests: fork a gate; wire a namespace (see `wire`)
+REGISTER = b"r"  # a sandbox's gate on demand (see `register`)
+# An activated gate's fds, in the order `register` sends them and at these numbers in the
+# gate: its listeners (TCP, DNS, control), the sandbox's lifeline, its config (a sealed
+# memfd), its state (a memfd only its own gates write), its log, the audit log's two
+# files, and the secrets' leaf certificate and key (a sealed memfd; only with secrets).
+A_TCP, A_UDP, A_CONTROL, A_EXIT, A_CFG, A_STATE, A_LOG, A_AUDIT, A_AUDIT_OLD, A_LEAF = \
+    range(3, 13)
+# Where each fd `register` sends (in this order) goes in the gate: its stderr is the 10th.
+A_TARGETS = (A_TCP, A_UDP, A_CONTROL, A_EXIT, A_CFG, A_STATE, A_LOG, A_AUDIT, A_AUDIT_OLD,
+             2, A_LEAF)
+A_LISTENERS = 3  # the first three are polled for a sandbox's first bytes
+MIN_FDS, MAX_FDS = 10, 11  # a registration without and with secrets
+RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds before re-forking a gate that died young
+YOUNG = 0.5  # a gate that exits sooner than this (not idle: it failed) backs off
+MIN_IDLE = 1.0  # seconds: an idle gate never exits young
 MAX_MSG = 64 * 1024  # a request's bytes (the wiring's tool inputs are ~1 KiB)
 TIMEOUT = 10.0
 WIRE_TIMEOUT = 15.0  # seconds for the tools and listeners of one namespace
+IDLE_SECONDS = 30.0  # an activated gate's default idle time before it exits
 
 _lock = threading.Lock()
 _server: _Server | None = None
@@ -125,13 +147,18 @@ class _Server:
             raise OSError(f"the gate fork server answered {msg[:MAX_MSG]!r}")
         return GateProcess(int(msg[1:]), got[0])
 
+    def ask(self, request: bytes, fds: list[int]) -> bytes:
+        """A request answered without fds (a registration)."""
+        socket.send_fds(self.sock, [request], fds)
+        msg, got, _flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 1)
+        for fd in got:
+            os.close(fd)
+        return msg
+
     def close(self) -> None:
-        self.sock.close()  # the server sees EOF and exits
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=2)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """Hang up: the server exits once it has no sandbox left (it keeps the listeners
+        of the sandboxes it holds, which outlive their starter as their gates used to)."""
+        self.sock.close()
 
 
 def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
@@ -140,6 +167,55 @@ def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
     at 0, 2 and GATE_FDS + CARRIER_FD; None if the server cannot give one (the caller then
     starts a gate itself). The fds stay the caller's to close."""
     return _fork(GATE, [stdin, stderr, ready, exit_fd, carrier])
+
+
+def activating() -> bool:
+    """Are gates started on demand (`register`) rather than one per sandbox for its
+    whole life? With the fork server, unless AGENTKERNEL_GATE_IDLE_SECONDS is 0."""
+    return _wanted() and idle_seconds() > 0
+
+
+def idle_seconds() -> float:
+    """How long an activated gate stays without connections, queries or updates before it
+    exits (AGENTKERNEL_GATE_IDLE_SECONDS; 0: a gate per sandbox for its whole life)."""
+    try:
+        value = float(os.environ.get("AGENTKERNEL_GATE_IDLE_SECONDS", "") or IDLE_SECONDS)
+    except ValueError:
+        return IDLE_SECONDS
+    if not value >= 0:  # (NaN too)
+        return IDLE_SECONDS
+    return max(value, MIN_IDLE) if value else 0.0
+
+
+def register(fds: list[int]) -> int | None:
+    """Hand a sandbox's gate fds (in A_TARGETS order) to the fork server, which forks its
+    gate when the sandbox first connects, resolves or is updated, and again after that
+    gate went idle and exited: the registration's number, or None if no server can take
+    it. The fds stay the caller's to close."""
+    global _server
+    if not _wanted():
+        return None
+    with _lock:
+        for _ in range(2):  # a server that died (killed, OOM) is replaced once
+            try:
+                if _server is None or _server.proc.poll() is not None:
+                    _server = _Server()
+                msg = _server.ask(REGISTER, fds)
+            except OSError:
+                if _server is not None:
+                    _server.close()
+                _server = None
+                continue
+            if msg.startswith(b"r") and msg[1:].isdigit():
+                return int(msg[1:])
+            return None
+    return None
+
+
+def server_pid() -> int | None:
+    """This process's fork server's pid, if it has one (tests, benchmarks)."""
+    with _lock:
+        return _server.proc.pid if _server is not None else None
 
 
 def enable() -> None:
@@ -176,21 +252,24 @@ def _fork(request: bytes, fds: list[int]) -> GateProcess | None:
     return None
 
 
-def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: str
-         ) -> tuple[int, int] | None:
+def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: str,
+         netlink: dict[str, Any] | None = None) -> tuple[int, int] | None:
     """Run `steps` (argv, stdin) inside the network namespace `netns` (joined through
     `userns` first, for an ordinary user; -1: none), all at once, then make the gate's
     TCP and UDP listeners on `address` there: the fds of those listeners. A child of the
     fork server joins the namespace once for every tool (no nsenter each) and makes the
     listeners (no fork of this, possibly large, process). None if the server cannot do
-    it (the caller does it itself); SandboxError if a step failed (then nothing runs)."""
+    it (the caller does it itself); SandboxError if a step failed (then nothing runs).
+    With `netlink` (egress_netlink.wire_here's arguments), the child wires over netlink
+    instead of running the steps, which it runs only where the kernel has no nf_tables."""
     import json
 
     from .errors import SandboxError
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        payload = json.dumps({"steps": steps, "address": address}).encode()
+        payload = json.dumps({"steps": steps, "address": address,
+                              "netlink": netlink}).encode()
         fds = [theirs.fileno(), netns, *([userns] if userns >= 0 else [])]
         child = _fork(WIRE + payload, fds)
         theirs.close()
@@ -227,13 +306,15 @@ def shutdown() -> None:
 
 
 def serve(fd: int) -> None:
-    """The fork server's loop: one child per request (a gate, or a namespace's wiring)
-    until the socket's other end closes."""
+    """The fork server's loop: one child per request (a gate, or a namespace's wiring),
+    and the registered sandboxes' gates on demand, until the socket's other end closes
+    and no registered sandbox is left."""
     import ctypes  # noqa: F401 - the gate's privilege drop (egress_proxy._drop)
     import gc
-    import select
+    import resource
 
-    from . import egress_audit, egress_child, egress_proxy  # noqa: F401 - a gate's imports
+    # A gate's imports, and a wiring child's (egress_netlink).
+    from . import egress_audit, egress_child, egress_netlink, egress_proxy  # noqa: F401
     from .egress import denied_networks, host_addresses
 
     _set_comm(SERVER_COMM)
@@ -241,43 +322,244 @@ def serve(fd: int) -> None:
     denied_networks(host_addresses())  # cached: a gate on an unchanged host reuses it
     with contextlib.suppress(OSError):  # (no temporary dir: gates just cost more)
         egress_proxy.warm_up()  # what each gate would otherwise write into shared pages
+    # ~11 fds per registered sandbox: as many as the hard limit lets us hold.
+    with contextlib.suppress(ValueError, OSError):
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # The warmed-up heap is the gates' shared one: no collection (in the server or in a
     # long-lived gate) walks those objects again, which would write to each one's page.
     gc.freeze()
-    sock = socket.socket(fileno=fd)
-    while True:
-        readable, _, _ = select.select([sock], [], [], 1.0)
-        _reap()
-        if not readable:
-            continue
+    _Loop(socket.socket(fileno=fd)).run()
+
+
+class _Box:
+    """A registered sandbox, as the server knows it: fds and numbers only (a gate forked
+    for another sandbox inherits this memory; it must find nothing of this one's there)."""
+
+    __slots__ = ("backoff", "fds", "pid", "pidfd", "retry_at", "started")
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+        self.pid = 0  # its gate's, while one runs
+        self.pidfd = -1
+        self.started = 0.0
+        self.backoff = 0.0
+        self.retry_at = 0.0  # > now: a gate died young, wait before the next
+
+
+class _Loop:
+    """The server's single thread: requests on its socket, and for each registered sandbox
+    its listeners polled for readiness (never read: the server takes no byte of a
+    sandbox's), its lifeline, and its gate's pidfd while one runs."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        import select
+
+        self.sock = sock
+        self.poller = select.poll()  # not select(): hundreds of sandboxes pass FD_SETSIZE
+        self.poller.register(sock, select.POLLIN)
+        self.boxes: dict[int, _Box] = {}  # registration number -> box
+        self.watch: dict[int, tuple[int, str]] = {}  # polled fd -> (registration, role)
+        self.serial = 0
+        self.starter = True  # our starter still holds the other end
+
+    def run(self) -> None:
+        import time
+
+        while self.starter or self.boxes:
+            now = time.monotonic()
+            waits = [b.retry_at - now for b in self.boxes.values() if b.retry_at > now]
+            timeout = min([1.0, *waits])
+            for fd, _events in self.poller.poll(max(0, round(timeout * 1000))):
+                if fd == self.sock.fileno():
+                    self._request()
+                elif fd in self.watch:
+                    reg, role = self.watch[fd]
+                    self._event(reg, role)
+            _reap()
+            self._retry()
+
+    def _listen(self, reg: int, box: _Box, on: bool) -> None:
+        import select
+
+        for fd in box.fds[:A_LISTENERS]:
+            if on:
+                self.poller.register(fd, select.POLLIN)
+                self.watch[fd] = (reg, "listener")
+            else:
+                self.poller.unregister(fd)
+                self.watch.pop(fd, None)
+
+    def _request(self) -> None:
         try:
-            msg, fds, flags, _addr = socket.recv_fds(sock, MAX_MSG, 8)
+            msg, fds, flags, _addr = socket.recv_fds(self.sock, MAX_MSG, MAX_FDS)
         except OSError:
-            return
+            msg, fds, flags = b"", [], 0
         if not msg:
-            return  # the starter is gone
+            self._starter_gone()
+            return
         gate = msg == GATE and len(fds) == 5
         wiring = msg.startswith(WIRE) and len(fds) in (2, 3)
-        if not (gate or wiring) or flags & socket.MSG_CTRUNC:
+        registering = msg == REGISTER and MIN_FDS <= len(fds) <= MAX_FDS
+        if not (gate or wiring or registering) or flags & socket.MSG_CTRUNC:
             for f in fds:
                 os.close(f)
-            sock.send(b"e bad request")
-            continue
+            self._send(b"e bad request")
+            return
+        if registering:
+            self._register(fds)
+            return
         pid = os.fork()
         if pid == 0:
             if gate:
                 _child(fds)
-            _wire_child(sock, msg[len(WIRE):], fds)
+            _wire_child(self.sock, msg[len(WIRE):], fds)
         for f in fds:
             os.close(f)
         # Opened before any reaping of ours: the pid cannot have been reused yet.
         pidfd = os.pidfd_open(pid)
         try:
-            socket.send_fds(sock, [b"p%d" % pid], [pidfd])
+            socket.send_fds(self.sock, [b"p%d" % pid], [pidfd])
         except OSError:
-            return
+            self._starter_gone()
         finally:
             os.close(pidfd)
+
+    def _send(self, msg: bytes) -> None:
+        try:
+            self.sock.send(msg)
+        except OSError:
+            self._starter_gone()
+
+    def _starter_gone(self) -> None:
+        if self.starter:
+            self.starter = False
+            self.poller.unregister(self.sock)
+
+    def _register(self, fds: list[int]) -> None:
+        import select
+
+        self.serial += 1
+        box = _Box(fds)
+        self.boxes[self.serial] = box
+        self.poller.register(fds[3], select.POLLIN)  # the lifeline: readable once it ends
+        self.watch[fds[3]] = (self.serial, "exit")
+        self._listen(self.serial, box, True)
+        self._send(b"r%d" % self.serial)
+
+    def _event(self, reg: int, role: str) -> None:
+        box = self.boxes[reg]
+        if role != "listener" and not _ready(box.fds[3] if role == "exit" else box.pidfd):
+            return  # an event of an fd closed and reused within this round: not this one's
+        if role == "exit":
+            self._drop(reg, box)
+        elif role == "gate":
+            self._gate_ended(reg, box)
+        elif box.pid == 0:
+            self._listen(reg, box, False)  # its gate's now, until it exits
+            self._start_gate(reg, box)
+
+    def _start_gate(self, reg: int, box: _Box) -> None:
+        """Fork the sandbox's gate: the fork is all the server does (the child sets itself
+        up), so a gate slow to start stalls no other sandbox."""
+        import select
+        import time
+
+        pid = os.fork()
+        if pid == 0:
+            _activated_child(box.fds)
+        box.pid, box.pidfd, box.started = pid, os.pidfd_open(pid), time.monotonic()
+        self.poller.register(box.pidfd, select.POLLIN)
+        self.watch[box.pidfd] = (reg, "gate")
+
+    def _gate_ended(self, reg: int, box: _Box) -> None:
+        """Its gate exited (idle, or failed): the server polls its listeners again; one
+        that lived only briefly failed, and the next waits (doubling) so that a gate that
+        cannot start does not make the server fork without end."""
+        import time
+
+        self.poller.unregister(box.pidfd)
+        self.watch.pop(box.pidfd, None)
+        os.close(box.pidfd)
+        box.pid, box.pidfd = 0, -1
+        now = time.monotonic()
+        if now - box.started < YOUNG:
+            box.backoff = min(RETRY_MAX, max(RETRY_FIRST, box.backoff * 2))
+            box.retry_at = now + box.backoff
+            return
+        box.backoff = 0.0
+        self._listen(reg, box, True)
+
+    def _retry(self) -> None:
+        import time
+
+        now = time.monotonic()
+        for reg, box in self.boxes.items():
+            if box.retry_at and box.retry_at <= now and box.pid == 0:
+                box.retry_at = 0.0
+                self._listen(reg, box, True)
+
+    def _drop(self, reg: int, box: _Box) -> None:
+        """The sandbox is gone: its gate (which ends with the lifeline too) and fds go."""
+        import signal
+
+        if box.pid:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(box.pidfd, signal.SIGKILL)
+            self.poller.unregister(box.pidfd)
+            self.watch.pop(box.pidfd, None)
+            os.close(box.pidfd)
+        elif not box.retry_at:
+            self._listen(reg, box, False)
+        self.poller.unregister(box.fds[3])
+        self.watch.pop(box.fds[3], None)
+        for f in box.fds:
+            os.close(f)
+        del self.boxes[reg]
+
+
+def _ready(fd: int) -> bool:
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _activated_child(fds: list[int]) -> None:
+    """In a registered sandbox's forked gate: its fds at A_TARGETS, nothing else open (no
+    other sandbox's, not the server's socket), then the gate. Never returns."""
+    import fcntl
+
+    code = 1
+    try:
+        os.setsid()
+        _set_comm(GATE_COMM)
+        # Out of the way of the targets first: a received fd may already sit at one.
+        high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, A_LEAF + 1) for f in fds]
+        for src, target in zip(high, A_TARGETS, strict=False):
+            os.dup2(src, target, inheritable=target <= 2)  # 0 and 1: the server's /dev/null
+        if len(fds) < len(A_TARGETS):
+            with contextlib.suppress(OSError):
+                os.close(A_LEAF)
+        os.closerange(A_LEAF + 1, os.sysconf("SC_OPEN_MAX"))
+        from .egress_child import activated_main
+
+        activated_main({"tcp": A_TCP, "udp": A_UDP, "control": A_CONTROL, "exit": A_EXIT,
+                        "cfg": A_CFG, "state": A_STATE, "log": A_LOG, "audit": A_AUDIT,
+                        "audit_old": A_AUDIT_OLD, "leaf": A_LEAF})
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
 
 
 def _reap() -> None:
@@ -329,13 +611,22 @@ def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
     """In the forked child of a WIRE request: join the namespace, run the steps, make the
     listeners, send them (or why not) on the reply socket. Never returns."""
     import ctypes
+    import fcntl
     import json
 
     from .egress_child import listeners_here
     from .egress_proxy import DNS_PORT, TCP_PORT
 
     code = 1
-    server.close()
+    # Nothing but its own fds before it joins a namespace (an ordinary user's sandbox's
+    # user namespace, whose root could then look into it): no other sandbox's, not the
+    # server's socket.
+    high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 8) for f in fds]
+    for i, f in enumerate(high):
+        os.dup2(f, 3 + i, inheritable=False)
+    fds = list(range(3, 3 + len(high)))
+    os.closerange(3 + len(high), os.sysconf("SC_OPEN_MAX"))
+    del server
     reply = socket.socket(fileno=fds[0])
     try:
         os.setsid()
@@ -345,7 +636,7 @@ def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
             if libc.setns(fd, kind) != 0:
                 raise OSError(ctypes.get_errno(), "setns")
         req = json.loads(payload)
-        failures = _run_steps([(list(a), str(d)) for a, d in req["steps"]])
+        failures = _netlink_or_steps(req)
         if failures:
             reply.send(("e" + "; ".join(failures)).encode()[:MAX_MSG])
         else:
@@ -357,6 +648,26 @@ def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
             reply.send(f"e{type(exc).__name__}: {exc}".encode()[:500])
     finally:
         os._exit(code)
+
+
+def _netlink_or_steps(req: dict[str, Any]) -> list[str]:
+    """A WIRE request's wiring: over netlink if it says how (no tool processes), the
+    tools where this kernel has no nf_tables (then nothing was changed); what failed."""
+    how = req.get("netlink")
+    if isinstance(how, dict):
+        from .egress_netlink import Unsupported, wire_here
+        from .egress_proxy import DNS_PORT, TCP_PORT
+
+        try:
+            wire_here(str(how["dev"]), str(how["peer"]), str(how["address"]),
+                      int(how["prefix"]), str(how["gateway"]), TCP_PORT, DNS_PORT,
+                      loopback_dns=bool(how["loopback_dns"]))
+            return []
+        except Unsupported:
+            pass
+        except OSError as exc:
+            return [f"netlink: {exc}"]
+    return _run_steps([(list(a), str(d)) for a, d in req["steps"]])
 
 
 def _run_steps(steps: list[tuple[list[str], str]]) -> list[str]:

@@ -35,6 +35,7 @@ TRUST_NAME = "egress-trust.pem"  # system bundle + the sandbox's CA: bound in (n
 LEAF_NAME = "egress-leaf.pem"  # the gate's certificate and key for the secrets' hosts
 LOG_NAME = "egress.log"
 CONTROL_NAME = "egress.sock"
+INSTANCE_NAME = "egress-instance"  # SandboxSpec.instance of a running sandbox (GateStart.attach)
 READY_TIMEOUT = 15.0
 
 
@@ -303,6 +304,41 @@ def _listen_in_thread(libc: Any, netns_fd: int, address: str) -> tuple[int, int]
     return made[0], made[1]
 
 
+def _sealed(name: str, data: bytes) -> int:
+    """A memfd holding `data` that no one can change (sealed): an activated gate's config."""
+    import fcntl
+
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _wire_netlink(netns: int, loopback_dns: bool) -> tuple[int, int] | None:
+    """A sandbox's own namespace wired as ip_batch, rules_v4 and rules_v6 say, by a
+    thread of ours over netlink (egress_netlink: no tool processes), and the gate's
+    listeners there; None where this kernel has no nf_tables (the tools then do it).
+    Root only: an ordinary user must join the sandbox's user namespace first, which a
+    process with threads cannot."""
+    from .egress_netlink import Unsupported, wire_in
+
+    try:
+        return wire_in(netns, SANDBOX_DEV, PEER_DEV, SANDBOX_ADDR, 24, GATEWAY,
+                       loopback_dns=loopback_dns)
+    except Unsupported:
+        return None
+    except OSError as exc:
+        raise SandboxError("could not set up the sandbox's egress gate, so it does not "
+                           f"start: {exc} (or use --no-network)") from None
+
+
 def _secrets_for(policy: Policy) -> list[dict[str, object]]:
     """What the gate needs of each secret, values read from the host's store now."""
     from .secrets_store import load
@@ -351,26 +387,34 @@ class GateStart:
     its interpreter starts and imports while the sandbox's namespaces are made; `attach(pid,
     policy)` once they exist loads the rules and hands it the namespace and its config;
     `wait()` before anything untrusted runs there. It fails closed: SandboxError, and the
-    caller does not start the sandbox."""
+    caller does not start the sandbox. With gates on demand (egress_forkserver.activating)
+    nothing is spawned: `attach` registers the wired namespace with the fork server, and
+    `wait()` returns None (no gate process until the sandbox first uses the network)."""
 
     def __init__(self, scratch: Path, *, exit_fd: int) -> None:
         import socket
 
-        from .egress import tool
-        from .paths import which
-
-        tools = {"ip": which("ip") or tool("ip"), "iptables-restore": tool("iptables-restore")}
-        if os.path.exists("/proc/net/if_inet6"):
-            tools["ip6tables-restore"] = tool("ip6tables-restore")
-        missing = [name for name, path in tools.items() if path is None]
-        if missing:
-            raise BackendUnavailable(
-                f"the egress gate needs {' and '.join(missing)} (apt install iproute2 "
-                "iptables), or use --no-network")
-        self.tools = tools
+        self._tools: dict[str, str] | None = None
         self.scratch = scratch
         self.exit_fd = exit_fd
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        from . import egress_forkserver
+
+        # On demand: no gate until the sandbox first connects (egress_forkserver.register).
+        self.registration: int | None = None
+        self.gate: subprocess.Popen[bytes] | None = None
+        if egress_forkserver.activating():
+            self.ready_r = -1
+            # Ours until attach registers it: the caller may close its own now, as it may
+            # once a gate of the sandbox's own has started.
+            self.exit_fd = os.dup(exit_fd)
+            try:
+                with open(scratch / "egress-gate.err", "wb"):
+                    pass  # (also what says a sandbox has a gate: scratch_of)
+            except BaseException:
+                os.close(self.exit_fd)
+                raise
+            return
         self.ready_r, self.ready_w = os.pipe()
         self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -383,6 +427,26 @@ class GateStart:
         finally:
             theirs.close()
             os.close(self.ready_w)
+
+    @property
+    def tools(self) -> dict[str, str]:
+        """The wiring tools, looked up when first needed: a root-started sandbox's own
+        namespace is wired over netlink without them (_wire_netlink)."""
+        if self._tools is None:
+            from .egress import tool
+            from .paths import which
+
+            tools = {"ip": which("ip") or tool("ip"),
+                     "iptables-restore": tool("iptables-restore")}
+            if os.path.exists("/proc/net/if_inet6"):
+                tools["ip6tables-restore"] = tool("ip6tables-restore")
+            missing = [name for name, path in tools.items() if path is None]
+            if missing:
+                raise BackendUnavailable(
+                    f"the egress gate needs {' and '.join(missing)} (apt install iproute2 "
+                    "iptables), or use --no-network")
+            self._tools = {name: str(path) for name, path in tools.items()}
+        return self._tools
 
     def _start(self, err: int, carrier: int) -> subprocess.Popen[bytes]:
         """The gate process: forked by the fork server (egress_forkserver), or, where
@@ -411,18 +475,21 @@ class GateStart:
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
     def attach(self, pid: int, policy: Policy, *, router: int | None = None,
-               ids: tuple[int, int] | None = None, loopback_dns: bool = False) -> None:
+               ids: tuple[int, int] | None = None, loopback_dns: bool = False,
+               instance: str = "") -> None:
         """The rules into the namespace of `pid`, and that namespace to the gate. With
         `router` (gVisor): `pid`'s namespace only gets its way to the router's, and the
         rules and the gate's listeners are in the router's. `loopback_dns` (QEMU's user
-        networking, whose sockets are the guest's connections): see rules_v4."""
+        networking, whose sockets are the guest's connections): see rules_v4. `instance`:
+        SandboxSpec.instance, the audit log's key beside the name (a one-shot run's is
+        made here); kept in the scratch dir for `egress NAME log --audit`."""
         import socket
 
         from .network import enter_netns
 
         try:
             if router is None:
-                enter = enter_netns(pid)
+                enter: list[str] = []  # nsenter's prefix: made only if the tools wire it
                 inputs = {"ip": ip_batch(),
                           "iptables-restore": rules_v4(loopback_dns=loopback_dns),
                           "ip6tables-restore": rules_v6()}
@@ -439,31 +506,46 @@ class GateStart:
             try:
                 if os.geteuid() != 0:
                     ns.append(os.open(f"/proc/{where}/ns/user", os.O_RDONLY))
-                listeners = self._wire(ns[0], ns[1] if len(ns) > 1 else -1, enter, inputs,
-                                       GATEWAY if router is not None else "127.0.0.1")
+                fast = _wire_netlink(ns[0], loopback_dns) if router is None and len(ns) == 1 \
+                    else None
+                listeners = fast or self._wire(
+                    ns[0], ns[1] if len(ns) > 1 else -1, enter or enter_netns(pid), inputs,
+                    GATEWAY if router is not None else "127.0.0.1",
+                    netlink=None if router is not None else {
+                        "dev": SANDBOX_DEV, "peer": PEER_DEV, "address": SANDBOX_ADDR,
+                        "prefix": 24, "gateway": GATEWAY, "loopback_dns": loopback_dns})
             finally:
                 for fd in ns:
-                    os.close(fd)
-            try:
-                socket.send_fds(self.fds, [b"n"], list(listeners))
-            finally:
-                for fd in listeners:
                     os.close(fd)
             uid, gid = ids if ids is not None else _drop_ids(pid)
             from .egress_audit import audit_path
 
             audit = audit_path()
             audit.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            cfg = {"audit": str(audit), "sandbox": self.scratch.name,
-                   "ready_fd": self.gate_fds[0], "exit_fd": self.gate_fds[1], "uid": uid,
-                   "gid": gid,
-                   "owner": os.geteuid(), "log": str(self.scratch / LOG_NAME),
-                   "control": str(self.scratch / CONTROL_NAME),
-                   "policy": policy.to_json(), "secrets": _secrets_for(policy),
-                   "leaf": str(self.scratch / LEAF_NAME) if policy.secrets else None,
+            instance = instance or os.urandom(8).hex()
+            (self.scratch / INSTANCE_NAME).write_text(instance + "\n")
+            cfg = {"sandbox": self.scratch.name, "instance": instance, "uid": uid, "gid": gid,
+                   "owner": os.geteuid(), "policy": policy.to_json(),
+                   "secrets": _secrets_for(policy),
                    # Trust for the gate's own TLS to the secrets' hosts: the system's,
                    # or a CA file the host's user names (a corporate or test CA).
                    "upstream_ca": os.environ.get("AGENTKERNEL_EGRESS_UPSTREAM_CA")}
+            if self.gate is None:
+                try:
+                    self._register(listeners, cfg, audit, bool(policy.secrets))
+                finally:
+                    for fd in listeners:
+                        os.close(fd)
+                return
+            try:
+                socket.send_fds(self.fds, [b"n"], list(listeners))
+            finally:
+                for fd in listeners:
+                    os.close(fd)
+            cfg.update({"audit": str(audit), "ready_fd": self.gate_fds[0],
+                        "exit_fd": self.gate_fds[1], "log": str(self.scratch / LOG_NAME),
+                        "control": str(self.scratch / CONTROL_NAME),
+                        "leaf": str(self.scratch / LEAF_NAME) if policy.secrets else None})
             assert self.gate.stdin is not None
             with contextlib.suppress(BrokenPipeError):
                 self.gate.stdin.write(json.dumps(cfg).encode())
@@ -473,16 +555,58 @@ class GateStart:
             self.abandon()
             raise
 
+    def _register(self, listeners: tuple[int, int], cfg: dict[str, object], audit: Path,
+                  secrets: bool) -> None:
+        """The sandbox's gate on demand: its listeners, lifeline, config, log and audit
+        files to the fork server, which forks the gate when the sandbox first needs it.
+        The config (with the secrets' values) and the leaf's key go in sealed memfds, never
+        in the server's memory, where every gate it forks would find them."""
+        import socket
+
+        from . import egress_forkserver
+        from .egress_audit import AuditWriter
+
+        cfg = {**cfg, "idle": egress_forkserver.idle_seconds()}
+        ours: list[int] = []
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            control.bind(str(self.scratch / CONTROL_NAME))
+            control.listen(8)
+            ours.append(control.detach())
+            ours.append(_sealed("ak-gate-config", json.dumps(cfg).encode()))
+            ours.append(os.memfd_create("ak-gate-state", os.MFD_CLOEXEC))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+            ours.append(os.open(self.scratch / LOG_NAME, flags, 0o600))
+            writer = AuditWriter(str(audit), self.scratch.name)
+            ours += [writer.fd, writer.old]
+            ours.append(os.open(self.scratch / "egress-gate.err", flags, 0o600))
+            if secrets:
+                leaf = self.scratch / LEAF_NAME
+                ours.append(_sealed("ak-gate-leaf", leaf.read_bytes()))
+                leaf.unlink()  # in the memfd only now: no copy of its key on disk
+            tcp, udp = listeners
+            cfg_fd, state, log, audit_fd, audit_old, err, *leaf_fd = ours[1:]
+            fds = [tcp, udp, ours[0], self.exit_fd, cfg_fd, state, log, audit_fd, audit_old,
+                   err, *leaf_fd]
+            self.registration = egress_forkserver.register(fds)
+        finally:
+            for fd in ours:
+                os.close(fd)
+        if self.registration is None:
+            raise SandboxError("could not set up the sandbox's egress gate, so it does not "
+                               "start: its fork server did not take it (or use --no-network)")
+
     def _wire(self, netns: int, userns: int, enter: list[str], inputs: dict[str, str],
-              address: str) -> tuple[int, int]:
+              address: str, netlink: dict[str, Any] | None = None) -> tuple[int, int]:
         """The rules into the namespace `netns` and the gate's listeners there: by a child
-        of the fork server (which joins it once for every tool), or else through nsenter
-        and a forked child of ours (listen_in)."""
+        of the fork server (which joins it once, then wires over netlink as `netlink`
+        says, or runs every tool), or else through nsenter and a forked child of ours
+        (listen_in)."""
         from . import egress_forkserver
 
         steps = [([str(path), *(["-batch", "-"] if name == "ip" else [])], inputs[name])
                  for name, path in self.tools.items()]
-        got = egress_forkserver.wire(netns, userns, steps, address)
+        got = egress_forkserver.wire(netns, userns, steps, address, netlink)
         if got is not None:
             return got
         for name, (argv, data) in zip(self.tools, steps, strict=True):
@@ -521,11 +645,16 @@ class GateStart:
             raise SandboxError("could not set up the sandbox's egress gate, so it does "
                                f"not start: {'; '.join(failures)} (or use --no-network)")
 
-    def wait(self, ready: bool = True) -> subprocess.Popen[bytes]:
+    def wait(self, ready: bool = True) -> subprocess.Popen[bytes] | None:
         """The gate process, once the rules hold, its listeners exist and it serves.
         Without `ready`, not waiting for it to serve: what the sandbox sends waits in
         its listeners' queues, but a client's own timeout (a resolver's 5 s) may pass
-        first on a loaded host, so every backend waits."""
+        first on a loaded host, so every backend waits. None for a gate on demand: its
+        fork server polls the listeners from now on (attach registered them)."""
+        if self.gate is None:
+            self._close_exit()
+            self._finish()
+            return None
         try:
             self._finish()
             if ready:
@@ -551,7 +680,17 @@ class GateStart:
                 return lines[-1]
         return "timed out"
 
+    def _close_exit(self) -> None:
+        if getattr(self, "gate", 0) is None and self.exit_fd >= 0:  # our dup (on demand)
+            os.close(self.exit_fd)
+            self.exit_fd = -1
+
+    def __del__(self) -> None:  # a start abandoned before wait(): no fd left behind
+        with contextlib.suppress(Exception):
+            self._close_exit()
+
     def abandon(self) -> None:
+        self._close_exit()
         for _, proc in self.procs:
             if proc.poll() is None:
                 proc.kill()

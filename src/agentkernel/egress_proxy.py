@@ -3,7 +3,9 @@
 It listens inside the sandbox's network namespace (sockets made there by a forked child
 that joins it), where packet-filter rules redirect every TCP connection and all DNS to it,
 and connects out from the host's namespace, only where the policy says, without any
-privilege (started by root it drops to its sandbox's own unprivileged `nobody`).
+privilege (started by root it drops to its sandbox's own unprivileged `nobody`). A
+daemon's gate runs on demand (egress_forkserver): forked at the sandbox's first
+connection, query or update, it exits when idle, its live policy and pins kept (`State`).
 
 Bounded: concurrent connections, DNS queries in flight, bytes inspected per connection
 (one ClientHello record / one HTTP head), time to the first bytes, idle time, log size.
@@ -30,6 +32,9 @@ SO_ORIGINAL_DST = 80
 MAX_CONNS = 512
 MAX_DNS_INFLIGHT = 64
 MAX_PINS = 8192
+MAX_PIN_NAMES = 16  # names pinned to one address (a CDN's): the oldest go first
+STATE_CAP = 2 * 1024 * 1024  # bytes of an activated gate's saved state (policy, pins)
+STATE_DELAY = 1.0  # seconds between a new pin and the state's save (then at most once)
 FIRST_BYTES_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 1800.0
@@ -70,9 +75,13 @@ class Gate:
         self.policy = policy
         self.denied = denied
         self.log = log
-        self.pins: OrderedDict[str, set[str]] = OrderedDict()  # address -> names
+        # address -> names (a dict as an ordered set), least recently pinned first
+        self.pins: OrderedDict[str, dict[str, None]] = OrderedDict()
         self.conns = 0
         self.dns_inflight = 0
+        self.busy = 0  # connections, queries and updates being served (idle exit: none)
+        self.last = time.monotonic()  # when one last began
+        self.state: State | None = None  # an activated gate's: what outlives it
         # Secrets (egress_mitm): what the gate holds, and its TLS contexts for them.
         self.held: list[Any] = []
         self.server_ctx: Any = None
@@ -87,11 +96,31 @@ class Gate:
         return "always-denied address" if is_denied(addr, self.denied) else None
 
     def pin(self, addr: str, name: str) -> None:
-        names = self.pins.pop(addr, set())
-        names.add(name)
+        names = self.pins.pop(addr, {})
+        names.pop(name, None)
+        names[name] = None
+        while len(names) > MAX_PIN_NAMES:
+            del names[next(iter(names))]
         self.pins[addr] = names
         while len(self.pins) > MAX_PINS:
             self.pins.popitem(last=False)
+        if self.state is not None:
+            self.state.changed()
+
+    def track(self, work: Any) -> Any:
+        """`work` (a coroutine) counted as busy from now until it ends: an activated
+        gate does not exit between a connection's accept and its handler's first step."""
+        self.busy += 1
+        self.last = time.monotonic()
+
+        async def run() -> None:
+            try:
+                await work
+            finally:
+                self.busy -= 1
+                self.last = time.monotonic()
+
+        return run()
 
     def addr_verdict(self, addr: str, port: int) -> tuple[Verdict, set[str] | None]:
         """A connection to addr:port before its first bytes: the verdict, and the names
@@ -510,7 +539,7 @@ class DnsUdp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        asyncio.get_running_loop().create_task(self._reply(data, addr))
+        asyncio.get_running_loop().create_task(self.gate.track(self._reply(data, addr)))
 
     async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
         reply = await answer(self.gate, data)
@@ -554,6 +583,9 @@ async def handle_control(gate: Gate, owner: int, reader: asyncio.StreamReader,
         if req.get("op") in ("allow", "deny"):
             gate.policy = gate.policy.with_rule(str(req["op"]), str(req["entry"]))
             gate.log.write(kind="policy", op=req["op"], entry=str(req["entry"])[:300])
+            if gate.state is not None:
+                gate.state.policy_changed = True
+                gate.state.save()  # before the reply: the next gate has it
         reply = {"ok": True, "policy": gate.policy.to_json()}
     except Exception as exc:
         reply = {"ok": False, "error": getattr(exc, "message", str(exc))[:300]}
@@ -566,15 +598,17 @@ async def handle_control(gate: Gate, owner: int, reader: asyncio.StreamReader,
 # --- start-up ----------------------------------------------------------------------------
 
 
-def _hold_secrets(gate: Gate, cfg: dict[str, Any]) -> None:
-    """The secrets and the TLS contexts for their hosts, loaded while files are readable."""
+def _hold_secrets(gate: Gate, cfg: dict[str, Any], leaf: str | None = None) -> None:
+    """The secrets and the TLS contexts for their hosts, loaded while files are readable
+    (the leaf: a file deleted once read, or an activated gate's memfd)."""
     from .egress_mitm import Held, client_context, server_context
 
     gate.held = [Held(str(s["name"]), frozenset(s["hosts"]), str(s["header"]),
                       str(s["placeholder"]).encode(), str(s["value"]).encode())
                  for s in cfg["secrets"]]
-    gate.server_ctx = server_context(str(cfg["leaf"]))
-    os.unlink(str(cfg["leaf"]))  # held in memory now: no copy of its key stays on disk
+    gate.server_ctx = server_context(leaf or str(cfg["leaf"]))
+    if leaf is None:
+        os.unlink(str(cfg["leaf"]))  # held in memory now: no copy of its key stays on disk
     gate.client_ctx = client_context(cfg.get("upstream_ca"))
 
 
@@ -663,15 +697,22 @@ def _drop(uid: int, gid: int) -> None:
 
 async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
                 control: socket.socket, gate: Gate) -> None:
+    """Serve until the sandbox's lifeline ends, or (an activated gate, cfg "idle") until
+    nothing was served for that many seconds: then the fork server holds the listeners
+    again, and what arrives after waits in their queues for the next gate."""
     loop = asyncio.get_running_loop()
-    await asyncio.start_server(lambda r, w: handle_tcp(gate, r, w), sock=tcp, limit=CHUNK)
-    await loop.create_datagram_endpoint(lambda: DnsUdp(gate), sock=udp)
-    await asyncio.start_unix_server(
-        lambda r, w: handle_control(gate, int(cfg["owner"]), r, w), sock=control)
-    ready = int(cfg["ready_fd"])
-    with contextlib.suppress(OSError):  # nobody may be waiting (see GateStart.wait)
-        os.write(ready, b"1")
-    os.close(ready)
+    servers = [
+        await asyncio.start_server(lambda r, w: gate.track(handle_tcp(gate, r, w)), sock=tcp,
+                                   limit=CHUNK),
+        await asyncio.start_unix_server(
+            lambda r, w: gate.track(handle_control(gate, int(cfg["owner"]), r, w)),
+            sock=control)]
+    dns, _ = await loop.create_datagram_endpoint(lambda: DnsUdp(gate), sock=udp)
+    ready = cfg.get("ready_fd")
+    if ready is not None:  # an activated gate has no one waiting: its server polled
+        with contextlib.suppress(OSError):  # nobody may be waiting (see GateStart.wait)
+            os.write(int(ready), b"1")
+        os.close(int(ready))
     exit_fd = int(cfg["exit_fd"])
     done: asyncio.Future[None] = loop.create_future()
 
@@ -680,7 +721,127 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
             done.set_result(None)
 
     loop.add_reader(exit_fd, closed)
-    await done  # the sandbox's lifeline closed: it is gone
+    idle = float(cfg.get("idle") or 0)
+    if idle > 0:
+        parent = os.getppid()
+
+        def check() -> None:
+            # The server gone (killed), this gate is the sandbox's only way out: it stays.
+            # A task besides this one (serve) not yet counted as busy: a connection just
+            # accepted, whose handler asyncio starts in a task of its own.
+            if (gate.busy or time.monotonic() - gate.last < idle or os.getppid() != parent
+                    or len(asyncio.all_tasks(loop)) > 1):
+                loop.call_later(min(idle, 5.0), check)
+                return
+            # Stop taking anything first, in this same step: nothing is accepted or read
+            # that this gate would then drop; the server's copies keep what is queued.
+            for server in servers:
+                server.close()
+            dns.close()
+            if gate.state is not None:
+                gate.state.save()
+            closed()
+
+        loop.call_later(min(idle, 5.0), check)
+    await done  # the sandbox's lifeline closed (it is gone), or idle
+
+
+class State:
+    """What outlives an activated gate, for the sandbox's next one: live policy updates
+    and the pinned DNS answers (so a client's cached answer still connects, and never an
+    address no answer gave). A memfd only this sandbox's gates hold (the fork server
+    passes it on, never reads it); rewritten whole, at most STATE_CAP bytes. Read after
+    the privilege drop: a gate taken over could have written anything there, and could
+    equally have connected anywhere itself; it reaches no other sandbox's."""
+
+    def __init__(self, fd: int, gate: Gate) -> None:
+        self.fd = fd
+        self.gate = gate
+        self.policy_changed = False
+        self.pending: asyncio.TimerHandle | None = None
+
+    def load(self) -> None:
+        from ipaddress import IPv4Address
+
+        data = os.pread(self.fd, STATE_CAP + 1, 0)
+        if not data or len(data) > STATE_CAP:
+            return
+        try:
+            doc = json.loads(data)
+            if doc.get("policy") is not None:
+                self.gate.policy = Policy.from_json(doc["policy"])
+                self.policy_changed = True
+            for addr, names in doc.get("pins", [])[-MAX_PINS:]:
+                IPv4Address(addr)
+                for name in names[-MAX_PIN_NAMES:]:
+                    self.gate.pins.setdefault(str(addr), {})[normalize_name(str(name))] = None
+        except Exception as exc:  # a damaged state: start from the config's policy
+            self.gate.log.write(note=f"saved gate state ignored: {type(exc).__name__}")
+
+    def changed(self) -> None:
+        if self.pending is None:
+            with contextlib.suppress(RuntimeError):  # no loop: saved at the next change
+                loop = asyncio.get_running_loop()
+                self.pending = loop.call_later(STATE_DELAY, self.save)
+
+    def save(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+        pins = [[a, list(n)] for a, n in self.gate.pins.items()]
+        while True:
+            doc = {"policy": self.gate.policy.to_json() if self.policy_changed else None,
+                   "pins": pins}
+            data = json.dumps(doc, separators=(",", ":")).encode()
+            if len(data) <= STATE_CAP or not pins:
+                break
+            pins = pins[len(pins) // 4 + 1:]  # too big: the least recently pinned go
+        with contextlib.suppress(OSError):
+            os.pwrite(self.fd, data, 0)
+            os.ftruncate(self.fd, len(data))
+
+
+def main_activated(fds: dict[str, int]) -> None:
+    """A gate forked on demand (egress_forkserver: `fds` names where its fds are): its
+    config from its sealed memfd, its secrets, no privileges, then the state earlier gates
+    left, then serve until idle or the sandbox is gone."""
+    import fcntl
+
+    from .egress import denied_networks, host_addresses
+    from .egress_audit import AuditWriter
+
+    seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+    for fd in (fds["cfg"], *([fds["leaf"]] if _is_open(fds["leaf"]) else [])):
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & seals != seals:
+            raise SystemExit("the gate's config is not sealed")  # never trust a writable one
+    cfg = json.loads(os.pread(fds["cfg"], 16 << 20, 0))
+    os.close(fds["cfg"])
+    audit = AuditWriter.from_fds(fds["audit"], fds["audit_old"], str(cfg.get("sandbox", "?")),
+                                 str(cfg.get("instance", "")))
+    gate = Gate(Policy.from_json(cfg["policy"]), denied_networks(host_addresses()),
+                Log(fds["log"], audit))
+    if cfg.get("secrets"):
+        _hold_secrets(gate, cfg, f"/proc/self/fd/{fds['leaf']}")
+    if _is_open(fds["leaf"]):
+        os.close(fds["leaf"])  # held in memory now
+    _preload()
+    _drop(int(cfg.get("uid", -1)), int(cfg.get("gid", -1)))
+    state = State(fds["state"], gate)
+    state.load()
+    gate.state = state
+    cfg = {**cfg, "exit_fd": fds["exit"], "ready_fd": None}
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(cfg, socket.socket(fileno=fds["tcp"]),
+                          socket.socket(fileno=fds["udp"]), socket.socket(fileno=fds["control"]),
+                          gate))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def main(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket) -> None:
@@ -697,7 +858,8 @@ def main(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket) -> None:
     if cfg.get("audit"):  # opened now: the data dir is out of reach once privileges drop
         from .egress_audit import AuditWriter
 
-        audit = AuditWriter(str(cfg["audit"]), str(cfg.get("sandbox", "?")))
+        audit = AuditWriter(str(cfg["audit"]), str(cfg.get("sandbox", "?")),
+                            str(cfg.get("instance", "")))
     gate = Gate(Policy.from_json(cfg["policy"]), denied, Log(log_fd, audit))
     if cfg.get("secrets"):
         _hold_secrets(gate, cfg)

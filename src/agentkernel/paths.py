@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from functools import lru_cache
 
 from .errors import SandboxError
 
@@ -248,13 +249,21 @@ def which(name: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1)
+def _package_bin() -> Path:
+    """Our package's `_bin` dir (resolved once: a realpath walk per sandbox start adds up)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent / "_bin"
+
+
 def native_binary(name: str) -> Path:
     """Locate a binary built by `make -C agent` (ak-agent, ak-seccomp)."""
     from pathlib import Path
 
     override = os.environ.get("AGENTKERNEL_BIN_DIR")
     candidates = [Path(override)] if override else []
-    candidates.append(Path(__file__).resolve().parent / "_bin")
+    candidates.append(_package_bin())
     for directory in candidates:
         path = directory / name
         if path.is_file() and os.access(path, os.X_OK):

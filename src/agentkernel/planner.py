@@ -316,17 +316,18 @@ def same_path_target(path: str, rootfs: HostRootfs, home: Path | None,
 def with_agent(req: RunRequest) -> RunRequest:
     """An agent sandbox: the agent's install (read-only), variables, API hosts and the
     stored secret that covers its key (agents/request.py), under the request's own -e,
-    lists and limits; the namespaces backend (its gate keeps the key outside) and the
-    host's userland (the agents are built for it) unless the request names an image."""
-    from .agents.request import AGENT_MEMORY_MB, agent_run, check_backend
+    lists and limits; namespaces or gVisor (agents/request.agent_backend: their gate keeps
+    the key outside) and the host's userland (the agents are built for it) unless the
+    request names an image."""
+    from .agents.request import AGENT_MEMORY_MB, agent_backend, agent_run
 
     assert req.agent is not None
-    check_backend(req.backend)
+    backend = agent_backend(req.backend)
     if req.no_network:
         raise UsageError("an agent sandbox needs the network to reach the agent's API")
     agent = agent_run(req.agent, DEFAULT_PATH)
     return req._replace(
-        backend="namespaces", image=req.image or HOST_IMAGE,
+        backend=backend, image=req.image or HOST_IMAGE,
         memory_mb=AGENT_MEMORY_MB if req.memory_mb is None else req.memory_mb,
         env={**agent.env, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
         secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),

@@ -39,11 +39,16 @@ class SandboxSpec(NamedTuple):
     # there means the default (public addresses only).
     egress: Policy | None = None
     # Extra host dirs shown read-only: (host path, in-sandbox path), e.g. the install of
-    # `run --agent`'s agent (namespaces backend only: `run --agent` asks for no other).
+    # `run --agent`'s agent (namespaces and gVisor: agents/request.agent_backend).
     ro_binds: tuple[tuple[str, str], ...] = ()
     # Where the project is shown inside: /workspace, or (`run --agent`) its own host path,
     # checked by controlplane.workspace_target before the spec is made.
     workspace_at: str = "/workspace"
+    # Which life of the sandbox called `name` this is: a kept sandbox's id from creation to
+    # removal (the daemon's uuid), "" for a one-shot run (its gate makes one). The egress
+    # audit log keys entries by name and instance: a re-created sandbox of the same name
+    # never sees its predecessor's.
+    instance: str = ""
 
 
 class Sandbox:

@@ -89,5 +89,12 @@ def test_the_daemon_plans_as_the_caller_would(daemon: Daemon, tmp_path: Path,
             "AGENTKERNEL_REGISTRY_MIRROR": "127.0.0.1:10", "HOME": os.environ["HOME"]})
         _key, theirs = manager._plan_run(other)
         assert theirs.registry is not None and theirs.registry.mirrors == ["127.0.0.1:10"]
+        # Callers whose microVM settings differ never share warm sandboxes (a pooled VM was
+        # started with its key's settings); the same settings from elsewhere do.
+        base = {"HOME": os.environ["HOME"], "AGENTKERNEL_MICROVM_SNAPSHOT": "0"}
+        keys = [manager._plan_run(WireRequest(argv=["true"], image="host", caller_env=env))[0]
+                for env in (base, dict(base), {**base, "AGENTKERNEL_MICROVM_SNAPSHOT": "1"})]
+        assert keys[0] == keys[1] and hash(keys[0]) == hash(keys[1])
+        assert keys[0] != keys[2] and keys[2].microvm.snapshot
     finally:
         manager.close()

@@ -96,7 +96,7 @@ def test_create_an_agent_sandbox(http: httpx.Client) -> None:
 
 @pytest.mark.parametrize("body", [
     {"name": "bad-agent", "agent": "nosuch"},
-    {"name": "bad-agent", "agent": "claude", "backend": "gvisor"},
+    {"name": "bad-agent", "agent": "claude", "backend": "microvm"},  # refused, with why
     {"name": "bad-agent", "egress": {"allow": ["bad host!"]}},
     {"name": "bad-agent", "egress": {"allow": ["x"] * 300}},
 ])

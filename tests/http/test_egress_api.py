@@ -43,3 +43,26 @@ def test_egress_log_route(server: RunningServer) -> None:
             assert http.get("/sandboxes/..%2F..%2Fetc/egress").status_code in (400, 404)
         finally:
             http.delete(f"/sandboxes/{name}")
+
+
+def test_a_recreated_sandbox_gets_only_its_own_entries(server: RunningServer) -> None:
+    """The audit log is keyed by the sandbox's instance too: a sandbox created again under
+    a name used before starts with no entries, then has its own only."""
+    name = prefix() + "-again"
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as http:
+        seen = []
+        for addr in ("10.213.251.1", "10.213.251.2"):
+            resp = http.post("/sandboxes", json={"name": name, "image": "host",
+                                                 "backend": "namespaces"})
+            assert resp.status_code == 201, resp.text
+            try:
+                assert http.get(f"/sandboxes/{name}/egress").json()["data"] == []
+                probe = PROBE.replace("('169.254.169.254', '10.213.0.9')", repr((addr,)))
+                resp = http.post(f"/sandboxes/{name}/exec",
+                                 json={"command": ["python3", "-c", probe]})
+                assert resp.status_code == 200, resp.text
+                entries = http.get(f"/sandboxes/{name}/egress").json()["data"]
+                seen.append({e["addr"] for e in entries if e["kind"] == "tcp"})
+            finally:
+                http.delete(f"/sandboxes/{name}")
+        assert seen == [{"10.213.251.1"}, {"10.213.251.2"}], seen

@@ -75,17 +75,17 @@ def prepare(args: argparse.Namespace, command: list[str]) -> KeySource:
     allowed. Returns where the key came from."""
     from ..planner import DEFAULT_PATH
     from .registry import get
-    from .request import agent_run, check_backend
+    from .request import agent_backend, agent_run
 
     spec = get(args.agent)
-    check_backend(args.backend)
+    backend = agent_backend(args.backend)
     if args.no_network:
         raise UsageError("run --agent needs the network to reach the agent's API")
     agent = agent_run(spec.id, DEFAULT_PATH, stored_key=False)
     key = key_source(spec, dict(os.environ))
     env = [f"{k}={v}" for k, v in agent.env.items()]
     env += [f"{k}={os.environ[k]}" for k in TERMINAL_ENV if os.environ.get(k)]
-    args.backend = "namespaces"
+    args.backend = backend
     args.memory = args.memory or f"{AGENT_MEMORY_MB}m"
     args.image = args.image or "host"  # the agents are built for the host's userland
     args.env = [*env, *args.env]  # the user's -e win

@@ -20,7 +20,17 @@ SANDBOX_HOME = "/root"  # the sandbox's own (a kept sandbox keeps it across rest
 # aborts at start under a 512 MiB RLIMIT_DATA, the cap an ordinary user gets): 4 GiB
 # unless -m says otherwise.
 AGENT_MEMORY_MB = 4096
-AGENT_BACKENDS = (None, "auto", "namespaces")
+# The backends an agent runs on: each shows the agent's install and the project at its own
+# path from the host and keeps the key outside with its egress gate. None/auto: namespaces.
+AGENT_BACKENDS = ("namespaces", "gvisor")
+# Why the others cannot, said when one is asked for.
+AGENT_REFUSALS = {
+    "microvm": "a microVM's guest gets neither the host's userland the agent CLIs are built "
+               "for nor the project itself (the project is a copy on a disk of the VM's: "
+               "the agent's edits would never reach it; this guest kernel has no shared "
+               "filesystem)",
+    "wasm": "the agent CLIs are native programs, not WASI modules",
+}
 
 
 class AgentRun(NamedTuple):
@@ -43,10 +53,16 @@ def installed_dir(spec: AgentSpec) -> str:
     return str(agents_dir() / spec.id)
 
 
-def check_backend(backend: str | None) -> None:
-    if backend not in AGENT_BACKENDS:
-        raise UsageError("an agent sandbox uses the namespaces backend: its egress gate is "
-                         "the one that keeps the agent's key outside the sandbox")
+def agent_backend(backend: str | None) -> str:
+    """The backend an agent sandbox runs on: the one asked for if it can (namespaces,
+    gvisor), namespaces for none or `auto`; UsageError saying why for the others."""
+    if backend in (None, "auto"):
+        return "namespaces"
+    if backend in AGENT_BACKENDS:
+        return backend
+    why = AGENT_REFUSALS.get(backend, "agent sandboxes are not built on it yet")
+    raise UsageError(f"an agent cannot run on the {backend} backend: {why}; use "
+                     f"{' or '.join(AGENT_BACKENDS)}")
 
 
 def agent_run(agent_id: str, default_path: str, *, stored_key: bool = True) -> AgentRun:

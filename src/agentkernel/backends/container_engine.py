@@ -378,7 +378,9 @@ class ContainerBackend(Backend):
         helpers: list[subprocess.Popen[bytes]] = []
         if spec.profile.network == "egress":
             try:
-                helpers.append(self._egress_gate(spec, scratch, pid))
+                gate = self._egress_gate(spec, scratch, pid)
+                if gate is not None:  # None: on demand, from the fork server
+                    helpers.append(gate)
             except BaseException:
                 client.close()
                 if not spec.persistent:
@@ -408,7 +410,7 @@ class ContainerBackend(Backend):
         return sandbox
 
     def _egress_gate(self, spec: SandboxSpec, scratch: Path,
-                     pid: int) -> subprocess.Popen[bytes]:
+                     pid: int) -> subprocess.Popen[bytes] | None:
         """The container's only way out, up before its agent takes a command: the engine
         gave it a network namespace of its own with nothing in it (network "none"); the
         egress gate's veth (both ends inside) and rules go in from the host side, as for a
@@ -427,7 +429,8 @@ class ContainerBackend(Backend):
                                f"{exc}") from None
         try:
             gate = GateStart(scratch, exit_fd=exit_fd)
-            gate.attach(pid, spec.egress or Policy(), loopback_dns=True)
+            gate.attach(pid, spec.egress or Policy(), loopback_dns=True,
+                        instance=spec.instance)
             return gate.wait()
         finally:
             os.close(exit_fd)

@@ -279,13 +279,15 @@ def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
     life_r, life_w = lifeline()
     try:
         gate = GateStart(scratch, exit_fd=life_r)
-        helpers.append(gate.gate)
+        if gate.gate is not None:  # None: on demand, from the fork server
+            helpers.append(gate.gate)
         holder = netns_holder(life_r)
         helpers.append(holder)
         router = router_holder(holder.pid, life_r)
         helpers.append(router)
         gate.attach(holder.pid, spec.egress or Policy(), router=router.pid,
-                    ids=(rng.uid + NOBODY, rng.gid + NOBODY) if rng is not None else None)
+                    ids=(rng.uid + NOBODY, rng.gid + NOBODY) if rng is not None else None,
+                    instance=spec.instance)
         gate.wait()
     except BaseException:
         os.close(life_w)
@@ -408,6 +410,9 @@ def build_oci_config(
                        "options": ["rbind", mode]})
     if p.mount_home and spec.home is not None:
         mounts.append({"destination": "/home/user", "type": "bind", "source": str(spec.home),
+                       "options": ["rbind", "ro"]})
+    for source, target in spec.ro_binds:  # e.g. `run --agent`'s install, under /run
+        mounts.append({"destination": target, "type": "bind", "source": source,
                        "options": ["rbind", "ro"]})
     # The agent masks secrets and sets up a pids cgroup inside gVisor, holding SETUP_CAPS
     # only for that, then drops every capability before serving. Masks are the agent's

@@ -329,10 +329,12 @@ def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
     life_r, life_w = lifeline()
     try:
         gate = GateStart(scratch, exit_fd=life_r)
-        helpers.append(gate.gate)
+        if gate.gate is not None:  # None: on demand, from the fork server
+            helpers.append(gate.gate)
         holder = netns_holder(life_r)
         helpers.append(holder)
-        gate.attach(holder.pid, spec.egress or Policy(), ids=ids, loopback_dns=True)
+        gate.attach(holder.pid, spec.egress or Policy(), ids=ids, loopback_dns=True,
+                    instance=spec.instance)
         gate.wait()
     except BaseException:
         close_fds(life_w, lock)

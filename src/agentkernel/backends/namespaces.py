@@ -196,7 +196,8 @@ def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[byte
     from ..egress_gate import GateStart
 
     gate = GateStart(scratch, exit_fd=exit_fd)
-    helpers.append(gate.gate)
+    if gate.gate is not None:  # None: on demand, from the fork server
+        helpers.append(gate.gate)
     return gate
 
 
@@ -205,7 +206,7 @@ def _egress(gate: Any, pid: int, spec: SandboxSpec) -> None:
     from ..egress_policy import Policy
 
     _wait_loopback(pid)
-    gate.attach(pid, spec.egress or Policy())
+    gate.attach(pid, spec.egress or Policy(), instance=spec.instance)
     gate.wait()
 
 

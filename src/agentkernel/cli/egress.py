@@ -69,10 +69,7 @@ def cmd_egress(args: argparse.Namespace) -> int:
         print(json.dumps(control(args.name, {"op": "show"}).get("policy"), indent=2))
         return 0
     if args.audit:
-        from ..egress_audit import read_audit
-        from ..names import validate_sandbox_name
-
-        for entry in read_audit(validate_sandbox_name(args.name)):
+        for entry in _audit_entries(args.name):
             print(json.dumps(entry) if args.json else format_entry(entry))
         return 0
     scratch = scratch_of(args.name)
@@ -87,6 +84,30 @@ def cmd_egress(args: argparse.Namespace) -> int:
         if not scratch.exists():
             return 0  # the sandbox is gone
         time.sleep(0.5)
+
+
+def _audit_entries(name: str) -> list[dict[str, object]]:
+    """The audit log's entries of the sandbox called `name`: a kept one's (the daemon
+    knows its instance), a running one-shot's (its scratch dir says), else those of the
+    last sandbox that had the name. Never an earlier namesake's."""
+    from ..egress_audit import latest_audit, read_audit
+    from ..egress_gate import INSTANCE_NAME
+    from ..ipc.client import DaemonError, call
+    from ..names import validate_sandbox_name
+    from ..paths import runtime_dir
+
+    validate_sandbox_name(name)
+    try:
+        entries = call("egress_log", {"name": name}, auto_start=False)
+        return list(entries) if isinstance(entries, list) else []
+    except DaemonError as exc:
+        if exc.kind not in ("NotFound", "DaemonError"):  # DaemonError: none runs
+            raise
+    try:
+        instance = (runtime_dir() / "sandboxes" / name / INSTANCE_NAME).read_text().strip()
+    except OSError:
+        return latest_audit(name)
+    return read_audit(name, instance=instance)
 
 
 def cmd_secret(args: argparse.Namespace) -> int:

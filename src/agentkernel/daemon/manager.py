@@ -240,7 +240,8 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
                            workspace=workspace, home=home_opt, persistent=True,
                            state_dir=self._layers_dir(name),
                            masks=control_masks(profile, workspace, home_opt, at),
-                           egress=_egress_of(doc), ro_binds=ro_binds, workspace_at=at)
+                           egress=_egress_of(doc), ro_binds=ro_binds, workspace_at=at,
+                           instance=self._row(name)["uuid"])  # its audit entries' key
         env = sandbox_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
         cwd = sandbox_cwd(None, workspace is not None, image_config, at)

@@ -72,6 +72,10 @@ class PoolKey:
     workspace: str | None  # host project dir at /workspace, None for none
     home: str | None  # host home (only when the profile mounts it)
     egress: Any = None  # egress_policy.Policy from the project's [network] lists, or None
+    # The caller's microVM settings (vm.settings.MicrovmSettings, its `source` blanked): the
+    # backend a key's sandboxes start on is configured with them, so callers that differ in
+    # them (another kernel, snapshots on/off) must not share warm VMs.
+    microvm: Any = None
 
     def label(self) -> str:
         where = f" {self.workspace}" if self.workspace else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,8 @@ class RunsMixin:
                       profile=plan.profile,
                       workspace=str(plan.workspace) if plan.workspace else None,
                       home=str(plan.home) if plan.home else None,
-                      egress=plan.egress)  # the project's [network] lists
+                      egress=plan.egress,  # the project's [network] lists
+                      microvm=replace(plan.microvm, source="") if plan.microvm else None)
         return key, plan
 
     def _pool_spec(self: SandboxManager, key: PoolKey, rootfs: HostRootfs) -> SandboxSpec:

@@ -259,8 +259,8 @@ class SandboxesMixin:
         audit log: what its gates saw across restarts, bounded (egress_audit)."""
         from ..egress_audit import read_audit
 
-        self._row(name)
-        return read_audit(name)
+        # Its own entries only: not those of an earlier sandbox that had its name.
+        return read_audit(name, instance=self._row(name)["uuid"])
 
     def logs(self: SandboxManager, name: str) -> list[dict[str, object]]:
         self._row(name)

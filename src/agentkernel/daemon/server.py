@@ -47,6 +47,7 @@ _SIMPLE = {
     "detached_list", "detached_status", "detached_logs", "detached_kill", "logs",
     "read_file", "write_file", "delete_file", "stat_file", "snapshot", "snapshots",
     "get_snapshot", "delete_snapshot", "restore_snapshot", "backends", "pool_status",
+    "egress_log",
 }
 
 
