@@ -578,7 +578,13 @@ class ContainerBackend(Backend):
                              str(spec.workspace))
                 _mount_overlay(lower, (spec.state_dir or scratch) / "ws", merged)
             _preload_after_start()
-            api.call("POST", f"/containers/{cid}/start", expect=(204, 304), timeout=START_TIMEOUT)
+            try:
+                api.call("POST", f"/containers/{cid}/start", expect=(204, 304),
+                         timeout=START_TIMEOUT)
+            except EngineError as exc:
+                if _layer_missing(exc.message):  # (check_layer's fault, met by runc)
+                    raise LayerNotMounted(exc.message) from None
+                raise
         finally:
             close_all(opened)
             detach(str(merged))  # (the container's bind of it keeps the overlay)
@@ -1040,9 +1046,12 @@ def _write_tree_tar(path: Path, root: Path) -> None:
 
 
 def _layer_missing(message: str) -> bool:
-    """Whether the engine's error is check_layer's fault met while creating: Docker writes
-    into the container's init layer (`<id>-init/merged`), which was not mounted."""
-    return "-init/merged/" in message and "no such file or directory" in message
+    """Whether the engine's error is check_layer's fault met before the agent runs: Docker
+    writing into the container's init layer (`<id>-init/merged/...: no such file`), or
+    runc making its mount points in a bare layer dir it may not write (a user namespace's
+    root on Podman: `.../merged/sys: permission denied`)."""
+    return "/merged/" in message and ("no such file or directory" in message
+                                      or "permission denied" in message)
 
 
 def _preload_after_start() -> None:
