@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import pct, timed
+from common import pct, stamp, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 AK = str(ROOT / ".venv" / "bin" / "agentkernel")
@@ -80,13 +80,12 @@ def main() -> None:
         if pidfile.exists():
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pidfile.read_text()), signal.SIGTERM)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=False).stdout.strip()
     out = ROOT / "bench" / "results" / f"containers-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"commit": commit, "machine": platform.node(),
-                               "cpus": os.cpu_count(), "n": args.n, "results": results},
-                              indent=1))
+    st = stamp()  # commit (-dirty), kernel, CPU, load average, tool versions
+    print(f"commit {st['commit']} on {platform.node()}, load {st['load']}")
+    out.write_text(json.dumps({**st, "machine": platform.node(), "n": args.n,
+                               "results": results}, indent=1))
     print(f"wrote {out}")
 
 

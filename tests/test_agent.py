@@ -244,6 +244,28 @@ def test_stdin_is_devnull_unless_requested(client: AgentClient) -> None:
     assert (out, st.code) == (b"", 0)
 
 
+def test_closing_absent_stdin_sends_nothing(client: AgentClient) -> None:
+    """A command started without stdin has /dev/null: its EOF frame would be a write and
+    a wake-up of the agent on every run's path for nothing."""
+    sent: list[int] = []
+    send = client._send
+
+    def spy(ftype: int, chan: int, payload: bytes | memoryview = b"") -> None:
+        sent.append(ftype)
+        send(ftype, chan, payload)
+
+    client._send = spy  # type: ignore[method-assign]
+    ex = client.exec(["cat"])
+    ex.close_stdin()
+    assert ex.wait(5)[2].code == 0
+    assert T.STDIN not in sent
+    ex = client.exec(["cat"], stdin=True)
+    ex.write_stdin(b"x")
+    ex.close_stdin()  # with stdin, EOF is what ends cat
+    assert ex.wait(5)[0] == b"x"
+    assert sent.count(T.STDIN) == 2
+
+
 def test_interactive_stdin(client: AgentClient) -> None:
     ex = client.exec(["sh", "-c", "while read l; do echo got:$l; done"], stdin=True)
     ev = ex.events()

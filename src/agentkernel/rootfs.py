@@ -23,6 +23,8 @@ ALWAYS_MASKED = (
 )
 
 MountKind = Literal["ro-bind", "symlink"]
+# Told of each path a walk for private entries depends on, with its lstat (None: a root).
+Watch = Callable[[str, "os.stat_result | None"], None]
 
 # Top-level names the backends mount themselves; an image's own copies are not bound.
 BACKEND_MOUNTS = frozenset({"proc", "sys", "dev", "tmp", "run"})
@@ -62,9 +64,11 @@ class HostRootfs(NamedTuple):
     # starts: the agent walks them in C; `private_masks()` is the Python equivalent).
     private_dirs: tuple[str, ...] = ()
 
-    def private_masks(self) -> tuple[Mask, ...]:
-        """Every mask, the private dirs' walked ones included, nested ones dropped."""
-        found = {m.path: m for d in self.private_dirs for m in _secret_entries(d)}
+    def private_masks(self, watch: Watch | None = None) -> tuple[Mask, ...]:
+        """Every mask, the private dirs' walked ones included, nested ones dropped.
+        `watch` is told of each dir before it is read, and of each other entry
+        (rootfs_watch: what may change the answer)."""
+        found = {m.path: m for d in self.private_dirs for m in _secret_entries(d, watch)}
         for mask in self.masks:
             found.setdefault(mask.path, mask)
         kept: list[Mask] = []
@@ -102,15 +106,28 @@ def _world_readable(st: os.stat_result) -> bool:
     return st.st_mode & need == need
 
 
-def _secret_entries(root: str) -> list[Mask]:
+def _secret_entries(root: str, watch: Watch | None = None) -> list[Mask]:
     """Every entry under `root` that the host does not let everyone read.
 
     Inside the sandbox the command may run with the host uid of the caller (root in CI),
     so file modes alone do not protect root-only files: hide them.
     """
-    return [Mask(entry.path, stat.S_ISDIR(st.st_mode))
-            for entry, st in walk_tree(root, lambda _e, st: _world_readable(st))
-            if not stat.S_ISLNK(st.st_mode) and not _world_readable(st)]
+    def descend(entry: os.DirEntry[str], st: os.stat_result) -> bool:
+        if not _world_readable(st):
+            return False
+        if watch is not None:
+            watch(entry.path, st)  # (before the walk reads it)
+        return True
+
+    if watch is not None:
+        watch(root, None)
+    out = []
+    for entry, st in walk_tree(root, descend):
+        if watch is not None and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+            watch(entry.path, st)
+        if not stat.S_ISLNK(st.st_mode) and not _world_readable(st):
+            out.append(Mask(entry.path, stat.S_ISDIR(st.st_mode)))
+    return out
 
 
 @lru_cache(maxsize=1)

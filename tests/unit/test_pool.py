@@ -372,3 +372,139 @@ def test_a_reusable_sandbox_is_given_back_first_in_line(fake: FakeBackend,
     p.close()
     p.give_back(k, last)
     assert last.spec.name not in fake.live
+
+
+# ---- background work yields to runs in flight (the request's latency) ----
+
+@pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background work holds back as long as a run is in flight (within any test's time),
+    and not at all once none is."""
+    monkeypatch.setattr(pool_mod, "YIELD_MAX", 30.0)
+    monkeypatch.setattr(pool_mod, "SETTLE", 0.0)
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 0.05)
+
+
+def test_a_start_ahead_of_demand_waits_for_the_run_in_flight(
+        fake: FakeBackend, make_pool: Any, patient: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 1e6)  # rare takes: none expected soon
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 2, 2)
+    assert p.wait_warm(10)
+    started = fake.started
+    sandbox, warm = p.acquire(k, None, None)
+    assert warm
+    time.sleep(0.3)  # a warm one is left for the next take: its refill waits for this run
+    assert fake.started == started
+    p.release(k)
+    wait_for(lambda: fake.started == started + 1)  # the run ended: now it starts
+    p.discard(sandbox)
+
+
+def test_a_start_the_next_take_needs_does_not_wait(
+        fake: FakeBackend, make_pool: Any, patient: None) -> None:
+    """No warm sandbox left, and the next take expected before a start held back would be
+    ready (here: within YIELD_MAX): it starts beside the run."""
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 1, 1)
+    assert p.wait_warm(10)
+    started = fake.started
+    sandbox, warm = p.acquire(k, None, None)
+    assert warm
+    # Nothing warm is left for the next take: its start runs beside this run.
+    wait_for(lambda: fake.started == started + 1)
+    assert status(p, k).in_use == 1
+    p.release(k)
+    p.discard(sandbox)
+
+
+def test_teardown_waits_for_the_runs_in_flight_then_happens(
+        fake: FakeBackend, make_pool: Any, patient: None) -> None:
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 2, 2)
+    assert p.wait_warm(10)
+    a, _ = p.acquire(k, None, None)
+    time.sleep(0.1)  # not back to back (BURST_GAP): teardown has a gap to wait for
+    b, _ = p.acquire(k, None, None)
+    p.release(k)
+    p.discard(a)  # b's run is still in flight
+    time.sleep(0.3)
+    assert a.spec.name in fake.live
+    p.release(k)
+    wait_for(lambda: a.spec.name not in fake.live)
+    p.discard(b)
+    assert p.drain(10)
+
+
+def test_teardown_does_not_wait_while_runs_come_back_to_back(
+        fake: FakeBackend, make_pool: Any, patient: None) -> None:
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 2, 2)
+    assert p.wait_warm(10)
+    a, _ = p.acquire(k, None, None)
+    b, _ = p.acquire(k, None, None)  # right after a: back to back
+    p.release(k)
+    p.discard(a)
+    wait_for(lambda: a.spec.name not in fake.live)  # b still runs: no gap will come
+    p.release(k)
+    p.discard(b)
+
+
+def test_background_work_yields_for_a_bounded_time_only(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs back to back leave no gap: teardown and refills still happen."""
+    monkeypatch.setattr(pool_mod, "YIELD_MAX", 0.05)
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 2, 2)
+    assert p.wait_warm(10)
+    started = fake.started
+    a, _ = p.acquire(k, None, None)  # never released while we watch
+    b, _ = p.acquire(k, None, None)
+    p.release(k)
+    p.discard(b)
+    wait_for(lambda: b.spec.name not in fake.live)
+    wait_for(lambda: fake.started >= started + 1)
+    p.release(k)
+    p.discard(a)
+
+
+def test_a_key_in_use_keeps_one_more_so_its_refill_can_wait(fake: FakeBackend,
+                                                          make_pool: Any) -> None:
+    """One sandbox more than the rate asks for while a key is in use: a take then leaves
+    one warm, and the refill may wait for the run (given-back keys, wasm's: not)."""
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 1, 4)
+    assert p.wait_warm(10)
+    sandbox, warm = p.acquire(k, None, None)
+    assert warm
+    assert status(p, k).target == 2
+    p.release(k)
+    p.discard(sandbox)
+    wait_for(lambda: status(p, k).warm >= 2)
+
+
+def test_a_burst_is_seen_at_its_second_take(fake: FakeBackend, make_pool: Any,
+                                            patient: None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rate's average needs several takes to rise; two takes close together already
+    mean more are coming: their refills do not wait (a third take would start cold)."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 1e6)  # the average alone sees no demand
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 3, 3)
+    assert p.wait_warm(10)
+    started = fake.started
+    a, _ = p.acquire(k, None, None)
+    b, _ = p.acquire(k, None, None)
+    wait_for(lambda: fake.started > started)  # while both runs are in flight
+    assert status(p, k).in_use == 2
+    for sandbox in (a, b):
+        p.release(k)
+        p.discard(sandbox)

@@ -217,12 +217,16 @@ def _unexpected(frame: Frame, context: str) -> ProtocolError:
 class Execution:
     """One running command. Consume its output with events() or wait()."""
 
-    def __init__(self, client: AgentClient, chan: int, q: _ChanQueue, pid: int) -> None:
+    def __init__(self, client: AgentClient, chan: int, q: _ChanQueue, pid: int, *,
+                 has_stdin: bool = True) -> None:
         self._client = client
         self._q = q
         self.id = chan
         self.pid = pid
         self.status: ExitStatus | None = None
+        # Started without stdin (the agent gave it /dev/null): an EOF frame would only be
+        # dropped by the agent, after a write and a wake-up on the request's path.
+        self._has_stdin = has_stdin
 
     def write_stdin(self, data: bytes) -> None:
         view = memoryview(data)
@@ -230,7 +234,8 @@ class Execution:
             self._client._send(T.STDIN, self.id, view[i : i + STDIN_CHUNK])
 
     def close_stdin(self) -> None:
-        self._client._send(T.STDIN, self.id, b"")
+        if self._has_stdin:
+            self._client._send(T.STDIN, self.id, b"")
 
     def signal(self, signo: int) -> None:
         self._client._send(T.SIGNAL, self.id, u32(signo))
@@ -610,7 +615,8 @@ class AgentClient:
                 # by a reconnecting agent): ours is refused with EBUSY after it.
                 frame = self._get(q, None, "exec reply")
             if frame.type == T.STARTED and len(frame.payload) == 4:
-                return Execution(self, chan, q, as_uint(frame.payload))
+                return Execution(self, chan, q, as_uint(frame.payload),
+                                 has_stdin=stdin or pty is not None)
             self._close_chan(chan)
             if frame.type != T.ERROR:
                 raise _unexpected(frame, "exec")

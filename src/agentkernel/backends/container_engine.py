@@ -81,6 +81,16 @@ MASKED_PATHS = (
 READONLY_PATHS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs",
                   "/proc/fb", "/proc/driver", "/proc/tty/driver", "/proc/pressure")
 
+# Storage drivers whose container root is an overlay mount, and what that mount is.
+LAYER_DRIVERS = frozenset({"overlay2", "overlay", "fuse-overlayfs"})
+LAYER_FSTYPES = frozenset({"overlay", "fuse.fuse-overlayfs"})
+LAYER_ATTEMPTS = 3  # starts of a sandbox whose container came up without its image
+
+
+class LayerNotMounted(Exception):
+    """The engine started the container on its layer's bare mount point (check_layer)."""
+
+
 IMAGE_CACHE_SECONDS = 5.0
 _IMAGE_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
 
@@ -300,6 +310,16 @@ class ContainerBackend(Backend):
                 f"image {image} from the {self.engine} engine's store ({ident[:19]})")
 
     def start(self, spec: SandboxSpec) -> Sandbox:
+        for attempt in range(LAYER_ATTEMPTS):
+            try:
+                return self._start_once(spec)
+            except LayerNotMounted as exc:
+                if attempt + 1 == LAYER_ATTEMPTS:
+                    raise SandboxError(f"{self.engine} started the sandbox without its image "
+                                       f"{LAYER_ATTEMPTS} times: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _start_once(self, spec: SandboxSpec) -> Sandbox:
         api = self.api()
         scratch = make_scratch(spec.name)
         try:
@@ -309,9 +329,11 @@ class ContainerBackend(Backend):
 
                 write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
             return self._start(api, spec, scratch)
-        except BaseException:
+        except BaseException as exc:
             import shutil
 
+            if not isinstance(exc, LayerNotMounted):
+                self.forget_engine()  # (stale settings may be why: the next start asks)
             if not spec.persistent:
                 self.remove_container(spec.name)
             shutil.rmtree(scratch, ignore_errors=True)
@@ -334,9 +356,17 @@ class ContainerBackend(Backend):
                     os.chown(ctl / HOST_SOCK, root, root)
             self._start_container(api, cid, spec, scratch, ids)
             if listener is not None:
-                client, pid = _accept(listener, lambda: self._died(cid))
+                client, pid, uid = _accept(listener, lambda: self._died(cid))
             else:
-                client, pid = self._connect_persistent(cid, ctl / AGENT_SOCK)
+                client, pid, uid = self._connect_persistent(cid, ctl / AGENT_SOCK)
+            try:
+                self.check_root(uid, root)
+                self.check_layer(api, cid, pid)
+            except (SandboxError, LayerNotMounted):
+                client.close()
+                if spec.persistent:
+                    self.stop_container(spec.name)  # (its layer is kept: started again)
+                raise
             if ids is not None:
                 hold_ids(ids, pid)
         finally:
@@ -405,6 +435,41 @@ class ContainerBackend(Backend):
         finally:
             os.close(exit_fd)
 
+    def check_root(self, uid: int, expected: int | None) -> None:
+        """Refuse a sandbox whose agent (the container's root) is not the host uid it
+        should be: never host root, and the engine's mapped uid when we know it. Checked on
+        the real process (its socket's SO_PEERCRED) before any command runs, so that what
+        we remember of the engine (`forget_engine`) can never be what lets one through."""
+        if uid != 0 and expected in (None, uid):
+            return
+        self.forget_engine()
+        want = f"host uid {expected}" if expected is not None else "an unprivileged host uid"
+        raise SandboxError(f"the {self.engine} container's root is host uid {uid}, not {want}: "
+                           "refused (was the engine restarted with other settings? try again)")
+
+    def check_layer(self, api: EngineAPI, cid: str, pid: int) -> None:
+        """Refuse a container whose root is not its image (LayerNotMounted: `start` makes
+        it again). Docker 20.10 under load sometimes has runc set the container up on its
+        layer's bare mount point, the engine's overlay not mounted there at that moment:
+        the image's files are all missing (plain `docker run` then fails with "stat
+        /bin/...: no such file", ours started, its commands "not found"). The
+        container's root mount then is not the engine's overlay: one read of its init's
+        mountinfo (the engine is asked which storage driver only when it is not)."""
+        fstype = _root_fstype(pid)
+        if fstype is None or fstype in LAYER_FSTYPES:
+            return
+        try:
+            doc = api.call("GET", f"/containers/{cid}/json", timeout=10)
+        except EngineError:
+            return
+        driver = str((doc.get("GraphDriver") or {}).get("Name", ""))
+        if driver in LAYER_DRIVERS:
+            raise LayerNotMounted(f"its root was a {fstype} dir, not the {driver} layer")
+
+    def forget_engine(self) -> None:
+        """Forget what this process (and our runtime dir) remembers of the engine's
+        settings, after a start found them stale."""
+
     def _remove_if_left(self, cid: str, process: ContainerProcess) -> None:
         # Gone by itself, the engine removes it (AutoRemove); killed by us, make sure.
         if process.killed:
@@ -430,13 +495,14 @@ class ContainerBackend(Backend):
             return lines[-1] if lines else ""
         return ""
 
-    def _connect_persistent(self, cid: str, path: Path) -> tuple[AgentClient, int]:
+    def _connect_persistent(self, cid: str, path: Path) -> tuple[AgentClient, int, int]:
         doc = self.api().call("GET", f"/containers/{cid}/json", timeout=10)
         pid = int((doc.get("State") or {}).get("Pid") or 0)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             with contextlib.suppress(OSError, SandboxError):
-                return connect_agent(path, pid), pid
+                client, uid = connect_agent(path, pid)
+                return client, pid, uid
             if time.monotonic() > deadline or not _alive(pid, None):
                 why = self._died(cid) or "its agent did not listen in time"
                 raise SandboxError(f"{self.engine} failed to start the sandbox: {why}")
@@ -470,13 +536,20 @@ class ContainerBackend(Backend):
         name = container_name(spec.name)
         for d in mapped_dirs(spec, scratch) if ids is not None else []:
             d.path.mkdir(mode=0o700, exist_ok=True)  # engines check that a bind's source is
-        try:
-            return self.create_container(api, name, body, ids)
-        except EngineError as exc:
-            if exc.status == 409 and not spec.persistent:  # a leftover of a crashed run
-                self.remove_container(spec.name)
+        for pause in (0.05, 0.2, 0.5, None):
+            try:
                 return self.create_container(api, name, body, ids)
-            raise SandboxError(f"{self.engine} refused the sandbox: {exc.message}") from None
+            except EngineError as exc:
+                if _layer_missing(exc.message):  # (check_layer's fault, met while creating)
+                    raise LayerNotMounted(exc.message) from None
+                if exc.status != 409 or spec.persistent or pause is None:
+                    raise SandboxError(f"{self.engine} refused the sandbox: "
+                                       f"{exc.message}") from None
+                # A leftover of a crashed run, or of a failed create the engine is still
+                # taking down (its name is free a moment later).
+                self.remove_container(spec.name)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def create_container(self, api: EngineAPI, name: str, body: dict[str, Any],
                          ids: Ids | None) -> str:
@@ -504,7 +577,14 @@ class ContainerBackend(Backend):
                 lower = next((str(d.path) for d in dirs if d.src == str(spec.workspace)),
                              str(spec.workspace))
                 _mount_overlay(lower, (spec.state_dir or scratch) / "ws", merged)
-            api.call("POST", f"/containers/{cid}/start", expect=(204, 304), timeout=START_TIMEOUT)
+            _preload_after_start()
+            try:
+                api.call("POST", f"/containers/{cid}/start", expect=(204, 304),
+                         timeout=START_TIMEOUT)
+            except EngineError as exc:
+                if _layer_missing(exc.message):  # (check_layer's fault, met by runc)
+                    raise LayerNotMounted(exc.message) from None
+                raise
         finally:
             close_all(opened)
             detach(str(merged))  # (the container's bind of it keeps the overlay)
@@ -871,9 +951,14 @@ def hold_ids(ids: Ids, pid: int) -> None:
     setsid, tail = which("setsid"), which("tail")
     if setsid is None or tail is None:
         raise SandboxError("keeping a container's id range needs setsid and tail")
-    subprocess.run([setsid, "--fork", tail, f"--pid={pid}", "-s", HOLD_POLL, "-f",
-                    "/dev/null"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, pass_fds=(ids.lock,), check=True, timeout=10)
+    # Once Popen returns, setsid runs with the lock (then its forked tail does): nothing
+    # to wait for on the start's path (~5 ms); a thread reaps setsid as it exits.
+    proc = subprocess.Popen([setsid, "--fork", tail, f"--pid={pid}", "-s", HOLD_POLL, "-f",
+                             "/dev/null"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, pass_fds=(ids.lock,))
+    import threading
+
+    threading.Thread(target=proc.wait, name="ak-hold-reap", daemon=True).start()
 
 
 class Image(NamedTuple):
@@ -901,7 +986,11 @@ def _import_lock() -> Any:
 
 
 def _host_masks(rootfs: HostRootfs) -> tuple[Any, ...]:
-    return rootfs.private_masks()
+    """The userland's masks, its private entries included: the walk is kept while the
+    kernel says nothing it depends on changed (a daemon's pool starts many)."""
+    from ..rootfs_watch import private_masks
+
+    return private_masks(rootfs)
 
 
 def _engine_socket_masks(spec: SandboxSpec) -> list[str]:
@@ -956,6 +1045,50 @@ def _write_tree_tar(path: Path, root: Path) -> None:
             tar.add(str(root / entry), arcname=entry, recursive=True)
 
 
+def _layer_missing(message: str) -> bool:
+    """Whether the engine's error is check_layer's fault met before the agent runs: Docker
+    writing into the container's init layer (`<id>-init/merged/...: no such file`), or
+    runc making its mount points in a bare layer dir it may not write (a user namespace's
+    root on Podman: `.../merged/sys: permission denied`)."""
+    return "/merged/" in message and ("no such file or directory" in message
+                                      or "permission denied" in message)
+
+
+def _preload_after_start() -> None:
+    """A one-off CLI run imports what it needs once the container runs (the agent's
+    client, procs, shutil: ~10 ms) on a thread while the engine starts the container,
+    instead of after; a daemon has them already."""
+    import sys
+
+    if "agentkernel.agent.client" in sys.modules and "shutil" in sys.modules:
+        return
+    import threading
+
+    def load() -> None:
+        import shutil  # noqa: F401
+
+        from .. import procs  # noqa: F401
+        from ..agent import client  # noqa: F401
+
+    threading.Thread(target=load, name="ak-preload", daemon=True).start()
+
+
+def _root_fstype(pid: int) -> str | None:
+    """The filesystem type of what process `pid` sees at "/" (its mount namespace's top
+    mount there); None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/mountinfo", "rb") as f:
+            data = f.read(1024 * 1024)
+    except OSError:
+        return None
+    found = None
+    for line in data.split(b"\n"):
+        fields = line.split(b" ")
+        if len(fields) > 4 and fields[4] == b"/" and b"-" in fields:
+            found = fields[fields.index(b"-") + 1].decode(errors="replace")
+    return found
+
+
 def _listen(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -967,8 +1100,9 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _accept(listener: socket.socket, died: Any) -> tuple[AgentClient, int]:
-    """The agent's connection (the first and only one); its pid is the container's init."""
+def _accept(listener: socket.socket, died: Any) -> tuple[AgentClient, int, int]:
+    """The agent's connection (the first and only one); its pid is the container's init,
+    its uid the host uid of the container's root."""
     from ..agent.client import AgentClient
 
     deadline = time.monotonic() + START_TIMEOUT
@@ -985,29 +1119,32 @@ def _accept(listener: socket.socket, died: Any) -> tuple[AgentClient, int]:
         if why:
             raise SandboxError(f"the container stopped before its agent started: {why}")
     conn.settimeout(None)
-    pid = _peer_pid(conn)
-    return AgentClient.from_socket(conn), pid
+    pid, uid = _peer_creds(conn)
+    return AgentClient.from_socket(conn), pid, uid
 
 
-def _peer_pid(sock: socket.socket) -> int:
+def _peer_creds(sock: socket.socket) -> tuple[int, int]:
+    """The peer's pid and uid (as the host sees them)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[0])
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
-def connect_agent(path: Path, init_pid: int) -> AgentClient:
+def connect_agent(path: Path, init_pid: int) -> tuple[AgentClient, int]:
     """Connect to a persistent sandbox's agent, refusing a socket anything but the
-    container's init (the agent) listens on."""
+    container's init (the agent) listens on; the client and the agent's host uid."""
     from ..agent.client import AgentClient
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(str(path))
-        if init_pid and _peer_pid(sock) != init_pid:
+        pid, uid = _peer_creds(sock)
+        if init_pid and pid != init_pid:
             raise SandboxError(f"{path} is not served by the sandbox's agent")
     except BaseException:
         sock.close()
         raise
-    return AgentClient.from_socket(sock)
+    return AgentClient.from_socket(sock), uid
 
 
 

@@ -9,8 +9,10 @@ home dirs are shown through id-mapped mounts of that range, so root's files stay
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import time
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 from ..errors import BackendUnavailable
@@ -79,10 +81,8 @@ class DockerBackend(ContainerBackend):
             return None
         return Ids(HostRange(mode.uid, mode.gid, mode.size), -1)
 
-    def create_container(self, api: EngineAPI, name: str, body: dict[str, Any],
-                         ids: Ids | None) -> str:
-        _settle(api)
-        return super().create_container(api, name, body, ids)
+    def forget_engine(self) -> None:
+        forget_mode(self.api())
 
     def probe(self, deep: bool = False) -> Any:
         from .base import Probe
@@ -104,53 +104,76 @@ class DockerBackend(ContainerBackend):
                 f"{REMAP_HINT}")
 
 
-SETTLE_SECONDS = 3.0
+_MODES: dict[tuple[str, int, int, int], Mode] = {}
+MODE_FILE = "docker-mode.json"  # in our runtime dir: the last engine's mode, by socket
 
 
-def _settle(api: EngineAPI) -> None:
-    """Wait (a little) for our one-off containers that have ended to be gone.
-
-    Seen with Debian's Docker 20.10 on kernel 6.18, rootful, with or without userns-remap:
-    a container created while another of the same image is being taken down can start with
-    files of its image missing ("executable file not found", "stat /bin/busybox"), about 1
-    run in 10 when they overlap; plain `docker run -d --rm` loops show it too. One-off
-    sandboxes end with their container's removal (AutoRemove) still under way, so the next
-    run would overlap it: it waits for that first (one API call when nothing is pending).
-    The engine says when each is removed (`wait?condition=removed`): no polling, which
-    cost the engine CPU that the run being served needed (a warm pool refills here)."""
-    import json
-
-    from .container_engine import LABEL_KIND, LABEL_OWNER
-    from .engine_http import EngineError
-
-    filters = json.dumps({"label": [f"{LABEL_OWNER}={os.getuid()}", f"{LABEL_KIND}=run"],
-                          "status": ["exited", "dead", "removing"]})
-    deadline = time.monotonic() + SETTLE_SECONDS
-    for doc in api.call("GET", "/containers/json", query={"all": "1", "filters": filters},
-                        timeout=10) or []:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        try:
-            api.call("POST", f"/containers/{doc['Id']}/wait", query={"condition": "removed"},
-                     expect=(200, 404, 409), timeout=left)
-        except EngineError:
-            return  # (timed out: go ahead, as before)
-
-
-_MODES: dict[tuple[str, int], Mode] = {}
+def _mode_key(path: str) -> tuple[str, int, int, int]:
+    """Which engine a socket is: its path, and the identity of the socket file (a restarted
+    dockerd makes a new one, and may run with another setting)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, 0, 0, 0)
+    return (path, st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 def engine_mode(api: EngineAPI) -> Mode:
-    """Rootless, remapped or root: from the engine's /info (cached per socket inode: a
-    restarted dockerd makes a new socket, and may have another setting)."""
+    """Rootless, remapped or root: from the engine's /info (~10-90 ms: it counts every
+    container and image), remembered per socket file in this process and, for the next
+    CLI process, in our runtime dir. A stale answer cannot make a sandbox host root:
+    every start checks the host uid its agent runs as (ContainerBackend.check_root) and
+    forgets the mode when it is not the expected one."""
+    key = _mode_key(api.path)
+    mode = _MODES.get(key)
+    if mode is None:
+        mode = _load_mode(key)
+        if mode is None:
+            mode = _mode(api.call("GET", "/info", timeout=10))
+            _store_mode(key, mode)
+        _MODES[key] = mode
+    return mode
+
+
+def forget_mode(api: EngineAPI) -> None:
+    """Drop what we remember of the engine's mode: the next start asks it again."""
+    _MODES.pop(_mode_key(api.path), None)
+    with contextlib.suppress(OSError):
+        _mode_file().unlink()
+
+
+def _mode_file() -> Path:
+    from ..paths import runtime_dir
+
+    return runtime_dir() / MODE_FILE
+
+
+def _load_mode(key: tuple[str, int, int, int]) -> Mode | None:
+    if key[1:] == (0, 0, 0):
+        return None
     try:
-        key = (api.path, os.stat(api.path).st_ino)
-    except OSError:
-        key = (api.path, 0)
-    if key not in _MODES:
-        _MODES[key] = _mode(api.call("GET", "/info", timeout=10))
-    return _MODES[key]
+        with open(_mode_file(), encoding="utf-8") as f:
+            doc = json.loads(f.read(4096))
+        if tuple(doc["key"]) != key:
+            return None
+        kind, uid, gid, size = doc["mode"]
+        if kind not in ("remap", "rootless", "root"):
+            return None
+        return Mode(str(kind), int(uid), int(gid), int(size))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_mode(key: tuple[str, int, int, int], mode: Mode) -> None:
+    if key[1:] == (0, 0, 0):
+        return
+    with contextlib.suppress(OSError):
+        path = _mode_file()
+        tmp = path.with_name(f".{MODE_FILE}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": list(key), "mode": list(mode)}, f)
+        os.replace(tmp, path)
 
 
 def _mode(info: dict[str, Any]) -> Mode:

@@ -3,7 +3,9 @@
 How it keeps up (docs/daemon.md, "The warm pool"):
 - **Sized from demand.** Per key, an EWMA of takes/s times an EWMA of how long a start
   takes says how many sandboxes one start's time consumes; the key keeps that many (times
-  `HEADROOM`) warm, never fewer than its `min`, never more than its `max`. All keys
+  `HEADROOM`) warm, one more while it is in use (`LIVELY_RATE`: a take then leaves one
+  warm, and its refill can yield to the run), never fewer than its `min`, never more
+  than its `max`. All keys
   together stay within a count (`max_total`) and a memory cap (`memory_bytes`, measured
   on the sandboxes themselves).
 - **Refilled concurrently, bounded.** `refills` worker threads start sandboxes; while runs
@@ -14,6 +16,12 @@ How it keeps up (docs/daemon.md, "The warm pool"):
   start would be, and waits at most that long; otherwise the caller starts one itself.
 - **Teardown off the request path.** `discard` queues a used sandbox for a destroyer
   thread; a full queue makes the caller destroy it (back-pressure, never unbounded).
+- **Background work yields to runs in flight.** A start the key's next take does not
+  need yet (a warm sandbox is there for it, or it is not expected before this start
+  would be ready) and a teardown wait while a run is in flight or has just ended
+  (SETTLE: its answer is still on its way), at most YIELD_MAX: on two cores a start
+  costs tens of ms of CPU, and a warm run that shares the CPU with its own refill took
+  several times longer. A start a waiting or imminent take needs is never held back.
 """
 
 from __future__ import annotations
@@ -53,6 +61,12 @@ MAX_CLAIMS = 256  # takes queued per key; beyond, a take starts its own sandbox
 COLD_ATTEMPTS = 3  # tries of a start in the caller's thread
 DESTROYERS = 2  # teardown threads (a teardown mostly waits for processes to go)
 DEFAULT_MEMORY = 8 * 1024 * 1024  # bytes assumed per warm sandbox until one is measured
+# Background work (starts ahead of demand, teardown) yielding to runs: it waits while a run
+# is in flight and SETTLE after the last one ended, but never longer than YIELD_MAX.
+SETTLE = 0.01  # seconds: a run's answer goes out after it released its sandbox (MCP: ~3 ms)
+YIELD_MAX = 0.03  # seconds: then it runs anyway (back-to-back runs leave no gap)
+LIVELY_RATE = 0.2  # takes/s (EWMA) from which a key keeps one warm sandbox more
+BURST_GAP = 0.1  # seconds between takes under which runs come back to back (no yielding)
 
 
 def default_refills() -> int:
@@ -121,6 +135,10 @@ class _KeyState:
     waited: int = 0  # hits that waited for a start under way
     late: int = 0  # takes that waited for a start, then (it was late) started their own
     misses: int = 0
+    held: float | None = None  # since when its next start has yielded to runs (hotpath)
+    given_back: bool = False  # its sandboxes serve again (give_back): no spare for refills
+    taken_at: float = -math.inf  # the last take
+    gap: float = math.inf  # seconds between the last two takes: a burst shows at once
 
     @property
     def starting(self) -> int:
@@ -134,13 +152,19 @@ class _KeyState:
         self.rate = self.rate_now(now) + 1.0 / RATE_WINDOW
         self.rate_at = now
         self.last_used = now
+        self.gap, self.taken_at = now - self.taken_at, now
 
     def note_latency(self, seconds: float) -> None:
         self.latency += LATENCY_WEIGHT * (seconds - self.latency)
 
     def target(self, now: float) -> int:
-        """Warm sandboxes to keep: what the takes of one start's time need, within min/max."""
-        demand = math.ceil(self.rate_now(now) * self.latency * HEADROOM)
+        """Warm sandboxes to keep: what the takes of one start's time need, within min/max;
+        one more while the key is in use (LIVELY_RATE), so that a take leaves one warm and
+        its refill can wait for the run (`WarmPool._can_wait`)."""
+        rate = self.rate_now(now)
+        # (Not for a key whose sandboxes come back, wasm's: its runs leave none to refill.)
+        lively = rate >= LIVELY_RATE and not self.given_back
+        demand = math.ceil(rate * self.latency * HEADROOM) + lively
         return max(self.min, min(self.max, demand))
 
     def spare(self) -> int:
@@ -202,6 +226,8 @@ class WarmPool:
         # sandbox is never given back; the refill threads live as long as the pool.
         self._tied: weakref.WeakSet[Sandbox] = weakref.WeakSet()
         self._destroying = 0
+        self._active_at = 0.0  # monotonic time of the last take or release (any key)
+        self._teardown_held: float | None = None  # since when teardown has yielded
         self._threads = [threading.Thread(target=self._work, name=f"ak-pool-{i}", daemon=True)
                          for i in range(self.refills)]
         self._threads += [threading.Thread(target=self._destroyer, name=f"ak-pool-destroy-{i}",
@@ -240,6 +266,7 @@ class WarmPool:
             st = self._state(key, backend, rootfs)
             st.in_use += 1
             st.note_take(now)
+            self._active_at = now
             got = self._pop_alive(st, dead)
             cold = got is None and (self._closed or not self._queue_or_claim(st))
             began = now
@@ -310,8 +337,9 @@ class WarmPool:
             st = self._keys.get(key)
             if st is not None:
                 st.in_use = max(0, st.in_use - 1)
-                st.last_used = time.monotonic()
+                st.last_used = self._active_at = time.monotonic()
                 self._cond.notify_all()
+                self._doomed_cond.notify_all()  # a teardown waiting for runs to end
 
     def give_back(self, key: PoolKey, sandbox: Sandbox) -> None:
         """A used sandbox that may serve again (`Sandbox.reusable`): first in line for the
@@ -325,6 +353,7 @@ class WarmPool:
                 # (else runs in a row would look like a need for `max` sandboxes).
                 now = time.monotonic()
                 st.rate, st.rate_at = max(0.0, st.rate_now(now) - 1.0 / RATE_WINDOW), now
+                st.given_back = True
                 if st.claims:
                     claim = st.claims.popleft()
                     claim.sandbox = sandbox
@@ -479,11 +508,13 @@ class WarmPool:
         """Under the lock: the key most in need of a start. Queued takes come first, and
         a key down to half its target may use every slot. Other starts ahead of demand
         yield to runs in flight: at most `busy_refills` at once, and only REFILL_DELAY
-        after the key's last take (a start costs CPU the run just served needs)."""
+        after the key's last take (a start costs CPU the run just served needs). A start
+        the key's next take does not need yet (`_can_wait`) also waits for the runs in
+        flight to end (`_yield_left`)."""
         running = self._running()
         if running >= self.refills:
             return None
-        busy = any(st.in_use for st in self._keys.values())
+        busy = self._busy()
         ahead_ok = running < (self.busy_refills if busy else self.refills)
         best, best_need = None, 0
         for st in self._keys.values():
@@ -498,9 +529,52 @@ class WarmPool:
                 urgent = 2 * st.spare() <= st.target(now)
                 if not urgent and (not ahead_ok or now - st.last_used < REFILL_DELAY):
                     continue
+                if need > 0 and self._can_wait(st, now) and \
+                        self._yield_left(now, st.held) > 0:
+                    st.held = st.held or now  # the next take won't need it sooner: the run first
+                    continue
+            st.held = None
             if need > best_need:
                 best, best_need = st, need
         return best
+
+    # ---- background work yields to runs (hotpath: request latency) ----
+
+    def _busy(self) -> bool:
+        """Under the lock: whether a run holds a sandbox of this pool."""
+        return any(st.in_use for st in self._keys.values())
+
+    @staticmethod
+    def _can_wait(st: _KeyState, now: float) -> bool:
+        """Under the lock: whether a start for `st` may yield to runs (YIELD_MAX at most)
+        without a take paying for it: the takes expected before a start held back now
+        would be ready (at the key's rate, or its last gap) are fewer than the warm ones left, with
+        half a take to spare. Runs back to back expect several: their refills never wait
+        (a take that found neither a warm sandbox nor a start under way would start cold)."""
+        window = YIELD_MAX + st.latency
+        # The rate, or the last gap between takes where that says more: the EWMA needs
+        # several takes to see a burst begin, the gap sees it at its second.
+        expected = max(st.rate_now(now) * window, window / st.gap if st.gap > 0 else math.inf)
+        return expected + 0.5 < len(st.warm) - len(st.claims) + 1
+
+    def _burst(self, now: float) -> bool:
+        """Under the lock: whether runs come back to back (a key's last two takes under
+        BURST_GAP apart, the last one just now): there is no gap to wait for then, and
+        teardown held back would only pile up and then compete with the refills."""
+        return any(st.gap < BURST_GAP and now - st.taken_at < BURST_GAP
+                   for st in self._keys.values())
+
+    def _yield_left(self, now: float, held_since: float | None) -> float:
+        """Under the lock: how long background work held back since `held_since` (None:
+        not yet) still waits for the runs: while one is in flight or ended under SETTLE
+        ago, and at most YIELD_MAX in all."""
+        if not self._busy() and now - self._active_at >= SETTLE:
+            return 0.0
+        since = now if held_since is None else held_since
+        left = since + YIELD_MAX - now
+        if not self._busy():
+            left = min(left, self._active_at + SETTLE - now)
+        return max(0.0, left)
 
     def _idle_wait(self, now: float) -> float:
         retry = [st.retry_at - now for st in self._keys.values() if st.retry_at > now]
@@ -508,6 +582,9 @@ class WarmPool:
         if self._running() < self.refills and any(self._need(st, now) > 0
                                                   for st in self._keys.values()):
             retry.append(REFILL_DELAY)
+            # A start yielding to runs: a release notifies; else its bound ends the wait.
+            retry += [self._yield_left(now, st.held) for st in self._keys.values()
+                      if st.held is not None]
         return max(0.005, min([1.0, *retry]))
 
     def _work(self) -> None:
@@ -580,6 +657,8 @@ class WarmPool:
                     self._doomed_cond.wait()
                 if not self._doomed:
                     return
+                if self._teardown_yields():
+                    continue
                 sandbox = self._doomed.popleft()
                 self._destroying += 1
             try:
@@ -588,6 +667,22 @@ class WarmPool:
                 with self._cond:
                     self._destroying -= 1
                     self._cond.notify_all()
+
+    def _teardown_yields(self) -> bool:
+        """Under the lock: wait (once, briefly) if teardown should yield to runs; True if
+        it waited (the caller looks again). A full queue's teardown never waits."""
+        now = time.monotonic()
+        if self._closed or len(self._doomed) >= DESTROY_QUEUE // 2 or self._burst(now):
+            left = 0.0
+        else:
+            left = self._yield_left(now, self._teardown_held)
+        if left <= 0:
+            self._teardown_held = None
+            return False
+        if self._teardown_held is None:
+            self._teardown_held = now
+        self._doomed_cond.wait(left)
+        return True
 
     def _destroy_quietly(self, sandbox: Sandbox) -> None:
         try:

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AgentKernelError, NotFound
 from .reference import Reference, normalize, parse_reference
-from .store import Store
-from .unpack import LayerError, LayerInfo, Limits, compose, unpack_layer
 
 if TYPE_CHECKING:
     from .registry import Platform, RegistryClient, RegistryOptions, Resolved
+    from .store import Store
+    from .unpack import LayerInfo, Limits
 
 __all__ = [
     "Image",
@@ -31,6 +31,22 @@ __all__ = [
     "pull",
     "remove",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`Limits`, loaded when first asked for: the store and the unpacker (tempfile,
+    shutil, the compression modules) cost a run that uses an engine's image ~10 ms."""
+    if name == "Limits":
+        from .unpack import Limits
+
+        return Limits
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _store() -> Store:
+    from .store import Store
+
+    return Store()
 
 
 class ImageError(AgentKernelError):
@@ -90,6 +106,8 @@ class Image:
 
     def layer_info(self) -> list[LayerInfo]:
         """Each layer's deletions/opaque dirs and whether its overlay markers exist."""
+        from .unpack import LayerInfo
+
         return [LayerInfo.load(p.parent) for p in self.layers]
 
     @property
@@ -99,10 +117,12 @@ class Image:
 
     def rootfs_dir(self, store: Store | None = None) -> Path:
         """The image as one shared, read-only tree (composed once, cached in the store)."""
-        return (store or Store()).ensure_rootfs(self.manifest_digest, self.layers)
+        return (store or _store()).ensure_rootfs(self.manifest_digest, self.layers)
 
     def compose(self, dest: Path) -> None:
         """Copy the image into ``dest`` as one flat rootfs (the no-overlay fallback)."""
+        from .unpack import compose
+
         compose(self.layers, dest)
 
 
@@ -143,7 +163,7 @@ def get(ref: str, *, config: Any = None, store: Store | None = None) -> Image | 
     """The cached image for ``ref``, or None. Never touches the network."""
     default = _options(config).default_registry if config is not None else "docker.io"
     parsed = parse_reference(ref, default)
-    store = store or Store()
+    store = store or _store()
     rec = _find_record(store, parsed)
     return _image_from_record(store, rec) if rec else None
 
@@ -159,7 +179,7 @@ def ensure(
 
 
 def list_images(*, store: Store | None = None) -> list[Image]:
-    store = store or Store()
+    store = store or _store()
     images = [_image_from_record(store, rec) for rec in store.records()]
     return sorted((i for i in images if i is not None), key=lambda i: i.ref)
 
@@ -168,7 +188,7 @@ def remove(ref: str, *, config: Any = None, store: Store | None = None) -> str:
     """Forget the image ``ref`` (its data goes with the next ``prune``); return its name."""
     default = _options(config).default_registry if config is not None else "docker.io"
     parsed = parse_reference(ref, default)
-    store = store or Store()
+    store = store or _store()
     rec = _find_record(store, parsed)
     if rec is None:
         raise NotFound(f"image {parsed} is not in the store")
@@ -178,7 +198,7 @@ def remove(ref: str, *, config: Any = None, store: Store | None = None) -> str:
 
 def prune(*, store: Store | None = None) -> int:
     """Free blobs and layers no image uses; return the bytes freed."""
-    return (store or Store()).prune()
+    return (store or _store()).prune()
 
 
 def pull(
@@ -196,6 +216,7 @@ def pull(
     Raises ImageError (NotFound if the registry does not have it), UsageError for a bad ref.
     """
     from .registry import Platform, RegistryClient, RegistryError
+    from .unpack import LayerError, Limits
 
     options = _options(config)
     parsed = parse_reference(ref, options.default_registry)
@@ -204,7 +225,7 @@ def pull(
         want = Platform.parse(platform) if isinstance(platform, str) else platform
     except ValueError as exc:
         raise ImageError(f"cannot pull {parsed}: {exc}") from None
-    store = store or Store()
+    store = store or _store()
     store.init()
     client = RegistryClient(options)
     reporter = None
@@ -244,6 +265,7 @@ def _fetch(
     from concurrent.futures import ThreadPoolExecutor
 
     from .registry import RegistryError
+    from .unpack import unpack_layer
 
     ep, repo = resolved.endpoint, ref.repository
     for digest, body in resolved.bodies.items():

@@ -6,9 +6,7 @@ import base64
 import hashlib
 import json
 import os
-import platform as _platform
 import re
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -65,6 +63,8 @@ class Platform:
 
     @classmethod
     def host(cls) -> Platform:
+        import platform as _platform  # (lazily, as ssl: a plan that pulls nothing skips both)
+
         arch, variant = cls._ARCH.get(_platform.machine().lower(), (_platform.machine(), None))
         return cls("linux", arch, variant)
 
@@ -296,6 +296,8 @@ class RegistryClient:
     """Thread-safe: one connection pool, shared token cache."""
 
     def __init__(self, options: RegistryOptions | None = None) -> None:
+        import ssl
+
         import urllib3
 
         self.options = options or RegistryOptions()
@@ -344,6 +346,7 @@ class RegistryClient:
         rather than falling back to plain HTTP.
         """
         import socket
+        import ssl
 
         with self._lock:
             known = self._loopback_tls.get(host)

@@ -1,0 +1,92 @@
+"""rootfs_watch: the cached walk for private entries is never stale — every change that
+could turn a readable entry into a hidden one (or back) is seen by the kernel's events,
+including a mode changed through a hard link elsewhere and a mount over a walked dir."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentkernel import rootfs_watch
+from agentkernel.rootfs import HostRootfs
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "etc"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "conf").write_text("x")
+    (root / "pub").write_text("x")
+    tmp_path.chmod(0o755)
+    rootfs_watch.forget()
+    yield root
+    rootfs_watch.forget()
+
+
+def masks(root: Path) -> list[str]:
+    """The cached answer, checked against a fresh walk every time."""
+    rootfs = HostRootfs((), (), private_dirs=(str(root),))
+    got = [m.path.removeprefix(str(root)) for m in rootfs_watch.private_masks(rootfs)]
+    assert got == [m.path.removeprefix(str(root)) for m in rootfs.private_masks()]
+    return got
+
+
+def cached(root: Path) -> bool:
+    return any(hit.dirs == (str(root),) for hit in rootfs_watch._cache.values())
+
+
+def test_changes_are_seen(tree: Path, tmp_path: Path) -> None:
+    assert masks(tree) == [] and not cached(tree)  # a one-start process keeps nothing
+    assert masks(tree) == [] and cached(tree)
+    (tree / "a" / "b" / "conf").chmod(0o600)  # in place: only the file's own inode knows
+    assert masks(tree) == ["/a/b/conf"]
+    (tree / "a" / "b" / "conf").chmod(0o644)
+    assert masks(tree) == []
+    (tree / "a" / "new").write_text("x")
+    (tree / "a" / "new").chmod(0o640)
+    assert masks(tree) == ["/a/new"]
+    (tree / "a" / "new").rename(tree / "a" / "b" / "moved")
+    assert masks(tree) == ["/a/b/moved"]
+    (tree / "a" / "b").chmod(0o700)  # a dir made private: hidden whole
+    assert masks(tree) == ["/a/b"]
+    (tree / "a" / "b").chmod(0o755)
+    other = tmp_path / "elsewhere"
+    os.link(tree / "pub", other)
+    assert masks(tree) == ["/a/b/moved"]
+    other.chmod(0o600)  # through another name: nothing in the walked dirs changed
+    assert masks(tree) == ["/a/b/moved", "/pub"]
+
+
+def test_unchanged_is_reused(tree: Path) -> None:
+    masks(tree)
+    masks(tree)
+    hit = next(iter(rootfs_watch._cache.values()))
+    (tree / "a" / "b" / "conf").read_text()  # reads change nothing
+    masks(tree)
+    assert next(iter(rootfs_watch._cache.values())) is hit
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+def test_mounts_are_seen(tree: Path, tmp_path: Path) -> None:
+    masks(tree)
+    masks(tree)
+    hit = next(iter(rootfs_watch._cache.values()))
+    elsewhere = tmp_path / "mnt"
+    elsewhere.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(elsewhere)], check=True)
+    try:
+        assert masks(tree) == []  # a mount elsewhere: the walk still holds
+        assert next(iter(rootfs_watch._cache.values())) is hit
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=700", "tmpfs", str(tree / "a")],
+                   check=True)
+    try:
+        assert masks(tree) == ["/a"]  # mounted over a walked dir: what is there now
+    finally:
+        subprocess.run(["umount", str(tree / "a")], check=True)
+    assert masks(tree) == []
