@@ -525,3 +525,92 @@ def _servers_holding(name: str) -> set[int]:
         except OSError:
             continue
     return out
+
+
+def _new_server(old: int, timeout: float = 20.0) -> int:
+    """Until this process's fork server is another than `old` (its watcher replaced it)."""
+    from agentkernel import egress_forkserver
+
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = egress_forkserver.server_pid()
+        if pid is not None and pid != old and Path(f"/proc/{pid}").exists():
+            return pid
+        assert time.monotonic() < deadline, "no new fork server took the sandbox"
+        time.sleep(0.05)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+
+
+def test_a_killed_fork_server_is_replaced_and_its_sandboxes_keep_their_policy(
+        box: Any, upstream: Upstream) -> None:
+    """The fork server is killed (SIGKILL: the OOM killer, an admin) while the sandbox's
+    gate is idle: its starter sees it die and registers the sandbox with a new one (the
+    same listeners, config and state); allowed hosts are reached, denied ones refused, a
+    live `egress allow` and a DNS pin made before the kill still hold."""
+    import signal
+
+    hello = "reached hello host=allowed.test key=-"
+    assert probe(box, [["r", "resolve", "allowed.test"]]) == {"r": f"resolved {upstream.addr}"}
+    assert ak("egress", box.spec.name, "allow", "other.test").returncode == 0
+    gone_idle(box)
+    old = _server_pid()
+    os.kill(old, signal.SIGKILL)
+    new = _new_server(old)
+    seen = probe(box, [
+        ["h", "http", "allowed.test", 18080, "allowed.test"],
+        ["o", "http", "other.test", 18080, "other.test"],
+        ["cached answer", "http", upstream.addr, 18080, "allowed.test"],
+        ["never resolved", "http", upstream.addr2, 18080, "allowed.test"],
+        ["d", "resolve", "denied.test"]])
+    assert seen == {"h": hello, "o": "reached hello host=other.test key=-",
+                    "cached answer": hello, "never resolved": seen["never resolved"],
+                    "d": "blocked gaierror"}, seen
+    assert seen["never resolved"].startswith("blocked"), seen
+    assert _parent(gate_of(box)) == new
+    gone_idle(box)
+    assert probe(box, [["h", "http", "allowed.test", 18080, "allowed.test"]]) == {"h": hello}
+
+
+def test_a_gate_serving_when_its_server_died_is_not_doubled(
+        box: Any, upstream: Upstream) -> None:
+    """The server is killed while the sandbox's gate serves: that gate (now nobody's
+    child) keeps serving, the new server forks none beside it, and once it went idle the
+    new server forks the next one."""
+    import signal
+
+    hello = {"h": "reached hello host=allowed.test key=-"}
+    allowed = [["h", "http", "allowed.test", 18080, "allowed.test"]]
+    assert probe(box, allowed) == hello
+    orphan = gate_of(box)
+    old = _server_pid()
+    os.kill(old, signal.SIGKILL)
+    new = _new_server(old)
+    assert probe(box, allowed) == hello
+    assert gate_of(box) == orphan  # not one of the new server's beside it
+    gone_idle(box)
+    assert probe(box, allowed) == hello
+    assert _parent(gate_of(box)) == new
+
+
+def test_gate_errors_stop_at_the_cap(tmp_path: Path) -> None:
+    """egress-gate.err, appended to by every gate of a sandbox (each one's warnings and
+    traceback): gates failing over and over write no more once it holds ERR_CAP bytes."""
+    import subprocess
+    import sys
+
+    from agentkernel.egress_child import ERR_CAP
+
+    err = tmp_path / "egress-gate.err"
+    noisy = ("import sys; from agentkernel.egress_child import _bound_stderr; _bound_stderr()\n"
+             "for _ in range(700): sys.stderr.write('w' * 1000)\n"
+             "raise RuntimeError('boom')")
+    for _ in range(2):  # two gates, one after another, on the same file
+        fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            subprocess.run([sys.executable, "-c", noisy], stderr=fd, check=False, timeout=60)
+        finally:
+            os.close(fd)
+    assert err.stat().st_size == ERR_CAP

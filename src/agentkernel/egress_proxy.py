@@ -762,16 +762,20 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
     loop.add_reader(exit_fd, closed)
     idle = float(cfg.get("idle") or 0)
     if idle > 0:
+        from .egress_forkserver import adopted
+
         parent = os.getppid()
 
         def check() -> None:
-            # The server gone (killed), this gate is the sandbox's only way out: it stays.
+            # The server gone (killed), this gate is the sandbox's only way out: it stays,
+            # unless its starter registered the sandbox with a new server (`adopted`).
             # A task besides this one (serve) not yet counted as busy: a connection just
             # accepted, whose handler asyncio starts in a task of its own.
             # A grant's secrets live in this gate only (never in the sealed config or the
             # state): a gate with slots for them (a pooled sandbox's) serves until its
             # sandbox is gone, ready with its TLS set up before the grant, and after it.
-            if (gate.busy or time.monotonic() - gate.last < idle or os.getppid() != parent
+            if (gate.busy or time.monotonic() - gate.last < idle
+                    or (os.getppid() != parent and not adopted())
                     or len(asyncio.all_tasks(loop)) > 1 or (gate.slots and not gate.given)):
                 loop.call_later(min(idle, 5.0), check)
                 return
