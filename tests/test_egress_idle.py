@@ -614,3 +614,50 @@ def test_gate_errors_stop_at_the_cap(tmp_path: Path) -> None:
         finally:
             os.close(fd)
     assert err.stat().st_size == ERR_CAP
+
+
+def test_a_daemons_sandbox_outlives_its_killed_fork_server(upstream: Upstream) -> None:
+    """The daemon's fork server is killed (SIGKILL) while a persistent sandbox's gate is
+    idle: the daemon registers the sandbox with a new server; it reaches allowed hosts,
+    its live `egress allow` holds, denied names stay refused."""
+    import signal
+
+    idle = {"AGENTKERNEL_GATE_IDLE_SECONDS": IDLE}
+    ak("daemon", "stop")
+    assert ak("daemon", "start", env=idle).returncode == 0
+    name = f"idle-k-{os.getpid()}"
+    r = ak("create", name, "-B", "namespaces", "-i", "host", "--allow-host", "allowed.test",
+           *hosts(upstream), env=idle)
+    assert r.returncode == 0, r.stderr
+    todo = [["h", "http", "allowed.test", 18080, "allowed.test"],
+            ["o", "http", "other.test", 18080, "other.test"],
+            ["d", "resolve", "denied.test"]]
+
+    def seen() -> dict[str, str]:
+        r = ak("exec", name, "--", "python3", "-c", PROBE, json.dumps(todo), env=idle)
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    from agentkernel.paths import runtime_dir
+
+    scratch = runtime_dir() / "sandboxes" / name
+    hello = "reached hello host=allowed.test key=-"
+    try:
+        assert ak("egress", name, "allow", "other.test").returncode == 0
+        assert seen() == {"h": hello, "o": "reached hello host=other.test key=-",
+                          "d": "blocked gaierror"}
+        deadline = time.monotonic() + 30
+        while egress_gate_pid(scratch) is not None:  # its gate idles out
+            assert time.monotonic() < deadline, "the idle gate did not exit"
+            time.sleep(0.1)
+        (server,) = _servers_holding(name)
+        os.kill(server, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not (_servers_holding(name) - {server}):
+            assert time.monotonic() < deadline, "no new server took the sandbox"
+            time.sleep(0.05)
+        assert seen() == {"h": hello, "o": "reached hello host=other.test key=-",
+                          "d": "blocked gaierror"}
+    finally:
+        ak("rm", name)
+        ak("daemon", "stop")
