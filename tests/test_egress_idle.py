@@ -661,3 +661,107 @@ def test_a_daemons_sandbox_outlives_its_killed_fork_server(upstream: Upstream) -
     finally:
         ak("rm", name)
         ak("daemon", "stop")
+
+
+USER_KILL_SCRIPT = r"""
+import json, os, subprocess, sys, time
+probe = sys.argv[1]
+def run(todo):
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(todo)], capture_output=True,
+                         text=True, timeout=60).stdout
+    return json.loads(out)
+todo = [["h", "http", "allowed.test", 18080, "allowed.test"], ["d", "resolve", "denied.test"]]
+first = run(todo)
+print("ready", flush=True)
+deadline = time.time() + 60
+while not os.path.exists("/tmp/ak-go") and time.time() < deadline:
+    time.sleep(0.1)
+print(json.dumps([first, run(todo)]), flush=True)
+"""
+
+
+def _holding(comm: str, prefix: str) -> set[int]:
+    """Processes named `comm` with an fd open under `prefix`."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{entry}/comm").read_text().strip() != comm or _zombie(int(entry)):
+                continue
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(prefix):
+                    out.add(int(entry))
+                    break
+        except OSError:
+            continue
+    return out
+
+
+def test_an_ordinary_users_sandbox_outlives_its_killed_fork_server(
+        upstream: Upstream) -> None:
+    """As host `nobody` (a one-shot run told to use the fork server): the server is killed
+    while the sandbox's gate is idle; the run's process registers the sandbox with a new
+    server, and the sandbox reaches the allowed host and is refused the denied one."""
+    import signal
+    import tempfile
+
+    from sandbox_helpers import ak_as_user
+
+    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs setpriv and the system's python3")
+    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
+    try:
+        (home / "project").mkdir()
+        for path in (home, home / "project"):
+            os.chown(path, 65534, 65534)
+        home.chmod(0o755)
+        proc = ak_as_user(65534, home, "run", "-B", "namespaces", "-i", "host",
+                          "--allow-host", "allowed.test", *hosts(upstream), "--", "python3",
+                          "-c", USER_KILL_SCRIPT, PROBE, cwd=home / "project", timeout=240,
+                          env={"AGENTKERNEL_GATE_FORKSERVER": "1",
+                               "AGENTKERNEL_GATE_IDLE_SECONDS": "1"})
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready", proc.stderr
+            deadline = time.monotonic() + 30
+            while _holding("ak-egress-gate", str(home)):
+                assert time.monotonic() < deadline, "the idle gate did not exit"
+                time.sleep(0.1)
+            (server,) = _holding("ak-gate-forks", str(home))
+            assert _status(server, "Uid")[0] == "65534"
+            os.kill(server, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while not _holding("ak-gate-forks", str(home)) - {server}:
+                assert time.monotonic() < deadline, "no new server took the sandbox"
+                time.sleep(0.05)
+            _go(USER_KILL_SCRIPT)
+            out, err = proc.communicate(timeout=180)
+        except BaseException:
+            proc.kill()
+            raise
+        assert proc.returncode == 0, err
+        expect = {"h": "reached hello host=allowed.test key=-", "d": "blocked gaierror"}
+        assert json.loads(out) == [expect, expect], (out, err)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _go(script: str) -> None:
+    """/tmp/ak-go in the sandbox running `script` (through its process's root), made as
+    its host user (root is no id of the sandbox's user namespace: it could make no file)."""
+    import subprocess
+
+    done = False
+    for entry in os.listdir("/proc"):  # (every process of it: the same /tmp)
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            if argv[1:3] == [b"-c", script.encode()]:
+                touch = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                         "touch", f"/proc/{entry}/root/tmp/ak-go"]
+                done = subprocess.run(touch, check=False).returncode == 0 or done
+        except (OSError, IndexError):
+            continue
+    assert done, "the sandbox's script was not found"
