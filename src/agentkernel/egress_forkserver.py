@@ -236,8 +236,8 @@ def _hold(fds: list[int]) -> None:
     again without joining it), and its state memfd holds its live updates and DNS pins,
     which a new server's gates must find as the old one's did."""
     global _watcher
-    if len(_held) >= HELD_MAX:
-        return
+    if len(_held) >= HELD_MAX or not _room(len(fds)):
+        return  # this sandbox fails closed if the server dies, as before
     dups: list[int] = []
     try:
         for fd in fds:
@@ -250,6 +250,18 @@ def _hold(fds: list[int]) -> None:
     if _watcher is None or not _watcher.is_alive():
         _watcher = threading.Thread(target=_watch, name="ak-gate-forks-watch", daemon=True)
         _watcher.start()
+
+
+def _room(more: int) -> bool:
+    """May this process hold `more` fds, keeping half its fd limit for its own work?"""
+    import resource
+
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        used = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        return False
+    return soft == resource.RLIM_INFINITY or used + more <= soft // 2
 
 
 def _watch() -> None:

@@ -665,7 +665,9 @@ class GateStart:
         try:
             self._finish()
             if ready:
-                readable, _, _ = select.select([self.ready_r], [], [], READY_TIMEOUT)
+                poller = select.poll()  # not select(): a daemon's fds may pass FD_SETSIZE
+                poller.register(self.ready_r, select.POLLIN)
+                readable = poller.poll(round(READY_TIMEOUT * 1000))
                 if not readable or os.read(self.ready_r, 1) != b"1":
                     raise SandboxError(f"the egress gate did not start: {self._why()}")
             elif self.gate.poll() is not None:
