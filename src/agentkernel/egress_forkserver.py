@@ -69,7 +69,6 @@ WIRE_TIMEOUT = 15.0  # seconds for the tools and listeners of one namespace
 IDLE_SECONDS = 30.0  # an activated gate's default idle time before it exits
 
 ADOPTED_SIGNAL = signal.SIGUSR1  # to a serving gate re-registered with a new server
-_adopted = False  # (in a gate) that signal came: see `adopted`
 
 _lock = threading.Lock()
 _server: _Server | None = None
@@ -702,17 +701,6 @@ def _ready(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def adopted() -> bool:
-    """In an activated gate whose fork server died: has a new server taken its sandbox
-    (ADOPTED_SIGNAL)? Until then it is the sandbox's only way out and never exits idle."""
-    return _adopted
-
-
-def _on_adopted(_sig: int, _frame: Any) -> None:
-    global _adopted
-    _adopted = True
-
-
 def _activated_child(fds: list[int]) -> None:
     """In a registered sandbox's forked gate: its fds at A_TARGETS, nothing else open (no
     other sandbox's, not the server's socket), then the gate. Never returns."""
@@ -721,7 +709,9 @@ def _activated_child(fds: list[int]) -> None:
     code = 1
     # Before its listeners are where a new server's starter looks for them (_running_gates):
     # the adoption signal must never find its default action (termination) in place.
-    signal.signal(ADOPTED_SIGNAL, _on_adopted)
+    from .egress_proxy import on_adopted  # pre-imported by the server (warm_up)
+
+    signal.signal(ADOPTED_SIGNAL, on_adopted)
     try:
         os.setsid()
         _set_comm(GATE_COMM)

@@ -762,8 +762,6 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
     loop.add_reader(exit_fd, closed)
     idle = float(cfg.get("idle") or 0)
     if idle > 0:
-        from .egress_forkserver import adopted
-
         parent = os.getppid()
 
         def check() -> None:
@@ -845,6 +843,23 @@ class State:
         with contextlib.suppress(OSError):
             os.pwrite(self.fd, data, 0)
             os.ftruncate(self.fd, len(data))
+
+
+_adopted = False  # (in an activated gate) egress_forkserver.ADOPTED_SIGNAL came
+
+
+def adopted() -> bool:
+    """In an activated gate whose fork server died: has a new server taken its sandbox
+    (egress_forkserver.ADOPTED_SIGNAL)? Until then it is the sandbox's only way out and
+    never exits idle."""
+    return _adopted
+
+
+def on_adopted(_sig: int, _frame: Any) -> None:
+    """ADOPTED_SIGNAL's handler (installed by the fork server's child before its gate
+    runs): the gate may exit when idle again."""
+    global _adopted
+    _adopted = True
 
 
 def main_activated(fds: dict[str, int]) -> None:
