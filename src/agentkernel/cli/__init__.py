@@ -3,6 +3,7 @@ command (cli/<command>.py), and the one place errors become exit codes."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .. import __version__
@@ -65,5 +66,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def exit_with(code: int) -> None:
+    """Leave with `code`, skipping the interpreter's teardown when nothing needs it.
+
+    Tearing down (module dicts, a last gc) costs a warm run a few ms of its ~30. It is
+    skipped only when no atexit hook is registered (logging, weakref.finalize, tempfile
+    cleanups all register one) and no other thread runs; stdio is flushed first, and a flush
+    that fails takes the normal exit so its error is reported as usual.
+    """
+    import atexit
+
+    threading = sys.modules.get("threading")
+    if atexit._ncallbacks() == 0 and (threading is None or threading.active_count() == 1):
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            sys.exit(code)
+        os._exit(code & 0xFF)  # what the OS keeps of sys.exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())
