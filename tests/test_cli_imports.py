@@ -1,5 +1,6 @@
 """What a one-shot `agentkernel run` (no daemon) loads into the CLI process: not the egress
-proxy's asyncio, ssl and logging, which belong to the gate's own process."""
+proxy's asyncio, ssl and logging, which belong to the gate's own process, nor hashlib
+(OpenSSL) for a run that talks to no registry."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sandbox_helpers import backend_available
 LAUNCHER = Path(__file__).resolve().parents[1] / "bin" / "agentkernel"
 # The gate's (egress_proxy's) imports: ~15 ms of a cold run when the CLI loaded them.
 GATE_ONLY = {"asyncio", "ssl", "logging", "concurrent.futures", "agentkernel.egress_proxy"}
+NO_REGISTRY = {"hashlib", "_hashlib", "base64"}  # images.registry is loaded, not used
 
 
 def loaded_modules(stderr: str) -> set[str]:
@@ -37,4 +39,4 @@ def test_cold_run_with_a_gate_leaves_the_proxy_to_the_gate(tmp_path: Path) -> No
     assert out.stdout == "ran\n"
     loaded = loaded_modules(out.stderr)
     assert "agentkernel.egress_gate" in loaded  # the case this test is about: a gate ran
-    assert not loaded & GATE_ONLY, sorted(loaded & GATE_ONLY)
+    assert not loaded & (GATE_ONLY | NO_REGISTRY), sorted(loaded & (GATE_ONLY | NO_REGISTRY))
