@@ -91,7 +91,7 @@ def exit_with(code: int) -> None:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # a closed pipe or file, or no stdio
             sys.exit(code)
         os._exit(code & 0xFF)  # what the OS keeps of sys.exit(code)
     sys.exit(code)
