@@ -24,10 +24,10 @@ from collections import OrderedDict
 from typing import Any, cast
 
 from . import egress_wire as wire
+from .egress_policy import DNS_PORT as DNS_PORT  # the listeners' ports: defined there
+from .egress_policy import TCP_PORT as TCP_PORT
 from .egress_policy import Policy, Verdict, normalize_name
 
-TCP_PORT = 15001  # on 127.0.0.1 inside the sandbox's namespace
-DNS_PORT = 15053
 SO_ORIGINAL_DST = 80
 MAX_CONNS = 512
 MAX_DNS_INFLIGHT = 64
