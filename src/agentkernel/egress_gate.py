@@ -234,11 +234,20 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
     if userns_fd < 0:
         return _listen_in_thread(libc, netns_fd, address)
-    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # SEQPACKET: a child that dies before it answers reads as an empty message (EOF)
+    # here, where a datagram pair would wait forever.
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    keep = sorted({0, 1, 2, netns_fd, userns_fd, right.fileno()})
+    top = os.sysconf("SC_OPEN_MAX")
     pid = os.fork()
     if pid == 0:  # the child: only syscalls, then _exit
         code = 1
         try:
+            # Nothing but what it needs before it joins the sandbox's user namespace: the
+            # starter's other fds (a daemon's copies of other sandboxes' gate fds) stay out.
+            for low, high in zip([-1, *keep], [*keep, top], strict=True):
+                if high > low + 1:  # closerange(n, n) would close every fd from n on
+                    os.closerange(low + 1, high)
             if userns_fd >= 0 and libc.setns(userns_fd, 0x10000000) != 0:
                 raise OSError(ctypes.get_errno(), "setns(user)")
             if libc.setns(netns_fd, 0x40000000) != 0:
@@ -258,8 +267,8 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
     if msg != b"k" or len(fds) != 2:
         for fd in fds:
             os.close(fd)
-        raise OSError(f"cannot listen in the sandbox's network namespace: "
-                      f"{msg[1:].decode(errors='replace')}")
+        why = msg[1:].decode(errors="replace") or "its child ended without an answer"
+        raise OSError(f"cannot listen in the sandbox's network namespace: {why}")
     return fds[0], fds[1]
 
 
