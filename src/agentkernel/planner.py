@@ -343,9 +343,9 @@ def with_agent(req: RunRequest, *, persistent: bool = False) -> RunRequest:
     if req.no_network:
         raise UsageError("an agent sandbox needs the network to reach the agent's API")
     agent = agent_run(req.agent, DEFAULT_PATH, key_env=req.agent_key)
-    # A one-shot run's agent is not uid 0 inside (namespaces); a kept sandbox's still is
-    # (its HOME, /root, and its layers persist as the sandbox's root's).
-    user = AGENT_USER if not persistent and backend in USER_BACKENDS else None
+    # The agent is not uid 0 inside (namespaces), one-shot or kept (a kept sandbox's HOME,
+    # /home/agent, persists with its /home).
+    user = AGENT_USER if backend in USER_BACKENDS else None
     home = {"HOME": user[2]} if user is not None else {}
     return req._replace(
         backend=backend, image=req.image or HOST_IMAGE, user=user,

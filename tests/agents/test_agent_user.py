@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -103,3 +103,52 @@ def test_the_agent_is_not_root_as_an_ordinary_user(base: Path) -> None:
                                         "AGENTKERNEL_NO_DAEMON": "1"})
     out, err = proc.communicate(timeout=150)
     _check(out, err, proc.returncode, project, NOBODY)
+
+
+def _kept(run: Callable[..., tuple[str, str, int]], project: Path) -> None:
+    """`create --agent` through a daemon of the caller's: the kept sandbox's commands run
+    as the agent's user, the project's files are the caller's, and its HOME survives a
+    stop and start."""
+    assert run("daemon", "start")[2] == 0
+    try:
+        out, err, code = run("create", "dev", "--agent", "claude", "--dir", str(project))
+        assert code == 0, (out, err)
+        out, err, code = run("exec", "dev", "--", "sh", "-c",
+                             PROBE + 'echo kept > "$HOME/mark"')
+        _check(out, err, code, project, os.stat(project).st_uid)
+        assert run("stop", "dev")[2] == 0 and run("start", "dev")[2] == 0
+        out, err, code = run("exec", "dev", "--", "sh", "-c", 'id -u; cat "$HOME/mark"')
+        assert out.split() == ["1000", "kept"], (out, err)
+    finally:
+        run("remove", "dev")
+        run("daemon", "stop")
+
+
+def test_a_kept_agent_sandbox_is_not_root_as_root(base: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    data, project = _setup(base, 0)
+    (base / "run").mkdir(mode=0o700)
+    env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_AUTOSTART": "0", "ANTHROPIC_API_KEY": ""}
+
+    def run(*args: str) -> tuple[str, str, int]:
+        r = ak(*args, cwd=project, env=env, timeout=120)
+        return r.stdout, r.stderr, r.returncode
+
+    _kept(run, project)
+
+
+def test_a_kept_agent_sandbox_is_not_root_as_an_ordinary_user(base: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
+            not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs root (to become nobody), setpriv and the system's python3")
+    data, project = _setup(base, NOBODY)
+
+    def run(*args: str) -> tuple[str, str, int]:
+        proc = ak_as_user(NOBODY, base, *args, cwd=project,
+                          env={"AGENTKERNEL_HOME": str(data), "ANTHROPIC_API_KEY": ""})
+        out, err = proc.communicate(timeout=150)
+        return out, err, proc.returncode
+
+    _kept(run, project)

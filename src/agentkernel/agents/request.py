@@ -34,11 +34,17 @@ AGENT_REFUSALS = {
                "filesystem)",
     "wasm": "the agent CLIs are native programs, not WASI modules",
 }
-# A one-shot agent runs as this uid and gid inside, not 0, its HOME a fresh dir of its own
-# (the project, read-write, shows as its files: see SandboxSpec.user). On the namespaces
-# backend; gVisor's agent is still the sandbox's root.
+# An agent runs as this uid and gid inside, not 0, its HOME a dir of its own (fresh for a
+# one-shot run, kept with a kept sandbox's /home; the project, read-write, shows as its
+# files: see SandboxSpec.user). On the namespaces backend; gVisor's agent is still the
+# sandbox's root.
 AGENT_USER = (1000, 1000, "/home/agent")
 USER_BACKENDS = ("namespaces",)
+
+
+def agent_home(backend: str) -> str:
+    """The agent's HOME inside an agent sandbox on `backend`."""
+    return AGENT_USER[2] if backend in USER_BACKENDS else SANDBOX_HOME
 
 
 class AgentRun(NamedTuple):
