@@ -152,3 +152,45 @@ def test_a_kept_agent_sandbox_is_not_root_as_an_ordinary_user(base: Path) -> Non
         return out, err, proc.returncode
 
     _kept(run, project)
+
+
+def test_a_new_install_is_not_served_by_warm_sandboxes_of_the_old(base: Path) -> None:
+    """`agents install` puts a new install in place (agents/install._swap): the daemon's
+    warm agent sandboxes, bound to the old one, serve no run after it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from agentkernel.agents.install import _swap
+
+    data, project = _setup(base, 0)
+    final = data / "agents" / "claude"
+    (base / "run").mkdir(mode=0o700)
+    (base / "daemon.toml").write_text("[daemon]\nadhoc_min = 1\nadhoc_max = 2\npools = []\n")
+    env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_CONFIG": str(base / "daemon.toml"),
+           "AGENTKERNEL_NO_DAEMON": "", "AGENTKERNEL_DAEMON_AUTOSTART": "0",
+           "ANTHROPIC_API_KEY": ""}
+
+    def install(version: str) -> None:
+        staging = final.with_name(f".claude.new-{version}")
+        binary = staging / "node_modules" / ".bin" / "claude"
+        binary.parent.mkdir(parents=True)
+        binary.write_text(f'#!/bin/sh\necho install={version}\nexec "$@"\n')
+        binary.chmod(0o755)
+        _swap(staging, final)
+
+    def run() -> str:
+        r = ak("run", "-v", "--agent", "claude", "--", "true", cwd=project, env=env,
+               timeout=120)
+        assert r.returncode == 0 and "via daemon" in r.stderr, (r.stdout, r.stderr)
+        return r.stdout.strip()
+
+    assert ak("daemon", "start", env=env).returncode == 0
+    try:
+        install("v1")
+        assert run() == "install=v1"
+        assert run() == "install=v1"  # (served warm: the key's sandbox made ahead)
+        install("v2")
+        assert run() == "install=v2"
+        assert run() == "install=v2"
+    finally:
+        ak("daemon", "stop", env=env)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import time
@@ -197,7 +198,24 @@ def pool_key(plan: Plan) -> PoolKey:
                    home=str(plan.home) if plan.home else None,
                    egress=egress,  # the project's [network] lists, an agent's hosts
                    ro_binds=plan.ro_binds, workspace_at=plan.workspace_at, user=plan.user,
+                   installs=install_ids(plan.ro_binds),
                    microvm=replace(plan.microvm, source="") if plan.microvm else None)
+
+
+def install_ids(ro_binds: tuple[tuple[str, str], ...]) -> tuple[tuple[int, int, int], ...]:
+    """Each read-only bind's source as it is now: device, inode and change time of its
+    dir (an agent's install: `agents install` renames a new one into place, so another
+    inode; an in-place change of its top dir moves its ctime). (0, 0, 0) where it is
+    gone: the start then fails as it would without a pool."""
+    ids = []
+    for src, _ in ro_binds:
+        try:
+            st = os.stat(src)
+        except OSError:
+            ids.append((0, 0, 0))
+            continue
+        ids.append((st.st_dev, st.st_ino, st.st_ctime_ns))
+    return tuple(ids)
 
 
 def _grant(sandbox: Sandbox, plan: Plan, req: RunRequest) -> None:
