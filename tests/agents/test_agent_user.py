@@ -194,3 +194,79 @@ def test_a_new_install_is_not_served_by_warm_sandboxes_of_the_old(base: Path) ->
         assert run() == "install=v2"
     finally:
         ak("daemon", "stop", env=env)
+
+
+SETTINGS_PROBE = """
+find "$HOME" -type f | sort
+stat -c "owner=%u:%g" "$HOME/.claude/CLAUDE.md"
+grep -rl -e sk-leak -e PRIVATE "$HOME" /tmp "$PWD" 2>/dev/null || echo clean
+"""
+
+
+def _host_settings(home: Path, owner: int) -> None:
+    """A host HOME with Claude Code instructions and a skill (copied), its settings file
+    and sign-in (never copied), and a skill's link to a private file (never followed)."""
+    claude = home / ".claude"
+    (claude / "skills" / "s").mkdir(parents=True)
+    (claude / "CLAUDE.md").write_text("be brief\n")
+    (claude / "skills" / "s" / "SKILL.md").write_text("---\nname: s\n---\n")
+    (claude / "settings.json").write_text('{"env": {"ANTHROPIC_API_KEY": "sk-leak"}}')
+    (claude / ".credentials.json").write_text("sk-leak")
+    (home / "id_rsa").write_text("PRIVATE\n")
+    (claude / "skills" / "s" / "leak").symlink_to(home / "id_rsa")
+    for p in (home / "id_rsa", claude, *claude.rglob("*")):
+        os.lchown(p, owner, owner)
+
+
+def _check_settings(out: str, err: str, code: int) -> None:
+    assert code == 0, (out, err)
+    assert out.splitlines() == [
+        "/home/agent/.claude/CLAUDE.md", "/home/agent/.claude/skills/s/SKILL.md",
+        "owner=1000:1000", "clean"], (out, err)
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_run_agent_settings_as_root(base: Path, daemon: bool) -> None:
+    """`run --agent --settings`, in-process and through a warm sandbox of the daemon: the
+    instructions and skill are in the agent's fresh HOME as its files; no settings file,
+    sign-in or link target is anywhere inside."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    data, project = _setup(base, 0)
+    home = base / "home"
+    home.mkdir()
+    _host_settings(home, 0)
+    (base / "run").mkdir(mode=0o700)
+    (base / "daemon.toml").write_text("[daemon]\nadhoc_min = 1\nadhoc_max = 2\npools = []\n")
+    env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_CONFIG": str(base / "daemon.toml"), "HOME": str(home),
+           "AGENTKERNEL_NO_DAEMON": "" if daemon else "1",
+           "AGENTKERNEL_DAEMON_AUTOSTART": "0", "ANTHROPIC_API_KEY": ""}
+    if daemon:
+        assert ak("daemon", "start", env=env).returncode == 0
+    try:
+        r = ak("run", "-v", "--agent", "claude", "--settings", "--", "sh", "-c",
+               SETTINGS_PROBE, cwd=project, env=env, timeout=120)
+        _check_settings(r.stdout, r.stderr, r.returncode)
+        assert ("via daemon" in r.stderr) == daemon, r.stderr
+        # Without --settings the HOME is empty of them (the warm sandbox had none).
+        r = ak("run", "--agent", "claude", "--", "sh", "-c", 'ls -A "$HOME" | wc -l',
+               cwd=project, env=env, timeout=120)
+        assert r.stdout.strip() == "0", (r.stdout, r.stderr)
+    finally:
+        if daemon:
+            ak("daemon", "stop", env=env)
+
+
+def test_run_agent_settings_as_an_ordinary_user(base: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
+            not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs root (to become nobody), setpriv and the system's python3")
+    data, project = _setup(base, NOBODY)
+    _host_settings(base, NOBODY)  # ak_as_user's HOME is `base`
+    proc = ak_as_user(NOBODY, base, "run", "--agent", "claude", "--settings", "--", "sh",
+                      "-c", SETTINGS_PROBE, cwd=project,
+                      env={"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_NO_DAEMON": "1",
+                           "ANTHROPIC_API_KEY": ""})
+    out, err = proc.communicate(timeout=150)
+    _check_settings(out, err, proc.returncode)

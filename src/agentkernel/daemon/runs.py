@@ -47,7 +47,8 @@ class RunsMixin:
             config_path=Path(req.config_path) if req.config_path else None,
             allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
             add_hosts=tuple(req.add_hosts), secrets=tuple(req.secrets), agent=req.agent,
-            agent_key=req.agent_key, workspace_at=req.workspace_at), ctx)
+            agent_key=req.agent_key, workspace_at=req.workspace_at,
+            agent_settings=bool(req.agent_settings)), ctx)
         if req.agent_key and not req.agent_key_value:
             raise UsageError(f"run: the value of {req.agent_key} did not come with the run")
         return pool_key(plan), plan
@@ -125,6 +126,10 @@ class RunsMixin:
             sandbox, pooled = self.pool.acquire(key, backend, rootfs)
             if plan.egress is not None and plan.egress.secrets:
                 _grant(sandbox, plan, req)
+            if plan.home_files:  # run --agent --settings: into this run's fresh HOME
+                from ..agents.settings import write_into
+
+                write_into(sandbox.client, plan.home_files)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
                                             cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
                                             pty=pty, rlimits=sandbox.command_rlimits())
