@@ -203,7 +203,8 @@ class Plan:
                 "profile": p.name, "network": p.network, "workspace": p.workspace,
                 "memory_mb": p.memory_mb, "pids": p.pids, "cpus": p.cpus,
                 "argv": list(self.argv), "cwd": self.cwd, "env": dict(self.user_env),
-                "warnings": list(self.warnings), "skipped": list(self.skipped)}
+                "warnings": list(self.warnings), "skipped": list(self.skipped),
+                "user": list(self.user) if self.user is not None else None}
 
 
 def sandbox_env(name: str, image_config: ImageConfig | None, profile: Profile,

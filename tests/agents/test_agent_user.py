@@ -249,6 +249,7 @@ def test_run_agent_settings_as_root(base: Path, daemon: bool) -> None:
                SETTINGS_PROBE, cwd=project, env=env, timeout=120)
         _check_settings(r.stdout, r.stderr, r.returncode)
         assert ("via daemon" in r.stderr) == daemon, r.stderr
+        assert "agent user: uid 1000, gid 1000, HOME /home/agent" in r.stderr, r.stderr
         # Without --settings the HOME is empty of them (the warm sandbox had none).
         r = ak("run", "--agent", "claude", "--", "sh", "-c", 'ls -A "$HOME" | wc -l',
                cwd=project, env=env, timeout=120)

@@ -49,15 +49,19 @@ def test_claude_headless_on_gvisor(kernel_api: FakeApi, data_home: Path,  # noqa
     project = own_path_base / "project"
     project.mkdir()
     kernel_api.log.unlink(missing_ok=True)
-    r = ak("run", "--agent", "claude", "--backend", "gvisor", *kernel_api.add_hosts(), "--",
+    r = ak("run", "-v", "--agent", "claude", "--backend", "gvisor", *kernel_api.add_hosts(), "--",
            "-p", "check the sandbox", "--dangerously-skip-permissions", cwd=project,
            timeout=240, env=_env(data_home, kernel_api, ANTHROPIC_API_KEY=REAL_KEY))
     _check_gvisor_run(r.stdout, r.stderr, r.returncode, kernel_api, project, os.getuid())
+    # The agent is gVisor's root (this runsc cannot show the project as uid 1000's): said.
+    assert "agent user: the sandbox's root, without capabilities (this host's runsc" \
+        in r.stderr, r.stderr
 
 
 def _check_gvisor_run(out: str, err: str, code: int, api: FakeApi, project: Path,
                       uid: int) -> None:
-    _check_claude_run(out, err, code, api, pwd=project, uid=0)  # (not AGENT_USER: gVisor)
+    # uid 0 of gVisor, not AGENT_USER (docs/agents.md, "User and HOME")
+    _check_claude_run(out, err, code, api, pwd=project, uid=0)
     report = [r for s in api.seen() for r in s["tool_result"]][-1]  # type: ignore[union-attr]
     kernel = next(line for line in report.splitlines() if line.startswith("kernel="))
     assert kernel != f"kernel={os.uname().release}", report  # gVisor's, not the host's

@@ -42,6 +42,15 @@ AGENT_USER = (1000, 1000, "/home/agent")
 USER_BACKENDS = ("namespaces",)
 
 
+def user_line(backend: str, user: object) -> str:
+    """What `run --agent -v` says of the agent's user (`user`: the plan's, as data)."""
+    if isinstance(user, (list, tuple)) and len(user) == 3:
+        return f"agent user: uid {user[0]}, gid {user[1]}, HOME {user[2]}"
+    why = " (this host's runsc cannot show the project as another uid's files)" \
+        if backend == "gvisor" else ""
+    return f"agent user: the sandbox's root, without capabilities{why}"
+
+
 def agent_home(backend: str) -> str:
     """The agent's HOME inside an agent sandbox on `backend`."""
     return AGENT_USER[2] if backend in USER_BACKENDS else SANDBOX_HOME

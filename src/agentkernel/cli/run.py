@@ -138,6 +138,10 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
             f"memory={f'{p.memory_mb}MiB' if p.memory_mb else 'unlimited'} "
             f"pids={p.pids or 'unlimited'} "
             f"cpus={p.cpus or 'unlimited'}")
+        if req.agent is not None:
+            from ..agents.request import user_line
+
+            say(user_line(plan_.backend.name, plan_.user))
     import io
 
     captured_out, captured_err = io.BytesIO(), io.BytesIO()
@@ -349,6 +353,9 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
         if args.verbose:
             how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
             say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
+            from ..agents.request import user_line
+
+            say(user_line(str(data.get("backend")), data.get("user")))
 
     restore = _raw_terminal() if tty else None
     try:
