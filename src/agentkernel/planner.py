@@ -343,11 +343,10 @@ def with_agent(req: RunRequest, *, persistent: bool = False,
     instructions and skills, read now, for the agent's HOME."""
     from .agents.request import (
         AGENT_MEMORY_MB,
-        AGENT_USER,
-        USER_BACKENDS,
         agent_backend,
         agent_home,
         agent_run,
+        agent_user,
     )
 
     assert req.agent is not None
@@ -355,9 +354,9 @@ def with_agent(req: RunRequest, *, persistent: bool = False,
     if req.no_network:
         raise UsageError("an agent sandbox needs the network to reach the agent's API")
     agent = agent_run(req.agent, DEFAULT_PATH, key_env=req.agent_key)
-    # The agent is not uid 0 inside (namespaces), one-shot or kept (a kept sandbox's HOME,
-    # /home/agent, persists with its /home).
-    user = AGENT_USER if backend in USER_BACKENDS else None
+    # The agent is not uid 0 inside (agents/request.agent_user: namespaces, one-shot or
+    # kept, whose HOME /home/agent persists with its /home; gVisor started by root).
+    user = agent_user(backend, persistent=persistent)
     home_env = {"HOME": user[2] if user is not None else agent_home(backend)}
     files, skipped = _settings_files(req, home, home_env["HOME"])
     return req._replace(

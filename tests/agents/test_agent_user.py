@@ -271,3 +271,37 @@ def test_run_agent_settings_as_an_ordinary_user(base: Path) -> None:
                            "ANTHROPIC_API_KEY": ""})
     out, err = proc.communicate(timeout=150)
     _check_settings(out, err, proc.returncode)
+
+
+GVISOR_PROBE = """
+echo "uid=$(id -u) gid=$(id -g) home=$HOME"
+grep CapEff /proc/self/status
+echo x > ./mine && find . -name mine -printf "mine=%U:%G\\n"
+find . -name theirs -printf "theirs=%U\\n"
+echo y >> ./theirs 2>/dev/null && echo theirs-written || echo theirs-denied
+touch /tmp/t && echo tmp-ok
+"""
+
+
+def test_the_agent_is_not_root_on_gvisor_as_root(base: Path) -> None:
+    """gVisor started by root: the agent is uid 1000 without capabilities; the project is
+    an id-mapped mount of the caller as 1000 (its writes land as the caller's, another
+    owner's file is nobody's and not writable). (`find -printf`: this runsc's statx
+    fails for coreutils' `stat`.)"""
+    from sandbox_helpers import backend_available
+
+    if os.geteuid() != 0 or not backend_available("gvisor"):
+        pytest.skip("needs root and the gvisor backend")
+    data, project = _setup(base, 0)
+    r = ak("run", "-q", "--agent", "claude", "-B", "gvisor", "--", "sh", "-c", GVISOR_PROBE,
+           cwd=project, env={"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_NO_DAEMON": "1"},
+           timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    lines = r.stdout.splitlines()
+    assert lines[0] == "uid=1000 gid=1000 home=/home/agent", r.stdout
+    assert lines[1].split() == ["CapEff:", "0000000000000000"], r.stdout
+    for expected in ("mine=1000:1000", f"theirs={NOBODY}", "theirs-denied", "tmp-ok"):
+        assert expected in lines, (expected, r.stdout, r.stderr)
+    st = (project / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (0, 0)  # the caller's, on the host
+    assert (project / "theirs").read_text() == "another user's\n"

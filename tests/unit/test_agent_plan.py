@@ -84,9 +84,14 @@ def test_a_kept_agent_sandbox_runs_as_the_agents_user(installed: Path) -> None:
     assert agent[agent.index("--user") + 1] == "1000:1000:/home/agent"
 
 
-def test_gvisor_agents_keep_the_sandboxs_root(installed: Path) -> None:
+def test_gvisor_agents_user(installed: Path) -> None:
+    """gVisor: uid 1000 for a one-shot run started by root (its project id-mapped, as on
+    namespaces); the sandbox's root for an ordinary user (rootless runsc maps one id)
+    and for a kept sandbox (its HOME /root)."""
     p = _plan(installed, backend="gvisor")
-    assert p.user is None and p.env("x")["HOME"] == "/root"
+    assert p.user == (AGENT_USER if os.geteuid() == 0 else None)
+    kept = _plan(installed, backend="gvisor", persistent=True)
+    assert kept.user is None and kept.env("x")["HOME"] == "/root"
 
 
 def test_a_replaced_install_is_another_pool_key(installed: Path, tmp_path: Path) -> None:
