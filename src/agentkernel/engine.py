@@ -37,6 +37,10 @@ def execute(
     with _exit_on_terminate():
         sandbox = plan_.backend.start(plan_.spec(name))
         try:
+            if plan_.home_files:  # run --agent --settings
+                from .agents.settings import write_into
+
+                write_into(sandbox.client, plan_.home_files)
             if on_started is not None:
                 on_started(sandbox)
             result = _run_in(sandbox, plan_, timeout=timeout, stdout=stdout, stderr=stderr,

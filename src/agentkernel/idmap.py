@@ -218,18 +218,22 @@ def new_userns(rng: HostRange) -> int:
         child.wait()
 
 
-def owner_userns(rng: HostRange, uid: int, gid: int) -> int:
+def owner_userns(rng: HostRange, uid: int, gid: int, *, runtime_root: bool = False) -> int:
     """A user namespace for an id-mapped mount on which files of our own (the caller's
     euid and egid, on disk) show as sandbox `uid`/`gid` of the sandbox over `rng`, and
     what that id writes lands as ours; no other id is mapped (other owners' files show as
-    nobody's, and nothing can be made theirs). An fd (O_CLOEXEC), the caller's to close."""
+    nobody's, and nothing can be made theirs). With `runtime_root`, the sandbox's root
+    (the range's first id) is also mapped, to itself: a runtime that creates a file as
+    its root and then gives it to the user (gVisor's gofer) can. An fd (O_CLOEXEC), the
+    caller's to close."""
     child = _userns_holder()
     try:
         _await_userns(child)
-        for kind, own, start in (("uid", os.geteuid(), rng.uid + uid),
-                                 ("gid", os.getegid(), rng.gid + gid)):
+        for kind, own, base, start in (("uid", os.geteuid(), rng.uid, rng.uid + uid),
+                                       ("gid", os.getegid(), rng.gid, rng.gid + gid)):
+            lines = [(own, start)] + ([(base, base)] if runtime_root else [])
             with open(f"/proc/{child.pid}/{kind}_map", "w") as f:
-                f.write(f"{own} {start} 1\n")
+                f.write("".join(f"{a} {b} 1\n" for a, b in sorted(lines)))
         return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise SandboxError(f"could not map the project's owner: {exc}") from None
@@ -384,7 +388,8 @@ class Staged(NamedTuple):
         return f"{self.paths[best]}/{rest}" if rest else self.paths[best]
 
 
-def stage(sources: list[tuple[str, bool]], userns_fd: int, opened: list[int]) -> Staged:
+def stage(sources: list[tuple[str, bool]], userns_fd: int, opened: list[int],
+          own: dict[str, int] | None = None) -> Staged:
     """Id-mapped mounts of `sources` ((host path, read-only) pairs; dirs or files) for
     `stage_fn` to attach under STAGE_DIR. The fds are appended to `opened` (the caller
     closes them once the runtime is started)."""
@@ -402,7 +407,8 @@ def stage(sources: list[tuple[str, bool]], userns_fd: int, opened: list[int]) ->
         if src in paths:
             continue
         try:
-            fd = idmapped_tree(src, userns_fd, read_only=read_only, plain=True)
+            fd = idmapped_tree(src, (own or {}).get(src, userns_fd), read_only=read_only,
+                               plain=True)
         except OSError as exc:
             raise SandboxError(f"cannot give {src} to the sandbox: {exc.strerror}") from None
         opened.append(fd)

@@ -90,6 +90,12 @@ class RunRequest(NamedTuple):
     held_keys: tuple[Use, ...] = ()
     # Commands run as (uid, gid, HOME) inside, not uid 0 (with_agent's, one-shot runs).
     user: tuple[int, int, str] | None = None
+    # `run --agent --settings`: copies of the caller's agent instructions and skills
+    # (agents/settings.py) go into the agent's HOME before it starts (with_agent reads
+    # them into `home_files`: (path inside, bytes, mode)).
+    agent_settings: bool = False
+    home_files: tuple[tuple[str, bytes, int], ...] = ()
+    home_skipped: tuple[str, ...] = ()  # what of them was left out, one warning each
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,7 @@ class Plan:
     ro_binds: tuple[tuple[str, str], ...] = ()  # RunRequest.ro_binds
     workspace_at: str = "/workspace"  # where the project is shown (same_path_target)
     user: tuple[int, int, str] | None = None  # RunRequest.user
+    home_files: tuple[tuple[str, bytes, int], ...] = ()  # RunRequest.home_files
 
     def env(self, sandbox_name: str) -> dict[str, str]:
         """The command's environment in a sandbox called `sandbox_name`."""
@@ -196,7 +203,8 @@ class Plan:
                 "profile": p.name, "network": p.network, "workspace": p.workspace,
                 "memory_mb": p.memory_mb, "pids": p.pids, "cpus": p.cpus,
                 "argv": list(self.argv), "cwd": self.cwd, "env": dict(self.user_env),
-                "warnings": list(self.warnings), "skipped": list(self.skipped)}
+                "warnings": list(self.warnings), "skipped": list(self.skipped),
+                "user": list(self.user) if self.user is not None else None}
 
 
 def sandbox_env(name: str, image_config: ImageConfig | None, profile: Profile,
@@ -244,8 +252,9 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
 
     res = resolvers or default_resolvers()
     if req.agent is not None:
-        req = with_agent(req, persistent=persistent)
+        req = with_agent(req, persistent=persistent, home=ctx.home)
     config, source, warnings = load_configs(req, ctx)
+    warnings = [*warnings, *req.home_skipped]
     if req.image and req.image != HOST_IMAGE:
         validate_image_ref(req.image)
     cfg_image = config.image if config is not None else None
@@ -299,7 +308,7 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         pass_env={k: ctx.env[k] for k in PASS_ENV_KEYS if k in ctx.env},
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
         egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
-        workspace_at=workspace_at, user=req.user,
+        workspace_at=workspace_at, user=req.user, home_files=req.home_files,
     )
 
 
@@ -322,20 +331,22 @@ def same_path_target(path: str, rootfs: HostRootfs, home: Path | None,
         return "/workspace"
 
 
-def with_agent(req: RunRequest, *, persistent: bool = False) -> RunRequest:
+def with_agent(req: RunRequest, *, persistent: bool = False,
+               home: Path | None = None) -> RunRequest:
     """An agent sandbox: the agent's install (read-only), variables, API hosts and its
     key (agents/request.py: the caller's `agent_key` variable, else the stored secret that
     covers it), under the request's own -e, lists and limits; namespaces or gVisor
     (agents/request.agent_backend: their gate keeps the key outside) and the host's
     userland (the agents are built for it) unless the request names an image. The command
     is the agent's binary with the request's argv as its arguments (a kept sandbox
-    without argv: none yet)."""
+    without argv: none yet). With `agent_settings`, the caller's (`home`) agent
+    instructions and skills, read now, for the agent's HOME."""
     from .agents.request import (
         AGENT_MEMORY_MB,
-        AGENT_USER,
-        USER_BACKENDS,
         agent_backend,
+        agent_home,
         agent_run,
+        agent_user,
     )
 
     assert req.agent is not None
@@ -343,20 +354,40 @@ def with_agent(req: RunRequest, *, persistent: bool = False) -> RunRequest:
     if req.no_network:
         raise UsageError("an agent sandbox needs the network to reach the agent's API")
     agent = agent_run(req.agent, DEFAULT_PATH, key_env=req.agent_key)
-    # A one-shot run's agent is not uid 0 inside (namespaces); a kept sandbox's still is
-    # (its HOME, /root, and its layers persist as the sandbox's root's).
-    user = AGENT_USER if not persistent and backend in USER_BACKENDS else None
-    home = {"HOME": user[2]} if user is not None else {}
+    # The agent is not uid 0 inside (agents/request.agent_user: namespaces, one-shot or
+    # kept, whose HOME /home/agent persists with its /home; gVisor started by root).
+    user = agent_user(backend, persistent=persistent)
+    home_env = {"HOME": user[2] if user is not None else agent_home(backend)}
+    files, skipped = _settings_files(req, home, home_env["HOME"])
     return req._replace(
+        home_files=files, home_skipped=skipped,
         backend=backend, image=req.image or HOST_IMAGE, user=user,
         memory_mb=AGENT_MEMORY_MB if req.memory_mb is None else req.memory_mb,
-        env={**agent.env, **home, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
+        env={**agent.env, **home_env, **req.env}, allow_hosts=(*agent.hosts, *req.allow_hosts),
         secrets=(*req.secrets, *((agent.secret,) if agent.secret else ())),
         held_keys=(*req.held_keys, *((agent.held,) if agent.held else ())),
         ro_binds=(*req.ro_binds, *agent.ro_binds),
         workspace=req.workspace or "rw",
         workspace_at=req.workspace_at or (str(req.cwd) if req.cwd is not None else None),
         argv=[agent.binary, *req.argv] if req.argv or not persistent else [])
+
+
+def _settings_files(req: RunRequest, home: Path | None, inside: str
+                    ) -> tuple[tuple[tuple[str, bytes, int], ...], tuple[str, ...]]:
+    """`agent_settings`: the files of the agent's row's `settings` under the caller's HOME
+    (agents/settings.collect: no link followed, no settings or sign-in file, bounded), at
+    their place under the agent's HOME `inside`; and a warning per file skipped."""
+    if not req.agent_settings:
+        return (), ()
+    if home is None:
+        raise UsageError("--settings: the caller's HOME is not known")
+    from .agents.registry import get
+    from .agents.settings import collect
+
+    assert req.agent is not None
+    found, skipped = collect(get(req.agent), home)
+    return (tuple((f"{inside}/{f.path}", f.data, f.mode) for f in found),
+            tuple(f"settings: skipped {line}" for line in skipped))
 
 
 def egress_of(req: RunRequest, profile: Profile, config: Config | None,

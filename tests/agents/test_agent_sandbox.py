@@ -110,16 +110,17 @@ def test_kept_agent_sandbox(agent_daemon: AgentDaemon, fake_api: FakeApi) -> Non
     info = {row["name"]: row for row in json.loads(d.ak("list", "--json").stdout)}
     assert info["dev"]["agent"] == "claude" and info["dev"]["backend"] == "namespaces"
     report = _claude_turn(d, fake_api)
-    assert report.startswith("uid=0 host=agentkernel key=ak-secret-"), report
+    assert report.startswith("uid=1000 host=agentkernel key=ak-secret-"), report  # not root
     assert REAL_KEY not in report and "FOUND" not in report, report
     assert "other-refused" in report, report
     assert report.splitlines()[0].endswith(f" pwd={d.project}"), report  # its own path
     assert (d.project / "agent-was-here").read_text() == "edited\n"  # rw project
-    r = d.ak("exec", "dev", "--", "sh", "-c", "echo kept > $HOME/mark; echo $HOME")
-    assert r.stdout.strip() == "/root", r.stderr
+    assert (d.project / "agent-was-here").stat().st_uid == 0  # the caller's on the host
+    r = d.ak("exec", "dev", "--", "sh", "-c", "echo kept > $HOME/mark; echo $HOME; id -u")
+    assert r.stdout.split() == ["/home/agent", "1000"], r.stderr  # the agent's user
     assert d.ak("stop", "dev").returncode == 0
     assert d.ak("start", "dev").returncode == 0
-    r = d.ak("exec", "dev", "--", "cat", "/root/mark")
+    r = d.ak("exec", "dev", "--", "cat", "/home/agent/mark")
     assert r.stdout.strip() == "kept", r.stderr  # a persistent per-sandbox HOME
     # A new daemon adopts it, gate and all.
     assert d.ak("daemon", "stop").returncode == 0
@@ -273,7 +274,10 @@ def test_create_copies_settings_and_defaults_to_this_project(agent_daemon: Agent
                  "cat /workspace/README ~/.claude/CLAUDE.md; find ~/.claude -type f | sort; "
                  "grep -rl -e sk-leak -e PRIVATE ~ /workspace || echo clean")
         assert r.stdout.splitlines() == [
-            "the project", "be brief", "/root/.claude/CLAUDE.md",
-            "/root/.claude/skills/s/SKILL.md", "clean"], (r.stdout, r.stderr)
+            "the project", "be brief", "/home/agent/.claude/CLAUDE.md",
+            "/home/agent/.claude/skills/s/SKILL.md", "clean"], (r.stdout, r.stderr)
+        # written as the agent's user (the in-sandbox agent is it), its own to change
+        r = d.ak("exec", "dev2", "--", "stat", "-c", "%u:%g", "/home/agent/.claude/CLAUDE.md")
+        assert r.stdout.strip() == "1000:1000", (r.stdout, r.stderr)
     finally:
         d.ak("remove", "dev2")

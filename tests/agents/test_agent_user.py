@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -103,3 +103,205 @@ def test_the_agent_is_not_root_as_an_ordinary_user(base: Path) -> None:
                                         "AGENTKERNEL_NO_DAEMON": "1"})
     out, err = proc.communicate(timeout=150)
     _check(out, err, proc.returncode, project, NOBODY)
+
+
+def _kept(run: Callable[..., tuple[str, str, int]], project: Path) -> None:
+    """`create --agent` through a daemon of the caller's: the kept sandbox's commands run
+    as the agent's user, the project's files are the caller's, and its HOME survives a
+    stop and start."""
+    assert run("daemon", "start")[2] == 0
+    try:
+        out, err, code = run("create", "dev", "--agent", "claude", "--dir", str(project))
+        assert code == 0, (out, err)
+        out, err, code = run("exec", "dev", "--", "sh", "-c",
+                             PROBE + 'echo kept > "$HOME/mark"')
+        _check(out, err, code, project, os.stat(project).st_uid)
+        assert run("stop", "dev")[2] == 0 and run("start", "dev")[2] == 0
+        out, err, code = run("exec", "dev", "--", "sh", "-c", 'id -u; cat "$HOME/mark"')
+        assert out.split() == ["1000", "kept"], (out, err)
+    finally:
+        run("remove", "dev")
+        run("daemon", "stop")
+
+
+def test_a_kept_agent_sandbox_is_not_root_as_root(base: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    data, project = _setup(base, 0)
+    (base / "run").mkdir(mode=0o700)
+    env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_AUTOSTART": "0", "ANTHROPIC_API_KEY": ""}
+
+    def run(*args: str) -> tuple[str, str, int]:
+        r = ak(*args, cwd=project, env=env, timeout=120)
+        return r.stdout, r.stderr, r.returncode
+
+    _kept(run, project)
+
+
+def test_a_kept_agent_sandbox_is_not_root_as_an_ordinary_user(base: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
+            not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs root (to become nobody), setpriv and the system's python3")
+    data, project = _setup(base, NOBODY)
+
+    def run(*args: str) -> tuple[str, str, int]:
+        proc = ak_as_user(NOBODY, base, *args, cwd=project,
+                          env={"AGENTKERNEL_HOME": str(data), "ANTHROPIC_API_KEY": ""})
+        out, err = proc.communicate(timeout=150)
+        return out, err, proc.returncode
+
+    _kept(run, project)
+
+
+def test_a_new_install_is_not_served_by_warm_sandboxes_of_the_old(base: Path) -> None:
+    """`agents install` puts a new install in place (agents/install._swap): the daemon's
+    warm agent sandboxes, bound to the old one, serve no run after it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from agentkernel.agents.install import _swap
+
+    data, project = _setup(base, 0)
+    final = data / "agents" / "claude"
+    (base / "run").mkdir(mode=0o700)
+    (base / "daemon.toml").write_text("[daemon]\nadhoc_min = 1\nadhoc_max = 2\npools = []\n")
+    env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_CONFIG": str(base / "daemon.toml"),
+           "AGENTKERNEL_NO_DAEMON": "", "AGENTKERNEL_DAEMON_AUTOSTART": "0",
+           "ANTHROPIC_API_KEY": ""}
+
+    def install(version: str) -> None:
+        staging = final.with_name(f".claude.new-{version}")
+        binary = staging / "node_modules" / ".bin" / "claude"
+        binary.parent.mkdir(parents=True)
+        binary.write_text(f'#!/bin/sh\necho install={version}\nexec "$@"\n')
+        binary.chmod(0o755)
+        _swap(staging, final)
+
+    def run() -> str:
+        r = ak("run", "-v", "--agent", "claude", "--", "true", cwd=project, env=env,
+               timeout=120)
+        assert r.returncode == 0 and "via daemon" in r.stderr, (r.stdout, r.stderr)
+        return r.stdout.strip()
+
+    assert ak("daemon", "start", env=env).returncode == 0
+    try:
+        install("v1")
+        assert run() == "install=v1"
+        assert run() == "install=v1"  # (served warm: the key's sandbox made ahead)
+        install("v2")
+        assert run() == "install=v2"
+        assert run() == "install=v2"
+    finally:
+        ak("daemon", "stop", env=env)
+
+
+SETTINGS_PROBE = """
+find "$HOME" -type f | sort
+stat -c "owner=%u:%g" "$HOME/.claude/CLAUDE.md"
+grep -rl -e sk-leak -e PRIVATE "$HOME" /tmp "$PWD" 2>/dev/null || echo clean
+"""
+
+
+def _host_settings(home: Path, owner: int) -> None:
+    """A host HOME with Claude Code instructions and a skill (copied), its settings file
+    and sign-in (never copied), and a skill's link to a private file (never followed)."""
+    claude = home / ".claude"
+    (claude / "skills" / "s").mkdir(parents=True)
+    (claude / "CLAUDE.md").write_text("be brief\n")
+    (claude / "skills" / "s" / "SKILL.md").write_text("---\nname: s\n---\n")
+    (claude / "settings.json").write_text('{"env": {"ANTHROPIC_API_KEY": "sk-leak"}}')
+    (claude / ".credentials.json").write_text("sk-leak")
+    (home / "id_rsa").write_text("PRIVATE\n")
+    (claude / "skills" / "s" / "leak").symlink_to(home / "id_rsa")
+    for p in (home / "id_rsa", claude, *claude.rglob("*")):
+        os.lchown(p, owner, owner)
+
+
+def _check_settings(out: str, err: str, code: int) -> None:
+    assert code == 0, (out, err)
+    assert out.splitlines() == [
+        "/home/agent/.claude/CLAUDE.md", "/home/agent/.claude/skills/s/SKILL.md",
+        "owner=1000:1000", "clean"], (out, err)
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_run_agent_settings_as_root(base: Path, daemon: bool) -> None:
+    """`run --agent --settings`, in-process and through a warm sandbox of the daemon: the
+    instructions and skill are in the agent's fresh HOME as its files; no settings file,
+    sign-in or link target is anywhere inside."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    data, project = _setup(base, 0)
+    home = base / "home"
+    home.mkdir()
+    _host_settings(home, 0)
+    (base / "run").mkdir(mode=0o700)
+    (base / "daemon.toml").write_text("[daemon]\nadhoc_min = 1\nadhoc_max = 2\npools = []\n")
+    env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_CONFIG": str(base / "daemon.toml"), "HOME": str(home),
+           "AGENTKERNEL_NO_DAEMON": "" if daemon else "1",
+           "AGENTKERNEL_DAEMON_AUTOSTART": "0", "ANTHROPIC_API_KEY": ""}
+    if daemon:
+        assert ak("daemon", "start", env=env).returncode == 0
+    try:
+        r = ak("run", "-v", "--agent", "claude", "--settings", "--", "sh", "-c",
+               SETTINGS_PROBE, cwd=project, env=env, timeout=120)
+        _check_settings(r.stdout, r.stderr, r.returncode)
+        assert ("via daemon" in r.stderr) == daemon, r.stderr
+        assert "agent user: uid 1000, gid 1000, HOME /home/agent" in r.stderr, r.stderr
+        # Without --settings the HOME is empty of them (the warm sandbox had none).
+        r = ak("run", "--agent", "claude", "--", "sh", "-c", 'ls -A "$HOME" | wc -l',
+               cwd=project, env=env, timeout=120)
+        assert r.stdout.strip() == "0", (r.stdout, r.stderr)
+    finally:
+        if daemon:
+            ak("daemon", "stop", env=env)
+
+
+def test_run_agent_settings_as_an_ordinary_user(base: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
+            not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs root (to become nobody), setpriv and the system's python3")
+    data, project = _setup(base, NOBODY)
+    _host_settings(base, NOBODY)  # ak_as_user's HOME is `base`
+    proc = ak_as_user(NOBODY, base, "run", "--agent", "claude", "--settings", "--", "sh",
+                      "-c", SETTINGS_PROBE, cwd=project,
+                      env={"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_NO_DAEMON": "1",
+                           "ANTHROPIC_API_KEY": ""})
+    out, err = proc.communicate(timeout=150)
+    _check_settings(out, err, proc.returncode)
+
+
+GVISOR_PROBE = """
+echo "uid=$(id -u) gid=$(id -g) home=$HOME"
+grep CapEff /proc/self/status
+echo x > ./mine && find . -name mine -printf "mine=%U:%G\\n"
+find . -name theirs -printf "theirs=%U\\n"
+echo y >> ./theirs 2>/dev/null && echo theirs-written || echo theirs-denied
+touch /tmp/t && echo tmp-ok
+"""
+
+
+def test_the_agent_is_not_root_on_gvisor_as_root(base: Path) -> None:
+    """gVisor started by root: the agent is uid 1000 without capabilities; the project is
+    an id-mapped mount of the caller as 1000 (its writes land as the caller's, another
+    owner's file is nobody's and not writable). (`find -printf`: this runsc's statx
+    fails for coreutils' `stat`.)"""
+    from sandbox_helpers import backend_available
+
+    if os.geteuid() != 0 or not backend_available("gvisor"):
+        pytest.skip("needs root and the gvisor backend")
+    data, project = _setup(base, 0)
+    r = ak("run", "-q", "--agent", "claude", "-B", "gvisor", "--", "sh", "-c", GVISOR_PROBE,
+           cwd=project, env={"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_NO_DAEMON": "1"},
+           timeout=120)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    lines = r.stdout.splitlines()
+    assert lines[0] == "uid=1000 gid=1000 home=/home/agent", r.stdout
+    assert lines[1].split() == ["CapEff:", "0000000000000000"], r.stdout
+    for expected in ("mine=1000:1000", f"theirs={NOBODY}", "theirs-denied", "tmp-ok"):
+        assert expected in lines, (expected, r.stdout, r.stderr)
+    st = (project / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (0, 0)  # the caller's, on the host
+    assert (project / "theirs").read_text() == "another user's\n"

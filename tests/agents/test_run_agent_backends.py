@@ -49,15 +49,19 @@ def test_claude_headless_on_gvisor(kernel_api: FakeApi, data_home: Path,  # noqa
     project = own_path_base / "project"
     project.mkdir()
     kernel_api.log.unlink(missing_ok=True)
-    r = ak("run", "--agent", "claude", "--backend", "gvisor", *kernel_api.add_hosts(), "--",
+    r = ak("run", "-v", "--agent", "claude", "--backend", "gvisor", *kernel_api.add_hosts(), "--",
            "-p", "check the sandbox", "--dangerously-skip-permissions", cwd=project,
            timeout=240, env=_env(data_home, kernel_api, ANTHROPIC_API_KEY=REAL_KEY))
-    _check_gvisor_run(r.stdout, r.stderr, r.returncode, kernel_api, project, os.getuid())
+    _check_gvisor_run(r.stdout, r.stderr, r.returncode, kernel_api, project, os.getuid(),
+                      agent_uid=1000)
+    assert "agent user: uid 1000, gid 1000, HOME /home/agent" in r.stderr, r.stderr
 
 
 def _check_gvisor_run(out: str, err: str, code: int, api: FakeApi, project: Path,
-                      uid: int) -> None:
-    _check_claude_run(out, err, code, api, pwd=project, uid=0)  # (not AGENT_USER: gVisor)
+                      uid: int, agent_uid: int) -> None:
+    """`uid`: the project's marker's owner on the host (the caller); `agent_uid`: the
+    agent's inside (1000 started by root; gVisor's root when rootless runsc maps one id)."""
+    _check_claude_run(out, err, code, api, pwd=project, uid=agent_uid)
     report = [r for s in api.seen() for r in s["tool_result"]][-1]  # type: ignore[union-attr]
     kernel = next(line for line in report.splitlines() if line.startswith("kernel="))
     assert kernel != f"kernel={os.uname().release}", report  # gVisor's, not the host's
@@ -88,7 +92,8 @@ def test_claude_on_gvisor_as_an_ordinary_user(kernel_api: FakeApi,
                       env={"ANTHROPIC_API_KEY": REAL_KEY, "AGENTKERNEL_NO_DAEMON": "1",
                            "AGENTKERNEL_EGRESS_UPSTREAM_CA": str(kernel_api.ca)})
     out, err = proc.communicate(timeout=260)
-    _check_gvisor_run(out, err, proc.returncode, kernel_api, home / "project", NOBODY)
+    _check_gvisor_run(out, err, proc.returncode, kernel_api, home / "project", NOBODY,
+                      agent_uid=0)
 
 
 @pytest.mark.parametrize("backend", ["microvm", "wasm"])

@@ -76,11 +76,51 @@ def test_the_agent_runs_as_its_user_with_its_home(installed: Path) -> None:
     assert argv[argv.index("--uid") + 1] == "0"  # (an ordinary user's: the agent maps 1000)
 
 
-def test_a_kept_agent_sandbox_keeps_its_root(installed: Path) -> None:
+def test_a_kept_agent_sandbox_runs_as_the_agents_user(installed: Path) -> None:
     p = _plan(installed, persistent=True)
-    assert p.user is None and p.argv == []
+    assert p.user == AGENT_USER and p.argv == [] and p.env("x")["HOME"] == AGENT_USER[2]
     argv = build_bwrap_argv("bwrap", p.spec("x"), "/agent", "/bpf", resolv=None, info_fd=-1)
-    assert "--user" not in argv and "CAP_SETUID" not in argv
+    agent = argv[argv.index("--") + 1:]
+    assert agent[agent.index("--user") + 1] == "1000:1000:/home/agent"
+
+
+def test_gvisor_agents_user(installed: Path) -> None:
+    """gVisor: uid 1000 for a one-shot run started by root (its project id-mapped, as on
+    namespaces); the sandbox's root for an ordinary user (rootless runsc maps one id)
+    and for a kept sandbox (its HOME /root)."""
+    p = _plan(installed, backend="gvisor")
+    assert p.user == (AGENT_USER if os.geteuid() == 0 else None)
+    kept = _plan(installed, backend="gvisor", persistent=True)
+    assert kept.user is None and kept.env("x")["HOME"] == "/root"
+
+
+def test_a_replaced_install_is_another_pool_key(installed: Path, tmp_path: Path) -> None:
+    """`agents install` renames a new install into place: warm sandboxes of the old one
+    (another pool key) serve no run after it."""
+    before = pool_key(_plan(installed))
+    assert pool_key(_plan(installed)) == before  # unchanged: the same key
+    final = tmp_path / "data" / "agents" / "claude"
+    binary = tmp_path / "copy" / "node_modules" / ".bin" / "claude"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    final.rename(tmp_path / "old")
+    (tmp_path / "copy").rename(final)
+    assert pool_key(_plan(installed)) != before
+
+
+def test_settings_are_read_from_the_callers_home(installed: Path, tmp_path: Path) -> None:
+    home = tmp_path / "callerhome"
+    (home / ".claude").mkdir(parents=True)
+    (home / ".claude" / "CLAUDE.md").write_text("be brief\n")
+    (home / ".claude" / "settings.json").write_text("{}")
+    req = RunRequest(argv=["-p", "hi"], cwd=installed, agent="claude", agent_settings=True)
+    rec = Recorder()
+    p = plan(req, CallerContext(env={"HOME": str(home)}),
+             resolvers=Resolvers(rec.choose, rec.rootfs))
+    assert p.home_files == (("/home/agent/.claude/CLAUDE.md", b"be brief\n", 0o644),)
+    with pytest.raises(UsageError, match="HOME"):
+        plan(req, CallerContext(), resolvers=Resolvers(rec.choose, rec.rootfs))
 
 
 def test_the_callers_key_variable_must_be_the_agents() -> None:

@@ -34,11 +34,39 @@ AGENT_REFUSALS = {
                "filesystem)",
     "wasm": "the agent CLIs are native programs, not WASI modules",
 }
-# A one-shot agent runs as this uid and gid inside, not 0, its HOME a fresh dir of its own
-# (the project, read-write, shows as its files: see SandboxSpec.user). On the namespaces
-# backend; gVisor's agent is still the sandbox's root.
+# An agent runs as this uid and gid inside, not 0, its HOME a dir of its own (fresh for a
+# one-shot run, kept with a kept sandbox's /home; the project, read-write, shows as its
+# files: see SandboxSpec.user). On the namespaces backend, and for a one-shot run on
+# gVisor started by root (agent_user).
 AGENT_USER = (1000, 1000, "/home/agent")
 USER_BACKENDS = ("namespaces",)
+
+
+def agent_user(backend: str, *, persistent: bool) -> tuple[int, int, str] | None:
+    """The agent's user on `backend` (None: the sandbox's root). gVisor: one-shot runs
+    started by root only (rootless runsc maps one id, so the project cannot show as
+    another uid's; a kept gVisor sandbox keeps its HOME, /root, as its root's)."""
+    import os
+
+    if backend in USER_BACKENDS:
+        return AGENT_USER
+    if backend == "gvisor" and not persistent and os.geteuid() == 0:
+        return AGENT_USER
+    return None
+
+
+def user_line(backend: str, user: object) -> str:
+    """What `run --agent -v` says of the agent's user (`user`: the plan's, as data)."""
+    if isinstance(user, (list, tuple)) and len(user) == 3:
+        return f"agent user: uid {user[0]}, gid {user[1]}, HOME {user[2]}"
+    why = " (gVisor started by an ordinary user, or kept: rootless runsc maps one id)" \
+        if backend == "gvisor" else ""
+    return f"agent user: the sandbox's root, without capabilities{why}"
+
+
+def agent_home(backend: str) -> str:
+    """The agent's HOME inside an agent sandbox on `backend`."""
+    return AGENT_USER[2] if backend in USER_BACKENDS else SANDBOX_HOME
 
 
 class AgentRun(NamedTuple):

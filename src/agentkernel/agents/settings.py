@@ -1,4 +1,4 @@
-"""`create --agent NAME --settings`: the host's agent instructions and skills, copied in.
+"""`create`/`run --agent NAME --settings`: the host's agent instructions and skills, copied in.
 
 Only what the registry row's `settings` names (instructions, skills, commands: documents,
 never settings files or sign-ins), read from the caller's own $HOME without following any
@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .registry import AgentSpec
+
+if TYPE_CHECKING:
+    from ..agent.client import AgentClient
 
 MAX_FILES = 500
 MAX_FILE = 1 << 20  # larger files are skipped
@@ -71,3 +74,10 @@ def collect(spec: AgentSpec, home: Path) -> tuple[list[SettingsFile], list[str]]
             total += len(got[0])
             found.append(SettingsFile(rel_path, *got))
     return found, skipped
+
+
+def write_into(client: AgentClient, files: tuple[tuple[str, bytes, int], ...]) -> None:
+    """A plan's `home_files` into a started sandbox, before its command: written by the
+    in-sandbox agent (so as the agent's user where it has one), dirs made as needed."""
+    for path, data, mode in files:
+        client.write_file(path, data, mode=mode, mkdirs=True)

@@ -68,6 +68,10 @@ def run_on_pty(args: argparse.Namespace,
             print(f"agentkernel: warning: {warning}", file=sys.stderr)
     sandbox = plan_.backend.start(plan_.spec(f"agent-{os.urandom(4).hex()}"))
     try:
+        if plan_.home_files:  # --settings
+            from .settings import write_into
+
+            write_into(sandbox.client, plan_.home_files)
         execution = sandbox.client.exec(plan_.argv, env=plan_.env(sandbox.spec.name),
                                         cwd=plan_.cwd, stdin=True, pty=_size(),
                                         rlimits=sandbox.command_rlimits())

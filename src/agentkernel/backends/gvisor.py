@@ -169,6 +169,10 @@ class GVisorBackend(Backend):
         runsc = _runsc()
         if runsc is None:
             raise BackendUnavailable("the gvisor backend needs runsc: apt install runsc")
+        if spec.user is not None and (os.geteuid() != 0 or spec.persistent):
+            # Rootless runsc maps one id (the caller's, as the sandbox's root): the project
+            # cannot show as another user's (the planner asks for none then: a guard).
+            spec = spec._replace(user=None)
         agent = native_binary("ak-agent")
         scratch = make_scratch(spec.name)
         sandbox: Sandbox | None = None
@@ -213,7 +217,8 @@ class GVisorBackend(Backend):
                                                           no_setid=p.workspace == "rw")),
                                       control=str(control) if control else None,
                                       workspace_copy=str(copy) if copy else None)
-            remap = _remap(config, scratch, opened, holder, own) if own is not None else None
+            remap = _remap(config, scratch, opened, holder, own, spec.user,
+                           _project_source(spec, copy)) if own is not None else None
             _write_bundle(bundle, config)
             # The cgroup holds the sentry and gofer too: under the ptrace platform a sandboxed
             # task costs several host tasks (stub process, tracer and goroutine threads), plus
@@ -319,17 +324,25 @@ def _own_range(opened: list[int]) -> tuple[int, int, HostRange]:
 
 def _remap(
     config: dict[str, Any], scratch: Path, opened: list[int], holder: int | None,
-    own: tuple[int, int, HostRange],
+    own: tuple[int, int, HostRange], user: tuple[int, int, str] | None = None,
+    project: str | None = None,
 ) -> _Remap:
     """Give runsc, about to run inside the sandbox's user namespace, the host paths it
     needs as id-mapped mounts (the scratch dir and every bind source), and point the
     config's binds at where it will find them. Their fds are appended to `opened`."""
-    from ..idmap import stage
+    from ..idmap import owner_userns, stage
 
-    userns, lock, _rng = own
+    userns, lock, rng = own
     binds = [m for m in config["mounts"] if m["type"] == "bind"]
     sources = [(str(scratch), False)] + [(m["source"], "ro" in m["options"]) for m in binds]
-    staged = stage(sources, userns, opened)
+    # The project, for a sandbox whose commands run as a user: the caller's files show as
+    # that user's and what it writes lands as the caller's (as on namespaces); the range's
+    # root is mapped too, as the gofer creates a file as itself before giving it away.
+    owners: dict[str, int] = {}
+    if user is not None and project is not None:
+        owners[project] = owner_userns(rng, user[0], user[1], runtime_root=True)
+        opened.append(owners[project])
+    staged = stage(sources, userns, opened, owners)
     for m in binds:
         m["source"] = staged.translate(m["source"])
     netns = -1
@@ -337,6 +350,13 @@ def _remap(
         netns = os.open(f"/proc/{holder}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         opened.append(netns)
     return _Remap(userns, staged, netns, lock)
+
+
+def _project_source(spec: SandboxSpec, copy: Path | None) -> str | None:
+    """The host dir bound as the project (None: none is)."""
+    if spec.workspace is None or spec.profile.workspace == "none":
+        return None
+    return str(copy) if copy is not None else str(spec.workspace)
 
 
 def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
@@ -375,11 +395,15 @@ def build_oci_config(
          "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs",
          "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", *(["mode=1777"] if spec.user else [])]},
         {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]},
         {"destination": "/root", "type": "tmpfs", "source": "tmpfs",
          "options": ["nosuid", "nodev", "mode=700"] + ([] if p.root_writable else ["ro"])},
     ]
+    if spec.user is not None:  # its HOME's parent (the root may be read-only)
+        mounts.append({"destination": "/home", "type": "tmpfs", "source": "tmpfs",
+                       "options": ["nosuid", "nodev", "mode=755"]})
     symlinks: list[tuple[str, str]] = []
     for entry in spec.rootfs.entries:
         if entry.kind == "symlink":
@@ -428,6 +452,12 @@ def build_oci_config(
     # The same seccomp program as on the namespaces backend, installed by the agent itself
     # (gVisor implements seccomp for its tasks) after its set-up mounts are done.
     args += ["--drop-caps", "--seccomp", SECCOMP_PATH]
+    # A user for commands (an agent's): the agent switches to it after its set-up, which
+    # needs these too (dropped with the rest before it serves anything).
+    caps: tuple[str, ...] = SETUP_CAPS
+    if spec.user is not None:
+        args += ["--user", "{}:{}:{}".format(*spec.user)]
+        caps = (*SETUP_CAPS, "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN")
     if control is not None:
         mounts.append({"destination": CONTROL_PATH, "type": "bind", "source": control,
                        "options": ["rbind", "rw"]})
@@ -443,7 +473,7 @@ def build_oci_config(
             "args": args,
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
-            "capabilities": {k: (list(SETUP_CAPS) if k != "ambient" else [])
+            "capabilities": {k: (list(caps) if k != "ambient" else [])
                              for k in ("bounding", "effective", "inheritable", "permitted",
                                        "ambient")},
             "noNewPrivileges": True,

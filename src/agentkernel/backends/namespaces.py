@@ -110,7 +110,10 @@ class NamespacesBackend(Backend):
         if keep is not None:
             for sub in PERSISTENT_SUBDIRS:
                 (keep / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-            (keep / "dirs" / "tmp").chmod(0o1777)  # a /tmp (the parents stay private)
+            # A /tmp, /var/tmp and /home as on any system, for an agent's user (whose
+            # HOME is in /home); the parents stay private.
+            for sub, mode in (("tmp", 0o1777), ("var_tmp", 0o1777), ("home", 0o755)):
+                (keep / "dirs" / sub).chmod(mode)
         scratch = make_scratch(spec.name)
         sandbox: Sandbox | None = None
         spawned: Spawned | None = None

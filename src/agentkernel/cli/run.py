@@ -55,6 +55,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--apply", action="store_true",
                    help="with --agent: as --review, and apply the changes without asking "
                         "(when the agent exits 0)")
+    p.add_argument("--settings", action="store_true",
+                   help="with --agent: copy your agent instructions and skills (never "
+                        "settings files or credentials) into the agent's HOME")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     p.set_defaults(handler=cmd_run)
 
@@ -67,6 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if (args.review or args.apply) and not args.agent:
         raise UsageError("--review and --apply are for --agent runs")
+    if getattr(args, "settings", False) and not args.agent:
+        raise UsageError("--settings is for --agent runs")
     if args.agent:
         from ..agents.launch import RunFlow, cmd_run_agent
         from .common import say
@@ -133,6 +138,10 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
             f"memory={f'{p.memory_mb}MiB' if p.memory_mb else 'unlimited'} "
             f"pids={p.pids or 'unlimited'} "
             f"cpus={p.cpus or 'unlimited'}")
+        if req.agent is not None:
+            from ..agents.request import user_line
+
+            say(user_line(plan_.backend.name, plan_.user))
     import io
 
     captured_out, captured_err = io.BytesIO(), io.BytesIO()
@@ -195,6 +204,7 @@ def run_request(args: argparse.Namespace, command: list[str]) -> RunRequest:
         add_hosts=tuple(getattr(args, "add_host", ())), secrets=tuple(getattr(args, "secret", ())),
         agent=getattr(args, "agent", None), agent_key=getattr(args, "agent_key", None),
         workspace_at=getattr(args, "workspace_at", None),  # run --agent's: its own path
+        agent_settings=bool(getattr(args, "settings", False)),
     )
 
 
@@ -324,6 +334,7 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
         "env": {**{k: os.environ[k] for k in TERMINAL_ENV if os.environ.get(k)},
                 **env_pairs(args.env)},  # (the argparse path has them in args.env already)
         "timeout": args.timeout, "cwd": os.getcwd(), "workspace_at": args.workspace_at,
+        "agent_settings": bool(getattr(args, "settings", False)),
         "memory_mb": memory, "pids": pids, "cpus": args.cpus,
         "config_path": os.path.abspath(args.config) if args.config else None,
         "allow_hosts": list(args.allow_host), "deny_hosts": list(args.deny_host),
@@ -342,6 +353,9 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
         if args.verbose:
             how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
             say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
+            from ..agents.request import user_line
+
+            say(user_line(str(data.get("backend")), data.get("user")))
 
     restore = _raw_terminal() if tty else None
     try:

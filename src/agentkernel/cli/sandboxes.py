@@ -132,7 +132,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     if info.get("agent"):
         print(f"  Agent:   {info['agent']} (`agentkernel attach {args.name}` starts it)")
     if args.settings:
-        _copy_settings(args.name, str(info["agent"]))
+        _copy_settings(args.name, str(info["agent"]), str(info.get("backend")))
     if info.get("expires_at"):
         print(f"  Expires: {info['expires_at']}")
     print(f"\nSandbox '{args.name}' created.\n\nNext steps:\n"
@@ -159,21 +159,23 @@ def _check_agent_key(agent_id: str) -> None:
     say(f"warning: {note}")
 
 
-def _copy_settings(name: str, agent_id: str) -> None:
-    """The host's agent instructions and skills into the sandbox's HOME (agents/settings)."""
+def _copy_settings(name: str, agent_id: str, backend: str) -> None:
+    """The host's agent instructions and skills into the sandbox's HOME (agents/settings),
+    written by the in-sandbox agent: as the agent's user where it has one."""
     from pathlib import Path
 
     from ..agents.registry import get
-    from ..agents.request import SANDBOX_HOME
+    from ..agents.request import agent_home
     from ..agents.settings import collect
 
+    home = agent_home(backend)
     found, skipped = collect(get(agent_id), Path.home())
     for f in found:
-        client.call("write_file", {"name": name, "path": f"{SANDBOX_HOME}/{f.path}",
+        client.call("write_file", {"name": name, "path": f"{home}/{f.path}",
                                    "data": f.data.decode("latin-1"), "mode": f.mode})
     for line in skipped:
         say(f"settings: skipped {line}")
-    print(f"  Settings: {len(found)} file(s) copied into {SANDBOX_HOME}")
+    print(f"  Settings: {len(found)} file(s) copied into {home}")
 
 
 def _each(names: list[str], op: str, doing: str, done: str, after: str = "") -> int:

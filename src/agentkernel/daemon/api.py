@@ -119,6 +119,7 @@ class RunRequest:
     agent_key: str | None = None
     agent_key_value: str | None = field(default=None, repr=False)
     workspace_at: str | None = None
+    agent_settings: bool = False  # --settings: the caller's instructions and skills, copied
     allow_hosts: list[str] = field(default_factory=list)
     deny_hosts: list[str] = field(default_factory=list)
     add_hosts: list[str] = field(default_factory=list)

@@ -241,6 +241,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
                            state_dir=self._layers_dir(name),
                            masks=control_masks(profile, workspace, home_opt, at),
                            egress=_egress_of(doc), ro_binds=ro_binds, workspace_at=at,
+                           user=_user_of(doc),  # an agent's user (None: the sandbox's root)
                            instance=self._row(name)["uuid"])  # its audit entries' key
         env = sandbox_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
@@ -401,3 +402,17 @@ def _egress_of(doc: dict[str, Any]) -> Any:
     from ..egress_policy import Policy
 
     return Policy.from_json(doc["egress"]) if doc.get("egress") else None
+
+
+def _user_of(doc: dict[str, Any]) -> tuple[int, int, str] | None:
+    """The (uid, gid, HOME) an agent's kept sandbox runs its commands as (None: its root;
+    so are sandboxes of older daemons). A malformed entry is refused, never run as root."""
+    user = doc.get("user")
+    if user is None:
+        return None
+    if (not isinstance(user, list) or len(user) != 3 or
+            not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= 65535
+                    for i in user[:2]) or
+            not isinstance(user[2], str) or not user[2].startswith("/")):
+        raise AgentKernelError("the sandbox's record has a malformed user")
+    return int(user[0]), int(user[1]), str(user[2])

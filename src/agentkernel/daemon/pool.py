@@ -91,6 +91,9 @@ class PoolKey:
     ro_binds: tuple[tuple[str, str], ...] = ()
     workspace_at: str = "/workspace"
     user: tuple[int, int, str] | None = None  # its commands' uid, gid and HOME inside
+    # Which install each of `ro_binds` is (runs.install_ids): `agents install` puts a new
+    # dir in place, and a warm sandbox bound the old one must not serve runs after it.
+    installs: tuple[tuple[int, int, int], ...] = ()
     # The caller's microVM settings (vm.settings.MicrovmSettings, its `source` blanked): the
     # backend a key's sandboxes start on is configured with them, so callers that differ in
     # them (another kernel, snapshots on/off) must not share warm VMs.

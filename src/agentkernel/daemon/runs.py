@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import time
@@ -46,7 +47,8 @@ class RunsMixin:
             config_path=Path(req.config_path) if req.config_path else None,
             allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
             add_hosts=tuple(req.add_hosts), secrets=tuple(req.secrets), agent=req.agent,
-            agent_key=req.agent_key, workspace_at=req.workspace_at), ctx)
+            agent_key=req.agent_key, workspace_at=req.workspace_at,
+            agent_settings=bool(req.agent_settings)), ctx)
         if req.agent_key and not req.agent_key_value:
             raise UsageError(f"run: the value of {req.agent_key} did not come with the run")
         return pool_key(plan), plan
@@ -124,6 +126,10 @@ class RunsMixin:
             sandbox, pooled = self.pool.acquire(key, backend, rootfs)
             if plan.egress is not None and plan.egress.secrets:
                 _grant(sandbox, plan, req)
+            if plan.home_files:  # run --agent --settings: into this run's fresh HOME
+                from ..agents.settings import write_into
+
+                write_into(sandbox.client, plan.home_files)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
                                             cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
                                             pty=pty, rlimits=sandbox.command_rlimits())
@@ -197,7 +203,24 @@ def pool_key(plan: Plan) -> PoolKey:
                    home=str(plan.home) if plan.home else None,
                    egress=egress,  # the project's [network] lists, an agent's hosts
                    ro_binds=plan.ro_binds, workspace_at=plan.workspace_at, user=plan.user,
+                   installs=install_ids(plan.ro_binds),
                    microvm=replace(plan.microvm, source="") if plan.microvm else None)
+
+
+def install_ids(ro_binds: tuple[tuple[str, str], ...]) -> tuple[tuple[int, int, int], ...]:
+    """Each read-only bind's source as it is now: device, inode and change time of its
+    dir (an agent's install: `agents install` renames a new one into place, so another
+    inode; an in-place change of its top dir moves its ctime). (0, 0, 0) where it is
+    gone: the start then fails as it would without a pool."""
+    ids = []
+    for src, _ in ro_binds:
+        try:
+            st = os.stat(src)
+        except OSError:
+            ids.append((0, 0, 0))
+            continue
+        ids.append((st.st_dev, st.st_ino, st.st_ctime_ns))
+    return tuple(ids)
 
 
 def _grant(sandbox: Sandbox, plan: Plan, req: RunRequest) -> None:

@@ -77,6 +77,7 @@ class SandboxesMixin:
                 "egress": plan.egress.to_json() if plan.egress is not None else None,
                 "agent": req.agent, "ro_binds": [list(b) for b in plan.ro_binds],
                 "workspace_at": plan.workspace_at,  # an agent's project: its own path
+                "user": list(plan.user) if plan.user is not None else None,  # an agent's
             }
             uid = str(uuid_mod.uuid4())
             state_dir = self._state_dir(req.name)
