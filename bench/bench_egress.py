@@ -61,6 +61,8 @@ t = time.perf_counter()
 addr = socket.gethostbyname(sys.argv[1])
 one(addr)
 first = (time.perf_counter() - t) * 1000  # lookup + first request (a gate's fork)
+print("warm", flush=True)
+sys.stdin.readline()  # the bench has read the way out's CPU time
 times = [one(addr) for _ in range(100)]
 print(json.dumps({"first": first, "times": times}))
 """
@@ -78,6 +80,12 @@ def memory_kib(pid: int) -> dict[str, int]:
         elif key == "Pss":
             out["pss"] = int(value.split()[0])
     return out
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) process `pid` has spent, ms (clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def _policy(upstream: Any) -> Any:
@@ -139,20 +147,29 @@ def measure(kind: str, upstream: Any, samples: dict[str, list[float]],
             subprocess.run([*enter, "curl", "-sS", "-o", "/dev/null",
                             f"http://{host}:18080/big"], check=True, timeout=300)
             samples["download_mibps"].append(100 / (time.perf_counter() - t))
-        out = subprocess.run([*enter, sys.executable, "-c", HTTPS_LOOP, host,
-                              str(upstream.ca)], check=True, capture_output=True, text=True,
-                             timeout=300)
-        got = json.loads(out.stdout)
+        from sandbox_helpers import egress_gate_pid
+
+        loop = subprocess.Popen([*enter, sys.executable, "-c", HTTPS_LOOP, host,
+                                 str(upstream.ca)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        assert loop.stdin is not None and loop.stdout is not None
+        assert loop.stdout.readline() == "warm\n", "the warm-up request failed"
+        busy = pid if pid is not None else egress_gate_pid(scratch)  # on demand: it runs now
+        assert busy is not None, "no gate after the first request"
+        cpu = cpu_ms(busy)
+        loop.stdin.write("go\n")
+        loop.stdin.flush()
+        out, _ = loop.communicate(timeout=300)
+        assert loop.returncode == 0, "the HTTPS loop failed"
+        got = json.loads(out)
         per_request = got["times"]
+        samples["cpu_per_request_ms"].append((cpu_ms(busy) - cpu) / len(per_request))
         samples["https_first_ms"].append(got["first"])
         samples["https_100_ms"].append(sum(per_request))
         samples["https_request_ms"].extend(per_request)
-        from sandbox_helpers import egress_gate_pid
-
-        busy = pid if pid is not None else egress_gate_pid(scratch)  # on demand: it runs now
-        assert busy is not None, "no gate after the traffic"
         for key, value in memory_kib(busy).items():
             samples[f"busy_{key}_kib"].append(value)
+
     finally:
         os.close(life_w)
         for h in helpers:
@@ -203,7 +220,7 @@ def https_report(results: dict[str, dict[str, list[float]]], st: dict[str, str])
     s, g = results["slirp"], results["gate"]
     lines = ["# 100 HTTPS requests: egress gate vs slirp4netns", "", *stamp_lines(st), "",
              "| measure | n | p50 | p95 | gate / slirp4netns (p50) |", "|---|---:|---:|---:|---:|"]
-    for key in ("https_100_ms", "https_request_ms", "https_first_ms"):
+    for key in ("https_100_ms", "https_request_ms", "https_first_ms", "cpu_per_request_ms"):
         lines.append(_row(f"slirp4netns {key}", s[key], None, "ms"))
         lines.append(_row(f"gate {key}", g[key], s[key], "ms"))
     https = pct(g["https_100_ms"], 0.5) / pct(s["https_100_ms"], 0.5)
