@@ -169,9 +169,14 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(addr), port
 
 
+_IP_CHARS = frozenset("0123456789abcdefABCDEF.:[]%")
+
+
 def _is_ip(text: str) -> bool:
     from ipaddress import ip_address
 
+    if not _IP_CHARS.issuperset(text):  # a name (the usual case): no parse, no exception
+        return False
     try:
         ip_address(text)
     except ValueError:
@@ -179,9 +184,11 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, str]:
+async def first_name(reader: asyncio.StreamReader, on_wait: Any = None
+                     ) -> tuple[bytes, str | None, str]:
     """Read the client's first bytes until they are known to carry a name or not: the
-    bytes read, the name (SNI or Host) or None, and what it was ("tls", "http", "raw")."""
+    bytes read, the name (SNI or Host) or None, and what it was ("tls", "http", "raw").
+    `on_wait` is called before a read that will wait for the client."""
     data = b""
     while True:
         for kind in ("tls", "http"):
@@ -204,6 +211,8 @@ async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, s
             return data, None, "raw"
         if len(data) >= max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD):
             raise ConnectionError("first bytes too long")
+        if on_wait is not None and not getattr(reader, "_buffer", None):
+            on_wait()  # (StreamReader has no public "would wait": the relay reads it too)
         chunk = await reader.read(max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD) - len(data))
         if not chunk:
             return data, None, "raw"
@@ -382,18 +391,30 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         _reset(writer)
         return
     count = [0, 0, int(time.monotonic())]  # sent, received, last activity
-    down = asyncio.get_running_loop().create_task(pump(up_reader, writer, count, 1))
+    # What the server sends before the client's first bytes are judged is carried by a
+    # task, started only if the gate has to wait for them: a client's first bytes are
+    # usually here by now (they came during the connect), and then the relay carries all.
+    down: asyncio.Task[None] | None = None
+
+    def start_down() -> None:
+        nonlocal down
+        if down is None:
+            down = asyncio.get_running_loop().create_task(pump(up_reader, writer, count, 1))
+
     try:
         refusal, first, proto, host, verdict = await _inspect(gate, reader, addr, port,
-                                                              pinned, host, verdict)
+                                                              pinned, host, verdict,
+                                                              start_down)
         if refusal:
             gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=False,
                            rule=refusal)
-            down.cancel()
+            if down is not None:
+                down.cancel()
             _reset(writer)
             return
         if proto == "tls" and gate.intercepts(host):
-            down.cancel()
+            if down is not None:
+                down.cancel()
             assert host is not None
             await _intercept(gate, reader, writer, up_reader, up_writer, first, host, addr,
                              port, verdict)
@@ -403,14 +424,16 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         count[0] = len(first)
         if first:
             up_writer.write(first)
-        down.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await down  # it stops between chunks: what it had not read stays in the stream
+        if down is not None:
+            down.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await down  # it stops between chunks: what it had not read stays in the stream
         await relay(reader, writer, up_reader, up_writer, count)
         gate.log.write(kind="close", host=host, addr=addr, port=port, sent=count[0],
                        received=count[1])
     except (OSError, ConnectionError, asyncio.CancelledError):
-        down.cancel()
+        if down is not None:
+            down.cancel()
     finally:
         up_writer.close()
         writer.close()
@@ -445,14 +468,14 @@ async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.S
 
 
 async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: int,
-                   pinned: set[str] | None, host: str | None, verdict: Verdict
-                   ) -> tuple[str | None, bytes, str, str | None, Verdict]:
+                   pinned: set[str] | None, host: str | None, verdict: Verdict,
+                   on_wait: Any = None) -> tuple[str | None, bytes, str, str | None, Verdict]:
     """The client's first bytes and what they name: (refusal or None, bytes, protocol,
     host, verdict). Nothing sent in time (a server-speaks-first protocol) stands on the
     address's verdict; a malformed ClientHello or HTTP head is refused."""
     try:
         async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
-            first, name, proto = await first_name(reader)
+            first, name, proto = await first_name(reader, on_wait)
     except TimeoutError:
         return None, b"", "tcp", host, verdict
     except (ConnectionError, OSError) as exc:
