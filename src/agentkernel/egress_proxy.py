@@ -74,6 +74,7 @@ class Gate:
     def __init__(self, policy: Policy, denied: Any, log: Log) -> None:
         self.policy = policy
         self.denied = denied
+        self._denied_seen: dict[str, bool] = {}  # address -> in `denied` (bounded)
         self.log = log
         # address -> names (a dict as an ordered set), least recently pinned first
         self.pins: OrderedDict[str, dict[str, None]] = OrderedDict()
@@ -94,9 +95,16 @@ class Gate:
         return host is not None and any(host in h.hosts for h in self.held)
 
     def denied_why(self, addr: str) -> str | None:
-        from .egress import is_denied
+        # `denied` is fixed for the gate's life: an address's answer is remembered (a
+        # client connects to the same few addresses again and again; ~30 networks to scan)
+        hit = self._denied_seen.get(addr)
+        if hit is None:
+            from .egress import is_denied
 
-        return "always-denied address" if is_denied(addr, self.denied) else None
+            if len(self._denied_seen) >= MAX_PINS:
+                self._denied_seen.clear()
+            hit = self._denied_seen[addr] = is_denied(addr, self.denied)
+        return "always-denied address" if hit else None
 
     def pin(self, addr: str, name: str) -> None:
         names = self.pins.pop(addr, {})
