@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, TABLE_HEAD, pct, stamp, stamp_lines, summary, timed
+from common import ROOT, TABLE_HEAD, pct, pool_counts, stamp, stamp_lines, summary, timed
 
 KEY = "bench-" + os.urandom(8).hex()
 PACE = 0.2  # seconds before each paced request: the pool has refilled, threads sleep
@@ -60,15 +60,6 @@ def _private_env(tmp: Path, daemon_toml: str) -> dict[str, str]:
         env.pop(key, None)
     return env
 
-
-def _pool_counts(ak: Path, env: dict[str, str]) -> dict[str, int]:
-    r = subprocess.run([str(ak), "daemon", "status", "--json"], env=env, capture_output=True,
-                       text=True, check=False)
-    try:
-        pools = json.loads(r.stdout).get("pools") or []
-    except json.JSONDecodeError:
-        return {}
-    return {k: sum(int(p.get(k) or 0) for p in pools) for k in ("hits", "waited", "misses")}
 
 
 class HttpTarget:
@@ -115,7 +106,7 @@ class HttpTarget:
         self.conn.getresponse().read()
 
     def counts(self) -> dict[str, int]:
-        return _pool_counts(self.ak, self.env)
+        return pool_counts(self.ak, self.env)
 
     def close(self) -> None:
         self.conn.close()

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, TABLE_HEAD, pct, stamp, stamp_lines, summary, timed
+from common import ROOT, TABLE_HEAD, pct, pool_counts, stamp, stamp_lines, summary, timed
 
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 AK = ROOT / ".venv" / "bin" / "agentkernel"
@@ -66,17 +66,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-def pool_counts(ak: Path, env: dict[str, str]) -> dict[str, int]:
-    """Sum of the pool's hit/miss counters over every key (`daemon status --json`); a
-    tree without them counts -1."""
-    r = subprocess.run([str(ak), "daemon", "status", "--json"], env=env, capture_output=True,
-                       text=True, check=False)
-    try:
-        pools = json.loads(r.stdout).get("pools") or []
-    except json.JSONDecodeError:
-        return {}
-    return {k: sum(int(p.get(k, -1)) for p in pools) for k in ("hits", "misses")}
 
 
 def back_to_back(port: int, n: int, body: dict[str, Any], pause: float) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -101,3 +102,16 @@ def summary(label: str, samples: list[float], base: float | None = None) -> str:
 
 
 TABLE_HEAD = ["| case | n | p50 ms | p95 ms | p50 / baseline |", "|---|---:|---:|---:|---:|"]
+
+
+def pool_counts(ak: Path, env: dict[str, str],
+                keys: tuple[str, ...] = ("hits", "waited", "misses")) -> dict[str, int]:
+    """The pool's counters summed over every key (`daemon status --json`); a counter the
+    tree does not report counts -1 per key."""
+    r = subprocess.run([str(ak), "daemon", "status", "--json"], env=env, capture_output=True,
+                       text=True, check=False)
+    try:
+        pools = json.loads(r.stdout).get("pools") or []
+    except json.JSONDecodeError:
+        return {}
+    return {k: sum(int(p.get(k, -1)) for p in pools) for k in keys}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -191,6 +192,16 @@ class ShellProbe:
             self.nc("rebind", "rebind.test", 18022),
             self.get("metadata", "http://169.254.169.254/"),
         ]
+
+
+def marked(text: str) -> dict[str, str]:
+    """A probe's `@LABEL what happened` lines (ShellProbe, the matrix's script), by label."""
+    seen: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"@(\S+) ?(.*)", line)
+        if m:
+            seen[m.group(1)] = m.group(2).strip()
+    return seen
 
 
 def run_checked(*argv: str) -> None:

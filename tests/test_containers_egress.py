@@ -6,14 +6,13 @@ DNS and Host, private and metadata addresses stay refused, and every refusal is 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import test_containers
-from sandbox_helpers import SYSTEM_PYTHON, ShellProbe, Upstream, ak, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, ShellProbe, Upstream, ak, make_upstream, marked
 from test_containers import ak_user, engine, podman_user  # noqa: F401 - fixtures
 from test_egress_policy import UPSTREAM_NAMES, hosts
 
@@ -32,14 +31,6 @@ def probe(up: Upstream) -> str:
     p = ShellProbe(tool="busybox ")
     return "".join([*p.common(up), p.nc("loopback", "127.0.0.1", 18022)])
 
-
-def marked(text: str) -> dict[str, str]:
-    seen: dict[str, str] = {}
-    for line in text.splitlines():
-        m = re.match(r"@(\S+) ?(.*)", line)
-        if m:
-            seen[m.group(1)] = m.group(2).strip()
-    return seen
 
 
 def test_allow_list_holds_in_a_container(engine: str, upstream: Upstream,  # noqa: F811

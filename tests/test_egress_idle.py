@@ -399,7 +399,7 @@ def test_container_gate_on_demand(engine: str, upstream: Upstream,  # noqa: F811
     """A container's gate on demand (a one-shot run told to use the fork server, idle
     after 1 s): allowed before and after its first gate went idle, refused otherwise."""
     import test_containers
-    from test_containers_egress import marked
+    from sandbox_helpers import marked
 
     r = ak("run", "-B", engine, "-i", test_containers.IMAGE, "--allow-host", "allowed.test",
            *hosts(upstream), "--", "sh", "-c", CONTAINER_SCRIPT.replace("ADDR2", upstream.addr2),

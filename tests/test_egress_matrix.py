@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, backend_available, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, backend_available, make_upstream, marked
 from test_egress_bypass import PROBE as BYPASS_PROBE
 from test_egress_bypass import _judge as judge_bypass
 from test_egress_bypass import _repo, _wheel, attempts
@@ -286,15 +286,6 @@ def run_matrix(backend: Any, spec: Any, env: dict[str, str], up: Upstream,
     finally:
         sandbox.destroy()
 
-
-def marked(text: str) -> dict[str, str]:
-    """`@label value` lines, by label."""
-    seen: dict[str, str] = {}
-    for line in text.splitlines():
-        m = re.match(r"@(\S+) ?(.*)", line)
-        if m:
-            seen[m.group(1)] = m.group(2).strip()
-    return seen
 
 
 # --- the verdicts --------------------------------------------------------------------------
