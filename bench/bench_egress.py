@@ -82,10 +82,11 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_ms(pid: int) -> float:
-    """CPU time (user + system) process `pid` has spent, ms (clock-tick resolution)."""
+def cpu_ms(pid: int) -> tuple[float, float]:
+    """CPU time (user, system) process `pid` has spent, ms (clock-tick resolution)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    tick = 1000 / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) * tick, int(fields[12]) * tick
 
 
 def _policy(upstream: Any) -> Any:
@@ -163,7 +164,9 @@ def measure(kind: str, upstream: Any, samples: dict[str, list[float]],
         assert loop.returncode == 0, "the HTTPS loop failed"
         got = json.loads(out)
         per_request = got["times"]
-        samples["cpu_per_request_ms"].append((cpu_ms(busy) - cpu) / len(per_request))
+        user, system = (b - a for a, b in zip(cpu, cpu_ms(busy), strict=True))
+        samples["cpu_per_request_ms"].append((user + system) / len(per_request))
+        samples["cpu_user_per_request_ms"].append(user / len(per_request))
         samples["https_first_ms"].append(got["first"])
         samples["https_100_ms"].append(sum(per_request))
         samples["https_request_ms"].extend(per_request)
@@ -220,7 +223,8 @@ def https_report(results: dict[str, dict[str, list[float]]], st: dict[str, str])
     s, g = results["slirp"], results["gate"]
     lines = ["# 100 HTTPS requests: egress gate vs slirp4netns", "", *stamp_lines(st), "",
              "| measure | n | p50 | p95 | gate / slirp4netns (p50) |", "|---|---:|---:|---:|---:|"]
-    for key in ("https_100_ms", "https_request_ms", "https_first_ms", "cpu_per_request_ms"):
+    for key in ("https_100_ms", "https_request_ms", "https_first_ms", "cpu_per_request_ms",
+                "cpu_user_per_request_ms"):
         lines.append(_row(f"slirp4netns {key}", s[key], None, "ms"))
         lines.append(_row(f"gate {key}", g[key], s[key], "ms"))
     https = pct(g["https_100_ms"], 0.5) / pct(s["https_100_ms"], 0.5)
