@@ -212,7 +212,7 @@ def sandbox_starts(n: int) -> dict[str, list[float]]:
 def _row(label: str, values: list[float], base: list[float] | None, unit: str,
          ratio: str = "p50 ratio") -> str:
     cell = "-"
-    if base:
+    if base and pct(base, 0.5):  # (a CPU time below the clock's tick reads as 0)
         cell = f"{pct(values, 0.5) / pct(base, 0.5):.2f}x"
     return (f"| {label} | {len(values)} | {pct(values, 0.5):.1f} {unit} | "
             f"{pct(values, 0.95):.1f} {unit} | {cell} |")
