@@ -99,6 +99,15 @@ def _server_pid() -> int:
     return server.proc.pid
 
 
+_SANDBOX_FILES = ("egress.log", "egress-gate.err")  # in a registered sandbox's scratch dir
+
+
+def _is_control(path: str) -> bool:
+    """A registered sandbox's control socket (scratch/egress.sock), by its path."""
+    p = Path(path)
+    return p.name == "egress.sock" and p.parent.parent.name == "sandboxes"
+
+
 def test_forked_gate_is_confined(sandbox: object) -> None:
     """The gate is forked (its comm says so), runs as the sandbox range's nobody with no
     capability and no_new_privs, and holds no fd of the server's socket."""
@@ -117,11 +126,12 @@ def test_forked_gate_is_confined(sandbox: object) -> None:
     assert _status(gate, "NoNewPrivs") == ["1"]
     server_sockets = {t[len("socket:["):-1] for t in _fd_targets(server).values()
                       if t.startswith("socket:")}
-    control = str(sandbox.scratch / "egress.sock")
-    own = set()  # the server's own socket: unix, in our namespace, not the gate's control
+    # The server holds every registered sandbox's control socket (a session's microVM may
+    # be registered beside this one); its own socket is the one without such a path.
+    own = set()
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         fields = line.split()
-        if fields[6] in server_sockets and fields[-1] != control:
+        if fields[6] in server_sockets and not _is_control(fields[-1]):
             # The server's socket has no path anyone could connect to: a socket pair.
             assert len(fields) == 7, f"the server's socket has a path: {line}"
             own.add(f"socket:[{fields[6]}]")
@@ -139,13 +149,19 @@ def test_server_holds_only_what_gates_are_forked_with(sandbox: object) -> None:
     assert isinstance(sandbox, Sandbox)
     targets = list(_fd_targets(_server_pid()).values())
     audit = str(audit_path())
-    own = {"/dev/null", str(sandbox.scratch / "egress.log"),
-           str(sandbox.scratch / "egress-gate.err"), audit, audit + ".1",
-           "/memfd:ak-gate-config (deleted)", "/memfd:ak-gate-state (deleted)"}
+    # Every sandbox registered now (this one, and a session's microVM if one is up): each
+    # only by the files its gates are forked with, all in its own scratch dir.
+    scratches = {Path(t).parent for t in targets if t.endswith(_SANDBOX_FILES)}
+    assert sandbox.scratch in scratches, targets
+    assert all(s.parent.name == "sandboxes" for s in scratches), scratches
+    own = {"/dev/null", audit, audit + ".1",
+           "/memfd:ak-gate-config (deleted)", "/memfd:ak-gate-state (deleted)",
+           *(str(s / f) for s in scratches for f in _SANDBOX_FILES)}
     others = [t for t in targets if t not in own and not t.startswith(("socket:", "pipe:"))]
     assert not others, targets
-    assert len([t for t in targets if t.startswith("socket:")]) == 1 + 3, targets
-    assert len([t for t in targets if t.startswith("pipe:")]) == 1, targets  # lifeline
+    n = len(scratches)
+    assert len([t for t in targets if t.startswith("socket:")]) == 1 + 3 * n, targets
+    assert len([t for t in targets if t.startswith("pipe:")]) == n, targets  # lifelines
 
 
 def test_warmed_up_server_is_still_safe_to_fork(sandbox: object) -> None:
