@@ -3,8 +3,10 @@
 The issue's budget is a ratio (warm run ≤ 2x bare python), so both are sampled in turns
 (python, run, python, run, ...) from the same load on a shared machine; also which of our
 modules the run imports (the hot path's import budget, docs/architecture.md).
+With --against CHECKOUT, that checkout's CLI (its bin/agentkernel and src, this venv's
+python, the same daemon) is sampled in the same turns: a before/after of a change.
 Writes bench/results/cli-<time>.{json,md}.
-Usage: .venv/bin/python bench/bench_cli.py [-n 40] [--pause 0.3]
+Usage: .venv/bin/python bench/bench_cli.py [-n 40] [--pause 0.3] [--against DIR]
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ FLAGS = ["-q", "-i", "host", "-B", "namespaces", "-p", "restrictive"]
 
 def our_imports(env: dict[str, str], cwd: Path) -> list[str]:
     """The agentkernel modules one warm run loads (python -X importtime)."""
-    out = subprocess.run([str(VENV_PY), "-X", "importtime", "-m", "agentkernel", "run",
-                          *FLAGS, "--", "true"], env=env, cwd=cwd, capture_output=True,
+    # The launcher as installed, not `-m` (runpy's own imports would count).
+    out = subprocess.run([str(VENV_PY), "-X", "importtime", str(ROOT / "bin" / "agentkernel"),
+                          "run", *FLAGS, "--", "true"], env=env, cwd=cwd, capture_output=True,
                          text=True, check=True)
     names = (line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
              if line.startswith("import time:"))
@@ -41,6 +44,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=40, help="samples of each")
     ap.add_argument("--pause", type=float, default=0.3,
                     help="seconds after each run, so the pool refills (warm, not cold)")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="another checkout (e.g. a worktree of main) to sample alongside")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ak-bench-cli-"))
     (tmp / "run").mkdir(mode=0o700)
@@ -52,14 +57,22 @@ def main() -> int:
     cwd = tmp / "proj"
     bare: list[float] = []
     warm: list[float] = []
+    other: list[float] = []
+    other_env = {**env, "PYTHONPATH": str(args.against / "src")} if args.against else env
     subprocess.run([str(AK), "daemon", "start"], env=env, check=True, capture_output=True)
     try:
         run = [str(AK), "run", *FLAGS, "--", "true"]
         timed(run, 3, cwd=cwd, env=env, pause=1.0)  # the key's pool, and the bytecode caches
         timed([str(VENV_PY), "-c", "pass"], 3, cwd=cwd, env=env)
+        other_run = [str(VENV_PY), str((args.against or ROOT) / "bin" / "agentkernel"),
+                     "run", *FLAGS, "--", "true"]
+        if args.against:
+            timed(other_run, 3, cwd=cwd, env=other_env, pause=1.0)
         for _ in range(args.n):
             bare += timed([str(VENV_PY), "-c", "pass"], 1, cwd=cwd, env=env)
             warm += timed(run, 1, cwd=cwd, env=env, pause=args.pause)
+            if args.against:
+                other += timed(other_run, 1, cwd=cwd, env=other_env, pause=args.pause)
         modules = our_imports(env, cwd)
     finally:
         subprocess.run([str(AK), "daemon", "stop"], env=env, capture_output=True, check=False)
@@ -71,7 +84,8 @@ def main() -> int:
           f"Interleaved, {args.n} samples each; budget: warm run ≤ 2x bare python "
           f"({'met' if ratio <= 2 else 'NOT met'}: {ratio:.2f}x).", "", *TABLE_HEAD,
           summary("`python -c pass` (baseline)", bare, base),
-          summary("warm `agentkernel run -- true` (CLI → daemon → pool)", warm, base), "",
+          summary("warm `agentkernel run -- true` (CLI → daemon → pool)", warm, base),
+          *([summary(f"the same, CLI of {args.against}", other, base)] if other else []), "",
           f"Our modules on the hot path ({len(modules)}): " + ", ".join(modules)]
     text = "\n".join(md) + "\n"
     print(text)
@@ -81,6 +95,7 @@ def main() -> int:
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(
         {"stamp": st, "bare_ms": bare, "warm_ms": warm, "ratio_p50": ratio,
+         "against": str(args.against) if args.against else None, "against_ms": other,
          "modules": modules}, indent=1))
     return 0
 

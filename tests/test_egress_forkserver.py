@@ -226,12 +226,14 @@ def test_gate_cannot_reach_the_server(sandbox: object) -> None:
 
 def test_gates_outlive_a_dead_server_and_a_new_one_starts(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A server killed under a running sandbox takes no running gate with it: that gate,
-    its sandbox's only way out now, no longer exits when idle. The next sandbox gets its
-    gate from a new server; a destroyed sandbox's gate is gone. (A sandbox whose gate had
-    exited loses its way out with the server: docs/security.md.)"""
+    """A server killed under a running sandbox takes no running gate with it: that gate
+    keeps serving, its starter registers the sandbox with a new server, which adopts the
+    gate (forks none beside it); once it went idle the new server forks the next. The
+    next sandbox gets its gate from the new server; a destroyed sandbox's gate is gone.
+    (An idle sandbox's recovery: tests/test_egress_idle.py.)"""
     import signal
 
+    from agentkernel import egress_forkserver
     from agentkernel.procs import is_zombie
     from agentkernel.sandbox import Sandbox
 
@@ -242,9 +244,17 @@ def test_gates_outlive_a_dead_server_and_a_new_one_starts(
         gate = _gate(sandbox)
         old = _server_pid()
         os.kill(old, signal.SIGKILL)
-        time.sleep(3)  # > its idle time
-        assert not is_zombie(gate)
         assert _gate(sandbox) == gate  # it still answers
+        deadline = time.monotonic() + 20
+        while egress_forkserver.server_pid() in (None, old):
+            assert time.monotonic() < deadline, "no new server"
+            time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while not is_zombie(gate):  # adopted: it exits when idle again
+            assert time.monotonic() < deadline, "the adopted gate never went idle"
+            time.sleep(0.1)
+        nxt = _gate(sandbox)
+        assert nxt != gate
         other = _start("fork2")
         assert isinstance(other, Sandbox)
         try:
@@ -255,7 +265,7 @@ def test_gates_outlive_a_dead_server_and_a_new_one_starts(
     finally:
         sandbox.destroy()
     deadline = time.monotonic() + 10
-    while not all(is_zombie(p) for p in (gate, other_gate)):
+    while not all(is_zombie(p) for p in (nxt, other_gate)):
         assert time.monotonic() < deadline, "a destroyed sandbox's gate lives on"
         time.sleep(0.05)
 

@@ -525,3 +525,243 @@ def _servers_holding(name: str) -> set[int]:
         except OSError:
             continue
     return out
+
+
+def _new_server(old: int, timeout: float = 20.0) -> int:
+    """Until this process's fork server is another than `old` (its watcher replaced it)."""
+    from agentkernel import egress_forkserver
+
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = egress_forkserver.server_pid()
+        if pid is not None and pid != old and Path(f"/proc/{pid}").exists():
+            return pid
+        assert time.monotonic() < deadline, "no new fork server took the sandbox"
+        time.sleep(0.05)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+
+
+def test_a_killed_fork_server_is_replaced_and_its_sandboxes_keep_their_policy(
+        box: Any, upstream: Upstream) -> None:
+    """The fork server is killed (SIGKILL: the OOM killer, an admin) while the sandbox's
+    gate is idle: its starter sees it die and registers the sandbox with a new one (the
+    same listeners, config and state); allowed hosts are reached, denied ones refused, a
+    live `egress allow` and a DNS pin made before the kill still hold."""
+    import signal
+
+    hello = "reached hello host=allowed.test key=-"
+    assert probe(box, [["r", "resolve", "allowed.test"]]) == {"r": f"resolved {upstream.addr}"}
+    assert ak("egress", box.spec.name, "allow", "other.test").returncode == 0
+    gone_idle(box)
+    old = _server_pid()
+    os.kill(old, signal.SIGKILL)
+    new = _new_server(old)
+    seen = probe(box, [
+        ["h", "http", "allowed.test", 18080, "allowed.test"],
+        ["o", "http", "other.test", 18080, "other.test"],
+        ["cached answer", "http", upstream.addr, 18080, "allowed.test"],
+        ["never resolved", "http", upstream.addr2, 18080, "allowed.test"],
+        ["d", "resolve", "denied.test"]])
+    assert seen == {"h": hello, "o": "reached hello host=other.test key=-",
+                    "cached answer": hello, "never resolved": seen["never resolved"],
+                    "d": "blocked gaierror"}, seen
+    assert seen["never resolved"].startswith("blocked"), seen
+    assert _parent(gate_of(box)) == new
+    gone_idle(box)
+    assert probe(box, [["h", "http", "allowed.test", 18080, "allowed.test"]]) == {"h": hello}
+
+
+def test_a_gate_serving_when_its_server_died_is_not_doubled(
+        box: Any, upstream: Upstream) -> None:
+    """The server is killed while the sandbox's gate serves: that gate (now nobody's
+    child) keeps serving, the new server forks none beside it, and once it went idle the
+    new server forks the next one."""
+    import signal
+
+    hello = {"h": "reached hello host=allowed.test key=-"}
+    allowed = [["h", "http", "allowed.test", 18080, "allowed.test"]]
+    assert probe(box, allowed) == hello
+    orphan = gate_of(box)
+    old = _server_pid()
+    os.kill(old, signal.SIGKILL)
+    new = _new_server(old)
+    assert probe(box, allowed) == hello
+    assert gate_of(box) == orphan  # not one of the new server's beside it
+    gone_idle(box)
+    assert probe(box, allowed) == hello
+    assert _parent(gate_of(box)) == new
+
+
+def test_gate_errors_stop_at_the_cap(tmp_path: Path) -> None:
+    """egress-gate.err, appended to by every gate of a sandbox (each one's warnings and
+    traceback): gates failing over and over write no more once it holds ERR_CAP bytes."""
+    import subprocess
+    import sys
+
+    from agentkernel.egress_child import ERR_CAP
+
+    err = tmp_path / "egress-gate.err"
+    noisy = ("import sys; from agentkernel.egress_child import _bound_stderr; _bound_stderr()\n"
+             "for _ in range(700): sys.stderr.write('w' * 1000)\n"
+             "raise RuntimeError('boom')")
+    for _ in range(2):  # two gates, one after another, on the same file
+        fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            subprocess.run([sys.executable, "-c", noisy], stderr=fd, check=False, timeout=60)
+        finally:
+            os.close(fd)
+    assert err.stat().st_size == ERR_CAP
+
+
+def test_a_daemons_sandbox_outlives_its_killed_fork_server(upstream: Upstream) -> None:
+    """The daemon's fork server is killed (SIGKILL) while a persistent sandbox's gate is
+    idle: the daemon registers the sandbox with a new server; it reaches allowed hosts,
+    its live `egress allow` holds, denied names stay refused."""
+    import signal
+
+    idle = {"AGENTKERNEL_GATE_IDLE_SECONDS": IDLE}
+    ak("daemon", "stop")
+    assert ak("daemon", "start", env=idle).returncode == 0
+    name = f"idle-k-{os.getpid()}"
+    r = ak("create", name, "-B", "namespaces", "-i", "host", "--allow-host", "allowed.test",
+           *hosts(upstream), env=idle)
+    assert r.returncode == 0, r.stderr
+    todo = [["h", "http", "allowed.test", 18080, "allowed.test"],
+            ["o", "http", "other.test", 18080, "other.test"],
+            ["d", "resolve", "denied.test"]]
+
+    def seen() -> dict[str, str]:
+        r = ak("exec", name, "--", "python3", "-c", PROBE, json.dumps(todo), env=idle)
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    from agentkernel.paths import runtime_dir
+
+    scratch = runtime_dir() / "sandboxes" / name
+    hello = "reached hello host=allowed.test key=-"
+    try:
+        assert ak("egress", name, "allow", "other.test").returncode == 0
+        assert seen() == {"h": hello, "o": "reached hello host=other.test key=-",
+                          "d": "blocked gaierror"}
+        deadline = time.monotonic() + 30
+        while egress_gate_pid(scratch) is not None:  # its gate idles out
+            assert time.monotonic() < deadline, "the idle gate did not exit"
+            time.sleep(0.1)
+        (server,) = _servers_holding(name)
+        os.kill(server, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not (_servers_holding(name) - {server}):
+            assert time.monotonic() < deadline, "no new server took the sandbox"
+            time.sleep(0.05)
+        assert seen() == {"h": hello, "o": "reached hello host=other.test key=-",
+                          "d": "blocked gaierror"}
+    finally:
+        ak("rm", name)
+        ak("daemon", "stop")
+
+
+USER_KILL_SCRIPT = r"""
+import json, os, subprocess, sys, time
+probe = sys.argv[1]
+def run(todo):
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(todo)], capture_output=True,
+                         text=True, timeout=60).stdout
+    return json.loads(out)
+todo = [["h", "http", "allowed.test", 18080, "allowed.test"], ["d", "resolve", "denied.test"]]
+first = run(todo)
+print("ready", flush=True)
+deadline = time.time() + 60
+while not os.path.exists("/tmp/ak-go") and time.time() < deadline:
+    time.sleep(0.1)
+print(json.dumps([first, run(todo)]), flush=True)
+"""
+
+
+def _holding(comm: str, prefix: str) -> set[int]:
+    """Processes named `comm` with an fd open under `prefix`."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{entry}/comm").read_text().strip() != comm or _zombie(int(entry)):
+                continue
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(prefix):
+                    out.add(int(entry))
+                    break
+        except OSError:
+            continue
+    return out
+
+
+def test_an_ordinary_users_sandbox_outlives_its_killed_fork_server(
+        upstream: Upstream) -> None:
+    """As host `nobody` (a one-shot run told to use the fork server): the server is killed
+    while the sandbox's gate is idle; the run's process registers the sandbox with a new
+    server, and the sandbox reaches the allowed host and is refused the denied one."""
+    import signal
+    import tempfile
+
+    from sandbox_helpers import ak_as_user
+
+    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip("needs setpriv and the system's python3")
+    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
+    try:
+        (home / "project").mkdir()
+        for path in (home, home / "project"):
+            os.chown(path, 65534, 65534)
+        home.chmod(0o755)
+        proc = ak_as_user(65534, home, "run", "-B", "namespaces", "-i", "host",
+                          "--allow-host", "allowed.test", *hosts(upstream), "--", "python3",
+                          "-c", USER_KILL_SCRIPT, PROBE, cwd=home / "project", timeout=240,
+                          env={"AGENTKERNEL_GATE_FORKSERVER": "1",
+                               "AGENTKERNEL_GATE_IDLE_SECONDS": "1"})
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready", proc.stderr
+            deadline = time.monotonic() + 30
+            while _holding("ak-egress-gate", str(home)):
+                assert time.monotonic() < deadline, "the idle gate did not exit"
+                time.sleep(0.1)
+            (server,) = _holding("ak-gate-forks", str(home))
+            assert _status(server, "Uid")[0] == "65534"
+            os.kill(server, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while not _holding("ak-gate-forks", str(home)) - {server}:
+                assert time.monotonic() < deadline, "no new server took the sandbox"
+                time.sleep(0.05)
+            _go(USER_KILL_SCRIPT)
+            out, err = proc.communicate(timeout=180)
+        except BaseException:
+            proc.kill()
+            raise
+        assert proc.returncode == 0, err
+        expect = {"h": "reached hello host=allowed.test key=-", "d": "blocked gaierror"}
+        assert json.loads(out) == [expect, expect], (out, err)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _go(script: str) -> None:
+    """/tmp/ak-go in the sandbox running `script` (through its process's root), made as
+    its host user (root is no id of the sandbox's user namespace: it could make no file)."""
+    import subprocess
+
+    done = False
+    for entry in os.listdir("/proc"):  # (every process of it: the same /tmp)
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            if argv[1:3] == [b"-c", script.encode()]:
+                touch = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                         "touch", f"/proc/{entry}/root/tmp/ak-go"]
+                done = subprocess.run(touch, check=False).returncode == 0 or done
+        except (OSError, IndexError):
+            continue
+    assert done, "the sandbox's script was not found"

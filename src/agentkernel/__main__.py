@@ -1,7 +1,5 @@
 """`python -m agentkernel` runs the CLI."""
 
-import sys
+from .cli import exit_with, main
 
-from .cli import main
-
-sys.exit(main())
+exit_with(main())

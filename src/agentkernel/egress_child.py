@@ -5,9 +5,39 @@ other; its module level imports no asyncio (the gate's first module)."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import socket
 import sys
+
+ERR_CAP = 1 << 20  # bytes: egress-gate.err (every gate of a sandbox appends) stops here
+
+
+class _CappedErr(io.TextIOBase):
+    """The gate's stderr (the sandbox's egress-gate.err, appended to by each of its gates):
+    writes stop once the file holds ERR_CAP bytes, so a gate failing in a loop, or a
+    sandbox provoking its gate's warnings, cannot fill the host's disk."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "backslashreplace")
+        try:
+            room = ERR_CAP - os.fstat(self.fd).st_size
+            if room > 0:
+                os.write(self.fd, data[:room])
+        except OSError:
+            pass
+        return len(text)
+
+
+def _bound_stderr() -> None:
+    sys.stderr = _CappedErr(2)
 
 
 def listeners_here(address: str, tcp_port: int, dns_port: int
@@ -35,6 +65,7 @@ def gate_main(fds_sock: int) -> None:
     # sandbox's, which now waits until the gate serves); a forked gate has them already.
     from .egress_proxy import _preload, main
 
+    _bound_stderr()
     _preload()
     cfg = json.loads(sys.stdin.buffer.read(4 << 20))
     sys.stdin.close()
@@ -54,4 +85,5 @@ def activated_main(fds: dict[str, int]) -> None:
     its fds are; it serves until it has been idle long enough, then exits."""
     from .egress_proxy import main_activated
 
+    _bound_stderr()
     main_activated(fds)

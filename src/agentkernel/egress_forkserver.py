@@ -47,6 +47,7 @@ GATE_FDS = (READY_FD, EXIT_FD)  # what the gate's config names (cfg ready_fd, ex
 SERVER_COMM, GATE_COMM = "ak-gate-forks", "ak-egress-gate"
 GATE, WIRE = b"g", b"w"  # requests: fork a gate; wire a namespace (see `wire`)
 REGISTER = b"r"  # a sandbox's gate on demand (see `register`)
+ADOPT = b"+"  # after REGISTER: the last fd is a pidfd of its gate, still serving (_reregister)
 # An activated gate's fds, in the order `register` sends them and at these numbers in the
 # gate: its listeners (TCP, DNS, control), the sandbox's lifeline, its config (a sealed
 # memfd), its state (a memfd only its own gates write), its log, the audit log's two
@@ -58,6 +59,7 @@ A_TARGETS = (A_TCP, A_UDP, A_CONTROL, A_EXIT, A_CFG, A_STATE, A_LOG, A_AUDIT, A_
              2, A_LEAF)
 A_LISTENERS = 3  # the first three are polled for a sandbox's first bytes
 MIN_FDS, MAX_FDS = 10, 11  # a registration without and with secrets
+# (_reregister adds one: the pidfd of a gate a dead server forked, while it still serves)
 RETRY_FIRST, RETRY_MAX = 0.1, 10.0  # seconds before re-forking a gate that died young
 YOUNG = 0.5  # a gate that exits sooner than this (not idle: it failed) backs off
 MIN_IDLE = 1.0  # seconds: an idle gate never exits young
@@ -65,6 +67,8 @@ MAX_MSG = 64 * 1024  # a request's bytes (the wiring's tool inputs are ~1 KiB)
 TIMEOUT = 10.0
 WIRE_TIMEOUT = 15.0  # seconds for the tools and listeners of one namespace
 IDLE_SECONDS = 30.0  # an activated gate's default idle time before it exits
+
+ADOPTED_SIGNAL = signal.SIGUSR1  # to a serving gate re-registered with a new server
 
 _lock = threading.Lock()
 _server: _Server | None = None
@@ -137,6 +141,10 @@ class _Server:
             theirs.close()
         ours.settimeout(TIMEOUT)
         self.sock = ours
+        try:  # its death, for the watcher (poll, not waitpid: Popen reaps it)
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        except OSError:
+            self.pidfd = -1
 
     def fork(self, request: bytes, fds: list[int]) -> GateProcess:
         socket.send_fds(self.sock, [request], fds)
@@ -159,6 +167,9 @@ class _Server:
         """Hang up: the server exits once it has no sandbox left (it keeps the listeners
         of the sandboxes it holds, which outlive their starter as their gates used to)."""
         self.sock.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
@@ -191,25 +202,154 @@ def register(fds: list[int]) -> int | None:
     """Hand a sandbox's gate fds (in A_TARGETS order) to the fork server, which forks its
     gate when the sandbox first connects, resolves or is updated, and again after that
     gate went idle and exited: the registration's number, or None if no server can take
-    it. The fds stay the caller's to close."""
+    it. The fds stay the caller's to close; this process keeps dups of
+    them (never their contents) while the sandbox lives, to hand them to a new server if
+    this one dies (`_reregister`)."""
     global _server
     if not _wanted():
         return None
     with _lock:
         for _ in range(2):  # a server that died (killed, OOM) is replaced once
             try:
-                if _server is None or _server.proc.poll() is not None:
-                    _server = _Server()
-                msg = _server.ask(REGISTER, fds)
+                msg = _ensure().ask(REGISTER, fds)
             except OSError:
-                if _server is not None:
-                    _server.close()
-                _server = None
+                _discard()
                 continue
             if msg.startswith(b"r") and msg[1:].isdigit():
+                _hold(fds)
                 return int(msg[1:])
             return None
     return None
+
+
+# --- the starter's side of a dead server: its sandboxes re-registered with a new one -------
+
+_held: list[list[int]] = []  # dups of each live registration's fds (under _lock)
+_watcher: threading.Thread | None = None
+HELD_MAX = 4096  # registrations kept for recovery (~11 fds each, while fds can be had)
+
+
+def _hold(fds: list[int]) -> None:
+    """Keep dups of a registration's fds (under _lock) and have the watcher running: the
+    listeners were made in the sandbox's namespace (this process could not make them
+    again without joining it), and its state memfd holds its live updates and DNS pins,
+    which a new server's gates must find as the old one's did."""
+    global _watcher
+    if len(_held) >= HELD_MAX or not _room(len(fds)):
+        return  # this sandbox fails closed if the server dies, as before
+    dups: list[int] = []
+    try:
+        for fd in fds:
+            dups.append(os.dup(fd))
+    except OSError:
+        for fd in dups:
+            os.close(fd)
+        return
+    _held.append(dups)
+    if _watcher is None or not _watcher.is_alive():
+        _watcher = threading.Thread(target=_watch, name="ak-gate-forks-watch", daemon=True)
+        _watcher.start()
+
+
+def _room(more: int) -> bool:
+    """May this process hold `more` fds, keeping half its fd limit for its own work?"""
+    import resource
+
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        used = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        return False
+    return soft == resource.RLIM_INFINITY or used + more <= soft // 2
+
+
+def _watch() -> None:
+    """The watcher thread: drops the dups of sandboxes that ended (their lifeline is
+    readable) and, once the fork server died (killed, OOM), has a new one take every
+    live sandbox (_ensure). Ends once nothing is held."""
+    global _watcher
+    import select
+
+    while True:
+        with _lock:
+            if not _held:
+                _watcher = None
+                return
+            lifelines = [box[3] for box in _held]
+            pidfd = _server.pidfd if _server is not None else -1
+        poller = select.poll()
+        for fd in lifelines:
+            poller.register(fd, select.POLLIN)
+        if pidfd >= 0:
+            poller.register(pidfd, select.POLLIN)
+        events = {fd for fd, _ev in poller.poll(WATCH_MS)}
+        with _lock:
+            for box in [box for box in _held if box[3] in events]:
+                _held.remove(box)
+                for fd in box:
+                    os.close(fd)
+            if _held and _server is not None and _server.proc.poll() is not None:
+                with contextlib.suppress(OSError):
+                    _ensure()
+
+
+WATCH_MS = 1000  # the watcher's poll: a dead server is seen at once (its pidfd); the
+# dups of an ended sandbox are dropped within this
+
+
+def _reregister(server: _Server) -> None:
+    """(Under _lock.) Every held sandbox registered with `server`, which replaces a dead
+    one; a gate the dead server had forked, still serving (it outlives its parent), is
+    named by a pidfd so that the new server forks none beside it until it exits."""
+    running = _running_gates([box[0] for box in _held])
+    try:
+        for box in _held:
+            pidfd = running.pop(_inode(box[0]), -1)
+            extra = [pidfd] if pidfd >= 0 else []
+            try:
+                server.ask(REGISTER + (ADOPT if extra else b""), [*box, *extra])
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+    finally:
+        for fd in running.values():
+            os.close(fd)
+
+
+def _inode(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return -1
+
+
+def _running_gates(listeners: list[int]) -> dict[int, int]:
+    """Gates still serving these TCP listeners (forked by a dead server): listener inode
+    -> a pidfd of its gate, opened before the gate's fds are looked at (so the pid is
+    that gate's, not a reused one's)."""
+    want = {f"socket:[{_inode(fd)}]": _inode(fd) for fd in listeners}
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != GATE_COMM:
+                    continue
+            pidfd = os.pidfd_open(int(entry))
+        except OSError:
+            continue
+        try:
+            links = {os.readlink(f"/proc/{entry}/fd/{n}")
+                     for n in (A_TCP, A_TCP + 1, A_TCP + 2)}  # (an always-on gate: no match)
+        except OSError:
+            links = set()
+        hits = [want[link] for link in links if link in want]
+        if hits and hits[0] not in found:
+            found[hits[0]] = pidfd
+        else:
+            os.close(pidfd)
+    return found
 
 
 def server_pid() -> int | None:
@@ -221,13 +361,12 @@ def server_pid() -> int | None:
 def enable() -> None:
     """Fork this process's gates from a fork server from now on, and start the server now
     (its imports run while this process does other things)."""
-    global _enabled, _server
+    global _enabled
     _enabled = True
     if not _wanted():
         return
     with _lock, contextlib.suppress(OSError):
-        if _server is None:
-            _server = _Server()
+        _ensure()
 
 
 def _wanted() -> bool:
@@ -235,20 +374,41 @@ def _wanted() -> bool:
     return setting == "1" or (_enabled and setting != "0")
 
 
-def _fork(request: bytes, fds: list[int]) -> GateProcess | None:
+def _ensure() -> _Server:
+    """(Under _lock.) This process's live fork server: started if it has none; if it died
+    (killed, OOM), a new one, with every sandbox registered with the dead one (_held)."""
     global _server
+    if _server is not None and _server.proc.poll() is None:
+        return _server
+    dead = _server is not None
+    if _server is not None:
+        _server.close()
+        _server = None
+    _server = _Server()
+    if dead and _held:
+        _reregister(_server)
+    return _server
+
+
+def _discard() -> None:
+    """(Under _lock.) A request failed: a dead server stays for _ensure to replace (and
+    re-register its sandboxes with the next); a live one that answered wrongly is hung up
+    on (it keeps what it holds, as after its starter's exit)."""
+    global _server
+    if _server is not None and _server.proc.poll() is None:
+        _server.close()
+        _server = None
+
+
+def _fork(request: bytes, fds: list[int]) -> GateProcess | None:
     if not _wanted():
         return None
     with _lock:
         for _ in range(2):  # a server that died (killed, OOM) is replaced once
             try:
-                if _server is None or _server.proc.poll() is not None:
-                    _server = _Server()
-                return _server.fork(request, fds)
+                return _ensure().fork(request, fds)
             except OSError:
-                if _server is not None:
-                    _server.close()
-                _server = None
+                _discard()
     return None
 
 
@@ -294,12 +454,17 @@ def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: s
 
 
 def shutdown() -> None:
-    """Stop this process's fork server, if it has one (its gates live on)."""
+    """Stop this process's fork server, if it has one (its gates live on, and it keeps
+    its sandboxes: none is re-registered by this process from now on)."""
     global _server
     with _lock:
         if _server is not None:
             _server.close()
             _server = None
+        for box in _held:
+            for fd in box:
+                os.close(fd)
+        _held.clear()
 
 
 # --- the fork server's side ----------------------------------------------------------------
@@ -401,13 +566,14 @@ class _Loop:
         gate = msg == GATE and len(fds) == 5
         wiring = msg.startswith(WIRE) and len(fds) in (2, 3)
         registering = msg == REGISTER and MIN_FDS <= len(fds) <= MAX_FDS
-        if not (gate or wiring or registering) or flags & socket.MSG_CTRUNC:
+        adopting = msg == REGISTER + ADOPT and MIN_FDS < len(fds) <= MAX_FDS + 1
+        if not (gate or wiring or registering or adopting) or flags & socket.MSG_CTRUNC:
             for f in fds:
                 os.close(f)
             self._send(b"e bad request")
             return
-        if registering:
-            self._register(fds)
+        if registering or adopting:
+            self._register(fds[:-1] if adopting else fds, fds[-1] if adopting else -1)
             return
         pid = os.fork()
         if pid == 0:
@@ -436,7 +602,9 @@ class _Loop:
             self.starter = False
             self.poller.unregister(self.sock)
 
-    def _register(self, fds: list[int]) -> None:
+    def _register(self, fds: list[int], gate: int = -1) -> None:
+        """A sandbox to hold; with `gate` (a pidfd: re-registered after our predecessor
+        died), its gate still serves, and its listeners are polled once that exits."""
         import select
 
         self.serial += 1
@@ -444,7 +612,14 @@ class _Loop:
         self.boxes[self.serial] = box
         self.poller.register(fds[3], select.POLLIN)  # the lifeline: readable once it ends
         self.watch[fds[3]] = (self.serial, "exit")
-        self._listen(self.serial, box, True)
+        if gate >= 0:
+            box.pid, box.pidfd = -1, gate  # not our child: never waited for, only polled
+            self.poller.register(gate, select.POLLIN)
+            self.watch[gate] = (self.serial, "gate")
+            with contextlib.suppress(OSError):  # it may exit when idle again (`adopted`)
+                signal.pidfd_send_signal(gate, ADOPTED_SIGNAL)
+        else:
+            self._listen(self.serial, box, True)
         self._send(b"r%d" % self.serial)
 
     def _event(self, reg: int, role: str) -> None:
@@ -532,6 +707,11 @@ def _activated_child(fds: list[int]) -> None:
     import fcntl
 
     code = 1
+    # Before its listeners are where a new server's starter looks for them (_running_gates):
+    # the adoption signal must never find its default action (termination) in place.
+    from .egress_proxy import on_adopted  # pre-imported by the server (warm_up)
+
+    signal.signal(ADOPTED_SIGNAL, on_adopted)
     try:
         os.setsid()
         _set_comm(GATE_COMM)

@@ -55,7 +55,7 @@ def rules_v4(*, loopback_dns: bool = False) -> str:
     """`loopback_dns`: DNS to the namespace's own loopback goes to the gate too (a VMM's
     user-mode network stack asks the resolvers of the host's resolv.conf for its guest,
     often 127.0.0.53; left alone, those queries would meet an empty loopback)."""
-    from .egress_proxy import DNS_PORT, TCP_PORT
+    from .egress_policy import DNS_PORT, TCP_PORT
 
     dns = f"-A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports {DNS_PORT}"
     return "\n".join([
@@ -96,7 +96,7 @@ def router_batches(router_pid: int) -> tuple[str, str]:
 
 
 def router_rules_v4() -> str:
-    from .egress_proxy import DNS_PORT, TCP_PORT
+    from .egress_policy import DNS_PORT, TCP_PORT
 
     return "\n".join([
         "*nat",
@@ -229,7 +229,7 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
     import socket
 
     from .egress_child import listeners_here
-    from .egress_proxy import DNS_PORT, TCP_PORT
+    from .egress_policy import DNS_PORT, TCP_PORT
 
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
     if userns_fd < 0:
@@ -271,7 +271,7 @@ def _listen_in_thread(libc: Any, netns_fd: int, address: str) -> tuple[int, int]
     import socket
     import threading
 
-    from .egress_proxy import DNS_PORT, TCP_PORT
+    from .egress_policy import DNS_PORT, TCP_PORT
 
     made: list[int] = []
     failed: list[BaseException] = []
@@ -665,7 +665,9 @@ class GateStart:
         try:
             self._finish()
             if ready:
-                readable, _, _ = select.select([self.ready_r], [], [], READY_TIMEOUT)
+                poller = select.poll()  # not select(): a daemon's fds may pass FD_SETSIZE
+                poller.register(self.ready_r, select.POLLIN)
+                readable = poller.poll(round(READY_TIMEOUT * 1000))
                 if not readable or os.read(self.ready_r, 1) != b"1":
                     raise SandboxError(f"the egress gate did not start: {self._why()}")
             elif self.gate.poll() is not None:

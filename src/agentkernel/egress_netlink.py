@@ -314,7 +314,7 @@ def wire_in(netns_fd: int, sandbox_dev: str, peer_dev: str, address: str, prefix
     import threading
 
     from .egress_child import listeners_here
-    from .egress_proxy import DNS_PORT, TCP_PORT
+    from .egress_policy import DNS_PORT, TCP_PORT
 
     libc = ctypes.CDLL(None, use_errno=True)
     made: list[int] = []

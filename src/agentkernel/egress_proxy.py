@@ -24,10 +24,10 @@ from collections import OrderedDict
 from typing import Any, cast
 
 from . import egress_wire as wire
+from .egress_policy import DNS_PORT as DNS_PORT  # the listeners' ports: defined there
+from .egress_policy import TCP_PORT as TCP_PORT
 from .egress_policy import Policy, Verdict, normalize_name
 
-TCP_PORT = 15001  # on 127.0.0.1 inside the sandbox's namespace
-DNS_PORT = 15053
 SO_ORIGINAL_DST = 80
 MAX_CONNS = 512
 MAX_DNS_INFLIGHT = 64
@@ -814,13 +814,15 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
         parent = os.getppid()
 
         def check() -> None:
-            # The server gone (killed), this gate is the sandbox's only way out: it stays.
+            # The server gone (killed), this gate is the sandbox's only way out: it stays,
+            # unless its starter registered the sandbox with a new server (`adopted`).
             # A task besides this one (serve) not yet counted as busy: a connection just
             # accepted, whose handler asyncio starts in a task of its own.
             # A grant's secrets live in this gate only (never in the sealed config or the
             # state): a gate with slots for them (a pooled sandbox's) serves until its
             # sandbox is gone, ready with its TLS set up before the grant, and after it.
-            if (gate.busy or time.monotonic() - gate.last < idle or os.getppid() != parent
+            if (gate.busy or time.monotonic() - gate.last < idle
+                    or (os.getppid() != parent and not adopted())
                     or len(asyncio.all_tasks(loop)) > 1 or (gate.slots and not gate.given)):
                 loop.call_later(min(idle, 5.0), check)
                 return
@@ -890,6 +892,23 @@ class State:
         with contextlib.suppress(OSError):
             os.pwrite(self.fd, data, 0)
             os.ftruncate(self.fd, len(data))
+
+
+_adopted = False  # (in an activated gate) egress_forkserver.ADOPTED_SIGNAL came
+
+
+def adopted() -> bool:
+    """In an activated gate whose fork server died: has a new server taken its sandbox
+    (egress_forkserver.ADOPTED_SIGNAL)? Until then it is the sandbox's only way out and
+    never exits idle."""
+    return _adopted
+
+
+def on_adopted(_sig: int, _frame: Any) -> None:
+    """ADOPTED_SIGNAL's handler (installed by the fork server's child before its gate
+    runs): the gate may exit when idle again."""
+    global _adopted
+    _adopted = True
 
 
 def main_activated(fds: dict[str, int]) -> None:

@@ -100,7 +100,9 @@ def start_slirp(
         )
         os.close(ready_w)
         ready_w = -1
-        readable, _, _ = select.select([ready_r], [], [], timeout)
+        poller = select.poll()  # not select(): a daemon's fds may pass FD_SETSIZE
+        poller.register(ready_r, select.POLLIN)
+        readable = poller.poll(max(0, round(timeout * 1000)))
         if not readable or os.read(ready_r, 1) != b"1":
             lines = log.read_text(errors="replace").strip().splitlines() or ["timed out"]
             raise SandboxError(f"slirp4netns failed to set up the sandbox network: {lines[-1]}")

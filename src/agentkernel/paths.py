@@ -7,9 +7,7 @@ string functions) must not pay for it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from functools import lru_cache
 
 from .errors import SandboxError
 
@@ -104,6 +102,7 @@ def _private_or_absent(path: str) -> bool:
 def fallback_runtime_dir() -> str:
     """The private runtime dir used when the /tmp one was planted: the recorded one, else a
     new `mkdtemp` dir (recorded, with a one-line warning). Never follows a planted name."""
+    import contextlib
     import sys
     import tempfile
 
@@ -151,6 +150,7 @@ def data_dir() -> Path:
 def runtime_dir() -> Path:
     """The runtime dir, created private to this user (refused if it is not: a symlink,
     someone else's, open to others); a planted /tmp default falls back instead."""
+    import contextlib
     from pathlib import Path
 
     path = runtime_dir_str()
@@ -183,6 +183,7 @@ def listen_unix(path: str | os.PathLike[str], backlog: int) -> socket.socket:
     Bound under a hidden temporary name, made private, then renamed over `path` (replacing
     a stale socket). No umask games: those would race with the daemon's other threads.
     """
+    import contextlib
     import socket
 
     path = os.fspath(path)
@@ -230,6 +231,8 @@ def _via_dir(call: Callable[[str], None], path: str) -> None:
 def write_cache(path: Path, text: str) -> None:
     """Best effort: replace the small cache file `path` (in our private data dir) whole,
     so a concurrent reader sees the old text or the new, never half of it."""
+    import contextlib
+
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -249,12 +252,16 @@ def which(name: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=1)
+_PACKAGE_BIN: list[Path] = []  # a cache without functools (and collections) on the hot path
+
+
 def _package_bin() -> Path:
     """Our package's `_bin` dir (resolved once: a realpath walk per sandbox start adds up)."""
-    from pathlib import Path
+    if not _PACKAGE_BIN:
+        from pathlib import Path
 
-    return Path(__file__).resolve().parent / "_bin"
+        _PACKAGE_BIN.append(Path(__file__).resolve().parent / "_bin")
+    return _PACKAGE_BIN[0]
 
 
 def native_binary(name: str) -> Path:

@@ -22,6 +22,10 @@ import pytest
 
 from conftest import Daemon
 
+# The `agentkernel` command as installed (pip only rewrites its shebang). Not `python -m`:
+# runpy alone imports contextlib, functools and collections.
+LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "agentkernel"
+
 HOST = ("-i", "host", "-B", "namespaces")
 
 
@@ -318,13 +322,14 @@ def test_run_through_the_daemon_stays_import_light(daemon: Daemon, tmp_path: Pat
     args = ["run", "-q", "-i", "host", "-B", "namespaces", "-p", "restrictive", "-e", "A=1",
             "--", "true"]
     assert daemon.ak(*args, cwd=tmp_path).returncode == 0  # the key's pool exists now
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "agentkernel", *args],
+    out = subprocess.run([sys.executable, "-X", "importtime", str(LAUNCHER), *args],
                          cwd=tmp_path, env={**os.environ, **daemon.env}, capture_output=True,
                          text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     loaded = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
               if line.startswith("import time:")}
-    heavy = {"typing", "re", "enum", "json", "socket", "agentkernel.engine",
+    heavy = {"typing", "re", "enum", "json", "socket", "contextlib", "functools",
+             "collections", "threading", "agentkernel.engine",
              "agentkernel.profiles", "agentkernel.config", "agentkernel.backends",
              "agentkernel.planner", "agentkernel.images"}
     assert not loaded & heavy, sorted(loaded & heavy)
@@ -332,3 +337,19 @@ def test_run_through_the_daemon_stays_import_light(daemon: Daemon, tmp_path: Pat
     # what it shares with the others, the socket client and codec, and three leaves.
     ours = {m for m in loaded if m == "agentkernel" or m.startswith("agentkernel.")}
     assert ours <= HOT_PATH_MODULES, sorted(ours - HOT_PATH_MODULES)
+
+
+def test_fast_exit_keeps_output_and_exit_code(daemon: Daemon, tmp_path: Path) -> None:
+    """The CLI skips the interpreter's teardown (os._exit) after a run through the daemon:
+    output the sandbox wrote into a pipe arrives whole, in order, and the exit code is the
+    command's, through both the installed launcher and `python -m agentkernel`."""
+    script = ("head -c 300000 /dev/zero | tr '\\0' x; echo; echo err-tail >&2; "
+              "printf last; exit 7")
+    args = ["run", "-q", "-i", "host", "-B", "namespaces", "--", "sh", "-c", script]
+    for entry in (["-m", "agentkernel"], [str(LAUNCHER)]):
+        argv = [sys.executable, *entry, *args]
+        out = subprocess.run(argv, cwd=tmp_path, env={**os.environ, **daemon.env},
+                             capture_output=True, timeout=60, check=False)
+        assert out.returncode == 7, out.stderr[-500:]
+        assert out.stdout == b"x" * 300000 + b"\nlast"
+        assert out.stderr.endswith(b"err-tail\n"), out.stderr[-500:]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
+# hashlib (OpenSSL, ~3 ms) and base64 are imported where used: every plan() loads this
+# module for RegistryOptions, also for runs that never talk to a registry.
 import json
 import os
 import re
@@ -249,6 +249,8 @@ def _hub_alias(host: str) -> str:
 
 def load_docker_credentials(path: Path | None = None) -> dict[str, tuple[str, str]]:
     """``auths`` of ``~/.docker/config.json`` (or $DOCKER_CONFIG) as host → (user, password)."""
+    import base64
+
     if path is None:
         base = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
         path = Path(base) / "config.json"
@@ -415,6 +417,8 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     def _authenticate(self, ep: Endpoint, repo: str, challenge: str) -> str:
+        import base64
+
         import urllib3
 
         scheme, params = _parse_challenge(challenge)
@@ -460,6 +464,8 @@ class RegistryClient:
     # -- manifests ---------------------------------------------------------------------
 
     def _get_manifest(self, ep: Endpoint, ref: Reference, which: str) -> tuple[bytes, str, str]:
+        import hashlib
+
         resp = self._request(ep, "GET", f"/v2/{ref.repository}/manifests/{which}",
                              ref.repository, {"Accept": _ACCEPT})
         try:
@@ -561,6 +567,8 @@ class RegistryClient:
 
         Raises RegistryError on a digest or size mismatch (``dest`` is then removed).
         """
+        import hashlib
+
         import urllib3
 
         sha = hashlib.sha256()
@@ -616,6 +624,8 @@ class RegistryClient:
 
     def fetch_small_blob(self, ep: Endpoint, repo: str, desc: Descriptor, limit: int) -> bytes:
         """A verified small blob (the image config) in memory."""
+        import hashlib
+
         resp = self._request(ep, "GET", f"/v2/{repo}/blobs/{desc.digest}", repo)
         try:
             if resp.status != 200:
