@@ -74,6 +74,7 @@ class Gate:
     def __init__(self, policy: Policy, denied: Any, log: Log) -> None:
         self.policy = policy
         self.denied = denied
+        self._denied_seen: dict[str, bool] = {}  # address -> in `denied` (bounded)
         self.log = log
         # address -> names (a dict as an ordered set), least recently pinned first
         self.pins: OrderedDict[str, dict[str, None]] = OrderedDict()
@@ -94,9 +95,16 @@ class Gate:
         return host is not None and any(host in h.hosts for h in self.held)
 
     def denied_why(self, addr: str) -> str | None:
-        from .egress import is_denied
+        # `denied` is fixed for the gate's life: an address's answer is remembered (a
+        # client connects to the same few addresses again and again; ~30 networks to scan)
+        hit = self._denied_seen.get(addr)
+        if hit is None:
+            from .egress import is_denied
 
-        return "always-denied address" if is_denied(addr, self.denied) else None
+            if len(self._denied_seen) >= MAX_PINS:
+                self._denied_seen.clear()
+            hit = self._denied_seen[addr] = is_denied(addr, self.denied)
+        return "always-denied address" if hit else None
 
     def pin(self, addr: str, name: str) -> None:
         names = self.pins.pop(addr, {})
@@ -169,9 +177,14 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(addr), port
 
 
+_IP_CHARS = frozenset("0123456789abcdefABCDEF.:[]%")
+
+
 def _is_ip(text: str) -> bool:
     from ipaddress import ip_address
 
+    if not _IP_CHARS.issuperset(text):  # a name (the usual case): no parse, no exception
+        return False
     try:
         ip_address(text)
     except ValueError:
@@ -179,9 +192,11 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, str]:
+async def first_name(reader: asyncio.StreamReader, on_wait: Any = None
+                     ) -> tuple[bytes, str | None, str]:
     """Read the client's first bytes until they are known to carry a name or not: the
-    bytes read, the name (SNI or Host) or None, and what it was ("tls", "http", "raw")."""
+    bytes read, the name (SNI or Host) or None, and what it was ("tls", "http", "raw").
+    `on_wait` is called before a read that will wait for the client."""
     data = b""
     while True:
         for kind in ("tls", "http"):
@@ -204,6 +219,8 @@ async def first_name(reader: asyncio.StreamReader) -> tuple[bytes, str | None, s
             return data, None, "raw"
         if len(data) >= max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD):
             raise ConnectionError("first bytes too long")
+        if on_wait is not None and not getattr(reader, "_buffer", None):
+            on_wait()  # (StreamReader has no public "would wait": the relay reads it too)
         chunk = await reader.read(max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD) - len(data))
         if not chunk:
             return data, None, "raw"
@@ -382,18 +399,30 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         _reset(writer)
         return
     count = [0, 0, int(time.monotonic())]  # sent, received, last activity
-    down = asyncio.get_running_loop().create_task(pump(up_reader, writer, count, 1))
+    # What the server sends before the client's first bytes are judged is carried by a
+    # task, started only if the gate has to wait for them: a client's first bytes are
+    # usually here by now (they came during the connect), and then the relay carries all.
+    down: asyncio.Task[None] | None = None
+
+    def start_down() -> None:
+        nonlocal down
+        if down is None:
+            down = asyncio.get_running_loop().create_task(pump(up_reader, writer, count, 1))
+
     try:
         refusal, first, proto, host, verdict = await _inspect(gate, reader, addr, port,
-                                                              pinned, host, verdict)
+                                                              pinned, host, verdict,
+                                                              start_down)
         if refusal:
             gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=False,
                            rule=refusal)
-            down.cancel()
+            if down is not None:
+                down.cancel()
             _reset(writer)
             return
         if proto == "tls" and gate.intercepts(host):
-            down.cancel()
+            if down is not None:
+                down.cancel()
             assert host is not None
             await _intercept(gate, reader, writer, up_reader, up_writer, first, host, addr,
                              port, verdict)
@@ -403,14 +432,16 @@ async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.Strea
         count[0] = len(first)
         if first:
             up_writer.write(first)
-        down.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await down  # it stops between chunks: what it had not read stays in the stream
+        if down is not None:
+            down.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await down  # it stops between chunks: what it had not read stays in the stream
         await relay(reader, writer, up_reader, up_writer, count)
         gate.log.write(kind="close", host=host, addr=addr, port=port, sent=count[0],
                        received=count[1])
     except (OSError, ConnectionError, asyncio.CancelledError):
-        down.cancel()
+        if down is not None:
+            down.cancel()
     finally:
         up_writer.close()
         writer.close()
@@ -445,14 +476,14 @@ async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.S
 
 
 async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: int,
-                   pinned: set[str] | None, host: str | None, verdict: Verdict
-                   ) -> tuple[str | None, bytes, str, str | None, Verdict]:
+                   pinned: set[str] | None, host: str | None, verdict: Verdict,
+                   on_wait: Any = None) -> tuple[str | None, bytes, str, str | None, Verdict]:
     """The client's first bytes and what they name: (refusal or None, bytes, protocol,
     host, verdict). Nothing sent in time (a server-speaks-first protocol) stands on the
     address's verdict; a malformed ClientHello or HTTP head is refused."""
     try:
         async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
-            first, name, proto = await first_name(reader)
+            first, name, proto = await first_name(reader, on_wait)
     except TimeoutError:
         return None, b"", "tcp", host, verdict
     except (ConnectionError, OSError) as exc:
@@ -685,6 +716,9 @@ def warm_up(rounds: int = WARM_ROUNDS) -> None:
     tmp = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"ak-gate-warm-{os.urandom(8).hex()}")
     os.mkdir(tmp, 0o700)
     null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    # uvloop imported (its pages shared by every gate), never run here: libuv's first loop
+    # makes a process-wide pipe it keeps, which every gate would inherit from this server
+    gate_loop()
     try:
         for i in range(rounds):
             cfg = json.loads(doc)
@@ -719,6 +753,21 @@ def _warm_serve(cfg: dict[str, Any], gate: Gate, path: str) -> None:
             os.close(fd)
         with contextlib.suppress(OSError):
             os.close(ready_w)  # serve closes it once it has said "1"
+
+
+def gate_loop() -> Any:
+    """The event loop a forked gate runs (None: asyncio's own). uvloop's where installed:
+    its loop and transports in C take about half the CPU asyncio's pure-Python ones do
+    per relayed connection (bench_egress --https-only: ~0.8 against ~1.3 ms), which is
+    most of what a small request costs the gate. Imported in the fork server (warm_up),
+    so its pages are shared by every gate, and first run in a gate; a one-shot run's gate
+    (a fresh interpreter, gate_main) keeps asyncio's: the import would add to each
+    sandbox's start."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _drop(uid: int, gid: int) -> None:
@@ -891,10 +940,9 @@ def main_activated(fds: dict[str, int]) -> None:
     state.load()
     gate.state = state
     cfg = {**cfg, "exit_fd": fds["exit"], "ready_fd": None}
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(cfg, socket.socket(fileno=fds["tcp"]),
-                          socket.socket(fileno=fds["udp"]), socket.socket(fileno=fds["control"]),
-                          gate))
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=gate_loop()) as r:
+        r.run(serve(cfg, socket.socket(fileno=fds["tcp"]), socket.socket(fileno=fds["udp"]),
+                    socket.socket(fileno=fds["control"]), gate))
 
 
 def _is_open(fd: int) -> bool:
