@@ -318,7 +318,12 @@ def _pool_scratches(runtime: Path) -> list[Path]:
 
 
 def _holders(scratch: Path) -> list[int]:
-    """The processes holding a gate's control socket (its gate, the fork server)."""
+    """The gate processes holding a gate's control socket (its gate, the fork server).
+    The daemon holds copies too (to re-register its sandboxes with a new fork server):
+    it is the trusted starter that was handed the earlier run's key, so it is not one of
+    the places a warm sandbox's key must be absent from."""
+    from agentkernel.egress_forkserver import GATE_COMM, SERVER_COMM
+
     sock = str(scratch / "egress.sock")
     inode = next(line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()
                  if line.endswith(" " + sock))
@@ -327,6 +332,8 @@ def _holders(scratch: Path) -> list[int]:
         if not proc.name.isdigit():
             continue
         try:
+            if (proc / "comm").read_text().strip() not in (GATE_COMM, SERVER_COMM):
+                continue
             if any(os.readlink(fd) == f"socket:[{inode}]" for fd in (proc / "fd").iterdir()):
                 pids.append(int(proc.name))
         except OSError:
