@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -139,8 +140,10 @@ def bash_command(key: str) -> str:
             "|| echo other-refused")
 
 
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeApi]:
+@contextlib.contextmanager
+def serving_fake_api(command: str) -> Iterator[FakeApi]:
+    """The fake model API (fake_model_api.py) for the agents' API hosts, its Bash tool
+    call running `command`; skips where root, the tools or the agent CLIs are missing."""
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
         pytest.skip("needs root, iproute2 and openssl")
     if not (AGENTS_HOME / "agents" / "claude").is_dir():
@@ -148,6 +151,11 @@ def fake_api() -> Iterator[FakeApi]:
     with make_upstream(API_HOSTS, net="198.19", private=False) as up:
         log = up.dir / "seen.jsonl"
         up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"), str(log),
-                 bash_command(REAL_KEY))
+                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"), str(log), command)
         yield FakeApi(up.addr, up.ca, log)
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeApi]:
+    with serving_fake_api(bash_command(REAL_KEY)) as api:
+        yield api

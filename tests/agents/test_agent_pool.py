@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AGENTS_HOME, API_HOSTS, FakeApi  # tests/agents/conftest.py
-from sandbox_helpers import SYSTEM_PYTHON, Result, ak, ak_as_user, make_upstream
+from conftest import AGENTS_HOME, API_HOSTS, FakeApi, serving_fake_api  # tests/agents/conftest.py
+from sandbox_helpers import SYSTEM_PYTHON, Result, ak, ak_as_user
 
 NOBODY = 65534
 
@@ -46,15 +46,8 @@ pools = []
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[FakeApi]:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs root, iproute2 and openssl")
-    if not (AGENTS_HOME / "agents" / "claude").is_dir():
-        pytest.skip("agent CLIs not installed (scripts/install-agents.sh)")
-    with make_upstream(API_HOSTS, net="198.19", private=False) as up:
-        log = up.dir / "seen.jsonl"
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"), str(log), "sh ./probe.sh")
-        yield FakeApi(up.addr, up.ca, log)
+    with serving_fake_api("sh ./probe.sh") as fake:
+        yield fake
 
 
 @dataclass

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from test_run_agent import _check_claude_run, _env, data_home, own_path_base  # noqa: F401
 
-from conftest import AGENTS_HOME, API_HOSTS, REAL_KEY, FakeApi, bash_command
-from sandbox_helpers import SYSTEM_PYTHON, ak, ak_as_user, backend_available, make_upstream
+from conftest import AGENTS_HOME, REAL_KEY, FakeApi, bash_command, serving_fake_api
+from sandbox_helpers import SYSTEM_PYTHON, ak, ak_as_user, backend_available
 
 NOBODY = 65534
 
@@ -27,16 +27,8 @@ NOBODY = 65534
 @pytest.fixture(scope="module")
 def kernel_api() -> Iterator[FakeApi]:
     """The fake model API, whose Bash tool call also prints `kernel=<uname -r>`."""
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs root, iproute2 and openssl")
-    if not (AGENTS_HOME / "agents" / "claude").is_dir():
-        pytest.skip("agent CLIs not installed (scripts/install-agents.sh)")
-    with make_upstream(API_HOSTS, net="198.19", private=False) as up:
-        log = up.dir / "seen.jsonl"
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("fake_model_api.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"), str(log),
-                 bash_command(REAL_KEY) + "; echo kernel=$(uname -r)")
-        yield FakeApi(up.addr, up.ca, log)
+    with serving_fake_api(bash_command(REAL_KEY) + "; echo kernel=$(uname -r)") as api:
+        yield api
 
 
 def test_claude_headless_on_gvisor(kernel_api: FakeApi, data_home: Path,  # noqa: F811
