@@ -37,7 +37,8 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 # Where a forked gate finds its fds: stdin 0, stdout 1 (/dev/null), stderr 2, then these.
 READY_FD, EXIT_FD, CARRIER_FD = 3, 4, 5
@@ -704,30 +705,41 @@ def _ready(fd: int) -> bool:
 def _activated_child(fds: list[int]) -> None:
     """In a registered sandbox's forked gate: its fds at A_TARGETS, nothing else open (no
     other sandbox's, not the server's socket), then the gate. Never returns."""
-    import fcntl
-
-    code = 1
     # Before its listeners are where a new server's starter looks for them (_running_gates):
     # the adoption signal must never find its default action (termination) in place.
     from .egress_proxy import on_adopted  # pre-imported by the server (warm_up)
 
     signal.signal(ADOPTED_SIGNAL, on_adopted)
-    try:
-        os.setsid()
-        _set_comm(GATE_COMM)
-        # Out of the way of the targets first: a received fd may already sit at one.
-        high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, A_LEAF + 1) for f in fds]
-        for src, target in zip(high, A_TARGETS, strict=False):
-            os.dup2(src, target, inheritable=target <= 2)  # 0 and 1: the server's /dev/null
-        if len(fds) < len(A_TARGETS):
-            with contextlib.suppress(OSError):
-                os.close(A_LEAF)
-        os.closerange(A_LEAF + 1, os.sysconf("SC_OPEN_MAX"))
-        from .egress_child import activated_main
+    _run_then_exit(lambda: _activated_gate(fds))
 
-        activated_main({"tcp": A_TCP, "udp": A_UDP, "control": A_CONTROL, "exit": A_EXIT,
-                        "cfg": A_CFG, "state": A_STATE, "log": A_LOG, "audit": A_AUDIT,
-                        "audit_old": A_AUDIT_OLD, "leaf": A_LEAF})
+
+def _activated_gate(fds: list[int]) -> None:
+    """_activated_child's work, inside its exit guard."""
+    import fcntl
+
+    os.setsid()
+    _set_comm(GATE_COMM)
+    # Out of the way of the targets first: a received fd may already sit at one.
+    high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, A_LEAF + 1) for f in fds]
+    for src, target in zip(high, A_TARGETS, strict=False):
+        os.dup2(src, target, inheritable=target <= 2)  # 0 and 1: the server's /dev/null
+    if len(fds) < len(A_TARGETS):
+        with contextlib.suppress(OSError):
+            os.close(A_LEAF)
+    os.closerange(A_LEAF + 1, os.sysconf("SC_OPEN_MAX"))
+    from .egress_child import activated_main
+
+    activated_main({"tcp": A_TCP, "udp": A_UDP, "control": A_CONTROL, "exit": A_EXIT,
+                    "cfg": A_CFG, "state": A_STATE, "log": A_LOG, "audit": A_AUDIT,
+                    "audit_old": A_AUDIT_OLD, "leaf": A_LEAF})
+
+
+def _run_then_exit(body: Callable[[], None]) -> NoReturn:
+    """A forked child's end: `body`, then _exit with its status (0, its SystemExit code,
+    or 1 with the traceback on stderr); never back into the server's code."""
+    code = 1
+    try:
+        body()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -751,35 +763,26 @@ def _reap() -> None:
 def _child(fds: list[int]) -> None:
     """In the forked gate: its fds where a gate expects them, nothing else open, then the
     gate itself. Never returns."""
+    _run_then_exit(lambda: _gate(fds))
+
+
+def _gate(fds: list[int]) -> None:
+    """_child's work, inside its exit guard."""
     import fcntl
 
-    code = 1
-    try:
-        os.setsid()
-        _set_comm(GATE_COMM)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        # Out of the way of the targets first: a received fd may already sit at one.
-        high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 16) for f in [*fds, devnull]]
-        stdin, stderr, ready, exit_fd, carrier, null = high
-        for src, target in ((stdin, 0), (null, 1), (stderr, 2), (ready, READY_FD),
-                            (exit_fd, EXIT_FD), (carrier, CARRIER_FD)):
-            os.dup2(src, target, inheritable=target <= 2)
-        os.closerange(CARRIER_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the server's socket too
-        from .egress_child import gate_main
+    os.setsid()
+    _set_comm(GATE_COMM)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    # Out of the way of the targets first: a received fd may already sit at one.
+    high = [fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 16) for f in [*fds, devnull]]
+    stdin, stderr, ready, exit_fd, carrier, null = high
+    for src, target in ((stdin, 0), (null, 1), (stderr, 2), (ready, READY_FD),
+                        (exit_fd, EXIT_FD), (carrier, CARRIER_FD)):
+        os.dup2(src, target, inheritable=target <= 2)
+    os.closerange(CARRIER_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the server's socket too
+    from .egress_child import gate_main
 
-        gate_main(CARRIER_FD)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        import traceback
-
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os._exit(code)
+    gate_main(CARRIER_FD)
 
 
 def _set_comm(name: str) -> None:
