@@ -201,21 +201,8 @@ def new_userns(rng: HostRange) -> int:
     its maps as host root and keep the namespace by its fd. The sandbox enters it
     (`enter_fn`, ak-enter) and its id-mapped mounts use it, so both agree on who owns what.
     """
-    child = _userns_holder()
-    try:
-        _await_userns(child)
-        for kind, start in (("uid", rng.uid), ("gid", rng.gid)):
-            with open(f"/proc/{child.pid}/{kind}_map", "w") as f:
-                f.write(f"0 {start} {rng.size}\n")
-        return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SandboxError(f"could not map the sandbox's ids: {exc}") from None
-    finally:
-        for stream in (child.stdin, child.stdout):
-            if stream is not None:
-                stream.close()
-        child.kill()
-        child.wait()
+    return _mapped_userns({"uid": f"0 {rng.uid} {rng.size}\n",
+                           "gid": f"0 {rng.gid} {rng.size}\n"}, "the sandbox's ids")
 
 
 def owner_userns(rng: HostRange, uid: int, gid: int, *, runtime_root: bool = False) -> int:
@@ -226,17 +213,26 @@ def owner_userns(rng: HostRange, uid: int, gid: int, *, runtime_root: bool = Fal
     (the range's first id) is also mapped, to itself: a runtime that creates a file as
     its root and then gives it to the user (gVisor's gofer) can. An fd (O_CLOEXEC), the
     caller's to close."""
+    maps = {}
+    for kind, own, base, start in (("uid", os.geteuid(), rng.uid, rng.uid + uid),
+                                   ("gid", os.getegid(), rng.gid, rng.gid + gid)):
+        lines = [(own, start)] + ([(base, base)] if runtime_root else [])
+        maps[kind] = "".join(f"{a} {b} 1\n" for a, b in sorted(lines))
+    return _mapped_userns(maps, "the project's owner")
+
+
+def _mapped_userns(maps: dict[str, str], what: str) -> int:
+    """A new user namespace with these uid_map/gid_map contents (written as host root),
+    kept by an O_CLOEXEC fd (the caller's to close); its short-lived holder is gone."""
     child = _userns_holder()
     try:
         _await_userns(child)
-        for kind, own, base, start in (("uid", os.geteuid(), rng.uid, rng.uid + uid),
-                                       ("gid", os.getegid(), rng.gid, rng.gid + gid)):
-            lines = [(own, start)] + ([(base, base)] if runtime_root else [])
+        for kind in ("uid", "gid"):
             with open(f"/proc/{child.pid}/{kind}_map", "w") as f:
-                f.write("".join(f"{a} {b} 1\n" for a, b in sorted(lines)))
+                f.write(maps[kind])
         return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SandboxError(f"could not map the project's owner: {exc}") from None
+        raise SandboxError(f"could not map {what}: {exc}") from None
     finally:
         for stream in (child.stdin, child.stdout):
             if stream is not None:
