@@ -204,6 +204,31 @@ def marked(text: str) -> dict[str, str]:
     return seen
 
 
+@contextlib.contextmanager
+def nobody_home(project_files: dict[str, Path] | None = None) -> Iterator[Path]:
+    """A home for host user `nobody` (65534) in /tmp (pytest's tmp dirs are 0700) with a
+    `project` dir holding copies of `project_files` (name: source), all nobody's; removed
+    afterwards.
+    Skips where setpriv or the system's python3 (which an ordinary user runs) is missing."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
+            not os.access(SYSTEM_PYTHON, os.X_OK):
+        import pytest
+
+        pytest.skip("needs root (to become nobody), setpriv and the system's python3")
+    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
+    try:
+        (home / "project").mkdir()
+        for name, src in (project_files or {}).items():
+            shutil.copy(src, home / "project" / name)
+        for path in (home, *home.rglob("*")):
+            os.chown(path, 65534, 65534, follow_symlinks=False)
+        for path in (home, home / "project"):
+            path.chmod(0o755)
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def run_checked(*argv: str) -> None:
     subprocess.run(list(argv), check=True, capture_output=True, timeout=30)
 

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +21,11 @@ from typing import Any
 
 import pytest
 
+import sandbox_helpers
 from agentkernel import egress
 from agentkernel.errors import SandboxError
 from engines import skip_for_ordinary_users
-from sandbox_helpers import SYSTEM_PYTHON, HostServers, NetnsHost, ak, ak_as_user
+from sandbox_helpers import HostServers, NetnsHost, ak, ak_as_user
 
 NETWORKS = egress.denied_networks()
 
@@ -203,18 +203,8 @@ NOBODY = 65534
 @pytest.fixture
 def nobody_home() -> Iterator[Path]:
     """A home for host user nobody, with a project in it (pytest's tmp dirs are 0700)."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
-            not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("needs root (to become nobody), setpriv and the system's python3")
-    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
-    (home / "project").mkdir()
-    for path in (home, home / "project"):
-        os.chown(path, NOBODY, NOBODY)
-        path.chmod(0o755)
-    try:
+    with sandbox_helpers.nobody_home() as home:
         yield home
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.parametrize("forkserver", ["0", "1"])

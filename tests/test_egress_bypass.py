@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from engines import skip_for_ordinary_users
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream, nobody_home
 
 NOBODY = 65534
 
@@ -255,15 +254,7 @@ def test_bypass_attempts_fail_as_an_ordinary_user(backend: str, upstream: Upstre
     skip_for_ordinary_users(backend)
     """The same attempts from a sandbox an unprivileged host user started (its gate and
     rules set up without root)."""
-    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("needs setpriv and the system's python3")
-    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
-    try:
-        (home / "project").mkdir()
-        shutil.copy(upstream.ca, home / "project" / "ca.pem")
-        for path in (home, home / "project", home / "project" / "ca.pem"):
-            os.chown(path, NOBODY, NOBODY)
-        home.chmod(0o755)
+    with nobody_home({"ca.pem": upstream.ca}) as home:
         todo = attempts(upstream)
         proc = ak_as_user(NOBODY, home, "run", "-B", backend, "-i", "host",
                           "--allow-host", "tools.test", *hosts(upstream), "--", "python3",
@@ -271,5 +262,3 @@ def test_bypass_attempts_fail_as_an_ordinary_user(backend: str, upstream: Upstre
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
         _judge(json.loads(out), todo)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)

@@ -432,18 +432,10 @@ def test_on_demand_as_an_ordinary_user(upstream: Upstream) -> None:
     nothing else, the gate runs as that user, and it allows and refuses alike before and
     after its first gate went idle."""
     import subprocess
-    import tempfile
 
-    from sandbox_helpers import ak_as_user
+    from sandbox_helpers import ak_as_user, nobody_home
 
-    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("needs setpriv and the system's python3")
-    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
-    try:
-        (home / "project").mkdir()
-        for path in (home, home / "project"):
-            os.chown(path, 65534, 65534)
-        home.chmod(0o755)
+    with nobody_home() as home:
         proc = ak_as_user(65534, home, "run", "-B", "namespaces", "-i", "host",
                           "--allow-host", "allowed.test", *hosts(upstream), "--", "python3",
                           "-c", USER_SCRIPT, PROBE, cwd=home / "project",
@@ -457,8 +449,6 @@ def test_on_demand_as_an_ordinary_user(upstream: Upstream) -> None:
         assert proc.returncode == 0, err
         expect = {"h": "reached hello host=allowed.test key=-", "d": "blocked gaierror"}
         assert json.loads(out) == [expect, expect], (out, err)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_killed_daemons_sandbox_keeps_its_way_out(upstream: Upstream) -> None:
@@ -704,18 +694,10 @@ def test_an_ordinary_users_sandbox_outlives_its_killed_fork_server(
     while the sandbox's gate is idle; the run's process registers the sandbox with a new
     server, and the sandbox reaches the allowed host and is refused the denied one."""
     import signal
-    import tempfile
 
-    from sandbox_helpers import ak_as_user
+    from sandbox_helpers import ak_as_user, nobody_home
 
-    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("needs setpriv and the system's python3")
-    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
-    try:
-        (home / "project").mkdir()
-        for path in (home, home / "project"):
-            os.chown(path, 65534, 65534)
-        home.chmod(0o755)
+    with nobody_home() as home:
         proc = ak_as_user(65534, home, "run", "-B", "namespaces", "-i", "host",
                           "--allow-host", "allowed.test", *hosts(upstream), "--", "python3",
                           "-c", USER_KILL_SCRIPT, PROBE, cwd=home / "project", timeout=240,
@@ -743,8 +725,6 @@ def test_an_ordinary_users_sandbox_outlives_its_killed_fork_server(
         assert proc.returncode == 0, err
         expect = {"h": "reached hello host=allowed.test key=-", "d": "blocked gaierror"}
         assert json.loads(out) == [expect, expect], (out, err)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _go(script: str) -> None:

@@ -17,7 +17,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,15 @@ from pathlib import Path
 import pytest
 
 from engines import skip_for_ordinary_users
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, egress_gate_pid, make_upstream
+from sandbox_helpers import (
+    SYSTEM_PYTHON,
+    Upstream,
+    ak,
+    ak_as_user,
+    egress_gate_pid,
+    make_upstream,
+    nobody_home,
+)
 
 NOBODY = 65534
 
@@ -167,15 +174,7 @@ def test_allow_list_holds_as_root(backend: str, project: Path, upstream: Upstrea
 
 def test_allow_list_holds_as_an_ordinary_user(backend: str, upstream: Upstream) -> None:
     skip_for_ordinary_users(backend)
-    if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip("needs setpriv and the system's python3")
-    home = Path(tempfile.mkdtemp(prefix="ak-nobody-", dir="/tmp"))
-    try:
-        (home / "project").mkdir()
-        shutil.copy(upstream.ca, home / "project" / "ca.pem")
-        for path in (home, home / "project", home / "project" / "ca.pem"):
-            os.chown(path, NOBODY, NOBODY)
-        home.chmod(0o755)
+    with nobody_home({"ca.pem": upstream.ca}) as home:
         todo = attacks(upstream, "/workspace/ca.pem")
         proc = ak_as_user(NOBODY, home, "run", "-B", backend, "-i", "host",
                           "--allow-host", "allowed.test", "--allow-host", "rebind.test",
@@ -184,8 +183,6 @@ def test_allow_list_holds_as_an_ordinary_user(backend: str, upstream: Upstream) 
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
         judge(json.loads(out))
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_default_reaches_public_only(backend: str, project: Path, upstream: Upstream) -> None:
