@@ -303,7 +303,8 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         image_config=image_config, profile=profile, backend=choice.backend,
         skipped=tuple(choice.skipped), workspace=workspace, home=home,
         argv=[] if persistent and not req.argv else command_argv(image_config, list(req.argv)),
-        cwd=sandbox_cwd(req.workdir, workspace is not None, image_config, workspace_at),
+        cwd=sandbox_cwd(req.workdir, workspace is not None, image_config, workspace_at,
+                        req.user[2] if req.user is not None else "/root"),
         user_env=check_env(req.env),
         pass_env={k: ctx.env[k] for k in PASS_ENV_KEYS if k in ctx.env},
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
@@ -544,11 +545,13 @@ def command_argv(image_config: ImageConfig | None, argv: list[str]) -> list[str]
 
 
 def sandbox_cwd(workdir: str | None, has_workspace: bool,
-                image_config: ImageConfig | None, workspace_at: str = "/workspace") -> str:
+                image_config: ImageConfig | None, workspace_at: str = "/workspace",
+                home: str = "/root") -> str:
     """Where the command starts: --workdir, else the project (/workspace, or an agent's
-    project at its own path), the image's WorkingDir, /root."""
+    project at its own path), the image's WorkingDir, the user's home (/root, or an
+    agent user's, which cannot enter /root)."""
     image_cwd = image_config.working_dir if image_config is not None else ""
-    cwd = workdir or (workspace_at if has_workspace else image_cwd or "/root")
+    cwd = workdir or (workspace_at if has_workspace else image_cwd or home)
     if not cwd.startswith("/"):
         raise UsageError(f"--workdir must be an absolute path inside the sandbox, got {cwd!r}")
     return cwd

@@ -67,7 +67,7 @@ def test_create_an_agent_sandbox(http: httpx.Client) -> None:
         data = resp.json()["data"]
         assert data["agent"] == "claude" and data["backend"] == "namespaces", data
         script = ("echo key=$ANTHROPIC_API_KEY; command -v claude; "
-                  "claude --version; id -u")
+                  "claude --version; id -u; pwd")
         resp = http.post("/sandboxes/http-agent/exec",
                          json={"command": ["sh", "-c", script]})
         assert resp.status_code == 200, resp.text
@@ -77,6 +77,8 @@ def test_create_an_agent_sandbox(http: httpx.Client) -> None:
         assert "sk-ant-http-test" not in out
         assert lines[1] == "/run/agentkernel/claude/node_modules/.bin/claude", out
         assert "(Claude Code)" in lines[2], out
+        # The agent's user, starting in its home (no project: it cannot enter /root).
+        assert lines[3:5] == ["1000", "/home/agent"], out
         events = _stream(http, "/sandboxes/http-agent/exec/stream",
                          {"command": ["claude", "--version"]})
         assert events[0][0] == "started" and events[-1][0] == "done", events

@@ -236,16 +236,18 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         if workspace is not None and at != "/workspace":
             # Checked again at each start: its path may have changed (a symlink now).
             at = same_path_target(str(at), rootfs, home_opt, ro_binds)
+        user = _user_of(doc)  # an agent's user (None: the sandbox's root)
         spec = SandboxSpec(name=name, profile=profile, rootfs=rootfs, image=doc["image"],
                            workspace=workspace, home=home_opt, persistent=True,
                            state_dir=self._layers_dir(name),
                            masks=control_masks(profile, workspace, home_opt, at),
                            egress=_egress_of(doc), ro_binds=ro_binds, workspace_at=at,
-                           user=_user_of(doc),  # an agent's user (None: the sandbox's root)
+                           user=user,
                            instance=self._row(name)["uuid"])  # its audit entries' key
         env = sandbox_env(name, image_config, profile, home_opt, doc.get("host_env", {}))
         env.update(doc.get("env", {}))
-        cwd = sandbox_cwd(None, workspace is not None, image_config, at)
+        cwd = sandbox_cwd(None, workspace is not None, image_config, at,
+                          user[2] if user is not None else "/root")
         return _Resolved(spec, backend, env, cwd)
 
     def _state_dir(self, name: str) -> Path:
