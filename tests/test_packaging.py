@@ -26,4 +26,5 @@ def test_wheel_carries_the_agent_and_the_launcher(tmp_path: Path) -> None:
         text = zf.read(script).decode()
     # Our launcher, not a generated entry-point wrapper (whose `import re` costs every call).
     assert text.startswith("#!python") and "import re" not in text.splitlines(), text
-    assert "from agentkernel.cli import main" in text
+    assert "from agentkernel.cli import exit_with, main" in text
+    assert "exit_with(main())" in text  # the fast exit (cli.exit_with)
