@@ -247,7 +247,6 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
     `persistent`: a sandbox that lives on (`create`), whose commands come later."""
     from .backends import CallerOptions
     from .detect import resolve_run_image, validate_image_ref
-    from .images.registry import RegistryOptions
     from .vm.settings import resolve as microvm_settings
 
     res = resolvers or default_resolvers()
@@ -273,14 +272,22 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
     profile = resolve_profile(req, config)
     microvm = microvm_settings(config.microvm if config is not None else None, ctx.env)
     choice = res.choose(backend_name, CallerOptions(microvm=microvm))
-    registry = RegistryOptions.from_config(config, env=ctx.env)
     # A container engine's own copy of the image first, when the backend has one.
     engine = choice.backend.engine_image(image)
     if persistent and not choice.backend.persistent:
         raise Conflict(f"the {choice.backend.name} backend keeps no sandbox between runs: "
                        "run a module with `agentkernel run MODULE.wasm` instead")
-    rootfs, image_config, note, fallback = (*engine, None) if engine is not None else \
-        res.rootfs(image, config, registry, quiet)
+    registry: RegistryOptions | None = None
+    if engine is not None:
+        rootfs, image_config, note = engine
+        fallback = None
+        # A one-off run on the engine's image pulls nothing: the registry client (~5 ms of
+        # imports on a cold run) stays unloaded; a persistent sandbox records its settings.
+        if persistent:
+            registry = _registry_options(config, ctx)
+    else:
+        registry = _registry_options(config, ctx)
+        rootfs, image_config, note, fallback = res.rootfs(image, config, registry, quiet)
     if choice.backend.image_free:  # wasm: the host rootfs is a placeholder it never shows
         from .detect import WASM_ROOTFS
 
@@ -311,6 +318,12 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
         workspace_at=workspace_at, user=req.user, home_files=req.home_files,
     )
+
+
+def _registry_options(config: Config | None, ctx: CallerContext) -> RegistryOptions:
+    from .images.registry import RegistryOptions
+
+    return RegistryOptions.from_config(config, env=ctx.env)
 
 
 def same_path_target(path: str, rootfs: HostRootfs, home: Path | None,

@@ -24,6 +24,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -91,20 +92,64 @@ class LayerNotMounted(Exception):
     """The engine started the container on its layer's bare mount point (check_layer)."""
 
 
+# What the engine said an image name is, remembered this long (from when it was asked).
 IMAGE_CACHE_SECONDS = 5.0
+# In a daemon (`pooled`), an answer this old is asked again in the background while it is
+# still served: runs that come at least every IMAGE_CACHE_SECONDS never wait for the engine.
+IMAGE_REFRESH_AFTER = 2.0
+IMAGE_CACHE_MAX = 256  # image names remembered (a daemon is asked for any name)
 _IMAGE_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
+_IMAGE_REFRESHING: set[tuple[str, str]] = set()  # at most one refresh per name at a time
+_IMAGE_LOCK = threading.Lock()
 
 
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
-def home_label() -> str:
-    """LABEL_HOME's value for this process's data dir."""
+def _remember_image(key: tuple[str, str], asked: float, found: Any) -> None:
+    """Keep the engine's answer about an image name, stamped with when it was asked;
+    within IMAGE_CACHE_MAX names (expired ones go first, then the oldest)."""
+    with _IMAGE_LOCK:
+        if key not in _IMAGE_CACHE and len(_IMAGE_CACHE) >= IMAGE_CACHE_MAX:
+            now = time.monotonic()
+            for old in [k for k, (t, _) in _IMAGE_CACHE.items()
+                        if now - t >= IMAGE_CACHE_SECONDS]:
+                del _IMAGE_CACHE[old]
+            while len(_IMAGE_CACHE) >= IMAGE_CACHE_MAX:
+                del _IMAGE_CACHE[min(_IMAGE_CACHE, key=lambda k: _IMAGE_CACHE[k][0])]
+        hit = _IMAGE_CACHE.get(key)
+        if hit is None or hit[0] <= asked:  # (a slower, older answer never replaces it)
+            _IMAGE_CACHE[key] = (asked, found)
+
+
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of `data` in hex, from the interpreter's own implementation where it has
+    one (`_sha2` from 3.12, `_sha256` before): hashlib loads OpenSSL, ~4-8 ms of a cold
+    run that needs one digest for a label."""
+    import importlib
+
+    for name in ("_sha2", "_sha256"):
+        try:
+            return str(importlib.import_module(name).sha256(data).hexdigest())
+        except ImportError:
+            continue
     import hashlib
 
+    return hashlib.sha256(data).hexdigest()
+
+
+_HOME_LABEL: dict[str, str] = {}
+
+
+def home_label() -> str:
+    """LABEL_HOME's value for this process's data dir."""
     from ..paths import data_dir_str
 
-    return hashlib.sha256(os.path.realpath(data_dir_str()).encode()).hexdigest()[:16]
+    path = os.path.realpath(data_dir_str())
+    label = _HOME_LABEL.get(path)
+    if label is None:
+        label = _HOME_LABEL[path] = sha256_hex(path.encode())[:16]
+    return label
 
 
 def container_name(name: str) -> str:
@@ -285,12 +330,41 @@ class ContainerBackend(Backend):
             return None
         key = (self.name, image)
         hit = _IMAGE_CACHE.get(key)
-        if hit is not None and time.monotonic() - hit[0] < IMAGE_CACHE_SECONDS:
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < IMAGE_CACHE_SECONDS:
+            if ContainerBackend._refresh_ahead and now - hit[0] >= IMAGE_REFRESH_AFTER:
+                self._refresh_image(key, image)
             cached: tuple[HostRootfs, ImageConfig | None, str] | None = hit[1]
             return cached
         found = self._engine_image(image)
-        _IMAGE_CACHE[key] = (time.monotonic(), found)
+        _remember_image(key, now, found)
         return found
+
+    # Set by `pooled`: this process is a daemon, whose runs of an image come again.
+    _refresh_ahead: ClassVar[bool] = False
+
+    def pooled(self) -> None:
+        ContainerBackend._refresh_ahead = True
+
+    def _refresh_image(self, key: tuple[str, str], image: str) -> None:
+        """Ask the engine about `image` again on a thread of its own (one per name at a
+        time); a failure leaves the answer to expire, and the next run then asks."""
+        with _IMAGE_LOCK:
+            if key in _IMAGE_REFRESHING:
+                return
+            _IMAGE_REFRESHING.add(key)
+
+        def refresh() -> None:
+            try:
+                # (the engine went away: the answer expires, and a run says so itself)
+                with contextlib.suppress(Exception):
+                    asked = time.monotonic()
+                    _remember_image(key, asked, self._engine_image(image))
+            finally:
+                with _IMAGE_LOCK:
+                    _IMAGE_REFRESHING.discard(key)
+
+        threading.Thread(target=refresh, name="ak-image-refresh", daemon=True).start()
 
     def _engine_image(self, image: str) -> tuple[HostRootfs, ImageConfig | None, str] | None:
         from urllib.parse import quote
@@ -733,10 +807,8 @@ class ContainerBackend(Backend):
     def _host_image(self, api: EngineAPI, rootfs: HostRootfs, scratch: Path) -> Image:
         """The host's userland, read-only binds on an empty base image of our own (which
         holds only its symlinks), its secrets masked."""
-        import hashlib  # (here: the other paths do without it)
-
         links = tuple((e.path, e.target) for e in rootfs.entries if e.kind == "symlink")
-        tag = hashlib.sha256(repr(links).encode()).hexdigest()[:12]
+        tag = sha256_hex(repr(links).encode())[:12]
         ref = f"{BASE_REPO}:{tag}"
         if not self._has_image(api, ref):
             tar = scratch / "base.tar"
@@ -752,9 +824,7 @@ class ContainerBackend(Backend):
         if not sources:
             raise SandboxError(f"image {rootfs.name} has an empty root filesystem")
         root = Path(sources[0]).parent
-        import hashlib
-
-        tag = hashlib.sha256(f"{rootfs.name}\0{root}".encode()).hexdigest()[:16]
+        tag = sha256_hex(f"{rootfs.name}\0{root}".encode())[:16]
         ref = f"{IMPORT_REPO}:{tag}"
         if not self._has_image(api, ref):
             tar = scratch / "image.tar"

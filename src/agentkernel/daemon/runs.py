@@ -197,7 +197,7 @@ def pool_key(plan: Plan) -> PoolKey:
     if egress is not None and egress.secrets:
         egress = egress._replace(secrets=tuple(g._replace(placeholder="")
                                                for g in egress.secrets))
-    return PoolKey(image=plan.image, rootfs=plan.rootfs_key, backend=plan.backend.name,
+    return PoolKey(image=plan.image, rootfs=_rootfs_key(plan), backend=plan.backend.name,
                    profile=plan.profile,
                    workspace=str(plan.workspace) if plan.workspace else None,
                    home=str(plan.home) if plan.home else None,
@@ -205,6 +205,16 @@ def pool_key(plan: Plan) -> PoolKey:
                    ro_binds=plan.ro_binds, workspace_at=plan.workspace_at, user=plan.user,
                    installs=install_ids(plan.ro_binds),
                    microvm=replace(plan.microvm, source="") if plan.microvm else None)
+
+
+def _rootfs_key(plan: Plan) -> str:
+    """What backs a plan's root in its pool key: a container engine's image by its id (the
+    plan asked the engine what the name is now), so that runs after the tag moved to
+    another image never get a warm sandbox of the old one; else the plan's rootfs key."""
+    from ..backends.container_engine import ENGINE_IMAGE
+
+    name = plan.rootfs.name
+    return name if name.startswith(ENGINE_IMAGE) else plan.rootfs_key
 
 
 def install_ids(ro_binds: tuple[tuple[str, str], ...]) -> tuple[tuple[int, int, int], ...]:
