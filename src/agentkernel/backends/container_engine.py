@@ -651,10 +651,9 @@ class ContainerBackend(Backend):
                 lower = next((str(d.path) for d in dirs if d.src == str(spec.workspace)),
                              str(spec.workspace))
                 _mount_overlay(lower, (spec.state_dir or scratch) / "ws", merged)
-            _preload_after_start()
             try:
                 api.call("POST", f"/containers/{cid}/start", expect=(204, 304),
-                         timeout=START_TIMEOUT)
+                         timeout=START_TIMEOUT, sent=_preload_after_start)
             except EngineError as exc:
                 if _layer_missing(exc.message):  # (check_layer's fault, met by runc)
                     raise LayerNotMounted(exc.message) from None
@@ -1127,7 +1126,9 @@ def _layer_missing(message: str) -> bool:
 def _preload_after_start() -> None:
     """A one-off CLI run imports what it needs once the container runs (the agent's
     client, procs, shutil: ~10 ms) on a thread while the engine starts the container,
-    instead of after; a daemon has them already."""
+    instead of after; a daemon has them already. Called once the start request is out
+    (EngineAPI.call's `sent`): a thread that imports holds the GIL, and the request would
+    wait for it (up to the interpreter's 5 ms switch interval, more than once)."""
     import sys
 
     if "agentkernel.agent.client" in sys.modules and "shutil" in sys.modules:

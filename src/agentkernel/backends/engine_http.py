@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import AgentKernelError, BackendUnavailable
@@ -53,11 +53,14 @@ class EngineAPI:
     def call(
         self, method: str, path: str, *, query: Mapping[str, str] | None = None,
         body: Any = None, expect: tuple[int, ...] = (200, 201, 204), timeout: float | None = 60.0,
-        upload: str | None = None, raw: bool = False,
+        upload: str | None = None, raw: bool = False, sent: Callable[[], None] | None = None,
     ) -> Any:
         """Send one request; return the decoded JSON reply (None when empty).
 
         `upload` names a file sent as the raw body (an image tarball); `body` is JSON.
+        `sent` is called once the request is out, before the reply is awaited (work that
+        overlaps the engine's, started only then: a thread started before would hold the
+        GIL while this one builds and sends the request).
         """
         import os
         from urllib.parse import urlencode
@@ -79,6 +82,8 @@ class EngineAPI:
             if upload is not None:
                 with open(upload, "rb") as f:
                     sock.sendfile(f)
+            if sent is not None:
+                sent()
             status, data = _read_reply(sock)
         except TimeoutError:
             raise EngineError(f"{self.what} API {method} {path}: no answer in {timeout}s") \
