@@ -955,20 +955,42 @@ static int recv_obj(struct conn *c, struct akj *j)
 	}
 }
 
+/* int(value) & 0xFF, what the OS keeps of Python's exit code (`dflt` if it is no number). */
+static int exit_code_of(const struct akj *j, int t, int dflt)
+{
+	if (t < 0)
+		return dflt;
+	if (j->toks[t].type == AKJ_TRUE || j->toks[t].type == AKJ_FALSE)
+		return j->toks[t].type == AKJ_TRUE;
+	if (j->toks[t].type != AKJ_NUM)
+		return dflt;
+	const char *s = j->s + j->toks[t].start;
+	if (!j->toks[t].is_float) { /* exact for any length: the low 8 bits of the integer */
+		size_t n = j->toks[t].end - j->toks[t].start;
+		int neg = s[0] == '-';
+		unsigned v = 0;
+		for (size_t i = (size_t)neg; i < n; i++)
+			v = (v * 10 + (unsigned)(s[i] - '0')) & 0xFF;
+		return (int)(neg ? (256 - v) & 0xFF : v);
+	}
+	double v = strtod(s, NULL);
+	if (!isfinite(v))
+		return dflt;
+	double m = fmod(trunc(v), 256.0);
+	return (int)(m < 0 ? m + 256.0 : m);
+}
+
 /* The daemon's error reply: print it as the Python CLI does and leave with its code. */
 static _Noreturn void daemon_error(const struct akj *j, int reply)
 {
 	int err = akj_get(j, reply, "error");
 	int msg = akj_get(j, err, "message");
-	int code = akj_get(j, err, "exit_code");
-	long exit_code = 125;
-	if (code >= 0 && j->toks[code].type == AKJ_NUM)
-		exit_code = strtol(j->s + j->toks[code].start, NULL, 10);
+	int exit_code = exit_code_of(j, akj_get(j, err, "exit_code"), 125);
 	if (msg >= 0)
 		say_value("", j, msg);
 	else
 		say("daemon error");
-	_exit((int)(exit_code & 0xFF));
+	_exit(exit_code);
 }
 
 static int is_false(const struct akj *j, int t) { return t >= 0 && j->toks[t].type == AKJ_FALSE; }
@@ -1110,15 +1132,7 @@ static _Noreturn void finish(const struct started_ctx *ctx, const struct akj *j,
 		say_each("egress: ", j, akj_get(j, result, "egress"));
 	if (py_truthy(j, message) && !(ctx->kind != K_EXEC && o->quiet))
 		say_value("", j, message);
-	int code = akj_get(j, result, "exit_code");
-	long exit_code = 125;
-	if (code >= 0 && j->toks[code].type == AKJ_NUM)
-		exit_code = (long)strtod(j->s + j->toks[code].start, NULL);
-	else if (code >= 0 && j->toks[code].type == AKJ_TRUE)
-		exit_code = 1;
-	else if (code >= 0 && j->toks[code].type == AKJ_FALSE)
-		exit_code = 0;
-	_exit((int)(exit_code & 0xFF));
+	_exit(exit_code_of(j, akj_get(j, result, "exit_code"), 125));
 }
 
 static void conn_close(struct conn *c)
@@ -1129,11 +1143,22 @@ static void conn_close(struct conn *c)
 }
 
 /* Send the request line; a refusal (busy) may have been answered before we sent it. */
+/* What the client says before its request is answered (run --agent's missing-key note). */
+static struct buf g_deferred;
+
+static void flush_deferred(void)
+{
+	if (g_deferred.len)
+		(void)write_out(2, g_deferred.p, g_deferred.len);
+	g_deferred.len = 0;
+}
+
 static void send_request(struct conn *c, struct akj *j, const struct buf *req)
 {
 	if (send_all(c->fd, req->p, req->len) == 0)
 		return;
 	int saved = errno;
+	flush_deferred();
 	if (recv_obj(c, j) == 0 && is_false(j, akj_get(j, 0, "ok")))
 		daemon_error(j, 0);
 	fprintf(stderr, "agentkernel: the daemon closed the connection (%s)\n", strerror(saved));
@@ -1148,18 +1173,19 @@ static _Noreturn void stream(struct conn *c, const struct buf *req, int stdin_op
 	if (g_old_int.sa_handler == SIG_DFL) /* (Python installs KeyboardInterrupt only then) */
 		signal(SIGINT, on_int_early);
 	send_request(c, &j, req);
-	if (recv_obj(c, &j) != 0) {
+	int answer = recv_obj(c, &j);
+	if (answer == 0 && ctx->kind != K_EXEC && is_false(&j, akj_get(&j, 0, "ok")) &&
+	    str_is(&j, akj_get(&j, akj_get(&j, 0, "error"), "type"), "WrongDaemon")) {
+		conn_close(c); /* a daemon of another data dir: Python runs it in-process */
+		fallback();
+	}
+	flush_deferred();
+	if (answer != 0) {
 		say("the daemon closed the connection");
 		_exit(125);
 	}
-	if (is_false(&j, akj_get(&j, 0, "ok"))) {
-		int err = akj_get(&j, 0, "error");
-		if (ctx->kind != K_EXEC && str_is(&j, akj_get(&j, err, "type"), "WrongDaemon")) {
-			conn_close(c); /* a daemon of another data dir: the in-process run */
-			fallback();
-		}
+	if (is_false(&j, akj_get(&j, 0, "ok")))
 		daemon_error(&j, 0);
-	}
 	if (str_is(&j, akj_get(&j, 0, "ev"), "exit"))
 		finish(ctx, &j, akj_get(&j, 0, "result"));
 	int info = akj_get(&j, 0, "info");
@@ -1544,8 +1570,13 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 			 &key_value) < 0)
 		fallback();
 	if (!key_value && !py_truthy(&j, akj_get(&j, data, "stored")) && !o->quiet) {
-		int missing = akj_get(&j, data, "missing");
-		say_value("warning: ", &j, missing);
+		/* printed once the daemon took the run (WrongDaemon: Python prints its own) */
+		g_deferred.max = 1u << 20;
+		puts_(&g_deferred, "agentkernel: warning: ");
+		py_str(&g_deferred, &j, akj_get(&j, data, "missing"));
+		puts_(&g_deferred, "\n");
+		if (g_bad)
+			fallback();
 	}
 
 	struct buf b = {.max = AK_MAX_LINE};

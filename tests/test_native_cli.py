@@ -155,6 +155,18 @@ def test_same_request_output_and_exit_code(native: Path, world: tuple[dict[str, 
     assert py.code == (2 if "fail-now" in args else 7)
 
 
+@pytest.mark.parametrize("code", [0, 1, 124, 125, 126, 127, 137, 143, 300, -1, 2.7, True, None])
+def test_exit_codes_as_python_leaves_with_them(native: Path, world: tuple[dict[str, str], Path],
+                                               scripted: ScriptedDaemon, code: Any) -> None:
+    env, proj = world
+    scripted.result = {"exit_code": code, "message": "" if code else "m", "signal": 15}
+    if code is None:
+        scripted.result = {"message": None}  # no exit code at all: 125
+    py, nat = both(native, ["run", "--", "x"], env, proj)
+    assert (nat.code, nat.out, nat.err) == (py.code, py.out, py.err)
+    assert py.code == (125 if code is None else int(code) & 0xFF)
+
+
 def test_stdin_is_forwarded_as_the_python_client_does(
         native: Path, world: tuple[dict[str, str], Path], scripted: ScriptedDaemon) -> None:
     env, proj = world
