@@ -4,7 +4,7 @@
  * It handles exactly the plain command lines the Python fast path (cli/fast.py) handles
  * through the daemon, sends the same request the Python client sends, prints the same
  * messages and exits with the same code. Whatever it is unsure of -- an option it does not
- * know, --json, --memory/--pids, a terminal for `run --agent` or `exec -t`, no daemon, a
+ * know, --json, --memory/--pids, `exec -t`, no daemon, a
  * value Python would reject -- it hands the unchanged argv and environment to the Python
  * CLI before it has sent any request that could run something, so a command never runs
  * twice or half. The Python CLI is `agentkernel-py` beside this binary, or
@@ -24,7 +24,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/ioctl.h>
 #include <sys/un.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include "json.h"
@@ -788,6 +790,68 @@ static int normpath(char *path, size_t cap)
 	return snprintf(path, cap, "%s", out) < (int)cap ? 0 : -1;
 }
 
+/* ------------------------------------------------------------ the terminal (run --agent) */
+
+static struct termios g_saved_tty;
+static volatile sig_atomic_t g_raw;
+
+/* Our terminal as it was (TCSADRAIN, as cli/run.py's undo); async-signal-safe. */
+static void tty_restore(void)
+{
+	if (g_raw) {
+		g_raw = 0;
+		tcsetattr(0, TCSADRAIN, &g_saved_tty);
+	}
+}
+
+/* tty.setraw(0), as this install's Python does it (the masks are observed at build time). */
+static int tty_raw(void)
+{
+#if AK_RAW_KNOWN
+	struct termios mode;
+	if (tcgetattr(0, &g_saved_tty) < 0)
+		return -1;
+	mode = g_saved_tty;
+	mode.c_iflag &= ~(tcflag_t)AK_RAW_IFLAG_CLEAR;
+	mode.c_oflag &= ~(tcflag_t)AK_RAW_OFLAG_CLEAR;
+	mode.c_cflag &= ~(tcflag_t)AK_RAW_CFLAG_CLEAR;
+	mode.c_cflag |= (tcflag_t)AK_RAW_CFLAG_SET;
+	mode.c_lflag &= ~(tcflag_t)AK_RAW_LFLAG_CLEAR;
+	mode.c_cc[VMIN] = AK_RAW_VMIN;
+	mode.c_cc[VTIME] = AK_RAW_VTIME;
+	g_raw = 1;
+	if (tcsetattr(0, TCSAFLUSH, &mode) < 0)
+		return -1;
+	return 0;
+#else
+	return -1;
+#endif
+}
+
+/* ipc/client.py terminal_size: (rows, cols) of stdin's terminal, else stdout's, else 24x80. */
+static void terminal_size(int *rows, int *cols)
+{
+	struct winsize ws;
+	if (ioctl(0, TIOCGWINSZ, &ws) == 0 || ioctl(1, TIOCGWINSZ, &ws) == 0) {
+		*rows = ws.ws_row, *cols = ws.ws_col;
+		return;
+	}
+	*rows = 24, *cols = 80;
+}
+
+/* Leave after a failure: the terminal restored first, then the message (as Python's
+ * finally runs before its error is printed). */
+static _Noreturn void die(const char *msg, int code)
+{
+	tty_restore();
+	if (msg) {
+		put_err("agentkernel: ");
+		put_err(msg);
+		put_err("\n");
+	}
+	_exit(code);
+}
+
 /* ------------------------------------------------------------ the daemon socket */
 
 struct conn {
@@ -827,6 +891,7 @@ static int dial(const char *path)
 /* Pending forwarded signals (a bit per AK_FORWARDED_SIGNALS entry) and the self-pipe that
  * wakes poll() for them. */
 static volatile sig_atomic_t g_pending;
+#define WINCH_BIT (1 << 30)
 static int g_wake[2] = {-1, -1};
 static int g_sock = -1;
 
@@ -837,6 +902,14 @@ static void flush_signals(void)
 	while (g_pending) {
 		int pending = g_pending;
 		g_pending = 0;
+		if (pending & WINCH_BIT) { /* ipc/client.py winch: our terminal's size now */
+			int rows, cols;
+			char line[96];
+			terminal_size(&rows, &cols);
+			int n = snprintf(line, sizeof(line), "{\"op\":\"resize\",\"rows\":%d,"
+					 "\"cols\":%d}\n", rows, cols);
+			(void)send_all(g_sock, line, (size_t)n);
+		}
 		for (size_t i = 0; i < sizeof(AK_FORWARDED_SIGNALS) / sizeof(int); i++) {
 			if (!(pending & (1 << i)))
 				continue;
@@ -939,16 +1012,12 @@ static int recv_obj(struct conn *c, struct akj *j)
 		char *line = take_line(c, &n, &over);
 		if (line) {
 			int got = parse_line(j, line, n);
-			if (got < 0) {
-				say("the daemon sent a line that is not JSON");
-				_exit(125);
-			}
+			if (got < 0)
+				die("the daemon sent a line that is not JSON", 125);
 			return got;
 		}
-		if (over || c->len == c->cap) {
-			say("the daemon sent a line over the line length cap");
-			_exit(125);
-		}
+		if (over || c->len == c->cap)
+			die("the daemon sent a line over the line length cap", 125);
 		ssize_t r = fill(c);
 		if (r <= 0)
 			return 1;
@@ -983,6 +1052,7 @@ static int exit_code_of(const struct akj *j, int t, int dflt)
 /* The daemon's error reply: print it as the Python CLI does and leave with its code. */
 static _Noreturn void daemon_error(const struct akj *j, int reply)
 {
+	tty_restore();
 	int err = akj_get(j, reply, "error");
 	int msg = akj_get(j, err, "message");
 	int exit_code = exit_code_of(j, akj_get(j, err, "exit_code"), 125);
@@ -1003,12 +1073,15 @@ static int str_is(const struct akj *j, int t, const char *s)
 static void on_int_early(int sig)
 {
 	(void)sig;
-	_exit(130); /* KeyboardInterrupt before the command started: fast_main's 130 */
+	tty_restore();
+	_exit(130); /* KeyboardInterrupt (Python's default handler): fast_main's 130 */
 }
 
 static void on_forward(int sig)
 {
 	int saved = errno;
+	if (sig == SIGWINCH)
+		g_pending |= WINCH_BIT;
 	for (size_t i = 0; i < sizeof(AK_FORWARDED_SIGNALS) / sizeof(int); i++)
 		if (AK_FORWARDED_SIGNALS[i] == sig)
 			g_pending |= 1 << i;
@@ -1024,6 +1097,7 @@ enum kind { K_RUN, K_AGENT, K_EXEC };
 struct started_ctx {
 	enum kind kind;
 	const struct opts *o;
+	int tty; /* run --agent on our terminal: raw, resizes forwarded, no signals */
 };
 
 static void on_started(const struct started_ctx *ctx, const struct akj *j, int info)
@@ -1124,6 +1198,7 @@ static void on_started(const struct started_ctx *ctx, const struct akj *j, int i
  * sandboxes.interactive), then its exit code. */
 static _Noreturn void finish(const struct started_ctx *ctx, const struct akj *j, int result)
 {
+	tty_restore();
 	const struct opts *o = ctx->o;
 	if (result >= 0 && j->toks[result].type != AKJ_OBJ)
 		result = -1;
@@ -1172,18 +1247,21 @@ static _Noreturn void stream(struct conn *c, const struct buf *req, int stdin_op
 	struct akj j;
 	if (g_old_int.sa_handler == SIG_DFL) /* (Python installs KeyboardInterrupt only then) */
 		signal(SIGINT, on_int_early);
+	if (ctx->tty)
+		flush_deferred(); /* printed before the request, on the terminal as it is */
 	send_request(c, &j, req);
+	if (ctx->tty && tty_raw() < 0) /* after the request, as agent_via_daemon */
+		die("cannot make the terminal raw", 125);
 	int answer = recv_obj(c, &j);
 	if (answer == 0 && ctx->kind != K_EXEC && is_false(&j, akj_get(&j, 0, "ok")) &&
 	    str_is(&j, akj_get(&j, akj_get(&j, 0, "error"), "type"), "WrongDaemon")) {
 		conn_close(c); /* a daemon of another data dir: Python runs it in-process */
+		tty_restore();
 		fallback();
 	}
 	flush_deferred();
-	if (answer != 0) {
-		say("the daemon closed the connection");
-		_exit(125);
-	}
+	if (answer != 0)
+		die("the daemon closed the connection", 125);
 	if (is_false(&j, akj_get(&j, 0, "ok")))
 		daemon_error(&j, 0);
 	if (str_is(&j, akj_get(&j, 0, "ev"), "exit"))
@@ -1191,24 +1269,25 @@ static _Noreturn void stream(struct conn *c, const struct buf *req, int stdin_op
 	int info = akj_get(&j, 0, "info");
 	on_started(ctx, &j, info >= 0 && j.toks[info].type == AKJ_OBJ ? info : -1);
 
-	/* Forward signals from now on, as the Python client installs its handlers here. */
-	if (pipe2(g_wake, O_CLOEXEC | O_NONBLOCK) < 0) {
-		say("no pipe for signal forwarding");
-		_exit(125);
-	}
+	/* Forward signals from now on (on a terminal: its size changes), as the Python client
+	 * installs its handlers here. */
+	if (pipe2(g_wake, O_CLOEXEC | O_NONBLOCK) < 0)
+		die("no pipe for signal forwarding", 125);
 	g_sock = c->fd;
 	struct sigaction sa = {.sa_handler = on_forward};
 	sigemptyset(&sa.sa_mask);
-	for (size_t i = 0; i < sizeof(AK_FORWARDED_SIGNALS) / sizeof(int); i++)
-		sigaction(AK_FORWARDED_SIGNALS[i], &sa, NULL);
+	if (ctx->tty) {
+		sigaction(SIGWINCH, &sa, NULL);
+	} else {
+		for (size_t i = 0; i < sizeof(AK_FORWARDED_SIGNALS) / sizeof(int); i++)
+			sigaction(AK_FORWARDED_SIGNALS[i], &sa, NULL);
+	}
 
 	static char inbuf[READ_CHUNK];
 	char *out = malloc(AK_MAX_LINE + 1);
 	struct buf line = {.max = 6 * READ_CHUNK + 64};
-	if (!out) {
-		say("out of memory");
-		_exit(125);
-	}
+	if (!out)
+		die("out of memory", 125);
 	int watch_stdin = stdin_open;
 	for (;;) {
 		flush_signals();
@@ -1217,34 +1296,25 @@ static _Noreturn void stream(struct conn *c, const struct buf *req, int stdin_op
 		char *text = take_line(c, &n, &over);
 		if (text) {
 			int got = parse_line(&j, text, n);
-			if (got < 0) {
-				say("the daemon sent a line that is not JSON");
-				_exit(125);
-			}
-			if (got > 0) {
-				say("the daemon closed the connection mid-command");
-				_exit(125);
-			}
+			if (got < 0)
+				die("the daemon sent a line that is not JSON", 125);
+			if (got > 0)
+				die("the daemon closed the connection mid-command", 125);
 			int ev = akj_get(&j, 0, "ev");
 			if (str_is(&j, ev, "out")) {
 				int d = akj_get(&j, 0, "d"), s = akj_get(&j, 0, "s");
 				long len = 0;
 				if (d >= 0 && j.toks[d].type == AKJ_STR)
 					len = akj_decode(&j, d, out, AK_MAX_LINE, 1);
-				if (len < 0) {
-					say("the daemon sent output that is not latin-1 text");
-					_exit(125);
-				}
+				if (len < 0)
+					die("the daemon sent output that is not latin-1 text", 125);
 				int fd = 2;
 				if (s >= 0 && (j.toks[s].type == AKJ_TRUE ||
 					       (j.toks[s].type == AKJ_NUM &&
 						strtod(j.s + j.toks[s].start, NULL) == 1.0)))
 					fd = 1;
-				if (write_out(fd, out, (size_t)len) < 0) {
-					fprintf(stderr, "agentkernel: writing the command's output: %s\n",
-						strerror(errno));
-					_exit(1);
-				}
+				if (write_out(fd, out, (size_t)len) < 0)
+					die("writing the command's output failed", 1);
 			} else if (str_is(&j, ev, "exit")) {
 				finish(ctx, &j, akj_get(&j, 0, "result"));
 			} else if (is_false(&j, akj_get(&j, 0, "ok"))) {
@@ -1252,18 +1322,15 @@ static _Noreturn void stream(struct conn *c, const struct buf *req, int stdin_op
 			}
 			continue;
 		}
-		if (over || c->len == c->cap) {
-			say("the daemon sent a line over the line length cap");
-			_exit(125);
-		}
+		if (over || c->len == c->cap)
+			die("the daemon sent a line over the line length cap", 125);
 		struct pollfd pf[3] = {{.fd = c->fd, .events = POLLIN},
 				       {.fd = g_wake[0], .events = POLLIN},
 				       {.fd = watch_stdin ? 0 : -1, .events = POLLIN}};
 		if (poll(pf, 3, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			say("poll failed");
-			_exit(125);
+			die("poll failed", 125);
 		}
 		if (pf[1].revents) {
 			char drain[64];
@@ -1290,13 +1357,8 @@ static _Noreturn void stream(struct conn *c, const struct buf *req, int stdin_op
 			if (r <= 0)
 				watch_stdin = 0;
 		}
-		if (pf[0].revents) {
-			ssize_t r = fill(c);
-			if (r <= 0) {
-				say("the daemon closed the connection mid-command");
-				_exit(125);
-			}
-		}
+		if (pf[0].revents && fill(c) <= 0)
+			die("the daemon closed the connection mid-command", 125);
 	}
 }
 
@@ -1475,7 +1537,7 @@ static _Noreturn void do_run(const struct opts *o, char **cmd, int ncmd)
 		fallback();
 	struct conn c;
 	new_conn(&c, fd);
-	struct started_ctx ctx = {K_RUN, o};
+	struct started_ctx ctx = {K_RUN, o, 0};
 	stream(&c, &b, stdin_open, &ctx);
 }
 
@@ -1528,7 +1590,10 @@ static int agent_key_of(const struct akj *j, int keys, char *name, size_t ncap,
 static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 {
 	struct common cm;
-	if (fcntl(0, F_GETFD) < 0 || fcntl(1, F_GETFD) < 0 || (isatty(0) && isatty(1)))
+	if (fcntl(0, F_GETFD) < 0 || fcntl(1, F_GETFD) < 0)
+		fallback();
+	int tty = isatty(0) && isatty(1); /* agents.interactive(): the agent gets a PTY */
+	if (tty && !AK_RAW_KNOWN)
 		fallback();
 	if (prepare(o, &cm, 1) < 0 || !args_utf8(cmd, ncmd) || !utf8_ok(o->agent))
 		fallback();
@@ -1623,10 +1688,17 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 	put_caller(&b, &first, &cm);
 	put_key(&b, &first, "data_dir");
 	put_str(&b, cm.data_dir);
+	int stdin_open = tty || !isatty(0);
 	put_key(&b, &first, "stdin_open");
-	puts_(&b, isatty(0) ? "false" : "true");
+	puts_(&b, stdin_open ? "true" : "false");
 	put_key(&b, &first, "tty");
-	puts_(&b, "null");
+	if (tty) {
+		int rows, cols;
+		terminal_size(&rows, &cols);
+		putf(&b, "[%d,%d]", rows, cols);
+	} else {
+		puts_(&b, "null");
+	}
 	puts_(&b, "}}\n");
 	if (g_bad)
 		fallback();
@@ -1634,8 +1706,8 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 	if (fd < 0)
 		fallback();
 	new_conn(&c, fd);
-	struct started_ctx ctx = {K_AGENT, o};
-	stream(&c, &b, !isatty(0), &ctx);
+	struct started_ctx ctx = {K_AGENT, o, tty};
+	stream(&c, &b, stdin_open, &ctx);
 }
 
 /* names.py _is_name: alphanumeric runs joined by single '-' or '_'. */
@@ -1703,7 +1775,7 @@ static _Noreturn void do_exec(const struct opts *o, const char *name, char **cmd
 		fallback(); /* Python starts a daemon for `exec` */
 	struct conn c;
 	new_conn(&c, fd);
-	struct started_ctx ctx = {K_EXEC, o};
+	struct started_ctx ctx = {K_EXEC, o, 0};
 	stream(&c, &b, o->interactive, &ctx);
 }
 

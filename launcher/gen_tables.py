@@ -9,6 +9,7 @@ can never disagree with them. Usage: PYTHONPATH=src python launcher/gen_tables.p
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 
@@ -28,6 +29,44 @@ def _options(name: str, values: dict[str, str], flags: dict[str, str]) -> list[s
 def _strings(name: str, items: tuple[str, ...] | list[str]) -> list[str]:
     return [f"static const char *const {name}[] = {{", *(f"\t{_c(s)}," for s in items),
             "\tNULL,", "};"]
+
+
+def _raw_mode() -> list[str]:
+    """What this Python's `tty.setraw` (cli/run.py _raw_terminal) does to a terminal's modes,
+    observed on a pty: the C client makes the same terminal raw for `run --agent`. Without a
+    pty here, AK_RAW_KNOWN is 0 and the C client leaves terminals to Python."""
+    import pty
+    import termios
+    import tty
+
+    try:
+        master, slave = pty.openpty()
+    except OSError:
+        return ["#define AK_RAW_KNOWN 0"]
+    try:
+        mode = termios.tcgetattr(slave)
+        ones = list(mode)
+        ones[0] = ones[1] = ones[3] = 0xFFFFFFFF
+        termios.tcsetattr(slave, termios.TCSANOW, ones)
+        before = termios.tcgetattr(slave)
+        tty.setraw(slave)
+        after = termios.tcgetattr(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+    cleared = [b & ~a for b, a in zip(before[:4], after[:4], strict=True)]
+    if any(a & ~b for b, a in zip(before[:4], after[:4], strict=True)):
+        return ["#define AK_RAW_KNOWN 0"]  # it set a mode bit: not what we mirror
+    cc = after[6]
+    return ["#define AK_RAW_KNOWN 1",
+            f"#define AK_RAW_IFLAG_CLEAR {cleared[0]:#x}u",
+            f"#define AK_RAW_OFLAG_CLEAR {cleared[1]:#x}u",
+            f"#define AK_RAW_LFLAG_CLEAR {cleared[3]:#x}u",
+            # a pty's cflag is fixed (CS8): setraw's CSIZE/PARENB clear and CS8 are constants
+            f"#define AK_RAW_CFLAG_CLEAR {termios.CSIZE | termios.PARENB:#x}u",
+            f"#define AK_RAW_CFLAG_SET {termios.CS8:#x}u",
+            f"#define AK_RAW_VMIN {cc[termios.VMIN]}",
+            f"#define AK_RAW_VTIME {cc[termios.VTIME]}"]
 
 
 def render() -> str:
@@ -52,6 +91,7 @@ def render() -> str:
         *_strings("AK_CONTEXT_ENV_KEYS", CONTEXT_ENV_KEYS),
         *_strings("AK_TERMINAL_ENV", TERMINAL_ENV),
         *_strings("AK_YES", run._YES),
+        *_raw_mode(),
         "#endif", "",
     ]
     return "\n".join(lines)
@@ -62,8 +102,6 @@ def main() -> int:
     out = sys.argv[1]
     with open(out + ".tmp", "w") as f:
         f.write(text)
-    import os
-
     os.replace(out + ".tmp", out)
     return 0
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
+import select
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import termios
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +73,35 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AGENTKERNEL_") and k != "PYTHONDONTWRITEBYTECODE"}
     return {**env, **extra}
+
+
+def on_a_terminal(argv: list[str], env: dict[str, str],
+                  cwd: Path) -> tuple[int, bytes, list[Any]]:
+    """argv with stdin, stdout and stderr on a new pty (40x100, then 50x120 and SIGWINCH
+    once its output is there): its exit code, what the terminal showed, and the terminal's
+    modes before and after."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=slave, stdout=slave, stderr=slave)
+    seen = b""
+    resized = False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                seen += os.read(master, 65536)
+            except OSError:
+                break
+        if not resized and b"more\n" in seen:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
+            proc.send_signal(signal.SIGWINCH)
+            resized = True
+        if proc.poll() is not None and not ready:
+            break
+    code = proc.wait(timeout=10)
+    after = termios.tcgetattr(slave)
+    os.close(master)
+    os.close(slave)
+    return code, seen, [before, after]

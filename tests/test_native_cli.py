@@ -19,7 +19,16 @@ from typing import Any
 
 import pytest
 
-from native_cli_helpers import NO_PYTHON, ROOT, both, clean_env, native_binary, run_cli
+from native_cli_helpers import (
+    NO_PYTHON,
+    PY_CLI,
+    ROOT,
+    both,
+    clean_env,
+    native_binary,
+    on_a_terminal,
+    run_cli,
+)
 
 # What the scripted daemon says in its `started` event: every kind of value the CLI prints.
 INFO = {"sandbox": "pool-0123456789", "pooled": True, "backend": "namespaces",
@@ -78,7 +87,13 @@ class ScriptedDaemon:
             for stream, text in OUTPUT:
                 self._send(f, {"ev": "out", "s": stream, "d": text})
             got = b""
-            if args.get("stdin_open"):
+            if args.get("tty"):  # a terminal: wait for its resize, then end
+                while True:
+                    msg = json.loads(f.readline())
+                    self.controls.append(msg)
+                    if msg["op"] == "resize":
+                        break
+            elif args.get("stdin_open"):
                 while True:
                     msg = json.loads(f.readline())
                     self.controls.append(msg)
@@ -180,6 +195,23 @@ def test_stdin_is_forwarded_as_the_python_client_does(
         assert py.out.endswith(data)
         requests = [r for r in scripted.requests if r["op"] != "agent_keys"]
         assert requests[0] == requests[1] and requests[0]["args"]["stdin_open"] is True
+
+
+def test_agent_on_a_terminal_as_the_python_client(
+        native: Path, world: tuple[dict[str, str], Path], scripted: ScriptedDaemon) -> None:
+    """`run --agent` on a terminal: raw as Python makes it (and restored after), its size
+    in the request, a resize forwarded, the same bytes on the terminal."""
+    env, proj = world
+    args = ["run", "-v", "--agent", "claude", "--", "--version"]
+    py = on_a_terminal([*PY_CLI, *args], env, proj)
+    nat = on_a_terminal([str(native), *args], {**env, "AGENTKERNEL_PYTHON": NO_PYTHON}, proj)
+    assert nat == py, (nat, py)
+    assert py[0] == 7 and py[2][0] == py[2][1]  # the terminal as it was
+    runs = [r for r in scripted.requests if r["op"] == "run"]
+    assert len(runs) == 2 and runs[0] == runs[1] and runs[0]["args"]["tty"] == [40, 100]
+    assert runs[0]["args"]["stdin_open"] is True
+    resizes = [c for c in scripted.controls if c["op"] == "resize"]
+    assert resizes == [{"op": "resize", "rows": 50, "cols": 120}] * 2
 
 
 def test_bad_lines_from_the_daemon_never_crash_it(native: Path,

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from conftest import Daemon
-from native_cli_helpers import NO_PYTHON, PY_CLI, ROOT, both, native_binary, normalized
+from native_cli_helpers import (
+    NO_PYTHON,
+    PY_CLI,
+    ROOT,
+    both,
+    native_binary,
+    normalized,
+    on_a_terminal,
+)
 from sandbox_helpers import SYSTEM_PYTHON, nobody_home, public_pythonpath
 
 HOST = ["-i", "host", "-B", "namespaces"]
@@ -128,6 +136,12 @@ def test_agent_version_matches_the_python_cli(native: Path, daemon: Daemon,
                              tmp_path)
         assert code == 0 and out.strip(), out
         _same(native, daemon, ["run", "-v", "--agent", "claude", "--", "--version"], tmp_path)
+        env = {**os.environ, **daemon.env}
+        args = ["run", "--agent", "claude", "--", "--version"]  # on a terminal: a PTY
+        py = on_a_terminal([*PY_CLI, *args], env, tmp_path)
+        nat = on_a_terminal([str(native), *args], {**env, "AGENTKERNEL_PYTHON": NO_PYTHON},
+                            tmp_path)
+        assert nat == py and py[0] == 0 and py[2][0] == py[2][1], (nat, py)
     finally:
         agents.unlink()
 
