@@ -4,7 +4,7 @@
  * It handles exactly the plain command lines the Python fast path (cli/fast.py) handles
  * through the daemon, sends the same request the Python client sends, prints the same
  * messages and exits with the same code. Whatever it is unsure of -- an option it does not
- * know, --json, --memory/--pids, `exec -t`, no daemon, a
+ * know, --json, --memory/--pids, no daemon, a
  * value Python would reject -- it hands the unchanged argv and environment to the Python
  * CLI before it has sent any request that could run something, so a command never runs
  * twice or half. The Python CLI is `agentkernel-py` beside this binary, or
@@ -1097,7 +1097,8 @@ enum kind { K_RUN, K_AGENT, K_EXEC };
 struct started_ctx {
 	enum kind kind;
 	const struct opts *o;
-	int tty; /* run --agent on our terminal: raw, resizes forwarded, no signals */
+	int tty; /* a terminal's run: resizes forwarded, signals not (they are keystrokes) */
+	int raw; /* and our terminal made raw meanwhile */
 };
 
 static void on_started(const struct started_ctx *ctx, const struct akj *j, int info)
@@ -1250,7 +1251,7 @@ static _Noreturn void stream(struct conn *c, const struct buf *req, int stdin_op
 	if (ctx->tty)
 		flush_deferred(); /* printed before the request, on the terminal as it is */
 	send_request(c, &j, req);
-	if (ctx->tty && tty_raw() < 0) /* after the request, as agent_via_daemon */
+	if (ctx->raw && tty_raw() < 0) /* after the request, as the Python client */
 		die("cannot make the terminal raw", 125);
 	int answer = recv_obj(c, &j);
 	if (answer == 0 && ctx->kind != K_EXEC && is_false(&j, akj_get(&j, 0, "ok")) &&
@@ -1401,6 +1402,16 @@ static int put_env_pairs(struct buf *b, int *first, const struct opts *o)
 	return 0;
 }
 
+/* Whether one of the `-e` pairs sets `key`. */
+static int env_has(const struct opts *o, const char *key)
+{
+	size_t n = strlen(key);
+	for (int i = 0; i < o->nenv; i++)
+		if (strncmp(o->env[i], key, n) == 0 && (o->env[i][n] == '=' || !o->env[i][n]))
+			return 1;
+	return 0;
+}
+
 static void put_caller(struct buf *b, int *first, const struct common *cm)
 {
 	put_key(b, first, "caller_env");
@@ -1537,7 +1548,7 @@ static _Noreturn void do_run(const struct opts *o, char **cmd, int ncmd)
 		fallback();
 	struct conn c;
 	new_conn(&c, fd);
-	struct started_ctx ctx = {K_RUN, o, 0};
+	struct started_ctx ctx = {K_RUN, o, 0, 0};
 	stream(&c, &b, stdin_open, &ctx);
 }
 
@@ -1706,7 +1717,7 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 	if (fd < 0)
 		fallback();
 	new_conn(&c, fd);
-	struct started_ctx ctx = {K_AGENT, o, tty};
+	struct started_ctx ctx = {K_AGENT, o, tty, tty};
 	stream(&c, &b, stdin_open, &ctx);
 }
 
@@ -1732,7 +1743,7 @@ static int is_name(const char *s)
 /* cli/sandboxes.py cmd_exec (no terminal: -t goes to Python). */
 static _Noreturn void do_exec(const struct opts *o, const char *name, char **cmd, int ncmd)
 {
-	if (!is_name(name) || o->tty)
+	if (!is_name(name) || (o->tty && !AK_RAW_KNOWN))
 		fallback();
 	if (ncmd && strcmp(cmd[0], "--") == 0) {
 		cmd++, ncmd--;
@@ -1758,6 +1769,13 @@ static _Noreturn void do_exec(const struct opts *o, const char *name, char **cmd
 	int f = 1;
 	if (put_env_pairs(&b, &f, o) < 0)
 		fallback();
+	const char *term = getenv("TERM");
+	if (o->tty && term && !env_has(o, "TERM")) { /* env.setdefault("TERM", $TERM) */
+		if (!utf8_ok(term))
+			fallback();
+		put_key(&b, &f, "TERM");
+		put_str(&b, term);
+	}
 	puts_(&b, "}");
 	put_key(&b, &first, "workdir");
 	put_opt_str(&b, o->workdir);
@@ -1766,7 +1784,13 @@ static _Noreturn void do_exec(const struct opts *o, const char *name, char **cmd
 	put_key(&b, &first, "stdin_open");
 	puts_(&b, o->interactive ? "true" : "false");
 	put_key(&b, &first, "tty");
-	puts_(&b, "null");
+	if (o->tty) {
+		int rows, cols;
+		terminal_size(&rows, &cols);
+		putf(&b, "[%d,%d]", rows, cols);
+	} else {
+		puts_(&b, "null");
+	}
 	puts_(&b, "}}\n");
 	if (g_bad)
 		fallback();
@@ -1775,7 +1799,7 @@ static _Noreturn void do_exec(const struct opts *o, const char *name, char **cmd
 		fallback(); /* Python starts a daemon for `exec` */
 	struct conn c;
 	new_conn(&c, fd);
-	struct started_ctx ctx = {K_EXEC, o, 0};
+	struct started_ctx ctx = {K_EXEC, o, o->tty, o->tty && isatty(0)};
 	stream(&c, &b, o->interactive, &ctx);
 }
 
@@ -1800,6 +1824,9 @@ int main(int argc, char **argv)
 	g_argc = argc, g_argv = argv;
 	if (argc < 2 || is_yes(getenv("AGENTKERNEL_NO_DAEMON")))
 		fallback();
+	for (int i = 1; i < argc; i++) /* Python's surrogates could not be sent: its own error */
+		if (!utf8_ok(argv[i]))
+			fallback();
 	int is_run = strcmp(argv[1], "run") == 0;
 	if (!is_run && strcmp(argv[1], "exec") != 0)
 		fallback();

@@ -197,19 +197,25 @@ def test_stdin_is_forwarded_as_the_python_client_does(
         assert requests[0] == requests[1] and requests[0]["args"]["stdin_open"] is True
 
 
-def test_agent_on_a_terminal_as_the_python_client(
-        native: Path, world: tuple[dict[str, str], Path], scripted: ScriptedDaemon) -> None:
-    """`run --agent` on a terminal: raw as Python makes it (and restored after), its size
-    in the request, a resize forwarded, the same bytes on the terminal."""
+TERMINAL_RUNS = [["run", "-v", "--agent", "claude", "--", "--version"],
+                 ["exec", "-t", "-i", "box-1", "--", "sh"], ["exec", "-t", "box-1", "top"],
+                 ["exec", "-t", "-e", "TERM=dumb", "box-1", "top"]]
+
+
+@pytest.mark.parametrize("args", TERMINAL_RUNS, ids=[" ".join(a) for a in TERMINAL_RUNS])
+def test_terminal_runs_as_the_python_client(
+        native: Path, world: tuple[dict[str, str], Path], scripted: ScriptedDaemon,
+        args: list[str]) -> None:
+    """`run --agent` and `exec -t` on a terminal: raw as Python makes it (and restored
+    after), its size in the request, a resize forwarded, the same bytes on the terminal."""
     env, proj = world
-    args = ["run", "-v", "--agent", "claude", "--", "--version"]
     py = on_a_terminal([*PY_CLI, *args], env, proj)
     nat = on_a_terminal([str(native), *args], {**env, "AGENTKERNEL_PYTHON": NO_PYTHON}, proj)
     assert nat == py, (nat, py)
     assert py[0] == 7 and py[2][0] == py[2][1]  # the terminal as it was
-    runs = [r for r in scripted.requests if r["op"] == "run"]
+    runs = [r for r in scripted.requests if r["op"] != "agent_keys"]
     assert len(runs) == 2 and runs[0] == runs[1] and runs[0]["args"]["tty"] == [40, 100]
-    assert runs[0]["args"]["stdin_open"] is True
+    assert runs[0]["args"]["stdin_open"] is ("-t" not in args or "-i" in args)
     resizes = [c for c in scripted.controls if c["op"] == "resize"]
     assert resizes == [{"op": "resize", "rows": 50, "cols": 120}] * 2
 

@@ -94,6 +94,12 @@ def test_exec_in_a_kept_sandbox(native: Path, daemon: Daemon, tmp_path: Path) ->
                             (["exec", "-i", "box-native", "--", "cat"], b"in\x00put\n"),
                             (["exec", "no-such-box", "--", "true"], None)):
             _same(native, daemon, args, tmp_path, stdin=stdin)
+        env = {**os.environ, **daemon.env}
+        args = ["exec", "-t", "box-native", "--", "sh", "-c", "stty size; exit 3"]
+        py = on_a_terminal([*PY_CLI, *args], env, tmp_path)
+        nat = on_a_terminal([str(native), *args], {**env, "AGENTKERNEL_PYTHON": NO_PYTHON},
+                            tmp_path)
+        assert nat == py and py[0] == 3 and b"40 100" in py[1], (nat, py)
     finally:
         daemon.ak("remove", "box-native")
 
