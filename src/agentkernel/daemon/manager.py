@@ -30,7 +30,7 @@ from .recovery import RecoveryMixin
 from .runs import RunsMixin
 from .sandboxes import SandboxesMixin
 from .snapshots import SnapshotsMixin
-from .state import StateDB, loads
+from .state import StateDB
 from .store import Store
 
 if TYPE_CHECKING:
@@ -354,7 +354,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
 
         stopped = []
         for row in self.store.sandboxes("running"):
-            limit = loads(row["spec"], {}).get("disk_mb")
+            limit = row["spec"].get("disk_mb")
             state = Path(row["state_dir"])
             if not limit or quota.image_path(state).exists() or \
                     quota.usage(state) <= limit * quota.MIB:
