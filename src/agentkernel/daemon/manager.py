@@ -60,6 +60,15 @@ class _Resolved:
     cwd: str
 
 
+def _fresh_host(value: Any) -> tuple[HostRootfs, ImageConfig | None, str, str | None]:
+    """A cached resolve, with the host's userland described anew (its always-masked paths
+    are looked up per plan: rootfs.host_rootfs) when that is what it resolved to."""
+    from ..rootfs import host_rootfs
+
+    rootfs, *rest = value
+    return (host_rootfs(), *rest) if rootfs.name == "host" else value
+
+
 class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, DetachedMixin,
                      FilesMixin, SnapshotsMixin):
     """Implements `SandboxService` (daemon/api.py). Thread-safe."""
@@ -179,7 +188,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         with self._lock:
             hit = self._rootfs_cache.get(ck)
         if hit is not None and time.monotonic() - hit[0] < ROOTFS_CACHE_SECONDS:
-            return hit[1]  # type: ignore[no-any-return]
+            return _fresh_host(hit[1])
         value = resolve_rootfs(image, config, registry, True)
         with self._lock:
             self._rootfs_cache[ck] = (time.monotonic(), value)

@@ -267,6 +267,10 @@ class WarmPool:
         with self._cond:
             now = time.monotonic()
             st = self._state(key, backend, rootfs)
+            if st.rootfs != rootfs:  # e.g. a credential path appeared: new masks
+                st.rootfs = rootfs
+                dead.extend(st.warm)  # made without them: never served
+                st.warm.clear()
             st.in_use += 1
             st.note_take(now)
             self._active_at = now
