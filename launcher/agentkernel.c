@@ -900,8 +900,7 @@ static int send_all(int fd, const char *p, size_t n);
 static void flush_signals(void)
 {
 	while (g_pending) {
-		int pending = g_pending;
-		g_pending = 0;
+		int pending = __atomic_exchange_n(&g_pending, 0, __ATOMIC_SEQ_CST);
 		if (pending & WINCH_BIT) { /* ipc/client.py winch: our terminal's size now */
 			int rows, cols;
 			char line[96];
@@ -1081,10 +1080,10 @@ static void on_forward(int sig)
 {
 	int saved = errno;
 	if (sig == SIGWINCH)
-		g_pending |= WINCH_BIT;
+		__atomic_fetch_or(&g_pending, WINCH_BIT, __ATOMIC_SEQ_CST);
 	for (size_t i = 0; i < sizeof(AK_FORWARDED_SIGNALS) / sizeof(int); i++)
 		if (AK_FORWARDED_SIGNALS[i] == sig)
-			g_pending |= 1 << i;
+			__atomic_fetch_or(&g_pending, 1 << i, __ATOMIC_SEQ_CST);
 	if (g_wake[1] >= 0)
 		(void)!write(g_wake[1], "x", 1);
 	errno = saved;
