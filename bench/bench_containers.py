@@ -6,9 +6,9 @@ shared machine weighs on all alike):
 - `agentkernel run --backend ENGINE -- true` cold (no daemon), of this tree and, with
   `--baseline-tree DIR`, of another checkout (its own .venv), with the CLI's CPU time
   (user+sys of its process and children; not the engine's);
-- warm, through a private daemon's pool: the CLI (`agentkernel run`, paced) and the daemon
-  socket from a client process that stays up (what the daemon side costs, without a CLI
-  process: the figure a native client adds its own start to).
+- warm, through each tree's private daemon's pool: the CLI (`agentkernel run`, paced) and
+  the daemon socket from a client process that stays up (what the daemon side costs,
+  without a CLI process: the figure a native client adds its own start to).
 Goals (issue 13): cold <= 1.1x the engine's own, warm <= 0.10x it. Prints p50/p95/min and
 writes bench/results/containers-<time>.json, stamped with the commit and the machine.
 Usage: .venv/bin/python bench/bench_containers.py [-n 15] --image IMAGE
@@ -132,26 +132,34 @@ def engine_cases(engine: str, args: argparse.Namespace, trees: list[Tree], proj:
             case["wall"].append(wall)
             case["cpu"].append(cpu)
             time.sleep(0.2)
-    mine = trees[-1]  # warm: this tree's daemon
-    subprocess.run([mine.ak, "daemon", "start"], env=mine.env, check=True, capture_output=True)
+    # Warm: each tree's own daemon, asked in turns (a CLI run, then a socket run, each
+    # after PACE: its pool has refilled).
     req = {"argv": ["true"], "cwd": str(proj), "image": args.image, "backend": engine,
            "profile": "restrictive", "workdir": "/tmp"}
-    client = SocketClient(mine, req, proj)
+    clients: list[SocketClient] = []
     try:
-        cli = cases.setdefault(f"{mine.tag} warm, CLI", {"wall": []})
-        sock = cases.setdefault(f"{mine.tag} warm, daemon socket", {"wall": []})
-        for _ in range(3):  # each key's first runs; then their pools fill
-            run_timed([mine.ak, *ours], cwd=proj, env=mine.env)
-            client.samples(1, PACE)
+        for tree in trees:
+            subprocess.run([tree.ak, "daemon", "start"], env=tree.env, check=True,
+                           capture_output=True)
+            clients.append(SocketClient(tree, req, proj))
+        for tree, client in zip(trees, clients, strict=True):
+            for _ in range(3):  # each key's first runs; then their pools fill
+                run_timed([tree.ak, *ours], cwd=proj, env=tree.env)
+                client.samples(1, PACE)
         time.sleep(1.0)
-        for _ in range(args.n):  # in turns: a CLI run, a socket run, each after PACE
-            time.sleep(PACE)
-            cli["wall"].append(run_timed([mine.ak, *ours], cwd=proj, env=mine.env)[0])
-            sock["wall"] += client.samples(1, PACE)
+        for _ in range(args.n):
+            for tree, client in zip(trees, clients, strict=True):
+                time.sleep(PACE)
+                cases.setdefault(f"{tree.tag} warm, CLI", {"wall": []})["wall"].append(
+                    run_timed([tree.ak, *ours], cwd=proj, env=tree.env)[0])
+                cases.setdefault(f"{tree.tag} warm, daemon socket", {"wall": []})["wall"] += \
+                    client.samples(1, PACE)
     finally:
-        client.close()
-        subprocess.run([mine.ak, "daemon", "stop"], env=mine.env, check=False,
-                       capture_output=True)
+        for client in clients:
+            client.close()
+        for tree in trees:
+            subprocess.run([tree.ak, "daemon", "stop"], env=tree.env, check=False,
+                           capture_output=True)
     return cases
 
 
