@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,7 @@ def main() -> None:
     finally:
         for tree in trees:
             tree.stop_services()
+        shutil.rmtree(tmp, ignore_errors=True)
     out = ROOT / "bench" / "results" / f"containers-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     st["load after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
