@@ -180,12 +180,29 @@ class ContainerProcess(subprocess.Popen[bytes]):
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
+        if self.poll() is None:
+            self._await_exit(timeout)
+        while self.poll() is None:  # (without a pidfd: a look every 2 ms)
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
             time.sleep(0.002)
         assert self.returncode is not None
         return self.returncode
+
+    def _await_exit(self, timeout: float | None) -> None:
+        """Block until the init exits (its pidfd turns readable then), at most `timeout` s:
+        a CLI's run ends as soon as its container's init has, not at the next look."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except OSError:  # (gone already, or not ours to open)
+            return
+        try:
+            if self.poll() is None:  # still the init it names: the pid was not reused
+                import select
+
+                select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
 
     def send_signal(self, sig: int) -> None:
         self.killed = True
