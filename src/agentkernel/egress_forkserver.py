@@ -237,8 +237,22 @@ def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
 
 def activating() -> bool:
     """Are gates started on demand (`register`) rather than one per sandbox for its
-    whole life? With the fork server, unless AGENTKERNEL_GATE_IDLE_SECONDS is 0."""
-    return _wanted() and idle_seconds() > 0
+    whole life, started with it? With the fork server, unless
+    AGENTKERNEL_GATE_IDLE_SECONDS is 0; in a process without one (a one-shot run), unless
+    AGENTKERNEL_GATE_FORKSERVER is 0: its sandbox's gate is then started at the sandbox's
+    first use of the network, as a fresh interpreter (`_start_here`)."""
+    return (_wanted() and idle_seconds() > 0) or _here()
+
+
+def _here() -> bool:
+    """Does this process start its gates on demand itself (no fork server)?"""
+    return not _wanted() and os.environ.get("AGENTKERNEL_GATE_FORKSERVER", "") != "0"
+
+
+def activated_idle() -> float:
+    """An activated gate's idle time (its config's "idle"): 0 for one this process starts
+    itself (no server polls the listeners after it: it serves for the sandbox's life)."""
+    return 0.0 if _here() else idle_seconds()
 
 
 def idle_seconds() -> float:
@@ -261,6 +275,8 @@ def register(fds: list[int]) -> int | None:
     them (never their contents) while the sandbox lives, to hand them to a new server if
     this one dies (`_reregister`)."""
     global _server
+    if _here():
+        return _start_here(fds)
     if not _wanted():
         return None
     with _lock:
@@ -275,6 +291,65 @@ def register(fds: list[int]) -> int | None:
                 return int(msg[1:])
             return None
     return None
+
+
+# --- a one-shot run's gate on demand, without a fork server ---------------------------------
+
+
+def _start_here(fds: list[int]) -> int | None:
+    """A process without a fork server (a one-shot run): a thread of ours polls the
+    sandbox's listeners as a server would (never reading them) and, at the first byte,
+    starts its gate as a fresh interpreter with these fds (`_first_use`). A run whose
+    command never uses the network starts no gate at all: the gate's start-up (~100 ms of
+    CPU: an interpreter, asyncio, ssl) is no longer on every sandbox's start. The fds stay
+    the caller's to close (the thread holds dups); 0, or None if they cannot be had."""
+    dups: list[int] = []
+    try:
+        for fd in fds:
+            dups.append(os.dup(fd))
+        threading.Thread(target=_first_use, args=(dups,), name="ak-gate-on-demand",
+                         daemon=True).start()
+    except (OSError, RuntimeError):
+        for fd in dups:
+            os.close(fd)
+        return None
+    return 0
+
+
+def _first_use(fds: list[int]) -> None:
+    """The thread of `_start_here`: until a listener is readable (then the gate starts,
+    and the thread reaps it once the sandbox ended it) or the sandbox is gone first."""
+    import select
+
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        poller = select.poll()
+        for fd in [*fds[:A_LISTENERS], fds[3]]:
+            poller.register(fd, select.POLLIN)
+        events = {fd for fd, _ev in poller.poll()}
+        if fds[3] not in events:  # (the lifeline's end: the sandbox is gone)
+            proc = _fresh_gate(fds)
+    except OSError:
+        pass  # no gate: the sandbox's connections wait in the listeners, then fail closed
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if proc is not None:
+        proc.wait()
+
+
+def _fresh_gate(fds: list[int]) -> subprocess.Popen[bytes]:
+    """An activated gate as a fresh interpreter (our own, without site): the child of a
+    fork server's, with the same fds (passed at the same numbers, placed at A_TARGETS by
+    `_activated_child`), its stderr the sandbox's egress-gate.err from the start."""
+    paths = [p for p in sys.path if p]
+    code = (f"import sys; sys.path[:0] = {paths!r}; "
+            f"from agentkernel.egress_forkserver import _activated_child; "
+            f"_activated_child({fds!r})")
+    return subprocess.Popen(
+        [sys.executable, "-S", "-c", code], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=fds[9], pass_fds=fds, close_fds=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
 
 # --- the starter's side of a dead server: its sandboxes re-registered with a new one -------

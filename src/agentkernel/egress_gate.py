@@ -582,7 +582,7 @@ class GateStart:
         from . import egress_forkserver
         from .egress_audit import AuditWriter
 
-        cfg = {**cfg, "idle": egress_forkserver.idle_seconds()}
+        cfg = {**cfg, "idle": egress_forkserver.activated_idle()}
         ours: list[int] = []
         control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
