@@ -35,12 +35,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import socket
 
 # Where a forked gate finds its fds: stdin 0, stdout 1 (/dev/null), stderr 2, then these.
 READY_FD, EXIT_FD, CARRIER_FD = 3, 4, 5
@@ -134,6 +136,8 @@ class _Server:
     """The daemon's (or CLI's) handle on its fork server."""
 
     def __init__(self, rendezvous: str | None = None) -> None:
+        import socket
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listener, self.path = _bind_rendezvous(rendezvous)
         paths = [p for p in sys.path if p]
@@ -171,6 +175,8 @@ class _Server:
             self.path = None
 
     def fork(self, request: bytes, fds: list[int]) -> GateProcess:
+        import socket
+
         socket.send_fds(self.sock, [request], fds)
         msg, got, flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 1)
         if not msg.startswith(b"p") or len(got) != 1 or flags & socket.MSG_CTRUNC:
@@ -181,6 +187,8 @@ class _Server:
 
     def ask(self, request: bytes, fds: list[int]) -> bytes:
         """A request answered without fds (a registration)."""
+        import socket
+
         socket.send_fds(self.sock, [request], fds)
         msg, got, _flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 1)
         for fd in got:
@@ -202,6 +210,7 @@ def _bind_rendezvous(where: str | None) -> tuple[socket.socket | None, str | Non
     has masked): how the daemon after a killed one reaches it (`take_over`). (None, None)
     without `where` or where none can be had (a path too long for a unix socket): then no
     later daemon takes this server's sandboxes, as before."""
+    import socket
     import stat
 
     if where is None:
@@ -523,6 +532,8 @@ def _is_rendezvous_name(name: str) -> bool:
 
 def _take_from(path: str, server: _Server) -> str | None:
     """(Under _lock.) One old server's sandboxes moved to `server`; a note, if any."""
+    import socket
+
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     conn.settimeout(HANDOFF_TIMEOUT)
     try:
@@ -561,6 +572,7 @@ def _take_from(path: str, server: _Server) -> str | None:
 
 def _not_our_server(conn: socket.socket) -> str | None:
     """Why the peer of `conn` is not a fork server of ours (None if it is)."""
+    import socket
     import struct
 
     from .peer import refusal
@@ -581,6 +593,8 @@ def _not_our_server(conn: socket.socket) -> str | None:
 def _receive_boxes(conn: socket.socket) -> list[tuple[bool, list[int]]]:
     """An old server's sandboxes (BOX / BOX_GATE messages, then b"." and their count):
     (with a gate's pidfd last?, fds). OSError on anything else (the fds closed)."""
+    import socket
+
     boxes: list[tuple[bool, list[int]]] = []
     try:
         while True:
@@ -678,6 +692,7 @@ def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: s
     With `netlink` (egress_netlink.wire_here's arguments), the child wires over netlink
     instead of running the steps, which it runs only where the kernel has no nf_tables."""
     import json
+    import socket
 
     from .errors import SandboxError
 
@@ -733,6 +748,7 @@ def serve(fd: int, rendezvous: int = -1, path: str = "") -> None:
     import ctypes  # noqa: F401 - the gate's privilege drop (egress_proxy._drop)
     import gc
     import resource
+    import socket
 
     # A gate's imports, a wiring child's (egress_netlink), and the hand-off's peer check.
     from . import egress_audit, egress_child, egress_netlink, egress_proxy, peer  # noqa: F401
@@ -825,6 +841,8 @@ class _Loop:
                 self.watch.pop(fd, None)
 
     def _request(self) -> None:
+        import socket
+
         try:
             # (an adoption's registration carries a gate's pidfd after a sandbox's 11 fds)
             msg, fds, flags, _addr = socket.recv_fds(self.sock, MAX_MSG, MAX_FDS + 1)
@@ -878,6 +896,8 @@ class _Loop:
         all with its own server, we let them go (their gates run on) and exit. Only for a
         peer of our user in our own user and pid namespaces (never a sandbox), and only
         once our starter is gone; a peer that hangs up or stalls changes nothing."""
+        import socket
+
         from .peer import refusal
 
         assert self.rendezvous is not None
@@ -907,6 +927,8 @@ class _Loop:
 
     def _starter_alive(self) -> bool:
         """Does our starter still hold its end? (Its hang-up may not be read yet.)"""
+        import socket
+
         if not self.starter:
             return False
         try:
@@ -1115,6 +1137,7 @@ def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
     import ctypes
     import fcntl
     import json
+    import socket
 
     from .egress_child import listeners_here
     from .egress_proxy import DNS_PORT, TCP_PORT
