@@ -24,9 +24,20 @@ from .state import dumps
 if TYPE_CHECKING:
     from ..backends import Backend
     from ..planner import Plan
-    from ..rootfs import HostRootfs
+    from ..rootfs import HostRootfs, Mask
     from ..sandbox import Sandbox, SandboxSpec
     from .manager import SandboxManager
+
+
+def _found_masks(rootfs: HostRootfs) -> tuple[Mask, ...] | None:
+    """A one-shot sandbox's masks, its private dirs' entries included, from this daemon's
+    walk while rootfs_watch says it is current: one walk for every sandbox, not one by
+    each sandbox's agent. None for a root filesystem without private dirs."""
+    if not rootfs.private_dirs:
+        return None
+    from ..rootfs_watch import private_masks
+
+    return private_masks(rootfs)
 
 
 class RunsMixin:
@@ -64,7 +75,8 @@ class RunsMixin:
                            masks=control_masks(key.profile, workspace, home,
                                                key.workspace_at),
                            egress=key.egress, ro_binds=key.ro_binds,
-                           workspace_at=key.workspace_at, user=key.user)
+                           workspace_at=key.workspace_at, user=key.user,
+                           found_masks=_found_masks(rootfs))
 
     def _pool_start(self: SandboxManager, key: PoolKey, backend: Backend,
                     rootfs: HostRootfs) -> Sandbox:
