@@ -219,10 +219,15 @@ def _wait_loopback(pid: int, timeout: float = 5.0) -> None:
     there, fails its start ("loopback: Failed RTM_NEWADDR"). SandboxError if the
     sandbox is gone (the caller then reports bwrap's own reason)."""
     deadline = time.monotonic() + timeout
+    path = f"/proc/{pid}/net/fib_trie"
     while time.monotonic() < deadline:
         try:
-            if "127.0.0.1" in Path(f"/proc/{pid}/net/fib_trie").read_text():
-                return
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:  # (a new namespace's table is a few hundred bytes; 127.0.0.1 comes first)
+                if b"127.0.0.1" in os.read(fd, 65536):
+                    return
+            finally:
+                os.close(fd)
         except OSError:
             raise SandboxError("the sandbox ended before its egress gate was set up") \
                 from None
