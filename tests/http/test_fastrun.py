@@ -63,7 +63,8 @@ def test_not_json_goes_to_the_route(http: httpx.Client) -> None:
 
 def test_big_output_is_streamed_whole(http: httpx.Client) -> None:
     # Over the one-piece size (64 KiB), under the output cap: chunks of valid JSON.
-    resp = http.post("/run", json={"command": ["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' a"]})
+    script = "head -c 300000 /dev/zero | tr '\\0' a"
+    resp = http.post("/run", json={"command": ["sh", "-c", script]})
     assert resp.status_code == 200
     data = resp.json()["data"]
     assert data["exit_code"] == 0 and data["output"] == "a" * 300000
