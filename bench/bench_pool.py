@@ -269,9 +269,12 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         concs: list[dict[str, Any]] = []
         for clients in client_counts(args.clients):
             before_c = pool_counts(ak, env)
+            cpu_before = tree_cpu(serve.pid)
             conc = concurrent(port, clients, args.duration, body)
+            cpu_after = tree_cpu(serve.pid)
             after_c = pool_counts(ak, env)
             conc["misses"] = delta(after_c, before_c)
+            conc["cpu_ms"] = (cpu_after - cpu_before) * 1000 / max(1, conc["ok"])
             cases[f"{tag}: {clients} concurrent clients, per run"] = conc.pop("samples")
             concs.append(conc)
             time.sleep(1.0)
@@ -290,6 +293,30 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         log = (tmp / "serve.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(tmp, ignore_errors=True)
     return {"cases": cases, "concs": concs, "log": log, "misses": delta(after, before)}
+
+
+def _proc_cpu(pid: int) -> tuple[float, list[int]]:
+    """CPU seconds of `pid` and of its reaped children, and its live children's pids."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0, []
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK"), [int(k) for k in kids]
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of the serving process and every process under it, live or reaped (its
+    sandboxes' bwrap and agents, the egress gates' fork server and the gates it reaped):
+    what the server spends on runs, whatever else the machine runs meanwhile. Only the
+    kernel's own workers (e.g. a network namespace's cleanup) are not counted."""
+    total, todo, seen = 0.0, [pid], 0
+    while todo and seen < 4096:
+        cpu, kids = _proc_cpu(todo.pop())
+        total += cpu
+        todo += kids
+        seen += 1
+    return total
 
 
 def delta(a: dict[str, int], b: dict[str, int]) -> str:
@@ -358,7 +385,8 @@ def main() -> int:
         for conc in run["concs"]:
             md.append(f"- {tag}: {conc['clients']} concurrent clients, {args.duration:g}s: "
                       f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "
-                      f"{conc['failed']} failed, {conc['misses']} started cold")
+                      f"{conc['failed']} failed, {conc['misses']} started cold, "
+                      f"{conc['cpu_ms']:.1f} ms CPU per run (the server's whole tree)")
             if conc["errors"]:
                 md.append(f"- {tag}: errors: {'; '.join(conc['errors'])}")
         md.append(f"- {tag}: warm CLI run / venv python: {cli / base:.2f}x (goal <= 2x)")
