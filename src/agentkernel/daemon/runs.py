@@ -31,12 +31,13 @@ if TYPE_CHECKING:
 def _found_masks(rootfs: HostRootfs) -> tuple[Mask, ...] | None:
     """A one-shot sandbox's masks, its private dirs' entries included, from this daemon's
     walk while rootfs_watch says it is current: one walk for every sandbox, not one by
-    each sandbox's agent. None for a root filesystem without private dirs."""
+    each sandbox's agent. None (the agent walks) for a root filesystem without private
+    dirs, or where the walk cannot be watched here."""
     if not rootfs.private_dirs:
         return None
-    from ..rootfs_watch import private_masks
+    from ..rootfs_watch import kept_masks
 
-    return private_masks(rootfs)
+    return kept_masks(rootfs)
 
 
 class RunsMixin:
