@@ -1,6 +1,6 @@
 """A daemon's one-shot sandboxes take /etc's private entries from the daemon's kept walk
 (rootfs_watch), not from a walk by each sandbox's agent: a change to /etc after the walk
-must still be masked in every sandbox started after it."""
+must be masked in every run after it, also one its key's warm sandboxes would serve."""
 
 from __future__ import annotations
 
@@ -46,11 +46,15 @@ def test_private_etc_entries_made_after_the_walk_are_masked(daemon: Daemon,
         vault.mkdir(mode=0o700)
         (vault / "inner").write_text("NEW-SECRET-DIR\n")
         (vault / "inner").chmod(0o644)
-        fresh = tmp_path / "fresh"  # another pool key: its sandboxes start after the change
+        # The same key (its warm sandboxes were made before the change: none of them may
+        # serve), and another key (its sandboxes start after it).
+        fresh = tmp_path / "fresh"
         fresh.mkdir()
-        out = _cat(daemon, fresh, f"{top}/later-private", f"{top}/new-key", f"{vault}/inner")
-        assert "PUBLIC-UNTIL-CHMOD" not in out
-        assert "NEW-SECRET" not in out
-        assert top.name in out  # the dir itself (world-readable) is there, as on the host
+        for project in (warm, warm, fresh):
+            out = _cat(daemon, project, f"{top}/later-private", f"{top}/new-key",
+                       f"{vault}/inner")
+            assert "PUBLIC-UNTIL-CHMOD" not in out, project
+            assert "NEW-SECRET" not in out
+            assert top.name in out  # the dir itself (world-readable) is there, as on the host
     finally:
         shutil.rmtree(top)

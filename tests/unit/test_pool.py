@@ -508,3 +508,35 @@ def test_a_burst_is_seen_at_its_second_take(fake: FakeBackend, make_pool: Any,
     for sandbox in (a, b):
         p.release(k)
         p.discard(sandbox)
+
+
+def test_a_warm_sandbox_made_with_other_masks_is_not_served(fake: FakeBackend,
+                                                           make_pool: Any) -> None:
+    """A private entry appeared in /etc since the warm ones started (runs._found_masks
+    changed): they go, and the take gets a sandbox made with the masks of now."""
+    from agentkernel.rootfs import Mask
+
+    old, new = (Mask("/etc/a", False),), (Mask("/etc/a", False), Mask("/etc/b", False))
+    masks = [old]
+    start = fake.start
+
+    def start_with_masks(*args: Any) -> FakeSandbox:
+        sandbox = start(*args)
+        sandbox.spec.found_masks = masks[0]  # type: ignore[attr-defined]
+        return sandbox
+
+    fake.start = start_with_masks  # type: ignore[method-assign]
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 2, 2)
+    assert p.wait_warm(10)
+    sandbox, warm = p.acquire(k, None, None, old)  # type: ignore[arg-type]
+    assert warm and sandbox.spec.found_masks == old
+    p.release(k)
+    p.discard(sandbox)
+    masks[0] = new
+    sandbox, _warm = p.acquire(k, None, None, new)  # type: ignore[arg-type]
+    assert sandbox.spec.found_masks == new
+    p.release(k)
+    p.discard(sandbox)
+    assert p.drain(10)

@@ -45,7 +45,7 @@ from .api import PoolKeyStatus
 if TYPE_CHECKING:
     from ..backends import Backend
     from ..profiles import Profile
-    from ..rootfs import HostRootfs
+    from ..rootfs import HostRootfs, Mask
     from ..sandbox import Sandbox
 
 FAILURE_BACKOFF = (1.0, 60.0)  # seconds: first retry, cap
@@ -108,6 +108,12 @@ def _stale(st: _KeyState, sandbox: Sandbox) -> bool:
     """Made from another description of its root filesystem than the key's latest (the
     host's always-masked paths changed while it started or ran): never served."""
     return getattr(sandbox.spec, "rootfs", st.rootfs) != st.rootfs
+
+
+def _masks_current(sandbox: Sandbox, masks: tuple[Mask, ...] | None) -> bool:
+    """Whether a warm sandbox was made with the masks its key has now (None: not known)."""
+    found = getattr(sandbox.spec, "found_masks", None)
+    return masks is None or found is None or found == masks
 
 
 class _Claim:
@@ -257,10 +263,12 @@ class WarmPool:
                 st.min, st.max, st.configured = min_, max(min_, max_), True
             self._cond.notify_all()
 
-    def acquire(self, key: PoolKey, backend: Backend, rootfs: HostRootfs
-                ) -> tuple[Sandbox, bool]:
+    def acquire(self, key: PoolKey, backend: Backend, rootfs: HostRootfs,
+                masks: tuple[Mask, ...] | None = None) -> tuple[Sandbox, bool]:
         """A sandbox for one run, and whether it came warm. The caller is in use until
         `release`, also when this raises; a first use of a key makes it warm from now on.
+        `masks`: the root filesystem's masks as they are now (runs._found_masks); a warm
+        sandbox made with others (a private entry appeared in /etc since) is not served.
 
         No warm sandbox: claim a start under way (it began earlier, so it is ready before
         a fresh one would be; wait at most one start's time for it), else start one in
@@ -280,7 +288,7 @@ class WarmPool:
             st.in_use += 1
             st.note_take(now)
             self._active_at = now
-            got = self._pop_alive(st, dead)
+            got = self._pop_alive(st, dead, masks)
             cold = got is None and (self._closed or not self._queue_or_claim(st))
             began = now
             if cold:
@@ -296,6 +304,9 @@ class WarmPool:
             return got, True
         if claim is not None:
             got = self._await(st, claim, wait)
+            if got is not None and not _masks_current(got, masks):
+                self.discard(got)  # its start began before /etc changed: start anew
+                got = None
             if got is not None:
                 self._count(st, "waited")
                 return got, True
@@ -452,10 +463,12 @@ class WarmPool:
         return st
 
     @staticmethod
-    def _pop_alive(st: _KeyState, dead: list[Sandbox]) -> Sandbox | None:
+    def _pop_alive(st: _KeyState, dead: list[Sandbox], masks: tuple[Mask, ...] | None = None
+                   ) -> Sandbox | None:
         while st.warm:
             candidate = st.warm.popleft()
-            if candidate.client.alive and candidate.process.poll() is None:
+            if (candidate.client.alive and candidate.process.poll() is None
+                    and _masks_current(candidate, masks)):
                 return candidate
             dead.append(candidate)
         return None

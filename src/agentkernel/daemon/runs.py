@@ -135,7 +135,8 @@ class RunsMixin:
         sandbox: Sandbox | None = None
         backend.pooled()  # e.g. wasm: make the compiling engine, once, in the background
         try:
-            sandbox, pooled = self.pool.acquire(key, backend, rootfs)
+            # (The masks as they are now: warm sandboxes made before a change in /etc go.)
+            sandbox, pooled = self.pool.acquire(key, backend, rootfs, _found_masks(rootfs))
             if plan.egress is not None and plan.egress.secrets:
                 _grant(sandbox, plan, req)
             if plan.home_files:  # run --agent --settings: into this run's fresh HOME
