@@ -55,6 +55,13 @@ def test_bad_bodies_get_the_routes_400(http: httpx.Client, body: object, words: 
     assert isinstance(err, str) and words in err
 
 
+def test_deep_nesting_answers_as_the_route_does(http: httpx.Client) -> None:
+    deep = b'{"command": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    resp = http.post("/run", content=deep, headers={"Content-Type": "application/json"})
+    assert resp.status_code in (400, 500), resp.text
+    assert resp.json()["success"] is False  # the envelope, whoever answered
+
+
 def test_not_json_goes_to_the_route(http: httpx.Client) -> None:
     resp = http.post("/run", content=b"command=true",
                      headers={"Content-Type": "application/x-www-form-urlencoded"})

@@ -120,8 +120,8 @@ def _run_request(body: bytes) -> RunRequest | None:
         if not isinstance(data, dict):
             return None
         return run_request(m.RunBody.model_validate(data))
-    except (ValueError, ValidationError, AgentKernelError):
-        return None
+    except (ValueError, RecursionError, ValidationError, AgentKernelError):
+        return None  # (RecursionError: nesting too deep for json; the route says what)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
