@@ -163,6 +163,7 @@ def test_first_use_makes_an_adhoc_key_warm(fake: FakeBackend, make_pool: Any) ->
 def test_the_target_follows_the_rate_of_takes_within_min_and_max(
         fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.5)
+    monkeypatch.setattr(pool_mod, "BURST_MEMORY", 0.5)  # (the burst's size: its own test)
     fake.delay = 0.02
     p = make_pool(adhoc_min=1, adhoc_max=6)
     k = key()
@@ -540,3 +541,19 @@ def test_a_warm_sandbox_made_with_other_masks_is_not_served(fake: FakeBackend,
     p.release(k)
     p.discard(sandbox)
     assert p.drain(10)
+
+
+def test_between_bursts_the_last_bursts_size_is_kept_warm(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs back to back, then a pause: the key fills up to the burst's size (within its
+    max) while idle, so that the next burst is served warm; later it is back to its min."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.2)
+    p = make_pool(adhoc_min=1, adhoc_max=5)
+    k = key()
+    for _ in range(12):
+        use(p, k)
+    wait_for(lambda: status(p, k).warm == 5)  # the burst took 12; max 5
+    assert all(use(p, k) for _ in range(5))  # the next burst: 5 warm in a row
+    monkeypatch.setattr(pool_mod, "BURST_MEMORY", 0.3)
+    monkeypatch.setattr(pool_mod, "TRIM_AFTER", 0.0)
+    wait_for(lambda: status(p, k).target == 1 and status(p, k).warm <= 1)
