@@ -56,6 +56,37 @@ def private_masks(rootfs: HostRootfs) -> tuple[Mask, ...]:
         return watched.masks
 
 
+UNWATCHABLE_RETRY = 60.0  # seconds before a walk that could not be watched is tried again
+_unwatchable: dict[tuple[object, ...], float] = {}  # key -> when watching it last failed
+
+
+def kept_masks(rootfs: HostRootfs) -> tuple[Mask, ...] | None:
+    """`rootfs.private_masks()` where this process keeps the walk (watched from the first
+    call: a daemon), else None, for a caller that has a walk of its own to fall back on
+    (the namespaces agent's, in C). None also for a while after watching failed (no
+    inotify instance or watch left for this user), instead of a walk in Python per call."""
+    import time
+
+    key = (rootfs.private_dirs, rootfs.masks)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            if hit.fresh():
+                return hit.masks
+            hit.close()
+            del _cache[key]
+        failed = _unwatchable.get(key)
+        if failed is not None and time.monotonic() - failed < UNWATCHABLE_RETRY:
+            return None
+        watched = _Watched.start(rootfs)
+        if watched is None:
+            _unwatchable[key] = time.monotonic()
+            return None
+        _unwatchable.pop(key, None)
+        _cache[key] = watched
+        return watched.masks
+
+
 def forget() -> None:
     """Drop every cache (tests; a daemon shutting down)."""
     with _lock:
@@ -63,6 +94,7 @@ def forget() -> None:
             hit.close()
         _cache.clear()
         _walks.clear()
+        _unwatchable.clear()
 
 
 class _Watched:

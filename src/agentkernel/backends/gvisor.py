@@ -442,7 +442,9 @@ def build_oci_config(
     # only for that, then drops every capability before serving. Masks are the agent's
     # mounts, not OCI ones: runsc pays ~5 ms per OCI file bind, the sentry microseconds.
     args = [AGENT_PATH]
-    for mask in spec.rootfs.private_masks():
+    # A daemon's one-shot sandbox brings them found (its kept walk); else walked now.
+    found = spec.found_masks
+    for mask in found if found is not None else spec.rootfs.private_masks():
         args += ["--mask", mask.path]
     for path in spec.masks:  # the host's control plane (controlplane.py)
         args += ["--mask", path]
