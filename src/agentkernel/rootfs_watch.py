@@ -29,6 +29,7 @@ IN_DONT_FOLLOW = 0x02000000
 WATCH = (IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF
          | IN_MOVE_SELF | IN_DONT_FOLLOW)
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+MAX_MOUNTINFO = 4 * 1024 * 1024  # bytes of /proc/self/mountinfo read at most
 MAX_WATCHES = 16384  # a userland with more entries than this is walked every time
 
 _lock = threading.Lock()
@@ -158,9 +159,20 @@ class _Unwatchable(Exception):
 
 def _mounts_at(f: IO[bytes], dirs: tuple[str, ...]) -> frozenset[tuple[str, str]]:
     """(mount id, mount point) of every mount at, under or above one of `dirs` (reading
-    the file again also re-arms its poll)."""
+    the file again also re-arms its poll). A table beyond MAX_MOUNTINFO gives an answer
+    equal to no other, so that a walk depending on it is never reused."""
     f.seek(0)
-    data = f.read(4 * 1024 * 1024)
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_MOUNTINFO:  # procfs answers a read with one page or so: to the end
+        chunk = f.read(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_MOUNTINFO:
+        return frozenset({("truncated", os.urandom(8).hex())})
+    data = b"".join(chunks)
     out = set()
     for line in data.split(b"\n"):
         fields = line.split(b" ")
