@@ -7,7 +7,9 @@ real key; inside there is only the placeholder; $HOME survives a stop and start,
 does the key's injection (the gate reads the store again at each start), also once a new
 daemon has adopted the sandbox. `attach` and an
 interactive `run --agent` are driven through a real pseudo-terminal (the pty module):
-the window size inside is ours, a resize reaches it, the exit code passes through.
+the window size inside is ours, a resize reaches it, the exit code passes through. A kept
+gVisor agent sandbox does the same turn with `exec`, and `attach` gives a shell and the
+agent, all as uid 1000.
 """
 
 from __future__ import annotations
