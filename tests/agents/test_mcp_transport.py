@@ -1,7 +1,7 @@
 """The stdio server's own transport (mcpserver/stdio.py): lines from a pipe in the event
 loop, bounded; writes that wait for a slow reader without blocking the loop; a request line
-too long to hold skipped while the next one is served; the SDK's transport where stdin or
-stdout is not a pipe; and the spare daemon connection (mcpserver/ops.py) given up when the
+too long to hold skipped while the next one is served; the SDK's transport where stdout
+is not a pipe; and the spare daemon connection (mcpserver/ops.py) given up when the
 daemon it leads to is gone."""
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ def _lines(*messages: dict[str, Any]) -> bytes:
 
 
 def _answers(out: bytes) -> dict[int, Any]:
-    return {m["id"]: m for m in map(json.loads, out.decode().splitlines()) if "id" in m}
+    """The JSON-RPC answers among the whole lines of `out`, by id."""
+    found = {}
+    for line in out.decode(errors="replace").split("\n")[:-1]:  # (the last: unfinished)
+        message = json.loads(line)
+        if "id" in message:
+            found[message["id"]] = message
+    return found
 
 
 def test_lines_from_a_pipe_are_whole_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,29 +116,57 @@ def test_a_slow_reader_does_not_block_the_loop() -> None:
     assert ticks > 3
 
 
+def _serve(data: bytes, tmp_path: Path, stdout: Any) -> subprocess.Popen[bytes]:
+    """`mcp-server` reading `data` from a pipe kept open (at EOF the server ends, maybe
+    before it answered), its stdout `stdout`."""
+    proc = subprocess.Popen([EXE, "mcp-server"], stdin=subprocess.PIPE, stdout=stdout,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "AGENTKERNEL_RUNTIME_DIR": str(tmp_path / "r")})
+    assert proc.stdin is not None
+    proc.stdin.write(data)
+    proc.stdin.flush()
+    return proc
+
+
+def _tools_listed(out: bytes) -> bool:
+    answer = _answers(out).get(2)
+    return answer is not None and "sandbox_run" in {
+        t["name"] for t in answer["result"]["tools"]}
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:] if proc.stderr else ""
+
+
 def test_an_over_long_request_line_is_skipped_and_the_next_served(tmp_path: Path) -> None:
     """Over pipes (our transport): a 33 MiB line (over MAX_LINE) is dropped as it comes,
     the server's memory never holds it, and the request after it is answered."""
     data = _lines(*HANDSHAKE) + b"x" * (33 * 1024 * 1024) + b"\n" + _lines(LIST)
-    proc = subprocess.run([EXE, "mcp-server"], input=data, capture_output=True, timeout=120,
-                          check=False, env={**os.environ,
-                                            "AGENTKERNEL_RUNTIME_DIR": str(tmp_path / "r")})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    answers = _answers(proc.stdout)
-    assert "sandbox_run" in {t["name"] for t in answers[2]["result"]["tools"]}
+    out = b""
+    proc = _serve(data, tmp_path, subprocess.PIPE)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while not _tools_listed(out) and time.monotonic() < deadline:
+        chunk = proc.stdout.readline()
+        if not chunk:
+            break
+        out += chunk
+    _finish(proc)
+    assert _tools_listed(out), out[-2000:]
 
 
-def test_files_get_the_sdk_transport(tmp_path: Path) -> None:
-    """stdin and stdout that are regular files (no event-loop waiting on them) are served
-    by the SDK's own transport."""
-    (tmp_path / "in").write_bytes(_lines(*HANDSHAKE, LIST))
-    with open(tmp_path / "in", "rb") as stdin, open(tmp_path / "out", "wb") as stdout:
-        proc = subprocess.run([EXE, "mcp-server"], stdin=stdin, stdout=stdout,
-                              stderr=subprocess.PIPE, timeout=120, check=False,
-                              env={**os.environ, "AGENTKERNEL_RUNTIME_DIR": str(tmp_path / "r")})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    answers = _answers((tmp_path / "out").read_bytes())
-    assert "sandbox_run" in {t["name"] for t in answers[2]["result"]["tools"]}
+def test_a_file_gets_the_sdk_transport(tmp_path: Path) -> None:
+    """A stdout that is a regular file (the event loop cannot wait on it) is served by
+    the SDK's own transport."""
+    with open(tmp_path / "out", "wb") as stdout:
+        proc = _serve(_lines(*HANDSHAKE, LIST), tmp_path, stdout)
+        deadline = time.monotonic() + 120
+        while not _tools_listed((tmp_path / "out").read_bytes()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        _finish(proc)
 
 
 def test_the_spare_connection_of_a_gone_daemon_is_not_used(tmp_path: Path) -> None:
