@@ -1867,7 +1867,7 @@ static void become_user(void)
 		    setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) < 0)
 			die("--user %lu:%lu: %s", uid, gid, strerror(errno));
 		/* Linux makes us not dumpable at that switch; gVisor does not: say it, so that
-		 * our commands (of our uid) cannot read our environment through /proc. */
+		 * our commands (of our uid) can neither trace us nor read our memory. */
 		if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
 			die("--user: dumpable: %s", strerror(errno));
 		return;
