@@ -73,6 +73,7 @@ LOW_WATER = 128 * 1024
 HIGH_WATER = 512 * 1024
 HARD_LIMIT = 4 * 1024 * 1024
 _DATA = frozenset({T.STDOUT, T.STDERR, T.FILE_DATA})
+_ONE_WRITE = 64 * 1024  # a frame's payload up to this size is copied to join its header
 _FLOW_FRAMES = (b"frame type 0x10 ", b"frame type 0x11 ", b"frame type 0x12 ")
 
 
@@ -499,11 +500,13 @@ class AgentClient:
     def _send(self, ftype: int, chan: int, payload: bytes | memoryview = b"") -> None:
         header = len(payload).to_bytes(4, "little") + ftype.to_bytes(2, "little")
         header += b"\0\0" + chan.to_bytes(4, "little")
+        # A small frame goes in one write: one syscall, one wake-up of the agent.
+        parts = (header + payload,) if len(payload) <= _ONE_WRITE else (header, payload)
         with self._wlock:
             if not self._alive or self._closed:
                 raise ProtocolError(self._dead_reason)
             try:
-                for part in (header, payload):
+                for part in parts:
                     view = memoryview(part)
                     while view:
                         n = self._w.write(view)

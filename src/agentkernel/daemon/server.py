@@ -16,6 +16,7 @@ import threading
 import time
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,6 +107,18 @@ class _Conn:
             raise UsageError("a request must be a JSON object")
         return obj
 
+    def buffered(self) -> bool:
+        """Whether the client sent more than its request already (read into our buffer,
+        or waiting in the socket), without blocking."""
+        try:
+            self.sock.setblocking(False)
+            try:
+                return bool(self.rfile.peek(1))  # type: ignore[attr-defined]
+            finally:
+                self.sock.setblocking(True)
+        except (OSError, ValueError):
+            return True  # let the control thread find out what it is
+
     def gone(self) -> bool:
         """Whether the client closed its end entirely (after a half-close it still waits)."""
         try:
@@ -124,6 +137,54 @@ class _Conn:
             self.rfile.close()
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+class _Watch:
+    """One thread that waits for the first control line (or the hang-up) of every
+    streaming connection, and only then starts that connection's control thread: most
+    commands end before their client says anything, and a thread started per command
+    costs each one a start-up hand-over and its CPU. Epoll, one-shot per connection."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, Callable[[], None]] = {}
+        self._epoll: select.epoll | None = None
+
+    def add(self, fd: int, on_ready: Callable[[], None]) -> None:
+        """Call `on_ready` (on the watcher's thread) once `fd` is readable or hung up."""
+        with self._lock:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                threading.Thread(target=self._loop, args=(self._epoll,), daemon=True,
+                                 name="ak-conn-watch").start()
+            self._waiting[fd] = on_ready
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT)
+
+    def remove(self, fd: int) -> None:
+        """Stop waiting for `fd` (before it is closed: its number may be reused)."""
+        with self._lock:
+            if self._waiting.pop(fd, None) is not None and self._epoll is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+
+    def _loop(self, epoll: select.epoll) -> None:
+        while True:
+            try:
+                events = epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, _ev in events:
+                with self._lock:
+                    on_ready = self._waiting.pop(fd, None)
+                    if on_ready is not None:
+                        with contextlib.suppress(OSError):
+                            epoll.unregister(fd)
+                if on_ready is not None:
+                    try:
+                        on_ready()
+                    except Exception as exc:  # e.g. no thread to be had: it must not end us
+                        print(f"agentkernel daemon: control thread: {exc}", file=sys.stderr,
+                              flush=True)
 
 
 @functools.cache
@@ -185,6 +246,7 @@ class DaemonServer:
         self._active = 0  # connections being served right now
         self._last_active = time.monotonic()
         self._active_lock = threading.Lock()
+        self._watch = _Watch()  # streaming connections' control lines
         self.config_path: str | None = None  # the config file this daemon loaded
         # HTTP listeners on TCP: the one `serve` started this daemon with, and those a later
         # `serve` attached (each lives as long as that `serve` holds its connection).
@@ -447,15 +509,24 @@ class DaemonServer:
             conn.send({"ev": "out", "s": 1 if kind == "stdout" else 2,
                        "d": data.decode("latin-1")})
 
+        def start_control() -> None:
+            if not done.is_set():
+                threading.Thread(target=control, daemon=True, name="ak-conn-ctl").start()
+
+        fd = conn.sock.fileno()
         try:
             conn.send({"ev": "started", "pid": handle.execution.pid, "info": handle.info})
-            threading.Thread(target=control, daemon=True, name="ak-conn-ctl").start()
+            if conn.buffered():
+                start_control()  # sent with its request: read already, epoll cannot tell
+            else:
+                self._watch.add(fd, start_control)  # the thread once the client speaks
             result = handle.pump(out, collect=False)
         except BaseException:
             handle.abort()  # whatever failed, the command must not run on unattended
             raise
         finally:
             done.set()
+            self._watch.remove(fd)
         conn.send({"ev": "exit", "result": _result_json(result)})
 
     # ---- cp ----
