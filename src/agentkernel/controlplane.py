@@ -40,7 +40,7 @@ def control_dirs() -> dict[str, str]:
     started with other settings, may use those). Remembered for CONTROL_DIRS_SECONDS."""
     from . import paths
 
-    inputs = (str(paths.runtime_dir()), paths.data_dir_str(), os.getuid(), os.geteuid(),
+    inputs = (paths.runtime_dir_str(), paths.data_dir_str(), os.getuid(), os.geteuid(),
               os.environ.get("XDG_RUNTIME_DIR"), os.environ.get("XDG_DATA_HOME"),
               os.environ.get("HOME"))
     now = time.monotonic()

@@ -127,6 +127,20 @@ class _ChanQueue:
             self._flow(self.chan, "resume")
         return frame
 
+    def ready(self, wait: float = 0.0) -> bool:
+        """Whether a frame is queued (waiting up to `wait` seconds for one): the next
+        get() will not wait."""
+        if self._items or wait <= 0:
+            return bool(self._items)
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while not self._items and not self.ended and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return bool(self._items)
+
     def end(self) -> None:
         with self._cond:
             self.ended = True
@@ -251,6 +265,11 @@ class Execution:
         """Give up on the command: it is killed, its output dropped, its waiters woken
         (they raise Cancelled). Never blocks on the agent."""
         self._client.cancel(self.id)
+
+    def ready(self, wait: float = 0.0) -> bool:
+        """Whether the next event is here already, waiting up to `wait` seconds for it (a
+        caller may then send what it holds with it, in one write)."""
+        return self._q.ready(wait)
 
     def _next(self, timeout: float | None) -> tuple[str, bytes | ExitStatus]:
         while True:

@@ -649,6 +649,9 @@ class WasmExecution(Execution):
             except ProtocolError:
                 self._worker.kill()
 
+    def ready(self, wait: float = 0.0) -> bool:
+        return bool(self._pending) or self._worker.execution.ready(wait)
+
     def events(self) -> Iterator[tuple[str, bytes | ExitStatus]]:
         while self.status is None:
             yield self._next(None)
