@@ -507,7 +507,7 @@ class DaemonServer:
                 raise
             conn.send({"ev": "exit", "result": _result_json(failed_start(exc))})
             return
-        self._stream(conn, handle)
+        self._stream(conn, handle, hold_start=not stdin)
 
     def _run(self, conn: _Conn, args: dict[str, Any]) -> None:
         stdin = bool(args.pop("stdin_open", False))
@@ -523,14 +523,16 @@ class DaemonServer:
             return
         if not stdin:
             handle.close_stdin()
-        self._stream(conn, handle)
+        self._stream(conn, handle, hold_start=not stdin)
 
-    def _stream(self, conn: _Conn, handle: ExecHandle) -> None:
+    def _stream(self, conn: _Conn, handle: ExecHandle, *, hold_start: bool = False) -> None:
         """Output to the client as it comes; stdin, signals and resizes from it meanwhile.
 
         Sending blocks while the client does not read, and so does the pump: the agent is
         told to pause the command (back-pressure), nothing piles up here. A client that
-        goes away (or stops sending control lines: EOF) takes its command with it.
+        goes away (or stops sending control lines: EOF) takes its command with it. With
+        `hold_start` (a command without stdin) `started` may wait START_HOLD to leave
+        with the first output or the end.
         """
         done = threading.Event()
 
@@ -576,7 +578,8 @@ class DaemonServer:
             else:
                 self._watch.add(fd, start_control)  # the thread once the client speaks
             started = {"ev": "started", "pid": handle.execution.pid, "info": handle.info}
-            if handle.execution.ready(START_HOLD):
+            # (Not with stdin: the client forwards it only once `started` came.)
+            if hold_start and handle.execution.ready(START_HOLD):
                 held.append(started)  # leaves with the command's first output, or its end
             else:
                 conn.send(started)
