@@ -36,6 +36,8 @@ import time
 
 TYPE_CHECKING = False  # not typing's: the worker imports as little as it can
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import wasmtime
 
     Loaded = dict[str, "wasmtime.InstancePre | str"]  # key -> linked module, or why not
@@ -136,13 +138,18 @@ class _Out:
             _write(bytes(self._buf))
             self._buf.clear()
 
-    def discard(self) -> None:
-        """Drop what the pipes hold (the warm-up's output)."""
+    @contextlib.contextmanager
+    def silenced(self) -> Iterator[None]:
+        """What the pipes get meanwhile is dropped, never sent (the warm-up's output, a
+        few bytes): the drain thread waits for the lock held here till then."""
         with self._lock:
-            for _kind, read, _write_end in self.pipes:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(read, PIPE_BYTES):
-                        pass
+            try:
+                yield
+            finally:
+                for _kind, read, _write_end in self.pipes:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(read, PIPE_BYTES):
+                            pass
 
     def _drain(self) -> None:
         for kind, read, _write_end in self.pipes:
@@ -352,10 +359,10 @@ def _warm_up(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
     wasi = wasmtime.WasiConfig()
     wasi.stdout_file, wasi.stderr_file = _out().paths()
     store.set_wasi(wasi)
-    linker.instantiate_pre(module).instantiate(store).exports(store)["_start"](
-        store)  # type: ignore[operator]
-    store.close()
-    _out().discard()
+    with _out().silenced():  # nothing may precede the ready frame
+        linker.instantiate_pre(module).instantiate(store).exports(store)["_start"](
+            store)  # type: ignore[operator]
+        store.close()
 
 
 def run(engine: wasmtime.Engine, module: wasmtime.InstancePre, job: dict[str, object],
