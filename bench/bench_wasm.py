@@ -19,7 +19,8 @@ namespaces `true` the same ways.
 Writes bench/results/wasm-<time>.md (and .json), stamped (commit, machine, load).
 
 With `--baseline-tree DIR` (another checkout with its own .venv, e.g. /work/main) only the
-warm cases run, over both trees' daemons in turns, with CPU per run: before and after.
+daemon cases run (warm, and cold with a new module), over both trees' daemons in turns,
+with CPU per warm run: before and after in one run.
 
 Usage: .venv/bin/python bench/bench_wasm.py [-n 30] [--baseline-tree /work/main]
 """
@@ -85,13 +86,18 @@ def new_modules(n: int, proj: Path, template: str) -> list[float]:
     """Each sample a module never compiled: the hello module with a data segment of its own."""
     samples = []
     for i in range(n):
-        name = f"new{i}.wat"
-        marker = os.urandom(8).hex()
-        (proj / name).write_text(template.replace("(memory", f'(data (i32.const 4000) '
-                                                  f'"{marker}") (memory', 1))
         time.sleep(PACE)
-        samples.append(socket_run({"argv": [name], "cwd": str(proj)}))
+        samples.append(socket_run({"argv": [new_module(proj, template, i)], "cwd": str(proj)}))
     return samples
+
+
+def new_module(proj: Path, template: str, i: int) -> str:
+    """The name of a module never seen before, written into `proj`."""
+    name = f"new{i}.wat"
+    marker = os.urandom(8).hex()
+    (proj / name).write_text(template.replace("(memory", f'(data (i32.const 4000) '
+                                              f'"{marker}") (memory', 1))
+    return name
 
 
 def new_projects(n: int, top: Path, module: str) -> list[float]:
@@ -164,6 +170,7 @@ class Daemon:
         self.req = {"argv": ["hello.wat"], "cwd": str(self.dir / "proj")}
         self.b2b: list[float] = []
         self.paced: list[float] = []
+        self.new: list[float] = []  # cold: a module never seen, compiled and run
         self.cpu: list[float] = []  # ms per run, per block
 
     def block(self, n: int) -> None:
@@ -189,23 +196,32 @@ def versus(baseline: Path, n: int, top: Path) -> list[str]:
         for _ in range(max(3, n // 25)):
             for d in daemons:
                 d.block(25)
-        for _ in range(n):
+        from wasm_modules import HELLO
+
+        for i in range(n):
             for d in daemons:
                 time.sleep(PACE)
                 d.paced.append(socket_run(d.req, d.sock))
+                time.sleep(PACE)
+                proj = Path(str(d.req["cwd"]))
+                d.new.append(socket_run({"argv": [new_module(proj, HELLO, i)],
+                                         "cwd": str(proj)}, d.sock))
     finally:
         for d in daemons:
             d.stop()
-    base = {what: pct(getattr(daemons[0], what), 0.5) for what in ("b2b", "paced")}
+    base = {what: pct(getattr(daemons[0], what), 0.5) for what in ("b2b", "paced", "new")}
     rows = []
-    labels = (("b2b", "back to back (blocks of 25)"), ("paced", f"paced ({PACE} s apart)"))
+    labels = (("b2b", "**warm** over the daemon socket, back to back (blocks of 25)"),
+              ("paced", f"**warm** over the daemon socket, paced ({PACE} s apart)"),
+              ("new", "**cold, new module** over the daemon socket (compile + run, worker "
+                      "ready), paced"))
     for what, label in labels:
         for d in daemons:
-            rows.append(summary(f"{d.tag} `{tree_commit(d.tree)}`: **warm** over the daemon "
-                                f"socket, {label}", getattr(d, what), base[what]))
-    cpu = [f"- {d.tag}: CPU per warm run (daemon + its sandboxes), per block of 25: median "
-           f"{pct(d.cpu, 0.5):.2f} ms, range {min(d.cpu):.2f} to {max(d.cpu):.2f} ms"
-           for d in daemons]
+            rows.append(summary(f"{d.tag} `{tree_commit(d.tree)}`: {label}",
+                                getattr(d, what), base[what]))
+    cpu = [f"- {d.tag}: CPU per warm run back to back (daemon + its sandboxes, clock ticks "
+           f"over {25 * len(d.cpu)} runs): {sum(d.cpu) / len(d.cpu):.2f} ms; per block of 25 "
+           f"{min(d.cpu):.2f} to {max(d.cpu):.2f} ms" for d in daemons]
     return [*rows, "", *cpu]
 
 
@@ -226,8 +242,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=30)
     ap.add_argument("--baseline-tree", type=Path, default=None,
-                    help="another checkout with its own .venv (e.g. /work/main): only the "
-                         "warm cases, both trees' daemons asked in turns")
+                    help="another checkout with its own .venv (e.g. /work/main): only the daemon "
+                         "cases, both trees' daemons asked in turns")
     args = ap.parse_args()
     n = args.n
     if args.baseline_tree is not None:

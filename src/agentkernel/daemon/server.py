@@ -159,7 +159,7 @@ class _ConnThreads:
     def __init__(self, serve: Callable[[socket.socket], None]) -> None:
         self._serve = serve
         self._lock = threading.Lock()
-        self._idle = 0  # threads waiting in _next for a connection
+        self._idle = 0  # threads waiting in _run for a connection
         self._queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
 
     def submit(self, conn: socket.socket) -> None:
