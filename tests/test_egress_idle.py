@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +25,11 @@ from typing import Any
 import pytest
 
 from sandbox_helpers import (
-    SYSTEM_PYTHON,
     Upstream,
     ak,
     backend_available,
     egress_gate_pid,
-    make_upstream,
+    serving_upstream,
 )
 from test_containers import engine  # noqa: F401 - fixture
 from test_egress_policy import PROBE, UPSTREAM_NAMES, hosts
@@ -43,11 +41,7 @@ IDLE = "1"  # seconds before an idle gate exits
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    if shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs iproute2 and openssl")
-    with make_upstream(UPSTREAM_NAMES) as up:
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
+    with serving_upstream(UPSTREAM_NAMES) as up:
         yield up
 
 

@@ -12,7 +12,6 @@ through the CLI, as root and as host `nobody`, is test_egress_policy's allow-lis
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,11 @@ from typing import Any
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, egress_gate_pid, make_upstream
+from sandbox_helpers import (
+    Upstream,
+    egress_gate_pid,
+    serving_upstream,
+)
 from test_egress_idle import _start, _status, probe
 from test_egress_policy import UPSTREAM_NAMES, attacks, judge
 
@@ -29,11 +32,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="gates drop ids only a
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    if shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs iproute2 and openssl")
-    with make_upstream(UPSTREAM_NAMES) as up:
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
+    with serving_upstream(UPSTREAM_NAMES) as up:
         yield up
 
 

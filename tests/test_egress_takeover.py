@@ -24,7 +24,13 @@ from typing import Any
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, egress_gate_pid, make_upstream
+from sandbox_helpers import (
+    SYSTEM_PYTHON,
+    Upstream,
+    ak,
+    egress_gate_pid,
+    serving_upstream,
+)
 from test_egress_idle import IDLE, _holding, _start, _status, _zombie, gate_of, gone_idle, probe
 from test_egress_policy import UPSTREAM_NAMES, hosts
 
@@ -86,11 +92,7 @@ def judged(seen: dict[str, Any]) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    if shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs iproute2 and openssl")
-    with make_upstream(UPSTREAM_NAMES) as up:
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
+    with serving_upstream(UPSTREAM_NAMES) as up:
         yield up
 
 
