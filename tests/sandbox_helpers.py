@@ -292,6 +292,20 @@ def free_subnet(net: str) -> int:
 
 
 @contextlib.contextmanager
+def serving_upstream(names: Sequence[str]) -> Iterator[Upstream]:
+    """make_upstream(names) with egress_upstream.py's test servers up on it (skips the
+    test without root, iproute2 or openssl)."""
+    import pytest
+
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
+        pytest.skip("needs root, iproute2 and openssl")
+    with make_upstream(names) as up:
+        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
+                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
+        yield up
+
+
+@contextlib.contextmanager
 def make_upstream(names: Sequence[str], *, net: str = "198.18",
                   private: bool = True) -> Iterator[Upstream]:
     """An Upstream for `names` in `net`.M.0/24 (M random); needs root, iproute2, openssl."""

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 import test_containers
-from sandbox_helpers import SYSTEM_PYTHON, ShellProbe, Upstream, ak, make_upstream, marked
+from sandbox_helpers import (
+    ShellProbe,
+    Upstream,
+    ak,
+    marked,
+    serving_upstream,
+)
 from test_containers import ak_user, engine, podman_user  # noqa: F401 - fixtures
 from test_egress_policy import UPSTREAM_NAMES, hosts
 
@@ -21,9 +27,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test upstream nee
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    with make_upstream(UPSTREAM_NAMES) as up:
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
+    with serving_upstream(UPSTREAM_NAMES) as up:
         yield up
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +25,11 @@ from typing import Any
 import pytest
 
 from sandbox_helpers import (
-    SYSTEM_PYTHON,
     Upstream,
     ak,
     backend_available,
     egress_gate_pid,
-    make_upstream,
+    serving_upstream,
 )
 from test_containers import engine  # noqa: F401 - fixture
 from test_egress_policy import PROBE, UPSTREAM_NAMES, hosts
@@ -43,11 +41,7 @@ IDLE = "1"  # seconds before an idle gate exits
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    if shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs iproute2 and openssl")
-    with make_upstream(UPSTREAM_NAMES) as up:
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
+    with serving_upstream(UPSTREAM_NAMES) as up:
         yield up
 
 
@@ -457,8 +451,8 @@ def test_on_demand_as_an_ordinary_user(upstream: Upstream) -> None:
 def test_a_killed_daemons_sandbox_keeps_its_way_out(upstream: Upstream) -> None:
     """A daemon killed under a persistent sandbox whose gate then goes idle: its fork
     server stays for the sandbox, whose next connection gets a gate; a new daemon adopts
-    the sandbox and its `egress allow` reaches the same gate path; the server exits once
-    the sandbox is removed."""
+    the sandbox, takes it from that server (which then exits: tests/test_egress_takeover.py)
+    and its `egress allow` reaches the same gate path."""
     import signal
 
     idle = {"AGENTKERNEL_GATE_IDLE_SECONDS": IDLE}
@@ -499,7 +493,7 @@ def test_a_killed_daemons_sandbox_keeps_its_way_out(upstream: Upstream) -> None:
         ak("daemon", "stop")
     deadline = time.monotonic() + 10
     while not all(_zombie(p) for p in servers):
-        assert time.monotonic() < deadline, "the old server outlived its last sandbox"
+        assert time.monotonic() < deadline, "the old server outlived its hand-off"
         time.sleep(0.05)
 
 

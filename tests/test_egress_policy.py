@@ -30,8 +30,8 @@ from sandbox_helpers import (
     ak,
     ak_as_user,
     egress_gate_pid,
-    make_upstream,
     nobody_home,
+    serving_upstream,
 )
 
 NOBODY = 65534
@@ -101,11 +101,7 @@ UPSTREAM_NAMES = [f"{n}.test" for n in ("allowed", "other", "denied", "secret")]
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs root, iproute2 and openssl")
-    with make_upstream(UPSTREAM_NAMES) as up:
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
+    with serving_upstream(UPSTREAM_NAMES) as up:
         yield up
 
 

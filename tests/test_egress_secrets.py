@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, make_upstream
+from sandbox_helpers import SYSTEM_PYTHON, Upstream, ak, ak_as_user, serving_upstream
 
 NOBODY = 65534
 
@@ -47,11 +47,7 @@ def script(var: str = "SECRET_KEY") -> list[str]:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("openssl") is None:
-        pytest.skip("needs root, iproute2 and openssl")
-    with make_upstream(["secret.test", "other.test", "allowed.test"]) as up:
-        up.serve(SYSTEM_PYTHON, str(Path(__file__).with_name("egress_upstream.py")),
-                 str(up.dir / "srv.pem"), str(up.dir / "srv.key"))
+    with serving_upstream(["secret.test", "other.test", "allowed.test"]) as up:
         yield up
 
 
