@@ -99,8 +99,13 @@ IMAGE_CACHE_SECONDS = 5.0
 IMAGE_REFRESH_AFTER = 2.0
 IMAGE_CACHE_MAX = 256  # image names remembered (a daemon is asked for any name)
 _IMAGE_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
-_IMAGE_REFRESHING: set[tuple[str, str]] = set()  # at most one refresh per name at a time
+# Names waiting for their refresh (one entry per name: at most IMAGE_CACHE_MAX), and the
+# daemon's one thread that asks the engine, a moment after a run asked for one (it then
+# runs between runs, not beside the one that found the answer old).
+_IMAGE_REFRESHING: dict[tuple[str, str], Any] = {}
 _IMAGE_LOCK = threading.Lock()
+_IMAGE_WANTED = threading.Condition(_IMAGE_LOCK)
+IMAGE_REFRESH_DELAY = 0.05  # seconds
 
 
 SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -120,6 +125,24 @@ def _remember_image(key: tuple[str, str], asked: float, found: Any) -> None:
         hit = _IMAGE_CACHE.get(key)
         if hit is None or hit[0] <= asked:  # (a slower, older answer never replaces it)
             _IMAGE_CACHE[key] = (asked, found)
+
+
+def _image_refresher() -> None:
+    """A daemon's thread: the image names runs found old, asked again in turn."""
+    while True:
+        with _IMAGE_WANTED:
+            while not _IMAGE_REFRESHING:
+                _IMAGE_WANTED.wait()
+        time.sleep(IMAGE_REFRESH_DELAY)  # (the run that asked goes first)
+        with _IMAGE_LOCK:
+            pending = list(_IMAGE_REFRESHING.items())
+        for key, (backend, image) in pending:
+            # (the engine went away: the answer expires, and a run says so itself)
+            with contextlib.suppress(Exception):
+                asked = time.monotonic()
+                _remember_image(key, asked, backend._engine_image(image))
+            with _IMAGE_LOCK:
+                _IMAGE_REFRESHING.pop(key, None)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -361,27 +384,19 @@ class ContainerBackend(Backend):
     _refresh_ahead: ClassVar[bool] = False
 
     def pooled(self) -> None:
-        ContainerBackend._refresh_ahead = True
+        with _IMAGE_LOCK:
+            if ContainerBackend._refresh_ahead:
+                return
+            ContainerBackend._refresh_ahead = True
+        threading.Thread(target=_image_refresher, name="ak-image-refresh", daemon=True).start()
 
     def _refresh_image(self, key: tuple[str, str], image: str) -> None:
-        """Ask the engine about `image` again on a thread of its own (one per name at a
-        time); a failure leaves the answer to expire, and the next run then asks."""
-        with _IMAGE_LOCK:
-            if key in _IMAGE_REFRESHING:
-                return
-            _IMAGE_REFRESHING.add(key)
-
-        def refresh() -> None:
-            try:
-                # (the engine went away: the answer expires, and a run says so itself)
-                with contextlib.suppress(Exception):
-                    asked = time.monotonic()
-                    _remember_image(key, asked, self._engine_image(image))
-            finally:
-                with _IMAGE_LOCK:
-                    _IMAGE_REFRESHING.discard(key)
-
-        threading.Thread(target=refresh, name="ak-image-refresh", daemon=True).start()
+        """Have the refresher ask the engine about `image` again (once per name while one
+        is pending); a failure leaves the answer to expire, and the next run then asks."""
+        with _IMAGE_WANTED:
+            if key not in _IMAGE_REFRESHING:
+                _IMAGE_REFRESHING[key] = (self, image)
+                _IMAGE_WANTED.notify()
 
     def _engine_image(self, image: str) -> tuple[HostRootfs, ImageConfig | None, str] | None:
         from urllib.parse import quote
