@@ -16,8 +16,13 @@ from the same run, rounds interleaved so that load on the machine hits every kin
    (goal: <= 2 MiB per sandbox, or shared). slirp4netns's for comparison.
 
 Both ways out are fresh network namespaces against the same upstream (a namespace with
-HTTP and HTTPS servers, tests/egress_upstream.py). Needs root.
-Usage: .venv/bin/python bench/bench_egress.py [-n ROUNDS] [--starts N]
+HTTP and HTTPS servers, tests/egress_upstream.py). Needs root. With `--against DIR`, the
+gate of another checkout (DIR/src: its fork server, gate and wiring) is measured in the
+same rounds, by a child process of this bench, against the same upstream. Per round, the
+ratio gate / slirp4netns of that round (min, median, max over the rounds) beside the
+ratio of the p50s.
+Usage: .venv/bin/python bench/bench_egress.py [-n ROUNDS] [--starts N] [--https-only]
+       [--against DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +45,29 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import pct, stamp, stamp_lines  # noqa: E402
+
+# A child measuring another checkout's gate: its agentkernel imported first (so that this
+# file's sys.path entries do not matter for it), then one round, samples as JSON on stdout.
+AGAINST_CHILD = r"""
+import json, sys
+src, bench, tests, up, https_only = sys.argv[1:6]
+sys.path[:0] = [src]
+import agentkernel  # noqa: F401 - the other checkout's, before this bench's paths
+sys.path[:0] = [bench, tests]
+import bench_egress as b
+sys.path[:] = [src] + [p for p in sys.path if p not in (src, str(b.ROOT / "src"))]
+from agentkernel import egress_forkserver
+from sandbox_helpers import Upstream
+doc = json.loads(up)
+egress_forkserver.enable()
+samples = b.defaultdict(list)
+try:
+    b.measure("gate", Upstream(doc["pid"], doc["addr"], doc["addr2"], doc["private"],
+                               b.Path(doc["dir"])), samples, https_only == "1")
+finally:
+    egress_forkserver.shutdown()
+print(json.dumps(samples))
+"""
 
 # argv: host (a name, resolved once through the namespace's resolver, or an address), CA.
 # One warm-up request first (an on-demand gate is forked by the lookup or by it: its cost is
@@ -182,6 +210,39 @@ def measure(kind: str, upstream: Any, samples: dict[str, list[float]],
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def measure_against(src: Path, upstream: Any, samples: dict[str, list[float]],
+                    https_only: bool) -> None:
+    """One round of another checkout's gate (AGAINST_CHILD), into `samples`."""
+    doc = {"pid": upstream.pid, "addr": upstream.addr, "addr2": upstream.addr2,
+           "private": upstream.private, "dir": str(upstream.dir)}
+    out = subprocess.run([sys.executable, "-c", AGAINST_CHILD, str(src / "src"),
+                          str(ROOT / "bench"), str(ROOT / "tests"), json.dumps(doc),
+                          "1" if https_only else "0"],
+                         check=True, stdout=subprocess.PIPE, text=True, timeout=600).stdout
+    for key, values in json.loads(out).items():
+        samples[key].extend(values)
+
+
+def round_ratios(results: dict[str, dict[str, list[float]]], kind: str,
+                 key: str) -> list[float]:
+    """Per round: `kind`'s `key` over slirp4netns's in the same round (one sample each)."""
+    return [g / s for g, s in zip(results[kind][key], results["slirp"][key], strict=False)
+            if s]
+
+
+def ratio_lines(results: dict[str, dict[str, list[float]]]) -> list[str]:
+    """The rounds' own ratios (each gate round against the slirp4netns round beside it)."""
+    lines = []
+    for kind in (k for k in results if k != "slirp"):
+        for key, goal in (("https_100_ms", "<= 1.20x"), ("download_mibps", ">= 0.80x")):
+            ratios = sorted(round_ratios(results, kind, key))
+            if ratios:
+                lines.append(f"- {kind} / slirp4netns {key}, per round ({len(ratios)} rounds): "
+                             f"min {ratios[0]:.2f}x, median {pct(ratios, 0.5):.2f}x, max "
+                             f"{ratios[-1]:.2f}x (goal {goal})")
+    return lines
+
+
 def sandbox_starts(n: int) -> dict[str, list[float]]:
     """Milliseconds of a namespaces sandbox's start + destroy, interleaved: moderate with
     the gate from the fork server, with a fresh gate interpreter, and without network."""
@@ -220,17 +281,20 @@ def _row(label: str, values: list[float], base: list[float] | None, unit: str,
 
 def https_report(results: dict[str, dict[str, list[float]]], st: dict[str, str]) -> list[str]:
     """Goal 2 alone (--https-only): the gate warm (after one request), and its first."""
-    s, g = results["slirp"], results["gate"]
+    s = results["slirp"]
     lines = ["# 100 HTTPS requests: egress gate vs slirp4netns", "", *stamp_lines(st), "",
              "| measure | n | p50 | p95 | gate / slirp4netns (p50) |", "|---|---:|---:|---:|---:|"]
     for key in ("https_100_ms", "https_request_ms", "https_first_ms", "cpu_per_request_ms",
                 "cpu_user_per_request_ms"):
         lines.append(_row(f"slirp4netns {key}", s[key], None, "ms"))
-        lines.append(_row(f"gate {key}", g[key], s[key], "ms"))
+        for kind in (k for k in results if k != "slirp"):
+            lines.append(_row(f"{kind} {key}", results[kind][key], s[key], "ms"))
+    g = results["gate"]
     https = pct(g["https_100_ms"], 0.5) / pct(s["https_100_ms"], 0.5)
     https95 = pct(g["https_100_ms"], 0.95) / pct(s["https_100_ms"], 0.95)
     lines += ["", f"- 100 HTTPS requests time gate/slirp4netns: p50 {https:.2f}x, p95 "
-              f"{https95:.2f}x (goal <= 1.20x): {'met' if https <= 1.2 else 'NOT met'}"]
+              f"{https95:.2f}x (goal <= 1.20x): {'met' if https <= 1.2 else 'NOT met'}",
+              *ratio_lines(results)]
     return lines
 
 
@@ -240,11 +304,13 @@ def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[fl
     lines = ["# egress gate vs slirp4netns", "", *stamp_lines(st), "",
              "| measure | n | p50 | p95 | gate / slirp4netns (p50) |", "|---|---:|---:|---:|---:|"]
     for key, unit in (("download_mibps", "MiB/s"), ("https_100_ms", "ms"),
-                      ("https_request_ms", "ms"), ("https_first_ms", "ms"), ("setup_ms", "ms"),
+                      ("https_request_ms", "ms"), ("https_first_ms", "ms"),
+                      ("cpu_per_request_ms", "ms"), ("setup_ms", "ms"),
                       ("idle_uss_kib", "KiB"), ("idle_pss_kib", "KiB"),
                       ("busy_uss_kib", "KiB"), ("busy_pss_kib", "KiB")):
         lines.append(_row(f"slirp4netns {key}", s[key], None, unit))
-        lines.append(_row(f"gate {key}", g[key], s[key], unit))
+        for kind in (k for k in results if k != "slirp"):
+            lines.append(_row(f"{kind} {key}", results[kind][key], s[key], unit))
     lines += ["", "| sandbox start+destroy | n | p50 | p95 | added p50 / p95 vs no network |",
               "|---|---:|---:|---:|---:|"]
     base = starts["no network"]
@@ -264,6 +330,7 @@ def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[fl
         f"{'met' if thr >= 0.8 else 'NOT met'}",
         f"- 100 HTTPS requests time gate/slirp4netns: {https:.2f}x (goal <= 1.20x): "
         f"{'met' if https <= 1.2 else 'NOT met'}",
+        *ratio_lines(results),
         f"- added sandbox start (fork server, as the daemon): {added:+.1f} ms; one-shot (fresh "
         f"interpreter): {added_fresh:+.1f} ms (goal <= 5 ms): "
         f"{'met' if added <= 5 else 'NOT met'} (daemon path)",
@@ -277,6 +344,12 @@ def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[fl
     return lines
 
 
+def _commit(checkout: Path) -> str:
+    got = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=False)
+    return got.stdout.strip() or "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=5, help="rounds of each way out")
@@ -284,6 +357,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     parser.add_argument("--https-only", action="store_true",
                         help="only goal 2 (100 HTTPS requests): no download, no starts")
+    parser.add_argument("--against", type=Path,
+                        help="another checkout whose gate is measured in the same rounds")
+    parser.add_argument("--json", type=Path, help="also write every sample (JSON) here")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
@@ -293,13 +369,18 @@ def main() -> int:
 
     st = stamp()
     egress_forkserver.enable()  # gates fork from the fork server, as in the daemon
-    results: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in ("slirp", "gate")}
+    kinds = ("slirp", "gate", *(["against"] if args.against else []))
+    results: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in kinds}
     with make_upstream(UPSTREAM_NAMES) as upstream:
         upstream.serve(SYSTEM_PYTHON, str(ROOT / "tests" / "egress_upstream.py"),
                        str(upstream.dir / "srv.pem"), str(upstream.dir / "srv.key"))
-        for _round in range(args.n):  # interleaved, so that load on the machine hits both
+        for _round in range(args.n):  # interleaved, so that load on the machine hits all
             for kind, samples in results.items():
-                measure(kind, upstream, samples, args.https_only)
+                if kind == "against":
+                    measure_against(args.against.resolve(), upstream, samples,
+                                    args.https_only)
+                else:
+                    measure(kind, upstream, samples, args.https_only)
     server = egress_forkserver._server
     server_kib = memory_kib(server.proc.pid) if server is not None else {"uss": 0, "pss": 0}
     if args.https_only:
@@ -309,7 +390,14 @@ def main() -> int:
         starts = sandbox_starts(args.starts)
         egress_forkserver.shutdown()
         lines = report(results, starts, server_kib, st)
+    if args.against:
+        lines.insert(lines.index("") + 1, f"against: {args.against} (commit "
+                     f"{_commit(args.against)}): its gate measured in the same rounds")
+        lines.insert(lines.index("") + 2, "")
     print("\n".join(lines))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"stamp": st, "against": str(args.against or ""),
+                                         "results": results}) + "\n")
     if args.out is not None:
         args.out.write_text("\n".join(lines) + "\n")
     return 0

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from typing import Any
 
 from . import egress_wire as wire
-from .egress_audit import FIELD_SET, clipped, encode
+from .egress_audit import FIELD_SET, MAX_FIELD, clipped, encode
 from .egress_policy import DNS_PORT as DNS_PORT  # the listeners' ports: defined there
 from .egress_policy import TCP_PORT as TCP_PORT
 from .egress_policy import Policy, Verdict, normalize_name
@@ -33,6 +33,7 @@ SO_ORIGINAL_DST = 80
 MAX_CONNS = 512
 MAX_DNS_INFLIGHT = 64
 MAX_PINS = 8192
+MAX_MEMO = 4096  # remembered policy answers and normalised names (then forgotten at once)
 MAX_PIN_NAMES = 16  # names pinned to one address (a CDN's): the oldest go first
 STATE_CAP = 2 * 1024 * 1024  # bytes of an activated gate's saved state (policy, pins)
 STATE_DELAY = 1.0  # seconds between a new pin and the state's save (then at most once)
@@ -40,6 +41,8 @@ FIRST_BYTES_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 1800.0
 RESOLVE_TIMEOUT = 5.0
+LOOKUP_TTL = 30.0  # seconds an upstream answer is reused: the TTL our answers carry
+MAX_LOOKUPS = 1024
 CHUNK = 256 * 1024
 LOG_CAP = 2 * 1024 * 1024  # bytes; then the log starts over with a marker
 
@@ -56,7 +59,12 @@ class Log:
     def write(self, **fields: Any) -> None:
         # Encoded once for both logs (two entries per connection: it shows in its cost).
         t = round(time.time(), 3)
-        body = encode(clipped(fields))
+        try:  # short: no value can be longer than an entry keeps (the usual case)
+            body = encode(fields)
+        except (TypeError, ValueError):
+            body = ""
+        if not body or len(body) > MAX_FIELD:
+            body = encode(clipped(fields))
         if self.audit is not None:
             if fields.keys() <= FIELD_SET:
                 self.audit.write_encoded(t, body)
@@ -82,9 +90,14 @@ class Gate:
         self.denied = denied
         self.loop: Any = None  # the event loop it serves on (serve)
         self._denied_seen: dict[str, bool] = {}  # address -> in `denied` (bounded)
+        self._memo: dict[tuple[str, str, int], Verdict | None] = {}  # see _rule
+        self._memo_of: Policy | None = None
+        self._names: dict[str, str] = {}  # see _normal
         self.log = log
         # address -> names (a dict as an ordered set), least recently pinned first
         self.pins: OrderedDict[str, dict[str, None]] = OrderedDict()
+        # name -> (until when, addresses): upstream answers reused (see resolve)
+        self.lookups: dict[str, tuple[float, list[str]]] = {}
         self.conns = 0
         self.dns_inflight = 0
         self.busy = 0  # connections, queries and updates being served (idle exit: none)
@@ -143,28 +156,60 @@ class Gate:
     def addr_verdict(self, addr: str, port: int) -> tuple[Verdict, set[str] | None]:
         """A connection to addr:port before its first bytes: the verdict, and the names
         it was reached through (None: not through a name's pinned answer)."""
-        explicit = self.policy.addr_rule(addr, port)
+        explicit = self._rule(("addr", addr, port))
         if explicit is not None:
             return explicit, None
         why = self.denied_why(addr)
         if why:
             return Verdict(False, why), None
-        names = {n for n in self.pins.get(addr, ()) if
-                 self.policy.name_verdict(n, port).allowed}
+        names = {n for n in self.pins.get(addr, ()) if self._name_rule(n, port).allowed}
         if names:
-            return Verdict(True, self.policy.name_verdict(sorted(names)[0], port).rule), names
+            return Verdict(True, self._name_rule(min(names), port).rule), names
         if self.policy.default_allow:
             return Verdict(True, "default allow"), None
         return Verdict(False, "default deny (address not from an allowed name's DNS answer)"), \
             None
 
+    def _rule(self, key: tuple[str, str, int]) -> Verdict | None:
+        """The policy's answer for ("name", name, port) (a Verdict) or ("addr", address,
+        port) (a Verdict or None), remembered until the policy changes (a client asks
+        about the same few again and again; a policy may have 1024 entries per list)."""
+        if self._memo_of is not self.policy:
+            self._memo.clear()
+            self._memo_of = self.policy
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        if len(self._memo) >= MAX_MEMO:
+            self._memo.clear()
+        kind, what, port = key
+        got = self.policy.name_verdict(what, port) if kind == "name" else \
+            self.policy.addr_rule(what, port)
+        self._memo[key] = got
+        return got
+
+    def _name_rule(self, name: str, port: int) -> Verdict:
+        got = self._rule(("name", name, port))
+        assert got is not None  # (a name always has one)
+        return got
+
+    def _normal(self, name: str) -> str:
+        """normalize_name, remembered (bounded) for names it accepted."""
+        got = self._names.get(name)
+        if got is None:
+            if len(self._names) >= MAX_MEMO:
+                self._names.clear()
+            got = self._names[name] = normalize_name(name)
+        return got
+
     def name_verdict(self, name: str, port: int, pinned: set[str] | None) -> Verdict:
         """The name a client sent (SNI or Host) on a connection already allowed by address."""
         try:
-            name = normalize_name(name)
+            name = self._normal(name)
         except Exception:
             return Verdict(False, f"malformed name {name[:80]!r}")
-        verdict = self.policy.name_verdict(name, port)
+        verdict = self._name_rule(name, port)
         if not verdict.allowed:
             return verdict
         # A name let through by an allow entry must be the one whose answer gave this
@@ -612,11 +657,11 @@ async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.S
 # --- DNS ---------------------------------------------------------------------------------
 
 
-async def resolve(gate: Gate, q: wire.Question) -> bytes:
-    """Our resolver: NXDOMAIN outside the policy; answers filtered of denied addresses
-    and pinned to the name; only A records (no IPv6 way out yet)."""
+def resolve_now(gate: Gate, q: wire.Question) -> bytes | str:
+    """Our resolver's answer to `q` where it needs no lookup (refused, a static name, an
+    upstream answer still fresh, a type we answer empty), else the name to look up."""
     try:
-        name = normalize_name(q.name)
+        name = gate._normal(q.name)
     except Exception:
         return wire.dns_answer(q, wire.RCODE_NXDOMAIN)
     if q.qclass != 1:
@@ -628,12 +673,22 @@ async def resolve(gate: Gate, q: wire.Question) -> bytes:
     if q.qtype != wire.QTYPE_A:
         return wire.dns_answer(q, wire.RCODE_OK)  # empty: AAAA, HTTPS, … (IPv4 only)
     static = [a for n, a in gate.policy.hosts if n == name]
-    addrs = static or await _lookup(name)
+    if static:
+        return answer_with(gate, q, name, verdict, static)
+    cached = gate.lookups.get(name)
+    if cached is not None and cached[0] > time.monotonic():
+        return answer_with(gate, q, name, verdict, cached[1])
+    return name
+
+
+def answer_with(gate: Gate, q: wire.Question, name: str, verdict: Verdict,
+                addrs: list[str]) -> bytes:
+    """The answer for `name` from `addrs`: filtered of denied addresses, pinned, logged."""
     kept, dropped = [], []
     for addr in addrs:
         if ":" in addr:
             continue
-        explicit = gate.policy.addr_rule(addr, 0)
+        explicit = gate._rule(("addr", addr, 0))
         if (explicit is not None and not explicit.allowed) or \
                 (explicit is None and gate.denied_why(addr)):
             dropped.append(addr)
@@ -646,6 +701,24 @@ async def resolve(gate: Gate, q: wire.Question) -> bytes:
     if not kept:
         return wire.dns_answer(q, wire.RCODE_NXDOMAIN if not addrs else wire.RCODE_OK)
     return wire.dns_answer(q, wire.RCODE_OK, kept[:8])
+
+
+async def resolve(gate: Gate, q: wire.Question) -> bytes:
+    """Our resolver: NXDOMAIN outside the policy; answers filtered of denied addresses
+    and pinned to the name; only A records (no IPv6 way out yet)."""
+    got = resolve_now(gate, q)
+    if isinstance(got, bytes):
+        return got
+    addrs = await _lookup(got)
+    if addrs:  # reused for LOOKUP_TTL: a client that resolves before each request
+        if len(gate.lookups) >= MAX_LOOKUPS:
+            gate.lookups.clear()
+        gate.lookups[got] = (time.monotonic() + LOOKUP_TTL, addrs)
+    # (the policy may have changed during the lookup: asked again)
+    verdict = gate.policy.name_may_resolve(got)
+    if not verdict.allowed:
+        return wire.dns_answer(q, wire.RCODE_NXDOMAIN)
+    return answer_with(gate, q, got, verdict, addrs)
 
 
 async def _lookup(name: str) -> list[str]:
@@ -682,12 +755,27 @@ class DnsUdp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        asyncio.get_running_loop().create_task(self.gate.track(self._reply(data, addr)))
+        # Answered here when no lookup is needed (most queries: a static name, a fresh
+        # answer, a refusal, AAAA): no task, no future.
+        gate = self.gate
+        try:
+            q = wire.dns_query(data)
+        except ValueError:
+            self._send(wire.dns_error(data, wire.RCODE_FORMERR), addr)
+            return
+        gate.last = time.monotonic()
+        got = resolve_now(gate, q)
+        if isinstance(got, bytes):
+            self._send(got, addr)
+            return
+        gate.loop.create_task(gate.track(self._reply(data, addr)))
 
-    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = await answer(self.gate, data)
+    def _send(self, reply: bytes | None, addr: tuple[str, int]) -> None:
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)  # <= 8 A records: within 512 bytes
+
+    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._send(await answer(self.gate, data), addr)
 
 
 async def serve_dns_tcp(gate: Gate, reader: asyncio.StreamReader,
