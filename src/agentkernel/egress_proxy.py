@@ -40,6 +40,8 @@ STATE_DELAY = 1.0  # seconds between a new pin and the state's save (then at mos
 FIRST_BYTES_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 1800.0
+IDLE_CHECK = 60.0  # seconds between a connection's idle checks
+SWEEP = 1.0  # seconds between the gate's checks of its connections' deadlines
 RESOLVE_TIMEOUT = 5.0
 LOOKUP_TTL = 30.0  # seconds an upstream answer is reused: the TTL our answers carry
 MAX_LOOKUPS = 1024
@@ -71,7 +73,7 @@ class Log:
             else:
                 self.audit.write(fields)
         line = (body[:-1] + ("," if len(body) > 2 else "") + f'"t":{t!r}}}\n').encode()
-        with contextlib.suppress(OSError):
+        try:
             if self.size + len(line) > LOG_CAP:
                 os.ftruncate(self.fd, 0)
                 os.lseek(self.fd, 0, os.SEEK_SET)
@@ -80,6 +82,8 @@ class Log:
                 self.size = len(marker)
             os.write(self.fd, line)
             self.size += len(line)
+        except OSError:
+            pass
 
 
 class Gate:
@@ -89,6 +93,8 @@ class Gate:
         self.policy = policy
         self.denied = denied
         self.loop: Any = None  # the event loop it serves on (serve)
+        self.live: set[_Conn] = set()  # connections whose deadlines the sweep checks
+        self.sweeping = False
         self._denied_seen: dict[str, bool] = {}  # address -> in `denied` (bounded)
         self._memo: dict[tuple[str, str, int], Verdict | None] = {}  # see _rule
         self._memo_of: Policy | None = None
@@ -137,6 +143,23 @@ class Gate:
             self.pins.popitem(last=False)
         if self.state is not None:
             self.state.changed()
+
+    def watch(self, conn: _Conn) -> None:
+        """`conn`'s deadlines and idleness checked by the gate's one sweep timer (every
+        SWEEP while a connection lives): no timer per connection."""
+        self.live.add(conn)
+        if not self.sweeping:
+            self.sweeping = True
+            self.loop.call_later(SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.live):
+            conn.tick(now)
+        if self.live:
+            self.loop.call_later(SWEEP, self._sweep)
+        else:
+            self.sweeping = False
 
     def track(self, work: Any) -> Any:
         """`work` (a coroutine) counted as busy from now until it ends: an activated
@@ -295,35 +318,37 @@ class _Conn(asyncio.Protocol):
     allowed host, or none. Then both directions are relayed transport to transport in
     the callback that received them; a full write buffer on one side pauses reading
     from the other (bounded: at most FIRST_CAP and one read before a verdict, the
-    transports' buffers after it). One timer: connect, first bytes, then idleness."""
+    transports' buffers after it). Its deadlines (connect, first bytes) and idleness are
+    checked by the gate's one sweep timer (Gate.watch), not a timer per connection."""
+
+    # What a connection starts with (class attributes: not set one by one per accept)
+    client: Any = None  # asyncio.Transport (uvloop's or asyncio's)
+    up: Any = None  # the upstream's transport, once connected
+    connecting: asyncio.Task[None] | None = None
+    addr, port = "", 0
+    verdict = Verdict(False, "")
+    pinned: set[str] | None = None
+    host: str | None = None
+    proto = "tcp"
+    first = b""
+    judged = False  # the client's first bytes were judged (and allowed)
+    open = False  # its bytes go upstream as they come
+    refused = False
+    held_back = False  # judged before the upstream was there: reading paused
+    logged = False  # an allowed decision went to the log: its close will too
+    counted = False  # in gate.conns
+    client_eof = False
+    up_eof = False  # (no reading resumed after an end's EOF: it would come again)
+    ends = 1  # transports not yet lost (the client's; the upstream's once made)
+    eofs = 0  # ends that said all (both: both are closed)
+    sent = received = 0
+    since = connected_at = 0.0  # (loop time) accepted, connected out
+    moved, next_idle, active_at = 0, 0.0, 0.0  # the idle check's (each IDLE_CHECK)
+    finished = False
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
         self.loop = gate.loop
-        self.client: Any = None  # asyncio.Transport (uvloop's or asyncio's)
-        self.up: Any = None  # the upstream's transport, once connected
-        self.connecting: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.addr, self.port = "", 0
-        self.verdict = Verdict(False, "")
-        self.pinned: set[str] | None = None
-        self.host: str | None = None
-        self.proto = "tcp"
-        self.first = b""
-        self.judged = False  # the client's first bytes were judged (and allowed)
-        self.open = False  # its bytes go upstream as they come
-        self.refused = False
-        self.held_back = False  # judged before the upstream was there: reading paused
-        self.logged = False  # an allowed decision went to the log: its close will too
-        self.counted = False  # in gate.conns
-        self.client_eof = False
-        self.up_eof = False  # (no reading resumed after an end's EOF: it would come again)
-        self.ends = 1  # transports not yet lost (the client's; the upstream's once made)
-        self.eofs = 0  # ends that said all (both: both are closed)
-        self.sent = self.received = 0
-        self.connected_at = 0.0
-        self.moved, self.active_at = 0, 0.0  # for the idle check (at the timer's pace)
-        self.finished = False
 
     # --- the client's end
 
@@ -353,7 +378,8 @@ class _Conn(asyncio.Protocol):
         if not self.verdict.allowed:
             self._refuse(self.verdict.rule, "tcp")
             return
-        self.timer = self.loop.call_later(CONNECT_TIMEOUT, self._tick)
+        self.since = self.loop.time()
+        gate.watch(self)
         self.connecting = self.loop.create_task(self._connect())
 
     def data_received(self, data: bytes) -> None:
@@ -421,10 +447,6 @@ class _Conn(asyncio.Protocol):
         self.connected_at = self.loop.time()
         if self.judged:
             self._go()
-
-    def up_data(self, data: bytes) -> None:  # a server may speak first: always carried
-        self.received += len(data)
-        self.client.write(data)
 
     def up_end(self) -> None:
         self.up_eof = True
@@ -497,40 +519,38 @@ class _Conn(asyncio.Protocol):
                             allowed=False, rule=rule)
         self.refused = True
         self.first = b""
-        if self.timer is not None:
-            self.timer.cancel()
+        self.gate.live.discard(self)
         if self.up is not None:
             self.up.close()
         _rst(self.client)
 
-    def _tick(self) -> None:
-        """The connection's one timer: the connect's deadline, the first bytes' (then it
-        stands on the address's verdict: a protocol whose server speaks first), and every
-        minute after an idle check (no byte either way for IDLE_TIMEOUT: both ends go)."""
-        now = self.loop.time()
-        if self.refused:
+    def tick(self, now: float) -> None:
+        """The sweep's check (Gate.watch): the connect's deadline, the first bytes' (then
+        it stands on the address's verdict: a protocol whose server speaks first), and
+        every IDLE_CHECK after an idle check (no byte either way for IDLE_TIMEOUT: both
+        ends go)."""
+        if self.refused or self.finished:
             return
         if self.up is None:
-            if self.connecting is not None:
+            if self.connecting is not None and now - self.since >= CONNECT_TIMEOUT:
                 self.connecting.cancel()  # logged as a connect timeout
             return
         if not self.judged:
-            left = self.connected_at + FIRST_BYTES_TIMEOUT - now
-            if left > 0:
-                self.timer = self.loop.call_later(left, self._tick)
+            if now - self.connected_at < FIRST_BYTES_TIMEOUT:
                 return
             self.proto = "tcp"
             self._decide(None)
             if not self.open:
                 return  # refused, or intercepted
+        if now < self.next_idle:
+            return
+        self.next_idle = now + IDLE_CHECK
         moved = self.sent + self.received
         if moved != self.moved or not self.active_at:
             self.moved, self.active_at = moved, now
         elif now - self.active_at > IDLE_TIMEOUT:
             self.client.abort()
             self.up.abort()
-            return
-        self.timer = self.loop.call_later(60, self._tick)
 
     def _eof(self) -> None:
         self.eofs += 1
@@ -548,8 +568,7 @@ class _Conn(asyncio.Protocol):
             return
         self.finished = True
         gate = self.gate
-        if self.timer is not None:
-            self.timer.cancel()
+        gate.live.discard(self)
         if self.logged:
             gate.log.write(kind="close", host=self.host, addr=self.addr, port=self.port,
                            sent=self.sent, received=self.received)
@@ -563,9 +582,7 @@ class _Conn(asyncio.Protocol):
     def _hand_over(self, work: Any) -> None:
         """The rest of this connection is `work`'s (a coroutine over streams): it ends
         with it, whichever way."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.gate.live.discard(self)
 
         async def run() -> None:
             try:
@@ -593,8 +610,10 @@ class _Up(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.conn.up_made(transport)
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.up_data(data)
+    def data_received(self, data: bytes) -> None:  # a server may speak first: always carried
+        conn = self.conn
+        conn.received += len(data)
+        conn.client.write(data)
 
     def eof_received(self) -> bool:
         self.conn.up_end()
