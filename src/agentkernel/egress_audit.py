@@ -94,20 +94,26 @@ class AuditWriter:
                        **({"instance": self.instance} if self.instance else {})})[1:-1]
 
     def write(self, fields: dict[str, Any]) -> None:
-        self.write_encoded(round(time.time(), 3),
-                           encode(clipped({k: fields[k] for k in FIELDS if k in fields})))
+        self.append(self.line(round(time.time(), 3),
+                              encode(clipped({k: fields[k] for k in FIELDS if k in fields}))))
 
-    def write_encoded(self, t: float, body: str) -> None:
-        """An entry at time `t` whose fields are `body`: a JSON object (compact, as
+    def line(self, t: float, body: str) -> bytes:
+        """The entry at time `t` whose fields are `body`: a JSON object (compact, as
         `encode` makes it) of FIELDS only, each `clipped`."""
         fields = "," + body[1:] if len(body) > 2 else "}"
-        line = f'{{"t":{t!r},{self.tag}{fields}\n'.encode()
+        return f'{{"t":{t!r},{self.tag}{fields}\n'.encode()
+
+    def append(self, lines: bytes) -> None:
+        """Whole entries (`line`s), appended in one write (rotated first if they would
+        take the file past CAP)."""
+        if not lines:
+            return
         try:  # (not contextlib.suppress: a gate writes two entries per connection)
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             try:
-                if os.fstat(self.fd).st_size + len(line) > CAP:
+                if os.fstat(self.fd).st_size + len(lines) > CAP:
                     self._rotate()
-                os.write(self.fd, line)
+                os.write(self.fd, lines)
             finally:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
         except OSError:

@@ -57,8 +57,26 @@ class Log:
         self.fd = fd
         self.size = os.fstat(fd).st_size
         self.audit = audit  # egress_audit.AuditWriter: the host's log of every decision
+        self.loop: Any = None  # set by serve: `later` entries are written by it
+        self.pending: list[tuple[bytes, bytes | None]] = []
 
     def write(self, **fields: Any) -> None:
+        """An entry, written now."""
+        self.pending.append(self._lines(fields))
+        self.flush()
+
+    def later(self, **fields: Any) -> None:
+        """An entry, timed now and written at the end of this turn of the event loop with
+        the others of that turn: after the bytes the decision let through (the audit
+        file is shared by every gate of the user, under a lock: not on a connection's
+        path), one write per file for a turn's entries."""
+        self.pending.append(self._lines(fields))
+        if len(self.pending) == 1 and self.loop is not None:
+            self.loop.call_soon(self.flush)
+        elif self.loop is None:
+            self.flush()
+
+    def _lines(self, fields: dict[str, Any]) -> tuple[bytes, bytes | None]:
         # Encoded once for both logs (two entries per connection: it shows in its cost).
         t = round(time.time(), 3)
         try:  # short: no value can be longer than an entry keeps (the usual case)
@@ -67,21 +85,29 @@ class Log:
             body = ""
         if not body or len(body) > MAX_FIELD:
             body = encode(clipped(fields))
+        audit = None
         if self.audit is not None:
-            if fields.keys() <= FIELD_SET:
-                self.audit.write_encoded(t, body)
-            else:
-                self.audit.write(fields)
-        line = (body[:-1] + ("," if len(body) > 2 else "") + f'"t":{t!r}}}\n').encode()
+            audit = self.audit.line(t, body if fields.keys() <= FIELD_SET else
+                                    encode(clipped({k: v for k, v in fields.items()
+                                                    if k in FIELD_SET})))
+        return (body[:-1] + ("," if len(body) > 2 else "") + f'"t":{t!r}}}\n').encode(), audit
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        if self.audit is not None:
+            self.audit.append(b"".join(a for _, a in pending if a is not None))
+        data = b"".join(line for line, _ in pending)
         try:
-            if self.size + len(line) > LOG_CAP:
+            if self.size + len(data) > LOG_CAP:
                 os.ftruncate(self.fd, 0)
                 os.lseek(self.fd, 0, os.SEEK_SET)
                 marker = b'{"note":"log restarted: older entries dropped"}\n'
                 os.write(self.fd, marker)
                 self.size = len(marker)
-            os.write(self.fd, line)
-            self.size += len(line)
+            os.write(self.fd, data)
+            self.size += len(data)
         except OSError:
             pass
 
@@ -360,11 +386,11 @@ class _Conn(asyncio.Protocol):
         try:
             self.addr, self.port = original_dst(transport.get_extra_info("socket"))
         except OSError:
-            gate.log.write(kind="tcp", allowed=False, rule="not a redirected connection")
+            gate.log.later(kind="tcp", allowed=False, rule="not a redirected connection")
             _rst(transport)
             return
         if gate.conns >= MAX_CONNS:
-            gate.log.write(kind="tcp", addr=self.addr, port=self.port, allowed=False,
+            gate.log.later(kind="tcp", addr=self.addr, port=self.port, allowed=False,
                            rule=f"too many connections ({MAX_CONNS})")
             _rst(transport)
             return
@@ -429,7 +455,7 @@ class _Conn(asyncio.Protocol):
         except (OSError, asyncio.CancelledError) as exc:
             if not self.client.is_closing():  # (else: the client left, nothing to say)
                 why = type(exc).__name__ if isinstance(exc, OSError) else "TimeoutError"
-                self.gate.log.write(kind="tcp", host=self.host, addr=self.addr,
+                self.gate.log.later(kind="tcp", host=self.host, addr=self.addr,
                                     port=self.port, allowed=True, rule=self.verdict.rule,
                                     error=f"connect: {why}")
                 _rst(self.client)
@@ -501,9 +527,6 @@ class _Conn(asyncio.Protocol):
         if self.proto == "tls" and self.gate.intercepts(self.host):
             self._intercept()
             return
-        self.gate.log.write(kind=self.proto, host=self.host, addr=self.addr, port=self.port,
-                            allowed=True, rule=self.verdict.rule)
-        self.logged = True
         self.open = True
         first, self.first = self.first, b""
         self.sent += len(first)
@@ -513,9 +536,12 @@ class _Conn(asyncio.Protocol):
             self.eof_received()
         elif self.held_back:
             self.client.resume_reading()
+        self.logged = True  # (logged after its bytes went: the log is not on their path)
+        self.gate.log.later(kind=self.proto, host=self.host, addr=self.addr, port=self.port,
+                            allowed=True, rule=self.verdict.rule)
 
     def _refuse(self, rule: str, proto: str) -> None:
-        self.gate.log.write(kind=proto, host=self.host, addr=self.addr, port=self.port,
+        self.gate.log.later(kind=proto, host=self.host, addr=self.addr, port=self.port,
                             allowed=False, rule=rule)
         self.refused = True
         self.first = b""
@@ -570,7 +596,7 @@ class _Conn(asyncio.Protocol):
         gate = self.gate
         gate.live.discard(self)
         if self.logged:
-            gate.log.write(kind="close", host=self.host, addr=self.addr, port=self.port,
+            gate.log.later(kind="close", host=self.host, addr=self.addr, port=self.port,
                            sent=self.sent, received=self.received)
         if self.counted:
             gate.conns -= 1
@@ -687,7 +713,7 @@ def resolve_now(gate: Gate, q: wire.Question) -> bytes | str:
         return wire.dns_answer(q, wire.RCODE_REFUSED)
     verdict = gate.policy.name_may_resolve(name)
     if not verdict.allowed:
-        gate.log.write(kind="dns", host=name, qtype=q.qtype, allowed=False, rule=verdict.rule)
+        gate.log.later(kind="dns", host=name, qtype=q.qtype, allowed=False, rule=verdict.rule)
         return wire.dns_answer(q, wire.RCODE_NXDOMAIN)
     if q.qtype != wire.QTYPE_A:
         return wire.dns_answer(q, wire.RCODE_OK)  # empty: AAAA, HTTPS, … (IPv4 only)
@@ -715,7 +741,7 @@ def answer_with(gate: Gate, q: wire.Question, name: str, verdict: Verdict,
             kept.append(addr)
     for addr in kept:
         gate.pin(addr, name)
-    gate.log.write(kind="dns", host=name, allowed=bool(kept), rule=verdict.rule,
+    gate.log.later(kind="dns", host=name, allowed=bool(kept), rule=verdict.rule,
                    answers=kept[:8], **({"dropped": dropped[:8]} if dropped else {}))
     if not kept:
         return wire.dns_answer(q, wire.RCODE_NXDOMAIN if not addrs else wire.RCODE_OK)
@@ -1004,7 +1030,7 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
     """Serve until the sandbox's lifeline ends, or (an activated gate, cfg "idle") until
     nothing was served for that many seconds: then the fork server holds the listeners
     again, and what arrives after waits in their queues for the next gate."""
-    loop = gate.loop = asyncio.get_running_loop()
+    loop = gate.loop = gate.log.loop = asyncio.get_running_loop()
     servers = [
         await loop.create_server(lambda: _Conn(gate), sock=tcp),
         await asyncio.start_unix_server(
@@ -1051,7 +1077,10 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
             closed()
 
         loop.call_later(min(idle, 5.0), check)
-    await done  # the sandbox's lifeline closed (it is gone), or idle
+    try:
+        await done  # the sandbox's lifeline closed (it is gone), or idle
+    finally:
+        gate.log.flush()
 
 
 class State:
