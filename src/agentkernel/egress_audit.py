@@ -94,14 +94,14 @@ class AuditWriter:
                        **({"instance": self.instance} if self.instance else {})})[1:-1]
 
     def write(self, fields: dict[str, Any]) -> None:
-        self.append(self.line(round(time.time(), 3),
+        self.append(self.line(repr(round(time.time(), 3)),
                               encode(clipped({k: fields[k] for k in FIELDS if k in fields}))))
 
-    def line(self, t: float, body: str) -> bytes:
-        """The entry at time `t` whose fields are `body`: a JSON object (compact, as
-        `encode` makes it) of FIELDS only, each `clipped`."""
+    def line(self, t: str, body: str) -> bytes:
+        """The entry at time `t` (seconds, as JSON) whose fields are `body`: a JSON
+        object (compact, as `encode` makes it) of FIELDS only, each `clipped`."""
         fields = "," + body[1:] if len(body) > 2 else "}"
-        return f'{{"t":{t!r},{self.tag}{fields}\n'.encode()
+        return f'{{"t":{t},{self.tag}{fields}\n'.encode()
 
     def append(self, lines: bytes) -> None:
         """Whole entries (`line`s), appended in one write (rotated first if they would

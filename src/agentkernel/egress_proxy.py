@@ -78,7 +78,7 @@ class Log:
 
     def _lines(self, fields: dict[str, Any]) -> tuple[bytes, bytes | None]:
         # Encoded once for both logs (two entries per connection: it shows in its cost).
-        t = round(time.time(), 3)
+        t = repr(round(time.time(), 3))
         try:  # short: no value can be longer than an entry keeps (the usual case)
             body = encode(fields)
         except (TypeError, ValueError):
@@ -90,7 +90,7 @@ class Log:
             audit = self.audit.line(t, body if fields.keys() <= FIELD_SET else
                                     encode(clipped({k: v for k, v in fields.items()
                                                     if k in FIELD_SET})))
-        return (body[:-1] + ("," if len(body) > 2 else "") + f'"t":{t!r}}}\n').encode(), audit
+        return (body[:-1] + ("," if len(body) > 2 else "") + f'"t":{t}}}\n').encode(), audit
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
