@@ -27,6 +27,7 @@ from common import TABLE_HEAD, pct, stamp, stamp_lines, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 AK = ROOT / ".venv" / "bin" / "agentkernel"
+AK_PY = ROOT / ".venv" / "bin" / "agentkernel-py"  # the Python launcher beside a native AK
 AGENTS = ROOT / ".cache" / "agents-home" / "agents"
 CLAUDE = AGENTS / "claude" / "node_modules" / ".bin" / "claude"
 DAEMON_TOML = """
@@ -113,6 +114,8 @@ def main() -> int:
     box_first: list[float] = []
     box_total: list[float] = []
     kept_first: list[float] = []
+    py_first: list[float] = []  # the same run through the Python client, when AK is native
+    native = AK_PY.exists() and AK.read_bytes()[:4] == b"\x7fELF"
     subprocess.run([str(AK), "daemon", "start"], env=env, check=True, capture_output=True)
     try:
         # (a kept sandbox takes stored secrets only: a key only in the shell is refused)
@@ -136,6 +139,9 @@ def main() -> int:
             box_first.append(f)
             box_total.append(t)
             kept_first.append(first_output(kept, env, cwd)[0])
+            if native:
+                time.sleep(WARM_WAIT)
+                py_first.append(first_output([str(AK_PY), *box[1:]], env, cwd)[0])
         warm = box_log.read_text().count("via daemon (warm pool)")
         mcp = mcp_round_trips(args.mcp_n, env, cwd)
     finally:  # a kept sandbox outlives its daemon: removed first
@@ -153,7 +159,10 @@ def main() -> int:
           f"10 ms ({'met' if mcp_p50 <= 10 else 'NOT met'}: {mcp_p50:.1f} ms).", "",
           *TABLE_HEAD,
           summary("host `claude --version`, first output (baseline)", host_first, base),
-          summary("`run --agent claude -- --version`, first output", box_first, base),
+          summary("`run --agent claude -- --version`, first output"
+                  + (" (native client)" if native else ""), box_first, base),
+          *([summary("the same through the Python client (agentkernel-py)", py_first, base)]
+            if native else []),
           summary("`exec` of `claude --version` in a kept agent sandbox (`create --agent`), "
                   "first output", kept_first, base),
           summary("host `claude --version`, whole run", host_total, pct(host_total, 0.5)),
@@ -170,6 +179,7 @@ def main() -> int:
         {"stamp": st, "host_first_ms": host_first, "host_total_ms": host_total,
          "sandbox_first_ms": box_first, "sandbox_total_ms": box_total,
          "kept_first_ms": kept_first, "mcp_ms": mcp, "warm_runs": warm,
+         "python_client_first_ms": py_first,
          "ratio_first_p50": ratio}, indent=1))
     return 0
 

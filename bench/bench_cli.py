@@ -2,7 +2,10 @@
 
 The issue's budget is a ratio (warm run ≤ 2x bare python), so both are sampled in turns
 (python, run, python, run, ...) from the same load on a shared machine; also which of our
-modules the run imports (the hot path's import budget, docs/architecture.md).
+modules the Python client imports (the hot path's import budget, docs/architecture.md).
+Where scripts/install.sh installed the native command (`agentkernel`, launcher/) beside the
+Python launcher (`agentkernel-py`), both clients are sampled in the same turns, with the
+client process's own CPU time (user+sys), which load disturbs far less than wall time.
 With --against CHECKOUT, that checkout's CLI (its bin/agentkernel and src, this venv's
 python, the same daemon) is sampled in the same turns: a before/after of a change.
 Writes bench/results/cli-<time>.{json,md}.
@@ -25,6 +28,7 @@ from common import TABLE_HEAD, pct, stamp, stamp_lines, summary, timed
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 AK = ROOT / ".venv" / "bin" / "agentkernel"
+AK_PY = ROOT / ".venv" / "bin" / "agentkernel-py"  # the Python launcher beside a native AK
 FLAGS = ["-q", "-i", "host", "-B", "namespaces", "-p", "restrictive"]
 
 
@@ -37,6 +41,22 @@ def our_imports(env: dict[str, str], cwd: Path) -> list[str]:
     names = (line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
              if line.startswith("import time:"))
     return sorted(n for n in names if n == "agentkernel" or n.startswith("agentkernel."))
+
+
+def timed_cpu(argv: list[str], *, cwd: Path, env: dict[str, str],
+              pause: float) -> tuple[float, float]:
+    """Wall ms of one run of `argv`, and the CPU ms (user+sys) of its process tree."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = (time.perf_counter() - t) * 1000
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[:4]} failed with {proc.returncode}")
+    if pause:
+        time.sleep(pause)
+    return wall, (usage.ru_utime + usage.ru_stime) * 1000
 
 
 def main() -> int:
@@ -58,6 +78,9 @@ def main() -> int:
     bare: list[float] = []
     warm: list[float] = []
     other: list[float] = []
+    native = AK_PY.exists() and AK.read_bytes()[:4] == b"\x7fELF"
+    py_wall: list[float] = []
+    cpu: dict[str, list[float]] = {"bare": [], "native": [], "python": []}
     other_env = {**env, "PYTHONPATH": str(args.against / "src")} if args.against else env
     subprocess.run([str(AK), "daemon", "start"], env=env, check=True, capture_output=True)
     try:
@@ -68,9 +91,18 @@ def main() -> int:
                      "run", *FLAGS, "--", "true"]
         if args.against:
             timed(other_run, 3, cwd=cwd, env=other_env, pause=1.0)
+        py_run = [str(AK_PY), *run[1:]]
         for _ in range(args.n):
-            bare += timed([str(VENV_PY), "-c", "pass"], 1, cwd=cwd, env=env)
-            warm += timed(run, 1, cwd=cwd, env=env, pause=args.pause)
+            w, c = timed_cpu([str(VENV_PY), "-c", "pass"], cwd=cwd, env=env, pause=0)
+            bare.append(w)
+            cpu["bare"].append(c)
+            w, c = timed_cpu(run, cwd=cwd, env=env, pause=args.pause)
+            warm.append(w)
+            cpu["native" if native else "python"].append(c)
+            if native:
+                w, c = timed_cpu(py_run, cwd=cwd, env=env, pause=args.pause)
+                py_wall.append(w)
+                cpu["python"].append(c)
             if args.against:
                 other += timed(other_run, 1, cwd=cwd, env=other_env, pause=args.pause)
         modules = our_imports(env, cwd)
@@ -84,9 +116,15 @@ def main() -> int:
           f"Interleaved, {args.n} samples each; budget: warm run ≤ 2x bare python "
           f"({'met' if ratio <= 2 else 'NOT met'}: {ratio:.2f}x).", "", *TABLE_HEAD,
           summary("`python -c pass` (baseline)", bare, base),
-          summary("warm `agentkernel run -- true` (CLI → daemon → pool)", warm, base),
+          summary("warm `agentkernel run -- true` (CLI → daemon → pool)"
+                  + (", native client" if native else ""), warm, base),
+          *([summary("the same, Python client (agentkernel-py)", py_wall, base)]
+            if native else []),
           *([summary(f"the same, CLI of {args.against}", other, base)] if other else []), "",
-          f"Our modules on the hot path ({len(modules)}): " + ", ".join(modules)]
+          "CPU ms (user+sys) of the client process, p50 [p5-p95]: " + "; ".join(
+              f"{k} {pct(v, 0.5):.1f} [{pct(v, 0.05):.1f}-{pct(v, 0.95):.1f}]"
+              for k, v in cpu.items() if v), "",
+          f"Our modules on the Python hot path ({len(modules)}): " + ", ".join(modules)]
     text = "\n".join(md) + "\n"
     print(text)
     out = ROOT / "bench" / "results"
@@ -95,6 +133,7 @@ def main() -> int:
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(
         {"stamp": st, "bare_ms": bare, "warm_ms": warm, "ratio_p50": ratio,
+         "native": native, "python_client_ms": py_wall, "cpu_ms": cpu,
          "against": str(args.against) if args.against else None, "against_ms": other,
          "modules": modules}, indent=1))
     return 0

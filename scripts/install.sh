@@ -21,6 +21,20 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[dev]"
 make -s -C agent
+# The `agentkernel` command: the native client (launcher/) for `run`/`exec` through a running
+# daemon, which execs the Python CLI beside it (agentkernel-py) for everything else. Without
+# a C compiler (or with AGENTKERNEL_NATIVE_CLI=0) the Python launcher is the command itself.
+VENV_BIN="$PWD/.venv/bin"
+sed "1s|.*|#!$VENV_BIN/python|" bin/agentkernel > "$VENV_BIN/agentkernel-py.tmp"
+chmod 755 "$VENV_BIN/agentkernel-py.tmp"
+mv -f "$VENV_BIN/agentkernel-py.tmp" "$VENV_BIN/agentkernel-py"
+if [ "${AGENTKERNEL_NATIVE_CLI:-1}" != 0 ] && make -s -C launcher PYTHON="$VENV_BIN/python"; then
+  install -m 755 launcher/build/agentkernel "$VENV_BIN/agentkernel.tmp"
+else
+  [ "${AGENTKERNEL_NATIVE_CLI:-1}" = 0 ] || echo "install: no native agentkernel command (no C compiler?): the Python one is installed" >&2
+  cp "$VENV_BIN/agentkernel-py" "$VENV_BIN/agentkernel.tmp"
+fi
+mv -f "$VENV_BIN/agentkernel.tmp" "$VENV_BIN/agentkernel"
 # Bytecode up front: an editable install never writes it when PYTHONDONTWRITEBYTECODE is set,
 # and recompiling on every CLI call costs more than a sandbox start.
 .venv/bin/python -m compileall -q src >/dev/null

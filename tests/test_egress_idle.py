@@ -412,8 +412,9 @@ def test_container_gate_on_demand(engine: str, upstream: Upstream,  # noqa: F811
     assert "SSH" not in seen["direct"], seen
 
 
-USER_SCRIPT = r"""
-import json, subprocess, sys, time
+# Run by the sandbox's user: runs the probe (argv[1]) on an allowed and a denied name.
+USER_PROBE_PREFIX = r"""
+import json, os, subprocess, sys, time
 probe = sys.argv[1]
 def run(todo):
     out = subprocess.run([sys.executable, "-c", probe, json.dumps(todo)], capture_output=True,
@@ -421,6 +422,8 @@ def run(todo):
     return json.loads(out)
 todo = [["h", "http", "allowed.test", 18080, "allowed.test"], ["d", "resolve", "denied.test"]]
 first = run(todo)
+"""
+USER_SCRIPT = USER_PROBE_PREFIX + r"""
 time.sleep(3)
 print(json.dumps([first, run(todo)]))
 """
@@ -653,15 +656,7 @@ def test_a_daemons_sandbox_outlives_its_killed_fork_server(upstream: Upstream) -
         ak("daemon", "stop")
 
 
-USER_KILL_SCRIPT = r"""
-import json, os, subprocess, sys, time
-probe = sys.argv[1]
-def run(todo):
-    out = subprocess.run([sys.executable, "-c", probe, json.dumps(todo)], capture_output=True,
-                         text=True, timeout=60).stdout
-    return json.loads(out)
-todo = [["h", "http", "allowed.test", 18080, "allowed.test"], ["d", "resolve", "denied.test"]]
-first = run(todo)
+USER_KILL_SCRIPT = USER_PROBE_PREFIX + r"""
 print("ready", flush=True)
 deadline = time.time() + 60
 while not os.path.exists("/tmp/ak-go") and time.time() < deadline:

@@ -1,7 +1,9 @@
-"""A wheel built from this checkout is a working install: the native agent and our launcher."""
+"""A wheel built from this checkout is a working install: the native agent and our launcher;
+scripts/install.sh puts the native `agentkernel` command in front of that launcher."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -28,3 +30,21 @@ def test_wheel_carries_the_agent_and_the_launcher(tmp_path: Path) -> None:
     assert text.startswith("#!python") and "import re" not in text.splitlines(), text
     assert "from agentkernel.cli import exit_with, main" in text
     assert "exit_with(main())" in text  # the fast exit (cli.exit_with)
+
+
+def test_install_puts_the_native_command_in_front_of_the_python_launcher() -> None:
+    """scripts/install.sh: `agentkernel` is the native client (launcher/), `agentkernel-py`
+    beside it the Python launcher it execs for everything it does not handle itself."""
+    venv = ROOT / ".venv" / "bin"
+    if not (venv / "agentkernel-py").exists():
+        import pytest
+
+        pytest.skip("installed before the native command existed")
+    launcher = (venv / "agentkernel-py").read_text()
+    assert launcher.startswith(f"#!{venv / 'python'}\n") and "exit_with(main())" in launcher
+    native = (venv / "agentkernel").read_bytes()
+    assert native[:4] == b"\x7fELF" or native == launcher.encode()  # (no compiler: Python)
+    env = {k: v for k, v in os.environ.items() if k != "AGENTKERNEL_PYTHON"}
+    r = subprocess.run([str(venv / "agentkernel"), "--version"], capture_output=True,
+                       text=True, check=False, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("agentkernel "), r

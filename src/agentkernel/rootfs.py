@@ -130,9 +130,20 @@ def _secret_entries(root: str, watch: Watch | None = None) -> list[Mask]:
     return out
 
 
-@lru_cache(maxsize=1)
 def host_rootfs() -> HostRootfs:
-    """Describe the host's userland as binds, symlinks and masks (cheap: no tree walk)."""
+    """Describe the host's userland as binds, symlinks and masks (cheap: no tree walk).
+
+    The always-masked paths are looked up on every call (a few lstats): one created after a
+    long-lived process started (a daemon, before `/etc/credstore` existed) is masked from
+    the next plan on, and the pool drops warm sandboxes made without it (daemon/pool.py)."""
+    masks = tuple(Mask(path, os.path.isdir(path) and not os.path.islink(path))
+                  for path in ALWAYS_MASKED if os.path.lexists(path))
+    return HostRootfs(_userland_entries(), masks, private_dirs=("/etc",))
+
+
+@lru_cache(maxsize=1)
+def _userland_entries() -> tuple[HostEntry, ...]:
+    """The top-level userland dirs and links (fixed for a process's life)."""
     entries: list[HostEntry] = []
     for path in USERLAND:
         try:
@@ -143,9 +154,7 @@ def host_rootfs() -> HostRootfs:
             entries.append(HostEntry("symlink", path, os.readlink(path)))
         elif stat.S_ISDIR(st.st_mode):
             entries.append(HostEntry("ro-bind", path))
-    masks = tuple(Mask(path, os.path.isdir(path) and not os.path.islink(path))
-                  for path in ALWAYS_MASKED if os.path.lexists(path))
-    return HostRootfs(tuple(entries), masks, private_dirs=("/etc",))
+    return tuple(entries)
 
 
 def tree_rootfs(root: Path, name: str) -> HostRootfs:

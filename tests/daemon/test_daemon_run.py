@@ -8,6 +8,7 @@ import os
 import pty
 import secrets
 import select
+import shutil
 import signal
 import stat
 import struct
@@ -66,6 +67,34 @@ def test_run_uses_the_pool_once_per_sandbox_and_refills(daemon: Daemon, tmp_path
     st = _status(daemon)
     pool = next(p for p in st["pools"] if p["workspace"] == str(tmp_path))
     assert pool["warm"] >= 1 and pool["in_use"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plants a credential dir in the host's /etc")
+def test_a_credential_path_made_while_the_daemon_runs_is_masked(daemon: Daemon,
+                                                               tmp_path: Path) -> None:
+    """An always-masked path (/etc/credstore: masked whatever its mode) created after the
+    daemon started and while its pool holds warm sandboxes: no later run can read it."""
+    target = Path("/etc/credstore")
+    if os.path.lexists(target):
+        pytest.skip("this host has its own /etc/credstore")
+    daemon.ensure_up()
+    probe = ("cat /etc/credstore/token 2>/dev/null; "
+             "ls /etc/credstore 2>/dev/null | wc -l")
+    assert daemon.ak("run", *HOST, "--", "sh", "-c", probe, cwd=tmp_path).stdout == "0\n"
+    key = str(tmp_path)
+    _wait_warm(daemon, lambda st: any(
+        p["workspace"] == key and p["warm"] >= 1 for p in st["pools"]))
+    target.mkdir(mode=0o755)
+    try:
+        token = target / "token"
+        token.write_text("canary-credstore\n")
+        token.chmod(0o644)  # world-readable: only the fixed list hides it
+        for _ in range(2):  # the warm sandbox made before, then a fresh one
+            r = daemon.ak("run", "-v", *HOST, "--", "sh", "-c", probe, cwd=tmp_path)
+            assert r.returncode == 0, r.stderr
+            assert "canary" not in r.stdout and r.stdout == "0\n", r.stdout
+    finally:
+        shutil.rmtree(target)
 
 
 def test_run_via_daemon_behaves_like_in_process(daemon: Daemon, tmp_path: Path) -> None:

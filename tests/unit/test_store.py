@@ -25,7 +25,7 @@ def test_rows_are_the_schema(store: Store) -> None:
 
 def _sandbox(store: Store, name: str, expires: float | None = None) -> None:
     store.add_sandbox(name=name, uuid=f"u-{name}", backend="namespaces", isolation="ns",
-                      image="host", profile="moderate", spec="{}", created=1.0,
+                      image="host", profile="moderate", spec={"k": [1]}, created=1.0,
                       expires=expires, state_dir=f"/s/{name}")
 
 
@@ -36,19 +36,19 @@ def test_sandboxes(store: Store) -> None:
     assert [r["name"] for r in store.sandboxes()] == ["a", "b"]
     assert store.sandbox("a") == {
         "name": "a", "uuid": "u-a", "status": "stopped", "backend": "namespaces",
-        "isolation": "ns", "image": "host", "profile": "moderate", "spec": "{}",
-        "created": 1.0, "expires": None, "pid": None, "pid_start": None, "helpers": "[]",
+        "isolation": "ns", "image": "host", "profile": "moderate", "spec": {"k": [1]},
+        "created": 1.0, "expires": None, "pid": None, "pid_start": None, "helpers": [],
         "scratch": None, "state_dir": "/s/a"}
-    store.set_running("a", pid=7, pid_start=9, helpers="[[8,1]]", scratch="/r/a",
+    store.set_running("a", pid=7, pid_start=9, helpers=[(8, 1), (9, None)], scratch="/r/a",
                       isolation="ns2")
     row = store.sandbox_by_uuid("u-a")
-    assert row is not None and (row["status"], row["pid"], row["scratch"]) == (
-        "running", 7, "/r/a")
+    assert row is not None and (row["status"], row["pid"], row["scratch"], row["helpers"]) == (
+        "running", 7, "/r/a", [(8, 1), (9, None)])
     assert store.any_running() and [r["name"] for r in store.sandboxes("running")] == ["a"]
     store.set_stopped("a")
     row = store.sandbox("a")
     assert row is not None and (row["status"], row["pid"], row["helpers"]) == (
-        "stopped", None, "[]")
+        "stopped", None, [])
     assert store.expired(4.0) == [] and store.expired(5.0) == ["b"]
     store.set_expires("a", 2.0)
     assert store.expired(3.0) == ["a"]
@@ -58,15 +58,15 @@ def test_sandboxes(store: Store) -> None:
 
 def test_ephemeral_detached_snapshots(store: Store) -> None:
     store.add_ephemeral("pool-1", "namespaces", "/r/pool-1")
-    store.set_ephemeral_processes("pool-1", 3, 4, "[]")
+    store.set_ephemeral_processes("pool-1", 3, 4, [])
     assert store.ephemerals() == [{"name": "pool-1", "backend": "namespaces",
                                    "scratch": "/r/pool-1", "pid": 3, "pid_start": 4,
-                                   "helpers": "[]"}]
+                                   "helpers": []}]
     store.delete_ephemeral("pool-1")
     assert store.ephemerals() == []
 
     for i, started in ((1, 2.0), (2, 1.0)):
-        store.add_detached(cmd_id=f"cmd-{i}", sandbox="a", command='["true"]', pid=i,
+        store.add_detached(cmd_id=f"cmd-{i}", sandbox="a", command=["true"], pid=i,
                            chan=i, started=started)
     assert [r["id"] for r in store.detached_of("a")] == ["cmd-2", "cmd-1"]
     store.finish_detached("cmd-1", "completed", 0)
@@ -81,7 +81,7 @@ def test_ephemeral_detached_snapshots(store: Store) -> None:
     assert store.detached_of("a") == []
 
     store.add_snapshot(name="s1", sandbox="a", image="host", backend="namespaces",
-                       profile="moderate", spec="{}", created=1.0, path="/p/s1.tar")
+                       profile="moderate", spec={"k": [1]}, created=1.0, path="/p/s1.tar")
     assert store.snapshot_exists("s1") and [r["name"] for r in store.snapshots()] == ["s1"]
     store.delete_snapshot("s1")
     assert store.snapshot("s1") is None
@@ -101,3 +101,19 @@ def test_upsert_keeps_or_replaces(store: Store) -> None:
     assert _image(store, "a") == "host"
     assert store.upsert("sandboxes", row, replace=True)
     assert _image(store, "a") == "other"
+
+
+def test_json_columns_from_old_records_and_damage(store: Store) -> None:
+    """A record of an older version holds its JSON columns as text; a damaged column reads
+    as its empty value instead of failing every query of the table."""
+    _sandbox(store, "a")
+    got = store.sandbox("a")
+    assert got is not None
+    old: dict[str, object] = {**got, "spec": '{"disk_mb": 5}', "helpers": "[[3, null]]"}
+    assert store.upsert("sandboxes", old, replace=True)
+    row = store.sandbox("a")
+    assert row is not None and (row["spec"], row["helpers"]) == ({"disk_mb": 5}, [(3, None)])
+    store.db.execute("UPDATE sandboxes SET spec='{not json', helpers='[[\"x\", 1], 7]' "
+                     "WHERE name='a'")
+    row = store.sandbox("a")
+    assert row is not None and (row["spec"], row["helpers"]) == ({}, [])

@@ -18,7 +18,6 @@ from . import records
 from .api import DetachedInfo, ExecRequest
 from .common import _now, rfc3339
 from .handles import ExecHandle
-from .state import dumps, loads
 
 if TYPE_CHECKING:
     from .manager import SandboxManager
@@ -37,7 +36,7 @@ class DetachedMixin:
         handle = self.open_exec(name, req)
         cmd_id = f"cmd-{secrets.token_hex(6)}"
         started = _now()
-        self.store.add_detached(cmd_id=cmd_id, sandbox=name, command=dumps(list(req.argv)),
+        self.store.add_detached(cmd_id=cmd_id, sandbox=name, command=list(req.argv),
                                 pid=handle.execution.pid, chan=handle.execution.id,
                                 started=started)
         records.save_detached(self.store, cmd_id, self._exec_dir(name))
@@ -93,7 +92,7 @@ class DetachedMixin:
         base = self._state_dir(row["sandbox"]) / "exec"
         cut = any(dropped(base / f"{row['id']}.{stream}") for stream in ("stdout", "stderr"))
         return DetachedInfo(id=row["id"], sandbox=row["sandbox"],
-                            command=loads(row["command"], []), pid=row["pid"],
+                            command=row["command"], pid=row["pid"],
                             status=row["status"], started_at=rfc3339(row["started"]) or "",
                             exit_code=row["exit_code"], truncated=cut)
 

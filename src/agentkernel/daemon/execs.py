@@ -13,7 +13,6 @@ from ..errors import AgentRequestError, Conflict, SandboxError, UsageError
 from .api import ExecRequest, ExecResult, OnOutput
 from .common import _facts
 from .handles import ExecHandle, Live, failed_start
-from .state import loads
 
 if TYPE_CHECKING:
     from ..profiles import Profile
@@ -70,7 +69,7 @@ class ExecMixin:
         if not req.argv:
             raise UsageError("no command given")
         live, row = self._running(name)
-        doc = loads(row["spec"], {})
+        doc = row["spec"]
         res = self._resolve(name, doc)
         env = dict(res.env)
         env.update(req.env)

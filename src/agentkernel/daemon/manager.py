@@ -30,7 +30,7 @@ from .recovery import RecoveryMixin
 from .runs import RunsMixin
 from .sandboxes import SandboxesMixin
 from .snapshots import SnapshotsMixin
-from .state import StateDB, loads
+from .state import StateDB
 from .store import Store
 
 if TYPE_CHECKING:
@@ -58,6 +58,15 @@ class _Resolved:
     backend: Backend
     env: dict[str, str]
     cwd: str
+
+
+def _fresh_host(value: Any) -> tuple[HostRootfs, ImageConfig | None, str, str | None]:
+    """A cached resolve, with the host's userland described anew (its always-masked paths
+    are looked up per plan: rootfs.host_rootfs) when that is what it resolved to."""
+    from ..rootfs import host_rootfs
+
+    rootfs, *rest = value
+    return (host_rootfs(), *rest) if rootfs.name == "host" else value
 
 
 class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, DetachedMixin,
@@ -179,7 +188,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
         with self._lock:
             hit = self._rootfs_cache.get(ck)
         if hit is not None and time.monotonic() - hit[0] < ROOTFS_CACHE_SECONDS:
-            return hit[1]  # type: ignore[no-any-return]
+            return _fresh_host(hit[1])
         value = resolve_rootfs(image, config, registry, True)
         with self._lock:
             self._rootfs_cache[ck] = (time.monotonic(), value)
@@ -354,7 +363,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
 
         stopped = []
         for row in self.store.sandboxes("running"):
-            limit = loads(row["spec"], {}).get("disk_mb")
+            limit = row["spec"].get("disk_mb")
             state = Path(row["state_dir"])
             if not limit or quota.image_path(state).exists() or \
                     quota.usage(state) <= limit * quota.MIB:

@@ -104,6 +104,12 @@ class PoolKey:
         return f"{self.image}/{self.profile.name}/{self.backend}{where}"
 
 
+def _stale(st: _KeyState, sandbox: Sandbox) -> bool:
+    """Made from another description of its root filesystem than the key's latest (the
+    host's always-masked paths changed while it started or ran): never served."""
+    return getattr(sandbox.spec, "rootfs", st.rootfs) != st.rootfs
+
+
 class _Claim:
     """A take waiting for a start under way: the refill hands the sandbox over directly."""
 
@@ -267,6 +273,10 @@ class WarmPool:
         with self._cond:
             now = time.monotonic()
             st = self._state(key, backend, rootfs)
+            if st.rootfs != rootfs:  # e.g. a credential path appeared: new masks
+                st.rootfs = rootfs
+                dead.extend(st.warm)  # made without them: never served
+                st.warm.clear()
             st.in_use += 1
             st.note_take(now)
             self._active_at = now
@@ -351,7 +361,8 @@ class WarmPool:
         with self._cond:
             st = self._keys.get(key)
             if (st is not None and not self._closed and sandbox not in self._tied
-                    and sandbox.reusable() and len(st.warm) < st.max):
+                    and sandbox.reusable() and len(st.warm) < st.max
+                    and not _stale(st, sandbox)):
                 # Its take consumed no sandbox: it leaves the demand the key is sized from
                 # (else runs in a row would look like a need for `max` sandboxes).
                 now = time.monotonic()
@@ -634,7 +645,7 @@ class WarmPool:
                 st.note_latency(time.monotonic() - began)
                 st.failures, st.last_error = 0, None
                 st.memory = st.memory or memory
-                if self._closed or self._keys.get(st.key) is not st:
+                if self._closed or self._keys.get(st.key) is not st or _stale(st, sandbox):
                     doomed = sandbox
                 elif st.claims:
                     claim = st.claims.popleft()

@@ -18,7 +18,6 @@ from . import records
 from .common import _facts
 from .containers import _sweep_containers
 from .handles import AdoptingClient, Live
-from .state import loads
 
 if TYPE_CHECKING:
     from .manager import SandboxManager
@@ -37,13 +36,13 @@ class RecoveryMixin:
         self.recovered.extend(records.reconcile(self.store, self.root))
         for eph in self.store.ephemerals():
             self._cleanup_dead(eph["name"], eph["backend"], eph["scratch"], eph["pid"],
-                               eph["pid_start"], loads(eph["helpers"], []))
+                               eph["pid_start"], eph["helpers"])
             self.store.delete_ephemeral(eph["name"])
             self.recovered.append(f"cleaned up pool sandbox {eph['name']}")
         self._cleanup_unrecorded_pool()
         for row in self.store.sandboxes():
             try:  # a reboot unmounted them; a daemon restart did not
-                self._attach_disk(row["name"], loads(row["spec"], {}))
+                self._attach_disk(row["name"], row["spec"])
             except AgentKernelError as exc:
                 self.recovered.append(f"{row['name']}: {exc.message}")
         for row in self.store.sandboxes("running"):
@@ -123,7 +122,7 @@ class RecoveryMixin:
                 time.sleep(0.2)
         assert client is not None
         live = Live(row["name"], row["backend"], client, Path(row["scratch"]), row["pid"],
-                    row["pid_start"], [tuple(h) for h in loads(row["helpers"], [])])
+                    row["pid_start"], row["helpers"])
         self._live[row["name"]] = live
         for r in running:
             execution = client.adopt(int(r["chan"]), int(r["pid"]))

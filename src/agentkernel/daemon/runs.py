@@ -19,7 +19,6 @@ from .api import ExecResult, OnOutput, RunRequest
 from .common import WrongDaemon
 from .handles import ExecHandle, failed_start
 from .pool import PoolKey
-from .state import dumps
 
 if TYPE_CHECKING:
     from ..backends import Backend
@@ -85,7 +84,7 @@ class RunsMixin:
                 wake(sandbox.scratch)
             self.store.set_ephemeral_processes(
                 spec.name, pid, procs.start_time(pid),
-                dumps([(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers]))
+                [(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers])
         except BaseException:
             self._destroy_ephemeral(sandbox)  # unrecorded, it would outlive us
             raise

@@ -20,7 +20,6 @@ from .api import CreateRequest, SandboxInfo
 from .common import _facts, _now, _user, rfc3339
 from .containers import _remove_container
 from .handles import Live
-from .state import dumps, loads
 from .store import SandboxRow
 
 if TYPE_CHECKING:
@@ -93,7 +92,7 @@ class SandboxesMixin:
             expires = created + req.ttl_seconds if req.ttl_seconds else None
             self.store.add_sandbox(
                 name=req.name, uuid=uid, backend=backend.name, isolation=backend.isolation,
-                image=image, profile=profile.name, spec=dumps(doc), created=created,
+                image=image, profile=profile.name, spec=doc, created=created,
                 expires=expires, state_dir=str(state_dir))
             self._saved(req.name)
             self._audit(req.name, "sandbox_created", image=image, backend=backend.name,
@@ -114,7 +113,7 @@ class SandboxesMixin:
         return row
 
     def _info(self: SandboxManager, row: SandboxRow) -> SandboxInfo:
-        doc = loads(row["spec"], {})
+        doc = row["spec"]
         cpus = doc.get("cpus")
         return SandboxInfo(
             name=row["name"], uuid=row["uuid"], status=row["status"], backend=row["backend"],
@@ -137,10 +136,10 @@ class SandboxesMixin:
 
     def _start_live(self: SandboxManager, name: str) -> Live:
         row = self._row(name)
-        doc = loads(row["spec"], {})
+        doc = row["spec"]
         res = self._resolve(name, doc)
         self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"], row["pid_start"],
-                           loads(row["helpers"], []))
+                           row["helpers"])
         self._attach_disk(name, doc)  # mounted again after a reboot
         sandbox = res.backend.start(res.spec)
         pid = sandbox.process.pid
@@ -149,7 +148,7 @@ class SandboxesMixin:
                     [(h.pid, procs.start_time(h.pid)) for h in sandbox.helpers], sandbox)
         try:
             self.store.set_running(name, pid=pid, pid_start=live.pid_start,
-                                   helpers=dumps(live.helpers), scratch=str(sandbox.scratch),
+                                   helpers=live.helpers, scratch=str(sandbox.scratch),
                                    isolation=sandbox.isolation)
         except BaseException:
             sandbox.destroy()  # not written down, it would run on unmanaged
@@ -196,7 +195,7 @@ class SandboxesMixin:
     def _mark_dead_stopped(self: SandboxManager, name: str, row: SandboxRow) -> None:
         """A sandbox whose processes are gone: clean up after it and record it stopped."""
         self._cleanup_dead(name, row["backend"], row["scratch"], row["pid"],
-                           row["pid_start"], loads(row["helpers"], []))
+                           row["pid_start"], row["helpers"])
         self._record_stopped(name)
 
     def _record_stopped(self: SandboxManager, name: str) -> None:

@@ -23,7 +23,6 @@ from .containers import (
     _engine_commit,
     _engine_snapshot_remove,
 )
-from .state import dumps, loads
 
 if TYPE_CHECKING:
     from .manager import SandboxManager
@@ -40,7 +39,7 @@ class SnapshotsMixin:
 
     @staticmethod
     def _snap_info(row: SnapshotRow) -> SnapshotInfo:
-        doc = loads(row["spec"], {})
+        doc = row["spec"]
         cpus = doc.get("cpus")
         return SnapshotInfo(name=row["name"], sandbox=row["sandbox"],
                             image_tag=f"agentkernel-snapshot:{row['name']}",
@@ -134,11 +133,11 @@ class SnapshotsMixin:
         state_dir.mkdir(mode=0o700, parents=True)
         spec_doc = snap["spec"]
         if _engine(snap["backend"]) is not None:  # an engine's image: no layers of ours
-            spec_doc = dumps({**loads(spec_doc, {}), ENGINE_SNAPSHOT_KEY: snap["path"]})
+            spec_doc = {**spec_doc, ENGINE_SNAPSHOT_KEY: snap["path"]}
             proc: subprocess.CompletedProcess[bytes] = subprocess.CompletedProcess([], 0)
         else:
             try:
-                self._attach_disk(name, loads(snap["spec"], {}))
+                self._attach_disk(name, snap["spec"])
             except BaseException:
                 self._wipe_state(state_dir)
                 raise

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
@@ -179,16 +178,3 @@ def _move_aside(path: Path) -> Path:
             with contextlib.suppress(OSError):
                 os.unlink(f"{stale}{suffix}")
     return aside
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def loads(text: str | None, default: Any = None) -> Any:
-    if not text:
-        return default
-    try:
-        return json.loads(text)
-    except ValueError:
-        return default

@@ -1,13 +1,15 @@
 """The daemon's state tables in one place: their schema, a typed row per table, every query.
 
 The manager's mixins read and write state only through `Store` (state.py keeps the
-connection, its lock, the integrity check and the backups). Rows are TypedDicts: the
-columns as SQLite returns them, JSON columns (`spec`, `helpers`, `command`) still text
-(state.loads decodes them where they are used).
+connection, its lock, the integrity check and the backups). Rows are TypedDicts of
+decoded values: the JSON columns (`spec`, `helpers`, `command`) are stored as text and
+turned into dicts and lists here, on the way in and out, and nowhere else.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
 if TYPE_CHECKING:
@@ -65,6 +67,34 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 
+Helper = tuple[int, int | None]  # a helper process of a sandbox: pid, start time
+# The JSON columns and the value a missing or unreadable one decodes to.
+_JSON_DEFAULTS: dict[str, Any] = {"spec": {}, "helpers": [], "command": []}
+
+
+def _encode(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _decode(row: dict[str, Any] | None) -> Any:
+    """A row as SQLite returns it, with its JSON columns decoded (helpers as tuples)."""
+    if row is None:
+        return None
+    for column, default in _JSON_DEFAULTS.items():
+        if column in row:
+            try:
+                value = json.loads(row[column]) if row[column] else None
+            except ValueError:
+                value = None
+            ok = isinstance(value, type(default))
+            row[column] = value if ok else type(default)()
+    if "helpers" in row:
+        row["helpers"] = [(h[0], h[1]) for h in row["helpers"]
+                          if isinstance(h, list) and len(h) == 2 and isinstance(h[0], int)
+                          and (h[1] is None or isinstance(h[1], int))]
+    return row
+
+
 class SandboxRow(TypedDict):
     """A persistent sandbox."""
 
@@ -75,12 +105,12 @@ class SandboxRow(TypedDict):
     isolation: str
     image: str
     profile: str
-    spec: str  # JSON
+    spec: dict[str, Any]  # what `start` needs to rebuild the sandbox
     created: float
     expires: float | None
     pid: int | None
     pid_start: int | None
-    helpers: str  # JSON [[pid, start], ...]
+    helpers: list[Helper]
     scratch: str | None
     state_dir: str
 
@@ -93,7 +123,7 @@ class EphemeralRow(TypedDict):
     scratch: str
     pid: int | None
     pid_start: int | None
-    helpers: str  # JSON [[pid, start], ...]
+    helpers: list[Helper]
 
 
 class DetachedRow(TypedDict):
@@ -101,7 +131,7 @@ class DetachedRow(TypedDict):
 
     id: str
     sandbox: str
-    command: str  # JSON argv
+    command: list[str]  # argv
     pid: int
     chan: int
     status: DetachedStatus
@@ -117,7 +147,7 @@ class SnapshotRow(TypedDict):
     image: str
     backend: str
     profile: str
-    spec: str  # JSON
+    spec: dict[str, Any]
     created: float
     path: str
 
@@ -146,11 +176,11 @@ class Store:
 
     def sandbox(self, name: str) -> SandboxRow | None:
         return cast("SandboxRow | None",
-                    self.db.one("SELECT * FROM sandboxes WHERE name=?", (name,)))
+                    _decode(self.db.one("SELECT * FROM sandboxes WHERE name=?", (name,))))
 
     def sandbox_by_uuid(self, uuid: str) -> SandboxRow | None:
         return cast("SandboxRow | None",
-                    self.db.one("SELECT * FROM sandboxes WHERE uuid=?", (uuid,)))
+                    _decode(self.db.one("SELECT * FROM sandboxes WHERE uuid=?", (uuid,))))
 
     def sandbox_exists(self, name: str) -> bool:
         return self.db.one("SELECT name FROM sandboxes WHERE name=?", (name,)) is not None
@@ -162,7 +192,7 @@ class Store:
         else:
             rows = self.db.all("SELECT * FROM sandboxes WHERE status=? ORDER BY name",
                                (status,))
-        return cast("list[SandboxRow]", rows)
+        return cast("list[SandboxRow]", [_decode(r) for r in rows])
 
     def any_running(self) -> bool:
         return bool(self.db.all("SELECT name FROM sandboxes WHERE status = 'running'", ()))
@@ -173,21 +203,22 @@ class Store:
             "SELECT name FROM sandboxes WHERE expires IS NOT NULL AND expires <= ?", (now,))]
 
     def add_sandbox(self, *, name: str, uuid: str, backend: str, isolation: str, image: str,
-                    profile: str, spec: str, created: float, expires: float | None,
+                    profile: str, spec: Mapping[str, Any], created: float,
+                    expires: float | None,
                     state_dir: str) -> None:
         """A new sandbox, stopped."""
         self.db.execute(
             "INSERT INTO sandboxes (name, uuid, status, backend, isolation, image, profile,"
             " spec, created, expires, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (name, uuid, "stopped", backend, isolation, image, profile, spec, created,
-             expires, state_dir))
+            (name, uuid, "stopped", backend, isolation, image, profile, _encode(spec),
+             created, expires, state_dir))
 
-    def set_running(self, name: str, *, pid: int, pid_start: int | None, helpers: str,
-                    scratch: str, isolation: str) -> None:
+    def set_running(self, name: str, *, pid: int, pid_start: int | None,
+                    helpers: Sequence[Helper], scratch: str, isolation: str) -> None:
         self.db.execute(
             "UPDATE sandboxes SET status='running', pid=?, pid_start=?, helpers=?, "
             "scratch=?, isolation=? WHERE name=?",
-            (pid, pid_start, helpers, scratch, isolation, name))
+            (pid, pid_start, _encode(helpers), scratch, isolation, name))
 
     def set_stopped(self, name: str) -> None:
         """Stopped: no processes, no scratch dir."""
@@ -203,16 +234,17 @@ class Store:
     # ---- ephemeral (pool and one-shot) sandboxes ----
 
     def ephemerals(self) -> list[EphemeralRow]:
-        return cast("list[EphemeralRow]", self.db.all("SELECT * FROM ephemeral"))
+        return cast("list[EphemeralRow]",
+                    [_decode(r) for r in self.db.all("SELECT * FROM ephemeral")])
 
     def add_ephemeral(self, name: str, backend: str, scratch: str) -> None:
         self.db.execute("INSERT INTO ephemeral (name, backend, scratch) VALUES (?,?,?)",
                         (name, backend, scratch))
 
     def set_ephemeral_processes(self, name: str, pid: int, pid_start: int | None,
-                                helpers: str) -> None:
+                                helpers: Sequence[Helper]) -> None:
         self.db.execute("UPDATE ephemeral SET pid=?, pid_start=?, helpers=? WHERE name=?",
-                        (pid, pid_start, helpers, name))
+                        (pid, pid_start, _encode(helpers), name))
 
     def delete_ephemeral(self, name: str) -> None:
         self.db.execute("DELETE FROM ephemeral WHERE name=?", (name,))
@@ -226,20 +258,22 @@ class Store:
         else:
             row = self.db.one("SELECT * FROM detached WHERE id=? AND sandbox=?",
                               (cmd_id, sandbox))
-        return cast("DetachedRow | None", row)
+        return cast("DetachedRow | None", _decode(row))
 
     def detached_of(self, sandbox: str, *, running: bool = False) -> list[DetachedRow]:
         """A sandbox's detached commands, oldest first (only those still running)."""
         sql = "SELECT * FROM detached WHERE sandbox=?"
         sql += " AND status='running'" if running else ""
-        return cast("list[DetachedRow]", self.db.all(sql + " ORDER BY started", (sandbox,)))
+        return cast("list[DetachedRow]",
+                    [_decode(r) for r in self.db.all(sql + " ORDER BY started", (sandbox,))])
 
-    def add_detached(self, *, cmd_id: str, sandbox: str, command: str, pid: int, chan: int,
-                     started: float) -> None:
+    def add_detached(self, *, cmd_id: str, sandbox: str, command: Sequence[str], pid: int,
+                     chan: int, started: float) -> None:
         """A detached command, running."""
         self.db.execute("INSERT INTO detached (id, sandbox, command, pid, chan, status, "
                         "started) VALUES (?,?,?,?,?,?,?)",
-                        (cmd_id, sandbox, command, pid, chan, "running", started))
+                        (cmd_id, sandbox, _encode(list(command)), pid, chan, "running",
+                         started))
 
     def finish_detached(self, cmd_id: str, status: DetachedStatus, exit_code: int | None
                         ) -> None:
@@ -259,27 +293,29 @@ class Store:
 
     def snapshot(self, name: str) -> SnapshotRow | None:
         return cast("SnapshotRow | None",
-                    self.db.one("SELECT * FROM snapshots WHERE name=?", (name,)))
+                    _decode(self.db.one("SELECT * FROM snapshots WHERE name=?", (name,))))
 
     def snapshot_exists(self, name: str) -> bool:
         return self.db.one("SELECT name FROM snapshots WHERE name=?", (name,)) is not None
 
     def snapshots(self) -> list[SnapshotRow]:
-        return cast("list[SnapshotRow]", self.db.all("SELECT * FROM snapshots ORDER BY name"))
+        return cast("list[SnapshotRow]",
+                    [_decode(r) for r in self.db.all("SELECT * FROM snapshots ORDER BY name")])
 
     def add_snapshot(self, *, name: str, sandbox: str, image: str, backend: str,
-                     profile: str, spec: str, created: float, path: str) -> None:
+                     profile: str, spec: Mapping[str, Any], created: float, path: str) -> None:
         self.db.execute("INSERT INTO snapshots (name, sandbox, image, backend, profile, "
                         "spec, created, path) VALUES (?,?,?,?,?,?,?,?)",
-                        (name, sandbox, image, backend, profile, spec, created, path))
+                        (name, sandbox, image, backend, profile, _encode(spec), created, path))
 
     def delete_snapshot(self, name: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE name=?", (name,))
 
     # ---- records on disk (records.py) ----
 
-    def upsert(self, table: Table, row: dict[str, Any], replace: bool) -> bool:
-        """Insert `row` (or replace the one with its key); whether anything changed."""
+    def upsert(self, table: Table, row: Mapping[str, Any], replace: bool) -> bool:
+        """Insert `row` (or replace the one with its key); whether anything changed. Its
+        JSON columns may be decoded values or (records of older versions) their text."""
         key, columns = COLUMNS[table]
         # Table and column names are the constants above, never a record's own keys.
         if not replace and self.db.one(f"SELECT {key} FROM {table} WHERE {key}=?",  # noqa: S608
@@ -287,5 +323,7 @@ class Store:
             return False
         sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "  # noqa: S608
                f"VALUES ({', '.join('?' for _ in columns)})")
-        self.db.execute(sql, tuple(row[c] for c in columns))
+        self.db.execute(sql, tuple(
+            row[c] if c not in _JSON_DEFAULTS or isinstance(row[c], str) else _encode(row[c])
+            for c in columns))
         return True

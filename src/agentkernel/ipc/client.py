@@ -285,6 +285,10 @@ def pump(
         except OSError:
             pass
 
+    # A signal that comes just before select() blocks would wait for the next event: its
+    # wakeup byte on this pipe wakes select() instead (the handler runs right after).
+    wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup: int | None = None
     try:
         if not tty:
             for name in FORWARDED_SIGNALS:
@@ -293,16 +297,19 @@ def pump(
         else:
             sig = wire.signal_number("SIGWINCH")
             previous[sig] = wire.set_handler(sig, winch)
+        old_wakeup = wire.set_wakeup_fd(wake[1])
     except ValueError:  # not the main thread
         pass
     sock = lines.sock
-    watch: list[Any] = [sock] if stdin_fd is None else [sock, stdin_fd]
+    watch: list[Any] = [sock, wake[0]] if stdin_fd is None else [sock, wake[0], stdin_fd]
     try:
         while True:
             if not lines.pending():
                 ready, _, _ = select.select(watch, [], [])
             else:
                 ready = [sock]
+            if wake[0] in ready:
+                _drain(wake[0])
             if stdin_fd is not None and stdin_fd in ready:
                 data = os.read(stdin_fd, 65536)
                 try:
@@ -313,7 +320,7 @@ def pump(
                 except OSError:
                     data = b""  # the command ended and the daemon hung up: read its end
                 if not data:
-                    watch = [sock]
+                    watch = [sock, wake[0]]
                     stdin_fd = None
             if sock in ready:
                 msg = lines.recv()
@@ -332,9 +339,22 @@ def pump(
                 elif msg.get("ok") is False:
                     _raise(msg)
     finally:
+        if old_wakeup is not None:
+            wire.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():
             wire.set_handler(sig, handler)
         sock.close()
+        os.close(wake[0])
+        os.close(wake[1])
+
+
+def _drain(fd: int) -> None:
+    """Read a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def terminal_size() -> tuple[int, int]:

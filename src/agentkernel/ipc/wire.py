@@ -95,3 +95,13 @@ def set_handler(signo: int, handler: Callable[[int, Any], None] | Any) -> Any:
 
         return signal.signal(signo, handler)
     return _signal.signal(signo, handler)
+
+
+def set_wakeup_fd(fd: int) -> int:
+    """signal.set_wakeup_fd(fd, warn_on_full_buffer=False), returning the previous fd: a
+    signal then also writes a byte to `fd`, so a select() about to block wakes for it."""
+    if _signal is None:
+        import signal
+
+        return signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+    return int(_signal.set_wakeup_fd(fd, warn_on_full_buffer=False))
