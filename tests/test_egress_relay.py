@@ -142,3 +142,56 @@ def test_stalled_reader_slows_its_connection_not_the_gate(
     assert max(e["received"] for e in closes) > BIG  # counted: body and head
     allowed = [e for e in log if e.get("kind") == "http" and e.get("allowed")]
     assert len(allowed) == 3 and all(e["rule"] == "allow allowed.test" for e in allowed)
+
+
+# In the sandbox: connections refused on their first bytes (a denied SNI, then a denied
+# Host, to the allowed name's address), each as its upstream connect is still in flight.
+REFUSED = r"""
+import socket, ssl, sys
+ctx = ssl.create_default_context()
+for i in range(int(sys.argv[1])):
+    s = socket.create_connection(("allowed.test", 18443 if i % 2 else 18080), timeout=10)
+    try:
+        if i % 2:
+            ctx.wrap_socket(s, server_hostname="denied.test")
+        else:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+            s.recv(100)
+    except OSError:
+        pass
+    s.close()
+print("done")
+"""
+
+
+def test_refused_connections_all_end(upstream: Upstream,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections refused while their upstream is being dialled each end (the gate
+    counts none of them after): their gate still goes idle and exits, and a sandbox
+    cannot use them to fill its gate's connection limit."""
+    from agentkernel import egress_forkserver
+    from agentkernel.backends import get_backend
+    from agentkernel.egress_policy import policy_for
+    from agentkernel.profiles import get_profile
+    from agentkernel.rootfs import host_rootfs
+    from agentkernel.sandbox import SandboxSpec
+
+    monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", "1")
+    monkeypatch.setenv("AGENTKERNEL_GATE_IDLE_SECONDS", "1")
+    egress_forkserver.enable()
+    policy = policy_for("egress", None, ("allowed.test",), (),
+                        tuple(h for h in hosts(upstream) if h != "--add-host"))
+    spec = SandboxSpec(name=f"refused-{os.getpid()}", profile=get_profile("moderate"),
+                       rootfs=host_rootfs(), image="host", egress=policy)
+    sandbox: Any = get_backend("namespaces").start(spec)
+    try:
+        ex = sandbox.client.exec(["python3", "-c", REFUSED, "100"],
+                                 env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        out, err, status = ex.wait(120)
+        assert status.code == 0 and out.strip() == b"done", err
+        deadline = time.monotonic() + 60
+        while egress_gate_pid(sandbox.scratch) is not None:
+            assert time.monotonic() < deadline, "a refused connection kept its gate busy"
+            time.sleep(0.1)
+    finally:
+        sandbox.destroy()

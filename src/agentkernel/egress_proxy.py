@@ -453,6 +453,10 @@ class _Conn(asyncio.Protocol):
         try:
             await self.loop.create_connection(lambda: _Up(self), self.addr, self.port)
         except (OSError, asyncio.CancelledError) as exc:
+            if self.up is not None:  # made while its connect was being cancelled (timeout)
+                self._orphan(self.up)
+                self.up = None
+                self.ends -= 1
             if not self.client.is_closing():  # (else: the client left, nothing to say)
                 why = type(exc).__name__ if isinstance(exc, OSError) else "TimeoutError"
                 self.gate.log.later(kind="tcp", host=self.host, addr=self.addr,
@@ -465,14 +469,22 @@ class _Conn(asyncio.Protocol):
                 self._done()
 
     def up_made(self, transport: Any) -> None:
+        if self.client.is_closing():  # the client left during the connect
+            self._orphan(transport)
+            return
         self.up = transport
         self.ends += 1
-        if self.client.is_closing():
-            transport.close()
-            return
         self.connected_at = self.loop.time()
         if self.judged:
             self._go()
+
+    @staticmethod
+    def _orphan(transport: Any) -> None:
+        """An upstream made as its connect was cancelled: closed, and no longer one of
+        the connection's ends (uvloop may never report the loss of a transport whose
+        create_connection was cancelled after it was made)."""
+        transport.set_protocol(asyncio.Protocol())
+        transport.abort()
 
     def up_end(self) -> None:
         self.up_eof = True
