@@ -1835,6 +1835,11 @@ static void do_find_private(const char *dir, struct private_list *out)
  * HOME a dir of theirs. Switched to after every mount, between emptying the bounding set
  * (which needs CAP_SETPCAP) and clearing the rest (a command could not switch itself). */
 static const char *run_as;
+/* --user-ns: reach the user only through a user namespace of our own (below), even where
+ * the sandbox maps its ids: gVisor started by an ordinary user maps every id inside, but
+ * its host files are all its root's (rootless runsc maps one host id), so the project
+ * shows as the user's only there. */
+static int user_ns_only;
 
 static void write_proc(const char *path, const char *text)
 {
@@ -1857,17 +1862,22 @@ static void become_user(void)
 		die("--user: mkdir %s: %s", home, strerror(errno));
 	if (getuid() == (uid_t)uid && getgid() == (gid_t)gid)
 		return;
-	if (chown(home, (uid_t)uid, (gid_t)gid) == 0) {
+	if (!user_ns_only && chown(home, (uid_t)uid, (gid_t)gid) == 0) {
 		if (setgroups(0, NULL) < 0 || setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) < 0 ||
 		    setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) < 0)
 			die("--user %lu:%lu: %s", uid, gid, strerror(errno));
+		/* Linux makes us not dumpable at that switch; gVisor does not: say it, so that
+		 * our commands (of our uid) can neither trace us nor read our memory. */
+		if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+			die("--user: dumpable: %s", strerror(errno));
 		return;
 	}
-	if (errno != EINVAL)
+	if (!user_ns_only && errno != EINVAL)
 		die("--user: chown %s: %s", home, strerror(errno));
-	/* The id is not mapped here (an ordinary user's sandbox maps one id: its root). A
-	 * user namespace of our own, below the sandbox's, shows that one id as UID/GID: the
-	 * mounts are made, and they stay the sandbox's (nothing can be mounted from here). */
+	/* The id is not mapped here (an ordinary user's sandbox maps one id: its root), or
+	 * --user-ns asks for this way. A user namespace of our own, below the sandbox's,
+	 * shows our one id as UID/GID: the mounts are made, and they stay the sandbox's
+	 * (nothing can be mounted from here). */
 	char map[64];
 	unsigned int ou = (unsigned int)getuid(), og = (unsigned int)getgid();
 	if (unshare(CLONE_NEWUSER) < 0)
@@ -1875,7 +1885,9 @@ static void become_user(void)
 	/* Its new capabilities made us not dumpable, and our /proc/self files root's. */
 	if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
 		die("--user: dumpable: %s", strerror(errno));
-	write_proc("/proc/self/setgroups", "deny");
+	/* gVisor has no setgroups file (nor a setgroups(2) that would undo the map). */
+	if (access("/proc/self/setgroups", F_OK) == 0 || errno != ENOENT)
+		write_proc("/proc/self/setgroups", "deny");
 	snprintf(map, sizeof(map), "%lu %u 1", uid, ou);
 	write_proc("/proc/self/uid_map", map);
 	snprintf(map, sizeof(map), "%lu %u 1", gid, og);
@@ -2204,7 +2216,7 @@ static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
 	    "  [--hold FD] [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
-	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps [--user UID:GID:HOME]]\n"
+	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps [--user UID:GID:HOME [--user-ns]]]\n"
 	    "  [--lock-listen-dir]\n"
 	    "  [--pids-max N] [--seccomp FILE]\n"
 	    "  [--insmod FILE[,FILE..]].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
@@ -2242,6 +2254,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--drop-caps")) caps = 1, takes = 0;
 		else if (!strcmp(a, "--lock-listen-dir")) lock_listen_dir = 1, takes = 0;
 		else if (!strcmp(a, "--cover-proc")) proc_cover = 1, takes = 0;
+		else if (!strcmp(a, "--user-ns")) user_ns_only = 1, takes = 0;
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
 		else if (!strcmp(a, "--poweroff")) vm_poweroff = 1, takes = 0;
 		else if (!strcmp(a, "--reconnect")) vport_reconnect = 1, takes = 0;
@@ -2287,6 +2300,8 @@ int main(int argc, char **argv)
 		die("--reconnect needs --vport");
 	if (run_as && !caps)
 		die("--user needs --drop-caps");
+	if (user_ns_only && !run_as)
+		die("--user-ns needs --user");
 
 	if (getpid() == 1)
 		is_init = 1;

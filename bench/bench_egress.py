@@ -25,6 +25,7 @@ ratio gate / slirp4netns of that round (min, median, max over the rounds) beside
 ratio of the p50s.
 Usage: .venv/bin/python bench/bench_egress.py [-n ROUNDS] [--starts N] [--https-only]
        [--against DIR] [--json FILE]
+       .venv/bin/python bench/bench_egress.py --oneshot N   (whole CLI runs without a daemon)
 """
 
 from __future__ import annotations
@@ -324,29 +325,120 @@ def ratio_lines(results: dict[str, dict[str, list[float]]]) -> list[str]:
 
 def sandbox_starts(n: int) -> dict[str, list[float]]:
     """Milliseconds of a namespaces sandbox's start + destroy, interleaved: moderate with
-    the gate from the fork server, with a fresh gate interpreter, and without network."""
+    the gate from the fork server, as a one-shot run's (on demand, without a server: no
+    gate until the first connection), with a fresh gate interpreter started with the
+    sandbox (AGENTKERNEL_GATE_FORKSERVER=0), and without network."""
+    from agentkernel import egress_forkserver
     from agentkernel.backends import get_backend
     from agentkernel.profiles import get_profile
     from agentkernel.rootfs import host_rootfs
     from agentkernel.sandbox import SandboxSpec
 
     backend = get_backend("namespaces")
-    times: dict[str, list[float]] = {"gate (fork server)": [], "gate (fresh)": [],
-                                     "no network": []}
+    times: dict[str, list[float]] = {"gate (fork server)": [], "gate (one-shot)": [],
+                                     "gate (fresh)": [], "no network": []}
+    env = {"gate (fresh)": "0", "gate (one-shot)": ""}
+    enabled = egress_forkserver._enabled
     for i in range(n + 1):  # the first round warms caches: not counted
         for kind in times:
             profile = get_profile("moderate")
             if kind == "no network":
                 profile = profile.with_overrides(network=False)
-            # The fork server is asked for each gate unless this says no (read per start).
-            os.environ["AGENTKERNEL_GATE_FORKSERVER"] = "0" if kind == "gate (fresh)" else "1"
+            # The fork server is asked for each gate unless this says no (read per start);
+            # a one-shot run's process has none (never enabled).
+            os.environ["AGENTKERNEL_GATE_FORKSERVER"] = env.get(kind, "1")
+            egress_forkserver._enabled = enabled and kind != "gate (one-shot)"
             spec = SandboxSpec(name=f"bench-{os.getpid()}-{i}-{len(kind)}", profile=profile,
                                rootfs=host_rootfs(), image="host")
             t = time.perf_counter()
             backend.start(spec).destroy()
             if i:
                 times[kind].append((time.perf_counter() - t) * 1000)
+    egress_forkserver._enabled = enabled
     return times
+
+
+# Runs the CLI as a subreaper: a gate the run started and left to end with its sandbox
+# (reparented to us) is waited for, so its CPU counts. Prints wall ms and CPU ms.
+SUBREAPER = r"""
+import ctypes, os, resource, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+t = time.perf_counter()
+code = subprocess.run(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE).returncode
+wall = (time.perf_counter() - t) * 1000
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(code, wall, (r.ru_utime + r.ru_stime) * 1000)
+"""
+
+ONESHOT_REQUEST = ("import urllib.request; urllib.request.urlopen("
+                   "'http://allowed.test:18080/', timeout=20).read()")
+
+
+def oneshot_runs(n: int, upstream: Any) -> dict[str, dict[str, list[float]]]:
+    """A newcomer's run without a daemon (AGENTKERNEL_NO_DAEMON=1), a whole CLI process
+    each, interleaved: `run -- true` without network, with a gate on demand (the default:
+    none until the first connection), and with a gate started with the sandbox (=0, as
+    before); and `run -- python3 -c <one HTTP request to an allowed host>` with each kind of
+    gate (where the on-demand gate's start-up now is). Wall ms and CPU ms (user+sys of
+    the CLI and everything it started) per run."""
+    ak = ROOT / ".venv" / "bin" / "agentkernel"
+    base = [str(ak), "run", "-q", "-B", "namespaces", "-i", "host"]
+    policy = ["--allow-host", "allowed.test", "--add-host", f"allowed.test:{upstream.addr}"]
+    kinds = {
+        # (the same flags: the CLI's own parsing of them is no cost of the gate's)
+        "true, no network": ([*base, "--no-network", *policy, "--", "true"], ""),
+        "true, gate on demand": ([*base, *policy, "--", "true"], ""),
+        "true, gate at start (=0)": ([*base, *policy, "--", "true"], "0"),
+        "one request, gate on demand": ([*base, *policy, "--", "python3", "-c",
+                                         ONESHOT_REQUEST], ""),
+        "one request, gate at start (=0)": ([*base, *policy, "--", "python3", "-c",
+                                             ONESHOT_REQUEST], "0"),
+    }
+    work = Path(tempfile.mkdtemp(prefix="ak-bench-oneshot-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTKERNEL_")}
+    env.update({"AGENTKERNEL_NO_DAEMON": "1", "AGENTKERNEL_DAEMON_AUTOSTART": "0",
+                "AGENTKERNEL_HOME": str(work / "home"),
+                "AGENTKERNEL_RUNTIME_DIR": str(work / "run")})
+    out: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in kinds}
+    try:
+        for i in range(n + 1):  # the first round warms caches: not counted
+            for kind, (argv, forkserver) in kinds.items():
+                r = subprocess.run([sys.executable, "-c", SUBREAPER, *argv], cwd=work,
+                                   env={**env, "AGENTKERNEL_GATE_FORKSERVER": forkserver},
+                                   capture_output=True, text=True, check=False, timeout=300)
+                code, wall, cpu = r.stdout.split()
+                if code != "0":
+                    raise SystemExit(f"{kind}: the run failed: {r.stderr[-500:]}")
+                if i:
+                    out[kind]["wall"].append(float(wall))
+                    out[kind]["cpu"].append(float(cpu))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def oneshot_report(runs: dict[str, dict[str, list[float]]], st: dict[str, str]) -> list[str]:
+    lines = ["# one-shot in-process runs (AGENTKERNEL_NO_DAEMON=1): whole CLI process", "",
+             *stamp_lines(st), "",
+             "| run | n | wall p50 | wall p95 | CPU p50 | CPU p95 | added wall p50 / CPU p50 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, got in runs.items():
+        base = runs["true, no network" if kind.startswith("true") else
+                    "one request, gate at start (=0)"]
+        added = (f"{pct(got['wall'], 0.5) - pct(base['wall'], 0.5):+.1f} / "
+                 f"{pct(got['cpu'], 0.5) - pct(base['cpu'], 0.5):+.1f} ms")
+        lines.append(f"| {kind} | {len(got['wall'])} | {pct(got['wall'], 0.5):.1f} ms | "
+                     f"{pct(got['wall'], 0.95):.1f} ms | {pct(got['cpu'], 0.5):.1f} ms | "
+                     f"{pct(got['cpu'], 0.95):.1f} ms | {added} |")
+    lines += ["", "(added: `true` runs against `true, no network`; request runs against the "
+              "gate started with the sandbox)"]
+    return lines
 
 
 def _row(label: str, values: list[float], base: list[float] | None, unit: str,
@@ -441,6 +533,8 @@ def main() -> int:
     parser.add_argument("--against", type=Path,
                         help="another checkout whose gate is measured in the same rounds")
     parser.add_argument("--json", type=Path, help="also write every sample (JSON) here")
+    parser.add_argument("--oneshot", type=int, metavar="N",
+                        help="only one-shot CLI runs without a daemon, N of each kind")
     args = parser.parse_args()
     if args.against is not None:
         args.against = args.against.resolve()
@@ -451,6 +545,15 @@ def main() -> int:
     from test_egress_policy import SYSTEM_PYTHON, UPSTREAM_NAMES, make_upstream
 
     st = stamp()
+    if args.oneshot:
+        with make_upstream(UPSTREAM_NAMES) as upstream:
+            upstream.serve(SYSTEM_PYTHON, str(ROOT / "tests" / "egress_upstream.py"),
+                           str(upstream.dir / "srv.pem"), str(upstream.dir / "srv.key"))
+            lines = oneshot_report(oneshot_runs(args.oneshot, upstream), st)
+        print("\n".join(lines))
+        if args.out is not None:
+            args.out.write_text("\n".join(lines) + "\n")
+        return 0
     egress_forkserver.enable()  # gates fork from the fork server, as in the daemon
     kinds = ("slirp", "gate", *(["against"] if args.against else []))
     results: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in kinds}

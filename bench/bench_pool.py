@@ -14,7 +14,7 @@ Cases (issue 10's "Performance"):
   profile and `restrictive`, in fresh processes interleaved: less noisy than wall time on
   a shared machine.
 
-Usage: .venv/bin/python bench/bench_pool.py [-n 100] [--clients 16] [--duration 10]
+Usage: .venv/bin/python bench/bench_pool.py [-n 100] [--clients 1,4,16] [--duration 10]
                                             [--profile moderate] [--pause-n 30]
                                             [--baseline-tree /work/main] [--cpu-rounds 3]
 Writes bench/results/pool-<time>.{md,json} and prints the markdown.
@@ -266,10 +266,18 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         cases[f"{tag}: POST /run, {args.pause:g}s pause between"] = back_to_back(
             port, args.pause_n, body, args.pause)
         time.sleep(1.0)
-        before_c = pool_counts(ak, env)
-        conc = concurrent(port, args.clients, args.duration, body)
-        after_c = pool_counts(ak, env)
-        cases[f"{tag}: {args.clients} concurrent clients, per run"] = conc.pop("samples")
+        concs: list[dict[str, Any]] = []
+        for clients in client_counts(args.clients):
+            before_c = pool_counts(ak, env)
+            cpu_before = tree_cpu(serve.pid)
+            conc = concurrent(port, clients, args.duration, body)
+            cpu_after = tree_cpu(serve.pid)
+            after_c = pool_counts(ak, env)
+            conc["misses"] = delta(after_c, before_c)
+            conc["cpu_ms"] = (cpu_after - cpu_before) * 1000 / max(1, conc["ok"])
+            cases[f"{tag}: {clients} concurrent clients, per run"] = conc.pop("samples")
+            concs.append(conc)
+            time.sleep(1.0)
         time.sleep(1.0)
         argv = [str(ak), "run", "-q", "-i", "host", "-B", "namespaces", "-p", args.profile,
                 "--", "true"]
@@ -284,12 +292,42 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
             serve.kill()
         log = (tmp / "serve.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(tmp, ignore_errors=True)
-    def delta(a: dict[str, int], b: dict[str, int]) -> str:
-        got = a.get("misses", -1), b.get("misses", -1)
-        return "n/a" if min(got) < 0 else str(got[0] - got[1])
+    return {"cases": cases, "concs": concs, "log": log, "misses": delta(after, before)}
 
-    return {"cases": cases, "conc": conc, "log": log, "misses": delta(after, before),
-            "conc_misses": delta(after_c, before_c)}
+
+def _proc_cpu(pid: int) -> tuple[float, list[int]]:
+    """CPU seconds of `pid` and of its reaped children, and its live children's pids."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0, []
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK"), [int(k) for k in kids]
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of the serving process and every process under it, live or reaped (its
+    sandboxes' bwrap and agents, the egress gates' fork server and the gates it reaped):
+    what the server spends on runs, whatever else the machine runs meanwhile. Only the
+    kernel's own workers (e.g. a network namespace's cleanup) are not counted."""
+    total, todo, seen = 0.0, [pid], 0
+    while todo and seen < 4096:
+        cpu, kids = _proc_cpu(todo.pop())
+        total += cpu
+        todo += kids
+        seen += 1
+    return total
+
+
+def delta(a: dict[str, int], b: dict[str, int]) -> str:
+    """Pool misses between two counts (a after b)."""
+    got = a.get("misses", -1), b.get("misses", -1)
+    return "n/a" if min(got) < 0 else str(got[0] - got[1])
+
+
+def client_counts(spec: str) -> list[int]:
+    """--clients: one count or several, comma-separated (each a case of its own)."""
+    return [int(c) for c in spec.split(",") if c.strip()]
 
 
 def main() -> int:
@@ -297,7 +335,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=100, help="back-to-back requests")
     ap.add_argument("--pause-n", type=int, default=30, help="requests with a pause")
     ap.add_argument("--pause", type=float, default=0.2)
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", default="16",
+                    help="concurrent clients; several comma-separated, e.g. 1,4,16")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--cli-n", type=int, default=20)
     ap.add_argument("--profile", default="moderate")
@@ -340,16 +379,17 @@ def main() -> int:
         md += [summary(label, samples, base) for label, samples in run["cases"].items()]
     md.append("")
     for tag, run in runs.items():
-        conc = run["conc"]
         cli = pct(run["cases"][f"{tag}: warm `agentkernel run -- true` (CLI)"], 0.5)
-        md += [f"- {tag}: back-to-back requests that found the pool empty: "
-               f"{run['misses']}/{args.n}",
-               f"- {tag}: {args.clients} concurrent clients, {args.duration:g}s: "
-               f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "
-               f"{conc['failed']} failed, {run['conc_misses']} started cold",
-               f"- {tag}: warm CLI run / venv python: {cli / base:.2f}x (goal <= 2x)"]
-        if conc["errors"]:
-            md.append(f"- {tag}: errors: {'; '.join(conc['errors'])}")
+        md.append(f"- {tag}: back-to-back requests that found the pool empty: "
+                  f"{run['misses']}/{args.n}")
+        for conc in run["concs"]:
+            md.append(f"- {tag}: {conc['clients']} concurrent clients, {args.duration:g}s: "
+                      f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "
+                      f"{conc['failed']} failed, {conc['misses']} started cold, "
+                      f"{conc['cpu_ms']:.1f} ms CPU per run (the server's whole tree)")
+            if conc["errors"]:
+                md.append(f"- {tag}: errors: {'; '.join(conc['errors'])}")
+        md.append(f"- {tag}: warm CLI run / venv python: {cli / base:.2f}x (goal <= 2x)")
         if "Traceback" in run["log"]:
             md += ["", f"{tag}: serve log tail:", "```", run["log"], "```"]
     total = cpu["daemon_start"] + cpu["daemon_destroy"] + cpu["helpers"]

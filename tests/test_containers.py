@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -762,3 +763,30 @@ def test_sweep_spares_another_data_dirs_containers(engine: str, tmp_path: Path) 
         ak("daemon", "stop", cwd=tmp_path, env=mine)
         ak("rm", name, cwd=tmp_path, env=other)
         ak("daemon", "stop", cwd=tmp_path, env=other)
+
+
+def test_a_planted_agent_socket_link_is_not_followed(engine: str, tmp_path: Path) -> None:
+    """A persistent container's root can write its control dir (its agent binds its socket
+    there): it swaps agent.sock for a symlink to a host socket, the lure. A restarted
+    daemon adopting the sandbox, and later commands, never connect to the lure (the
+    daemon would, as root, wherever the link points)."""
+    lure_path = tmp_path / "lure.sock"
+    lure = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lure.bind(str(lure_path))
+    lure.listen(8)
+    lure.setblocking(False)
+    name = f"lure-{engine}"
+    r = ak("create", name, "-B", engine, "-i", IMAGE, "-p", "moderate", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    try:
+        plant = f"rm /.ak/ctl/agent.sock && ln -s {lure_path} /.ak/ctl/agent.sock && echo ok"
+        r = ak("exec", name, "--", "sh", "-c", plant, cwd=tmp_path)
+        assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+        assert ak("daemon", "stop", cwd=tmp_path).returncode == 0
+        ak("list", cwd=tmp_path)  # a new daemon adopts the sandbox, or gives up on it
+        ak("exec", name, "--", "true", cwd=tmp_path)
+        with pytest.raises(BlockingIOError):
+            lure.accept()  # nothing ever connected to the lure
+    finally:
+        ak("rm", name, cwd=tmp_path)
+        lure.close()

@@ -26,14 +26,20 @@ RESOLVER = "192.0.2.53"  # anywhere: every DNS query is the gate's
 ROUNDS = 3
 
 
-@pytest.fixture(params=["0", "1", "1-always"],
-                ids=["own-wiring", "forkserver", "forkserver-always-on"])
+@pytest.fixture(params=["0", "1", "1-always", "-oneshot"],
+                ids=["own-wiring", "forkserver", "forkserver-always-on", "oneshot-on-demand"])
 def wiring(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A gate of its own (a one-shot run's), one forked on demand (a daemon's), one forked
-    for the sandbox's whole life (AGENTKERNEL_GATE_IDLE_SECONDS=0)."""
+    """A gate of its own started with the sandbox (AGENTKERNEL_GATE_FORKSERVER=0), one
+    forked on demand (a daemon's), one forked for the sandbox's whole life
+    (AGENTKERNEL_GATE_IDLE_SECONDS=0), and a one-shot run's (no fork server: started by
+    this process at the first query, a fresh interpreter)."""
     from agentkernel import egress_forkserver
 
-    monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", request.param[0])
+    if request.param == "-oneshot":
+        monkeypatch.delenv("AGENTKERNEL_GATE_FORKSERVER", raising=False)
+        monkeypatch.setattr(egress_forkserver, "_enabled", False)  # a CLI process's state
+    else:
+        monkeypatch.setenv("AGENTKERNEL_GATE_FORKSERVER", request.param[0])
     if request.param.endswith("always"):
         monkeypatch.setenv("AGENTKERNEL_GATE_IDLE_SECONDS", "0")
     yield request.param
@@ -103,8 +109,21 @@ def test_first_query_of_fresh_gates_is_answered(wiring: str, loopback_dns: bool,
             holder.wait()
             if gate.gate is not None:
                 gate.gate.wait(timeout=10)
+            elif wiring == "-oneshot":  # started by us: it ends with the lifeline
+                _gate_gone(scratch)
             else:  # on demand: its fork server lets go of it with the lifeline too
                 _released(scratch)
+
+
+def _gate_gone(scratch: Path) -> None:
+    import time
+
+    from sandbox_helpers import egress_gate_pid
+
+    deadline = time.monotonic() + 10
+    while egress_gate_pid(scratch) is not None:
+        assert time.monotonic() < deadline, "the gate outlived its lifeline"
+        time.sleep(0.05)
 
 
 def _released(scratch: Path) -> None:

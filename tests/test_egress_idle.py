@@ -457,8 +457,8 @@ def test_on_demand_as_an_ordinary_user(upstream: Upstream) -> None:
 def test_a_killed_daemons_sandbox_keeps_its_way_out(upstream: Upstream) -> None:
     """A daemon killed under a persistent sandbox whose gate then goes idle: its fork
     server stays for the sandbox, whose next connection gets a gate; a new daemon adopts
-    the sandbox and its `egress allow` reaches the same gate path; the server exits once
-    the sandbox is removed."""
+    the sandbox, takes it from that server (which then exits: tests/test_egress_takeover.py)
+    and its `egress allow` reaches the same gate path."""
     import signal
 
     idle = {"AGENTKERNEL_GATE_IDLE_SECONDS": IDLE}
@@ -499,7 +499,7 @@ def test_a_killed_daemons_sandbox_keeps_its_way_out(upstream: Upstream) -> None:
         ak("daemon", "stop")
     deadline = time.monotonic() + 10
     while not all(_zombie(p) for p in servers):
-        assert time.monotonic() < deadline, "the old server outlived its last sandbox"
+        assert time.monotonic() < deadline, "the old server outlived its hand-off"
         time.sleep(0.05)
 
 

@@ -90,3 +90,53 @@ def test_mounts_are_seen(tree: Path, tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", str(tree / "a")], check=True)
     assert masks(tree) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+def test_mounts_beyond_the_first_page_are_seen(tree: Path, tmp_path: Path) -> None:
+    """/proc/self/mountinfo answers one read with about a page: a mount listed after the
+    first page of a big table must count as well."""
+    fillers = [tmp_path / f"filler-{'x' * 60}-{i}" for i in range(80)]
+    for path in fillers:
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], check=True)
+    try:
+        assert len(Path("/proc/self/mountinfo").read_bytes()) > 8192
+        masks(tree)
+        masks(tree)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=700", "tmpfs", str(tree / "a")],
+                       check=True)
+        try:
+            assert masks(tree) == ["/a"]  # listed last, pages after the first
+        finally:
+            subprocess.run(["umount", str(tree / "a")], check=True)
+    finally:
+        for path in fillers:
+            subprocess.run(["umount", str(path)], check=False)
+
+
+def test_kept_masks_watches_from_the_first_call(tree: Path) -> None:
+    rootfs = HostRootfs((), (), private_dirs=(str(tree),))
+    assert rootfs_watch.kept_masks(rootfs) == () and cached(tree)  # a daemon: kept at once
+    (tree / "a" / "key").write_text("x")
+    (tree / "a" / "key").chmod(0o600)
+    got = rootfs_watch.kept_masks(rootfs)
+    assert got is not None and [m.path for m in got] == [str(tree / "a" / "key")]
+    assert got == rootfs.private_masks()
+
+
+def test_kept_masks_is_none_where_the_walk_cannot_be_watched(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No watch left for this user: None (the caller's own walk, the agent's, serves), and
+    no walk per call for a while after."""
+    rootfs = HostRootfs((), (), private_dirs=(str(tree),))
+    starts = []
+
+    def refuse(_rootfs: HostRootfs) -> None:
+        starts.append(1)
+        return None
+
+    monkeypatch.setattr(rootfs_watch._Watched, "start", staticmethod(refuse))
+    assert rootfs_watch.kept_masks(rootfs) is None
+    assert rootfs_watch.kept_masks(rootfs) is None
+    assert len(starts) == 1

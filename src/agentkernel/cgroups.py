@@ -289,6 +289,20 @@ def scoped_names(prefix: str, support: CgroupSupport | None = None) -> list[str]
     return sorted(names)
 
 
+_parents: set[str] = set()  # agentkernel/ dirs this process made or found (Cgroup._make)
+_files: dict[tuple[str, str], bool] = {}  # (hierarchy, control file) -> the kernel has it
+
+
+def _has(group: Path, filename: str) -> bool:
+    """Whether groups of `group`'s hierarchy have the control file `filename` (a fact of
+    the kernel and its boot options, looked up once per hierarchy)."""
+    key = (str(group.parent.parent), filename)
+    got = _files.get(key)
+    if got is None:
+        got = _files[key] = (group / filename).exists()
+    return got
+
+
 def _write(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -298,13 +312,11 @@ def _write(path: Path, value: str) -> None:
 
 
 def _pids_in(directory: Path) -> list[int]:
-    """The pids in the group `directory` and every group below it (os.walk reads the
-    entries' types from the directory: no stat of each group's ~30 control files, as
-    rglob did, at every sandbox's teardown)."""
+    """The pids in the group `directory` and every group below it."""
     pids: list[int] = []
-    for top, _dirs, _files in os.walk(directory):
+    for top in (str(directory), *_subgroups(directory)):
         try:
-            with open(os.path.join(top, "cgroup.procs")) as f:
+            with open(os.path.join(top, "cgroup.procs"), "rb") as f:
                 pids.extend(int(p) for p in f.read().split())
         except OSError:
             continue
@@ -374,23 +386,39 @@ class Cgroup:
                     _write(base / "cgroup.subtree_control", enable)
                     parent.mkdir(exist_ok=True)
                     _write(parent / "cgroup.subtree_control", enable)
-                else:
-                    parent.mkdir(exist_ok=True)
                 path = parent / dirname
-                if path.exists():
-                    # Left over from a crash. Only an empty one goes: one with processes is
-                    # not ours to kill on a guess (the daemon removes those it recorded).
-                    if _pids_in(path):
-                        raise SandboxError(f"cgroup {path} exists and has running processes "
-                                           f"(another sandbox named {name!r}?)")
-                    cls(name, {path: h}, ()).destroy()
-                path.mkdir()
+                cls._make(path, h, name)
                 dirs[path] = h
                 group._apply(path, h.version, ctrls, limits)
         except BaseException:
             group.destroy()  # only the dirs made here (a v1 hierarchy each)
             raise
         return group
+
+    @classmethod
+    def _make(cls, path: Path, h: Hierarchy, name: str) -> None:
+        """mkdir the group `path`. Its parent (agentkernel/) is made once per process and
+        hierarchy, and made again only if it went: a sandbox's start tries no mkdir that
+        fails, nor a stat first."""
+        parent = str(path.parent)
+        if parent not in _parents:
+            os.makedirs(parent, exist_ok=True)
+            _parents.add(parent)
+        try:
+            os.mkdir(path)
+        except FileNotFoundError:  # the parent was removed meanwhile
+            _parents.discard(parent)
+            os.makedirs(parent, exist_ok=True)
+            _parents.add(parent)
+            os.mkdir(path)
+        except FileExistsError:
+            # Left over from a crash. Only an empty one goes: one with processes is not
+            # ours to kill on a guess (the daemon removes those it recorded).
+            if _pids_in(path):
+                raise SandboxError(f"cgroup {path} exists and has running processes "
+                                   f"(another sandbox named {name!r}?)") from None
+            cls(name, {path: h}, ()).destroy()
+            os.mkdir(path)
 
     @classmethod
     def open(cls, name: str, support: CgroupSupport | None = None) -> Cgroup:
@@ -411,7 +439,7 @@ class Cgroup:
         if version == 2:
             if "memory" in ctrls and mem is not None:
                 _write(path / "memory.max", str(mem))
-                if (path / "memory.swap.max").exists():  # absent without swap accounting
+                if _has(path, "memory.swap.max"):  # absent without swap accounting
                     _write(path / "memory.swap.max", "0")
             if "pids" in ctrls and pids is not None:
                 _write(path / "pids.max", str(pids))
@@ -421,7 +449,7 @@ class Cgroup:
             return
         if "memory" in ctrls and mem is not None:
             _write(path / "memory.limit_in_bytes", str(mem))
-            if (path / "memory.memsw.limit_in_bytes").exists():
+            if _has(path, "memory.memsw.limit_in_bytes"):
                 # memsw counts memory + swap; it must be set after (and >=) the plain limit.
                 _write(path / "memory.memsw.limit_in_bytes", str(mem))
             else:
@@ -616,7 +644,19 @@ def rlimit_floor(limits: Limits, enforced: Collection[str] = ()) -> list[tuple[i
     return out
 
 
-def _subgroups(group: Path) -> list[str]:
-    """The groups below `group`, deepest first (os.walk reads the entries' types from the
-    directory: no stat of each of a group's ~30 control files, as rglob did)."""
-    return [top for top, _dirs, _files in os.walk(group, topdown=False) if top != str(group)]
+def _subgroups(group: Path | str, depth: int = 0) -> list[str]:
+    """The groups below `group`, deepest first. One scandir per group, its entries' types
+    read from the directory (no stat of each of a group's ~30 control files), and none of
+    os.walk's generator machinery: this runs at every sandbox's teardown."""
+    out: list[str] = []
+    if depth > 64:
+        return out
+    try:
+        with os.scandir(group) as it:
+            subs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return out
+    for sub in subs:
+        out += _subgroups(sub, depth + 1)
+        out.append(sub)
+    return out

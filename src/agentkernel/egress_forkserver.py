@@ -15,7 +15,9 @@ readability, never reading them; the first readiness forks its gate (egress_chil
 activated_main, the fds at A_TARGETS, nothing else open), which serves until idle and
 exits; the server then polls again. Its memory holds nothing of any sandbox's but fd
 numbers (every gate it forks inherits it). It is single-threaded, so forking it is safe;
-it exits once its socket's other end is closed and it holds no sandbox. Children share
+it exits once its socket's other end is closed and it holds no sandbox. A daemon's
+server also listens in the daemon's runtime dir, where the daemon after a killed one takes
+its sandboxes over (`take_over`): then it exits. Children share
 its address-space layout (as any forked process does); docs/security.md says so, and what
 gates on demand trade.
 
@@ -33,12 +35,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    import socket
 
 # Where a forked gate finds its fds: stdin 0, stdout 1 (/dev/null), stderr 2, then these.
 READY_FD, EXIT_FD, CARRIER_FD = 3, 4, 5
@@ -70,10 +74,17 @@ WIRE_TIMEOUT = 15.0  # seconds for the tools and listeners of one namespace
 IDLE_SECONDS = 30.0  # an activated gate's default idle time before it exits
 
 ADOPTED_SIGNAL = signal.SIGUSR1  # to a serving gate re-registered with a new server
+# A daemon's server also listens on a unix socket in the daemon's private runtime dir
+# (`enable(rendezvous)`), for the daemon that follows a killed one (`take_over`):
+TAKE, TAKEN = b"T", b"K"  # hand me your sandboxes; done, let them go
+BOX, BOX_GATE = b"b", b"B"  # one sandbox's fds (BOX_GATE: then a pidfd of its serving gate)
+HANDOFF_TIMEOUT = 10.0  # seconds for one hand-off conversation (the server waits on it)
+RENDEZVOUS_MAX = 64  # sockets looked at by one take-over
 
 _lock = threading.Lock()
 _server: _Server | None = None
 _enabled = False
+_rendezvous: str | None = None  # where a daemon's servers listen (enable)
 
 
 class GateProcess(subprocess.Popen[bytes]):
@@ -124,22 +135,31 @@ class GateProcess(subprocess.Popen[bytes]):
 class _Server:
     """The daemon's (or CLI's) handle on its fork server."""
 
-    def __init__(self) -> None:
+    def __init__(self, rendezvous: str | None = None) -> None:
+        import socket
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener, self.path = _bind_rendezvous(rendezvous)
         paths = [p for p in sys.path if p]
+        extra = "" if listener is None else f", {listener.fileno()}, {self.path!r}"
         code = (f"import sys; sys.path[:0] = {paths!r}; "
-                f"from agentkernel.egress_forkserver import serve; serve({theirs.fileno()})")
+                f"from agentkernel.egress_forkserver import serve; "
+                f"serve({theirs.fileno()}{extra})")
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-S", "-c", code], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),), close_fds=True, start_new_session=True,
+                pass_fds=(theirs.fileno(), *([] if listener is None else [listener.fileno()])),
+                close_fds=True, start_new_session=True,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
         except BaseException:
             ours.close()
+            self.unlink()
             raise
         finally:
             theirs.close()
+            if listener is not None:
+                listener.close()
         ours.settimeout(TIMEOUT)
         self.sock = ours
         try:  # its death, for the watcher (poll, not waitpid: Popen reaps it)
@@ -147,7 +167,16 @@ class _Server:
         except OSError:
             self.pidfd = -1
 
+    def unlink(self) -> None:
+        """Its rendezvous socket's name gone (the server is dead, or never started)."""
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
+
     def fork(self, request: bytes, fds: list[int]) -> GateProcess:
+        import socket
+
         socket.send_fds(self.sock, [request], fds)
         msg, got, flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 1)
         if not msg.startswith(b"p") or len(got) != 1 or flags & socket.MSG_CTRUNC:
@@ -158,6 +187,8 @@ class _Server:
 
     def ask(self, request: bytes, fds: list[int]) -> bytes:
         """A request answered without fds (a registration)."""
+        import socket
+
         socket.send_fds(self.sock, [request], fds)
         msg, got, _flags, _addr = socket.recv_fds(self.sock, MAX_MSG, 1)
         for fd in got:
@@ -173,6 +204,38 @@ class _Server:
             self.pidfd = -1
 
 
+def _bind_rendezvous(where: str | None) -> tuple[socket.socket | None, str | None]:
+    """A socket for a daemon's fork server to listen on, bound under a random name in
+    `where` (a 0700 dir of ours in the daemon's private runtime dir, which every sandbox
+    has masked): how the daemon after a killed one reaches it (`take_over`). (None, None)
+    without `where` or where none can be had (a path too long for a unix socket): then no
+    later daemon takes this server's sandboxes, as before."""
+    import socket
+    import stat
+
+    if where is None:
+        return None, None
+    with contextlib.suppress(FileExistsError, OSError):
+        os.mkdir(where, 0o700)
+    try:
+        st = os.lstat(where)
+    except OSError:
+        return None, None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return None, None  # not a private dir of ours: no rendezvous
+    path = os.path.join(where, os.urandom(8).hex())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:  # bound here, listened on by the server: a client's SO_PEERCRED names the server
+        sock.bind(path)
+        os.chmod(path, 0o600)
+    except OSError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None, None
+    return sock, path
+
+
 def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
           ) -> GateProcess | None:
     """A gate forked by this process's fork server (started on first use), with these fds
@@ -183,8 +246,22 @@ def spawn(stdin: int, stderr: int, ready: int, exit_fd: int, carrier: int
 
 def activating() -> bool:
     """Are gates started on demand (`register`) rather than one per sandbox for its
-    whole life? With the fork server, unless AGENTKERNEL_GATE_IDLE_SECONDS is 0."""
-    return _wanted() and idle_seconds() > 0
+    whole life, started with it? With the fork server, unless
+    AGENTKERNEL_GATE_IDLE_SECONDS is 0; in a process without one (a one-shot run), unless
+    AGENTKERNEL_GATE_FORKSERVER is 0: its sandbox's gate is then started at the sandbox's
+    first use of the network, as a fresh interpreter (`_start_here`)."""
+    return (_wanted() and idle_seconds() > 0) or _here()
+
+
+def _here() -> bool:
+    """Does this process start its gates on demand itself (no fork server)?"""
+    return not _wanted() and os.environ.get("AGENTKERNEL_GATE_FORKSERVER", "") != "0"
+
+
+def activated_idle() -> float:
+    """An activated gate's idle time (its config's "idle"): 0 for one this process starts
+    itself (no server polls the listeners after it: it serves for the sandbox's life)."""
+    return 0.0 if _here() else idle_seconds()
 
 
 def idle_seconds() -> float:
@@ -207,6 +284,8 @@ def register(fds: list[int]) -> int | None:
     them (never their contents) while the sandbox lives, to hand them to a new server if
     this one dies (`_reregister`)."""
     global _server
+    if _here():
+        return _start_here(fds)
     if not _wanted():
         return None
     with _lock:
@@ -221,6 +300,65 @@ def register(fds: list[int]) -> int | None:
                 return int(msg[1:])
             return None
     return None
+
+
+# --- a one-shot run's gate on demand, without a fork server ---------------------------------
+
+
+def _start_here(fds: list[int]) -> int | None:
+    """A process without a fork server (a one-shot run): a thread of ours polls the
+    sandbox's listeners as a server would (never reading them) and, at the first byte,
+    starts its gate as a fresh interpreter with these fds (`_first_use`). A run whose
+    command never uses the network starts no gate at all: the gate's start-up (~100 ms of
+    CPU: an interpreter, asyncio, ssl) is no longer on every sandbox's start. The fds stay
+    the caller's to close (the thread holds dups); 0, or None if they cannot be had."""
+    dups: list[int] = []
+    try:
+        for fd in fds:
+            dups.append(os.dup(fd))
+        threading.Thread(target=_first_use, args=(dups,), name="ak-gate-on-demand",
+                         daemon=True).start()
+    except (OSError, RuntimeError):
+        for fd in dups:
+            os.close(fd)
+        return None
+    return 0
+
+
+def _first_use(fds: list[int]) -> None:
+    """The thread of `_start_here`: until a listener is readable (then the gate starts,
+    and the thread reaps it once the sandbox ended it) or the sandbox is gone first."""
+    import select
+
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        poller = select.poll()
+        for fd in [*fds[:A_LISTENERS], fds[3]]:
+            poller.register(fd, select.POLLIN)
+        events = {fd for fd, _ev in poller.poll()}
+        if fds[3] not in events:  # (the lifeline's end: the sandbox is gone)
+            proc = _fresh_gate(fds)
+    except OSError:
+        pass  # no gate: the sandbox's connections wait in the listeners, then fail closed
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if proc is not None:
+        proc.wait()
+
+
+def _fresh_gate(fds: list[int]) -> subprocess.Popen[bytes]:
+    """An activated gate as a fresh interpreter (our own, without site): the child of a
+    fork server's, with the same fds (passed at the same numbers, placed at A_TARGETS by
+    `_activated_child`), its stderr the sandbox's egress-gate.err from the start."""
+    paths = [p for p in sys.path if p]
+    code = (f"import sys; sys.path[:0] = {paths!r}; "
+            f"from agentkernel.egress_forkserver import _activated_child; "
+            f"_activated_child({fds!r})")
+    return subprocess.Popen(
+        [sys.executable, "-S", "-c", code], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=fds[9], pass_fds=fds, close_fds=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
 
 # --- the starter's side of a dead server: its sandboxes re-registered with a new one -------
@@ -353,17 +491,146 @@ def _running_gates(listeners: list[int]) -> dict[int, int]:
     return found
 
 
+# --- a restarted daemon: the sandboxes a killed one registered, taken from its server ------
+
+
+def take_over() -> list[str]:
+    """After a restart (the daemon before this one was killed): every fork server a
+    daemon of ours left in the rendezvous dir (`enable`) hands its sandboxes to this
+    process's server, with a pidfd of each gate still serving, and exits; this process
+    holds dups of their fds as of those it registered itself, so its watcher re-registers
+    them if its own server dies. What happened, for the daemon's recovery notes.
+
+    Both ends authenticate: the server serves only a peer of its own user in its own user
+    and pid namespaces (`peer.refusal`: never a sandbox, never another user, who cannot
+    reach the 0700 dir either), and only once its starter is gone; we take fds only from
+    a process of ours named SERVER_COMM, in our namespaces."""
+    if _rendezvous is None or not _wanted():
+        return []
+    try:
+        names = sorted(n for n in os.listdir(_rendezvous) if _is_rendezvous_name(n))
+    except OSError:
+        return []
+    notes = []
+    with _lock:
+        try:
+            server = _ensure()
+        except OSError as exc:
+            return [f"egress gates: no fork server to take over with ({exc})"]
+        for name in names[:RENDEZVOUS_MAX]:
+            path = os.path.join(_rendezvous, name)
+            if path != server.path:
+                note = _take_from(path, server)
+                if note:
+                    notes.append(note)
+    return notes
+
+
+def _is_rendezvous_name(name: str) -> bool:
+    return len(name) == 16 and all(c in "0123456789abcdef" for c in name)
+
+
+def _take_from(path: str, server: _Server) -> str | None:
+    """(Under _lock.) One old server's sandboxes moved to `server`; a note, if any."""
+    import socket
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.settimeout(HANDOFF_TIMEOUT)
+    try:
+        conn.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        conn.close()  # its server is gone (killed): only the name was left
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    except OSError as exc:
+        conn.close()
+        return f"egress gates: cannot reach a fork server left at {path}: {exc}"
+    boxes: list[tuple[bool, list[int]]] = []
+    try:
+        why = _not_our_server(conn)
+        if why is not None:
+            return f"egress gates: refused {path}: {why}"
+        conn.send(TAKE)
+        boxes = _receive_boxes(conn)
+        for adopt, fds in boxes:
+            reply = server.ask(REGISTER + (ADOPT if adopt else b""), fds)
+            if not (reply.startswith(b"r") and reply[1:].isdigit()):
+                raise OSError(f"our fork server answered {reply[:64]!r}")
+            _hold(fds[:-1] if adopt else fds)
+        conn.send(TAKEN)
+        return (f"egress gates: took {len(boxes)} sandbox(es) from a killed daemon's fork "
+                "server") if boxes else None
+    except OSError as exc:  # (no TAKEN: the old server keeps serving them all)
+        return f"egress gates: a killed daemon's fork server kept its sandboxes ({exc})"
+    finally:
+        conn.close()
+        for _adopt, fds in boxes:
+            for fd in fds:
+                os.close(fd)
+
+
+def _not_our_server(conn: socket.socket) -> str | None:
+    """Why the peer of `conn` is not a fork server of ours (None if it is)."""
+    import socket
+    import struct
+
+    from .peer import refusal
+
+    why = refusal(conn)
+    if why is not None:
+        return why
+    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                              struct.calcsize("3i")))[0]
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return "its process is gone"
+    return None if comm == SERVER_COMM else f"not a gate fork server ({comm[:32]!r})"
+
+
+def _receive_boxes(conn: socket.socket) -> list[tuple[bool, list[int]]]:
+    """An old server's sandboxes (BOX / BOX_GATE messages, then b"." and their count):
+    (with a gate's pidfd last?, fds). OSError on anything else (the fds closed)."""
+    import socket
+
+    boxes: list[tuple[bool, list[int]]] = []
+    try:
+        while True:
+            msg, fds, flags, _addr = socket.recv_fds(conn, MAX_MSG, MAX_FDS + 1)
+            gate = msg == BOX_GATE
+            if (msg in (BOX, BOX_GATE) and not flags & socket.MSG_CTRUNC
+                    and MIN_FDS + gate <= len(fds) <= MAX_FDS + gate
+                    and len(boxes) < HELD_MAX):
+                boxes.append((gate, fds))
+                continue
+            for fd in fds:
+                os.close(fd)
+            if msg == b".%d" % len(boxes):
+                return boxes
+            raise OSError(f"the old fork server answered {msg[:64]!r}")
+    except BaseException:
+        for _gate, fds in boxes:
+            for fd in fds:
+                os.close(fd)
+        raise
+
+
 def server_pid() -> int | None:
     """This process's fork server's pid, if it has one (tests, benchmarks)."""
     with _lock:
         return _server.proc.pid if _server is not None else None
 
 
-def enable() -> None:
+def enable(rendezvous: str | None = None) -> None:
     """Fork this process's gates from a fork server from now on, and start the server now
-    (its imports run while this process does other things)."""
-    global _enabled
+    (its imports run while this process does other things). A daemon names `rendezvous`
+    (a dir in its private runtime dir): its servers listen there for the daemon that
+    follows it if it is killed (`take_over`)."""
+    global _enabled, _rendezvous
     _enabled = True
+    _rendezvous = rendezvous
     if not _wanted():
         return
     with _lock, contextlib.suppress(OSError):
@@ -384,8 +651,9 @@ def _ensure() -> _Server:
     dead = _server is not None
     if _server is not None:
         _server.close()
+        _server.unlink()  # dead: no daemon will find it there
         _server = None
-    _server = _Server()
+    _server = _Server(_rendezvous)
     if dead and _held:
         _reregister(_server)
     return _server
@@ -424,6 +692,7 @@ def wire(netns: int, userns: int, steps: list[tuple[list[str], str]], address: s
     With `netlink` (egress_netlink.wire_here's arguments), the child wires over netlink
     instead of running the steps, which it runs only where the kernel has no nf_tables."""
     import json
+    import socket
 
     from .errors import SandboxError
 
@@ -471,16 +740,18 @@ def shutdown() -> None:
 # --- the fork server's side ----------------------------------------------------------------
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, rendezvous: int = -1, path: str = "") -> None:
     """The fork server's loop: one child per request (a gate, or a namespace's wiring),
     and the registered sandboxes' gates on demand, until the socket's other end closes
-    and no registered sandbox is left."""
+    and no registered sandbox is left. A daemon's server also listens on `rendezvous`
+    (bound at `path`) for the next daemon, should its own be killed (`take_over`)."""
     import ctypes  # noqa: F401 - the gate's privilege drop (egress_proxy._drop)
     import gc
     import resource
+    import socket
 
-    # A gate's imports, and a wiring child's (egress_netlink).
-    from . import egress_audit, egress_child, egress_netlink, egress_proxy  # noqa: F401
+    # A gate's imports, a wiring child's (egress_netlink), and the hand-off's peer check.
+    from . import egress_audit, egress_child, egress_netlink, egress_proxy, peer  # noqa: F401
     from .egress import denied_networks, host_addresses
 
     _set_comm(SERVER_COMM)
@@ -495,7 +766,13 @@ def serve(fd: int) -> None:
     # The warmed-up heap is the gates' shared one: no collection (in the server or in a
     # long-lived gate) walks those objects again, which would write to each one's page.
     gc.freeze()
-    _Loop(socket.socket(fileno=fd)).run()
+    listener = socket.socket(fileno=rendezvous) if rendezvous >= 0 else None
+    try:
+        _Loop(socket.socket(fileno=fd), listener).run()
+    finally:
+        if listener is not None and path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 class _Box:
@@ -518,12 +795,17 @@ class _Loop:
     its listeners polled for readiness (never read: the server takes no byte of a
     sandbox's), its lifeline, and its gate's pidfd while one runs."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, rendezvous: socket.socket | None = None) -> None:
         import select
 
         self.sock = sock
         self.poller = select.poll()  # not select(): hundreds of sandboxes pass FD_SETSIZE
         self.poller.register(sock, select.POLLIN)
+        self.rendezvous = rendezvous  # where the daemon after a killed starter asks
+        if rendezvous is not None:
+            rendezvous.listen(4)  # here: whoever connects sees our credentials, not our starter's
+            rendezvous.setblocking(False)
+            self.poller.register(rendezvous, select.POLLIN)
         self.boxes: dict[int, _Box] = {}  # registration number -> box
         self.watch: dict[int, tuple[int, str]] = {}  # polled fd -> (registration, role)
         self.serial = 0
@@ -539,6 +821,8 @@ class _Loop:
             for fd, _events in self.poller.poll(max(0, round(timeout * 1000))):
                 if fd == self.sock.fileno():
                     self._request()
+                elif self.rendezvous is not None and fd == self.rendezvous.fileno():
+                    self._hand_off()
                 elif fd in self.watch:
                     reg, role = self.watch[fd]
                     self._event(reg, role)
@@ -557,8 +841,11 @@ class _Loop:
                 self.watch.pop(fd, None)
 
     def _request(self) -> None:
+        import socket
+
         try:
-            msg, fds, flags, _addr = socket.recv_fds(self.sock, MAX_MSG, MAX_FDS)
+            # (an adoption's registration carries a gate's pidfd after a sandbox's 11 fds)
+            msg, fds, flags, _addr = socket.recv_fds(self.sock, MAX_MSG, MAX_FDS + 1)
         except OSError:
             msg, fds, flags = b"", [], 0
         if not msg:
@@ -602,6 +889,58 @@ class _Loop:
         if self.starter:
             self.starter = False
             self.poller.unregister(self.sock)
+
+    def _hand_off(self) -> None:
+        """A daemon after our killed starter asks for our sandboxes (`take_over`): each
+        one's fds (and its serving gate's pidfd), then, once it says it registered them
+        all with its own server, we let them go (their gates run on) and exit. Only for a
+        peer of our user in our own user and pid namespaces (never a sandbox), and only
+        once our starter is gone; a peer that hangs up or stalls changes nothing."""
+        import socket
+
+        from .peer import refusal
+
+        assert self.rendezvous is not None
+        try:
+            conn, _addr = self.rendezvous.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.settimeout(HANDOFF_TIMEOUT)
+                why = refusal(conn)
+                if why is None and self._starter_alive():
+                    why = "its starter still holds it"
+                if conn.recv(16) != TAKE or why is not None:
+                    conn.send(b"e" + (why or "bad request").encode()[:200])
+                    return
+                for box in self.boxes.values():
+                    gate = [box.pidfd] if box.pid else []
+                    socket.send_fds(conn, [BOX_GATE if gate else BOX], [*box.fds, *gate])
+                conn.send(b".%d" % len(self.boxes))
+                if conn.recv(16) != TAKEN:
+                    return
+            except OSError:
+                return
+        for reg, box in list(self.boxes.items()):
+            self._drop(reg, box, kill=False)
+
+    def _starter_alive(self) -> bool:
+        """Does our starter still hold its end? (Its hang-up may not be read yet.)"""
+        import socket
+
+        if not self.starter:
+            return False
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                self._starter_gone()
+                return False
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._starter_gone()
+            return False
+        return True
 
     def _register(self, fds: list[int], gate: int = -1) -> None:
         """A sandbox to hold; with `gate` (a pidfd: re-registered after our predecessor
@@ -675,13 +1014,15 @@ class _Loop:
                 box.retry_at = 0.0
                 self._listen(reg, box, True)
 
-    def _drop(self, reg: int, box: _Box) -> None:
-        """The sandbox is gone: its gate (which ends with the lifeline too) and fds go."""
+    def _drop(self, reg: int, box: _Box, kill: bool = True) -> None:
+        """The sandbox is gone: its gate (which ends with the lifeline too) and fds go.
+        Without `kill` (handed off to another server): its gate runs on."""
         import signal
 
         if box.pid:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(box.pidfd, signal.SIGKILL)
+            if kill:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(box.pidfd, signal.SIGKILL)
             self.poller.unregister(box.pidfd)
             self.watch.pop(box.pidfd, None)
             os.close(box.pidfd)
@@ -796,6 +1137,7 @@ def _wire_child(server: socket.socket, payload: bytes, fds: list[int]) -> None:
     import ctypes
     import fcntl
     import json
+    import socket
 
     from .egress_child import listeners_here
     from .egress_proxy import DNS_PORT, TCP_PORT

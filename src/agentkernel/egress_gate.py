@@ -351,9 +351,11 @@ def _wire_netlink(netns: int, loopback_dns: bool) -> tuple[int, int] | None:
 
 def _secrets_for(policy: Policy) -> list[dict[str, object]]:
     """What the gate needs of each secret, values read from the host's store now."""
+    out: list[dict[str, object]] = []
+    if not policy.secrets:
+        return out  # (no secrets store to import)
     from .secrets_store import load
 
-    out: list[dict[str, object]] = []
     for grant in policy.secrets:
         if not grant.placeholder:
             continue  # a pooled sandbox's slot: its secret comes with its run (grant)
@@ -404,8 +406,6 @@ class GateStart:
     `wait()` returns None (no gate process until the sandbox first uses the network)."""
 
     def __init__(self, scratch: Path, *, exit_fd: int) -> None:
-        import socket
-
         self._tools: dict[str, str] | None = None
         self.scratch = scratch
         self.exit_fd = exit_fd
@@ -427,6 +427,8 @@ class GateStart:
                 os.close(self.exit_fd)
                 raise
             return
+        import socket
+
         self.ready_r, self.ready_w = os.pipe()
         self.fds, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -582,7 +584,7 @@ class GateStart:
         from . import egress_forkserver
         from .egress_audit import AuditWriter
 
-        cfg = {**cfg, "idle": egress_forkserver.idle_seconds()}
+        cfg = {**cfg, "idle": egress_forkserver.activated_idle()}
         ours: list[int] = []
         control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

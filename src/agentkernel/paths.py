@@ -214,6 +214,25 @@ def connect_unix(sock: socket.socket, path: str | os.PathLike[str]) -> None:
     _via_dir(sock.connect, os.fspath(path))
 
 
+def connect_socket_file(sock: socket.socket, path: str | os.PathLike[str]) -> None:
+    """`sock.connect(path)` to the socket file at `path` itself: never through a symlink
+    in its last component, and never to anything but a socket (ConnectionRefusedError).
+
+    For a sandbox's agent socket: the dir it sits in may be writable from inside the
+    sandbox (a container's or gVisor's root), and a symlink planted in place of the
+    socket would otherwise make the daemon connect wherever it points (as root)."""
+    import errno
+    import stat
+
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"{os.fspath(path)} is not a socket")
+        sock.connect(f"/proc/self/fd/{fd}")  # the inode opened, whatever the path is now
+    finally:
+        os.close(fd)
+
+
 def _via_dir(call: Callable[[str], None], path: str) -> None:
     """call(path), through the path's directory's descriptor when the path is too long
     for a unix socket address (bind and connect both resolve /proc/self/fd/N/NAME)."""

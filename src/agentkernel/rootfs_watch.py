@@ -29,6 +29,7 @@ IN_DONT_FOLLOW = 0x02000000
 WATCH = (IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF
          | IN_MOVE_SELF | IN_DONT_FOLLOW)
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+MAX_MOUNTINFO = 4 * 1024 * 1024  # bytes of /proc/self/mountinfo read at most
 MAX_WATCHES = 16384  # a userland with more entries than this is walked every time
 
 _lock = threading.Lock()
@@ -56,6 +57,37 @@ def private_masks(rootfs: HostRootfs) -> tuple[Mask, ...]:
         return watched.masks
 
 
+UNWATCHABLE_RETRY = 60.0  # seconds before a walk that could not be watched is tried again
+_unwatchable: dict[tuple[object, ...], float] = {}  # key -> when watching it last failed
+
+
+def kept_masks(rootfs: HostRootfs) -> tuple[Mask, ...] | None:
+    """`rootfs.private_masks()` where this process keeps the walk (watched from the first
+    call: a daemon), else None, for a caller that has a walk of its own to fall back on
+    (the namespaces agent's, in C). None also for a while after watching failed (no
+    inotify instance or watch left for this user), instead of a walk in Python per call."""
+    import time
+
+    key = (rootfs.private_dirs, rootfs.masks)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            if hit.fresh():
+                return hit.masks
+            hit.close()
+            del _cache[key]
+        failed = _unwatchable.get(key)
+        if failed is not None and time.monotonic() - failed < UNWATCHABLE_RETRY:
+            return None
+        watched = _Watched.start(rootfs)
+        if watched is None:
+            _unwatchable[key] = time.monotonic()
+            return None
+        _unwatchable.pop(key, None)
+        _cache[key] = watched
+        return watched.masks
+
+
 def forget() -> None:
     """Drop every cache (tests; a daemon shutting down)."""
     with _lock:
@@ -63,6 +95,7 @@ def forget() -> None:
             hit.close()
         _cache.clear()
         _walks.clear()
+        _unwatchable.clear()
 
 
 class _Watched:
@@ -126,9 +159,20 @@ class _Unwatchable(Exception):
 
 def _mounts_at(f: IO[bytes], dirs: tuple[str, ...]) -> frozenset[tuple[str, str]]:
     """(mount id, mount point) of every mount at, under or above one of `dirs` (reading
-    the file again also re-arms its poll)."""
+    the file again also re-arms its poll). A table beyond MAX_MOUNTINFO gives an answer
+    equal to no other, so that a walk depending on it is never reused."""
     f.seek(0)
-    data = f.read(4 * 1024 * 1024)
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_MOUNTINFO:  # procfs answers a read with one page or so: to the end
+        chunk = f.read(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > MAX_MOUNTINFO:
+        return frozenset({("truncated", os.urandom(8).hex())})
+    data = b"".join(chunks)
     out = set()
     for line in data.split(b"\n"):
         fields = line.split(b" ")

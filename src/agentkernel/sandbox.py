@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .profiles import Profile
-from .rootfs import HostRootfs
+from .rootfs import HostRootfs, Mask
 
 if TYPE_CHECKING:
     from .agent.client import AgentClient
@@ -53,6 +53,10 @@ class SandboxSpec(NamedTuple):
     # audit log keys entries by name and instance: a re-created sandbox of the same name
     # never sees its predecessor's.
     instance: str = ""
+    # The root filesystem's masks with its private dirs' entries found already (a daemon's
+    # walk, kept current by rootfs_watch) for a one-shot sandbox, whose view of them is
+    # the host's; None: the backend has them found as it starts (the agent's walk).
+    found_masks: tuple[Mask, ...] | None = None
 
 
 class Sandbox:

@@ -7,7 +7,9 @@ real key; inside there is only the placeholder; $HOME survives a stop and start,
 does the key's injection (the gate reads the store again at each start), also once a new
 daemon has adopted the sandbox. `attach` and an
 interactive `run --agent` are driven through a real pseudo-terminal (the pty module):
-the window size inside is ours, a resize reaches it, the exit code passes through.
+the window size inside is ours, a resize reaches it, the exit code passes through. A kept
+gVisor agent sandbox does the same turn with `exec`, and `attach` gives a shell and the
+agent, all as uid 1000.
 """
 
 from __future__ import annotations
@@ -89,10 +91,10 @@ def agent_daemon(fake_api: FakeApi, tmp_path_factory: pytest.TempPathFactory
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _claude_turn(d: AgentDaemon, api: FakeApi) -> str:
+def _claude_turn(d: AgentDaemon, api: FakeApi, name: str = "dev") -> str:
     """One headless turn of the real Claude Code in the kept sandbox; the Bash tool's report."""
     api.log.unlink(missing_ok=True)
-    r = d.ak("exec", "dev", "--", "claude", "-p", "check the sandbox",
+    r = d.ak("exec", name, "--", "claude", "-p", "check the sandbox",
              "--dangerously-skip-permissions", timeout=240)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert "fake-model-done" in r.stdout, (r.stdout, r.stderr)
@@ -281,3 +283,45 @@ def test_create_copies_settings_and_defaults_to_this_project(agent_daemon: Agent
         assert r.stdout.strip() == "1000:1000", (r.stdout, r.stderr)
     finally:
         d.ak("remove", "dev2")
+
+
+def test_kept_gvisor_agent_sandbox(agent_daemon: AgentDaemon, fake_api: FakeApi) -> None:
+    """`create --agent -B gvisor`: the real Claude Code's turn with `exec`, a shell and the
+    agent with `attach`, all as uid 1000 with HOME /home/agent (not gVisor's root); the
+    project at its own path, its marker the caller's on the host."""
+    from sandbox_helpers import backend_available
+
+    if not backend_available("gvisor"):
+        pytest.skip("gvisor backend not installed")
+    d = agent_daemon
+    base = Path(tempfile.mkdtemp(prefix="ak-samepath-", dir="/var/lib"))
+    project = base / "project"
+    project.mkdir()
+    r = d.ak("create", "gdev", "--agent", "claude", "-B", "gvisor", "--dir", str(project),
+             *fake_api.add_hosts(), timeout=180)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    try:
+        info = {row["name"]: row for row in json.loads(d.ak("list", "--json").stdout)}
+        assert info["gdev"]["backend"] == "gvisor", info["gdev"]
+        report = _claude_turn(d, fake_api, "gdev")
+        assert report.startswith("uid=1000 host=agentkernel key=ak-secret-"), report
+        assert REAL_KEY not in report and "FOUND" not in report, report
+        assert "other-refused" in report, report
+        assert report.splitlines()[0].endswith(f" pwd={project}"), report
+        marker = project / "agent-was-here"
+        assert marker.read_text() == "edited\n" and marker.stat().st_uid == os.getuid()
+        r = d.ak("exec", "gdev", "--", "sh", "-c", "echo $HOME; id -u; uname -r")
+        home, uid, kernel = r.stdout.split()
+        assert (home, uid) == ("/home/agent", "1000") and kernel != os.uname().release, r
+        t = Terminal([*CLI, "attach", "gdev", "--shell"], _cli_env(d.env), 24, 80)
+        t.expect("@agentkernel:")
+        t.send('echo "who=$(id -u):$(id -g) $HOME"\n')
+        t.expect("who=1000:1000 /home/agent")
+        t.send("exit 7\n")
+        assert t.wait() == 7
+        t = Terminal([*CLI, "attach", "gdev", "--", "--version"], _cli_env(d.env), 24, 80)
+        t.expect("(Claude Code)", timeout=120)
+        assert t.wait() == 0
+    finally:
+        d.ak("remove", "gdev")
+        shutil.rmtree(base, ignore_errors=True)

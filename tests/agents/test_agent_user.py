@@ -274,8 +274,9 @@ def test_run_agent_settings_as_an_ordinary_user(base: Path) -> None:
 
 
 GVISOR_PROBE = """
-echo "uid=$(id -u) gid=$(id -g) home=$HOME"
+echo "uid=$(id -u) gid=$(id -g) home=$HOME $(find "$HOME" -maxdepth 0 -printf homeowner=%U:%G)"
 grep CapEff /proc/self/status
+head -c1 /proc/1/mem >/dev/null 2>&1 && echo agent-mem-read || echo agent-mem-denied
 echo x > ./mine && find . -name mine -printf "mine=%U:%G\\n"
 find . -name theirs -printf "theirs=%U\\n"
 echo y >> ./theirs 2>/dev/null && echo theirs-written || echo theirs-denied
@@ -296,12 +297,90 @@ def test_the_agent_is_not_root_on_gvisor_as_root(base: Path) -> None:
     r = ak("run", "-q", "--agent", "claude", "-B", "gvisor", "--", "sh", "-c", GVISOR_PROBE,
            cwd=project, env={"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_NO_DAEMON": "1"},
            timeout=120)
-    assert r.returncode == 0, (r.stdout, r.stderr)
-    lines = r.stdout.splitlines()
-    assert lines[0] == "uid=1000 gid=1000 home=/home/agent", r.stdout
-    assert lines[1].split() == ["CapEff:", "0000000000000000"], r.stdout
-    for expected in ("mine=1000:1000", f"theirs={NOBODY}", "theirs-denied", "tmp-ok"):
-        assert expected in lines, (expected, r.stdout, r.stderr)
+    _check_gvisor(r.stdout, r.stderr, r.returncode, project, 0)
+
+
+def _check_gvisor(out: str, err: str, code: int, project: Path, owner: int) -> None:
+    assert code == 0, (out, err)
+    lines = out.splitlines()
+    assert lines[0] == "uid=1000 gid=1000 home=/home/agent homeowner=1000:1000", out
+    assert lines[1].split() == ["CapEff:", "0000000000000000"], out
+    # (gVisor's /proc/PID/environ is 0444 for every task: the in-sandbox agent's holds
+    # only PATH. Its memory is closed to its commands, as on Linux.)
+    for expected in ("agent-mem-denied", "mine=1000:1000", f"theirs={NOBODY}",
+                     "theirs-denied", "tmp-ok"):
+        assert expected in lines, (expected, out, err)
     st = (project / "mine").stat()
-    assert (st.st_uid, st.st_gid) == (0, 0)  # the caller's, on the host
+    assert (st.st_uid, st.st_gid) == (owner, owner)  # the caller's, on the host
     assert (project / "theirs").read_text() == "another user's\n"
+
+
+
+def test_the_agent_is_not_root_on_gvisor_as_an_ordinary_user(base: Path) -> None:
+    """Rootless runsc maps one host id (the caller's, as gVisor's root): the agent is
+    still uid 1000, through a user namespace of its own below gVisor's that shows that
+    root as 1000 (`ak-agent --user-ns`): the project is its own, what it writes lands as
+    the caller's on the host, another owner's file stays nobody's and closed to it."""
+    from sandbox_helpers import backend_available
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
+            not os.access(SYSTEM_PYTHON, os.X_OK) or not backend_available("gvisor"):
+        pytest.skip("needs root (to become nobody), setpriv, the system's python3, gvisor")
+    data, project = _setup(base, NOBODY)
+    proc = ak_as_user(NOBODY, base, "run", "-q", "--agent", "claude", "-B", "gvisor", "--",
+                      "sh", "-c", GVISOR_PROBE, cwd=project,
+                      env={"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_NO_DAEMON": "1"})
+    out, err = proc.communicate(timeout=150)
+    _check_gvisor(out, err, proc.returncode, project, NOBODY)
+
+
+def _kept_gvisor(run: Callable[..., tuple[str, str, int]], project: Path, owner: int) -> None:
+    """`create --agent -B gvisor` through a daemon of the caller's: every exec in the kept
+    sandbox runs as the agent's user (gVisor keeps its layers in memory: no stop/start)."""
+    assert run("daemon", "start")[2] == 0
+    try:
+        out, err, code = run("create", "dev", "--agent", "claude", "-B", "gvisor",
+                             "--dir", str(project))
+        assert code == 0, (out, err)
+        out, err, code = run("exec", "dev", "--", "sh", "-c", GVISOR_PROBE)
+        _check_gvisor(out, err, code, project, owner)
+        out, err, code = run("exec", "dev", "--", "sh", "-c", 'echo kept > "$HOME/mark"; '
+                             'id -u; cat "$HOME/mark"')
+        assert out.split() == ["1000", "kept"], (out, err)
+    finally:
+        run("remove", "dev")
+        run("daemon", "stop")
+
+
+def test_a_kept_gvisor_agent_sandbox_is_not_root_as_root(base: Path) -> None:
+    from sandbox_helpers import backend_available
+
+    if os.geteuid() != 0 or not backend_available("gvisor"):
+        pytest.skip("needs root and the gvisor backend")
+    data, project = _setup(base, 0)
+    (base / "run").mkdir(mode=0o700)
+    env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
+           "AGENTKERNEL_DAEMON_AUTOSTART": "0", "ANTHROPIC_API_KEY": ""}
+
+    def run(*args: str) -> tuple[str, str, int]:
+        r = ak(*args, cwd=project, env=env, timeout=120)
+        return r.stdout, r.stderr, r.returncode
+
+    _kept_gvisor(run, project, 0)
+
+
+def test_a_kept_gvisor_agent_sandbox_is_not_root_as_an_ordinary_user(base: Path) -> None:
+    from sandbox_helpers import backend_available
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or \
+            not os.access(SYSTEM_PYTHON, os.X_OK) or not backend_available("gvisor"):
+        pytest.skip("needs root (to become nobody), setpriv, the system's python3, gvisor")
+    data, project = _setup(base, NOBODY)
+
+    def run(*args: str) -> tuple[str, str, int]:
+        proc = ak_as_user(NOBODY, base, *args, cwd=project,
+                          env={"AGENTKERNEL_HOME": str(data), "ANTHROPIC_API_KEY": ""})
+        out, err = proc.communicate(timeout=150)
+        return out, err, proc.returncode
+
+    _kept_gvisor(run, project, NOBODY)

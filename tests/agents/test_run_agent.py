@@ -70,8 +70,8 @@ def _check_claude_run(out: str, err: str, code: int, api: FakeApi,
     assert results, seen
     report = results[-1]
     first = report.splitlines()[0]
-    # Not uid 0 inside (agents/request.AGENT_USER), as root and as an ordinary user (on
-    # namespaces; on gVisor started by root too, rootless gVisor: its root, `uid`).
+    # Not uid 0 inside (agents/request.AGENT_USER), as root and as an ordinary user, on
+    # namespaces and gVisor.
     assert first.startswith(f"uid={uid} host=agentkernel key=ak-secret-"), report
     assert REAL_KEY not in report and "FOUND" not in report, report
     assert "other-refused" in report, report

@@ -1,6 +1,7 @@
 """`run --agent` on each backend: the real Claude Code end to end on gVisor, as root and as
-host user `nobody`, as on namespaces (tests/agents/test_run_agent.py); the microVM and
-wasm refused with their reason.
+host user `nobody`, as on namespaces (tests/agents/test_run_agent.py), its Bash tool as
+uid 1000 either way; the microVM and wasm refused with their reason. (A kept gVisor agent
+sandbox: tests/agents/test_agent_sandbox.py.)
 
 The fake model API and the checks are test_run_agent.py's; the command the fake model has
 the Bash tool run also prints the kernel release it sees, which under gVisor is the
@@ -44,16 +45,15 @@ def test_claude_headless_on_gvisor(kernel_api: FakeApi, data_home: Path,  # noqa
     r = ak("run", "-v", "--agent", "claude", "--backend", "gvisor", *kernel_api.add_hosts(), "--",
            "-p", "check the sandbox", "--dangerously-skip-permissions", cwd=project,
            timeout=240, env=_env(data_home, kernel_api, ANTHROPIC_API_KEY=REAL_KEY))
-    _check_gvisor_run(r.stdout, r.stderr, r.returncode, kernel_api, project, os.getuid(),
-                      agent_uid=1000)
+    _check_gvisor_run(r.stdout, r.stderr, r.returncode, kernel_api, project, os.getuid())
     assert "agent user: uid 1000, gid 1000, HOME /home/agent" in r.stderr, r.stderr
 
 
 def _check_gvisor_run(out: str, err: str, code: int, api: FakeApi, project: Path,
-                      uid: int, agent_uid: int) -> None:
-    """`uid`: the project's marker's owner on the host (the caller); `agent_uid`: the
-    agent's inside (1000 started by root; gVisor's root when rootless runsc maps one id)."""
-    _check_claude_run(out, err, code, api, pwd=project, uid=agent_uid)
+                      uid: int) -> None:
+    """`uid`: the project's marker's owner on the host (the caller); the agent is uid 1000
+    inside whoever started it (rootless runsc: through a user namespace of the agent's)."""
+    _check_claude_run(out, err, code, api, pwd=project, uid=1000)
     report = [r for s in api.seen() for r in s["tool_result"]][-1]  # type: ignore[union-attr]
     kernel = next(line for line in report.splitlines() if line.startswith("kernel="))
     assert kernel != f"kernel={os.uname().release}", report  # gVisor's, not the host's
@@ -64,7 +64,8 @@ def _check_gvisor_run(out: str, err: str, code: int, api: FakeApi, project: Path
 
 def test_claude_on_gvisor_as_an_ordinary_user(kernel_api: FakeApi,
                                               own_path_base: Path) -> None:  # noqa: F811
-    """The same as host user `nobody` (rootless runsc, its gate as that user)."""
+    """The same as host user `nobody` (rootless runsc, its gate as that user): the agent is
+    uid 1000 there too, and its marker in the project is nobody's on the host."""
     if not backend_available("gvisor"):
         pytest.skip("gvisor backend not installed")
     if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
@@ -78,14 +79,14 @@ def test_claude_on_gvisor_as_an_ordinary_user(kernel_api: FakeApi,
     for path in (home, home / "project", home / "data"):
         os.chown(path, NOBODY, NOBODY)
     kernel_api.log.unlink(missing_ok=True)
-    proc = ak_as_user(NOBODY, home, "run", "--agent", "claude", "--backend", "gvisor",
+    proc = ak_as_user(NOBODY, home, "run", "-v", "--agent", "claude", "--backend", "gvisor",
                       *kernel_api.add_hosts(), "--", "-p", "check",
                       "--dangerously-skip-permissions", cwd=home / "project", timeout=240,
                       env={"ANTHROPIC_API_KEY": REAL_KEY, "AGENTKERNEL_NO_DAEMON": "1",
                            "AGENTKERNEL_EGRESS_UPSTREAM_CA": str(kernel_api.ca)})
     out, err = proc.communicate(timeout=260)
-    _check_gvisor_run(out, err, proc.returncode, kernel_api, home / "project", NOBODY,
-                      agent_uid=0)
+    _check_gvisor_run(out, err, proc.returncode, kernel_api, home / "project", NOBODY)
+    assert "agent user: uid 1000, gid 1000, HOME /home/agent" in err, err
 
 
 @pytest.mark.parametrize("backend", ["microvm", "wasm"])

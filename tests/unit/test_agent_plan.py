@@ -85,13 +85,19 @@ def test_a_kept_agent_sandbox_runs_as_the_agents_user(installed: Path) -> None:
 
 
 def test_gvisor_agents_user(installed: Path) -> None:
-    """gVisor: uid 1000 for a one-shot run started by root (its project id-mapped, as on
-    namespaces); the sandbox's root for an ordinary user (rootless runsc maps one id)
-    and for a kept sandbox (its HOME /root)."""
-    p = _plan(installed, backend="gvisor")
-    assert p.user == (AGENT_USER if os.geteuid() == 0 else None)
-    kept = _plan(installed, backend="gvisor", persistent=True)
-    assert kept.user is None and kept.env("x")["HOME"] == "/root"
+    """gVisor: uid 1000 with HOME /home/agent, one-shot or kept, whoever starts it; the
+    agent reaches it by a user namespace of its own where runsc is rootless."""
+    from agentkernel.backends.gvisor import build_oci_config
+
+    for persistent in (False, True):
+        p = _plan(installed, backend="gvisor", persistent=persistent)
+        assert p.user == AGENT_USER and p.env("x")["HOME"] == AGENT_USER[2]
+    spec = p.spec("x")
+    for user_ns in (False, True):
+        args = build_oci_config(spec, "/agent", resolv=None, bpf="/bpf",
+                                user_ns=user_ns)["process"]["args"]
+        assert args[args.index("--user") + 1] == "1000:1000:/home/agent"
+        assert ("--user-ns" in args) == user_ns
 
 
 def test_a_replaced_install_is_another_pool_key(installed: Path, tmp_path: Path) -> None:

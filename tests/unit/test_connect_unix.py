@@ -1,11 +1,15 @@
-"""paths.connect_unix: a socket deeper than sockaddr_un allows is still reached."""
+"""paths.connect_unix: a socket deeper than sockaddr_un allows is still reached;
+paths.connect_socket_file: the socket itself, never a symlink planted in its place."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
-from agentkernel.paths import SUN_PATH_MAX, connect_unix, listen_unix
+import pytest
+
+from agentkernel.paths import SUN_PATH_MAX, connect_socket_file, connect_unix, listen_unix
 
 
 def test_a_socket_past_the_address_limit_is_reached(tmp_path: Path) -> None:
@@ -64,3 +68,38 @@ def test_listen_past_the_address_limit(tmp_path: Path) -> None:
     finally:
         client.close()
         server.close()
+
+
+def test_an_agent_socket_is_connected_only_as_itself(tmp_path: Path) -> None:
+    """A sandbox that can write its control dir swaps agent.sock for a symlink to a host
+    socket (the lure), or for a fifo: the daemon's connect refuses both, deep paths too."""
+    lure_path = tmp_path / "lure.sock"
+    lure = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lure.bind(str(lure_path))
+    lure.listen(1)
+    lure.setblocking(False)
+    ctl = tmp_path / ("c" * 60) / ("t" * 60)
+    ctl.mkdir(parents=True)
+    planted = ctl / "agent.sock"
+    planted.symlink_to(lure_path)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with pytest.raises(OSError):
+            connect_socket_file(client, planted)
+        with pytest.raises(BlockingIOError):
+            lure.accept()  # nothing reached the lure
+        planted.unlink()
+        os.mkfifo(planted)
+        with pytest.raises(ConnectionRefusedError):
+            connect_socket_file(client, planted)
+        planted.unlink()
+        real = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        real.bind(f"/proc/self/fd/{_dir_fd(ctl)}/agent.sock")
+        real.listen(1)
+        connect_socket_file(client, planted)  # the real one, past the address limit
+        peer, _ = real.accept()
+        peer.close()
+        real.close()
+    finally:
+        client.close()
+        lure.close()

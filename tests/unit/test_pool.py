@@ -163,6 +163,7 @@ def test_first_use_makes_an_adhoc_key_warm(fake: FakeBackend, make_pool: Any) ->
 def test_the_target_follows_the_rate_of_takes_within_min_and_max(
         fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.5)
+    monkeypatch.setattr(pool_mod, "BURST_MEMORY", 0.5)  # (the burst's size: its own test)
     fake.delay = 0.02
     p = make_pool(adhoc_min=1, adhoc_max=6)
     k = key()
@@ -508,3 +509,51 @@ def test_a_burst_is_seen_at_its_second_take(fake: FakeBackend, make_pool: Any,
     for sandbox in (a, b):
         p.release(k)
         p.discard(sandbox)
+
+
+def test_a_warm_sandbox_made_with_other_masks_is_not_served(fake: FakeBackend,
+                                                           make_pool: Any) -> None:
+    """A private entry appeared in /etc since the warm ones started (runs._found_masks
+    changed): they go, and the take gets a sandbox made with the masks of now."""
+    from agentkernel.rootfs import Mask
+
+    old, new = (Mask("/etc/a", False),), (Mask("/etc/a", False), Mask("/etc/b", False))
+    masks = [old]
+    start = fake.start
+
+    def start_with_masks(*args: Any) -> FakeSandbox:
+        sandbox = start(*args)
+        sandbox.spec.found_masks = masks[0]  # type: ignore[attr-defined]
+        return sandbox
+
+    fake.start = start_with_masks  # type: ignore[method-assign]
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 2, 2)
+    assert p.wait_warm(10)
+    sandbox, warm = p.acquire(k, None, None, old)  # type: ignore[arg-type]
+    assert warm and sandbox.spec.found_masks == old
+    p.release(k)
+    p.discard(sandbox)
+    masks[0] = new
+    sandbox, _warm = p.acquire(k, None, None, new)  # type: ignore[arg-type]
+    assert sandbox.spec.found_masks == new
+    p.release(k)
+    p.discard(sandbox)
+    assert p.drain(10)
+
+
+def test_between_bursts_the_last_bursts_size_is_kept_warm(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs back to back, then a pause: the key fills up to the burst's size (within its
+    max) while idle, so that the next burst is served warm; later it is back to its min."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.2)
+    p = make_pool(adhoc_min=1, adhoc_max=5)
+    k = key()
+    for _ in range(12):
+        use(p, k)
+    wait_for(lambda: status(p, k).warm == 5)  # the burst took 12; max 5
+    assert all(use(p, k) for _ in range(5))  # the next burst: 5 warm in a row
+    monkeypatch.setattr(pool_mod, "BURST_MEMORY", 0.3)
+    monkeypatch.setattr(pool_mod, "TRIM_AFTER", 0.0)
+    wait_for(lambda: status(p, k).target == 1 and status(p, k).warm <= 1)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..secrets_store import Use
 
 AGENT_MOUNT = "/run/agentkernel"  # /run is always the sandbox's own tmpfs: a mount point
-SANDBOX_HOME = "/root"  # the sandbox's own (a kept sandbox keeps it across restarts)
+SANDBOX_HOME = "/root"  # the sandbox root's, where an agent has no user of its own
 # The agent CLIs are Node or Bun programs that need more than moderate's 512 MiB (Bun
 # aborts at start under a 512 MiB RLIMIT_DATA, the cap an ordinary user gets): 4 GiB
 # unless -m says otherwise.
@@ -36,32 +36,24 @@ AGENT_REFUSALS = {
 }
 # An agent runs as this uid and gid inside, not 0, its HOME a dir of its own (fresh for a
 # one-shot run, kept with a kept sandbox's /home; the project, read-write, shows as its
-# files: see SandboxSpec.user). On the namespaces backend, and for a one-shot run on
-# gVisor started by root (agent_user).
+# files: see SandboxSpec.user). On every backend an agent runs on (agent_user).
 AGENT_USER = (1000, 1000, "/home/agent")
-USER_BACKENDS = ("namespaces",)
+USER_BACKENDS = AGENT_BACKENDS
 
 
 def agent_user(backend: str, *, persistent: bool) -> tuple[int, int, str] | None:
-    """The agent's user on `backend` (None: the sandbox's root). gVisor: one-shot runs
-    started by root only (rootless runsc maps one id, so the project cannot show as
-    another uid's; a kept gVisor sandbox keeps its HOME, /root, as its root's)."""
-    import os
-
-    if backend in USER_BACKENDS:
-        return AGENT_USER
-    if backend == "gvisor" and not persistent and os.geteuid() == 0:
-        return AGENT_USER
-    return None
+    """The agent's user on `backend` (None: the sandbox's root): uid 1000 on namespaces
+    and gVisor, one-shot or kept (`persistent`: the same user; a kept sandbox keeps it in
+    its record), whoever starts it (gVisor: backends/gvisor._user_args)."""
+    return AGENT_USER if backend in USER_BACKENDS else None
 
 
 def user_line(backend: str, user: object) -> str:
-    """What `run --agent -v` says of the agent's user (`user`: the plan's, as data)."""
+    """What `run --agent -v` says of the agent's user (`user`: the plan's, as data, on
+    `backend`)."""
     if isinstance(user, (list, tuple)) and len(user) == 3:
         return f"agent user: uid {user[0]}, gid {user[1]}, HOME {user[2]}"
-    why = " (gVisor started by an ordinary user, or kept: rootless runsc maps one id)" \
-        if backend == "gvisor" else ""
-    return f"agent user: the sandbox's root, without capabilities{why}"
+    return "agent user: the sandbox's root, without capabilities"
 
 
 def agent_home(backend: str) -> str:

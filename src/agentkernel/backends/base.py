@@ -221,7 +221,7 @@ def open_channel(spawned: Spawned, control: Path | None, timeout: float = 30.0) 
     import socket
     import time
 
-    from ..paths import connect_unix
+    from ..paths import connect_socket_file
 
     close_fds(spawned.read_fd, spawned.write_fd)
     path = control / "agent.sock"
@@ -232,7 +232,7 @@ def open_channel(spawned: Spawned, control: Path | None, timeout: float = 30.0) 
         if path.exists():
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                connect_unix(sock, path)
+                connect_socket_file(sock, path)
                 return AgentClient.from_socket(sock)
             except OSError:
                 sock.close()

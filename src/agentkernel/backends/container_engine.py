@@ -1134,10 +1134,11 @@ def connect_agent(path: Path, init_pid: int) -> tuple[AgentClient, int]:
     """Connect to a persistent sandbox's agent, refusing a socket anything but the
     container's init (the agent) listens on; the client and the agent's host uid."""
     from ..agent.client import AgentClient
+    from ..paths import connect_socket_file
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(str(path))
+        connect_socket_file(sock, path)  # the container's root can write its dir
         pid, uid = _peer_creds(sock)
         if init_pid and pid != init_pid:
             raise SandboxError(f"{path} is not served by the sandbox's agent")

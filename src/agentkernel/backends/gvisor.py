@@ -169,10 +169,6 @@ class GVisorBackend(Backend):
         runsc = _runsc()
         if runsc is None:
             raise BackendUnavailable("the gvisor backend needs runsc: apt install runsc")
-        if spec.user is not None and (os.geteuid() != 0 or spec.persistent):
-            # Rootless runsc maps one id (the caller's, as the sandbox's root): the project
-            # cannot show as another user's (the planner asks for none then: a guard).
-            spec = spec._replace(user=None)
         agent = native_binary("ak-agent")
         scratch = make_scratch(spec.name)
         sandbox: Sandbox | None = None
@@ -216,7 +212,8 @@ class GVisorBackend(Backend):
                                       bpf=str(compile_bpf(p.seccomp,
                                                           no_setid=p.workspace == "rw")),
                                       control=str(control) if control else None,
-                                      workspace_copy=str(copy) if copy else None)
+                                      workspace_copy=str(copy) if copy else None,
+                                      user_ns=own is None)
             remap = _remap(config, scratch, opened, holder, own, spec.user,
                            _project_source(spec, copy)) if own is not None else None
             _write_bundle(bundle, config)
@@ -385,9 +382,11 @@ def _write_bundle(bundle: Path, config: dict[str, Any]) -> None:
 
 def build_oci_config(
     spec: SandboxSpec, agent: str, *, resolv: str | None, bpf: str,
-    control: str | None = None, workspace_copy: str | None = None,
+    control: str | None = None, workspace_copy: str | None = None, user_ns: bool = False,
 ) -> dict[str, Any]:
-    """The OCI runtime spec for `spec`: the agent is the container's only process."""
+    """The OCI runtime spec for `spec`: the agent is the container's only process.
+    `user_ns`: the sandbox's user (`spec.user`) is reached through a user namespace the
+    agent makes below gVisor's (rootless runsc: see _user_args)."""
     p = spec.profile
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -442,7 +441,9 @@ def build_oci_config(
     # only for that, then drops every capability before serving. Masks are the agent's
     # mounts, not OCI ones: runsc pays ~5 ms per OCI file bind, the sentry microseconds.
     args = [AGENT_PATH]
-    for mask in spec.rootfs.private_masks():
+    # A daemon's one-shot sandbox brings them found (its kept walk); else walked now.
+    found = spec.found_masks
+    for mask in found if found is not None else spec.rootfs.private_masks():
         args += ["--mask", mask.path]
     for path in spec.masks:  # the host's control plane (controlplane.py)
         args += ["--mask", path]
@@ -456,7 +457,7 @@ def build_oci_config(
     # needs these too (dropped with the rest before it serves anything).
     caps: tuple[str, ...] = SETUP_CAPS
     if spec.user is not None:
-        args += ["--user", "{}:{}:{}".format(*spec.user)]
+        args += _user_args(spec.user, user_ns)
         caps = (*SETUP_CAPS, "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN")
     if control is not None:
         mounts.append({"destination": CONTROL_PATH, "type": "bind", "source": control,
@@ -486,6 +487,18 @@ def build_oci_config(
         # Copied into the bundle's root, not bound: each OCI file bind costs runsc ~5-10 ms.
         "_copies": [(agent, AGENT_PATH, 0o555), (bpf, SECCOMP_PATH, 0o444)],
     }
+
+
+def _user_args(user: tuple[int, int, str], user_ns: bool) -> list[str]:
+    """The agent's switch to `user` after its set-up. Root-started, runsc's host files
+    are an id-mapped view in which the caller's project files are the user's
+    (`_remap`): a plain setuid. Rootless runsc maps one host id, the caller's, as
+    gVisor's root, so every host file inside is root's; there the agent makes a user
+    namespace of its own below gVisor's showing that root as the user (`--user-ns`):
+    the project is the user's and what it writes lands as the caller's (and the user
+    owns what gVisor's root does: the sandbox's own memory-backed layers, as an
+    ordinary user's namespaces sandbox)."""
+    return ["--user", "{}:{}:{}".format(*user), *(["--user-ns"] if user_ns else [])]
 
 
 def build_runsc_argv(runsc: str, spec: SandboxSpec, scratch: Path, bundle: Path) -> list[str]:

@@ -42,12 +42,12 @@ class AdoptingClient(AgentClient):
                 orphans: dict[int, list[Frame]] | None = None) -> AdoptingClient:
         import socket
 
-        from ..paths import connect_unix
+        from ..paths import connect_socket_file
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            connect_unix(sock, path)
+            connect_socket_file(sock, path)  # (its dir may be the sandbox's to write)
         except OSError:
             sock.close()
             raise

@@ -4,8 +4,9 @@ How it keeps up (docs/daemon.md, "The warm pool"):
 - **Sized from demand.** Per key, an EWMA of takes/s times an EWMA of how long a start
   takes says how many sandboxes one start's time consumes; the key keeps that many (times
   `HEADROOM`) warm, one more while it is in use (`LIVELY_RATE`: a take then leaves one
-  warm, and its refill can yield to the run), never fewer than its `min`, never more
-  than its `max`. All keys
+  warm, and its refill can yield to the run), and between bursts of runs back to back
+  as many as the last burst took (`BURST_MEMORY` after it: refilled while idle, for the
+  next burst), never fewer than its `min`, never more than its `max`. All keys
   together stay within a count (`max_total`) and a memory cap (`memory_bytes`, measured
   on the sandboxes themselves).
 - **Refilled concurrently, bounded.** `refills` worker threads start sandboxes; while runs
@@ -45,7 +46,7 @@ from .api import PoolKeyStatus
 if TYPE_CHECKING:
     from ..backends import Backend
     from ..profiles import Profile
-    from ..rootfs import HostRootfs
+    from ..rootfs import HostRootfs, Mask
     from ..sandbox import Sandbox
 
 FAILURE_BACKOFF = (1.0, 60.0)  # seconds: first retry, cap
@@ -67,6 +68,7 @@ SETTLE = 0.01  # seconds: a run's answer goes out after it released its sandbox 
 YIELD_MAX = 0.03  # seconds: then it runs anyway (back-to-back runs leave no gap)
 LIVELY_RATE = 0.2  # takes/s (EWMA) from which a key keeps one warm sandbox more
 BURST_GAP = 0.1  # seconds between takes under which runs come back to back (no yielding)
+BURST_MEMORY = 60.0  # seconds after its last take a key keeps its last burst's size warm
 
 
 def default_refills() -> int:
@@ -110,6 +112,12 @@ def _stale(st: _KeyState, sandbox: Sandbox) -> bool:
     return getattr(sandbox.spec, "rootfs", st.rootfs) != st.rootfs
 
 
+def _masks_current(sandbox: Sandbox, masks: tuple[Mask, ...] | None) -> bool:
+    """Whether a warm sandbox was made with the masks its key has now (None: not known)."""
+    found = getattr(sandbox.spec, "found_masks", None)
+    return masks is None or found is None or found == masks
+
+
 class _Claim:
     """A take waiting for a start under way: the refill hands the sandbox over directly."""
 
@@ -148,6 +156,8 @@ class _KeyState:
     given_back: bool = False  # its sandboxes serve again (give_back): no spare for refills
     taken_at: float = -math.inf  # the last take
     gap: float = math.inf  # seconds between the last two takes: a burst shows at once
+    run: int = 0  # takes back to back (each under BURST_GAP after the last) until the last
+    burst: int = 0  # the longest such run within BURST_MEMORY: kept warm between bursts
 
     @property
     def starting(self) -> int:
@@ -162,6 +172,8 @@ class _KeyState:
         self.rate_at = now
         self.last_used = now
         self.gap, self.taken_at = now - self.taken_at, now
+        self.run = self.run + 1 if self.gap < BURST_GAP else 1
+        self.burst = max(self.run, self.burst if self.gap < BURST_MEMORY else 0)
 
     def note_latency(self, seconds: float) -> None:
         self.latency += LATENCY_WEIGHT * (seconds - self.latency)
@@ -174,6 +186,12 @@ class _KeyState:
         # (Not for a key whose sandboxes come back, wasm's: its runs leave none to refill.)
         lively = rate >= LIVELY_RATE and not self.given_back
         demand = math.ceil(rate * self.latency * HEADROOM) + lively
+        if self.burst > 1 and not self.given_back and \
+                BURST_GAP <= now - self.taken_at < BURST_MEMORY:
+            # Between bursts (runs back to back, then a pause): as many warm as the last
+            # burst took, filled while idle, so that the next one finds them; a rate of
+            # one start's time would keep a few, and a burst drains them at once.
+            demand = max(demand, self.burst)
         return max(self.min, min(self.max, demand))
 
     def spare(self) -> int:
@@ -257,10 +275,12 @@ class WarmPool:
                 st.min, st.max, st.configured = min_, max(min_, max_), True
             self._cond.notify_all()
 
-    def acquire(self, key: PoolKey, backend: Backend, rootfs: HostRootfs
-                ) -> tuple[Sandbox, bool]:
+    def acquire(self, key: PoolKey, backend: Backend, rootfs: HostRootfs,
+                masks: tuple[Mask, ...] | None = None) -> tuple[Sandbox, bool]:
         """A sandbox for one run, and whether it came warm. The caller is in use until
         `release`, also when this raises; a first use of a key makes it warm from now on.
+        `masks`: the root filesystem's masks as they are now (runs._found_masks); a warm
+        sandbox made with others (a private entry appeared in /etc since) is not served.
 
         No warm sandbox: claim a start under way (it began earlier, so it is ready before
         a fresh one would be; wait at most one start's time for it), else start one in
@@ -280,7 +300,7 @@ class WarmPool:
             st.in_use += 1
             st.note_take(now)
             self._active_at = now
-            got = self._pop_alive(st, dead)
+            got = self._pop_alive(st, dead, masks)
             cold = got is None and (self._closed or not self._queue_or_claim(st))
             began = now
             if cold:
@@ -296,6 +316,9 @@ class WarmPool:
             return got, True
         if claim is not None:
             got = self._await(st, claim, wait)
+            if got is not None and not _masks_current(got, masks):
+                self.discard(got)  # its start began before /etc changed: start anew
+                got = None
             if got is not None:
                 self._count(st, "waited")
                 return got, True
@@ -452,10 +475,12 @@ class WarmPool:
         return st
 
     @staticmethod
-    def _pop_alive(st: _KeyState, dead: list[Sandbox]) -> Sandbox | None:
+    def _pop_alive(st: _KeyState, dead: list[Sandbox], masks: tuple[Mask, ...] | None = None
+                   ) -> Sandbox | None:
         while st.warm:
             candidate = st.warm.popleft()
-            if candidate.client.alive and candidate.process.poll() is None:
+            if (candidate.client.alive and candidate.process.poll() is None
+                    and _masks_current(candidate, masks)):
                 return candidate
             dead.append(candidate)
         return None

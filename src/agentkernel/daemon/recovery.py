@@ -33,7 +33,13 @@ class RecoveryMixin:
         The database is first brought in line with the sandboxes' own records on disk (a
         damaged one was replaced by its backup or an empty one: see records.py).
         """
+        from ..egress_forkserver import take_over
+
         self.recovered.extend(records.reconcile(self.store, self.root))
+        # The egress gates' fork server a killed daemon left: its sandboxes (their
+        # listeners, config, state) move to ours, so a second death of a fork server
+        # does not close them (egress_forkserver._watch re-registers what we hold).
+        self.recovered.extend(take_over())
         for eph in self.store.ephemerals():
             self._cleanup_dead(eph["name"], eph["backend"], eph["scratch"], eph["pid"],
                                eph["pid_start"], eph["helpers"])

@@ -23,9 +23,21 @@ from .pool import PoolKey
 if TYPE_CHECKING:
     from ..backends import Backend
     from ..planner import Plan
-    from ..rootfs import HostRootfs
+    from ..rootfs import HostRootfs, Mask
     from ..sandbox import Sandbox, SandboxSpec
     from .manager import SandboxManager
+
+
+def _found_masks(rootfs: HostRootfs) -> tuple[Mask, ...] | None:
+    """A one-shot sandbox's masks, its private dirs' entries included, from this daemon's
+    walk while rootfs_watch says it is current: one walk for every sandbox, not one by
+    each sandbox's agent. None (the agent walks) for a root filesystem without private
+    dirs, or where the walk cannot be watched here."""
+    if not rootfs.private_dirs:
+        return None
+    from ..rootfs_watch import kept_masks
+
+    return kept_masks(rootfs)
 
 
 class RunsMixin:
@@ -63,7 +75,8 @@ class RunsMixin:
                            masks=control_masks(key.profile, workspace, home,
                                                key.workspace_at),
                            egress=key.egress, ro_binds=key.ro_binds,
-                           workspace_at=key.workspace_at, user=key.user)
+                           workspace_at=key.workspace_at, user=key.user,
+                           found_masks=_found_masks(rootfs))
 
     def _pool_start(self: SandboxManager, key: PoolKey, backend: Backend,
                     rootfs: HostRootfs) -> Sandbox:
@@ -122,7 +135,8 @@ class RunsMixin:
         sandbox: Sandbox | None = None
         backend.pooled()  # e.g. wasm: make the compiling engine, once, in the background
         try:
-            sandbox, pooled = self.pool.acquire(key, backend, rootfs)
+            # (The masks as they are now: warm sandboxes made before a change in /etc go.)
+            sandbox, pooled = self.pool.acquire(key, backend, rootfs, _found_masks(rootfs))
             if plan.egress is not None and plan.egress.secrets:
                 _grant(sandbox, plan, req)
             if plan.home_files:  # run --agent --settings: into this run's fresh HOME

@@ -50,6 +50,7 @@ from .commands import (
     sse,
     stream_events,
 )
+from .fastrun import FastRun, run_request
 from .guards import DEFAULT_MAX_BODY, AuthMiddleware, BodyLimitMiddleware, HostGuard
 from .limits import Limits
 from .parsing import (
@@ -193,13 +194,6 @@ def _exec_request(body: m.ExecBody) -> ExecRequest:
                        timeout=body.timeout)
 
 
-def _run_request(body: m.RunBody) -> RunRequest:
-    return RunRequest(argv=check_argv(list(body.command)), image=check_image(body.image),
-                      profile=check_profile(body.profile), backend=check_backend(body.backend),
-                      env=parse_env(body.env), workdir=check_workdir(body.workdir),
-                      timeout=body.timeout)
-
-
 def _stream_error(exc: BaseException) -> bytes:
     if isinstance(exc, AgentKernelError):
         return sse("error", {"message": exc.message, "status": exc.http_status})
@@ -278,6 +272,8 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    # POST /run's common case without FastAPI's layers (fastrun), inside every guard.
+    app.add_middleware(FastRun, service=service, limits=limits or Limits())
     app.add_middleware(BodyLimitMiddleware, limit=max_body)
     if api_key:
         app.add_middleware(AuthMiddleware, api_key=api_key)
@@ -351,7 +347,7 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
 
     @app.post("/run", tags=["run"], **_doc(m.RunOut, "RunResponse"))
     async def run(body: m.RunBody, request: Request) -> Response:
-        req = _run_request(body)
+        req = run_request(body)
         return await command(request, lambda: svc.open_run(req), True)
 
     @app.post(
@@ -363,7 +359,7 @@ def add_routes(app: FastAPI, svc: CommandService, keepalive: float, limits: Limi
                    **{c: _ERR[c] for c in (400, 401, 413)}},
     )
     async def run_stream(body: m.RunBody) -> Response:
-        req = _run_request(body)  # input errors are a 400, before the stream starts
+        req = run_request(body)  # input errors are a 400, before the stream starts
         fast = True if body.fast is None else body.fast
         started = sse("started", {"command": req.argv, "fast": fast,
                                   "timestamp": datetime.now(UTC).isoformat()})

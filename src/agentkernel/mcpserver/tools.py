@@ -12,7 +12,7 @@ server that is only listed, or never used, starts no daemon and imports none of 
 import base64
 import binascii
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from ..errors import AgentKernelError, NotFound
 from ..names import MAX_NAME_LEN, validate_sandbox_name, validate_sandbox_path
-from .ops import Call, Output, SandboxOps
+from .ops import Output, SandboxOps
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -176,8 +176,13 @@ def _result(model: BaseModel, text: str) -> CallToolResult:
 
 async def _blocking(fn: Callable[[], T]) -> T:
     """A service call on a worker thread; our errors become tool errors."""
+    return await _mapped(anyio.to_thread.run_sync(fn))
+
+
+async def _mapped(work: Awaitable[T]) -> T:
+    """`work` awaited; our errors become tool errors."""
     try:
-        return await anyio.to_thread.run_sync(fn)
+        return await work
     except AgentKernelError as exc:
         raise ToolError(exc.message) from None
     except OSError as exc:
@@ -255,18 +260,18 @@ class Tools:
             self._ops = self._ops_factory()
         return self._ops
 
-    async def command(self, ctx: Context, start: Callable[[Output, Call], dict[str, Any]],
+    async def command(self, ctx: Context, start: Callable[[Output], Awaitable[dict[str, Any]]],
                       max_output: int) -> CallToolResult:
-        """Run a command to its end with progress notifications; abort it if cancelled."""
+        """Run a command to its end with progress notifications; cancelled (or its client
+        gone), the command goes too: `start`'s coroutine is cancelled (ops.py)."""
         out = Output(max_output)
-        call = Call()
         started = time.monotonic()
         box: dict[str, Any] = {}
 
         async def work() -> None:
             try:
-                box["result"] = await _blocking(lambda: start(out, call))
-            except BaseException as exc:
+                box["result"] = await _mapped(start(out))
+            except Exception as exc:  # raised below, not wrapped in the task group's
                 box["error"] = exc
             finally:
                 done.set()
@@ -274,22 +279,16 @@ class Tools:
         done = anyio.Event()
         async with self.limiter, anyio.create_task_group() as tg:
             tg.start_soon(work)
-            try:
-                tick = 0
-                await ctx.report_progress(tick, None, "started")
-                while not done.is_set():
-                    with anyio.move_on_after(PROGRESS_EVERY):
-                        await done.wait()
-                    if not done.is_set():
-                        tick += 1
-                        await ctx.report_progress(
-                            tick, None, f"running for {time.monotonic() - started:.0f} s, "
-                                        f"{out.total} bytes of output")
-            except BaseException:
-                # Cancelled, or the client left: the command goes too (its worker thread
-                # then returns, and the task group can end).
-                call.abort()
-                raise
+            tick = 0
+            await ctx.report_progress(tick, None, "started")
+            while not done.is_set():
+                with anyio.move_on_after(PROGRESS_EVERY):
+                    await done.wait()
+                if not done.is_set():
+                    tick += 1
+                    await ctx.report_progress(
+                        tick, None, f"running for {time.monotonic() - started:.0f} s, "
+                                    f"{out.total} bytes of output")
         if "error" in box:
             raise box["error"]
         result = box["result"]
@@ -344,7 +343,7 @@ def _add_command_tools(server: MCPServer, tools: Tools) -> None:
             "no_network": network is False, **tools.extra_run_fields()}
         data = stdin.encode() if stdin is not None else None
         return await tools.command(
-            ctx, lambda out, call: tools.ops.run(req, out, data, call), max_output_bytes)
+            ctx, lambda out: tools.ops.run(req, out, data), max_output_bytes)
 
     @server.tool(title="Run a command in a named sandbox", annotations=ToolAnnotations(
         read_only_hint=False, destructive_hint=False, idempotent_hint=False,
@@ -360,8 +359,7 @@ def _add_command_tools(server: MCPServer, tools: Tools) -> None:
                                "workdir": _workdir(cwd), "timeout": float(timeout_s)}
         data = stdin.encode() if stdin is not None else None
         return await tools.command(
-            ctx, lambda out, call: tools.ops.exec(name, req, out, data, call),
-            max_output_bytes)
+            ctx, lambda out: tools.ops.exec(name, req, out, data), max_output_bytes)
 
 
 def _add_lifecycle_tools(server: MCPServer, tools: Tools) -> None:
