@@ -18,7 +18,11 @@ namespaces `true` the same ways.
 
 Writes bench/results/wasm-<time>.md (and .json), stamped (commit, machine, load).
 
-Usage: .venv/bin/python bench/bench_wasm.py [-n 30]
+With `--baseline-tree DIR` (another checkout with its own .venv, e.g. /work/main) only the
+daemon cases run (warm, and cold with a new module), over both trees' daemons in turns,
+with CPU per warm run: before and after in one run.
+
+Usage: .venv/bin/python bench/bench_wasm.py [-n 30] [--baseline-tree /work/main]
 """
 
 from __future__ import annotations
@@ -44,15 +48,25 @@ sys.path.insert(0, str(ROOT / "tests"))
 PACE = 0.2  # seconds before each paced sample
 
 
-def socket_run(req: dict[str, Any]) -> float:
-    """Milliseconds of one run over the daemon socket, as our client speaks it."""
+def socket_run(req: dict[str, Any], sock_path: str | None = None) -> float:
+    """Milliseconds of one run over the daemon socket (ours, or the one at `sock_path`),
+    as our client speaks it."""
     from agentkernel.ipc import client
 
     t = time.perf_counter()
-    lines = client.open_stream("run", req, auto_start=False)
+    if sock_path is None:
+        lines = client.open_stream("run", req, auto_start=False)
+    else:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(sock_path)
+        lines = client.Lines(sock)
+        lines.send({"op": "run", "args": req})
     if lines is None:
         raise SystemExit("daemon not running")
     result = client.pump(lines, sink=lambda _s, _d: None)
+    lines.sock.close()
     took = (time.perf_counter() - t) * 1000
     if result.get("exit_code") != 0:
         raise SystemExit(f"socket run failed: {result}")
@@ -72,13 +86,18 @@ def new_modules(n: int, proj: Path, template: str) -> list[float]:
     """Each sample a module never compiled: the hello module with a data segment of its own."""
     samples = []
     for i in range(n):
-        name = f"new{i}.wat"
-        marker = os.urandom(8).hex()
-        (proj / name).write_text(template.replace("(memory", f'(data (i32.const 4000) '
-                                                  f'"{marker}") (memory', 1))
         time.sleep(PACE)
-        samples.append(socket_run({"argv": [name], "cwd": str(proj)}))
+        samples.append(socket_run({"argv": [new_module(proj, template, i)], "cwd": str(proj)}))
     return samples
+
+
+def new_module(proj: Path, template: str, i: int) -> str:
+    """The name of a module never seen before, written into `proj`."""
+    name = f"new{i}.wat"
+    marker = os.urandom(8).hex()
+    (proj / name).write_text(template.replace("(memory", f'(data (i32.const 4000) '
+                                              f'"{marker}") (memory', 1))
+    return name
 
 
 def new_projects(n: int, top: Path, module: str) -> list[float]:
@@ -129,6 +148,89 @@ def cpu_per_run(n: int, req: dict[str, Any], daemon_pid: int) -> tuple[float, fl
     return (tree_cpu_ms(daemon_pid) - server) / n, (own() - mine) / n
 
 
+class Daemon:
+    """A tree's daemon with private dirs, the hello module in a project of its own, and
+    its warm-run samples and CPU (the daemon with its sandboxes, per run)."""
+
+    def __init__(self, tree: Path, top: Path, tag: str) -> None:
+        from wasm_modules import HELLO
+
+        self.tree, self.tag, self.dir = tree, tag, top / tag
+        (self.dir / "run").mkdir(parents=True, mode=0o700)
+        (self.dir / "proj").mkdir()
+        (self.dir / "proj" / "hello.wat").write_text(HELLO)
+        self.env = {**os.environ, "AGENTKERNEL_HOME": str(self.dir / "home"),
+                    "AGENTKERNEL_RUNTIME_DIR": str(self.dir / "run"),
+                    "AGENTKERNEL_DAEMON_AUTOSTART": "0"}
+        self.env.pop("AGENTKERNEL_NO_DAEMON", None)
+        subprocess.run([str(tree / ".venv" / "bin" / "agentkernel"), "daemon", "start"],
+                       env=self.env, check=True, capture_output=True)
+        self.pid = int((self.dir / "run" / "daemon.pid").read_text().split()[0])
+        self.sock = str(self.dir / "run" / "daemon.sock")
+        self.req = {"argv": ["hello.wat"], "cwd": str(self.dir / "proj")}
+        self.b2b: list[float] = []
+        self.paced: list[float] = []
+        self.new: list[float] = []  # cold: a module never seen, compiled and run
+        self.cpu: list[float] = []  # ms per run, per block
+
+    def block(self, n: int) -> None:
+        before = tree_cpu_ms(self.pid)
+        self.b2b += [socket_run(self.req, self.sock) for _ in range(n)]
+        self.cpu.append((tree_cpu_ms(self.pid) - before) / n)
+
+    def stop(self) -> None:
+        subprocess.run([str(self.tree / ".venv" / "bin" / "agentkernel"), "daemon", "stop"],
+                       env=self.env, check=False, capture_output=True)
+
+
+def versus(baseline: Path, n: int, top: Path) -> list[str]:
+    """Warm runs over two trees' daemons in turns (back-to-back blocks of 25, paced runs
+    one by one): the same load meets both. Rows for each, with CPU per run."""
+    daemons = [Daemon(baseline, top, "baseline"), Daemon(ROOT, top, "this")]
+    try:
+        for d in daemons:
+            for _ in range(3):  # the pool key, its worker, the daemon's compiling engine
+                time.sleep(1.0)
+                socket_run(d.req, d.sock)
+        time.sleep(2.0)
+        for _ in range(max(3, n // 25)):
+            for d in daemons:
+                d.block(25)
+        from wasm_modules import HELLO
+
+        for i in range(n):
+            for d in daemons:
+                time.sleep(PACE)
+                d.paced.append(socket_run(d.req, d.sock))
+                time.sleep(PACE)
+                proj = Path(str(d.req["cwd"]))
+                d.new.append(socket_run({"argv": [new_module(proj, HELLO, i)],
+                                         "cwd": str(proj)}, d.sock))
+    finally:
+        for d in daemons:
+            d.stop()
+    base = {what: pct(getattr(daemons[0], what), 0.5) for what in ("b2b", "paced", "new")}
+    rows = []
+    labels = (("b2b", "**warm** over the daemon socket, back to back (blocks of 25)"),
+              ("paced", f"**warm** over the daemon socket, paced ({PACE} s apart)"),
+              ("new", "**cold, new module** over the daemon socket (compile + run, worker "
+                      "ready), paced"))
+    for what, label in labels:
+        for d in daemons:
+            rows.append(summary(f"{d.tag} `{tree_commit(d.tree)}`: {label}",
+                                getattr(d, what), base[what]))
+    cpu = [f"- {d.tag}: CPU per warm run back to back (daemon + its sandboxes, clock ticks "
+           f"over {25 * len(d.cpu)} runs): {sum(d.cpu) / len(d.cpu):.2f} ms; per block of 25 "
+           f"{min(d.cpu):.2f} to {max(d.cpu):.2f} ms" for d in daemons]
+    return [*rows, "", *cpu]
+
+
+def tree_commit(tree: Path) -> str:
+    r = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty",
+                        "--abbrev=12"], capture_output=True, text=True, check=False)
+    return r.stdout.strip() or str(tree)
+
+
 def wasmtime_cli(n: int, proj: Path, env: dict[str, str]) -> list[float] | None:
     exe = shutil.which("wasmtime")
     if exe is None:
@@ -139,8 +241,13 @@ def wasmtime_cli(n: int, proj: Path, env: dict[str, str]) -> list[float] | None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=30)
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="another checkout with its own .venv (e.g. /work/main): only the daemon "
+                         "cases, both trees' daemons asked in turns")
     args = ap.parse_args()
     n = args.n
+    if args.baseline_tree is not None:
+        return main_versus(args.baseline_tree, n)
     import wasmtime
 
     from wasm_modules import HELLO
@@ -231,6 +338,25 @@ def main() -> int:
         {"stamp": st, "n": n, "cases": {label: s for label, s in cases},
          "cpu_ms_per_warm_run": {"daemon_and_sandboxes": cpu[0], "client": cpu[1]}},
         indent=1))
+    print(text)
+    return 0
+
+
+def main_versus(baseline: Path, n: int) -> int:
+    st = stamp()
+    top = Path(tempfile.mkdtemp(prefix="ak-bench-wasm-"))
+    try:
+        rows = versus(baseline, n, top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    st["load after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    when = time.strftime("%Y%m%d-%H%M%S")
+    text = "\n".join([f"# wasm warm runs, two trees in turns {when}", "", *stamp_lines(st),
+                      "", "Ratios: p50 over the baseline tree's p50 of the same case, this "
+                      "run.", "", *TABLE_HEAD, *rows]) + "\n"
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"wasm-versus-{when}.md").write_text(text)
     print(text)
     return 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_helpers import Result, ak, ak_as_user
-from wasm_modules import open_module, write_modules
+from wasm_modules import FLOOD_CHUNKS, open_module, write_modules
 
 pytest.importorskip("wasmtime")
 
@@ -113,6 +113,30 @@ def test_memory_limit(env: Env) -> None:
     # The module grows its memory until refused and exits with the MiB it got.
     assert env.run("--memory", "32m", "grow.wat").returncode == 32
     assert env.run("--memory", "64m", "grow.wat").returncode == 64
+
+
+def test_limits_hold_run_after_run(env: Env) -> None:
+    """Through a daemon each of these runs after the first is a job in a worker that ran
+    the one before (same user, profile, project): every job gets its limits anew."""
+    target = env.proj / "out-again.txt"
+    write = env.proj / "write-again.wat"
+    write.write_text(open_module(target.name, write=True))
+    for _ in range(3):
+        assert env.run("--memory", "32m", "grow.wat").returncode == 32
+        assert env.run("-p", "restrictive", write.name).returncode != 0
+        assert not target.exists()
+        assert env.run("fds.wat").returncode == 0
+    for _ in range(2):  # a worker that timed out is never used again: the next one is new
+        r = env.run("--timeout", "0.5", "loop.wat")
+        assert r.returncode == 124 and "timed out" in r.stderr, r.stderr
+        assert env.run("hello.wat").returncode == 0
+
+
+def test_output_beyond_the_workers_pipes_arrives_whole(env: Env) -> None:
+    r = env.run("flood.wat")
+    assert r.returncode == 0, r.stderr[-300:]
+    assert r.stdout == "o" * (FLOOD_CHUNKS << 16)
+    assert r.stderr.endswith("e" * (FLOOD_CHUNKS << 16))
 
 
 def test_nothing_but_the_workspace_and_no_sockets(env: Env) -> None:

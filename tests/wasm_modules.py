@@ -61,6 +61,21 @@ CAT = f"""(module {FD_READ} {FD_WRITE}
      (br $l))))
 """
 
+# FLOOD_CHUNKS times 64 KiB of "o" on stdout and of "e" on stderr, in turns: more than
+# the worker's pipes hold, so it only ends if its output is read while it runs.
+FLOOD_CHUNKS = 64
+FLOOD = f"""(module {FD_WRITE}
+ (memory (export "memory") 3) {OUT}
+ (func (export "_start") (local $i i32)
+   (memory.fill (i32.const 65536) (i32.const 111) (i32.const 65536))
+   (memory.fill (i32.const 131072) (i32.const 101) (i32.const 65536))
+   (loop $l
+     (call $out (i32.const 1) (i32.const 65536) (i32.const 65536))
+     (call $out (i32.const 2) (i32.const 131072) (i32.const 65536))
+     (local.set $i (i32.add (local.get $i) (i32.const 1)))
+     (br_if $l (i32.lt_u (local.get $i) (i32.const {FLOOD_CHUNKS}))))))
+"""
+
 LOOP = '(module (func (export "_start") (loop $l (br $l))))'
 
 # State a run leaves behind if an instance were reused: a mutable global, a memory word, a
@@ -146,7 +161,7 @@ def write_modules(directory: Path) -> dict[str, Path]:
     import wasmtime
 
     modules = {"hello": HELLO, "env": ENV, "exit7": EXIT7, "cat": CAT, "loop": LOOP,
-               "grow": GROW, "fds": FDS, "counter": COUNTER}
+               "grow": GROW, "fds": FDS, "counter": COUNTER, "flood": FLOOD}
     paths = {}
     for name, text in modules.items():
         paths[name] = directory / f"{name}.wat"

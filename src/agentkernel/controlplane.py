@@ -11,6 +11,8 @@ dir that lies *inside* one of them is refused outright.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 from .errors import UsageError
@@ -24,10 +26,37 @@ WORKSPACE = "/workspace"
 HOME = "/home/user"
 
 
+# control_dirs' answer is remembered this long per set of inputs (a daemon plans every run:
+# the realpaths cost more than the rest of a wasm run's plan). The dirs are ours and
+# change seldom; a pooled sandbox's masks are older than this anyway (made at its start).
+CONTROL_DIRS_SECONDS = 1.0
+_CONTROL_DIRS: dict[tuple[object, ...], tuple[float, dict[str, str]]] = {}
+_CONTROL_DIRS_LOCK = threading.Lock()
+
+
 def control_dirs() -> dict[str, str]:
     """Real path -> what it is, for every dir that holds agentkernel's control plane here:
     the runtime and data dirs in use, and the default ones (another daemon of this user,
-    started with other settings, may use those)."""
+    started with other settings, may use those). Remembered for CONTROL_DIRS_SECONDS."""
+    from . import paths
+
+    inputs = (paths.runtime_dir_str(), paths.data_dir_str(), os.getuid(), os.geteuid(),
+              os.environ.get("XDG_RUNTIME_DIR"), os.environ.get("XDG_DATA_HOME"),
+              os.environ.get("HOME"))
+    now = time.monotonic()
+    with _CONTROL_DIRS_LOCK:
+        hit = _CONTROL_DIRS.get(inputs)
+    if hit is not None and now - hit[0] < CONTROL_DIRS_SECONDS:
+        return dict(hit[1])
+    found = _find_control_dirs()
+    with _CONTROL_DIRS_LOCK:
+        if len(_CONTROL_DIRS) >= 16:  # bounded: one entry per set of inputs seen lately
+            _CONTROL_DIRS.clear()
+        _CONTROL_DIRS[inputs] = (now, found)
+    return dict(found)
+
+
+def _find_control_dirs() -> dict[str, str]:
     from . import paths
 
     uid = os.getuid()

@@ -273,18 +273,18 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
     profile = resolve_profile(req, config)
     microvm = microvm_settings(config.microvm if config is not None else None, ctx.env)
     choice = res.choose(backend_name, CallerOptions(microvm=microvm))
-    registry = RegistryOptions.from_config(config, env=ctx.env)
-    # A container engine's own copy of the image first, when the backend has one.
-    engine = choice.backend.engine_image(image)
     if persistent and not choice.backend.persistent:
         raise Conflict(f"the {choice.backend.name} backend keeps no sandbox between runs: "
                        "run a module with `agentkernel run MODULE.wasm` instead")
-    rootfs, image_config, note, fallback = (*engine, None) if engine is not None else \
-        res.rootfs(image, config, registry, quiet)
-    if choice.backend.image_free:  # wasm: the host rootfs is a placeholder it never shows
-        from .detect import WASM_ROOTFS
-
-        note = WASM_ROOTFS
+    if choice.backend.image_free:  # wasm: no image, so no registry, no userland to describe
+        registry = None
+        rootfs, image_config, note, fallback = _image_free_rootfs()
+    else:
+        registry = RegistryOptions.from_config(config, env=ctx.env)
+        # A container engine's own copy of the image first, when the backend has one.
+        engine = choice.backend.engine_image(image)
+        rootfs, image_config, note, fallback = (*engine, None) if engine is not None else \
+            res.rootfs(image, config, registry, quiet)
     workspace = req.cwd if req.cwd is not None and profile.workspace != "none" else None
     home = ctx.home
     home = home if profile.mount_home and home is not None and home.is_dir() else None
@@ -311,6 +311,15 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
         workspace_at=workspace_at, user=req.user, home_files=req.home_files,
     )
+
+
+def _image_free_rootfs() -> tuple[HostRootfs, None, str, None]:
+    """An image-free backend's root (wasm: its worker's root is its own, wasm.worker_rootfs):
+    an empty placeholder, its note, no image config, no fallback."""
+    from .detect import WASM_ROOTFS
+    from .rootfs import HostRootfs
+
+    return HostRootfs((), (), name="none"), None, WASM_ROOTFS, None
 
 
 def same_path_target(path: str, rootfs: HostRootfs, home: Path | None,

@@ -41,12 +41,9 @@ def private_masks(rootfs: HostRootfs) -> tuple[Mask, ...]:
     """`rootfs.private_masks()`, from the cache while it is provably current."""
     key = (rootfs.private_dirs, rootfs.masks)
     with _lock:
-        hit = _cache.get(key)
+        hit = _current(key)
         if hit is not None:
-            if hit.fresh():
-                return hit.masks
-            hit.close()
-            del _cache[key]
+            return hit
         if not rootfs.private_dirs or _walks.get(key, 0) == 0:
             _walks[key] = 1  # (the first walk of a process goes without watches)
             return rootfs.private_masks()
@@ -55,6 +52,19 @@ def private_masks(rootfs: HostRootfs) -> tuple[Mask, ...]:
             return rootfs.private_masks()
         _cache[key] = watched
         return watched.masks
+
+
+def _current(key: tuple[object, ...]) -> tuple[Mask, ...] | None:
+    """Under the lock: the cached walk's masks for `key` while it is current (a stale one
+    is dropped)."""
+    hit = _cache.get(key)
+    if hit is None:
+        return None
+    if hit.fresh():
+        return hit.masks
+    hit.close()
+    del _cache[key]
+    return None
 
 
 UNWATCHABLE_RETRY = 60.0  # seconds before a walk that could not be watched is tried again
@@ -70,12 +80,9 @@ def kept_masks(rootfs: HostRootfs) -> tuple[Mask, ...] | None:
 
     key = (rootfs.private_dirs, rootfs.masks)
     with _lock:
-        hit = _cache.get(key)
+        hit = _current(key)
         if hit is not None:
-            if hit.fresh():
-                return hit.masks
-            hit.close()
-            del _cache[key]
+            return hit
         failed = _unwatchable.get(key)
         if failed is not None and time.monotonic() - failed < UNWATCHABLE_RETRY:
             return None

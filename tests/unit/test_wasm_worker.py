@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from wasm_modules import CAT, COUNTER, EXIT7, HELLO
+from wasm_modules import CAT, COUNTER, EXIT7, FLOOD, FLOOD_CHUNKS, HELLO
 
 wasmtime = pytest.importorskip("wasmtime")
 from agentkernel.backends import wasm_worker as ww  # noqa: E402
@@ -89,6 +89,30 @@ def test_stdin_is_each_jobs_own(worker: Worker) -> None:
     assert worker.job(cat)[0] == b""  # no stdin: not the worker's own, nothing
     big = os.urandom(300_000)  # several pipe buffers
     assert worker.job(cat, stdin=big)[0] == big
+
+
+def test_output_beyond_the_pipes_arrives_whole_before_the_end(worker: Worker) -> None:
+    """The module writes into pipes: more than they hold is read while it runs, and all
+    of it leaves before the job's end (job() takes no frame after X)."""
+    flood = worker.load(FLOOD)
+    for _ in range(2):
+        out, err, end = worker.job(flood)
+        assert end == {"code": 0}
+        assert (len(out), len(err)) == (FLOOD_CHUNKS << 16, FLOOD_CHUNKS << 16)
+        assert out == b"o" * len(out) and err == b"e" * len(err)
+    assert worker.job(worker.load(HELLO)) == (b"hello\n", b"oops\n", {"code": 0})
+
+
+def test_output_streams_while_the_job_runs(worker: Worker) -> None:
+    """What a job writes reaches us while it still runs (here: waiting for more stdin)."""
+    cat = worker.load(CAT)
+    job = {"key": cat, "argv": ["m"], "env": [], "stdin": True, "shown": "m"}
+    worker.send(b"J", json.dumps(job).encode())
+    for word in (b"ping", b"pong"):
+        worker.send(b"I", word)
+        assert worker.read() == (b"O", word)
+    worker.send(b"C")
+    assert worker.read() == (b"X", b'{"code": 0}')
 
 
 def test_traps_exits_and_unknown_modules(worker: Worker) -> None:

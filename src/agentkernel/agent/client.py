@@ -73,6 +73,7 @@ LOW_WATER = 128 * 1024
 HIGH_WATER = 512 * 1024
 HARD_LIMIT = 4 * 1024 * 1024
 _DATA = frozenset({T.STDOUT, T.STDERR, T.FILE_DATA})
+_ONE_WRITE = 64 * 1024  # a frame's payload up to this size is copied to join its header
 _FLOW_FRAMES = (b"frame type 0x10 ", b"frame type 0x11 ", b"frame type 0x12 ")
 
 
@@ -125,6 +126,20 @@ class _ChanQueue:
         if resume:
             self._flow(self.chan, "resume")
         return frame
+
+    def ready(self, wait: float = 0.0) -> bool:
+        """Whether a frame is queued (waiting up to `wait` seconds for one): the next
+        get() will not wait."""
+        if self._items or wait <= 0:
+            return bool(self._items)
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while not self._items and not self.ended and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return bool(self._items)
 
     def end(self) -> None:
         with self._cond:
@@ -250,6 +265,11 @@ class Execution:
         """Give up on the command: it is killed, its output dropped, its waiters woken
         (they raise Cancelled). Never blocks on the agent."""
         self._client.cancel(self.id)
+
+    def ready(self, wait: float = 0.0) -> bool:
+        """Whether the next event is here already, waiting up to `wait` seconds for it (a
+        caller may then send what it holds with it, in one write)."""
+        return self._q.ready(wait)
 
     def _next(self, timeout: float | None) -> tuple[str, bytes | ExitStatus]:
         while True:
@@ -499,11 +519,13 @@ class AgentClient:
     def _send(self, ftype: int, chan: int, payload: bytes | memoryview = b"") -> None:
         header = len(payload).to_bytes(4, "little") + ftype.to_bytes(2, "little")
         header += b"\0\0" + chan.to_bytes(4, "little")
+        # A small frame goes in one write: one syscall, one wake-up of the agent.
+        parts = (header + payload,) if len(payload) <= _ONE_WRITE else (header, payload)
         with self._wlock:
             if not self._alive or self._closed:
                 raise ProtocolError(self._dead_reason)
             try:
-                for part in (header, payload):
+                for part in parts:
                     view = memoryview(part)
                     while view:
                         n = self._w.write(view)

@@ -311,11 +311,9 @@ class _Worker:
             self.kill()
             raise SandboxError(f"the wasm worker's sandbox died: {exc}") from None
 
-    def send_job(self, key: str, compiled: bytes, job: dict[str, object]) -> None:
-        """The job, after the module if the worker does not hold it (and the drops that
-        make room for it), in one write."""
-        import json
-
+    def send_job(self, key: str, compiled: bytes, job: bytes) -> None:
+        """The job (its JSON), after the module if the worker does not hold it (and the
+        drops that make room for it), in one write."""
         from .wasm_worker import MAX_MODULES, frame
 
         out = []
@@ -328,7 +326,7 @@ class _Worker:
                 out.append(frame(b"D", old.encode()))
             out.append(frame(b"M", key.encode() + compiled))
             self.modules[key] = len(compiled)
-        out.append(frame(b"J", json.dumps({**job, "key": key}).encode()))
+        out.append(frame(b"J", job))
         self.execution.write_stdin(b"".join(out))
 
     def kill(self) -> None:
@@ -651,6 +649,9 @@ class WasmExecution(Execution):
             except ProtocolError:
                 self._worker.kill()
 
+    def ready(self, wait: float = 0.0) -> bool:
+        return bool(self._pending) or self._worker.execution.ready(wait)
+
     def events(self) -> Iterator[tuple[str, bytes | ExitStatus]]:
         while self.status is None:
             yield self._next(None)
@@ -707,7 +708,7 @@ class WasmClient(AgentClient):
         shown = argv[0]
         path = self._module_path(shown)
         key, compiled = compiler().module(path, shown)
-        job = self._job([path.name, *argv[1:]], env or {}, stdin, shown)
+        job = self._job(key, [path.name, *argv[1:]], env or {}, stdin, shown)
         with self._lock:
             if self.worker.busy or not self.alive:
                 raise Conflict("this wasm sandbox's worker is busy or gone")
@@ -724,17 +725,19 @@ class WasmClient(AgentClient):
             raise
         return execution
 
-    def _job(self, argv: list[str], env: Mapping[str, str], stdin: bool,
-             shown: str) -> dict[str, object]:
-        profile = self._spec.profile
-        has_workspace = self._spec.workspace is not None and profile.workspace != "none"
-        job: dict[str, object] = {
-            "argv": argv, "env": list(env.items()), "stdin": stdin, "shown": shown,
-            "memory_bytes": profile.memory_mb * 1024 * 1024 if profile.memory_mb else None,
-            "workspace": has_workspace, "writable": profile.workspace == "rw"}
+    def _job(self, key: str, argv: list[str], env: Mapping[str, str], stdin: bool,
+             shown: str) -> bytes:
+        """The job as the worker reads it (JSON), bounded."""
         import json
 
-        if len(json.dumps(job)) > MAX_JOB_HEADER:
+        profile = self._spec.profile
+        has_workspace = self._spec.workspace is not None and profile.workspace != "none"
+        job = json.dumps({
+            "key": key, "argv": argv, "env": list(env.items()), "stdin": stdin,
+            "shown": shown,
+            "memory_bytes": profile.memory_mb * 1024 * 1024 if profile.memory_mb else None,
+            "workspace": has_workspace, "writable": profile.workspace == "rw"}).encode()
+        if len(job) > MAX_JOB_HEADER:
             raise UsageError(f"the module's arguments and environment exceed "
                              f"{MAX_JOB_HEADER >> 10} KiB")
         return job

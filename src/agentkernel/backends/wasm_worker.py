@@ -24,18 +24,23 @@ modules only ever flow from the parent to here.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import select
 import signal
 import sys
 import threading
+import time
 
 TYPE_CHECKING = False  # not typing's: the worker imports as little as it can
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Iterator
 
     import wasmtime
+
+    Loaded = dict[str, "wasmtime.InstancePre | str"]  # key -> linked module, or why not
 
 HEAD = 5  # a frame: its kind (one byte), the payload's length (4 bytes, big-endian), payload
 MAX_HEADER = 1 << 20  # a job's JSON: argv and env of one run
@@ -44,7 +49,8 @@ KEY_BYTES = 64  # a module's cache key: SHA-256, hex
 MAX_MODULES = 16  # compiled modules kept (the parent evicts first: this is a backstop)
 OUT_CHUNK = 64 * 1024  # output frames are at most this large
 FLUSH_DELAY = 0.002  # seconds output may wait to leave with more (or with the job's end)
-FLUSH_BYTES = 64 * 1024  # ... unless this much is pending
+PIPE_BYTES = 1 << 20  # the output pipes' size (the unprivileged maximum); a drain's bound
+F_SETPIPE_SZ = 1031  # fcntl's constant (Python < 3.10 lacks it; spelled out for mypy)
 READY = b"R"
 WORKSPACE = "/workspace"
 # Per store: tables and instances a WASI command needs, with room, but bounded.
@@ -90,43 +96,82 @@ def _write(data: bytes) -> None:
 
 
 class _Out:
-    """Frames to stdout, gathered briefly: a job's output and its end usually leave in one
-    write (one wake-up of the agent and of the parent, not one per module write). Output
-    waits at most FLUSH_DELAY (a flusher thread), less once FLUSH_BYTES are pending, so a
-    module's output still streams; a write blocks while the parent pauses us."""
+    """Frames to stdout, and the module's output: it writes into two pipes of ours
+    (wasmtime writes a file directly: an output callback would cost a hop to one of its
+    threads and back for every write), and frames of what they hold leave with the job's
+    end, in one write (one wake-up of the agent and of the parent). A drain thread streams
+    what a longer job writes: woken by its first byte, it waits FLUSH_DELAY for more (or
+    for the job's end to take it), then sends what the pipes hold. One lock for both
+    drainers and every write to stdout, so that no output of a job leaves after its end;
+    a write blocks while the parent pauses us (and so, once the pipes fill, does the
+    module)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._buf = bytearray()
-        threading.Thread(target=self._flusher, daemon=True).start()
+        self.pipes: list[tuple[bytes, int, int]] = []  # (frame kind, read end, write end)
+        for kind in (b"O", b"E"):
+            read, write = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # room for a burst while the drain sleeps
+                fcntl.fcntl(write, F_SETPIPE_SZ, PIPE_BYTES)
+            os.set_blocking(read, False)
+            self.pipes.append((kind, read, write))
+        threading.Thread(target=self._drainer, daemon=True).start()
+
+    def paths(self) -> tuple[str, str]:
+        """Where a job's WASI stdout and stderr go: the pipes' write ends, reopened."""
+        return (f"/proc/self/fd/{self.pipes[0][2]}", f"/proc/self/fd/{self.pipes[1][2]}")
 
     def put(self, data: bytes) -> None:
-        with self._cond:
-            idle = not self._buf
+        """A frame of ours that leaves with the next end (a message before a job's end),
+        after what the module wrote before it."""
+        with self._lock:
+            self._drain()
             self._buf += data
-            if len(self._buf) >= FLUSH_BYTES:
-                self._flush()
-            elif idle:
-                self._cond.notify()
 
     def end(self, data: bytes) -> None:
-        """The last frame of a job (or the ready frame): out now, with what is pending."""
-        with self._cond:
+        """The last frame of a job (or the ready frame): out now, after everything the
+        module wrote (all of it is in the pipes once its _start returned)."""
+        with self._lock:
+            self._drain()
             self._buf += data
-            self._flush()
+            _write(bytes(self._buf))
+            self._buf.clear()
 
-    def _flush(self) -> None:
-        _write(bytes(self._buf))
-        self._buf.clear()
+    @contextlib.contextmanager
+    def silenced(self) -> Iterator[None]:
+        """What the pipes get meanwhile is dropped, never sent (the warm-up's output, a
+        few bytes): the drain thread waits for the lock held here till then."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                for _kind, read, _write_end in self.pipes:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(read, PIPE_BYTES):
+                            pass
 
-    def _flusher(self) -> None:
-        with self._cond:
-            while True:
-                while not self._buf:
-                    self._cond.wait()
-                self._cond.wait(FLUSH_DELAY)  # more may come, or the job's end takes it
+    def _drain(self) -> None:
+        for kind, read, _write_end in self.pipes:
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(read, OUT_CHUNK):
+                    self._buf += frame(kind, chunk)
+                    if len(self._buf) >= PIPE_BYTES:  # bounded: out before reading more
+                        _write(bytes(self._buf))
+                        self._buf.clear()
+
+    def _drainer(self) -> None:
+        poller = select.poll()
+        for _kind, read, _write_end in self.pipes:
+            poller.register(read, select.POLLIN)
+        while True:
+            poller.poll()
+            time.sleep(FLUSH_DELAY)  # more may come, or the job's end takes it
+            with self._lock:
+                self._drain()
                 if self._buf:
-                    self._flush()
+                    _write(bytes(self._buf))
+                    self._buf.clear()
 
 
 _OUTS: list[_Out] = []
@@ -204,7 +249,7 @@ def _serve(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
     """Requests until stdin ends. A job without stdin runs on this thread (no hand-over
     between threads on the hot path); one with stdin on a thread of its own, while this
     one feeds it. Jobs never overlap: the next request waits for the last job's end."""
-    modules: dict[str, wasmtime.Module] = {}
+    modules: Loaded = {}
     stdin = _Stdin()
     running: threading.Thread | None = None
     while (got := read_frame()) is not None:
@@ -219,7 +264,7 @@ def _serve(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
             running.join()
             running = None
         if kind == b"M":
-            _load(engine, modules, payload)
+            _load(engine, linker, modules, payload)
         elif kind == b"D":
             modules.pop(payload.decode(errors="replace"), None)
         elif kind == b"J":
@@ -237,7 +282,7 @@ def _serve(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
 
 
 def _answer(engine: wasmtime.Engine, linker: wasmtime.Linker,
-            modules: dict[str, wasmtime.Module], job: object, fd: int | None) -> None:
+            modules: Loaded, job: object, fd: int | None) -> None:
     """Run a job and send its end. Anything unforeseen ends the worker (on whichever
     thread): its parent then sees the worker gone, never a job that does not end."""
     try:
@@ -249,7 +294,10 @@ def _answer(engine: wasmtime.Engine, linker: wasmtime.Linker,
     _out().end(frame(b"X", json.dumps(end).encode()))
 
 
-def _load(engine: wasmtime.Engine, modules: dict[str, wasmtime.Module], payload: bytes) -> None:
+def _load(engine: wasmtime.Engine, linker: wasmtime.Linker, modules: Loaded,
+          payload: bytes) -> None:
+    """Deserialize a module and link it to WASI now (an InstancePre: imports resolved and
+    checked once), so that each job costs one instantiation from it."""
     import wasmtime
 
     key = payload[:KEY_BYTES].decode(errors="replace")
@@ -261,11 +309,14 @@ def _load(engine: wasmtime.Engine, modules: dict[str, wasmtime.Module], payload:
         return
     if len(modules) >= MAX_MODULES:
         modules.pop(next(iter(modules)))
-    modules[key] = module
+    try:
+        modules[key] = linker.instantiate_pre(module)
+    except wasmtime.WasmtimeError as exc:  # its jobs say so
+        modules[key] = f"cannot link: {_first_line(exc)}"
 
 
 def _job(engine: wasmtime.Engine, linker: wasmtime.Linker,
-         modules: dict[str, wasmtime.Module], job: object, fd: int | None) -> dict[str, int]:
+         modules: Loaded, job: object, fd: int | None) -> dict[str, int]:
     """One job's end: its exit code, or the signal its trap stands for."""
     try:
         if not isinstance(job, dict):
@@ -273,7 +324,9 @@ def _job(engine: wasmtime.Engine, linker: wasmtime.Linker,
         module = modules.get(str(job.get("key")))
         if module is None:
             return _failed(f"{job.get('shown')}: the compiled module was not loaded")
-        return run(engine, linker, module, job, fd)
+        if isinstance(module, str):
+            return _failed(f"{job.get('shown')}: {module}")
+        return run(engine, module, job, fd)
     finally:
         if fd is not None:
             os.close(fd)
@@ -284,7 +337,7 @@ def _failed(message: str) -> dict[str, int]:
     return {"code": EXIT_FAILED}
 
 
-# Writes one byte to its stdout (then /dev/null): compiled here, run once, thrown away.
+# Writes one byte to its stdout (discarded): compiled here, run once, thrown away.
 WARM_UP = """(module
  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
  (memory (export "memory") 1) (data (i32.const 16) "x")
@@ -304,23 +357,16 @@ def _warm_up(engine: wasmtime.Engine, linker: wasmtime.Linker) -> None:
         engine, wasmtime.Module(engine, bytes(wasmtime.wat2wasm(WARM_UP))).serialize())
     store = wasmtime.Store(engine)
     wasi = wasmtime.WasiConfig()
-    wasi.stdout_custom = len
+    wasi.stdout_file, wasi.stderr_file = _out().paths()
     store.set_wasi(wasi)
-    linker.instantiate(store, module).exports(store)["_start"](store)  # type: ignore[operator]
-    store.close()
+    with _out().silenced():  # nothing may precede the ready frame
+        linker.instantiate_pre(module).instantiate(store).exports(store)["_start"](
+            store)  # type: ignore[operator]
+        store.close()
 
 
-def _output(kind: bytes) -> Callable[[bytes], int]:
-    """A WASI output callback: the module's writes as frames, in pieces of OUT_CHUNK."""
-    def write(data: bytes) -> int:
-        for i in range(0, len(data), OUT_CHUNK):
-            _out().put(frame(kind, data[i:i + OUT_CHUNK]))
-        return len(data)
-    return write
-
-
-def run(engine: wasmtime.Engine, linker: wasmtime.Linker, module: wasmtime.Module,
-        job: dict[str, object], stdin_fd: int | None) -> dict[str, int]:
+def run(engine: wasmtime.Engine, module: wasmtime.InstancePre, job: dict[str, object],
+        stdin_fd: int | None) -> dict[str, int]:
     """Run the module's _start in a store of its own: its exit code, or SIGABRT for a
     trap (as wasmtime's own CLI reports one)."""
     import wasmtime
@@ -335,17 +381,16 @@ def run(engine: wasmtime.Engine, linker: wasmtime.Linker, module: wasmtime.Modul
         wasi.argv = [str(a) for a in _list(job.get("argv"))]
         wasi.env = [(str(p[0]), str(p[1])) for p in _list(job.get("env"))
                     if isinstance(p, list) and len(p) == 2]
-        wasi.stdout_custom = _output(b"O")
-        wasi.stderr_custom = _output(b"E")
+        wasi.stdout_file, wasi.stderr_file = _out().paths()
         if stdin_fd is not None:
             wasi.stdin_file = f"/proc/self/fd/{stdin_fd}"  # the pipe's read end, reopened
         if job.get("workspace"):
             wasi.preopen_dir(WORKSPACE, WORKSPACE, bool(job.get("writable")))
         store.set_wasi(wasi)
         try:
-            instance = linker.instantiate(store, module)
+            instance = module.instantiate(store)  # a new instance, in this job's store
         except wasmtime.WasmtimeError as exc:
-            return _failed(f"{job.get('shown')}: cannot link: {_first_line(exc)}")
+            return _failed(f"{job.get('shown')}: cannot instantiate: {_first_line(exc)}")
         try:
             instance.exports(store)["_start"](store)  # type: ignore[operator]
         except wasmtime.ExitTrap as exc:

@@ -8,6 +8,7 @@ import fcntl
 import functools
 import json
 import os
+import queue
 import select
 import signal
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,6 +42,11 @@ LOCK_NAME = "daemon.lock"
 # may hold one, so this times max_connections bounds what requests can make us buffer.
 MAX_LINE = 2 * 1024 * 1024
 REQUEST_TIMEOUT = 30.0  # a connection that sends no request in this long is answered and closed
+IDLE_CONN_THREADS = 4  # threads kept waiting for the next connection
+HELD_BYTES = 64 * 1024  # output a stream holds back at most, to send it in one write
+# A command's `started` line waits this long for its first output or its end, to go with
+# it in one write (a short command: one write, one wake-up of the client, for all of it).
+START_HOLD = 0.005
 
 # Plain request/response operations: op -> (manager method, how to build its arguments).
 _SIMPLE = {
@@ -80,7 +87,12 @@ class _Conn:
         self._wlock = threading.Lock()
 
     def send(self, obj: dict[str, Any]) -> None:
-        data = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        self.send_all([obj])
+
+    def send_all(self, objs: list[dict[str, Any]]) -> None:
+        """Lines in one write."""
+        data = "".join(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+                       for obj in objs).encode()
         try:
             with self._wlock:
                 self.sock.sendall(data)
@@ -106,6 +118,18 @@ class _Conn:
             raise UsageError("a request must be a JSON object")
         return obj
 
+    def buffered(self) -> bool:
+        """Whether the client sent more than its request already (read into our buffer,
+        or waiting in the socket), without blocking."""
+        try:
+            self.sock.setblocking(False)
+            try:
+                return bool(self.rfile.peek(1))  # type: ignore[attr-defined]
+            finally:
+                self.sock.setblocking(True)
+        except (OSError, ValueError):
+            return True  # let the control thread find out what it is
+
     def gone(self) -> bool:
         """Whether the client closed its end entirely (after a half-close it still waits)."""
         try:
@@ -124,6 +148,85 @@ class _Conn:
             self.rfile.close()
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+class _ConnThreads:
+    """Threads that serve connections, a few kept idle for the next one: a thread started
+    per connection costs each request its start-up hand-over (~60 us of CPU here, more
+    in wall time on a busy host). At most IDLE_CONN_THREADS wait; beyond them a thread
+    ends after its connection, as before (max_connections bounds how many run)."""
+
+    def __init__(self, serve: Callable[[socket.socket], None]) -> None:
+        self._serve = serve
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting in _run for a connection
+        self._queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+
+    def submit(self, conn: socket.socket) -> None:
+        """Serve `conn` on an idle thread, else on a new one (RuntimeError: none to be had)."""
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._queue.put(conn)  # exactly one waiting thread takes it
+                return
+        threading.Thread(target=self._run, args=(conn,), daemon=True, name="ak-conn").start()
+
+    def _run(self, conn: socket.socket) -> None:
+        while True:
+            self._serve(conn)
+            with self._lock:
+                if self._idle >= IDLE_CONN_THREADS:
+                    return
+                self._idle += 1
+            conn = self._queue.get()
+
+
+class _Watch:
+    """One thread that waits for the first control line (or the hang-up) of every
+    streaming connection, and only then starts that connection's control thread: most
+    commands end before their client says anything, and a thread started per command
+    costs each one a start-up hand-over and its CPU. Epoll, one-shot per connection."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, Callable[[], None]] = {}
+        self._epoll: select.epoll | None = None
+
+    def add(self, fd: int, on_ready: Callable[[], None]) -> None:
+        """Call `on_ready` (on the watcher's thread) once `fd` is readable or hung up."""
+        with self._lock:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                threading.Thread(target=self._loop, args=(self._epoll,), daemon=True,
+                                 name="ak-conn-watch").start()
+            self._waiting[fd] = on_ready
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT)
+
+    def remove(self, fd: int) -> None:
+        """Stop waiting for `fd` (before it is closed: its number may be reused)."""
+        with self._lock:
+            if self._waiting.pop(fd, None) is not None and self._epoll is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+
+    def _loop(self, epoll: select.epoll) -> None:
+        while True:
+            try:
+                events = epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, _ev in events:
+                with self._lock:
+                    on_ready = self._waiting.pop(fd, None)
+                    if on_ready is not None:
+                        with contextlib.suppress(OSError):
+                            epoll.unregister(fd)
+                if on_ready is not None:
+                    try:
+                        on_ready()
+                    except Exception as exc:  # e.g. no thread to be had: it must not end us
+                        print(f"agentkernel daemon: control thread: {exc}", file=sys.stderr,
+                              flush=True)
 
 
 @functools.cache
@@ -185,6 +288,8 @@ class DaemonServer:
         self._active = 0  # connections being served right now
         self._last_active = time.monotonic()
         self._active_lock = threading.Lock()
+        self._watch = _Watch()  # streaming connections' control lines
+        self._threads = _ConnThreads(self._serve)
         self.config_path: str | None = None  # the config file this daemon loaded
         # HTTP listeners on TCP: the one `serve` started this daemon with, and those a later
         # `serve` attached (each lives as long as that `serve` holds its connection).
@@ -211,8 +316,7 @@ class DaemonServer:
                     self._refuse(conn)
                     continue
                 try:
-                    threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                                     name="ak-conn").start()
+                    self._threads.submit(conn)
                 except RuntimeError:  # no thread to be had: refuse, do not stall
                     self._release()
                     self._refuse(conn)
@@ -403,7 +507,7 @@ class DaemonServer:
                 raise
             conn.send({"ev": "exit", "result": _result_json(failed_start(exc))})
             return
-        self._stream(conn, handle)
+        self._stream(conn, handle, hold_start=not stdin)
 
     def _run(self, conn: _Conn, args: dict[str, Any]) -> None:
         stdin = bool(args.pop("stdin_open", False))
@@ -419,14 +523,16 @@ class DaemonServer:
             return
         if not stdin:
             handle.close_stdin()
-        self._stream(conn, handle)
+        self._stream(conn, handle, hold_start=not stdin)
 
-    def _stream(self, conn: _Conn, handle: ExecHandle) -> None:
+    def _stream(self, conn: _Conn, handle: ExecHandle, *, hold_start: bool = False) -> None:
         """Output to the client as it comes; stdin, signals and resizes from it meanwhile.
 
         Sending blocks while the client does not read, and so does the pump: the agent is
         told to pause the command (back-pressure), nothing piles up here. A client that
-        goes away (or stops sending control lines: EOF) takes its command with it.
+        goes away (or stops sending control lines: EOF) takes its command with it. With
+        `hold_start` (a command without stdin) `started` may wait START_HOLD to leave
+        with the first output or the end.
         """
         done = threading.Event()
 
@@ -443,20 +549,50 @@ class DaemonServer:
                         handle.abort()  # the client went away: so does its command
                     return
 
-        def out(kind: str, data: bytes) -> None:
-            conn.send({"ev": "out", "s": 1 if kind == "stdout" else 2,
-                       "d": data.decode("latin-1")})
+        held: list[dict[str, Any]] = []  # output lines not sent yet (see out)
+        held_bytes = [0]
 
+        def out(kind: str, data: bytes) -> None:
+            # Output whose next event is here already waits for it (up to HELD_BYTES): a
+            # short command's output and its exit then go in one write, one wake-up.
+            held.append({"ev": "out", "s": 1 if kind == "stdout" else 2,
+                         "d": data.decode("latin-1")})
+            held_bytes[0] += len(data)
+            if held_bytes[0] >= HELD_BYTES or not handle.execution.ready():
+                flush()
+
+        def flush() -> None:
+            if held:
+                conn.send_all(held)
+                held.clear()
+                held_bytes[0] = 0
+
+        def start_control() -> None:
+            if not done.is_set():
+                threading.Thread(target=control, daemon=True, name="ak-conn-ctl").start()
+
+        fd = conn.sock.fileno()
         try:
-            conn.send({"ev": "started", "pid": handle.execution.pid, "info": handle.info})
-            threading.Thread(target=control, daemon=True, name="ak-conn-ctl").start()
+            if conn.buffered():
+                start_control()  # sent with its request: read already, epoll cannot tell
+            else:
+                self._watch.add(fd, start_control)  # the thread once the client speaks
+            started = {"ev": "started", "pid": handle.execution.pid, "info": handle.info}
+            # (Not with stdin: the client forwards it only once `started` came.)
+            if hold_start and handle.execution.ready(START_HOLD):
+                held.append(started)  # leaves with the command's first output, or its end
+            else:
+                conn.send(started)
             result = handle.pump(out, collect=False)
         except BaseException:
             handle.abort()  # whatever failed, the command must not run on unattended
+            with contextlib.suppress(ClientGone):
+                flush()  # what it wrote before, then the error
             raise
         finally:
             done.set()
-        conn.send({"ev": "exit", "result": _result_json(result)})
+            self._watch.remove(fd)
+        conn.send_all([*held, {"ev": "exit", "result": _result_json(result)}])
 
     # ---- cp ----
 
