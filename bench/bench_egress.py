@@ -7,7 +7,9 @@ from the same run, rounds interleaved so that load on the machine hits every kin
 2. 100 sequential new HTTPS connections, one small request each, from Python: total time,
    gate / slirp4netns (goal <= 1.2x); the gate's client resolves the allowed name through
    the gate's resolver first and is checked by name (pinned answer, SNI), as a sandbox's
-   would be; slirp4netns's goes to the address;
+   would be; slirp4netns's goes to the address. The ways out of a round are open at once
+   and their requests alternate one by one, so that load on the machine (it is shared)
+   hits each alike; CPU per request from the scheduler's count (ns);
 3. a namespaces sandbox's start + destroy with the gate (forked by the gates' fork server,
    as in the daemon; and a fresh interpreter per sandbox, as a one-shot `run`) against the same
    without network (goal: <= 5 ms added);
@@ -15,9 +17,14 @@ from the same run, rounds interleaved so that load on the machine hits every kin
    costs) and PSS, idle after start and after the traffic above; the fork server's own once
    (goal: <= 2 MiB per sandbox, or shared). slirp4netns's for comparison.
 
-Both ways out are fresh network namespaces against the same upstream (a namespace with
-HTTP and HTTPS servers, tests/egress_upstream.py). Needs root.
-Usage: .venv/bin/python bench/bench_egress.py [-n ROUNDS] [--starts N]
+Each round's ways out are fresh network namespaces against the same upstream (a namespace with
+HTTP and HTTPS servers, tests/egress_upstream.py). Needs root. With `--against DIR`, the
+gate of another checkout (DIR/src: its fork server, gate and wiring) is measured in the
+same rounds, by a child process of this bench, against the same upstream. Per round, the
+ratio gate / slirp4netns of that round (min, median, max over the rounds) beside the
+ratio of the p50s.
+Usage: .venv/bin/python bench/bench_egress.py [-n ROUNDS] [--starts N] [--https-only]
+       [--against DIR] [--json FILE]
        .venv/bin/python bench/bench_egress.py --oneshot N   (whole CLI runs without a daemon)
 """
 
@@ -32,6 +39,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +51,41 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import pct, stamp, stamp_lines  # noqa: E402
 
+# A child holding another checkout's gate: its agentkernel imported first (so that this
+# file's sys.path entries do not matter for it), then a way out through that gate; prints
+# it as JSON (argv prefix, set-up time, pid, scratch dir), and takes it down at a line on
+# stdin.
+AGAINST_CHILD = r"""
+import json, sys
+src, bench, tests, up = sys.argv[1:5]
+sys.path[:0] = [src]
+import agentkernel  # noqa: F401 - the other checkout's, before this bench's paths
+sys.path[:0] = [bench, tests]
+import bench_egress as b
+sys.path[:] = [src] + [p for p in sys.path if p not in (src, str(b.ROOT / "src"))]
+from agentkernel import egress_forkserver
+from sandbox_helpers import Upstream
+doc = json.loads(up)
+egress_forkserver.enable()
+try:
+    way = b.open_way("gate", Upstream(doc["pid"], doc["addr"], doc["addr2"], doc["private"],
+                                      b.Path(doc["dir"])))
+    try:
+        print(json.dumps({"enter": way.enter, "took": way.took, "pid": way.pid,
+                          "scratch": str(way.scratch)}), flush=True)
+        sys.stdin.readline()
+    finally:
+        way.close()
+finally:
+    egress_forkserver.shutdown()
+"""
+
 # argv: host (a name, resolved once through the namespace's resolver, or an address), CA.
 # One warm-up request first (an on-demand gate is forked by the lookup or by it: its cost is
-# reported apart, as "first"), then 100 timed. Prints {"first": ms, "times": [ms, ...]}.
-HTTPS_LOOP = r"""
-import json, socket, ssl, sys, time
+# reported apart, as "first"; its time printed), then one request per line on stdin, each
+# one's time printed (ms).
+HTTPS_CLIENT = r"""
+import socket, ssl, sys, time
 ctx = ssl.create_default_context(cafile=sys.argv[2])
 ctx.check_hostname = False
 def one(addr):
@@ -61,14 +100,13 @@ def one(addr):
 t = time.perf_counter()
 addr = socket.gethostbyname(sys.argv[1])
 one(addr)
-first = (time.perf_counter() - t) * 1000  # lookup + first request (a gate's fork)
-print("warm", flush=True)
-sys.stdin.readline()  # the bench has read the way out's CPU time
-times = [one(addr) for _ in range(100)]
-print(json.dumps({"first": first, "times": times}))
+print("%.3f" % ((time.perf_counter() - t) * 1000), flush=True)  # lookup + first request
+while sys.stdin.readline().strip() == "go":
+    print("%.4f" % one(addr), flush=True)
 """
 
 RESOLVER = "10.0.2.3"  # slirp4netns's DNS; the gate's resolver answers there too
+REQUESTS = 100
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -83,11 +121,14 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_ms(pid: int) -> tuple[float, float]:
-    """CPU time (user, system) process `pid` has spent, ms (clock-tick resolution)."""
+def cpu_ms(pid: int) -> tuple[float, float, float]:
+    """CPU time process `pid` has spent, ms: user and system (clock-tick resolution), and
+    their sum from the scheduler's own count (ns resolution, every thread)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     tick = 1000 / os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) * tick, int(fields[12]) * tick
+    ran = sum(int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0])
+              for t in os.listdir(f"/proc/{pid}/task"))
+    return int(fields[11]) * tick, int(fields[12]) * tick, ran / 1e6
 
 
 def _policy(upstream: Any) -> Any:
@@ -96,91 +137,190 @@ def _policy(upstream: Any) -> Any:
     return policy_for("egress", None, ("allowed.test",), (), (f"allowed.test:{upstream.addr}",))
 
 
-def way_out(kind: str, scratch: Path, upstream: Any
-            ) -> tuple[list[str], float, list[Any], int | None, int]:
-    """A namespace whose way out is `kind` ("slirp", or "gate" with an allow-list for
-    allowed.test): the argv prefix to run in it (its resolv.conf names 10.0.2.3), the
-    way out's set-up time, its helpers, the pid to measure (None: a gate on demand, none
-    runs yet) and the lifeline's write end."""
+@dataclass
+class Way:
+    """A namespace whose way out is `kind`: the argv prefix to run in it (its resolv.conf
+    names 10.0.2.3), the host its clients ask for, the way out's set-up time (s), the pid
+    to measure (None: a gate on demand, none runs yet), its scratch dir, and how to take
+    it down."""
+
+    kind: str
+    enter: list[str]
+    host: str
+    took: float
+    pid: int | None
+    scratch: Path
+    close: Callable[[], None]
+
+
+def open_way(kind: str, upstream: Any, against: Path | None = None) -> Way:
+    """A way out: "slirp", "gate" (with an allow-list for allowed.test), or "against"
+    (the same through another checkout's gate, held by a child process)."""
+    if kind == "against":
+        assert against is not None
+        return _against_way(against, upstream)
     from agentkernel.egress_gate import GateStart
     from agentkernel.network import egress_netns, enter_netns, lifeline, netns_holder
 
+    scratch = Path(tempfile.mkdtemp(prefix=f"ak-bench-{kind}-"))
     (scratch / "resolv.conf").write_text(f"nameserver {RESOLVER}\n")
     private_resolv = ["unshare", "--mount", "--", "sh", "-c",
                       f'mount --bind {scratch / "resolv.conf"} /etc/resolv.conf && exec "$@"',
                       "sh"]
     helpers: list[Any] = []
-    if kind == "slirp":
-        start = time.perf_counter()
-        pid, life_w = egress_netns(scratch / "slirp.log", helpers)
-        took = time.perf_counter() - start
-        return [*enter_netns(pid), *private_resolv], took, helpers, helpers[-1].pid, life_w
-    life_r, life_w = lifeline()
-    holder = netns_holder(life_r)
-    helpers.append(holder)
-    # bwrap brings a sandbox's loopback up; a bare holder's is down
-    subprocess.run([*enter_netns(holder.pid), "ip", "link", "set", "lo", "up"], check=True)
-    t0 = time.perf_counter()  # the holder is the sandbox's own namespace: not the gate's cost
-    start_ = GateStart(scratch, exit_fd=life_r)
-    start_.attach(holder.pid, _policy(upstream), ids=(65534, 65534))
-    gate = start_.wait(ready=True)
-    took = time.perf_counter() - t0
-    os.close(life_r)
-    if gate is None:  # on demand: forked by the fork server at the first query
-        return [*enter_netns(holder.pid), *private_resolv], took, helpers, None, life_w
-    helpers.append(gate)
-    return [*enter_netns(holder.pid), *private_resolv], took, helpers, gate.pid, life_w
+    life_w = -1
 
-
-def measure(kind: str, upstream: Any, samples: dict[str, list[float]],
-            https_only: bool = False) -> None:
-    """One round of `kind`: set-up, download, 100 HTTPS, memory; into `samples`."""
-    scratch = Path(tempfile.mkdtemp(prefix=f"ak-bench-{kind}-"))
-    enter, took, helpers, pid, life_w = way_out(kind, scratch, upstream)
-    host = upstream.addr if kind == "slirp" else "allowed.test"
-    try:
-        samples["setup_ms"].append(took * 1000)
-        time.sleep(0.2)
-        idle = memory_kib(pid) if pid is not None else {"uss": 0, "pss": 0}
-        for key, value in idle.items():
-            samples[f"idle_{key}_kib"].append(value)
-        if not https_only:
-            t = time.perf_counter()
-            subprocess.run([*enter, "curl", "-sS", "-o", "/dev/null",
-                            f"http://{host}:18080/big"], check=True, timeout=300)
-            samples["download_mibps"].append(100 / (time.perf_counter() - t))
-        from sandbox_helpers import egress_gate_pid
-
-        loop = subprocess.Popen([*enter, sys.executable, "-c", HTTPS_LOOP, host,
-                                 str(upstream.ca)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
-        assert loop.stdin is not None and loop.stdout is not None
-        assert loop.stdout.readline() == "warm\n", "the warm-up request failed"
-        busy = pid if pid is not None else egress_gate_pid(scratch)  # on demand: it runs now
-        assert busy is not None, "no gate after the first request"
-        cpu = cpu_ms(busy)
-        loop.stdin.write("go\n")
-        loop.stdin.flush()
-        out, _ = loop.communicate(timeout=300)
-        assert loop.returncode == 0, "the HTTPS loop failed"
-        got = json.loads(out)
-        per_request = got["times"]
-        user, system = (b - a for a, b in zip(cpu, cpu_ms(busy), strict=True))
-        samples["cpu_per_request_ms"].append((user + system) / len(per_request))
-        samples["cpu_user_per_request_ms"].append(user / len(per_request))
-        samples["https_first_ms"].append(got["first"])
-        samples["https_100_ms"].append(sum(per_request))
-        samples["https_request_ms"].extend(per_request)
-        for key, value in memory_kib(busy).items():
-            samples[f"busy_{key}_kib"].append(value)
-
-    finally:
-        os.close(life_w)
+    def close() -> None:
+        if life_w >= 0:
+            os.close(life_w)
         for h in helpers:
             if h.poll() is None:
                 h.kill()
             h.wait()
         shutil.rmtree(scratch, ignore_errors=True)
+
+    try:
+        if kind == "slirp":
+            start = time.perf_counter()
+            pid, life_w = egress_netns(scratch / "slirp.log", helpers)
+            took = time.perf_counter() - start
+            return Way(kind, [*enter_netns(pid), *private_resolv], upstream.addr, took,
+                       helpers[-1].pid, scratch, close)
+        life_r, life_w = lifeline()
+        holder = netns_holder(life_r)
+        helpers.append(holder)
+        # bwrap brings a sandbox's loopback up; a bare holder's is down
+        subprocess.run([*enter_netns(holder.pid), "ip", "link", "set", "lo", "up"], check=True)
+        t0 = time.perf_counter()  # the holder is the sandbox's namespace: not the gate's cost
+        start_ = GateStart(scratch, exit_fd=life_r)
+        start_.attach(holder.pid, _policy(upstream), ids=(65534, 65534))
+        gate = start_.wait(ready=True)
+        took = time.perf_counter() - t0
+        os.close(life_r)
+        if gate is not None:  # (None: on demand, forked by the fork server at first use)
+            helpers.append(gate)
+        return Way(kind, [*enter_netns(holder.pid), *private_resolv], "allowed.test", took,
+                   gate.pid if gate is not None else None, scratch, close)
+    except BaseException:
+        close()
+        raise
+
+
+def _against_way(checkout: Path, upstream: Any) -> Way:
+    doc = {"pid": upstream.pid, "addr": upstream.addr, "addr2": upstream.addr2,
+           "private": upstream.private, "dir": str(upstream.dir)}
+    child = subprocess.Popen([sys.executable, "-c", AGAINST_CHILD, str(checkout / "src"),
+                              str(ROOT / "bench"), str(ROOT / "tests"), json.dumps(doc)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    line = child.stdout.readline()
+    if not line:
+        child.wait()
+        raise SystemExit(f"{checkout}'s gate did not start")
+    got = json.loads(line)
+
+    def close() -> None:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(timeout=60)
+
+    return Way("against", got["enter"], "allowed.test", got["took"], got["pid"],
+               Path(got["scratch"]), close)
+
+
+def measure_round(ways: dict[str, Way], samples: dict[str, dict[str, list[float]]],
+                  https_only: bool) -> None:
+    """One round over ways already open: idle memory, the download through each in turn,
+    then REQUESTS HTTPS requests through each, one at a time, alternating between the
+    ways (so that load on the machine hits each alike), then memory again."""
+    for kind, way in ways.items():
+        samples[kind]["setup_ms"].append(way.took * 1000)
+    time.sleep(0.2)
+    for kind, way in ways.items():
+        idle = memory_kib(way.pid) if way.pid is not None else {"uss": 0, "pss": 0}
+        for key, value in idle.items():
+            samples[kind][f"idle_{key}_kib"].append(value)
+    if not https_only:
+        for kind, way in ways.items():
+            t = time.perf_counter()
+            subprocess.run([*way.enter, "curl", "-sS", "-o", "/dev/null",
+                            f"http://{way.host}:18080/big"], check=True, timeout=300)
+            samples[kind]["download_mibps"].append(100 / (time.perf_counter() - t))
+    busy = https_interleaved(ways, samples)
+    for kind, pid in busy.items():
+        for key, value in memory_kib(pid).items():
+            samples[kind][f"busy_{key}_kib"].append(value)
+
+
+def https_interleaved(ways: dict[str, Way], samples: dict[str, dict[str, list[float]]]
+                      ) -> dict[str, int]:
+    """REQUESTS new HTTPS connections through each way, request by request in turn (the
+    first of each pair alternating); per way its total, each request, its first (a
+    gate's fork), its CPU per request. Returns the pids measured."""
+    from sandbox_helpers import egress_gate_pid
+
+    upstream_ca = os.environ["AK_BENCH_CA"]
+    clients: dict[str, subprocess.Popen[str]] = {}
+    pids: dict[str, int] = {}
+    try:
+        for kind, way in ways.items():
+            clients[kind] = subprocess.Popen(
+                [*way.enter, sys.executable, "-c", HTTPS_CLIENT, way.host, upstream_ca],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for kind, client in clients.items():
+            assert client.stdout is not None
+            first = client.stdout.readline()
+            assert first, f"{kind}: the warm-up request failed"
+            samples[kind]["https_first_ms"].append(float(first))
+            way = ways[kind]
+            pid = way.pid if way.pid is not None else egress_gate_pid(way.scratch)
+            assert pid is not None, f"{kind}: no gate after the first request"
+            pids[kind] = pid
+        before = {kind: cpu_ms(pid) for kind, pid in pids.items()}
+        times: dict[str, list[float]] = {kind: [] for kind in ways}
+        order = list(clients)
+        for i in range(REQUESTS):
+            for kind in order[i % len(order):] + order[:i % len(order)]:
+                client = clients[kind]
+                assert client.stdin is not None and client.stdout is not None
+                client.stdin.write("go\n")
+                client.stdin.flush()
+                got = client.stdout.readline()
+                assert got, f"{kind}: an HTTPS request failed"
+                times[kind].append(float(got))
+        for kind, pid in pids.items():
+            user, _system, ran = (b - a for a, b in zip(before[kind], cpu_ms(pid),
+                                                          strict=True))
+            samples[kind]["cpu_per_request_ms"].append(ran / REQUESTS)
+            samples[kind]["cpu_user_per_request_ms"].append(user / REQUESTS)
+            samples[kind]["https_100_ms"].append(sum(times[kind]))
+            samples[kind]["https_request_ms"].extend(times[kind])
+    finally:
+        for client in clients.values():
+            assert client.stdin is not None
+            client.stdin.close()
+            client.wait(timeout=30)
+    return pids
+
+
+def round_ratios(results: dict[str, dict[str, list[float]]], kind: str,
+                 key: str) -> list[float]:
+    """Per round: `kind`'s `key` over slirp4netns's in the same round (one sample each)."""
+    return [g / s for g, s in zip(results[kind][key], results["slirp"][key], strict=False)
+            if s]
+
+
+def ratio_lines(results: dict[str, dict[str, list[float]]]) -> list[str]:
+    """The rounds' own ratios (each gate round against the slirp4netns round beside it)."""
+    lines = []
+    for kind in (k for k in results if k != "slirp"):
+        for key, goal in (("https_100_ms", "<= 1.20x"), ("download_mibps", ">= 0.80x")):
+            ratios = sorted(round_ratios(results, kind, key))
+            if ratios:
+                lines.append(f"- {kind} / slirp4netns {key}, per round ({len(ratios)} rounds): "
+                             f"min {ratios[0]:.2f}x, median {pct(ratios, 0.5):.2f}x, max "
+                             f"{ratios[-1]:.2f}x (goal {goal})")
+    return lines
 
 
 def sandbox_starts(n: int) -> dict[str, list[float]]:
@@ -312,17 +452,20 @@ def _row(label: str, values: list[float], base: list[float] | None, unit: str,
 
 def https_report(results: dict[str, dict[str, list[float]]], st: dict[str, str]) -> list[str]:
     """Goal 2 alone (--https-only): the gate warm (after one request), and its first."""
-    s, g = results["slirp"], results["gate"]
+    s = results["slirp"]
     lines = ["# 100 HTTPS requests: egress gate vs slirp4netns", "", *stamp_lines(st), "",
              "| measure | n | p50 | p95 | gate / slirp4netns (p50) |", "|---|---:|---:|---:|---:|"]
     for key in ("https_100_ms", "https_request_ms", "https_first_ms", "cpu_per_request_ms",
                 "cpu_user_per_request_ms"):
         lines.append(_row(f"slirp4netns {key}", s[key], None, "ms"))
-        lines.append(_row(f"gate {key}", g[key], s[key], "ms"))
+        for kind in (k for k in results if k != "slirp"):
+            lines.append(_row(f"{kind} {key}", results[kind][key], s[key], "ms"))
+    g = results["gate"]
     https = pct(g["https_100_ms"], 0.5) / pct(s["https_100_ms"], 0.5)
     https95 = pct(g["https_100_ms"], 0.95) / pct(s["https_100_ms"], 0.95)
     lines += ["", f"- 100 HTTPS requests time gate/slirp4netns: p50 {https:.2f}x, p95 "
-              f"{https95:.2f}x (goal <= 1.20x): {'met' if https <= 1.2 else 'NOT met'}"]
+              f"{https95:.2f}x (goal <= 1.20x): {'met' if https <= 1.2 else 'NOT met'}",
+              *ratio_lines(results)]
     return lines
 
 
@@ -332,11 +475,15 @@ def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[fl
     lines = ["# egress gate vs slirp4netns", "", *stamp_lines(st), "",
              "| measure | n | p50 | p95 | gate / slirp4netns (p50) |", "|---|---:|---:|---:|---:|"]
     for key, unit in (("download_mibps", "MiB/s"), ("https_100_ms", "ms"),
-                      ("https_request_ms", "ms"), ("https_first_ms", "ms"), ("setup_ms", "ms"),
+                      ("https_request_ms", "ms"), ("https_first_ms", "ms"),
+                      ("cpu_per_request_ms", "ms"), ("setup_ms", "ms"),
                       ("idle_uss_kib", "KiB"), ("idle_pss_kib", "KiB"),
                       ("busy_uss_kib", "KiB"), ("busy_pss_kib", "KiB")):
         lines.append(_row(f"slirp4netns {key}", s[key], None, unit))
-        lines.append(_row(f"gate {key}", g[key], s[key], unit))
+        for kind in (k for k in results if k != "slirp"):
+            if kind == "against" and key == "setup_ms":
+                continue  # (its child's first gate start includes its fork server's)
+            lines.append(_row(f"{kind} {key}", results[kind][key], s[key], unit))
     lines += ["", "| sandbox start+destroy | n | p50 | p95 | added p50 / p95 vs no network |",
               "|---|---:|---:|---:|---:|"]
     base = starts["no network"]
@@ -356,6 +503,7 @@ def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[fl
         f"{'met' if thr >= 0.8 else 'NOT met'}",
         f"- 100 HTTPS requests time gate/slirp4netns: {https:.2f}x (goal <= 1.20x): "
         f"{'met' if https <= 1.2 else 'NOT met'}",
+        *ratio_lines(results),
         f"- added sandbox start (fork server, as the daemon): {added:+.1f} ms; one-shot (fresh "
         f"interpreter): {added_fresh:+.1f} ms (goal <= 5 ms): "
         f"{'met' if added <= 5 else 'NOT met'} (daemon path)",
@@ -369,6 +517,12 @@ def report(results: dict[str, dict[str, list[float]]], starts: dict[str, list[fl
     return lines
 
 
+def _commit(checkout: Path) -> str:
+    got = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=False)
+    return got.stdout.strip() or "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=5, help="rounds of each way out")
@@ -376,9 +530,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     parser.add_argument("--https-only", action="store_true",
                         help="only goal 2 (100 HTTPS requests): no download, no starts")
+    parser.add_argument("--against", type=Path,
+                        help="another checkout whose gate is measured in the same rounds")
+    parser.add_argument("--json", type=Path, help="also write every sample (JSON) here")
     parser.add_argument("--oneshot", type=int, metavar="N",
                         help="only one-shot CLI runs without a daemon, N of each kind")
     args = parser.parse_args()
+    if args.against is not None:
+        args.against = args.against.resolve()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
@@ -396,13 +555,21 @@ def main() -> int:
             args.out.write_text("\n".join(lines) + "\n")
         return 0
     egress_forkserver.enable()  # gates fork from the fork server, as in the daemon
-    results: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in ("slirp", "gate")}
+    kinds = ("slirp", "gate", *(["against"] if args.against else []))
+    results: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in kinds}
     with make_upstream(UPSTREAM_NAMES) as upstream:
         upstream.serve(SYSTEM_PYTHON, str(ROOT / "tests" / "egress_upstream.py"),
                        str(upstream.dir / "srv.pem"), str(upstream.dir / "srv.key"))
-        for _round in range(args.n):  # interleaved, so that load on the machine hits both
-            for kind, samples in results.items():
-                measure(kind, upstream, samples, args.https_only)
+        os.environ["AK_BENCH_CA"] = str(upstream.ca)
+        for _round in range(args.n):
+            ways: dict[str, Way] = {}
+            try:
+                for kind in kinds:
+                    ways[kind] = open_way(kind, upstream, args.against)
+                measure_round(ways, results, args.https_only)
+            finally:
+                for way in ways.values():
+                    way.close()
     server = egress_forkserver._server
     server_kib = memory_kib(server.proc.pid) if server is not None else {"uss": 0, "pss": 0}
     if args.https_only:
@@ -412,7 +579,14 @@ def main() -> int:
         starts = sandbox_starts(args.starts)
         egress_forkserver.shutdown()
         lines = report(results, starts, server_kib, st)
+    if args.against:
+        lines.insert(lines.index("") + 1, f"against: {args.against} (commit "
+                     f"{_commit(args.against)}): its gate measured in the same rounds")
+        lines.insert(lines.index("") + 2, "")
     print("\n".join(lines))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"stamp": st, "against": str(args.against or ""),
+                                         "results": results}) + "\n")
     if args.out is not None:
         args.out.write_text("\n".join(lines) + "\n")
     return 0

@@ -21,9 +21,10 @@ import socket
 import struct
 import time
 from collections import OrderedDict
-from typing import Any, cast
+from typing import Any
 
 from . import egress_wire as wire
+from .egress_audit import FIELD_SET, MAX_FIELD, clipped, encode
 from .egress_policy import DNS_PORT as DNS_PORT  # the listeners' ports: defined there
 from .egress_policy import TCP_PORT as TCP_PORT
 from .egress_policy import Policy, Verdict, normalize_name
@@ -32,13 +33,18 @@ SO_ORIGINAL_DST = 80
 MAX_CONNS = 512
 MAX_DNS_INFLIGHT = 64
 MAX_PINS = 8192
+MAX_MEMO = 4096  # remembered policy answers and normalised names (then forgotten at once)
 MAX_PIN_NAMES = 16  # names pinned to one address (a CDN's): the oldest go first
 STATE_CAP = 2 * 1024 * 1024  # bytes of an activated gate's saved state (policy, pins)
 STATE_DELAY = 1.0  # seconds between a new pin and the state's save (then at most once)
 FIRST_BYTES_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 1800.0
+IDLE_CHECK = 60.0  # seconds between a connection's idle checks
+SWEEP = 1.0  # seconds between the gate's checks of its connections' deadlines
 RESOLVE_TIMEOUT = 5.0
+LOOKUP_TTL = 30.0  # seconds an upstream answer is reused: the TTL our answers carry
+MAX_LOOKUPS = 1024
 CHUNK = 256 * 1024
 LOG_CAP = 2 * 1024 * 1024  # bytes; then the log starts over with a marker
 
@@ -51,21 +57,59 @@ class Log:
         self.fd = fd
         self.size = os.fstat(fd).st_size
         self.audit = audit  # egress_audit.AuditWriter: the host's log of every decision
+        self.loop: Any = None  # set by serve: `later` entries are written by it
+        self.pending: list[tuple[bytes, bytes | None]] = []
 
     def write(self, **fields: Any) -> None:
+        """An entry, written now."""
+        self.pending.append(self._lines(fields))
+        self.flush()
+
+    def later(self, **fields: Any) -> None:
+        """An entry, timed now and written at the end of this turn of the event loop with
+        the others of that turn: after the bytes the decision let through (the audit
+        file is shared by every gate of the user, under a lock: not on a connection's
+        path), one write per file for a turn's entries."""
+        self.pending.append(self._lines(fields))
+        if len(self.pending) == 1 and self.loop is not None:
+            self.loop.call_soon(self.flush)
+        elif self.loop is None:
+            self.flush()
+
+    def _lines(self, fields: dict[str, Any]) -> tuple[bytes, bytes | None]:
+        # Encoded once for both logs (two entries per connection: it shows in its cost).
+        t = repr(round(time.time(), 3))
+        try:  # short: no value can be longer than an entry keeps (the usual case)
+            body = encode(fields)
+        except (TypeError, ValueError):
+            body = ""
+        if not body or len(body) > MAX_FIELD:
+            body = encode(clipped(fields))
+        audit = None
         if self.audit is not None:
-            self.audit.write(fields)
-        fields["t"] = round(time.time(), 3)
-        line = (json.dumps(fields, separators=(",", ":")) + "\n").encode()
-        with contextlib.suppress(OSError):
-            if self.size + len(line) > LOG_CAP:
+            audit = self.audit.line(t, body if fields.keys() <= FIELD_SET else
+                                    encode(clipped({k: v for k, v in fields.items()
+                                                    if k in FIELD_SET})))
+        return (body[:-1] + ("," if len(body) > 2 else "") + f'"t":{t}}}\n').encode(), audit
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        if self.audit is not None:
+            self.audit.append(b"".join(a for _, a in pending if a is not None))
+        data = b"".join(line for line, _ in pending)
+        try:
+            if self.size + len(data) > LOG_CAP:
                 os.ftruncate(self.fd, 0)
                 os.lseek(self.fd, 0, os.SEEK_SET)
                 marker = b'{"note":"log restarted: older entries dropped"}\n'
                 os.write(self.fd, marker)
                 self.size = len(marker)
-            os.write(self.fd, line)
-            self.size += len(line)
+            os.write(self.fd, data)
+            self.size += len(data)
+        except OSError:
+            pass
 
 
 class Gate:
@@ -74,10 +118,18 @@ class Gate:
     def __init__(self, policy: Policy, denied: Any, log: Log) -> None:
         self.policy = policy
         self.denied = denied
+        self.loop: Any = None  # the event loop it serves on (serve)
+        self.live: set[_Conn] = set()  # connections whose deadlines the sweep checks
+        self.sweeping = False
         self._denied_seen: dict[str, bool] = {}  # address -> in `denied` (bounded)
+        self._memo: dict[tuple[str, str, int], Verdict | None] = {}  # see _rule
+        self._memo_of: Policy | None = None
+        self._names: dict[str, str] = {}  # see _normal
         self.log = log
         # address -> names (a dict as an ordered set), least recently pinned first
         self.pins: OrderedDict[str, dict[str, None]] = OrderedDict()
+        # name -> (until when, addresses): upstream answers reused (see resolve)
+        self.lookups: dict[str, tuple[float, list[str]]] = {}
         self.conns = 0
         self.dns_inflight = 0
         self.busy = 0  # connections, queries and updates being served (idle exit: none)
@@ -118,6 +170,23 @@ class Gate:
         if self.state is not None:
             self.state.changed()
 
+    def watch(self, conn: _Conn) -> None:
+        """`conn`'s deadlines and idleness checked by the gate's one sweep timer (every
+        SWEEP while a connection lives): no timer per connection."""
+        self.live.add(conn)
+        if not self.sweeping:
+            self.sweeping = True
+            self.loop.call_later(SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.live):
+            conn.tick(now)
+        if self.live:
+            self.loop.call_later(SWEEP, self._sweep)
+        else:
+            self.sweeping = False
+
     def track(self, work: Any) -> Any:
         """`work` (a coroutine) counted as busy from now until it ends: an activated
         gate does not exit between a connection's accept and its handler's first step."""
@@ -136,28 +205,60 @@ class Gate:
     def addr_verdict(self, addr: str, port: int) -> tuple[Verdict, set[str] | None]:
         """A connection to addr:port before its first bytes: the verdict, and the names
         it was reached through (None: not through a name's pinned answer)."""
-        explicit = self.policy.addr_rule(addr, port)
+        explicit = self._rule(("addr", addr, port))
         if explicit is not None:
             return explicit, None
         why = self.denied_why(addr)
         if why:
             return Verdict(False, why), None
-        names = {n for n in self.pins.get(addr, ()) if
-                 self.policy.name_verdict(n, port).allowed}
+        names = {n for n in self.pins.get(addr, ()) if self._name_rule(n, port).allowed}
         if names:
-            return Verdict(True, self.policy.name_verdict(sorted(names)[0], port).rule), names
+            return Verdict(True, self._name_rule(min(names), port).rule), names
         if self.policy.default_allow:
             return Verdict(True, "default allow"), None
         return Verdict(False, "default deny (address not from an allowed name's DNS answer)"), \
             None
 
+    def _rule(self, key: tuple[str, str, int]) -> Verdict | None:
+        """The policy's answer for ("name", name, port) (a Verdict) or ("addr", address,
+        port) (a Verdict or None), remembered until the policy changes (a client asks
+        about the same few again and again; a policy may have 1024 entries per list)."""
+        if self._memo_of is not self.policy:
+            self._memo.clear()
+            self._memo_of = self.policy
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        if len(self._memo) >= MAX_MEMO:
+            self._memo.clear()
+        kind, what, port = key
+        got = self.policy.name_verdict(what, port) if kind == "name" else \
+            self.policy.addr_rule(what, port)
+        self._memo[key] = got
+        return got
+
+    def _name_rule(self, name: str, port: int) -> Verdict:
+        got = self._rule(("name", name, port))
+        assert got is not None  # (a name always has one)
+        return got
+
+    def _normal(self, name: str) -> str:
+        """normalize_name, remembered (bounded) for names it accepted."""
+        got = self._names.get(name)
+        if got is None:
+            if len(self._names) >= MAX_MEMO:
+                self._names.clear()
+            got = self._names[name] = normalize_name(name)
+        return got
+
     def name_verdict(self, name: str, port: int, pinned: set[str] | None) -> Verdict:
         """The name a client sent (SNI or Host) on a connection already allowed by address."""
         try:
-            name = normalize_name(name)
+            name = self._normal(name)
         except Exception:
             return Verdict(False, f"malformed name {name[:80]!r}")
-        verdict = self.policy.name_verdict(name, port)
+        verdict = self._name_rule(name, port)
         if not verdict.allowed:
             return verdict
         # A name let through by an allow entry must be the one whose answer gave this
@@ -171,7 +272,7 @@ class Gate:
 # --- TCP ---------------------------------------------------------------------------------
 
 
-def original_dst(sock: socket.socket) -> tuple[str, int]:
+def original_dst(sock: Any) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, addr = struct.unpack("!2xH4s8x", raw)
     return socket.inet_ntoa(addr), port
@@ -192,259 +293,392 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-async def first_name(reader: asyncio.StreamReader, on_wait: Any = None
-                     ) -> tuple[bytes, str | None, str]:
-    """Read the client's first bytes until they are known to carry a name or not: the
-    bytes read, the name (SNI or Host) or None, and what it was ("tls", "http", "raw").
-    `on_wait` is called before a read that will wait for the client."""
-    data = b""
-    while True:
-        for kind in ("tls", "http"):
-            try:
-                got = wire.sni(data) if kind == "tls" else wire.http_head(data)
-            except ValueError as exc:
-                raise ConnectionError(f"malformed {kind}: {exc}") from None
-            if got == wire.NEED_MORE:
-                break
-            if got == wire.NOT_THIS:
-                continue
-            if kind == "tls":
-                return data, got if isinstance(got, str) else None, "tls"
-            assert isinstance(got, tuple)
-            try:
-                return data, wire.request_host(*got), "http"
-            except ValueError as exc:
-                raise ConnectionError(f"malformed http: {exc}") from None
-        else:
-            return data, None, "raw"
-        if len(data) >= max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD):
-            raise ConnectionError("first bytes too long")
-        if on_wait is not None and not getattr(reader, "_buffer", None):
-            on_wait()  # (StreamReader has no public "would wait": the relay reads it too)
-        chunk = await reader.read(max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD) - len(data))
-        if not chunk:
-            return data, None, "raw"
-        data += chunk
+FIRST_CAP = max(wire.MAX_HELLO, wire.MAX_HTTP_HEAD)  # bytes read before a verdict
 
 
-async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int],
-               slot: int) -> None:
-    """Copy until EOF or cancelled: what a server sends before the client's first bytes are
-    judged (then `relay` carries both ways, and ends connections idle too long)."""
-    try:
-        while True:
-            chunk = await src.read(CHUNK)
-            if not chunk:
-                break
-            count[slot] += len(chunk)
-            count[2] = int(time.monotonic())
-            dst.write(chunk)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-    except (OSError, ConnectionError):
-        dst.close()
+def first_name(data: bytes, eof: bool = False) -> tuple[str | None, str] | None:
+    """What a client's first bytes name: (the name (SNI or Host) or None, and what they
+    were: "tls", "http" or "raw"); None while they are a prefix of a ClientHello or HTTP
+    head that could still name one (`eof`: no more will come). ConnectionError for a
+    malformed ClientHello or head, or one longer than FIRST_CAP."""
+    for kind in ("tls", "http"):
+        try:
+            got = wire.sni(data) if kind == "tls" else wire.http_head(data)
+        except ValueError as exc:
+            raise ConnectionError(f"malformed {kind}: {exc}") from None
+        if got == wire.NEED_MORE:
+            break
+        if got == wire.NOT_THIS:
+            continue
+        if kind == "tls":
+            return (got if isinstance(got, str) else None), "tls"
+        assert isinstance(got, tuple)
+        try:
+            return wire.request_host(*got), "http"
+        except ValueError as exc:
+            raise ConnectionError(f"malformed http: {exc}") from None
+    else:
+        return None, "raw"
+    if eof:
+        return None, "raw"
+    if len(data) >= FIRST_CAP:
+        raise ConnectionError("first bytes too long")
+    return None
 
 
-class _Flow:
-    """Both directions of a relayed connection: bytes each way, last activity, half-closes,
-    the idle timer, and `done` once both ends are gone."""
-
-    def __init__(self, count: list[int], ends: tuple[asyncio.Transport, asyncio.Transport]
-                 ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.count = count
-        self.ends = ends
-        self.eofs = 0
-        self.lost = 0
-        self.done: asyncio.Future[None] = self.loop.create_future()
-        self.timer = self.loop.call_later(60, self.check_idle)
-
-    def check_idle(self) -> None:
-        if time.monotonic() - self.count[2] > IDLE_TIMEOUT:
-            for end in self.ends:
-                end.abort()
-        else:
-            self.timer = self.loop.call_later(60, self.check_idle)
-
-    def eof(self) -> None:
-        self.eofs += 1
-        if self.eofs == 2:  # both sides said all: close (after what is still buffered)
-            for end in self.ends:
-                end.close()
-
-    def gone(self) -> None:
-        self.lost += 1
-        if self.lost == 2 and not self.done.done():
-            self.timer.cancel()
-            self.done.set_result(None)
-
-
-class _Relay(asyncio.Protocol):
-    """One end of a relayed connection once its first bytes were judged: what its transport
-    receives is written to the peer's in the same callback (no task, no future, no copy
-    per chunk); a full buffer on one side pauses reading from the other."""
-
-    def __init__(self, flow: _Flow, peer: asyncio.Transport, slot: int) -> None:
-        self.flow = flow
-        self.peer = peer
-        self.slot = slot
-
-    def data_received(self, data: bytes) -> None:
-        self.flow.count[self.slot] += len(data)
-        self.flow.count[2] = int(time.monotonic())
-        self.peer.write(data)
-
-    def eof_received(self) -> bool:
-        if not self.peer.is_closing() and self.peer.can_write_eof():
-            self.peer.write_eof()
-        self.flow.eof()
-        return True  # the other direction may still have bytes to carry
-
-    def pause_writing(self) -> None:  # our transport's buffer is full: stop its source
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None:
-            self.peer.abort()
-        else:
-            self.peer.close()
-        self.flow.gone()
-
-
-async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
-                count: list[int]) -> None:
-    """Carry both directions until both ends are gone: the streams' transports handed to
-    _Relay protocols, after what the streams had read and not yet passed on."""
-    client = cast(asyncio.Transport, writer.transport)
-    upstream = cast(asyncio.Transport, up_writer.transport)
-    if client.is_closing() or upstream.is_closing():
-        client.close()
-        upstream.close()
-        return
-    flow = _Flow(count, (client, upstream))
-    ends = (_Relay(flow, upstream, 0), _Relay(flow, client, 1))
-    client.set_protocol(ends[0])
-    upstream.set_protocol(ends[1])
-    for src, end, dst, slot, proto in ((reader, client, upstream, 0, ends[0]),
-                                       (up_reader, upstream, client, 1, ends[1])):
-        # StreamReader keeps what it read in `_buffer` (and EOF in `_eof`): no public way
-        # to take it without a read per chunk.
-        buffered: bytearray = getattr(src, "_buffer", bytearray())
-        if buffered:
-            count[slot] += len(buffered)
-            dst.write(bytes(buffered))
-            buffered.clear()
-        if getattr(src, "_eof", False):
-            proto.eof_received()
-        elif not end.is_reading():
-            end.resume_reading()
-    await flow.done
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
+def _rst(transport: asyncio.BaseTransport) -> None:
     """Close with a RST: a refused connection ends at once, not after a FIN dance."""
-    sock = writer.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")
     with contextlib.suppress(OSError):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.close()
+    transport.close()
 
 
-async def handle_tcp(gate: Gate, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    try:
-        addr, port = original_dst(sock)
-    except OSError:
-        gate.log.write(kind="tcp", allowed=False, rule="not a redirected connection")
-        _reset(writer)
-        return
-    if gate.conns >= MAX_CONNS:
-        gate.log.write(kind="tcp", addr=addr, port=port, allowed=False,
-                       rule=f"too many connections ({MAX_CONNS})")
-        _reset(writer)
-        return
-    gate.conns += 1
-    try:
-        if port == 53:
-            await serve_dns_tcp(gate, reader, writer)
+class _Conn(asyncio.Protocol):
+    """One redirected connection of the sandbox, its client end's protocol, from the
+    accept to both ends' close, as callbacks of the event loop (no stream objects, one
+    task only while connecting out): allowed by address, it connects out at once (a
+    server may speak first, and the connect overlaps the wait for the client's first
+    bytes), but passes none of the client's bytes until they are known to name an
+    allowed host, or none. Then both directions are relayed transport to transport in
+    the callback that received them; a full write buffer on one side pauses reading
+    from the other (bounded: at most FIRST_CAP and one read before a verdict, the
+    transports' buffers after it). Its deadlines (connect, first bytes) and idleness are
+    checked by the gate's one sweep timer (Gate.watch), not a timer per connection."""
+
+    # What a connection starts with (class attributes: not set one by one per accept)
+    client: Any = None  # asyncio.Transport (uvloop's or asyncio's)
+    up: Any = None  # the upstream's transport, once connected
+    connecting: asyncio.Task[None] | None = None
+    addr, port = "", 0
+    verdict = Verdict(False, "")
+    pinned: set[str] | None = None
+    host: str | None = None
+    proto = "tcp"
+    first = b""
+    judged = False  # the client's first bytes were judged (and allowed)
+    open = False  # its bytes go upstream as they come
+    refused = False
+    held_back = False  # judged before the upstream was there: reading paused
+    logged = False  # an allowed decision went to the log: its close will too
+    counted = False  # in gate.conns
+    client_eof = False
+    up_eof = False  # (no reading resumed after an end's EOF: it would come again)
+    ends = 1  # transports not yet lost (the client's; the upstream's once made)
+    eofs = 0  # ends that said all (both: both are closed)
+    sent = received = 0
+    since = connected_at = 0.0  # (loop time) accepted, connected out
+    moved, next_idle, active_at = 0, 0.0, 0.0  # the idle check's (each IDLE_CHECK)
+    finished = False
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.loop = gate.loop
+
+    # --- the client's end
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self.gate
+        self.client = transport
+        gate.busy += 1
+        gate.last = time.monotonic()
+        try:
+            self.addr, self.port = original_dst(transport.get_extra_info("socket"))
+        except OSError:
+            gate.log.later(kind="tcp", allowed=False, rule="not a redirected connection")
+            _rst(transport)
             return
-        await _proxy(gate, reader, writer, addr, port)
-    finally:
-        gate.conns -= 1
-
-
-async def _proxy(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 addr: str, port: int) -> None:
-    """Allowed by address: connect out at once (a server may speak first), but pass none of
-    the client's bytes until its first ones are known to name an allowed host, or none."""
-    verdict, pinned = gate.addr_verdict(addr, port)
-    host = sorted(pinned)[0] if pinned else None
-    if not verdict.allowed:
-        gate.log.write(kind="tcp", host=host, addr=addr, port=port, allowed=False,
-                       rule=verdict.rule)
-        _reset(writer)
-        return
-    try:
-        async with asyncio.timeout(CONNECT_TIMEOUT):  # no extra task, unlike wait_for
-            up_reader, up_writer = await asyncio.open_connection(addr, port, limit=CHUNK)
-    except (TimeoutError, OSError) as exc:
-        gate.log.write(kind="tcp", host=host, addr=addr, port=port, allowed=True,
-                       rule=verdict.rule, error=f"connect: {type(exc).__name__}")
-        _reset(writer)
-        return
-    count = [0, 0, int(time.monotonic())]  # sent, received, last activity
-    # What the server sends before the client's first bytes are judged is carried by a
-    # task, started only if the gate has to wait for them: a client's first bytes are
-    # usually here by now (they came during the connect), and then the relay carries all.
-    down: asyncio.Task[None] | None = None
-
-    def start_down() -> None:
-        nonlocal down
-        if down is None:
-            down = asyncio.get_running_loop().create_task(pump(up_reader, writer, count, 1))
-
-    try:
-        refusal, first, proto, host, verdict = await _inspect(gate, reader, addr, port,
-                                                              pinned, host, verdict,
-                                                              start_down)
-        if refusal:
-            gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=False,
-                           rule=refusal)
-            if down is not None:
-                down.cancel()
-            _reset(writer)
+        if gate.conns >= MAX_CONNS:
+            gate.log.later(kind="tcp", addr=self.addr, port=self.port, allowed=False,
+                           rule=f"too many connections ({MAX_CONNS})")
+            _rst(transport)
             return
-        if proto == "tls" and gate.intercepts(host):
-            if down is not None:
-                down.cancel()
-            assert host is not None
-            await _intercept(gate, reader, writer, up_reader, up_writer, first, host, addr,
-                             port, verdict)
+        gate.conns += 1
+        self.counted = True
+        if self.port == 53:
+            self._hand_over(serve_dns_tcp(gate, *_streams(transport, self.loop)))
             return
-        gate.log.write(kind=proto, host=host, addr=addr, port=port, allowed=True,
-                       rule=verdict.rule)
-        count[0] = len(first)
+        self.verdict, self.pinned = gate.addr_verdict(self.addr, self.port)
+        self.host = min(self.pinned) if self.pinned else None
+        if not self.verdict.allowed:
+            self._refuse(self.verdict.rule, "tcp")
+            return
+        self.since = self.loop.time()
+        gate.watch(self)
+        self.connecting = self.loop.create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        if self.open:
+            self.sent += len(data)
+            self.up.write(data)
+        elif not self.refused:
+            self.first += data
+            if not self.judged:
+                self._judge()
+
+    def eof_received(self) -> bool:
+        if self.open:
+            if not self.up.is_closing() and self.up.can_write_eof():
+                self.up.write_eof()
+            self._eof()
+        elif not self.client_eof and not self.refused:
+            self.client_eof = True
+            if not self.judged:
+                self._judge()
+        return True  # the other direction may still have bytes to carry
+
+    def pause_writing(self) -> None:  # the client's buffer is full: stop its source
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None and not self.up_eof:
+            self.up.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        up = self.up
+        if up is not None:
+            if exc is not None:
+                up.abort()
+            else:
+                up.close()
+        elif self.connecting is not None:
+            self.connecting.cancel()
+        self._lost()
+
+    # --- the upstream's end (_Up's callbacks)
+
+    async def _connect(self) -> None:
+        try:
+            await self.loop.create_connection(lambda: _Up(self), self.addr, self.port)
+        except (OSError, asyncio.CancelledError) as exc:
+            if self.up is not None:  # made while its connect was being cancelled (timeout)
+                self._orphan(self.up)
+                self.up = None
+                self.ends -= 1
+            if not self.client.is_closing():  # (else: the client left, nothing to say)
+                why = type(exc).__name__ if isinstance(exc, OSError) else "TimeoutError"
+                self.gate.log.later(kind="tcp", host=self.host, addr=self.addr,
+                                    port=self.port, allowed=True, rule=self.verdict.rule,
+                                    error=f"connect: {why}")
+                _rst(self.client)
+        finally:
+            self.connecting = None
+            if self.ends == 0:
+                self._done()
+
+    def up_made(self, transport: Any) -> None:
+        if self.client.is_closing():  # the client left during the connect
+            self._orphan(transport)
+            return
+        self.up = transport
+        self.ends += 1
+        self.connected_at = self.loop.time()
+        if self.judged:
+            self._go()
+
+    @staticmethod
+    def _orphan(transport: Any) -> None:
+        """An upstream made as its connect was cancelled: closed, and no longer one of
+        the connection's ends (uvloop may never report the loss of a transport whose
+        create_connection was cancelled after it was made)."""
+        transport.set_protocol(asyncio.Protocol())
+        transport.abort()
+
+    def up_end(self) -> None:
+        self.up_eof = True
+        if not self.client.is_closing() and self.client.can_write_eof():
+            self.client.write_eof()
+        self._eof()
+
+    def up_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.client.abort()
+        else:
+            self.client.close()
+        self._lost()
+
+    # --- decisions
+
+    def _judge(self) -> None:
+        """The client's first bytes so far: wait for more, refuse, or allow."""
+        try:
+            got = first_name(self.first, self.client_eof)
+        except ConnectionError as exc:
+            self._refuse(str(exc)[:200], "tcp")
+            return
+        if got is None:
+            return
+        name, self.proto = got
+        self._decide(name)
+
+    def _decide(self, name: str | None) -> None:
+        gate = self.gate
+        for held in gate.held:  # in clear text, to anyone: never forwarded
+            if held.placeholder in self.first:
+                self.host = name or self.host
+                self._refuse(f"placeholder of secret {held.name} sent in clear text",
+                             self.proto)
+                return
+        if name is not None and not _is_ip(name):
+            self.verdict = gate.name_verdict(name, self.port, self.pinned)
+            self.host = name
+            if not self.verdict.allowed:
+                self._refuse(self.verdict.rule, self.proto)
+                return
+        self.judged = True
+        if self.up is None:
+            self.held_back = True  # until the upstream is there
+            self.client.pause_reading()
+        else:
+            self._go()
+
+    def _go(self) -> None:
+        """Judged and connected: relay, or intercept a secret's host's TLS."""
+        if self.proto == "tls" and self.gate.intercepts(self.host):
+            self._intercept()
+            return
+        self.open = True
+        first, self.first = self.first, b""
+        self.sent += len(first)
         if first:
-            up_writer.write(first)
-        if down is not None:
-            down.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await down  # it stops between chunks: what it had not read stays in the stream
-        await relay(reader, writer, up_reader, up_writer, count)
-        gate.log.write(kind="close", host=host, addr=addr, port=port, sent=count[0],
-                       received=count[1])
-    except (OSError, ConnectionError, asyncio.CancelledError):
-        if down is not None:
-            down.cancel()
-    finally:
-        up_writer.close()
-        writer.close()
+            self.up.write(first)
+        if self.client_eof:
+            self.eof_received()
+        elif self.held_back:
+            self.client.resume_reading()
+        self.logged = True  # (logged after its bytes went: the log is not on their path)
+        self.gate.log.later(kind=self.proto, host=self.host, addr=self.addr, port=self.port,
+                            allowed=True, rule=self.verdict.rule)
+
+    def _refuse(self, rule: str, proto: str) -> None:
+        self.gate.log.later(kind=proto, host=self.host, addr=self.addr, port=self.port,
+                            allowed=False, rule=rule)
+        self.refused = True
+        self.first = b""
+        self.gate.live.discard(self)
+        if self.up is not None:
+            self.up.close()
+        _rst(self.client)
+
+    def tick(self, now: float) -> None:
+        """The sweep's check (Gate.watch): the connect's deadline, the first bytes' (then
+        it stands on the address's verdict: a protocol whose server speaks first), and
+        every IDLE_CHECK after an idle check (no byte either way for IDLE_TIMEOUT: both
+        ends go)."""
+        if self.refused or self.finished:
+            return
+        if self.up is None:
+            if self.connecting is not None and now - self.since >= CONNECT_TIMEOUT:
+                self.connecting.cancel()  # logged as a connect timeout
+            return
+        if not self.judged:
+            if now - self.connected_at < FIRST_BYTES_TIMEOUT:
+                return
+            self.proto = "tcp"
+            self._decide(None)
+            if not self.open:
+                return  # refused, or intercepted
+        if now < self.next_idle:
+            return
+        self.next_idle = now + IDLE_CHECK
+        moved = self.sent + self.received
+        if moved != self.moved or not self.active_at:
+            self.moved, self.active_at = moved, now
+        elif now - self.active_at > IDLE_TIMEOUT:
+            self.client.abort()
+            self.up.abort()
+
+    def _eof(self) -> None:
+        self.eofs += 1
+        if self.eofs == 2:  # both sides said all: close (after what is still buffered)
+            self.client.close()
+            self.up.close()
+
+    def _lost(self) -> None:
+        self.ends -= 1
+        if self.ends == 0 and self.connecting is None:
+            self._done()
+
+    def _done(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        gate = self.gate
+        gate.live.discard(self)
+        if self.logged:
+            gate.log.later(kind="close", host=self.host, addr=self.addr, port=self.port,
+                           sent=self.sent, received=self.received)
+        if self.counted:
+            gate.conns -= 1
+        gate.busy -= 1
+        gate.last = time.monotonic()
+
+    # --- what leaves the callbacks: DNS over TCP, TLS interception (stream tasks)
+
+    def _hand_over(self, work: Any) -> None:
+        """The rest of this connection is `work`'s (a coroutine over streams): it ends
+        with it, whichever way."""
+        self.gate.live.discard(self)
+
+        async def run() -> None:
+            try:
+                await work
+            finally:
+                self.ends = 0
+                self._done()
+
+        self.loop.create_task(run())
+
+    def _intercept(self) -> None:
+        client, upstream = _streams(self.client, self.loop), _streams(self.up, self.loop)
+        if self.client_eof:
+            client[0].feed_eof()
+        self._hand_over(_intercept(self.gate, *client, *upstream, self.first, self.host or "",
+                                   self.addr, self.port, self.verdict))
+
+
+class _Up(asyncio.Protocol):
+    """The upstream end of a _Conn: its events go to the _Conn."""
+
+    def __init__(self, conn: _Conn) -> None:
+        self.conn = conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.up_made(transport)
+
+    def data_received(self, data: bytes) -> None:  # a server may speak first: always carried
+        conn = self.conn
+        conn.received += len(data)
+        conn.client.write(data)
+
+    def eof_received(self) -> bool:
+        self.conn.up_end()
+        return True
+
+    def pause_writing(self) -> None:  # the upstream's buffer is full: stop the client
+        self.conn.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.conn.client_eof:
+            self.conn.client.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.up_lost(exc)
+
+
+def _streams(transport: Any, loop: asyncio.AbstractEventLoop
+             ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream pair over a transport already connected: for the rare connections served
+    by a coroutine (DNS over TCP, TLS interception)."""
+    reader = asyncio.StreamReader(limit=CHUNK, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if not transport.is_reading():
+        transport.resume_reading()
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -465,66 +699,53 @@ async def _intercept(gate: Gate, reader: asyncio.StreamReader, writer: asyncio.S
     except SecretLeak as exc:
         gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=False,
                        rule=str(exc)[:200])
-        _reset(writer)
+        _rst(writer.transport)
     except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
         gate.log.write(kind="tls-secret", host=host, addr=addr, port=port, allowed=False,
                        rule="interception failed", error=f"{type(exc).__name__}: {exc}"[:200])
-        _reset(writer)
+        _rst(writer.transport)
     finally:
         gate.log.write(kind="close", host=host, addr=addr, port=port, secret_requests=heads,
                        sent=client.got, received=upstream.got)
-
-
-async def _inspect(gate: Gate, reader: asyncio.StreamReader, addr: str, port: int,
-                   pinned: set[str] | None, host: str | None, verdict: Verdict,
-                   on_wait: Any = None) -> tuple[str | None, bytes, str, str | None, Verdict]:
-    """The client's first bytes and what they name: (refusal or None, bytes, protocol,
-    host, verdict). Nothing sent in time (a server-speaks-first protocol) stands on the
-    address's verdict; a malformed ClientHello or HTTP head is refused."""
-    try:
-        async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
-            first, name, proto = await first_name(reader, on_wait)
-    except TimeoutError:
-        return None, b"", "tcp", host, verdict
-    except (ConnectionError, OSError) as exc:
-        return str(exc)[:200], b"", "tcp", host, verdict
-    for held in gate.held:  # in clear text, to anyone: never forwarded
-        if held.placeholder in first:
-            return (f"placeholder of secret {held.name} sent in clear text", first, proto,
-                    name or host, verdict)
-    if name is not None and not _is_ip(name):
-        verdict = gate.name_verdict(name, port, pinned)
-        if not verdict.allowed:
-            return verdict.rule, first, proto, name, verdict
-        host = name
-    return None, first, proto, host, verdict
+        up_writer.close()
+        writer.close()
 
 
 # --- DNS ---------------------------------------------------------------------------------
 
 
-async def resolve(gate: Gate, q: wire.Question) -> bytes:
-    """Our resolver: NXDOMAIN outside the policy; answers filtered of denied addresses
-    and pinned to the name; only A records (no IPv6 way out yet)."""
+def resolve_now(gate: Gate, q: wire.Question) -> bytes | str:
+    """Our resolver's answer to `q` where it needs no lookup (refused, a static name, an
+    upstream answer still fresh, a type we answer empty), else the name to look up."""
     try:
-        name = normalize_name(q.name)
+        name = gate._normal(q.name)
     except Exception:
         return wire.dns_answer(q, wire.RCODE_NXDOMAIN)
     if q.qclass != 1:
         return wire.dns_answer(q, wire.RCODE_REFUSED)
     verdict = gate.policy.name_may_resolve(name)
     if not verdict.allowed:
-        gate.log.write(kind="dns", host=name, qtype=q.qtype, allowed=False, rule=verdict.rule)
+        gate.log.later(kind="dns", host=name, qtype=q.qtype, allowed=False, rule=verdict.rule)
         return wire.dns_answer(q, wire.RCODE_NXDOMAIN)
     if q.qtype != wire.QTYPE_A:
         return wire.dns_answer(q, wire.RCODE_OK)  # empty: AAAA, HTTPS, … (IPv4 only)
     static = [a for n, a in gate.policy.hosts if n == name]
-    addrs = static or await _lookup(name)
+    if static:
+        return answer_with(gate, q, name, verdict, static)
+    cached = gate.lookups.get(name)
+    if cached is not None and cached[0] > time.monotonic():
+        return answer_with(gate, q, name, verdict, cached[1])
+    return name
+
+
+def answer_with(gate: Gate, q: wire.Question, name: str, verdict: Verdict,
+                addrs: list[str]) -> bytes:
+    """The answer for `name` from `addrs`: filtered of denied addresses, pinned, logged."""
     kept, dropped = [], []
     for addr in addrs:
         if ":" in addr:
             continue
-        explicit = gate.policy.addr_rule(addr, 0)
+        explicit = gate._rule(("addr", addr, 0))
         if (explicit is not None and not explicit.allowed) or \
                 (explicit is None and gate.denied_why(addr)):
             dropped.append(addr)
@@ -532,11 +753,29 @@ async def resolve(gate: Gate, q: wire.Question) -> bytes:
             kept.append(addr)
     for addr in kept:
         gate.pin(addr, name)
-    gate.log.write(kind="dns", host=name, allowed=bool(kept), rule=verdict.rule,
+    gate.log.later(kind="dns", host=name, allowed=bool(kept), rule=verdict.rule,
                    answers=kept[:8], **({"dropped": dropped[:8]} if dropped else {}))
     if not kept:
         return wire.dns_answer(q, wire.RCODE_NXDOMAIN if not addrs else wire.RCODE_OK)
     return wire.dns_answer(q, wire.RCODE_OK, kept[:8])
+
+
+async def resolve(gate: Gate, q: wire.Question) -> bytes:
+    """Our resolver: NXDOMAIN outside the policy; answers filtered of denied addresses
+    and pinned to the name; only A records (no IPv6 way out yet)."""
+    got = resolve_now(gate, q)
+    if isinstance(got, bytes):
+        return got
+    addrs = await _lookup(got)
+    if addrs:  # reused for LOOKUP_TTL: a client that resolves before each request
+        if len(gate.lookups) >= MAX_LOOKUPS:
+            gate.lookups.clear()
+        gate.lookups[got] = (time.monotonic() + LOOKUP_TTL, addrs)
+    # (the policy may have changed during the lookup: asked again)
+    verdict = gate.policy.name_may_resolve(got)
+    if not verdict.allowed:
+        return wire.dns_answer(q, wire.RCODE_NXDOMAIN)
+    return answer_with(gate, q, got, verdict, addrs)
 
 
 async def _lookup(name: str) -> list[str]:
@@ -573,12 +812,27 @@ class DnsUdp(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        asyncio.get_running_loop().create_task(self.gate.track(self._reply(data, addr)))
+        # Answered here when no lookup is needed (most queries: a static name, a fresh
+        # answer, a refusal, AAAA): no task, no future.
+        gate = self.gate
+        try:
+            q = wire.dns_query(data)
+        except ValueError:
+            self._send(wire.dns_error(data, wire.RCODE_FORMERR), addr)
+            return
+        gate.last = time.monotonic()
+        got = resolve_now(gate, q)
+        if isinstance(got, bytes):
+            self._send(got, addr)
+            return
+        gate.loop.create_task(gate.track(self._reply(data, addr)))
 
-    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = await answer(self.gate, data)
+    def _send(self, reply: bytes | None, addr: tuple[str, int]) -> None:
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)  # <= 8 A records: within 512 bytes
+
+    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._send(await answer(self.gate, data), addr)
 
 
 async def serve_dns_tcp(gate: Gate, reader: asyncio.StreamReader,
@@ -788,10 +1042,9 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
     """Serve until the sandbox's lifeline ends, or (an activated gate, cfg "idle") until
     nothing was served for that many seconds: then the fork server holds the listeners
     again, and what arrives after waits in their queues for the next gate."""
-    loop = asyncio.get_running_loop()
+    loop = gate.loop = gate.log.loop = asyncio.get_running_loop()
     servers = [
-        await asyncio.start_server(lambda r, w: gate.track(handle_tcp(gate, r, w)), sock=tcp,
-                                   limit=CHUNK),
+        await loop.create_server(lambda: _Conn(gate), sock=tcp),
         await asyncio.start_unix_server(
             lambda r, w: gate.track(handle_control(gate, int(cfg["owner"]), r, w)),
             sock=control, limit=CONTROL_LINE + 1)]
@@ -836,7 +1089,10 @@ async def serve(cfg: dict[str, Any], tcp: socket.socket, udp: socket.socket,
             closed()
 
         loop.call_later(min(idle, 5.0), check)
-    await done  # the sandbox's lifeline closed (it is gone), or idle
+    try:
+        await done  # the sandbox's lifeline closed (it is gone), or idle
+    finally:
+        gate.log.flush()
 
 
 class State:

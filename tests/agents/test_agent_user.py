@@ -124,9 +124,9 @@ def _kept(run: Callable[..., tuple[str, str, int]], project: Path) -> None:
         run("daemon", "stop")
 
 
-def test_a_kept_agent_sandbox_is_not_root_as_root(base: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+def _as_root(base: Path) -> tuple[Callable[..., tuple[str, str, int]], Path]:
+    """The CLI as root with its own data and runtime dirs (no autostart, no key), for
+    `_kept` and `_kept_gvisor`; and the project."""
     data, project = _setup(base, 0)
     (base / "run").mkdir(mode=0o700)
     env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
@@ -136,6 +136,13 @@ def test_a_kept_agent_sandbox_is_not_root_as_root(base: Path) -> None:
         r = ak(*args, cwd=project, env=env, timeout=120)
         return r.stdout, r.stderr, r.returncode
 
+    return run, project
+
+
+def test_a_kept_agent_sandbox_is_not_root_as_root(base: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    run, project = _as_root(base)
     _kept(run, project)
 
 
@@ -357,15 +364,7 @@ def test_a_kept_gvisor_agent_sandbox_is_not_root_as_root(base: Path) -> None:
 
     if os.geteuid() != 0 or not backend_available("gvisor"):
         pytest.skip("needs root and the gvisor backend")
-    data, project = _setup(base, 0)
-    (base / "run").mkdir(mode=0o700)
-    env = {"AGENTKERNEL_HOME": str(data), "AGENTKERNEL_RUNTIME_DIR": str(base / "run"),
-           "AGENTKERNEL_DAEMON_AUTOSTART": "0", "ANTHROPIC_API_KEY": ""}
-
-    def run(*args: str) -> tuple[str, str, int]:
-        r = ak(*args, cwd=project, env=env, timeout=120)
-        return r.stdout, r.stderr, r.returncode
-
+    run, project = _as_root(base)
     _kept_gvisor(run, project, 0)
 
 

@@ -314,6 +314,13 @@ def test_gvisor_persistent_sandbox(daemon: Daemon) -> None:
     try:
         r = daemon.ak("exec", name, "--", "sh", "-c", "echo in-gvisor; exit 4")
         assert (r.returncode, r.stdout) == (4, "in-gvisor\n")
+        if os.geteuid() == 0:  # its control dir is a host dir runsc's gofer writes as root
+            r = daemon.ak("exec", name, "--", "sh", "-c",
+                          "dd if=/dev/zero of=/.ak/ctl/fill bs=64k count=16 2>/dev/null; "
+                          "ln -s / /.ak/ctl/link 2>/dev/null; echo done")
+            assert r.stdout == "done\n", r.stderr
+            ctl = daemon.run_dir / "sandboxes" / name / "ctl"
+            assert sorted(p.name for p in ctl.iterdir()) == ["agent.sock"]
         r = daemon.ak("stop", name)
         assert r.returncode != 0 and "remove it instead" in r.stderr
     finally:

@@ -193,6 +193,13 @@ class GVisorBackend(Backend):
 
                 write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
             control = control_dir(scratch) if spec.persistent else None
+            if control is not None and os.geteuid() == 0:
+                # runsc's gofer writes this host dir as host root, and runsc refuses to make
+                # it read-only: owned by nobody (0700), only the agent's set-up
+                # (CAP_DAC_OVERRIDE) can bind its socket there, never a command (gVisor's
+                # root without capabilities, or the agent's user), which could otherwise
+                # fill the host's disk through it.
+                os.chown(control, 65534, 65534)
             life_w = -1
             holder: int | None = None
             if p.network == "none":
