@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,30 @@ def test_project_file_cannot_redirect_pulls(tmp_path: Path, project: Path, mirro
            env={**env, "AGENTKERNEL_HOME": str(tmp_path / "other-store")})
     assert r.returncode == 0, r.stderr
     assert proxy.requests
+
+
+def test_warm_pool_follows_a_moved_tag(tmp_path: Path, project: Path, env: dict[str, str],
+                                       pusher: Pusher, mirror: Registry) -> None:
+    """Runs through a daemon whose pool holds warm sandboxes of an image: after its tag
+    moved to another image and was pulled again, no run gets the old image."""
+    sh = busybox_layer()
+    pusher.image("library/alpine", "moving", [sh, marker("first-image")],
+                  config={"Env": ["PATH=/bin:/usr/bin"]})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    denv = {**env, "AGENTKERNEL_RUNTIME_DIR": str(run_dir)}
+    argv = ("run", "-B", "namespaces", "-i", "alpine:moving", "--", "cat", "/etc/ak-image")
+    assert ak("daemon", "start", cwd=project, env=denv).returncode == 0
+    try:
+        for _ in range(3):  # the first one makes the key warm
+            r = ak(*argv, cwd=project, env=denv)
+            assert (r.returncode, r.stdout) == (0, "first-image\n"), r.stderr
+        pusher.image("library/alpine", "moving", [sh, marker("second-image")],
+                     config={"Env": ["PATH=/bin:/usr/bin"]})
+        assert ak("images", "pull", "alpine:moving", cwd=project, env=denv).returncode == 0
+        time.sleep(2.5)  # the daemon's resolve of a stored image is kept 2 s
+        for _ in range(3):
+            r = ak(*argv, cwd=project, env=denv)
+            assert (r.returncode, r.stdout) == (0, "second-image\n"), r.stderr
+    finally:
+        ak("daemon", "stop", cwd=project, env=denv)

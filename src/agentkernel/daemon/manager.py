@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from ..rootfs import HostRootfs
     from ..sandbox import SandboxSpec
 
-ROOTFS_CACHE_SECONDS = 60.0
+ROOTFS_CACHE_SECONDS = 60.0  # a resolve that fell back to the host's userland (offline)
+IMAGE_CACHE_SECONDS = 2.0  # an image found in the store (`images pull` may move its tag)
 BACKEND_CACHE_SECONDS = 10.0
 HEALTH_INTERVAL = 5.0
 # How often the disk use of sandboxes whose quota is not a mounted image is measured.
@@ -183,14 +184,17 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
                 quiet: bool = True) -> tuple[HostRootfs, ImageConfig | None, str, str | None]:
         """planner.resolve_rootfs, cached briefly (an unreachable registry must not cost
         every run), under the caller's registry settings: one caller's failed resolve never
-        answers another's with other mirrors."""
+        answers another's with other mirrors. An image the store has is looked up again
+        after IMAGE_CACHE_SECONDS: a pull that moved its tag counts from then on."""
         from ..planner import resolve_rootfs
 
         fallback = config.images.offline_fallback if config is not None else "host"
         ck = (image, registry.fingerprint(), fallback)
         with self._lock:
             hit = self._rootfs_cache.get(ck)
-        if hit is not None and time.monotonic() - hit[0] < ROOTFS_CACHE_SECONDS:
+        ttl = ROOTFS_CACHE_SECONDS if hit is not None and hit[1][0].name == "host" \
+            else IMAGE_CACHE_SECONDS
+        if hit is not None and time.monotonic() - hit[0] < ttl:
             return _fresh_host(hit[1])
         value = resolve_rootfs(image, config, registry, True)
         with self._lock:

@@ -221,13 +221,19 @@ def pool_key(plan: Plan) -> PoolKey:
 
 
 def _rootfs_key(plan: Plan) -> str:
-    """What backs a plan's root in its pool key: a container engine's image by its id (the
-    plan asked the engine what the name is now), so that runs after the tag moved to
-    another image never get a warm sandbox of the old one; else the plan's rootfs key."""
+    """What backs a plan's root in its pool key, such that runs after an image's tag moved
+    to another image never get a warm sandbox of the old one: a container engine's image by
+    its id (the plan asked the engine what the name is now), an image of our store by the
+    tree it was composed into (one per manifest digest); else the plan's rootfs key."""
     from ..backends.container_engine import ENGINE_IMAGE
 
     name = plan.rootfs.name
-    return name if name.startswith(ENGINE_IMAGE) else plan.rootfs_key
+    if name.startswith(ENGINE_IMAGE):
+        return name
+    trees = {os.path.dirname(e.source) for e in plan.rootfs.entries if e.source}
+    if plan.rootfs_key != "host" and len(trees) == 1:
+        return f"{plan.rootfs_key}@{os.path.basename(trees.pop())}"
+    return plan.rootfs_key
 
 
 def install_ids(ro_binds: tuple[tuple[str, str], ...]) -> tuple[tuple[int, int, int], ...]:
