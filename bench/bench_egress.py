@@ -542,13 +542,12 @@ def main() -> int:
         print("needs root", file=sys.stderr)
         return 2
     from agentkernel import egress_forkserver
-    from test_egress_policy import SYSTEM_PYTHON, UPSTREAM_NAMES, make_upstream
+    from sandbox_helpers import serving_upstream
+    from test_egress_policy import UPSTREAM_NAMES
 
     st = stamp()
     if args.oneshot:
-        with make_upstream(UPSTREAM_NAMES) as upstream:
-            upstream.serve(SYSTEM_PYTHON, str(ROOT / "tests" / "egress_upstream.py"),
-                           str(upstream.dir / "srv.pem"), str(upstream.dir / "srv.key"))
+        with serving_upstream(UPSTREAM_NAMES) as upstream:
             lines = oneshot_report(oneshot_runs(args.oneshot, upstream), st)
         print("\n".join(lines))
         if args.out is not None:
@@ -557,9 +556,7 @@ def main() -> int:
     egress_forkserver.enable()  # gates fork from the fork server, as in the daemon
     kinds = ("slirp", "gate", *(["against"] if args.against else []))
     results: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in kinds}
-    with make_upstream(UPSTREAM_NAMES) as upstream:
-        upstream.serve(SYSTEM_PYTHON, str(ROOT / "tests" / "egress_upstream.py"),
-                       str(upstream.dir / "srv.pem"), str(upstream.dir / "srv.key"))
+    with serving_upstream(UPSTREAM_NAMES) as upstream:
         os.environ["AK_BENCH_CA"] = str(upstream.ca)
         for _round in range(args.n):
             ways: dict[str, Way] = {}
