@@ -309,7 +309,8 @@ class WarmPool:
                 claim = st.claims[-1]
             queued = max(0, len(st.claims) - st.starting)  # 0: a start under way is ours
             wait = QUEUE_SLACK + st.latency * (1 + 2 * queued / self.refills)
-            self._cond.notify_all()
+            if got is None or self._workers_wanted(now):
+                self._cond.notify_all()
         self.discard_all(dead)
         if got is not None:
             self._count(st, "hits")
@@ -373,9 +374,21 @@ class WarmPool:
             st = self._keys.get(key)
             if st is not None:
                 st.in_use = max(0, st.in_use - 1)
-                st.last_used = self._active_at = time.monotonic()
-                self._cond.notify_all()
-                self._doomed_cond.notify_all()  # a teardown waiting for runs to end
+                now = st.last_used = self._active_at = time.monotonic()
+                if self._workers_wanted(now):
+                    self._cond.notify_all()
+                if self._doomed:
+                    self._doomed_cond.notify_all()  # a teardown waiting for runs to end
+
+    def _workers_wanted(self, now: float) -> bool:
+        """Under the lock: whether a take or a release (that started nothing) may give the
+        refill workers something to do, or a shorter wait: a key that wants a start, has
+        takes waiting, or a start yielding to runs. Else they sleep on: waking them all
+        (each takes the GIL in turn) cost a warm run, wasm's above all, whose sandbox comes
+        back, about a millisecond; expiry and trims are timed, a take or release only
+        defers them."""
+        return any(st.claims or st.held is not None or self._need(st, now) > 0
+                   for st in self._keys.values())
 
     def give_back(self, key: PoolKey, sandbox: Sandbox) -> None:
         """A used sandbox that may serve again (`Sandbox.reusable`): first in line for the
