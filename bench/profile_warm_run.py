@@ -69,6 +69,7 @@ def instrument() -> None:
 
     wrap(runs.RunsMixin, "_plan_run", "planned")
     wrap(pool.WarmPool, "acquire", "taken")
+    wrap(runs, "_grant", "key granted")  # an agent run's (--agent)
     wrap(agent_client.AgentClient, "exec", "started")
     original = agent_client.Execution.events
 
@@ -126,6 +127,8 @@ def instrument_socket() -> None:
     def marked_send(self: Any, obj: dict[str, Any]) -> None:
         if obj.get("ev") in ("started", "exit"):
             mark(f"'{obj['ev']}' goes out")
+        elif obj.get("ev") == "out":
+            mark("first 'out' goes out")  # (the table keeps the first of each mark)
         send(self, obj)
 
     server._Conn.send = marked_send  # type: ignore[method-assign]
@@ -215,16 +218,55 @@ def client_run(argv: list[str], env: dict[str, str]) -> list[list[float]]:
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("[")]
 
 
+def agent_table(args: argparse.Namespace, tmp: Path, env: dict[str, str],
+                warm: int) -> list[str]:
+    """The socket's `run --agent claude -- --version`, as the CLI sends it (the key's
+    value with it)."""
+    from agentkernel.cli.common import caller
+
+    req = json.dumps({"argv": ["--version"], "agent": "claude",
+                      "agent_key": "ANTHROPIC_API_KEY", "agent_key_value": "sk-ant-profile",
+                      "cwd": str(tmp / "proj"), "workspace_at": str(tmp / "proj"),
+                      "env": {}, **caller(), "stdin_open": False})
+    EVENTS.clear()
+    times = client_run([sys.executable, "-c", SOCKET_CLIENT, str(args.n + warm),
+                        str(args.pause), req], env)
+    return table("daemon socket `run --agent claude -- --version`", requests(times, warm))
+
+
+def door_tables(args: argparse.Namespace, tmp: Path, env: dict[str, str], warm: int,
+                body: str, port: int, key: str) -> list[str]:
+    """A warm `true` through each front door: HTTP, then the daemon socket."""
+    EVENTS.clear()
+    times = client_run([sys.executable, "-c", HTTP_CLIENT, str(port),
+                        str(args.n + warm), str(args.pause), body, key], env)
+    md = table("HTTP `POST /run`", requests(times, warm))
+    req = json.dumps({"argv": ["true"], "cwd": str(tmp / "proj"), "image": "host",
+                      "backend": "namespaces", "profile": args.profile})
+    EVENTS.clear()
+    times = client_run([sys.executable, "-c", SOCKET_CLIENT, str(args.n + warm),
+                        str(args.pause), req], env)
+    return md + table("daemon socket `run` (the CLI's and mcp-server's wire)",
+                      requests(times, warm))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=40)
     ap.add_argument("--pause", type=float, default=0.2)
     ap.add_argument("--profile", default="moderate")
+    ap.add_argument("--agent", action="store_true",
+                    help="`run --agent claude -- --version` on the socket, not `true` "
+                    "(needs scripts/install-agents.sh)")
     args = ap.parse_args()
     st = stamp()
     tmp = Path(tempfile.mkdtemp(prefix="ak-prof-"))
     (tmp / "run").mkdir(mode=0o700)
     (tmp / "proj").mkdir()
+    if args.agent:
+        (tmp / "home").mkdir()
+        agents = Path(__file__).resolve().parent.parent / ".cache" / "agents-home" / "agents"
+        (tmp / "home" / "agents").symlink_to(agents)
     os.environ.update(AGENTKERNEL_HOME=str(tmp / "home"),
                       AGENTKERNEL_RUNTIME_DIR=str(tmp / "run"))
     instrument()
@@ -253,17 +295,10 @@ def main() -> int:
           f"{args.pause:g} s (the pool refilled); the first {warm} of each door skipped.", ""]
     try:
         manager.pool.wait_warm(30)
-        EVENTS.clear()
-        times = client_run([sys.executable, "-c", HTTP_CLIENT, str(api.port),
-                            str(args.n + warm), str(args.pause), body, key], env)
-        md += table("HTTP `POST /run`", requests(times, warm))
-        req = json.dumps({"argv": ["true"], "cwd": str(tmp / "proj"), "image": "host",
-                          "backend": "namespaces", "profile": args.profile})
-        EVENTS.clear()
-        times = client_run([sys.executable, "-c", SOCKET_CLIENT, str(args.n + warm),
-                            str(args.pause), req], env)
-        md += table("daemon socket `run` (the CLI's and mcp-server's wire)",
-                    requests(times, warm))
+        if args.agent:
+            md += agent_table(args, tmp, env, warm)
+        else:
+            md += door_tables(args, tmp, env, warm, body, api.port, key)
     finally:
         server.shutdown()
         api.stop()

@@ -1551,25 +1551,13 @@ static _Noreturn void do_run(const struct opts *o, char **cmd, int ncmd)
 	stream(&c, &b, stdin_open, &ctx);
 }
 
-/* cli/run.py agent_key_of: the first key variable set here, or -1 (an error: Python's). */
-static int agent_key_of(const struct akj *j, int keys, char *name, size_t ncap,
-			const char **value)
+/* cli/run.py agent_key_of: the first of `names` set here (its value in *value, NULL: none),
+ * or -1 (an error: Python's). */
+static int agent_key_of(const char *const *names, const char **value)
 {
 	*value = NULL;
-	name[0] = '\0';
-	if (keys < 0 || j->toks[keys].type == AKJ_NULL || j->toks[keys].type == AKJ_FALSE)
-		return 0;
-	if (j->toks[keys].type != AKJ_ARR)
-		return -1;
-	uint32_t i = (uint32_t)keys + 1;
-	for (uint32_t m = 0; m < j->toks[keys].size; m++, i = j->toks[i].next) {
-		if (j->toks[i].type != AKJ_STR || j->toks[i].end - j->toks[i].start >= ncap)
-			return -1;
-		long n = akj_decode(j, (int)i, name, ncap, 0);
-		if (n < 0 || memchr(name, '\0', (size_t)n))
-			return -1;
-		name[n] = '\0';
-		const char *v = getenv(name);
+	for (int k = 0; names[k]; k++) {
+		const char *v = getenv(names[k]);
 		if (!v)
 			continue;
 		/* str.strip(): only ASCII here (anything else, Python's own rules decide) */
@@ -1590,10 +1578,52 @@ static int agent_key_of(const struct akj *j, int keys, char *name, size_t ncap,
 		if (!copy)
 			return -1;
 		*value = copy;
-		return 0;
+		return k;
 	}
-	name[0] = '\0';
 	return 0;
+}
+
+/* The registry row's key variables (the build's table, generated from registry.toml);
+ * NULL for an agent it does not name (Python says what is wrong). */
+static const char *const *agent_keys(const char *agent)
+{
+	for (int i = 0; AK_AGENT_KEYS[i].id; i++)
+		if (strcmp(AK_AGENT_KEYS[i].id, agent) == 0)
+			return AK_AGENT_KEYS[i].keys;
+	return NULL;
+}
+
+/* No key variable set here: ask the daemon whether a stored secret covers the agent, and
+ * keep the note Python prints when none does, for when the daemon took the run (as
+ * cli/fast.py _agent: no side effect; any trouble, Python). */
+static void missing_key_check(const struct opts *o, const struct common *cm)
+{
+	int fd = dial(cm->socket);
+	if (fd < 0)
+		fallback();
+	struct conn c;
+	new_conn(&c, fd);
+	struct buf ask = {.max = AK_MAX_LINE};
+	puts_(&ask, "{\"op\":\"agent_keys\",\"args\":{\"agent\":");
+	put_str(&ask, o->agent);
+	puts_(&ask, "}}\n");
+	struct akj j;
+	if (g_bad || send_all(c.fd, ask.p, ask.len) < 0 || recv_obj(&c, &j) != 0)
+		fallback();
+	int ok = akj_get(&j, 0, "ok");
+	int data = akj_get(&j, 0, "data");
+	if (ok < 0 || j.toks[ok].type != AKJ_TRUE || data < 0 || j.toks[data].type != AKJ_OBJ)
+		fallback();
+	conn_close(&c);
+	if (!py_truthy(&j, akj_get(&j, data, "stored")) && !o->quiet) {
+		/* printed once the daemon took the run (WrongDaemon: Python prints its own) */
+		g_deferred.max = 1u << 20;
+		puts_(&g_deferred, "agentkernel: warning: ");
+		py_str(&g_deferred, &j, akj_get(&j, data, "missing"));
+		puts_(&g_deferred, "\n");
+		if (g_bad)
+			fallback();
+	}
 }
 
 /* cli/fast.py _agent and cli/run.py agent_via_daemon (no terminal: Python does those). */
@@ -1621,39 +1651,15 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 	if (put_env_pairs(&envs, &f, o) < 0 || g_bad)
 		fallback();
 
-	/* The agent's key variables, from the daemon (no side effect: any trouble, Python). */
-	int fd = dial(cm.socket);
-	if (fd < 0)
-		fallback();
-	struct conn c;
-	new_conn(&c, fd);
-	struct buf ask = {.max = AK_MAX_LINE};
-	puts_(&ask, "{\"op\":\"agent_keys\",\"args\":{\"agent\":");
-	put_str(&ask, o->agent);
-	puts_(&ask, "}}\n");
-	struct akj j;
-	if (g_bad || send_all(c.fd, ask.p, ask.len) < 0 || recv_obj(&c, &j) != 0)
-		fallback();
-	int ok = akj_get(&j, 0, "ok");
-	int data = akj_get(&j, 0, "data");
-	if (ok < 0 || j.toks[ok].type != AKJ_TRUE || data < 0 || j.toks[data].type != AKJ_OBJ)
-		fallback();
-	conn_close(&c);
-	char key_name[256];
+	/* The key: the first of the row's variables set here (the table, no round trip to
+	 * the daemon); only without one does the daemon say whether a stored secret covers it. */
+	const char *const *names = agent_keys(o->agent);
 	const char *key_value;
-	if (agent_key_of(&j, akj_get(&j, data, "keys"), key_name, sizeof(key_name),
-			 &key_value) < 0)
+	int key = names ? agent_key_of(names, &key_value) : -1;
+	if (key < 0)
 		fallback();
-	if (!key_value && !py_truthy(&j, akj_get(&j, data, "stored")) && !o->quiet) {
-		/* printed once the daemon took the run (WrongDaemon: Python prints its own) */
-		g_deferred.max = 1u << 20;
-		puts_(&g_deferred, "agentkernel: warning: ");
-		py_str(&g_deferred, &j, akj_get(&j, data, "missing"));
-		puts_(&g_deferred, "\n");
-		if (g_bad)
-			fallback();
-	}
-
+	if (!key_value)
+		missing_key_check(o, &cm);
 	struct buf b = {.max = AK_MAX_LINE};
 	int first = 1;
 	puts_(&b, "{\"op\":\"run\",\"args\":{");
@@ -1662,7 +1668,7 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 	put_key(&b, &first, "agent");
 	put_str(&b, o->agent);
 	put_key(&b, &first, "agent_key");
-	put_opt_str(&b, key_value ? key_name : NULL);
+	put_opt_str(&b, key_value ? names[key] : NULL);
 	put_key(&b, &first, "agent_key_value");
 	put_opt_str(&b, key_value);
 	put_common_opts(&b, &first, o);
@@ -1712,9 +1718,10 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 	puts_(&b, "}}\n");
 	if (g_bad)
 		fallback();
-	fd = dial(cm.socket);
+	int fd = dial(cm.socket);
 	if (fd < 0)
 		fallback();
+	struct conn c;
 	new_conn(&c, fd);
 	struct started_ctx ctx = {K_AGENT, o, tty, tty};
 	stream(&c, &b, stdin_open, &ctx);

@@ -1,9 +1,10 @@
 """Write the native CLI's tables (launcher/build/tables.h) from the Python sources they mirror.
 
 The option tables of the Python fast path (cli/fast.py), the caller's context keys
-(context.py), the agent's terminal variables, the forwarded signals, the daemon's line cap
-and the sandbox name limit: read from the modules themselves at build time, so the C client
-can never disagree with them. Usage: PYTHONPATH=src python launcher/gen_tables.py OUT
+(context.py), the agent's terminal variables, the agent registry's key variables, the
+forwarded signals, the daemon's line cap and the sandbox name limit: read from the modules
+themselves at build time, so the C client can never disagree with them.
+Usage: PYTHONPATH=src python launcher/gen_tables.py OUT
 """
 
 from __future__ import annotations
@@ -69,6 +70,21 @@ def _raw_mode() -> list[str]:
             f"#define AK_RAW_VTIME {cc[termios.VTIME]}"]
 
 
+def _agent_keys() -> list[str]:
+    """Each registry row's key variables, in the order `run --agent` looks for them
+    (cli/run.py agent_key_of): the native client needs no round trip to learn them."""
+    from agentkernel.agents.registry import agents
+
+    width = max(len(a.keys) for a in agents()) + 1
+    rows = []
+    for a in agents():
+        keys = ", ".join(_c(k.env) for k in a.keys)
+        rows.append(f"\t{{{_c(a.id)}, {{{keys + ', ' if keys else ''}NULL}}}},")
+    return [f"struct ak_agent {{ const char *id; const char *keys[{width}]; }};",
+            "static const struct ak_agent AK_AGENT_KEYS[] = {", *rows, "\t{NULL, {NULL}},",
+            "};"]
+
+
 def render() -> str:
     from agentkernel.agents import TERMINAL_ENV
     from agentkernel.cli import fast, run
@@ -91,6 +107,7 @@ def render() -> str:
         *_strings("AK_CONTEXT_ENV_KEYS", CONTEXT_ENV_KEYS),
         *_strings("AK_TERMINAL_ENV", TERMINAL_ENV),
         *_strings("AK_YES", run._YES),
+        *_agent_keys(),
         *_raw_mode(),
         "#endif", "",
     ]

@@ -74,8 +74,8 @@ class ScriptedDaemon:
             req = json.loads(line)
             self.requests.append(req)
             args = req["args"]
-            if req["op"] == "agent_keys":
-                self._send(f, {"ok": True, "data": {"keys": ["AK_FAKE_KEY", "AK_FAKE_KEY2"],
+            if req["op"] == "agent_keys":  # (the native client's table holds the same)
+                self._send(f, {"ok": True, "data": {"keys": claude_keys(),
                                                     "stored": False,
                                                     "missing": "no key for it: set one"}})
                 return
@@ -107,6 +107,20 @@ class ScriptedDaemon:
         self.sock.close()
 
 
+def claude_keys() -> list[str]:
+    from agentkernel.agents.registry import get
+
+    return [k.env for k in get("claude").keys]
+
+
+def without_agent_keys(env: dict[str, str]) -> dict[str, str]:
+    """`env` without any agent's key variable (the caller's shell may hold one)."""
+    from agentkernel.agents.registry import agents
+
+    names = {k.env for a in agents() for k in a.keys}
+    return {k: v for k, v in env.items() if k not in names}
+
+
 @pytest.fixture(scope="module")
 def native() -> Path:
     return native_binary()
@@ -124,7 +138,7 @@ def world(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
                     AGENTKERNEL_DAEMON_AUTOSTART="0", XDG_CONFIG_HOME=str(tmp_path / "xdg"),
                     AGENTKERNEL_REGISTRY_MIRROR="http://mirror.example", LANG="C.UTF-8",
                     TERM="xterm-test", COLORTERM="truecolor", HOST_VALUE="from host ü")
-    yield env, tmp_path / "proj"
+    yield without_agent_keys(env), tmp_path / "proj"
 
 
 @pytest.fixture
@@ -161,11 +175,16 @@ def test_same_request_output_and_exit_code(native: Path, world: tuple[dict[str, 
     if key is not None:
         if "--agent" not in args:
             pytest.skip("the key matters to --agent runs only")
-        env = {**env, "AK_FAKE_KEY2": key}
+        env = {**env, claude_keys()[1]: key}  # (the second of its variables)
     py, nat = both(native, args, env, proj)
-    assert len(scripted.requests) % 2 == 0 and scripted.requests, scripted.requests
-    half = len(scripted.requests) // 2
-    assert scripted.requests[half:] == scripted.requests[:half]  # field for field
+    runs = [r for r in scripted.requests if r["op"] != "agent_keys"]
+    assert len(runs) % 2 == 0 and runs, scripted.requests
+    half = len(runs) // 2
+    assert runs[half:] == runs[:half]  # field for field
+    # The key's variable names are the native client's own (its build's table): it asks
+    # the daemon only whether a stored secret covers an agent it holds no key for.
+    asks = len(scripted.requests) - len(runs)
+    assert asks == (0 if "--agent" not in args else 1 if key else 2), scripted.requests
     assert (nat.code, nat.out, nat.err) == (py.code, py.out, py.err)
     assert py.code == (2 if "fail-now" in args else 7)
 
