@@ -1499,6 +1499,35 @@ static void new_conn(struct conn *c, int fd)
 		fallback();
 }
 
+/* The whole request in `req`: sent on a connection of its own and streamed to its end.
+ * Until it goes, any doubt is Python's: text Python could not send either (g_bad: too
+ * long for one line, not UTF-8), or no daemon (Python starts one for `exec`). */
+static _Noreturn void send_and_stream(const char *socket, const struct buf *req,
+				      int stdin_open, const struct started_ctx *ctx)
+{
+	if (g_bad)
+		fallback();
+	int fd = dial(socket);
+	if (fd < 0)
+		fallback();
+	struct conn c;
+	new_conn(&c, fd);
+	stream(&c, req, stdin_open, ctx);
+}
+
+/* The request's "tty" field: our terminal's size when the command gets a PTY, else null. */
+static void put_tty(struct buf *b, int *first, int tty)
+{
+	put_key(b, first, "tty");
+	if (tty) {
+		int rows, cols;
+		terminal_size(&rows, &cols);
+		putf(b, "[%d,%d]", rows, cols);
+	} else {
+		puts_(b, "null");
+	}
+}
+
 /* cli/run.py run_via_daemon */
 static _Noreturn void do_run(const struct opts *o, char **cmd, int ncmd)
 {
@@ -1540,15 +1569,8 @@ static _Noreturn void do_run(const struct opts *o, char **cmd, int ncmd)
 	put_key(&b, &first, "data_dir");
 	put_str(&b, cm.data_dir);
 	puts_(&b, "}}\n");
-	if (g_bad)
-		fallback(); /* too long for one line, or text Python could not send either */
-	int fd = dial(cm.socket);
-	if (fd < 0)
-		fallback();
-	struct conn c;
-	new_conn(&c, fd);
 	struct started_ctx ctx = {K_RUN, o, 0, 0};
-	stream(&c, &b, stdin_open, &ctx);
+	send_and_stream(cm.socket, &b, stdin_open, &ctx);
 }
 
 /* cli/run.py agent_key_of: the first of `names` set here (its value in *value, NULL: none),
@@ -1707,24 +1729,10 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 	int stdin_open = tty || !isatty(0);
 	put_key(&b, &first, "stdin_open");
 	puts_(&b, stdin_open ? "true" : "false");
-	put_key(&b, &first, "tty");
-	if (tty) {
-		int rows, cols;
-		terminal_size(&rows, &cols);
-		putf(&b, "[%d,%d]", rows, cols);
-	} else {
-		puts_(&b, "null");
-	}
+	put_tty(&b, &first, tty);
 	puts_(&b, "}}\n");
-	if (g_bad)
-		fallback();
-	int fd = dial(cm.socket);
-	if (fd < 0)
-		fallback();
-	struct conn c;
-	new_conn(&c, fd);
 	struct started_ctx ctx = {K_AGENT, o, tty, tty};
-	stream(&c, &b, stdin_open, &ctx);
+	send_and_stream(cm.socket, &b, stdin_open, &ctx);
 }
 
 /* names.py _is_name: alphanumeric runs joined by single '-' or '_'. */
@@ -1789,24 +1797,10 @@ static _Noreturn void do_exec(const struct opts *o, const char *name, char **cmd
 	put_opt_float(&b, o->has_timeout ? &o->timeout : NULL);
 	put_key(&b, &first, "stdin_open");
 	puts_(&b, o->interactive ? "true" : "false");
-	put_key(&b, &first, "tty");
-	if (o->tty) {
-		int rows, cols;
-		terminal_size(&rows, &cols);
-		putf(&b, "[%d,%d]", rows, cols);
-	} else {
-		puts_(&b, "null");
-	}
+	put_tty(&b, &first, o->tty);
 	puts_(&b, "}}\n");
-	if (g_bad)
-		fallback();
-	int fd = dial(cm.socket);
-	if (fd < 0)
-		fallback(); /* Python starts a daemon for `exec` */
-	struct conn c;
-	new_conn(&c, fd);
 	struct started_ctx ctx = {K_EXEC, o, o->tty, o->tty && isatty(0)};
-	stream(&c, &b, o->interactive, &ctx);
+	send_and_stream(cm.socket, &b, o->interactive, &ctx);
 }
 
 static int is_yes(const char *v)
