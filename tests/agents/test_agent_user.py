@@ -139,6 +139,20 @@ def _as_root(base: Path) -> tuple[Callable[..., tuple[str, str, int]], Path]:
     return run, project
 
 
+def _as_nobody(base: Path) -> tuple[Callable[..., tuple[str, str, int]], Path]:
+    """The CLI as host nobody with its own data dir (no key), for `_kept` and
+    `_kept_gvisor`; and the project."""
+    data, project = _setup(base, NOBODY)
+
+    def run(*args: str) -> tuple[str, str, int]:
+        proc = ak_as_user(NOBODY, base, *args, cwd=project,
+                          env={"AGENTKERNEL_HOME": str(data), "ANTHROPIC_API_KEY": ""})
+        out, err = proc.communicate(timeout=150)
+        return out, err, proc.returncode
+
+    return run, project
+
+
 def test_a_kept_agent_sandbox_is_not_root_as_root(base: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
@@ -150,14 +164,7 @@ def test_a_kept_agent_sandbox_is_not_root_as_an_ordinary_user(base: Path) -> Non
     if os.geteuid() != 0 or shutil.which("setpriv") is None or \
             not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip("needs root (to become nobody), setpriv and the system's python3")
-    data, project = _setup(base, NOBODY)
-
-    def run(*args: str) -> tuple[str, str, int]:
-        proc = ak_as_user(NOBODY, base, *args, cwd=project,
-                          env={"AGENTKERNEL_HOME": str(data), "ANTHROPIC_API_KEY": ""})
-        out, err = proc.communicate(timeout=150)
-        return out, err, proc.returncode
-
+    run, project = _as_nobody(base)
     _kept(run, project)
 
 
@@ -374,12 +381,5 @@ def test_a_kept_gvisor_agent_sandbox_is_not_root_as_an_ordinary_user(base: Path)
     if os.geteuid() != 0 or shutil.which("setpriv") is None or \
             not os.access(SYSTEM_PYTHON, os.X_OK) or not backend_available("gvisor"):
         pytest.skip("needs root (to become nobody), setpriv, the system's python3, gvisor")
-    data, project = _setup(base, NOBODY)
-
-    def run(*args: str) -> tuple[str, str, int]:
-        proc = ak_as_user(NOBODY, base, *args, cwd=project,
-                          env={"AGENTKERNEL_HOME": str(data), "ANTHROPIC_API_KEY": ""})
-        out, err = proc.communicate(timeout=150)
-        return out, err, proc.returncode
-
+    run, project = _as_nobody(base)
     _kept_gvisor(run, project, NOBODY)
