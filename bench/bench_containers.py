@@ -31,28 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import pct, stamp
+from common import SOCKET_RUN_CLIENT, pct, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = {"docker": "/usr/bin/docker", "podman": "/usr/bin/podman"}
 PACE = 0.5  # seconds before each warm run: the pool has refilled (a container start)
-
-SOCKET_CLIENT = """
-import json, sys, time
-from agentkernel.ipc import client
-req = json.loads(sys.argv[1])
-for line in sys.stdin:
-    n, pause = json.loads(line)
-    out = []
-    for _ in range(n):
-        time.sleep(pause)
-        t = time.perf_counter()
-        r = client.pump(client.open_stream('run', req, auto_start=False),
-                        sink=lambda _s, _d: None)
-        out.append((time.perf_counter() - t) * 1000)
-        assert r.get('exit_code') == 0, r
-    print(json.dumps(out), flush=True)
-"""
 
 
 def run_timed(argv: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -93,7 +76,7 @@ class SocketClient:
     request over the daemon socket on demand and reports each run's wall ms."""
 
     def __init__(self, tree: Tree, req: dict[str, Any], cwd: Path) -> None:
-        self.proc = subprocess.Popen([tree.python, "-c", SOCKET_CLIENT, json.dumps(req)],
+        self.proc = subprocess.Popen([tree.python, "-c", SOCKET_RUN_CLIENT, json.dumps(req)],
                                      env=tree.env, cwd=cwd, text=True, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
 

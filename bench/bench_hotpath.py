@@ -36,7 +36,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, TABLE_HEAD, pct, pool_counts, stamp, stamp_lines, summary, timed
+from common import (
+    ROOT,
+    SOCKET_RUN_CLIENT,
+    TABLE_HEAD,
+    pct,
+    pool_counts,
+    stamp,
+    stamp_lines,
+    summary,
+    timed,
+)
 
 KEY = "bench-" + os.urandom(8).hex()
 PACE = 0.2  # seconds before each paced request: the pool has refilled, threads sleep
@@ -211,23 +221,6 @@ def mcp_case(trees: list[Path], args: argparse.Namespace) -> list[list[float]]:
     return samples
 
 
-WASM_CLIENT = """
-import json, sys, time
-from agentkernel.ipc import client
-req = json.loads(sys.argv[1])
-for line in sys.stdin:
-    n, pause = json.loads(line)
-    out = []
-    for _ in range(n):
-        time.sleep(pause)
-        t = time.perf_counter()
-        r = client.pump(client.open_stream('run', req, auto_start=False),
-                        sink=lambda _s, _d: None)
-        out.append((time.perf_counter() - t) * 1000)
-        assert r.get('exit_code') == 0, r
-    print(json.dumps(out), flush=True)
-"""
-
 
 class WasmTarget:
     """One tree's daemon and a client process of that tree's own (our wire, as the CLI
@@ -248,7 +241,7 @@ class WasmTarget:
                        capture_output=True)
         req = json.dumps({"argv": ["hello.wat"], "cwd": str(proj)})
         self.proc = subprocess.Popen([str(tree / ".venv" / "bin" / "python"), "-c",
-                                      WASM_CLIENT, req], env=self.env, text=True,
+                                      SOCKET_RUN_CLIENT, req], env=self.env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def samples(self, n: int, pause: float) -> list[float]:

@@ -101,6 +101,26 @@ def summary(label: str, samples: list[float], base: float | None = None) -> str:
             f" | {ratio} |")
 
 
+# A client that stays up and times `run` requests over the daemon socket (the daemon's
+# share of a run): argv[1] the request (JSON); each stdin line `[n, pause]` asks for n
+# runs, `pause` seconds before each, and is answered with their milliseconds (JSON).
+SOCKET_RUN_CLIENT = """
+import json, sys, time
+from agentkernel.ipc import client
+req = json.loads(sys.argv[1])
+for line in sys.stdin:
+    n, pause = json.loads(line)
+    out = []
+    for _ in range(n):
+        time.sleep(pause)
+        t = time.perf_counter()
+        r = client.pump(client.open_stream('run', req, auto_start=False),
+                        sink=lambda _s, _d: None)
+        out.append((time.perf_counter() - t) * 1000)
+        assert r.get('exit_code') == 0, r
+    print(json.dumps(out), flush=True)
+"""
+
 TABLE_HEAD = ["| case | n | p50 ms | p95 ms | p50 / baseline |", "|---|---:|---:|---:|---:|"]
 
 
