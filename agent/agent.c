@@ -11,6 +11,8 @@
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stddef.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -108,6 +110,25 @@ static struct xfer xfers[MAX_XFERS];
 static int nprocs, nxfers, nreading;
 
 static int rfd = -1, wfd = -1, listen_fd = -1, sig_fd = -1;
+/* --peers-outside: the listen socket serves only peers outside our pid namespace. */
+static int peers_outside;
+
+/* Whether the peer of connection `fd` is a process of our own pid namespace (or one below
+ * it): the kernel reports pid 0 for a peer it cannot name here, as the daemon outside. A
+ * sandbox's command sees the listen socket, and connect() ignores read-only mounts. */
+static int peer_inside(int fd)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || len != sizeof(cred))
+		return 1; /* unknown: refuse */
+	return cred.pid != 0;
+}
+
+/* --give: a descriptor the host handed in for one command's stdin and stdout (EXEC with
+ * GIVEN_STDIO; the wasm backend's worker talks to the host over it, not through us).
+ * Close-on-exec while we hold it, and ours no more once handed out. */
+static int given_fd = -1;
 static int conn_dead, is_init;
 /* --reconnect (with --vport): the host may hang up and come back; host_away while it is
  * gone. virtio_console reports a host-less port as POLLHUP (and read() as 0) continuously,
@@ -385,6 +406,30 @@ static void exec_search(char **argv, char **envp)
 enum { ST_SETUP = 1, ST_RLIMIT, ST_CRED, ST_CHDIR, ST_EXEC };
 static const char *stage_names[] = { "setup", "setup", "rlimit", "credentials", "chdir", "exec" };
 
+/* A command gets stdin, stdout and stderr, nothing else of ours: whatever the sandbox's
+ * start left open in its init (bwrap's --sync-fd lifeline, a runtime's descriptors) is
+ * closed at the exec. Close-on-exec rather than closed: errp reports a failed exec. */
+#ifndef SYS_close_range
+#define SYS_close_range 436 /* the same number on every architecture */
+#endif
+#define AK_CLOSE_RANGE_CLOEXEC (1U << 2)
+static int keep_only_stdio(void)
+{
+	if (syscall(SYS_close_range, 3U, ~0U, AK_CLOSE_RANGE_CLOEXEC) == 0)
+		return 0;
+	DIR *d = opendir("/proc/self/fd"); /* (a kernel or gVisor without close_range) */
+	if (!d)
+		return -1; /* no way to know what is open: the command does not start */
+	struct dirent *e;
+	while ((e = readdir(d)) != NULL) {
+		int fd = atoi(e->d_name);
+		if (fd > 2 && fd != dirfd(d))
+			fcntl(fd, F_SETFD, FD_CLOEXEC);
+	}
+	closedir(d);
+	return 0;
+}
+
 static void child_main(struct exec_req *r, int errp, int in_r, int out_w, int err_w, int slave)
 {
 	sigset_t none;
@@ -403,6 +448,8 @@ static void child_main(struct exec_req *r, int errp, int in_r, int out_w, int er
 		if (dup2(in_r, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0)
 			child_fail(errp, ST_SETUP);
 	}
+	if (keep_only_stdio() < 0)
+		child_fail(errp, ST_SETUP);
 	for (uint32_t i = 0; i < r->nrlimits; i++) {
 		struct rlimit rl = { (rlim_t)r->rlimits[i].soft, (rlim_t)r->rlimits[i].hard };
 		if (setrlimit((int)r->rlimits[i].resource, &rl) < 0)
@@ -468,9 +515,23 @@ static void do_exec(uint32_t chan, const uint8_t *pl, size_t n)
 	}
 	int errp[2] = { -1, -1 }, inp[2] = { -1, -1 }, outp[2] = { -1, -1 }, errpp[2] = { -1, -1 };
 	int master = -1, slave = -1, in_w = -1;
+	int giving = r.given_stdio; /* stdin and stdout: the --give descriptor */
+	if (giving && (r.has_pty || given_fd < 0)) {
+		const char *why = r.has_pty ? "GIVEN_STDIO and PTY exclude each other"
+					    : "no given descriptor to hand over";
+		e = r.has_pty ? EINVAL : EBADF;
+		exec_req_free(&r);
+		send_error_stage(chan, e, "setup", "exec setup: %s", why);
+		return;
+	}
 	if (pipe2(errp, O_CLOEXEC) < 0)
 		goto sysfail;
-	if (r.has_pty) {
+	if (giving) {
+		if (pipe2(errpp, O_CLOEXEC) < 0)
+			goto sysfail;
+		inp[0] = given_fd; /* its stdin and stdout: the child's dup2s clear close-on-exec */
+		outp[1] = given_fd;
+	} else if (r.has_pty) {
 		char name[64];
 		struct winsize ws = { .ws_row = r.rows, .ws_col = r.cols };
 		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
@@ -502,6 +563,10 @@ static void do_exec(uint32_t chan, const uint8_t *pl, size_t n)
 	if (pid == 0)
 		child_main(&r, errp[1], inp[0], outp[1], errpp[1], slave);
 	exec_req_free(&r);
+	if (giving) { /* handed over: the child's alone now */
+		xclose(&given_fd);
+		inp[0] = outp[1] = -1;
+	}
 	xclose(&errp[1]);
 	xclose(&inp[0]);
 	xclose(&outp[1]);
@@ -543,7 +608,8 @@ static void do_exec(uint32_t chan, const uint8_t *pl, size_t n)
 	p->pty = master >= 0;
 	p->deadline = r.timeout_ms ? now_ms() + r.timeout_ms : 0;
 	p->pi_out = p->pi_err = p->pi_in = -1;
-	set_nonblock(p->out_fd);
+	if (p->out_fd >= 0)
+		set_nonblock(p->out_fd);
 	if (p->err_fd >= 0)
 		set_nonblock(p->err_fd);
 	if (p->in_fd >= 0)
@@ -556,6 +622,8 @@ static void do_exec(uint32_t chan, const uint8_t *pl, size_t n)
 sysfail:
 	e = errno;
 	exec_req_free(&r);
+	if (giving) /* not handed over: still ours to give */
+		inp[0] = outp[1] = -1;
 	xclose(&errp[0]);
 	xclose(&errp[1]);
 	xclose(&inp[0]);
@@ -1448,7 +1516,9 @@ static void serve(void)
 			handle_signals();
 		if (pi_listen >= 0 && pfd[pi_listen].revents) {
 			int c = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
-			if (c >= 0) {
+			if (c >= 0 && peers_outside && peer_inside(c)) {
+				close(c); /* the sandbox's own process: never its control channel */
+			} else if (c >= 0) {
 				rfd = wfd = c;
 				send_hello();
 			}
@@ -1550,6 +1620,21 @@ static void mount_dev(void)
 		if (symlink("pts/ptmx", "/dev/ptmx") < 0) { /* best effort */
 		}
 	}
+}
+
+/* bwrap's /dev/pts is a devpts instance of the sandbox's own with no `max`: one sandbox
+ * took every pty the kernel gives instances other than the host's (kernel.pty.max less
+ * pty.reserve: 3072 by default), and then no other sandbox or container could open one. */
+static void limit_ptys(const char *max)
+{
+	char *end;
+	long v = strtol(max, &end, 10);
+	if (*end || v < 1 || v > 65536)
+		die("--pty-max wants a number of ptys, 1..65536");
+	char opts[96];
+	snprintf(opts, sizeof(opts), "newinstance,ptmxmode=0666,mode=620,max=%ld", v);
+	if (mount("devpts", "/dev/pts", "devpts", MS_REMOUNT | MS_NOSUID | MS_NOEXEC, opts) < 0)
+		die("--pty-max: remount /dev/pts: %s", strerror(errno));
 }
 
 static void do_overlay(char *spec)
@@ -1975,6 +2060,728 @@ static void install_seccomp(const char *file)
 		die("seccomp: %s", strerror(errno));
 }
 
+/* ---------- the unix-socket guard ----------
+ *
+ * A pathname unix socket in a dir bound from the host (a permissive $HOME, a project) is
+ * the host's: its server takes the sandbox's connect() as it would the user's. No LSM on
+ * our kernels can tell connect() apart by target (Landlock's ABI <= 7 covers only
+ * abstract sockets), so every connect() of the commands is a seccomp user notification,
+ * answered here by a thread that performs it itself on a copy of the caller's socket:
+ * the address is read once (the caller may change its memory, never our copy), a pathname
+ * is resolved once in the caller's root or cwd to an O_PATH fd, that inode's mount is
+ * checked against the mounts the sandbox made itself (its tmpfs and overlays: an overlay
+ * never passes a connect() on to a socket of its layers), and the connect() goes to that
+ * very inode through /proc/self/fd. Other families are connected as asked, from our copy,
+ * so that swapping the fd or the address after the check gains nothing. */
+#define AK_FILTER_FLAG_NEW_LISTENER (1UL << 3)
+#define AK_FILTER_FLAG_WAIT_KILLABLE_RECV (1UL << 5)
+#define AK_RET_USER_NOTIF 0x7fc00000U
+#define AK_RET_ALLOW 0x7fff0000U
+#define AK_RET_ERRNO 0x00050000U
+#define AK_MAX_GUARD_MOUNTS 128
+#define AK_GUARD_WORKERS 16        /* threads for the calls that may wait */
+#define AK_GUARD_QUEUE 64          /* calls waiting for one; past that: EAGAIN */
+#define AK_GUARD_SEND_MAX (256 * 1024) /* one send's bytes we copy */
+#define AK_GUARD_MAX_IOV 1024      /* UIO_MAXIOV */
+#define AK_GUARD_MAX_CTL 4096      /* a send's control messages */
+#define AK_GUARD_MAX_FDS 253       /* SCM_MAX_FD */
+#define AK_GUARD_SIG (SIGRTMIN + 3) /* ends a worker's wait for a caller that is gone */
+#ifndef SO_DOMAIN
+#define SO_DOMAIN 39
+#endif
+#if defined(__x86_64__)
+#define AK_AUDIT_ARCH 0xc000003eU
+#elif defined(__aarch64__)
+#define AK_AUDIT_ARCH 0xc00000b7U
+#endif
+struct ak_seccomp_data {
+	int32_t nr;
+	uint32_t arch;
+	uint64_t ip;
+	uint64_t args[6];
+};
+struct ak_notif {
+	uint64_t id;
+	uint32_t pid;
+	uint32_t flags;
+	struct ak_seccomp_data data;
+};
+struct ak_notif_resp {
+	uint64_t id;
+	int64_t val;
+	int32_t error;
+	uint32_t flags;
+};
+struct ak_open_how {
+	uint64_t flags, mode, resolve;
+};
+#define AK_NOTIF_RECV _IOWR('!', 0, struct ak_notif)
+#define AK_NOTIF_SEND _IOWR('!', 1, struct ak_notif_resp)
+#define AK_NOTIF_ID_VALID _IOW('!', 2, uint64_t)
+#define AK_NOTIF_SET_FLAGS _IOW('!', 4, uint64_t)
+#define AK_STATX_MNT_ID 0x1000U
+
+static char *guard_spec;                  /* --guard-unix MNT[:MNT...]: the sandbox's own mounts */
+static uint64_t guard_mnts[AK_MAX_GUARD_MOUNTS];
+static int nguard_mnts, guard_listener = -1;
+static int guard_pipe[2] = { -1, -1 };
+static const char *guard_abstract = "off"; /* why abstract sockets are not scoped, or NULL */
+
+/* statx(2)'s mount id (musl has no statx: the struct's layout is the kernel's ABI). */
+static int mount_id(int fd, const char *path, int flags, uint64_t *out)
+{
+	uint64_t sx[32]; /* struct statx: 256 bytes; stx_mask at 0, stx_mnt_id at 144 */
+	uint32_t mask;
+	memset(sx, 0, sizeof(sx));
+	if (syscall(SYS_statx, fd, path, flags, AK_STATX_MNT_ID, sx) < 0)
+		return -1;
+	memcpy(&mask, sx, sizeof(mask));
+	if (!(mask & AK_STATX_MNT_ID)) {
+		errno = ENOSYS;
+		return -1;
+	}
+	memcpy(out, (uint8_t *)sx + 144, sizeof(*out));
+	return 0;
+}
+
+static int guard_own_mount(int fd)
+{
+	uint64_t id;
+	if (mount_id(fd, "", AT_EMPTY_PATH, &id) < 0)
+		return 0;
+	for (int i = 0; i < nguard_mnts; i++)
+		if (guard_mnts[i] == id)
+			return 1;
+	return 0;
+}
+
+static int guard_valid(uint64_t id)
+{
+	return ioctl(guard_listener, AK_NOTIF_ID_VALID, &id) == 0;
+}
+
+/* The caller's view of `path` as an O_PATH fd, or -1 with errno. "/proc/self" would be
+ * ours here, so it is spelled as the caller's. */
+static int guard_resolve(pid_t pid, const char *path)
+{
+	char buf[AK_MAX_PATH + 64], base[64];
+	const char *rest = path;
+	if (!strncmp(path, "/proc/self/", 11) || !strcmp(path, "/proc/self"))
+		rest = path + 10;
+	else if (!strncmp(path, "/proc/thread-self/", 18) || !strcmp(path, "/proc/thread-self"))
+		rest = path + 17;
+	if (rest != path) {
+		snprintf(buf, sizeof(buf), "/proc/%d%s", (int)pid, rest);
+		path = buf;
+	}
+	snprintf(base, sizeof(base), "/proc/%d/%s", (int)pid, path[0] == '/' ? "root" : "cwd");
+	int dfd = open(base, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0)
+		return -1;
+	while (*path == '/')
+		path++;
+	int fd = openat(dfd, *path ? path : ".", O_PATH | O_CLOEXEC);
+	int saved = errno;
+	close(dfd);
+	errno = saved;
+	return fd;
+}
+
+/* A pidfd for the caller, which may be any thread: PIDFD_THREAD (Linux 6.9), else its
+ * thread group's leader (same fd table unless it unshared it: then the sandbox's own). */
+static int guard_pidfd(pid_t tid)
+{
+	int fd = (int)syscall(SYS_pidfd_open, tid, O_EXCL /* PIDFD_THREAD */);
+	if (fd >= 0 || errno != EINVAL)
+		return fd;
+	char path[64], line[128];
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)tid);
+	FILE *f = fopen(path, "re");
+	long tgid = -1;
+	while (f && fgets(line, sizeof(line), f))
+		if (sscanf(line, "Tgid: %ld", &tgid) == 1)
+			break;
+	if (f)
+		fclose(f);
+	return tgid > 0 ? (int)syscall(SYS_pidfd_open, (pid_t)tgid, 0) : -1;
+}
+
+/* One call held: the caller's notification and our copies of what it asked for. Every
+ * field is ours: the caller may change its memory or its fd table meanwhile, never these. */
+struct guard_job {
+	struct ak_notif n;
+	struct sockaddr_storage ss; /* the caller's address, read once */
+	uint32_t alen;
+	int sock;                   /* our copy of the caller's socket */
+	int dom, type, fl;          /* its family, type and file flags */
+	int target;                 /* the checked unix socket's O_PATH fd, or -1 */
+	struct sockaddr_storage to; /* where the call goes (a checked socket: its fd's name) */
+	socklen_t tolen;
+	int flags;                  /* a send's MSG_ flags */
+	struct iovec data;          /* a send's bytes */
+	size_t done;                /* a stream send's bytes already sent (the first try's) */
+	void *ctl;                  /* a send's control messages, SCM_RIGHTS' fds ours */
+	size_t ctllen;
+	uint64_t mmsg_len;          /* sendmmsg: where the caller's first msg_len is */
+	int none;                   /* sendmmsg of no message: nothing to send */
+	int fds[AK_GUARD_MAX_FDS], nfds;
+};
+
+static int guard_read(pid_t pid, void *to, uint64_t from, size_t len)
+{
+	if (len == 0)
+		return 0;
+	struct iovec l = { to, len }, r = { (void *)(uintptr_t)from, len };
+	return process_vm_readv(pid, &l, 1, &r, 1, 0) == (ssize_t)len ? 0 : EFAULT;
+}
+
+/* The caller's address of `len` bytes at `addr`, into j->ss. Too long: EINVAL, or
+ * (`clamp`, sendmsg()'s way) cut to the largest address. */
+static int guard_take_addr(struct guard_job *j, uint64_t addr, uint64_t len, int clamp)
+{
+	j->alen = 0;
+	if (addr == 0)
+		return 0;
+	uint32_t n = (uint32_t)len; /* (socklen_t: the kernel reads the low 32 bits) */
+	if ((int)n < 0 || (n > sizeof(j->ss) && !clamp))
+		return EINVAL;
+	j->alen = n > sizeof(j->ss) ? (uint32_t)sizeof(j->ss) : n;
+	return guard_read((pid_t)j->n.pid, &j->ss, addr, j->alen);
+}
+
+/* A send's bytes, read once from the caller's iovecs (`niov` of them at `iov`, or one
+ * plain buffer when `iov` is 0). Bounded: a datagram past the bound is EMSGSIZE (the
+ * kernel's own limit, the send buffer, is below it by default); a stream send past it
+ * is sent in part, as a send may be. */
+static int guard_take_data(struct guard_job *j, uint64_t iov, uint64_t niov, uint64_t buf,
+			   uint64_t len)
+{
+	struct iovec one = { (void *)(uintptr_t)buf, (size_t)len }, *rv = &one;
+	size_t total = (size_t)len;
+	if (iov) {
+		if (niov > AK_GUARD_MAX_IOV)
+			return EMSGSIZE;
+		if (niov == 0)
+			return 0;
+		rv = calloc((size_t)niov, sizeof(*rv));
+		if (!rv)
+			return ENOMEM;
+		int err = guard_read((pid_t)j->n.pid, rv, iov, (size_t)niov * sizeof(*rv));
+		total = 0;
+		for (uint64_t i = 0; !err && i < niov; i++) {
+			if (rv[i].iov_len > SSIZE_MAX - total)
+				err = EINVAL;
+			else
+				total += rv[i].iov_len;
+		}
+		if (err) {
+			free(rv);
+			return err;
+		}
+	} else {
+		niov = 1;
+	}
+	int err = 0;
+	if (total > AK_GUARD_SEND_MAX && j->type != SOCK_STREAM)
+		err = EMSGSIZE;
+	else if (total > AK_GUARD_SEND_MAX)
+		total = AK_GUARD_SEND_MAX;
+	if (!err && total) {
+		j->data.iov_base = malloc(total);
+		j->data.iov_len = total;
+		struct iovec l = j->data;
+		if (!j->data.iov_base)
+			err = ENOMEM;
+		else if (process_vm_readv((pid_t)j->n.pid, &l, 1, rv, (unsigned long)niov, 0) !=
+			 (ssize_t)total)
+			err = EFAULT;
+	}
+	if (rv != &one)
+		free(rv);
+	return err;
+}
+
+/* A send's control messages, with every fd an SCM_RIGHTS passes replaced by our copy of
+ * the caller's (the kernel passes on the file, as it would have the caller's). */
+static int guard_take_ctl(struct guard_job *j, int pidfd, uint64_t ctl, uint64_t len)
+{
+	if (ctl == 0 || len == 0)
+		return 0;
+	if (len > AK_GUARD_MAX_CTL)
+		return ENOBUFS;
+	j->ctl = calloc(1, (size_t)len);
+	j->ctllen = (size_t)len;
+	if (!j->ctl)
+		return ENOMEM;
+	int err = guard_read((pid_t)j->n.pid, j->ctl, ctl, (size_t)len);
+	if (err)
+		return err;
+	struct msghdr m = { .msg_control = j->ctl, .msg_controllen = j->ctllen };
+	const char *end = (const char *)j->ctl + j->ctllen;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+		/* the caller's lengths: each header's must lie within the buffer (the kernel's
+		 * CMSG_OK, EINVAL), else its count wraps or runs past our copy */
+		if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > (size_t)(end - (const char *)c))
+			return EINVAL;
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		int *fds = (int *)CMSG_DATA(c);
+		for (size_t i = 0; i < n; i++) {
+			if (j->nfds == AK_GUARD_MAX_FDS)
+				return ETOOMANYREFS;
+			int fd = (int)syscall(SYS_pidfd_getfd, pidfd, fds[i], 0);
+			if (fd < 0)
+				return EBADF;
+			j->fds[j->nfds++] = fd;
+			fds[i] = fd;
+		}
+	}
+	return 0;
+}
+
+/* A sendmsg()/sendmmsg()'s message header at `at`: its name, data and control. */
+static int guard_take_msg(struct guard_job *j, int pidfd, uint64_t at)
+{
+	struct msghdr m;
+	int err = guard_read((pid_t)j->n.pid, &m, at, sizeof(m));
+	if (!err)
+		err = guard_take_addr(j, (uintptr_t)m.msg_name, m.msg_namelen, 1);
+	if (!err)
+		err = guard_take_data(j, (uintptr_t)m.msg_iov, m.msg_iovlen, 0, 0);
+	if (!err)
+		err = guard_take_ctl(j, pidfd, (uintptr_t)m.msg_control, m.msg_controllen);
+	return err;
+}
+
+/* Copies what the caller asked for: 0, or the errno to answer (-1: answer nothing). */
+static int guard_take(struct guard_job *j)
+{
+	const uint64_t *a = j->n.data.args;
+	j->sock = j->target = -1;
+	int pidfd = guard_pidfd((pid_t)j->n.pid);
+	if (pidfd < 0)
+		return ESRCH;
+	j->sock = (int)syscall(SYS_pidfd_getfd, pidfd, (int)a[0], 0);
+	int err = j->sock < 0 ? (errno == EBADF ? EBADF : EACCES) : 0;
+	socklen_t ol = sizeof(int);
+	if (!err && (getsockopt(j->sock, SOL_SOCKET, SO_DOMAIN, &j->dom, &ol) < 0 ||
+		     getsockopt(j->sock, SOL_SOCKET, SO_TYPE, &j->type, &ol) < 0 ||
+		     (j->fl = fcntl(j->sock, F_GETFL)) < 0))
+		err = errno == ENOTSOCK ? ENOTSOCK : EBADF;
+	if (!err && j->n.data.nr == SYS_connect) {
+		err = guard_take_addr(j, a[1], a[2], 0);
+	} else if (!err && j->n.data.nr == SYS_sendto) {
+		j->flags = (int)a[3];
+		err = guard_take_addr(j, a[4], a[5], 0);
+		if (!err)
+			err = guard_take_data(j, 0, 0, a[1], a[2]);
+	} else if (!err && j->n.data.nr == SYS_sendmsg) {
+		j->flags = (int)a[2];
+		err = guard_take_msg(j, pidfd, a[1]);
+	} else if (!err) { /* sendmmsg: the first message only (a short count is the API's) */
+		j->flags = (int)a[3];
+		j->mmsg_len = a[1] + offsetof(struct mmsghdr, msg_len);
+		j->none = (uint32_t)a[2] == 0;
+		err = j->none ? 0 : guard_take_msg(j, pidfd, a[1]);
+	}
+	close(pidfd);
+	if (err)
+		return err;
+	/* the pid may be another's by now: then nothing read was the caller's */
+	return guard_valid(j->n.id) ? 0 : -1;
+}
+
+/* Where the call goes, into j->to: a unix pathname is resolved once in the caller's root
+ * or cwd, and only a socket on one of the sandbox's own mounts passes (as its O_PATH fd's
+ * /proc/self/fd name); any other address goes as asked. 0 or an errno. */
+static int guard_check(struct guard_job *j)
+{
+	struct sockaddr_un *su = (struct sockaddr_un *)&j->ss;
+	size_t off = offsetof(struct sockaddr_un, sun_path);
+	memcpy(&j->to, &j->ss, sizeof(j->to));
+	j->tolen = j->alen;
+	if (j->dom != AF_UNIX || j->alen <= off || su->sun_family != AF_UNIX || su->sun_path[0] == 0)
+		return 0;
+	char path[sizeof(su->sun_path) + 1];
+	size_t plen = j->alen - off;
+	/* (an address may be up to sizeof(sockaddr_storage) long: past sockaddr_un's it is
+	 * no unix address, EINVAL as the kernel's unix_validate_addr says) */
+	if (plen > sizeof(su->sun_path))
+		return EINVAL;
+	memcpy(path, su->sun_path, plen);
+	path[plen] = 0;
+	j->target = guard_resolve((pid_t)j->n.pid, path);
+	if (j->target < 0)
+		return errno == ELOOP || errno == ENOENT || errno == ENOTDIR || errno == EACCES ?
+			       errno : ECONNREFUSED;
+	struct stat st;
+	if (fstat(j->target, &st) < 0 || !S_ISSOCK(st.st_mode))
+		return ECONNREFUSED;
+	if (!guard_own_mount(j->target))
+		return EACCES; /* a socket of the host's, in a dir bound from it */
+	struct sockaddr_un *to = (struct sockaddr_un *)&j->to;
+	memset(to, 0, sizeof(*to));
+	to->sun_family = AF_UNIX;
+	int k = snprintf(to->sun_path, sizeof(to->sun_path), "/proc/self/fd/%d", j->target);
+	j->tolen = (socklen_t)(off + (size_t)k + 1);
+	return 0;
+}
+
+/* Whether the call may wait: a blocking socket, and for a send no MSG_DONTWAIT. */
+static int guard_blocking(const struct guard_job *j)
+{
+	return !(j->fl & O_NONBLOCK) && (j->n.data.nr == SYS_connect || !(j->flags & MSG_DONTWAIT));
+}
+
+/* The call itself, on our copies: its result (>= 0: for a send, the bytes sent) or
+ * -errno. `nowait` (the main thread's, always): a send fails with -EAGAIN where it would
+ * wait (MSG_DONTWAIT: per call, whatever the file's O_NONBLOCK is by now). A connect()
+ * has no such flag: O_NONBLOCK is the caller's open file's, which another of its threads
+ * or processes may flip between any look of ours and the call, so a connect() that may
+ * wait (a stream's) is only ever a worker's (guard_main). */
+static long guard_perform(struct guard_job *j, int nowait)
+{
+	long rc;
+	if (j->n.data.nr == SYS_connect)
+		return connect(j->sock, (struct sockaddr *)&j->to, j->tolen) < 0 ? -errno : 0;
+	if (j->none)
+		return 0;
+	/* the rest of a stream send the main thread began (its control messages went with
+	 * its first bytes) */
+	struct iovec rest = { (char *)j->data.iov_base + j->done, j->data.iov_len - j->done };
+	struct msghdr m = { .msg_name = j->tolen ? &j->to : NULL, .msg_namelen = j->tolen,
+			    .msg_iov = &rest, .msg_iovlen = 1,
+			    .msg_control = j->done ? NULL : j->ctl,
+			    .msg_controllen = j->done ? 0 : j->ctllen };
+	/* (SIGPIPE would be ours, ignored: the caller sees EPIPE without it) */
+	int flags = (j->flags | MSG_NOSIGNAL | (nowait ? MSG_DONTWAIT : 0));
+	rc = sendmsg(j->sock, &m, flags);
+	if (rc < 0) /* after some bytes: their count, as a blocking send that fails says */
+		return j->done ? (long)j->done : -errno;
+	return (long)j->done + rc;
+}
+
+/* Whether the main thread's try of a call that may wait is to be finished by a worker:
+ * it would have waited (EAGAIN), or it is a stream send that went in part (a blocking
+ * send says all its bytes, or an error, or is interrupted). */
+static int guard_unfinished(struct guard_job *j, long rc)
+{
+	if (rc == -EAGAIN)
+		return 1;
+	if (j->n.data.nr == SYS_connect || j->none || j->type != SOCK_STREAM || rc < 0 ||
+	    (size_t)rc >= j->data.iov_len)
+		return 0;
+	j->done = (size_t)rc;
+	return 1;
+}
+
+/* Answers the caller (`rc`: a result or -errno) and lets the job go. */
+#define GUARD_GONE LONG_MIN /* answer nothing: the caller is gone */
+static void guard_answer(struct guard_job *j, long rc)
+{
+	if (rc >= 0 && j->n.data.nr == SYS_sendmmsg && !j->none) {
+		/* sendmmsg: the first message's bytes into its msg_len, one message sent */
+		uint32_t sent = (uint32_t)rc;
+		struct iovec l = { &sent, sizeof(sent) }, r = { (void *)(uintptr_t)j->mmsg_len, 4 };
+		process_vm_writev((pid_t)j->n.pid, &l, 1, &r, 1, 0);
+		rc = 1;
+	}
+	struct ak_notif_resp r = { .id = j->n.id, .val = rc < 0 ? 0 : rc,
+				   .error = rc < 0 ? (int32_t)rc : 0 };
+	if (rc != GUARD_GONE)
+		ioctl(guard_listener, AK_NOTIF_SEND, &r);
+	if (j->sock >= 0)
+		close(j->sock);
+	if (j->target >= 0)
+		close(j->target);
+	for (int i = 0; i < j->nfds; i++)
+		close(j->fds[i]);
+	free(j->data.iov_base);
+	free(j->ctl);
+	free(j);
+}
+
+/* ---- the workers: every call that may wait runs on one, so that one connect() to a
+ * server that never accepts stalls none but its caller. A few threads, made as needed,
+ * and a bounded queue before them: past it a call fails (EAGAIN) rather than waits. A
+ * worker whose caller is gone (killed while it waited) is interrupted by a signal. */
+struct guard_worker {
+	pthread_t t;
+	struct guard_job *job; /* the call it performs, under guard_mu */
+};
+static struct guard_worker guard_workers[AK_GUARD_WORKERS];
+static struct guard_job *guard_queue[AK_GUARD_QUEUE];
+static int guard_qhead, guard_qlen, guard_nworkers, guard_idle, guard_running;
+static pthread_mutex_t guard_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t guard_cv = PTHREAD_COND_INITIALIZER;       /* a job queued */
+static pthread_cond_t guard_reap_cv = PTHREAD_COND_INITIALIZER;  /* a worker busy */
+
+static void guard_interrupted(int sig)
+{
+	(void)sig; /* only ends a worker's wait: installed without SA_RESTART */
+}
+
+static void *guard_worker_main(void *arg)
+{
+	struct guard_worker *w = arg;
+	sigset_t s;
+	sigemptyset(&s);
+	sigaddset(&s, AK_GUARD_SIG);
+	pthread_sigmask(SIG_UNBLOCK, &s, NULL);
+	pthread_mutex_lock(&guard_mu);
+	for (;;) {
+		while (guard_qlen == 0) {
+			guard_idle++;
+			pthread_cond_wait(&guard_cv, &guard_mu);
+			guard_idle--;
+		}
+		struct guard_job *j = guard_queue[guard_qhead];
+		guard_qhead = (guard_qhead + 1) % AK_GUARD_QUEUE;
+		guard_qlen--;
+		w->job = j;
+		if (guard_running++ == 0)
+			pthread_cond_signal(&guard_reap_cv);
+		pthread_mutex_unlock(&guard_mu);
+		long rc = guard_valid(j->n.id) ? guard_perform(j, 0) : -EINTR;
+		pthread_mutex_lock(&guard_mu);
+		w->job = NULL;
+		guard_running--;
+		pthread_mutex_unlock(&guard_mu);
+		guard_answer(j, rc);
+		pthread_mutex_lock(&guard_mu);
+	}
+	return NULL;
+}
+
+/* Every 250 ms while a worker is busy: a worker whose caller is gone stops waiting. */
+static void *guard_reaper(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&guard_mu);
+	for (;;) {
+		while (guard_running == 0)
+			pthread_cond_wait(&guard_reap_cv, &guard_mu);
+		pthread_mutex_unlock(&guard_mu);
+		nanosleep(&(struct timespec){ 0, 250 * 1000 * 1000 }, NULL);
+		pthread_mutex_lock(&guard_mu);
+		for (int i = 0; i < guard_nworkers; i++)
+			if (guard_workers[i].job && !guard_valid(guard_workers[i].job->n.id))
+				pthread_kill(guard_workers[i].t, AK_GUARD_SIG);
+	}
+	return NULL;
+}
+
+/* Queues a call that may wait: 0, or an errno when the queue is full. */
+static int guard_enqueue(struct guard_job *j, const pthread_attr_t *attr)
+{
+	pthread_mutex_lock(&guard_mu);
+	int err = 0;
+	if (guard_qlen == AK_GUARD_QUEUE) {
+		err = EAGAIN;
+	} else {
+		guard_queue[(guard_qhead + guard_qlen++) % AK_GUARD_QUEUE] = j;
+		static int reaping;
+		pthread_t t;
+		if (!reaping && pthread_create(&t, attr, guard_reaper, NULL) == 0)
+			reaping = 1;
+		if (guard_idle < guard_qlen && guard_nworkers < AK_GUARD_WORKERS) {
+			struct guard_worker *w = &guard_workers[guard_nworkers];
+			if (pthread_create(&w->t, attr, guard_worker_main, w) == 0)
+				guard_nworkers++;
+		}
+		if (guard_nworkers == 0) { /* no thread at all: it cannot be done */
+			guard_qlen--;
+			err = EAGAIN;
+		}
+		pthread_cond_signal(&guard_cv);
+	}
+	pthread_mutex_unlock(&guard_mu);
+	return err;
+}
+
+/* Answered here, at once, unless the call would wait: that goes to a worker. A caller's
+ * wait ends at any signal until we receive it: a slow answer starves a caller
+ * interrupted often (a profiler's timer). */
+static void *guard_main(void *arg)
+{
+	(void)arg;
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstacksize(&attr, 64 * 1024);
+	int lfd = -1;
+	if (read(guard_pipe[0], &lfd, sizeof(lfd)) != (ssize_t)sizeof(lfd) || lfd < 0)
+		return NULL;
+	close(guard_pipe[0]);
+	guard_listener = lfd;
+	/* The caller's wait ends at any signal until we receive its call (a handler without
+	 * SA_RESTART then sees EINTR for a connect() that never began): the caller hands its
+	 * CPU straight to us (Linux 6.6), which keeps that window short. */
+	uint64_t sync_wake = 1; /* SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP */
+	ioctl(guard_listener, AK_NOTIF_SET_FLAGS, sync_wake);
+	for (;;) {
+		struct guard_job *j = calloc(1, sizeof(*j));
+		if (!j)
+			_exit(1);
+		if (ioctl(guard_listener, AK_NOTIF_RECV, &j->n) < 0) {
+			free(j);
+			if (errno == EINTR || errno == ENOENT)
+				continue;
+			return NULL;
+		}
+		int err = guard_take(j);
+		if (err < 0) { /* the caller is gone */
+			guard_answer(j, GUARD_GONE);
+			continue;
+		}
+		if (!err)
+			err = guard_check(j);
+		long rc = -err;
+		if (!err) {
+			/* This thread never waits (every guarded call of the sandbox waits on
+			 * it). A send is tried here at once with MSG_DONTWAIT; one that may wait
+			 * and would have (EAGAIN, or a stream send that went in part) is finished
+			 * by a worker. A datagram socket's connect() never waits: done here. Any
+			 * other connect() is a worker's: whether it waits is the file's
+			 * O_NONBLOCK at that very moment, which the caller may flip after any
+			 * look of ours (measured: a blocking TCP handshake here stalled all). */
+			int conn = j->n.data.nr == SYS_connect;
+			int wait = guard_blocking(j) || (conn && j->type != SOCK_DGRAM);
+			rc = conn && j->type != SOCK_DGRAM ? -EAGAIN : guard_perform(j, 1);
+			if (wait && guard_unfinished(j, rc)) {
+				err = guard_enqueue(j, &attr);
+				if (!err)
+					continue;
+				rc = j->done ? (long)j->done : -err; /* (no worker: the part sent) */
+			}
+		}
+		guard_answer(j, rc);
+	}
+}
+
+/* Abstract sockets have no inode to judge: where the sandbox shares the host's network
+ * namespace (permissive's "host") the host's (an X server's, a session bus's) answer any
+ * connect(). Landlock's scope (ABI 6, Linux 6.12) refuses those made outside our domain.
+ * Before the guard's thread starts, so that it connects from inside the domain too.
+ * An older kernel has none: its abstract sockets are then the netns's to isolate. */
+static const char *guard_scope_abstract(void)
+{
+	struct {
+		uint64_t handled_access_fs, handled_access_net, scoped;
+	} attr = { 0, 0, 1 /* LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET */ };
+	long abi = syscall(SYS_landlock_create_ruleset, NULL, 0, 1 /* _VERSION */);
+	if (abi < 6)
+		return "no Landlock scopes (ABI < 6)";
+	long fd = syscall(SYS_landlock_create_ruleset, &attr, sizeof(attr), 0);
+	if (fd < 0)
+		return strerror(errno);
+	long rc = syscall(SYS_landlock_restrict_self, (int)fd, 0);
+	int saved = errno;
+	close((int)fd);
+	return rc < 0 ? strerror(saved) : NULL;
+}
+
+/* Records the sandbox's own mounts, starts the thread and, for this thread only (so not
+ * the guard's), the filter that sends every connect() and every send with an address to
+ * it. Called after drop_caps and before the deny list, which takes pidfd_getfd and
+ * process_vm_readv from the commands. Returns why it cannot, or NULL: main() then dies
+ * with that reason, before any command runs (commands never run unguarded; the host's
+ * `doctor` says beforehand whether the guard can start here). */
+static const char *guard_start(void)
+{
+	char *save = NULL;
+	for (char *m = strtok_r(guard_spec, ":", &save); m; m = strtok_r(NULL, ":", &save)) {
+		if (nguard_mnts == AK_MAX_GUARD_MOUNTS)
+			return "too many mounts";
+		if (mount_id(AT_FDCWD, m, AT_SYMLINK_NOFOLLOW, &guard_mnts[nguard_mnts]) == 0)
+			nguard_mnts++;
+	}
+#ifndef AK_AUDIT_ARCH
+	return "no seccomp filter for this architecture";
+#else
+	/* io_uring's IORING_OP_CONNECT is no syscall of its own: with io_uring, connect()
+	 * would pass by the guard (permissive's deny list leaves io_uring open). A datagram
+	 * sent with an address reaches a host socket as a connect() would: sendto() with one
+	 * (send() is sendto() without), and sendmsg()/sendmmsg() (whose address a filter
+	 * cannot see) are the guard's too. */
+	struct ak_sock_filter prog[] = {
+		{ 0x20, 0, 0, 4 },                     /* 0: ld arch */
+		{ 0x15, 0, 12, AK_AUDIT_ARCH },        /* 1: else allow (the deny list judges) */
+		{ 0x20, 0, 0, 0 },                     /* 2: ld nr */
+		{ 0x15, 12, 0, SYS_connect },          /* 3 */
+		{ 0x15, 11, 0, SYS_sendmsg },          /* 4 */
+		{ 0x15, 10, 0, SYS_sendmmsg },         /* 5 */
+		{ 0x15, 8, 0, SYS_io_uring_setup },    /* 6 */
+		{ 0x15, 7, 0, SYS_io_uring_enter },    /* 7 */
+		{ 0x15, 6, 0, SYS_io_uring_register }, /* 8 */
+		{ 0x15, 0, 4, SYS_sendto },            /* 9: else allow */
+		{ 0x20, 0, 0, 48 },                    /* 10: ld args[4] (its address), low half */
+		{ 0x15, 0, 4, 0 },                     /* 11: non-zero: notify */
+		{ 0x20, 0, 0, 52 },                    /* 12: high half */
+		{ 0x15, 0, 2, 0 },                     /* 13: non-zero: notify */
+		{ 0x06, 0, 0, AK_RET_ALLOW },          /* 14 */
+		{ 0x06, 0, 0, AK_RET_ERRNO | EPERM },  /* 15 */
+		{ 0x06, 0, 0, AK_RET_USER_NOTIF },     /* 16 */
+	};
+	struct ak_sock_fprog fp = { (unsigned short)(sizeof(prog) / sizeof(prog[0])), prog };
+	/* The probe a denied pidfd_getfd would fail (a runtime's own seccomp profile). */
+	int self = (int)syscall(SYS_pidfd_open, getpid(), 0);
+	int probe = self < 0 ? -1 : (int)syscall(SYS_pidfd_getfd, self, 0, 0);
+	int perr = errno;
+	if (self >= 0)
+		close(self);
+	if (probe < 0)
+		return perr == ENOSYS ? "no pidfd_getfd" : strerror(perr);
+	close(probe);
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		return strerror(errno);
+	/* Our commands share our uid: dumpable, we were theirs to trace and to write through
+	 * /proc/1/mem (measured: permissive leaves ptrace open), and the guard with us. Not
+	 * dumpable, that takes a CAP_SYS_PTRACE they lack. (Their exec makes them dumpable
+	 * again, as the guard needs: pidfd_getfd and process_vm_readv check that.) */
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+		return strerror(errno);
+	guard_abstract = guard_scope_abstract();
+	/* The workers' signal: blocked everywhere but in them (one sent to us by the
+	 * commands then interrupts a worker's call at worst: the sandbox's own) */
+	struct sigaction sa = { .sa_handler = guard_interrupted };
+	sigset_t gs;
+	sigemptyset(&gs);
+	sigaddset(&gs, AK_GUARD_SIG);
+	if (sigaction(AK_GUARD_SIG, &sa, NULL) < 0 || sigprocmask(SIG_BLOCK, &gs, NULL) < 0)
+		return strerror(errno);
+	/* The thread first: one made after the filter would have it, and notify itself. */
+	if (pipe2(guard_pipe, O_CLOEXEC) < 0)
+		return strerror(errno);
+	pthread_t t;
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay the main loop's */
+	int rc = pthread_create(&t, NULL, guard_main, NULL);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (rc != 0)
+		return strerror(rc);
+	/* Once we hold a connect(), only a fatal signal may end its wait (5.19): one that
+	 * restarted it after ours connected would read EISCONN. */
+	long fd = syscall(SYS_seccomp, AK_SECCOMP_SET_MODE_FILTER,
+			  AK_FILTER_FLAG_NEW_LISTENER | AK_FILTER_FLAG_WAIT_KILLABLE_RECV, &fp);
+	if (fd < 0 && errno == EINVAL)
+		fd = syscall(SYS_seccomp, AK_SECCOMP_SET_MODE_FILTER, AK_FILTER_FLAG_NEW_LISTENER, &fp);
+	int saved = errno, lfd = (int)fd;
+	if (fd >= 0 && lfd <= 2) {
+		lfd = fcntl((int)fd, F_DUPFD_CLOEXEC, 3);
+		close((int)fd);
+	} else if (fd >= 0) {
+		fcntl(lfd, F_SETFD, FD_CLOEXEC);
+	}
+	if (write(guard_pipe[1], &lfd, sizeof(lfd)) != (ssize_t)sizeof(lfd))
+		die("unix-socket guard: %s", strerror(errno)); /* the filter is on: no way back */
+	close(guard_pipe[1]);
+	return fd < 0 ? strerror(saved) : NULL;
+#endif
+}
+
 static int unix_socket(const char *path, struct sockaddr_un *sa)
 {
 	if (strlen(path) >= sizeof(sa->sun_path))
@@ -2215,10 +3022,10 @@ static void vm_net(const char *spec)
 static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
-	    "  [--hold FD] [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
+	    "  [--hold FD] [--give FD] [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
 	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps [--user UID:GID:HOME [--user-ns]]]\n"
-	    "  [--lock-listen-dir]\n"
-	    "  [--pids-max N] [--seccomp FILE]\n"
+	    "  [--lock-listen-dir] [--peers-outside]\n"
+	    "  [--pids-max N] [--pty-max N] [--seccomp FILE] [--guard-unix MOUNT[:MOUNT..]]\n"
 	    "  [--insmod FILE[,FILE..]].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
 	    "  [--net lo|ADDR/PREFIX,GW] [--hostname NAME] [--poweroff] [--vsock-listen PORT]\n"
 	    "  [--fd N | --listen PATH | --connect PATH | --vport NAME [--reconnect]]");
@@ -2229,6 +3036,7 @@ int main(int argc, char **argv)
 	int m_proc = 0, m_sys = 0, m_dev = 0, m_tmp = 0, caps = 0, nov = 0, nmask = 0, nbind = 0;
 	int chfd = -1;
 	const char *seccomp = NULL, *pids_max = NULL, *listen_path = NULL, *connect_path = NULL, *vport = NULL;
+	const char *pty_max = NULL;
 	char **overlays = calloc((size_t)argc, sizeof(char *));
 	char **masks = calloc((size_t)argc, sizeof(char *));
 	char **binds = calloc((size_t)argc, sizeof(char *));
@@ -2253,6 +3061,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--mount-basics")) m_proc = m_sys = m_dev = m_tmp = 1, takes = 0;
 		else if (!strcmp(a, "--drop-caps")) caps = 1, takes = 0;
 		else if (!strcmp(a, "--lock-listen-dir")) lock_listen_dir = 1, takes = 0;
+		else if (!strcmp(a, "--peers-outside")) peers_outside = 1, takes = 0;
 		else if (!strcmp(a, "--cover-proc")) proc_cover = 1, takes = 0;
 		else if (!strcmp(a, "--user-ns")) user_ns_only = 1, takes = 0;
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
@@ -2268,6 +3077,15 @@ int main(int argc, char **argv)
 			if (!val || *end || v < 3 || v > INT_MAX || fcntl((int)v, F_SETFD, FD_CLOEXEC) < 0)
 				die("--hold wants an open file descriptor above 2");
 		}
+		else if (!strcmp(a, "--give")) {
+			/* A descriptor for one command's stdin and stdout (EXEC with GIVEN_STDIO). */
+			char *end;
+			long v = strtol(val, &end, 10);
+			if (*end || v < 3 || v > INT_MAX || given_fd >= 0 ||
+			    fcntl((int)v, F_SETFD, FD_CLOEXEC) < 0)
+				die("--give wants one open file descriptor above 2");
+			given_fd = (int)v;
+		}
 		else if (!strcmp(a, "--overlay")) overlays[nov++] = argv[i + 1];
 		else if (!strcmp(a, "--mask")) masks[nmask++] = argv[i + 1];
 		else if (!strcmp(a, "--bind")) binds[nbind++] = argv[i + 1];
@@ -2280,6 +3098,8 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--hostname")) hostname = val;
 		else if (!strcmp(a, "--vsock-listen")) vsock_port = val;
 		else if (!strcmp(a, "--seccomp")) seccomp = val;
+		else if (!strcmp(a, "--pty-max")) pty_max = val;
+		else if (!strcmp(a, "--guard-unix")) guard_spec = argv[i + 1];
 		else if (!strcmp(a, "--user")) run_as = val;
 		else if (!strcmp(a, "--pids-max")) pids_max = val;
 		else if (!strcmp(a, "--listen")) listen_path = val;
@@ -2346,6 +3166,8 @@ int main(int argc, char **argv)
 		do_pids_max(pids_max);
 	if (proc_cover)
 		cover_proc();
+	if (pty_max)
+		limit_ptys(pty_max);
 
 	/* The channel: every fd the agent keeps is close-on-exec and lives above 2. */
 	struct sockaddr_un sa;
@@ -2425,6 +3247,11 @@ int main(int argc, char **argv)
 
 	if (caps)
 		drop_caps();
+	if (guard_spec) { /* after drop_caps (its user namespace), before the deny list */
+		const char *why = guard_start();
+		if (why)
+			die("--guard-unix: %s", why);
+	}
 	if (seccomp)
 		install_seccomp(seccomp);
 	if (rfd >= 0 && !host_away)

@@ -5,7 +5,7 @@
  * small static binary through vfork/exec, and it does the same steps in the same order.
  *
  *   ak-enter [--cgroup PROCS_FILE]... [--userns FD] -- PROGRAM [ARG]...
- *   ak-enter --new-userns
+ *   ak-enter --new-userns [--owner UID:GID]
  *
  * Each --cgroup writes "0" (this process) to a cgroup.procs file, as the caller (host
  * root); --userns then enters that user namespace (the fd is closed before exec) as its
@@ -15,6 +15,7 @@
  * --new-userns makes a new user namespace for the caller to map and keep (idmap.new_userns):
  * it writes "u" on stdout once it is in it, then waits until stdin closes. One exec of
  * this binary and a read, instead of `unshare --user -- cat` and polling for the switch.
+ * With --owner it first becomes that host user (see become_owner).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,6 +26,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static void die(const char *what) {
@@ -56,10 +59,68 @@ static int parse_fd(const char *text) {
     return (int)v;
 }
 
-static int hold_new_userns(void) {
+/* Every descriptor above stderr closed: the daemon starts --new-userns by posix_spawn,
+ * which has no close_fds, and nothing of its (another sandbox's channel or namespace)
+ * may be held in the new namespace, however briefly. */
+static void close_inherited(void) {
+    if (syscall(SYS_close_range, 3U, ~0U, 0U) == 0)
+        return;
+    long max = sysconf(_SC_OPEN_MAX);
+    for (long fd = 3; fd < (max > 0 ? max : 1024); fd++)
+        close((int)fd);
+}
+
+/* capset(2) without libcap (musl has no <sys/capability.h>): version 3, two words. */
+#define AK_CAP_VERSION_3 0x20080522
+#define AK_CAP_SYS_ADMIN 21
+struct ak_cap_header { unsigned int version; int pid; };
+struct ak_cap_data { unsigned int effective, permitted, inheritable; };
+
+static void set_caps(unsigned int word0, const char *what) {
+    struct ak_cap_header hdr = { AK_CAP_VERSION_3, 0 };
+    struct ak_cap_data data[2] = { { word0, word0, 0 }, { 0, 0, 0 } };
+    if (syscall(SYS_capset, &hdr, data) != 0)
+        die(what);
+}
+
+/* --owner UID:GID: made as that host user, who then owns the namespace. The kernel
+ * charges what the sandbox holds (inotify instances and watches, queued signals, message
+ * queues) to its namespace and to each owner up the chain: owned by root, a sandbox used
+ * up host root's own share (128 inotify instances for every root process on the host).
+ * CAP_SYS_ADMIN alone is kept across the switch, for the unshare: a host that lets only
+ * privileged processes make user namespaces (Ubuntu's AppArmor restriction,
+ * unprivileged_userns_clone=0) would refuse that user; hold_new_userns drops it after. */
+static void become_owner(const char *ids) {
+    char *end = NULL;
+    errno = 0;
+    unsigned long uid = strtoul(ids, &end, 10);
+    if (errno || end == ids || *end != ':' || uid == 0 || uid >= 0xFFFFFFFFUL)
+        usage("--owner needs UID:GID, neither 0");
+    const char *g = end + 1;
+    unsigned long gid = strtoul(g, &end, 10);
+    if (errno || end == g || *end || gid == 0 || gid >= 0xFFFFFFFFUL)
+        usage("--owner needs UID:GID, neither 0");
+    if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0)
+        die("keepcaps");
+    if (setgroups(0, NULL) != 0)
+        die("setgroups");
+    if (setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) != 0)
+        die("setresgid");
+    if (setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) != 0)
+        die("setresuid");
+    if (prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0)
+        die("keepcaps");
+    set_caps(1U << AK_CAP_SYS_ADMIN, "capset(CAP_SYS_ADMIN)");
+}
+
+static int hold_new_userns(const char *owner) {
     char buf[64];
+    close_inherited();
+    if (owner)
+        become_owner(owner);
     if (unshare(CLONE_NEWUSER) != 0)
         die("unshare(user)");
+    set_caps(0, "capset(none)");  /* (the new namespace's, and nothing of the host's) */
     if (write(STDOUT_FILENO, "u", 1) != 1)
         die("write");
     while (read(STDIN_FILENO, buf, sizeof buf) > 0) {
@@ -70,7 +131,9 @@ static int hold_new_userns(void) {
 int main(int argc, char **argv) {
     int userns = -1;
     if (argc == 2 && strcmp(argv[1], "--new-userns") == 0)
-        return hold_new_userns();
+        return hold_new_userns(NULL);
+    if (argc == 4 && strcmp(argv[1], "--new-userns") == 0 && strcmp(argv[2], "--owner") == 0)
+        return hold_new_userns(argv[3]);
     int i = 1;
     for (; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0) {

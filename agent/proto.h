@@ -36,7 +36,7 @@ enum {
 
 enum {
 	G_ARGV = 1, G_ENV = 2, G_CWD = 3, G_UID = 4, G_GID = 5, G_TIMEOUT_MS = 6, G_STDIN = 7,
-	G_PTY = 8, G_RLIMIT = 9, G_UMASK = 10,
+	G_PTY = 8, G_RLIMIT = 9, G_UMASK = 10, G_GIVEN_STDIO = 11,
 	G_PATH = 20, G_OFFSET = 21, G_LENGTH = 22, G_MODE = 23, G_APPEND = 24, G_MKDIRS = 25,
 	G_SIZE = 26, G_FOLLOW = 27, G_PARENTS = 28, G_RECURSIVE = 29,
 	G_VERSION = 40, G_PID = 41, G_AGENT_NAME = 42, G_AGENT_UID = 43,
@@ -120,7 +120,7 @@ struct exec_req {
 	char *cwd;       /* NULL = inherit */
 	char *arena;     /* owns every string above */
 	uint32_t argc, envc;
-	int has_uid, has_gid, want_stdin, has_pty, has_umask;
+	int has_uid, has_gid, want_stdin, has_pty, has_umask, given_stdio;
 	uint32_t uid, gid, timeout_ms, umask;
 	uint16_t rows, cols;
 	uint32_t nrlimits;
@@ -171,8 +171,9 @@ static inline int parse_exec(const uint8_t *pl, size_t n, struct exec_req *r, ch
 				return PERR("exec: tag %u must be u32", tag);
 			break;
 		case G_STDIN:
+		case G_GIVEN_STDIO:
 			if (len != 1)
-				return PERR("exec: STDIN must be u8");
+				return PERR("exec: tag %u must be u8", tag);
 			break;
 		case G_PTY:
 			if (len != 4)
@@ -224,6 +225,7 @@ static inline int parse_exec(const uint8_t *pl, size_t n, struct exec_req *r, ch
 		case G_TIMEOUT_MS: r->timeout_ms = rd32(v); break;
 		case G_UMASK: r->has_umask = 1; r->umask = rd32(v) & 0777; break;
 		case G_STDIN: r->want_stdin = v[0] == 1; break;
+		case G_GIVEN_STDIO: r->given_stdio = v[0] == 1; break;
 		case G_PTY: r->has_pty = 1; r->rows = rd16(v); r->cols = rd16(v + 2); break;
 		case G_RLIMIT: {
 			struct rlim_req *q = &r->rlimits[r->nrlimits++];

@@ -45,7 +45,7 @@ pool_max = 2
 adhoc_min = 1
 pools = [{image = "host", profile = "moderate", backend = "namespaces"}]
 """
-WARM_WAIT = 0.3  # seconds before each sandboxed sample: the pool refills its agent sandbox
+WARM_WAIT = 0.3  # seconds before each sample: the pool refills its agent sandbox
 
 
 def first_output(argv: list[str], env: dict[str, str], cwd: Path,
@@ -307,6 +307,10 @@ def version_runs(n: int, env: dict[str, str], cwd: Path, tmp: Path,
         first_output(argv, env, cwd)
     box_log = tmp / "box.err"
     for _ in range(n):
+        # Each sample after the same pause, from the same quiet state: the pool refilled
+        # and the last run's sandbox torn down (a sample taken while the daemon refills
+        # after the one before shares the CPU with that start, whichever side it is).
+        time.sleep(WARM_WAIT)
         f, t = first_output(host, env, cwd)
         got["host_first"].append(f)
         got["host_total"].append(t)
@@ -315,6 +319,7 @@ def version_runs(n: int, env: dict[str, str], cwd: Path, tmp: Path,
             f, t = first_output(box, env, cwd, err.fileno())
         got["box_first"].append(f)
         got["box_total"].append(t)
+        time.sleep(WARM_WAIT)
         got["kept_first"].append(first_output(kept, env, cwd)[0])
         if native:
             time.sleep(WARM_WAIT)

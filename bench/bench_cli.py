@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import TABLE_HEAD, pct, stamp, stamp_lines, summary, timed
+from common import TABLE_HEAD, pct, stamp, stamp_lines, summary, timed, timed_run
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
@@ -41,22 +41,6 @@ def our_imports(env: dict[str, str], cwd: Path) -> list[str]:
     names = (line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
              if line.startswith("import time:"))
     return sorted(n for n in names if n == "agentkernel" or n.startswith("agentkernel."))
-
-
-def timed_cpu(argv: list[str], *, cwd: Path, env: dict[str, str],
-              pause: float) -> tuple[float, float]:
-    """Wall ms of one run of `argv`, and the CPU ms (user+sys) of its process tree."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = (time.perf_counter() - t) * 1000
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{argv[:4]} failed with {proc.returncode}")
-    if pause:
-        time.sleep(pause)
-    return wall, (usage.ru_utime + usage.ru_stime) * 1000
 
 
 def main() -> int:
@@ -93,14 +77,16 @@ def main() -> int:
             timed(other_run, 3, cwd=cwd, env=other_env, pause=1.0)
         py_run = [str(AK_PY), *run[1:]]
         for _ in range(args.n):
-            w, c = timed_cpu([str(VENV_PY), "-c", "pass"], cwd=cwd, env=env, pause=0)
+            w, c = timed_run([str(VENV_PY), "-c", "pass"], cwd=cwd, env=env)
             bare.append(w)
             cpu["bare"].append(c)
-            w, c = timed_cpu(run, cwd=cwd, env=env, pause=args.pause)
+            w, c = timed_run(run, cwd=cwd, env=env)
+            time.sleep(args.pause)
             warm.append(w)
             cpu["native" if native else "python"].append(c)
             if native:
-                w, c = timed_cpu(py_run, cwd=cwd, env=env, pause=args.pause)
+                w, c = timed_run(py_run, cwd=cwd, env=env)
+                time.sleep(args.pause)
                 py_wall.append(w)
                 cpu["python"].append(c)
             if args.against:

@@ -31,25 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import SOCKET_RUN_CLIENT, pct, stamp
+from common import SOCKET_RUN_CLIENT, pct, stamp, timed_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = {"docker": "/usr/bin/docker", "podman": "/usr/bin/podman"}
 PACE = 0.5  # seconds before each warm run: the pool has refilled (a container start)
-
-
-def run_timed(argv: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[float, float]:
-    """Wall ms and CPU ms (user+sys of the process and its reaped children) of one run."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = (time.perf_counter() - t) * 1000
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read() if proc.stderr is not None else b""
-    if proc.returncode != 0:
-        raise SystemExit(f"{argv[:4]} failed: {err.decode(errors='replace')[-300:]}")
-    return wall, (usage.ru_utime + usage.ru_stime) * 1000
 
 
 class Tree:
@@ -106,13 +92,13 @@ def engine_cases(engine: str, args: argparse.Namespace, trees: list[Tree], proj:
     own_case = cases.setdefault(f"{engine} run --rm", {"wall": [], "cpu": []})
     for tree in trees:
         for _ in range(2):  # images imported, caches warm, the podman service up
-            run_timed([tree.ak, *ours], cwd=proj, env=tree.env)
+            timed_run([tree.ak, *ours], cwd=proj, env=tree.env)
     for _ in range(args.n):
         for argv, env, case in [(own, base_env, own_case)] + [
                 ([t.ak, *ours], t.env, cases.setdefault(f"{t.tag} cold", {"wall": [],
                                                                           "cpu": []}))
                 for t in trees]:
-            wall, cpu = run_timed(argv, cwd=proj, env=env)
+            wall, cpu = timed_run(argv, cwd=proj, env=env)
             case["wall"].append(wall)
             case["cpu"].append(cpu)
             time.sleep(0.2)
@@ -128,14 +114,14 @@ def engine_cases(engine: str, args: argparse.Namespace, trees: list[Tree], proj:
             clients.append(SocketClient(tree, req, proj))
         for tree, client in zip(trees, clients, strict=True):
             for _ in range(3):  # each key's first runs; then their pools fill
-                run_timed([tree.ak, *ours], cwd=proj, env=tree.env)
+                timed_run([tree.ak, *ours], cwd=proj, env=tree.env)
                 client.samples(1, PACE)
         time.sleep(1.0)
         for _ in range(args.n):
             for tree, client in zip(trees, clients, strict=True):
                 time.sleep(PACE)
                 cases.setdefault(f"{tree.tag} warm, CLI", {"wall": []})["wall"].append(
-                    run_timed([tree.ak, *ours], cwd=proj, env=tree.env)[0])
+                    timed_run([tree.ak, *ours], cwd=proj, env=tree.env)[0])
                 cases.setdefault(f"{tree.tag} warm, daemon socket", {"wall": []})["wall"] += \
                     client.samples(1, PACE)
     finally:

@@ -260,7 +260,10 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         back_to_back(port, 3, body, 0.5)  # a first request, then let the pool fill
         time.sleep(1.0)
         before = pool_counts(ak, env)
+        b2b_cpu = tree_cpu(serve.pid)
         cases[f"{tag}: {args.n} back-to-back POST /run"] = back_to_back(port, args.n, body, 0.0)
+        time.sleep(1.0)  # the refills and teardowns those runs left: theirs too
+        b2b_cpu = (tree_cpu(serve.pid) - b2b_cpu) * 1000 / args.n
         after = pool_counts(ak, env)
         time.sleep(1.0)
         cases[f"{tag}: POST /run, {args.pause:g}s pause between"] = back_to_back(
@@ -269,12 +272,14 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         concs: list[dict[str, Any]] = []
         for clients in client_counts(args.clients):
             before_c = pool_counts(ak, env)
-            cpu_before = tree_cpu(serve.pid)
+            cpu_before, own_before = tree_cpu(serve.pid), own_cpu(serve.pid)
             conc = concurrent(port, clients, args.duration, body)
-            cpu_after = tree_cpu(serve.pid)
+            conc["load"] = Path("/proc/loadavg").read_text().split()[0]  # others' work too
+            cpu_after, own_after = tree_cpu(serve.pid), own_cpu(serve.pid)
             after_c = pool_counts(ak, env)
             conc["misses"] = delta(after_c, before_c)
             conc["cpu_ms"] = (cpu_after - cpu_before) * 1000 / max(1, conc["ok"])
+            conc["own_ms"] = (own_after - own_before) * 1000 / max(1, conc["ok"])
             cases[f"{tag}: {clients} concurrent clients, per run"] = conc.pop("samples")
             concs.append(conc)
             time.sleep(1.0)
@@ -292,7 +297,8 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
             serve.kill()
         log = (tmp / "serve.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"cases": cases, "concs": concs, "log": log, "misses": delta(after, before)}
+    return {"cases": cases, "concs": concs, "log": log, "misses": delta(after, before),
+            "b2b_cpu": b2b_cpu}
 
 
 def _proc_cpu(pid: int) -> tuple[float, list[int]]:
@@ -303,6 +309,16 @@ def _proc_cpu(pid: int) -> tuple[float, list[int]]:
     except OSError:
         return 0.0, []
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK"), [int(k) for k in kids]
+
+
+def own_cpu(pid: int) -> float:
+    """CPU seconds of the serving process itself (every thread of the daemon's Python,
+    live or ended), without its children's."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu(pid: int) -> float:
@@ -381,12 +397,15 @@ def main() -> int:
     for tag, run in runs.items():
         cli = pct(run["cases"][f"{tag}: warm `agentkernel run -- true` (CLI)"], 0.5)
         md.append(f"- {tag}: back-to-back requests that found the pool empty: "
-                  f"{run['misses']}/{args.n}")
+                  f"{run['misses']}/{args.n}; {run['b2b_cpu']:.1f} ms CPU per run (the "
+                  "server's whole tree, with the refill and teardown each run causes)")
         for conc in run["concs"]:
             md.append(f"- {tag}: {conc['clients']} concurrent clients, {args.duration:g}s: "
                       f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "
                       f"{conc['failed']} failed, {conc['misses']} started cold, "
-                      f"{conc['cpu_ms']:.1f} ms CPU per run (the server's whole tree)")
+                      f"{conc['cpu_ms']:.1f} ms CPU per run (the server's whole tree: the "
+                      f"daemon's own process {conc['own_ms']:.1f} ms, the processes under it "
+                      f"{conc['cpu_ms'] - conc['own_ms']:.1f} ms), load {conc['load']}")
             if conc["errors"]:
                 md.append(f"- {tag}: errors: {'; '.join(conc['errors'])}")
         md.append(f"- {tag}: warm CLI run / venv python: {cli / base:.2f}x (goal <= 2x)")

@@ -22,7 +22,7 @@ With `--baseline-tree DIR` (another checkout with its own .venv, e.g. /work/main
 daemon cases run (warm, and cold with a new module), over both trees' daemons in turns,
 with CPU per warm run: before and after in one run.
 
-Usage: .venv/bin/python bench/bench_wasm.py [-n 30] [--baseline-tree /work/main]
+Usage: .venv/bin/python bench/bench_wasm.py [-n 30] [--baseline-tree /work/main [--paced-only]]
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def new_projects(n: int, top: Path, module: str) -> list[float]:
 
 
 def tree_cpu_ms(root: int) -> float:
-    """CPU time (user + system) of `root` and every process under it, in ms."""
+    """CPU time (user + system) of `root` and every process under it, in ms, with that of
+    the processes they reaped (a compiler child's, once it ended)."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -124,7 +125,7 @@ def tree_cpu_ms(root: int) -> float:
         except OSError:
             continue
         parents[int(entry)] = int(fields[1])
-        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        ticks[int(entry)] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
     total = 0
     for pid, tick in ticks.items():
         p = pid
@@ -172,6 +173,16 @@ class Daemon:
         self.paced: list[float] = []
         self.new: list[float] = []  # cold: a module never seen, compiled and run
         self.cpu: list[float] = []  # ms per run, per block
+        self.new_cpu: list[float] = []  # ms per new module (see `versus`)
+        self._snap: float | None = None
+
+    def new_cpu_mark(self, start: bool) -> None:
+        """CPU of a new module's run, from its start (`start`) to the next mark, PACE or
+        more later: its compile and run, and the next compiler child made ready."""
+        now = tree_cpu_ms(self.pid)
+        if self._snap is not None:
+            self.new_cpu.append(now - self._snap)
+        self._snap = now if start else None
 
     def block(self, n: int) -> None:
         before = tree_cpu_ms(self.pid)
@@ -183,9 +194,10 @@ class Daemon:
                        env=self.env, check=False, capture_output=True)
 
 
-def versus(baseline: Path, n: int, top: Path) -> list[str]:
+def versus(baseline: Path, n: int, top: Path, paced_only: bool = False) -> list[str]:
     """Warm runs over two trees' daemons in turns (back-to-back blocks of 25, paced runs
-    one by one): the same load meets both. Rows for each, with CPU per run."""
+    one by one, each followed by a new module's): the same load meets both. Rows for each,
+    with CPU per run. `paced_only`: the paced warm runs alone, each tree first in turn."""
     daemons = [Daemon(baseline, top, "baseline"), Daemon(ROOT, top, "this")]
     try:
         for d in daemons:
@@ -193,35 +205,54 @@ def versus(baseline: Path, n: int, top: Path) -> list[str]:
                 time.sleep(1.0)
                 socket_run(d.req, d.sock)
         time.sleep(2.0)
-        for _ in range(max(3, n // 25)):
+        for _ in range(0 if paced_only else max(3, n // 25)):
             for d in daemons:
                 d.block(25)
         from wasm_modules import HELLO
 
         for i in range(n):
-            for d in daemons:
+            for d in daemons if i % 2 == 0 else daemons[::-1]:
                 time.sleep(PACE)
+                if not paced_only:
+                    d.new_cpu_mark(start=False)
                 d.paced.append(socket_run(d.req, d.sock))
+                if paced_only:
+                    continue
                 time.sleep(PACE)
                 proj = Path(str(d.req["cwd"]))
-                d.new.append(socket_run({"argv": [new_module(proj, HELLO, i)],
-                                         "cwd": str(proj)}, d.sock))
+                name = new_module(proj, HELLO, i)
+                d.new_cpu_mark(start=True)
+                d.new.append(socket_run({"argv": [name], "cwd": str(proj)}, d.sock))
+        if not paced_only:
+            time.sleep(PACE)
+            for d in daemons:
+                d.new_cpu_mark(start=False)
     finally:
         for d in daemons:
             d.stop()
-    base = {what: pct(getattr(daemons[0], what), 0.5) for what in ("b2b", "paced", "new")}
+    base = {what: pct(getattr(daemons[0], what) or [0.0], 0.5)
+            for what in ("b2b", "paced", "new")}
     rows = []
     labels = (("b2b", "**warm** over the daemon socket, back to back (blocks of 25)"),
               ("paced", f"**warm** over the daemon socket, paced ({PACE} s apart)"),
               ("new", "**cold, new module** over the daemon socket (compile + run, worker "
                       "ready), paced"))
     for what, label in labels:
+        if paced_only and what != "paced":
+            continue
         for d in daemons:
             rows.append(summary(f"{d.tag} `{tree_commit(d.tree)}`: {label}",
                                 getattr(d, what), base[what]))
+    if paced_only:
+        return rows
     cpu = [f"- {d.tag}: CPU per warm run back to back (daemon + its sandboxes, clock ticks "
            f"over {25 * len(d.cpu)} runs): {sum(d.cpu) / len(d.cpu):.2f} ms; per block of 25 "
            f"{min(d.cpu):.2f} to {max(d.cpu):.2f} ms" for d in daemons]
+    cpu += [f"- {d.tag}: CPU per new module (daemon + its sandboxes + its compiler "
+            f"processes, from the run's start to {PACE} s after it: the compile, the run, "
+            f"the next compiler child made ready; clock ticks): p50 "
+            f"{pct(d.new_cpu, 0.5):.1f} ms, mean {sum(d.new_cpu) / len(d.new_cpu):.1f} ms "
+            f"over {len(d.new_cpu)}" for d in daemons if d.new_cpu]
     return [*rows, "", *cpu]
 
 
@@ -244,10 +275,13 @@ def main() -> int:
     ap.add_argument("--baseline-tree", type=Path, default=None,
                     help="another checkout with its own .venv (e.g. /work/main): only the daemon "
                          "cases, both trees' daemons asked in turns")
+    ap.add_argument("--paced-only", action="store_true",
+                    help="with --baseline-tree: the paced warm runs only (more of them in "
+                         "the same time)")
     args = ap.parse_args()
     n = args.n
     if args.baseline_tree is not None:
-        return main_versus(args.baseline_tree, n)
+        return main_versus(args.baseline_tree, n, args.paced_only)
     import wasmtime
 
     from wasm_modules import HELLO
@@ -342,11 +376,11 @@ def main() -> int:
     return 0
 
 
-def main_versus(baseline: Path, n: int) -> int:
+def main_versus(baseline: Path, n: int, paced_only: bool = False) -> int:
     st = stamp()
     top = Path(tempfile.mkdtemp(prefix="ak-bench-wasm-"))
     try:
-        rows = versus(baseline, n, top)
+        rows = versus(baseline, n, top, paced_only)
     finally:
         shutil.rmtree(top, ignore_errors=True)
     st["load after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -47,6 +47,25 @@ def timed(argv: list[str], n: int, *, cwd: Path, env: dict[str, str] | None = No
     return samples
 
 
+def timed_run(argv: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Wall ms of one run of `argv`, and the CPU ms (user+sys) of its reaped process tree;
+    SystemExit with the tail of its stderr if it failed."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = (time.perf_counter() - t) * 1000
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(max(0, err.seek(0, os.SEEK_END) - 300))
+            raise SystemExit(f"{argv[:4]} failed with {proc.returncode}: "
+                             f"{err.read().decode(errors='replace')}")
+    return wall, (usage.ru_utime + usage.ru_stime) * 1000
+
+
 def _first_line(argv: list[str]) -> str:
     if shutil.which(argv[0]) is None:
         return "absent"

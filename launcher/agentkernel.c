@@ -8,7 +8,7 @@
  * value Python would reject -- it hands the unchanged argv and environment to the Python
  * CLI before it has sent any request that could run something, so a command never runs
  * twice or half. The Python CLI is `agentkernel-py` beside this binary, or
- * `$AGENTKERNEL_PYTHON -m agentkernel` when that variable names an interpreter.
+ * `$AGENTKERNEL_PYTHON -P -m agentkernel` when that variable names an interpreter.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -65,13 +65,16 @@ static _Noreturn void fallback(void)
 	sigaction(SIGINT, &g_old_int, NULL);
 	const char *py = getenv("AGENTKERNEL_PYTHON");
 	if (py && *py) {
-		char **argv = calloc((size_t)g_argc + 3, sizeof(char *));
+		/* -P: `-m` would put the current directory (a project someone else wrote) first
+		 * on sys.path, and its agentkernel/ would run as us, outside any sandbox. */
+		char **argv = calloc((size_t)g_argc + 4, sizeof(char *));
 		if (argv) {
 			argv[0] = (char *)py;
-			argv[1] = "-m";
-			argv[2] = "agentkernel";
+			argv[1] = "-P";
+			argv[2] = "-m";
+			argv[3] = "agentkernel";
 			for (int i = 1; i < g_argc; i++)
-				argv[i + 2] = g_argv[i];
+				argv[i + 3] = g_argv[i];
 			execvp(py, argv);
 		}
 		put_err("agentkernel: cannot start $AGENTKERNEL_PYTHON: ");
@@ -881,7 +884,8 @@ static int dial(const char *path)
 	}
 	struct ucred cred;
 	socklen_t len = sizeof(cred);
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || cred.uid != geteuid()) {
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || len != sizeof(cred) ||
+	    cred.uid != geteuid()) {
 		close(fd);
 		return -1;
 	}
@@ -1100,6 +1104,59 @@ struct started_ctx {
 	int raw; /* and our terminal made raw meanwhile */
 };
 
+/* run.py _say_plan: `-v` of a run through the daemon, the lines an in-process run prints. */
+static void say_plan(const struct akj *j, int info)
+{
+	int pooled = py_truthy(j, akj_get(j, info, "pooled"));
+	say_value(pooled ? "via daemon (warm pool): sandbox "
+			 : "via daemon (cold start, the pool was empty): sandbox ",
+		  j, akj_get(j, info, "sandbox"));
+	struct buf b = {.max = 8u << 20};
+	int bad = g_bad;
+	g_bad = 0;
+#define VAL(key) py_str(&b, j, akj_get(j, info, key))
+	puts_(&b, "agentkernel: backend ");
+	VAL("backend");
+	puts_(&b, ": ");
+	VAL("isolation");
+	puts_(&b, "\n");
+	if (!g_bad)
+		(void)write_out(2, b.p, b.len);
+	b.len = 0;
+	say_each("", j, akj_get(j, info, "skipped"));
+	puts_(&b, "agentkernel: image ");
+	VAL("image");
+	puts_(&b, " (");
+	VAL("image_reason");
+	puts_(&b, "); rootfs: ");
+	VAL("rootfs");
+	puts_(&b, "\nagentkernel: profile ");
+	VAL("profile");
+	puts_(&b, ": network=");
+	VAL("network");
+	puts_(&b, " workspace=");
+	VAL("workspace");
+	static const char *const lim[] = {"memory_mb", "pids", "cpus"};
+	static const char *const pre[] = {" memory=", " pids=", " cpus="};
+	for (int i = 0; i < 3; i++) {
+		int t = akj_get(j, info, lim[i]);
+		puts_(&b, pre[i]);
+		if (py_truthy(j, t)) {
+			py_str(&b, j, t);
+			if (i == 0)
+				puts_(&b, "MiB");
+		} else {
+			puts_(&b, "unlimited");
+		}
+	}
+	puts_(&b, "\n");
+#undef VAL
+	if (!g_bad)
+		(void)write_out(2, b.p, b.len);
+	g_bad = bad;
+	free(b.p);
+}
+
 static void on_started(const struct started_ctx *ctx, const struct akj *j, int info)
 {
 	const struct opts *o = ctx->o;
@@ -1110,10 +1167,7 @@ static void on_started(const struct started_ctx *ctx, const struct akj *j, int i
 			say_each("warning: ", j, akj_get(j, info, "warnings"));
 		if (!o->verbose)
 			return;
-		int pooled = py_truthy(j, akj_get(j, info, "pooled"));
-		say_value(pooled ? "via daemon (warm pool): sandbox "
-				 : "via daemon (cold start, the pool was empty): sandbox ",
-			  j, akj_get(j, info, "sandbox"));
+		say_plan(j, info); /* which backend and isolation, as in-process -v says */
 		/* agents/request.py user_line */
 		int user = akj_get(j, info, "user");
 		if (user >= 0 && j->toks[user].type == AKJ_ARR && j->toks[user].size == 3) {
@@ -1142,55 +1196,8 @@ static void on_started(const struct started_ctx *ctx, const struct akj *j, int i
 	if (o->quiet)
 		return;
 	say_each("warning: ", j, akj_get(j, info, "warnings"));
-	if (o->verbose) {
-		int pooled = py_truthy(j, akj_get(j, info, "pooled"));
-		say_value(pooled ? "via daemon (warm pool): sandbox "
-				 : "via daemon (cold start, the pool was empty): sandbox ",
-			  j, akj_get(j, info, "sandbox"));
-		struct buf b = {.max = 8u << 20};
-		int bad = g_bad;
-		g_bad = 0;
-#define VAL(key) py_str(&b, j, akj_get(j, info, key))
-		puts_(&b, "agentkernel: backend ");
-		VAL("backend");
-		puts_(&b, ": ");
-		VAL("isolation");
-		puts_(&b, "\n");
-		if (!g_bad)
-			(void)write_out(2, b.p, b.len);
-		b.len = 0;
-		say_each("", j, akj_get(j, info, "skipped"));
-		puts_(&b, "agentkernel: image ");
-		VAL("image");
-		puts_(&b, " (");
-		VAL("image_reason");
-		puts_(&b, "); rootfs: ");
-		VAL("rootfs");
-		puts_(&b, "\nagentkernel: profile ");
-		VAL("profile");
-		puts_(&b, ": network=");
-		VAL("network");
-		puts_(&b, " workspace=");
-		VAL("workspace");
-		static const char *const lim[] = {"memory_mb", "pids", "cpus"};
-		static const char *const pre[] = {" memory=", " pids=", " cpus="};
-		for (int i = 0; i < 3; i++) {
-			int t = akj_get(j, info, lim[i]);
-			puts_(&b, pre[i]);
-			if (py_truthy(j, t))
-				py_str(&b, j, t);
-			else
-				puts_(&b, "unlimited");
-			if (i == 0)
-				puts_(&b, "MiB");
-		}
-		puts_(&b, "\n");
-#undef VAL
-		if (!g_bad)
-			(void)write_out(2, b.p, b.len);
-		g_bad = bad;
-		free(b.p);
-	}
+	if (o->verbose)
+		say_plan(j, info);
 	say_each("note: ", j, akj_get(j, info, "notes"));
 }
 
@@ -1203,7 +1210,7 @@ static _Noreturn void finish(const struct started_ctx *ctx, const struct akj *j,
 	if (result >= 0 && j->toks[result].type != AKJ_OBJ)
 		result = -1;
 	int message = akj_get(j, result, "message");
-	if (ctx->kind == K_AGENT && !o->quiet)
+	if (ctx->kind != K_EXEC && !o->quiet) /* a one-shot run's refusals (run.py) */
 		say_each("egress: ", j, akj_get(j, result, "egress"));
 	if (py_truthy(j, message) && !(ctx->kind != K_EXEC && o->quiet))
 		say_value("", j, message);
@@ -1441,11 +1448,11 @@ static int prepare(const struct opts *o, struct common *cm, int need_caller)
 	struct stat st;
 	if (stat(cm->socket, &st) < 0)
 		return -1; /* no daemon: Python runs it in-process (and may start one) */
+	if (data_dir(cm->data_dir, sizeof(cm->data_dir)) < 0 || !utf8_ok(cm->data_dir))
+		return -1; /* every request says it: a daemon of another data dir refuses */
 	if (!need_caller)
 		return 0;
 	if (!getcwd(cm->cwd, sizeof(cm->cwd)) || !utf8_ok(cm->cwd))
-		return -1;
-	if (data_dir(cm->data_dir, sizeof(cm->data_dir)) < 0 || !utf8_ok(cm->data_dir))
 		return -1;
 	if (user_config(cm->user_config, sizeof(cm->user_config)) < 0 ||
 	    !utf8_ok(cm->user_config))
@@ -1568,7 +1575,9 @@ static _Noreturn void do_run(const struct opts *o, char **cmd, int ncmd)
 	puts_(&b, stdin_open ? "true" : "false");
 	put_key(&b, &first, "data_dir");
 	put_str(&b, cm.data_dir);
-	puts_(&b, "}}\n");
+	puts_(&b, "},\"data_dir\":");
+	put_str(&b, cm.data_dir);
+	puts_(&b, "}\n");
 	struct started_ctx ctx = {K_RUN, o, 0, 0};
 	send_and_stream(cm.socket, &b, stdin_open, &ctx);
 }
@@ -1628,7 +1637,9 @@ static void missing_key_check(const struct opts *o, const struct common *cm)
 	struct buf ask = {.max = AK_MAX_LINE};
 	puts_(&ask, "{\"op\":\"agent_keys\",\"args\":{\"agent\":");
 	put_str(&ask, o->agent);
-	puts_(&ask, "}}\n");
+	puts_(&ask, "},\"data_dir\":");
+	put_str(&ask, cm->data_dir);
+	puts_(&ask, "}\n");
 	struct akj j;
 	if (g_bad || send_all(c.fd, ask.p, ask.len) < 0 || recv_obj(&c, &j) != 0)
 		fallback();
@@ -1730,7 +1741,9 @@ static _Noreturn void do_agent(const struct opts *o, char **cmd, int ncmd)
 	put_key(&b, &first, "stdin_open");
 	puts_(&b, stdin_open ? "true" : "false");
 	put_tty(&b, &first, tty);
-	puts_(&b, "}}\n");
+	puts_(&b, "},\"data_dir\":");
+	put_str(&b, cm.data_dir);
+	puts_(&b, "}\n");
 	struct started_ctx ctx = {K_AGENT, o, tty, tty};
 	send_and_stream(cm.socket, &b, stdin_open, &ctx);
 }
@@ -1798,7 +1811,9 @@ static _Noreturn void do_exec(const struct opts *o, const char *name, char **cmd
 	put_key(&b, &first, "stdin_open");
 	puts_(&b, o->interactive ? "true" : "false");
 	put_tty(&b, &first, o->tty);
-	puts_(&b, "}}\n");
+	puts_(&b, "},\"data_dir\":"); /* ipc/client.py _send_request: another's daemon refuses */
+	put_str(&b, cm.data_dir);
+	puts_(&b, "}\n");
 	struct started_ctx ctx = {K_EXEC, o, o->tty, o->tty && isatty(0)};
 	send_and_stream(cm.socket, &b, o->interactive, &ctx);
 }

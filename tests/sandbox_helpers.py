@@ -148,9 +148,10 @@ def ak_as_user(uid: int, home: Path, *args: str, cwd: Path, timeout: float = 120
            "AGENTKERNEL_RUNTIME_DIR": str(home / "run"), "AGENTKERNEL_DAEMON_AUTOSTART": "0",
            **(env or {})}
     argv = ["unshare", "--mount", "--propagation", "private", "--",
-            SYSTEM_PYTHON, "-c", _TUN_SHIM, str(tundir),
+            SYSTEM_PYTHON, "-P", "-c", _TUN_SHIM, str(tundir),
             "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
-            "timeout", str(int(timeout)), SYSTEM_PYTHON, "-m", "agentkernel", *args]
+            # -P: as the installed command, nothing imported from the (project) cwd
+            "timeout", str(int(timeout)), SYSTEM_PYTHON, "-P", "-m", "agentkernel", *args]
     return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

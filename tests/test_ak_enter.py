@@ -98,3 +98,65 @@ def test_new_userns_holds_a_namespace_until_stdin_closes() -> None:
         proc.kill()
         proc.wait()
 
+
+
+def test_new_userns_holds_nothing_it_inherited(tmp_path: Path) -> None:
+    """The daemon starts --new-userns with posix_spawn, which closes nothing: a descriptor
+    left inheritable by mistake (here a file and a pipe made so on purpose) must not be
+    held in the new namespace. Once it says "u", it has only stdin, stdout and stderr."""
+    secret = os.open(tmp_path / "other-sandbox", os.O_RDWR | os.O_CREAT, 0o600)
+    pipe_r, pipe_w = os.pipe()
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    for fd in (secret, pipe_r, pipe_w):
+        os.set_inheritable(fd, True)
+    pid = os.posix_spawn(_enter(), [_enter(), "--new-userns"], {}, file_actions=[
+        (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1)])
+    try:
+        os.close(in_r)
+        os.close(out_w)
+        assert os.read(out_r, 1) == b"u"
+        assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2]
+        os.close(in_w)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        pid = -1
+    finally:
+        if pid > 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        for fd in (secret, pipe_r, pipe_w, out_r):
+            os.close(fd)
+
+
+def test_daemon_userns_holder_is_mapped_and_gone() -> None:
+    """idmap.new_userns (the holder spawned without subprocess): the namespace it keeps
+    maps the range asked for, and no holder process is left behind."""
+    from agentkernel import idmap
+
+    if os.geteuid() != 0:
+        pytest.skip("writing a new namespace's maps for another range needs root")
+    rng = idmap.HostRange(uid=2_000_000_000, gid=2_000_000_000, size=65536)
+    before = _children()
+    fd = idmap.new_userns(rng)
+    try:
+        pid = os.fork()
+        if pid == 0:  # a child that joins it reads the maps from inside
+            try:
+                import ctypes
+
+                if ctypes.CDLL(None, use_errno=True).setns(fd, 0x10000000) != 0:
+                    os._exit(3)  # CLONE_NEWUSER refused
+                with open("/proc/self/uid_map") as f:
+                    ok = f.read().split() == ["0", "2000000000", "65536"]
+                os._exit(0 if ok else 1)
+            finally:
+                os._exit(2)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        os.close(fd)
+    assert _children() == before
+
+
+def _children() -> set[int]:
+    return {int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+            .read_text().split()}

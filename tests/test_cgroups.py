@@ -153,3 +153,53 @@ def test_rlimit_floor() -> None:
         f"for r, s, h in {cgroups.rlimit_floor(Limits(pids=64))!r}: resource.setrlimit(r, (s, h))\n"
     )
     subprocess.run([sys.executable, "-S", "-c", code], check=True, timeout=30)
+
+
+def test_unlimited_cpu_gets_no_group_but_memory_and_pids_stay(make: list[Cgroup]) -> None:
+    """No cpu limit (permissive): no group in a v1 hierarchy that holds only cpu (a mkdir,
+    writes and an rmdir per sandbox saved); memory and pids groups are made even without
+    a limit, since they measure the sandbox and list its processes for kill_all."""
+    support = _support()
+    cg = _create(make, Limits(), "pids")
+    made = {h.base for h in cg.dirs.values()}
+    for ctrl, h in support.usable.items():
+        only_cpu = h.controllers & {"memory", "pids", "cpu"} == {"cpu"}
+        assert (h.base in made) is not only_cpu, (ctrl, h, cg.dirs)
+    proc = subprocess.Popen(["sleep", "30"], preexec_fn=cg.join_fn())
+    try:
+        listed = {int(p) for d in cg.dirs for p in (d / "cgroup.procs").read_text().split()}
+        assert proc.pid in listed
+    finally:
+        cg.kill_all()
+        proc.wait()
+    limited = _create(make, Limits(cpus=0.5), "cpu")
+    assert "cpu" in limited.enforced()
+
+
+def test_destroy_kills_a_process_left_in_one_group_or_a_sub_group(make: list[Cgroup]) -> None:
+    """destroy removes empty groups without listing them first; a process still in any
+    one of a sandbox's groups (the others already empty and removed), or only in a
+    sub-group, is killed and every group goes."""
+    support = _support()
+    cg = Cgroup.create(f"test-{uuid.uuid4().hex[:12]}", Limits(64 * MiB, 50, 1.0), support)
+    assert cg is not None
+    make.append(cg)
+    dirs = list(cg.dirs)
+    last = dirs[-1]
+    sub = last / "inner"
+    sub.mkdir()
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        (sub / "cgroup.procs").write_text(str(proc.pid))
+        cg.destroy()
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not any(d.exists() for d in dirs)
+    empty = Cgroup.create(f"test-{uuid.uuid4().hex[:12]}", Limits(64 * MiB, 50, 1.0), support)
+    assert empty is not None
+    make.append(empty)
+    empty.destroy()
+    assert not any(d.exists() for d in empty.dirs)

@@ -83,3 +83,22 @@ def test_keep_then_list_and_remove(tmp_path: Path) -> None:
     assert ak("remove", "../../etc").returncode == 2  # validated before any path is built
     # --keep started the daemon that owns kept sandboxes; later tests run without it.
     assert ak("daemon", "stop").returncode == 0
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`agentkernel config --json | head -c 10`: the pipe closes under a long answer; the
+    CLI ends quietly (141, as a shell tool killed by SIGPIPE), with no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "agentkernel", "config", "--json"],
+                              cwd=tmp_path, stdout=write, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=60, check=False)
+    finally:
+        os.close(write)
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode()
+    assert proc.returncode == 141, proc.stderr.decode()

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -723,6 +724,128 @@ def test_rootless_podman_copy_on_write_project(
     assert not (proj / "made.txt").exists()
 
 
+_NOT_THE_ENGINE = """
+import sys
+from pathlib import Path
+from agentkernel.backends.container_upper import _in_ns, engine_ns_pid, mount_upper
+from agentkernel.errors import SandboxError
+pid = int(sys.argv[1])
+assert engine_ns_pid([pid]) is None, "a sandbox's process taken for the engine"
+for attempt in (lambda: mount_upper(Path(sys.argv[2]), 1, pid),
+                lambda: _in_ns(pid, ["true"], "probe")):
+    try:
+        attempt()
+    except SandboxError as exc:
+        assert "not the container engine" in str(exc), exc
+    else:
+        raise AssertionError("ran in a sandbox's namespaces")
+print("refused")
+"""
+
+
+def test_rootless_engine_namespace_is_never_a_sandboxs(
+        podman_user: tuple[int, dict[str, str], Path]) -> None:
+    """Review, round 6: the engine's pid comes from pid files and the API socket's peer; a
+    stale one, its pid reused, may name a namespaces sandbox's process of the same user.
+    nsenter --target into it ran `mount` resolved in the sandbox's mount namespace (its
+    own binary) as the user, outside its confinement. Such a process is refused: not the
+    host's root, not an engine binary; nothing is run or mounted there."""
+    from sandbox_helpers import SYSTEM_PYTHON
+
+    uid, env, base = podman_user
+    tag = str(60000 + int.from_bytes(os.urandom(2), "big") % 5000)
+    box = ak_user(podman_user, "run", "-q", "-B", "namespaces", "-p", "moderate", "--",
+                  "sleep", tag, background=True)
+    try:
+        pid = 0
+        deadline = time.monotonic() + 60
+        while not pid:
+            assert box.poll() is None, box.communicate(timeout=10)
+            assert time.monotonic() < deadline, "the sandbox's sleep never showed"
+            for d in os.listdir("/proc"):
+                with contextlib.suppress(OSError):
+                    if d.isdigit() and os.stat(f"/proc/{d}").st_uid == uid and \
+                            Path(f"/proc/{d}/cmdline").read_bytes() == f"sleep\0{tag}\0".encode():
+                        pid = int(d)
+            time.sleep(0.1)
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        target = base / "xdg" / f"upper-{tag}"
+        r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups",
+                            "--", SYSTEM_PYTHON, "-c", _NOT_THE_ENGINE, str(pid), str(target)],
+                           env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert (r.returncode, r.stdout) == (0, "refused\n"), r.stderr
+        assert str(target) not in Path(f"/proc/{pid}/mountinfo").read_text()
+    finally:
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        box.kill()
+        box.communicate(timeout=30)
+
+
+def test_rootless_podman_workspace_writes_stop_at_the_cap(
+        podman_user: tuple[int, dict[str, str], Path]) -> None:
+    """moderate, as an ordinary user: the copy-on-write project's upper is a tmpfs of the
+    cap in Podman's own namespace (container_upper), not a host dir of unbounded size;
+    writes past it fail, and nothing of ours stays mounted there afterwards."""
+    _uid, env, base = podman_user
+    r = ak_user(podman_user, "run", "-B", "podman", "-i", env["IMAGE"], "-p", "moderate",
+                "-m", "64m", "--", "sh", "-c",
+                "dd if=/dev/zero of=/workspace/fill bs=1048576 count=100 2>&1; echo ws=$?")
+    assert "ws=" in r.stdout or "out of memory" in r.stderr, (r.stdout, r.stderr)
+    assert "ws=0" not in r.stdout, (r.stdout, r.stderr)
+    assert not (base / "proj" / "fill").exists()
+    pause = (base / "xdg" / "libpod" / "tmp" / "pause.pid").read_text().strip()
+    mounts = Path(f"/proc/{pause}/mountinfo").read_text()
+    assert f"{base}/run/sandboxes/" not in mounts, mounts
+
+
+_MASKS_AS_USER = """
+import io, sys
+from pathlib import Path
+from agentkernel import planner
+from agentkernel.backends import container_engine
+from agentkernel.engine import execute
+from agentkernel.errors import SandboxError
+from agentkernel.rootfs import Mask
+walk = container_engine._host_masks
+extra = [Mask(p, False) for p in sys.argv[1:]]
+container_engine._host_masks = lambda rootfs: (*walk(rootfs), *extra)
+plan = planner.plan(planner.RunRequest(argv=["cat", "/etc/hostname"], cwd=Path.cwd(),
+    image="host", backend="podman", profile="restrictive", workdir="/tmp"),
+    planner.CallerContext.here(), quiet=True)
+try:
+    out = io.BytesIO()
+    sandbox, result = execute(plan, timeout=60, stdout=out, stderr=io.BytesIO())
+    sandbox.destroy()
+    print("ran", result.exit_code, out.getvalue().decode().strip() == "")
+except SandboxError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_rootless_podman_vanished_masks(
+        podman_user: tuple[int, dict[str, str], Path]) -> None:
+    """As an ordinary user: a mask whose host entry is gone is left out (the start does not
+    fail), and the started container is looked at through its init's root for it (here a
+    path the host lacks but the container's /etc shows cannot be made; an entry the host
+    has is masked: tests/test_container_masks_race.py does the races as root)."""
+    from sandbox_helpers import SYSTEM_PYTHON
+
+    uid, env, base = podman_user
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--init-groups", "--",
+            SYSTEM_PYTHON, "-c", _MASKS_AS_USER]
+    gone = f"/etc/ak-gone-{os.urandom(3).hex()}"
+    r = subprocess.run([*argv, gone, "/etc/hostname"], env=env, cwd=base / "proj",
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.stdout.strip() == "ran 0 True", (r.stdout, r.stderr)  # /etc/hostname masked
+    # /.ak/agent: not on the host, there in every container: found by the look (the user
+    # can see into the container), so each container made is refused.
+    r = subprocess.run([*argv, "/.ak/agent"], env=env, cwd=base / "proj",
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.stdout.startswith("refused:") and "came back" in r.stdout, (r.stdout, r.stderr)
+
+
 def test_rootless_podman_limits_hold(podman_user: tuple[int, dict[str, str], Path]) -> None:
     """As an ordinary user (where Podman may not set cgroup limits: cgroup v1): the pids
     cap and the memory limit still hold (the rlimit floor)."""
@@ -766,10 +889,12 @@ def test_sweep_spares_another_data_dirs_containers(engine: str, tmp_path: Path) 
 
 
 def test_a_planted_agent_socket_link_is_not_followed(engine: str, tmp_path: Path) -> None:
-    """A persistent container's root can write its control dir (its agent binds its socket
-    there): it swaps agent.sock for a symlink to a host socket, the lure. A restarted
-    daemon adopting the sandbox, and later commands, never connect to the lure (the
-    daemon would, as root, wherever the link points)."""
+    """A persistent container's control dir is bound into it writable (its agent binds its
+    socket there); once it listens, the dir is no longer the container's: its root tries
+    to swap agent.sock for a symlink to a host socket, the lure, and to fill the dir (on
+    the host's runtime dir, a tmpfs), and cannot. A restarted daemon adopting the
+    sandbox, and later commands, never connect to the lure (the daemon would, as root,
+    wherever the link points: `paths.connect_socket_file` refuses it too)."""
     lure_path = tmp_path / "lure.sock"
     lure = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lure.bind(str(lure_path))
@@ -779,12 +904,21 @@ def test_a_planted_agent_socket_link_is_not_followed(engine: str, tmp_path: Path
     r = ak("create", name, "-B", engine, "-i", IMAGE, "-p", "moderate", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     try:
-        plant = f"rm /.ak/ctl/agent.sock && ln -s {lure_path} /.ak/ctl/agent.sock && echo ok"
-        r = ak("exec", name, "--", "sh", "-c", plant, cwd=tmp_path)
-        assert (r.returncode, r.stdout) == (0, "ok\n"), r.stderr
+        plant = (f"rm -f /.ak/ctl/agent.sock; ln -sf {lure_path} /.ak/ctl/agent.sock; "
+                 "head -c 1048576 /dev/zero > /.ak/ctl/fill; mkdir /.ak/ctl/d; "
+                 "chmod 777 /.ak/ctl; ls -la /.ak/ctl")
+        ak("exec", name, "--", "sh", "-c", plant, cwd=tmp_path)
+        ctl = Path(os.environ["AGENTKERNEL_RUNTIME_DIR"]) / "sandboxes" / name / "ctl"
+        assert sorted(p.name for p in ctl.iterdir()) == ["agent.sock"]
+        assert stat.S_ISSOCK(os.lstat(ctl / "agent.sock").st_mode)
         assert ak("daemon", "stop", cwd=tmp_path).returncode == 0
-        ak("list", cwd=tmp_path)  # a new daemon adopts the sandbox, or gives up on it
-        ak("exec", name, "--", "true", cwd=tmp_path)
+        ak("list", cwd=tmp_path)  # a new daemon adopts the sandbox
+        r = ak("exec", name, "--", "echo", "adopted", cwd=tmp_path)
+        assert (r.returncode, r.stdout) == (0, "adopted\n"), r.stderr
+        assert ak("stop", name, cwd=tmp_path).returncode == 0
+        assert ak("start", name, cwd=tmp_path).returncode == 0  # the agent binds again
+        r = ak("exec", name, "--", "echo", "again", cwd=tmp_path)
+        assert (r.returncode, r.stdout) == (0, "again\n"), r.stderr
         with pytest.raises(BlockingIOError):
             lure.accept()  # nothing ever connected to the lure
     finally:

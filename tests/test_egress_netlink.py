@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,71 @@ def test_no_ipv6_family_where_the_kernel_has_no_ipv6() -> None:
     assert {family for family, *_ in chains} == {nl.NFPROTO_IPV4}
     _data, acks = nl.batch(chains)
     assert acks == 1 + 2 + 3 + 3  # one table, two chains, 3 + 3 rules
+
+
+def _netns_holder() -> subprocess.Popen[bytes]:
+    """A process alone in a fresh network namespace (until killed)."""
+    proc = subprocess.Popen(["unshare", "--net", "--", "sleep", "60"])
+    own = os.stat("/proc/self/ns/net").st_ino
+    for _ in range(2000):
+        try:
+            if os.stat(f"/proc/{proc.pid}/ns/net").st_ino != own:
+                return proc
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("unshare --net did not make a namespace")
+
+
+def _socket_netns(fd: int) -> int:
+    """The inode of the network namespace a socket was made in (SIOCGSKNS)."""
+    import fcntl
+
+    ns = fcntl.ioctl(fd, 0x894C)
+    try:
+        return os.fstat(ns).st_ino
+    finally:
+        os.close(ns)
+
+
+def _wiring_threads() -> list[int]:
+    import threading
+
+    return [t.native_id for t in threading.enumerate()
+            if t.name == "egress-wire" and t.native_id is not None]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fresh network namespaces as root")
+def test_one_wiring_thread_serves_each_namespace_and_always_goes_home() -> None:
+    """The wiring thread is shared by every sandbox: each one's listeners are made in its
+    own namespace, a job that fails (a descriptor that is no namespace) changes nothing
+    for the next, and between jobs the thread is back in this process's namespace (no
+    sandbox's wiring, and nothing else it runs, lands in another sandbox's)."""
+    own = os.stat("/proc/self/ns/net").st_ino
+    holders = [_netns_holder() for _ in range(2)]
+    try:
+        for i, proc in enumerate(holders):
+            if i == 1:
+                with open("/proc/self/stat", "rb") as not_a_namespace, \
+                        pytest.raises(OSError, match="setns"):
+                    nl.wire_in(not_a_namespace.fileno(), "eth0", "akgw0", "10.0.2.100", 24,
+                               "10.0.2.2")
+            ns = os.open(f"/proc/{proc.pid}/ns/net", os.O_RDONLY)
+            try:
+                fds = nl.wire_in(ns, "eth0", "akgw0", "10.0.2.100", 24, "10.0.2.2")
+            finally:
+                os.close(ns)
+            try:
+                target = os.stat(f"/proc/{proc.pid}/ns/net").st_ino
+                assert [_socket_netns(fd) for fd in fds] == [target, target]
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            threads = _wiring_threads()
+            assert len(threads) == 1, threads
+            assert os.stat(f"/proc/self/task/{threads[0]}/ns/net").st_ino == own
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()

@@ -125,6 +125,26 @@ def test_kept_masks_watches_from_the_first_call(tree: Path) -> None:
     assert got == rootfs.private_masks()
 
 
+def test_a_changed_fixed_mask_list_drops_the_old_walk(tree: Path) -> None:
+    """A credential path appearing changes the fixed masks, so the key: the walk kept under
+    the old list (an inotify fd watching every entry) is closed, not kept for good."""
+    from agentkernel.rootfs import Mask
+
+    before = HostRootfs((), (), private_dirs=(str(tree),))
+    after = HostRootfs((), (Mask("/etc/credstore", True),), private_dirs=(str(tree),))
+    def inotify_fds() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+                   for fd in os.listdir("/proc/self/fd") if fd.isdigit()
+                   and os.path.exists(f"/proc/self/fd/{fd}"))
+
+    held = inotify_fds()
+    assert rootfs_watch.kept_masks(before) == ()
+    assert inotify_fds() == held + 1
+    assert rootfs_watch.kept_masks(after) == after.masks
+    assert list(rootfs_watch._cache) == [(after.private_dirs, after.masks)]
+    assert inotify_fds() == held + 1  # the old walk's closed
+
+
 def test_kept_masks_is_none_where_the_walk_cannot_be_watched(
         tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No watch left for this user: None (the caller's own walk, the agent's, serves), and

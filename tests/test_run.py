@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 
 import pytest
 
@@ -117,14 +117,80 @@ def test_terminated_while_starting_leaves_nothing_running(kind: str, delay: floa
     proc = spawn_run(kind, project, "sleep 60")
     time.sleep(delay)
     proc.terminate()
-    try:
-        _out, err = proc.communicate(timeout=40)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _out, err = proc.communicate()
-        pytest.fail(f"a run terminated {delay} s after it began left its sandbox running: "
-                    f"{err[-2000:]!r}")
+    err = _ended(proc, f"a run terminated {delay} s after it began left its sandbox running")
     assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err[-2000:]
+
+
+def _ended(proc: subprocess.Popen[AnyStr], why: str) -> AnyStr:
+    """The stderr of a signalled run once it ended; the test fails with `why` if it has not
+    within 40 s (a sandbox left running keeps its pipes open)."""
+    try:
+        return proc.communicate(timeout=40)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # (with PYTHONFAULTHANDLER=1: where it hangs)
+        try:
+            err = proc.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1]
+        pytest.fail(f"{why}: {err[-6000:]!r}")
+
+
+def _left_behind(runtime: Path) -> list[str]:
+    """The sandboxes' scratch dirs still under a runtime dir (a cleanup cut short)."""
+    sandboxes = runtime / "sandboxes"
+    if not sandboxes.is_dir():
+        return []
+    return sorted(str(p.relative_to(sandboxes)) for p in sandboxes.rglob("*"))[:50]
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5])
+@pytest.mark.parametrize("kind", ["namespaces", "gvisor"])
+def test_a_second_signal_does_not_cut_the_cleanup_short(kind: str, delay: float,
+                                                        project: Path, tmp_path: Path) -> None:
+    """Signals come in pairs (`timeout`, a terminal and systemd signal the run and then its
+    process group): a second SIGTERM while the first one's cleanup runs, or between the
+    command's end and the cleanup, used to end the run there and leave its scratch dir
+    (and runsc state) behind. The run ends by SIGTERM either way, leaving nothing."""
+    from sandbox_helpers import backend_available
+
+    if not backend_available(kind):
+        pytest.skip(f"{kind} is not available here")
+    runtime = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentkernel", "run", "-q", "-B", kind, "-i", "host", "--",
+         "sleep", "60"], cwd=project, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "AGENTKERNEL_RUNTIME_DIR": str(runtime)})
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    err = _ended(proc, "a run signalled twice did not end")
+    assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err[-2000:]
+    assert _left_behind(runtime) == [], err[-2000:]
+
+
+def test_an_ordinary_users_run_under_timeout_leaves_nothing(tmp_path: Path) -> None:
+    """The same as an ordinary user, through coreutils' `timeout` (which passes a SIGTERM
+    on to the run and then to its whole process group): gVisor, moderate (an egress
+    gate on demand), terminated while it starts and while its command runs."""
+    from sandbox_helpers import ak_as_user, backend_available
+
+    if os.geteuid() != 0 or not backend_available("gvisor"):
+        pytest.skip("needs root (to become an ordinary user) and gVisor")
+    owner = 4242
+    for delay in (0.4, 2.0):
+        home = tmp_path / f"home-{delay}"
+        (home / "project").mkdir(parents=True)
+        for path in (tmp_path, home, home / "project"):
+            os.chown(path, owner, owner)
+            path.chmod(0o755)
+        proc = ak_as_user(owner, home, "run", "-q", "-B", "gvisor", "-p", "moderate", "-i",
+                          "host", "--", "sleep", "60", cwd=home / "project")
+        time.sleep(delay)
+        proc.terminate()
+        err = _ended(proc, f"terminated after {delay} s, the run did not end")
+        assert _left_behind(home / "run") == [], (delay, err[-2000:])
 
 
 def test_stdin_is_forwarded(backend: str, project: Path) -> None:
@@ -138,6 +204,35 @@ def test_stdin_is_forwarded(backend: str, project: Path) -> None:
         input=b"piped input\n",
     )
     assert r.stdout == "PIPED INPUT\n"
+
+
+def test_exit_code_passes_through_while_stdin_stays_open(backend: str, project: Path) -> None:
+    """`producer | agentkernel run -- cmd` where cmd ends first: the stdin pump, blocked in
+    a buffered read, held its lock, and the interpreter's shutdown aborted (134) in place of
+    the command's code, every time."""
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "run", "-q", "-B", backend,
+                             "-i", "host", "--", "sh", "-c", "exit 7"], cwd=project,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        proc.wait(timeout=60)  # stdin still open: nobody closed our end
+        assert proc.stderr is not None
+        assert proc.returncode == 7, (proc.returncode, proc.stderr.read()[-2000:])
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_command_gets_no_descriptor_but_its_stdio(backend: str, project: Path) -> None:
+    """The sandbox's init held descriptors of its start (bwrap's --sync-fd lifeline: a
+    command could end its own egress); a command gets 0, 1 and 2 (3: the listing's own)."""
+    r = on_host(backend, "-p", "moderate", "--", "python3", "-c",
+                "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))",
+                cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[0, 1, 2, 3]", r.stdout
 
 
 def test_env_workdir_and_json(backend: str, project: Path) -> None:

@@ -250,5 +250,17 @@ def test_an_ordinary_users_runsc_is_out_of_reach(profile: str) -> None:
                            "state")
     finally:
         proc.terminate()
-        proc.communicate(timeout=60)
-        shutil.rmtree(home, ignore_errors=True)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # What still runs as the user, and where each task waits: to tell a stuck
+            # cleanup from a leftover holding the pipes.
+            left = subprocess.run(["ps", "-u", str(owner), "-L", "-o",
+                                   "pid,lwp,stat,wchan:24,args"],
+                                  capture_output=True, text=True).stdout
+            subprocess.run(["pkill", "-KILL", "-u", str(owner)], check=False)
+            proc.kill()
+            proc.communicate(timeout=30)
+            pytest.fail(f"the run did not end after SIGTERM; the user's tasks:\n{left}")
+        finally:
+            shutil.rmtree(home, ignore_errors=True)

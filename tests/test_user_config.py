@@ -236,6 +236,16 @@ LOOSENING = [
     ("", '[resources]\nmemory = "unlimited"\n', "resources.memory"),
     ("", '[resources]\npids = "unlimited"\n', "resources.pids"),
     ("", '[resources]\ndisk = "unlimited"\n', "resources.disk"),
+    # A number above the cap the user's settings give raises it as surely (their own key,
+    # its other spelling, else their profile's: moderate 512 MiB, 512 pids, 1 CPU).
+    ("", "[resources]\npids = 1000000000\n", "resources.pids"),
+    ("", "[security]\npids = 100000\n", "security.pids"),
+    ("", '[resources]\nmemory = "64g"\n', "resources.memory"),
+    ("", "[security]\nmemory_mb = 65536\n", "security.memory_mb"),
+    ("", "[security]\ncpus = 64\n", "security.cpus"),
+    ("[resources]\npids = 300\n", "[resources]\npids = 301\n", "resources.pids"),
+    ("[security]\npids = 300\n", "[resources]\npids = 400\n", "resources.pids"),
+    ('[resources]\ndisk = "1g"\n', '[resources]\ndisk = "2g"\n', "resources.disk"),
     ('[sandbox]\nbackend = "gvisor"\n', '[sandbox]\nbackend = "namespaces"\n', "sandbox.backend"),
     ('[sandbox]\nbackend = "gvisor"\n', '[sandbox]\nbackend = "auto"\n', "sandbox.backend"),
     ('[images]\noffline_fallback = "none"\n', '[images]\noffline_fallback = "host"\n',
@@ -273,7 +283,11 @@ TIGHTENING = [
     ("", "[security]\nnetwork = false\n", "security.network"),
     ("", "[security]\nnetwork = true\n", "security.network"),  # moderate has network already
     ("", "[security]\nread_only = true\n", "security.read_only"),
-    ("", '[resources]\nmemory = "2g"\n', "resources.memory"),  # a number, not "unlimited"
+    ("", '[resources]\nmemory = "256m"\n', "resources.memory"),  # under moderate's 512 MiB
+    ('[resources]\nmemory = "4g"\n', '[resources]\nmemory = "2g"\n', "resources.memory"),
+    ("", "[security]\npids = 100\n", "security.pids"),
+    ("", "[security]\ncpus = 0.5\n", "security.cpus"),
+    ('[security]\nprofile = "permissive"\n', "[resources]\npids = 2048\n", "resources.pids"),
     ("", '[sandbox]\nbackend = "namespaces"\n', "sandbox.backend"),  # the user chose none
     ('[sandbox]\nbackend = "gvisor"\n', '[sandbox]\nbackend = "microvm"\n', "sandbox.backend"),
     ('[security]\nprofile = "permissive"\n', '[security]\nprofile = "moderate"\n',

@@ -301,3 +301,26 @@ def test_as_nobody() -> None:
         assert cache.stat().st_uid == NOBODY and cache.stat().st_mode & 0o777 == 0o700
     finally:
         subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def test_worker_finds_start_by_name_alone() -> None:
+    """The worker's lookup of `_start` (by its name, without wrapping every export) finds
+    the function, and nothing where a module has none or exports `_start` as another
+    kind of thing."""
+    import wasmtime
+
+    from agentkernel.backends.wasm_worker import _start_of
+    from wasm_modules import HELLO
+
+    engine = wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    for text, found in ((HELLO, True), ('(module (memory (export "_start") 1))', False),
+                        ('(module (func (export "main")))', False)):
+        store = wasmtime.Store(engine)
+        store.set_wasi(wasmtime.WasiConfig())
+        instance = linker.instantiate(store, wasmtime.Module(engine, text))
+        instance.exports = None  # type: ignore[assignment,method-assign]  # not used
+        start = _start_of(instance, store)
+        assert isinstance(start, wasmtime.Func) is found
+        store.close()

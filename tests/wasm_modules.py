@@ -169,3 +169,26 @@ def write_modules(directory: Path) -> dict[str, Path]:
     paths["hello_bin"] = directory / "hello.wasm"
     paths["hello_bin"].write_bytes(bytes(wasmtime.wat2wasm(HELLO)))
     return paths
+
+
+def _leb(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def big_function(size: int) -> bytes:
+    """A WASI command (binary) whose one function is `size` bytes of straight-line code:
+    valid, tiny to run, costly to compile (here ~130 MB and ~1 s of CPU per MiB)."""
+    step = bytes([0x20, 0, 0x41, 1, 0x6A, 0x21, 0])  # local0 = local0 + 1
+    body = bytes([1, 1, 0x7F]) + step * (size // len(step)) + bytes([0x0B])
+
+    def section(ident: int, content: bytes) -> bytes:
+        return bytes([ident]) + _leb(len(content)) + content
+
+    return (b"\0asm\x01\0\0\0" + section(1, b"\x01\x60\x00\x00") + section(3, b"\x01\x00")
+            + section(7, b"\x01\x06_start\x00\x00")
+            + section(10, b"\x01" + _leb(len(body)) + body))

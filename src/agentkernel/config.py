@@ -19,6 +19,7 @@ from .detect import DEFAULT_IMAGE, validate_image_ref
 from .errors import ConfigError, UsageError
 from .names import sanitize_sandbox_name, validate_sandbox_name, validate_sandbox_path
 from .paths import user_config_path_str
+from .profiles import DEFAULT_DISK_MB
 
 CONFIG_FILENAME = "agentkernel.toml"
 _MAX_CONFIG_BYTES = 1024 * 1024
@@ -509,6 +510,9 @@ class Config(_Section):
     # are kept apart in `_project_secrets`: they ask, and may narrow, never widen).
     secrets: dict[str, SecretSection] = Field(default_factory=dict)
     _project_secrets: dict[str, SecretSection] = PrivateAttr(default_factory=dict)
+    # The project file that chose [sandbox] backend where your settings name none (None:
+    # yours did, or no project did): the planner holds it to at least `auto`'s pick.
+    _project_backend: str | None = PrivateAttr(default=None)
 
     @field_validator("secrets")
     @classmethod
@@ -520,6 +524,12 @@ class Config(_Section):
         for name in v:
             _usage_to_value(validate_sandbox_name, name)  # a stored secret's name rules
         return v
+
+    @property
+    def project_backend(self) -> str | None:
+        """The project file whose `[sandbox] backend` applies with none of yours to bound
+        it (the planner refuses it if weaker than what `auto` picks), else None."""
+        return self._project_backend
 
     @property
     def project_secrets(self) -> dict[str, SecretSection]:
@@ -987,10 +997,14 @@ def _loosens(key: str, value: Any, base: dict[str, Any], user_set: set[str]) -> 
         "security.mount_cwd": (value is True and p.workspace != "rw",
                                f"the project directory is {p.workspace!r}, not read-write "
                                "(a writable .git can run code on the host)"),
-        "resources.memory": (value in (0, "unlimited", "max"), "it lifts a limit"),
-        "resources.pids": (value in (0, "unlimited", "max"), "it lifts a limit"),
-        "resources.disk": (value in (0, "unlimited", "max"), "it lifts a limit"),
+        "resources.memory": (_lifts(key, value), "it lifts a limit"),
+        "resources.pids": (_lifts(key, value), "it lifts a limit"),
+        "resources.disk": (_lifts(key, value), "it lifts a limit"),
     }
+    if key in _CAPS and not checks.get(key, (False, ""))[0]:
+        cap = _raises_cap(key, value, base, p)
+        if cap is not None:
+            return f"it raises a cap above yours ({cap})"
     hit, why = checks.get(key, (False, ""))
     if hit:
         return f"{why} by your settings" if key.startswith("security.") else why
@@ -1004,6 +1018,68 @@ def _loosens(key: str, value: Any, base: dict[str, Any], user_set: set[str]) -> 
             _get(base, "images.offline_fallback") == "none":
         return 'your offline_fallback is "none"'
     return None
+
+
+# A project's numeric caps may tighten the user's (their own key, else the other spelling
+# of the same cap, else their profile's), never raise them: a cloned repository's
+# `pids = 1000000000` lifts a fork-bomb cap as surely as "unlimited" would.
+_CAPS: dict[str, tuple[str, ...]] = {
+    "resources.memory": ("resources.memory", "security.memory_mb"),
+    "security.memory_mb": ("security.memory_mb", "resources.memory"),
+    "resources.pids": ("resources.pids", "security.pids"),
+    "security.pids": ("security.pids", "resources.pids"),
+    "security.cpus": ("security.cpus",),
+    "resources.disk": ("resources.disk",),
+}
+
+
+def _cap_value(key: str, value: Any) -> float | None:
+    """A cap's value as a number (MiB, a count, CPUs); 0 for unlimited; None if unreadable."""
+    from .profiles import parse_memory_limit, parse_pids
+
+    try:
+        if key == "security.cpus":
+            return float(value)
+        if key == "security.memory_mb" and isinstance(value, int | float):
+            return float(value)
+        return float(_limit(parse_pids if key.endswith("pids") else parse_memory_limit,
+                            value) or 0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _raises_cap(key: str, value: Any, base: dict[str, Any], p: Any) -> str | None:
+    """The user's cap (shown) that a project's `value` for `key` would raise, or None."""
+    asked = _cap_value(key, value)
+    if asked is None or asked == 0:
+        return None  # unreadable (validation said so) or "unlimited" (_lifts)
+    mine: float | None = None
+    for spelling in _CAPS[key]:
+        theirs = _get(base, spelling)
+        if theirs is not None:
+            mine = _cap_value(spelling, theirs)
+            break
+    if mine is None:
+        # The disk quota has no profile field: its default is the cap (without it, a
+        # project's `disk = "40g"` raised the 10 GiB every kept sandbox gets).
+        mine = {"memory": p.memory_mb, "pids": p.pids, "cpus": p.cpus,
+                "disk": DEFAULT_DISK_MB}.get(key.rsplit(".", 1)[1].removesuffix("_mb"))
+    if not mine or asked <= mine:
+        return None  # no cap of theirs to raise, or within it
+    unit = " MiB" if "memory" in key or "disk" in key else (" CPUs" if "cpus" in key else "")
+    return f"{mine:g}{unit}"
+
+
+def _lifts(key: str, value: Any) -> bool:
+    """Whether a limit's value means "unlimited" as its parser reads it: spellings such as
+    "Unlimited", " max" or "MAX" lift the cap as surely as "unlimited" does."""
+    from .profiles import UNLIMITED, parse_memory_limit, parse_pids
+
+    try:
+        return _limit(parse_pids if key == "resources.pids" else parse_memory_limit,
+                      value) == UNLIMITED
+    except ValueError:  # the file failed validation already; nothing to drop here
+        return False
 
 
 def _loosens_allow(value: Any, user_set: set[str]) -> str | None:
@@ -1117,6 +1193,7 @@ def _layered(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Pa
             layer(_read_layer(user_file, "user", warnings, env.get("HOME", "")),
                   Origin("user", str(user_file)))
             files.append(("user", user_file))
+    users_backend = _get(merged, "sandbox.backend")  # (a named one bounds a project's)
     if config_path is not None:
         if not Path(config_path).is_file():
             raise ConfigError(f"config file {config_path} does not exist")
@@ -1149,6 +1226,10 @@ def _layered(cwd: Path, env: Mapping[str, str], user_file: Path, config_path: Pa
         if value is not None:
             layer(_nest(key, value), Origin("flag", flag))
     config = _validate_merged(merged, origins)
+    backend_origin = origins.get("sandbox.backend")
+    if backend_origin is not None and backend_origin.kind == "project" and \
+            config.sandbox.backend != "auto" and users_backend in (None, "auto"):
+        config._project_backend = backend_origin.source
     if config_path is None and asked:  # validated with the project file already
         config._project_secrets = {n: SecretSection.model_validate(v) for n, v in asked.items()}
     if config.sandbox.name is None and files and files[-1][0] != "user":

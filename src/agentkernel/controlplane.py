@@ -3,6 +3,7 @@
 A sandbox shows host dirs inside it (the project dir at /workspace, the home dir at
 /home/user). When one of those contains agentkernel's own runtime dir (the daemon's
 sockets, other sandboxes' agent sockets) or data dir (state, logs, other sandboxes' files),
+or the host's /run (every other daemon's sockets: docker.sock, containerd, podman),
 `connect()` on a socket in there would work even through a read-only mount. So each such
 dir is masked at its in-sandbox path (an empty read-only tmpfs, by the agent), and a host
 dir that lies *inside* one of them is refused outright.
@@ -82,6 +83,15 @@ def _find_control_dirs() -> dict[str, str]:
     xdg_data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
                                                                ".local/share")
     add(os.path.join(xdg_data, "agentkernel"), "data dir")
+    # Not only ours: /run is where the host's daemons listen (docker.sock, containerd,
+    # podman, systemd, users' runtime dirs). A project that contains it (run from /) showed
+    # their sockets bound, not copied, under restrictive and permissive, and a root-started
+    # sandbox's root owns root's files on that id-mapped mount: docker.sock answered it.
+    add("/run", "the host's runtime dir (its daemons' sockets)", in_use=True)
+    for var in ("DOCKER_HOST", "CONTAINER_HOST"):  # an engine's socket elsewhere
+        host = os.environ.get(var, "")
+        if host.startswith("unix://") and os.path.exists(host.removeprefix("unix://")):
+            add(host.removeprefix("unix://"), f"engine socket (${var})", in_use=True)
     return found
 
 

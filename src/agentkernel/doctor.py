@@ -84,6 +84,9 @@ def gather() -> tuple[list[Check], list[Check], tuple[str, list[str]]]:
                        "fence off the host and private networks" if fence is None else
                        f"slirp4netns at {slirp}, fenced with {fence}")))
     host.append(_egress_gate_check(fence))
+    host.append(unix_guard_check())
+    if os.geteuid() == 0:
+        host.append(owned_userns_check())
     for binary in ("ak-agent", "ak-seccomp", "ak-enter"):
         from .paths import native_binary
 
@@ -95,6 +98,51 @@ def gather() -> tuple[list[Check], list[Check], tuple[str, list[str]]]:
 
     host.extend(Check(name, ok, detail) for name, ok, detail in doctor_lines())
     return backends, host, auto_choice()
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 without Landlock (its syscalls are 444.. on
+    every architecture)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return max(int(abi), 0)
+
+
+def owned_userns_check() -> Check:
+    """Whether a root-started sandbox's user namespace can be made as the range's own
+    root (idmap.new_userns), so that what the sandbox holds is charged to it alone."""
+    from .idmap import owned_userns_problem
+
+    problem = owned_userns_problem()
+    if problem is None:
+        return Check("sandbox user namespaces", True, "made as each sandbox's own root")
+    return Check("sandbox user namespaces", False,
+                 f"cannot be made as a sandbox's own root ({problem}): host root makes "
+                 "them, and what sandboxes hold (inotify instances, queued signals) counts "
+                 "against host root's own share")
+
+
+def unix_guard_check() -> Check:
+    """Whether the agent's unix-socket guard (`--guard-unix`) can run here (Linux 5.8:
+    pidfd_getfd, statx's mount id) and whether Landlock scopes abstract sockets (ABI 6)."""
+    try:
+        version = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
+    except ValueError:
+        version = (0, 0)
+    if version < (5, 8):
+        return Check("unix-socket guard", False,
+                     f"Linux {platform.release()} is older than 5.8: namespaces, docker and "
+                     "podman sandboxes cannot start (the agent refuses to run unguarded)")
+    abi = landlock_abi()
+    abstract = (f"abstract sockets scoped by Landlock (ABI {abi})" if abi >= 6 else
+                f"abstract sockets NOT scoped (Landlock ABI {abi} < 6): permissive with "
+                "network shares the host's")
+    return Check("unix-socket guard", True,
+                 "namespaces, docker, podman: no connect() or datagram to a host server's "
+                 f"unix socket in a bound dir (seccomp notification, mount check); {abstract}"
+                 "; gvisor and microvm reach no host socket")
 
 
 def _egress_gate_check(fence: str | None) -> Check:

@@ -33,6 +33,7 @@ return None and the caller does it the old way.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -145,9 +146,9 @@ class _Server:
         code = (f"import sys; sys.path[:0] = {paths!r}; "
                 f"from agentkernel.egress_forkserver import serve; "
                 f"serve({theirs.fileno()}{extra})")
-        try:
+        try:  # -P: no module from the current directory (egress_gate._proxy_argv)
             self.proc = subprocess.Popen(
-                [sys.executable, "-S", "-c", code], stdin=subprocess.DEVNULL,
+                [sys.executable, "-P", "-S", "-c", code], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(), *([] if listener is None else [listener.fileno()])),
                 close_fds=True, start_new_session=True,
@@ -355,8 +356,10 @@ def _fresh_gate(fds: list[int]) -> subprocess.Popen[bytes]:
     code = (f"import sys; sys.path[:0] = {paths!r}; "
             f"from agentkernel.egress_forkserver import _activated_child; "
             f"_activated_child({fds!r})")
+    # -P: a one-shot run's cwd is its project; nothing is imported from it
+    # (egress_gate._proxy_argv)
     return subprocess.Popen(
-        [sys.executable, "-S", "-c", code], stdin=subprocess.DEVNULL,
+        [sys.executable, "-P", "-S", "-c", code], stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=fds[9], pass_fds=fds, close_fds=True,
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
 
@@ -390,16 +393,32 @@ def _hold(fds: list[int]) -> None:
         _watcher.start()
 
 
+FD_RECOUNT = 1.0  # seconds a count of our open fds stands in for a new one (_room)
+_fds_counted: list[float] = [-math.inf, 0.0]  # when our fds were last counted; how many then
+
+
 def _room(more: int) -> bool:
-    """May this process hold `more` fds, keeping half its fd limit for its own work?"""
+    """(Under _lock.) May this process hold `more` fds, keeping half its fd limit for its
+    own work? Far from that line (under a quarter of the limit) a count under FD_RECOUNT
+    old, plus what was held since, decides: counting lists /proc/self/fd, a fraction of
+    a millisecond per sandbox in a daemon holding many; nearer, each call counts."""
     import resource
+    import time
 
     try:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        used = len(os.listdir("/proc/self/fd"))
+        if soft == resource.RLIM_INFINITY:
+            return True
+        now = time.monotonic()
+        when, used = _fds_counted
+        if now - when > FD_RECOUNT or used + more > soft // 4:
+            when, used = now, len(os.listdir("/proc/self/fd"))
     except (OSError, ValueError):
         return False
-    return soft == resource.RLIM_INFINITY or used + more <= soft // 2
+    if used + more > soft // 2:
+        return False
+    _fds_counted[:] = [when, used + more]
+    return True
 
 
 def _watch() -> None:
@@ -572,16 +591,16 @@ def _take_from(path: str, server: _Server) -> str | None:
 
 def _not_our_server(conn: socket.socket) -> str | None:
     """Why the peer of `conn` is not a fork server of ours (None if it is)."""
-    import socket
-    import struct
-
     from .peer import refusal
+    from .peercred import PeerCredError, peer_cred
 
     why = refusal(conn)
     if why is not None:
         return why
-    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                              struct.calcsize("3i")))[0]
+    try:
+        pid = peer_cred(conn).pid
+    except PeerCredError as exc:
+        return str(exc)
     try:
         with open(f"/proc/{pid}/comm") as f:
             comm = f.read().strip()

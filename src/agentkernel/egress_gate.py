@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 from .errors import BackendUnavailable, NotFound, SandboxError, UsageError
 
 if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+
     from .egress_policy import Policy
 
 SANDBOX_DEV = "eth0"
@@ -237,7 +240,9 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
     # SEQPACKET: a child that dies before it answers reads as an empty message (EOF)
     # here, where a datagram pair would wait forever.
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    keep = sorted({0, 1, 2, netns_fd, userns_fd, right.fileno()})
+    # Not even our stdio: a child that outlived us (killed between fork and answer) must
+    # not hold our caller's pipes open.
+    keep = sorted({netns_fd, userns_fd, right.fileno()})
     top = os.sysconf("SC_OPEN_MAX")
     pid = os.fork()
     if pid == 0:  # the child: only syscalls, then _exit
@@ -261,15 +266,41 @@ def listen_in(netns_fd: int, userns_fd: int, address: str = "127.0.0.1") -> tupl
         finally:
             os._exit(code)
     right.close()
-    msg, fds, _flags, _addr = socket.recv_fds(left, 512, 2)
-    os.waitpid(pid, 0)
-    left.close()
+    try:
+        msg, fds = _child_answer(left, pid)
+    finally:
+        left.close()
     if msg != b"k" or len(fds) != 2:
         for fd in fds:
             os.close(fd)
         why = msg[1:].decode(errors="replace") or "its child ended without an answer"
         raise OSError(f"cannot listen in the sandbox's network namespace: {why}")
     return fds[0], fds[1]
+
+
+LISTEN_CHILD_SECONDS = 30.0  # a wiring child's answer, on the most loaded host
+
+
+def _child_answer(left: Any, pid: int) -> tuple[bytes, list[int]]:
+    """The listen_in child's message and fds (an empty message if it timed out), the
+    child reaped: killed first if it has not answered, or if we are interrupted."""
+    import select
+    import signal
+    import socket
+
+    msg: bytes = b""
+    fds: list[int] = []
+    try:
+        poller = select.poll()
+        poller.register(left.fileno(), select.POLLIN)
+        if poller.poll(round(LISTEN_CHILD_SECONDS * 1000)):
+            msg, fds, _flags, _addr = socket.recv_fds(left, 512, 2)
+    finally:
+        if not msg:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return msg, fds
 
 
 def _listen_in_thread(libc: Any, netns_fd: int, address: str) -> tuple[int, int]:
@@ -389,11 +420,15 @@ def _drop_ids(pid: int) -> tuple[int, int]:
 
 
 def _proxy_argv(fds_sock: int) -> list[str]:
-    """Our own interpreter without site start-up (~15 ms less), on our own sys.path."""
+    """Our own interpreter without site start-up (~15 ms less), on our own sys.path.
+
+    `-P`: `-c` would otherwise search the current directory (a run's project, which its
+    repository's authors wrote) for any module found nowhere else (subprocess's `msvcrt`),
+    and run it as the gate's starter, host root before the drop."""
     paths = [p for p in sys.path if p]
     code = (f"import sys; sys.path[:0] = {paths!r}; "
             f"from agentkernel.egress_child import gate_main; gate_main({fds_sock})")
-    return [sys.executable, "-S", "-c", code]
+    return [sys.executable, "-P", "-S", "-c", code]
 
 
 class GateStart:
@@ -743,7 +778,19 @@ def control(name: str, request: dict[str, str]) -> dict[str, object]:
 def grant(scratch: Path, secrets: list[dict[str, object]]) -> None:
     """Give a pooled sandbox's gate the secrets of the run that took it (name, hosts,
     header, placeholder, value each): once, for the hosts its certificate names."""
-    _request(scratch, scratch.name, {"op": "grant", "secrets": secrets})
+    grant_sent(scratch, secrets)()
+
+
+def grant_sent(scratch: Path, secrets: list[dict[str, object]]) -> Callable[[], None]:
+    """`grant`, sent: the call that waits for the gate's answer (raising as `grant`), so
+    that the run's command starts meanwhile. The gate holds a connection of the sandbox to
+    one of these hosts until this grant has come (egress_proxy Gate.grant_due)."""
+    sock = _send(scratch, scratch.name, {"op": "grant", "secrets": secrets})
+
+    def answered() -> None:
+        _reply(sock, scratch.name)
+
+    return answered
 
 
 def wake(scratch: Path) -> None:
@@ -753,6 +800,11 @@ def wake(scratch: Path) -> None:
 
 
 def _request(scratch: Path, name: str, request: dict[str, Any]) -> dict[str, object]:
+    return _reply(_send(scratch, name, request), name)
+
+
+def _send(scratch: Path, name: str, request: dict[str, Any]) -> socket.socket:
+    """A control request sent (connected to a gate that may still be starting)."""
     import socket
     import time
 
@@ -770,7 +822,16 @@ def _request(scratch: Path, name: str, request: dict[str, Any]) -> dict[str, obj
                     raise
                 time.sleep(0.05)
         sock.sendall((json.dumps(request) + "\n").encode())
-        data = b""
+    except OSError as exc:
+        sock.close()
+        raise SandboxError(f"cannot reach the egress gate of {name!r}: {exc}") from None
+    return sock
+
+
+def _reply(sock: socket.socket, name: str) -> dict[str, object]:
+    """The gate's answer to a request `_send` sent (the socket closed)."""
+    data = b""
+    try:
         while not data.endswith(b"\n") and len(data) < 65536:
             chunk = sock.recv(65536)
             if not chunk:
@@ -790,7 +851,18 @@ def _request(scratch: Path, name: str, request: dict[str, Any]) -> dict[str, obj
 
 
 def format_entry(doc: dict[str, object]) -> str:
-    """One log entry as a line for people."""
+    """One log entry as a line for people, for a terminal: the names in it are what the
+    sandbox sent (an SNI, a Host header, a DNS name), so nothing but printable text goes
+    out; the rest is escaped (an ESC there set the viewer's terminal title, colours, ...)."""
+    line = _entry_line(doc)
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+                   for c in line)
+
+
+def _entry_line(doc: dict[str, object]) -> str:
     if "note" in doc:
         return f"-- {doc['note']}"
     import time

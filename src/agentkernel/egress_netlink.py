@@ -18,10 +18,13 @@ with the tools instead. Any other failure is an OSError, and the sandbox does no
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import queue
 import socket
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 
 # netlink, rtnetlink (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h, linux/veth.h)
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 1, 4, 0x200, 0x400, 0x800
@@ -34,6 +37,7 @@ RTA_OIF, RTA_GATEWAY = 4, 5
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK = 254, 3, 0, 1, 4
 IFF_UP = 1
 LOOPBACK_IFINDEX = 1  # lo is the first device of every network namespace
+CLONE_NEWNET = 0x40000000
 
 # nfnetlink, nf_tables (linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h)
 NETLINK_NETFILTER = 12
@@ -201,7 +205,7 @@ def load_rules(tcp_port: int, dns_port: int, *, loopback_dns: bool = False,
                ipv6: bool = True) -> None:
     """The rules (`ruleset`) as one transaction; Unsupported if this kernel has no
     nf_tables (nothing loaded), OSError if it refused them (nothing loaded either)."""
-    data, acks = batch(ruleset(tcp_port, dns_port, loopback_dns=loopback_dns, ipv6=ipv6))
+    data, acks = _batch_of(tcp_port, dns_port, loopback_dns, ipv6)
     try:
         sock = _open(NETLINK_NETFILTER)
     except OSError as exc:
@@ -214,6 +218,14 @@ def load_rules(tcp_port: int, dns_port: int, *, loopback_dns: bool = False,
         if code in (errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT, errno.ENOENT, errno.EOPNOTSUPP):
             raise Unsupported(code, f"nftables: {os.strerror(code)}")  # no nf_tables here
         raise OSError(code, f"nftables: {os.strerror(code)}")
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_of(tcp_port: int, dns_port: int, loopback_dns: bool, ipv6: bool
+              ) -> tuple[bytes, int]:
+    """`batch(ruleset(...))`, built once per process for each set of its arguments: the
+    same bytes for every sandbox (~0.2 ms of Python each, on the daemon's start path)."""
+    return batch(ruleset(tcp_port, dns_port, loopback_dns=loopback_dns, ipv6=ipv6))
 
 
 def _open(protocol: int) -> socket.socket:
@@ -309,32 +321,99 @@ def wire_in(netns_fd: int, sandbox_dev: str, peer_dev: str, address: str, prefix
     listeners on 127.0.0.1 there (made once lo is up: see egress_child.listeners_here):
     their fds. Done by a thread of ours that joins the namespace (setns moves the calling
     thread only, and needs no user namespace joined: root's case), so no process is
-    made. Unsupported: nothing was changed."""
-    import ctypes
-    import threading
-
+    made; one such thread serves every sandbox of this process (`_Wirer`), not one
+    started per sandbox. Unsupported: nothing was changed."""
     from .egress_child import listeners_here
     from .egress_policy import DNS_PORT, TCP_PORT
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    made: list[int] = []
-    failed: list[BaseException] = []
+    def work() -> tuple[int, int]:
+        wire_here(sandbox_dev, peer_dev, address, prefix, gateway, TCP_PORT, DNS_PORT,
+                  loopback_dns=loopback_dns)
+        tcp, udp = listeners_here("127.0.0.1", TCP_PORT, DNS_PORT)
+        return tcp.detach(), udp.detach()
 
-    def work() -> None:
+    return _Wirer.run(netns_fd, work)
+
+
+class _Job:
+    """One sandbox's wiring, for the wiring thread: its namespace and what to do there."""
+
+    __slots__ = ("done", "error", "netns", "result", "work")
+
+    def __init__(self, netns: int, work: Callable[[], tuple[int, int]]) -> None:
+        self.netns = netns
+        self.work = work
+        self.done = threading.Event()
+        self.result: tuple[int, int] | None = None
+        self.error: BaseException | None = None
+
+
+class _Wirer:
+    """The thread that wires sandboxes: for each job it joins the job's network namespace,
+    does the work there, and goes back to the process's own before it takes the next. A
+    thread started per sandbox cost a thread's start and exit each (pthread_create holds
+    the GIL: ~2 % of the daemon's Python time under a stream of runs). If it cannot go
+    back (setns refused), it ends, and the next job starts a new one: no work ever runs
+    in the namespace a previous sandbox left it in."""
+
+    _lock = threading.Lock()
+    _jobs: queue.SimpleQueue[_Job] | None = None  # the live thread's, None: none
+
+    @classmethod
+    def run(cls, netns: int, work: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+        job = _Job(netns, work)
+        with cls._lock:
+            if cls._jobs is None:
+                jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+                home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    threading.Thread(target=cls._serve, args=(jobs, home), name="egress-wire",
+                                     daemon=True).start()
+                except BaseException:
+                    os.close(home)
+                    raise
+                cls._jobs = jobs
+            cls._jobs.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    @classmethod
+    def _serve(cls, jobs: queue.SimpleQueue[_Job], home: int) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
         try:
-            if libc.setns(netns_fd, 0x40000000) != 0:  # CLONE_NEWNET
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns(net): {os.strerror(err)}")
-            wire_here(sandbox_dev, peer_dev, address, prefix, gateway, TCP_PORT, DNS_PORT,
-                      loopback_dns=loopback_dns)
-            tcp, udp = listeners_here("127.0.0.1", TCP_PORT, DNS_PORT)
-            made.extend((tcp.detach(), udp.detach()))
-        except BaseException as exc:
-            failed.append(exc)
+            while True:
+                job = jobs.get()
+                try:
+                    if libc.setns(job.netns, CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"setns(net): {os.strerror(err)}")
+                    job.result = job.work()
+                except BaseException as exc:
+                    job.error = exc
+                if libc.setns(home, CLONE_NEWNET) != 0:  # stuck in the sandbox's: end
+                    with cls._lock:
+                        if cls._jobs is jobs:
+                            cls._jobs = None
+                    job.done.set()
+                    _fail_all(jobs)
+                    return
+                job.done.set()
+        finally:
+            os.close(home)
 
-    thread = threading.Thread(target=work, name="egress-wire", daemon=True)
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
-    return made[0], made[1]
+
+def _fail_all(jobs: queue.SimpleQueue[_Job]) -> None:
+    """Jobs queued for a wiring thread that ended: each fails (its sandbox does not start)."""
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            return
+        job.error = OSError(errno.EIO, "the egress wiring thread could not return to its "
+                                       "own network namespace")
+        job.done.set()

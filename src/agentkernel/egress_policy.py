@@ -46,11 +46,20 @@ class Entry(NamedTuple):
         return ip_address(addr) in ip_network(self.value)
 
 
+# Where IDNA 2003 (Python's codec) and IDNA 2008 give two different names.
+_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
+
+
 def normalize_name(text: str) -> str:
     """Lower case, no trailing dot, IDNA (punycode) for non-ASCII labels; UsageError if it
     is not a host name."""
     name = text.strip().rstrip(".").lower()
     if not name.isascii():
+        if _DEVIATIONS.intersection(name):
+            # Python's codec is IDNA 2003: "faß.de" -> "fass.de", a ZWJ dropped, while
+            # clients (IDNA 2008 / UTS 46) ask for "xn--fa-hia.de": another domain.
+            raise UsageError(f"{text!r} has a character (ß, ς, ZWJ, ZWNJ) that IDNA "
+                             "versions map differently: write the name in punycode (xn--)")
         try:
             name = name.encode("idna").decode("ascii")
         except UnicodeError:
@@ -87,12 +96,32 @@ def parse_entry(text: str) -> Entry:
     except ValueError:
         pass
     else:
+        if net.version == 6 and net.network_address.ipv4_mapped is not None:
+            # The gate judges IPv4 addresses: a deny written as ::ffff:a.b.c.d would
+            # never match the connection it means to stop.
+            raise UsageError(f"egress entry {text!r} is an IPv4 address written as IPv6: "
+                             "write it as IPv4 (a.b.c.d)")
         return Entry("net", str(net), port, raw)
+    _refuse_short_ipv4(host.removeprefix("*."), text)
     if host == "*":
         return Entry("any", "", port, raw)
     if host.startswith("*."):
         return Entry("suffix", normalize_name(host[2:]), port, raw)
     return Entry("name", normalize_name(host), port, raw)
+
+
+def _refuse_short_ipv4(host: str, entry: str) -> None:
+    """`127.1`, `0x7f.1`, `2130706433`, `017700000001` are addresses to the C library
+    (inet_aton) and so to a client that connects to them, but not to ip_network: kept as a
+    name, a deny entry written so would never match the address it means to stop."""
+    import socket
+
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return
+    raise UsageError(f"egress entry {entry!r} is an IPv4 address in a short or numeric "
+                     "form: write it as a.b.c.d")
 
 
 def _port(text: str, entry: str) -> int:

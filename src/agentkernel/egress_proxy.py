@@ -28,6 +28,7 @@ from .egress_audit import FIELD_SET, MAX_FIELD, clipped, encode
 from .egress_policy import DNS_PORT as DNS_PORT  # the listeners' ports: defined there
 from .egress_policy import TCP_PORT as TCP_PORT
 from .egress_policy import Policy, Verdict, normalize_name
+from .peercred import PeerCredError, peer_cred
 
 SO_ORIGINAL_DST = 80
 MAX_CONNS = 512
@@ -70,6 +71,12 @@ class Log:
         the others of that turn: after the bytes the decision let through (the audit
         file is shared by every gate of the user, under a lock: not on a connection's
         path), one write per file for a turn's entries."""
+        if fields.get("allowed") is False:
+            # A refusal lets nothing through to wait for, and the run that ends on it
+            # reads the log for its stderr (`egress: ... REFUSED by RULE`) as soon as the
+            # command exits: written before the answer, or that line could be missing.
+            self.write(**fields)
+            return
         self.pending.append(self._lines(fields))
         if len(self.pending) == 1 and self.loop is not None:
             self.loop.call_soon(self.flush)
@@ -142,6 +149,23 @@ class Gate:
         self.slots: frozenset[str] = frozenset()  # the hosts its certificate names
         self.server_ctx: Any = None
         self.client_ctx: Any = None
+        self.grant_came: asyncio.Event | None = None  # (made when a connection waits)
+
+    def grant_pending(self, host: str | None) -> bool:
+        """`host` is one this pooled sandbox's gate has a slot for, and the run's grant
+        has not come yet (daemon/runs sends it, then starts the command beside it)."""
+        return host is not None and host in self.slots and not self.granted
+
+    async def grant_due(self, host: str | None) -> None:
+        """A connection to a slotted host before the run's grant: held until it comes,
+        bounded; without one, it goes on as any connection (no secret to put in)."""
+        if not self.grant_pending(host):
+            return
+        if self.grant_came is None:
+            self.grant_came = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_BYTES_TIMEOUT):
+                await self.grant_came.wait()
 
     def intercepts(self, host: str | None) -> bool:
         return host is not None and any(host in h.hosts for h in self.held)
@@ -371,6 +395,8 @@ class _Conn(asyncio.Protocol):
     since = connected_at = 0.0  # (loop time) accepted, connected out
     moved, next_idle, active_at = 0, 0.0, 0.0  # the idle check's (each IDLE_CHECK)
     finished = False
+    waited = False  # held once for its gate's grant (a pooled sandbox's run)
+    granting: asyncio.Task[None] | None = None
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
@@ -535,7 +561,13 @@ class _Conn(asyncio.Protocol):
             self._go()
 
     def _go(self) -> None:
-        """Judged and connected: relay, or intercept a secret's host's TLS."""
+        """Judged and connected: relay, or intercept a secret's host's TLS (held first,
+        once, until the run's grant is in: Gate.grant_due)."""
+        if self.proto == "tls" and not self.waited and self.gate.grant_pending(self.host):
+            self.waited = self.held_back = True
+            self.client.pause_reading()
+            self.granting = self.loop.create_task(self._after_grant())
+            return
         if self.proto == "tls" and self.gate.intercepts(self.host):
             self._intercept()
             return
@@ -551,6 +583,11 @@ class _Conn(asyncio.Protocol):
         self.logged = True  # (logged after its bytes went: the log is not on their path)
         self.gate.log.later(kind=self.proto, host=self.host, addr=self.addr, port=self.port,
                             allowed=True, rule=self.verdict.rule)
+
+    async def _after_grant(self) -> None:
+        await self.gate.grant_due(self.host)
+        if not self.finished and not self.client.is_closing():
+            self._go()
 
     def _refuse(self, rule: str, proto: str) -> None:
         self.gate.log.later(kind=proto, host=self.host, addr=self.addr, port=self.port,
@@ -753,8 +790,11 @@ def answer_with(gate: Gate, q: wire.Question, name: str, verdict: Verdict,
             kept.append(addr)
     for addr in kept:
         gate.pin(addr, name)
+    # An allowed name with nothing to answer: say why, or the line reads as if its allow
+    # rule had refused it.
+    why = {} if kept or addrs else {"error": "no address: the lookup failed or found none"}
     gate.log.later(kind="dns", host=name, allowed=bool(kept), rule=verdict.rule,
-                   answers=kept[:8], **({"dropped": dropped[:8]} if dropped else {}))
+                   answers=kept[:8], **({"dropped": dropped[:8]} if dropped else {}), **why)
     if not kept:
         return wire.dns_answer(q, wire.RCODE_NXDOMAIN if not addrs else wire.RCODE_OK)
     return wire.dns_answer(q, wire.RCODE_OK, kept[:8])
@@ -860,8 +900,10 @@ async def handle_control(gate: Gate, owner: int, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
+        try:
+            uid = peer_cred(sock).uid
+        except PeerCredError:
+            return  # unreadable: as another user's
         if uid != owner:
             return
         line = await asyncio.wait_for(reader.readline(), 5)
@@ -914,6 +956,8 @@ def _grant(gate: Gate, secrets: Any) -> None:
                          placeholder.encode(), value.encode()))
     gate.held = held
     gate.granted = True
+    if gate.grant_came is not None:
+        gate.grant_came.set()  # the connections held for it go on
     gate.log.write(kind="policy", op="grant", entry=",".join(h.name for h in held)[:300])
 
 

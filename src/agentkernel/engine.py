@@ -33,37 +33,68 @@ def execute(
 ) -> tuple[Sandbox, Outcome]:
     """Start the plan's sandbox, run its command, stream the output live; the caller
     destroys the sandbox."""
+    from .sandbox import signals_deferred
+
     name = name or f"run-{os.urandom(4).hex()}"
-    with _exit_on_terminate():
-        sandbox = plan_.backend.start(plan_.spec(name))
+    sandbox: Sandbox | None = None
+    with exit_on_terminate():
         try:
+            # A start cut short at an arbitrary point (inside a fork, between a child's
+            # start and its record) can leave a process no cleanup knows of: a signal
+            # waits until the start is done or failed (each bounded by its timeouts),
+            # then ends the run through the cleanup.
+            with signals_deferred():
+                sandbox = plan_.backend.start(plan_.spec(name))
+            if on_started is not None:
+                on_started(sandbox)
+            _end_if_terminated()
             if plan_.home_files:  # run --agent --settings
                 from .agents.settings import write_into
 
                 write_into(sandbox.client, plan_.home_files)
-            if on_started is not None:
-                on_started(sandbox)
             result = _run_in(sandbox, plan_, timeout=timeout, stdout=stdout, stderr=stderr,
                              stdin=stdin)
         except BaseException:
-            sandbox.destroy()
+            if sandbox is not None:
+                sandbox.destroy()
             raise
     return sandbox, result
 
 
-@contextlib.contextmanager
-def _exit_on_terminate():  # type: ignore[no-untyped-def]
-    """Until the command runs (its own forwarding takes over then), SIGTERM or SIGHUP ends
-    us through an exception, so the half-started sandbox is cleaned up: the default action
-    would leave it running, holding our caller's pipes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+# How a terminating signal ends an in-process run (main thread only). It never raises at an
+# arbitrary point: an exception landing between an `except` or `finally` and the cleanup it
+# leads to (before `destroy` defers signals) would leave the sandbox running, and signals
+# come in pairs (`timeout`, a terminal and systemd signal the run and then its process
+# group). The handler records the signal; the run ends at the points that check the record
+# (before the command starts, after the cleanup) or, once, inside a wait marked
+# interruptible, whose exception the caller's cleanup already encloses. While the command
+# runs, signals are forwarded to it instead (`_forward_signals`).
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGINT)
+_ENDING: list[int] = []  # the first terminating signal that came, if one did
+_WAITING: list[bool] = []  # non-empty inside an interruptible wait
 
-    def leave(signo: int, _frame: object) -> None:
+
+def _on_terminate(signo: int, _frame: object) -> None:
+    if not _ENDING:
+        _ENDING.append(signo)
+    if _WAITING:
+        _WAITING.clear()  # once: the exit it starts must not be cut short by another
         raise SystemExit(128 + signo)
 
-    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+@contextlib.contextmanager
+def exit_on_terminate():  # type: ignore[no-untyped-def]
+    """While a sandbox of ours lives and its command does not run (its own forwarding
+    takes over then), SIGTERM, SIGHUP, SIGQUIT and SIGINT end the run through its cleanup
+    (see above) instead of killing us: the default action would leave the sandbox running,
+    holding our caller's pipes. The outermost use owns the handlers."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is _on_terminate):
+        yield
+        return
+    _ENDING.clear()
+    _WAITING.clear()
+    previous = {sig: signal.signal(sig, _on_terminate) for sig in TERMINATING_SIGNALS}
     try:
         yield
     finally:
@@ -71,14 +102,36 @@ def _exit_on_terminate():  # type: ignore[no-untyped-def]
             signal.signal(sig, handler)
 
 
+def terminated() -> int | None:
+    """The terminating signal that came during `exit_on_terminate`, if one did."""
+    return _ENDING[0] if _ENDING else None
+
+
+def _end_if_terminated() -> None:
+    if _ENDING:
+        raise SystemExit(128 + _ENDING[0])
+
+
+@contextlib.contextmanager
+def _interruptible():  # type: ignore[no-untyped-def]
+    """A wait a terminating signal may cut short (once): the caller's cleanup encloses it."""
+    _end_if_terminated()
+    _WAITING.append(True)
+    try:
+        yield
+    finally:
+        _WAITING.clear()
+
+
 def _run_in(
     sandbox: Sandbox, plan_: Plan, *, timeout: float | None,
     stdout: BinaryIO, stderr: BinaryIO, stdin: BinaryIO | None,
 ) -> Outcome:
-    execution = sandbox.client.exec(
-        plan_.argv, env=plan_.env(sandbox.spec.name), cwd=plan_.cwd, timeout=timeout,
-        stdin=stdin is not None, rlimits=sandbox.command_rlimits(),
-    )
+    with _interruptible():  # (the agent's reply to a start is prompt, but not bounded)
+        execution = sandbox.client.exec(
+            plan_.argv, env=plan_.env(sandbox.spec.name), cwd=plan_.cwd, timeout=timeout,
+            stdin=stdin is not None, rlimits=sandbox.command_rlimits(),
+        )
     mem = sandbox.spec.profile.memory_mb
     if stdin is not None:
         threading.Thread(target=_pump_stdin, args=(stdin, execution), daemon=True).start()
@@ -107,9 +160,20 @@ def _stream(execution: Execution, stdout: BinaryIO, stderr: BinaryIO) -> ExitSta
 
 
 def _pump_stdin(src: BinaryIO, execution: Execution) -> None:
+    # The descriptor itself where there is one (nothing has read from it yet): this daemon
+    # thread, blocked in a buffered read of a stdin that stays open, held that object's
+    # lock, and the interpreter's shutdown waited for it and aborted (exit 134, not the
+    # command's code).
+    try:
+        fd = src.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = -1
     with contextlib.suppress(Exception):
         while True:
-            chunk = src.read1(65536) if hasattr(src, "read1") else src.read(65536)
+            if fd >= 0:
+                chunk = os.read(fd, 65536)
+            else:
+                chunk = src.read1(65536) if hasattr(src, "read1") else src.read(65536)
             if not chunk:
                 break
             execution.write_stdin(chunk)
@@ -119,14 +183,32 @@ def _pump_stdin(src: BinaryIO, execution: Execution) -> None:
 
 @contextlib.contextmanager
 def _forward_signals(send: Callable[[int], None]):  # type: ignore[no-untyped-def]
-    """While a command runs, Ctrl-C and friends go to it, not to us."""
+    """While a command runs, Ctrl-C and friends go to it, not to us; one that came since
+    its sandbox started goes to it first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: list[int] = []
+    sending: list[bool] = []
+
+    def forward(signo: int, _frame: object) -> None:
+        # A handler runs between any two bytecodes of the main thread, also inside a send
+        # of its own (which holds the channel's write lock): that one sends it on instead.
+        pending.append(signo)
+        while pending and not sending:
+            sending.append(True)
+            try:
+                while pending:
+                    _safe(send, pending.pop(0))
+            finally:
+                sending.clear()
+
     previous = {}
     for sig in FORWARDED_SIGNALS:
-        previous[sig] = signal.signal(sig, lambda signo, _frame: _safe(send, signo))
+        previous[sig] = signal.signal(sig, forward)
     try:
+        if _ENDING:  # delivered to the command now: its own end says how the run ended
+            forward(_ENDING.pop(), None)
         yield
     finally:
         for sig, handler in previous.items():

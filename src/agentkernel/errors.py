@@ -92,6 +92,14 @@ class CommandNotExecutable(AgentRequestError):
     exit_code = 126
 
 
+class CompileBoundExceeded(CommandNotExecutable):
+    """A WebAssembly module needed more memory or time to compile than its bound allows."""
+
+    def __init__(self, message: str, why: str, errno: int = 0) -> None:
+        super().__init__(message, errno)
+        self.why = why
+
+
 class TooLarge(AgentKernelError):
     """What was asked for exceeds a configured size limit (a file to read, a request)."""
 

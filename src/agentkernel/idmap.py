@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -104,9 +105,10 @@ def allocate() -> tuple[HostRange, int]:
     range is free again exactly when the sandbox is gone, whoever started it. Sandboxes
     then share no host id: not with each other, nor with anything else on the host.
 
-    A block smaller than two ranges gives every sandbox the same one (its own, smaller)."""
+    A block smaller than two ranges gives every sandbox the same one (its own, smaller).
+    Never the range `helper_range` keeps for root's own helpers."""
     block = host_range()
-    slots = block.size // RANGE_SIZE
+    slots = _sandbox_slots(block)
     if slots < 2:
         return block, -1
     _slots_dir()
@@ -128,12 +130,13 @@ def take(rng: HostRange, wait: float = 5.0) -> int:
     a stop and start), waiting up to `wait` s for its previous holder to go; -1 when the
     block has one range only. Raises SandboxError when another sandbox holds it."""
     block = host_range()
-    slots = block.size // RANGE_SIZE
+    slots = _sandbox_slots(block)
     if slots < 2:
         return -1
     off, rest = divmod(rng.uid - block.uid, RANGE_SIZE)
     if rest or not 0 <= off < slots or rng.gid - block.gid != off * RANGE_SIZE:
-        raise SandboxError(f"host ids {rng.uid}/{rng.gid} are not a range of this host's block")
+        raise SandboxError(f"host ids {rng.uid}/{rng.gid} are not a sandbox range of this "
+                           "host's block")
     _slots_dir()
     deadline = time.monotonic() + wait
     while True:
@@ -144,6 +147,28 @@ def take(rng: HostRange, wait: float = 5.0) -> int:
             raise SandboxError(f"the sandbox's host id range ({rng.uid}..) is in use by "
                                "another sandbox")
         time.sleep(0.05)
+
+
+def _sandbox_slots(block: HostRange) -> int:
+    """How many of the block's ranges sandboxes get: all but the last where it has room
+    for three or more (that one is `helper_range`'s)."""
+    slots = block.size // RANGE_SIZE
+    return slots - 1 if slots >= 3 else slots
+
+
+def helper_range() -> HostRange | None:
+    """The block's last range, which no sandbox ever gets (`allocate` and `take` skip it),
+    for root's own short-lived helpers that give root up (the wasm compiler children).
+    They all share it, unlocked: a helper that leaves a process behind (one a hostile
+    input took over can setsid() away from our kill) can only ever meet other such
+    helpers, never a later sandbox. None where the block has room for fewer than three
+    ranges."""
+    block = host_range()
+    slots = block.size // RANGE_SIZE
+    if slots < 3:
+        return None
+    off = (slots - 1) * RANGE_SIZE
+    return HostRange(block.uid + off, block.gid + off, RANGE_SIZE)
 
 
 def _slots_dir() -> None:
@@ -201,8 +226,12 @@ def new_userns(rng: HostRange) -> int:
     its maps as host root and keep the namespace by its fd. The sandbox enters it
     (`enter_fn`, ak-enter) and its id-mapped mounts use it, so both agree on who owns what.
     """
+    # Owned by the range's own root, not by us: the kernel charges what the sandbox holds
+    # (inotify instances and watches, queued signals, message queues) to each owner up the
+    # chain too, and a namespace of root's used up host root's own share.
     return _mapped_userns({"uid": f"0 {rng.uid} {rng.size}\n",
-                           "gid": f"0 {rng.gid} {rng.size}\n"}, "the sandbox's ids")
+                           "gid": f"0 {rng.gid} {rng.size}\n"}, "the sandbox's ids",
+                          owner=(rng.uid, rng.gid))
 
 
 def owner_userns(rng: HostRange, uid: int, gid: int, *, runtime_root: bool = False) -> int:
@@ -221,16 +250,138 @@ def owner_userns(rng: HostRange, uid: int, gid: int, *, runtime_root: bool = Fal
     return _mapped_userns(maps, "the project's owner")
 
 
-def _mapped_userns(maps: dict[str, str], what: str) -> int:
+def _mapped_userns(maps: dict[str, str], what: str,
+                   owner: tuple[int, int] | None = None) -> int:
     """A new user namespace with these uid_map/gid_map contents (written as host root),
-    kept by an O_CLOEXEC fd (the caller's to close); its short-lived holder is gone."""
-    child = _userns_holder()
+    kept by an O_CLOEXEC fd (the caller's to close); its short-lived holder is gone.
+    `owner`: the host uid and gid that make (and so own) it; None: we do."""
+    if owner is None or not owned_userns_works():
+        return _made_by(maps, what, None)
+    try:
+        return _made_by(maps, what, owner)
+    except SandboxError as exc:
+        _owned_userns_failed(exc)
+        return _made_by(maps, what, None)
+
+
+def _made_by(maps: dict[str, str], what: str, owner: tuple[int, int] | None) -> int:
+    """_mapped_userns's namespace made as `owner` (None: as us), or SandboxError."""
+    from .paths import native_binary
+
+    try:
+        helper = str(native_binary("ak-enter"))
+    except SandboxError:
+        return _mapped_by_unshare(maps, what, owner)
+    return _mapped_by_spawn(helper, maps, what, owner)
+
+
+_OWNED_FAILED: list[str] = []  # why a namespace made as its owner failed here, once
+
+
+def owned_userns_works() -> bool:
+    """False once a user namespace made as the range's own root failed in this process
+    (doctor says so): each sandbox's is then made by us, host root, as before."""
+    return not _OWNED_FAILED
+
+
+def owned_userns_problem() -> str | None:
+    """Why this host refuses a user namespace made as its owner (an ordinary user: here
+    nobody, as a sandbox's is made as its range's root), or None. For doctor, as root."""
+    try:
+        os.close(_made_by({"uid": "0 65534 1\n", "gid": "0 65534 1\n"}, "nobody's ids",
+                          (65534, 65534)))
+    except SandboxError as exc:
+        return exc.message
+    return None if owned_userns_works() else _OWNED_FAILED[0]
+
+
+def _owned_userns_failed(exc: SandboxError) -> None:
+    """Remember (and say, once) that this host refused a namespace made as its owner:
+    the sandbox starts in one of root's, whose inotify instances and queued signals
+    count against host root's own share."""
+    import sys
+
+    if not _OWNED_FAILED:
+        _OWNED_FAILED.append(str(exc))
+        print(f"agentkernel: warning: could not make a sandbox's user namespace as its own "
+              f"root ({exc}); host root makes them instead, and what sandboxes hold "
+              f"(inotify instances, queued signals) counts against host root's own share",
+              file=sys.stderr, flush=True)
+
+
+def _mapped_by_spawn(helper: str, maps: dict[str, str], what: str,
+                     owner: tuple[int, int] | None = None) -> int:
+    """_mapped_userns with `ak-enter --new-userns` as the holder, started by posix_spawn
+    (vfork and exec, in its own session, stdin and stdout our pipes, stderr /dev/null):
+    a third of subprocess.Popen's CPU, once per sandbox start. posix_spawn has no
+    close_fds; ak-enter closes every descriptor above stderr before it makes the
+    namespace, so nothing of ours is held in it."""
+    import select
+
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        os.close(in_r)
+        os.close(in_w)
+        raise
+    pid = -1
+    try:
+        pid = _spawn_holder(helper, in_r, out_w, owner)
+        os.close(in_r)
+        os.close(out_w)
+        in_r = out_w = -1
+        poller = select.poll()
+        poller.register(out_r, select.POLLIN)
+        if not poller.poll(10_000) or os.read(out_r, 1) != b"u":
+            raise SandboxError("could not create a user namespace for the sandbox")
+        return _map_and_keep(pid, maps)
+    except OSError as exc:
+        raise SandboxError(f"could not map {what}: {exc}") from None
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+        if pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _spawn_holder(helper: str, stdin: int, stdout: int,
+                  owner: tuple[int, int] | None = None) -> int:
+    """`helper --new-userns` started (made as `owner`, if given), stdin and stdout these
+    fds, stderr /dev/null, in its own session: through ctypes where it can (spawn.py:
+    os.posix_spawn holds the GIL until the child has exec'd, and on busy cores that can
+    take milliseconds)."""
+    from . import spawn
+
+    argv = [helper, "--new-userns"]
+    if owner is not None:
+        argv += ["--owner", f"{owner[0]}:{owner[1]}"]
+    if spawn.available():
+        return spawn.spawn(argv, {}, stdio=(stdin, stdout), devnull_stderr=True)
+    return os.posix_spawn(helper, argv, {}, setsid=True, file_actions=[
+        (os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
+        (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0)])
+
+
+def _map_and_keep(pid: int, maps: dict[str, str]) -> int:
+    """Write the uid/gid maps of the user namespace `pid` holds; an fd that keeps it."""
+    for kind in ("uid", "gid"):
+        with open(f"/proc/{pid}/{kind}_map", "w") as f:
+            f.write(maps[kind])
+    return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _mapped_by_unshare(maps: dict[str, str], what: str,
+                       owner: tuple[int, int] | None = None) -> int:
+    """_mapped_userns without ak-enter: `unshare --user cat` holds the namespace."""
+    child = _userns_holder(owner)
     try:
         _await_userns(child)
-        for kind in ("uid", "gid"):
-            with open(f"/proc/{child.pid}/{kind}_map", "w") as f:
-                f.write(maps[kind])
-        return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return _map_and_keep(child.pid, maps)
     except OSError as exc:
         raise SandboxError(f"could not map {what}: {exc}") from None
     finally:
@@ -241,36 +392,27 @@ def _mapped_userns(maps: dict[str, str], what: str) -> int:
         child.wait()
 
 
-def _userns_holder() -> subprocess.Popen[bytes]:
-    """A child that makes a new user namespace and stays in it while its stdin is open:
-    ak-enter --new-userns (says "u" on stdout once in it), else `unshare --user cat`."""
-    from .paths import native_binary
-
-    try:
-        argv = [str(native_binary("ak-enter")), "--new-userns"]
-        stdout: int = subprocess.PIPE
-    except SandboxError:
-        unshare = which("unshare")
-        if unshare is None:
-            raise SandboxError("starting sandboxes as root needs unshare (util-linux)"
-                               ) from None
-        argv, stdout = [unshare, "--user", "--", "cat"], subprocess.DEVNULL
-    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=stdout,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def _userns_holder(owner: tuple[int, int] | None = None) -> subprocess.Popen[bytes]:
+    """Without ak-enter: `unshare --user cat`, which stays in its new user namespace while
+    its stdin is open (made as `owner` through setpriv, where one is given)."""
+    unshare = which("unshare")
+    if unshare is None:
+        raise SandboxError("starting sandboxes as root needs unshare (util-linux)")
+    prefix: list[str] = []
+    if owner is not None:
+        setpriv = which("setpriv")
+        if setpriv is None:
+            raise SandboxError("starting sandboxes as root needs setpriv (util-linux)")
+        prefix = [setpriv, f"--reuid={owner[0]}", f"--regid={owner[1]}", "--clear-groups",
+                  "--"]
+    return subprocess.Popen([*prefix, unshare, "--user", "--", "cat"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def _await_userns(child: subprocess.Popen[bytes]) -> None:
-    """Until `child` is in its new user namespace: its word on stdout, or (unshare, which
-    says nothing) its namespace seen to change."""
+    """Until `child` (unshare, which says nothing) is seen in its new user namespace."""
     deadline = time.monotonic() + 10
-    if child.stdout is not None:
-        import select
-
-        poller = select.poll()
-        poller.register(child.stdout.fileno(), select.POLLIN)
-        if not poller.poll(10_000) or os.read(child.stdout.fileno(), 1) != b"u":
-            raise SandboxError("could not create a user namespace for the sandbox")
-        return
     own = os.readlink("/proc/self/ns/user")
     while os.readlink(f"/proc/{child.pid}/ns/user") == own:
         if child.poll() is not None or time.monotonic() > deadline:

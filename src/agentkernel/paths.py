@@ -142,9 +142,14 @@ def _read_record(record: str) -> str:
 
 
 def data_dir() -> Path:
+    """The data dir, made 0700 if absent: what goes in it (the state, its SQLite journal,
+    logs, caches) is for this user only, whichever part of us makes it first."""
     from pathlib import Path
 
-    return Path(data_dir_str())
+    path = data_dir_str()
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    return Path(path)
 
 
 def runtime_dir() -> Path:
@@ -247,6 +252,24 @@ def _via_dir(call: Callable[[str], None], path: str) -> None:
         os.close(dfd)
 
 
+def plain_entries_only(directory: str, names: list[str]) -> set[str]:
+    """`shutil.copytree`'s `ignore` for a project someone else may have written: what is
+    not a directory, a regular file or a symlink is left out. A copy reads each file it
+    copies, as the copier's user (root for root's), so a device node's *contents* landed in
+    the copy (a block device of the host's disk, in a sandbox's project), a FIFO hung it."""
+    import stat
+
+    out = set()
+    for name in names:
+        try:
+            mode = os.lstat(os.path.join(directory, name)).st_mode
+        except OSError:
+            continue  # gone: copytree says so itself
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            out.add(name)
+    return out
+
+
 def write_cache(path: Path, text: str) -> None:
     """Best effort: replace the small cache file `path` (in our private data dir) whole,
     so a concurrent reader sees the old text or the new, never half of it."""
@@ -265,7 +288,9 @@ def which(name: str) -> str | None:
     """`shutil.which` for a bare command name, without shutil's compression imports (~1.5 ms
     of every CLI call)."""
     for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        path = os.path.join(directory or ".", name)
+        if not directory.startswith("/"):  # "", "." or "bin": the (project's) current dir
+            continue
+        path = os.path.join(directory, name)
         if os.access(path, os.X_OK) and os.path.isfile(path):
             return path
     return None
@@ -283,16 +308,25 @@ def _package_bin() -> Path:
     return _PACKAGE_BIN[0]
 
 
+_FOUND: dict[tuple[str | None, str], Path] = {}  # (override, name) -> where it was found
+
+
 def native_binary(name: str) -> Path:
-    """Locate a binary built by `make -C agent` (ak-agent, ak-seccomp)."""
+    """Locate a binary built by `make -C agent` (ak-agent, ak-seccomp). Where one was
+    found is remembered (four lookups per sandbox start); it is used again while it is
+    still an executable file."""
     from pathlib import Path
 
     override = os.environ.get("AGENTKERNEL_BIN_DIR")
+    found = _FOUND.get((override, name))
+    if found is not None and os.access(found, os.X_OK) and os.path.isfile(found):
+        return found
     candidates = [Path(override)] if override else []
     candidates.append(_package_bin())
     for directory in candidates:
         path = directory / name
         if path.is_file() and os.access(path, os.X_OK):
+            _FOUND[(override, name)] = path
             return path
     raise SandboxError(
         f"native binary {name!r} not found in {', '.join(map(str, candidates))}; "

@@ -19,7 +19,8 @@ import json
 import os
 import signal
 import socket
-import struct
+
+from .peercred import PeerCredError, peer_cred
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Python < 3.14 lacks the constant
 NAMESPACES = ("user", "pid")
@@ -27,8 +28,11 @@ NAMESPACES = ("user", "pid")
 
 def refusal(sock: socket.socket) -> str | None:
     """None if the process at the other end of `sock` may be served; else why not."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
+    try:
+        cred = peer_cred(sock)
+    except PeerCredError as exc:
+        return str(exc)
+    pid, uid = cred.pid, cred.uid
     if uid != os.getuid():
         return f"not your daemon (peer uid {uid})"
     if pid <= 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .context import PASS_ENV_KEYS, caller_env, user_config_path
-from .errors import ConfigError, Conflict, UsageError
+from .errors import BackendUnavailable, ConfigError, Conflict, UsageError
 
 if TYPE_CHECKING:
     from .agent.client import ExitStatus
@@ -96,6 +96,9 @@ class RunRequest(NamedTuple):
     agent_settings: bool = False
     home_files: tuple[tuple[str, bytes, int], ...] = ()
     home_skipped: tuple[str, ...] = ()  # what of them was left out, one warning each
+    # An MCP client's (an agent's) request: its image's pull reaches no loopback, private
+    # or link-local address the caller's settings do not name (RegistryOptions.public_only).
+    registry_public_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,11 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
     cwd = req.cwd if req.cwd is not None else _NOWHERE
     backend_name = req.backend or (config.sandbox.backend if config is not None else None) \
         or "auto"
+    microvm = microvm_settings(config.microvm if config is not None else None, ctx.env)
+    auto = _project_backend_floor(req, config, backend_name, res,
+                                  CallerOptions(microvm=microvm), warnings)
+    if auto is not None:
+        backend_name = "auto"
     wasm = _wasm_decision(req, backend_name, warnings)
     if wasm is not None:  # no image to resolve (nor a project dir to scan for one)
         backend_name, image, reason = wasm
@@ -270,8 +278,8 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
             project_config_image=cfg_image if source in ("project", "user") else None,
         )
     profile = resolve_profile(req, config)
-    microvm = microvm_settings(config.microvm if config is not None else None, ctx.env)
-    choice = res.choose(backend_name, CallerOptions(microvm=microvm))
+    choice = auto if auto is not None and backend_name == "auto" else \
+        res.choose(backend_name, CallerOptions(microvm=microvm))
     if persistent and not choice.backend.persistent:
         raise Conflict(f"the {choice.backend.name} backend keeps no sandbox between runs: "
                        "run a module with `agentkernel run MODULE.wasm` instead")
@@ -286,9 +294,9 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         # A one-off run on the engine's image pulls nothing: the registry client (~5 ms of
         # imports on a cold run) stays unloaded; a persistent sandbox records its settings.
         if persistent:
-            registry = _registry_options(config, ctx)
+            registry = _registry_options(config, ctx, req)
     else:
-        registry = _registry_options(config, ctx)
+        registry = _registry_options(config, ctx, req)
         rootfs, image_config, note, fallback = res.rootfs(image, config, registry, quiet)
     workspace = req.cwd if req.cwd is not None and profile.workspace != "none" else None
     home = ctx.home
@@ -300,6 +308,12 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         workspace_at = same_path_target(req.workspace_at, rootfs, home, req.ro_binds,
                                         warnings)
     control_masks(profile, workspace, home, workspace_at)  # refused here, before any start
+    ro_binds = req.ro_binds
+    if req.agent is not None and workspace is not None and profile.workspace == "rw":
+        # (A copy-on-write project's changes, .git's too, reach it only through --review.)
+        from .agents.gitpin import git_pins
+
+        ro_binds = (*ro_binds, *git_pins(workspace, workspace_at))
     extra = [choice.warning, fallback, user_warning(image, image_config)]
     egress, secret_env = egress_of(req, profile, config, warnings)
     return Plan(
@@ -313,15 +327,60 @@ def plan(req: RunRequest, ctx: CallerContext, *, quiet: bool = False,
         user_env=check_env(req.env),
         pass_env={k: ctx.env[k] for k in PASS_ENV_KEYS if k in ctx.env},
         warnings=(*warnings, *(w for w in extra if w)), microvm=microvm, registry=registry,
-        egress=egress, secret_env=secret_env, ro_binds=req.ro_binds,
+        egress=egress, secret_env=secret_env, ro_binds=ro_binds,
         workspace_at=workspace_at, user=req.user, home_files=req.home_files,
     )
 
 
-def _registry_options(config: Config | None, ctx: CallerContext) -> RegistryOptions:
+def _project_backend_floor(req: RunRequest, config: Config | None, name: str,
+                           res: Resolvers, options: CallerOptions,
+                           warnings: list[str]) -> Choice | None:
+    """`auto`'s choice in place of a backend a project file named where you named none
+    (flag, your config), when the project's is weaker: a cloned repository may choose
+    among backends at least as strong as `auto` would pick here, never lower isolation
+    by itself (as with its numeric caps: config._raises_cap). None: `name` stands."""
+    source = config.project_backend if config is not None and req.backend is None else None
+    if source is None or name == "auto":
+        return None
+    from .backends import backend_class
+
+    try:
+        auto = res.choose("auto", options)
+    except BackendUnavailable:
+        return None  # nothing works by itself here: the project's choice is all there is
+    if backend_class(name).strength >= auto.backend.strength:
+        return None
+    warnings.append(f'{source}: [sandbox] backend "{name}" ignored: it is weaker than '
+                    f'{auto.backend.name}, which auto picks here (a project file may not '
+                    f'lower isolation); `-B {name}`, a backend in your config or '
+                    f'`-c {source}` chooses it')
+    return auto
+
+
+def project_backend_refusal(config: Config | None, env: Mapping[str, str],
+                            warnings: list[str]) -> str | None:
+    """What `plan` runs on in place of the project file's `[sandbox] backend` where it
+    refuses that one (_project_backend_floor, no -B given): auto's pick, its warning added
+    to `warnings`; None where the project's stands. For `agentkernel config`."""
+    from .backends import CallerOptions
+    from .vm.settings import resolve as microvm_settings
+
+    if config is None or config.project_backend is None:
+        return None
+    options = CallerOptions(microvm=microvm_settings(config.microvm, env))
+    auto = _project_backend_floor(RunRequest(argv=[], cwd=None), config,
+                                  config.sandbox.backend, default_resolvers(), options,
+                                  warnings)
+    return auto.backend.name if auto is not None else None
+
+
+def _registry_options(config: Config | None, ctx: CallerContext,
+                      req: RunRequest) -> RegistryOptions:
     from .images.registry import RegistryOptions
 
-    return RegistryOptions.from_config(config, env=ctx.env)
+    opts = RegistryOptions.from_config(config, env=ctx.env)
+    opts.public_only = req.registry_public_only
+    return opts
 
 
 def _image_free_rootfs() -> tuple[HostRootfs, None, str, None]:

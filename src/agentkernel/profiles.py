@@ -6,6 +6,15 @@ from typing import Final, Literal, NamedTuple
 
 from .errors import UsageError
 
+# A kept sandbox's host disk quota where no config sets one: a large project's dependencies
+# and build output fit (daemon/quota.py enforces it; container_upper sizes by it). Here, a
+# leaf, so backends and config both read it without importing each other.
+DEFAULT_DISK_MB: Final = 10 * 1024
+# ptys one sandbox may hold, whatever its backend: the kernel shares pty.max less
+# pty.reserve (3072 by default) among every devpts instance but the host's, and one
+# sandbox took them all.
+PTY_MAX: Final = 256
+
 NetworkMode = Literal["host", "egress", "none"]
 WorkspaceMode = Literal["rw", "cow", "ro", "none"]
 
@@ -125,8 +134,10 @@ def parse_memory(text: str) -> int:
         value = float(s) * factor
     except ValueError:
         raise UsageError(f"invalid memory size {text!r} (examples: 512m, 2g)") from None
-    if value <= 0 or value != value:
-        raise UsageError(f"invalid memory size {text!r}")
+    # Below 1 MiB would truncate to 0, which is UNLIMITED to the caps: "1k" must not lift
+    # a limit. inf (and NaN) have no size at all.
+    if not 1 <= value < float("inf"):
+        raise UsageError(f"invalid memory size {text!r} (at least 1m)")
     return int(value)
 
 

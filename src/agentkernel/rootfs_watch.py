@@ -50,7 +50,7 @@ def private_masks(rootfs: HostRootfs) -> tuple[Mask, ...]:
         watched = _Watched.start(rootfs)
         if watched is None:
             return rootfs.private_masks()
-        _cache[key] = watched
+        _store(key, watched)
         return watched.masks
 
 
@@ -91,8 +91,18 @@ def kept_masks(rootfs: HostRootfs) -> tuple[Mask, ...] | None:
             _unwatchable[key] = time.monotonic()
             return None
         _unwatchable.pop(key, None)
-        _cache[key] = watched
+        _store(key, watched)
         return watched.masks
+
+
+def _store(key: tuple[object, ...], watched: _Watched) -> None:
+    """Under the lock: keep `watched` for `key`, dropping (and closing: an inotify fd with
+    a watch per entry) any walk of the same dirs under other fixed masks. Those change
+    when a credential path appears or goes; the old list is not asked for again, and its
+    watches would otherwise stay until the process ends."""
+    for old in [k for k in _cache if k[0] == key[0] and k != key]:
+        _cache.pop(old).close()
+    _cache[key] = watched
 
 
 def forget() -> None:

@@ -100,9 +100,13 @@ class Sandbox:
         return command_rlimits(self.spec.profile, self.cgroup, memory_floor=self.memory_floor)
 
     def destroy(self) -> None:
-        if self._destroyed:
-            return
-        self._destroyed = True
+        with signals_deferred():
+            if self._destroyed:
+                return
+            self._destroyed = True
+            self._teardown()
+
+    def _teardown(self) -> None:
         with contextlib.suppress(Exception):
             if self.client.alive:
                 self.client.shutdown()
@@ -121,6 +125,40 @@ class Sandbox:
             import shutil  # lazily: its compression imports cost ~1.5 ms
 
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+DEFERRED_SIGNALS = ("SIGTERM", "SIGHUP", "SIGINT", "SIGQUIT")
+
+
+@contextlib.contextmanager
+def signals_deferred():  # type: ignore[no-untyped-def]
+    """In the main thread: SIGTERM, SIGHUP, SIGINT and SIGQUIT wait until the block is
+    done, then act as they would have (the first one is raised again). A cleanup cut
+    short leaks its sandbox (scratch dir, cgroup, runsc state), and signals come in pairs:
+    `timeout` and a terminal send one to the run and another to its process group, so
+    the second used to land in the middle of the cleanup the first one started. Signal
+    masks cannot do this: Python runs handlers in the main thread whichever thread the
+    kernel picked, and ours has threads (its agent channel's reader)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def note(signo: int, _frame: object) -> None:
+        got.append(signo)
+
+    sigs = [getattr(signal, name) for name in DEFERRED_SIGNALS]
+    previous = {sig: signal.signal(sig, note) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if got:
+            signal.raise_signal(got[0])
 
 
 def command_rlimits(profile: Profile, cgroup: Cgroup | None, *, memory_floor: bool = True

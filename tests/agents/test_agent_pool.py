@@ -318,8 +318,12 @@ def _holders(scratch: Path) -> list[int]:
     from agentkernel.egress_forkserver import GATE_COMM, SERVER_COMM
 
     sock = str(scratch / "egress.sock")
-    inode = next(line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()
-                 if line.endswith(" " + sock))
+    # The listening socket's line (flags __SO_ACCEPTCON): a connection its gate accepted
+    # shows the same path (a grant's or a wake's, until the gate closes it), and one of
+    # those, held by nobody a moment later, would make the scan find no holder.
+    inode = next(fields[6] for fields in map(str.split, Path("/proc/net/unix").read_text()
+                                             .splitlines()[1:])
+                 if fields[-1] == sock and fields[3] == "00010000")
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -327,12 +331,22 @@ def _holders(scratch: Path) -> list[int]:
         try:
             if (proc / "comm").read_text().strip() not in (GATE_COMM, SERVER_COMM):
                 continue
-            if any(os.readlink(fd) == f"socket:[{inode}]" for fd in (proc / "fd").iterdir()):
+            if any(_fd_link(fd) == f"socket:[{inode}]" for fd in (proc / "fd").iterdir()):
                 pids.append(int(proc.name))
         except OSError:
-            continue
+            continue  # (the process ended meanwhile)
     assert pids, f"no process holds {sock}"
     return pids
+
+
+def _fd_link(fd: Path) -> str | None:
+    """What an fd is, or None if it was closed since its dir was listed: the fork server
+    closes and opens fds as gates come and go (a gate's pidfd), and a fork of it closes
+    all but its own; one such fd must not hide the process from the scan."""
+    try:
+        return os.readlink(fd)
+    except OSError:
+        return None
 
 
 def _scan(pid: int, needle: bytes) -> int:

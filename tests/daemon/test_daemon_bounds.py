@@ -286,17 +286,25 @@ def test_connections_beyond_the_limit_get_an_answer(daemon: Daemon) -> None:
 
 
 @pytest.mark.skipif(not backend_available("gvisor"), reason="needs runsc")
-def test_a_fifo_in_the_project_is_an_error_not_a_hang_up(daemon: Daemon,
-                                                        tmp_path: Path) -> None:
+def test_a_fifo_in_the_project_is_left_out_not_a_hang_up(daemon: Daemon,
+                                                         tmp_path: Path) -> None:
+    """A persistent gVisor sandbox copies a `moderate` project dir: the copy meets a FIFO,
+    which it leaves out (as any file that is not a dir, a regular file or a link:
+    `paths.plain_entries_only`), instead of hanging on it or failing the create."""
     project = tmp_path / "proj"
     project.mkdir()
     os.mkfifo(project / "pipe")
-    # A persistent gVisor sandbox copies a `moderate` project dir: the copy meets the FIFO.
-    r = daemon.ak("create", f"gv-{secrets.token_hex(3)}", "-i", "host", "-B", "gvisor",
-                  "--dir", str(project))
-    assert r.returncode == 125
-    assert "closed the connection" not in r.stderr
-    assert "named pipe" in r.stderr, r.stderr
+    (project / "kept.txt").write_text("kept\n")
+    name = f"gv-{secrets.token_hex(3)}"
+    r = daemon.ak("create", name, "-i", "host", "-B", "gvisor", "--dir", str(project))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert "closed the connection" not in r.stderr
+        # (A glob, not ls: this host's runsc fails coreutils' statx.)
+        r = daemon.ak("exec", name, "--", "sh", "-c", "echo /workspace/*")
+        assert (r.returncode, r.stdout) == (0, "/workspace/kept.txt\n"), r.stderr
+    finally:
+        daemon.ak("rm", name)
 
 
 # ---------------------------------------------------------------- R6: reading files
@@ -382,3 +390,110 @@ def test_cp_out_never_writes_through_a_planted_symlink(daemon: Daemon, box: str,
     assert victim.read_text() == "precious\n"
     assert not (tmp_path / "created-through-link").exists()
     assert old_name.is_symlink() and planted.is_symlink() and dangling.is_symlink()
+
+
+# ---------------------------------------------------------------- malformed requests
+
+
+def _one_reply(daemon: Daemon, line: bytes) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect(str(daemon.run_dir / "daemon.sock"))
+        s.sendall(line)
+        with s.makefile("rb") as f:
+            reply = json.loads(f.readline())
+    assert isinstance(reply, dict)
+    return reply
+
+
+@pytest.mark.parametrize("line", [
+    b"[" * 100_000 + b"]" * 100_000 + b"\n",
+    b'{"op": "ping", "args": {"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}\n",
+], ids=["array", "in-args"])
+def test_json_nested_too_deeply_is_a_usage_error(daemon: Daemon, line: bytes) -> None:
+    """`[[[[…` deeper than the JSON parser recurses is the client's mistake (UsageError:
+    exit code 2), not an internal error, and the daemon serves the next request."""
+    reply = _one_reply(daemon, line)
+    assert reply["ok"] is False
+    assert (reply["error"]["type"], reply["error"]["exit_code"]) == ("UsageError", 2), reply
+    assert "nests too deeply" in reply["error"]["message"]
+    assert _one_reply(daemon, b'{"op": "ping"}\n')["ok"] is True
+
+
+def test_a_stream_line_nested_too_deeply_ends_only_its_stream(daemon: Daemon,
+                                                              box: str) -> None:
+    """The control lines of a running exec (stdin, signals) are read the same way: one that
+    cannot be read ends its command (as a client gone would), not the control thread
+    alone with the command left running unattended; the daemon serves on."""
+    marker = f"3{secrets.randbelow(10**6):06d}"
+    s, lines = _open(daemon, "exec", {"name": box, "argv": ["sleep", marker]})
+    try:
+        assert json.loads(lines.readline())["ev"] == "started"
+        s.sendall(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+        last = json.loads(lines.readline())
+        assert (last["ok"], last["error"]["type"]) == (False, "Cancelled"), last
+    finally:
+        _hang_up(s, lines)
+    assert _wait_gone(f"sleep {marker}")
+    assert _one_reply(daemon, b'{"op": "ping"}\n')["ok"] is True
+    log = (daemon.home / "daemon.log").read_text(errors="replace")
+    assert "RecursionError" not in log, log[-2000:]
+
+
+def test_a_request_line_over_the_cap_is_refused(daemon: Daemon) -> None:
+    from agentkernel.daemon.server import MAX_LINE
+
+    reply = _one_reply(daemon, b'{"op": "ping", "pad": "' + b"x" * MAX_LINE + b'"}\n')
+    assert (reply["error"]["type"], reply["error"]["exit_code"]) == ("UsageError", 2), reply
+    assert _one_reply(daemon, b'{"op": "ping"}\n')["ok"] is True
+
+
+# ---------------------------------------------------------------- cp of special files
+
+
+def test_cp_refuses_a_host_fifo_device_or_socket_without_waiting(daemon: Daemon, box: str,
+                                                                 tmp_path: Path) -> None:
+    """`cp FIFO box:/…` waited for a writer forever. Anything but a regular file (a FIFO,
+    a link to one, a device, a socket) is refused at once, naming what it is, and nothing
+    is written into the sandbox."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "to-fifo").symlink_to(tmp_path / "fifo")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tmp_path / "sock"))
+    cases = {tmp_path / "fifo": "a FIFO", tmp_path / "to-fifo": "a FIFO",
+             Path("/dev/zero"): "a character device", tmp_path / "sock": "a socket"}
+    try:
+        for src, kind in cases.items():
+            r = daemon.ak("cp", str(src), f"{box}:/tmp/copied", timeout=30)
+            assert r.returncode == 2, (src, r.stderr)
+            assert f"is {kind}, not a regular file" in r.stderr, (src, r.stderr)
+    finally:
+        sock.close()
+    r = daemon.ak("exec", box, "--", "sh", "-c", "test -e /tmp/copied && echo there; true")
+    assert r.stdout == "", r.stdout
+    (tmp_path / "plain").write_text("plain\n")
+    assert daemon.ak("cp", str(tmp_path / "plain"), f"{box}:/tmp/copied").returncode == 0
+
+
+def test_cp_out_of_a_sandbox_fifo_or_device_is_refused(daemon: Daemon, box: str,
+                                                      tmp_path: Path) -> None:
+    """The other way: a FIFO (or a device) the sandbox offers as the file to copy out is
+    refused by its agent, not waited on, and nothing is left on the host."""
+    assert daemon.ak("exec", box, "--", "sh", "-c",
+                     "mkfifo /tmp/out-fifo; ln -s /tmp/out-fifo /tmp/to-fifo").returncode == 0
+    for src in ("/tmp/out-fifo", "/tmp/to-fifo", "/dev/zero"):
+        r = daemon.ak("cp", f"{box}:{src}", str(tmp_path / "out"), timeout=30)
+        assert r.returncode != 0 and "not a regular file" in r.stderr, (src, r.stderr)
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_cp_into_a_sandbox_fifo_does_not_wait(daemon: Daemon, box: str,
+                                             tmp_path: Path) -> None:
+    """A FIFO at the destination inside the sandbox is replaced (the agent writes a new
+    file and renames it over the name), never opened and waited on."""
+    assert daemon.ak("exec", box, "--", "mkfifo", "/tmp/in-fifo").returncode == 0
+    (tmp_path / "plain").write_text("plain\n")
+    r = daemon.ak("cp", str(tmp_path / "plain"), f"{box}:/tmp/in-fifo", timeout=30)
+    assert r.returncode == 0, r.stderr
+    r = daemon.ak("exec", box, "--", "cat", "/tmp/in-fifo", timeout=30)
+    assert r.stdout == "plain\n", r.stderr

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import Daemon
+from sandbox_helpers import backend_available
 
 # The `agentkernel` command as installed (pip only rewrites its shebang). Not `python -m`:
 # runpy alone imports contextlib, functools and collections.
@@ -137,7 +138,7 @@ def test_hostile_project_file_is_limited_through_the_daemon_too(daemon: Daemon,
         r = daemon.ak("run", *HOST, "--json", "--", *script, cwd=tmp_path, env=env)
         doc = json.loads(r.stdout)
         assert (doc["profile"], doc["stdout"]) == ("moderate", ""), (via, r.stderr)
-        assert ("pooled" in doc) == (via == "daemon"), (via, r.stderr, doc)
+        assert (doc["pooled"] is not None) == (via == "daemon"), (via, r.stderr, doc)
         assert not (tmp_path / "planted").exists(), via
     r = daemon.ak("create", "box-hostile", "-i", "host", "-B", "namespaces", "-d", str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -349,7 +350,7 @@ HOT_PATH_MODULES = {
     "agentkernel", "agentkernel.__main__", "agentkernel.cli", "agentkernel.cli.fast",
     "agentkernel.cli.run", "agentkernel.cli.common", "agentkernel.ipc",
     "agentkernel.ipc.client", "agentkernel.ipc.wire", "agentkernel.context",
-    "agentkernel.paths", "agentkernel.errors"}
+    "agentkernel.paths", "agentkernel.errors", "agentkernel.peercred"}
 
 
 def test_run_through_the_daemon_stays_import_light(daemon: Daemon, tmp_path: Path) -> None:
@@ -389,3 +390,30 @@ def test_fast_exit_keeps_output_and_exit_code(daemon: Daemon, tmp_path: Path) ->
         assert out.returncode == 7, out.stderr[-500:]
         assert out.stdout == b"x" * 300000 + b"\nlast"
         assert out.stderr.endswith(b"err-tail\n"), out.stderr[-500:]
+
+
+def test_a_project_cannot_pick_a_backend_weaker_than_auto(daemon: Daemon,
+                                                         tmp_path: Path) -> None:
+    """A cloned repository's `backend = "docker"` (below every backend `auto` picks) where
+    the user names none: auto's pick runs the command, one line says why, through the
+    daemon and in-process; a stronger one (gVisor, where auto picks namespaces) applies."""
+    from agentkernel.backends import backend_class, choose
+
+    daemon.ensure_up()
+    auto = choose("auto").backend
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "agentkernel.toml").write_text('[sandbox]\nbackend = "docker"\n')
+    config_home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}  # the user names none
+    for via in ("daemon", "in-process"):
+        env = {**config_home, **({"AGENTKERNEL_NO_DAEMON": "1"} if via == "in-process" else {})}
+        r = daemon.ak("run", "-i", "host", "--json", "--", "true", cwd=proj, env=env)
+        assert r.returncode == 0, (via, r.stderr)
+        assert json.loads(r.stdout)["backend"] == auto.name, (via, r.stdout)
+        assert r.stderr.count('[sandbox] backend "docker" ignored') == 1, (via, r.stderr)
+        assert f"weaker than {auto.name}" in r.stderr, (via, r.stderr)
+    if auto.strength < backend_class("gvisor").strength and backend_available("gvisor"):
+        (proj / "agentkernel.toml").write_text('[sandbox]\nbackend = "gvisor"\n')
+        r = daemon.ak("run", "-i", "host", "--json", "--", "true", cwd=proj, env=config_home)
+        assert json.loads(r.stdout)["backend"] == "gvisor", r.stderr
+        assert "[sandbox] backend" not in r.stderr, r.stderr

@@ -268,3 +268,219 @@ def test_user_config_mirror_on_loopback_with_the_daemon(newcomer: Newcomer,
         assert f"user:{user_config}" in shown.stdout and registry.host in shown.stdout
     finally:
         registry.stop()
+
+
+def test_data_dir_is_private_to_other_local_users(tmp_path: Path) -> None:
+    """A home other users can traverse (0755, the usual default): the data dir that the
+    first run makes is 0700, as docs/daemon.md says, and no file of it — the state's
+    SQLite WAL included — lets host user `nobody` read a kept sandbox's `-e` values."""
+    import os
+    import subprocess
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root (to become nobody) and setpriv")
+    home = Path(tempfile.mkdtemp(prefix="ak-newcomer-", dir="/tmp"))
+    try:
+        home.chmod(0o755)  # a home others may enter, as most are
+        user = Newcomer(home)
+        user.env["HOME"] = str(home)
+        data = home / ".local" / "share" / "agentkernel"  # the default place, made by us
+        user.env["AGENTKERNEL_HOME"] = str(data)
+        token = "tok-" + os.urandom(8).hex()
+        first = user.ak("run", "-q", "--", "true")  # what a newcomer does first
+        assert first.returncode == 0, first.stderr
+        made = user.ak("create", "tk", "-i", "host", "-e", f"TOKEN={token}")
+        assert made.returncode == 0, made.stderr
+        try:
+            got = user.ak("exec", "tk", "--", "sh", "-c", "echo $TOKEN")
+            assert got.stdout == f"{token}\n", got.stderr
+            # The attack: another local user greps every file it can reach for the value.
+            probe = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                 "grep", "-rl", "--no-messages", token, str(home)],
+                capture_output=True, text=True, timeout=60, check=False)
+            assert probe.stdout == "", probe.stdout
+            assert data.stat().st_mode & 0o077 == 0, oct(data.stat().st_mode)
+            # Each file that holds it is private on its own too (a data dir made looser by
+            # hand, or by an older version, does not open them).
+            for path in data.rglob("*"):
+                if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 24 \
+                        and token.encode() in path.read_bytes():
+                    assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
+        finally:
+            user.ak("remove", "tk")
+            user.ak("daemon", "stop", timeout=90)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_ordinary_users_path_finds_the_sbin_tools() -> None:
+    """Debian gives ordinary users a PATH without /usr/sbin, where e2fsprogs puts mkfs.ext4:
+    `doctor` as such a user does not say it is missing (and to apt install it) when it is
+    installed."""
+    import subprocess
+
+    from sandbox_helpers import ak_as_user, nobody_home
+
+    if not Path("/usr/sbin/mkfs.ext4").exists() and not Path("/sbin/mkfs.ext4").exists():
+        pytest.skip("e2fsprogs is not installed")
+    with nobody_home() as home:
+        proc = ak_as_user(65534, home, "doctor", cwd=home / "project",
+                          env={"PATH": "/usr/local/bin:/usr/bin:/bin"})
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert "microvm" in out, (out, err)
+    assert "mkfs.ext4 is missing" not in out, out
+
+
+def test_verbose_profile_line_is_the_same_in_process_and_through_the_daemon(
+        newcomer: Newcomer) -> None:
+    """`run -v` with no memory cap (`[resources] memory = "unlimited"` in the user config)
+    says `memory=unlimited` on every path: in-process, the Python client through the daemon,
+    and the native command through it."""
+    import os
+    import subprocess
+
+    config = Path(newcomer.env["XDG_CONFIG_HOME"]) / "agentkernel"
+    config.mkdir(parents=True)
+    (config / "config.toml").write_text('[resources]\nmemory = "unlimited"\n')
+
+    def profile_line(stderr: str) -> str:
+        lines = [ln for ln in stderr.splitlines() if ln.startswith("agentkernel: profile ")]
+        assert len(lines) == 1, stderr
+        return lines[0]
+
+    alone = newcomer.ak("run", "-v", "-i", "host", "--", "true")
+    assert alone.returncode == 0, alone.stderr
+    expected = profile_line(alone.stderr)
+    assert "memory=unlimited " in expected, expected
+    newcomer.wait_daemon()
+    via = newcomer.ak("run", "-v", "-i", "host", "--", "true")
+    assert via.returncode == 0 and "via daemon" in via.stderr, via.stderr
+    assert profile_line(via.stderr) == expected
+    native = Path(__file__).resolve().parents[2] / "launcher" / "build" / "agentkernel"
+    if native.exists():
+        nat = subprocess.run([str(native), "run", "-v", "-i", "host", "--", "true"],
+                             cwd=newcomer.project, env={**os.environ, **newcomer.env},
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert nat.returncode == 0 and "via daemon" in nat.stderr, nat.stderr
+        assert profile_line(nat.stderr) == expected
+
+
+def test_a_daemon_of_another_data_dir_is_not_used_for_kept_sandboxes(
+        newcomer: Newcomer, tmp_path: Path) -> None:
+    """Root's runtime dir is /run/agentkernel whatever HOME says: a second data dir (another
+    HOME or AGENTKERNEL_HOME) on the same runtime dir must not make its sandboxes in, or
+    list those of, the running daemon's data dir; it is told what to do instead. Its `run`
+    still works (in-process)."""
+    made = newcomer.ak("create", "mine", "-i", "host")
+    assert made.returncode == 0, made.stderr
+    try:
+        other = Newcomer.__new__(Newcomer)
+        other.run_dir, other.project = newcomer.run_dir, newcomer.project
+        other.env = {**newcomer.env, "AGENTKERNEL_HOME": str(tmp_path / "other-home")}
+        theirs = other.ak("create", "theirs", "-i", "host")
+        assert theirs.returncode != 0, theirs.stdout
+        assert "AGENTKERNEL_RUNTIME_DIR" in theirs.stderr, theirs.stderr
+        listed = other.ak("list")
+        assert listed.returncode != 0 and "mine" not in listed.stdout, listed.stdout
+        assert other.ak("exec", "mine", "--", "true").returncode != 0
+        native = Path(__file__).resolve().parents[2] / "launcher" / "build" / "agentkernel"
+        if native.exists():  # the native command's exec says its data dir too
+            import os
+            import subprocess
+
+            nat = subprocess.run([str(native), "exec", "mine", "--", "echo", "reached"],
+                                 cwd=other.project, env={**os.environ, **other.env},
+                                 capture_output=True, text=True, timeout=120, check=False)
+            assert nat.returncode != 0 and "reached" not in nat.stdout, nat.stdout
+            assert "AGENTKERNEL_RUNTIME_DIR" in nat.stderr, nat.stderr
+        ran = other.ak("run", "-v", "-i", "host", "--", "echo", "ok")
+        assert ran.returncode == 0 and ran.stdout == "ok\n", ran.stderr
+        assert "via daemon" not in ran.stderr
+        assert "theirs" not in newcomer.ak("list").stdout
+    finally:
+        newcomer.ak("remove", "mine")
+        newcomer.ak("remove", "theirs")
+
+
+def test_json_is_one_object_with_the_same_keys_on_every_path(newcomer: Newcomer) -> None:
+    """`run --json` prints one JSON object — also when the command cannot start (127, 125)
+    — with the same keys in-process and through the daemon."""
+    import json
+
+    def as_json(*args: str, daemon: bool) -> tuple[int, dict[str, object]]:
+        env = {} if daemon else {"AGENTKERNEL_NO_DAEMON": "1"}
+        r = ak("run", "-q", "--json", "-i", "host", *args, cwd=newcomer.project,
+               env={**newcomer.env, **env})
+        lines = r.stdout.splitlines()
+        assert len(lines) == 1, (r.stdout, r.stderr)
+        return r.returncode, json.loads(lines[0])
+
+    assert newcomer.ak("run", "-q", "--", "true").returncode == 0
+    newcomer.wait_daemon()
+    keys: set[str] = set()
+    for daemon in (False, True):
+        code, ok = as_json("--", "true", daemon=daemon)
+        assert code == 0 and ok["exit_code"] == 0 and ok["backend"], ok
+        keys = keys or set(ok)
+        assert set(ok) == keys, (daemon, ok)
+        code, missing = as_json("--", "no-such-command-xyz", daemon=daemon)
+        assert code == missing["exit_code"] == 127 and set(missing) == keys, missing
+        assert "not found" in str(missing["message"])
+        code, nowhere = as_json("-w", "/no/such/dir", "--", "pwd", daemon=daemon)
+        assert code == nowhere["exit_code"] == 125 and set(nowhere) == keys, nowhere
+    # A usage error is not a run: exit 2 and its message, no object.
+    usage = newcomer.ak("run", "--json", "--keep", "-i", "host", "--", "true")
+    assert usage.returncode == 2 and usage.stdout == "", usage.stdout
+
+
+def test_a_refusal_is_always_named_on_stderr(newcomer: Newcomer) -> None:
+    """README: `run --deny-host '*' -- curl ...` is refused and stderr says by which rule.
+    A command that exits right after the refused answer (getent) still gets that line: the
+    gate writes a refusal before it answers."""
+    for _ in range(4):
+        r = newcomer.ak("run", "-i", "host", "--deny-host", "*", "--", "getent", "hosts",
+                        "example.com")
+        assert r.returncode != 0, r.stdout
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("agentkernel: egress: ")]
+        assert lines and "dns example.com REFUSED by deny *" in lines[0], r.stderr
+    allowed = newcomer.ak("run", "-i", "host", "--allow-host", "nothing.invalid", "--",
+                          "getent", "hosts", "nothing.invalid")
+    # An allowed name that has no address says so, not as if its allow rule refused it.
+    assert "no address" in allowed.stderr, allowed.stderr
+
+
+def test_refusals_are_on_stderr_through_the_daemon_too(newcomer: Newcomer) -> None:
+    """A project's `[network] allow` list refuses another name: the run says so on stderr
+    (`egress: ... REFUSED by RULE`) in-process, through the daemon, and through the native
+    command alike."""
+    import os
+    import re
+    import subprocess
+
+    (newcomer.project / "agentkernel.toml").write_text('[network]\nallow = ["example.com"]\n')
+    argv = ["run", "-i", "host", "--", "getent", "hosts", "pypi.org"]
+
+    def refusals(stderr: str) -> list[str]:
+        return [re.sub(r"\d\d:\d\d:\d\d ", "", ln) for ln in stderr.splitlines()
+                if ln.startswith("agentkernel: egress: ")]
+
+    alone = ak(*argv, cwd=newcomer.project, env={**newcomer.env, "AGENTKERNEL_NO_DAEMON": "1"})
+    expected = refusals(alone.stderr)
+    assert expected and "dns pypi.org REFUSED by default deny" in expected[0], alone.stderr
+    assert newcomer.ak("run", "-q", "-i", "host", "--", "true").returncode == 0  # autostart
+    newcomer.wait_daemon()
+    via = newcomer.ak("run", "-v", *argv[1:])
+    assert "via daemon" in via.stderr and via.returncode == alone.returncode, via.stderr
+    assert refusals(via.stderr) == expected, via.stderr
+    native = Path(__file__).resolve().parents[2] / "launcher" / "build" / "agentkernel"
+    if native.exists():
+        nat = subprocess.run([str(native), *argv], cwd=newcomer.project,
+                             env={**os.environ, **newcomer.env}, capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert refusals(nat.stderr) == expected, nat.stderr

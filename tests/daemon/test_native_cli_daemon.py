@@ -24,7 +24,7 @@ from native_cli_helpers import (
     normalized,
     on_a_terminal,
 )
-from sandbox_helpers import SYSTEM_PYTHON, nobody_home, public_pythonpath
+from sandbox_helpers import SYSTEM_PYTHON, ak, nobody_home, public_pythonpath
 
 HOST = ["-i", "host", "-B", "namespaces"]
 CLAUDE = ROOT / ".cache" / "agents-home" / "agents" / "claude"
@@ -141,7 +141,16 @@ def test_agent_version_matches_the_python_cli(native: Path, daemon: Daemon,
         code, out, _ = _same(native, daemon, ["run", "--agent", "claude", "--", "--version"],
                              tmp_path)
         assert code == 0 and out.strip(), out
-        _same(native, daemon, ["run", "-v", "--agent", "claude", "--", "--version"], tmp_path)
+        _, _, said = _same(native, daemon, ["run", "-v", "--agent", "claude", "--", "--version"],
+                           tmp_path)
+        # `-v` says which backend and isolation the agent got, as the in-process run says.
+        alone = ak("run", "-v", "--agent", "claude", "--", "--version", cwd=tmp_path,
+                   env={**daemon.env, "AGENTKERNEL_NO_DAEMON": "1"})
+        assert alone.returncode == 0, alone.stderr
+        for kind in ("backend", "image", "profile"):
+            line = [ln for ln in alone.stderr.splitlines()
+                    if ln.startswith(f"agentkernel: {kind} ")]
+            assert line and line[0] in said.splitlines(), (kind, alone.stderr, said)
         env = {**os.environ, **daemon.env}
         args = ["run", "--agent", "claude", "--", "--version"]  # on a terminal: a PTY
         py = on_a_terminal([*PY_CLI, *args], env, tmp_path)

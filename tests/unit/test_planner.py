@@ -104,7 +104,52 @@ def test_backend_order_request_then_config_then_auto(rec: Recorder, tmp_path: Pa
     (tmp_path / "agentkernel.toml").write_text('[sandbox]\nbackend = "gvisor"\n')
     _plan(rec, RunRequest(argv=["true"], cwd=tmp_path, image="host"))
     _plan(rec, RunRequest(argv=["true"], cwd=tmp_path, image="host", backend="namespaces"))
-    assert [name for name, _ in rec.chosen] == ["auto", "gvisor", "namespaces"]
+    # (A project's backend, with none of the user's: auto's pick first, to compare.)
+    assert [name for name, _ in rec.chosen] == ["auto", "auto", "gvisor", "namespaces"]
+
+
+class AutoPicks(Recorder):
+    """`auto` picks a backend as strong as namespaces (10); a named one is a fake."""
+
+    class Auto(FakeBackend):
+        name = "auto-pick"
+        strength = 10
+
+    def choose(self, name: str, options: CallerOptions) -> Choice:
+        self.chosen.append((name, options))
+        backend = self.Auto(options) if name == "auto" else FakeBackend(options)
+        return Choice(backend, ())
+
+
+@pytest.mark.parametrize(("project", "user", "flag", "config_flag", "expect"), [
+    ("docker", None, None, False, "auto"),  # weaker than auto's pick: refused
+    ("podman", 'backend = "auto"', None, False, "auto"),  # "auto" in your config names none
+    ("gvisor", None, None, False, "gvisor"),  # stronger: the project may choose it
+    ("wasm", None, None, False, "wasm"),  # as strong (10): may too
+    ("docker", 'backend = "docker"', None, False, "docker"),  # yours named it
+    ("docker", None, "docker", False, "docker"),  # -B docker
+    ("docker", None, None, True, "docker"),  # -c agentkernel.toml: the file is trusted
+])
+def test_a_project_may_not_pick_a_backend_weaker_than_auto(
+        tmp_path: Path, project: str, user: str | None, flag: str | None, config_flag: bool,
+        expect: str) -> None:
+    rec = AutoPicks()
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "agentkernel.toml").write_text(f'[sandbox]\nbackend = "{project}"\n')
+    user_file = tmp_path / "user.toml"
+    user_file.write_text(f"[sandbox]\n{user}\n" if user else "")
+    req = RunRequest(argv=["true"], cwd=proj, image="host", backend=flag,
+                     config_path=proj / "agentkernel.toml" if config_flag else None)
+    got = _plan(rec, req, CallerContext(user_config=str(user_file)))
+    refused = [w for w in got.warnings if "[sandbox] backend" in w]
+    if expect == "auto":
+        assert got.backend.name == "auto-pick"
+        assert [name for name, _ in rec.chosen] == ["auto"]  # the project's never probed
+        assert len(refused) == 1 and f'backend "{project}" ignored' in refused[0], refused
+        assert "weaker than auto-pick" in refused[0] and f"-B {project}" in refused[0]
+    else:
+        assert rec.chosen[-1][0] == expect and not refused, (rec.chosen, refused)
 
 
 def test_config_order_flag_then_project_then_user(rec: Recorder, tmp_path: Path) -> None:

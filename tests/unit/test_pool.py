@@ -375,6 +375,37 @@ def test_a_reusable_sandbox_is_given_back_first_in_line(fake: FakeBackend,
     assert last.spec.name not in fake.live
 
 
+def test_runs_on_a_given_back_sandbox_wake_no_pool_thread(fake: FakeBackend,
+                                                         make_pool: Any) -> None:
+    """A key whose sandbox comes back (wasm's worker), run after run, with pauses: its
+    take and its release (after the give-back, as runs.finish does) have nothing for the
+    refill and teardown threads to do, and wake none of them (each wake-up took the GIL
+    on the run's path)."""
+    p = make_pool(adhoc_min=1)
+    k = key()
+    first, _ = p.acquire(k, None, None)  # type: ignore[arg-type]
+    p.discard(first)
+    p.release(k)
+    wait_for(lambda: status(p, k).warm >= 1)
+    woken: list[str] = []
+    notify_all = p._cond.notify_all
+
+    def counted() -> None:
+        woken.append(threading.current_thread().name)
+        notify_all()
+
+    for i in range(12):
+        if i == 2:  # its worker came back twice: from now on nothing is to be started
+            p._cond.notify_all = counted  # type: ignore[method-assign]
+        sandbox, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+        assert warm
+        sandbox.serves_again = True
+        p.give_back(k, sandbox)
+        p.release(k)
+        time.sleep(0.02)
+    assert woken == []
+
+
 # ---- background work yields to runs in flight (the request's latency) ----
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from wasm_modules import CAT, COUNTER, EXIT7, FLOOD, FLOOD_CHUNKS, HELLO
+from wasm_modules import CAT, COUNTER, ENV, EXIT7, FLOOD, FLOOD_CHUNKS, HELLO
 
 wasmtime = pytest.importorskip("wasmtime")
 from agentkernel.backends import wasm_worker as ww  # noqa: E402
@@ -83,6 +83,21 @@ def test_jobs_in_a_row_get_fresh_instances(worker: Worker) -> None:
     assert (out, err, end) == (b"hello\n", b"oops\n", {"code": 0})
 
 
+def test_a_store_made_ahead_serves_only_a_request_sent_as_the_last(worker: Worker) -> None:
+    """After a job the worker makes a Store for a next one sent the same way: a next job
+    that differs (its environment, its module, its memory limit) gets its own, and one
+    sent the same way still starts from a fresh instance."""
+    env = worker.load(ENV)
+    assert worker.job(env, env=[["A", "1"]])[0] == b"A=1\0"
+    assert worker.job(env, env=[["A", "2"]])[0] == b"A=2\0"  # not the store made for A=1
+    assert worker.job(env, env=[["A", "2"]])[0] == b"A=2\0"  # the one made ahead
+    assert worker.job(env, env=[["A", "2"]], memory_bytes=1 << 20)[0] == b"A=2\0"
+    counter = worker.load(COUNTER)
+    for _ in range(2):
+        assert worker.job(counter) == (b"1111\n", b"", {"code": 0})
+    assert worker.job(env, env=[])[0] == b""
+
+
 def test_stdin_is_each_jobs_own(worker: Worker) -> None:
     cat = worker.load(CAT)
     assert worker.job(cat, stdin=b"first")[0] == b"first"
@@ -145,3 +160,44 @@ def test_an_unforeseen_failure_ends_the_worker(worker: Worker, stdin: bool) -> N
     _out, err = worker.proc.communicate(timeout=30)
     assert worker.proc.returncode == ww.EXIT_FAILED
     assert b"preopen" in err
+
+
+_READ_FRAMES = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import wasm_worker as ww
+while True:
+    try:
+        got = ww.read_frame()
+    except (EOFError, ValueError) as exc:
+        print(type(exc).__name__, len(ww._IN))
+        break
+    if got is None:
+        print("end")
+        break
+    print(got[0].decode(), len(got[1]), got[1][:4].hex(), len(ww._IN) < ww.READ_AHEAD)
+"""
+
+
+def test_frames_read_ahead_and_exactly() -> None:
+    """Frames that come in one write are taken from one read; a frame longer than the
+    read-ahead is read exactly, across it; a frame over its limit is refused before its
+    payload is read; stdin's end inside a frame is an error, at a frame's start the end."""
+    big = os.urandom(3 * ww.READ_AHEAD + 7)
+    stream = b"".join([ww.frame(b"J", b"{}"), ww.frame(b"I", b"ab"), ww.frame(b"M", big),
+                       ww.frame(b"C"), ww.frame(b"D", b"k" * 64)])
+
+    def frames(data: bytes) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", _READ_FRAMES,
+                              os.path.dirname(ww.__file__)], input=data,
+                             capture_output=True, check=True, timeout=60).stdout
+        return out.decode().splitlines()
+
+    assert frames(stream) == [
+        "J 2 7b7d True", "I 2 6162 True", f"M {len(big)} {big[:4].hex()} True", "C 0  True",
+        f"D 64 {(b'k' * 4).hex()} True", "end"]
+    assert frames(stream[:-3]) == [
+        "J 2 7b7d True", "I 2 6162 True", f"M {len(big)} {big[:4].hex()} True", "C 0  True",
+        "EOFError 0"]
+    over = b"J" + (ww.MAX_HEADER + 1).to_bytes(4, "big")
+    assert frames(ww.frame(b"C") + over + b"x" * 10) == ["C 0  True", "ValueError 10"]

@@ -610,8 +610,14 @@ class AgentClient:
         pty: tuple[int, int] | None = None,
         rlimits: Sequence[tuple[int, int, int]] = (),
         umask: int | None = None,
+        given_stdio: bool = False,
+        sent: Callable[[], None] | None = None,
     ) -> Execution:
-        """Start a command. env is the complete environment (None = empty)."""
+        """Start a command. env is the complete environment (None = empty). With
+        `given_stdio` its stdin and stdout are the descriptor the agent was started with
+        (`--give`; once): its output never comes through this channel. `sent`: called
+        once the request is on its way, before its answer is awaited (work beside the
+        command's start: daemon/runs sends a run's grant there)."""
         timeout_ms = 0
         if timeout is not None:
             if timeout <= 0:
@@ -628,9 +634,18 @@ class AgentClient:
             pty=pty,
             rlimits=rlimits,
             umask=umask,
+            given_stdio=given_stdio,
         )
         for _ in range(16):
             chan, q = self._request(T.EXEC, payload, "exec")
+            if sent is not None:
+                then: Callable[[], None] = sent
+                sent = None  # (once: a retry under another id is the same start)
+                try:
+                    then()
+                except BaseException:
+                    self._close_chan(chan)
+                    raise
             frame = self._get(q, None, "exec reply")
             while frame.type in _STRAY_OUTPUT:
                 # Output of a command an earlier connection started under this id (replayed
@@ -638,7 +653,7 @@ class AgentClient:
                 frame = self._get(q, None, "exec reply")
             if frame.type == T.STARTED and len(frame.payload) == 4:
                 return Execution(self, chan, q, as_uint(frame.payload),
-                                 has_stdin=stdin or pty is not None)
+                                 has_stdin=(stdin or pty is not None) and not given_stdio)
             self._close_chan(chan)
             if frame.type != T.ERROR:
                 raise _unexpected(frame, "exec")

@@ -82,6 +82,7 @@ class Tag(IntEnum):
     PTY = 8
     RLIMIT = 9
     UMASK = 10
+    GIVEN_STDIO = 11  # EXEC: stdin and stdout are the agent's --give descriptor
     PATH = 20
     OFFSET = 21
     LENGTH = 22
@@ -255,6 +256,7 @@ def encode_exec(
     pty: tuple[int, int] | None = None,
     rlimits: Sequence[tuple[int, int, int]] = (),
     umask: int | None = None,
+    given_stdio: bool = False,
 ) -> bytes:
     """Payload of an EXEC request."""
     if not argv:
@@ -285,6 +287,8 @@ def encode_exec(
         items.append((Tag.RLIMIT, _RLIMIT.pack(resource, soft, hard)))
     if umask is not None:
         items.append((Tag.UMASK, u32(umask)))
+    if given_stdio:
+        items.append((Tag.GIVEN_STDIO, u8(1)))
     payload = encode_tlvs(items)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError("command line and environment exceed the 1 MiB request limit")

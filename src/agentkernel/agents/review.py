@@ -48,7 +48,9 @@ def copy_project(project: Path) -> Path:
                              f"(over {MAX_FILES} entries or {MAX_BYTES >> 30} GiB)")
     top = Path(tempfile.mkdtemp(prefix="agentkernel-review-"))
     os.chmod(top, 0o700)
-    shutil.copytree(project, top / "project", symlinks=True)
+    from ..paths import plain_entries_only  # (no device's contents, no FIFO: see there)
+
+    shutil.copytree(project, top / "project", symlinks=True, ignore=plain_entries_only)
     return top / "project"
 
 
@@ -57,7 +59,9 @@ def _entries(root: Path) -> dict[str, os.stat_result]:
     for base, dirs, names in os.walk(root):
         for name in [*dirs, *names]:
             full = os.path.join(base, name)
-            out[os.path.relpath(full, root)] = os.lstat(full)
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                out[os.path.relpath(full, root)] = st  # (the copy has no other kind)
     return out
 
 
@@ -110,20 +114,32 @@ def _text(path: Path) -> list[str] | None:
     return data.decode(errors="replace").splitlines(keepends=True)
 
 
+def _printable(text: str) -> str:
+    """`text` with every character a terminal would act on (ESC, CR, BS, C1, bidi and other
+    format characters, odd line ends) escaped; tabs stay. The agent chose every byte of its
+    files and names, and the diff is what the user approves: `ESC[2K`, `ESC[1A` or a bare
+    CR let it erase or overwrite the lines that showed a change."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in text)
+
+
 def show(project: Path, copy: Path, found: list[Change], out: TextIO) -> None:
-    """A unified diff of every change (binary and large files by name only)."""
+    """A unified diff of every change (binary and large files by name only), every byte of
+    the agent's shown as printable text."""
     for change in found:
+        name = _printable(change.path)
         a, b = _text(project / change.path), _text(copy / change.path)
         if a is None or b is None:
-            out.write(f"Binary or large file {change.path} {change.kind}\n")
+            out.write(f"Binary or large file {name} {change.kind}\n")
             continue
-        lines = list(difflib.unified_diff(a, b, f"a/{change.path}", f"b/{change.path}"))
+        lines = list(difflib.unified_diff(a, b, f"a/{name}", f"b/{name}"))
         for line in lines[:MAX_DIFF_LINES]:
-            out.write(line if line.endswith("\n") else line + "\n")
+            out.write(_printable(line[:-1] if line.endswith("\n") else line) + "\n")
         if len(lines) > MAX_DIFF_LINES:
-            out.write(f"... {len(lines) - MAX_DIFF_LINES} more lines of {change.path}\n")
+            out.write(f"... {len(lines) - MAX_DIFF_LINES} more lines of {name}\n")
         if not lines:
-            out.write(f"{change.kind}: {change.path}\n")
+            out.write(f"{change.kind}: {name}\n")
 
 
 def _open_parent(root_fd: int, rel: str, *, create: bool) -> tuple[int, str]:
@@ -244,7 +260,8 @@ def finish(project: Path, copy: Path, exit_code: int, *, apply_flag: bool, quiet
         if apply_flag or (sys.stdin is not None and sys.stdin.isatty() and confirm()):
             skipped = apply(project, copy, found)
             for line in skipped:
-                print(f"agentkernel: review: not applied: {line}", file=sys.stderr)
+                print(f"agentkernel: review: not applied: {_printable(line)}",
+                      file=sys.stderr)
             print(f"agentkernel: review: applied {len(found) - len(skipped)} change(s) to "
                   f"{project}", file=sys.stderr)
         else:

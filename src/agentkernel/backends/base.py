@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import SandboxError
 from ..paths import runtime_dir
-from ..sandbox import Sandbox, SandboxSpec, close_fds
+from ..sandbox import Sandbox, SandboxSpec, close_fds, signals_deferred
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
@@ -141,6 +141,38 @@ def agent_file() -> str:
         return "ak-agent"
 
 
+def pin_sources(binds: tuple[tuple[str, str], ...], fds: list[int]) -> list[int]:
+    """A descriptor of each read-only bind's source (host path, target), opened now without
+    following its last component and checked to be a directory or regular file (also
+    appended to `fds`, the caller's to close): the backend binds that very file, whatever
+    is renamed into the host path meanwhile. A project's `.git` (agents/gitpin) is another
+    running sandbox's to rename: a link to a host secret put there must never be bound.
+    Never pass one into a sandbox: an O_PATH descriptor of a host dir opens its files
+    writable, past the read-only bind."""
+    import stat
+
+    out = []
+    for src, _ in binds:
+        try:
+            fd = os.open(src, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SandboxError(f"cannot open {src} for the sandbox: {exc.strerror}") from None
+        fds.append(fd)
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise SandboxError(f"{src} is not a directory or regular file: not bound")
+        out.append(fd)
+    return out
+
+
+def by_descriptor(binds: tuple[tuple[str, str], ...], fds: list[int]
+                  ) -> tuple[tuple[str, str], ...]:
+    """`binds` with each source named by its pinned descriptor (`pin_sources`), for code
+    of this process that opens it by path (id-mapping it as root)."""
+    return tuple((f"/proc/self/fd/{fd}", target)
+                 for fd, (_, target) in zip(fds, binds, strict=True))
+
+
 def make_scratch(name: str) -> Path:
     """A private per-sandbox directory for generated files (bundle, resolv.conf, logs)."""
     path = runtime_dir() / "sandboxes" / name
@@ -171,16 +203,24 @@ def spawn_agent(
     """Run `argv` (which ends by exec'ing the agent) with the protocol on its stdin/stdout."""
     to_agent_r, to_agent_w = os.pipe()
     from_agent_r, from_agent_w = os.pipe()
+    from .. import spawn
+
+    env = env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     try:
         with open(log, "wb") as logf:
-            process = subprocess.Popen(
-                list(argv), stdin=to_agent_r, stdout=from_agent_w, stderr=logf,
-                pass_fds=tuple(pass_fds), close_fds=True, preexec_fn=preexec_fn,
-                env=env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                # Own session: a terminal's Ctrl-C reaches only the CLI, which forwards it
-                # to the command through the agent instead of killing the sandbox.
-                start_new_session=True,
-            )
+            process: subprocess.Popen[bytes]
+            if preexec_fn is None and argv[0].startswith("/") and spawn.available():
+                # Without the GIL held while it execs (spawn.py); in its own session too.
+                process = spawn.SpawnedPopen(argv, env, stdin=to_agent_r, stdout=from_agent_w,
+                                             stderr=logf.fileno(), pass_fds=pass_fds)
+            else:
+                process = subprocess.Popen(
+                    list(argv), stdin=to_agent_r, stdout=from_agent_w, stderr=logf,
+                    pass_fds=tuple(pass_fds), close_fds=True, preexec_fn=preexec_fn, env=env,
+                    # Own session: a terminal's Ctrl-C reaches only the CLI, which forwards
+                    # it to the command through the agent instead of killing the sandbox.
+                    start_new_session=True,
+                )
     except OSError as exc:
         close_fds(to_agent_r, to_agent_w, from_agent_r, from_agent_w)
         raise SandboxError(f"cannot start {argv[0]}: {exc.strerror}") from None
@@ -188,6 +228,49 @@ def spawn_agent(
     os.set_inheritable(from_agent_r, False)
     os.set_inheritable(to_agent_w, False)
     return Spawned(process, from_agent_r, to_agent_w)
+
+
+LOG_MAX_BYTES = 1 << 20  # what a backend's stderr (or a guest's console) keeps on the host
+
+
+_LOG_READER = 'head -c "$1"; exec cat >/dev/null'
+
+
+def bounded_log(path: Path, uid: int | None = None, reader: tuple[int, int] | None = None
+                ) -> tuple[int, subprocess.Popen[bytes]]:
+    """The write end of a pipe for a process's log that the sandbox may write to (a guest's
+    serial port; gVisor's stderr, which a command reopens through /proc/1/fd/2 there), and
+    its reader: `head`, which copies the first LOG_MAX_BYTES into `path` (made 0600, never
+    through a link), then `cat`, which drops the rest until the writers are gone. The
+    pipe keeps a reader for as long as it has a writer: runsc (Go) dies of SIGPIPE on a
+    write to its stderr that has none. `uid` gets the write end, for a process that
+    drops to it and reopens the pipe through /proc/self/fd; `reader` (uid, gid) is who
+    the reader runs as (it needs nothing of ours: `path` is opened here)."""
+    import shutil
+
+    sh = shutil.which("sh") or "/bin/sh"
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600)
+    try:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            if uid is not None:
+                os.fchown(w, uid, uid)
+            reader_proc = subprocess.Popen(
+                # A constant program; the count is its argument. cat runs whatever way
+                # head ended: what it reads goes to /dev/null, not to `path`.
+                [sh, "-c", _LOG_READER, "log-reader", str(LOG_MAX_BYTES)], stdin=r, stdout=out,
+                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
+                env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, user=reader[0] if reader else None,
+                group=reader[1] if reader else None, extra_groups=[] if reader else None)
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+    finally:
+        os.close(out)
+    return w, reader_proc
 
 
 def startup_failure(what: str, log: Path, process: subprocess.Popen[bytes]) -> SandboxError:
@@ -263,7 +346,18 @@ def abandon(
     cgroup: Cgroup | None,
     helpers: Sequence[subprocess.Popen[bytes]] = (),
 ) -> None:
-    """Undo a start that failed before a Sandbox object owned its pieces: nothing leaks."""
+    """Undo a start that failed before a Sandbox object owned its pieces: nothing leaks
+    (not even when a second signal comes while the first one's cleanup runs)."""
+    with signals_deferred():
+        _abandon(scratch, process, cgroup, helpers)
+
+
+def _abandon(
+    scratch: Path,
+    process: subprocess.Popen[bytes] | None,
+    cgroup: Cgroup | None,
+    helpers: Sequence[subprocess.Popen[bytes]],
+) -> None:
     import signal
 
     if process is not None and process.poll() is None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -88,8 +87,17 @@ LAYER_FSTYPES = frozenset({"overlay", "fuse.fuse-overlayfs"})
 LAYER_ATTEMPTS = 3  # starts of a sandbox whose container came up without its image
 
 
-class LayerNotMounted(Exception):
+class StartAgain(Exception):
+    """This container cannot be used as it was made; a new one may be (`start` retries)."""
+
+
+class LayerNotMounted(StartAgain):
     """The engine started the container on its layer's bare mount point (check_layer)."""
+
+
+class MasksChanged(StartAgain):
+    """A private entry of the host's userland vanished or came back between the walk that
+    found it and the engine's mounts (`create_body`, `check_masks`)."""
 
 
 # What the engine said an image name is, remembered this long (from when it was asked).
@@ -419,10 +427,14 @@ class ContainerBackend(Backend):
         for attempt in range(LAYER_ATTEMPTS):
             try:
                 return self._start_once(spec)
-            except LayerNotMounted as exc:
-                if attempt + 1 == LAYER_ATTEMPTS:
-                    raise SandboxError(f"{self.engine} started the sandbox without its image "
-                                       f"{LAYER_ATTEMPTS} times: {exc}") from None
+            except StartAgain as exc:
+                if attempt + 1 < LAYER_ATTEMPTS:
+                    continue
+                if isinstance(exc, MasksChanged):
+                    raise SandboxError(f"the host's private files changed under the sandbox's "
+                                       f"start {LAYER_ATTEMPTS} times: {exc}") from None
+                raise SandboxError(f"{self.engine} started the sandbox without its image "
+                                   f"{LAYER_ATTEMPTS} times: {exc}") from None
         raise AssertionError("unreachable")
 
     def _start_once(self, spec: SandboxSpec) -> Sandbox:
@@ -438,10 +450,13 @@ class ContainerBackend(Backend):
         except BaseException as exc:
             import shutil
 
-            if not isinstance(exc, LayerNotMounted):
+            if not isinstance(exc, StartAgain):
                 self.forget_engine()  # (stale settings may be why: the next start asks)
+            from .container_upper import release_upper
+
             if not spec.persistent:
                 self.remove_container(spec.name)
+            release_upper(scratch / "ws")  # (if the start failed before the engine's)
             shutil.rmtree(scratch, ignore_errors=True)
             raise
 
@@ -454,7 +469,8 @@ class ContainerBackend(Backend):
         existing = self._existing(api, spec) if spec.persistent else None
         ids = self.claim_ids(existing)
         try:
-            cid = str(existing["Id"]) if existing else self._create(api, spec, scratch, ids)
+            cid, gone = (str(existing["Id"]), []) if existing else \
+                self._create(api, spec, scratch, ids)
             root = ids.range.uid if ids is not None else self.container_root(api, cid)
             if root is not None:  # the sandbox's root must reach its socket; no one else
                 os.chown(ctl, root, root)
@@ -468,11 +484,14 @@ class ContainerBackend(Backend):
             try:
                 self.check_root(uid, root)
                 self.check_layer(api, cid, pid)
-            except (SandboxError, LayerNotMounted):
+                check_masks(pid, gone)
+            except (SandboxError, StartAgain):
                 client.close()
                 if spec.persistent:
                     self.stop_container(spec.name)  # (its layer is kept: started again)
                 raise
+            if spec.persistent:
+                _lock_ctl(ctl)
             if ids is not None:
                 hold_ids(ids, pid)
         finally:
@@ -636,15 +655,18 @@ class ContainerBackend(Backend):
         None when the engine decides alone (rootless engines: the caller's own ids)."""
         return None
 
-    def _create(self, api: EngineAPI, spec: SandboxSpec, scratch: Path, ids: Ids | None) -> str:
+    def _create(self, api: EngineAPI, spec: SandboxSpec, scratch: Path,
+                ids: Ids | None) -> tuple[str, list[str]]:
+        """The new container's id, and the paths of the masks left out (`create_body`)."""
         body = self.create_body(spec, scratch, self._image_for(api, spec, scratch), ids)
         self._notes = list(body.pop("_notes"))
+        gone = list(body.pop("_gone"))
         name = container_name(spec.name)
         for d in mapped_dirs(spec, scratch) if ids is not None else []:
             d.path.mkdir(mode=0o700, exist_ok=True)  # engines check that a bind's source is
         for pause in (0.05, 0.2, 0.5, None):
             try:
-                return self.create_container(api, name, body, ids)
+                return self.create_container(api, name, body, ids), gone
             except EngineError as exc:
                 if _layer_missing(exc.message):  # (check_layer's fault, met while creating)
                     raise LayerNotMounted(exc.message) from None
@@ -669,6 +691,7 @@ class ContainerBackend(Backend):
         """Start it, the host dirs it gets shown through id-mapped mounts for as long as the
         engine takes to mount them (its mounts keep them; ours go right after)."""
         from ..idmap import close_all, detach, new_userns
+        from .container_upper import release_upper
 
         dirs = mapped_dirs(spec, scratch) if ids is not None else []
         opened: list[int] = []
@@ -689,10 +712,13 @@ class ContainerBackend(Backend):
             except EngineError as exc:
                 if _layer_missing(exc.message):  # (check_layer's fault, met by runc)
                     raise LayerNotMounted(exc.message) from None
+                if _mask_target_gone(exc.message):
+                    raise MasksChanged(exc.message) from None
                 raise
         finally:
             close_all(opened)
             detach(str(merged))  # (the container's bind of it keeps the overlay)
+            release_upper(scratch / "ws")  # (so does the container's overlay its upper)
             for d in dirs:
                 detach(str(d.path))
 
@@ -703,13 +729,21 @@ class ContainerBackend(Backend):
         shows them id-mapped."""
         from ..paths import native_binary
         from ..seccomp import compile_bpf
+        from .container_seccomp import profile_json
 
         p = spec.profile
         m = Mounts(self.tmpfs_extra)
         for src, target in image.binds:
             m.bind(src, target)
+        # A private entry that vanished since the walk needs no mask, and the engine could
+        # not make one (no target to bind onto in a read-only root): left out here, and
+        # checked for in the started container (check_masks: it may have come back).
+        gone = []
         for mask in image.masks:
-            m.mask(mask.path, mask.is_dir)
+            if os.path.lexists(mask.path):
+                m.mask(mask.path, mask.is_dir)
+            else:
+                gone.append(mask.path)
         m.bind(str(native_binary("ak-agent")), f"{AGENT_DIR}/agent")
         m.bind(str(compile_bpf(p.seccomp, no_setid=p.workspace == "rw")),
                f"{AGENT_DIR}/seccomp.bpf")
@@ -734,17 +768,21 @@ class ContainerBackend(Backend):
             m.mask(hidden, not hidden.endswith(".sock"))
         agent = [f"{AGENT_DIR}/agent"]
         if spec.persistent:
-            agent += ["--listen", f"{CTL_DIR}/{AGENT_SOCK}"]
+            # Its commands may reach the socket (an ordinary user's engine leaves the dir
+            # theirs): the agent serves no peer of its own pid namespace.
+            agent += ["--listen", f"{CTL_DIR}/{AGENT_SOCK}", "--peers-outside"]
         else:
             agent += ["--connect", f"{CTL_DIR}/{HOST_SOCK}"]
-        agent += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
+        agent += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf",
+                  *self._guard(spec, scratch, m)]
         host: dict[str, Any] = {
             "Mounts": m.mounts, "Tmpfs": m.tmpfs,
             "ReadonlyRootfs": not p.root_writable,
             # Every capability goes: the agent needs none (the engine made the mounts).
             "CapDrop": ["ALL"], "CapAdd": [],
-            # The engine's default seccomp profile stays on; the agent adds ours (exact).
-            "SecurityOpt": ["no-new-privileges"],
+            # A seccomp profile of ours in place of the engine's default, which refuses the
+            # agent's guard what it needs; the agent adds its own filters (container_seccomp).
+            "SecurityOpt": ["no-new-privileges", f"seccomp={profile_json(p.seccomp)}"],
             "NetworkMode": "bridge" if p.network == "host" else "none",
             "IpcMode": "private", "PidMode": "", "Privileged": False,
             "AutoRemove": not spec.persistent,
@@ -769,8 +807,16 @@ class ContainerBackend(Backend):
             "AttachStdin": False, "AttachStdout": False, "AttachStderr": False,
             "OpenStdin": False, "Tty": False, "StopSignal": "SIGKILL",
             "NetworkDisabled": p.network != "host", "HostConfig": host,
-            "_notes": [*notes, *m.notes],  # ours, not the engine's: taken out before sending
+            # ours, not the engine's: taken out before sending
+            "_notes": [*notes, *m.notes], "_gone": gone,
         }
+
+    def _guard(self, spec: SandboxSpec, scratch: Path, m: Mounts) -> list[str]:
+        """The agent's unix-socket guard: the container's own mounts (container_seccomp)."""
+        from .container_seccomp import own_mounts
+
+        own = own_mounts(spec.workspace_at, m.mounts, m.tmpfs, str(scratch / MERGED))
+        return ["--guard-unix", ":".join(own)]
 
     def _workspace(self, spec: SandboxSpec, scratch: Path, m: Mounts,
                    mapped: dict[str, str], root: int | None) -> list[str]:
@@ -789,12 +835,17 @@ class ContainerBackend(Backend):
         if any(c in src for c in ",:\\") or not _cow_ok(spec):
             m.bind(src, spec.workspace_at, read_only=True)
             return ["copy-on-write workspace unavailable for this path: mounted read-only"]
-        for d in (upper, work):
+        view = base if spec.state_dir is not None else self._sized_upper(spec, base)
+        if view is None:
+            m.bind(src, spec.workspace_at, read_only=True)
+            return [f"copy-on-write workspace unavailable: {self.engine}'s namespace not "
+                    "found to bound its writes in: mounted read-only"]
+        for d in (view / "upper", view / "work"):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         # The overlay's root takes its upper dir's mode: the project's own, not our 0700.
-        upper.chmod(spec.workspace.stat().st_mode & 0o777)
+        (view / "upper").chmod(spec.workspace.stat().st_mode & 0o777)
         if root is not None:
-            for d in (base, upper, work):
+            for d in (view, view / "upper", view / "work"):
                 os.chown(d, root, root)
         if self.host_overlay():  # mounted there by _start_container, for the engine
             (scratch / MERGED).mkdir(mode=0o700, exist_ok=True)
@@ -802,6 +853,37 @@ class ContainerBackend(Backend):
         else:
             self.overlay_mount(m, spec, src, upper, work)
         return []
+
+    def _sized_upper(self, spec: SandboxSpec, base: Path) -> Path | None:
+        """A one-shot sandbox's upper and work dirs' place: a tmpfs of its cap at `base`
+        where the engine resolves it (see container_upper); the path we see it through,
+        or None when a rootless engine's namespace cannot be found (nothing mounted)."""
+        from .container_upper import engine_ns_pid, mount_upper, upper_mb
+
+        ns = None
+        if os.geteuid() != 0:
+            ns = engine_ns_pid(self.engine_processes())
+            if ns is None:
+                return None
+        return mount_upper(base, upper_mb(spec.profile.memory_mb), ns)
+
+    def engine_processes(self) -> list[int]:
+        """Processes of a rootless engine, in the namespaces where it resolves host paths
+        (its API socket's listener first)."""
+        from ..peercred import peer_cred
+
+        path = self.socket_path()
+        if path is None:
+            return []
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(5)
+            sock.connect(path)
+            return [peer_cred(sock).pid]
+        except OSError:
+            return []
+        finally:
+            sock.close()
 
     def engine_limits(self) -> bool:
         """Whether the engine enforces the memory and pids limits it is given (its
@@ -1121,6 +1203,34 @@ def _demux(raw: bytes) -> bytes:
     return bytes(out) if pos else raw
 
 
+def check_masks(pid: int, gone: list[str]) -> None:
+    """Refuse a container (MasksChanged: made again, with a new walk) in which a private
+    entry whose mask was left out as vanished (`create_body`) exists after all: it came
+    back before the engine bound the host's dirs. Looked at through its init's root, before
+    any command runs; one that comes back later is like any entry made after the start."""
+    for path in gone:
+        try:
+            os.lstat(f"/proc/{pid}/root{path}")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise SandboxError(f"cannot check the container for {path}: {exc.strerror}") \
+                from None
+        raise MasksChanged(f"{path} came back before its mask could be made")
+
+
+def _mask_target_gone(message: str) -> bool:
+    """Whether the runtime failed to mount a mask (/dev/null or a tmpfs) onto a path that
+    is not on the host now: a private entry that vanished after `create_body` looked."""
+    import re
+
+    if "mount" not in message:
+        return False
+    paths = re.findall(r"""["'`](/[^"'`\s]+)["'`]""", message)
+    return any(not os.path.lexists(p) for p in paths if p != "/dev/null"
+               and not p.startswith("/var/lib/") and "/merged/" not in p)
+
+
 def _write_base_tar(path: Path, links: tuple[tuple[str, str], ...]) -> None:
     """An image with only mount points and the userland's top-level symlinks."""
     import tarfile
@@ -1192,6 +1302,18 @@ def _root_fstype(pid: int) -> str | None:
     return found
 
 
+def _lock_ctl(ctl: Path) -> None:
+    """Once a kept container's agent listens in its control dir (bound into it writable,
+    for that), the dir is host `nobody`'s (0700), no longer its root's: the container
+    (root without capabilities, or a remapped host uid) can then neither replace the
+    socket nor fill the host's runtime dir (a tmpfs: its memory) with files of its own.
+    The daemon, as root, still connects. Each start gives the dir back to the
+    container's root first. An ordinary user's engine (rootless) keeps it: that dir is
+    in the user's own runtime dir, and its root is that user."""
+    if os.geteuid() == 0:
+        os.chown(ctl, 65534, 65534)  # the host's nobody
+
+
 def _listen(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -1227,10 +1349,15 @@ def _accept(listener: socket.socket, died: Any) -> tuple[AgentClient, int, int]:
 
 
 def _peer_creds(sock: socket.socket) -> tuple[int, int]:
-    """The peer's pid and uid (as the host sees them)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
-    return int(pid), int(uid)
+    """The peer's pid and uid (as the host sees them); SandboxError if they are unreadable
+    or not a process's."""
+    from ..peercred import PeerCredError, peer_cred
+
+    try:
+        cred = peer_cred(sock)
+    except PeerCredError as exc:
+        raise SandboxError(f"cannot check the sandbox's agent: {exc}") from None
+    return cred.pid, cred.uid
 
 
 def connect_agent(path: Path, init_pid: int) -> tuple[AgentClient, int]:

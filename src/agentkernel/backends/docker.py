@@ -93,6 +93,15 @@ class DockerBackend(ContainerBackend):
         ok = self.mode().kind != "root"
         return Probe(ok, found.detail)
 
+    def engine_processes(self) -> list[int]:
+        """Rootless: the API socket's listener, then RootlessKit's child (dockerd runs in
+        its user and mount namespaces)."""
+        from .container_upper import read_pid
+
+        xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        return [*super().engine_processes(),
+                read_pid(Path(xdg) / "dockerd-rootless" / "child_pid")]
+
     def root_note(self) -> str:
         mode = self.mode()
         if mode.kind == "rootless":

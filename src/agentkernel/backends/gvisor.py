@@ -18,9 +18,12 @@ from .base import (
     Spawned,
     abandon,
     agent_file,
+    bounded_log,
+    by_descriptor,
     control_dir,
     make_scratch,
     open_channel,
+    pin_sources,
     spawn_agent,
     startup_failure,
 )
@@ -176,6 +179,7 @@ class GVisorBackend(Backend):
         cgroup: Cgroup | None = None
         helpers: list[subprocess.Popen[bytes]] = []
         opened: list[int] = []  # fds to close once runsc has them (or on failure)
+        pins: list[int] = []  # closed once the sandbox answers (runsc opens them late)
         try:
             p = spec.profile
             bundle = scratch / "bundle"
@@ -215,7 +219,15 @@ class GVisorBackend(Backend):
                                               reach_host=True)
                 prefix = enter_netns(holder)
             copy = _workspace_copy(spec, scratch)
-            config = build_oci_config(spec, str(agent), resolv=str(resolv) if resolv else None,
+            # Read-only binds by their descriptors (base.pin_sources), id-mapped from them
+            # here as root. An ordinary user's runsc opens its mount sources by path in a
+            # /proc of its own: checked now, bound by name. Open (docs/security.md): another
+            # running sandbox of that user's project could swap a link into the path in
+            # that moment, and runsc would bind where it leads.
+            fds = pin_sources(spec.ro_binds, pins)
+            pinned = spec if own is None else \
+                spec._replace(ro_binds=by_descriptor(spec.ro_binds, fds))
+            config = build_oci_config(pinned, str(agent), resolv=str(resolv) if resolv else None,
                                       bpf=str(compile_bpf(p.seccomp,
                                                           no_setid=p.workspace == "rw")),
                                       control=str(control) if control else None,
@@ -234,6 +246,15 @@ class GVisorBackend(Backend):
             join = cgroup.join_fn() if cgroup else None
             preexec: Callable[[], None] | None = join
             log = scratch / "backend.log"
+            # A pipe with a bounded reader, not the file: this runsc lets a command open
+            # the agent's stderr by /proc/1/fd/2 (a host descriptor it donated), and the
+            # host file grew on the host's disk without bound.
+            # (Its reader, root-started, is the range's own nobody, as the egress gate.)
+            log_w, log_reader = bounded_log(log, reader=(own[2].uid + NOBODY,
+                                                         own[2].gid + NOBODY)
+                                            if own is not None else None)
+            helpers.append(log_reader)
+            opened.append(log_w)
             try:
                 if remap is not None:
                     # Started by root: runsc runs as root of the sandbox's own user namespace
@@ -247,7 +268,7 @@ class GVisorBackend(Backend):
                 else:
                     argv = prefix + build_runsc_argv(runsc, spec, scratch, bundle)
                 held = (remap.lock,) if remap is not None and remap.lock >= 0 else ()
-                spawned = spawn_agent(argv, log=log, pass_fds=tuple(
+                spawned = spawn_agent(argv, log=Path(f"/proc/self/fd/{log_w}"), pass_fds=tuple(
                                           fd for fd in (life_w, *held) if fd >= 0),
                                       preexec_fn=preexec)
             finally:
@@ -264,9 +285,10 @@ class GVisorBackend(Backend):
                 client.hello(timeout=30)
             except SandboxError:
                 raise startup_failure("runsc", log, spawned.process) from None
+            close_fds(*pins)
             return sandbox
         except BaseException:
-            close_fds(*opened)
+            close_fds(*opened, *pins)
             if sandbox is not None:
                 sandbox.destroy()
             else:
@@ -443,7 +465,8 @@ def build_oci_config(
                        "options": ["rbind", "ro"]})
     for source, target in spec.ro_binds:  # e.g. `run --agent`'s install, under /run
         mounts.append({"destination": target, "type": "bind", "source": source,
-                       "options": ["rbind", "ro"]})
+                       "options": ["rbind", "ro"],
+                       **({} if os.path.isdir(source) else {"_file": True})})
     # The agent masks secrets and sets up a pids cgroup inside gVisor, holding SETUP_CAPS
     # only for that, then drops every capability before serving. Masks are the agent's
     # mounts, not OCI ones: runsc pays ~5 ms per OCI file bind, the sentry microseconds.
@@ -543,13 +566,15 @@ def _workspace_copy(spec: SandboxSpec, scratch: Path) -> Path | None:
 
 
 def _masked_in(spec: SandboxSpec) -> Callable[[str, list[str]], set[str]]:
-    """copytree's `ignore`: leave the host's control dirs (the spec's masks) out of a copy."""
+    """copytree's `ignore`: leave the host's control dirs (the spec's masks) out of a copy,
+    and every entry that is not a dir, a regular file or a symlink (`plain_entries_only`)."""
+    from ..paths import plain_entries_only
+
     root = str(spec.workspace)
     inside = spec.workspace_at + "/"
     skip = {m.removeprefix(inside) for m in spec.masks if m.startswith(inside)}
-    return lambda d, names: {n for n in names
-                             if os.path.normpath(os.path.join(os.path.relpath(d, root), n))
-                             in skip}
+    return lambda d, names: plain_entries_only(d, names) | {
+        n for n in names if os.path.normpath(os.path.join(os.path.relpath(d, root), n)) in skip}
 
 
 def _overlay_mode(spec: SandboxSpec) -> str:

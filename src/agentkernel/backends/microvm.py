@@ -71,7 +71,9 @@ class MicrovmBackend(Backend):
         qemu = q.qemu_binary()
         if qemu is None:
             return Probe(False, "QEMU is not installed: apt install qemu-system-x86")
-        if shutil.which("mkfs.ext4") is None:
+        from ..vm.disk import mkfs_binary
+
+        if mkfs_binary() is None:
             return Probe(False, "mkfs.ext4 is missing: apt install e2fsprogs")
         kernel = current_kernel(settings.kernel)
         if kernel is None:
@@ -140,6 +142,7 @@ class MicrovmBackend(Backend):
         helpers: list[subprocess.Popen[bytes]] = []
         notes: list[str] = []
         cleanups: list[Callable[[], None]] = []
+        vmm_lock = [-1]  # the lock of QEMU's id range until QEMU has it
         try:
             if accel == "tcg":
                 notes.append(f"microvm: {why}")
@@ -196,23 +199,40 @@ class MicrovmBackend(Backend):
                 agent_socket=agent_socket_path(scratch, persistent=spec.persistent),
                 drives=drives, net="none" if net == "none" else "user",
             )
-            # As root, QEMU runs as nobody and gets every file and socket as a descriptor.
-            uid = q.vmm_uid()
-            handles = (q.Handles.open(cfg, uid, {"qmp": scratch / "qmp.sock"} if snap else None)
-                       if uid is not None else None)
+            # As root, QEMU runs as the nobody of an id range of its own, which it holds
+            # (vmm_lock), and gets every file and socket as a descriptor.
+            vmm_ids, vmm_lock[0] = _vmm_ids()
+            uid = vmm_ids[0] if vmm_ids is not None else None
+            # The guest console goes through a pipe whose reader keeps a bounded prefix
+            # (run as QEMU's ids: it needs nothing of root's).
+            console, console_reader = q.console_pipe(cfg.serial_log, uid, vmm_ids)
+            helpers.append(console_reader)
+            try:
+                handles = (q.Handles.open(cfg, uid, {"qmp": scratch / "qmp.sock"} if snap
+                                          else None, console=console)
+                           if uid is not None else None)
+            except BaseException:
+                close_fds(console)
+                raise
             if handles is not None:
                 cleanups.append(handles.close)  # if the start fails before QEMU has them
-            argv = q.build_argv(qemu, cfg, handles)
+            else:
+                os.set_inheritable(console, True)
+                held = [console]  # closed once: by the cleanup, or once QEMU has it
+                cleanups.append(lambda: _close_held(held))
+            argv = q.build_argv(qemu, cfg, handles, console=console)
             state: Path | None = None
             if snap:
                 state = vmsnap.ensure_template(
                     qemu, cfg, frozenset(d for d, _, _ in clone_disks),
-                    prefix=lambda: [*empty_netns_prefix(), *vmm_confinement(accel)],
-                    timeout=settings.boot_timeout)
+                    # Under this VM's ids too: a template QEMU another user could trace
+                    # would hand every later clone a guest memory of its choosing.
+                    prefix=lambda: [*empty_netns_prefix(), *vmm_confinement(accel, vmm_ids)],
+                    timeout=settings.boot_timeout, uid=uid)
                 notes.append("microvm: restored from a saved template VM (snapshot); fresh "
                              "entropy, host name and clock were sent to its agent")
             life_w = lock = -1
-            argv = vmm_confinement(accel) + argv
+            argv = vmm_confinement(accel, vmm_ids) + argv
             if net == "none":
                 # The VMM itself needs no network: give it an empty network namespace.
                 argv = empty_netns_prefix() + argv
@@ -241,15 +261,19 @@ class MicrovmBackend(Backend):
                     process = subprocess.Popen(
                         argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                         close_fds=True, start_new_session=True,
-                        pass_fds=tuple(fd for fd in (life_w, lock, state_fd) if fd >= 0)
-                        + (handles.pass_fds if handles is not None else ()),
+                        pass_fds=tuple(fd for fd in (life_w, lock, state_fd, vmm_lock[0])
+                                       if fd >= 0)
+                        + (handles.pass_fds if handles is not None else (console,)),
                         preexec_fn=cgroup.join_fn() if cgroup else None,
                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                     )
             finally:
-                close_fds(life_w, lock, state_fd)
+                close_fds(life_w, lock, state_fd, vmm_lock[0])
+                vmm_lock[0] = -1  # QEMU holds it now
                 if handles is not None:
                     handles.close()  # QEMU has its own copies now
+                else:
+                    _close_held(held)
             try:
                 if snap:
                     sock = vmsnap.resume_clone(process, cfg.agent_socket,
@@ -301,7 +325,26 @@ class MicrovmBackend(Backend):
                 for cleanup in cleanups:
                     cleanup()
                 shutil.rmtree(scratch, ignore_errors=True)
+            if vmm_lock[0] >= 0:
+                close_fds(vmm_lock[0])
             raise
+
+
+def _close_held(held: list[int]) -> None:
+    if held[0] >= 0:
+        close_fds(held[0])
+        held[0] = -1
+
+
+def _vmm_ids() -> tuple[tuple[int, int] | None, int]:
+    """QEMU's host ids and the lock of their range: as root, the nobody of an id range
+    allocated for this VM alone (idmap); otherwise (None, -1): QEMU runs as us."""
+    if os.geteuid() != 0:
+        return None, -1
+    from ..idmap import allocate
+
+    rng, lock = allocate()
+    return (rng.uid + q.VMM_IN_RANGE, rng.gid + q.VMM_IN_RANGE), lock
 
 
 def _gated_netns(scratch: Path, helpers: list[subprocess.Popen[bytes]],
@@ -386,10 +429,11 @@ def agent_socket_path(scratch: Path, *, persistent: bool) -> Path:
     return control_dir(scratch) / "agent.sock" if persistent else scratch / "agent.sock"
 
 
-def vmm_confinement(accel: q.Accel) -> list[str]:
+def vmm_confinement(accel: q.Accel, ids: tuple[int, int] | None = None) -> list[str]:
     """argv prefix: the VMM unprivileged, as pid 1 of its own pid, IPC and UTS namespaces.
 
-    As root, QEMU first drops to nobody (`setpriv`, no capabilities), then enters a user
+    As root, QEMU first drops to `ids` (default: the host's nobody; a sandbox's VM: its
+    own range's nobody) (`setpriv`, no capabilities), then enters a user
     namespace of its own with the others, under the same uid: a compromised QEMU owns no
     host file, holds no capability anywhere, sees no host process to signal or trace, and
     dies with the `unshare` that forked it (--kill-child; the drop comes first because a
@@ -399,8 +443,8 @@ def vmm_confinement(accel: q.Accel) -> list[str]:
     unshare = which("unshare")
     if unshare is None:
         return []
-    drop = q.privilege_drop(accel)
-    uid, gid = (q.VMM_UID, q.VMM_UID) if drop else (os.geteuid(), os.getegid())
+    drop = q.privilege_drop(accel, ids)
+    uid, gid = (ids or (q.VMM_UID, q.VMM_UID)) if drop else (os.geteuid(), os.getegid())
     # The same ids inside the user namespace, not root: exec'ing QEMU there leaves it
     # without capabilities, even in its own namespaces.
     return [*drop, unshare, f"--map-user={uid}", f"--map-group={gid}", "--pid", "--fork",

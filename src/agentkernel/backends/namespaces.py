@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import BackendUnavailable, SandboxError
 from ..paths import which
+from ..profiles import PTY_MAX
 from ..sandbox import Sandbox, SandboxSpec, close_fds
 from .base import (
     Backend,
@@ -20,9 +21,11 @@ from .base import (
     Spawned,
     abandon,
     agent_file,
+    by_descriptor,
     control_dir,
     make_scratch,
     open_channel,
+    pin_sources,
     spawn_agent,
     startup_failure,
 )
@@ -45,6 +48,43 @@ def _bwrap() -> str | None:
     return which("bwrap")
 
 
+# --bind-fd and --ro-bind-fd (bwrap 0.8.0): binds pinned by their descriptor (an ordinary
+# user's: a project's .git pins, agents' installs; root's: what cannot be id-mapped).
+BWRAP_MIN = (0, 8, 0)
+
+
+def bwrap_version(bwrap: str) -> tuple[int, ...] | None:
+    """`bwrap --version`'s version ("bubblewrap 0.8.0"), None if it says none."""
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, timeout=10,
+                             check=False, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = out.decode(errors="replace").split()
+    parts = words[-1].split(".") if words else []
+    return tuple(int(x) for x in parts) if parts and all(x.isdigit() for x in parts) else None
+
+
+def too_old(bwrap: str, version: tuple[int, ...] | None) -> str:
+    """That a bwrap older than BWRAP_MIN cannot bind by descriptor."""
+    have = ".".join(map(str, version)) if version else "of unknown version"
+    return (f"bubblewrap {have} ({bwrap}) is older than {'.'.join(map(str, BWRAP_MIN))}, "
+            "which --bind-fd and --ro-bind-fd need")
+
+
+UPGRADE = f"install bubblewrap {'.'.join(map(str, BWRAP_MIN))} or newer"
+
+
+def _bwrap_failure(bwrap: str, log: Path, process: subprocess.Popen[bytes]) -> Exception:
+    """`startup_failure`, told plainly where bwrap did not know one of our options (an
+    older one: BWRAP_MIN). Nothing ran: the sandbox failed closed."""
+    err = startup_failure("bwrap", log, process)
+    if "Unknown option --" in err.message:
+        return BackendUnavailable(f"{too_old(bwrap, bwrap_version(bwrap))}: this sandbox "
+                                  f"binds by descriptor; {UPGRADE} ({err.message})")
+    return err
+
+
 class NamespacesBackend(Backend):
     name = "namespaces"
     isolation = "Linux namespaces + seccomp (shares the host kernel)"
@@ -64,7 +104,14 @@ class NamespacesBackend(Backend):
         except (OSError, ValueError):
             pass
         if not deep:
-            return Probe(True, bwrap)
+            return Probe(True, bwrap)  # (an older bwrap: told at its first failed start)
+        version = bwrap_version(bwrap)
+        # Runs that bind by descriptor are refused, not worked around: binding those by
+        # path instead would reopen the races the descriptors close (an agent's project's
+        # .git swapped for a link meanwhile). Others run as before.
+        old = "" if version is not None and version >= BWRAP_MIN else \
+            f"; but {too_old(bwrap, version)}: runs that bind by descriptor (an agent's " \
+            f"project .git and install) are refused; {UPGRADE}"
         try:
             result = subprocess.run(
                 [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"],
@@ -75,25 +122,28 @@ class NamespacesBackend(Backend):
         if result.returncode != 0:
             err = result.stderr.decode(errors="replace").strip()
             return Probe(False, f"unprivileged user namespaces do not work here: {err}")
-        return Probe(True, f"{bwrap} works (user, pid, mount, ipc, uts, net, cgroup namespaces)")
+        return Probe(True, f"{bwrap} works (user, pid, mount, ipc, uts, net, cgroup "
+                           f"namespaces){old}")
 
     def version_files(self) -> tuple[str, ...]:
         return (_bwrap() or "bwrap", agent_file())
 
-    def start(self, spec: SandboxSpec) -> Sandbox:
+    def start(self, spec: SandboxSpec, give: int = -1) -> Sandbox:
+        """`give`: a descriptor the agent hands to one command as its stdin and stdout
+        (`AgentClient.exec(given_stdio=True)`): the wasm backend's worker channel."""
         # Under heavy namespace churn (dozens of sandboxes starting at once) the kernel
         # sometimes fails bwrap's netlink call that brings up the new netns's loopback
         # (seen as ECHILD); nothing has run yet, so starting again is safe.
         for attempt in range(4):
             try:
-                return self._start(spec)
+                return self._start(spec, give)
             except SandboxError as exc:
                 if "loopback:" not in exc.message or attempt == 3:
                     raise
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _start(self, spec: SandboxSpec) -> Sandbox:
+    def _start(self, spec: SandboxSpec, give: int = -1) -> Sandbox:
         from ..cgroups import Cgroup, Limits
         from ..network import lifeline, write_resolv_conf
         from ..paths import native_binary
@@ -137,23 +187,25 @@ class NamespacesBackend(Backend):
             control = control_dir(scratch) if spec.persistent else None
             log = scratch / "backend.log"
             opened: list[int] = []  # ours to close once bwrap has them
+            kept: list[int] = []  # ours alone (never passed), closed with them
             try:
                 argv, preexec = _command(
                     bwrap, spec, str(agent), str(bpf), resolv=str(resolv) if resolv else None,
                     info_fd=info_w, control=str(control) if control else None, sync_fd=life_w,
-                    cgroup=cgroup, opened=opened)
-                fds = [fd for fd in (info_w, life_w) if fd >= 0]
+                    cgroup=cgroup, opened=opened, kept=kept, give=give)
+                fds = [fd for fd in (info_w, life_w, give) if fd >= 0]
                 # The namespace itself (opened[0], as root) goes to ak-enter, which closes
                 # it before bwrap; a preexec function uses it in our forked child instead.
-                passed = opened if preexec is None else opened[1:]
+                passed = opened[1:] if preexec is not None and os.geteuid() == 0 \
+                    else opened
                 spawned = spawn_agent(argv, log=log, pass_fds=[*fds, *passed],
                                       preexec_fn=preexec)
             finally:
-                close_fds(info_w, life_w, *opened)
+                close_fds(info_w, life_w, *opened, *kept)
             try:
                 client = open_channel(spawned, control)
             except SandboxError:
-                raise startup_failure("bwrap", log, spawned.process) from None
+                raise _bwrap_failure(bwrap, log, spawned.process) from None
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
                               cgroup=cgroup)
@@ -166,7 +218,7 @@ class NamespacesBackend(Backend):
                 finally:
                     close_fds(info_r)
                 if child_pid is None:
-                    raise startup_failure("bwrap", log, spawned.process)
+                    raise _bwrap_failure(bwrap, log, spawned.process)
                 try:
                     assert gate is not None
                     _egress(gate, child_pid, spec)
@@ -176,14 +228,14 @@ class NamespacesBackend(Backend):
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         spawned.process.wait(timeout=1)
                     if spawned.process.returncode is not None:
-                        raise startup_failure("bwrap", log, spawned.process) from None
+                        raise _bwrap_failure(bwrap, log, spawned.process) from None
                     raise
                 finally:
                     close_fds(life_r)
             try:
                 client.hello(timeout=15)
             except SandboxError:
-                raise startup_failure("bwrap", log, spawned.process) from None
+                raise _bwrap_failure(bwrap, log, spawned.process) from None
             return sandbox
         except BaseException:
             if sandbox is not None:
@@ -237,19 +289,27 @@ def _wait_loopback(pid: int, timeout: float = 5.0) -> None:
 def _command(
     bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
     control: str | None, sync_fd: int, cgroup: Cgroup | None, opened: list[int],
+    kept: list[int], give: int = -1,
 ) -> tuple[list[str], Callable[[], None] | None]:
     """The argv that starts bwrap in the sandbox's cgroups (and, as root, its user
     namespace), and the function to run before it where ak-enter is missing.
 
     Started by root, bwrap runs as root of the sandbox's own user namespace, which maps
     to an unprivileged host range: never host root. `opened` gets the fds to pass (the
-    first is the namespace itself).
+    first, as root, is the namespace itself), `kept` those only this process uses.
     """
+    pins = pin_sources(spec.ro_binds, kept)
     if os.geteuid() != 0:
+        # bwrap binds each by its descriptor (--ro-bind-fd), and closes it.
+        opened.extend(pins)
+        kept[:] = [fd for fd in kept if fd not in pins]
+        by_fd = {target: fd for fd, (_, target) in zip(pins, spec.ro_binds, strict=True)}
         prefix, preexec = _entry(cgroup, -1)
         return [*prefix, *build_bwrap_argv(bwrap, spec, agent, bpf, resolv=resolv,
                                            info_fd=info_fd, control=control,
-                                           sync_fd=sync_fd)], preexec
+                                           sync_fd=sync_fd, give=give, by_fd=by_fd)], preexec
+    # As root, each is id-mapped from its descriptor in this process (_attach_fds).
+    spec = spec._replace(ro_binds=by_descriptor(spec.ro_binds, pins))
     from ..idmap import owner_userns, sandbox_range_userns
 
     userns, lock, rng = sandbox_range_userns(opened)
@@ -265,7 +325,7 @@ def _command(
         close_fds(*own.values())
     argv = build_bwrap_argv(bwrap, spec, _file_fd(agent, opened), _file_fd(bpf, opened),
                             resolv=resolv, info_fd=info_fd, control=control, sync_fd=sync_fd,
-                            attached=attached, hold=lock)
+                            attached=attached, hold=lock, give=give)
     prefix, preexec = _entry(cgroup, userns)
     return [*prefix, *argv], preexec
 
@@ -408,7 +468,8 @@ HOME_DIRS = ("/root", "/home", "/var/tmp")  # empty dirs, or a persistent sandbo
 def build_bwrap_argv(
     bwrap: str, spec: SandboxSpec, agent: str | int, bpf: str | int, *,
     resolv: str | None, info_fd: int, control: str | None = None, sync_fd: int = -1,
-    attached: Mapping[str, Attach] | None = None, hold: int = -1,
+    attached: Mapping[str, Attach] | None = None, hold: int = -1, give: int = -1,
+    by_fd: Mapping[str, int] | None = None,
 ) -> list[str]:
     """The full bwrap command line for `spec`. Pure: no I/O, easy to inspect in tests.
 
@@ -436,6 +497,8 @@ def build_bwrap_argv(
     agent_argv = [f"{AGENT_DIR}/agent"]
     if hold >= 0:  # the lock of the sandbox's id range: the agent keeps it while it lives
         agent_argv += ["--hold", str(hold)]
+    if give >= 0:  # for one command's stdio (the wasm worker's channel to its host)
+        agent_argv += ["--give", str(give)]
     binds = {b.target: b for b in host_binds(spec, control, resolv)}
 
     def bind(target: str) -> None:
@@ -447,18 +510,29 @@ def build_bwrap_argv(
         elif attached is not None:
             flag = "--ro-bind-fd" if b.read_only else "--bind-fd"
             argv.extend((flag, str(attached[target].fd), target))
+        elif by_fd and target in by_fd:  # (a read-only bind pinned by its descriptor)
+            argv.extend(("--ro-bind-fd", str(by_fd[target]), target))
         else:
             argv.extend(("--ro-bind" if b.read_only else "--bind", b.src, target))
 
+    # tmpfs pages count in the memory cgroup of whoever wrote them; the size bounds them
+    # also where no memory controller is usable. /run holds the overlays' upper dirs.
+    size = ["--size", str(p.memory_mb * 1024 * 1024)] if p.memory_mb else []
+    if size:
+        # bwrap's own root is a tmpfs of half the host's RAM, and the sandbox's root writes
+        # it (/, and /root, /home, /var/tmp made there): a sized one over it, first.
+        argv += [*size, "--tmpfs", "/"]
     for entry in spec.rootfs.entries:
         if entry.kind == "symlink":
             argv += ["--symlink", entry.target, entry.path]
         else:
             bind(entry.path)
-    # tmpfs pages count in the memory cgroup of whoever wrote them; the size bounds them
-    # also where no memory controller is usable. /run holds the overlays' upper dirs.
-    size = ["--size", str(p.memory_mb * 1024 * 1024)] if p.memory_mb else []
-    argv += ["--proc", "/proc", "--dev", "/dev"]
+    # bwrap's /dev is another tmpfs of half the host's RAM that the sandbox's root may
+    # write (no size option): without a memory controller (an ordinary user's sandbox) a
+    # file there took host memory past every cap. Read-only (device nodes still open for
+    # writing), with a /dev/shm of the cap's size.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+             *size, "--perms", "1777", "--tmpfs", "/dev/shm"]
     if "/tmp" in binds:
         bind("/tmp")  # a persistent sandbox keeps /tmp on disk: stop/start, snapshots
     else:
@@ -512,6 +586,7 @@ def build_bwrap_argv(
     for private in spec.rootfs.private_dirs if found is None else ():
         agent_argv += ["--mask-private", private]  # walked by the agent (~1 ms of CPU)
     agent_argv.append("--cover-proc")
+    agent_argv += ["--pty-max", str(PTY_MAX)]  # bwrap's devpts has no `max` of its own
     # Run unprivileged, bwrap leaves only what is asked for: CAP_DAC_OVERRIDE lets
     # overlayfs set up over host dirs whose owner is unmapped here, CAP_SETPCAP lets the
     # agent empty the bounding set. All are the sandbox user namespace's, and all go
@@ -526,14 +601,38 @@ def build_bwrap_argv(
         argv += ["--cap-add", cap]
     if not cow_root:
         argv += ["--remount-ro", "/"]
-    agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
+    agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf",
+                   "--guard-unix", ":".join(own_mounts(spec, binds))]
     if spec.user is not None:
         agent_argv += ["--user", "{}:{}:{}".format(*spec.user)]
     if control is not None:
         bind(f"{AGENT_DIR}/ctl")
-        agent_argv += ["--listen", f"{AGENT_DIR}/ctl/agent.sock", "--lock-listen-dir"]
+        agent_argv += ["--listen", f"{AGENT_DIR}/ctl/agent.sock", "--lock-listen-dir",
+                       "--peers-outside"]  # its commands see the socket: never serve them
     argv += ["--chdir", "/", "--", *agent_argv]
     return argv
+
+
+def own_mounts(spec: SandboxSpec, binds: Mapping[str, HostBind]) -> list[str]:
+    """The mounts whose unix sockets the sandbox's commands may connect to: those it made
+    (its tmpfs root, /tmp, /run, /dev, /dev/shm; every overlay: one passes no connect() on
+    to a socket of its layers) and a persistent sandbox's own dirs. Every other mount is
+    bound from the host, and a socket there is a host server's (`--guard-unix`,
+    docs/security.md)."""
+    own = ["/", "/run", "/dev", "/dev/shm"]
+    keep = persistent_dirs(spec)
+    tops = {e.path for e in spec.rootfs.entries}
+    for path in ("/tmp", *HOME_DIRS):
+        b = binds.get(path)
+        if "/" + path.split("/")[1] in tops and b is None:
+            continue  # the image's own dir: whatever its entry is (below)
+        if b is None or (keep is not None and b.src.startswith(str(keep) + "/")):
+            own.append(path)
+    if spec.profile.root_writable:
+        own += [e.path for e in spec.rootfs.entries if e.is_dir]
+    if spec.workspace is not None and spec.profile.workspace == "cow":
+        own.append(spec.workspace_at)
+    return [m for m in own if ":" not in m]  # (the list's separator: it would name two)
 
 
 def _file_bind(src: str | int, target: str) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import BackendUnavailable
 from ..paths import which
+from ..profiles import PTY_MAX
 from ..sandbox import SandboxSpec
 from .container_engine import LABEL_IDS, ContainerBackend, Ids, Mounts
 from .engine_http import EngineAPI
@@ -124,11 +125,14 @@ class PodmanBackend(ContainerBackend):
             raise BackendUnavailable(self.missing_hint())
         own = _own_socket()
         own.unlink(missing_ok=True)
-        # Not per exec: one service, which exits by itself after SERVICE_IDLE unused.
+        # Not per exec: one service, which exits by itself after SERVICE_IDLE unused. Its
+        # working dir is /, not the caller's (the project): conmon writes its `oom` file
+        # into its own, which is the service's.
         with open(own.with_suffix(".log"), "ab") as log:
             proc = subprocess.Popen([podman, "system", "service", f"--time={SERVICE_IDLE}",
                                      f"unix://{own}"], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, start_new_session=True, close_fds=True)
+                                    stderr=log, start_new_session=True, close_fds=True,
+                                    cwd="/")
         own.with_suffix(".pid").write_text(str(proc.pid))  # for whoever must stop it
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -171,6 +175,15 @@ class PodmanBackend(ContainerBackend):
         m.mounts.append({"Type": "overlay", "Source": src, "Target": spec.workspace_at,
                          "Upper": str(upper), "Work": str(work)})
 
+    def engine_processes(self) -> list[int]:
+        """Rootless: the API service's listener, then Podman's pause process (whose user
+        and mount namespaces every rootless podman process joins)."""
+        from .container_upper import read_pid
+
+        xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+        return [*super().engine_processes(),
+                read_pid(Path(xdg) / "libpod" / "tmp" / "pause.pid")]
+
     def root_note(self) -> str:
         if os.geteuid() != 0:
             return ("rootless: the sandbox's root is your own uid (a user namespace); "
@@ -181,6 +194,16 @@ class PodmanBackend(ContainerBackend):
         return (f"the sandbox's root is an unprivileged host uid: each sandbox gets its own "
                 f"range of 65536 ids from {block.uid} (user namespace; never host root, "
                 "no two sandboxes share one)")
+
+
+def _seccomp_file(options: list[str]) -> Path:
+    """The profile create_body asked for (`seccomp=JSON`), as the file Podman wants."""
+    from .container_seccomp import profile_file, profile_json
+
+    for profile in ("permissive", "moderate", "restrictive"):
+        if f"seccomp={profile_json(profile)}" in options:
+            return profile_file(profile)
+    raise ValueError("podman: no seccomp profile of ours in the create request")
 
 
 def specgen(name: str, body: dict[str, Any], ids: Ids | None) -> dict[str, Any]:
@@ -206,6 +229,11 @@ def specgen(name: str, body: dict[str, Any], ids: Ids | None) -> dict[str, Any]:
     for target, options in host["Tmpfs"].items():
         mounts.append({"destination": target, "type": "tmpfs", "source": "tmpfs",
                        "options": options.split(",")})
+    # Podman's own devpts has no `max`: one sandbox could hold every pty the host has left
+    # (its devpts instances share the kernel's count). Ours replaces it, with our cap.
+    mounts.append({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                   "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666",
+                               "mode=0620", f"max={PTY_MAX}"]})
     limits: dict[str, Any] = {}
     if host["PidsLimit"] > 0:
         limits["pids"] = {"limit": host["PidsLimit"]}
@@ -222,6 +250,8 @@ def specgen(name: str, body: dict[str, Any], ids: Ids | None) -> dict[str, Any]:
         # Our tmpfs mounts, none of Podman's: it would add /tmp, /run, /var/tmp of its own.
         "read_write_tmpfs": False,
         "cap_drop": ["ALL"], "cap_add": [], "no_new_privileges": True,
+        # (Podman's API takes a profile's path, not its text: container_seccomp)
+        "seccomp_profile_path": str(_seccomp_file(host["SecurityOpt"])),
         "netns": {"nsmode": "bridge" if host["NetworkMode"] == "bridge" else "none"},
         "ipcns": {"nsmode": "private"}, "remove": host["AutoRemove"],
         "restart_policy": "no", "systemd": "false", "privileged": False,

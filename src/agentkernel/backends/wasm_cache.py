@@ -1,9 +1,12 @@
 """Compiled WebAssembly modules (`.cwasm`) kept in the user's data dir, trusted only if ours.
 
-Loading a `.cwasm` maps machine code into this process: a file someone else could have
-written is code execution. So the cache lives only under our own data dir (never the
-project dir), its directory must be ours and 0700, each file ours, a regular file and not
-writable by anyone else; anything else is ignored (and never written to). Entries are
+Loading a `.cwasm` maps machine code into the worker: a file someone else could have
+written is code execution there. So the cache lives only under our own data dir (never the
+project dir), its directory must be ours and 0700 (checked on the descriptor entries are
+then opened through), each file ours, a regular file with one link and not writable by
+anyone else; anything else is ignored (and never written to). Only this process writes
+entries, from what a compiler child answered (wasm.py): neither the worker nor that child
+can open the directory (they run as other users, or without the data dir mounted). Entries are
 keyed by the module's content hash, the wasmtime version and our engine settings, so an
 upgrade or a changed setting never loads code compiled for another engine. The directory
 is capped (oldest entries go first). Each entry starts with a SHA-256 of what follows, so a
@@ -54,19 +57,40 @@ def cache_dir() -> Path | None:
     return path
 
 
-def load(key: str) -> bytes | None:
-    """The cached compiled module for `key`, if an entry exists and is safely ours."""
+def _open_dir() -> int | None:
+    """Our cache dir, opened (a descriptor: entries are then opened relative to the dir
+    that was checked, not to a path someone may have swapped since); None if it is not
+    safely ours."""
     directory = cache_dir()
     if directory is None:
         return None
     try:
-        fd = os.open(directory / (key + SUFFIX), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        return None
+    return fd
+
+
+def load(key: str) -> bytes | None:
+    """The cached compiled module for `key`, if an entry exists and is safely ours."""
+    dir_fd = _open_dir()
+    if dir_fd is None:
+        return None
+    try:
+        fd = os.open(key + SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=dir_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
     try:
         st = os.fstat(fd)
         if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077
-                or st.st_size > MAX_ENTRY_BYTES):
+                or st.st_nlink != 1 or st.st_size > MAX_ENTRY_BYTES):
             return None
         data = read_fd(fd, st.st_size)
     finally:
@@ -83,25 +107,29 @@ def store(key: str, compiled: bytes) -> None:
     """Write an entry atomically (0600, in our 0700 dir); a failure only costs a compile."""
     if len(compiled) + _HEAD > MAX_ENTRY_BYTES:
         return
-    directory = cache_dir()
-    if directory is None:
+    dir_fd = _open_dir()
+    if dir_fd is None:
         return
-    tmp = directory / f".{key}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    tmp = f".{key}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+                     0o600, dir_fd=dir_fd)
         try:
             view = memoryview(ENTRY_MAGIC + hashlib.sha256(compiled).digest() + compiled)
             while view:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        os.replace(tmp, directory / (key + SUFFIX))
+        os.replace(tmp, key + SUFFIX, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         return
-    trim(directory)
+    finally:
+        os.close(dir_fd)
+    directory = cache_dir()
+    if directory is not None:
+        trim(directory)
 
 
 def forget(key: str) -> None:

@@ -13,14 +13,13 @@ from ..errors import AgentKernelError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import argparse
-
     from . import agents, config, daemon, doctor, egress, images, run, sandboxes
 
-    parser = argparse.ArgumentParser(
+    parser = _parser_class()(
         prog="agentkernel",
         description="Run AI coding agents and untrusted code in isolated sandboxes.",
     )
@@ -40,14 +39,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_USAGE_OF = "_usage_of"  # the namespace attribute naming the parser that had leftovers
+
+
+def _parser_class() -> type[argparse.ArgumentParser]:
+    """An ArgumentParser (and, through add_subparsers, every subcommand's) that remembers
+    which parser was left with arguments it does not know: `run --bogus` is then reported
+    with `run`'s usage, not the top level's (argparse hands a subcommand's leftovers up to
+    the top, whose error shows its own usage)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                             namespace: argparse.Namespace | None = None
+                             ) -> tuple[argparse.Namespace, list[str]]:
+            ns, extra = super().parse_known_args(args, namespace)
+            if extra and getattr(ns, _USAGE_OF, None) is None:
+                setattr(ns, _USAGE_OF, self)  # the innermost parser returns first
+            return ns, extra
+
+    return Parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """`argv` parsed; unknown arguments are reported by the (sub)command they were given
+    to, with its usage (exit code 2)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        owner = getattr(args, _USAGE_OF, None) or parser
+        owner.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 # Long-running commands: they may become the daemon or a server, whose teardown (stores,
 # sockets, threads) is worth its cost; exit_with leaves it to the interpreter.
 _SERVERS = frozenset({"daemon", "serve", "mcp-server"})
 _teardown = True
 
 
+def _absolute_path_only() -> None:
+    """Drop PATH's relative entries (an empty one, `.`, `bin`) for this process and all it
+    starts: each names the current directory, which is a project's, anyone's. A PATH of
+    "$EXTRA:$PATH" with EXTRA unset has one, and then `./unshare`, `./nsenter`, `./ip`,
+    `./runsc` from a cloned repository ran as the caller, root for root."""
+    path = os.environ.get("PATH")
+    if path is None:
+        return
+    parts = path.split(os.pathsep)
+    kept = [d for d in parts if d.startswith("/")]
+    if len(kept) != len(parts):
+        os.environ["PATH"] = os.pathsep.join(kept) or os.defpath
+
+
 def main(argv: list[str] | None = None) -> int:
     global _teardown
+    _absolute_path_only()
     raw = sys.argv[1:] if argv is None else list(argv)
     _teardown = bool(raw[:1]) and raw[0] in _SERVERS
     if raw in (["--version"], ["-V"]):  # no parser needed
@@ -60,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         code = fast_main(raw)
         if code is not None:
             return code
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         handler = getattr(args, "handler", None)
         if handler is None:
@@ -72,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`agentkernel config --json | head`): end as a shell tool does,
+        # quietly, and keep the exit's own flush of stdout from failing again.
+        import contextlib  # only here: the hot path never imports it
+
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
 
 
 def exit_with(code: int) -> None:

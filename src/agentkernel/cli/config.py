@@ -51,7 +51,19 @@ def _value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)  # TOML-like: strings quoted, true/false
 
 
-def render_text(eff: EffectiveConfig) -> str:
+def settings_of(eff: EffectiveConfig, refused: str | None) -> list[Any]:
+    """`eff.settings()`, the project's backend marked where the planner refuses it
+    (`refused`: what runs instead)."""
+    import dataclasses
+
+    if refused is None:
+        return eff.settings()
+    return [dataclasses.replace(s, note=f"refused: {refused} is used instead (auto's pick "
+                                        "here; a project file may not lower isolation)")
+            if s.key == "sandbox.backend" else s for s in eff.settings()]
+
+
+def render_text(eff: EffectiveConfig, refused: str | None = None) -> str:
     """Files first (as comments), then `ORIGIN  key = value` lines, like git's --show-origin."""
     read = {path for _kind, path in eff.files}
     lines = [f"# user config: {eff.user_path}"
@@ -60,20 +72,23 @@ def render_text(eff: EffectiveConfig) -> str:
         if kind != "user":
             lines.append(f"# {'project' if kind == 'project' else '--config'} file: {path}")
     rows = [(str(s.origin), f"{s.key} = {_value(s.value)}"
-             + (f"  # {s.note}" if s.note else "")) for s in eff.settings()]
+             + (f"  # {s.note}" if s.note else "")) for s in settings_of(eff, refused)]
     width = min(max((len(origin) for origin, _ in rows), default=0), 48)
     lines += [f"{origin:<{width}}  {text}" for origin, text in rows]
     return "\n".join(lines) + "\n"
 
 
-def render_json(eff: EffectiveConfig) -> dict[str, Any]:
+def render_json(eff: EffectiveConfig, refused: str | None = None) -> dict[str, Any]:
     read = {path for _kind, path in eff.files}
+    settings = settings_of(eff, refused)
     return {
         "user_config": {"path": str(eff.user_path), "read": eff.user_path in read},
         "files": [{"kind": kind, "path": str(path)} for kind, path in eff.files],
         "settings": {s.key: {"value": s.value, "origin": s.origin.kind,
                              "source": s.origin.source or None, "note": s.note or None}
-                     for s in eff.settings()},
+                     for s in settings},
+        # The backend runs get (where the project file's is refused: auto's pick).
+        "backend_in_effect": refused or eff.config.sandbox.backend,
         "warnings": eff.warnings,
     }
 
@@ -86,12 +101,17 @@ def main(args: argparse.Namespace) -> int:
     eff = effective_config(Path.cwd(), os.environ,
                            config_path=Path(args.config) if args.config else None,
                            flags=flags_of(args))
+    refused = None
+    if eff.config.project_backend is not None:  # (only then: this may probe `auto`)
+        from ..planner import project_backend_refusal
+
+        refused = project_backend_refusal(eff.config, os.environ, eff.warnings)
     for warning in eff.warnings:
         print(f"agentkernel: warning: {warning}", file=sys.stderr)
     if args.json:
-        print(json.dumps(render_json(eff), indent=2))
+        print(json.dumps(render_json(eff, refused), indent=2))
     else:
-        sys.stdout.write(render_text(eff))
+        sys.stdout.write(render_text(eff, refused))
     return 0
 
 

@@ -35,8 +35,9 @@ def add_daemon_parser(sub: Any) -> None:
 
 
 def add_serve_parser(sub: Any) -> None:
-    sv = sub.add_parser("serve", help="serve the HTTP API of the agentkernel SDKs (runs the "
-                                      "daemon in the foreground)")
+    sv = sub.add_parser("serve", help="serve the HTTP API of the agentkernel SDKs (through "
+                                      "the running daemon, else as the daemon in the "
+                                      "foreground)")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1). A bearer key is always "
                          "required: AGENTKERNEL_API_KEY, [api] api_key, or the one generated "
@@ -68,7 +69,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"Daemon started (pid {pid}), socket {client.socket_path()}")
         return 0
     if args.daemon_cmd == "stop":
-        sock = client.connect()
+        sock = client.connect() or _await_starting()
         if sock is None:
             raise DaemonError("Daemon is not running")
         status = client._request(sock, "status", {})
@@ -112,6 +113,77 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         if p.get("last_error"):
             print(f"    Error:   {p['last_error']}")
     return 0
+
+
+def _await_starting() -> Any:
+    """A connection to a daemon that is on its way up (its socket not there yet: `run`
+    started it a moment ago, or it is loading), once it listens; None if none is, or
+    it ended first. Waits as long as `start_daemon` would."""
+    deadline = time.monotonic() + client.START_TIMEOUT
+    path = client.socket_path()
+    while time.monotonic() < deadline:
+        pid = _starting_pid()
+        sock = client._try_connect(path)  # (after the look: one that just came up counts)
+        if sock is not None or not pid:
+            return sock
+        time.sleep(0.02)
+    return None
+
+
+def _starting_pid() -> int:
+    """The pid of a daemon on its way up, else 0: the holder of the runtime dir's lock
+    (taken before the socket is made), or the daemon `run` spawned (its pid in the
+    autostart stamp) while it still runs our `daemon start`, before it takes the lock."""
+    import os
+
+    from ..paths import runtime_dir_str
+
+    rt = runtime_dir_str()
+    holder = _lock_holder(os.path.join(rt, "daemon.lock"))
+    if holder:
+        return holder
+    try:
+        with open(os.path.join(rt, "daemon.autostart")) as f:
+            text = f.read(32).strip()
+    except OSError:
+        return 0
+    pid = int(text) if text.isdigit() else 0
+    return pid if pid and _pid_alive(pid) and _is_daemon_start(pid) else 0
+
+
+def _lock_holder(path: str) -> int:
+    """The pid holding an flock on `path` (from /proc/locks: looked at, never taken, so a
+    daemon taking it meanwhile is not turned away), 0 if none."""
+    import os
+
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError:
+        return 0
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" ("->" marks a waiter)
+        if len(fields) >= 6 and fields[1] == "FLOCK" \
+                and fields[5] == want and fields[4].isdigit():
+            return int(fields[4])
+    return 0
+
+
+def _is_daemon_start(pid: int) -> bool:
+    """Whether process `pid` (ours) runs `agentkernel daemon start` (not a reused pid)."""
+    import os
+
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read(4096).split(b"\0")
+    except OSError:
+        return False
+    return b"agentkernel" in argv and b"daemon" in argv and b"start" in argv
 
 
 def _pid_alive(pid: int) -> bool:

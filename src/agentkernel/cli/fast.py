@@ -83,8 +83,8 @@ def fast_main(argv: list[str]) -> int | None:
                 command = command[1:]
             if ns.agent is not None:
                 return _agent(ns, command, use_daemon) if not ns.json else None
-            if not command or (ns.timeout is not None and ns.timeout <= 0):
-                return None
+            if not command or ns.json or (ns.timeout is not None and ns.timeout <= 0):
+                return None  # (--json: the full CLI's cmd_run, which answers failures too)
             if use_daemon and _daemon_socket_exists():
                 from .run import run_via_daemon
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
     from ..planner import RunRequest
+    from ..sandbox import Sandbox
 
 
 def add_parser(sub: Any) -> None:
@@ -84,6 +85,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no command given: agentkernel run [OPTIONS] -- COMMAND [ARGS...]")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
+    if not args.json:
+        return _run_plain(args, command)
+    from ..errors import AgentKernelError
+
+    try:
+        return _run_plain(args, command)
+    except AgentKernelError as exc:
+        # --json promises one object, also when the command could not start (127, 126,
+        # 125: a bad workdir, an image that is not there...); the message still goes to
+        # stderr, through the usual error path. A usage error (2) is not a run: no object.
+        if exc.exit_code == UsageError.exit_code:
+            raise
+        import json
+
+        print(json.dumps({**_JSON_NOTHING, "exit_code": exc.exit_code,
+                          "message": exc.message}), flush=True)
+        raise
+
+
+_JSON_NOTHING: dict[str, Any] = {
+    "exit_code": 125, "stdout": "", "stderr": "", "signal": None, "timed_out": False,
+    "message": None, "backend": None, "isolation": None, "image": None, "rootfs": None,
+    "profile": None, "sandbox": None, "kept": False, "pooled": None, "duration_ms": None,
+}  # `run --json`'s keys, for a run that had no sandbox
+
+
+def _run_plain(args: argparse.Namespace, command: list[str]) -> int:
+    """`run` without --agent: through the daemon when one is up, else in-process."""
     egress_flags = bool(args.allow_host or args.deny_host or args.add_host or args.secret)
     if args.keep or (daemon_wanted() and not egress_flags):  # pools keep the default policy
         # Through the daemon when one is up (warm pool); --keep starts one if needed.
@@ -102,6 +131,21 @@ def daemon_wanted() -> bool:
     return os.environ.get("AGENTKERNEL_NO_DAEMON", "").lower() not in _YES
 
 
+def _say_plan(data: dict[str, Any], say: Callable[[str], None]) -> None:
+    """`-v` of a run through the daemon: the path, then what the plan gave (the lines an
+    in-process run prints)."""
+    how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
+    say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
+    say(f"backend {data.get('backend')}: {data.get('isolation')}")
+    for line in data.get("skipped") or []:
+        say(str(line))
+    say(f"image {data.get('image')} ({data.get('image_reason')}); rootfs: {data.get('rootfs')}")
+    memory = f"{data.get('memory_mb')}MiB" if data.get("memory_mb") else "unlimited"
+    say(f"profile {data.get('profile')}: network={data.get('network')} "
+        f"workspace={data.get('workspace')} memory={memory} "
+        f"pids={data.get('pids') or 'unlimited'} cpus={data.get('cpus') or 'unlimited'}")
+
+
 def autostart_wanted() -> bool:
     """Whether a run without a daemon may start one (AGENTKERNEL_DAEMON_AUTOSTART)."""
     return daemon_wanted() and \
@@ -115,7 +159,7 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     prime_migration()  # first, so the kernel's wait overlaps our imports (see its docstring)
     import time
 
-    from ..engine import execute
+    from ..engine import execute, exit_on_terminate, terminated
     from ..planner import CallerContext, plan
 
     req = run_request(args, command)
@@ -148,18 +192,28 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
     out: BinaryIO = captured_out if args.json else sys.stdout.buffer
     err: BinaryIO = captured_err if args.json else sys.stderr.buffer
     stdin = sys.stdin.buffer if req.forward_stdin and not args.json else None
-    sandbox, outcome = execute(plan_, timeout=req.timeout, stdout=out, stderr=err,
-                               stdin=stdin)
-    try:
-        for note in sandbox.notes:
-            say(f"note: {note}")
-        if plan_.egress is not None and not args.quiet:
-            from ..egress_gate import refusals
+    # From the start to the end of the cleanup no signal may end us unhandled: one waits
+    # while the sandbox starts or is cleaned up, goes to the command while it runs, and
+    # otherwise ends the run through its cleanup (engine.exit_on_terminate). The sandbox
+    # is ours from its start (`on_started`), not only from `execute`'s return.
+    owned: list[Sandbox] = []
+    with exit_on_terminate():
+        try:
+            sandbox, outcome = execute(plan_, timeout=req.timeout, stdout=out, stderr=err,
+                                       stdin=stdin, on_started=owned.append)
+            for note in sandbox.notes:
+                say(f"note: {note}")
+            if plan_.egress is not None and not args.quiet:
+                from ..egress_gate import refusals
 
-            for line in refusals(sandbox.scratch):
-                say(f"egress: {line}")
-    finally:
-        sandbox.destroy()
+                for line in refusals(sandbox.scratch):
+                    say(f"egress: {line}")
+        finally:
+            for each in owned:  # (destroy is idempotent: execute's own except may have)
+                each.destroy()
+    ending = terminated()  # (also one that came as the handlers were put back)
+    if ending is not None:  # a signal after the command's end: it ends us as it would have
+        return 128 + ending
     if outcome.message:
         say(outcome.message)
     if args.json:
@@ -172,7 +226,7 @@ def run_in_process(args: argparse.Namespace, command: list[str]) -> int:
             "isolation": plan_.backend.isolation, "image": plan_.image,
             "rootfs": plan_.rootfs_note,
             "profile": plan_.profile.name, "sandbox": sandbox.spec.name, "kept": False,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+            "pooled": None, "duration_ms": round((time.monotonic() - started) * 1000, 1),
         }
         import json
 
@@ -272,17 +326,7 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
         for warning in data.get("warnings") or []:
             say(f"warning: {warning}")
         if args.verbose:
-            how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
-            say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
-            say(f"backend {data.get('backend')}: {data.get('isolation')}")
-            for line in data.get("skipped") or []:
-                say(str(line))
-            say(f"image {data.get('image')} ({data.get('image_reason')}); "
-                 f"rootfs: {data.get('rootfs')}")
-            say(f"profile {data.get('profile')}: network={data.get('network')} "
-                 f"workspace={data.get('workspace')} "
-                 f"memory={data.get('memory_mb') or 'unlimited'}MiB "
-                 f"pids={data.get('pids') or 'unlimited'} cpus={data.get('cpus') or 'unlimited'}")
+            _say_plan(data, say)
         for note in data.get("notes") or []:
             say(f"note: {note}")
 
@@ -294,6 +338,9 @@ def run_via_daemon(args: argparse.Namespace, command: list[str], *, keep: bool) 
         if exc.kind == "WrongDaemon":
             return None  # a daemon of another data dir (AGENTKERNEL_HOME): run in-process
         raise
+    if not args.quiet:
+        for line in result.get("egress") or []:
+            say(f"egress: {line}")
     if result.get("message") and not args.quiet:
         say(str(result["message"]))
     code = int(result.get("exit_code", 125))
@@ -351,8 +398,7 @@ def agent_via_daemon(args: argparse.Namespace, key_value: str | None) -> int | N
             for warning in data.get("warnings") or []:
                 say(f"warning: {warning}")
         if args.verbose:
-            how = "warm pool" if data.get("pooled") else "cold start, the pool was empty"
-            say(f"via daemon ({how}): sandbox {data.get('sandbox')}")
+            _say_plan(data, say)  # which backend and isolation, as in-process -v says
             from ..agents.request import user_line
 
             say(user_line(str(data.get("backend")), data.get("user")))

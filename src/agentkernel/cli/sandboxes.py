@@ -13,7 +13,7 @@ from .common import caller, env_pairs, limits, say, strip_dashes
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from typing import Any
+    from typing import Any, BinaryIO
 
 
 def add_parsers(sub: Any) -> None:
@@ -43,7 +43,7 @@ def add_parsers(sub: Any) -> None:
 
     add_egress_flags(c)
     c.set_defaults(handler=cmd_create)
-    e = sub.add_parser("exec", help="run a command in a persistent sandbox",
+    e = sub.add_parser("exec", help="run a command in a persistent sandbox", usage=EXEC_USAGE,
                        description="Run COMMAND in sandbox NAME; its exit code is ours.")
     e.add_argument("name")
     e.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VAL")
@@ -118,12 +118,16 @@ def cmd_create(args: argparse.Namespace) -> int:
     print(f"Creating sandbox '{args.name}'" + (f" with image '{args.image}'" if args.image
                                                else "") + "...")
     info = client.call("create", req)
+    for warning in info.get("warnings") or []:  # (the plan's: as a run in-process says them)
+        say(f"warning: {warning}")
     print(f"  Image:   {info['image']}")
     if info.get("rootfs"):
         print(f"  Rootfs:  {info['rootfs']}")
     from ..planner import UNAVAILABLE_ROOTFS, fallback_warning
 
-    if info.get("rootfs") == UNAVAILABLE_ROOTFS:
+    said = f"image {info['image']} unavailable"  # (the plan's warning, with its reason)
+    if info.get("rootfs") == UNAVAILABLE_ROOTFS and \
+            not any(w.startswith(said) for w in info.get("warnings") or []):
         say(f"warning: {fallback_warning(info['image'])}")
     print(f"  Backend: {info['backend']} ({info['isolation']})")
     print(f"  Profile: {info['profile']}")
@@ -222,6 +226,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- exec / attach
 
 
+# exec's usage, shown alike for an unknown option before NAME (its parser) and after it
+# (_late_options, whose parser the fast path reaches without the full one).
+EXEC_USAGE = ("%(prog)s [-h] [-e KEY=VAL] [-w WORKDIR] [-t] [-i] [--timeout SECONDS] NAME "
+              "[--] COMMAND [ARG...]")
+
+
 def _late_options(args: argparse.Namespace) -> list[str]:
     """`exec NAME -e K=V -w DIR -- CMD`: options after NAME land in the command; take them."""
     command = list(args.command)
@@ -230,7 +240,7 @@ def _late_options(args: argparse.Namespace) -> list[str]:
     cut = command.index("--")
     import argparse
 
-    p = argparse.ArgumentParser(prog="agentkernel exec", add_help=False)
+    p = argparse.ArgumentParser(prog="agentkernel exec", usage=EXEC_USAGE, add_help=False)
     p.add_argument("-e", "--env", action="append", default=[])
     p.add_argument("-w", "--workdir")
     p.add_argument("-t", "--tty", action="store_true")
@@ -240,8 +250,8 @@ def _late_options(args: argparse.Namespace) -> list[str]:
         late, rest = p.parse_known_args(command[:cut])
     except SystemExit:
         raise DaemonError("invalid options before --", 2) from None
-    if rest:
-        raise DaemonError(f"unexpected argument(s) before --: {' '.join(rest)}", 2)
+    if rest:  # as any unknown option of exec's: its usage, exit code 2
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     args.env = [*args.env, *late.env]
     args.workdir = late.workdir or args.workdir
     args.tty = args.tty or late.tty
@@ -348,6 +358,47 @@ def _random_token() -> str:
     return os.urandom(8).hex()
 
 
+def _open_source(src: str) -> BinaryIO:
+    """The host file `src`, open for reading, if it is a regular file (links followed: the
+    user named it). Anything else is refused before it is opened: reading a FIFO waits
+    for a writer forever, a device never ends or acts on open. What is opened is checked
+    again (fstat), opened without blocking, so a FIFO put in its place meanwhile is
+    refused rather than waited on."""
+    import stat
+
+    try:
+        mode = os.stat(src).st_mode
+    except OSError as exc:
+        raise DaemonError(f"cannot read {src}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise DaemonError(f"{src} is a directory (cp copies single files)", 2)
+    if not stat.S_ISREG(mode):
+        raise DaemonError(f"{src} is {_kind(mode)}, not a regular file (cp copies regular "
+                          "files only)", 2)
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DaemonError(f"cannot read {src}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DaemonError(f"{src} is {_kind(mode)}, not a regular file (cp copies regular "
+                          "files only)", 2)
+    os.set_blocking(fd, True)
+    return open(fd, "rb")
+
+
+def _kind(mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
 def cmd_cp(args: argparse.Namespace) -> int:
     src_name, src = _split(args.src)
     dst_name, dst = _split(args.dst)
@@ -355,12 +406,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
         raise DaemonError("cp needs exactly one side of the form SANDBOX:/path", 2)
     chunk = 256 * 1024
     if dst_name is not None:
-        if os.path.isdir(src):
-            raise DaemonError(f"{src} is a directory (cp copies single files)", 2)
-        try:
-            f = open(src, "rb")  # noqa: SIM115 - closed below
-        except OSError as exc:
-            raise DaemonError(f"cannot read {src}: {exc.strerror}") from None
+        f = _open_source(src)
         with f:
             mode = os.fstat(f.fileno()).st_mode & 0o777
             lines = client.open_stream("cp_in", {"name": dst_name, "path": dst, "mode": mode},

@@ -30,7 +30,11 @@ T = TypeVar("T")
 def default_transport(base_url: str | None) -> httpx.AsyncBaseTransport | None:
     """As `sync.default_transport`, for asyncio."""
     path = c.daemon_api_socket(base_url)
-    return httpx.AsyncHTTPTransport(uds=path) if path else None
+    if not path:
+        return None
+    from ._uds import AsyncDaemonTransport
+
+    return AsyncDaemonTransport(path)
 
 
 class AsyncSandboxSession:
@@ -73,10 +77,16 @@ class AsyncAgentKernel:
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  timeout: float | None = None, *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._settings = c.settings(base_url, api_key, timeout)
+        s = self._settings = c.settings(base_url, api_key, timeout)
+
+        async def stored_key_for(request: httpx.Request) -> None:
+            s.stored_key_for(request)
+
+        # The stored key goes per request, where our own listener takes it (see there).
+        hooks = {"request": [stored_key_for]} if transport is None else {}
         self._http = httpx.AsyncClient(
-            base_url=self._settings.base_url, headers=self._settings.headers(),
-            timeout=self._settings.timeout,
+            base_url=s.base_url, headers=s.headers(stored=transport is not None),
+            timeout=s.timeout, event_hooks=hooks,
             transport=transport or default_transport(base_url),
         )
 

@@ -29,10 +29,14 @@ T = TypeVar("T")
 
 def default_transport(base_url: str | None) -> httpx.BaseTransport | None:
     """The transport used when none is passed: with no base URL given (argument or
-    AGENTKERNEL_BASE_URL), the local daemon's unix socket — started on demand; else None,
-    which means TCP to the base URL."""
+    AGENTKERNEL_BASE_URL), the local daemon's unix socket — started on demand, the peer
+    of each connection checked (`_uds`); else None, which means TCP to the base URL."""
     path = c.daemon_api_socket(base_url)
-    return httpx.HTTPTransport(uds=path) if path else None
+    if not path:
+        return None
+    from ._uds import DaemonTransport
+
+    return DaemonTransport(path)
 
 
 class SandboxSession:
@@ -81,10 +85,12 @@ class AgentKernel:
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  timeout: float | None = None, *,
                  transport: httpx.BaseTransport | None = None) -> None:
-        self._settings = c.settings(base_url, api_key, timeout)
+        s = self._settings = c.settings(base_url, api_key, timeout)
+        # The stored key goes per request, where our own listener takes it (see there).
+        hooks = {"request": [s.stored_key_for]} if transport is None else {}
         self._http = httpx.Client(
-            base_url=self._settings.base_url, headers=self._settings.headers(),
-            timeout=self._settings.timeout,
+            base_url=s.base_url, headers=s.headers(stored=transport is not None),
+            timeout=s.timeout, event_hooks=hooks,
             transport=transport or default_transport(base_url),
         )
 

@@ -45,6 +45,9 @@ class CreateRequest:
     # An AI coding agent of the registry (agents/registry.toml): its install, variables,
     # API hosts and stored key come with it (planner.with_agent).
     agent: str | None = None
+    # From the MCP tools: no registry on a non-public address unless the caller's settings
+    # name it (planner.RunRequest.registry_public_only).
+    registry_public_only: bool = False
 
 
 @dataclass
@@ -87,7 +90,7 @@ class ExecResult:
     message: str | None = None  # why the sandbox, not the command, ended it
     # The collected stdout/stderr stopped at the output cap (the command ran to its end).
     truncated: bool = False
-    egress: list[str] = field(default_factory=list)  # an agent run's refusals, as lines
+    egress: list[str] = field(default_factory=list)  # a one-shot run's refusals, as lines
 
 
 @dataclass
@@ -124,6 +127,7 @@ class RunRequest:
     deny_hosts: list[str] = field(default_factory=list)
     add_hosts: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
+    registry_public_only: bool = False  # as CreateRequest's
 
 
 @dataclass

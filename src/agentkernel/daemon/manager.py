@@ -266,6 +266,14 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
                           user[2] if user is not None else "/root")
         return _Resolved(spec, backend, env, cwd)
 
+    def serves(self, data_dir: str) -> bool:
+        """Whether a caller of `data_dir` (its own, as its request says) is this daemon's:
+        a caller of another data dir sharing our runtime dir (root with another HOME or
+        AGENTKERNEL_HOME) must not have its sandboxes made in, or taken from, ours."""
+        from pathlib import Path
+
+        return Path(data_dir).resolve() == self.root.resolve()
+
     def _state_dir(self, name: str) -> Path:
         validate_sandbox_name(name)
         return self.root / "sandboxes" / name
@@ -273,7 +281,7 @@ class SandboxManager(RecoveryMixin, SandboxesMixin, ExecMixin, RunsMixin, Detach
     def _disk_mb(self, config: Config | None) -> int | None:
         """The disk quota of a new persistent sandbox: its project's, the daemon's, or the
         default; None when one of them says `unlimited`."""
-        from .quota import DEFAULT_DISK_MB
+        from ..profiles import DEFAULT_DISK_MB
 
         for cfg in (config, self.config):
             if cfg is not None and cfg.resources.disk is not None:

@@ -164,7 +164,10 @@ class _KeyState:
         return len(self.starts)
 
     def rate_now(self, now: float) -> float:
-        return self.rate * math.exp(-(now - self.rate_at) / RATE_WINDOW)
+        # A `now` read before another thread's take (or a test's clock) may lie behind
+        # rate_at: no decay then, never a growth (exp of a large gap overflowed and ended
+        # the pool's worker thread).
+        return self.rate * math.exp(-max(0.0, now - self.rate_at) / RATE_WINDOW)
 
     def note_take(self, now: float) -> None:
         # An event-driven EWMA of the arrival rate: each take adds 1/window, decaying.
@@ -537,7 +540,10 @@ class WarmPool:
         """Under the lock: starts `st` wants now: its target, within the caps, plus the
         takes waiting for a start (only a failed start leaves one without)."""
         want = min(st.target(now) + len(st.claims), self._room(st))
-        return want - len(st.warm) - st.starting
+        # A key whose sandboxes come back (wasm's workers): those its runs hold are on
+        # their way (a take waiting, or starting its own, holds none).
+        back = max(0, st.in_use - len(st.claims) - st.starting) if st.given_back else 0
+        return want - len(st.warm) - st.starting - back
 
     def _expire(self, now: float) -> list[Sandbox]:
         """Under the lock: drop idle ad-hoc keys and surplus warm sandboxes."""
@@ -577,6 +583,9 @@ class WarmPool:
                 need = queued + 1000
             else:
                 need = self._need(st, now)
+                if need <= 0:  # nothing to start (e.g. its sandboxes came back): none yields
+                    st.held = None
+                    continue
                 # Down to half its target or less, a key is behind demand: every slot.
                 urgent = 2 * st.spare() <= st.target(now)
                 if not urgent and (not ahead_ok or now - st.last_used < REFILL_DELAY):

@@ -32,7 +32,6 @@ from typing import BinaryIO, Final
 from ..errors import SandboxError
 
 MIB: Final = 1024 * 1024
-DEFAULT_DISK_MB: Final = 10 * 1024  # a large project's dependencies and build output fit
 DEFAULT_LOG_BYTES: Final = 64 * MIB  # per stream of one detached command
 MOUNT_ROOT: Final = "/run/agentkernel-disks"  # beside root's runtime dir, never inside it
 _IMAGE: Final = "disk.ext4"
@@ -59,9 +58,11 @@ def layers_dir(state_dir: Path) -> Path:
 
 def can_mount() -> bool:
     """Whether images can be loop-mounted here: root, with loop devices and the tools."""
+    from ..vm.disk import mkfs_binary
+
     return (os.geteuid() == 0 and Path("/dev/loop-control").exists()
             and shutil.which("mount") is not None and shutil.which("umount") is not None
-            and (shutil.which("mkfs.ext4") or shutil.which("mke2fs")) is not None)
+            and mkfs_binary() is not None)
 
 
 def _unescape(field: str) -> str:

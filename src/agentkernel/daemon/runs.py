@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +24,8 @@ from .handles import ExecHandle, failed_start
 from .pool import PoolKey
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..backends import Backend
     from ..planner import Plan
     from ..rootfs import HostRootfs, Mask
@@ -44,7 +49,20 @@ class RunsMixin:
     """SandboxManager's runs (a mixin: the manager is `self`; manager.py composes them)."""
 
     def _plan_run(self: SandboxManager, req: RunRequest) -> tuple[PoolKey, Plan]:
-        """The planner's answer for a one-shot run, and the pool key it is served from."""
+        """The planner's answer for a one-shot run, and the pool key it is served from:
+        remembered briefly for a wasm run asked again as it was (_PlanMemo)."""
+        with _MEMO_LOCK:
+            memo = _PLAN_MEMO.setdefault(self, _PlanMemo())
+        key = memo.key(req)
+        hit = memo.get(key) if key is not None else None
+        if hit is not None:
+            return _fresh_masks(hit)
+        answer = self._plan_afresh(req)
+        if key is not None:
+            memo.put(key, answer)
+        return answer
+
+    def _plan_afresh(self: SandboxManager, req: RunRequest) -> tuple[PoolKey, Plan]:
         from ..planner import RunRequest as PlanRequest
 
         cwd = Path(req.cwd) if req.cwd else None
@@ -59,7 +77,8 @@ class RunsMixin:
             allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
             add_hosts=tuple(req.add_hosts), secrets=tuple(req.secrets), agent=req.agent,
             agent_key=req.agent_key, workspace_at=req.workspace_at,
-            agent_settings=bool(req.agent_settings)), ctx)
+            agent_settings=bool(req.agent_settings),
+            registry_public_only=req.registry_public_only is True), ctx)
         if req.agent_key and not req.agent_key_value:
             raise UsageError(f"run: the value of {req.agent_key} did not come with the run")
         return pool_key(plan), plan
@@ -125,9 +144,10 @@ class RunsMixin:
 
         A run with secrets (your config's [secrets], an agent's key) takes a sandbox
         started without them, whose gate holds a certificate for their hosts: their
-        values and this run's fresh placeholders go to that gate now (`_grant`), so a
-        warm sandbox never holds a key, and no two runs share a placeholder."""
-        if req.data_dir and Path(req.data_dir).resolve() != self.root.resolve():
+        values and this run's fresh placeholders go to that gate now (`_grant`, beside
+        the command's start), so a warm sandbox never holds a key, and no two runs share
+        a placeholder."""
+        if req.data_dir and not self.serves(req.data_dir):
             raise WrongDaemon(f"this daemon serves {self.root}, not {req.data_dir}")
         key, plan = self._plan_run(req)
         backend, rootfs = plan.backend, plan.rootfs
@@ -137,33 +157,47 @@ class RunsMixin:
         try:
             # (The masks as they are now: warm sandboxes made before a change in /etc go.)
             sandbox, pooled = self.pool.acquire(key, backend, rootfs, _found_masks(rootfs))
+            granting: list[Callable[[], None]] = []  # the grant's answer, awaited below
+            grant = None
             if plan.egress is not None and plan.egress.secrets:
-                _grant(sandbox, plan, req)
+                taken = sandbox
+
+                def grant() -> None:  # once the command's start is asked for: beside it
+                    granting.append(_grant(taken, plan, req))
             if plan.home_files:  # run --agent --settings: into this run's fresh HOME
                 from ..agents.settings import write_into
 
                 write_into(sandbox.client, plan.home_files)
             execution = sandbox.client.exec(plan.argv, env=plan.env(sandbox.spec.name),
                                             cwd=plan.cwd, timeout=req.timeout, stdin=stdin,
-                                            pty=pty, rlimits=sandbox.command_rlimits())
+                                            pty=pty, rlimits=sandbox.command_rlimits(),
+                                            sent=grant)
+            for answered in granting:  # (refused: the sandbox goes, its command with it)
+                answered()
         except BaseException:
             self.pool.release(key)
             if sandbox is not None:
                 self._destroy_later(sandbox)
             raise
         sb = sandbox
-        agent = req.agent is not None
+        # (A wasm worker has no network at all, so no gate and no refusals to read.)
+        gated = plan.egress is not None and sb.backend != "wasm"
 
         def finish(_handle: ExecHandle, result: ExecResult | None) -> None:
-            self.pool.release(key)
-            if agent and result is not None:  # what its gate refused, for its stderr
+            if gated and result is not None:  # what its gate refused, for its stderr
+                # (as an in-process run says it: cli/run.py run_in_process)
                 from ..egress_gate import refusals
 
                 result.egress = refusals(sb.scratch)
-            if result is not None and sb.reusable():
-                self.pool.give_back(key, sb)  # a wasm worker: the next run is a new instance
-            else:
-                self._destroy_later(sb)
+            try:
+                if result is not None and sb.reusable():
+                    self.pool.give_back(key, sb)  # a wasm worker: the next run, a new instance
+                else:
+                    self._destroy_later(sb)
+            finally:
+                # Released once it is back: a release that found the key's one worker still
+                # out would wake the refill threads for a start nobody needs.
+                self.pool.release(key)
 
         info = {**plan.summary(), "backend": sb.backend, "isolation": sb.isolation,
                 "pooled": pooled, "sandbox": sb.spec.name, "notes": list(sb.notes),
@@ -200,6 +234,104 @@ class RunsMixin:
         # Tearing a sandbox down takes a few ms: the caller already has its answer. The
         # pool's teardown queue is bounded (a full one makes this caller wait).
         self.pool.discard(sandbox)
+
+
+# ---- the plan memo (hotpath: a warm run's planning, ~0.3-0.5 ms of a wasm run's ~2.5
+# and of the ~0.7 ms a warm namespaces run's request spends in the daemon's Python) ----
+
+PLAN_MEMO_SECONDS = 2.0  # well under the backend choice's own cache (BACKEND_CACHE_SECONDS)
+PLAN_MEMO_MAX = 32
+
+
+class _PlanMemo:
+    """Plans of wasm runs and of namespaces runs on the host's userland, remembered for
+    PLAN_MEMO_SECONDS under everything they depend on: the whole request (its argv, env,
+    flags, the caller's environment and user config path) and the identity (device,
+    inode, size, times, mode, owner) of every file and dir the planner reads for it: the
+    project dir and its agentkernel.toml, --config, the caller's user config, their home.
+    Any change there plans afresh. Only plans that carry nothing per run (no secrets, so
+    no placeholders; no agent, no files for its home) are kept, and only on the wasm
+    backend (whose worker takes neither image nor masks: the pool key and the request
+    say all) or on namespaces with the host's userland, whose always-masked paths are
+    looked up again on every hit (`_fresh_masks`, as a fresh plan does: rootfs.
+    host_rootfs); one plan may serve runs in parallel, read-only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._plans: OrderedDict[str, tuple[float, tuple[PoolKey, Plan]]] = OrderedDict()
+
+    @staticmethod
+    def key(req: RunRequest) -> str | None:
+        """The request's memo key; None if it is not one a plan is remembered for."""
+        from ..detect import is_wasm_module
+
+        if (req.agent or req.agent_key or req.secrets or req.allow_hosts or req.add_hosts
+                or req.agent_settings):
+            return None
+        wasm = req.backend in (None, "wasm") and is_wasm_module(req.argv)
+        host = req.backend in (None, "namespaces") and req.image in (None, "host")
+        if not (wasm or host):
+            return None
+        caller = req.caller_env or {}
+        files = [req.cwd, req.config_path, req.user_config, caller.get("HOME"),
+                 os.path.join(req.cwd, "agentkernel.toml") if req.cwd else None]
+        return repr((sorted((k, repr(v)) for k, v in vars(req).items()),
+                     [(f, _identity(f)) for f in files]))
+
+    def get(self, key: str) -> tuple[PoolKey, Plan] | None:
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is None or time.monotonic() - hit[0] >= PLAN_MEMO_SECONDS:
+                return None
+            self._plans.move_to_end(key)
+            return hit[1]
+
+    def put(self, key: str, answer: tuple[PoolKey, Plan]) -> None:
+        plan = answer[1]
+        host = plan.backend.name == "namespaces" and _on_host(plan)
+        if ((plan.backend.name != "wasm" and not host)
+                or (plan.egress is not None and plan.egress.secrets)
+                or plan.home_files or plan.secret_env or plan.ro_binds):
+            return
+        with self._lock:
+            self._plans[key] = (time.monotonic(), answer)
+            self._plans.move_to_end(key)
+            while len(self._plans) > PLAN_MEMO_MAX:
+                self._plans.popitem(last=False)
+
+
+# One per manager (a daemon has one; tests make several, which must not share plans).
+_PLAN_MEMO: weakref.WeakKeyDictionary[SandboxManager, _PlanMemo] = weakref.WeakKeyDictionary()
+_MEMO_LOCK = threading.Lock()
+
+
+def _on_host(plan: Plan) -> bool:
+    """Whether `plan` runs on the host's userland (not an image, nor one that fell back)."""
+    return (plan.image == "host" and plan.rootfs.name == "host"
+            and plan.rootfs_key == "host" and plan.image_config is None)
+
+
+def _fresh_masks(answer: tuple[PoolKey, Plan]) -> tuple[PoolKey, Plan]:
+    """A remembered plan with the host's always-masked paths looked up now (a path that
+    appeared since is masked from this run on, and the pool drops warm sandboxes made
+    without it), as every fresh plan has them."""
+    key, plan = answer
+    if plan.backend.name != "namespaces":
+        return answer
+    from ..rootfs import host_rootfs
+
+    return key, replace(plan, rootfs=host_rootfs())
+
+
+def _identity(path: str | None) -> tuple[int, ...] | None:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode,
+            st.st_uid)
 
 
 def pool_key(plan: Plan) -> PoolKey:
@@ -248,15 +380,21 @@ def install_ids(ro_binds: tuple[tuple[str, str], ...]) -> tuple[tuple[int, int, 
         except OSError:
             ids.append((0, 0, 0))
             continue
-        ids.append((st.st_dev, st.st_ino, st.st_ctime_ns))
+        # A project's pinned .git (agents/gitpin) changes its ctime at every git command
+        # of the user's: only another .git (a new clone) makes a warm sandbox stale.
+        ctime = 0 if os.path.basename(src) == ".git" else st.st_ctime_ns
+        ids.append((st.st_dev, st.st_ino, ctime))
     return tuple(ids)
 
 
-def _grant(sandbox: Sandbox, plan: Plan, req: RunRequest) -> None:
-    """The run's secrets to the gate of the sandbox it took: each grant's fresh
+def _grant(sandbox: Sandbox, plan: Plan, req: RunRequest) -> Callable[[], None]:
+    """The run's secrets sent to the gate of the sandbox it took: each grant's fresh
     placeholder (in the plan: the command's variables hold it) and value, read now (a
-    stored secret from the store; the caller's agent key from its request)."""
-    from ..egress_gate import grant
+    stored secret from the store; the caller's agent key from its request). Sent once the
+    command's start is asked for; returns the wait for the gate's answer (the command
+    starts meanwhile: its gate holds its connections to those hosts until the grant is
+    in), its `started` goes out after."""
+    from ..egress_gate import grant_sent
     from ..secrets_store import load
 
     assert plan.egress is not None
@@ -266,4 +404,4 @@ def _grant(sandbox: Sandbox, plan: Plan, req: RunRequest) -> None:
         value = req.agent_key_value if g.name == held else load(g.name).value
         given.append({"name": g.name, "hosts": list(g.hosts), "header": g.header,
                       "placeholder": g.placeholder, "value": value})
-    grant(sandbox.scratch, given)
+    return grant_sent(sandbox.scratch, given)

@@ -30,6 +30,12 @@ class SandboxesMixin:
     """SandboxManager's sandboxes (a mixin: the manager is `self`; manager.py composes them)."""
 
     def create(self: SandboxManager, req: CreateRequest) -> SandboxInfo:
+        return self.create_warned(req)[0]
+
+    def create_warned(self: SandboxManager,
+                      req: CreateRequest) -> tuple[SandboxInfo, list[str]]:
+        """`create`, and its plan's warnings (the project file's among them), for the
+        CLI to print as a run in-process does."""
         from ..planner import RunRequest as PlanRequest
 
         validate_sandbox_name(req.name)
@@ -55,7 +61,8 @@ class SandboxesMixin:
                 backend=req.backend, memory_mb=req.memory_mb, pids=req.pids, cpus=cpus,
                 allow_hosts=tuple(req.allow_hosts), deny_hosts=tuple(req.deny_hosts),
                 add_hosts=tuple(req.add_hosts), secrets=tuple(req.secrets),
-                env=dict(req.env), agent=req.agent),
+                env=dict(req.env), agent=req.agent,
+                registry_public_only=req.registry_public_only is True),
                 ctx, persistent=True)
             backend, profile, image = plan.backend, plan.profile, plan.image
             doc = {
@@ -103,7 +110,7 @@ class SandboxesMixin:
                 self.store.delete_sandbox(req.name)
                 self._wipe_state(state_dir)
                 raise
-            return self.get(req.name)
+            return self.get(req.name), list(plan.warnings)
 
     def _row(self: SandboxManager, name: str) -> SandboxRow:
         validate_sandbox_name(name)

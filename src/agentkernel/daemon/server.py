@@ -8,7 +8,6 @@ import fcntl
 import functools
 import json
 import os
-import queue
 import select
 import signal
 import socket
@@ -31,6 +30,7 @@ from ..errors import (
 from ..paths import API_SOCKET, DAEMON_SOCKET, listen_unix, runtime_dir
 from ..peer import refusal
 from .api import CreateRequest, ExecRequest, ExecResult, RunRequest, to_json
+from .common import WrongDaemon
 from .handles import ExecHandle, failed_start
 from .manager import SandboxManager
 
@@ -41,6 +41,7 @@ LOCK_NAME = "daemon.lock"
 # One request line: a cp chunk (256 KiB, up to 6 JSON bytes per byte) fits; every connection
 # may hold one, so this times max_connections bounds what requests can make us buffer.
 MAX_LINE = 2 * 1024 * 1024
+TOO_DEEP = "a request must be one line of JSON: it nests too deeply"
 REQUEST_TIMEOUT = 30.0  # a connection that sends no request in this long is answered and closed
 IDLE_CONN_THREADS = 4  # threads kept waiting for the next connection
 HELD_BYTES = 64 * 1024  # output a stream holds back at most, to send it in one write
@@ -114,6 +115,8 @@ class _Conn:
             obj = json.loads(line)
         except ValueError as exc:
             raise UsageError(f"a request must be one line of JSON: {exc}") from None
+        except RecursionError:  # `[[[[…` deeper than the parser goes: the client's mistake
+            raise UsageError(TOO_DEEP) from None
         if not isinstance(obj, dict):
             raise UsageError("a request must be a JSON object")
         return obj
@@ -150,35 +153,55 @@ class _Conn:
             self.sock.close()
 
 
-class _ConnThreads:
-    """Threads that serve connections, a few kept idle for the next one: a thread started
-    per connection costs each request its start-up hand-over (~60 us of CPU here, more
-    in wall time on a busy host). At most IDLE_CONN_THREADS wait; beyond them a thread
-    ends after its connection, as before (max_connections bounds how many run)."""
+class _Acceptors:
+    """Threads that each wait in accept() on the listener and serve the connection they
+    get themselves: no hand-over from an accepting thread to a serving one (on a VM a
+    thread woken after a pause costs a paced request ~0.2 ms; a thread started per
+    connection, ~60 us of CPU more). The kernel wakes one waiting thread per connection.
+    IDLE_CONN_THREADS wait; the last one to take a connection starts another first, so
+    that one always waits (max_connections bounds how many serve); beyond them a thread
+    ends after its connection."""
 
-    def __init__(self, serve: Callable[[socket.socket], None]) -> None:
-        self._serve = serve
+    def __init__(self, listener: socket.socket, handle: Callable[[socket.socket], None],
+                 stopped: Callable[[], bool]) -> None:
+        self._listener = listener
+        self._handle = handle
+        self._stopped = stopped
         self._lock = threading.Lock()
-        self._idle = 0  # threads waiting in _run for a connection
-        self._queue: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self._idle = 0  # threads waiting in accept
 
-    def submit(self, conn: socket.socket) -> None:
-        """Serve `conn` on an idle thread, else on a new one (RuntimeError: none to be had)."""
+    def start(self) -> None:
         with self._lock:
-            if self._idle:
-                self._idle -= 1
-                self._queue.put(conn)  # exactly one waiting thread takes it
-                return
-        threading.Thread(target=self._run, args=(conn,), daemon=True, name="ak-conn").start()
+            for _ in range(IDLE_CONN_THREADS):
+                self._spawn()
 
-    def _run(self, conn: socket.socket) -> None:
+    def _spawn(self) -> None:
+        """Under the lock: one more thread waiting in accept (RuntimeError: none to be
+        had; the connections wait in the backlog for one that comes back)."""
+        threading.Thread(target=self._run, daemon=True, name="ak-conn").start()
+        self._idle += 1
+
+    def _run(self) -> None:
         while True:
-            self._serve(conn)
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._stopped() or self._listener.fileno() < 0:
+                    with self._lock:
+                        self._idle -= 1
+                    return
+                time.sleep(0.05)  # e.g. out of descriptors: no spin while none come back
+                continue
+            with self._lock:
+                self._idle -= 1
+                if not self._idle:
+                    with contextlib.suppress(RuntimeError):
+                        self._spawn()
+            self._handle(conn)
             with self._lock:
                 if self._idle >= IDLE_CONN_THREADS:
                     return
                 self._idle += 1
-            conn = self._queue.get()
 
 
 class _Watch:
@@ -275,6 +298,64 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
+class _SignalWake:
+    """The main thread's wait for the daemon's end, woken by signals too. The kernel hands
+    a process's SIGTERM to any of its threads that does not block it; Python runs the
+    handler only in the main thread, and only once that thread runs bytecode again. A
+    daemon with dozens of threads (pool, HTTP, agent channels) whose main thread sat in a
+    blocking wait ignored SIGTERM until something else woke it (seen under load: `serve`
+    still up 49 minutes after it). The C-level handler writes to this pipe whichever
+    thread it ran in (`signal.set_wakeup_fd`), and so does `poke` (shutdown). Only in the
+    main thread (where handlers run); elsewhere `wait` says so and the caller waits as
+    before."""
+
+    def __init__(self, *, active: bool = True) -> None:
+        self._lock = threading.Lock()
+        self.fds: tuple[int, int] | None = None
+        self.previous = -1
+        if not active or threading.current_thread() is not threading.main_thread():
+            return
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            os.close(r)
+            os.close(w)
+            return
+        self.fds = (r, w)
+
+    def wait(self) -> bool:
+        """Until a signal came or `poke` was called (True; a signal's handler runs as
+        this returns), or False at once without a pipe."""
+        with self._lock:
+            fds = self.fds
+        if fds is None:
+            return False
+        poller = select.poll()
+        poller.register(fds[0], select.POLLIN)
+        poller.poll()
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(fds[0], 512):
+                pass
+        return True
+
+    def poke(self) -> None:
+        with self._lock:
+            if self.fds is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self.fds[1], b"\0")
+
+    def close(self) -> None:
+        with self._lock:
+            if self.fds is None:
+                return
+            with contextlib.suppress(ValueError, OSError):
+                signal.set_wakeup_fd(self.previous)
+            for fd in self.fds:
+                os.close(fd)
+            self.fds = None
+
+
 class DaemonServer:
     """Accepts connections and serves each on its own thread."""
 
@@ -289,7 +370,8 @@ class DaemonServer:
         self._last_active = time.monotonic()
         self._active_lock = threading.Lock()
         self._watch = _Watch()  # streaming connections' control lines
-        self._threads = _ConnThreads(self._serve)
+        self._acceptors = _Acceptors(self._listener, self._admit, self._stop.is_set)
+        self._wake = _SignalWake(active=False)  # serve_forever's, once it runs
         self.config_path: str | None = None  # the config file this daemon loaded
         # HTTP listeners on TCP: the one `serve` started this daemon with, and those a later
         # `serve` attached (each lives as long as that `serve` holds its connection).
@@ -301,30 +383,31 @@ class DaemonServer:
             return 0.0 if self._active else time.monotonic() - self._last_active
 
     def serve_forever(self) -> None:
+        wake = self._wake = _SignalWake()  # a stop signal taken by any thread wakes us
         try:
+            self._acceptors.start()
             while not self._stop.is_set():
-                try:
-                    conn, _ = self._listener.accept()
-                except OSError:
-                    if self._stop.is_set():
-                        break
-                    continue
-                with self._active_lock:
-                    full = self._active >= self.max_connections
-                    self._active += 0 if full else 1
-                if full:
-                    self._refuse(conn)
-                    continue
-                try:
-                    self._threads.submit(conn)
-                except RuntimeError:  # no thread to be had: refuse, do not stall
-                    self._release()
-                    self._refuse(conn)
+                if not wake.wait():  # no pipe (not the main thread): as before
+                    self._stop.wait()
         finally:
+            self._stop.set()  # (the acceptors end when accept fails: they must know why)
+            wake.close()
             self._close_listener()
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Serve a connection just accepted (on the thread that accepted it), or refuse it
+        at once beyond max_connections."""
+        with self._active_lock:
+            full = self._active >= self.max_connections
+            self._active += 0 if full else 1
+        if full:
+            self._refuse(conn)
+        else:
+            self._serve(conn)
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._wake.poke()
         self._close_listener()
 
     def _refuse(self, sock: socket.socket) -> None:
@@ -397,6 +480,7 @@ class DaemonServer:
         if not isinstance(args, dict):
             raise UsageError("args must be an object")
         m = self.manager
+        self._check_data_dir(op, req.get("data_dir"))
         try:
             if op == "ping":
                 conn.send({"ok": True, "data": {"pid": os.getpid(), "uid": os.getuid()}})
@@ -406,8 +490,8 @@ class DaemonServer:
                 conn.send({"ok": True, "data": None})
                 threading.Thread(target=self.shutdown, daemon=True).start()
             elif op == "create":
-                info = m.create(CreateRequest(**_fields(CreateRequest, args)))
-                self._reply_or_undo(conn, info)
+                info, warnings = m.create_warned(CreateRequest(**_fields(CreateRequest, args)))
+                self._reply_or_undo(conn, info, {"warnings": warnings})
             elif op == "exec_detached":
                 name = args.pop("name", "")
                 det = m.exec_detached(str(name), ExecRequest(**_fields(ExecRequest, args)))
@@ -437,13 +521,27 @@ class DaemonServer:
         except TypeError as exc:
             raise UsageError(f"bad arguments for {op}: {exc}") from None
 
-    def _reply_or_undo(self, conn: _Conn, info: Any) -> None:
-        """Answer a request that made a sandbox; if its client left meanwhile, nobody knows
-        of the sandbox: it is removed rather than left running."""
+    def _check_data_dir(self, op: object, theirs: object) -> None:
+        """Refuse a client of another data dir (`SandboxManager.serves`). `run` has its own
+        answer (the CLI runs in-process); who we are, and stopping us, stay open to it."""
+        if not isinstance(theirs, str) or not theirs or op in ("ping", "status", "shutdown",
+                                                                 "run"):
+            return
+        if not self.manager.serves(theirs):
+            raise WrongDaemon(
+                f"the daemon on {self.sock_path} serves the data dir {self.manager.root}, "
+                f"not yours ({theirs}): give yours its own AGENTKERNEL_RUNTIME_DIR, or stop "
+                "that daemon (agentkernel daemon stop)")
+
+    def _reply_or_undo(self, conn: _Conn, info: Any,
+                       extra: dict[str, Any] | None = None) -> None:
+        """Answer a request that made a sandbox (`extra`: more fields beside its info); if
+        its client left meanwhile, nobody knows of the sandbox: it is removed rather than
+        left running."""
         try:
             if conn.gone():
                 raise ClientGone("the client left before the answer")
-            conn.send({"ok": True, "data": to_json(info)})
+            conn.send({"ok": True, "data": {**to_json(info), **(extra or {})}})
         except ClientGone:
             with contextlib.suppress(Exception):
                 self.manager.remove(info.name)
@@ -568,8 +666,13 @@ class DaemonServer:
                 held_bytes[0] = 0
 
         def start_control() -> None:
-            if not done.is_set():
+            if done.is_set():
+                return
+            try:
                 threading.Thread(target=control, daemon=True, name="ak-conn-ctl").start()
+            except RuntimeError:  # no thread to be had: nothing would see the client go
+                handle.abort()  # away, so its command must not run on unattended
+                raise
 
         fd = conn.sock.fileno()
         try:
@@ -701,6 +804,26 @@ class DaemonRunning(AgentKernelError):
     exit_code = 1
 
 
+GC_YOUNG = 20_000  # container objects allocated (net) between young collections (700)
+
+
+def settle_gc() -> None:
+    """Once everything long-lived is loaded (the web stack, the manager): those objects
+    leave the collector's generations for good (`gc.freeze`), and young collections run
+    less often. A run allocates a few thousand objects and frees nearly all by refcount;
+    the collector's passes over the daemon's whole heap cost several per cent of its CPU
+    under a stream of runs (bench/bench_pool.py). AGENTKERNEL_GC_DEFAULT=1 keeps Python's
+    own settings (to compare)."""
+    import gc
+
+    if os.environ.get("AGENTKERNEL_GC_DEFAULT") == "1":
+        return
+    gc.collect()
+    gc.freeze()
+    _young, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG, older, oldest)
+
+
 def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
                idle_exit: float = 0.0) -> int:
     """The daemon's main: lock, recover, listen, serve until told to stop.
@@ -772,6 +895,7 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
             uds_api.append(start_uds_in_thread(manager, str(rt / API_SOCKET)))
         except Exception as exc:
             print(f"agentkernel daemon: no API socket: {exc}", file=sys.stderr, flush=True)
+        settle_gc()
 
     threading.Thread(target=start_uds_api, name="ak-api-start", daemon=True).start()
 

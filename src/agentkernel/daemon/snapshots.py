@@ -69,9 +69,11 @@ class SnapshotsMixin:
             state = self._layers_dir(name)
             members = [m for m in ("layers", "dirs") if (state / m).exists()]
             # GNU tar keeps overlayfs whiteouts (0/0 devices) and opaque-dir xattrs.
-            argv = ["tar", "--xattrs", "--xattrs-include=user.*", "--xattrs-include=trusted.*",
-                    "--exclude=./layers/*/work", "-C", str(state), "-cf", str(tmp),
-                    *[f"./{m}" for m in members]]
+            # --sparse: a hole takes no room in the sandbox's quota, whatever its size
+            # (`truncate -s 16T`); read as zeros it filled the host's disk here.
+            argv = ["tar", "--sparse", "--xattrs", "--xattrs-include=user.*",
+                    "--xattrs-include=trusted.*", "--exclude=./layers/*/work", "-C",
+                    str(state), "-cf", str(tmp), *[f"./{m}" for m in members]]
             proc = subprocess.run(argv, capture_output=True, check=False, timeout=600)
             if proc.returncode not in (0, 1):  # 1: a file changed while read (running)
                 tmp.unlink(missing_ok=True)

@@ -145,6 +145,7 @@ class StateDB:
 
 def _try_open(path: Path) -> tuple[sqlite3.Connection | None, str]:
     """The database at `path` (created if absent) if it passes SQLite's quick check."""
+    _make_private(path)
     try:
         db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
                              timeout=30)
@@ -161,6 +162,21 @@ def _try_open(path: Path) -> tuple[sqlite3.Connection | None, str]:
     except sqlite3.Error as exc:
         db.close()
         return None, str(exc)
+
+
+def _make_private(path: Path) -> None:
+    """The database file 0600 before SQLite opens it: SQLite gives its -wal and -shm files
+    the database's mode, and the WAL holds every row (a sandbox's `-e` values too). Files
+    an older version left readable by others are tightened."""
+    for name, flags in ((str(path), os.O_CREAT), (f"{path}-wal", 0), (f"{path}-shm", 0)):
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o600)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
 
 def _move_aside(path: Path) -> Path:

@@ -309,6 +309,9 @@ def register_errors(app: FastAPI) -> None:
         if isinstance(exc.__cause__, AgentKernelError):  # e.g. the body limit, hit while
             cause = exc.__cause__                        # FastAPI was reading the body
             return fail(cause.http_status, cause.message)
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads of `[[[[…`
+            usage = UsageError("a request body must be JSON: it nests too deeply")
+            return fail(usage.http_status, usage.message)
         if status == 404 and req.url.path.startswith(UNIMPLEMENTED):
             return fail(404, f"{req.url.path}: durable orchestrations, objects, schedules "
                              "and stores are not implemented by this server")

@@ -135,6 +135,7 @@ def _server(service: SandboxService, options: ServeOptions | None) -> uvicorn.Se
     import uvicorn
 
     from .app import create_app
+    from .connections import BoundedH11Protocol
 
     if options is None:
         app = create_app(service)
@@ -144,6 +145,7 @@ def _server(service: SandboxService, options: ServeOptions | None) -> uvicorn.Se
     config = uvicorn.Config(
         app, log_level="warning", access_log=False,
         server_header=False, lifespan="on", timeout_graceful_shutdown=5,
+        http=BoundedH11Protocol,  # a client that sends no request holds nothing for long
     )
     return uvicorn.Server(config)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AgentKernelError, NotFound
+from ..errors import AgentKernelError, NotFound, UsageError
 from .reference import Reference, normalize, parse_reference
 
 if TYPE_CHECKING:
@@ -240,6 +240,8 @@ def pull(
     except RegistryError as exc:
         # One line: which image, which registry, why.
         message = f"cannot pull {parsed} from {exc.registry}: {exc.reason}"
+        if exc.refused:  # the request's fault, not the network's: no offline fallback
+            raise UsageError(message) from None
         if exc.not_found:
             raise NotFound(message) from None
         err = ImageError(message)

@@ -18,6 +18,8 @@ from urllib.parse import urlencode, urlsplit
 from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference
 
 if TYPE_CHECKING:
+    import ipaddress
+
     import urllib3
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -29,6 +31,7 @@ MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 _ACCEPT = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _CHUNK = 1 << 20
+MAX_TOKEN_BYTES = 1 << 20  # a token answer (JSON with one token) larger than this is refused
 MIRROR_ENV = "AGENTKERNEL_REGISTRY_MIRROR"
 CA_ENV = "AGENTKERNEL_REGISTRY_CA"
 
@@ -39,11 +42,13 @@ Progress = Callable[[str, int, int], None]
 class RegistryError(Exception):
     """Talking to a registry failed; ``registry`` is the host that failed."""
 
-    def __init__(self, registry: str, reason: str, *, not_found: bool = False) -> None:
+    def __init__(self, registry: str, reason: str, *, not_found: bool = False,
+                 refused: bool = False) -> None:
         super().__init__(f"{registry}: {reason}")
         self.registry = registry
         self.reason = reason
         self.not_found = not_found
+        self.refused = refused  # by RegistryOptions.public_only: the request's fault
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,20 @@ class RegistryOptions:
     max_manifest_bytes: int = 4 << 20
     max_config_bytes: int = 16 << 20
     max_blob_bytes: int = 64 << 30
+    # A pull an MCP client (an agent) asked for: no connection to a loopback, private or
+    # link-local address, by name, address or redirect, unless it is a registry your own
+    # settings name (insecure_registries, registry, a mirror). See `private_allowed`.
+    public_only: bool = False
+
+    def private_allowed(self) -> frozenset[str]:
+        """The hosts (HOST or HOST:PORT, lower case) a public_only pull may still reach on
+        a non-public address: the ones your own settings name."""
+        hosts = {h.lower() for h in self.insecure}
+        hosts.add(self.default_registry.lower())
+        for spec in self.mirrors:
+            where = spec.partition("=")[2] if "=" in spec else spec
+            hosts.add(_host_of(where))
+        return frozenset(h for h in hosts if h)
 
     @classmethod
     def from_config(cls, config: Any = None,
@@ -190,7 +209,8 @@ class RegistryOptions:
         that its restart resolves its image as its creator did)."""
         return {"default_registry": self.default_registry, "mirrors": list(self.mirrors),
                 "insecure": sorted(self.insecure), "ca_file": self.ca_file,
-                "docker_config": str(self.docker_config) if self.docker_config else None}
+                "docker_config": str(self.docker_config) if self.docker_config else None,
+                "public_only": self.public_only}
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> RegistryOptions:
@@ -200,6 +220,7 @@ class RegistryOptions:
         opts.insecure = frozenset(str(h) for h in doc.get("insecure") or [])
         opts.ca_file = str(doc["ca_file"]) if doc.get("ca_file") else None
         opts.docker_config = Path(doc["docker_config"]) if doc.get("docker_config") else None
+        opts.public_only = doc.get("public_only") is True
         return opts
 
     def fingerprint(self) -> str:
@@ -207,7 +228,7 @@ class RegistryOptions:
         rootfs cache's key): two callers with other settings never share a verdict."""
         return json.dumps([self.default_registry, self.mirrors, sorted(self.insecure),
                            self.ca_file, str(self.docker_config or ""),
-                           sorted(self.credentials)])
+                           sorted(self.credentials), self.public_only])
 
 
 def _host_of(url_or_host: str) -> str:
@@ -241,6 +262,91 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def names_local_host(host: str) -> bool:
+    """Whether a registry host (with or without a port) names this machine or a private
+    network by itself: `localhost`, `*.localhost`, or an address that is not global
+    (loopback, private, link-local, unspecified, shared, reserved)."""
+    import ipaddress
+
+    name = _split_host_port(host.lower())[0].rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return not _is_public(ipaddress.ip_address(name))
+    except ValueError:
+        return False
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return ip.is_global and not ip.is_multicast
+
+
+PUBLIC_ONLY_REFUSAL = ("refused: an MCP client's image may not name a registry on a "
+                       "loopback, private or link-local address; name it in your config's "
+                       "[images] insecure_registries (or registry) to allow it")
+
+
+def _public_only_pools(allowed: frozenset[str]) -> dict[str, Any]:
+    """urllib3 pool classes whose every new connection goes to a public address, unless
+    the host it is made for is in `allowed`: the name is resolved once, every address it
+    gives must be public, and the connection is made to one of those (no second lookup a
+    rebinding name could answer otherwise); a redirect's host is checked the same way.
+    Nothing is connected to a refused address, so its service never sees us."""
+    import ipaddress
+    import socket
+
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import create_connection
+
+    class Checked:
+        host: str
+        port: int
+        timeout: Any
+        source_address: Any
+        socket_options: Any
+
+        def _new_conn(self) -> socket.socket:
+            host = self.host.lower()
+            if host in allowed or f"{host}:{self.port}" in allowed:
+                return super()._new_conn()  # type: ignore[misc,no-any-return]
+            conn: Any = self
+            try:
+                infos = socket.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise NewConnectionError(conn, f"cannot resolve {host}: {exc}") from None
+            addrs = [str(info[4][0]) for info in infos]
+            if not addrs or not all(_is_public(ipaddress.ip_address(a.split("%")[0]))
+                                    for a in addrs):
+                raise NewConnectionError(conn, f"{host}:{self.port}: {PUBLIC_ONLY_REFUSAL}")
+            try:
+                return create_connection((addrs[0], self.port), self.timeout,
+                                         source_address=self.source_address,
+                                         socket_options=self.socket_options)
+            except TimeoutError:
+                raise ConnectTimeoutError(conn, f"connection to {host} timed out") from None
+            except OSError as exc:
+                raise NewConnectionError(conn, f"cannot connect to {host}: {exc}") from None
+
+    class Conn(Checked, HTTPConnection):
+        pass
+
+    class TlsConn(Checked, HTTPSConnection):
+        pass
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TlsPool(HTTPSConnectionPool):
+        ConnectionCls = TlsConn
+
+    return {"http": Pool, "https": TlsPool}
 
 
 def _hub_alias(host: str) -> str:
@@ -317,6 +423,9 @@ class RegistryClient:
         self._lock = threading.Lock()
         self._ssl = ctx
         self._loopback_tls: dict[str, bool] = {}  # loopback host → speaks TLS
+        if self.options.public_only:
+            self._pool.pool_classes_by_scheme = _public_only_pools(
+                self.options.private_allowed())
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -327,6 +436,9 @@ class RegistryClient:
             scheme, text = text.split("://", 1)
         host, _, prefix = text.partition("/")
         host = host.lower()
+        if self.options.public_only and names_local_host(host) and \
+                host not in self.options.private_allowed():
+            raise RegistryError(host, PUBLIC_ONLY_REFUSAL, refused=True)
         insecure = host in self.options.insecure or _hub_alias(host) in self.options.insecure
         loopback = not insecure and is_loopback_host(host)
         if scheme == "http" and not (insecure or loopback):
@@ -405,6 +517,8 @@ class RegistryClient:
             except urllib3.exceptions.SSLError as exc:
                 raise RegistryError(ep.host, f"TLS error: {_short(exc)}") from None
             except urllib3.exceptions.HTTPError as exc:
+                if PUBLIC_ONLY_REFUSAL in str(exc):  # (a redirect's host too)
+                    raise RegistryError(ep.host, PUBLIC_ONLY_REFUSAL, refused=True) from None
                 raise RegistryError(ep.host, f"cannot connect: {_short(exc)}") from None
             if resp.status != 401 or attempt:
                 return resp
@@ -443,17 +557,31 @@ class RegistryClient:
             query["service"] = params["service"]
         hdrs = {"Authorization": basic} if basic else {}
         try:
+            # Streamed: the realm is any URL the registry names, its answer of any size.
             resp = self._pool.request("GET", realm + ("&" if "?" in realm else "?")
                                       + urlencode(query), headers=hdrs,
+                                      preload_content=False,
                                       retries=urllib3.Retry(total=3, redirect=3))
         except urllib3.exceptions.HTTPError as exc:
+            if PUBLIC_ONLY_REFUSAL in str(exc):
+                raise RegistryError(rhost, PUBLIC_ONLY_REFUSAL, refused=True) from None
             raise RegistryError(rhost, f"token request failed: {_short(exc)}") from None
-        if resp.status in (401, 403):
-            raise RegistryError(ep.host, "token request denied (bad or missing credentials)")
-        if resp.status != 200:
-            raise RegistryError(rhost, f"token request answered HTTP {resp.status}")
         try:
-            data = json.loads(resp.data[: 1 << 20])
+            if resp.status in (401, 403):
+                raise RegistryError(ep.host, "token request denied (bad or missing "
+                                    "credentials)")
+            if resp.status != 200:
+                raise RegistryError(rhost, f"token request answered HTTP {resp.status}")
+            body = _read_limited(resp, MAX_TOKEN_BYTES, rhost, "token response")
+        except BaseException as exc:
+            resp.close()  # a connection with unread bytes must not go back to the pool
+            if isinstance(exc, urllib3.exceptions.HTTPError):
+                raise RegistryError(rhost, f"token request failed: {_short(exc)}") from None
+            raise
+        finally:
+            resp.release_conn()
+        try:
+            data = json.loads(body)
             token = data.get("token") or data.get("access_token")
         except (ValueError, AttributeError):
             token = None
@@ -499,6 +627,7 @@ class RegistryClient:
             "; ".join(f"{e.registry}: {e.reason}" for e in errors[:-1])
             + f"; {errors[-1].reason}",
             not_found=all(e.not_found for e in errors),
+            refused=any(e.refused for e in errors),
         )
 
     def _resolve_at(self, ep: Endpoint, ref: Reference, want: Platform) -> Resolved:

@@ -18,9 +18,10 @@ Safety. Entry names that are absolute or contain ``..`` are rejected; every path
 resolved one component at a time with ``O_NOFOLLOW`` from the layer's root fd, so an
 entry that would be written through a symlink (``link -> /etc`` then ``link/passwd``)
 is rejected rather than followed. Hardlinks must point at an earlier entry of the same
-layer. Device nodes are skipped; declared entry sizes, the total unpacked size and the
-entry count are limited. Image-supplied ``*.overlay.*`` xattrs are dropped, since they
-would change how overlayfs reads the layer.
+layer. Device nodes are skipped; declared entry sizes, the total unpacked size (also
+against the free space: a bomb never fills the disk) and the entry count are limited.
+Image-supplied ``*.overlay.*`` xattrs are dropped, since they would change how overlayfs
+reads the layer.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 if TYPE_CHECKING:
     import tarfile
@@ -277,6 +279,38 @@ class _DirMeta:
     xattrs: dict[str, bytes]
 
 
+class _Space:
+    """The free space of a store's filesystem, shared by this process's unpacks: a file
+    entry claims its bytes against what is free now (earlier entries' written bytes show
+    there, of every unpack) less what other entries being written claimed. Checking each
+    layer against the space free at its own start let several pulls at once fill the disk."""
+
+    _lock = threading.Lock()
+    _claimed: ClassVar[dict[int, int]] = {}  # st_dev -> bytes of entries being written
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.dev = os.fstat(fd).st_dev
+
+    @contextlib.contextmanager
+    def claim(self, name: str, size: int) -> Iterator[None]:
+        if size == 0:
+            yield
+            return
+        with self._lock:
+            vfs = os.statvfs(self.fd)
+            free = vfs.f_bavail * vfs.f_frsize - self._claimed.get(self.dev, 0)
+            if size > free:
+                raise LayerError(f"entry {name!r} needs {size} bytes and {max(free, 0)} are "
+                                 "free where the store keeps layers")
+            self._claimed[self.dev] = self._claimed.get(self.dev, 0) + size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._claimed[self.dev] -= size
+
+
 def unpack_layer(
     blob: Path,
     dest: Path,
@@ -303,21 +337,32 @@ def unpack_layer(
     root_fd = os.open(dest, _DIR_FLAGS)
     tree = _Tree(root_fd, str(dest))
     try:
-        vfs = os.statvfs(root_fd)
-        free = vfs.f_bavail * vfs.f_frsize
+        space = _Space(root_fd)
         with blob.open("rb") as f:
             hasher = _Hasher(open_decompressed(f), limits.max_layer_bytes)
             try:
                 with tarfile.open(fileobj=hasher, mode="r|") as tar:  # type: ignore[call-overload]
+                    expanded = 0
                     for count, member in enumerate(tar, 1):
                         if count > limits.max_entries:
                             raise LayerError(f"more than {limits.max_entries} entries")
-                        if member.size > limits.max_entry_bytes or member.size > free:
+                        if member.size > limits.max_entry_bytes:
                             raise LayerError(
                                 f"entry {member.name!r} declares {member.size} bytes "
-                                f"(limit {min(limits.max_entry_bytes, free)})"
+                                f"(limit {limits.max_entry_bytes})"
                             )
-                        _extract_one(tar, member, tree, info, dirs, overlay_markers, root)
+                        # A sparse entry's holes are not in the stream (the hasher never
+                        # counts them): a 10 KiB layer of GNU sparse entries unpacked to
+                        # terabytes of zeros. Its files' sizes count toward the limit.
+                        expanded += member.size if member.isfile() else 0
+                        if expanded > limits.max_layer_bytes:
+                            raise LayerError(
+                                f"layer unpacks to more than {limits.max_layer_bytes} bytes"
+                            )
+                        # A decompression bomb filled the filesystem to its last byte
+                        # (ENOSPC came only then): stop while the space is still there.
+                        with space.claim(member.name, member.size if member.isfile() else 0):
+                            _extract_one(tar, member, tree, info, dirs, overlay_markers, root)
                 hasher.drain()
             except LayerError:
                 raise
@@ -338,6 +383,26 @@ def unpack_layer(
         raise LayerError(f"uncompressed layer is {got}, config says {diff_id}")
     info.diff_id = got
     return info
+
+
+def _copy_keeping_holes(src: IO[bytes], out: int, size: int, rel: str,
+                        holes: bool = True) -> None:
+    """`size` bytes of `src` into `out`, with `holes` a block of zeros left a hole (a sparse
+    entry's holes come back as zeros: written, they took the disk they never took in the
+    layer)."""
+    remaining = size
+    while remaining > 0:
+        chunk = src.read(min(_CHUNK, remaining))
+        if not chunk:
+            raise LayerError(f"entry {rel!r} is truncated")
+        remaining -= len(chunk)
+        if holes and chunk.count(0) == len(chunk):
+            os.lseek(out, len(chunk), os.SEEK_CUR)
+            continue
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(out, view) :]
+    os.ftruncate(out, size)  # a trailing hole
 
 
 def _apply_dir_meta(tree: _Tree, meta: _DirMeta, root: bool) -> None:
@@ -426,15 +491,10 @@ def _extract_one(
         out = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o600, dir_fd=fd)
         try:
-            remaining = member.size
-            while remaining > 0:
-                chunk = src.read(min(_CHUNK, remaining))
-                if not chunk:
-                    raise LayerError(f"entry {rel!r} is truncated")
-                remaining -= len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view) :]
+            # Only a sparse entry's zeros go back as holes: a plain entry's bytes are
+            # written, so its claim on the free space is spent as it says (a layer of
+            # plain zeros still stops before the store's filesystem is full).
+            _copy_keeping_holes(src, out, member.size, rel, holes=member.issparse())
             if root:
                 with contextlib.suppress(OSError):
                     os.fchown(out, member.uid, member.gid)

@@ -8,6 +8,7 @@ import time
 
 from ..errors import AgentKernelError
 from ..paths import api_socket_path, daemon_socket, data_dir_str, runtime_dir_str
+from ..peercred import PeerCredError, peer_cred
 from . import wire
 
 TYPE_CHECKING = False  # typing costs milliseconds on the hot path; mypy still sees it
@@ -47,6 +48,9 @@ def api_socket(timeout: float = 30.0) -> str:
             if time.monotonic() > deadline:
                 raise DaemonError(f"the daemon's API socket {path} did not appear")
             time.sleep(0.02)
+    sock = _try_connect(path)  # DaemonError if another user serves it (see there)
+    if sock is not None:
+        sock.close()
     return path
 
 
@@ -64,13 +68,33 @@ def connect(*, auto_start: bool = False) -> Any:
 
 
 def _try_connect(path: str) -> Any:
+    """A connection to the daemon at `path`, None if nothing listens there; DaemonError if
+    what listens is another user's (a runtime dir from the environment, kept by `sudo -E`,
+    can name anyone's: our request, its caller_env and an agent's key would be theirs)."""
     sock = wire.unix_socket()
     try:
         sock.connect(path)
     except OSError:
         sock.close()
         return None
+    why = not_yours(sock, path)
+    if why is not None:
+        sock.close()
+        raise DaemonError(why)
     return sock
+
+
+def not_yours(sock: Any, path: str) -> str | None:
+    """Why the peer of the connected `sock` (at `path`) is not a server of this user's,
+    or None: its uid as SO_PEERCRED reports it on this very connection."""
+    try:
+        uid = peer_cred(sock).uid
+    except PeerCredError as exc:
+        return f"cannot check who serves {path}: {exc}"
+    if uid != os.geteuid():
+        return (f"{path} is served by uid {uid}, not by you: refusing it "
+                "(check AGENTKERNEL_RUNTIME_DIR / XDG_RUNTIME_DIR)")
+    return None
 
 
 def spawn_daemon(idle_exit: float) -> bool:
@@ -90,9 +114,9 @@ def spawn_daemon(idle_exit: float) -> bool:
             return False
     except OSError:
         pass
-    with open(stamp, "w"):
-        pass  # its mtime is the attempt's time
-    _launch_daemon(["--idle-exit", f"{idle_exit:g}"])
+    with open(stamp, "w") as f:  # its mtime is the attempt's time
+        proc = _launch_daemon(["--idle-exit", f"{idle_exit:g}"])
+        f.write(f"{proc.pid}\n")  # (`daemon stop` waits for a daemon on its way up)
     return True
 
 
@@ -107,8 +131,11 @@ def _launch_daemon(extra: list[str]) -> subprocess.Popen[bytes]:
 
     os.makedirs(runtime_dir_str(), mode=0o700, exist_ok=True)
     os.makedirs(data_dir_str(), mode=0o700, exist_ok=True)
-    argv = [sys.executable, "-m", "agentkernel", "daemon", "start", "--foreground", *extra]
-    with open(_daemon_log(), "ab") as log:
+    argv = [sys.executable, "-P", "-m", "agentkernel", "daemon", "start", "--foreground",
+            *extra]  # -P: nothing imported from the current directory (cwd is / anyway)
+    # 0600: the daemon's messages (paths, commands that failed) are for this user only.
+    fd = os.open(_daemon_log(), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with open(fd, "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, close_fds=True, cwd="/")
 
@@ -189,7 +216,8 @@ def _send_request(lines: Lines, op: str, args: dict[str, Any]) -> None:
     """Send the request line; a daemon that refused us (busy) may have answered and hung
     up before it was sent: its answer is the error then."""
     try:
-        lines.send({"op": op, "args": args})
+        # data_dir: a daemon of another data dir refuses everything but `run`'s own answer
+        lines.send({"op": op, "args": args, "data_dir": data_dir_str()})
     except OSError as exc:
         try:
             reply = lines.recv()
@@ -272,18 +300,16 @@ def pump(
         on_started(first.get("info") or {})
     previous: dict[int, Any] = {}
 
+    # Handlers only note what came: one runs between any two bytecodes of this thread, also
+    # inside a send of its own (stdin's), whose line its own would cut in two. The wakeup
+    # byte (below) brings the loop round to send them.
+    signals: list[int] = []
+
     def forward(signo: int, _frame: object) -> None:
-        try:  # noqa: SIM105 - contextlib is one import more on the hot path
-            lines.send({"op": "signal", "sig": int(signo)})
-        except OSError:
-            pass
+        signals.append(int(signo))
 
     def winch(_signo: int, _frame: object) -> None:
-        rows, cols = terminal_size()
-        try:  # noqa: SIM105
-            lines.send({"op": "resize", "rows": rows, "cols": cols})
-        except OSError:
-            pass
+        signals.append(0)  # (0: the window's size changed)
 
     # A signal that comes just before select() blocks would wait for the next event: its
     # wakeup byte on this pipe wakes select() instead (the handler runs right after).
@@ -310,6 +336,8 @@ def pump(
                 ready = [sock]
             if wake[0] in ready:
                 _drain(wake[0])
+            while signals:
+                _pass_on(lines, signals.pop(0))
             if stdin_fd is not None and stdin_fd in ready:
                 data = os.read(stdin_fd, 65536)
                 try:
@@ -346,6 +374,19 @@ def pump(
         sock.close()
         os.close(wake[0])
         os.close(wake[1])
+
+
+def _pass_on(lines: Lines, signo: int) -> None:
+    """Tell the daemon of a signal that came (0: the terminal's new size)."""
+    if signo == 0:
+        rows, cols = terminal_size()
+        msg: dict[str, Any] = {"op": "resize", "rows": rows, "cols": cols}
+    else:
+        msg = {"op": "signal", "sig": signo}
+    try:  # noqa: SIM105 - contextlib is one import more on the hot path
+        lines.send(msg)
+    except OSError:
+        pass
 
 
 def _drain(fd: int) -> None:

@@ -256,11 +256,12 @@ def _untouched(sock: Any) -> bool:
 async def _send_request(sock: Any, op: str, args: dict[str, Any]) -> _Lines:
     """A streaming request sent on `sock` (ipc.client.open_stream, in the event loop)."""
     from ..ipc import client
+    from ..paths import data_dir_str
 
     lines = _Lines(sock)
     try:
         try:
-            await lines.send({"op": op, "args": args})
+            await lines.send({"op": op, "args": args, "data_dir": data_dir_str()})
         except OSError as exc:
             # A daemon that refused us (busy) may have answered and hung up already.
             try:

@@ -36,6 +36,10 @@ ENV_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 WORKSPACE = "/workspace"  # where a sandbox sees the project
 PROGRESS_EVERY = 1.0  # seconds between progress notifications of a running command
 MAX_CONCURRENT_COMMANDS = 16  # per server process: each holds a worker thread
+# An MCP client is an agent, trusted less than the user: the image it names is pulled from
+# no loopback, private or link-local address the user's settings do not name (a registry
+# "on" 127.0.0.1:PORT would point the host's pulls at any local service).
+AGENTS_IMAGE: dict[str, Any] = {"registry_public_only": True}
 
 T = TypeVar("T")
 
@@ -340,7 +344,7 @@ def _add_command_tools(server: MCPServer, tools: Tools) -> None:
             "argv": list(command), "image": image, "profile": profile,
             "env": _env(env), "workdir": _workdir(cwd), "timeout": float(timeout_s),
             "cwd": str(tools.project) if tools.project else None,
-            "no_network": network is False, **tools.extra_run_fields()}
+            "no_network": network is False, **tools.extra_run_fields(), **AGENTS_IMAGE}
         data = stdin.encode() if stdin is not None else None
         return await tools.command(
             ctx, lambda out: tools.ops.run(req, out, data), max_output_bytes)
@@ -379,7 +383,7 @@ def _add_lifecycle_tools(server: MCPServer, tools: Tools) -> None:
         name = _check_name(name)
         project = str(tools.project) if mount_project and tools.project else None
         req = {"name": name, "image": image, "profile": profile, "env": _env(env),
-               "workdir_source": project, "ttl_seconds": ttl_s}
+               "workdir_source": project, "ttl_seconds": ttl_s, **AGENTS_IMAGE}
         info = await _blocking(lambda: tools.ops.create(req))
         model = CreateOutput(**_sandbox_out(info).model_dump(),
                              isolation=info.get("isolation"), memory_mb=info.get("memory_mb"),

@@ -41,7 +41,22 @@ def home() -> Path:
 def config_path(spec: AgentSpec, scope: str, project: Path) -> Path:
     if scope == "user":
         return home() / spec.config_user
-    return project / spec.config_project
+    return in_project(project, spec.config_project)
+
+
+def in_project(project: Path, relative: str) -> Path:
+    """`project/relative`, refused if a symlink lies between the project and it: the
+    repository (cloned, or another user's) decides those, and would send our merge, its
+    new file or our uninstall's unlink to a path outside the project. (Your own config
+    files, user scope, may be symlinks: dotfile managers make them.)"""
+    path = project
+    for part in Path(relative).parts:
+        path = path / part
+        if path.is_symlink():
+            raise ConfigFileError(f"{path} is a symlink: agentkernel does not follow a "
+                                  f"project's symlinks out of it; remove it, or add the "
+                                  f"`{SERVER}` MCP server by hand")
+    return path
 
 
 def _json_key(spec: AgentSpec) -> str:

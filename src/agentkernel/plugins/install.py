@@ -58,7 +58,8 @@ def our_argv() -> list[str]:
     found = shutil.which("agentkernel")
     if found:
         return [os.path.abspath(found), "mcp-server"]
-    return [sys.executable, "-m", "agentkernel", "mcp-server"]
+    # -P: an agent starts it in its project, which `-m` would put first on sys.path
+    return [sys.executable, "-P", "-m", "agentkernel", "mcp-server"]
 
 
 def _diff(path: Path, old: str | None, new: str) -> str:
@@ -294,8 +295,10 @@ def _uninstall_claude_plugin(spec: AgentSpec, scope: str, project: Path, report:
 
 
 def _skill_path(scope: str, project: Path) -> Path:
-    base = formats.home() if scope == "user" else project
-    return base / ".claude" / "skills" / SKILL_DIR / "SKILL.md"
+    relative = f".claude/skills/{SKILL_DIR}/SKILL.md"
+    if scope == "user":
+        return formats.home() / relative
+    return formats.in_project(project, relative)
 
 
 def _claude_skill(scope: str, project: Path, report: Report, *, dry_run: bool) -> None:

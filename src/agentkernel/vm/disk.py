@@ -20,8 +20,18 @@ BASE_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", 
              "root", "home", "var/tmp", "workspace")
 
 
+def mkfs_binary() -> str | None:
+    """mkfs.ext4 (or mke2fs): on PATH, or in the sbin dirs an ordinary user's PATH lacks
+    (Debian's default for users has no /usr/sbin, where e2fsprogs puts it)."""
+    for name in ("mkfs.ext4", "mke2fs"):
+        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+        if found is not None:
+            return found
+    return None
+
+
 def _mkfs() -> str:
-    mkfs = shutil.which("mkfs.ext4") or shutil.which("mke2fs")
+    mkfs = mkfs_binary()
     if mkfs is None:
         raise SandboxError("the microvm backend needs mkfs.ext4: apt install e2fsprogs")
     return mkfs

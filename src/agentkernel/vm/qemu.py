@@ -36,6 +36,10 @@ QUIET = ("quiet", "loglevel=1")
 FAST = ("cryptomgr.notests", "max_loop=0", "8250.nr_uarts=1", "i8042.noaux", "i8042.nomux",
         "i8042.nopnp", "i8042.dumbkbd")
 X86_ONLY = ("vsyscall=", "8250.", "i8042.")
+# What the host keeps of a guest's console: its first MiB (boot messages, a panic). The
+# guest's root writes the serial port as fast as it likes: a file of QEMU's own grew
+# without end in the runtime dir (RAM, where /run is a tmpfs) while the VM lived.
+CONSOLE_MAX_BYTES = 1 << 20  # backends.base.LOG_MAX_BYTES
 
 
 def host_arch() -> Arch:
@@ -59,6 +63,16 @@ def host_tsc_khz() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def console_pipe(path: Path, uid: int | None = None, reader: tuple[int, int] | None = None
+                 ) -> tuple[int, subprocess.Popen[bytes]]:
+    """The write end of a pipe for QEMU's serial port, and its reader (run as `reader`),
+    which keeps the first CONSOLE_MAX_BYTES in `path` and drops the guest's further
+    output (backends.base.bounded_log)."""
+    from ..backends.base import bounded_log
+
+    return bounded_log(path, uid, reader)
 
 
 @dataclass
@@ -104,26 +118,34 @@ class VmConfig:
         return " ".join([*parts, "--", *self.agent_args])
 
 
-VMM_UID = 65534  # nobody: what a QEMU started by root runs as
+# The host's nobody: a root-started QEMU's ids only where no range of its own is given
+# (the KVM probe's boot). A sandbox's VM (and the template it is cloned from) runs as the
+# nobody of an id range allocated for it (idmap): host nobody owns QEMU's user namespace,
+# so it could trace QEMU and open its disks and sockets through /proc, and every VM
+# sharing it could do so to the others.
+VMM_UID = 65534
+VMM_IN_RANGE = 65534  # QEMU's uid and gid within its VM's id range
 
 
 def vmm_uid() -> int | None:
-    """The uid QEMU drops to: nobody when we are root, None (keep ours) otherwise."""
+    """The uid QEMU drops to without a range: nobody when we are root, None (keep ours)
+    otherwise."""
     return VMM_UID if os.geteuid() == 0 else None
 
 
-def privilege_drop(accel: Accel) -> list[str]:
-    """argv prefix that runs QEMU as `vmm_uid()`, with no capabilities and no groups but
-    /dev/kvm's (under KVM). Empty when we are not root: QEMU then runs as us."""
+def privilege_drop(accel: Accel, ids: tuple[int, int] | None = None) -> list[str]:
+    """argv prefix that runs QEMU as `ids` (default: `vmm_uid()`), with no capabilities and
+    no groups but /dev/kvm's (under KVM). Empty when we are not root: QEMU then runs as us."""
     uid = vmm_uid()
     setpriv = shutil.which("setpriv")
     if uid is None or setpriv is None:
         return []
+    uid, gid = ids or (uid, uid)
     groups = ["--clear-groups"]
     if accel == "kvm":
         with contextlib.suppress(OSError):
             groups = [f"--groups={os.stat('/dev/kvm').st_gid}"]
-    return [setpriv, f"--reuid={uid}", f"--regid={uid}", *groups, "--inh-caps=-all",
+    return [setpriv, f"--reuid={uid}", f"--regid={gid}", *groups, "--inh-caps=-all",
             "--bounding-set=-all", "--no-new-privs", "--"]
 
 
@@ -140,8 +162,13 @@ class Handles:
         self.fds: dict[str, int] = {}
 
     @classmethod
-    def open(cls, cfg: VmConfig, uid: int, sockets: dict[str, Path] | None = None) -> Handles:
+    def open(cls, cfg: VmConfig, uid: int, sockets: dict[str, Path] | None = None,
+             console: int | None = None) -> Handles:
+        """`console`: the serial port's descriptor (console_pipe's, handed over: closed with
+        the others); without it, `cfg.serial_log` is opened as a plain file."""
         h = cls()
+        if console is not None:
+            h.fds["serial"] = console
         try:
             h.fds["kernel"] = os.open(cfg.kernel, os.O_RDONLY)
             h.fds["initrd"] = os.open(cfg.initrd, os.O_RDONLY)
@@ -151,9 +178,10 @@ class Handles:
                 h.fds[f"drive{i}"] = os.open(d.path, os.O_RDONLY)
                 if not d.readonly:
                     h.fds[f"drive{i}rw"] = os.open(d.path, os.O_RDWR)
-            serial = os.open(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            h.fds["serial"] = serial
-            os.fchown(serial, uid, uid)
+            if console is None:
+                serial = os.open(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                h.fds["serial"] = serial
+                os.fchown(serial, uid, uid)
             for name, path in {"agent": cfg.agent_socket, **(sockets or {})}.items():
                 h.fds[name] = listen_unix(path, 4).detach()
         except BaseException:
@@ -184,9 +212,15 @@ def socket_chardev(name: str, path: Path, handles: Handles | None) -> str:
     return f"socket,id={name},path={path},server=on,wait=off"
 
 
-def build_argv(qemu: str, cfg: VmConfig, handles: Handles | None = None) -> list[str]:
+def build_argv(qemu: str, cfg: VmConfig, handles: Handles | None = None,
+               console: int | None = None) -> list[str]:
     """The QEMU command line for `cfg`: -M microvm (x86_64) or -M virt (aarch64), no default
-    devices, serial to a file. With `handles`, every file and socket is a descriptor."""
+    devices, serial to a file. With `handles`, every file and socket is a descriptor; else
+    `console` (a descriptor QEMU inherits, console_pipe's) stands for `cfg.serial_log`."""
+    if handles is not None:
+        serial = handles.proc_path("serial")
+    else:
+        serial = str(cfg.serial_log) if console is None else f"/proc/self/fd/{console}"
     if cfg.arch == "aarch64":
         # GICv3 under TCG; under KVM the host's own GIC version.
         machine = f"virt,gic-version={'host' if cfg.accel == 'kvm' else '3'}"
@@ -197,7 +231,7 @@ def build_argv(qemu: str, cfg: VmConfig, handles: Handles | None = None) -> list
             "-cpu", "max" if cfg.accel == "tcg" else "host",
             "-smp", str(max(1, cfg.vcpus)), "-m", f"{max(64, cfg.memory_mb)}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-serial", f"file:{handles.proc_path('serial') if handles else cfg.serial_log}",
+            "-serial", f"file:{serial}",
             "-kernel", handles.proc_path("kernel") if handles else str(cfg.kernel),
             "-initrd", handles.proc_path("initrd") if handles else str(cfg.initrd),
             "-append", cfg.cmdline()]

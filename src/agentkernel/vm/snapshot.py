@@ -163,13 +163,15 @@ def discard(state: Path) -> None:
 
 
 def ensure_template(qemu: str, cfg: q.VmConfig, slots: frozenset[str], *,
-                    prefix: Callable[[], list[str]], timeout: float) -> Path:
+                    prefix: Callable[[], list[str]], timeout: float,
+                    uid: int | None = None) -> Path:
     """The saved state for `cfg`'s shape: booted, stopped and saved once, then cached.
 
     `cfg` is the clone's config; the template gets the same one with its own scratch paths
     and empty sparse files for the disks named in `slots`. `prefix` gives the argv prefix
-    the template QEMU runs under (an empty network namespace). Concurrent callers wait on
-    a lock file.
+    the template QEMU runs under (an empty network namespace, its ids); `uid` the one it
+    drops to there (default `q.vmm_uid()`), owner of what it reopens by /proc/self/fd.
+    Concurrent callers wait on a lock file.
     """
     key = template_key(qemu, cfg, slots)
     state = snapshots_dir() / f"{key}{STATE_SUFFIX}"
@@ -180,7 +182,8 @@ def ensure_template(qemu: str, cfg: q.VmConfig, slots: frozenset[str], *,
         try:
             if state.is_file():
                 return state
-            _build_template(qemu, cfg, slots, state, prefix(), timeout)
+            _build_template(qemu, cfg, slots, state, prefix(), timeout,
+                            q.vmm_uid() if uid is None else uid)
             _prune(KEEP_TEMPLATES)
         finally:
             # The lock file stays (removing it would let a third caller lock a new inode
@@ -190,7 +193,7 @@ def ensure_template(qemu: str, cfg: q.VmConfig, slots: frozenset[str], *,
 
 
 def _build_template(qemu: str, cfg: q.VmConfig, slots: frozenset[str], state: Path,
-                    prefix: list[str], timeout: float) -> None:
+                    prefix: list[str], timeout: float, uid: int | None) -> None:
     from ..agent.client import AgentClient
 
     tmp = Path(tempfile.mkdtemp(prefix=".template-", dir=snapshots_dir()))
@@ -210,7 +213,6 @@ def _build_template(qemu: str, cfg: q.VmConfig, slots: frozenset[str], state: Pa
         tcfg = dataclasses.replace(cfg, serial_log=tmp / "console.log",
                                    agent_socket=tmp / "agent.sock", drives=drives)
         qmp_path = tmp / "qmp.sock"
-        uid = q.vmm_uid()
         handles = (q.Handles.open(tcfg, uid, {"qmp": qmp_path}) if uid is not None else None)
         argv = [*prefix, *q.build_argv(qemu, tcfg, handles), *qmp_args(qmp_path, handles)]
         started = time.monotonic()

@@ -1,0 +1,121 @@
+"""Our docker/podman seccomp profile (container_seccomp) attacked from inside real containers.
+
+The profile replaces the engine's default, so it must refuse what that default refuses
+before the agent's own filters stack on it: new namespaces (unshare, clone with a
+CLONE_NEW* flag, clone3 as absent), io_uring, odd personalities. Permissive's own
+filter allows io_uring and every personality: there only the engine's profile refuses
+them. Threads, forks and Docker's personality values still work.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_containers import ak_user, podman_user
+
+__all__ = ["podman_user"]  # (a fixture: pytest finds it here)
+
+PROBE_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/personality.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static void *th(void *a) { return a; }
+static void say(const char *what, long r)
+{
+	printf("%s %s\n", what, r < 0 ? strerror(errno) : "ok");
+}
+int main(void) {
+	pthread_t t;
+	pid_t p;
+	long r;
+	say("personality-query", personality(0xffffffff));
+	say("personality-linux32", personality(8));
+	personality(0);
+	say("personality-norandom", personality(ADDR_NO_RANDOMIZE));
+	personality(0);
+	say("unshare-user", unshare(CLONE_NEWUSER));
+	r = syscall(SYS_clone, CLONE_NEWNET | SIGCHLD, 0, 0, 0, 0);
+	if (r == 0) _exit(0);
+	say("clone-net", r);
+	say("clone3", syscall(435, 0, 0));
+	say("io_uring", syscall(SYS_io_uring_setup, 1, 0));
+	errno = pthread_create(&t, 0, th, 0);
+	say("thread", errno ? -1 : pthread_join(t, 0));
+	p = fork();
+	if (p == 0) _exit(0);
+	say("fork", p < 0 ? -1 : waitpid(p, 0, 0));
+	return 0;
+}
+"""
+EXPECTED = {"personality-query": "ok", "personality-linux32": "ok",
+            "personality-norandom": "Operation", "unshare-user": "Operation",
+            "clone-net": "Operation", "clone3": "Function", "io_uring": "Operation",
+            "thread": "ok", "fork": "ok"}
+
+
+def _probe(project: Path, uid: int | None, run: Any) -> dict[str, str]:
+    cc = shutil.which("musl-gcc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler for the probe")
+    (project / "probe.c").write_text(PROBE_C)
+    subprocess.run([cc, "-static", "-O1", "-pthread", "-o", str(project / "probe"),
+                    str(project / "probe.c")], check=True, capture_output=True, timeout=120)
+    if uid is not None:
+        os.chown(project / "probe", uid, uid)
+    r = run(["/workspace/probe"])
+    got = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if len(ln.split()) >= 2}
+    assert set(got) == set(EXPECTED), r
+    return got
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root-started container")
+@pytest.mark.parametrize("engine", ["docker", "podman"])
+def test_a_container_makes_no_namespace_nor_io_uring(
+        engine: str, tmp_path: Path, request: pytest.FixtureRequest,
+        busybox_tar: tuple[Path, str]) -> None:
+    from engines import CLI, ensure_image
+
+    if engine == "docker" and request.getfixturevalue("dockerd") == "root":
+        pytest.skip("this machine's dockerd runs without userns-remap: refused")
+    if engine == "podman":
+        request.getfixturevalue("podman_ready")
+    tar, image = busybox_tar
+    ensure_image([CLI[engine]], tar, image)
+    project = tmp_path / "p"
+    project.mkdir()
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend", engine,
+             "--image", image, "--profile", "permissive", "--no-network", "--", *argv],
+            cwd=project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
+            capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+
+    assert _probe(project, None, run) == EXPECTED
+
+
+def test_rootless_podman_makes_no_namespace_nor_io_uring(
+        podman_user: tuple[int, dict[str, str], Path]) -> None:
+    uid, env, base = podman_user
+    project = base / "proj"
+
+    def run(argv: list[str]) -> Any:
+        return ak_user(podman_user, "run", "-q", "-B", "podman", "-i", env["IMAGE"], "-p",
+                       "permissive", "--no-network", "--", *argv)
+
+    assert _probe(project, uid, run) == EXPECTED
