@@ -116,15 +116,6 @@ def _engine_exes() -> set[tuple[int, int]]:
     return found
 
 
-def read_pid(path: Path) -> int:
-    """A pid file's pid, 0 if it has none."""
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        return 0
-    return int(text) if text.isdigit() else 0
-
-
 def mount_upper(base: Path, size_mb: int, ns_pid: int | None) -> Path:
     """Mount a tmpfs of `size_mb` at `base` (0700; nosuid, nodev) where the engine sees it:
     here (`ns_pid` None) or in process `ns_pid`'s user and mount namespaces. Returns the
