@@ -46,10 +46,14 @@ def engine(request: pytest.FixtureRequest, busybox_tar: tuple[Path, str]) -> str
     return name
 
 
-def ours(engine: str) -> list[str]:
-    """Containers of this user labelled as ours, any state."""
-    out = subprocess.run([CLI[engine], "ps", "-a", "--format", "{{.Names}}", "--filter",
-                          f"label=agentkernel.owner={os.getuid()}"],
+def ours(engine: str, home: str | None = None) -> list[str]:
+    """Containers of this user and of data dir `home` (the suite's by default), any state:
+    not another agentkernel user's of this machine (root's are all of uid 0)."""
+    from agentkernel.backends.container_engine import LABEL_HOME, LABEL_OWNER, home_label
+
+    out = subprocess.run([CLI[engine], "ps", "-a", "--format", "{{.Names}}",
+                          "--filter", f"label={LABEL_OWNER}={os.getuid()}",
+                          "--filter", f"label={LABEL_HOME}={home_label(home)}"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     return [n for n in out.split() if n]
 
@@ -235,6 +239,8 @@ def test_lifecycle(engine: str, tmp_path: Path) -> None:
     r = ak("create", name, "-B", engine, "-i", IMAGE, "-p", "moderate", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     try:
+        # (`ours` sees the suite's containers: `no_leftovers` below is no empty check)
+        assert f"agentkernel-{os.getuid()}-{name}" in ours(engine), ours(engine)
         cmd = ("exec", "-w", "/tmp", name, "--", "sh", "-c", "echo kept > /root/f; exit 3")
         r = ak(*cmd, cwd=tmp_path)
         assert r.returncode == 3, r.stderr
@@ -879,7 +885,8 @@ def test_sweep_spares_another_data_dirs_containers(engine: str, tmp_path: Path) 
         assert ak("daemon", "start", cwd=tmp_path, env=mine).returncode == 0  # sweeps
         # (Another session's daemon on this machine, of a version without the data-dir
         # label, would sweep it too: that is the bug this checks.)
-        assert f"agentkernel-{os.getuid()}-{name}" in ours(engine), ours(engine)
+        kept = ours(engine, other["AGENTKERNEL_HOME"])
+        assert f"agentkernel-{os.getuid()}-{name}" in kept, kept
         r = ak("exec", "-w", "/tmp", name, "--", "echo", "alive", cwd=tmp_path, env=other)
         assert (r.returncode, r.stdout) == (0, "alive\n"), r.stderr
     finally:

@@ -172,11 +172,11 @@ def sha256_hex(data: bytes) -> str:
 _HOME_LABEL: dict[str, str] = {}
 
 
-def home_label() -> str:
-    """LABEL_HOME's value for this process's data dir."""
+def home_label(data_dir: str | None = None) -> str:
+    """LABEL_HOME's value for `data_dir` (by default this process's data dir)."""
     from ..paths import data_dir_str
 
-    path = os.path.realpath(data_dir_str())
+    path = os.path.realpath(data_dir if data_dir is not None else data_dir_str())
     label = _HOME_LABEL.get(path)
     if label is None:
         label = _HOME_LABEL[path] = sha256_hex(path.encode())[:16]
