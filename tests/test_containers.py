@@ -232,6 +232,58 @@ def test_kill_cli_leaves_nothing(engine: str, tmp_path: Path) -> None:
     no_leftovers(engine, before)
 
 
+_MOUNT_UPPER = """
+import os, signal, sys
+from agentkernel.backends.base import make_scratch
+from agentkernel.backends.container_upper import mount_upper, release_upper
+base = make_scratch(sys.argv[1]) / "ws"
+mount_upper(base, 16, None)
+if sys.argv[2] == "die":
+    os.kill(os.getpid(), signal.SIGKILL)  # (a CLI killed before it detached the upper)
+print("mounted", flush=True)
+sys.stdin.read()  # (a run still starting its container)
+release_upper(base)
+"""
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def test_an_upper_a_killed_run_left_mounted_is_swept(engine: str, project: Path) -> None:
+    """A CLI killed between mounting a one-shot's copy-on-write upper (a tmpfs in its
+    scratch dir) and detaching it: the next one-shot run of that runtime dir detaches it
+    (the dead run's lock is free), and leaves a live run's alone."""
+    if os.geteuid() != 0:
+        pytest.skip("root mounts the upper on the host (rootless: in the engine's namespace)")
+    sandboxes = Path(os.environ["AGENTKERNEL_RUNTIME_DIR"]).resolve() / "sandboxes"
+    dead, live = (sandboxes / f"{kind}-{os.urandom(3).hex()}" for kind in ("dead", "live"))
+    died = subprocess.run([sys.executable, "-c", _MOUNT_UPPER, dead.name, "die"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    holder = subprocess.Popen([sys.executable, "-c", _MOUNT_UPPER, live.name, "hold"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert died.returncode == -signal.SIGKILL, died.stderr
+        assert holder.stdout is not None and holder.stdout.readline() == "mounted\n"
+        assert _mounted(dead / "ws") and _mounted(live / "ws")
+        r = ak("run", "-q", "-B", engine, "-i", IMAGE, "-p", "moderate", "--", "true",
+               cwd=project)  # (a copy-on-write project: an upper of its own)
+        assert r.returncode == 0, r.stderr
+        assert not _mounted(dead / "ws") and not (dead / "ws.lock").exists()
+        assert _mounted(live / "ws")  # (its run holds the lock)
+        holder.communicate(input="", timeout=60)
+        assert holder.returncode == 0 and not _mounted(live / "ws")
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        for scratch in (dead, live):
+            subprocess.run(["umount", "-l", str(scratch / "ws")], capture_output=True,
+                           check=False, timeout=30)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def test_lifecycle(engine: str, tmp_path: Path) -> None:
     """create / exec / stop / start (the container layer is kept) / rm (nothing left)."""
     before = set(ours(engine))
