@@ -233,22 +233,21 @@ def spawn_agent(
 LOG_MAX_BYTES = 1 << 20  # what a backend's stderr (or a guest's console) keeps on the host
 
 
-_LOG_READER = 'head -c "$1"; exec cat >/dev/null'
-
-
 def bounded_log(path: Path, uid: int | None = None, reader: tuple[int, int] | None = None
                 ) -> tuple[int, subprocess.Popen[bytes]]:
     """The write end of a pipe for a process's log that the sandbox may write to (a guest's
     serial port; gVisor's stderr, which a command reopens through /proc/1/fd/2 there), and
-    its reader: `head`, which copies the first LOG_MAX_BYTES into `path` (made 0600, never
-    through a link), then `cat`, which drops the rest until the writers are gone. The
-    pipe keeps a reader for as long as it has a writer: runsc (Go) dies of SIGPIPE on a
-    write to its stderr that has none. `uid` gets the write end, for a process that
-    drops to it and reopens the pipe through /proc/self/fd; `reader` (uid, gid) is who
-    the reader runs as (it needs nothing of ours: `path` is opened here)."""
-    import shutil
+    its reader (log_reader.py, a process in a session of its own: the sandbox may outlive
+    us), which keeps the first LOG_MAX_BYTES in `path` (made 0600, never through a link)
+    and drops the rest until the writers are gone. The pipe keeps a reader for as long as
+    it has a writer: runsc (Go) dies of SIGPIPE on a write to its stderr that has none.
+    `uid` gets the write end, for a process that drops to it and reopens the pipe through
+    /proc/self/fd; `reader` (uid, gid) is who the reader becomes before it reads (it needs
+    nothing of ours: `path` is opened here)."""
+    import sys
 
-    sh = shutil.which("sh") or "/bin/sh"
+    script = os.path.join(os.path.dirname(os.path.realpath(__file__)), "log_reader.py")
+    ids = [str(reader[0]), str(reader[1])] if reader is not None else []
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600)
     try:
@@ -256,13 +255,13 @@ def bounded_log(path: Path, uid: int | None = None, reader: tuple[int, int] | No
         try:
             if uid is not None:
                 os.fchown(w, uid, uid)
+            # Our interpreter, isolated (-I -S: no environment, no site, no current dir),
+            # started as we are: a private interpreter (a venv under /root) is loaded
+            # before the script drops to `reader`.
             reader_proc = subprocess.Popen(
-                # A constant program; the count is its argument. cat runs whatever way
-                # head ended: what it reads goes to /dev/null, not to `path`.
-                [sh, "-c", _LOG_READER, "log-reader", str(LOG_MAX_BYTES)], stdin=r, stdout=out,
-                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
-                env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, user=reader[0] if reader else None,
-                group=reader[1] if reader else None, extra_groups=[] if reader else None)
+                [os.path.realpath(sys.executable), "-I", "-S", script, str(LOG_MAX_BYTES),
+                 *ids], stdin=r, stdout=out, stderr=subprocess.DEVNULL, close_fds=True,
+                start_new_session=True, env={"LC_ALL": "C"}, cwd="/")
         except BaseException:
             os.close(w)
             raise
