@@ -35,7 +35,8 @@
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: ak-seccomp --default allow [--errno NAME...] [--kill NAME...]\n"
+            "usage: ak-seccomp --default allow [--errno NAME...] [--enosys NAME...]\n"
+            "                  [--kill NAME...]\n"
             "                  [--block-tiocsti] [--block-newns] [--block-setid-modes]\n"
             "                  [--block-socket-filters] -o OUT\n");
     exit(2);
@@ -76,7 +77,8 @@ int main(int argc, char **argv) {
     const char *out = NULL;
     int block_tiocsti = 0, block_newns = 0, block_setid = 0, block_sockfilter = 0;
     int have_default = 0;
-    uint32_t mode = 0; /* 1 = --errno, 2 = --kill: which list bare names belong to */
+    /* 1 = --errno, 2 = --kill, 3 = --enosys: which list bare names belong to */
+    uint32_t mode = 0;
 
     /* First pass validates flags; names are added once the context exists. */
     for (int i = 1; i < argc; i++) {
@@ -97,6 +99,8 @@ int main(int argc, char **argv) {
             mode = 1;
         } else if (strcmp(a, "--kill") == 0) {
             mode = 2;
+        } else if (strcmp(a, "--enosys") == 0) {
+            mode = 3;
         } else if (strcmp(a, "--block-tiocsti") == 0) {
             block_tiocsti = 1;
             mode = 0;
@@ -135,10 +139,16 @@ int main(int argc, char **argv) {
             mode = 1;
         } else if (strcmp(a, "--kill") == 0) {
             mode = 2;
+        } else if (strcmp(a, "--enosys") == 0) {
+            mode = 3;
         } else if (a[0] == '-') {
             mode = 0;
         } else {
-            add_named(ctx, mode == 1 ? SCMP_ACT_ERRNO(EPERM) : SCMP_ACT_KILL_PROCESS, a);
+            /* ENOSYS: as on a kernel built without the call, which its users fall back from
+             * (libaio's users to threads) where EPERM reads as a failure */
+            add_named(ctx, mode == 1   ? SCMP_ACT_ERRNO(EPERM)
+                           : mode == 3 ? SCMP_ACT_ERRNO(ENOSYS)
+                                       : SCMP_ACT_KILL_PROCESS, a);
         }
     }
 

@@ -5,8 +5,9 @@ every namespace, checked against `fs.aio-max-nr` (65536 by default) and charged 
 cgroup, user or namespace. One `io_setup(65536)` from any sandbox (namespaces, docker,
 podman; any profile; as root or as an ordinary user) took them all: while it held the
 context, every other `io_setup` on the host (a database's native AIO, `fio`, a VM's
-`aio=native` disk) failed with EAGAIN. Now `io_setup` is in every profile's deny list (the
-containers' profile takes it from there too); glibc's POSIX aio uses threads, not it.
+`aio=native` disk) failed with EAGAIN. Now `io_setup` fails with ENOSYS in every profile
+(`seccomp.ABSENT`: as on a kernel without AIO, which libaio's users fall back from);
+glibc's POSIX aio uses threads, not it.
 
 JIT memory for classic BPF: every socket filter and seccomp filter is JIT-compiled into
 memory the kernel counts host-wide (`net.core.bpf_jit_limit`, 504 MiB here) and charges

@@ -37,11 +37,13 @@ _BASE: Final = (
     "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
     # escaping through file handles and comparing other processes' kernel objects
     "open_by_handle_at", "name_to_handle_at", "kcmp",
-    # host-wide counts no cgroup bounds: one io_setup(65536) took every native AIO context
-    # of the host (fs.aio-max-nr), and each later io_setup on the host failed with EAGAIN
-    # (tests/test_redteam6_host_counts.py); glibc's POSIX aio uses threads, not this
-    "io_setup",
 )  # fmt: skip
+
+# Refused with ENOSYS (as by a kernel built without them, which their users fall back from)
+# in every profile. io_setup: a host-wide count no cgroup bounds; one io_setup(65536) took
+# every native AIO context of the host (fs.aio-max-nr), and each later io_setup on the host
+# failed with EAGAIN (tests/test_redteam6_host_counts.py). glibc's POSIX aio uses threads.
+ABSENT: Final = ("io_setup",)
 
 # moderate: no touching other processes' memory. process_vm_{readv,writev} and pidfd_getfd
 # pass the same access check as ptrace, so blocking ptrace alone would leave them open.
@@ -81,7 +83,8 @@ def deny_list(profile: str) -> tuple[str, ...]:
 
 
 def _tool_args(profile: str, no_setid: bool = False) -> list[str]:
-    return ["--default", "allow", "--errno", *deny_list(profile), "--block-tiocsti",
+    return ["--default", "allow", "--errno", *deny_list(profile), "--enosys", *ABSENT,
+            "--block-tiocsti",
             "--block-newns", "--block-socket-filters",
             *(["--block-setid-modes"] if no_setid else [])]  # fmt: skip
 
