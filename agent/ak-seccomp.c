@@ -35,8 +35,10 @@
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: ak-seccomp --default allow [--errno NAME...] [--kill NAME...]\n"
-            "                  [--block-tiocsti] [--block-newns] [--block-setid-modes] -o OUT\n");
+            "usage: ak-seccomp --default allow [--errno NAME...] [--enosys NAME...]\n"
+            "                  [--kill NAME...]\n"
+            "                  [--block-tiocsti] [--block-newns] [--block-setid-modes]\n"
+            "                  [--block-socket-filters] -o OUT\n");
     exit(2);
 }
 
@@ -73,8 +75,10 @@ static void deny_flag_bits(scmp_filter_ctx ctx, int nr, unsigned arg, const uint
 
 int main(int argc, char **argv) {
     const char *out = NULL;
-    int block_tiocsti = 0, block_newns = 0, block_setid = 0, have_default = 0;
-    uint32_t mode = 0; /* 1 = --errno, 2 = --kill: which list bare names belong to */
+    int block_tiocsti = 0, block_newns = 0, block_setid = 0, block_sockfilter = 0;
+    int have_default = 0;
+    /* 1 = --errno, 2 = --kill, 3 = --enosys: which list bare names belong to */
+    uint32_t mode = 0;
 
     /* First pass validates flags; names are added once the context exists. */
     for (int i = 1; i < argc; i++) {
@@ -95,6 +99,8 @@ int main(int argc, char **argv) {
             mode = 1;
         } else if (strcmp(a, "--kill") == 0) {
             mode = 2;
+        } else if (strcmp(a, "--enosys") == 0) {
+            mode = 3;
         } else if (strcmp(a, "--block-tiocsti") == 0) {
             block_tiocsti = 1;
             mode = 0;
@@ -103,6 +109,9 @@ int main(int argc, char **argv) {
             mode = 0;
         } else if (strcmp(a, "--block-setid-modes") == 0) {
             block_setid = 1;
+            mode = 0;
+        } else if (strcmp(a, "--block-socket-filters") == 0) {
+            block_sockfilter = 1;
             mode = 0;
         } else if (a[0] == '-' || mode == 0) {
             usage();
@@ -130,10 +139,16 @@ int main(int argc, char **argv) {
             mode = 1;
         } else if (strcmp(a, "--kill") == 0) {
             mode = 2;
+        } else if (strcmp(a, "--enosys") == 0) {
+            mode = 3;
         } else if (a[0] == '-') {
             mode = 0;
         } else {
-            add_named(ctx, mode == 1 ? SCMP_ACT_ERRNO(EPERM) : SCMP_ACT_KILL_PROCESS, a);
+            /* ENOSYS: as on a kernel built without the call, which its users fall back from
+             * (libaio's users to threads) where EPERM reads as a failure */
+            add_named(ctx, mode == 1   ? SCMP_ACT_ERRNO(EPERM)
+                           : mode == 3 ? SCMP_ACT_ERRNO(ENOSYS)
+                                       : SCMP_ACT_KILL_PROCESS, a);
         }
     }
 
@@ -163,6 +178,26 @@ int main(int argc, char **argv) {
             rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(ENOSYS), nr, 0);
             if (rc < 0)
                 die("clone3 rule", rc);
+        }
+    }
+
+    if (block_sockfilter) {
+        /* Every classic BPF socket filter is JIT-compiled into memory the kernel counts
+         * host-wide against net.core.bpf_jit_limit, for every process without CAP_BPF in
+         * the host's user namespace, and no cgroup bounds it: one sandbox held 200 MiB of
+         * the 504 MiB with 4000 filters, and past the limit every unprivileged seccomp or
+         * socket filter on the host fails to load (JIT_ALWAYS_ON: no interpreter), bwrap's
+         * and our agent's too. SO_ATTACH_BPF needs bpf(), refused already. Level and name
+         * are ints: compare the low halves only. */
+        static const uint64_t names[] = {26 /* SO_ATTACH_FILTER */,
+                                         51 /* SO_ATTACH_REUSEPORT_CBPF */};
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+            rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setsockopt), 2,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffULL,
+                                                1 /* SOL_SOCKET */),
+                                        SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffULL, names[i]));
+            if (rc < 0)
+                die("setsockopt rule", rc);
         }
     }
 
