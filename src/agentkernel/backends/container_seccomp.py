@@ -19,8 +19,8 @@ from ..seccomp import deny_list
 
 # What the agent itself calls, before or around its commands: the guard copies a caller's
 # socket and address (pidfd_open, pidfd_getfd, process_vm_readv), writes sendmmsg()'s count
-# back (process_vm_writev) and scopes abstract sockets (Landlock).
-AGENT_NEEDS = ("pidfd_open", "pidfd_getfd", "process_vm_readv", "process_vm_writev",
+# back (through /proc/PID/mem) and scopes abstract sockets (Landlock).
+AGENT_NEEDS = ("pidfd_open", "pidfd_getfd", "process_vm_readv",
                "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self")
 EPERM = 1
 ENOSYS = 38
