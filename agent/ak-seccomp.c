@@ -36,7 +36,8 @@
 static void usage(void) {
     fprintf(stderr,
             "usage: ak-seccomp --default allow [--errno NAME...] [--kill NAME...]\n"
-            "                  [--block-tiocsti] [--block-newns] [--block-setid-modes] -o OUT\n");
+            "                  [--block-tiocsti] [--block-newns] [--block-setid-modes]\n"
+            "                  [--deny-family N]... -o OUT\n");
     exit(2);
 }
 
@@ -71,8 +72,31 @@ static void deny_flag_bits(scmp_filter_ctx ctx, int nr, unsigned arg, const uint
     }
 }
 
+/* socket() of address family `fam` refused with EAFNOSUPPORT, the kernel's own answer for
+ * a family it lacks (what a program that probes one, vsock say, takes for "none here"). The
+ * kernel reads the family as an int: only the low half is compared, so junk in the upper
+ * bits cannot slip past the rule. */
+static void deny_family(scmp_filter_ctx ctx, uint64_t fam) {
+    int rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1,
+                                    SCMP_A0(SCMP_CMP_MASKED_EQ, 0xffffffffULL, fam));
+    if (rc < 0)
+        die("socket family rule", rc);
+}
+
+/* A family number of --deny-family: decimal, below AF_MAX's order (255), else usage. */
+static uint64_t family_arg(const char *s) {
+    char *end = NULL;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || !end || *end || end == s || v > 255)
+        usage();
+    return v;
+}
+
 int main(int argc, char **argv) {
     const char *out = NULL;
+    uint64_t families[16];
+    size_t nfamilies = 0;
     int block_tiocsti = 0, block_newns = 0, block_setid = 0, have_default = 0;
     uint32_t mode = 0; /* 1 = --errno, 2 = --kill: which list bare names belong to */
 
@@ -104,6 +128,11 @@ int main(int argc, char **argv) {
         } else if (strcmp(a, "--block-setid-modes") == 0) {
             block_setid = 1;
             mode = 0;
+        } else if (strcmp(a, "--deny-family") == 0) {
+            if (++i >= argc || nfamilies == sizeof(families) / sizeof(families[0]))
+                usage();
+            families[nfamilies++] = family_arg(argv[i]);
+            mode = 0;
         } else if (a[0] == '-' || mode == 0) {
             usage();
         }
@@ -123,7 +152,8 @@ int main(int argc, char **argv) {
     mode = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "--default") == 0 || strcmp(a, "-o") == 0) {
+        if (strcmp(a, "--default") == 0 || strcmp(a, "-o") == 0 ||
+            strcmp(a, "--deny-family") == 0) {
             i++;
             mode = 0;
         } else if (strcmp(a, "--errno") == 0) {
@@ -136,6 +166,9 @@ int main(int argc, char **argv) {
             add_named(ctx, mode == 1 ? SCMP_ACT_ERRNO(EPERM) : SCMP_ACT_KILL_PROCESS, a);
         }
     }
+
+    for (size_t i = 0; i < nfamilies; i++)
+        deny_family(ctx, families[i]);
 
     if (block_tiocsti) {
         /* The kernel reads cmd as a 32-bit int: compare only the low half so junk in the
