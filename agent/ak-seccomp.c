@@ -38,7 +38,7 @@ static void usage(void) {
             "usage: ak-seccomp --default allow [--errno NAME...] [--enosys NAME...]\n"
             "                  [--kill NAME...]\n"
             "                  [--block-tiocsti] [--block-newns] [--block-setid-modes]\n"
-            "                  [--block-socket-filters] -o OUT\n");
+            "                  [--block-socket-filters] [--deny-family N]... -o OUT\n");
     exit(2);
 }
 
@@ -73,8 +73,31 @@ static void deny_flag_bits(scmp_filter_ctx ctx, int nr, unsigned arg, const uint
     }
 }
 
+/* socket() of address family `fam` refused with EAFNOSUPPORT, the kernel's own answer for
+ * a family it lacks (what a program that probes one, vsock say, takes for "none here"). The
+ * kernel reads the family as an int: only the low half is compared, so junk in the upper
+ * bits cannot slip past the rule. */
+static void deny_family(scmp_filter_ctx ctx, uint64_t fam) {
+    int rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1,
+                                    SCMP_A0(SCMP_CMP_MASKED_EQ, 0xffffffffULL, fam));
+    if (rc < 0)
+        die("socket family rule", rc);
+}
+
+/* A family number of --deny-family: decimal, below AF_MAX's order (255), else usage. */
+static uint64_t family_arg(const char *s) {
+    char *end = NULL;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || !end || *end || end == s || v > 255)
+        usage();
+    return v;
+}
+
 int main(int argc, char **argv) {
     const char *out = NULL;
+    uint64_t families[16];
+    size_t nfamilies = 0;
     int block_tiocsti = 0, block_newns = 0, block_setid = 0, block_sockfilter = 0;
     int have_default = 0;
     /* 1 = --errno, 2 = --kill, 3 = --enosys: which list bare names belong to */
@@ -113,6 +136,11 @@ int main(int argc, char **argv) {
         } else if (strcmp(a, "--block-socket-filters") == 0) {
             block_sockfilter = 1;
             mode = 0;
+        } else if (strcmp(a, "--deny-family") == 0) {
+            if (++i >= argc || nfamilies == sizeof(families) / sizeof(families[0]))
+                usage();
+            families[nfamilies++] = family_arg(argv[i]);
+            mode = 0;
         } else if (a[0] == '-' || mode == 0) {
             usage();
         }
@@ -132,7 +160,8 @@ int main(int argc, char **argv) {
     mode = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "--default") == 0 || strcmp(a, "-o") == 0) {
+        if (strcmp(a, "--default") == 0 || strcmp(a, "-o") == 0 ||
+            strcmp(a, "--deny-family") == 0) {
             i++;
             mode = 0;
         } else if (strcmp(a, "--errno") == 0) {
@@ -151,6 +180,9 @@ int main(int argc, char **argv) {
                                        : SCMP_ACT_KILL_PROCESS, a);
         }
     }
+
+    for (size_t i = 0; i < nfamilies; i++)
+        deny_family(ctx, families[i]);
 
     if (block_tiocsti) {
         /* The kernel reads cmd as a 32-bit int: compare only the low half so junk in the

@@ -84,6 +84,9 @@ out = {
     "tiocsti": sc(16, -1, 0x5412, ctypes.addressof(buf)),
     "tiocsti_high_bits": sc(16, -1, 0x1_0000_5412, ctypes.addressof(buf)),
     "getpid": sc(39),
+    "vsock": sc(41, 40, 1, 0),
+    "vsock_high_bits": sc(41, 0x1_0000_0028, 1, 0),
+    "inet": sc(41, 2, 1, 0),
 }
 t = threading.Thread(target=lambda: None); t.start(); t.join()  # clone3 -> clone fallback
 pid = os.fork()
@@ -93,7 +96,7 @@ out["fork"] = os.waitpid(pid, 0)[1] >> 8
 print(json.dumps(out))
 """
 
-EPERM, ENOSYS = 1, 38
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
 ALWAYS_EPERM = ("mount", "keyctl", "add_key", "bpf", "setns", "chroot", "perf_event_open",
                 "unshare_user", "unshare_net", "tiocsti", "tiocsti_high_bits")  # fmt: skip
 
@@ -150,6 +153,8 @@ def test_bwrap_enforces_profile(profile: str, bpf: dict[str, Path]) -> None:
     assert got["clone3"] == ENOSYS
     assert got["unshare_files"] == 0  # unshare without namespace flags stays allowed
     assert got["getpid"] == 0 and got["fork"] == 7
+    # AF_VSOCK in every profile (a netns does not confine it), the kernel's int only
+    assert got["vsock"] == got["vsock_high_bits"] == EAFNOSUPPORT and got["inet"] == 0
     strict = profile != "permissive"
     assert (got["ptrace"] == EPERM) is strict
     assert (got["io_uring_setup"] == EPERM) is strict

@@ -63,6 +63,15 @@ _RESTRICTIVE_EXTRA: Final = (
     "fanotify_init", "vhangup",
 )  # fmt: skip
 
+# Socket families refused in every profile (socket() fails with EAFNOSUPPORT, what a kernel
+# without them says, so a program probing for one takes it as absent). AF_VSOCK: a network
+# namespace does not confine it, so any sandbox on a VM guest reached its hypervisor's
+# host (CID 2) and every other vsock service of the guest's; Docker's default profile
+# refuses it too (the one family it does). The engines' defaults are replaced by ours
+# (container_seccomp), which refuses the same.
+DENIED_FAMILIES: Final = {"AF_VSOCK": 40}
+EAFNOSUPPORT: Final = 97
+
 _DENY: Final[dict[str, tuple[str, ...]]] = {
     "permissive": _BASE,
     "moderate": _BASE + _MODERATE_EXTRA,
@@ -83,9 +92,9 @@ def deny_list(profile: str) -> tuple[str, ...]:
 
 
 def _tool_args(profile: str, no_setid: bool = False) -> list[str]:
+    families = [a for f in DENIED_FAMILIES.values() for a in ("--deny-family", str(f))]
     return ["--default", "allow", "--errno", *deny_list(profile), "--enosys", *ABSENT,
-            "--block-tiocsti",
-            "--block-newns", "--block-socket-filters",
+            "--block-tiocsti", "--block-newns", "--block-socket-filters", *families,
             *(["--block-setid-modes"] if no_setid else [])]  # fmt: skip
 
 
