@@ -85,7 +85,7 @@ def deny_list(profile: str) -> tuple[str, ...]:
 def _tool_args(profile: str, no_setid: bool = False) -> list[str]:
     return ["--default", "allow", "--errno", *deny_list(profile), "--enosys", *ABSENT,
             "--block-tiocsti",
-            "--block-newns", "--block-socket-filters",
+            "--block-newns", "--block-socket-filters", "--pin-core-limit",
             *(["--block-setid-modes"] if no_setid else [])]  # fmt: skip
 
 
