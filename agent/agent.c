@@ -2053,6 +2053,14 @@ static void install_seccomp(const char *file)
 	if (got == 0 || got % sizeof(struct ak_sock_filter) || got > AK_MAX_BPF * sizeof(struct ak_sock_filter))
 		die("seccomp %s: want 1..%d 8-byte BPF instructions, got %zu bytes", file, AK_MAX_BPF, got);
 	struct ak_sock_fprog fp = { (unsigned short)(got / sizeof(struct ak_sock_filter)), prog };
+	/* RLIMIT_CORE 1, soft and hard, for us and every command after us: the kernel runs a
+	 * pipe core_pattern (apport, systemd-coredump: host root, the host's namespaces, the
+	 * crashed process's memory as input) whatever the limit, but for 1. The filter
+	 * (ak-seccomp --pin-core-limit) keeps commands from changing it, so set it first.
+	 * Where the host's hard limit is 0 this fails (raising needs CAP_SYS_RESOURCE in the
+	 * host's namespace) and the limit stays 0: nothing better can be had here. */
+	struct rlimit core = { 1, 1 };
+	(void)setrlimit(RLIMIT_CORE, &core);
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
 		die("no_new_privs: %s", strerror(errno));
 	if (syscall(SYS_seccomp, AK_SECCOMP_SET_MODE_FILTER, 0, &fp) < 0 &&

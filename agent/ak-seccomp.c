@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #ifndef CLONE_NEWCGROUP
@@ -38,7 +39,8 @@ static void usage(void) {
             "usage: ak-seccomp --default allow [--errno NAME...] [--enosys NAME...]\n"
             "                  [--kill NAME...]\n"
             "                  [--block-tiocsti] [--block-newns] [--block-setid-modes]\n"
-            "                  [--block-socket-filters] [--deny-family N]... -o OUT\n");
+            "                  [--block-socket-filters] [--pin-core-limit]\n"
+            "                  [--deny-family N]... -o OUT\n");
     exit(2);
 }
 
@@ -99,6 +101,7 @@ int main(int argc, char **argv) {
     uint64_t families[16];
     size_t nfamilies = 0;
     int block_tiocsti = 0, block_newns = 0, block_setid = 0, block_sockfilter = 0;
+    int pin_core = 0;
     int have_default = 0;
     /* 1 = --errno, 2 = --kill, 3 = --enosys: which list bare names belong to */
     uint32_t mode = 0;
@@ -140,6 +143,9 @@ int main(int argc, char **argv) {
             if (++i >= argc || nfamilies == sizeof(families) / sizeof(families[0]))
                 usage();
             families[nfamilies++] = family_arg(argv[i]);
+            mode = 0;
+        } else if (strcmp(a, "--pin-core-limit") == 0) {
+            pin_core = 1;
             mode = 0;
         } else if (a[0] == '-' || mode == 0) {
             usage();
@@ -231,6 +237,32 @@ int main(int argc, char **argv) {
             if (rc < 0)
                 die("setsockopt rule", rc);
         }
+    }
+
+    if (pin_core) {
+        /* RLIMIT_CORE stays what the agent set before this filter, 1: the one value for
+         * which the kernel skips a pipe core_pattern (apport, systemd-coredump), run as
+         * host root in the host's namespaces with the crashed process's memory as input;
+         * 0 does not stop it. 1 is below every binary format's minimum dump, so no core
+         * file is written either. A change is answered with success and no effect
+         * (SECCOMP_RET_ERRNO with errno 0 skips the call and returns 0): programs that
+         * turn core dumps off (ssh-agent exits when that fails) get what they asked for.
+         * prlimit64 that also asks for the old limit fails with EPERM instead: a success
+         * would leave its old-limit buffer unwritten. Resource is an unsigned int: compare
+         * the low halves only. */
+        const uint64_t low = 0xffffffffULL;
+        rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(0), SCMP_SYS(setrlimit), 1,
+                                    SCMP_A0(SCMP_CMP_MASKED_EQ, low, RLIMIT_CORE));
+        if (rc >= 0)
+            rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(0), SCMP_SYS(prlimit64), 3,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, low, RLIMIT_CORE),
+                                        SCMP_A2(SCMP_CMP_NE, 0), SCMP_A3(SCMP_CMP_EQ, 0));
+        if (rc >= 0)
+            rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(prlimit64), 3,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, low, RLIMIT_CORE),
+                                        SCMP_A2(SCMP_CMP_NE, 0), SCMP_A3(SCMP_CMP_NE, 0));
+        if (rc < 0)
+            die("rlimit rule", rc);
     }
 
     if (block_setid) {

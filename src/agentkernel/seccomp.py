@@ -94,7 +94,8 @@ def deny_list(profile: str) -> tuple[str, ...]:
 def _tool_args(profile: str, no_setid: bool = False) -> list[str]:
     families = [a for f in DENIED_FAMILIES.values() for a in ("--deny-family", str(f))]
     return ["--default", "allow", "--errno", *deny_list(profile), "--enosys", *ABSENT,
-            "--block-tiocsti", "--block-newns", "--block-socket-filters", *families,
+            "--block-tiocsti", "--block-newns", "--block-socket-filters", "--pin-core-limit",
+            *families,
             *(["--block-setid-modes"] if no_setid else [])]  # fmt: skip
 
 
