@@ -1,7 +1,7 @@
 """Who holds a TCP socket (sockdiag.py), and what the client and the server make of it: the
 server end of our own connection, queued or accepted, is ours (client/listener.py); a
 tuple with no socket is nothing (not the listener the kernel would hand it to); the
-/proc tables say the same as sock_diag."""
+/proc tables say the same as sock_diag; the HTTP server counts a peer by its uid."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from agentkernel import sockdiag
 from agentkernel.client.listener import foreign_server
+from agentkernel.http.connections import peer_of
 
 
 @pytest.fixture(params=["sock_diag", "proc"])
@@ -74,6 +75,7 @@ def test_a_dual_stack_server_sees_ipv4_as_ipv4(source: str) -> None:
                 found = sockdiag.find(theirs, ours)
                 assert found is not None
                 assert found.inode == os.fstat(accepted.fileno()).st_ino
+                assert peer_of(accepted) == os.geteuid()
 
 
 def test_our_own_server_end_is_ours_queued_or_accepted(source: str,
@@ -86,3 +88,13 @@ def test_our_own_server_end_is_ours_queued_or_accepted(source: str,
         why = foreign_server(client)
         assert why is not None and "no open socket" in why, why
 
+
+def test_the_server_counts_a_peer_by_its_uid(listener: socket.socket) -> None:
+    with socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert peer_of(accepted) == os.geteuid()
+    left, right = socket.socketpair()
+    with left, right:
+        assert peer_of(left) == os.geteuid()
+    assert peer_of(None) == "unknown"
