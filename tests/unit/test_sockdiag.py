@@ -87,6 +87,7 @@ def test_our_own_server_end_is_ours_queued_or_accepted(source: str,
         accepted.close()  # the server end is gone: nothing of ours answers any more
         why = foreign_server(client)
         assert why is not None and "no open socket" in why, why
+    assert foreign_server(None) is not None
 
 
 def test_the_server_counts_a_peer_by_its_uid(listener: socket.socket) -> None:

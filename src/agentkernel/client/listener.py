@@ -36,6 +36,8 @@ def listeners(port: int) -> list[tuple[Address, int, int]]:
 def foreign_server(sock: Any) -> str | None:
     """None when the other end of the connected TCP socket `sock` is a socket of this user
     held by a process of this user namespace; else why the stored key must not go there."""
+    if sock is None:
+        return "the connection shows no socket to check"
     try:
         ours, theirs = endpoint(sock.getsockname()), endpoint(sock.getpeername())
         own_inode = os.fstat(sock.fileno()).st_ino
