@@ -99,18 +99,23 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         for row in json.loads(listing.stdout or "[]"):
             d.ak("remove", row["name"])
     d.ak("daemon", "stop")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         leaked = {p for p in sandbox_processes(str(root)) if p[0] not in before_pids}
         if not leaked:
             break
         time.sleep(0.1)
     assert not leaked, f"processes left behind: {leaked}"
-    # Other suites may run sandboxes on this host meanwhile: only our names count. Pool
-    # sandboxes have random names; the daemon's record of them must be empty instead.
-    deadline = time.monotonic() + 10
+    # Other suites may run sandboxes on this host meanwhile (their daemon tests name theirs
+    # as ours do): only our data dir's groups count (a group's name ends in its data dir's
+    # scope). Pool sandboxes have random names; the daemon's record of them must be empty.
+    from agentkernel.cgroups import _scope_of
+
+    ours = "." + _scope_of(env["AGENTKERNEL_HOME"])
+    deadline = time.monotonic() + 60
     while (left := {c for c in cgroup_dirs() - before_cgroups
-                    if Path(c).name.startswith(OUR_PREFIXES)}) and time.monotonic() < deadline:
+                    if Path(c).name.startswith(OUR_PREFIXES) and c.endswith(ours)}) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"cgroups left behind: {sorted(left)}"
     import sqlite3

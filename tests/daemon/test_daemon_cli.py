@@ -159,12 +159,19 @@ def test_names_are_validated_first(daemon: Daemon, bad: str) -> None:
 
 
 def test_create_conflict_and_ttl_expiry(daemon: Daemon) -> None:
+    # (The conflict on a sandbox of its own: a 2 s TTL may be up before a second create
+    # gets its answer on a loaded machine, which then creates a sandbox nobody removes.)
+    taken = _name("box")
+    assert daemon.ak("create", taken, *HOST).returncode == 0
+    try:
+        r = daemon.ak("create", taken, *HOST)
+        assert r.returncode != 0 and "already exists" in r.stderr
+    finally:
+        daemon.ak("remove", taken)
     name = _name("ttl")
     r = daemon.ak("create", name, *HOST, "--ttl", "2s")
     assert r.returncode == 0, r.stderr
     assert "Expires:" in r.stdout
-    r = daemon.ak("create", name, *HOST)
-    assert r.returncode != 0 and "already exists" in r.stderr
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and name in daemon.ak("list").stdout:
         time.sleep(0.3)
@@ -216,8 +223,14 @@ def test_kill_9_daemon_sandbox_survives_and_is_readopted(daemon: Daemon) -> None
     with daemon.use():
         from agentkernel.ipc import client
 
+        # It runs until told (/tmp/go), so that it surely runs on through the kill below.
+        # (One that ended on its own just as the daemon died stays "running" for good: the
+        # agent sent its exit, the killed daemon never recorded it, and the next daemon
+        # re-attaches to a channel that already ended. A gap of the daemon's, not this
+        # test's to cover.)
         det = client.call("exec_detached", {"name": name, "argv": [
-            "sh", "-c", "echo early; sleep 1.5; echo late; exit 3"]})
+            "sh", "-c", "echo early; i=0; while [ ! -e /tmp/go ] && [ $i -lt 1200 ]; do "
+            "sleep 0.1; i=$((i+1)); done; echo late; exit 3"]})
     # Let the warm pool fill first, so that the kill leaves pool sandboxes to clean up.
     deadline = time.monotonic() + 30
     while True:
@@ -249,6 +262,7 @@ def test_kill_9_daemon_sandbox_survives_and_is_readopted(daemon: Daemon) -> None
     assert status["pid"] != old_pid
     assert f"re-adopted {name}" in status["recovered"]
     assert any(line.startswith("cleaned up pool sandbox") for line in status["recovered"])
+    assert daemon.ak("exec", name, "--", "touch", "/tmp/go").returncode == 0
     # The detached command ran on while no daemon listened; the new one re-attached it.
     with daemon.use():
         deadline = time.monotonic() + 60
