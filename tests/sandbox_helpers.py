@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BACKENDS = ["namespaces", "gvisor"]
 # Run by the `backend` fixture too, each on a real engine (tests/engines.py), for the tests
@@ -369,3 +370,87 @@ def egress_gate_pid(scratch: Path) -> int | None:
         except OSError:
             continue
     return None
+
+
+# Keeps one DNS-over-TCP connection to the sandbox's gate in use (a query each second,
+# each answered): the gate counts it as busy, so it does not exit idle meanwhile. Prints
+# "held" once the first answer came; ends after `argv[1]` queries or when the gate closes.
+HOLD_GATE = r"""
+import socket, struct, sys, time
+ns = next(ln.split()[1] for ln in open("/etc/resolv.conf") if ln.startswith("nameserver"))
+q = (struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"\x04gate\x07invalid\x00"
+     + struct.pack(">HH", 1, 1))
+s = socket.create_connection((ns, 53), timeout=30)
+def exact(n):
+    got = b""
+    while len(got) < n:
+        chunk = s.recv(n - len(got))
+        if not chunk:
+            raise SystemExit("the gate closed the connection")
+        got += chunk
+    return got
+def ask():
+    s.sendall(struct.pack(">H", len(q)) + q)
+    exact(struct.unpack(">H", exact(2))[0])
+ask()
+print("held", flush=True)
+for _ in range(int(sys.argv[1])):
+    time.sleep(1)
+    ask()
+"""
+
+
+@contextlib.contextmanager
+def gate_held(sandbox: Any, seconds: int = 55) -> Iterator[None]:
+    """While the block runs (at most `seconds`), the sandbox's gate serves a connection:
+    an activated gate (egress_forkserver) cannot exit idle under a check that needs it."""
+    ex = sandbox.client.exec(["python3", "-c", HOLD_GATE, str(seconds)],
+                             env={"PATH": "/usr/bin:/bin"}, cwd="/")
+    try:
+        seen = b""
+        for kind, data in ex.events():
+            if kind == "exit":
+                raise AssertionError(f"no connection held through the gate: {seen!r}")
+            assert isinstance(data, bytes)
+            seen += data
+            if b"held" in seen:
+                break
+        yield
+    finally:
+        if ex.status is None:
+            ex.kill()
+            ex.wait(60)
+
+
+def serving_gate(scratch: Path, timeout: float = 30.0) -> int:
+    """The one live gate of the sandbox whose scratch dir this is, while a connection is
+    held through it (`gate_held`): one that went idle just before may be on its way out."""
+    deadline = time.monotonic() + timeout
+    while len(gates := _gates(scratch)) != 1:
+        assert time.monotonic() < deadline, f"not one gate: {gates}"
+        time.sleep(0.05)
+    (pid,) = gates
+    return pid
+
+
+def _gates(scratch: Path) -> set[int]:
+    """Live forked gates holding the sandbox's log open."""
+    log = str(scratch / "egress.log")
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{entry}/comm").read_text().strip() != "ak-egress-gate":
+                continue
+            if Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] in (
+                    b"Z", b"X"):
+                continue
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == log:
+                        out.add(int(entry))
+                        break
+        except OSError:
+            continue
+    return out

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, egress_gate_pid
+from sandbox_helpers import SYSTEM_PYTHON, egress_gate_pid, gate_held, serving_gate
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="gates drop ids only as root")
 
@@ -262,14 +262,18 @@ def test_gates_outlive_a_dead_server_and_a_new_one_starts(
     sandbox = _start("fork1")
     assert isinstance(sandbox, Sandbox)
     try:
-        gate = _gate(sandbox)
-        old = _server_pid()
-        os.kill(old, signal.SIGKILL)
-        assert _gate(sandbox) == gate  # it still answers
-        deadline = time.monotonic() + 20
-        while egress_forkserver.server_pid() in (None, old):
-            assert time.monotonic() < deadline, "no new server"
-            time.sleep(0.05)
+        _gate(sandbox)
+        # A connection held through the gate across the kill: once the new server adopts
+        # it, only that keeps it from exiting idle (1 s) before the query below reaches it.
+        with gate_held(sandbox):
+            gate = serving_gate(sandbox.scratch)
+            old = _server_pid()
+            os.kill(old, signal.SIGKILL)
+            assert _gate(sandbox) == gate  # it still answers
+            deadline = time.monotonic() + 20
+            while egress_forkserver.server_pid() in (None, old):
+                assert time.monotonic() < deadline, "no new server"
+                time.sleep(0.05)
         deadline = time.monotonic() + 30
         while not is_zombie(gate):  # adopted: it exits when idle again
             assert time.monotonic() < deadline, "the adopted gate never went idle"

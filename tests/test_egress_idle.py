@@ -29,6 +29,8 @@ from sandbox_helpers import (
     ak,
     backend_available,
     egress_gate_pid,
+    gate_held,
+    serving_gate,
     serving_upstream,
 )
 from test_containers import engine  # noqa: F401 - fixture
@@ -186,10 +188,13 @@ def _sockets(pid: int) -> set[str]:
 
 
 def test_on_demand_gate_is_confined_and_the_server_holds_listeners_only(
-        upstream: Upstream) -> None:
+        upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two sandboxes: each gate is its range's nobody, with no capability and
     no_new_privs, and holds none of the other's sockets nor the server's; the server holds
     each sandbox's listeners, but no connection of theirs (it never accepts or reads)."""
+    # Both gates are looked at after both probes: neither may exit idle in between (1 s
+    # is less than a probe can take on a loaded machine). Still forked on demand.
+    monkeypatch.setenv("AGENTKERNEL_GATE_IDLE_SECONDS", "600")
     a = _start("conf-a", upstream, "allowed.test")
     b = _start("conf-b", upstream, "allowed.test")
     try:
@@ -481,8 +486,10 @@ def test_a_killed_daemons_sandbox_keeps_its_way_out(upstream: Upstream) -> None:
         status = ak("daemon", "status", "--json")
         daemon = int(json.loads(status.stdout)["pid"])
         os.kill(daemon, signal.SIGKILL)
-        time.sleep(3)  # its gate idles out meanwhile
-        assert egress_gate_pid(runtime_dir() / "sandboxes" / name) is None
+        deadline = time.monotonic() + 30  # its gate idles out meanwhile
+        while egress_gate_pid(runtime_dir() / "sandboxes" / name) is not None:
+            assert time.monotonic() < deadline, "the idle gate did not exit"
+            time.sleep(0.1)
         assert _servers_holding(name) == servers
         assert ak("daemon", "start", env=idle).returncode == 0
         assert seen() == {"h": hello, "o": "blocked gaierror"}
@@ -556,7 +563,8 @@ def test_a_killed_fork_server_is_replaced_and_its_sandboxes_keep_their_policy(
                     "cached answer": hello, "never resolved": seen["never resolved"],
                     "d": "blocked gaierror"}, seen
     assert seen["never resolved"].startswith("blocked"), seen
-    assert _parent(gate_of(box)) == new
+    with gate_held(box):  # (the probe's gate may exit idle: then the one serving this)
+        assert _parent(serving_gate(box.scratch)) == new
     gone_idle(box)
     assert probe(box, [["h", "http", "allowed.test", 18080, "allowed.test"]]) == {"h": hello}
 
@@ -571,15 +579,21 @@ def test_a_gate_serving_when_its_server_died_is_not_doubled(
     hello = {"h": "reached hello host=allowed.test key=-"}
     allowed = [["h", "http", "allowed.test", 18080, "allowed.test"]]
     assert probe(box, allowed) == hello
-    orphan = gate_of(box)
-    old = _server_pid()
-    os.kill(old, signal.SIGKILL)
-    new = _new_server(old)
-    assert probe(box, allowed) == hello
-    assert gate_of(box) == orphan  # not one of the new server's beside it
+    # A connection held through the gate from before the kill until after the next probe:
+    # once the new server adopts the orphan, only that keeps it from exiting idle (1 s)
+    # before the probe reaches it; a new server that forked beside it would show.
+    log = str(box.scratch / "egress.log")
+    with gate_held(box):
+        orphan = serving_gate(box.scratch)
+        old = _server_pid()
+        os.kill(old, signal.SIGKILL)
+        new = _new_server(old)
+        assert probe(box, allowed) == hello
+        assert _holding("ak-egress-gate", log) == {orphan}  # none of the new server's beside
     gone_idle(box)
     assert probe(box, allowed) == hello
-    assert _parent(gate_of(box)) == new
+    with gate_held(box):
+        assert _parent(serving_gate(box.scratch)) == new
 
 
 def test_gate_errors_stop_at_the_cap(tmp_path: Path) -> None:

@@ -114,12 +114,16 @@ def test_a_sandbox_that_ends_unused_leaves_nothing(upstream: Upstream) -> None:
     holds none of its fds once it ended (its waiting thread let them go)."""
     import threading
 
+    def waiting() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "ak-gate-on-demand"}
+
+    before = waiting()  # (another test's sandbox still up would have its own)
     box: Any = _start("oneshot-idle", upstream, "allowed.test")
     scratch = box.scratch
+    assert waiting() - before, "no thread waits for the sandbox's first use"
     box.destroy()
-    deadline = time.monotonic() + 10
-    while any(str(scratch) in t for t in _fds(os.getpid()).values()) or any(
-            t.name == "ak-gate-on-demand" for t in threading.enumerate()):
+    deadline = time.monotonic() + 60
+    while any(str(scratch) in t for t in _fds(os.getpid()).values()) or waiting() - before:
         assert time.monotonic() < deadline, "the sandbox's fds are still held"
         time.sleep(0.05)
     assert egress_gate_pid(scratch) is None

@@ -29,9 +29,19 @@ from sandbox_helpers import (
     Upstream,
     ak,
     egress_gate_pid,
+    gate_held,
+    serving_gate,
     serving_upstream,
 )
-from test_egress_idle import IDLE, _holding, _start, _status, _zombie, gate_of, gone_idle, probe
+from test_egress_idle import (
+    IDLE,
+    _holding,
+    _start,
+    _status,
+    _zombie,
+    gone_idle,
+    probe,
+)
 from test_egress_policy import UPSTREAM_NAMES, hosts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (and to become nobody)")
@@ -64,10 +74,12 @@ print(json.dumps({"secret": get("https://secret.test:18443/", key),
                   "leaked": VALUE in json.dumps(dict(os.environ))}))
 """
 
-# Holds one connection through the gate (so it keeps serving) until /tmp/release exists.
+# Holds one connection through the gate (so it keeps serving) until /tmp/release exists;
+# /tmp/held says it is connected.
 HOLD = r"""
 import os, socket, time
 s = socket.create_connection(("allowed.test", 18080), timeout=10)
+open("/tmp/held", "w").close()
 deadline = time.time() + 120
 while not os.path.exists("/tmp/release") and time.time() < deadline:
     time.sleep(0.1)
@@ -166,7 +178,11 @@ def test_a_restarted_daemons_sandbox_outlives_its_killed_fork_server(
         r = ak("exec", name, "--", "sh", "-c",
                f"setsid python3 -c '{HOLD}' </dev/null >/dev/null 2>&1 &")
         assert r.returncode == 0, r.stderr
-        serving = _wait("no gate serves the held connection", lambda: egress_gate_pid(scratch))
+        # (The gate of check() may still run, or be on its way out idle: the one that
+        # serves the held connection is the one there once it connected.)
+        _wait("the held connection did not connect", lambda: ak(
+            "exec", name, "--", "test", "-e", "/tmp/held").returncode == 0)
+        serving = serving_gate(scratch)
         os.kill(daemon_pid(), signal.SIGKILL)
         assert ak("daemon", "start", env=env).returncode == 0
         _wait("the old server did not hand its sandbox over and exit", lambda: _gone(old))
@@ -176,7 +192,7 @@ def test_a_restarted_daemons_sandbox_outlives_its_killed_fork_server(
         assert _fds_to(daemon, str(scratch / "egress.log")) == 1  # its dup, for recovery
         # The gate that served across the hand-off is the sandbox's only one, adopted:
         # released, it may exit idle (an orphan nobody adopted would serve on).
-        assert egress_gate_pid(scratch) == serving
+        assert _holding("ak-egress-gate", str(scratch / "egress.log")) == {serving}
         assert ak("exec", name, "--", "touch", "/tmp/release").returncode == 0
         gone_idle(_Scratch(scratch))
         os.kill(new, signal.SIGKILL)
@@ -311,7 +327,9 @@ def test_only_the_next_daemon_gets_a_servers_sandboxes(rendezvous: Path,
         (old,) = _servers(box.scratch)
         (sock,) = rendezvous.iterdir()
         # Its gate (what the sandbox may take over) holds nothing of the rendezvous.
-        assert f"socket:[{_inode_of(sock)}]" not in _links(gate_of(box))
+        with gate_held(box):  # (the probe's may have gone idle: 1 s)
+            gate = serving_gate(box.scratch)
+            assert f"socket:[{_inode_of(sock)}]" not in _links(gate)
         as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                      "--"]
         assert _ask(sock, *as_nobody) == "connect PermissionError"
@@ -348,7 +366,9 @@ def test_only_the_next_daemon_gets_a_servers_sandboxes(rendezvous: Path,
         os.kill(new, signal.SIGKILL)
         _wait("no new server took the sandbox", lambda: _servers(box.scratch) - {new})
         assert probe(box, POLICY) == ALLOWED
-        assert _parent(gate_of(box)) == egress_forkserver.server_pid()
+        with gate_held(box):
+            gate = serving_gate(box.scratch)
+            assert _parent(gate) == egress_forkserver.server_pid()
     finally:
         box.destroy()
 

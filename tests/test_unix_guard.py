@@ -293,7 +293,15 @@ def hang():
         results.append(type(exc).__name__)
 for _ in range(100):
     threading.Thread(target=hang, daemon=True).start()
-time.sleep(3)
+# At least 100 - 16 - 64 are refused at once, however slowly the threads get to their calls
+# on a loaded machine; then until no more answers come (a place held a moment longer).
+deadline = time.time() + 60
+while len(results) < 100 - 16 - 64 and time.time() < deadline:
+    time.sleep(0.05)
+seen = -1
+while len(results) != seen and time.time() < deadline:
+    seen = len(results)
+    time.sleep(1)
 print("past-bound", results.count("BlockingIOError"), len(results), flush=True)
 os._exit(0)
 """

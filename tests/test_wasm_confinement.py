@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,6 +196,16 @@ def _run_in(root: Path, env: dict[str, str], *args: str,
     return r.returncode, r.stdout, said[0].rsplit("sandbox ", 1)[1]
 
 
+def _warm_worker(status: Any, timeout: float = 120) -> None:
+    """Until the daemon keeps a wasm worker warm (`status()`: its `daemon status --json`).
+    The run before started its worker itself (that one serves once); the pool's own worker
+    starts after it, and a run that came before it was ready would start one more itself."""
+    deadline = time.monotonic() + timeout
+    while not any(p["backend"] == "wasm" and p["warm"] >= 1 for p in status()["pools"]):
+        assert time.monotonic() < deadline, f"no warm wasm worker: {status()}"
+        time.sleep(0.1)
+
+
 def test_runs_share_a_worker_never_an_instance(root: Path) -> None:
     """A daemon's worker serves the next run of its key (the warm path), and each run is a
     new instance: no memory, global, table, environment or stdin of one run is there for
@@ -204,6 +215,7 @@ def test_runs_share_a_worker_never_an_instance(root: Path) -> None:
     try:
         # The first run starts its worker in the request's thread: that one serves once.
         assert _run_in(root, env, "hello.wat")[0] == 0
+        _warm_worker(lambda: json.loads(ak("daemon", "status", "--json", env=env).stdout))
         runs = [_run_in(root, env, "counter.wat") for _ in range(3)]
         assert [(code, out) for code, out, _ in runs] == [(0, "1111\n")] * 3, runs
         workers = {worker for _, _, worker in runs}
@@ -302,6 +314,7 @@ def test_an_ordinary_users_daemon_reuses_workers_never_instances() -> None:
         code, _out, err = run("daemon", "start")
         assert code == 0, err
         assert run("run", "hello.wat")[0] == 0  # the cold one: its worker serves once
+        _warm_worker(lambda: json.loads(run("daemon", "status", "--json")[1]))
         secret = f"SECRET={os.urandom(8).hex()}"
         workers = set()
         for args in (("counter.wat",), ("-e", secret, "env.wat"), ("counter.wat",),

@@ -80,7 +80,7 @@ class Pool:
         return {str(s["headers"].get("x-api-key")) for s in self.api.seen()  # type: ignore
                 if str(s["path"]).startswith("/v1/messages")}
 
-    def wait_warm(self, project: Path, timeout: float = 60) -> None:
+    def wait_warm(self, project: Path, timeout: float = 120) -> None:
         """Until the daemon keeps an agent sandbox of `project` warm."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

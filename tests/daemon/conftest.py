@@ -98,7 +98,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         for row in json.loads(listing.stdout or "[]"):
             d.ak("remove", row["name"])
     d.ak("daemon", "stop")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         leaked = {p for p in sandbox_processes(str(root)) if p[0] not in before_pids}
         if not leaked:
@@ -110,8 +110,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     # random-named ones included.
     from agentkernel.cgroups import _scope_of
 
-    ours = "." + _scope_of(str(root / "home"))
-    deadline = time.monotonic() + 10
+    ours = "." + _scope_of(env["AGENTKERNEL_HOME"])
+    deadline = time.monotonic() + 60
     while (left := {c for c in cgroup_dirs() - before_cgroups
                     if Path(c).name.endswith(ours)}) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -37,12 +37,15 @@ def _status(daemon: Daemon) -> dict[str, Any]:
     return dict(json.loads(r.stdout))
 
 
-def _wait_warm(daemon: Daemon, pred: Any, timeout: float = 20) -> dict[str, Any]:
+def _wait_warm(daemon: Daemon, pred: Any, timeout: float = 120) -> dict[str, Any]:
+    """Until `pred` holds of the daemon's status (a refill is a sandbox start: seconds on
+    a loaded machine); the next run's "warm pool" depends on it."""
     deadline = time.monotonic() + timeout
     while True:
         st = _status(daemon)
-        if pred(st) or time.monotonic() > deadline:
+        if pred(st):
             return st
+        assert time.monotonic() < deadline, f"the pool did not refill: {st}"
         time.sleep(0.1)
 
 
