@@ -63,3 +63,30 @@ def test_sigterm_taken_by_another_thread_stops_the_daemon(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_as_soon_as_the_pid_is_out_stops_the_daemon_cleanly(tmp_path: Path) -> None:
+    """A service manager may signal the pid the moment it reads it: the daemon then ends
+    the clean way (exit 0, no daemon.sock or daemon.pid left), not by the signal."""
+    env = {**os.environ, "AGENTKERNEL_HOME": str(tmp_path / "home"),
+           "AGENTKERNEL_RUNTIME_DIR": str(tmp_path / "run"),
+           "AGENTKERNEL_DAEMON_CONFIG": str(tmp_path / "daemon.toml")}
+    (tmp_path / "run").mkdir(mode=0o700)
+    (tmp_path / "daemon.toml").write_text("[daemon]\npools = []\n")
+    pid_file = tmp_path / "run" / "daemon.pid"
+    proc = subprocess.Popen([sys.executable, "-m", "agentkernel", "daemon", "start",
+                             "--foreground"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "never up"
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not (tmp_path / "run" / "daemon.sock").exists()
+        assert not pid_file.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -867,6 +867,19 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
     manager = SandboxManager(config, configured_pools=asked or idle_exit <= 0)
     for line in manager.recovered:
         print(f"agentkernel daemon: {line}", file=sys.stderr, flush=True)
+    # Stop signals are ours before the pid is out: one that comes before the socket is
+    # served (the default action would leave daemon.sock and daemon.pid behind) stops it
+    # as soon as it exists, the same clean way as later.
+    serving: list[DaemonServer] = []
+    stop_asked = threading.Event()
+
+    def on_signal(_signo: int, _frame: object) -> None:
+        stop_asked.set()
+        for srv in serving:
+            threading.Thread(target=srv.shutdown, daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     # The pid is there before the socket: whoever sees the socket may read it at once.
     pid_tmp = rt / f".daemon.pid.{os.getpid()}"
     pid_tmp.write_text(f"{os.getpid()}\n")
@@ -878,6 +891,9 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
             (rt / "daemon.pid").unlink()
         raise
     server.config_path = daemon_config_path(config_path)
+    serving.append(server)
+    if stop_asked.is_set():
+        server.shutdown()
     if http is not None:
         from ..http.serve import describe, start_in_thread
 
@@ -899,11 +915,6 @@ def run_daemon(config_path: str | None = None, http: ServeOptions | None = None,
 
     threading.Thread(target=start_uds_api, name="ak-api-start", daemon=True).start()
 
-    def on_signal(_signo: int, _frame: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
     if idle_exit > 0:
         threading.Thread(target=_stop_when_idle, args=(server, manager, idle_exit),
                          name="ak-idle", daemon=True).start()
