@@ -450,6 +450,28 @@ def idmapped_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool = F
     raise OSError(last, f"cannot id-map {path}: {os.strerror(last)}")
 
 
+_MOUNT_ATTR_NOEXEC = 0x8
+
+
+def device_tree(path: str) -> int:
+    """A detached copy of the host's mount of the device node at `path` (e.g. /dev/null),
+    nosuid and noexec, for the agent's `--attach` (what bwrap's --dev binds). An fd
+    (O_CLOEXEC); OSError if the node cannot be had."""
+    libc = _libc()
+    fd = libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(path),
+                      _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot copy the mount of {path}: {os.strerror(err)}")
+    attr = _MountAttr(_MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NOEXEC, 0, 0, 0)
+    if libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
+                    ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"cannot set the flags of {path}'s copy: {os.strerror(err)}")
+    return int(fd)
+
+
 def attach(tree_fd: int, path: str) -> None:
     """Attach a detached tree (`idmapped_tree`) at host path `path` (which must exist): for
     a runtime that only takes paths (a container engine). `detach` it once the runtime has
