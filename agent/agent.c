@@ -3152,8 +3152,11 @@ int main(int argc, char **argv)
 			long v = strtol(val, &end, 10);
 			if (*end || v < 3 || v > INT_MAX || fcntl((int)v, F_SETFD, FD_CLOEXEC) < 0)
 				die("%s wants an open file descriptor above 2", a);
-			if (!strcmp(a, "--exec-fd"))
+			if (!strcmp(a, "--exec-fd")) {
 				close((int)v);
+				/* (exec'd as /proc/self/fd/N, our name would be "N") */
+				prctl(PR_SET_NAME, "agent", 0, 0, 0);
+			}
 			else if (seccomp_fd >= 0)
 				die("--seccomp-fd given twice");
 			else

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import threading
@@ -726,7 +727,11 @@ def _seal_copy(path: str, key: tuple[int, int, int, int]) -> int | None:
     flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
     try:
         fd = os.memfd_create("ak-agent", flags | _MFD_EXEC)
-    except OSError:  # (EINVAL: a kernel before 6.3, where every memfd may be exec'd)
+    except OSError as exc:
+        # EINVAL: a kernel before 6.3, where every memfd may be exec'd. Otherwise (EACCES:
+        # vm.memfd_noexec=2) a memfd without the flag could not be exec'd either.
+        if exc.errno != errno.EINVAL:
+            return None
         try:
             fd = os.memfd_create("ak-agent", flags)
         except OSError:
