@@ -3078,7 +3078,7 @@ static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
 	    "  [--hold FD] [--give FD] [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
-	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps [--user UID:GID:HOME [--user-ns]]]\n"
+	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--root-ro] [--drop-caps [--user UID:GID:HOME [--user-ns]]]\n"
 	    "  [--lock-listen-dir] [--peers-outside]\n"
 	    "  [--pids-max N] [--pty-max N] [--make-dev SHM_BYTES] [--seccomp FILE | --seccomp-fd FD]\n"
 	    "  [--exec-fd FD]\n"
@@ -3102,6 +3102,7 @@ int main(int argc, char **argv)
 	char **privs = calloc((size_t)argc, sizeof(char *));
 	char **attaches = calloc((size_t)argc, sizeof(char *));
 	int ninsmod = 0, ndisk = 0, npriv = 0, lock_listen_dir = 0, nattach = 0, proc_cover = 0;
+	int root_ro = 0;
 	const char *vm_root = NULL, *vm_rw = NULL, *vm_netspec = NULL, *hostname = NULL;
 	const char *vsock_port = NULL;
 
@@ -3120,6 +3121,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--lock-listen-dir")) lock_listen_dir = 1, takes = 0;
 		else if (!strcmp(a, "--peers-outside")) peers_outside = 1, takes = 0;
 		else if (!strcmp(a, "--cover-proc")) proc_cover = 1, takes = 0;
+		else if (!strcmp(a, "--root-ro")) root_ro = 1, takes = 0;
 		else if (!strcmp(a, "--user-ns")) user_ns_only = 1, takes = 0;
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
 		else if (!strcmp(a, "--poweroff")) vm_poweroff = 1, takes = 0;
@@ -3253,6 +3255,11 @@ int main(int argc, char **argv)
 		cover_proc();
 	if (pty_max)
 		limit_ptys(pty_max);
+	/* --root-ro: the sandbox's root (bwrap's tmpfs, nosuid and nodev) read-only, after
+	 * our own mounts and before anything of the sandbox's runs. */
+	if (root_ro && mount(NULL, "/", NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
+			     NULL) < 0)
+		die("--root-ro: %s", strerror(errno));
 
 	/* The channel: every fd the agent keeps is close-on-exec and lives above 2. */
 	struct sockaddr_un sa;

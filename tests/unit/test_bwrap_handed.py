@@ -65,3 +65,13 @@ def test_agent_image_is_a_sealed_copy(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         os.pwrite(fd, b"x", 0)
     assert not os.get_inheritable(fd)
+
+
+@pytest.mark.parametrize("profile", ["permissive", "moderate", "restrictive"])
+def test_a_read_only_root_is_made_so_by_the_agent(profile: str) -> None:
+    """After its own mounts (tests/test_escape.py: the restrictive root is read-only)."""
+    argv = build_bwrap_argv("bwrap", _spec(profile), "/agent", "/bpf", resolv=None,
+                            info_fd=-1)
+    bwrap, agent = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    assert ("--root-ro" in agent) == (not get_profile(profile).root_writable)
+    assert ("--remount-ro", "/") not in itertools.pairwise(bwrap)

@@ -655,7 +655,9 @@ def build_bwrap_argv(
     for cap in ("CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_SETPCAP", *switch):
         argv += ["--cap-add", cap]
     if not cow_root:
-        argv += ["--remount-ro", "/"]
+        # By the agent, once its own mounts are made: bwrap's --remount-ro re-reads the
+        # mount table to find the flags to keep (ours are known: nosuid, nodev).
+        agent_argv.append("--root-ro")
     seccomp = ["--seccomp-fd", str(bpf)] if handed else ["--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
     agent_argv += ["--drop-caps", *seccomp, "--guard-unix", ":".join(own_mounts(spec, binds))]
     if spec.user is not None:
