@@ -141,7 +141,7 @@ static int hold_new_userns(const char *owner) {
 
 #define MAX_HELD 64
 
-static void server_child(unsigned long uid, unsigned long gid, int ready) {
+static void server_child(unsigned long uid, unsigned long gid, int ready, pid_t server) {
     char ids[48];
     close(STDIN_FILENO);
     close(STDOUT_FILENO);
@@ -152,6 +152,10 @@ static void server_child(unsigned long uid, unsigned long gid, int ready) {
     if (unshare(CLONE_NEWUSER) != 0)
         _exit(127);
     set_caps(0, "capset(none)");
+    /* Gone with the server, however it ends (SIGKILL too): never an orphan holding a
+     * namespace. Set last: a change of ids (become_owner) clears it. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || getppid() != server)
+        _exit(127);
     if (write(ready, "u", 1) != 1)
         _exit(127);
     close(ready);
@@ -165,10 +169,11 @@ static pid_t server_make(unsigned long uid, unsigned long gid) {
     char c;
     if (pipe2(p, O_CLOEXEC) != 0)
         return -1;
+    pid_t server = getpid();
     pid_t pid = fork();
     if (pid == 0) {
         close(p[0]);
-        server_child(uid, gid, p[1]);
+        server_child(uid, gid, p[1], server);
     }
     close(p[1]);
     ssize_t got = pid > 0 ? read(p[0], &c, 1) : -1;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,37 @@ def test_userns_server_holds_nothing_inherited_and_ends_its_children_at_eof(
         os.close(secret)
         proc.kill()
         proc.wait()
+
+
+def test_userns_server_children_die_with_it() -> None:
+    """A server killed outright (SIGKILL: no EOF handling) leaves no child holding a
+    namespace: each has SIGKILL as its parent-death signal."""
+    proc = subprocess.Popen([_enter(), "--userns-server"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"n -\n")
+        proc.stdin.flush()
+        child = int(proc.stdout.readline())
+        status = Path(f"/proc/{child}/status").read_text()
+        assert "ak-userns-forks" in status
+        proc.kill()
+        proc.wait()
+        for _ in range(500):  # (killed by the kernel; a zombie until init reaps it)
+            if not _alive(child):
+                break
+            time.sleep(0.01)
+        assert not _alive(child)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _children_of(pid: int) -> set[int]:
