@@ -2108,6 +2108,14 @@ static void install_seccomp(const char *file, int from)
 	if (got == 0 || got % sizeof(struct ak_sock_filter) || got > AK_MAX_BPF * sizeof(struct ak_sock_filter))
 		die("seccomp %s: want 1..%d 8-byte BPF instructions, got %zu bytes", what, AK_MAX_BPF, got);
 	struct ak_sock_fprog fp = { (unsigned short)(got / sizeof(struct ak_sock_filter)), prog };
+	/* RLIMIT_CORE 1, soft and hard, for us and every command after us: the kernel runs a
+	 * pipe core_pattern (apport, systemd-coredump: host root, the host's namespaces, the
+	 * crashed process's memory as input) whatever the limit, but for 1. The filter
+	 * (ak-seccomp --pin-core-limit) keeps commands from changing it, so set it first.
+	 * Where the host's hard limit is 0 this fails (raising needs CAP_SYS_RESOURCE in the
+	 * host's namespace) and the limit stays 0: nothing better can be had here. */
+	struct rlimit core = { 1, 1 };
+	(void)setrlimit(RLIMIT_CORE, &core);
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
 		die("no_new_privs: %s", strerror(errno));
 	if (syscall(SYS_seccomp, AK_SECCOMP_SET_MODE_FILTER, 0, &fp) < 0 &&
@@ -2356,43 +2364,109 @@ static int guard_take_data(struct guard_job *j, uint64_t iov, uint64_t niov, uin
 	return err;
 }
 
-/* A send's control messages, with every fd an SCM_RIGHTS passes replaced by our copy of
- * the caller's (the kernel passes on the file, as it would have the caller's). */
+/* A control message header as the kernel reads it (include/linux/socket.h): cmsg_len is
+ * a __kernel_size_t, and its walk is __cmsg_nxthdr's. Ours, not the libc's: musl's
+ * cmsg_len is 32 bits and glibc before 2.36 ended its walk early at a last message whose
+ * aligned length passed the end (a second SCM_RIGHTS then went unseen, its numbers
+ * resolved in our fd table). The kernel's walk is the one that counts, and only what it
+ * walked and we checked is sent: a fresh buffer, never the caller's. */
+struct ak_cmsg {
+	unsigned long len; /* __kernel_size_t */
+	int level, type;
+};
+#define AK_CMSG_HDR sizeof(struct ak_cmsg)
+#define AK_CMSG_ALIGN(n) (((n) + sizeof(unsigned long) - 1) & ~(sizeof(unsigned long) - 1))
+#define AK_SO_PRIORITY 12
+#define AK_SO_MARK 36
+#define AK_SO_TIMESTAMPING_OLD 37
+#define AK_SCM_TXTIME 61
+#define AK_SOL_IPV6 41
+#define AK_SOL_UDP 17
+#define AK_SOL_ALG 279
+#define AK_SOL_TLS 282
+
+/* Whether a message passes as its bytes: values the kernel checks against our own
+ * credentials (which are the commands'), never a number in the sender's fd table or a
+ * pointer into its memory (RDS's RDMA messages are: refused, as is anything unknown). */
+static int guard_ctl_plain(const struct ak_cmsg *h)
+{
+	if (h->level == SOL_SOCKET)
+		return h->type == SCM_CREDENTIALS || h->type == AK_SO_PRIORITY ||
+		       h->type == AK_SO_MARK || h->type == AK_SO_TIMESTAMPING_OLD ||
+		       h->type == AK_SCM_TXTIME;
+	return h->level == IPPROTO_IP || h->level == AK_SOL_IPV6 || h->level == AK_SOL_UDP ||
+	       h->level == AK_SOL_ALG || h->level == AK_SOL_TLS;
+}
+
+/* One message `h` with its `plen` bytes at `p` onto `out` at *olen: an SCM_RIGHTS with our
+ * copies of the caller's files (a trailing part of an int is dropped, as the kernel does),
+ * a plain one as it is, anything else EINVAL. 0 or an errno. */
+static int guard_ctl_one(struct guard_job *j, int pidfd, const struct ak_cmsg *h,
+			 const unsigned char *p, size_t plen, unsigned char *out, size_t *olen)
+{
+	struct ak_cmsg o = *h;
+	unsigned char *op = out + *olen + AK_CMSG_HDR;
+	if (h->level == SOL_SOCKET && h->type == SCM_RIGHTS) {
+		size_t n = plen / sizeof(int);
+		for (size_t i = 0; i < n; i++) {
+			int fd;
+			memcpy(&fd, p + i * sizeof(int), sizeof(fd));
+			if (j->nfds == AK_GUARD_MAX_FDS)
+				return ETOOMANYREFS;
+			fd = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+			if (fd < 0)
+				return EBADF;
+			j->fds[j->nfds++] = fd;
+			memcpy(op + i * sizeof(int), &fd, sizeof(fd));
+		}
+		plen = n * sizeof(int);
+	} else if (guard_ctl_plain(h)) {
+		memcpy(op, p, plen);
+	} else {
+		return EINVAL;
+	}
+	o.len = AK_CMSG_HDR + plen;
+	memcpy(out + *olen, &o, AK_CMSG_HDR);
+	*olen += AK_CMSG_ALIGN(o.len);
+	return 0;
+}
+
+/* A send's control messages (`len` bytes at the caller's `ctl`), walked as the kernel
+ * walks them, into a fresh buffer (j->ctl) of what guard_ctl_one accepts. A header whose
+ * length is below a header or past the buffer is EINVAL (the kernel's CMSG_OK), and so
+ * are bytes left after the last message that make no whole one (the kernel would ignore
+ * them; nothing a caller means is there). */
 static int guard_take_ctl(struct guard_job *j, int pidfd, uint64_t ctl, uint64_t len)
 {
 	if (ctl == 0 || len == 0)
 		return 0;
 	if (len > AK_GUARD_MAX_CTL)
 		return ENOBUFS;
-	j->ctl = calloc(1, (size_t)len);
-	j->ctllen = (size_t)len;
-	if (!j->ctl)
-		return ENOMEM;
-	int err = guard_read((pid_t)j->n.pid, j->ctl, ctl, (size_t)len);
-	if (err)
-		return err;
-	struct msghdr m = { .msg_control = j->ctl, .msg_controllen = j->ctllen };
-	const char *end = (const char *)j->ctl + j->ctllen;
-	for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
-		/* the caller's lengths: each header's must lie within the buffer (the kernel's
-		 * CMSG_OK, EINVAL), else its count wraps or runs past our copy */
-		if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > (size_t)(end - (const char *)c))
-			return EINVAL;
-		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-			continue;
-		size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-		int *fds = (int *)CMSG_DATA(c);
-		for (size_t i = 0; i < n; i++) {
-			if (j->nfds == AK_GUARD_MAX_FDS)
-				return ETOOMANYREFS;
-			int fd = (int)syscall(SYS_pidfd_getfd, pidfd, fds[i], 0);
-			if (fd < 0)
-				return EBADF;
-			j->fds[j->nfds++] = fd;
-			fds[i] = fd;
+	size_t size = (size_t)len, off = 0, olen = 0;
+	unsigned char *in = malloc(size);
+	/* each message out is at most its aligned length in: the last one's pad the most */
+	j->ctl = calloc(1, size + sizeof(unsigned long));
+	int err = in && j->ctl ? guard_read((pid_t)j->n.pid, in, ctl, size) : ENOMEM;
+	while (!err && size - off >= AK_CMSG_HDR) {
+		struct ak_cmsg h;
+		memcpy(&h, in + off, AK_CMSG_HDR);
+		if (h.len < AK_CMSG_HDR || h.len > size - off) {
+			err = EINVAL;
+			break;
 		}
+		err = guard_ctl_one(j, pidfd, &h, in + off + AK_CMSG_HDR, h.len - AK_CMSG_HDR,
+				    j->ctl, &olen);
+		/* the kernel's next header: at the aligned end, if a whole header fits there
+		 * (h.len <= size <= AK_GUARD_MAX_CTL: no overflow) */
+		off += AK_CMSG_ALIGN(h.len);
+		if (off >= size)
+			off = size;
 	}
-	return 0;
+	if (!err && off < size)
+		err = EINVAL;
+	free(in);
+	j->ctllen = olen;
+	return err;
 }
 
 /* A sendmsg()/sendmmsg()'s message header at `at`: its name, data and control. */
@@ -2533,15 +2607,32 @@ static int guard_unfinished(struct guard_job *j, long rc)
 
 /* Answers the caller (`rc`: a result or -errno) and lets the job go. */
 #define GUARD_GONE LONG_MIN /* answer nothing: the caller is gone */
+
+/* sendmmsg: the first message's bytes into its msg_len, and one message sent (1), or
+ * GUARD_GONE. Only into the caller: its pid is a number that, once it is killed, may be
+ * another process of the sandbox's. Its memory is opened by that number first, and the
+ * call still waiting afterwards (ID_VALID) says the process opened was the caller
+ * (seccomp_unotify(2)'s way); a write by pid alone would have no such proof. */
+static long guard_mmsg_count(struct guard_job *j, uint32_t sent)
+{
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/%u/mem", j->n.pid);
+	int fd = open(path, O_RDWR | O_CLOEXEC);
+	int valid = guard_valid(j->n.id);
+	if (fd >= 0 && valid) {
+		/* (msg_len unwritable: the kernel too answers the count of messages sent) */
+		ssize_t w = pwrite(fd, &sent, sizeof(sent), (off_t)j->mmsg_len);
+		(void)w;
+	}
+	if (fd >= 0)
+		close(fd);
+	return valid ? 1 : GUARD_GONE;
+}
+
 static void guard_answer(struct guard_job *j, long rc)
 {
-	if (rc >= 0 && j->n.data.nr == SYS_sendmmsg && !j->none) {
-		/* sendmmsg: the first message's bytes into its msg_len, one message sent */
-		uint32_t sent = (uint32_t)rc;
-		struct iovec l = { &sent, sizeof(sent) }, r = { (void *)(uintptr_t)j->mmsg_len, 4 };
-		process_vm_writev((pid_t)j->n.pid, &l, 1, &r, 1, 0);
-		rc = 1;
-	}
+	if (rc >= 0 && j->n.data.nr == SYS_sendmmsg && !j->none)
+		rc = guard_mmsg_count(j, (uint32_t)rc);
 	struct ak_notif_resp r = { .id = j->n.id, .val = rc < 0 ? 0 : rc,
 				   .error = rc < 0 ? (int32_t)rc : 0 };
 	if (rc != GUARD_GONE)

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #ifndef CLONE_NEWCGROUP
@@ -35,8 +36,11 @@
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: ak-seccomp --default allow [--errno NAME...] [--kill NAME...]\n"
-            "                  [--block-tiocsti] [--block-newns] [--block-setid-modes] -o OUT\n");
+            "usage: ak-seccomp --default allow [--errno NAME...] [--enosys NAME...]\n"
+            "                  [--kill NAME...]\n"
+            "                  [--block-tiocsti] [--block-newns] [--block-setid-modes]\n"
+            "                  [--block-socket-filters] [--pin-core-limit]\n"
+            "                  [--deny-family N]... -o OUT\n");
     exit(2);
 }
 
@@ -71,10 +75,36 @@ static void deny_flag_bits(scmp_filter_ctx ctx, int nr, unsigned arg, const uint
     }
 }
 
+/* socket() of address family `fam` refused with EAFNOSUPPORT, the kernel's own answer for
+ * a family it lacks (what a program that probes one, vsock say, takes for "none here"). The
+ * kernel reads the family as an int: only the low half is compared, so junk in the upper
+ * bits cannot slip past the rule. */
+static void deny_family(scmp_filter_ctx ctx, uint64_t fam) {
+    int rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EAFNOSUPPORT), SCMP_SYS(socket), 1,
+                                    SCMP_A0(SCMP_CMP_MASKED_EQ, 0xffffffffULL, fam));
+    if (rc < 0)
+        die("socket family rule", rc);
+}
+
+/* A family number of --deny-family: decimal, below AF_MAX's order (255), else usage. */
+static uint64_t family_arg(const char *s) {
+    char *end = NULL;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || !end || *end || end == s || v > 255)
+        usage();
+    return v;
+}
+
 int main(int argc, char **argv) {
     const char *out = NULL;
-    int block_tiocsti = 0, block_newns = 0, block_setid = 0, have_default = 0;
-    uint32_t mode = 0; /* 1 = --errno, 2 = --kill: which list bare names belong to */
+    uint64_t families[16];
+    size_t nfamilies = 0;
+    int block_tiocsti = 0, block_newns = 0, block_setid = 0, block_sockfilter = 0;
+    int pin_core = 0;
+    int have_default = 0;
+    /* 1 = --errno, 2 = --kill, 3 = --enosys: which list bare names belong to */
+    uint32_t mode = 0;
 
     /* First pass validates flags; names are added once the context exists. */
     for (int i = 1; i < argc; i++) {
@@ -95,6 +125,8 @@ int main(int argc, char **argv) {
             mode = 1;
         } else if (strcmp(a, "--kill") == 0) {
             mode = 2;
+        } else if (strcmp(a, "--enosys") == 0) {
+            mode = 3;
         } else if (strcmp(a, "--block-tiocsti") == 0) {
             block_tiocsti = 1;
             mode = 0;
@@ -103,6 +135,17 @@ int main(int argc, char **argv) {
             mode = 0;
         } else if (strcmp(a, "--block-setid-modes") == 0) {
             block_setid = 1;
+            mode = 0;
+        } else if (strcmp(a, "--block-socket-filters") == 0) {
+            block_sockfilter = 1;
+            mode = 0;
+        } else if (strcmp(a, "--deny-family") == 0) {
+            if (++i >= argc || nfamilies == sizeof(families) / sizeof(families[0]))
+                usage();
+            families[nfamilies++] = family_arg(argv[i]);
+            mode = 0;
+        } else if (strcmp(a, "--pin-core-limit") == 0) {
+            pin_core = 1;
             mode = 0;
         } else if (a[0] == '-' || mode == 0) {
             usage();
@@ -123,19 +166,29 @@ int main(int argc, char **argv) {
     mode = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "--default") == 0 || strcmp(a, "-o") == 0) {
+        if (strcmp(a, "--default") == 0 || strcmp(a, "-o") == 0 ||
+            strcmp(a, "--deny-family") == 0) {
             i++;
             mode = 0;
         } else if (strcmp(a, "--errno") == 0) {
             mode = 1;
         } else if (strcmp(a, "--kill") == 0) {
             mode = 2;
+        } else if (strcmp(a, "--enosys") == 0) {
+            mode = 3;
         } else if (a[0] == '-') {
             mode = 0;
         } else {
-            add_named(ctx, mode == 1 ? SCMP_ACT_ERRNO(EPERM) : SCMP_ACT_KILL_PROCESS, a);
+            /* ENOSYS: as on a kernel built without the call, which its users fall back from
+             * (libaio's users to threads) where EPERM reads as a failure */
+            add_named(ctx, mode == 1   ? SCMP_ACT_ERRNO(EPERM)
+                           : mode == 3 ? SCMP_ACT_ERRNO(ENOSYS)
+                                       : SCMP_ACT_KILL_PROCESS, a);
         }
     }
+
+    for (size_t i = 0; i < nfamilies; i++)
+        deny_family(ctx, families[i]);
 
     if (block_tiocsti) {
         /* The kernel reads cmd as a 32-bit int: compare only the low half so junk in the
@@ -164,6 +217,52 @@ int main(int argc, char **argv) {
             if (rc < 0)
                 die("clone3 rule", rc);
         }
+    }
+
+    if (block_sockfilter) {
+        /* Every classic BPF socket filter is JIT-compiled into memory the kernel counts
+         * host-wide against net.core.bpf_jit_limit, for every process without CAP_BPF in
+         * the host's user namespace, and no cgroup bounds it: one sandbox held 200 MiB of
+         * the 504 MiB with 4000 filters, and past the limit every unprivileged seccomp or
+         * socket filter on the host fails to load (JIT_ALWAYS_ON: no interpreter), bwrap's
+         * and our agent's too. SO_ATTACH_BPF needs bpf(), refused already. Level and name
+         * are ints: compare the low halves only. */
+        static const uint64_t names[] = {26 /* SO_ATTACH_FILTER */,
+                                         51 /* SO_ATTACH_REUSEPORT_CBPF */};
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+            rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setsockopt), 2,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffULL,
+                                                1 /* SOL_SOCKET */),
+                                        SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffULL, names[i]));
+            if (rc < 0)
+                die("setsockopt rule", rc);
+        }
+    }
+
+    if (pin_core) {
+        /* RLIMIT_CORE stays what the agent set before this filter, 1: the one value for
+         * which the kernel skips a pipe core_pattern (apport, systemd-coredump), run as
+         * host root in the host's namespaces with the crashed process's memory as input;
+         * 0 does not stop it. 1 is below every binary format's minimum dump, so no core
+         * file is written either. A change is answered with success and no effect
+         * (SECCOMP_RET_ERRNO with errno 0 skips the call and returns 0): programs that
+         * turn core dumps off (ssh-agent exits when that fails) get what they asked for.
+         * prlimit64 that also asks for the old limit fails with EPERM instead: a success
+         * would leave its old-limit buffer unwritten. Resource is an unsigned int: compare
+         * the low halves only. */
+        const uint64_t low = 0xffffffffULL;
+        rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(0), SCMP_SYS(setrlimit), 1,
+                                    SCMP_A0(SCMP_CMP_MASKED_EQ, low, RLIMIT_CORE));
+        if (rc >= 0)
+            rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(0), SCMP_SYS(prlimit64), 3,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, low, RLIMIT_CORE),
+                                        SCMP_A2(SCMP_CMP_NE, 0), SCMP_A3(SCMP_CMP_EQ, 0));
+        if (rc >= 0)
+            rc = seccomp_rule_add_exact(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(prlimit64), 3,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, low, RLIMIT_CORE),
+                                        SCMP_A2(SCMP_CMP_NE, 0), SCMP_A3(SCMP_CMP_NE, 0));
+        if (rc < 0)
+            die("rlimit rule", rc);
     }
 
     if (block_setid) {

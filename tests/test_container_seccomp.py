@@ -2,9 +2,11 @@
 
 The profile replaces the engine's default, so it must refuse what that default refuses
 before the agent's own filters stack on it: new namespaces (unshare, clone with a
-CLONE_NEW* flag, clone3 as absent), io_uring, odd personalities. Permissive's own
-filter allows io_uring and every personality: there only the engine's profile refuses
-them. Threads, forks and Docker's personality values still work.
+CLONE_NEW* flag, clone3 as absent), io_uring, odd personalities, AF_VSOCK sockets (a
+network namespace does not confine them: a VM guest's container reached its host).
+Permissive's own filter allows io_uring and every personality: there only the engine's
+profile refuses them. Threads, forks, TCP sockets and Docker's personality values still
+work.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ PROBE_C = r"""
 #include <stdio.h>
 #include <string.h>
 #include <sys/personality.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -54,6 +57,9 @@ int main(void) {
 	say("clone-net", r);
 	say("clone3", syscall(435, 0, 0));
 	say("io_uring", syscall(SYS_io_uring_setup, 1, 0));
+	say("vsock", syscall(SYS_socket, 40 /* AF_VSOCK */, SOCK_STREAM, 0));
+	say("vsock-high-bits", syscall(SYS_socket, (1L << 32) | 40, SOCK_STREAM, 0));
+	say("inet", syscall(SYS_socket, AF_INET, SOCK_STREAM, 0));
 	errno = pthread_create(&t, 0, th, 0);
 	say("thread", errno ? -1 : pthread_join(t, 0));
 	p = fork();
@@ -65,6 +71,7 @@ int main(void) {
 EXPECTED = {"personality-query": "ok", "personality-linux32": "ok",
             "personality-norandom": "Operation", "unshare-user": "Operation",
             "clone-net": "Operation", "clone3": "Function", "io_uring": "Operation",
+            "vsock": "Address", "vsock-high-bits": "Address", "inet": "ok",
             "thread": "ok", "fork": "ok"}
 
 

@@ -46,10 +46,14 @@ def engine(request: pytest.FixtureRequest, busybox_tar: tuple[Path, str]) -> str
     return name
 
 
-def ours(engine: str) -> list[str]:
-    """Containers of this user labelled as ours, any state."""
-    out = subprocess.run([CLI[engine], "ps", "-a", "--format", "{{.Names}}", "--filter",
-                          f"label=agentkernel.owner={os.getuid()}"],
+def ours(engine: str, home: str | None = None) -> list[str]:
+    """Containers of this user and of data dir `home` (the suite's by default), any state:
+    not another agentkernel user's of this machine (root's are all of uid 0)."""
+    from agentkernel.backends.container_engine import LABEL_HOME, LABEL_OWNER, home_label
+
+    out = subprocess.run([CLI[engine], "ps", "-a", "--format", "{{.Names}}",
+                          "--filter", f"label={LABEL_OWNER}={os.getuid()}",
+                          "--filter", f"label={LABEL_HOME}={home_label(home)}"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     return [n for n in out.split() if n]
 
@@ -228,6 +232,58 @@ def test_kill_cli_leaves_nothing(engine: str, tmp_path: Path) -> None:
     no_leftovers(engine, before)
 
 
+_MOUNT_UPPER = """
+import os, signal, sys
+from agentkernel.backends.base import make_scratch
+from agentkernel.backends.container_upper import mount_upper, release_upper
+base = make_scratch(sys.argv[1]) / "ws"
+mount_upper(base, 16, None)
+if sys.argv[2] == "die":
+    os.kill(os.getpid(), signal.SIGKILL)  # (a CLI killed before it detached the upper)
+print("mounted", flush=True)
+sys.stdin.read()  # (a run still starting its container)
+release_upper(base)
+"""
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def test_an_upper_a_killed_run_left_mounted_is_swept(engine: str, project: Path) -> None:
+    """A CLI killed between mounting a one-shot's copy-on-write upper (a tmpfs in its
+    scratch dir) and detaching it: the next one-shot run of that runtime dir detaches it
+    (the dead run's lock is free), and leaves a live run's alone."""
+    if os.geteuid() != 0:
+        pytest.skip("root mounts the upper on the host (rootless: in the engine's namespace)")
+    sandboxes = Path(os.environ["AGENTKERNEL_RUNTIME_DIR"]).resolve() / "sandboxes"
+    dead, live = (sandboxes / f"{kind}-{os.urandom(3).hex()}" for kind in ("dead", "live"))
+    died = subprocess.run([sys.executable, "-c", _MOUNT_UPPER, dead.name, "die"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    holder = subprocess.Popen([sys.executable, "-c", _MOUNT_UPPER, live.name, "hold"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert died.returncode == -signal.SIGKILL, died.stderr
+        assert holder.stdout is not None and holder.stdout.readline() == "mounted\n"
+        assert _mounted(dead / "ws") and _mounted(live / "ws")
+        r = ak("run", "-q", "-B", engine, "-i", IMAGE, "-p", "moderate", "--", "true",
+               cwd=project)  # (a copy-on-write project: an upper of its own)
+        assert r.returncode == 0, r.stderr
+        assert not _mounted(dead / "ws") and not (dead / "ws.lock").exists()
+        assert _mounted(live / "ws")  # (its run holds the lock)
+        holder.communicate(input="", timeout=60)
+        assert holder.returncode == 0 and not _mounted(live / "ws")
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        for scratch in (dead, live):
+            subprocess.run(["umount", "-l", str(scratch / "ws")], capture_output=True,
+                           check=False, timeout=30)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def test_lifecycle(engine: str, tmp_path: Path) -> None:
     """create / exec / stop / start (the container layer is kept) / rm (nothing left)."""
     before = set(ours(engine))
@@ -235,6 +291,8 @@ def test_lifecycle(engine: str, tmp_path: Path) -> None:
     r = ak("create", name, "-B", engine, "-i", IMAGE, "-p", "moderate", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     try:
+        # (`ours` sees the suite's containers: `no_leftovers` below is no empty check)
+        assert f"agentkernel-{os.getuid()}-{name}" in ours(engine), ours(engine)
         cmd = ("exec", "-w", "/tmp", name, "--", "sh", "-c", "echo kept > /root/f; exit 3")
         r = ak(*cmd, cwd=tmp_path)
         assert r.returncode == 3, r.stderr
@@ -879,7 +937,8 @@ def test_sweep_spares_another_data_dirs_containers(engine: str, tmp_path: Path) 
         assert ak("daemon", "start", cwd=tmp_path, env=mine).returncode == 0  # sweeps
         # (Another session's daemon on this machine, of a version without the data-dir
         # label, would sweep it too: that is the bug this checks.)
-        assert f"agentkernel-{os.getuid()}-{name}" in ours(engine), ours(engine)
+        kept = ours(engine, other["AGENTKERNEL_HOME"])
+        assert f"agentkernel-{os.getuid()}-{name}" in kept, kept
         r = ak("exec", "-w", "/tmp", name, "--", "echo", "alive", cwd=tmp_path, env=other)
         assert (r.returncode, r.stdout) == (0, "alive\n"), r.stderr
     finally:

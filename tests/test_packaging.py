@@ -21,7 +21,7 @@ def test_wheel_carries_the_agent_and_the_launcher(tmp_path: Path) -> None:
     assert wheel.name.endswith(f"-py3-none-{platform}.whl"), wheel.name  # static binaries
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        for binary in ("ak-agent", "ak-seccomp", "ak-enter"):
+        for binary in ("ak-agent", "ak-seccomp", "ak-enter", "ak-logcap"):
             info = zf.getinfo(f"agentkernel/_bin/{binary}")
             assert info.file_size > 0 and (info.external_attr >> 16) & 0o111, binary
         (script,) = [n for n in names if n.endswith(".data/scripts/agentkernel")]

@@ -42,6 +42,9 @@ while True:
         if not d:
             break
         data += d
+    if not data:  # our client's check refused this connection and closed it unused
+        c.close()
+        continue
     print(repr(data), flush=True)
     body = b'{"success": true, "data": [], "error": null}'
     c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,17 +38,20 @@ def bpf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
         yield {p: seccomp.compile_bpf(p) for p in seccomp.PROFILES}
 
 
-def _bwrap(argv: list[str], bpf_path: Path | None) -> subprocess.CompletedProcess[str]:
+def _bwrap(argv: list[str], bpf_path: Path | None,
+           preexec_fn: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap not installed")
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/",
            "--proc", "/proc", "--dev", "/dev"]  # fmt: skip
     if bpf_path is None:
-        return subprocess.run([*cmd, "--", *argv], capture_output=True, text=True, timeout=60)
+        return subprocess.run([*cmd, "--", *argv], capture_output=True, text=True, timeout=60,
+                              preexec_fn=preexec_fn)  # fmt: skip
     fd = os.open(bpf_path, os.O_RDONLY)
     try:
         return subprocess.run([*cmd, "--seccomp", str(fd), "--", *argv], pass_fds=(fd,),
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+                              capture_output=True, text=True, timeout=60,
+                              preexec_fn=preexec_fn)  # fmt: skip
     finally:
         os.close(fd)
 
@@ -84,6 +88,9 @@ out = {
     "tiocsti": sc(16, -1, 0x5412, ctypes.addressof(buf)),
     "tiocsti_high_bits": sc(16, -1, 0x1_0000_5412, ctypes.addressof(buf)),
     "getpid": sc(39),
+    "vsock": sc(41, 40, 1, 0),
+    "vsock_high_bits": sc(41, 0x1_0000_0028, 1, 0),
+    "inet": sc(41, 2, 1, 0),
 }
 t = threading.Thread(target=lambda: None); t.start(); t.join()  # clone3 -> clone fallback
 pid = os.fork()
@@ -93,7 +100,7 @@ out["fork"] = os.waitpid(pid, 0)[1] >> 8
 print(json.dumps(out))
 """
 
-EPERM, ENOSYS = 1, 38
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
 ALWAYS_EPERM = ("mount", "keyctl", "add_key", "bpf", "setns", "chroot", "perf_event_open",
                 "unshare_user", "unshare_net", "tiocsti", "tiocsti_high_bits")  # fmt: skip
 
@@ -150,6 +157,8 @@ def test_bwrap_enforces_profile(profile: str, bpf: dict[str, Path]) -> None:
     assert got["clone3"] == ENOSYS
     assert got["unshare_files"] == 0  # unshare without namespace flags stays allowed
     assert got["getpid"] == 0 and got["fork"] == 7
+    # AF_VSOCK in every profile (a netns does not confine it), the kernel's int only
+    assert got["vsock"] == got["vsock_high_bits"] == EAFNOSUPPORT and got["inet"] == 0
     strict = profile != "permissive"
     assert (got["ptrace"] == EPERM) is strict
     assert (got["io_uring_setup"] == EPERM) is strict
@@ -209,3 +218,52 @@ def test_int80_kills_process(bpf: dict[str, Path]) -> None:
 def test_x32_syscall_kills_process(bpf: dict[str, Path]) -> None:
     res = _bwrap([sys.executable, "-S", "-c", X32], bpf["permissive"])
     assert res.returncode == SIGSYS_EXIT, (res.returncode, res.stdout, res.stderr)
+
+
+# Runs inside the sandbox, started with RLIMIT_CORE 1 (as the agent leaves it): each way
+# to change it, by x86_64 number, with its errno (0 = success) and the limit after it.
+CORE_PROBE = r"""
+import ctypes, json, resource
+libc = ctypes.CDLL(None, use_errno=True)
+L = ctypes.c_long
+def sc(nr, *args):
+    ctypes.set_errno(0)
+    r = libc.syscall(L(nr), *[L(a) for a in args])
+    return ctypes.get_errno() if r == -1 else 0
+zero, old = (ctypes.c_ulong * 2)(0, 0), (ctypes.c_ulong * 2)(7, 7)
+out = {}
+def step(name, errno):
+    out[name] = [errno, list(resource.getrlimit(resource.RLIMIT_CORE))]
+step("setrlimit", sc(160, 4, ctypes.addressof(zero)))
+step("setrlimit_high_bits", sc(160, 0x1_0000_0004, ctypes.addressof(zero)))
+step("prlimit_new", sc(302, 0, 4, ctypes.addressof(zero), 0))
+step("prlimit_new_old", sc(302, 0, 4, ctypes.addressof(zero), ctypes.addressof(old)))
+step("prlimit_read", sc(302, 0, 4, 0, ctypes.addressof(old)))
+out["read"] = list(old)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # other limits stay the command's own
+out["nofile"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+print(json.dumps(out))
+"""
+
+
+def _core_one() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (1, 1))
+
+
+@pytest.mark.skipif(not X86_64, reason="probe uses x86_64 syscall numbers")
+@pytest.mark.parametrize("profile", seccomp.PROFILES)
+def test_core_limit_stays_one(profile: str, bpf: dict[str, Path]) -> None:
+    """RLIMIT_CORE 1 is the one value that keeps a pipe core_pattern (apport,
+    systemd-coredump: host root) from running on a crash: no command changes it. A change
+    succeeds without effect (ssh-agent exits where turning cores off fails); a prlimit
+    that also reads the old limit is refused, as success would leave that unwritten."""
+    res = _bwrap([sys.executable, "-S", "-c", CORE_PROBE], bpf[profile], _core_one)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    for name in ("setrlimit", "setrlimit_high_bits", "prlimit_new"):
+        assert got[name] == [0, [1, 1]], (name, got)
+    assert got["prlimit_new_old"] == [EPERM, [1, 1]]
+    assert got["prlimit_read"] == [0, [1, 1]] and got["read"] == [1, 1]
+    assert got["nofile"] == [64, 64]
+    control = _bwrap([sys.executable, "-S", "-c", CORE_PROBE], None, _core_one)
+    assert json.loads(control.stdout)["setrlimit"] == [0, [0, 0]], control.stderr

@@ -172,6 +172,10 @@ def _check_workers(daemon: int) -> int:
             held = (_holders(theirs), _holders(peer))
             names = _unix_paths()
             os.readlink(f"/proc/{worker}/fd/0")  # still there after the scan
+            if not held[1]:
+                # The daemon closed its end during the scan (retiring this worker, which has
+                # not exited yet): held by nobody, so by no one else either.
+                raise FileNotFoundError
         except (FileNotFoundError, ProcessLookupError):
             continue  # the pool replaced or trimmed this worker meanwhile
         # Not its agent, not bwrap's monitor; the daemon alone at the other end.

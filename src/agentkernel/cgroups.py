@@ -658,8 +658,12 @@ def rlimit_floor(limits: Limits, enforced: Collection[str] = ()) -> list[tuple[i
     RLIMIT_AS is deliberately absent: JIT runtimes (V8, the JVM, Go, LuaJIT) reserve far
     more address space than they use, so a memory-sized RLIMIT_AS breaks them long before
     real memory runs out. Their reservations are PROT_NONE, which RLIMIT_DATA ignores.
+
+    RLIMIT_CORE is absent too: the agent sets it to 1 on itself before its seccomp filter,
+    which then keeps every command from changing it (a command's setrlimit would be
+    answered without effect). 1, not 0: a pipe core_pattern runs for any other value.
     """
-    out: list[tuple[int, int, int]] = [(resource.RLIMIT_CORE, 0, 0)]
+    out: list[tuple[int, int, int]] = []
 
     def clamp(res: int, soft: int, hard: int) -> None:
         # Raising a hard limit needs CAP_SYS_RESOURCE; never ask for more than we have.

@@ -87,7 +87,7 @@ def gather() -> tuple[list[Check], list[Check], tuple[str, list[str]]]:
     host.append(unix_guard_check())
     if os.geteuid() == 0:
         host.append(owned_userns_check())
-    for binary in ("ak-agent", "ak-seccomp", "ak-enter"):
+    for binary in ("ak-agent", "ak-seccomp", "ak-enter", "ak-logcap"):
         from .paths import native_binary
 
         try:

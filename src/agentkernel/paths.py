@@ -284,6 +284,22 @@ def write_cache(path: Path, text: str) -> None:
         tmp.unlink()
 
 
+PID_MAX = 1 << 22  # the kernel's highest pid_max
+
+
+def read_pid(path: str | os.PathLike[str]) -> int:
+    """A pid file's pid (ASCII digits, surrounding white space allowed, the file 32 bytes at
+    the most), 0 if it has none, not one a pid can be, or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(33)
+    except OSError:
+        return 0
+    text = data.strip()
+    pid = int(text) if len(data) <= 32 and text.isdigit() else 0
+    return pid if pid <= PID_MAX else 0
+
+
 def which(name: str) -> str | None:
     """`shutil.which` for a bare command name, without shutil's compression imports (~1.5 ms
     of every CLI call)."""

@@ -39,6 +39,12 @@ _BASE: Final = (
     "open_by_handle_at", "name_to_handle_at", "kcmp",
 )  # fmt: skip
 
+# Refused with ENOSYS (as by a kernel built without them, which their users fall back from)
+# in every profile. io_setup: a host-wide count no cgroup bounds; one io_setup(65536) took
+# every native AIO context of the host (fs.aio-max-nr), and each later io_setup on the host
+# failed with EAGAIN (tests/test_redteam6_host_counts.py). glibc's POSIX aio uses threads.
+ABSENT: Final = ("io_setup",)
+
 # moderate: no touching other processes' memory. process_vm_{readv,writev} and pidfd_getfd
 # pass the same access check as ptrace, so blocking ptrace alone would leave them open.
 # io_uring is a large, frequently exploited kernel surface that common tools don't need.
@@ -56,6 +62,15 @@ _RESTRICTIVE_EXTRA: Final = (
     "personality", "mbind", "migrate_pages", "move_pages", "set_mempolicy",
     "fanotify_init", "vhangup",
 )  # fmt: skip
+
+# Socket families refused in every profile (socket() fails with EAFNOSUPPORT, what a kernel
+# without them says, so a program probing for one takes it as absent). AF_VSOCK: a network
+# namespace does not confine it, so any sandbox on a VM guest reached its hypervisor's
+# host (CID 2) and every other vsock service of the guest's; Docker's default profile
+# refuses it too (the one family it does). The engines' defaults are replaced by ours
+# (container_seccomp), which refuses the same.
+DENIED_FAMILIES: Final = {"AF_VSOCK": 40}
+EAFNOSUPPORT: Final = 97
 
 _DENY: Final[dict[str, tuple[str, ...]]] = {
     "permissive": _BASE,
@@ -77,8 +92,11 @@ def deny_list(profile: str) -> tuple[str, ...]:
 
 
 def _tool_args(profile: str, no_setid: bool = False) -> list[str]:
-    return ["--default", "allow", "--errno", *deny_list(profile), "--block-tiocsti",
-            "--block-newns", *(["--block-setid-modes"] if no_setid else [])]  # fmt: skip
+    families = [a for f in DENIED_FAMILIES.values() for a in ("--deny-family", str(f))]
+    return ["--default", "allow", "--errno", *deny_list(profile), "--enosys", *ABSENT,
+            "--block-tiocsti", "--block-newns", "--block-socket-filters", "--pin-core-limit",
+            *families,
+            *(["--block-setid-modes"] if no_setid else [])]  # fmt: skip
 
 
 def compile_bpf(profile: str, *, no_setid: bool = False) -> Path:

@@ -30,7 +30,6 @@ pools = [{image = "host", profile = "moderate", backend = "namespaces"}]
 
 
 # Every sandbox the daemon tests name themselves starts with one of these.
-OUR_PREFIXES = ("box-", "rm-", "ttl-", "k9-", "dead-", "att-", "api-", "gv-", "survivor-")
 
 
 @dataclass
@@ -106,11 +105,15 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             break
         time.sleep(0.1)
     assert not leaked, f"processes left behind: {leaked}"
-    # Other suites may run sandboxes on this host meanwhile: only our names count. Pool
-    # sandboxes have random names; the daemon's record of them must be empty instead.
+    # Other suites (other data dirs) may run sandboxes on this host meanwhile, with the same
+    # names: only this data dir's groups count (their names end in its scope), the pool's
+    # random-named ones included.
+    from agentkernel.cgroups import _scope_of
+
+    ours = "." + _scope_of(str(root / "home"))
     deadline = time.monotonic() + 10
     while (left := {c for c in cgroup_dirs() - before_cgroups
-                    if Path(c).name.startswith(OUR_PREFIXES)}) and time.monotonic() < deadline:
+                    if Path(c).name.endswith(ours)}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"cgroups left behind: {sorted(left)}"
     import sqlite3

@@ -5,6 +5,11 @@ Before, a connection that sent half a head was kept for good: host user `nobody`
 1100 of them ran a `serve` (whose fd limit was the usual 1024) out of descriptors, and with
 it the daemon's own socket ("the peer's process is gone") and every sandbox start, until it
 let go. Now a head has a deadline and the open connections a cap.
+
+Round 6: that cap was the others' to take. `nobody` holding 300 idle connections, each
+renewed with a keyless `/health` within its head deadline, had every new connection of the
+user's closed at once. Now the connections are counted per peer uid: one uid other than the
+server's own holds at most `PER_PEER`, all of them together at most `OTHERS`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from agentkernel.http.serve import start_in_thread as serve_thread
 from sandbox_helpers import SYSTEM_PYTHON
 
 NOBODY = 65534
+OTHER = 64999  # another local user, neither root nor nobody
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 FLOOD = connections.MAX_CONNECTIONS + 64
 
@@ -57,6 +63,73 @@ while True:
 """
 
 
+# As nobody: open FLOOD connections, ask each for /health (no key needed) and keep those
+# answered with keep-alive; say how many; then renew each (another /health) every 0.5 s,
+# well within the head deadline, saying how many are still served after each round.
+RENEWER = """
+import socket, sys, time
+
+def health(s):
+    s.sendall(b"GET /health HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n")
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        d = s.recv(4096)
+        if not d:
+            return False
+        data += d
+    head, _, body = data.partition(b"\\r\\n\\r\\n")
+    length = 0
+    for line in head.split(b"\\r\\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        d = s.recv(4096)
+        if not d:
+            return False
+        body += d
+    return head.startswith(b"HTTP/1.1 200")
+
+def alive(socks):
+    kept = []
+    for s in socks:
+        try:
+            if health(s):
+                kept.append(s)
+                continue
+        except OSError:
+            pass
+        s.close()
+    return kept
+
+socks = []
+for _ in range(int(sys.argv[2])):
+    try:
+        socks.append(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5))
+    except OSError:
+        continue
+socks = alive(socks)
+print("holding", len(socks), flush=True)
+while True:
+    time.sleep(0.5)
+    socks = alive(socks)
+    print("alive", len(socks), flush=True)
+"""
+
+OTHER_HEALTH = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+s.sendall(b"GET /health HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while True:
+    d = s.recv(4096)
+    if not d:
+        break
+    data += d
+print(data.split(b"\\r\\n", 1)[0].decode() or "closed", flush=True)
+"""
+
+
 def _our_sockets() -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):
@@ -73,6 +146,49 @@ def quick_server(service: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[R
     srv = serve_thread(service, "127.0.0.1", 0, api_key=API_KEY)  # type: ignore[arg-type]
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def plain_server(service: object) -> Iterator[RunningServer]:
+    srv = serve_thread(service, "127.0.0.1", 0, api_key=API_KEY)  # type: ignore[arg-type]
+    yield srv
+    srv.stop()
+
+
+def _as(uid: int, *argv: str) -> list[str]:
+    return ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups", *argv]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root (to become nobody) and setpriv")
+def test_another_users_kept_connections_leave_ours_their_places(
+        plain_server: RunningServer) -> None:
+    port = str(plain_server.port)
+    holder = subprocess.Popen(
+        _as(NOBODY, "prlimit", f"--nofile={FLOOD + 64}", "--", SYSTEM_PYTHON, "-c", RENEWER,
+            port, str(FLOOD)), stdout=subprocess.PIPE, text=True, env={"PATH": "/usr/bin:/bin"})
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        assert line.startswith("holding"), line
+        held = int(line.split()[1])
+        # While nobody holds (and renews) what it got, our requests get in, each on a new
+        # connection,
+        for _ in range(5):
+            resp = httpx.get(plain_server.url + "/sandboxes", headers=AUTH, timeout=60)
+            assert resp.status_code == 200, resp.text
+        # and so does a third user's.
+        other = subprocess.run(_as(OTHER, SYSTEM_PYTHON, "-c", OTHER_HEALTH, port),
+                               capture_output=True, text=True, timeout=60,
+                               env={"PATH": "/usr/bin:/bin"})
+        assert other.stdout.strip() == "HTTP/1.1 200 OK", (other.stdout, other.stderr)
+        line = holder.stdout.readline()
+        assert line.startswith("alive"), line  # the holder was still at it
+        # nobody got what one uid may hold, not every place the server has.
+        assert 0 < held <= connections.PER_PEER, held
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),

@@ -140,3 +140,17 @@ def test_podman_is_given_the_profile_as_a_file(tmp_path: Path,
     assert path.read_text() == profile_json("moderate")
     with pytest.raises(ValueError):
         _seccomp_file(["no-new-privileges"])
+
+
+@pytest.mark.parametrize("profile", ["permissive", "moderate", "restrictive"])
+def test_the_container_profile_refuses_vsock_sockets(profile: str) -> None:
+    import json
+
+    from agentkernel.backends.container_seccomp import profile_json
+
+    doc = json.loads(profile_json(profile))
+    # AF_VSOCK (a netns does not confine it), also with junk above the int the kernel reads
+    assert _refused(doc, "socket", 40) == 97
+    assert _refused(doc, "socket", (1 << 32) | 40) == 97
+    for family in (1, 2, 10, 16, 17):  # unix, inet, inet6, netlink, packet: the kernel's to judge
+        assert _refused(doc, "socket", family) is None

@@ -233,22 +233,29 @@ def spawn_agent(
 LOG_MAX_BYTES = 1 << 20  # what a backend's stderr (or a guest's console) keeps on the host
 
 
-_LOG_READER = 'head -c "$1"; exec cat >/dev/null'
+def log_reader_argv(limit: int, reader: tuple[int, int] | None = None) -> list[str]:
+    """ak-logcap's argv (agent/ak-logcap.c): keep the first `limit` bytes of its stdin on
+    its stdout, as `reader` (uid, gid) if given, and read the rest to its end."""
+    from ..paths import native_binary
+
+    ids = [str(reader[0]), str(reader[1])] if reader is not None else []
+    return [str(native_binary("ak-logcap")), str(limit), *ids]
 
 
 def bounded_log(path: Path, uid: int | None = None, reader: tuple[int, int] | None = None
                 ) -> tuple[int, subprocess.Popen[bytes]]:
     """The write end of a pipe for a process's log that the sandbox may write to (a guest's
     serial port; gVisor's stderr, which a command reopens through /proc/1/fd/2 there), and
-    its reader: `head`, which copies the first LOG_MAX_BYTES into `path` (made 0600, never
-    through a link), then `cat`, which drops the rest until the writers are gone. The
-    pipe keeps a reader for as long as it has a writer: runsc (Go) dies of SIGPIPE on a
-    write to its stderr that has none. `uid` gets the write end, for a process that
-    drops to it and reopens the pipe through /proc/self/fd; `reader` (uid, gid) is who
-    the reader runs as (it needs nothing of ours: `path` is opened here)."""
-    import shutil
+    its reader (ak-logcap, a static binary in a session of its own: the sandbox may
+    outlive us), which keeps the first LOG_MAX_BYTES in `path` (made 0600, never through a
+    link) and drops the rest until the writers are gone. The pipe keeps a reader for as
+    long as it has a writer: runsc (Go) dies of SIGPIPE on a write to its stderr that has
+    none. `uid` gets the write end, for a process that drops to it and reopens the pipe
+    through /proc/self/fd; `reader` (uid, gid) is who the reader becomes before it reads
+    (it needs nothing of ours: `path` is opened here)."""
+    from .. import spawn
 
-    sh = shutil.which("sh") or "/bin/sh"
+    argv = log_reader_argv(LOG_MAX_BYTES, reader)
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600)
     try:
@@ -256,13 +263,15 @@ def bounded_log(path: Path, uid: int | None = None, reader: tuple[int, int] | No
         try:
             if uid is not None:
                 os.fchown(w, uid, uid)
-            reader_proc = subprocess.Popen(
-                # A constant program; the count is its argument. cat runs whatever way
-                # head ended: what it reads goes to /dev/null, not to `path`.
-                [sh, "-c", _LOG_READER, "log-reader", str(LOG_MAX_BYTES)], stdin=r, stdout=out,
-                stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True,
-                env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, user=reader[0] if reader else None,
-                group=reader[1] if reader else None, extra_groups=[] if reader else None)
+            # Its stderr is the log too: a reader that cannot become `reader` says why
+            # there (one line, then it exits), where startup_failure reads the reason.
+            reader_proc: subprocess.Popen[bytes]
+            if spawn.available():  # without the GIL held while it execs (spawn.py)
+                reader_proc = spawn.SpawnedPopen(argv, {}, stdin=r, stdout=out, stderr=out)
+            else:
+                reader_proc = subprocess.Popen(argv, stdin=r, stdout=out, stderr=out,
+                                               close_fds=True, start_new_session=True,
+                                               env={}, cwd="/")
         except BaseException:
             os.close(w)
             raise

@@ -172,11 +172,11 @@ def sha256_hex(data: bytes) -> str:
 _HOME_LABEL: dict[str, str] = {}
 
 
-def home_label() -> str:
-    """LABEL_HOME's value for this process's data dir."""
+def home_label(data_dir: str | None = None) -> str:
+    """LABEL_HOME's value for `data_dir` (by default this process's data dir)."""
     from ..paths import data_dir_str
 
-    path = os.path.realpath(data_dir_str())
+    path = os.path.realpath(data_dir if data_dir is not None else data_dir_str())
     label = _HOME_LABEL.get(path)
     if label is None:
         label = _HOME_LABEL[path] = sha256_hex(path.encode())[:16]
@@ -858,13 +858,14 @@ class ContainerBackend(Backend):
         """A one-shot sandbox's upper and work dirs' place: a tmpfs of its cap at `base`
         where the engine resolves it (see container_upper); the path we see it through,
         or None when a rootless engine's namespace cannot be found (nothing mounted)."""
-        from .container_upper import engine_ns_pid, mount_upper, upper_mb
+        from .container_upper import engine_ns_pid, mount_upper, sweep_uppers, upper_mb
 
         ns = None
         if os.geteuid() != 0:
             ns = engine_ns_pid(self.engine_processes())
             if ns is None:
                 return None
+        sweep_uppers(ns)  # (what runs that died before they detached theirs left)
         return mount_upper(base, upper_mb(spec.profile.memory_mb), ns)
 
     def engine_processes(self) -> list[int]:

@@ -15,12 +15,12 @@ import json
 from pathlib import Path
 
 from .. import paths
-from ..seccomp import deny_list
+from ..seccomp import DENIED_FAMILIES, EAFNOSUPPORT, deny_list
 
 # What the agent itself calls, before or around its commands: the guard copies a caller's
 # socket and address (pidfd_open, pidfd_getfd, process_vm_readv), writes sendmmsg()'s count
-# back (process_vm_writev) and scopes abstract sockets (Landlock).
-AGENT_NEEDS = ("pidfd_open", "pidfd_getfd", "process_vm_readv", "process_vm_writev",
+# back (through /proc/PID/mem) and scopes abstract sockets (Landlock).
+AGENT_NEEDS = ("pidfd_open", "pidfd_getfd", "process_vm_readv",
                "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self")
 EPERM = 1
 ENOSYS = 38
@@ -45,12 +45,19 @@ def _arg_rules(profile: str) -> list[dict[str, object]]:
     """The engine default's argument rules, as refusals (our default is to allow):
     clone() with any namespace flag (one rule per flag, as the rules of one call are
     or-ed), clone3() as absent (its flags are in memory a filter cannot read; libc
-    falls back to clone), and personality() outside Docker's values (the comparisons of
-    one rule are and-ed: refused when it equals none of them)."""
+    falls back to clone), socket() of a refused family, and personality() outside
+    Docker's values (the comparisons of one rule are and-ed: refused when it equals none
+    of them)."""
     rules = [_errno(["clone"], args=[{"index": 0, "value": bit, "valueTwo": bit,
                                       "op": "SCMP_CMP_MASKED_EQ"}])
              for bit in (1 << i for i in range(32)) if CLONE_NEW_MASK & bit]
     rules.append(_errno(["clone3"], ENOSYS))
+    # socket() of a refused family (AF_VSOCK: Docker's default refuses it, and this
+    # profile replaces that); the kernel reads an int, so the low half is compared
+    rules += [_errno(["socket"], EAFNOSUPPORT, args=[{"index": 0, "value": 0xFFFFFFFF,
+                                                       "valueTwo": fam,
+                                                       "op": "SCMP_CMP_MASKED_EQ"}])
+              for fam in DENIED_FAMILIES.values()]
     if "personality" not in deny_list(profile):
         rules += _personality_rules()
     return rules

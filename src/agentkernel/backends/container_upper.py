@@ -15,7 +15,10 @@ are made through `/proc/PID/root`, which shows that namespace's mounts. The engi
 is verified first (`_pinned`: a stale pid file may name a sandbox's process), and nsenter
 joins the namespaces we opened and checked. It is detached as
 soon as the engine has started the container: overlayfs holds its own reference to its
-upper's mount, so the tmpfs lives exactly as long as the container's overlay does.
+upper's mount, so the tmpfs lives exactly as long as the container's overlay does. Until
+then the run holds a lock next to it (`ws.lock`, an flock: the kernel lets go of it when
+the run dies): a run killed in between leaves its tmpfs to the next one-shot start of the
+same runtime dir, which detaches every upper whose lock is free (`sweep_uppers`).
 A persistent sandbox's upper is in its state dir, on its quota disk (daemon/quota.py).
 """
 
@@ -29,7 +32,8 @@ from pathlib import Path
 from ..errors import SandboxError
 
 MS_NOSUID, MS_NODEV = 2, 4
-_MOUNTED: dict[str, int] = {}  # upper base -> the pid whose namespaces hold it (0: ours)
+# upper base -> (the pid whose namespaces hold it, 0: ours; its lock, see _lock)
+_MOUNTED: dict[str, tuple[int, int]] = {}
 
 
 def upper_mb(memory_mb: int | None) -> int:
@@ -116,53 +120,137 @@ def _engine_exes() -> set[tuple[int, int]]:
     return found
 
 
-def read_pid(path: Path) -> int:
-    """A pid file's pid, 0 if it has none."""
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        return 0
-    return int(text) if text.isdigit() else 0
-
-
 def mount_upper(base: Path, size_mb: int, ns_pid: int | None) -> Path:
     """Mount a tmpfs of `size_mb` at `base` (0700; nosuid, nodev) where the engine sees it:
     here (`ns_pid` None) or in process `ns_pid`'s user and mount namespaces. Returns the
-    path through which we see it (to make the upper and work dirs in)."""
+    path through which we see it (to make the upper and work dirs in). Its lock (`_lock`)
+    is held until `release_upper`: a run that dies in between leaves the tmpfs to
+    `sweep_uppers`."""
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     options = f"size={size_mb}m,mode=0700"
+    lock = _lock(base, ns_pid)
+    try:
+        if ns_pid is None:
+            from ..idmap import _libc
+
+            if _libc().mount(b"tmpfs", os.fsencode(str(base)), b"tmpfs",
+                             MS_NOSUID | MS_NODEV, options.encode()) != 0:
+                import ctypes
+
+                err = ctypes.get_errno()
+                raise SandboxError(f"cannot mount the copy-on-write project's upper: "
+                                   f"{os.strerror(err)}")
+        else:
+            _in_ns(ns_pid, ["mount", "-t", "tmpfs", "-o", f"{options},nosuid,nodev", "tmpfs",
+                            str(base)], "mount the copy-on-write project's upper")
+    except BaseException:
+        _unlock(base, lock)
+        raise
+    _MOUNTED[str(base)] = (ns_pid or 0, lock)
     if ns_pid is None:
-        from ..idmap import _libc
-
-        if _libc().mount(b"tmpfs", os.fsencode(str(base)), b"tmpfs", MS_NOSUID | MS_NODEV,
-                         options.encode()) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            raise SandboxError(f"cannot mount the copy-on-write project's upper: "
-                               f"{os.strerror(err)}")
-        _MOUNTED[str(base)] = 0
         return base
-    _in_ns(ns_pid, ["mount", "-t", "tmpfs", "-o", f"{options},nosuid,nodev", "tmpfs",
-                    str(base)], "mount the copy-on-write project's upper")
-    _MOUNTED[str(base)] = ns_pid
     return Path(f"/proc/{ns_pid}/root") / base.relative_to("/")
 
 
 def release_upper(base: Path) -> None:
     """Detach the tmpfs `mount_upper` put at `base`, if it did (the container's overlay
     keeps it while it lives). Never raises: also called on a failed start's way out."""
-    pid = _MOUNTED.pop(str(base), None)
-    if pid is None:
+    held = _MOUNTED.pop(str(base), None)
+    if held is None:
         return
+    pid, lock = held
+    _detach(str(base), pid)
+    _unlock(base, lock)
+
+
+def _detach(base: str, pid: int) -> None:
+    """Lazily unmount `base` here (`pid` 0) or in engine process `pid`'s namespaces; a
+    failure means the engine's namespace is gone, and the mount with it. Never raises."""
     if pid == 0:
         from ..idmap import detach
 
-        detach(str(base))
+        detach(base)
         return
-    # (a failure: the engine's namespace is gone, and the mount with it)
     with contextlib.suppress(SandboxError):
-        _in_ns(pid, ["umount", "-l", str(base)], "detach the copy-on-write project's upper")
+        _in_ns(pid, ["umount", "-l", base], "detach the copy-on-write project's upper")
+
+
+LOCK_SUFFIX = ".lock"  # `<scratch>/ws.lock`: held by the run that mounted `<scratch>/ws`
+SWEEP_MAX = 4096  # scratch dirs looked at by one sweep
+
+
+def _lock(base: Path, ns_pid: int | None) -> int:
+    """Create and take `base`'s lock (an flock, on a descriptor that no child inherits), the
+    mount namespace the tmpfs goes to written in it. The kernel drops it when we die."""
+    import fcntl
+
+    fd = os.open(f"{base}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (a sweep holds it a moment at most)
+        os.ftruncate(fd, 0)
+        os.write(fd, os.fsencode(_mnt_ns(ns_pid)))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlock(base: Path, fd: int) -> None:
+    """Remove `base`'s lock (held: no sweep takes it meanwhile), then let it go."""
+    with contextlib.suppress(OSError):
+        os.unlink(f"{base}{LOCK_SUFFIX}")
+    os.close(fd)
+
+
+def _mnt_ns(ns_pid: int | None) -> str:
+    """The mount namespace an upper is mounted in (ours, or engine process `ns_pid`'s), as
+    /proc names it (`mnt:[INODE]`); "" if it cannot be read."""
+    try:
+        return os.readlink(f"/proc/{ns_pid or 'self'}/ns/mnt")
+    except OSError:
+        return ""
+
+
+def sweep_uppers(ns_pid: int | None) -> list[str]:
+    """Detach the uppers that runs of our runtime dir left mounted when they died between
+    `mount_upper` and `release_upper` (a killed CLI, a daemon gone): those whose lock no
+    one holds, mounted in the namespace one would mount in now (ours, or engine process
+    `ns_pid`'s, already verified). Each lock goes with its tmpfs. Returns the bases swept."""
+    import fcntl
+
+    from ..paths import runtime_dir_str
+
+    root = os.path.join(runtime_dir_str(), "sandboxes")
+    try:
+        with os.scandir(root) as entries:
+            names = [e.name for _, e in zip(range(SWEEP_MAX), entries, strict=False)
+                     if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    here = _mnt_ns(ns_pid)
+    swept = []
+    for name in names:
+        base = os.path.join(root, name, "ws")
+        try:
+            fd = os.open(base + LOCK_SUFFIX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # no upper mounted there
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Still the lock at that path (not one a finished run removed, its name since
+            # taken by a new run's), ours, of a tmpfs mounted where we would mount ours.
+            st = os.fstat(fd)
+            if os.stat(base + LOCK_SUFFIX).st_ino == st.st_ino and st.st_uid == os.geteuid() \
+                    and here and os.read(fd, 64).decode(errors="replace") == here:
+                _detach(base, ns_pid or 0)
+                os.unlink(base + LOCK_SUFFIX)
+                swept.append(base)
+        except OSError:
+            pass  # held: its run is alive (or the file went meanwhile)
+        finally:
+            os.close(fd)
+    return swept
 
 
 def _in_ns(pid: int, argv: list[str], what: str) -> None:

@@ -96,7 +96,7 @@ class DockerBackend(ContainerBackend):
     def engine_processes(self) -> list[int]:
         """Rootless: the API socket's listener, then RootlessKit's child (dockerd runs in
         its user and mount namespaces)."""
-        from .container_upper import read_pid
+        from ..paths import read_pid
 
         xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
         return [*super().engine_processes(),

@@ -178,7 +178,7 @@ class PodmanBackend(ContainerBackend):
     def engine_processes(self) -> list[int]:
         """Rootless: the API service's listener, then Podman's pause process (whose user
         and mount namespaces every rootless podman process joins)."""
-        from .container_upper import read_pid
+        from ..paths import read_pid
 
         xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
         return [*super().engine_processes(),

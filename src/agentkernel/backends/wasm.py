@@ -882,9 +882,10 @@ def _compile_ids() -> tuple[int, int, int]:
     """The host uid and gid a root-started compiler child gives root up for, and the fd of
     a lock it must hold while it lives (-1: none). The first id of the range of root's id
     block no sandbox ever gets (idmap.helper_range), shared by root's compiler children
-    alone: no other user can signal, ptrace or renice one, nor it them; and one a hostile
-    module took over, that leaves a process behind (a setsid()'d grandchild outlives our
-    kill), can never meet a later sandbox's processes under the same uid, as a range
+    alone (one may signal another: a compile in flight a hostile module's child then fails):
+    no other user can signal, ptrace or renice one, nor it them; and one a hostile module
+    took over, that leaves a process behind (a setsid()'d grandchild outlives our kill),
+    can never meet a later sandbox's processes under the same uid, as a range
     `allocate` gives out again could. Where the block is too small to keep one aside,
     nobody (65534), as before. Not root: the child keeps our ids (these go unused)."""
     if os.geteuid() != 0:

@@ -47,6 +47,11 @@ CAPS_V3 = 0x20080522
 AHEAD_NICE = 10  # a child started ahead of its module, while it starts up
 EMPTY_ROOT = b"/tmp"  # where an empty tmpfs is mounted (in our own mount namespace) as /
 MAX_SOURCE = 64 * 1024 * 1024 + 1  # wasm.MAX_MODULE_BYTES, one more to see it exceeded
+# No core dump at the bounds (SIGABRT past the memory one, SIGXCPU past the CPU one): 1,
+# not 0, for a pipe core_pattern (apport, systemd-coredump; their hosts set
+# fs.suid_dumpable 2, which dumps us even after we gave up root) runs as host root on the
+# crashed process's memory, the untrusted module's bytes with it, for every value but 1.
+NO_CORE = (1, 1)
 
 
 def _bound(memory: int, cpu: int) -> None:
@@ -55,7 +60,7 @@ def _bound(memory: int, cpu: int) -> None:
     # The soft limit's SIGXCPU ends us (default action); the hard one, a second on, kills.
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, NO_CORE)
 
 
 def _drop_root(libc: ctypes.CDLL, uid: int, gid: int) -> None:
@@ -228,7 +233,7 @@ def serve(where: str, memory: int, cpu: int, ctl_fd: int) -> NoReturn:
     import select
     import socket
 
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, NO_CORE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
     sys.path.insert(0, where)
     import wasmtime  # noqa: F401  (what every child would import: loaded once, here)

@@ -136,18 +136,13 @@ def _starting_pid() -> int:
     autostart stamp) while it still runs our `daemon start`, before it takes the lock."""
     import os
 
-    from ..paths import runtime_dir_str
+    from ..paths import read_pid, runtime_dir_str
 
     rt = runtime_dir_str()
     holder = _lock_holder(os.path.join(rt, "daemon.lock"))
     if holder:
         return holder
-    try:
-        with open(os.path.join(rt, "daemon.autostart")) as f:
-            text = f.read(32).strip()
-    except OSError:
-        return 0
-    pid = int(text) if text.isdigit() else 0
+    pid = read_pid(os.path.join(rt, "daemon.autostart"))
     return pid if pid and _pid_alive(pid) and _is_daemon_start(pid) else 0
 
 

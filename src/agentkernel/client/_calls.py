@@ -41,30 +41,22 @@ class Settings:
     base_url: str
     api_key: str | None = field(repr=False)
     timeout: float
-    # The key is the one `serve` stored, not one given: it goes only to a listener of ours.
+    # The key is the one `serve` stored, not one given: it goes only down a connection to
+    # a server of ours (`_keyed`, which adds it).
     stored_key: bool = False
 
     def headers(self, *, stored: bool = True) -> dict[str, str]:
         """The default headers; the stored key among them only with `stored` (a transport
-        of the caller's: no TCP listener to check); else `stored_key_for` adds it."""
+        of the caller's: no TCP connection to check); else the `_keyed` transport adds it
+        to requests that go down a connection of ours."""
         headers = {"User-Agent": USER_AGENT}
         if self.api_key and (stored or not self.stored_key):
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def stored_key_for(self, request: Any) -> None:
-        """Add the stored key to an httpx `request` if every socket listening where it goes
-        is this user's (checked at each request: the port may change hands). Another local
-        user listening on a loopback port while `serve` is not (or on an address of
-        `localhost` it does not hold) got the key before; now it gets no header at all."""
-        if not (self.stored_key and self.api_key):
-            return
-        from .listener import foreign_listener
-
-        url = request.url
-        port = url.port or (443 if url.scheme == "https" else 80)
-        if foreign_listener(url.host, port) is None:
-            request.headers["Authorization"] = f"Bearer {self.api_key}"
+    def keyed(self) -> str | None:
+        """The stored key, for a transport that checks each connection; None if not one."""
+        return self.api_key if self.stored_key else None
 
 
 def daemon_api_socket(base_url: str | None) -> str | None:
@@ -81,7 +73,7 @@ def settings(base_url: str | None, api_key: str | None, timeout: float | None) -
 
     With no key given and a loopback base URL, the key `serve` stored in this user's data
     dir (api.key) is used, if there is one: a local server needs no configuration. It is
-    sent only to a listener of this user's (`Settings.stored_key_for`).
+    sent only down a connection to a server of this user's (`_keyed`).
     """
     given = base_url or os.environ.get("AGENTKERNEL_BASE_URL")
     url = given or DEFAULT_BASE_URL

@@ -16,10 +16,10 @@ import httpx
 
 from ..ipc.client import not_yours
 
-# httpx's own defaults (httpx.Limits()), for the pool built here in place of its own.
-_MAX_CONNECTIONS = 100
-_MAX_KEEPALIVE = 20
-_KEEPALIVE_EXPIRY = 5.0
+# httpx's own defaults (httpx.Limits()), for the pools built in place of its own (here
+# and in `_keyed`).
+POOL_LIMITS: dict[str, typing.Any] = {
+    "max_connections": 100, "max_keepalive_connections": 20, "keepalive_expiry": 5.0}
 
 
 def _checked(stream: typing.Any, path: str) -> None:
@@ -62,17 +62,17 @@ class DaemonTransport(httpx.HTTPTransport):
     """httpx.HTTPTransport(uds=path), each new connection's peer checked."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(uds=path)
-        self._pool = httpcore.ConnectionPool(
-            uds=path, network_backend=_CheckedSync(), max_connections=_MAX_CONNECTIONS,
-            max_keepalive_connections=_MAX_KEEPALIVE, keepalive_expiry=_KEEPALIVE_EXPIRY)
+        # (verify=False: the pool it makes, with that TLS context, is replaced at once; the
+        # default one costs ~100 ms to load, for a socket that never speaks TLS.)
+        super().__init__(uds=path, verify=False)
+        self._pool = httpcore.ConnectionPool(uds=path, network_backend=_CheckedSync(),
+                                             **POOL_LIMITS)
 
 
 class AsyncDaemonTransport(httpx.AsyncHTTPTransport):
     """httpx.AsyncHTTPTransport(uds=path), each new connection's peer checked (asyncio)."""
 
     def __init__(self, path: str) -> None:
-        super().__init__(uds=path)
-        self._pool = httpcore.AsyncConnectionPool(
-            uds=path, network_backend=_CheckedAsync(), max_connections=_MAX_CONNECTIONS,
-            max_keepalive_connections=_MAX_KEEPALIVE, keepalive_expiry=_KEEPALIVE_EXPIRY)
+        super().__init__(uds=path, verify=False)  # (as above)
+        self._pool = httpcore.AsyncConnectionPool(uds=path, network_backend=_CheckedAsync(),
+                                                  **POOL_LIMITS)

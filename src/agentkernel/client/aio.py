@@ -27,14 +27,20 @@ from .models import (
 T = TypeVar("T")
 
 
-def default_transport(base_url: str | None) -> httpx.AsyncBaseTransport | None:
+def default_transport(base_url: str | None, settings: c.Settings | None = None
+                      ) -> httpx.AsyncBaseTransport | None:
     """As `sync.default_transport`, for asyncio."""
     path = c.daemon_api_socket(base_url)
-    if not path:
-        return None
-    from ._uds import AsyncDaemonTransport
+    if path:
+        from ._uds import AsyncDaemonTransport
 
-    return AsyncDaemonTransport(path)
+        return AsyncDaemonTransport(path)
+    key = settings.keyed() if settings is not None else None
+    if key:
+        from ._keyed import AsyncStoredKeyTransport
+
+        return AsyncStoredKeyTransport(key)
+    return None
 
 
 class AsyncSandboxSession:
@@ -78,16 +84,10 @@ class AsyncAgentKernel:
                  timeout: float | None = None, *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         s = self._settings = c.settings(base_url, api_key, timeout)
-
-        async def stored_key_for(request: httpx.Request) -> None:
-            s.stored_key_for(request)
-
-        # The stored key goes per request, where our own listener takes it (see there).
-        hooks = {"request": [stored_key_for]} if transport is None else {}
+        # The stored key goes only down connections to our own server (`_keyed` adds it).
         self._http = httpx.AsyncClient(
             base_url=s.base_url, headers=s.headers(stored=transport is not None),
-            timeout=s.timeout, event_hooks=hooks,
-            transport=transport or default_transport(base_url),
+            timeout=s.timeout, transport=transport or default_transport(base_url, s),
         )
 
     @property

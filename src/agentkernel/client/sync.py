@@ -27,16 +27,24 @@ from .models import (
 T = TypeVar("T")
 
 
-def default_transport(base_url: str | None) -> httpx.BaseTransport | None:
+def default_transport(base_url: str | None, settings: c.Settings | None = None
+                      ) -> httpx.BaseTransport | None:
     """The transport used when none is passed: with no base URL given (argument or
     AGENTKERNEL_BASE_URL), the local daemon's unix socket — started on demand, the peer
-    of each connection checked (`_uds`); else None, which means TCP to the base URL."""
+    of each connection checked (`_uds`); with the key `serve` stored, TCP whose every
+    connection is checked before the key goes down it (`_keyed`); else None, which means
+    httpx's own TCP to the base URL."""
     path = c.daemon_api_socket(base_url)
-    if not path:
-        return None
-    from ._uds import DaemonTransport
+    if path:
+        from ._uds import DaemonTransport
 
-    return DaemonTransport(path)
+        return DaemonTransport(path)
+    key = settings.keyed() if settings is not None else None
+    if key:
+        from ._keyed import StoredKeyTransport
+
+        return StoredKeyTransport(key)
+    return None
 
 
 class SandboxSession:
@@ -86,12 +94,10 @@ class AgentKernel:
                  timeout: float | None = None, *,
                  transport: httpx.BaseTransport | None = None) -> None:
         s = self._settings = c.settings(base_url, api_key, timeout)
-        # The stored key goes per request, where our own listener takes it (see there).
-        hooks = {"request": [s.stored_key_for]} if transport is None else {}
+        # The stored key goes only down connections to our own server (`_keyed` adds it).
         self._http = httpx.Client(
             base_url=s.base_url, headers=s.headers(stored=transport is not None),
-            timeout=s.timeout, event_hooks=hooks,
-            transport=transport or default_transport(base_url),
+            timeout=s.timeout, transport=transport or default_transport(base_url, s),
         )
 
     @property

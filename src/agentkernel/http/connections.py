@@ -1,4 +1,5 @@
-"""What a TCP client can hold of the HTTP server before it has said anything: bounded.
+"""What a TCP client can hold of the HTTP server before it has said anything: bounded, and
+bounded per peer, so that no other user can hold the places of the server's own.
 
 Loopback is every local user's, and the key is checked only once a request's head has
 arrived. uvicorn keeps a connection that never completes a head for as long as the client
@@ -7,30 +8,86 @@ until the server, the daemon's process, ran out of descriptors: then the daemon'
 and every sandbox start failed too. Here a connection gets `HEAD_SECONDS` for each request's
 head (from its accept, and from the end of its previous answer), and at most
 `MAX_CONNECTIONS` are open at once; beyond that a new one is closed at once.
+
+That cap alone was the others' to take: another user holding 256 idle connections, each
+renewed within its head deadline (`/health` needs no key), had every new connection of the
+user's closed (outside review, round 6). So each connection is counted against its peer:
+the uid that owns the client's socket (found by the kernel's sock_diag for a local peer,
+SO_PEERCRED on a unix socket), or its address for a remote one. A peer other than the
+server's own user holds at most `PER_PEER` connections, and all of them together at most
+`OTHERS`: the server's own user always keeps `MAX_CONNECTIONS - OTHERS` places.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..peercred import peer_cred
+from ..sockdiag import endpoint, find
+
 HEAD_SECONDS = 10.0
 MAX_CONNECTIONS = 256
+PER_PEER = 64
+OTHERS = MAX_CONNECTIONS - 64
+
+Peer = int | str  # a uid, or "address ..." for a peer of no socket of this machine's
+
+
+def peer_of(sock: Any) -> Peer:
+    """Who holds the client's end of the server's connected socket `sock`."""
+    if sock is None:
+        return "unknown"
+    if sock.family == socket.AF_UNIX:
+        try:
+            return peer_cred(sock).uid
+        except OSError:
+            return "unknown"
+    try:
+        ours, theirs = endpoint(sock.getsockname()), endpoint(sock.getpeername())
+    except (OSError, ValueError):
+        return "unknown"
+    try:
+        client = find(theirs, ours)  # the client's socket: its end is theirs, its peer ours
+    except OSError:
+        client = None
+    return client.uid if client is not None else f"address {theirs[0]}"
 
 
 class BoundedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline per request head and a connection cap."""
+    """uvicorn's h11 protocol with a deadline per request head and connection caps."""
 
     _head_due: asyncio.TimerHandle | None = None
+    _peer: Peer | None = None  # set once the connection is kept
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        if len(self.connections) > MAX_CONNECTIONS:
+        peer = peer_of(transport.get_extra_info("socket"))
+        if self._over_cap(peer):
             self.transport.close()
             return
+        self._peer = peer
         self._arm()
+
+    def _over_cap(self, peer: Peer) -> bool:
+        """Whether one more connection of `peer` would pass a cap (this one is in
+        `connections` already, its peer not yet set)."""
+        if len(self.connections) > MAX_CONNECTIONS:
+            return True
+        own = os.geteuid()
+        if peer == own:
+            return False
+        same = others = 0
+        for conn in self.connections:
+            held = getattr(conn, "_peer", None)
+            if held is not None and held != own:
+                others += 1
+                same += held == peer
+        return same >= PER_PEER or others >= OTHERS
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
