@@ -1637,6 +1637,57 @@ static void limit_ptys(const char *max)
 		die("--pty-max: remount /dev/pts: %s", strerror(errno));
 }
 
+/* --make-dev SHM_BYTES: the sandbox's /dev as bwrap's --dev made it, by us instead (the
+ * namespaces backend started by root): bwrap re-read the whole mount table for each of
+ * its six device binds and for its remount. A small tmpfs (read-only once the device
+ * nodes, which the host hands in as detached mounts through --attach, are on it), the
+ * usual links, a private devpts capped at --pty-max ptys, and a /dev/shm of SHM_BYTES
+ * (0: unsized). dev_read_only() ends it, after the attaches. */
+static void make_dev(const char *shm_bytes, const char *pty_max)
+{
+	char *end;
+	unsigned long long shm = strtoull(shm_bytes, &end, 10);
+	if (*end || !*shm_bytes || shm_bytes[0] == '-')
+		die("--make-dev wants the size of /dev/shm in bytes (0: unsized)");
+	long ptys = pty_max ? strtol(pty_max, &end, 10) : 0;
+	if (pty_max && (*end || ptys < 1 || ptys > 65536))
+		die("--pty-max wants a number of ptys, 1..65536");
+	if (mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k,nr_inodes=64") < 0)
+		die("--make-dev: mount /dev: %s", strerror(errno));
+	static const char *const links[][2] = {
+		{ "/proc/self/fd", "/dev/fd" }, { "/proc/self/fd/0", "/dev/stdin" },
+		{ "/proc/self/fd/1", "/dev/stdout" }, { "/proc/self/fd/2", "/dev/stderr" },
+		{ "/proc/kcore", "/dev/core" }, { "pts/ptmx", "/dev/ptmx" },
+	};
+	for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++)
+		if (symlink(links[i][0], links[i][1]) < 0)
+			die("--make-dev: %s: %s", links[i][1], strerror(errno));
+	char opts[96];
+	if (shm)
+		snprintf(opts, sizeof(opts), "mode=1777,size=%llu", shm);
+	else
+		snprintf(opts, sizeof(opts), "mode=1777");
+	if (mkdir("/dev/shm", 0755) < 0 || mkdir("/dev/pts", 0755) < 0 ||
+	    mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0)
+		die("--make-dev: /dev/shm: %s", strerror(errno));
+	/* (limit_ptys' cap, given at the mount) */
+	if (ptys)
+		snprintf(opts, sizeof(opts), "newinstance,ptmxmode=0666,mode=620,max=%ld", ptys);
+	else
+		snprintf(opts, sizeof(opts), "newinstance,ptmxmode=0666,mode=620");
+	if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, opts) < 0)
+		die("--make-dev: /dev/pts: %s", strerror(errno));
+}
+
+/* make_dev's /dev read-only (the device nodes still open for writing): nothing of the
+ * sandbox's can make files there, whose pages no size of ours would bound. */
+static void dev_read_only(void)
+{
+	if (mount(NULL, "/dev", NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
+		  NULL) < 0)
+		die("--make-dev: read-only /dev: %s", strerror(errno));
+}
+
 static void do_overlay(char *spec)
 {
 	char *parts[4];
@@ -2030,19 +2081,23 @@ static void drop_caps(void)
 		die("no_new_privs: %s", strerror(errno));
 }
 
-static void install_seccomp(const char *file)
+/* The raw BPF program from FILE, or (FILE NULL) from descriptor FD, which is closed: the
+ * namespaces backend hands it in (--seccomp-fd) rather than have bwrap copy it into the
+ * sandbox's tmpfs and bind it there (two mount-table re-reads of bwrap's per start). */
+static void install_seccomp(const char *file, int from)
 {
 	static struct ak_sock_filter prog[AK_MAX_BPF + 1];
-	int fd = open(file, O_RDONLY | O_CLOEXEC);
+	const char *what = file ? file : "(--seccomp-fd)";
+	int fd = file ? open(file, O_RDONLY | O_CLOEXEC) : from;
 	if (fd < 0)
-		die("seccomp %s: %s", file, strerror(errno));
+		die("seccomp %s: %s", what, strerror(errno));
 	size_t got = 0;
 	for (;;) {
-		ssize_t k = read(fd, (uint8_t *)prog + got, sizeof(prog) - got);
+		ssize_t k = pread(fd, (uint8_t *)prog + got, sizeof(prog) - got, (off_t)got);
 		if (k < 0 && errno == EINTR)
 			continue;
 		if (k < 0)
-			die("seccomp %s: %s", file, strerror(errno));
+			die("seccomp %s: %s", what, strerror(errno));
 		if (k == 0)
 			break;
 		got += (size_t)k;
@@ -2051,7 +2106,7 @@ static void install_seccomp(const char *file)
 	}
 	close(fd);
 	if (got == 0 || got % sizeof(struct ak_sock_filter) || got > AK_MAX_BPF * sizeof(struct ak_sock_filter))
-		die("seccomp %s: want 1..%d 8-byte BPF instructions, got %zu bytes", file, AK_MAX_BPF, got);
+		die("seccomp %s: want 1..%d 8-byte BPF instructions, got %zu bytes", what, AK_MAX_BPF, got);
 	struct ak_sock_fprog fp = { (unsigned short)(got / sizeof(struct ak_sock_filter)), prog };
 	/* RLIMIT_CORE 1, soft and hard, for us and every command after us: the kernel runs a
 	 * pipe core_pattern (apport, systemd-coredump: host root, the host's namespaces, the
@@ -3114,9 +3169,11 @@ static void usage(void)
 {
 	die("usage: ak-agent [--init] [--mount-proc|--mount-sys|--mount-dev|--mount-tmp|--mount-basics]\n"
 	    "  [--hold FD] [--give FD] [--attach FD:TARGET].. [--overlay TARGET:LOWER[+LOWER..]:UPPER:WORK].. [--bind SRC:DST]..\n"
-	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--drop-caps [--user UID:GID:HOME [--user-ns]]]\n"
+	    "  [--mask PATH].. [--mask-private DIR].. [--cover-proc] [--root-ro] [--drop-caps [--user UID:GID:HOME [--user-ns]]]\n"
 	    "  [--lock-listen-dir] [--peers-outside]\n"
-	    "  [--pids-max N] [--pty-max N] [--seccomp FILE] [--guard-unix MOUNT[:MOUNT..]]\n"
+	    "  [--pids-max N] [--pty-max N] [--make-dev SHM_BYTES] [--seccomp FILE | --seccomp-fd FD]\n"
+	    "  [--exec-fd FD]\n"
+	    "  [--guard-unix MOUNT[:MOUNT..]]\n"
 	    "  [--insmod FILE[,FILE..]].. [--root SERIAL [--rw tmpfs|SERIAL]] [--disk SERIAL:DIR:ro|rw]..\n"
 	    "  [--net lo|ADDR/PREFIX,GW] [--hostname NAME] [--poweroff] [--vsock-listen PORT]\n"
 	    "  [--fd N | --listen PATH | --connect PATH | --vport NAME [--reconnect]]");
@@ -3125,9 +3182,9 @@ static void usage(void)
 int main(int argc, char **argv)
 {
 	int m_proc = 0, m_sys = 0, m_dev = 0, m_tmp = 0, caps = 0, nov = 0, nmask = 0, nbind = 0;
-	int chfd = -1;
+	int chfd = -1, seccomp_fd = -1;
 	const char *seccomp = NULL, *pids_max = NULL, *listen_path = NULL, *connect_path = NULL, *vport = NULL;
-	const char *pty_max = NULL;
+	const char *pty_max = NULL, *dev_shm = NULL;
 	char **overlays = calloc((size_t)argc, sizeof(char *));
 	char **masks = calloc((size_t)argc, sizeof(char *));
 	char **binds = calloc((size_t)argc, sizeof(char *));
@@ -3136,6 +3193,7 @@ int main(int argc, char **argv)
 	char **privs = calloc((size_t)argc, sizeof(char *));
 	char **attaches = calloc((size_t)argc, sizeof(char *));
 	int ninsmod = 0, ndisk = 0, npriv = 0, lock_listen_dir = 0, nattach = 0, proc_cover = 0;
+	int root_ro = 0;
 	const char *vm_root = NULL, *vm_rw = NULL, *vm_netspec = NULL, *hostname = NULL;
 	const char *vsock_port = NULL;
 
@@ -3154,6 +3212,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--lock-listen-dir")) lock_listen_dir = 1, takes = 0;
 		else if (!strcmp(a, "--peers-outside")) peers_outside = 1, takes = 0;
 		else if (!strcmp(a, "--cover-proc")) proc_cover = 1, takes = 0;
+		else if (!strcmp(a, "--root-ro")) root_ro = 1, takes = 0;
 		else if (!strcmp(a, "--user-ns")) user_ns_only = 1, takes = 0;
 		else if (!strcmp(a, "--init")) is_init = 1, takes = 0;
 		else if (!strcmp(a, "--poweroff")) vm_poweroff = 1, takes = 0;
@@ -3177,6 +3236,25 @@ int main(int argc, char **argv)
 				die("--give wants one open file descriptor above 2");
 			given_fd = (int)v;
 		}
+		else if (!strcmp(a, "--seccomp-fd") || !strcmp(a, "--exec-fd")) {
+			/* --seccomp-fd: our BPF program, read (and closed) where --seccomp's file
+			 * would be. --exec-fd: the sealed copy of this binary that bwrap exec'd us
+			 * from (/proc/self/fd/FD); closed here. Close-on-exec from now on: neither
+			 * ever reaches a command. */
+			char *end;
+			long v = strtol(val, &end, 10);
+			if (*end || v < 3 || v > INT_MAX || fcntl((int)v, F_SETFD, FD_CLOEXEC) < 0)
+				die("%s wants an open file descriptor above 2", a);
+			if (!strcmp(a, "--exec-fd")) {
+				close((int)v);
+				/* (exec'd as /proc/self/fd/N, our name would be "N") */
+				prctl(PR_SET_NAME, "agent", 0, 0, 0);
+			}
+			else if (seccomp_fd >= 0)
+				die("--seccomp-fd given twice");
+			else
+				seccomp_fd = (int)v;
+		}
 		else if (!strcmp(a, "--overlay")) overlays[nov++] = argv[i + 1];
 		else if (!strcmp(a, "--mask")) masks[nmask++] = argv[i + 1];
 		else if (!strcmp(a, "--bind")) binds[nbind++] = argv[i + 1];
@@ -3190,6 +3268,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--vsock-listen")) vsock_port = val;
 		else if (!strcmp(a, "--seccomp")) seccomp = val;
 		else if (!strcmp(a, "--pty-max")) pty_max = val;
+		else if (!strcmp(a, "--make-dev")) dev_shm = val;
 		else if (!strcmp(a, "--guard-unix")) guard_spec = argv[i + 1];
 		else if (!strcmp(a, "--user")) run_as = val;
 		else if (!strcmp(a, "--pids-max")) pids_max = val;
@@ -3211,6 +3290,8 @@ int main(int argc, char **argv)
 		die("--reconnect needs --vport");
 	if (run_as && !caps)
 		die("--user needs --drop-caps");
+	if (seccomp && seccomp_fd >= 0)
+		die("choose one of --seccomp and --seccomp-fd");
 	if (user_ns_only && !run_as)
 		die("--user-ns needs --user");
 
@@ -3236,9 +3317,15 @@ int main(int argc, char **argv)
 	if (hostname && sethostname(hostname, strlen(hostname)) < 0)
 		die("sethostname: %s", strerror(errno));
 	if (m_tmp) do_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	if (dev_shm) {
+		make_dev(dev_shm, pty_max);
+		pty_max = NULL; /* (capped at the mount) */
+	}
 	for (int i = 0; i < nattach; i++)
 		do_attach(attaches[i]);
 	free(attaches);
+	if (dev_shm) /* once its device nodes are attached */
+		dev_read_only();
 	struct private_list private_found = { NULL, 0, 0 };
 	for (int i = 0; i < npriv; i++) /* before the overlays: see find_private */
 		do_find_private(privs[i], &private_found);
@@ -3259,6 +3346,11 @@ int main(int argc, char **argv)
 		cover_proc();
 	if (pty_max)
 		limit_ptys(pty_max);
+	/* --root-ro: the sandbox's root (bwrap's tmpfs, nosuid and nodev) read-only, after
+	 * our own mounts and before anything of the sandbox's runs. */
+	if (root_ro && mount(NULL, "/", NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
+			     NULL) < 0)
+		die("--root-ro: %s", strerror(errno));
 
 	/* The channel: every fd the agent keeps is close-on-exec and lives above 2. */
 	struct sockaddr_un sa;
@@ -3343,8 +3435,8 @@ int main(int argc, char **argv)
 		if (why)
 			die("--guard-unix: %s", why);
 	}
-	if (seccomp)
-		install_seccomp(seccomp);
+	if (seccomp || seccomp_fd >= 0)
+		install_seccomp(seccomp, seccomp_fd);
 	if (rfd >= 0 && !host_away)
 		send_hello();
 	serve();

@@ -168,7 +168,8 @@ def start_cpu(profile: str, n: int = 20, tree: Path = ROOT) -> dict[str, float]:
     def usage() -> tuple[float, float, float]:
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
             resource.RUSAGE_CHILDREN)
-        return (me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime + forkserver_cpu(),
+        return (me.ru_utime + me.ru_stime,
+                kids.ru_utime + kids.ru_stime + forkserver_cpu() + userns_server_cpu(),
                 time.perf_counter())
 
     m = SandboxManager(Config(daemon=DaemonSection(pools=[], adhoc_min=0)))
@@ -229,6 +230,24 @@ def forkserver_cpu() -> float:
         return 0.0
     try:
         stat = Path(f"/proc/{server.proc.pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def userns_server_cpu() -> float:
+    """CPU seconds of this process's user namespace server (idmap: ak-enter
+    --userns-server, kept, so not reaped yet) and the children it reaped; 0 without one."""
+    try:
+        from agentkernel import idmap
+    except ImportError:
+        return 0.0
+    pid = getattr(getattr(idmap, "_SERVER", None), "pid", -1)
+    if pid <= 0:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +155,82 @@ def test_daemon_userns_holder_is_mapped_and_gone() -> None:
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     finally:
         os.close(fd)
-    assert _children() == before
+    server = idmap._SERVER.pid  # (kept for the next sandbox; its child is gone)
+    assert _children() - {server} == before - {server}
+    if server > 0:
+        assert _children_of(server) == set()
+
+
+def test_userns_server_holds_nothing_inherited_and_ends_its_children_at_eof(
+        tmp_path: Path) -> None:
+    """--userns-server: its children (each in a namespace of its own, as the owner asked
+    for, never root) hold nothing it inherited, not even its stdin and stdout; "k PID"
+    reaps one; at its stdin's EOF it kills what it still holds and exits."""
+    secret = os.open(tmp_path / "other-sandbox", os.O_RDWR | os.O_CREAT, 0o600)
+    os.set_inheritable(secret, True)
+    proc = subprocess.Popen([_enter(), "--userns-server"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, close_fds=False)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def ask(line: str) -> str:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(line.encode())
+            proc.stdin.flush()
+            return proc.stdout.readline().decode().strip() if line[0] == "n" else ""
+
+        assert ask("n 0 0\n") == "-"  # an owner is never root
+        first, second = int(ask("n -\n")), int(ask("n -\n"))
+        for child in (first, second):
+            assert os.readlink(f"/proc/{child}/ns/user") != os.readlink("/proc/self/ns/user")
+            assert sorted(int(fd) for fd in os.listdir(f"/proc/{child}/fd")) == [2]
+        assert sorted(int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd")) == [0, 1, 2]
+        ask(f"k {first}\n")
+        ask(f"k {os.getpid()}\n")  # not its child: nothing done
+        assert int(ask("n -\n")) > 0  # (answered after the k lines: they are done)
+        assert first not in _children_of(proc.pid) and second in _children_of(proc.pid)
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+        assert not Path(f"/proc/{second}").exists()
+    finally:
+        os.close(secret)
+        proc.kill()
+        proc.wait()
+
+
+def test_userns_server_children_die_with_it() -> None:
+    """A server killed outright (SIGKILL: no EOF handling) leaves no child holding a
+    namespace: each has SIGKILL as its parent-death signal."""
+    proc = subprocess.Popen([_enter(), "--userns-server"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"n -\n")
+        proc.stdin.flush()
+        child = int(proc.stdout.readline())
+        status = Path(f"/proc/{child}/status").read_text()
+        assert "ak-userns-forks" in status
+        proc.kill()
+        proc.wait()
+        for _ in range(500):  # (killed by the kernel; a zombie until init reaps it)
+            if not _alive(child):
+                break
+            time.sleep(0.01)
+        assert not _alive(child)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children_of(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
 
 def _children() -> set[int]:

@@ -71,8 +71,10 @@ def _ids(pid: int) -> dict[str, list[int]]:
 
 # Host-side helpers of the network that run as the caller, outside the sandbox: the
 # namespace holder, slirp4netns (which drops its capabilities and filters syscalls) and
-# the egress gates' fork server (egress_forkserver; its gates are checked).
-NETWORK_HELPERS = {"slirp4netns", "unshare", "cat", "ak-gate-forks"}
+# the egress gates' fork server (egress_forkserver; its gates are checked); and the
+# server that makes root-started sandboxes' user namespaces (ak-enter --userns-server,
+# kept by the process that starts sandboxes; nothing of a sandbox's ever runs in it).
+NETWORK_HELPERS = {"slirp4netns", "unshare", "cat", "ak-gate-forks", "ak-userns-forks"}
 
 
 def _start_sleeper(backend: str, profile: str, cwd: Path) -> subprocess.Popen[bytes]:

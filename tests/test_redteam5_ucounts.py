@@ -98,7 +98,7 @@ def idmap_fresh(monkeypatch: pytest.MonkeyPatch) -> object:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-@pytest.mark.parametrize("holder", ["ak-enter", "unshare"])
+@pytest.mark.parametrize("holder", ["server", "ak-enter", "unshare"])
 def test_the_namespace_is_the_ranges_or_roots_where_that_fails(
         holder: str, idmap_fresh: object, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,6 +109,9 @@ def test_the_namespace_is_the_ranges_or_roots_where_that_fails(
     from agentkernel.errors import SandboxError
 
     rng = idmap.HostRange(3_000_000, 3_000_000, 65536)
+    server = idmap._UsernsServer()  # (ak-enter --userns-server; retired: a holder each)
+    server.retired = holder != "server"
+    monkeypatch.setattr(idmap, "_SERVER", server)
     if holder == "unshare":
         def no_helper(name: str) -> Path:
             raise SandboxError("no ak-enter")
@@ -121,9 +124,11 @@ def test_the_namespace_is_the_ranges_or_roots_where_that_fails(
         os.close(fd)
     assert idmap.owned_userns_works() and capsys.readouterr().err == ""
     # The holder made as the owner dies before its namespace (as the kernel's EPERM would).
-    spawn, popen = idmap._spawn_holder, idmap._userns_holder
+    spawn, popen, make = idmap._spawn_holder, idmap._userns_holder, server.make
     monkeypatch.setattr(idmap, "_spawn_holder", lambda helper, i, o, owner=None: spawn(
         helper, i, o, (0, 0) if owner else None))  # (ak-enter refuses owner 0: exit 127)
+    monkeypatch.setattr(server, "make", lambda helper, maps, owner=None: make(
+        helper, maps, (0, 0) if owner else None))  # (and its server: no child, "-")
     monkeypatch.setattr(idmap, "_userns_holder", lambda owner=None: popen(None) if owner is None
                         else subprocess.Popen(["/bin/false"], stdin=subprocess.PIPE))
     for _ in range(2):
@@ -134,6 +139,8 @@ def test_the_namespace_is_the_ranges_or_roots_where_that_fails(
             os.close(fd)
     assert not idmap.owned_userns_works()
     assert capsys.readouterr().err.count("warning: could not make a sandbox's user") == 1
+    assert server.retired == (holder != "server")  # (a refused owner is no server failure)
+    server._retire()
 
 
 FORCE_ROOTS = """
@@ -141,6 +148,8 @@ import runpy, sys
 from agentkernel import idmap
 spawn = idmap._spawn_holder
 idmap._spawn_holder = lambda h, i, o, owner=None: spawn(h, i, o, (0, 0) if owner else None)
+make = idmap._SERVER.make
+idmap._SERVER.make = lambda h, m, owner=None: make(h, m, (0, 0) if owner else None)
 sys.argv = ["agentkernel", *sys.argv[1:]]
 runpy.run_module("agentkernel", run_name="__main__")
 """

@@ -20,6 +20,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -272,7 +273,108 @@ def _made_by(maps: dict[str, str], what: str, owner: tuple[int, int] | None) -> 
         helper = str(native_binary("ak-enter"))
     except SandboxError:
         return _mapped_by_unshare(maps, what, owner)
-    return _mapped_by_spawn(helper, maps, what, owner)
+    fd = _SERVER.make(helper, maps, owner)
+    return fd if fd >= 0 else _mapped_by_spawn(helper, maps, what, owner)
+
+
+class _UsernsServer:
+    """This process's `ak-enter --userns-server`: a user namespace per request from a
+    child it forks, with no exec of ak-enter each time (that exec was most of the ~0.5
+    ms of CPU a sandbox's namespace cost). Started on first use and kept; one request at
+    a time. Any failure retires it for this process: `_mapped_by_spawn` then does the
+    same work the old way. The server and its children close every inherited descriptor
+    (a child holds nothing of ours in the new namespace); at our exit (its stdin's EOF)
+    it kills what it holds and exits."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = -1
+        self.to_fd = self.from_fd = -1
+        self.reply = b""
+        self.retired = False
+
+    def make(self, helper: str, maps: dict[str, str], owner: tuple[int, int] | None) -> int:
+        """The mapped namespace's fd, or -1 (then ask `_mapped_by_spawn`). SandboxError
+        where its child could not make it (as `owner`: the caller then asks without)."""
+        with self.lock:
+            if self.retired:
+                return -1
+            try:
+                if self.pid < 0:
+                    self._start(helper)
+                self._send("n -\n" if owner is None else f"n {owner[0]} {owner[1]}\n")
+                answer = self._line()
+                if answer == "-":
+                    raise SandboxError("could not create a user namespace for the sandbox")
+                if not answer.isdigit():
+                    raise OSError(0, f"the user namespace server answered {answer!r}")
+                child = int(answer)
+                try:
+                    return _map_and_keep(child, maps)
+                finally:
+                    self._send(f"k {child}\n")
+            except OSError:
+                self._retire()
+                return -1
+
+    def _start(self, helper: str) -> None:
+        from . import spawn
+
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            argv = [helper, "--userns-server"]
+            if spawn.available():
+                self.pid = spawn.spawn(argv, {}, stdio=(in_r, out_w), devnull_stderr=True)
+            else:
+                self.pid = os.posix_spawn(helper, argv, {}, setsid=True, file_actions=[
+                    (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0)])
+        except OSError:
+            for fd in (in_r, in_w, out_r, out_w):
+                os.close(fd)
+            raise
+        os.close(in_r)
+        os.close(out_w)
+        self.to_fd, self.from_fd = in_w, out_r
+
+    def _send(self, line: str) -> None:
+        data = line.encode()
+        while data:
+            data = data[os.write(self.to_fd, data):]
+
+    def _line(self, timeout_ms: int = 10_000) -> str:
+        """The server's next answer line (bounded: a pid is a few bytes)."""
+        import select
+
+        poller = select.poll()
+        poller.register(self.from_fd, select.POLLIN)
+        while b"\n" not in self.reply:
+            if len(self.reply) > 64 or not poller.poll(timeout_ms):
+                raise OSError(0, "the user namespace server did not answer")
+            chunk = os.read(self.from_fd, 64)
+            if not chunk:
+                raise OSError(0, "the user namespace server exited")
+            self.reply += chunk
+        line, _, self.reply = self.reply.partition(b"\n")
+        return line.decode(errors="replace")
+
+    def _retire(self) -> None:
+        self.retired = True
+        for fd in (self.to_fd, self.from_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.to_fd = self.from_fd = -1
+        if self.pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+        self.pid = -1
+
+
+_SERVER = _UsernsServer()
 
 
 _OWNED_FAILED: list[str] = []  # why a namespace made as its owner failed here, once
@@ -448,6 +550,28 @@ def idmapped_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool = F
         last = ctypes.get_errno()
         os.close(fd)
     raise OSError(last, f"cannot id-map {path}: {os.strerror(last)}")
+
+
+_MOUNT_ATTR_NOEXEC = 0x8
+
+
+def device_tree(path: str) -> int:
+    """A detached copy of the host's mount of the device node at `path` (e.g. /dev/null),
+    nosuid and noexec, for the agent's `--attach` (what bwrap's --dev binds). An fd
+    (O_CLOEXEC); OSError if the node cannot be had."""
+    libc = _libc()
+    fd = libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(path),
+                      _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot copy the mount of {path}: {os.strerror(err)}")
+    attr = _MountAttr(_MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NOEXEC, 0, 0, 0)
+    if libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
+                    ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"cannot set the flags of {path}'s copy: {os.strerror(err)}")
+    return int(fd)
 
 
 def attach(tree_fd: int, path: str) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -189,11 +191,14 @@ class NamespacesBackend(Backend):
             opened: list[int] = []  # ours to close once bwrap has them
             kept: list[int] = []  # ours alone (never passed), closed with them
             try:
+                image = agent_image(str(agent))
                 argv, preexec = _command(
                     bwrap, spec, str(agent), str(bpf), resolv=str(resolv) if resolv else None,
                     info_fd=info_w, control=str(control) if control else None, sync_fd=life_w,
-                    cgroup=cgroup, opened=opened, kept=kept, give=give)
-                fds = [fd for fd in (info_w, life_w, give) if fd >= 0]
+                    cgroup=cgroup, opened=opened, kept=kept, give=give, image=image)
+                # (the agent's image is this process's, kept open for every sandbox)
+                fds = [fd for fd in (info_w, life_w, give, image if image is not None else -1)
+                       if fd >= 0]
                 # The namespace itself (opened[0], as root) goes to ak-enter, which closes
                 # it before bwrap; a preexec function uses it in our forked child instead.
                 passed = opened[1:] if preexec is not None and os.geteuid() == 0 \
@@ -289,7 +294,7 @@ def _wait_loopback(pid: int, timeout: float = 5.0) -> None:
 def _command(
     bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
     control: str | None, sync_fd: int, cgroup: Cgroup | None, opened: list[int],
-    kept: list[int], give: int = -1,
+    kept: list[int], give: int = -1, image: int | None = None,
 ) -> tuple[list[str], Callable[[], None] | None]:
     """The argv that starts bwrap in the sandbox's cgroups (and, as root, its user
     namespace), and the function to run before it where ak-enter is missing.
@@ -297,6 +302,8 @@ def _command(
     Started by root, bwrap runs as root of the sandbox's own user namespace, which maps
     to an unprivileged host range: never host root. `opened` gets the fds to pass (the
     first, as root, is the namespace itself), `kept` those only this process uses.
+    `image`: the agent's sealed copy (agent_image), which the caller passes on; None:
+    bwrap puts a copy or a bind of the agent and its seccomp program in the sandbox.
     """
     pins = pin_sources(spec.ro_binds, kept)
     if os.geteuid() != 0:
@@ -305,9 +312,11 @@ def _command(
         kept[:] = [fd for fd in kept if fd not in pins]
         by_fd = {target: fd for fd, (_, target) in zip(pins, spec.ro_binds, strict=True)}
         prefix, preexec = _entry(cgroup, -1)
-        return [*prefix, *build_bwrap_argv(bwrap, spec, agent, bpf, resolv=resolv,
-                                           info_fd=info_fd, control=control,
-                                           sync_fd=sync_fd, give=give, by_fd=by_fd)], preexec
+        handed = image is not None
+        return [*prefix, *build_bwrap_argv(
+            bwrap, spec, image if image is not None else agent,
+            _file_fd(bpf, opened) if handed else bpf, resolv=resolv, info_fd=info_fd,
+            control=control, sync_fd=sync_fd, give=give, by_fd=by_fd, handed=handed)], preexec
     # As root, each is id-mapped from its descriptor in this process (_attach_fds).
     spec = spec._replace(ro_binds=by_descriptor(spec.ro_binds, pins))
     from ..idmap import owner_userns, sandbox_range_userns
@@ -323,9 +332,10 @@ def _command(
         attached = _attach_fds(host_binds(spec, control, resolv), userns, opened, own)
     finally:
         close_fds(*own.values())
-    argv = build_bwrap_argv(bwrap, spec, _file_fd(agent, opened), _file_fd(bpf, opened),
-                            resolv=resolv, info_fd=info_fd, control=control, sync_fd=sync_fd,
-                            attached=attached, hold=lock, give=give)
+    argv = build_bwrap_argv(bwrap, spec, image if image is not None else _file_fd(agent, opened),
+                            _file_fd(bpf, opened), resolv=resolv, info_fd=info_fd,
+                            control=control, sync_fd=sync_fd, attached=attached, hold=lock,
+                            give=give, handed=image is not None, devices=_devices(opened))
     prefix, preexec = _entry(cgroup, userns)
     return [*prefix, *argv], preexec
 
@@ -351,6 +361,26 @@ def _entry(cgroup: Cgroup | None, userns: int
     if userns >= 0:
         argv += ["--userns", str(userns)]
     return [*argv, "--"], None
+
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # bwrap's --dev's
+
+
+def _devices(opened: list[int]) -> dict[str, int] | None:
+    """The host's device nodes a root-started sandbox's /dev gets, as detached mounts for
+    the agent to attach (it makes that /dev: --make-dev); None where one cannot be had
+    (bwrap's --dev then makes it, as for an ordinary user's sandbox)."""
+    from ..idmap import device_tree
+
+    out: dict[str, int] = {}
+    try:
+        for name in DEVICES:
+            out[name] = device_tree(f"/dev/{name}")
+    except OSError:
+        close_fds(*out.values())
+        return None
+    opened.extend(out.values())
+    return out
 
 
 def workspace_bind(spec: SandboxSpec) -> str | None:
@@ -469,7 +499,8 @@ def build_bwrap_argv(
     bwrap: str, spec: SandboxSpec, agent: str | int, bpf: str | int, *,
     resolv: str | None, info_fd: int, control: str | None = None, sync_fd: int = -1,
     attached: Mapping[str, Attach] | None = None, hold: int = -1, give: int = -1,
-    by_fd: Mapping[str, int] | None = None,
+    by_fd: Mapping[str, int] | None = None, handed: bool = False,
+    devices: Mapping[str, int] | None = None,
 ) -> list[str]:
     """The full bwrap command line for `spec`. Pure: no I/O, easy to inspect in tests.
 
@@ -478,6 +509,15 @@ def build_bwrap_argv(
     attaches (target -> fd), and the agent and its seccomp program as copies of fds we
     opened (`agent`, `bpf` are then fd numbers). Otherwise bwrap maps the caller to uid 0
     of a new user namespace and binds host paths itself.
+
+    `handed`: `agent` is the fd of the agent's sealed copy (agent_image), which bwrap
+    execs as /proc/self/fd/N, and `bpf` an fd the agent reads its program from: no file
+    of either is made or bound in the sandbox (bwrap re-reads the mount table for each
+    bind it makes: two fewer per start).
+
+    `devices`: the device nodes of a root-started sandbox's /dev as detached mounts
+    (name -> fd, `_devices`): the agent makes /dev around them, where bwrap's --dev would
+    bind each (re-reading the mount table each time).
     """
     p = spec.profile
     cow_root = p.root_writable
@@ -494,7 +534,11 @@ def build_bwrap_argv(
         argv += ["--info-fd", str(info_fd)]
     if sync_fd >= 0:
         argv += ["--sync-fd", str(sync_fd)]
-    agent_argv = [f"{AGENT_DIR}/agent"]
+    if handed:
+        assert isinstance(agent, int) and isinstance(bpf, int)
+        agent_argv = [f"/proc/self/fd/{agent}", "--exec-fd", str(agent)]
+    else:
+        agent_argv = [f"{AGENT_DIR}/agent"]
     if hold >= 0:  # the lock of the sandbox's id range: the agent keeps it while it lives
         agent_argv += ["--hold", str(hold)]
     if give >= 0:  # for one command's stdio (the wasm worker's channel to its host)
@@ -531,8 +575,15 @@ def build_bwrap_argv(
     # write (no size option): without a memory controller (an ordinary user's sandbox) a
     # file there took host memory past every cap. Read-only (device nodes still open for
     # writing), with a /dev/shm of the cap's size.
-    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-             *size, "--perms", "1777", "--tmpfs", "/dev/shm"]
+    argv += ["--proc", "/proc"]
+    if devices is None:
+        argv += ["--dev", "/dev", "--remount-ro", "/dev", *size, "--perms", "1777", "--tmpfs",
+                 "/dev/shm"]
+    else:  # the same /dev (read-only, a sized /dev/shm), made by the agent
+        argv += ["--dir", "/dev"]
+        agent_argv += ["--make-dev", str(p.memory_mb * 1024 * 1024 if p.memory_mb else 0)]
+        for name, fd in devices.items():
+            agent_argv += ["--attach", f"{fd}:/dev/{name}"]
     if "/tmp" in binds:
         bind("/tmp")  # a persistent sandbox keeps /tmp on disk: stop/start, snapshots
     else:
@@ -550,7 +601,11 @@ def build_bwrap_argv(
             argv += ["--dir", path]
     if OVERLAY_DIR in binds:
         bind(OVERLAY_DIR)
-    argv += _file_bind(agent, f"{AGENT_DIR}/agent") + _file_bind(bpf, f"{AGENT_DIR}/seccomp.bpf")
+    if handed:
+        argv += ["--dir", AGENT_DIR]  # (where the sandbox's own files from the host go)
+    else:
+        argv += _file_bind(agent, f"{AGENT_DIR}/agent") + \
+            _file_bind(bpf, f"{AGENT_DIR}/seccomp.bpf")
     if spec.workspace is not None and p.workspace != "none":
         if p.workspace == "cow":
             bind(WS_LOWER)
@@ -600,9 +655,11 @@ def build_bwrap_argv(
     for cap in ("CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_SETPCAP", *switch):
         argv += ["--cap-add", cap]
     if not cow_root:
-        argv += ["--remount-ro", "/"]
-    agent_argv += ["--drop-caps", "--seccomp", f"{AGENT_DIR}/seccomp.bpf",
-                   "--guard-unix", ":".join(own_mounts(spec, binds))]
+        # By the agent, once its own mounts are made: bwrap's --remount-ro re-reads the
+        # mount table to find the flags to keep (ours are known: nosuid, nodev).
+        agent_argv.append("--root-ro")
+    seccomp = ["--seccomp-fd", str(bpf)] if handed else ["--seccomp", f"{AGENT_DIR}/seccomp.bpf"]
+    agent_argv += ["--drop-caps", *seccomp, "--guard-unix", ":".join(own_mounts(spec, binds))]
     if spec.user is not None:
         agent_argv += ["--user", "{}:{}:{}".format(*spec.user)]
     if control is not None:
@@ -633,6 +690,69 @@ def own_mounts(spec: SandboxSpec, binds: Mapping[str, HostBind]) -> list[str]:
     if spec.workspace is not None and spec.profile.workspace == "cow":
         own.append(spec.workspace_at)
     return [m for m in own if ":" not in m]  # (the list's separator: it would name two)
+
+
+# Each version of the agent binary this process made a sealed copy of (agent_image): at
+# most a few (a reinstall under a running daemon), never closed (a start on another
+# thread may be passing one on).
+_IMAGES: dict[tuple[int, int, int, int], int] = {}
+_IMAGES_MAX = 4
+_IMAGES_LOCK = threading.Lock()
+_MFD_EXEC = 0x0010  # (Linux 6.3: the memfd may be exec'd whatever vm.memfd_noexec says)
+
+
+def agent_image(path: str) -> int | None:
+    """An fd (close-on-exec) of a sealed in-memory copy of the agent binary at `path`,
+    made once per version of it and kept: bwrap execs the agent from it, instead of
+    copying 120 KiB into each sandbox's tmpfs and binding it there. Sealed against
+    writes, growth and shrinking, like runc's copy of itself: nothing that gets to it
+    (the agent is not dumpable) can change what the next sandbox runs. None where no
+    executable memfd can be made (the caller then binds the file as before)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    with _IMAGES_LOCK:
+        fd = _IMAGES.get(key)
+        if fd is None and len(_IMAGES) < _IMAGES_MAX:
+            fd = _seal_copy(path, key)
+            if fd is not None:
+                _IMAGES[key] = fd
+        return fd
+
+
+def _seal_copy(path: str, key: tuple[int, int, int, int]) -> int | None:
+    """agent_image's copy of `path`, if it still is the version `key` names."""
+    import fcntl
+
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    try:
+        fd = os.memfd_create("ak-agent", flags | _MFD_EXEC)
+    except OSError as exc:
+        # EINVAL: a kernel before 6.3, where every memfd may be exec'd. Otherwise (EACCES:
+        # vm.memfd_noexec=2) a memfd without the flag could not be exec'd either.
+        if exc.errno != errno.EINVAL:
+            return None
+        try:
+            fd = os.memfd_create("ak-agent", flags)
+        except OSError:
+            return None
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(st.st_size + 1)
+        if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) != key or len(data) != key[3]:
+            raise OSError("the agent binary changed while it was copied")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW |
+                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _file_bind(src: str | int, target: str) -> list[str]:
