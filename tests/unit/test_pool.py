@@ -702,3 +702,31 @@ def test_runs_one_at_a_time_after_a_burst_keep_its_size_warm(
     assert use(p, k)
     assert status(p, k).target == 6
     wait_for(lambda: status(p, k).warm == 6)
+
+
+def test_a_burst_no_longer_than_the_last_is_served_from_the_depth_alone(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm ones left cover what remains of a burst as long as the last one: no refill
+    shares the cores with it, however close together its takes come; after it, the key
+    refills."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 1e6)
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 0.05)
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 6, 6)
+    assert p.wait_warm(10)
+    for _ in range(6):
+        use(p, k)  # back to back: a burst of 6
+    assert p.wait_warm(10)
+    time.sleep(0.1)  # a pause: the next take begins another burst
+    started = fake.started
+    taken = [p.acquire(k, None, None)[0]]  # type: ignore[arg-type]
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 30.0)  # it does not pause while we watch
+    taken += [p.acquire(k, None, None)[0] for _ in range(4)]  # type: ignore[arg-type]
+    assert status(p, k).warm == 1  # one left for the burst's last take
+    time.sleep(0.3)
+    assert fake.started == started
+    for sandbox in taken:
+        p.release(k)
+        p.discard(sandbox)
+    wait_for(lambda: status(p, k).warm == 6)

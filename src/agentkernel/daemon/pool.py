@@ -629,7 +629,12 @@ class WarmPool:
         # The rate, or the last gap between takes where that says more: the EWMA needs
         # several takes to see a burst begin, the gap sees it at its second.
         expected = max(st.rate_now(now) * window, window / st.gap if st.gap > 0 else math.inf)
-        return expected + 0.5 < len(st.warm) - len(st.claims) + 1
+        left = len(st.warm) - len(st.claims)
+        # In a burst no longer than the last one (the key's depth was sized from it), the
+        # warm ones left may cover all of its remaining takes: nothing to start for it.
+        # (A longer burst then refills as above once they are gone.)
+        remaining = st.burst - st.run if st.gap < BURST_GAP else 0
+        return expected + 0.5 < left + 1 or 0 < remaining <= left
 
     def _burst(self, now: float) -> bool:
         """Under the lock: whether runs come back to back (a key's last two takes under
