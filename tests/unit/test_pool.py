@@ -730,3 +730,20 @@ def test_a_burst_no_longer_than_the_last_is_served_from_the_depth_alone(
         p.release(k)
         p.discard(sandbox)
     wait_for(lambda: status(p, k).warm == 6)
+
+
+def test_the_depth_between_bursts_fills_with_half_the_slots(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a key keeps only for its next burst is started at most refills // 2 at once:
+    the runs meanwhile (another key's) keep a core."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.05)
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 1.0)  # the depth's refills begin 1 s after
+    fake.delay = 0.02
+    p = make_pool(adhoc_min=1, adhoc_max=8, refills=4)
+    k = key()
+    for _ in range(8):
+        use(p, k)
+    wait_for(lambda: fake.running == 0)
+    fake.max_running = 0
+    wait_for(lambda: status(p, k).warm == 8)
+    assert fake.max_running <= 2

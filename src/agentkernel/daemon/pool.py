@@ -11,7 +11,7 @@ How it keeps up (docs/daemon.md, "The warm pool"):
   on the sandboxes themselves); the other keys' minimums come before a key's surplus.
 - **Refilled concurrently, bounded.** `refills` worker threads start sandboxes; while runs
   are in flight only `busy_refills` of them do, so refills cannot starve the runs they
-  are for.
+  are for; the depth kept for the next burst fills with half of them at most.
 - **A request never waits longer than a cold start.** With no warm sandbox, a take may
   claim one whose start is under way if it is expected to be ready sooner than a fresh
   start would be, and waits at most that long; otherwise the caller starts one itself.
@@ -186,16 +186,17 @@ class _KeyState:
     def note_latency(self, seconds: float) -> None:
         self.latency += LATENCY_WEIGHT * (seconds - self.latency)
 
-    def target(self, now: float) -> int:
+    def target(self, now: float, depth: bool = True) -> int:
         """Warm sandboxes to keep: what the takes of one start's time need, within min/max;
         one more while the key is in use (LIVELY_RATE), so that a take leaves one warm and
-        its refill can wait for the run (`WarmPool._can_wait`)."""
+        its refill can wait for the run (`WarmPool._can_wait`); between bursts the last
+        burst's size (`depth`: False leaves that out)."""
         rate = self.rate_now(now)
         # (Not for a key whose sandboxes come back, wasm's: its runs leave none to refill.)
         lively = rate >= LIVELY_RATE and not self.given_back
         demand = math.ceil(rate * self.latency * HEADROOM) + lively
         between = self.run <= 1 or now - self.taken_at >= BURST_GAP  # (not in a burst)
-        if self.burst > 1 and not self.given_back and between and \
+        if depth and self.burst > 1 and not self.given_back and between and \
                 now - self.taken_at < BURST_MEMORY:
             # Between bursts (runs back to back, then a pause, or runs one at a time):
             # as many warm as the last burst took, filled while idle, so that the next
@@ -577,9 +578,10 @@ class WarmPool:
 
     def _next_job(self, now: float) -> _KeyState | None:
         """Under the lock: the key most in need of a start. Queued takes come first, and
-        a key down to half its target may use every slot. Other starts ahead of demand
-        yield to runs in flight: at most `busy_refills` at once, and only REFILL_DELAY
-        after the key's last take (a start costs CPU the run just served needs). A start
+        a key down to half its rate's target may use every slot (a burst's depth: half of
+        them, `depth_ok`). Other starts ahead of demand yield to runs in flight: at most
+        `busy_refills` at once, and only REFILL_DELAY after the key's last take (a start
+        costs CPU the run just served needs). A start
         the key's next take does not need yet (`_can_wait`) also waits for the runs in
         flight to end (`_yield_left`)."""
         running = self._running()
@@ -587,6 +589,9 @@ class WarmPool:
             return None
         busy = self._busy()
         ahead_ok = running < (self.busy_refills if busy else self.refills)
+        # The depth kept between bursts is filled with half the slots at most: the other
+        # runs of the while (another key's, the CLI's) keep a core.
+        depth_ok = running < max(self.busy_refills, self.refills // 2)
         best, best_need = None, 0
         for st in self._keys.values():
             if st.retry_at > now:
@@ -599,9 +604,12 @@ class WarmPool:
                 if need <= 0:  # nothing to start (e.g. its sandboxes came back): none yields
                     st.held = None
                     continue
-                # Down to half its target or less, a key is behind demand: every slot.
-                urgent = 2 * st.spare() <= st.target(now)
-                if not urgent and (not ahead_ok or now - st.last_used < REFILL_DELAY):
+                # Down to half the target its rate says or less, a key is behind demand:
+                # every slot. What the rate's target leaves to start is burst depth.
+                rated = st.target(now, depth=False)
+                urgent = 2 * st.spare() <= rated
+                ok = ahead_ok and (depth_ok or st.spare() < rated)
+                if not urgent and (not ok or now - st.last_used < REFILL_DELAY):
                     continue
                 if need > 0 and self._can_wait(st, now) and \
                         self._yield_left(now, st.held) > 0:
