@@ -282,9 +282,13 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         time.sleep(1.0)
         concs: list[dict[str, Any]] = []
         for clients in client_counts(args.clients):
-            before_c = pool_counts(ak, env)
+            before_c = pool_counts(ak, env, ("misses", "warm"))
             cpu_before, own_before = tree_cpu(serve.pid), own_cpu(serve.pid)
             conc = concurrent(port, clients, args.duration, body)
+            # Made before the case (a deep pool after a burst): neither counted as made
+            # in it (`net_per_s`) nor in its CPU, which they flatter.
+            conc["warm_before"] = max(0, before_c.get("warm", 0))
+            conc["net_per_s"] = max(0, conc["ok"] - conc["warm_before"]) / args.duration
             conc["load"] = Path("/proc/loadavg").read_text().split()[0]  # others' work too
             cpu_after, own_after = tree_cpu(serve.pid), own_cpu(serve.pid)
             after_c = pool_counts(ak, env)
@@ -435,6 +439,8 @@ def main() -> int:
             md.append(f"- {tag}: {conc['clients']} concurrent clients, {args.duration:g}s: "
                       f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "
                       f"{conc['failed']} failed, {conc['misses']} started cold, "
+                      f"{conc['warm_before']} warm at its start (without them "
+                      f"{conc['net_per_s']:.1f}/s), "
                       f"{conc['cpu_ms']:.1f} ms CPU per run (the server's whole tree: the "
                       f"daemon's own process {conc['own_ms']:.1f} ms, the processes under it "
                       f"{conc['cpu_ms'] - conc['own_ms']:.1f} ms), load {conc['load']}")
