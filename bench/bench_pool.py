@@ -269,7 +269,7 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         # taught it, within its caps): CPU per run from there until it is back there (the
         # burst's runs, their refills and teardowns; nothing made ahead of them).
         refilled = wait_pool_target(ak, env)
-        before = pool_counts(ak, env)
+        before = pool_counts(ak, env, ("misses", "warm"))
         b2b_cpu = tree_cpu(serve.pid)
         cases[f"{tag}: {args.n} back-to-back POST /run, next burst"] = back_to_back(
             port, args.n, body, 0.0)
@@ -277,6 +277,9 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         refilled = min(refilled, wait_pool_target(ak, env))
         time.sleep(1.0)  # the teardowns those runs left: theirs too
         b2b_cpu = (tree_cpu(serve.pid) - b2b_cpu) * 1000 / args.n
+        # More warm after than before (the burst raised the target): the window also
+        # paid for those, and CPU per run reads high.
+        warm = before.get("warm", 0), pool_counts(ak, env, ("warm",)).get("warm", 0)
         cases[f"{tag}: POST /run, {args.pause:g}s pause between"] = back_to_back(
             port, args.pause_n, body, args.pause)
         time.sleep(1.0)
@@ -313,7 +316,8 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         log = (tmp / "serve.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(tmp, ignore_errors=True)
     return {"cases": cases, "concs": concs, "log": log, "misses": delta(after, before),
-            "first_misses": first_misses, "b2b_cpu": b2b_cpu, "refilled": refilled}
+            "first_misses": first_misses, "b2b_cpu": b2b_cpu, "refilled": refilled,
+            "warm": warm}
 
 
 def wait_pool_target(ak: Path, env: dict[str, str], timeout: float = 15.0) -> float:
@@ -432,9 +436,11 @@ def main() -> int:
         cli = pct(run["cases"][f"{tag}: warm `agentkernel run -- true` (CLI)"], 0.5)
         md.append(f"- {tag}: back-to-back requests started cold: first burst "
                   f"{run['first_misses']}/{args.n}, next burst {run['misses']}/{args.n} "
-                  f"(the pool was back at its target {run['refilled']:.1f} s after a burst); "
-                  f"{run['b2b_cpu']:.1f} ms CPU per run of the next burst (the server's "
-                  "whole tree, with the refill and teardown each run causes)")
+                  f"(the pool was back at its target {run['refilled']:.1f} s after a burst; "
+                  f"warm before the next burst {run['warm'][0]}, after its refill "
+                  f"{run['warm'][1]}); {run['b2b_cpu']:.1f} ms CPU per run of the next "
+                  "burst (the server's whole tree, with the refill and teardown each run "
+                  "causes, and any sandboxes warm after beyond those before)")
         for conc in run["concs"]:
             md.append(f"- {tag}: {conc['clients']} concurrent clients, {args.duration:g}s: "
                       f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "
