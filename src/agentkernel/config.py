@@ -460,7 +460,8 @@ class DaemonSection(_Section):
     """The per-user daemon (read from its own config file, see docs/daemon.md)."""
 
     pool_min: Annotated[int, Field(ge=0, le=64)] = 2
-    pool_max: Annotated[int, Field(ge=0, le=256)] = 8
+    # (A key grows past its rate's size only for bursts: daemon.md, "Between bursts".)
+    pool_max: Annotated[int, Field(ge=0, le=256)] = 128
     pools: list[PoolEntry] = Field(default_factory=lambda: [PoolEntry()])
     # Keys nobody configured (e.g. a project dir) get this many warm sandboxes once used...
     adhoc_min: Annotated[int, Field(ge=0, le=64)] = 1
@@ -468,7 +469,7 @@ class DaemonSection(_Section):
     adhoc_idle_seconds: Annotated[float, Field(gt=0)] = 600.0
     # Every key's warm (and starting) sandboxes together: at most this many, and within
     # this much memory (measured on the first sandbox of each key).
-    pool_max_total: Annotated[int, Field(ge=0, le=1024)] = 64
+    pool_max_total: Annotated[int, Field(ge=0, le=1024)] = 128
     pool_memory_mb: Annotated[int, Field(ge=0)] = 1024
     # Sandboxes the pool starts at once (default: one per core, 2 to 4).
     pool_refills: Annotated[int, Field(ge=1, le=64)] | None = None

@@ -588,3 +588,162 @@ def test_between_bursts_the_last_bursts_size_is_kept_warm(
     monkeypatch.setattr(pool_mod, "BURST_MEMORY", 0.3)
     monkeypatch.setattr(pool_mod, "TRIM_AFTER", 0.0)
     wait_for(lambda: status(p, k).target == 1 and status(p, k).warm <= 1)
+
+
+# ---- a burst served from the pool's depth ----
+
+@pytest.fixture
+def long_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Takes 20 ms apart are a burst that does not pause while a test watches; background
+    work that merely yields to runs would go after 20 ms (YIELD_MAX)."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 1e6)  # the gap alone says what comes
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 30.0)
+    monkeypatch.setattr(pool_mod, "YIELD_MAX", 0.02)
+
+
+def take_spaced(p: WarmPool, k: PoolKey, n: int) -> list[Any]:
+    """`n` takes at least 20 ms apart (a burst under `long_burst`), all left in use."""
+    taken = []
+    for _ in range(n):
+        time.sleep(0.02)
+        sandbox, warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+        assert warm
+        taken.append(sandbox)
+    return taken
+
+
+def test_a_burst_served_warm_holds_refills_and_teardown_until_it_pauses(
+        fake: FakeBackend, make_pool: Any, long_burst: None) -> None:
+    """Warm sandboxes enough for the takes expected soon: neither a refill nor a teardown
+    shares the cores with the burst's runs (each one yielding for YIELD_MAX only would go
+    during a long burst); once no run is in flight they go."""
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 10, 10)
+    assert p.wait_warm(10)
+    started = fake.started
+    a, b = take_spaced(p, k, 2)
+    p.release(k)
+    p.discard(a)  # b's run is still in flight, the burst goes on
+    time.sleep(0.3)
+    assert a.spec.name in fake.live
+    assert fake.started == started
+    p.release(k)
+    p.discard(b)
+    wait_for(lambda: not ({a.spec.name, b.spec.name} & fake.live))
+    wait_for(lambda: status(p, k).warm == 10)
+
+
+def test_a_burst_that_runs_low_refills_at_once(fake: FakeBackend, make_pool: Any,
+                                               long_burst: None) -> None:
+    """The warm ones left no longer cover the takes expected before a start would be
+    ready: the refills start during the burst, its runs still in flight."""
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 4, 4)
+    assert p.wait_warm(10)
+    started = fake.started
+    taken = take_spaced(p, k, 3)
+    wait_for(lambda: fake.started > started)
+    assert status(p, k).in_use == 3
+    for sandbox in taken:
+        p.release(k)
+        p.discard(sandbox)
+
+
+def test_teardown_held_by_a_burst_is_bounded_by_half_its_queue(
+        fake: FakeBackend, make_pool: Any, long_burst: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_mod, "DESTROY_QUEUE", 4)
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 10, 10)
+    assert p.wait_warm(10)
+    taken = take_spaced(p, k, 3)
+    for sandbox in taken[:2]:
+        p.release(k)
+        p.discard(sandbox)  # the second fills half the queue: teardown goes on
+    wait_for(lambda: len({s.spec.name for s in taken[:2]} & fake.live) < 2)
+    assert status(p, k).in_use == 1
+    p.release(k)
+    p.discard(taken[2])
+
+
+def test_a_keys_minimum_comes_before_another_keys_burst_depth(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One key's burst filled the total cap with surplus: a key used next still gets its
+    minimum at once (not only once the surplus is trimmed, its key idle for TRIM_AFTER),
+    not a cold start each run."""
+    monkeypatch.setattr(pool_mod, "TRIM_AFTER", 1e6)
+    p = make_pool(max_total=4, adhoc_min=1, adhoc_max=4)
+    ka, kb = key("a"), key("b")
+    for _ in range(6):
+        use(p, ka)  # back to back: a burst, a keeps 4 warm for the next one
+    wait_for(lambda: status(p, ka).warm == 4)
+    assert not use(p, kb)  # b's first run: cold
+    wait_for(lambda: status(p, kb).warm == 1)
+    assert use(p, kb)
+    wait_for(lambda: status(p, kb).warm == 1)
+    assert status(p, ka).warm + status(p, kb).warm == 5  # a's surplus not trimmed yet
+
+
+def test_runs_one_at_a_time_after_a_burst_keep_its_size_warm(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run after a pause is not part of a burst: the key still aims at the last burst's
+    size right after it (else each such run dropped the target, and paced runs drained
+    the burst's depth without a refill)."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.2)
+    p = make_pool(adhoc_min=1, adhoc_max=6)
+    k = key()
+    for _ in range(6):
+        use(p, k)
+    wait_for(lambda: status(p, k).warm == 6)
+    time.sleep(2 * pool_mod.BURST_GAP)
+    assert use(p, k)
+    assert status(p, k).target == 6
+    wait_for(lambda: status(p, k).warm == 6)
+
+
+def test_a_burst_no_longer_than_the_last_is_served_from_the_depth_alone(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm ones left cover what remains of a burst as long as the last one: no refill
+    shares the cores with it, however close together its takes come; after it, the key
+    refills."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 1e6)
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 0.05)
+    p = make_pool()
+    k = key()
+    p.configure(k, None, None, 6, 6)
+    assert p.wait_warm(10)
+    for _ in range(6):
+        use(p, k)  # back to back: a burst of 6
+    assert p.wait_warm(10)
+    time.sleep(0.1)  # a pause: the next take begins another burst
+    started = fake.started
+    taken = [p.acquire(k, None, None)[0]]  # type: ignore[arg-type]
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 30.0)  # it does not pause while we watch
+    taken += [p.acquire(k, None, None)[0] for _ in range(4)]  # type: ignore[arg-type]
+    assert status(p, k).warm == 1  # one left for the burst's last take
+    time.sleep(0.3)
+    assert fake.started == started
+    for sandbox in taken:
+        p.release(k)
+        p.discard(sandbox)
+    wait_for(lambda: status(p, k).warm == 6)
+
+
+def test_the_depth_between_bursts_fills_with_half_the_slots(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a key keeps only for its next burst is started at most refills // 2 at once:
+    the runs meanwhile (another key's) keep a core."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.05)
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 1.0)  # the depth's refills begin 1 s after
+    fake.delay = 0.02
+    p = make_pool(adhoc_min=1, adhoc_max=8, refills=4)
+    k = key()
+    for _ in range(8):
+        use(p, k)
+    wait_for(lambda: fake.running == 0)
+    fake.max_running = 0
+    wait_for(lambda: status(p, k).warm == 8)
+    assert fake.max_running <= 2

@@ -8,10 +8,10 @@ How it keeps up (docs/daemon.md, "The warm pool"):
   as many as the last burst took (`BURST_MEMORY` after it: refilled while idle, for the
   next burst), never fewer than its `min`, never more than its `max`. All keys
   together stay within a count (`max_total`) and a memory cap (`memory_bytes`, measured
-  on the sandboxes themselves).
+  on the sandboxes themselves); the other keys' minimums come before a key's surplus.
 - **Refilled concurrently, bounded.** `refills` worker threads start sandboxes; while runs
   are in flight only `busy_refills` of them do, so refills cannot starve the runs they
-  are for.
+  are for; the depth kept for the next burst fills with half of them at most.
 - **A request never waits longer than a cold start.** With no warm sandbox, a take may
   claim one whose start is under way if it is expected to be ready sooner than a fresh
   start would be, and waits at most that long; otherwise the caller starts one itself.
@@ -23,6 +23,9 @@ How it keeps up (docs/daemon.md, "The warm pool"):
   (SETTLE: its answer is still on its way), at most YIELD_MAX: on two cores a start
   costs tens of ms of CPU, and a warm run that shares the CPU with its own refill took
   several times longer. A start a waiting or imminent take needs is never held back.
+  During a burst served warm (runs back to back, and warm sandboxes enough for the takes
+  expected before a start would be ready) both wait as long as the burst lasts, not
+  YIELD_MAX: the pool's depth serves it, and teardown waits until half its queue is full.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ RATE_WINDOW = 2.0  # seconds: time constant of the takes/s EWMA
 LATENCY_WEIGHT = 0.2  # weight of the newest start in the start-latency EWMA
 FIRST_LATENCY = 0.05  # seconds: the start latency assumed before any was measured
 HEADROOM = 1.5  # warm sandboxes per sandbox a start's time consumes at the current rate
-DESTROY_QUEUE = 64  # used sandboxes waiting for teardown; beyond, the caller tears down
+# Used sandboxes waiting for teardown; beyond, the caller tears down. Up to half of it
+# waits while a burst is served warm (a burst of up to `pool_max_total` runs).
+DESTROY_QUEUE = 256
 QUEUE_SLACK = 0.05  # seconds a queued take waits beyond its estimate before starting itself
 MAX_CLAIMS = 256  # takes queued per key; beyond, a take starts its own sandbox
 COLD_ATTEMPTS = 3  # tries of a start in the caller's thread
@@ -181,19 +186,23 @@ class _KeyState:
     def note_latency(self, seconds: float) -> None:
         self.latency += LATENCY_WEIGHT * (seconds - self.latency)
 
-    def target(self, now: float) -> int:
+    def target(self, now: float, depth: bool = True) -> int:
         """Warm sandboxes to keep: what the takes of one start's time need, within min/max;
         one more while the key is in use (LIVELY_RATE), so that a take leaves one warm and
-        its refill can wait for the run (`WarmPool._can_wait`)."""
+        its refill can wait for the run (`WarmPool._can_wait`); between bursts the last
+        burst's size (`depth`: False leaves that out)."""
         rate = self.rate_now(now)
         # (Not for a key whose sandboxes come back, wasm's: its runs leave none to refill.)
         lively = rate >= LIVELY_RATE and not self.given_back
         demand = math.ceil(rate * self.latency * HEADROOM) + lively
-        if self.burst > 1 and not self.given_back and \
-                BURST_GAP <= now - self.taken_at < BURST_MEMORY:
-            # Between bursts (runs back to back, then a pause): as many warm as the last
-            # burst took, filled while idle, so that the next one finds them; a rate of
-            # one start's time would keep a few, and a burst drains them at once.
+        between = self.run <= 1 or now - self.taken_at >= BURST_GAP  # (not in a burst)
+        if depth and self.burst > 1 and not self.given_back and between and \
+                now - self.taken_at < BURST_MEMORY:
+            # Between bursts (runs back to back, then a pause, or runs one at a time):
+            # as many warm as the last burst took, filled while idle, so that the next
+            # one finds them; a rate of one start's time would keep a few, and a burst
+            # drains them at once. (A run after a pause counts: it used to drop the
+            # target until BURST_GAP later, and paced runs drained the depth unrefilled.)
             demand = max(demand, self.burst)
         return max(self.min, min(self.max, demand))
 
@@ -227,9 +236,9 @@ class WarmPool:
         destroy: Callable[[Sandbox], None],
         *,
         adhoc_min: int = 1,
-        adhoc_max: int = 8,
+        adhoc_max: int = 128,
         idle_seconds: float = 600.0,
-        max_total: int = 64,
+        max_total: int = 128,
         memory_bytes: int = 1024 * 1024 * 1024,
         refills: int | None = None,
         busy_refills: int = 1,
@@ -524,13 +533,18 @@ class WarmPool:
     def _room(self, st: _KeyState) -> int:
         """Under the lock: how many sandboxes `st` may hold warm or starting, given the
         total count and memory caps over every key (a key not yet measured counts as
-        DEFAULT_MEMORY per sandbox)."""
+        DEFAULT_MEMORY per sandbox). The other keys' minimums come first; and a key's own
+        minimum comes before the others' surplus (a burst's depth: `_expire` trims it once
+        its key is idle), so that one key's burst never leaves another key cold."""
         others = [o for o in self._keys.values() if o is not st]
         held = sum(len(o.warm) + o.starting for o in others)
+        unmet = sum(max(0, min(o.min, o.max) - len(o.warm) - o.starting) for o in others)
         memory_held = sum((len(o.warm) + o.starting) * (o.memory or DEFAULT_MEMORY)
                           for o in others)
-        by_memory = (self.memory_bytes - memory_held) // (st.memory or DEFAULT_MEMORY)
-        room = max(0, min(self.max_total - held, by_memory))
+        by_memory = max(0, (self.memory_bytes - memory_held) // (st.memory or DEFAULT_MEMORY))
+        room = max(0, min(self.max_total - held - unmet, by_memory))
+        within_mins = self.max_total - sum(min(len(o.warm) + o.starting, o.min) for o in others)
+        room = max(room, min(st.min, st.max, by_memory, within_mins))
         if not st.memory and st.starting:
             # Not measured yet: one start at a time until the first one says how big.
             room = min(room, len(st.warm) + st.starting)
@@ -564,9 +578,10 @@ class WarmPool:
 
     def _next_job(self, now: float) -> _KeyState | None:
         """Under the lock: the key most in need of a start. Queued takes come first, and
-        a key down to half its target may use every slot. Other starts ahead of demand
-        yield to runs in flight: at most `busy_refills` at once, and only REFILL_DELAY
-        after the key's last take (a start costs CPU the run just served needs). A start
+        a key down to half its rate's target may use every slot (a burst's depth: half of
+        them, `depth_ok`). Other starts ahead of demand yield to runs in flight: at most
+        `busy_refills` at once, and only REFILL_DELAY after the key's last take (a start
+        costs CPU the run just served needs). A start
         the key's next take does not need yet (`_can_wait`) also waits for the runs in
         flight to end (`_yield_left`)."""
         running = self._running()
@@ -574,6 +589,9 @@ class WarmPool:
             return None
         busy = self._busy()
         ahead_ok = running < (self.busy_refills if busy else self.refills)
+        # The depth kept between bursts is filled with half the slots at most: the other
+        # runs of the while (another key's, the CLI's) keep a core.
+        depth_ok = running < max(self.busy_refills, self.refills // 2)
         best, best_need = None, 0
         for st in self._keys.values():
             if st.retry_at > now:
@@ -586,9 +604,12 @@ class WarmPool:
                 if need <= 0:  # nothing to start (e.g. its sandboxes came back): none yields
                     st.held = None
                     continue
-                # Down to half its target or less, a key is behind demand: every slot.
-                urgent = 2 * st.spare() <= st.target(now)
-                if not urgent and (not ahead_ok or now - st.last_used < REFILL_DELAY):
+                # Down to half the target its rate says or less, a key is behind demand:
+                # every slot. What the rate's target leaves to start is burst depth.
+                rated = st.target(now, depth=False)
+                urgent = 2 * st.spare() <= rated
+                ok = ahead_ok and (depth_ok or st.spare() < rated)
+                if not urgent and (not ok or now - st.last_used < REFILL_DELAY):
                     continue
                 if need > 0 and self._can_wait(st, now) and \
                         self._yield_left(now, st.held) > 0:
@@ -616,7 +637,12 @@ class WarmPool:
         # The rate, or the last gap between takes where that says more: the EWMA needs
         # several takes to see a burst begin, the gap sees it at its second.
         expected = max(st.rate_now(now) * window, window / st.gap if st.gap > 0 else math.inf)
-        return expected + 0.5 < len(st.warm) - len(st.claims) + 1
+        left = len(st.warm) - len(st.claims)
+        # In a burst no longer than the last one (the key's depth was sized from it), the
+        # warm ones left may cover all of its remaining takes: nothing to start for it.
+        # (A longer burst then refills as above once they are gone.)
+        remaining = st.burst - st.run if st.gap < BURST_GAP else 0
+        return expected + 0.5 < left + 1 or 0 < remaining <= left
 
     def _burst(self, now: float) -> bool:
         """Under the lock: whether runs come back to back (a key's last two takes under
@@ -625,14 +651,28 @@ class WarmPool:
         return any(st.gap < BURST_GAP and now - st.taken_at < BURST_GAP
                    for st in self._keys.values())
 
+    def _burst_served_warm(self, now: float) -> bool:
+        """Under the lock: whether runs come back to back (`_burst`) and every key they
+        come for has warm sandboxes enough for the takes expected before a start would be
+        ready (`_can_wait`): the burst is served from the pool's depth, and a refill or a
+        teardown now would only share the cores (and the GIL) with its runs. Once a key's
+        warm ones run low that stops, and its refills start at once."""
+        bursting = [st for st in self._keys.values()
+                    if st.gap < BURST_GAP and now - st.taken_at < BURST_GAP]
+        return bool(bursting) and all(self._can_wait(st, now) for st in bursting)
+
     def _yield_left(self, now: float, held_since: float | None) -> float:
         """Under the lock: how long background work held back since `held_since` (None:
         not yet) still waits for the runs: while one is in flight or ended under SETTLE
-        ago, and at most YIELD_MAX in all."""
+        ago, and at most YIELD_MAX in all; during a burst served warm, as long as it lasts
+        (a take or a release looks again sooner)."""
         if not self._busy() and now - self._active_at >= SETTLE:
             return 0.0
-        since = now if held_since is None else held_since
-        left = since + YIELD_MAX - now
+        if self._burst_served_warm(now):
+            left = max(st.taken_at for st in self._keys.values()) + BURST_GAP - now
+        else:
+            since = now if held_since is None else held_since
+            left = since + YIELD_MAX - now
         if not self._busy():
             left = min(left, self._active_at + SETTLE - now)
         return max(0.0, left)
@@ -733,7 +773,8 @@ class WarmPool:
         """Under the lock: wait (once, briefly) if teardown should yield to runs; True if
         it waited (the caller looks again). A full queue's teardown never waits."""
         now = time.monotonic()
-        if self._closed or len(self._doomed) >= DESTROY_QUEUE // 2 or self._burst(now):
+        if self._closed or len(self._doomed) >= DESTROY_QUEUE // 2 or (
+                self._burst(now) and not self._burst_served_warm(now)):
             left = 0.0
         else:
             left = self._yield_left(now, self._teardown_held)
