@@ -40,6 +40,10 @@ _MOUNT_ATTR_RDONLY = 0x1
 _MOUNT_ATTR_NOSUID = 0x2
 _MOUNT_ATTR_NODEV = 0x4
 _MOUNT_ATTR_IDMAP = 0x100000
+# A detached copy (open_tree's clone) of a shared mount is that mount's peer: what is mounted
+# on it inside a sandbox would show on the host's (and every other sandbox's) copy. Each
+# copy we hand out is made private (bwrap's own binds are made in a slave namespace).
+_MS_PRIVATE = 1 << 18
 _CLONE_NEWUSER = 0x10000000
 
 SUBID_NAME = "agentkernel"  # the /etc/subuid and /etc/subgid entry that sets the block
@@ -536,7 +540,7 @@ def idmapped_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool = F
     flags = _MOUNT_ATTR_IDMAP | (0 if plain else _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV)
     if read_only:
         flags |= _MOUNT_ATTR_RDONLY
-    attr = _MountAttr(flags, 0, 0, userns_fd)
+    attr = _MountAttr(flags, 0, _MS_PRIVATE, userns_fd)
     last = 0
     for recursive in (_AT_RECURSIVE, 0):
         fd = libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(path),
@@ -565,7 +569,7 @@ def device_tree(path: str) -> int:
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot copy the mount of {path}: {os.strerror(err)}")
-    attr = _MountAttr(_MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NOEXEC, 0, 0, 0)
+    attr = _MountAttr(_MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NOEXEC, 0, _MS_PRIVATE, 0)
     if libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
                     ctypes.sizeof(attr)) != 0:
         err = ctypes.get_errno()
