@@ -236,3 +236,18 @@ def _children_of(pid: int) -> set[int]:
 def _children() -> set[int]:
     return {int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
             .read_text().split()}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's namespaces are made by the server")
+def test_a_server_that_cannot_make_one_namespace_is_asked_again_the_old_way() -> None:
+    """The server's "-" says nothing of why (a refused owner, a fork or fd shortage): the
+    request goes the old way (which alone decides that owned namespaces are refused here),
+    and the server stays for the next one, not retired, not taken for a refusal."""
+    from agentkernel.idmap import _UsernsServer
+
+    server = _UsernsServer()
+    try:
+        assert server.make(_enter(), {"uid": "0 0 1\n", "gid": "0 0 1\n"}, (0, 0)) == -1
+        assert not server.retired and server.pid > 0
+    finally:
+        server._retire()

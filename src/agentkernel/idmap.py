@@ -298,8 +298,10 @@ class _UsernsServer:
         self.retired = False
 
     def make(self, helper: str, maps: dict[str, str], owner: tuple[int, int] | None) -> int:
-        """The mapped namespace's fd, or -1 (then ask `_mapped_by_spawn`). SandboxError
-        where its child could not make it (as `owner`: the caller then asks without)."""
+        """The mapped namespace's fd, or -1: then `_mapped_by_spawn` asks the old way,
+        which also tells a host that refuses namespaces made as `owner` (SandboxError) from
+        a passing failure here ("-" is all the server says, for a fork or fd shortage too:
+        taken for a refusal, it would leave every later sandbox's namespace root's)."""
         with self.lock:
             if self.retired:
                 return -1
@@ -309,17 +311,26 @@ class _UsernsServer:
                 self._send("n -\n" if owner is None else f"n {owner[0]} {owner[1]}\n")
                 answer = self._line()
                 if answer == "-":
-                    raise SandboxError("could not create a user namespace for the sandbox")
+                    return -1
                 if not answer.isdigit():
                     raise OSError(0, f"the user namespace server answered {answer!r}")
                 child = int(answer)
                 try:
-                    return _map_and_keep(child, maps)
+                    fd = _map_and_keep(child, maps)
                 finally:
-                    self._send(f"k {child}\n")
+                    self._let_go(child)
+                return fd
             except OSError:
                 self._retire()
                 return -1
+
+    def _let_go(self, child: int) -> None:
+        """Have the server kill and reap `child`; a server that cannot hear it is retired
+        (its children die with it), never the namespace already kept lost."""
+        try:
+            self._send(f"k {child}\n")
+        except OSError:
+            self._retire()
 
     def _start(self, helper: str) -> None:
         from . import spawn
