@@ -75,3 +75,20 @@ def test_a_read_only_root_is_made_so_by_the_agent(profile: str) -> None:
     bwrap, agent = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     assert ("--root-ro" in agent) == (not get_profile(profile).root_writable)
     assert ("--remount-ro", "/") not in itertools.pairwise(bwrap)
+
+
+def test_the_agent_copy_is_sealed_against_changes_of_its_content_and_mode() -> None:
+    from agentkernel.backends.namespaces import _F_SEAL_EXEC, _seal_copy
+
+    st = os.stat(sys.executable)
+    fd = _seal_copy(sys.executable, (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+    assert fd is not None
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        want = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        assert seals & want == want
+        if seals & _F_SEAL_EXEC:  # (a kernel that has it: 6.3 on)
+            with pytest.raises(PermissionError):
+                os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)

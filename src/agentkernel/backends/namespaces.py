@@ -699,6 +699,7 @@ _IMAGES: dict[tuple[int, int, int, int], int] = {}
 _IMAGES_MAX = 4
 _IMAGES_LOCK = threading.Lock()
 _MFD_EXEC = 0x0010  # (Linux 6.3: the memfd may be exec'd whatever vm.memfd_noexec says)
+_F_SEAL_EXEC = 0x0020  # (Linux 6.3: its exec bits can no longer change)
 
 
 def agent_image(path: str) -> int | None:
@@ -747,8 +748,13 @@ def _seal_copy(path: str, key: tuple[int, int, int, int]) -> int | None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW |
-                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        try:  # and its mode (no chmod making it unrunnable for later sandboxes): Linux 6.3
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | _F_SEAL_EXEC | fcntl.F_SEAL_SEAL)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | fcntl.F_SEAL_SEAL)
     except OSError:
         os.close(fd)
         return None
