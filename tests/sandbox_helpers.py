@@ -454,3 +454,49 @@ def _gates(scratch: Path) -> set[int]:
         except OSError:
             continue
     return out
+
+
+@contextlib.contextmanager
+def shared_top(prefix: str) -> Iterator[Path]:
+    """A directory both root and an ordinary user can reach (in /var/tmp, 0755: pytest's
+    own dirs are root's 0700), with project/ (0755), run/ and data/ (0700) for CLI runs
+    without a daemon (`top_run`). The podman API service a run started there is stopped
+    after (its pid file is in run/)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    path.chmod(0o755)
+    for sub in ("project", "run", "data"):
+        (path / sub).mkdir(mode=0o755 if sub == "project" else 0o700)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((path / "run" / "podman.pid").read_text()), 15)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def top_env(top: Path) -> dict[str, str]:
+    """The environment of a CLI run in `shared_top`'s dir: its data and runtime dirs, no
+    daemon, our package on a path an ordinary user can read."""
+    return {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(top),
+            "AGENTKERNEL_HOME": str(top / "data"), "AGENTKERNEL_RUNTIME_DIR": str(top / "run"),
+            "AGENTKERNEL_NO_DAEMON": "1", "PYTHONPATH": public_pythonpath()}
+
+
+def top_argv(user: int, backend: str, profile: str | None, script: str,
+             *args: str) -> list[str]:
+    """`agentkernel run -q -B backend [-p profile] -- python3 -c script args…` as `user`
+    (root: the suite's interpreter; another: the system's, through setpriv)."""
+    cmd = [sys.executable, "-P", "-m", "agentkernel"]
+    if user != 0:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--",
+               SYSTEM_PYTHON, "-P", "-m", "agentkernel"]
+    chosen = ["-p", profile] if profile else []
+    return [*cmd, "run", "-q", "-B", backend, *chosen, "--", "python3", "-c", script, *args]
+
+
+def top_run(top: Path, user: int, backend: str, profile: str, script: str,
+            *args: str) -> subprocess.CompletedProcess[str]:
+    """`top_argv` run in `top`'s project, its output taken."""
+    return subprocess.run(top_argv(user, backend, profile, script, *args), cwd=top / "project",
+                          env=top_env(top), capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL, check=False)

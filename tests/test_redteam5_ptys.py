@@ -15,15 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agentkernel.profiles import PTY_MAX
-from sandbox_helpers import SYSTEM_PYTHON, backend_available, public_pythonpath
+from sandbox_helpers import backend_available, shared_top, top_argv, top_env
 
 NOBODY = 65534
 TRY = PTY_MAX + 64  # enough to see the cap, far from the host's whole share
@@ -44,24 +42,13 @@ ONE = "import os; os.openpty(); print('one-ok')"
 
 @pytest.fixture
 def top() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ak-rt5-pty-", dir="/var/tmp"))
-    path.chmod(0o755)
-    for sub in ("project", "run", "data"):
-        (path / sub).mkdir(mode=0o755 if sub == "project" else 0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_top("ak-rt5-pty-") as path:
+        yield path
 
 
 def _argv(top: Path, user: int, script: str, backend: str = "namespaces"
           ) -> tuple[list[str], dict[str, str]]:
-    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(top),
-           "AGENTKERNEL_HOME": str(top / "data"), "AGENTKERNEL_RUNTIME_DIR": str(top / "run"),
-           "AGENTKERNEL_NO_DAEMON": "1", "PYTHONPATH": public_pythonpath()}
-    cmd = [sys.executable, "-P", "-m", "agentkernel"]
-    if user != 0:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--",
-               SYSTEM_PYTHON, "-P", "-m", "agentkernel"]
-    return [*cmd, "run", "-q", "-B", backend, "--", "python3", "-c", script], env
+    return top_argv(user, backend, None, script), top_env(top)
 
 
 @pytest.mark.parametrize("user", [0, NOBODY], ids=["root", "nobody"])

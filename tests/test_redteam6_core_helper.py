@@ -20,7 +20,6 @@ crashes itself (no host core dump).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, backend_available, public_pythonpath
+from sandbox_helpers import backend_available, shared_top, top_env, top_run
 
 NOBODY = 65534
 CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
@@ -54,15 +53,8 @@ os.kill(os.getpid(), signal.SIGSEGV)
 
 @pytest.fixture
 def top() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ak-rt6-core-", dir="/var/tmp"))
-    path.chmod(0o755)
-    for sub in ("project", "run", "data"):
-        (path / sub).mkdir(mode=0o755 if sub == "project" else 0o700)
-    yield path
-    pidfile = path / "run" / "podman.pid"  # the API service our podman backend started
-    with contextlib.suppress(OSError, ValueError):
-        os.kill(int(pidfile.read_text()), signal.SIGTERM)
-    shutil.rmtree(path, ignore_errors=True)
+    with shared_top("ak-rt6-core-") as path:
+        yield path
 
 
 @pytest.fixture
@@ -85,19 +77,6 @@ def pipe_helper() -> Iterator[Path]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-def _crash(top: Path, user: int, backend: str, profile: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(top),
-           "AGENTKERNEL_HOME": str(top / "data"), "AGENTKERNEL_RUNTIME_DIR": str(top / "run"),
-           "AGENTKERNEL_NO_DAEMON": "1", "PYTHONPATH": public_pythonpath()}
-    cmd = [sys.executable, "-P", "-m", "agentkernel"]
-    if user != 0:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--",
-               SYSTEM_PYTHON, "-P", "-m", "agentkernel"]
-    argv = [*cmd, "run", "-q", "-B", backend, "-p", profile, "--", "python3", "-c", CRASH]
-    return subprocess.run(argv, cwd=top / "project", env=env, capture_output=True, text=True,
-                          timeout=240, stdin=subprocess.DEVNULL, check=False)
-
-
 @pytest.mark.parametrize(("backend", "user", "profile"), [
     ("namespaces", 0, "restrictive"),
     ("namespaces", NOBODY, "moderate"),
@@ -117,7 +96,7 @@ def test_a_crash_in_a_sandbox_never_runs_the_hosts_core_helper(
             pytest.skip("needs setpriv")
         for p in (top, *top.iterdir()):
             os.chown(p, user, user)
-    r = _crash(top, user, backend, profile)
+    r = top_run(top, user, backend, profile, CRASH)
     assert r.returncode == 128 + signal.SIGSEGV, (r.returncode, r.stdout, r.stderr)
     # The helper has run by the time the crashed process is reaped (the kernel execs it
     # and writes the core before the exit completes), so its note is there if it ran.
@@ -148,9 +127,7 @@ def test_a_wasm_compile_at_its_bounds_never_runs_the_hosts_core_helper(
 
     (top / "project" / "big.wasm").write_bytes(big_function(1 << 20))
     (top / "project" / "slow.wasm").write_bytes(big_function(3 << 20))
-    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(top),
-           "AGENTKERNEL_HOME": str(top / "data"), "AGENTKERNEL_RUNTIME_DIR": str(top / "run"),
-           "AGENTKERNEL_NO_DAEMON": "1", "PYTHONPATH": public_pythonpath()}
+    env = top_env(top)
     for module, bound, said in (("big.wasm", {"AGENTKERNEL_WASM_COMPILE_MEMORY_MB": "160"},
                                  "MiB of memory"),
                                 ("slow.wasm", {"AGENTKERNEL_WASM_COMPILE_CPU_SECONDS": "1"},

@@ -33,19 +33,15 @@ that); where systemd set `fs.file-max` to LONG_MAX there is no such count.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, backend_available, public_pythonpath
+from sandbox_helpers import backend_available, shared_top, top_run
 
 NOBODY = 65534
 AIO_MAX = Path("/proc/sys/fs/aio-max-nr")
@@ -151,30 +147,8 @@ print("files", sum(int.from_bytes(os.read(r, 4), "big") for _ in range(kids)), f
 
 @pytest.fixture
 def top() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ak-rt6-counts-", dir="/var/tmp"))
-    path.chmod(0o755)
-    for sub in ("project", "run", "data"):
-        (path / sub).mkdir(mode=0o755 if sub == "project" else 0o700)
-    yield path
-    pidfile = path / "run" / "podman.pid"  # the API service our podman backend started
-    with contextlib.suppress(OSError, ValueError):
-        os.kill(int(pidfile.read_text()), signal.SIGTERM)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _run(top: Path, user: int, backend: str, profile: str, script: str,
-         *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(top),
-           "AGENTKERNEL_HOME": str(top / "data"), "AGENTKERNEL_RUNTIME_DIR": str(top / "run"),
-           "AGENTKERNEL_NO_DAEMON": "1", "PYTHONPATH": public_pythonpath()}
-    cmd = [sys.executable, "-P", "-m", "agentkernel"]
-    if user != 0:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--",
-               SYSTEM_PYTHON, "-P", "-m", "agentkernel"]
-    argv = [*cmd, "run", "-q", "-B", backend, "-p", profile, "--", "python3", "-c", script,
-            *args]
-    return subprocess.run(argv, cwd=top / "project", env=env, capture_output=True, text=True,
-                          timeout=240, stdin=subprocess.DEVNULL, check=False)
+    with shared_top("ak-rt6-counts-") as path:
+        yield path
 
 
 def _needs(backend: str, user: int, top: Path, request: pytest.FixtureRequest) -> None:
@@ -201,7 +175,7 @@ def test_a_sandbox_cannot_take_the_hosts_native_aio(top: Path, backend: str, use
                                                      request: pytest.FixtureRequest) -> None:
     _needs(backend, user, top, request)
     quarter = int(AIO_MAX.read_text()) // 4
-    r = _run(top, user, backend, profile, TAKE_AIO, str(quarter))
+    r = top_run(top, user, backend, profile, TAKE_AIO, str(quarter))
     line = next((x for x in r.stdout.splitlines() if x.startswith("io_setup")), "")
     assert line, (r.stdout, r.stderr)
     # 0: the context was made, a quarter of the whole host's native AIO for one sandbox.
@@ -231,7 +205,7 @@ def test_a_sandbox_cannot_take_the_hosts_bpf_jit_by_socket_filters(
         request: pytest.FixtureRequest) -> None:
     _needs(backend, user, top, request)
     want = _eighth_of_jit()
-    r = _run(top, user, backend, profile, SOCKET_FILTERS, str(want))
+    r = top_run(top, user, backend, profile, SOCKET_FILTERS, str(want))
     assert _filters_held(r) < want, r.stdout
 
 
@@ -242,7 +216,7 @@ def test_a_sandbox_cannot_take_the_hosts_bpf_jit_by_seccomp_filters(
     _needs("namespaces", 0, top, request)
     want = _eighth_of_jit()
     threads = -(-want // PER_THREAD)
-    r = _run(top, 0, "namespaces", "moderate", SECCOMP_FILTERS, str(threads))
+    r = top_run(top, 0, "namespaces", "moderate", SECCOMP_FILTERS, str(threads))
     assert _filters_held(r) < want, r.stdout
 
 
@@ -260,7 +234,7 @@ def test_a_sandbox_cannot_take_the_hosts_open_files(top: Path,
     per = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 16
     if per <= 0 or -(-want // per) > 100:  # restrictive's pids cap is 128
         pytest.skip("RLIMIT_NOFILE too low here to hold an eighth of fs.file-max in 100 processes")
-    r = _run(top, 0, "namespaces", "restrictive", HOST_FILES, str(want))
+    r = top_run(top, 0, "namespaces", "restrictive", HOST_FILES, str(want))
     line = next((x for x in r.stdout.splitlines() if x.startswith("files")), "")
     assert line, (r.stdout, r.stderr)
     assert int(line.split()[1]) < want, line
