@@ -4,10 +4,11 @@ id-mapped mounts that let them use host files as if they were root.
 Started by root, a sandbox's user namespace maps its ids 0..65535 to a range of host ids
 nobody owns (`host_range`). Every kernel check that looks at the host uid alone (global
 sysctls, SO_PEERCRED, files outside the sandbox) then sees an ordinary user. The host
-dirs a sandbox is given (its root filesystem, the project, its persistent layers) reach
-it as id-mapped mounts (`idmapped_tree`): on those mounts, and only there, files owned
-by host uid 0 show up as owned by the sandbox's uid 0, and what the sandbox creates lands
-as uid 0 on disk, exactly as before.
+dirs a sandbox is given (an image's root filesystem, the project, its persistent layers)
+reach it as id-mapped mounts (`idmapped_tree`): on those mounts, and only there, files
+owned by host uid 0 show up as owned by the sandbox's uid 0, and what the sandbox creates
+lands as uid 0 on disk, exactly as before. The host's own userland is not id-mapped
+(`unmapped_tree`): what host root keeps to itself there stays its own.
 
 The syscalls (open_tree, mount_setattr, setns) have no wrapper in Python's os module:
 they are called through ctypes, loaded only by the backends that need them.
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -547,11 +548,27 @@ def idmapped_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool = F
     Also nosuid and nodev, unless `plain`: a runtime that remounts what it is given
     (runsc) cannot clear flags set here (they are locked for its user namespace).
     """
+    return _detached_tree(path, userns_fd, read_only=read_only, plain=plain)
+
+
+def unmapped_tree(path: str, *, read_only: bool, plain: bool = False) -> int:
+    """`idmapped_tree` without the id-mapping: a detached copy of the mount tree at `path`
+    on which no host id is one of the sandbox's (every file shows as owned by `nobody`, and
+    the sandbox's root has neither an owner's rights nor a capability over it: only what
+    the host lets everyone do). For the host's userland: what host root keeps to itself
+    there (a 0600 file, a 0700 dir) stays its own. Raises OSError."""
+    return _detached_tree(path, -1, read_only=read_only, plain=plain)
+
+
+def _detached_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool) -> int:
+    """idmapped_tree's copy, id-mapped for `userns_fd` (-1: not id-mapped)."""
     libc = _libc()
-    flags = _MOUNT_ATTR_IDMAP | (0 if plain else _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV)
+    flags = (0 if plain else _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV)
+    if userns_fd >= 0:
+        flags |= _MOUNT_ATTR_IDMAP
     if read_only:
         flags |= _MOUNT_ATTR_RDONLY
-    attr = _MountAttr(flags, 0, _MS_PRIVATE, userns_fd)
+    attr = _MountAttr(flags, 0, _MS_PRIVATE, max(userns_fd, 0))
     last = 0
     for recursive in (_AT_RECURSIVE, 0):
         fd = libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(path),
@@ -564,7 +581,8 @@ def idmapped_tree(path: str, userns_fd: int, *, read_only: bool, plain: bool = F
             return int(fd)
         last = ctypes.get_errno()
         os.close(fd)
-    raise OSError(last, f"cannot id-map {path}: {os.strerror(last)}")
+    what = "id-map" if userns_fd >= 0 else "copy the mount of"
+    raise OSError(last, f"cannot {what} {path}: {os.strerror(last)}")
 
 
 _MOUNT_ATTR_NOEXEC = 0x8
@@ -666,10 +684,11 @@ class Staged(NamedTuple):
 
 
 def stage(sources: list[tuple[str, bool]], userns_fd: int, opened: list[int],
-          own: dict[str, int] | None = None) -> Staged:
+          own: dict[str, int] | None = None, unmapped: Collection[str] = ()) -> Staged:
     """Id-mapped mounts of `sources` ((host path, read-only) pairs; dirs or files) for
-    `stage_fn` to attach under STAGE_DIR. The fds are appended to `opened` (the caller
-    closes them once the runtime is started)."""
+    `stage_fn` to attach under STAGE_DIR (those in `unmapped` not id-mapped:
+    `unmapped_tree`). The fds are appended to `opened` (the caller closes them once the
+    runtime is started)."""
     st = os.lstat(STAGE_DIR) if os.path.lexists(STAGE_DIR) else None
     if st is None:
         os.mkdir(STAGE_DIR, 0o711)
@@ -684,8 +703,9 @@ def stage(sources: list[tuple[str, bool]], userns_fd: int, opened: list[int],
         if src in paths:
             continue
         try:
-            fd = idmapped_tree(src, (own or {}).get(src, userns_fd), read_only=read_only,
-                               plain=True)
+            fd = unmapped_tree(src, read_only=read_only, plain=True) if src in unmapped \
+                else idmapped_tree(src, (own or {}).get(src, userns_fd), read_only=read_only,
+                                   plain=True)
         except OSError as exc:
             raise SandboxError(f"cannot give {src} to the sandbox: {exc.strerror}") from None
         opened.append(fd)

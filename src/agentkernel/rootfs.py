@@ -64,6 +64,17 @@ class HostRootfs(NamedTuple):
     # starts: the agent walks them in C; `private_masks()` is the Python equivalent).
     private_dirs: tuple[str, ...] = ()
 
+    def host_owned(self) -> frozenset[str]:
+        """The host dirs of the host's own userland (bind sources) that a root-started
+        sandbox gets without id-mapping (namespaces, gVisor): the host's files there are
+        never the sandbox's (no host id is one of its ids), so the kernel keeps every entry
+        host root keeps to itself (0600, 0700) from the sandbox's root, anywhere in the
+        tree, with no walk and nothing to keep current. Empty for an image's tree (the
+        sandbox's own files: id-mapped, so that its root owns them)."""
+        if self.name != "host":
+            return frozenset()
+        return frozenset(e.src for e in self.entries if e.kind != "symlink")
+
     def private_masks(self, watch: Watch | None = None) -> tuple[Mask, ...]:
         """Every mask, the private dirs' walked ones included, nested ones dropped.
         `watch` is told of each dir before it is read, and of each other entry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -234,7 +234,8 @@ class GVisorBackend(Backend):
                                       workspace_copy=str(copy) if copy else None,
                                       user_ns=own is None)
             remap = _remap(config, scratch, opened, holder, own, spec.user,
-                           _project_source(spec, copy)) if own is not None else None
+                           _project_source(spec, copy), spec.rootfs.host_owned()) \
+                if own is not None else None
             _write_bundle(bundle, config)
             # The cgroup holds the sentry and gofer too: under the ptrace platform a sandboxed
             # task costs several host tasks (stub process, tracer and goroutine threads), plus
@@ -351,10 +352,11 @@ def _own_range(opened: list[int]) -> tuple[int, int, HostRange]:
 def _remap(
     config: dict[str, Any], scratch: Path, opened: list[int], holder: int | None,
     own: tuple[int, int, HostRange], user: tuple[int, int, str] | None = None,
-    project: str | None = None,
+    project: str | None = None, unmapped: Collection[str] = (),
 ) -> _Remap:
     """Give runsc, about to run inside the sandbox's user namespace, the host paths it
-    needs as id-mapped mounts (the scratch dir and every bind source), and point the
+    needs as id-mapped mounts (the scratch dir and every bind source; those in `unmapped`,
+    the host's userland, not id-mapped: rootfs.HostRootfs.host_owned), and point the
     config's binds at where it will find them. Their fds are appended to `opened`."""
     from ..idmap import owner_userns, stage
 
@@ -368,7 +370,7 @@ def _remap(
     if user is not None and project is not None:
         owners[project] = owner_userns(rng, user[0], user[1], runtime_root=True)
         opened.append(owners[project])
-    staged = stage(sources, userns, opened, owners)
+    staged = stage(sources, userns, opened, owners, unmapped)
     for m in binds:
         m["source"] = staged.translate(m["source"])
     netns = -1

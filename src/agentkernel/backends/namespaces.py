@@ -8,7 +8,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -329,7 +329,8 @@ def _command(
     own = {target: owner_userns(rng, spec.user[0], spec.user[1])} \
         if spec.user is not None and target is not None else {}
     try:  # (the mount keeps its namespace: no fd of it goes on to the sandbox)
-        attached = _attach_fds(host_binds(spec, control, resolv), userns, opened, own)
+        attached = _attach_fds(host_binds(spec, control, resolv), userns, opened, own,
+                               spec.rootfs.host_owned())
     finally:
         close_fds(*own.values())
     argv = build_bwrap_argv(bwrap, spec, image if image is not None else _file_fd(agent, opened),
@@ -391,19 +392,22 @@ def workspace_bind(spec: SandboxSpec) -> str | None:
 
 
 def _attach_fds(binds: list[HostBind], userns: int, opened: list[int],
-                own: Mapping[str, int] | None = None) -> dict[str, Attach]:
+                own: Mapping[str, int] | None = None,
+                unmapped: Collection[str] = ()) -> dict[str, Attach]:
     """Each host dir as an id-mapped mount for the agent to attach (with the user
-    namespace `own` names for its target, else the sandbox's); a file, or a dir on a
+    namespace `own` names for its target, else the sandbox's; sources in `unmapped`, the
+    host's userland, not id-mapped: rootfs.HostRootfs.host_owned); a file, or a dir on a
     filesystem that cannot be id-mapped, as a plain fd bwrap binds (its files then show as
     owned by nobody: readable where the host lets everyone read them, no more)."""
-    from ..idmap import idmapped_tree
+    from ..idmap import idmapped_tree, unmapped_tree
 
     out: dict[str, Attach] = {}
     for b in binds:
         if os.path.exists(b.src):
             try:
-                fd = idmapped_tree(b.src, (own or {}).get(b.target, userns),
-                                   read_only=b.read_only)
+                fd = unmapped_tree(b.src, read_only=b.read_only) if b.src in unmapped \
+                    else idmapped_tree(b.src, (own or {}).get(b.target, userns),
+                                       read_only=b.read_only)
             except OSError:
                 pass
             else:
