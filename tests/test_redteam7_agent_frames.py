@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agentkernel.agent.client import ERROR_KEPT, AgentClient
+from agentkernel.agent.protocol import T, Tag, encode_frame, tlv
 from sandbox_helpers import backend_available, shared_top, top_argv, top_env
 
 NOBODY = 65534
@@ -89,3 +92,22 @@ def test_a_gvisor_command_cannot_fill_the_hosts_memory_through_its_agents_pipe(
     assert taken.exists(), (r.returncode, r.stdout, r.stderr[-2000:])
     # Before: all of them, held by the host process until the sandbox ended.
     assert taken.read_text().count("x") < 8, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_what_the_host_keeps_of_channel_errors_is_bounded() -> None:
+    """The other frame the host kept of its own accord: channel 0's ERRORs, the last 100,
+    each with its message whole (up to 1 MiB): 100 MiB per sandbox. Now their messages
+    are cut. (The real client over a socket pair, its far end as a forging command's.)"""
+    ours, theirs = socket.socketpair()
+    client = AgentClient.from_socket(ours)
+    try:
+        error = encode_frame(T.ERROR, 0, tlv(Tag.ERRNO, (22).to_bytes(4, "little")) +
+                             tlv(Tag.MESSAGE, b"E" * (1024 * 1024 - 16)))
+        for _ in range(120):
+            theirs.sendall(error)
+        theirs.close()
+        client._reader.join()  # (it ends at the channel's end, every frame read)
+        assert len(client.channel_errors) == 100
+        assert sum(len(m) for _, m in client.channel_errors) <= 100 * ERROR_KEPT
+    finally:
+        client.close()

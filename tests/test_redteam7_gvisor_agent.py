@@ -5,8 +5,9 @@ and podman: a command of the same uid ptraced it and took its descriptors. gViso
 attacked there. Its agent holds the sandbox's channels to the host (`host:[N]` fds) and
 runs as the sandbox's root, the command's uid; permissive's deny list allows ptrace and
 pidfd_getfd. Here, under permissive, as root and as an ordinary user: the agent's memory
-cannot be opened, it cannot be attached to, and none of its descriptors can be taken.
-Held on the current code (a regression test, not a fix).
+cannot be opened, it cannot be attached to, and pidfd_getfd takes none of its descriptors.
+Held on the current code (a regression test, not a fix). This runsc's `/proc/1/fd/N`
+does open them, though (`tests/test_redteam7_agent_frames.py`).
 """
 
 from __future__ import annotations

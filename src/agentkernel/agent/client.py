@@ -72,6 +72,7 @@ _STRAY_OUTPUT = (T.STDOUT, T.STDERR, T.EXIT)
 LOW_WATER = 128 * 1024
 HIGH_WATER = 512 * 1024
 HARD_LIMIT = 4 * 1024 * 1024
+ERROR_KEPT = 300  # characters of a channel error's message kept (the last 100 are)
 _ONE_WRITE = 64 * 1024  # a frame's payload up to this size is copied to join its header
 _FLOW_FRAMES = (b"frame type 0x10 ", b"frame type 0x11 ", b"frame type 0x12 ")
 
@@ -431,7 +432,8 @@ class AgentClient:
             err, msg, _ = _error_fields(frame)
             if err == errno_mod.EOPNOTSUPP and any(f in msg.encode() for f in _FLOW_FRAMES):
                 self.flow_control = False  # an agent before 1.2: HARD_LIMIT still holds
-            self.channel_errors.append((err, msg))
+            # (the message cut: 100 of 1 MiB each were 100 MiB kept per sandbox)
+            self.channel_errors.append((err, msg[:ERROR_KEPT]))
             del self.channel_errors[:-100]
         # Anything else belongs to a channel nobody waits for any more (late output): drop it.
 
