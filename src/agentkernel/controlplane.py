@@ -1,10 +1,11 @@
-"""The host's control plane (runtime and data dirs) kept out of every sandbox's view.
+"""The host's control plane (runtime, data and config dirs) kept out of every sandbox's view.
 
 A sandbox shows host dirs inside it (the project dir at /workspace, the home dir at
 /home/user). When one of those contains agentkernel's own runtime dir (the daemon's
-sockets, other sandboxes' agent sockets) or data dir (state, logs, other sandboxes' files),
-or the host's /run (every other daemon's sockets: docker.sock, containerd, podman),
-`connect()` on a socket in there would work even through a read-only mount. So each such
+sockets, other sandboxes' agent sockets), data dir (state, logs, other sandboxes' files,
+the API key) or config dir (the API key when `[api] api_key` sets it), or the host's /run
+(every other daemon's sockets: docker.sock, containerd, podman), `connect()` on a socket in
+there would work even through a read-only mount, and a key read there opens the API. So each such
 dir is masked at its in-sandbox path (an empty read-only tmpfs, by the agent), and a host
 dir that lies *inside* one of them is refused outright.
 """
@@ -43,7 +44,7 @@ def control_dirs() -> dict[str, str]:
 
     inputs = (paths.runtime_dir_str(), paths.data_dir_str(), os.getuid(), os.geteuid(),
               os.environ.get("XDG_RUNTIME_DIR"), os.environ.get("XDG_DATA_HOME"),
-              os.environ.get("HOME"))
+              os.environ.get("XDG_CONFIG_HOME"), os.environ.get("HOME"))
     now = time.monotonic()
     with _CONTROL_DIRS_LOCK:
         hit = _CONTROL_DIRS.get(inputs)
@@ -83,6 +84,11 @@ def _find_control_dirs() -> dict[str, str]:
     xdg_data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"),
                                                                ".local/share")
     add(os.path.join(xdg_data, "agentkernel"), "data dir")
+    # The user's config: its [api] api_key is the HTTP API's key when set, and a permissive
+    # sandbox (the home dir read-only, the host's network) read it and drove the API
+    # (tests/test_redteam7_config_key.py). The default one too, whatever XDG_CONFIG_HOME says.
+    add(paths.user_config_dir_str(), "config dir")
+    add(os.path.join(os.path.expanduser("~"), ".config", "agentkernel"), "config dir")
     # Not only ours: /run is where the host's daemons listen (docker.sock, containerd,
     # podman, systemd, users' runtime dirs). A project that contains it (run from /) showed
     # their sockets bound, not copied, under restrictive and permissive, and a root-started

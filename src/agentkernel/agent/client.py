@@ -63,16 +63,16 @@ _NOT_EXECUTABLE = {
 _MAX_U32 = 0xFFFFFFFF
 _STRAY_OUTPUT = (T.STDOUT, T.STDERR, T.EXIT)
 
-# Flow control, per channel: once this many bytes of output wait for their reader the agent
-# is told to PAUSE the channel (it stops reading the command's pipes, so the command blocks
-# on write), and to RESUME once the reader got below LOW_WATER. The reader thread itself
-# waits only beyond HARD_LIMIT (an agent without PAUSE, or one not reading the channel):
-# memory stays bounded whatever the agent does, and one stalled reader stalls only its own
-# channel as long as PAUSE works.
+# Flow control, per channel: once this many bytes (of output, and of any frame) wait for
+# their reader the agent is told to PAUSE the channel (it stops reading the command's pipes,
+# so the command blocks on write), and to RESUME once the reader got below LOW_WATER. The
+# reader thread itself waits only beyond HARD_LIMIT (an agent without PAUSE, or one not
+# reading the channel): memory stays bounded whatever the agent does, and one stalled
+# reader stalls only its own channel as long as PAUSE works.
 LOW_WATER = 128 * 1024
 HIGH_WATER = 512 * 1024
 HARD_LIMIT = 4 * 1024 * 1024
-_DATA = frozenset({T.STDOUT, T.STDERR, T.FILE_DATA})
+ERROR_KEPT = 300  # characters of a channel error's message kept (the last 100 are)
 _ONE_WRITE = 64 * 1024  # a frame's payload up to this size is copied to join its header
 _FLOW_FRAMES = (b"frame type 0x10 ", b"frame type 0x11 ", b"frame type 0x12 ")
 
@@ -91,8 +91,11 @@ class _ChanQueue:
         self.closed = False  # the host forgot the channel: frames are dropped
 
     def put(self, frame: Frame, wait: bool = True) -> None:
-        """From the reader thread: queue a frame, waiting while the channel is over its limit."""
-        size = len(frame.payload) if frame.type in _DATA else 0
+        """From the reader thread: queue a frame, waiting while the channel is over its limit.
+        Every frame counts, not only output: a stream of replies or errors of 1 MiB each is
+        no cheaper to keep (one the agent never sends is the sandbox's to forge: a gVisor
+        command can write into its agent's pipe)."""
+        size = len(frame.payload)
         with self._cond:
             while wait and self.bytes and self.bytes + size > HARD_LIMIT and not self.closed:
                 self._cond.wait()
@@ -118,7 +121,7 @@ class _ChanQueue:
             if not self._items:
                 return None
             frame = self._items.popleft()
-            if frame.type in _DATA:
+            if frame.payload:
                 self.bytes -= len(frame.payload)
                 self._cond.notify_all()
             resume = self.paused and self.bytes <= LOW_WATER
@@ -333,6 +336,7 @@ class AgentClient:
         self._lock = threading.Lock()
         self._chans: dict[int, _ChanQueue] = {}
         self._hello_q = self._new_queue(0)
+        self._hello_seen = False  # (the reader thread's alone)
         self._next_chan = 1
         self._alive = True
         self._closed = False
@@ -418,12 +422,18 @@ class AgentClient:
         if q is not None:
             q.put(frame)
         elif frame.chan == 0 and frame.type == T.HELLO:
+            # One per connection: later ones went to a queue nobody reads again, kept for
+            # the sandbox's life (1 MiB each, without end: tests/test_redteam7_agent_frames.py).
+            if self._hello_seen:
+                raise ProtocolError("a second HELLO")
+            self._hello_seen = True
             self._hello_q.put(frame)
         elif frame.chan == 0 and frame.type == T.ERROR:
             err, msg, _ = _error_fields(frame)
             if err == errno_mod.EOPNOTSUPP and any(f in msg.encode() for f in _FLOW_FRAMES):
                 self.flow_control = False  # an agent before 1.2: HARD_LIMIT still holds
-            self.channel_errors.append((err, msg))
+            # (the message cut: 100 of 1 MiB each were 100 MiB kept per sandbox)
+            self.channel_errors.append((err, msg[:ERROR_KEPT]))
             del self.channel_errors[:-100]
         # Anything else belongs to a channel nobody waits for any more (late output): drop it.
 
