@@ -95,6 +95,64 @@ CONNECT_PROBE = (
 SYSTEM_PYTHON = "/usr/bin/python3"  # an ordinary user cannot read the suite's interpreter
 
 
+# A fake API server on 127.0.0.1 that shows the head of every request it gets and answers
+# each with an empty list: the stored-key red-team tests' listener (an attacker's or the
+# user's own). `python3 -S -c HEAD_LOGGER PORT MODE` (PORT 0: any) prints "port N", then
+# "head <the head's repr>" a request, and per MODE: "close" answers with `connection: close`
+# and goes on accepting; "once" also, but exits after its first request; "keep" answers
+# with keep-alive and reads on from each connection; "release" as "keep", but closes its
+# listener after the first request ("released") and then serves only that connection,
+# printing "closed" when it ends. A connection that closes before sending a whole head
+# (our client's own, refused at its listener check) is skipped.
+HEAD_LOGGER = r"""
+import socket, sys
+BODY = b'{"success": true, "data": [], "error": null}'
+
+
+def head(c):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = c.recv(4096)
+        if not d:
+            return None
+        data += d
+    return data
+
+
+def answer(c, keep):
+    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+              + str(len(BODY)).encode() + (b"" if keep else b"\r\nconnection: close")
+              + b"\r\n\r\n" + BODY)
+
+
+port, mode = int(sys.argv[1]), sys.argv[2]
+keep = mode in ("keep", "release")
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.listen(8)
+print("port", s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    data, served = head(c), False
+    while data is not None:
+        print("head", repr(data), flush=True)
+        answer(c, keep)
+        served = True
+        if mode == "release":
+            s.close()
+            print("released", flush=True)
+            mode = "kept"
+        data = head(c) if keep else None
+    c.close()
+    if mode == "kept":
+        print("closed", flush=True)
+        break
+    if served and mode == "once":
+        break
+"""
+
+
 @functools.lru_cache(maxsize=1)
 def public_pythonpath() -> str:
     """A PYTHONPATH any user can read: this checkout's package and the venv's
