@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -558,3 +558,87 @@ def top_run(top: Path, user: int, backend: str, profile: str, script: str,
     return subprocess.run(top_argv(user, backend, profile, script, *args), cwd=top / "project",
                           env=top_env(top), capture_output=True, text=True, timeout=240,
                           stdin=subprocess.DEVNULL, check=False)
+
+
+def build_probe(project: Path, source: str, uid: int | None = None,
+                flags: Sequence[str] = ()) -> None:
+    """The C `source` built static into `project/probe` (`/workspace/probe` in a sandbox
+    of `project`; made `uid`'s where given, with its source). Skips without a compiler."""
+    cc = shutil.which("musl-gcc") or shutil.which("gcc")
+    if cc is None:
+        import pytest
+
+        pytest.skip("needs a C compiler for the probe")
+    (project / "probe.c").write_text(source)
+    subprocess.run([cc, "-static", "-O1", *flags, "-o", str(project / "probe"),
+                    str(project / "probe.c")], check=True, capture_output=True, timeout=120)
+    if uid is not None:
+        for f in ("probe", "probe.c"):
+            os.chown(project / f, uid, uid)
+
+
+def probe_verdicts(stdout: str) -> dict[str, str]:
+    """A probe's `label verdict …` lines as {label: verdict}."""
+    return {ln.split()[0]: ln.split()[1] for ln in stdout.splitlines() if len(ln.split()) > 1}
+
+
+def container_ready(request: Any, engine: str) -> None:
+    """Skips where the `engine` (docker, podman) backend cannot run here (this machine's
+    dockerd without userns-remap: refused, test_docker_refused_without_userns); podman's
+    set-up (the podman_ready fixture) done."""
+    if engine == "docker":
+        if request.getfixturevalue("dockerd") == "root":
+            import pytest
+
+            pytest.skip("this machine's dockerd runs without userns-remap: the docker "
+                        "backend refuses it (test_docker_refused_without_userns)")
+    else:
+        request.getfixturevalue("podman_ready")
+
+
+def container_project(request: Any, engine: str, busybox_tar: tuple[Path, str],
+                      tmp_path: Path) -> tuple[str, Path]:
+    """For a root-started `engine` container (`container_ready`): the test image, loaded
+    from the busybox_tar fixture's archive, and an empty project dir in `tmp_path`."""
+    from engines import CLI, ensure_image
+
+    container_ready(request, engine)
+    tar, image = busybox_tar
+    ensure_image([CLI[engine]], tar, image)
+    project = tmp_path / "p"
+    project.mkdir()
+    return image, project
+
+
+def container_run(engine: str, image: str, profile: str, project: Path,
+                  argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """`agentkernel run` of `argv` in a root-started `engine` container of `image` and
+    `profile`, no network, no daemon, in `project`: its output taken."""
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend", engine,
+         "--image", image, "--profile", profile, "--no-network", "--", *argv],
+        cwd=project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
+        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+
+
+def host_runner(engine: str, cwd: Path, script: str) -> tuple[Any, Callable[[], str]]:
+    """A restrictive sandbox of `engine` on the host's userland running `sh -c script`,
+    planned once: (the plan, a function that starts it in-process, runs it, destroys it and
+    returns its stdout; exit 0 asserted)."""
+    import io
+
+    from agentkernel import planner
+    from agentkernel.engine import execute
+
+    plan = planner.plan(planner.RunRequest(
+        argv=["sh", "-c", script], cwd=cwd, image="host", backend=engine,
+        profile="restrictive", workdir="/tmp"), planner.CallerContext.here(), quiet=True)
+
+    def run() -> str:
+        out, err = io.BytesIO(), io.BytesIO()
+        sandbox, result = execute(plan, timeout=60, stdout=out, stderr=err)
+        sandbox.destroy()
+        assert result.exit_code == 0, err.getvalue()
+        return out.getvalue().decode()
+
+    return plan, run

@@ -30,7 +30,15 @@ from typing import Any
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, backend_available, public_pythonpath
+from sandbox_helpers import (
+    SYSTEM_PYTHON,
+    backend_available,
+    build_probe,
+    container_project,
+    container_run,
+    probe_verdicts,
+    public_pythonpath,
+)
 from test_containers import ak_user, podman_user
 
 __all__ = ["podman_user"]  # (a fixture: pytest finds it here)
@@ -414,23 +422,16 @@ def _container_attack(project: Path, uid: int | None, run: Any,
     """Builds the probe into `project`, puts a host stream server and a /dev/log-like
     datagram socket there, runs the probe through `run(argv)`; the verdicts, with
     what the host's datagram socket got."""
-    cc = shutil.which("musl-gcc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("needs a C compiler for the probe")
-    (project / "probe.c").write_text(PROBE_C)
-    subprocess.run([cc, "-static", "-O1", "-o", str(project / "probe"), str(project / "probe.c")],
-                   check=True, capture_output=True, timeout=120)
+    build_probe(project, PROBE_C, uid)
     srv = _listen(project / "host.sock", uid)
     log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     log.bind(str(project / "log.sock"))
     log.setblocking(False)
     if uid is not None:
-        for f in ("log.sock", "probe", "probe.c"):
-            os.chown(project / f, uid, uid)
+        os.chown(project / "log.sock", uid, uid)
     try:
         r = run(["/workspace/probe", *checks])
-        verdicts = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines()
-                    if len(ln.split()) >= 2}
+        verdicts = probe_verdicts(r.stdout)
         assert set(verdicts) == set(checks), r
         try:
             verdicts["host-log"] = f"CONNECTED {log.recv(64)!r}"
@@ -450,23 +451,10 @@ def test_containers_reach_no_host_socket_in_the_project(
         busybox_tar: tuple[Path, str]) -> None:
     """The project bound (permissive) and copy-on-write (moderate: the sandbox's own
     socket there connects, the host's in its lower layer does not)."""
-    from engines import CLI, ensure_image
-
-    if engine == "docker" and request.getfixturevalue("dockerd") == "root":
-        pytest.skip("this machine's dockerd runs without userns-remap: refused")
-    if engine == "podman":
-        request.getfixturevalue("podman_ready")
-    tar, image = busybox_tar
-    ensure_image([CLI[engine]], tar, image)
-    project = tmp_path / "p"
-    project.mkdir()
+    image, project = container_project(request, engine, busybox_tar, tmp_path)
 
     def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend", engine,
-             "--image", image, "--profile", profile, "--no-network", "--", *argv],
-            cwd=project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-            capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+        return container_run(engine, image, profile, project, argv)
 
     checks = {**CONTAINER_CHECKS, **({"own:/workspace/w.sock": "CONNECTED"}
                                      if profile == "moderate" else {})}
@@ -549,7 +537,7 @@ def test_hostile_lengths_are_refused_and_the_guard_lives_on(tmp_path: Path) -> N
                        cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
                        check=False)
-    got = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if len(ln.split()) > 1}
+    got = probe_verdicts(r.stdout)
     einval = ("connect-128", "sendto-128", "sendmsg-200", "cmsg-0", "cmsg-8", "cmsg-huge",
               "cmsg-max", "cmsg-25")
     assert {k: got.get(k) for k in einval} == dict.fromkeys(einval, "Invalid-argument"), r
