@@ -614,11 +614,18 @@ def container_run(engine: str, image: str, profile: str, project: Path,
                   argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     """`agentkernel run` of `argv` in a root-started `engine` container of `image` and
     `profile`, no network, no daemon, in `project`: its output taken."""
+    return run_quiet(project, "--backend", engine, "--image", image, "--profile", profile,
+                     "--no-network", "--", *argv)
+
+
+def run_quiet(project: Path, *args: str, timeout: float = 180
+              ) -> subprocess.CompletedProcess[str]:
+    """`agentkernel run -q ARGS…` in `project` by the suite's interpreter (-P: nothing of
+    `project` is imported), no daemon, no stdin: its output taken."""
     return subprocess.run(
-        [sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend", engine,
-         "--image", image, "--profile", profile, "--no-network", "--", *argv],
+        [sys.executable, "-P", "-m", "agentkernel", "run", "-q", *args],
         cwd=project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
 
 
 def host_runner(engine: str, cwd: Path, script: str) -> tuple[Any, Callable[[], str]]:

@@ -11,6 +11,7 @@ work.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from sandbox_helpers import build_probe, container_project, container_run, probe_verdicts
-from test_containers import ak_user, podman_user
+from test_containers import podman_user, rootless_run
 
 __all__ = ["podman_user"]  # (a fixture: pytest finds it here)
 
@@ -97,11 +98,7 @@ def test_a_container_makes_no_namespace_nor_io_uring(
 
 def test_rootless_podman_makes_no_namespace_nor_io_uring(
         podman_user: tuple[int, dict[str, str], Path]) -> None:
-    uid, env, base = podman_user
+    uid, _, base = podman_user
     project = base / "proj"
-
-    def run(argv: list[str]) -> Any:
-        return ak_user(podman_user, "run", "-q", "-B", "podman", "-i", env["IMAGE"], "-p",
-                       "permissive", "--no-network", "--", *argv)
-
+    run = functools.partial(rootless_run, podman_user, "permissive")
     assert _probe(project, uid, run) == EXPECTED

@@ -606,6 +606,14 @@ def ak_user(user: tuple[int, dict[str, str], Path], *args: str,
                           timeout=120, check=False, stdin=subprocess.DEVNULL)
 
 
+def rootless_run(user: tuple[int, dict[str, str], Path], profile: str,
+                 argv: list[str]) -> Any:
+    """`agentkernel run` of `argv` as the podman user (ak_user) in a rootless Podman
+    container of the test image with `profile`, no network."""
+    return ak_user(user, "run", "-q", "-B", "podman", "-i", user[1]["IMAGE"], "-p", profile,
+                   "--no-network", "--", *argv)
+
+
 def test_rootless_podman_run(podman_user: tuple[int, dict[str, str], Path]) -> None:
     """As an ordinary user: exit codes, output, stdin-less runs, the project theirs; every
     process of the sandbox is that user (or their subordinate ids) on the host."""

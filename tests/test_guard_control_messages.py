@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +31,9 @@ from sandbox_helpers import (
     container_project,
     container_run,
     probe_verdicts,
+    run_quiet,
 )
-from test_containers import ak_user, podman_user
+from test_containers import podman_user, rootless_run
 
 __all__ = ["podman_user"]  # (a fixture: pytest finds it here)
 
@@ -121,11 +121,8 @@ print("after ok", flush=True)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root-started sandbox")
 def test_control_messages_are_walked_as_the_kernel_does(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "moderate", "--", "python3", "-c", CMSG],
-                       cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       check=False)
+    r = run_quiet(tmp_path, "--backend", "namespaces", "--profile", "moderate", "--", "python3",
+                  "-c", CMSG, timeout=120)
     got = probe_verdicts(r.stdout)
     assert got == {"two-rights": "ok", "two-rights-files": "caller", "empty-last": "ok",
                    "empty-last-files": "caller", "trailing": "EINVAL", "short": "EINVAL",
@@ -216,8 +213,7 @@ def test_a_podman_containers_control_messages_and_counts(
 
 def test_a_rootless_podman_containers_control_messages_and_counts(
         podman_user: tuple[int, dict[str, str], Path]) -> None:
-    uid, env, base = podman_user
+    uid, _, base = podman_user
     build_probe(base / "proj", PROBE_C, uid)
-    r = ak_user(podman_user, "run", "-q", "-B", "podman", "-i", env["IMAGE"], "-p",
-                "moderate", "--no-network", "--", "/workspace/probe")
+    r = rootless_run(podman_user, "moderate", ["/workspace/probe"])
     assert _verdicts(r) == CONTAINER_EXPECTED, r

@@ -17,6 +17,7 @@ that a connect() to a server of its own that never accepts stalls no other conne
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -38,8 +39,9 @@ from sandbox_helpers import (
     container_run,
     probe_verdicts,
     public_pythonpath,
+    run_quiet,
 )
-from test_containers import ak_user, podman_user
+from test_containers import podman_user, rootless_run
 
 __all__ = ["podman_user"]  # (a fixture: pytest finds it here)
 
@@ -317,12 +319,8 @@ os._exit(0)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root-started sandbox")
 def test_waiting_calls_are_bounded_and_a_killed_callers_are_let_go(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "permissive", "--no-network", "--",
-                        "python3", "-c", BOUNDED],
-                       cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       check=False)
+    r = run_quiet(tmp_path, "--backend", "namespaces", "--profile", "permissive", "--no-network",
+                  "--", "python3", "-c", BOUNDED, timeout=120)
     lines = {ln.split()[0]: ln.split()[1:] for ln in r.stdout.splitlines() if ln.split()}
     assert lines.get("freed") == ["yes"], r
     refused, ended = (int(x) for x in lines["past-bound"])
@@ -345,11 +343,8 @@ def test_a_socket_made_in_a_copy_on_write_project_connects(cow_project: Path) ->
     script = ("import socket; s = socket.socket(socket.AF_UNIX); s.bind('/workspace/w.sock');"
               " s.listen(1); c = socket.socket(socket.AF_UNIX); c.connect('w.sock');"
               " print('CONNECTED')")
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "moderate", "--", "python3", "-c", script],
-                       cwd=cow_project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       check=False)
+    r = run_quiet(cow_project, "--backend", "namespaces", "--profile", "moderate", "--", "python3",
+                  "-c", script, timeout=120)
     assert r.returncode == 0 and "CONNECTED" in r.stdout, r
 
 
@@ -465,14 +460,9 @@ def test_containers_reach_no_host_socket_in_the_project(
 def test_rootless_podman_reaches_no_host_socket_in_the_project(
         podman_user: tuple[int, dict[str, str], Path]) -> None:
     """As an ordinary user (rootless Podman): the sockets are theirs, the guard still says no."""
-    uid, env, base = podman_user
-    project = base / "proj"
-
-    def run(argv: list[str]) -> Any:
-        return ak_user(podman_user, "run", "-q", "-B", "podman", "-i", env["IMAGE"], "-p",
-                       "permissive", "--no-network", "--", *argv)
-
-    verdicts = _container_attack(project, uid, run)
+    uid, _, base = podman_user
+    run = functools.partial(rootless_run, podman_user, "permissive")
+    verdicts = _container_attack(base / "proj", uid, run)
     assert verdicts == {**CONTAINER_CHECKS, "host-log": "refused"}, verdicts
 
 
@@ -532,11 +522,8 @@ print("after ok", flush=True)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root-started sandbox")
 def test_hostile_lengths_are_refused_and_the_guard_lives_on(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "moderate", "--", "python3", "-c", HOSTILE],
-                       cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       check=False)
+    r = run_quiet(tmp_path, "--backend", "namespaces", "--profile", "moderate", "--", "python3",
+                  "-c", HOSTILE, timeout=120)
     got = probe_verdicts(r.stdout)
     einval = ("connect-128", "sendto-128", "sendmsg-200", "cmsg-0", "cmsg-8", "cmsg-huge",
               "cmsg-max", "cmsg-25")
@@ -626,12 +613,8 @@ os._exit(0)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root-started sandbox")
 def test_the_guards_main_thread_never_waits_and_stream_sends_are_whole(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "moderate", "--no-network", "--",
-                        "python3", "-c", NEVER_WAITS],
-                       cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
-                       check=False)
+    r = run_quiet(tmp_path, "--backend", "namespaces", "--profile", "moderate", "--no-network",
+                  "--", "python3", "-c", NEVER_WAITS)
     got = {ln.split()[0]: ln.split(None, 1)[1] for ln in r.stdout.splitlines()
            if len(ln.split()) > 1}
     assert got.get("not-stalled") == "yes", r
