@@ -7,9 +7,9 @@ another's. Its gates append through descriptors opened before dropping their pri
 (they can no longer open or rename anything in the data dir), so rotation is done through
 them too: under an exclusive flock, a file past CAP is copied over the previous one (`.1`)
 and emptied. Readers take the lock shared. The total stays bounded: opening a new name's
-files removes those of the least recently written names past KEEP (never a live writer's:
-each holds a shared lock on its `.1` for as long as it lives), which only a new sandbox
-does, not any sandbox's traffic.
+files past KEEP + SLACK names removes those of the least recently written down to KEEP
+(never a live writer's: each holds a shared lock on its `.1` for as long as it lives),
+which only a new sandbox does, not any sandbox's traffic.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 AUDIT_DIR = "egress-audit"
 SUFFIX = ".jsonl"
 CAP = 256 * 1024  # bytes per file; with the rotated one at most twice that per name
-KEEP = 64  # sandbox names whose files are kept: at most KEEP * 2 * CAP (32 MiB) in all
+KEEP = 64  # sandbox names whose files are kept after a prune
+SLACK = 8  # names past KEEP before one: at most (KEEP + SLACK) * 2 * CAP (36 MiB) in all
 MAX_FIELD = 300  # characters of a string field (a rule, an error, a host)
 MAX_READ = 1000  # entries one read returns (the newest)
 # What an entry may carry: decisions and byte counts only. (The gate's log fields are
@@ -46,11 +47,11 @@ def audit_path() -> Path:
     return data_dir() / AUDIT_DIR
 
 
-def sandbox_file(directory: Path, sandbox: str) -> Path:
+def sandbox_file(directory: str | Path, sandbox: str) -> str:
     """The current audit file of the sandbox called `sandbox` (a valid name: a path part)."""
     from .names import validate_sandbox_name
 
-    return directory / (validate_sandbox_name(sandbox) + SUFFIX)
+    return os.path.join(directory, validate_sandbox_name(sandbox) + SUFFIX)
 
 
 def _clip(value: Any) -> Any:
@@ -83,11 +84,15 @@ class AuditWriter:
     before the gate drops its privileges."""
 
     def __init__(self, directory: str, sandbox: str, instance: str = "") -> None:
-        path = sandbox_file(Path(directory), sandbox)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self.fd, self.old = _open_pair(str(path))
-        with contextlib.suppress(OSError):
-            _prune(Path(directory), path.name)
+        path = sandbox_file(directory, sandbox)
+        try:
+            self.fd, self.old = _open_pair(path)
+        except FileNotFoundError:  # the first of all
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self.fd, self.old = _open_pair(path)
+        if os.fstat(self.fd).st_size == 0:  # a new name (or one with nothing yet): the
+            with contextlib.suppress(OSError):  # count of names may have grown
+                _prune(directory, os.path.basename(path))
         self.sandbox = sandbox[:128]
         self.instance = instance[:64]  # which life of `sandbox` (SandboxSpec.instance)
         self.tag = self._tag()
@@ -157,43 +162,38 @@ def _open_pair(path: str) -> tuple[int, int]:
             os.close(fd)
             raise
         fcntl.flock(old, fcntl.LOCK_SH)
-        # A prune may have removed them between the open and the lock: open them again.
-        if all(_same(f, p) for f, p in ((fd, path), (old, path + ".1"))):
+        # A prune may have removed them between the open and the lock (it unlinks both
+        # while it holds the lock): open them again.
+        if os.fstat(fd).st_nlink and os.fstat(old).st_nlink:
             return fd, old
         os.close(fd)
         os.close(old)
     raise OSError(errno.EAGAIN, f"{path}: removed again and again while being opened")
 
 
-def _same(fd: int, path: str) -> bool:
-    try:
-        here, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-
-def _prune(directory: Path, keep: str) -> None:
-    """Remove the files of the least recently written names past KEEP (`keep`'s and a live
-    writer's stay: a name whose `.1` another holds a lock on is in use)."""
+def _prune(directory: str, keep: str) -> None:
+    """Once there are more than KEEP + SLACK names, remove the files of the least recently
+    written down to KEEP (`keep`'s and a live writer's stay: a name whose `.1` another
+    holds a lock on is in use). The slack makes that one prune per SLACK new names."""
+    others = [n for n in os.listdir(directory) if n.endswith(SUFFIX) and n != keep]
+    if len(others) < KEEP + SLACK:
+        return  # (most starts: no stat, no removal)
+    excess = len(others) - (KEEP - 1)
     names = []
-    with contextlib.suppress(OSError), os.scandir(directory) as it:
-        for entry in it:
-            if entry.name.endswith(SUFFIX) and entry.name != keep:
-                with contextlib.suppress(OSError):
-                    names.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
-    names.sort()
-    excess = len(names) - (KEEP - 1)
-    for _, name in names:
+    for name in others:
+        with contextlib.suppress(OSError):
+            names.append((os.stat(os.path.join(directory, name),
+                                  follow_symlinks=False).st_mtime, name))
+    for _, name in sorted(names):
         if excess <= 0:
             break
-        excess -= _remove_unused(directory / name)
+        excess -= _remove_unused(os.path.join(directory, name))
 
 
-def _remove_unused(path: Path) -> bool:
+def _remove_unused(path: str) -> bool:
     """Remove a name's files unless a writer holds them (whether they went)."""
     try:
-        fd = os.open(str(path) + ".1", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path + ".1", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         fd = -1
     except OSError:
@@ -204,16 +204,16 @@ def _remove_unused(path: Path) -> bool:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return False  # a writer of that name is alive
-        for victim in (path, Path(str(path) + ".1")):
+        for victim in (path, path + ".1"):
             with contextlib.suppress(FileNotFoundError):
-                victim.unlink()
+                os.unlink(victim)
         return True
     finally:
         if fd >= 0:
             os.close(fd)
 
 
-def _read_pair(path: Path) -> bytes:
+def _read_pair(path: str) -> bytes:
     """One name's rotated and current files, oldest first (the current one read under a
     shared lock, so never halfway through a rotation)."""
     chunks = []
@@ -224,7 +224,7 @@ def _read_pair(path: Path) -> bytes:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         with contextlib.suppress(FileNotFoundError), \
-                open(str(path) + ".1", "rb") as old:
+                open(path + ".1", "rb") as old:
             chunks.append(old.read(CAP + 4096))
         chunks.append(os.pread(fd, CAP + 4096, 0))
     finally:
@@ -246,7 +246,8 @@ def read_audit(sandbox: str | None = None, limit: int = MAX_READ,
         files = sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
     except OSError:
         return []
-    out = [e for f in files[:KEEP * 2] for e in _newest(_read_pair(f), None, limit, instance)]
+    out = [e for f in files[:KEEP * 2]
+           for e in _newest(_read_pair(str(f)), None, limit, instance)]
     out.sort(key=_time)
     return out[-limit:] if limit > 0 else []
 
