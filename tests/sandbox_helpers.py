@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,64 @@ CONNECT_PROBE = (
 
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # an ordinary user cannot read the suite's interpreter
+
+
+# A fake API server on 127.0.0.1 that shows the head of every request it gets and answers
+# each with an empty list: the stored-key red-team tests' listener (an attacker's or the
+# user's own). `python3 -S -c HEAD_LOGGER PORT MODE` (PORT 0: any) prints "port N", then
+# "head <the head's repr>" a request, and per MODE: "close" answers with `connection: close`
+# and goes on accepting; "once" also, but exits after its first request; "keep" answers
+# with keep-alive and reads on from each connection; "release" as "keep", but closes its
+# listener after the first request ("released") and then serves only that connection,
+# printing "closed" when it ends. A connection that closes before sending a whole head
+# (our client's own, refused at its listener check) is skipped.
+HEAD_LOGGER = r"""
+import socket, sys
+BODY = b'{"success": true, "data": [], "error": null}'
+
+
+def head(c):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = c.recv(4096)
+        if not d:
+            return None
+        data += d
+    return data
+
+
+def answer(c, keep):
+    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+              + str(len(BODY)).encode() + (b"" if keep else b"\r\nconnection: close")
+              + b"\r\n\r\n" + BODY)
+
+
+port, mode = int(sys.argv[1]), sys.argv[2]
+keep = mode in ("keep", "release")
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.listen(8)
+print("port", s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    data, served = head(c), False
+    while data is not None:
+        print("head", repr(data), flush=True)
+        answer(c, keep)
+        served = True
+        if mode == "release":
+            s.close()
+            print("released", flush=True)
+            mode = "kept"
+        data = head(c) if keep else None
+    c.close()
+    if mode == "kept":
+        print("closed", flush=True)
+        break
+    if served and mode == "once":
+        break
+"""
 
 
 @functools.lru_cache(maxsize=1)
@@ -500,3 +558,94 @@ def top_run(top: Path, user: int, backend: str, profile: str, script: str,
     return subprocess.run(top_argv(user, backend, profile, script, *args), cwd=top / "project",
                           env=top_env(top), capture_output=True, text=True, timeout=240,
                           stdin=subprocess.DEVNULL, check=False)
+
+
+def build_probe(project: Path, source: str, uid: int | None = None,
+                flags: Sequence[str] = ()) -> None:
+    """The C `source` built static into `project/probe` (`/workspace/probe` in a sandbox
+    of `project`; made `uid`'s where given, with its source). Skips without a compiler."""
+    cc = shutil.which("musl-gcc") or shutil.which("gcc")
+    if cc is None:
+        import pytest
+
+        pytest.skip("needs a C compiler for the probe")
+    (project / "probe.c").write_text(source)
+    subprocess.run([cc, "-static", "-O1", *flags, "-o", str(project / "probe"),
+                    str(project / "probe.c")], check=True, capture_output=True, timeout=120)
+    if uid is not None:
+        for f in ("probe", "probe.c"):
+            os.chown(project / f, uid, uid)
+
+
+def probe_verdicts(stdout: str) -> dict[str, str]:
+    """A probe's `label verdict …` lines as {label: verdict}."""
+    return {ln.split()[0]: ln.split()[1] for ln in stdout.splitlines() if len(ln.split()) > 1}
+
+
+def container_ready(request: Any, engine: str) -> None:
+    """Skips where the `engine` (docker, podman) backend cannot run here (this machine's
+    dockerd without userns-remap: refused, test_docker_refused_without_userns); podman's
+    set-up (the podman_ready fixture) done."""
+    if engine == "docker":
+        if request.getfixturevalue("dockerd") == "root":
+            import pytest
+
+            pytest.skip("this machine's dockerd runs without userns-remap: the docker "
+                        "backend refuses it (test_docker_refused_without_userns)")
+    else:
+        request.getfixturevalue("podman_ready")
+
+
+def container_project(request: Any, engine: str, busybox_tar: tuple[Path, str],
+                      tmp_path: Path) -> tuple[str, Path]:
+    """For a root-started `engine` container (`container_ready`): the test image, loaded
+    from the busybox_tar fixture's archive, and an empty project dir in `tmp_path`."""
+    from engines import CLI, ensure_image
+
+    container_ready(request, engine)
+    tar, image = busybox_tar
+    ensure_image([CLI[engine]], tar, image)
+    project = tmp_path / "p"
+    project.mkdir()
+    return image, project
+
+
+def container_run(engine: str, image: str, profile: str, project: Path,
+                  argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """`agentkernel run` of `argv` in a root-started `engine` container of `image` and
+    `profile`, no network, no daemon, in `project`: its output taken."""
+    return run_quiet(project, "--backend", engine, "--image", image, "--profile", profile,
+                     "--no-network", "--", *argv)
+
+
+def run_quiet(project: Path, *args: str, timeout: float = 180
+              ) -> subprocess.CompletedProcess[str]:
+    """`agentkernel run -q ARGS…` in `project` by the suite's interpreter (-P: nothing of
+    `project` is imported), no daemon, no stdin: its output taken."""
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "agentkernel", "run", "-q", *args],
+        cwd=project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+def host_runner(engine: str, cwd: Path, script: str) -> tuple[Any, Callable[[], str]]:
+    """A restrictive sandbox of `engine` on the host's userland running `sh -c script`,
+    planned once: (the plan, a function that starts it in-process, runs it, destroys it and
+    returns its stdout; exit 0 asserted)."""
+    import io
+
+    from agentkernel import planner
+    from agentkernel.engine import execute
+
+    plan = planner.plan(planner.RunRequest(
+        argv=["sh", "-c", script], cwd=cwd, image="host", backend=engine,
+        profile="restrictive", workdir="/tmp"), planner.CallerContext.here(), quiet=True)
+
+    def run() -> str:
+        out, err = io.BytesIO(), io.BytesIO()
+        sandbox, result = execute(plan, timeout=60, stdout=out, stderr=err)
+        sandbox.destroy()
+        assert result.exit_code == 0, err.getvalue()
+        return out.getvalue().decode()
+
+    return plan, run

@@ -6,7 +6,6 @@ started container, which is made again if its entry came back)."""
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_helpers import backend_available
+from sandbox_helpers import backend_available, container_ready, host_runner
 
 SECRET = "SECRET-OF-THE-HOST-ETC"
 
@@ -24,11 +23,7 @@ def engine(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     if os.geteuid() != 0 or not backend_available(name):
         pytest.skip(f"needs root and {name}")
-    if name == "docker":
-        if request.getfixturevalue("dockerd") == "root":
-            pytest.skip("this machine's dockerd runs without userns-remap (refused)")
-    else:
-        request.getfixturevalue("podman_ready")
+    container_ready(request, name)
     return name
 
 
@@ -56,22 +51,7 @@ def _plant(path: Path, engine: str, plan: Any) -> None:
 
 
 def _run(engine: str, tmp_path: Path, path: Path) -> tuple[Any, Callable[[], str]]:
-    from agentkernel import planner
-    from agentkernel.engine import execute
-
-    script = f"cat {path} 2>&1; stat -c %F {path} 2>&1; echo done"
-    plan = planner.plan(planner.RunRequest(
-        argv=["sh", "-c", script], cwd=tmp_path, image="host", backend=engine,
-        profile="restrictive", workdir="/tmp"), planner.CallerContext.here(), quiet=True)
-
-    def run() -> str:
-        out, err = io.BytesIO(), io.BytesIO()
-        sandbox, result = execute(plan, timeout=60, stdout=out, stderr=err)
-        sandbox.destroy()
-        assert result.exit_code == 0, err.getvalue()
-        return out.getvalue().decode()
-
-    return plan, run
+    return host_runner(engine, tmp_path, f"cat {path} 2>&1; stat -c %F {path} 2>&1; echo done")
 
 
 def test_vanished_private_entry_starts(engine: str, tmp_path: Path, secret: Path,

@@ -11,16 +11,16 @@ work.
 
 from __future__ import annotations
 
+import functools
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from test_containers import ak_user, podman_user
+from sandbox_helpers import build_probe, container_project, container_run, probe_verdicts
+from test_containers import podman_user, rootless_run
 
 __all__ = ["podman_user"]  # (a fixture: pytest finds it here)
 
@@ -76,16 +76,9 @@ EXPECTED = {"personality-query": "ok", "personality-linux32": "ok",
 
 
 def _probe(project: Path, uid: int | None, run: Any) -> dict[str, str]:
-    cc = shutil.which("musl-gcc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("needs a C compiler for the probe")
-    (project / "probe.c").write_text(PROBE_C)
-    subprocess.run([cc, "-static", "-O1", "-pthread", "-o", str(project / "probe"),
-                    str(project / "probe.c")], check=True, capture_output=True, timeout=120)
-    if uid is not None:
-        os.chown(project / "probe", uid, uid)
+    build_probe(project, PROBE_C, uid, ["-pthread"])
     r = run(["/workspace/probe"])
-    got = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if len(ln.split()) >= 2}
+    got = probe_verdicts(r.stdout)
     assert set(got) == set(EXPECTED), r
     return got
 
@@ -95,34 +88,17 @@ def _probe(project: Path, uid: int | None, run: Any) -> dict[str, str]:
 def test_a_container_makes_no_namespace_nor_io_uring(
         engine: str, tmp_path: Path, request: pytest.FixtureRequest,
         busybox_tar: tuple[Path, str]) -> None:
-    from engines import CLI, ensure_image
-
-    if engine == "docker" and request.getfixturevalue("dockerd") == "root":
-        pytest.skip("this machine's dockerd runs without userns-remap: refused")
-    if engine == "podman":
-        request.getfixturevalue("podman_ready")
-    tar, image = busybox_tar
-    ensure_image([CLI[engine]], tar, image)
-    project = tmp_path / "p"
-    project.mkdir()
+    image, project = container_project(request, engine, busybox_tar, tmp_path)
 
     def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend", engine,
-             "--image", image, "--profile", "permissive", "--no-network", "--", *argv],
-            cwd=project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-            capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+        return container_run(engine, image, "permissive", project, argv)
 
     assert _probe(project, None, run) == EXPECTED
 
 
 def test_rootless_podman_makes_no_namespace_nor_io_uring(
         podman_user: tuple[int, dict[str, str], Path]) -> None:
-    uid, env, base = podman_user
+    uid, _, base = podman_user
     project = base / "proj"
-
-    def run(argv: list[str]) -> Any:
-        return ak_user(podman_user, "run", "-q", "-B", "podman", "-i", env["IMAGE"], "-p",
-                       "permissive", "--no-network", "--", *argv)
-
+    run = functools.partial(rootless_run, podman_user, "permissive")
     assert _probe(project, uid, run) == EXPECTED

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from engines import CLI, ENGINES, RANGE, ensure_image
-from sandbox_helpers import ak
+from sandbox_helpers import ak, container_ready, host_runner
 
 IMAGE = ""  # set by the `engine` fixture: the test image's content-addressed reference
 
@@ -33,12 +33,7 @@ _READY: set[str] = set()
 def engine(request: pytest.FixtureRequest, busybox_tar: tuple[Path, str]) -> str:
     global IMAGE
     name: str = request.param
-    if name == "docker":
-        if request.getfixturevalue("dockerd") == "root":
-            pytest.skip("this machine's dockerd runs without userns-remap: the docker "
-                        "backend refuses it (test_docker_refused_without_userns)")
-    else:
-        request.getfixturevalue("podman_ready")
+    container_ready(request, name)
     tar, IMAGE = busybox_tar
     if name not in _READY:
         ensure_image([CLI[name]], tar, IMAGE)
@@ -114,24 +109,11 @@ def test_private_etc_entry_hidden_after_cached_walk(engine: str, tmp_path: Path)
     daemon's pool does) keeps the walk for /etc's private entries (rootfs_watch); a file
     made private after that, and readable by the sandbox's root otherwise (it is theirs on
     the host), is hidden in the next sandbox all the same."""
-    import io
-
-    from agentkernel import planner, rootfs_watch
-    from agentkernel.engine import execute
+    from agentkernel import rootfs_watch
 
     rootfs_watch.forget()
     secret = Path("/etc") / f"ak-cache-test-{os.urandom(4).hex()}"
-    script = f"cat {secret} 2>/dev/null; echo; echo done"
-    plan = planner.plan(planner.RunRequest(
-        argv=["sh", "-c", script], cwd=tmp_path, image="host", backend=engine,
-        profile="restrictive", workdir="/tmp"), planner.CallerContext.here(), quiet=True)
-
-    def run() -> str:
-        out, err = io.BytesIO(), io.BytesIO()
-        sandbox, result = execute(plan, timeout=60, stdout=out, stderr=err)
-        sandbox.destroy()
-        assert result.exit_code == 0, err.getvalue()
-        return out.getvalue().decode()
+    plan, run = host_runner(engine, tmp_path, f"cat {secret} 2>/dev/null; echo; echo done")
 
     try:
         run()
@@ -622,6 +604,14 @@ def ak_user(user: tuple[int, dict[str, str], Path], *args: str,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(argv, env=env, cwd=base / "proj", capture_output=True, text=True,
                           timeout=120, check=False, stdin=subprocess.DEVNULL)
+
+
+def rootless_run(user: tuple[int, dict[str, str], Path], profile: str,
+                 argv: list[str]) -> Any:
+    """`agentkernel run` of `argv` as the podman user (ak_user) in a rootless Podman
+    container of the test image with `profile`, no network."""
+    return ak_user(user, "run", "-q", "-B", "podman", "-i", user[1]["IMAGE"], "-p", profile,
+                   "--no-network", "--", *argv)
 
 
 def test_rootless_podman_run(podman_user: tuple[int, dict[str, str], Path]) -> None:

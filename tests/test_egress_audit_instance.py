@@ -69,7 +69,7 @@ def test_a_reused_name_does_not_see_its_predecessor(project: Path) -> None:
     finally:
         ak("rm", name)
     # The file keeps both lives, each with its own key.
-    path = Path(os.environ["AGENTKERNEL_HOME"]) / "egress-audit.jsonl"
+    path = Path(os.environ["AGENTKERNEL_HOME"]) / "egress-audit" / f"{name}.jsonl"
     mine = [json.loads(line) for line in path.read_text().splitlines()
             if f'"sandbox":"{name}"' in line]
     assert {e.get("addr") for e in mine} >= {first, second, third}

@@ -173,9 +173,9 @@ def test_server_holds_only_what_gates_are_forked_with(sandbox: object) -> None:
     scratches = {Path(t).parent for t in targets if t.endswith(_SANDBOX_FILES)}
     assert sandbox.scratch in scratches, targets
     assert all(s.parent.name == "sandboxes" for s in scratches), scratches
-    own = {"/dev/null", audit, audit + ".1",
-           "/memfd:ak-gate-config (deleted)", "/memfd:ak-gate-state (deleted)",
-           *(str(s / f) for s in scratches for f in _SANDBOX_FILES)}
+    own = {"/dev/null", "/memfd:ak-gate-config (deleted)", "/memfd:ak-gate-state (deleted)",
+           *(str(s / f) for s in scratches for f in _SANDBOX_FILES),
+           *(f"{audit}/{s.name}.jsonl{end}" for s in scratches for end in ("", ".1"))}
     others = [t for t in targets if t not in own and not t.startswith(("socket:", "pipe:"))]
     assert not others, targets
     n = len(scratches)

@@ -94,7 +94,8 @@ def test_no_gate_until_used_then_confined_and_holding_only_its_own(
                 continue
             assert target in ("/dev/null", str(a.scratch / "egress.log"),
                               str(a.scratch / "egress-gate.err")) or \
-                target.startswith(str(Path(os.environ["AGENTKERNEL_HOME"]) / "egress-audit")), \
+                target.startswith(str(Path(os.environ["AGENTKERNEL_HOME"]) / "egress-audit" /
+                                      f"{a.scratch.name}.jsonl")), \
                 (fd, target)
         # No file of ours beyond what it was given (the agent's channel is a socket pair
         # or pipe of ours: none of our sockets or pipes is among the gate's).

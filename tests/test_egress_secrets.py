@@ -219,7 +219,8 @@ def test_audit_log_outlives_the_sandbox(project: Path, upstream: Upstream,
                for e in entries), entries
     closed = [e for e in entries if e["kind"] == "close" and e.get("sent")]
     assert closed and all(e["received"] > 0 for e in closed), entries
-    audit = (Path(os.environ["AGENTKERNEL_HOME"]) / "egress-audit.jsonl").read_text()
+    audit = (Path(os.environ["AGENTKERNEL_HOME"]) / "egress-audit" / f"{name}.jsonl"
+             ).read_text()
     assert VALUE not in audit and seen["env"] not in audit
     r = ak("egress", name, "log", "--audit")  # for people
     assert "tls-secret secret.test:18443 allowed by allow secret.test" in r.stdout, r.stdout
@@ -295,7 +296,7 @@ def test_config_secret_and_audit_as_an_ordinary_user(upstream: Upstream) -> None
         assert "hosts other.test: ignored" in err, err
         out, _ = as_user("egress", result["sandbox"], "log", "--audit")
         assert "tls-secret secret.test:18443 allowed" in out, out
-        audit = home / "data" / "egress-audit.jsonl"
+        audit = home / "data" / "egress-audit" / f"{result['sandbox']}.jsonl"
         assert audit.stat().st_uid == NOBODY and VALUE not in audit.read_text()
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -20,15 +20,20 @@ layout and the count in a podman container too.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import backend_available
-from test_containers import ak_user, podman_user
+from sandbox_helpers import (
+    backend_available,
+    build_probe,
+    container_project,
+    container_run,
+    probe_verdicts,
+    run_quiet,
+)
+from test_containers import podman_user, rootless_run
 
 __all__ = ["podman_user"]  # (a fixture: pytest finds it here)
 
@@ -116,12 +121,9 @@ print("after ok", flush=True)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root-started sandbox")
 def test_control_messages_are_walked_as_the_kernel_does(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "moderate", "--", "python3", "-c", CMSG],
-                       cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       check=False)
-    got = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if len(ln.split()) > 1}
+    r = run_quiet(tmp_path, "--backend", "namespaces", "--profile", "moderate", "--", "python3",
+                  "-c", CMSG, timeout=120)
+    got = probe_verdicts(r.stdout)
     assert got == {"two-rights": "ok", "two-rights-files": "caller", "empty-last": "ok",
                    "empty-last-files": "caller", "trailing": "EINVAL", "short": "EINVAL",
                    "rds": "EINVAL", "unknown-level": "EINVAL", "unknown-type": "EINVAL",
@@ -191,21 +193,9 @@ int main(void)
 """
 
 
-def _build_probe(project: Path, uid: int | None) -> None:
-    cc = shutil.which("musl-gcc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("needs a C compiler for the probe")
-    (project / "probe.c").write_text(PROBE_C)
-    subprocess.run([cc, "-static", "-O1", "-o", str(project / "probe"),
-                    str(project / "probe.c")], check=True, capture_output=True, timeout=120)
-    if uid is not None:
-        os.chown(project / "probe", uid, uid)
-
-
 def _verdicts(r: subprocess.CompletedProcess[str]) -> dict[str, str]:
-    got = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if len(ln.split()) > 1}
     assert r.returncode == 0, r
-    return got
+    return probe_verdicts(r.stdout)
 
 
 CONTAINER_EXPECTED = {"sendmmsg": "counted", "two-rights": "ok", "two-rights-files": "caller"}
@@ -215,26 +205,15 @@ CONTAINER_EXPECTED = {"sendmmsg": "counted", "two-rights": "ok", "two-rights-fil
 def test_a_podman_containers_control_messages_and_counts(
         tmp_path: Path, request: pytest.FixtureRequest,
         busybox_tar: tuple[Path, str]) -> None:
-    from engines import CLI, ensure_image
-
-    request.getfixturevalue("podman_ready")
-    tar, image = busybox_tar
-    ensure_image([CLI["podman"]], tar, image)
-    project = tmp_path / "p"
-    project.mkdir()
-    _build_probe(project, None)
-    r = subprocess.run(
-        [sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend", "podman",
-         "--image", image, "--profile", "moderate", "--no-network", "--", "/workspace/probe"],
-        cwd=project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-        capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+    image, project = container_project(request, "podman", busybox_tar, tmp_path)
+    build_probe(project, PROBE_C)
+    r = container_run("podman", image, "moderate", project, ["/workspace/probe"])
     assert _verdicts(r) == CONTAINER_EXPECTED, r
 
 
 def test_a_rootless_podman_containers_control_messages_and_counts(
         podman_user: tuple[int, dict[str, str], Path]) -> None:
-    uid, env, base = podman_user
-    _build_probe(base / "proj", uid)
-    r = ak_user(podman_user, "run", "-q", "-B", "podman", "-i", env["IMAGE"], "-p",
-                "moderate", "--no-network", "--", "/workspace/probe")
+    uid, _, base = podman_user
+    build_probe(base / "proj", PROBE_C, uid)
+    r = rootless_run(podman_user, "moderate", ["/workspace/probe"])
     assert _verdicts(r) == CONTAINER_EXPECTED, r

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import ak, backend_available
+from sandbox_helpers import ak, backend_available, container_ready
 
 
 @pytest.fixture(params=["docker", "podman"])
@@ -24,11 +24,7 @@ def engine(request: pytest.FixtureRequest) -> str:
     name: str = request.param
     if not backend_available(name):
         pytest.skip(f"needs {name}")
-    if name == "docker":
-        if request.getfixturevalue("dockerd") == "root":
-            pytest.skip("this machine's dockerd runs without userns-remap (refused)")
-    else:
-        request.getfixturevalue("podman_ready")
+    container_ready(request, name)
     return name
 
 

@@ -21,36 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, public_pythonpath
+from sandbox_helpers import HEAD_LOGGER, SYSTEM_PYTHON, public_pythonpath
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
 
 NOBODY = 65534
 OTHER = 64999  # an attacker's uid, neither root nor nobody
-
-SERVER = r"""
-import socket, sys
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-s.listen(8)
-print(s.getsockname()[1], flush=True)
-while True:
-    c, _ = s.accept()
-    data = b""
-    while b"\r\n\r\n" not in data:
-        d = c.recv(4096)
-        if not d:
-            break
-        data += d
-    if not data:  # our client's check refused this connection and closed it unused
-        c.close()
-        continue
-    print(repr(data), flush=True)
-    body = b'{"success": true, "data": [], "error": null}'
-    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-              + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
-    c.close()
-"""
 
 CLIENT = (
     "import sys\n"
@@ -72,11 +48,11 @@ def _as(uid: int, argv: list[str]) -> list[str]:
 def _requests_seen(server_uid: int, client_uid: int, home: Path) -> tuple[str, list[str]]:
     """Start a listener as `server_uid`, point `client_uid`'s client at it (by address and
     by `localhost`); the client's stored key and the request heads the listener got."""
-    server = subprocess.Popen(_as(server_uid, [SYSTEM_PYTHON, "-S", "-c", SERVER]),
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(_as(server_uid, [SYSTEM_PYTHON, "-S", "-c", HEAD_LOGGER, "0",
+                                               "close"]), stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
-        port = int(server.stdout.readline())
+        port = int(server.stdout.readline().split()[1])
         python = sys.executable if client_uid == 0 else SYSTEM_PYTHON
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(home),
                "AGENTKERNEL_HOME": str(home / "data"), "PYTHONPATH": public_pythonpath()}

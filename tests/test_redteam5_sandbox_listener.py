@@ -22,33 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, backend_available, public_pythonpath
+from sandbox_helpers import HEAD_LOGGER, SYSTEM_PYTHON, backend_available, public_pythonpath
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not backend_available("namespaces"),
                                 reason="needs root (to act as nobody) and bubblewrap")
 
 NOBODY = 65534
-
-SERVER = r"""
-import socket, sys
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-s.listen(8)
-print(s.getsockname()[1], flush=True)
-data = b""
-while not data:  # (a connection our client's check refused is closed unused: the next)
-    c, _ = s.accept()
-    while b"\r\n\r\n" not in data:
-        d = c.recv(4096)
-        if not d:
-            break
-        data += d
-print(repr(data), flush=True)
-body = b'{"success": true, "data": [], "error": null}'
-c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-          + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
-c.close()
-"""
 
 CLIENT = (
     "import sys\n"
@@ -77,13 +56,14 @@ def _head_seen(user: int, home: Path, in_sandbox: bool) -> tuple[str, str]:
     """A listener on loopback (in a permissive sandbox of `user`'s, or a plain process of
     `user`'s), `user`'s client pointed at it: (the stored key, the request head it got)."""
     python = sys.executable if user == 0 else SYSTEM_PYTHON
-    server_argv = [SYSTEM_PYTHON, "-S", "-c", SERVER]
+    server_argv = [SYSTEM_PYTHON, "-S", "-c", HEAD_LOGGER, "0", "once"]
     if in_sandbox:
         project = home / "project"
         project.mkdir(exist_ok=True)
         os.chown(project, user, user)
         server_argv = [python, "-P", "-m", "agentkernel", "run", "-q", "-B", "namespaces",
-                       "--profile", "permissive", "--", "python3", "-S", "-c", SERVER]
+                       "--profile", "permissive", "--", "python3", "-S", "-c", HEAD_LOGGER,
+                       "0", "once"]
     server = subprocess.Popen(_as(user, server_argv), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=_env(home),
                               cwd=home / "project" if in_sandbox else home)
@@ -92,7 +72,7 @@ def _head_seen(user: int, home: Path, in_sandbox: bool) -> tuple[str, str]:
         line = server.stdout.readline()
         if not line:
             pytest.fail(f"the listener did not start: {server.stderr.read()}")  # type: ignore[union-attr]
-        port = int(line)
+        port = int(line.split()[1])
         client = subprocess.run(
             _as(user, [python, "-P", "-c", CLIENT, f"http://127.0.0.1:{port}"]),
             env=_env(home), capture_output=True, text=True, timeout=60, cwd=home)

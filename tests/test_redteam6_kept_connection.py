@@ -23,81 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, public_pythonpath
+from sandbox_helpers import HEAD_LOGGER, SYSTEM_PYTHON, public_pythonpath
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
 
 NOBODY = 65534
 OTHER = 64999  # an attacker's uid, neither root nor nobody
-
-# The attacker: listens, answers the first request that comes with keep-alive, closes its
-# listener ("released") and goes on answering (and showing) what comes down that connection.
-# Connections that close without a request (our client's, refused at its check) are skipped.
-ATTACKER = r"""
-import socket
-BODY = b'{"success": true, "data": [], "error": null}'
-ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-          + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
-
-def head(c):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        d = c.recv(4096)
-        if not d:
-            return None
-        data += d
-    return data
-
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", 0))
-s.listen(8)
-print("port", s.getsockname()[1], flush=True)
-while True:
-    c, _ = s.accept()
-    data = head(c)
-    if data is None:
-        c.close()
-        continue
-    print("head", repr(data), flush=True)
-    c.sendall(ANSWER)
-    break
-s.close()
-print("released", flush=True)
-while True:
-    data = head(c)
-    if data is None:
-        print("closed", flush=True)
-        break
-    print("head", repr(data), flush=True)
-    c.sendall(ANSWER)
-"""
-
-# The user's own server, back on the port (SO_REUSEADDR, as `serve` binds): shows each head.
-OURS = r"""
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(8)
-print("listening", flush=True)
-BODY = b'{"success": true, "data": [], "error": null}'
-while True:
-    c, _ = s.accept()
-    while True:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            d = c.recv(4096)
-            if not d:
-                break
-            data += d
-        if b"\r\n\r\n" not in data:
-            c.close()
-            break
-        print("head", repr(data), flush=True)
-        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-                  + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
-"""
 
 # The user's client: one request, then (told to go on) two more, on one client object.
 CLIENT = r"""
@@ -178,7 +109,9 @@ def test_a_kept_connection_of_another_user_never_gets_the_stored_key(
     os.chown(home, victim, victim)
     procs: list[subprocess.Popen[str]] = []
     try:
-        bad = _start(attacker, ATTACKER, home=home)
+        # The attacker: answers the first request with keep-alive, closes its listener
+        # ("released") and goes on answering what comes down that connection.
+        bad = _start(attacker, HEAD_LOGGER, "0", "release", home=home)
         procs.append(bad)
         port = _expect(bad, "port")
         client = _start(victim, CLIENT, f"http://localhost:{port}", kind, home=home,
@@ -188,9 +121,10 @@ def test_a_kept_connection_of_another_user_never_gets_the_stored_key(
         _expect(client, "first")  # answered by the attacker, with keep-alive
         _expect(bad, "head")
         _expect(bad, "released")  # its listener closed, its connection kept
-        ours = _start(victim, OURS, port, home=home)
+        # Our own server back on the port (SO_REUSEADDR, as `serve` binds).
+        ours = _start(victim, HEAD_LOGGER, port, "keep", home=home)
         procs.append(ours)
-        _expect(ours, "listening")  # our server back on the port
+        _expect(ours, "port")
         assert client.stdin is not None
         client.stdin.write("go\n")
         client.stdin.flush()

@@ -17,6 +17,7 @@ that a connect() to a server of its own that never accepts stalls no other conne
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -30,8 +31,17 @@ from typing import Any
 
 import pytest
 
-from sandbox_helpers import SYSTEM_PYTHON, backend_available, public_pythonpath
-from test_containers import ak_user, podman_user
+from sandbox_helpers import (
+    SYSTEM_PYTHON,
+    backend_available,
+    build_probe,
+    container_project,
+    container_run,
+    probe_verdicts,
+    public_pythonpath,
+    run_quiet,
+)
+from test_containers import podman_user, rootless_run
 
 __all__ = ["podman_user"]  # (a fixture: pytest finds it here)
 
@@ -309,12 +319,8 @@ os._exit(0)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root-started sandbox")
 def test_waiting_calls_are_bounded_and_a_killed_callers_are_let_go(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "permissive", "--no-network", "--",
-                        "python3", "-c", BOUNDED],
-                       cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       check=False)
+    r = run_quiet(tmp_path, "--backend", "namespaces", "--profile", "permissive", "--no-network",
+                  "--", "python3", "-c", BOUNDED, timeout=120)
     lines = {ln.split()[0]: ln.split()[1:] for ln in r.stdout.splitlines() if ln.split()}
     assert lines.get("freed") == ["yes"], r
     refused, ended = (int(x) for x in lines["past-bound"])
@@ -337,11 +343,8 @@ def test_a_socket_made_in_a_copy_on_write_project_connects(cow_project: Path) ->
     script = ("import socket; s = socket.socket(socket.AF_UNIX); s.bind('/workspace/w.sock');"
               " s.listen(1); c = socket.socket(socket.AF_UNIX); c.connect('w.sock');"
               " print('CONNECTED')")
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "moderate", "--", "python3", "-c", script],
-                       cwd=cow_project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       check=False)
+    r = run_quiet(cow_project, "--backend", "namespaces", "--profile", "moderate", "--", "python3",
+                  "-c", script, timeout=120)
     assert r.returncode == 0 and "CONNECTED" in r.stdout, r
 
 
@@ -414,23 +417,16 @@ def _container_attack(project: Path, uid: int | None, run: Any,
     """Builds the probe into `project`, puts a host stream server and a /dev/log-like
     datagram socket there, runs the probe through `run(argv)`; the verdicts, with
     what the host's datagram socket got."""
-    cc = shutil.which("musl-gcc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("needs a C compiler for the probe")
-    (project / "probe.c").write_text(PROBE_C)
-    subprocess.run([cc, "-static", "-O1", "-o", str(project / "probe"), str(project / "probe.c")],
-                   check=True, capture_output=True, timeout=120)
+    build_probe(project, PROBE_C, uid)
     srv = _listen(project / "host.sock", uid)
     log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     log.bind(str(project / "log.sock"))
     log.setblocking(False)
     if uid is not None:
-        for f in ("log.sock", "probe", "probe.c"):
-            os.chown(project / f, uid, uid)
+        os.chown(project / "log.sock", uid, uid)
     try:
         r = run(["/workspace/probe", *checks])
-        verdicts = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines()
-                    if len(ln.split()) >= 2}
+        verdicts = probe_verdicts(r.stdout)
         assert set(verdicts) == set(checks), r
         try:
             verdicts["host-log"] = f"CONNECTED {log.recv(64)!r}"
@@ -450,23 +446,10 @@ def test_containers_reach_no_host_socket_in_the_project(
         busybox_tar: tuple[Path, str]) -> None:
     """The project bound (permissive) and copy-on-write (moderate: the sandbox's own
     socket there connects, the host's in its lower layer does not)."""
-    from engines import CLI, ensure_image
-
-    if engine == "docker" and request.getfixturevalue("dockerd") == "root":
-        pytest.skip("this machine's dockerd runs without userns-remap: refused")
-    if engine == "podman":
-        request.getfixturevalue("podman_ready")
-    tar, image = busybox_tar
-    ensure_image([CLI[engine]], tar, image)
-    project = tmp_path / "p"
-    project.mkdir()
+    image, project = container_project(request, engine, busybox_tar, tmp_path)
 
     def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend", engine,
-             "--image", image, "--profile", profile, "--no-network", "--", *argv],
-            cwd=project, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-            capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, check=False)
+        return container_run(engine, image, profile, project, argv)
 
     checks = {**CONTAINER_CHECKS, **({"own:/workspace/w.sock": "CONNECTED"}
                                      if profile == "moderate" else {})}
@@ -477,14 +460,9 @@ def test_containers_reach_no_host_socket_in_the_project(
 def test_rootless_podman_reaches_no_host_socket_in_the_project(
         podman_user: tuple[int, dict[str, str], Path]) -> None:
     """As an ordinary user (rootless Podman): the sockets are theirs, the guard still says no."""
-    uid, env, base = podman_user
-    project = base / "proj"
-
-    def run(argv: list[str]) -> Any:
-        return ak_user(podman_user, "run", "-q", "-B", "podman", "-i", env["IMAGE"], "-p",
-                       "permissive", "--no-network", "--", *argv)
-
-    verdicts = _container_attack(project, uid, run)
+    uid, _, base = podman_user
+    run = functools.partial(rootless_run, podman_user, "permissive")
+    verdicts = _container_attack(base / "proj", uid, run)
     assert verdicts == {**CONTAINER_CHECKS, "host-log": "refused"}, verdicts
 
 
@@ -544,12 +522,9 @@ print("after ok", flush=True)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root-started sandbox")
 def test_hostile_lengths_are_refused_and_the_guard_lives_on(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "moderate", "--", "python3", "-c", HOSTILE],
-                       cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       check=False)
-    got = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if len(ln.split()) > 1}
+    r = run_quiet(tmp_path, "--backend", "namespaces", "--profile", "moderate", "--", "python3",
+                  "-c", HOSTILE, timeout=120)
+    got = probe_verdicts(r.stdout)
     einval = ("connect-128", "sendto-128", "sendmsg-200", "cmsg-0", "cmsg-8", "cmsg-huge",
               "cmsg-max", "cmsg-25")
     assert {k: got.get(k) for k in einval} == dict.fromkeys(einval, "Invalid-argument"), r
@@ -638,12 +613,8 @@ os._exit(0)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root-started sandbox")
 def test_the_guards_main_thread_never_waits_and_stream_sends_are_whole(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-P", "-m", "agentkernel", "run", "-q", "--backend",
-                        "namespaces", "--profile", "moderate", "--no-network", "--",
-                        "python3", "-c", NEVER_WAITS],
-                       cwd=tmp_path, env={**os.environ, "AGENTKERNEL_NO_DAEMON": "1"},
-                       capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
-                       check=False)
+    r = run_quiet(tmp_path, "--backend", "namespaces", "--profile", "moderate", "--no-network",
+                  "--", "python3", "-c", NEVER_WAITS)
     got = {ln.split()[0]: ln.split(None, 1)[1] for ln in r.stdout.splitlines()
            if len(ln.split()) > 1}
     assert got.get("not-stalled") == "yes", r

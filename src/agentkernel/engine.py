@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import ProtocolError
 from .planner import Outcome, Plan, outcome
+from .signals import handlers_swapped
 
 if TYPE_CHECKING:
     from .agent.client import Execution, ExitStatus
@@ -94,12 +95,8 @@ def exit_on_terminate():  # type: ignore[no-untyped-def]
         return
     _ENDING.clear()
     _WAITING.clear()
-    previous = {sig: signal.signal(sig, _on_terminate) for sig in TERMINATING_SIGNALS}
-    try:
+    with handlers_swapped(TERMINATING_SIGNALS, _on_terminate):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def terminated() -> int | None:
@@ -185,9 +182,6 @@ def _pump_stdin(src: BinaryIO, execution: Execution) -> None:
 def _forward_signals(send: Callable[[int], None]):  # type: ignore[no-untyped-def]
     """While a command runs, Ctrl-C and friends go to it, not to us; one that came since
     its sandbox started goes to it first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     pending: list[int] = []
     sending: list[bool] = []
 
@@ -203,16 +197,10 @@ def _forward_signals(send: Callable[[int], None]):  # type: ignore[no-untyped-de
             finally:
                 sending.clear()
 
-    previous = {}
-    for sig in FORWARDED_SIGNALS:
-        previous[sig] = signal.signal(sig, forward)
-    try:
-        if _ENDING:  # delivered to the command now: its own end says how the run ended
-            forward(_ENDING.pop(), None)
+    with handlers_swapped(FORWARDED_SIGNALS, forward) as swapped:
+        if swapped and _ENDING:  # delivered to the command now: its own end says how
+            forward(_ENDING.pop(), None)  # the run ended
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _safe(send: Callable[[int], None], signo: int) -> None:

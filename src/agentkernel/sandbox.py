@@ -140,23 +140,18 @@ def signals_deferred():  # type: ignore[no-untyped-def]
     masks cannot do this: Python runs handlers in the main thread whichever thread the
     kernel picked, and ours has threads (its agent channel's reader)."""
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from .signals import handlers_swapped
+
     got: list[int] = []
 
     def note(signo: int, _frame: object) -> None:
         got.append(signo)
 
-    sigs = [getattr(signal, name) for name in DEFERRED_SIGNALS]
-    previous = {sig: signal.signal(sig, note) for sig in sigs}
     try:
-        yield
+        with handlers_swapped([getattr(signal, name) for name in DEFERRED_SIGNALS], note):
+            yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if got:
             signal.raise_signal(got[0])
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,62 @@ def test_api_call_speaks_http_on_a_unix_socket(tmp_path: Path) -> None:
     assert status == 204 and body == b""
     assert got[0].startswith(b"PUT /actions HTTP/1.1\r\n")
     assert got[0].endswith(b'{"action_type": "InstanceStart"}')
+
+
+def _answering(path: Path, answer: Callable[[socket.socket, threading.Event], None],
+               ) -> tuple[threading.Thread, threading.Event, socket.socket]:
+    """A one-connection API socket at `path` whose reply is `answer` (until the event)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            answer(conn, stop)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t, stop, srv
+
+
+def _endless_head(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    while not stop.is_set():
+        conn.sendall(b"X-Padding: " + b"a" * 4000 + b"\r\n")
+
+
+def _dripping_head(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    while not stop.wait(0.02):
+        conn.sendall(b"X")  # always a byte before any one read's timeout, never the end
+
+
+def _huge_length(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n{}")
+    stop.wait(30)
+
+
+@pytest.mark.parametrize(("answer", "error"), [(_endless_head, ConnectionError),
+                                              (_dripping_head, TimeoutError),
+                                              (_huge_length, ConnectionError)])
+def test_api_call_reads_a_bounded_response(
+        tmp_path: Path, answer: Callable[[socket.socket, threading.Event], None],
+        error: type[Exception]) -> None:
+    """A response head that never ends, one that drips in forever, and a body said to be
+    huge each end the call: the read is bounded in size and in time."""
+    path = tmp_path / "api.sock"
+    t, stop, srv = _answering(path, answer)
+    try:
+        with pytest.raises(error):
+            fc.api_call(path, "PUT", "/actions", {"action_type": "InstanceStart"},
+                        timeout=1.0)
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
 
 
 @pytest.mark.parametrize("tap", ["tap-ak0", None])

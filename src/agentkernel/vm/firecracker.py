@@ -146,36 +146,67 @@ def write_config(vm: FirecrackerVm, path: Path) -> Path:
     return path
 
 
+MAX_API_HEAD = 16 * 1024  # bytes of an API response's status line and headers
+MAX_API_BODY = 1024 * 1024  # bytes of its body (Firecracker's are small JSON errors)
+
+
 def api_call(api_sock: Path, method: str, path: str, body: dict[str, Any],
              timeout: float = 5.0) -> tuple[int, bytes]:
-    """One HTTP/1.1 request on Firecracker's API socket (no HTTP library needed)."""
+    """One HTTP/1.1 request on Firecracker's API socket (no HTTP library needed).
+
+    The whole exchange has `timeout` seconds and the response is read to MAX_API_HEAD and
+    MAX_API_BODY at most: a stalled or babbling socket ends the call (ConnectionError or
+    TimeoutError) instead of holding the caller or its memory."""
     payload = json.dumps(body).encode()
     head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(api_sock))
         s.sendall(head.encode() + payload)
         data = b""
         while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
+            if len(data) > MAX_API_HEAD:
+                raise ConnectionError(f"Firecracker's API response head is over "
+                                      f"{MAX_API_HEAD} bytes")
+            chunk = _recv_by(s, deadline, MAX_API_HEAD + 4 - len(data))
             if not chunk:
                 break
             data += chunk
         header, _, rest = data.partition(b"\r\n\r\n")
-        status_line = header.split(b"\r\n", 1)[0].split()
-        status = int(status_line[1]) if len(status_line) > 1 else 0
-        length = 0
-        for line in header.split(b"\r\n")[1:]:
-            key, _, value = line.partition(b":")
-            if key.strip().lower() == b"content-length":
-                length = int(value.strip())
+        status, length = _parse_head(header)
         while len(rest) < length:
-            chunk = s.recv(65536)
+            chunk = _recv_by(s, deadline, length - len(rest))
             if not chunk:
                 break
             rest += chunk
-    return status, rest
+    return status, rest[:length] if length else rest
+
+
+def _recv_by(s: socket.socket, deadline: float, most: int) -> bytes:
+    """At most `most` bytes from `s`, waiting no later than `deadline` (monotonic)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("Firecracker's API did not answer in time")
+    s.settimeout(left)
+    return s.recv(max(1, min(65536, most)))
+
+
+def _parse_head(header: bytes) -> tuple[int, int]:
+    """The status and Content-Length of a response head (a length over MAX_API_BODY, or
+    one that is not a number, is refused)."""
+    status_line = header.split(b"\r\n", 1)[0].split()
+    status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
+    length = 0
+    for line in header.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            if not value.strip().isdigit() or int(value.strip()) > MAX_API_BODY:
+                raise ConnectionError(f"Firecracker's API response has a bad length: "
+                                      f"{value.strip()[:32]!r}")
+            length = int(value.strip())
+    return status, length
 
 
 def connect_vsock(uds: Path, port: int, timeout: float,
