@@ -347,8 +347,10 @@ class WarmPool:
             queued = max(0, len(st.claims) - st.starting)  # 0: a start under way is ours
             wait = QUEUE_SLACK + st.latency * (1 + 2 * queued / self.refills)
             # A take that begins a burst wakes them too: their sleep then ends at its
-            # pause, when the target rises to its size (`_idle_wait`).
-            if got is None or st.run == 2 or self._workers_wanted(now):
+            # pause, when the target rises to its size (`_idle_wait`; not a key whose
+            # sandboxes come back, wasm's: it keeps no depth).
+            began_burst = st.run == 2 and not st.given_back
+            if got is None or began_burst or self._workers_wanted(now):
                 self._cond.notify_all()
         self.discard_all(dead)
         if got is not None:
@@ -711,7 +713,7 @@ class WarmPool:
         # A burst's pause raises its key's target to the burst's size, with no take or
         # release to say so: without this the depth began to fill up to IDLE_WAIT late.
         retry += [st.taken_at + BURST_GAP - now for st in self._keys.values()
-                  if st.burst > 1 and st.bursting(now)]
+                  if st.burst > 1 and not st.given_back and st.bursting(now)]
         # A refill delayed by REFILL_DELAY; with every slot busy, a start's end notifies.
         if self._running() < self.refills and any(self._need(st, now) > 0
                                                   for st in self._keys.values()):
