@@ -792,3 +792,24 @@ def test_teardown_held_by_a_burst_stays_within_the_memory_cap(
     p.release(k)
     p.discard(c)
     assert p.drain(10)
+
+
+def test_a_slow_run_does_not_split_its_burst(fake: FakeBackend, make_pool: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A take right after the last run's end is back to back however long that run took
+    (one that waited for a start under load took more than BURST_GAP): the burst is one,
+    and the depth kept for the next is its whole size, not its longest part."""
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 1.0)
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.05)  # the rate alone keeps one or two
+    p = make_pool(adhoc_min=1, adhoc_max=8)
+    k = key()
+    for _ in range(4):
+        use(p, k)
+    slow, _warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+    time.sleep(1.2)  # longer than BURST_GAP since the last take
+    p.release(k)
+    p.discard(slow)
+    for _ in range(3):
+        use(p, k)
+    assert status(p, k).target == 8
+    wait_for(lambda: status(p, k).warm == 8)

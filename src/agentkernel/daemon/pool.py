@@ -74,7 +74,8 @@ DEFAULT_MEMORY = 8 * 1024 * 1024  # bytes assumed per warm sandbox until one is 
 SETTLE = 0.01  # seconds: a run's answer goes out after it released its sandbox (MCP: ~3 ms)
 YIELD_MAX = 0.03  # seconds: then it runs anyway (back-to-back runs leave no gap)
 LIVELY_RATE = 0.2  # takes/s (EWMA) from which a key keeps one warm sandbox more
-BURST_GAP = 0.1  # seconds between takes under which runs come back to back (no yielding)
+# Seconds from a key's last take or release under which its next take comes back to back.
+BURST_GAP = 0.1
 BURST_MEMORY = 60.0  # seconds after its last take a key keeps its last burst's size warm
 IDLE_WAIT = 1.0  # seconds the refill workers sleep at most with nothing to do
 
@@ -175,8 +176,13 @@ class _KeyState:
     held: float | None = None  # since when its next start has yielded to runs (hotpath)
     given_back: bool = False  # its sandboxes serve again (give_back): no spare for refills
     taken_at: float = -math.inf  # the last take
+    released_at: float = -math.inf  # the last release
     gap: float = math.inf  # seconds between the last two takes: a burst shows at once
-    run: int = 0  # takes back to back (each under BURST_GAP after the last) until the last
+    # Takes back to back (each under BURST_GAP after the key's last take or release) until
+    # the last. From a release too: a run that waited for a start (a burst outrunning the
+    # pool, a loaded machine) took longer than BURST_GAP, and split its burst in two (the
+    # depth learned was then the longest part: 90 of 100 at load 8).
+    run: int = 0
     burst: int = 0  # the longest such run within BURST_MEMORY: kept warm between bursts
 
     @property
@@ -194,17 +200,22 @@ class _KeyState:
         self.rate = self.rate_now(now) + 1.0 / RATE_WINDOW
         self.rate_at = now
         self.last_used = now
+        back_to_back = self.idle(now) < BURST_GAP
         self.gap, self.taken_at = now - self.taken_at, now
-        self.run = self.run + 1 if self.gap < BURST_GAP else 1
+        self.run = self.run + 1 if back_to_back else 1
         self.burst = max(self.run, self.burst if self.gap < BURST_MEMORY else 0)
 
     def note_latency(self, seconds: float) -> None:
         self.latency += LATENCY_WEIGHT * (seconds - self.latency)
 
+    def idle(self, now: float) -> float:
+        """Seconds since the key's last take or release."""
+        return now - max(self.taken_at, self.released_at)
+
     def bursting(self, now: float) -> bool:
-        """Whether its runs come back to back right now (the last two takes under
-        BURST_GAP apart, the last one under BURST_GAP ago)."""
-        return self.gap < BURST_GAP and now - self.taken_at < BURST_GAP
+        """Whether its runs come back to back right now (`run`, and the last take or
+        release under BURST_GAP ago)."""
+        return self.run > 1 and self.idle(now) < BURST_GAP
 
     def target(self, now: float, depth: bool = True) -> int:
         """Warm sandboxes to keep: what the takes of one start's time need, within min/max;
@@ -415,7 +426,7 @@ class WarmPool:
             st = self._keys.get(key)
             if st is not None:
                 st.in_use = max(0, st.in_use - 1)
-                now = st.last_used = self._active_at = time.monotonic()
+                now = st.last_used = st.released_at = self._active_at = time.monotonic()
                 if self._workers_wanted(now):
                     self._cond.notify_all()
                 if self._doomed:
@@ -674,12 +685,12 @@ class WarmPool:
         # In a burst no longer than the last one (the key's depth was sized from it), the
         # warm ones left may cover all of its remaining takes: nothing to start for it.
         # (A longer burst then refills as above once they are gone.)
-        remaining = st.burst - st.run if st.gap < BURST_GAP else 0
+        remaining = st.burst - st.run if st.run > 1 else 0
         return expected + 0.5 < left + 1 or 0 < remaining <= left
 
     def _burst(self, now: float) -> bool:
-        """Under the lock: whether runs come back to back (a key's last two takes under
-        BURST_GAP apart, the last one just now): there is no gap to wait for then, and
+        """Under the lock: whether runs come back to back (a key's `bursting`): there is
+        no gap to wait for then, and
         teardown held back would only pile up and then compete with the refills."""
         return any(st.bursting(now) for st in self._keys.values())
 
@@ -700,7 +711,7 @@ class WarmPool:
         if not self._busy() and now - self._active_at >= SETTLE:
             return 0.0
         if self._burst_served_warm(now):
-            left = max(st.taken_at for st in self._keys.values()) + BURST_GAP - now
+            left = BURST_GAP - min(st.idle(now) for st in self._keys.values())
         else:
             since = now if held_since is None else held_since
             left = since + YIELD_MAX - now
@@ -712,7 +723,7 @@ class WarmPool:
         retry = [st.retry_at - now for st in self._keys.values() if st.retry_at > now]
         # A burst's pause raises its key's target to the burst's size, with no take or
         # release to say so: without this the depth began to fill up to IDLE_WAIT late.
-        retry += [st.taken_at + BURST_GAP - now for st in self._keys.values()
+        retry += [BURST_GAP - st.idle(now) for st in self._keys.values()
                   if st.burst > 1 and not st.given_back and st.bursting(now)]
         # A refill delayed by REFILL_DELAY; with every slot busy, a start's end notifies.
         if self._running() < self.refills and any(self._need(st, now) > 0
