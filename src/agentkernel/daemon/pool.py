@@ -690,8 +690,8 @@ class WarmPool:
 
     def _burst(self, now: float) -> bool:
         """Under the lock: whether runs come back to back (a key's `bursting`): there is
-        no gap to wait for then, and
-        teardown held back would only pile up and then compete with the refills."""
+        no gap to wait for then, and teardown held back would only pile up and then
+        compete with the refills."""
         return any(st.bursting(now) for st in self._keys.values())
 
     def _burst_served_warm(self, now: float) -> bool:
