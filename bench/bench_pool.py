@@ -280,25 +280,14 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         wait_health(port, serve)
         back_to_back(port, 3, body, 0.5)  # a first request, then let the pool fill
         time.sleep(1.0)
-        first = pool_counts(ak, env)
-        cases[f"{tag}: {args.n} back-to-back POST /run, first burst"] = back_to_back(
-            port, args.n, body, 0.0)
-        first_misses = delta(pool_counts(ak, env), first)
-        # The next burst finds the pool at the size it aims for (what the last burst
-        # taught it, within its caps): CPU per run from there until it is back there (the
-        # burst's runs, their refills and teardowns; nothing made ahead of them).
-        refilled = wait_pool_target(ak, env)
-        before = pool_counts(ak, env, ("misses", "warm"))
-        b2b_cpu = tree_cpu(serve.pid)
-        cases[f"{tag}: {args.n} back-to-back POST /run, next burst"] = back_to_back(
-            port, args.n, body, 0.0)
-        after = pool_counts(ak, env)
-        refilled = min(refilled, wait_pool_target(ak, env))
-        time.sleep(1.0)  # the teardowns those runs left: theirs too
-        b2b_cpu = (tree_cpu(serve.pid) - b2b_cpu) * 1000 / args.n
-        # More warm after than before (the burst raised the target): the window also
-        # paid for those, and CPU per run reads high.
-        warm = before.get("warm", 0), pool_counts(ak, env, ("warm",)).get("warm", 0)
+        wait_pool_target(ak, env)
+        # The first burst finds the pool at the size a few paced runs left it; the next
+        # one at the size the first taught it (within its caps).
+        bursts = {}
+        for which in ("first", "next"):
+            bursts[which] = burst(ak, env, port, args.n, body, serve.pid)
+            cases[f"{tag}: {args.n} back-to-back POST /run, {which} burst"] = \
+                bursts[which].pop("samples")
         cases[f"{tag}: POST /run, {args.pause:g}s pause between"] = back_to_back(
             port, args.pause_n, body, args.pause)
         time.sleep(1.0)
@@ -334,16 +323,35 @@ def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
             serve.kill()
         log = (tmp / "serve.log").read_text(errors="replace")[-2000:]
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"cases": cases, "concs": concs, "log": log, "misses": delta(after, before),
-            "first_misses": first_misses, "b2b_cpu": b2b_cpu, "refilled": refilled,
-            "warm": warm}
+    return {"cases": cases, "concs": concs, "log": log, "bursts": bursts}
+
+
+def burst(ak: Path, env: dict[str, str], port: int, n: int, body: dict[str, Any], pid: int
+          ) -> dict[str, Any]:
+    """`n` back-to-back requests from the pool as it is now, then until it is back at
+    its target: the latencies, how many started cold, the warm sandboxes before it and
+    after its refill, the seconds that refill took, and CPU per run of the server's
+    whole tree over both (the burst's runs, their refills and teardowns; more warm after
+    than before, when the burst raised the target, reads high: those were paid too)."""
+    before = pool_counts(ak, env, ("misses", "warm"))
+    cpu = tree_cpu(pid)
+    load = Path("/proc/loadavg").read_text().split()[0]  # others' work too
+    samples = back_to_back(port, n, body, 0.0)
+    misses = delta(pool_counts(ak, env), before)
+    refilled = wait_pool_target(ak, env)
+    time.sleep(1.0)  # the teardowns those runs left: theirs too
+    return {"samples": samples, "misses": misses, "refilled": refilled,
+            "warm": (before.get("warm", 0), pool_counts(ak, env, ("warm",)).get("warm", 0)),
+            "cpu_ms": (tree_cpu(pid) - cpu) * 1000 / n, "load": load}
 
 
 def wait_pool_target(ak: Path, env: dict[str, str], timeout: float = 15.0) -> float:
     """Wait until every pool key holds as many warm sandboxes as it aims for (its
-    `target`, or it reports a start error); the seconds it took (inf: not within
-    `timeout`)."""
+    `target`, or it reports a start error) at two reads in a row; the seconds it took
+    (inf: not within `timeout`). (A tree whose status read right after a burst gave the
+    target before the burst's pause raised it passes the first read with a few warm.)"""
     began = time.monotonic()
+    ok = 0
     while time.monotonic() - began < timeout:
         r = subprocess.run([str(ak), "daemon", "status", "--json"], env=env,
                            capture_output=True, text=True, check=False)
@@ -351,8 +359,9 @@ def wait_pool_target(ak: Path, env: dict[str, str], timeout: float = 15.0) -> fl
             pools = json.loads(r.stdout).get("pools") or []
         except json.JSONDecodeError:
             pools = []
-        if pools and all(p.get("warm", 0) >= p.get("target", 0) or p.get("last_error")
-                         for p in pools):
+        ok = ok + 1 if pools and all(
+            p.get("warm", 0) >= p.get("target", 0) or p.get("last_error") for p in pools) else 0
+        if ok == 2:
             return time.monotonic() - began
         time.sleep(0.2)
     return float("inf")
@@ -453,13 +462,14 @@ def main() -> int:
     md.append("")
     for tag, run in runs.items():
         cli = pct(run["cases"][f"{tag}: warm `agentkernel run -- true` (CLI)"], 0.5)
-        md.append(f"- {tag}: back-to-back requests started cold: first burst "
-                  f"{run['first_misses']}/{args.n}, next burst {run['misses']}/{args.n} "
-                  f"(the pool was back at its target {run['refilled']:.1f} s after a burst; "
-                  f"warm before the next burst {run['warm'][0]}, after its refill "
-                  f"{run['warm'][1]}); {run['b2b_cpu']:.1f} ms CPU per run of the next "
-                  "burst (the server's whole tree, with the refill and teardown each run "
-                  "causes, and any sandboxes warm after beyond those before)")
+        for which, b in run["bursts"].items():
+            md.append(f"- {tag}: {which} burst of {args.n} back-to-back requests: "
+                      f"{b['misses']} started cold, {b['warm'][0]} warm before it, "
+                      f"{b['warm'][1]} after its refill (back at its target "
+                      f"{b['refilled']:.1f} s after it); {b['cpu_ms']:.1f} ms CPU per run "
+                      "(the server's whole tree, with the refill and teardown each run "
+                      f"causes, and any sandboxes warm after beyond those before), "
+                      f"load {b['load']}")
         for conc in run["concs"]:
             md.append(f"- {tag}: {conc['clients']} concurrent clients, {args.duration:g}s: "
                       f"**{conc['per_s']:.1f} fresh sandboxes/s**, {conc['ok']} ok, "

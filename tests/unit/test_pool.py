@@ -747,3 +747,69 @@ def test_the_depth_between_bursts_fills_with_half_the_slots(
     fake.max_running = 0
     wait_for(lambda: status(p, k).warm == 8)
     assert fake.max_running <= 2
+
+
+def test_right_after_a_burst_the_key_reports_and_refills_its_size(
+        fake: FakeBackend, make_pool: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A status read within BURST_GAP of a burst's last take says what the key aims for
+    once the burst pauses (a bench waiting for the pool to be "back at its target" read
+    the few its rate asks for, and began the next burst with 3 warm, not 100); and the
+    depth begins to fill at the pause, with no take or release to wake the refill
+    workers (they slept on for up to IDLE_WAIT, here: for good)."""
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.05)  # the rate alone keeps one or two
+    monkeypatch.setattr(pool_mod, "IDLE_WAIT", 1e6)
+    p = make_pool(adhoc_min=1, adhoc_max=8)
+    k = key()
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 30.0)  # the burst does not pause yet
+    for _ in range(8):
+        use(p, k)
+    assert status(p, k).target == 8
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 0.05)  # now it has
+    wait_for(lambda: status(p, k).warm == 8)
+
+
+def test_teardown_held_by_a_burst_stays_within_the_memory_cap(
+        fake: FakeBackend, make_pool: Any, long_burst: None) -> None:
+    """Used sandboxes held for teardown during a burst count against the memory cap as
+    measured (a run may have filled its tmpfs): one that would not fit is torn down at
+    once, its burst still going on."""
+    mib = 1024 * 1024
+    used: dict[str, int] = {}
+    p = make_pool(memory_bytes=16 * mib, measure=lambda sb: used.get(sb.spec.name, mib))
+    k = key()
+    p.configure(k, None, None, 10, 10)
+    assert p.wait_warm(10)
+    a, b, c = take_spaced(p, k, 3)
+    p.release(k)
+    p.discard(a)  # 1 MiB: with the 7 warm (7 MiB) within the cap, it waits for the burst
+    time.sleep(0.3)
+    assert a.spec.name in fake.live
+    used[b.spec.name] = 12 * mib  # 7 + 1 + 12 > 16
+    p.release(k)
+    p.discard(b)
+    wait_for(lambda: b.spec.name not in fake.live)  # c's run is still in flight
+    assert status(p, k).in_use == 1
+    p.release(k)
+    p.discard(c)
+    assert p.drain(10)
+
+
+def test_a_slow_run_does_not_split_its_burst(fake: FakeBackend, make_pool: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A take right after the last run's end is back to back however long that run took
+    (one that waited for a start under load took more than BURST_GAP): the burst is one,
+    and the depth kept for the next is its whole size, not its longest part."""
+    monkeypatch.setattr(pool_mod, "BURST_GAP", 1.0)
+    monkeypatch.setattr(pool_mod, "RATE_WINDOW", 0.05)  # the rate alone keeps one or two
+    p = make_pool(adhoc_min=1, adhoc_max=8)
+    k = key()
+    for _ in range(4):
+        use(p, k)
+    slow, _warm = p.acquire(k, None, None)  # type: ignore[arg-type]
+    time.sleep(1.2)  # longer than BURST_GAP since the last take
+    p.release(k)
+    p.discard(slow)
+    for _ in range(3):
+        use(p, k)
+    assert status(p, k).target == 8
+    wait_for(lambda: status(p, k).warm == 8)

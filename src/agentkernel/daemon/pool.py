@@ -25,7 +25,9 @@ How it keeps up (docs/daemon.md, "The warm pool"):
   several times longer. A start a waiting or imminent take needs is never held back.
   During a burst served warm (runs back to back, and warm sandboxes enough for the takes
   expected before a start would be ready) both wait as long as the burst lasts, not
-  YIELD_MAX: the pool's depth serves it, and teardown waits until half its queue is full.
+  YIELD_MAX: the pool's depth serves it, and teardown waits until half its queue is full
+  or the used sandboxes it holds (measured) no longer fit in the memory cap beside the
+  warm ones (the cap counts them).
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ DEFAULT_MEMORY = 8 * 1024 * 1024  # bytes assumed per warm sandbox until one is 
 SETTLE = 0.01  # seconds: a run's answer goes out after it released its sandbox (MCP: ~3 ms)
 YIELD_MAX = 0.03  # seconds: then it runs anyway (back-to-back runs leave no gap)
 LIVELY_RATE = 0.2  # takes/s (EWMA) from which a key keeps one warm sandbox more
-BURST_GAP = 0.1  # seconds between takes under which runs come back to back (no yielding)
+# Seconds from a key's last take or release under which its next take comes back to back.
+BURST_GAP = 0.1
 BURST_MEMORY = 60.0  # seconds after its last take a key keeps its last burst's size warm
+IDLE_WAIT = 1.0  # seconds the refill workers sleep at most with nothing to do
 
 
 def default_refills() -> int:
@@ -133,6 +137,18 @@ class _Claim:
         self.sandbox: Sandbox | None = None
 
 
+class _Doomed:
+    """A used sandbox queued for teardown, and the bytes it holds (0: not measured yet;
+    measured once its teardown would be held back, which counts them against the cap)."""
+
+    __slots__ = ("memory", "queued", "sandbox")
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.memory = 0
+        self.queued = True
+
+
 @dataclass
 class _KeyState:
     key: PoolKey
@@ -160,8 +176,13 @@ class _KeyState:
     held: float | None = None  # since when its next start has yielded to runs (hotpath)
     given_back: bool = False  # its sandboxes serve again (give_back): no spare for refills
     taken_at: float = -math.inf  # the last take
+    released_at: float = -math.inf  # the last release
     gap: float = math.inf  # seconds between the last two takes: a burst shows at once
-    run: int = 0  # takes back to back (each under BURST_GAP after the last) until the last
+    # Takes back to back (each under BURST_GAP after the key's last take or release) until
+    # the last. From a release too: a run that waited for a start (a burst outrunning the
+    # pool, a loaded machine) took longer than BURST_GAP, and split its burst in two (the
+    # depth learned was then the longest part: 90 of 100 at load 8).
+    run: int = 0
     burst: int = 0  # the longest such run within BURST_MEMORY: kept warm between bursts
 
     @property
@@ -179,30 +200,44 @@ class _KeyState:
         self.rate = self.rate_now(now) + 1.0 / RATE_WINDOW
         self.rate_at = now
         self.last_used = now
+        back_to_back = self.idle(now) < BURST_GAP
         self.gap, self.taken_at = now - self.taken_at, now
-        self.run = self.run + 1 if self.gap < BURST_GAP else 1
+        self.run = self.run + 1 if back_to_back else 1
         self.burst = max(self.run, self.burst if self.gap < BURST_MEMORY else 0)
 
     def note_latency(self, seconds: float) -> None:
         self.latency += LATENCY_WEIGHT * (seconds - self.latency)
 
+    def idle(self, now: float) -> float:
+        """Seconds since the key's last take or release."""
+        return now - max(self.taken_at, self.released_at)
+
+    def bursting(self, now: float) -> bool:
+        """Whether its runs come back to back right now (`run`, and the last take or
+        release under BURST_GAP ago)."""
+        return self.run > 1 and self.idle(now) < BURST_GAP
+
     def target(self, now: float, depth: bool = True) -> int:
         """Warm sandboxes to keep: what the takes of one start's time need, within min/max;
         one more while the key is in use (LIVELY_RATE), so that a take leaves one warm and
-        its refill can wait for the run (`WarmPool._can_wait`); between bursts the last
-        burst's size (`depth`: False leaves that out)."""
+        its refill can wait for the run (`WarmPool._can_wait`); and for BURST_MEMORY after
+        a burst, its size (`depth`: False leaves that out). During a burst that is what
+        the key aims for once it pauses (status, `wait_warm`): its refills leave it out
+        until then (`WarmPool._need`)."""
         rate = self.rate_now(now)
         # (Not for a key whose sandboxes come back, wasm's: its runs leave none to refill.)
         lively = rate >= LIVELY_RATE and not self.given_back
         demand = math.ceil(rate * self.latency * HEADROOM) + lively
-        between = self.run <= 1 or now - self.taken_at >= BURST_GAP  # (not in a burst)
-        if depth and self.burst > 1 and not self.given_back and between and \
+        if depth and self.burst > 1 and not self.given_back and \
                 now - self.taken_at < BURST_MEMORY:
             # Between bursts (runs back to back, then a pause, or runs one at a time):
             # as many warm as the last burst took, filled while idle, so that the next
             # one finds them; a rate of one start's time would keep a few, and a burst
             # drains them at once. (A run after a pause counts: it used to drop the
             # target until BURST_GAP later, and paced runs drained the depth unrefilled.)
+            # Reported during the burst too: a status read within BURST_GAP of its last
+            # take said a few, and a bench waiting for the pool to be "back at its
+            # target" began the next burst with 3 warm where it had learned 100.
             demand = max(demand, self.burst)
         return max(self.min, min(self.max, demand))
 
@@ -259,7 +294,8 @@ class WarmPool:
         self._cond = threading.Condition(self._lock)  # keys changed: refills, takes
         self._doomed_cond = threading.Condition(self._lock)  # teardown queued (destroyers)
         self._closed = False
-        self._doomed: deque[Sandbox] = deque()  # waiting for the destroyer
+        self._doomed: deque[_Doomed] = deque()  # waiting for the destroyer
+        self._doomed_bytes = 0  # of those, the measured ones' (held back: in the memory cap)
         # Started in a caller's thread: bwrap's --die-with-parent ties a sandbox to the
         # thread that started it, and a request's thread ends with its request. Such a
         # sandbox is never given back; the refill threads live as long as the pool.
@@ -321,7 +357,11 @@ class WarmPool:
                 claim = st.claims[-1]
             queued = max(0, len(st.claims) - st.starting)  # 0: a start under way is ours
             wait = QUEUE_SLACK + st.latency * (1 + 2 * queued / self.refills)
-            if got is None or self._workers_wanted(now):
+            # A take that begins a burst wakes them too: their sleep then ends at its
+            # pause, when the target rises to its size (`_idle_wait`; not a key whose
+            # sandboxes come back, wasm's: it keeps no depth).
+            began_burst = st.run == 2 and not st.given_back
+            if got is None or began_burst or self._workers_wanted(now):
                 self._cond.notify_all()
         self.discard_all(dead)
         if got is not None:
@@ -386,7 +426,7 @@ class WarmPool:
             st = self._keys.get(key)
             if st is not None:
                 st.in_use = max(0, st.in_use - 1)
-                now = st.last_used = self._active_at = time.monotonic()
+                now = st.last_used = st.released_at = self._active_at = time.monotonic()
                 if self._workers_wanted(now):
                     self._cond.notify_all()
                 if self._doomed:
@@ -429,7 +469,7 @@ class WarmPool:
         """Destroy a used sandbox off the caller's path; inline when the queue is full."""
         with self._cond:
             if not self._closed and len(self._doomed) < DESTROY_QUEUE:
-                self._doomed.append(sandbox)
+                self._doomed.append(_Doomed(sandbox))
                 self._doomed_cond.notify()
                 return
         self._destroy_quietly(sandbox)
@@ -484,8 +524,9 @@ class WarmPool:
             leftovers = [sb for st in self._keys.values() for sb in st.warm]
             for st in self._keys.values():
                 st.warm.clear()
-            leftovers.extend(self._doomed)
+            leftovers.extend(d.sandbox for d in self._doomed)
             self._doomed.clear()
+            self._doomed_bytes = 0
         for sandbox in leftovers:
             self._destroy_quietly(sandbox)
 
@@ -533,14 +574,16 @@ class WarmPool:
     def _room(self, st: _KeyState) -> int:
         """Under the lock: how many sandboxes `st` may hold warm or starting, given the
         total count and memory caps over every key (a key not yet measured counts as
-        DEFAULT_MEMORY per sandbox). The other keys' minimums come first; and a key's own
-        minimum comes before the others' surplus (a burst's depth: `_expire` trims it once
-        its key is idle), so that one key's burst never leaves another key cold."""
+        DEFAULT_MEMORY per sandbox; used ones held for teardown count as measured). The
+        other keys' minimums come first; and a key's own minimum comes before the others'
+        surplus (a burst's depth: `_expire` trims it once its key is idle), so that one
+        key's burst never leaves another key cold."""
         others = [o for o in self._keys.values() if o is not st]
         held = sum(len(o.warm) + o.starting for o in others)
         unmet = sum(max(0, min(o.min, o.max) - len(o.warm) - o.starting) for o in others)
-        memory_held = sum((len(o.warm) + o.starting) * (o.memory or DEFAULT_MEMORY)
-                          for o in others)
+        # Used sandboxes whose teardown is held back hold memory too (`_held_fits`).
+        memory_held = self._doomed_bytes + sum(
+            (len(o.warm) + o.starting) * (o.memory or DEFAULT_MEMORY) for o in others)
         by_memory = max(0, (self.memory_bytes - memory_held) // (st.memory or DEFAULT_MEMORY))
         room = max(0, min(self.max_total - held - unmet, by_memory))
         within_mins = self.max_total - sum(min(len(o.warm) + o.starting, o.min) for o in others)
@@ -553,7 +596,8 @@ class WarmPool:
     def _need(self, st: _KeyState, now: float) -> int:
         """Under the lock: starts `st` wants now: its target, within the caps, plus the
         takes waiting for a start (only a failed start leaves one without)."""
-        want = min(st.target(now) + len(st.claims), self._room(st))
+        # During a burst its depth waits for the pause: the runs need the cores now.
+        want = min(st.target(now, depth=not st.bursting(now)) + len(st.claims), self._room(st))
         # A key whose sandboxes come back (wasm's workers): those its runs hold are on
         # their way (a take waiting, or starting its own, holds none).
         back = max(0, st.in_use - len(st.claims) - st.starting) if st.given_back else 0
@@ -641,15 +685,14 @@ class WarmPool:
         # In a burst no longer than the last one (the key's depth was sized from it), the
         # warm ones left may cover all of its remaining takes: nothing to start for it.
         # (A longer burst then refills as above once they are gone.)
-        remaining = st.burst - st.run if st.gap < BURST_GAP else 0
+        remaining = st.burst - st.run if st.run > 1 else 0
         return expected + 0.5 < left + 1 or 0 < remaining <= left
 
     def _burst(self, now: float) -> bool:
-        """Under the lock: whether runs come back to back (a key's last two takes under
-        BURST_GAP apart, the last one just now): there is no gap to wait for then, and
-        teardown held back would only pile up and then compete with the refills."""
-        return any(st.gap < BURST_GAP and now - st.taken_at < BURST_GAP
-                   for st in self._keys.values())
+        """Under the lock: whether runs come back to back (a key's `bursting`): there is
+        no gap to wait for then, and teardown held back would only pile up and then
+        compete with the refills."""
+        return any(st.bursting(now) for st in self._keys.values())
 
     def _burst_served_warm(self, now: float) -> bool:
         """Under the lock: whether runs come back to back (`_burst`) and every key they
@@ -657,8 +700,7 @@ class WarmPool:
         ready (`_can_wait`): the burst is served from the pool's depth, and a refill or a
         teardown now would only share the cores (and the GIL) with its runs. Once a key's
         warm ones run low that stops, and its refills start at once."""
-        bursting = [st for st in self._keys.values()
-                    if st.gap < BURST_GAP and now - st.taken_at < BURST_GAP]
+        bursting = [st for st in self._keys.values() if st.bursting(now)]
         return bool(bursting) and all(self._can_wait(st, now) for st in bursting)
 
     def _yield_left(self, now: float, held_since: float | None) -> float:
@@ -669,7 +711,7 @@ class WarmPool:
         if not self._busy() and now - self._active_at >= SETTLE:
             return 0.0
         if self._burst_served_warm(now):
-            left = max(st.taken_at for st in self._keys.values()) + BURST_GAP - now
+            left = BURST_GAP - min(st.idle(now) for st in self._keys.values())
         else:
             since = now if held_since is None else held_since
             left = since + YIELD_MAX - now
@@ -679,6 +721,10 @@ class WarmPool:
 
     def _idle_wait(self, now: float) -> float:
         retry = [st.retry_at - now for st in self._keys.values() if st.retry_at > now]
+        # A burst's pause raises its key's target to the burst's size, with no take or
+        # release to say so: without this the depth began to fill up to IDLE_WAIT late.
+        retry += [BURST_GAP - st.idle(now) for st in self._keys.values()
+                  if st.burst > 1 and not st.given_back and st.bursting(now)]
         # A refill delayed by REFILL_DELAY; with every slot busy, a start's end notifies.
         if self._running() < self.refills and any(self._need(st, now) > 0
                                                   for st in self._keys.values()):
@@ -686,7 +732,7 @@ class WarmPool:
             # A start yielding to runs: a release notifies; else its bound ends the wait.
             retry += [self._yield_left(now, st.held) for st in self._keys.values()
                       if st.held is not None]
-        return max(0.005, min([1.0, *retry]))
+        return max(0.005, min([IDLE_WAIT, *retry]))
 
     def _work(self) -> None:
         while True:
@@ -702,7 +748,7 @@ class WarmPool:
                     # Wake up for idle expiry, trims and failure retries without a take.
                     self._cond.wait(self._idle_wait(now))
                 if self._closed:
-                    self._doomed.extend(expired)
+                    self._doomed.extend(_Doomed(sb) for sb in expired)
                     return
                 began = time.monotonic()
                 if st is not None:
@@ -758,10 +804,18 @@ class WarmPool:
                     self._doomed_cond.wait()
                 if not self._doomed:
                     return
-                if self._teardown_yields():
+                held = self._teardown_yields()
+                if held is True:
                     continue
-                sandbox = self._doomed.popleft()
-                self._destroying += 1
+                if held is False:
+                    doomed = self._doomed.popleft()
+                    doomed.queued = False
+                    self._doomed_bytes -= doomed.memory
+                    self._destroying += 1
+            if isinstance(held, _Doomed):
+                self._measure_doomed(held)
+                continue
+            sandbox = doomed.sandbox
             try:
                 self._destroy_quietly(sandbox)
             finally:
@@ -769,15 +823,43 @@ class WarmPool:
                     self._destroying -= 1
                     self._cond.notify_all()
 
-    def _teardown_yields(self) -> bool:
+    def _measure_doomed(self, doomed: _Doomed) -> None:
+        """Measure a used sandbox whose teardown would be held (outside the lock)."""
+        try:
+            memory = max(1, self._measure(doomed.sandbox))
+        except Exception:
+            memory = DEFAULT_MEMORY
+        with self._cond:
+            if doomed.queued and not doomed.memory:  # (not torn down meanwhile)
+                doomed.memory = memory
+                self._doomed_bytes += memory
+
+    def _held_fits(self) -> bool:
+        """Under the lock: whether the used sandboxes held for teardown, with every key's
+        warm and starting ones, stay within the memory cap (a run may have left files in
+        its tmpfs: they are measured, not assumed)."""
+        pooled = sum((len(st.warm) + st.starting) * (st.memory or DEFAULT_MEMORY)
+                     for st in self._keys.values())
+        return pooled + self._doomed_bytes <= self.memory_bytes
+
+    def _teardown_yields(self) -> bool | _Doomed:
         """Under the lock: wait (once, briefly) if teardown should yield to runs; True if
-        it waited (the caller looks again). A full queue's teardown never waits."""
+        it waited (the caller looks again), or a queued sandbox to measure first: held
+        back, used sandboxes count against the memory cap, and teardown is held only
+        while they fit (`_held_fits`). A full queue's teardown never waits."""
         now = time.monotonic()
         if self._closed or len(self._doomed) >= DESTROY_QUEUE // 2 or (
                 self._burst(now) and not self._burst_served_warm(now)):
             left = 0.0
         else:
             left = self._yield_left(now, self._teardown_held)
+        if left > 0:
+            # (The newest are the ones not measured yet.)
+            unmeasured = next((d for d in reversed(self._doomed) if not d.memory), None)
+            if unmeasured is not None:
+                return unmeasured
+            if not self._held_fits():
+                left = 0.0
         if left <= 0:
             self._teardown_held = None
             return False
