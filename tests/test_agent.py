@@ -627,6 +627,7 @@ def test_unknown_type_gets_error_on_chan0_and_agent_carries_on(agent_bin: Path) 
         (T.SIGNAL, b"\1\2"),
         (T.RESIZE, b"\1"),
         (T.PING, b"x" * 2000),
+        (T.QUERY, b"\0\0\0\0"),  # QUERY's payload is empty
     ],
 )
 def test_malformed_request_gets_error_and_agent_carries_on(
@@ -664,6 +665,7 @@ def test_random_garbage_does_not_crash(agent_bin: Path) -> None:
         T.LIST,
         T.FILE_CHUNK,
         T.FILE_CLOSE,
+        T.QUERY,
         0x00,
         0x0F,
         0x41,
