@@ -106,6 +106,7 @@ struct xfer {
 };
 
 static struct proc procs[MAX_PROCS];
+static struct exit_memory exits; /* QUERY: how the last commands ended (proto.h) */
 static struct xfer xfers[MAX_XFERS];
 static int nprocs, nxfers, nreading;
 
@@ -289,6 +290,7 @@ static void send_hello(void)
 	ob_u32(G_PID, (uint32_t)getpid());
 	ob_str(G_AGENT_NAME, AGENT_NAME);
 	ob_u32(G_AGENT_UID, (uint32_t)getuid());
+	ob_u32(G_FEATURES, AK_FEAT_QUERY);
 	ob_send(T_HELLO, 0);
 }
 
@@ -501,6 +503,7 @@ static void do_exec(uint32_t chan, const uint8_t *pl, size_t n)
 		send_error(chan, EBUSY, "exec: channel %u is in use", chan);
 		return;
 	}
+	exits_forget(&exits, chan); /* the channel's new command: no answer of an old one */
 	struct proc *slot = NULL;
 	for (int i = 0; i < MAX_PROCS && !slot; i++)
 		if (!procs[i].used)
@@ -755,18 +758,50 @@ static int pump_output(struct proc *p, int *fd, uint16_t type, int until_empty)
 	return 1;
 }
 
-static void send_exit(struct proc *p)
+static void send_exit_of(uint32_t chan, uint32_t pid, int status, int timed_out)
 {
 	ob_reset();
-	if (WIFEXITED(p->status))
-		ob_u32(G_CODE, (uint32_t)WEXITSTATUS(p->status));
-	if (WIFSIGNALED(p->status)) {
-		ob_u32(G_SIGNAL, (uint32_t)WTERMSIG(p->status));
-		ob_u8(G_CORE, WCOREDUMP(p->status) ? 1 : 0);
+	if (WIFEXITED(status))
+		ob_u32(G_CODE, (uint32_t)WEXITSTATUS(status));
+	if (WIFSIGNALED(status)) {
+		ob_u32(G_SIGNAL, (uint32_t)WTERMSIG(status));
+		ob_u8(G_CORE, WCOREDUMP(status) ? 1 : 0);
 	}
-	ob_u8(G_TIMED_OUT, (uint8_t)p->timed_out);
-	ob_send(T_EXIT, p->id);
-	free_proc(p);
+	ob_u8(G_TIMED_OUT, (uint8_t)timed_out);
+	ob_u32(G_PID, pid);
+	ob_send(T_EXIT, chan);
+}
+
+static void send_exit(struct proc *p)
+{
+	send_exit_of(p->id, (uint32_t)p->pid, p->status, p->timed_out);
+	exits_record(&exits, p->id, (uint32_t)p->pid, (int32_t)p->status, (uint8_t)p->timed_out);
+	/* A write that failed leaves the command to the next connection (--listen,
+	 * --reconnect), which gets its EXIT like that of any command that ended meanwhile. */
+	if (!conn_dead)
+		free_proc(p);
+}
+
+/* QUERY (1.3): has the command on `chan` ended, and how? A live one: STARTED with its pid
+ * (its EXIT follows in due course); a remembered one: its EXIT again; else ESRCH. */
+static void do_query(uint32_t chan, size_t n)
+{
+	if (n != 0 || chan == 0) {
+		send_error(chan, EINVAL, "query: wants an empty payload on a command's channel");
+		return;
+	}
+	struct proc *p = find_proc(chan);
+	const struct exit_rec *r = exits_find(&exits, chan);
+	if (p) {
+		uint8_t b[4];
+		wr32(b, (uint32_t)p->pid);
+		send_frame(T_STARTED, chan, b, sizeof(b));
+	} else if (r) {
+		send_exit_of(chan, r->pid, r->status, r->timed_out);
+	} else {
+		send_error(chan, ESRCH, "query: no command on channel %u, nor one that ended lately",
+			   chan);
+	}
 }
 
 static void reap(void)
@@ -1378,6 +1413,7 @@ static void dispatch(const struct frame_hdr *h, const uint8_t *pl)
 	case T_PAUSE: do_flow(h->chan, 1); break;
 	case T_RESUME: do_flow(h->chan, 0); break;
 	case T_CANCEL: do_cancel(h->chan); break;
+	case T_QUERY: do_query(h->chan, n); break;
 	case T_SHUTDOWN:
 		kill_all(SIGKILL);
 		if (vm_poweroff)

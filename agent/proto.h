@@ -1,4 +1,4 @@
-/* ak-agent protocol v1: constants and pure, bounds-checked parsers (shared with the fuzzer). */
+/* ak-agent protocol v1 (revision 1.3): constants and pure, bounds-checked parsers (shared with the fuzzer). */
 #ifndef AK_PROTO_H
 #define AK_PROTO_H
 
@@ -23,12 +23,15 @@
 #define AK_MAX_CLONE_DISKS 8u
 #define AK_MAX_DISK_SERIAL 20u /* virtio-blk serials are at most 20 bytes */
 #define AK_MAX_DISK_TARGET 255u
+#define AK_EXIT_MEMORY 256u    /* QUERY: ended commands remembered (= MAX_PROCS, see below) */
+#define AK_FEAT_QUERY 1u       /* HELLO FEATURES bit: QUERY is served (revision 1.3) */
 
 enum {
 	T_PING = 0x01, T_EXEC = 0x02, T_STDIN = 0x03, T_SIGNAL = 0x04, T_RESIZE = 0x05,
 	T_FILE_READ = 0x06, T_FILE_WRITE = 0x07, T_FILE_CHUNK = 0x08, T_FILE_CLOSE = 0x09,
 	T_STAT = 0x0A, T_LIST = 0x0B, T_MKDIR = 0x0C, T_REMOVE = 0x0D, T_SHUTDOWN = 0x0E,
 	T_CLONE = 0x0F, T_PAUSE = 0x10, T_RESUME = 0x11, T_CANCEL = 0x12, /* 1.1, 1.2 */
+	T_QUERY = 0x13, /* 1.3 */
 	T_HELLO = 0x41, T_PONG = 0x42, T_STARTED = 0x43, T_STDOUT = 0x44, T_STDERR = 0x45,
 	T_EXIT = 0x46, T_OK = 0x47, T_ERROR = 0x48, T_FILE_DATA = 0x49, T_FILE_END = 0x4A,
 	T_STAT_RESULT = 0x4B, T_LIST_RESULT = 0x4C,
@@ -39,7 +42,7 @@ enum {
 	G_PTY = 8, G_RLIMIT = 9, G_UMASK = 10, G_GIVEN_STDIO = 11,
 	G_PATH = 20, G_OFFSET = 21, G_LENGTH = 22, G_MODE = 23, G_APPEND = 24, G_MKDIRS = 25,
 	G_SIZE = 26, G_FOLLOW = 27, G_PARENTS = 28, G_RECURSIVE = 29,
-	G_VERSION = 40, G_PID = 41, G_AGENT_NAME = 42, G_AGENT_UID = 43,
+	G_VERSION = 40, G_PID = 41, G_AGENT_NAME = 42, G_AGENT_UID = 43, G_FEATURES = 44,
 	G_CODE = 50, G_SIGNAL = 51, G_TIMED_OUT = 52, G_CORE = 53,
 	G_ERRNO = 60, G_MESSAGE = 61,
 	G_TYPE = 70, G_ST_MODE = 71, G_ST_SIZE = 72, G_MTIME_NS = 73, G_UID_ST = 74, G_GID_ST = 75,
@@ -435,6 +438,58 @@ static inline int parse_clone(const uint8_t *pl, size_t n, struct clone_req *r, 
 	if (r->nentropy == 0)
 		return PERR("clone: ENTROPY is required");
 	return 0;
+}
+
+/*
+ * QUERY (revision 1.3): the last AK_EXIT_MEMORY commands that ended, by channel, so that a
+ * host which lost an EXIT (it died before reading or recording it) can ask again. A fixed
+ * ring, no allocation; only the agent's own reaping writes it (a peer's frames only read it,
+ * or clear a channel by starting a command on it). AK_EXIT_MEMORY = MAX_PROCS: every
+ * command that can end while no host is connected (none starts then) is still here when
+ * the next host asks.
+ */
+struct exit_rec {
+	uint32_t chan; /* 0 = empty slot (channel 0 never carries a command) */
+	uint32_t pid;
+	int32_t status; /* waitpid's */
+	uint8_t timed_out;
+};
+
+struct exit_memory {
+	struct exit_rec rec[AK_EXIT_MEMORY];
+	uint32_t next; /* the slot written next (the oldest) */
+};
+
+static inline void exits_forget(struct exit_memory *m, uint32_t chan)
+{
+	for (uint32_t i = 0; i < AK_EXIT_MEMORY; i++)
+		if (m->rec[i].chan == chan)
+			m->rec[i].chan = 0;
+}
+
+/* At most one record per channel: a channel's earlier record is dropped first. */
+static inline void exits_record(struct exit_memory *m, uint32_t chan, uint32_t pid, int32_t status,
+				uint8_t timed_out)
+{
+	if (chan == 0)
+		return;
+	exits_forget(m, chan);
+	struct exit_rec *r = &m->rec[m->next % AK_EXIT_MEMORY];
+	r->chan = chan;
+	r->pid = pid;
+	r->status = status;
+	r->timed_out = timed_out;
+	m->next = (m->next + 1) % AK_EXIT_MEMORY;
+}
+
+static inline const struct exit_rec *exits_find(const struct exit_memory *m, uint32_t chan)
+{
+	if (chan == 0)
+		return NULL;
+	for (uint32_t i = 0; i < AK_EXIT_MEMORY; i++)
+		if (m->rec[i].chan == chan)
+			return &m->rec[i];
+	return NULL;
 }
 
 #endif

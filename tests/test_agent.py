@@ -23,6 +23,7 @@ import pytest
 
 from agentkernel.agent import AgentClient, ExitStatus
 from agentkernel.agent.protocol import (
+    FEATURE_QUERY,
     HEADER_SIZE,
     MAX_PAYLOAD,
     Frame,
@@ -117,6 +118,7 @@ def test_hello_describes_the_agent(agent: Agent) -> None:
     assert info.pid == agent.proc.pid
     assert info.name.startswith("ak-agent ")
     assert info.uid == os.getuid()
+    assert info.features & FEATURE_QUERY
 
 
 def test_ping(client: AgentClient) -> None:
@@ -625,6 +627,7 @@ def test_unknown_type_gets_error_on_chan0_and_agent_carries_on(agent_bin: Path) 
         (T.SIGNAL, b"\1\2"),
         (T.RESIZE, b"\1"),
         (T.PING, b"x" * 2000),
+        (T.QUERY, b"\0\0\0\0"),  # QUERY's payload is empty
     ],
 )
 def test_malformed_request_gets_error_and_agent_carries_on(
@@ -662,6 +665,7 @@ def test_random_garbage_does_not_crash(agent_bin: Path) -> None:
         T.LIST,
         T.FILE_CHUNK,
         T.FILE_CLOSE,
+        T.QUERY,
         0x00,
         0x0F,
         0x41,
@@ -705,6 +709,108 @@ def test_exec_on_busy_channel_is_refused(agent_bin: Path) -> None:
     f = raw.recv()
     assert (f.type, f.chan) == (T.EXIT, 3)
     assert raw.close() == 0
+
+
+def _pid_of(frame: Frame) -> int:
+    if frame.type == T.STARTED:
+        return int.from_bytes(frame.payload, "little")
+    return int.from_bytes(tlv_dict(frame.payload)[Tag.PID], "little")
+
+
+def test_query_answers_for_a_running_an_ended_and_an_unknown_command(agent_bin: Path) -> None:
+    raw = Raw(agent_bin)
+    raw.send(encode_frame(T.EXEC, 3, encode_exec(["sleep", "30"])))
+    started = raw.recv()
+    assert started.type == T.STARTED
+    raw.send(encode_frame(T.QUERY, 3))
+    f = raw.recv()
+    assert (f.type, f.chan, f.payload) == (T.STARTED, 3, started.payload)  # it runs
+    raw.send(encode_frame(T.QUERY, 4))
+    f = raw.recv()
+    assert f.chan == 4 and errno_of(f) == errno.ESRCH
+    for chan, payload in ((3, b"x"), (0, b"")):  # strict: empty, a command's channel
+        raw.send(encode_frame(T.QUERY, chan, payload))
+        f = raw.recv()
+        assert f.chan == chan and errno_of(f) == errno.EINVAL
+    raw.send(encode_frame(T.SIGNAL, 3, struct.pack("<I", 9)))
+    exit_ = raw.recv()
+    assert (exit_.type, exit_.chan) == (T.EXIT, 3) and _pid_of(exit_) == _pid_of(started)
+    raw.send(encode_frame(T.QUERY, 3))
+    assert raw.recv() == exit_  # the same EXIT again, as often as asked
+    # A new command on the channel: the old one's answer is gone, the new one's is given.
+    raw.send(encode_frame(T.EXEC, 3, encode_exec(["sh", "-c", "exit 5"])))
+    second = raw.recv()
+    assert second.type == T.STARTED and second.payload != started.payload
+    while (f := raw.recv()).type != T.EXIT:
+        pass
+    raw.send(encode_frame(T.QUERY, 3))
+    again = raw.recv()
+    assert again == f and _pid_of(again) == _pid_of(second)
+    assert tlv_dict(again.payload)[Tag.CODE] == struct.pack("<i", 5)
+    assert raw.close() == 0
+
+
+def test_query_remembers_the_last_256_ended_commands(client: AgentClient) -> None:
+    first = client.exec(["true"])
+    first.wait(20)
+    for _ in range(256):
+        client.exec(["true"]).wait(20)
+    last = client.exec(["true"])
+    last.wait(20)
+    answers = {}
+    for ex in (first, last):
+        chan, q = client._open_chan(ex.id)
+        client._send(T.QUERY, chan)
+        answers[ex.id] = client._get(q, 20, "QUERY")
+        client._close_chan(chan)
+    assert errno_of(answers[first.id]) == errno.ESRCH  # the oldest went
+    assert answers[last.id].type == T.EXIT
+
+
+def test_an_adopted_command_whose_exit_was_lost_is_answered(agent_bin: Path,
+                                                            tmp_path: Path) -> None:
+    from agentkernel.daemon.handles import AdoptingClient
+
+    path = tmp_path / "agent.sock"
+    proc = subprocess.Popen([str(agent_bin), "--listen", str(path)], stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            if path.exists():
+                break
+            time.sleep(0.01)
+        c1 = AdoptingClient.connect(path, set())
+        c1.hello()
+        ended = c1.exec(["sh", "-c", "exit 7"])
+        ended.wait(20)  # the EXIT went to this host, which "dies" with it
+        running = c1.exec(["sleep", "30"])
+        c1.close()
+        chans = {ended.id, running.id, 12345}
+        c2 = AdoptingClient.connect(path, chans)
+        assert c2.hello().features & FEATURE_QUERY and c2.answers_query
+        lost = c2.adopt(ended.id, ended.pid)
+        assert lost.ask_ended()
+        assert lost.wait(20)[2].code == 7
+        unknown = c2.adopt(12345, 99)
+        assert unknown.ask_ended()
+        with pytest.raises(AgentRequestError) as exc:
+            unknown.wait(20)
+        assert exc.value.errno == errno.ESRCH
+        still = c2.adopt(running.id, running.pid)
+        assert still.ask_ended()  # (answered STARTED: skipped, it runs on)
+        still.kill()
+        assert still.wait(20)[2].signal == signal.SIGKILL
+        # Another pid than the command's: the channel holds another command.
+        other = c2.adopt(ended.id, ended.pid + 1)
+        assert other.ask_ended()
+        with pytest.raises(ProtocolError, match="another command"):
+            other.wait(20)
+        c2.shutdown()
+        assert proc.wait(5) == 0
+        c2.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---------------------------------------------------------------- lifecycle and channels

@@ -10,6 +10,7 @@ import pytest
 
 from agentkernel.agent.client import AgentClient, ExitStatus, _parse_entries, _parse_exit
 from agentkernel.agent.protocol import (
+    FEATURE_QUERY,
     HEADER_SIZE,
     MAX_PAYLOAD,
     Frame,
@@ -214,4 +215,13 @@ def test_client_accepts_well_formed_hello() -> None:
     client, _ = _client_on_pipe(encode_frame(T.HELLO, 0, hello), close=True)
     info = client.hello()
     assert (info.version, info.pid, info.name, info.uid) == (1, 42, "peer", 7)
+    assert info.features == 0 and not client.answers_query  # an agent before 1.3
+    client.close()
+
+
+def test_hello_features_announce_query() -> None:
+    hello = encode_tlvs([(Tag.VERSION, u32(1)), (Tag.PID, u32(42)), (Tag.AGENT_UID, u32(7)),
+                         (Tag.FEATURES, u32(FEATURE_QUERY))])
+    client, _ = _client_on_pipe(encode_frame(T.HELLO, 0, hello), close=True)
+    assert client.hello().features == FEATURE_QUERY and client.answers_query
     client.close()

@@ -56,15 +56,38 @@ static void check_clone(const uint8_t *pl, size_t n)
 	}
 }
 
+/* QUERY's memory of ended commands, driven by the frames: a QUERY frame records an exit on
+ * its channel, an EXEC forgets its channel; each step keeps one record per channel. */
+static void check_exits(struct exit_memory *m, const struct frame_hdr *h)
+{
+	if (h->type == T_QUERY)
+		exits_record(m, h->chan, h->len, (int32_t)h->flags, (uint8_t)h->flags);
+	else if (h->type == T_EXEC)
+		exits_forget(m, h->chan);
+	const struct exit_rec *r = exits_find(m, h->chan);
+	if (h->chan == 0 || h->type == T_EXEC)
+		assert(r == NULL);
+	else if (h->type == T_QUERY)
+		assert(r && r->chan == h->chan && r->pid == h->len && r->status == (int32_t)h->flags);
+	assert(m->next < AK_EXIT_MEMORY);
+	unsigned same = 0;
+	for (uint32_t i = 0; i < AK_EXIT_MEMORY; i++)
+		same += h->chan != 0 && m->rec[i].chan == h->chan;
+	assert(same <= 1);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+	static struct exit_memory exits;
 	size_t off = 0;
+	memset(&exits, 0, sizeof(exits));
 	while (size - off >= AK_HDR) {
 		struct frame_hdr h;
 		hdr_decode(data + off, &h);
 		if (h.len > AK_MAX_PAYLOAD || size - off - AK_HDR < h.len)
 			break; /* the agent drops the link (oversize) or waits for more bytes */
 		const uint8_t *pl = data + off + AK_HDR;
+		check_exits(&exits, &h);
 		switch (h.type) {
 		case T_EXEC:
 			check_exec(pl, h.len);

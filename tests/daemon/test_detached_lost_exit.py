@@ -1,14 +1,11 @@
 """A detached command that ends while its daemon cannot read (stopped, then killed) must
 not show "running" for good under the next daemon.
 
-The agent sends a command's exit once and forgets the command: an exit the daemon had not
-read or recorded when it died is gone, and the next daemon re-attaches to a channel that
-already ended (recovery._adopt), where nothing more ever comes. Known and not yet mended:
-the agent has no answer for "is channel N still a command of yours?" (a signal to an
-ended channel is dropped; signal 0 is refused as a bad number on every channel), so the
-fix needs a protocol addition (an agent that answers ESRCH, a daemon that asks on adopt
-and ends the row as failed) and a way to tell old agents from new ones (HELLO has one
-version). Hence xfail, strict: it passes, and must be changed, once that is done.
+The agent sends a command's exit once: an exit the daemon had not read or recorded when
+it died went nowhere. Since protocol revision 1.3 the agent remembers how its last commands
+ended and answers QUERY ("has the command on channel N ended, and how?"), and a daemon that
+adopts a sandbox asks for each detached command it re-attaches (recovery._adopt): the exit
+comes again and is recorded.
 """
 
 from __future__ import annotations
@@ -19,8 +16,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from conftest import Daemon
 
@@ -49,8 +44,6 @@ def _until(what: str, done: Callable[[], object], timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="an exit the killed daemon never read is lost: the "
-                   "agent cannot say a channel has ended (see the module's docstring)")
 def test_an_exit_the_killed_daemon_never_read_does_not_leave_it_running(
         daemon: Daemon) -> None:
     daemon.ensure_up()
@@ -87,6 +80,6 @@ def test_an_exit_the_killed_daemon_never_read_does_not_leave_it_running(
                 if st["status"] != "running":
                     break
                 time.sleep(0.1)
-        assert st["status"] != "running", st
+        assert st["status"] == "completed" and st["exit_code"] == 3, st
     finally:
         daemon.ak("remove", name)

@@ -23,6 +23,7 @@ from ..errors import (
     TooLarge,
 )
 from .protocol import (
+    FEATURE_QUERY,
     FILE_CHUNK,
     FILE_TYPES,
     HEADER_SIZE,
@@ -180,6 +181,7 @@ class AgentInfo(NamedTuple):
     pid: int
     name: str
     uid: int
+    features: int = 0  # FEATURE_* bits (revision 1.3; an older agent announces none)
 
 
 class FileStat(NamedTuple):
@@ -264,6 +266,20 @@ class Execution:
     def resize(self, rows: int, cols: int) -> None:
         self._client._send(T.RESIZE, self.id, winsize(rows, cols))
 
+    def ask_ended(self) -> bool:
+        """Ask the agent whether this command has ended (QUERY, revision 1.3), for a command
+        adopted from an earlier connection whose EXIT may have been sent to it and lost.
+
+        The answer comes as this command's events: its EXIT (again, if it ended lately), or
+        an ERROR (the agent knows no such command: events() raises), or nothing new (it still
+        runs: its EXIT comes when it ends). False, and nothing asked, for an agent without
+        QUERY (before 1.3): such a command's lost EXIT stays lost.
+        """
+        if not self._client.answers_query:
+            return False
+        self._client._send(T.QUERY, self.id)
+        return True
+
     def cancel(self) -> None:
         """Give up on the command: it is killed, its output dropped, its waiters woken
         (they raise Cancelled). Never blocks on the agent."""
@@ -283,11 +299,29 @@ class Execution:
                 return "stderr", frame.payload
             if frame.type == T.EXIT:
                 self._client._close_chan(self.id)
+                self._same_command(frame.payload, "EXIT")
                 self.status = _parse_exit(frame.payload)
                 return "exit", self.status
+            if frame.type == T.STARTED:  # QUERY's answer: the command still runs
+                self._same_command(frame.payload, "STARTED")
+                continue
             if frame.type == T.ERROR:
                 raise _request_error(frame, f"command {self.id}")
             raise _unexpected(frame, f"command {self.id}")
+
+    def _same_command(self, payload: bytes, what: str) -> None:
+        """A pid the agent names (STARTED, EXIT since 1.3) must be this command's: a channel
+        a later command took over answers QUERY for that command, not for this one."""
+        if what == "STARTED":
+            pid = as_uint(payload, "pid")
+        else:
+            tags = tlv_dict(payload)
+            if Tag.PID not in tags:
+                return  # an agent before 1.3
+            pid = as_uint(tags[Tag.PID], "pid")
+        if self.pid and pid != self.pid:
+            raise ProtocolError(f"command {self.id}: the agent's {what} names pid {pid}, "
+                                f"not {self.pid}: the channel now holds another command")
 
     def events(self) -> Iterator[tuple[str, bytes | ExitStatus]]:
         """("stdout", bytes) / ("stderr", bytes) as produced, then ("exit", ExitStatus)."""
@@ -583,6 +617,7 @@ class AgentClient:
                 pid=as_uint(tags[Tag.PID]),
                 name=as_str(tags.get(Tag.AGENT_NAME, b"")),
                 uid=as_uint(tags[Tag.AGENT_UID]),
+                features=as_uint(tags[Tag.FEATURES]) if Tag.FEATURES in tags else 0,
             )
         except KeyError as e:
             raise ProtocolError(f"HELLO lacks tag {e}") from None
@@ -590,6 +625,11 @@ class AgentClient:
             raise ProtocolError(f"agent speaks protocol v{info.version}, this host speaks v1")
         self._info = info
         return info
+
+    @property
+    def answers_query(self) -> bool:
+        """Whether the agent announced QUERY in its HELLO (revision 1.3)."""
+        return self._info is not None and bool(self._info.features & FEATURE_QUERY)
 
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip time in seconds."""

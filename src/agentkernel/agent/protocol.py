@@ -1,4 +1,4 @@
-"""Protocol v1 (revision 1.2) between the host and ak-agent: constants, frame and TLV encoding."""
+"""Protocol v1 (revision 1.3) between the host and ak-agent: constants, frame and TLV encoding."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ class T(IntEnum):
     PAUSE = 0x10  # revision 1.2: stop sending this channel's output (back-pressure)...
     RESUME = 0x11  # ...until this
     CANCEL = 0x12  # revision 1.2: the host gave up on a command or transfer
+    QUERY = 0x13  # revision 1.3: has the command on this channel ended, and how?
     HELLO = 0x41
     PONG = 0x42
     STARTED = 0x43
@@ -97,6 +98,7 @@ class Tag(IntEnum):
     PID = 41
     AGENT_NAME = 42
     AGENT_UID = 43
+    FEATURES = 44  # HELLO, revision 1.3: bits of what the agent serves (FEATURE_*)
     CODE = 50
     SIGNAL = 51
     TIMED_OUT = 52
@@ -117,6 +119,8 @@ class Tag(IntEnum):
     WALLCLOCK_NS = 92
     DISK = 93
 
+
+FEATURE_QUERY = 1  # HELLO FEATURES: the agent answers QUERY (revision 1.3)
 
 FILE_TYPES = {1: "file", 2: "dir", 3: "symlink", 4: "other"}
 

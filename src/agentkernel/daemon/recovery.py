@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import procs
 from ..agent.protocol import Frame
-from ..errors import AgentKernelError
+from ..errors import AgentKernelError, ProtocolError
 from ..names import validate_sandbox_name
 from . import records
 from .common import _facts
@@ -132,6 +132,10 @@ class RecoveryMixin:
         self._live[row["name"]] = live
         for r in running:
             execution = client.adopt(int(r["chan"]), int(r["pid"]))
+            # Its EXIT may have gone to the dead daemon: the agent (1.3) says it again, or
+            # that it knows no such command (the row then ends as failed).
+            with contextlib.suppress(ProtocolError):
+                execution.ask_ended()
             self._drain_detached(row["name"], r["id"], execution)
         self._audit(row["name"], "sandbox_adopted")
         return True
