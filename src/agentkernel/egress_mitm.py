@@ -155,8 +155,10 @@ async def intercept(client: TlsEnd, upstream: TlsEnd, host: str, held: list[Held
             if not isinstance(parsed, tuple):
                 raise SecretLeak("not an HTTP/1 request")
             # A secret goes only into a request that names its host (no Host naming
-            # another site behind the same server), with a body length read one way only.
-            named = wire.request_host(*parsed) == host
+            # another site behind the same server), with a body length read one way only,
+            # and never into a TRACE: its answer is the request as the server got it,
+            # headers and all (round 8: the upstream handed the command its value).
+            named = wire.request_host(*parsed) == host and parsed[0] != "TRACE"
             await upstream.send(rewrite_head(head, host, held, named) + b"\r\n\r\n")
             heads += 1
             if any(k == "transfer-encoding" for k, _ in parsed[2]):

@@ -1,5 +1,5 @@
-"""Red team, round 8: a secret stored with `--header '*'` (any header) must not be put
-where the upstream hands it back to the sandbox.
+"""Red team, round 8: a secret must not be put where the upstream hands it back to the
+sandbox: into `Host` or another header servers echo (`--header '*'`), or into a TRACE.
 
 The attacker is the command in the sandbox: it holds the placeholder and may send it in
 any header of a request to the secret's host. With `*` the gate put the value into every
@@ -9,7 +9,9 @@ redirects, error pages; this suite's upstream in every answer), and echo framing
 content headers in their errors (`Transfer-Encoding`, `Content-Type`, `Expect`): the
 command read the user's key back. Now `*` means any header but the ones servers route,
 frame or parse the request by (egress_mitm.WILDCARD_REFUSED): a placeholder there ends the
-connection like any placeholder outside its header.
+connection like any placeholder outside its header. And whatever the header, a TRACE
+(whose answer, where a server allows the method, is the request as it arrived, headers and
+all) is never given the value.
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ from sandbox_helpers import Upstream, ak, serving_upstream
 
 VALUE = "sk-wild-" + secrets.token_hex(12)
 
-# curl's answers from secret.test with the placeholder in Host's port, and in x-api-key
-# (where `*` must still put the value: the upstream names what it got there).
+# curl's answers from secret.test with the placeholder in Host's port, in x-api-key
+# (where `*` must still put the value: the upstream names what it got there), and in
+# x-api-key of a TRACE (whose answer, from a server that allows it, is the request).
 SCRIPT = r"""
 K="${WILD_KEY-unset}"
 B=/tmp/bundle.pem
 cat /workspace/ca.pem ${CURL_CA_BUNDLE:-} > $B
-get() { curl -sS -m 20 --cacert $B https://secret.test:18443/ -H "$1" 2>/dev/null \
+get() { curl -sS -m 20 --cacert $B https://secret.test:18443/ -H "$1" $2 $3 2>/dev/null \
         || echo refused; }
-printf '{"env": "%s", "host": "%s", "key": "%s"}\n' "$K" \
-  "$(get "Host: secret.test:$K")" "$(get "x-api-key: $K")"
+printf '{"env": "%s", "host": "%s", "key": "%s", "trace": "%s"}\n' "$K" \
+  "$(get "Host: secret.test:$K")" "$(get "x-api-key: $K")" \
+  "$(get "x-api-key: $K" -X TRACE)"
 """
 
 
@@ -64,6 +68,9 @@ def test_wildcard_secret_never_goes_into_host(project: Path, upstream: Upstream)
         # x-api-key still gets the value (the upstream says it got it; that it answers
         # with it is this test server's way of showing it).
         assert seen["key"] == f"hello host=secret.test:18443 key={VALUE}", seen
+        # A TRACE's answer is the request as the server got it: never given the value,
+        # whatever the header (a placeholder in its header ends the connection).
+        assert seen["trace"] == "refused", seen
     finally:
         ak("secret", "rm", "wild8")
 
