@@ -23,6 +23,32 @@ class Held(NamedTuple):
     value: bytes
 
 
+# Headers a `*` secret never goes into: those servers route, frame or parse a request by,
+# and echo (Host in redirects and error pages, framing and content headers in their errors),
+# so the command that chose the header would read the value back. A placeholder in one of
+# them is a leak like any outside its header. A secret configured for one header gets it
+# whatever its name (the user named it), but never Host, which names where it goes.
+WILDCARD_REFUSED = frozenset({
+    "host", "content-length", "transfer-encoding", "te", "trailer", "connection",
+    "keep-alive", "proxy-connection", "upgrade", "expect", "content-type",
+    "content-encoding", "content-language", "content-location", "content-range", "range",
+    "if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since",
+    "accept", "accept-charset", "accept-encoding", "accept-language", "user-agent",
+    "referer", "origin", "via", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "max-forwards", "cache-control",
+    "pragma", "date", "from", "link", "location", "destination", "overwrite",
+    "access-control-request-method", "access-control-request-headers",
+    "x-http-method-override", "x-original-url", "x-rewrite-url", ":authority",
+})
+
+
+def _fills(h: Held, lname: str) -> bool:
+    """Whether secret `h` goes into header `lname` (its own, or any allowed for `*`)."""
+    if lname == "host":
+        return False
+    return h.header == lname or (h.header == "*" and lname not in WILDCARD_REFUSED)
+
+
 class SecretLeak(Exception):
     """A placeholder where it must not go: the connection ends, the log says which."""
 
@@ -94,8 +120,7 @@ def rewrite_head(head: bytes, host: str, held: list[Held], inject: bool = True) 
         name, _, value = line.partition(b":")
         lname = name.strip().lower().decode("latin-1")
         for h in held:
-            if inject and h.placeholder in value and host in h.hosts and \
-                    h.header in ("*", lname):
+            if inject and h.placeholder in value and host in h.hosts and _fills(h, lname):
                 value = value.replace(h.placeholder, h.value)
         out.append(name + b":" + value)
     rewritten = b"\r\n".join(out)
@@ -130,8 +155,10 @@ async def intercept(client: TlsEnd, upstream: TlsEnd, host: str, held: list[Held
             if not isinstance(parsed, tuple):
                 raise SecretLeak("not an HTTP/1 request")
             # A secret goes only into a request that names its host (no Host naming
-            # another site behind the same server), with a body length read one way only.
-            named = wire.request_host(*parsed) == host
+            # another site behind the same server), with a body length read one way only,
+            # and never into a TRACE: its answer is the request as the server got it,
+            # headers and all (round 8: the upstream handed the command its value).
+            named = wire.request_host(*parsed) == host and parsed[0] != "TRACE"
             await upstream.send(rewrite_head(head, host, held, named) + b"\r\n\r\n")
             heads += 1
             if any(k == "transfer-encoding" for k, _ in parsed[2]):

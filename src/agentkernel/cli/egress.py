@@ -40,7 +40,9 @@ def add_parsers(sub: Any) -> None:
     st = ss.add_parser("set", help="store a secret (the value from stdin or --from-env)")
     st.add_argument("name")
     st.add_argument("--host", action="append", required=True, help="a host that gets it")
-    st.add_argument("--header", required=True, help="the header it goes in (* for any)")
+    st.add_argument("--header", required=True,
+                    help="the header it goes in (* for any but Host and the headers servers "
+                         "frame, route or parse requests by)")
     st.add_argument("--env", help="the sandbox's variable for its placeholder "
                                   "(default: NAME upper-cased)")
     st.add_argument("--from-env", metavar="VAR", help="read the value from this variable")

@@ -21,6 +21,7 @@ server's own user holds at most `PER_PEER` connections, and all of them together
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from typing import Any
@@ -58,11 +59,44 @@ def peer_of(sock: Any) -> Peer:
     return client.uid if client is not None else f"address {theirs[0]}"
 
 
+PEER_WARNINGS = 16
+
+
+class PeerWarnings(logging.Filter):
+    """At most PEER_WARNINGS of the protocol's warnings about a peer's request, then one
+    line saying the rest are dropped. uvicorn logs every malformed or `Upgrade` request
+    ("Invalid HTTP request received.", "Unsupported upgrade request."), before any key is
+    checked, so another local user sending them fast wrote ~200 bytes a request, without
+    bound, into the daemon's log (the daemon runs `serve`) or the terminal (round 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or \
+                not record.pathname.endswith(("h11_impl.py", "httptools_impl.py")):
+            return True  # the server's own warnings and errors are kept
+        self.seen += 1
+        if self.seen == PEER_WARNINGS + 1:
+            record.msg, record.args = ("more warnings about clients' requests are not "
+                                       "logged"), ()
+        return self.seen <= PEER_WARNINGS + 1
+
+
+PEER_NOISE = PeerWarnings()
+
+
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline per request head and connection caps."""
 
     _head_due: asyncio.TimerHandle | None = None
     _peer: Peer | None = None  # set once the connection is kept
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if PEER_NOISE not in self.logger.filters:
+            self.logger.addFilter(PEER_NOISE)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)

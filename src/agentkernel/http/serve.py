@@ -146,6 +146,9 @@ def _server(service: SandboxService, options: ServeOptions | None) -> uvicorn.Se
         app, log_level="warning", access_log=False,
         server_header=False, lifespan="on", timeout_graceful_shutdown=5,
         http=BoundedH11Protocol,  # a client that sends no request holds nothing for long
+        # No WebSocket route: an upgraded connection would leave BoundedH11Protocol's
+        # counts and deadline, were a WebSocket library installed beside us.
+        ws="none",
     )
     return uvicorn.Server(config)
 
