@@ -77,7 +77,7 @@ def too_old(bwrap: str, version: tuple[int, ...] | None) -> str:
 UPGRADE = f"install bubblewrap {'.'.join(map(str, BWRAP_MIN))} or newer"
 
 
-def _bwrap_failure(bwrap: str, log: Path, process: subprocess.Popen[bytes]) -> Exception:
+def _bwrap_failure(bwrap: str, log: int, process: subprocess.Popen[bytes]) -> Exception:
     """`startup_failure`, told plainly where bwrap did not know one of our options (an
     older one: BWRAP_MIN). Nothing ran: the sandbox failed closed."""
     err = startup_failure("bwrap", log, process)
@@ -171,6 +171,7 @@ class NamespacesBackend(Backend):
         spawned: Spawned | None = None
         cgroup: Cgroup | None = None
         helpers: list[subprocess.Popen[bytes]] = []
+        log_fd = -1
         try:
             p = spec.profile
             cgroup = Cgroup.create(spec.name, Limits(
@@ -187,7 +188,12 @@ class NamespacesBackend(Backend):
             life_r, life_w = lifeline() if p.network == "egress" else (-1, -1)
             gate = _gate_spawn(scratch, life_r, helpers) if p.network == "egress" else None
             control = control_dir(scratch) if spec.persistent else None
-            log = scratch / "backend.log"
+            # bwrap's stderr, read only if the start fails: a memfd, not a file in the
+            # scratch dir (each new inode there cost a daemon ~0.2 ms of kernel time under
+            # churn on ext4, whose allocator scans past recently deleted inodes). Its pages
+            # are charged to whoever writes them: bwrap and the agent, in the sandbox's
+            # cgroup.
+            log_fd = os.memfd_create("ak-backend-log", os.MFD_CLOEXEC)
             opened: list[int] = []  # ours to close once bwrap has them
             kept: list[int] = []  # ours alone (never passed), closed with them
             try:
@@ -203,14 +209,14 @@ class NamespacesBackend(Backend):
                 # it before bwrap; a preexec function uses it in our forked child instead.
                 passed = opened[1:] if preexec is not None and os.geteuid() == 0 \
                     else opened
-                spawned = spawn_agent(argv, log=log, pass_fds=[*fds, *passed],
+                spawned = spawn_agent(argv, log=log_fd, pass_fds=[*fds, *passed],
                                       preexec_fn=preexec)
             finally:
                 close_fds(info_w, life_w, *opened, *kept)
             try:
                 client = open_channel(spawned, control)
             except SandboxError:
-                raise _bwrap_failure(bwrap, log, spawned.process) from None
+                raise _bwrap_failure(bwrap, log_fd, spawned.process) from None
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
                               cgroup=cgroup)
@@ -223,7 +229,7 @@ class NamespacesBackend(Backend):
                 finally:
                     close_fds(info_r)
                 if child_pid is None:
-                    raise _bwrap_failure(bwrap, log, spawned.process)
+                    raise _bwrap_failure(bwrap, log_fd, spawned.process)
                 try:
                     assert gate is not None
                     _egress(gate, child_pid, spec)
@@ -233,14 +239,14 @@ class NamespacesBackend(Backend):
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         spawned.process.wait(timeout=1)
                     if spawned.process.returncode is not None:
-                        raise _bwrap_failure(bwrap, log, spawned.process) from None
+                        raise _bwrap_failure(bwrap, log_fd, spawned.process) from None
                     raise
                 finally:
                     close_fds(life_r)
             try:
                 client.hello(timeout=15)
             except SandboxError:
-                raise _bwrap_failure(bwrap, log, spawned.process) from None
+                raise _bwrap_failure(bwrap, log_fd, spawned.process) from None
             return sandbox
         except BaseException:
             if sandbox is not None:
@@ -248,6 +254,8 @@ class NamespacesBackend(Backend):
             else:
                 abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
+        finally:
+            close_fds(log_fd)  # bwrap holds its own
 
 
 def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[bytes]]) -> Any:
