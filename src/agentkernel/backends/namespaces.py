@@ -147,7 +147,7 @@ class NamespacesBackend(Backend):
 
     def _start(self, spec: SandboxSpec, give: int = -1) -> Sandbox:
         from ..cgroups import Cgroup, Limits
-        from ..network import lifeline, write_resolv_conf
+        from ..network import lifeline
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -172,16 +172,13 @@ class NamespacesBackend(Backend):
         cgroup: Cgroup | None = None
         helpers: list[subprocess.Popen[bytes]] = []
         log_fd = -1
+        resolv: str | int | None = None
         try:
             p = spec.profile
             cgroup = Cgroup.create(spec.name, Limits(
                 memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
                 pids=p.pids, cpus=p.cpus))
-            resolv = write_resolv_conf(scratch) if p.network == "egress" else None
-            if resolv is not None and spec.egress is not None and spec.egress.secrets:
-                from ..egress_gate import write_tls
-
-                write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
+            resolv = _resolv(scratch, spec) if p.network == "egress" else None
             info_r, info_w = os.pipe() if p.network == "egress" else (-1, -1)
             # bwrap holds the lifeline's write end (--sync-fd) for as long as the sandbox
             # runs, so its egress gate exits with it whatever happens to us.
@@ -199,12 +196,12 @@ class NamespacesBackend(Backend):
             try:
                 image = agent_image(str(agent))
                 argv, preexec = _command(
-                    bwrap, spec, str(agent), str(bpf), resolv=str(resolv) if resolv else None,
+                    bwrap, spec, str(agent), str(bpf), resolv=resolv,
                     info_fd=info_w, control=str(control) if control else None, sync_fd=life_w,
                     cgroup=cgroup, opened=opened, kept=kept, give=give, image=image)
                 # (the agent's image is this process's, kept open for every sandbox)
-                fds = [fd for fd in (info_w, life_w, give, image if image is not None else -1)
-                       if fd >= 0]
+                fds = [fd for fd in (info_w, life_w, give, image if image is not None else -1,
+                                     resolv if isinstance(resolv, int) else -1) if fd >= 0]
                 # The namespace itself (opened[0], as root) goes to ak-enter, which closes
                 # it before bwrap; a preexec function uses it in our forked child instead.
                 passed = opened[1:] if preexec is not None and os.geteuid() == 0 \
@@ -256,6 +253,32 @@ class NamespacesBackend(Backend):
             raise
         finally:
             close_fds(log_fd)  # bwrap holds its own
+            if isinstance(resolv, int):
+                close_fds(resolv)  # (bwrap copied it)
+
+
+def _resolv(scratch: Path, spec: SandboxSpec) -> str | int:
+    """The sandbox's resolv.conf (slirp's DNS forwarder, never the host's loopback
+    resolver): a memfd bwrap copies into the sandbox's own /run (--file), no file
+    in the scratch dir (each new inode there costs the daemon kernel time on a /run of
+    ext4: docs/daemon.md). A file there, beside the sandbox's CA bundle, for a sandbox
+    with secrets (host_binds binds both)."""
+    from ..network import RESOLV_CONF, write_resolv_conf
+
+    if spec.egress is not None and spec.egress.secrets:
+        from ..egress_gate import write_tls
+
+        path = write_resolv_conf(scratch)
+        write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
+        return str(path)
+    fd = os.memfd_create("ak-resolv", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, RESOLV_CONF.encode())  # (a few dozen bytes: one write)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[bytes]]) -> Any:
@@ -300,8 +323,8 @@ def _wait_loopback(pid: int, timeout: float = 5.0) -> None:
 
 
 def _command(
-    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
-    control: str | None, sync_fd: int, cgroup: Cgroup | None, opened: list[int],
+    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | int | None,
+    info_fd: int, control: str | None, sync_fd: int, cgroup: Cgroup | None, opened: list[int],
     kept: list[int], give: int = -1, image: int | None = None,
 ) -> tuple[list[str], Callable[[], None] | None]:
     """The argv that starts bwrap in the sandbox's cgroups (and, as root, its user
@@ -460,10 +483,11 @@ class HostBind(NamedTuple):
 
 
 def host_binds(
-    spec: SandboxSpec, control: str | None = None, resolv: str | None = None
+    spec: SandboxSpec, control: str | None = None, resolv: str | int | None = None
 ) -> list[HostBind]:
     """Every host path bound into the sandbox, in mount order (the rootfs's binds, the
-    persistent layers, the project, $HOME, the control dir, resolv.conf). Pure."""
+    persistent layers, the project, $HOME, the control dir, resolv.conf where it is a
+    file, not a descriptor bwrap copies). Pure."""
     p = spec.profile
     binds = [HostBind(e.src, e.path, True) for e in spec.rootfs.entries if e.kind != "symlink"]
     keep = persistent_dirs(spec)
@@ -484,7 +508,7 @@ def host_binds(
     binds += [HostBind(src, target, True) for src, target in spec.ro_binds]
     if control is not None:
         binds.append(HostBind(control, f"{AGENT_DIR}/ctl", False))
-    if resolv is not None:
+    if isinstance(resolv, str):
         binds.append(HostBind(resolv, RESOLV, True))
         if spec.egress is not None and spec.egress.secrets:
             from ..egress_gate import TRUST_NAME
@@ -505,7 +529,7 @@ HOME_DIRS = ("/root", "/home", "/var/tmp")  # empty dirs, or a persistent sandbo
 
 def build_bwrap_argv(
     bwrap: str, spec: SandboxSpec, agent: str | int, bpf: str | int, *,
-    resolv: str | None, info_fd: int, control: str | None = None, sync_fd: int = -1,
+    resolv: str | int | None, info_fd: int, control: str | None = None, sync_fd: int = -1,
     attached: Mapping[str, Attach] | None = None, hold: int = -1, give: int = -1,
     by_fd: Mapping[str, int] | None = None, handed: bool = False,
     devices: Mapping[str, int] | None = None,
@@ -634,8 +658,17 @@ def build_bwrap_argv(
         agent_argv += ["--overlay", _overlay(spec.workspace_at, WS_LOWER)]
     if resolv is not None:
         # After the overlays, or the one over /etc would hide it.
-        bind(RESOLV)
+        if isinstance(resolv, int):
+            # Its contents, a file bwrap writes in the sandbox's own /run (not a bind of
+            # one: the kernel refuses to bind from --ro-bind-data's, which is unlinked),
+            # bound read-only over /etc/resolv.conf by the agent and masked where it was
+            # made: no command can write it, as none could write the host's file.
+            argv += ["--perms", "0644", "--file", str(resolv), RESOLV]
+        else:
+            bind(RESOLV)
         agent_argv += ["--bind", f"{RESOLV}:/etc/resolv.conf"]
+        if isinstance(resolv, int):
+            agent_argv += ["--mask", RESOLV]
     if TRUST in binds:
         bind(TRUST)
         agent_argv += ["--bind", f"{TRUST}:{SYSTEM_BUNDLE}"]
