@@ -199,9 +199,11 @@ def spawn_agent(
     pass_fds: Sequence[int] = (),
     preexec_fn: Callable[[], None] | None = None,
     env: dict[str, str] | None = None,
+    child_closes: bool = False,
 ) -> Spawned:
     """Run `argv` (which ends by exec'ing the agent) with the protocol on its stdin/stdout;
-    its stderr to the file `log`, or to the descriptor `log` (the caller's, left open)."""
+    its stderr to the file `log`, or to the descriptor `log` (the caller's, left open).
+    `child_closes`: argv[0] closes all but `pass_fds` first (spawn.spawn)."""
     to_agent_r, to_agent_w = os.pipe()
     from_agent_r, from_agent_w = os.pipe()
     from .. import spawn
@@ -213,7 +215,8 @@ def spawn_agent(
             if preexec_fn is None and argv[0].startswith("/") and spawn.available():
                 # Without the GIL held while it execs (spawn.py); in its own session too.
                 process = spawn.SpawnedPopen(argv, env, stdin=to_agent_r, stdout=from_agent_w,
-                                             stderr=logf.fileno(), pass_fds=pass_fds)
+                                             stderr=logf.fileno(), pass_fds=pass_fds,
+                                             child_closes=child_closes)
             else:
                 process = subprocess.Popen(
                     list(argv), stdin=to_agent_r, stdout=from_agent_w, stderr=logf,

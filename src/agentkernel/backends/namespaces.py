@@ -206,8 +206,14 @@ class NamespacesBackend(Backend):
                 # it before bwrap; a preexec function uses it in our forked child instead.
                 passed = opened[1:] if preexec is not None and os.geteuid() == 0 \
                     else opened
-                spawned = spawn_agent(argv, log=log_fd, pass_fds=[*fds, *passed],
-                                      preexec_fn=preexec)
+                given = [*fds, *passed]
+                entered = (preexec is None and bool(argv) and argv[0].endswith("/ak-enter")
+                           and len(set(given)) <= ENTER_KEEP_MAX)
+                if entered:  # it closes what it does not keep, before anything else
+                    argv = [argv[0], "--keep", ",".join(map(str, sorted(set(given)))),
+                            *argv[1:]]
+                spawned = spawn_agent(argv, log=log_fd, pass_fds=given, preexec_fn=preexec,
+                                      child_closes=entered)
             finally:
                 close_fds(info_w, life_w, *opened, *kept)
             try:
@@ -393,6 +399,8 @@ def _entry(cgroup: Cgroup | None, userns: int
         argv += ["--userns", str(userns)]
     return [*argv, "--"], None
 
+
+ENTER_KEEP_MAX = 64  # ak-enter --keep's cap (AK_KEEP_MAX); past it, spawn closes them all
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # bwrap's --dev's
 
