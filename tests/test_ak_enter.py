@@ -294,3 +294,15 @@ def test_bad_keep_lists_run_nothing(keep: str, tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=10, check=False)
     assert r.returncode == 127 and "--keep" in r.stderr, r
     assert not marker.exists()
+
+
+def test_a_binary_without_keep_is_not_given_it(tmp_path: Path) -> None:
+    """An ak-enter built before --keep refuses it (exit 127, "unknown option"): the
+    namespaces backend asks once and then closes every descriptor itself, as before."""
+    from agentkernel.backends.namespaces import _enter_keeps
+
+    old = tmp_path / "ak-enter"
+    old.write_text("#!/bin/sh\necho 'ak-enter: unknown option' >&2\nexit 127\n")
+    old.chmod(0o755)
+    assert not _enter_keeps(str(old))
+    assert _enter_keeps(_enter())

@@ -208,7 +208,7 @@ class NamespacesBackend(Backend):
                     else opened
                 given = [*fds, *passed]
                 entered = (preexec is None and bool(argv) and argv[0].endswith("/ak-enter")
-                           and len(set(given)) <= ENTER_KEEP_MAX)
+                           and len(set(given)) <= ENTER_KEEP_MAX and _enter_keeps(argv[0]))
                 if entered:  # it closes what it does not keep, before anything else
                     argv = [argv[0], "--keep", ",".join(map(str, sorted(set(given)))),
                             *argv[1:]]
@@ -401,6 +401,22 @@ def _entry(cgroup: Cgroup | None, userns: int
 
 
 ENTER_KEEP_MAX = 64  # ak-enter --keep's cap (AK_KEEP_MAX); past it, spawn closes them all
+
+@lru_cache(maxsize=4)
+def _enter_keeps(helper: str) -> bool:
+    """Whether this ak-enter knows --keep (one run per process): a binary built before it
+    would refuse every start ("unknown option"), so spawn then closes them all itself."""
+    true = which("true")
+    if true is None:
+        return False
+    try:
+        r = subprocess.run([helper, "--keep", "3", "--", os.path.realpath(true)],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+                           check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # bwrap's --dev's
 
