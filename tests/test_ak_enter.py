@@ -251,3 +251,58 @@ def test_a_server_that_cannot_make_one_namespace_is_asked_again_the_old_way() ->
         assert not server.retired and server.pid > 0
     finally:
         server._retire()
+
+
+def test_keep_closes_everything_else_before_the_program_runs(tmp_path: Path) -> None:
+    """--keep (the daemon's spawn then closes only what lies above the highest kept
+    descriptor): inheritable descriptors below, between and above the kept ones, made so
+    on purpose, are all gone in the program; the kept ones are there."""
+    from agentkernel import spawn
+
+    if not spawn.available():
+        pytest.skip("no posix_spawn through ctypes here")
+    stray = [os.open(tmp_path / f"other-{i}", os.O_RDWR | os.O_CREAT, 0o600)
+             for i in range(6)]
+    for fd in stray:
+        os.set_inheritable(fd, True)
+    keep = [stray[1], stray[3]]  # strays below, between and above them
+    out_r, out_w = os.pipe()
+    try:
+        pid = spawn.spawn([_enter(), "--keep", ",".join(map(str, keep)), "--",
+                           "/bin/ls", "/proc/self/fd"], {}, stdio=[0, out_w, 2], keep=keep,
+                          child_closes=True)
+        os.close(out_w)
+        out_w = -1
+        listed = b""
+        while chunk := os.read(out_r, 4096):
+            listed += chunk
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        fds = {int(x) for x in listed.split()}
+        # (ls opens one of its own: /proc/self/fd itself, the lowest free number)
+        assert fds - {0, 1, 2, *keep} <= {min(set(range(3, 64)) - set(keep))}
+        assert set(keep) <= fds
+    finally:
+        for fd in (*stray, out_r, out_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("keep", ["2", "x", "3,", "4,,5", "-1"])
+def test_bad_keep_lists_run_nothing(keep: str, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    r = subprocess.run([_enter(), "--keep", keep, "--", "/usr/bin/touch", str(marker)],
+                       capture_output=True, text=True, timeout=10, check=False)
+    assert r.returncode == 127 and "--keep" in r.stderr, r
+    assert not marker.exists()
+
+
+def test_a_binary_without_keep_is_not_given_it(tmp_path: Path) -> None:
+    """An ak-enter built before --keep refuses it (exit 127, "unknown option"): the
+    namespaces backend asks once and then closes every descriptor itself, as before."""
+    from agentkernel.backends.namespaces import _enter_keeps
+
+    old = tmp_path / "ak-enter"
+    old.write_text("#!/bin/sh\necho 'ak-enter: unknown option' >&2\nexit 127\n")
+    old.chmod(0o755)
+    assert not _enter_keeps(str(old))
+    assert _enter_keeps(_enter())

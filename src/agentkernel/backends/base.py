@@ -195,24 +195,28 @@ class Spawned(NamedTuple):
 def spawn_agent(
     argv: Sequence[str],
     *,
-    log: Path,
+    log: Path | int,
     pass_fds: Sequence[int] = (),
     preexec_fn: Callable[[], None] | None = None,
     env: dict[str, str] | None = None,
+    child_closes: bool = False,
 ) -> Spawned:
-    """Run `argv` (which ends by exec'ing the agent) with the protocol on its stdin/stdout."""
+    """Run `argv` (which ends by exec'ing the agent) with the protocol on its stdin/stdout;
+    its stderr to the file `log`, or to the descriptor `log` (the caller's, left open).
+    `child_closes`: argv[0] closes all but `pass_fds` first (spawn.spawn)."""
     to_agent_r, to_agent_w = os.pipe()
     from_agent_r, from_agent_w = os.pipe()
     from .. import spawn
 
     env = env if env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     try:
-        with open(log, "wb") as logf:
+        with open(log, "wb", closefd=not isinstance(log, int)) as logf:
             process: subprocess.Popen[bytes]
             if preexec_fn is None and argv[0].startswith("/") and spawn.available():
                 # Without the GIL held while it execs (spawn.py); in its own session too.
                 process = spawn.SpawnedPopen(argv, env, stdin=to_agent_r, stdout=from_agent_w,
-                                             stderr=logf.fileno(), pass_fds=pass_fds)
+                                             stderr=logf.fileno(), pass_fds=pass_fds,
+                                             child_closes=child_closes)
             else:
                 process = subprocess.Popen(
                     list(argv), stdin=to_agent_r, stdout=from_agent_w, stderr=logf,
@@ -230,6 +234,7 @@ def spawn_agent(
     return Spawned(process, from_agent_r, to_agent_w)
 
 
+STARTUP_TAIL = 64 * 1024  # what startup_failure reads of a backend's stderr by descriptor
 LOG_MAX_BYTES = 1 << 20  # what a backend's stderr (or a guest's console) keeps on the host
 
 
@@ -282,13 +287,20 @@ def bounded_log(path: Path, uid: int | None = None, reader: tuple[int, int] | No
     return w, reader_proc
 
 
-def startup_failure(what: str, log: Path, process: subprocess.Popen[bytes]) -> SandboxError:
-    """Explain why a sandbox did not come up, from the backend's own stderr."""
+def startup_failure(what: str, log: Path | int, process: subprocess.Popen[bytes]
+                    ) -> SandboxError:
+    """Explain why a sandbox did not come up, from the backend's own stderr (a file, or a
+    descriptor of one: its last STARTUP_TAIL bytes)."""
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=2)
     text = ""
     with contextlib.suppress(OSError):
-        text = log.read_text(errors="replace").strip()
+        if isinstance(log, int):
+            size = os.fstat(log).st_size
+            text = os.pread(log, STARTUP_TAIL, max(0, size - STARTUP_TAIL)).decode(
+                errors="replace").strip()
+        else:
+            text = log.read_text(errors="replace").strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     reason = lines[-1] if lines else f"exit status {process.returncode}"
     return SandboxError(f"{what} failed to start the sandbox: {reason}")

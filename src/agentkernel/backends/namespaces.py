@@ -77,7 +77,7 @@ def too_old(bwrap: str, version: tuple[int, ...] | None) -> str:
 UPGRADE = f"install bubblewrap {'.'.join(map(str, BWRAP_MIN))} or newer"
 
 
-def _bwrap_failure(bwrap: str, log: Path, process: subprocess.Popen[bytes]) -> Exception:
+def _bwrap_failure(bwrap: str, log: int, process: subprocess.Popen[bytes]) -> Exception:
     """`startup_failure`, told plainly where bwrap did not know one of our options (an
     older one: BWRAP_MIN). Nothing ran: the sandbox failed closed."""
     err = startup_failure("bwrap", log, process)
@@ -147,7 +147,7 @@ class NamespacesBackend(Backend):
 
     def _start(self, spec: SandboxSpec, give: int = -1) -> Sandbox:
         from ..cgroups import Cgroup, Limits
-        from ..network import lifeline, write_resolv_conf
+        from ..network import lifeline
         from ..paths import native_binary
         from ..seccomp import compile_bpf
 
@@ -171,46 +171,55 @@ class NamespacesBackend(Backend):
         spawned: Spawned | None = None
         cgroup: Cgroup | None = None
         helpers: list[subprocess.Popen[bytes]] = []
+        log_fd = -1
+        resolv: str | int | None = None
         try:
             p = spec.profile
             cgroup = Cgroup.create(spec.name, Limits(
                 memory_bytes=p.memory_mb * 1024 * 1024 if p.memory_mb else None,
                 pids=p.pids, cpus=p.cpus))
-            resolv = write_resolv_conf(scratch) if p.network == "egress" else None
-            if resolv is not None and spec.egress is not None and spec.egress.secrets:
-                from ..egress_gate import write_tls
-
-                write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
+            resolv = _resolv(scratch, spec) if p.network == "egress" else None
             info_r, info_w = os.pipe() if p.network == "egress" else (-1, -1)
             # bwrap holds the lifeline's write end (--sync-fd) for as long as the sandbox
             # runs, so its egress gate exits with it whatever happens to us.
             life_r, life_w = lifeline() if p.network == "egress" else (-1, -1)
             gate = _gate_spawn(scratch, life_r, helpers) if p.network == "egress" else None
             control = control_dir(scratch) if spec.persistent else None
-            log = scratch / "backend.log"
+            # bwrap's stderr, read only if the start fails: a memfd, not a file in the
+            # scratch dir (each new inode there cost a daemon ~0.2 ms of kernel time under
+            # churn on ext4, whose allocator scans past recently deleted inodes). Its pages
+            # are charged to whoever writes them: bwrap and the agent, in the sandbox's
+            # cgroup.
+            log_fd = os.memfd_create("ak-backend-log", os.MFD_CLOEXEC)
             opened: list[int] = []  # ours to close once bwrap has them
             kept: list[int] = []  # ours alone (never passed), closed with them
             try:
                 image = agent_image(str(agent))
                 argv, preexec = _command(
-                    bwrap, spec, str(agent), str(bpf), resolv=str(resolv) if resolv else None,
+                    bwrap, spec, str(agent), str(bpf), resolv=resolv,
                     info_fd=info_w, control=str(control) if control else None, sync_fd=life_w,
                     cgroup=cgroup, opened=opened, kept=kept, give=give, image=image)
                 # (the agent's image is this process's, kept open for every sandbox)
-                fds = [fd for fd in (info_w, life_w, give, image if image is not None else -1)
-                       if fd >= 0]
+                fds = [fd for fd in (info_w, life_w, give, image if image is not None else -1,
+                                     resolv if isinstance(resolv, int) else -1) if fd >= 0]
                 # The namespace itself (opened[0], as root) goes to ak-enter, which closes
                 # it before bwrap; a preexec function uses it in our forked child instead.
                 passed = opened[1:] if preexec is not None and os.geteuid() == 0 \
                     else opened
-                spawned = spawn_agent(argv, log=log, pass_fds=[*fds, *passed],
-                                      preexec_fn=preexec)
+                given = [*fds, *passed]
+                entered = (preexec is None and bool(argv) and argv[0].endswith("/ak-enter")
+                           and len(set(given)) <= ENTER_KEEP_MAX and _enter_keeps(argv[0]))
+                if entered:  # it closes what it does not keep, before anything else
+                    argv = [argv[0], "--keep", ",".join(map(str, sorted(set(given)))),
+                            *argv[1:]]
+                spawned = spawn_agent(argv, log=log_fd, pass_fds=given, preexec_fn=preexec,
+                                      child_closes=entered)
             finally:
                 close_fds(info_w, life_w, *opened, *kept)
             try:
                 client = open_channel(spawned, control)
             except SandboxError:
-                raise _bwrap_failure(bwrap, log, spawned.process) from None
+                raise _bwrap_failure(bwrap, log_fd, spawned.process) from None
             sandbox = Sandbox(spec=spec, backend=self.name, isolation=self.isolation,
                               client=client, process=spawned.process, scratch=scratch,
                               cgroup=cgroup)
@@ -223,7 +232,7 @@ class NamespacesBackend(Backend):
                 finally:
                     close_fds(info_r)
                 if child_pid is None:
-                    raise _bwrap_failure(bwrap, log, spawned.process)
+                    raise _bwrap_failure(bwrap, log_fd, spawned.process)
                 try:
                     assert gate is not None
                     _egress(gate, child_pid, spec)
@@ -233,14 +242,14 @@ class NamespacesBackend(Backend):
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         spawned.process.wait(timeout=1)
                     if spawned.process.returncode is not None:
-                        raise _bwrap_failure(bwrap, log, spawned.process) from None
+                        raise _bwrap_failure(bwrap, log_fd, spawned.process) from None
                     raise
                 finally:
                     close_fds(life_r)
             try:
                 client.hello(timeout=15)
             except SandboxError:
-                raise _bwrap_failure(bwrap, log, spawned.process) from None
+                raise _bwrap_failure(bwrap, log_fd, spawned.process) from None
             return sandbox
         except BaseException:
             if sandbox is not None:
@@ -248,6 +257,34 @@ class NamespacesBackend(Backend):
             else:
                 abandon(scratch, spawned.process if spawned else None, cgroup, helpers)
             raise
+        finally:
+            close_fds(log_fd)  # bwrap holds its own
+            if isinstance(resolv, int):
+                close_fds(resolv)  # (bwrap copied it)
+
+
+def _resolv(scratch: Path, spec: SandboxSpec) -> str | int:
+    """The sandbox's resolv.conf (slirp's DNS forwarder, never the host's loopback
+    resolver): a memfd bwrap copies into the sandbox's own /run (--file), no file
+    in the scratch dir (each new inode there costs the daemon kernel time on a /run of
+    ext4: docs/daemon.md). A file there, beside the sandbox's CA bundle, for a sandbox
+    with secrets (host_binds binds both)."""
+    from ..network import RESOLV_CONF, write_resolv_conf
+
+    if spec.egress is not None and spec.egress.secrets:
+        from ..egress_gate import write_tls
+
+        path = write_resolv_conf(scratch)
+        write_tls(scratch, spec.egress)  # the sandbox's CA: its key is gone after
+        return str(path)
+    fd = os.memfd_create("ak-resolv", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, RESOLV_CONF.encode())  # (a few dozen bytes: one write)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _gate_spawn(scratch: Path, exit_fd: int, helpers: list[subprocess.Popen[bytes]]) -> Any:
@@ -292,8 +329,8 @@ def _wait_loopback(pid: int, timeout: float = 5.0) -> None:
 
 
 def _command(
-    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | None, info_fd: int,
-    control: str | None, sync_fd: int, cgroup: Cgroup | None, opened: list[int],
+    bwrap: str, spec: SandboxSpec, agent: str, bpf: str, *, resolv: str | int | None,
+    info_fd: int, control: str | None, sync_fd: int, cgroup: Cgroup | None, opened: list[int],
     kept: list[int], give: int = -1, image: int | None = None,
 ) -> tuple[list[str], Callable[[], None] | None]:
     """The argv that starts bwrap in the sandbox's cgroups (and, as root, its user
@@ -362,6 +399,24 @@ def _entry(cgroup: Cgroup | None, userns: int
     if userns >= 0:
         argv += ["--userns", str(userns)]
     return [*argv, "--"], None
+
+
+ENTER_KEEP_MAX = 64  # ak-enter --keep's cap (AK_KEEP_MAX); past it, spawn closes them all
+
+@lru_cache(maxsize=4)
+def _enter_keeps(helper: str) -> bool:
+    """Whether this ak-enter knows --keep (one run per process): a binary built before it
+    would refuse every start ("unknown option"), so spawn then closes them all itself."""
+    true = which("true")
+    if true is None:
+        return False
+    try:
+        r = subprocess.run([helper, "--keep", "3", "--", os.path.realpath(true)],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+                           check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
 
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")  # bwrap's --dev's
@@ -456,10 +511,11 @@ class HostBind(NamedTuple):
 
 
 def host_binds(
-    spec: SandboxSpec, control: str | None = None, resolv: str | None = None
+    spec: SandboxSpec, control: str | None = None, resolv: str | int | None = None
 ) -> list[HostBind]:
     """Every host path bound into the sandbox, in mount order (the rootfs's binds, the
-    persistent layers, the project, $HOME, the control dir, resolv.conf). Pure."""
+    persistent layers, the project, $HOME, the control dir, resolv.conf where it is a
+    file, not a descriptor bwrap copies). Pure."""
     p = spec.profile
     binds = [HostBind(e.src, e.path, True) for e in spec.rootfs.entries if e.kind != "symlink"]
     keep = persistent_dirs(spec)
@@ -480,7 +536,7 @@ def host_binds(
     binds += [HostBind(src, target, True) for src, target in spec.ro_binds]
     if control is not None:
         binds.append(HostBind(control, f"{AGENT_DIR}/ctl", False))
-    if resolv is not None:
+    if isinstance(resolv, str):
         binds.append(HostBind(resolv, RESOLV, True))
         if spec.egress is not None and spec.egress.secrets:
             from ..egress_gate import TRUST_NAME
@@ -501,7 +557,7 @@ HOME_DIRS = ("/root", "/home", "/var/tmp")  # empty dirs, or a persistent sandbo
 
 def build_bwrap_argv(
     bwrap: str, spec: SandboxSpec, agent: str | int, bpf: str | int, *,
-    resolv: str | None, info_fd: int, control: str | None = None, sync_fd: int = -1,
+    resolv: str | int | None, info_fd: int, control: str | None = None, sync_fd: int = -1,
     attached: Mapping[str, Attach] | None = None, hold: int = -1, give: int = -1,
     by_fd: Mapping[str, int] | None = None, handed: bool = False,
     devices: Mapping[str, int] | None = None,
@@ -630,8 +686,17 @@ def build_bwrap_argv(
         agent_argv += ["--overlay", _overlay(spec.workspace_at, WS_LOWER)]
     if resolv is not None:
         # After the overlays, or the one over /etc would hide it.
-        bind(RESOLV)
+        if isinstance(resolv, int):
+            # Its contents, a file bwrap writes in the sandbox's own /run (not a bind of
+            # one: the kernel refuses to bind from --ro-bind-data's, which is unlinked),
+            # bound read-only over /etc/resolv.conf by the agent and masked where it was
+            # made: no command can write it, as none could write the host's file.
+            argv += ["--perms", "0644", "--file", str(resolv), RESOLV]
+        else:
+            bind(RESOLV)
         agent_argv += ["--bind", f"{RESOLV}:/etc/resolv.conf"]
+        if isinstance(resolv, int):
+            agent_argv += ["--mask", RESOLV]
     if TRUST in binds:
         bind(TRUST)
         agent_argv += ["--bind", f"{TRUST}:{SYSTEM_BUNDLE}"]
