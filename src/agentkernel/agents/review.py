@@ -19,9 +19,10 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, TextIO
+from typing import NamedTuple, TextIO
 
 from ..errors import UsageError
+from ..sparse import copy_sparse
 
 MAX_FILES = 200_000
 MAX_BYTES = 4 << 30  # the copy's size cap: 4 GiB
@@ -200,24 +201,7 @@ def _put(parent: int, name: str, source: Path) -> None:
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o755 if st.st_mode & 0o100 else 0o644, dir_fd=parent)
     with open(fd, "wb") as dst, source.open("rb") as src:
-        _copy_sparse(src, dst)
-
-
-SPARSE_BLOCK = 64 * 1024
-
-
-def _copy_sparse(src: BinaryIO, dst: BinaryIO) -> None:
-    """`src` into `dst`, all-zero 64 KiB blocks left as holes: a sparse file costs the
-    agent nothing in the copy (`truncate -s 16T`), and applied as zeros it filled the
-    project's disk (round 8; `cp` out of a sandbox keeps holes the same way)."""
-    while chunk := src.read(1 << 20):
-        for at in range(0, len(chunk), SPARSE_BLOCK):
-            block = chunk[at:at + SPARSE_BLOCK]
-            if block.count(0) == len(block):
-                dst.seek(len(block), os.SEEK_CUR)
-            else:
-                dst.write(block)
-    dst.truncate(dst.tell())  # a hole at the end still counts in the size
+        copy_sparse(src, dst)  # holes kept: a sparse file cost the agent nothing
 
 
 def apply(project: Path, copy: Path, found: list[Change]) -> list[str]:

@@ -8,6 +8,7 @@ import os
 from ..ipc import client
 from ..ipc.client import DaemonError
 from ..names import validate_sandbox_name, validate_sandbox_path
+from ..sparse import finish, write_sparse
 from .common import caller, env_pairs, limits, say, strip_dashes
 
 TYPE_CHECKING = False
@@ -354,21 +355,6 @@ def _exclusive_temp(target: str) -> tuple[int, str]:
     raise DaemonError(f"cannot create a temporary file beside {target}")
 
 
-SPARSE_BLOCK = 64 * 1024
-
-
-def _write_sparse(out: BinaryIO, data: bytes) -> None:
-    """`data` at `out`'s position, its all-zero blocks left as holes: a sandbox's sparse
-    file (`truncate -s 16T`, no room in its quota) written out as zeros filled the host's
-    disk (round 8; a snapshot's tar keeps holes for the same reason)."""
-    for at in range(0, len(data), SPARSE_BLOCK):
-        block = data[at:at + SPARSE_BLOCK]
-        if block.count(0) == len(block):
-            out.seek(len(block), os.SEEK_CUR)
-        else:
-            out.write(block)
-
-
 def _random_token() -> str:
     return os.urandom(8).hex()
 
@@ -459,13 +445,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 if msg is None:
                     raise DaemonError("the daemon closed the connection during the copy")
                 if "d" in msg:
-                    _write_sparse(out, str(msg["d"]).encode("latin-1"))
+                    write_sparse(out, str(msg["d"]).encode("latin-1"))
                     continue
                 if not msg.get("ok"):
                     client._raise(msg)
                 size = int(msg["data"])
                 break
-            out.truncate(out.tell())  # a hole at the end still counts in the size
+            finish(out)  # a hole at the end still counts in the size
         os.replace(tmp, target)
     finally:
         lines.sock.close()
