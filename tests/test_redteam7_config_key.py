@@ -64,3 +64,59 @@ def test_a_permissive_sandbox_cannot_read_the_api_key_in_the_users_config(
     assert lines.get("other-tool/settings.ini") == "'visible\\n'", (r.stdout, r.stderr)
     assert KEY not in r.stdout, "the sandbox read the API key from the user's config"
     assert lines.get("agentkernel/config.toml", "").startswith("unreadable"), r.stdout
+
+
+LATE = r"""
+import os, time
+open("/workspace/started", "w").close()
+for _ in range(1200):
+    if os.path.exists("/workspace/go"):
+        break
+    time.sleep(0.05)
+try:
+    print("late", repr(open("/home/user/.config/agentkernel/config.toml").read()), flush=True)
+except OSError as e:
+    print("late unreadable", e.errno, flush=True)
+"""
+
+
+@pytest.mark.parametrize("user", [0, NOBODY], ids=["ns-root", "ns-nobody"])
+def test_a_config_written_while_a_sandbox_runs_stays_hidden(user: int) -> None:
+    """The review of round 7: the mask landed only on a config dir that existed when the
+    sandbox started, so a config the user set up during a long run showed through."""
+    import subprocess
+    import time
+
+    from sandbox_helpers import top_argv, top_env
+
+    if os.geteuid() != 0 or not backend_available("namespaces"):
+        pytest.skip("needs root and namespaces")
+    if user != 0 and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv")
+    with shared_top("ak-rt7-latecfg-") as top:
+        (top / "project").chmod(0o777)
+        if user != 0:
+            for p in (top, *top.iterdir()):
+                os.chown(p, user, user)
+        proc = subprocess.Popen(top_argv(user, "namespaces", "permissive", LATE),
+                                cwd=top / "project", env=top_env(top), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        try:
+            for _ in range(2400):  # the sandbox is up: its marker is there
+                if (top / "project" / "started").exists() or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            config = top / ".config" / "agentkernel"
+            config.mkdir(parents=True, exist_ok=True)
+            (config / "config.toml").write_text(f'[api]\napi_key = "{KEY}"\n')
+            for p in (top / ".config", config, config / "config.toml"):
+                p.chmod(0o755 if p.is_dir() else 0o644)
+            (top / "project" / "go").write_text("")
+            out, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "late" in out, (out, err)
+    assert KEY not in out, "the sandbox read a config written after it started"

@@ -7,8 +7,10 @@ header holding the placeholder, `Host` included (`Host: secret.test:<placeholder
 names the secret's host, the port part being dropped), and servers echo `Host` (in
 redirects, error pages; this suite's upstream in every answer), and echo framing and
 content headers in their errors (`Transfer-Encoding`, `Content-Type`, `Expect`): the
-command read the user's key back. Now `*` means any header but the ones servers route,
-frame or parse the request by (egress_mitm.WILDCARD_REFUSED): a placeholder there ends the
+command read the user's key back. A deny-list of those still let X-Request-Id,
+Idempotency-Key, X-Forwarded-Prefix and Prefer through, which ordinary servers echo (the
+review of round 8). Now `*` means the credential headers only (egress_mitm.WILDCARD_HEADERS:
+Authorization, Cookie, X-Api-Key and the like): a placeholder anywhere else ends the
 connection like any placeholder outside its header. And whatever the header, a TRACE
 (whose answer, where a server allows the method, is the request as it arrived, headers and
 all) is never given the value.
@@ -81,7 +83,10 @@ HELD = [Held("wild", frozenset({"api.test"}), "*", PLACEHOLDER, b"sk-real")]
 
 @pytest.mark.parametrize("header", ["Host", "Transfer-Encoding", "Content-Length", "Expect",
                                     "Content-Type", "Accept", "User-Agent", "Referer",
-                                    "Origin", "X-Forwarded-Host", "Connection", "Upgrade"])
+                                    "Origin", "X-Forwarded-Host", "Connection", "Upgrade",
+                                    # echoed by ordinary servers (the review of round 8)
+                                    "X-Request-Id", "Idempotency-Key", "X-Forwarded-Prefix",
+                                    "Prefer", "Traceparent", "X-Correlation-Id"])
 def test_wildcard_refuses_headers_servers_parse(header: str) -> None:
     """The gate's own rewrite: the placeholder in a header servers route, frame or parse
     by (and echo in errors) is a leak, not a place for the value."""

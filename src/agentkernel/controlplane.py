@@ -12,6 +12,7 @@ dir that lies *inside* one of them is refused outright.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -87,8 +88,13 @@ def _find_control_dirs() -> dict[str, str]:
     # The user's config: its [api] api_key is the HTTP API's key when set, and a permissive
     # sandbox (the home dir read-only, the host's network) read it and drove the API
     # (tests/test_redteam7_config_key.py). The default one too, whatever XDG_CONFIG_HOME says.
-    add(paths.user_config_dir_str(), "config dir")
-    add(os.path.join(os.path.expanduser("~"), ".config", "agentkernel"), "config dir")
+    # Made now where missing (in a home of ours): a mask lands only on a dir that exists
+    # when the sandbox starts, and a config written during a long run, or after a pool's
+    # sandboxes started, showed through (the review of round 7).
+    for config in (paths.user_config_dir_str(),
+                   os.path.join(os.path.expanduser("~"), ".config", "agentkernel")):
+        _make_if_ours(config)
+        add(config, "config dir")
     # Not only ours: /run is where the host's daemons listen (docker.sock, containerd,
     # podman, systemd, users' runtime dirs). A project that contains it (run from /) showed
     # their sockets bound, not copied, under restrictive and permissive, and a root-started
@@ -99,6 +105,20 @@ def _find_control_dirs() -> dict[str, str]:
         if host.startswith("unix://") and os.path.exists(host.removeprefix("unix://")):
             add(host.removeprefix("unix://"), f"engine socket (${var})", in_use=True)
     return found
+
+
+def _make_if_ours(path: str) -> None:
+    """Make `path` (0700) if it is missing and the nearest dir above it that exists is this
+    user's: never a dir of ours in someone else's home (root run with another's HOME)."""
+    if os.path.lexists(path):
+        return
+    above = os.path.dirname(path)
+    while above and not os.path.lexists(above):
+        above = os.path.dirname(above)
+    if not _own_dir(above or "/"):
+        return
+    with contextlib.suppress(OSError):
+        os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 def _own_dir(path: str) -> bool:

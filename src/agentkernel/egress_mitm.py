@@ -23,30 +23,26 @@ class Held(NamedTuple):
     value: bytes
 
 
-# Headers a `*` secret never goes into: those servers route, frame or parse a request by,
-# and echo (Host in redirects and error pages, framing and content headers in their errors),
-# so the command that chose the header would read the value back. A placeholder in one of
-# them is a leak like any outside its header. A secret configured for one header gets it
-# whatever its name (the user named it), but never Host, which names where it goes.
-WILDCARD_REFUSED = frozenset({
-    "host", "content-length", "transfer-encoding", "te", "trailer", "connection",
-    "keep-alive", "proxy-connection", "upgrade", "expect", "content-type",
-    "content-encoding", "content-language", "content-location", "content-range", "range",
-    "if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since",
-    "accept", "accept-charset", "accept-encoding", "accept-language", "user-agent",
-    "referer", "origin", "via", "forwarded", "x-forwarded-for", "x-forwarded-host",
-    "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "max-forwards", "cache-control",
-    "pragma", "date", "from", "link", "location", "destination", "overwrite",
-    "access-control-request-method", "access-control-request-headers",
-    "x-http-method-override", "x-original-url", "x-rewrite-url", ":authority",
+# The headers a `*` secret goes into: those that carry credentials, an allow-list. Any
+# other header may be echoed back by some server (Host in redirects, X-Request-Id by
+# Rails and many proxies, Idempotency-Key by Stripe, X-Forwarded-Prefix into Location,
+# Prefer into Preference-Applied...), so the command that chose the header would read the
+# value back; a deny-list of those lagged behind them (round 8, then its review). A
+# placeholder in any other header is a leak like any outside its header. A secret
+# configured for one header gets it whatever its name (the user named it), but never Host,
+# which names where it goes.
+WILDCARD_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "apikey",
+    "x-goog-api-key", "x-auth-token", "x-access-token", "private-token", "x-token",
+    "x-amz-security-token",
 })
 
 
 def _fills(h: Held, lname: str) -> bool:
-    """Whether secret `h` goes into header `lname` (its own, or any allowed for `*`)."""
+    """Whether secret `h` goes into header `lname` (its own, or a credential one for `*`)."""
     if lname == "host":
         return False
-    return h.header == lname or (h.header == "*" and lname not in WILDCARD_REFUSED)
+    return h.header == lname or (h.header == "*" and lname in WILDCARD_HEADERS)
 
 
 class SecretLeak(Exception):

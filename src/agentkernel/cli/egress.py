@@ -41,8 +41,8 @@ def add_parsers(sub: Any) -> None:
     st.add_argument("name")
     st.add_argument("--host", action="append", required=True, help="a host that gets it")
     st.add_argument("--header", required=True,
-                    help="the header it goes in (* for any but Host and the headers servers "
-                         "frame, route or parse requests by)")
+                    help="the header it goes in (* for any credential header: "
+                         "Authorization, Cookie, X-Api-Key and the like)")
     st.add_argument("--env", help="the sandbox's variable for its placeholder "
                                   "(default: NAME upper-cased)")
     st.add_argument("--from-env", metavar="VAR", help="read the value from this variable")
