@@ -54,6 +54,11 @@ class Mask(NamedTuple):
     is_dir: bool
 
 
+# The trees made of the host's own dirs (the userland, the wasm worker's Python and
+# packages): a root-started sandbox gets them without id-mapping (`host_owned`).
+HOST_USERLANDS = frozenset({"host", "wasm-worker"})
+
+
 class HostRootfs(NamedTuple):
     """Everything a backend needs to assemble a root filesystem from read-only pieces."""
 
@@ -70,8 +75,9 @@ class HostRootfs(NamedTuple):
         never the sandbox's (no host id is one of its ids), so the kernel keeps every entry
         host root keeps to itself (0600, 0700) from the sandbox's root, anywhere in the
         tree, with no walk and nothing to keep current. Empty for an image's tree (the
-        sandbox's own files: id-mapped, so that its root owns them)."""
-        if self.name != "host":
+        sandbox's own files: id-mapped, so that its root owns them). The wasm worker's tree
+        is the host's too (its Python, wasmtime, our package)."""
+        if self.name not in HOST_USERLANDS:
             return frozenset()
         return frozenset(e.src for e in self.entries if e.kind != "symlink")
 
