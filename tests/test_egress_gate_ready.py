@@ -174,7 +174,7 @@ def test_fresh_namespaces_sandboxes_first_query(wiring: str) -> None:
     from agentkernel.sandbox import SandboxSpec
 
     for i in range(ROUNDS):
-        spec = SandboxSpec(name=f"gate-first-{os.getpid()}-{wiring}-{i}",
+        spec = SandboxSpec(name=f"gate-first-{os.getpid()}-{wiring.strip('-')}-{i}",
                            profile=get_profile("moderate"), rootfs=host_rootfs(),
                            image="host")
         box = get_backend("namespaces").start(spec)
