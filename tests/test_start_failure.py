@@ -16,7 +16,8 @@ from sandbox_helpers import backend_available
 
 
 def _holding(marker: str) -> list[int]:
-    """Processes whose stderr is a file under a path containing `marker`."""
+    """Processes whose stderr is a file (or the memfd named for the sandbox: bwrap's
+    stderr) whose path contains `marker`."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

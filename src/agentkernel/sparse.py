@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import BinaryIO
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not at run time: `cp` is on the CLI's light import path
+    from typing import BinaryIO
 
 BLOCK = 64 * 1024
 READ = 1 << 20

@@ -189,8 +189,8 @@ class NamespacesBackend(Backend):
             # scratch dir (each new inode there cost a daemon ~0.2 ms of kernel time under
             # churn on ext4, whose allocator scans past recently deleted inodes). Its pages
             # are charged to whoever writes them: bwrap and the agent, in the sandbox's
-            # cgroup.
-            log_fd = os.memfd_create("ak-backend-log", os.MFD_CLOEXEC)
+            # cgroup. Named for its sandbox: the fds of a start's processes say whose they are.
+            log_fd = os.memfd_create(f"ak-backend-log-{spec.name}"[:240], os.MFD_CLOEXEC)
             opened: list[int] = []  # ours to close once bwrap has them
             kept: list[int] = []  # ours alone (never passed), closed with them
             try:
