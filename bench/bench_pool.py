@@ -228,14 +228,7 @@ def forkserver_cpu() -> float:
     except ImportError:
         return 0.0
     server = getattr(egress_forkserver, "_server", None)
-    if server is None:
-        return 0.0
-    try:
-        stat = Path(f"/proc/{server.proc.pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return 0.0 if server is None else _proc_cpu(server.proc.pid)[0]
 
 
 def userns_server_cpu() -> float:
@@ -246,14 +239,7 @@ def userns_server_cpu() -> float:
     except ImportError:
         return 0.0
     pid = getattr(getattr(idmap, "_SERVER", None), "pid", -1)
-    if pid <= 0:
-        return 0.0
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return 0.0 if pid <= 0 else _proc_cpu(pid)[0]
 
 
 def serve_cases(ak: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:

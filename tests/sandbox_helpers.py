@@ -532,6 +532,19 @@ def shared_top(prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def give_top(top: Path, user: int) -> None:
+    """`shared_top`'s dir and its first level made `user`'s for a run as that user (none
+    for root); skips where setpriv, which `top_argv` runs them through, is missing."""
+    if user == 0:
+        return
+    if shutil.which("setpriv") is None:
+        import pytest
+
+        pytest.skip("needs setpriv")
+    for p in (top, *top.iterdir()):
+        os.chown(p, user, user)
+
+
 def top_env(top: Path) -> dict[str, str]:
     """The environment of a CLI run in `shared_top`'s dir: its data and runtime dirs, no
     daemon, our package on a path an ordinary user can read."""

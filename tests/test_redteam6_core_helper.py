@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import backend_available, shared_top, top_env, top_run
+from sandbox_helpers import backend_available, give_top, shared_top, top_env, top_run
 
 NOBODY = 65534
 CORE_PATTERN = Path("/proc/sys/kernel/core_pattern")
@@ -91,11 +91,7 @@ def test_a_crash_in_a_sandbox_never_runs_the_hosts_core_helper(
         pytest.skip(f"needs {backend}")
     if backend == "docker" and request.getfixturevalue("dockerd") == "root":
         pytest.skip("this machine's dockerd runs without userns-remap: refused")
-    if user != 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv")
-        for p in (top, *top.iterdir()):
-            os.chown(p, user, user)
+    give_top(top, user)
     r = top_run(top, user, backend, profile, CRASH)
     assert r.returncode == 128 + signal.SIGSEGV, (r.returncode, r.stdout, r.stderr)
     # The helper has run by the time the crashed process is reaped (the kernel execs it

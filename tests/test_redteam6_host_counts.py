@@ -34,14 +34,13 @@ that); where systemd set `fs.file-max` to LONG_MAX there is no such count.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import backend_available, shared_top, top_run
+from sandbox_helpers import backend_available, give_top, shared_top, top_run
 
 NOBODY = 65534
 AIO_MAX = Path("/proc/sys/fs/aio-max-nr")
@@ -158,11 +157,7 @@ def _needs(backend: str, user: int, top: Path, request: pytest.FixtureRequest) -
         pytest.skip("this machine's dockerd runs without userns-remap: refused")
     if not AIO_MAX.exists():
         pytest.skip("no native AIO in this kernel")
-    if user != 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv")
-        for p in (top, *top.iterdir()):
-            os.chown(p, user, user)
+    give_top(top, user)
 
 
 @pytest.mark.parametrize(("backend", "user", "profile"), [

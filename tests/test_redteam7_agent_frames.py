@@ -21,7 +21,6 @@ Open (documented): the command can still write frames into its own run's channel
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import pytest
 
 from agentkernel.agent.client import ERROR_KEPT, AgentClient
 from agentkernel.agent.protocol import T, Tag, encode_frame, tlv
-from sandbox_helpers import backend_available, shared_top, top_argv, top_env
+from sandbox_helpers import backend_available, give_top, shared_top, top_argv, top_env
 
 NOBODY = 65534
 FLOOD_MIB = 128  # far past every bound the host keeps per channel (4 MiB)
@@ -76,11 +75,7 @@ def test_a_gvisor_command_cannot_fill_the_hosts_memory_through_its_agents_pipe(
         top: Path, user: int) -> None:
     if os.geteuid() != 0 or not backend_available("gvisor"):
         pytest.skip("needs root and gvisor")
-    if user != 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv")
-        for p in (top, *top.iterdir()):
-            os.chown(p, user, user)
+    give_top(top, user)
     argv = top_argv(user, "gvisor", "permissive", FLOOD, str(FLOOD_MIB))
     # --no-network before our `--` (setpriv's comes first): an ordinary user's slirp needs
     # a tun device this host keeps 0600, and the network is not what is attacked.

@@ -13,14 +13,13 @@ does open them, though (`tests/test_redteam7_agent_frames.py`).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox_helpers import backend_available, shared_top, top_argv, top_env
+from sandbox_helpers import backend_available, give_top, shared_top, top_argv, top_env
 
 NOBODY = 65534
 
@@ -55,11 +54,7 @@ def top() -> Iterator[Path]:
 def test_a_gvisor_command_cannot_reach_into_its_agent(top: Path, user: int) -> None:
     if os.geteuid() != 0 or not backend_available("gvisor"):
         pytest.skip("needs root and gvisor")
-    if user != 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv")
-        for p in (top, *top.iterdir()):
-            os.chown(p, user, user)
+    give_top(top, user)
     argv = top_argv(user, "gvisor", "permissive", REACH)
     # --no-network before our `--` (setpriv's comes first): an ordinary user's slirp
     # needs a tun device this host keeps 0600, and the network is not what is attacked.
